@@ -1,0 +1,15 @@
+//! NVMe wire formats (NVMe base 2.0, NVM command set 1.0): controller registers, submission
+//! and completion queue entries, opcodes, status codes, Identify data structures and log pages.
+//!
+//! No logic lives here: only layouts (`zerocopy` derives, little-endian fields) and constants.
+
+pub mod command;
+pub mod features;
+pub mod identify;
+pub mod log_page;
+pub mod opcode;
+pub mod registers;
+pub mod status;
+
+pub use command::{Completion, Submission};
+pub use status::Status;
