@@ -1,0 +1,123 @@
+//! Helpers for tests that boot a Linux guest under QEMU (see `qemu_vfio_user::vm`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use qemu_vfio_user::vm::{Guest, GuestOutput, VmError};
+
+/// Default timeout of test guests; generous because CI runs them under TCG on 2 cores.
+pub const GUEST_TIMEOUT: Duration = Duration::from_mins(10);
+
+/// A guest running `script` with the test defaults: console echo when
+/// `VNVME_GUEST_ECHO=1`, [`GUEST_TIMEOUT`].
+pub fn harness_guest(script: impl Into<String>) -> Guest {
+    let echo = std::env::var(qemu_vfio_user::vm::ECHO_ENV).is_ok_and(|v| v == "1");
+    Guest::new(script).echo_console(echo).timeout(GUEST_TIMEOUT)
+}
+
+/// Runs `guest` and checks the script exited 0, panicking with the console tail if not.
+pub fn run_ok(guest: &Guest) -> GuestOutput {
+    let out = guest
+        .run()
+        .unwrap_or_else(|e| panic!("guest run failed: {e}"));
+    if let Err(e) = out.success() {
+        panic!("{e}");
+    }
+    out
+}
+
+/// The console text between the script's `<marker>-BEGIN` and `<marker>-END` lines,
+/// panicking with the whole console if they are missing.
+pub fn section<'a>(out: &'a GuestOutput, marker: &str) -> &'a str {
+    out.section(marker).unwrap_or_else(|| {
+        panic!(
+            "no {marker}-BEGIN/{marker}-END section in the console:\n{}",
+            out.console
+        )
+    })
+}
+
+/// The value printed by the script as a line `<key> <value>`, if any (the last one wins).
+pub fn value<'a>(out: &'a GuestOutput, key: &str) -> Option<&'a str> {
+    out.console
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(' '))
+        .map(str::trim)
+}
+
+/// Whether `text` is one syntactically balanced JSON object or array (strings and escapes
+/// are respected; scalars are not validated).
+pub fn looks_like_json(text: &str) -> bool {
+    let text = text.trim();
+    if !(text.starts_with('{') || text.starts_with('[')) {
+        return false;
+    }
+    let mut stack = Vec::new();
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, c) in text.char_indices() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' => stack.push('}'),
+            '[' => stack.push(']'),
+            '}' | ']' => {
+                if stack.pop() != Some(c) {
+                    return false;
+                }
+                if stack.is_empty() {
+                    return i + 1 == text.len();
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// A temporary directory for one test, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/vnvme-test-<tag>-<pid>` (emptied first if it exists).
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vnvme-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shapes() {
+        assert!(looks_like_json(r#"{"a":[1,{"b":"}"}],"c":"x\"y"}"#));
+        assert!(looks_like_json("  [1, 2]\n"));
+        assert!(!looks_like_json(r#"{"a":1"#));
+        assert!(!looks_like_json(r#"{"a":1}}"#));
+        assert!(!looks_like_json("nvme: error"));
+    }
+}

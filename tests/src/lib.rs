@@ -1,0 +1,3 @@
+//! End-to-end tests live in `tests/`; this library holds shared helpers for them.
+
+pub mod guest;
