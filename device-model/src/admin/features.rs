@@ -1,0 +1,242 @@
+//! Get / Set Features (NVMe base 2.0 §5.27): the features every controller implements
+//! (01h-0Bh), Keep Alive Timer (0Fh) and Host Behavior Support (16h).
+
+use nvme_spec::features::{self as fid, select};
+use nvme_spec::{Status, Submission};
+
+use crate::controller::{Controller, ControllerConfig, Outcome};
+use crate::memory::MemoryMap;
+
+/// Current feature values; reset to defaults on controller reset.
+#[derive(Clone, Debug)]
+pub(crate) struct Features {
+    pub arbitration: u32,
+    pub power_state: u32,
+    pub temp_over: u16,
+    pub temp_under: u16,
+    pub error_recovery: u32,
+    pub write_cache: bool,
+    /// Allocated queues (0's based) once Set Features Number of Queues succeeded.
+    pub queues: Option<(u16, u16)>,
+    pub max_queues: u16,
+    pub coalescing: u32,
+    /// Interrupt Vector Configuration: coalescing disable per vector.
+    pub vector_cd: Vec<bool>,
+    pub write_atomicity: u32,
+    pub async_event_config: u32,
+    pub keep_alive_ms: u32,
+    pub host_behavior: [u8; 512],
+}
+
+/// Composite temperature reported in SMART and the default over-temperature threshold (K).
+pub(crate) const TEMPERATURE_K: u16 = 308;
+const DEFAULT_TEMP_OVER: u16 = 343;
+
+impl Features {
+    pub(crate) fn new(cfg: &ControllerConfig) -> Self {
+        Self {
+            arbitration: 0,
+            power_state: 0,
+            temp_over: DEFAULT_TEMP_OVER,
+            temp_under: 0,
+            error_recovery: 0,
+            write_cache: true,
+            queues: None,
+            max_queues: cfg.max_io_queues,
+            coalescing: 0,
+            vector_cd: vec![false; crate::pci::MSIX_VECTORS as usize],
+            write_atomicity: 0,
+            async_event_config: 0,
+            keep_alive_ms: 0,
+            host_behavior: [0; 512],
+        }
+    }
+
+    /// I/O queues granted (0's based SQ and CQ counts): the request if set, else the maximum.
+    pub(crate) fn granted(&self) -> (u16, u16) {
+        self.queues
+            .unwrap_or((self.max_queues - 1, self.max_queues - 1))
+    }
+}
+
+impl Controller {
+    pub(crate) fn get_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+        let cdw10 = sqe.cdw10.get();
+        let id = cdw10 as u8;
+        let sel = ((cdw10 >> 8) & 7) as u8;
+        let defaults;
+        let f = match sel {
+            select::CURRENT | select::SAVED => &self.features,
+            select::DEFAULT => {
+                defaults = Features::new(&self.cfg);
+                &defaults
+            }
+            select::SUPPORTED_CAPABILITIES => {
+                // changeable (bit 2); none saveable; LBA Range Type is namespace specific (bit 1)
+                return match id {
+                    fid::ARBITRATION..=fid::ASYNC_EVENT_CONFIG
+                    | fid::KEEP_ALIVE_TIMER
+                    | fid::HOST_BEHAVIOR => {
+                        let ns_specific =
+                            u32::from(id == fid::LBA_RANGE_TYPE || id == fid::ERROR_RECOVERY) << 1;
+                        let changeable = u32::from(id != fid::LBA_RANGE_TYPE) << 2;
+                        Outcome::Done(Status::SUCCESS, ns_specific | changeable)
+                    }
+                    _ => Outcome::status(Status::INVALID_FIELD),
+                };
+            }
+            _ => return Outcome::status(Status::INVALID_FIELD),
+        };
+        let dw0 = match id {
+            fid::ARBITRATION => f.arbitration,
+            fid::POWER_MANAGEMENT => f.power_state,
+            fid::LBA_RANGE_TYPE => {
+                let nsid = sqe.nsid.get();
+                let Some(i) = self
+                    .namespace_index(nsid)
+                    .or(if nsid == 0 || nsid == u32::MAX {
+                        Some(0)
+                    } else {
+                        None
+                    })
+                else {
+                    return Outcome::status(Status::INVALID_NAMESPACE);
+                };
+                let Some(ns) = self.namespaces.get(i) else {
+                    return Outcome::status(Status::INVALID_NAMESPACE);
+                };
+                // one entry: general purpose, may be overwritten, covering the namespace
+                let mut entry = [0u8; 64];
+                entry[1] = 0x01;
+                entry[16..24].copy_from_slice(&(ns.blocks() - 1).to_le_bytes());
+                let s = self.admin_to_host(sqe, &entry, mem);
+                if !s.is_success() {
+                    return Outcome::status(s);
+                }
+                0
+            }
+            fid::TEMPERATURE_THRESHOLD => {
+                let cdw11 = sqe.cdw11.get();
+                let tmpsel = (cdw11 >> 16) & 0xf;
+                let thsel = (cdw11 >> 20) & 3;
+                if thsel > 1 || (tmpsel != 0 && tmpsel != 0xf) {
+                    return Outcome::status(Status::INVALID_FIELD);
+                }
+                let v = if thsel == 0 {
+                    f.temp_over
+                } else {
+                    f.temp_under
+                };
+                u32::from(v) | (cdw11 & 0x003f_0000)
+            }
+            fid::ERROR_RECOVERY => f.error_recovery,
+            fid::VOLATILE_WRITE_CACHE => u32::from(f.write_cache),
+            fid::NUMBER_OF_QUEUES => {
+                let (sq, cq) = f.granted();
+                u32::from(sq) | (u32::from(cq) << 16)
+            }
+            fid::INTERRUPT_COALESCING => f.coalescing,
+            fid::INTERRUPT_VECTOR_CONFIG => {
+                let iv = sqe.cdw11.get() & 0xffff;
+                match f.vector_cd.get(iv as usize) {
+                    Some(&cd) => iv | (u32::from(cd) << 16),
+                    None => return Outcome::status(Status::INVALID_FIELD),
+                }
+            }
+            fid::WRITE_ATOMICITY => f.write_atomicity,
+            fid::ASYNC_EVENT_CONFIG => f.async_event_config,
+            fid::KEEP_ALIVE_TIMER => f.keep_alive_ms,
+            fid::HOST_BEHAVIOR => {
+                let data = f.host_behavior;
+                let s = self.admin_to_host(sqe, &data, mem);
+                if !s.is_success() {
+                    return Outcome::status(s);
+                }
+                0
+            }
+            _ => return Outcome::status(Status::INVALID_FIELD),
+        };
+        Outcome::Done(Status::SUCCESS, dw0)
+    }
+
+    pub(crate) fn set_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+        let cdw10 = sqe.cdw10.get();
+        let cdw11 = sqe.cdw11.get();
+        let id = cdw10 as u8;
+        if cdw10 >> 31 != 0 {
+            return Outcome::status(Status::FEATURE_NOT_SAVEABLE);
+        }
+        let f = &mut self.features;
+        match id {
+            fid::ARBITRATION => f.arbitration = cdw11,
+            fid::POWER_MANAGEMENT => {
+                if cdw11 & 0x1f != 0 {
+                    return Outcome::status(Status::INVALID_FIELD); // only power state 0 exists
+                }
+                f.power_state = cdw11 & 0xff;
+            }
+            fid::LBA_RANGE_TYPE => return Outcome::status(Status::FEATURE_NOT_CHANGEABLE),
+            fid::TEMPERATURE_THRESHOLD => {
+                let tmpsel = (cdw11 >> 16) & 0xf;
+                let thsel = (cdw11 >> 20) & 3;
+                if thsel > 1 || (tmpsel != 0 && tmpsel != 0xf) {
+                    return Outcome::status(Status::INVALID_FIELD);
+                }
+                if thsel == 0 {
+                    f.temp_over = cdw11 as u16;
+                } else {
+                    f.temp_under = cdw11 as u16;
+                }
+            }
+            fid::ERROR_RECOVERY => {
+                if cdw11 & (1 << 16) != 0 {
+                    return Outcome::status(Status::INVALID_FIELD); // DULBE not supported
+                }
+                f.error_recovery = cdw11 & 0xffff;
+            }
+            fid::VOLATILE_WRITE_CACHE => f.write_cache = cdw11 & 1 != 0,
+            fid::NUMBER_OF_QUEUES => {
+                let nsq = cdw11 & 0xffff;
+                let ncq = cdw11 >> 16;
+                if nsq == 0xffff || ncq == 0xffff {
+                    return Outcome::status(Status::INVALID_FIELD);
+                }
+                if self.active_sqs.len() > 1 || self.active_cqs.len() > 1 {
+                    // §5.27.1.5: only valid before any I/O queue exists
+                    return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
+                }
+                let max = u32::from(f.max_queues - 1);
+                let granted = (nsq.min(max) as u16, ncq.min(max) as u16);
+                f.queues = Some(granted);
+                return Outcome::Done(
+                    Status::SUCCESS,
+                    u32::from(granted.0) | (u32::from(granted.1) << 16),
+                );
+            }
+            fid::INTERRUPT_COALESCING => f.coalescing = cdw11 & 0xffff,
+            fid::INTERRUPT_VECTOR_CONFIG => {
+                let iv = (cdw11 & 0xffff) as usize;
+                match f.vector_cd.get_mut(iv) {
+                    // §5.27.1.10: coalescing cannot be disabled... it is the admin vector's default
+                    Some(cd) if iv != 0 => *cd = cdw11 & (1 << 16) != 0,
+                    Some(_) => return Outcome::status(Status::INVALID_FIELD),
+                    None => return Outcome::status(Status::INVALID_FIELD),
+                }
+            }
+            fid::WRITE_ATOMICITY => f.write_atomicity = cdw11 & 1,
+            fid::ASYNC_EVENT_CONFIG => f.async_event_config = cdw11,
+            fid::KEEP_ALIVE_TIMER => f.keep_alive_ms = cdw11,
+            fid::HOST_BEHAVIOR => {
+                let s = self.admin_from_host(sqe, 512, mem);
+                if !s.is_success() {
+                    return Outcome::status(s);
+                }
+                let mut hb = [0u8; 512];
+                hb.copy_from_slice(&self.bounce[..512]);
+                self.features.host_behavior = hb;
+            }
+            _ => return Outcome::status(Status::INVALID_FIELD),
+        }
+        Outcome::status(Status::SUCCESS)
+    }
+}

@@ -1,0 +1,166 @@
+//! Identify (NVMe base 2.0 §5.17): controller, namespaces, namespace lists and descriptors.
+
+use nvme_spec::identify::{
+    CSI_NVM, IdentifyController, IdentifyNamespace, IdentifyNamespaceIndependent,
+    NsIdDescriptorHeader, cns, lpa, nidt, oacs, oncs,
+};
+use nvme_spec::registers::version;
+use nvme_spec::{Status, Submission};
+use zerocopy::IntoBytes;
+
+use crate::controller::Controller;
+use crate::memory::MemoryMap;
+
+/// Copy `s` into a space-padded fixed-width ASCII field.
+fn ascii(dst: &mut [u8], s: &str) {
+    dst.fill(b' ');
+    let n = s.len().min(dst.len());
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+impl Controller {
+    pub(crate) fn identify(&mut self, sqe: &Submission, mem: &MemoryMap) -> Status {
+        let cdw10 = sqe.cdw10.get();
+        let cns_value = cdw10 as u8;
+        let csi = (sqe.cdw11.get() >> 24) as u8;
+        let nsid = sqe.nsid.get();
+        let mut page = [0u8; 4096];
+        match cns_value {
+            cns::CONTROLLER => page.copy_from_slice(self.identify_controller().as_bytes()),
+            cns::NAMESPACE => match self.namespace_index(nsid) {
+                Some(i) => page.copy_from_slice(self.identify_namespace(i).as_bytes()),
+                // An inactive but valid NSID returns zeroes; broadcast and others are invalid.
+                None if nsid != 0 && nsid != u32::MAX && (nsid as usize) <= self.max_nsid() => {}
+                None => return Status::INVALID_NAMESPACE,
+            },
+            cns::ACTIVE_NS_LIST | cns::CSI_ACTIVE_NS_LIST => {
+                if cns_value == cns::CSI_ACTIVE_NS_LIST && csi != CSI_NVM {
+                    return Status::INVALID_FIELD;
+                }
+                if nsid >= 0xffff_fffe {
+                    return Status::INVALID_NAMESPACE;
+                }
+                let ids = self
+                    .namespaces
+                    .iter()
+                    .map(|n| n.nsid)
+                    .filter(|&id| id > nsid)
+                    .take(1024);
+                for (i, id) in ids.enumerate() {
+                    page[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                }
+            }
+            cns::NS_ID_DESCRIPTORS => {
+                let Some(i) = self.namespace_index(nsid) else {
+                    return Status::INVALID_NAMESPACE;
+                };
+                let ns = &self.namespaces[i];
+                let mut off = 0;
+                let mut put = |ty: u8, id: &[u8]| {
+                    let h = NsIdDescriptorHeader {
+                        nidt: ty,
+                        nidl: id.len() as u8,
+                        rsvd: [0; 2],
+                    };
+                    page[off..off + 4].copy_from_slice(h.as_bytes());
+                    page[off + 4..off + 4 + id.len()].copy_from_slice(id);
+                    off += 4 + id.len();
+                };
+                put(nidt::EUI64, &ns.eui64);
+                put(nidt::NGUID, &ns.nguid);
+                put(nidt::UUID, &ns.uuid);
+                put(nidt::CSI, &[CSI_NVM]);
+            }
+            cns::CSI_NAMESPACE => {
+                if csi != CSI_NVM {
+                    return Status::INVALID_FIELD;
+                }
+                // NVM command set specific Identify Namespace: no extended LBA formats; zeroes.
+                if self.namespace_index(nsid).is_none() {
+                    return Status::INVALID_NAMESPACE;
+                }
+            }
+            cns::CSI_CONTROLLER => {
+                if csi != CSI_NVM {
+                    return Status::INVALID_FIELD;
+                }
+                // NVM command set specific Identify Controller (NVM cmd set 1.0 §4.1.5.2):
+                // no VSL/WZSL/WUSL/DMRL limits beyond MDTS: all zero.
+            }
+            cns::CS_INDEPENDENT_NAMESPACE => {
+                let Some(_) = self.namespace_index(nsid) else {
+                    return Status::INVALID_NAMESPACE;
+                };
+                let mut id = IdentifyNamespaceIndependent::default();
+                id.nstat = 1; // namespace ready
+                page.copy_from_slice(id.as_bytes());
+            }
+            cns::IO_COMMAND_SET => {
+                // I/O Command Set data structure: combination 0 = NVM command set only.
+                page[..8].copy_from_slice(&1u64.to_le_bytes());
+            }
+            _ => return Status::INVALID_FIELD,
+        }
+        self.admin_to_host(sqe, &page, mem)
+    }
+
+    fn max_nsid(&self) -> usize {
+        self.namespaces
+            .iter()
+            .map(|n| n.nsid as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn identify_controller(&self) -> IdentifyController {
+        let c = &self.cfg;
+        let mut id = IdentifyController::default();
+        id.vid = c.ids.vendor.into();
+        id.ssvid = c.ids.subsystem_vendor.into();
+        ascii(&mut id.sn, &c.serial);
+        ascii(&mut id.mn, &c.model);
+        ascii(&mut id.fr, &c.firmware);
+        id.rab = 6;
+        id.mdts = c.mdts;
+        id.cntlid = c.cntlid.into();
+        id.ver = version(1, 4, 0).into();
+        id.cntrltype = 1; // I/O controller
+        id.oacs = oacs::FORMAT_NVM.into();
+        id.acl = 3;
+        id.aerl = (crate::admin::AER_LIMIT - 1) as u8;
+        id.frmw = 0x03; // one slot, slot 1 read-only
+        id.lpa = lpa::COMMANDS_EFFECTS;
+        id.elpe = (crate::admin::log_page::ERROR_LOG_ENTRIES - 1) as u8;
+        id.wctemp = 343.into();
+        id.cctemp = 373.into();
+        id.kas = 1.into(); // keep alive granularity 100 ms
+        id.sqes = 0x66;
+        id.cqes = 0x44;
+        id.nn = (self.max_nsid() as u32).into();
+        id.oncs = (oncs::COMPARE | oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES).into();
+        id.vwc = 0x07; // volatile write cache present; Flush with NSID FFFFFFFFh supported
+        id.sgls = 1.into(); // SGLs supported, no alignment requirement
+        let nqn = c.subnqn.as_bytes();
+        let n = nqn.len().min(255);
+        id.subnqn[..n].copy_from_slice(&nqn[..n]);
+        id.psd[0].mp = 2500.into(); // 25 W
+        id
+    }
+
+    fn identify_namespace(&self, i: usize) -> IdentifyNamespace {
+        let ns = &self.namespaces[i];
+        let blocks = ns.blocks();
+        let mut id = IdentifyNamespace::default();
+        id.nsze = blocks.into();
+        id.ncap = blocks.into();
+        id.nuse = blocks.into();
+        id.nlbaf = 0;
+        id.flbas = 0;
+        id.dlfeat = 0x01; // deallocated blocks read as zeroes
+        id.nguid = ns.nguid;
+        id.eui64 = ns.eui64;
+        id.lbaf[0].lbads = ns.lba_shift;
+        id.lbaf[0].rp = 0;
+        id
+    }
+}

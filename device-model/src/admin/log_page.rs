@@ -1,0 +1,178 @@
+//! Get Log Page (NVMe base 2.0 §5.16): Error Information (01h), SMART / Health (02h),
+//! Firmware Slot (03h), Commands Supported and Effects (05h). The log page offset is honoured.
+
+use nvme_spec::log_page::{
+    CommandsEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog, effects, lid,
+};
+use nvme_spec::opcode::{admin, nvm};
+use nvme_spec::{Status, Submission};
+use zerocopy::IntoBytes;
+
+use crate::controller::Controller;
+use crate::memory::MemoryMap;
+
+/// Error log entries kept (Identify ELPE + 1).
+pub(crate) const ERROR_LOG_ENTRIES: usize = 64;
+
+/// The error log: a ring of the most recent failed commands.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorLog {
+    entries: std::collections::VecDeque<ErrorLogEntry>,
+    count: u64,
+}
+
+impl ErrorLog {
+    pub(crate) fn record(&mut self, sqid: u16, cid: u16, status: Status, nsid: u32, _opcode: u8) {
+        self.count += 1;
+        let mut e = ErrorLogEntry::default();
+        e.error_count = self.count.into();
+        e.sqid = sqid.into();
+        e.cid = cid.into();
+        e.status = status.cqe_bits().into();
+        e.param_error_location = 0xffff.into();
+        e.nsid = nsid.into();
+        if self.entries.len() == ERROR_LOG_ENTRIES {
+            self.entries.pop_back();
+        }
+        self.entries.push_front(e);
+    }
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// SMART counters (since the daemon started; volatile).
+#[derive(Debug)]
+pub(crate) struct SmartCounters {
+    bytes_read: u64,
+    bytes_written: u64,
+    reads: u64,
+    writes: u64,
+    started: std::time::Instant,
+}
+
+impl Default for SmartCounters {
+    fn default() -> Self {
+        Self {
+            bytes_read: 0,
+            bytes_written: 0,
+            reads: 0,
+            writes: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl SmartCounters {
+    pub(crate) fn account(&mut self, opcode: u8, bytes: u64) {
+        match opcode {
+            nvm::READ | nvm::COMPARE => {
+                self.reads += 1;
+                self.bytes_read += bytes;
+            }
+            nvm::WRITE | nvm::WRITE_ZEROES => {
+                self.writes += 1;
+                self.bytes_written += bytes;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn u128_le(v: u64) -> [u8; 16] {
+    u128::from(v).to_le_bytes()
+}
+
+impl Controller {
+    pub(crate) fn get_log_page(&mut self, sqe: &Submission, mem: &MemoryMap) -> Status {
+        let cdw10 = sqe.cdw10.get();
+        let id = cdw10 as u8;
+        let numd = ((cdw10 >> 16) | ((sqe.cdw11.get() & 0xffff) << 16)) as u64 + 1;
+        let len = numd * 4;
+        let offset = u64::from(sqe.cdw12.get()) | (u64::from(sqe.cdw13.get()) << 32);
+        if offset & 3 != 0 {
+            return Status::INVALID_FIELD;
+        }
+        if len > 1 << 20 {
+            return Status::INVALID_FIELD;
+        }
+        let nsid = sqe.nsid.get();
+        let page: Vec<u8> = match id {
+            lid::ERROR_INFORMATION => {
+                let mut v = vec![0u8; ERROR_LOG_ENTRIES * 64];
+                for (i, e) in self.errors.entries.iter().enumerate() {
+                    v[i * 64..(i + 1) * 64].copy_from_slice(e.as_bytes());
+                }
+                v
+            }
+            lid::SMART_HEALTH => {
+                if nsid != 0 && nsid != u32::MAX && self.namespace_index(nsid).is_none() {
+                    return Status::INVALID_NAMESPACE;
+                }
+                self.smart_log().as_bytes().to_vec()
+            }
+            lid::FIRMWARE_SLOT => {
+                let mut fw = FirmwareSlotLog::default();
+                fw.afi = 1;
+                let r = self.cfg.firmware.as_bytes();
+                fw.frs[0] = [b' '; 8];
+                fw.frs[0][..r.len().min(8)].copy_from_slice(&r[..r.len().min(8)]);
+                fw.as_bytes().to_vec()
+            }
+            lid::COMMANDS_EFFECTS => {
+                let mut e = CommandsEffectsLog::default();
+                for op in [
+                    admin::DELETE_IO_SQ,
+                    admin::CREATE_IO_SQ,
+                    admin::GET_LOG_PAGE,
+                    admin::DELETE_IO_CQ,
+                    admin::CREATE_IO_CQ,
+                    admin::IDENTIFY,
+                    admin::ABORT,
+                    admin::SET_FEATURES,
+                    admin::GET_FEATURES,
+                    admin::ASYNC_EVENT_REQUEST,
+                    admin::KEEP_ALIVE,
+                ] {
+                    e.acs[op as usize] = effects::CSUPP.into();
+                }
+                e.acs[admin::FORMAT_NVM as usize] =
+                    (effects::CSUPP | effects::LBCC | effects::NCC).into();
+                for op in [nvm::FLUSH, nvm::READ, nvm::COMPARE] {
+                    e.iocs[op as usize] = effects::CSUPP.into();
+                }
+                for op in [nvm::WRITE, nvm::WRITE_ZEROES, nvm::DATASET_MANAGEMENT] {
+                    e.iocs[op as usize] = (effects::CSUPP | effects::LBCC).into();
+                }
+                e.as_bytes().to_vec()
+            }
+            _ => return Status::INVALID_LOG_PAGE,
+        };
+        if offset >= page.len() as u64 && offset != 0 {
+            return Status::INVALID_FIELD;
+        }
+        let mut out = vec![0u8; len as usize];
+        let src = &page[offset as usize..];
+        let n = src.len().min(out.len());
+        out[..n].copy_from_slice(&src[..n]);
+        self.admin_to_host(sqe, &out, mem)
+    }
+
+    fn smart_log(&self) -> SmartLog {
+        let s = &self.smart;
+        let mut log = SmartLog::default();
+        log.temperature = crate::admin::features::TEMPERATURE_K.to_le_bytes();
+        log.avail_spare = 100;
+        log.spare_thresh = 10;
+        // data units are thousands of 512-byte units, rounded up (§5.16.1.3)
+        log.data_units_read = u128_le((s.bytes_read / 512).div_ceil(1000));
+        log.data_units_written = u128_le((s.bytes_written / 512).div_ceil(1000));
+        log.host_read_commands = u128_le(s.reads);
+        log.host_write_commands = u128_le(s.writes);
+        log.power_cycles = u128_le(1);
+        log.power_on_hours = u128_le(s.started.elapsed().as_secs() / 3600);
+        log.num_err_log_entries = u128_le(self.errors.count());
+        log.temp_sensor[0] = crate::admin::features::TEMPERATURE_K.into();
+        log
+    }
+}

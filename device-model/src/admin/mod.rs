@@ -1,0 +1,140 @@
+//! Admin command set (NVMe base 2.0 §5): dispatch and data transfer helpers.
+
+pub(crate) mod features;
+mod identify;
+pub(crate) mod log_page;
+mod queues;
+
+use nvme_spec::opcode::admin as op;
+use nvme_spec::{Status, Submission};
+
+use crate::controller::{Controller, Outcome};
+use crate::dptr;
+use crate::memory::MemoryMap;
+
+/// Outstanding Asynchronous Event Requests allowed (Identify AERL is 0's based).
+pub(crate) const AER_LIMIT: usize = 4;
+
+impl Controller {
+    /// Execute one admin command fetched into `slot` of the admin SQ.
+    pub(crate) fn admin_command(
+        &mut self,
+        slot: u16,
+        sqe: &Submission,
+        mem: &MemoryMap,
+    ) -> Outcome {
+        if sqe.fuse() != 0 {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        if sqe.psdt() != 0 {
+            // PCIe admin commands use PRPs only (§4.3).
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        match sqe.opcode {
+            op::IDENTIFY => Outcome::status(self.identify(sqe, mem)),
+            op::GET_FEATURES => self.get_features(sqe, mem),
+            op::SET_FEATURES => self.set_features(sqe, mem),
+            op::GET_LOG_PAGE => Outcome::status(self.get_log_page(sqe, mem)),
+            op::CREATE_IO_CQ => Outcome::status(self.create_io_cq(sqe, mem)),
+            op::CREATE_IO_SQ => Outcome::status(self.create_io_sq(sqe, mem)),
+            op::DELETE_IO_CQ => Outcome::status(self.delete_io_cq(sqe)),
+            op::DELETE_IO_SQ => self.delete_io_sq(slot, sqe),
+            // Abort is best effort: we never abort, dword 0 bit 0 = command not aborted (§5.1).
+            op::ABORT => Outcome::Done(Status::SUCCESS, 1),
+            op::ASYNC_EVENT_REQUEST => {
+                if self.aer_slots.len() >= AER_LIMIT {
+                    return Outcome::status(Status::ASYNC_EVENT_LIMIT_EXCEEDED);
+                }
+                self.aer_slots.push(slot);
+                Outcome::Pending
+            }
+            op::KEEP_ALIVE => Outcome::status(Status::SUCCESS),
+            op::FORMAT_NVM => Outcome::status(self.format_nvm(sqe)),
+            _ => Outcome::status(Status::INVALID_OPCODE),
+        }
+    }
+
+    /// Copy `data` to the host buffer of an admin command (controller to host).
+    pub(crate) fn admin_to_host(
+        &mut self,
+        sqe: &Submission,
+        data: &[u8],
+        mem: &MemoryMap,
+    ) -> Status {
+        if let Err(s) = dptr::map_data(
+            mem,
+            sqe,
+            data.len() as u64,
+            self.page_size,
+            true,
+            false,
+            &mut self.scratch,
+        ) {
+            return s;
+        }
+        self.scratch.copy_from_slice(data);
+        Status::SUCCESS
+    }
+
+    /// Copy `len` bytes of an admin command's host buffer into `self.bounce[..len]`.
+    pub(crate) fn admin_from_host(
+        &mut self,
+        sqe: &Submission,
+        len: usize,
+        mem: &MemoryMap,
+    ) -> Status {
+        if len > self.bounce.len() {
+            return Status::INVALID_FIELD;
+        }
+        if let Err(s) = dptr::map_data(
+            mem,
+            sqe,
+            len as u64,
+            self.page_size,
+            false,
+            false,
+            &mut self.scratch,
+        ) {
+            return s;
+        }
+        self.scratch.copy_to_slice(&mut self.bounce[..len]);
+        Status::SUCCESS
+    }
+
+    /// Format NVM (§5.23): LBA format 0 only, no metadata or protection; SES 0 or 1.
+    fn format_nvm(&mut self, sqe: &Submission) -> Status {
+        let cdw10 = sqe.cdw10.get();
+        let lbaf = cdw10 & 0xf;
+        let mset = (cdw10 >> 4) & 1;
+        let pi = (cdw10 >> 5) & 7;
+        let ses = (cdw10 >> 9) & 7;
+        if lbaf != 0 || mset != 0 || pi != 0 {
+            return Status::INVALID_FORMAT;
+        }
+        if ses > 1 {
+            return Status::INVALID_FIELD;
+        }
+        let nsid = sqe.nsid.get();
+        let targets: Vec<usize> = if nsid == u32::MAX {
+            (0..self.namespaces.len()).collect()
+        } else {
+            match self.namespace_index(nsid) {
+                Some(i) => vec![i],
+                None => return Status::INVALID_NAMESPACE,
+            }
+        };
+        for i in targets {
+            let ns = &mut self.namespaces[i];
+            let size = ns.backend.size();
+            if let Err(s) = ns.backend.write_zeroes(0, size) {
+                return s;
+            }
+            log::info!(
+                "namespace {}: formatted ({})",
+                ns.nsid,
+                ns.backend.describe()
+            );
+        }
+        Status::SUCCESS
+    }
+}

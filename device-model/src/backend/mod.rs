@@ -1,0 +1,159 @@
+//! Namespace backends: where a namespace's blocks live. Reads, writes and flushes complete
+//! asynchronously (`submit` then `poll`); a write is acknowledged to the guest only when its
+//! backend reports it done. Rare management operations (write zeroes, deallocate, compare
+//! reads, format) are synchronous.
+
+mod file;
+mod malloc;
+mod null;
+
+pub use file::{FileBackend, FileError};
+pub use malloc::{MallocBackend, MallocError};
+pub use null::NullBackend;
+
+use nvme_spec::Status;
+
+/// The data-moving operation of an asynchronous request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Backend to guest memory.
+    Read,
+    /// Guest memory to backend; `fua` asks for it to be durable before completion.
+    Write { fua: bool },
+    /// Make all completed writes durable.
+    Flush,
+}
+
+/// One asynchronous request. `iov` stays valid until the request's completion is polled.
+#[derive(Debug)]
+pub struct IoRequest<'a> {
+    /// Opaque tag handed back on completion.
+    pub tag: u64,
+    pub op: IoOp,
+    /// Byte offset in the namespace.
+    pub offset: u64,
+    /// Host segments over guest memory (empty for Flush).
+    pub iov: &'a [libc::iovec],
+}
+
+/// A namespace's storage.
+pub trait Backend: Send {
+    /// A short description for logs, e.g. `malloc:256MiB`.
+    fn describe(&self) -> String;
+    /// Capacity in bytes.
+    fn size(&self) -> u64;
+    /// Start a request. An `Err` means it was not started and completes with that status.
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status>;
+    /// Hand every finished request to `done`; returns how many finished.
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
+    /// Requests started but not yet polled as done.
+    fn in_flight(&self) -> usize;
+    /// Zero `len` bytes at `offset` (Write Zeroes, Format).
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status>;
+    /// Deallocate `len` bytes at `offset` (DSM); reads of it return zeroes afterwards.
+    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        self.write_zeroes(offset, len)
+    }
+    /// Read synchronously into `buf` (Compare).
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status>;
+    /// Make everything durable now (shutdown, controller reset).
+    fn flush_sync(&mut self) -> Result<(), Status>;
+}
+
+/// Sum of iovec lengths.
+pub fn iov_len(iov: &[libc::iovec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
+/// A completion queue for synchronous backends: preallocated, no allocation per request
+/// once warmed up.
+#[derive(Debug, Default)]
+pub(crate) struct DoneQueue {
+    done: Vec<(u64, Status)>,
+    scratch: Vec<(u64, Status)>,
+}
+
+impl DoneQueue {
+    pub(crate) fn push(&mut self, tag: u64, status: Status) {
+        self.done.push((tag, status));
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.done.len()
+    }
+    pub(crate) fn drain(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        std::mem::swap(&mut self.done, &mut self.scratch);
+        let n = self.scratch.len();
+        for (t, s) in self.scratch.drain(..) {
+            done(t, s);
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Write a pattern through `b`, read it back, check zeroes/deallocate; shared by backends.
+    pub(crate) fn exercise(b: &mut dyn Backend) {
+        let mut data = vec![0u8; 8192];
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = (i * 7 + 3) as u8;
+        }
+        let wr = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: 8192,
+        }];
+        b.submit(&IoRequest {
+            tag: 1,
+            op: IoOp::Write { fua: true },
+            offset: 4096,
+            iov: &wr,
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            b.poll(&mut |t, s| got.push((t, s)));
+        }
+        assert_eq!(got, vec![(1, Status::SUCCESS)]);
+        let mut back = vec![0u8; 8192];
+        let rd = [
+            libc::iovec {
+                iov_base: back.as_mut_ptr().cast(),
+                iov_len: 4096,
+            },
+            libc::iovec {
+                iov_base: back[4096..].as_mut_ptr().cast(),
+                iov_len: 4096,
+            },
+        ];
+        b.submit(&IoRequest {
+            tag: 2,
+            op: IoOp::Read,
+            offset: 4096,
+            iov: &rd,
+        })
+        .unwrap();
+        b.submit(&IoRequest {
+            tag: 3,
+            op: IoOp::Flush,
+            offset: 0,
+            iov: &[],
+        })
+        .unwrap();
+        got.clear();
+        while got.len() < 2 {
+            b.poll(&mut |t, s| got.push((t, s)));
+        }
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got, vec![(2, Status::SUCCESS), (3, Status::SUCCESS)]);
+        assert_eq!(back, data);
+        b.write_zeroes(4096, 512).unwrap();
+        let mut z = vec![1u8; 1024];
+        b.read_sync(4096, &mut z).unwrap();
+        assert!(z[..512].iter().all(|&x| x == 0));
+        assert_eq!(&z[512..], &data[512..1024]);
+        assert_eq!(b.in_flight(), 0);
+        assert!(b.read_sync(b.size() - 512, &mut [0u8; 1024]).is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! The null backend: writes are discarded, reads return zeroes (SPDK's bdev_null).
+
+use nvme_spec::Status;
+
+use super::{Backend, DoneQueue, IoOp, IoRequest};
+
+/// Discards writes; reads complete without touching guest memory (like SPDK's null bdev).
+#[derive(Debug)]
+pub struct NullBackend {
+    size: u64,
+    done: DoneQueue,
+}
+
+impl NullBackend {
+    /// A null namespace of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            done: DoneQueue::default(),
+        }
+    }
+}
+
+impl Backend for NullBackend {
+    fn describe(&self) -> String {
+        format!("null:{}MiB", self.size >> 20)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        debug_assert!(req.op == IoOp::Flush || !req.iov.is_empty());
+        self.done.push(req.tag, Status::SUCCESS);
+        Ok(())
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.done.drain(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), Status> {
+        Ok(())
+    }
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        if offset.saturating_add(buf.len() as u64) > self.size {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        buf.fill(0);
+        Ok(())
+    }
+    fn flush_sync(&mut self) -> Result<(), Status> {
+        Ok(())
+    }
+}

@@ -1,0 +1,570 @@
+//! The NVMe controller: BAR0 register file (NVMe base 2.0 §3.1.4), controller enable, reset
+//! and shutdown (§3.5-3.6), and the polling loop that fetches commands from submission
+//! queues, dispatches them and posts completions. One thread owns a controller; the control
+//! plane reaches it by message (see [`crate::reactor`]).
+
+use std::sync::Arc;
+
+use nvme_spec::registers::{self as reg, cap, cc, csts};
+use nvme_spec::{Completion, Status};
+
+use crate::admin::features::Features;
+use crate::admin::log_page::{ErrorLog, SmartCounters};
+use crate::doorbell::Doorbells;
+use crate::dptr::IoVecs;
+use crate::irq::Interrupts;
+use crate::memory::{GuestMemory, MemoryMap};
+use crate::namespace::Namespace;
+use crate::pci::PciIds;
+use crate::queue::{CompletionQueue, SubmissionQueue};
+
+/// Static configuration of a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub ids: PciIds,
+    pub serial: String,
+    pub model: String,
+    pub firmware: String,
+    pub cntlid: u16,
+    /// I/O queue pairs the controller supports (1..=128).
+    pub max_io_queues: u16,
+    /// Maximum queue entries supported, 0's based (CAP.MQES).
+    pub mqes: u16,
+    /// Maximum data transfer size as a power of two in units of the minimum page (4 KiB).
+    pub mdts: u8,
+    pub subnqn: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            ids: PciIds::default(),
+            serial: "VNVME0001".into(),
+            model: "vnvme emulated NVMe controller".into(),
+            firmware: env!("CARGO_PKG_VERSION").into(),
+            cntlid: 1,
+            max_io_queues: 128,
+            mqes: 1023,
+            mdts: 7,
+            subnqn: "nqn.2026-11.io.vnvme:default".into(),
+        }
+    }
+}
+
+/// What a command handler did with a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Complete now with this status and dword 0.
+    Done(Status, u32),
+    /// Handed to a backend (or parked); completion comes later.
+    Pending,
+}
+
+impl Outcome {
+    pub(crate) fn status(s: Status) -> Self {
+        Outcome::Done(s, 0)
+    }
+}
+
+/// Commands fetched from one SQ per poll before moving on (fairness between queues).
+const FETCH_BUDGET: u32 = 64;
+/// Tag layout for backend requests: SQ id in bits 31:16, slot in bits 15:0.
+fn tag(qid: u16, slot: u16) -> u64 {
+    (u64::from(qid) << 16) | u64::from(slot)
+}
+
+/// An emulated NVMe controller.
+pub struct Controller {
+    pub(crate) cfg: ControllerConfig,
+    pub(crate) mem: Arc<GuestMemory>,
+    pub(crate) doorbells: Arc<Doorbells>,
+    pub(crate) irqs: Interrupts,
+    pub(crate) namespaces: Vec<Namespace>,
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    intms: u32,
+    pub(crate) page_size: u64,
+    pub(crate) sqs: Vec<Option<SubmissionQueue>>,
+    pub(crate) cqs: Vec<Option<CompletionQueue>>,
+    /// Ids of existing SQs / CQs, for iteration without scanning every slot.
+    pub(crate) active_sqs: Vec<u16>,
+    pub(crate) active_cqs: Vec<u16>,
+    pub(crate) features: Features,
+    /// Admin slots holding outstanding Asynchronous Event Requests.
+    pub(crate) aer_slots: Vec<u16>,
+    pub(crate) errors: ErrorLog,
+    pub(crate) smart: SmartCounters,
+    pub(crate) scratch: IoVecs,
+    pub(crate) bounce: Vec<u8>,
+    done: Vec<(u64, Status)>,
+    warned_doorbell: bool,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("serial", &self.cfg.serial)
+            .field("cc", &self.cc)
+            .field("csts", &self.csts)
+            .finish()
+    }
+}
+
+impl Controller {
+    /// A disabled controller over `namespaces` (nsid = position + 1).
+    pub fn new(
+        cfg: ControllerConfig,
+        mem: Arc<GuestMemory>,
+        doorbells: Arc<Doorbells>,
+        namespaces: Vec<Namespace>,
+    ) -> Self {
+        let nq = cfg.max_io_queues.clamp(1, crate::pci::MSIX_VECTORS - 1) as usize + 1;
+        let mdts_bytes = 4096usize << cfg.mdts;
+        Self {
+            features: Features::new(&cfg),
+            cfg,
+            mem,
+            doorbells,
+            irqs: Interrupts::default(),
+            namespaces,
+            cc: 0,
+            csts: 0,
+            aqa: 0,
+            asq: 0,
+            acq: 0,
+            intms: 0,
+            page_size: 4096,
+            sqs: (0..nq).map(|_| None).collect(),
+            cqs: (0..nq).map(|_| None).collect(),
+            active_sqs: Vec::with_capacity(nq),
+            active_cqs: Vec::with_capacity(nq),
+            aer_slots: Vec::new(),
+            errors: ErrorLog::default(),
+            smart: SmartCounters::default(),
+            scratch: IoVecs::default(),
+            bounce: vec![0; mdts_bytes],
+            done: Vec::with_capacity(1024),
+            warned_doorbell: false,
+        }
+    }
+
+    /// Make every namespace's data durable (daemon shutdown).
+    pub fn flush(&mut self) -> Result<(), Status> {
+        for ns in &mut self.namespaces {
+            ns.backend.flush_sync()?;
+        }
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    /// Controller Capabilities register value.
+    pub fn cap(&self) -> u64 {
+        cap::mqes(self.cfg.mqes)
+            | cap::CQR
+            | cap::to(30)
+            | cap::CSS_NVM
+            | (0 << cap::MPSMIN_SHIFT)
+            | (4 << cap::MPSMAX_SHIFT)
+    }
+
+    /// True when CSTS.RDY is set.
+    pub fn is_ready(&self) -> bool {
+        self.csts & csts::RDY != 0
+    }
+
+    /// Read a BAR0 register (offsets below the doorbell page). Unknown offsets read as zero.
+    pub fn read_register(&self, offset: u64, len: usize) -> u64 {
+        let cap = self.cap();
+        let image: [(u64, u64, usize); 9] = [
+            (reg::CAP, cap, 8),
+            (reg::VS, u64::from(reg::version(1, 4, 0)), 4),
+            (reg::INTMS, u64::from(self.intms), 4),
+            (reg::INTMC, u64::from(self.intms), 4),
+            (reg::CC, u64::from(self.cc), 4),
+            (reg::CSTS, u64::from(self.csts), 4),
+            (reg::AQA, u64::from(self.aqa), 4),
+            (reg::ASQ, self.asq, 8),
+            (reg::ACQ, self.acq, 8),
+        ];
+        let mut out = 0u64;
+        for i in 0..len.min(8) {
+            let byte_off = offset + i as u64;
+            for &(base, val, size) in &image {
+                if byte_off >= base && byte_off < base + size as u64 {
+                    out |= ((val >> (8 * (byte_off - base))) & 0xff) << (8 * i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Write a BAR0 register (1, 2, 4 or 8 bytes). Read-only and reserved registers ignore it.
+    pub fn write_register(&mut self, offset: u64, value: u64, len: usize) {
+        match (offset, len) {
+            (reg::ASQ | reg::ACQ, 8) => {
+                self.write_register(offset, value & 0xffff_ffff, 4);
+                self.write_register(offset + 4, value >> 32, 4);
+            }
+            (reg::INTMS, 4) => self.intms |= value as u32,
+            (reg::INTMC, 4) => self.intms &= !(value as u32),
+            (reg::CC, 4) => self.write_cc(value as u32),
+            (reg::AQA, 4) => self.aqa = value as u32 & 0x0fff_0fff,
+            (reg::ASQ, 4) => self.asq = (self.asq & !0xffff_ffff) | (value & 0xffff_f000),
+            (o, 4) if o == reg::ASQ + 4 => self.asq = (self.asq & 0xffff_ffff) | (value << 32),
+            (reg::ACQ, 4) => self.acq = (self.acq & !0xffff_ffff) | (value & 0xffff_f000),
+            (o, 4) if o == reg::ACQ + 4 => self.acq = (self.acq & 0xffff_ffff) | (value << 32),
+            (reg::NSSR, 4) => {
+                log::info!("NVM Subsystem Reset requested: not supported (CAP.NSSRS=0), ignored")
+            }
+            _ => {
+                log::debug!("ignored register write offset={offset:#x} len={len} value={value:#x}")
+            }
+        }
+    }
+
+    fn write_cc(&mut self, new: u32) {
+        let old = self.cc;
+        self.cc = new;
+        let was_en = old & cc::EN != 0;
+        let en = new & cc::EN != 0;
+        if was_en && !en {
+            log::info!("{}: controller reset (CC.EN 1->0)", self.cfg.serial);
+            self.reset();
+            self.cc = new;
+            return;
+        }
+        if !was_en && en {
+            self.enable();
+        }
+        let shn = (new >> cc::SHN_SHIFT) & 3;
+        let old_shn = (old >> cc::SHN_SHIFT) & 3;
+        if shn != 0 && old_shn == 0 {
+            log::info!(
+                "{}: shutdown notification ({})",
+                self.cfg.serial,
+                if shn == 1 { "normal" } else { "abrupt" }
+            );
+            self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_OCCURRING;
+            self.drain();
+            for ns in &mut self.namespaces {
+                if let Err(s) = ns.backend.flush_sync() {
+                    log::warn!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
+                }
+            }
+            self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
+        } else if shn == 0 && old_shn != 0 {
+            self.csts &= !(3 << csts::SHST_SHIFT);
+        }
+    }
+
+    /// CC.EN 0->1: check the configuration and bring up the admin queue pair (§3.5.1).
+    fn enable(&mut self) {
+        let mps = (self.cc >> cc::MPS_SHIFT) & 0xf;
+        let css = (self.cc >> cc::CSS_SHIFT) & 7;
+        let asqs = (self.aqa & 0xfff) + 1;
+        let acqs = ((self.aqa >> 16) & 0xfff) + 1;
+        let problem = if mps > 4 {
+            Some("CC.MPS outside CAP.MPSMIN..MPSMAX")
+        } else if css != 0 && css != 7 {
+            Some("CC.CSS selects an unsupported command set")
+        } else if asqs < 2 || acqs < 2 {
+            Some("AQA: admin queues need at least 2 entries")
+        } else if self.asq == 0 || self.acq == 0 {
+            Some("ASQ/ACQ not set")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            log::warn!("{}: enable refused: {p}; setting CSTS.CFS", self.cfg.serial);
+            self.csts |= csts::CFS;
+            return;
+        }
+        self.page_size = 4096 << mps;
+        self.csts &= !(csts::CFS | (3 << csts::SHST_SHIFT));
+        self.sqs[0] = Some(SubmissionQueue::new(0, self.asq, asqs, 0));
+        let mut acq = CompletionQueue::new(0, self.acq, acqs, 0, true);
+        acq.sq_count = 1;
+        self.cqs[0] = Some(acq);
+        self.active_sqs = vec![0];
+        self.active_cqs = vec![0];
+        self.csts |= csts::RDY;
+        log::info!(
+            "{}: enabled (admin SQ {asqs} entries at {:#x}, CQ {acqs} at {:#x}, page {} B)",
+            self.cfg.serial,
+            self.asq,
+            self.acq,
+            self.page_size
+        );
+    }
+
+    /// Controller Level Reset (§3.7.2): wait for in-flight I/O, drop every queue, clear state
+    /// the host must set up again. Namespaces and their data are untouched.
+    pub fn reset(&mut self) {
+        self.drain();
+        for q in &mut self.sqs {
+            *q = None;
+        }
+        for q in &mut self.cqs {
+            *q = None;
+        }
+        self.active_sqs.clear();
+        self.active_cqs.clear();
+        self.aer_slots.clear();
+        self.doorbells.clear();
+        self.features = Features::new(&self.cfg);
+        self.cc = 0;
+        self.csts = 0;
+        self.intms = 0;
+        self.page_size = 4096;
+        self.warned_doorbell = false;
+    }
+
+    /// Full device reset (FLR, vfio-user DEVICE_RESET, client gone): controller reset plus
+    /// admin queue registers and interrupt routes.
+    pub fn device_reset(&mut self) {
+        self.reset();
+        self.aqa = 0;
+        self.asq = 0;
+        self.acq = 0;
+        self.irqs.clear();
+    }
+
+    /// Wait for every backend request in flight to finish; their completions are dropped
+    /// (the queues they would post to are going away).
+    fn drain(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let pending: usize = self.namespaces.iter().map(|n| n.backend.in_flight()).sum();
+            if pending == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                log::error!(
+                    "{}: {pending} backend requests still in flight after 30 s",
+                    self.cfg.serial
+                );
+                break;
+            }
+            for ns in &mut self.namespaces {
+                ns.backend.poll(&mut |_, _| {});
+            }
+            std::thread::yield_now();
+        }
+        for sq in self.sqs.iter_mut().flatten() {
+            for s in &mut sq.slots {
+                s.mem = None;
+            }
+        }
+    }
+
+    /// One pass of the data plane: doorbells, command fetch and dispatch, backend
+    /// completions, interrupts. Returns how much work was done (0 = idle).
+    pub fn poll(&mut self) -> usize {
+        if !self.is_ready() || self.csts & csts::CFS != 0 {
+            return 0;
+        }
+        let mem = self.mem.snapshot();
+        let mut work = 0;
+        for i in 0..self.active_cqs.len() {
+            let id = self.active_cqs[i];
+            let db = self.doorbells.cq_head(id);
+            if let Some(cq) = self.cqs[id as usize].as_mut() {
+                if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
+                    self.warned_doorbell = true;
+                    log::warn!(
+                        "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
+                        self.cfg.serial,
+                        cq.size,
+                        cq.tail
+                    );
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.active_sqs.len() {
+            let id = self.active_sqs[i];
+            work += self.process_sq(id, &mem);
+            i += 1;
+        }
+        work += self.reap(&mem);
+        for &id in &self.active_cqs {
+            if let Some(cq) = self.cqs[id as usize].as_mut() {
+                if cq.irq_pending {
+                    cq.irq_pending = false;
+                    if cq.irq_enabled {
+                        self.irqs.signal(cq.vector);
+                    }
+                }
+            }
+        }
+        work
+    }
+
+    fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {
+        let db = self.doorbells.sq_tail(qid);
+        let Some(sq) = self.sqs[qid as usize].as_mut() else {
+            return 0;
+        };
+        if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
+            self.warned_doorbell = true;
+            log::warn!(
+                "{}: invalid SQ {qid} tail doorbell {db} (size {})",
+                self.cfg.serial,
+                sq.size
+            );
+        }
+        if sq.deleting.is_some() {
+            return 0;
+        }
+        let mut n = 0;
+        while n < FETCH_BUDGET {
+            let Some(sq) = self.sqs[qid as usize].as_mut() else {
+                break;
+            };
+            if !sq.has_work() || sq.free.is_empty() {
+                break;
+            }
+            let cqid = sq.cqid as usize;
+            let Some(cq) = self.cqs[cqid].as_mut() else {
+                break;
+            };
+            if !cq.can_reserve() {
+                break;
+            }
+            let sqe = match sq.fetch(mem) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!(
+                        "{}: SQ {qid} entry unreadable ({e}); controller fatal",
+                        self.cfg.serial
+                    );
+                    self.csts |= csts::CFS;
+                    return n as usize;
+                }
+            };
+            cq.reserved += 1;
+            let slot = sq.free.pop().unwrap_or_default();
+            let ctx = &mut sq.slots[slot as usize];
+            ctx.cid = sqe.cid.get();
+            ctx.opcode = sqe.opcode;
+            ctx.nsid = sqe.nsid.get();
+            ctx.bytes = 0;
+            let outcome = if qid == 0 {
+                self.admin_command(slot, &sqe, mem)
+            } else {
+                self.io_command(qid, slot, &sqe, mem)
+            };
+            if let Outcome::Done(status, dw0) = outcome {
+                self.complete(qid, slot, status, dw0, mem);
+            }
+            n += 1;
+        }
+        n as usize
+    }
+
+    /// Collect backend completions and post them.
+    fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        for ns in &mut self.namespaces {
+            if ns.backend.in_flight() > 0 {
+                ns.backend.poll(&mut |t, s| done.push((t, s)));
+            }
+        }
+        let n = done.len();
+        for &(t, status) in &done {
+            let qid = (t >> 16) as u16;
+            let slot = t as u16;
+            self.io_finished(qid, slot, status);
+            self.complete(qid, slot, status, 0, mem);
+        }
+        done.clear();
+        self.done = done;
+        n
+    }
+
+    /// Backend request finished: account it, and for Compare check the data.
+    fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
+        let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let ctx = &sq.slots[slot as usize];
+        if status.is_success() {
+            self.smart.account(ctx.opcode, ctx.bytes);
+        }
+    }
+
+    /// Post the completion of the command in `slot` of SQ `qid` and free the slot.
+    pub(crate) fn complete(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        status: Status,
+        dw0: u32,
+        mem: &MemoryMap,
+    ) {
+        let Some(sq) = self.sqs.get_mut(qid as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let ctx = &mut sq.slots[slot as usize];
+        let cid = ctx.cid;
+        ctx.mem = None;
+        let opcode = ctx.opcode;
+        let nsid = ctx.nsid;
+        sq.free.push(slot);
+        let sq_head = sq.head as u16;
+        let cqid = sq.cqid;
+        let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
+        if !status.is_success() {
+            self.errors.record(qid, cid, status, nsid, opcode);
+        }
+        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+            cq.reserved = cq.reserved.saturating_sub(1);
+            let cqe = Completion {
+                dw0: dw0.into(),
+                dw1: 0.into(),
+                sq_head: sq_head.into(),
+                sq_id: qid.into(),
+                cid: cid.into(),
+                status: status.cqe_bits().into(),
+            };
+            if let Err(e) = cq.post(mem, cqe) {
+                log::error!(
+                    "{}: CQ {cqid} not writable ({e}); controller fatal",
+                    self.cfg.serial
+                );
+                self.csts |= csts::CFS;
+            }
+        }
+        if let Some(admin_slot) = finish_delete {
+            self.remove_sq(qid);
+            self.complete(0, admin_slot, Status::SUCCESS, 0, mem);
+        }
+    }
+
+    pub(crate) fn remove_sq(&mut self, qid: u16) {
+        if let Some(sq) = self.sqs[qid as usize].take() {
+            if let Some(cq) = self.cqs[sq.cqid as usize].as_mut() {
+                cq.sq_count -= 1;
+            }
+        }
+        self.active_sqs.retain(|&q| q != qid);
+    }
+
+    /// Backend request tag for a slot.
+    pub(crate) fn tag(qid: u16, slot: u16) -> u64 {
+        tag(qid, slot)
+    }
+
+    /// The namespace with `nsid`, if any.
+    pub(crate) fn namespace_index(&self, nsid: u32) -> Option<usize> {
+        let i = (nsid as usize).checked_sub(1)?;
+        (i < self.namespaces.len()).then_some(i)
+    }
+}

@@ -1,0 +1,467 @@
+//! Data pointers: walk a command's PRPs (NVMe base 2.0 §4.3.1) or SGL (§4.3.2) into host
+//! iovecs over guest memory. Every address the guest gives is checked against the DMA map;
+//! contiguous pages are merged. No allocation: the iovec array is fixed-size.
+
+use nvme_spec::command::{SglDescriptor, sgl_type};
+use nvme_spec::{Status, Submission};
+use zerocopy::FromBytes;
+
+use crate::memory::MemoryMap;
+
+/// Most host segments one command may need after merging (Linux sends at most 128).
+pub const MAX_IOV: usize = 256;
+
+/// A command's data buffer as host iovecs over guest memory.
+pub struct IoVecs {
+    iov: Box<[libc::iovec; MAX_IOV]>,
+    n: usize,
+    len: u64,
+}
+
+// SAFETY: the iovecs point into guest memory mappings kept alive by the command's memory
+// snapshot; they are only dereferenced by the thread that owns the command.
+unsafe impl Send for IoVecs {}
+
+impl Default for IoVecs {
+    fn default() -> Self {
+        Self {
+            iov: Box::new(
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_IOV],
+            ),
+            n: 0,
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for IoVecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoVecs")
+            .field("n", &self.n)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl IoVecs {
+    /// Forget the current contents.
+    pub fn clear(&mut self) {
+        self.n = 0;
+        self.len = 0;
+    }
+    /// The segments.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.iov[..self.n]
+    }
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// True when no bytes are described.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, base: *mut u8, len: u64) -> Result<(), Status> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.n > 0 {
+            let last = &mut self.iov[self.n - 1];
+            if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
+                last.iov_len += len as usize;
+                self.len += len;
+                return Ok(());
+            }
+        }
+        if self.n == MAX_IOV {
+            return Err(Status::INVALID_SGL_COUNT);
+        }
+        self.iov[self.n] = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len as usize,
+        };
+        self.n += 1;
+        self.len += len;
+        Ok(())
+    }
+
+    fn push_guest(
+        &mut self,
+        mem: &MemoryMap,
+        mut iova: u64,
+        mut len: u64,
+        write: bool,
+    ) -> Result<(), Status> {
+        while len > 0 {
+            let chunk = mem
+                .contiguous(iova, len, write)
+                .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+            let p = mem
+                .translate(iova, chunk, write)
+                .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+            self.push(p, chunk)?;
+            iova += chunk;
+            len -= chunk;
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into the buffer (controller-to-host transfer); returns bytes copied.
+    pub fn copy_from_slice(&self, data: &[u8]) -> usize {
+        let mut done = 0;
+        for v in self.as_slice() {
+            let n = v.iov_len.min(data.len() - done);
+            // SAFETY: each iovec was validated as writable guest memory when built and the
+            // mapping is alive while the command runs; source is a plain slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n)
+            };
+            done += n;
+            if done == data.len() {
+                break;
+            }
+        }
+        done
+    }
+
+    /// Copy the buffer into `out` (host-to-controller transfer); returns bytes copied.
+    pub fn copy_to_slice(&self, out: &mut [u8]) -> usize {
+        let mut done = 0;
+        for v in self.as_slice() {
+            let n = v.iov_len.min(out.len() - done);
+            // SAFETY: each iovec was validated as readable guest memory when built.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), out[done..].as_mut_ptr(), n)
+            };
+            done += n;
+            if done == out.len() {
+                break;
+            }
+        }
+        done
+    }
+}
+
+/// Build `out` for `len` bytes from the command's data pointer. `write` is true when the
+/// controller writes guest memory (a Read command); `page_size` is CC.MPS in bytes.
+pub fn map_data(
+    mem: &MemoryMap,
+    sqe: &Submission,
+    len: u64,
+    page_size: u64,
+    write: bool,
+    allow_sgl: bool,
+    out: &mut IoVecs,
+) -> Result<(), Status> {
+    out.clear();
+    if len == 0 {
+        return Ok(());
+    }
+    match sqe.psdt() {
+        0 => map_prps(
+            mem,
+            sqe.prp1.get(),
+            sqe.prp2.get(),
+            len,
+            page_size,
+            write,
+            out,
+        ),
+        1 | 2 if allow_sgl => {
+            let mut first = SglDescriptor::default();
+            first.addr = sqe.prp1;
+            let raw = sqe.prp2.get();
+            first.len = (raw as u32).into();
+            first.rsvd = [(raw >> 32) as u8, (raw >> 40) as u8, (raw >> 48) as u8];
+            first.id = (raw >> 56) as u8;
+            map_sgl(mem, &first, len, write, out)
+        }
+        _ => Err(Status::INVALID_FIELD),
+    }
+}
+
+/// Walk a PRP pair / PRP list (§4.3.1).
+pub fn map_prps(
+    mem: &MemoryMap,
+    prp1: u64,
+    prp2: u64,
+    len: u64,
+    page_size: u64,
+    write: bool,
+    out: &mut IoVecs,
+) -> Result<(), Status> {
+    out.clear();
+    if prp1 & 3 != 0 {
+        return Err(Status::PRP_OFFSET_INVALID);
+    }
+    let first = (page_size - (prp1 & (page_size - 1))).min(len);
+    out.push_guest(mem, prp1, first, write)?;
+    let mut remaining = len - first;
+    if remaining == 0 {
+        return Ok(());
+    }
+    if remaining <= page_size {
+        if prp2 & (page_size - 1) != 0 {
+            return Err(Status::PRP_OFFSET_INVALID);
+        }
+        return out.push_guest(mem, prp2, remaining, write);
+    }
+    // PRP2 points to a PRP list; the last entry of a full list page chains to the next page.
+    if prp2 & 7 != 0 {
+        return Err(Status::PRP_OFFSET_INVALID);
+    }
+    let mut list = prp2;
+    let max_pages = len.div_ceil(page_size) + 1;
+    let mut visited = 0;
+    while remaining > 0 {
+        let entries_in_page = (page_size - (list & (page_size - 1))) / 8;
+        for i in 0..entries_in_page {
+            let mut e = [0u8; 8];
+            mem.read(list + i * 8, &mut e)
+                .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+            let entry = u64::from_le_bytes(e);
+            visited += 1;
+            if visited > max_pages {
+                return Err(Status::INVALID_FIELD);
+            }
+            if i == entries_in_page - 1 && remaining > page_size {
+                // chain pointer to the next list page
+                if entry & 7 != 0 {
+                    return Err(Status::PRP_OFFSET_INVALID);
+                }
+                list = entry;
+                break;
+            }
+            if entry & (page_size - 1) != 0 {
+                return Err(Status::PRP_OFFSET_INVALID);
+            }
+            let n = remaining.min(page_size);
+            out.push_guest(mem, entry, n, write)?;
+            remaining -= n;
+            if remaining == 0 {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Walk an SGL (§4.3.2): data blocks, segments and a last segment. Bit buckets are refused.
+pub fn map_sgl(
+    mem: &MemoryMap,
+    first: &SglDescriptor,
+    len: u64,
+    write: bool,
+    out: &mut IoVecs,
+) -> Result<(), Status> {
+    out.clear();
+    let mut remaining = len;
+    let mut desc = *first;
+    // A bound on descriptors read, so a looping segment chain cannot spin forever.
+    let mut budget = 4 * crate::dptr::MAX_IOV;
+    loop {
+        let ty = desc.id >> 4;
+        let subtype = desc.id & 0xf;
+        if subtype != 0 {
+            return Err(Status::INVALID_SGL_TYPE);
+        }
+        match ty {
+            sgl_type::DATA_BLOCK => {
+                let n = u64::from(desc.len.get()).min(remaining);
+                out.push_guest(mem, desc.addr.get(), n, write)?;
+                remaining -= n;
+                return if remaining == 0 {
+                    Ok(())
+                } else {
+                    Err(Status::DATA_SGL_LENGTH_INVALID)
+                };
+            }
+            sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => {
+                let seg_len = u64::from(desc.len.get());
+                if seg_len == 0 || seg_len % 16 != 0 {
+                    return Err(Status::INVALID_SGL_SEGMENT);
+                }
+                let count = seg_len / 16;
+                let base = desc.addr.get();
+                let last_seg = ty == sgl_type::LAST_SEGMENT;
+                let mut next = None;
+                for i in 0..count {
+                    budget = budget.checked_sub(1).ok_or(Status::INVALID_SGL_COUNT)?;
+                    let mut raw = [0u8; 16];
+                    mem.read(base + i * 16, &mut raw)
+                        .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+                    let d =
+                        SglDescriptor::read_from_bytes(&raw).map_err(|_| Status::INTERNAL_ERROR)?;
+                    let dty = d.id >> 4;
+                    if d.id & 0xf != 0 {
+                        return Err(Status::INVALID_SGL_TYPE);
+                    }
+                    match dty {
+                        sgl_type::DATA_BLOCK => {
+                            if remaining == 0 {
+                                continue;
+                            }
+                            let n = u64::from(d.len.get()).min(remaining);
+                            out.push_guest(mem, d.addr.get(), n, write)?;
+                            remaining -= n;
+                        }
+                        sgl_type::SEGMENT | sgl_type::LAST_SEGMENT
+                            if !last_seg && i == count - 1 =>
+                        {
+                            next = Some(d);
+                        }
+                        sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => {
+                            return Err(Status::INVALID_SGL_SEGMENT);
+                        }
+                        _ => return Err(Status::INVALID_SGL_TYPE),
+                    }
+                }
+                match next {
+                    Some(d) => desc = d,
+                    None if remaining == 0 => return Ok(()),
+                    None => return Err(Status::DATA_SGL_LENGTH_INVALID),
+                }
+            }
+            _ => return Err(Status::INVALID_SGL_TYPE),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestMemory, Protection, tests::memfd};
+    use std::os::fd::AsFd;
+
+    fn mem() -> (GuestMemory, std::os::fd::OwnedFd) {
+        let m = GuestMemory::new();
+        let fd = memfd(0x100000);
+        m.map_fd(
+            0,
+            0x100000,
+            fd.as_fd(),
+            0,
+            Protection {
+                read: true,
+                write: true,
+            },
+        )
+        .unwrap();
+        (m, fd)
+    }
+
+    #[test]
+    fn prp_single_pair_and_list() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        let mut v = IoVecs::default();
+        map_prps(&s, 0x1100, 0, 0x100, 4096, true, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (1, 0x100));
+        map_prps(&s, 0x1800, 0x5000, 0x1000, 4096, true, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (2, 0x1000));
+        // list at 0x9000 with pages 0x2000, 0x3000, 0x7000 (0x2000+0x3000 merge)
+        for (i, p) in [0x2000u64, 0x3000, 0x7000].iter().enumerate() {
+            s.write(0x9000 + 8 * i as u64, &p.to_le_bytes()).unwrap();
+        }
+        map_prps(&s, 0x1000, 0x9000, 0x4000, 4096, false, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (2, 0x4000));
+    }
+
+    #[test]
+    fn prp_outside_memory_or_misaligned_is_an_error() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        let mut v = IoVecs::default();
+        assert_eq!(
+            map_prps(&s, 0x200000, 0, 512, 4096, true, &mut v),
+            Err(Status::DATA_TRANSFER_ERROR)
+        );
+        assert_eq!(
+            map_prps(&s, 0x1001, 0, 512, 4096, true, &mut v),
+            Err(Status::PRP_OFFSET_INVALID)
+        );
+        assert_eq!(
+            map_prps(&s, 0x1000, 0x2100, 0x2000, 4096, true, &mut v),
+            Err(Status::PRP_OFFSET_INVALID)
+        );
+        s.write(0x9000, &0x300000u64.to_le_bytes()).unwrap();
+        assert_eq!(
+            map_prps(&s, 0x1000, 0x9000, 0x3000, 4096, true, &mut v),
+            Err(Status::DATA_TRANSFER_ERROR)
+        );
+    }
+
+    #[test]
+    fn prp_list_chain_loop_terminates() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        // a list page whose last entry points back to itself
+        for i in 0..511u64 {
+            s.write(0x9000 + 8 * i, &0x2000u64.to_le_bytes()).unwrap();
+        }
+        s.write(0x9000 + 8 * 511, &0x9000u64.to_le_bytes()).unwrap();
+        let mut v = IoVecs::default();
+        let r = map_prps(&s, 0x1000, 0x9000, 4096 * 2000, 4096, true, &mut v);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn sgl_last_segment_and_errors() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        let mk = |addr: u64, len: u32, ty: u8| {
+            let mut d = SglDescriptor::default();
+            d.addr = addr.into();
+            d.len = len.into();
+            d.id = ty << 4;
+            d
+        };
+        use zerocopy::IntoBytes;
+        s.write(0x8000, mk(0x1000, 0x800, sgl_type::DATA_BLOCK).as_bytes())
+            .unwrap();
+        s.write(0x8010, mk(0x3000, 0x800, sgl_type::DATA_BLOCK).as_bytes())
+            .unwrap();
+        let mut v = IoVecs::default();
+        map_sgl(
+            &s,
+            &mk(0x8000, 32, sgl_type::LAST_SEGMENT),
+            0x1000,
+            true,
+            &mut v,
+        )
+        .unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (2, 0x1000));
+        assert_eq!(
+            map_sgl(
+                &s,
+                &mk(0x8000, 32, sgl_type::LAST_SEGMENT),
+                0x2000,
+                true,
+                &mut v
+            ),
+            Err(Status::DATA_SGL_LENGTH_INVALID)
+        );
+        assert_eq!(
+            map_sgl(
+                &s,
+                &mk(0x8000, 17, sgl_type::LAST_SEGMENT),
+                0x1000,
+                true,
+                &mut v
+            ),
+            Err(Status::INVALID_SGL_SEGMENT)
+        );
+        assert_eq!(
+            map_sgl(&s, &mk(0x1000, 0x1000, 0x5), 0x1000, true, &mut v),
+            Err(Status::INVALID_SGL_TYPE)
+        );
+        // a segment that chains to itself
+        s.write(0x8020, mk(0x8020, 16, sgl_type::SEGMENT).as_bytes())
+            .unwrap();
+        assert!(map_sgl(&s, &mk(0x8020, 16, sgl_type::SEGMENT), 0x1000, true, &mut v).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! NVM command set I/O commands (NVM command set 1.0 §3): Read, Write (FUA), Flush,
+//! Write Zeroes, Dataset Management (deallocate) and Compare.
+
+use std::sync::Arc;
+
+use nvme_spec::opcode::nvm as op;
+use nvme_spec::{Status, Submission};
+
+use crate::backend::{IoOp, IoRequest};
+use crate::controller::{Controller, Outcome};
+use crate::dptr;
+use crate::memory::MemoryMap;
+
+impl Controller {
+    /// Execute one I/O command fetched into `slot` of SQ `qid`.
+    pub(crate) fn io_command(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        sqe: &Submission,
+        mem: &Arc<MemoryMap>,
+    ) -> Outcome {
+        if sqe.fuse() != 0 {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        let nsid = sqe.nsid.get();
+        if sqe.opcode == op::FLUSH && nsid == u32::MAX {
+            return Outcome::status(self.flush_all());
+        }
+        let Some(ns_idx) = self.namespace_index(nsid) else {
+            return Outcome::status(Status::INVALID_NAMESPACE);
+        };
+        match sqe.opcode {
+            op::READ | op::WRITE => self.read_write(qid, slot, ns_idx, sqe, mem),
+            op::FLUSH => {
+                let ns = &mut self.namespaces[ns_idx];
+                let req = IoRequest {
+                    tag: Controller::tag(qid, slot),
+                    op: IoOp::Flush,
+                    offset: 0,
+                    iov: &[],
+                };
+                match ns.backend.submit(&req) {
+                    Ok(()) => Outcome::Pending,
+                    Err(s) => Outcome::status(s),
+                }
+            }
+            op::WRITE_ZEROES => {
+                let (offset, len) = match self.lba_range(ns_idx, sqe) {
+                    Ok(r) => r,
+                    Err(s) => return Outcome::status(s),
+                };
+                let r = self.namespaces[ns_idx].backend.write_zeroes(offset, len);
+                if r.is_ok() {
+                    self.smart.account(op::WRITE_ZEROES, len);
+                }
+                Outcome::status(r.err().unwrap_or(Status::SUCCESS))
+            }
+            op::DATASET_MANAGEMENT => Outcome::status(self.dataset_management(ns_idx, sqe, mem)),
+            op::COMPARE => Outcome::status(self.compare(ns_idx, sqe, mem)),
+            _ => Outcome::status(Status::INVALID_OPCODE),
+        }
+    }
+
+    /// Byte offset and length of the LBA range in CDW10-12, checked against the namespace.
+    fn lba_range(&self, ns_idx: usize, sqe: &Submission) -> Result<(u64, u64), Status> {
+        let ns = &self.namespaces[ns_idx];
+        let slba = u64::from(sqe.cdw10.get()) | (u64::from(sqe.cdw11.get()) << 32);
+        let nlb = u64::from(sqe.cdw12.get() & 0xffff) + 1;
+        match slba.checked_add(nlb) {
+            Some(end) if end <= ns.blocks() => Ok((slba << ns.lba_shift, nlb << ns.lba_shift)),
+            _ => Err(Status::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    fn max_transfer(&self) -> u64 {
+        4096u64 << self.cfg.mdts
+    }
+
+    fn read_write(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        sqe: &Submission,
+        mem: &Arc<MemoryMap>,
+    ) -> Outcome {
+        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+            Ok(r) => r,
+            Err(s) => return Outcome::status(s),
+        };
+        if len > self.max_transfer() {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        let is_read = sqe.opcode == op::READ;
+        let fua = sqe.cdw12.get() & (1 << 30) != 0;
+        let page_size = self.page_size;
+        let Some(sq) = self.sqs[qid as usize].as_mut() else {
+            return Outcome::status(Status::INTERNAL_ERROR);
+        };
+        let ctx = &mut sq.slots[slot as usize];
+        if let Err(s) = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov) {
+            return Outcome::status(s);
+        }
+        ctx.bytes = len;
+        ctx.mem = Some(Arc::clone(mem));
+        let req = IoRequest {
+            tag: Controller::tag(qid, slot),
+            op: if is_read {
+                IoOp::Read
+            } else {
+                IoOp::Write { fua }
+            },
+            offset,
+            iov: ctx.iov.as_slice(),
+        };
+        match self.namespaces[ns_idx].backend.submit(&req) {
+            Ok(()) => Outcome::Pending,
+            Err(s) => Outcome::status(s),
+        }
+    }
+
+    fn flush_all(&mut self) -> Status {
+        for ns in &mut self.namespaces {
+            if let Err(s) = ns.backend.flush_sync() {
+                return s;
+            }
+        }
+        Status::SUCCESS
+    }
+
+    /// Dataset Management (§3.2.3): only the Deallocate attribute does anything.
+    fn dataset_management(&mut self, ns_idx: usize, sqe: &Submission, mem: &MemoryMap) -> Status {
+        let nr = (sqe.cdw10.get() & 0xff) as usize + 1;
+        let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
+        let len = nr * 16;
+        let page_size = self.page_size;
+        if let Err(s) = dptr::map_data(
+            mem,
+            sqe,
+            len as u64,
+            page_size,
+            false,
+            true,
+            &mut self.scratch,
+        ) {
+            return s;
+        }
+        self.scratch.copy_to_slice(&mut self.bounce[..len]);
+        if !deallocate {
+            return Status::SUCCESS;
+        }
+        let ns = &mut self.namespaces[ns_idx];
+        let blocks = ns.blocks();
+        for r in 0..nr {
+            let e = &self.bounce[r * 16..r * 16 + 16];
+            let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
+            let slba = u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
+            match slba.checked_add(nlb) {
+                Some(end) if end <= blocks => {}
+                _ => return Status::LBA_OUT_OF_RANGE,
+            }
+            if nlb > 0 {
+                if let Err(s) = ns
+                    .backend
+                    .deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
+                {
+                    return s;
+                }
+            }
+        }
+        Status::SUCCESS
+    }
+
+    /// Compare (§3.2.1): read the blocks and compare them with the host buffer.
+    fn compare(&mut self, ns_idx: usize, sqe: &Submission, mem: &MemoryMap) -> Status {
+        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+            Ok(r) => r,
+            Err(s) => return s,
+        };
+        if len > self.max_transfer() {
+            return Status::INVALID_FIELD;
+        }
+        let len = len as usize;
+        let page_size = self.page_size;
+        if let Err(s) = dptr::map_data(
+            mem,
+            sqe,
+            len as u64,
+            page_size,
+            false,
+            true,
+            &mut self.scratch,
+        ) {
+            return s;
+        }
+        // media read into a temporary buffer (Compare is rare), host data into the bounce buffer
+        let mut media = vec![0u8; len];
+        if let Err(s) = self.namespaces[ns_idx]
+            .backend
+            .read_sync(offset, &mut media)
+        {
+            return s;
+        }
+        self.scratch.copy_to_slice(&mut self.bounce[..len]);
+        self.smart.account(op::COMPARE, len as u64);
+        if self.bounce[..len] == media[..] {
+            Status::SUCCESS
+        } else {
+            Status::COMPARE_FAILURE
+        }
+    }
+}

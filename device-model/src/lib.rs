@@ -1,0 +1,27 @@
+//! The emulated NVMe controller, independent of any transport: PCI configuration space,
+//! the BAR0 register file and doorbell page, admin and NVM command sets, queues, PRP/SGL
+//! walking over guest memory, namespaces and their backends, and the polling reactor that
+//! runs a controller's data plane.
+//!
+//! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
+//! the poll loop; `queue/` SQ/CQ; `admin/` admin commands; `io.rs` NVM commands; `dptr.rs`
+//! PRP/SGL; `memory.rs` the DMA map; `backend/` null, malloc, file; `reactor.rs` the thread.
+
+pub mod admin;
+pub mod backend;
+pub mod controller;
+pub mod doorbell;
+pub mod dptr;
+pub mod io;
+pub mod irq;
+pub mod memory;
+pub mod namespace;
+pub mod pci;
+pub mod queue;
+pub mod reactor;
+
+pub use controller::{Controller, ControllerConfig};
+pub use doorbell::Doorbells;
+pub use memory::GuestMemory;
+pub use namespace::Namespace;
+pub use reactor::{ControllerHandle, PollMode};

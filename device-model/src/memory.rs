@@ -1,0 +1,425 @@
+//! Guest memory as the client maps it to us: DMA regions backed by file descriptors
+//! (vfio-user DMA_MAP), mmapped into this process and looked up by IOVA.
+//!
+//! The map changes while queues are live (SeaBIOS remaps all of RAM after NVMe setup), so the
+//! data plane never caches host pointers across map changes: it loads a [`MemoryMap`] snapshot
+//! (lock-free, `arc-swap`) and translates every address through it. A region stays mapped for
+//! as long as any snapshot holding it is alive, so in-flight I/O never touches unmapped memory.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// Errors from building or changing the DMA map.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MapError {
+    #[error("DMA region iova={iova:#x} size={size:#x} is empty or wraps around")]
+    BadRange { iova: u64, size: u64 },
+    #[error("DMA region iova={iova:#x} size={size:#x} overlaps an existing mapping")]
+    Overlap { iova: u64, size: u64 },
+    #[error("DMA unmap iova={iova:#x} size={size:#x} splits an existing mapping")]
+    PartialUnmap { iova: u64, size: u64 },
+    #[error("DMA unmap iova={iova:#x} size={size:#x} matches no mapping")]
+    NotMapped { iova: u64, size: u64 },
+    #[error("too many DMA regions (limit {0})")]
+    TooMany(usize),
+    #[error("mmap of DMA region failed: {0}")]
+    Mmap(i32),
+}
+
+/// Guest access rights of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protection {
+    pub read: bool,
+    pub write: bool,
+}
+
+/// One mmapped region of the process's address space; unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through raw pointers whose
+// validity is tied to the mapping's lifetime (the Arc), not to a thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent access is by raw copies, never through Rust references.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once here.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// A DMA region: `[iova, iova + len)` of guest address space backed by host memory.
+#[derive(Clone, Debug)]
+pub struct Region {
+    pub iova: u64,
+    pub len: u64,
+    pub prot: Protection,
+    host: *mut u8,
+    _mapping: Option<Arc<Mapping>>,
+}
+
+// SAFETY: `host` points into `_mapping`, which is Send + Sync and kept alive by the Arc.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+/// An immutable snapshot of the DMA map, sorted by IOVA.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMap {
+    regions: Vec<Region>,
+}
+
+/// Why a guest address could not be accessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("guest address {iova:#x}+{len:#x} is not mapped for {}", if *write { "write" } else { "read" })]
+pub struct AccessError {
+    pub iova: u64,
+    pub len: u64,
+    pub write: bool,
+}
+
+impl MemoryMap {
+    /// The regions, sorted by IOVA.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Host pointer for `[iova, iova+len)`, which must lie inside one region with the right
+    /// protection. `len` may be zero only if `iova` is inside a region.
+    pub fn translate(&self, iova: u64, len: u64, write: bool) -> Result<*mut u8, AccessError> {
+        let err = AccessError { iova, len, write };
+        let idx = self.regions.partition_point(|r| r.iova <= iova);
+        let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
+        let off = iova - r.iova;
+        let end = off.checked_add(len).ok_or(err)?;
+        if off >= r.len || end > r.len || (write && !r.prot.write) || (!write && !r.prot.read) {
+            return Err(err);
+        }
+        // SAFETY: off < r.len, so the result stays inside the mapping.
+        Ok(unsafe { r.host.add(off as usize) })
+    }
+
+    /// Copy guest memory at `iova` into `buf` (may span adjacent regions).
+    pub fn read(&self, mut iova: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let chunk = self.contiguous(iova, (buf.len() - done) as u64, false)?;
+            let src = self.translate(iova, chunk, false)?;
+            // SAFETY: src is valid for `chunk` bytes (translate checked); buf has room. Guest
+            // memory may change concurrently: we copy bytes, never form a reference to it.
+            unsafe { std::ptr::copy_nonoverlapping(src, buf[done..].as_mut_ptr(), chunk as usize) };
+            done += chunk as usize;
+            iova += chunk;
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into guest memory at `iova` (may span adjacent regions).
+    pub fn write(&self, mut iova: u64, data: &[u8]) -> Result<(), AccessError> {
+        let mut done = 0;
+        while done < data.len() {
+            let chunk = self.contiguous(iova, (data.len() - done) as u64, true)?;
+            let dst = self.translate(iova, chunk, true)?;
+            // SAFETY: dst is valid for `chunk` bytes of writable guest memory (translate checked).
+            unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), dst, chunk as usize) };
+            done += chunk as usize;
+            iova += chunk;
+        }
+        Ok(())
+    }
+
+    /// Check that all of `[iova, iova+len)` is mapped (possibly over adjacent regions).
+    pub fn check_range(&self, mut iova: u64, mut len: u64, write: bool) -> Result<(), AccessError> {
+        while len > 0 {
+            let chunk = self.contiguous(iova, len, write)?;
+            self.translate(iova, chunk, write)?;
+            iova += chunk;
+            len -= chunk;
+        }
+        Ok(())
+    }
+
+    /// How many bytes from `iova` (at most `len`) lie in the region containing `iova`.
+    pub fn contiguous(&self, iova: u64, len: u64, write: bool) -> Result<u64, AccessError> {
+        let err = AccessError { iova, len, write };
+        let idx = self.regions.partition_point(|r| r.iova <= iova);
+        let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
+        let off = iova - r.iova;
+        if off >= r.len {
+            return Err(err);
+        }
+        Ok(len.min(r.len - off))
+    }
+
+    fn overlaps(&self, iova: u64, end: u64) -> bool {
+        self.regions
+            .iter()
+            .any(|r| r.iova < end && iova < r.iova + r.len)
+    }
+}
+
+/// The live DMA map shared by the control plane (writer) and the data plane (readers).
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    map: ArcSwap<MemoryMap>,
+}
+
+/// Upper bound on DMA regions a client may create (advertised as max_dma_maps).
+pub const MAX_REGIONS: usize = 1024;
+
+impl GuestMemory {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn snapshot(&self) -> Arc<MemoryMap> {
+        self.map.load_full()
+    }
+
+    /// Borrow the current snapshot without touching the reference count (hot path).
+    pub fn load(&self) -> arc_swap::Guard<Arc<MemoryMap>> {
+        self.map.load()
+    }
+
+    /// Map `size` bytes of `fd` at `offset` as guest IOVA `iova`.
+    pub fn map_fd(
+        &self,
+        iova: u64,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        prot: Protection,
+    ) -> Result<(), MapError> {
+        let end = iova
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(MapError::BadRange { iova, size })?;
+        let cur = self.map.load();
+        if cur.regions.len() >= MAX_REGIONS {
+            return Err(MapError::TooMany(MAX_REGIONS));
+        }
+        if cur.overlaps(iova, end) {
+            return Err(MapError::Overlap { iova, size });
+        }
+        let len = usize::try_from(size).map_err(|_| MapError::BadRange { iova, size })?;
+        let off = libc::off_t::try_from(offset).map_err(|_| MapError::BadRange { iova, size })?;
+        let mut p = 0;
+        if prot.read {
+            p |= libc::PROT_READ;
+        }
+        if prot.write {
+            p |= libc::PROT_WRITE;
+        }
+        // SAFETY: a fresh shared mapping of a caller-provided fd; we check the result and own
+        // the mapping from here on (Mapping unmaps on drop).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                p,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapError::Mmap(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ));
+        }
+        let mapping = Arc::new(Mapping {
+            ptr: ptr.cast(),
+            len,
+        });
+        self.insert(Region {
+            iova,
+            len: size,
+            prot,
+            host: ptr.cast(),
+            _mapping: Some(mapping),
+        });
+        Ok(())
+    }
+
+    /// Record a region the client mapped without a file descriptor (ROM, other devices'
+    /// BARs): it is known, so its unmap succeeds, but any access to it fails (we do not
+    /// implement DMA_READ/WRITE), which the command that tried gets as a data transfer error.
+    pub fn map_inaccessible(&self, iova: u64, size: u64) -> Result<(), MapError> {
+        let end = iova
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(MapError::BadRange { iova, size })?;
+        let cur = self.map.load();
+        if cur.regions.len() >= MAX_REGIONS {
+            return Err(MapError::TooMany(MAX_REGIONS));
+        }
+        if cur.overlaps(iova, end) {
+            return Err(MapError::Overlap { iova, size });
+        }
+        let none = Protection {
+            read: false,
+            write: false,
+        };
+        self.insert(Region {
+            iova,
+            len: size,
+            prot: none,
+            host: std::ptr::null_mut(),
+            _mapping: None,
+        });
+        Ok(())
+    }
+
+    fn insert(&self, region: Region) {
+        let mut next = (**self.map.load()).clone();
+        let at = next.regions.partition_point(|r| r.iova < region.iova);
+        next.regions.insert(at, region);
+        self.map.store(Arc::new(next));
+    }
+
+    /// Remove every region inside `[iova, iova+size)`; a region only partly inside is an error.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<usize, MapError> {
+        let end = iova
+            .checked_add(size)
+            .ok_or(MapError::BadRange { iova, size })?;
+        let cur = self.map.load();
+        let mut next = MemoryMap::default();
+        let mut removed = 0;
+        for r in &cur.regions {
+            let r_end = r.iova + r.len;
+            let inside = r.iova >= iova && r_end <= end;
+            let touches = r.iova < end && iova < r_end;
+            if inside {
+                removed += 1;
+            } else if touches {
+                return Err(MapError::PartialUnmap { iova, size });
+            } else {
+                next.regions.push(r.clone());
+            }
+        }
+        if removed == 0 {
+            return Err(MapError::NotMapped { iova, size });
+        }
+        self.map.store(Arc::new(next));
+        Ok(removed)
+    }
+
+    /// Drop every region (client gone).
+    pub fn clear(&self) {
+        self.map.store(Arc::new(MemoryMap::default()));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    /// A memfd of `size` bytes for tests.
+    pub(crate) fn memfd(size: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a static NUL-terminated name; result checked.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, owned descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        fd
+    }
+
+    const RW: Protection = Protection {
+        read: true,
+        write: true,
+    };
+
+    #[test]
+    fn maps_translates_and_rejects_out_of_range() {
+        let m = GuestMemory::new();
+        let fd = memfd(0x4000);
+        m.map_fd(0x10000, 0x2000, fd.as_fd(), 0, RW).unwrap();
+        m.map_fd(0x12000, 0x2000, fd.as_fd(), 0x2000, RW).unwrap();
+        let snap = m.snapshot();
+        snap.write(0x11ff0, &[7u8; 32]).unwrap(); // spans both regions
+        let mut b = [0u8; 32];
+        snap.read(0x11ff0, &mut b).unwrap();
+        assert_eq!(b, [7u8; 32]);
+        assert!(snap.read(0x13ff0, &mut b).is_err());
+        assert!(snap.translate(0xffff, 1, false).is_err());
+        assert!(snap.translate(u64::MAX, 2, false).is_err());
+        assert_eq!(
+            m.map_fd(0x11000, 0x1000, fd.as_fd(), 0, RW),
+            Err(MapError::Overlap {
+                iova: 0x11000,
+                size: 0x1000
+            })
+        );
+        assert!(matches!(
+            m.map_fd(u64::MAX - 1, 0x1000, fd.as_fd(), 0, RW),
+            Err(MapError::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn unmap_whole_regions_only_and_snapshots_stay_valid() {
+        let m = GuestMemory::new();
+        let fd = memfd(0x4000);
+        m.map_fd(0, 0x4000, fd.as_fd(), 0, RW).unwrap();
+        let old = m.snapshot();
+        assert_eq!(
+            m.unmap(0x1000, 0x1000),
+            Err(MapError::PartialUnmap {
+                iova: 0x1000,
+                size: 0x1000
+            })
+        );
+        assert_eq!(m.unmap(0, 0x4000), Ok(1));
+        assert!(m.snapshot().translate(0, 1, false).is_err());
+        old.write(0, &[1]).unwrap(); // the old snapshot keeps its mapping alive
+        assert_eq!(
+            m.unmap(0, 0x4000),
+            Err(MapError::NotMapped {
+                iova: 0,
+                size: 0x4000
+            })
+        );
+    }
+
+    #[test]
+    fn fdless_region_is_known_but_inaccessible() {
+        let m = GuestMemory::new();
+        m.map_inaccessible(0xc0000, 0x20000).unwrap();
+        assert!(m.snapshot().read(0xc0000, &mut [0]).is_err());
+        assert!(m.snapshot().write(0xc0000, &[0]).is_err());
+        assert_eq!(m.unmap(0xc0000, 0x20000), Ok(1));
+    }
+
+    #[test]
+    fn read_only_region_refuses_writes() {
+        let m = GuestMemory::new();
+        let fd = memfd(0x1000);
+        m.map_fd(
+            0,
+            0x1000,
+            fd.as_fd(),
+            0,
+            Protection {
+                read: true,
+                write: false,
+            },
+        )
+        .unwrap();
+        assert!(m.snapshot().write(0, &[1]).is_err());
+        assert!(m.snapshot().read(0, &mut [0]).is_ok());
+    }
+}

@@ -1,0 +1,68 @@
+//! Namespaces: a backend plus the identity the guest sees (NVMe base 2.0 §3.2.1).
+
+use crate::backend::Backend;
+
+/// A namespace attached to a controller.
+pub struct Namespace {
+    /// Namespace ID (1-based).
+    pub nsid: u32,
+    /// Where the blocks live.
+    pub backend: Box<dyn Backend>,
+    /// log2 of the LBA data size (9 = 512 bytes, 12 = 4 KiB).
+    pub lba_shift: u8,
+    /// Namespace Globally Unique Identifier.
+    pub nguid: [u8; 16],
+    /// IEEE Extended Unique Identifier.
+    pub eui64: [u8; 8],
+    /// UUID.
+    pub uuid: [u8; 16],
+}
+
+impl std::fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Namespace")
+            .field("nsid", &self.nsid)
+            .field("backend", &self.backend.describe())
+            .finish()
+    }
+}
+
+impl Namespace {
+    /// A namespace with identifiers derived from `seed` (stable for a given config) and `nsid`.
+    pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
+        let h = stable_hash(seed.as_bytes(), u64::from(nsid));
+        let h2 = stable_hash(seed.as_bytes(), u64::from(nsid) ^ 0x5a5a_5a5a);
+        let mut nguid = [0u8; 16];
+        nguid[..8].copy_from_slice(&h.to_be_bytes());
+        nguid[8..].copy_from_slice(&h2.to_be_bytes());
+        let mut uuid = nguid;
+        uuid[6] = (uuid[6] & 0x0f) | 0x50; // version 5 style, name-based
+        uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+        let mut eui64 = h2.to_be_bytes();
+        eui64[0] = 0x02; // locally administered
+        Self {
+            nsid,
+            backend,
+            lba_shift,
+            nguid,
+            eui64,
+            uuid,
+        }
+    }
+
+    /// Capacity in logical blocks.
+    pub fn blocks(&self) -> u64 {
+        self.backend.size() >> self.lba_shift
+    }
+}
+
+/// FNV-1a over `data` with `salt`: stable across runs and platforms (identifiers must not
+/// change when the daemon restarts with the same config).
+pub fn stable_hash(data: &[u8], salt: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt.wrapping_mul(0x100_0000_01b3);
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}

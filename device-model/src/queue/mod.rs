@@ -1,0 +1,198 @@
+//! Submission and completion queues in guest memory (NVMe base 2.0 §3.3), and the per-SQ
+//! table of in-flight command contexts (preallocated: no allocation per command).
+
+use std::sync::Arc;
+
+use nvme_spec::{Completion, Submission};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::dptr::IoVecs;
+use crate::memory::{AccessError, MemoryMap};
+
+/// A completion queue.
+#[derive(Debug)]
+pub struct CompletionQueue {
+    pub id: u16,
+    /// Guest address of entry 0.
+    pub base: u64,
+    /// Number of entries.
+    pub size: u32,
+    pub tail: u32,
+    pub phase: bool,
+    /// Head as last read from the doorbell (validated).
+    pub head: u32,
+    /// Interrupt vector and whether interrupts are enabled.
+    pub vector: u16,
+    pub irq_enabled: bool,
+    /// Entries promised to commands already fetched (so a completion always finds room).
+    pub reserved: u32,
+    /// SQs that post here (a CQ with SQs cannot be deleted).
+    pub sq_count: u16,
+    /// Something was posted since the last interrupt.
+    pub irq_pending: bool,
+}
+
+impl CompletionQueue {
+    /// A new, empty CQ.
+    pub fn new(id: u16, base: u64, size: u32, vector: u16, irq_enabled: bool) -> Self {
+        Self {
+            id,
+            base,
+            size,
+            tail: 0,
+            phase: true,
+            head: 0,
+            vector,
+            irq_enabled,
+            reserved: 0,
+            sq_count: 0,
+            irq_pending: false,
+        }
+    }
+
+    /// Entries posted and not yet consumed by the host.
+    pub fn used(&self) -> u32 {
+        (self.tail + self.size - self.head) % self.size
+    }
+
+    /// Room for one more reservation (one slot always stays empty: full = tail + 1 == head).
+    pub fn can_reserve(&self) -> bool {
+        self.used() + self.reserved < self.size - 1
+    }
+
+    /// Take the doorbell's head value if it is valid (between head and tail, inclusive).
+    /// Returns false for an invalid value (§3.1.4.18: Invalid Doorbell Write Value).
+    pub fn update_head(&mut self, db: u32) -> bool {
+        if db >= self.size {
+            return false;
+        }
+        let advance = (db + self.size - self.head) % self.size;
+        if advance > self.used() {
+            return false;
+        }
+        self.head = db;
+        true
+    }
+
+    /// Write `cqe` at the tail with the current phase; the status/phase half is written last
+    /// so the host never sees a new phase with stale contents.
+    pub fn post(&mut self, mem: &MemoryMap, mut cqe: Completion) -> Result<(), AccessError> {
+        let addr = self.base + u64::from(self.tail) * 16;
+        let status = cqe.status.get() & !1 | u16::from(self.phase);
+        cqe.status = status.into();
+        let bytes = cqe.as_bytes();
+        mem.write(addr, &bytes[..14])?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        mem.write(addr + 14, &bytes[14..])?;
+        self.tail += 1;
+        if self.tail == self.size {
+            self.tail = 0;
+            self.phase = !self.phase;
+        }
+        self.irq_pending = true;
+        Ok(())
+    }
+}
+
+/// One in-flight command's context.
+#[derive(Debug, Default)]
+pub struct Slot {
+    pub cid: u16,
+    pub opcode: u8,
+    pub nsid: u32,
+    /// Bytes moved (for SMART counters).
+    pub bytes: u64,
+    pub iov: IoVecs,
+    /// Keeps the guest memory the iovecs point into mapped until completion.
+    pub mem: Option<Arc<MemoryMap>>,
+}
+
+/// A submission queue.
+#[derive(Debug)]
+pub struct SubmissionQueue {
+    pub id: u16,
+    pub base: u64,
+    pub size: u32,
+    pub head: u32,
+    /// Tail as last read from the doorbell (validated).
+    pub tail: u32,
+    pub cqid: u16,
+    /// Command contexts, one per queue entry, and the stack of free ones.
+    pub slots: Vec<Slot>,
+    pub free: Vec<u16>,
+    /// Admin command id of a pending Delete I/O SQ, completed once in-flight commands drain.
+    pub deleting: Option<u16>,
+}
+
+impl SubmissionQueue {
+    /// A new, empty SQ with `size` preallocated command slots.
+    pub fn new(id: u16, base: u64, size: u32, cqid: u16) -> Self {
+        let slots = (0..size).map(|_| Slot::default()).collect();
+        let free = (0..size as u16).rev().collect();
+        Self {
+            id,
+            base,
+            size,
+            head: 0,
+            tail: 0,
+            cqid,
+            slots,
+            free,
+            deleting: None,
+        }
+    }
+
+    /// Commands fetched and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Take the doorbell's tail value if it is valid (< size). False for an invalid write.
+    pub fn update_tail(&mut self, db: u32) -> bool {
+        if db >= self.size {
+            return false;
+        }
+        self.tail = db;
+        true
+    }
+
+    /// True when there are entries between head and tail.
+    pub fn has_work(&self) -> bool {
+        self.head != self.tail
+    }
+
+    /// Read the entry at head and advance head.
+    pub fn fetch(&mut self, mem: &MemoryMap) -> Result<Submission, AccessError> {
+        let mut raw = [0u8; 64];
+        mem.read(self.base + u64::from(self.head) * 64, &mut raw)?;
+        self.head = (self.head + 1) % self.size;
+        Ok(Submission::read_from_bytes(&raw).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cq_head_validation_and_room() {
+        let mut cq = CompletionQueue::new(1, 0, 4, 1, true);
+        assert!(cq.can_reserve());
+        cq.tail = 2;
+        assert!(!cq.update_head(3)); // past tail
+        assert!(!cq.update_head(4)); // out of range
+        assert!(cq.update_head(2));
+        assert_eq!(cq.used(), 0);
+        cq.reserved = 3;
+        assert!(!cq.can_reserve());
+    }
+
+    #[test]
+    fn sq_tail_validation() {
+        let mut sq = SubmissionQueue::new(1, 0, 8, 1);
+        assert!(!sq.update_tail(8));
+        assert!(sq.update_tail(7));
+        assert!(sq.has_work());
+        assert_eq!(sq.in_flight(), 0);
+    }
+}
