@@ -1,0 +1,317 @@
+//! The vfio-user server: listens on a Unix socket, serves one client at a time, and when a
+//! client goes away resets the controller and waits for the next one.
+//!
+//! `protocol` is the wire format and validating parser, `socket` moves bytes and fds,
+//! `device` maps requests onto the NVMe controller.
+
+pub mod device;
+pub mod protocol;
+mod socket;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use zerocopy::IntoBytes;
+
+pub use device::NvmeDevice;
+use protocol::{Header, ProtocolError, Request, flags};
+use socket::Incoming;
+
+/// Errors that stop the server (not a client's bad message: those get error replies).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("accept on {path}: {source}")]
+    Accept { path: PathBuf, source: io::Error },
+}
+
+/// A vfio-user server for one NVMe controller.
+pub struct Server {
+    path: PathBuf,
+    listener: UnixListener,
+    device: NvmeDevice,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("path", &self.path).finish()
+    }
+}
+
+/// How a connection ended.
+enum End {
+    ClientClosed,
+    Stopped,
+}
+
+impl Server {
+    /// Listen on `path` (a stale socket file is replaced).
+    pub fn bind(
+        path: &Path,
+        device: NvmeDevice,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, ServerError> {
+        if path.exists() {
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServerError::Bind {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+            device,
+            stop,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device (for management and tests).
+    pub fn device(&self) -> &NvmeDevice {
+        &self.device
+    }
+
+    /// Give up the socket and return the device (its controller keeps running).
+    pub fn into_device(self) -> NvmeDevice {
+        let _ = std::fs::remove_file(&self.path);
+        self.device
+    }
+
+    /// Serve clients one after another until the stop flag is set.
+    pub fn run(&mut self) -> Result<(), ServerError> {
+        log::info!("vfio-user: listening on {}", self.path.display());
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    log::info!("vfio-user: client connected on {}", self.path.display());
+                    let end = self.serve_client(&stream);
+                    self.device.reset(true);
+                    match end {
+                        Ok(End::ClientClosed) => log::info!(
+                            "vfio-user: client disconnected from {}",
+                            self.path.display()
+                        ),
+                        Ok(End::Stopped) => break,
+                        Err(e) => log::warn!(
+                            "vfio-user: connection on {} ended: {e}",
+                            self.path.display()
+                        ),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_readable(self.listener.as_raw_fd(), 200);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(ServerError::Accept {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_client(&mut self, stream: &UnixStream) -> io::Result<End> {
+        stream.set_nonblocking(false)?;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(End::Stopped);
+            }
+            if !wait_readable(stream.as_raw_fd(), 200) {
+                continue;
+            }
+            let (incoming, ctrunc) = socket::recv_header(stream)?;
+            let Incoming::Message { header, fds } = incoming else {
+                return Ok(End::ClientClosed);
+            };
+            let body_len = match protocol::check_header(&header) {
+                Ok(n) => n,
+                Err(e) => {
+                    // keep the stream in step: consume what the header says follows
+                    let declared =
+                        (header.msg_size.get() as usize).saturating_sub(protocol::HEADER_SIZE);
+                    if matches!(e, ProtocolError::TooShort(_)) {
+                        self.reply_error(stream, &header, &e.to_string(), e.errno())?;
+                        continue;
+                    }
+                    socket::discard(stream, declared)?;
+                    if !matches!(e, ProtocolError::NotACommand(_)) {
+                        self.reply_error(stream, &header, &e.to_string(), e.errno())?;
+                    } else {
+                        log::warn!("vfio-user: ignoring message that is not a command: {e}");
+                    }
+                    continue;
+                }
+            };
+            let body = socket::recv_body(stream, body_len)?;
+            if ctrunc {
+                self.reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
+                continue;
+            }
+            self.dispatch(stream, &header, &body, fds)?;
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        stream: &UnixStream,
+        header: &Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> io::Result<()> {
+        let command = header.command.get();
+        let req = match protocol::parse_request(command, body, fds.len()) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(stream, header, &e.to_string(), e.errno()),
+        };
+        log::trace!("vfio-user: {req:?}");
+        let result: Result<(Vec<u8>, Option<std::os::fd::BorrowedFd<'_>>), device::DeviceError> =
+            match req {
+                Request::Version { major, minor, caps } => {
+                    log::info!(
+                        "vfio-user: client protocol {major}.{minor} caps {}",
+                        String::from_utf8_lossy(caps).trim_end_matches('\0')
+                    );
+                    let mut p = Vec::new();
+                    // protocol 0.0: QEMU refuses a server minor version above its own (0)
+                    p.extend_from_slice(&0u16.to_le_bytes());
+                    p.extend_from_slice(&0u16.to_le_bytes());
+                    p.extend_from_slice(protocol::server_capabilities().as_bytes());
+                    p.push(0);
+                    Ok((p, None))
+                }
+                Request::DmaMap(m) => self
+                    .device
+                    .dma_map(&m, fds.first())
+                    .map(|()| (m.as_bytes().to_vec(), None)),
+                Request::DmaUnmap(u) => self
+                    .device
+                    .dma_unmap(&u)
+                    .map(|()| (u.as_bytes().to_vec(), None)),
+                Request::DeviceGetInfo { .. } => Ok((NvmeDevice::device_info(), None)),
+                Request::GetRegionInfo { argsz, index } => {
+                    let r = self.device.region_info(argsz, index);
+                    Ok((r.payload, r.fd))
+                }
+                Request::GetIrqInfo { index, .. } => Ok((NvmeDevice::irq_info(index), None)),
+                Request::SetIrqs(s) => self
+                    .device
+                    .set_irqs(&s, fds)
+                    .map(|()| (s.as_bytes().to_vec(), None)),
+                Request::RegionRead {
+                    region,
+                    offset,
+                    count,
+                } => self
+                    .device
+                    .region_read(region, offset, count as usize)
+                    .map(|data| {
+                        let a = protocol::RegionAccess {
+                            offset: offset.into(),
+                            region: region.into(),
+                            count: count.into(),
+                        };
+                        let mut p = a.as_bytes().to_vec();
+                        p.extend_from_slice(&data);
+                        (p, None)
+                    }),
+                Request::RegionWrite {
+                    region,
+                    offset,
+                    data,
+                } => self.device.region_write(region, offset, data).map(|()| {
+                    let a = protocol::RegionAccess {
+                        offset: offset.into(),
+                        region: region.into(),
+                        count: (data.len() as u32).into(),
+                    };
+                    (a.as_bytes().to_vec(), None)
+                }),
+                Request::DeviceReset => {
+                    log::info!("vfio-user: device reset");
+                    self.device.reset(false);
+                    Ok((Vec::new(), None))
+                }
+            };
+        match result {
+            Ok((payload, fd)) => {
+                if header.flags.get() & flags::NO_REPLY != 0 {
+                    return Ok(());
+                }
+                let fds: Vec<_> = fd.into_iter().collect();
+                send_reply(stream, header, &payload, &fds, 0)
+            }
+            Err(e) => self.reply_error(stream, header, &e.what, e.errno),
+        }
+    }
+
+    fn reply_error(
+        &self,
+        stream: &UnixStream,
+        header: &Header,
+        what: &str,
+        errno: i32,
+    ) -> io::Result<()> {
+        log::warn!(
+            "vfio-user: command {} (id {}) refused: {what} (errno {errno})",
+            header.command.get(),
+            header.msg_id.get()
+        );
+        send_reply(stream, header, &[], &[], errno)
+    }
+}
+
+fn send_reply(
+    stream: &UnixStream,
+    req: &Header,
+    payload: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    errno: i32,
+) -> io::Result<()> {
+    let mut fl = flags::TYPE_REPLY;
+    if errno != 0 {
+        fl |= flags::ERROR;
+    }
+    let h = Header {
+        msg_id: req.msg_id,
+        command: req.command,
+        msg_size: ((protocol::HEADER_SIZE + payload.len()) as u32).into(),
+        flags: fl.into(),
+        error_no: (errno as u32).into(),
+    };
+    let mut msg = Vec::with_capacity(protocol::HEADER_SIZE + payload.len());
+    msg.extend_from_slice(h.as_bytes());
+    msg.extend_from_slice(payload);
+    socket::send(stream, &msg, fds)
+}
+
+/// Wait up to `ms` for `fd` to become readable.
+fn wait_readable(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own for the call.
+    let r = unsafe { libc::poll(&raw mut p, 1, ms) };
+    r > 0
+}
