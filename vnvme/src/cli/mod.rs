@@ -1,0 +1,5 @@
+//! Subcommands of the `vnvme` binary.
+
+pub mod demo;
+pub mod guest;
+pub mod serve;

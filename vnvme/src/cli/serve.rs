@@ -1,0 +1,75 @@
+//! `vnvme serve`: run the daemon until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use vnvme::config::{Config, PollSetting};
+use vnvme::daemon::Daemon;
+
+/// Serve emulated NVMe controllers over vfio-user.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// vfio-user socket of the controller (with --ns; use --config for several controllers)
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    pub socket: Option<PathBuf>,
+    /// namespace backend, repeatable: null:SIZE, malloc:SIZE, file:PATH[:SIZE]
+    #[arg(long = "ns", conflicts_with = "config")]
+    pub ns: Vec<String>,
+    /// controller serial number (also seeds the namespaces' NGUID/UUID)
+    #[arg(long, conflicts_with = "config")]
+    pub serial: Option<String>,
+    /// logical block size of the --ns namespaces: 512 or 4096
+    #[arg(long, default_value_t = 512, conflicts_with = "config")]
+    pub block_size: u32,
+    /// reactor idle policy
+    #[arg(long, value_enum, default_value_t = PollSetting::Adaptive, conflicts_with = "config")]
+    pub poll: PollSetting,
+    /// TOML configuration with one or more [[controller]] tables
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+impl ServeArgs {
+    /// The configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<Config> {
+        Ok(match (&self.config, &self.socket) {
+            (Some(path), _) => Config::load(path)?,
+            (None, Some(sock)) => Config::from_flags(
+                sock.clone(),
+                &self.ns,
+                self.serial.clone(),
+                self.block_size,
+                self.poll,
+            )?,
+            (None, None) => anyhow::bail!("give --socket (with --ns) or --config"),
+        })
+    }
+}
+
+/// Run until a signal arrives; flush and remove sockets on the way out.
+pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
+    let cfg = args.to_config()?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let daemon = Daemon::start(&cfg).context("starting the daemon")?;
+    for s in daemon.sockets() {
+        log::info!("serving {}", s.display());
+        eprintln!("vnvme: serving NVMe controller on {}", s.display());
+    }
+    while !SIGNALLED.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("vnvme: signal received, flushing and shutting down");
+    daemon.stop().context("stopping the daemon")?;
+    Ok(0)
+}

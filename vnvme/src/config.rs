@@ -1,0 +1,256 @@
+//! Daemon configuration: a TOML file (several controllers) or the `--socket/--ns` flags
+//! (one controller). Every value is checked; errors name the field.
+//!
+//! ```toml
+//! poll = "adaptive"              # or "busy"
+//! [[controller]]
+//! socket = "/run/vnvme/nvme0.sock"
+//! serial = "VNVME0001"           # also seeds the namespaces' NGUID/UUID/EUI-64
+//! [[controller.namespace]]
+//! backend = "malloc:256M"        # null:SIZE | malloc:SIZE | file:PATH[:SIZE]
+//! block_size = 512               # 512 or 4096
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend_spec::BackendSpec;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub poll: PollSetting,
+    #[serde(rename = "controller", default)]
+    pub controllers: Vec<ControllerSpec>,
+}
+
+/// Reactor idle policy.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PollSetting {
+    #[default]
+    Adaptive,
+    Busy,
+}
+
+/// One controller.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSpec {
+    pub socket: PathBuf,
+    pub serial: Option<String>,
+    pub model: Option<String>,
+    pub vendor_id: Option<u16>,
+    pub device_id: Option<u16>,
+    pub max_io_queues: Option<u16>,
+    pub mdts: Option<u8>,
+    #[serde(rename = "namespace", default)]
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
+/// One namespace.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub backend: String,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+fn field(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Load and check a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and check TOML text (`origin` is used in messages).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// One controller from command-line flags.
+    pub fn from_flags(
+        socket: PathBuf,
+        ns: &[String],
+        serial: Option<String>,
+        block_size: u32,
+        poll: PollSetting,
+    ) -> Result<Self, ConfigError> {
+        let namespaces = ns
+            .iter()
+            .map(|b| NamespaceSpec {
+                backend: b.clone(),
+                block_size,
+            })
+            .collect();
+        let ctrl = ControllerSpec {
+            socket,
+            serial,
+            model: None,
+            vendor_id: None,
+            device_id: None,
+            max_io_queues: None,
+            mdts: None,
+            namespaces,
+        };
+        let cfg = Config {
+            poll,
+            controllers: vec![ctrl],
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check every value that serde's types do not already restrict.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.controllers.is_empty() {
+            return Err(field(
+                "controller",
+                "at least one [[controller]] is required",
+            ));
+        }
+        let mut sockets = std::collections::HashSet::new();
+        for (i, c) in self.controllers.iter().enumerate() {
+            let at = |f: &str| format!("controller[{i}].{f}");
+            if c.socket.as_os_str().is_empty() {
+                return Err(field(at("socket"), "must not be empty"));
+            }
+            if !sockets.insert(&c.socket) {
+                return Err(field(
+                    at("socket"),
+                    format!("{} is used by two controllers", c.socket.display()),
+                ));
+            }
+            if c.socket
+                .parent()
+                .is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir())
+            {
+                return Err(field(
+                    at("socket"),
+                    format!("directory of {} does not exist", c.socket.display()),
+                ));
+            }
+            if let Some(s) = &c.serial {
+                if s.is_empty() || s.len() > 20 || !s.is_ascii() {
+                    return Err(field(at("serial"), "1 to 20 ASCII characters"));
+                }
+            }
+            if let Some(m) = &c.model {
+                if m.len() > 40 || !m.is_ascii() {
+                    return Err(field(at("model"), "at most 40 ASCII characters"));
+                }
+            }
+            if let Some(q) = c.max_io_queues {
+                if !(1..=128).contains(&q) {
+                    return Err(field(at("max_io_queues"), "must be 1..=128"));
+                }
+            }
+            if let Some(m) = c.mdts {
+                if !(1..=10).contains(&m) {
+                    return Err(field(at("mdts"), "must be 1..=10 (4 KiB << mdts)"));
+                }
+            }
+            for (j, n) in c.namespaces.iter().enumerate() {
+                let at = |f: &str| format!("controller[{i}].namespace[{j}].{f}");
+                let spec: BackendSpec =
+                    n.backend
+                        .parse()
+                        .map_err(|e: crate::backend_spec::SpecError| {
+                            field(at("backend"), e.to_string())
+                        })?;
+                if n.block_size != 512 && n.block_size != 4096 {
+                    return Err(field(at("block_size"), "must be 512 or 4096"));
+                }
+                if let BackendSpec::Null { size }
+                | BackendSpec::Malloc { size }
+                | BackendSpec::File {
+                    size: Some(size), ..
+                } = spec
+                {
+                    if size % u64::from(n.block_size) != 0 {
+                        return Err(field(at("backend"), "size is not a multiple of block_size"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn accepts_a_full_config() {
+        let c = parse(
+            "poll = \"busy\"\n[[controller]]\nsocket = \"/tmp/a.sock\"\nserial = \"S1\"\n[[controller.namespace]]\nbackend = \"malloc:64M\"\n\
+             [[controller.namespace]]\nbackend = \"null:1G\"\nblock_size = 4096\n",
+        )
+        .unwrap();
+        assert_eq!(c.poll, PollSetting::Busy);
+        assert_eq!(c.controllers[0].namespaces.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse("[[controller]]\nsocket = \"/tmp/a.sock\"\n[[controller.namespace]]\nbackend = \"tape:1G\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("controller[0].namespace[0].backend"),
+            "{e}"
+        );
+        let e = parse("[[controller]]\nsocket = \"/tmp/a.sock\"\n[[controller.namespace]]\nbackend = \"null:1G\"\nblock_size = 1000\n").unwrap_err();
+        assert!(e.to_string().contains("block_size"), "{e}");
+        let e = parse("[[controller]]\nsockt = \"/tmp/a.sock\"\n").unwrap_err();
+        assert!(e.to_string().contains("sockt"), "{e}");
+        let e = parse("[[controller]]\nsocket = \"/nonexistent-dir/a.sock\"\n").unwrap_err();
+        assert!(e.to_string().contains("controller[0].socket"), "{e}");
+        let e =
+            parse("[[controller]]\nsocket = \"/tmp/a.sock\"\nmax_io_queues = 500\n").unwrap_err();
+        assert!(e.to_string().contains("max_io_queues"), "{e}");
+        assert!(parse("").unwrap_err().to_string().contains("controller"));
+        assert!(parse("this is not toml").is_err());
+    }
+}

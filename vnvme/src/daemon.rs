@@ -1,0 +1,178 @@
+//! The running daemon: for each configured controller, its namespaces' backends, a reactor
+//! thread owning the controller, and a vfio-user server thread on its socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use device_model::pci::PciIds;
+use device_model::{
+    Controller, ControllerConfig, ControllerHandle, Doorbells, GuestMemory, Namespace, PollMode,
+};
+use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
+
+use crate::backend_spec::{BackendSpec, OpenError};
+use crate::config::{Config, ControllerSpec, PollSetting};
+
+/// Errors starting or stopping the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("controller[{index}].namespace[{ns}]: {source}")]
+    Backend {
+        index: usize,
+        ns: usize,
+        source: OpenError,
+    },
+    #[error("controller[{index}]: {source}")]
+    Io {
+        index: usize,
+        source: std::io::Error,
+    },
+    #[error("controller[{index}]: {source}")]
+    Server { index: usize, source: ServerError },
+    #[error("controller[{index}]: server thread panicked")]
+    Panicked { index: usize },
+}
+
+/// A running daemon.
+pub struct Daemon {
+    stop: Arc<AtomicBool>,
+    servers: Vec<(PathBuf, JoinHandle<Result<Server, ServerError>>)>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("sockets", &self.sockets())
+            .finish()
+    }
+}
+
+fn build_controller(
+    index: usize,
+    spec: &ControllerSpec,
+    poll: PollSetting,
+) -> Result<NvmeDevice, DaemonError> {
+    let mut cfg = ControllerConfig::default();
+    cfg.serial = spec
+        .serial
+        .clone()
+        .unwrap_or_else(|| format!("VNVME{index:04}"));
+    if let Some(m) = &spec.model {
+        cfg.model.clone_from(m);
+    }
+    cfg.ids = PciIds {
+        vendor: spec.vendor_id.unwrap_or(cfg.ids.vendor),
+        device: spec.device_id.unwrap_or(cfg.ids.device),
+        ..cfg.ids
+    };
+    cfg.max_io_queues = spec.max_io_queues.unwrap_or(cfg.max_io_queues);
+    cfg.mdts = spec.mdts.unwrap_or(cfg.mdts);
+    cfg.cntlid = index as u16 + 1;
+    cfg.subnqn = format!("nqn.2026-11.io.vnvme:{}", cfg.serial);
+    let mut namespaces = Vec::new();
+    for (j, n) in spec.namespaces.iter().enumerate() {
+        let bspec: BackendSpec = n.backend.parse().map_err(|e| DaemonError::Backend {
+            index,
+            ns: j,
+            source: OpenError::Spec(e),
+        })?;
+        let backend = bspec.open().map_err(|source| DaemonError::Backend {
+            index,
+            ns: j,
+            source,
+        })?;
+        log::info!(
+            "{}: namespace {} = {} ({}-byte blocks)",
+            cfg.serial,
+            j + 1,
+            backend.describe(),
+            n.block_size
+        );
+        namespaces.push(Namespace::new(
+            j as u32 + 1,
+            backend,
+            n.block_size.trailing_zeros() as u8,
+            &cfg.serial,
+        ));
+    }
+    let mem = Arc::new(GuestMemory::new());
+    let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
+    let ids = cfg.ids;
+    let name = format!("reactor-{index}");
+    let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    let mode = if poll == PollSetting::Busy {
+        PollMode::Busy
+    } else {
+        PollMode::Adaptive
+    };
+    let handle = ControllerHandle::spawn(&name, ctrl, mode)
+        .map_err(|source| DaemonError::Io { index, source })?;
+    Ok(NvmeDevice::new(handle, mem, doorbells, ids))
+}
+
+impl Daemon {
+    /// Create every controller and start serving. Sockets are listening when this returns.
+    pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut daemon = Daemon {
+            stop: Arc::clone(&stop),
+            servers: Vec::new(),
+        };
+        for (index, spec) in cfg.controllers.iter().enumerate() {
+            let device = build_controller(index, spec, cfg.poll)?;
+            let mut server = Server::bind(&spec.socket, device, Arc::clone(&stop))
+                .map_err(|source| DaemonError::Server { index, source })?;
+            let join = std::thread::Builder::new()
+                .name(format!("vfio-user-{index}"))
+                .spawn(move || server.run().map(|()| server))
+                .map_err(|source| DaemonError::Io { index, source })?;
+            daemon.servers.push((spec.socket.clone(), join));
+        }
+        Ok(daemon)
+    }
+
+    /// The sockets being served.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        self.servers.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Stop serving, drain and flush every namespace, remove the sockets.
+    pub fn stop(mut self) -> Result<(), DaemonError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), DaemonError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut first_err = None;
+        for (index, (path, join)) in self.servers.drain(..).enumerate() {
+            let r = match join.join() {
+                Ok(Ok(server)) => {
+                    let device = server.into_device();
+                    if let Some(mut ctrl) = device.handle.stop() {
+                        if let Err(s) = ctrl.flush() {
+                            log::error!("controller[{index}]: flush failed: {s}");
+                        }
+                    }
+                    Ok(())
+                }
+                Ok(Err(source)) => Err(DaemonError::Server { index, source }),
+                Err(_) => Err(DaemonError::Panicked { index }),
+            };
+            let _ = std::fs::remove_file(&path);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.servers.is_empty() {
+            let _ = self.shutdown();
+        }
+    }
+}

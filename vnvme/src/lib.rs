@@ -1,0 +1,7 @@
+//! The vnvme daemon as a library: configuration (TOML file or `--ns` flags), namespace
+//! backend specs, and [`daemon::Daemon`], which runs one vfio-user server and one reactor
+//! per controller. The `vnvme` binary is a thin CLI over this.
+
+pub mod backend_spec;
+pub mod config;
+pub mod daemon;

@@ -1,0 +1,39 @@
+//! `vnvme`: the NVMe controller emulator daemon and its tools.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// NVMe controller emulator served over vfio-user.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a test guest (Linux under QEMU with nvme-cli and fio), run a script in it and
+    /// print its console; exits with the script's status (124 on timeout).
+    Guest(cli::guest::GuestArgs),
+    /// Serve emulated NVMe controllers over vfio-user until SIGINT/SIGTERM.
+    Serve(cli::serve::ServeArgs),
+    /// Start the daemon with a RAM namespace and boot a Linux guest that uses it (nvme list, fio).
+    Demo(cli::demo::DemoArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Guest(args) => cli::guest::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Demo(args) => cli::demo::run(args),
+    };
+    let code = result.unwrap_or_else(|e| {
+        eprintln!("vnvme: error: {e:#}");
+        1
+    });
+    std::process::exit(code);
+}
