@@ -221,10 +221,10 @@ impl Controller {
             (reg::ACQ, 4) => self.acq = (self.acq & !0xffff_ffff) | (value & 0xffff_f000),
             (o, 4) if o == reg::ACQ + 4 => self.acq = (self.acq & 0xffff_ffff) | (value << 32),
             (reg::NSSR, 4) => {
-                log::info!("NVM Subsystem Reset requested: not supported (CAP.NSSRS=0), ignored")
+                log::info!("NVM Subsystem Reset requested: not supported (CAP.NSSRS=0), ignored");
             }
             _ => {
-                log::debug!("ignored register write offset={offset:#x} len={len} value={value:#x}")
+                log::debug!("ignored register write offset={offset:#x} len={len} value={value:#x}");
             }
         }
     }
@@ -375,16 +375,18 @@ impl Controller {
         for i in 0..self.active_cqs.len() {
             let id = self.active_cqs[i];
             let db = self.doorbells.cq_head(id);
-            if let Some(cq) = self.cqs[id as usize].as_mut() {
-                if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
-                    self.warned_doorbell = true;
-                    log::warn!(
-                        "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
-                        self.cfg.serial,
-                        cq.size,
-                        cq.tail
-                    );
-                }
+            if let Some(cq) = self.cqs[id as usize].as_mut()
+                && db != cq.head
+                && !cq.update_head(db)
+                && !self.warned_doorbell
+            {
+                self.warned_doorbell = true;
+                log::warn!(
+                    "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
+                    self.cfg.serial,
+                    cq.size,
+                    cq.tail
+                );
             }
         }
         let mut i = 0;
@@ -395,12 +397,12 @@ impl Controller {
         }
         work += self.reap(&mem);
         for &id in &self.active_cqs {
-            if let Some(cq) = self.cqs[id as usize].as_mut() {
-                if cq.irq_pending {
-                    cq.irq_pending = false;
-                    if cq.irq_enabled {
-                        self.irqs.signal(cq.vector);
-                    }
+            if let Some(cq) = self.cqs[id as usize].as_mut()
+                && cq.irq_pending
+            {
+                cq.irq_pending = false;
+                if cq.irq_enabled {
+                    self.irqs.signal(cq.vector);
                 }
             }
         }
@@ -549,10 +551,10 @@ impl Controller {
     }
 
     pub(crate) fn remove_sq(&mut self, qid: u16) {
-        if let Some(sq) = self.sqs[qid as usize].take() {
-            if let Some(cq) = self.cqs[sq.cqid as usize].as_mut() {
-                cq.sq_count -= 1;
-            }
+        if let Some(sq) = self.sqs[qid as usize].take()
+            && let Some(cq) = self.cqs[sq.cqid as usize].as_mut()
+        {
+            cq.sq_count -= 1;
         }
         self.active_sqs.retain(|&q| q != qid);
     }

@@ -67,6 +67,8 @@ impl Doorbells {
 
     fn slot(&self, index: usize) -> &AtomicU32 {
         assert!(index < DOORBELLS);
+        #[allow(clippy::cast_ptr_alignment)]
+        // the mapping is page aligned and offsets are multiples of 4
         // SAFETY: index is within the doorbell page of our mapping, 4-byte aligned; AtomicU32
         // has the layout of u32 and the memory lives as long as self.
         unsafe {

@@ -118,7 +118,7 @@ impl IoVecs {
             // SAFETY: each iovec was validated as writable guest memory when built and the
             // mapping is alive while the command runs; source is a plain slice.
             unsafe {
-                std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n)
+                std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n);
             };
             done += n;
             if done == data.len() {
@@ -135,7 +135,7 @@ impl IoVecs {
             let n = v.iov_len.min(out.len() - done);
             // SAFETY: each iovec was validated as readable guest memory when built.
             unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), out[done..].as_mut_ptr(), n)
+                std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), out[done..].as_mut_ptr(), n);
             };
             done += n;
             if done == out.len() {

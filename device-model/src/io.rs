@@ -160,13 +160,12 @@ impl Controller {
                 Some(end) if end <= blocks => {}
                 _ => return Status::LBA_OUT_OF_RANGE,
             }
-            if nlb > 0 {
-                if let Err(s) = ns
+            if nlb > 0
+                && let Err(s) = ns
                     .backend
                     .deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
-                {
-                    return s;
-                }
+            {
+                return s;
             }
         }
         Status::SUCCESS

@@ -189,7 +189,7 @@ fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controll
         }
         // check the clock only every few iterations: Instant::now is a vDSO call, not free
         iter = iter.wrapping_add(1);
-        if iter % 64 != 0 {
+        if !iter.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;
         }

@@ -51,14 +51,14 @@ impl std::str::FromStr for BackendSpec {
             "malloc" => Ok(BackendSpec::Malloc { size: size(rest)? }),
             "file" if !rest.is_empty() => {
                 // file:/path or file:/path:SIZE (a trailing :SIZE only if it parses as one)
-                if let Some((path, sz)) = rest.rsplit_once(':') {
-                    if let Some(n) = parse_size(sz) {
-                        size(sz)?;
-                        return Ok(BackendSpec::File {
-                            path: path.into(),
-                            size: Some(n),
-                        });
-                    }
+                if let Some((path, sz)) = rest.rsplit_once(':')
+                    && let Some(n) = parse_size(sz)
+                {
+                    size(sz)?;
+                    return Ok(BackendSpec::File {
+                        path: path.into(),
+                        size: Some(n),
+                    });
                 }
                 Ok(BackendSpec::File {
                     path: rest.into(),

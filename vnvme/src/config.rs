@@ -167,25 +167,25 @@ impl Config {
                     format!("directory of {} does not exist", c.socket.display()),
                 ));
             }
-            if let Some(s) = &c.serial {
-                if s.is_empty() || s.len() > 20 || !s.is_ascii() {
-                    return Err(field(at("serial"), "1 to 20 ASCII characters"));
-                }
+            if let Some(s) = &c.serial
+                && (s.is_empty() || s.len() > 20 || !s.is_ascii())
+            {
+                return Err(field(at("serial"), "1 to 20 ASCII characters"));
             }
-            if let Some(m) = &c.model {
-                if m.len() > 40 || !m.is_ascii() {
-                    return Err(field(at("model"), "at most 40 ASCII characters"));
-                }
+            if let Some(m) = &c.model
+                && (m.len() > 40 || !m.is_ascii())
+            {
+                return Err(field(at("model"), "at most 40 ASCII characters"));
             }
-            if let Some(q) = c.max_io_queues {
-                if !(1..=128).contains(&q) {
-                    return Err(field(at("max_io_queues"), "must be 1..=128"));
-                }
+            if let Some(q) = c.max_io_queues
+                && !(1..=128).contains(&q)
+            {
+                return Err(field(at("max_io_queues"), "must be 1..=128"));
             }
-            if let Some(m) = c.mdts {
-                if !(1..=10).contains(&m) {
-                    return Err(field(at("mdts"), "must be 1..=10 (4 KiB << mdts)"));
-                }
+            if let Some(m) = c.mdts
+                && !(1..=10).contains(&m)
+            {
+                return Err(field(at("mdts"), "must be 1..=10 (4 KiB << mdts)"));
             }
             for (j, n) in c.namespaces.iter().enumerate() {
                 let at = |f: &str| format!("controller[{i}].namespace[{j}].{f}");
@@ -203,10 +203,9 @@ impl Config {
                 | BackendSpec::File {
                     size: Some(size), ..
                 } = spec
+                    && size % u64::from(n.block_size) != 0
                 {
-                    if size % u64::from(n.block_size) != 0 {
-                        return Err(field(at("backend"), "size is not a multiple of block_size"));
-                    }
+                    return Err(field(at("backend"), "size is not a multiple of block_size"));
                 }
             }
         }

@@ -150,10 +150,10 @@ impl Daemon {
             let r = match join.join() {
                 Ok(Ok(server)) => {
                     let device = server.into_device();
-                    if let Some(mut ctrl) = device.handle.stop() {
-                        if let Err(s) = ctrl.flush() {
-                            log::error!("controller[{index}]: flush failed: {s}");
-                        }
+                    if let Some(mut ctrl) = device.handle.stop()
+                        && let Err(s) = ctrl.flush()
+                    {
+                        log::error!("controller[{index}]: flush failed: {s}");
                     }
                     Ok(())
                 }

@@ -217,10 +217,9 @@ impl Controller {
             fid::INTERRUPT_VECTOR_CONFIG => {
                 let iv = (cdw11 & 0xffff) as usize;
                 match f.vector_cd.get_mut(iv) {
-                    // §5.27.1.10: coalescing cannot be disabled... it is the admin vector's default
+                    // §5.27.1.10: the admin queue's vector is never coalesced; not configurable
                     Some(cd) if iv != 0 => *cd = cdw11 & (1 << 16) != 0,
-                    Some(_) => return Outcome::status(Status::INVALID_FIELD),
-                    None => return Outcome::status(Status::INVALID_FIELD),
+                    _ => return Outcome::status(Status::INVALID_FIELD),
                 }
             }
             fid::WRITE_ATOMICITY => f.write_atomicity = cdw11 & 1,

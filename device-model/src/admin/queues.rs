@@ -8,6 +8,7 @@ use crate::queue::{CompletionQueue, SubmissionQueue};
 
 impl Controller {
     /// Common QID / QSIZE / base checks. `max_qid` is the granted queue count.
+    #[allow(clippy::too_many_arguments)]
     fn check_new_queue(
         &self,
         qid: u16,

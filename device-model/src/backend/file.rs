@@ -137,9 +137,10 @@ impl FileBackend {
 
     /// The descriptor to use: O_DIRECT when every piece is aligned.
     fn fd_for(&self, offset: u64, iov: &[libc::iovec]) -> i32 {
-        let aligned = offset % DIRECT_ALIGN == 0
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN)
             && iov.iter().all(|v| {
-                (v.iov_base as u64) % DIRECT_ALIGN == 0 && v.iov_len as u64 % DIRECT_ALIGN == 0
+                (v.iov_base as u64).is_multiple_of(DIRECT_ALIGN)
+                    && (v.iov_len as u64).is_multiple_of(DIRECT_ALIGN)
             });
         match &self.direct {
             Some(d) if aligned => d.as_raw_fd(),
@@ -147,7 +148,7 @@ impl FileBackend {
         }
     }
 
-    fn submit_sync(&mut self, req: &IoRequest<'_>, fd: i32) -> Status {
+    fn submit_sync(req: &IoRequest<'_>, fd: i32) -> Status {
         let n = req.iov.len() as i32;
         let off = req.offset as i64;
         // SAFETY: the iovecs describe valid memory for the request (built against the DMA map);
@@ -223,7 +224,7 @@ impl Backend for FileBackend {
             self.fd_for(req.offset, req.iov)
         };
         let Some(ring) = self.ring.as_mut() else {
-            let st = self.submit_sync(req, fd);
+            let st = Self::submit_sync(req, fd);
             self.sync_done.push(req.tag, st);
             return Ok(());
         };

@@ -95,7 +95,7 @@ impl Backend for MallocBackend {
                 match req.op {
                     IoOp::Read => std::ptr::copy_nonoverlapping(ours, v.iov_base.cast(), v.iov_len),
                     IoOp::Write { .. } => {
-                        std::ptr::copy_nonoverlapping(v.iov_base.cast(), ours, v.iov_len)
+                        std::ptr::copy_nonoverlapping(v.iov_base.cast(), ours, v.iov_len);
                     }
                     IoOp::Flush => {}
                 }
@@ -125,7 +125,7 @@ impl Backend for MallocBackend {
                 self.ptr.add(offset as usize),
                 buf.as_mut_ptr(),
                 buf.len(),
-            )
+            );
         };
         Ok(())
     }

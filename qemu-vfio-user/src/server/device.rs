@@ -226,22 +226,21 @@ impl NvmeDevice {
             read: fl & vfio::DMA_MAP_FLAG_READ != 0,
             write: fl & vfio::DMA_MAP_FLAG_WRITE != 0,
         };
-        let r = match fd {
-            Some(fd) => self.mem.map_fd(
+        let r = if let Some(fd) = fd {
+            self.mem.map_fd(
                 m.address.get(),
                 m.size.get(),
                 fd.as_fd(),
                 m.offset.get(),
                 prot,
-            ),
-            None => {
-                log::debug!(
-                    "DMA_MAP without fd at {:#x}+{:#x}: recorded as inaccessible",
-                    m.address.get(),
-                    m.size.get()
-                );
-                self.mem.map_inaccessible(m.address.get(), m.size.get())
-            }
+            )
+        } else {
+            log::debug!(
+                "DMA_MAP without fd at {:#x}+{:#x}: recorded as inaccessible",
+                m.address.get(),
+                m.size.get()
+            );
+            self.mem.map_inaccessible(m.address.get(), m.size.get())
         };
         r.map_err(|e| {
             err(
@@ -288,7 +287,7 @@ impl NvmeDevice {
         match region {
             vfio::PCI_CONFIG_REGION_INDEX => self.config.read(offset, &mut out),
             vfio::PCI_BAR4_REGION_INDEX => {
-                out.copy_from_slice(&self.msix_bar[offset as usize..offset as usize + count])
+                out.copy_from_slice(&self.msix_bar[offset as usize..offset as usize + count]);
             }
             vfio::PCI_BAR0_REGION_INDEX => {
                 if let Some(v) = self.doorbells.read(offset).filter(|_| count == 4) {
@@ -325,7 +324,7 @@ impl NvmeDevice {
                 }
             }
             vfio::PCI_BAR4_REGION_INDEX => {
-                self.msix_bar[offset as usize..offset as usize + data.len()].copy_from_slice(data)
+                self.msix_bar[offset as usize..offset as usize + data.len()].copy_from_slice(data);
             }
             vfio::PCI_BAR0_REGION_INDEX => {
                 if offset >= pci::DOORBELL_OFFSET {

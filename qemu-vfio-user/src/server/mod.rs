@@ -150,21 +150,21 @@ impl Server {
                     let declared =
                         (header.msg_size.get() as usize).saturating_sub(protocol::HEADER_SIZE);
                     if matches!(e, ProtocolError::TooShort(_)) {
-                        self.reply_error(stream, &header, &e.to_string(), e.errno())?;
+                        reply_error(stream, &header, &e.to_string(), e.errno())?;
                         continue;
                     }
                     socket::discard(stream, declared)?;
-                    if !matches!(e, ProtocolError::NotACommand(_)) {
-                        self.reply_error(stream, &header, &e.to_string(), e.errno())?;
-                    } else {
+                    if matches!(e, ProtocolError::NotACommand(_)) {
                         log::warn!("vfio-user: ignoring message that is not a command: {e}");
+                    } else {
+                        reply_error(stream, &header, &e.to_string(), e.errno())?;
                     }
                     continue;
                 }
             };
             let body = socket::recv_body(stream, body_len)?;
             if ctrunc {
-                self.reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
+                reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
                 continue;
             }
             self.dispatch(stream, &header, &body, fds)?;
@@ -181,7 +181,7 @@ impl Server {
         let command = header.command.get();
         let req = match protocol::parse_request(command, body, fds.len()) {
             Ok(r) => r,
-            Err(e) => return self.reply_error(stream, header, &e.to_string(), e.errno()),
+            Err(e) => return reply_error(stream, header, &e.to_string(), e.errno()),
         };
         log::trace!("vfio-user: {req:?}");
         let result: Result<(Vec<u8>, Option<std::os::fd::BorrowedFd<'_>>), device::DeviceError> =
@@ -260,24 +260,18 @@ impl Server {
                 let fds: Vec<_> = fd.into_iter().collect();
                 send_reply(stream, header, &payload, &fds, 0)
             }
-            Err(e) => self.reply_error(stream, header, &e.what, e.errno),
+            Err(e) => reply_error(stream, header, &e.what, e.errno),
         }
     }
+}
 
-    fn reply_error(
-        &self,
-        stream: &UnixStream,
-        header: &Header,
-        what: &str,
-        errno: i32,
-    ) -> io::Result<()> {
-        log::warn!(
-            "vfio-user: command {} (id {}) refused: {what} (errno {errno})",
-            header.command.get(),
-            header.msg_id.get()
-        );
-        send_reply(stream, header, &[], &[], errno)
-    }
+fn reply_error(stream: &UnixStream, header: &Header, what: &str, errno: i32) -> io::Result<()> {
+    log::warn!(
+        "vfio-user: command {} (id {}) refused: {what} (errno {errno})",
+        header.command.get(),
+        header.msg_id.get()
+    );
+    send_reply(stream, header, &[], &[], errno)
 }
 
 fn send_reply(

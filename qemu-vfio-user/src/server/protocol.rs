@@ -302,7 +302,11 @@ fn no_fds(command: u16, nfds: usize) -> Result<(), ProtocolError> {
 
 /// Parse and validate a request payload that arrived with `nfds` file descriptors.
 pub fn parse_request(command: u16, body: &[u8], nfds: usize) -> Result<Request<'_>, ProtocolError> {
-    use vfio::*;
+    use vfio::{
+        DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DMA_UNMAP_FLAG_ALL, DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+        IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL,
+        IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE, PCI_NUM_IRQS, PCI_NUM_REGIONS,
+    };
     match command {
         cmd::VERSION => {
             no_fds(command, nfds)?;
@@ -344,7 +348,7 @@ pub fn parse_request(command: u16, body: &[u8], nfds: usize) -> Result<Request<'
                     what: "empty or wrapping range",
                 });
             }
-            if m.offset.get() % 4096 != 0 {
+            if !m.offset.get().is_multiple_of(4096) {
                 return Err(ProtocolError::Invalid {
                     command,
                     what: "file offset not page aligned",

@@ -62,6 +62,8 @@ fn cmsg_space(fds: usize) -> usize {
     unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
 }
 
+// CMSG_DATA is cast to *RawFd but only used with read/write_unaligned.
+#[allow(clippy::cast_ptr_alignment)]
 fn recvmsg_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let mut cbuf = vec![0u8; cmsg_space(MAX_MSG_FDS + 1)];
     let mut iov = libc::iovec {
@@ -107,6 +109,7 @@ fn recvmsg_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bo
 }
 
 /// Send `data` (a whole message) with optional fds.
+#[allow(clippy::cast_ptr_alignment)] // CMSG_DATA written with write_unaligned only
 pub fn send(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let mut sent = 0;
     let mut first = true;

@@ -47,7 +47,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<i32> {
     );
     let out = Guest::new(SCRIPT)
         .vfio_user(&sock)
-        .timeout(Duration::from_secs(300))
+        .timeout(Duration::from_mins(5))
         .on_console_line(|l| println!("{l}"))
         .run();
     daemon.stop().context("stopping the daemon")?;
