@@ -276,8 +276,6 @@ impl Controller {
             Some("CC.CSS selects an unsupported command set")
         } else if asqs < 2 || acqs < 2 {
             Some("AQA: admin queues need at least 2 entries")
-        } else if self.asq == 0 || self.acq == 0 {
-            Some("ASQ/ACQ not set")
         } else {
             None
         };

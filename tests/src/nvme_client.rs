@@ -1,0 +1,248 @@
+//! A minimal NVMe host driver over rust-vmm's independent `vfio_user::Client`, for host-side
+//! tests: guest memory is a memfd we DMA_MAP at IOVA 0, queues live in it, doorbells go
+//! through the sparse-mmapped BAR0 page. Deliberately separate from the server's code.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vfio_user::Client;
+
+/// Guest memory size mapped for tests.
+pub const MEM: u64 = 8 << 20;
+const ASQ: u64 = 0x0;
+const ACQ: u64 = 0x1000;
+const QSIZE: u32 = 64;
+
+/// A driver instance.
+pub struct NvmeClient {
+    pub client: Client,
+    mem: *mut u8,
+    _memfd: OwnedFd,
+    doorbells: *mut u32,
+    sq_tail: [u32; 2],
+    cq_head: [u32; 2],
+    phase: [bool; 2],
+    next_cid: u16,
+}
+
+/// A completion: dword 0 and the status field (SCT << 8 | SC, DNR in bit 14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cqe {
+    pub dw0: u32,
+    pub status: u16,
+}
+
+impl Cqe {
+    pub fn ok(&self) -> bool {
+        self.status & 0x7ff == 0
+    }
+}
+
+impl NvmeClient {
+    /// Connect, map memory, enable the controller, create I/O queue pair 1.
+    pub fn connect(sock: &Path) -> Self {
+        let mut client = Client::new(sock).expect("vfio-user connect");
+        // SAFETY: memfd_create with a static name; checked.
+        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd we own.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate/mmap of our own memfd; checked.
+        let mem = unsafe {
+            assert_eq!(libc::ftruncate(fd, MEM as i64), 0);
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        client
+            .dma_map(0, 0, MEM, memfd.as_raw_fd())
+            .expect("dma map");
+        let bar0 = client.region(0).expect("BAR0");
+        assert_eq!(
+            bar0.sparse_areas.len(),
+            1,
+            "doorbell page must be a sparse mmap area"
+        );
+        let area = bar0.sparse_areas[0];
+        let fo = bar0.file_offset.as_ref().expect("BAR0 fd");
+        // SAFETY: mapping the server's doorbell area as it advertised it; checked.
+        let db = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                area.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fo.file().as_raw_fd(),
+                (fo.start() + area.offset) as i64,
+            )
+        };
+        assert_ne!(db, libc::MAP_FAILED);
+        let mut c = NvmeClient {
+            client,
+            mem: mem.cast(),
+            _memfd: memfd,
+            doorbells: db.cast(),
+            sq_tail: [0; 2],
+            cq_head: [0; 2],
+            phase: [true; 2],
+            next_cid: 0,
+        };
+        c.enable();
+        c
+    }
+
+    pub fn reg_read32(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.client
+            .region_read(0, off, &mut b)
+            .expect("region read");
+        u32::from_le_bytes(b)
+    }
+
+    pub fn reg_write32(&mut self, off: u64, v: u32) {
+        self.client
+            .region_write(0, off, &v.to_le_bytes())
+            .expect("region write");
+    }
+
+    fn wait_csts(&mut self, rdy: bool) {
+        let t = Instant::now();
+        while (self.reg_read32(0x1c) & 1 == 1) != rdy {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "CSTS.RDY never became {rdy}"
+            );
+        }
+    }
+
+    /// Disable, program admin queues, enable, wait ready.
+    pub fn enable(&mut self) {
+        self.reg_write32(0x14, 0);
+        self.wait_csts(false);
+        self.mem_fill(0, 0x2000, 0);
+        self.sq_tail = [0; 2];
+        self.cq_head = [0; 2];
+        self.phase = [true; 2];
+        self.reg_write32(0x24, ((QSIZE - 1) << 16) | (QSIZE - 1));
+        self.client
+            .region_write(0, 0x28, &ASQ.to_le_bytes())
+            .unwrap();
+        self.client
+            .region_write(0, 0x30, &ACQ.to_le_bytes())
+            .unwrap();
+        self.reg_write32(0x14, (6 << 16) | (4 << 20) | 1);
+        self.wait_csts(true);
+    }
+
+    pub fn mem_write(&mut self, off: u64, data: &[u8]) {
+        assert!(off + data.len() as u64 <= MEM);
+        // SAFETY: bounds checked against our mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.add(off as usize), data.len())
+        };
+    }
+
+    pub fn mem_read(&self, off: u64, out: &mut [u8]) {
+        assert!(off + out.len() as u64 <= MEM);
+        // SAFETY: bounds checked against our mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.mem.add(off as usize), out.as_mut_ptr(), out.len())
+        };
+    }
+
+    pub fn mem_fill(&mut self, off: u64, len: usize, v: u8) {
+        self.mem_write(off, &vec![v; len]);
+    }
+
+    /// Write a raw doorbell value (index 2*qid for SQ tail, 2*qid+1 for CQ head).
+    pub fn ring(&mut self, index: usize, value: u32) {
+        // SAFETY: index within the 4 KiB doorbell page we mapped.
+        unsafe { std::ptr::write_volatile(self.doorbells.add(index), value) };
+    }
+
+    /// Submit a 64-byte command on queue `q` (0 admin, 1 I/O) and wait for its completion.
+    pub fn submit(&mut self, q: usize, mut sqe: [u8; 64]) -> Cqe {
+        let cid = self.next_cid;
+        self.next_cid = self.next_cid.wrapping_add(1);
+        sqe[2..4].copy_from_slice(&cid.to_le_bytes());
+        let sq_base = if q == 0 { ASQ } else { 0x2000 };
+        let cq_base = if q == 0 { ACQ } else { 0x3000 };
+        self.mem_write(sq_base + u64::from(self.sq_tail[q]) * 64, &sqe);
+        self.sq_tail[q] = (self.sq_tail[q] + 1) % QSIZE;
+        self.ring(2 * q, self.sq_tail[q]);
+        let t = Instant::now();
+        loop {
+            let mut e = [0u8; 16];
+            self.mem_read(cq_base + u64::from(self.cq_head[q]) * 16, &mut e);
+            let status = u16::from_le_bytes([e[14], e[15]]);
+            if (status & 1 == 1) == self.phase[q] {
+                assert_eq!(
+                    u16::from_le_bytes([e[12], e[13]]),
+                    cid,
+                    "completion for another command"
+                );
+                self.cq_head[q] = (self.cq_head[q] + 1) % QSIZE;
+                if self.cq_head[q] == 0 {
+                    self.phase[q] = !self.phase[q];
+                }
+                self.ring(2 * q + 1, self.cq_head[q]);
+                return Cqe {
+                    dw0: u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+                    status: status >> 1,
+                };
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "no completion for cid {cid} on queue {q}"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// Create I/O CQ 1 and SQ 1 (after Set Features Number of Queues).
+    pub fn create_io_queues(&mut self) {
+        assert!(
+            self.submit(0, cmd(0x09, 0, 0, &[0x07, 0x0001_0001])).ok(),
+            "two queue pairs"
+        );
+        self.mem_fill(0x2000, 0x2000, 0);
+        assert!(
+            self.submit(0, cmd(0x05, 0, 0x3000, &[((QSIZE - 1) << 16) | 1, 1]))
+                .ok(),
+            "create CQ"
+        );
+        assert!(
+            self.submit(
+                0,
+                cmd(0x01, 0, 0x2000, &[((QSIZE - 1) << 16) | 1, (1 << 16) | 1])
+            )
+            .ok(),
+            "create SQ"
+        );
+    }
+}
+
+/// Build an SQE: opcode, nsid, PRP1, cdw10.. values.
+pub fn cmd(opcode: u8, nsid: u32, prp1: u64, cdws: &[u32]) -> [u8; 64] {
+    let mut s = [0u8; 64];
+    s[0] = opcode;
+    s[4..8].copy_from_slice(&nsid.to_le_bytes());
+    s[24..32].copy_from_slice(&prp1.to_le_bytes());
+    for (i, v) in cdws.iter().enumerate() {
+        s[40 + i * 4..44 + i * 4].copy_from_slice(&v.to_le_bytes());
+    }
+    s
+}
+
+/// Set PRP2 of an SQE.
+pub fn with_prp2(mut s: [u8; 64], prp2: u64) -> [u8; 64] {
+    s[32..40].copy_from_slice(&prp2.to_le_bytes());
+    s
+}
