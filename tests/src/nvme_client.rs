@@ -35,7 +35,7 @@ pub struct Cqe {
 
 impl Cqe {
     pub fn ok(&self) -> bool {
-        self.status & 0x7ff == 0
+        self.status.trailing_zeros() >= 11 // SCT and SC both zero
     }
 }
 
@@ -145,7 +145,7 @@ impl NvmeClient {
         assert!(off + data.len() as u64 <= MEM);
         // SAFETY: bounds checked against our mapping.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.add(off as usize), data.len())
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.add(off as usize), data.len());
         };
     }
 
@@ -153,7 +153,7 @@ impl NvmeClient {
         assert!(off + out.len() as u64 <= MEM);
         // SAFETY: bounds checked against our mapping.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.mem.add(off as usize), out.as_mut_ptr(), out.len())
+            std::ptr::copy_nonoverlapping(self.mem.add(off as usize), out.as_mut_ptr(), out.len());
         };
     }
 
