@@ -116,7 +116,7 @@ fn admin_and_io_over_shared_memory_and_malicious_commands() {
         "create CQ 0"
     );
     assert_eq!(
-        sc(n.submit(0, cmd(0x05, 0, 0x4000, &[(63 << 16) | 200, 1]))),
+        sc(n.submit(0, cmd(0x05, 0, 0x4000, &[(63 << 16) | 0xc8, 1]))),
         SCT_CMD | 0x01,
         "create CQ 200"
     );
@@ -250,7 +250,9 @@ fn malformed_vfio_user_messages_get_errors_and_the_server_keeps_serving() {
     let mut s = connect_raw(&sock);
     const ERR: u32 = 1 << 5;
     // (what, command, payload, size override, errno)
-    let cases: Vec<(&str, u16, Vec<u8>, Option<u32>, i32)> = vec![
+    /// (what, command, payload, message size override, expected errno)
+    type Case = (&'static str, u16, Vec<u8>, Option<u32>, i32);
+    let cases: Vec<Case> = vec![
         ("size below header", 4, vec![], Some(8), libc::EINVAL),
         (
             "oversized message",
