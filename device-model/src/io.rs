@@ -134,19 +134,10 @@ impl Controller {
         let nr = (sqe.cdw10.get() & 0xff) as usize + 1;
         let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
         let len = nr * 16;
-        let page_size = self.page_size;
-        if let Err(s) = dptr::map_data(
-            mem,
-            sqe,
-            len as u64,
-            page_size,
-            false,
-            true,
-            &mut self.scratch,
-        ) {
+        let s = self.copy_from_host(sqe, len, mem, true);
+        if !s.is_success() {
             return s;
         }
-        self.scratch.copy_to_slice(&mut self.bounce[..len]);
         if !deallocate {
             return Status::SUCCESS;
         }
@@ -181,19 +172,11 @@ impl Controller {
             return Status::INVALID_FIELD;
         }
         let len = len as usize;
-        let page_size = self.page_size;
-        if let Err(s) = dptr::map_data(
-            mem,
-            sqe,
-            len as u64,
-            page_size,
-            false,
-            true,
-            &mut self.scratch,
-        ) {
+        let s = self.copy_from_host(sqe, len, mem, true);
+        if !s.is_success() {
             return s;
         }
-        // media read into a temporary buffer (Compare is rare), host data into the bounce buffer
+        // host data is in the bounce buffer; media read into a temporary one (Compare is rare)
         let mut media = vec![0u8; len];
         if let Err(s) = self.namespaces[ns_idx]
             .backend
@@ -201,7 +184,6 @@ impl Controller {
         {
             return s;
         }
-        self.scratch.copy_to_slice(&mut self.bounce[..len]);
         self.smart.account(op::COMPARE, len as u64);
         if self.bounce[..len] == media[..] {
             Status::SUCCESS

@@ -201,17 +201,7 @@ impl GuestMemory {
         offset: u64,
         prot: Protection,
     ) -> Result<(), MapError> {
-        let end = iova
-            .checked_add(size)
-            .filter(|_| size > 0)
-            .ok_or(MapError::BadRange { iova, size })?;
-        let cur = self.map.load();
-        if cur.regions.len() >= MAX_REGIONS {
-            return Err(MapError::TooMany(MAX_REGIONS));
-        }
-        if cur.overlaps(iova, end) {
-            return Err(MapError::Overlap { iova, size });
-        }
+        self.check_new(iova, size)?;
         let len = usize::try_from(size).map_err(|_| MapError::BadRange { iova, size })?;
         let off = libc::off_t::try_from(offset).map_err(|_| MapError::BadRange { iova, size })?;
         let mut p = 0;
@@ -256,17 +246,7 @@ impl GuestMemory {
     /// BARs): it is known, so its unmap succeeds, but any access to it fails (we do not
     /// implement DMA_READ/WRITE), which the command that tried gets as a data transfer error.
     pub fn map_inaccessible(&self, iova: u64, size: u64) -> Result<(), MapError> {
-        let end = iova
-            .checked_add(size)
-            .filter(|_| size > 0)
-            .ok_or(MapError::BadRange { iova, size })?;
-        let cur = self.map.load();
-        if cur.regions.len() >= MAX_REGIONS {
-            return Err(MapError::TooMany(MAX_REGIONS));
-        }
-        if cur.overlaps(iova, end) {
-            return Err(MapError::Overlap { iova, size });
-        }
+        self.check_new(iova, size)?;
         let none = Protection {
             read: false,
             write: false,
@@ -278,6 +258,22 @@ impl GuestMemory {
             host: std::ptr::null_mut(),
             _mapping: None,
         });
+        Ok(())
+    }
+
+    /// A new region must be non-empty, not wrap, fit the region limit and overlap nothing.
+    fn check_new(&self, iova: u64, size: u64) -> Result<(), MapError> {
+        let end = iova
+            .checked_add(size)
+            .filter(|_| size > 0)
+            .ok_or(MapError::BadRange { iova, size })?;
+        let cur = self.map.load();
+        if cur.regions.len() >= MAX_REGIONS {
+            return Err(MapError::TooMany(MAX_REGIONS));
+        }
+        if cur.overlaps(iova, end) {
+            return Err(MapError::Overlap { iova, size });
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Identify data structures (NVMe base 2.0 §5.17.2, NVM command set 1.0 §4.1.5).
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Controller or Namespace Structure (CNS) values (§5.17.1, Figure 273).
 pub mod cns {
@@ -244,15 +244,6 @@ pub struct NsIdDescriptorHeader {
     pub rsvd: [u8; 2],
 }
 
-macro_rules! zeroed_default {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                <$t>::new_zeroed()
-            }
-        }
-    )*};
-}
 zeroed_default!(
     IdentifyController,
     IdentifyNamespace,

@@ -3,6 +3,17 @@
 //!
 //! No logic lives here: only layouts (`zerocopy` derives, little-endian fields) and constants.
 
+/// `Default` as all-zero bytes for the large wire structures (arrays too big for derive).
+macro_rules! zeroed_default {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                <$t as zerocopy::FromZeros>::new_zeroed()
+            }
+        }
+    )*};
+}
+
 pub mod command;
 pub mod features;
 pub mod identify;

@@ -1,7 +1,7 @@
 //! Log pages (NVMe base 2.0 §5.16.1).
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Log page identifiers.
 pub mod lid {
@@ -98,15 +98,6 @@ pub mod effects {
     pub const CCC: u32 = 1 << 4;
 }
 
-macro_rules! zeroed_default {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                <$t>::new_zeroed()
-            }
-        }
-    )*};
-}
 zeroed_default!(SmartLog, FirmwareSlotLog, CommandsEffectsLog);
 
 const _: () = assert!(size_of::<ErrorLogEntry>() == 64);

@@ -226,7 +226,7 @@ impl Controller {
             fid::ASYNC_EVENT_CONFIG => f.async_event_config = cdw11,
             fid::KEEP_ALIVE_TIMER => f.keep_alive_ms = cdw11,
             fid::HOST_BEHAVIOR => {
-                let s = self.admin_from_host(sqe, 512, mem);
+                let s = self.copy_from_host(sqe, 512, mem, false);
                 if !s.is_success() {
                     return Outcome::status(s);
                 }

@@ -76,12 +76,14 @@ impl Controller {
         Status::SUCCESS
     }
 
-    /// Copy `len` bytes of an admin command's host buffer into `self.bounce[..len]`.
-    pub(crate) fn admin_from_host(
+    /// Copy `len` bytes of a command's host buffer into `self.bounce[..len]` (admin
+    /// commands pass `allow_sgl = false`: on PCIe they use PRPs only).
+    pub(crate) fn copy_from_host(
         &mut self,
         sqe: &Submission,
         len: usize,
         mem: &MemoryMap,
+        allow_sgl: bool,
     ) -> Status {
         if len > self.bounce.len() {
             return Status::INVALID_FIELD;
@@ -92,7 +94,7 @@ impl Controller {
             len as u64,
             self.page_size,
             false,
-            false,
+            allow_sgl,
             &mut self.scratch,
         ) {
             return s;
