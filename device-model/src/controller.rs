@@ -8,6 +8,7 @@ use std::sync::Arc;
 use nvme_spec::registers::{self as reg, cap, cc, csts};
 use nvme_spec::{Completion, Status};
 
+use crate::admin::async_event::{AsyncEvent, AsyncEvents, error_info, event_type};
 use crate::admin::features::Features;
 use crate::admin::log_page::{ErrorLog, SmartCounters};
 use crate::doorbell::Doorbells;
@@ -17,6 +18,8 @@ use crate::memory::{GuestMemory, MemoryMap};
 use crate::namespace::Namespace;
 use crate::pci::PciIds;
 use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::shadow_doorbell::{self, ShadowDoorbells};
+use crate::stats::ControllerStats;
 
 /// Static configuration of a controller.
 #[derive(Clone, Debug)]
@@ -93,8 +96,12 @@ pub struct Controller {
     pub(crate) active_sqs: Vec<u16>,
     pub(crate) active_cqs: Vec<u16>,
     pub(crate) features: Features,
-    /// Admin slots holding outstanding Asynchronous Event Requests.
-    pub(crate) aer_slots: Vec<u16>,
+    pub(crate) events: AsyncEvents,
+    pub(crate) stats: Arc<ControllerStats>,
+    /// Shadow doorbell and EventIdx pages, when the host configured them.
+    pub(crate) shadow: Option<ShadowDoorbells>,
+    /// Start of the current Keep Alive period (None: starts at the next check).
+    pub(crate) keep_alive_since: Option<std::time::Instant>,
     pub(crate) errors: ErrorLog,
     pub(crate) smart: SmartCounters,
     pub(crate) scratch: IoVecs,
@@ -141,7 +148,10 @@ impl Controller {
             cqs: (0..nq).map(|_| None).collect(),
             active_sqs: Vec::with_capacity(nq),
             active_cqs: Vec::with_capacity(nq),
-            aer_slots: Vec::new(),
+            events: AsyncEvents::default(),
+            stats: Arc::default(),
+            shadow: None,
+            keep_alive_since: None,
             errors: ErrorLog::default(),
             smart: SmartCounters::default(),
             scratch: IoVecs::default(),
@@ -177,6 +187,34 @@ impl Controller {
     /// True when CSTS.RDY is set.
     pub fn is_ready(&self) -> bool {
         self.csts & csts::RDY != 0
+    }
+
+    /// True when CSTS.CFS is set (the controller stopped processing commands).
+    pub fn is_fatal(&self) -> bool {
+        self.csts & csts::CFS != 0
+    }
+
+    /// Enter Controller Fatal Status: no command is processed until a controller reset.
+    pub(crate) fn set_fatal(&mut self) {
+        if !self.is_fatal() {
+            ControllerStats::bump(&self.stats.fatal);
+        }
+        self.csts |= csts::CFS;
+    }
+
+    /// Event counters, shared with the control plane.
+    pub fn stats(&self) -> Arc<ControllerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// True when the host configured shadow doorbells (Doorbell Buffer Config).
+    pub fn shadow_doorbells_enabled(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// Asynchronous events waiting for an Asynchronous Event Request.
+    pub fn queued_events(&self) -> usize {
+        self.events.queued()
     }
 
     /// Read a BAR0 register (offsets below the doorbell page). Unknown offsets read as zero.
@@ -293,6 +331,7 @@ impl Controller {
         self.active_sqs = vec![0];
         self.active_cqs = vec![0];
         self.csts |= csts::RDY;
+        ControllerStats::bump(&self.stats.enables);
         log::info!(
             "{}: enabled (admin SQ {asqs} entries at {:#x}, CQ {acqs} at {:#x}, page {} B)",
             self.cfg.serial,
@@ -314,7 +353,9 @@ impl Controller {
         }
         self.active_sqs.clear();
         self.active_cqs.clear();
-        self.aer_slots.clear();
+        self.reset_events();
+        self.shadow = None;
+        self.keep_alive_since = None;
         self.doorbells.clear();
         self.features = Features::new(&self.cfg);
         self.cc = 0;
@@ -365,20 +406,27 @@ impl Controller {
     /// One pass of the data plane: doorbells, command fetch and dispatch, backend
     /// completions, interrupts. Returns how much work was done (0 = idle).
     pub fn poll(&mut self) -> usize {
-        if !self.is_ready() || self.csts & csts::CFS != 0 {
+        if !self.is_ready() || self.is_fatal() {
             return 0;
         }
         let mem = self.mem.snapshot();
         let mut work = 0;
+        let mut bad_doorbell = false;
         for i in 0..self.active_cqs.len() {
             let id = self.active_cqs[i];
-            let db = self.doorbells.cq_head(id);
-            if let Some(cq) = self.cqs[id as usize].as_mut()
-                && db != cq.head
-                && !cq.update_head(db)
-                && !self.warned_doorbell
-            {
+            let Some(cq) = self.cqs[id as usize].as_mut() else {
+                continue;
+            };
+            let db = shadow_doorbell::current(
+                &self.doorbells,
+                self.shadow.as_ref(),
+                &mem,
+                2 * id as usize + 1,
+                &mut cq.doorbell,
+            );
+            if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
                 self.warned_doorbell = true;
+                bad_doorbell = true;
                 log::warn!(
                     "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
                     self.cfg.serial,
@@ -386,6 +434,9 @@ impl Controller {
                     cq.tail
                 );
             }
+        }
+        if bad_doorbell {
+            self.raise_event(Self::INVALID_DOORBELL, &mem);
         }
         let mut i = 0;
         while i < self.active_sqs.len() {
@@ -408,10 +459,16 @@ impl Controller {
     }
 
     fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {
-        let db = self.doorbells.sq_tail(qid);
         let Some(sq) = self.sqs[qid as usize].as_mut() else {
             return 0;
         };
+        let db = shadow_doorbell::current(
+            &self.doorbells,
+            self.shadow.as_ref(),
+            mem,
+            2 * qid as usize,
+            &mut sq.doorbell,
+        );
         if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
             self.warned_doorbell = true;
             log::warn!(
@@ -419,8 +476,12 @@ impl Controller {
                 self.cfg.serial,
                 sq.size
             );
-        }
-        if sq.deleting.is_some() {
+            let deleting = sq.deleting.is_some();
+            self.raise_event(Self::INVALID_DOORBELL, mem);
+            if deleting {
+                return 0;
+            }
+        } else if sq.deleting.is_some() {
             return 0;
         }
         let mut n = 0;
@@ -445,7 +506,7 @@ impl Controller {
                         "{}: SQ {qid} entry unreadable ({e}); controller fatal",
                         self.cfg.serial
                     );
-                    self.csts |= csts::CFS;
+                    self.set_fatal();
                     return n as usize;
                 }
             };
@@ -539,7 +600,7 @@ impl Controller {
                     "{}: CQ {cqid} not writable ({e}); controller fatal",
                     self.cfg.serial
                 );
-                self.csts |= csts::CFS;
+                self.set_fatal();
             }
         }
         if let Some(admin_slot) = finish_delete {
@@ -547,6 +608,13 @@ impl Controller {
             self.complete(0, admin_slot, Status::SUCCESS, 0, mem);
         }
     }
+
+    /// The event for an invalid doorbell write value (§3.1.4.18 and §5.2).
+    const INVALID_DOORBELL: AsyncEvent = AsyncEvent {
+        event_type: event_type::ERROR,
+        info: error_info::INVALID_DOORBELL_VALUE,
+        log_page: nvme_spec::log_page::lid::ERROR_INFORMATION,
+    };
 
     pub(crate) fn remove_sq(&mut self, qid: u16) {
         if let Some(sq) = self.sqs[qid as usize].take()

@@ -79,6 +79,16 @@ impl Doorbells {
         }
     }
 
+    /// Doorbell register `index` (SQ y tail = 2y, CQ y head = 2y + 1).
+    pub fn load(&self, index: usize) -> u32 {
+        self.slot(index).load(Ordering::Acquire)
+    }
+
+    /// Set doorbell register `index` (zeroed when its queue is created).
+    pub fn store(&self, index: usize, value: u32) {
+        self.slot(index).store(value, Ordering::Release);
+    }
+
     /// Current SQ tail doorbell value of queue `qid`.
     pub fn sq_tail(&self, qid: u16) -> u32 {
         self.slot(2 * qid as usize).load(Ordering::Acquire)

@@ -4,8 +4,9 @@
 //! runs a controller's data plane.
 //!
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
-//! the poll loop; `queue/` SQ/CQ; `admin/` admin commands; `io.rs` NVM commands; `dptr.rs`
-//! PRP/SGL; `memory.rs` the DMA map; `backend/` null, malloc, file; `reactor.rs` the thread.
+//! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
+//! `admin/` admin commands; `io.rs` NVM commands; `dptr.rs` PRP/SGL; `memory.rs` the DMA
+//! map; `backend/` null, malloc, file; `reactor.rs` the thread.
 
 pub mod admin;
 pub mod backend;
@@ -19,9 +20,12 @@ pub mod namespace;
 pub mod pci;
 pub mod queue;
 pub mod reactor;
+pub mod shadow_doorbell;
+pub mod stats;
 
 pub use controller::{Controller, ControllerConfig};
 pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;
 pub use reactor::{ControllerHandle, PollMode};
+pub use stats::ControllerStats;

@@ -157,6 +157,10 @@ impl Drop for ControllerHandle {
     }
 }
 
+/// Poll iterations between Keep Alive timer checks: a few ms at most when idle (every 64th
+/// idle iteration naps up to 1 ms), far less when busy.
+const KEEP_ALIVE_CHECK_EVERY: u32 = 256;
+
 /// Spin iterations after the last work before napping.
 const SPIN_AFTER_WORK: Duration = Duration::from_micros(200);
 
@@ -179,6 +183,10 @@ fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controll
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
+        iter = iter.wrapping_add(1);
+        if iter.is_multiple_of(KEEP_ALIVE_CHECK_EVERY) {
+            ctrl.check_keep_alive(Instant::now());
+        }
         if ctrl.poll() > 0 {
             last_work = Instant::now();
             continue;
@@ -188,7 +196,6 @@ fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controll
             continue;
         }
         // check the clock only every few iterations: Instant::now is a vDSO call, not free
-        iter = iter.wrapping_add(1);
         if !iter.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;

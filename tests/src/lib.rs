@@ -1,4 +1,5 @@
 //! End-to-end tests live in `tests/`; this library holds shared helpers for them.
 
+pub mod fuzz;
 pub mod guest;
 pub mod nvme_client;

@@ -24,6 +24,21 @@ pub struct NvmeClient {
     cq_head: [u32; 2],
     phase: [bool; 2],
     next_cid: u16,
+    /// Shadow doorbell page offset in our memory, once configured (Doorbell Buffer Config).
+    shadow: Option<u64>,
+    /// How doorbells are rung once a shadow page is configured.
+    pub ring_mode: RingMode,
+}
+
+/// How the client rings doorbells when a shadow doorbell page is configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingMode {
+    /// Shadow copy, then the register when EventIdx asks for it (as Linux does).
+    Auto,
+    /// Shadow copy only.
+    ShadowOnly,
+    /// Register only (as Linux does for the admin queue).
+    RegisterOnly,
 }
 
 /// A completion: dword 0 and the status field (SCT << 8 | SC, DNR in bit 14).
@@ -93,6 +108,8 @@ impl NvmeClient {
             cq_head: [0; 2],
             phase: [true; 2],
             next_cid: 0,
+            shadow: None,
+            ring_mode: RingMode::Auto,
         };
         c.enable();
         c
@@ -130,6 +147,8 @@ impl NvmeClient {
         self.sq_tail = [0; 2];
         self.cq_head = [0; 2];
         self.phase = [true; 2];
+        self.shadow = None;
+        self.ring_mode = RingMode::Auto;
         self.reg_write32(0x24, ((QSIZE - 1) << 16) | (QSIZE - 1));
         self.client
             .region_write(0, 0x28, &ASQ.to_le_bytes())
@@ -161,22 +180,87 @@ impl NvmeClient {
         self.mem_write(off, &vec![v; len]);
     }
 
-    /// Write a raw doorbell value (index 2*qid for SQ tail, 2*qid+1 for CQ head).
-    pub fn ring(&mut self, index: usize, value: u32) {
+    /// Write a raw doorbell value to the register (index 2*qid for SQ tail, 2*qid+1 for CQ
+    /// head).
+    pub fn ring_register(&mut self, index: usize, value: u32) {
         // SAFETY: index within the 4 KiB doorbell page we mapped.
         unsafe { std::ptr::write_volatile(self.doorbells.add(index), value) };
     }
 
+    /// Ring a doorbell the way a host with shadow doorbells does (Linux `nvme_dbbuf_update_and_check_event`):
+    /// update the shadow copy, then write the register only if EventIdx asks for it, or
+    /// always when no shadow page is configured; or as `ring_mode` says.
+    pub fn ring(&mut self, index: usize, value: u32) {
+        let Some(shadow) = self
+            .shadow
+            .filter(|_| self.ring_mode != RingMode::RegisterOnly)
+        else {
+            self.ring_register(index, value);
+            return;
+        };
+        let off = shadow + index as u64 * 4;
+        let mut old = [0u8; 4];
+        self.mem_read(off, &mut old);
+        let old = u32::from_le_bytes(old);
+        self.mem_write(off, &value.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let ei = self.event_idx(index);
+        let need = (value as u16).wrapping_sub(ei as u16).wrapping_sub(1)
+            < (value as u16).wrapping_sub(old as u16);
+        if need && self.ring_mode == RingMode::Auto {
+            self.ring_register(index, value);
+        }
+    }
+
+    /// Doorbell Buffer Config with the shadow page at `shadow` and EventIdx at `shadow +
+    /// 0x1000`; on success doorbells go through the shadow page.
+    pub fn configure_shadow_doorbells(&mut self, shadow: u64) -> Cqe {
+        self.mem_fill(shadow, 0x2000, 0);
+        let c = self.submit(0, with_prp2(cmd(0x7c, 0, shadow, &[]), shadow + 0x1000));
+        if c.ok() {
+            self.shadow = Some(shadow);
+        }
+        c
+    }
+
+    /// The controller's EventIdx for doorbell `index` (0 when not configured).
+    pub fn event_idx(&self, index: usize) -> u32 {
+        let Some(shadow) = self.shadow else { return 0 };
+        let mut b = [0u8; 4];
+        self.mem_read(shadow + 0x1000 + index as u64 * 4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// The shadow copy of doorbell `index` (0 when not configured).
+    pub fn shadow_value(&self, index: usize) -> u32 {
+        let Some(shadow) = self.shadow else { return 0 };
+        let mut b = [0u8; 4];
+        self.mem_read(shadow + index as u64 * 4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
     /// Submit a 64-byte command on queue `q` (0 admin, 1 I/O) and wait for its completion.
-    pub fn submit(&mut self, q: usize, mut sqe: [u8; 64]) -> Cqe {
+    pub fn submit(&mut self, q: usize, sqe: [u8; 64]) -> Cqe {
+        let cid = self.submit_nowait(q, sqe);
+        self.wait(q, cid, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no completion for cid {cid} on queue {q}"))
+    }
+
+    /// Put a command on queue `q` and ring its doorbell; returns its command id.
+    pub fn submit_nowait(&mut self, q: usize, mut sqe: [u8; 64]) -> u16 {
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
         sqe[2..4].copy_from_slice(&cid.to_le_bytes());
         let sq_base = if q == 0 { ASQ } else { 0x2000 };
-        let cq_base = if q == 0 { ACQ } else { 0x3000 };
         self.mem_write(sq_base + u64::from(self.sq_tail[q]) * 64, &sqe);
         self.sq_tail[q] = (self.sq_tail[q] + 1) % QSIZE;
         self.ring(2 * q, self.sq_tail[q]);
+        cid
+    }
+
+    /// Wait up to `timeout` for the next completion on queue `q`, which must be for `cid`.
+    pub fn wait(&mut self, q: usize, cid: u16, timeout: Duration) -> Option<Cqe> {
+        let cq_base = if q == 0 { ACQ } else { 0x3000 };
         let t = Instant::now();
         loop {
             let mut e = [0u8; 16];
@@ -193,15 +277,14 @@ impl NvmeClient {
                     self.phase[q] = !self.phase[q];
                 }
                 self.ring(2 * q + 1, self.cq_head[q]);
-                return Cqe {
+                return Some(Cqe {
                     dw0: u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
                     status: status >> 1,
-                };
+                });
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "no completion for cid {cid} on queue {q}"
-            );
+            if t.elapsed() > timeout {
+                return None;
+            }
             std::thread::yield_now();
         }
     }

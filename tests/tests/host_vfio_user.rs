@@ -6,11 +6,14 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
-use vnvme_tests::nvme_client::{Cqe, NvmeClient, cmd, with_prp2};
+
+use vnvme_tests::nvme_client::{Cqe, MEM, NvmeClient, RingMode, cmd, with_prp2};
 
 fn daemon(tag: &str) -> (Daemon, PathBuf, PathBuf) {
+    let _ = env_logger::builder().is_test(true).try_init();
     let dir = std::env::temp_dir().join(format!("vnvme-host-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("c.sock");
@@ -160,10 +163,10 @@ fn admin_and_io_over_shared_memory_and_malicious_commands() {
     assert_eq!(sc(n.submit(0, fused)), SC_INVALID_FIELD, "fused admin");
 
     // Doorbell past the queue size: ignored, the controller keeps serving.
-    n.ring(2, 1000);
-    n.ring(3, 1000);
+    n.ring_register(2, 1000);
+    n.ring_register(3, 1000);
     std::thread::sleep(std::time::Duration::from_millis(50));
-    n.ring(2, 0); // back to a valid value (our tail is still where it was)
+    n.ring_register(2, 0); // back to a valid value (our tail is still where it was)
     let tail_fix = n.submit(0, cmd(0x06, 0, 0x10000, &[1]));
     assert!(tail_fix.ok(), "admin still works after bad doorbells");
 
@@ -176,6 +179,129 @@ fn admin_and_io_over_shared_memory_and_malicious_commands() {
     );
     n.mem_read(0x30000, &mut back);
     assert_eq!(back, pattern, "data kept across controller reset");
+    drop(n);
+    d.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn shadow_doorbells_async_events_and_keep_alive() {
+    let (d, sock, dir) = daemon("dbbuf");
+    let mut n = NvmeClient::connect(&sock);
+    let id = n.submit(0, cmd(0x06, 0, 0x10000, &[1]));
+    assert!(id.ok());
+    let mut page = [0u8; 4096];
+    n.mem_read(0x10000, &mut page);
+    let oacs = u16::from_le_bytes([page[256], page[257]]);
+    assert_ne!(oacs & (1 << 8), 0, "OACS advertises Doorbell Buffer Config");
+
+    // Bad buffers: unaligned, same page twice, outside guest memory.
+    let bad = [(0x6004, 0x7000), (0x6000, 0x6000), (MEM, MEM + 0x1000)];
+    for (shadow, ei) in bad {
+        let c = n.submit(0, with_prp2(cmd(0x7c, 0, shadow, &[]), ei));
+        assert_eq!(sc(c), SC_INVALID_FIELD, "DBBUF {shadow:#x}/{ei:#x}");
+    }
+
+    // Configure, then ring through the shadow page only: admin and I/O keep working.
+    assert!(n.configure_shadow_doorbells(0x6000).ok());
+    assert_eq!(
+        n.shadow_value(0),
+        5,
+        "admin SQ tail (5 commands so far) copied into the shadow page"
+    );
+    n.ring_mode = RingMode::ShadowOnly;
+    assert!(
+        n.submit(0, cmd(0x06, 0, 0x10000, &[1])).ok(),
+        "admin via shadow"
+    );
+    n.create_io_queues();
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 253) as u8).collect();
+    n.mem_write(0x20000, &pattern);
+    for round in 0..70u32 {
+        // more than one trip around the 64-entry queues
+        let c = n.submit(1, cmd(0x01, 1, 0x20000, &[round * 8, 0, 7]));
+        assert!(c.ok(), "write {round} via shadow: {c:?}");
+    }
+    let mut back = vec![0u8; 4096];
+    assert!(n.submit(1, cmd(0x02, 1, 0x30000, &[69 * 8, 0, 7])).ok());
+    n.mem_read(0x30000, &mut back);
+    assert_eq!(back, pattern);
+    let tail = n.shadow_value(2);
+    assert_eq!(
+        n.event_idx(2),
+        tail.wrapping_sub(1),
+        "EventIdx trails the consumed SQ tail: the host need not ring the register"
+    );
+    // A host that rings only the register (Linux does so for the admin queue) is served too.
+    n.ring_mode = RingMode::RegisterOnly;
+    for _ in 0..3 {
+        assert!(
+            n.submit(0, cmd(0x06, 0, 0x10000, &[1])).ok(),
+            "admin via register"
+        );
+    }
+    n.ring_mode = RingMode::Auto;
+
+    // Asynchronous event: an invalid doorbell value completes a parked request.
+    let aer = n.submit_nowait(0, cmd(0x0c, 0, 0, &[]));
+    n.ring_register(2, 1000);
+    let ev = n
+        .wait(0, aer, Duration::from_secs(5))
+        .expect("AER completes");
+    assert!(ev.ok());
+    assert_eq!(
+        ev.dw0, 0x0001_0100,
+        "error event, invalid doorbell value, log page 01h"
+    );
+    n.ring_register(2, n.shadow_value(2));
+    assert!(
+        n.submit(1, cmd(0x02, 1, 0x30000, &[0, 0, 0])).ok(),
+        "I/O after"
+    );
+    // More than AERL + 1 requests: the fifth is refused.
+    let parked: Vec<u16> = (0..4)
+        .map(|_| n.submit_nowait(0, cmd(0x0c, 0, 0, &[])))
+        .collect();
+    let fifth = n.submit(0, cmd(0x0c, 0, 0, &[]));
+    assert_eq!(
+        sc(fifth),
+        SCT_CMD | 0x05,
+        "Asynchronous Event Request Limit Exceeded"
+    );
+    assert_eq!(parked.len(), 4);
+
+    // Keep Alive: KATO rounds up to 100 ms; Keep Alive commands keep the controller alive,
+    // silence makes it fatal.
+    assert!(n.submit(0, cmd(0x09, 0, 0, &[0x0f, 150])).ok());
+    assert_eq!(
+        n.submit(0, cmd(0x0a, 0, 0, &[0x0f])).dw0,
+        200,
+        "KATO granularity"
+    );
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(n.submit(0, cmd(0x18, 0, 0, &[])).ok(), "keep alive");
+    }
+    assert_eq!(n.reg_read32(0x1c) & 2, 0, "not fatal while kept alive");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        n.reg_read32(0x1c) & 2,
+        2,
+        "CSTS.CFS after the keep alive timer expired"
+    );
+
+    // A controller reset clears it all: a stale shadow value must not be taken as a tail.
+    n.enable();
+    assert_eq!(n.reg_read32(0x1c) & 3, 1, "ready, not fatal");
+    n.mem_write(0x6000, &7u32.to_le_bytes());
+    assert!(
+        n.submit(0, cmd(0x06, 0, 0x10000, &[1])).ok(),
+        "shadow off after reset"
+    );
+    n.create_io_queues();
+    assert!(n.submit(1, cmd(0x02, 1, 0x30000, &[69 * 8, 0, 7])).ok());
+    n.mem_read(0x30000, &mut back);
+    assert_eq!(back, pattern, "data kept");
     drop(n);
     d.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();

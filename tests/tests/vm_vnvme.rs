@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use device_model::ControllerStats;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
 use vnvme_tests::guest::{harness_guest, run_ok, section, value};
@@ -89,7 +90,16 @@ dd if=$NB of=/dev/null bs=1M count=8 iflag=direct 2>/dev/null && echo ctrl-b-rea
         .vfio_user(dir.join("a.sock"))
         .vfio_user(dir.join("b.sock"));
     let out = run_ok(&guest);
+    let stats = daemon.stats(0).expect("controller A");
+    let dbbuf = ControllerStats::get(&stats.shadow_doorbell_configs);
+    let enables = ControllerStats::get(&stats.enables);
     daemon.stop().expect("daemon stops cleanly");
+    // Linux 6.12 sends Doorbell Buffer Config after every enable when OACS bit 8 is set, so
+    // all the I/O above went through shadow doorbells (the firmware's enable does not).
+    assert!(
+        dbbuf >= 2 && dbbuf + 1 >= enables,
+        "shadow doorbells configured {dbbuf} times for {enables} enables (probe + nvme reset)"
+    );
 
     let list = section(&out, "@@LIST");
     assert!(

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 
 use device_model::pci::PciIds;
 use device_model::{
-    Controller, ControllerConfig, ControllerHandle, Doorbells, GuestMemory, Namespace, PollMode,
+    Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, GuestMemory,
+    Namespace, PollMode,
 };
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
 
@@ -39,6 +40,7 @@ pub enum DaemonError {
 pub struct Daemon {
     stop: Arc<AtomicBool>,
     servers: Vec<(PathBuf, JoinHandle<Result<Server, ServerError>>)>,
+    stats: Vec<Arc<ControllerStats>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -53,7 +55,7 @@ fn build_controller(
     index: usize,
     spec: &ControllerSpec,
     poll: PollSetting,
-) -> Result<NvmeDevice, DaemonError> {
+) -> Result<(NvmeDevice, Arc<ControllerStats>), DaemonError> {
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
         .serial
@@ -102,6 +104,7 @@ fn build_controller(
     let ids = cfg.ids;
     let name = format!("reactor-{index}");
     let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    let stats = ctrl.stats();
     let mode = if poll == PollSetting::Busy {
         PollMode::Busy
     } else {
@@ -109,7 +112,7 @@ fn build_controller(
     };
     let handle = ControllerHandle::spawn(&name, ctrl, mode)
         .map_err(|source| DaemonError::Io { index, source })?;
-    Ok(NvmeDevice::new(handle, mem, doorbells, ids))
+    Ok((NvmeDevice::new(handle, mem, doorbells, ids), stats))
 }
 
 impl Daemon {
@@ -119,9 +122,11 @@ impl Daemon {
         let mut daemon = Daemon {
             stop: Arc::clone(&stop),
             servers: Vec::new(),
+            stats: Vec::new(),
         };
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let device = build_controller(index, spec, cfg.poll)?;
+            let (device, stats) = build_controller(index, spec, cfg.poll)?;
+            daemon.stats.push(stats);
             let mut server = Server::bind(&spec.socket, device, Arc::clone(&stop))
                 .map_err(|source| DaemonError::Server { index, source })?;
             let join = std::thread::Builder::new()
@@ -134,6 +139,11 @@ impl Daemon {
     }
 
     /// The sockets being served.
+    /// Event counters of controller `index` (configuration order).
+    pub fn stats(&self, index: usize) -> Option<Arc<ControllerStats>> {
+        self.stats.get(index).cloned()
+    }
+
     pub fn sockets(&self) -> Vec<PathBuf> {
         self.servers.iter().map(|(p, _)| p.clone()).collect()
     }

@@ -224,7 +224,12 @@ impl Controller {
             }
             fid::WRITE_ATOMICITY => f.write_atomicity = cdw11 & 1,
             fid::ASYNC_EVENT_CONFIG => f.async_event_config = cdw11,
-            fid::KEEP_ALIVE_TIMER => f.keep_alive_ms = cdw11,
+            fid::KEEP_ALIVE_TIMER => {
+                // rounded up to the Keep Alive granularity; Get Features reports the result
+                let g = crate::admin::keep_alive::KEEP_ALIVE_GRANULARITY_MS;
+                f.keep_alive_ms = cdw11.div_ceil(g).saturating_mul(g);
+                self.keep_alive_since = None;
+            }
             fid::HOST_BEHAVIOR => {
                 let s = self.copy_from_host(sqe, 512, mem, false);
                 if !s.is_success() {

@@ -125,7 +125,7 @@ impl Controller {
         id.cntlid = c.cntlid.into();
         id.ver = version(1, 4, 0).into();
         id.cntrltype = 1; // I/O controller
-        id.oacs = oacs::FORMAT_NVM.into();
+        id.oacs = (oacs::FORMAT_NVM | oacs::DOORBELL_BUFFER_CONFIG).into();
         id.acl = 3;
         id.aerl = (crate::admin::AER_LIMIT - 1) as u8;
         id.frmw = 0x03; // one slot, slot 1 read-only

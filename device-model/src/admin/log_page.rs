@@ -97,6 +97,7 @@ impl Controller {
             return Status::INVALID_FIELD;
         }
         let nsid = sqe.nsid.get();
+        let retain_event = cdw10 & (1 << 15) != 0;
         let page: Vec<u8> = match id {
             lid::ERROR_INFORMATION => {
                 let mut v = vec![0u8; ERROR_LOG_ENTRIES * 64];
@@ -133,6 +134,7 @@ impl Controller {
                     admin::GET_FEATURES,
                     admin::ASYNC_EVENT_REQUEST,
                     admin::KEEP_ALIVE,
+                    admin::DOORBELL_BUFFER_CONFIG,
                 ] {
                     e.acs[op as usize] = effects::CSUPP.into();
                 }
@@ -155,7 +157,11 @@ impl Controller {
         let src = &page[offset as usize..];
         let n = src.len().min(out.len());
         out[..n].copy_from_slice(&src[..n]);
-        self.admin_to_host(sqe, &out, mem)
+        let s = self.admin_to_host(sqe, &out, mem);
+        if s.is_success() {
+            self.log_page_read(id, retain_event);
+        }
+        s
     }
 
     fn smart_log(&self) -> SmartLog {

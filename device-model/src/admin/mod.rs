@@ -1,7 +1,10 @@
 //! Admin command set (NVMe base 2.0 §5): dispatch and data transfer helpers.
 
+pub mod async_event;
+mod doorbell_buffer;
 pub(crate) mod features;
 mod identify;
+pub(crate) mod keep_alive;
 pub(crate) mod log_page;
 mod queues;
 
@@ -12,8 +15,7 @@ use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
 
-/// Outstanding Asynchronous Event Requests allowed (Identify AERL is 0's based).
-pub(crate) const AER_LIMIT: usize = 4;
+pub(crate) use async_event::AER_LIMIT;
 
 impl Controller {
     /// Execute one admin command fetched into `slot` of the admin SQ.
@@ -41,14 +43,9 @@ impl Controller {
             op::DELETE_IO_SQ => self.delete_io_sq(slot, sqe),
             // Abort is best effort: we never abort, dword 0 bit 0 = command not aborted (§5.1).
             op::ABORT => Outcome::Done(Status::SUCCESS, 1),
-            op::ASYNC_EVENT_REQUEST => {
-                if self.aer_slots.len() >= AER_LIMIT {
-                    return Outcome::status(Status::ASYNC_EVENT_LIMIT_EXCEEDED);
-                }
-                self.aer_slots.push(slot);
-                Outcome::Pending
-            }
-            op::KEEP_ALIVE => Outcome::status(Status::SUCCESS),
+            op::ASYNC_EVENT_REQUEST => self.async_event_request(slot),
+            op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
+            op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
             op::FORMAT_NVM => Outcome::status(self.format_nvm(sqe)),
             _ => Outcome::status(Status::INVALID_OPCODE),
         }

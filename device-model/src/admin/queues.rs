@@ -5,6 +5,7 @@ use nvme_spec::{Status, Submission};
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
 use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::shadow_doorbell::DoorbellSeen;
 
 impl Controller {
     /// Common QID / QSIZE / base checks. `max_qid` is the granted queue count.
@@ -41,6 +42,23 @@ impl Controller {
         Status::SUCCESS
     }
 
+    /// A new queue's doorbell starts at 0 in the register page and, when configured, in the
+    /// shadow page: a value left from an earlier queue with the same id must not count.
+    fn attach_doorbell(
+        &self,
+        index: usize,
+        seen: &mut DoorbellSeen,
+        mem: &MemoryMap,
+    ) -> Result<(), Status> {
+        self.doorbells.store(index, 0);
+        if let Some(buf) = &self.shadow {
+            *seen = buf
+                .attach(mem, index, 0)
+                .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn create_io_cq(&mut self, sqe: &Submission, mem: &MemoryMap) -> Status {
         let cdw10 = sqe.cdw10.get();
         let cdw11 = sqe.cdw11.get();
@@ -59,7 +77,11 @@ impl Controller {
         if iv >= crate::pci::MSIX_VECTORS {
             return Status::INVALID_INTERRUPT_VECTOR;
         }
-        self.cqs[qid as usize] = Some(CompletionQueue::new(qid, base, qsize, iv, ien));
+        let mut cq = CompletionQueue::new(qid, base, qsize, iv, ien);
+        if let Err(s) = self.attach_doorbell(2 * qid as usize + 1, &mut cq.doorbell, mem) {
+            return s;
+        }
+        self.cqs[qid as usize] = Some(cq);
         self.active_cqs.push(qid);
         log::debug!("created CQ {qid}: {qsize} entries at {base:#x}, vector {iv}, irq {ien}");
         Status::SUCCESS
@@ -79,16 +101,17 @@ impl Controller {
         if !s.is_success() {
             return s;
         }
-        let Some(cq) = self
-            .cqs
-            .get_mut(cqid as usize)
-            .and_then(Option::as_mut)
-            .filter(|_| cqid != 0)
-        else {
+        if cqid == 0 || !self.cqs.get(cqid as usize).is_some_and(Option::is_some) {
             return Status::INVALID_CQ;
-        };
-        cq.sq_count += 1;
-        self.sqs[qid as usize] = Some(SubmissionQueue::new(qid, base, qsize, cqid));
+        }
+        let mut sq = SubmissionQueue::new(qid, base, qsize, cqid);
+        if let Err(s) = self.attach_doorbell(2 * qid as usize, &mut sq.doorbell, mem) {
+            return s;
+        }
+        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+            cq.sq_count += 1;
+        }
+        self.sqs[qid as usize] = Some(sq);
         self.active_sqs.push(qid);
         log::debug!("created SQ {qid}: {qsize} entries at {base:#x}, CQ {cqid}");
         Status::SUCCESS

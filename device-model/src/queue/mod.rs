@@ -8,6 +8,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::dptr::IoVecs;
 use crate::memory::{AccessError, MemoryMap};
+use crate::shadow_doorbell::DoorbellSeen;
 
 /// A completion queue.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct CompletionQueue {
     pub sq_count: u16,
     /// Something was posted since the last interrupt.
     pub irq_pending: bool,
+    /// The head doorbell as last seen (register and shadow copy).
+    pub doorbell: DoorbellSeen,
 }
 
 impl CompletionQueue {
@@ -47,6 +50,7 @@ impl CompletionQueue {
             reserved: 0,
             sq_count: 0,
             irq_pending: false,
+            doorbell: DoorbellSeen::default(),
         }
     }
 
@@ -122,6 +126,8 @@ pub struct SubmissionQueue {
     pub free: Vec<u16>,
     /// Admin command id of a pending Delete I/O SQ, completed once in-flight commands drain.
     pub deleting: Option<u16>,
+    /// The tail doorbell as last seen (register and shadow copy).
+    pub doorbell: DoorbellSeen,
 }
 
 impl SubmissionQueue {
@@ -139,6 +145,7 @@ impl SubmissionQueue {
             slots,
             free,
             deleting: None,
+            doorbell: DoorbellSeen::default(),
         }
     }
 

@@ -199,10 +199,11 @@ impl Server {
                     p.push(0);
                     Ok((p, None))
                 }
+                // the reply to DMA_MAP has no payload; DMA_UNMAP echoes its request
                 Request::DmaMap(m) => self
                     .device
                     .dma_map(&m, fds.first())
-                    .map(|()| (m.as_bytes().to_vec(), None)),
+                    .map(|()| (Vec::new(), None)),
                 Request::DmaUnmap(u) => self
                     .device
                     .dma_unmap(&u)
@@ -213,10 +214,8 @@ impl Server {
                     Ok((r.payload, r.fd))
                 }
                 Request::GetIrqInfo { index, .. } => Ok((NvmeDevice::irq_info(index), None)),
-                Request::SetIrqs(s) => self
-                    .device
-                    .set_irqs(&s, fds)
-                    .map(|()| (s.as_bytes().to_vec(), None)),
+                // no payload in the reply (vfio-user spec, SET_IRQS)
+                Request::SetIrqs(s) => self.device.set_irqs(&s, fds).map(|()| (Vec::new(), None)),
                 Request::RegionRead {
                     region,
                     offset,

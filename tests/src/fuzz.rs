@@ -1,0 +1,206 @@
+//! Fuzz harnesses, shared by the `cargo fuzz` targets in `fuzz/` (libFuzzer, nightly) and by
+//! `tests/tests/fuzz_smoke.rs` (stable, pseudo-random inputs, runs in CI). Each harness feeds
+//! untrusted bytes to one parser and checks invariants; a panic is a finding.
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use device_model::backend::MallocBackend;
+use device_model::memory::Protection;
+use device_model::{Controller, ControllerConfig, Doorbells, GuestMemory, Namespace};
+use qemu_vfio_user::server::protocol::{self, Header, Request};
+use zerocopy::FromBytes;
+
+/// vfio-user message parser: header checks, then the command payload. The first byte after
+/// the header says how many file descriptors "arrived" with the message.
+pub fn vfio_user_message(data: &[u8]) {
+    let Some((nfds, msg)) = data.split_first() else {
+        return;
+    };
+    let Ok((header, rest)) = Header::read_from_prefix(msg) else {
+        return;
+    };
+    let Ok(body_len) = protocol::check_header(&header) else {
+        return;
+    };
+    assert!(body_len <= protocol::MAX_MSG_SIZE - protocol::HEADER_SIZE);
+    let body = &rest[..body_len.min(rest.len())];
+    let nfds = usize::from(*nfds) % (protocol::MAX_MSG_FDS + 2);
+    let Ok(req) = protocol::parse_request(header.command.get(), body, nfds) else {
+        return;
+    };
+    match req {
+        Request::RegionWrite { data, .. } => {
+            assert!(data.len() <= protocol::MAX_DATA_XFER);
+            assert!(data.len() <= body.len());
+        }
+        Request::RegionRead { count, .. } => {
+            assert!(count as usize <= protocol::MAX_DATA_XFER);
+        }
+        Request::Version { caps, .. } => assert!(caps.len() <= body.len()),
+        _ => {}
+    }
+}
+
+/// Guest memory the command harness maps at IOVA 0 (queues, PRP lists, SGLs, data).
+const GUEST_MEM: u64 = 1 << 20;
+const ASQ: u64 = 0x0;
+const ACQ: u64 = 0x1000;
+const IOSQ: u64 = 0x2000;
+const IOCQ: u64 = 0x3000;
+const QSIZE: u32 = 64;
+
+struct World {
+    mem: Arc<GuestMemory>,
+    doorbells: Arc<Doorbells>,
+    /// Our own view of the guest memory (same memfd).
+    view: *mut u8,
+}
+
+// SAFETY: the raw view pointer is only used while holding the Mutex around World.
+unsafe impl Send for World {}
+
+fn world() -> &'static Mutex<World> {
+    static W: OnceLock<Mutex<World>> = OnceLock::new();
+    W.get_or_init(|| {
+        // SAFETY: memfd_create with a static name; result checked.
+        let raw = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create");
+        // SAFETY: raw is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate and a shared mapping of our own memfd; results checked.
+        let view = unsafe {
+            assert_eq!(libc::ftruncate(raw, GUEST_MEM as i64), 0);
+            libc::mmap(
+                std::ptr::null_mut(),
+                GUEST_MEM as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                raw,
+                0,
+            )
+        };
+        assert_ne!(view, libc::MAP_FAILED);
+        let mem = Arc::new(GuestMemory::new());
+        mem.map_fd(
+            0,
+            GUEST_MEM,
+            fd.as_fd(),
+            0,
+            Protection {
+                read: true,
+                write: true,
+            },
+        )
+        .expect("map guest memory");
+        Mutex::new(World {
+            mem,
+            doorbells: Arc::new(Doorbells::new().expect("doorbells")),
+            view: view.cast(),
+        })
+    })
+}
+
+impl World {
+    fn write(&mut self, off: u64, data: &[u8]) {
+        assert!(off + data.len() as u64 <= GUEST_MEM);
+        // SAFETY: bounds checked against our GUEST_MEM-byte mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.view.add(off as usize), data.len());
+        }
+    }
+}
+
+fn sqe(opcode: u8, cid: u16, prp1: u64, cdw10: u32, cdw11: u32) -> [u8; 64] {
+    let mut s = [0u8; 64];
+    s[0] = opcode;
+    s[2..4].copy_from_slice(&cid.to_le_bytes());
+    s[24..32].copy_from_slice(&prp1.to_le_bytes());
+    s[40..44].copy_from_slice(&cdw10.to_le_bytes());
+    s[44..48].copy_from_slice(&cdw11.to_le_bytes());
+    s
+}
+
+/// NVMe command handling: a fresh controller with one 1 MiB RAM namespace, an admin queue
+/// pair and I/O queue pair 1 in guest memory whose remaining bytes are the input repeated
+/// (so PRP lists and SGL segments point at fuzzer-chosen data). Input: byte 0 = admin
+/// commands (0..=7), byte 1..3 = an extra SQ 1 doorbell value, then 64-byte commands, the
+/// first ones to the admin queue, the rest to SQ 1.
+pub fn nvme_commands(data: &[u8]) {
+    if data.len() < 3 {
+        return;
+    }
+    let n_admin = usize::from(data[0] % 8);
+    let extra_doorbell = u32::from(u16::from_le_bytes([data[1], data[2]]));
+    let cmds: Vec<[u8; 64]> = data[3..]
+        .chunks(64)
+        .take((QSIZE as usize - 4) * 2)
+        .map(|c| {
+            let mut s = [0u8; 64];
+            s[..c.len()].copy_from_slice(c);
+            s
+        })
+        .collect();
+    let mut w = world()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // queues zeroed, the rest of memory filled with the input
+    w.write(0, &vec![0u8; 0x4000]);
+    let mut fill = Vec::with_capacity((GUEST_MEM - 0x4000) as usize);
+    while fill.len() < (GUEST_MEM - 0x4000) as usize {
+        fill.extend_from_slice(&data[..data.len().min((GUEST_MEM - 0x4000) as usize - fill.len())]);
+    }
+    w.write(0x4000, &fill);
+    w.doorbells.clear();
+    let backend = MallocBackend::new(1 << 20).expect("malloc backend");
+    let ns = Namespace::new(1, Box::new(backend), 9, "FUZZ");
+    let cfg = ControllerConfig {
+        serial: "FUZZ".into(),
+        max_io_queues: 4,
+        ..ControllerConfig::default()
+    };
+    let mut ctrl = Controller::new(cfg, Arc::clone(&w.mem), Arc::clone(&w.doorbells), vec![ns]);
+    ctrl.write_register(0x24, u64::from(((QSIZE - 1) << 16) | (QSIZE - 1)), 4);
+    ctrl.write_register(0x28, ASQ, 8);
+    ctrl.write_register(0x30, ACQ, 8);
+    ctrl.write_register(0x14, (6 << 16) | (4 << 20) | 1, 4);
+    assert!(ctrl.is_ready(), "valid enable");
+
+    // set up I/O queue pair 1, then the fuzzed admin commands
+    let mut admin = vec![
+        sqe(0x09, 0xf000, 0, 0x07, 0x0003_0003),
+        sqe(0x05, 0xf001, IOCQ, ((QSIZE - 1) << 16) | 1, 1),
+        sqe(0x01, 0xf002, IOSQ, ((QSIZE - 1) << 16) | 1, (1 << 16) | 1),
+    ];
+    admin.extend(cmds.iter().take(n_admin).copied());
+    let io: Vec<[u8; 64]> = cmds
+        .iter()
+        .skip(n_admin)
+        .take(QSIZE as usize - 1)
+        .copied()
+        .collect();
+    for (i, s) in admin.iter().enumerate() {
+        w.write(ASQ + i as u64 * 64, s);
+    }
+    w.doorbells.store(0, admin.len() as u32);
+    for _ in 0..4 {
+        ctrl.poll();
+    }
+    for (i, s) in io.iter().enumerate() {
+        w.write(IOSQ + i as u64 * 64, s);
+    }
+    w.doorbells.store(2, io.len() as u32);
+    for _ in 0..8 {
+        ctrl.poll();
+    }
+    // a doorbell value from the input (often past the queue size), then a host that consumed
+    // every completion
+    w.doorbells.store(2, extra_doorbell);
+    w.doorbells.store(3, extra_doorbell);
+    for _ in 0..4 {
+        ctrl.poll();
+    }
+    // controller reset must drain and tear down whatever state the commands left
+    ctrl.write_register(0x14, 0, 4);
+    assert!(!ctrl.is_ready(), "reset clears CSTS.RDY");
+}
