@@ -14,6 +14,7 @@ use crate::admin::log_page::{ErrorLog, SmartCounters};
 use crate::doorbell::Doorbells;
 use crate::dptr::IoVecs;
 use crate::irq::Interrupts;
+use crate::irq_coalescing::Coalescing;
 use crate::memory::{GuestMemory, MemoryMap};
 use crate::namespace::Namespace;
 use crate::pci::PciIds;
@@ -36,6 +37,8 @@ pub struct ControllerConfig {
     /// Maximum data transfer size as a power of two in units of the minimum page (4 KiB).
     pub mdts: u8,
     pub subnqn: String,
+    /// Power-on value of Interrupt Coalescing (feature 08h); off by default.
+    pub irq_coalescing: Coalescing,
 }
 
 impl Default for ControllerConfig {
@@ -50,6 +53,7 @@ impl Default for ControllerConfig {
             mqes: 1023,
             mdts: 7,
             subnqn: "nqn.2026-11.io.vnvme:default".into(),
+            irq_coalescing: Coalescing::default(),
         }
     }
 }
@@ -445,17 +449,42 @@ impl Controller {
             i += 1;
         }
         work += self.reap(&mem);
+        work + self.interrupts()
+    }
+
+    /// Raise the interrupt of every CQ that posted completions, unless coalescing holds it
+    /// (§5.27.1.9). Returns the number of interrupts held, so the reactor keeps polling.
+    fn interrupts(&mut self) -> usize {
+        let coalescing = Coalescing::from_dword(self.features.coalescing);
+        let mut now = None;
+        let mut held = 0;
         for &id in &self.active_cqs {
-            if let Some(cq) = self.cqs[id as usize].as_mut()
-                && cq.irq_pending
+            let Some(cq) = self.cqs[id as usize].as_mut() else {
+                continue;
+            };
+            if cq.irq_pending == 0 {
+                continue;
+            }
+            if !cq.irq_enabled {
+                cq.irq_pending = 0;
+                continue;
+            }
+            if coalescing.enabled()
+                && cq.vector != 0
+                && !self.features.vector_cd[cq.vector as usize]
             {
-                cq.irq_pending = false;
-                if cq.irq_enabled {
-                    self.irqs.signal(cq.vector);
+                let now = *now.get_or_insert_with(std::time::Instant::now);
+                let since = *cq.irq_pending_since.get_or_insert(now);
+                if !coalescing.due(cq.irq_pending, since, now) {
+                    held += 1;
+                    continue;
                 }
             }
+            cq.irq_pending = 0;
+            cq.irq_pending_since = None;
+            self.irqs.signal(cq.vector);
         }
-        work
+        held
     }
 
     fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {

@@ -15,6 +15,7 @@ pub mod doorbell;
 pub mod dptr;
 pub mod io;
 pub mod irq;
+pub mod irq_coalescing;
 pub mod memory;
 pub mod namespace;
 pub mod pci;

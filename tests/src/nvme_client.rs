@@ -258,6 +258,36 @@ impl NvmeClient {
         cid
     }
 
+    /// Completions posted on queue `q` and not yet consumed (peeked, not consumed).
+    pub fn posted(&self, q: usize) -> u32 {
+        let cq_base = if q == 0 { ACQ } else { 0x3000 };
+        let (mut head, mut phase, mut n) = (self.cq_head[q], self.phase[q], 0);
+        loop {
+            let mut e = [0u8; 16];
+            self.mem_read(cq_base + u64::from(head) * 16, &mut e);
+            if (e[14] & 1 == 1) != phase || n == QSIZE {
+                return n;
+            }
+            n += 1;
+            head = (head + 1) % QSIZE;
+            if head == 0 {
+                phase = !phase;
+            }
+        }
+    }
+
+    /// Wait up to `timeout` until `count` completions are posted on queue `q`.
+    pub fn wait_posted(&self, q: usize, count: u32, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while self.posted(q) < count {
+            if t.elapsed() > timeout {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
     /// Wait up to `timeout` for the next completion on queue `q`, which must be for `cid`.
     pub fn wait(&mut self, q: usize, cid: u16, timeout: Duration) -> Option<Cqe> {
         let cq_base = if q == 0 { ACQ } else { 0x3000 };
@@ -291,14 +321,30 @@ impl NvmeClient {
 
     /// Create I/O CQ 1 and SQ 1 (after Set Features Number of Queues).
     pub fn create_io_queues(&mut self) {
+        self.create_io_queues_with_irq(None);
+    }
+
+    /// As [`Self::create_io_queues`], with interrupts on MSI-X `vector` when given.
+    pub fn create_io_queues_with_irq(&mut self, vector: Option<u16>) {
         assert!(
             self.submit(0, cmd(0x09, 0, 0, &[0x07, 0x0001_0001])).ok(),
             "two queue pairs"
         );
         self.mem_fill(0x2000, 0x2000, 0);
         assert!(
-            self.submit(0, cmd(0x05, 0, 0x3000, &[((QSIZE - 1) << 16) | 1, 1]))
-                .ok(),
+            self.submit(
+                0,
+                cmd(
+                    0x05,
+                    0,
+                    0x3000,
+                    &[
+                        ((QSIZE - 1) << 16) | 1,
+                        vector.map_or(1, |v| (u32::from(v) << 16) | 3)
+                    ]
+                )
+            )
+            .ok(),
             "create CQ"
         );
         assert!(
@@ -310,6 +356,39 @@ impl NvmeClient {
             "create SQ"
         );
     }
+}
+
+/// An eventfd for MSI-X vector `vector` (VFIO_IRQ_SET_DATA_EVENTFD | ACTION_TRIGGER).
+pub fn msix_eventfd(client: &mut Client, vector: u32) -> OwnedFd {
+    // SAFETY: eventfd with no flags besides non-blocking; result checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    client
+        .set_irqs(2, (1 << 2) | (1 << 5), vector, 1, &[fd.as_raw_fd()])
+        .expect("SET_IRQS MSI-X");
+    fd
+}
+
+/// Wait up to `timeout` for at least one interrupt on `fd`; returns how many were counted.
+pub fn wait_interrupts(fd: &OwnedFd, timeout: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let n = take_interrupts(fd);
+        if n > 0 || t.elapsed() > timeout {
+            return n;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Interrupts signalled on `fd` since the last call (0 if none).
+pub fn take_interrupts(fd: &OwnedFd) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a local u64 from a non-blocking eventfd we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+    if n == 8 { v } else { 0 }
 }
 
 /// Build an SQE: opcode, nsid, PRP1, cdw10.. values.

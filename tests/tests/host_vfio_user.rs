@@ -10,7 +10,9 @@ use std::time::Duration;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
 
-use vnvme_tests::nvme_client::{Cqe, MEM, NvmeClient, RingMode, cmd, with_prp2};
+use vnvme_tests::nvme_client::{
+    Cqe, MEM, NvmeClient, RingMode, cmd, msix_eventfd, take_interrupts, wait_interrupts, with_prp2,
+};
 
 fn daemon(tag: &str) -> (Daemon, PathBuf, PathBuf) {
     let _ = env_logger::builder().is_test(true).try_init();
@@ -302,6 +304,56 @@ fn shadow_doorbells_async_events_and_keep_alive() {
     assert!(n.submit(1, cmd(0x02, 1, 0x30000, &[69 * 8, 0, 7])).ok());
     n.mem_read(0x30000, &mut back);
     assert_eq!(back, pattern, "data kept");
+    drop(n);
+    d.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn interrupt_coalescing_holds_msix_until_threshold_or_time() {
+    let (d, sock, dir) = daemon("coalesce");
+    let mut n = NvmeClient::connect(&sock);
+    let irq = msix_eventfd(&mut n.client, 1);
+    n.create_io_queues_with_irq(Some(1));
+    let read = |n: &mut NvmeClient| n.submit_nowait(1, cmd(0x02, 1, 0x30000, &[0, 0, 0]));
+    let second = Duration::from_secs(1);
+
+    // Off (power-on default here): every completion interrupts.
+    let cid = read(&mut n);
+    assert_eq!(wait_interrupts(&irq, second), 1, "no coalescing by default");
+    assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
+
+    // 4 entries or 25.5 ms: three completions are posted without an interrupt, the fourth
+    // fires it.
+    assert!(n.submit(0, cmd(0x09, 0, 0, &[0x08, 0xff03])).ok());
+    assert_eq!(n.submit(0, cmd(0x0a, 0, 0, &[0x08])).dw0, 0xff03);
+    let mut cids: Vec<u16> = (0..3).map(|_| read(&mut n)).collect();
+    assert!(n.wait_posted(1, 3, second));
+    assert_eq!(take_interrupts(&irq), 0, "held below the threshold");
+    cids.push(read(&mut n));
+    assert_eq!(wait_interrupts(&irq, second), 1, "threshold reached");
+    for c in cids {
+        assert!(n.wait(1, c, second).is_some_and(|c| c.ok()));
+    }
+
+    // 256 entries or 100 us: a lone completion still interrupts, about 100 us later.
+    assert!(n.submit(0, cmd(0x09, 0, 0, &[0x08, 0x01ff])).ok());
+    let t = std::time::Instant::now();
+    let cid = read(&mut n);
+    assert_eq!(wait_interrupts(&irq, second), 1, "time limit");
+    assert!(
+        t.elapsed() >= Duration::from_micros(100),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
+
+    // Coalescing Disable on the vector (feature 09h): immediate again.
+    assert!(n.submit(0, cmd(0x09, 0, 0, &[0x08, 0xff03])).ok());
+    assert!(n.submit(0, cmd(0x09, 0, 0, &[0x09, (1 << 16) | 1])).ok());
+    let cid = read(&mut n);
+    assert_eq!(wait_interrupts(&irq, second), 1, "vector opted out");
+    assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
     drop(n);
     d.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();

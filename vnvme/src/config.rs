@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use device_model::irq_coalescing::Coalescing;
 use serde::Deserialize;
 
 use crate::backend_spec::BackendSpec;
@@ -47,8 +48,27 @@ pub struct ControllerSpec {
     pub device_id: Option<u16>,
     pub max_io_queues: Option<u16>,
     pub mdts: Option<u8>,
+    /// Power-on Interrupt Coalescing, "ENTRIES/MICROSECONDS" (e.g. "8/100"): an interrupt
+    /// fires after that many completions or when the oldest waited that long (rounded up to
+    /// 100 us), whichever is first. Absent: every poll pass that posts raises the interrupt.
+    pub irq_coalescing: Option<String>,
     #[serde(rename = "namespace", default)]
     pub namespaces: Vec<NamespaceSpec>,
+}
+
+/// Parse "ENTRIES/MICROSECONDS" into feature 08h's threshold (0's based) and time (100 us).
+pub fn parse_coalescing(v: &str) -> Result<Coalescing, &'static str> {
+    const WHY: &str = "ENTRIES/MICROSECONDS with ENTRIES 1..=256 and MICROSECONDS 100..=25500";
+    let (e, us) = v.split_once('/').ok_or(WHY)?;
+    let e: u32 = e.trim().parse().map_err(|_| WHY)?;
+    let us: u32 = us.trim().parse().map_err(|_| WHY)?;
+    if !(1..=256).contains(&e) || !(1..=25_500).contains(&us) {
+        return Err(WHY);
+    }
+    Ok(Coalescing {
+        threshold: (e - 1) as u8,
+        time: us.div_ceil(100) as u8,
+    })
 }
 
 /// One namespace.
@@ -128,6 +148,7 @@ impl Config {
             device_id: None,
             max_io_queues: None,
             mdts: None,
+            irq_coalescing: None,
             namespaces,
         };
         let cfg = Config {
@@ -186,6 +207,9 @@ impl Config {
                 && !(1..=10).contains(&m)
             {
                 return Err(field(at("mdts"), "must be 1..=10 (4 KiB << mdts)"));
+            }
+            if let Some(v) = &c.irq_coalescing {
+                parse_coalescing(v).map_err(|why| field(at("irq_coalescing"), why))?;
             }
             for (j, n) in c.namespaces.iter().enumerate() {
                 let at = |f: &str| format!("controller[{i}].namespace[{j}].{f}");
@@ -249,6 +273,12 @@ mod tests {
         let e =
             parse("[[controller]]\nsocket = \"/tmp/a.sock\"\nmax_io_queues = 500\n").unwrap_err();
         assert!(e.to_string().contains("max_io_queues"), "{e}");
+        let e = parse("[[controller]]\nsocket = \"/tmp/a.sock\"\nirq_coalescing = \"8\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("irq_coalescing"), "{e}");
+        let c = parse_coalescing("8/150").unwrap();
+        assert_eq!((c.threshold, c.time), (7, 2));
+        assert!(parse_coalescing("0/100").is_err() && parse_coalescing("8/0").is_err());
         assert!(parse("").unwrap_err().to_string().contains("controller"));
         assert!(parse("this is not toml").is_err());
     }

@@ -71,6 +71,10 @@ fn build_controller(
     };
     cfg.max_io_queues = spec.max_io_queues.unwrap_or(cfg.max_io_queues);
     cfg.mdts = spec.mdts.unwrap_or(cfg.mdts);
+    if let Some(v) = &spec.irq_coalescing {
+        // validated with the configuration
+        cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
+    }
     cfg.cntlid = index as u16 + 1;
     cfg.subnqn = format!("nqn.2026-11.io.vnvme:{}", cfg.serial);
     let mut namespaces = Vec::new();

@@ -43,7 +43,7 @@ impl Features {
             write_cache: true,
             queues: None,
             max_queues: cfg.max_io_queues,
-            coalescing: 0,
+            coalescing: cfg.irq_coalescing.dword(),
             vector_cd: vec![false; crate::pci::MSIX_VECTORS as usize],
             write_atomicity: 0,
             async_event_config: 0,

@@ -29,8 +29,9 @@ pub struct CompletionQueue {
     pub reserved: u32,
     /// SQs that post here (a CQ with SQs cannot be deleted).
     pub sq_count: u16,
-    /// Something was posted since the last interrupt.
-    pub irq_pending: bool,
+    /// Completions posted since the last interrupt, and when the first of them was.
+    pub irq_pending: u32,
+    pub irq_pending_since: Option<std::time::Instant>,
     /// The head doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
 }
@@ -49,7 +50,8 @@ impl CompletionQueue {
             irq_enabled,
             reserved: 0,
             sq_count: 0,
-            irq_pending: false,
+            irq_pending: 0,
+            irq_pending_since: None,
             doorbell: DoorbellSeen::default(),
         }
     }
@@ -93,7 +95,7 @@ impl CompletionQueue {
             self.tail = 0;
             self.phase = !self.phase;
         }
-        self.irq_pending = true;
+        self.irq_pending += 1;
         Ok(())
     }
 }

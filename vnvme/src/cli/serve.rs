@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// reactor idle policy
     #[arg(long, value_enum, default_value_t = PollSetting::Adaptive, conflicts_with = "config")]
     pub poll: PollSetting,
+    /// power-on interrupt coalescing ENTRIES/MICROSECONDS, e.g. 8/100 (default: off)
+    #[arg(long, conflicts_with = "config")]
+    pub irq_coalescing: Option<String>,
     /// TOML configuration with one or more [[controller]] tables
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -42,13 +45,20 @@ impl ServeArgs {
     pub fn to_config(&self) -> anyhow::Result<Config> {
         Ok(match (&self.config, &self.socket) {
             (Some(path), _) => Config::load(path)?,
-            (None, Some(sock)) => Config::from_flags(
-                sock.clone(),
-                &self.ns,
-                self.serial.clone(),
-                self.block_size,
-                self.poll,
-            )?,
+            (None, Some(sock)) => {
+                let mut cfg = Config::from_flags(
+                    sock.clone(),
+                    &self.ns,
+                    self.serial.clone(),
+                    self.block_size,
+                    self.poll,
+                )?;
+                cfg.controllers[0]
+                    .irq_coalescing
+                    .clone_from(&self.irq_coalescing);
+                cfg.validate()?;
+                cfg
+            }
             (None, None) => anyhow::bail!("give --socket (with --ns) or --config"),
         })
     }
