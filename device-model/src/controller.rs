@@ -80,6 +80,20 @@ fn tag(qid: u16, slot: u16) -> u64 {
     (u64::from(qid) << 16) | u64::from(slot)
 }
 
+/// Commands the host has outstanding on the SQs that post to `cq`: not yet fetched, in
+/// flight, or completed but not yet consumed by the host.
+fn host_outstanding(sqs: &[Option<SubmissionQueue>], active: &[u16], cq: &CompletionQueue) -> u32 {
+    let mut n = cq.used();
+    for &q in active {
+        if let Some(sq) = sqs[q as usize].as_ref()
+            && sq.cqid == cq.id
+        {
+            n += (sq.tail + sq.size - sq.head) % sq.size + sq.in_flight() as u32;
+        }
+    }
+    n
+}
+
 /// An emulated NVMe controller.
 pub struct Controller {
     pub(crate) cfg: ControllerConfig,
@@ -472,6 +486,9 @@ impl Controller {
             if coalescing.enabled()
                 && cq.vector != 0
                 && !self.features.vector_cd[cq.vector as usize]
+                && !(self.features.coalescing_adaptive
+                    && cq.last_irq_batch <= 1
+                    && host_outstanding(&self.sqs, &self.active_sqs, cq) <= 1)
             {
                 let now = *now.get_or_insert_with(std::time::Instant::now);
                 let since = *cq.irq_pending_since.get_or_insert(now);
@@ -480,6 +497,7 @@ impl Controller {
                     continue;
                 }
             }
+            cq.last_irq_batch = cq.irq_pending;
             cq.irq_pending = 0;
             cq.irq_pending_since = None;
             self.irqs.signal(cq.vector);

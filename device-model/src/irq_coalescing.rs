@@ -2,8 +2,17 @@
 //! Interrupt Vector Configuration, feature 09h): a CQ's interrupt is held until THR + 1
 //! completions are waiting or the oldest has waited TIME x 100 us, whichever comes first.
 //! TIME = 0 means no delay, so coalescing is off. The admin queue's vector is never
-//! coalesced. The power-on value comes from the controller configuration (hosts such as
-//! Linux never set it), so a daemon can trade a bounded latency for fewer interrupts.
+//! coalesced.
+//!
+//! The power-on value comes from the controller configuration (hosts such as Linux never set
+//! it) and is applied adaptively: when the host has a single command outstanding on the
+//! queue and the previous interrupt covered a single completion (QD1: the host waits for
+//! exactly this one) the interrupt fires at once, so only a host streaming several commands
+//! pays the bounded delay, and gets fewer interrupts. (The previous batch matters because a
+//! fast backend completes a streaming host's commands one by one as they arrive, so the
+//! outstanding count alone looks like QD1; once streaming, batches stay above one until the
+//! host really drops to one command.)
+//! Once the host sets feature 08h itself, its values apply as the spec describes.
 
 use std::time::{Duration, Instant};
 

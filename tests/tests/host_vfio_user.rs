@@ -15,6 +15,10 @@ use vnvme_tests::nvme_client::{
 };
 
 fn daemon(tag: &str) -> (Daemon, PathBuf, PathBuf) {
+    daemon_with(tag, None)
+}
+
+fn daemon_with(tag: &str, irq_coalescing: Option<&str>) -> (Daemon, PathBuf, PathBuf) {
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = std::env::temp_dir().join(format!("vnvme-host-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -27,6 +31,9 @@ fn daemon(tag: &str) -> (Daemon, PathBuf, PathBuf) {
         vnvme::config::PollSetting::Adaptive,
     )
     .unwrap();
+    let mut cfg = cfg;
+    cfg.controllers[0].irq_coalescing = irq_coalescing.map(String::from);
+    cfg.validate().unwrap();
     (Daemon::start(&cfg).unwrap(), sock, dir)
 }
 
@@ -354,6 +361,42 @@ fn interrupt_coalescing_holds_msix_until_threshold_or_time() {
     let cid = read(&mut n);
     assert_eq!(wait_interrupts(&irq, second), 1, "vector opted out");
     assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
+    drop(n);
+    d.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn daemon_coalescing_is_adaptive_a_lone_command_interrupts_at_once() {
+    // 256 entries or 25.5 ms, set by the daemon, not by the host
+    let (d, sock, dir) = daemon_with("adaptive", Some("256/25500"));
+    let mut n = NvmeClient::connect(&sock);
+    let irq = msix_eventfd(&mut n.client, 1);
+    n.create_io_queues_with_irq(Some(1));
+    assert_eq!(
+        n.submit(0, cmd(0x0a, 0, 0, &[0x08])).dw0,
+        0xffff,
+        "power-on value"
+    );
+    let second = Duration::from_secs(1);
+    // QD1: the host waits for this completion; no hold.
+    let t = std::time::Instant::now();
+    let first = n.submit_nowait(1, cmd(0x02, 1, 0x30000, &[0, 0, 0]));
+    assert_eq!(wait_interrupts(&irq, second), 1);
+    assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+    // A second command while the first completion is unconsumed: two outstanding, held
+    // until the time limit.
+    let second_cmd = n.submit_nowait(1, cmd(0x02, 1, 0x30000, &[0, 0, 0]));
+    assert!(n.wait_posted(1, 2, second));
+    assert_eq!(take_interrupts(&irq), 0, "streaming host: interrupt held");
+    assert_eq!(
+        wait_interrupts(&irq, second),
+        1,
+        "released by the time limit"
+    );
+    for c in [first, second_cmd] {
+        assert!(n.wait(1, c, second).is_some_and(|c| c.ok()));
+    }
     drop(n);
     d.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();

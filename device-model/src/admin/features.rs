@@ -20,6 +20,9 @@ pub(crate) struct Features {
     pub queues: Option<(u16, u16)>,
     pub max_queues: u16,
     pub coalescing: u32,
+    /// Interrupt Coalescing still has its power-on value (the daemon's, applied adaptively:
+    /// see [`crate::irq_coalescing`]); false once the host sets feature 08h.
+    pub coalescing_adaptive: bool,
     /// Interrupt Vector Configuration: coalescing disable per vector.
     pub vector_cd: Vec<bool>,
     pub write_atomicity: u32,
@@ -44,6 +47,7 @@ impl Features {
             queues: None,
             max_queues: cfg.max_io_queues,
             coalescing: cfg.irq_coalescing.dword(),
+            coalescing_adaptive: true,
             vector_cd: vec![false; crate::pci::MSIX_VECTORS as usize],
             write_atomicity: 0,
             async_event_config: 0,
@@ -213,7 +217,10 @@ impl Controller {
                     u32::from(granted.0) | (u32::from(granted.1) << 16),
                 );
             }
-            fid::INTERRUPT_COALESCING => f.coalescing = cdw11 & 0xffff,
+            fid::INTERRUPT_COALESCING => {
+                f.coalescing = cdw11 & 0xffff;
+                f.coalescing_adaptive = false;
+            }
             fid::INTERRUPT_VECTOR_CONFIG => {
                 let iv = (cdw11 & 0xffff) as usize;
                 match f.vector_cd.get_mut(iv) {

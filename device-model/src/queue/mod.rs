@@ -32,6 +32,8 @@ pub struct CompletionQueue {
     /// Completions posted since the last interrupt, and when the first of them was.
     pub irq_pending: u32,
     pub irq_pending_since: Option<std::time::Instant>,
+    /// Completions the previous interrupt covered (adaptive coalescing's memory).
+    pub last_irq_batch: u32,
     /// The head doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
 }
@@ -52,6 +54,7 @@ impl CompletionQueue {
             sq_count: 0,
             irq_pending: 0,
             irq_pending_since: None,
+            last_irq_batch: 1,
             doorbell: DoorbellSeen::default(),
         }
     }
