@@ -1,7 +1,10 @@
 //! The vnvme daemon as a library: configuration (TOML file or `--ns` flags), namespace
 //! backend specs, and [`daemon::Daemon`], which runs one vfio-user server and one reactor
-//! per controller. The `vnvme` binary is a thin CLI over this.
+//! per controller; and the host-side tools over `host-driver`: [`target`] names a
+//! controller, [`perf`] measures it. The `vnvme` binary is a thin CLI over this.
 
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;
+pub mod perf;
+pub mod target;

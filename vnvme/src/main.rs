@@ -21,6 +21,10 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Start the daemon with a RAM namespace and boot a Linux guest that uses it (nvme list, fio).
     Demo(cli::demo::DemoArgs),
+    /// Identify a controller through the user-space host driver (vfio-user:SOCK).
+    Identify(cli::identify::IdentifyArgs),
+    /// Measure a controller's namespaces with the user-space host driver (spdk_nvme_perf style).
+    Perf(cli::perf::PerfArgs),
 }
 
 fn main() {
@@ -30,6 +34,8 @@ fn main() {
         Command::Guest(args) => cli::guest::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Identify(args) => cli::identify::run(args),
+        Command::Perf(args) => cli::perf::run(args),
     };
     let code = result.unwrap_or_else(|e| {
         eprintln!("vnvme: error: {e:#}");

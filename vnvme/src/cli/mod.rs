@@ -2,4 +2,6 @@
 
 pub mod demo;
 pub mod guest;
+pub mod identify;
+pub mod perf;
 pub mod serve;

@@ -1,0 +1,327 @@
+//! A submission/completion queue pair in the driver's DMA memory (NVMe base 2.0 §3.3): the
+//! admin queue and every I/O queue. Command ids index a preallocated table (no allocation
+//! per command), each with its own PRP list page; completions are polled by phase tag.
+
+use std::sync::Arc;
+
+use nvme_spec::opcode::nvm;
+use nvme_spec::{Completion, Status, Submission};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::dma::{DmaBuffer, DmaMemory, PAGE};
+use crate::error::DriverError;
+
+/// A finished command: the caller's tag, status and dword 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub user: u64,
+    pub status: Status,
+    pub dw0: u32,
+}
+
+struct Slot {
+    user: u64,
+    busy: bool,
+    prp_list: DmaBuffer,
+}
+
+/// One queue pair. I/O queue pairs are `Send`: move one to the thread that polls it.
+pub struct QueuePair {
+    qid: u16,
+    size: u16,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    sq_tail: u16,
+    /// SQ tail last written to the doorbell.
+    sq_rung: u16,
+    cq_head: u16,
+    phase: bool,
+    sq_db: *mut u32,
+    cq_db: *mut u32,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+}
+
+/// An I/O queue pair (the same type as the admin queue pair).
+pub type IoQueuePair = QueuePair;
+
+impl std::fmt::Debug for QueuePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair")
+            .field("qid", &self.qid)
+            .field("size", &self.size)
+            .field("outstanding", &self.outstanding())
+            .finish()
+    }
+}
+
+// SAFETY: the doorbell pointers refer to the transport's shared mapping, which outlives the
+// queue pair (the controller keeps it); each doorbell is written by this queue pair only.
+unsafe impl Send for QueuePair {}
+
+impl QueuePair {
+    /// Rings for queue `qid` with `size` entries (2..=65536) and its doorbells in `doorbells`
+    /// (CAP.DSTRD stride `stride` bytes).
+    pub(crate) fn new(
+        dma: &Arc<DmaMemory>,
+        qid: u16,
+        size: u16,
+        doorbells: *mut u32,
+        stride: usize,
+    ) -> Result<Self, DriverError> {
+        if size < 2 {
+            return Err(DriverError::Invalid(format!("queue size {size} < 2")));
+        }
+        let sq = dma.alloc(u64::from(size) * 64)?;
+        let cq = dma.alloc(u64::from(size) * 16)?;
+        // one less command than entries: a full SQ never overruns its head
+        let n = size - 1;
+        let mut slots = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            slots.push(Slot {
+                user: 0,
+                busy: false,
+                prp_list: dma.alloc(PAGE)?,
+            });
+        }
+        let words = stride / 4;
+        // SAFETY: doorbell registers of queue qid lie inside the mapped doorbell page (the
+        // controller checked qid against the queues it may create).
+        let (sq_db, cq_db) = unsafe {
+            (
+                doorbells.add(2 * qid as usize * words),
+                doorbells.add((2 * qid as usize + 1) * words),
+            )
+        };
+        Ok(Self {
+            qid,
+            size,
+            sq,
+            cq,
+            sq_tail: 0,
+            sq_rung: 0,
+            cq_head: 0,
+            phase: true,
+            sq_db,
+            cq_db,
+            slots,
+            free: (0..n).rev().collect(),
+        })
+    }
+
+    /// Queue id.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// Entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Device address of the SQ and CQ rings.
+    pub(crate) fn rings(&self) -> (u64, u64) {
+        (self.sq.iova(), self.cq.iova())
+    }
+
+    /// Commands submitted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Room for another command.
+    pub fn can_submit(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Put `sqe` on the queue (its CID is assigned here) without ringing the doorbell; `user`
+    /// comes back with the completion. Call [`Self::ring`] after a batch.
+    pub fn submit(&mut self, mut sqe: Submission, user: u64) -> Result<u16, DriverError> {
+        let cid = self
+            .free
+            .pop()
+            .ok_or_else(|| DriverError::Invalid(format!("queue {} full", self.qid)))?;
+        let slot = &mut self.slots[cid as usize];
+        slot.user = user;
+        slot.busy = true;
+        sqe.cid = cid.into();
+        let off = self.sq_tail as usize * 64;
+        self.sq.as_mut_slice()[off..off + 64].copy_from_slice(sqe.as_bytes());
+        self.sq_tail = (self.sq_tail + 1) % self.size;
+        Ok(cid)
+    }
+
+    /// Write the SQ tail doorbell if commands were added since the last ring.
+    pub fn ring(&mut self) {
+        if self.sq_rung != self.sq_tail {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            // SAFETY: sq_db points at this queue's doorbell in the live mapping.
+            unsafe { std::ptr::write_volatile(self.sq_db, u32::from(self.sq_tail)) };
+            self.sq_rung = self.sq_tail;
+        }
+    }
+
+    /// Submit a command with a data buffer of `len` bytes at `iova` (physically contiguous,
+    /// page aligned), building PRP1/PRP2 and a PRP list when needed.
+    pub fn submit_with_data(
+        &mut self,
+        mut sqe: Submission,
+        iova: u64,
+        len: u64,
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        let pages = len.div_ceil(PAGE);
+        if pages > PAGE / 8 + 1 {
+            return Err(DriverError::Invalid(format!(
+                "{len} bytes need more than one PRP list page"
+            )));
+        }
+        sqe.prp1 = iova.into();
+        sqe.prp2 = 0.into();
+        let Some(&cid) = self.free.last() else {
+            return Err(DriverError::Invalid(format!("queue {} full", self.qid)));
+        };
+        if pages == 2 {
+            sqe.prp2 = (iova + PAGE).into();
+        } else if pages > 2 {
+            let list = &mut self.slots[cid as usize].prp_list;
+            let entries = list.as_mut_slice();
+            for i in 1..pages {
+                let at = (i as usize - 1) * 8;
+                entries[at..at + 8].copy_from_slice(&(iova + i * PAGE).to_le_bytes());
+            }
+            sqe.prp2 = list.iova().into();
+        }
+        self.submit(sqe, user)
+    }
+
+    /// Reap up to `max` completions, calling `done` for each; rings the CQ head doorbell once.
+    pub fn poll(&mut self, max: usize, mut done: impl FnMut(Request)) -> usize {
+        let mut n = 0;
+        let base = self.cq.as_ptr();
+        while n < max {
+            let off = self.cq_head as usize * 16;
+            // SAFETY: reading the CQ entry's status word inside our ring with a volatile load
+            // (the device writes it); 2-byte aligned.
+            #[allow(clippy::cast_ptr_alignment)]
+            let status = unsafe { std::ptr::read_volatile(base.add(off + 14).cast::<u16>()) };
+            if (status & 1 == 1) != self.phase {
+                break;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let mut raw = [0u8; 16];
+            raw.copy_from_slice(&self.cq.as_slice()[off..off + 16]);
+            let cqe = Completion::read_from_bytes(&raw).unwrap_or_default();
+            self.cq_head += 1;
+            if self.cq_head == self.size {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            n += 1;
+            let cid = cqe.cid.get();
+            let Some(slot) = self.slots.get_mut(cid as usize).filter(|s| s.busy) else {
+                log::error!(
+                    "queue {}: completion for unknown command id {cid}",
+                    self.qid
+                );
+                continue;
+            };
+            slot.busy = false;
+            let user = slot.user;
+            self.free.push(cid);
+            done(Request {
+                user,
+                status: Status::from_cqe_bits(cqe.status.get()),
+                dw0: cqe.dw0.get(),
+            });
+        }
+        if n > 0 {
+            // SAFETY: cq_db points at this queue's doorbell in the live mapping.
+            unsafe { std::ptr::write_volatile(self.cq_db, u32::from(self.cq_head)) };
+        }
+        n
+    }
+
+    /// Read (`write = false`) or Write `blocks` blocks at `lba` of namespace `nsid` to or from
+    /// `len` bytes at `iova`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_write(
+        &mut self,
+        write: bool,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        iova: u64,
+        len: u64,
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        if blocks == 0 || blocks > 65536 {
+            return Err(DriverError::Invalid(format!("{blocks} blocks")));
+        }
+        let mut sqe = Submission::default();
+        sqe.opcode = if write { nvm::WRITE } else { nvm::READ };
+        sqe.nsid = nsid.into();
+        sqe.cdw10 = (lba as u32).into();
+        sqe.cdw11 = ((lba >> 32) as u32).into();
+        sqe.cdw12 = (blocks - 1).into();
+        self.submit_with_data(sqe, iova, len, user)
+    }
+
+    /// Flush namespace `nsid`.
+    pub fn flush(&mut self, nsid: u32, user: u64) -> Result<u16, DriverError> {
+        let mut sqe = Submission::default();
+        sqe.opcode = nvm::FLUSH;
+        sqe.nsid = nsid.into();
+        self.submit(sqe, user)
+    }
+
+    /// Write Zeroes over `blocks` blocks at `lba`.
+    pub fn write_zeroes(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        if blocks == 0 || blocks > 65536 {
+            return Err(DriverError::Invalid(format!("{blocks} blocks")));
+        }
+        let mut sqe = Submission::default();
+        sqe.opcode = nvm::WRITE_ZEROES;
+        sqe.nsid = nsid.into();
+        sqe.cdw10 = (lba as u32).into();
+        sqe.cdw11 = ((lba >> 32) as u32).into();
+        sqe.cdw12 = (blocks - 1).into();
+        self.submit(sqe, user)
+    }
+
+    /// Dataset Management, deallocate the `(lba, blocks)` ranges (at most 256) listed in
+    /// `ranges_buf` by the caller via [`encode_dsm_ranges`].
+    pub fn deallocate(
+        &mut self,
+        nsid: u32,
+        ranges: u32,
+        ranges_iova: u64,
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        if ranges == 0 || ranges > 256 {
+            return Err(DriverError::Invalid(format!("{ranges} DSM ranges")));
+        }
+        let mut sqe = Submission::default();
+        sqe.opcode = nvm::DATASET_MANAGEMENT;
+        sqe.nsid = nsid.into();
+        sqe.cdw10 = (ranges - 1).into();
+        sqe.cdw11 = (1u32 << 2).into(); // AD: deallocate
+        self.submit_with_data(sqe, ranges_iova, u64::from(ranges) * 16, user)
+    }
+}
+
+/// Encode DSM ranges (context attributes 0, length in blocks, starting LBA) into `buf`.
+pub fn encode_dsm_ranges(buf: &mut [u8], ranges: &[(u64, u32)]) {
+    for (i, &(lba, blocks)) in ranges.iter().enumerate() {
+        let e = &mut buf[i * 16..i * 16 + 16];
+        e[0..4].copy_from_slice(&0u32.to_le_bytes());
+        e[4..8].copy_from_slice(&blocks.to_le_bytes());
+        e[8..16].copy_from_slice(&lba.to_le_bytes());
+    }
+}

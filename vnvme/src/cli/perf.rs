@@ -1,0 +1,76 @@
+//! `vnvme perf <target>`: spdk_nvme_perf's conventions (-q -o -w -M -t -c) over our host
+//! driver, with a live progress line.
+
+use std::io::Write;
+use std::time::Duration;
+
+use vnvme::perf::{self, Pattern, PerfOptions};
+use vnvme::target::Target;
+
+/// Measure IOPS, bandwidth and latency of a controller's namespaces.
+#[derive(Debug, clap::Args)]
+pub struct PerfArgs {
+    /// vfio-user:/path/to.sock or pci:DDDD:BB:DD.F
+    pub target: String,
+    /// queue depth per queue pair
+    #[arg(short = 'q', long, default_value_t = 32)]
+    pub queue_depth: u32,
+    /// I/O size in bytes
+    #[arg(short = 'o', long, default_value_t = 4096)]
+    pub io_size: u64,
+    /// access pattern
+    #[arg(short = 'w', long, value_enum, default_value_t = Pattern::Randread)]
+    pub pattern: Pattern,
+    /// read percentage for randrw
+    #[arg(short = 'M', long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub mix: u8,
+    /// run time in seconds
+    #[arg(short = 't', long, default_value_t = 10.0)]
+    pub time: f64,
+    /// worker threads (SPDK's -c core count; one queue pair per namespace each)
+    #[arg(short = 'c', long, default_value_t = 1)]
+    pub cores: usize,
+    /// check that reads return what this run wrote
+    #[arg(long)]
+    pub verify: bool,
+    /// DMA memory in MiB
+    #[arg(long, default_value_t = 256)]
+    pub dma_mib: u64,
+}
+
+pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
+    let target: Target = args.target.parse()?;
+    anyhow::ensure!(
+        args.time > 0.0 && args.time < 86_400.0,
+        "-t {}: give 0 < seconds < 86400",
+        args.time
+    );
+    anyhow::ensure!(
+        args.cores >= 1 && args.cores <= 128,
+        "-c {}: 1..=128",
+        args.cores
+    );
+    let mut ctrl = target.open(args.dma_mib << 20, 128)?;
+    let opts = PerfOptions {
+        queue_depth: args.queue_depth,
+        io_size: args.io_size,
+        pattern: args.pattern,
+        read_percent: args.mix,
+        duration: Duration::from_secs_f64(args.time),
+        workers: args.cores,
+        verify: args.verify,
+    };
+    let mut last = (Duration::ZERO, 0u64);
+    let report = perf::run(&mut ctrl, &opts, |elapsed, ios| {
+        let dt = elapsed.saturating_sub(last.0).as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)] // a display rate
+        let rate = (ios - last.1) as f64 / dt;
+        last = (elapsed, ios);
+        eprint!("\r[{:>6.1} s] {:>12.0} IOPS", elapsed.as_secs_f64(), rate);
+        let _ = std::io::stderr().flush();
+    })?;
+    eprintln!();
+    print!("{}", perf::format_report(&ctrl.target(), &report));
+    let total = report.total();
+    Ok(i32::from(total.errors > 0 || total.verify_failures > 0))
+}

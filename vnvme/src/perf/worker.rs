@@ -1,0 +1,287 @@
+//! One perf worker: its queue pairs (one per namespace), QD buffers each, the submit /
+//! poll / resubmit loop, and the verify bookkeeping.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use host_driver::{DmaBuffer, DmaMemory, DriverError, IoQueuePair, NamespaceInfo};
+
+use super::{Histogram, JobResult, Pattern, PerfOptions};
+
+/// xorshift64*: cheap, per job.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A command in flight: when, where, which direction.
+#[derive(Clone, Copy)]
+struct Inflight {
+    start: Instant,
+    unit: u64,
+    write: bool,
+}
+
+/// One queue pair on one namespace.
+pub(super) struct Job {
+    qp: IoQueuePair,
+    nsid: u32,
+    block_size: u64,
+    blocks_per_io: u32,
+    /// I/O units (io_size each) this job may touch: [first, first + count).
+    first_unit: u64,
+    units: u64,
+    next_seq: u64,
+    buffers: Vec<DmaBuffer>,
+    inflight: Vec<Option<Inflight>>,
+    /// Verify: which units this run wrote.
+    written: Vec<u64>,
+    rng: Rng,
+    result: JobResult,
+}
+
+impl Job {
+    pub(super) fn new(
+        qp: IoQueuePair,
+        ns: &NamespaceInfo,
+        worker: usize,
+        opts: &PerfOptions,
+        dma: &Arc<DmaMemory>,
+    ) -> Result<Self, DriverError> {
+        let block_size = u64::from(ns.block_size);
+        let blocks_per_io = (opts.io_size / block_size) as u32;
+        let all_units = ns.blocks / u64::from(blocks_per_io);
+        // workers split the namespace so that --verify never races two workers on a block
+        let units = (all_units / opts.workers as u64).max(1);
+        let first_unit = (units * worker as u64).min(all_units.saturating_sub(1));
+        let mut buffers = Vec::with_capacity(opts.queue_depth as usize);
+        for _ in 0..opts.queue_depth {
+            buffers.push(dma.alloc(opts.io_size)?);
+        }
+        Ok(Self {
+            qp,
+            nsid: ns.nsid,
+            block_size,
+            blocks_per_io,
+            first_unit,
+            units,
+            next_seq: 0,
+            buffers,
+            inflight: vec![None; opts.queue_depth as usize],
+            written: if opts.verify {
+                vec![0; units.div_ceil(64) as usize]
+            } else {
+                Vec::new()
+            },
+            rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(ns.nsid) << 32) ^ worker as u64),
+            result: JobResult {
+                nsid: ns.nsid,
+                worker,
+                ios: 0,
+                bytes: 0,
+                errors: 0,
+                verify_failures: 0,
+                latency: Histogram::default(),
+            },
+        })
+    }
+
+    fn pick_unit(&mut self, opts: &PerfOptions) -> u64 {
+        loop {
+            let u = if opts.pattern.random() {
+                self.rng.next() % self.units
+            } else {
+                let u = self.next_seq % self.units;
+                self.next_seq += 1;
+                u
+            };
+            // with --verify, never two commands on one unit at once
+            if !opts.verify || !self.inflight.iter().flatten().any(|f| f.unit == u) {
+                return u;
+            }
+        }
+    }
+
+    fn is_write(&mut self, opts: &PerfOptions) -> bool {
+        match opts.pattern {
+            Pattern::Read | Pattern::Randread => false,
+            Pattern::Write | Pattern::Randwrite => true,
+            Pattern::Randrw => (self.rng.next() % 100) as u8 >= opts.read_percent,
+        }
+    }
+
+    /// Fill a write buffer: every block starts with its LBA and namespace id, the rest is a
+    /// pattern of both, so a misplaced or stale block is detected.
+    fn fill(buf: &mut [u8], first_lba: u64, nsid: u32, block_size: u64) {
+        for (i, block) in buf.chunks_mut(block_size as usize).enumerate() {
+            let lba = first_lba + i as u64;
+            block[..8].copy_from_slice(&lba.to_le_bytes());
+            block[8..12].copy_from_slice(&nsid.to_le_bytes());
+            for (j, b) in block[12..].iter_mut().enumerate() {
+                *b = (lba as u8).wrapping_add(j as u8) ^ (nsid as u8);
+            }
+        }
+    }
+
+    fn check(buf: &[u8], first_lba: u64, nsid: u32, block_size: u64) -> u64 {
+        let mut bad = 0;
+        for (i, block) in buf.chunks(block_size as usize).enumerate() {
+            let lba = first_lba + i as u64;
+            let ok = block[..8] == lba.to_le_bytes()
+                && block[8..12] == nsid.to_le_bytes()
+                && block[12..]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &b)| b == (lba as u8).wrapping_add(j as u8) ^ (nsid as u8));
+            if !ok {
+                bad += 1;
+            }
+        }
+        bad
+    }
+
+    fn submit(&mut self, slot: usize, opts: &PerfOptions) -> Result<(), DriverError> {
+        let unit = self.pick_unit(opts);
+        let write = self.is_write(opts);
+        let lba = (self.first_unit + unit) * u64::from(self.blocks_per_io);
+        let buf = &mut self.buffers[slot];
+        if write && opts.verify {
+            Self::fill(
+                &mut buf.as_mut_slice()[..opts.io_size as usize],
+                lba,
+                self.nsid,
+                self.block_size,
+            );
+        }
+        let (iova, len) = (buf.iova(), opts.io_size);
+        self.inflight[slot] = Some(Inflight {
+            start: Instant::now(),
+            unit,
+            write,
+        });
+        self.qp.read_write(
+            write,
+            self.nsid,
+            lba,
+            self.blocks_per_io,
+            iova,
+            len,
+            slot as u64,
+        )?;
+        Ok(())
+    }
+
+    fn complete(&mut self, slot: usize, ok: bool, opts: &PerfOptions) {
+        let Some(f) = self.inflight[slot].take() else {
+            return;
+        };
+        self.result
+            .latency
+            .record(f.start.elapsed().as_nanos() as u64);
+        if !ok {
+            self.result.errors += 1;
+            return;
+        }
+        self.result.ios += 1;
+        self.result.bytes += opts.io_size;
+        if opts.verify {
+            let (w, bit) = ((f.unit / 64) as usize, 1u64 << (f.unit % 64));
+            if f.write {
+                self.written[w] |= bit;
+            } else if self.written[w] & bit != 0 {
+                let lba = (self.first_unit + f.unit) * u64::from(self.blocks_per_io);
+                let bad = Self::check(
+                    &self.buffers[slot].as_slice()[..opts.io_size as usize],
+                    lba,
+                    self.nsid,
+                    self.block_size,
+                );
+                if bad > 0 {
+                    log::error!(
+                        "namespace {} LBA {lba}: {bad} blocks differ from what was written",
+                        self.nsid
+                    );
+                }
+                self.result.verify_failures += bad;
+            }
+        }
+    }
+}
+
+/// The worker loop; returns its results and queue pairs (for deletion by the caller).
+pub(super) fn run(
+    mut jobs: Vec<Job>,
+    opts: &PerfOptions,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) -> (Vec<JobResult>, Vec<IoQueuePair>) {
+    let mut finished: Vec<(usize, bool)> = Vec::with_capacity(opts.queue_depth as usize);
+    for job in &mut jobs {
+        for slot in 0..opts.queue_depth as usize {
+            if let Err(e) = job.submit(slot, opts) {
+                log::error!("namespace {}: submit: {e}", job.nsid);
+                job.result.errors += 1;
+            }
+        }
+        job.qp.ring();
+    }
+    let mut iter: u32 = 0;
+    let mut unreported = 0u64;
+    let mut stopping = false;
+    let mut drain_deadline = None;
+    loop {
+        let mut outstanding = 0;
+        for job in &mut jobs {
+            finished.clear();
+            job.qp.poll(opts.queue_depth as usize, |r| {
+                finished.push((r.user as usize, r.status.is_success()));
+            });
+            for &(slot, ok) in &finished {
+                job.complete(slot, ok, opts);
+                unreported += 1;
+                if !stopping && let Err(e) = job.submit(slot, opts) {
+                    log::error!("namespace {}: submit: {e}", job.nsid);
+                    job.result.errors += 1;
+                }
+            }
+            job.qp.ring();
+            outstanding += job.qp.outstanding();
+        }
+        iter = iter.wrapping_add(1);
+        if iter.is_multiple_of(256) {
+            done.fetch_add(unreported, Ordering::Relaxed);
+            unreported = 0;
+            if !stopping && stop.load(Ordering::Relaxed) {
+                stopping = true;
+                drain_deadline = Some(Instant::now() + Duration::from_secs(10));
+            }
+        }
+        if stopping {
+            if outstanding == 0 {
+                break;
+            }
+            if drain_deadline.is_some_and(|d| Instant::now() > d) {
+                log::error!("worker: {outstanding} commands never completed (10 s)");
+                for job in &mut jobs {
+                    job.result.errors += job.qp.outstanding() as u64;
+                }
+                break;
+            }
+        }
+    }
+    done.fetch_add(unreported, Ordering::Relaxed);
+    let mut results = Vec::new();
+    let mut qps = Vec::new();
+    for job in jobs {
+        results.push(job.result);
+        qps.push(job.qp);
+    }
+    (results, qps)
+}

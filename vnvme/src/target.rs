@@ -1,0 +1,87 @@
+//! Where a host-side tool finds a controller: `vfio-user:/path/to.sock` (a vfio-user
+//! server such as `vnvme serve` or SPDK's target) or `pci:0000:01:00.0` (a local device
+//! bound to vfio-pci).
+
+use std::path::PathBuf;
+
+use host_driver::Controller;
+use host_driver::transport::vfio_user::VfioUserTransport;
+
+/// A parsed target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    VfioUser(PathBuf),
+    Pci(String),
+}
+
+/// Target parse errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("target {0:?}: expected vfio-user:/path/to.sock or pci:DDDD:BB:DD.F")]
+    Syntax(String),
+    #[error("target {0}: VFIO (pci:) devices are not supported yet; use a vfio-user socket")]
+    PciUnsupported(String),
+}
+
+impl std::str::FromStr for Target {
+    type Err = TargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("vfio-user:").filter(|p| !p.is_empty()) {
+            return Ok(Target::VfioUser(PathBuf::from(p)));
+        }
+        if let Some(bdf) = s.strip_prefix("pci:") {
+            let ok = bdf.len() == 12
+                && bdf.char_indices().all(|(i, c)| match i {
+                    4 | 7 => c == ':',
+                    10 => c == '.',
+                    _ => c.is_ascii_hexdigit(),
+                });
+            if ok {
+                return Ok(Target::Pci(bdf.to_ascii_lowercase()));
+            }
+        }
+        Err(TargetError::Syntax(s.to_string()))
+    }
+}
+
+impl Target {
+    /// Connect and bring the controller up with `dma_size` bytes of DMA memory and
+    /// `io_queues` I/O queue pairs.
+    pub fn open(&self, dma_size: u64, io_queues: u16) -> anyhow::Result<Controller> {
+        match self {
+            Target::VfioUser(path) => {
+                let t = VfioUserTransport::connect(path)?;
+                Ok(Controller::new(Box::new(t), dma_size, io_queues)?)
+            }
+            Target::Pci(bdf) => Err(TargetError::PciUnsupported(bdf.clone()).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse() {
+        assert_eq!(
+            "vfio-user:/tmp/a.sock".parse::<Target>(),
+            Ok(Target::VfioUser("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            "pci:0000:01:00.0".parse::<Target>(),
+            Ok(Target::Pci("0000:01:00.0".into()))
+        );
+        for bad in [
+            "",
+            "vfio-user:",
+            "pci:01:00.0",
+            "pci:0000:01:00:0",
+            "/tmp/a.sock",
+            "tcp:x",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+}
