@@ -104,6 +104,11 @@ impl DmaMemory {
         self.size
     }
 
+    /// Our address of offset 0 (for an IOMMU mapping of the whole region).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
     /// Device address of offset 0.
     pub fn iova_base(&self) -> u64 {
         self.iova_base

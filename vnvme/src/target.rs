@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use host_driver::Controller;
+use host_driver::transport::vfio::VfioTransport;
 use host_driver::transport::vfio_user::VfioUserTransport;
 
 /// A parsed target.
@@ -54,7 +55,10 @@ impl Target {
                 let t = VfioUserTransport::connect(path)?;
                 Ok(Controller::new(Box::new(t), dma_size, io_queues)?)
             }
-            Target::Pci(bdf) => Err(TargetError::PciUnsupported(bdf.clone()).into()),
+            Target::Pci(bdf) => {
+                let t = VfioTransport::open(bdf)?;
+                Ok(Controller::new(Box::new(t), dma_size, io_queues)?)
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! How the driver reaches a controller: BAR0 registers, the doorbell page mapped into our
 //! address space, and DMA mappings of our memory.
 
+pub mod vfio;
 pub mod vfio_user;
 
 use crate::dma::DmaMemory;

@@ -27,8 +27,13 @@ pub struct VfioUserTransport {
 // client is only used through &mut self.
 unsafe impl Send for VfioUserTransport {}
 
-fn err(what: &str, e: impl std::fmt::Debug) -> DriverError {
-    DriverError::Transport(format!("{what}: {e:?}"))
+/// A transport error (rust-vmm's messages already include the OS error).
+fn err(what: &str, e: impl std::fmt::Display) -> DriverError {
+    DriverError::Transport(format!("{what}: {e}"))
+}
+
+fn plain(what: &str, why: &str) -> DriverError {
+    DriverError::Transport(format!("{what}: {why}"))
 }
 
 impl VfioUserTransport {
@@ -38,7 +43,7 @@ impl VfioUserTransport {
             Client::new(socket).map_err(|e| err(&format!("connect {}", socket.display()), e))?;
         let bar0 = client
             .region(BAR0)
-            .ok_or_else(|| err("BAR0", "no region 0"))?;
+            .ok_or_else(|| plain("BAR0", "the server has no region 0"))?;
         let area = bar0
             .sparse_areas
             .iter()
@@ -52,7 +57,7 @@ impl VfioUserTransport {
         let fo = bar0
             .file_offset
             .as_ref()
-            .ok_or_else(|| err("BAR0", "no file descriptor for mmap"))?;
+            .ok_or_else(|| plain("BAR0", "no file descriptor for mmap"))?;
         // SAFETY: mapping the area the server advertised, from its fd; checked; unmapped in Drop.
         let p = unsafe {
             libc::mmap(

@@ -1,0 +1,86 @@
+//! The user-space host driver over VFIO against a device model we did not write: a guest
+//! with an emulated Intel IOMMU binds QEMU's own `-device nvme` to vfio-pci and runs
+//! `vnvme identify pci:...` and `vnvme perf ... --verify` on it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value};
+
+/// Build the `vnvme` binary and copy it, without debug info, into `dir`.
+fn vnvme_binary(dir: &std::path::Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = Command::new(cargo)
+        .args(["build", "-q", "-p", "vnvme"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build -p vnvme");
+    assert!(st.success(), "building vnvme failed");
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    let out = dir.join("vnvme");
+    let st = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(target.join("debug/vnvme"))
+        .arg(&out)
+        .status()
+        .expect("objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    out
+}
+
+const SCRIPT: &str = r#"
+modprobe vfio_iommu_type1
+modprobe vfio_pci
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1b36 0x0010" ] && BDF=$(basename $d)
+done
+echo "bdf $BDF"
+[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
+echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/new_id
+for i in $(seq 50); do ls /dev/vfio/[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
+echo "vfio $(ls /dev/vfio | tr '\n' ' ')"
+echo @@ID-BEGIN; RUST_LOG=warn /tmp/h/vnvme identify --json pci:$BDF; echo @@ID-END
+echo @@PERF-BEGIN; rc=0; RUST_LOG=warn /tmp/h/vnvme perf pci:$BDF -q 8 -o 8192 -w randrw -M 50 -t 3 --verify --dma-mib 16 2>/dev/null || rc=$?; echo "perf-rc $rc"; echo @@PERF-END
+rc=0; RUST_LOG=warn /tmp/h/vnvme identify vfio-user:/nonexistent.sock || rc=$?; echo "bad-target-rc $rc"
+rc=0; RUST_LOG=warn /tmp/h/vnvme identify pci:0000:00:1f.7 || rc=$?; echo "bad-pci-rc $rc"
+exit 0
+"#;
+
+#[test]
+fn host_driver_over_vfio_against_qemu_nvme_in_a_guest() {
+    let tmp = TempDir::new("vfio");
+    let bin = vnvme_binary(tmp.path());
+    let guest = harness_guest(SCRIPT)
+        .iommu()
+        .qemu_nvme(tmp.path().join("disk.raw"), "")
+        .file(&bin);
+    let out = run_ok(&guest);
+    assert!(
+        value(&out, "vfio").is_some_and(|v| !v.is_empty()),
+        "no /dev/vfio group:\n{}",
+        out.console
+    );
+    let id: serde_json::Value = serde_json::from_str(section(&out, "@@ID").trim())
+        .unwrap_or_else(|e| panic!("identify --json: {e}\n{}", out.console));
+    assert!(
+        id["mn"].as_str().is_some_and(|m| m.contains("QEMU NVMe")),
+        "{id}"
+    );
+    assert_eq!(id["vid"], 0x1b36, "{id}");
+    let ns = &id["namespaces"][0];
+    assert_eq!(ns["bytes"], 1u64 << 30, "the 1 GiB image: {id}");
+    let perf = section(&out, "@@PERF");
+    assert_eq!(
+        value(&out, "perf-rc"),
+        Some("0"),
+        "perf --verify failed:\n{perf}"
+    );
+    assert!(perf.contains("Total") && perf.contains("p99.99"), "{perf}");
+    assert_ne!(
+        value(&out, "bad-target-rc"),
+        Some("0"),
+        "a missing socket must fail"
+    );
+}
