@@ -6,6 +6,7 @@
 // statistics for display: counts far below 2^52, precision loss is moot
 #![allow(clippy::cast_precision_loss)]
 
+pub mod clock;
 pub mod histogram;
 mod worker;
 
@@ -62,6 +63,7 @@ pub struct JobResult {
     pub bytes: u64,
     pub errors: u64,
     pub verify_failures: u64,
+    /// Latency in clock ticks; multiply by [`Report::ns_per_tick`].
     pub latency: Histogram,
 }
 
@@ -69,6 +71,8 @@ pub struct JobResult {
 #[derive(Clone, Debug)]
 pub struct Report {
     pub elapsed: Duration,
+    /// Nanoseconds per latency tick (see `clock.rs`).
+    pub ns_per_tick: f64,
     pub jobs: Vec<JobResult>,
 }
 
@@ -158,6 +162,7 @@ pub fn run(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let done_ios = Arc::new(AtomicU64::new(0));
+    let calibration = clock::Calibration::start();
     let start = Instant::now();
     let mut handles = Vec::new();
     for (w, jobs) in per_worker.into_iter().enumerate() {
@@ -184,6 +189,7 @@ pub fn run(
     let elapsed = start.elapsed();
     let mut report = Report {
         elapsed,
+        ns_per_tick: 1.0,
         jobs: Vec::new(),
     };
     let mut qps = Vec::new();
@@ -192,6 +198,7 @@ pub fn run(
         report.jobs.extend(results);
         qps.extend(pairs);
     }
+    report.ns_per_tick = calibration.finish();
     health?;
     for qp in qps {
         ctrl.delete_io_queue_pair(qp)?;
@@ -204,6 +211,7 @@ pub fn run(
 pub fn format_report(target: &str, r: &Report) -> String {
     use std::fmt::Write;
     let secs = r.elapsed.as_secs_f64();
+    let us = r.ns_per_tick / 1000.0;
     let names: Vec<String> = r
         .jobs
         .iter()
@@ -240,9 +248,9 @@ pub fn format_report(target: &str, r: &Report) -> String {
             "{name:<w$}: {:>12.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
             j.ios as f64 / secs,
             j.bytes as f64 / secs / f64::from(1 << 20),
-            j.latency.mean() / 1000.0,
-            min as f64 / 1000.0,
-            max as f64 / 1000.0
+            j.latency.mean() * us,
+            min as f64 * us,
+            max as f64 * us
         );
     }
     let _ = writeln!(out);
@@ -252,7 +260,7 @@ pub fn format_report(target: &str, r: &Report) -> String {
         "Latency percentiles (us)", "p50", "p90", "p99", "p99.9", "p99.99"
     );
     for (name, j) in &rows {
-        let p = |q| j.latency.percentile(q) as f64 / 1000.0;
+        let p = |q| j.latency.percentile(q) as f64 * us;
         let _ = writeln!(
             out,
             "{name:<w$}: {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",

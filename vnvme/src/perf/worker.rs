@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use host_driver::{DmaBuffer, DmaMemory, DriverError, IoQueuePair, NamespaceInfo};
 
-use super::{Histogram, JobResult, Pattern, PerfOptions};
+use super::{Histogram, JobResult, Pattern, PerfOptions, clock};
 
 /// xorshift64*: cheap, per job.
 struct Rng(u64);
@@ -24,7 +24,8 @@ impl Rng {
 /// A command in flight: when, where, which direction.
 #[derive(Clone, Copy)]
 struct Inflight {
-    start: Instant,
+    /// Submission time in [`clock::ticks`].
+    start: u64,
     unit: u64,
     write: bool,
 }
@@ -162,7 +163,7 @@ impl Job {
         }
         let (iova, len) = (buf.iova(), opts.io_size);
         self.inflight[slot] = Some(Inflight {
-            start: Instant::now(),
+            start: clock::ticks(),
             unit,
             write,
         });
@@ -184,7 +185,7 @@ impl Job {
         };
         self.result
             .latency
-            .record(f.start.elapsed().as_nanos() as u64);
+            .record(clock::ticks().wrapping_sub(f.start));
         if !ok {
             self.result.errors += 1;
             return;
