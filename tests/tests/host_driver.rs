@@ -12,10 +12,14 @@ use vnvme::config::Config;
 use vnvme::daemon::Daemon;
 
 fn start(tag: &str) -> (Daemon, PathBuf, PathBuf) {
+    start_with(tag, 4)
+}
+
+fn start_with(tag: &str, max_io_queues: u16) -> (Daemon, PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("vnvme-hd-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let text = format!(
-        "[[controller]]\nsocket = \"{d}/c.sock\"\nserial = \"HOSTDRV\"\nmax_io_queues = 4\n\
+        "[[controller]]\nsocket = \"{d}/c.sock\"\nserial = \"HOSTDRV\"\nmax_io_queues = {max_io_queues}\n\
          [[controller.namespace]]\nbackend = \"null:1G\"\n\
          [[controller.namespace]]\nbackend = \"malloc:32M\"\n\
          [[controller.namespace]]\nbackend = \"file:{d}/ns3.img:32M\"\nblock_size = 4096\n",
@@ -199,6 +203,53 @@ fn perf_verify_passes_on_ram_and_file_and_catches_the_null_namespace() {
     let too_many = PerfOptions { workers: 2, ..opts };
     let e = vnvme::perf::run(&mut c, &too_many, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("granted 4"), "{e}");
+    drop(c);
+    daemon.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn temperature_event_reaches_the_driver_and_two_workers_share_the_namespaces() {
+    use nvme_spec::Submission;
+    let (daemon, sock, dir) = start_with("aer", 8);
+    let mut c = open(&sock);
+    let set = |c: &mut Controller, fid: u32, value: u32| {
+        let mut s = Submission::default();
+        s.opcode = 0x09;
+        s.cdw10 = fid.into();
+        s.cdw11 = value.into();
+        c.admin_command("Set Features", s, None)
+    };
+    // enable temperature warnings, then put the over-temperature threshold below the
+    // controller's 308 K: a SMART / Health event, information 01h, log page 02h
+    set(&mut c, 0x0b, 1 << 1).unwrap();
+    assert!(c.take_events().is_empty());
+    set(&mut c, 0x04, 300).unwrap();
+    let t = Instant::now();
+    let mut events = Vec::new();
+    while events.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        set(&mut c, 0x0b, 1 << 1).unwrap(); // any admin command polls the admin queue
+        events = c.take_events();
+    }
+    assert_eq!(events, vec![0x0002_0101]);
+
+    // two workers x three namespaces = six queue pairs (the controller grants 8 here)
+    let opts = vnvme::perf::PerfOptions {
+        queue_depth: 4,
+        io_size: 4096,
+        pattern: vnvme::perf::Pattern::Randwrite,
+        read_percent: 0,
+        duration: Duration::from_millis(500),
+        workers: 2,
+        verify: false,
+    };
+    let r = vnvme::perf::run(&mut c, &opts, |_, _| {}).expect("two workers");
+    assert_eq!(r.jobs.len(), 6);
+    assert!(
+        r.jobs.iter().all(|j| j.ios > 0 && j.errors == 0),
+        "{:?}",
+        r.jobs
+    );
     drop(c);
     daemon.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();

@@ -28,6 +28,13 @@ pub mod error_info {
     pub const PERSISTENT_INTERNAL_ERROR: u8 = 0x03;
 }
 
+/// Asynchronous Event Information for the SMART / Health status type (§5.2.1).
+pub mod smart_info {
+    pub const RELIABILITY: u8 = 0x00;
+    pub const TEMPERATURE_THRESHOLD: u8 = 0x01;
+    pub const SPARE_BELOW_THRESHOLD: u8 = 0x02;
+}
+
 /// One event: type, information and the log page that clears it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AsyncEvent {

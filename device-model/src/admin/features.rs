@@ -2,8 +2,10 @@
 //! (01h-0Bh), Keep Alive Timer (0Fh) and Host Behavior Support (16h).
 
 use nvme_spec::features::{self as fid, select};
+use nvme_spec::log_page::lid;
 use nvme_spec::{Status, Submission};
 
+use crate::admin::async_event::{AsyncEvent, event_type, smart_info};
 use crate::controller::{Controller, ControllerConfig, Outcome};
 use crate::memory::MemoryMap;
 
@@ -248,6 +250,32 @@ impl Controller {
             }
             _ => return Outcome::status(Status::INVALID_FIELD),
         }
+        if matches!(id, fid::TEMPERATURE_THRESHOLD | fid::ASYNC_EVENT_CONFIG) {
+            self.check_temperature(mem);
+        }
         Outcome::status(Status::SUCCESS)
+    }
+
+    /// SMART critical warning bit 1 (§5.16.1.3): the composite temperature is above the
+    /// over-temperature or below the under-temperature threshold. Raises a SMART / Health
+    /// event (§5.2, information 01h) when Asynchronous Event Configuration enables it.
+    pub(crate) fn temperature_warning(&self) -> bool {
+        let f = &self.features;
+        TEMPERATURE_K > f.temp_over || (f.temp_under != 0 && TEMPERATURE_K < f.temp_under)
+    }
+
+    fn check_temperature(&mut self, mem: &MemoryMap) {
+        const TEMPERATURE_WARNING: u32 = 1 << 1;
+        if self.temperature_warning() && self.features.async_event_config & TEMPERATURE_WARNING != 0
+        {
+            self.raise_event(
+                AsyncEvent {
+                    event_type: event_type::SMART,
+                    info: smart_info::TEMPERATURE_THRESHOLD,
+                    log_page: lid::SMART_HEALTH,
+                },
+                mem,
+            );
+        }
     }
 }

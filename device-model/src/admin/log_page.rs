@@ -169,6 +169,7 @@ impl Controller {
         let mut log = SmartLog::default();
         log.temperature = crate::admin::features::TEMPERATURE_K.to_le_bytes();
         log.avail_spare = 100;
+        log.critical_warning = u8::from(self.temperature_warning()) << 1;
         log.spare_thresh = 10;
         // data units are thousands of 512-byte units, rounded up (§5.16.1.3)
         log.data_units_read = u128_le((s.bytes_read / 512).div_ceil(1000));
