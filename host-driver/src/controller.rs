@@ -411,8 +411,37 @@ impl Controller {
         Ok(())
     }
 
+    /// Abort (§5.1) command `cid` of SQ `sqid`. True when the controller aborted it (it then
+    /// completes with Command Abort Requested); false when it declined (dword 0 bit 0), which
+    /// the spec allows for any command.
+    pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, DriverError> {
+        let mut s = Submission::default();
+        s.opcode = admin::ABORT;
+        s.cdw10 = (u32::from(sqid) | (u32::from(cid) << 16)).into();
+        Ok(self.admin_command("Abort", s, None)? & 1 == 0)
+    }
+
+    /// Recovery from commands that timed out on `qps` (abort did not help): reset the
+    /// controller, complete every outstanding command with Host Aborted Command through
+    /// `done`, and re-create the queue pairs in place with the same sizes.
+    pub fn reset_queue_pairs(
+        &mut self,
+        qps: &mut [IoQueuePair],
+        mut done: impl FnMut(u16, Request),
+    ) -> Result<(), DriverError> {
+        self.reset()?;
+        for qp in qps.iter_mut() {
+            let qid = qp.qid();
+            qp.fail_outstanding(Status::HOST_ABORTED, |r| done(qid, r));
+        }
+        for qp in qps.iter_mut() {
+            *qp = self.create_io_queue_pair(qp.size())?;
+        }
+        Ok(())
+    }
+
     /// Controller reset (§3.7.2): every I/O queue pair is gone afterwards (drop them and
-    /// create new ones); namespaces are identified again.
+    /// create new ones, or use [`Self::reset_queue_pairs`]); namespaces are identified again.
     pub fn reset(&mut self) -> Result<(), DriverError> {
         log::info!("{}: controller reset", self.transport.name());
         self.enable()?;

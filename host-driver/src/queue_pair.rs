@@ -22,6 +22,8 @@ pub struct Request {
 struct Slot {
     user: u64,
     busy: bool,
+    /// The queue's clock when the command was submitted (see [`QueuePair::tick`]).
+    submitted_at: u32,
     prp_list: DmaBuffer,
 }
 
@@ -40,6 +42,8 @@ pub struct QueuePair {
     cq_db: *mut u32,
     slots: Vec<Slot>,
     free: Vec<u16>,
+    /// A coarse clock the owner advances (no clock read per command).
+    clock: u32,
 }
 
 /// An I/O queue pair (the same type as the admin queue pair).
@@ -81,6 +85,7 @@ impl QueuePair {
             slots.push(Slot {
                 user: 0,
                 busy: false,
+                submitted_at: 0,
                 prp_list: dma.alloc(PAGE)?,
             });
         }
@@ -106,6 +111,7 @@ impl QueuePair {
             cq_db,
             slots,
             free: (0..n).rev().collect(),
+            clock: 0,
         })
     }
 
@@ -144,6 +150,7 @@ impl QueuePair {
         let slot = &mut self.slots[cid as usize];
         slot.user = user;
         slot.busy = true;
+        slot.submitted_at = self.clock;
         sqe.cid = cid.into();
         let off = self.sq_tail as usize * 64;
         self.sq.as_mut_slice()[off..off + 64].copy_from_slice(sqe.as_bytes());
@@ -193,6 +200,41 @@ impl QueuePair {
             sqe.prp2 = list.iova().into();
         }
         self.submit(sqe, user)
+    }
+
+    /// Advance the queue's coarse clock by one tick; the owner calls this at a fixed
+    /// period (say every 100 ms) to time commands out without reading a clock per command.
+    pub fn tick(&mut self) {
+        self.clock = self.clock.wrapping_add(1);
+    }
+
+    /// Commands outstanding for at least `ticks` ticks: (command id, user tag).
+    pub fn overdue(&self, ticks: u32) -> Vec<(u16, u64)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.busy && self.clock.wrapping_sub(s.submitted_at) >= ticks)
+            .map(|(cid, s)| (cid as u16, s.user))
+            .collect()
+    }
+
+    /// Complete every outstanding command locally with `status` (after a controller reset
+    /// the device will never complete them).
+    pub fn fail_outstanding(&mut self, status: Status, mut done: impl FnMut(Request)) -> usize {
+        let mut n = 0;
+        for (cid, slot) in self.slots.iter_mut().enumerate() {
+            if slot.busy {
+                slot.busy = false;
+                self.free.push(cid as u16);
+                n += 1;
+                done(Request {
+                    user: slot.user,
+                    status,
+                    dw0: 0,
+                });
+            }
+        }
+        n
     }
 
     /// Reap up to `max` completions, calling `done` for each; rings the CQ head doorbell once.

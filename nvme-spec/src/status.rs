@@ -54,6 +54,8 @@ impl Status {
     pub const WRITE_FAULT: Status = Status::new(sct::MEDIA, 0x80);
     pub const UNRECOVERED_READ_ERROR: Status = Status::new(sct::MEDIA, 0x81);
     pub const COMPARE_FAILURE: Status = Status::dnr(sct::MEDIA, 0x85);
+    /// Path related: the host aborted the command (e.g. it reset the controller).
+    pub const HOST_ABORTED: Status = Status::new(sct::PATH, 0x71);
 
     /// A status without Do Not Retry.
     pub const fn new(sct: u8, sc: u8) -> Self {

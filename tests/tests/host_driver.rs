@@ -254,3 +254,38 @@ fn temperature_event_reaches_the_driver_and_two_workers_share_the_namespaces() {
     daemon.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn timed_out_command_abort_then_reset_fails_it_and_io_resumes() {
+    let (daemon, sock, dir) = start("timeout");
+    let mut c = open(&sock);
+    let buf = c.dma().alloc(4096).unwrap();
+    let mut qps = vec![c.create_io_queue_pair(16).unwrap()];
+    // A command the controller never sees (its doorbell is not rung): it times out.
+    let cid = qps[0]
+        .read_write(false, 2, 0, 8, buf.iova(), 4096, 42)
+        .unwrap();
+    for _ in 0..3 {
+        qps[0].tick();
+    }
+    assert!(qps[0].overdue(4).is_empty());
+    assert_eq!(qps[0].overdue(3), vec![(cid, 42)]);
+    let sqid = qps[0].qid();
+    // vnvme declines to abort (allowed by the spec); then the host resets.
+    assert!(!c.abort(sqid, cid).unwrap());
+    let mut failed = Vec::new();
+    c.reset_queue_pairs(&mut qps, |q, r| failed.push((q, r.user, r.status)))
+        .unwrap();
+    assert_eq!(failed, vec![(sqid, 42, Status::HOST_ABORTED)]);
+    assert_eq!(qps[0].outstanding(), 0);
+    qps[0]
+        .read_write(false, 2, 0, 8, buf.iova(), 4096, 7)
+        .unwrap();
+    assert!(
+        wait_one(&mut qps[0]).status.is_success(),
+        "I/O after recovery"
+    );
+    drop(c);
+    daemon.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
