@@ -2,7 +2,7 @@
 //! `tests/tests/fuzz_smoke.rs` (stable, pseudo-random inputs, runs in CI). Each harness feeds
 //! untrusted bytes to one parser and checks invariants; a panic is a finding.
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use device_model::backend::MallocBackend;
@@ -63,24 +63,7 @@ unsafe impl Send for World {}
 fn world() -> &'static Mutex<World> {
     static W: OnceLock<Mutex<World>> = OnceLock::new();
     W.get_or_init(|| {
-        // SAFETY: memfd_create with a static name; result checked.
-        let raw = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create");
-        // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate and a shared mapping of our own memfd; results checked.
-        let view = unsafe {
-            assert_eq!(libc::ftruncate(raw, GUEST_MEM as i64), 0);
-            libc::mmap(
-                std::ptr::null_mut(),
-                GUEST_MEM as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                raw,
-                0,
-            )
-        };
-        assert_ne!(view, libc::MAP_FAILED);
+        let (fd, view) = crate::shared_memory::shared_memory(c"fuzz-guest", GUEST_MEM);
         let mem = Arc::new(GuestMemory::new());
         mem.map_fd(
             0,
@@ -96,7 +79,7 @@ fn world() -> &'static Mutex<World> {
         Mutex::new(World {
             mem,
             doorbells: Arc::new(Doorbells::new().expect("doorbells")),
-            view: view.cast(),
+            view,
         })
     })
 }

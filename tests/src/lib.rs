@@ -3,3 +3,4 @@
 pub mod fuzz;
 pub mod guest;
 pub mod nvme_client;
+pub mod shared_memory;

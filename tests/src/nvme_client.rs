@@ -58,24 +58,7 @@ impl NvmeClient {
     /// Connect, map memory, enable the controller, create I/O queue pair 1.
     pub fn connect(sock: &Path) -> Self {
         let mut client = Client::new(sock).expect("vfio-user connect");
-        // SAFETY: memfd_create with a static name; checked.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd we own.
-        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate/mmap of our own memfd; checked.
-        let mem = unsafe {
-            assert_eq!(libc::ftruncate(fd, MEM as i64), 0);
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(mem, libc::MAP_FAILED);
+        let (memfd, mem) = crate::shared_memory::shared_memory(c"guest", MEM);
         client
             .dma_map(0, 0, MEM, memfd.as_raw_fd())
             .expect("dma map");
@@ -101,7 +84,7 @@ impl NvmeClient {
         assert_ne!(db, libc::MAP_FAILED);
         let mut c = NvmeClient {
             client,
-            mem: mem.cast(),
+            mem,
             _memfd: memfd,
             doorbells: db.cast(),
             sq_tail: [0; 2],
