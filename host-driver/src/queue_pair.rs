@@ -297,6 +297,23 @@ impl QueuePair {
         len: u64,
         user: u64,
     ) -> Result<u16, DriverError> {
+        self.read_write_fua(write, false, nsid, lba, blocks, iova, len, user)
+    }
+
+    /// [`Self::read_write`] with Force Unit Access (NVM command set §3.2.6, CDW12 bit 30):
+    /// the data is durable when the command completes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_write_fua(
+        &mut self,
+        write: bool,
+        fua: bool,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        iova: u64,
+        len: u64,
+        user: u64,
+    ) -> Result<u16, DriverError> {
         if blocks == 0 || blocks > 65536 {
             return Err(DriverError::Invalid(format!("{blocks} blocks")));
         }
@@ -305,7 +322,7 @@ impl QueuePair {
         sqe.nsid = nsid.into();
         sqe.cdw10 = (lba as u32).into();
         sqe.cdw11 = ((lba >> 32) as u32).into();
-        sqe.cdw12 = (blocks - 1).into();
+        sqe.cdw12 = ((blocks - 1) | (u32::from(fua) << 30)).into();
         self.submit_with_data(sqe, iova, len, user)
     }
 

@@ -143,6 +143,31 @@ fn identify_data_queues_and_reset_under_io() {
 }
 
 #[test]
+fn a_second_client_is_refused_not_left_hanging() {
+    let (daemon, sock, dir) = start("busy");
+    let c = open(&sock);
+    let t = Instant::now();
+    let second = VfioUserTransport::connect(&sock);
+    assert!(second.is_err(), "second client accepted");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(c);
+    // once the first client is gone, the next one is served
+    let t = Instant::now();
+    loop {
+        match VfioUserTransport::connect(&sock) {
+            Ok(tr) => {
+                drop(Controller::new(Box::new(tr), 4 << 20, 1).expect("next client"));
+                break;
+            }
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn server_gone_mid_io_gives_errors_not_a_hang() {
     let (d, sock, dir) = start("gone");
     let mut c = open(&sock);

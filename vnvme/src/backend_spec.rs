@@ -1,9 +1,17 @@
 //! Namespace backend specs as users write them: `null:1G`, `malloc:256M`,
-//! `file:/path/to/img[:SIZE]`.
+//! `file:/path/to/img[:SIZE]`, `nvme:vfio-user:/path/to.sock[@NSID]` or
+//! `nvme:pci:DDDD:BB:DD.F[@NSID]` (a namespace of another NVMe controller, through the
+//! user-space host driver).
 
 use std::path::PathBuf;
 
 use device_model::backend::{Backend, FileBackend, MallocBackend, NullBackend};
+use pcie_p2p::NvmeBackend;
+
+use crate::target::Target;
+
+/// DMA memory of an `nvme:` backend: bounce buffers for a full queue of large transfers.
+const NVME_BACKEND_DMA: u64 = 256 << 20;
 
 /// A parsed backend spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,12 +19,16 @@ pub enum BackendSpec {
     Null { size: u64 },
     Malloc { size: u64 },
     File { path: PathBuf, size: Option<u64> },
+    Nvme { target: Target, nsid: u32 },
 }
 
 /// Why a spec was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("'{0}': expected null:SIZE, malloc:SIZE or file:PATH[:SIZE]")]
+    #[error(
+        "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or nvme:TARGET[@NSID] \
+         (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F)"
+    )]
     Syntax(String),
     #[error("'{0}': bad size (a number with an optional K, M, G or T suffix, at least 1M)")]
     Size(String),
@@ -65,6 +77,22 @@ impl std::str::FromStr for BackendSpec {
                     size: None,
                 })
             }
+            "nvme" => {
+                let (target, nsid) = match rest.rsplit_once('@') {
+                    Some((t, n)) => (
+                        t,
+                        n.parse::<u32>()
+                            .ok()
+                            .filter(|&n| n != 0 && n != u32::MAX)
+                            .ok_or_else(|| SpecError::Syntax(spec.into()))?,
+                    ),
+                    None => (rest, 1),
+                };
+                let target = target
+                    .parse::<Target>()
+                    .map_err(|_| SpecError::Syntax(spec.into()))?;
+                Ok(BackendSpec::Nvme { target, nsid })
+            }
             _ => Err(SpecError::Syntax(spec.into())),
         }
     }
@@ -79,6 +107,8 @@ pub enum OpenError {
     Malloc(#[from] device_model::backend::MallocError),
     #[error(transparent)]
     File(#[from] device_model::backend::FileError),
+    #[error("{0}")]
+    Nvme(String),
 }
 
 impl BackendSpec {
@@ -88,6 +118,12 @@ impl BackendSpec {
             BackendSpec::Null { size } => Box::new(NullBackend::new(*size)),
             BackendSpec::Malloc { size } => Box::new(MallocBackend::new(*size)?),
             BackendSpec::File { path, size } => Box::new(FileBackend::open(path, *size)?),
+            BackendSpec::Nvme { target, nsid } => {
+                let ctrl = target
+                    .open(NVME_BACKEND_DMA, 1)
+                    .map_err(|e| OpenError::Nvme(format!("{e:#}")))?;
+                Box::new(NvmeBackend::new(ctrl, *nsid).map_err(|e| OpenError::Nvme(e.to_string()))?)
+            }
         })
     }
 }
@@ -128,6 +164,28 @@ mod tests {
             "malloc".parse::<BackendSpec>(),
             Err(SpecError::Syntax(_))
         ));
+        assert_eq!(
+            "nvme:vfio-user:/tmp/b.sock@2".parse(),
+            Ok(BackendSpec::Nvme {
+                target: Target::VfioUser("/tmp/b.sock".into()),
+                nsid: 2
+            })
+        );
+        assert_eq!(
+            "nvme:pci:0000:01:00.0".parse(),
+            Ok(BackendSpec::Nvme {
+                target: Target::Pci("0000:01:00.0".into()),
+                nsid: 1
+            })
+        );
+        for bad in [
+            "nvme:",
+            "nvme:vfio-user:/x@0",
+            "nvme:pci:1:2",
+            "nvme:tcp:x@1",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
+        }
         assert!(matches!(
             "malloc:lots".parse::<BackendSpec>(),
             Err(SpecError::Size(_))

@@ -130,12 +130,25 @@ impl Server {
         Ok(())
     }
 
+    /// One client at a time: a second one is accepted and closed at once, so it sees an
+    /// error instead of waiting unanswered in the listen backlog.
+    fn refuse_extra_clients(&self) {
+        while let Ok((extra, _)) = self.listener.accept() {
+            log::warn!(
+                "vfio-user: {} already has a client; refusing another",
+                self.path.display()
+            );
+            drop(extra);
+        }
+    }
+
     fn serve_client(&mut self, stream: &UnixStream) -> io::Result<End> {
         stream.set_nonblocking(false)?;
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(End::Stopped);
             }
+            self.refuse_extra_clients();
             if !wait_readable(stream.as_raw_fd(), 200) {
                 continue;
             }

@@ -1,0 +1,353 @@
+//! A namespace backend on namespace `nsid` of a controller reached through the host driver.
+//! Requests go to one I/O queue pair polled from the reactor that owns the backend; data
+//! moves through bounce buffers allocated per request from the driver's DMA memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
+use host_driver::{Controller, DmaBuffer, DriverError, IoQueuePair, Request};
+use nvme_spec::Status;
+
+/// How long a synchronous management command may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Queue pair depth towards the backend controller.
+const QUEUE_SIZE: u16 = 256;
+
+/// Bytes moved per path, shared with the control plane.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    /// Bytes copied through a bounce buffer.
+    pub bounced_bytes: AtomicU64,
+    /// Bytes the backend device moved straight to or from guest memory.
+    pub zero_copy_bytes: AtomicU64,
+}
+
+/// One request in flight on the backend queue pair.
+struct Pending {
+    tag: u64,
+    read: bool,
+    /// The guest segments a read's data goes back to.
+    iov: Vec<libc::iovec>,
+    bounce: Option<DmaBuffer>,
+}
+
+// SAFETY: the iovecs point into guest memory kept mapped by the command that owns them
+// until its completion is polled, on the same reactor thread.
+unsafe impl Send for Pending {}
+
+/// A namespace on another NVMe controller.
+pub struct NvmeBackend {
+    ctrl: Controller,
+    qp: IoQueuePair,
+    nsid: u32,
+    block_size: u64,
+    size: u64,
+    max_transfer: u64,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Completions that arrived while a synchronous command was waiting.
+    deferred: Vec<(u64, Status)>,
+    stats: Arc<TransferStats>,
+}
+
+impl std::fmt::Debug for NvmeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmeBackend")
+            .field("target", &self.ctrl.target())
+            .field("nsid", &self.nsid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NvmeBackend {
+    /// Serve namespace `nsid` of `ctrl` (brought up by the caller).
+    pub fn new(mut ctrl: Controller, nsid: u32) -> Result<Self, DriverError> {
+        let ns = ctrl
+            .namespaces()
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .cloned()
+            .ok_or_else(|| {
+                DriverError::Invalid(format!("{}: no active namespace {nsid}", ctrl.target()))
+            })?;
+        let qsize = QUEUE_SIZE.min(u16::try_from(ctrl.max_queue_size()).unwrap_or(u16::MAX));
+        let qp = ctrl.create_io_queue_pair(qsize)?;
+        let slots = usize::from(qsize - 1);
+        Ok(Self {
+            max_transfer: ctrl.max_transfer(),
+            ctrl,
+            qp,
+            nsid,
+            block_size: u64::from(ns.block_size),
+            size: ns.blocks * u64::from(ns.block_size),
+            pending: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
+            deferred: Vec::new(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// Transfer counters (shared; read them from any thread).
+    pub fn stats(&self) -> Arc<TransferStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Logical block size of the backing namespace.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
+        if !offset.is_multiple_of(self.block_size) || !len.is_multiple_of(self.block_size) || len == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        if len > self.max_transfer {
+            return Err(Status::INVALID_FIELD);
+        }
+        Ok(())
+    }
+
+    fn take_slot(&mut self) -> Result<usize, Status> {
+        // the front controller never has more commands in flight than a queue's depth, but
+        // stay safe if it does: busy is a retryable internal error
+        self.free.pop().ok_or(Status::INTERNAL_ERROR)
+    }
+
+    fn dma(&self, len: u64) -> Result<DmaBuffer, Status> {
+        self.ctrl.dma().alloc(len).map_err(|e| {
+            log::warn!("{}: {e}", self.ctrl.target());
+            Status::INTERNAL_ERROR
+        })
+    }
+
+    /// Run one command to completion, stashing other completions for `poll`.
+    fn wait_sync(&mut self, slot: usize) -> Result<(), Status> {
+        self.qp.ring();
+        let start = Instant::now();
+        loop {
+            let mut mine = None;
+            let mut got = Vec::new();
+            self.qp.poll(usize::MAX, |r: Request| got.push(r));
+            for r in got {
+                if r.user == slot as u64 {
+                    mine = Some(r.status);
+                } else if let Some((tag, st)) = self.finish(r) {
+                    self.deferred.push((tag, st));
+                }
+            }
+            if let Some(s) = mine {
+                self.pending[slot] = None;
+                self.free.push(slot);
+                return if s.is_success() { Ok(()) } else { Err(s) };
+            }
+            if start.elapsed() > SYNC_TIMEOUT {
+                log::error!("{}: synchronous command timed out", self.ctrl.target());
+                return Err(Status::INTERNAL_ERROR);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Complete a backend request: copy a read's data back to the guest, free the slot.
+    fn finish(&mut self, r: Request) -> Option<(u64, Status)> {
+        let slot = usize::try_from(r.user).ok()?;
+        let p = self.pending.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        if p.read
+            && r.status.is_success()
+            && let Some(b) = &p.bounce
+        {
+            let mut at = 0usize;
+            for v in &p.iov {
+                // SAFETY: the guest segment is mapped and writable for this command (see
+                // `Pending`); the bounce buffer holds at least the request's length.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        b.as_slice()[at..].as_ptr(),
+                        v.iov_base.cast::<u8>(),
+                        v.iov_len,
+                    );
+                }
+                at += v.iov_len;
+            }
+        }
+        Some((p.tag, r.status))
+    }
+
+    fn lba(&self, offset: u64) -> u64 {
+        offset / self.block_size
+    }
+}
+
+impl Backend for NvmeBackend {
+    fn describe(&self) -> String {
+        format!("nvme:{}@{}", self.ctrl.target(), self.nsid)
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        let slot = self.take_slot()?;
+        let res = match req.op {
+            IoOp::Flush => {
+                self.pending[slot] = Some(Pending {
+                    tag: req.tag,
+                    read: false,
+                    iov: Vec::new(),
+                    bounce: None,
+                });
+                self.qp.flush(self.nsid, slot as u64).map(|_| ())
+            }
+            IoOp::Read | IoOp::Write { .. } => {
+                let len = iov_len(req.iov);
+                if let Err(s) = self.check(req.offset, len) {
+                    self.free.push(slot);
+                    return Err(s);
+                }
+                let mut buf = match self.dma(len) {
+                    Ok(b) => b,
+                    Err(s) => {
+                        self.free.push(slot);
+                        return Err(s);
+                    }
+                };
+                let write = req.op != IoOp::Read;
+                if write {
+                    let mut at = 0usize;
+                    let dst = buf.as_mut_slice();
+                    for v in req.iov {
+                        // SAFETY: the guest segment is mapped and readable for this command.
+                        let src = unsafe {
+                            std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                        };
+                        dst[at..at + v.iov_len].copy_from_slice(src);
+                        at += v.iov_len;
+                    }
+                }
+                self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
+                let (iova, lba) = (buf.iova(), self.lba(req.offset));
+                // check() bounds len by the maximum transfer, so the block count fits
+                let blocks = (len / self.block_size) as u32;
+                self.pending[slot] = Some(Pending {
+                    tag: req.tag,
+                    read: !write,
+                    iov: if write { Vec::new() } else { req.iov.to_vec() },
+                    bounce: Some(buf),
+                });
+                let fua = matches!(req.op, IoOp::Write { fua: true });
+                self.qp
+                    .read_write_fua(write, fua, self.nsid, lba, blocks, iova, len, slot as u64)
+                    .map(|_| ())
+            }
+        };
+        match res {
+            Ok(()) => {
+                self.qp.ring();
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("{}: submit: {e}", self.ctrl.target());
+                self.pending[slot] = None;
+                self.free.push(slot);
+                Err(Status::INTERNAL_ERROR)
+            }
+        }
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let mut n = 0;
+        for (tag, st) in self.deferred.drain(..) {
+            done(tag, st);
+            n += 1;
+        }
+        let mut got: Vec<Request> = Vec::new();
+        self.qp.poll(usize::MAX, |r| got.push(r));
+        for r in got {
+            if let Some((tag, st)) = self.finish(r) {
+                done(tag, st);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len() - self.free.len() + self.deferred.len()
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size)
+            || !offset.is_multiple_of(self.block_size)
+            || !len.is_multiple_of(self.block_size)
+        {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        let mut at = offset;
+        while at < offset + len {
+            // Write Zeroes carries at most 65536 blocks
+            let blocks = ((offset + len - at) / self.block_size).min(65536);
+            let slot = self.take_slot()?;
+            self.pending[slot] = Some(Pending {
+                tag: u64::MAX,
+                read: false,
+                iov: Vec::new(),
+                bounce: None,
+            });
+            self.qp
+                .write_zeroes(self.nsid, self.lba(at), blocks as u32, slot as u64)
+                .map_err(|_| Status::INTERNAL_ERROR)?;
+            self.wait_sync(slot)?;
+            at += blocks * self.block_size;
+        }
+        Ok(())
+    }
+
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        let len = buf.len() as u64;
+        self.check(offset, len)?;
+        let bounce = self.dma(len)?;
+        let slot = self.take_slot()?;
+        let iova = bounce.iova();
+        self.pending[slot] = Some(Pending {
+            tag: u64::MAX,
+            read: false,
+            iov: Vec::new(),
+            bounce: None,
+        });
+        self.qp
+            .read_write(
+                false,
+                self.nsid,
+                self.lba(offset),
+                (len / self.block_size) as u32,
+                iova,
+                len,
+                slot as u64,
+            )
+            .map_err(|_| Status::INTERNAL_ERROR)?;
+        self.wait_sync(slot)?;
+        buf.copy_from_slice(&bounce.as_slice()[..buf.len()]);
+        Ok(())
+    }
+
+    fn flush_sync(&mut self) -> Result<(), Status> {
+        let slot = self.take_slot()?;
+        self.pending[slot] = Some(Pending {
+            tag: u64::MAX,
+            read: false,
+            iov: Vec::new(),
+            bounce: None,
+        });
+        self.qp
+            .flush(self.nsid, slot as u64)
+            .map_err(|_| Status::INTERNAL_ERROR)?;
+        self.wait_sync(slot)
+    }
+}
