@@ -35,11 +35,14 @@ pub struct Protection {
     pub write: bool,
 }
 
-/// One mmapped region of the process's address space; unmapped on drop.
+/// One mmapped region of the process's address space; unmapped on drop. Keeps its own
+/// descriptor so the region can be handed on (a backend device's DMA map).
 #[derive(Debug)]
 struct Mapping {
     ptr: *mut u8,
     len: usize,
+    fd: Option<std::os::fd::OwnedFd>,
+    file_offset: u64,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through raw pointers whose
@@ -64,10 +67,10 @@ pub struct Region {
     pub len: u64,
     pub prot: Protection,
     host: *mut u8,
-    _mapping: Option<Arc<Mapping>>,
+    mapping: Option<Arc<Mapping>>,
 }
 
-// SAFETY: `host` points into `_mapping`, which is Send + Sync and kept alive by the Arc.
+// SAFETY: `host` points into `mapping`, which is Send + Sync and kept alive by the Arc.
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}
@@ -85,6 +88,29 @@ pub struct AccessError {
     pub iova: u64,
     pub len: u64,
     pub write: bool,
+}
+
+/// How a region is backed in this process: our mapping and the file it maps.
+#[derive(Clone, Copy, Debug)]
+pub struct Backing<'a> {
+    /// Our address of the region's first byte.
+    pub host: *mut u8,
+    pub len: u64,
+    pub fd: BorrowedFd<'a>,
+    pub file_offset: u64,
+}
+
+impl Region {
+    /// The region's backing, if it has one (fd-less regions are not accessible).
+    pub fn backing(&self) -> Option<Backing<'_>> {
+        let m = self.mapping.as_ref()?;
+        Some(Backing {
+            host: self.host,
+            len: self.len,
+            fd: std::os::fd::AsFd::as_fd(m.fd.as_ref()?),
+            file_offset: m.file_offset,
+        })
+    }
 }
 
 impl MemoryMap {
@@ -231,13 +257,15 @@ impl GuestMemory {
         let mapping = Arc::new(Mapping {
             ptr: ptr.cast(),
             len,
+            fd: fd.try_clone_to_owned().ok(),
+            file_offset: offset,
         });
         self.insert(Region {
             iova,
             len: size,
             prot,
             host: ptr.cast(),
-            _mapping: Some(mapping),
+            mapping: Some(mapping),
         });
         Ok(())
     }
@@ -256,7 +284,7 @@ impl GuestMemory {
             len: size,
             prot: none,
             host: std::ptr::null_mut(),
-            _mapping: None,
+            mapping: None,
         });
         Ok(())
     }

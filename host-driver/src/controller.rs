@@ -25,6 +25,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(50);
 /// Device address where the driver's DMA memory starts (not 0, so no valid PRP is null).
 pub const DMA_IOVA_BASE: u64 = 1 << 32;
+/// A DMA base above every x86_64 user-space address (47 bits), for drivers that also map
+/// foreign memory at its host address.
+pub const HIGH_DMA_IOVA_BASE: u64 = 1 << 47;
 /// `user` tag of the driver's own Asynchronous Event Requests.
 const AER_TAG: u64 = u64::MAX;
 
@@ -86,11 +89,23 @@ impl Controller {
     /// Bring up the controller behind `transport` with `dma_size` bytes of DMA memory and ask
     /// for `io_queues` I/O queue pairs.
     pub fn new(
-        mut transport: Box<dyn Transport>,
+        transport: Box<dyn Transport>,
         dma_size: u64,
         io_queues: u16,
     ) -> Result<Self, DriverError> {
-        let dma = DmaMemory::new(dma_size, DMA_IOVA_BASE)?;
+        Self::with_dma_base(transport, dma_size, io_queues, DMA_IOVA_BASE)
+    }
+
+    /// As [`Self::new`], with the driver's DMA memory at device address `iova_base` (a
+    /// zero-copy user that maps foreign memory at its host addresses puts it above every
+    /// user-space address, e.g. [`HIGH_DMA_IOVA_BASE`]).
+    pub fn with_dma_base(
+        mut transport: Box<dyn Transport>,
+        dma_size: u64,
+        io_queues: u16,
+        iova_base: u64,
+    ) -> Result<Self, DriverError> {
+        let dma = DmaMemory::new(dma_size, iova_base)?;
         transport.map_dma(&dma)?;
         let cap = transport.read64(reg::CAP)?;
         let stride = 4usize << ((cap >> 32) & 0xf);
@@ -347,6 +362,23 @@ impl Controller {
     /// The driver's DMA memory (for data buffers).
     pub fn dma(&self) -> &Arc<DmaMemory> {
         &self.dma
+    }
+
+    /// Map foreign memory for the device (see [`Transport::map_foreign`]).
+    pub fn map_foreign(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+        host: *mut u8,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), DriverError> {
+        self.transport.map_foreign(fd, file_offset, host, iova, len)
+    }
+
+    /// Undo [`Self::map_foreign`].
+    pub fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError> {
+        self.transport.unmap_foreign(iova, len)
     }
 
     /// Asynchronous events received so far (completion dword 0 values), drained.

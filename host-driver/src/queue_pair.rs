@@ -237,6 +237,61 @@ impl QueuePair {
         n
     }
 
+    /// Submit a command whose data is the device-address segments `segs` (in order), with
+    /// PRPs: only the first segment may start inside a page and only the last may end inside
+    /// one (NVMe base 2.0 §4.1.1); anything else is refused so the caller can bounce it.
+    pub fn submit_segments(
+        &mut self,
+        mut sqe: Submission,
+        segs: &[(u64, u64)],
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        let refuse = |why: &str| Err(DriverError::Invalid(format!("not PRP-compatible: {why}")));
+        let Some(&cid) = self.free.last() else {
+            return Err(DriverError::Invalid(format!("queue {} full", self.qid)));
+        };
+        let n = segs.len();
+        if n == 0 || segs.iter().any(|&(_, l)| l == 0) {
+            return refuse("empty segment");
+        }
+        let mut pages = 0usize;
+        let list = self.slots[cid as usize].prp_list.as_mut_slice();
+        let mut first = 0u64;
+        for (i, &(addr, len)) in segs.iter().enumerate() {
+            if addr & 3 != 0
+                || (i > 0 && addr % PAGE != 0)
+                || (i + 1 < n && (addr + len) % PAGE != 0)
+            {
+                return refuse("segment boundary inside a page");
+            }
+            // page starts covered by this segment
+            let mut page = addr & !(PAGE - 1);
+            let end = addr + len;
+            while page < end {
+                let entry = if pages == 0 { addr } else { page };
+                if pages == 0 {
+                    first = entry;
+                } else {
+                    let at = (pages - 1) * 8;
+                    if at + 8 > list.len() {
+                        return refuse("more pages than one PRP list holds");
+                    }
+                    list[at..at + 8].copy_from_slice(&entry.to_le_bytes());
+                }
+                pages += 1;
+                page += PAGE;
+            }
+        }
+        sqe.prp1 = first.into();
+        sqe.prp2 = match pages {
+            1 => 0,
+            2 => u64::from_le_bytes(list[..8].try_into().unwrap_or_default()),
+            _ => self.slots[cid as usize].prp_list.iova(),
+        }
+        .into();
+        self.submit(sqe, user)
+    }
+
     /// Reap up to `max` completions, calling `done` for each; rings the CQ head doorbell once.
     pub fn poll(&mut self, max: usize, mut done: impl FnMut(Request)) -> usize {
         let mut n = 0;
@@ -324,6 +379,30 @@ impl QueuePair {
         sqe.cdw11 = ((lba >> 32) as u32).into();
         sqe.cdw12 = ((blocks - 1) | (u32::from(fua) << 30)).into();
         self.submit_with_data(sqe, iova, len, user)
+    }
+
+    /// Read or Write with data in device-address segments (see [`Self::submit_segments`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_write_segments(
+        &mut self,
+        write: bool,
+        fua: bool,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        segs: &[(u64, u64)],
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        if blocks == 0 || blocks > 65536 {
+            return Err(DriverError::Invalid(format!("{blocks} blocks")));
+        }
+        let mut sqe = Submission::default();
+        sqe.opcode = if write { nvm::WRITE } else { nvm::READ };
+        sqe.nsid = nsid.into();
+        sqe.cdw10 = (lba as u32).into();
+        sqe.cdw11 = ((lba >> 32) as u32).into();
+        sqe.cdw12 = ((blocks - 1) | (u32::from(fua) << 30)).into();
+        self.submit_segments(sqe, segs, user)
     }
 
     /// Flush namespace `nsid`.

@@ -1,12 +1,22 @@
 //! A namespace backend on namespace `nsid` of a controller reached through the host driver.
-//! Requests go to one I/O queue pair polled from the reactor that owns the backend; data
-//! moves through bounce buffers allocated per request from the driver's DMA memory.
+//! Requests go to one I/O queue pair polled from the reactor that owns the backend.
+//!
+//! Zero copy: every region of the guest memory the front's client mapped into this process
+//! is mapped for the backend device too, at its host address (`iova == host`), so the
+//! front's host segments are already device addresses and become the backend command's PRPs.
+//! The mirror follows the front's DMA map lazily: each request first compares the current
+//! map snapshot with the one mirrored (one atomic load) and, if it changed, unmaps the
+//! regions that went away and maps the new ones. Requests whose segments the backend cannot
+//! express as PRPs, or that touch memory not mirrored, move through a bounce buffer from the
+//! driver's DMA memory (which sits above every user-space address), and are counted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use device_model::GuestMemory;
 use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
+use device_model::memory::MemoryMap;
 use host_driver::{Controller, DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
 
@@ -50,6 +60,13 @@ pub struct NvmeBackend {
     /// Completions that arrived while a synchronous command was waiting.
     deferred: Vec<(u64, Status)>,
     stats: Arc<TransferStats>,
+    /// The front's guest memory, when zero copy is on.
+    guest: Option<Arc<GuestMemory>>,
+    /// The snapshot last mirrored, and the (host address, length) ranges mapped for the
+    /// device, sorted.
+    mirrored_snapshot: Option<Arc<MemoryMap>>,
+    mirrored: Vec<(u64, u64)>,
+    segs: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -62,8 +79,14 @@ impl std::fmt::Debug for NvmeBackend {
 }
 
 impl NvmeBackend {
-    /// Serve namespace `nsid` of `ctrl` (brought up by the caller).
-    pub fn new(mut ctrl: Controller, nsid: u32) -> Result<Self, DriverError> {
+    /// Serve namespace `nsid` of `ctrl` (brought up by the caller, its DMA memory at
+    /// `host_driver::controller::HIGH_DMA_IOVA_BASE` when `guest` is given). With `guest`,
+    /// the front controller's guest memory, data moves zero-copy where it can.
+    pub fn new(
+        mut ctrl: Controller,
+        nsid: u32,
+        guest: Option<Arc<GuestMemory>>,
+    ) -> Result<Self, DriverError> {
         let ns = ctrl
             .namespaces()
             .iter()
@@ -86,7 +109,83 @@ impl NvmeBackend {
             free: (0..slots).rev().collect(),
             deferred: Vec::new(),
             stats: Arc::default(),
+            guest,
+            mirrored_snapshot: None,
+            mirrored: Vec::new(),
+            segs: Vec::with_capacity(256),
         })
+    }
+
+    /// Bring the device's mapping of guest memory in line with the front's DMA map.
+    fn sync_mirror(&mut self) {
+        let Some(guest) = &self.guest else { return };
+        let cur = guest.snapshot();
+        if self
+            .mirrored_snapshot
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &cur))
+        {
+            return;
+        }
+        let wanted: Vec<(u64, u64)> = cur
+            .regions()
+            .iter()
+            .filter_map(|r| r.backing().map(|b| (b.host as u64, b.len)))
+            .collect();
+        for &(va, len) in &self.mirrored {
+            if !wanted.contains(&(va, len))
+                && let Err(e) = self.ctrl.unmap_foreign(va, len)
+            {
+                log::warn!("{}: unmap guest region {va:#x}: {e}", self.ctrl.target());
+            }
+        }
+        let mut now = Vec::with_capacity(wanted.len());
+        for r in cur.regions() {
+            let Some(b) = r.backing() else { continue };
+            let key = (b.host as u64, b.len);
+            if self.mirrored.contains(&key) {
+                now.push(key);
+                continue;
+            }
+            match self
+                .ctrl
+                .map_foreign(b.fd, b.file_offset, b.host, key.0, key.1)
+            {
+                Ok(()) => now.push(key),
+                Err(e) => log::warn!(
+                    "{}: guest region {:#x}+{:#x} not mirrored, its I/O bounces: {e}",
+                    self.ctrl.target(),
+                    key.0,
+                    key.1
+                ),
+            }
+        }
+        now.sort_unstable();
+        log::debug!(
+            "{}: mirroring {} guest regions",
+            self.ctrl.target(),
+            now.len()
+        );
+        self.mirrored = now;
+        self.mirrored_snapshot = Some(cur);
+    }
+
+    /// Device-address segments for `iov` if every byte lies in mirrored memory.
+    fn zero_copy_segments(&mut self, iov: &[libc::iovec]) -> bool {
+        self.segs.clear();
+        for v in iov {
+            let (a, l) = (v.iov_base as u64, v.iov_len as u64);
+            let i = self.mirrored.partition_point(|&(va, _)| va <= a);
+            let inside = i
+                .checked_sub(1)
+                .map(|i| self.mirrored[i])
+                .is_some_and(|(va, len)| a + l <= va + len);
+            if !inside {
+                return false;
+            }
+            self.segs.push((a, l));
+        }
+        true
     }
 
     /// Transfer counters (shared; read them from any thread).
@@ -100,7 +199,10 @@ impl NvmeBackend {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
-        if !offset.is_multiple_of(self.block_size) || !len.is_multiple_of(self.block_size) || len == 0 {
+        if !offset.is_multiple_of(self.block_size)
+            || !len.is_multiple_of(self.block_size)
+            || len == 0
+        {
             return Err(Status::INVALID_FIELD);
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
@@ -211,6 +313,36 @@ impl Backend for NvmeBackend {
                     self.free.push(slot);
                     return Err(s);
                 }
+                let write = req.op != IoOp::Read;
+                let fua = matches!(req.op, IoOp::Write { fua: true });
+                let lba = self.lba(req.offset);
+                // check() bounds len by the maximum transfer, so the block count fits
+                let blocks = (len / self.block_size) as u32;
+                self.sync_mirror();
+                if self.guest.is_some() && self.zero_copy_segments(req.iov) {
+                    let segs = std::mem::take(&mut self.segs);
+                    let r = self.qp.read_write_segments(
+                        write,
+                        fua,
+                        self.nsid,
+                        lba,
+                        blocks,
+                        &segs,
+                        slot as u64,
+                    );
+                    self.segs = segs;
+                    if r.is_ok() {
+                        self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
+                        self.pending[slot] = Some(Pending {
+                            tag: req.tag,
+                            read: false,
+                            iov: Vec::new(),
+                            bounce: None,
+                        });
+                        self.qp.ring();
+                        return Ok(());
+                    }
+                }
                 let mut buf = match self.dma(len) {
                     Ok(b) => b,
                     Err(s) => {
@@ -218,7 +350,6 @@ impl Backend for NvmeBackend {
                         return Err(s);
                     }
                 };
-                let write = req.op != IoOp::Read;
                 if write {
                     let mut at = 0usize;
                     let dst = buf.as_mut_slice();
@@ -232,16 +363,13 @@ impl Backend for NvmeBackend {
                     }
                 }
                 self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
-                let (iova, lba) = (buf.iova(), self.lba(req.offset));
-                // check() bounds len by the maximum transfer, so the block count fits
-                let blocks = (len / self.block_size) as u32;
+                let iova = buf.iova();
                 self.pending[slot] = Some(Pending {
                     tag: req.tag,
                     read: !write,
                     iov: if write { Vec::new() } else { req.iov.to_vec() },
                     bounce: Some(buf),
                 });
-                let fua = matches!(req.op, IoOp::Write { fua: true });
                 self.qp
                     .read_write_fua(write, fua, self.nsid, lba, blocks, iova, len, slot as u64)
                     .map(|_| ())

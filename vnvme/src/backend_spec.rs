@@ -6,7 +6,11 @@
 use std::path::PathBuf;
 
 use device_model::backend::{Backend, FileBackend, MallocBackend, NullBackend};
-use pcie_p2p::NvmeBackend;
+use std::sync::Arc;
+
+use device_model::GuestMemory;
+use host_driver::controller::HIGH_DMA_IOVA_BASE;
+use pcie_p2p::{NvmeBackend, TransferStats};
 
 use crate::target::Target;
 
@@ -111,19 +115,36 @@ pub enum OpenError {
     Nvme(String),
 }
 
+/// An opened backend, with the transfer counters of an `nvme:` one.
+pub struct Opened {
+    pub backend: Box<dyn Backend>,
+    pub transfer: Option<Arc<TransferStats>>,
+}
+
 impl BackendSpec {
-    /// Create the backend.
-    pub fn open(&self) -> Result<Box<dyn Backend>, OpenError> {
-        Ok(match self {
+    /// Create the backend for a namespace of a controller whose guest memory is `guest`
+    /// (an `nvme:` backend mirrors it into the backend device for zero copy).
+    pub fn open(&self, guest: &Arc<GuestMemory>) -> Result<Opened, OpenError> {
+        let backend: Box<dyn Backend> = match self {
             BackendSpec::Null { size } => Box::new(NullBackend::new(*size)),
             BackendSpec::Malloc { size } => Box::new(MallocBackend::new(*size)?),
             BackendSpec::File { path, size } => Box::new(FileBackend::open(path, *size)?),
             BackendSpec::Nvme { target, nsid } => {
                 let ctrl = target
-                    .open(NVME_BACKEND_DMA, 1)
+                    .open_with_dma_base(NVME_BACKEND_DMA, 1, HIGH_DMA_IOVA_BASE)
                     .map_err(|e| OpenError::Nvme(format!("{e:#}")))?;
-                Box::new(NvmeBackend::new(ctrl, *nsid).map_err(|e| OpenError::Nvme(e.to_string()))?)
+                let b = NvmeBackend::new(ctrl, *nsid, Some(Arc::clone(guest)))
+                    .map_err(|e| OpenError::Nvme(e.to_string()))?;
+                let transfer = Some(b.stats());
+                return Ok(Opened {
+                    backend: Box::new(b),
+                    transfer,
+                });
             }
+        };
+        Ok(Opened {
+            backend,
+            transfer: None,
         })
     }
 }

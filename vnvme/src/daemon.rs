@@ -11,6 +11,7 @@ use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, GuestMemory,
     Namespace, PollMode,
 };
+use pcie_p2p::TransferStats;
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
 
 use crate::backend_spec::{BackendSpec, OpenError};
@@ -41,6 +42,7 @@ pub struct Daemon {
     stop: Arc<AtomicBool>,
     servers: Vec<(PathBuf, JoinHandle<Result<Server, ServerError>>)>,
     stats: Vec<Arc<ControllerStats>>,
+    transfers: Vec<Vec<(u32, Arc<TransferStats>)>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -51,11 +53,19 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// A controller ready to serve, its event counters, and the transfer counters of its
+/// `nvme:` namespaces.
+type Built = (
+    NvmeDevice,
+    Arc<ControllerStats>,
+    Vec<(u32, Arc<TransferStats>)>,
+);
+
 fn build_controller(
     index: usize,
     spec: &ControllerSpec,
     poll: PollSetting,
-) -> Result<(NvmeDevice, Arc<ControllerStats>), DaemonError> {
+) -> Result<Built, DaemonError> {
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
         .serial
@@ -77,18 +87,24 @@ fn build_controller(
     }
     cfg.cntlid = index as u16 + 1;
     cfg.subnqn = format!("nqn.2026-11.io.vnvme:{}", cfg.serial);
+    let mem = Arc::new(GuestMemory::new());
     let mut namespaces = Vec::new();
+    let mut transfers = Vec::new();
     for (j, n) in spec.namespaces.iter().enumerate() {
         let bspec: BackendSpec = n.backend.parse().map_err(|e| DaemonError::Backend {
             index,
             ns: j,
             source: OpenError::Spec(e),
         })?;
-        let backend = bspec.open().map_err(|source| DaemonError::Backend {
+        let opened = bspec.open(&mem).map_err(|source| DaemonError::Backend {
             index,
             ns: j,
             source,
         })?;
+        let backend = opened.backend;
+        if let Some(t) = opened.transfer {
+            transfers.push((j as u32 + 1, t));
+        }
         log::info!(
             "{}: namespace {} = {} ({}-byte blocks)",
             cfg.serial,
@@ -103,7 +119,6 @@ fn build_controller(
             &cfg.serial,
         ));
     }
-    let mem = Arc::new(GuestMemory::new());
     let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
     let ids = cfg.ids;
     let name = format!("reactor-{index}");
@@ -116,7 +131,11 @@ fn build_controller(
     };
     let handle = ControllerHandle::spawn(&name, ctrl, mode)
         .map_err(|source| DaemonError::Io { index, source })?;
-    Ok((NvmeDevice::new(handle, mem, doorbells, ids), stats))
+    Ok((
+        NvmeDevice::new(handle, mem, doorbells, ids),
+        stats,
+        transfers,
+    ))
 }
 
 impl Daemon {
@@ -127,10 +146,12 @@ impl Daemon {
             stop: Arc::clone(&stop),
             servers: Vec::new(),
             stats: Vec::new(),
+            transfers: Vec::new(),
         };
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let (device, stats) = build_controller(index, spec, cfg.poll)?;
+            let (device, stats, transfers) = build_controller(index, spec, cfg.poll)?;
             daemon.stats.push(stats);
+            daemon.transfers.push(transfers);
             let mut server = Server::bind(&spec.socket, device, Arc::clone(&stop))
                 .map_err(|source| DaemonError::Server { index, source })?;
             let join = std::thread::Builder::new()
@@ -146,6 +167,16 @@ impl Daemon {
     /// Event counters of controller `index` (configuration order).
     pub fn stats(&self, index: usize) -> Option<Arc<ControllerStats>> {
         self.stats.get(index).cloned()
+    }
+
+    /// Transfer counters (zero-copy vs bounced bytes) of namespace `nsid` of controller
+    /// `index`, when it is an `nvme:` namespace.
+    pub fn transfer_stats(&self, index: usize, nsid: u32) -> Option<Arc<TransferStats>> {
+        self.transfers
+            .get(index)?
+            .iter()
+            .find(|(n, _)| *n == nsid)
+            .map(|(_, t)| Arc::clone(t))
     }
 
     pub fn sockets(&self) -> Vec<PathBuf> {

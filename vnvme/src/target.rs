@@ -50,16 +50,23 @@ impl Target {
     /// Connect and bring the controller up with `dma_size` bytes of DMA memory and
     /// `io_queues` I/O queue pairs.
     pub fn open(&self, dma_size: u64, io_queues: u16) -> anyhow::Result<Controller> {
-        match self {
-            Target::VfioUser(path) => {
-                let t = VfioUserTransport::connect(path)?;
-                Ok(Controller::new(Box::new(t), dma_size, io_queues)?)
-            }
-            Target::Pci(bdf) => {
-                let t = VfioTransport::open(bdf)?;
-                Ok(Controller::new(Box::new(t), dma_size, io_queues)?)
-            }
-        }
+        self.open_with_dma_base(dma_size, io_queues, host_driver::controller::DMA_IOVA_BASE)
+    }
+
+    /// As [`Self::open`], with the driver's DMA memory at device address `iova_base`.
+    pub fn open_with_dma_base(
+        &self,
+        dma_size: u64,
+        io_queues: u16,
+        iova_base: u64,
+    ) -> anyhow::Result<Controller> {
+        let t: Box<dyn host_driver::Transport> = match self {
+            Target::VfioUser(path) => Box::new(VfioUserTransport::connect(path)?),
+            Target::Pci(bdf) => Box::new(VfioTransport::open(bdf)?),
+        };
+        Ok(Controller::with_dma_base(
+            t, dma_size, io_queues, iova_base,
+        )?)
     }
 }
 

@@ -28,6 +28,19 @@ pub trait Transport: Send {
     fn doorbells(&self) -> *mut u32;
     /// Let the device reach `mem` at its IOVA.
     fn map_dma(&mut self, mem: &DmaMemory) -> Result<(), DriverError>;
+    /// Let the device reach memory that is not ours (a guest's RAM that a vfio-user client
+    /// mapped into this process) at `iova`: `len` bytes of `fd` from `file_offset`, mapped
+    /// here at `host`. Zero-copy backends use `iova == host`.
+    fn map_foreign(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+        host: *mut u8,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), DriverError>;
+    /// Undo [`Self::map_foreign`].
+    fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError>;
     /// Human-readable target name.
     fn name(&self) -> String;
 }

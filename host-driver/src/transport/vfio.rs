@@ -24,6 +24,7 @@ const GROUP_SET_CONTAINER: u64 = io(104);
 const GROUP_GET_DEVICE_FD: u64 = io(106);
 const DEVICE_GET_REGION_INFO: u64 = io(108);
 const IOMMU_MAP_DMA: u64 = io(113);
+const IOMMU_UNMAP_DMA: u64 = io(114);
 const API_VERSION: i32 = 0;
 const TYPE1_IOMMU: u64 = 1;
 const TYPE1V2_IOMMU: u64 = 3;
@@ -51,6 +52,14 @@ struct RegionInfo {
     cap_offset: u32,
     size: u64,
     offset: u64,
+}
+
+#[repr(C)]
+struct DmaUnmap {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
 }
 
 #[repr(C)]
@@ -286,6 +295,46 @@ impl Transport for VfioTransport {
             IOMMU_MAP_DMA,
             &raw mut m,
             "VFIO_IOMMU_MAP_DMA",
+        )
+        .map(|_| ())
+    }
+
+    fn map_foreign(
+        &mut self,
+        _fd: std::os::fd::BorrowedFd<'_>,
+        _file_offset: u64,
+        host: *mut u8,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), DriverError> {
+        let mut m = DmaMap {
+            argsz: size_of::<DmaMap>() as u32,
+            flags: DMA_MAP_READ_WRITE,
+            vaddr: host as u64,
+            iova,
+            size: len,
+        };
+        ioctl_ptr(
+            &self.container,
+            IOMMU_MAP_DMA,
+            &raw mut m,
+            "VFIO_IOMMU_MAP_DMA",
+        )
+        .map(|_| ())
+    }
+
+    fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError> {
+        let mut m = DmaUnmap {
+            argsz: size_of::<DmaUnmap>() as u32,
+            flags: 0,
+            iova,
+            size: len,
+        };
+        ioctl_ptr(
+            &self.container,
+            IOMMU_UNMAP_DMA,
+            &raw mut m,
+            "VFIO_IOMMU_UNMAP_DMA",
         )
         .map(|_| ())
     }

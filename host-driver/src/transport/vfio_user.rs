@@ -108,6 +108,25 @@ impl Transport for VfioUserTransport {
             .map_err(|e| err("DMA map", e))
     }
 
+    fn map_foreign(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+        _host: *mut u8,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), DriverError> {
+        self.client
+            .dma_map(file_offset, iova, len, fd.as_raw_fd())
+            .map_err(|e| err("DMA map (foreign)", e))
+    }
+
+    fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError> {
+        self.client
+            .dma_unmap(iova, len)
+            .map_err(|e| err("DMA unmap", e))
+    }
+
     fn name(&self) -> String {
         format!("vfio-user:{}", self.path.display())
     }
