@@ -322,6 +322,11 @@ impl Controller {
         if s & csts::CFS != 0 {
             return Err(DriverError::Fatal);
         }
+        if s & csts::RDY == 0 && !self.shut_down {
+            return Err(DriverError::Transport(
+                "controller no longer ready (reset behind the driver's back?)".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -22,6 +22,10 @@ use nvme_spec::Status;
 
 /// How long a synchronous management command may take.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Period of the timeout clock.
+const TICK: Duration = Duration::from_millis(100);
+/// A request fails after this many ticks without a completion.
+const IO_TIMEOUT_TICKS: u32 = 50;
 /// Queue pair depth towards the backend controller.
 const QUEUE_SIZE: u16 = 256;
 
@@ -67,6 +71,11 @@ pub struct NvmeBackend {
     mirrored_snapshot: Option<Arc<MemoryMap>>,
     mirrored: Vec<(u64, u64)>,
     segs: Vec<(u64, u64)>,
+    /// Polls since the queue clock last advanced, and when it did.
+    polls: u32,
+    last_tick: Instant,
+    /// The backend device stopped answering: every request fails at once.
+    failed: bool,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -113,7 +122,53 @@ impl NvmeBackend {
             mirrored_snapshot: None,
             mirrored: Vec::new(),
             segs: Vec::with_capacity(256),
+            polls: 0,
+            last_tick: Instant::now(),
+            failed: false,
         })
+    }
+
+    /// Every ~100 ms while requests are in flight: advance the queue clock. When requests
+    /// are older than [`IO_TIMEOUT_TICKS`], check the device: gone, fatal or no longer ready
+    /// (reset behind our back) fails every request and the backend for good.
+    fn check_timeouts(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.polls = self.polls.wrapping_add(1);
+        if !self.polls.is_multiple_of(1024) || self.last_tick.elapsed() < TICK {
+            return 0;
+        }
+        self.last_tick = Instant::now();
+        self.qp.tick();
+        let overdue = self.qp.overdue(IO_TIMEOUT_TICKS);
+        if overdue.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.ctrl.check_health() {
+            log::error!(
+                "{}: backend device failed ({e}); failing its I/O",
+                self.ctrl.target()
+            );
+        } else {
+            // alive but slow: keep waiting (failing a request whose command may still
+            // complete would let that late completion land on a reused slot)
+            log::warn!(
+                "{}: {} commands outstanding for over {} s",
+                self.ctrl.target(),
+                overdue.len(),
+                (TICK * IO_TIMEOUT_TICKS).as_secs()
+            );
+            return 0;
+        }
+        // the device is gone or unusable: nothing will complete any more
+        self.failed = true;
+        let mut n = 0;
+        for slot in 0..self.pending.len() {
+            if let Some(p) = self.pending[slot].take() {
+                self.free.push(slot);
+                done(p.tag, Status::INTERNAL_ERROR);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Bring the device's mapping of guest memory in line with the front's DMA map.
@@ -230,6 +285,7 @@ impl NvmeBackend {
     /// Run one command to completion, stashing other completions for `poll`.
     fn wait_sync(&mut self, slot: usize) -> Result<(), Status> {
         self.qp.ring();
+        let mut next_health_check = Duration::from_millis(100);
         let start = Instant::now();
         loop {
             let mut mine = None;
@@ -247,9 +303,18 @@ impl NvmeBackend {
                 self.free.push(slot);
                 return if s.is_success() { Ok(()) } else { Err(s) };
             }
-            if start.elapsed() > SYNC_TIMEOUT {
+            let waited = start.elapsed();
+            if waited > SYNC_TIMEOUT {
                 log::error!("{}: synchronous command timed out", self.ctrl.target());
                 return Err(Status::INTERNAL_ERROR);
+            }
+            if waited > next_health_check {
+                next_health_check = waited + Duration::from_millis(100);
+                if let Err(e) = self.ctrl.check_health() {
+                    log::error!("{}: backend device failed ({e})", self.ctrl.target());
+                    self.failed = true;
+                    return Err(Status::INTERNAL_ERROR);
+                }
             }
             std::hint::spin_loop();
         }
@@ -296,6 +361,9 @@ impl Backend for NvmeBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if self.failed {
+            return Err(Status::INTERNAL_ERROR);
+        }
         let slot = self.take_slot()?;
         let res = match req.op {
             IoOp::Flush => {
@@ -403,7 +471,7 @@ impl Backend for NvmeBackend {
                 n += 1;
             }
         }
-        n
+        n + self.check_timeouts(done)
     }
 
     fn in_flight(&self) -> usize {
@@ -411,6 +479,9 @@ impl Backend for NvmeBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        if self.failed {
+            return Err(Status::INTERNAL_ERROR);
+        }
         if offset.checked_add(len).is_none_or(|e| e > self.size)
             || !offset.is_multiple_of(self.block_size)
             || !len.is_multiple_of(self.block_size)
@@ -438,6 +509,9 @@ impl Backend for NvmeBackend {
     }
 
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        if self.failed {
+            return Err(Status::INTERNAL_ERROR);
+        }
         let len = buf.len() as u64;
         self.check(offset, len)?;
         let bounce = self.dma(len)?;
@@ -466,6 +540,9 @@ impl Backend for NvmeBackend {
     }
 
     fn flush_sync(&mut self) -> Result<(), Status> {
+        if self.failed {
+            return Err(Status::INTERNAL_ERROR);
+        }
         let slot = self.take_slot()?;
         self.pending[slot] = Some(Pending {
             tag: u64::MAX,

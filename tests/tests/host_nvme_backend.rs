@@ -73,3 +73,44 @@ fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
     front.stop().unwrap();
     back.stop().unwrap();
 }
+
+#[test]
+fn back_device_gone_gives_the_front_guest_errors_not_a_hang() {
+    let tmp = TempDir::new("nvme-backend-gone");
+    let d = tmp.path().display();
+    let back = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+    ));
+    let front = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
+         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
+    ));
+    let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
+    n.create_io_queues();
+    assert!(
+        n.submit(1, cmd(0x02, 1, 0x20000, &[0, 0, 7])).ok(),
+        "read before"
+    );
+    back.stop().unwrap();
+    let t = std::time::Instant::now();
+    let cid = n.submit_nowait(1, cmd(0x02, 1, 0x20000, &[0, 0, 7]));
+    let c = n
+        .wait(1, cid, std::time::Duration::from_secs(20))
+        .expect("the command completes, with an error");
+    assert!(!c.ok(), "{c:?}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t.elapsed()
+    );
+    // later commands fail at once; the front controller itself keeps working
+    let t = std::time::Instant::now();
+    assert!(!n.submit(1, cmd(0x01, 1, 0x20000, &[0, 0, 7])).ok());
+    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    assert!(
+        n.submit(0, cmd(0x06, 0, 0x10000, &[1])).ok(),
+        "identify still works"
+    );
+    drop(n);
+    front.stop().unwrap();
+}
