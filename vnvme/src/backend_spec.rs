@@ -130,8 +130,15 @@ impl BackendSpec {
             BackendSpec::Malloc { size } => Box::new(MallocBackend::new(*size)?),
             BackendSpec::File { path, size } => Box::new(FileBackend::open(path, *size)?),
             BackendSpec::Nvme { target, nsid } => {
+                // DMA memory above user space, so guest memory can be mirrored at its host
+                // address; an IOMMU with a narrower aperture gets the usual base (and then
+                // guest I/O bounces, counted)
                 let ctrl = target
                     .open_with_dma_base(NVME_BACKEND_DMA, 1, HIGH_DMA_IOVA_BASE)
+                    .or_else(|e| {
+                        log::warn!("{target:?}: DMA memory at {HIGH_DMA_IOVA_BASE:#x}: {e:#}; retrying lower");
+                        target.open(NVME_BACKEND_DMA, 1)
+                    })
                     .map_err(|e| OpenError::Nvme(format!("{e:#}")))?;
                 let b = NvmeBackend::new(ctrl, *nsid, Some(Arc::clone(guest)))
                     .map_err(|e| OpenError::Nvme(e.to_string()))?;

@@ -190,6 +190,15 @@ impl Daemon {
 
     fn shutdown(&mut self) -> Result<(), DaemonError> {
         self.stop.store(true, Ordering::Relaxed);
+        for (index, transfers) in self.transfers.iter().enumerate() {
+            for (nsid, t) in transfers {
+                log::info!(
+                    "controller[{index}] namespace {nsid}: {} bytes zero-copy, {} bytes bounced",
+                    t.zero_copy_bytes.load(Ordering::Relaxed),
+                    t.bounced_bytes.load(Ordering::Relaxed)
+                );
+            }
+        }
         let mut first_err = None;
         for (index, (path, join)) in self.servers.drain(..).enumerate() {
             let r = match join.join() {
