@@ -73,9 +73,9 @@ fn local_ssd_backend_over_vfio_writes_reach_qemus_disk() {
         let ns = u32::from_le_bytes(block[8..12].try_into().unwrap());
         if ns == 1 && tag != 0 {
             if tag == lba as u64 {
-                stamped += 1
+                stamped += 1;
             } else {
-                wrong += 1
+                wrong += 1;
             }
         }
     }
