@@ -108,6 +108,31 @@ impl Drop for TempDir {
     }
 }
 
+/// Build the `vnvme` binary (debug) and copy it without debug info into `dir`, for a guest
+/// to run (`.file(...)` puts it at `/tmp/h/vnvme`; it needs glibc >= the host's, which the
+/// Debian trixie guest has).
+pub fn vnvme_binary_for_guest(dir: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = std::process::Command::new(cargo)
+        .args(["build", "-q", "-p", "vnvme"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build -p vnvme");
+    assert!(st.success(), "building vnvme failed");
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    let out = dir.join("vnvme");
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(target.join("debug/vnvme"))
+        .arg(&out)
+        .status()
+        .expect("objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

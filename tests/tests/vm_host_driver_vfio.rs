@@ -2,33 +2,7 @@
 //! with an emulated Intel IOMMU binds QEMU's own `-device nvme` to vfio-pci and runs
 //! `vnvme identify pci:...` and `vnvme perf ... --verify` on it.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value};
-
-/// Build the `vnvme` binary and copy it, without debug info, into `dir`.
-fn vnvme_binary(dir: &std::path::Path) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "vnvme"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo build -p vnvme");
-    assert!(st.success(), "building vnvme failed");
-    let target =
-        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
-    let out = dir.join("vnvme");
-    let st = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(target.join("debug/vnvme"))
-        .arg(&out)
-        .status()
-        .expect("objcopy");
-    assert!(st.success(), "objcopy --strip-debug failed");
-    out
-}
+use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
 
 const SCRIPT: &str = r#"
 modprobe vfio_iommu_type1
@@ -51,7 +25,7 @@ exit 0
 #[test]
 fn host_driver_over_vfio_against_qemu_nvme_in_a_guest() {
     let tmp = TempDir::new("vfio");
-    let bin = vnvme_binary(tmp.path());
+    let bin = vnvme_binary_for_guest(tmp.path());
     let guest = harness_guest(SCRIPT)
         .iommu()
         .qemu_nvme(tmp.path().join("disk.raw"), "")

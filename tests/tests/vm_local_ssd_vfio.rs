@@ -3,32 +3,7 @@
 //! namespace over vfio-user inside the guest, and `vnvme perf --verify` writes and reads
 //! through it. Afterwards the host finds the written blocks in QEMU's disk image.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value};
-
-fn vnvme_binary(dir: &std::path::Path) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "vnvme"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo build -p vnvme");
-    assert!(st.success(), "building vnvme failed");
-    let target =
-        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
-    let out = dir.join("vnvme");
-    let st = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(target.join("debug/vnvme"))
-        .arg(&out)
-        .status()
-        .expect("objcopy");
-    assert!(st.success(), "objcopy --strip-debug failed");
-    out
-}
+use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
 
 const SCRIPT: &str = r#"
 modprobe vfio_iommu_type1
@@ -52,7 +27,7 @@ exit 0
 #[test]
 fn local_ssd_backend_over_vfio_writes_reach_qemus_disk() {
     let tmp = TempDir::new("local-ssd");
-    let bin = vnvme_binary(tmp.path());
+    let bin = vnvme_binary_for_guest(tmp.path());
     let img = tmp.path().join("ssd.raw");
     let guest = harness_guest(SCRIPT).iommu().qemu_nvme(&img, "").file(&bin);
     let out = run_ok(&guest);
