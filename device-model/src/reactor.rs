@@ -195,16 +195,19 @@ fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controll
             std::hint::spin_loop();
             continue;
         }
-        // check the clock only every few iterations: Instant::now is a vDSO call, not free
+        // check the clock only every few iterations: Instant::now is a vDSO call, not free.
+        // Between checks, yield rather than spin: on a machine with fewer cores than busy
+        // threads (guest vCPUs, a backend server, a client) a spinning reactor would hold its
+        // core for a whole time slice while the thread it waits for cannot run.
         if !iter.is_multiple_of(64) {
-            std::hint::spin_loop();
+            thread::yield_now();
             continue;
         }
         let idle = last_work.elapsed();
         if !ctrl.is_ready() {
             thread::park_timeout(Duration::from_millis(20));
         } else if idle < SPIN_AFTER_WORK {
-            std::hint::spin_loop();
+            thread::yield_now();
         } else if idle < Duration::from_millis(10) {
             thread::park_timeout(Duration::from_micros(20));
         } else if idle < Duration::from_secs(1) {

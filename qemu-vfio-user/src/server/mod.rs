@@ -36,6 +36,8 @@ pub struct Server {
     listener: UnixListener,
     device: NvmeDevice,
     stop: Arc<AtomicBool>,
+    /// A client that connected while the previous one was closing: served next.
+    next: Option<UnixStream>,
 }
 
 impl std::fmt::Debug for Server {
@@ -75,6 +77,7 @@ impl Server {
             listener,
             device,
             stop,
+            next: None,
         })
     }
 
@@ -98,7 +101,11 @@ impl Server {
     pub fn run(&mut self) -> Result<(), ServerError> {
         log::info!("vfio-user: listening on {}", self.path.display());
         while !self.stop.load(Ordering::Relaxed) {
-            match self.listener.accept() {
+            let accepted = match self.next.take() {
+                Some(s) => Ok((s, None)),
+                None => self.listener.accept().map(|(s, a)| (s, Some(a))),
+            };
+            match accepted {
                 Ok((stream, _)) => {
                     log::info!("vfio-user: client connected on {}", self.path.display());
                     let end = self.serve_client(&stream);
@@ -131,15 +138,21 @@ impl Server {
     }
 
     /// One client at a time: a second one is accepted and closed at once, so it sees an
-    /// error instead of waiting unanswered in the listen backlog.
-    fn refuse_extra_clients(&self) {
+    /// error instead of waiting unanswered in the listen backlog, unless the current client
+    /// has already hung up (it is then kept as the next client). Returns true in that case.
+    fn refuse_extra_clients(&mut self, current: &UnixStream) -> bool {
         while let Ok((extra, _)) = self.listener.accept() {
+            if peer_closed(current) {
+                self.next = Some(extra);
+                return true;
+            }
             log::warn!(
                 "vfio-user: {} already has a client; refusing another",
                 self.path.display()
             );
             drop(extra);
         }
+        false
     }
 
     fn serve_client(&mut self, stream: &UnixStream) -> io::Result<End> {
@@ -148,7 +161,9 @@ impl Server {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(End::Stopped);
             }
-            self.refuse_extra_clients();
+            if self.refuse_extra_clients(stream) {
+                return Ok(End::ClientClosed);
+            }
             if !wait_readable(stream.as_raw_fd(), 200) {
                 continue;
             }
@@ -311,6 +326,21 @@ fn send_reply(
 }
 
 /// Wait up to `ms` for `fd` to become readable.
+/// True when the peer of `s` has closed its end (a zero-length peek).
+fn peer_closed(s: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: recv into a 1-byte local buffer on a socket we own; MSG_PEEK leaves the data.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
 fn wait_readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
