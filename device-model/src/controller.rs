@@ -387,6 +387,9 @@ impl Controller {
     /// admin queue registers and interrupt routes.
     pub fn device_reset(&mut self) {
         self.reset();
+        for ns in &mut self.namespaces {
+            ns.backend.guest_memory_changed();
+        }
         self.aqa = 0;
         self.asq = 0;
         self.acq = 0;

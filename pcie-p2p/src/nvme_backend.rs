@@ -539,6 +539,12 @@ impl Backend for NvmeBackend {
         Ok(())
     }
 
+    fn guest_memory_changed(&mut self) {
+        if !self.failed {
+            self.sync_mirror();
+        }
+    }
+
     fn flush_sync(&mut self) -> Result<(), Status> {
         if self.failed {
             return Err(Status::INTERNAL_ERROR);

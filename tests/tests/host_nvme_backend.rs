@@ -114,3 +114,34 @@ fn back_device_gone_gives_the_front_guest_errors_not_a_hang() {
     drop(n);
     front.stop().unwrap();
 }
+
+#[test]
+fn guest_memory_mirror_follows_the_front_client_and_is_dropped_when_it_leaves() {
+    let tmp = TempDir::new("nvme-backend-mirror");
+    let d = tmp.path().display();
+    let back = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+    ));
+    let front = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
+         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
+    ));
+    // the back sees the front's driver memory only
+    assert_eq!(back.dma_regions(0), Some(1));
+    let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
+    n.create_io_queues();
+    assert!(n.submit(1, cmd(0x02, 1, 0x20000, &[0, 0, 7])).ok());
+    assert_eq!(front.dma_regions(0), Some(1), "the test client's memory");
+    assert_eq!(back.dma_regions(0), Some(2), "mirrored after the first I/O");
+    drop(n);
+    let t = std::time::Instant::now();
+    while back.dma_regions(0) != Some(1) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the mirror outlived the front's client"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    front.stop().unwrap();
+    back.stop().unwrap();
+}

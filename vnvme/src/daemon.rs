@@ -43,6 +43,7 @@ pub struct Daemon {
     servers: Vec<(PathBuf, JoinHandle<Result<Server, ServerError>>)>,
     stats: Vec<Arc<ControllerStats>>,
     transfers: Vec<Vec<(u32, Arc<TransferStats>)>>,
+    memory: Vec<Arc<GuestMemory>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -53,12 +54,13 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-/// A controller ready to serve, its event counters, and the transfer counters of its
-/// `nvme:` namespaces.
+/// A controller ready to serve, its event counters, the transfer counters of its `nvme:`
+/// namespaces, and its guest memory map.
 type Built = (
     NvmeDevice,
     Arc<ControllerStats>,
     Vec<(u32, Arc<TransferStats>)>,
+    Arc<GuestMemory>,
 );
 
 fn build_controller(
@@ -132,9 +134,10 @@ fn build_controller(
     let handle = ControllerHandle::spawn(&name, ctrl, mode)
         .map_err(|source| DaemonError::Io { index, source })?;
     Ok((
-        NvmeDevice::new(handle, mem, doorbells, ids),
+        NvmeDevice::new(handle, Arc::clone(&mem), doorbells, ids),
         stats,
         transfers,
+        mem,
     ))
 }
 
@@ -147,11 +150,13 @@ impl Daemon {
             servers: Vec::new(),
             stats: Vec::new(),
             transfers: Vec::new(),
+            memory: Vec::new(),
         };
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let (device, stats, transfers) = build_controller(index, spec, cfg.poll)?;
+            let (device, stats, transfers, mem) = build_controller(index, spec, cfg.poll)?;
             daemon.stats.push(stats);
             daemon.transfers.push(transfers);
+            daemon.memory.push(mem);
             let mut server = Server::bind(&spec.socket, device, Arc::clone(&stop))
                 .map_err(|source| DaemonError::Server { index, source })?;
             let join = std::thread::Builder::new()
@@ -177,6 +182,11 @@ impl Daemon {
             .iter()
             .find(|(n, _)| *n == nsid)
             .map(|(_, t)| Arc::clone(t))
+    }
+
+    /// DMA regions the client of controller `index` has mapped right now.
+    pub fn dma_regions(&self, index: usize) -> Option<usize> {
+        Some(self.memory.get(index)?.snapshot().regions().len())
     }
 
     pub fn sockets(&self) -> Vec<PathBuf> {

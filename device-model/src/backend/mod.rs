@@ -58,6 +58,9 @@ pub trait Backend: Send {
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status>;
     /// Make everything durable now (shutdown, controller reset).
     fn flush_sync(&mut self) -> Result<(), Status>;
+    /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
+    /// guest memory into another device catches up now rather than at its next request.
+    fn guest_memory_changed(&mut self) {}
 }
 
 /// Sum of iovec lengths.

@@ -71,12 +71,14 @@ impl NvmeDevice {
     /// Client gone or DEVICE_RESET: reset the controller, forget interrupts (and, when the
     /// client left, its memory).
     pub fn reset(&mut self, forget_memory: bool) {
-        self.handle.device_reset();
-        self.config.reset();
-        self.msix_bar.fill(0);
+        // forget the memory first: commands still in flight keep their snapshot of it, and
+        // the controller's reset then tells mirroring backends the map is gone
         if forget_memory {
             self.mem.clear();
         }
+        self.handle.device_reset();
+        self.config.reset();
+        self.msix_bar.fill(0);
     }
 
     fn region_size(index: u32) -> u64 {
