@@ -369,15 +369,8 @@ impl QueuePair {
         len: u64,
         user: u64,
     ) -> Result<u16, DriverError> {
-        if blocks == 0 || blocks > 65536 {
-            return Err(DriverError::Invalid(format!("{blocks} blocks")));
-        }
-        let mut sqe = Submission::default();
-        sqe.opcode = if write { nvm::WRITE } else { nvm::READ };
-        sqe.nsid = nsid.into();
-        sqe.cdw10 = (lba as u32).into();
-        sqe.cdw11 = ((lba >> 32) as u32).into();
-        sqe.cdw12 = ((blocks - 1) | (u32::from(fua) << 30)).into();
+        let opcode = if write { nvm::WRITE } else { nvm::READ };
+        let sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
         self.submit_with_data(sqe, iova, len, user)
     }
 
@@ -393,15 +386,8 @@ impl QueuePair {
         segs: &[(u64, u64)],
         user: u64,
     ) -> Result<u16, DriverError> {
-        if blocks == 0 || blocks > 65536 {
-            return Err(DriverError::Invalid(format!("{blocks} blocks")));
-        }
-        let mut sqe = Submission::default();
-        sqe.opcode = if write { nvm::WRITE } else { nvm::READ };
-        sqe.nsid = nsid.into();
-        sqe.cdw10 = (lba as u32).into();
-        sqe.cdw11 = ((lba >> 32) as u32).into();
-        sqe.cdw12 = ((blocks - 1) | (u32::from(fua) << 30)).into();
+        let opcode = if write { nvm::WRITE } else { nvm::READ };
+        let sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
         self.submit_segments(sqe, segs, user)
     }
 
@@ -421,16 +407,7 @@ impl QueuePair {
         blocks: u32,
         user: u64,
     ) -> Result<u16, DriverError> {
-        if blocks == 0 || blocks > 65536 {
-            return Err(DriverError::Invalid(format!("{blocks} blocks")));
-        }
-        let mut sqe = Submission::default();
-        sqe.opcode = nvm::WRITE_ZEROES;
-        sqe.nsid = nsid.into();
-        sqe.cdw10 = (lba as u32).into();
-        sqe.cdw11 = ((lba >> 32) as u32).into();
-        sqe.cdw12 = (blocks - 1).into();
-        self.submit(sqe, user)
+        self.submit(lba_command(nvm::WRITE_ZEROES, nsid, lba, blocks, 0)?, user)
     }
 
     /// Dataset Management, deallocate the `(lba, blocks)` ranges (at most 256) listed in
@@ -452,6 +429,27 @@ impl QueuePair {
         sqe.cdw11 = (1u32 << 2).into(); // AD: deallocate
         self.submit_with_data(sqe, ranges_iova, u64::from(ranges) * 16, user)
     }
+}
+
+/// An NVM command on `blocks` (1..=65536) blocks at `lba` of namespace `nsid`: SLBA in
+/// CDW10-11, the 0's based block count in CDW12 bits 15:0, `cdw12_flags` (FUA, ...) above.
+fn lba_command(
+    opcode: u8,
+    nsid: u32,
+    lba: u64,
+    blocks: u32,
+    cdw12_flags: u32,
+) -> Result<Submission, DriverError> {
+    if blocks == 0 || blocks > 65536 {
+        return Err(DriverError::Invalid(format!("{blocks} blocks")));
+    }
+    let mut sqe = Submission::default();
+    sqe.opcode = opcode;
+    sqe.nsid = nsid.into();
+    sqe.cdw10 = (lba as u32).into();
+    sqe.cdw11 = ((lba >> 32) as u32).into();
+    sqe.cdw12 = ((blocks - 1) | cdw12_flags).into();
+    Ok(sqe)
 }
 
 /// Encode DSM ranges (context attributes 0, length in blocks, starting LBA) into `buf`.

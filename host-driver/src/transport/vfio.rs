@@ -232,6 +232,24 @@ impl VfioTransport {
             .map_err(|e| DriverError::Transport(format!("write PCI command: {e}")))
     }
 
+    /// VFIO_IOMMU_MAP_DMA of `len` bytes of our memory at `host` to device address `iova`.
+    fn iommu_map(&self, host: *mut u8, iova: u64, len: u64) -> Result<(), DriverError> {
+        let mut m = DmaMap {
+            argsz: size_of::<DmaMap>() as u32,
+            flags: DMA_MAP_READ_WRITE,
+            vaddr: host as u64,
+            iova,
+            size: len,
+        };
+        ioctl_ptr(
+            &self.container,
+            IOMMU_MAP_DMA,
+            &raw mut m,
+            "VFIO_IOMMU_MAP_DMA",
+        )
+        .map(|_| ())
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<usize, DriverError> {
         let o = usize::try_from(offset).unwrap_or(usize::MAX);
         if o % len != 0 || o.checked_add(len).is_none_or(|end| end > self.bar0_len) {
@@ -283,20 +301,7 @@ impl Transport for VfioTransport {
     }
 
     fn map_dma(&mut self, mem: &DmaMemory) -> Result<(), DriverError> {
-        let mut m = DmaMap {
-            argsz: size_of::<DmaMap>() as u32,
-            flags: DMA_MAP_READ_WRITE,
-            vaddr: mem.as_ptr() as u64,
-            iova: mem.iova_base(),
-            size: mem.size(),
-        };
-        ioctl_ptr(
-            &self.container,
-            IOMMU_MAP_DMA,
-            &raw mut m,
-            "VFIO_IOMMU_MAP_DMA",
-        )
-        .map(|_| ())
+        self.iommu_map(mem.as_ptr(), mem.iova_base(), mem.size())
     }
 
     fn map_foreign(
@@ -307,20 +312,7 @@ impl Transport for VfioTransport {
         iova: u64,
         len: u64,
     ) -> Result<(), DriverError> {
-        let mut m = DmaMap {
-            argsz: size_of::<DmaMap>() as u32,
-            flags: DMA_MAP_READ_WRITE,
-            vaddr: host as u64,
-            iova,
-            size: len,
-        };
-        ioctl_ptr(
-            &self.container,
-            IOMMU_MAP_DMA,
-            &raw mut m,
-            "VFIO_IOMMU_MAP_DMA",
-        )
-        .map(|_| ())
+        self.iommu_map(host, iova, len)
     }
 
     fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError> {
