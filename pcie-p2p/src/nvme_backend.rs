@@ -51,6 +51,18 @@ struct Pending {
 // until its completion is polled, on the same reactor thread.
 unsafe impl Send for Pending {}
 
+impl Pending {
+    /// A request that moves no data through this backend (flush, zero copy, sync command).
+    fn bare(tag: u64) -> Self {
+        Self {
+            tag,
+            read: false,
+            iov: Vec::new(),
+            bounce: None,
+        }
+    }
+}
+
 /// A namespace on another NVMe controller.
 pub struct NvmeBackend {
     ctrl: Controller,
@@ -63,6 +75,8 @@ pub struct NvmeBackend {
     free: Vec<usize>,
     /// Completions that arrived while a synchronous command was waiting.
     deferred: Vec<(u64, Status)>,
+    /// Reused buffer for completions reaped from the queue pair (no allocation per poll).
+    reaped: Vec<Request>,
     stats: Arc<TransferStats>,
     /// The front's guest memory, when zero copy is on.
     guest: Option<Arc<GuestMemory>>,
@@ -117,6 +131,7 @@ impl NvmeBackend {
             pending: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
             deferred: Vec::new(),
+            reaped: Vec::with_capacity(slots),
             stats: Arc::default(),
             guest,
             mirrored_snapshot: None,
@@ -282,22 +297,40 @@ impl NvmeBackend {
         })
     }
 
-    /// Run one command to completion, stashing other completions for `poll`.
+    /// Run one management command to completion on a slot of its own; `issue` puts it on
+    /// the queue pair. A command that cannot be queued frees its slot again.
+    fn run_sync(
+        &mut self,
+        issue: impl FnOnce(&mut IoQueuePair, u64) -> Result<u16, DriverError>,
+    ) -> Result<(), Status> {
+        let slot = self.take_slot()?;
+        self.pending[slot] = Some(Pending::bare(u64::MAX));
+        if let Err(e) = issue(&mut self.qp, slot as u64) {
+            log::warn!("{}: submit: {e}", self.ctrl.target());
+            self.pending[slot] = None;
+            self.free.push(slot);
+            return Err(Status::INTERNAL_ERROR);
+        }
+        self.wait_sync(slot)
+    }
+
+    /// Wait for the command in `slot`, stashing other completions for `poll`.
     fn wait_sync(&mut self, slot: usize) -> Result<(), Status> {
         self.qp.ring();
         let mut next_health_check = Duration::from_millis(100);
         let start = Instant::now();
         loop {
             let mut mine = None;
-            let mut got = Vec::new();
+            let mut got = std::mem::take(&mut self.reaped);
             self.qp.poll(usize::MAX, |r: Request| got.push(r));
-            for r in got {
+            for r in got.drain(..) {
                 if r.user == slot as u64 {
                     mine = Some(r.status);
                 } else if let Some((tag, st)) = self.finish(r) {
                     self.deferred.push((tag, st));
                 }
             }
+            self.reaped = got;
             if let Some(s) = mine {
                 self.pending[slot] = None;
                 self.free.push(slot);
@@ -367,12 +400,7 @@ impl Backend for NvmeBackend {
         let slot = self.take_slot()?;
         let res = match req.op {
             IoOp::Flush => {
-                self.pending[slot] = Some(Pending {
-                    tag: req.tag,
-                    read: false,
-                    iov: Vec::new(),
-                    bounce: None,
-                });
+                self.pending[slot] = Some(Pending::bare(req.tag));
                 self.qp.flush(self.nsid, slot as u64).map(|_| ())
             }
             IoOp::Read | IoOp::Write { .. } => {
@@ -401,12 +429,7 @@ impl Backend for NvmeBackend {
                     self.segs = segs;
                     if r.is_ok() {
                         self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
-                        self.pending[slot] = Some(Pending {
-                            tag: req.tag,
-                            read: false,
-                            iov: Vec::new(),
-                            bounce: None,
-                        });
+                        self.pending[slot] = Some(Pending::bare(req.tag));
                         self.qp.ring();
                         return Ok(());
                     }
@@ -463,14 +486,15 @@ impl Backend for NvmeBackend {
             done(tag, st);
             n += 1;
         }
-        let mut got: Vec<Request> = Vec::new();
+        let mut got = std::mem::take(&mut self.reaped);
         self.qp.poll(usize::MAX, |r| got.push(r));
-        for r in got {
+        for r in got.drain(..) {
             if let Some((tag, st)) = self.finish(r) {
                 done(tag, st);
                 n += 1;
             }
         }
+        self.reaped = got;
         n + self.check_timeouts(done)
     }
 
@@ -492,17 +516,8 @@ impl Backend for NvmeBackend {
         while at < offset + len {
             // Write Zeroes carries at most 65536 blocks
             let blocks = ((offset + len - at) / self.block_size).min(65536);
-            let slot = self.take_slot()?;
-            self.pending[slot] = Some(Pending {
-                tag: u64::MAX,
-                read: false,
-                iov: Vec::new(),
-                bounce: None,
-            });
-            self.qp
-                .write_zeroes(self.nsid, self.lba(at), blocks as u32, slot as u64)
-                .map_err(|_| Status::INTERNAL_ERROR)?;
-            self.wait_sync(slot)?;
+            let (nsid, lba) = (self.nsid, self.lba(at));
+            self.run_sync(|qp, user| qp.write_zeroes(nsid, lba, blocks as u32, user))?;
             at += blocks * self.block_size;
         }
         Ok(())
@@ -515,26 +530,9 @@ impl Backend for NvmeBackend {
         let len = buf.len() as u64;
         self.check(offset, len)?;
         let bounce = self.dma(len)?;
-        let slot = self.take_slot()?;
-        let iova = bounce.iova();
-        self.pending[slot] = Some(Pending {
-            tag: u64::MAX,
-            read: false,
-            iov: Vec::new(),
-            bounce: None,
-        });
-        self.qp
-            .read_write(
-                false,
-                self.nsid,
-                self.lba(offset),
-                (len / self.block_size) as u32,
-                iova,
-                len,
-                slot as u64,
-            )
-            .map_err(|_| Status::INTERNAL_ERROR)?;
-        self.wait_sync(slot)?;
+        let (nsid, lba, iova) = (self.nsid, self.lba(offset), bounce.iova());
+        let blocks = (len / self.block_size) as u32;
+        self.run_sync(|qp, user| qp.read_write(false, nsid, lba, blocks, iova, len, user))?;
         buf.copy_from_slice(&bounce.as_slice()[..buf.len()]);
         Ok(())
     }
@@ -549,16 +547,7 @@ impl Backend for NvmeBackend {
         if self.failed {
             return Err(Status::INTERNAL_ERROR);
         }
-        let slot = self.take_slot()?;
-        self.pending[slot] = Some(Pending {
-            tag: u64::MAX,
-            read: false,
-            iov: Vec::new(),
-            bounce: None,
-        });
-        self.qp
-            .flush(self.nsid, slot as u64)
-            .map_err(|_| Status::INTERNAL_ERROR)?;
-        self.wait_sync(slot)
+        let nsid = self.nsid;
+        self.run_sync(|qp, user| qp.flush(nsid, user))
     }
 }
