@@ -108,6 +108,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Guest shell that binds QEMU's own `-device nvme` (1b36:0010) to vfio-pci, leaving its
+/// PCI address in `$BDF` and its IOMMU group under `/dev/vfio` (needs `Guest::iommu`).
+pub const BIND_QEMU_NVME_TO_VFIO: &str = r#"
+modprobe vfio_iommu_type1
+modprobe vfio_pci
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1b36 0x0010" ] && BDF=$(basename $d)
+done
+echo "bdf $BDF"
+[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
+echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/new_id
+for i in $(seq 50); do ls /dev/vfio/[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
+echo "vfio $(ls /dev/vfio | tr '\n' ' ')"
+"#;
+
 /// Build the `vnvme` binary (debug) and copy it without debug info into `dir`, for a guest
 /// to run (`.file(...)` puts it at `/tmp/h/vnvme`; it needs glibc >= the host's, which the
 /// Debian trixie guest has).

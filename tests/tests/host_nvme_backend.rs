@@ -14,9 +14,9 @@ fn daemon(text: &str) -> Daemon {
     Daemon::start(&Config::parse(text, Path::new("t.toml")).unwrap()).unwrap()
 }
 
-#[test]
-fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
-    let tmp = TempDir::new("nvme-backend");
+/// A back vnvme with a 16 MiB RAM namespace, and a front vnvme whose namespace 1 is the
+/// back's namespace 1 over vfio-user (`back.sock`, `front.sock` in `tmp`).
+fn back_and_front(tmp: &TempDir) -> (Daemon, Daemon) {
     let d = tmp.path().display();
     let back = daemon(&format!(
         "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
@@ -25,6 +25,13 @@ fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
         "[[controller]]\nsocket = \"{d}/front.sock\"\n\
          [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
     ));
+    (back, front)
+}
+
+#[test]
+fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
+    let tmp = TempDir::new("nvme-backend");
+    let (back, front) = back_and_front(&tmp);
     let stats = front.transfer_stats(0, 1).unwrap();
     let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
     n.create_io_queues();
@@ -77,14 +84,7 @@ fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
 #[test]
 fn back_device_gone_gives_the_front_guest_errors_not_a_hang() {
     let tmp = TempDir::new("nvme-backend-gone");
-    let d = tmp.path().display();
-    let back = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
-    ));
-    let front = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
-         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
-    ));
+    let (back, front) = back_and_front(&tmp);
     let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
     n.create_io_queues();
     assert!(
@@ -118,14 +118,7 @@ fn back_device_gone_gives_the_front_guest_errors_not_a_hang() {
 #[test]
 fn guest_memory_mirror_follows_the_front_client_and_is_dropped_when_it_leaves() {
     let tmp = TempDir::new("nvme-backend-mirror");
-    let d = tmp.path().display();
-    let back = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
-    ));
-    let front = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
-         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
-    ));
+    let (back, front) = back_and_front(&tmp);
     // the back sees the front's driver memory only
     assert_eq!(back.dma_regions(0), Some(1));
     let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));

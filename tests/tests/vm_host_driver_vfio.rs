@@ -2,19 +2,12 @@
 //! with an emulated Intel IOMMU binds QEMU's own `-device nvme` to vfio-pci and runs
 //! `vnvme identify pci:...` and `vnvme perf ... --verify` on it.
 
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
+use vnvme_tests::guest::{
+    BIND_QEMU_NVME_TO_VFIO, TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest,
+};
 
+/// Runs after [`BIND_QEMU_NVME_TO_VFIO`].
 const SCRIPT: &str = r#"
-modprobe vfio_iommu_type1
-modprobe vfio_pci
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1b36 0x0010" ] && BDF=$(basename $d)
-done
-echo "bdf $BDF"
-[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
-echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/new_id
-for i in $(seq 50); do ls /dev/vfio/[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
-echo "vfio $(ls /dev/vfio | tr '\n' ' ')"
 echo @@ID-BEGIN; RUST_LOG=warn /tmp/h/vnvme identify --json pci:$BDF; echo @@ID-END
 echo @@PERF-BEGIN; rc=0; RUST_LOG=warn /tmp/h/vnvme perf pci:$BDF -q 8 -o 8192 -w randrw -M 50 -t 3 --verify --dma-mib 16 2>/dev/null || rc=$?; echo "perf-rc $rc"; echo @@PERF-END
 rc=0; RUST_LOG=warn /tmp/h/vnvme identify vfio-user:/nonexistent.sock || rc=$?; echo "bad-target-rc $rc"
@@ -26,7 +19,7 @@ exit 0
 fn host_driver_over_vfio_against_qemu_nvme_in_a_guest() {
     let tmp = TempDir::new("vfio");
     let bin = vnvme_binary_for_guest(tmp.path());
-    let guest = harness_guest(SCRIPT)
+    let guest = harness_guest(format!("{BIND_QEMU_NVME_TO_VFIO}{SCRIPT}"))
         .iommu()
         .qemu_nvme(tmp.path().join("disk.raw"), "")
         .file(&bin);

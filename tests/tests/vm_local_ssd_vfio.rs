@@ -3,17 +3,12 @@
 //! namespace over vfio-user inside the guest, and `vnvme perf --verify` writes and reads
 //! through it. Afterwards the host finds the written blocks in QEMU's disk image.
 
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
+use vnvme_tests::guest::{
+    BIND_QEMU_NVME_TO_VFIO, TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest,
+};
 
+/// Runs after [`BIND_QEMU_NVME_TO_VFIO`].
 const SCRIPT: &str = r#"
-modprobe vfio_iommu_type1
-modprobe vfio_pci
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor) $(cat $d/device)" = "0x1b36 0x0010" ] && BDF=$(basename $d)
-done
-[ -e /sys/bus/pci/devices/$BDF/driver ] && echo $BDF > /sys/bus/pci/devices/$BDF/driver/unbind
-echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/new_id
-for i in $(seq 50); do ls /dev/vfio/[0-9]* >/dev/null 2>&1 && break; sleep 0.1; done
 RUST_LOG=info /tmp/h/vnvme serve --socket /tmp/front.sock --ns nvme:pci:$BDF >/tmp/serve.log 2>&1 &
 for i in $(seq 100); do [ -S /tmp/front.sock ] && break; sleep 0.1; done
 echo @@PERF-BEGIN; rc=0
@@ -29,7 +24,10 @@ fn local_ssd_backend_over_vfio_writes_reach_qemus_disk() {
     let tmp = TempDir::new("local-ssd");
     let bin = vnvme_binary_for_guest(tmp.path());
     let img = tmp.path().join("ssd.raw");
-    let guest = harness_guest(SCRIPT).iommu().qemu_nvme(&img, "").file(&bin);
+    let guest = harness_guest(format!("{BIND_QEMU_NVME_TO_VFIO}{SCRIPT}"))
+        .iommu()
+        .qemu_nvme(&img, "")
+        .file(&bin);
     let out = run_ok(&guest);
     let perf = section(&out, "@@PERF");
     let serve = section(&out, "@@SERVE");
