@@ -89,16 +89,6 @@ impl Doorbells {
         self.slot(index).store(value, Ordering::Release);
     }
 
-    /// Current SQ tail doorbell value of queue `qid`.
-    pub fn sq_tail(&self, qid: u16) -> u32 {
-        self.slot(2 * qid as usize).load(Ordering::Acquire)
-    }
-
-    /// Current CQ head doorbell value of queue `qid`.
-    pub fn cq_head(&self, qid: u16) -> u32 {
-        self.slot(2 * qid as usize + 1).load(Ordering::Acquire)
-    }
-
     /// A trapped doorbell write (client did not mmap): `offset` is relative to BAR0.
     /// Returns false when the offset is not a doorbell register.
     pub fn write(&self, offset: u64, value: u32) -> bool {
@@ -108,7 +98,7 @@ impl Doorbells {
         if rel % 4 != 0 || rel >= DOORBELL_SIZE {
             return false;
         }
-        self.slot(rel as usize / 4).store(value, Ordering::Release);
+        self.store(rel as usize / 4, value);
         true
     }
 
@@ -116,13 +106,13 @@ impl Doorbells {
     pub fn read(&self, offset: u64) -> Option<u32> {
         let rel = offset.checked_sub(DOORBELL_OFFSET)?;
         (rel % 4 == 0 && rel < DOORBELL_SIZE)
-            .then(|| self.slot(rel as usize / 4).load(Ordering::Acquire))
+            .then(|| self.load(rel as usize / 4))
     }
 
     /// Zero every doorbell (controller reset).
     pub fn clear(&self) {
         for i in 0..DOORBELLS {
-            self.slot(i).store(0, Ordering::Release);
+            self.store(i, 0);
         }
     }
 }
