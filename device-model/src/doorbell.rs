@@ -105,8 +105,7 @@ impl Doorbells {
     /// A trapped doorbell read (doorbells read back as the last value written).
     pub fn read(&self, offset: u64) -> Option<u32> {
         let rel = offset.checked_sub(DOORBELL_OFFSET)?;
-        (rel % 4 == 0 && rel < DOORBELL_SIZE)
-            .then(|| self.load(rel as usize / 4))
+        (rel % 4 == 0 && rel < DOORBELL_SIZE).then(|| self.load(rel as usize / 4))
     }
 
     /// Zero every doorbell (controller reset).
