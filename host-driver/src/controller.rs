@@ -398,6 +398,30 @@ impl Controller {
             .ok_or_else(|| {
                 DriverError::Invalid(format!("all {} I/O queues in use", self.io_queues))
             })? as u16;
+        self.create_io_queue_pair_at(qid, size)
+    }
+
+    /// After a [`Self::reset`], create `qp` again on the same queue id and size, so a
+    /// queue pair owned by another thread that has not caught up with the reset yet can
+    /// never ring a doorbell of a queue handed to someone else. Its outstanding commands
+    /// are dropped (fail them first with [`IoQueuePair::fail_outstanding`]).
+    pub fn recreate_io_queue_pair(&mut self, qp: &mut IoQueuePair) -> Result<(), DriverError> {
+        *qp = self.create_io_queue_pair_at(qp.qid(), qp.size())?;
+        Ok(())
+    }
+
+    /// Create an I/O queue pair with `size` entries on queue id `qid` (1..=granted count).
+    pub fn create_io_queue_pair_at(
+        &mut self,
+        qid: u16,
+        size: u16,
+    ) -> Result<IoQueuePair, DriverError> {
+        if self.qid_used.get(usize::from(qid)) != Some(&false) || qid == 0 {
+            return Err(DriverError::Invalid(format!(
+                "queue {qid} is in use or beyond the {} I/O queues granted",
+                self.io_queues
+            )));
+        }
         let qp = QueuePair::new(
             &self.dma,
             qid,
@@ -472,7 +496,7 @@ impl Controller {
             qp.fail_outstanding(Status::HOST_ABORTED, |r| done(qid, r));
         }
         for qp in qps.iter_mut() {
-            *qp = self.create_io_queue_pair(qp.size())?;
+            self.recreate_io_queue_pair(qp)?;
         }
         Ok(())
     }

@@ -56,6 +56,9 @@ impl Status {
     pub const COMPARE_FAILURE: Status = Status::dnr(sct::MEDIA, 0x85);
     /// Path related: the host aborted the command (e.g. it reset the controller).
     pub const HOST_ABORTED: Status = Status::new(sct::PATH, 0x71);
+    /// Internal Path Error (§4.6.1.2.4): the path to the media failed; retryable (a host
+    /// retries it, on another path if it has one).
+    pub const INTERNAL_PATH_ERROR: Status = Status::new(sct::PATH, 0x00);
 
     /// A status without Do Not Retry.
     pub const fn new(sct: u8, sc: u8) -> Self {

@@ -1,11 +1,16 @@
 //! Data movement between an emulated controller and a real (or another emulated) NVMe
-//! controller driven by `host-driver`: [`NvmeBackend`] serves a namespace's blocks from a
-//! namespace of that controller.
+//! controller driven by `host-driver`.
 //!
-//! This first version moves data through bounce buffers in the driver's DMA memory and
-//! counts every byte it bounces ([`TransferStats`]); zero-copy (mirroring the guest's
-//! memory into the backend device's address space) builds on it.
+//! - `shared_device.rs`: one backend controller shared by every namespace backend on it
+//!   (range claims, queue ids, guest-memory mirrors, health check and recovery reset);
+//! - `registry.rs`: the shared devices of a process, by target;
+//! - `nvme_backend.rs`: [`NvmeBackend`], a namespace (or LBA range) served from one queue
+//!   pair, zero copy where the guest's segments allow it, bounced and counted otherwise.
 
 mod nvme_backend;
+mod registry;
+mod shared_device;
 
 pub use nvme_backend::{NvmeBackend, TransferStats};
+pub use registry::DeviceRegistry;
+pub use shared_device::{Claim, FAILED, SharedDevice};

@@ -1,5 +1,6 @@
-//! A namespace backend on namespace `nsid` of a controller reached through the host driver.
-//! Requests go to one I/O queue pair polled from the reactor that owns the backend.
+//! A namespace backend on namespace `nsid` of a controller reached through the host driver
+//! (the whole namespace or an LBA range of it). Requests go to one I/O queue pair of a
+//! [`SharedDevice`], polled from the reactor that owns the backend.
 //!
 //! Zero copy: every region of the guest memory the front's client mapped into this process
 //! is mapped for the backend device too, at its host address (`iova == host`), so the
@@ -9,6 +10,12 @@
 //! regions that went away and maps the new ones. Requests whose segments the backend cannot
 //! express as PRPs, or that touch memory not mirrored, move through a bounce buffer from the
 //! driver's DMA memory (which sits above every user-space address), and are counted.
+//!
+//! Faults: a backend with commands outstanding for a tick checks the device; a device that
+//! failed or was reset behind our back is reset and brought up again by the shared device,
+//! and every backend then fails its outstanding commands with Internal Path Error (which a
+//! host retries) and carries on with a new queue pair. A device that cannot be brought back
+//! fails every later request at once and its guest mappings are dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +24,21 @@ use std::time::{Duration, Instant};
 use device_model::GuestMemory;
 use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
 use device_model::memory::MemoryMap;
-use host_driver::{Controller, DmaBuffer, DriverError, IoQueuePair, Request};
+use host_driver::{DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
+
+use crate::shared_device::{Claim, FAILED, SharedDevice};
 
 /// How long a synchronous management command may take.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Period of the timeout clock.
 const TICK: Duration = Duration::from_millis(100);
-/// A request fails after this many ticks without a completion.
-const IO_TIMEOUT_TICKS: u32 = 50;
+/// A healthy device with commands outstanding this many ticks gets a warning.
+const SLOW_TICKS: u32 = 50;
+/// Tag of a synchronous management command (never handed to the front).
+const SYNC_TAG: u64 = u64::MAX;
+/// Status of commands lost to a device failure or reset: retryable, path related.
+const LOST: Status = Status::INTERNAL_PATH_ERROR;
 /// Queue pair depth towards the backend controller.
 const QUEUE_SIZE: u16 = 256;
 
@@ -63,71 +76,78 @@ impl Pending {
     }
 }
 
-/// A namespace on another NVMe controller.
+/// A namespace (or a range of one) on another NVMe controller.
 pub struct NvmeBackend {
-    ctrl: Controller,
-    qp: IoQueuePair,
+    dev: Arc<SharedDevice>,
+    /// The device generation `qp` belongs to.
+    generation: u64,
+    qp: Option<IoQueuePair>,
+    claim: Claim,
     nsid: u32,
     block_size: u64,
     size: u64,
     max_transfer: u64,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
-    /// Completions that arrived while a synchronous command was waiting.
+    /// Completions that arrived while a synchronous command was waiting, and commands
+    /// failed by a device reset, handed out at the next poll.
     deferred: Vec<(u64, Status)>,
     /// Reused buffer for completions reaped from the queue pair (no allocation per poll).
     reaped: Vec<Request>,
     stats: Arc<TransferStats>,
     /// The front's guest memory, when zero copy is on.
     guest: Option<Arc<GuestMemory>>,
-    /// The snapshot last mirrored, and the (host address, length) ranges mapped for the
-    /// device, sorted.
+    /// The snapshot last mirrored, and the (host address, length) ranges this backend has
+    /// mirrored for the device, sorted.
     mirrored_snapshot: Option<Arc<MemoryMap>>,
     mirrored: Vec<(u64, u64)>,
     segs: Vec<(u64, u64)>,
     /// Polls since the queue clock last advanced, and when it did.
     polls: u32,
     last_tick: Instant,
-    /// The backend device stopped answering: every request fails at once.
+    /// The backend device is gone for good: every request fails at once.
     failed: bool,
 }
 
 impl std::fmt::Debug for NvmeBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NvmeBackend")
-            .field("target", &self.ctrl.target())
-            .field("nsid", &self.nsid)
+            .field("target", &self.dev.target())
+            .field("claim", &self.claim)
             .finish_non_exhaustive()
     }
 }
 
 impl NvmeBackend {
-    /// Serve namespace `nsid` of `ctrl` (brought up by the caller, its DMA memory at
-    /// `host_driver::controller::HIGH_DMA_IOVA_BASE` when `guest` is given). With `guest`,
+    /// Serve namespace `nsid` of `dev`, or the `range` (byte offset, length) of it, on a
+    /// queue pair of its own. The device's DMA memory should sit at
+    /// `host_driver::controller::HIGH_DMA_IOVA_BASE` when `guest` is given: with `guest`,
     /// the front controller's guest memory, data moves zero-copy where it can.
     pub fn new(
-        mut ctrl: Controller,
+        dev: Arc<SharedDevice>,
         nsid: u32,
+        range: Option<(u64, u64)>,
         guest: Option<Arc<GuestMemory>>,
     ) -> Result<Self, DriverError> {
-        let ns = ctrl
-            .namespaces()
-            .iter()
-            .find(|n| n.nsid == nsid)
-            .cloned()
-            .ok_or_else(|| {
-                DriverError::Invalid(format!("{}: no active namespace {nsid}", ctrl.target()))
-            })?;
-        let qsize = QUEUE_SIZE.min(u16::try_from(ctrl.max_queue_size()).unwrap_or(u16::MAX));
-        let qp = ctrl.create_io_queue_pair(qsize)?;
+        let claim = dev.claim(nsid, range)?;
+        let qsize = QUEUE_SIZE.min(u16::try_from(dev.max_queue_size()).unwrap_or(u16::MAX));
+        let (qp, generation) = match dev.create_queue_pair(qsize) {
+            Ok(q) => q,
+            Err(e) => {
+                dev.release(&claim);
+                return Err(e);
+            }
+        };
         let slots = usize::from(qsize - 1);
         Ok(Self {
-            max_transfer: ctrl.max_transfer(),
-            ctrl,
-            qp,
+            max_transfer: dev.max_transfer(),
+            generation,
+            qp: Some(qp),
             nsid,
-            block_size: u64::from(ns.block_size),
-            size: ns.blocks * u64::from(ns.block_size),
+            block_size: claim.block_size,
+            size: claim.blocks * claim.block_size,
+            claim,
+            dev,
             pending: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
             deferred: Vec::new(),
@@ -143,47 +163,87 @@ impl NvmeBackend {
         })
     }
 
-    /// Every ~100 ms while requests are in flight: advance the queue clock. When requests
-    /// are older than [`IO_TIMEOUT_TICKS`], check the device: gone, fatal or no longer ready
-    /// (reset behind our back) fails every request and the backend for good.
-    fn check_timeouts(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+    fn qp(&mut self) -> &mut IoQueuePair {
+        // present from construction until drop
+        self.qp.as_mut().expect("queue pair")
+    }
+
+    /// Every ~100 ms while requests are in flight: advance the queue clock; with commands
+    /// outstanding for a tick, have the device checked (one register read), and catch up
+    /// with a recovery.
+    fn check_timeouts(&mut self) {
         self.polls = self.polls.wrapping_add(1);
         if !self.polls.is_multiple_of(1024) || self.last_tick.elapsed() < TICK {
-            return 0;
+            return;
         }
         self.last_tick = Instant::now();
-        self.qp.tick();
-        let overdue = self.qp.overdue(IO_TIMEOUT_TICKS);
-        if overdue.is_empty() {
-            return 0;
+        self.qp().tick();
+        if self.qp().overdue(1).is_empty() {
+            return;
         }
-        if let Err(e) = self.ctrl.check_health() {
-            log::error!(
-                "{}: backend device failed ({e}); failing its I/O",
-                self.ctrl.target()
-            );
-        } else {
+        let generation = self.dev.check(self.generation);
+        if generation != self.generation {
+            self.catch_up();
+            return;
+        }
+        let slow = self.qp().overdue(SLOW_TICKS).len();
+        if slow > 0 && self.polls.is_multiple_of(1024 * 64) {
             // alive but slow: keep waiting (failing a request whose command may still
             // complete would let that late completion land on a reused slot)
             log::warn!(
-                "{}: {} commands outstanding for over {} s",
-                self.ctrl.target(),
-                overdue.len(),
-                (TICK * IO_TIMEOUT_TICKS).as_secs()
+                "{}: {slow} commands outstanding for over {} s",
+                self.dev.target(),
+                (TICK * SLOW_TICKS).as_secs()
             );
-            return 0;
         }
-        // the device is gone or unusable: nothing will complete any more
-        self.failed = true;
-        let mut n = 0;
+    }
+
+    /// The device was reset (or given up) since our queue pair was created: the device
+    /// will never complete our outstanding commands, so they fail with a retryable status,
+    /// and a new queue pair replaces the old one.
+    fn catch_up(&mut self) {
+        let generation = self.dev.generation();
+        if generation == self.generation || self.failed {
+            return;
+        }
+        let mut lost = 0;
         for slot in 0..self.pending.len() {
             if let Some(p) = self.pending[slot].take() {
                 self.free.push(slot);
-                done(p.tag, Status::INTERNAL_ERROR);
-                n += 1;
+                lost += 1;
+                if p.tag != SYNC_TAG {
+                    self.deferred.push((p.tag, LOST));
+                }
             }
         }
-        n
+        let claim = self.claim;
+        let qp = self.qp.as_mut().expect("queue pair");
+        qp.fail_outstanding(LOST, |_| {});
+        let res = if generation == FAILED {
+            Err(DriverError::Transport("device failed".into()))
+        } else {
+            self.dev.recreate_queue_pair(qp, &claim)
+        };
+        match res {
+            Ok(g) => {
+                log::warn!(
+                    "{}: namespace {}: {lost} commands failed by the device reset; new queue pair",
+                    self.dev.target(),
+                    self.nsid
+                );
+                self.generation = g;
+            }
+            Err(e) => {
+                log::error!(
+                    "{}: namespace {}: {lost} commands failed, backend failed for good: {e}",
+                    self.dev.target(),
+                    self.nsid
+                );
+                self.generation = generation;
+                self.failed = true;
+                self.drop_mirror();
+            }
+        }
     }
 
     /// Bring the device's mapping of guest memory in line with the front's DMA map.
@@ -203,10 +263,8 @@ impl NvmeBackend {
             .filter_map(|r| r.backing().map(|b| (b.host as u64, b.len)))
             .collect();
         for &(va, len) in &self.mirrored {
-            if !wanted.contains(&(va, len))
-                && let Err(e) = self.ctrl.unmap_foreign(va, len)
-            {
-                log::warn!("{}: unmap guest region {va:#x}: {e}", self.ctrl.target());
+            if !wanted.contains(&(va, len)) {
+                self.dev.unmirror(va, len);
             }
         }
         let mut now = Vec::with_capacity(wanted.len());
@@ -217,14 +275,11 @@ impl NvmeBackend {
                 now.push(key);
                 continue;
             }
-            match self
-                .ctrl
-                .map_foreign(b.fd, b.file_offset, b.host, key.0, key.1)
-            {
+            match self.dev.mirror(b.fd, b.file_offset, b.host, key.1) {
                 Ok(()) => now.push(key),
                 Err(e) => log::warn!(
                     "{}: guest region {:#x}+{:#x} not mirrored, its I/O bounces: {e}",
-                    self.ctrl.target(),
+                    self.dev.target(),
                     key.0,
                     key.1
                 ),
@@ -233,11 +288,19 @@ impl NvmeBackend {
         now.sort_unstable();
         log::debug!(
             "{}: mirroring {} guest regions",
-            self.ctrl.target(),
+            self.dev.target(),
             now.len()
         );
         self.mirrored = now;
         self.mirrored_snapshot = Some(cur);
+    }
+
+    /// Give up this backend's share of the device's guest mappings.
+    fn drop_mirror(&mut self) {
+        for (va, len) in std::mem::take(&mut self.mirrored) {
+            self.dev.unmirror(va, len);
+        }
+        self.mirrored_snapshot = None;
     }
 
     /// Device-address segments for `iov` if every byte lies in mirrored memory.
@@ -291,8 +354,8 @@ impl NvmeBackend {
     }
 
     fn dma(&self, len: u64) -> Result<DmaBuffer, Status> {
-        self.ctrl.dma().alloc(len).map_err(|e| {
-            log::warn!("{}: {e}", self.ctrl.target());
+        self.dev.dma().alloc(len).map_err(|e| {
+            log::warn!("{}: {e}", self.dev.target());
             Status::INTERNAL_ERROR
         })
     }
@@ -304,9 +367,9 @@ impl NvmeBackend {
         issue: impl FnOnce(&mut IoQueuePair, u64) -> Result<u16, DriverError>,
     ) -> Result<(), Status> {
         let slot = self.take_slot()?;
-        self.pending[slot] = Some(Pending::bare(u64::MAX));
-        if let Err(e) = issue(&mut self.qp, slot as u64) {
-            log::warn!("{}: submit: {e}", self.ctrl.target());
+        self.pending[slot] = Some(Pending::bare(SYNC_TAG));
+        if let Err(e) = issue(self.qp.as_mut().expect("queue pair"), slot as u64) {
+            log::warn!("{}: submit: {e}", self.dev.target());
             self.pending[slot] = None;
             self.free.push(slot);
             return Err(Status::INTERNAL_ERROR);
@@ -316,13 +379,13 @@ impl NvmeBackend {
 
     /// Wait for the command in `slot`, stashing other completions for `poll`.
     fn wait_sync(&mut self, slot: usize) -> Result<(), Status> {
-        self.qp.ring();
+        self.qp().ring();
         let mut next_health_check = Duration::from_millis(100);
         let start = Instant::now();
         loop {
             let mut mine = None;
             let mut got = std::mem::take(&mut self.reaped);
-            self.qp.poll(usize::MAX, |r: Request| got.push(r));
+            self.qp().poll(usize::MAX, |r: Request| got.push(r));
             for r in got.drain(..) {
                 if r.user == slot as u64 {
                     mine = Some(r.status);
@@ -338,15 +401,14 @@ impl NvmeBackend {
             }
             let waited = start.elapsed();
             if waited > SYNC_TIMEOUT {
-                log::error!("{}: synchronous command timed out", self.ctrl.target());
+                log::error!("{}: synchronous command timed out", self.dev.target());
                 return Err(Status::INTERNAL_ERROR);
             }
             if waited > next_health_check {
                 next_health_check = waited + Duration::from_millis(100);
-                if let Err(e) = self.ctrl.check_health() {
-                    log::error!("{}: backend device failed ({e})", self.ctrl.target());
-                    self.failed = true;
-                    return Err(Status::INTERNAL_ERROR);
+                if self.dev.check(self.generation) != self.generation {
+                    self.catch_up(); // fails this command too
+                    return Err(LOST);
                 }
             }
             std::hint::spin_loop();
@@ -358,6 +420,9 @@ impl NvmeBackend {
         let slot = usize::try_from(r.user).ok()?;
         let p = self.pending.get_mut(slot)?.take()?;
         self.free.push(slot);
+        if p.tag == SYNC_TAG {
+            return None; // a synchronous command that gave up waiting
+        }
         if p.read
             && r.status.is_success()
             && let Some(b) = &p.bounce
@@ -379,14 +444,34 @@ impl NvmeBackend {
         Some((p.tag, r.status))
     }
 
+    /// Catch up with a device reset; refuse when the device is gone for good.
+    fn usable(&mut self) -> Result<(), Status> {
+        if self.dev.generation() != self.generation {
+            self.catch_up();
+        }
+        if self.failed {
+            Err(Status::INTERNAL_ERROR)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Device LBA of a byte offset in this backend's range.
     fn lba(&self, offset: u64) -> u64 {
-        offset / self.block_size
+        self.claim.first_lba + offset / self.block_size
     }
 }
 
 impl Backend for NvmeBackend {
     fn describe(&self) -> String {
-        format!("nvme:{}@{}", self.ctrl.target(), self.nsid)
+        let c = &self.claim;
+        format!(
+            "nvme:{}@{} blocks {}..{}",
+            self.dev.target(),
+            self.nsid,
+            c.first_lba,
+            c.first_lba + c.blocks
+        )
     }
 
     fn size(&self) -> u64 {
@@ -394,14 +479,13 @@ impl Backend for NvmeBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        if self.failed {
-            return Err(Status::INTERNAL_ERROR);
-        }
+        self.usable()?;
         let slot = self.take_slot()?;
         let res = match req.op {
             IoOp::Flush => {
                 self.pending[slot] = Some(Pending::bare(req.tag));
-                self.qp.flush(self.nsid, slot as u64).map(|_| ())
+                let nsid = self.nsid;
+                self.qp().flush(nsid, slot as u64).map(|_| ())
             }
             IoOp::Read | IoOp::Write { .. } => {
                 let len = iov_len(req.iov);
@@ -417,7 +501,7 @@ impl Backend for NvmeBackend {
                 self.sync_mirror();
                 if self.guest.is_some() && self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
-                    let r = self.qp.read_write_segments(
+                    let r = self.qp.as_mut().expect("queue pair").read_write_segments(
                         write,
                         fua,
                         self.nsid,
@@ -430,7 +514,7 @@ impl Backend for NvmeBackend {
                     if r.is_ok() {
                         self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
                         self.pending[slot] = Some(Pending::bare(req.tag));
-                        self.qp.ring();
+                        self.qp().ring();
                         return Ok(());
                     }
                 }
@@ -461,18 +545,19 @@ impl Backend for NvmeBackend {
                     iov: if write { Vec::new() } else { req.iov.to_vec() },
                     bounce: Some(buf),
                 });
-                self.qp
-                    .read_write_fua(write, fua, self.nsid, lba, blocks, iova, len, slot as u64)
+                let nsid = self.nsid;
+                self.qp()
+                    .read_write_fua(write, fua, nsid, lba, blocks, iova, len, slot as u64)
                     .map(|_| ())
             }
         };
         match res {
             Ok(()) => {
-                self.qp.ring();
+                self.qp().ring();
                 Ok(())
             }
             Err(e) => {
-                log::warn!("{}: submit: {e}", self.ctrl.target());
+                log::warn!("{}: submit: {e}", self.dev.target());
                 self.pending[slot] = None;
                 self.free.push(slot);
                 Err(Status::INTERNAL_ERROR)
@@ -481,13 +566,19 @@ impl Backend for NvmeBackend {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        if self.dev.generation() != self.generation {
+            self.catch_up();
+        }
+        if !self.failed {
+            self.check_timeouts();
+        }
         let mut n = 0;
         for (tag, st) in self.deferred.drain(..) {
             done(tag, st);
             n += 1;
         }
         let mut got = std::mem::take(&mut self.reaped);
-        self.qp.poll(usize::MAX, |r| got.push(r));
+        self.qp().poll(usize::MAX, |r| got.push(r));
         for r in got.drain(..) {
             if let Some((tag, st)) = self.finish(r) {
                 done(tag, st);
@@ -495,7 +586,7 @@ impl Backend for NvmeBackend {
             }
         }
         self.reaped = got;
-        n + self.check_timeouts(done)
+        n
     }
 
     fn in_flight(&self) -> usize {
@@ -503,9 +594,7 @@ impl Backend for NvmeBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        if self.failed {
-            return Err(Status::INTERNAL_ERROR);
-        }
+        self.usable()?;
         if offset.checked_add(len).is_none_or(|e| e > self.size)
             || !offset.is_multiple_of(self.block_size)
             || !len.is_multiple_of(self.block_size)
@@ -524,9 +613,7 @@ impl Backend for NvmeBackend {
     }
 
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
-        if self.failed {
-            return Err(Status::INTERNAL_ERROR);
-        }
+        self.usable()?;
         let len = buf.len() as u64;
         self.check(offset, len)?;
         let bounce = self.dma(len)?;
@@ -544,10 +631,18 @@ impl Backend for NvmeBackend {
     }
 
     fn flush_sync(&mut self) -> Result<(), Status> {
-        if self.failed {
-            return Err(Status::INTERNAL_ERROR);
-        }
+        self.usable()?;
         let nsid = self.nsid;
         self.run_sync(|qp, user| qp.flush(nsid, user))
+    }
+}
+
+impl Drop for NvmeBackend {
+    fn drop(&mut self) {
+        self.drop_mirror();
+        if let Some(qp) = self.qp.take() {
+            self.dev.delete_queue_pair(qp, self.generation);
+        }
+        self.dev.release(&self.claim);
     }
 }

@@ -11,6 +11,7 @@ use vnvme_tests::guest::TempDir;
 use vnvme_tests::nvme_client::{NvmeClient, cmd, with_prp2};
 
 fn daemon(text: &str) -> Daemon {
+    let _ = env_logger::builder().is_test(true).try_init();
     Daemon::start(&Config::parse(text, Path::new("t.toml")).unwrap()).unwrap()
 }
 
@@ -136,5 +137,93 @@ fn guest_memory_mirror_follows_the_front_client_and_is_dropped_when_it_leaves() 
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     front.stop().unwrap();
+    back.stop().unwrap();
+}
+
+/// Write 4 KiB of `byte` at LBA `lba` of namespace 1 and read it back.
+fn write_and_check(n: &mut NvmeClient, lba: u32, byte: u8) {
+    n.mem_fill(0x20000, 4096, byte);
+    let c = n.submit(1, cmd(0x01, 1, 0x20000, &[lba, 0, 7]));
+    assert!(c.ok(), "write: {c:?}");
+    n.mem_fill(0x30000, 4096, 0);
+    assert!(
+        n.submit(1, cmd(0x02, 1, 0x30000, &[lba, 0, 7])).ok(),
+        "read"
+    );
+    let mut got = vec![0u8; 4096];
+    n.mem_read(0x30000, &mut got);
+    assert!(got.iter().all(|&b| b == byte), "read back {:?}", &got[..8]);
+}
+
+/// Namespace size (NSZE) from Identify Namespace.
+fn nsze(n: &mut NvmeClient) -> u64 {
+    assert!(n.submit(0, cmd(0x06, 1, 0x50000, &[0])).ok());
+    let mut id = [0u8; 8];
+    n.mem_read(0x50000, &mut id);
+    u64::from_le_bytes(id)
+}
+
+#[test]
+fn one_back_namespace_split_into_ranges_for_two_front_controllers() {
+    let tmp = TempDir::new("nvme-backend-ranges");
+    let d = tmp.path().display();
+    let back = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+    ));
+    let front_config = |ranges: [&str; 2]| {
+        format!(
+            "[[controller]]\nsocket = \"{d}/f0.sock\"\n\
+             [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock@1:{}\"\n\
+             [[controller]]\nsocket = \"{d}/f1.sock\"\n\
+             [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock@1:{}\"\n",
+            ranges[0], ranges[1]
+        )
+    };
+    // bad ranges are refused at start, with the reason (and the device let go of again)
+    for (ranges, why) in [
+        (["0+8M", "4M+8M"], "overlap"),
+        (["0+8M", "12M+8M"], "runs past its end"),
+        (["0+8M", "8M+1000"], "multiple of its 512-byte blocks"),
+    ] {
+        let cfg = Config::parse(&front_config(ranges), Path::new("t.toml")).unwrap();
+        let e = Daemon::start(&cfg).unwrap_err();
+        let mut err = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            err += &format!(": {s}");
+            src = s.source();
+        }
+        assert!(err.contains(why), "{ranges:?}: {err}");
+    }
+    // two front controllers share the back's one connection, each on its own queue pair
+    let front = daemon(&front_config(["0+8M", "8M+8M"]));
+    let mut a = NvmeClient::connect(&tmp.path().join("f0.sock"));
+    let mut b = NvmeClient::connect(&tmp.path().join("f1.sock"));
+    a.create_io_queues();
+    b.create_io_queues();
+    assert_eq!((nsze(&mut a), nsze(&mut b)), (16384, 16384), "8 MiB each");
+    write_and_check(&mut a, 0, 0xaa);
+    write_and_check(&mut b, 0, 0xbb);
+    write_and_check(&mut b, 16376, 0xbc); // the last 8 blocks
+    // each range ends where it ends
+    let c = b.submit(1, cmd(0x02, 1, 0x30000, &[16384, 0, 0]));
+    assert_eq!(c.status & 0x7ff, 0x80, "LBA Out of Range: {c:?}");
+    write_and_check(&mut a, 0, 0xaa); // b's writes did not land in a's range
+    drop((a, b));
+    front.stop().unwrap();
+    // on the back: a's block 0 at LBA 0, b's block 0 at LBA 16384, b's last at the end
+    let mut n = NvmeClient::connect(&tmp.path().join("back.sock"));
+    n.create_io_queues();
+    for (lba, byte) in [(0u32, 0xaau8), (16384, 0xbb), (32767, 0xbc)] {
+        assert!(n.submit(1, cmd(0x02, 1, 0x30000, &[lba, 0, 0])).ok());
+        let mut got = [0u8; 512];
+        n.mem_read(0x30000, &mut got);
+        assert!(
+            got.iter().all(|&x| x == byte),
+            "back LBA {lba}: {:?}",
+            &got[..4]
+        );
+    }
+    drop(n);
     back.stop().unwrap();
 }

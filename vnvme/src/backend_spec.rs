@@ -1,7 +1,8 @@
 //! Namespace backend specs as users write them: `null:1G`, `malloc:256M`,
-//! `file:/path/to/img[:SIZE]`, `nvme:vfio-user:/path/to.sock[@NSID]` or
-//! `nvme:pci:DDDD:BB:DD.F[@NSID]` (a namespace of another NVMe controller, through the
-//! user-space host driver).
+//! `file:/path/to/img[:SIZE]`, `nvme:vfio-user:/path/to.sock[@NSID[:OFFSET+LENGTH]]` or
+//! `nvme:pci:DDDD:BB:DD.F[@NSID[:OFFSET+LENGTH]]` (a namespace of another NVMe controller,
+//! or a byte range of one, through the user-space host driver; several namespaces may share
+//! one device, each on its own range).
 
 use std::path::PathBuf;
 
@@ -10,28 +11,43 @@ use std::sync::Arc;
 
 use device_model::GuestMemory;
 use host_driver::controller::HIGH_DMA_IOVA_BASE;
-use pcie_p2p::{NvmeBackend, TransferStats};
+use pcie_p2p::{DeviceRegistry, NvmeBackend, TransferStats};
 
 use crate::target::Target;
 
-/// DMA memory of an `nvme:` backend: bounce buffers for a full queue of large transfers.
+/// DMA memory of an `nvme:` backend device: queues and bounce buffers for the namespaces
+/// that share it.
 const NVME_BACKEND_DMA: u64 = 256 << 20;
+/// I/O queue pairs asked of an `nvme:` backend device: one per namespace backend on it.
+const NVME_BACKEND_QUEUES: u16 = 64;
 
 /// A parsed backend spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackendSpec {
-    Null { size: u64 },
-    Malloc { size: u64 },
-    File { path: PathBuf, size: Option<u64> },
-    Nvme { target: Target, nsid: u32 },
+    Null {
+        size: u64,
+    },
+    Malloc {
+        size: u64,
+    },
+    File {
+        path: PathBuf,
+        size: Option<u64>,
+    },
+    Nvme {
+        target: Target,
+        nsid: u32,
+        /// Byte offset and length within the namespace; the whole namespace when `None`.
+        range: Option<(u64, u64)>,
+    },
 }
 
 /// Why a spec was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error(
-        "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or nvme:TARGET[@NSID] \
-         (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F)"
+        "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or \
+         nvme:TARGET[@NSID[:OFFSET+LENGTH]] (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F)"
     )]
     Syntax(String),
     #[error("'{0}': bad size (a number with an optional K, M, G or T suffix, at least 1M)")]
@@ -82,20 +98,33 @@ impl std::str::FromStr for BackendSpec {
                 })
             }
             "nvme" => {
-                let (target, nsid) = match rest.rsplit_once('@') {
-                    Some((t, n)) => (
-                        t,
-                        n.parse::<u32>()
+                let syntax = || SpecError::Syntax(spec.into());
+                let (target, nsid, range) = match rest.rsplit_once('@') {
+                    Some((t, n)) => {
+                        let (n, range) = match n.split_once(':') {
+                            Some((n, r)) => {
+                                let (off, len) = r.split_once('+').ok_or_else(syntax)?;
+                                let off = parse_size(off).ok_or_else(syntax)?;
+                                let len = parse_size(len).filter(|&l| l > 0).ok_or_else(syntax)?;
+                                (n, Some((off, len)))
+                            }
+                            None => (n, None),
+                        };
+                        let nsid = n
+                            .parse::<u32>()
                             .ok()
                             .filter(|&n| n != 0 && n != u32::MAX)
-                            .ok_or_else(|| SpecError::Syntax(spec.into()))?,
-                    ),
-                    None => (rest, 1),
+                            .ok_or_else(syntax)?;
+                        (t, nsid, range)
+                    }
+                    None => (rest, 1, None),
                 };
-                let target = target
-                    .parse::<Target>()
-                    .map_err(|_| SpecError::Syntax(spec.into()))?;
-                Ok(BackendSpec::Nvme { target, nsid })
+                let target = target.parse::<Target>().map_err(|_| syntax())?;
+                Ok(BackendSpec::Nvme {
+                    target,
+                    nsid,
+                    range,
+                })
             }
             _ => Err(SpecError::Syntax(spec.into())),
         }
@@ -123,24 +152,42 @@ pub struct Opened {
 
 impl BackendSpec {
     /// Create the backend for a namespace of a controller whose guest memory is `guest`
-    /// (an `nvme:` backend mirrors it into the backend device for zero copy).
-    pub fn open(&self, guest: &Arc<GuestMemory>) -> Result<Opened, OpenError> {
+    /// (an `nvme:` backend mirrors it into the backend device for zero copy; `nvme:`
+    /// backends on the same target share the device opened in `devices`).
+    pub fn open(
+        &self,
+        guest: &Arc<GuestMemory>,
+        devices: &mut DeviceRegistry,
+    ) -> Result<Opened, OpenError> {
         let backend: Box<dyn Backend> = match self {
             BackendSpec::Null { size } => Box::new(NullBackend::new(*size)),
             BackendSpec::Malloc { size } => Box::new(MallocBackend::new(*size)?),
             BackendSpec::File { path, size } => Box::new(FileBackend::open(path, *size)?),
-            BackendSpec::Nvme { target, nsid } => {
+            BackendSpec::Nvme {
+                target,
+                nsid,
+                range,
+            } => {
                 // DMA memory above user space, so guest memory can be mirrored at its host
                 // address; an IOMMU with a narrower aperture gets the usual base (and then
                 // guest I/O bounces, counted)
-                let ctrl = target
-                    .open_with_dma_base(NVME_BACKEND_DMA, 1, HIGH_DMA_IOVA_BASE)
-                    .or_else(|e| {
-                        log::warn!("{target:?}: DMA memory at {HIGH_DMA_IOVA_BASE:#x}: {e:#}; retrying lower");
-                        target.open(NVME_BACKEND_DMA, 1)
+                let dev = devices
+                    .get_or_open(&target.to_string(), || {
+                        target
+                            .open_with_dma_base(
+                                NVME_BACKEND_DMA,
+                                NVME_BACKEND_QUEUES,
+                                HIGH_DMA_IOVA_BASE,
+                            )
+                            .or_else(|e| {
+                                log::warn!(
+                                    "{target}: DMA memory at {HIGH_DMA_IOVA_BASE:#x}: {e:#}; retrying lower"
+                                );
+                                target.open(NVME_BACKEND_DMA, NVME_BACKEND_QUEUES)
+                            })
                     })
                     .map_err(|e| OpenError::Nvme(format!("{e:#}")))?;
-                let b = NvmeBackend::new(ctrl, *nsid, Some(Arc::clone(guest)))
+                let b = NvmeBackend::new(dev, *nsid, *range, Some(Arc::clone(guest)))
                     .map_err(|e| OpenError::Nvme(e.to_string()))?;
                 let transfer = Some(b.stats());
                 return Ok(Opened {
@@ -196,14 +243,24 @@ mod tests {
             "nvme:vfio-user:/tmp/b.sock@2".parse(),
             Ok(BackendSpec::Nvme {
                 target: Target::VfioUser("/tmp/b.sock".into()),
-                nsid: 2
+                nsid: 2,
+                range: None
+            })
+        );
+        assert_eq!(
+            "nvme:pci:0000:01:00.0@1:512M+256M".parse(),
+            Ok(BackendSpec::Nvme {
+                target: Target::Pci("0000:01:00.0".into()),
+                nsid: 1,
+                range: Some((512 << 20, 256 << 20))
             })
         );
         assert_eq!(
             "nvme:pci:0000:01:00.0".parse(),
             Ok(BackendSpec::Nvme {
                 target: Target::Pci("0000:01:00.0".into()),
-                nsid: 1
+                nsid: 1,
+                range: None
             })
         );
         for bad in [
@@ -211,6 +268,10 @@ mod tests {
             "nvme:vfio-user:/x@0",
             "nvme:pci:1:2",
             "nvme:tcp:x@1",
+            "nvme:pci:0000:01:00.0@1:0",
+            "nvme:pci:0000:01:00.0@1:0+0",
+            "nvme:pci:0000:01:00.0@1:x+1M",
+            "nvme:pci:0000:01:00.0@:0+1M",
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
         }

@@ -11,7 +11,7 @@ use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, GuestMemory,
     Namespace, PollMode,
 };
-use pcie_p2p::TransferStats;
+use pcie_p2p::{DeviceRegistry, TransferStats};
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
 
 use crate::backend_spec::{BackendSpec, OpenError};
@@ -67,6 +67,7 @@ fn build_controller(
     index: usize,
     spec: &ControllerSpec,
     poll: PollSetting,
+    devices: &mut DeviceRegistry,
 ) -> Result<Built, DaemonError> {
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
@@ -98,11 +99,13 @@ fn build_controller(
             ns: j,
             source: OpenError::Spec(e),
         })?;
-        let opened = bspec.open(&mem).map_err(|source| DaemonError::Backend {
-            index,
-            ns: j,
-            source,
-        })?;
+        let opened = bspec
+            .open(&mem, devices)
+            .map_err(|source| DaemonError::Backend {
+                index,
+                ns: j,
+                source,
+            })?;
         let backend = opened.backend;
         if let Some(t) = opened.transfer {
             transfers.push((j as u32 + 1, t));
@@ -152,8 +155,11 @@ impl Daemon {
             transfers: Vec::new(),
             memory: Vec::new(),
         };
+        // `nvme:` namespaces on the same device share it (each on its own queue pair)
+        let mut devices = DeviceRegistry::default();
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let (device, stats, transfers, mem) = build_controller(index, spec, cfg.poll)?;
+            let (device, stats, transfers, mem) =
+                build_controller(index, spec, cfg.poll, &mut devices)?;
             daemon.stats.push(stats);
             daemon.transfers.push(transfers);
             daemon.memory.push(mem);

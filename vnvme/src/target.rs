@@ -20,8 +20,15 @@ pub enum Target {
 pub enum TargetError {
     #[error("target {0:?}: expected vfio-user:/path/to.sock or pci:DDDD:BB:DD.F")]
     Syntax(String),
-    #[error("target {0}: VFIO (pci:) devices are not supported yet; use a vfio-user socket")]
-    PciUnsupported(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::VfioUser(p) => write!(f, "vfio-user:{}", p.display()),
+            Target::Pci(bdf) => write!(f, "pci:{bdf}"),
+        }
+    }
 }
 
 impl std::str::FromStr for Target {
