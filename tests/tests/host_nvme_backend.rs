@@ -190,26 +190,31 @@ fn one_back_namespace_split_into_ranges_for_two_front_controllers() {
         let mut err = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
-            err += &format!(": {s}");
+            err.push_str(": ");
+            err.push_str(&s.to_string());
             src = s.source();
         }
         assert!(err.contains(why), "{ranges:?}: {err}");
     }
     // two front controllers share the back's one connection, each on its own queue pair
     let front = daemon(&front_config(["0+8M", "8M+8M"]));
-    let mut a = NvmeClient::connect(&tmp.path().join("f0.sock"));
-    let mut b = NvmeClient::connect(&tmp.path().join("f1.sock"));
-    a.create_io_queues();
-    b.create_io_queues();
-    assert_eq!((nsze(&mut a), nsze(&mut b)), (16384, 16384), "8 MiB each");
-    write_and_check(&mut a, 0, 0xaa);
-    write_and_check(&mut b, 0, 0xbb);
-    write_and_check(&mut b, 16376, 0xbc); // the last 8 blocks
+    let mut first = NvmeClient::connect(&tmp.path().join("f0.sock"));
+    let mut second = NvmeClient::connect(&tmp.path().join("f1.sock"));
+    first.create_io_queues();
+    second.create_io_queues();
+    assert_eq!(
+        (nsze(&mut first), nsze(&mut second)),
+        (16384, 16384),
+        "8 MiB each"
+    );
+    write_and_check(&mut first, 0, 0xaa);
+    write_and_check(&mut second, 0, 0xbb);
+    write_and_check(&mut second, 16376, 0xbc); // the last 8 blocks
     // each range ends where it ends
-    let c = b.submit(1, cmd(0x02, 1, 0x30000, &[16384, 0, 0]));
+    let c = second.submit(1, cmd(0x02, 1, 0x30000, &[16384, 0, 0]));
     assert_eq!(c.status & 0x7ff, 0x80, "LBA Out of Range: {c:?}");
-    write_and_check(&mut a, 0, 0xaa); // b's writes did not land in a's range
-    drop((a, b));
+    write_and_check(&mut first, 0, 0xaa); // the second's writes stayed out of this range
+    drop((first, second));
     front.stop().unwrap();
     // on the back: a's block 0 at LBA 0, b's block 0 at LBA 16384, b's last at the end
     let mut n = NvmeClient::connect(&tmp.path().join("back.sock"));
