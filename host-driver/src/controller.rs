@@ -505,6 +505,7 @@ impl Controller {
     /// create new ones, or use [`Self::reset_queue_pairs`]); namespaces are identified again.
     pub fn reset(&mut self) -> Result<(), DriverError> {
         log::info!("{}: controller reset", self.transport.name());
+        self.transport.before_reset()?;
         self.enable()?;
         self.identify_all()?;
         self.set_queue_count(self.io_queues)?;

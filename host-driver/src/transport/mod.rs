@@ -41,6 +41,12 @@ pub trait Transport: Send {
     ) -> Result<(), DriverError>;
     /// Undo [`Self::map_foreign`].
     fn unmap_foreign(&mut self, iova: u64, len: u64) -> Result<(), DriverError>;
+    /// Before a controller reset: make sure the function decodes memory and may master
+    /// DMA again (a function-level reset behind our back clears the PCI command register,
+    /// after which register writes are dropped). No-op where that cannot happen.
+    fn before_reset(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// Human-readable target name.
     fn name(&self) -> String;
 }

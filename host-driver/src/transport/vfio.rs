@@ -331,6 +331,10 @@ impl Transport for VfioTransport {
         .map(|_| ())
     }
 
+    fn before_reset(&mut self) -> Result<(), DriverError> {
+        self.enable_bus_master()
+    }
+
     fn name(&self) -> String {
         format!("pci:{}", self.bdf)
     }
