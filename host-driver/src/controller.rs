@@ -52,6 +52,41 @@ impl std::fmt::Debug for NamespaceInfo {
     }
 }
 
+/// A Controller Memory Buffer as the controller advertises it (NVMe base 2.0 §8.2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Cmb {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// BAR holding it and its offset there.
+    pub bar: u8,
+    pub offset: u64,
+    /// What may live there: submission queues, completion queues, PRP/SGL lists, read
+    /// data, write data.
+    pub sqs: bool,
+    pub cqs: bool,
+    pub lists: bool,
+    pub read_data: bool,
+    pub write_data: bool,
+}
+
+impl Cmb {
+    /// Decode CMBLOC and CMBSZ; `None` when CMBSZ is 0 (no CMB).
+    pub fn decode(cmbloc: u32, cmbsz: u32) -> Option<Self> {
+        let unit = 4096u64 << (4 * ((cmbsz >> 8) & 0xf));
+        let bytes = u64::from(cmbsz >> 12) * unit;
+        (bytes > 0).then_some(Self {
+            bytes,
+            bar: (cmbloc & 7) as u8,
+            offset: u64::from(cmbloc >> 12) * unit,
+            sqs: cmbsz & 1 != 0,
+            cqs: cmbsz & 2 != 0,
+            lists: cmbsz & 4 != 0,
+            read_data: cmbsz & 8 != 0,
+            write_data: cmbsz & 16 != 0,
+        })
+    }
+}
+
 /// A controller driven from user space.
 pub struct Controller {
     transport: Box<dyn Transport>,
@@ -345,6 +380,17 @@ impl Controller {
         self.cap
     }
 
+    /// The controller's memory buffer, if it has one (on controllers with CAP.CMBS the
+    /// registers are enabled first through CMBMSC.CRE, without enabling the buffer itself).
+    pub fn cmb(&mut self) -> Result<Option<Cmb>, DriverError> {
+        if self.cap & reg::CAP_CMBS != 0 {
+            self.transport.write32(reg::CMBMSC, 1)?;
+        }
+        let loc = self.transport.read32(reg::CMBLOC)?;
+        let sz = self.transport.read32(reg::CMBSZ)?;
+        Ok(Cmb::decode(loc, sz))
+    }
+
     /// I/O queue pairs granted.
     pub fn io_queue_count(&self) -> u16 {
         self.io_queues
@@ -560,5 +606,22 @@ impl Drop for Controller {
         if let Err(e) = self.shutdown() {
             log::warn!("{}: shutdown: {e}", self.transport.name());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cmb;
+
+    #[test]
+    fn cmb_registers_decode() {
+        assert_eq!(Cmb::decode(0, 0), None);
+        // QEMU, cmb_size_mb=16: BAR 2, offset 0, SZU 1 MiB (2), 16 units, SQS|LISTS|RDS|WDS
+        let c = Cmb::decode(2, (16 << 12) | (2 << 8) | 0b11101).unwrap();
+        assert_eq!((c.bytes, c.bar, c.offset), (16 << 20, 2, 0));
+        assert!(c.sqs && !c.cqs && c.lists && c.read_data && c.write_data);
+        // 4 KiB units, offset 8 units
+        let c = Cmb::decode((8 << 12) | 4, (3 << 12) | 1).unwrap();
+        assert_eq!((c.bytes, c.bar, c.offset), (3 * 4096, 4, 8 * 4096));
     }
 }

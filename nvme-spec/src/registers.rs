@@ -24,6 +24,11 @@ pub const ACQ: u64 = 0x30;
 pub const CMBLOC: u64 = 0x38;
 /// Controller Memory Buffer Size.
 pub const CMBSZ: u64 = 0x3c;
+/// Controller Memory Buffer Memory Space Control (NVMe base 2.0 §3.1.4.21); bit 0 CRE
+/// makes CMBLOC and CMBSZ readable on controllers with CAP.CMBS.
+pub const CMBMSC: u64 = 0x50;
+/// CAP.CMBS: the controller supports CMBMSC (bit 57).
+pub const CAP_CMBS: u64 = 1 << 57;
 /// First doorbell register (SQ 0 tail); doorbell stride is `4 << CAP.DSTRD`.
 pub const DOORBELL_BASE: u64 = 0x1000;
 

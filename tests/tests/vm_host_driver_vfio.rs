@@ -21,7 +21,7 @@ fn host_driver_over_vfio_against_qemu_nvme_in_a_guest() {
     let bin = vnvme_binary_for_guest(tmp.path());
     let guest = harness_guest(format!("{BIND_QEMU_NVME_TO_VFIO}{SCRIPT}"))
         .iommu()
-        .qemu_nvme(tmp.path().join("disk.raw"), "")
+        .qemu_nvme(tmp.path().join("disk.raw"), ",cmb_size_mb=16")
         .file(&bin);
     let out = run_ok(&guest);
     assert!(
@@ -36,6 +36,15 @@ fn host_driver_over_vfio_against_qemu_nvme_in_a_guest() {
         "{id}"
     );
     assert_eq!(id["vid"], 0x1b36, "{id}");
+    // QEMU's CMB (cmb_size_mb=16): SQs, lists and data, in BAR 2 at offset 0
+    let cmb = &id["cmb"];
+    assert_eq!(cmb["bytes"], 16u64 << 20, "{id}");
+    assert_eq!(
+        (&cmb["bar"], &cmb["offset"]),
+        (&2.into(), &0.into()),
+        "{id}"
+    );
+    assert_eq!(cmb["sqs"], true, "{id}");
     let ns = &id["namespaces"][0];
     assert_eq!(ns["bytes"], 1u64 << 30, "the 1 GiB image: {id}");
     let perf = section(&out, "@@PERF");

@@ -15,7 +15,8 @@ pub struct IdentifyArgs {
 
 pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
     let target: Target = args.target.parse()?;
-    let ctrl = target.open(8 << 20, 1)?;
+    let mut ctrl = target.open(8 << 20, 1)?;
+    let cmb = ctrl.cmb()?;
     let id = ctrl.identify();
     let (model, serial, firmware) = ctrl.names();
     let cap = ctrl.cap();
@@ -56,6 +57,7 @@ pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
         "io_queues_granted": ctrl.io_queue_count(),
         "subnqn": String::from_utf8_lossy(&id.subnqn).trim_end_matches('\0').to_string(),
         "namespaces": namespaces,
+        "cmb": cmb,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -72,6 +74,21 @@ pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
             _ => val.as_str().map_or_else(|| val.to_string(), str::to_string),
         };
         println!("{key:<10}: {s}");
+    }
+    match cmb {
+        None => println!("{:<10}: none", "cmb"),
+        Some(c) => println!(
+            "{:<10}: {} MiB in BAR{} at {:#x} (sqs {}, cqs {}, lists {}, read data {}, write data {})",
+            "cmb",
+            c.bytes >> 20,
+            c.bar,
+            c.offset,
+            c.sqs,
+            c.cqs,
+            c.lists,
+            c.read_data,
+            c.write_data
+        ),
     }
     for ns in ctrl.namespaces() {
         println!(
