@@ -21,6 +21,7 @@ pub mod log_page;
 pub mod opcode;
 pub mod registers;
 pub mod status;
+pub mod tcp;
 
 pub use command::{Completion, Submission};
 pub use status::Status;

@@ -85,3 +85,95 @@ fn nvme_command_handling_survives_garbage() {
         fuzz::nvme_commands(&input);
     }
 }
+
+#[test]
+fn nvme_tcp_pdu_decoder_survives_garbage() {
+    use nvmeof::pdu::{Negotiated, Pdu, encode};
+    let mut rng = Rng(0x5eed_0003);
+    for input in regressions("nvme_tcp_pdu") {
+        fuzz::nvme_tcp_pdu(&input);
+    }
+    // valid PDUs of every type, then mutated: one to four bytes changed, or truncated
+    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    let sqe = nvme_spec::Submission::default();
+    let seeds = [
+        (
+            0u8,
+            Pdu::IcReq {
+                pfv: 0,
+                hpda: 0,
+                dgst: 3,
+                maxr2t: 0,
+            },
+        ),
+        (
+            1,
+            Pdu::IcResp {
+                pfv: 0,
+                cpda: 0,
+                dgst: 0,
+                maxh2cdata: 8192,
+            },
+        ),
+        (0, Pdu::CapsuleCmd { sqe, data: &data }),
+        (
+            1,
+            Pdu::CapsuleResp {
+                cqe: nvme_spec::Completion::default(),
+            },
+        ),
+        (
+            0,
+            Pdu::H2CData {
+                cccid: 1,
+                ttag: 2,
+                offset: 0,
+                data: &data,
+                last: true,
+            },
+        ),
+        (
+            1,
+            Pdu::C2HData {
+                cccid: 1,
+                offset: 0,
+                data: &data,
+                last: true,
+                success: false,
+            },
+        ),
+        (
+            1,
+            Pdu::R2T {
+                cccid: 1,
+                ttag: 2,
+                offset: 0,
+                length: 4096,
+            },
+        ),
+    ];
+    let mut buf = Vec::new();
+    for i in 0..40_000u32 {
+        let (dir, p) = &seeds[i as usize % seeds.len()];
+        let digests = (rng.next() % 4) as u8;
+        let neg = Negotiated {
+            header_digest: digests & 1 != 0,
+            data_digest: digests & 2 != 0,
+            max_data: 131_072,
+        };
+        encode(p, &neg, &mut buf);
+        let mut input = vec![dir | (digests << 1)];
+        input.extend_from_slice(&buf);
+        match rng.next() % 3 {
+            0 => {
+                for _ in 0..=rng.next() % 4 {
+                    let at = 1 + (rng.next() as usize) % (input.len() - 1);
+                    input[at] = rng.next() as u8;
+                }
+            }
+            1 => input.truncate(1 + (rng.next() as usize) % (input.len() - 1)),
+            _ => input = rng.bytes(200),
+        }
+        fuzz::nvme_tcp_pdu(&input);
+    }
+}
