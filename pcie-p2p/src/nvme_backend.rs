@@ -82,10 +82,8 @@ pub struct NvmeBackend {
     /// The device generation `qp` belongs to.
     generation: u64,
     qp: Option<IoQueuePair>,
+    /// The namespace, range and block size served.
     claim: Claim,
-    nsid: u32,
-    block_size: u64,
-    size: u64,
     max_transfer: u64,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
@@ -143,9 +141,6 @@ impl NvmeBackend {
             max_transfer: dev.max_transfer(),
             generation,
             qp: Some(qp),
-            nsid,
-            block_size: claim.block_size,
-            size: claim.blocks * claim.block_size,
             claim,
             dev,
             pending: (0..slots).map(|_| None).collect(),
@@ -181,8 +176,7 @@ impl NvmeBackend {
         if self.qp().overdue(1).is_empty() {
             return;
         }
-        let generation = self.dev.check(self.generation);
-        if generation != self.generation {
+        if self.dev.check(self.generation) != self.generation {
             self.catch_up();
             return;
         }
@@ -201,6 +195,7 @@ impl NvmeBackend {
     /// The device was reset (or given up) since our queue pair was created: the device
     /// will never complete our outstanding commands, so they fail with a retryable status,
     /// and a new queue pair replaces the old one.
+    /// Nothing to do (one atomic load) while the generation is unchanged.
     fn catch_up(&mut self) {
         let generation = self.dev.generation();
         if generation == self.generation || self.failed {
@@ -229,7 +224,7 @@ impl NvmeBackend {
                 log::warn!(
                     "{}: namespace {}: {lost} commands failed by the device reset; new queue pair",
                     self.dev.target(),
-                    self.nsid
+                    self.claim.nsid
                 );
                 self.generation = g;
             }
@@ -237,7 +232,7 @@ impl NvmeBackend {
                 log::error!(
                     "{}: namespace {}: {lost} commands failed, backend failed for good: {e}",
                     self.dev.target(),
-                    self.nsid
+                    self.claim.nsid
                 );
                 self.generation = generation;
                 self.failed = true;
@@ -328,17 +323,17 @@ impl NvmeBackend {
 
     /// Logical block size of the backing namespace.
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.claim.block_size
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
-        if !offset.is_multiple_of(self.block_size)
-            || !len.is_multiple_of(self.block_size)
+        if !offset.is_multiple_of(self.claim.block_size)
+            || !len.is_multiple_of(self.claim.block_size)
             || len == 0
         {
             return Err(Status::INVALID_FIELD);
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
         if len > self.max_transfer {
@@ -368,7 +363,7 @@ impl NvmeBackend {
     ) -> Result<(), Status> {
         let slot = self.take_slot()?;
         self.pending[slot] = Some(Pending::bare(SYNC_TAG));
-        if let Err(e) = issue(self.qp.as_mut().expect("queue pair"), slot as u64) {
+        if let Err(e) = issue(self.qp(), slot as u64) {
             log::warn!("{}: submit: {e}", self.dev.target());
             self.pending[slot] = None;
             self.free.push(slot);
@@ -446,9 +441,7 @@ impl NvmeBackend {
 
     /// Catch up with a device reset; refuse when the device is gone for good.
     fn usable(&mut self) -> Result<(), Status> {
-        if self.dev.generation() != self.generation {
-            self.catch_up();
-        }
+        self.catch_up();
         if self.failed {
             Err(Status::INTERNAL_ERROR)
         } else {
@@ -458,7 +451,7 @@ impl NvmeBackend {
 
     /// Device LBA of a byte offset in this backend's range.
     fn lba(&self, offset: u64) -> u64 {
-        self.claim.first_lba + offset / self.block_size
+        self.claim.first_lba + offset / self.claim.block_size
     }
 }
 
@@ -468,14 +461,14 @@ impl Backend for NvmeBackend {
         format!(
             "nvme:{}@{} blocks {}..{}",
             self.dev.target(),
-            self.nsid,
+            self.claim.nsid,
             c.first_lba,
             c.first_lba + c.blocks
         )
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.claim.blocks * self.claim.block_size
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
@@ -484,7 +477,7 @@ impl Backend for NvmeBackend {
         let res = match req.op {
             IoOp::Flush => {
                 self.pending[slot] = Some(Pending::bare(req.tag));
-                let nsid = self.nsid;
+                let nsid = self.claim.nsid;
                 self.qp().flush(nsid, slot as u64).map(|_| ())
             }
             IoOp::Read | IoOp::Write { .. } => {
@@ -497,14 +490,14 @@ impl Backend for NvmeBackend {
                 let fua = matches!(req.op, IoOp::Write { fua: true });
                 let lba = self.lba(req.offset);
                 // check() bounds len by the maximum transfer, so the block count fits
-                let blocks = (len / self.block_size) as u32;
+                let blocks = (len / self.claim.block_size) as u32;
                 self.sync_mirror();
                 if self.guest.is_some() && self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
                     let r = self.qp.as_mut().expect("queue pair").read_write_segments(
                         write,
                         fua,
-                        self.nsid,
+                        self.claim.nsid,
                         lba,
                         blocks,
                         &segs,
@@ -545,7 +538,7 @@ impl Backend for NvmeBackend {
                     iov: if write { Vec::new() } else { req.iov.to_vec() },
                     bounce: Some(buf),
                 });
-                let nsid = self.nsid;
+                let nsid = self.claim.nsid;
                 self.qp()
                     .read_write_fua(write, fua, nsid, lba, blocks, iova, len, slot as u64)
                     .map(|_| ())
@@ -566,9 +559,7 @@ impl Backend for NvmeBackend {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        if self.dev.generation() != self.generation {
-            self.catch_up();
-        }
+        self.catch_up();
         if !self.failed {
             self.check_timeouts();
         }
@@ -595,19 +586,19 @@ impl Backend for NvmeBackend {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
         self.usable()?;
-        if offset.checked_add(len).is_none_or(|e| e > self.size)
-            || !offset.is_multiple_of(self.block_size)
-            || !len.is_multiple_of(self.block_size)
+        if offset.checked_add(len).is_none_or(|e| e > self.size())
+            || !offset.is_multiple_of(self.claim.block_size)
+            || !len.is_multiple_of(self.claim.block_size)
         {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
         let mut at = offset;
         while at < offset + len {
             // Write Zeroes carries at most 65536 blocks
-            let blocks = ((offset + len - at) / self.block_size).min(65536);
-            let (nsid, lba) = (self.nsid, self.lba(at));
+            let blocks = ((offset + len - at) / self.claim.block_size).min(65536);
+            let (nsid, lba) = (self.claim.nsid, self.lba(at));
             self.run_sync(|qp, user| qp.write_zeroes(nsid, lba, blocks as u32, user))?;
-            at += blocks * self.block_size;
+            at += blocks * self.claim.block_size;
         }
         Ok(())
     }
@@ -617,8 +608,8 @@ impl Backend for NvmeBackend {
         let len = buf.len() as u64;
         self.check(offset, len)?;
         let bounce = self.dma(len)?;
-        let (nsid, lba, iova) = (self.nsid, self.lba(offset), bounce.iova());
-        let blocks = (len / self.block_size) as u32;
+        let (nsid, lba, iova) = (self.claim.nsid, self.lba(offset), bounce.iova());
+        let blocks = (len / self.claim.block_size) as u32;
         self.run_sync(|qp, user| qp.read_write(false, nsid, lba, blocks, iova, len, user))?;
         buf.copy_from_slice(&bounce.as_slice()[..buf.len()]);
         Ok(())
@@ -632,7 +623,7 @@ impl Backend for NvmeBackend {
 
     fn flush_sync(&mut self) -> Result<(), Status> {
         self.usable()?;
-        let nsid = self.nsid;
+        let nsid = self.claim.nsid;
         self.run_sync(|qp, user| qp.flush(nsid, user))
     }
 }

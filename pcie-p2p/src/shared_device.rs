@@ -267,11 +267,6 @@ impl SharedDevice {
         }
     }
 
-    /// Guest regions mirrored right now.
-    pub fn mirrored_regions(&self) -> usize {
-        self.lock().mirrors.len()
-    }
-
     /// Health check by a backend that has commands outstanding for a while and last saw
     /// generation `seen`. A device that is gone, fatal or no longer ready (reset behind
     /// our back) is reset and brought up again; if that fails it is given up and its
