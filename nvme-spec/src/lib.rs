@@ -15,6 +15,7 @@ macro_rules! zeroed_default {
 }
 
 pub mod command;
+pub mod fabrics;
 pub mod features;
 pub mod identify;
 pub mod log_page;

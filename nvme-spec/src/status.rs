@@ -59,6 +59,11 @@ impl Status {
     /// Internal Path Error (§4.6.1.2.4): the path to the media failed; retryable (a host
     /// retries it, on another path if it has one).
     pub const INTERNAL_PATH_ERROR: Status = Status::new(sct::PATH, 0x00);
+    /// Host Pathing Error (3/70h): the host lost its path to the controller (an NVMe-oF
+    /// initiator past its controller loss timeout).
+    pub const HOST_PATHING_ERROR: Status = Status::new(sct::PATH, 0x70);
+    /// Transient Transport Error (0/22h): the transport failed; a retry may succeed.
+    pub const TRANSIENT_TRANSPORT_ERROR: Status = Status::new(sct::GENERIC, 0x22);
 
     /// A status without Do Not Retry.
     pub const fn new(sct: u8, sc: u8) -> Self {

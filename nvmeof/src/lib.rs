@@ -2,11 +2,12 @@
 //!
 //! - `pdu.rs`: decoding and validating PDUs from the network (every field untrusted: a
 //!   malformed PDU gives the fatal error status and field offset a termination request
-//!   carries) and encoding our own, header and data digests included.
-//!
-//! The initiator backend and the target build on this codec (not yet: see the crate's
-//! issue).
+//!   carries) and encoding our own, header and data digests included;
+//! - `stream.rs`: a non-blocking connection framing PDUs;
+//! - `initiator/`: the host side, a namespace backend on a remote namespace.
 
+pub mod initiator;
 pub mod pdu;
+pub mod stream;
 
 pub use pdu::{Direction, Negotiated, Pdu, PduError};

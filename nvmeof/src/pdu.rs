@@ -449,37 +449,49 @@ pub fn decode<'a>(buf: &'a [u8], dir: Direction, neg: &Negotiated) -> Result<Pdu
 /// right after the header) into `out`, replacing its contents.
 pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
     out.clear();
-    let (t, mut fl, data): (u8, u8, &[u8]) = match *pdu {
-        Pdu::IcReq { .. } => (pdu_type::IC_REQ, 0, &[]),
-        Pdu::IcResp { .. } => (pdu_type::IC_RESP, 0, &[]),
-        Pdu::TermReq { header, .. } => (
-            // a term request goes the other way from what we receive; callers pick by role
-            pdu_type::C2H_TERM_REQ,
-            0,
-            &header[..header.len().min(TERM_REQ_MAX_DATA)],
-        ),
-        Pdu::CapsuleCmd { data, .. } => (pdu_type::CAPSULE_CMD, 0, data),
-        Pdu::CapsuleResp { .. } => (pdu_type::CAPSULE_RESP, 0, &[]),
-        Pdu::H2CData { data, last, .. } => (
-            pdu_type::H2C_DATA,
-            if last { flags::LAST_PDU } else { 0 },
-            data,
-        ),
-        Pdu::C2HData {
-            data,
-            last,
-            success,
-            ..
-        } => (
+    let data = pdu_data(pdu);
+    if encode_header(pdu, data.len(), neg, out) {
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc(data).to_le_bytes());
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The data a PDU value carries.
+fn pdu_data<'a>(pdu: &Pdu<'a>) -> &'a [u8] {
+    match *pdu {
+        Pdu::TermReq { header, .. } => &header[..header.len().min(TERM_REQ_MAX_DATA)],
+        Pdu::CapsuleCmd { data, .. } | Pdu::H2CData { data, .. } | Pdu::C2HData { data, .. } => {
+            data
+        }
+        _ => &[],
+    }
+}
+
+/// Append the header of `pdu` (and its header digest) to `out` for a PDU that carries
+/// `data_len` bytes of data; the data slice inside `pdu` is ignored, so data can come from
+/// scattered buffers. The caller appends the data next and, when this returns true, its
+/// CRC32C data digest (see [`data_digest`]).
+pub fn encode_header(pdu: &Pdu<'_>, data_len: usize, neg: &Negotiated, out: &mut Vec<u8>) -> bool {
+    let base = out.len();
+    let (t, mut fl): (u8, u8) = match *pdu {
+        Pdu::IcReq { .. } => (pdu_type::IC_REQ, 0),
+        Pdu::IcResp { .. } => (pdu_type::IC_RESP, 0),
+        // a term request goes the other way from what we receive; callers pick by role
+        Pdu::TermReq { .. } => (pdu_type::C2H_TERM_REQ, 0),
+        Pdu::CapsuleCmd { .. } => (pdu_type::CAPSULE_CMD, 0),
+        Pdu::CapsuleResp { .. } => (pdu_type::CAPSULE_RESP, 0),
+        Pdu::H2CData { last, .. } => (pdu_type::H2C_DATA, if last { flags::LAST_PDU } else { 0 }),
+        Pdu::C2HData { last, success, .. } => (
             pdu_type::C2H_DATA,
             (if last { flags::LAST_PDU } else { 0 }) | if success { flags::SUCCESS } else { 0 },
-            data,
         ),
-        Pdu::R2T { .. } => (pdu_type::R2T, 0, &[]),
+        Pdu::R2T { .. } => (pdu_type::R2T, 0),
     };
     let hl = expected_hlen(t).expect("known type");
     let hd = digestible(t) && neg.header_digest;
-    let dd = carries_data(t) && neg.data_digest && !data.is_empty();
+    let dd = carries_data(t) && neg.data_digest && data_len > 0;
     if hd {
         fl |= flags::HDGSTF;
     }
@@ -487,13 +499,14 @@ pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
         fl |= flags::DDGSTF;
     }
     let header_len = usize::from(hl) + if hd { DIGEST_LEN } else { 0 };
-    let pdo = if carries_data(t) && !data.is_empty() {
+    let pdo = if carries_data(t) && data_len > 0 {
         header_len as u8
     } else {
         0
     };
-    let plen = header_len + data.len() + if dd { DIGEST_LEN } else { 0 };
-    out.resize(usize::from(hl), 0);
+    let plen = header_len + data_len + if dd { DIGEST_LEN } else { 0 };
+    out.resize(base + usize::from(hl), 0);
+    let hdr = &mut out[base..];
     let ch = CommonHeader {
         pdu_type: t,
         flags: fl,
@@ -501,7 +514,7 @@ pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
         pdo,
         plen: (plen as u32).into(),
     };
-    out[..8].copy_from_slice(ch.as_bytes());
+    hdr[..8].copy_from_slice(ch.as_bytes());
     match *pdu {
         Pdu::IcReq {
             pfv,
@@ -509,7 +522,7 @@ pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
             dgst,
             maxr2t,
         } => {
-            write_ic(out, pfv, hpda, dgst, maxr2t);
+            write_ic(hdr, pfv, hpda, dgst, maxr2t);
         }
         Pdu::IcResp {
             pfv,
@@ -517,30 +530,24 @@ pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
             dgst,
             maxh2cdata,
         } => {
-            write_ic(out, pfv, cpda, dgst, maxh2cdata);
+            write_ic(hdr, pfv, cpda, dgst, maxh2cdata);
         }
         Pdu::TermReq { fes, fei, .. } => {
-            out[8..10].copy_from_slice(&fes.to_le_bytes());
-            out[10..14].copy_from_slice(&fei.to_le_bytes());
+            hdr[8..10].copy_from_slice(&fes.to_le_bytes());
+            hdr[10..14].copy_from_slice(&fei.to_le_bytes());
         }
-        Pdu::CapsuleCmd { sqe, .. } => out[8..72].copy_from_slice(sqe.as_bytes()),
-        Pdu::CapsuleResp { cqe } => out[8..24].copy_from_slice(cqe.as_bytes()),
+        Pdu::CapsuleCmd { sqe, .. } => hdr[8..72].copy_from_slice(sqe.as_bytes()),
+        Pdu::CapsuleResp { cqe } => hdr[8..24].copy_from_slice(cqe.as_bytes()),
         Pdu::H2CData {
             cccid,
             ttag,
             offset,
-            data,
             ..
         } => {
-            write_data_header(out, cccid, ttag, offset, data.len() as u32);
+            write_data_header(hdr, cccid, ttag, offset, data_len as u32);
         }
-        Pdu::C2HData {
-            cccid,
-            offset,
-            data,
-            ..
-        } => {
-            write_data_header(out, cccid, 0, offset, data.len() as u32);
+        Pdu::C2HData { cccid, offset, .. } => {
+            write_data_header(hdr, cccid, 0, offset, data_len as u32);
         }
         Pdu::R2T {
             cccid,
@@ -548,17 +555,19 @@ pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
             offset,
             length,
         } => {
-            write_data_header(out, cccid, ttag, offset, length);
+            write_data_header(hdr, cccid, ttag, offset, length);
         }
     }
     if hd {
-        let c = crc(&out[..usize::from(hl)]);
+        let c = crc(&out[base..base + usize::from(hl)]);
         out.extend_from_slice(&c.to_le_bytes());
     }
-    out.extend_from_slice(data);
-    if dd {
-        out.extend_from_slice(&crc(data).to_le_bytes());
-    }
+    dd
+}
+
+/// CRC32C data digest over data in several pieces (in order).
+pub fn data_digest<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> u32 {
+    pieces.into_iter().fold(0, crc32c::crc32c_append)
 }
 
 fn write_ic(out: &mut [u8], pfv: u16, pda: u8, dgst: u8, v: u32) {

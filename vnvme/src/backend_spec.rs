@@ -2,7 +2,8 @@
 //! `file:/path/to/img[:SIZE]`, `nvme:vfio-user:/path/to.sock[@NSID[:OFFSET+LENGTH]]` or
 //! `nvme:pci:DDDD:BB:DD.F[@NSID[:OFFSET+LENGTH]]` (a namespace of another NVMe controller,
 //! or a byte range of one, through the user-space host driver; several namespaces may share
-//! one device, each on its own range).
+//! one device, each on its own range), or `nvme-tcp://HOST:PORT[,HOST:PORT]/NQN[/NSID][?OPTS]`
+//! (a namespace of a remote NVMe/TCP subsystem; see `nvmeof::initiator::TcpUrl`).
 
 use std::path::PathBuf;
 
@@ -40,6 +41,7 @@ pub enum BackendSpec {
         /// Byte offset and length within the namespace; the whole namespace when `None`.
         range: Option<(u64, u64)>,
     },
+    NvmeTcp(nvmeof::initiator::TcpUrl),
 }
 
 /// Why a spec was refused.
@@ -47,11 +49,14 @@ pub enum BackendSpec {
 pub enum SpecError {
     #[error(
         "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or \
-         nvme:TARGET[@NSID[:OFFSET+LENGTH]] (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F)"
+         nvme:TARGET[@NSID[:OFFSET+LENGTH]] (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F) \
+         or nvme-tcp://HOST:PORT/NQN[/NSID]"
     )]
     Syntax(String),
     #[error("'{0}': bad size (a number with an optional K, M, G or T suffix, at least 1M)")]
     Size(String),
+    #[error("'{0}': {1}")]
+    Url(String, nvmeof::initiator::UrlError),
 }
 
 /// Parse `512`, `64K`, `256M`, `1G`, `2T` (binary multiples).
@@ -70,6 +75,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl std::str::FromStr for BackendSpec {
     type Err = SpecError;
     fn from_str(spec: &str) -> Result<Self, SpecError> {
+        if spec.starts_with(nvmeof::initiator::SCHEME) {
+            return spec
+                .parse()
+                .map(BackendSpec::NvmeTcp)
+                .map_err(|e| SpecError::Url(spec.into(), e));
+        }
         let (kind, rest) = spec
             .split_once(':')
             .ok_or_else(|| SpecError::Syntax(spec.into()))?;
@@ -142,6 +153,8 @@ pub enum OpenError {
     File(#[from] device_model::backend::FileError),
     #[error("{0}")]
     Nvme(String),
+    #[error(transparent)]
+    NvmeTcp(#[from] nvmeof::initiator::SessionError),
 }
 
 /// An opened backend, with the transfer counters of an `nvme:` one.
@@ -195,6 +208,7 @@ impl BackendSpec {
                     transfer,
                 });
             }
+            BackendSpec::NvmeTcp(url) => Box::new(nvmeof::initiator::TcpBackend::connect(url)?),
         };
         Ok(Opened {
             backend,
@@ -272,9 +286,15 @@ mod tests {
             "nvme:pci:0000:01:00.0@1:0+0",
             "nvme:pci:0000:01:00.0@1:x+1M",
             "nvme:pci:0000:01:00.0@:0+1M",
+            "nvme-tcp://h/nqn",
+            "nvme-tcp://h:4420/nqn/0",
         ] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
         }
+        assert!(matches!(
+            "nvme-tcp://127.0.0.1:4420/nqn.2014-08.org.x:y/3?ddgst".parse::<BackendSpec>(),
+            Ok(BackendSpec::NvmeTcp(u)) if u.nsid == 3 && u.data_digest
+        ));
         assert!(matches!(
             "malloc:lots".parse::<BackendSpec>(),
             Err(SpecError::Size(_))

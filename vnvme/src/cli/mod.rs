@@ -1,6 +1,7 @@
 //! Subcommands of the `vnvme` binary.
 
 pub mod demo;
+pub mod discover;
 pub mod guest;
 pub mod identify;
 pub mod perf;

@@ -1,0 +1,387 @@
+//! [`TcpBackend`]: a namespace backend on a remote NVMe/TCP namespace. Its I/O queue's
+//! connection is driven from the reactor that polls the front controller (non-blocking
+//! sends and receives, no thread per connection); the admin queue and reconnects belong to
+//! the session's supervisor thread.
+//!
+//! Commands in flight when the connection fails are kept and submitted again on the next
+//! connection (a read reads again, a write writes the same data again: both idempotent);
+//! past the controller loss timeout they complete with Host Pathing Error (3/70h). A
+//! command without an answer for `io_timeout` counts as a failed connection, as in Linux.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
+use nvme_spec::opcode::nvm as op;
+use nvme_spec::{Status, Submission};
+
+use super::host_identity::HostIdentity;
+use super::queue::{Completed, Data, HostQueue, QueueError, Seg, Unfinished};
+use super::session::{self, NamespaceInfo, Session, SessionError, TICK};
+use super::url::TcpUrl;
+
+/// A namespace served by a remote NVMe/TCP controller.
+#[derive(Debug)]
+pub struct TcpBackend {
+    url: TcpUrl,
+    ns: NamespaceInfo,
+    session: Arc<Session>,
+    seen_generation: u64,
+    io: Option<HostQueue>,
+    /// Accepted, not yet on a connection (no free slot, or reconnecting), in order.
+    waiting: VecDeque<Unfinished>,
+    /// Finished outside a poll (failures), reported by the next poll.
+    done: Vec<(u64, Status)>,
+    in_flight: usize,
+    failed: bool,
+    checked_tick: u64,
+    timeout: Duration,
+}
+
+impl TcpBackend {
+    /// Connect to `url` (trying each path) and identify its namespace. Fails with every
+    /// path's reason when none answers.
+    pub fn connect(url: &TcpUrl) -> Result<Self, SessionError> {
+        let me = HostIdentity::local();
+        let timeout = url
+            .kato
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let est = session::establish_any(url, &me, 0, timeout).map_err(|mut errs| {
+            // the first path's reason, the others logged
+            for e in errs.iter().skip(1) {
+                log::warn!("nvme-tcp: {e}");
+            }
+            errs.swap_remove(0)
+        })?;
+        let session = Session::start(url.clone(), me, est.admin, est.path, est.ns)?;
+        Ok(Self {
+            url: url.clone(),
+            ns: est.ns,
+            seen_generation: session.generation(),
+            session,
+            io: Some(est.io),
+            waiting: VecDeque::new(),
+            done: Vec::new(),
+            in_flight: 0,
+            failed: false,
+            checked_tick: 0,
+            timeout,
+        })
+    }
+
+    /// The remote namespace.
+    pub fn namespace(&self) -> NamespaceInfo {
+        self.ns
+    }
+
+    /// Reconnects so far.
+    pub fn reconnects(&self) -> u64 {
+        self.session.reconnects()
+    }
+
+    /// Whether an I/O connection is up now.
+    pub fn connected(&self) -> bool {
+        self.io.is_some()
+    }
+
+    fn block_size(&self) -> u64 {
+        1 << self.ns.lba_shift
+    }
+
+    /// An NVM command for `len` bytes at byte `offset`, checked against the namespace.
+    fn rw_sqe(&self, opcode: u8, offset: u64, len: u64) -> Result<Submission, Status> {
+        let bs = self.block_size();
+        if len == 0 || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Status::INVALID_FIELD);
+        }
+        let slba = offset >> self.ns.lba_shift;
+        let nlb = len >> self.ns.lba_shift;
+        if slba + nlb > self.ns.blocks {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        let mut sqe = Submission::default();
+        sqe.opcode = opcode;
+        sqe.nsid = self.ns.nsid.into();
+        sqe.cdw10 = (slba as u32).into();
+        sqe.cdw11 = ((slba >> 32) as u32).into();
+        sqe.cdw12 = ((nlb - 1) as u32 & 0xffff).into();
+        Ok(sqe)
+    }
+
+    /// Pick up what the supervisor handed over (one atomic load when nothing changed).
+    fn catch_up(&mut self) {
+        let g = self.session.generation();
+        if g == self.seen_generation {
+            return;
+        }
+        self.seen_generation = g;
+        let (fresh, failed) = self.session.take();
+        if let Some(q) = fresh {
+            if self.io.is_some() {
+                self.drop_connection(false);
+            }
+            log::info!(
+                "nvme-tcp {}: I/O resumes on a new connection ({} commands to resend)",
+                q.peer(),
+                self.waiting.len()
+            );
+            self.io = Some(q);
+            self.checked_tick = self.session.tick();
+        }
+        if failed {
+            self.failed = true;
+            self.drop_connection(false);
+            for u in self.waiting.drain(..) {
+                self.done.push((u.tag, Status::HOST_PATHING_ERROR));
+            }
+        }
+    }
+
+    /// The I/O connection is unusable: keep its commands for the next one.
+    fn drop_connection(&mut self, report: bool) {
+        let Some(mut q) = self.io.take() else {
+            return;
+        };
+        q.shutdown();
+        let (unfinished, completed) = q.drain();
+        for c in completed {
+            self.done.push((c.tag, c.status));
+        }
+        for u in unfinished.into_iter().rev() {
+            self.waiting.push_front(u);
+        }
+        if report {
+            self.session.report_lost();
+        }
+    }
+
+    fn lost(&mut self, e: &QueueError) {
+        log::warn!(
+            "nvme-tcp {}: I/O connection lost: {e}",
+            self.io.as_ref().map_or("?", |q| q.peer())
+        );
+        self.drop_connection(true);
+    }
+
+    /// Move waiting commands onto the connection while it has room (one slot stays free
+    /// for the synchronous commands).
+    fn start_waiting(&mut self) {
+        let tick = self.session.tick();
+        while let Some(q) = self.io.as_mut() {
+            if q.free_slots() <= 1 {
+                return;
+            }
+            let Some(u) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Err(e) = q.submit(u.sqe, u.tag, u.data(), tick) {
+                self.waiting.push_front(u);
+                self.lost(&e);
+            }
+        }
+    }
+
+    /// Commands older than the I/O timeout mean the connection is stuck.
+    fn check_timeouts(&mut self) {
+        let now = self.session.tick();
+        if now == self.checked_tick {
+            return;
+        }
+        self.checked_tick = now;
+        let limit = (self.url.io_timeout.as_millis() / TICK.as_millis()) as u64;
+        let Some(q) = self.io.as_ref() else {
+            return;
+        };
+        if now > limit && q.older_than(now - limit).next().is_some() {
+            let e = QueueError::Stream(crate::stream::StreamError::Timeout(
+                self.url.io_timeout.as_millis() as u64,
+            ));
+            self.lost(&e);
+        }
+    }
+
+    /// Run one command synchronously on the I/O queue (Write Zeroes, DSM, Compare reads,
+    /// flushes at shutdown).
+    fn sync(&mut self, sqe: Submission, data: Data<'_>) -> Result<(), Status> {
+        self.catch_up();
+        if self.failed {
+            return Err(Status::HOST_PATHING_ERROR);
+        }
+        let Some(q) = self.io.as_mut() else {
+            return Err(Status::TRANSIENT_TRANSPORT_ERROR);
+        };
+        match q.sync(sqe, data, self.timeout) {
+            Ok(Completed { status, .. }) if status.is_success() => Ok(()),
+            Ok(Completed { status, .. }) => Err(status),
+            Err(e) => {
+                self.lost(&e);
+                Err(Status::TRANSIENT_TRANSPORT_ERROR)
+            }
+        }
+    }
+
+    fn zero_range(&mut self, opcode: u8, offset: u64, len: u64) -> Result<(), Status> {
+        // Write Zeroes carries at most 65536 blocks per command
+        let max = 65536u64 << self.ns.lba_shift;
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(max);
+            let sqe = self.rw_sqe(opcode, at, n)?;
+            self.sync(sqe, Data::None)?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        self.session.stop();
+        if let Some(q) = &self.io {
+            q.shutdown();
+        }
+    }
+}
+
+impl Backend for TcpBackend {
+    fn describe(&self) -> String {
+        format!("{} ({} MiB)", self.url, self.size() >> 20)
+    }
+
+    fn size(&self) -> u64 {
+        self.ns.blocks << self.ns.lba_shift
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        self.catch_up();
+        if self.failed {
+            return Err(Status::HOST_PATHING_ERROR);
+        }
+        let len = iov_len(req.iov);
+        let (sqe, from_c, to_c) = match req.op {
+            IoOp::Read | IoOp::Write { .. } if len as usize > self.ns.max_transfer => {
+                log::warn!(
+                    "nvme-tcp {}: {len}-byte transfer above the target's limit of {}",
+                    self.url,
+                    self.ns.max_transfer
+                );
+                return Err(Status::INVALID_FIELD);
+            }
+            IoOp::Read => (self.rw_sqe(op::READ, req.offset, len)?, true, false),
+            IoOp::Write { fua } => {
+                let mut sqe = self.rw_sqe(op::WRITE, req.offset, len)?;
+                if fua {
+                    sqe.cdw12 = (sqe.cdw12.get() | 1 << 30).into();
+                }
+                (sqe, false, true)
+            }
+            IoOp::Flush => {
+                let mut sqe = Submission::default();
+                sqe.opcode = op::FLUSH;
+                sqe.nsid = self.ns.nsid.into();
+                (sqe, false, false)
+            }
+        };
+        let segs = req
+            .iov
+            .iter()
+            .map(|v| Seg {
+                addr: v.iov_base as usize,
+                len: v.iov_len,
+            })
+            .collect();
+        self.waiting.push_back(Unfinished {
+            tag: req.tag,
+            sqe,
+            from_controller: from_c,
+            to_controller: to_c,
+            segs,
+        });
+        self.in_flight += 1;
+        self.start_waiting();
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.catch_up();
+        let mut n = 0;
+        for (t, s) in self.done.drain(..) {
+            done(t, s);
+            n += 1;
+        }
+        if let Some(q) = self.io.as_mut() {
+            match q.poll(&mut |c| {
+                if c.tag != super::queue::SYNC_TAG {
+                    done(c.tag, c.status);
+                    n += 1;
+                }
+            }) {
+                Ok(_) => {}
+                Err(e) => self.lost(&e),
+            }
+        }
+        self.in_flight -= n;
+        self.start_waiting();
+        self.check_timeouts();
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        if self.ns.write_zeroes {
+            return self.zero_range(op::WRITE_ZEROES, offset, len);
+        }
+        // no Write Zeroes on the target: write zeroed blocks
+        let zero = vec![0u8; (1 << 20).min(self.ns.max_transfer)];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zero.len() as u64);
+            let sqe = self.rw_sqe(op::WRITE, at, n)?;
+            self.sync(sqe, Data::ToController(&[Seg::of(&zero[..n as usize])]))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        if !self.ns.dsm {
+            return self.write_zeroes(offset, len);
+        }
+        let bs = self.block_size();
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Status::INVALID_FIELD);
+        }
+        let max = u64::from(u32::MAX) << self.ns.lba_shift;
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(max);
+            // one range: context attributes, length in blocks, starting LBA (§3.2.3)
+            let mut range = [0u8; 16];
+            range[4..8].copy_from_slice(&((n >> self.ns.lba_shift) as u32).to_le_bytes());
+            range[8..16].copy_from_slice(&(at >> self.ns.lba_shift).to_le_bytes());
+            let mut sqe = Submission::default();
+            sqe.opcode = op::DATASET_MANAGEMENT;
+            sqe.nsid = self.ns.nsid.into();
+            sqe.cdw11 = (1u32 << 2).into();
+            self.sync(sqe, Data::ToController(&[Seg::of(&range)]))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        let sqe = self.rw_sqe(op::READ, offset, buf.len() as u64)?;
+        self.sync(sqe, Data::FromController(&[Seg::of_mut(buf)]))
+    }
+
+    fn flush_sync(&mut self) -> Result<(), Status> {
+        let mut sqe = Submission::default();
+        sqe.opcode = op::FLUSH;
+        sqe.nsid = self.ns.nsid.into();
+        self.sync(sqe, Data::None)
+    }
+}

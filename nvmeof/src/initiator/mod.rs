@@ -1,0 +1,24 @@
+//! The NVMe/TCP host side: a namespace [`Backend`](device_model::backend::Backend) on a
+//! remote namespace ([`TcpBackend`]) and discovery ([`discover`]).
+//!
+//! - `url.rs`: the `nvme-tcp://` address and its options;
+//! - `queue.rs`: one connection = one queue, its set-up and its commands in flight;
+//! - `admin.rs`: synchronous admin commands (Property Get/Set, Identify, Keep Alive, ...);
+//! - `session.rs`: the association with a controller, kept alive and reconnected;
+//! - `backend.rs`: the backend the reactor polls;
+//! - `discovery.rs`: the Discovery log page;
+//! - `host_identity.rs`: host NQN and host ID.
+
+mod admin;
+mod backend;
+mod discovery;
+mod host_identity;
+pub mod queue;
+mod session;
+mod url;
+
+pub use backend::TcpBackend;
+pub use discovery::{DiscoveryRecord, discover};
+pub use host_identity::HostIdentity;
+pub use session::{NamespaceInfo, SessionError};
+pub use url::{SCHEME, TcpUrl, UrlError};

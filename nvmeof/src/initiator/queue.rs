@@ -1,0 +1,616 @@
+//! One host-side NVMe/TCP queue: a TCP connection, its initialization (ICReq/ICResp and
+//! Fabrics Connect, TCP transport 1.0 §3.3 and base 2.0 §6.3) and the commands in flight on
+//! it. After set-up nothing blocks: [`HostQueue::submit`] queues a command capsule and
+//! [`HostQueue::poll`] moves data (C2HData into the command's buffers, H2CData for each
+//! R2T) and reports completions. Only the `*_sync` helpers wait.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use nvme_spec::fabrics::{self, ConnectData, fctype, sgl_id};
+use nvme_spec::tcp::{DGST_DATA, DGST_HEADER, fes};
+use nvme_spec::{Status, Submission};
+use zerocopy::IntoBytes;
+
+use crate::pdu::{self, Direction, Negotiated, Pdu, PduError};
+use crate::stream::{PduStream, StreamError};
+
+/// Largest transfer of one command (the receive buffer holds one C2HData PDU of it: a
+/// Linux target sends a read's data in one PDU).
+pub const MAX_TRANSFER: usize = 4 << 20;
+
+/// In-capsule data an NVMe/TCP admin queue accepts (TCP transport 1.0 §3.3.2: 8 KiB).
+pub const ADMIN_INLINE: usize = 8192;
+
+/// Tag of commands issued by the `*_sync` helpers.
+pub const SYNC_TAG: u64 = u64::MAX;
+
+/// A piece of a command's data buffer (an iovec kept as plain integers so queues are Send).
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Seg {
+    /// The segment of a byte slice the controller only reads.
+    pub fn of(b: &[u8]) -> Self {
+        Self {
+            addr: b.as_ptr() as usize,
+            len: b.len(),
+        }
+    }
+
+    /// The segment of a byte slice the controller writes.
+    pub fn of_mut(b: &mut [u8]) -> Self {
+        Self {
+            addr: b.as_mut_ptr() as usize,
+            len: b.len(),
+        }
+    }
+}
+
+/// Data direction of a command and its buffers. The buffers must stay valid until the
+/// command completes (or the queue is dropped).
+#[derive(Clone, Copy, Debug)]
+pub enum Data<'a> {
+    None,
+    /// Controller to host (reads, Identify, log pages).
+    FromController(&'a [Seg]),
+    /// Host to controller (writes, Connect data, DSM ranges).
+    ToController(&'a [Seg]),
+}
+
+/// A finished command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completed {
+    pub tag: u64,
+    pub status: Status,
+    /// Completion dwords 0 and 1 (Property Get's value, Connect's CNTLID).
+    pub result: u64,
+}
+
+/// A command taken off a dropped connection, as it was submitted.
+#[derive(Clone, Debug)]
+pub struct Unfinished {
+    pub tag: u64,
+    pub sqe: Submission,
+    pub from_controller: bool,
+    pub to_controller: bool,
+    pub segs: Vec<Seg>,
+}
+
+impl Unfinished {
+    /// Its data description for [`HostQueue::submit`].
+    pub fn data(&self) -> Data<'_> {
+        if self.from_controller {
+            Data::FromController(&self.segs)
+        } else if self.to_controller {
+            Data::ToController(&self.segs)
+        } else {
+            Data::None
+        }
+    }
+}
+
+/// Errors of a queue: the connection is no longer usable, or set-up was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("controller refused {what}: status {status:?}")]
+    Refused { what: &'static str, status: Status },
+    #[error("no free command slot")]
+    Full,
+}
+
+/// Who we are and what we connect to.
+#[derive(Clone, Debug)]
+pub struct ConnectParams {
+    pub addr: SocketAddr,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub header_digest: bool,
+    pub data_digest: bool,
+    /// Time allowed for each set-up step and each synchronous command.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Cmd {
+    active: bool,
+    sqe: Submission,
+    tag: u64,
+    from_controller: bool,
+    to_controller: bool,
+    len: usize,
+    segs: Vec<Seg>,
+    /// A data digest failed: the command fails whatever its completion says.
+    digest_error: bool,
+    /// Coarse time of submission, for I/O timeouts.
+    tick: u64,
+}
+
+/// One connected queue (admin or I/O).
+#[derive(Debug)]
+pub struct HostQueue {
+    stream: PduStream,
+    qid: u16,
+    cntlid: u16,
+    inline_max: usize,
+    maxh2cdata: usize,
+    cmds: Vec<Cmd>,
+    free: Vec<u16>,
+    /// Completions seen while a synchronous command waited, delivered by the next poll.
+    stash: Vec<Completed>,
+    peer: String,
+}
+
+impl HostQueue {
+    /// Open a TCP connection, initialize it and connect queue `qid` of `entries` slots to
+    /// controller `cntlid` (`CNTLID_DYNAMIC` for the admin queue), asking for keep alive
+    /// `kato_ms`.
+    pub fn connect(
+        p: &ConnectParams,
+        qid: u16,
+        entries: u16,
+        cntlid: u16,
+        kato_ms: u32,
+    ) -> Result<Self, QueueError> {
+        let sock = TcpStream::connect_timeout(&p.addr, p.timeout).map_err(|source| {
+            QueueError::Connect {
+                addr: p.addr,
+                source,
+            }
+        })?;
+        let max_pdu = MAX_TRANSFER + 256;
+        let mut stream = PduStream::new(sock, Direction::ToHost, max_pdu).map_err(|source| {
+            QueueError::Connect {
+                addr: p.addr,
+                source,
+            }
+        })?;
+        let want = if p.header_digest { DGST_HEADER } else { 0 }
+            | if p.data_digest { DGST_DATA } else { 0 };
+        stream.tx.push(
+            &Pdu::IcReq {
+                pfv: 0,
+                hpda: 0,
+                dgst: want,
+                maxr2t: 0,
+            },
+            &Negotiated::default(),
+        );
+        let deadline = Instant::now() + p.timeout;
+        let (dgst, maxh2cdata) = loop {
+            match stream.rx.next_pdu(&Negotiated::default()) {
+                Ok(Some(Pdu::IcResp {
+                    dgst, maxh2cdata, ..
+                })) => break (dgst, maxh2cdata),
+                Ok(Some(Pdu::TermReq { fes, fei, .. })) => {
+                    return Err(StreamError::Terminated { fes, fei }.into());
+                }
+                Ok(Some(_)) => {
+                    stream.terminate(fes::PDU_SEQUENCE_ERROR, 0, false);
+                    return Err(StreamError::Unexpected("PDU other than ICResp").into());
+                }
+                Ok(None) => {
+                    stream
+                        .wait(deadline)
+                        .map_err(|e| timeout_ms(e, p.timeout))?;
+                }
+                Err(e) => return Err(fatal(&mut stream, e).into()),
+            }
+        };
+        if dgst & !want != 0 {
+            stream.terminate(fes::UNSUPPORTED_PARAMETER, 11, false);
+            return Err(
+                StreamError::Unexpected("controller enabled a digest we did not ask for").into(),
+            );
+        }
+        stream.neg = Negotiated {
+            header_digest: dgst & DGST_HEADER != 0,
+            data_digest: dgst & DGST_DATA != 0,
+            max_data: MAX_TRANSFER as u32,
+        };
+        let peer = stream.peer();
+        let depth = entries.max(2);
+        let mut q = Self {
+            stream,
+            qid,
+            cntlid,
+            inline_max: ADMIN_INLINE,
+            maxh2cdata: (maxh2cdata as usize).min(MAX_TRANSFER),
+            cmds: (0..depth).map(|_| Cmd::default()).collect(),
+            free: (0..depth).rev().collect(),
+            stash: Vec::new(),
+            peer,
+        };
+        let mut data = ConnectData::default();
+        data.hostid = p.hostid;
+        data.cntlid = cntlid.into();
+        fabrics::put_str(&mut data.subnqn, &p.subnqn);
+        fabrics::put_str(&mut data.hostnqn, &p.hostnqn);
+        let mut sqe = fabrics_sqe(fctype::CONNECT);
+        sqe.cdw10 = (u32::from(qid) << 16).into();
+        sqe.cdw11 = u32::from(entries - 1).into();
+        sqe.cdw12 = kato_ms.into();
+        let c = q.sync(
+            sqe,
+            Data::ToController(&[Seg::of(data.as_bytes())]),
+            p.timeout,
+        )?;
+        if !c.status.is_success() {
+            return Err(QueueError::Refused {
+                what: "Connect",
+                status: c.status,
+            });
+        }
+        q.cntlid = c.result as u16;
+        Ok(q)
+    }
+
+    /// The controller this queue belongs to.
+    pub fn cntlid(&self) -> u16 {
+        self.cntlid
+    }
+
+    /// The queue id.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// The target's address, for logs.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Set how much data an I/O command may carry in its capsule (from IOCCSZ).
+    pub fn set_inline_max(&mut self, bytes: usize) {
+        self.inline_max = bytes.min(MAX_TRANSFER);
+    }
+
+    /// Commands in flight.
+    pub fn in_flight(&self) -> usize {
+        self.cmds.len() - self.free.len()
+    }
+
+    /// Whether another command can be submitted now.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Tags of the commands in flight submitted at or before `tick`.
+    pub fn older_than(&self, tick: u64) -> impl Iterator<Item = u64> + '_ {
+        self.cmds
+            .iter()
+            .filter(move |c| c.active && c.tick <= tick)
+            .map(|c| c.tag)
+    }
+
+    /// Queue command `sqe` (its CID and data pointer are filled in here) with `data`. The
+    /// capsule is sent by the next [`poll`](Self::poll) or at once when the socket takes it.
+    pub fn submit(
+        &mut self,
+        mut sqe: Submission,
+        tag: u64,
+        data: Data<'_>,
+        tick: u64,
+    ) -> Result<(), QueueError> {
+        let Some(cid) = self.free.pop() else {
+            return Err(QueueError::Full);
+        };
+        let (segs, from_c, to_c): (&[Seg], bool, bool) = match data {
+            Data::None => (&[], false, false),
+            Data::FromController(s) => (s, true, false),
+            Data::ToController(s) => (s, false, true),
+        };
+        let len: usize = segs.iter().map(|s| s.len).sum();
+        let cmd = &mut self.cmds[cid as usize];
+        cmd.active = true;
+        cmd.tag = tag;
+        cmd.from_controller = from_c;
+        cmd.to_controller = to_c;
+        cmd.len = len;
+        cmd.segs.clear();
+        cmd.segs.extend_from_slice(segs);
+        cmd.digest_error = false;
+        cmd.tick = tick;
+        cmd.sqe = sqe;
+        sqe.cid = cid.into();
+        sqe.flags = (sqe.flags & 0x3) | fabrics::PSDT_SGL;
+        let inline = to_c && len <= self.inline_max;
+        let id = if inline {
+            sgl_id::INCAPSULE
+        } else {
+            sgl_id::TRANSPORT
+        };
+        sqe.prp1 = 0.into();
+        sqe.prp2 = (len as u64 | (u64::from(id) << 56)).into();
+        let neg = self.stream.neg;
+        let out = self.stream.tx.out();
+        let capsule = Pdu::CapsuleCmd { sqe, data: &[] };
+        if inline && len > 0 {
+            let dd = pdu::encode_header(&capsule, len, &neg, out);
+            append_data(out, &self.cmds[cid as usize].segs, 0, len, dd);
+        } else {
+            pdu::encode_header(&capsule, 0, &neg, out);
+        }
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    /// Send and receive what the socket allows, answer R2Ts, place C2H data, and hand every
+    /// finished command to `done`. Returns how many finished. An error means the
+    /// connection is finished; its commands are still listed by [`drain`](Self::drain).
+    pub fn poll(&mut self, done: &mut dyn FnMut(Completed)) -> Result<usize, QueueError> {
+        let mut n = 0;
+        for c in self.stash.drain(..) {
+            done(c);
+            n += 1;
+        }
+        self.stream.pump()?;
+        loop {
+            let neg = self.stream.neg;
+            let pdu = match self.stream.rx.next_pdu(&neg) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(PduError::DataDigest { cccid }) => {
+                    if let Some(c) = self.cmds.get_mut(cccid as usize).filter(|c| c.active) {
+                        c.digest_error = true;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(fatal(&mut self.stream, e).into()),
+            };
+            match pdu {
+                Pdu::CapsuleResp { cqe } => {
+                    let cid = cqe.cid.get();
+                    let Some(cmd) = self.cmds.get_mut(cid as usize).filter(|c| c.active) else {
+                        self.stream
+                            .terminate(fes::INVALID_HEADER_FIELD, 8 + 12, false);
+                        return Err(StreamError::Unexpected(
+                            "response for a command not in flight",
+                        )
+                        .into());
+                    };
+                    let mut status = Status::from_cqe_bits(cqe.status.get());
+                    if cmd.digest_error && status.is_success() {
+                        status = Status::DATA_TRANSFER_ERROR;
+                    }
+                    let result = u64::from(cqe.dw0.get()) | (u64::from(cqe.dw1.get()) << 32);
+                    let tag = cmd.tag;
+                    cmd.active = false;
+                    self.free.push(cid);
+                    done(Completed {
+                        tag,
+                        status,
+                        result,
+                    });
+                    n += 1;
+                }
+                Pdu::C2HData {
+                    cccid,
+                    offset,
+                    data,
+                    last,
+                    success,
+                } => {
+                    let Some(cmd) = self
+                        .cmds
+                        .get_mut(cccid as usize)
+                        .filter(|c| c.active && c.from_controller)
+                    else {
+                        self.stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
+                        return Err(
+                            StreamError::Unexpected("C2HData for a command not reading").into()
+                        );
+                    };
+                    let off = offset as usize;
+                    if off + data.len() > cmd.len {
+                        self.stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
+                        return Err(
+                            StreamError::Unexpected("C2HData beyond the command's data").into()
+                        );
+                    }
+                    scatter(&cmd.segs, off, data);
+                    if success && last {
+                        let status = if cmd.digest_error {
+                            Status::DATA_TRANSFER_ERROR
+                        } else {
+                            Status::SUCCESS
+                        };
+                        let tag = cmd.tag;
+                        cmd.active = false;
+                        self.free.push(cccid);
+                        done(Completed {
+                            tag,
+                            status,
+                            result: 0,
+                        });
+                        n += 1;
+                    }
+                }
+                Pdu::R2T {
+                    cccid,
+                    ttag,
+                    offset,
+                    length,
+                } => {
+                    let Some(cmd) = self
+                        .cmds
+                        .get(cccid as usize)
+                        .filter(|c| c.active && c.to_controller)
+                    else {
+                        self.stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
+                        return Err(StreamError::Unexpected("R2T for a command not writing").into());
+                    };
+                    let (off, len) = (offset as usize, length as usize);
+                    if len == 0 || off + len > cmd.len {
+                        self.stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
+                        return Err(StreamError::Unexpected("R2T beyond the command's data").into());
+                    }
+                    let out = self.stream.tx.out();
+                    let mut at = off;
+                    while at < off + len {
+                        let chunk = (off + len - at).min(self.maxh2cdata);
+                        let h2c = Pdu::H2CData {
+                            cccid,
+                            ttag,
+                            offset: at as u32,
+                            data: &[],
+                            last: at + chunk == off + len,
+                        };
+                        let dd = pdu::encode_header(&h2c, chunk, &neg, out);
+                        append_data(out, &cmd.segs, at, chunk, dd);
+                        at += chunk;
+                    }
+                    self.stream.flush()?;
+                }
+                Pdu::TermReq { fes, fei, .. } => {
+                    return Err(StreamError::Terminated { fes, fei }.into());
+                }
+                _ => {
+                    self.stream.terminate(fes::PDU_SEQUENCE_ERROR, 0, false);
+                    return Err(StreamError::Unexpected("PDU a host never receives").into());
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Take every command in flight (the connection is being dropped), to submit again
+    /// elsewhere, and the completions not yet reported.
+    pub fn drain(&mut self) -> (Vec<Unfinished>, Vec<Completed>) {
+        let mut cmds = Vec::new();
+        for (cid, c) in self.cmds.iter_mut().enumerate() {
+            if c.active && c.tag != SYNC_TAG {
+                c.active = false;
+                cmds.push(Unfinished {
+                    tag: c.tag,
+                    sqe: c.sqe,
+                    from_controller: c.from_controller,
+                    to_controller: c.to_controller,
+                    segs: std::mem::take(&mut c.segs),
+                });
+                self.free.push(cid as u16);
+            }
+        }
+        (cmds, std::mem::take(&mut self.stash))
+    }
+
+    /// Free command slots.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Submit `sqe` and wait for its completion (other completions are kept for the next
+    /// poll).
+    pub fn sync(
+        &mut self,
+        sqe: Submission,
+        data: Data<'_>,
+        timeout: Duration,
+    ) -> Result<Completed, QueueError> {
+        self.submit(sqe, SYNC_TAG, data, 0)?;
+        let deadline = Instant::now() + timeout;
+        let mut got = None;
+        let mut others = Vec::new();
+        loop {
+            self.poll(&mut |c| {
+                if c.tag == SYNC_TAG {
+                    got = Some(c);
+                } else {
+                    others.push(c);
+                }
+            })?;
+            if let Some(c) = got {
+                self.stash = others;
+                return Ok(c);
+            }
+            if let Err(e) = self.stream.wait(deadline) {
+                self.stash = others;
+                return Err(timeout_ms(e, timeout).into());
+            }
+        }
+    }
+
+    /// Close the connection now.
+    pub fn shutdown(&self) {
+        self.stream.shutdown();
+    }
+}
+
+/// A Fabrics command (opcode 7Fh) of type `t`.
+pub fn fabrics_sqe(t: u8) -> Submission {
+    let mut sqe = Submission::default();
+    sqe.opcode = fabrics::OPCODE;
+    // FCTYPE is byte 4 of the command: the low byte of the NSID field.
+    sqe.nsid = u32::from(t).into();
+    sqe
+}
+
+fn timeout_ms(e: StreamError, t: Duration) -> StreamError {
+    match e {
+        StreamError::Timeout(_) => StreamError::Timeout(t.as_millis() as u64),
+        e => e,
+    }
+}
+
+/// A fatal PDU error on our side: send the H2C termination request, report the error.
+fn fatal(stream: &mut PduStream, e: PduError) -> StreamError {
+    if let PduError::Fatal { fes, fei, .. } = e {
+        stream.terminate(fes, fei, false);
+    }
+    StreamError::Protocol(e)
+}
+
+/// Walk `segs` from byte `off` for `len` bytes, calling `f` with each (address, length).
+fn walk(segs: &[Seg], mut off: usize, mut len: usize, mut f: impl FnMut(usize, usize)) {
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if off >= s.len {
+            off -= s.len;
+            continue;
+        }
+        let n = (s.len - off).min(len);
+        f(s.addr + off, n);
+        len -= n;
+        off = 0;
+    }
+}
+
+/// Append `len` bytes of the command's buffers from `off` to `out`, then the data digest
+/// when `dd`.
+fn append_data(out: &mut Vec<u8>, segs: &[Seg], off: usize, len: usize, dd: bool) {
+    let start = out.len();
+    walk(segs, off, len, |addr, n| {
+        // SAFETY: the submitter keeps the command's buffers valid until it completes
+        // (`Data`'s contract); `walk` stays within each segment.
+        let src = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
+        out.extend_from_slice(src);
+    });
+    if dd {
+        let c = pdu::data_digest([&out[start..]]);
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+}
+
+/// Copy `data` into the command's buffers at byte `off`.
+fn scatter(segs: &[Seg], off: usize, data: &[u8]) {
+    let mut from = 0;
+    walk(segs, off, data.len(), |addr, n| {
+        // SAFETY: as in `append_data`; the caller checked `off + data.len()` against the
+        // command's length, and `walk` stays within each segment.
+        unsafe { std::ptr::copy_nonoverlapping(data[from..].as_ptr(), addr as *mut u8, n) };
+        from += n;
+    });
+}

@@ -1,0 +1,405 @@
+//! The association with one remote controller: its admin queue, kept alive and rebuilt by
+//! a supervisor thread, and the hand-over of fresh I/O queues to the backend that runs them
+//! on its reactor. The data path never waits for this thread: it checks one atomic
+//! generation counter per submit and poll.
+//!
+//! Recovery follows the Linux host's model: when the admin queue's Keep Alive fails or the
+//! backend reports its I/O connection lost, the supervisor connects again (every path in
+//! turn, waiting `reconnect_delay` between rounds) until `ctrl_loss_tmo` has passed since
+//! the loss; then the session is failed and I/O completes with Host Pathing Error.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nvme_spec::fabrics::{CNTLID_DYNAMIC, identify_fabrics};
+use nvme_spec::identify::cns;
+
+use super::host_identity::HostIdentity;
+use super::queue::{ConnectParams, HostQueue, MAX_TRANSFER, QueueError};
+use super::url::TcpUrl;
+
+/// Length of one coarse tick (I/O timeout granularity).
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// What the backend needs to know of the remote namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub nsid: u32,
+    pub lba_shift: u32,
+    pub blocks: u64,
+    /// Largest transfer of one command in bytes.
+    pub max_transfer: usize,
+    /// ONCS: Dataset Management supported.
+    pub dsm: bool,
+    /// ONCS: Write Zeroes supported.
+    pub write_zeroes: bool,
+}
+
+/// Why a session could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{path}: {source}")]
+    Queue {
+        path: String,
+        #[source]
+        source: QueueError,
+    },
+    #[error("{path}: cannot resolve: {why}")]
+    Resolve { path: String, why: String },
+    #[error("{path}: namespace {nsid} {why}")]
+    Namespace {
+        path: String,
+        nsid: u32,
+        why: String,
+    },
+    #[error("could not start the session thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One successful connection: admin queue, one I/O queue, what they lead to.
+pub(crate) struct Established {
+    pub admin: HostQueue,
+    pub io: HostQueue,
+    pub ns: NamespaceInfo,
+    pub path: usize,
+}
+
+/// Connect to path `path` of `url`: admin queue, enable, Identify, one I/O queue.
+pub(crate) fn establish(
+    url: &TcpUrl,
+    me: &HostIdentity,
+    path: usize,
+    timeout: Duration,
+) -> Result<Established, SessionError> {
+    let p = &url.paths[path];
+    let q = |source| SessionError::Queue {
+        path: p.clone(),
+        source,
+    };
+    let addr: SocketAddr = p
+        .to_socket_addrs()
+        .map_err(|e| SessionError::Resolve {
+            path: p.clone(),
+            why: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| SessionError::Resolve {
+            path: p.clone(),
+            why: "no address".into(),
+        })?;
+    let params = ConnectParams {
+        addr,
+        subnqn: url.subnqn.clone(),
+        hostnqn: url.hostnqn.clone().unwrap_or_else(|| me.nqn.clone()),
+        hostid: me.id,
+        header_digest: url.header_digest,
+        data_digest: url.data_digest,
+        timeout,
+    };
+    let kato_ms = url.kato.as_millis() as u32;
+    let mut admin = HostQueue::connect(&params, 0, 32, CNTLID_DYNAMIC, kato_ms).map_err(q)?;
+    let cap = admin.enable(timeout).map_err(q)?;
+    let ctrl = admin.identify_controller(timeout).map_err(q)?;
+    let mdts = ctrl[77];
+    let oncs = u16::from_le_bytes([ctrl[520], ctrl[521]]);
+    let mps_min = 4096usize << ((cap >> 48) & 0xf);
+    let max_transfer = if mdts == 0 {
+        MAX_TRANSFER
+    } else {
+        (mps_min << mdts).min(MAX_TRANSFER)
+    };
+    let ioccsz = u32::from_le_bytes(
+        ctrl[identify_fabrics::IOCCSZ..identify_fabrics::IOCCSZ + 4]
+            .try_into()
+            .expect("4 bytes"),
+    ) as usize;
+    let ns = admin
+        .identify(cns::NAMESPACE, url.nsid, timeout)
+        .map_err(q)?;
+    let nsze = u64::from_le_bytes(ns[0..8].try_into().expect("8 bytes"));
+    let flbas = ns[26];
+    let fmt = usize::from((flbas & 0xf) | ((flbas >> 1) & 0x30));
+    let lbaf = 128 + 4 * fmt;
+    let ms = u16::from_le_bytes([ns[lbaf], ns[lbaf + 1]]);
+    let lba_shift = u32::from(ns[lbaf + 2]);
+    let nsbad = |why: &str| SessionError::Namespace {
+        path: p.clone(),
+        nsid: url.nsid,
+        why: why.into(),
+    };
+    if nsze == 0 {
+        return Err(nsbad("does not exist (or is not attached): NSZE is 0"));
+    }
+    if !(9..=16).contains(&lba_shift) || ms != 0 {
+        return Err(nsbad(
+            "has an LBA format vnvme cannot forward (metadata or size)",
+        ));
+    }
+    let mqes = (cap & 0xffff) as u16;
+    let entries = url.queue_size.min(mqes.saturating_add(1)).max(2);
+    let mut io = HostQueue::connect(&params, 1, entries, admin.cntlid(), 0).map_err(q)?;
+    io.set_inline_max((ioccsz * 16).saturating_sub(64));
+    log::info!(
+        "nvme-tcp {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O slots, {} in-capsule bytes{}{}",
+        admin.cntlid(),
+        url.subnqn,
+        url.nsid,
+        nsze,
+        1u32 << lba_shift,
+        entries,
+        (ioccsz * 16).saturating_sub(64),
+        if url.header_digest {
+            ", header digest"
+        } else {
+            ""
+        },
+        if url.data_digest { ", data digest" } else { "" },
+    );
+    Ok(Established {
+        admin,
+        io,
+        ns: NamespaceInfo {
+            nsid: url.nsid,
+            lba_shift,
+            blocks: nsze,
+            max_transfer,
+            dsm: oncs & (1 << 2) != 0,
+            write_zeroes: oncs & (1 << 3) != 0,
+        },
+        path,
+    })
+}
+
+/// Try every path once, starting at `first`.
+pub(crate) fn establish_any(
+    url: &TcpUrl,
+    me: &HostIdentity,
+    first: usize,
+    timeout: Duration,
+) -> Result<Established, Vec<SessionError>> {
+    let mut errors = Vec::new();
+    for i in 0..url.paths.len() {
+        let path = (first + i) % url.paths.len();
+        match establish(url, me, path, timeout) {
+            Ok(e) => return Ok(e),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors)
+}
+
+#[derive(Default)]
+struct Handover {
+    /// A fresh I/O queue for the backend, after a reconnect.
+    io: Option<HostQueue>,
+    /// The backend saw its I/O connection fail.
+    lost: bool,
+    /// Past `ctrl_loss_tmo`: give up.
+    failed: bool,
+}
+
+/// State shared between the backend and its supervisor thread.
+pub struct Session {
+    handover: Mutex<Handover>,
+    wake: Condvar,
+    generation: AtomicU64,
+    tick: AtomicU64,
+    stop: AtomicBool,
+    /// Reconnects so far (for logs and tests).
+    reconnects: AtomicU64,
+}
+
+impl Session {
+    /// Start the supervisor for an established association. The backend runs `est.io`.
+    pub(crate) fn start(
+        url: TcpUrl,
+        me: HostIdentity,
+        admin: HostQueue,
+        path: usize,
+        ns: NamespaceInfo,
+    ) -> Result<Arc<Self>, SessionError> {
+        let s = Arc::new(Self {
+            handover: Mutex::new(Handover::default()),
+            wake: Condvar::new(),
+            generation: AtomicU64::new(0),
+            tick: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+        });
+        let sup = Supervisor {
+            session: Arc::clone(&s),
+            url,
+            me,
+            ns,
+            path,
+        };
+        std::thread::Builder::new()
+            .name("nvme-tcp-session".into())
+            .spawn(move || sup.run(admin))
+            .map_err(SessionError::Thread)?;
+        Ok(s)
+    }
+
+    /// Bumped whenever the backend has something to pick up (a fresh queue, failure).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Coarse clock in [`TICK`]s.
+    pub fn tick(&self) -> u64 {
+        self.tick.load(Ordering::Relaxed)
+    }
+
+    /// Reconnects done so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The backend's I/O connection failed: reconnect.
+    pub(crate) fn report_lost(&self) {
+        self.handover.lock().expect("session lock").lost = true;
+        self.wake.notify_all();
+    }
+
+    /// Take what the supervisor handed over: a fresh queue, and whether the session failed.
+    pub(crate) fn take(&self) -> (Option<HostQueue>, bool) {
+        let mut h = self.handover.lock().expect("session lock");
+        (h.io.take(), h.failed)
+    }
+
+    /// Stop the supervisor (the backend is dropped).
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_all();
+    }
+
+    /// Sleep up to `d` unless stopped or the backend reports a loss; true if a loss is
+    /// pending.
+    fn nap(&self, d: Duration) -> bool {
+        let h = self.handover.lock().expect("session lock");
+        let (h, _) = self
+            .wake
+            .wait_timeout_while(h, d, |h| !h.lost && !self.stop.load(Ordering::Acquire))
+            .expect("session lock");
+        h.lost
+    }
+}
+
+struct Supervisor {
+    session: Arc<Session>,
+    url: TcpUrl,
+    me: HostIdentity,
+    ns: NamespaceInfo,
+    path: usize,
+}
+
+impl Supervisor {
+    fn stopped(&self) -> bool {
+        self.session.stop.load(Ordering::Acquire)
+    }
+
+    fn run(mut self, mut admin: HostQueue) {
+        let s = Arc::clone(&self.session);
+        let step_timeout = self
+            .url
+            .kato
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        'connected: loop {
+            // connected: keep alive at half KATO, count ticks, watch for a reported loss
+            let mut last_ka = Instant::now();
+            let why = loop {
+                if self.stopped() {
+                    admin.shutdown();
+                    return;
+                }
+                let lost = s.nap(TICK);
+                s.tick.fetch_add(1, Ordering::Relaxed);
+                if lost {
+                    break "the I/O connection failed".to_string();
+                }
+                if !self.url.kato.is_zero() && last_ka.elapsed() >= self.url.kato / 2 {
+                    last_ka = Instant::now();
+                    if let Err(e) = admin.keep_alive(step_timeout) {
+                        break format!("keep alive failed: {e}");
+                    }
+                }
+            };
+            admin.shutdown();
+            log::warn!(
+                "nvme-tcp {}: {why}; reconnecting (controller loss timeout {:?})",
+                self.url.paths[self.path],
+                self.url.ctrl_loss_tmo
+            );
+            let since = Instant::now();
+            loop {
+                if self.stopped() {
+                    return;
+                }
+                // a loss reported meanwhile belongs to the connection being replaced
+                s.handover.lock().expect("session lock").lost = false;
+                match establish_any(&self.url, &self.me, self.path, step_timeout) {
+                    Ok(e)
+                        if e.ns.blocks != self.ns.blocks || e.ns.lba_shift != self.ns.lba_shift =>
+                    {
+                        log::error!(
+                            "nvme-tcp {}: namespace {} changed size or format across the reconnect; not using it",
+                            self.url.paths[e.path],
+                            self.ns.nsid
+                        );
+                    }
+                    Ok(e) => {
+                        admin = e.admin;
+                        if e.path != self.path {
+                            log::warn!(
+                                "nvme-tcp: failed over from {} to {}",
+                                self.url.paths[self.path],
+                                self.url.paths[e.path]
+                            );
+                        }
+                        self.path = e.path;
+                        s.handover.lock().expect("session lock").io = Some(e.io);
+                        s.reconnects.fetch_add(1, Ordering::Relaxed);
+                        s.generation.fetch_add(1, Ordering::AcqRel);
+                        log::info!(
+                            "nvme-tcp {}: reconnected after {:?}",
+                            self.url.paths[self.path],
+                            since.elapsed()
+                        );
+                        continue 'connected;
+                    }
+                    Err(errors) => {
+                        for e in errors {
+                            log::info!("nvme-tcp reconnect: {e}");
+                        }
+                    }
+                }
+                if since.elapsed() >= self.url.ctrl_loss_tmo {
+                    log::error!(
+                        "nvme-tcp {}: no connection within the controller loss timeout ({:?}); failing I/O",
+                        self.url.paths[self.path],
+                        self.url.ctrl_loss_tmo
+                    );
+                    s.handover.lock().expect("session lock").failed = true;
+                    s.generation.fetch_add(1, Ordering::AcqRel);
+                    return;
+                }
+                let wait_until = Instant::now() + self.url.reconnect_delay;
+                while Instant::now() < wait_until && !self.stopped() {
+                    s.nap(TICK);
+                    s.tick.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("generation", &self.generation())
+            .field("reconnects", &self.reconnects())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,178 @@
+//! `nvme-tcp://HOST:PORT[,HOST:PORT...]/NQN[/NSID][?OPTIONS]`: where a namespace backend
+//! connects. Several addresses are paths to one subsystem, tried in order (failover).
+//! Options (`&`-separated): `hdgst`, `ddgst`, `kato=SECS`, `ctrl_loss_tmo=SECS`,
+//! `reconnect_delay=SECS`, `io_timeout=SECS`, `queue_size=N`, `hostnqn=NQN` — named as
+//! nvme-cli names them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nvme_spec::fabrics::NQN_MAX;
+
+/// Scheme prefix.
+pub const SCHEME: &str = "nvme-tcp://";
+
+/// A parsed `nvme-tcp://` address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpUrl {
+    /// `host:port` of each path, in failover order.
+    pub paths: Vec<String>,
+    pub subnqn: String,
+    pub nsid: u32,
+    pub header_digest: bool,
+    pub data_digest: bool,
+    pub kato: Duration,
+    pub ctrl_loss_tmo: Duration,
+    pub reconnect_delay: Duration,
+    pub io_timeout: Duration,
+    pub queue_size: u16,
+    pub hostnqn: Option<String>,
+}
+
+/// Why an address was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "{0} (expected {SCHEME}HOST:PORT[,HOST:PORT]/NQN[/NSID][?hdgst&ddgst&kato=S&ctrl_loss_tmo=S&reconnect_delay=S&io_timeout=S&queue_size=N&hostnqn=NQN])"
+)]
+pub struct UrlError(String);
+
+fn bad(s: impl Into<String>) -> UrlError {
+    UrlError(s.into())
+}
+
+fn secs(k: &str, v: &str) -> Result<Duration, UrlError> {
+    let n: u64 = v
+        .parse()
+        .map_err(|_| bad(format!("{k}={v}: not a number of seconds")))?;
+    Ok(Duration::from_secs(n))
+}
+
+impl FromStr for TcpUrl {
+    type Err = UrlError;
+
+    fn from_str(s: &str) -> Result<Self, UrlError> {
+        let rest = s
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| bad(format!("{s:?} does not start with {SCHEME}")))?;
+        let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (addrs, path) = main
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{s:?}: no /NQN after the address")))?;
+        let mut paths = Vec::new();
+        for a in addrs.split(',') {
+            let (host, port) = a
+                .rsplit_once(':')
+                .ok_or_else(|| bad(format!("{a:?}: no :PORT")))?;
+            if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(bad(format!("{a:?}: want HOST:PORT with a port 1..65535")));
+            }
+            paths.push(a.to_string());
+        }
+        let (subnqn, nsid) = match path.rsplit_once('/') {
+            Some((nqn, n)) => (
+                nqn,
+                n.parse::<u32>()
+                    .ok()
+                    .filter(|&n| n != 0 && n != u32::MAX)
+                    .ok_or_else(|| bad(format!("{n:?}: not a namespace id")))?,
+            ),
+            None => (path, 1),
+        };
+        if subnqn.is_empty() || subnqn.len() > NQN_MAX || !subnqn.is_ascii() {
+            return Err(bad(format!("{subnqn:?}: not an NQN (1..=223 ASCII bytes)")));
+        }
+        let mut u = TcpUrl {
+            paths,
+            subnqn: subnqn.to_string(),
+            nsid,
+            header_digest: false,
+            data_digest: false,
+            kato: Duration::from_secs(5),
+            ctrl_loss_tmo: Duration::from_mins(1),
+            reconnect_delay: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(30),
+            queue_size: 128,
+            hostnqn: None,
+        };
+        for opt in query.split('&').filter(|o| !o.is_empty()) {
+            let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
+            match k {
+                "hdgst" => u.header_digest = true,
+                "ddgst" => u.data_digest = true,
+                "kato" => u.kato = secs(k, v)?,
+                "ctrl_loss_tmo" => u.ctrl_loss_tmo = secs(k, v)?,
+                "reconnect_delay" => {
+                    u.reconnect_delay = secs(k, v)?.max(Duration::from_millis(100));
+                }
+                "io_timeout" => u.io_timeout = secs(k, v)?.max(Duration::from_secs(1)),
+                "queue_size" => {
+                    u.queue_size = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (2..=1024).contains(n))
+                        .ok_or_else(|| bad(format!("queue_size={v}: want 2..=1024")))?;
+                }
+                "hostnqn" if !v.is_empty() && v.len() <= NQN_MAX => u.hostnqn = Some(v.into()),
+                _ => return Err(bad(format!("unknown or malformed option {opt:?}"))),
+            }
+        }
+        Ok(u)
+    }
+}
+
+impl fmt::Display for TcpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SCHEME}{}/{}/{}",
+            self.paths.join(","),
+            self.subnqn,
+            self.nsid
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths_nqn_nsid_and_options() {
+        let u: TcpUrl =
+            "nvme-tcp://127.0.0.1:4420,[::1]:4421/nqn.2014-08.org.test:a/2?hdgst&ctrl_loss_tmo=5"
+                .parse()
+                .unwrap();
+        assert_eq!(u.paths, ["127.0.0.1:4420", "[::1]:4421"]);
+        assert_eq!(u.subnqn, "nqn.2014-08.org.test:a");
+        assert_eq!(u.nsid, 2);
+        assert!(u.header_digest && !u.data_digest);
+        assert_eq!(u.ctrl_loss_tmo, Duration::from_secs(5));
+        let d: TcpUrl = "nvme-tcp://h:1/nqn.x".parse().unwrap();
+        assert_eq!(d.nsid, 1);
+        assert_eq!(d.to_string(), "nvme-tcp://h:1/nqn.x/1");
+    }
+
+    #[test]
+    fn refuses_garbage_with_the_reason() {
+        for s in [
+            "nvme-tcp:/x",
+            "nvme-tcp://host/nqn",
+            "nvme-tcp://host:0/nqn",
+            "nvme-tcp://host:99999/nqn",
+            "nvme-tcp://:4420/nqn",
+            "nvme-tcp://h:1",
+            "nvme-tcp://h:1/",
+            "nvme-tcp://h:1/nqn/0",
+            "nvme-tcp://h:1/nqn/x",
+            "nvme-tcp://h:1/nqn?kato=x",
+            "nvme-tcp://h:1/nqn?queue_size=1",
+            "nvme-tcp://h:1/nqn?bogus",
+        ] {
+            let e = s.parse::<TcpUrl>().unwrap_err();
+            assert!(e.to_string().contains("expected nvme-tcp://"), "{s}: {e}");
+        }
+        let long = format!("nvme-tcp://h:1/{}", "n".repeat(224));
+        assert!(long.parse::<TcpUrl>().is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! A non-blocking TCP connection carrying NVMe/TCP PDUs: a receive buffer that frames PDUs
+//! (the common header is checked before the rest is waited for) and a send buffer that is
+//! written as far as the socket takes it. Nothing here blocks except [`PduStream::wait`].
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use nvme_spec::tcp::TERM_REQ_MAX_DATA;
+
+use crate::pdu::{self, Direction, Negotiated, Pdu, PduError};
+
+/// Why a connection is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent a PDU that breaks the protocol; a termination request was queued.
+    #[error(transparent)]
+    Protocol(PduError),
+    /// The peer terminated the connection with a termination request.
+    #[error("peer terminated the connection (FES {fes:#x}, FEI {fei})")]
+    Terminated { fes: u16, fei: u32 },
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("{0}")]
+    Unexpected(&'static str),
+}
+
+/// Received bytes, framed into PDUs.
+#[derive(Debug)]
+pub struct RxBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    dir: Direction,
+}
+
+impl RxBuf {
+    /// The next complete PDU, if one has arrived. A fatal error leaves the buffer as it is
+    /// (the connection is finished); a data digest error consumes the PDU.
+    pub fn next_pdu(&mut self, neg: &Negotiated) -> Result<Option<Pdu<'_>>, PduError> {
+        let avail = &self.buf[self.start..self.end];
+        let Some(first) = avail.first_chunk::<8>() else {
+            return Ok(None);
+        };
+        let ch = pdu::check_common(first, self.dir, neg)?;
+        let plen = ch.plen.get() as usize;
+        if avail.len() < plen {
+            return Ok(None);
+        }
+        let whole = &self.buf[self.start..self.start + plen];
+        self.start += plen;
+        pdu::decode(whole, self.dir, neg).map(Some)
+    }
+
+    /// The start of what is buffered (for echoing a bad header in a termination request).
+    pub fn head(&self) -> &[u8] {
+        let end = self.end.min(self.start + TERM_REQ_MAX_DATA);
+        &self.buf[self.start..end]
+    }
+
+    /// Read what the socket has. Returns the bytes read (0: nothing now).
+    fn fill(&mut self, sock: &mut TcpStream) -> Result<usize, StreamError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let mut total = 0;
+        while self.end < self.buf.len() {
+            match sock.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(StreamError::Closed),
+                Ok(n) => {
+                    self.end += n;
+                    total += n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Bytes queued for sending.
+#[derive(Debug, Default)]
+pub struct TxBuf {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+impl TxBuf {
+    /// Where to append the next PDU (see [`pdu::encode_header`]).
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        if self.sent == self.buf.len() {
+            self.buf.clear();
+            self.sent = 0;
+        }
+        &mut self.buf
+    }
+
+    /// Append `p`.
+    pub fn push(&mut self, p: &Pdu<'_>, neg: &Negotiated) {
+        let data = match *p {
+            Pdu::CapsuleCmd { data, .. }
+            | Pdu::H2CData { data, .. }
+            | Pdu::C2HData { data, .. } => data,
+            _ => &[],
+        };
+        let out = self.out();
+        if pdu::encode_header(p, data.len(), neg, out) {
+            out.extend_from_slice(data);
+            out.extend_from_slice(&pdu::data_digest([data]).to_le_bytes());
+        } else {
+            out.extend_from_slice(data);
+        }
+    }
+
+    /// Bytes not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    fn flush(&mut self, sock: &mut TcpStream) -> Result<(), StreamError> {
+        while self.sent < self.buf.len() {
+            match sock.write(&self.buf[self.sent..]) {
+                Ok(0) => return Err(StreamError::Closed),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One NVMe/TCP connection.
+#[derive(Debug)]
+pub struct PduStream {
+    sock: TcpStream,
+    pub rx: RxBuf,
+    pub tx: TxBuf,
+    /// Parameters agreed at connection initialization.
+    pub neg: Negotiated,
+}
+
+impl PduStream {
+    /// Wrap a connected socket (made non-blocking, Nagle off). `dir` is the direction of the
+    /// PDUs this side receives; `max_pdu` bounds the receive buffer (header, data, digests).
+    pub fn new(sock: TcpStream, dir: Direction, max_pdu: usize) -> std::io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        Ok(Self {
+            sock,
+            rx: RxBuf {
+                buf: vec![0; max_pdu.max(4096)],
+                start: 0,
+                end: 0,
+                dir,
+            },
+            tx: TxBuf::default(),
+            neg: Negotiated::default(),
+        })
+    }
+
+    /// Write queued bytes and read what has arrived; never blocks. Returns the bytes read.
+    pub fn pump(&mut self) -> Result<usize, StreamError> {
+        self.tx.flush(&mut self.sock)?;
+        self.rx.fill(&mut self.sock)
+    }
+
+    /// Send what is queued now (no read).
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.tx.flush(&mut self.sock)
+    }
+
+    /// Block until the socket is readable (or writable while bytes are queued) or
+    /// `deadline` passes; then pump.
+    pub fn wait(&mut self, deadline: Instant) -> Result<usize, StreamError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(StreamError::Timeout(0));
+        }
+        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut events = libc::POLLIN;
+        if self.tx.pending() > 0 {
+            events |= libc::POLLOUT;
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+        self.pump()
+    }
+
+    /// Queue a termination request for a fatal error (echoing the offending header) and
+    /// try to send it; the connection is finished afterwards. `to_host` picks C2HTermReq.
+    pub fn terminate(&mut self, fes: u16, fei: u32, to_host: bool) {
+        let mut term = Vec::new();
+        pdu::encode_term_req(fes, fei, self.rx.head(), to_host, &mut term);
+        self.tx.out().extend_from_slice(&term);
+        let _ = self.tx.flush(&mut self.sock);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer(&self) -> String {
+        self.sock
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string())
+    }
+
+    /// Close both directions now (in-flight data is dropped).
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Raw fd for callers that poll several streams.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
