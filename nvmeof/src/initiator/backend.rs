@@ -175,9 +175,10 @@ impl TcpBackend {
             let Some(u) = self.waiting.pop_front() else {
                 return;
             };
-            if let Err(e) = q.submit(u.sqe, u.tag, u.data(), tick) {
+            if q.submit(u.sqe, u.tag, u.data(), tick).is_err() {
+                // only a full queue refuses a command, and one slot is always kept free
                 self.waiting.push_front(u);
-                self.lost(&e);
+                return;
             }
         }
     }
@@ -321,7 +322,8 @@ impl Backend for TcpBackend {
                 Err(e) => self.lost(&e),
             }
         }
-        self.in_flight -= n;
+        debug_assert!(n <= self.in_flight, "more completions than commands");
+        self.in_flight = self.in_flight.saturating_sub(n);
         self.start_waiting();
         self.check_timeouts();
         n

@@ -149,6 +149,8 @@ pub struct HostQueue {
     free: Vec<u16>,
     /// Completions seen while a synchronous command waited, delivered by the next poll.
     stash: Vec<Completed>,
+    /// A send failed inside `submit`; the next poll reports it.
+    broken: Option<StreamError>,
     peer: String,
 }
 
@@ -230,6 +232,7 @@ impl HostQueue {
             cmds: (0..depth).map(|_| Cmd::default()).collect(),
             free: (0..depth).rev().collect(),
             stash: Vec::new(),
+            broken: None,
             peer,
         };
         let mut data = ConnectData::default();
@@ -342,7 +345,11 @@ impl HostQueue {
         } else {
             pdu::encode_header(&capsule, 0, &neg, out);
         }
-        self.stream.flush()?;
+        // a send error is reported by the next poll, with the command already in flight
+        // (so it is listed by `drain` exactly once)
+        if let Err(e) = self.stream.flush() {
+            self.broken.get_or_insert(e);
+        }
         Ok(())
     }
 
@@ -354,6 +361,9 @@ impl HostQueue {
         for c in self.stash.drain(..) {
             done(c);
             n += 1;
+        }
+        if let Some(e) = self.broken.take() {
+            return Err(e.into());
         }
         self.stream.pump()?;
         loop {
