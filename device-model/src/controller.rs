@@ -39,6 +39,21 @@ pub struct ControllerConfig {
     pub subnqn: String,
     /// Power-on value of Interrupt Coalescing (feature 08h); off by default.
     pub irq_coalescing: Coalescing,
+    /// Set when the controller is exported over NVMe over Fabrics: what Identify
+    /// Controller reports in its fabrics fields.
+    pub fabrics: Option<FabricsIdentify>,
+}
+
+/// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
+/// bytes 1792..2047, and MAXCMD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FabricsIdentify {
+    /// I/O command capsule size in 16-byte units (64-byte SQE + in-capsule data).
+    pub ioccsz: u32,
+    /// I/O response capsule size in 16-byte units.
+    pub iorcsz: u32,
+    /// Commands one queue may have outstanding (MAXCMD).
+    pub maxcmd: u16,
 }
 
 impl Default for ControllerConfig {
@@ -54,6 +69,7 @@ impl Default for ControllerConfig {
             mdts: 7,
             subnqn: "nqn.2026-11.io.vnvme:default".into(),
             irq_coalescing: Coalescing::default(),
+            fabrics: None,
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
 
-pub use controller::{Controller, ControllerConfig};
+pub use controller::{Controller, ControllerConfig, FabricsIdentify};
 pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;

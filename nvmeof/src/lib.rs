@@ -4,10 +4,12 @@
 //!   malformed PDU gives the fatal error status and field offset a termination request
 //!   carries) and encoding our own, header and data digests included;
 //! - `stream.rs`: a non-blocking connection framing PDUs;
-//! - `initiator/`: the host side, a namespace backend on a remote namespace.
+//! - `initiator/`: the host side, a namespace backend on a remote namespace;
+//! - `target/`: exporting emulated controllers, with a discovery controller.
 
 pub mod initiator;
 pub mod pdu;
 pub mod stream;
+pub mod target;
 
 pub use pdu::{Direction, Negotiated, Pdu, PduError};

@@ -9,6 +9,13 @@
 //! [[controller.namespace]]
 //! backend = "malloc:256M"        # null:SIZE | malloc:SIZE | file:PATH[:SIZE]
 //! block_size = 512               # 512 or 4096
+//!
+//! [[controller]]                 # exported over NVMe/TCP instead of vfio-user
+//! tcp_listen = "127.0.0.1:4420"
+//! nqn = "nqn.2026-11.io.vnvme:disk1"
+//! allowed_hosts = []             # host NQNs; empty: any host
+//! [[controller.namespace]]
+//! backend = "file:/var/lib/vnvme/disk1.img"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -28,6 +35,19 @@ pub struct Config {
     pub controllers: Vec<ControllerSpec>,
 }
 
+/// How a controller given by flags is reached.
+#[derive(Clone, Debug)]
+pub enum Served {
+    /// A vfio-user socket.
+    Socket(PathBuf),
+    /// NVMe/TCP on `listen` as subsystem `nqn`.
+    Tcp {
+        listen: String,
+        nqn: Option<String>,
+        allowed_hosts: Vec<String>,
+    },
+}
+
 /// Reactor idle policy.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -41,7 +61,16 @@ pub enum PollSetting {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerSpec {
-    pub socket: PathBuf,
+    /// vfio-user socket to serve the controller on.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Export over NVMe/TCP on this address instead (`HOST:PORT`).
+    pub tcp_listen: Option<String>,
+    /// Subsystem NQN (default `nqn.2026-11.io.vnvme:SERIAL`).
+    pub nqn: Option<String>,
+    /// Host NQNs allowed to connect over NVMe/TCP; empty: any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     pub serial: Option<String>,
     pub model: Option<String>,
     pub vendor_id: Option<u16>,
@@ -127,7 +156,7 @@ impl Config {
 
     /// One controller from command-line flags.
     pub fn from_flags(
-        socket: PathBuf,
+        served: Served,
         ns: &[String],
         serial: Option<String>,
         block_size: u32,
@@ -140,8 +169,19 @@ impl Config {
                 block_size,
             })
             .collect();
+        let (socket, tcp_listen, nqn, allowed_hosts) = match served {
+            Served::Socket(p) => (Some(p), None, None, Vec::new()),
+            Served::Tcp {
+                listen,
+                nqn,
+                allowed_hosts,
+            } => (None, Some(listen), nqn, allowed_hosts),
+        };
         let ctrl = ControllerSpec {
             socket,
+            tcp_listen,
+            nqn,
+            allowed_hosts,
             serial,
             model: None,
             vendor_id: None,
@@ -170,23 +210,60 @@ impl Config {
         let mut sockets = std::collections::HashSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             let at = |f: &str| format!("controller[{i}].{f}");
-            if c.socket.as_os_str().is_empty() {
-                return Err(field(at("socket"), "must not be empty"));
+            match (&c.socket, &c.tcp_listen) {
+                (Some(sock), None) => {
+                    if sock.as_os_str().is_empty() {
+                        return Err(field(at("socket"), "must not be empty"));
+                    }
+                    if !sockets.insert(sock) {
+                        return Err(field(
+                            at("socket"),
+                            format!("{} is used by two controllers", sock.display()),
+                        ));
+                    }
+                    if sock
+                        .parent()
+                        .is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir())
+                    {
+                        return Err(field(
+                            at("socket"),
+                            format!("directory of {} does not exist", sock.display()),
+                        ));
+                    }
+                }
+                (None, Some(addr)) => {
+                    if addr.parse::<std::net::SocketAddr>().is_err() {
+                        return Err(field(at("tcp_listen"), "want IP:PORT, e.g. 127.0.0.1:4420"));
+                    }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(field(
+                        at("tcp_listen"),
+                        "a controller is served over vfio-user (socket) or NVMe/TCP \
+                         (tcp_listen), not both: use two [[controller]] entries",
+                    ));
+                }
+                (None, None) => return Err(field(at("socket"), "socket or tcp_listen is required")),
             }
-            if !sockets.insert(&c.socket) {
-                return Err(field(
-                    at("socket"),
-                    format!("{} is used by two controllers", c.socket.display()),
-                ));
-            }
-            if c.socket
-                .parent()
-                .is_some_and(|p| !p.as_os_str().is_empty() && !p.is_dir())
+            let nqn_ok = |n: &str| {
+                n.starts_with("nqn.")
+                    && n.len() <= 223
+                    && n.is_ascii()
+                    && n != "nqn.2014-08.org.nvmexpress.discovery"
+            };
+            if let Some(n) = &c.nqn
+                && !nqn_ok(n)
             {
-                return Err(field(
-                    at("socket"),
-                    format!("directory of {} does not exist", c.socket.display()),
-                ));
+                return Err(field(at("nqn"), "an NQN: nqn.YYYY-MM.domain:name, at most 223 ASCII bytes"));
+            }
+            if let Some(h) = c.allowed_hosts.iter().find(|h| !nqn_ok(h)) {
+                return Err(field(at("allowed_hosts"), format!("{h:?} is not an NQN")));
+            }
+            if c.tcp_listen.is_none() && (c.nqn.is_some() || !c.allowed_hosts.is_empty()) {
+                // the NQN also names a vfio-user controller's subsystem; hosts apply to TCP
+                if !c.allowed_hosts.is_empty() {
+                    return Err(field(at("allowed_hosts"), "only for tcp_listen controllers"));
+                }
             }
             if let Some(s) = &c.serial
                 && (s.is_empty() || s.len() > 20 || !s.is_ascii())

@@ -1,6 +1,7 @@
 //! The running daemon: for each configured controller, its namespaces' backends, a reactor
 //! thread owning the controller, and a vfio-user server thread on its socket.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,9 +9,10 @@ use std::thread::JoinHandle;
 
 use device_model::pci::PciIds;
 use device_model::{
-    Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, GuestMemory,
-    Namespace, PollMode,
+    Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
+    GuestMemory, Namespace, PollMode,
 };
+use nvmeof::target::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
 
@@ -35,6 +37,13 @@ pub enum DaemonError {
     Server { index: usize, source: ServerError },
     #[error("controller[{index}]: server thread panicked")]
     Panicked { index: usize },
+    #[error("{0:?} is not an IP:PORT address")]
+    Address(String),
+    #[error("NVMe/TCP target on {addr}: {source}")]
+    Tcp {
+        addr: String,
+        source: nvmeof::target::TargetError,
+    },
 }
 
 /// A running daemon.
@@ -44,6 +53,7 @@ pub struct Daemon {
     stats: Vec<Arc<ControllerStats>>,
     transfers: Vec<Vec<(u32, Arc<TransferStats>)>>,
     memory: Vec<Arc<GuestMemory>>,
+    targets: Vec<TcpTarget>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -54,14 +64,25 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-/// A controller ready to serve, its event counters, the transfer counters of its `nvme:`
-/// namespaces, and its guest memory map.
-type Built = (
-    NvmeDevice,
-    Arc<ControllerStats>,
-    Vec<(u32, Arc<TransferStats>)>,
-    Arc<GuestMemory>,
-);
+/// A controller running in its reactor, with its memory map, doorbells, PCI IDs, event
+/// counters and the transfer counters of its `nvme:` namespaces.
+struct Built {
+    handle: ControllerHandle,
+    mem: Arc<GuestMemory>,
+    doorbells: Arc<Doorbells>,
+    ids: PciIds,
+    stats: Arc<ControllerStats>,
+    transfers: Vec<(u32, Arc<TransferStats>)>,
+    nqn: String,
+    max_io_queues: u16,
+    mdts: u8,
+}
+
+/// Defaults for a controller exported over NVMe/TCP: the target gives each queue slot a
+/// buffer of the whole transfer size, so queues and MDTS are kept modest (4 I/O queues,
+/// 128 KiB).
+const TCP_IO_QUEUES: u16 = 4;
+const TCP_MDTS: u8 = 5;
 
 fn build_controller(
     index: usize,
@@ -82,14 +103,27 @@ fn build_controller(
         device: spec.device_id.unwrap_or(cfg.ids.device),
         ..cfg.ids
     };
-    cfg.max_io_queues = spec.max_io_queues.unwrap_or(cfg.max_io_queues);
-    cfg.mdts = spec.mdts.unwrap_or(cfg.mdts);
+    let tcp = spec.tcp_listen.is_some();
+    cfg.max_io_queues = spec
+        .max_io_queues
+        .unwrap_or(if tcp { TCP_IO_QUEUES } else { cfg.max_io_queues });
+    cfg.mdts = spec.mdts.unwrap_or(if tcp { TCP_MDTS } else { cfg.mdts });
+    if tcp {
+        cfg.fabrics = Some(FabricsIdentify {
+            ioccsz: ((64 + nvmeof::target::INLINE_DATA) / 16) as u32,
+            iorcsz: 1,
+            maxcmd: nvmeof::target::QUEUE_DEPTH as u16,
+        });
+    }
     if let Some(v) = &spec.irq_coalescing {
         // validated with the configuration
         cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
     }
     cfg.cntlid = index as u16 + 1;
-    cfg.subnqn = format!("nqn.2026-11.io.vnvme:{}", cfg.serial);
+    cfg.subnqn = spec
+        .nqn
+        .clone()
+        .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", cfg.serial));
     let mem = Arc::new(GuestMemory::new());
     let mut namespaces = Vec::new();
     let mut transfers = Vec::new();
@@ -126,6 +160,7 @@ fn build_controller(
     }
     let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
     let ids = cfg.ids;
+    let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
     let name = format!("reactor-{index}");
     let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
     let stats = ctrl.stats();
@@ -136,12 +171,17 @@ fn build_controller(
     };
     let handle = ControllerHandle::spawn(&name, ctrl, mode)
         .map_err(|source| DaemonError::Io { index, source })?;
-    Ok((
-        NvmeDevice::new(handle, Arc::clone(&mem), doorbells, ids),
+    Ok(Built {
+        handle,
+        mem,
+        doorbells,
+        ids,
         stats,
         transfers,
-        mem,
-    ))
+        nqn,
+        max_io_queues,
+        mdts,
+    })
 }
 
 impl Daemon {
@@ -154,22 +194,55 @@ impl Daemon {
             stats: Vec::new(),
             transfers: Vec::new(),
             memory: Vec::new(),
+            targets: Vec::new(),
         };
         // `nvme:` namespaces on the same device share it (each on its own queue pair)
         let mut devices = DeviceRegistry::default();
+        // NVMe/TCP exports grouped by listen address: one target per address
+        let mut exports: Vec<(String, Vec<ExportSpec>)> = Vec::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let (device, stats, transfers, mem) =
-                build_controller(index, spec, cfg.poll, &mut devices)?;
-            daemon.stats.push(stats);
-            daemon.transfers.push(transfers);
-            daemon.memory.push(mem);
-            let mut server = Server::bind(&spec.socket, device, Arc::clone(&stop))
+            let b = build_controller(index, spec, cfg.poll, &mut devices)?;
+            daemon.stats.push(b.stats);
+            daemon.transfers.push(b.transfers);
+            daemon.memory.push(Arc::clone(&b.mem));
+            if let Some(addr) = &spec.tcp_listen {
+                let export = ExportSpec {
+                    nqn: b.nqn,
+                    allowed_hosts: spec.allowed_hosts.clone(),
+                    handle: b.handle,
+                    mem: b.mem,
+                    doorbells: b.doorbells,
+                    cntlid: index as u16 + 1,
+                    io_queues: b.max_io_queues,
+                    max_transfer: 4096 << b.mdts,
+                };
+                match exports.iter_mut().find(|(a, _)| a == addr) {
+                    Some((_, v)) => v.push(export),
+                    None => exports.push((addr.clone(), vec![export])),
+                }
+                continue;
+            }
+            let Some(socket) = spec.socket.clone() else {
+                continue; // validated: one of the two
+            };
+            let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
+            let mut server = Server::bind(&socket, device, Arc::clone(&stop))
                 .map_err(|source| DaemonError::Server { index, source })?;
             let join = std::thread::Builder::new()
                 .name(format!("vfio-user-{index}"))
                 .spawn(move || server.run().map(|()| server))
                 .map_err(|source| DaemonError::Io { index, source })?;
-            daemon.servers.push((spec.socket.clone(), join));
+            daemon.servers.push((socket, join));
+        }
+        for (addr, list) in exports {
+            let sa: SocketAddr = addr
+                .parse()
+                .map_err(|_| DaemonError::Address(addr.clone()))?;
+            let t = TcpTarget::start(&[sa], list).map_err(|source| DaemonError::Tcp {
+                addr: addr.clone(),
+                source,
+            })?;
+            daemon.targets.push(t);
         }
         Ok(daemon)
     }
@@ -195,6 +268,14 @@ impl Daemon {
         Some(self.memory.get(index)?.snapshot().regions().len())
     }
 
+    /// Addresses the NVMe/TCP targets listen on (ports chosen when 0 was configured).
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.targets
+            .iter()
+            .flat_map(|t| t.local_addrs().iter().copied())
+            .collect()
+    }
+
     pub fn sockets(&self) -> Vec<PathBuf> {
         self.servers.iter().map(|(p, _)| p.clone()).collect()
     }
@@ -216,6 +297,15 @@ impl Daemon {
             }
         }
         let mut first_err = None;
+        for t in self.targets.drain(..) {
+            for export in t.stop() {
+                if let Some(mut ctrl) = export.handle.stop()
+                    && let Err(s) = ctrl.flush()
+                {
+                    log::error!("{}: flush failed: {s}", export.nqn);
+                }
+            }
+        }
         for (index, (path, join)) in self.servers.drain(..).enumerate() {
             let r = match join.join() {
                 Ok(Ok(server)) => {
@@ -241,7 +331,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if !self.servers.is_empty() {
+        if !self.servers.is_empty() || !self.targets.is_empty() {
             let _ = self.shutdown();
         }
     }

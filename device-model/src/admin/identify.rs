@@ -144,6 +144,18 @@ impl Controller {
         let n = nqn.len().min(255);
         id.subnqn[..n].copy_from_slice(&nqn[..n]);
         id.psd[0].mp = 2500.into(); // 25 W
+        if let Some(f) = c.fabrics {
+            // no doorbell buffer or PCIe-only features over a fabric
+            id.oacs = oacs::FORMAT_NVM.into();
+            id.maxcmd = f.maxcmd.into();
+            // SGLs supported, and the Address field of a Data Block may be an offset
+            // (in-capsule data)
+            id.sgls = (1 | (1 << 20)).into();
+            id.nvmeof[0..4].copy_from_slice(&f.ioccsz.to_le_bytes());
+            id.nvmeof[4..8].copy_from_slice(&f.iorcsz.to_le_bytes());
+            // ICDOFF 0; FCATT 0 (dynamic controller model); MSDBD 1
+            id.nvmeof[11] = 1;
+        }
         id
     }
 

@@ -5,15 +5,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use vnvme::config::{Config, PollSetting};
+use vnvme::config::{Config, PollSetting, Served};
 use vnvme::daemon::Daemon;
 
-/// Serve emulated NVMe controllers over vfio-user.
+/// Serve emulated NVMe controllers over vfio-user or NVMe/TCP.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// vfio-user socket of the controller (with --ns; use --config for several controllers)
-    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    #[arg(long, conflicts_with_all = ["config", "tcp_listen"], required_unless_present_any = ["config", "tcp_listen"])]
     pub socket: Option<PathBuf>,
+    /// export the controller over NVMe/TCP on IP:PORT instead of a vfio-user socket
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
+    pub tcp_listen: Option<String>,
+    /// subsystem NQN (default nqn.2026-11.io.vnvme:SERIAL)
+    #[arg(long, conflicts_with = "config")]
+    pub nqn: Option<String>,
+    /// host NQN allowed to connect over NVMe/TCP, repeatable (default: any host)
+    #[arg(long = "allow-host", value_name = "NQN", requires = "tcp_listen")]
+    pub allow_hosts: Vec<String>,
     /// namespace backend, repeatable: null:SIZE, malloc:SIZE, file:PATH[:SIZE]
     #[arg(long = "ns", conflicts_with = "config")]
     pub ns: Vec<String>,
@@ -45,9 +54,18 @@ impl ServeArgs {
     pub fn to_config(&self) -> anyhow::Result<Config> {
         Ok(match (&self.config, &self.socket) {
             (Some(path), _) => Config::load(path)?,
-            (None, Some(sock)) => {
+            (None, sock) if sock.is_some() || self.tcp_listen.is_some() => {
+                let served = match (sock, &self.tcp_listen) {
+                    (Some(p), _) => Served::Socket(p.clone()),
+                    (None, Some(l)) => Served::Tcp {
+                        listen: l.clone(),
+                        nqn: self.nqn.clone(),
+                        allowed_hosts: self.allow_hosts.clone(),
+                    },
+                    (None, None) => unreachable!("guarded above"),
+                };
                 let mut cfg = Config::from_flags(
-                    sock.clone(),
+                    served,
                     &self.ns,
                     self.serial.clone(),
                     self.block_size,
@@ -59,7 +77,7 @@ impl ServeArgs {
                 cfg.validate()?;
                 cfg
             }
-            (None, None) => anyhow::bail!("give --socket (with --ns) or --config"),
+            (None, _) => anyhow::bail!("give --socket or --tcp-listen (with --ns), or --config"),
         })
     }
 }
@@ -75,6 +93,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     for s in daemon.sockets() {
         log::info!("serving {}", s.display());
         eprintln!("vnvme: serving NVMe controller on {}", s.display());
+    }
+    for a in daemon.tcp_addrs() {
+        eprintln!("vnvme: serving NVMe/TCP on {a}");
     }
     while !SIGNALLED.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));

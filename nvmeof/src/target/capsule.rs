@@ -1,0 +1,318 @@
+//! Command capsules and host data: checking a command's data descriptor, giving it a slot,
+//! taking its data (in-capsule, or asked for with R2T and received in H2CData PDUs) and
+//! placing it in the controller's submission queue.
+
+use std::time::Instant;
+
+use nvme_spec::fabrics::{self, sgl_id};
+use nvme_spec::opcode::admin as op;
+use nvme_spec::tcp::fes;
+use nvme_spec::{Completion, Status, Submission};
+
+use crate::pdu::Pdu;
+
+use super::connection::Role;
+use super::discovery::Answer;
+use super::event_loop::Target;
+use super::{Owner, Slot};
+
+/// Where a command's data is: `len` bytes, in the capsule or to be moved by PDUs.
+pub(super) struct DataDesc {
+    pub len: usize,
+    pub in_capsule: bool,
+}
+
+/// Check the SGL of a command from the host (TCP transport 1.0 §3.3.2): a Transport SGL
+/// Data Block, or a Data Block with offset 0 describing exactly the in-capsule data.
+pub(super) fn data_desc(sqe: &Submission, in_capsule: &[u8]) -> Result<DataDesc, Status> {
+    if sqe.flags >> 6 != 1 {
+        // PRPs (or reserved PSDT) have no meaning over a fabric
+        return Err(Status::INVALID_FIELD);
+    }
+    let raw = sqe.prp2.get();
+    let len = raw as u32 as usize;
+    match (raw >> 56) as u8 {
+        sgl_id::INCAPSULE => {
+            if sqe.prp1.get() != 0 {
+                return Err(Status::SGL_OFFSET_INVALID);
+            }
+            if len != in_capsule.len() {
+                return Err(Status::DATA_SGL_LENGTH_INVALID);
+            }
+            Ok(DataDesc {
+                len,
+                in_capsule: true,
+            })
+        }
+        sgl_id::TRANSPORT if in_capsule.is_empty() => Ok(DataDesc {
+            len,
+            in_capsule: false,
+        }),
+        sgl_id::TRANSPORT => Err(Status::DATA_SGL_LENGTH_INVALID),
+        0 if len == 0 && in_capsule.is_empty() => Ok(DataDesc {
+            len: 0,
+            in_capsule: false,
+        }),
+        _ => Err(Status::INVALID_SGL_TYPE),
+    }
+}
+
+impl Target {
+    /// A CapsuleCmd from connection `i`.
+    pub fn capsule(&mut self, i: usize, sqe: Submission, data: &[u8]) {
+        if sqe.opcode == fabrics::OPCODE {
+            self.fabrics_command(i, sqe, data);
+            return;
+        }
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let cid = sqe.cid.get();
+        match &c.role {
+            Role::Initializing => {
+                self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "command before ICReq");
+            }
+            Role::AwaitingConnect | Role::Connecting { .. } => {
+                self.respond(i, cid, Status::COMMAND_SEQUENCE_ERROR, 0);
+            }
+            Role::Discovery(_) => self.discovery_command(i, &sqe, data),
+            &Role::Queue { export, qid } => self.host_command(i, export, qid, sqe, data),
+        }
+    }
+
+    fn discovery_command(&mut self, i: usize, sqe: &Submission, data: &[u8]) {
+        let cid = sqe.cid.get();
+        let len = match data_desc(sqe, data) {
+            Ok(d) if d.in_capsule && d.len > 0 => {
+                self.respond(i, cid, Status::INVALID_FIELD, 0);
+                return;
+            }
+            Ok(d) => d.len,
+            Err(s) => {
+                self.respond(i, cid, s, 0);
+                return;
+            }
+        };
+        let listed = self.discovery_records(i);
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let Role::Discovery(d) = &c.role else {
+            return;
+        };
+        match d.command(sqe, &listed, self.genctr) {
+            Answer::Parked => {}
+            Answer::Done(status, result, out) => {
+                if status.is_success() && !out.is_empty() {
+                    let n = out.len().min(len);
+                    self.send_c2h(i, cid, &out[..n]);
+                }
+                self.respond(i, cid, status, result);
+            }
+        }
+    }
+
+    /// A command for an exported controller's queue `qid`.
+    fn host_command(&mut self, i: usize, e: usize, qid: u16, sqe: Submission, data: &[u8]) {
+        let cid = sqe.cid.get();
+        let slot_bytes = self.exports[e].host.slot_bytes();
+        let desc = match data_desc(&sqe, data) {
+            Ok(d) => d,
+            Err(s) => {
+                self.respond(i, cid, s, 0);
+                return;
+            }
+        };
+        // data direction from the opcode's low bits (base 2.0 §5, Figure 83 note)
+        let (len, to_host, to_ctrl) = match sqe.opcode & 3 {
+            0 => (0, false, false),
+            1 => (desc.len, false, true),
+            2 if !desc.in_capsule => (desc.len, true, false),
+            _ => {
+                self.respond(i, cid, Status::INVALID_FIELD, 0);
+                return;
+            }
+        };
+        if len > slot_bytes {
+            self.respond(i, cid, Status::INVALID_FIELD, 0);
+            return;
+        }
+        let Some(assoc) = self.exports[e].assoc.as_mut() else {
+            return;
+        };
+        if qid == 0 {
+            assoc.last_admin = Instant::now();
+        }
+        let Some(q) = assoc.queues[qid as usize].as_mut() else {
+            return;
+        };
+        if q.cid_taken(cid) {
+            self.respond(i, cid, Status::CID_CONFLICT, 0);
+            return;
+        }
+        let Some(slot) = q.free.pop() else {
+            self.fatal(
+                i,
+                fes::PDU_SEQUENCE_ERROR,
+                0,
+                "more commands than the queue's size",
+            );
+            return;
+        };
+        q.set_cid(cid, true);
+        let awaiting = to_ctrl && !desc.in_capsule && len > 0;
+        q.slots[slot as usize] = Slot {
+            owner: Owner::Host { cid },
+            len,
+            to_host,
+            received: 0,
+            awaiting_data: awaiting,
+            parked: qid == 0 && sqe.opcode == op::ASYNC_EVENT_REQUEST,
+            digest_failed: false,
+            sqe,
+        };
+        if to_ctrl && desc.in_capsule {
+            self.exports[e].host.slot_buf(qid, slot)[..len].copy_from_slice(data);
+        }
+        if awaiting {
+            if let Some(c) = self.conns[i].as_mut() {
+                let neg = c.stream.neg;
+                c.stream.tx.push(
+                    &Pdu::R2T {
+                        cccid: cid,
+                        ttag: slot,
+                        offset: 0,
+                        length: len as u32,
+                    },
+                    &neg,
+                );
+            }
+        } else {
+            self.submit(e, qid, slot);
+        }
+    }
+
+    /// Place slot `slot`'s command in the controller's SQ `qid` and ring.
+    pub fn submit(&mut self, e: usize, qid: u16, slot: u16) {
+        let ex = &mut self.exports[e];
+        let Some(q) = ex.assoc.as_mut().and_then(|a| a.queues[qid as usize].as_mut()) else {
+            return;
+        };
+        let s = q.slots[slot as usize];
+        let mut local = s.sqe;
+        local.cid = slot.into();
+        if s.len > 0 {
+            ex.host.set_data(&mut local, qid, slot, s.len);
+        } else if matches!(s.owner, Owner::Host { .. }) {
+            // the host's SGL means nothing to the controller (the target's own queue
+            // creation commands carry their ring address here)
+            local.flags &= 0x3;
+            local.prp1 = 0.into();
+            local.prp2 = 0.into();
+        }
+        ex.host.push(qid, &local);
+        ex.host.ring(qid);
+        ex.spec.handle.wake();
+    }
+
+    /// An H2CData PDU: data for the write waiting in slot `ttag`.
+    pub fn h2c_data(&mut self, i: usize, cccid: u16, ttag: u16, offset: u32, data: &[u8], last: bool) {
+        let Some(&Role::Queue { export: e, qid }) = self.conns[i].as_ref().map(|c| &c.role) else {
+            self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "H2CData before Connect");
+            return;
+        };
+        let Some(q) = self.exports[e]
+            .assoc
+            .as_mut()
+            .and_then(|a| a.queues[qid as usize].as_mut())
+        else {
+            return;
+        };
+        let Some(s) = q.slots.get(ttag as usize).copied().filter(|s| {
+            s.owner == Owner::Host { cid: cccid } && s.awaiting_data
+        }) else {
+            self.fatal(i, fes::INVALID_HEADER_FIELD, 10, "H2CData for no outstanding R2T");
+            return;
+        };
+        let off = offset as usize;
+        if off != s.received {
+            self.fatal(i, fes::DATA_OUT_OF_RANGE, 12, "H2CData out of order");
+            return;
+        }
+        if off + data.len() > s.len {
+            self.fatal(i, fes::DATA_OUT_OF_RANGE, 16, "H2CData beyond the R2T");
+            return;
+        }
+        let done = off + data.len() == s.len;
+        if done != last {
+            self.fatal(i, fes::INVALID_HEADER_FIELD, 1, "H2CData LAST_PDU flag wrong");
+            return;
+        }
+        q.slots[ttag as usize].received += data.len();
+        if done {
+            q.slots[ttag as usize].awaiting_data = false;
+        }
+        self.exports[e].host.slot_buf(qid, ttag)[off..off + data.len()].copy_from_slice(data);
+        if done {
+            if s.digest_failed {
+                self.finish_host_slot(e, qid, ttag, Status::TRANSIENT_TRANSPORT_ERROR);
+            } else {
+                self.submit(e, qid, ttag);
+            }
+        }
+    }
+
+    /// A data digest failed on a PDU of command `cccid`: the command fails with Transient
+    /// Transport Error once its data is in (or at once, for in-capsule data).
+    pub fn data_digest_error(&mut self, i: usize, cccid: u16) {
+        if let Some(&Role::Queue { export: e, qid }) = self.conns[i].as_ref().map(|c| &c.role)
+            && let Some(q) = self.exports[e]
+                .assoc
+                .as_mut()
+                .and_then(|a| a.queues[qid as usize].as_mut())
+            && let Some(s) = q
+                .slots
+                .iter_mut()
+                .find(|s| s.owner == Owner::Host { cid: cccid } && s.awaiting_data)
+        {
+            s.digest_failed = true;
+            return;
+        }
+        self.respond(i, cccid, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+    }
+
+    /// Answer command `cid` on connection `i` with a response capsule.
+    pub fn respond(&mut self, i: usize, cid: u16, status: Status, result: u64) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let mut cqe = Completion::default();
+        cqe.dw0 = (result as u32).into();
+        cqe.dw1 = ((result >> 32) as u32).into();
+        cqe.cid = cid.into();
+        cqe.status = status.cqe_bits().into();
+        let neg = c.stream.neg;
+        c.stream.tx.push(&Pdu::CapsuleResp { cqe }, &neg);
+    }
+
+    /// Send `data` to the host for command `cid` (one C2HData PDU, LAST set).
+    pub fn send_c2h(&mut self, i: usize, cid: u16, data: &[u8]) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let neg = c.stream.neg;
+        let pdu = Pdu::C2HData {
+            cccid: cid,
+            offset: 0,
+            data: &[],
+            last: true,
+            success: false,
+        };
+        let out = c.stream.tx.out();
+        let dd = crate::pdu::encode_header(&pdu, data.len(), &neg, out);
+        out.extend_from_slice(data);
+        if dd {
+            out.extend_from_slice(&crate::pdu::data_digest([data]).to_le_bytes());
+        }
+    }
+}

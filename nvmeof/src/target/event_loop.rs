@@ -1,0 +1,339 @@
+//! The target's single thread: accept connections, read and dispatch PDUs, collect the
+//! controllers' completions, time Keep Alive, and nap when nothing is in flight.
+
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nvme_spec::registers::{self as reg, csts};
+use nvme_spec::tcp::fes;
+
+use crate::pdu::{Direction, Negotiated, Pdu, PduError};
+use crate::stream::{PduStream, StreamError};
+
+use super::connection::{Conn, Role};
+use super::{Export, ExportSpec, INLINE_DATA};
+
+/// Keep Alive is checked this often; a host gets KATO plus this much grace.
+const KATO_CHECK: Duration = Duration::from_millis(100);
+
+pub(super) struct Target {
+    pub listeners: Vec<(TcpListener, SocketAddr)>,
+    pub conns: Vec<Option<Conn>>,
+    pub exports: Vec<Export>,
+    /// Discovery log generation counter.
+    pub genctr: u64,
+}
+
+impl Target {
+    pub fn into_specs(self) -> Vec<ExportSpec> {
+        self.exports.into_iter().map(|e| e.spec).collect()
+    }
+
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut last_kato = Instant::now();
+        let mut idle_rounds = 0u32;
+        while !stop.load(Ordering::Acquire) {
+            let mut work = self.accept();
+            for i in 0..self.conns.len() {
+                work += self.service(i);
+            }
+            for e in 0..self.exports.len() {
+                work += self.reap(e);
+            }
+            if last_kato.elapsed() >= KATO_CHECK {
+                last_kato = Instant::now();
+                self.check_keep_alive();
+            }
+            if work > 0 {
+                idle_rounds = 0;
+                continue;
+            }
+            idle_rounds += 1;
+            if self.controller_busy() {
+                // completions come from the controller's reactor: spin a while, then nap
+                if idle_rounds < 2000 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            } else {
+                self.wait_for_sockets(Duration::from_millis(20));
+            }
+        }
+        for i in 0..self.conns.len() {
+            self.close(i, "target stopping");
+        }
+    }
+
+    /// Whether some export has commands in its controller.
+    fn controller_busy(&self) -> bool {
+        self.exports.iter().any(|e| {
+            e.assoc
+                .as_ref()
+                .is_some_and(|a| a.queues.iter().flatten().any(|q| q.busy() > 0))
+        })
+    }
+
+    /// Block in poll(2) on every socket until one is ready or `timeout`.
+    fn wait_for_sockets(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = self
+            .listeners
+            .iter()
+            .map(|(l, _)| libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        for c in self.conns.iter().flatten() {
+            let mut events = libc::POLLIN;
+            if c.stream.tx.pending() > 0 {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: c.stream.fd(),
+                events,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
+    }
+
+    fn accept(&mut self) -> usize {
+        let mut n = 0;
+        for port in 0..self.listeners.len() {
+            loop {
+                let (l, local) = &self.listeners[port];
+                let local = *local;
+                match l.accept() {
+                    Ok((sock, peer)) => {
+                        let max_pdu = INLINE_DATA.max(self.max_slot_bytes()) + 256;
+                        match PduStream::new(sock, Direction::ToController, max_pdu) {
+                            Ok(stream) => {
+                                log::debug!("nvme-tcp target: connection from {peer}");
+                                let c = Conn {
+                                    stream,
+                                    role: Role::Initializing,
+                                    local,
+                                    hostnqn: String::new(),
+                                    closing: false,
+                                };
+                                match self.conns.iter().position(Option::is_none) {
+                                    Some(i) => self.conns[i] = Some(c),
+                                    None => self.conns.push(Some(c)),
+                                }
+                                n += 1;
+                            }
+                            Err(e) => log::warn!("nvme-tcp target: {peer}: {e}"),
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::warn!("nvme-tcp target: accept: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    pub fn max_slot_bytes(&self) -> usize {
+        self.exports
+            .iter()
+            .map(|e| e.host.slot_bytes())
+            .max()
+            .unwrap_or(INLINE_DATA)
+    }
+
+    /// Read, dispatch and flush connection `i`; returns the PDUs handled.
+    fn service(&mut self, i: usize) -> usize {
+        let Some(c) = self.conns[i].as_mut() else {
+            return 0;
+        };
+        if c.closing {
+            let _ = c.stream.flush();
+            self.drop_conn(i);
+            return 0;
+        }
+        match c.stream.pump() {
+            Ok(_) => {}
+            Err(StreamError::Closed) => {
+                self.close(i, "closed by the host");
+                return 0;
+            }
+            Err(e) => {
+                self.close(i, &e.to_string());
+                return 0;
+            }
+        }
+        let mut n = 0;
+        loop {
+            let Some(c) = self.conns[i].as_mut() else {
+                return n;
+            };
+            if c.closing {
+                return n;
+            }
+            let neg = c.stream.neg;
+            let pdu = match c.stream.rx.next_pdu(&neg) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(PduError::DataDigest { cccid }) => {
+                    n += 1;
+                    self.data_digest_error(i, cccid);
+                    continue;
+                }
+                Err(PduError::Fatal { fes, fei, what }) => {
+                    self.fatal(i, fes, fei, what);
+                    return n + 1;
+                }
+            };
+            n += 1;
+            // PDUs borrow the receive buffer: copy out what the handlers need
+            match pdu {
+                Pdu::IcReq {
+                    pfv, hpda, dgst, ..
+                } => self.ic_req(i, pfv, hpda, dgst),
+                Pdu::CapsuleCmd { sqe, data } => {
+                    let data = data.to_vec();
+                    self.capsule(i, sqe, &data);
+                }
+                Pdu::H2CData {
+                    cccid,
+                    ttag,
+                    offset,
+                    data,
+                    last,
+                } => {
+                    let data = data.to_vec();
+                    self.h2c_data(i, cccid, ttag, offset, &data, last);
+                }
+                Pdu::TermReq { fes, fei, .. } => {
+                    self.close(i, &format!("host terminated the connection (FES {fes:#x}, FEI {fei})"));
+                    return n;
+                }
+                _ => {
+                    self.fatal(i, fes::INVALID_HEADER_FIELD, 0, "PDU type a host never sends");
+                    return n;
+                }
+            }
+        }
+        if let Some(c) = self.conns[i].as_mut()
+            && let Err(e) = c.stream.flush()
+        {
+            self.close(i, &e.to_string());
+        }
+        n
+    }
+
+    fn ic_req(&mut self, i: usize, pfv: u16, hpda: u8, dgst: u8) {
+        let max_h2c = self.max_slot_bytes();
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        if !matches!(c.role, Role::Initializing) {
+            self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "ICReq on an initialized connection");
+            return;
+        }
+        if pfv != 0 {
+            self.fatal(i, fes::INVALID_HEADER_FIELD, 8, "unsupported PDU format version");
+            return;
+        }
+        if hpda != 0 {
+            // we place data right after the header; a host wanting padding is refused
+            self.fatal(i, fes::UNSUPPORTED_PARAMETER, 10, "host PDU data alignment not supported");
+            return;
+        }
+        let resp = Pdu::IcResp {
+            pfv: 0,
+            cpda: 0,
+            dgst,
+            maxh2cdata: max_h2c as u32,
+        };
+        c.stream.tx.push(&resp, &Negotiated::default());
+        c.stream.neg = Negotiated {
+            header_digest: dgst & nvme_spec::tcp::DGST_HEADER != 0,
+            data_digest: dgst & nvme_spec::tcp::DGST_DATA != 0,
+            max_data: max_h2c.max(INLINE_DATA) as u32,
+        };
+        c.role = Role::AwaitingConnect;
+    }
+
+    /// A PDU broke the protocol: C2HTermReq, close, and end the association it served.
+    pub fn fatal(&mut self, i: usize, fes: u16, fei: u32, what: &str) {
+        if let Some(c) = self.conns[i].as_mut() {
+            log::warn!("nvme-tcp target: {}: {what}; terminating the connection", c.stream.peer());
+            c.stream.terminate(fes, fei, true);
+        }
+        self.close(i, what);
+    }
+
+    /// Close connection `i`; an association it belongs to ends with it.
+    pub fn close(&mut self, i: usize, why: &str) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        log::debug!("nvme-tcp target: {}: closing: {why}", c.stream.peer());
+        let bound = match c.role {
+            Role::Queue { export, .. } | Role::Connecting { export, .. } => Some(export),
+            _ => None,
+        };
+        c.closing = true;
+        c.stream.shutdown();
+        self.drop_conn(i);
+        if let Some(e) = bound {
+            self.end_association(e, why);
+        }
+    }
+
+    fn drop_conn(&mut self, i: usize) {
+        self.conns[i] = None;
+    }
+
+    /// Tear down export `e`'s association: close its connections and reset the
+    /// controller (CC.EN = 0), which ends every command it still had.
+    pub fn end_association(&mut self, e: usize, why: &str) {
+        let Some(assoc) = self.exports[e].assoc.take() else {
+            return;
+        };
+        log::info!(
+            "nvme-tcp target: {}: association with {} ended: {why}",
+            self.exports[e].spec.nqn,
+            assoc.hostnqn
+        );
+        for q in assoc.queues.iter().flatten() {
+            if let Some(ci) = q.conn
+                && let Some(c) = self.conns[ci].as_mut()
+            {
+                c.stream.shutdown();
+                self.conns[ci] = None;
+            }
+        }
+        let h = &self.exports[e].spec.handle;
+        h.write_register(reg::CC, 0, 4);
+        let t = Instant::now();
+        while h.read_register(reg::CSTS, 4) as u32 & csts::RDY != 0
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn check_keep_alive(&mut self) {
+        for e in 0..self.exports.len() {
+            let expired = self.exports[e].assoc.as_ref().is_some_and(|a| {
+                a.kato_ms > 0
+                    && a.last_admin.elapsed()
+                        > Duration::from_millis(u64::from(a.kato_ms)) + KATO_CHECK * 5
+            });
+            if expired {
+                self.end_association(e, "keep alive timeout");
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The target's view of the emulated controller it exports: it acts as the controller's
+//! PCIe host, in process. Submission and completion rings and one data buffer per command
+//! slot live in a memfd mapped into the controller's DMA map; commands are placed in the
+//! rings and doorbells rung exactly as a guest driver would, so every command goes through
+//! the controller's own handling (admin, NVM, namespaces, backends): one implementation,
+//! two transports.
+//!
+//! Each slot's buffer is `slot_bytes` long with a prebuilt PRP list, so a command's data
+//! pointer is set without any work per command.
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use device_model::memory::Protection;
+use device_model::{ControllerHandle, Doorbells, GuestMemory};
+use nvme_spec::{Completion, Submission};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// IOVA where the target's memory is mapped for the controller.
+const BASE_IOVA: u64 = 0x1_0000_0000;
+const PAGE: u64 = 4096;
+
+/// Why the local host could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalHostError {
+    #[error("memory for the target's queues: {0}")]
+    Memory(std::io::Error),
+    #[error("mapping the target's queues for the controller: {0:?}")]
+    Map(device_model::memory::MapError),
+}
+
+/// Ring geometry of one queue pair and its slots.
+#[derive(Clone, Copy, Debug)]
+struct QueueLayout {
+    sq: u64,
+    cq: u64,
+    /// First slot's buffer; slot `s` is at `data + s * slot_stride`.
+    data: u64,
+}
+
+/// Per queue ring state.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ring {
+    size: u32,
+    sq_tail: u32,
+    cq_head: u32,
+    phase: bool,
+}
+
+/// The rings and buffers of up to `queues` queue pairs of `depth` entries.
+pub struct LocalHost {
+    mem: Arc<GuestMemory>,
+    doorbells: Arc<Doorbells>,
+    base: *mut u8,
+    queues: Vec<QueueLayout>,
+    rings: Vec<Ring>,
+    depth: u32,
+    slot_bytes: usize,
+    slot_stride: u64,
+    _fd: OwnedFd,
+}
+
+// SAFETY: `base` points into a shared mapping owned by `mem` (kept alive by the Arc); the
+// LocalHost is used by one thread at a time (the target's event loop).
+unsafe impl Send for LocalHost {}
+
+impl std::fmt::Debug for LocalHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHost")
+            .field("queues", &self.queues.len())
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalHost {
+    /// Memory for `queues` queue pairs (admin included) of `depth` entries each, with a
+    /// `slot_bytes` buffer (a multiple of 4 KiB) per entry, mapped into `mem`.
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        doorbells: Arc<Doorbells>,
+        queues: usize,
+        depth: u32,
+        slot_bytes: usize,
+    ) -> Result<Self, LocalHostError> {
+        let ring_bytes = u64::from(depth) * 64 + u64::from(depth) * 16;
+        let ring_pages = ring_bytes.div_ceil(PAGE) * PAGE;
+        // each slot: its data, then one page of PRP list
+        let slot_stride = slot_bytes as u64 + PAGE;
+        let per_queue = ring_pages + u64::from(depth) * slot_stride;
+        let total = per_queue * queues as u64;
+        // SAFETY: memfd_create with a static NUL-terminated name; result checked.
+        let raw = unsafe { libc::memfd_create(c"vnvme-tcp-target".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(LocalHostError::Memory(std::io::Error::last_os_error()));
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own descriptor.
+        if unsafe { libc::ftruncate(raw, total as i64) } != 0 {
+            return Err(LocalHostError::Memory(std::io::Error::last_os_error()));
+        }
+        let rw = Protection {
+            read: true,
+            write: true,
+        };
+        mem.map_fd(BASE_IOVA, total, fd.as_fd(), 0, rw)
+            .map_err(LocalHostError::Map)?;
+        let base = mem
+            .snapshot()
+            .translate(BASE_IOVA, total, true)
+            .map_err(|e| LocalHostError::Memory(std::io::Error::other(format!("{e:?}"))))?;
+        let mut layouts = Vec::with_capacity(queues);
+        for q in 0..queues as u64 {
+            let start = BASE_IOVA + q * per_queue;
+            layouts.push(QueueLayout {
+                sq: start,
+                cq: start + u64::from(depth) * 64,
+                data: start + ring_pages,
+            });
+        }
+        let host = Self {
+            mem,
+            doorbells,
+            base,
+            queues: layouts,
+            rings: vec![Ring::default(); queues],
+            depth,
+            slot_bytes,
+            slot_stride,
+            _fd: fd,
+        };
+        // prebuilt PRP lists: entry i of slot s's list points at page i + 1 of its buffer
+        for q in 0..queues {
+            for s in 0..depth {
+                let buf = host.slot_iova(q as u16, s as u16);
+                let list = buf + slot_bytes as u64;
+                let pages = slot_bytes as u64 / PAGE;
+                for i in 1..pages {
+                    let e = (buf + i * PAGE).to_le_bytes();
+                    host.bytes_mut(list + (i - 1) * 8, 8).copy_from_slice(&e);
+                }
+            }
+        }
+        Ok(host)
+    }
+
+    /// Entries per queue (the most a host may ask for).
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Bytes of data one command may move.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Queue pairs (admin included).
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// IOVAs of queue `qid`'s SQ and CQ rings.
+    pub fn ring_iovas(&self, qid: u16) -> (u64, u64) {
+        let l = self.queues[qid as usize];
+        (l.sq, l.cq)
+    }
+
+    /// (Re)start queue `qid` with `size` entries: empty rings, phase 1.
+    pub fn reset_queue(&mut self, qid: u16, size: u32) {
+        self.rings[qid as usize] = Ring {
+            size,
+            sq_tail: 0,
+            cq_head: 0,
+            phase: true,
+        };
+        let l = self.queues[qid as usize];
+        self.bytes_mut(l.cq, self.depth as usize * 16).fill(0);
+    }
+
+    fn slot_iova(&self, qid: u16, slot: u16) -> u64 {
+        self.queues[qid as usize].data + u64::from(slot) * self.slot_stride
+    }
+
+    fn bytes_mut(&self, iova: u64, len: usize) -> &mut [u8] {
+        let off = (iova - BASE_IOVA) as usize;
+        // SAFETY: every caller passes a range inside the mapping (queue rings, slot
+        // buffers and lists computed from the layout); the controller may access the same
+        // bytes concurrently, as a device does with host memory, which is why ring entries
+        // are copied whole and completions are checked by their phase bit.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
+    }
+
+    /// The data buffer of `slot` of queue `qid`.
+    pub fn slot_buf(&mut self, qid: u16, slot: u16) -> &mut [u8] {
+        let iova = self.slot_iova(qid, slot);
+        self.bytes_mut(iova, self.slot_bytes)
+    }
+
+    /// Point `sqe`'s data pointer at the first `len` bytes of the slot's buffer (PRPs).
+    pub fn set_data(&self, sqe: &mut Submission, qid: u16, slot: u16, len: usize) {
+        sqe.flags &= 0x3; // PSDT 00b: PRPs
+        let buf = self.slot_iova(qid, slot);
+        sqe.prp1 = buf.into();
+        sqe.prp2 = if len as u64 <= PAGE {
+            0
+        } else if len as u64 <= 2 * PAGE {
+            buf + PAGE
+        } else {
+            buf + self.slot_bytes as u64
+        }
+        .into();
+    }
+
+    /// Place `sqe` (its CID = the slot) in queue `qid`'s SQ; ring with [`ring`](Self::ring).
+    pub fn push(&mut self, qid: u16, sqe: &Submission) {
+        let r = self.rings[qid as usize];
+        let at = self.queues[qid as usize].sq + u64::from(r.sq_tail) * 64;
+        self.bytes_mut(at, 64).copy_from_slice(sqe.as_bytes());
+        self.rings[qid as usize].sq_tail = (r.sq_tail + 1) % r.size;
+    }
+
+    /// Ring queue `qid`'s SQ tail doorbell.
+    pub fn ring(&self, qid: u16) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.doorbells
+            .store(2 * qid as usize, self.rings[qid as usize].sq_tail);
+    }
+
+    /// Take the completions posted to queue `qid`'s CQ and hand each to `f`; updates the CQ
+    /// head doorbell. Returns how many.
+    pub fn reap(&mut self, qid: u16, f: &mut dyn FnMut(Completion)) -> usize {
+        let mut n = 0;
+        loop {
+            let r = self.rings[qid as usize];
+            if r.size == 0 {
+                return 0;
+            }
+            let at = self.queues[qid as usize].cq + u64::from(r.cq_head) * 16;
+            let raw = self.bytes_mut(at, 16);
+            let status = u16::from_le_bytes([raw[14], raw[15]]);
+            if (status & 1 != 0) != r.phase {
+                break;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let cqe = Completion::read_from_bytes(self.bytes_mut(at, 16)).expect("16 bytes");
+            let ring = &mut self.rings[qid as usize];
+            ring.cq_head += 1;
+            if ring.cq_head == ring.size {
+                ring.cq_head = 0;
+                ring.phase = !ring.phase;
+            }
+            f(cqe);
+            n += 1;
+        }
+        if n > 0 {
+            self.doorbells
+                .store(2 * qid as usize + 1, self.rings[qid as usize].cq_head);
+        }
+        n
+    }
+
+    /// Nudge the controller's reactor after ringing doorbells.
+    pub fn wake(handle: &ControllerHandle) {
+        handle.wake();
+    }
+
+    /// Keep the DMA map alive as long as the host.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+}

@@ -1,0 +1,300 @@
+//! The NVMe/TCP target: exports emulated controllers over NVMe/TCP (transport 1.0) with a
+//! discovery controller beside them.
+//!
+//! Every exported subsystem is one emulated controller running in its own reactor; the
+//! target drives it as its PCIe host would ([`local_host`]), so admin and I/O commands get
+//! the controller's own handling. The target adds only what is fabric-specific: connection
+//! initialization, Connect (admin and I/O queues), Property Get/Set, Keep Alive timing,
+//! in-capsule data, R2T/H2CData and C2HData, digests, and the allowed-host list.
+//!
+//! One thread runs every listener and connection (non-blocking sockets, polled), so a
+//! slow or hostile peer cannot stall the others; a protocol error from a peer gets a
+//! C2HTermReq and a closed connection, and tears down only its own association.
+//!
+//! Files: `event_loop.rs` accepting and polling; `connection.rs` a connection's state;
+//! `capsule.rs` commands and host data; `fabrics.rs` Connect and properties;
+//! `completion.rs` responses and controller-to-host data; `discovery.rs` the discovery
+//! controller; `local_host.rs` the rings and buffers shared with the controller.
+
+mod capsule;
+mod completion;
+mod connection;
+pub mod discovery;
+mod event_loop;
+mod fabrics;
+pub mod local_host;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use device_model::{ControllerHandle, Doorbells, GuestMemory};
+
+use self::connection::Conn;
+use self::local_host::{LocalHost, LocalHostError};
+
+/// In-capsule data an I/O or admin command may carry (IOCCSZ = 64 + 8192 bytes).
+pub const INLINE_DATA: usize = 8192;
+/// Entries of each queue the target creates on its controller (MAXCMD + 1).
+pub const QUEUE_DEPTH: u32 = 128;
+
+/// A controller to export, running in its reactor.
+pub struct ExportSpec {
+    /// Subsystem NQN hosts connect to.
+    pub nqn: String,
+    /// Host NQNs allowed to connect; empty: any host.
+    pub allowed_hosts: Vec<String>,
+    pub handle: ControllerHandle,
+    pub mem: Arc<GuestMemory>,
+    pub doorbells: Arc<Doorbells>,
+    /// The controller's CNTLID (Identify and Connect agree on it).
+    pub cntlid: u16,
+    /// I/O queues the controller allows (its max_io_queues).
+    pub io_queues: u16,
+    /// Bytes one command may move (the controller's MDTS).
+    pub max_transfer: usize,
+}
+
+impl std::fmt::Debug for ExportSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportSpec")
+            .field("nqn", &self.nqn)
+            .field("cntlid", &self.cntlid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the target could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("subsystem {nqn}: {source}")]
+    Memory {
+        nqn: String,
+        source: LocalHostError,
+    },
+    #[error("subsystem NQN {0:?} is not valid (1..=223 bytes, not the discovery NQN)")]
+    BadNqn(String),
+    #[error("could not start the target thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Who owns a command slot of an exported controller's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Free,
+    /// A host command: its CID on the host's queue.
+    Host { cid: u16 },
+    /// Creating I/O queue `qid` for connection `conn`: CQ first, then SQ.
+    CreateCq { conn: usize, qid: u16 },
+    CreateSq { conn: usize, qid: u16 },
+}
+
+/// A command slot: one SQ entry and its data buffer.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    owner: Owner,
+    /// Bytes of data the command moves, and which way.
+    len: usize,
+    to_host: bool,
+    /// H2C bytes received so far (writes sent by R2T).
+    received: usize,
+    /// Waiting for H2CData before it can be submitted.
+    awaiting_data: bool,
+    /// Not counted as outstanding work (an Asynchronous Event Request waits forever).
+    parked: bool,
+    /// A data digest failed on its H2C data: fail it instead of submitting it.
+    digest_failed: bool,
+    /// The command as the host sent it.
+    sqe: nvme_spec::Submission,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            owner: Owner::Free,
+            len: 0,
+            to_host: false,
+            received: 0,
+            awaiting_data: false,
+            parked: false,
+            digest_failed: false,
+            sqe: nvme_spec::Submission::default(),
+        }
+    }
+}
+
+/// A queue of an association: its connection and command slots.
+#[derive(Debug)]
+struct QueueState {
+    conn: Option<usize>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Host CIDs in flight, one bit each (a reused CID is a host error).
+    cid_busy: Vec<u64>,
+    /// Created on the controller (Connect finished).
+    live: bool,
+    /// CID of the Connect command being completed.
+    connect_cid: u16,
+}
+
+impl QueueState {
+    fn new(size: u32) -> Self {
+        let n = size.saturating_sub(1) as u16;
+        Self {
+            conn: None,
+            slots: vec![Slot::default(); n as usize],
+            free: (0..n).rev().collect(),
+            cid_busy: vec![0; 1024],
+            live: false,
+            connect_cid: 0,
+        }
+    }
+
+    fn cid_taken(&self, cid: u16) -> bool {
+        self.cid_busy[cid as usize / 64] & (1 << (cid % 64)) != 0
+    }
+
+    fn set_cid(&mut self, cid: u16, busy: bool) {
+        let (w, b) = (cid as usize / 64, 1u64 << (cid % 64));
+        if busy {
+            self.cid_busy[w] |= b;
+        } else {
+            self.cid_busy[w] &= !b;
+        }
+    }
+
+    /// Commands the controller is working on (parked ones excluded).
+    fn busy(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.owner != Owner::Free && !s.parked && !s.awaiting_data)
+            .count()
+    }
+}
+
+/// A host's association with an exported controller.
+#[derive(Debug)]
+struct Association {
+    hostnqn: String,
+    kato_ms: u32,
+    last_admin: Instant,
+    /// Queue 0 is the admin queue.
+    queues: Vec<Option<QueueState>>,
+}
+
+/// An exported subsystem.
+struct Export {
+    spec: ExportSpec,
+    host: LocalHost,
+    assoc: Option<Association>,
+}
+
+/// The running target.
+pub struct TcpTarget {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<Vec<ExportSpec>>>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for TcpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTarget")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpTarget {
+    /// Listen on `listen` and serve `exports` (and the discovery subsystem) until stopped.
+    pub fn start(listen: &[SocketAddr], exports: Vec<ExportSpec>) -> Result<Self, TargetError> {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for &addr in listen {
+            let l = TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| TargetError::Listen { addr, source })?;
+            let local = l.local_addr().unwrap_or(addr);
+            addrs.push(local);
+            listeners.push((l, local));
+        }
+        let mut built = Vec::new();
+        for spec in exports {
+            if spec.nqn.is_empty()
+                || spec.nqn.len() > nvme_spec::fabrics::NQN_MAX
+                || spec.nqn == nvme_spec::fabrics::DISCOVERY_NQN
+            {
+                return Err(TargetError::BadNqn(spec.nqn));
+            }
+            let slot_bytes = spec.max_transfer.max(INLINE_DATA).next_multiple_of(4096);
+            let host = LocalHost::new(
+                Arc::clone(&spec.mem),
+                Arc::clone(&spec.doorbells),
+                usize::from(spec.io_queues) + 1,
+                QUEUE_DEPTH,
+                slot_bytes,
+            )
+            .map_err(|source| TargetError::Memory {
+                nqn: spec.nqn.clone(),
+                source,
+            })?;
+            built.push(Export {
+                spec,
+                host,
+                assoc: None,
+            });
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut target = event_loop::Target {
+            listeners,
+            conns: Vec::<Option<Conn>>::new(),
+            exports: built,
+            genctr: 1,
+        };
+        let s = Arc::clone(&stop);
+        let join = std::thread::Builder::new()
+            .name("nvme-tcp-target".into())
+            .spawn(move || {
+                target.run(&s);
+                target.into_specs()
+            })
+            .map_err(TargetError::Thread)?;
+        for a in &addrs {
+            log::info!("nvme-tcp target: listening on {a}");
+        }
+        Ok(Self {
+            stop,
+            join: Some(join),
+            addrs,
+        })
+    }
+
+    /// The addresses listened on (with the ports chosen when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Close every connection and stop; returns the exported controllers.
+    pub fn stop(mut self) -> Vec<ExportSpec> {
+        self.stop.store(true, Ordering::Release);
+        self.join
+            .take()
+            .and_then(|j| j.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TcpTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
