@@ -243,7 +243,9 @@ impl Config {
                          (tcp_listen), not both: use two [[controller]] entries",
                     ));
                 }
-                (None, None) => return Err(field(at("socket"), "socket or tcp_listen is required")),
+                (None, None) => {
+                    return Err(field(at("socket"), "socket or tcp_listen is required"));
+                }
             }
             let nqn_ok = |n: &str| {
                 n.starts_with("nqn.")
@@ -254,7 +256,10 @@ impl Config {
             if let Some(n) = &c.nqn
                 && !nqn_ok(n)
             {
-                return Err(field(at("nqn"), "an NQN: nqn.YYYY-MM.domain:name, at most 223 ASCII bytes"));
+                return Err(field(
+                    at("nqn"),
+                    "an NQN: nqn.YYYY-MM.domain:name, at most 223 ASCII bytes",
+                ));
             }
             if let Some(h) = c.allowed_hosts.iter().find(|h| !nqn_ok(h)) {
                 return Err(field(at("allowed_hosts"), format!("{h:?} is not an NQN")));
@@ -262,7 +267,10 @@ impl Config {
             if c.tcp_listen.is_none() && (c.nqn.is_some() || !c.allowed_hosts.is_empty()) {
                 // the NQN also names a vfio-user controller's subsystem; hosts apply to TCP
                 if !c.allowed_hosts.is_empty() {
-                    return Err(field(at("allowed_hosts"), "only for tcp_listen controllers"));
+                    return Err(field(
+                        at("allowed_hosts"),
+                        "only for tcp_listen controllers",
+                    ));
                 }
             }
             if let Some(s) = &c.serial

@@ -104,9 +104,11 @@ fn build_controller(
         ..cfg.ids
     };
     let tcp = spec.tcp_listen.is_some();
-    cfg.max_io_queues = spec
-        .max_io_queues
-        .unwrap_or(if tcp { TCP_IO_QUEUES } else { cfg.max_io_queues });
+    cfg.max_io_queues = spec.max_io_queues.unwrap_or(if tcp {
+        TCP_IO_QUEUES
+    } else {
+        cfg.max_io_queues
+    });
     cfg.mdts = spec.mdts.unwrap_or(if tcp { TCP_MDTS } else { cfg.mdts });
     if tcp {
         cfg.fabrics = Some(FabricsIdentify {

@@ -195,7 +195,11 @@ impl Target {
     /// Place slot `slot`'s command in the controller's SQ `qid` and ring.
     pub fn submit(&mut self, e: usize, qid: u16, slot: u16) {
         let ex = &mut self.exports[e];
-        let Some(q) = ex.assoc.as_mut().and_then(|a| a.queues[qid as usize].as_mut()) else {
+        let Some(q) = ex
+            .assoc
+            .as_mut()
+            .and_then(|a| a.queues[qid as usize].as_mut())
+        else {
             return;
         };
         let s = q.slots[slot as usize];
@@ -216,7 +220,15 @@ impl Target {
     }
 
     /// An H2CData PDU: data for the write waiting in slot `ttag`.
-    pub fn h2c_data(&mut self, i: usize, cccid: u16, ttag: u16, offset: u32, data: &[u8], last: bool) {
+    pub fn h2c_data(
+        &mut self,
+        i: usize,
+        cccid: u16,
+        ttag: u16,
+        offset: u32,
+        data: &[u8],
+        last: bool,
+    ) {
         let Some(&Role::Queue { export: e, qid }) = self.conns[i].as_ref().map(|c| &c.role) else {
             self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "H2CData before Connect");
             return;
@@ -228,10 +240,18 @@ impl Target {
         else {
             return;
         };
-        let Some(s) = q.slots.get(ttag as usize).copied().filter(|s| {
-            s.owner == Owner::Host { cid: cccid } && s.awaiting_data
-        }) else {
-            self.fatal(i, fes::INVALID_HEADER_FIELD, 10, "H2CData for no outstanding R2T");
+        let Some(s) = q
+            .slots
+            .get(ttag as usize)
+            .copied()
+            .filter(|s| s.owner == Owner::Host { cid: cccid } && s.awaiting_data)
+        else {
+            self.fatal(
+                i,
+                fes::INVALID_HEADER_FIELD,
+                10,
+                "H2CData for no outstanding R2T",
+            );
             return;
         };
         let off = offset as usize;
@@ -245,7 +265,12 @@ impl Target {
         }
         let done = off + data.len() == s.len;
         if done != last {
-            self.fatal(i, fes::INVALID_HEADER_FIELD, 1, "H2CData LAST_PDU flag wrong");
+            self.fatal(
+                i,
+                fes::INVALID_HEADER_FIELD,
+                1,
+                "H2CData LAST_PDU flag wrong",
+            );
             return;
         }
         q.slots[ttag as usize].received += data.len();

@@ -60,7 +60,9 @@ impl Target {
                     resp.cid = cid.into();
                     if let Some(c) = self.conns[i].as_mut() {
                         let neg = c.stream.neg;
-                        c.stream.tx.push(&crate::pdu::Pdu::CapsuleResp { cqe: resp }, &neg);
+                        c.stream
+                            .tx
+                            .push(&crate::pdu::Pdu::CapsuleResp { cqe: resp }, &neg);
                         let _ = c.stream.flush();
                     }
                 }
@@ -74,7 +76,11 @@ impl Target {
                     create.prp1 = self.exports[e].host.ring_iovas(ioq).0.into();
                     create.cdw10 = (u32::from(ioq) | ((size - 1) << 16)).into();
                     create.cdw11 = (1 | (u32::from(ioq) << 16)).into();
-                    if let Some(q) = self.exports[e].assoc.as_mut().and_then(|a| a.queues[0].as_mut()) {
+                    if let Some(q) = self.exports[e]
+                        .assoc
+                        .as_mut()
+                        .and_then(|a| a.queues[0].as_mut())
+                    {
                         q.slots[slot as usize] = Slot {
                             owner: Owner::CreateSq { conn, qid: ioq },
                             sqe: create,

@@ -100,7 +100,13 @@ impl Target {
             });
         }
         // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
     }
 
     fn accept(&mut self) -> usize {
@@ -214,11 +220,19 @@ impl Target {
                     self.h2c_data(i, cccid, ttag, offset, &data, last);
                 }
                 Pdu::TermReq { fes, fei, .. } => {
-                    self.close(i, &format!("host terminated the connection (FES {fes:#x}, FEI {fei})"));
+                    self.close(
+                        i,
+                        &format!("host terminated the connection (FES {fes:#x}, FEI {fei})"),
+                    );
                     return n;
                 }
                 _ => {
-                    self.fatal(i, fes::INVALID_HEADER_FIELD, 0, "PDU type a host never sends");
+                    self.fatal(
+                        i,
+                        fes::INVALID_HEADER_FIELD,
+                        0,
+                        "PDU type a host never sends",
+                    );
                     return n;
                 }
             }
@@ -237,16 +251,31 @@ impl Target {
             return;
         };
         if !matches!(c.role, Role::Initializing) {
-            self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "ICReq on an initialized connection");
+            self.fatal(
+                i,
+                fes::PDU_SEQUENCE_ERROR,
+                0,
+                "ICReq on an initialized connection",
+            );
             return;
         }
         if pfv != 0 {
-            self.fatal(i, fes::INVALID_HEADER_FIELD, 8, "unsupported PDU format version");
+            self.fatal(
+                i,
+                fes::INVALID_HEADER_FIELD,
+                8,
+                "unsupported PDU format version",
+            );
             return;
         }
         if hpda != 0 {
             // we place data right after the header; a host wanting padding is refused
-            self.fatal(i, fes::UNSUPPORTED_PARAMETER, 10, "host PDU data alignment not supported");
+            self.fatal(
+                i,
+                fes::UNSUPPORTED_PARAMETER,
+                10,
+                "host PDU data alignment not supported",
+            );
             return;
         }
         let resp = Pdu::IcResp {
@@ -267,7 +296,10 @@ impl Target {
     /// A PDU broke the protocol: C2HTermReq, close, and end the association it served.
     pub fn fatal(&mut self, i: usize, fes: u16, fei: u32, what: &str) {
         if let Some(c) = self.conns[i].as_mut() {
-            log::warn!("nvme-tcp target: {}: {what}; terminating the connection", c.stream.peer());
+            log::warn!(
+                "nvme-tcp target: {}: {what}; terminating the connection",
+                c.stream.peer()
+            );
             c.stream.terminate(fes, fei, true);
         }
         self.close(i, what);

@@ -45,7 +45,12 @@ impl Target {
             return;
         };
         if matches!(c.role, Role::Initializing) {
-            self.fatal(i, nvme_spec::tcp::fes::PDU_SEQUENCE_ERROR, 0, "command before ICReq");
+            self.fatal(
+                i,
+                nvme_spec::tcp::fes::PDU_SEQUENCE_ERROR,
+                0,
+                "command before ICReq",
+            );
             return;
         }
         let (status, result) = match t {
@@ -117,10 +122,8 @@ impl Target {
                         fresh.conn = conn;
                         fresh.live = true;
                         a.queues[0] = Some(fresh);
-                        for q in a.queues.iter_mut().skip(1) {
-                            if let Some(q) = q {
-                                q.live = false;
-                            }
+                        for q in a.queues.iter_mut().skip(1).flatten() {
+                            q.live = false;
                         }
                     }
                 }
@@ -181,7 +184,7 @@ impl Target {
                 0,
             ));
         }
-        if sqsize < 1 || sqsize >= QUEUE_DEPTH {
+        if !(1..QUEUE_DEPTH).contains(&sqsize) {
             return Some(invalid_parameters(false, 44));
         }
         let size = sqsize + 1;
@@ -211,7 +214,9 @@ impl Target {
                 last_admin: Instant::now(),
                 queues,
             });
-            log::info!("nvme-tcp target: {subnqn}: host {hostnqn} connected (controller {cntlid}, keep alive {kato_ms} ms)");
+            log::info!(
+                "nvme-tcp target: {subnqn}: host {hostnqn} connected (controller {cntlid}, keep alive {kato_ms} ms)"
+            );
             let c = self.conns[i].as_mut()?;
             c.role = Role::Queue { export: e, qid: 0 };
             c.hostnqn = hostnqn;
@@ -291,8 +296,7 @@ impl Target {
                 subtype: discovery::SUBTYPE_CURRENT_DISCOVERY,
             };
             for ex in &self.exports {
-                if ex.spec.allowed_hosts.is_empty() || ex.spec.allowed_hosts.contains(&c.hostnqn)
-                {
+                if ex.spec.allowed_hosts.is_empty() || ex.spec.allowed_hosts.contains(&c.hostnqn) {
                     out.push(Listed {
                         subnqn: ex.spec.nqn.clone(),
                         subtype: discovery::SUBTYPE_NVME,

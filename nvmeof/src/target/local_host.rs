@@ -119,7 +119,7 @@ impl LocalHost {
                 data: start + ring_pages,
             });
         }
-        let host = Self {
+        let mut host = Self {
             mem,
             doorbells,
             base,
@@ -175,14 +175,15 @@ impl LocalHost {
             phase: true,
         };
         let l = self.queues[qid as usize];
-        self.bytes_mut(l.cq, self.depth as usize * 16).fill(0);
+        let n = self.depth as usize * 16;
+        self.bytes_mut(l.cq, n).fill(0);
     }
 
     fn slot_iova(&self, qid: u16, slot: u16) -> u64 {
         self.queues[qid as usize].data + u64::from(slot) * self.slot_stride
     }
 
-    fn bytes_mut(&self, iova: u64, len: usize) -> &mut [u8] {
+    fn bytes_mut(&mut self, iova: u64, len: usize) -> &mut [u8] {
         let off = (iova - BASE_IOVA) as usize;
         // SAFETY: every caller passes a range inside the mapping (queue rings, slot
         // buffers and lists computed from the layout); the controller may access the same
@@ -194,7 +195,8 @@ impl LocalHost {
     /// The data buffer of `slot` of queue `qid`.
     pub fn slot_buf(&mut self, qid: u16, slot: u16) -> &mut [u8] {
         let iova = self.slot_iova(qid, slot);
-        self.bytes_mut(iova, self.slot_bytes)
+        let n = self.slot_bytes;
+        self.bytes_mut(iova, n)
     }
 
     /// Point `sqe`'s data pointer at the first `len` bytes of the slot's buffer (PRPs).

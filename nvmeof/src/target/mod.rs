@@ -75,10 +75,7 @@ pub enum TargetError {
         source: std::io::Error,
     },
     #[error("subsystem {nqn}: {source}")]
-    Memory {
-        nqn: String,
-        source: LocalHostError,
-    },
+    Memory { nqn: String, source: LocalHostError },
     #[error("subsystem NQN {0:?} is not valid (1..=223 bytes, not the discovery NQN)")]
     BadNqn(String),
     #[error("could not start the target thread: {0}")]
@@ -90,10 +87,18 @@ pub enum TargetError {
 enum Owner {
     Free,
     /// A host command: its CID on the host's queue.
-    Host { cid: u16 },
+    Host {
+        cid: u16,
+    },
     /// Creating I/O queue `qid` for connection `conn`: CQ first, then SQ.
-    CreateCq { conn: usize, qid: u16 },
-    CreateSq { conn: usize, qid: u16 },
+    CreateCq {
+        conn: usize,
+        qid: u16,
+    },
+    CreateSq {
+        conn: usize,
+        qid: u16,
+    },
 }
 
 /// A command slot: one SQ entry and its data buffer.

@@ -94,8 +94,13 @@ impl Guest {
                 ),
             ]);
         }
-        if !self.hostfwd.is_empty() {
-            let mut netdev = "user,id=n0,restrict=on".to_owned();
+        if !self.hostfwd.is_empty() || self.reach_host {
+            // restrict=on keeps the guest off the host's network; a guest that must reach
+            // a server on the host's loopback (as 10.0.2.2) gets restrict=off
+            let mut netdev = format!(
+                "user,id=n0,restrict={}",
+                if self.reach_host { "off" } else { "on" }
+            );
             for (host, guest) in &self.hostfwd {
                 let _ = write!(netdev, ",hostfwd=tcp:127.0.0.1:{host}-:{guest}");
             }

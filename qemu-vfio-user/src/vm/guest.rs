@@ -38,6 +38,7 @@ pub struct Guest {
     pub(super) nvme: Vec<(PathBuf, String)>,
     pub(super) vfio_user: Vec<PathBuf>,
     pub(super) hostfwd: Vec<(u16, u16)>,
+    pub(super) reach_host: bool,
     pub(super) iommu: bool,
     pub(super) files: Vec<PathBuf>,
     pub(super) smp: u32,
@@ -58,6 +59,7 @@ impl Guest {
             nvme: Vec::new(),
             vfio_user: Vec::new(),
             hostfwd: Vec::new(),
+            reach_host: false,
             iommu: false,
             files: Vec::new(),
             smp: 2,
@@ -95,6 +97,14 @@ impl Guest {
     #[must_use]
     pub fn hostfwd(mut self, host_port: u16, guest_port: u16) -> Self {
         self.hostfwd.push((host_port, guest_port));
+        self
+    }
+
+    /// Lets the guest reach servers on the host's loopback as 10.0.2.2 (user networking
+    /// without `restrict`); enables the virtio-net NIC (run `net_up` in the script).
+    #[must_use]
+    pub fn reach_host(mut self) -> Self {
+        self.reach_host = true;
         self
     }
 
