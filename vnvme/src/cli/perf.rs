@@ -10,7 +10,8 @@ use vnvme::target::Target;
 /// Measure IOPS, bandwidth and latency of a controller's namespaces.
 #[derive(Debug, clap::Args)]
 pub struct PerfArgs {
-    /// vfio-user:/path/to.sock or pci:DDDD:BB:DD.F
+    /// vfio-user:/path/to.sock, pci:DDDD:BB:DD.F, or nvme-tcp://HOST:PORT/NQN[/NSID] (the
+    /// NVMe/TCP initiator alone, one worker, no --verify)
     pub target: String,
     /// queue depth per queue pair
     #[arg(short = 'q', long, default_value_t = 32)]
@@ -39,6 +40,9 @@ pub struct PerfArgs {
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
+    if args.target.starts_with(nvmeof::initiator::SCHEME) {
+        return run_tcp(args);
+    }
     let target: Target = args.target.parse()?;
     anyhow::ensure!(
         args.time > 0.0 && args.time < 86_400.0,
@@ -73,4 +77,28 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
     print!("{}", perf::format_report(&ctrl.target(), &report));
     let total = report.total();
     Ok(i32::from(total.errors > 0 || total.verify_failures > 0))
+}
+
+/// `perf nvme-tcp://...`: the NVMe/TCP initiator backend driven directly.
+fn run_tcp(args: &PerfArgs) -> anyhow::Result<i32> {
+    use device_model::backend::Backend;
+    let url: nvmeof::initiator::TcpUrl = args.target.parse()?;
+    let mut b = nvmeof::initiator::TcpBackend::connect(&url)?;
+    let opts = PerfOptions {
+        queue_depth: args.queue_depth,
+        io_size: args.io_size,
+        pattern: args.pattern,
+        read_percent: args.mix,
+        duration: Duration::from_secs_f64(args.time),
+        workers: args.cores,
+        verify: args.verify,
+    };
+    let report = perf::backend_job::run(&mut b, &opts, |elapsed, ios| {
+        eprint!("\r[{:>6.1} s] {:>12} I/Os", elapsed.as_secs_f64(), ios);
+        let _ = std::io::stderr().flush();
+    })?;
+    eprintln!();
+    print!("{}", perf::format_report(&b.describe(), &report));
+    let total = report.total();
+    Ok(i32::from(total.errors > 0))
 }

@@ -6,6 +6,7 @@
 // statistics for display: counts far below 2^52, precision loss is moot
 #![allow(clippy::cast_precision_loss)]
 
+pub mod backend_job;
 pub mod clock;
 pub mod histogram;
 mod worker;

@@ -1,0 +1,135 @@
+//! `vnvme perf nvme-tcp://...`: the same measurement on a namespace backend driven
+//! directly (no emulated controller in between): one thread keeps QD requests in flight
+//! through [`Backend::submit`]/[`Backend::poll`] on buffers of its own. This is how the
+//! NVMe/TCP initiator and a target are measured on loopback.
+
+use std::time::{Duration, Instant};
+
+use device_model::backend::{Backend, IoOp, IoRequest};
+use nvme_spec::Status;
+
+use super::{Histogram, JobResult, Pattern, PerfError, PerfOptions, Report, clock};
+
+/// xorshift64* for offsets and the read/write mix.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Run `opts` against `b` (one worker, no verification).
+pub fn run(
+    b: &mut dyn Backend,
+    opts: &PerfOptions,
+    mut progress: impl FnMut(Duration, u64),
+) -> Result<Report, PerfError> {
+    if opts.workers != 1 || opts.verify {
+        return Err(PerfError::Invalid(
+            "a backend is measured by one worker without --verify".into(),
+        ));
+    }
+    let qd = opts.queue_depth as usize;
+    let size = opts.io_size as usize;
+    let units = b.size() / opts.io_size;
+    if qd == 0 || qd > 4096 || size == 0 || units == 0 {
+        return Err(PerfError::Invalid(
+            "queue depth 1..=4096 and an I/O size within the namespace".into(),
+        ));
+    }
+    let mut bufs: Vec<Vec<u8>> = (0..qd).map(|_| vec![0xa5; size]).collect();
+    let mut started = vec![0u64; qd];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut seq = 0u64;
+    let mut result = JobResult {
+        nsid: 1,
+        worker: 0,
+        ios: 0,
+        bytes: 0,
+        errors: 0,
+        verify_failures: 0,
+        latency: Histogram::default(),
+    };
+    let mut submit = |slot: usize, b: &mut dyn Backend, started: &mut [u64]| {
+        let unit = match opts.pattern {
+            Pattern::Read | Pattern::Write => {
+                seq = (seq + 1) % units;
+                seq
+            }
+            _ => rng.next() % units,
+        };
+        let write = match opts.pattern {
+            Pattern::Write | Pattern::Randwrite => true,
+            Pattern::Randrw => (rng.next() % 100) as u8 >= opts.read_percent,
+            _ => false,
+        };
+        let iov = [libc::iovec {
+            iov_base: bufs[slot].as_mut_ptr().cast(),
+            iov_len: size,
+        }];
+        started[slot] = clock::ticks();
+        b.submit(&IoRequest {
+            tag: slot as u64,
+            op: if write {
+                IoOp::Write { fua: false }
+            } else {
+                IoOp::Read
+            },
+            offset: unit * opts.io_size,
+            iov: &iov,
+        })
+    };
+    let calibration = clock::Calibration::start();
+    let start = Instant::now();
+    for slot in 0..qd {
+        if let Err(s) = submit(slot, b, &mut started) {
+            return Err(PerfError::Invalid(format!("submit failed: {s:?}")));
+        }
+    }
+    let mut last_report = Instant::now();
+    let mut stopping = false;
+    let mut outstanding = qd;
+    let mut done: Vec<(u64, Status)> = Vec::with_capacity(qd);
+    while outstanding > 0 {
+        b.poll(&mut |t, s| done.push((t, s)));
+        let now = clock::ticks();
+        for &(t, s) in &done {
+            let slot = t as usize;
+            outstanding -= 1;
+            result.latency.record(now.wrapping_sub(started[slot]));
+            if s.is_success() {
+                result.ios += 1;
+                result.bytes += opts.io_size;
+            } else {
+                result.errors += 1;
+            }
+            if !stopping {
+                match submit(slot, b, &mut started) {
+                    Ok(()) => outstanding += 1,
+                    Err(_) => result.errors += 1,
+                }
+            }
+        }
+        done.clear();
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            progress(start.elapsed(), result.ios);
+        }
+        if !stopping && start.elapsed() >= opts.duration {
+            stopping = true;
+        }
+        if stopping && start.elapsed() >= opts.duration + Duration::from_secs(10) {
+            result.errors += outstanding as u64;
+            break;
+        }
+    }
+    Ok(Report {
+        elapsed: start.elapsed(),
+        ns_per_tick: calibration.finish(),
+        jobs: vec![result],
+    })
+}
