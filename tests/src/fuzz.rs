@@ -224,3 +224,95 @@ pub fn nvme_tcp_pdu(data: &[u8]) {
         assert_eq!(p, q, "re-encoded PDU differs");
     }
 }
+
+/// Inputs for [`nvme_tcp_pdu`]: every PDU type, well formed, in each direction it travels
+/// and with each digest setting (the first byte is the mode, as the harness reads it).
+pub fn nvme_tcp_pdu_seeds() -> Vec<Vec<u8>> {
+    use nvmeof::pdu::{Negotiated, Pdu, encode};
+    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    let mut sqe = nvme_spec::Submission::default();
+    sqe.opcode = 0x01;
+    sqe.flags = 0x40;
+    sqe.prp2 = (0x258_u64 | (0x01 << 56)).into();
+    let pdus: [(u8, Pdu<'_>); 9] = [
+        (
+            0,
+            Pdu::IcReq {
+                pfv: 0,
+                hpda: 0,
+                dgst: 3,
+                maxr2t: 0,
+            },
+        ),
+        (
+            1,
+            Pdu::IcResp {
+                pfv: 0,
+                cpda: 0,
+                dgst: 3,
+                maxh2cdata: 131_072,
+            },
+        ),
+        (0, Pdu::CapsuleCmd { sqe, data: &data }),
+        (0, Pdu::CapsuleCmd { sqe, data: &[] }),
+        (
+            1,
+            Pdu::CapsuleResp {
+                cqe: nvme_spec::Completion::default(),
+            },
+        ),
+        (
+            0,
+            Pdu::H2CData {
+                cccid: 1,
+                ttag: 2,
+                offset: 512,
+                data: &data,
+                last: true,
+            },
+        ),
+        (
+            1,
+            Pdu::C2HData {
+                cccid: 1,
+                offset: 0,
+                data: &data,
+                last: true,
+                success: true,
+            },
+        ),
+        (
+            1,
+            Pdu::R2T {
+                cccid: 1,
+                ttag: 2,
+                offset: 0,
+                length: 4096,
+            },
+        ),
+        (
+            1,
+            Pdu::TermReq {
+                fes: 2,
+                fei: 0,
+                header: &data[..24],
+            },
+        ),
+    ];
+    let mut out = Vec::new();
+    for (dir, p) in &pdus {
+        for digests in 0..4u8 {
+            let neg = Negotiated {
+                header_digest: digests & 1 != 0,
+                data_digest: digests & 2 != 0,
+                max_data: 131_072,
+            };
+            let mut buf = vec![dir | (digests << 1)];
+            let mut pdu = Vec::new();
+            encode(p, &neg, &mut pdu);
+            buf.extend_from_slice(&pdu);
+            out.push(buf);
+        }
+    }
+    out
+}

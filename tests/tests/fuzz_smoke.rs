@@ -88,82 +88,18 @@ fn nvme_command_handling_survives_garbage() {
 
 #[test]
 fn nvme_tcp_pdu_decoder_survives_garbage() {
-    use nvmeof::pdu::{Negotiated, Pdu, encode};
     let mut rng = Rng(0x5eed_0003);
     for input in regressions("nvme_tcp_pdu") {
         fuzz::nvme_tcp_pdu(&input);
     }
-    // valid PDUs of every type, then mutated: one to four bytes changed, or truncated
-    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
-    let sqe = nvme_spec::Submission::default();
-    let seeds = [
-        (
-            0u8,
-            Pdu::IcReq {
-                pfv: 0,
-                hpda: 0,
-                dgst: 3,
-                maxr2t: 0,
-            },
-        ),
-        (
-            1,
-            Pdu::IcResp {
-                pfv: 0,
-                cpda: 0,
-                dgst: 0,
-                maxh2cdata: 8192,
-            },
-        ),
-        (0, Pdu::CapsuleCmd { sqe, data: &data }),
-        (
-            1,
-            Pdu::CapsuleResp {
-                cqe: nvme_spec::Completion::default(),
-            },
-        ),
-        (
-            0,
-            Pdu::H2CData {
-                cccid: 1,
-                ttag: 2,
-                offset: 0,
-                data: &data,
-                last: true,
-            },
-        ),
-        (
-            1,
-            Pdu::C2HData {
-                cccid: 1,
-                offset: 0,
-                data: &data,
-                last: true,
-                success: false,
-            },
-        ),
-        (
-            1,
-            Pdu::R2T {
-                cccid: 1,
-                ttag: 2,
-                offset: 0,
-                length: 4096,
-            },
-        ),
-    ];
-    let mut buf = Vec::new();
+    // valid PDUs of every type in every mode, then mutated: one to four bytes changed, or
+    // truncated, or replaced by noise
+    let seeds = fuzz::nvme_tcp_pdu_seeds();
+    for seed in &seeds {
+        fuzz::nvme_tcp_pdu(seed);
+    }
     for i in 0..40_000u32 {
-        let (dir, p) = &seeds[i as usize % seeds.len()];
-        let digests = (rng.next() % 4) as u8;
-        let neg = Negotiated {
-            header_digest: digests & 1 != 0,
-            data_digest: digests & 2 != 0,
-            max_data: 131_072,
-        };
-        encode(p, &neg, &mut buf);
-        let mut input = vec![dir | (digests << 1)];
-        input.extend_from_slice(&buf);
+        let mut input = seeds[i as usize % seeds.len()].clone();
         match rng.next() % 3 {
             0 => {
                 for _ in 0..=rng.next() % 4 {
@@ -175,5 +111,17 @@ fn nvme_tcp_pdu_decoder_survives_garbage() {
             _ => input = rng.bytes(200),
         }
         fuzz::nvme_tcp_pdu(&input);
+    }
+}
+
+/// Writes the valid-PDU seeds as the libFuzzer corpus of `nvme_tcp_pdu` (see
+/// fuzz/README.md): `cargo test -p vnvme-tests --test fuzz_smoke -- --ignored`.
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand before fuzzing"]
+fn write_nvme_tcp_pdu_seed_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nvme_tcp_pdu");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, s) in fuzz::nvme_tcp_pdu_seeds().iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:03}")), s).unwrap();
     }
 }

@@ -129,7 +129,9 @@ impl Raw {
 
     /// Expect a C2HTermReq with `want` FES, then the end of the stream.
     fn expect_term(&mut self, want: u16, case: &str) {
-        let t = self.read().unwrap_or_else(|| panic!("{case}: closed without a TermReq"));
+        let t = self
+            .read()
+            .unwrap_or_else(|| panic!("{case}: closed without a TermReq"));
         assert_eq!(t[0], pdu_type::C2H_TERM_REQ, "{case}: {t:?}");
         let got = u16::from_le_bytes([t[8], t[9]]);
         assert_eq!(got, want, "{case}: FES");
@@ -173,7 +175,10 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     let front = front(tmp.path(), addr, "hdgst&ddgst");
     let sock = tmp.path().join("f.sock");
     let r = perf(&sock, 2.0, 16384);
-    assert!(r.ios > 100 && r.errors == 0 && r.verify_failures == 0, "{r:?}");
+    assert!(
+        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
+        "{r:?}"
+    );
 
     // a session runs while bad peers come and go
     let s2 = sock.clone();
@@ -267,7 +272,11 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     c.send(&Pdu::CapsuleCmd { sqe, data: &[] });
     assert_eq!(status(&c.response()), Status::COMMAND_SEQUENCE_ERROR);
     let r = c.connect("nqn.2026-11.io.vnvme:nobody", 0, 31, 0);
-    assert_eq!((status(&r).sct(), status(&r).sc()), (1, 0x82), "unknown NQN");
+    assert_eq!(
+        (status(&r).sct(), status(&r).sc()),
+        (1, 0x82),
+        "unknown NQN"
+    );
     assert_eq!(r.dw0.get(), 1 | (256 << 16), "IATTR data, IPO 256 (SUBNQN)");
     let r = c.connect(NQN, 0, 0, 0);
     assert_eq!(r.dw0.get(), 44 << 16, "SQSIZE 0 refused at its offset");
@@ -304,6 +313,9 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     );
     target.stop().unwrap();
 }
+
+/// A misbehaving-target case: name, answer to ICReq, answer to Connect, expected error.
+type Case = (&'static str, Option<Vec<u8>>, Option<Vec<u8>>, &'static str);
 
 /// A target that answers the first PDU with `reply` (or not at all).
 fn fake_target(reply: Option<Vec<u8>>, second: Option<Vec<u8>>) -> SocketAddr {
@@ -342,7 +354,7 @@ fn initiator_refuses_a_misbehaving_target_in_bounded_time() {
     });
     let mut resp = Completion::default();
     resp.cid = 999.into();
-    let cases: Vec<(&str, Option<Vec<u8>>, Option<Vec<u8>>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "terminates at once",
             Some(encoded(&Pdu::TermReq {
@@ -412,6 +424,159 @@ fn initiator_refuses_a_misbehaving_target_in_bounded_time() {
             e.to_string().contains(want),
             "{case}: error {e} does not say {want:?}"
         );
-        assert!(t.elapsed() < Duration::from_secs(3), "{case}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{case}: {:?}",
+            t.elapsed()
+        );
     }
+}
+
+/// A TCP proxy to `to` that can be cut: `kill` closes every connection and stops
+/// listening, as a failed network path would.
+struct Proxy {
+    addr: SocketAddr,
+    kill: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn proxy(to: SocketAddr) -> Proxy {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let kill = Arc::new(AtomicBool::new(false));
+    let k = Arc::clone(&kill);
+    std::thread::spawn(move || {
+        let mut socks: Vec<TcpStream> = Vec::new();
+        while !k.load(Ordering::Acquire) {
+            match l.accept() {
+                Ok((a, _)) => {
+                    a.set_nonblocking(false).unwrap();
+                    let b = TcpStream::connect(to).unwrap();
+                    for (mut from, mut into) in [
+                        (a.try_clone().unwrap(), b.try_clone().unwrap()),
+                        (b.try_clone().unwrap(), a.try_clone().unwrap()),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                    socks.push(a);
+                    socks.push(b);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        for s in socks {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // the listener is dropped here: new connections are refused
+    });
+    Proxy { addr, kill }
+}
+
+#[test]
+fn a_failed_path_fails_over_to_the_next_without_errors() {
+    let tmp = TempDir::new("tcp-failover");
+    let (target, addr) = target();
+    let p = proxy(addr);
+    let paths = format!("{},{addr}", p.addr);
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\nsocket = \"{d}/f.sock\"\n[[controller.namespace]]\n\
+             backend = \"nvme-tcp://{paths}/{NQN}/1?reconnect_delay=1&ctrl_loss_tmo=30\"\n",
+            d = tmp.path().display()
+        ),
+        Path::new("f.toml"),
+    )
+    .unwrap();
+    let front = Daemon::start(&cfg).expect("front connects through the proxy");
+    let sock = tmp.path().join("f.sock");
+    let kill = std::sync::Arc::clone(&p.kill);
+    let cut = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        kill.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let r = perf(&sock, 8.0, 8192);
+    cut.join().unwrap();
+    assert!(
+        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
+        "I/O across the path failure: {r:?}"
+    );
+    // the first path is really gone: the last 6 s of I/O took the second one
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(TcpStream::connect(p.addr).is_err(), "proxy still listening");
+    front.stop().unwrap();
+    target.stop().unwrap();
+}
+
+#[test]
+fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
+    use device_model::backend::{Backend, IoOp, IoRequest};
+    let tmp = TempDir::new("tcp-dual");
+    let nqn = "nqn.2026-11.io.vnvme:dual";
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\nsocket = \"{d}/dual.sock\"\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{nqn}\"\n\
+             [[controller.namespace]]\nbackend = \"malloc:32M\"\n",
+            d = tmp.path().display()
+        ),
+        Path::new("dual.toml"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&cfg).expect("both controllers start");
+    let addr = daemon.tcp_addrs()[0];
+    // write 8 KiB at 1 MiB over NVMe/TCP
+    let url: nvmeof::initiator::TcpUrl = format!("nvme-tcp://{addr}/{nqn}/1").parse().unwrap();
+    let mut b = nvmeof::initiator::TcpBackend::connect(&url).expect("NVMe/TCP connect");
+    let mut pattern: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 5) as u8).collect();
+    let iov = [libc::iovec {
+        iov_base: pattern.as_mut_ptr().cast(),
+        iov_len: 8192,
+    }];
+    b.submit(&IoRequest {
+        tag: 1,
+        op: IoOp::Write { fua: true },
+        offset: 1 << 20,
+        iov: &iov,
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        b.poll(&mut |t, s| got.push((t, s)));
+    }
+    assert_eq!(got, vec![(1, Status::SUCCESS)]);
+    // read it back over vfio-user, from the other controller of the subsystem
+    let tr = VfioUserTransport::connect(&tmp.path().join("dual.sock")).unwrap();
+    let mut c = Controller::new(Box::new(tr), 16 << 20, 2).unwrap();
+    assert_eq!(c.identify().cntlid.get(), 1);
+    let mut qp = c.create_io_queue_pair(8).unwrap();
+    let buf = c.dma().alloc(8192).unwrap();
+    qp.read_write(false, 1, 2048, 16, buf.iova(), 8192, 9)
+        .unwrap();
+    qp.ring();
+    let mut done = None;
+    let t = Instant::now();
+    while done.is_none() && t.elapsed() < Duration::from_secs(5) {
+        qp.poll(1, |r| done = Some(r));
+    }
+    assert!(done.is_some(), "no completion over vfio-user");
+    assert_eq!(buf.as_slice(), &pattern[..], "the two controllers disagree");
+    // and the other way: what vfio-user zeroes, NVMe/TCP reads as zeroes
+    qp.write_zeroes(1, 2048, 16, 10).unwrap();
+    qp.ring();
+    let mut done = None;
+    while done.is_none() {
+        qp.poll(1, |r| done = Some(r));
+    }
+    let mut back = vec![1u8; 8192];
+    b.read_sync(1 << 20, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0));
+    drop(b);
+    drop(qp);
+    drop(c);
+    daemon.stop().unwrap();
 }

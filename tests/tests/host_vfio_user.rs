@@ -24,7 +24,7 @@ fn daemon_with(tag: &str, irq_coalescing: Option<&str>) -> (Daemon, PathBuf, Pat
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("c.sock");
     let cfg = Config::from_flags(
-        vnvme::config::Served::Socket(sock.clone()),
+        vnvme::config::Served::socket(sock.clone()),
         &["malloc:64M".into()],
         Some("HOSTTEST".into()),
         512,

@@ -35,17 +35,24 @@ pub struct Config {
     pub controllers: Vec<ControllerSpec>,
 }
 
-/// How a controller given by flags is reached.
-#[derive(Clone, Debug)]
-pub enum Served {
-    /// A vfio-user socket.
-    Socket(PathBuf),
-    /// NVMe/TCP on `listen` as subsystem `nqn`.
-    Tcp {
-        listen: String,
-        nqn: Option<String>,
-        allowed_hosts: Vec<String>,
-    },
+/// How a controller given by flags is reached: a vfio-user socket, NVMe/TCP, or both (two
+/// controllers of one subsystem sharing the namespaces).
+#[derive(Clone, Debug, Default)]
+pub struct Served {
+    pub socket: Option<PathBuf>,
+    pub tcp_listen: Option<String>,
+    pub nqn: Option<String>,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Served {
+    /// Only a vfio-user socket.
+    pub fn socket(path: PathBuf) -> Self {
+        Self {
+            socket: Some(path),
+            ..Self::default()
+        }
+    }
 }
 
 /// Reactor idle policy.
@@ -169,14 +176,12 @@ impl Config {
                 block_size,
             })
             .collect();
-        let (socket, tcp_listen, nqn, allowed_hosts) = match served {
-            Served::Socket(p) => (Some(p), None, None, Vec::new()),
-            Served::Tcp {
-                listen,
-                nqn,
-                allowed_hosts,
-            } => (None, Some(listen), nqn, allowed_hosts),
-        };
+        let Served {
+            socket,
+            tcp_listen,
+            nqn,
+            allowed_hosts,
+        } = served;
         let ctrl = ControllerSpec {
             socket,
             tcp_listen,
@@ -236,12 +241,18 @@ impl Config {
                         return Err(field(at("tcp_listen"), "want IP:PORT, e.g. 127.0.0.1:4420"));
                     }
                 }
-                (Some(_), Some(_)) => {
-                    return Err(field(
-                        at("tcp_listen"),
-                        "a controller is served over vfio-user (socket) or NVMe/TCP \
-                         (tcp_listen), not both: use two [[controller]] entries",
-                    ));
+                (Some(_), Some(addr)) => {
+                    // both: a vfio-user controller and an NVMe/TCP one sharing the namespaces
+                    if addr.parse::<std::net::SocketAddr>().is_err() {
+                        return Err(field(at("tcp_listen"), "want IP:PORT, e.g. 127.0.0.1:4420"));
+                    }
+                    if c.namespaces.iter().any(|n| n.backend.starts_with("nvme:")) {
+                        return Err(field(
+                            at("tcp_listen"),
+                            "an nvme: namespace (zero copy into one VM's memory) cannot be \
+                             shared with an NVMe/TCP export",
+                        ));
+                    }
                 }
                 (None, None) => {
                     return Err(field(at("socket"), "socket or tcp_listen is required"));
@@ -339,6 +350,48 @@ mod tests {
         .unwrap();
         assert_eq!(c.poll, PollSetting::Busy);
         assert_eq!(c.controllers[0].namespaces.len(), 2);
+    }
+
+    #[test]
+    fn nvme_tcp_fields_are_checked() {
+        let ok = parse(
+            "[[controller]]\ntcp_listen = \"127.0.0.1:4420\"\nnqn = \"nqn.2026-11.io.x:a\"\n\
+             allowed_hosts = [\"nqn.2014-08.org.nvmexpress:uuid:1\"]\n\
+             [[controller]]\nsocket = \"/tmp/d.sock\"\ntcp_listen = \"127.0.0.1:4421\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.controllers.len(), 2);
+        for (text, field_name) in [
+            ("[[controller]]\n", "socket"),
+            ("[[controller]]\ntcp_listen = \"localhost\"\n", "tcp_listen"),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nnqn = \"x\"\n",
+                "nqn",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nnqn = \"nqn.2014-08.org.nvmexpress.discovery\"\n",
+                "nqn",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nallowed_hosts = [\"me\"]\n",
+                "allowed_hosts",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/e.sock\"\nallowed_hosts = [\"nqn.x:y\"]\n",
+                "allowed_hosts",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/f.sock\"\ntcp_listen = \"127.0.0.1:1\"\n\
+                 [[controller.namespace]]\nbackend = \"nvme:vfio-user:/tmp/b.sock\"\n",
+                "tcp_listen",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("controller[0].{field_name}")),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
+use device_model::backend::{Backend, SharedBackend};
 use device_model::pci::PciIds;
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
@@ -72,7 +73,6 @@ struct Built {
     doorbells: Arc<Doorbells>,
     ids: PciIds,
     stats: Arc<ControllerStats>,
-    transfers: Vec<(u32, Arc<TransferStats>)>,
     nqn: String,
     max_io_queues: u16,
     mdts: u8,
@@ -84,11 +84,58 @@ struct Built {
 const TCP_IO_QUEUES: u16 = 4;
 const TCP_MDTS: u8 = 5;
 
+/// The namespaces of one `[[controller]]`, opened once.
+struct Opened {
+    backends: Vec<Box<dyn Backend>>,
+    transfers: Vec<(u32, Arc<TransferStats>)>,
+}
+
+fn open_namespaces(
+    index: usize,
+    spec: &ControllerSpec,
+    mem: &Arc<GuestMemory>,
+    devices: &mut DeviceRegistry,
+) -> Result<Opened, DaemonError> {
+    let mut out = Opened {
+        backends: Vec::new(),
+        transfers: Vec::new(),
+    };
+    for (j, n) in spec.namespaces.iter().enumerate() {
+        let bspec: BackendSpec = n.backend.parse().map_err(|e| DaemonError::Backend {
+            index,
+            ns: j,
+            source: OpenError::Spec(e),
+        })?;
+        let opened = bspec
+            .open(mem, devices)
+            .map_err(|source| DaemonError::Backend {
+                index,
+                ns: j,
+                source,
+            })?;
+        if let Some(t) = opened.transfer {
+            out.transfers.push((j as u32 + 1, t));
+        }
+        out.backends.push(opened.backend);
+    }
+    Ok(out)
+}
+
+/// How a built controller is reached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    VfioUser,
+    Tcp,
+}
+
 fn build_controller(
     index: usize,
     spec: &ControllerSpec,
+    reach: Reach,
+    cntlid: u16,
+    mem: Arc<GuestMemory>,
+    backends: Vec<Box<dyn Backend>>,
     poll: PollSetting,
-    devices: &mut DeviceRegistry,
 ) -> Result<Built, DaemonError> {
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
@@ -103,7 +150,7 @@ fn build_controller(
         device: spec.device_id.unwrap_or(cfg.ids.device),
         ..cfg.ids
     };
-    let tcp = spec.tcp_listen.is_some();
+    let tcp = reach == Reach::Tcp;
     cfg.max_io_queues = spec.max_io_queues.unwrap_or(if tcp {
         TCP_IO_QUEUES
     } else {
@@ -121,34 +168,17 @@ fn build_controller(
         // validated with the configuration
         cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
     }
-    cfg.cntlid = index as u16 + 1;
+    cfg.cntlid = cntlid;
     cfg.subnqn = spec
         .nqn
         .clone()
         .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", cfg.serial));
-    let mem = Arc::new(GuestMemory::new());
     let mut namespaces = Vec::new();
-    let mut transfers = Vec::new();
-    for (j, n) in spec.namespaces.iter().enumerate() {
-        let bspec: BackendSpec = n.backend.parse().map_err(|e| DaemonError::Backend {
-            index,
-            ns: j,
-            source: OpenError::Spec(e),
-        })?;
-        let opened = bspec
-            .open(&mem, devices)
-            .map_err(|source| DaemonError::Backend {
-                index,
-                ns: j,
-                source,
-            })?;
-        let backend = opened.backend;
-        if let Some(t) = opened.transfer {
-            transfers.push((j as u32 + 1, t));
-        }
+    for (j, (backend, n)) in backends.into_iter().zip(&spec.namespaces).enumerate() {
         log::info!(
-            "{}: namespace {} = {} ({}-byte blocks)",
+            "{} (controller {cntlid}{}): namespace {} = {} ({}-byte blocks)",
             cfg.serial,
+            if tcp { ", NVMe/TCP" } else { "" },
             j + 1,
             backend.describe(),
             n.block_size
@@ -163,7 +193,7 @@ fn build_controller(
     let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
     let ids = cfg.ids;
     let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
-    let name = format!("reactor-{index}");
+    let name = format!("reactor-{index}{}", if tcp { "-tcp" } else { "" });
     let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
     let stats = ctrl.stats();
     let mode = if poll == PollSetting::Busy {
@@ -179,12 +209,15 @@ fn build_controller(
         doorbells,
         ids,
         stats,
-        transfers,
         nqn,
         max_io_queues,
         mdts,
     })
 }
+
+/// CNTLID of the NVMe/TCP controller of a `[[controller]]` served both ways (the vfio-user
+/// one is `index + 1`; controllers of one subsystem need distinct IDs).
+const TCP_CNTLID_BASE: u16 = 0x1000;
 
 impl Daemon {
     /// Create every controller and start serving. Sockets are listening when this returns.
@@ -203,18 +236,70 @@ impl Daemon {
         // NVMe/TCP exports grouped by listen address: one target per address
         let mut exports: Vec<(String, Vec<ExportSpec>)> = Vec::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let b = build_controller(index, spec, cfg.poll, &mut devices)?;
-            daemon.stats.push(b.stats);
-            daemon.transfers.push(b.transfers);
-            daemon.memory.push(Arc::clone(&b.mem));
-            if let Some(addr) = &spec.tcp_listen {
+            let mem = Arc::new(GuestMemory::new());
+            let opened = open_namespaces(index, spec, &mem, &mut devices)?;
+            daemon.transfers.push(opened.transfers);
+            daemon.memory.push(Arc::clone(&mem));
+            let cntlid = index as u16 + 1;
+            let (vfio_backends, tcp_backends) = match (&spec.socket, &spec.tcp_listen) {
+                (Some(_), Some(_)) => {
+                    // one subsystem, two controllers: each namespace shared by both
+                    let mut a = Vec::new();
+                    let mut b = Vec::new();
+                    for backend in opened.backends {
+                        let mut h = SharedBackend::split(backend, 2).into_iter();
+                        a.extend(h.next().map(|x| Box::new(x) as Box<dyn Backend>));
+                        b.extend(h.next().map(|x| Box::new(x) as Box<dyn Backend>));
+                    }
+                    (Some(a), Some(b))
+                }
+                (Some(_), None) => (Some(opened.backends), None),
+                (None, _) => (None, Some(opened.backends)),
+            };
+            let mut stats = None;
+            if let (Some(socket), Some(backends)) = (spec.socket.clone(), vfio_backends) {
+                let b = build_controller(
+                    index,
+                    spec,
+                    Reach::VfioUser,
+                    cntlid,
+                    Arc::clone(&mem),
+                    backends,
+                    cfg.poll,
+                )?;
+                stats = Some(b.stats);
+                let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
+                let mut server = Server::bind(&socket, device, Arc::clone(&stop))
+                    .map_err(|source| DaemonError::Server { index, source })?;
+                let join = std::thread::Builder::new()
+                    .name(format!("vfio-user-{index}"))
+                    .spawn(move || server.run().map(|()| server))
+                    .map_err(|source| DaemonError::Io { index, source })?;
+                daemon.servers.push((socket, join));
+            }
+            if let (Some(addr), Some(backends)) = (&spec.tcp_listen, tcp_backends) {
+                let (tcp_mem, tcp_cntlid) = if spec.socket.is_some() {
+                    (Arc::new(GuestMemory::new()), TCP_CNTLID_BASE + cntlid)
+                } else {
+                    (mem, cntlid)
+                };
+                let b = build_controller(
+                    index,
+                    spec,
+                    Reach::Tcp,
+                    tcp_cntlid,
+                    tcp_mem,
+                    backends,
+                    cfg.poll,
+                )?;
+                stats.get_or_insert(b.stats);
                 let export = ExportSpec {
                     nqn: b.nqn,
                     allowed_hosts: spec.allowed_hosts.clone(),
                     handle: b.handle,
                     mem: b.mem,
                     doorbells: b.doorbells,
-                    cntlid: index as u16 + 1,
+                    cntlid: tcp_cntlid,
                     io_queues: b.max_io_queues,
                     max_transfer: 4096 << b.mdts,
                 };
@@ -222,19 +307,8 @@ impl Daemon {
                     Some((_, v)) => v.push(export),
                     None => exports.push((addr.clone(), vec![export])),
                 }
-                continue;
             }
-            let Some(socket) = spec.socket.clone() else {
-                continue; // validated: one of the two
-            };
-            let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
-            let mut server = Server::bind(&socket, device, Arc::clone(&stop))
-                .map_err(|source| DaemonError::Server { index, source })?;
-            let join = std::thread::Builder::new()
-                .name(format!("vfio-user-{index}"))
-                .spawn(move || server.run().map(|()| server))
-                .map_err(|source| DaemonError::Io { index, source })?;
-            daemon.servers.push((socket, join));
+            daemon.stats.extend(stats);
         }
         for (addr, list) in exports {
             let sa: SocketAddr = addr

@@ -6,10 +6,12 @@
 mod file;
 mod malloc;
 mod null;
+mod shared;
 
 pub use file::{FileBackend, FileError};
 pub use malloc::{MallocBackend, MallocError};
 pub use null::NullBackend;
+pub use shared::SharedBackend;
 
 use nvme_spec::Status;
 

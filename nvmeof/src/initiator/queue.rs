@@ -192,12 +192,20 @@ impl HostQueue {
         let deadline = Instant::now() + p.timeout;
         let (dgst, maxh2cdata) = loop {
             match stream.rx.next_pdu(&Negotiated::default()) {
-                Ok(Some(Pdu::IcResp { pfv: 0, cpda, dgst, maxh2cdata })) if cpda <= 31 => {
+                Ok(Some(Pdu::IcResp {
+                    pfv: 0,
+                    cpda,
+                    dgst,
+                    maxh2cdata,
+                })) if cpda <= 31 => {
                     break (dgst, maxh2cdata);
                 }
                 Ok(Some(Pdu::IcResp { .. })) => {
                     stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
-                    return Err(StreamError::Unexpected("ICResp with an unsupported PDU format version").into());
+                    return Err(StreamError::Unexpected(
+                        "ICResp with an unsupported PDU format version",
+                    )
+                    .into());
                 }
                 Ok(Some(Pdu::TermReq { fes, fei, .. })) => {
                     return Err(StreamError::Terminated { fes, fei }.into());

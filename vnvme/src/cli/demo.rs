@@ -33,7 +33,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("nvme0.sock");
     let cfg = Config::from_flags(
-        vnvme::config::Served::Socket(sock.clone()),
+        vnvme::config::Served::socket(sock.clone()),
         &args.ns,
         Some("VNVMEDEMO".into()),
         512,

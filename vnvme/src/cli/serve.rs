@@ -12,9 +12,10 @@ use vnvme::daemon::Daemon;
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// vfio-user socket of the controller (with --ns; use --config for several controllers)
-    #[arg(long, conflicts_with_all = ["config", "tcp_listen"], required_unless_present_any = ["config", "tcp_listen"])]
+    #[arg(long, conflicts_with = "config", required_unless_present_any = ["config", "tcp_listen"])]
     pub socket: Option<PathBuf>,
-    /// export the controller over NVMe/TCP on IP:PORT instead of a vfio-user socket
+    /// export over NVMe/TCP on IP:PORT (with --socket too: a second controller of the same
+    /// subsystem, sharing the namespaces)
     #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
     pub tcp_listen: Option<String>,
     /// subsystem NQN (default nqn.2026-11.io.vnvme:SERIAL)
@@ -55,14 +56,11 @@ impl ServeArgs {
         Ok(match (&self.config, &self.socket) {
             (Some(path), _) => Config::load(path)?,
             (None, sock) if sock.is_some() || self.tcp_listen.is_some() => {
-                let served = match (sock, &self.tcp_listen) {
-                    (Some(p), _) => Served::Socket(p.clone()),
-                    (None, Some(l)) => Served::Tcp {
-                        listen: l.clone(),
-                        nqn: self.nqn.clone(),
-                        allowed_hosts: self.allow_hosts.clone(),
-                    },
-                    (None, None) => unreachable!("guarded above"),
+                let served = Served {
+                    socket: sock.clone(),
+                    tcp_listen: self.tcp_listen.clone(),
+                    nqn: self.nqn.clone(),
+                    allowed_hosts: self.allow_hosts.clone(),
                 };
                 let mut cfg = Config::from_flags(
                     served,

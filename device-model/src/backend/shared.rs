@@ -1,0 +1,168 @@
+//! One namespace backend used by several controllers of a subsystem (a namespace attached
+//! to more than one controller, e.g. a VM's vfio-user controller and an NVMe/TCP export of
+//! the same disk). Each controller gets a [`SharedBackend`] handle; requests go to the one
+//! backend under a mutex, and completions are routed back to the handle that submitted
+//! them by a user index folded into the tag's top byte.
+
+use std::sync::{Arc, Mutex};
+
+use nvme_spec::Status;
+
+use super::{Backend, IoRequest};
+
+const USER_SHIFT: u32 = 56;
+const TAG_MASK: u64 = (1 << USER_SHIFT) - 1;
+
+struct Inner {
+    backend: Box<dyn Backend>,
+    /// Completions per user, waiting for that user's poll.
+    done: Vec<Vec<(u64, Status)>>,
+}
+
+/// A controller's handle on a shared backend.
+pub struct SharedBackend {
+    inner: Arc<Mutex<Inner>>,
+    user: usize,
+    in_flight: usize,
+    size: u64,
+    describe: String,
+}
+
+impl std::fmt::Debug for SharedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBackend")
+            .field("user", &self.user)
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedBackend {
+    /// `users` handles on `backend` (at most 255).
+    pub fn split(backend: Box<dyn Backend>, users: usize) -> Vec<SharedBackend> {
+        assert!((1..256).contains(&users), "1..=255 users");
+        let size = backend.size();
+        let describe = format!("{} (shared by {users} controllers)", backend.describe());
+        let inner = Arc::new(Mutex::new(Inner {
+            backend,
+            done: vec![Vec::new(); users],
+        }));
+        (0..users)
+            .map(|user| SharedBackend {
+                inner: Arc::clone(&inner),
+                user,
+                in_flight: 0,
+                size,
+                describe: describe.clone(),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // a panic while holding the lock leaves the backend as it was: keep using it
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Backend for SharedBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        debug_assert_eq!(req.tag & !TAG_MASK, 0, "tag uses the user byte");
+        let tagged = IoRequest {
+            tag: req.tag | ((self.user as u64) << USER_SHIFT),
+            op: req.op,
+            offset: req.offset,
+            iov: req.iov,
+        };
+        self.lock().backend.submit(&tagged)?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let mut g = self.lock();
+        let Inner { backend, done: all } = &mut *g;
+        if backend.in_flight() > 0 {
+            backend.poll(&mut |t, s| {
+                if let Some(q) = all.get_mut((t >> USER_SHIFT) as usize) {
+                    q.push((t & TAG_MASK, s));
+                }
+            });
+        }
+        let mine = std::mem::take(&mut all[self.user]);
+        drop(g);
+        for &(t, s) in &mine {
+            done(t, s);
+        }
+        let n = mine.len();
+        self.in_flight = self.in_flight.saturating_sub(n);
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        self.lock().backend.write_zeroes(offset, len)
+    }
+
+    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
+        self.lock().backend.deallocate(offset, len)
+    }
+
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
+        self.lock().backend.read_sync(offset, buf)
+    }
+
+    fn flush_sync(&mut self) -> Result<(), Status> {
+        self.lock().backend.flush_sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{IoOp, MallocBackend};
+    use super::*;
+
+    #[test]
+    fn completions_go_back_to_the_handle_that_submitted() {
+        let m = MallocBackend::new(1 << 20).unwrap();
+        let mut h = SharedBackend::split(Box::new(m), 2);
+        super::super::tests::exercise(&mut h[0]);
+        let mut data = vec![7u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: 4096,
+        }];
+        h[0].submit(&IoRequest {
+            tag: 5,
+            op: IoOp::Write { fua: false },
+            offset: 0,
+            iov: &iov,
+        })
+        .unwrap();
+        // the other handle polls first: it must not see user 0's completion
+        let mut got1 = Vec::new();
+        h[1].poll(&mut |t, s| got1.push((t, s)));
+        assert!(got1.is_empty());
+        let mut got0 = Vec::new();
+        while got0.is_empty() {
+            h[0].poll(&mut |t, s| got0.push((t, s)));
+        }
+        assert_eq!(got0, vec![(5, Status::SUCCESS)]);
+        // and user 1 reads what user 0 wrote
+        let mut back = vec![0u8; 4096];
+        h[1].read_sync(0, &mut back).unwrap();
+        assert_eq!(back, data);
+    }
+}
