@@ -580,3 +580,140 @@ fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
     drop(c);
     daemon.stop().unwrap();
 }
+
+impl Raw {
+    fn property(&mut self, set: bool, offset: u32, value: u32) -> Completion {
+        let mut sqe = fabrics_sqe(if set {
+            fctype::PROPERTY_SET
+        } else {
+            fctype::PROPERTY_GET
+        });
+        sqe.cid = 8.into();
+        sqe.flags = 0x40;
+        sqe.prp2 = (0x5au64 << 56).into();
+        sqe.cdw11 = offset.into();
+        sqe.cdw12 = value.into();
+        self.send(&Pdu::CapsuleCmd { sqe, data: &[] });
+        self.response()
+    }
+
+    fn connect_io(&mut self, cntlid: u16, qid: u16) -> Completion {
+        let mut d = ConnectData::default();
+        d.cntlid = cntlid.into();
+        put_str(&mut d.subnqn, NQN);
+        put_str(&mut d.hostnqn, HOST);
+        let mut sqe = fabrics_sqe(fctype::CONNECT);
+        sqe.cid = 7.into();
+        sqe.flags = 0x40;
+        sqe.prp2 = (1024u64 | (0x01 << 56)).into();
+        sqe.cdw10 = (u32::from(qid) << 16).into();
+        sqe.cdw11 = 31.into();
+        self.send(&Pdu::CapsuleCmd {
+            sqe,
+            data: d.as_bytes(),
+        });
+        self.response()
+    }
+
+    /// A Write of `blocks` 512-byte blocks at LBA 0 with command ID `cid`: in-capsule data
+    /// when `data` is given, else announced for R2T.
+    fn write(&mut self, cid: u16, len: usize, data: Option<&[u8]>) {
+        let mut sqe = Submission::default();
+        sqe.opcode = 0x01;
+        sqe.nsid = 1.into();
+        sqe.cid = cid.into();
+        sqe.flags = 0x40;
+        sqe.cdw12 = ((len / 512 - 1) as u32).into();
+        let id: u64 = if data.is_some() { 0x01 } else { 0x5a };
+        sqe.prp2 = (len as u64 | (id << 56)).into();
+        self.send(&Pdu::CapsuleCmd {
+            sqe,
+            data: data.unwrap_or(&[]),
+        });
+    }
+}
+
+#[test]
+fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
+    let (target, addr) = target();
+    // an association by hand: admin queue, enable, one I/O queue with data digests
+    let mut admin = Raw::new(addr);
+    admin.ic(0);
+    let r = admin.connect(NQN, 0, 31, 0);
+    assert!(status(&r).is_success());
+    let cntlid = r.dw0.get() as u16;
+    assert!(status(&admin.property(true, 0x14, 0x0046_0001)).is_success());
+    let t = Instant::now();
+    while admin.property(false, 0x1c, 0).dw0.get() & 1 == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "CSTS.RDY never set");
+    }
+    let mut io = Raw::new(addr);
+    io.ic(2); // data digest
+    assert!(status(&io.connect_io(cntlid, 1)).is_success());
+
+    // in-capsule data with a bad digest: that command fails, the connection stays
+    let data = vec![0x5au8; 4096];
+    let mut out = Vec::new();
+    let mut sqe = Submission::default();
+    sqe.opcode = 0x01;
+    sqe.nsid = 1.into();
+    sqe.cid = 1.into();
+    sqe.flags = 0x40;
+    sqe.cdw12 = 7.into();
+    sqe.prp2 = (4096u64 | (0x01 << 56)).into();
+    pdu::encode(&Pdu::CapsuleCmd { sqe, data: &data }, &io.neg, &mut out);
+    let last = out.len() - 1;
+    out[last] ^= 1;
+    io.s.write_all(&out).unwrap();
+    let r = io.response();
+    assert_eq!(r.cid.get(), 1);
+    assert_eq!(status(&r), Status::TRANSIENT_TRANSPORT_ERROR);
+    // a good in-capsule write still works
+    io.write(2, 4096, Some(&data));
+    assert!(status(&io.response()).is_success());
+    // a write by R2T: the target asks for the data, in order
+    io.write(3, 8192, None);
+    let r2t = io.read().expect("R2T");
+    assert_eq!(r2t[0], pdu_type::R2T);
+    let ttag = u16::from_le_bytes([r2t[10], r2t[11]]);
+    assert_eq!(u32::from_le_bytes(r2t[16..20].try_into().unwrap()), 8192);
+    // the same CID again while it is in flight: refused
+    io.write(3, 4096, Some(&data));
+    assert_eq!(status(&io.response()), Status::CID_CONFLICT);
+    // data at the wrong offset: fatal for the connection (and the association)
+    io.send(&Pdu::H2CData {
+        cccid: 3,
+        ttag,
+        offset: 4096,
+        data: &data,
+        last: true,
+    });
+    io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData out of order");
+    assert!(
+        admin.read().is_none(),
+        "the association survived a fatal I/O queue error"
+    );
+
+    // a fresh association: H2CData beyond the R2T, then one for a tag never given
+    let mut admin = Raw::new(addr);
+    admin.ic(0);
+    let r = admin.connect(NQN, 0, 31, 0);
+    assert!(status(&r).is_success(), "{:?}", status(&r));
+    assert!(status(&admin.property(true, 0x14, 0x0046_0001)).is_success());
+    while admin.property(false, 0x1c, 0).dw0.get() & 1 == 0 {}
+    let mut io = Raw::new(addr);
+    io.ic(0);
+    assert!(status(&io.connect_io(r.dw0.get() as u16, 1)).is_success());
+    io.write(4, 4096, None);
+    let r2t = io.read().expect("R2T");
+    let ttag = u16::from_le_bytes([r2t[10], r2t[11]]);
+    io.send(&Pdu::H2CData {
+        cccid: 4,
+        ttag,
+        offset: 0,
+        data: &[0; 8192],
+        last: true,
+    });
+    io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData beyond the R2T");
+    target.stop().unwrap();
+}
