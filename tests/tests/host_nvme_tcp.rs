@@ -5,8 +5,8 @@
 //! - malformed, truncated and out-of-order PDUs sent to the target: each gets a C2HTermReq
 //!   with the right FES and a closed connection (or, for command-level errors, an error
 //!   response), while a perf session on another connection keeps running without errors;
-//! - Connect errors: unknown NQN, bad queue size, a second association, commands before
-//!   Connect; Keep Alive timeout ends an idle association;
+//! - Connect errors: unknown NQN, bad queue size, more associations than controllers,
+//!   commands before Connect; Keep Alive timeout ends an idle association;
 //! - the initiator against a scripted misbehaving target: each case fails with a clear
 //!   error in bounded time.
 
@@ -280,12 +280,23 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     assert_eq!(r.dw0.get(), 1 | (256 << 16), "IATTR data, IPO 256 (SUBNQN)");
     let r = c.connect(NQN, 0, 0, 0);
     assert_eq!(r.dw0.get(), 44 << 16, "SQSIZE 0 refused at its offset");
+    // a second host gets the subsystem's second controller; a third finds none free
     let r = c.connect(NQN, 0, 31, 0);
+    assert!(
+        status(&r).is_success(),
+        "second association: {:?}",
+        status(&r)
+    );
+    assert_eq!(r.dw0.get() & 0xffff, 0x101, "the second controller's ID");
+    let mut c3 = Raw::new(addr);
+    c3.ic(0);
+    let r = c3.connect(NQN, 0, 31, 0);
     assert_eq!(
         (status(&r).sct(), status(&r).sc()),
         (1, 0x81),
-        "a second association while the front holds one"
+        "a third association with two controllers"
     );
+    drop(c);
 
     let r = session.join().unwrap();
     assert!(

@@ -14,6 +14,7 @@
 //! tcp_listen = "127.0.0.1:4420"
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
+//! tcp_controllers = 2            # host associations at once (one controller each)
 //! [[controller.namespace]]
 //! backend = "file:/var/lib/vnvme/disk1.img"
 //! ```
@@ -78,6 +79,9 @@ pub struct ControllerSpec {
     /// Host NQNs allowed to connect over NVMe/TCP; empty: any.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// NVMe/TCP controllers in the subsystem, one per host association (default 2; 1 for
+    /// `nvme:` namespaces, which cannot be shared).
+    pub tcp_controllers: Option<usize>,
     pub serial: Option<String>,
     pub model: Option<String>,
     pub vendor_id: Option<u16>,
@@ -187,6 +191,7 @@ impl Config {
             tcp_listen,
             nqn,
             allowed_hosts,
+            tcp_controllers: None,
             serial,
             model: None,
             vendor_id: None,

@@ -215,9 +215,18 @@ fn build_controller(
     })
 }
 
-/// CNTLID of the NVMe/TCP controller of a `[[controller]]` served both ways (the vfio-user
-/// one is `index + 1`; controllers of one subsystem need distinct IDs).
-const TCP_CNTLID_BASE: u16 = 0x1000;
+/// CNTLIDs of a `[[controller]]`'s further controllers: `index + 1 + k * 0x100`.
+const TCP_CNTLID_STEP: u16 = 0x100;
+
+/// NVMe/TCP controllers per exported subsystem unless configured: two hosts (or a host
+/// reconnecting before its old association timed out) can be connected at once.
+const DEFAULT_TCP_CONTROLLERS: usize = 2;
+
+fn has_nvme_backend(spec: &ControllerSpec) -> bool {
+    spec.namespaces
+        .iter()
+        .any(|n| n.backend.starts_with("nvme:"))
+}
 
 impl Daemon {
     /// Create every controller and start serving. Sockets are listening when this returns.
@@ -241,30 +250,38 @@ impl Daemon {
             daemon.transfers.push(opened.transfers);
             daemon.memory.push(Arc::clone(&mem));
             let cntlid = index as u16 + 1;
-            let (vfio_backends, tcp_backends) = match (&spec.socket, &spec.tcp_listen) {
-                (Some(_), Some(_)) => {
-                    // one subsystem, two controllers: each namespace shared by both
-                    let mut a = Vec::new();
-                    let mut b = Vec::new();
-                    for backend in opened.backends {
-                        let mut h = SharedBackend::split(backend, 2).into_iter();
-                        a.extend(h.next().map(|x| Box::new(x) as Box<dyn Backend>));
-                        b.extend(h.next().map(|x| Box::new(x) as Box<dyn Backend>));
+            // controllers of this subsystem: the vfio-user one, and the NVMe/TCP ones (each
+            // host association takes one); with more than one, every namespace is shared
+            let tcp_count = if spec.tcp_listen.is_some() {
+                spec.tcp_controllers.unwrap_or(if has_nvme_backend(spec) {
+                    1
+                } else {
+                    DEFAULT_TCP_CONTROLLERS
+                })
+            } else {
+                0
+            };
+            let users = usize::from(spec.socket.is_some()) + tcp_count;
+            let mut sets: Vec<Vec<Box<dyn Backend>>> = if users > 1 {
+                let mut sets: Vec<Vec<Box<dyn Backend>>> = (0..users).map(|_| Vec::new()).collect();
+                for backend in opened.backends {
+                    for (set, h) in sets.iter_mut().zip(SharedBackend::split(backend, users)) {
+                        set.push(Box::new(h));
                     }
-                    (Some(a), Some(b))
                 }
-                (Some(_), None) => (Some(opened.backends), None),
-                (None, _) => (None, Some(opened.backends)),
+                sets
+            } else {
+                vec![opened.backends]
             };
             let mut stats = None;
-            if let (Some(socket), Some(backends)) = (spec.socket.clone(), vfio_backends) {
+            if let Some(socket) = spec.socket.clone() {
                 let b = build_controller(
                     index,
                     spec,
                     Reach::VfioUser,
                     cntlid,
                     Arc::clone(&mem),
-                    backends,
+                    sets.remove(0),
                     cfg.poll,
                 )?;
                 stats = Some(b.stats);
@@ -277,35 +294,41 @@ impl Daemon {
                     .map_err(|source| DaemonError::Io { index, source })?;
                 daemon.servers.push((socket, join));
             }
-            if let (Some(addr), Some(backends)) = (&spec.tcp_listen, tcp_backends) {
-                let (tcp_mem, tcp_cntlid) = if spec.socket.is_some() {
-                    (Arc::new(GuestMemory::new()), TCP_CNTLID_BASE + cntlid)
-                } else {
-                    (mem, cntlid)
-                };
-                let b = build_controller(
-                    index,
-                    spec,
-                    Reach::Tcp,
-                    tcp_cntlid,
-                    tcp_mem,
-                    backends,
-                    cfg.poll,
-                )?;
-                stats.get_or_insert(b.stats);
-                let export = ExportSpec {
-                    nqn: b.nqn,
-                    allowed_hosts: spec.allowed_hosts.clone(),
-                    handle: b.handle,
-                    mem: b.mem,
-                    doorbells: b.doorbells,
-                    cntlid: tcp_cntlid,
-                    io_queues: b.max_io_queues,
-                    max_transfer: 4096 << b.mdts,
-                };
-                match exports.iter_mut().find(|(a, _)| a == addr) {
-                    Some((_, v)) => v.push(export),
-                    None => exports.push((addr.clone(), vec![export])),
+            if let Some(addr) = &spec.tcp_listen {
+                for (k, backends) in sets.into_iter().enumerate() {
+                    // CNTLIDs unique in the subsystem: index + 1 for the first controller
+                    // of the entry, then steps of 0x100
+                    let step = k + usize::from(spec.socket.is_some());
+                    let tcp_cntlid = cntlid + (step as u16) * TCP_CNTLID_STEP;
+                    let tcp_mem = if step == 0 {
+                        Arc::clone(&mem)
+                    } else {
+                        Arc::new(GuestMemory::new())
+                    };
+                    let b = build_controller(
+                        index,
+                        spec,
+                        Reach::Tcp,
+                        tcp_cntlid,
+                        tcp_mem,
+                        backends,
+                        cfg.poll,
+                    )?;
+                    stats.get_or_insert(b.stats);
+                    let export = ExportSpec {
+                        nqn: b.nqn,
+                        allowed_hosts: spec.allowed_hosts.clone(),
+                        handle: b.handle,
+                        mem: b.mem,
+                        doorbells: b.doorbells,
+                        cntlid: tcp_cntlid,
+                        io_queues: b.max_io_queues,
+                        max_transfer: 4096 << b.mdts,
+                    };
+                    match exports.iter_mut().find(|(a, _)| a == addr) {
+                        Some((_, v)) => v.push(export),
+                        None => exports.push((addr.clone(), vec![export])),
+                    }
                 }
             }
             daemon.stats.extend(stats);

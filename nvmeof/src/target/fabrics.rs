@@ -172,10 +172,26 @@ impl Target {
             c.hostnqn = hostnqn;
             return Some((Status::SUCCESS, u64::from(DISCOVERY_CNTLID)));
         }
-        let Some(e) = self.exports.iter().position(|x| x.spec.nqn == subnqn) else {
+        // the subsystem's controllers (dynamic model: an admin Connect takes a free one)
+        let ctrls: Vec<usize> = (0..self.exports.len())
+            .filter(|&x| self.exports[x].spec.nqn == subnqn)
+            .collect();
+        let Some(&first) = ctrls.first() else {
             log::info!("nvme-tcp target: {hostnqn} asked for unknown subsystem {subnqn}");
             return Some(invalid_parameters(true, 256));
         };
+        let pick = if qid == 0 {
+            ctrls
+                .iter()
+                .copied()
+                .find(|&x| self.exports[x].assoc.is_none())
+        } else {
+            ctrls
+                .iter()
+                .copied()
+                .find(|&x| self.exports[x].spec.cntlid == cd.cntlid.get())
+        };
+        let e = pick.unwrap_or(first);
         let ex = &self.exports[e];
         if !ex.spec.allowed_hosts.is_empty() && !ex.spec.allowed_hosts.contains(&hostnqn) {
             log::warn!("nvme-tcp target: host {hostnqn} is not allowed on {subnqn}");
@@ -190,7 +206,7 @@ impl Target {
         let size = sqsize + 1;
         let cntlid = ex.spec.cntlid;
         if qid == 0 {
-            if ex.assoc.is_some() {
+            if pick.is_none() {
                 return Some((
                     Status::new(sct::COMMAND_SPECIFIC, connect_status::CONTROLLER_BUSY),
                     0,
@@ -223,12 +239,9 @@ impl Target {
             return Some((Status::SUCCESS, u64::from(cntlid)));
         }
         // an I/O queue of the existing association
-        let Some(assoc) = ex.assoc.as_ref() else {
+        let Some(assoc) = ex.assoc.as_ref().filter(|_| pick.is_some()) else {
             return Some(invalid_parameters(true, 16));
         };
-        if cd.cntlid.get() != cntlid {
-            return Some(invalid_parameters(true, 16));
-        }
         if assoc.hostnqn != hostnqn {
             return Some(invalid_parameters(true, 512));
         }
@@ -295,8 +308,13 @@ impl Target {
                 subnqn: DISCOVERY_NQN.into(),
                 subtype: discovery::SUBTYPE_CURRENT_DISCOVERY,
             };
-            for ex in &self.exports {
-                if ex.spec.allowed_hosts.is_empty() || ex.spec.allowed_hosts.contains(&c.hostnqn) {
+            for (x, ex) in self.exports.iter().enumerate() {
+                // one record per subsystem, however many controllers it has
+                let seen = self.exports[..x].iter().any(|o| o.spec.nqn == ex.spec.nqn);
+                if !seen
+                    && (ex.spec.allowed_hosts.is_empty()
+                        || ex.spec.allowed_hosts.contains(&c.hostnqn))
+                {
                     out.push(Listed {
                         subnqn: ex.spec.nqn.clone(),
                         subtype: discovery::SUBTYPE_NVME,

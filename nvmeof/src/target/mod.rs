@@ -40,7 +40,8 @@ pub const INLINE_DATA: usize = 8192;
 /// Entries of each queue the target creates on its controller (MAXCMD + 1).
 pub const QUEUE_DEPTH: u32 = 128;
 
-/// A controller to export, running in its reactor.
+/// A controller to export, running in its reactor. Several with the same NQN are the
+/// controllers of one subsystem: each host association (admin Connect) takes a free one.
 pub struct ExportSpec {
     /// Subsystem NQN hosts connect to.
     pub nqn: String,
@@ -229,8 +230,17 @@ impl TcpTarget {
             addrs.push(local);
             listeners.push((l, local));
         }
-        let mut built = Vec::new();
+        let mut built: Vec<Export> = Vec::new();
         for spec in exports {
+            if built
+                .iter()
+                .any(|b| b.spec.nqn == spec.nqn && b.spec.cntlid == spec.cntlid)
+            {
+                return Err(TargetError::BadNqn(format!(
+                    "{} (two controllers with ID {})",
+                    spec.nqn, spec.cntlid
+                )));
+            }
             if spec.nqn.is_empty()
                 || spec.nqn.len() > nvme_spec::fabrics::NQN_MAX
                 || spec.nqn == nvme_spec::fabrics::DISCOVERY_NQN
