@@ -149,8 +149,6 @@ pub struct HostQueue {
     free: Vec<u16>,
     /// Completions seen while a synchronous command waited, delivered by the next poll.
     stash: Vec<Completed>,
-    /// A send failed inside `submit`; the next poll reports it.
-    broken: Option<StreamError>,
     peer: String,
 }
 
@@ -244,7 +242,6 @@ impl HostQueue {
             cmds: (0..depth).map(|_| Cmd::default()).collect(),
             free: (0..depth).rev().collect(),
             stash: Vec::new(),
-            broken: None,
             peer,
         };
         let mut data = ConnectData::default();
@@ -310,7 +307,7 @@ impl HostQueue {
     }
 
     /// Queue command `sqe` (its CID and data pointer are filled in here) with `data`. The
-    /// capsule is sent by the next [`poll`](Self::poll) or at once when the socket takes it.
+    /// capsule is sent by the next [`poll`](Self::poll).
     pub fn submit(
         &mut self,
         mut sqe: Submission,
@@ -357,11 +354,9 @@ impl HostQueue {
         } else {
             pdu::encode_header(&capsule, 0, &neg, out);
         }
-        // a send error is reported by the next poll, with the command already in flight
-        // (so it is listed by `drain` exactly once)
-        if let Err(e) = self.stream.flush() {
-            self.broken.get_or_insert(e);
-        }
+        // sent by the next poll (one send for every command queued since), which also
+        // reports a send error, with the command already in flight (so `drain` lists it
+        // exactly once)
         Ok(())
     }
 
@@ -373,9 +368,6 @@ impl HostQueue {
         for c in self.stash.drain(..) {
             done(c);
             n += 1;
-        }
-        if let Some(e) = self.broken.take() {
-            return Err(e.into());
         }
         self.stream.pump()?;
         loop {

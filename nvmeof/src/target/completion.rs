@@ -5,6 +5,7 @@
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Completion, Status, Submission};
 
+use super::capsule::push_c2h;
 use super::connection::Role;
 use super::event_loop::Target;
 use super::{Owner, Slot};
@@ -30,6 +31,14 @@ impl Target {
         for (qid, cqe) in cqes {
             self.completed(e, qid, &cqe);
         }
+        if n > 0 {
+            // one send per connection for the whole batch; errors show on the next read
+            for c in self.conns.iter_mut().flatten() {
+                if c.stream.tx.pending() > 0 {
+                    let _ = c.stream.flush();
+                }
+            }
+        }
         n
     }
 
@@ -51,20 +60,19 @@ impl Target {
             Owner::Free => log::warn!("nvme-tcp target: completion for free slot {slot}"),
             Owner::Host { cid } => {
                 let conn = q.conn;
-                if let Some(i) = conn {
+                // the slot's buffer goes straight into the connection's send buffer
+                let Target { exports, conns, .. } = self;
+                if let Some(c) = conn.and_then(|i| conns[i].as_mut()) {
                     if s.to_host && status.is_success() && s.len > 0 {
-                        let data = self.exports[e].host.slot_buf(qid, slot)[..s.len].to_vec();
-                        self.send_c2h(i, cid, &data);
+                        let data = &exports[e].host.slot_buf(qid, slot)[..s.len];
+                        push_c2h(&mut c.stream, cid, data);
                     }
                     let mut resp = *cqe;
                     resp.cid = cid.into();
-                    if let Some(c) = self.conns[i].as_mut() {
-                        let neg = c.stream.neg;
-                        c.stream
-                            .tx
-                            .push(&crate::pdu::Pdu::CapsuleResp { cqe: resp }, &neg);
-                        let _ = c.stream.flush();
-                    }
+                    let neg = c.stream.neg;
+                    c.stream
+                        .tx
+                        .push(&crate::pdu::Pdu::CapsuleResp { cqe: resp }, &neg);
                 }
                 self.free_slot(e, qid, slot, Some(cid));
             }
