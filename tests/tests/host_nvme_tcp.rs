@@ -172,7 +172,7 @@ fn status(c: &Completion) -> Status {
 fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     let tmp = TempDir::new("tcp-loop");
     let (target, addr) = target();
-    let front = front(tmp.path(), addr, "hdgst&ddgst");
+    let front = front(tmp.path(), addr, "hdgst&ddgst&nr_io_queues=3");
     let sock = tmp.path().join("f.sock");
     let r = perf(&sock, 2.0, 16384);
     assert!(
@@ -540,8 +540,15 @@ fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
     let daemon = Daemon::start(&cfg).expect("both controllers start");
     let addr = daemon.tcp_addrs()[0];
     // write 8 KiB at 1 MiB over NVMe/TCP
-    let url: nvmeof::initiator::TcpUrl = format!("nvme-tcp://{addr}/{nqn}/1").parse().unwrap();
+    let url: nvmeof::initiator::TcpUrl = format!("nvme-tcp://{addr}/{nqn}/1?nr_io_queues=2")
+        .parse()
+        .unwrap();
     let mut b = nvmeof::initiator::TcpBackend::connect(&url).expect("NVMe/TCP connect");
+    assert_eq!(
+        b.io_queues(),
+        2,
+        "Number of Queues granted and both connected"
+    );
     let mut pattern: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 5) as u8).collect();
     let iov = [libc::iovec {
         iov_base: pattern.as_mut_ptr().cast(),

@@ -150,7 +150,11 @@ fn initiator_against_the_linux_kernel_target() {
     );
 
     // I/O through the remote namespace, digests on, then across a target restart
-    let daemon = serve(&d, "a", "hdgst&ddgst&reconnect_delay=1&ctrl_loss_tmo=60");
+    let daemon = serve(
+        &d,
+        "a",
+        "hdgst&ddgst&reconnect_delay=1&ctrl_loss_tmo=60&nr_io_queues=2",
+    );
     let sock = d.join("a.sock");
     let r = perf(&sock, 3.0, Pattern::Randrw, true).total();
     assert!(

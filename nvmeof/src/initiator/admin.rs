@@ -140,6 +140,21 @@ impl HostQueue {
         Ok(buf)
     }
 
+    /// Set Features `fid` with CDW11 `value`; returns the completion's dword 0.
+    pub fn set_features(
+        &mut self,
+        fid: u8,
+        value: u32,
+        timeout: Duration,
+    ) -> Result<u64, QueueError> {
+        let mut sqe = Submission::default();
+        sqe.opcode = op::SET_FEATURES;
+        sqe.cdw10 = u32::from(fid).into();
+        sqe.cdw11 = value.into();
+        self.checked("Set Features", sqe, Data::None, timeout)
+            .map(|r| r & 0xffff_ffff)
+    }
+
     /// Keep Alive (base 2.0 §5.25).
     pub fn keep_alive(&mut self, timeout: Duration) -> Result<(), QueueError> {
         let mut sqe = Submission::default();

@@ -28,7 +28,10 @@ pub struct TcpBackend {
     ns: NamespaceInfo,
     session: Arc<Session>,
     seen_generation: u64,
-    io: Option<HostQueue>,
+    /// The I/O queues (connections) now; empty while reconnecting.
+    io: Vec<HostQueue>,
+    /// Next queue to try first (round robin).
+    next: usize,
     /// Accepted, not yet on a connection (no free slot, or reconnecting), in order.
     waiting: VecDeque<Unfinished>,
     /// Finished outside a poll (failures), reported by the next poll.
@@ -60,7 +63,8 @@ impl TcpBackend {
             ns: est.ns,
             seen_generation: session.generation(),
             session,
-            io: Some(est.io),
+            io: est.io,
+            next: 0,
             waiting: VecDeque::new(),
             done: Vec::new(),
             in_flight: 0,
@@ -80,9 +84,14 @@ impl TcpBackend {
         self.session.reconnects()
     }
 
+    /// I/O queues (connections) up now.
+    pub fn io_queues(&self) -> usize {
+        self.io.len()
+    }
+
     /// Whether an I/O connection is up now.
     pub fn connected(&self) -> bool {
-        self.io.is_some()
+        !self.io.is_empty()
     }
 
     fn block_size(&self) -> u64 {
@@ -117,16 +126,17 @@ impl TcpBackend {
         }
         self.seen_generation = g;
         let (fresh, failed) = self.session.take();
-        if let Some(q) = fresh {
-            if self.io.is_some() {
+        if let Some(qs) = fresh {
+            if !self.io.is_empty() {
                 self.drop_connection(false);
             }
             log::info!(
-                "nvme-tcp {}: I/O resumes on a new connection ({} commands to resend)",
-                q.peer(),
+                "nvme-tcp {}: I/O resumes on {} new connection(s) ({} commands to resend)",
+                qs.first().map_or("?", HostQueue::peer),
+                qs.len(),
                 self.waiting.len()
             );
-            self.io = Some(q);
+            self.io = qs;
             self.checked_tick = self.session.tick();
         }
         if failed {
@@ -138,17 +148,23 @@ impl TcpBackend {
         }
     }
 
-    /// The I/O connection is unusable: keep its commands for the next one.
+    /// The I/O connections are unusable (one failed: the association is rebuilt, as a
+    /// Linux host does): keep their commands for the next ones.
     fn drop_connection(&mut self, report: bool) {
-        let Some(mut q) = self.io.take() else {
+        if self.io.is_empty() {
             return;
-        };
-        q.shutdown();
-        let (unfinished, completed) = q.drain();
-        for c in completed {
-            self.done.push((c.tag, c.status));
         }
-        for u in unfinished.into_iter().rev() {
+        let mut resend = Vec::new();
+        for mut q in self.io.drain(..) {
+            q.shutdown();
+            let (unfinished, completed) = q.drain();
+            for c in completed {
+                self.done.push((c.tag, c.status));
+            }
+            resend.extend(unfinished);
+        }
+        // oldest first is not known across queues; tags keep them apart
+        for u in resend.into_iter().rev() {
             self.waiting.push_front(u);
         }
         if report {
@@ -159,7 +175,7 @@ impl TcpBackend {
     fn lost(&mut self, e: &QueueError) {
         log::warn!(
             "nvme-tcp {}: I/O connection lost: {e}",
-            self.io.as_ref().map_or("?", |q| q.peer())
+            self.io.first().map_or("?", HostQueue::peer)
         );
         self.drop_connection(true);
     }
@@ -168,14 +184,20 @@ impl TcpBackend {
     /// for the synchronous commands).
     fn start_waiting(&mut self) {
         let tick = self.session.tick();
-        while let Some(q) = self.io.as_mut() {
-            if q.free_slots() <= 1 {
+        let n = self.io.len();
+        while !self.waiting.is_empty() && n > 0 {
+            // the next queue with room, round robin
+            let Some(k) = (0..n)
+                .map(|i| (self.next + i) % n)
+                .find(|&k| self.io[k].free_slots() > 1)
+            else {
                 return;
-            }
+            };
+            self.next = (k + 1) % n;
             let Some(u) = self.waiting.pop_front() else {
                 return;
             };
-            if q.submit(u.sqe, u.tag, u.data(), tick).is_err() {
+            if self.io[k].submit(u.sqe, u.tag, u.data(), tick).is_err() {
                 // only a full queue refuses a command, and one slot is always kept free
                 self.waiting.push_front(u);
                 return;
@@ -191,10 +213,12 @@ impl TcpBackend {
         }
         self.checked_tick = now;
         let limit = (self.url.io_timeout.as_millis() / TICK.as_millis()) as u64;
-        let Some(q) = self.io.as_ref() else {
-            return;
-        };
-        if now > limit && q.older_than(now - limit).next().is_some() {
+        if now > limit
+            && self
+                .io
+                .iter()
+                .any(|q| q.older_than(now - limit).next().is_some())
+        {
             let e = QueueError::Stream(crate::stream::StreamError::Timeout(
                 self.url.io_timeout.as_millis() as u64,
             ));
@@ -209,7 +233,7 @@ impl TcpBackend {
         if self.failed {
             return Err(Status::HOST_PATHING_ERROR);
         }
-        let Some(q) = self.io.as_mut() else {
+        let Some(q) = self.io.first_mut() else {
             return Err(Status::TRANSIENT_TRANSPORT_ERROR);
         };
         match q.sync(sqe, data, self.timeout) {
@@ -239,7 +263,7 @@ impl TcpBackend {
 impl Drop for TcpBackend {
     fn drop(&mut self) {
         self.session.stop();
-        if let Some(q) = &self.io {
+        for q in &self.io {
             q.shutdown();
         }
     }
@@ -311,16 +335,20 @@ impl Backend for TcpBackend {
             done(t, s);
             n += 1;
         }
-        if let Some(q) = self.io.as_mut() {
-            match q.poll(&mut |c| {
+        let mut failed = None;
+        for q in &mut self.io {
+            if let Err(e) = q.poll(&mut |c| {
                 if c.tag != super::queue::SYNC_TAG {
                     done(c.tag, c.status);
                     n += 1;
                 }
             }) {
-                Ok(_) => {}
-                Err(e) => self.lost(&e),
+                failed = Some(e);
+                break;
             }
+        }
+        if let Some(e) = failed {
+            self.lost(&e);
         }
         debug_assert!(n <= self.in_flight, "more completions than commands");
         self.in_flight = self.in_flight.saturating_sub(n);

@@ -61,7 +61,7 @@ pub enum SessionError {
 /// One successful connection: admin queue, one I/O queue, what they lead to.
 pub(crate) struct Established {
     pub admin: HostQueue,
-    pub io: HostQueue,
+    pub io: Vec<HostQueue>,
     pub ns: NamespaceInfo,
     pub path: usize,
 }
@@ -139,15 +139,26 @@ pub(crate) fn establish(
     }
     let mqes = (cap & 0xffff) as u16;
     let entries = url.queue_size.min(mqes.saturating_add(1)).max(2);
-    let mut io = HostQueue::connect(&params, 1, entries, admin.cntlid(), 0).map_err(q)?;
-    io.set_inline_max((ioccsz * 16).saturating_sub(64));
+    // Number of Queues (feature 07h): ask for what the URL wants, take what is granted
+    let want = u32::from(url.nr_io_queues.max(1)) - 1;
+    let granted = admin
+        .set_features(0x07, want | (want << 16), timeout)
+        .map_err(q)?;
+    let count = ((granted & 0xffff).min(granted >> 16) + 1).min(u64::from(want) + 1) as u16;
+    let mut io = Vec::new();
+    for qid in 1..=count {
+        let mut c = HostQueue::connect(&params, qid, entries, admin.cntlid(), 0).map_err(q)?;
+        c.set_inline_max((ioccsz * 16).saturating_sub(64));
+        io.push(c);
+    }
     log::info!(
-        "nvme-tcp {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O slots, {} in-capsule bytes{}{}",
+        "nvme-tcp {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O queue(s) of {} slots, {} in-capsule bytes{}{}",
         admin.cntlid(),
         url.subnqn,
         url.nsid,
         nsze,
         1u32 << lba_shift,
+        io.len(),
         entries,
         (ioccsz * 16).saturating_sub(64),
         if url.header_digest {
@@ -192,8 +203,8 @@ pub(crate) fn establish_any(
 
 #[derive(Default)]
 struct Handover {
-    /// A fresh I/O queue for the backend, after a reconnect.
-    io: Option<HostQueue>,
+    /// Fresh I/O queues for the backend, after a reconnect.
+    io: Option<Vec<HostQueue>>,
     /// The backend saw its I/O connection fail.
     lost: bool,
     /// Past `ctrl_loss_tmo`: give up.
@@ -264,7 +275,7 @@ impl Session {
     }
 
     /// Take what the supervisor handed over: a fresh queue, and whether the session failed.
-    pub(crate) fn take(&self) -> (Option<HostQueue>, bool) {
+    pub(crate) fn take(&self) -> (Option<Vec<HostQueue>>, bool) {
         let mut h = self.handover.lock().expect("session lock");
         (h.io.take(), h.failed)
     }

@@ -1,8 +1,8 @@
 //! `nvme-tcp://HOST:PORT[,HOST:PORT...]/NQN[/NSID][?OPTIONS]`: where a namespace backend
 //! connects. Several addresses are paths to one subsystem, tried in order (failover).
 //! Options (`&`-separated): `hdgst`, `ddgst`, `kato=SECS`, `ctrl_loss_tmo=SECS`,
-//! `reconnect_delay=SECS`, `io_timeout=SECS`, `queue_size=N`, `hostnqn=NQN` — named as
-//! nvme-cli names them.
+//! `reconnect_delay=SECS`, `io_timeout=SECS`, `queue_size=N`, `nr_io_queues=N`,
+//! `hostnqn=NQN` — named as nvme-cli names them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +27,8 @@ pub struct TcpUrl {
     pub reconnect_delay: Duration,
     pub io_timeout: Duration,
     pub queue_size: u16,
+    /// I/O queues (TCP connections) per namespace backend.
+    pub nr_io_queues: u16,
     pub hostnqn: Option<String>,
 }
 
@@ -93,6 +95,7 @@ impl FromStr for TcpUrl {
             reconnect_delay: Duration::from_secs(2),
             io_timeout: Duration::from_secs(30),
             queue_size: 128,
+            nr_io_queues: 1,
             hostnqn: None,
         };
         for opt in query.split('&').filter(|o| !o.is_empty()) {
@@ -112,6 +115,13 @@ impl FromStr for TcpUrl {
                         .ok()
                         .filter(|n| (2..=1024).contains(n))
                         .ok_or_else(|| bad(format!("queue_size={v}: want 2..=1024")))?;
+                }
+                "nr_io_queues" => {
+                    u.nr_io_queues = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=16).contains(n))
+                        .ok_or_else(|| bad(format!("nr_io_queues={v}: want 1..=16")))?;
                 }
                 "hostnqn" if !v.is_empty() && v.len() <= NQN_MAX => u.hostnqn = Some(v.into()),
                 _ => return Err(bad(format!("unknown or malformed option {opt:?}"))),
@@ -167,6 +177,7 @@ mod tests {
             "nvme-tcp://h:1/nqn/x",
             "nvme-tcp://h:1/nqn?kato=x",
             "nvme-tcp://h:1/nqn?queue_size=1",
+            "nvme-tcp://h:1/nqn?nr_io_queues=0",
             "nvme-tcp://h:1/nqn?bogus",
         ] {
             let e = s.parse::<TcpUrl>().unwrap_err();
