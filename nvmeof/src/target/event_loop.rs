@@ -25,6 +25,8 @@ pub(super) struct Target {
     pub exports: Vec<Export>,
     /// Discovery log generation counter.
     pub genctr: u64,
+    /// Data of the PDU being handled, copied out of the receive buffer (reused).
+    pub scratch: Vec<u8>,
 }
 
 impl Target {
@@ -200,14 +202,17 @@ impl Target {
                 }
             };
             n += 1;
-            // PDUs borrow the receive buffer: copy out what the handlers need
+            // PDUs borrow the receive buffer: data is copied out for the handlers
             match pdu {
                 Pdu::IcReq {
                     pfv, hpda, dgst, ..
                 } => self.ic_req(i, pfv, hpda, dgst),
                 Pdu::CapsuleCmd { sqe, data } => {
-                    let data = data.to_vec();
-                    self.capsule(i, sqe, &data);
+                    let mut buf = std::mem::take(&mut self.scratch);
+                    buf.clear();
+                    buf.extend_from_slice(data);
+                    self.capsule(i, sqe, &buf);
+                    self.scratch = buf;
                 }
                 Pdu::H2CData {
                     cccid,
@@ -216,8 +221,11 @@ impl Target {
                     data,
                     last,
                 } => {
-                    let data = data.to_vec();
-                    self.h2c_data(i, cccid, ttag, offset, &data, last);
+                    let mut buf = std::mem::take(&mut self.scratch);
+                    buf.clear();
+                    buf.extend_from_slice(data);
+                    self.h2c_data(i, cccid, ttag, offset, &buf, last);
+                    self.scratch = buf;
                 }
                 Pdu::TermReq { fes, fei, .. } => {
                     self.close(

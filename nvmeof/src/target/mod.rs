@@ -271,6 +271,7 @@ impl TcpTarget {
             conns: Vec::<Option<Conn>>::new(),
             exports: built,
             genctr: 1,
+            scratch: Vec::new(),
         };
         let s = Arc::clone(&stop);
         let join = std::thread::Builder::new()

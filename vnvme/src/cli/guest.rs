@@ -34,6 +34,10 @@ pub struct GuestArgs {
     /// Forward 127.0.0.1:HOST to the guest's port GUEST (run `net_up` in the script). Repeatable.
     #[arg(long, value_name = "HOST:GUEST", value_parser = parse_hostfwd)]
     pub hostfwd: Vec<(u16, u16)>,
+    /// Let the guest reach servers on the host's loopback as 10.0.2.2 (e.g. `nvme connect -t
+    /// tcp -a 10.0.2.2` to `vnvme serve --tcp-listen 127.0.0.1:PORT`; run `net_up`).
+    #[arg(long)]
+    pub reach_host: bool,
     /// Add an emulated Intel IOMMU.
     #[arg(long)]
     pub iommu: bool,
@@ -97,6 +101,9 @@ impl GuestArgs {
         }
         if self.iommu {
             guest = guest.iommu();
+        }
+        if self.reach_host {
+            guest = guest.reach_host();
         }
         if let Some(args) = &self.append {
             guest = guest.append(args);
