@@ -51,8 +51,9 @@ pub mod hlen {
 
 /// Digest length (CRC32C), header or data.
 pub const DIGEST_LEN: usize = 4;
-/// Most bytes of the offending PDU header a termination request carries.
-pub const TERM_REQ_MAX_DATA: usize = 152;
+/// Most bytes of the offending PDU header a termination request carries (its PLEN is at
+/// most 152: the 24-byte header and 128 bytes).
+pub const TERM_REQ_MAX_DATA: usize = 128;
 /// ICReq/ICResp digest bits.
 pub const DGST_HEADER: u8 = 1 << 0;
 pub const DGST_DATA: u8 = 1 << 1;

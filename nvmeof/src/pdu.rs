@@ -103,9 +103,22 @@ pub enum PduError {
         fei: u32,
         what: &'static str,
     },
-    /// The data digest of a data-carrying PDU did not match: fail command `cccid`.
-    #[error("data digest mismatch for command {cccid}")]
-    DataDigest { cccid: u16 },
+    /// The data digest of a data-carrying PDU did not match: its data is not to be used,
+    /// and its command fails (the header, covered by its own checks, says which).
+    #[error("data digest mismatch for command {}", .0.cccid)]
+    DataDigest(DigestFailure),
+}
+
+/// The header of a PDU whose data failed its digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestFailure {
+    pub pdu_type: u8,
+    pub cccid: u16,
+    pub ttag: u16,
+    pub offset: u32,
+    pub length: u32,
+    pub last: bool,
+    pub success: bool,
 }
 
 const fn fatal(fes: u16, fei: u32, what: &'static str) -> PduError {
@@ -243,6 +256,15 @@ pub fn check_common(
                     "PDO outside the PDU",
                 ));
             }
+            // we ask for no padding (PDA 0): data starts on a dword (TCP transport §3.6.2)
+            if has_data && pdo % 4 != 0 {
+                return Err(fatal(
+                    fes::INVALID_HEADER_FIELD,
+                    FEI_PDO,
+                    "PDO not a multiple of 4",
+                ));
+            }
+
             if !has_data && (pdo != 0 || ch.flags & flags::DDGSTF != 0) {
                 return Err(fatal(
                     fes::INVALID_HEADER_FIELD,
@@ -374,9 +396,15 @@ pub fn decode<'a>(buf: &'a [u8], dir: Direction, neg: &Negotiated) -> Result<Pdu
         pdu_type::CAPSULE_CMD => {
             let sqe = Submission::read_from_bytes(&header[8..]).expect("HLEN checked");
             if !data_digest_ok {
-                return Err(PduError::DataDigest {
+                return Err(PduError::DataDigest(DigestFailure {
+                    pdu_type: t,
                     cccid: sqe.cid.get(),
-                });
+                    ttag: 0,
+                    offset: 0,
+                    length: data.len() as u32,
+                    last: true,
+                    success: false,
+                }));
             }
             Ok(Pdu::CapsuleCmd { sqe, data })
         }
@@ -400,10 +428,18 @@ pub fn decode<'a>(buf: &'a [u8], dir: Direction, neg: &Negotiated) -> Result<Pdu
                     "data offset + length overflows",
                 ));
             }
-            if !data_digest_ok {
-                return Err(PduError::DataDigest { cccid });
-            }
             let last = ch.flags & flags::LAST_PDU != 0;
+            if !data_digest_ok {
+                return Err(PduError::DataDigest(DigestFailure {
+                    pdu_type: t,
+                    cccid,
+                    ttag: dh.ttag.get(),
+                    offset: dh.offset.get(),
+                    length: dh.length.get(),
+                    last,
+                    success: ch.flags & flags::SUCCESS != 0 && last,
+                }));
+            }
             Ok(match t {
                 pdu_type::H2C_DATA => Pdu::H2CData {
                     cccid,
@@ -701,7 +737,7 @@ mod tests {
         encode_term_req(fes::HEADER_DIGEST_ERROR, 0, &[0xee; 200], false, &mut out);
         match decode(&out, Direction::ToController, &PLAIN).unwrap() {
             Pdu::TermReq { fes, header, .. } => {
-                assert_eq!((fes, header.len()), (fes::HEADER_DIGEST_ERROR, 152));
+                assert_eq!((fes, header.len()), (fes::HEADER_DIGEST_ERROR, 128));
             }
             p => panic!("{p:?}"),
         }
@@ -850,7 +886,15 @@ mod tests {
         b[100] ^= 1; // inside the data
         assert_eq!(
             decode(&b, Direction::ToController, &DIGESTS),
-            Err(PduError::DataDigest { cccid: 42 })
+            Err(PduError::DataDigest(DigestFailure {
+                pdu_type: pdu_type::CAPSULE_CMD,
+                cccid: 42,
+                ttag: 0,
+                offset: 0,
+                length: (b.len() - 72 - 8) as u32,
+                last: true,
+                success: false,
+            }))
         );
         // the known CRC32C check value: "123456789" -> 0xe3069283
         assert_eq!(crc(b"123456789"), 0xe306_9283);

@@ -49,12 +49,23 @@ impl RxBuf {
         };
         let ch = pdu::check_common(first, self.dir, neg)?;
         let plen = ch.plen.get() as usize;
+        if plen > self.buf.len() {
+            return Err(PduError::Fatal {
+                fes: nvme_spec::tcp::fes::DATA_OUT_OF_RANGE,
+                fei: 4,
+                what: "PDU larger than the receive buffer",
+            });
+        }
         if avail.len() < plen {
             return Ok(None);
         }
-        let whole = &self.buf[self.start..self.start + plen];
-        self.start += plen;
-        pdu::decode(whole, self.dir, neg).map(Some)
+        let at = self.start;
+        let r = pdu::decode(&self.buf[at..at + plen], self.dir, neg);
+        // a fatal error leaves the bad PDU first in the buffer, for the termination request
+        if !matches!(r, Err(PduError::Fatal { .. })) {
+            self.start = at + plen;
+        }
+        r.map(Some)
     }
 
     /// The start of what is buffered (for echoing a bad header in a termination request).
@@ -90,6 +101,9 @@ impl RxBuf {
     }
 }
 
+/// Sent bytes kept at the front of the send buffer before it is compacted.
+const COMPACT_AT: usize = 1 << 20;
+
 /// Bytes queued for sending.
 #[derive(Debug, Default)]
 pub struct TxBuf {
@@ -102,6 +116,11 @@ impl TxBuf {
     pub fn out(&mut self) -> &mut Vec<u8> {
         if self.sent == self.buf.len() {
             self.buf.clear();
+            self.sent = 0;
+        } else if self.sent >= COMPACT_AT {
+            // keep only what is unsent, so a socket that never drains fully does not
+            // make the buffer grow by everything ever sent
+            self.buf.drain(..self.sent);
             self.sent = 0;
         }
         &mut self.buf
@@ -155,8 +174,10 @@ pub struct PduStream {
 
 impl PduStream {
     /// Wrap a connected socket (made non-blocking, Nagle off). `dir` is the direction of the
-    /// PDUs this side receives; `max_pdu` bounds the receive buffer (header, data, digests).
-    pub fn new(sock: TcpStream, dir: Direction, max_pdu: usize) -> std::io::Result<Self> {
+    /// PDUs this side receives; `max_data` is the most data one received PDU may carry (the
+    /// buffer adds room for the header, padding and digests).
+    pub fn new(sock: TcpStream, dir: Direction, max_data: usize) -> std::io::Result<Self> {
+        let max_pdu = max_data + 512;
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
         Ok(Self {

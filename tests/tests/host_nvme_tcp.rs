@@ -689,6 +689,52 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
     // a good in-capsule write still works
     io.write(2, 4096, Some(&data));
     assert!(status(&io.response()).is_success());
+    // H2C data with a bad digest: the write fails once its data is in, nothing hangs
+    io.write(5, 4096, None);
+    let r2t = io.read().expect("R2T");
+    let tt = u16::from_le_bytes([r2t[10], r2t[11]]);
+    let mut out = Vec::new();
+    pdu::encode(
+        &Pdu::H2CData {
+            cccid: 5,
+            ttag: tt,
+            offset: 0,
+            data: &data,
+            last: true,
+        },
+        &io.neg,
+        &mut out,
+    );
+    let last = out.len() - 1;
+    out[last] ^= 1;
+    io.s.write_all(&out).unwrap();
+    let r = io.response();
+    assert_eq!(
+        (r.cid.get(), status(&r)),
+        (5, Status::TRANSIENT_TRANSPORT_ERROR)
+    );
+    // a read whose SGL is shorter than its blocks: refused, no data beyond the 4 KiB
+    let mut rd = Submission::default();
+    rd.opcode = 0x02;
+    rd.nsid = 1.into();
+    rd.cid = 6.into();
+    rd.flags = 0x40;
+    rd.cdw12 = 31.into(); // 32 blocks = 16 KiB
+    rd.prp2 = (4096u64 | (0x5a << 56)).into();
+    io.send(&Pdu::CapsuleCmd { sqe: rd, data: &[] });
+    let r = io.response();
+    assert_eq!(
+        (r.cid.get(), status(&r)),
+        (6, Status::DATA_SGL_LENGTH_INVALID)
+    );
+    // queue management is Connect's job over a fabric
+    let mut mk = Submission::default();
+    mk.opcode = 0x01; // Create I/O SQ
+    mk.cid = 9.into();
+    mk.flags = 0x40;
+    mk.prp2 = (0x5au64 << 56).into();
+    admin.send(&Pdu::CapsuleCmd { sqe: mk, data: &[] });
+    assert_eq!(status(&admin.response()), Status::INVALID_OPCODE);
     // a write by R2T: the target asks for the data, in order
     io.write(3, 8192, None);
     let r2t = io.read().expect("R2T");

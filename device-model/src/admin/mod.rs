@@ -28,8 +28,8 @@ impl Controller {
         if sqe.fuse() != 0 {
             return Outcome::status(Status::INVALID_FIELD);
         }
-        if sqe.psdt() != 0 {
-            // PCIe admin commands use PRPs only (§4.3).
+        if sqe.psdt() != 0 && self.cfg.fabrics.is_none() {
+            // PCIe admin commands use PRPs only (§4.3); over a fabric, SGLs
             return Outcome::status(Status::INVALID_FIELD);
         }
         match sqe.opcode {
@@ -58,13 +58,15 @@ impl Controller {
         data: &[u8],
         mem: &MemoryMap,
     ) -> Status {
+        // over a fabric, admin data is described by SGLs too (base 2.0 §6: PRPs are PCIe only)
+        let sgl = self.cfg.fabrics.is_some();
         if let Err(s) = dptr::map_data(
             mem,
             sqe,
             data.len() as u64,
             self.page_size,
             true,
-            false,
+            sgl,
             &mut self.scratch,
         ) {
             return s;
@@ -74,7 +76,7 @@ impl Controller {
     }
 
     /// Copy `len` bytes of a command's host buffer into `self.bounce[..len]` (admin
-    /// commands pass `allow_sgl = false`: on PCIe they use PRPs only).
+    /// commands pass `allow_sgl = false`: on PCIe they use PRPs only; over a fabric SGLs).
     pub(crate) fn copy_from_host(
         &mut self,
         sqe: &Submission,
@@ -85,6 +87,7 @@ impl Controller {
         if len > self.bounce.len() {
             return Status::INVALID_FIELD;
         }
+        let allow_sgl = allow_sgl || self.cfg.fabrics.is_some();
         if let Err(s) = dptr::map_data(
             mem,
             sqe,

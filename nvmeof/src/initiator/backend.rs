@@ -168,7 +168,7 @@ impl TcpBackend {
             self.waiting.push_front(u);
         }
         if report {
-            self.session.report_lost();
+            self.session.report_lost(self.seen_generation);
         }
     }
 

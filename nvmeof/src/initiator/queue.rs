@@ -169,13 +169,13 @@ impl HostQueue {
                 source,
             }
         })?;
-        let max_pdu = MAX_TRANSFER + 256;
-        let mut stream = PduStream::new(sock, Direction::ToHost, max_pdu).map_err(|source| {
-            QueueError::Connect {
-                addr: p.addr,
-                source,
-            }
-        })?;
+        let mut stream =
+            PduStream::new(sock, Direction::ToHost, MAX_TRANSFER).map_err(|source| {
+                QueueError::Connect {
+                    addr: p.addr,
+                    source,
+                }
+            })?;
         let want = if p.header_digest { DGST_HEADER } else { 0 }
             | if p.data_digest { DGST_DATA } else { 0 };
         stream.tx.push(
@@ -192,16 +192,16 @@ impl HostQueue {
             match stream.rx.next_pdu(&Negotiated::default()) {
                 Ok(Some(Pdu::IcResp {
                     pfv: 0,
-                    cpda,
+                    cpda: 0,
                     dgst,
                     maxh2cdata,
-                })) if cpda <= 31 => {
+                })) => {
                     break (dgst, maxh2cdata);
                 }
                 Ok(Some(Pdu::IcResp { .. })) => {
                     stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
                     return Err(StreamError::Unexpected(
-                        "ICResp with an unsupported PDU format version",
+                        "ICResp with a PDU format version or data alignment (CPDA) we do not support",
                     )
                     .into());
                 }
@@ -232,7 +232,8 @@ impl HostQueue {
             max_data: MAX_TRANSFER as u32,
         };
         let peer = stream.peer();
-        let depth = entries.max(2);
+        // an SQ of `entries` holds entries - 1 commands (base 2.0 §3.3.1.5)
+        let depth = entries.max(2) - 1;
         let mut q = Self {
             stream,
             qid,
@@ -375,9 +376,22 @@ impl HostQueue {
             let pdu = match self.stream.rx.next_pdu(&neg) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(PduError::DataDigest { cccid }) => {
-                    if let Some(c) = self.cmds.get_mut(cccid as usize).filter(|c| c.active) {
+                Err(PduError::DataDigest(f)) => {
+                    let cid = f.cccid;
+                    if let Some(c) = self.cmds.get_mut(cid as usize).filter(|c| c.active) {
                         c.digest_error = true;
+                        // no response capsule follows a C2HData with SUCCESS: fail it now
+                        if f.success {
+                            let tag = c.tag;
+                            c.active = false;
+                            self.free.push(cid);
+                            done(Completed {
+                                tag,
+                                status: Status::DATA_TRANSFER_ERROR,
+                                result: 0,
+                            });
+                            n += 1;
+                        }
                     }
                     continue;
                 }
@@ -537,13 +551,18 @@ impl HostQueue {
         let mut got = None;
         let mut others = Vec::new();
         loop {
-            self.poll(&mut |c| {
+            let polled = self.poll(&mut |c| {
                 if c.tag == SYNC_TAG {
                     got = Some(c);
                 } else {
                     others.push(c);
                 }
-            })?;
+            });
+            if let Err(e) = polled {
+                // completions seen meanwhile are not lost with the connection
+                self.stash = others;
+                return Err(e);
+            }
             if let Some(c) = got {
                 self.stash = others;
                 return Ok(c);

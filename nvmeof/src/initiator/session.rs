@@ -105,11 +105,15 @@ pub(crate) fn establish(
     let mdts = ctrl[77];
     let oncs = u16::from_le_bytes([ctrl[520], ctrl[521]]);
     let mps_min = 4096usize << ((cap >> 48) & 0xf);
-    let max_transfer = if mdts == 0 {
-        MAX_TRANSFER
-    } else {
-        (mps_min << mdts).min(MAX_TRANSFER)
+    // MDTS comes from the target: a shift past our own limit is our limit
+    let max_transfer = match u32::from(mdts) {
+        0 => MAX_TRANSFER,
+        m => mps_min
+            .checked_shl(m)
+            .filter(|&b| b != 0 && b <= MAX_TRANSFER)
+            .unwrap_or(MAX_TRANSFER),
     };
+    let maxcmd = u16::from_le_bytes([ctrl[514], ctrl[515]]);
     let ioccsz = u32::from_le_bytes(
         ctrl[identify_fabrics::IOCCSZ..identify_fabrics::IOCCSZ + 4]
             .try_into()
@@ -138,7 +142,12 @@ pub(crate) fn establish(
         ));
     }
     let mqes = (cap & 0xffff) as u16;
-    let entries = url.queue_size.min(mqes.saturating_add(1)).max(2);
+    let mut entries = url.queue_size.min(mqes.saturating_add(1));
+    if maxcmd > 0 {
+        // MAXCMD bounds the commands outstanding; an SQ of n entries holds n - 1
+        entries = entries.min(maxcmd.saturating_add(1));
+    }
+    let entries = entries.max(2);
     // Number of Queues (feature 07h): ask for what the URL wants, take what is granted
     let want = u32::from(url.nr_io_queues.max(1)) - 1;
     let granted = admin
@@ -205,7 +214,7 @@ pub(crate) fn establish_any(
 struct Handover {
     /// Fresh I/O queues for the backend, after a reconnect.
     io: Option<Vec<HostQueue>>,
-    /// The backend saw its I/O connection fail.
+    /// The backend saw the I/O connections of the current generation fail.
     lost: bool,
     /// Past `ctrl_loss_tmo`: give up.
     failed: bool,
@@ -268,10 +277,14 @@ impl Session {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    /// The backend's I/O connection failed: reconnect.
-    pub(crate) fn report_lost(&self) {
-        self.handover.lock().expect("session lock").lost = true;
-        self.wake.notify_all();
+    /// The backend's I/O connections of generation `seen` failed: reconnect. A report
+    /// about connections already replaced is ignored.
+    pub(crate) fn report_lost(&self, seen: u64) {
+        let mut h = self.handover.lock().expect("session lock");
+        if seen == self.generation() && h.io.is_none() {
+            h.lost = true;
+            self.wake.notify_all();
+        }
     }
 
     /// Take what the supervisor handed over: a fresh queue, and whether the session failed.
@@ -370,9 +383,15 @@ impl Supervisor {
                             );
                         }
                         self.path = e.path;
-                        s.handover.lock().expect("session lock").io = Some(e.io);
+                        {
+                            // hand over and start a new generation under one lock, so a
+                            // late report about the old connections cannot count
+                            let mut h = s.handover.lock().expect("session lock");
+                            h.io = Some(e.io);
+                            h.lost = false;
+                            s.generation.fetch_add(1, Ordering::AcqRel);
+                        }
                         s.reconnects.fetch_add(1, Ordering::Relaxed);
-                        s.generation.fetch_add(1, Ordering::AcqRel);
                         log::info!(
                             "nvme-tcp {}: reconnected after {:?}",
                             self.url.paths[self.path],
@@ -397,8 +416,9 @@ impl Supervisor {
                     return;
                 }
                 let wait_until = Instant::now() + self.url.reconnect_delay;
+                // a plain sleep: a loss reported meanwhile is already being handled
                 while Instant::now() < wait_until && !self.stopped() {
-                    s.nap(TICK);
+                    std::thread::sleep(TICK);
                     s.tick.fetch_add(1, Ordering::Relaxed);
                 }
             }

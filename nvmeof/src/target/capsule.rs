@@ -16,6 +16,16 @@ use super::discovery::Answer;
 use super::event_loop::Target;
 use super::{Owner, Slot};
 
+/// Admin opcodes with no meaning over a fabric: Delete/Create I/O SQ/CQ, Doorbell Buffer
+/// Config.
+const PCIE_ONLY: [u8; 5] = [
+    op::DELETE_IO_SQ,
+    op::CREATE_IO_SQ,
+    op::DELETE_IO_CQ,
+    op::CREATE_IO_CQ,
+    op::DOORBELL_BUFFER_CONFIG,
+];
+
 /// Where a command's data is: `len` bytes, in the capsule or to be moved by PDUs.
 pub(super) struct DataDesc {
     pub len: usize,
@@ -115,6 +125,11 @@ impl Target {
     /// A command for an exported controller's queue `qid`.
     fn host_command(&mut self, i: usize, e: usize, qid: u16, sqe: Submission, data: &[u8]) {
         let cid = sqe.cid.get();
+        if qid == 0 && PCIE_ONLY.contains(&sqe.opcode) {
+            // queues are created by Connect, doorbells are PCIe registers (base 2.0 §6)
+            self.respond(i, cid, Status::INVALID_OPCODE, 0);
+            return;
+        }
         let slot_bytes = self.exports[e].host.slot_bytes();
         let desc = match data_desc(&sqe, data) {
             Ok(d) => d,
@@ -146,6 +161,11 @@ impl Target {
         let Some(q) = assoc.queues[qid as usize].as_mut() else {
             return;
         };
+        if !q.live {
+            // the controller was disabled under this queue (CC.EN = 0)
+            self.respond(i, cid, Status::COMMAND_SEQUENCE_ERROR, 0);
+            return;
+        }
         if q.cid_taken(cid) {
             self.respond(i, cid, Status::CID_CONFLICT, 0);
             return;
@@ -173,6 +193,10 @@ impl Target {
         };
         if to_ctrl && desc.in_capsule {
             self.exports[e].host.slot_buf(qid, slot)[..len].copy_from_slice(data);
+        } else if to_host {
+            // all `len` bytes go back to this host, even if the command moves fewer:
+            // nothing left in the slot by an earlier command may go with them
+            self.exports[e].host.slot_buf(qid, slot)[..len].fill(0);
         }
         if awaiting {
             if let Some(c) = self.conns[i].as_mut() {
@@ -287,9 +311,13 @@ impl Target {
         }
     }
 
-    /// A data digest failed on a PDU of command `cccid`: the command fails with Transient
-    /// Transport Error once its data is in (or at once, for in-capsule data).
-    pub fn data_digest_error(&mut self, i: usize, cccid: u16) {
+    /// A data digest failed: the command fails with Transient Transport Error, for H2C data
+    /// once all of its data is in (the bad PDU still counts, its bytes unused).
+    pub fn data_digest_error(&mut self, i: usize, f: &crate::pdu::DigestFailure) {
+        if f.pdu_type != nvme_spec::tcp::pdu_type::H2C_DATA {
+            self.respond(i, f.cccid, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+            return;
+        }
         if let Some(&Role::Queue { export: e, qid }) = self.conns[i].as_ref().map(|c| &c.role)
             && let Some(q) = self.exports[e]
                 .assoc
@@ -297,13 +325,17 @@ impl Target {
                 .and_then(|a| a.queues[qid as usize].as_mut())
             && let Some(s) = q
                 .slots
-                .iter_mut()
-                .find(|s| s.owner == Owner::Host { cid: cccid } && s.awaiting_data)
+                .get_mut(f.ttag as usize)
+                .filter(|s| s.owner == Owner::Host { cid: f.cccid } && s.awaiting_data)
         {
             s.digest_failed = true;
-            return;
         }
-        self.respond(i, cccid, Status::TRANSIENT_TRANSPORT_ERROR, 0);
+        // the same checks and accounting as good data (a bad ttag or offset is fatal)
+        let mut zeros = std::mem::take(&mut self.scratch);
+        zeros.clear();
+        zeros.resize(f.length as usize, 0);
+        self.h2c_data(i, f.cccid, f.ttag, f.offset, &zeros, f.last);
+        self.scratch = zeros;
     }
 
     /// Answer command `cid` on connection `i` with a response capsule.

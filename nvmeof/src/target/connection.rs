@@ -30,4 +30,6 @@ pub(super) struct Conn {
     pub hostnqn: String,
     /// Closing: stop reading; drop once the last bytes are sent.
     pub closing: bool,
+    /// When it was accepted (set-up timeout).
+    pub since: std::time::Instant,
 }

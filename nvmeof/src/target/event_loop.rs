@@ -18,6 +18,12 @@ use super::{Export, ExportSpec, INLINE_DATA};
 
 /// Keep Alive is checked this often; a host gets KATO plus this much grace.
 const KATO_CHECK: Duration = Duration::from_millis(100);
+/// Connections at once (each has a receive buffer of the largest PDU).
+const MAX_CONNECTIONS: usize = 256;
+/// Time allowed from accept to a finished Connect.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unsent bytes a connection may have queued before its PDUs are no longer read.
+const TX_BACKLOG: usize = 8 << 20;
 
 pub(super) struct Target {
     pub listeners: Vec<(TcpListener, SocketAddr)>,
@@ -48,6 +54,7 @@ impl Target {
             if last_kato.elapsed() >= KATO_CHECK {
                 last_kato = Instant::now();
                 self.check_keep_alive();
+                self.check_setup_timeouts();
             }
             if work > 0 {
                 idle_rounds = 0;
@@ -119,8 +126,15 @@ impl Target {
                 let local = *local;
                 match l.accept() {
                     Ok((sock, peer)) => {
-                        let max_pdu = INLINE_DATA.max(self.max_slot_bytes()) + 256;
-                        match PduStream::new(sock, Direction::ToController, max_pdu) {
+                        if self.conns.iter().flatten().count() >= MAX_CONNECTIONS {
+                            log::warn!(
+                                "nvme-tcp target: {peer}: {MAX_CONNECTIONS} connections already; refused"
+                            );
+                            drop(sock);
+                            continue;
+                        }
+                        let max_data = INLINE_DATA.max(self.max_slot_bytes());
+                        match PduStream::new(sock, Direction::ToController, max_data) {
                             Ok(stream) => {
                                 log::debug!("nvme-tcp target: connection from {peer}");
                                 let c = Conn {
@@ -129,6 +143,7 @@ impl Target {
                                     local,
                                     hostnqn: String::new(),
                                     closing: false,
+                                    since: Instant::now(),
                                 };
                                 match self.conns.iter().position(Option::is_none) {
                                     Some(i) => self.conns[i] = Some(c),
@@ -187,13 +202,17 @@ impl Target {
             if c.closing {
                 return n;
             }
+            // backpressure: a host that does not read its responses gets no more served
+            if c.stream.tx.pending() > TX_BACKLOG {
+                break;
+            }
             let neg = c.stream.neg;
             let pdu = match c.stream.rx.next_pdu(&neg) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(PduError::DataDigest { cccid }) => {
+                Err(PduError::DataDigest(f)) => {
                     n += 1;
-                    self.data_digest_error(i, cccid);
+                    self.data_digest_error(i, &f);
                     continue;
                 }
                 Err(PduError::Fatal { fes, fei, what }) => {
@@ -361,6 +380,19 @@ impl Target {
             && t.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Connections that have not finished ICReq and Connect in time are closed.
+    fn check_setup_timeouts(&mut self) {
+        for i in 0..self.conns.len() {
+            let stale = self.conns[i].as_ref().is_some_and(|c| {
+                matches!(c.role, Role::Initializing | Role::AwaitingConnect)
+                    && c.since.elapsed() > SETUP_TIMEOUT
+            });
+            if stale {
+                self.close(i, "no ICReq and Connect in time");
+            }
         }
     }
 

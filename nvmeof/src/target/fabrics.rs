@@ -83,10 +83,14 @@ impl Target {
                 if !matches!(offset, reg::CAP | reg::VS | reg::CC | reg::CSTS) {
                     return (Status::INVALID_FIELD, 0);
                 }
-                let v = self.exports[export]
+                let mut v = self.exports[export]
                     .spec
                     .handle
                     .read_register(offset, if eight { 8 } else { 4 });
+                if offset == reg::CAP {
+                    // MQES: the queue size Connect accepts, not the controller's own
+                    v = (v & !0xffff) | u64::from(QUEUE_DEPTH - 1);
+                }
                 (Status::SUCCESS, v)
             }
             Role::Queue { .. } => (Status::INVALID_FIELD, 0),

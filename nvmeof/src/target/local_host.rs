@@ -5,8 +5,9 @@
 //! the controller's own handling (admin, NVM, namespaces, backends): one implementation,
 //! two transports.
 //!
-//! Each slot's buffer is `slot_bytes` long with a prebuilt PRP list, so a command's data
-//! pointer is set without any work per command.
+//! Each slot's buffer is `slot_bytes` long; a command's data pointer is one SGL Data Block
+//! descriptor of the length the host gave, so the controller fails a command whose own
+//! transfer length is larger (as over any fabric) instead of reading past it.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -85,8 +86,7 @@ impl LocalHost {
     ) -> Result<Self, LocalHostError> {
         let ring_bytes = u64::from(depth) * 64 + u64::from(depth) * 16;
         let ring_pages = ring_bytes.div_ceil(PAGE) * PAGE;
-        // each slot: its data, then one page of PRP list
-        let slot_stride = slot_bytes as u64 + PAGE;
+        let slot_stride = slot_bytes as u64;
         let per_queue = ring_pages + u64::from(depth) * slot_stride;
         let total = per_queue * queues as u64;
         // SAFETY: memfd_create with a static NUL-terminated name; result checked.
@@ -119,7 +119,7 @@ impl LocalHost {
                 data: start + ring_pages,
             });
         }
-        let mut host = Self {
+        let host = Self {
             mem,
             doorbells,
             base,
@@ -130,18 +130,6 @@ impl LocalHost {
             slot_stride,
             _fd: fd,
         };
-        // prebuilt PRP lists: entry i of slot s's list points at page i + 1 of its buffer
-        for q in 0..queues {
-            for s in 0..depth {
-                let buf = host.slot_iova(q as u16, s as u16);
-                let list = buf + slot_bytes as u64;
-                let pages = slot_bytes as u64 / PAGE;
-                for i in 1..pages {
-                    let e = (buf + i * PAGE).to_le_bytes();
-                    host.bytes_mut(list + (i - 1) * 8, 8).copy_from_slice(&e);
-                }
-            }
-        }
         Ok(host)
     }
 
@@ -199,19 +187,13 @@ impl LocalHost {
         self.bytes_mut(iova, n)
     }
 
-    /// Point `sqe`'s data pointer at the first `len` bytes of the slot's buffer (PRPs).
+    /// Point `sqe`'s data pointer at the first `len` bytes of the slot's buffer: one SGL
+    /// Data Block descriptor (PSDT 01b).
     pub fn set_data(&self, sqe: &mut Submission, qid: u16, slot: u16, len: usize) {
-        sqe.flags &= 0x3; // PSDT 00b: PRPs
-        let buf = self.slot_iova(qid, slot);
-        sqe.prp1 = buf.into();
-        sqe.prp2 = if len as u64 <= PAGE {
-            0
-        } else if len as u64 <= 2 * PAGE {
-            buf + PAGE
-        } else {
-            buf + self.slot_bytes as u64
-        }
-        .into();
+        sqe.flags = (sqe.flags & 0x3) | 0x40;
+        sqe.prp1 = self.slot_iova(qid, slot).into();
+        // length in bytes 8..11, descriptor type Data Block (0) in byte 15
+        sqe.prp2 = (len as u32 as u64).into();
     }
 
     /// Place `sqe` (its CID = the slot) in queue `qid`'s SQ; ring with [`ring`](Self::ring).
