@@ -237,6 +237,15 @@ impl Controller {
     }
 
     /// Event counters, shared with the control plane.
+    /// Each namespace's ID and LBA data size as a power of two.
+    pub fn lba_shifts(&self) -> Vec<(u32, u8)> {
+        self.namespaces
+            .iter()
+            .map(|n| (n.nsid, n.lba_shift))
+            .collect()
+    }
+
+    /// Event counters.
     pub fn stats(&self) -> Arc<ControllerStats> {
         Arc::clone(&self.stats)
     }

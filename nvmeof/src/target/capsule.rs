@@ -152,6 +152,20 @@ impl Target {
             self.respond(i, cid, Status::INVALID_FIELD, 0);
             return;
         }
+        // a Read moves exactly its blocks: an SGL of another length is refused here, as
+        // nvmet does (a longer one would send back bytes the command never wrote)
+        let mut exact = false;
+        if qid > 0 && sqe.opcode == nvme_spec::opcode::nvm::READ {
+            let nsid = sqe.nsid.get();
+            if let Some(&(_, shift)) = self.exports[e].lba_shifts.iter().find(|n| n.0 == nsid) {
+                let blocks = u64::from(sqe.cdw12.get() & 0xffff) + 1;
+                if blocks << shift != len as u64 {
+                    self.respond(i, cid, Status::DATA_SGL_LENGTH_INVALID, 0);
+                    return;
+                }
+                exact = true;
+            }
+        }
         let Some(assoc) = self.exports[e].assoc.as_mut() else {
             return;
         };
@@ -193,7 +207,7 @@ impl Target {
         };
         if to_ctrl && desc.in_capsule {
             self.exports[e].host.slot_buf(qid, slot)[..len].copy_from_slice(data);
-        } else if to_host {
+        } else if to_host && !exact {
             // all `len` bytes go back to this host, even if the command moves fewer:
             // nothing left in the slot by an earlier command may go with them
             self.exports[e].host.slot_buf(qid, slot)[..len].fill(0);

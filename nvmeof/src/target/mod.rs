@@ -200,6 +200,8 @@ struct Export {
     spec: ExportSpec,
     host: LocalHost,
     assoc: Option<Association>,
+    /// Namespace IDs and LBA sizes (log2), for checking a Read's length against its SGL.
+    lba_shifts: Vec<(u32, u8)>,
 }
 
 /// The running target.
@@ -259,10 +261,12 @@ impl TcpTarget {
                 nqn: spec.nqn.clone(),
                 source,
             })?;
+            let lba_shifts = spec.handle.with(|c| c.lba_shifts()).unwrap_or_default();
             built.push(Export {
                 spec,
                 host,
                 assoc: None,
+                lba_shifts,
             });
         }
         let stop = Arc::new(AtomicBool::new(false));
