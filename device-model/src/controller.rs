@@ -42,6 +42,9 @@ pub struct ControllerConfig {
     /// Set when the controller is exported over NVMe over Fabrics: what Identify
     /// Controller reports in its fabrics fields.
     pub fabrics: Option<FabricsIdentify>,
+    /// Power-on IOPS and bandwidth limits (changed at run time through
+    /// [`Controller::qos_control`]).
+    pub qos: crate::qos::QosLimits,
 }
 
 /// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
@@ -70,6 +73,7 @@ impl Default for ControllerConfig {
             subnqn: "nqn.2026-11.io.vnvme:default".into(),
             irq_coalescing: Coalescing::default(),
             fabrics: None,
+            qos: crate::qos::QosLimits::default(),
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Controller {
     pub(crate) bounce: Vec<u8>,
     done: Vec<(u64, Status)>,
     warned_doorbell: bool,
+    pub(crate) qos: crate::qos::Qos,
+    qos_control: Arc<crate::qos::QosControl>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -163,6 +169,7 @@ impl Controller {
         namespaces: Vec<Namespace>,
     ) -> Self {
         let nq = cfg.max_io_queues.clamp(1, crate::pci::MSIX_VECTORS - 1) as usize + 1;
+        let qos = cfg.qos;
         let mdts_bytes = 4096usize << cfg.mdts;
         Self {
             features: Features::new(&cfg),
@@ -192,6 +199,8 @@ impl Controller {
             bounce: vec![0; mdts_bytes],
             done: Vec::with_capacity(1024),
             warned_doorbell: false,
+            qos: crate::qos::Qos::default(),
+            qos_control: Arc::new(crate::qos::QosControl::new(qos)),
         }
     }
 
@@ -237,6 +246,11 @@ impl Controller {
     }
 
     /// Event counters, shared with the control plane.
+    /// The handle that changes this controller's QoS limits at run time.
+    pub fn qos_control(&self) -> Arc<crate::qos::QosControl> {
+        Arc::clone(&self.qos_control)
+    }
+
     /// Each namespace's ID and LBA data size as a power of two.
     pub fn lba_shifts(&self) -> Vec<(u32, u8)> {
         self.namespaces
@@ -560,11 +574,18 @@ impl Controller {
             return 0;
         }
         let mut n = 0;
+        if qid != 0 {
+            self.qos.sync(&self.qos_control);
+        }
         while n < FETCH_BUDGET {
             let Some(sq) = self.sqs[qid as usize].as_mut() else {
                 break;
             };
             if !sq.has_work() || sq.free.is_empty() {
+                break;
+            }
+            // QoS holds I/O commands in the SQ until their tokens are there
+            if qid != 0 && !self.qos.admit() {
                 break;
             }
             let cqid = sq.cqid as usize;
@@ -586,6 +607,9 @@ impl Controller {
                 }
             };
             cq.reserved += 1;
+            if qid != 0 {
+                self.qos.charge_op();
+            }
             let slot = sq.free.pop().unwrap_or_default();
             let ctx = &mut sq.slots[slot as usize];
             ctx.cid = sqe.cid.get();

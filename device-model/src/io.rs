@@ -92,6 +92,7 @@ impl Controller {
         if len > self.max_transfer() {
             return Outcome::status(Status::INVALID_FIELD);
         }
+        self.qos.charge_bytes(len);
         let is_read = sqe.opcode == op::READ;
         let fua = sqe.cdw12.get() & (1 << 30) != 0;
         let page_size = self.page_size;

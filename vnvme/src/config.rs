@@ -15,6 +15,8 @@
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
 //! tcp_controllers = 2            # host associations at once (one controller each)
+//! iops_limit = 20000             # QoS (any controller): I/O commands per second
+//! bandwidth_limit = "200M"       # QoS: data bytes per second
 //! [[controller.namespace]]
 //! backend = "file:/var/lib/vnvme/disk1.img"
 //! ```
@@ -82,6 +84,10 @@ pub struct ControllerSpec {
     /// NVMe/TCP controllers in the subsystem, one per host association (default 2; 1 for
     /// `nvme:` namespaces, which cannot be shared).
     pub tcp_controllers: Option<usize>,
+    /// QoS: I/O commands per second (each of the entry's controllers).
+    pub iops_limit: Option<u64>,
+    /// QoS: data bytes per second, with a K/M/G suffix (e.g. "100M").
+    pub bandwidth_limit: Option<String>,
     pub serial: Option<String>,
     pub model: Option<String>,
     pub vendor_id: Option<u16>,
@@ -192,6 +198,8 @@ impl Config {
             nqn,
             allowed_hosts,
             tcp_controllers: None,
+            iops_limit: None,
+            bandwidth_limit: None,
             serial,
             model: None,
             vendor_id: None,

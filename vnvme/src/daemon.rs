@@ -11,7 +11,7 @@ use device_model::backend::{Backend, SharedBackend};
 use device_model::pci::PciIds;
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
-    GuestMemory, Namespace, PollMode,
+    GuestMemory, Namespace, PollMode, QosControl, QosLimits,
 };
 use nvmeof::target::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
@@ -55,6 +55,8 @@ pub struct Daemon {
     transfers: Vec<Vec<(u32, Arc<TransferStats>)>>,
     memory: Vec<Arc<GuestMemory>>,
     targets: Vec<TcpTarget>,
+    /// QoS handles of each entry's controllers.
+    qos: Vec<Vec<Arc<QosControl>>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -73,6 +75,7 @@ struct Built {
     doorbells: Arc<Doorbells>,
     ids: PciIds,
     stats: Arc<ControllerStats>,
+    qos: Arc<QosControl>,
     nqn: String,
     max_io_queues: u16,
     mdts: u8,
@@ -169,6 +172,13 @@ fn build_controller(
         cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
     }
     cfg.cntlid = cntlid;
+    cfg.qos = QosLimits {
+        iops: spec.iops_limit,
+        bytes_per_sec: spec
+            .bandwidth_limit
+            .as_deref()
+            .and_then(crate::backend_spec::parse_size),
+    };
     cfg.subnqn = spec
         .nqn
         .clone()
@@ -196,6 +206,7 @@ fn build_controller(
     let name = format!("reactor-{index}{}", if tcp { "-tcp" } else { "" });
     let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
     let stats = ctrl.stats();
+    let qos = ctrl.qos_control();
     let mode = if poll == PollSetting::Busy {
         PollMode::Busy
     } else {
@@ -209,6 +220,7 @@ fn build_controller(
         doorbells,
         ids,
         stats,
+        qos,
         nqn,
         max_io_queues,
         mdts,
@@ -239,6 +251,7 @@ impl Daemon {
             transfers: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
+            qos: Vec::new(),
         };
         // `nvme:` namespaces on the same device share it (each on its own queue pair)
         let mut devices = DeviceRegistry::default();
@@ -274,6 +287,7 @@ impl Daemon {
                 vec![opened.backends]
             };
             let mut stats = None;
+            let mut qos = Vec::new();
             if let Some(socket) = spec.socket.clone() {
                 let b = build_controller(
                     index,
@@ -285,6 +299,7 @@ impl Daemon {
                     cfg.poll,
                 )?;
                 stats = Some(b.stats);
+                qos.push(b.qos);
                 let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
                 let mut server = Server::bind(&socket, device, Arc::clone(&stop))
                     .map_err(|source| DaemonError::Server { index, source })?;
@@ -315,6 +330,7 @@ impl Daemon {
                         cfg.poll,
                     )?;
                     stats.get_or_insert(b.stats);
+                    qos.push(b.qos);
                     let export = ExportSpec {
                         nqn: b.nqn,
                         allowed_hosts: spec.allowed_hosts.clone(),
@@ -332,6 +348,7 @@ impl Daemon {
                 }
             }
             daemon.stats.extend(stats);
+            daemon.qos.push(qos);
         }
         for (addr, list) in exports {
             let sa: SocketAddr = addr
@@ -365,6 +382,23 @@ impl Daemon {
     /// DMA regions the client of controller `index` has mapped right now.
     pub fn dma_regions(&self, index: usize) -> Option<usize> {
         Some(self.memory.get(index)?.snapshot().regions().len())
+    }
+
+    /// Change the QoS limits of entry `index`'s controllers at run time (false: no such
+    /// entry).
+    pub fn set_qos(&self, index: usize, limits: QosLimits) -> bool {
+        let Some(cs) = self.qos.get(index) else {
+            return false;
+        };
+        for c in cs {
+            c.set(limits);
+        }
+        true
+    }
+
+    /// The QoS limits of entry `index`.
+    pub fn qos(&self, index: usize) -> Option<QosLimits> {
+        self.qos.get(index)?.first().map(|c| c.get())
     }
 
     /// Addresses the NVMe/TCP targets listen on (ports chosen when 0 was configured).

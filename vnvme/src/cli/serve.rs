@@ -39,6 +39,12 @@ pub struct ServeArgs {
     /// power-on interrupt coalescing ENTRIES/MICROSECONDS, e.g. 8/100 (default: off)
     #[arg(long, conflicts_with = "config")]
     pub irq_coalescing: Option<String>,
+    /// QoS: I/O commands per second
+    #[arg(long, value_name = "N", conflicts_with = "config")]
+    pub iops_limit: Option<u64>,
+    /// QoS: data bytes per second, e.g. 100M
+    #[arg(long, value_name = "SIZE", conflicts_with = "config")]
+    pub bw_limit: Option<String>,
     /// TOML configuration with one or more [[controller]] tables
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -69,9 +75,10 @@ impl ServeArgs {
                     self.block_size,
                     self.poll,
                 )?;
-                cfg.controllers[0]
-                    .irq_coalescing
-                    .clone_from(&self.irq_coalescing);
+                let c = &mut cfg.controllers[0];
+                c.irq_coalescing.clone_from(&self.irq_coalescing);
+                c.iops_limit = self.iops_limit;
+                c.bandwidth_limit.clone_from(&self.bw_limit);
                 cfg.validate()?;
                 cfg
             }
