@@ -8,19 +8,8 @@ use std::time::{Duration, Instant};
 use device_model::backend::{Backend, IoOp, IoRequest};
 use nvme_spec::Status;
 
+use super::rng::Rng;
 use super::{Histogram, JobResult, Pattern, PerfError, PerfOptions, Report, clock};
-
-/// xorshift64* for offsets and the read/write mix.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// Run `opts` against `b` (one worker, no verification).
 pub fn run(

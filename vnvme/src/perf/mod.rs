@@ -9,6 +9,7 @@
 pub mod backend_job;
 pub mod clock;
 pub mod histogram;
+mod rng;
 mod worker;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use host_driver::Controller;
 
 pub use histogram::Histogram;
+pub use rng::Rng;
 use worker::Job;
 
 /// Access pattern (`-w`).

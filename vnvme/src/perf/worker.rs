@@ -7,19 +7,8 @@ use std::time::{Duration, Instant};
 
 use host_driver::{DmaBuffer, DmaMemory, DriverError, IoQueuePair, NamespaceInfo};
 
+use super::rng::Rng;
 use super::{Histogram, JobResult, Pattern, PerfOptions, clock};
-
-/// xorshift64*: cheap, per job.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// A command in flight: when, where, which direction.
 #[derive(Clone, Copy)]
