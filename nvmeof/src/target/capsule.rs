@@ -271,11 +271,7 @@ impl Target {
             self.fatal(i, fes::PDU_SEQUENCE_ERROR, 0, "H2CData before Connect");
             return;
         };
-        let Some(q) = self.exports[e]
-            .assoc
-            .as_mut()
-            .and_then(|a| a.queues[qid as usize].as_mut())
-        else {
+        let Some(q) = self.exports[e].queue_mut(qid) else {
             return;
         };
         let Some(s) = q
@@ -333,10 +329,7 @@ impl Target {
             return;
         }
         if let Some(&Role::Queue { export: e, qid }) = self.conns[i].as_ref().map(|c| &c.role)
-            && let Some(q) = self.exports[e]
-                .assoc
-                .as_mut()
-                .and_then(|a| a.queues[qid as usize].as_mut())
+            && let Some(q) = self.exports[e].queue_mut(qid)
             && let Some(s) = q
                 .slots
                 .get_mut(f.ttag as usize)

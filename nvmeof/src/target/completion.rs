@@ -44,11 +44,7 @@ impl Target {
 
     fn completed(&mut self, e: usize, qid: u16, cqe: &Completion) {
         let slot = cqe.cid.get();
-        let Some(q) = self.exports[e]
-            .assoc
-            .as_mut()
-            .and_then(|a| a.queues[qid as usize].as_mut())
-        else {
+        let Some(q) = self.exports[e].queue_mut(qid) else {
             return;
         };
         let Some(s) = q.slots.get(slot as usize).copied() else {
@@ -84,11 +80,7 @@ impl Target {
                     create.prp1 = self.exports[e].host.ring_iovas(ioq).0.into();
                     create.cdw10 = (u32::from(ioq) | ((size - 1) << 16)).into();
                     create.cdw11 = (1 | (u32::from(ioq) << 16)).into();
-                    if let Some(q) = self.exports[e]
-                        .assoc
-                        .as_mut()
-                        .and_then(|a| a.queues[0].as_mut())
-                    {
+                    if let Some(q) = self.exports[e].queue_mut(0) {
                         q.slots[slot as usize] = Slot {
                             owner: Owner::CreateSq { conn, qid: ioq },
                             sqe: create,
@@ -110,19 +102,13 @@ impl Target {
 
     fn io_queue_size(&self, e: usize, qid: u16) -> u32 {
         self.exports[e]
-            .assoc
-            .as_ref()
-            .and_then(|a| a.queues[qid as usize].as_ref())
+            .queue(qid)
             .map_or(2, |q| q.slots.len() as u32 + 1)
     }
 
     /// Slot `slot` of queue `qid` is free again (and the host's CID with it).
     fn free_slot(&mut self, e: usize, qid: u16, slot: u16, cid: Option<u16>) {
-        if let Some(q) = self.exports[e]
-            .assoc
-            .as_mut()
-            .and_then(|a| a.queues[qid as usize].as_mut())
-        {
+        if let Some(q) = self.exports[e].queue_mut(qid) {
             q.slots[slot as usize] = Slot::default();
             q.free.push(slot);
             if let Some(c) = cid {
@@ -133,11 +119,7 @@ impl Target {
 
     /// Complete a host command in `slot` without running it (its data failed a digest).
     pub fn finish_host_slot(&mut self, e: usize, qid: u16, slot: u16, status: Status) {
-        let Some(q) = self.exports[e]
-            .assoc
-            .as_ref()
-            .and_then(|a| a.queues[qid as usize].as_ref())
-        else {
+        let Some(q) = self.exports[e].queue(qid) else {
             return;
         };
         let (conn, owner) = (q.conn, q.slots[slot as usize].owner);
@@ -154,11 +136,7 @@ impl Target {
     /// its Connect.
     fn connect_done(&mut self, e: usize, conn: usize, qid: u16, status: Status) {
         let cntlid = self.exports[e].spec.cntlid;
-        let Some(q) = self.exports[e]
-            .assoc
-            .as_mut()
-            .and_then(|a| a.queues[qid as usize].as_mut())
-        else {
+        let Some(q) = self.exports[e].queue_mut(qid) else {
             return;
         };
         let cid = q.connect_cid;

@@ -204,6 +204,18 @@ struct Export {
     lba_shifts: Vec<(u32, u8)>,
 }
 
+impl Export {
+    /// Queue `qid` of the current association.
+    fn queue(&self, qid: u16) -> Option<&QueueState> {
+        self.assoc.as_ref()?.queues.get(qid as usize)?.as_ref()
+    }
+
+    /// Queue `qid` of the current association, to change.
+    fn queue_mut(&mut self, qid: u16) -> Option<&mut QueueState> {
+        self.assoc.as_mut()?.queues.get_mut(qid as usize)?.as_mut()
+    }
+}
+
 /// The running target.
 pub struct TcpTarget {
     stop: Arc<AtomicBool>,

@@ -55,15 +55,7 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
         args.cores
     );
     let mut ctrl = target.open(args.dma_mib << 20, 128)?;
-    let opts = PerfOptions {
-        queue_depth: args.queue_depth,
-        io_size: args.io_size,
-        pattern: args.pattern,
-        read_percent: args.mix,
-        duration: Duration::from_secs_f64(args.time),
-        workers: args.cores,
-        verify: args.verify,
-    };
+    let opts = options(args);
     let mut last = (Duration::ZERO, 0u64);
     let report = perf::run(&mut ctrl, &opts, |elapsed, ios| {
         let dt = elapsed.saturating_sub(last.0).as_secs_f64().max(1e-9);
@@ -84,15 +76,7 @@ fn run_tcp(args: &PerfArgs) -> anyhow::Result<i32> {
     use device_model::backend::Backend;
     let url: nvmeof::initiator::TcpUrl = args.target.parse()?;
     let mut b = nvmeof::initiator::TcpBackend::connect(&url)?;
-    let opts = PerfOptions {
-        queue_depth: args.queue_depth,
-        io_size: args.io_size,
-        pattern: args.pattern,
-        read_percent: args.mix,
-        duration: Duration::from_secs_f64(args.time),
-        workers: args.cores,
-        verify: args.verify,
-    };
+    let opts = options(args);
     let report = perf::backend_job::run(&mut b, &opts, |elapsed, ios| {
         eprint!("\r[{:>6.1} s] {:>12} I/Os", elapsed.as_secs_f64(), ios);
         let _ = std::io::stderr().flush();
@@ -101,4 +85,17 @@ fn run_tcp(args: &PerfArgs) -> anyhow::Result<i32> {
     print!("{}", perf::format_report(&b.describe(), &report));
     let total = report.total();
     Ok(i32::from(total.errors > 0))
+}
+
+/// The run the flags describe.
+fn options(args: &PerfArgs) -> PerfOptions {
+    PerfOptions {
+        queue_depth: args.queue_depth,
+        io_size: args.io_size,
+        pattern: args.pattern,
+        read_percent: args.mix,
+        duration: Duration::from_secs_f64(args.time),
+        workers: args.cores,
+        verify: args.verify,
+    }
 }
