@@ -30,5 +30,5 @@ pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;
 pub use qos::{QosControl, QosLimits};
-pub use reactor::{ControllerHandle, PollMode};
+pub use reactor::{ControllerHandle, PollMode, Reactor};
 pub use stats::ControllerStats;

@@ -1,11 +1,14 @@
-//! The reactor: one thread owns a controller for its whole life and polls it. The control
-//! plane (vfio-user socket thread) reaches it only by message ([`ControllerHandle`]), so the
-//! data plane takes no lock (SPDK's model: reactor, poller, message).
+//! The reactor: one thread owns its controllers (one, or many on a shared [`Reactor`]) and
+//! polls them. The control plane (vfio-user socket thread) reaches a controller only by
+//! message ([`ControllerHandle`]), so the data plane takes no lock (SPDK's model: reactor,
+//! poller, message).
 //!
 //! Idle policy: after work, spin briefly; then sleep in short, growing naps (timer slack
 //! 1 us) so an idle controller costs little CPU on a shared machine. A message wakes it.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -49,43 +52,114 @@ enum Request {
     Run {
         f: Box<dyn FnOnce(&mut Controller) + Send>,
     },
-    Stop,
 }
 
-/// The control plane's handle on a controller running in its reactor thread.
-pub struct ControllerHandle {
-    tx: Sender<Request>,
+/// A message to a reactor thread.
+enum Message {
+    /// Take over a controller as `id`.
+    Add(u64, Box<Controller>),
+    /// A request for controller `id`.
+    For(u64, Request),
+    /// Hand controller `id` back (reset), or drop it when nobody waits.
+    Remove(u64, Option<SyncSender<Controller>>),
+}
+
+/// One reactor thread; shared by the handles of the controllers it runs.
+struct ReactorThread {
+    tx: Sender<Message>,
     waker: Thread,
-    join: Option<JoinHandle<Controller>>,
+    join: Option<JoinHandle<()>>,
+    next_id: AtomicU64,
+}
+
+impl Drop for ReactorThread {
+    fn drop(&mut self) {
+        // the last handle is gone: the thread ends when its channel closes
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        self.waker.unpark();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A reactor thread that runs any number of controllers (SPDK's model: one poller thread
+/// per core, many controllers on it). Controllers are added with [`Reactor::add`]; the
+/// thread lives as long as the reactor or any of its controllers' handles.
+#[derive(Clone)]
+pub struct Reactor(Arc<ReactorThread>);
+
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("thread", &self.0.waker.name())
+            .finish()
+    }
+}
+
+impl Reactor {
+    /// Start a reactor thread named `name`.
+    pub fn spawn(name: &str, mode: PollMode) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let join = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(&rx, mode))?;
+        let waker = join.thread().clone();
+        Ok(Self(Arc::new(ReactorThread {
+            tx,
+            waker,
+            join: Some(join),
+            next_id: AtomicU64::new(0),
+        })))
+    }
+
+    /// Run `ctrl` on this reactor from now on.
+    pub fn add(&self, ctrl: Controller) -> ControllerHandle {
+        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = self.0.tx.send(Message::Add(id, Box::new(ctrl)));
+        self.0.waker.unpark();
+        ControllerHandle {
+            id,
+            reactor: Some(Arc::clone(&self.0)),
+        }
+    }
+}
+
+/// The control plane's handle on a controller running on a reactor.
+pub struct ControllerHandle {
+    id: u64,
+    reactor: Option<Arc<ReactorThread>>,
 }
 
 impl std::fmt::Debug for ControllerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerHandle")
-            .field("thread", &self.waker.name())
+            .field("id", &self.id)
+            .field(
+                "thread",
+                &self.reactor.as_ref().and_then(|r| r.waker.name()),
+            )
             .finish()
     }
 }
 
 impl ControllerHandle {
-    /// Start a reactor thread named `name` that owns `ctrl`.
+    /// Start a reactor thread named `name` of its own for `ctrl`.
     pub fn spawn(name: &str, ctrl: Controller, mode: PollMode) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel();
-        let join = thread::Builder::new()
-            .name(name.into())
-            .spawn(move || run(ctrl, &rx, mode))?;
-        let waker = join.thread().clone();
-        Ok(Self {
-            tx,
-            waker,
-            join: Some(join),
-        })
+        Ok(Reactor::spawn(name, mode)?.add(ctrl))
+    }
+
+    fn send(&self, req: Request) -> Option<()> {
+        let r = self.reactor.as_ref()?;
+        r.tx.send(Message::For(self.id, req)).ok()?;
+        r.waker.unpark();
+        Some(())
     }
 
     fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Request) -> Option<T> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        self.tx.send(make(rtx)).ok()?;
-        self.waker.unpark();
+        self.send(make(rtx))?;
         rrx.recv().ok()
     }
 
@@ -129,30 +203,32 @@ impl ControllerHandle {
         let f = Box::new(move |c: &mut Controller| {
             let _ = rtx.send(f(c));
         });
-        self.tx.send(Request::Run { f }).ok()?;
-        self.waker.unpark();
+        self.send(Request::Run { f })?;
         rrx.recv().ok()
     }
 
     /// Nudge the reactor (a trapped doorbell write arrived).
     pub fn wake(&self) {
-        self.waker.unpark();
+        if let Some(r) = &self.reactor {
+            r.waker.unpark();
+        }
     }
 
-    /// Stop the reactor and get the controller back.
+    /// Take the controller off its reactor (reset) and get it back.
     pub fn stop(mut self) -> Option<Controller> {
-        let _ = self.tx.send(Request::Stop);
-        self.waker.unpark();
-        self.join.take()?.join().ok()
+        let r = self.reactor.take()?;
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        r.tx.send(Message::Remove(self.id, Some(rtx))).ok()?;
+        r.waker.unpark();
+        rrx.recv().ok()
     }
 }
 
 impl Drop for ControllerHandle {
     fn drop(&mut self) {
-        if let Some(j) = self.join.take() {
-            let _ = self.tx.send(Request::Stop);
-            self.waker.unpark();
-            let _ = j.join();
+        if let Some(r) = self.reactor.take() {
+            let _ = r.tx.send(Message::Remove(self.id, None));
+            r.waker.unpark();
         }
     }
 }
@@ -164,34 +240,56 @@ const KEEP_ALIVE_CHECK_EVERY: u32 = 256;
 /// Spin iterations after the last work before napping.
 const SPIN_AFTER_WORK: Duration = Duration::from_micros(200);
 
-fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controller {
+fn run(rx: &Receiver<Message>, mode: PollMode) {
     // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread with a plain integer argument.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
+    let mut ctrls: Vec<(u64, Box<Controller>)> = Vec::new();
     let mut last_work = Instant::now();
     let mut iter: u32 = 0;
     loop {
         loop {
             match rx.try_recv() {
-                Ok(Request::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
-                    ctrl.device_reset();
-                    return ctrl;
-                }
-                Ok(req) => {
-                    handle(&mut ctrl, req);
+                Ok(Message::Add(id, c)) => ctrls.push((id, c)),
+                Ok(Message::For(id, req)) => {
+                    if let Some((_, c)) = ctrls.iter_mut().find(|(i, _)| *i == id) {
+                        handle(c, req);
+                    }
                     last_work = Instant::now();
+                }
+                Ok(Message::Remove(id, reply)) => {
+                    if let Some(at) = ctrls.iter().position(|(i, _)| *i == id) {
+                        let (_, mut c) = ctrls.swap_remove(at);
+                        c.device_reset();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(*c);
+                        }
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    for (_, c) in &mut ctrls {
+                        c.device_reset();
+                    }
+                    return;
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
             }
         }
         iter = iter.wrapping_add(1);
-        if iter.is_multiple_of(KEEP_ALIVE_CHECK_EVERY) {
-            ctrl.check_keep_alive(Instant::now());
+        let check_ka = iter.is_multiple_of(KEEP_ALIVE_CHECK_EVERY);
+        let mut work = 0;
+        let mut ready = false;
+        for (_, c) in &mut ctrls {
+            if check_ka {
+                c.check_keep_alive(Instant::now());
+            }
+            work += c.poll();
+            ready |= c.is_ready();
         }
-        if ctrl.poll() > 0 {
+        if work > 0 {
             last_work = Instant::now();
             continue;
         }
-        if mode == PollMode::Busy && ctrl.is_ready() {
+        if mode == PollMode::Busy && ready {
             std::hint::spin_loop();
             continue;
         }
@@ -204,7 +302,7 @@ fn run(mut ctrl: Controller, rx: &Receiver<Request>, mode: PollMode) -> Controll
             continue;
         }
         let idle = last_work.elapsed();
-        if !ctrl.is_ready() {
+        if !ready {
             thread::park_timeout(Duration::from_millis(20));
         } else if idle < SPIN_AFTER_WORK {
             thread::yield_now();
@@ -245,6 +343,5 @@ fn handle(ctrl: &mut Controller, req: Request) {
             let _ = reply.send(());
         }
         Request::Run { f } => f(ctrl),
-        Request::Stop => {}
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! poll = "adaptive"              # or "busy"
+//! reactors = 2                   # threads shared by all controllers (default: one each)
 //! [[controller]]
 //! socket = "/run/vnvme/nvme0.sock"
 //! serial = "VNVME0001"           # also seeds the namespaces' NGUID/UUID/EUI-64
@@ -34,6 +35,10 @@ use crate::backend_spec::BackendSpec;
 pub struct Config {
     #[serde(default)]
     pub poll: PollSetting,
+    /// Reactor threads shared by all controllers (round robin); absent or 0: one thread per
+    /// controller.
+    #[serde(default)]
+    pub reactors: usize,
     #[serde(rename = "controller", default)]
     pub controllers: Vec<ControllerSpec>,
 }
@@ -211,6 +216,7 @@ impl Config {
         };
         let cfg = Config {
             poll,
+            reactors: 0,
             controllers: vec![ctrl],
         };
         cfg.validate()?;
@@ -219,6 +225,12 @@ impl Config {
 
     /// Check every value that serde's types do not already restrict.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.reactors > 64 {
+            return Err(field(
+                "reactors",
+                "at most 64 (0: one thread per controller)",
+            ));
+        }
         if self.controllers.is_empty() {
             return Err(field(
                 "controller",

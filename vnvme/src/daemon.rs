@@ -11,7 +11,7 @@ use device_model::backend::{Backend, SharedBackend};
 use device_model::pci::PciIds;
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
-    GuestMemory, Namespace, PollMode, QosControl, QosLimits,
+    GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor,
 };
 use nvmeof::target::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
@@ -57,6 +57,8 @@ pub struct Daemon {
     targets: Vec<TcpTarget>,
     /// QoS handles of each entry's controllers.
     qos: Vec<Vec<Arc<QosControl>>>,
+    /// Shared reactor threads (when configured); they end after the controllers.
+    reactors: Vec<Reactor>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -138,7 +140,7 @@ fn build_controller(
     cntlid: u16,
     mem: Arc<GuestMemory>,
     backends: Vec<Box<dyn Backend>>,
-    poll: PollSetting,
+    place: &mut Placement,
 ) -> Result<Built, DaemonError> {
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
@@ -207,12 +209,8 @@ fn build_controller(
     let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
     let stats = ctrl.stats();
     let qos = ctrl.qos_control();
-    let mode = if poll == PollSetting::Busy {
-        PollMode::Busy
-    } else {
-        PollMode::Adaptive
-    };
-    let handle = ControllerHandle::spawn(&name, ctrl, mode)
+    let handle = place
+        .place(&name, ctrl)
         .map_err(|source| DaemonError::Io { index, source })?;
     Ok(Built {
         handle,
@@ -225,6 +223,40 @@ fn build_controller(
         max_io_queues,
         mdts,
     })
+}
+
+/// Where controllers run: a thread each, or round robin on `reactors` shared threads.
+struct Placement {
+    mode: PollMode,
+    shared: Vec<Reactor>,
+    next: usize,
+}
+
+impl Placement {
+    fn new(cfg: &Config) -> std::io::Result<Self> {
+        let mode = if cfg.poll == PollSetting::Busy {
+            PollMode::Busy
+        } else {
+            PollMode::Adaptive
+        };
+        let shared = (0..cfg.reactors)
+            .map(|i| Reactor::spawn(&format!("reactor-s{i}"), mode))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
+            mode,
+            shared,
+            next: 0,
+        })
+    }
+
+    fn place(&mut self, name: &str, ctrl: Controller) -> std::io::Result<ControllerHandle> {
+        if self.shared.is_empty() {
+            return ControllerHandle::spawn(name, ctrl, self.mode);
+        }
+        let r = &self.shared[self.next % self.shared.len()];
+        self.next += 1;
+        Ok(r.add(ctrl))
+    }
 }
 
 /// CNTLIDs of a `[[controller]]`'s further controllers: `index + 1 + k * 0x100`.
@@ -252,7 +284,11 @@ impl Daemon {
             memory: Vec::new(),
             targets: Vec::new(),
             qos: Vec::new(),
+            reactors: Vec::new(),
         };
+        let mut place =
+            Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
+        daemon.reactors.clone_from(&place.shared);
         // `nvme:` namespaces on the same device share it (each on its own queue pair)
         let mut devices = DeviceRegistry::default();
         // NVMe/TCP exports grouped by listen address: one target per address
@@ -296,7 +332,7 @@ impl Daemon {
                     cntlid,
                     Arc::clone(&mem),
                     sets.remove(0),
-                    cfg.poll,
+                    &mut place,
                 )?;
                 stats = Some(b.stats);
                 qos.push(b.qos);
@@ -327,7 +363,7 @@ impl Daemon {
                         tcp_cntlid,
                         tcp_mem,
                         backends,
-                        cfg.poll,
+                        &mut place,
                     )?;
                     stats.get_or_insert(b.stats);
                     qos.push(b.qos);

@@ -23,6 +23,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Identify a controller through the user-space host driver (vfio-user:SOCK).
     Identify(cli::identify::IdentifyArgs),
+    /// Aggregate IOPS of many controllers driven from one thread (scale benchmark).
+    PerfMany(cli::perf_many::PerfManyArgs),
     /// Read an NVMe/TCP discovery controller's log (like `nvme discover -t tcp`).
     Discover(cli::discover::DiscoverArgs),
     /// Measure a controller's namespaces with the user-space host driver (spdk_nvme_perf style).
@@ -39,6 +41,7 @@ fn main() {
         Command::Identify(args) => cli::identify::run(args),
         Command::Perf(args) => cli::perf::run(args),
         Command::Discover(args) => cli::discover::run(args),
+        Command::PerfMany(args) => cli::perf_many::run(args),
     };
     let code = result.unwrap_or_else(|e| {
         eprintln!("vnvme: error: {e:#}");

@@ -5,4 +5,5 @@ pub mod discover;
 pub mod guest;
 pub mod identify;
 pub mod perf;
+pub mod perf_many;
 pub mod serve;
