@@ -45,6 +45,8 @@ pub struct ControllerConfig {
     /// Power-on IOPS and bandwidth limits (changed at run time through
     /// [`Controller::qos_control`]).
     pub qos: crate::qos::QosLimits,
+    /// Primary or secondary controller of an SR-IOV arrangement.
+    pub virt: Option<crate::virt::VirtRole>,
 }
 
 /// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
@@ -74,6 +76,7 @@ impl Default for ControllerConfig {
             irq_coalescing: Coalescing::default(),
             fabrics: None,
             qos: crate::qos::QosLimits::default(),
+            virt: None,
         }
     }
 }
@@ -219,9 +222,15 @@ impl Controller {
 
     /// Controller Capabilities register value.
     pub fn cap(&self) -> u64 {
+        // a secondary that may stay offline says so quickly: 1 s (CAP.TO = 2)
+        let to = if matches!(self.cfg.virt, Some(crate::virt::VirtRole::Secondary { .. })) {
+            2
+        } else {
+            30
+        };
         cap::mqes(self.cfg.mqes)
             | cap::CQR
-            | cap::to(30)
+            | cap::to(to)
             | cap::CSS_NVM
             | (0 << cap::MPSMIN_SHIFT)
             | (4 << cap::MPSMAX_SHIFT)
@@ -379,6 +388,17 @@ impl Controller {
             self.csts |= csts::CFS;
             return;
         }
+        if self.secondary_offline() {
+            // an offline secondary controller does not become ready (§8.26.3)
+            log::info!(
+                "{}: secondary controller offline: stays not ready",
+                self.cfg.serial
+            );
+            return;
+        }
+        if let Some(n) = self.secondary_io_queues() {
+            self.features.max_queues = n;
+        }
         self.page_size = 4096 << mps;
         self.csts &= !(csts::CFS | (3 << csts::SHST_SHIFT));
         self.sqs[0] = Some(SubmissionQueue::new(0, self.asq, asqs, 0));
@@ -468,6 +488,15 @@ impl Controller {
     pub fn poll(&mut self) -> usize {
         if !self.is_ready() || self.is_fatal() {
             return 0;
+        }
+        if self.secondary_offline() {
+            // taken offline by the primary: the controller is reset under its host
+            log::info!(
+                "{}: secondary controller taken offline: reset",
+                self.cfg.serial
+            );
+            self.reset();
+            return 1;
         }
         let mem = self.mem.snapshot();
         let mut work = 0;

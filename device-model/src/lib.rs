@@ -24,6 +24,7 @@ pub mod queue;
 pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
+pub mod virt;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};
 pub use doorbell::Doorbells;

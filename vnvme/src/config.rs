@@ -16,6 +16,8 @@
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
 //! tcp_controllers = 2            # host associations at once (one controller each)
+//! vfs = 4                        # SR-IOV VFs (secondary controllers) on NAME.vfN.sock
+//! vfs_online = true              # ... online at start (else: nvme virt-mgmt on the PF)
 //! iops_limit = 20000             # QoS (any controller): I/O commands per second
 //! bandwidth_limit = "200M"       # QoS: data bytes per second
 //! [[controller.namespace]]
@@ -89,6 +91,13 @@ pub struct ControllerSpec {
     /// NVMe/TCP controllers in the subsystem, one per host association (default 2; 1 for
     /// `nvme:` namespaces, which cannot be shared).
     pub tcp_controllers: Option<usize>,
+    /// SR-IOV: virtual functions of this controller (the PF), 1..=127, each a secondary
+    /// controller served on `NAME.vfN.sock` beside the PF's `NAME.sock`.
+    pub vfs: Option<u16>,
+    /// Bring the VFs online at start with default resources (else the PF's host does it
+    /// with Virtualization Management, e.g. `nvme virt-mgmt`).
+    #[serde(default)]
+    pub vfs_online: bool,
     /// QoS: I/O commands per second (each of the entry's controllers).
     pub iops_limit: Option<u64>,
     /// QoS: data bytes per second, with a K/M/G suffix (e.g. "100M").
@@ -203,6 +212,8 @@ impl Config {
             nqn,
             allowed_hosts,
             tcp_controllers: None,
+            vfs: None,
+            vfs_online: false,
             iops_limit: None,
             bandwidth_limit: None,
             serial,

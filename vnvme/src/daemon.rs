@@ -2,13 +2,14 @@
 //! thread owning the controller, and a vfio-user server thread on its socket.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use device_model::backend::{Backend, SharedBackend};
 use device_model::pci::PciIds;
+use device_model::virt::{VirtRole, VirtState};
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
     GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor,
@@ -133,15 +134,26 @@ enum Reach {
     Tcp,
 }
 
+/// Which controller of a `[[controller]]` entry is being built.
+struct Which {
+    reach: Reach,
+    cntlid: u16,
+    virt: Option<VirtRole>,
+}
+
 fn build_controller(
     index: usize,
     spec: &ControllerSpec,
-    reach: Reach,
-    cntlid: u16,
+    which: Which,
     mem: Arc<GuestMemory>,
     backends: Vec<Box<dyn Backend>>,
     place: &mut Placement,
 ) -> Result<Built, DaemonError> {
+    let Which {
+        reach,
+        cntlid,
+        virt,
+    } = which;
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
         .serial
@@ -174,6 +186,7 @@ fn build_controller(
         cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
     }
     cfg.cntlid = cntlid;
+    cfg.virt = virt;
     cfg.qos = QosLimits {
         iops: spec.iops_limit,
         bytes_per_sec: spec
@@ -259,6 +272,20 @@ impl Placement {
     }
 }
 
+/// CNTLIDs of VF (secondary) controllers: `0x1000 + index * 128 + VF number`.
+const SECONDARY_CNTLID_BASE: u16 = 0x1000;
+/// Resources of a VF brought online by `vfs_online`: admin + 4 I/O queues, 5 vectors.
+const VF_DEFAULT_VQ: u16 = 5;
+const VF_DEFAULT_VI: u16 = 5;
+
+/// Socket of VF `n` of the PF served on `pf`: `DIR/NAME.vfN.sock` for `DIR/NAME.sock`.
+pub fn vf_socket(pf: &Path, n: usize) -> PathBuf {
+    let stem = pf
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    pf.with_file_name(format!("{stem}.vf{n}.sock"))
+}
+
 /// CNTLIDs of a `[[controller]]`'s further controllers: `index + 1 + k * 0x100`.
 const TCP_CNTLID_STEP: u16 = 0x100;
 
@@ -273,6 +300,25 @@ fn has_nvme_backend(spec: &ControllerSpec) -> bool {
 }
 
 impl Daemon {
+    /// Serve built controller `b` on vfio-user socket `socket` in a thread of its own.
+    fn serve(
+        &mut self,
+        index: usize,
+        socket: PathBuf,
+        b: Built,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), DaemonError> {
+        let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
+        let mut server = Server::bind(&socket, device, Arc::clone(stop))
+            .map_err(|source| DaemonError::Server { index, source })?;
+        let join = std::thread::Builder::new()
+            .name(format!("vfio-user-{index}"))
+            .spawn(move || server.run().map(|()| server))
+            .map_err(|source| DaemonError::Io { index, source })?;
+        self.servers.push((socket, join));
+        Ok(())
+    }
+
     /// Create every controller and start serving. Sockets are listening when this returns.
     pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -310,7 +356,8 @@ impl Daemon {
             } else {
                 0
             };
-            let users = usize::from(spec.socket.is_some()) + tcp_count;
+            let vfs = usize::from(spec.vfs.unwrap_or(0));
+            let users = usize::from(spec.socket.is_some()) + tcp_count + vfs;
             let mut sets: Vec<Vec<Box<dyn Backend>>> = if users > 1 {
                 let mut sets: Vec<Vec<Box<dyn Backend>>> = (0..users).map(|_| Vec::new()).collect();
                 for backend in opened.backends {
@@ -324,26 +371,52 @@ impl Daemon {
             };
             let mut stats = None;
             let mut qos = Vec::new();
+            // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
+            let virt = (vfs > 0).then(|| {
+                let first = SECONDARY_CNTLID_BASE + (index as u16) * 128 + 1;
+                let mut v = VirtState::new(cntlid, 65, 65, vfs as u16, first, 9, 9);
+                if spec.vfs_online {
+                    v.all_online(VF_DEFAULT_VQ, VF_DEFAULT_VI);
+                }
+                Arc::new(Mutex::new(v))
+            });
             if let Some(socket) = spec.socket.clone() {
                 let b = build_controller(
                     index,
                     spec,
-                    Reach::VfioUser,
-                    cntlid,
+                    Which {
+                        reach: Reach::VfioUser,
+                        cntlid,
+                        virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
+                    },
                     Arc::clone(&mem),
                     sets.remove(0),
                     &mut place,
                 )?;
-                stats = Some(b.stats);
-                qos.push(b.qos);
-                let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
-                let mut server = Server::bind(&socket, device, Arc::clone(&stop))
-                    .map_err(|source| DaemonError::Server { index, source })?;
-                let join = std::thread::Builder::new()
-                    .name(format!("vfio-user-{index}"))
-                    .spawn(move || server.run().map(|()| server))
-                    .map_err(|source| DaemonError::Io { index, source })?;
-                daemon.servers.push((socket, join));
+                stats = Some(Arc::clone(&b.stats));
+                qos.push(Arc::clone(&b.qos));
+                daemon.serve(index, socket, b, &stop)?;
+                if let Some(v) = &virt {
+                    for k in 0..vfs {
+                        let sock =
+                            vf_socket(spec.socket.as_deref().unwrap_or(Path::new("")), k + 1);
+                        let scid = SECONDARY_CNTLID_BASE + (index as u16) * 128 + k as u16 + 1;
+                        let b = build_controller(
+                            index,
+                            spec,
+                            Which {
+                                reach: Reach::VfioUser,
+                                cntlid: scid,
+                                virt: Some(VirtRole::secondary(v, k)),
+                            },
+                            Arc::new(GuestMemory::new()),
+                            sets.remove(0),
+                            &mut place,
+                        )?;
+                        qos.push(Arc::clone(&b.qos));
+                        daemon.serve(index, sock, b, &stop)?;
+                    }
+                }
             }
             if let Some(addr) = &spec.tcp_listen {
                 for (k, backends) in sets.into_iter().enumerate() {
@@ -359,8 +432,11 @@ impl Daemon {
                     let b = build_controller(
                         index,
                         spec,
-                        Reach::Tcp,
-                        tcp_cntlid,
+                        Which {
+                            reach: Reach::Tcp,
+                            cntlid: tcp_cntlid,
+                            virt: None,
+                        },
                         tcp_mem,
                         backends,
                         &mut place,

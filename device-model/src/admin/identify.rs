@@ -27,6 +27,16 @@ impl Controller {
         let mut page = [0u8; 4096];
         match cns_value {
             cns::CONTROLLER => page.copy_from_slice(self.identify_controller().as_bytes()),
+            cns::PRIMARY_CTRL_CAPS => {
+                if !self.primary_controller_caps(&mut page) {
+                    return Status::INVALID_FIELD;
+                }
+            }
+            cns::SECONDARY_CTRL_LIST => {
+                if !self.secondary_controller_list((cdw10 >> 16) as u16, &mut page) {
+                    return Status::INVALID_FIELD;
+                }
+            }
             cns::NAMESPACE => match self.namespace_index(nsid) {
                 Some(i) => page.copy_from_slice(self.identify_namespace(i).as_bytes()),
                 // An inactive but valid NSID returns zeroes; broadcast and others are invalid.
@@ -144,6 +154,12 @@ impl Controller {
         let n = nqn.len().min(255);
         id.subnqn[..n].copy_from_slice(&nqn[..n]);
         id.psd[0].mp = 2500.into(); // 25 W
+        if let Some(role) = &c.virt {
+            id.cmic |= 1 << 1; // the subsystem has more than one controller
+            if matches!(role, crate::virt::VirtRole::Primary(_)) {
+                id.oacs = (id.oacs.get() | oacs::VIRTUALIZATION).into();
+            }
+        }
         if let Some(f) = c.fabrics {
             // no doorbell buffer or PCIe-only features over a fabric
             id.oacs = oacs::FORMAT_NVM.into();

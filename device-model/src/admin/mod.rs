@@ -7,6 +7,7 @@ mod identify;
 pub(crate) mod keep_alive;
 pub(crate) mod log_page;
 mod queues;
+mod virtualization;
 
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Status, Submission};
@@ -47,6 +48,10 @@ impl Controller {
             op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
             op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
             op::FORMAT_NVM => Outcome::status(self.format_nvm(sqe)),
+            op::VIRTUALIZATION_MANAGEMENT => {
+                let (s, dw0) = self.virtualization_management(sqe.cdw10.get(), sqe.cdw11.get());
+                Outcome::Done(s, dw0)
+            }
             _ => Outcome::status(Status::INVALID_OPCODE),
         }
     }

@@ -1,0 +1,286 @@
+//! NVMe Virtualization Enhancements (base 2.0 §8.26): a primary controller (the SR-IOV PF)
+//! and its secondary controllers (VFs) share pools of flexible resources: VQ (queue pairs,
+//! admin included) and VI (interrupt vectors). The primary hands them out with
+//! Virtualization Management (1Ch) and reports them in Identify CNS 14h/15h; a secondary
+//! runs only while online, and only with what it was given.
+//!
+//! The state is shared by the controllers of one subsystem (each in its reactor) behind a
+//! mutex, touched by admin commands and controller enable only; `online` is an atomic so a
+//! secondary's data plane checks it without the lock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Resource types (CDW10 RT).
+pub const RT_VQ: u8 = 0;
+pub const RT_VI: u8 = 1;
+
+/// One secondary controller.
+#[derive(Debug)]
+pub struct Secondary {
+    /// Secondary controller ID (its CNTLID).
+    pub scid: u16,
+    /// Virtual function number (1-based).
+    pub vfn: u16,
+    /// Flexible queue resources assigned (admin queue included).
+    pub nvq: u16,
+    /// Flexible interrupt resources assigned.
+    pub nvi: u16,
+    online: Arc<AtomicBool>,
+}
+
+impl Secondary {
+    /// Whether the secondary is online.
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+}
+
+/// Flexible resource pools of a primary and its secondaries.
+#[derive(Debug)]
+pub struct VirtState {
+    pub primary_cntlid: u16,
+    /// Flexible VQ and VI in total (VQFRT, VIFRT).
+    pub vq_total: u32,
+    pub vi_total: u32,
+    /// Flexible resources the primary keeps (VQRFAP, VIRFAP).
+    pub vq_primary: u16,
+    pub vi_primary: u16,
+    /// The primary's private resources (VQPRT, VIPRT).
+    pub vq_private: u16,
+    pub vi_private: u16,
+    /// Most flexible resources one secondary may have (VQFRSM, VIFRSM).
+    pub vq_max: u16,
+    pub vi_max: u16,
+    pub secondaries: Vec<Secondary>,
+}
+
+/// Why a Virtualization Management command was refused (SCT 1h codes of §5.28).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtError {
+    InvalidControllerId,
+    InvalidSecondaryState,
+    InvalidNumberOfResources,
+    InvalidResourceId,
+    InvalidField,
+}
+
+impl VirtState {
+    /// A primary `primary_cntlid` with `vfs` secondaries numbered `first_scid..`; each
+    /// secondary may get up to `vq_max` queues and `vi_max` vectors, and the pools hold
+    /// enough for every secondary to have its maximum.
+    pub fn new(
+        primary_cntlid: u16,
+        vq_private: u16,
+        vi_private: u16,
+        vfs: u16,
+        first_scid: u16,
+        vq_max: u16,
+        vi_max: u16,
+    ) -> Self {
+        Self {
+            primary_cntlid,
+            vq_total: u32::from(vfs) * u32::from(vq_max),
+            vi_total: u32::from(vfs) * u32::from(vi_max),
+            vq_primary: 0,
+            vi_primary: 0,
+            vq_private,
+            vi_private,
+            vq_max,
+            vi_max,
+            secondaries: (0..vfs)
+                .map(|i| Secondary {
+                    scid: first_scid + i,
+                    vfn: i + 1,
+                    nvq: 0,
+                    nvi: 0,
+                    online: Arc::new(AtomicBool::new(false)),
+                })
+                .collect(),
+        }
+    }
+
+    /// Flexible resources of type `rt` assigned to secondaries.
+    pub fn assigned(&self, rt: u8) -> u32 {
+        self.secondaries
+            .iter()
+            .map(|s| u32::from(if rt == RT_VQ { s.nvq } else { s.nvi }))
+            .sum()
+    }
+
+    fn secondary(&mut self, scid: u16) -> Result<&mut Secondary, VirtError> {
+        self.secondaries
+            .iter_mut()
+            .find(|s| s.scid == scid)
+            .ok_or(VirtError::InvalidControllerId)
+    }
+
+    /// Give every secondary `nvq` queues and `nvi` vectors and set it online (the
+    /// configuration's shortcut for the simple case).
+    pub fn all_online(&mut self, nvq: u16, nvi: u16) {
+        for s in &mut self.secondaries {
+            s.nvq = nvq.min(self.vq_max);
+            s.nvi = nvi.min(self.vi_max);
+            s.online.store(true, Ordering::Release);
+        }
+    }
+
+    /// Virtualization Management (§5.28): `act` on resource type `rt` of controller
+    /// `cntlid`, `nr` resources. Returns the number of resources modified (dword 0).
+    pub fn manage(&mut self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError> {
+        let rt_ok = rt == RT_VQ || rt == RT_VI;
+        match act {
+            // primary flexible allocation
+            0x1 => {
+                if cntlid != self.primary_cntlid {
+                    return Err(VirtError::InvalidControllerId);
+                }
+                if !rt_ok {
+                    return Err(VirtError::InvalidResourceId);
+                }
+                let total = if rt == RT_VQ {
+                    self.vq_total
+                } else {
+                    self.vi_total
+                };
+                if u32::from(nr) + self.assigned(rt) > total {
+                    return Err(VirtError::InvalidNumberOfResources);
+                }
+                if rt == RT_VQ {
+                    self.vq_primary = nr;
+                } else {
+                    self.vi_primary = nr;
+                }
+                Ok(u32::from(nr))
+            }
+            // secondary offline
+            0x7 => {
+                let s = self.secondary(cntlid)?;
+                s.online.store(false, Ordering::Release);
+                Ok(0)
+            }
+            // secondary assign
+            0x8 => {
+                if !rt_ok {
+                    return Err(VirtError::InvalidResourceId);
+                }
+                let (max, total, primary) = if rt == RT_VQ {
+                    (self.vq_max, self.vq_total, self.vq_primary)
+                } else {
+                    (self.vi_max, self.vi_total, self.vi_primary)
+                };
+                let others = {
+                    let s = self.secondary(cntlid)?;
+                    if s.online() {
+                        return Err(VirtError::InvalidSecondaryState);
+                    }
+                    u32::from(if rt == RT_VQ { s.nvq } else { s.nvi })
+                };
+                let others = self.assigned(rt) - others;
+                if nr > max || others + u32::from(nr) + u32::from(primary) > total {
+                    return Err(VirtError::InvalidNumberOfResources);
+                }
+                let s = self.secondary(cntlid)?;
+                if rt == RT_VQ {
+                    s.nvq = nr;
+                } else {
+                    s.nvi = nr;
+                }
+                Ok(u32::from(nr))
+            }
+            // secondary online: an admin queue and an I/O queue, and a vector
+            0x9 => {
+                let s = self.secondary(cntlid)?;
+                if s.nvq < 2 || s.nvi < 1 {
+                    return Err(VirtError::InvalidNumberOfResources);
+                }
+                s.online.store(true, Ordering::Release);
+                Ok(0)
+            }
+            _ => Err(VirtError::InvalidField),
+        }
+    }
+}
+
+/// A controller's place in a primary/secondary arrangement.
+#[derive(Clone, Debug)]
+pub enum VirtRole {
+    /// The primary (PF): answers Virtualization Management and Identify 14h/15h.
+    Primary(Arc<Mutex<VirtState>>),
+    /// Secondary number `index` (VF): runs only while online.
+    Secondary {
+        state: Arc<Mutex<VirtState>>,
+        index: usize,
+        online: Arc<AtomicBool>,
+    },
+}
+
+impl VirtRole {
+    /// The role of secondary `index` of `state`.
+    pub fn secondary(state: &Arc<Mutex<VirtState>>, index: usize) -> Self {
+        let online = Arc::clone(
+            &state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .secondaries[index]
+                .online,
+        );
+        Self::Secondary {
+            state: Arc::clone(state),
+            index,
+            online,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_accounted_and_states_enforced() {
+        let mut v = VirtState::new(1, 9, 9, 2, 2, 4, 2);
+        assert_eq!((v.vq_total, v.vi_total), (8, 4));
+        // online needs resources
+        assert_eq!(
+            v.manage(9, 0, 2, 0),
+            Err(VirtError::InvalidNumberOfResources)
+        );
+        assert_eq!(v.manage(8, RT_VQ, 2, 4), Ok(4));
+        assert_eq!(v.manage(8, RT_VI, 2, 1), Ok(1));
+        assert_eq!(
+            v.manage(8, RT_VQ, 2, 5),
+            Err(VirtError::InvalidNumberOfResources)
+        );
+        assert_eq!(v.manage(8, 3, 2, 1), Err(VirtError::InvalidResourceId));
+        assert_eq!(
+            v.manage(8, RT_VQ, 9, 1),
+            Err(VirtError::InvalidControllerId)
+        );
+        assert_eq!(v.manage(9, 0, 2, 0), Ok(0));
+        assert!(v.secondaries[0].online());
+        // no assignment while online
+        assert_eq!(
+            v.manage(8, RT_VQ, 2, 2),
+            Err(VirtError::InvalidSecondaryState)
+        );
+        // the pool: 8 VQ, 4 to secondary 2; the primary takes 3, secondary 3 may get 1
+        assert_eq!(v.manage(1, RT_VQ, 1, 3), Ok(3));
+        assert_eq!(
+            v.manage(8, RT_VQ, 3, 2),
+            Err(VirtError::InvalidNumberOfResources)
+        );
+        assert_eq!(v.manage(8, RT_VQ, 3, 1), Ok(1));
+        assert_eq!(
+            v.manage(1, RT_VQ, 1, 4),
+            Err(VirtError::InvalidNumberOfResources)
+        );
+        assert_eq!(
+            v.manage(1, RT_VQ, 2, 1),
+            Err(VirtError::InvalidControllerId)
+        );
+        assert_eq!(v.manage(7, 0, 2, 0), Ok(0));
+        assert!(!v.secondaries[0].online());
+        assert_eq!(v.manage(5, 0, 2, 0), Err(VirtError::InvalidField));
+    }
+}

@@ -1,0 +1,173 @@
+//! SR-IOV through a host-side vfio-user client (issue 6): a PF with two VFs, each VF its own
+//! socket. An offline VF does not become ready; the PF's Identify 14h/15h report the
+//! resource pools and the secondaries; Virtualization Management assigns resources and
+//! brings a VF online, after which it runs I/O with the queues it was given; errors for
+//! bad requests; taking a VF offline resets it under its host.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use host_driver::transport::vfio_user::VfioUserTransport;
+use host_driver::{Controller, DriverError};
+use nvme_spec::opcode::admin as op;
+use nvme_spec::{Status, Submission};
+use vnvme::config::Config;
+use vnvme::daemon::{Daemon, vf_socket};
+use vnvme::perf::{Pattern, PerfOptions};
+use vnvme_tests::guest::TempDir;
+
+const VF1: u16 = 0x1001;
+const VF2: u16 = 0x1002;
+
+fn open(sock: &Path) -> Result<Controller, DriverError> {
+    let t = VfioUserTransport::connect(sock)?;
+    Controller::new(Box::new(t), 8 << 20, 8)
+}
+
+fn identify(c: &mut Controller, cns: u8, cntid: u16) -> Vec<u8> {
+    let buf = c.dma().alloc(4096).unwrap();
+    let mut sqe = Submission::default();
+    sqe.opcode = op::IDENTIFY;
+    sqe.cdw10 = (u32::from(cns) | (u32::from(cntid) << 16)).into();
+    c.admin_command("Identify", sqe, Some((buf.iova(), 4096)))
+        .expect("identify");
+    buf.as_slice().to_vec()
+}
+
+/// Virtualization Management; the status on failure.
+fn virt_mgmt(c: &mut Controller, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, Status> {
+    let mut sqe = Submission::default();
+    sqe.opcode = op::VIRTUALIZATION_MANAGEMENT;
+    sqe.cdw10 = (u32::from(act) | (u32::from(rt) << 8) | (u32::from(cntlid) << 16)).into();
+    sqe.cdw11 = u32::from(nr).into();
+    c.admin_command("Virtualization Management", sqe, None)
+        .map_err(|e| match e {
+            DriverError::Command { status, .. } => status,
+            e => panic!("{e}"),
+        })
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn vfs_come_online_through_the_pf_and_run_with_what_they_were_given() {
+    let tmp = TempDir::new("sriov");
+    let pf = tmp.path().join("pf.sock");
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\nsocket = \"{}\"\nvfs = 2\n[[controller.namespace]]\nbackend = \"malloc:32M\"\n",
+            pf.display()
+        ),
+        Path::new("sriov.toml"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&cfg).unwrap();
+    let vf1 = vf_socket(&pf, 1);
+    assert!(vf1.exists() && vf_socket(&pf, 2).exists(), "VF sockets");
+
+    // offline: the VF never becomes ready (CAP.TO 1 s), and says so quickly
+    let t = Instant::now();
+    assert!(open(&vf1).is_err(), "an offline VF came up");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    let mut c = open(&pf).unwrap();
+    let id = c.identify();
+    assert_eq!(
+        id.oacs.get() & (1 << 7),
+        1 << 7,
+        "OACS virtualization management"
+    );
+    assert_eq!(id.cmic & 2, 2, "CMIC: several controllers");
+    let caps = identify(&mut c, 0x14, 0);
+    assert_eq!(u16_at(&caps, 0), 1, "primary CNTLID");
+    assert_eq!(caps[4], 0b11, "CRT: VQ and VI");
+    assert_eq!(
+        (u32_at(&caps, 32), u16_at(&caps, 44)),
+        (18, 9),
+        "VQFRT, VQFRSM"
+    );
+    let list = identify(&mut c, 0x15, 0);
+    assert_eq!(list[0], 2, "two secondaries");
+    assert_eq!(
+        (
+            u16_at(&list, 32),
+            u16_at(&list, 34),
+            list[36],
+            u16_at(&list, 40)
+        ),
+        (VF1, 1, 0, 1),
+        "SCID, PCID, offline, VFN 1"
+    );
+
+    // refusals
+    let code = |s: Status| (s.sct(), s.sc());
+    assert_eq!(
+        virt_mgmt(&mut c, 9, 0, VF1, 0).map_err(code),
+        Err((1, 0x21))
+    );
+    assert_eq!(
+        virt_mgmt(&mut c, 8, 0, VF1, 10).map_err(code),
+        Err((1, 0x21))
+    );
+    assert_eq!(
+        virt_mgmt(&mut c, 8, 0, 0x0bad, 2).map_err(code),
+        Err((1, 0x1f))
+    );
+    assert_eq!(
+        virt_mgmt(&mut c, 8, 5, VF1, 2).map_err(code),
+        Err((1, 0x22))
+    );
+    // assign admin + 1 I/O queue and one vector, then online
+    assert_eq!(virt_mgmt(&mut c, 8, 0, VF1, 2), Ok(2));
+    assert_eq!(virt_mgmt(&mut c, 8, 1, VF1, 1), Ok(1));
+    assert_eq!(virt_mgmt(&mut c, 9, 0, VF1, 0), Ok(0));
+    assert_eq!(
+        virt_mgmt(&mut c, 8, 0, VF1, 3).map_err(code),
+        Err((1, 0x20)),
+        "online"
+    );
+    let list = identify(&mut c, 0x15, 0);
+    assert_eq!((list[36], u16_at(&list, 42), u16_at(&list, 44)), (1, 2, 1));
+    let caps = identify(&mut c, 0x14, 0);
+    assert_eq!(u32_at(&caps, 36), 2, "VQRFA");
+    // from CNTID VF2 on, only VF2 is listed
+    let list = identify(&mut c, 0x15, VF2);
+    assert_eq!((list[0], u16_at(&list, 32)), (1, VF2));
+
+    // the VF runs, with one I/O queue, on the PF's namespace
+    let mut v = open(&vf1).expect("the online VF comes up");
+    assert_eq!(v.identify().cntlid.get(), VF1);
+    assert_eq!(v.io_queue_count(), 1, "I/O queues = VQ - 1");
+    assert_eq!(v.namespaces().len(), 1);
+    let opts = PerfOptions {
+        queue_depth: 8,
+        io_size: 4096,
+        pattern: Pattern::Randrw,
+        read_percent: 50,
+        duration: Duration::from_millis(500),
+        workers: 1,
+        verify: true,
+    };
+    let r = vnvme::perf::run(&mut v, &opts, |_, _| {}).unwrap().total();
+    assert!(
+        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
+        "{r:?}"
+    );
+
+    // offline again: the VF is reset under its host
+    assert_eq!(virt_mgmt(&mut c, 7, 0, VF1, 0), Ok(0));
+    let t = Instant::now();
+    while v.check_health().is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(5), "VF still ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(v);
+    drop(c);
+    daemon.stop().unwrap();
+}
