@@ -47,6 +47,9 @@ pub struct ControllerConfig {
     pub qos: crate::qos::QosLimits,
     /// Primary or secondary controller of an SR-IOV arrangement.
     pub virt: Option<crate::virt::VirtRole>,
+    /// The namespaces are attached to other controllers of the subsystem too (NMIC bit 0,
+    /// CMIC bit 1): hosts see one namespace through several controllers.
+    pub shared_namespaces: bool,
 }
 
 /// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
@@ -77,6 +80,7 @@ impl Default for ControllerConfig {
             fabrics: None,
             qos: crate::qos::QosLimits::default(),
             virt: None,
+            shared_namespaces: false,
         }
     }
 }

@@ -139,6 +139,8 @@ struct Which {
     reach: Reach,
     cntlid: u16,
     virt: Option<VirtRole>,
+    /// Its namespaces are shared with the entry's other controllers.
+    shared: bool,
 }
 
 fn build_controller(
@@ -153,6 +155,7 @@ fn build_controller(
         reach,
         cntlid,
         virt,
+        shared,
     } = which;
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
@@ -187,6 +190,7 @@ fn build_controller(
     }
     cfg.cntlid = cntlid;
     cfg.virt = virt;
+    cfg.shared_namespaces = shared;
     cfg.qos = QosLimits {
         iops: spec.iops_limit,
         bytes_per_sec: spec
@@ -388,6 +392,7 @@ impl Daemon {
                         reach: Reach::VfioUser,
                         cntlid,
                         virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
+                        shared: users > 1,
                     },
                     Arc::clone(&mem),
                     sets.remove(0),
@@ -408,6 +413,7 @@ impl Daemon {
                                 reach: Reach::VfioUser,
                                 cntlid: scid,
                                 virt: Some(VirtRole::secondary(v, k)),
+                                shared: users > 1,
                             },
                             Arc::new(GuestMemory::new()),
                             sets.remove(0),
@@ -436,6 +442,7 @@ impl Daemon {
                             reach: Reach::Tcp,
                             cntlid: tcp_cntlid,
                             virt: None,
+                            shared: users > 1,
                         },
                         tcp_mem,
                         backends,

@@ -154,11 +154,11 @@ impl Controller {
         let n = nqn.len().min(255);
         id.subnqn[..n].copy_from_slice(&nqn[..n]);
         id.psd[0].mp = 2500.into(); // 25 W
-        if let Some(role) = &c.virt {
+        if c.virt.is_some() || c.shared_namespaces {
             id.cmic |= 1 << 1; // the subsystem has more than one controller
-            if matches!(role, crate::virt::VirtRole::Primary(_)) {
-                id.oacs = (id.oacs.get() | oacs::VIRTUALIZATION).into();
-            }
+        }
+        if matches!(&c.virt, Some(crate::virt::VirtRole::Primary(_))) {
+            id.oacs = (id.oacs.get() | oacs::VIRTUALIZATION).into();
         }
         if let Some(f) = c.fabrics {
             // no doorbell buffer or PCIe-only features over a fabric
@@ -185,6 +185,9 @@ impl Controller {
         id.nlbaf = 0;
         id.flbas = 0;
         id.dlfeat = 0x01; // deallocated blocks read as zeroes
+        if self.cfg.shared_namespaces {
+            id.nmic = 1; // may be attached to two or more controllers
+        }
         id.nguid = ns.nguid;
         id.eui64 = ns.eui64;
         id.lbaf[0].lbads = ns.lba_shift;
