@@ -50,6 +50,18 @@ pub struct ControllerConfig {
     /// The namespaces are attached to other controllers of the subsystem too (NMIC bit 0,
     /// CMIC bit 1): hosts see one namespace through several controllers.
     pub shared_namespaces: bool,
+    /// The subsystem's controllers and which namespace is attached to which (Identify
+    /// CNS 12h/13h); `None`: this controller alone.
+    pub subsystem: Option<Arc<SubsystemMap>>,
+}
+
+/// The controllers of an NVM subsystem and its namespace attachments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubsystemMap {
+    /// CNTLIDs of every controller, ascending.
+    pub controllers: Vec<u16>,
+    /// For each namespace ID, the CNTLIDs it is attached to, ascending.
+    pub attached: Vec<(u32, Vec<u16>)>,
 }
 
 /// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
@@ -81,6 +93,7 @@ impl Default for ControllerConfig {
             qos: crate::qos::QosLimits::default(),
             virt: None,
             shared_namespaces: false,
+            subsystem: None,
         }
     }
 }

@@ -26,7 +26,7 @@ pub mod shadow_doorbell;
 pub mod stats;
 pub mod virt;
 
-pub use controller::{Controller, ControllerConfig, FabricsIdentify};
+pub use controller::{Controller, ControllerConfig, FabricsIdentify, SubsystemMap};
 pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;

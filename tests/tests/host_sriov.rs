@@ -2,7 +2,8 @@
 //! socket. An offline VF does not become ready; the PF's Identify 14h/15h report the
 //! resource pools and the secondaries; Virtualization Management assigns resources and
 //! brings a VF online, after which it runs I/O with the queues it was given; errors for
-//! bad requests; taking a VF offline resets it under its host.
+//! bad requests; taking a VF offline resets it under its host. Namespaces attached per
+//! controller: each VF sees only its own, and I/O to another gets Invalid Namespace.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -169,5 +170,62 @@ fn vfs_come_online_through_the_pf_and_run_with_what_they_were_given() {
     }
     drop(v);
     drop(c);
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn each_vf_sees_only_the_namespaces_attached_to_it() {
+    let tmp = TempDir::new("sriov-iso");
+    let pf = tmp.path().join("pf.sock");
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\nsocket = \"{}\"\nvfs = 2\nvfs_online = true\n\
+             [[controller.namespace]]\nbackend = \"malloc:16M\"\nattach = [0, 1]\n\
+             [[controller.namespace]]\nbackend = \"malloc:16M\"\nattach = [0, 2]\n",
+            pf.display()
+        ),
+        Path::new("iso.toml"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&cfg).unwrap();
+    let mut c = open(&pf).unwrap();
+    let nsids = |c: &Controller| c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>();
+    assert_eq!(nsids(&c), [1, 2], "the PF sees both");
+    let list = |b: &[u8]| -> Vec<u16> {
+        (0..usize::from(u16_at(b, 0)))
+            .map(|k| u16_at(b, 2 + 2 * k))
+            .collect()
+    };
+    let mut sqe = Submission::default();
+    sqe.nsid = 1.into();
+    let buf = c.dma().alloc(4096).unwrap();
+    sqe.opcode = op::IDENTIFY;
+    sqe.cdw10 = 0x12.into(); // controllers attached to namespace 1
+    c.admin_command("Identify", sqe, Some((buf.iova(), 4096)))
+        .unwrap();
+    assert_eq!(list(buf.as_slice()), [1, VF1]);
+    assert_eq!(
+        list(&identify(&mut c, 0x13, 0)),
+        [1, VF1, VF2],
+        "the subsystem's controllers"
+    );
+
+    let mut v1 = open(&vf_socket(&pf, 1)).unwrap();
+    let v2 = open(&vf_socket(&pf, 2)).unwrap();
+    assert_eq!(nsids(&v1), [1]);
+    assert_eq!(nsids(&v2), [2]);
+    assert_eq!(v1.identify().nn.get(), 2, "NN is the subsystem's");
+    // I/O to a namespace not attached: Invalid Namespace
+    let mut qp = v1.create_io_queue_pair(4).unwrap();
+    let b = v1.dma().alloc(4096).unwrap();
+    qp.read_write(false, 2, 0, 8, b.iova(), 4096, 1).unwrap();
+    qp.ring();
+    let mut got = None;
+    let t = Instant::now();
+    while got.is_none() && t.elapsed() < Duration::from_secs(5) {
+        qp.poll(1, |r| got = Some(r));
+    }
+    assert_eq!(got.map(|r| r.status), Some(Status::INVALID_NAMESPACE));
+    drop((qp, v1, v2, c));
     daemon.stop().unwrap();
 }

@@ -10,6 +10,7 @@
 //! [[controller.namespace]]
 //! backend = "malloc:256M"        # null:SIZE | malloc:SIZE | file:PATH[:SIZE]
 //! block_size = 512               # 512 or 4096
+//! attach = [0, 2]                # with vfs: seen by the PF (0) and VF 2 only (default: all)
 //!
 //! [[controller]]                 # exported over NVMe/TCP instead of vfio-user
 //! tcp_listen = "127.0.0.1:4420"
@@ -138,6 +139,9 @@ pub struct NamespaceSpec {
     pub backend: String,
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// With `vfs`: the controllers the namespace is attached to, 0 for the PF and N for
+    /// VF N (default: all). A controller sees only the namespaces attached to it.
+    pub attach: Option<Vec<u16>>,
 }
 
 fn default_block_size() -> u32 {
@@ -198,6 +202,7 @@ impl Config {
             .map(|b| NamespaceSpec {
                 backend: b.clone(),
                 block_size,
+                attach: None,
             })
             .collect();
         let Served {
@@ -311,14 +316,57 @@ impl Config {
             if let Some(h) = c.allowed_hosts.iter().find(|h| !nqn_ok(h)) {
                 return Err(field(at("allowed_hosts"), format!("{h:?} is not an NQN")));
             }
-            if c.tcp_listen.is_none() && (c.nqn.is_some() || !c.allowed_hosts.is_empty()) {
-                // the NQN also names a vfio-user controller's subsystem; hosts apply to TCP
-                if !c.allowed_hosts.is_empty() {
+            if c.tcp_listen.is_none() && !c.allowed_hosts.is_empty() {
+                return Err(field(
+                    at("allowed_hosts"),
+                    "only for tcp_listen controllers",
+                ));
+            }
+            let has_nvme = c.namespaces.iter().any(|n| n.backend.starts_with("nvme:"));
+            if let Some(n) = c.tcp_controllers {
+                if c.tcp_listen.is_none() || !(1..=16).contains(&n) {
+                    return Err(field(at("tcp_controllers"), "1..=16, with tcp_listen"));
+                }
+                if n > 1 && has_nvme {
                     return Err(field(
-                        at("allowed_hosts"),
-                        "only for tcp_listen controllers",
+                        at("tcp_controllers"),
+                        "an nvme: namespace cannot be shared by several controllers",
                     ));
                 }
+            }
+            if let Some(n) = c.vfs {
+                if !(1..=127).contains(&n) {
+                    return Err(field(at("vfs"), "1..=127 virtual functions"));
+                }
+                if c.socket.is_none() || c.tcp_listen.is_some() {
+                    return Err(field(
+                        at("vfs"),
+                        "VFs need a vfio-user socket (and no tcp_listen)",
+                    ));
+                }
+                if has_nvme {
+                    return Err(field(
+                        at("vfs"),
+                        "an nvme: namespace cannot be shared with VFs",
+                    ));
+                }
+            }
+            if c.vfs_online && c.vfs.is_none() {
+                return Err(field(at("vfs_online"), "only with vfs"));
+            }
+            if c.iops_limit == Some(0) {
+                return Err(field(
+                    at("iops_limit"),
+                    "at least 1 (leave it out for no limit)",
+                ));
+            }
+            if let Some(b) = &c.bandwidth_limit
+                && crate::backend_spec::parse_size(b).is_none_or(|n| n < 4096)
+            {
+                return Err(field(
+                    at("bandwidth_limit"),
+                    "bytes per second, at least 4K (e.g. \"100M\")",
+                ));
             }
             if let Some(s) = &c.serial
                 && (s.is_empty() || s.len() > 20 || !s.is_ascii())
@@ -345,6 +393,15 @@ impl Config {
             }
             for (j, n) in c.namespaces.iter().enumerate() {
                 let at = |f: &str| format!("controller[{i}].namespace[{j}].{f}");
+                if let Some(a) = &n.attach {
+                    let vfs = c.vfs.unwrap_or(0);
+                    if c.vfs.is_none() || a.iter().any(|&k| k > vfs) {
+                        return Err(field(
+                            at("attach"),
+                            "controller numbers 0 (the PF) to vfs, with vfs set",
+                        ));
+                    }
+                }
                 let spec: BackendSpec =
                     n.backend
                         .parse()
@@ -420,6 +477,40 @@ mod tests {
                 "[[controller]]\nsocket = \"/tmp/f.sock\"\ntcp_listen = \"127.0.0.1:1\"\n\
                  [[controller.namespace]]\nbackend = \"nvme:vfio-user:/tmp/b.sock\"\n",
                 "tcp_listen",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/g.sock\"\nvfs = 1\n\
+                 [[controller.namespace]]\nbackend = \"null:1G\"\nattach = [2]\n",
+                "namespace[0].attach",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nvfs = 2\n",
+                "vfs",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/h.sock\"\nvfs = 200\n",
+                "vfs",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/j.sock\"\niops_limit = 0\n",
+                "iops_limit",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/k.sock\"\nbandwidth_limit = \"x\"\n",
+                "bandwidth_limit",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/l.sock\"\ntcp_controllers = 2\n",
+                "tcp_controllers",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\ntcp_controllers = 2\n\
+                 [[controller.namespace]]\nbackend = \"nvme:vfio-user:/tmp/b.sock\"\n",
+                "tcp_controllers",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/i.sock\"\nvfs_online = true\n",
+                "vfs_online",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();

@@ -12,7 +12,7 @@ use device_model::pci::PciIds;
 use device_model::virt::{VirtRole, VirtState};
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
-    GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor,
+    GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor, SubsystemMap,
 };
 use nvmeof::target::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
@@ -141,6 +141,8 @@ struct Which {
     virt: Option<VirtRole>,
     /// Its namespaces are shared with the entry's other controllers.
     shared: bool,
+    /// The entry's controllers and attachments, when it has several.
+    subsystem: Option<Arc<SubsystemMap>>,
 }
 
 fn build_controller(
@@ -148,7 +150,7 @@ fn build_controller(
     spec: &ControllerSpec,
     which: Which,
     mem: Arc<GuestMemory>,
-    backends: Vec<Box<dyn Backend>>,
+    backends: Vec<Option<Box<dyn Backend>>>,
     place: &mut Placement,
 ) -> Result<Built, DaemonError> {
     let Which {
@@ -156,6 +158,7 @@ fn build_controller(
         cntlid,
         virt,
         shared,
+        subsystem,
     } = which;
     let mut cfg = ControllerConfig::default();
     cfg.serial = spec
@@ -191,6 +194,7 @@ fn build_controller(
     cfg.cntlid = cntlid;
     cfg.virt = virt;
     cfg.shared_namespaces = shared;
+    cfg.subsystem = subsystem;
     cfg.qos = QosLimits {
         iops: spec.iops_limit,
         bytes_per_sec: spec
@@ -204,6 +208,9 @@ fn build_controller(
         .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", cfg.serial));
     let mut namespaces = Vec::new();
     for (j, (backend, n)) in backends.into_iter().zip(&spec.namespaces).enumerate() {
+        let Some(backend) = backend else {
+            continue; // not attached to this controller
+        };
         log::info!(
             "{} (controller {cntlid}{}): namespace {} = {} ({}-byte blocks)",
             cfg.serial,
@@ -273,6 +280,45 @@ impl Placement {
         let r = &self.shared[self.next % self.shared.len()];
         self.next += 1;
         Ok(r.add(ctrl))
+    }
+}
+
+/// The controllers of entry `index` (in the order they are built: vfio-user PF, VFs, then
+/// NVMe/TCP controllers) and which namespaces are attached to each.
+fn subsystem_map(
+    index: usize,
+    spec: &ControllerSpec,
+    users: usize,
+    vfs: usize,
+    tcp_count: usize,
+    attached: &dyn Fn(usize, usize) -> bool,
+) -> SubsystemMap {
+    let base = index as u16 + 1;
+    let mut ids = Vec::with_capacity(users);
+    if spec.socket.is_some() {
+        ids.push(base);
+    }
+    for k in 0..vfs {
+        ids.push(SECONDARY_CNTLID_BASE + (index as u16) * 128 + k as u16 + 1);
+    }
+    for k in 0..tcp_count {
+        let step = k + usize::from(spec.socket.is_some());
+        ids.push(base + (step as u16) * TCP_CNTLID_STEP);
+    }
+    let attached = (0..spec.namespaces.len())
+        .map(|j| {
+            let mut c: Vec<u16> = (0..ids.len())
+                .filter(|&u| attached(u, j))
+                .map(|u| ids[u])
+                .collect();
+            c.sort_unstable();
+            (j as u32 + 1, c)
+        })
+        .collect();
+    ids.sort_unstable();
+    SubsystemMap {
+        controllers: ids,
+        attached,
     }
 }
 
@@ -362,17 +408,32 @@ impl Daemon {
             };
             let vfs = usize::from(spec.vfs.unwrap_or(0));
             let users = usize::from(spec.socket.is_some()) + tcp_count + vfs;
-            let mut sets: Vec<Vec<Box<dyn Backend>>> = if users > 1 {
-                let mut sets: Vec<Vec<Box<dyn Backend>>> = (0..users).map(|_| Vec::new()).collect();
-                for backend in opened.backends {
-                    for (set, h) in sets.iter_mut().zip(SharedBackend::split(backend, users)) {
-                        set.push(Box::new(h));
+            // each controller's namespaces: a handle on every shared backend, or nothing
+            // where the namespace is not attached to it (controller number = PF 0, VF k)
+            let attached = |user: usize, j: usize| {
+                spec.namespaces[j]
+                    .attach
+                    .as_ref()
+                    .is_none_or(|a| a.contains(&(user as u16)))
+            };
+            let mut sets: Vec<Vec<Option<Box<dyn Backend>>>> = if users > 1 {
+                let mut sets: Vec<Vec<Option<Box<dyn Backend>>>> =
+                    (0..users).map(|_| Vec::new()).collect();
+                for (j, backend) in opened.backends.into_iter().enumerate() {
+                    for (u, (set, h)) in sets
+                        .iter_mut()
+                        .zip(SharedBackend::split(backend, users))
+                        .enumerate()
+                    {
+                        set.push(attached(u, j).then(|| Box::new(h) as Box<dyn Backend>));
                     }
                 }
                 sets
             } else {
-                vec![opened.backends]
+                vec![opened.backends.into_iter().map(Some).collect()]
             };
+            let subsystem = (users > 1)
+                .then(|| Arc::new(subsystem_map(index, spec, users, vfs, tcp_count, &attached)));
             let mut stats = None;
             let mut qos = Vec::new();
             // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
@@ -393,6 +454,7 @@ impl Daemon {
                         cntlid,
                         virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
                         shared: users > 1,
+                        subsystem: subsystem.clone(),
                     },
                     Arc::clone(&mem),
                     sets.remove(0),
@@ -414,6 +476,7 @@ impl Daemon {
                                 cntlid: scid,
                                 virt: Some(VirtRole::secondary(v, k)),
                                 shared: users > 1,
+                                subsystem: subsystem.clone(),
                             },
                             Arc::new(GuestMemory::new()),
                             sets.remove(0),
@@ -443,6 +506,7 @@ impl Daemon {
                             cntlid: tcp_cntlid,
                             virt: None,
                             shared: users > 1,
+                            subsystem: subsystem.clone(),
                         },
                         tcp_mem,
                         backends,

@@ -27,6 +27,19 @@ impl Controller {
         let mut page = [0u8; 4096];
         match cns_value {
             cns::CONTROLLER => page.copy_from_slice(self.identify_controller().as_bytes()),
+            cns::NS_ATTACHED_CTRL_LIST | cns::CTRL_LIST => {
+                let from = (cdw10 >> 16) as u16;
+                let ids = self.controller_list(cns_value == cns::NS_ATTACHED_CTRL_LIST, nsid);
+                let Some(ids) = ids else {
+                    return Status::INVALID_NAMESPACE;
+                };
+                // Controller List (Figure 137): count, then IDs from CNTID on, at most 2047
+                let ids: Vec<u16> = ids.into_iter().filter(|&c| c >= from).take(2047).collect();
+                page[0..2].copy_from_slice(&(ids.len() as u16).to_le_bytes());
+                for (k, c) in ids.iter().enumerate() {
+                    page[2 + 2 * k..4 + 2 * k].copy_from_slice(&c.to_le_bytes());
+                }
+            }
             cns::PRIMARY_CTRL_CAPS => {
                 if !self.primary_controller_caps(&mut page) {
                     return Status::INVALID_FIELD;
@@ -114,6 +127,25 @@ impl Controller {
         self.admin_to_host(sqe, &page, mem)
     }
 
+    /// The subsystem's controllers, or (`attached`) those namespace `nsid` is attached to;
+    /// `None` for an unknown namespace.
+    fn controller_list(&self, attached: bool, nsid: u32) -> Option<Vec<u16>> {
+        let me = self.cfg.cntlid;
+        let Some(map) = &self.cfg.subsystem else {
+            if !attached {
+                return Some(vec![me]);
+            }
+            return self.namespace_index(nsid).map(|_| vec![me]);
+        };
+        if !attached {
+            return Some(map.controllers.clone());
+        }
+        map.attached
+            .iter()
+            .find(|(n, _)| *n == nsid)
+            .map(|(_, c)| c.clone())
+    }
+
     fn max_nsid(&self) -> usize {
         self.namespaces
             .iter()
@@ -146,7 +178,15 @@ impl Controller {
         id.kas = 1.into(); // keep alive granularity 100 ms
         id.sqes = 0x66;
         id.cqes = 0x44;
-        id.nn = (self.max_nsid() as u32).into();
+        // NN: the subsystem's highest namespace ID, attached here or not
+        let nn = self
+            .cfg
+            .subsystem
+            .as_ref()
+            .and_then(|m| m.attached.iter().map(|(n, _)| *n as usize).max())
+            .unwrap_or(0)
+            .max(self.max_nsid());
+        id.nn = (nn as u32).into();
         id.oncs = (oncs::COMPARE | oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES).into();
         id.vwc = 0x07; // volatile write cache present; Flush with NSID FFFFFFFFh supported
         id.sgls = 1.into(); // SGLs supported, no alignment requirement
