@@ -485,6 +485,11 @@ pub fn decode<'a>(buf: &'a [u8], dir: Direction, neg: &Negotiated) -> Result<Pdu
 /// right after the header) into `out`, replacing its contents.
 pub fn encode(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
     out.clear();
+    encode_append(pdu, neg, out);
+}
+
+/// Encode `pdu` like [`encode`], appending to `out` (a send buffer with PDUs queued).
+pub fn encode_append(pdu: &Pdu<'_>, neg: &Negotiated, out: &mut Vec<u8>) {
     let data = pdu_data(pdu);
     if encode_header(pdu, data.len(), neg, out) {
         out.extend_from_slice(data);

@@ -128,19 +128,7 @@ impl TxBuf {
 
     /// Append `p`.
     pub fn push(&mut self, p: &Pdu<'_>, neg: &Negotiated) {
-        let data = match *p {
-            Pdu::CapsuleCmd { data, .. }
-            | Pdu::H2CData { data, .. }
-            | Pdu::C2HData { data, .. } => data,
-            _ => &[],
-        };
-        let out = self.out();
-        if pdu::encode_header(p, data.len(), neg, out) {
-            out.extend_from_slice(data);
-            out.extend_from_slice(&pdu::data_digest([data]).to_le_bytes());
-        } else {
-            out.extend_from_slice(data);
-        }
+        pdu::encode_append(p, neg, self.out());
     }
 
     /// Bytes not yet written.

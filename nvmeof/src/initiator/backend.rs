@@ -37,6 +37,8 @@ pub struct TcpBackend {
     /// Finished outside a poll (failures), reported by the next poll.
     done: Vec<(u64, Status)>,
     in_flight: usize,
+    /// Scratch for a request's segments (reused).
+    segs: Vec<Seg>,
     failed: bool,
     checked_tick: u64,
     timeout: Duration,
@@ -68,6 +70,7 @@ impl TcpBackend {
             waiting: VecDeque::new(),
             done: Vec::new(),
             in_flight: 0,
+            segs: Vec::new(),
             failed: false,
             checked_tick: 0,
             timeout,
@@ -87,11 +90,6 @@ impl TcpBackend {
     /// I/O queues (connections) up now.
     pub fn io_queues(&self) -> usize {
         self.io.len()
-    }
-
-    /// Whether an I/O connection is up now.
-    pub fn connected(&self) -> bool {
-        !self.io.is_empty()
     }
 
     fn block_size(&self) -> u64 {
@@ -184,16 +182,10 @@ impl TcpBackend {
     /// for the synchronous commands).
     fn start_waiting(&mut self) {
         let tick = self.session.tick();
-        let n = self.io.len();
-        while !self.waiting.is_empty() && n > 0 {
-            // the next queue with room, round robin
-            let Some(k) = (0..n)
-                .map(|i| (self.next + i) % n)
-                .find(|&k| self.io[k].free_slots() > 1)
-            else {
+        while !self.waiting.is_empty() {
+            let Some(k) = self.next_queue() else {
                 return;
             };
-            self.next = (k + 1) % n;
             let Some(u) = self.waiting.pop_front() else {
                 return;
             };
@@ -203,6 +195,17 @@ impl TcpBackend {
                 return;
             }
         }
+    }
+
+    /// The next I/O queue with room (round robin; one slot stays free for synchronous
+    /// commands).
+    fn next_queue(&mut self) -> Option<usize> {
+        let n = self.io.len();
+        let k = (0..n)
+            .map(|i| (self.next + i) % n)
+            .find(|&k| self.io[k].free_slots() > 1)?;
+        self.next = (k + 1) % n;
+        Some(k)
     }
 
     /// Commands older than the I/O timeout mean the connection is stuck.
@@ -308,23 +311,34 @@ impl Backend for TcpBackend {
                 (sqe, false, false)
             }
         };
-        let segs = req
-            .iov
-            .iter()
-            .map(|v| Seg {
-                addr: v.iov_base as usize,
-                len: v.iov_len,
-            })
-            .collect();
-        self.waiting.push_back(Unfinished {
-            tag: req.tag,
-            sqe,
-            from_controller: from_c,
-            to_controller: to_c,
-            segs,
-        });
+        let mut segs = std::mem::take(&mut self.segs);
+        segs.clear();
+        segs.extend(req.iov.iter().map(|v| Seg {
+            addr: v.iov_base as usize,
+            len: v.iov_len,
+        }));
         self.in_flight += 1;
-        self.start_waiting();
+        // straight onto a connection when nothing waits before it (no allocation)
+        let direct = if self.waiting.is_empty()
+            && let Some(k) = self.next_queue()
+        {
+            let data = Data::of(from_c, to_c, &segs);
+            let tick = self.session.tick();
+            self.io[k].submit(sqe, req.tag, data, tick).is_ok()
+        } else {
+            false
+        };
+        if !direct {
+            self.waiting.push_back(Unfinished {
+                tag: req.tag,
+                sqe,
+                from_controller: from_c,
+                to_controller: to_c,
+                segs: segs.clone(),
+            });
+            self.start_waiting();
+        }
+        self.segs = segs;
         Ok(())
     }
 

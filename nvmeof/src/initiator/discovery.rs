@@ -1,7 +1,6 @@
 //! Discovery (base 2.0 §3.1.3.3): connect to a discovery controller, read the Discovery
 //! log page (70h) and list what it points to.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use nvme_spec::fabrics::{
@@ -55,17 +54,7 @@ pub fn discover(path: &str, timeout: Duration) -> Result<Vec<DiscoveryRecord>, S
         path: path.into(),
         source,
     };
-    let addr: SocketAddr = path
-        .to_socket_addrs()
-        .map_err(|e| SessionError::Resolve {
-            path: path.into(),
-            why: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| SessionError::Resolve {
-            path: path.into(),
-            why: "no address".into(),
-        })?;
+    let addr = super::session::resolve(path)?;
     let params = ConnectParams {
         addr,
         subnqn: DISCOVERY_NQN.into(),

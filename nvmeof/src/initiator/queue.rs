@@ -61,6 +61,19 @@ pub enum Data<'a> {
     ToController(&'a [Seg]),
 }
 
+impl<'a> Data<'a> {
+    /// `segs` moved the way the two flags say (neither: no data).
+    pub fn of(from_controller: bool, to_controller: bool, segs: &'a [Seg]) -> Self {
+        if from_controller {
+            Data::FromController(segs)
+        } else if to_controller {
+            Data::ToController(segs)
+        } else {
+            Data::None
+        }
+    }
+}
+
 /// A finished command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completed {
@@ -83,13 +96,7 @@ pub struct Unfinished {
 impl Unfinished {
     /// Its data description for [`HostQueue::submit`].
     pub fn data(&self) -> Data<'_> {
-        if self.from_controller {
-            Data::FromController(&self.segs)
-        } else if self.to_controller {
-            Data::ToController(&self.segs)
-        } else {
-            Data::None
-        }
+        Data::of(self.from_controller, self.to_controller, &self.segs)
     }
 }
 
@@ -287,16 +294,6 @@ impl HostQueue {
     /// Set how much data an I/O command may carry in its capsule (from IOCCSZ).
     pub fn set_inline_max(&mut self, bytes: usize) {
         self.inline_max = bytes.min(MAX_TRANSFER);
-    }
-
-    /// Commands in flight.
-    pub fn in_flight(&self) -> usize {
-        self.cmds.len() - self.free.len()
-    }
-
-    /// Whether another command can be submitted now.
-    pub fn has_room(&self) -> bool {
-        !self.free.is_empty()
     }
 
     /// Tags of the commands in flight submitted at or before `tick`.

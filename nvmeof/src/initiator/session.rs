@@ -66,6 +66,18 @@ pub(crate) struct Established {
     pub path: usize,
 }
 
+/// The first address `path` (`HOST:PORT`) resolves to.
+pub(crate) fn resolve(path: &str) -> Result<SocketAddr, SessionError> {
+    let why = |why: String| SessionError::Resolve {
+        path: path.into(),
+        why,
+    };
+    path.to_socket_addrs()
+        .map_err(|e| why(e.to_string()))?
+        .next()
+        .ok_or_else(|| why("no address".into()))
+}
+
 /// Connect to path `path` of `url`: admin queue, enable, Identify, one I/O queue.
 pub(crate) fn establish(
     url: &TcpUrl,
@@ -78,17 +90,7 @@ pub(crate) fn establish(
         path: p.clone(),
         source,
     };
-    let addr: SocketAddr = p
-        .to_socket_addrs()
-        .map_err(|e| SessionError::Resolve {
-            path: p.clone(),
-            why: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| SessionError::Resolve {
-            path: p.clone(),
-            why: "no address".into(),
-        })?;
+    let addr = resolve(p)?;
     let params = ConnectParams {
         addr,
         subnqn: url.subnqn.clone(),

@@ -370,17 +370,14 @@ impl Target {
 /// Queue a C2HData PDU with `data` for command `cid` on `stream` (LAST set).
 pub(super) fn push_c2h(stream: &mut crate::stream::PduStream, cid: u16, data: &[u8]) {
     let neg = stream.neg;
-    let pdu = Pdu::C2HData {
-        cccid: cid,
-        offset: 0,
-        data: &[],
-        last: true,
-        success: false,
-    };
-    let out = stream.tx.out();
-    let dd = crate::pdu::encode_header(&pdu, data.len(), &neg, out);
-    out.extend_from_slice(data);
-    if dd {
-        out.extend_from_slice(&crate::pdu::data_digest([data]).to_le_bytes());
-    }
+    stream.tx.push(
+        &Pdu::C2HData {
+            cccid: cid,
+            offset: 0,
+            data,
+            last: true,
+            success: false,
+        },
+        &neg,
+    );
 }

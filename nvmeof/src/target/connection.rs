@@ -28,8 +28,6 @@ pub(super) struct Conn {
     pub role: Role,
     pub local: SocketAddr,
     pub hostnqn: String,
-    /// Closing: stop reading; drop once the last bytes are sent.
-    pub closing: bool,
     /// When it was accepted (set-up timeout).
     pub since: std::time::Instant,
 }

@@ -142,7 +142,6 @@ impl Target {
                                     role: Role::Initializing,
                                     local,
                                     hostnqn: String::new(),
-                                    closing: false,
                                     since: Instant::now(),
                                 };
                                 match self.conns.iter().position(Option::is_none) {
@@ -178,11 +177,6 @@ impl Target {
         let Some(c) = self.conns[i].as_mut() else {
             return 0;
         };
-        if c.closing {
-            let _ = c.stream.flush();
-            self.drop_conn(i);
-            return 0;
-        }
         match c.stream.pump() {
             Ok(_) => {}
             Err(StreamError::Closed) => {
@@ -199,9 +193,6 @@ impl Target {
             let Some(c) = self.conns[i].as_mut() else {
                 return n;
             };
-            if c.closing {
-                return n;
-            }
             // backpressure: a host that does not read its responses gets no more served
             if c.stream.tx.pending() > TX_BACKLOG {
                 break;
@@ -342,16 +333,11 @@ impl Target {
             Role::Queue { export, .. } | Role::Connecting { export, .. } => Some(export),
             _ => None,
         };
-        c.closing = true;
         c.stream.shutdown();
-        self.drop_conn(i);
+        self.conns[i] = None;
         if let Some(e) = bound {
             self.end_association(e, why);
         }
-    }
-
-    fn drop_conn(&mut self, i: usize) {
-        self.conns[i] = None;
     }
 
     /// Tear down export `e`'s association: close its connections and reset the

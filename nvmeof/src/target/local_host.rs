@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use device_model::memory::Protection;
-use device_model::{ControllerHandle, Doorbells, GuestMemory};
+use device_model::{Doorbells, GuestMemory};
 use nvme_spec::{Completion, Submission};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -50,7 +50,8 @@ struct Ring {
 
 /// The rings and buffers of up to `queues` queue pairs of `depth` entries.
 pub struct LocalHost {
-    mem: Arc<GuestMemory>,
+    /// The DMA map holding the mapping `base` points into, kept as long as the host.
+    _mem: Arc<GuestMemory>,
     doorbells: Arc<Doorbells>,
     base: *mut u8,
     queues: Vec<QueueLayout>,
@@ -120,7 +121,7 @@ impl LocalHost {
             });
         }
         let host = Self {
-            mem,
+            _mem: mem,
             doorbells,
             base,
             queues: layouts,
@@ -242,15 +243,5 @@ impl LocalHost {
                 .store(2 * qid as usize + 1, self.rings[qid as usize].cq_head);
         }
         n
-    }
-
-    /// Nudge the controller's reactor after ringing doorbells.
-    pub fn wake(handle: &ControllerHandle) {
-        handle.wake();
-    }
-
-    /// Keep the DMA map alive as long as the host.
-    pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.mem
     }
 }
