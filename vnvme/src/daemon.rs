@@ -299,11 +299,10 @@ fn subsystem_map(
         ids.push(base);
     }
     for k in 0..vfs {
-        ids.push(SECONDARY_CNTLID_BASE + (index as u16) * 128 + k as u16 + 1);
+        ids.push(vf_cntlid(index, k + 1));
     }
     for k in 0..tcp_count {
-        let step = k + usize::from(spec.socket.is_some());
-        ids.push(base + (step as u16) * TCP_CNTLID_STEP);
+        ids.push(tcp_cntlid(index, spec, k));
     }
     let attached = (0..spec.namespaces.len())
         .map(|j| {
@@ -324,6 +323,18 @@ fn subsystem_map(
 
 /// CNTLIDs of VF (secondary) controllers: `0x1000 + index * 128 + VF number`.
 const SECONDARY_CNTLID_BASE: u16 = 0x1000;
+
+/// CNTLID of VF `vf` (1-based) of entry `index`.
+fn vf_cntlid(index: usize, vf: usize) -> u16 {
+    SECONDARY_CNTLID_BASE + (index as u16) * 128 + vf as u16
+}
+
+/// CNTLID of the entry's NVMe/TCP controller `k`: after the vfio-user controller when the
+/// entry has one, steps of 0x100 from `index + 1`.
+fn tcp_cntlid(index: usize, spec: &ControllerSpec, k: usize) -> u16 {
+    let step = k + usize::from(spec.socket.is_some());
+    index as u16 + 1 + (step as u16) * TCP_CNTLID_STEP
+}
 /// Resources of a VF brought online by `vfs_online`: admin + 4 I/O queues, 5 vectors.
 const VF_DEFAULT_VQ: u16 = 5;
 const VF_DEFAULT_VI: u16 = 5;
@@ -438,7 +449,7 @@ impl Daemon {
             let mut qos = Vec::new();
             // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
             let virt = (vfs > 0).then(|| {
-                let first = SECONDARY_CNTLID_BASE + (index as u16) * 128 + 1;
+                let first = vf_cntlid(index, 1);
                 let mut v = VirtState::new(cntlid, 65, 65, vfs as u16, first, 9, 9);
                 if spec.vfs_online {
                     v.all_online(VF_DEFAULT_VQ, VF_DEFAULT_VI);
@@ -467,7 +478,7 @@ impl Daemon {
                     for k in 0..vfs {
                         let sock =
                             vf_socket(spec.socket.as_deref().unwrap_or(Path::new("")), k + 1);
-                        let scid = SECONDARY_CNTLID_BASE + (index as u16) * 128 + k as u16 + 1;
+                        let scid = vf_cntlid(index, k + 1);
                         let b = build_controller(
                             index,
                             spec,
@@ -489,11 +500,10 @@ impl Daemon {
             }
             if let Some(addr) = &spec.tcp_listen {
                 for (k, backends) in sets.into_iter().enumerate() {
-                    // CNTLIDs unique in the subsystem: index + 1 for the first controller
-                    // of the entry, then steps of 0x100
-                    let step = k + usize::from(spec.socket.is_some());
-                    let tcp_cntlid = cntlid + (step as u16) * TCP_CNTLID_STEP;
-                    let tcp_mem = if step == 0 {
+                    let tcp_cntlid = tcp_cntlid(index, spec, k);
+                    // the entry's first controller uses the memory map its namespaces
+                    // were opened with
+                    let tcp_mem = if tcp_cntlid == cntlid {
                         Arc::clone(&mem)
                     } else {
                         Arc::new(GuestMemory::new())
