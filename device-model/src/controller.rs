@@ -50,18 +50,12 @@ pub struct ControllerConfig {
     /// The namespaces are attached to other controllers of the subsystem too (NMIC bit 0,
     /// CMIC bit 1): hosts see one namespace through several controllers.
     pub shared_namespaces: bool,
-    /// The subsystem's controllers and which namespace is attached to which (Identify
-    /// CNS 12h/13h); `None`: this controller alone.
-    pub subsystem: Option<Arc<SubsystemMap>>,
-}
-
-/// The controllers of an NVM subsystem and its namespace attachments.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SubsystemMap {
-    /// CNTLIDs of every controller, ascending.
-    pub controllers: Vec<u16>,
-    /// For each namespace ID, the CNTLIDs it is attached to, ascending.
-    pub attached: Vec<(u32, Vec<u16>)>,
+    /// The NVM subsystem this controller belongs to: its other controllers and its
+    /// namespaces (Identify CNS 10h-13h, NN, capacity); `None`: this controller alone.
+    pub subsystem: Option<Arc<crate::subsystem::Subsystem>>,
+    /// Namespace Management and Attachment (OACS bit 3) are offered here (the PF of a
+    /// subsystem that manages namespaces).
+    pub namespace_management: bool,
 }
 
 /// Identify Controller fields of a controller reached over a fabric (base 2.0 §5.17.2.1,
@@ -94,6 +88,7 @@ impl Default for ControllerConfig {
             virt: None,
             shared_namespaces: false,
             subsystem: None,
+            namespace_management: false,
         }
     }
 }
@@ -161,6 +156,8 @@ pub struct Controller {
     /// Start of the current Keep Alive period (None: starts at the next check).
     pub(crate) keep_alive_since: Option<std::time::Instant>,
     pub(crate) errors: ErrorLog,
+    /// Namespaces attached or detached since the host last read log page 04h.
+    pub(crate) changed_ns: crate::admin::namespace_management::ChangedNamespaces,
     pub(crate) smart: SmartCounters,
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
@@ -181,13 +178,15 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
-    /// A disabled controller over `namespaces` (nsid = position + 1).
+    /// A disabled controller over `namespaces` (any order; NSIDs must differ).
     pub fn new(
         cfg: ControllerConfig,
         mem: Arc<GuestMemory>,
         doorbells: Arc<Doorbells>,
-        namespaces: Vec<Namespace>,
+        mut namespaces: Vec<Namespace>,
     ) -> Self {
+        namespaces.sort_by_key(|n| n.nsid);
+        namespaces.dedup_by_key(|n| n.nsid);
         let nq = cfg.max_io_queues.clamp(1, crate::pci::MSIX_VECTORS - 1) as usize + 1;
         let qos = cfg.qos;
         let mdts_bytes = 4096usize << cfg.mdts;
@@ -214,6 +213,7 @@ impl Controller {
             shadow: None,
             keep_alive_since: None,
             errors: ErrorLog::default(),
+            changed_ns: crate::admin::namespace_management::ChangedNamespaces::default(),
             smart: SmartCounters::default(),
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
@@ -426,6 +426,9 @@ impl Controller {
         self.active_cqs = vec![0];
         self.csts |= csts::RDY;
         ControllerStats::bump(&self.stats.enables);
+        self.stats
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         log::info!(
             "{}: enabled (admin SQ {asqs} entries at {:#x}, CQ {acqs} at {:#x}, page {} B)",
             self.cfg.serial,
@@ -454,6 +457,9 @@ impl Controller {
         self.features = Features::new(&self.cfg);
         self.cc = 0;
         self.csts = 0;
+        self.stats
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.intms = 0;
         self.page_size = 4096;
         self.warned_doorbell = false;
@@ -695,6 +701,34 @@ impl Controller {
         n
     }
 
+    /// Wait for namespace `i`'s backend requests in flight and post their completions
+    /// (before it is detached).
+    pub(crate) fn drain_namespace(&mut self, i: usize) {
+        let mem = self.mem.snapshot();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut done = Vec::new();
+        while self.namespaces[i].backend.in_flight() > 0 {
+            if std::time::Instant::now() > deadline {
+                log::error!(
+                    "{}: namespace {}: requests still in flight after 30 s",
+                    self.cfg.serial,
+                    self.namespaces[i].nsid
+                );
+                break;
+            }
+            self.namespaces[i]
+                .backend
+                .poll(&mut |t, s| done.push((t, s)));
+            for (t, status) in done.drain(..) {
+                let (qid, slot) = ((t >> 16) as u16, t as u16);
+                self.io_finished(qid, slot, status);
+                self.complete(qid, slot, status, 0, &mem);
+            }
+            std::thread::yield_now();
+        }
+        self.interrupts();
+    }
+
     /// Backend request finished: account it, and for Compare check the data.
     fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
         let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
@@ -775,9 +809,11 @@ impl Controller {
         tag(qid, slot)
     }
 
-    /// The namespace with `nsid`, if any.
+    /// The attached namespace with `nsid`, if any (`namespaces` is sorted by NSID).
     pub(crate) fn namespace_index(&self, nsid: u32) -> Option<usize> {
-        let i = (nsid as usize).checked_sub(1)?;
-        (i < self.namespaces.len()).then_some(i)
+        match self.namespaces.as_slice() {
+            [only] => (only.nsid == nsid).then_some(0),
+            all => all.binary_search_by_key(&nsid, |n| n.nsid).ok(),
+        }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
-//! `admin/` admin commands; `io.rs` NVM commands; `dptr.rs` PRP/SGL; `memory.rs` the DMA
+//! `admin/` admin commands; `subsystem.rs` the NVM subsystem (its namespaces and their
+//! attachment); `io.rs` NVM commands; `dptr.rs` PRP/SGL; `memory.rs` the DMA
 //! map; `backend/` null, malloc, file; `reactor.rs` the thread.
 
 pub mod admin;
@@ -24,12 +25,14 @@ pub mod queue;
 pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
+pub mod subsystem;
 pub mod virt;
 
-pub use controller::{Controller, ControllerConfig, FabricsIdentify, SubsystemMap};
+pub use controller::{Controller, ControllerConfig, FabricsIdentify};
 pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;
 pub use qos::{QosControl, QosLimits};
-pub use reactor::{ControllerHandle, PollMode, Reactor};
+pub use reactor::{ControllerHandle, PollMode, Poster, Reactor};
 pub use stats::ControllerStats;
+pub use subsystem::{NamespacePool, NsError, Subsystem};

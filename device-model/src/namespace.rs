@@ -16,6 +16,8 @@ pub struct Namespace {
     pub eui64: [u8; 8],
     /// UUID.
     pub uuid: [u8; 16],
+    /// May be attached to more than one controller (Identify Namespace NMIC bit 0).
+    pub shared: bool,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -27,9 +29,17 @@ impl std::fmt::Debug for Namespace {
     }
 }
 
-impl Namespace {
-    /// A namespace with identifiers derived from `seed` (stable for a given config) and `nsid`.
-    pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
+/// A namespace's unique identifiers (Identify Namespace NGUID / EUI64, descriptor UUID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NsIds {
+    pub nguid: [u8; 16],
+    pub eui64: [u8; 8],
+    pub uuid: [u8; 16],
+}
+
+impl NsIds {
+    /// Identifiers derived from `seed` (stable for a given config) and `nsid`.
+    pub fn derive(nsid: u32, seed: &str) -> Self {
         let h = stable_hash(seed.as_bytes(), u64::from(nsid));
         let h2 = stable_hash(seed.as_bytes(), u64::from(nsid) ^ 0x5a5a_5a5a);
         let mut nguid = [0u8; 16];
@@ -40,6 +50,14 @@ impl Namespace {
         uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
         let mut eui64 = h2.to_be_bytes();
         eui64[0] = 0x02; // locally administered
+        Self { nguid, eui64, uuid }
+    }
+}
+
+impl Namespace {
+    /// A namespace with identifiers derived from `seed` (stable for a given config) and `nsid`.
+    pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
+        let NsIds { nguid, eui64, uuid } = NsIds::derive(nsid, seed);
         Self {
             nsid,
             backend,
@@ -47,6 +65,7 @@ impl Namespace {
             nguid,
             eui64,
             uuid,
+            shared: false,
         }
     }
 

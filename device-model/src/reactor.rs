@@ -7,9 +7,9 @@
 //! 1 us) so an idle controller costs little CPU on a shared machine. A message wakes it.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -207,6 +207,15 @@ impl ControllerHandle {
         rrx.recv().ok()
     }
 
+    /// A handle that runs closures on this controller without waiting (usable from any
+    /// thread, its own reactor included) and does not keep the reactor alive.
+    pub fn poster(&self) -> Poster {
+        Poster {
+            id: self.id,
+            reactor: self.reactor.as_ref().map_or_else(Weak::new, Arc::downgrade),
+        }
+    }
+
     /// Nudge the reactor (a trapped doorbell write arrived).
     pub fn wake(&self) {
         if let Some(r) = &self.reactor {
@@ -230,6 +239,34 @@ impl Drop for ControllerHandle {
             let _ = r.tx.send(Message::Remove(self.id, None));
             r.waker.unpark();
         }
+    }
+}
+
+/// Runs closures on a controller without waiting for them: what one controller uses to
+/// change another (a namespace attached by the PF to a VF on the same reactor thread, where
+/// [`ControllerHandle::with`] would wait for itself).
+#[derive(Clone)]
+pub struct Poster {
+    id: u64,
+    reactor: Weak<ReactorThread>,
+}
+
+impl std::fmt::Debug for Poster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Poster").field("id", &self.id).finish()
+    }
+}
+
+impl Poster {
+    /// Queue `f` to run on the controller's thread before its next poll; false when the
+    /// controller is gone.
+    pub fn post(&self, f: Box<dyn FnOnce(&mut Controller) + Send>) -> bool {
+        let Some(r) = self.reactor.upgrade() else {
+            return false;
+        };
+        let ok = r.tx.send(Message::For(self.id, Request::Run { f })).is_ok();
+        r.waker.unpark();
+        ok
     }
 }
 

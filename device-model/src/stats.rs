@@ -1,7 +1,7 @@
 //! Controller events the control plane can read without a message to the reactor (daemon
 //! status, tests). Updated only on rare events, never per I/O.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Counters of one controller since the daemon started.
 #[derive(Debug, Default)]
@@ -14,6 +14,8 @@ pub struct ControllerStats {
     pub async_events: AtomicU64,
     /// Times the controller entered Controller Fatal Status.
     pub fatal: AtomicU64,
+    /// CSTS.RDY as of the last enable or reset.
+    pub ready: AtomicBool,
 }
 
 impl ControllerStats {

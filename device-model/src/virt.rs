@@ -216,6 +216,11 @@ pub enum VirtRole {
 }
 
 impl VirtRole {
+    /// True for the primary controller.
+    pub fn is_primary(&self) -> bool {
+        matches!(self, VirtRole::Primary(_))
+    }
+
     /// The role of secondary `index` of `state`.
     pub fn secondary(state: &Arc<Mutex<VirtState>>, index: usize) -> Self {
         let online = Arc::clone(

@@ -211,10 +211,31 @@ fn each_vf_sees_only_the_namespaces_attached_to_it() {
     );
 
     let mut v1 = open(&vf_socket(&pf, 1)).unwrap();
-    let v2 = open(&vf_socket(&pf, 2)).unwrap();
+    let mut v2 = open(&vf_socket(&pf, 2)).unwrap();
     assert_eq!(nsids(&v1), [1]);
     assert_eq!(nsids(&v2), [2]);
-    assert_eq!(v1.identify().nn.get(), 2, "NN is the subsystem's");
+    assert_eq!(
+        v2.namespaces()[0].blocks,
+        32768,
+        "VF 2's namespace identified"
+    );
+    assert_eq!(
+        v1.identify().nn.get(),
+        256,
+        "NN is the subsystem's (namespaces can be created up to 256)"
+    );
+    // VF 2 cannot reach namespace 1 either (it is not the first in its list)
+    let mut qp2 = v2.create_io_queue_pair(4).unwrap();
+    let b2 = v2.dma().alloc(4096).unwrap();
+    qp2.read_write(false, 1, 0, 8, b2.iova(), 4096, 1).unwrap();
+    qp2.ring();
+    let mut got = None;
+    let t = Instant::now();
+    while got.is_none() && t.elapsed() < Duration::from_secs(5) {
+        qp2.poll(1, |r| got = Some(r));
+    }
+    assert_eq!(got.map(|r| r.status), Some(Status::INVALID_NAMESPACE));
+    drop(qp2);
     // I/O to a namespace not attached: Invalid Namespace
     let mut qp = v1.create_io_queue_pair(4).unwrap();
     let b = v1.dma().alloc(4096).unwrap();

@@ -19,6 +19,7 @@
 //! tcp_controllers = 2            # host associations at once (one controller each)
 //! vfs = 4                        # SR-IOV VFs (secondary controllers) on NAME.vfN.sock
 //! vfs_online = true              # ... online at start (else: nvme virt-mgmt on the PF)
+//! namespace_pool = "malloc:4G"   # room for namespaces created at run time (or dir:PATH:SIZE)
 //! iops_limit = 20000             # QoS (any controller): I/O commands per second
 //! bandwidth_limit = "200M"       # QoS: data bytes per second
 //! [[controller.namespace]]
@@ -99,6 +100,9 @@ pub struct ControllerSpec {
     /// with Virtualization Management, e.g. `nvme virt-mgmt`).
     #[serde(default)]
     pub vfs_online: bool,
+    /// Namespace Management: where namespaces created at run time get their blocks,
+    /// `malloc:SIZE` or `dir:PATH:SIZE` (see [`crate::namespace_pool`]).
+    pub namespace_pool: Option<String>,
     /// QoS: I/O commands per second (each of the entry's controllers).
     pub iops_limit: Option<u64>,
     /// QoS: data bytes per second, with a K/M/G suffix (e.g. "100M").
@@ -219,6 +223,7 @@ impl Config {
             tcp_controllers: None,
             vfs: None,
             vfs_online: false,
+            namespace_pool: None,
             iops_limit: None,
             bandwidth_limit: None,
             serial,
@@ -353,6 +358,11 @@ impl Config {
             }
             if c.vfs_online && c.vfs.is_none() {
                 return Err(field(at("vfs_online"), "only with vfs"));
+            }
+            if let Some(p) = &c.namespace_pool
+                && let Err(why) = p.parse::<crate::namespace_pool::PoolSpec>()
+            {
+                return Err(field(at("namespace_pool"), why));
             }
             if c.iops_limit == Some(0) {
                 return Err(field(
@@ -494,6 +504,14 @@ mod tests {
             (
                 "[[controller]]\nsocket = \"/tmp/j.sock\"\niops_limit = 0\n",
                 "iops_limit",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/m.sock\"\nnamespace_pool = \"ram:1G\"\n",
+                "namespace_pool",
+            ),
+            (
+                "[[controller]]\nsocket = \"/tmp/n.sock\"\nnamespace_pool = \"malloc:1K\"\n",
+                "namespace_pool",
             ),
             (
                 "[[controller]]\nsocket = \"/tmp/k.sock\"\nbandwidth_limit = \"x\"\n",

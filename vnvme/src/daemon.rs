@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use device_model::backend::{Backend, SharedBackend};
+use device_model::backend::Backend;
 use device_model::pci::PciIds;
 use device_model::virt::{VirtRole, VirtState};
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
-    GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor, SubsystemMap,
+    GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor, Subsystem,
 };
 use nvmeof::target::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
@@ -60,6 +60,51 @@ pub struct Daemon {
     qos: Vec<Vec<Arc<QosControl>>>,
     /// Shared reactor threads (when configured); they end after the controllers.
     reactors: Vec<Reactor>,
+    /// Each entry's NVM subsystem.
+    subsystems: Vec<Arc<Subsystem>>,
+    /// Every controller, in build order.
+    controllers: Vec<ControllerInfo>,
+}
+
+/// What the management plane knows of one controller.
+#[derive(Clone, Debug)]
+pub struct ControllerInfo {
+    /// Configuration entry (`[[controller]]` index).
+    pub entry: usize,
+    pub cntlid: u16,
+    /// "pf", "vf", "tcp" or "ctrl" (a vfio-user controller without VFs).
+    pub kind: &'static str,
+    /// VF number (1-based) of a VF.
+    pub vf: Option<u16>,
+    /// vfio-user socket, or the NVMe/TCP listen address.
+    pub endpoint: String,
+    pub stats: Arc<ControllerStats>,
+    pub qos: Arc<QosControl>,
+    /// The SR-IOV state a PF and its VFs share.
+    pub virt: Option<Arc<Mutex<VirtState>>>,
+}
+
+impl ControllerInfo {
+    /// "ready", "disabled", "offline" (a VF not online) or "online" (a VF online, not yet
+    /// enabled by its host).
+    pub fn state(&self) -> &'static str {
+        let ready = self.stats.ready.load(Ordering::Relaxed);
+        let online = match (&self.virt, self.vf) {
+            (Some(v), Some(n)) => v
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .secondaries
+                .get(usize::from(n) - 1)
+                .is_some_and(device_model::virt::Secondary::online),
+            _ => true,
+        };
+        match (ready, online, self.vf.is_some()) {
+            (true, _, _) => "ready",
+            (false, false, _) => "offline",
+            (false, true, true) => "online",
+            (false, true, false) => "disabled",
+        }
+    }
 }
 
 impl std::fmt::Debug for Daemon {
@@ -139,10 +184,10 @@ struct Which {
     reach: Reach,
     cntlid: u16,
     virt: Option<VirtRole>,
-    /// Its namespaces are shared with the entry's other controllers.
+    /// The entry has more than one controller (CMIC bit 1).
     shared: bool,
-    /// The entry's controllers and attachments, when it has several.
-    subsystem: Option<Arc<SubsystemMap>>,
+    /// The entry's NVM subsystem.
+    subsystem: Arc<Subsystem>,
 }
 
 fn build_controller(
@@ -150,7 +195,6 @@ fn build_controller(
     spec: &ControllerSpec,
     which: Which,
     mem: Arc<GuestMemory>,
-    backends: Vec<Option<Box<dyn Backend>>>,
     place: &mut Placement,
 ) -> Result<Built, DaemonError> {
     let Which {
@@ -194,7 +238,11 @@ fn build_controller(
     cfg.cntlid = cntlid;
     cfg.virt = virt;
     cfg.shared_namespaces = shared;
-    cfg.subsystem = subsystem;
+    // the PF (or the one vfio-user controller) manages the subsystem's namespaces
+    cfg.namespace_management =
+        reach == Reach::VfioUser && cfg.virt.as_ref().is_none_or(VirtRole::is_primary);
+    cfg.namespace_management &= subsystem.manages_namespaces();
+    cfg.subsystem = Some(Arc::clone(&subsystem));
     cfg.qos = QosLimits {
         iops: spec.iops_limit,
         bytes_per_sec: spec
@@ -202,29 +250,17 @@ fn build_controller(
             .as_deref()
             .and_then(crate::backend_spec::parse_size),
     };
-    cfg.subnqn = spec
-        .nqn
-        .clone()
-        .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", cfg.serial));
-    let mut namespaces = Vec::new();
-    for (j, (backend, n)) in backends.into_iter().zip(&spec.namespaces).enumerate() {
-        let Some(backend) = backend else {
-            continue; // not attached to this controller
-        };
+    subsystem.nqn().clone_into(&mut cfg.subnqn);
+    let namespaces: Vec<Namespace> = subsystem.namespaces_for(cntlid);
+    for ns in &namespaces {
         log::info!(
-            "{} (controller {cntlid}{}): namespace {} = {} ({}-byte blocks)",
+            "{} (controller {cntlid:#x}{}): namespace {} = {} ({}-byte blocks)",
             cfg.serial,
             if tcp { ", NVMe/TCP" } else { "" },
-            j + 1,
-            backend.describe(),
-            n.block_size
+            ns.nsid,
+            ns.backend.describe(),
+            1u32 << ns.lba_shift
         );
-        namespaces.push(Namespace::new(
-            j as u32 + 1,
-            backend,
-            n.block_size.trailing_zeros() as u8,
-            &cfg.serial,
-        ));
     }
     let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
     let ids = cfg.ids;
@@ -236,6 +272,7 @@ fn build_controller(
     let handle = place
         .place(&name, ctrl)
         .map_err(|source| DaemonError::Io { index, source })?;
+    subsystem.set_poster(cntlid, handle.poster());
     Ok(Built {
         handle,
         mem,
@@ -283,20 +320,12 @@ impl Placement {
     }
 }
 
-/// The controllers of entry `index` (in the order they are built: vfio-user PF, VFs, then
-/// NVMe/TCP controllers) and which namespaces are attached to each.
-fn subsystem_map(
-    index: usize,
-    spec: &ControllerSpec,
-    users: usize,
-    vfs: usize,
-    tcp_count: usize,
-    attached: &dyn Fn(usize, usize) -> bool,
-) -> SubsystemMap {
-    let base = index as u16 + 1;
-    let mut ids = Vec::with_capacity(users);
+/// The CNTLIDs of entry `index`'s controllers in the order they are built (vfio-user PF,
+/// VFs, then NVMe/TCP controllers): position `u` is controller number `u` of `attach`.
+fn controller_ids(index: usize, spec: &ControllerSpec, vfs: usize, tcp_count: usize) -> Vec<u16> {
+    let mut ids = Vec::new();
     if spec.socket.is_some() {
-        ids.push(base);
+        ids.push(index as u16 + 1);
     }
     for k in 0..vfs {
         ids.push(vf_cntlid(index, k + 1));
@@ -304,21 +333,18 @@ fn subsystem_map(
     for k in 0..tcp_count {
         ids.push(tcp_cntlid(index, spec, k));
     }
-    let attached = (0..spec.namespaces.len())
-        .map(|j| {
-            let mut c: Vec<u16> = (0..ids.len())
-                .filter(|&u| attached(u, j))
-                .map(|u| ids[u])
-                .collect();
-            c.sort_unstable();
-            (j as u32 + 1, c)
-        })
-        .collect();
-    ids.sort_unstable();
-    SubsystemMap {
-        controllers: ids,
-        attached,
-    }
+    ids
+}
+
+/// The NQN of entry `index` (configured, or made from its serial).
+fn entry_nqn(index: usize, spec: &ControllerSpec) -> String {
+    spec.nqn.clone().unwrap_or_else(|| {
+        let serial = spec
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("VNVME{index:04}"));
+        format!("nqn.2026-11.io.vnvme:{serial}")
+    })
 }
 
 /// CNTLIDs of VF (secondary) controllers: `0x1000 + index * 128 + VF number`.
@@ -392,6 +418,8 @@ impl Daemon {
             targets: Vec::new(),
             qos: Vec::new(),
             reactors: Vec::new(),
+            subsystems: Vec::new(),
+            controllers: Vec::new(),
         };
         let mut place =
             Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
@@ -418,33 +446,49 @@ impl Daemon {
                 0
             };
             let vfs = usize::from(spec.vfs.unwrap_or(0));
-            let users = usize::from(spec.socket.is_some()) + tcp_count + vfs;
-            // each controller's namespaces: a handle on every shared backend, or nothing
-            // where the namespace is not attached to it (controller number = PF 0, VF k)
-            let attached = |user: usize, j: usize| {
-                spec.namespaces[j]
-                    .attach
-                    .as_ref()
-                    .is_none_or(|a| a.contains(&(user as u16)))
-            };
-            let mut sets: Vec<Vec<Option<Box<dyn Backend>>>> = if users > 1 {
-                let mut sets: Vec<Vec<Option<Box<dyn Backend>>>> =
-                    (0..users).map(|_| Vec::new()).collect();
-                for (j, backend) in opened.backends.into_iter().enumerate() {
-                    for (u, (set, h)) in sets
-                        .iter_mut()
-                        .zip(SharedBackend::split(backend, users))
-                        .enumerate()
-                    {
-                        set.push(attached(u, j).then(|| Box::new(h) as Box<dyn Backend>));
-                    }
+            let ids = controller_ids(index, spec, vfs, tcp_count);
+            let users = ids.len();
+            let nqn = entry_nqn(index, spec);
+            let pool = spec.namespace_pool.as_deref().map(|p| {
+                // validated with the configuration
+                p.parse::<crate::namespace_pool::PoolSpec>()
+                    .map(|p| p.open(&nqn))
+            });
+            let pool = match pool {
+                Some(Ok(p)) => Some(p),
+                Some(Err(why)) => {
+                    return Err(DaemonError::Io {
+                        index,
+                        source: std::io::Error::other(why),
+                    });
                 }
-                sets
-            } else {
-                vec![opened.backends.into_iter().map(Some).collect()]
+                None => None,
             };
-            let subsystem = (users > 1)
-                .then(|| Arc::new(subsystem_map(index, spec, users, vfs, tcp_count, &attached)));
+            let subsystem = Subsystem::new(&nqn, pool);
+            for &c in &ids {
+                subsystem.add_controller(c);
+            }
+            // controller number u (PF 0, VF k, then NVMe/TCP) sees namespace j when its
+            // `attach` lists it (default: every controller)
+            let seed = spec
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("VNVME{index:04}"));
+            for (j, backend) in opened.backends.into_iter().enumerate() {
+                let n = &spec.namespaces[j];
+                let attach: Vec<u16> = (0..users)
+                    .filter(|&u| n.attach.as_ref().is_none_or(|a| a.contains(&(u as u16))))
+                    .map(|u| ids[u])
+                    .collect();
+                subsystem.add_namespace(
+                    j as u32 + 1,
+                    backend,
+                    n.block_size.trailing_zeros() as u8,
+                    &seed,
+                    &attach,
+                );
+            }
+            daemon.subsystems.push(Arc::clone(&subsystem));
             let mut stats = None;
             let mut qos = Vec::new();
             // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
@@ -465,14 +509,23 @@ impl Daemon {
                         cntlid,
                         virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
                         shared: users > 1,
-                        subsystem: subsystem.clone(),
+                        subsystem: Arc::clone(&subsystem),
                     },
                     Arc::clone(&mem),
-                    sets.remove(0),
                     &mut place,
                 )?;
                 stats = Some(Arc::clone(&b.stats));
                 qos.push(Arc::clone(&b.qos));
+                daemon.controllers.push(ControllerInfo {
+                    entry: index,
+                    cntlid,
+                    kind: if virt.is_some() { "pf" } else { "ctrl" },
+                    vf: None,
+                    endpoint: socket.display().to_string(),
+                    stats: Arc::clone(&b.stats),
+                    qos: Arc::clone(&b.qos),
+                    virt: virt.clone(),
+                });
                 daemon.serve(index, socket, b, &stop)?;
                 if let Some(v) = &virt {
                     for k in 0..vfs {
@@ -487,19 +540,28 @@ impl Daemon {
                                 cntlid: scid,
                                 virt: Some(VirtRole::secondary(v, k)),
                                 shared: users > 1,
-                                subsystem: subsystem.clone(),
+                                subsystem: Arc::clone(&subsystem),
                             },
                             Arc::new(GuestMemory::new()),
-                            sets.remove(0),
                             &mut place,
                         )?;
                         qos.push(Arc::clone(&b.qos));
+                        daemon.controllers.push(ControllerInfo {
+                            entry: index,
+                            cntlid: scid,
+                            kind: "vf",
+                            vf: Some(k as u16 + 1),
+                            endpoint: sock.display().to_string(),
+                            stats: Arc::clone(&b.stats),
+                            qos: Arc::clone(&b.qos),
+                            virt: Some(Arc::clone(v)),
+                        });
                         daemon.serve(index, sock, b, &stop)?;
                     }
                 }
             }
             if let Some(addr) = &spec.tcp_listen {
-                for (k, backends) in sets.into_iter().enumerate() {
+                for k in 0..tcp_count {
                     let tcp_cntlid = tcp_cntlid(index, spec, k);
                     // the entry's first controller uses the memory map its namespaces
                     // were opened with
@@ -516,12 +578,21 @@ impl Daemon {
                             cntlid: tcp_cntlid,
                             virt: None,
                             shared: users > 1,
-                            subsystem: subsystem.clone(),
+                            subsystem: Arc::clone(&subsystem),
                         },
                         tcp_mem,
-                        backends,
                         &mut place,
                     )?;
+                    daemon.controllers.push(ControllerInfo {
+                        entry: index,
+                        cntlid: tcp_cntlid,
+                        kind: "tcp",
+                        vf: None,
+                        endpoint: addr.clone(),
+                        stats: Arc::clone(&b.stats),
+                        qos: Arc::clone(&b.qos),
+                        virt: None,
+                    });
                     stats.get_or_insert(b.stats);
                     qos.push(b.qos);
                     let export = ExportSpec {

@@ -6,5 +6,6 @@
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;
+pub mod namespace_pool;
 pub mod perf;
 pub mod target;

@@ -115,6 +115,7 @@ impl Controller {
         let t = match log_page {
             lid::ERROR_INFORMATION => event_type::ERROR,
             lid::SMART_HEALTH => event_type::SMART,
+            lid::CHANGED_NS_LIST => event_type::NOTICE,
             _ => return,
         };
         self.events.masked &= !(1 << t);

@@ -8,6 +8,7 @@ use nvme_spec::registers::version;
 use nvme_spec::{Status, Submission};
 use zerocopy::IntoBytes;
 
+use crate::admin::namespace_management::CREATE_FORMATS;
 use crate::controller::Controller;
 use crate::memory::MemoryMap;
 
@@ -53,9 +54,56 @@ impl Controller {
             cns::NAMESPACE => match self.namespace_index(nsid) {
                 Some(i) => page.copy_from_slice(self.identify_namespace(i).as_bytes()),
                 // An inactive but valid NSID returns zeroes; broadcast and others are invalid.
-                None if nsid != 0 && nsid != u32::MAX && (nsid as usize) <= self.max_nsid() => {}
+                None if nsid != 0 && nsid != u32::MAX && nsid <= self.nn() => {}
+                // with Namespace Management, FFFFFFFFh: what every namespace can be created
+                // with (the LBA formats)
+                None if nsid == u32::MAX && self.cfg.namespace_management => {
+                    let mut id = IdentifyNamespace::default();
+                    id.nlbaf = (CREATE_FORMATS.len() - 1) as u8;
+                    for (f, &shift) in id.lbaf.iter_mut().zip(&CREATE_FORMATS) {
+                        f.lbads = shift;
+                    }
+                    page.copy_from_slice(id.as_bytes());
+                }
                 None => return Status::INVALID_NAMESPACE,
             },
+            cns::ALLOCATED_NAMESPACE => {
+                let info = self.cfg.subsystem.as_ref().and_then(|s| {
+                    let info = s.namespace(nsid)?;
+                    Some((info, s.identity(nsid)?))
+                });
+                match info {
+                    Some((info, (nguid, eui64))) => {
+                        let id = namespace_data(
+                            info.size >> info.lba_shift,
+                            info.lba_shift,
+                            info.shared,
+                            nguid,
+                            eui64,
+                        );
+                        page.copy_from_slice(id.as_bytes());
+                    }
+                    None if nsid != 0 && nsid != u32::MAX && nsid <= self.nn() => {}
+                    None => return Status::INVALID_NAMESPACE,
+                }
+            }
+            cns::ALLOCATED_NS_LIST => {
+                if nsid >= 0xffff_fffe {
+                    return Status::INVALID_NAMESPACE;
+                }
+                let ids = match &self.cfg.subsystem {
+                    Some(s) => s.allocated(nsid),
+                    None => self
+                        .namespaces
+                        .iter()
+                        .map(|n| n.nsid)
+                        .filter(|&n| n > nsid)
+                        .collect(),
+                };
+                for (i, id) in ids.into_iter().take(1024).enumerate() {
+                    page[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                }
+            }
             cns::ACTIVE_NS_LIST | cns::CSI_ACTIVE_NS_LIST => {
                 if cns_value == cns::CSI_ACTIVE_NS_LIST && csi != CSI_NVM {
                     return Status::INVALID_FIELD;
@@ -131,27 +179,26 @@ impl Controller {
     /// `None` for an unknown namespace.
     fn controller_list(&self, attached: bool, nsid: u32) -> Option<Vec<u16>> {
         let me = self.cfg.cntlid;
-        let Some(map) = &self.cfg.subsystem else {
+        let Some(sub) = &self.cfg.subsystem else {
             if !attached {
                 return Some(vec![me]);
             }
             return self.namespace_index(nsid).map(|_| vec![me]);
         };
-        if !attached {
-            return Some(map.controllers.clone());
+        if attached {
+            sub.attached(nsid)
+        } else {
+            Some(sub.controllers())
         }
-        map.attached
-            .iter()
-            .find(|(n, _)| *n == nsid)
-            .map(|(_, c)| c.clone())
     }
 
-    fn max_nsid(&self) -> usize {
-        self.namespaces
-            .iter()
-            .map(|n| n.nsid as usize)
-            .max()
-            .unwrap_or(0)
+    /// Identify NN: the subsystem's highest NSID, attached here or not.
+    pub(crate) fn nn(&self) -> u32 {
+        let own = self.namespaces.last().map_or(0, |n| n.nsid);
+        self.cfg
+            .subsystem
+            .as_ref()
+            .map_or(own, |s| s.max_nsid().max(own))
     }
 
     fn identify_controller(&self) -> IdentifyController {
@@ -178,15 +225,20 @@ impl Controller {
         id.kas = 1.into(); // keep alive granularity 100 ms
         id.sqes = 0x66;
         id.cqes = 0x44;
-        // NN: the subsystem's highest namespace ID, attached here or not
-        let nn = self
-            .cfg
-            .subsystem
-            .as_ref()
-            .and_then(|m| m.attached.iter().map(|(n, _)| *n as usize).max())
-            .unwrap_or(0)
-            .max(self.max_nsid());
-        id.nn = (nn as u32).into();
+        id.nn = self.nn().into();
+        if let Some(sub) = &c.subsystem
+            && sub.manages_namespaces()
+        {
+            // namespaces come and go: Namespace Attribute Notices (OAES bit 8)
+            id.oaes = (1u32 << 8).into();
+            id.mnan = crate::subsystem::MAX_NAMESPACES.into();
+            if c.namespace_management {
+                id.oacs = (id.oacs.get() | oacs::NS_MANAGEMENT).into();
+                let (total, free) = sub.capacity();
+                id.tnvmcap = u128::from(total).to_le_bytes();
+                id.unvmcap = u128::from(free).to_le_bytes();
+            }
+        }
         id.oncs = (oncs::COMPARE | oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES).into();
         id.vwc = 0x07; // volatile write cache present; Flush with NSID FFFFFFFFh supported
         id.sgls = 1.into(); // SGLs supported, no alignment requirement
@@ -217,21 +269,29 @@ impl Controller {
 
     fn identify_namespace(&self, i: usize) -> IdentifyNamespace {
         let ns = &self.namespaces[i];
-        let blocks = ns.blocks();
-        let mut id = IdentifyNamespace::default();
-        id.nsze = blocks.into();
-        id.ncap = blocks.into();
-        id.nuse = blocks.into();
-        id.nlbaf = 0;
-        id.flbas = 0;
-        id.dlfeat = 0x01; // deallocated blocks read as zeroes
-        if self.cfg.shared_namespaces {
-            id.nmic = 1; // may be attached to two or more controllers
-        }
-        id.nguid = ns.nguid;
-        id.eui64 = ns.eui64;
-        id.lbaf[0].lbads = ns.lba_shift;
-        id.lbaf[0].rp = 0;
-        id
+        namespace_data(ns.blocks(), ns.lba_shift, ns.shared, ns.nguid, ns.eui64)
     }
+}
+
+/// Identify Namespace (§5.17.2.1, CNS 00h and 11h) of a namespace of `blocks` blocks.
+fn namespace_data(
+    blocks: u64,
+    lba_shift: u8,
+    shared: bool,
+    nguid: [u8; 16],
+    eui64: [u8; 8],
+) -> IdentifyNamespace {
+    let mut id = IdentifyNamespace::default();
+    id.nsze = blocks.into();
+    id.ncap = blocks.into();
+    id.nuse = blocks.into();
+    id.nlbaf = 0;
+    id.flbas = 0;
+    id.dlfeat = 0x01; // deallocated blocks read as zeroes
+    id.nmic = u8::from(shared); // may be attached to two or more controllers
+    id.nguid = nguid;
+    id.eui64 = eui64;
+    id.lbaf[0].lbads = lba_shift;
+    id.lbaf[0].rp = 0;
+    id
 }

@@ -1,5 +1,6 @@
 //! Get Log Page (NVMe base 2.0 §5.16): Error Information (01h), SMART / Health (02h),
-//! Firmware Slot (03h), Commands Supported and Effects (05h). The log page offset is honoured.
+//! Firmware Slot (03h), Changed Namespace List (04h), Commands Supported and Effects (05h).
+//! The log page offset is honoured.
 
 use nvme_spec::log_page::{
     CommandsEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog, effects, lid,
@@ -112,6 +113,7 @@ impl Controller {
                 }
                 self.smart_log().as_bytes().to_vec()
             }
+            lid::CHANGED_NS_LIST => self.changed_ns.page(retain_event),
             lid::FIRMWARE_SLOT => {
                 let mut fw = FirmwareSlotLog::default();
                 fw.afi = 1;
@@ -140,6 +142,11 @@ impl Controller {
                 }
                 e.acs[admin::FORMAT_NVM as usize] =
                     (effects::CSUPP | effects::LBCC | effects::NCC).into();
+                if self.cfg.namespace_management {
+                    for op in [admin::NS_MANAGEMENT, admin::NS_ATTACHMENT] {
+                        e.acs[op as usize] = (effects::CSUPP | effects::NCC | effects::NIC).into();
+                    }
+                }
                 for op in [nvm::FLUSH, nvm::READ, nvm::COMPARE] {
                     e.iocs[op as usize] = effects::CSUPP.into();
                 }

@@ -6,6 +6,7 @@ pub(crate) mod features;
 mod identify;
 pub(crate) mod keep_alive;
 pub(crate) mod log_page;
+pub(crate) mod namespace_management;
 mod queues;
 mod virtualization;
 
@@ -48,6 +49,8 @@ impl Controller {
             op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
             op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
             op::FORMAT_NVM => Outcome::status(self.format_nvm(sqe)),
+            op::NS_MANAGEMENT => self.namespace_management(sqe, mem),
+            op::NS_ATTACHMENT => self.namespace_attachment(sqe, mem),
             op::VIRTUALIZATION_MANAGEMENT => {
                 let (s, dw0) = self.virtualization_management(sqe.cdw10.get(), sqe.cdw11.get());
                 Outcome::Done(s, dw0)

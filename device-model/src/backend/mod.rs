@@ -11,7 +11,7 @@ mod shared;
 pub use file::{FileBackend, FileError};
 pub use malloc::{MallocBackend, MallocError};
 pub use null::NullBackend;
-pub use shared::SharedBackend;
+pub use shared::{SharedBackend, SharedSource};
 
 use nvme_spec::Status;
 

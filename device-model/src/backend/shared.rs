@@ -1,8 +1,9 @@
 //! One namespace backend used by several controllers of a subsystem (a namespace attached
 //! to more than one controller, e.g. a VM's vfio-user controller and an NVMe/TCP export of
-//! the same disk). Each controller gets a [`SharedBackend`] handle; requests go to the one
-//! backend under a mutex, and completions are routed back to the handle that submitted
-//! them by a user index folded into the tag's top byte.
+//! the same disk, or a PF and its VFs). Each controller gets a [`SharedBackend`] handle from
+//! the namespace's [`SharedSource`] (at start, or when the namespace is attached at run
+//! time); requests go to the one backend under a mutex, and completions are routed back to
+//! the handle that submitted them by a user index folded into the tag's top byte.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,11 +13,83 @@ use super::{Backend, IoRequest};
 
 const USER_SHIFT: u32 = 56;
 const TAG_MASK: u64 = (1 << USER_SHIFT) - 1;
+/// Handles one backend can have at once (the user index is one byte of the tag).
+pub const MAX_USERS: usize = 255;
 
 struct Inner {
     backend: Box<dyn Backend>,
     /// Completions per user, waiting for that user's poll.
     done: Vec<Vec<(u64, Status)>>,
+    /// User indexes handed out.
+    taken: Vec<bool>,
+}
+
+/// The shared backend a namespace's handles come from.
+#[derive(Clone)]
+pub struct SharedSource {
+    inner: Arc<Mutex<Inner>>,
+    size: u64,
+    describe: String,
+}
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSource")
+            .field("describe", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedSource {
+    /// Share `backend`.
+    pub fn new(backend: Box<dyn Backend>) -> Self {
+        let size = backend.size();
+        let describe = format!("{} (shared)", backend.describe());
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                backend,
+                done: Vec::new(),
+                taken: Vec::new(),
+            })),
+            size,
+            describe,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A new handle; `None` when [`MAX_USERS`] are out.
+    pub fn handle(&self) -> Option<SharedBackend> {
+        let mut g = lock(&self.inner);
+        let user = match g.taken.iter().position(|t| !t) {
+            Some(u) => u,
+            None if g.taken.len() < MAX_USERS => {
+                g.taken.push(false);
+                g.done.push(Vec::new());
+                g.taken.len() - 1
+            }
+            None => return None,
+        };
+        g.taken[user] = true;
+        g.done[user].clear();
+        Some(SharedBackend {
+            inner: Arc::clone(&self.inner),
+            user,
+            in_flight: 0,
+            size: self.size,
+            describe: self.describe.clone(),
+        })
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // a panic while holding the lock leaves the backend as it was: keep using it
+    inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A controller's handle on a shared backend.
@@ -38,31 +111,26 @@ impl std::fmt::Debug for SharedBackend {
 }
 
 impl SharedBackend {
-    /// `users` handles on `backend` (at most 255).
+    /// `users` handles on `backend` (at most [`MAX_USERS`]).
     pub fn split(backend: Box<dyn Backend>, users: usize) -> Vec<SharedBackend> {
-        assert!((1..256).contains(&users), "1..=255 users");
-        let size = backend.size();
-        let describe = format!("{} (shared by {users} controllers)", backend.describe());
-        let inner = Arc::new(Mutex::new(Inner {
-            backend,
-            done: vec![Vec::new(); users],
-        }));
+        assert!((1..=MAX_USERS).contains(&users), "1..=255 users");
+        let src = SharedSource::new(backend);
         (0..users)
-            .map(|user| SharedBackend {
-                inner: Arc::clone(&inner),
-                user,
-                in_flight: 0,
-                size,
-                describe: describe.clone(),
-            })
+            .map(|_| src.handle().expect("within MAX_USERS"))
             .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // a panic while holding the lock leaves the backend as it was: keep using it
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner)
+    }
+}
+
+impl Drop for SharedBackend {
+    fn drop(&mut self) {
+        // the user index is free again; completions still owed to it are dropped
+        let mut g = self.lock();
+        g.taken[self.user] = false;
+        g.done[self.user].clear();
     }
 }
 
@@ -90,7 +158,9 @@ impl Backend for SharedBackend {
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         let mut g = self.lock();
-        let Inner { backend, done: all } = &mut *g;
+        let Inner {
+            backend, done: all, ..
+        } = &mut *g;
         if backend.in_flight() > 0 {
             backend.poll(&mut |t, s| {
                 if let Some(q) = all.get_mut((t >> USER_SHIFT) as usize) {

@@ -1,0 +1,237 @@
+//! Namespace Management (NVMe base 2.0 §5.20) and Namespace Attachment (§5.19) on a
+//! controller that offers them, the changes they make reaching every controller of the
+//! subsystem, and the Changed Namespace List log page (§5.16.1.5) with its Namespace
+//! Attribute Changed event (§5.2, notice 00h).
+
+use nvme_spec::log_page::lid;
+use nvme_spec::{Status, Submission};
+
+use crate::admin::async_event::{AsyncEvent, event_type};
+use crate::controller::{Controller, Outcome};
+use crate::memory::MemoryMap;
+use crate::subsystem::{Change, NsError};
+
+/// Entries the Changed Namespace List holds; more changes turn it into FFFFFFFFh (§5.16.1.5).
+const CHANGED_LIST_MAX: usize = 1024;
+
+/// Asynchronous Event Configuration bit 8: Namespace Attribute Notices (§5.27.1.7).
+pub(crate) const NS_ATTRIBUTE_NOTICES: u32 = 1 << 8;
+
+/// Namespace Attribute Changed (notice type, information 00h, log page 04h).
+const NS_ATTRIBUTE_CHANGED: AsyncEvent = AsyncEvent {
+    event_type: event_type::NOTICE,
+    info: 0x00,
+    log_page: lid::CHANGED_NS_LIST,
+};
+
+/// NSIDs whose attachment changed since the host last read log page 04h.
+#[derive(Debug, Default)]
+pub(crate) struct ChangedNamespaces {
+    nsids: Vec<u32>,
+    overflow: bool,
+}
+
+impl ChangedNamespaces {
+    fn record(&mut self, nsid: u32) {
+        if self.overflow || self.nsids.contains(&nsid) {
+            return;
+        }
+        if self.nsids.len() == CHANGED_LIST_MAX {
+            self.overflow = true;
+            self.nsids.clear();
+            return;
+        }
+        self.nsids.push(nsid);
+        self.nsids.sort_unstable();
+    }
+
+    /// The log page; cleared unless `retain`.
+    pub(crate) fn page(&mut self, retain: bool) -> Vec<u8> {
+        let mut page = vec![0u8; 4096];
+        if self.overflow {
+            page[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        } else {
+            for (i, n) in self.nsids.iter().enumerate() {
+                page[i * 4..i * 4 + 4].copy_from_slice(&n.to_le_bytes());
+            }
+        }
+        if !retain {
+            *self = Self::default();
+        }
+        page
+    }
+}
+
+/// SEL values of Namespace Management and Namespace Attachment.
+const SEL_CREATE: u32 = 0;
+const SEL_DELETE: u32 = 1;
+const SEL_ATTACH: u32 = 0;
+const SEL_DETACH: u32 = 1;
+
+/// LBA formats a namespace can be created with (FLBAS index -> log2 of the block size);
+/// Identify Namespace with NSID FFFFFFFFh lists them.
+pub(crate) const CREATE_FORMATS: [u8; 2] = [9, 12];
+
+impl Controller {
+    /// Namespace Management (0Dh): create (dword 0 = the new NSID) or delete.
+    pub(crate) fn namespace_management(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+        let Some(sub) = self.cfg.subsystem.clone() else {
+            return Outcome::status(Status::INVALID_OPCODE);
+        };
+        if !self.cfg.namespace_management {
+            return Outcome::status(Status::INVALID_OPCODE);
+        }
+        let csi = sqe.cdw11.get() >> 24;
+        match sqe.cdw10.get() & 0xf {
+            SEL_CREATE => {
+                if csi != 0 {
+                    return Outcome::status(Status::INVALID_FIELD);
+                }
+                let s = self.copy_from_host(sqe, 4096, mem, false);
+                if !s.is_success() {
+                    return Outcome::status(s);
+                }
+                let data = &self.bounce[..4096];
+                let u64_at =
+                    |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap_or_default());
+                let (nsze, ncap) = (u64_at(0), u64_at(8));
+                let (flbas, dps, nmic) = (data[26], data[29], data[30]);
+                let created = (|| {
+                    let shift = *CREATE_FORMATS
+                        .get(usize::from(flbas & 0xf))
+                        .ok_or(NsError::InvalidFormat)?;
+                    if dps != 0 || nmic > 1 || flbas & 0x10 != 0 {
+                        return Err(NsError::InvalidField);
+                    }
+                    if ncap != nsze {
+                        return Err(NsError::ThinProvisioning);
+                    }
+                    let size = nsze.checked_mul(1 << shift).ok_or(NsError::InvalidField)?;
+                    sub.create(size, shift, nmic == 1)
+                })();
+                match created {
+                    Ok(nsid) => Outcome::Done(Status::SUCCESS, nsid),
+                    Err(e) => {
+                        log::info!("{}: namespace create refused: {e}", self.cfg.serial);
+                        Outcome::status(e.status())
+                    }
+                }
+            }
+            SEL_DELETE => {
+                let nsid = sqe.nsid.get();
+                if nsid == 0 {
+                    return Outcome::status(Status::INVALID_NAMESPACE);
+                }
+                match sub.delete(nsid) {
+                    Ok(changes) => {
+                        sub.deliver(changes, Some(self), false);
+                        Outcome::status(Status::SUCCESS)
+                    }
+                    Err(e) => Outcome::status(e.status()),
+                }
+            }
+            _ => Outcome::status(Status::INVALID_FIELD),
+        }
+    }
+
+    /// Namespace Attachment (15h): attach or detach a namespace to a list of controllers.
+    pub(crate) fn namespace_attachment(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+        let Some(sub) = self.cfg.subsystem.clone() else {
+            return Outcome::status(Status::INVALID_OPCODE);
+        };
+        if !self.cfg.namespace_management {
+            return Outcome::status(Status::INVALID_OPCODE);
+        }
+        let nsid = sqe.nsid.get();
+        if nsid == 0 || nsid == u32::MAX {
+            return Outcome::status(Status::INVALID_NAMESPACE);
+        }
+        let sel = sqe.cdw10.get() & 0xf;
+        if sel != SEL_ATTACH && sel != SEL_DETACH {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        let s = self.copy_from_host(sqe, 4096, mem, false);
+        if !s.is_success() {
+            return Outcome::status(s);
+        }
+        // Controller List (Figure 137): count, then that many CNTLIDs (at most 2047)
+        let n = usize::from(u16::from_le_bytes([self.bounce[0], self.bounce[1]]));
+        if n > 2047 {
+            return Outcome::status(NsError::ControllerListInvalid.status());
+        }
+        let ids: Vec<u16> = (0..n)
+            .map(|k| u16::from_le_bytes([self.bounce[2 + 2 * k], self.bounce[3 + 2 * k]]))
+            .collect();
+        let r = if sel == SEL_ATTACH {
+            sub.attach(nsid, &ids)
+        } else {
+            sub.detach(nsid, &ids)
+        };
+        match r {
+            Ok(changes) => {
+                sub.deliver(changes, Some(self), false);
+                Outcome::status(Status::SUCCESS)
+            }
+            Err(e) => {
+                log::info!(
+                    "{}: namespace {nsid} attachment refused: {e}",
+                    self.cfg.serial
+                );
+                Outcome::status(e.status())
+            }
+        }
+    }
+
+    /// Apply a change of this controller's namespaces made in the subsystem: take a new
+    /// namespace, or finish the requests of a detached one and drop it. The host hears of
+    /// it through the Changed Namespace List and, when enabled, an asynchronous event.
+    pub fn apply(&mut self, change: Change) {
+        let nsid = match change {
+            Change::Attach(ns) => {
+                let nsid = ns.nsid;
+                match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
+                    Ok(i) => self.namespaces[i] = ns,
+                    Err(i) => self.namespaces.insert(i, ns),
+                }
+                log::info!("{}: namespace {nsid} attached", self.cfg.serial);
+                nsid
+            }
+            Change::Detach(nsid) => {
+                let Some(i) = self.namespace_index(nsid) else {
+                    return;
+                };
+                self.drain_namespace(i);
+                self.namespaces.remove(i);
+                log::info!("{}: namespace {nsid} detached", self.cfg.serial);
+                nsid
+            }
+        };
+        self.changed_ns.record(nsid);
+        if self.is_ready() && self.features.async_event_config & NS_ATTRIBUTE_NOTICES != 0 {
+            let mem = self.mem.snapshot();
+            self.raise_event(NS_ATTRIBUTE_CHANGED, &mem);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_list_is_sorted_deduplicated_cleared_and_overflows() {
+        let mut c = ChangedNamespaces::default();
+        c.record(3);
+        c.record(1);
+        c.record(3);
+        let p = c.page(true);
+        assert_eq!(&p[..12], &[1, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]);
+        let p = c.page(false);
+        assert_eq!(p[0], 1);
+        assert!(c.page(false).iter().all(|&b| b == 0));
+        for n in 1..=1025 {
+            c.record(n);
+        }
+        assert_eq!(&c.page(false)[..8], &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    }
+}

@@ -1,0 +1,656 @@
+//! An NVM subsystem (NVMe base 2.0 §3.2.1): its controllers and the namespaces it owns, each
+//! attached to a chosen set of controllers. Namespace Management (§5.20) creates and deletes
+//! namespaces (carved from a [`NamespacePool`]), Namespace Attachment (§5.19) and the
+//! management plane attach and detach them at run time.
+//!
+//! The state sits behind one mutex, touched by admin commands and management only (never by
+//! I/O). A change reaches each affected controller as a closure posted to its reactor
+//! ([`Poster`]): attach hands it a new handle on the namespace's shared backend, detach
+//! drains and drops its handle; either way the controller records the NSID in its Changed
+//! Namespace List and raises a Namespace Attribute Changed event (§5.2, log page 04h).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvme_spec::Status;
+use nvme_spec::status::sct;
+
+use crate::backend::{Backend, SharedSource};
+use crate::controller::Controller;
+use crate::namespace::Namespace;
+use crate::reactor::Poster;
+
+/// Highest NSID of a subsystem that manages namespaces (Identify NN and MNAN).
+pub const MAX_NAMESPACES: u32 = 256;
+
+/// Where Namespace Management gets the blocks of a new namespace.
+pub trait NamespacePool: Send {
+    /// Bytes the pool can hand out in total.
+    fn capacity(&self) -> u64;
+    /// A backend of `size` bytes for new namespace `nsid`.
+    fn create(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String>;
+    /// Namespace `nsid` was deleted; its backend is (or will soon be) dropped.
+    fn delete(&mut self, nsid: u32);
+    /// What the pool is, for logs and listings.
+    fn describe(&self) -> String;
+}
+
+/// Why a namespace change was refused (the status codes of §5.19 and §5.20).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NsError {
+    #[error("no such namespace")]
+    InvalidNamespace,
+    #[error("invalid field")]
+    InvalidField,
+    #[error("unsupported LBA format")]
+    InvalidFormat,
+    #[error("not enough unallocated capacity")]
+    InsufficientCapacity,
+    #[error("no namespace ID left")]
+    IdUnavailable,
+    #[error("namespace already attached to controller {0:#x}")]
+    AlreadyAttached(u16),
+    #[error("namespace is private (NMIC 0): one controller at most")]
+    Private,
+    #[error("namespace not attached to controller {0:#x}")]
+    NotAttached(u16),
+    #[error("controller list invalid")]
+    ControllerListInvalid,
+    #[error("thin provisioning not supported (NCAP must equal NSZE)")]
+    ThinProvisioning,
+    #[error("namespaces of this subsystem are fixed (one controller, no namespace pool)")]
+    Fixed,
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+impl NsError {
+    /// The completion status for this refusal.
+    pub fn status(&self) -> Status {
+        let cs = |sc| Status::dnr(sct::COMMAND_SPECIFIC, sc);
+        match self {
+            NsError::InvalidNamespace => Status::INVALID_NAMESPACE,
+            NsError::InvalidField | NsError::Fixed => Status::INVALID_FIELD,
+            NsError::InvalidFormat => Status::INVALID_FORMAT,
+            NsError::InsufficientCapacity => cs(0x15),
+            NsError::IdUnavailable => cs(0x16),
+            NsError::AlreadyAttached(_) => cs(0x18),
+            NsError::Private => cs(0x19),
+            NsError::NotAttached(_) => cs(0x1a),
+            NsError::ThinProvisioning => cs(0x1b),
+            NsError::ControllerListInvalid => cs(0x1c),
+            NsError::Backend(_) => Status::INTERNAL_ERROR,
+        }
+    }
+}
+
+/// How a namespace's backend is held.
+enum Source {
+    /// Each attached controller gets a handle.
+    Shared(SharedSource),
+    /// The subsystem's only controller owns the backend (no lock on the data path); taken
+    /// when that controller is built.
+    Exclusive(Option<Box<dyn Backend>>),
+}
+
+/// A namespace the subsystem owns.
+struct Entry {
+    nsid: u32,
+    lba_shift: u8,
+    /// May be attached to more than one controller (NMIC bit 0).
+    shared: bool,
+    size: u64,
+    /// Identity seed (stable for configured namespaces, fresh for created ones).
+    seed: String,
+    source: Source,
+    /// CNTLIDs it is attached to, ascending.
+    attached: Vec<u16>,
+    /// Bytes taken from the pool (0: a configured namespace).
+    pooled: u64,
+}
+
+impl Entry {
+    fn namespace(&self, backend: Box<dyn Backend>) -> Namespace {
+        let mut ns = Namespace::new(self.nsid, backend, self.lba_shift, &self.seed);
+        ns.shared = self.shared;
+        ns
+    }
+}
+
+/// A controller of the subsystem.
+#[derive(Debug, Clone)]
+struct Member {
+    cntlid: u16,
+    poster: Option<Poster>,
+}
+
+struct State {
+    controllers: Vec<Member>,
+    namespaces: Vec<Entry>,
+    pool: Option<Box<dyn NamespacePool>>,
+    /// Namespaces created so far (identity seeds of created namespaces).
+    generation: u64,
+}
+
+/// What the subsystem says about one namespace (listings, Identify CNS 11h).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub nsid: u32,
+    pub size: u64,
+    pub lba_shift: u8,
+    pub shared: bool,
+    pub attached: Vec<u16>,
+    /// Created by Namespace Management from the pool.
+    pub pooled: bool,
+    pub describe: String,
+}
+
+/// A change for one controller.
+pub enum Change {
+    Attach(Namespace),
+    Detach(u32),
+}
+
+/// Changes to deliver, by CNTLID.
+pub type Changes = Vec<(u16, Change)>;
+
+/// An NVM subsystem.
+pub struct Subsystem {
+    nqn: String,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Subsystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subsystem")
+            .field("nqn", &self.nqn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subsystem {
+    /// A subsystem with no controllers or namespaces yet.
+    pub fn new(nqn: &str, pool: Option<Box<dyn NamespacePool>>) -> Arc<Self> {
+        Arc::new(Self {
+            nqn: nqn.into(),
+            state: Mutex::new(State {
+                controllers: Vec::new(),
+                namespaces: Vec::new(),
+                pool,
+                generation: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The subsystem NQN.
+    pub fn nqn(&self) -> &str {
+        &self.nqn
+    }
+
+    /// Add controller `cntlid` (before it is built).
+    pub fn add_controller(&self, cntlid: u16) {
+        let mut st = self.lock();
+        if st.controllers.iter().all(|m| m.cntlid != cntlid) {
+            st.controllers.push(Member {
+                cntlid,
+                poster: None,
+            });
+            st.controllers.sort_by_key(|m| m.cntlid);
+        }
+    }
+
+    /// Where changes for controller `cntlid` go, once it runs.
+    pub fn set_poster(&self, cntlid: u16, poster: Poster) {
+        if let Some(m) = self
+            .lock()
+            .controllers
+            .iter_mut()
+            .find(|m| m.cntlid == cntlid)
+        {
+            m.poster = Some(poster);
+        }
+    }
+
+    /// Namespaces can change at run time: there is more than one controller to share them
+    /// with, or a pool to create them from. Otherwise they are fixed and owned by the one
+    /// controller (no lock on its data path).
+    pub fn manages_namespaces(&self) -> bool {
+        let st = self.lock();
+        st.controllers.len() > 1 || st.pool.is_some()
+    }
+
+    /// Add a configured namespace attached to `attach` (call after every
+    /// [`Subsystem::add_controller`] and before building the controllers).
+    pub fn add_namespace(
+        &self,
+        nsid: u32,
+        backend: Box<dyn Backend>,
+        lba_shift: u8,
+        seed: &str,
+        attach: &[u16],
+    ) {
+        let managed = self.manages_namespaces();
+        let mut st = self.lock();
+        let size = backend.size();
+        let source = if managed {
+            Source::Shared(SharedSource::new(backend))
+        } else {
+            Source::Exclusive(Some(backend))
+        };
+        let mut attached = attach.to_vec();
+        attached.sort_unstable();
+        attached.dedup();
+        st.namespaces.push(Entry {
+            nsid,
+            lba_shift,
+            shared: managed,
+            size,
+            seed: seed.into(),
+            source,
+            attached,
+            pooled: 0,
+        });
+        st.namespaces.sort_by_key(|e| e.nsid);
+    }
+
+    /// The namespaces controller `cntlid` starts with.
+    pub fn namespaces_for(&self, cntlid: u16) -> Vec<Namespace> {
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        for e in &mut st.namespaces {
+            if !e.attached.contains(&cntlid) {
+                continue;
+            }
+            let backend: Option<Box<dyn Backend>> = match &mut e.source {
+                Source::Shared(src) => src.handle().map(|h| Box::new(h) as Box<dyn Backend>),
+                Source::Exclusive(b) => b.take(),
+            };
+            if let Some(b) = backend {
+                out.push(e.namespace(b));
+            }
+        }
+        out
+    }
+
+    /// CNTLIDs of every controller, ascending (Identify CNS 13h).
+    pub fn controllers(&self) -> Vec<u16> {
+        self.lock().controllers.iter().map(|m| m.cntlid).collect()
+    }
+
+    /// CNTLIDs namespace `nsid` is attached to (Identify CNS 12h); `None`: not allocated.
+    pub fn attached(&self, nsid: u32) -> Option<Vec<u16>> {
+        let st = self.lock();
+        st.namespaces
+            .iter()
+            .find(|e| e.nsid == nsid)
+            .map(|e| e.attached.clone())
+    }
+
+    /// Allocated NSIDs above `after`, ascending (Identify CNS 10h).
+    pub fn allocated(&self, after: u32) -> Vec<u32> {
+        let st = self.lock();
+        st.namespaces
+            .iter()
+            .map(|e| e.nsid)
+            .filter(|&n| n > after)
+            .collect()
+    }
+
+    /// One namespace, attached anywhere or not.
+    pub fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+        self.list().into_iter().find(|n| n.nsid == nsid)
+    }
+
+    /// Every namespace.
+    pub fn list(&self) -> Vec<NamespaceInfo> {
+        let st = self.lock();
+        st.namespaces
+            .iter()
+            .map(|e| NamespaceInfo {
+                nsid: e.nsid,
+                size: e.size,
+                lba_shift: e.lba_shift,
+                shared: e.shared,
+                attached: e.attached.clone(),
+                pooled: e.pooled > 0,
+                describe: match &e.source {
+                    Source::Shared(s) => format!("{s:?}"),
+                    Source::Exclusive(_) => "exclusive".into(),
+                },
+            })
+            .collect()
+    }
+
+    /// Identity (NGUID, EUI-64, UUID) of namespace `nsid`, as its controllers report it.
+    pub fn identity(&self, nsid: u32) -> Option<([u8; 16], [u8; 8])> {
+        let st = self.lock();
+        let e = st.namespaces.iter().find(|e| e.nsid == nsid)?;
+        let ids = crate::namespace::NsIds::derive(e.nsid, &e.seed);
+        Some((ids.nguid, ids.eui64))
+    }
+
+    /// Highest NSID (Identify NN): [`MAX_NAMESPACES`] when namespaces are managed, else the
+    /// highest configured.
+    pub fn max_nsid(&self) -> u32 {
+        if self.manages_namespaces() {
+            return MAX_NAMESPACES;
+        }
+        self.lock()
+            .namespaces
+            .iter()
+            .map(|e| e.nsid)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Total and unallocated NVM capacity in bytes (Identify TNVMCAP, UNVMCAP).
+    pub fn capacity(&self) -> (u64, u64) {
+        let st = self.lock();
+        let pool = st.pool.as_ref().map_or(0, |p| p.capacity());
+        let configured: u64 = st
+            .namespaces
+            .iter()
+            .filter(|e| e.pooled == 0)
+            .map(|e| e.size)
+            .sum();
+        let used: u64 = st.namespaces.iter().map(|e| e.pooled).sum();
+        (configured + pool, pool.saturating_sub(used))
+    }
+
+    /// The pool, described.
+    pub fn pool(&self) -> Option<String> {
+        self.lock().pool.as_ref().map(|p| p.describe())
+    }
+
+    /// Create a namespace of `size` bytes with `2^lba_shift`-byte blocks, not attached to
+    /// any controller (§5.20, SEL 0). Returns its NSID.
+    pub fn create(&self, size: u64, lba_shift: u8, shared: bool) -> Result<u32, NsError> {
+        if !self.manages_namespaces() {
+            return Err(NsError::Fixed);
+        }
+        if lba_shift != 9 && lba_shift != 12 {
+            return Err(NsError::InvalidFormat);
+        }
+        if size == 0 || !size.is_multiple_of(1 << lba_shift) {
+            return Err(NsError::InvalidField);
+        }
+        let (_, free) = self.capacity();
+        let mut st = self.lock();
+        if st.pool.is_none() || size > free {
+            return Err(NsError::InsufficientCapacity);
+        }
+        let nsid = (1..=MAX_NAMESPACES)
+            .find(|n| st.namespaces.iter().all(|e| e.nsid != *n))
+            .ok_or(NsError::IdUnavailable)?;
+        let Some(pool) = st.pool.as_mut() else {
+            return Err(NsError::InsufficientCapacity);
+        };
+        let backend = pool.create(nsid, size).map_err(NsError::Backend)?;
+        st.generation += 1;
+        let seed = format!("{}#created{}", self.nqn, st.generation);
+        st.namespaces.push(Entry {
+            nsid,
+            lba_shift,
+            shared,
+            size,
+            seed,
+            source: Source::Shared(SharedSource::new(backend)),
+            attached: Vec::new(),
+            pooled: size,
+        });
+        st.namespaces.sort_by_key(|e| e.nsid);
+        log::info!(
+            "{}: namespace {nsid} created ({size} bytes, {}-byte blocks{})",
+            self.nqn,
+            1u32 << lba_shift,
+            if shared { ", shareable" } else { "" }
+        );
+        Ok(nsid)
+    }
+
+    /// Delete namespace `nsid` (all with `u32::MAX`), detaching it from every controller
+    /// first (§5.20, SEL 1).
+    pub fn delete(&self, nsid: u32) -> Result<Changes, NsError> {
+        if !self.manages_namespaces() {
+            return Err(NsError::Fixed);
+        }
+        let mut st = self.lock();
+        let targets: Vec<u32> = if nsid == u32::MAX {
+            st.namespaces.iter().map(|e| e.nsid).collect()
+        } else if st.namespaces.iter().any(|e| e.nsid == nsid) {
+            vec![nsid]
+        } else {
+            return Err(NsError::InvalidNamespace);
+        };
+        let mut changes = Changes::new();
+        for n in targets {
+            let Some(at) = st.namespaces.iter().position(|e| e.nsid == n) else {
+                continue;
+            };
+            let e = st.namespaces.remove(at);
+            changes.extend(e.attached.iter().map(|&c| (c, Change::Detach(n))));
+            if e.pooled > 0
+                && let Some(p) = st.pool.as_mut()
+            {
+                p.delete(n);
+            }
+            log::info!("{}: namespace {n} deleted", self.nqn);
+        }
+        Ok(changes)
+    }
+
+    /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0).
+    pub fn attach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+        if !self.manages_namespaces() {
+            return Err(NsError::Fixed);
+        }
+        let mut st = self.lock();
+        check_list(&st, ctrls)?;
+        let e = st
+            .namespaces
+            .iter_mut()
+            .find(|e| e.nsid == nsid)
+            .ok_or(NsError::InvalidNamespace)?;
+        if let Some(&c) = ctrls.iter().find(|c| e.attached.contains(c)) {
+            return Err(NsError::AlreadyAttached(c));
+        }
+        if !e.shared && e.attached.len() + ctrls.len() > 1 {
+            return Err(NsError::Private);
+        }
+        let Source::Shared(src) = &e.source else {
+            return Err(NsError::Fixed);
+        };
+        let mut changes = Changes::new();
+        for &c in ctrls {
+            let h = src
+                .handle()
+                .ok_or_else(|| NsError::Backend("too many controllers on one backend".into()))?;
+            changes.push((c, Change::Attach(e.namespace(Box::new(h)))));
+        }
+        e.attached.extend_from_slice(ctrls);
+        e.attached.sort_unstable();
+        log::info!("{}: namespace {nsid} attached to {ctrls:x?}", self.nqn);
+        Ok(changes)
+    }
+
+    /// Detach namespace `nsid` from `ctrls` (§5.19, SEL 1).
+    pub fn detach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+        if !self.manages_namespaces() {
+            return Err(NsError::Fixed);
+        }
+        let mut st = self.lock();
+        check_list(&st, ctrls)?;
+        let e = st
+            .namespaces
+            .iter_mut()
+            .find(|e| e.nsid == nsid)
+            .ok_or(NsError::InvalidNamespace)?;
+        if let Some(&c) = ctrls.iter().find(|c| !e.attached.contains(c)) {
+            return Err(NsError::NotAttached(c));
+        }
+        e.attached.retain(|c| !ctrls.contains(c));
+        log::info!("{}: namespace {nsid} detached from {ctrls:x?}", self.nqn);
+        Ok(ctrls.iter().map(|&c| (c, Change::Detach(nsid))).collect())
+    }
+
+    /// Deliver `changes`: to `me` (the controller running the admin command) directly, to
+    /// the others by posting to their reactors. With `wait`, return once every controller
+    /// has applied its change (never from a reactor thread).
+    pub fn deliver(&self, changes: Changes, mut me: Option<&mut Controller>, wait: bool) {
+        let members = self.lock().controllers.clone();
+        let (tx, rx) = mpsc::channel::<()>();
+        let mut posted = 0;
+        for (cntlid, change) in changes {
+            if let Some(c) = me.as_deref_mut()
+                && c.config().cntlid == cntlid
+            {
+                c.apply(change);
+                continue;
+            }
+            let Some(poster) = members
+                .iter()
+                .find(|m| m.cntlid == cntlid)
+                .and_then(|m| m.poster.as_ref())
+            else {
+                log::warn!("{}: controller {cntlid:#x} not running", self.nqn);
+                continue;
+            };
+            let tx = tx.clone();
+            if poster.post(Box::new(move |c: &mut Controller| {
+                c.apply(change);
+                let _ = tx.send(());
+            })) {
+                posted += 1;
+            }
+        }
+        drop(tx);
+        if wait {
+            for _ in 0..posted {
+                if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                    log::warn!("{}: a controller did not apply its change", self.nqn);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A controller list for attach/detach: not empty, no duplicates, every CNTLID ours.
+fn check_list(st: &State, ctrls: &[u16]) -> Result<(), NsError> {
+    if ctrls.is_empty() {
+        return Err(NsError::ControllerListInvalid);
+    }
+    for (i, c) in ctrls.iter().enumerate() {
+        if ctrls[..i].contains(c) || st.controllers.iter().all(|m| m.cntlid != *c) {
+            return Err(NsError::ControllerListInvalid);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MallocBackend;
+
+    struct RamPool(u64);
+    impl NamespacePool for RamPool {
+        fn capacity(&self) -> u64 {
+            self.0
+        }
+        fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+            Ok(Box::new(
+                MallocBackend::new(size).map_err(|e| e.to_string())?,
+            ))
+        }
+        fn delete(&mut self, _nsid: u32) {}
+        fn describe(&self) -> String {
+            "ram".into()
+        }
+    }
+
+    fn two_controllers(pool: u64) -> Arc<Subsystem> {
+        let s = Subsystem::new("nqn.test", Some(Box::new(RamPool(pool))));
+        s.add_controller(1);
+        s.add_controller(2);
+        s
+    }
+
+    #[test]
+    fn capacity_is_accounted_and_refusals_have_their_codes() {
+        let s = two_controllers(8 << 20);
+        assert_eq!(s.capacity(), (8 << 20, 8 << 20));
+        let a = s.create(4 << 20, 12, true).unwrap();
+        assert_eq!(a, 1);
+        assert_eq!(s.capacity(), (8 << 20, 4 << 20));
+        assert_eq!(
+            s.create(8 << 20, 12, true),
+            Err(NsError::InsufficientCapacity)
+        );
+        assert_eq!(s.create(4096, 10, true), Err(NsError::InvalidFormat));
+        assert_eq!(s.create(1000, 9, true), Err(NsError::InvalidField));
+        let b = s.create(4 << 20, 9, false).unwrap();
+        assert_eq!(b, 2);
+        // private: one controller only
+        assert!(s.attach(b, &[1]).is_ok());
+        assert_eq!(s.attach(b, &[2]).err(), Some(NsError::Private));
+        assert_eq!(s.attach(b, &[1]).err(), Some(NsError::AlreadyAttached(1)));
+        assert_eq!(
+            s.attach(a, &[1, 1]).err(),
+            Some(NsError::ControllerListInvalid)
+        );
+        assert_eq!(
+            s.attach(a, &[9]).err(),
+            Some(NsError::ControllerListInvalid)
+        );
+        assert_eq!(s.attach(a, &[]).err(), Some(NsError::ControllerListInvalid));
+        assert_eq!(s.attach(7, &[1]).err(), Some(NsError::InvalidNamespace));
+        assert_eq!(s.detach(a, &[2]).err(), Some(NsError::NotAttached(2)));
+        assert_eq!(s.attach(a, &[1, 2]).unwrap().len(), 2);
+        assert_eq!(s.attached(a), Some(vec![1, 2]));
+        assert_eq!(s.allocated(0), vec![1, 2]);
+        assert_eq!(s.allocated(1), vec![2]);
+        // delete detaches from everyone and frees the capacity and the NSID
+        let changes = s.delete(a).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(s.capacity(), (8 << 20, 4 << 20));
+        assert_eq!(s.create(1 << 20, 12, true), Ok(1));
+        assert_eq!(NsError::Private.status().raw(), 0x4119);
+    }
+
+    #[test]
+    fn one_controller_without_a_pool_keeps_its_namespaces_fixed() {
+        let s = Subsystem::new("nqn.test", None);
+        s.add_controller(1);
+        s.add_namespace(
+            1,
+            Box::new(MallocBackend::new(1 << 20).unwrap()),
+            9,
+            "x",
+            &[1],
+        );
+        assert!(!s.manages_namespaces());
+        assert_eq!(s.max_nsid(), 1);
+        assert_eq!(s.namespaces_for(1).len(), 1);
+        assert_eq!(s.create(1 << 20, 9, true), Err(NsError::Fixed));
+        assert_eq!(s.detach(1, &[1]).err(), Some(NsError::Fixed));
+    }
+
+    #[test]
+    fn recreated_namespaces_get_new_identities() {
+        let s = two_controllers(4 << 20);
+        let n = s.create(1 << 20, 9, true).unwrap();
+        let first = s.identity(n).unwrap();
+        s.delete(n).unwrap();
+        let m = s.create(1 << 20, 9, true).unwrap();
+        assert_eq!(n, m);
+        assert_ne!(s.identity(m).unwrap(), first);
+    }
+}
