@@ -125,6 +125,32 @@ impl VirtState {
         }
     }
 
+    /// The management plane's NumVFs: secondaries `1..=n` online (given `nvq`/`nvi` first
+    /// when they have fewer than they need to run), the others offline. Stops at the first
+    /// refusal (pools exhausted).
+    pub fn set_enabled(&mut self, n: usize, nvq: u16, nvi: u16) -> Result<(), VirtError> {
+        let ids: Vec<(u16, bool, bool)> = self
+            .secondaries
+            .iter()
+            .map(|s| (s.scid, s.online(), s.nvq >= 2 && s.nvi >= 1))
+            .collect();
+        for (k, (scid, online, resourced)) in ids.into_iter().enumerate() {
+            if k >= n {
+                self.manage(0x7, 0, scid, 0)?;
+                continue;
+            }
+            if online {
+                continue;
+            }
+            if !resourced {
+                self.manage(0x8, RT_VQ, scid, nvq)?;
+                self.manage(0x8, RT_VI, scid, nvi)?;
+            }
+            self.manage(0x9, 0, scid, 0)?;
+        }
+        Ok(())
+    }
+
     /// Virtualization Management (§5.28): `act` on resource type `rt` of controller
     /// `cntlid`, `nr` resources. Returns the number of resources modified (dword 0).
     pub fn manage(&mut self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError> {

@@ -123,10 +123,8 @@ for i in $(seq 50); do ls /dev/vfio/[0-9]* >/dev/null 2>&1 && break; sleep 0.1; 
 echo "vfio $(ls /dev/vfio | tr '\n' ' ')"
 "#;
 
-/// Build the `vnvme` binary (debug) and copy it without debug info into `dir`, for a guest
-/// to run (`.file(...)` puts it at `/tmp/h/vnvme`; it needs glibc >= the host's, which the
-/// Debian trixie guest has).
-pub fn vnvme_binary_for_guest(dir: &Path) -> PathBuf {
+/// Build the `vnvme` binary (debug) and return its path (tests that run it as users do).
+pub fn vnvme_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let st = std::process::Command::new(cargo)
@@ -137,10 +135,17 @@ pub fn vnvme_binary_for_guest(dir: &Path) -> PathBuf {
     assert!(st.success(), "building vnvme failed");
     let target =
         std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    target.join("debug/vnvme")
+}
+
+/// Build the `vnvme` binary (debug) and copy it without debug info into `dir`, for a guest
+/// to run (`.file(...)` puts it at `/tmp/h/vnvme`; it needs glibc >= the host's, which the
+/// Debian trixie guest has).
+pub fn vnvme_binary_for_guest(dir: &Path) -> PathBuf {
     let out = dir.join("vnvme");
     let st = std::process::Command::new("objcopy")
         .arg("--strip-debug")
-        .arg(target.join("debug/vnvme"))
+        .arg(vnvme_binary())
         .arg(&out)
         .status()
         .expect("objcopy");

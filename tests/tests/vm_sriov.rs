@@ -141,8 +141,8 @@ fn nvme_cli_manages_vfs_through_the_pf() {
             .unwrap_or_default()
     };
     let idc = section(&out, "@@IDCTRL");
-    assert_eq!(field(&idc, "unvmcap"), "268435456", "{idc}");
-    assert_eq!(field(&idc, "nn"), "256", "{idc}");
+    assert_eq!(field(idc, "unvmcap"), "268435456", "{idc}");
+    assert_eq!(field(idc, "nn"), "256", "{idc}");
     assert_eq!(value(&out, "create-rc"), Some("0"), "{all}");
     assert!(
         section(&out, "@@CREATE").contains("nsid:2"),
@@ -180,7 +180,7 @@ fn nvme_cli_manages_vfs_through_the_pf() {
     assert_eq!(value(&out, "ns2-after-delete"), Some("0"), "{all}");
     let idc2 = section(&out, "@@IDCTRL2");
     assert_eq!(
-        field(&idc2, "unvmcap"),
+        field(idc2, "unvmcap"),
         "268435456",
         "capacity back:\n{idc2}"
     );

@@ -50,21 +50,36 @@ pub enum DaemonError {
 
 /// A running daemon.
 pub struct Daemon {
-    stop: Arc<AtomicBool>,
-    servers: Vec<(PathBuf, JoinHandle<Result<Server, ServerError>>)>,
+    /// Each entry's stop flag (its vfio-user servers end when it is set).
+    stops: Vec<Arc<AtomicBool>>,
+    /// The configuration of each entry; `None` once removed at run time.
+    specs: Vec<Option<ControllerSpec>>,
+    /// vfio-user servers: entry, socket, thread.
+    servers: Vec<(usize, PathBuf, ServerThread)>,
     stats: Vec<Arc<ControllerStats>>,
     transfers: Vec<Vec<(u32, Arc<TransferStats>)>>,
     memory: Vec<Arc<GuestMemory>>,
-    targets: Vec<TcpTarget>,
+    /// NVMe/TCP targets and the entries they export.
+    targets: Vec<(Vec<usize>, TcpTarget)>,
     /// QoS handles of each entry's controllers.
     qos: Vec<Vec<Arc<QosControl>>>,
-    /// Shared reactor threads (when configured); they end after the controllers.
-    reactors: Vec<Reactor>,
     /// Each entry's NVM subsystem.
     subsystems: Vec<Arc<Subsystem>>,
     /// Every controller, in build order.
     controllers: Vec<ControllerInfo>,
+    /// Where new controllers run (it holds the shared reactor threads, which end after the
+    /// controllers).
+    place: Placement,
+    /// `nvme:` devices shared by namespaces.
+    devices: DeviceRegistry,
 }
+
+/// A vfio-user server's thread; it hands the server back when it ends.
+type ServerThread = JoinHandle<Result<Server, ServerError>>;
+
+/// NVMe/TCP exports grouped by listen address (one target per address), with the entries
+/// they come from.
+type Exports = Vec<(String, Vec<ExportSpec>, Vec<usize>)>;
 
 /// What the management plane knows of one controller.
 #[derive(Clone, Debug)]
@@ -388,233 +403,46 @@ fn has_nvme_backend(spec: &ControllerSpec) -> bool {
 
 impl Daemon {
     /// Serve built controller `b` on vfio-user socket `socket` in a thread of its own.
-    fn serve(
-        &mut self,
-        index: usize,
-        socket: PathBuf,
-        b: Built,
-        stop: &Arc<AtomicBool>,
-    ) -> Result<(), DaemonError> {
+    fn serve(&mut self, index: usize, socket: PathBuf, b: Built) -> Result<(), DaemonError> {
         let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
-        let mut server = Server::bind(&socket, device, Arc::clone(stop))
+        let mut server = Server::bind(&socket, device, Arc::clone(&self.stops[index]))
             .map_err(|source| DaemonError::Server { index, source })?;
         let join = std::thread::Builder::new()
             .name(format!("vfio-user-{index}"))
             .spawn(move || server.run().map(|()| server))
             .map_err(|source| DaemonError::Io { index, source })?;
-        self.servers.push((socket, join));
+        self.servers.push((index, socket, join));
         Ok(())
     }
 
     /// Create every controller and start serving. Sockets are listening when this returns.
     pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let place = Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
         let mut daemon = Daemon {
-            stop: Arc::clone(&stop),
+            stops: Vec::new(),
+            specs: Vec::new(),
             servers: Vec::new(),
             stats: Vec::new(),
             transfers: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
             qos: Vec::new(),
-            reactors: Vec::new(),
             subsystems: Vec::new(),
             controllers: Vec::new(),
+            place,
+            devices: DeviceRegistry::default(),
         };
-        let mut place =
-            Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
-        daemon.reactors.clone_from(&place.shared);
-        // `nvme:` namespaces on the same device share it (each on its own queue pair)
-        let mut devices = DeviceRegistry::default();
-        // NVMe/TCP exports grouped by listen address: one target per address
-        let mut exports: Vec<(String, Vec<ExportSpec>)> = Vec::new();
+        let mut exports = Exports::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
-            let mem = Arc::new(GuestMemory::new());
-            let opened = open_namespaces(index, spec, &mem, &mut devices)?;
-            daemon.transfers.push(opened.transfers);
-            daemon.memory.push(Arc::clone(&mem));
-            let cntlid = index as u16 + 1;
-            // controllers of this subsystem: the vfio-user one, and the NVMe/TCP ones (each
-            // host association takes one); with more than one, every namespace is shared
-            let tcp_count = if spec.tcp_listen.is_some() {
-                spec.tcp_controllers.unwrap_or(if has_nvme_backend(spec) {
-                    1
-                } else {
-                    DEFAULT_TCP_CONTROLLERS
-                })
-            } else {
-                0
-            };
-            let vfs = usize::from(spec.vfs.unwrap_or(0));
-            let ids = controller_ids(index, spec, vfs, tcp_count);
-            let users = ids.len();
-            let nqn = entry_nqn(index, spec);
-            let pool = spec.namespace_pool.as_deref().map(|p| {
-                // validated with the configuration
-                p.parse::<crate::namespace_pool::PoolSpec>()
-                    .map(|p| p.open(&nqn))
-            });
-            let pool = match pool {
-                Some(Ok(p)) => Some(p),
-                Some(Err(why)) => {
-                    return Err(DaemonError::Io {
-                        index,
-                        source: std::io::Error::other(why),
-                    });
-                }
-                None => None,
-            };
-            let subsystem = Subsystem::new(&nqn, pool);
-            for &c in &ids {
-                subsystem.add_controller(c);
-            }
-            // controller number u (PF 0, VF k, then NVMe/TCP) sees namespace j when its
-            // `attach` lists it (default: every controller)
-            let seed = spec
-                .serial
-                .clone()
-                .unwrap_or_else(|| format!("VNVME{index:04}"));
-            for (j, backend) in opened.backends.into_iter().enumerate() {
-                let n = &spec.namespaces[j];
-                let attach: Vec<u16> = (0..users)
-                    .filter(|&u| n.attach.as_ref().is_none_or(|a| a.contains(&(u as u16))))
-                    .map(|u| ids[u])
-                    .collect();
-                subsystem.add_namespace(
-                    j as u32 + 1,
-                    backend,
-                    n.block_size.trailing_zeros() as u8,
-                    &seed,
-                    &attach,
-                );
-            }
-            daemon.subsystems.push(Arc::clone(&subsystem));
-            let mut stats = None;
-            let mut qos = Vec::new();
-            // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
-            let virt = (vfs > 0).then(|| {
-                let first = vf_cntlid(index, 1);
-                let mut v = VirtState::new(cntlid, 65, 65, vfs as u16, first, 9, 9);
-                if spec.vfs_online {
-                    v.all_online(VF_DEFAULT_VQ, VF_DEFAULT_VI);
-                }
-                Arc::new(Mutex::new(v))
-            });
-            if let Some(socket) = spec.socket.clone() {
-                let b = build_controller(
-                    index,
-                    spec,
-                    Which {
-                        reach: Reach::VfioUser,
-                        cntlid,
-                        virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
-                        shared: users > 1,
-                        subsystem: Arc::clone(&subsystem),
-                    },
-                    Arc::clone(&mem),
-                    &mut place,
-                )?;
-                stats = Some(Arc::clone(&b.stats));
-                qos.push(Arc::clone(&b.qos));
-                daemon.controllers.push(ControllerInfo {
-                    entry: index,
-                    cntlid,
-                    kind: if virt.is_some() { "pf" } else { "ctrl" },
-                    vf: None,
-                    endpoint: socket.display().to_string(),
-                    stats: Arc::clone(&b.stats),
-                    qos: Arc::clone(&b.qos),
-                    virt: virt.clone(),
-                });
-                daemon.serve(index, socket, b, &stop)?;
-                if let Some(v) = &virt {
-                    for k in 0..vfs {
-                        let sock =
-                            vf_socket(spec.socket.as_deref().unwrap_or(Path::new("")), k + 1);
-                        let scid = vf_cntlid(index, k + 1);
-                        let b = build_controller(
-                            index,
-                            spec,
-                            Which {
-                                reach: Reach::VfioUser,
-                                cntlid: scid,
-                                virt: Some(VirtRole::secondary(v, k)),
-                                shared: users > 1,
-                                subsystem: Arc::clone(&subsystem),
-                            },
-                            Arc::new(GuestMemory::new()),
-                            &mut place,
-                        )?;
-                        qos.push(Arc::clone(&b.qos));
-                        daemon.controllers.push(ControllerInfo {
-                            entry: index,
-                            cntlid: scid,
-                            kind: "vf",
-                            vf: Some(k as u16 + 1),
-                            endpoint: sock.display().to_string(),
-                            stats: Arc::clone(&b.stats),
-                            qos: Arc::clone(&b.qos),
-                            virt: Some(Arc::clone(v)),
-                        });
-                        daemon.serve(index, sock, b, &stop)?;
-                    }
-                }
-            }
-            if let Some(addr) = &spec.tcp_listen {
-                for k in 0..tcp_count {
-                    let tcp_cntlid = tcp_cntlid(index, spec, k);
-                    // the entry's first controller uses the memory map its namespaces
-                    // were opened with
-                    let tcp_mem = if tcp_cntlid == cntlid {
-                        Arc::clone(&mem)
-                    } else {
-                        Arc::new(GuestMemory::new())
-                    };
-                    let b = build_controller(
-                        index,
-                        spec,
-                        Which {
-                            reach: Reach::Tcp,
-                            cntlid: tcp_cntlid,
-                            virt: None,
-                            shared: users > 1,
-                            subsystem: Arc::clone(&subsystem),
-                        },
-                        tcp_mem,
-                        &mut place,
-                    )?;
-                    daemon.controllers.push(ControllerInfo {
-                        entry: index,
-                        cntlid: tcp_cntlid,
-                        kind: "tcp",
-                        vf: None,
-                        endpoint: addr.clone(),
-                        stats: Arc::clone(&b.stats),
-                        qos: Arc::clone(&b.qos),
-                        virt: None,
-                    });
-                    stats.get_or_insert(b.stats);
-                    qos.push(b.qos);
-                    let export = ExportSpec {
-                        nqn: b.nqn,
-                        allowed_hosts: spec.allowed_hosts.clone(),
-                        handle: b.handle,
-                        mem: b.mem,
-                        doorbells: b.doorbells,
-                        cntlid: tcp_cntlid,
-                        io_queues: b.max_io_queues,
-                        max_transfer: 4096 << b.mdts,
-                    };
-                    match exports.iter_mut().find(|(a, _)| a == addr) {
-                        Some((_, v)) => v.push(export),
-                        None => exports.push((addr.clone(), vec![export])),
-                    }
-                }
-            }
-            daemon.stats.extend(stats);
-            daemon.qos.push(qos);
+            daemon.start_entry(index, spec, &mut exports)?;
         }
-        for (addr, list) in exports {
+        daemon.start_targets(exports)?;
+        Ok(daemon)
+    }
+
+    /// Start NVMe/TCP targets for `exports`.
+    fn start_targets(&mut self, exports: Exports) -> Result<(), DaemonError> {
+        for (addr, list, entries) in exports {
             let sa: SocketAddr = addr
                 .parse()
                 .map_err(|_| DaemonError::Address(addr.clone()))?;
@@ -622,9 +450,210 @@ impl Daemon {
                 addr: addr.clone(),
                 source,
             })?;
-            daemon.targets.push(t);
+            self.targets.push((entries, t));
         }
-        Ok(daemon)
+        Ok(())
+    }
+
+    /// Build and serve the controllers of entry `index` (its NVMe/TCP exports are added to
+    /// `exports`, started by the caller).
+    fn start_entry(
+        &mut self,
+        index: usize,
+        spec: &ControllerSpec,
+        exports: &mut Exports,
+    ) -> Result<(), DaemonError> {
+        self.stops.push(Arc::new(AtomicBool::new(false)));
+        self.specs.push(Some(spec.clone()));
+        let mem = Arc::new(GuestMemory::new());
+        let opened = open_namespaces(index, spec, &mem, &mut self.devices)?;
+        self.transfers.push(opened.transfers);
+        self.memory.push(Arc::clone(&mem));
+        let cntlid = index as u16 + 1;
+        // controllers of this subsystem: the vfio-user one, and the NVMe/TCP ones (each
+        // host association takes one); with more than one, every namespace is shared
+        let tcp_count = if spec.tcp_listen.is_some() {
+            spec.tcp_controllers.unwrap_or(if has_nvme_backend(spec) {
+                1
+            } else {
+                DEFAULT_TCP_CONTROLLERS
+            })
+        } else {
+            0
+        };
+        let vfs = usize::from(spec.vfs.unwrap_or(0));
+        let ids = controller_ids(index, spec, vfs, tcp_count);
+        let users = ids.len();
+        let nqn = entry_nqn(index, spec);
+        let pool = spec.namespace_pool.as_deref().map(|p| {
+            // validated with the configuration
+            p.parse::<crate::namespace_pool::PoolSpec>()
+                .map(|p| p.open(&nqn))
+        });
+        let pool = match pool {
+            Some(Ok(p)) => Some(p),
+            Some(Err(why)) => {
+                return Err(DaemonError::Io {
+                    index,
+                    source: std::io::Error::other(why),
+                });
+            }
+            None => None,
+        };
+        let subsystem = Subsystem::new(&nqn, pool);
+        for &c in &ids {
+            subsystem.add_controller(c);
+        }
+        // controller number u (PF 0, VF k, then NVMe/TCP) sees namespace j when its
+        // `attach` lists it (default: every controller)
+        let seed = spec
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("VNVME{index:04}"));
+        for (j, backend) in opened.backends.into_iter().enumerate() {
+            let n = &spec.namespaces[j];
+            let attach: Vec<u16> = (0..users)
+                .filter(|&u| n.attach.as_ref().is_none_or(|a| a.contains(&(u as u16))))
+                .map(|u| ids[u])
+                .collect();
+            subsystem.add_namespace(
+                j as u32 + 1,
+                backend,
+                n.block_size.trailing_zeros() as u8,
+                &seed,
+                &attach,
+            );
+        }
+        self.subsystems.push(Arc::clone(&subsystem));
+        let mut stats = None;
+        let mut qos = Vec::new();
+        // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
+        let virt = (vfs > 0).then(|| {
+            let first = vf_cntlid(index, 1);
+            let mut v = VirtState::new(cntlid, 65, 65, vfs as u16, first, 9, 9);
+            if spec.vfs_online {
+                v.all_online(VF_DEFAULT_VQ, VF_DEFAULT_VI);
+            }
+            Arc::new(Mutex::new(v))
+        });
+        if let Some(socket) = spec.socket.clone() {
+            let b = build_controller(
+                index,
+                spec,
+                Which {
+                    reach: Reach::VfioUser,
+                    cntlid,
+                    virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
+                    shared: users > 1,
+                    subsystem: Arc::clone(&subsystem),
+                },
+                Arc::clone(&mem),
+                &mut self.place,
+            )?;
+            stats = Some(Arc::clone(&b.stats));
+            qos.push(Arc::clone(&b.qos));
+            self.controllers.push(ControllerInfo {
+                entry: index,
+                cntlid,
+                kind: if virt.is_some() { "pf" } else { "ctrl" },
+                vf: None,
+                endpoint: socket.display().to_string(),
+                stats: Arc::clone(&b.stats),
+                qos: Arc::clone(&b.qos),
+                virt: virt.clone(),
+            });
+            self.serve(index, socket, b)?;
+            if let Some(v) = &virt {
+                for k in 0..vfs {
+                    let sock = vf_socket(spec.socket.as_deref().unwrap_or(Path::new("")), k + 1);
+                    let scid = vf_cntlid(index, k + 1);
+                    let b = build_controller(
+                        index,
+                        spec,
+                        Which {
+                            reach: Reach::VfioUser,
+                            cntlid: scid,
+                            virt: Some(VirtRole::secondary(v, k)),
+                            shared: users > 1,
+                            subsystem: Arc::clone(&subsystem),
+                        },
+                        Arc::new(GuestMemory::new()),
+                        &mut self.place,
+                    )?;
+                    qos.push(Arc::clone(&b.qos));
+                    self.controllers.push(ControllerInfo {
+                        entry: index,
+                        cntlid: scid,
+                        kind: "vf",
+                        vf: Some(k as u16 + 1),
+                        endpoint: sock.display().to_string(),
+                        stats: Arc::clone(&b.stats),
+                        qos: Arc::clone(&b.qos),
+                        virt: Some(Arc::clone(v)),
+                    });
+                    self.serve(index, sock, b)?;
+                }
+            }
+        }
+        if let Some(addr) = &spec.tcp_listen {
+            for k in 0..tcp_count {
+                let tcp_cntlid = tcp_cntlid(index, spec, k);
+                // the entry's first controller uses the memory map its namespaces
+                // were opened with
+                let tcp_mem = if tcp_cntlid == cntlid {
+                    Arc::clone(&mem)
+                } else {
+                    Arc::new(GuestMemory::new())
+                };
+                let b = build_controller(
+                    index,
+                    spec,
+                    Which {
+                        reach: Reach::Tcp,
+                        cntlid: tcp_cntlid,
+                        virt: None,
+                        shared: users > 1,
+                        subsystem: Arc::clone(&subsystem),
+                    },
+                    tcp_mem,
+                    &mut self.place,
+                )?;
+                self.controllers.push(ControllerInfo {
+                    entry: index,
+                    cntlid: tcp_cntlid,
+                    kind: "tcp",
+                    vf: None,
+                    endpoint: addr.clone(),
+                    stats: Arc::clone(&b.stats),
+                    qos: Arc::clone(&b.qos),
+                    virt: None,
+                });
+                stats.get_or_insert(b.stats);
+                qos.push(b.qos);
+                let export = ExportSpec {
+                    nqn: b.nqn,
+                    allowed_hosts: spec.allowed_hosts.clone(),
+                    handle: b.handle,
+                    mem: b.mem,
+                    doorbells: b.doorbells,
+                    cntlid: tcp_cntlid,
+                    io_queues: b.max_io_queues,
+                    max_transfer: 4096 << b.mdts,
+                };
+                match exports.iter_mut().find(|(a, _, _)| a == addr) {
+                    Some((_, v, entries)) => {
+                        v.push(export);
+                        if !entries.contains(&index) {
+                            entries.push(index);
+                        }
+                    }
+                    None => exports.push((addr.clone(), vec![export], vec![index])),
+                }
+            }
+        }
+        self.stats.extend(stats);
+        self.qos.push(qos);
+        Ok(())
     }
 
     /// The sockets being served.
@@ -669,12 +698,170 @@ impl Daemon {
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
         self.targets
             .iter()
-            .flat_map(|t| t.local_addrs().iter().copied())
+            .flat_map(|(_, t)| t.local_addrs().iter().copied())
             .collect()
     }
 
+    /// The sockets being served.
     pub fn sockets(&self) -> Vec<PathBuf> {
-        self.servers.iter().map(|(p, _)| p.clone()).collect()
+        self.servers.iter().map(|(_, p, _)| p.clone()).collect()
+    }
+
+    /// Every controller with what the management plane shows of it.
+    pub fn controllers(&self) -> &[ControllerInfo] {
+        &self.controllers
+    }
+
+    /// The running subsystems with their entry index.
+    pub fn subsystems(&self) -> Vec<(usize, Arc<Subsystem>)> {
+        self.subsystems
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.specs[*i].is_some())
+            .map(|(i, s)| (i, Arc::clone(s)))
+            .collect()
+    }
+
+    /// The running subsystem named `nqn`.
+    pub fn subsystem(&self, nqn: &str) -> Result<Arc<Subsystem>, MgmtError> {
+        self.subsystems()
+            .into_iter()
+            .find(|(_, s)| s.nqn() == nqn)
+            .map(|(_, s)| s)
+            .ok_or_else(|| MgmtError::NoSubsystem(nqn.into()))
+    }
+
+    /// Create a namespace of `size` bytes in subsystem `nqn` (not attached).
+    pub fn ns_create(
+        &self,
+        nqn: &str,
+        size: u64,
+        block_size: u32,
+        shared: bool,
+    ) -> Result<u32, MgmtError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(MgmtError::Invalid("block_size: 512 or 4096".into()));
+        }
+        let sub = self.subsystem(nqn)?;
+        Ok(sub.create(size, block_size.trailing_zeros() as u8, shared)?)
+    }
+
+    /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.
+    pub fn ns_delete(&self, nqn: &str, nsid: u32) -> Result<(), MgmtError> {
+        let sub = self.subsystem(nqn)?;
+        let changes = sub.delete(nsid)?;
+        sub.deliver(changes, None, true);
+        Ok(())
+    }
+
+    /// Attach (`attach`) or detach namespace `nsid` of `nqn` for controllers `ctrls`;
+    /// returns when every controller has applied it.
+    pub fn ns_attach(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        ctrls: &[u16],
+        attach: bool,
+    ) -> Result<(), MgmtError> {
+        let sub = self.subsystem(nqn)?;
+        let changes = if attach {
+            sub.attach(nsid, ctrls)?
+        } else {
+            sub.detach(nsid, ctrls)?
+        };
+        sub.deliver(changes, None, true);
+        Ok(())
+    }
+
+    /// Set the QoS limits of controller `cntlid`.
+    pub fn set_controller_qos(&self, cntlid: u16, limits: QosLimits) -> Result<(), MgmtError> {
+        let c = self
+            .controllers
+            .iter()
+            .find(|c| c.cntlid == cntlid)
+            .ok_or(MgmtError::NoController(cntlid))?;
+        c.qos.set(limits);
+        Ok(())
+    }
+
+    /// SR-IOV: the first `n` VFs of subsystem `nqn` online (with default resources when they
+    /// had none), the others offline; like writing NumVFs.
+    pub fn enable_vfs(&self, nqn: &str, n: u16) -> Result<(), MgmtError> {
+        let sub = self.subsystem(nqn)?;
+        let virt = self
+            .controllers
+            .iter()
+            .find(|c| {
+                c.kind == "pf" && c.virt.is_some() && self.subsystems[c.entry].nqn() == sub.nqn()
+            })
+            .and_then(|c| c.virt.clone())
+            .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no VFs")))?;
+        let mut v = virt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if usize::from(n) > v.secondaries.len() {
+            return Err(MgmtError::Invalid(format!(
+                "{nqn} has {} VFs",
+                v.secondaries.len()
+            )));
+        }
+        v.set_enabled(usize::from(n), VF_DEFAULT_VQ, VF_DEFAULT_VI)
+            .map_err(|e| MgmtError::Invalid(format!("{e:?}")))?;
+        Ok(())
+    }
+
+    /// Start a new subsystem (a `[[controller]]` entry) at run time; returns its NQN.
+    pub fn add_entry(&mut self, spec: &ControllerSpec) -> Result<String, MgmtError> {
+        let mut all: Vec<ControllerSpec> = self.specs.iter().flatten().cloned().collect();
+        all.push(spec.clone());
+        let cfg = Config {
+            poll: PollSetting::Adaptive,
+            reactors: 0,
+            controllers: all,
+        };
+        cfg.validate()
+            .map_err(|e| MgmtError::Invalid(e.to_string()))?;
+        let index = self.specs.len();
+        let nqn = entry_nqn(index, spec);
+        if self.subsystem(&nqn).is_ok() {
+            return Err(MgmtError::Invalid(format!("{nqn} exists")));
+        }
+        let mut exports = Exports::new();
+        let started = self
+            .start_entry(index, spec, &mut exports)
+            .and_then(|()| self.start_targets(exports));
+        if let Err(e) = started {
+            // undo what did start
+            self.specs.resize(index + 1, None);
+            let _ = self.stop_entries(&|i| i == index);
+            self.specs[index] = None;
+            return Err(MgmtError::Daemon(e));
+        }
+        Ok(nqn)
+    }
+
+    /// Stop subsystem `nqn` at run time: its controllers are reset, namespaces flushed,
+    /// sockets removed.
+    pub fn remove_entry(&mut self, nqn: &str) -> Result<(), MgmtError> {
+        let index = self
+            .subsystems()
+            .into_iter()
+            .find(|(_, s)| s.nqn() == nqn)
+            .map(|(i, _)| i)
+            .ok_or_else(|| MgmtError::NoSubsystem(nqn.into()))?;
+        if self
+            .targets
+            .iter()
+            .any(|(entries, _)| entries.contains(&index) && entries.len() > 1)
+        {
+            return Err(MgmtError::Invalid(format!(
+                "{nqn} shares its NVMe/TCP listener with other subsystems"
+            )));
+        }
+        let r = self.stop_entries(&|i| i == index);
+        self.specs[index] = None;
+        self.controllers.retain(|c| c.entry != index);
+        r.map_err(MgmtError::Daemon)
     }
 
     /// Stop serving, drain and flush every namespace, remove the sockets.
@@ -683,7 +870,6 @@ impl Daemon {
     }
 
     fn shutdown(&mut self) -> Result<(), DaemonError> {
-        self.stop.store(true, Ordering::Relaxed);
         for (index, transfers) in self.transfers.iter().enumerate() {
             for (nsid, t) in transfers {
                 log::info!(
@@ -693,8 +879,22 @@ impl Daemon {
                 );
             }
         }
+        self.stop_entries(&|_| true)
+    }
+
+    /// Stop the servers and targets of the entries `which` selects; flush their controllers.
+    fn stop_entries(&mut self, which: &dyn Fn(usize) -> bool) -> Result<(), DaemonError> {
+        for (i, stop) in self.stops.iter().enumerate() {
+            if which(i) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
         let mut first_err = None;
-        for t in self.targets.drain(..) {
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.targets)
+            .into_iter()
+            .partition(|(entries, _)| entries.iter().any(|&e| which(e)));
+        self.targets = others;
+        for (_, t) in mine {
             for export in t.stop() {
                 if let Some(mut ctrl) = export.handle.stop()
                     && let Err(s) = ctrl.flush()
@@ -703,7 +903,11 @@ impl Daemon {
                 }
             }
         }
-        for (index, (path, join)) in self.servers.drain(..).enumerate() {
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers)
+            .into_iter()
+            .partition(|(e, _, _)| which(*e));
+        self.servers = others;
+        for (index, path, join) in mine {
             let r = match join.join() {
                 Ok(Ok(server)) => {
                     let device = server.into_device();
@@ -724,6 +928,21 @@ impl Daemon {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// Why a management request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    #[error("no subsystem {0}")]
+    NoSubsystem(String),
+    #[error("no controller with CNTLID {0:#x}")]
+    NoController(u16),
+    #[error("{0}")]
+    Namespace(#[from] device_model::NsError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Daemon(DaemonError),
 }
 
 impl Drop for Daemon {

@@ -8,4 +8,5 @@ pub mod config;
 pub mod daemon;
 pub mod namespace_pool;
 pub mod perf;
+pub mod rpc;
 pub mod target;

@@ -29,6 +29,8 @@ enum Command {
     Discover(cli::discover::DiscoverArgs),
     /// Measure a controller's namespaces with the user-space host driver (spdk_nvme_perf style).
     Perf(cli::perf::PerfArgs),
+    /// Manage a running daemon: namespaces, attachment, QoS, VFs, subsystems (JSON-RPC).
+    Rpc(cli::rpc::RpcArgs),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Identify(args) => cli::identify::run(args),
         Command::Perf(args) => cli::perf::run(args),
         Command::Discover(args) => cli::discover::run(args),
+        Command::Rpc(args) => cli::rpc::run(args),
         Command::PerfMany(args) => cli::perf_many::run(args),
     };
     let code = result.unwrap_or_else(|e| {

@@ -6,4 +6,5 @@ pub mod guest;
 pub mod identify;
 pub mod perf;
 pub mod perf_many;
+pub mod rpc;
 pub mod serve;

@@ -1,4 +1,5 @@
-//! `vnvme serve`: run the daemon until SIGINT/SIGTERM.
+//! `vnvme serve`: run the daemon until SIGINT/SIGTERM, answering the management socket
+//! (`--rpc`) in between.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use vnvme::config::{Config, PollSetting, Served};
 use vnvme::daemon::Daemon;
+use vnvme::rpc::RpcServer;
 
 /// Serve emulated NVMe controllers over vfio-user or NVMe/TCP.
 #[derive(Debug, clap::Args)]
@@ -48,6 +50,9 @@ pub struct ServeArgs {
     /// TOML configuration with one or more [[controller]] tables
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// management socket (JSON-RPC; see `vnvme rpc --help`)
+    #[arg(long, value_name = "PATH")]
+    pub rpc: Option<PathBuf>,
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
@@ -94,7 +99,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
-    let daemon = Daemon::start(&cfg).context("starting the daemon")?;
+    let mut daemon = Daemon::start(&cfg).context("starting the daemon")?;
+    let rpc = match &args.rpc {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let r = RpcServer::bind(path).with_context(|| format!("{}", path.display()))?;
+            eprintln!("vnvme: management socket {}", path.display());
+            Some(r)
+        }
+        None => None,
+    };
     for s in daemon.sockets() {
         log::info!("serving {}", s.display());
         eprintln!("vnvme: serving NVMe controller on {}", s.display());
@@ -103,8 +120,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         eprintln!("vnvme: serving NVMe/TCP on {a}");
     }
     while !SIGNALLED.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
+        match &rpc {
+            Some(r) => r.poll(&mut daemon, Duration::from_millis(100)),
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
     }
+    drop(rpc);
     eprintln!("vnvme: signal received, flushing and shutting down");
     daemon.stop().context("stopping the daemon")?;
     Ok(0)

@@ -1,0 +1,280 @@
+//! The management plane as a user drives it (issue 6): `vnvme serve --rpc` in a process of
+//! its own, `vnvme rpc` calls against it, and vfio-user clients that see the effects. Lists
+//! controllers with their state, brings VFs up (`vf_enable`), creates, attaches, detaches and
+//! deletes namespaces, sets per-controller QoS, creates and deletes a whole subsystem; bad
+//! requests get JSON-RPC errors and the daemon keeps answering.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use host_driver::Controller;
+use host_driver::transport::vfio_user::VfioUserTransport;
+use serde_json::{Value, json};
+use vnvme::daemon::vf_socket;
+use vnvme::perf::{Pattern, PerfOptions};
+use vnvme_tests::guest::{TempDir, vnvme_binary};
+
+const NQN: &str = "nqn.2026-11.io.vnvme:rpc-test";
+
+struct Served {
+    child: Child,
+    bin: PathBuf,
+    rpc: PathBuf,
+}
+
+impl Served {
+    /// `vnvme rpc METHOD ARGS...`: exit status and stdout parsed as JSON (Null on failure)
+    /// and stderr.
+    fn rpc(&self, method: &str, args: &[&str]) -> (bool, Value, String) {
+        let out = Command::new(&self.bin)
+            .arg("rpc")
+            .arg("-s")
+            .arg(&self.rpc)
+            .arg(method)
+            .args(args)
+            .output()
+            .expect("vnvme rpc");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.success(),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, method: &str, args: &[&str]) -> Value {
+        let (ok, v, err) = self.rpc(method, args);
+        assert!(ok, "vnvme rpc {method} {args:?}: {err}");
+        v
+    }
+
+    /// One raw line to the socket; the parsed answer.
+    fn raw(&self, line: &[u8]) -> Value {
+        let mut s = UnixStream::connect(&self.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // the daemon may answer and hang up before a too-long line is all written
+        let _ = s.write_all(line);
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    }
+
+    fn state(&self, cntlid: u16) -> String {
+        let list = self.ok("controller_list", &[]);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cntlid"] == cntlid)
+            .map(|c| c["state"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn open(sock: &Path) -> Controller {
+    let t = VfioUserTransport::connect(sock).expect("connect");
+    Controller::new(Box::new(t), 8 << 20, 4).expect("controller")
+}
+
+fn error_code(v: &Value) -> i64 {
+    v["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no error: {v}"))
+}
+
+#[test]
+fn a_running_daemon_is_managed_through_vnvme_rpc() {
+    let tmp = TempDir::new("rpc");
+    let pf = tmp.path().join("pf.sock");
+    let cfg = tmp.path().join("vnvme.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[controller]]\nsocket = \"{}\"\nnqn = \"{NQN}\"\nvfs = 2\n\
+             namespace_pool = \"malloc:64M\"\n\
+             [[controller.namespace]]\nbackend = \"malloc:16M\"\n",
+            pf.display()
+        ),
+    )
+    .unwrap();
+    let bin = vnvme_binary();
+    let rpc = tmp.path().join("vnvme.rpc");
+    let child = Command::new(&bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--rpc")
+        .arg(&rpc)
+        .spawn()
+        .expect("vnvme serve");
+    let d = Served { child, bin, rpc };
+    wait_for(&d.rpc);
+
+    // controllers and their state: the PF waits for a host, the VFs are offline
+    let list = d.ok("controller_list", &[]);
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(list[0]["kind"], "pf");
+    assert_eq!(list[1]["endpoint"], vf_socket(&pf, 1).display().to_string());
+    assert_eq!(d.state(1), "disabled");
+    assert_eq!(d.state(0x1001), "offline");
+
+    // NumVFs = 1: VF 1 online, a host brings it up
+    d.ok("vf_enable", &[&format!("nqn={NQN}"), "count=1"]);
+    assert_eq!(d.state(0x1001), "online");
+    assert_eq!(d.state(0x1002), "offline");
+    let mut v1 = open(&vf_socket(&pf, 1));
+    assert_eq!(d.state(0x1001), "ready");
+
+    // a namespace created, attached to VF 1 only, seen there; listed with its attachment
+    let r = d.ok(
+        "ns_create",
+        &[&format!("nqn={NQN}"), "size=8M", "block_size=4096"],
+    );
+    assert_eq!(r["nsid"], 2);
+    d.ok(
+        "ns_attach",
+        &[&format!("nqn={NQN}"), "nsid=2", "controllers=[4097]"],
+    );
+    let subs = d.ok("subsystem_list", &[]);
+    let ns2 = &subs[0]["namespaces"][1];
+    assert_eq!(ns2["attached"], json!([4097]), "{subs}");
+    assert_eq!(
+        (ns2["size"].as_u64(), ns2["block_size"].as_u64()),
+        (Some(8 << 20), Some(4096))
+    );
+    assert_eq!(subs[0]["unallocated"], 56 << 20);
+    v1.reset().unwrap();
+    let ids: Vec<u32> = v1.namespaces().iter().map(|n| n.nsid).collect();
+    assert_eq!(ids, [1, 2], "VF 1 after the attach");
+
+    // per-controller QoS at run time: VF 1 held to 500 IOPS
+    d.ok("qos_set", &["cntlid=4097", "iops=500"]);
+    assert_eq!(d.ok("controller_list", &[])[1]["iops_limit"], 500);
+    let opts = PerfOptions {
+        queue_depth: 8,
+        io_size: 4096,
+        pattern: Pattern::Randread,
+        read_percent: 100,
+        duration: Duration::from_secs(2),
+        workers: 1,
+        verify: false,
+    };
+    let rep = vnvme::perf::run(&mut v1, &opts, |_, _| {}).unwrap();
+    let iops = u128::from(rep.total().ios) * 1000 / rep.elapsed.as_millis().max(1);
+    assert!(
+        (400..=600).contains(&iops),
+        "{iops} IOPS under a 500 IOPS limit"
+    );
+    d.ok("qos_set", &["cntlid=4097"]);
+    assert_eq!(d.ok("controller_list", &[])[1]["iops_limit"], Value::Null);
+
+    // detach and delete; the capacity comes back
+    d.ok(
+        "ns_detach",
+        &[&format!("nqn={NQN}"), "nsid=2", "controllers=[4097]"],
+    );
+    d.ok("ns_delete", &[&format!("nqn={NQN}"), "nsid=2"]);
+    assert_eq!(d.ok("subsystem_list", &[])[0]["unallocated"], 64 << 20);
+    v1.reset().unwrap();
+    assert_eq!(v1.namespaces().len(), 1);
+    drop(v1);
+
+    // refusals: vnvme rpc exits 1 with the daemon's reason
+    let (ok, _, err) = d.rpc("ns_delete", &[&format!("nqn={NQN}"), "nsid=9"]);
+    assert!(!ok && err.contains("no such namespace"), "{err}");
+    let (ok, _, err) = d.rpc(
+        "ns_attach",
+        &[&format!("nqn={NQN}"), "nsid=1", "controllers=[4097]"],
+    );
+    assert!(!ok && err.contains("already attached"), "{err}");
+    let (ok, _, err) = d.rpc("ns_create", &["nqn=nqn.nobody", "size=1M"]);
+    assert!(!ok && err.contains("no subsystem"), "{err}");
+    let (ok, _, err) = d.rpc("vf_enable", &[&format!("nqn={NQN}"), "count=3"]);
+    assert!(!ok && err.contains("has 2 VFs"), "{err}");
+    let (ok, _, err) = d.rpc("qos_set", &["cntlid=77", "iops=5"]);
+    assert!(!ok && err.contains("CNTLID"), "{err}");
+
+    // garbage on the socket: JSON-RPC errors, and the daemon keeps answering
+    assert_eq!(error_code(&d.raw(b"this is not json\n")), -32700);
+    assert_eq!(error_code(&d.raw(b"{\"method\": 5}\n")), -32600);
+    assert_eq!(
+        error_code(&d.raw(b"{\"method\": \"format_everything\"}\n")),
+        -32601
+    );
+    assert_eq!(
+        error_code(&d.raw(b"{\"method\": \"ns_attach\", \"params\": {\"nqn\": \"x\", \"nsid\": 1, \"controllers\": \"all\"}}\n")),
+        -32602
+    );
+    assert_eq!(
+        error_code(&d.raw(b"{\"method\": \"ns_create\", \"params\": [1]}\n")),
+        -32602
+    );
+    let mut huge = vec![b' '; 2 << 20];
+    huge.push(b'\n');
+    assert_eq!(error_code(&d.raw(&huge)), -32600);
+    let answer = d.raw(b"{\"jsonrpc\": \"2.0\", \"id\": 7, \"method\": \"controller_list\"}\n");
+    assert_eq!(
+        (
+            answer["id"].as_u64(),
+            answer["result"].as_array().map(Vec::len)
+        ),
+        (Some(7), Some(3))
+    );
+
+    // a subsystem created and deleted at run time
+    let new_sock = tmp.path().join("new.sock");
+    let spec = json!({
+        "socket": new_sock,
+        "nqn": "nqn.2026-11.io.vnvme:made-at-run-time",
+        "serial": "RUNTIME1",
+        "namespace": [{"backend": "malloc:8M"}],
+    });
+    let (ok, _, err) = d.rpc(
+        "subsystem_create",
+        &[&json!({"socket": pf, "namespace": []}).to_string()],
+    );
+    assert!(
+        !ok && err.contains("socket"),
+        "a second user of pf.sock: {err}"
+    );
+    let (ok, _, err) = d.rpc("subsystem_create", &[&json!({"sockett": "x"}).to_string()]);
+    assert!(!ok && err.contains("unknown field"), "{err}");
+    let r = d.ok("subsystem_create", &[&spec.to_string()]);
+    assert_eq!(r["nqn"], "nqn.2026-11.io.vnvme:made-at-run-time");
+    let n = open(&new_sock);
+    assert_eq!(n.namespaces().len(), 1);
+    assert!(n.identify().sn.starts_with(b"RUNTIME1 "), "serial");
+    assert_eq!(d.ok("subsystem_list", &[]).as_array().unwrap().len(), 2);
+    drop(n);
+    d.ok(
+        "subsystem_delete",
+        &["nqn=nqn.2026-11.io.vnvme:made-at-run-time"],
+    );
+    assert!(!new_sock.exists(), "socket removed with its subsystem");
+    assert_eq!(d.ok("subsystem_list", &[]).as_array().unwrap().len(), 1);
+    assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
+    // the first subsystem still serves
+    let _pf = open(&pf);
+    assert_eq!(d.state(1), "ready");
+}

@@ -1,0 +1,54 @@
+//! `vnvme rpc METHOD [KEY=VALUE...]`: call the running daemon's management socket and print
+//! the result as JSON (exit 1 with the daemon's message when it refuses).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use vnvme::rpc::client;
+
+/// Default management socket of `vnvme serve --rpc`.
+pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
+
+/// Manage a running daemon (its `serve --rpc` socket).
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Methods and parameters:
+  subsystem_list
+  controller_list
+  subsystem_create   nqn=.. socket=.. [vfs=N] [namespace=[{\"backend\":\"malloc:64M\"}]] ...
+                     (the fields of a [[controller]] table)
+  subsystem_delete   nqn=..
+  ns_create          nqn=.. size=1G [block_size=512|4096] [shared=true|false]
+  ns_delete          nqn=.. nsid=N
+  ns_attach          nqn=.. nsid=N controllers=[CNTLID,...]
+  ns_detach          nqn=.. nsid=N controllers=[CNTLID,...]
+  qos_set            cntlid=N [iops=N] [bandwidth=100M]   (absent or 0: no limit)
+  vf_enable          nqn=.. count=N   (VFs 1..=N online, the rest offline)
+A VALUE that parses as JSON is JSON; anything else is a string.")]
+pub struct RpcArgs {
+    /// the daemon's management socket
+    #[arg(long, short = 's', default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// method name
+    pub method: String,
+    /// parameters as KEY=VALUE, or one JSON object
+    pub params: Vec<String>,
+}
+
+pub fn run(args: &RpcArgs) -> anyhow::Result<i32> {
+    let params = match args.params.as_slice() {
+        [one] if one.trim_start().starts_with('{') => {
+            serde_json::from_str(one).context("parameters: not a JSON object")?
+        }
+        kv => client::params_from_args(kv).map_err(anyhow::Error::msg)?,
+    };
+    match client::call(&args.socket, &args.method, &params)? {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("vnvme rpc {}: {} (code {})", args.method, e.message, e.code);
+            Ok(1)
+        }
+    }
+}

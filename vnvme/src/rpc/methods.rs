@@ -1,0 +1,214 @@
+//! The RPC methods: what each takes and returns, over [`Daemon`]'s management API.
+
+use serde_json::{Value, json};
+
+use device_model::QosLimits;
+
+use super::{RpcError, code};
+use crate::backend_spec::parse_size;
+use crate::config::ControllerSpec;
+use crate::daemon::{Daemon, MgmtError};
+
+/// Every method, for `vnvme rpc --help` and the method-not-found message.
+pub const METHODS: &[&str] = &[
+    "subsystem_list",
+    "controller_list",
+    "subsystem_create",
+    "subsystem_delete",
+    "ns_create",
+    "ns_delete",
+    "ns_attach",
+    "ns_detach",
+    "qos_set",
+    "vf_enable",
+];
+
+fn invalid(msg: impl Into<String>) -> RpcError {
+    RpcError::new(code::INVALID_PARAMS, msg)
+}
+
+fn refused(e: &MgmtError) -> RpcError {
+    RpcError::new(code::REFUSED, e.to_string())
+}
+
+fn string<'a>(p: &'a Value, key: &str) -> Result<&'a str, RpcError> {
+    p.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("\"{key}\": a string is required")))
+}
+
+fn uint(p: &Value, key: &str, max: u64) -> Result<u64, RpcError> {
+    p.get(key)
+        .and_then(Value::as_u64)
+        .filter(|&v| v <= max)
+        .ok_or_else(|| invalid(format!("\"{key}\": an integer 0..={max} is required")))
+}
+
+/// A byte count: a number, or a string with a K/M/G/T suffix.
+fn bytes(v: &Value, key: &str) -> Result<u64, RpcError> {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(parse_size))
+        .ok_or_else(|| invalid(format!("\"{key}\": bytes, e.g. 1073741824 or \"1G\"")))
+}
+
+fn controllers(p: &Value) -> Result<Vec<u16>, RpcError> {
+    let list = p
+        .get("controllers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("\"controllers\": a list of CNTLIDs is required"))?;
+    list.iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| invalid("\"controllers\": CNTLIDs are integers 0..=65535"))
+        })
+        .collect()
+}
+
+/// Run `method` with `params` (an object).
+pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcError> {
+    match method {
+        "subsystem_list" => Ok(subsystem_list(daemon)),
+        "controller_list" => Ok(controller_list(daemon)),
+        "subsystem_create" => {
+            let spec: ControllerSpec = serde_json::from_value(p.clone())
+                .map_err(|e| invalid(format!("a [[controller]] table: {e}")))?;
+            let nqn = daemon.add_entry(&spec).map_err(|e| refused(&e))?;
+            Ok(json!({ "nqn": nqn }))
+        }
+        "subsystem_delete" => {
+            daemon
+                .remove_entry(string(p, "nqn")?)
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        "ns_create" => {
+            let size = bytes(
+                p.get("size")
+                    .ok_or_else(|| invalid("\"size\" is required"))?,
+                "size",
+            )?;
+            let block = match p.get("block_size") {
+                None => 512,
+                Some(_) => uint(p, "block_size", 4096)? as u32,
+            };
+            let shared = match p.get("shared") {
+                None => true,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| invalid("\"shared\": true or false"))?,
+            };
+            let nsid = daemon
+                .ns_create(string(p, "nqn")?, size, block, shared)
+                .map_err(|e| refused(&e))?;
+            Ok(json!({ "nsid": nsid }))
+        }
+        "ns_delete" => {
+            let nsid = uint(p, "nsid", u64::from(u32::MAX))? as u32;
+            daemon
+                .ns_delete(string(p, "nqn")?, nsid)
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        "ns_attach" | "ns_detach" => {
+            let nsid = uint(p, "nsid", u64::from(u32::MAX))? as u32;
+            let ids = controllers(p)?;
+            daemon
+                .ns_attach(string(p, "nqn")?, nsid, &ids, method == "ns_attach")
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        "qos_set" => {
+            let cntlid = uint(p, "cntlid", 0xffff)? as u16;
+            let iops = match p.get("iops") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(uint(p, "iops", u64::MAX)?).filter(|&n| n > 0),
+            };
+            let bytes_per_sec = match p.get("bandwidth") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(bytes(v, "bandwidth")?).filter(|&n| n > 0),
+            };
+            daemon
+                .set_controller_qos(
+                    cntlid,
+                    QosLimits {
+                        iops,
+                        bytes_per_sec,
+                    },
+                )
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        "vf_enable" => {
+            let n = uint(p, "count", 127)? as u16;
+            daemon
+                .enable_vfs(string(p, "nqn")?, n)
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        _ => Err(RpcError::new(
+            code::METHOD_NOT_FOUND,
+            format!("no method '{method}' (methods: {})", METHODS.join(", ")),
+        )),
+    }
+}
+
+fn subsystem_list(daemon: &Daemon) -> Value {
+    let list: Vec<Value> = daemon
+        .subsystems()
+        .into_iter()
+        .map(|(entry, s)| {
+            let (total, free) = s.capacity();
+            let namespaces: Vec<Value> = s
+                .list()
+                .into_iter()
+                .map(|n| {
+                    json!({
+                        "nsid": n.nsid,
+                        "size": n.size,
+                        "block_size": 1u32 << n.lba_shift,
+                        "shared": n.shared,
+                        "attached": n.attached,
+                        "created": n.pooled,
+                    })
+                })
+                .collect();
+            json!({
+                "nqn": s.nqn(),
+                "entry": entry,
+                "controllers": s.controllers(),
+                "namespace_pool": s.pool(),
+                "capacity": total,
+                "unallocated": free,
+                "namespaces": namespaces,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+fn controller_list(daemon: &Daemon) -> Value {
+    let subs = daemon.subsystems();
+    let list: Vec<Value> = daemon
+        .controllers()
+        .iter()
+        .map(|c| {
+            let q = c.qos.get();
+            let nqn = subs
+                .iter()
+                .find(|(i, _)| *i == c.entry)
+                .map(|(_, s)| s.nqn().to_owned());
+            json!({
+                "cntlid": c.cntlid,
+                "nqn": nqn,
+                "kind": c.kind,
+                "vf": c.vf,
+                "endpoint": c.endpoint,
+                "state": c.state(),
+                "iops_limit": q.iops,
+                "bandwidth_limit": q.bytes_per_sec,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}

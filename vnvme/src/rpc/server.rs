@@ -1,0 +1,137 @@
+//! The RPC socket: accept, read request lines, answer each.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{MAX_REQUEST, RpcError, code, methods};
+use crate::daemon::Daemon;
+
+/// A client that sends nothing for this long is dropped (the daemon's main thread serves it).
+const IDLE: Duration = Duration::from_secs(2);
+
+/// The listening management socket.
+#[derive(Debug)]
+pub struct RpcServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl RpcServer {
+    /// Listen on `path` (a stale socket file there is replaced).
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            path: path.into(),
+        })
+    }
+
+    /// Wait up to `timeout` for clients and serve them.
+    pub fn poll(&self, daemon: &mut Daemon, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one pollfd on a descriptor we own, for `ms` milliseconds.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if n <= 0 {
+            return;
+        }
+        while let Ok((stream, _)) = self.listener.accept() {
+            if let Err(e) = serve(stream, daemon) {
+                log::debug!("rpc client: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IDLE))?;
+    stream.set_write_timeout(Some(IDLE))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
+    loop {
+        let mut line = Vec::new();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST {
+            respond(
+                &mut out,
+                &Value::Null,
+                Err(RpcError::new(
+                    code::INVALID_REQUEST,
+                    "request longer than 1 MiB",
+                )),
+            )?;
+            return Ok(());
+        }
+        reader.set_limit(MAX_REQUEST as u64 + 1);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let (id, result) = handle(&line, daemon);
+        respond(&mut out, &id, result)?;
+    }
+}
+
+/// Answer one request line: its id and the result.
+pub(crate) fn handle(line: &[u8], daemon: &mut Daemon) -> (Value, Result<Value, RpcError>) {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                Value::Null,
+                Err(RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"))),
+            );
+        }
+    };
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let Some(method) = req.get("method").and_then(Value::as_str) else {
+        return (
+            id,
+            Err(RpcError::new(code::INVALID_REQUEST, "no \"method\" string")),
+        );
+    };
+    let params = req.get("params").cloned().unwrap_or(json!({}));
+    if !params.is_object() {
+        return (
+            id,
+            Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "\"params\" must be an object",
+            )),
+        );
+    }
+    log::info!("rpc: {method} {params}");
+    (id, methods::call(daemon, method, &params))
+}
+
+fn respond(out: &mut UnixStream, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
+    let msg = match r {
+        Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+        Err(e) => {
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
+        }
+    };
+    let mut text = msg.to_string();
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
