@@ -85,12 +85,30 @@ impl Guest {
                 device,
             ]);
         }
+        // More devices than the root bus has slots for: each goes behind a PCIe root port of
+        // its own, eight root ports (functions) per slot from slot 8 on: up to 192 devices.
+        let behind_ports = self.vfio_user.len() > ROOT_BUS_DEVICES;
         for (i, socket) in self.vfio_user.iter().enumerate() {
             let path = json_string(&socket.display().to_string());
+            let bus = if behind_ports {
+                let (slot, func) = (8 + i / 8, i % 8);
+                a.extend([
+                    "-device".into(),
+                    format!(
+                        "pcie-root-port,id=rp{i},bus=pcie.0,chassis={},addr={slot:#x}.{func}{},\
+                         io-reserve=0,mem-reserve=1M,pref64-reserve=0",
+                        i + 1,
+                        if func == 0 { ",multifunction=on" } else { "" }
+                    ),
+                ]);
+                format!(r#","bus":"rp{i}""#)
+            } else {
+                String::new()
+            };
             a.extend([
                 "-device".into(),
                 format!(
-                    r#"{{"driver":"vfio-user-pci","id":"vu{i}","socket":{{"type":"unix","path":{path}}}}}"#
+                    r#"{{"driver":"vfio-user-pci","id":"vu{i}"{bus},"socket":{{"type":"unix","path":{path}}}}}"#
                 ),
             ]);
         }
@@ -115,6 +133,9 @@ impl Guest {
         a
     }
 }
+
+/// vfio-user devices placed straight on the q35 root bus; more go behind root ports.
+const ROOT_BUS_DEVICES: usize = 16;
 
 /// Escapes a value inside a QEMU `key=value,...` option string (commas are doubled).
 fn qemu_opt_value(value: &str) -> String {
@@ -254,6 +275,27 @@ mod tests {
             ]
         );
         assert_eq!(a.last().map(String::as_str), Some("-s"));
+    }
+
+    #[test]
+    fn many_vfio_user_devices_go_behind_root_ports() {
+        let mut guest = Guest::new("true");
+        for i in 0..20 {
+            guest = guest.vfio_user(format!("/run/v{i}.sock"));
+        }
+        let a = guest.command_line(Accel::Tcg, Path::new("/k"), Path::new("/i"));
+        let d = values(&a, "-device");
+        assert_eq!(d.len(), 40);
+        assert_eq!(
+            d[0],
+            "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x8.0,multifunction=on,\
+             io-reserve=0,mem-reserve=1M,pref64-reserve=0"
+        );
+        assert_eq!(
+            d[1],
+            r#"{"driver":"vfio-user-pci","id":"vu0","bus":"rp0","socket":{"type":"unix","path":"/run/v0.sock"}}"#
+        );
+        assert!(d[38].starts_with("pcie-root-port,id=rp19,bus=pcie.0,chassis=20,addr=0xa.3,io"));
     }
 
     #[test]
