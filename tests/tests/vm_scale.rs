@@ -59,7 +59,7 @@ fn a_guest_attaches_all_128_controllers() {
     let mut guest = harness_guest(SCRIPT)
         .mem_mib(2048)
         .smp(4)
-        .timeout(Duration::from_secs(1200))
+        .timeout(Duration::from_mins(20))
         .vfio_user(&pf);
     for k in 1..CONTROLLERS {
         guest = guest.vfio_user(vf_socket(&pf, k));
