@@ -250,3 +250,84 @@ fn each_vf_sees_only_the_namespaces_attached_to_it() {
     drop((qp, v1, v2, c));
     daemon.stop().unwrap();
 }
+
+/// VF states as the daemon's management plane shows them, VF 1 first.
+fn vf_states(d: &Daemon) -> Vec<&'static str> {
+    d.controllers()
+        .iter()
+        .filter(|c| c.kind == "vf")
+        .map(vnvme::daemon::ControllerInfo::state)
+        .collect()
+}
+
+#[test]
+fn numvfs_in_the_sriov_capability_brings_vfs_online() {
+    const CONFIG: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
+    let tmp = TempDir::new("sriov-cap");
+    let pf = tmp.path().join("pf.sock");
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\nsocket = \"{}\"\nvfs = 3\n\
+             [[controller.namespace]]\nbackend = \"malloc:16M\"\n",
+            pf.display()
+        ),
+        Path::new("cap.toml"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&cfg).unwrap();
+    let mut c = vnvme_tests::nvme_client::NvmeClient::connect(&pf);
+    let rd = |c: &mut vnvme_tests::nvme_client::NvmeClient, off: u64| {
+        let mut b = [0u8; 4];
+        c.client.region_read(CONFIG, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    // the SR-IOV extended capability at 0x100: TotalVFs 3, offset/stride 1, the PF's device ID
+    let cap = rd(&mut c, 0x100);
+    assert_eq!(cap & 0xffff, 0x0010, "SR-IOV capability ID");
+    assert_eq!(rd(&mut c, 0x10c) >> 16, 3, "TotalVFs");
+    assert_eq!(rd(&mut c, 0x114), 0x0001_0001, "First VF Offset, VF Stride");
+    assert_eq!(rd(&mut c, 0x118) >> 16, rd(&mut c, 0) >> 16, "VF Device ID");
+    assert_eq!(vf_states(&daemon), ["offline"; 3]);
+
+    // NumVFs = 2, VF Enable: VFs 1 and 2 online with default resources, VF 3 stays offline
+    c.client
+        .region_write(CONFIG, 0x110, &2u16.to_le_bytes())
+        .unwrap();
+    assert_eq!(vf_states(&daemon), ["offline"; 3], "NumVFs alone");
+    c.client
+        .region_write(CONFIG, 0x108, &1u16.to_le_bytes())
+        .unwrap();
+    assert_eq!(vf_states(&daemon), ["online", "online", "offline"]);
+    let mut v1 = open(&vf_socket(&pf, 1)).expect("VF 1 comes up");
+    assert_eq!(vf_states(&daemon)[0], "ready");
+    assert!(v1.check_health().is_ok());
+
+    // VF Enable cleared: every VF offline, VF 1 reset under its host
+    c.client
+        .region_write(CONFIG, 0x108, &0u16.to_le_bytes())
+        .unwrap();
+    let t = Instant::now();
+    while v1.check_health().is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(5), "VF 1 still ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(v1);
+    assert_eq!(vf_states(&daemon), ["offline"; 3]);
+
+    // enabled again, then the PF's host goes away (PF reset): the VFs go with it
+    c.client
+        .region_write(CONFIG, 0x108, &1u16.to_le_bytes())
+        .unwrap();
+    assert_eq!(vf_states(&daemon), ["online", "online", "offline"]);
+    drop(c);
+    let t = Instant::now();
+    while vf_states(&daemon) != ["offline"; 3] {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            vf_states(&daemon)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.stop().unwrap();
+}

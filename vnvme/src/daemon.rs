@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use device_model::backend::Backend;
-use device_model::pci::PciIds;
+use device_model::pci::{PciIds, SriovShape};
 use device_model::virt::{VirtRole, VirtState};
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
@@ -403,8 +403,38 @@ fn has_nvme_backend(spec: &ControllerSpec) -> bool {
 
 impl Daemon {
     /// Serve built controller `b` on vfio-user socket `socket` in a thread of its own.
-    fn serve(&mut self, index: usize, socket: PathBuf, b: Built) -> Result<(), DaemonError> {
-        let device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
+    fn serve(
+        &mut self,
+        index: usize,
+        socket: PathBuf,
+        b: Built,
+        sriov: Option<&Arc<Mutex<VirtState>>>,
+    ) -> Result<(), DaemonError> {
+        let mut device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
+        if let Some(v) = sriov {
+            // the SR-IOV capability: VF Enable + NumVFs = N brings VFs 1..=N online
+            let total = v
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .secondaries
+                .len() as u16;
+            let state = Arc::clone(v);
+            device = device.with_sriov(
+                SriovShape {
+                    total_vfs: total,
+                    vf_device: b.ids.device,
+                },
+                Box::new(move |n| {
+                    let r = state
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .set_enabled(usize::from(n), VF_DEFAULT_VQ, VF_DEFAULT_VI);
+                    if let Err(e) = r {
+                        log::warn!("SR-IOV: enabling {n} VFs stopped: {e:?}");
+                    }
+                }),
+            );
+        }
         let mut server = Server::bind(&socket, device, Arc::clone(&self.stops[index]))
             .map_err(|source| DaemonError::Server { index, source })?;
         let join = std::thread::Builder::new()
@@ -562,7 +592,7 @@ impl Daemon {
                 qos: Arc::clone(&b.qos),
                 virt: virt.clone(),
             });
-            self.serve(index, socket, b)?;
+            self.serve(index, socket, b, virt.as_ref())?;
             if let Some(v) = &virt {
                 for k in 0..vfs {
                     let sock = vf_socket(spec.socket.as_deref().unwrap_or(Path::new("")), k + 1);
@@ -591,7 +621,7 @@ impl Daemon {
                         qos: Arc::clone(&b.qos),
                         virt: Some(Arc::clone(v)),
                     });
-                    self.serve(index, sock, b)?;
+                    self.serve(index, sock, b, None)?;
                 }
             }
         }

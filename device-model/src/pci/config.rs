@@ -39,6 +39,8 @@ pub enum ConfigWrite {
     Stored,
     /// Initiate Function Level Reset was written (PCIe DevCtl bit 15).
     FunctionLevelReset,
+    /// The PF's VF Enable or NumVFs changed (SR-IOV capability).
+    Vfs(super::VfChange),
 }
 
 /// Configuration space: contents plus a mask of guest-writable bits.
@@ -46,6 +48,10 @@ pub struct ConfigSpace {
     data: [u8; CONFIG_SIZE as usize],
     writable: [u8; CONFIG_SIZE as usize],
     bar_shadow: [u32; 6],
+    /// SR-IOV: the VF BAR registers as written (sizing), when the capability is present.
+    vf_bar_shadow: Option<[u32; 6]>,
+    /// VFs enabled as last reported.
+    vfs_enabled: u16,
 }
 
 impl std::fmt::Debug for ConfigSpace {
@@ -63,6 +69,8 @@ impl ConfigSpace {
             data: [0; CONFIG_SIZE as usize],
             writable: [0; CONFIG_SIZE as usize],
             bar_shadow: [0; 6],
+            vf_bar_shadow: None,
+            vfs_enabled: 0,
         };
         c.put16(0x00, ids.vendor);
         c.put16(0x02, ids.device);
@@ -109,6 +117,19 @@ impl ConfigSpace {
         c
     }
 
+    /// The configuration space of an SR-IOV PF: [`ConfigSpace::new`] plus the SR-IOV
+    /// extended capability.
+    pub fn with_sriov(ids: PciIds, shape: super::SriovShape) -> Self {
+        let mut c = Self::new(ids);
+        super::sriov::install(&mut c.data, &mut c.writable, shape);
+        c.vf_bar_shadow = Some([0; 6]);
+        c
+    }
+
+    fn get16(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.data[off], self.data[off + 1]])
+    }
+
     fn put16(&mut self, off: usize, v: u16) {
         self.data[off..off + 2].copy_from_slice(&v.to_le_bytes());
     }
@@ -125,6 +146,9 @@ impl ConfigSpace {
             let o = offset as usize + i;
             *b = match o {
                 0x10..=0x27 => self.bar_byte(o),
+                _ if self.vf_bar_shadow.is_some() && super::sriov::vf_bar_range().contains(&o) => {
+                    self.vf_bar_byte(o)
+                }
                 _ => self.data.get(o).copied().unwrap_or(0xff),
             };
         }
@@ -133,6 +157,19 @@ impl ConfigSpace {
     fn bar_byte(&self, o: usize) -> u8 {
         let idx = (o - 0x10) / 4;
         (self.bar_value(idx) >> (8 * ((o - 0x10) % 4))) as u8
+    }
+
+    fn vf_bar_byte(&self, o: usize) -> u8 {
+        let rel = o - super::sriov::vf_bar_range().start;
+        let idx = rel / 4;
+        let flags = u32::from_le_bytes(
+            self.data[o - rel % 4..o - rel % 4 + 4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        let shadow = self.vf_bar_shadow.map_or(0, |s| s[idx]);
+        let v = super::sriov::vf_bar_mask(idx).map_or(0, |m| (shadow & m) | flags);
+        (v >> (8 * (rel % 4))) as u8
     }
 
     /// BAR register value after sizing writes (all-ones) and address programming.
@@ -163,6 +200,14 @@ impl ConfigSpace {
             if o >= self.data.len() {
                 break;
             }
+            if let Some(shadow) = self.vf_bar_shadow.as_mut()
+                && super::sriov::vf_bar_range().contains(&o)
+            {
+                let rel = o - super::sriov::vf_bar_range().start;
+                let shift = 8 * (rel % 4);
+                shadow[rel / 4] = (shadow[rel / 4] & !(0xff << shift)) | (u32::from(b) << shift);
+                continue;
+            }
             if (0x10..0x28).contains(&o) {
                 let idx = (o - 0x10) / 4;
                 let shift = 8 * ((o - 0x10) % 4);
@@ -179,10 +224,23 @@ impl ConfigSpace {
             flr = true;
         }
         if flr {
-            ConfigWrite::FunctionLevelReset
-        } else {
-            ConfigWrite::Stored
+            return ConfigWrite::FunctionLevelReset;
         }
+        if self.vf_bar_shadow.is_some() {
+            use super::sriov::{CTRL, CTRL_VF_ENABLE, NUM_VFS, SRIOV_CAP};
+            let total = self.get16(SRIOV_CAP + 0x0e);
+            let enabled = self.get16(SRIOV_CAP + CTRL) & CTRL_VF_ENABLE != 0;
+            let n = if enabled {
+                self.get16(SRIOV_CAP + NUM_VFS).min(total)
+            } else {
+                0
+            };
+            if n != self.vfs_enabled {
+                self.vfs_enabled = n;
+                return ConfigWrite::Vfs(super::VfChange::Enabled(n));
+            }
+        }
+        ConfigWrite::Stored
     }
 
     /// Back to power-on state after FLR (command register, MSI-X control, device control).
@@ -192,6 +250,18 @@ impl ConfigSpace {
         self.put16(CAP_MSIX + 2, msix);
         self.put16(CAP_PCIE + 8, 0x2810);
         self.bar_shadow = [0; 6];
+        if let Some(s) = self.vf_bar_shadow.as_mut() {
+            // FLR of the PF clears VF Enable and NumVFs (the VFs go away)
+            *s = [0; 6];
+            self.put16(super::sriov::SRIOV_CAP + super::sriov::CTRL, 0);
+            self.put16(super::sriov::SRIOV_CAP + super::sriov::NUM_VFS, 0);
+            self.vfs_enabled = 0;
+        }
+    }
+
+    /// VFs enabled through the SR-IOV capability (0 when none or no capability).
+    pub fn vfs_enabled(&self) -> u16 {
+        self.vfs_enabled
     }
 
     /// True when the MSI-X enable bit is set.
@@ -234,6 +304,44 @@ mod tests {
         c.write(0x08, &[0xff; 4]);
         assert_eq!(rd32(&c, 0x08) >> 8, 0x010802);
         c.write(0x2000, &[1]); // past the end: ignored
+    }
+
+    #[test]
+    fn sriov_capability_enables_vfs_and_sizes_vf_bars() {
+        let shape = crate::pci::SriovShape {
+            total_vfs: 127,
+            vf_device: 0x1234,
+        };
+        let mut c = ConfigSpace::with_sriov(PciIds::default(), shape);
+        let cap = rd32(&c, 0x100);
+        assert_eq!((cap & 0xffff, (cap >> 16) & 0xf, cap >> 20), (0x10, 1, 0));
+        assert_eq!(rd32(&c, 0x10c), 127 | (127 << 16), "InitialVFs, TotalVFs");
+        assert_eq!(rd32(&c, 0x114), 1 | (1 << 16), "offset, stride");
+        assert_eq!(rd32(&c, 0x118) >> 16, 0x1234, "VF device ID");
+        // VF BAR sizing
+        c.write(0x124, &u32::MAX.to_le_bytes());
+        assert_eq!(rd32(&c, 0x124), (!(BAR0_SIZE as u32 - 1) & !0xf) | 0b100);
+        c.write(0x134, &u32::MAX.to_le_bytes());
+        assert_eq!(rd32(&c, 0x134), !(BAR4_SIZE as u32 - 1) & !0xf);
+        // NumVFs alone does nothing; VF Enable reports it; more than TotalVFs is clamped
+        assert_eq!(c.write(0x110, &3u16.to_le_bytes()), ConfigWrite::Stored);
+        assert_eq!(
+            c.write(0x108, &1u16.to_le_bytes()),
+            ConfigWrite::Vfs(crate::pci::VfChange::Enabled(3))
+        );
+        assert_eq!(
+            c.write(0x110, &500u16.to_le_bytes()),
+            ConfigWrite::Vfs(crate::pci::VfChange::Enabled(127))
+        );
+        assert_eq!(
+            c.write(0x108, &0u16.to_le_bytes()),
+            ConfigWrite::Vfs(crate::pci::VfChange::Enabled(0))
+        );
+        // read-only: TotalVFs
+        c.write(0x10e, &5u16.to_le_bytes());
+        assert_eq!(rd32(&c, 0x10c) >> 16, 127);
+        // a PF without the capability has no extended capability
+        assert_eq!(rd32(&ConfigSpace::new(PciIds::default()), 0x100), 0);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! PCI side of the controller: configuration space and BAR layout.
 
 mod config;
+mod sriov;
 
 pub use config::{ConfigSpace, ConfigWrite, PciIds};
+pub use sriov::{SriovShape, VfChange};
 
 /// BAR0: controller registers (0x0-0xfff) and doorbells (0x1000-0x1fff), 16 KiB.
 pub const BAR0_SIZE: u64 = 0x4000;

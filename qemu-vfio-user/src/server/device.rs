@@ -40,7 +40,12 @@ pub struct NvmeDevice {
     config: ConfigSpace,
     ids: PciIds,
     msix_bar: Vec<u8>,
+    /// SR-IOV PF: told how many VFs are enabled whenever that changes.
+    on_vfs: Option<VfHook>,
 }
+
+/// What an SR-IOV PF does when its VF Enable / NumVFs change: the number of VFs enabled.
+pub type VfHook = Box<dyn Fn(u16) + Send>;
 
 impl std::fmt::Debug for NvmeDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,6 +70,27 @@ impl NvmeDevice {
             config: ConfigSpace::new(ids),
             ids,
             msix_bar: vec![0; pci::BAR4_SIZE as usize],
+            on_vfs: None,
+        }
+    }
+
+    /// An SR-IOV PF: the config space carries the SR-IOV capability, and `on_vfs` learns
+    /// how many VFs are enabled each time VF Enable or NumVFs changes (0 after a reset).
+    pub fn with_sriov(mut self, shape: pci::SriovShape, on_vfs: VfHook) -> Self {
+        self.config = ConfigSpace::with_sriov(self.ids, shape);
+        self.on_vfs = Some(on_vfs);
+        self
+    }
+
+    /// Reset the config space; VFs enabled through it are disabled.
+    fn reset_config(&mut self) {
+        let had = self.config.vfs_enabled();
+        self.config.reset();
+        if had != 0
+            && let Some(hook) = &self.on_vfs
+        {
+            log::info!("PF reset: {had} VFs disabled");
+            hook(0);
         }
     }
 
@@ -77,7 +103,7 @@ impl NvmeDevice {
             self.mem.clear();
         }
         self.handle.device_reset();
-        self.config.reset();
+        self.reset_config();
         self.msix_bar.fill(0);
     }
 
@@ -318,13 +344,20 @@ impl NvmeDevice {
     ) -> Result<(), DeviceError> {
         Self::check_range(region, offset, data.len())?;
         match region {
-            vfio::PCI_CONFIG_REGION_INDEX => {
-                if self.config.write(offset, data) == ConfigWrite::FunctionLevelReset {
+            vfio::PCI_CONFIG_REGION_INDEX => match self.config.write(offset, data) {
+                ConfigWrite::FunctionLevelReset => {
                     log::info!("function level reset");
                     self.handle.device_reset();
-                    self.config.reset();
+                    self.reset_config();
                 }
-            }
+                ConfigWrite::Vfs(pci::VfChange::Enabled(n)) => {
+                    log::info!("SR-IOV: {n} VFs enabled");
+                    if let Some(hook) = &self.on_vfs {
+                        hook(n);
+                    }
+                }
+                ConfigWrite::Stored => {}
+            },
             vfio::PCI_BAR4_REGION_INDEX => {
                 self.msix_bar[offset as usize..offset as usize + data.len()].copy_from_slice(data);
             }
