@@ -5,9 +5,11 @@
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use device_model::backend::MallocBackend;
+use device_model::backend::{Backend, MallocBackend};
 use device_model::memory::Protection;
-use device_model::{Controller, ControllerConfig, Doorbells, GuestMemory, Namespace};
+use device_model::{
+    Controller, ControllerConfig, Doorbells, GuestMemory, NamespacePool, Subsystem,
+};
 use qemu_vfio_user::server::protocol::{self, Header, Request};
 use zerocopy::FromBytes;
 
@@ -135,14 +137,28 @@ pub fn nvme_commands(data: &[u8]) {
     }
     w.write(0x4000, &fill);
     w.doorbells.clear();
+    // a subsystem of two controllers with a 4 MiB namespace pool: Namespace Management and
+    // Attachment (0Dh/15h), Identify 10h-13h and log page 04h are reachable
     let backend = MallocBackend::new(1 << 20).expect("malloc backend");
-    let ns = Namespace::new(1, Box::new(backend), 9, "FUZZ");
+    let sub = Subsystem::new("nqn.fuzz", Some(Box::new(RamPool(4 << 20))));
+    sub.add_controller(1);
+    sub.add_controller(2);
+    sub.add_namespace(1, Box::new(backend), 9, "FUZZ", &[1, 2]);
     let cfg = ControllerConfig {
         serial: "FUZZ".into(),
         max_io_queues: 4,
+        subsystem: Some(Arc::clone(&sub)),
+        namespace_management: true,
+        shared_namespaces: true,
         ..ControllerConfig::default()
     };
-    let mut ctrl = Controller::new(cfg, Arc::clone(&w.mem), Arc::clone(&w.doorbells), vec![ns]);
+    let namespaces = sub.namespaces_for(1);
+    let mut ctrl = Controller::new(
+        cfg,
+        Arc::clone(&w.mem),
+        Arc::clone(&w.doorbells),
+        namespaces,
+    );
     ctrl.write_register(0x24, u64::from(((QSIZE - 1) << 16) | (QSIZE - 1)), 4);
     ctrl.write_register(0x28, ASQ, 8);
     ctrl.write_register(0x30, ACQ, 8);
@@ -186,6 +202,88 @@ pub fn nvme_commands(data: &[u8]) {
     // controller reset must drain and tear down whatever state the commands left
     ctrl.write_register(0x14, 0, 4);
     assert!(!ctrl.is_ready(), "reset clears CSTS.RDY");
+}
+
+/// A RAM namespace pool for the fuzzed subsystem.
+struct RamPool(u64);
+
+impl NamespacePool for RamPool {
+    fn capacity(&self) -> u64 {
+        self.0
+    }
+    fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        Ok(Box::new(
+            MallocBackend::new(size).map_err(|e| e.to_string())?,
+        ))
+    }
+    fn delete(&mut self, _nsid: u32) {}
+    fn describe(&self) -> String {
+        "fuzz".into()
+    }
+}
+
+/// The daemon the RPC harness talks to: a PF with two VFs and a namespace pool.
+fn rpc_daemon() -> &'static Mutex<vnvme::daemon::Daemon> {
+    static D: OnceLock<Mutex<vnvme::daemon::Daemon>> = OnceLock::new();
+    D.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("vnvme-fuzz-rpc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("fuzz dir");
+        let cfg = vnvme::config::Config::parse(
+            &format!(
+                "[[controller]]\nsocket = \"{}\"\nnqn = \"nqn.fuzz\"\nvfs = 2\n\
+                 namespace_pool = \"malloc:16M\"\n\
+                 [[controller.namespace]]\nbackend = \"malloc:4M\"\n",
+                dir.join("pf.sock").display()
+            ),
+            std::path::Path::new("fuzz.toml"),
+        )
+        .expect("fuzz config");
+        Mutex::new(vnvme::daemon::Daemon::start(&cfg).expect("fuzz daemon"))
+    })
+}
+
+/// The management socket's request handling: one request line against a running daemon
+/// (`subsystem_create`/`subsystem_delete` are left out: they make and remove sockets).
+/// Invariant: every line gets one JSON-RPC response with a result or an error.
+pub fn rpc_request(data: &[u8]) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+        && v.get("method")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|m| m.starts_with("subsystem_c") || m.starts_with("subsystem_d"))
+    {
+        return;
+    }
+    let mut d = rpc_daemon()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let answer = vnvme::rpc::answer(data, &mut d);
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("the answer is JSON");
+    assert!(
+        v.get("result").is_some() != v.get("error").is_some(),
+        "one of result and error: {answer}"
+    );
+}
+
+/// Request lines worth starting from (each method, good and bad parameters).
+pub fn rpc_request_seeds() -> Vec<Vec<u8>> {
+    [
+        r#"{"jsonrpc":"2.0","id":1,"method":"controller_list"}"#,
+        r#"{"id":2,"method":"subsystem_list","params":{}}"#,
+        r#"{"method":"ns_create","params":{"nqn":"nqn.fuzz","size":"1M","block_size":4096}}"#,
+        r#"{"method":"ns_attach","params":{"nqn":"nqn.fuzz","nsid":2,"controllers":[1,4097]}}"#,
+        r#"{"method":"ns_detach","params":{"nqn":"nqn.fuzz","nsid":2,"controllers":[4097]}}"#,
+        r#"{"method":"ns_delete","params":{"nqn":"nqn.fuzz","nsid":4294967295}}"#,
+        r#"{"method":"qos_set","params":{"cntlid":4097,"iops":1000,"bandwidth":"1M"}}"#,
+        r#"{"method":"qos_set","params":{"cntlid":4097}}"#,
+        r#"{"method":"vf_enable","params":{"nqn":"nqn.fuzz","count":2}}"#,
+        r#"{"method":"vf_enable","params":{"nqn":"nqn.fuzz","count":0}}"#,
+        r#"{"method":"ns_create","params":{"nqn":"nqn.fuzz","size":-1}}"#,
+        r#"{"method":7}"#,
+        "[1,2,3]",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
 }
 
 /// NVMe/TCP PDU decoder. The first byte picks the direction and the negotiated digests;

@@ -48,7 +48,8 @@ fn nvme_command_handling_survives_garbage() {
         fuzz::nvme_commands(&input);
     }
     let opcodes = [
-        0x00u8, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18, 0x7c, 0x80,
+        0x00u8, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x0d, 0x15, 0x18, 0x1c, 0x7c,
+        0x80,
     ];
     for round in 0..2000 {
         let mut input = rng.bytes(64 * 12 + 3);
@@ -97,6 +98,33 @@ fn nvme_tcp_pdu_decoder_survives_garbage() {
             _ => input = rng.bytes(200),
         }
         fuzz::nvme_tcp_pdu(&input);
+    }
+}
+
+#[test]
+fn rpc_requests_survive_garbage() {
+    let mut rng = Rng(0x5eed_0004);
+    for input in regressions("rpc_request") {
+        fuzz::rpc_request(&input);
+    }
+    let seeds = fuzz::rpc_request_seeds();
+    for seed in &seeds {
+        fuzz::rpc_request(seed);
+    }
+    // mutated seeds: bytes changed, truncated, or noise
+    for i in 0..3000u32 {
+        let mut input = seeds[i as usize % seeds.len()].clone();
+        match rng.next() % 3 {
+            0 => {
+                for _ in 0..=rng.next() % 4 {
+                    let at = (rng.next() as usize) % input.len();
+                    input[at] = rng.next() as u8;
+                }
+            }
+            1 => input.truncate((rng.next() as usize) % input.len()),
+            _ => input = rng.bytes(100),
+        }
+        fuzz::rpc_request(&input);
     }
 }
 

@@ -76,6 +76,7 @@ impl NvmeDevice {
 
     /// An SR-IOV PF: the config space carries the SR-IOV capability, and `on_vfs` learns
     /// how many VFs are enabled each time VF Enable or NumVFs changes (0 after a reset).
+    #[must_use]
     pub fn with_sriov(mut self, shape: pci::SriovShape, on_vfs: VfHook) -> Self {
         self.config = ConfigSpace::with_sriov(self.ids, shape);
         self.on_vfs = Some(on_vfs);

@@ -10,7 +10,7 @@ pub mod client;
 pub mod methods;
 mod server;
 
-pub use server::RpcServer;
+pub use server::{RpcServer, answer};
 
 /// Error codes (JSON-RPC 2.0 §5.1; -32000: the daemon refused the request).
 pub mod code {

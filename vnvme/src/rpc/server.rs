@@ -124,14 +124,23 @@ pub(crate) fn handle(line: &[u8], daemon: &mut Daemon) -> (Value, Result<Value, 
     (id, methods::call(daemon, method, &params))
 }
 
-fn respond(out: &mut UnixStream, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
-    let msg = match r {
+/// Answer one request line as the socket would: the response line (without newline).
+pub fn answer(line: &[u8], daemon: &mut Daemon) -> String {
+    let (id, r) = handle(line, daemon);
+    response(&id, r).to_string()
+}
+
+fn response(id: &Value, r: Result<Value, RpcError>) -> Value {
+    match r {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
         Err(e) => {
             json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
         }
-    };
-    let mut text = msg.to_string();
+    }
+}
+
+fn respond(out: &mut UnixStream, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
+    let mut text = response(id, r).to_string();
     text.push('\n');
     out.write_all(text.as_bytes())
 }
