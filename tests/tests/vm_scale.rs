@@ -1,7 +1,8 @@
 //! 128 controllers in one guest (issue 6): one vnvme process serves a PF and its 127 VFs
 //! (all online, two shared reactor threads), each with a namespace of its own; a Linux guest
 //! attaches all 128 as vfio-user devices (behind PCIe root ports), its stock driver brings
-//! every controller live, `nvme list` shows the 128 namespaces, and fio verify runs on a
+//! every controller live, `nvme list` shows the 128 namespaces, VF 1 sees only its own
+//! namespace (a command naming another VF's gets Invalid Namespace), and fio verify runs on a
 //! sample of 8 of them at once.
 
 use std::fmt::Write as _;
@@ -24,6 +25,15 @@ for i in $(seq 1 300); do [ "$(ls /sys/block | grep -cE '^nvme[0-9]+n[0-9]+$')" 
 echo "namespaces $(ls /sys/block | grep -cE '^nvme[0-9]+n[0-9]+$')"
 echo "cntlids $(cat /sys/class/nvme/nvme*/cntlid | sort -u | wc -l)"
 echo @@LIST-BEGIN; nvme list; echo @@LIST-END
+# isolation, seen from the guest: VF 1 (CNTLID 4097) has namespace 2 only. Linux itself
+# refuses I/O passthrough on the controller to another NSID, so the controller's own refusal
+# is shown with an admin command naming namespace 3 (SMART log: Invalid Namespace)
+VF1=
+for c in /sys/class/nvme/nvme*; do [ "$(cat $c/cntlid)" = 4097 ] && VF1=/dev/$(basename $c); done
+echo @@VF1NS-BEGIN; nvme list-ns $VF1; echo @@VF1NS-END
+rc=0; nvme io-passthru $VF1 --opcode=2 --namespace-id=2 --data-len=512 --read >/dev/null || rc=$?
+echo; echo "read-own-rc $rc"
+echo @@FOREIGN-BEGIN; rc=0; nvme smart-log $VF1 --namespace-id=3 2>&1 >/dev/null || rc=$?; echo; echo "foreign-rc $rc"; echo @@FOREIGN-END
 echo "listed $(nvme list | grep -c '^/dev/nvme')"
 # fio verify on 8 namespaces spread over the controllers, all at once
 FILES=$(ls /sys/block | grep -E '^nvme[0-9]+n[0-9]+$' | sort -V | awk 'NR % 16 == 1' | sed 's|^|/dev/|' | tr '\n' ':' | sed 's/:$//')
@@ -75,6 +85,17 @@ fn a_guest_attaches_all_128_controllers() {
         Some(CONTROLLERS),
         "{}",
         section(&out, "@@LIST")
+    );
+    let own = section(&out, "@@VF1NS");
+    assert!(
+        own.contains("0x2") && !own.contains("0x3") && !own.contains("0x1\n"),
+        "VF 1's active namespaces:\n{own}"
+    );
+    assert_eq!(value(&out, "read-own-rc"), Some("0"), "{all}");
+    let foreign = section(&out, "@@FOREIGN");
+    assert!(
+        foreign.contains("Invalid Namespace") && !foreign.contains("foreign-rc 0"),
+        "another VF's namespace through VF 1:\n{foreign}"
     );
     assert_eq!(value(&out, "fio-rc"), Some("0"), "{all}");
     assert_eq!(n("fio-ok"), Some(8), "{all}");
