@@ -36,6 +36,30 @@ pub trait NamespacePool: Send {
     fn describe(&self) -> String;
 }
 
+/// A pool in memory: each created namespace is a RAM backend, gone at exit.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPool {
+    /// Bytes it hands out in total.
+    pub capacity: u64,
+}
+
+impl NamespacePool for MemoryPool {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        let b = crate::backend::MallocBackend::new(size).map_err(|e| e.to_string())?;
+        Ok(Box::new(b))
+    }
+
+    fn delete(&mut self, _nsid: u32) {}
+
+    fn describe(&self) -> String {
+        format!("memory, {} bytes", self.capacity)
+    }
+}
+
 /// Why a namespace change was refused (the status codes of §5.19 and §5.20).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NsError {
@@ -446,18 +470,24 @@ impl Subsystem {
         Ok(changes)
     }
 
-    /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0).
-    pub fn attach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+    /// The state, for an attach or detach: namespaces are managed and `ctrls` is a valid
+    /// controller list.
+    fn lock_for_attachment(
+        &self,
+        ctrls: &[u16],
+    ) -> Result<std::sync::MutexGuard<'_, State>, NsError> {
         if !self.manages_namespaces() {
             return Err(NsError::Fixed);
         }
-        let mut st = self.lock();
+        let st = self.lock();
         check_list(&st, ctrls)?;
-        let e = st
-            .namespaces
-            .iter_mut()
-            .find(|e| e.nsid == nsid)
-            .ok_or(NsError::InvalidNamespace)?;
+        Ok(st)
+    }
+
+    /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0).
+    pub fn attach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+        let mut st = self.lock_for_attachment(ctrls)?;
+        let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| e.attached.contains(c)) {
             return Err(NsError::AlreadyAttached(c));
         }
@@ -482,16 +512,8 @@ impl Subsystem {
 
     /// Detach namespace `nsid` from `ctrls` (§5.19, SEL 1).
     pub fn detach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
-        if !self.manages_namespaces() {
-            return Err(NsError::Fixed);
-        }
-        let mut st = self.lock();
-        check_list(&st, ctrls)?;
-        let e = st
-            .namespaces
-            .iter_mut()
-            .find(|e| e.nsid == nsid)
-            .ok_or(NsError::InvalidNamespace)?;
+        let mut st = self.lock_for_attachment(ctrls)?;
+        let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| !e.attached.contains(c)) {
             return Err(NsError::NotAttached(c));
         }
@@ -542,6 +564,14 @@ impl Subsystem {
     }
 }
 
+/// The allocated namespace `nsid`.
+fn entry_mut(st: &mut State, nsid: u32) -> Result<&mut Entry, NsError> {
+    st.namespaces
+        .iter_mut()
+        .find(|e| e.nsid == nsid)
+        .ok_or(NsError::InvalidNamespace)
+}
+
 /// A controller list for attach/detach: not empty, no duplicates, every CNTLID ours.
 fn check_list(st: &State, ctrls: &[u16]) -> Result<(), NsError> {
     if ctrls.is_empty() {
@@ -560,24 +590,8 @@ mod tests {
     use super::*;
     use crate::backend::MallocBackend;
 
-    struct RamPool(u64);
-    impl NamespacePool for RamPool {
-        fn capacity(&self) -> u64 {
-            self.0
-        }
-        fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
-            Ok(Box::new(
-                MallocBackend::new(size).map_err(|e| e.to_string())?,
-            ))
-        }
-        fn delete(&mut self, _nsid: u32) {}
-        fn describe(&self) -> String {
-            "ram".into()
-        }
-    }
-
     fn two_controllers(pool: u64) -> Arc<Subsystem> {
-        let s = Subsystem::new("nqn.test", Some(Box::new(RamPool(pool))));
+        let s = Subsystem::new("nqn.test", Some(Box::new(MemoryPool { capacity: pool })));
         s.add_controller(1);
         s.add_controller(2);
         s

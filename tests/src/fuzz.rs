@@ -5,11 +5,10 @@
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use device_model::backend::{Backend, MallocBackend};
+use device_model::backend::MallocBackend;
 use device_model::memory::Protection;
-use device_model::{
-    Controller, ControllerConfig, Doorbells, GuestMemory, NamespacePool, Subsystem,
-};
+use device_model::subsystem::MemoryPool;
+use device_model::{Controller, ControllerConfig, Doorbells, GuestMemory, Subsystem};
 use qemu_vfio_user::server::protocol::{self, Header, Request};
 use zerocopy::FromBytes;
 
@@ -140,7 +139,7 @@ pub fn nvme_commands(data: &[u8]) {
     // a subsystem of two controllers with a 4 MiB namespace pool: Namespace Management and
     // Attachment (0Dh/15h), Identify 10h-13h and log page 04h are reachable
     let backend = MallocBackend::new(1 << 20).expect("malloc backend");
-    let sub = Subsystem::new("nqn.fuzz", Some(Box::new(RamPool(4 << 20))));
+    let sub = Subsystem::new("nqn.fuzz", Some(Box::new(MemoryPool { capacity: 4 << 20 })));
     sub.add_controller(1);
     sub.add_controller(2);
     sub.add_namespace(1, Box::new(backend), 9, "FUZZ", &[1, 2]);
@@ -202,24 +201,6 @@ pub fn nvme_commands(data: &[u8]) {
     // controller reset must drain and tear down whatever state the commands left
     ctrl.write_register(0x14, 0, 4);
     assert!(!ctrl.is_ready(), "reset clears CSTS.RDY");
-}
-
-/// A RAM namespace pool for the fuzzed subsystem.
-struct RamPool(u64);
-
-impl NamespacePool for RamPool {
-    fn capacity(&self) -> u64 {
-        self.0
-    }
-    fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
-        Ok(Box::new(
-            MallocBackend::new(size).map_err(|e| e.to_string())?,
-        ))
-    }
-    fn delete(&mut self, _nsid: u32) {}
-    fn describe(&self) -> String {
-        "fuzz".into()
-    }
 }
 
 /// The daemon the RPC harness talks to: a PF with two VFs and a namespace pool.

@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use device_model::NamespacePool;
-use device_model::backend::{Backend, FileBackend, MallocBackend};
+use device_model::backend::{Backend, FileBackend};
+use device_model::subsystem::MemoryPool;
 
 use crate::backend_spec::parse_size;
 
@@ -59,28 +60,6 @@ impl PoolSpec {
                 capacity: *capacity,
             }),
         }
-    }
-}
-
-struct MemoryPool {
-    capacity: u64,
-}
-
-impl NamespacePool for MemoryPool {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
-        Ok(Box::new(
-            MallocBackend::new(size).map_err(|e| e.to_string())?,
-        ))
-    }
-
-    fn delete(&mut self, _nsid: u32) {}
-
-    fn describe(&self) -> String {
-        format!("memory, {} bytes", self.capacity)
     }
 }
 
