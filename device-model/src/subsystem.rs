@@ -177,7 +177,7 @@ pub enum Change {
 }
 
 /// Changes to deliver, by CNTLID.
-pub type Changes = Vec<(u16, Change)>;
+type Changes = Vec<(u16, Change)>;
 
 /// An NVM subsystem.
 pub struct Subsystem {
@@ -376,16 +376,7 @@ impl Subsystem {
 
     /// Total and unallocated NVM capacity in bytes (Identify TNVMCAP, UNVMCAP).
     pub fn capacity(&self) -> (u64, u64) {
-        let st = self.lock();
-        let pool = st.pool.as_ref().map_or(0, |p| p.capacity());
-        let configured: u64 = st
-            .namespaces
-            .iter()
-            .filter(|e| e.pooled == 0)
-            .map(|e| e.size)
-            .sum();
-        let used: u64 = st.namespaces.iter().map(|e| e.pooled).sum();
-        (configured + pool, pool.saturating_sub(used))
+        capacity_of(&self.lock())
     }
 
     /// The pool, described.
@@ -405,8 +396,8 @@ impl Subsystem {
         if size == 0 || !size.is_multiple_of(1 << lba_shift) {
             return Err(NsError::InvalidField);
         }
-        let (_, free) = self.capacity();
         let mut st = self.lock();
+        let (_, free) = capacity_of(&st);
         if st.pool.is_none() || size > free {
             return Err(NsError::InsufficientCapacity);
         }
@@ -440,8 +431,13 @@ impl Subsystem {
     }
 
     /// Delete namespace `nsid` (all with `u32::MAX`), detaching it from every controller
-    /// first (§5.20, SEL 1).
-    pub fn delete(&self, nsid: u32) -> Result<Changes, NsError> {
+    /// first (§5.20, SEL 1). See [`Subsystem::attach`] for `me` and `wait`.
+    pub fn delete(
+        &self,
+        nsid: u32,
+        me: Option<&mut Controller>,
+        wait: bool,
+    ) -> Result<usize, NsError> {
         if !self.manages_namespaces() {
             return Err(NsError::Fixed);
         }
@@ -467,7 +463,7 @@ impl Subsystem {
             }
             log::info!("{}: namespace {n} deleted", self.nqn);
         }
-        Ok(changes)
+        Ok(self.commit(st, changes, me, wait))
     }
 
     /// The state, for an attach or detach: namespaces are managed and `ctrls` is a valid
@@ -484,8 +480,16 @@ impl Subsystem {
         Ok(st)
     }
 
-    /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0).
-    pub fn attach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+    /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0). `me` is the controller running
+    /// the command, if any; with `wait` (never on a reactor thread) this returns once every
+    /// controller has applied the change. Returns how many controllers it reached.
+    pub fn attach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: Option<&mut Controller>,
+        wait: bool,
+    ) -> Result<usize, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| e.attached.contains(c)) {
@@ -507,11 +511,17 @@ impl Subsystem {
         e.attached.extend_from_slice(ctrls);
         e.attached.sort_unstable();
         log::info!("{}: namespace {nsid} attached to {ctrls:x?}", self.nqn);
-        Ok(changes)
+        Ok(self.commit(st, changes, me, wait))
     }
 
-    /// Detach namespace `nsid` from `ctrls` (§5.19, SEL 1).
-    pub fn detach(&self, nsid: u32, ctrls: &[u16]) -> Result<Changes, NsError> {
+    /// Detach namespace `nsid` from `ctrls` (§5.19, SEL 1); as [`Subsystem::attach`].
+    pub fn detach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: Option<&mut Controller>,
+        wait: bool,
+    ) -> Result<usize, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| !e.attached.contains(c)) {
@@ -519,29 +529,34 @@ impl Subsystem {
         }
         e.attached.retain(|c| !ctrls.contains(c));
         log::info!("{}: namespace {nsid} detached from {ctrls:x?}", self.nqn);
-        Ok(ctrls.iter().map(|&c| (c, Change::Detach(nsid))).collect())
+        let changes = ctrls.iter().map(|&c| (c, Change::Detach(nsid))).collect();
+        Ok(self.commit(st, changes, me, wait))
     }
 
-    /// Deliver `changes`: to `me` (the controller running the admin command) directly, to
-    /// the others by posting to their reactors. With `wait`, return once every controller
-    /// has applied its change (never from a reactor thread).
-    pub fn deliver(&self, changes: Changes, mut me: Option<&mut Controller>, wait: bool) {
-        let members = self.lock().controllers.clone();
+    /// Hand `changes` to their controllers. Controllers on a reactor get them posted while
+    /// the state is still locked, so each applies changes in the order they were made (the
+    /// controller running the command too: its own change waits in the same queue, ahead of
+    /// its next command). Controllers without a reactor (tests, fuzzing) get theirs directly
+    /// through `me`. With `wait`, return once every posted change is applied. Returns how
+    /// many changes were delivered.
+    fn commit(
+        &self,
+        st: std::sync::MutexGuard<'_, State>,
+        changes: Changes,
+        mut me: Option<&mut Controller>,
+        wait: bool,
+    ) -> usize {
         let (tx, rx) = mpsc::channel::<()>();
         let mut posted = 0;
+        let mut direct = Vec::new();
         for (cntlid, change) in changes {
-            if let Some(c) = me.as_deref_mut()
-                && c.config().cntlid == cntlid
-            {
-                c.apply(change);
-                continue;
-            }
-            let Some(poster) = members
+            let poster = st
+                .controllers
                 .iter()
                 .find(|m| m.cntlid == cntlid)
-                .and_then(|m| m.poster.as_ref())
-            else {
-                log::warn!("{}: controller {cntlid:#x} not running", self.nqn);
+                .and_then(|m| m.poster.clone());
+            let Some(poster) = poster else {
+                direct.push((cntlid, change));
                 continue;
             };
             let tx = tx.clone();
@@ -550,9 +565,22 @@ impl Subsystem {
                 let _ = tx.send(());
             })) {
                 posted += 1;
+            } else {
+                log::warn!("{}: controller {cntlid:#x} is gone", self.nqn);
             }
         }
+        drop(st);
         drop(tx);
+        let mut delivered = posted;
+        for (cntlid, change) in direct {
+            match me.as_deref_mut() {
+                Some(c) if c.config().cntlid == cntlid => {
+                    c.apply(change);
+                    delivered += 1;
+                }
+                _ => log::warn!("{}: controller {cntlid:#x} not running", self.nqn),
+            }
+        }
         if wait {
             for _ in 0..posted {
                 if rx.recv_timeout(Duration::from_secs(30)).is_err() {
@@ -561,7 +589,21 @@ impl Subsystem {
                 }
             }
         }
+        delivered
     }
+}
+
+/// Total and unallocated NVM capacity of `st` in bytes.
+fn capacity_of(st: &State) -> (u64, u64) {
+    let pool = st.pool.as_ref().map_or(0, |p| p.capacity());
+    let configured: u64 = st
+        .namespaces
+        .iter()
+        .filter(|e| e.pooled == 0)
+        .map(|e| e.size)
+        .sum();
+    let used: u64 = st.namespaces.iter().map(|e| e.pooled).sum();
+    (configured + pool, pool.saturating_sub(used))
 }
 
 /// The allocated namespace `nsid`.
@@ -613,27 +655,40 @@ mod tests {
         let b = s.create(4 << 20, 9, false).unwrap();
         assert_eq!(b, 2);
         // private: one controller only
-        assert!(s.attach(b, &[1]).is_ok());
-        assert_eq!(s.attach(b, &[2]).err(), Some(NsError::Private));
-        assert_eq!(s.attach(b, &[1]).err(), Some(NsError::AlreadyAttached(1)));
+        assert!(s.attach(b, &[1], None, false).is_ok());
+        assert_eq!(s.attach(b, &[2], None, false).err(), Some(NsError::Private));
         assert_eq!(
-            s.attach(a, &[1, 1]).err(),
+            s.attach(b, &[1], None, false).err(),
+            Some(NsError::AlreadyAttached(1))
+        );
+        assert_eq!(
+            s.attach(a, &[1, 1], None, false).err(),
             Some(NsError::ControllerListInvalid)
         );
         assert_eq!(
-            s.attach(a, &[9]).err(),
+            s.attach(a, &[9], None, false).err(),
             Some(NsError::ControllerListInvalid)
         );
-        assert_eq!(s.attach(a, &[]).err(), Some(NsError::ControllerListInvalid));
-        assert_eq!(s.attach(7, &[1]).err(), Some(NsError::InvalidNamespace));
-        assert_eq!(s.detach(a, &[2]).err(), Some(NsError::NotAttached(2)));
-        assert_eq!(s.attach(a, &[1, 2]).unwrap().len(), 2);
+        assert_eq!(
+            s.attach(a, &[], None, false).err(),
+            Some(NsError::ControllerListInvalid)
+        );
+        assert_eq!(
+            s.attach(7, &[1], None, false).err(),
+            Some(NsError::InvalidNamespace)
+        );
+        assert_eq!(
+            s.detach(a, &[2], None, false).err(),
+            Some(NsError::NotAttached(2))
+        );
+        // no controller runs here: the state changes, nothing is delivered
+        assert_eq!(s.attach(a, &[1, 2], None, false), Ok(0));
         assert_eq!(s.attached(a), Some(vec![1, 2]));
         assert_eq!(s.allocated(0), vec![1, 2]);
         assert_eq!(s.allocated(1), vec![2]);
         // delete detaches from everyone and frees the capacity and the NSID
-        let changes = s.delete(a).unwrap();
-        assert_eq!(changes.len(), 2);
+        assert_eq!(s.delete(a, None, false), Ok(0));
+        assert_eq!(s.attached(a), None);
         assert_eq!(s.capacity(), (8 << 20, 4 << 20));
         assert_eq!(s.create(1 << 20, 12, true), Ok(1));
         assert_eq!(NsError::Private.status().raw(), 0x4119);
@@ -654,7 +709,7 @@ mod tests {
         assert_eq!(s.max_nsid(), 1);
         assert_eq!(s.namespaces_for(1).len(), 1);
         assert_eq!(s.create(1 << 20, 9, true), Err(NsError::Fixed));
-        assert_eq!(s.detach(1, &[1]).err(), Some(NsError::Fixed));
+        assert_eq!(s.detach(1, &[1], None, false).err(), Some(NsError::Fixed));
     }
 
     #[test]
@@ -662,7 +717,7 @@ mod tests {
         let s = two_controllers(4 << 20);
         let n = s.create(1 << 20, 9, true).unwrap();
         let first = s.identity(n).unwrap();
-        s.delete(n).unwrap();
+        s.delete(n, None, false).unwrap();
         let m = s.create(1 << 20, 9, true).unwrap();
         assert_eq!(n, m);
         assert_ne!(s.identity(m).unwrap(), first);

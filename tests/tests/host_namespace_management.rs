@@ -264,6 +264,19 @@ fn namespaces_are_created_attached_detached_and_deleted_at_run_time() {
     assert_eq!(u32_list(&identify(&mut v1, 0x02, 0)), [ns]);
     assert_eq!(u32_list(&identify(&mut v2, 0x02, 0)), [] as [u32; 0]);
     assert_eq!(u16_list(&identify(&mut c, 0x12, ns)), [PF, VF1]);
+    // a VF does not learn of the subsystem's other namespaces (10h, 11h, 12h)
+    for cns in [0x10u32, 0x11, 0x12] {
+        let buf = v2.dma().alloc(4096).unwrap();
+        let mut sqe = Submission::default();
+        sqe.opcode = op::IDENTIFY;
+        sqe.nsid = ns.into();
+        sqe.cdw10 = cns.into();
+        assert_eq!(
+            status(v2.admin_command("Identify", sqe, Some((buf.iova(), 4096)))),
+            Err(Status::INVALID_FIELD),
+            "CNS {cns:#x} on a VF"
+        );
+    }
     let vid = identify(&mut v1, 0x00, ns);
     assert_eq!(u64_at(&vid, 0), 2048);
     assert_eq!(vid[30], 1, "NMIC: shared");

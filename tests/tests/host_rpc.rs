@@ -260,6 +260,16 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
     );
     let (ok, _, err) = d.rpc("subsystem_create", &[&json!({"sockett": "x"}).to_string()]);
     assert!(!ok && err.contains("unknown field"), "{err}");
+    // a create that fails half way (its namespace cannot be opened) leaves nothing behind
+    let broken = json!({
+        "socket": tmp.path().join("broken.sock"),
+        "nqn": "nqn.2026-11.io.vnvme:broken",
+        "namespace": [{"backend": "file:/nonexistent/dir/disk.img"}],
+    });
+    let (ok, _, err) = d.rpc("subsystem_create", &[&broken.to_string()]);
+    assert!(!ok && err.contains("nonexistent"), "{err}");
+    assert_eq!(d.ok("subsystem_list", &[]).as_array().unwrap().len(), 1);
+    assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
     let r = d.ok("subsystem_create", &[&spec.to_string()]);
     assert_eq!(r["nqn"], "nqn.2026-11.io.vnvme:made-at-run-time");
     let n = open(&new_sock);
@@ -267,6 +277,10 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
     assert!(n.identify().sn.starts_with(b"RUNTIME1 "), "serial");
     assert_eq!(d.ok("subsystem_list", &[]).as_array().unwrap().len(), 2);
     drop(n);
+    // the first subsystem is still managed by name after the failed and the good create
+    let r = d.ok("ns_create", &[&format!("nqn={NQN}"), "size=1M"]);
+    assert_eq!(r["nsid"], 2);
+    d.ok("ns_delete", &[&format!("nqn={NQN}"), "nsid=2"]);
     d.ok(
         "subsystem_delete",
         &["nqn=nqn.2026-11.io.vnvme:made-at-run-time"],

@@ -33,6 +33,10 @@ use serde::Deserialize;
 
 use crate::backend_spec::BackendSpec;
 
+/// `[[controller]]` entries one daemon numbers (their CNTLIDs stay distinct: PF `index + 1`,
+/// NVMe/TCP `index + 1 + k * 0x100` below 0x1000, VFs `0x1000 + index * 128 + n`).
+pub const MAX_ENTRIES: usize = 128;
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +262,12 @@ impl Config {
                 "at least one [[controller]] is required",
             ));
         }
+        if self.controllers.len() > MAX_ENTRIES {
+            return Err(field(
+                "controller",
+                format!("at most {MAX_ENTRIES} [[controller]] entries"),
+            ));
+        }
         let mut sockets = std::collections::HashSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             let at = |f: &str| format!("controller[{i}].{f}");
@@ -329,8 +339,8 @@ impl Config {
             }
             let has_nvme = c.namespaces.iter().any(|n| n.backend.starts_with("nvme:"));
             if let Some(n) = c.tcp_controllers {
-                if c.tcp_listen.is_none() || !(1..=16).contains(&n) {
-                    return Err(field(at("tcp_controllers"), "1..=16, with tcp_listen"));
+                if c.tcp_listen.is_none() || !(1..=15).contains(&n) {
+                    return Err(field(at("tcp_controllers"), "1..=15, with tcp_listen"));
                 }
                 if n > 1 && has_nvme {
                     return Err(field(

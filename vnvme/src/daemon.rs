@@ -64,7 +64,7 @@ pub struct Daemon {
     /// QoS handles of each entry's controllers.
     qos: Vec<Vec<Arc<QosControl>>>,
     /// Each entry's NVM subsystem.
-    subsystems: Vec<Arc<Subsystem>>,
+    subsystems: Vec<Option<Arc<Subsystem>>>,
     /// Every controller, in build order.
     controllers: Vec<ControllerInfo>,
     /// Where new controllers run (it holds the shared reactor threads, which end after the
@@ -554,7 +554,7 @@ impl Daemon {
                 &attach,
             );
         }
-        self.subsystems.push(Arc::clone(&subsystem));
+        self.subsystems.push(Some(Arc::clone(&subsystem)));
         let mut stats = None;
         let mut qos = Vec::new();
         // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
@@ -747,8 +747,7 @@ impl Daemon {
         self.subsystems
             .iter()
             .enumerate()
-            .filter(|(i, _)| self.specs[*i].is_some())
-            .map(|(i, s)| (i, Arc::clone(s)))
+            .filter_map(|(i, s)| Some((i, Arc::clone(s.as_ref()?))))
             .collect()
     }
 
@@ -778,9 +777,7 @@ impl Daemon {
 
     /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.
     pub fn ns_delete(&self, nqn: &str, nsid: u32) -> Result<(), MgmtError> {
-        let sub = self.subsystem(nqn)?;
-        let changes = sub.delete(nsid)?;
-        sub.deliver(changes, None, true);
+        self.subsystem(nqn)?.delete(nsid, None, true)?;
         Ok(())
     }
 
@@ -794,12 +791,11 @@ impl Daemon {
         attach: bool,
     ) -> Result<(), MgmtError> {
         let sub = self.subsystem(nqn)?;
-        let changes = if attach {
-            sub.attach(nsid, ctrls)?
+        if attach {
+            sub.attach(nsid, ctrls, None, true)?;
         } else {
-            sub.detach(nsid, ctrls)?
-        };
-        sub.deliver(changes, None, true);
+            sub.detach(nsid, ctrls, None, true)?;
+        }
         Ok(())
     }
 
@@ -822,7 +818,13 @@ impl Daemon {
             .controllers
             .iter()
             .find(|c| {
-                c.kind == "pf" && c.virt.is_some() && self.subsystems[c.entry].nqn() == sub.nqn()
+                c.kind == "pf"
+                    && c.virt.is_some()
+                    && self
+                        .subsystems
+                        .get(c.entry)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| s.nqn() == sub.nqn())
             })
             .and_then(|c| c.virt.clone())
             .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no VFs")))?;
@@ -852,6 +854,13 @@ impl Daemon {
         cfg.validate()
             .map_err(|e| MgmtError::Invalid(e.to_string()))?;
         let index = self.specs.len();
+        if index >= crate::config::MAX_ENTRIES {
+            // entry numbers are not reused (CNTLIDs derive from them)
+            return Err(MgmtError::Invalid(format!(
+                "this daemon has made {index} subsystems, the most it numbers; restart it \
+                 to make more"
+            )));
+        }
         let nqn = entry_nqn(index, spec);
         if self.subsystem(&nqn).is_ok() {
             return Err(MgmtError::Invalid(format!("{nqn} exists")));
@@ -861,10 +870,16 @@ impl Daemon {
             .start_entry(index, spec, &mut exports)
             .and_then(|()| self.start_targets(exports));
         if let Err(e) = started {
-            // undo what did start
-            self.specs.resize(index + 1, None);
+            // undo what did start, and every per-entry slot it took: the index is free again
             let _ = self.stop_entries(&|i| i == index);
-            self.specs[index] = None;
+            self.stops.truncate(index);
+            self.specs.truncate(index);
+            self.transfers.truncate(index);
+            self.memory.truncate(index);
+            self.subsystems.truncate(index);
+            self.qos.truncate(index);
+            self.stats.truncate(index);
+            self.controllers.retain(|c| c.entry != index);
             return Err(MgmtError::Daemon(e));
         }
         Ok(nqn)
@@ -889,8 +904,19 @@ impl Daemon {
             )));
         }
         let r = self.stop_entries(&|i| i == index);
+        // let go of its namespaces (backends, pool memory), DMA map and counters
         self.specs[index] = None;
+        self.subsystems[index] = None;
         self.controllers.retain(|c| c.entry != index);
+        if let Some(t) = self.transfers.get_mut(index) {
+            t.clear();
+        }
+        if let Some(q) = self.qos.get_mut(index) {
+            q.clear();
+        }
+        if let Some(m) = self.memory.get_mut(index) {
+            *m = Arc::new(GuestMemory::new());
+        }
         r.map_err(MgmtError::Daemon)
     }
 

@@ -28,6 +28,13 @@ impl Controller {
         let mut page = [0u8; 4096];
         match cns_value {
             cns::CONTROLLER => page.copy_from_slice(self.identify_controller().as_bytes()),
+            // what other controllers' namespaces are (allocated list and data, attachment)
+            // is for the controller that manages them: a VF sees only its own
+            cns::ALLOCATED_NS_LIST | cns::ALLOCATED_NAMESPACE | cns::NS_ATTACHED_CTRL_LIST
+                if !self.cfg.namespace_management && self.cfg.subsystem.is_some() =>
+            {
+                return Status::INVALID_FIELD;
+            }
             cns::NS_ATTACHED_CTRL_LIST | cns::CTRL_LIST => {
                 let from = (cdw10 >> 16) as u16;
                 let ids = self.controller_list(cns_value == cns::NS_ATTACHED_CTRL_LIST, nsid);

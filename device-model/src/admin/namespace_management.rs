@@ -122,11 +122,8 @@ impl Controller {
                 if nsid == 0 {
                     return Outcome::status(Status::INVALID_NAMESPACE);
                 }
-                match sub.delete(nsid) {
-                    Ok(changes) => {
-                        sub.deliver(changes, Some(self), false);
-                        Outcome::status(Status::SUCCESS)
-                    }
+                match sub.delete(nsid, Some(self), false) {
+                    Ok(_) => Outcome::status(Status::SUCCESS),
                     Err(e) => Outcome::status(e.status()),
                 }
             }
@@ -163,15 +160,12 @@ impl Controller {
             .map(|k| u16::from_le_bytes([self.bounce[2 + 2 * k], self.bounce[3 + 2 * k]]))
             .collect();
         let r = if sel == SEL_ATTACH {
-            sub.attach(nsid, &ids)
+            sub.attach(nsid, &ids, Some(self), false)
         } else {
-            sub.detach(nsid, &ids)
+            sub.detach(nsid, &ids, Some(self), false)
         };
         match r {
-            Ok(changes) => {
-                sub.deliver(changes, Some(self), false);
-                Outcome::status(Status::SUCCESS)
-            }
+            Ok(_) => Outcome::status(Status::SUCCESS),
             Err(e) => {
                 log::info!(
                     "{}: namespace {nsid} attachment refused: {e}",
@@ -190,7 +184,12 @@ impl Controller {
             Change::Attach(ns) => {
                 let nsid = ns.nsid;
                 match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
-                    Ok(i) => self.namespaces[i] = ns,
+                    Ok(i) => {
+                        // not expected (changes arrive in order): finish the old one's
+                        // requests before its handle goes
+                        self.drain_namespace(i);
+                        self.namespaces[i] = ns;
+                    }
                     Err(i) => self.namespaces.insert(i, ns),
                 }
                 log::info!("{}: namespace {nsid} attached", self.cfg.serial);

@@ -20,8 +20,13 @@ struct Inner {
     backend: Box<dyn Backend>,
     /// Completions per user, waiting for that user's poll.
     done: Vec<Vec<(u64, Status)>>,
-    /// User indexes handed out.
+    /// User indexes handed out (a dropped handle's index stays taken until its requests
+    /// are done, so a new handle never gets an old one's completions).
     taken: Vec<bool>,
+    /// Requests in flight per user.
+    pending: Vec<usize>,
+    /// The user's handle is gone: its completions are dropped.
+    orphaned: Vec<bool>,
 }
 
 /// The shared backend a namespace's handles come from.
@@ -50,6 +55,8 @@ impl SharedSource {
                 backend,
                 done: Vec::new(),
                 taken: Vec::new(),
+                pending: Vec::new(),
+                orphaned: Vec::new(),
             })),
             size,
             describe,
@@ -69,11 +76,14 @@ impl SharedSource {
             None if g.taken.len() < MAX_USERS => {
                 g.taken.push(false);
                 g.done.push(Vec::new());
+                g.pending.push(0);
+                g.orphaned.push(false);
                 g.taken.len() - 1
             }
             None => return None,
         };
         g.taken[user] = true;
+        g.orphaned[user] = false;
         g.done[user].clear();
         Some(SharedBackend {
             inner: Arc::clone(&self.inner),
@@ -127,10 +137,16 @@ impl SharedBackend {
 
 impl Drop for SharedBackend {
     fn drop(&mut self) {
-        // the user index is free again; completions still owed to it are dropped
+        // completions still owed to this handle are dropped; its index is free again once
+        // none is in flight
         let mut g = self.lock();
-        g.taken[self.user] = false;
-        g.done[self.user].clear();
+        let u = self.user;
+        g.done[u].clear();
+        if g.pending[u] == 0 {
+            g.taken[u] = false;
+        } else {
+            g.orphaned[u] = true;
+        }
     }
 }
 
@@ -151,7 +167,10 @@ impl Backend for SharedBackend {
             offset: req.offset,
             iov: req.iov,
         };
-        self.lock().backend.submit(&tagged)?;
+        let mut g = self.lock();
+        g.backend.submit(&tagged)?;
+        g.pending[self.user] += 1;
+        drop(g);
         self.in_flight += 1;
         Ok(())
     }
@@ -159,13 +178,27 @@ impl Backend for SharedBackend {
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         let mut g = self.lock();
         let Inner {
-            backend, done: all, ..
+            backend,
+            done: all,
+            taken,
+            pending,
+            orphaned,
         } = &mut *g;
         if backend.in_flight() > 0 {
             backend.poll(&mut |t, s| {
-                if let Some(q) = all.get_mut((t >> USER_SHIFT) as usize) {
-                    q.push((t & TAG_MASK, s));
+                let u = (t >> USER_SHIFT) as usize;
+                if u >= all.len() {
+                    return;
                 }
+                pending[u] = pending[u].saturating_sub(1);
+                if orphaned[u] {
+                    if pending[u] == 0 {
+                        orphaned[u] = false;
+                        taken[u] = false;
+                    }
+                    return;
+                }
+                all[u].push((t & TAG_MASK, s));
             });
         }
         let mine = std::mem::take(&mut all[self.user]);
@@ -203,6 +236,35 @@ impl Backend for SharedBackend {
 mod tests {
     use super::super::{IoOp, MallocBackend};
     use super::*;
+
+    #[test]
+    fn an_index_with_requests_in_flight_is_not_handed_out_again() {
+        let m = MallocBackend::new(1 << 20).unwrap();
+        let src = SharedSource::new(Box::new(m));
+        let mut a = src.handle().unwrap();
+        let mut data = vec![1u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: 4096,
+        }];
+        a.submit(&IoRequest {
+            tag: 9,
+            op: IoOp::Read,
+            offset: 0,
+            iov: &iov,
+        })
+        .unwrap();
+        drop(a); // gone with a request in flight
+        let mut b = src.handle().unwrap();
+        assert_eq!(b.user, 1, "user 0 is still draining");
+        // b never sees a's completion; once it is drained, index 0 is free again
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            b.poll(&mut |t, s| got.push((t, s)));
+        }
+        assert!(got.is_empty(), "{got:?}");
+        assert_eq!(src.handle().unwrap().user, 0);
+    }
 
     #[test]
     fn completions_go_back_to_the_handle_that_submitted() {

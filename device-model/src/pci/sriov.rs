@@ -46,7 +46,7 @@ pub(crate) fn install(data: &mut [u8], writable: &mut [u8], shape: SriovShape) {
     put16(data, 0x14, 1); // First VF Offset
     put16(data, 0x16, 1); // VF Stride
     put16(data, 0x1a, shape.vf_device);
-    put32(data, 0x1c, 0x553); // supported page sizes 4K, 8K, 64K, 256K, 1M, 4M
+    put32(data, 0x1c, 0x1); // supported page sizes: 4K (the VF BARs are sized for it)
     put32(data, 0x20, 1); // system page size 4K
     put32(data, VF_BAR0, 0b100); // VF BAR0: memory, 64-bit
     put32(data, VF_BAR0 + 16, 0); // VF BAR4: memory, 32-bit
