@@ -135,6 +135,18 @@ struct Entry {
 }
 
 impl Entry {
+    fn info(&self) -> NamespaceInfo {
+        NamespaceInfo {
+            nsid: self.nsid,
+            size: self.size,
+            lba_shift: self.lba_shift,
+            shared: self.shared,
+            attached: self.attached.clone(),
+            pooled: self.pooled > 0,
+            ids: crate::namespace::NsIds::derive(self.nsid, &self.seed),
+        }
+    }
+
     fn namespace(&self, backend: Box<dyn Backend>) -> Namespace {
         let mut ns = Namespace::new(self.nsid, backend, self.lba_shift, &self.seed);
         ns.shared = self.shared;
@@ -167,7 +179,8 @@ pub struct NamespaceInfo {
     pub attached: Vec<u16>,
     /// Created by Namespace Management from the pool.
     pub pooled: bool,
-    pub describe: String,
+    /// NGUID, EUI-64 and UUID, as its controllers report them.
+    pub ids: crate::namespace::NsIds,
 }
 
 /// A change for one controller.
@@ -329,35 +342,16 @@ impl Subsystem {
 
     /// One namespace, attached anywhere or not.
     pub fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
-        self.list().into_iter().find(|n| n.nsid == nsid)
+        let st = self.lock();
+        st.namespaces
+            .iter()
+            .find(|e| e.nsid == nsid)
+            .map(Entry::info)
     }
 
     /// Every namespace.
     pub fn list(&self) -> Vec<NamespaceInfo> {
-        let st = self.lock();
-        st.namespaces
-            .iter()
-            .map(|e| NamespaceInfo {
-                nsid: e.nsid,
-                size: e.size,
-                lba_shift: e.lba_shift,
-                shared: e.shared,
-                attached: e.attached.clone(),
-                pooled: e.pooled > 0,
-                describe: match &e.source {
-                    Source::Shared(s) => format!("{s:?}"),
-                    Source::Exclusive(_) => "exclusive".into(),
-                },
-            })
-            .collect()
-    }
-
-    /// Identity (NGUID, EUI-64, UUID) of namespace `nsid`, as its controllers report it.
-    pub fn identity(&self, nsid: u32) -> Option<([u8; 16], [u8; 8])> {
-        let st = self.lock();
-        let e = st.namespaces.iter().find(|e| e.nsid == nsid)?;
-        let ids = crate::namespace::NsIds::derive(e.nsid, &e.seed);
-        Some((ids.nguid, ids.eui64))
+        self.lock().namespaces.iter().map(Entry::info).collect()
     }
 
     /// Highest NSID (Identify NN): [`MAX_NAMESPACES`] when namespaces are managed, else the
@@ -716,10 +710,10 @@ mod tests {
     fn recreated_namespaces_get_new_identities() {
         let s = two_controllers(4 << 20);
         let n = s.create(1 << 20, 9, true).unwrap();
-        let first = s.identity(n).unwrap();
+        let first = s.namespace(n).unwrap().ids;
         s.delete(n, None, false).unwrap();
         let m = s.create(1 << 20, 9, true).unwrap();
         assert_eq!(n, m);
-        assert_ne!(s.identity(m).unwrap(), first);
+        assert_ne!(s.namespace(m).unwrap().ids, first);
     }
 }

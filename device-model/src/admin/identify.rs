@@ -75,18 +75,15 @@ impl Controller {
                 None => return Status::INVALID_NAMESPACE,
             },
             cns::ALLOCATED_NAMESPACE => {
-                let info = self.cfg.subsystem.as_ref().and_then(|s| {
-                    let info = s.namespace(nsid)?;
-                    Some((info, s.identity(nsid)?))
-                });
+                let info = self.cfg.subsystem.as_ref().and_then(|s| s.namespace(nsid));
                 match info {
-                    Some((info, (nguid, eui64))) => {
+                    Some(info) => {
                         let id = namespace_data(
                             info.size >> info.lba_shift,
                             info.lba_shift,
                             info.shared,
-                            nguid,
-                            eui64,
+                            info.ids.nguid,
+                            info.ids.eui64,
                         );
                         page.copy_from_slice(id.as_bytes());
                     }

@@ -9,7 +9,7 @@ use device_model::backend::{Backend, IoOp, IoRequest};
 use nvme_spec::Status;
 
 use super::rng::Rng;
-use super::{Histogram, JobResult, Pattern, PerfError, PerfOptions, Report, clock};
+use super::{JobResult, Pattern, PerfError, PerfOptions, Report, clock};
 
 /// Run `opts` against `b` (one worker, no verification).
 pub fn run(
@@ -34,15 +34,7 @@ pub fn run(
     let mut started = vec![0u64; qd];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut seq = 0u64;
-    let mut result = JobResult {
-        nsid: 1,
-        worker: 0,
-        ios: 0,
-        bytes: 0,
-        errors: 0,
-        verify_failures: 0,
-        latency: Histogram::default(),
-    };
+    let mut result = JobResult::empty(1, 0);
     let mut submit = |slot: usize, b: &mut dyn Backend, started: &mut [u64]| {
         let unit = match opts.pattern {
             Pattern::Read | Pattern::Write => {

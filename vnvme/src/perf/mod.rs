@@ -70,6 +70,21 @@ pub struct JobResult {
     pub latency: Histogram,
 }
 
+impl JobResult {
+    /// Nothing counted yet for namespace `nsid`, worker `worker`.
+    pub fn empty(nsid: u32, worker: usize) -> Self {
+        Self {
+            nsid,
+            worker,
+            ios: 0,
+            bytes: 0,
+            errors: 0,
+            verify_failures: 0,
+            latency: Histogram::default(),
+        }
+    }
+}
+
 /// A finished run.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -82,15 +97,7 @@ pub struct Report {
 impl Report {
     /// All jobs merged.
     pub fn total(&self) -> JobResult {
-        let mut t = JobResult {
-            nsid: 0,
-            worker: 0,
-            ios: 0,
-            bytes: 0,
-            errors: 0,
-            verify_failures: 0,
-            latency: Histogram::default(),
-        };
+        let mut t = JobResult::empty(0, 0);
         for j in &self.jobs {
             t.ios += j.ios;
             t.bytes += j.bytes;

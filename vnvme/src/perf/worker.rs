@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use host_driver::{DmaBuffer, DmaMemory, DriverError, IoQueuePair, NamespaceInfo};
 
 use super::rng::Rng;
-use super::{Histogram, JobResult, Pattern, PerfOptions, clock};
+use super::{JobResult, Pattern, PerfOptions, clock};
 
 /// A command in flight: when, where, which direction.
 #[derive(Clone, Copy)]
@@ -71,15 +71,7 @@ impl Job {
                 Vec::new()
             },
             rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(ns.nsid) << 32) ^ worker as u64),
-            result: JobResult {
-                nsid: ns.nsid,
-                worker,
-                ios: 0,
-                bytes: 0,
-                errors: 0,
-                verify_failures: 0,
-                latency: Histogram::default(),
-            },
+            result: JobResult::empty(ns.nsid, worker),
         })
     }
 
