@@ -11,6 +11,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Lock the shared state (a panic while holding it left it consistent: keep using it).
+pub fn lock(state: &Mutex<VirtState>) -> std::sync::MutexGuard<'_, VirtState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Resource types (CDW10 RT).
 pub const RT_VQ: u8 = 0;
 pub const RT_VI: u8 = 1;
@@ -249,13 +256,7 @@ impl VirtRole {
 
     /// The role of secondary `index` of `state`.
     pub fn secondary(state: &Arc<Mutex<VirtState>>, index: usize) -> Self {
-        let online = Arc::clone(
-            &state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .secondaries[index]
-                .online,
-        );
+        let online = Arc::clone(&lock(state).secondaries[index].online);
         Self::Secondary {
             state: Arc::clone(state),
             index,

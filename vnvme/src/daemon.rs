@@ -105,9 +105,7 @@ impl ControllerInfo {
     pub fn state(&self) -> &'static str {
         let ready = self.stats.ready.load(Ordering::Relaxed);
         let online = match (&self.virt, self.vf) {
-            (Some(v), Some(n)) => v
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            (Some(v), Some(n)) => device_model::virt::lock(v)
                 .secondaries
                 .get(usize::from(n) - 1)
                 .is_some_and(device_model::virt::Secondary::online),
@@ -413,11 +411,7 @@ impl Daemon {
         let mut device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
         if let Some(v) = sriov {
             // the SR-IOV capability: VF Enable + NumVFs = N brings VFs 1..=N online
-            let total = v
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .secondaries
-                .len() as u16;
+            let total = device_model::virt::lock(v).secondaries.len() as u16;
             let state = Arc::clone(v);
             device = device.with_sriov(
                 SriovShape {
@@ -425,10 +419,11 @@ impl Daemon {
                     vf_device: b.ids.device,
                 },
                 Box::new(move |n| {
-                    let r = state
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .set_enabled(usize::from(n), VF_DEFAULT_VQ, VF_DEFAULT_VI);
+                    let r = device_model::virt::lock(&state).set_enabled(
+                        usize::from(n),
+                        VF_DEFAULT_VQ,
+                        VF_DEFAULT_VI,
+                    );
                     if let Err(e) = r {
                         log::warn!("SR-IOV: enabling {n} VFs stopped: {e:?}");
                     }
@@ -828,9 +823,7 @@ impl Daemon {
             })
             .and_then(|c| c.virt.clone())
             .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no VFs")))?;
-        let mut v = virt
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v = device_model::virt::lock(&virt);
         if usize::from(n) > v.secondaries.len() {
             return Err(MgmtError::Invalid(format!(
                 "{nqn} has {} VFs",

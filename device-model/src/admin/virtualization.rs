@@ -29,9 +29,7 @@ impl Controller {
         let rt = ((cdw10 >> 8) & 0x7) as u8;
         let cntlid = (cdw10 >> 16) as u16;
         let nr = (cdw11 & 0xffff) as u16;
-        let mut v = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v = crate::virt::lock(state);
         match v.manage(act, rt, cntlid, nr) {
             Ok(n) => {
                 log::info!(
@@ -49,9 +47,7 @@ impl Controller {
         let Some(VirtRole::Primary(state)) = &self.cfg.virt else {
             return false;
         };
-        let v = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = crate::virt::lock(state);
         let put16 = |p: &mut [u8; 4096], at: usize, x: u16| {
             p[at..at + 2].copy_from_slice(&x.to_le_bytes());
         };
@@ -81,9 +77,7 @@ impl Controller {
         let Some(VirtRole::Primary(state)) = &self.cfg.virt else {
             return false;
         };
-        let v = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = crate::virt::lock(state);
         let mut n = 0usize;
         for s in v.secondaries.iter().filter(|s| s.scid >= from).take(127) {
             let e = 32 + 32 * n;
@@ -110,9 +104,7 @@ impl Controller {
         let Some(VirtRole::Secondary { state, index, .. }) = &self.cfg.virt else {
             return None;
         };
-        let v = state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = crate::virt::lock(state);
         Some(v.secondaries[*index].nvq.saturating_sub(1).max(1))
     }
 }
