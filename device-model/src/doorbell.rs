@@ -33,7 +33,12 @@ impl Doorbells {
     /// Create the memfd and map it.
     pub fn new() -> std::io::Result<Self> {
         // SAFETY: memfd_create with a static C string; result checked.
-        let raw = unsafe { libc::memfd_create(c"vnvme-bar0".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(
+                c"vnvme-bar0".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if raw < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -41,6 +46,13 @@ impl Doorbells {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on our own descriptor.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), BAR0_SIZE as i64) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // the client mmaps this file: sealed so it can neither shrink it under our mapping
+        // (SIGBUS in the reactor) nor grow it
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(F_ADD_SEALS) on our own memfd with an integer argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: shared mapping of our memfd, checked; unmapped in Drop.

@@ -1,7 +1,43 @@
 //! Interrupt delivery: one eventfd per MSI-X vector (the client's irqfd, so KVM injects
 //! without an exit), or the INTx eventfd when MSI-X is not set up.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+/// Why a client's interrupt fd was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IrqFdError {
+    #[error("interrupt fd is {0}, not an eventfd")]
+    NotAnEventfd(String),
+    #[error("cannot make the interrupt eventfd non-blocking: errno {0}")]
+    NonBlocking(i32),
+}
+
+/// Accept `fd` as an interrupt fd only if it is an eventfd (a pipe or socket could fill up
+/// and block the reactor that signals it), and make it non-blocking: a signal that would
+/// block (counter at its maximum, i.e. the interrupt is pending anyway) is dropped.
+pub fn check_eventfd(fd: BorrowedFd<'_>) -> Result<(), IrqFdError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    if link != "anon_inode:[eventfd]" {
+        return Err(IrqFdError::NotAnEventfd(link));
+    }
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we borrow, with integer arguments.
+    let r = unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 {
+            fl
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
+        }
+    };
+    if r < 0 {
+        return Err(IrqFdError::NonBlocking(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    Ok(())
+}
 
 /// Eventfds the client gave us through SET_IRQS.
 #[derive(Debug, Default)]
@@ -44,6 +80,7 @@ impl Interrupts {
             _ => return,
         };
         let one: u64 = 1;
+        // non-blocking (check_eventfd): EAGAIN means the interrupt is already pending
         // SAFETY: writing 8 bytes from a local u64 to an eventfd we own.
         unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
     }

@@ -18,6 +18,7 @@ pub mod io;
 pub mod irq;
 pub mod irq_coalescing;
 pub mod memory;
+pub mod memory_fault;
 pub mod namespace;
 pub mod pci;
 pub mod qos;

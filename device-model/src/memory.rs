@@ -26,6 +26,14 @@ pub enum MapError {
     TooMany(usize),
     #[error("mmap of DMA region failed: {0}")]
     Mmap(i32),
+    #[error("DMA region fd is not a regular file or memfd ({0})")]
+    NotAFile(&'static str),
+    #[error("DMA region {offset:#x}+{size:#x} lies past the end of its file ({file_size:#x} bytes)")]
+    PastEnd {
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
 }
 
 /// Guest access rights of a region.
@@ -43,6 +51,8 @@ struct Mapping {
     len: usize,
     fd: Option<std::os::fd::OwnedFd>,
     file_offset: u64,
+    /// SIGBUS containment for this range (released before the unmap).
+    fault_guard: Option<crate::memory_fault::Guard>,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through raw pointers whose
@@ -53,6 +63,7 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        drop(self.fault_guard.take());
         // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once here.
         unsafe {
             libc::munmap(self.ptr.cast(), self.len);
@@ -193,14 +204,61 @@ impl MemoryMap {
     }
 }
 
+/// A DMA_MAP fd must be a regular file (memfd, tmpfs, hugetlbfs: all S_IFREG) that holds
+/// `[offset, offset + size)` at map time; a pipe, socket or device, or a range past the end
+/// (a 4 KiB memfd announced as 1 GiB), is refused before anything is mapped.
+fn check_backing_file(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), MapError> {
+    // SAFETY: a zeroed stat is valid output space; fstat on a descriptor we borrow.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &raw mut st) != 0 {
+            return Err(MapError::NotAFile("fstat failed"));
+        }
+        st
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(MapError::NotAFile(match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFCHR | libc::S_IFBLK => "a device",
+            libc::S_IFDIR => "a directory",
+            _ => "not a regular file",
+        }));
+    }
+    let file_size = u64::try_from(st.st_size).unwrap_or(0);
+    match offset.checked_add(size) {
+        Some(end) if end <= file_size => Ok(()),
+        _ => Err(MapError::PastEnd {
+            offset,
+            size,
+            file_size,
+        }),
+    }
+}
+
 /// The live DMA map shared by the control plane (writer) and the data plane (readers).
 #[derive(Debug, Default)]
 pub struct GuestMemory {
     map: ArcSwap<MemoryMap>,
 }
 
-/// Upper bound on DMA regions a client may create (advertised as max_dma_maps).
+/// DMA regions a client may create unless the daemon sets a budget ([`set_max_regions`]).
 pub const MAX_REGIONS: usize = 1024;
+
+static REGION_LIMIT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MAX_REGIONS);
+
+/// Upper bound on DMA regions one client may create (advertised as max_dma_maps). Each
+/// region holds one duplicated fd, so the daemon sizes this from RLIMIT_NOFILE so that every
+/// tenant can reach its limit at once.
+pub fn max_regions() -> usize {
+    REGION_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Set the per-client DMA region limit (at most [`MAX_REGIONS`], at least 1).
+pub fn set_max_regions(n: usize) {
+    REGION_LIMIT.store(n.clamp(1, MAX_REGIONS), std::sync::atomic::Ordering::Relaxed);
+}
 
 impl GuestMemory {
     /// An empty map.
@@ -219,6 +277,9 @@ impl GuestMemory {
     }
 
     /// Map `size` bytes of `fd` at `offset` as guest IOVA `iova`.
+    ///
+    /// The fd must be a regular file (memfd, tmpfs, hugetlbfs) holding the whole range now;
+    /// if its owner shrinks it later, [`crate::memory_fault`] keeps the daemon alive.
     pub fn map_fd(
         &self,
         iova: u64,
@@ -230,6 +291,7 @@ impl GuestMemory {
         self.check_new(iova, size)?;
         let len = usize::try_from(size).map_err(|_| MapError::BadRange { iova, size })?;
         let off = libc::off_t::try_from(offset).map_err(|_| MapError::BadRange { iova, size })?;
+        check_backing_file(fd, offset, size)?;
         let mut p = 0;
         if prot.read {
             p |= libc::PROT_READ;
@@ -254,12 +316,17 @@ impl GuestMemory {
                 std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
             ));
         }
+        let fault_guard = crate::memory_fault::register(ptr as usize, len);
         let mapping = Arc::new(Mapping {
             ptr: ptr.cast(),
             len,
             fd: fd.try_clone_to_owned().ok(),
             file_offset: offset,
+            fault_guard,
         });
+        if mapping.fault_guard.is_none() {
+            return Err(MapError::TooMany(max_regions()));
+        }
         self.insert(Region {
             iova,
             len: size,
@@ -296,8 +363,8 @@ impl GuestMemory {
             .filter(|_| size > 0)
             .ok_or(MapError::BadRange { iova, size })?;
         let cur = self.map.load();
-        if cur.regions.len() >= MAX_REGIONS {
-            return Err(MapError::TooMany(MAX_REGIONS));
+        if cur.regions.len() >= max_regions() {
+            return Err(MapError::TooMany(max_regions()));
         }
         if cur.overlaps(iova, end) {
             return Err(MapError::Overlap { iova, size });

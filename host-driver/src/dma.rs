@@ -39,7 +39,9 @@ unsafe impl Send for DmaMemory {}
 unsafe impl Sync for DmaMemory {}
 
 fn memfd(huge: bool) -> std::io::Result<OwnedFd> {
-    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    let flags = libc::MFD_CLOEXEC
+        | libc::MFD_ALLOW_SEALING
+        | if huge { libc::MFD_HUGETLB } else { 0 };
     // SAFETY: memfd_create with a static C string; result checked.
     let fd = unsafe { libc::memfd_create(c"vnvme-dma".as_ptr(), flags) };
     if fd < 0 {
@@ -59,6 +61,15 @@ impl DmaMemory {
             if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
                 continue;
             }
+            // the vfio-user server we hand this to maps it: it may not resize it
+            // SAFETY: fcntl(F_ADD_SEALS) on our own memfd with an integer argument.
+            unsafe {
+                libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+                )
+            };
             // SAFETY: a fresh shared mapping of our memfd, checked; unmapped in Drop.
             let p = unsafe {
                 libc::mmap(

@@ -442,6 +442,7 @@ impl Daemon {
 
     /// Create every controller and start serving. Sockets are listening when this returns.
     pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
+        crate::limits::apply();
         let place = Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
         let mut daemon = Daemon {
             stops: Vec::new(),

@@ -6,6 +6,7 @@
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;
+pub mod limits;
 pub mod namespace_pool;
 pub mod perf;
 pub mod rpc;

@@ -29,8 +29,10 @@ impl Controller {
             return;
         }
         let since = *self.keep_alive_since.get_or_insert(now);
-        let limit = kato.div_ceil(KEEP_ALIVE_GRANULARITY_MS) * KEEP_ALIVE_GRANULARITY_MS;
-        if now.saturating_duration_since(since) > Duration::from_millis(u64::from(limit)) {
+        // in u64: KATO FFFFFFFFh (about 50 days) is legal and rounds up past u32::MAX
+        let limit = u64::from(kato.div_ceil(KEEP_ALIVE_GRANULARITY_MS))
+            * u64::from(KEEP_ALIVE_GRANULARITY_MS);
+        if now.saturating_duration_since(since) > Duration::from_millis(limit) {
             log::error!(
                 "{}: keep alive timer expired (KATO {kato} ms without Keep Alive); controller fatal",
                 self.cfg.serial

@@ -47,6 +47,19 @@ pub struct FileBackend {
     unsubmitted: usize,
     in_flight: usize,
     sync_done: DoneQueue,
+    /// Requests on the ring, indexed by io_uring user_data: the caller's tag (any 64-bit
+    /// value: a shared backend folds its user index into the top byte) and what to expect.
+    slots: Vec<RingSlot>,
+    free_slots: Vec<u32>,
+}
+
+/// One request on the ring.
+#[derive(Clone, Copy, Debug, Default)]
+struct RingSlot {
+    tag: u64,
+    /// Bytes the transfer must move (0 for a Flush).
+    expect: u64,
+    flush: bool,
 }
 
 impl std::fmt::Debug for FileBackend {
@@ -125,6 +138,8 @@ impl FileBackend {
             unsubmitted: 0,
             in_flight: 0,
             sync_done: DoneQueue::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
         })
     }
 
@@ -200,10 +215,18 @@ fn block_device_size(f: &File) -> std::io::Result<u64> {
     }
 }
 
-/// io_uring user_data layout: a Flush carries its tag with bit 63 set; a read or write carries
-/// its tag in bits 39:0 and its expected byte count in bits 62:40, so a short transfer is
-/// caught without a side table. Callers' tags fit in 40 bits (the controller's do).
-const FLUSH_BIT: u64 = 1 << 63;
+impl FileBackend {
+    /// A ring slot for `slot` (reused; grows only past the deepest queue seen so far).
+    fn take_slot(&mut self, slot: RingSlot) -> u64 {
+        if let Some(i) = self.free_slots.pop() {
+            self.slots[i as usize] = slot;
+            u64::from(i)
+        } else {
+            self.slots.push(slot);
+            (self.slots.len() - 1) as u64
+        }
+    }
+}
 
 impl Backend for FileBackend {
     fn describe(&self) -> String {
@@ -213,9 +236,6 @@ impl Backend for FileBackend {
         self.size
     }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        if req.tag & FLUSH_BIT != 0 {
-            return Err(Status::INTERNAL_ERROR);
-        }
         let len = iov_len(req.iov);
         self.check(req.offset, len)?;
         let fd = if req.op == IoOp::Flush {
@@ -223,20 +243,21 @@ impl Backend for FileBackend {
         } else {
             self.fd_for(req.offset, req.iov)
         };
-        let Some(ring) = self.ring.as_mut() else {
+        if self.ring.is_none() {
             let st = Self::submit_sync(req, fd);
             self.sync_done.push(req.tag, st);
             return Ok(());
-        };
-        let n = req.iov.len() as u32;
-        let ud = if req.op == IoOp::Flush {
-            req.tag | FLUSH_BIT
-        } else {
-            req.tag | (len << 40)
-        };
-        if req.op != IoOp::Flush && (req.tag >> 40 != 0 || len >> 23 != 0) {
-            return Err(Status::INTERNAL_ERROR);
         }
+        let n = req.iov.len() as u32;
+        let flush = req.op == IoOp::Flush;
+        let ud = self.take_slot(RingSlot {
+            tag: req.tag,
+            expect: if flush { 0 } else { len },
+            flush,
+        });
+        let Some(ring) = self.ring.as_mut() else {
+            return Err(Status::INTERNAL_ERROR); // checked above
+        };
         let entry = match req.op {
             IoOp::Read => opcode::Readv::new(types::Fd(fd), req.iov.as_ptr(), n)
                 .offset(req.offset)
@@ -253,7 +274,10 @@ impl Backend for FileBackend {
         // SAFETY: the iovec array and the buffers it points to stay valid until this request's
         // completion is reaped in poll() (the controller keeps the command slot until then).
         while unsafe { ring.submission().push(&entry) }.is_err() {
-            ring.submit().map_err(|_| Status::INTERNAL_ERROR)?;
+            if ring.submit().is_err() {
+                self.free_slots.push(ud as u32);
+                return Err(Status::INTERNAL_ERROR);
+            }
             self.unsubmitted = 0;
         }
         self.unsubmitted += 1;
@@ -273,19 +297,18 @@ impl Backend for FileBackend {
             }
         }
         for cqe in ring.completion() {
-            let ud = cqe.user_data();
-            let (tag, op, expect) = if ud & FLUSH_BIT != 0 {
-                (ud & !FLUSH_BIT, IoOp::Flush, 0)
-            } else {
-                (ud & ((1 << 40) - 1), IoOp::Read, ud >> 40)
+            let ud = cqe.user_data() as u32;
+            let Some(&RingSlot { tag, expect, flush }) = self.slots.get(ud as usize) else {
+                continue; // not ours: every entry we push carries a slot index
             };
+            self.free_slots.push(ud);
             let res = i64::from(cqe.result());
             let st = if res < 0 || res as u64 != expect {
                 log::warn!(
                     "{}: I/O returned {res}, expected {expect}",
                     self.path.display()
                 );
-                if op == IoOp::Flush {
+                if flush {
                     Status::WRITE_FAULT
                 } else {
                     Status::DATA_TRANSFER_ERROR

@@ -270,7 +270,7 @@ mod tests {
     fn completions_go_back_to_the_handle_that_submitted() {
         let m = MallocBackend::new(1 << 20).unwrap();
         let mut h = SharedBackend::split(Box::new(m), 2);
-        super::super::tests::exercise(&mut h[0]);
+        super::super::tests::exercise_with_tags(&mut h[0], 0xff_fff0);
         let mut data = vec![7u8; 4096];
         let iov = [libc::iovec {
             iov_base: data.as_mut_ptr().cast(),
@@ -296,5 +296,18 @@ mod tests {
         let mut back = vec![0u8; 4096];
         h[1].read_sync(0, &mut back).unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_shared_file_serves_every_handle() {
+        // the file backend once packed tags into 40 bits: every handle but the first failed
+        let dir = std::env::temp_dir().join(format!("vnvme-shared-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = crate::backend::file::FileBackend::open(&dir.join("ns.img"), Some(1 << 20)).unwrap();
+        let mut h = SharedBackend::split(Box::new(f), 3);
+        for handle in h.iter_mut().rev() {
+            super::super::tests::exercise_with_tags(handle, 0x00ff_ffff_ffff_fff0);
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

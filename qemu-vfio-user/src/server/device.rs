@@ -199,6 +199,10 @@ impl NvmeDevice {
         );
         let trigger = f & vfio::IRQ_SET_ACTION_TRIGGER != 0;
         let eventfd = f & vfio::IRQ_SET_DATA_EVENTFD != 0;
+        for fd in &fds {
+            device_model::irq::check_eventfd(fd.as_fd())
+                .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+        }
         match index {
             vfio::PCI_MSIX_IRQ_INDEX => {
                 if !trigger {

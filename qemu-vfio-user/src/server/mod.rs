@@ -157,6 +157,9 @@ impl Server {
 
     fn serve_client(&mut self, stream: &UnixStream) -> io::Result<End> {
         stream.set_nonblocking(false)?;
+        // a client that stops mid-message or never reads its replies cannot hold this thread
+        stream.set_read_timeout(Some(socket::READ_SLICE))?;
+        stream.set_write_timeout(Some(socket::MESSAGE_TIMEOUT))?;
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(End::Stopped);
@@ -167,7 +170,8 @@ impl Server {
             if !wait_readable(stream.as_raw_fd(), 200) {
                 continue;
             }
-            let (incoming, ctrunc) = socket::recv_header(stream)?;
+            let deadline = socket::Deadline::new(&self.stop);
+            let (incoming, ctrunc) = socket::recv_header(stream, &deadline)?;
             let Incoming::Message { header, fds } = incoming else {
                 return Ok(End::ClientClosed);
             };
@@ -181,7 +185,7 @@ impl Server {
                         reply_error(stream, &header, &e.to_string(), e.errno())?;
                         continue;
                     }
-                    socket::discard(stream, declared)?;
+                    socket::discard(stream, declared, &deadline)?;
                     if matches!(e, ProtocolError::NotACommand(_)) {
                         log::warn!("vfio-user: ignoring message that is not a command: {e}");
                     } else {
@@ -190,7 +194,7 @@ impl Server {
                     continue;
                 }
             };
-            let body = socket::recv_body(stream, body_len)?;
+            let body = socket::recv_body(stream, body_len, &deadline)?;
             if ctrunc {
                 reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
                 continue;

@@ -522,7 +522,7 @@ pub fn parse_request(command: u16, body: &[u8], nfds: usize) -> Result<Request<'
 pub fn server_capabilities() -> String {
     format!(
         "{{\"capabilities\":{{\"max_msg_fds\":{MAX_MSG_FDS},\"max_data_xfer_size\":{MAX_DATA_XFER},\"pgsizes\":4096,\"max_dma_maps\":{}}}}}",
-        device_model::memory::MAX_REGIONS
+        device_model::memory::max_regions()
     )
 }
 

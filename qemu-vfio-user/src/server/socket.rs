@@ -4,6 +4,8 @@
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use zerocopy::FromBytes;
 
@@ -15,16 +17,71 @@ pub enum Incoming {
     Closed,
 }
 
+/// How long a client may take to send the rest of a message it has started, or to take a
+/// reply off its socket: a client that stops mid-message loses its connection instead of
+/// holding the server thread (and the daemon's shutdown) forever.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Granularity of the stop-flag checks while a message is incomplete.
+pub const READ_SLICE: Duration = Duration::from_millis(200);
+
+/// Bounds one message's reads: the stop flag and [`MESSAGE_TIMEOUT`] from its first byte.
+pub struct Deadline<'a> {
+    stop: &'a AtomicBool,
+    until: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    /// A deadline starting now. The socket must have a read timeout (`READ_SLICE`) so that
+    /// a silent client returns `WouldBlock` instead of blocking.
+    pub fn new(stop: &'a AtomicBool) -> Self {
+        Self {
+            stop,
+            until: Instant::now() + MESSAGE_TIMEOUT,
+        }
+    }
+
+    /// After a read timed out: go on waiting, or give up with the reason.
+    fn check(&self) -> io::Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "server stopping"));
+        }
+        if Instant::now() >= self.until {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "client sent part of a message and then nothing for {} s",
+                    MESSAGE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    ) && e.raw_os_error().is_some()
+}
+
 /// Read one header (16 bytes) and any fds that came with it. Fds arrive with the first byte
 /// of a message; more than we allow are closed and reported as an error by the caller
 /// through the fd count (the ancillary buffer holds MAX_MSG_FDS + 1).
-pub fn recv_header(sock: &UnixStream) -> io::Result<(Incoming, bool)> {
+pub fn recv_header(sock: &UnixStream, deadline: &Deadline<'_>) -> io::Result<(Incoming, bool)> {
     let mut buf = [0u8; HEADER_SIZE];
     let mut fds = Vec::new();
     let mut truncated = false;
     let mut got = 0;
     while got < HEADER_SIZE {
-        let (n, mut f, trunc) = recvmsg_fds(sock.as_raw_fd(), &mut buf[got..])?;
+        let (n, mut f, trunc) = match recvmsg_fds(sock.as_raw_fd(), &mut buf[got..]) {
+            Ok(r) => r,
+            Err(e) if timed_out(&e) => {
+                deadline.check()?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Ok((Incoming::Closed, false));
         }
@@ -37,22 +94,34 @@ pub fn recv_header(sock: &UnixStream) -> io::Result<(Incoming, bool)> {
     Ok((Incoming::Message { header, fds }, truncated))
 }
 
-/// Read exactly `len` payload bytes.
-pub fn recv_body(mut sock: &UnixStream, len: usize) -> io::Result<Vec<u8>> {
+/// Read some bytes into `buf` within the deadline; 0 means the peer closed.
+fn read_some(mut sock: &UnixStream, buf: &mut [u8], deadline: &Deadline<'_>) -> io::Result<usize> {
+    loop {
+        match sock.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => return Ok(n),
+            Err(e) if timed_out(&e) => deadline.check()?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Read exactly `len` payload bytes (the header's size is checked against the protocol's
+/// maximum before this allocates).
+pub fn recv_body(sock: &UnixStream, len: usize, deadline: &Deadline<'_>) -> io::Result<Vec<u8>> {
     let mut body = vec![0u8; len];
-    sock.read_exact(&mut body)?;
+    let mut got = 0;
+    while got < len {
+        got += read_some(sock, &mut body[got..], deadline)?;
+    }
     Ok(body)
 }
 
 /// Read and discard `len` bytes (a refused message's payload), keeping the stream in step.
-pub fn discard(mut sock: &UnixStream, mut len: usize) -> io::Result<()> {
+pub fn discard(sock: &UnixStream, mut len: usize, deadline: &Deadline<'_>) -> io::Result<()> {
     let mut scratch = [0u8; 8192];
     while len > 0 {
-        let n = sock.read(&mut scratch[..len.min(8192)])?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        len -= n;
+        len -= read_some(sock, &mut scratch[..len.min(8192)], deadline)?;
     }
     Ok(())
 }

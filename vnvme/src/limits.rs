@@ -1,0 +1,58 @@
+//! Per-process resource budgets shared by every tenant: the fd table. Each DMA region a
+//! client maps holds one duplicated fd, so the open-file limit is raised to its hard maximum
+//! at start and divided among the controllers one daemon can serve, leaving a reserve for
+//! sockets, backends and the management plane. One client filling its share can then never
+//! make another tenant's `accept()` or DMA_MAP fail.
+
+/// Controllers one daemon serves at most (PF + 127 VFs, or 128 entries).
+const MAX_CONTROLLERS: u64 = 128;
+/// Fds kept for everything that is not a DMA region.
+const RESERVE: u64 = 1024;
+
+/// What [`apply`] set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub nofile: u64,
+    pub regions_per_client: usize,
+}
+
+/// Raise RLIMIT_NOFILE to its hard limit and set the per-client DMA region limit from it.
+pub fn apply() -> Budget {
+    let nofile = raise_nofile();
+    let per = (nofile.saturating_sub(RESERVE) / MAX_CONTROLLERS).max(16);
+    device_model::memory::set_max_regions(usize::try_from(per).unwrap_or(usize::MAX));
+    let b = Budget {
+        nofile,
+        regions_per_client: device_model::memory::max_regions(),
+    };
+    log::debug!(
+        "fd budget: RLIMIT_NOFILE {}, {} DMA regions per client",
+        b.nofile,
+        b.regions_per_client
+    );
+    b
+}
+
+/// Set the soft open-file limit to the hard one; returns the limit now in force.
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
