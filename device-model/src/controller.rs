@@ -110,10 +110,6 @@ impl Outcome {
 
 /// Commands fetched from one SQ per poll before moving on (fairness between queues).
 const FETCH_BUDGET: u32 = 64;
-/// Tag layout for backend requests: SQ id in bits 31:16, slot in bits 15:0.
-fn tag(qid: u16, slot: u16) -> u64 {
-    (u64::from(qid) << 16) | u64::from(slot)
-}
 
 /// Commands the host has outstanding on the SQs that post to `cq`: not yet fetched, in
 /// flight, or completed but not yet consumed by the host.
@@ -165,6 +161,8 @@ pub struct Controller {
     warned_doorbell: bool,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
+    /// Reset and shutdown in progress, queues retired with requests still out.
+    pub(crate) quiesce: crate::quiesce::Quiesce,
 }
 
 impl std::fmt::Debug for Controller {
@@ -221,6 +219,7 @@ impl Controller {
             warned_doorbell: false,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
+            quiesce: crate::quiesce::Quiesce::default(),
         }
     }
 
@@ -358,10 +357,14 @@ impl Controller {
         if was_en && !en {
             log::info!("{}: controller reset (CC.EN 1->0)", self.cfg.serial);
             self.reset();
-            self.cc = new;
             return;
         }
         if !was_en && en {
+            if self.quiesce.resetting.is_some() {
+                // enabled again before CSTS.RDY cleared: the host stopped waiting
+                self.finish_reset_now();
+                self.cc = new;
+            }
             self.enable();
         }
         let shn = (new >> cc::SHN_SHIFT) & 3;
@@ -373,16 +376,37 @@ impl Controller {
                 if shn == 1 { "normal" } else { "abrupt" }
             );
             self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_OCCURRING;
-            self.drain();
-            for ns in &mut self.namespaces {
-                if let Err(s) = ns.backend.flush_sync() {
-                    log::warn!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
-                }
-            }
-            self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
+            self.quiesce.shutting_down =
+                Some(std::time::Instant::now() + crate::quiesce::SHUTDOWN_WAIT);
+            self.poll_shutdown();
         } else if shn == 0 && old_shn != 0 {
+            self.quiesce.shutting_down = None;
             self.csts &= !(3 << csts::SHST_SHIFT);
         }
+    }
+
+    /// Backend requests of the current epoch in flight (retired ones not counted).
+    fn requests_in_flight(&self) -> usize {
+        let all: usize = self.namespaces.iter().map(|n| n.backend.in_flight()).sum();
+        all.saturating_sub(self.quiesce.retired_requests())
+    }
+
+    /// A shutdown notification completes (flush, SHST complete) once requests in flight
+    /// have finished, or after [`crate::quiesce::SHUTDOWN_WAIT`].
+    fn poll_shutdown(&mut self) {
+        let Some(until) = self.quiesce.shutting_down else {
+            return;
+        };
+        if self.requests_in_flight() > 0 && std::time::Instant::now() < until {
+            return;
+        }
+        self.quiesce.shutting_down = None;
+        for ns in &mut self.namespaces {
+            if let Err(s) = ns.backend.flush_sync() {
+                log::warn!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
+            }
+        }
+        self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
     }
 
     /// CC.EN 0->1: check the configuration and bring up the admin queue pair (§3.5.1).
@@ -438,10 +462,73 @@ impl Controller {
         );
     }
 
-    /// Controller Level Reset (§3.7.2): wait for in-flight I/O, drop every queue, clear state
-    /// the host must set up again. Namespaces and their data are untouched.
+    /// Controller Level Reset (§3.7.2): stop fetching; once backend requests in flight have
+    /// finished (or after [`crate::quiesce::RESET_WAIT`], retiring them) drop every queue
+    /// and clear the state the host must set up again; CSTS.RDY clears then. The reactor is
+    /// never blocked meanwhile ([`crate::quiesce`]). Namespaces and their data are untouched.
     pub fn reset(&mut self) {
-        self.drain();
+        self.begin_reset(false);
+    }
+
+    /// Full device reset (FLR, vfio-user DEVICE_RESET, client gone): controller reset plus
+    /// admin queue registers, interrupt routes and the backends' view of guest memory.
+    pub fn device_reset(&mut self) {
+        self.begin_reset(true);
+    }
+
+    /// True while a reset waits for backend requests (CSTS.RDY still set).
+    pub fn is_resetting(&self) -> bool {
+        self.quiesce.resetting.is_some()
+    }
+
+    /// True while a reset waits or requests retired by an earlier one are still out: the
+    /// controller must stay alive (and polled) until this is false.
+    pub fn is_quiescing(&self) -> bool {
+        self.quiesce.busy()
+    }
+
+    fn begin_reset(&mut self, device: bool) {
+        self.quiesce.begin_reset(device, std::time::Instant::now());
+        self.poll_reset();
+    }
+
+    /// Reap while a reset waits; finish it when nothing is in flight or time is up.
+    fn poll_reset(&mut self) -> usize {
+        let Some(pending) = self.quiesce.resetting else {
+            return 0;
+        };
+        let mem = self.mem.snapshot();
+        let n = self.reap(&mem);
+        if self.requests_in_flight() > 0 && std::time::Instant::now() < pending.until {
+            return n.max(1);
+        }
+        self.finish_reset_now();
+        n + 1
+    }
+
+    /// Finish the pending reset now, retiring whatever is still in flight.
+    fn finish_reset_now(&mut self) {
+        let Some(pending) = self.quiesce.resetting else {
+            return;
+        };
+        let outstanding = self.requests_in_flight();
+        let sqs = self.sqs.iter_mut().filter_map(Option::take).collect();
+        self.quiesce.retire(sqs, outstanding);
+        self.clear_state();
+        if pending.device {
+            for ns in &mut self.namespaces {
+                ns.backend.guest_memory_changed();
+            }
+            self.aqa = 0;
+            self.asq = 0;
+            self.acq = 0;
+            self.irqs.clear();
+            self.cc = 0;
+        }
+    }
+
+    /// Drop every queue and the state the host sets up after a reset.
+    fn clear_state(&mut self) {
         for q in &mut self.sqs {
             *q = None;
         }
@@ -455,7 +542,7 @@ impl Controller {
         self.keep_alive_since = None;
         self.doorbells.clear();
         self.features = Features::new(&self.cfg);
-        self.cc = 0;
+        self.cc &= !cc::EN;
         self.csts = 0;
         self.stats
             .ready
@@ -465,51 +552,18 @@ impl Controller {
         self.warned_doorbell = false;
     }
 
-    /// Full device reset (FLR, vfio-user DEVICE_RESET, client gone): controller reset plus
-    /// admin queue registers and interrupt routes.
-    pub fn device_reset(&mut self) {
-        self.reset();
-        for ns in &mut self.namespaces {
-            ns.backend.guest_memory_changed();
-        }
-        self.aqa = 0;
-        self.asq = 0;
-        self.acq = 0;
-        self.irqs.clear();
-    }
-
-    /// Wait for every backend request in flight to finish; their completions are dropped
-    /// (the queues they would post to are going away).
-    fn drain(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let pending: usize = self.namespaces.iter().map(|n| n.backend.in_flight()).sum();
-            if pending == 0 {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                log::error!(
-                    "{}: {pending} backend requests still in flight after 30 s",
-                    self.cfg.serial
-                );
-                break;
-            }
-            for ns in &mut self.namespaces {
-                ns.backend.poll(&mut |_, _| {});
-            }
-            std::thread::yield_now();
-        }
-        for sq in self.sqs.iter_mut().flatten() {
-            for s in &mut sq.slots {
-                s.mem = None;
-            }
-        }
-    }
-
     /// One pass of the data plane: doorbells, command fetch and dispatch, backend
     /// completions, interrupts. Returns how much work was done (0 = idle).
     pub fn poll(&mut self) -> usize {
+        if self.quiesce.resetting.is_some() {
+            return self.poll_reset();
+        }
+        self.poll_shutdown();
         if !self.is_ready() || self.is_fatal() {
+            if self.quiesce.retired_requests() > 0 {
+                let mem = self.mem.snapshot();
+                return self.reap(&mem);
+            }
             return 0;
         }
         if self.secondary_offline() {
@@ -691,8 +745,11 @@ impl Controller {
         }
         let n = done.len();
         for &(t, status) in &done {
-            let qid = (t >> 16) as u16;
-            let slot = t as u16;
+            let (epoch, qid, slot) = crate::quiesce::untag(t);
+            if epoch != self.quiesce.epoch() {
+                self.quiesce.stale_completion(epoch);
+                continue;
+            }
             self.io_finished(qid, slot, status);
             self.complete(qid, slot, status, 0, mem);
         }
@@ -720,7 +777,11 @@ impl Controller {
                 .backend
                 .poll(&mut |t, s| done.push((t, s)));
             for (t, status) in done.drain(..) {
-                let (qid, slot) = ((t >> 16) as u16, t as u16);
+                let (epoch, qid, slot) = crate::quiesce::untag(t);
+                if epoch != self.quiesce.epoch() {
+                    self.quiesce.stale_completion(epoch);
+                    continue;
+                }
                 self.io_finished(qid, slot, status);
                 self.complete(qid, slot, status, 0, &mem);
             }
@@ -734,7 +795,9 @@ impl Controller {
         let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
             return;
         };
-        let ctx = &sq.slots[slot as usize];
+        let Some(ctx) = sq.slots.get(slot as usize) else {
+            return;
+        };
         if status.is_success() {
             self.smart.account(ctx.opcode, ctx.bytes);
         }
@@ -752,7 +815,9 @@ impl Controller {
         let Some(sq) = self.sqs.get_mut(qid as usize).and_then(Option::as_mut) else {
             return;
         };
-        let ctx = &mut sq.slots[slot as usize];
+        let Some(ctx) = sq.slots.get_mut(slot as usize) else {
+            return;
+        };
         let cid = ctx.cid;
         ctx.mem = None;
         let opcode = ctx.opcode;
@@ -761,11 +826,16 @@ impl Controller {
         let sq_head = sq.head as u16;
         let cqid = sq.cqid;
         let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
+        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+            cq.reserved = cq.reserved.saturating_sub(1);
+        }
+        if self.quiesce.resetting.is_some() {
+            return; // the queues are going away: nothing is posted
+        }
         if !status.is_success() {
             self.errors.record(qid, cid, status, nsid, opcode);
         }
         if let Some(cq) = self.cqs[cqid as usize].as_mut() {
-            cq.reserved = cq.reserved.saturating_sub(1);
             let cqe = Completion {
                 dw0: dw0.into(),
                 dw1: 0.into(),
@@ -804,9 +874,9 @@ impl Controller {
         self.active_sqs.retain(|&q| q != qid);
     }
 
-    /// Backend request tag for a slot.
-    pub(crate) fn tag(qid: u16, slot: u16) -> u64 {
-        tag(qid, slot)
+    /// Backend request tag for a slot (carries the reset epoch).
+    pub(crate) fn tag(&self, qid: u16, slot: u16) -> u64 {
+        crate::quiesce::tag(self.quiesce.epoch(), qid, slot)
     }
 
     /// The attached namespace with `nsid`, if any (`namespaces` is sorted by NSID).

@@ -33,9 +33,10 @@ impl Controller {
         match sqe.opcode {
             op::READ | op::WRITE => self.read_write(qid, slot, ns_idx, sqe, mem),
             op::FLUSH => {
+                let tag = self.tag(qid, slot);
                 let ns = &mut self.namespaces[ns_idx];
                 let req = IoRequest {
-                    tag: Controller::tag(qid, slot),
+                    tag,
                     op: IoOp::Flush,
                     offset: 0,
                     iov: &[],
@@ -96,6 +97,7 @@ impl Controller {
         let is_read = sqe.opcode == op::READ;
         let fua = sqe.cdw12.get() & (1 << 30) != 0;
         let page_size = self.page_size;
+        let tag = self.tag(qid, slot);
         let Some(sq) = self.sqs[qid as usize].as_mut() else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
@@ -106,7 +108,7 @@ impl Controller {
         ctx.bytes = len;
         ctx.mem = Some(Arc::clone(mem));
         let req = IoRequest {
-            tag: Controller::tag(qid, slot),
+            tag,
             op: if is_read {
                 IoOp::Read
             } else {

@@ -23,6 +23,7 @@ pub mod namespace;
 pub mod pci;
 pub mod qos;
 pub mod queue;
+pub mod quiesce;
 pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;

@@ -28,7 +28,9 @@ pub enum MapError {
     Mmap(i32),
     #[error("DMA region fd is not a regular file or memfd ({0})")]
     NotAFile(&'static str),
-    #[error("DMA region {offset:#x}+{size:#x} lies past the end of its file ({file_size:#x} bytes)")]
+    #[error(
+        "DMA region {offset:#x}+{size:#x} lies past the end of its file ({file_size:#x} bytes)"
+    )]
     PastEnd {
         offset: u64,
         size: u64,
@@ -257,7 +259,10 @@ pub fn max_regions() -> usize {
 
 /// Set the per-client DMA region limit (at most [`MAX_REGIONS`], at least 1).
 pub fn set_max_regions(n: usize) {
-    REGION_LIMIT.store(n.clamp(1, MAX_REGIONS), std::sync::atomic::Ordering::Relaxed);
+    REGION_LIMIT.store(
+        n.clamp(1, MAX_REGIONS),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 impl GuestMemory {

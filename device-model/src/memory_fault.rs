@@ -65,8 +65,7 @@ pub(crate) fn register(start: usize, len: usize) -> Option<Guard> {
         return None;
     }
     for (i, s) in RANGES.iter().enumerate() {
-        if s
-            .start
+        if s.start
             .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {

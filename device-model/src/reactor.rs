@@ -277,35 +277,99 @@ const KEEP_ALIVE_CHECK_EVERY: u32 = 256;
 /// Spin iterations after the last work before napping.
 const SPIN_AFTER_WORK: Duration = Duration::from_micros(200);
 
+/// A controller on a reactor, with what waits on it.
+struct Entry {
+    id: u64,
+    ctrl: Box<Controller>,
+    /// Device resets answered once the controller has finished resetting.
+    reset_replies: Vec<SyncSender<()>>,
+    /// Removal requested: the controller leaves once nothing it started is in flight.
+    removing: Option<Option<SyncSender<Controller>>>,
+    /// A panic happened while serving it: it is fatal until a reset.
+    panicked: bool,
+}
+
+impl Entry {
+    /// Run `f` on the controller; a panic makes this controller fatal (CSTS.CFS), logged
+    /// once, and leaves every other controller on the reactor running.
+    fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Controller) -> T) -> Option<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut self.ctrl))) {
+            Ok(v) => Some(v),
+            Err(cause) => {
+                let msg = cause
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| cause.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                if !self.panicked {
+                    log::error!(
+                        "{}: panic during {what} ({msg}); this controller is fatal until reset, \
+                         the others go on",
+                        self.ctrl.config().serial
+                    );
+                }
+                self.panicked = true;
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.ctrl.set_fatal();
+                }));
+                None
+            }
+        }
+    }
+
+    /// Answer waiters once the controller is done resetting; true when it may leave.
+    fn settle(&mut self) -> bool {
+        if !self.ctrl.is_resetting() {
+            for r in self.reset_replies.drain(..) {
+                let _ = r.send(());
+            }
+            if !self.ctrl.is_ready() {
+                self.panicked = false;
+            }
+        }
+        match &self.removing {
+            None => false,
+            // handed back: the new owner keeps what is retired alive
+            Some(Some(_)) => !self.ctrl.is_resetting(),
+            // dropped: only once no backend request can still reach its memory
+            Some(None) => !self.ctrl.is_quiescing(),
+        }
+    }
+}
+
+/// How long a stopping reactor waits for its controllers' backend requests.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
 fn run(rx: &Receiver<Message>, mode: PollMode) {
     // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread with a plain integer argument.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
-    let mut ctrls: Vec<(u64, Box<Controller>)> = Vec::new();
+    let mut ctrls: Vec<Entry> = Vec::new();
     let mut last_work = Instant::now();
     let mut iter: u32 = 0;
     loop {
         loop {
             match rx.try_recv() {
-                Ok(Message::Add(id, c)) => ctrls.push((id, c)),
+                Ok(Message::Add(id, ctrl)) => ctrls.push(Entry {
+                    id,
+                    ctrl,
+                    reset_replies: Vec::new(),
+                    removing: None,
+                    panicked: false,
+                }),
                 Ok(Message::For(id, req)) => {
-                    if let Some((_, c)) = ctrls.iter_mut().find(|(i, _)| *i == id) {
-                        handle(c, req);
+                    if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
+                        handle(e, req);
                     }
                     last_work = Instant::now();
                 }
                 Ok(Message::Remove(id, reply)) => {
-                    if let Some(at) = ctrls.iter().position(|(i, _)| *i == id) {
-                        let (_, mut c) = ctrls.swap_remove(at);
-                        c.device_reset();
-                        if let Some(reply) = reply {
-                            let _ = reply.send(*c);
-                        }
+                    if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
+                        e.guarded("reset", Controller::device_reset);
+                        e.removing = Some(reply);
                     }
                 }
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    for (_, c) in &mut ctrls {
-                        c.device_reset();
-                    }
+                    stop_all(ctrls);
                     return;
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
@@ -315,12 +379,31 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
         let check_ka = iter.is_multiple_of(KEEP_ALIVE_CHECK_EVERY);
         let mut work = 0;
         let mut ready = false;
-        for (_, c) in &mut ctrls {
+        let mut leaving = false;
+        for e in &mut ctrls {
             if check_ka {
-                c.check_keep_alive(Instant::now());
+                e.guarded("keep alive check", |c| c.check_keep_alive(Instant::now()));
             }
-            work += c.poll();
-            ready |= c.is_ready();
+            if !e.panicked || e.ctrl.is_quiescing() {
+                work += e
+                    .guarded("command processing", Controller::poll)
+                    .unwrap_or(0);
+            }
+            ready |= e.ctrl.is_ready() || e.ctrl.is_quiescing();
+            leaving |= e.settle();
+        }
+        if leaving {
+            let mut i = 0;
+            while i < ctrls.len() {
+                if ctrls[i].settle() {
+                    let e = ctrls.swap_remove(i);
+                    if let Some(Some(reply)) = e.removing {
+                        let _ = reply.send(*e.ctrl);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
         }
         if work > 0 {
             last_work = Instant::now();
@@ -353,10 +436,38 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
     }
 }
 
-fn handle(ctrl: &mut Controller, req: Request) {
+/// The reactor is going away: reset every controller and give their backends up to
+/// [`STOP_WAIT`] to answer. A controller whose requests are still out then is leaked rather
+/// than dropped: its buffers stay mapped for the backend that may still write them.
+fn stop_all(mut ctrls: Vec<Entry>) {
+    for e in &mut ctrls {
+        e.guarded("reset", Controller::device_reset);
+    }
+    let until = Instant::now() + STOP_WAIT;
+    while Instant::now() < until && ctrls.iter().any(|e| e.ctrl.is_quiescing()) {
+        for e in &mut ctrls {
+            if e.ctrl.is_quiescing() {
+                e.guarded("reset", Controller::poll);
+            }
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    for e in ctrls {
+        if e.ctrl.is_quiescing() {
+            log::error!(
+                "{}: backend requests still in flight at shutdown; their memory is kept",
+                e.ctrl.config().serial
+            );
+            std::mem::forget(e.ctrl);
+        }
+    }
+}
+
+fn handle(e: &mut Entry, req: Request) {
     match req {
         Request::ReadRegister { offset, len, reply } => {
-            let _ = reply.send(ctrl.read_register(offset, len));
+            let v = e.guarded("register read", |c| c.read_register(offset, len));
+            let _ = reply.send(v.unwrap_or(u64::MAX));
         }
         Request::WriteRegister {
             offset,
@@ -364,21 +475,24 @@ fn handle(ctrl: &mut Controller, req: Request) {
             len,
             reply,
         } => {
-            ctrl.write_register(offset, value, len);
+            e.guarded("register write", |c| c.write_register(offset, value, len));
             let _ = reply.send(());
         }
         Request::SetMsix { start, fds, reply } => {
-            ctrl.irqs.set_msix(start, fds);
+            e.ctrl.irqs.set_msix(start, fds);
             let _ = reply.send(());
         }
         Request::SetIntx { fd, reply } => {
-            ctrl.irqs.set_intx(fd);
+            e.ctrl.irqs.set_intx(fd);
             let _ = reply.send(());
         }
         Request::DeviceReset { reply } => {
-            ctrl.device_reset();
-            let _ = reply.send(());
+            e.guarded("reset", Controller::device_reset);
+            e.reset_replies.push(reply);
+            e.settle();
         }
-        Request::Run { f } => f(ctrl),
+        Request::Run { f } => {
+            e.guarded("management request", f);
+        }
     }
 }

@@ -39,9 +39,8 @@ unsafe impl Send for DmaMemory {}
 unsafe impl Sync for DmaMemory {}
 
 fn memfd(huge: bool) -> std::io::Result<OwnedFd> {
-    let flags = libc::MFD_CLOEXEC
-        | libc::MFD_ALLOW_SEALING
-        | if huge { libc::MFD_HUGETLB } else { 0 };
+    let flags =
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | if huge { libc::MFD_HUGETLB } else { 0 };
     // SAFETY: memfd_create with a static C string; result checked.
     let fd = unsafe { libc::memfd_create(c"vnvme-dma".as_ptr(), flags) };
     if fd < 0 {

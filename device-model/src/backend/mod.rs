@@ -159,7 +159,10 @@ pub(crate) mod tests {
             b.poll(&mut |t, s| got.push((t, s)));
         }
         got.sort_by_key(|g| g.0);
-        assert_eq!(got, vec![(HI | 2, Status::SUCCESS), (HI | 3, Status::SUCCESS)]);
+        assert_eq!(
+            got,
+            vec![(HI | 2, Status::SUCCESS), (HI | 3, Status::SUCCESS)]
+        );
         assert_eq!(back, data);
         b.write_zeroes(4096, 512).unwrap();
         let mut z = vec![1u8; 1024];

@@ -303,7 +303,8 @@ mod tests {
         // the file backend once packed tags into 40 bits: every handle but the first failed
         let dir = std::env::temp_dir().join(format!("vnvme-shared-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let f = crate::backend::file::FileBackend::open(&dir.join("ns.img"), Some(1 << 20)).unwrap();
+        let f =
+            crate::backend::file::FileBackend::open(&dir.join("ns.img"), Some(1 << 20)).unwrap();
         let mut h = SharedBackend::split(Box::new(f), 3);
         for handle in h.iter_mut().rev() {
             super::super::tests::exercise_with_tags(handle, 0x00ff_ffff_ffff_fff0);

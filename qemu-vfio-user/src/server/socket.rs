@@ -43,7 +43,10 @@ impl<'a> Deadline<'a> {
     /// After a read timed out: go on waiting, or give up with the reason.
     fn check(&self) -> io::Result<()> {
         if self.stop.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "server stopping"));
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "server stopping",
+            ));
         }
         if Instant::now() >= self.until {
             return Err(io::Error::new(
