@@ -110,6 +110,9 @@ impl Outcome {
 
 /// Commands fetched from one SQ per poll before moving on (fairness between queues).
 const FETCH_BUDGET: u32 = 64;
+/// Commands one controller has in flight at most, whatever its queue sizes: bounds the
+/// iovec storage (4 KiB each, [`crate::dptr::IoVecBlock`]) a guest can make us hold.
+pub const MAX_COMMANDS_IN_FLIGHT: usize = 1024;
 
 /// Commands the host has outstanding on the SQs that post to `cq`: not yet fetched, in
 /// flight, or completed but not yet consumed by the host.
@@ -163,6 +166,9 @@ pub struct Controller {
     qos_control: Arc<crate::qos::QosControl>,
     /// Reset and shutdown in progress, queues retired with requests still out.
     pub(crate) quiesce: crate::quiesce::Quiesce,
+    /// Iovec storage lent to commands in flight, and how many are in flight.
+    pub(crate) iov_pool: crate::dptr::IoVecPool,
+    commands_in_flight: usize,
 }
 
 impl std::fmt::Debug for Controller {
@@ -220,6 +226,8 @@ impl Controller {
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             quiesce: crate::quiesce::Quiesce::default(),
+            iov_pool: crate::dptr::IoVecPool::default(),
+            commands_in_flight: 0,
         }
     }
 
@@ -537,6 +545,7 @@ impl Controller {
         }
         self.active_sqs.clear();
         self.active_cqs.clear();
+        self.commands_in_flight = 0;
         self.reset_events();
         self.shadow = None;
         self.keep_alive_since = None;
@@ -690,6 +699,9 @@ impl Controller {
             if !sq.has_work() || sq.free.is_empty() {
                 break;
             }
+            if self.commands_in_flight >= MAX_COMMANDS_IN_FLIGHT {
+                break; // the rest waits in the SQ until commands complete
+            }
             // QoS holds I/O commands in the SQ until their tokens are there
             if qid != 0 && !self.qos.admit() {
                 break;
@@ -717,6 +729,7 @@ impl Controller {
                 self.qos.charge_op();
             }
             let slot = sq.free.pop().unwrap_or_default();
+            self.commands_in_flight += 1;
             let ctx = &mut sq.slots[slot as usize];
             ctx.cid = sqe.cid.get();
             ctx.opcode = sqe.opcode;
@@ -820,6 +833,10 @@ impl Controller {
         };
         let cid = ctx.cid;
         ctx.mem = None;
+        if let Some(block) = ctx.iov.take_storage() {
+            self.iov_pool.put(block);
+        }
+        self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
         let opcode = ctx.opcode;
         let nsid = ctx.nsid;
         sq.free.push(slot);

@@ -11,9 +11,43 @@ use crate::memory::MemoryMap;
 /// Most host segments one command may need after merging (Linux sends at most 128).
 pub const MAX_IOV: usize = 256;
 
+/// Storage for one command's iovecs (4 KiB). Command slots borrow one from their
+/// controller's pool only while a command is in flight, so daemon memory follows the cap on
+/// commands in flight, not the queue sizes a guest chooses.
+pub type IoVecBlock = Box<[libc::iovec; MAX_IOV]>;
+
+/// A new, empty iovec block.
+pub fn iovec_block() -> IoVecBlock {
+    Box::new(
+        [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV],
+    )
+}
+
+/// Spare iovec blocks of one controller (lent to commands while they are in flight).
+#[derive(Default)]
+pub struct IoVecPool(Vec<IoVecBlock>);
+
+// SAFETY: spare blocks hold no live pointers (a block's contents are dead once returned; the
+// next user overwrites them before use).
+unsafe impl Send for IoVecPool {}
+
+impl IoVecPool {
+    /// A block: a spare one, or a new one.
+    pub fn take(&mut self) -> IoVecBlock {
+        self.0.pop().unwrap_or_else(iovec_block)
+    }
+    /// Give a block back.
+    pub fn put(&mut self, block: IoVecBlock) {
+        self.0.push(block);
+    }
+}
+
 /// A command's data buffer as host iovecs over guest memory.
 pub struct IoVecs {
-    iov: Box<[libc::iovec; MAX_IOV]>,
+    iov: Option<IoVecBlock>,
     n: usize,
     len: u64,
 }
@@ -23,14 +57,10 @@ pub struct IoVecs {
 unsafe impl Send for IoVecs {}
 
 impl Default for IoVecs {
+    /// With storage of its own.
     fn default() -> Self {
         Self {
-            iov: Box::new(
-                [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_IOV],
-            ),
+            iov: Some(iovec_block()),
             n: 0,
             len: 0,
         }
@@ -47,6 +77,28 @@ impl std::fmt::Debug for IoVecs {
 }
 
 impl IoVecs {
+    /// Without storage: nothing can be pushed until [`IoVecs::give_storage`].
+    pub fn empty() -> Self {
+        Self {
+            iov: None,
+            n: 0,
+            len: 0,
+        }
+    }
+    /// True when it has storage to fill.
+    pub fn has_storage(&self) -> bool {
+        self.iov.is_some()
+    }
+    /// Lend it storage.
+    pub fn give_storage(&mut self, block: IoVecBlock) {
+        self.clear();
+        self.iov = Some(block);
+    }
+    /// Take its storage back (it is then empty).
+    pub fn take_storage(&mut self) -> Option<IoVecBlock> {
+        self.clear();
+        self.iov.take()
+    }
     /// Forget the current contents.
     pub fn clear(&mut self) {
         self.n = 0;
@@ -54,7 +106,7 @@ impl IoVecs {
     }
     /// The segments.
     pub fn as_slice(&self) -> &[libc::iovec] {
-        &self.iov[..self.n]
+        self.iov.as_deref().map_or(&[], |v| &v[..self.n])
     }
     /// Total bytes.
     pub fn len(&self) -> u64 {
@@ -69,8 +121,11 @@ impl IoVecs {
         if len == 0 {
             return Ok(());
         }
+        let Some(iov) = self.iov.as_deref_mut() else {
+            return Err(Status::INTERNAL_ERROR);
+        };
         if self.n > 0 {
-            let last = &mut self.iov[self.n - 1];
+            let last = &mut iov[self.n - 1];
             if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
                 last.iov_len += len as usize;
                 self.len += len;
@@ -80,7 +135,7 @@ impl IoVecs {
         if self.n == MAX_IOV {
             return Err(Status::INVALID_SGL_COUNT);
         }
-        self.iov[self.n] = libc::iovec {
+        iov[self.n] = libc::iovec {
             iov_base: base.cast(),
             iov_len: len as usize,
         };

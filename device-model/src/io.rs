@@ -102,6 +102,10 @@ impl Controller {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
         let ctx = &mut sq.slots[slot as usize];
+        if !ctx.iov.has_storage() {
+            let block = self.iov_pool.take();
+            ctx.iov.give_storage(block);
+        }
         if let Err(s) = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov) {
             return Outcome::status(s);
         }

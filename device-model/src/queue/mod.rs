@@ -104,7 +104,7 @@ impl CompletionQueue {
 }
 
 /// One in-flight command's context.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Slot {
     pub cid: u16,
     pub opcode: u8,
@@ -114,6 +114,19 @@ pub struct Slot {
     pub iov: IoVecs,
     /// Keeps the guest memory the iovecs point into mapped until completion.
     pub mem: Option<Arc<MemoryMap>>,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            cid: 0,
+            opcode: 0,
+            nsid: 0,
+            bytes: 0,
+            iov: IoVecs::empty(), // storage is lent per command (Controller::iov_pool)
+            mem: None,
+        }
+    }
 }
 
 /// A submission queue.
