@@ -411,7 +411,7 @@ impl Controller {
         self.quiesce.shutting_down = None;
         for ns in &mut self.namespaces {
             if let Err(s) = ns.backend.flush_sync() {
-                log::warn!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
+                crate::warn_limited!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
             }
         }
         self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
@@ -429,11 +429,15 @@ impl Controller {
             Some("CC.CSS selects an unsupported command set")
         } else if asqs < 2 || acqs < 2 {
             Some("AQA: admin queues need at least 2 entries")
+        } else if self.asq.checked_add(u64::from(asqs) * 64).is_none()
+            || self.acq.checked_add(u64::from(acqs) * 16).is_none()
+        {
+            Some("ASQ/ACQ: the admin queue wraps past the end of the address space")
         } else {
             None
         };
         if let Some(p) = problem {
-            log::warn!("{}: enable refused: {p}; setting CSTS.CFS", self.cfg.serial);
+            crate::warn_limited!("{}: enable refused: {p}; setting CSTS.CFS", self.cfg.serial);
             self.csts |= csts::CFS;
             return;
         }
@@ -602,7 +606,7 @@ impl Controller {
             if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
                 self.warned_doorbell = true;
                 bad_doorbell = true;
-                log::warn!(
+                crate::warn_limited!(
                     "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
                     self.cfg.serial,
                     cq.size,
@@ -675,7 +679,7 @@ impl Controller {
         );
         if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
             self.warned_doorbell = true;
-            log::warn!(
+            crate::warn_limited!(
                 "{}: invalid SQ {qid} tail doorbell {db} (size {})",
                 self.cfg.serial,
                 sq.size
@@ -716,7 +720,7 @@ impl Controller {
             let sqe = match sq.fetch(mem) {
                 Ok(s) => s,
                 Err(e) => {
-                    log::error!(
+                    crate::error_limited!(
                         "{}: SQ {qid} entry unreadable ({e}); controller fatal",
                         self.cfg.serial
                     );
@@ -779,7 +783,7 @@ impl Controller {
         let mut done = Vec::new();
         while self.namespaces[i].backend.in_flight() > 0 {
             if std::time::Instant::now() > deadline {
-                log::error!(
+                crate::error_limited!(
                     "{}: namespace {}: requests still in flight after 30 s",
                     self.cfg.serial,
                     self.namespaces[i].nsid
@@ -862,7 +866,7 @@ impl Controller {
                 status: status.cqe_bits().into(),
             };
             if let Err(e) = cq.post(mem, cqe) {
-                log::error!(
+                crate::error_limited!(
                     "{}: CQ {cqid} not writable ({e}); controller fatal",
                     self.cfg.serial
                 );

@@ -17,6 +17,7 @@ pub mod dptr;
 pub mod io;
 pub mod irq;
 pub mod irq_coalescing;
+pub mod log_limit;
 pub mod memory;
 pub mod memory_fault;
 pub mod namespace;

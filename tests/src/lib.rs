@@ -2,5 +2,6 @@
 
 pub mod fuzz;
 pub mod guest;
+pub mod hostile;
 pub mod nvme_client;
 pub mod shared_memory;

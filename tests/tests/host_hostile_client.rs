@@ -1,1 +1,575 @@
-//! stub
+//! Hostile vfio-user clients (issue 14, tenant isolation). Each test starts the daemon
+//! in-process with two controllers on ONE shared reactor: "a" is attacked, "b" is the
+//! neighbour. For every attack: the daemon survives (the test process is the daemon), the
+//! neighbour completes a verified I/O run with no error (during the attack where it can
+//! overlap), the attacked controller recovers (a new client brings it up and runs verified
+//! I/O) or reports CSTS.CFS, the attacker gets the exact error reply, and `stop()` returns
+//! promptly.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use host_driver::Controller;
+use host_driver::transport::vfio_user::VfioUserTransport;
+use vnvme::config::Config;
+use vnvme::daemon::Daemon;
+use vnvme::perf::{Pattern, PerfOptions, Report};
+use vnvme_tests::guest::TempDir;
+use vnvme_tests::hostile::{
+    BAR0, CSTS_CFS, CSTS_RDY, GUEST_MEM, Guest, INTX, MSIX, Raw, command, eventfd, header, memfd,
+    pipe, set_len,
+};
+use vnvme_tests::nvme_client::cmd;
+
+// ---------------------------------------------------------------------------------------
+// Helpers: the daemon, the neighbour's verified I/O run, recovery of the attacked controller.
+// ---------------------------------------------------------------------------------------
+
+/// A daemon with controllers "a" (attacked) and "b" (neighbour) on one shared reactor.
+struct Setup {
+    daemon: Daemon,
+    a: PathBuf,
+    b: PathBuf,
+    dir: TempDir,
+}
+
+const SERIAL_A: &str = "HOSTILE-A";
+const SERIAL_B: &str = "NEIGHBOUR-B";
+
+fn start(tag: &str) -> Setup {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let dir = TempDir::new(&format!("hostile-{tag}"));
+    let d = dir.path().display();
+    let text = format!(
+        "reactors = 1\n\
+         [[controller]]\nsocket = \"{d}/a.sock\"\nserial = \"{SERIAL_A}\"\n\
+         [[controller.namespace]]\nbackend = \"malloc:32M\"\n\
+         [[controller]]\nsocket = \"{d}/b.sock\"\nserial = \"{SERIAL_B}\"\n\
+         [[controller.namespace]]\nbackend = \"malloc:32M\"\n"
+    );
+    let cfg = Config::parse(&text, Path::new("hostile.toml")).unwrap();
+    let daemon = Daemon::start(&cfg).expect("daemon start");
+    Setup {
+        a: dir.path().join("a.sock"),
+        b: dir.path().join("b.sock"),
+        daemon,
+        dir,
+    }
+}
+
+impl Setup {
+    /// The daemon stops promptly (no thread is held by what a client did).
+    fn stop(self) {
+        let t = Instant::now();
+        self.daemon.stop().expect("daemon stop");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "stop took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// A host-driver controller on `sock` (as tests/host_driver.rs opens one).
+fn open(sock: &Path) -> Controller {
+    let t = VfioUserTransport::connect(sock).expect("connect");
+    Controller::new(Box::new(t), 16 << 20, 8).expect("bring-up")
+}
+
+/// A verified random read/write run on every namespace of `c`.
+fn verified_run(c: &mut Controller, duration: Duration) -> Report {
+    let opts = PerfOptions {
+        queue_depth: 8,
+        io_size: 4096,
+        pattern: Pattern::Randrw,
+        read_percent: 50,
+        duration,
+        workers: 1,
+        verify: true,
+    };
+    vnvme::perf::run(c, &opts, |_, _| {}).expect("perf run")
+}
+
+fn assert_clean(r: &Report, who: &str) {
+    let t = r.total();
+    assert!(t.ios > 0, "{who}: no I/O completed: {t:?}");
+    assert_eq!(t.errors, 0, "{who}: failed commands: {t:?}");
+    for j in &r.jobs {
+        assert_eq!(j.verify_failures, 0, "{who}: verify mismatches: {j:?}");
+    }
+}
+
+/// Run `attack` while the neighbour `b` runs ~1 s of verified I/O on its own connection
+/// (the attack starts once the neighbour's controller is up); the neighbour must be clean.
+fn during_neighbour_io<R>(b: &Path, attack: impl FnOnce() -> R) -> R {
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let b = b.to_owned();
+    let neighbour = std::thread::spawn(move || {
+        let mut c = open(&b);
+        assert_eq!(c.names().1, SERIAL_B);
+        up_tx.send(()).unwrap();
+        verified_run(&mut c, Duration::from_secs(1))
+    });
+    up_rx.recv().expect("neighbour bring-up");
+    let r = attack();
+    let report = neighbour.join().expect("neighbour thread");
+    assert_clean(&report, "neighbour b");
+    r
+}
+
+/// The attacked controller serves the next client: bring-up, Identify, verified I/O.
+fn assert_recovers(a: &Path) {
+    let mut c = open(a);
+    assert_eq!(c.names().1, SERIAL_A, "attacked controller identifies");
+    assert_clean(
+        &verified_run(&mut c, Duration::from_millis(300)),
+        "attacked controller after the attack",
+    );
+}
+
+/// After an attack that may legitimately kill controller `a`: it is either ready and
+/// working, or reports Controller Fatal Status.
+fn assert_ready_or_fatal(g: &mut Guest, what: &str) -> bool {
+    let csts = g.csts();
+    let fatal = csts & CSTS_CFS != 0;
+    assert!(
+        fatal || csts & CSTS_RDY != 0,
+        "{what}: CSTS {csts:#x}: neither ready nor fatal"
+    );
+    fatal
+}
+
+fn errno_of(f: impl FnOnce() -> i32) -> Option<i32> {
+    (f() != 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+// Admin commands (opcode, cdw10.., no data unless a PRP is given).
+fn get_features(fid: u32) -> [u8; 64] {
+    cmd(0x0a, 0, 0, &[fid])
+}
+fn set_features(fid: u32, cdw11: u32) -> [u8; 64] {
+    cmd(0x09, 0, 0, &[fid, cdw11])
+}
+const FID_KEEP_ALIVE: u32 = 0x0f;
+const FID_NUMBER_OF_QUEUES: u32 = 0x07;
+
+// ---------------------------------------------------------------------------------------
+// The attacks.
+// ---------------------------------------------------------------------------------------
+
+/// Attack: shrink, grow or re-seal the BAR0 doorbell memfd the server hands out, then ring
+/// every doorbell with garbage. Expected: every change of the file fails with EPERM (sealed
+/// SHRINK|GROW|SEAL), the file keeps its size, garbage doorbells leave the controller ready
+/// or fatal and it can be reset and used again.
+#[test]
+fn doorbell_memfd_is_sealed_and_garbage_doorbells_are_contained() {
+    let s = start("doorbell");
+    let mut g = Guest::connect(&s.a);
+    let fd = g.bar0_fd.as_raw_fd();
+    // SAFETY: fcntl F_GET_SEALS on a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    assert_eq!(seals & want, want, "seals {seals:#x}");
+    let size = std::fs::File::from(g.bar0_fd.try_clone().unwrap())
+        .metadata()
+        .unwrap()
+        .len();
+    during_neighbour_io(&s.b, || {
+        for len in [0, 0x1000, 1 << 30] {
+            let e = set_len(g.bar0_fd.as_fd(), len).expect_err("ftruncate of a sealed memfd");
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ftruncate to {len:#x}");
+        }
+        // SAFETY: fcntl F_ADD_SEALS with an integer argument on a descriptor we own.
+        let e = errno_of(|| unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) });
+        assert_eq!(e, Some(libc::EPERM), "F_SEAL_SEAL: no more seals");
+        let meta = std::fs::File::from(g.bar0_fd.try_clone().unwrap()).metadata();
+        assert_eq!(meta.unwrap().len(), size, "doorbell file keeps its size");
+
+        assert_eq!(g.identify_serial(), SERIAL_A);
+        for round in [u32::MAX, 0x8000_0000, 1000, 63] {
+            for i in 0..g.doorbell_count() {
+                g.ring(i, round.wrapping_add(i as u32));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ready_or_fatal(&mut g, "after garbage doorbells");
+        g.enable();
+        assert_eq!(g.identify_serial(), SERIAL_A, "after a reset");
+    });
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: DMA_MAP file descriptors that cannot back the announced range: a 4 KiB memfd
+/// announced as 1 GiB, a range past its end, a pipe, a socket, an eventfd, /dev/zero, a
+/// directory. Expected: each is refused with EINVAL; a regular file or memfd that holds the
+/// range is accepted (the check is about the backing, not the kind of file).
+#[test]
+fn dma_map_refuses_fds_that_cannot_back_the_range() {
+    let s = start("dmamap");
+    let small = memfd(c"small", 4096);
+    let (pipe_r, _pipe_w) = pipe();
+    let (sock, _peer) = UnixStream::pair().unwrap();
+    let efd = eventfd();
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let dir = std::fs::File::open(s.dir.path()).unwrap();
+    let file_path = s.dir.path().join("backing");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&file_path)
+        .unwrap();
+    file.set_len(8192).unwrap();
+    let mut raw = Raw::connect(&s.a);
+    during_neighbour_io(&s.b, || {
+        let iova = 1 << 32;
+        let bad: [(&str, RawFd, u64, u64); 7] = [
+            (
+                "4 KiB memfd announced as 1 GiB",
+                small.as_raw_fd(),
+                0,
+                1 << 30,
+            ),
+            ("range past the memfd's end", small.as_raw_fd(), 4096, 4096),
+            ("pipe", pipe_r.as_raw_fd(), 0, 4096),
+            ("socket", sock.as_raw_fd(), 0, 4096),
+            ("eventfd", efd.as_raw_fd(), 0, 4096),
+            ("/dev/zero", zero.as_raw_fd(), 0, 4096),
+            ("directory", dir.as_raw_fd(), 0, 4096),
+        ];
+        for (what, fd, offset, size) in bad {
+            let mut p = vnvme_tests::hostile::le32(&[32, 3]);
+            for v in [offset, iova, size] {
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+            let r = raw.request(command::DMA_MAP, &p, &[fd]);
+            assert_eq!(r.error(), Some(libc::EINVAL), "DMA_MAP of a {what}");
+        }
+        // what a well-behaved client maps is still accepted, then unmapped
+        assert_eq!(
+            raw.dma_map(Some(small.as_fd()), 0, iova, 4096).error(),
+            None
+        );
+        assert_eq!(
+            raw.dma_map(Some(file.as_fd()), 4096, iova + 4096, 4096)
+                .error(),
+            None
+        );
+        assert_eq!(raw.dma_unmap(iova, 8192).error(), None);
+        // the server still answers register reads
+        assert_eq!(raw.read32(0x8) >> 16, 1, "VS major version");
+    });
+    drop(raw);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: DMA_MAP a memfd properly, run the controller's queues in it with 500 writes in
+/// flight, then ftruncate the memfd to 0 and ring the admin and I/O doorbells again.
+/// Expected: the reactor (shared with the neighbour) faults on the lost pages and the
+/// daemon's SIGBUS containment maps zero pages over them (counted); the daemon lives, the
+/// neighbour is clean, controller a is ready or fatal and serves the next client.
+#[test]
+fn truncating_mapped_guest_memory_costs_only_the_client_that_did_it() {
+    let s = start("truncate");
+    let mut g = Guest::connect(&s.a);
+    g.create_io_queues();
+    let before = device_model::memory_fault::faults();
+    during_neighbour_io(&s.b, || {
+        g.queue_writes(500);
+        g.truncate_memory();
+        for tail in 1..=5 {
+            g.ring(0, tail); // admin SQEs now read from a hole
+        }
+        g.ring(2, 600); // and more I/O SQEs
+        std::thread::sleep(Duration::from_millis(200));
+        let fatal = assert_ready_or_fatal(&mut g, "after the truncation");
+        eprintln!("controller a after losing its memory: fatal = {fatal}");
+    });
+    let faults = device_model::memory_fault::faults() - before;
+    assert!(faults > 0, "the daemon never touched the truncated memory");
+    eprintln!("{faults} lost pages replaced by zero pages");
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: SET_IRQS with a pipe, a regular file or a socket as the interrupt "eventfd"
+/// (MSI-X vector 0 and INTx); then a real eventfd whose counter the client fills to its
+/// maximum and never reads, and 800 admin commands that each signal it.
+/// Expected: the non-eventfds are refused with EINVAL; the eventfd is accepted and made
+/// non-blocking, so the reactor drops signals instead of blocking in write(): the admin
+/// commands all complete and the neighbour on the same reactor stays clean.
+#[test]
+fn interrupt_fds_must_be_eventfds_and_a_full_one_never_blocks_the_reactor() {
+    let s = start("irq");
+    let mut g = Guest::connect(&s.a);
+    let (_pipe_r, pipe_w) = pipe();
+    let file = memfd(c"not-an-eventfd", 4096);
+    let (sock, _peer) = UnixStream::pair().unwrap();
+    for (what, fd) in [
+        ("pipe", pipe_w.as_raw_fd()),
+        ("regular file", file.as_raw_fd()),
+        ("socket", sock.as_raw_fd()),
+    ] {
+        for (index, start) in [(MSIX, 0), (INTX, 0)] {
+            let r = g.raw.set_irqs(index, start, &[fd]);
+            assert_eq!(
+                r.error(),
+                Some(libc::EINVAL),
+                "SET_IRQS {index} with a {what}"
+            );
+        }
+    }
+
+    let efd = eventfd();
+    assert_eq!(g.raw.set_irqs(MSIX, 0, &[efd.as_raw_fd()]).error(), None);
+    // SAFETY: fcntl F_GETFL on a descriptor we own.
+    let fl = unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_GETFL) };
+    assert_ne!(
+        fl & libc::O_NONBLOCK,
+        0,
+        "the server made the eventfd non-blocking"
+    );
+    assert!(g.admin(get_features(FID_NUMBER_OF_QUEUES)).ok());
+    assert!(
+        read_counter(&efd) >= 1,
+        "admin completions interrupt on vector 0"
+    );
+    let full = u64::MAX - 1;
+    // SAFETY: writing 8 bytes from a local u64 to our eventfd.
+    let n = unsafe { libc::write(efd.as_raw_fd(), (&raw const full).cast(), 8) };
+    assert_eq!(n, 8, "eventfd counter filled");
+
+    during_neighbour_io(&s.b, || {
+        for i in 0..800 {
+            let c = g.admin(get_features(FID_NUMBER_OF_QUEUES));
+            assert!(
+                c.ok(),
+                "admin command {i} with a full interrupt eventfd: {c:?}"
+            );
+        }
+    });
+    assert_eq!(
+        read_counter(&efd),
+        full,
+        "the counter never moved past its maximum"
+    );
+    assert_eq!(g.csts() & (CSTS_RDY | CSTS_CFS), CSTS_RDY);
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// The eventfd counter (resets it); 0 when it is zero.
+fn read_counter(fd: &OwnedFd) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a local u64 from a non-blocking eventfd we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+    if n == 8 { v } else { 0 }
+}
+
+/// Attack: Set Features Keep Alive Timer with KATO = FFFFFFFFh (about 50 days), the value
+/// most likely to overflow a timer computed in 32 bits or rounded up to 100 ms.
+/// Expected: success; Get Features reports it (at least the largest 100 ms multiple below
+/// 2^32, not a wrapped small value); the controller does not go fatal within 1.2 s without a
+/// Keep Alive, and admin commands keep working.
+#[test]
+fn keep_alive_timeout_ffffffff_does_not_overflow_into_a_fatal_controller() {
+    let s = start("kato");
+    let mut g = Guest::connect(&s.a);
+    let c = g.admin(set_features(FID_KEEP_ALIVE, u32::MAX));
+    assert!(c.ok(), "Set Features KATO FFFFFFFFh: {c:?}");
+    let c = g.admin(get_features(FID_KEEP_ALIVE));
+    assert!(c.ok(), "Get Features KATO: {c:?}");
+    assert!(c.dw0 >= 4_294_967_200, "KATO read back as {:#x}", c.dw0);
+    during_neighbour_io(&s.b, || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(1200) {
+            assert_eq!(g.csts() & CSTS_CFS, 0, "fatal after {:?}", t.elapsed());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    assert_eq!(g.csts() & (CSTS_RDY | CSTS_CFS), CSTS_RDY);
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: a header announcing a 1 MiB message followed by 100 bytes, then silence with the
+/// socket held open; later the same on a new connection and the daemon is stopped.
+/// Expected: the neighbour works meanwhile; the server drops the connection after its 5 s
+/// message deadline (the attacker reads EOF within 3..8 s) and serves the next client; with
+/// a half-sent message pending, `stop()` returns within a few seconds.
+#[test]
+fn a_half_sent_message_neither_holds_the_connection_nor_blocks_stop() {
+    let s = start("halfsent");
+    let mut raw = Raw::connect(&s.a);
+    let mut m = header(7, command::REGION_WRITE, 1 << 20).to_vec();
+    m.extend_from_slice(&[0xa5; 100]);
+    let wedge = |raw: &mut Raw| {
+        vnvme_tests::hostile::send_with_fds(&raw.stream, &m, &[]).expect("send the half");
+        Instant::now()
+    };
+    let t = wedge(&mut raw);
+    during_neighbour_io(&s.b, || {
+        raw.stream
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        let r = std::io::Read::read(&mut raw.stream, &mut b);
+        let waited = t.elapsed();
+        match r {
+            Ok(0) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+            other => panic!("after {waited:?}: expected the server to close, got {other:?}"),
+        }
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
+            "connection dropped after {waited:?}"
+        );
+    });
+    drop(raw);
+    assert_recovers(&s.a);
+
+    let mut raw = Raw::connect(&s.a);
+    wedge(&mut raw);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    s.daemon.stop().expect("stop");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    eprintln!("stop with a half-sent message pending: {:?}", t.elapsed());
+}
+
+/// Attack: one message carrying more fds than the max_msg_fds the server advertised
+/// (SET_IRQS with as many eventfds as vectors, so only the fd count is wrong).
+/// Expected: an error reply (EINVAL), and the server keeps serving: a SET_IRQS with exactly
+/// max_msg_fds eventfds is accepted and the controller still works.
+#[test]
+fn more_fds_than_advertised_are_refused() {
+    let s = start("fds");
+    let mut g = Guest::connect(&s.a);
+    let max = g.raw.max_msg_fds;
+    assert!(max >= 1);
+    during_neighbour_io(&s.b, || {
+        for n in [max + 1, max + 2, max + 16, 253] {
+            let fds: Vec<OwnedFd> = (0..n).map(|_| eventfd()).collect();
+            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            let r = g.raw.set_irqs(MSIX, 0, &raw);
+            assert_eq!(
+                r.error(),
+                Some(libc::EINVAL),
+                "SET_IRQS with {n} fds (max {max})"
+            );
+        }
+        let fds: Vec<OwnedFd> = (0..max).map(|_| eventfd()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        assert_eq!(
+            g.raw.set_irqs(MSIX, 0, &raw).error(),
+            None,
+            "exactly max_msg_fds"
+        );
+        assert_eq!(g.identify_serial(), SERIAL_A);
+    });
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: DMA_MAP one region more than the max_dma_maps the server advertised (4 KiB
+/// regions of one memfd at distinct IOVAs; the limit comes from RLIMIT_NOFILE).
+/// Expected: every map up to the limit succeeds, the next one (with or without an fd) is
+/// refused with EINVAL, unmapping them all frees the budget; the neighbour is clean.
+#[test]
+fn dma_maps_past_max_dma_maps_are_refused() {
+    let s = start("maxmaps");
+    let mut raw = Raw::connect(&s.a);
+    let limit = raw.max_dma_maps;
+    assert!((1..=4096).contains(&limit), "max_dma_maps {limit}");
+    let fd = memfd(c"page", 4096);
+    let iova = |i: usize| (1u64 << 32) + i as u64 * 0x10000;
+    during_neighbour_io(&s.b, || {
+        for i in 0..limit {
+            let r = raw.dma_map(Some(fd.as_fd()), 0, iova(i), 4096);
+            assert_eq!(r.error(), None, "map {i} of {limit}");
+        }
+        let r = raw.dma_map(Some(fd.as_fd()), 0, iova(limit), 4096);
+        assert_eq!(
+            r.error(),
+            Some(libc::EINVAL),
+            "map {limit}: one past max_dma_maps"
+        );
+        let r = raw.dma_map(None, 0, iova(limit), 4096);
+        assert_eq!(
+            r.error(),
+            Some(libc::EINVAL),
+            "fd-less map past max_dma_maps"
+        );
+        for i in 0..limit {
+            assert_eq!(raw.dma_unmap(iova(i), 4096).error(), None, "unmap {i}");
+        }
+        assert_eq!(
+            raw.dma_map(Some(fd.as_fd()), 0, iova(limit), 4096).error(),
+            None
+        );
+        assert_eq!(raw.dma_unmap(iova(limit), 4096).error(), None);
+    });
+    drop(raw);
+    assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: DMA_UNMAP the region that holds the admin and I/O queues while 1000 writes are in
+/// flight on the I/O queue. Expected: the unmap succeeds (it is the client's memory), the
+/// daemon lives, the neighbour is clean, controller a is ready or fatal and can be reset
+/// (CC.EN = 0 clears CSTS.RDY), then, with its memory mapped again, enabled and used.
+#[test]
+fn unmapping_the_queues_under_io_is_contained() {
+    let s = start("unmap");
+    let mut g = Guest::connect(&s.a);
+    g.create_io_queues();
+    during_neighbour_io(&s.b, || {
+        g.queue_writes(1000);
+        assert_eq!(g.raw.dma_unmap(0, GUEST_MEM).error(), None, "DMA_UNMAP");
+        let (posted, failed) = g.io_completions();
+        eprintln!("at the unmap: {posted} of 1000 writes completed, {failed} failed");
+        g.ring(0, 4); // an admin command from memory that is no longer mapped
+        std::thread::sleep(Duration::from_millis(100));
+        let fatal = assert_ready_or_fatal(&mut g, "after the unmap");
+        eprintln!("controller a after the unmap: fatal = {fatal}");
+        assert!(
+            g.disable(Duration::from_secs(5)),
+            "CSTS.RDY stuck after CC.EN = 0"
+        );
+        assert_eq!(g.remap().error(), None, "DMA_MAP again");
+        g.enable();
+        assert_eq!(g.identify_serial(), SERIAL_A);
+        g.create_io_queues();
+        g.queue_writes(10);
+        let t = Instant::now();
+        while g.io_completions().0 < 10 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                g.io_completions()
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(g.io_completions(), (10, 0), "writes after the reset");
+    });
+    // the server still answers on the attacker's connection
+    assert_eq!(g.raw.region_read(BAR0, 0x8, 4)[2], 1, "VS major version");
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop();
+}

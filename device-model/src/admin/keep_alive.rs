@@ -33,7 +33,7 @@ impl Controller {
         let limit = u64::from(kato.div_ceil(KEEP_ALIVE_GRANULARITY_MS))
             * u64::from(KEEP_ALIVE_GRANULARITY_MS);
         if now.saturating_duration_since(since) > Duration::from_millis(limit) {
-            log::error!(
+            crate::error_limited!(
                 "{}: keep alive timer expired (KATO {kato} ms without Keep Alive); controller fatal",
                 self.cfg.serial
             );

@@ -115,7 +115,7 @@ impl FileBackend {
         let ring = match IoUring::new(RING_ENTRIES) {
             Ok(r) => Some(r),
             Err(e) => {
-                log::warn!(
+                crate::warn_limited!(
                     "{}: io_uring unavailable ({e}); using synchronous I/O",
                     path.display()
                 );
@@ -193,7 +193,7 @@ impl FileBackend {
 /// Map a syscall / io_uring result to an NVMe status.
 fn io_status(res: i64, expect: u64, op: IoOp) -> Status {
     if res < 0 || (res as u64) != expect {
-        log::warn!("file backend: {op:?} returned {res}, expected {expect}");
+        crate::warn_limited!("file backend: {op:?} returned {res}, expected {expect}");
         return match op {
             IoOp::Read => Status::UNRECOVERED_READ_ERROR,
             _ => Status::WRITE_FAULT,
@@ -291,7 +291,7 @@ impl Backend for FileBackend {
         };
         if self.unsubmitted > 0 {
             if let Err(e) = ring.submit() {
-                log::warn!("io_uring submit: {e}");
+                crate::warn_limited!("io_uring submit: {e}");
             } else {
                 self.unsubmitted = 0;
             }
@@ -304,7 +304,7 @@ impl Backend for FileBackend {
             self.free_slots.push(ud);
             let res = i64::from(cqe.result());
             let st = if res < 0 || res as u64 != expect {
-                log::warn!(
+                crate::warn_limited!(
                     "{}: I/O returned {res}, expected {expect}",
                     self.path.display()
                 );

@@ -86,13 +86,13 @@ impl CompletionQueue {
     /// Write `cqe` at the tail with the current phase; the status/phase half is written last
     /// so the host never sees a new phase with stale contents.
     pub fn post(&mut self, mem: &MemoryMap, mut cqe: Completion) -> Result<(), AccessError> {
-        let addr = self.base + u64::from(self.tail) * 16;
+        let addr = self.base.wrapping_add(u64::from(self.tail) * 16); // unmapped if it wraps
         let status = cqe.status.get() & !1 | u16::from(self.phase);
         cqe.status = status.into();
         let bytes = cqe.as_bytes();
         mem.write(addr, &bytes[..14])?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.write(addr + 14, &bytes[14..])?;
+        mem.write(addr.wrapping_add(14), &bytes[14..])?;
         self.tail += 1;
         if self.tail == self.size {
             self.tail = 0;
@@ -189,7 +189,7 @@ impl SubmissionQueue {
     /// Read the entry at head and advance head.
     pub fn fetch(&mut self, mem: &MemoryMap) -> Result<Submission, AccessError> {
         let mut raw = [0u8; 64];
-        mem.read(self.base + u64::from(self.head) * 64, &mut raw)?;
+        mem.read(self.base.wrapping_add(u64::from(self.head) * 64), &mut raw)?;
         self.head = (self.head + 1) % self.size;
         Ok(Submission::read_from_bytes(&raw).unwrap_or_default())
     }

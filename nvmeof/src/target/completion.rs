@@ -48,12 +48,16 @@ impl Target {
             return;
         };
         let Some(s) = q.slots.get(slot as usize).copied() else {
-            log::warn!("nvme-tcp target: completion for slot {slot} the target never used");
+            device_model::warn_limited!(
+                "nvme-tcp target: completion for slot {slot} the target never used"
+            );
             return;
         };
         let status = Status::from_cqe_bits(cqe.status.get());
         match s.owner {
-            Owner::Free => log::warn!("nvme-tcp target: completion for free slot {slot}"),
+            Owner::Free => {
+                device_model::warn_limited!("nvme-tcp target: completion for free slot {slot}")
+            }
             Owner::Host { cid } => {
                 let conn = q.conn;
                 // the slot's buffer goes straight into the connection's send buffer
@@ -147,7 +151,9 @@ impl Target {
             }
             self.respond(conn, cid, Status::SUCCESS, u64::from(cntlid));
         } else {
-            log::warn!("nvme-tcp target: creating I/O queue {qid} failed: {status:?}");
+            device_model::warn_limited!(
+                "nvme-tcp target: creating I/O queue {qid} failed: {status:?}"
+            );
             if let Some(a) = self.exports[e].assoc.as_mut() {
                 a.queues[qid as usize] = None;
             }

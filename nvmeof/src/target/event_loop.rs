@@ -127,7 +127,7 @@ impl Target {
                 match l.accept() {
                     Ok((sock, peer)) => {
                         if self.conns.iter().flatten().count() >= MAX_CONNECTIONS {
-                            log::warn!(
+                            device_model::warn_limited!(
                                 "nvme-tcp target: {peer}: {MAX_CONNECTIONS} connections already; refused"
                             );
                             drop(sock);
@@ -150,12 +150,12 @@ impl Target {
                                 }
                                 n += 1;
                             }
-                            Err(e) => log::warn!("nvme-tcp target: {peer}: {e}"),
+                            Err(e) => device_model::warn_limited!("nvme-tcp target: {peer}: {e}"),
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        log::warn!("nvme-tcp target: accept: {e}");
+                        device_model::warn_limited!("nvme-tcp target: accept: {e}");
                         break;
                     }
                 }
@@ -314,7 +314,7 @@ impl Target {
     /// A PDU broke the protocol: C2HTermReq, close, and end the association it served.
     pub fn fatal(&mut self, i: usize, fes: u16, fei: u32, what: &str) {
         if let Some(c) = self.conns[i].as_mut() {
-            log::warn!(
+            device_model::warn_limited!(
                 "nvme-tcp target: {}: {what}; terminating the connection",
                 c.stream.peer()
             );

@@ -198,7 +198,9 @@ impl Target {
         let e = pick.unwrap_or(first);
         let ex = &self.exports[e];
         if !ex.spec.allowed_hosts.is_empty() && !ex.spec.allowed_hosts.contains(&hostnqn) {
-            log::warn!("nvme-tcp target: host {hostnqn} is not allowed on {subnqn}");
+            device_model::warn_limited!(
+                "nvme-tcp target: host {hostnqn} is not allowed on {subnqn}"
+            );
             return Some((
                 Status::dnr(sct::COMMAND_SPECIFIC, connect_status::INVALID_HOST),
                 0,

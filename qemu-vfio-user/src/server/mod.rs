@@ -116,7 +116,7 @@ impl Server {
                             self.path.display()
                         ),
                         Ok(End::Stopped) => break,
-                        Err(e) => log::warn!(
+                        Err(e) => device_model::warn_limited!(
                             "vfio-user: connection on {} ended: {e}",
                             self.path.display()
                         ),
@@ -146,7 +146,7 @@ impl Server {
                 self.next = Some(extra);
                 return true;
             }
-            log::warn!(
+            device_model::warn_limited!(
                 "vfio-user: {} already has a client; refusing another",
                 self.path.display()
             );
@@ -187,7 +187,9 @@ impl Server {
                     }
                     socket::discard(stream, declared, &deadline)?;
                     if matches!(e, ProtocolError::NotACommand(_)) {
-                        log::warn!("vfio-user: ignoring message that is not a command: {e}");
+                        device_model::warn_limited!(
+                            "vfio-user: ignoring message that is not a command: {e}"
+                        );
                     } else {
                         reply_error(stream, &header, &e.to_string(), e.errno())?;
                     }
@@ -297,7 +299,7 @@ impl Server {
 }
 
 fn reply_error(stream: &UnixStream, header: &Header, what: &str, errno: i32) -> io::Result<()> {
-    log::warn!(
+    device_model::warn_limited!(
         "vfio-user: command {} (id {}) refused: {what} (errno {errno})",
         header.command.get(),
         header.msg_id.get()
