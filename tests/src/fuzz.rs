@@ -395,3 +395,286 @@ pub fn nvme_tcp_pdu_seeds() -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// A backend that answers late: each request is held for `delay` polls and only then
+/// performed on the RAM backend behind it (so a read writes guest memory at completion
+/// time, as a remote or device backend does). A request whose memory was freed under it
+/// (a reset, a DMA unmap) is a use-after-unmap the sanitizer reports.
+struct LateBackend {
+    inner: MallocBackend,
+    held: Vec<Held>,
+    delay: u32,
+}
+
+struct Held {
+    tag: u64,
+    op: device_model::backend::IoOp,
+    offset: u64,
+    iov: Vec<libc::iovec>,
+    polls_left: u32,
+}
+
+// SAFETY: the held iovecs point into guest memory the controller keeps mapped (its command
+// slot's memory snapshot) until this backend completes the request; one thread uses them.
+unsafe impl Send for LateBackend {}
+
+impl device_model::backend::Backend for LateBackend {
+    fn describe(&self) -> String {
+        "late".into()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(
+        &mut self,
+        req: &device_model::backend::IoRequest<'_>,
+    ) -> Result<(), nvme_spec::Status> {
+        self.held.push(Held {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            iov: req.iov.to_vec(),
+            polls_left: self.delay,
+        });
+        Ok(())
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, nvme_spec::Status)) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].polls_left > 0 {
+                self.held[i].polls_left -= 1;
+                i += 1;
+                continue;
+            }
+            let h = self.held.swap_remove(i);
+            let r = self.inner.submit(&device_model::backend::IoRequest {
+                tag: h.tag,
+                op: h.op,
+                offset: h.offset,
+                iov: &h.iov,
+            });
+            match r {
+                Ok(()) => n += self.inner.poll(done),
+                Err(s) => {
+                    done(h.tag, s);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.held.len() + self.inner.in_flight()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), nvme_spec::Status> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), nvme_spec::Status> {
+        self.inner.read_sync(offset, buf)
+    }
+    fn flush_sync(&mut self) -> Result<(), nvme_spec::Status> {
+        Ok(())
+    }
+}
+
+/// Guest memory of the controller harness: two regions the input maps and unmaps.
+const REGION: u64 = 256 << 10;
+
+/// The whole controller as a guest and its vfio-user client drive it: BAR0 register writes,
+/// doorbells, SQEs and shadow doorbell values written into guest memory, DMA map and unmap
+/// of the memory the queues live in, device resets, Keep Alive checks at fuzzer-chosen
+/// times, all while a late-answering backend holds I/O in flight. Input: a stream of ops
+/// (one byte each plus arguments, see the match). Invariants: nothing panics; a final
+/// device reset finishes and every retired request drains within a bounded number of polls.
+/// Returns how many resets found requests in flight (so seeds can show they reach them).
+pub fn controller_ops(data: &[u8]) -> u32 {
+    let mut resets_under_io = 0;
+    use std::time::{Duration, Instant};
+    let (fd_a, view_a) = controller_memory();
+    let mem = Arc::new(GuestMemory::new());
+    let rw = Protection {
+        read: true,
+        write: true,
+    };
+    let doorbells = Arc::new(Doorbells::new().expect("doorbells"));
+    let backend = LateBackend {
+        inner: MallocBackend::new(1 << 20).expect("malloc backend"),
+        held: Vec::new(),
+        delay: 3,
+    };
+    let ns = device_model::Namespace::new(1, Box::new(backend), 9, "FUZZ");
+    let cfg = ControllerConfig {
+        serial: "FUZZOPS".into(),
+        max_io_queues: 4,
+        ..ControllerConfig::default()
+    };
+    let mut ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), vec![ns]);
+    let _ = mem.map_fd(0, REGION, fd_a.as_fd(), 0, rw);
+    // SAFETY: view_a is our REGION-byte mapping of the same memfd; cleared for this input.
+    unsafe { std::ptr::write_bytes(view_a, 0, REGION as usize) };
+    let write_mem = |off: u64, bytes: &[u8]| {
+        let off = off % REGION;
+        let n = bytes.len().min((REGION - off) as usize);
+        // SAFETY: off + n <= REGION, inside our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), view_a.add(off as usize), n) };
+    };
+    let mut rd = Reader(data);
+    let regs = [
+        0x0c, 0x10, 0x14, 0x1c, 0x20, 0x24, 0x28, 0x2c, 0x30, 0x34, 0x38,
+    ];
+    while let Some(op) = rd.u8() {
+        match op % 12 {
+            0 => {
+                let off = regs[usize::from(rd.u8().unwrap_or(0)) % regs.len()];
+                let v = rd.u64().unwrap_or(0);
+                let len = if rd.u8().unwrap_or(0) & 1 == 0 { 4 } else { 8 };
+                ctrl.write_register(off, v, len);
+            }
+            1 => {
+                let i = usize::from(rd.u8().unwrap_or(0) % 10);
+                doorbells.store(i, u32::from(rd.u16().unwrap_or(0)));
+            }
+            2 => {
+                // an SQE into one of the queue pages (admin SQ at 0, I/O SQ 1 at 0x2000)
+                let slot = u64::from(rd.u8().unwrap_or(0) % 64);
+                let page = if rd.u8().unwrap_or(0) & 1 == 0 {
+                    0
+                } else {
+                    0x2000
+                };
+                write_mem(page + slot * 64, rd.take(64));
+            }
+            3 => {
+                for _ in 0..=rd.u8().unwrap_or(0) % 8 {
+                    ctrl.poll();
+                }
+            }
+            4 => {
+                // the client takes its memory away, or gives it back, or maps garbage
+                match rd.u8().unwrap_or(0) % 4 {
+                    0 => {
+                        let _ = mem.unmap(0, REGION);
+                    }
+                    1 => {
+                        let _ = mem.map_fd(0, REGION, fd_a.as_fd(), 0, rw);
+                    }
+                    2 => {
+                        let _ = mem.map_fd(rd.u64().unwrap_or(0), REGION * 4, fd_a.as_fd(), 0, rw);
+                    }
+                    _ => mem.clear(),
+                }
+            }
+            5 => {
+                if rd.u8().unwrap_or(0) & 1 == 0 {
+                    ctrl.device_reset();
+                } else {
+                    ctrl.reset();
+                }
+                resets_under_io += u32::from(ctrl.is_resetting());
+            }
+            6 => {
+                let ms = u64::from(rd.u16().unwrap_or(0)) * 100;
+                ctrl.check_keep_alive(Instant::now() + Duration::from_millis(ms));
+            }
+            7 => {
+                // a well-formed enable and I/O queue pair 1, to reach deep states quickly
+                ctrl.write_register(0x14, 0, 4);
+                for _ in 0..64 {
+                    if !ctrl.is_resetting() {
+                        break;
+                    }
+                    ctrl.poll();
+                }
+                ctrl.write_register(0x24, u64::from(((QSIZE - 1) << 16) | (QSIZE - 1)), 4);
+                ctrl.write_register(0x28, ASQ, 8);
+                ctrl.write_register(0x30, ACQ, 8);
+                ctrl.write_register(0x14, (6 << 16) | (4 << 20) | 1, 4);
+                write_mem(ASQ, &sqe(0x05, 0xf001, IOCQ, ((QSIZE - 1) << 16) | 1, 1));
+                write_mem(
+                    ASQ + 64,
+                    &sqe(0x01, 0xf002, IOSQ, ((QSIZE - 1) << 16) | 1, (1 << 16) | 1),
+                );
+                doorbells.store(0, 2);
+                ctrl.poll();
+            }
+            8 => {
+                // shadow doorbell / EventIdx pages live at 0x8000 / 0x9000 if configured
+                let off = 0x8000 + u64::from(rd.u8().unwrap_or(0) % 32) * 4;
+                write_mem(off, &rd.u16().unwrap_or(0).to_le_bytes());
+            }
+            9 => {
+                // a read or write of fuzzer-chosen LBAs through a PRP into region A
+                let slot = u64::from(rd.u8().unwrap_or(0) % 63);
+                let opcode = if rd.u8().unwrap_or(0) & 1 == 0 {
+                    0x01
+                } else {
+                    0x02
+                };
+                let mut s = sqe(opcode, 0x100 + slot as u16, 0x10000 + slot * 0x1000, 0, 0);
+                s[4..8].copy_from_slice(&1u32.to_le_bytes());
+                s[48..52].copy_from_slice(&u32::from(rd.u8().unwrap_or(0) % 8).to_le_bytes());
+                write_mem(IOSQ + slot * 64, &s);
+                doorbells.store(2, (slot as u32 + 1) % QSIZE);
+            }
+            10 => {
+                // Doorbell Buffer Config pointing at the shadow pages
+                write_mem(
+                    ASQ + 2 * 64,
+                    &with_prp2(sqe(0x7c, 0xf003, 0x8000, 0, 0), 0x9000),
+                );
+                doorbells.store(0, 3);
+            }
+            _ => {
+                let _ = ctrl.read_register(u64::from(rd.u8().unwrap_or(0)) * 4, 4);
+            }
+        }
+    }
+    // a final device reset always finishes, and retired requests drain
+    ctrl.device_reset();
+    for _ in 0..1000 {
+        if !ctrl.is_quiescing() {
+            break;
+        }
+        ctrl.poll();
+    }
+    assert!(!ctrl.is_resetting(), "device reset never finished");
+    assert!(!ctrl.is_quiescing(), "retired requests never drained");
+    resets_under_io
+}
+
+fn with_prp2(mut s: [u8; 64], prp2: u64) -> [u8; 64] {
+    s[32..40].copy_from_slice(&prp2.to_le_bytes());
+    s
+}
+
+/// The memfd behind [`controller_ops`]' region (one per process, cleared per input).
+fn controller_memory() -> (std::os::fd::BorrowedFd<'static>, *mut u8) {
+    struct Mem(std::os::fd::OwnedFd, usize);
+    static M: OnceLock<Mem> = OnceLock::new();
+    let m = M.get_or_init(|| {
+        let (fd, view) = crate::shared_memory::shared_memory(c"fuzz-ops", REGION);
+        Mem(fd, view as usize)
+    });
+    (m.0.as_fd(), m.1 as *mut u8)
+}
+
+/// Reads the fuzz input as little-endian fields; past the end everything is absent.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let (a, b) = self.0.split_at(n.min(self.0.len()));
+        self.0 = b;
+        a
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).first().copied()
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).try_into().ok().map(u16::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).try_into().ok().map(u64::from_le_bytes)
+    }
+}

@@ -46,10 +46,10 @@ impl Target {
         while !stop.load(Ordering::Acquire) {
             let mut work = self.accept();
             for i in 0..self.conns.len() {
-                work += self.service(i);
+                work += self.contained(i, None, |t| t.service(i));
             }
             for e in 0..self.exports.len() {
-                work += self.reap(e);
+                work += self.contained(usize::MAX, Some(e), |t| t.reap(e));
             }
             if last_kato.elapsed() >= KATO_CHECK {
                 last_kato = Instant::now();
@@ -321,6 +321,34 @@ impl Target {
             c.stream.terminate(fes, fei, true);
         }
         self.close(i, what);
+    }
+
+    /// Run `f` for connection `conn` (or export `export`); a panic in it ends that
+    /// connection and its association, logged once, and the target serves the others on.
+    fn contained(
+        &mut self,
+        conn: usize,
+        export: Option<usize>,
+        f: impl FnOnce(&mut Self) -> usize,
+    ) -> usize {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(n) => n,
+            Err(cause) => {
+                let msg = cause
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| cause.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                device_model::error_limited!(
+                    "nvme-tcp target: panic while serving a connection ({msg}); it is closed"
+                );
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match export {
+                    Some(e) => self.end_association(e, "internal error"),
+                    None => self.close(conn, "internal error"),
+                }));
+                1
+            }
+        }
     }
 
     /// Close connection `i`; an association it belongs to ends with it.
