@@ -674,7 +674,269 @@ impl<'a> Reader<'a> {
     fn u16(&mut self) -> Option<u16> {
         self.take(2).try_into().ok().map(u16::from_le_bytes)
     }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).try_into().ok().map(u32::from_le_bytes)
+    }
     fn u64(&mut self) -> Option<u64> {
         self.take(8).try_into().ok().map(u64::from_le_bytes)
     }
+}
+
+/// The NVMe/TCP target the [`nvme_tcp_target`] harness talks to (one per process). Any
+/// panic in the process aborts it: the target contains a panic to one connection in
+/// production, which would hide findings here.
+fn tcp_target() -> std::net::SocketAddr {
+    static T: OnceLock<(Mutex<vnvme::daemon::Daemon>, std::net::SocketAddr)> = OnceLock::new();
+    T.get_or_init(|| {
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("panic: {info}");
+            std::process::abort();
+        }));
+        let cfg = vnvme::config::Config::parse(
+            "[[controller]]\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"nqn.fuzz.tcp\"\n\
+             [[controller.namespace]]\nbackend = \"malloc:4M\"\n",
+            std::path::Path::new("fuzz-tcp.toml"),
+        )
+        .expect("fuzz target config");
+        let d = vnvme::daemon::Daemon::start(&cfg).expect("fuzz target");
+        let a = d.tcp_addrs()[0];
+        (Mutex::new(d), a)
+    })
+    .1
+}
+
+/// The NVMe/TCP target's state machine from the network: ICReq, then a stream of PDUs
+/// built from the input (structure-aware, so Connect, R2T/H2CData, CIDs, Keep Alive and
+/// property access are reached; op bytes below), then the connection closes. Invariants:
+/// nothing panics (the process aborts), and the target accepts and answers the next
+/// connection (every input starts with one). Returns the bytes the target sent back.
+pub fn nvme_tcp_target(data: &[u8]) -> usize {
+    use nvme_spec::fabrics::{ConnectData, fctype, put_str};
+    use nvmeof::pdu::{Negotiated, Pdu, encode_append};
+    use std::io::Write;
+    use zerocopy::IntoBytes;
+    let addr = tcp_target();
+    let mut s = std::net::TcpStream::connect(addr).expect("the target still accepts");
+    s.set_read_timeout(Some(std::time::Duration::from_millis(5)))
+        .ok();
+    let neg = Negotiated {
+        header_digest: false,
+        data_digest: false,
+        max_data: 131_072,
+    };
+    let mut out = Vec::new();
+    let mut rd = Reader(data);
+    encode_append(
+        &Pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            dgst: 0,
+            maxr2t: 0,
+        },
+        &neg,
+        &mut out,
+    );
+    // a host waits for ICResp before its next PDU (NVMe/TCP 1.0 §3.6.2.2)
+    if s.write_all(&out).is_err() {
+        return 0;
+    }
+    out.clear();
+    let mut got = read_for(&mut s, std::time::Duration::from_millis(100));
+    let payload: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+    let mut cid = 0u16;
+    while let Some(op) = rd.u8() {
+        let mut sqe = nvme_spec::Submission::default();
+        cid = cid.wrapping_add(1);
+        sqe.cid = rd
+            .u16()
+            .map_or(cid, |c| if op & 0x80 != 0 { c } else { cid })
+            .into();
+        match op % 8 {
+            0 | 1 => {
+                // Connect: admin (0) or an I/O queue, with fuzzed queue size / KATO / cntlid
+                let mut d = ConnectData::default();
+                d.cntlid = rd.u16().unwrap_or(0xffff).into();
+                put_str(&mut d.subnqn, "nqn.fuzz.tcp");
+                put_str(&mut d.hostnqn, "nqn.2014-08.org.nvmexpress:uuid:fuzz");
+                sqe.opcode = 0x7f;
+                sqe.nsid = u32::from(fctype::CONNECT).into();
+                sqe.flags = 0x40;
+                sqe.prp2 = (1024u64 | (0x01 << 56)).into();
+                sqe.cdw10 =
+                    (u32::from(op % 2) << 16 | u32::from(rd.u8().unwrap_or(0) % 4) << 16).into();
+                sqe.cdw11 = u32::from(rd.u16().unwrap_or(31)).into();
+                sqe.cdw12 = rd.u32().unwrap_or(0).into();
+                encode_append(
+                    &Pdu::CapsuleCmd {
+                        sqe,
+                        data: d.as_bytes(),
+                    },
+                    &neg,
+                    &mut out,
+                );
+            }
+            2 => {
+                // property get/set (fabrics) with fuzzed offset and value
+                sqe.opcode = 0x7f;
+                sqe.nsid = u32::from(if rd.u8().unwrap_or(0) & 1 == 0 {
+                    fctype::PROPERTY_GET
+                } else {
+                    fctype::PROPERTY_SET
+                })
+                .into();
+                sqe.cdw10 = u32::from(rd.u8().unwrap_or(0) & 1).into();
+                sqe.cdw11 = u32::from(rd.u8().unwrap_or(0x14)).into();
+                sqe.cdw12 = rd.u32().unwrap_or(1).into();
+                encode_append(&Pdu::CapsuleCmd { sqe, data: &[] }, &neg, &mut out);
+            }
+            3 => {
+                // a write: in-capsule data of fuzzed length, or none (the target sends R2T)
+                sqe.opcode = 0x01;
+                sqe.nsid = 1.into();
+                sqe.flags = 0x40;
+                let blocks = u32::from(rd.u8().unwrap_or(0) % 16);
+                sqe.cdw12 = blocks.into();
+                let len = u64::from(rd.u16().unwrap_or(512)) % 8192;
+                let incapsule = rd.u8().unwrap_or(0) & 1 == 0;
+                // SGL Data Block, offset in the capsule (01h), or Transport Data Block (5Ah)
+                let sgl_id: u64 = if incapsule { 0x01 } else { 0x5a };
+                sqe.prp2 = (len | (sgl_id << 56)).into();
+                let data = if incapsule {
+                    &payload[..len as usize]
+                } else {
+                    &[][..]
+                };
+                encode_append(&Pdu::CapsuleCmd { sqe, data }, &neg, &mut out);
+            }
+            4 => {
+                // H2CData for a fuzzed command / transfer tag / offset / length
+                let cccid = rd.u16().unwrap_or(cid);
+                let ttag = rd.u16().unwrap_or(0);
+                let offset = u32::from(rd.u16().unwrap_or(0));
+                let len = usize::from(rd.u16().unwrap_or(512)) % 8192;
+                let last = rd.u8().unwrap_or(1) & 1 == 1;
+                encode_append(
+                    &Pdu::H2CData {
+                        cccid,
+                        ttag,
+                        offset,
+                        data: &payload[..len],
+                        last,
+                    },
+                    &neg,
+                    &mut out,
+                );
+            }
+            5 => {
+                // an admin or I/O command of any opcode (Keep Alive = 18h, Read, Identify...)
+                sqe.opcode = rd.u8().unwrap_or(0x18);
+                sqe.nsid = rd.u32().unwrap_or(1).into();
+                sqe.cdw10 = rd.u32().unwrap_or(0).into();
+                sqe.flags = 0x40;
+                sqe.prp2 = (u64::from(rd.u16().unwrap_or(4096)) | (0x5a << 56)).into();
+                encode_append(&Pdu::CapsuleCmd { sqe, data: &[] }, &neg, &mut out);
+            }
+            6 => {
+                // raw bytes: a PDU the encoder would never make
+                let n = usize::from(rd.u8().unwrap_or(0));
+                out.extend_from_slice(rd.take(n));
+            }
+            _ => {
+                // send what is built so far and read what comes back (keeps state moving)
+                if s.write_all(&out).is_err() {
+                    return got;
+                }
+                out.clear();
+                got += read_for(&mut s, std::time::Duration::from_millis(100));
+            }
+        }
+    }
+    if s.write_all(&out).is_ok() {
+        got += read_for(&mut s, std::time::Duration::from_millis(100));
+    }
+    got
+}
+
+/// Read what the target answers: until it has been quiet for 5 ms after answering, or `t`
+/// passed; returns the byte count.
+fn read_for(s: &mut std::net::TcpStream, t: std::time::Duration) -> usize {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut last = None;
+    let mut buf = [0u8; 65536];
+    let mut n = 0;
+    while start.elapsed() < t
+        && last
+            .is_none_or(|l: std::time::Instant| l.elapsed() < std::time::Duration::from_millis(5))
+    {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                last = Some(std::time::Instant::now());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+/// Inputs for [`nvme_tcp_target`] that reach its states: an admin Connect, then property
+/// access and Keep Alive; an I/O queue Connect and writes through R2T/H2CData (right, wrong
+/// tag, wrong offset, past the end), in-capsule writes, reads; a second admin Connect.
+pub fn nvme_tcp_target_seeds() -> Vec<Vec<u8>> {
+    // op bytes as nvme_tcp_target reads them: op, cid (u16), then the op's fields
+    let connect_admin = [0u8, 1, 0, 0xff, 0xff, 0, 31, 0, 0x30, 0x75, 0, 0];
+    let connect_io = [1u8, 2, 0, 1, 0, 1, 31, 0, 0, 0, 0, 0];
+    let flush = [7u8, 0, 0];
+    let mut seeds = Vec::new();
+    let mut admin = connect_admin.to_vec();
+    admin.extend_from_slice(&flush);
+    admin.extend_from_slice(&[2, 3, 0, 0, 0, 0x14, 1, 0, 0, 0]); // property get CC
+    admin.extend_from_slice(&[2, 4, 0, 1, 0, 0x14, 1, 0, 0x46, 0]); // property set CC.EN
+    admin.extend_from_slice(&[5, 5, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // Keep Alive
+    admin.extend_from_slice(&[5, 6, 0, 0x06, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0x10]); // Identify
+    admin.extend_from_slice(&flush);
+    seeds.push(admin.clone());
+    let mut io = admin;
+    io.extend_from_slice(&connect_io);
+    io.extend_from_slice(&flush);
+    for (i, (ttag, off, len, last)) in [
+        (0u16, 0u16, 512u16, 1u8),
+        (0, 512, 512, 1),
+        (9, 0, 512, 1),
+        (0, 0, 8000, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cid = 0x20 + i as u16;
+        io.extend_from_slice(&[3 | 0x80]);
+        io.extend_from_slice(&cid.to_le_bytes());
+        io.extend_from_slice(&[0, 0, 2, 1]); // 1 block, 512 bytes, via R2T
+        io.extend_from_slice(&flush);
+        io.push(4);
+        io.extend_from_slice(&cid.to_le_bytes());
+        io.extend_from_slice(&cid.to_le_bytes());
+        io.extend_from_slice(&ttag.to_le_bytes());
+        io.extend_from_slice(&off.to_le_bytes());
+        io.extend_from_slice(&len.to_le_bytes());
+        io.push(*last);
+        io.extend_from_slice(&flush);
+    }
+    io.extend_from_slice(&[3, 0x30, 0, 1, 0, 2, 0]); // in-capsule write, 512 bytes
+    io.extend_from_slice(&[5, 0x31, 0, 0x02, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0x02]); // read
+    io.extend_from_slice(&flush);
+    seeds.push(io);
+    let mut twice = connect_admin.to_vec();
+    twice.extend_from_slice(&connect_admin);
+    twice.extend_from_slice(&[6, 8, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    twice.extend_from_slice(&flush);
+    seeds.push(twice);
+    seeds
 }

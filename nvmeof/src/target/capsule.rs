@@ -172,6 +172,11 @@ impl Target {
         if qid == 0 {
             assoc.last_admin = Instant::now();
         }
+        if !assoc.enabled {
+            // NVMe-oF 1.1 §3.5: only Fabrics commands until the host sets CC.EN
+            self.respond(i, cid, Status::COMMAND_SEQUENCE_ERROR, 0);
+            return;
+        }
         let Some(q) = assoc.queues[qid as usize].as_mut() else {
             return;
         };

@@ -132,6 +132,9 @@ impl Target {
                     }
                 }
                 ex.spec.handle.write_register(reg::CC, u64::from(after), 4);
+                if let Some(a) = ex.assoc.as_mut() {
+                    a.enabled = after & cc::EN != 0;
+                }
                 (Status::SUCCESS, 0)
             }
             Role::Queue { .. } => (Status::INVALID_FIELD, 0),
@@ -234,6 +237,7 @@ impl Target {
                 hostnqn: hostnqn.clone(),
                 kato_ms,
                 last_admin: Instant::now(),
+                enabled: false,
                 queues,
             });
             log::info!(

@@ -191,6 +191,9 @@ struct Association {
     hostnqn: String,
     kato_ms: u32,
     last_admin: Instant,
+    /// CC.EN as the host last set it: commands other than Fabrics ones before that get
+    /// Command Sequence Error (a disabled controller would never answer them).
+    enabled: bool,
     /// Queue 0 is the admin queue.
     queues: Vec<Option<QueueState>>,
 }
