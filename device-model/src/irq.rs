@@ -16,9 +16,10 @@ pub enum IrqFdError {
 /// and block the reactor that signals it), and make it non-blocking: a signal that would
 /// block (counter at its maximum, i.e. the interrupt is pending anyway) is dropped.
 pub fn check_eventfd(fd: BorrowedFd<'_>) -> Result<(), IrqFdError> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_or_else(
+        |e| format!("unknown ({e})"),
+        |p| p.to_string_lossy().into_owned(),
+    );
     if link != "anon_inode:[eventfd]" {
         return Err(IrqFdError::NotAnEventfd(link));
     }

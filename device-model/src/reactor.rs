@@ -277,6 +277,14 @@ const KEEP_ALIVE_CHECK_EVERY: u32 = 256;
 /// Spin iterations after the last work before napping.
 const SPIN_AFTER_WORK: Duration = Duration::from_micros(200);
 
+/// How a controller leaves its reactor.
+enum Removal {
+    /// Handed back to the caller of [`ControllerHandle::stop`].
+    HandBack(SyncSender<Controller>),
+    /// Dropped (its handle is gone).
+    Drop,
+}
+
 /// A controller on a reactor, with what waits on it.
 struct Entry {
     id: u64,
@@ -284,7 +292,7 @@ struct Entry {
     /// Device resets answered once the controller has finished resetting.
     reset_replies: Vec<SyncSender<()>>,
     /// Removal requested: the controller leaves once nothing it started is in flight.
-    removing: Option<Option<SyncSender<Controller>>>,
+    removing: Option<Removal>,
     /// A panic happened while serving it: it is fatal until a reset.
     panicked: bool,
 }
@@ -330,9 +338,9 @@ impl Entry {
         match &self.removing {
             None => false,
             // handed back: the new owner keeps what is retired alive
-            Some(Some(_)) => !self.ctrl.is_resetting(),
+            Some(Removal::HandBack(_)) => !self.ctrl.is_resetting(),
             // dropped: only once no backend request can still reach its memory
-            Some(None) => !self.ctrl.is_quiescing(),
+            Some(Removal::Drop) => !self.ctrl.is_quiescing(),
         }
     }
 }
@@ -365,7 +373,7 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
                 Ok(Message::Remove(id, reply)) => {
                     if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
                         e.guarded("reset", Controller::device_reset);
-                        e.removing = Some(reply);
+                        e.removing = Some(reply.map_or(Removal::Drop, Removal::HandBack));
                     }
                 }
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -397,7 +405,7 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
             while i < ctrls.len() {
                 if ctrls[i].settle() {
                     let e = ctrls.swap_remove(i);
-                    if let Some(Some(reply)) = e.removing {
+                    if let Some(Removal::HandBack(reply)) = e.removing {
                         let _ = reply.send(*e.ctrl);
                     }
                 } else {

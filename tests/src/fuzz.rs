@@ -447,17 +447,17 @@ impl device_model::backend::Backend for LateBackend {
                 i += 1;
                 continue;
             }
-            let h = self.held.swap_remove(i);
-            let r = self.inner.submit(&device_model::backend::IoRequest {
-                tag: h.tag,
-                op: h.op,
-                offset: h.offset,
-                iov: &h.iov,
+            let held = self.held.swap_remove(i);
+            let started = self.inner.submit(&device_model::backend::IoRequest {
+                tag: held.tag,
+                op: held.op,
+                offset: held.offset,
+                iov: &held.iov,
             });
-            match r {
+            match started {
                 Ok(()) => n += self.inner.poll(done),
-                Err(s) => {
-                    done(h.tag, s);
+                Err(status) => {
+                    done(held.tag, status);
                     n += 1;
                 }
             }
@@ -863,7 +863,7 @@ fn read_for(s: &mut std::net::TcpStream, t: std::time::Duration) -> usize {
     use std::io::Read;
     let start = std::time::Instant::now();
     let mut last = None;
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     let mut n = 0;
     while start.elapsed() < t
         && last

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::nvme_client::{Cqe, cmd};
+use crate::nvme_client::{Cqe, cmd, with_prp2};
 
 /// vfio-user command numbers (QEMU docs/interop/vfio-user.rst).
 pub mod command {
@@ -342,11 +342,15 @@ pub fn pipe() -> (OwnedFd, OwnedFd) {
 pub const GUEST_MEM: u64 = 256 << 10;
 const ASQ: u64 = 0x0;
 const ACQ: u64 = 0x1000;
-/// A 4 KiB buffer for Identify data and a 4 KiB one for writes.
+/// A 4 KiB buffer for Identify data.
 pub const IDENTIFY_BUF: u64 = 0x2000;
-pub const DATA_BUF: u64 = 0x3000;
+/// The PRP list of the write buffer.
+const PRP_LIST: u64 = 0x3000;
 const IO_SQ: u64 = 0x10000;
 const IO_CQ: u64 = 0x20000;
+/// The buffer every write sends (64 KiB: slow enough to keep commands in flight).
+pub const WRITE_BUF: u64 = 0x30000;
+pub const WRITE_SIZE: u64 = 64 << 10;
 const ADMIN_QSIZE: u32 = 64;
 /// I/O queue entries: room for many commands in flight at once.
 pub const IO_QSIZE: u32 = 1024;
@@ -477,6 +481,7 @@ impl Guest {
         assert!(self.disable(Duration::from_secs(5)), "CSTS.RDY stuck at 1");
         self.mem_fill(ASQ, 0x2000, 0);
         self.mem_fill(IO_SQ, (IO_CQ - IO_SQ) as usize + IO_QSIZE as usize * 16, 0);
+        const { assert!(WRITE_BUF + WRITE_SIZE <= GUEST_MEM) };
         (
             self.admin_tail,
             self.admin_head,
@@ -609,12 +614,19 @@ impl Guest {
         self.io_tail = 0;
     }
 
-    /// Put `n` 4 KiB writes of [`DATA_BUF`] to namespace 1 on the I/O queue, then ring its
-    /// doorbell once: they are all in flight together. Completions are not consumed.
+    /// Put `n` 64 KiB writes of [`WRITE_BUF`] to namespace 1 (512-byte blocks, 32 MiB or
+    /// more) on the I/O queue, then ring its doorbell once: they are all queued together.
+    /// Completions are not consumed.
     pub fn queue_writes(&mut self, n: u32) {
         assert!(n < IO_QSIZE, "the queue holds {} commands", IO_QSIZE - 1);
+        let list: Vec<u8> = (1..WRITE_SIZE / 4096)
+            .flat_map(|i| (WRITE_BUF + i * 4096).to_le_bytes())
+            .collect();
+        self.mem_write(PRP_LIST, &list);
+        let blocks = (WRITE_SIZE / 512) as u32;
         for i in 0..n {
-            let mut sqe = cmd(0x01, 1, DATA_BUF, &[i * 8, 0, 7]);
+            let lba = (i * blocks) % (32 << 20 >> 9);
+            let mut sqe = with_prp2(cmd(0x01, 1, WRITE_BUF, &[lba, 0, blocks - 1]), PRP_LIST);
             let cid = self.cid();
             sqe[2..4].copy_from_slice(&cid.to_le_bytes());
             self.mem_write(IO_SQ + u64::from(self.io_tail) * 64, &sqe);

@@ -56,7 +56,7 @@ fn controller_ops_survive_seeds_and_mutations() {
     let mut runs = 0;
     for round in 0..400 {
         let mut input = seeds[round % seeds.len()].clone();
-        for _ in 0..1 + rng.next() % 8 {
+        for _ in 0..=(rng.next() % 8) {
             let at = (rng.next() as usize) % input.len();
             match rng.next() % 3 {
                 0 => input[at] = rng.next() as u8,

@@ -20,7 +20,7 @@ fn nvme_tcp_target_survives_seeds_and_mutations() {
     let mut rng = Rng(0x7c9_0001);
     for round in 0..150 {
         let mut input = seeds[round % seeds.len()].clone();
-        for _ in 0..1 + rng.next() % 6 {
+        for _ in 0..=(rng.next() % 6) {
             let at = (rng.next() as usize) % input.len();
             match rng.next() % 3 {
                 0 => input[at] = rng.next() as u8,

@@ -155,6 +155,42 @@ fn set_features(fid: u32, cdw11: u32) -> [u8; 64] {
 const FID_KEEP_ALIVE: u32 = 0x0f;
 const FID_NUMBER_OF_QUEUES: u32 = 0x07;
 
+/// The eventfd counter (resets it); 0 when it is zero.
+fn read_counter(fd: &OwnedFd) -> u64 {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a local u64 from a non-blocking eventfd we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
+    if n == 8 { v } else { 0 }
+}
+
+/// Send `half` of a message on a new connection to `sock`; returns the connection and when.
+fn wedge(sock: &Path, half: &[u8]) -> (Raw, Instant) {
+    let raw = Raw::connect(sock);
+    vnvme_tests::hostile::send_with_fds(&raw.stream, half, &[]).expect("send the half");
+    (raw, Instant::now())
+}
+
+/// Wait for the server to close `raw`: EOF or a reset within 8 s; returns how long it took.
+fn wait_closed(raw: &mut Raw, since: Instant) -> Duration {
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let r = std::io::Read::read(&mut raw.stream, &mut [0u8; 64]);
+    let waited = since.elapsed();
+    match r {
+        Ok(0) => waited,
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => waited,
+        other => panic!("after {waited:?}: expected the server to close, got {other:?}"),
+    }
+}
+
+/// SET_IRQS on MSI-X from vector 0 with `n` fresh eventfds in one message.
+fn set_irqs_with_eventfds(g: &mut Guest, n: usize) -> Option<i32> {
+    let fds: Vec<OwnedFd> = (0..n).map(|_| eventfd()).collect();
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    g.raw.set_irqs(MSIX, 0, &raw).error()
+}
+
 // ---------------------------------------------------------------------------------------
 // The attacks.
 // ---------------------------------------------------------------------------------------
@@ -269,8 +305,8 @@ fn dma_map_refuses_fds_that_cannot_back_the_range() {
     s.stop();
 }
 
-/// Attack: DMA_MAP a memfd properly, run the controller's queues in it with 500 writes in
-/// flight, then ftruncate the memfd to 0 and ring the admin and I/O doorbells again.
+/// Attack: DMA_MAP a memfd properly, run the controller's queues in it with 500 64 KiB
+/// writes queued, then ftruncate the memfd to 0 and ring the admin and I/O doorbells again.
 /// Expected: the reactor (shared with the neighbour) faults on the lost pages and the
 /// daemon's SIGBUS containment maps zero pages over them (counted); the daemon lives, the
 /// neighbour is clean, controller a is ready or fatal and serves the next client.
@@ -337,10 +373,15 @@ fn interrupt_fds_must_be_eventfds_and_a_full_one_never_blocks_the_reactor() {
         "the server made the eventfd non-blocking"
     );
     assert!(g.admin(get_features(FID_NUMBER_OF_QUEUES)).ok());
-    assert!(
-        read_counter(&efd) >= 1,
-        "admin completions interrupt on vector 0"
-    );
+    // the interrupt follows the completion entry: give it a moment
+    let t = Instant::now();
+    while read_counter(&efd) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "admin completions interrupt on vector 0"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let full = u64::MAX - 1;
     // SAFETY: writing 8 bytes from a local u64 to our eventfd.
     let n = unsafe { libc::write(efd.as_raw_fd(), (&raw const full).cast(), 8) };
@@ -364,14 +405,6 @@ fn interrupt_fds_must_be_eventfds_and_a_full_one_never_blocks_the_reactor() {
     drop(g);
     assert_recovers(&s.a);
     s.stop();
-}
-
-/// The eventfd counter (resets it); 0 when it is zero.
-fn read_counter(fd: &OwnedFd) -> u64 {
-    let mut v = 0u64;
-    // SAFETY: reading 8 bytes into a local u64 from a non-blocking eventfd we own.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
-    if n == 8 { v } else { 0 }
 }
 
 /// Attack: Set Features Keep Alive Timer with KATO = FFFFFFFFh (about 50 days), the value
@@ -403,43 +436,36 @@ fn keep_alive_timeout_ffffffff_does_not_overflow_into_a_fatal_controller() {
 }
 
 /// Attack: a header announcing a 1 MiB message followed by 100 bytes, then silence with the
-/// socket held open; later the same on a new connection and the daemon is stopped.
-/// Expected: the neighbour works meanwhile; the server drops the connection after its 5 s
+/// socket held open; then 8 bytes of a header and silence; then the 1 MiB half again and
+/// the daemon is stopped.
+/// Expected: the neighbour works meanwhile; the server drops each connection after its 5 s
 /// message deadline (the attacker reads EOF within 3..8 s) and serves the next client; with
 /// a half-sent message pending, `stop()` returns within a few seconds.
 #[test]
 fn a_half_sent_message_neither_holds_the_connection_nor_blocks_stop() {
     let s = start("halfsent");
-    let mut raw = Raw::connect(&s.a);
-    let mut m = header(7, command::REGION_WRITE, 1 << 20).to_vec();
-    m.extend_from_slice(&[0xa5; 100]);
-    let wedge = |raw: &mut Raw| {
-        vnvme_tests::hostile::send_with_fds(&raw.stream, &m, &[]).expect("send the half");
-        Instant::now()
-    };
-    let t = wedge(&mut raw);
-    during_neighbour_io(&s.b, || {
-        raw.stream
-            .set_read_timeout(Some(Duration::from_secs(8)))
-            .unwrap();
-        let mut b = [0u8; 64];
-        let r = std::io::Read::read(&mut raw.stream, &mut b);
-        let waited = t.elapsed();
-        match r {
-            Ok(0) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
-            other => panic!("after {waited:?}: expected the server to close, got {other:?}"),
-        }
-        assert!(
-            waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
-            "connection dropped after {waited:?}"
-        );
-    });
+    let mut body_half = header(7, command::REGION_WRITE, 1 << 20).to_vec();
+    body_half.extend_from_slice(&[0xa5; 100]);
+    let header_half = &header(8, command::REGION_READ, 32)[..8];
+    let (mut raw, t) = wedge(&s.a, &body_half);
+    let waited = during_neighbour_io(&s.b, || wait_closed(&mut raw, t));
+    assert!(
+        waited >= Duration::from_secs(3),
+        "1 MiB message: connection dropped after {waited:?}"
+    );
     drop(raw);
     assert_recovers(&s.a);
 
-    let mut raw = Raw::connect(&s.a);
-    wedge(&mut raw);
+    let (mut raw, t) = wedge(&s.a, header_half);
+    let waited = wait_closed(&mut raw, t);
+    assert!(
+        waited >= Duration::from_secs(3),
+        "half a header: connection dropped after {waited:?}"
+    );
+    drop(raw);
+    assert_recovers(&s.a);
+
+    let (_raw, _) = wedge(&s.a, &body_half);
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     s.daemon.stop().expect("stop");
@@ -451,38 +477,56 @@ fn a_half_sent_message_neither_holds_the_connection_nor_blocks_stop() {
     eprintln!("stop with a half-sent message pending: {:?}", t.elapsed());
 }
 
-/// Attack: one message carrying more fds than the max_msg_fds the server advertised
-/// (SET_IRQS with as many eventfds as vectors, so only the fd count is wrong).
-/// Expected: an error reply (EINVAL), and the server keeps serving: a SET_IRQS with exactly
-/// max_msg_fds eventfds is accepted and the controller still works.
+/// Attack: one message carrying far more fds than the max_msg_fds the server advertised
+/// (SET_IRQS with as many eventfds as vectors, so only the fd count is wrong; DMA_MAP).
+/// Expected: an error reply with EINVAL ("too many file descriptors"), and the server keeps
+/// serving: a SET_IRQS with exactly max_msg_fds eventfds is accepted, Identify works.
 #[test]
-fn more_fds_than_advertised_are_refused() {
+fn a_flood_of_fds_in_one_message_is_refused() {
     let s = start("fds");
     let mut g = Guest::connect(&s.a);
     let max = g.raw.max_msg_fds;
     assert!(max >= 1);
     during_neighbour_io(&s.b, || {
-        for n in [max + 1, max + 2, max + 16, 253] {
-            let fds: Vec<OwnedFd> = (0..n).map(|_| eventfd()).collect();
-            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-            let r = g.raw.set_irqs(MSIX, 0, &raw);
+        for n in [max + 16, 253] {
+            let e = set_irqs_with_eventfds(&mut g, n);
+            assert_eq!(e, Some(libc::EINVAL), "SET_IRQS with {n} fds (max {max})");
+            let page = memfd(c"page", 4096);
+            let fds = vec![page.as_raw_fd(); n]; // one memfd, sent n times
+            let mut p = vnvme_tests::hostile::le32(&[32, 3]);
+            for v in [0u64, 1 << 40, 4096] {
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+            let r = g.raw.request(command::DMA_MAP, &p, &fds);
             assert_eq!(
                 r.error(),
                 Some(libc::EINVAL),
-                "SET_IRQS with {n} fds (max {max})"
+                "DMA_MAP with {n} fds (max {max})"
             );
         }
-        let fds: Vec<OwnedFd> = (0..max).map(|_| eventfd()).collect();
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        assert_eq!(
-            g.raw.set_irqs(MSIX, 0, &raw).error(),
-            None,
-            "exactly max_msg_fds"
-        );
+        let e = set_irqs_with_eventfds(&mut g, max);
+        assert_eq!(e, None, "exactly max_msg_fds eventfds");
         assert_eq!(g.identify_serial(), SERIAL_A);
     });
     drop(g);
     assert_recovers(&s.a);
+    s.stop();
+}
+
+/// Attack: one or two fds more than max_msg_fds in one message (SET_IRQS with 17 and 18
+/// eventfds when 16 are advertised; MSI-X has 129 vectors, so only the fd count is wrong).
+/// Expected: an error reply with EINVAL, like the flood above.
+#[test]
+fn one_or_two_fds_over_max_msg_fds_are_refused() {
+    let s = start("fds1");
+    let mut g = Guest::connect(&s.a);
+    let max = g.raw.max_msg_fds;
+    for n in [max + 1, max + 2] {
+        let e = set_irqs_with_eventfds(&mut g, n);
+        assert_eq!(e, Some(libc::EINVAL), "SET_IRQS with {n} fds (max {max})");
+    }
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    drop(g);
     s.stop();
 }
 
@@ -529,10 +573,11 @@ fn dma_maps_past_max_dma_maps_are_refused() {
     s.stop();
 }
 
-/// Attack: DMA_UNMAP the region that holds the admin and I/O queues while 1000 writes are in
-/// flight on the I/O queue. Expected: the unmap succeeds (it is the client's memory), the
-/// daemon lives, the neighbour is clean, controller a is ready or fatal and can be reset
-/// (CC.EN = 0 clears CSTS.RDY), then, with its memory mapped again, enabled and used.
+/// Attack: DMA_UNMAP the region that holds the admin and I/O queues while the controller
+/// works through 1000 queued 64 KiB writes (some done, the rest queued or in flight).
+/// Expected: the unmap succeeds (it is the client's memory), the daemon lives, the
+/// neighbour is clean, controller a is ready or fatal and can be reset (CC.EN = 0 clears
+/// CSTS.RDY), then, with its memory mapped again, enabled and used.
 #[test]
 fn unmapping_the_queues_under_io_is_contained() {
     let s = start("unmap");
@@ -540,6 +585,12 @@ fn unmapping_the_queues_under_io_is_contained() {
     g.create_io_queues();
     during_neighbour_io(&s.b, || {
         g.queue_writes(1000);
+        // unmap once the controller is working through the queue
+        let t = Instant::now();
+        while g.io_completions().0 == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "no write completed");
+            std::hint::spin_loop();
+        }
         assert_eq!(g.raw.dma_unmap(0, GUEST_MEM).error(), None, "DMA_UNMAP");
         let (posted, failed) = g.io_completions();
         eprintln!("at the unmap: {posted} of 1000 writes completed, {failed} failed");

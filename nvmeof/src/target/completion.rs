@@ -56,7 +56,7 @@ impl Target {
         let status = Status::from_cqe_bits(cqe.status.get());
         match s.owner {
             Owner::Free => {
-                device_model::warn_limited!("nvme-tcp target: completion for free slot {slot}")
+                device_model::warn_limited!("nvme-tcp target: completion for free slot {slot}");
             }
             Owner::Host { cid } => {
                 let conn = q.conn;

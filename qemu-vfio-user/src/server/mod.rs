@@ -197,7 +197,8 @@ impl Server {
                 }
             };
             let body = socket::recv_body(stream, body_len, &deadline)?;
-            if ctrunc {
+            // the control buffer rounds up: more than advertised can arrive whole
+            if ctrunc || fds.len() > protocol::MAX_MSG_FDS {
                 reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
                 continue;
             }
