@@ -291,4 +291,30 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
     // the first subsystem still serves
     let _pf = open(&pf);
     assert_eq!(d.state(1), "ready");
+
+    // a client trickling a request a byte a second (never idle for the 2 s read timeout)
+    // is cut off at the 5 s line deadline: the main thread is free again for others
+    let mut slow = UnixStream::connect(&d.rpc).unwrap();
+    let t = std::time::Instant::now();
+    let mut cut = None;
+    for b in b"{\"method\": \"controller_list\"                    "
+        .iter()
+        .cycle()
+        .take(15)
+    {
+        std::thread::sleep(Duration::from_secs(1));
+        if std::io::Write::write_all(&mut slow, &[*b]).is_err() {
+            cut = Some(t.elapsed());
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let closed = cut.is_some() || std::io::Read::read_to_end(&mut slow, &mut rest).is_ok();
+    assert!(closed, "the trickling client is disconnected");
+    assert!(
+        cut.is_none_or(|c| c < Duration::from_secs(9)),
+        "cut off after {cut:?}"
+    );
+    assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
 }

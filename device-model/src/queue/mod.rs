@@ -221,3 +221,14 @@ mod tests {
         assert_eq!(sq.in_flight(), 0);
     }
 }
+
+#[cfg(test)]
+mod memory_bound {
+    /// What one SQ entry costs the daemon now that iovec storage is pooled (BENCHMARKS.md).
+    #[test]
+    fn per_entry_cost() {
+        let slot = size_of::<super::Slot>();
+        eprintln!("Slot {slot} B, free-list entry 2 B");
+        assert!(slot <= 64, "a command slot grew to {slot} bytes");
+    }
+}

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -13,6 +13,9 @@ use crate::daemon::Daemon;
 
 /// A client that sends nothing for this long is dropped (the daemon's main thread serves it).
 const IDLE: Duration = Duration::from_secs(2);
+/// A request line must arrive whole within this (a client trickling bytes cannot hold the
+/// main thread, and with it management and shutdown).
+const LINE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The listening management socket.
 #[derive(Debug)]
@@ -68,7 +71,7 @@ fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
     loop {
         let mut line = Vec::new();
-        let n = reader.read_until(b'\n', &mut line)?;
+        let n = read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)?;
         if n == 0 {
             return Ok(());
         }
@@ -89,6 +92,38 @@ fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
         }
         let (id, result) = handle(&line, daemon);
         respond(&mut out, &id, result)?;
+    }
+}
+
+/// `read_until(b'\n')` that gives up at `deadline` (checked between the socket's reads,
+/// each of which waits at most [`IDLE`]).
+fn read_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    deadline: Instant,
+) -> std::io::Result<usize> {
+    let mut n = 0;
+    loop {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request line not finished in time",
+            ));
+        }
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(n);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        n += take;
+        if done {
+            return Ok(n);
+        }
     }
 }
 
