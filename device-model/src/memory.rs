@@ -45,31 +45,27 @@ pub struct Protection {
     pub write: bool,
 }
 
-/// One mmapped region of the process's address space; unmapped on drop. Keeps its own
-/// descriptor so the region can be handed on (a backend device's DMA map).
-#[derive(Debug)]
+/// One region of a client's file mapped into this process (rust-vmm's `vm-memory`
+/// `MmapRegion`: it owns the mapping and a duplicate of the fd, so the region can be handed
+/// on, e.g. to a backend device's DMA map), with its SIGBUS containment.
 struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-    fd: Option<std::os::fd::OwnedFd>,
-    file_offset: u64,
-    /// SIGBUS containment for this range (released before the unmap).
+    region: vm_memory::MmapRegion,
+    /// Released before `region` unmaps (see Drop).
     fault_guard: Option<crate::memory_fault::Guard>,
 }
 
-// SAFETY: the mapping is plain shared memory; all access goes through raw pointers whose
-// validity is tied to the mapping's lifetime (the Arc), not to a thread.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; concurrent access is by raw copies, never through Rust references.
-unsafe impl Sync for Mapping {}
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("len", &self.region.size())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // unregister first: the range must not be treated as guest memory once unmapped
         drop(self.fault_guard.take());
-        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once here.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
     }
 }
 
@@ -79,14 +75,8 @@ pub struct Region {
     pub iova: u64,
     pub len: u64,
     pub prot: Protection,
-    host: *mut u8,
     mapping: Option<Arc<Mapping>>,
 }
-
-// SAFETY: `host` points into `mapping`, which is Send + Sync and kept alive by the Arc.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
 
 /// An immutable snapshot of the DMA map, sorted by IOVA.
 #[derive(Clone, Debug, Default)]
@@ -117,12 +107,22 @@ impl Region {
     /// The region's backing, if it has one (fd-less regions are not accessible).
     pub fn backing(&self) -> Option<Backing<'_>> {
         let m = self.mapping.as_ref()?;
+        let file = m.region.file_offset()?;
         Some(Backing {
-            host: self.host,
+            host: m.region.as_ptr(),
             len: self.len,
-            fd: std::os::fd::AsFd::as_fd(m.fd.as_ref()?),
-            file_offset: m.file_offset,
+            fd: std::os::fd::AsFd::as_fd(file.file()),
+            file_offset: file.start(),
         })
+    }
+
+    /// The bytes `[off, off + len)` of this region as a volatile slice (bounds checked).
+    fn slice(&self, off: u64, len: u64) -> Option<vm_memory::VolatileSlice<'_, ()>> {
+        use vm_memory::VolatileMemory;
+        let m = self.mapping.as_ref()?;
+        m.region
+            .get_slice(usize::try_from(off).ok()?, usize::try_from(len).ok()?)
+            .ok()
     }
 }
 
@@ -143,8 +143,22 @@ impl MemoryMap {
         if off >= r.len || end > r.len || (write && !r.prot.write) || (!write && !r.prot.read) {
             return Err(err);
         }
-        // SAFETY: off < r.len, so the result stays inside the mapping.
-        Ok(unsafe { r.host.add(off as usize) })
+        let m = r.mapping.as_ref().ok_or(err)?;
+        // off < r.len: the result stays inside the mapping
+        Ok(m.region.as_ptr().wrapping_add(off as usize))
+    }
+
+    /// The region holding all of `[iova, iova + len)` with the access right, and the offset.
+    fn region_for(&self, iova: u64, len: u64, write: bool) -> Result<(&Region, u64), AccessError> {
+        let err = AccessError { iova, len, write };
+        let idx = self.regions.partition_point(|r| r.iova <= iova);
+        let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
+        let off = iova - r.iova;
+        let end = off.checked_add(len).ok_or(err)?;
+        if off >= r.len || end > r.len || (write && !r.prot.write) || (!write && !r.prot.read) {
+            return Err(err);
+        }
+        Ok((r, off))
     }
 
     /// Copy guest memory at `iova` into `buf` (may span adjacent regions).
@@ -152,10 +166,15 @@ impl MemoryMap {
         let mut done = 0;
         while done < buf.len() {
             let chunk = self.contiguous(iova, (buf.len() - done) as u64, false)?;
-            let src = self.translate(iova, chunk, false)?;
-            // SAFETY: src is valid for `chunk` bytes (translate checked); buf has room. Guest
-            // memory may change concurrently: we copy bytes, never form a reference to it.
-            unsafe { std::ptr::copy_nonoverlapping(src, buf[done..].as_mut_ptr(), chunk as usize) };
+            let (r, off) = self.region_for(iova, chunk, false)?;
+            let err = AccessError {
+                iova,
+                len: chunk,
+                write: false,
+            };
+            // volatile copy: guest memory may change concurrently, no reference is formed
+            let src = r.slice(off, chunk).ok_or(err)?;
+            src.copy_to(&mut buf[done..done + chunk as usize]);
             done += chunk as usize;
             iova += chunk;
         }
@@ -167,9 +186,15 @@ impl MemoryMap {
         let mut done = 0;
         while done < data.len() {
             let chunk = self.contiguous(iova, (data.len() - done) as u64, true)?;
-            let dst = self.translate(iova, chunk, true)?;
-            // SAFETY: dst is valid for `chunk` bytes of writable guest memory (translate checked).
-            unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), dst, chunk as usize) };
+            let (r, off) = self.region_for(iova, chunk, true)?;
+            let err = AccessError {
+                iova,
+                len: chunk,
+                write: true,
+            };
+            r.slice(off, chunk)
+                .ok_or(err)?
+                .copy_from(&data[done..done + chunk as usize]);
             done += chunk as usize;
             iova += chunk;
         }
@@ -295,7 +320,7 @@ impl GuestMemory {
     ) -> Result<(), MapError> {
         self.check_new(iova, size)?;
         let len = usize::try_from(size).map_err(|_| MapError::BadRange { iova, size })?;
-        let off = libc::off_t::try_from(offset).map_err(|_| MapError::BadRange { iova, size })?;
+        libc::off_t::try_from(offset).map_err(|_| MapError::BadRange { iova, size })?;
         check_backing_file(fd, offset, size)?;
         let mut p = 0;
         if prot.read {
@@ -304,40 +329,35 @@ impl GuestMemory {
         if prot.write {
             p |= libc::PROT_WRITE;
         }
-        // SAFETY: a fresh shared mapping of a caller-provided fd; we check the result and own
-        // the mapping from here on (Mapping unmaps on drop).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                p,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapError::Mmap(
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            ));
-        }
-        let fault_guard = crate::memory_fault::register(ptr as usize, len);
-        let mapping = Arc::new(Mapping {
-            ptr: ptr.cast(),
-            len,
-            fd: fd.try_clone_to_owned().ok(),
-            file_offset: offset,
-            fault_guard,
-        });
-        if mapping.fault_guard.is_none() {
+        let file = fd
+            .try_clone_to_owned()
+            .map_err(|e| MapError::Mmap(e.raw_os_error().unwrap_or(0)))?;
+        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
+            .with_file_offset(vm_memory::FileOffset::new(
+                std::fs::File::from(file),
+                offset,
+            ))
+            .with_mmap_prot(p)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| {
+                MapError::Mmap(match e {
+                    vm_memory::mmap::MmapRegionError::Mmap(e) => e.raw_os_error().unwrap_or(0),
+                    _ => libc::EINVAL,
+                })
+            })?;
+        let fault_guard = crate::memory_fault::register(region.as_ptr() as usize, len);
+        if fault_guard.is_none() {
             return Err(MapError::TooMany(max_regions()));
         }
         self.insert(Region {
             iova,
             len: size,
             prot,
-            host: ptr.cast(),
-            mapping: Some(mapping),
+            mapping: Some(Arc::new(Mapping {
+                region,
+                fault_guard,
+            })),
         });
         Ok(())
     }
@@ -355,7 +375,6 @@ impl GuestMemory {
             iova,
             len: size,
             prot: none,
-            host: std::ptr::null_mut(),
             mapping: None,
         });
         Ok(())
