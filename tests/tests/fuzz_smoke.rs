@@ -1,6 +1,7 @@
 //! The fuzz harnesses on stable, in CI: pseudo-random and mutated-valid inputs, plus every
-//! input saved under `fuzz/regressions/<target>/` (crashes found by `cargo fuzz`, kept so
-//! they stay fixed). The real fuzzing runs by hand: see `fuzz/README.md`.
+//! input saved under `fuzz/regressions/<target>/` (hand-written inputs described in each
+//! folder's README, and crashes found by `cargo fuzz`, kept so they stay fixed). A missing
+//! or empty folder fails its test. The real fuzzing runs by hand: see `fuzz/README.md`.
 
 use std::path::Path;
 
@@ -8,25 +9,42 @@ use std::path::Path;
 use vnvme::perf::Rng;
 use vnvme_tests::fuzz;
 
-fn regressions(target: &str) -> Vec<Vec<u8>> {
+/// Feed every input saved under `fuzz/regressions/<target>/` (its README aside) to
+/// `harness`, in name order; returns how many. A missing folder, or one that cannot be
+/// read, fails the test: a replay of nothing would check nothing.
+fn replay(target: &str, harness: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/regressions")
         .join(target);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .collect()
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: {target}'s regression inputs", dir.display()));
+    let mut inputs: Vec<_> = entries
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .path()
+        })
+        .filter(|p| p.extension().is_none_or(|x| x != "md"))
+        .collect();
+    inputs.sort();
+    for path in &inputs {
+        let input = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // shown with the panic message if this input fails
+        eprintln!("replaying {}", path.display());
+        harness(&input);
+    }
+    inputs.len()
+}
+
+/// [`replay`], asserting that the folder held at least one input.
+fn replay_some(target: &str, harness: fn(&[u8])) {
+    let n = replay(target, harness);
+    assert!(n > 0, "no regression input in fuzz/regressions/{target}/");
 }
 
 #[test]
 fn vfio_user_message_parser_survives_garbage() {
     let mut rng = Rng(0x5eed_0001);
-    for input in regressions("vfio_user_message") {
-        fuzz::vfio_user_message(&input);
-    }
+    replay_some("vfio_user_message", fuzz::vfio_user_message);
     for _ in 0..20_000 {
         let mut msg = rng.bytes(96);
         // half the time a plausible header: a real command number and a matching size
@@ -44,9 +62,7 @@ fn vfio_user_message_parser_survives_garbage() {
 #[test]
 fn nvme_command_handling_survives_garbage() {
     let mut rng = Rng(0x5eed_0002);
-    for input in regressions("nvme_commands") {
-        fuzz::nvme_commands(&input);
-    }
+    replay_some("nvme_commands", fuzz::nvme_commands);
     let opcodes = [
         0x00u8, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x0d, 0x15, 0x18, 0x1c, 0x7c,
         0x80,
@@ -76,9 +92,7 @@ fn nvme_command_handling_survives_garbage() {
 #[test]
 fn nvme_tcp_pdu_decoder_survives_garbage() {
     let mut rng = Rng(0x5eed_0003);
-    for input in regressions("nvme_tcp_pdu") {
-        fuzz::nvme_tcp_pdu(&input);
-    }
+    replay_some("nvme_tcp_pdu", fuzz::nvme_tcp_pdu);
     // valid PDUs of every type in every mode, then mutated: one to four bytes changed, or
     // truncated, or replaced by noise
     let seeds = fuzz::nvme_tcp_pdu_seeds();
@@ -104,9 +118,7 @@ fn nvme_tcp_pdu_decoder_survives_garbage() {
 #[test]
 fn rpc_requests_survive_garbage() {
     let mut rng = Rng(0x5eed_0004);
-    for input in regressions("rpc_request") {
-        fuzz::rpc_request(&input);
-    }
+    replay_some("rpc_request", fuzz::rpc_request);
     let seeds = fuzz::rpc_request_seeds();
     for seed in &seeds {
         fuzz::rpc_request(seed);

@@ -7,12 +7,18 @@
 //!   response), while a perf session on another connection keeps running without errors;
 //! - Connect errors: unknown NQN, bad queue size, more associations than controllers,
 //!   commands before Connect; Keep Alive timeout ends an idle association;
+//! - failover: the first of two paths (counting proxies) fails under I/O, the rest of the
+//!   run goes over the second without errors;
+//! - a subsystem's namespace (RAM, or a file) shared by its vfio-user and NVMe/TCP
+//!   controllers, and a file namespace under two NVMe/TCP hosts' verified perf at once;
 //! - the initiator against a scripted misbehaving target: each case fails with a clear
 //!   error in bounded time.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use host_driver::Controller;
@@ -32,10 +38,15 @@ const NQN: &str = "nqn.2026-11.io.vnvme:loopback";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
 
 fn target() -> (Daemon, SocketAddr) {
+    target_on("malloc:64M")
+}
+
+/// A target exporting subsystem [`NQN`] with one namespace on `backend`.
+fn target_on(backend: &str) -> (Daemon, SocketAddr) {
     let cfg = Config::parse(
         &format!(
             "[[controller]]\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{NQN}\"\n\
-             [[controller.namespace]]\nbackend = \"malloc:64M\"\n"
+             [[controller.namespace]]\nbackend = \"{backend}\"\n"
         ),
         Path::new("t.toml"),
     )
@@ -59,6 +70,16 @@ fn front(dir: &Path, addr: SocketAddr, opts: &str) -> Daemon {
 }
 
 fn perf(sock: &Path, secs: f64, io_size: u64) -> vnvme::perf::JobResult {
+    perf_watched(sock, secs, io_size, |_, _| {})
+}
+
+/// [`perf`], with `progress(elapsed, I/Os so far)` called about once a second.
+fn perf_watched(
+    sock: &Path,
+    secs: f64,
+    io_size: u64,
+    progress: impl FnMut(Duration, u64),
+) -> vnvme::perf::JobResult {
     let t = VfioUserTransport::connect(sock).expect("connect");
     let mut c = Controller::new(Box::new(t), 32 << 20, 2).expect("bring-up");
     let opts = PerfOptions {
@@ -70,9 +91,57 @@ fn perf(sock: &Path, secs: f64, io_size: u64) -> vnvme::perf::JobResult {
         workers: 1,
         verify: true,
     };
-    vnvme::perf::run(&mut c, &opts, |_, _| {})
+    vnvme::perf::run(&mut c, &opts, progress)
         .expect("perf runs")
         .total()
+}
+
+/// What reading the next PDU from a hand-driven connection gave.
+#[derive(Debug)]
+enum Rx {
+    /// One whole PDU (header, data and digests as received).
+    Pdu(Vec<u8>),
+    /// The target closed the connection (end of stream, or a reset) between PDUs.
+    Closed,
+    /// Nothing arrived within the read timeout: the connection is still open.
+    TimedOut,
+}
+
+/// A read that did not fill its buffer: `got` bytes arrived, then the peer closed the
+/// connection (`closed`) or the read timeout expired.
+struct Cut {
+    got: usize,
+    closed: bool,
+}
+
+fn cut_word(closed: bool) -> &'static str {
+    if closed { "closed" } else { "stalled" }
+}
+
+/// Fill `buf` from `s`, telling a close (EOF, reset) from a timeout.
+fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> Result<(), Cut> {
+    use std::io::ErrorKind;
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(Cut { got, closed: true }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Cut { got, closed: false });
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return Err(Cut { got, closed: true });
+            }
+            Err(e) => panic!("read from the target: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// A hand-driven host connection.
@@ -97,18 +166,53 @@ impl Raw {
         self.s.write_all(&out).unwrap();
     }
 
-    /// The next PDU's bytes, or None at end of stream.
-    fn read(&mut self) -> Option<Vec<u8>> {
+    /// The next PDU, or what happened instead: the target closed the connection, or sent
+    /// nothing within the read timeout. A connection that ends or stalls partway through a
+    /// PDU fails the test here.
+    fn read(&mut self) -> Rx {
         let mut h = [0u8; 8];
-        if self.s.read_exact(&mut h).is_err() {
-            return None;
+        match read_full(&mut self.s, &mut h) {
+            Ok(()) => {}
+            Err(Cut { got: 0, closed }) => return if closed { Rx::Closed } else { Rx::TimedOut },
+            Err(Cut { got, closed }) => {
+                panic!(
+                    "connection {} {got} bytes into a PDU header",
+                    cut_word(closed)
+                )
+            }
         }
         let plen = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
-        let mut rest = vec![0u8; plen - 8];
-        self.s.read_exact(&mut rest).ok()?;
-        let mut all = h.to_vec();
-        all.extend(rest);
-        Some(all)
+        assert!(
+            plen >= 8,
+            "PDU length {plen} shorter than its header: {h:?}"
+        );
+        let mut all = vec![0u8; plen];
+        all[..8].copy_from_slice(&h);
+        if let Err(Cut { got, closed }) = read_full(&mut self.s, &mut all[8..]) {
+            panic!(
+                "connection {} {} bytes into a {plen}-byte PDU {h:?}",
+                cut_word(closed),
+                8 + got
+            );
+        }
+        Rx::Pdu(all)
+    }
+
+    /// The next PDU; anything else fails the test, saying `what` was expected.
+    fn pdu(&mut self, what: &str) -> Vec<u8> {
+        match self.read() {
+            Rx::Pdu(p) => p,
+            other => panic!("{what}: expected a PDU, got {other:?}"),
+        }
+    }
+
+    /// The target closes the connection within the read timeout, sending nothing more.
+    fn expect_closed(&mut self, case: &str) {
+        match self.read() {
+            Rx::Closed => {}
+            Rx::TimedOut => panic!("{case}: connection left open (no close within the timeout)"),
+            Rx::Pdu(p) => panic!("{case}: expected the connection closed, got a PDU {p:?}"),
+        }
     }
 
     fn ic(&mut self, dgst: u8) {
@@ -118,7 +222,7 @@ impl Raw {
             dgst,
             maxr2t: 0,
         });
-        let r = self.read().expect("ICResp");
+        let r = self.pdu("ICResp");
         assert_eq!(r[0], pdu_type::IC_RESP);
         self.neg = Negotiated {
             header_digest: dgst & 1 != 0,
@@ -127,19 +231,35 @@ impl Raw {
         };
     }
 
-    /// Expect a C2HTermReq with `want` FES, then the end of the stream.
-    fn expect_term(&mut self, want: u16, case: &str) {
-        let t = self
-            .read()
-            .unwrap_or_else(|| panic!("{case}: closed without a TermReq"));
+    /// Expect a C2HTermReq with `want` FES, then the target closing the connection.
+    /// Returns the TermReq's FEI (the offset of the offending field, or its value).
+    fn expect_term(&mut self, want: u16, case: &str) -> u32 {
+        let t = match self.read() {
+            Rx::Pdu(t) => t,
+            other => panic!("{case}: expected a C2HTermReq, got {other:?}"),
+        };
         assert_eq!(t[0], pdu_type::C2H_TERM_REQ, "{case}: {t:?}");
         let got = u16::from_le_bytes([t[8], t[9]]);
         assert_eq!(got, want, "{case}: FES");
-        assert!(self.read().is_none(), "{case}: connection left open");
+        self.expect_closed(case);
+        u32::from_le_bytes(t[10..14].try_into().unwrap())
+    }
+
+    /// Nothing arrives for `quiet` and the connection stays open.
+    fn expect_open(&mut self, quiet: Duration, case: &str) {
+        self.s.set_read_timeout(Some(quiet)).unwrap();
+        let rx = self.read();
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(
+            matches!(rx, Rx::TimedOut),
+            "{case}: expected the connection open and quiet, got {rx:?}"
+        );
     }
 
     fn response(&mut self) -> Completion {
-        let r = self.read().expect("CapsuleResp");
+        let r = self.pdu("CapsuleResp");
         assert_eq!(r[0], pdu_type::CAPSULE_RESP, "{r:?}");
         Completion::read_from_bytes(&r[8..24]).unwrap()
     }
@@ -235,9 +355,9 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     h[3] = 72;
     h[4..8].copy_from_slice(&(64u32 << 20).to_le_bytes());
     c.s.write_all(&h).unwrap();
-    let t = c.read().expect("TermReq for an oversized PDU");
+    let t = c.pdu("TermReq for an oversized PDU");
     assert_eq!(t[0], pdu_type::C2H_TERM_REQ);
-    assert!(c.read().is_none());
+    c.expect_closed("oversized PDU");
 
     let mut c = Raw::new(addr);
     c.ic(1); // header digest on
@@ -271,6 +391,10 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     sqe.prp2 = (0x5au64 << 56).into();
     c.send(&Pdu::CapsuleCmd { sqe, data: &[] });
     assert_eq!(status(&c.response()), Status::COMMAND_SEQUENCE_ERROR);
+    c.expect_open(
+        Duration::from_millis(300),
+        "Identify before Connect: an error response, no termination",
+    );
     let r = c.connect("nqn.2026-11.io.vnvme:nobody", 0, 31, 0);
     assert_eq!(
         (status(&r).sct(), status(&r).sc()),
@@ -316,7 +440,11 @@ fn loopback_io_with_digests_and_malformed_pdus_on_the_side() {
     let r = c.connect(NQN, 0, 31, 1000);
     assert!(status(&r).is_success(), "{:?}", status(&r));
     let t = Instant::now();
-    assert!(c.read().is_none(), "association outlived its keep alive");
+    match c.read() {
+        Rx::Closed => {}
+        Rx::TimedOut => panic!("association outlived its keep alive by 10 s"),
+        Rx::Pdu(pdu) => panic!("a PDU instead of the keep alive close: {pdu:?}"),
+    }
     let waited = t.elapsed();
     assert!(
         waited > Duration::from_millis(900) && waited < Duration::from_secs(5),
@@ -444,35 +572,43 @@ fn initiator_refuses_a_misbehaving_target_in_bounded_time() {
 }
 
 /// A TCP proxy to `to` that can be cut: `kill` closes every connection and stops
-/// listening, as a failed network path would.
+/// listening, as a failed network path would. It counts the connections it accepted and
+/// the bytes it forwarded (both directions), so a test sees which path carried what.
 struct Proxy {
     addr: SocketAddr,
-    kill: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kill: Arc<AtomicBool>,
+    conns: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
 }
 
 fn proxy(to: SocketAddr) -> Proxy {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    let kill = Arc::new(AtomicBool::new(false));
-    let k = Arc::clone(&kill);
+    let p = Proxy {
+        addr: l.local_addr().unwrap(),
+        kill: Arc::default(),
+        conns: Arc::default(),
+        bytes: Arc::default(),
+    };
+    let (kill, conns, bytes) = (
+        Arc::clone(&p.kill),
+        Arc::clone(&p.conns),
+        Arc::clone(&p.bytes),
+    );
     std::thread::spawn(move || {
         let mut socks: Vec<TcpStream> = Vec::new();
-        while !k.load(Ordering::Acquire) {
+        while !kill.load(Ordering::Acquire) {
             match l.accept() {
                 Ok((a, _)) => {
+                    conns.fetch_add(1, Ordering::Relaxed);
                     a.set_nonblocking(false).unwrap();
                     let b = TcpStream::connect(to).unwrap();
-                    for (mut from, mut into) in [
+                    for (from, into) in [
                         (a.try_clone().unwrap(), b.try_clone().unwrap()),
                         (b.try_clone().unwrap(), a.try_clone().unwrap()),
                     ] {
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut from, &mut into);
-                            let _ = into.shutdown(std::net::Shutdown::Both);
-                        });
+                        let bytes = Arc::clone(&bytes);
+                        std::thread::spawn(move || forward(from, into, &bytes));
                     }
                     socks.push(a);
                     socks.push(b);
@@ -485,15 +621,35 @@ fn proxy(to: SocketAddr) -> Proxy {
         }
         // the listener is dropped here: new connections are refused
     });
-    Proxy { addr, kill }
+    p
+}
+
+/// Copy `from` to `into` until either side ends, counting the bytes in `count`.
+fn forward(mut from: TcpStream, mut into: TcpStream, count: &AtomicU64) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = into.shutdown(std::net::Shutdown::Both);
 }
 
 #[test]
 fn a_failed_path_fails_over_to_the_next_without_errors() {
     let tmp = TempDir::new("tcp-failover");
     let (target, addr) = target();
-    let p = proxy(addr);
-    let paths = format!("{},{addr}", p.addr);
+    // both paths go through counting proxies to the same target
+    let (p1, p2) = (proxy(addr), proxy(addr));
+    let paths = format!("{},{}", p1.addr, p2.addr);
     let cfg = Config::parse(
         &format!(
             "[[controller]]\nsocket = \"{d}/f.sock\"\n[[controller.namespace]]\n\
@@ -503,35 +659,105 @@ fn a_failed_path_fails_over_to_the_next_without_errors() {
         Path::new("f.toml"),
     )
     .unwrap();
-    let front = Daemon::start(&cfg).expect("front connects through the proxy");
+    let front = Daemon::start(&cfg).expect("front connects through the first path");
+    assert!(
+        p1.conns.load(Ordering::Relaxed) >= 2,
+        "admin and I/O queue connected over the first path"
+    );
+    assert_eq!(
+        p2.conns.load(Ordering::Relaxed),
+        0,
+        "the second path is left alone while the first works"
+    );
     let sock = tmp.path().join("f.sock");
-    let kill = std::sync::Arc::clone(&p.kill);
+    // 2 s in, the first path fails: (bytes over path 1, over path 2) just before, and
+    // over path 1 once its connections are surely down
+    let (kill, b1, b2) = (
+        Arc::clone(&p1.kill),
+        Arc::clone(&p1.bytes),
+        Arc::clone(&p2.bytes),
+    );
     let cut = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(2));
-        kill.store(true, std::sync::atomic::Ordering::Release);
+        let before = (b1.load(Ordering::Relaxed), b2.load(Ordering::Relaxed));
+        kill.store(true, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(500));
+        (before, b1.load(Ordering::Relaxed))
     });
-    let r = perf(&sock, 8.0, 8192);
-    cut.join().unwrap();
+    let mut progress = Vec::new();
+    let r = perf_watched(&sock, 8.0, 8192, |t, ios| progress.push((t, ios)));
+    let ((p1_before, p2_before), p1_after) = cut.join().unwrap();
     assert!(
         r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
         "I/O across the path failure: {r:?}"
     );
-    // the first path is really gone: the last 6 s of I/O took the second one
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(TcpStream::connect(p.addr).is_err(), "proxy still listening");
+    assert!(
+        p1_before > 100 * 8192,
+        "the first path carried the I/O before the cut: {p1_before} bytes"
+    );
+    assert_eq!(
+        p2_before, 0,
+        "nothing went over the second path before the cut"
+    );
+    assert_eq!(
+        p1.bytes.load(Ordering::Relaxed),
+        p1_after,
+        "bytes went over the first path after it was cut"
+    );
+    assert!(
+        TcpStream::connect(p1.addr).is_err(),
+        "proxy still listening"
+    );
+    // the I/O after the cut took the second path: every I/O completed after the progress
+    // report at 3 s or later (a second past the cut) moved its 8 KiB over path 2
+    let (t_late, ios_then) = progress
+        .iter()
+        .copied()
+        .find(|&(t, _)| t >= Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("no progress report after 3 s: {progress:?}"));
+    let late = r.ios - ios_then;
+    assert!(
+        late > 100,
+        "I/O went on after the cut: {late} I/Os after {t_late:?} ({progress:?})"
+    );
+    let p2_bytes = p2.bytes.load(Ordering::Relaxed);
+    assert!(
+        p2_bytes >= late * 8192,
+        "{late} I/Os of 8 KiB after {t_late:?}, only {p2_bytes} bytes over the second path"
+    );
     front.stop().unwrap();
+    p2.kill.store(true, Ordering::Release);
     target.stop().unwrap();
 }
 
 #[test]
 fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
-    use device_model::backend::{Backend, IoOp, IoRequest};
     let tmp = TempDir::new("tcp-dual");
+    shares_its_namespace(&tmp, "malloc:32M");
+}
+
+/// The same with the namespace on a file: each controller of the subsystem is a user of
+/// the one file backend (the file backend once refused every user's tags but the first).
+#[test]
+fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_a_file_namespace() {
+    let tmp = TempDir::new("tcp-dual-file");
+    let img = tmp.path().join("shared.img");
+    shares_its_namespace(&tmp, &format!("file:{}:32M", img.display()));
+    let len = std::fs::metadata(&img)
+        .expect("the image file exists")
+        .len();
+    assert_eq!(len, 32 << 20, "the namespace is the file");
+}
+
+/// A subsystem with a vfio-user controller and NVMe/TCP controllers over one namespace on
+/// `backend`: what one writes, the other reads, both ways.
+fn shares_its_namespace(tmp: &TempDir, backend: &str) {
+    use device_model::backend::{Backend, IoOp, IoRequest};
     let nqn = "nqn.2026-11.io.vnvme:dual";
     let cfg = Config::parse(
         &format!(
             "[[controller]]\nsocket = \"{d}/dual.sock\"\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{nqn}\"\n\
-             [[controller.namespace]]\nbackend = \"malloc:32M\"\n",
+             [[controller.namespace]]\nbackend = \"{backend}\"\n",
             d = tmp.path().display()
         ),
         Path::new("dual.toml"),
@@ -566,37 +792,122 @@ fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
     while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
         b.poll(&mut |t, s| got.push((t, s)));
     }
-    assert_eq!(got, vec![(1, Status::SUCCESS)]);
+    assert_eq!(
+        got,
+        vec![(1, Status::SUCCESS)],
+        "{backend}: write over NVMe/TCP"
+    );
     // read it back over vfio-user, from the other controller of the subsystem
     let tr = VfioUserTransport::connect(&tmp.path().join("dual.sock")).unwrap();
     let mut c = Controller::new(Box::new(tr), 16 << 20, 2).unwrap();
     assert_eq!(c.identify().cntlid.get(), 1);
     let mut qp = c.create_io_queue_pair(8).unwrap();
     let buf = c.dma().alloc(8192).unwrap();
+    let wait = |qp: &mut host_driver::IoQueuePair, what: &str| {
+        qp.ring();
+        let mut done = None;
+        let t = Instant::now();
+        while done.is_none() && t.elapsed() < Duration::from_secs(5) {
+            qp.poll(1, |r| done = Some(r));
+        }
+        let r = done.unwrap_or_else(|| panic!("{backend}: no completion over vfio-user ({what})"));
+        assert_eq!(
+            r.status,
+            Status::SUCCESS,
+            "{backend}: {what} over vfio-user"
+        );
+    };
     qp.read_write(false, 1, 2048, 16, buf.iova(), 8192, 9)
         .unwrap();
-    qp.ring();
-    let mut done = None;
-    let t = Instant::now();
-    while done.is_none() && t.elapsed() < Duration::from_secs(5) {
-        qp.poll(1, |r| done = Some(r));
-    }
-    assert!(done.is_some(), "no completion over vfio-user");
-    assert_eq!(buf.as_slice(), &pattern[..], "the two controllers disagree");
+    wait(&mut qp, "read");
+    assert_eq!(
+        buf.as_slice(),
+        &pattern[..],
+        "{backend}: the two controllers disagree"
+    );
     // and the other way: what vfio-user zeroes, NVMe/TCP reads as zeroes
     qp.write_zeroes(1, 2048, 16, 10).unwrap();
-    qp.ring();
-    let mut done = None;
-    while done.is_none() {
-        qp.poll(1, |r| done = Some(r));
-    }
+    wait(&mut qp, "write zeroes");
     let mut back = vec![1u8; 8192];
     b.read_sync(1 << 20, &mut back).unwrap();
-    assert!(back.iter().all(|&x| x == 0));
+    assert!(
+        back.iter().all(|&x| x == 0),
+        "{backend}: NVMe/TCP reads what vfio-user zeroed"
+    );
     drop(b);
     drop(qp);
     drop(c);
     daemon.stop().unwrap();
+}
+
+/// Issue 14's report: `vnvme serve --tcp-listen 127.0.0.1:PORT --nqn N --ns
+/// file:IMG:64M` with two NVMe/TCP hosts running a verified perf at the same time (the
+/// file backend once served only the subsystem's first controller; the other host's every
+/// command failed). Each host is a vfio-user front whose namespace is an `nvme-tcp://`
+/// backend on the target, so the perf verifies what it reads; the two associations get the
+/// subsystem's two controllers. Both runs write the same bytes to a block (the pattern is
+/// a function of the LBA and NSID), so neither can spoil the other's verification.
+#[test]
+fn two_nvme_tcp_hosts_run_verified_io_on_one_file_namespace() {
+    let tmp = TempDir::new("tcp-file-2hosts");
+    let img = tmp.path().join("x.img");
+    let (target, addr) = target_on(&format!("file:{}:64M", img.display()));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
+    let hosts: Vec<(Daemon, std::path::PathBuf)> = ["a", "b"]
+        .iter()
+        .map(|h| {
+            let dir = tmp.path().join(h);
+            std::fs::create_dir(&dir).unwrap();
+            (front(&dir, addr, "nr_io_queues=1"), dir.join("f.sock"))
+        })
+        .collect();
+    let ctrls: Vec<_> = target
+        .controllers()
+        .iter()
+        .map(|c| (c.kind, c.cntlid, c.state()))
+        .collect();
+    assert!(
+        ctrls.len() == 2 && ctrls.iter().all(|c| c.0 == "tcp" && c.2 == "ready"),
+        "each host enabled one of the subsystem's two controllers: {ctrls:?}"
+    );
+    let runs: Vec<_> = hosts
+        .iter()
+        .map(|(_, sock)| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut first_report = None;
+                let r = perf_watched(&sock, 4.0, 8192, |_, ios| {
+                    if ios > 0 && first_report.is_none() {
+                        first_report = Some(Instant::now());
+                    }
+                });
+                (first_report, Instant::now(), r)
+            })
+        })
+        .collect();
+    let runs: Vec<_> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+    for (host, (first, _, r)) in ["first", "second"].iter().zip(&runs) {
+        assert!(
+            first.is_some(),
+            "{host} host: no I/O reported while running"
+        );
+        assert!(r.ios > 100, "{host} host did little or no I/O: {r:?}");
+        assert_eq!(r.errors, 0, "{host} host: failed commands: {r:?}");
+        assert_eq!(
+            r.verify_failures, 0,
+            "{host} host: verify mismatches: {r:?}"
+        );
+    }
+    // the two runs overlapped: each had done I/O before the other finished
+    let (a, b) = (&runs[0], &runs[1]);
+    assert!(
+        a.0.unwrap() < b.1 && b.0.unwrap() < a.1,
+        "the two hosts' I/O did not overlap"
+    );
+    for (front, _) in hosts {
+        front.stop().unwrap();
+    }
+    target.stop().unwrap();
 }
 
 impl Raw {
@@ -633,6 +944,21 @@ impl Raw {
         self.response()
     }
 
+    /// The next PDU is an R2T for command `cid` asking for all `len` bytes at offset 0;
+    /// returns its TTAG.
+    fn r2t(&mut self, cid: u16, len: u32) -> u16 {
+        let r = self.pdu("R2T");
+        assert_eq!(r[0], pdu_type::R2T, "{r:?}");
+        assert_eq!(u16::from_le_bytes([r[8], r[9]]), cid, "R2T CCCID");
+        assert_eq!(u32::from_le_bytes(r[12..16].try_into().unwrap()), 0, "R2TO");
+        assert_eq!(
+            u32::from_le_bytes(r[16..20].try_into().unwrap()),
+            len,
+            "R2TL"
+        );
+        u16::from_le_bytes([r[10], r[11]])
+    }
+
     /// A Write of `blocks` 512-byte blocks at LBA 0 with command ID `cid`: in-capsule data
     /// when `data` is given, else announced for R2T.
     fn write(&mut self, cid: u16, len: usize, data: Option<&[u8]>) {
@@ -649,6 +975,24 @@ impl Raw {
             data: data.unwrap_or(&[]),
         });
     }
+}
+
+/// An association by hand: an admin queue, the controller enabled, I/O queue 1 (no
+/// digests).
+fn associate(addr: SocketAddr) -> (Raw, Raw) {
+    let mut admin = Raw::new(addr);
+    admin.ic(0);
+    let r = admin.connect(NQN, 0, 31, 0);
+    assert!(status(&r).is_success(), "{:?}", status(&r));
+    assert!(status(&admin.property(true, 0x14, 0x0046_0001)).is_success());
+    let t = Instant::now();
+    while admin.property(false, 0x1c, 0).dw0.get() & 1 == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "CSTS.RDY never set");
+    }
+    let mut io = Raw::new(addr);
+    io.ic(0);
+    assert!(status(&io.connect_io(r.dw0.get() as u16, 1)).is_success());
+    (admin, io)
 }
 
 #[test]
@@ -691,8 +1035,7 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
     assert!(status(&io.response()).is_success());
     // H2C data with a bad digest: the write fails once its data is in, nothing hangs
     io.write(5, 4096, None);
-    let r2t = io.read().expect("R2T");
-    let tt = u16::from_le_bytes([r2t[10], r2t[11]]);
+    let tt = io.r2t(5, 4096);
     let mut out = Vec::new();
     pdu::encode(
         &Pdu::H2CData {
@@ -737,10 +1080,7 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
     assert_eq!(status(&admin.response()), Status::INVALID_OPCODE);
     // a write by R2T: the target asks for the data, in order
     io.write(3, 8192, None);
-    let r2t = io.read().expect("R2T");
-    assert_eq!(r2t[0], pdu_type::R2T);
-    let ttag = u16::from_le_bytes([r2t[10], r2t[11]]);
-    assert_eq!(u32::from_le_bytes(r2t[16..20].try_into().unwrap()), 8192);
+    let ttag = io.r2t(3, 8192);
     // the same CID again while it is in flight: refused
     io.write(3, 4096, Some(&data));
     assert_eq!(status(&io.response()), Status::CID_CONFLICT);
@@ -752,25 +1092,14 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
         data: &data,
         last: true,
     });
-    io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData out of order");
-    assert!(
-        admin.read().is_none(),
-        "the association survived a fatal I/O queue error"
-    );
+    let fei = io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData out of order");
+    assert_eq!(fei, 12, "H2CData out of order: FEI names DATAO");
+    admin.expect_closed("the association's admin queue after a fatal I/O queue error");
 
-    // a fresh association: H2CData beyond the R2T, then one for a tag never given
-    let mut admin = Raw::new(addr);
-    admin.ic(0);
-    let r = admin.connect(NQN, 0, 31, 0);
-    assert!(status(&r).is_success(), "{:?}", status(&r));
-    assert!(status(&admin.property(true, 0x14, 0x0046_0001)).is_success());
-    while admin.property(false, 0x1c, 0).dw0.get() & 1 == 0 {}
-    let mut io = Raw::new(addr);
-    io.ic(0);
-    assert!(status(&io.connect_io(r.dw0.get() as u16, 1)).is_success());
+    // a fresh association: H2CData beyond the R2T
+    let (mut admin, mut io) = associate(addr);
     io.write(4, 4096, None);
-    let r2t = io.read().expect("R2T");
-    let ttag = u16::from_le_bytes([r2t[10], r2t[11]]);
+    let ttag = io.r2t(4, 4096);
     io.send(&Pdu::H2CData {
         cccid: 4,
         ttag,
@@ -778,6 +1107,35 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
         data: &[0; 8192],
         last: true,
     });
-    io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData beyond the R2T");
+    let fei = io.expect_term(fes::DATA_OUT_OF_RANGE, "H2CData beyond the R2T");
+    assert_eq!(fei, 16, "H2CData beyond the R2T: FEI names DATAL");
+    admin.expect_closed("the association after H2CData beyond the R2T");
+
+    // H2CData for a tag the target never gave, while an R2T is outstanding for the same
+    // command (so only the TTAG is wrong): a tag of the queue other than the one given, and
+    // one past every slot. Either is fatal, FEI naming the TTAG field (byte 10), and the
+    // association ends; the good write's data never arrives.
+    for far in [false, true] {
+        let case = if far {
+            "H2CData for TTAG FFFFh, past every slot"
+        } else {
+            "H2CData for a slot's TTAG never given"
+        };
+        let (mut admin, mut io) = associate(addr);
+        io.write(4, 4096, None);
+        let given = io.r2t(4, 4096);
+        let bad = if far { 0xffff } else { given ^ 1 };
+        assert_ne!(bad, given);
+        io.send(&Pdu::H2CData {
+            cccid: 4,
+            ttag: bad,
+            offset: 0,
+            data: &[0x11; 4096],
+            last: true,
+        });
+        let fei = io.expect_term(fes::INVALID_HEADER_FIELD, case);
+        assert_eq!(fei, 10, "{case}: FEI names TTAG");
+        admin.expect_closed(case);
+    }
     target.stop().unwrap();
 }
