@@ -163,11 +163,16 @@ pub struct Raw {
 impl Raw {
     /// Connect and negotiate the version; the server's capabilities are kept.
     pub fn connect(sock: &Path) -> Self {
+        Self::connect_within(sock, Duration::from_secs(10))
+    }
+
+    /// [`Raw::connect`], waiting up to `patience` for the server to answer VERSION (it
+    /// serves one client at a time: a new one waits while the last one's reset finishes).
+    /// Replies after that are awaited for 10 s.
+    pub fn connect_within(sock: &Path, patience: Duration) -> Self {
         let stream =
             UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        stream.set_read_timeout(Some(patience)).unwrap();
         let mut raw = Raw {
             stream,
             next_id: 1,
@@ -189,6 +194,9 @@ impl Raw {
         };
         raw.max_msg_fds = cap("max_msg_fds");
         raw.max_dma_maps = cap("max_dma_maps");
+        raw.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         raw
     }
 
@@ -204,11 +212,17 @@ impl Raw {
 
     /// Read the reply to message `id` (header, payload, fds).
     pub fn recv(&mut self, id: u16) -> Reply {
+        self.try_recv(id).expect("reply")
+    }
+
+    /// Read the reply to message `id`; an error when its header did not come within the
+    /// read timeout (WouldBlock) or the connection failed (the stream is then out of step).
+    pub fn try_recv(&mut self, id: u16) -> io::Result<Reply> {
         let mut h = [0u8; 16];
         let mut got = 0;
         let mut fds = Vec::new();
         while got < 16 {
-            let (n, mut f) = recv_with_fds(&self.stream, &mut h[got..]).expect("reply header");
+            let (n, mut f) = recv_with_fds(&self.stream, &mut h[got..])?;
             assert!(n > 0, "server closed the connection instead of replying");
             got += n;
             fds.append(&mut f);
@@ -217,12 +231,12 @@ impl Raw {
         let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
         let mut payload = vec![0u8; size.saturating_sub(16)];
         self.stream.read_exact(&mut payload).expect("reply payload");
-        Reply {
+        Ok(Reply {
             flags: u32::from_le_bytes(h[8..12].try_into().unwrap()),
             errno: u32::from_le_bytes(h[12..16].try_into().unwrap()),
             payload,
             fds,
-        }
+        })
     }
 
     /// Send a command and wait for its reply.
@@ -279,11 +293,17 @@ impl Raw {
 
     /// REGION_WRITE; panics on an error reply.
     pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) {
+        let id = self.send_region_write(region, offset, data);
+        let r = self.recv(id);
+        assert_eq!(r.error(), None, "REGION_WRITE {region}:{offset:#x}");
+    }
+
+    /// Send a REGION_WRITE without waiting for its reply; returns its message id.
+    pub fn send_region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> u16 {
         let mut p = offset.to_le_bytes().to_vec();
         p.extend_from_slice(&le32(&[region, data.len() as u32]));
         p.extend_from_slice(data);
-        let r = self.request(command::REGION_WRITE, &p, &[]);
-        assert_eq!(r.error(), None, "REGION_WRITE {region}:{offset:#x}");
+        self.send(command::REGION_WRITE, &p, &[])
     }
 
     pub fn read32(&mut self, offset: u64) -> u32 {
@@ -346,8 +366,12 @@ const ACQ: u64 = 0x1000;
 pub const IDENTIFY_BUF: u64 = 0x2000;
 /// The PRP list of the write buffer.
 const PRP_LIST: u64 = 0x3000;
+/// 48 KiB the driver never touches, for the test's data buffers.
+pub const DATA_BUF: u64 = 0x4000;
 const IO_SQ: u64 = 0x10000;
 const IO_CQ: u64 = 0x20000;
+/// Another 48 KiB the driver never touches (after the I/O CQ).
+pub const SPARE_BUF: u64 = 0x24000;
 /// The buffer every write sends (64 KiB: slow enough to keep commands in flight).
 pub const WRITE_BUF: u64 = 0x30000;
 pub const WRITE_SIZE: u64 = 64 << 10;
@@ -372,6 +396,8 @@ pub struct Guest {
     admin_head: u32,
     admin_phase: bool,
     io_tail: u32,
+    io_head: u32,
+    io_phase: bool,
     next_cid: u16,
 }
 
@@ -408,7 +434,13 @@ impl Guest {
     /// Connect, DMA_MAP [`GUEST_MEM`] bytes of a new memfd at IOVA 0, map the doorbell page
     /// and enable the controller with the admin queues in that memory.
     pub fn connect(sock: &Path) -> Self {
-        let mut raw = Raw::connect(sock);
+        Self::connect_within(sock, Duration::from_secs(10))
+    }
+
+    /// [`Guest::connect`], waiting up to `patience` for the server to take the connection
+    /// (see [`Raw::connect_within`]).
+    pub fn connect_within(sock: &Path, patience: Duration) -> Self {
+        let mut raw = Raw::connect_within(sock, patience);
         let memfd = memfd(c"hostile-guest", GUEST_MEM);
         // SAFETY: a shared mapping of our own memfd of that size; checked.
         let mem = unsafe {
@@ -452,6 +484,8 @@ impl Guest {
             admin_head: 0,
             admin_phase: true,
             io_tail: 0,
+            io_head: 0,
+            io_phase: true,
             next_cid: 0,
         };
         g.enable();
@@ -482,12 +516,17 @@ impl Guest {
         self.mem_fill(ASQ, 0x2000, 0);
         self.mem_fill(IO_SQ, (IO_CQ - IO_SQ) as usize + IO_QSIZE as usize * 16, 0);
         const { assert!(WRITE_BUF + WRITE_SIZE <= GUEST_MEM) };
+        const { assert!(DATA_BUF >= PRP_LIST + 0x1000 && DATA_BUF + 0xc000 <= IO_SQ) };
+        const { assert!(SPARE_BUF >= IO_CQ + IO_QSIZE as u64 * 16) };
+        const { assert!(SPARE_BUF + 0xc000 <= WRITE_BUF) };
         (
             self.admin_tail,
             self.admin_head,
             self.admin_phase,
             self.io_tail,
-        ) = (0, 0, true, 0);
+            self.io_head,
+            self.io_phase,
+        ) = (0, 0, true, 0, 0, true);
         self.raw
             .write32(REG_AQA, ((ADMIN_QSIZE - 1) << 16) | (ADMIN_QSIZE - 1));
         self.raw.write64(REG_ASQ, ASQ);
@@ -611,7 +650,68 @@ impl Guest {
             &[((IO_QSIZE - 1) << 16) | 1, (1 << 16) | 1],
         ));
         assert!(c.ok(), "Create I/O SQ: {c:?}");
-        self.io_tail = 0;
+        (self.io_tail, self.io_head, self.io_phase) = (0, 0, true);
+    }
+
+    /// Put `sqes` on the I/O queue (each gets a new command id), then ring its doorbell
+    /// once; returns the command ids. Completions are consumed by [`Guest::io_reap`].
+    pub fn io_submit(&mut self, sqes: &[[u8; 64]]) -> Vec<u16> {
+        assert!(sqes.len() < IO_QSIZE as usize);
+        let mut cids = Vec::with_capacity(sqes.len());
+        for sqe in sqes {
+            let mut sqe = *sqe;
+            let cid = self.cid();
+            sqe[2..4].copy_from_slice(&cid.to_le_bytes());
+            self.mem_write(IO_SQ + u64::from(self.io_tail) * 64, &sqe);
+            self.io_tail = (self.io_tail + 1) % IO_QSIZE;
+            cids.push(cid);
+        }
+        self.ring(2, self.io_tail);
+        cids
+    }
+
+    /// The I/O completions posted since the last call, as (command id, status without the
+    /// phase bit); the CQ head doorbell follows.
+    pub fn io_reap(&mut self) -> Vec<(u16, u16)> {
+        let mut got = Vec::new();
+        loop {
+            let e = self.io_cq_entry(self.io_head);
+            let status = u16::from_le_bytes([e[14], e[15]]);
+            if (status & 1 == 1) != self.io_phase {
+                break;
+            }
+            got.push((u16::from_le_bytes([e[12], e[13]]), status >> 1));
+            self.io_head = (self.io_head + 1) % IO_QSIZE;
+            if self.io_head == 0 {
+                self.io_phase = !self.io_phase;
+            }
+        }
+        if !got.is_empty() {
+            self.ring(3, self.io_head);
+        }
+        got
+    }
+
+    /// Reap I/O completions until `n` have come or `timeout` has passed.
+    pub fn io_wait(&mut self, n: usize, timeout: Duration) -> Vec<(u16, u16)> {
+        let t = Instant::now();
+        let mut got = Vec::new();
+        while got.len() < n && t.elapsed() < timeout {
+            let more = self.io_reap();
+            if more.is_empty() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            got.extend(more);
+        }
+        got
+    }
+
+    /// The raw I/O completion queue entry `index` (to see what the controller posted there).
+    pub fn io_cq_entry(&self, index: u32) -> [u8; 16] {
+        assert!(index < IO_QSIZE);
+        let mut e = [0u8; 16];
+        self.mem_read(IO_CQ + u64::from(index) * 16, &mut e);
+        e
     }
 
     /// Put `n` 64 KiB writes of [`WRITE_BUF`] to namespace 1 (512-byte blocks, 32 MiB or

@@ -16,12 +16,12 @@ use host_driver::transport::vfio_user::VfioUserTransport;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
 use vnvme::perf::{Pattern, PerfOptions, Report};
-use vnvme_tests::guest::TempDir;
+use vnvme_tests::guest::{TempDir, vnvme_binary};
 use vnvme_tests::hostile::{
-    BAR0, CSTS_CFS, CSTS_RDY, GUEST_MEM, Guest, INTX, MSIX, Raw, command, eventfd, header, memfd,
-    pipe, set_len,
+    BAR0, CSTS_CFS, CSTS_RDY, DATA_BUF, GUEST_MEM, Guest, INTX, IO_QSIZE, MSIX, REG_CC, Raw,
+    SPARE_BUF, WRITE_BUF, command, eventfd, header, memfd, pipe, set_len,
 };
-use vnvme_tests::nvme_client::cmd;
+use vnvme_tests::nvme_client::{cmd, with_prp2};
 
 // ---------------------------------------------------------------------------------------
 // Helpers: the daemon, the neighbour's verified I/O run, recovery of the attacked controller.
@@ -29,6 +29,9 @@ use vnvme_tests::nvme_client::cmd;
 
 /// A daemon with controllers "a" (attacked) and "b" (neighbour) on one shared reactor.
 struct Setup {
+    /// A's backend process, when it has one: dropped (resumed and killed) before the
+    /// daemon, so a daemon waiting on it is never left waiting on a frozen process.
+    back: Option<BackProcess>,
     daemon: Daemon,
     a: PathBuf,
     b: PathBuf,
@@ -39,19 +42,24 @@ const SERIAL_A: &str = "HOSTILE-A";
 const SERIAL_B: &str = "NEIGHBOUR-B";
 
 fn start(tag: &str) -> Setup {
+    start_in(TempDir::new(&format!("hostile-{tag}")), "malloc:32M", None)
+}
+
+/// The daemon in `dir`, controller a's namespace on `a_backend` (served by `back`, if any).
+fn start_in(dir: TempDir, a_backend: &str, back: Option<BackProcess>) -> Setup {
     let _ = env_logger::builder().is_test(true).try_init();
-    let dir = TempDir::new(&format!("hostile-{tag}"));
     let d = dir.path().display();
     let text = format!(
         "reactors = 1\n\
          [[controller]]\nsocket = \"{d}/a.sock\"\nserial = \"{SERIAL_A}\"\n\
-         [[controller.namespace]]\nbackend = \"malloc:32M\"\n\
+         [[controller.namespace]]\nbackend = \"{a_backend}\"\n\
          [[controller]]\nsocket = \"{d}/b.sock\"\nserial = \"{SERIAL_B}\"\n\
          [[controller.namespace]]\nbackend = \"malloc:32M\"\n"
     );
     let cfg = Config::parse(&text, Path::new("hostile.toml")).unwrap();
     let daemon = Daemon::start(&cfg).expect("daemon start");
     Setup {
+        back,
         a: dir.path().join("a.sock"),
         b: dir.path().join("b.sock"),
         daemon,
@@ -62,13 +70,14 @@ fn start(tag: &str) -> Setup {
 impl Setup {
     /// The daemon stops promptly (no thread is held by what a client did).
     fn stop(self) {
+        self.stop_within(Duration::from_secs(5));
+    }
+
+    fn stop_within(self, limit: Duration) {
         let t = Instant::now();
         self.daemon.stop().expect("daemon stop");
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "stop took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < limit, "stop took {:?}", t.elapsed());
+        eprintln!("daemon stopped in {:?}", t.elapsed());
     }
 }
 
@@ -384,8 +393,8 @@ fn interrupt_fds_must_be_eventfds_and_a_full_one_never_blocks_the_reactor() {
     }
     let full = u64::MAX - 1;
     // SAFETY: writing 8 bytes from a local u64 to our eventfd.
-    let n = unsafe { libc::write(efd.as_raw_fd(), (&raw const full).cast(), 8) };
-    assert_eq!(n, 8, "eventfd counter filled");
+    let written = unsafe { libc::write(efd.as_raw_fd(), (&raw const full).cast(), 8) };
+    assert_eq!(written, 8, "eventfd counter filled");
 
     during_neighbour_io(&s.b, || {
         for i in 0..800 {
@@ -493,11 +502,11 @@ fn a_flood_of_fds_in_one_message_is_refused() {
             assert_eq!(e, Some(libc::EINVAL), "SET_IRQS with {n} fds (max {max})");
             let page = memfd(c"page", 4096);
             let fds = vec![page.as_raw_fd(); n]; // one memfd, sent n times
-            let mut p = vnvme_tests::hostile::le32(&[32, 3]);
+            let mut payload = vnvme_tests::hostile::le32(&[32, 3]);
             for v in [0u64, 1 << 40, 4096] {
-                p.extend_from_slice(&v.to_le_bytes());
+                payload.extend_from_slice(&v.to_le_bytes());
             }
-            let r = g.raw.request(command::DMA_MAP, &p, &fds);
+            let r = g.raw.request(command::DMA_MAP, &payload, &fds);
             assert_eq!(
                 r.error(),
                 Some(libc::EINVAL),
@@ -623,4 +632,415 @@ fn unmapping_the_queues_under_io_is_contained() {
     drop(g);
     assert_recovers(&s.a);
     s.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// A stalled backend: controller a's namespace lives on a separate `vnvme serve` process
+// that the test freezes (SIGSTOP) with requests in flight, reached over vfio-user (the
+// `nvme:` backend, through the host driver) or NVMe/TCP (the `nvme-tcp://` backend).
+// ---------------------------------------------------------------------------------------
+
+/// How controller a reaches its back process.
+#[derive(Debug, Clone, Copy)]
+enum Remote {
+    VfioUser,
+    Tcp,
+}
+
+const BACK_NQN: &str = "nqn.2026-11.io.vnvme:stalled-back";
+
+/// A `vnvme serve` process with one 64 MiB RAM namespace.
+struct BackProcess {
+    child: std::process::Child,
+}
+
+impl BackProcess {
+    /// Start it (on `dir/back.sock`, or a free TCP port on 127.0.0.1) and wait until it
+    /// takes connections; returns it and the backend spec that reaches it.
+    fn spawn(dir: &Path, remote: Remote) -> (Self, String) {
+        let mut cmd = std::process::Command::new(vnvme_binary());
+        cmd.args(["serve", "--ns", "malloc:64M"]);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // its log only when asked for, as the in-process daemon's
+            cmd.stdout(std::process::Stdio::null());
+            cmd.stderr(std::process::Stdio::null());
+        }
+        let (backend, probe): (String, Box<dyn Fn() -> bool>) = match remote {
+            Remote::VfioUser => {
+                let sock = dir.join("back.sock");
+                cmd.arg("--socket").arg(&sock);
+                let backend = format!("nvme:vfio-user:{}", sock.display());
+                (
+                    backend,
+                    Box::new(move || UnixStream::connect(&sock).is_ok()),
+                )
+            }
+            Remote::Tcp => {
+                let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .unwrap();
+                cmd.args(["--tcp-listen", &addr.to_string(), "--nqn", BACK_NQN]);
+                let backend = format!("nvme-tcp://{addr}/{BACK_NQN}/1");
+                let probe = move || std::net::TcpStream::connect(addr).is_ok();
+                (backend, Box::new(probe))
+            }
+        };
+        let mut back = BackProcess {
+            child: cmd.spawn().expect("vnvme serve"),
+        };
+        let t = Instant::now();
+        while !probe() {
+            if let Some(st) = back.child.try_wait().unwrap() {
+                panic!("vnvme serve exited: {st}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{backend}: never took a connection"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (back, backend)
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill() with our child's pid and a signal number.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// States of the process's threads (the field after the command name in their stat).
+    fn thread_states(&self) -> Vec<char> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(tasks)
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
+            .collect()
+    }
+
+    /// SIGSTOP, and wait until every thread of the process has stopped.
+    fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let t = Instant::now();
+        while self.thread_states().iter().any(|&s| s != 'T') {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "back process not stopped: {:?}",
+                self.thread_states()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+}
+
+impl Drop for BackProcess {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon with controller a's namespace on a fresh back process.
+fn start_stalled(tag: &str, remote: Remote) -> Setup {
+    let dir = TempDir::new(&format!("hostile-{tag}"));
+    let (back, backend) = BackProcess::spawn(dir.path(), remote);
+    start_in(dir, &backend, Some(back))
+}
+
+impl Setup {
+    fn back(&self) -> &BackProcess {
+        self.back.as_ref().expect("a back process")
+    }
+}
+
+/// 16 writes of 4 KiB from [`WRITE_BUF`] and 16 reads of the same blocks into
+/// [`SPARE_BUF`] (12 pages, reused), interleaved.
+fn mixed_batch() -> Vec<[u8; 64]> {
+    (0..16u32)
+        .flat_map(|i| {
+            let read_to = SPARE_BUF + u64::from(i % 12) * 4096;
+            [
+                cmd(0x01, 1, WRITE_BUF, &[i * 8, 0, 7]),
+                cmd(0x02, 1, read_to, &[i * 8, 0, 7]),
+            ]
+        })
+        .collect()
+}
+
+/// `len` bytes of a pattern that never holds 0xee (bytes below 199).
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 199) as u8)
+        .collect()
+}
+
+/// Guest `g` on controller a: I/O queues, a batch of reads and writes that all succeed
+/// (the backend works), then the back process is frozen and a second batch is submitted
+/// that stays in flight. The buffers the stalled reads go to hold 0xee.
+fn stall_a(s: &Setup, g: &mut Guest) {
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    g.create_io_queues();
+    g.mem_write(WRITE_BUF, &pattern(4096, 7));
+    let cids = g.io_submit(&mixed_batch());
+    let done = g.io_wait(cids.len(), Duration::from_secs(10));
+    assert_eq!(done.len(), cids.len(), "first batch on a: {done:?}");
+    assert!(done.iter().all(|&(_, st)| st == 0), "first batch: {done:?}");
+
+    s.back().freeze();
+    g.mem_fill(SPARE_BUF, 12 * 4096, 0xee);
+    let stalled = g.io_submit(&mixed_batch());
+    std::thread::sleep(Duration::from_millis(300));
+    let early = g.io_reap();
+    assert!(
+        early.is_empty(),
+        "completions from a frozen backend: {early:?}"
+    );
+    eprintln!("{} commands in flight on a's frozen backend", stalled.len());
+}
+
+/// Neighbour b's verified run of `duration` on its own thread, once its controller is up
+/// (within 10 s: bring-up needs the shared reactor).
+fn start_neighbour(b: &Path, duration: Duration) -> std::thread::JoinHandle<Report> {
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let b = b.to_owned();
+    let neighbour = std::thread::spawn(move || {
+        let mut c = open(&b);
+        assert_eq!(c.names().1, SERIAL_B);
+        up_tx.send(()).unwrap();
+        verified_run(&mut c, duration)
+    });
+    let t = Instant::now();
+    up_rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|e| {
+            panic!(
+                "neighbour b not brought up after {:?} while a's backend is frozen \
+                 (the shared reactor is blocked?): {e}",
+                t.elapsed()
+            )
+        });
+    eprintln!("neighbour b up in {:?}", t.elapsed());
+    neighbour
+}
+
+/// The neighbour's run is clean and kept going while a's backend was frozen.
+fn assert_neighbour_kept_going(neighbour: std::thread::JoinHandle<Report>) {
+    let r = neighbour.join().expect("neighbour thread");
+    assert_clean(&r, "neighbour b");
+    let t = r.total();
+    eprintln!(
+        "neighbour b during the stall: {} I/Os in {:?}",
+        t.ios, r.elapsed
+    );
+    assert!(
+        t.ios > 1000,
+        "neighbour b starved: {t:?} in {:?}",
+        r.elapsed
+    );
+}
+
+/// Every entry of `g`'s I/O CQ from `from` on is untouched.
+fn assert_cq_untouched(g: &Guest, from: u32, when: &str) {
+    for i in from..IO_QSIZE {
+        assert_eq!(
+            g.io_cq_entry(i),
+            [0; 16],
+            "I/O CQ entry {i} of a's new queue posted {when}"
+        );
+    }
+}
+
+/// Verified I/O on `g`'s fresh queues: 8 KiB written at 48 MiB and read back; exactly
+/// these two completions appear.
+fn verified_io_on_fresh_queues(g: &mut Guest) {
+    let data = pattern(8192, 99);
+    g.mem_write(DATA_BUF, &data);
+    let lba = (48 << 20) / 512;
+    let w = g.io_submit(&[with_prp2(
+        cmd(0x01, 1, DATA_BUF, &[lba, 0, 15]),
+        DATA_BUF + 0x1000,
+    )]);
+    assert_eq!(g.io_wait(1, Duration::from_secs(10)), [(w[0], 0)], "write");
+    g.mem_fill(DATA_BUF + 0x2000, 8192, 0);
+    let r = g.io_submit(&[with_prp2(
+        cmd(0x02, 1, DATA_BUF + 0x2000, &[lba, 0, 15]),
+        DATA_BUF + 0x3000,
+    )]);
+    assert_eq!(g.io_wait(1, Duration::from_secs(10)), [(r[0], 0)], "read");
+    let mut got = vec![0u8; 8192];
+    g.mem_read(DATA_BUF + 0x2000, &mut got);
+    assert!(got == data, "data read back on a after the reset");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(g.io_reap(), [], "unexpected completions");
+    assert_cq_untouched(g, 2, "besides the verified write and read");
+}
+
+/// Controller a's backend, a separate vnvme process, freezes (SIGSTOP) with 32 requests in
+/// flight, and a's host resets it (CC.EN = 0) while the neighbour runs verified I/O on the
+/// shared reactor.
+/// Expected: the REGION_WRITE is answered at once (no thread waits for the backend);
+/// CSTS.RDY stays 1 while the reset waits for the backend, then clears after the 10 s
+/// wait (the requests are retired); the neighbour keeps doing I/O throughout. Once the
+/// backend resumes, its late answers land in the memory kept for them (the stalled reads'
+/// data arrives) and are dropped: the queues a's host made after the reset get no
+/// completion but their own; verified I/O on a works; the daemon stops promptly.
+fn reset_while_the_backend_is_stalled(tag: &str, remote: Remote) {
+    let s = start_stalled(tag, remote);
+    let mut g = Guest::connect(&s.a);
+    stall_a(&s, &mut g);
+
+    let neighbour = start_neighbour(&s.b, Duration::from_secs(3));
+    let t = Instant::now();
+    let id = g.raw.send_region_write(BAR0, REG_CC, &0u32.to_le_bytes());
+    g.raw
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let reply = g.raw.try_recv(id);
+    let replied = t.elapsed();
+    let reply = reply.unwrap_or_else(|e| panic!("no reply to CC.EN = 0 after {replied:?}: {e}"));
+    assert_eq!(reply.error(), None, "CC.EN = 0");
+    assert!(
+        replied < Duration::from_secs(1),
+        "CC.EN = 0 answered after {replied:?}"
+    );
+    g.raw
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let csts = g.csts();
+    assert_eq!(
+        csts & CSTS_RDY,
+        CSTS_RDY,
+        "CSTS {csts:#x} right after CC.EN = 0: the reset must wait for the backend"
+    );
+    while g.csts() & CSTS_RDY != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(13),
+            "CSTS.RDY still 1 {:?} after CC.EN = 0",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cleared = t.elapsed();
+    eprintln!("CC.EN = 0 answered in {replied:?}; CSTS.RDY cleared after {cleared:?}");
+    assert!(
+        cleared >= Duration::from_secs(9),
+        "CSTS.RDY cleared after {cleared:?}, before the backend answered or the 10 s wait"
+    );
+    assert!(
+        cleared < Duration::from_secs(12),
+        "CSTS.RDY cleared after {cleared:?}"
+    );
+    assert_neighbour_kept_going(neighbour);
+
+    // new queues on a, the reset epoch moved on: the late answers must not reach them
+    g.enable();
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    g.create_io_queues();
+    s.back().thaw();
+    let t = Instant::now();
+    let mut late = vec![0u8; 12 * 4096];
+    loop {
+        g.mem_read(SPARE_BUF, &mut late);
+        if late.iter().all(|&b| b != 0xee) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the stalled reads never landed after SIGCONT"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("the stalled reads landed {:?} after SIGCONT", t.elapsed());
+    assert!(late == pattern(4096, 7).repeat(12), "the late reads' data");
+    std::thread::sleep(Duration::from_millis(500)); // the front reaps the late answers
+    assert_cq_untouched(&g, 0, "by the late answers");
+    verified_io_on_fresh_queues(&mut g);
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop_within(Duration::from_secs(15));
+}
+
+/// As [`reset_while_the_backend_is_stalled`], but a's vfio-user client simply goes away
+/// (closes its socket) while the backend is frozen with 32 requests in flight.
+/// Expected: the neighbour keeps doing I/O; within about 12 s the server takes a new
+/// client on a, which can enable the controller (admin only: the backend is still
+/// frozen); once the backend resumes, the late answers are dropped and verified I/O works.
+fn client_leaving_while_the_backend_is_stalled(tag: &str, remote: Remote) {
+    let s = start_stalled(tag, remote);
+    let mut g = Guest::connect(&s.a);
+    stall_a(&s, &mut g);
+
+    // the memory the stalled reads go to outlives the client (the daemon keeps it mapped)
+    let old_memory = std::fs::File::from(g.memfd.try_clone().unwrap());
+    let neighbour = start_neighbour(&s.b, Duration::from_secs(3));
+    let t = Instant::now();
+    drop(g);
+    let mut g = Guest::connect_within(&s.a, Duration::from_secs(15));
+    let served = t.elapsed();
+    eprintln!("a new client on a served {served:?} after the last one left");
+    assert!(
+        served < Duration::from_secs(12),
+        "new client served after {served:?}"
+    );
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    assert_neighbour_kept_going(neighbour);
+
+    g.create_io_queues();
+    s.back().thaw();
+    // the late answers come and are dropped. Over NVMe/TCP the stalled reads' data lands
+    // in the departed client's memory (kept mapped for them); a vfio-user backend was told
+    // to unmap that memory at the reset, so its late reads may fail instead.
+    let t = Instant::now();
+    let mut late = vec![0u8; 12 * 4096];
+    let expected = pattern(4096, 7).repeat(12);
+    let landed = loop {
+        std::os::unix::fs::FileExt::read_exact_at(&old_memory, &mut late, SPARE_BUF).unwrap();
+        if late == expected || t.elapsed() > Duration::from_secs(5) {
+            break late == expected;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "the stalled reads {} {:?} after SIGCONT",
+        if landed { "landed" } else { "had not landed" },
+        t.elapsed()
+    );
+    if matches!(remote, Remote::Tcp) {
+        assert!(landed, "the stalled reads never landed after SIGCONT");
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the front reaps the late answers
+    assert_cq_untouched(&g, 0, "by the late answers");
+    verified_io_on_fresh_queues(&mut g);
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop_within(Duration::from_secs(15));
+}
+
+#[test]
+#[ignore = "known limit: an `nvme:vfio-user:` backend checks and resets its device with blocking vfio-user calls on the reactor, so a frozen back server stalls every controller on that reactor (pcie-p2p shared_device.rs)"]
+fn a_reset_while_a_vfio_user_backend_is_stalled_neither_blocks_the_reactor_nor_leaks_completions() {
+    reset_while_the_backend_is_stalled("stall-reset-vu", Remote::VfioUser);
+}
+
+#[test]
+fn a_reset_while_an_nvme_tcp_backend_is_stalled_neither_blocks_the_reactor_nor_leaks_completions() {
+    reset_while_the_backend_is_stalled("stall-reset-tcp", Remote::Tcp);
+}
+
+#[test]
+#[ignore = "known limit: an `nvme:vfio-user:` backend checks and resets its device with blocking vfio-user calls on the reactor, so a frozen back server stalls every controller on that reactor (pcie-p2p shared_device.rs)"]
+fn a_client_leaving_while_a_vfio_user_backend_is_stalled_frees_the_controller_for_the_next() {
+    client_leaving_while_the_backend_is_stalled("stall-leave-vu", Remote::VfioUser);
+}
+
+#[test]
+fn a_client_leaving_while_an_nvme_tcp_backend_is_stalled_frees_the_controller_for_the_next() {
+    client_leaving_while_the_backend_is_stalled("stall-leave-tcp", Remote::Tcp);
 }

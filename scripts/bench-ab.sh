@@ -1,0 +1,33 @@
+#!/bin/bash
+# Side-by-side host benchmark of two vnvme binaries (A/B, e.g. before and after a change):
+# `vnvme serve --poll busy` pinned to CPU 0, `vnvme perf` (4 KiB randread) pinned to CPU 1,
+# A and B alternating in every round so machine noise hits both alike. Prints IOPS per run
+# and the B/A ratio of the medians per case.
+# Usage: scripts/bench-ab.sh BIN_A BIN_B [SECS] [ROUNDS]
+set -euo pipefail
+A=$1 B=$2 SECS=${3:-4} ROUNDS=${4:-3}
+D=$(mktemp -d /dev/shm/vnvme-ab.XXXXXX)
+SRV=
+trap '[ -n "$SRV" ] && kill $SRV 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
+run() { # bin ns qd -> IOPS
+  rm -f "$D/s.sock"
+  taskset -c 0 "$1" serve --socket "$D/s.sock" --poll busy --ns "$2" >"$D/serve.log" 2>&1 &
+  SRV=$!
+  for _ in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
+  RUST_LOG=warn taskset -c 1 "$1" perf "vfio-user:$D/s.sock" -q "$3" -o 4096 -w randread \
+    -t "$SECS" >"$D/perf.out" 2>"$D/perf.err"
+  kill $SRV; wait $SRV 2>/dev/null || true; SRV=
+  grep '^Total' "$D/perf.out" | head -1 | tr -s ' ' | cut -d: -f2 | awk '{print $1}'
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+for ns in null:1G malloc:1G; do
+  for qd in 1 32; do
+    : >"$D/a" ; : >"$D/b"
+    for r in $(seq "$ROUNDS"); do
+      run "$A" "$ns" "$qd" >>"$D/a"
+      run "$B" "$ns" "$qd" >>"$D/b"
+    done
+    ma=$(median <"$D/a"); mb=$(median <"$D/b")
+    echo "ns=${ns%%:*} qd=$qd A: $(tr '\n' ' ' <"$D/a")| B: $(tr '\n' ' ' <"$D/b")| B/A median $(echo "scale=3; $mb / $ma" | bc)"
+  done
+done
