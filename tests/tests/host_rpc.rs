@@ -317,4 +317,34 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
         "cut off after {cut:?}"
     );
     assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
+
+    // a second daemon on the live sockets is refused, naming the first; both paths stay
+    for args in [
+        vec![
+            "serve",
+            "--socket",
+            pf.to_str().unwrap(),
+            "--ns",
+            "malloc:1M",
+        ],
+        vec![
+            "serve",
+            "--socket",
+            tmp.path().join("other.sock").to_str().unwrap(),
+            "--ns",
+            "malloc:1M",
+            "--rpc",
+            d.rpc.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(&d.bin).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {err}");
+        assert!(
+            err.contains(&format!("already served by process {}", d.child.id())),
+            "{err}"
+        );
+    }
+    assert!(pf.exists() && d.rpc.exists());
+    assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
 }

@@ -957,9 +957,10 @@ impl Daemon {
             .into_iter()
             .partition(|(e, _, _)| which(*e));
         self.servers = others;
-        for (index, path, join) in mine {
+        for (index, _path, join) in mine {
             let r = match join.join() {
                 Ok(Ok(server)) => {
+                    // removes its socket if that is still its own
                     let device = server.into_device();
                     if let Some(mut ctrl) = device.handle.stop()
                         && let Err(s) = ctrl.flush()
@@ -971,7 +972,6 @@ impl Daemon {
                 Ok(Err(source)) => Err(DaemonError::Server { index, source }),
                 Err(_) => Err(DaemonError::Panicked { index }),
             };
-            let _ = std::fs::remove_file(&path);
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }

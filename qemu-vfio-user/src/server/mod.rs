@@ -7,6 +7,7 @@
 pub mod device;
 pub mod protocol;
 mod socket;
+pub mod socket_path;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,6 +27,8 @@ use socket::Incoming;
 pub enum ServerError {
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Claim(#[from] socket_path::ClaimError),
     #[error("accept on {path}: {source}")]
     Accept { path: PathBuf, source: io::Error },
 }
@@ -33,6 +36,7 @@ pub enum ServerError {
 /// A vfio-user server for one NVMe controller.
 pub struct Server {
     path: PathBuf,
+    owned: socket_path::OwnedSocketPath,
     listener: UnixListener,
     device: NvmeDevice,
     stop: Arc<AtomicBool>,
@@ -53,19 +57,13 @@ enum End {
 }
 
 impl Server {
-    /// Listen on `path` (a stale socket file is replaced).
+    /// Listen on `path`: a stale socket file is replaced, a live server's path refused.
     pub fn bind(
         path: &Path,
         device: NvmeDevice,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, ServerError> {
-        if path.exists() {
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (listener, owned) = socket_path::OwnedSocketPath::bind(path)?;
         listener
             .set_nonblocking(true)
             .map_err(|source| ServerError::Bind {
@@ -74,6 +72,7 @@ impl Server {
             })?;
         Ok(Self {
             path: path.to_owned(),
+            owned,
             listener,
             device,
             stop,
@@ -93,7 +92,7 @@ impl Server {
 
     /// Give up the socket and return the device (its controller keeps running).
     pub fn into_device(self) -> NvmeDevice {
-        let _ = std::fs::remove_file(&self.path);
+        self.owned.remove();
         self.device
     }
 

@@ -3,7 +3,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use qemu_vfio_user::server::socket_path::{ClaimError, OwnedSocketPath};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -21,19 +23,20 @@ const LINE_DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct RpcServer {
     listener: UnixListener,
-    path: PathBuf,
+    owned: OwnedSocketPath,
 }
 
 impl RpcServer {
-    /// Listen on `path` (a stale socket file there is replaced).
-    pub fn bind(path: &Path) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
-        Ok(Self {
-            listener,
-            path: path.into(),
-        })
+    /// Listen on `path`: a stale socket file there is replaced, a live daemon's refused.
+    pub fn bind(path: &Path) -> Result<Self, ClaimError> {
+        let (listener, owned) = OwnedSocketPath::bind(path)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ClaimError::Bind {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Self { listener, owned })
     }
 
     /// Wait up to `timeout` for clients and serve them.
@@ -59,7 +62,7 @@ impl RpcServer {
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.owned.remove();
     }
 }
 
