@@ -5,17 +5,21 @@
 //! Zero copy: every region of the guest memory the front's client mapped into this process
 //! is mapped for the backend device too, at its host address (`iova == host`), so the
 //! front's host segments are already device addresses and become the backend command's PRPs.
-//! The mirror follows the front's DMA map lazily: each request first compares the current
-//! map snapshot with the one mirrored (one atomic load) and, if it changed, unmaps the
-//! regions that went away and maps the new ones. Requests whose segments the backend cannot
-//! express as PRPs, or that touch memory not mirrored, move through a bounce buffer from the
-//! driver's DMA memory (which sits above every user-space address), and are counted.
+//! The device's supervisor thread keeps that mirror in line with the front's DMA map and
+//! publishes which ranges of which map snapshot the device reaches; each request compares
+//! the current snapshot with the published one (a pointer compare). Requests whose segments
+//! the backend cannot express as PRPs, or that touch memory not mirrored (yet: a map change
+//! the supervisor has not followed), move through a bounce buffer from the driver's DMA
+//! memory (which sits above every user-space address), and are counted. Nothing here waits
+//! for the device's control path: see `shared_device.rs`.
 //!
-//! Faults: a backend with commands outstanding for a tick checks the device; a device that
-//! failed or was reset behind our back is reset and brought up again by the shared device,
-//! and every backend then fails its outstanding commands with Internal Path Error (which a
-//! host retries) and carries on with a new queue pair. A device that cannot be brought back
-//! fails every later request at once and its guest mappings are dropped.
+//! Faults: a backend with commands outstanding for a tick asks for a device check; a device
+//! that failed or was reset behind our back is reset and brought up again by the shared
+//! device's supervisor, and every backend then fails its outstanding commands with Internal
+//! Path Error (which a host retries) and carries on with a new queue pair, made by the
+//! supervisor (requests in between fail with the same retryable status). A device that
+//! cannot be brought back fails every later request at once and its guest mappings are
+//! dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use device_model::GuestMemory;
 use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
-use device_model::memory::MemoryMap;
 use host_driver::{DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
 
-use crate::shared_device::{Claim, FAILED, SharedDevice};
+use crate::shared_device::{Claim, FAILED, Handover, Link, Mirrored, SharedDevice};
 
 /// How long a synchronous management command may take.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,6 +44,11 @@ const SYNC_TAG: u64 = u64::MAX;
 const LOST: Status = Status::INTERNAL_PATH_ERROR;
 /// Queue pair depth towards the backend controller.
 const QUEUE_SIZE: u16 = 256;
+/// How long a request may wait (parked, not blocking anything) for the supervisor to
+/// mirror a guest DMA map change before it bounces instead.
+const PARK_MAX: Duration = Duration::from_millis(20);
+/// Requests parked at most; beyond, they bounce at once.
+const PARK_SLOTS: usize = 64;
 
 /// Bytes moved per path, shared with the control plane.
 #[derive(Debug, Default)]
@@ -64,6 +72,18 @@ struct Pending {
 // until its completion is polled, on the same reactor thread.
 unsafe impl Send for Pending {}
 
+/// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
+struct Parked {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    iov: Vec<libc::iovec>,
+    since: Instant,
+}
+
+// SAFETY: as for `Pending`: the guest memory stays mapped until the request completes.
+unsafe impl Send for Parked {}
+
 impl Pending {
     /// A request that moves no data through this backend (flush, zero copy, sync command).
     fn bare(tag: u64) -> Self {
@@ -81,7 +101,10 @@ pub struct NvmeBackend {
     dev: Arc<SharedDevice>,
     /// The device generation `qp` belongs to.
     generation: u64,
+    /// The queue pair; none while a new one is being made after a reset.
     qp: Option<IoQueuePair>,
+    qid: u16,
+    qsize: u16,
     /// The namespace, range and block size served.
     claim: Claim,
     max_transfer: u64,
@@ -93,18 +116,21 @@ pub struct NvmeBackend {
     /// Reused buffer for completions reaped from the queue pair (no allocation per poll).
     reaped: Vec<Request>,
     stats: Arc<TransferStats>,
-    /// The front's guest memory, when zero copy is on.
-    guest: Option<Arc<GuestMemory>>,
-    /// The snapshot last mirrored, and the (host address, length) ranges this backend has
-    /// mirrored for the device, sorted.
-    mirrored_snapshot: Option<Arc<MemoryMap>>,
-    mirrored: Vec<(u64, u64)>,
+    /// The front's guest memory, watched by the supervisor, when zero copy is on.
+    link: Option<Arc<Link>>,
+    /// The mirror last published for us, its version, and the snapshot we last asked the
+    /// supervisor to look at (as an address, only compared).
+    mirrored: Arc<Mirrored>,
+    mirrored_version: u64,
+    poked_for: usize,
     segs: Vec<(u64, u64)>,
     /// Polls since the queue clock last advanced, and when it did.
     polls: u32,
     last_tick: Instant,
     /// The backend device is gone for good: every request fails at once.
     failed: bool,
+    /// Requests waiting for a mirror the supervisor is making.
+    parked: Vec<Parked>,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -137,9 +163,15 @@ impl NvmeBackend {
             }
         };
         let slots = usize::from(qsize - 1);
+        let link = guest.map(Link::new);
+        if let Some(l) = &link {
+            dev.attach(l);
+        }
         Ok(Self {
             max_transfer: dev.max_transfer(),
             generation,
+            qid: qp.qid(),
+            qsize,
             qp: Some(qp),
             claim,
             dev,
@@ -148,13 +180,15 @@ impl NvmeBackend {
             deferred: Vec::new(),
             reaped: Vec::with_capacity(slots),
             stats: Arc::default(),
-            guest,
-            mirrored_snapshot: None,
-            mirrored: Vec::new(),
+            link,
+            mirrored: Arc::default(),
+            mirrored_version: 0,
+            poked_for: 0,
             segs: Vec::with_capacity(256),
             polls: 0,
             last_tick: Instant::now(),
             failed: false,
+            parked: Vec::new(),
         })
     }
 
@@ -164,26 +198,25 @@ impl NvmeBackend {
     }
 
     /// Every ~100 ms while requests are in flight: advance the queue clock; with commands
-    /// outstanding for a tick, have the device checked (one register read), and catch up
-    /// with a recovery.
+    /// outstanding for a tick, ask for a device check (the supervisor does it; a recovery
+    /// shows as a new generation at a later poll).
     fn check_timeouts(&mut self) {
         self.polls = self.polls.wrapping_add(1);
         if !self.polls.is_multiple_of(1024) || self.last_tick.elapsed() < TICK {
             return;
         }
         self.last_tick = Instant::now();
-        self.qp().tick();
-        if self.qp().overdue(1).is_empty() {
+        let Some(qp) = self.qp.as_mut() else { return };
+        qp.tick();
+        if qp.overdue(1).is_empty() {
             return;
         }
-        if self.dev.check(self.generation) != self.generation {
-            self.catch_up();
-            return;
-        }
-        let slow = self.qp().overdue(SLOW_TICKS).len();
+        self.dev.request_check(self.generation);
+        let slow = qp.overdue(SLOW_TICKS).len();
         if slow > 0 && self.polls.is_multiple_of(1024 * 64) {
-            // alive but slow: keep waiting (failing a request whose command may still
-            // complete would let that late completion land on a reused slot)
+            // alive but slow, or the check has not come back: keep waiting (failing a
+            // request whose command may still complete would let that late completion land
+            // on a reused slot)
             log::warn!(
                 "{}: {slow} commands outstanding for over {} s",
                 self.dev.target(),
@@ -194,11 +227,32 @@ impl NvmeBackend {
 
     /// The device was reset (or given up) since our queue pair was created: the device
     /// will never complete our outstanding commands, so they fail with a retryable status,
-    /// and a new queue pair replaces the old one.
+    /// and the supervisor makes a new queue pair, picked up here once it is there.
     /// Nothing to do (one atomic load) while the generation is unchanged.
     fn catch_up(&mut self) {
+        if self.failed {
+            return;
+        }
+        if self.qp.is_none() {
+            match self.dev.take_handover(self.qid) {
+                None => return, // still being made
+                Some(Handover::Ready(qp, g)) => {
+                    log::warn!(
+                        "{}: namespace {}: new queue pair after the device reset",
+                        self.dev.target(),
+                        self.claim.nsid
+                    );
+                    self.qp = Some(qp);
+                    self.generation = g; // reset again since? caught below
+                }
+                Some(Handover::Failed(e)) => {
+                    self.give_up(&e.to_string());
+                    return;
+                }
+            }
+        }
         let generation = self.dev.generation();
-        if generation == self.generation || self.failed {
+        if generation == self.generation {
             return;
         }
         let mut lost = 0;
@@ -211,102 +265,75 @@ impl NvmeBackend {
                 }
             }
         }
-        let claim = self.claim;
-        let qp = self.qp.as_mut().expect("queue pair");
-        qp.fail_outstanding(LOST, |_| {});
-        let res = if generation == FAILED {
-            Err(DriverError::Transport("device failed".into()))
-        } else {
-            self.dev.recreate_queue_pair(qp, &claim)
-        };
-        match res {
-            Ok(g) => {
-                log::warn!(
-                    "{}: namespace {}: {lost} commands failed by the device reset; new queue pair",
-                    self.dev.target(),
-                    self.claim.nsid
-                );
-                self.generation = g;
-            }
-            Err(e) => {
-                log::error!(
-                    "{}: namespace {}: {lost} commands failed, backend failed for good: {e}",
-                    self.dev.target(),
-                    self.claim.nsid
-                );
-                self.generation = generation;
-                self.failed = true;
-                self.drop_mirror();
-            }
+        if let Some(qp) = self.qp.as_mut() {
+            qp.fail_outstanding(LOST, |_| {});
         }
-    }
-
-    /// Bring the device's mapping of guest memory in line with the front's DMA map.
-    fn sync_mirror(&mut self) {
-        let Some(guest) = &self.guest else { return };
-        let cur = guest.snapshot();
-        if self
-            .mirrored_snapshot
-            .as_ref()
-            .is_some_and(|m| Arc::ptr_eq(m, &cur))
-        {
+        log::warn!(
+            "{}: namespace {}: {lost} commands failed by the device reset",
+            self.dev.target(),
+            self.claim.nsid
+        );
+        if generation == FAILED {
+            // the queue pair stays ours (a device that may still be alive keeps its rings)
+            self.give_up("device failed");
             return;
         }
-        let wanted: Vec<(u64, u64)> = cur
-            .regions()
-            .iter()
-            .filter_map(|r| r.backing().map(|b| (b.host as u64, b.len)))
-            .collect();
-        for &(va, len) in &self.mirrored {
-            if !wanted.contains(&(va, len)) {
-                self.dev.unmirror(va, len);
-            }
-        }
-        let mut now = Vec::with_capacity(wanted.len());
-        for r in cur.regions() {
-            let Some(b) = r.backing() else { continue };
-            let key = (b.host as u64, b.len);
-            if self.mirrored.contains(&key) {
-                now.push(key);
-                continue;
-            }
-            match self.dev.mirror(b.fd, b.file_offset, b.host, key.1) {
-                Ok(()) => now.push(key),
-                Err(e) => log::warn!(
-                    "{}: guest region {:#x}+{:#x} not mirrored, its I/O bounces: {e}",
-                    self.dev.target(),
-                    key.0,
-                    key.1
-                ),
-            }
-        }
-        now.sort_unstable();
-        log::debug!(
-            "{}: mirroring {} guest regions",
-            self.dev.target(),
-            now.len()
-        );
-        self.mirrored = now;
-        self.mirrored_snapshot = Some(cur);
+        // the queue no longer exists on the device: its rings are free
+        self.qp = None;
+        self.generation = generation;
+        self.dev
+            .request_queue_pair(self.qid, self.qsize, self.claim);
     }
 
-    /// Give up this backend's share of the device's guest mappings.
-    fn drop_mirror(&mut self) {
-        for (va, len) in std::mem::take(&mut self.mirrored) {
-            self.dev.unmirror(va, len);
+    /// The backend device is gone for good: every later request fails at once.
+    fn give_up(&mut self, why: &str) {
+        log::error!(
+            "{}: namespace {}: backend failed for good: {why}",
+            self.dev.target(),
+            self.claim.nsid
+        );
+        self.generation = FAILED;
+        self.failed = true;
+        self.mirrored = Arc::default();
+    }
+
+    /// True when the device's published mirror is for the front's current DMA map; else
+    /// have the supervisor look at it (once per snapshot) and bounce meanwhile.
+    fn mirror_current(&mut self) -> bool {
+        let Some(link) = &self.link else { return false };
+        let cur = link.guest.load();
+        if self.mirrored.covers(&cur) {
+            return true;
         }
-        self.mirrored_snapshot = None;
+        let v = link.version.load(Ordering::Acquire);
+        if v != self.mirrored_version {
+            self.mirrored = link.published();
+            self.mirrored_version = v;
+            if self.mirrored.covers(&cur) {
+                return true;
+            }
+        }
+        let at = Arc::as_ptr(&cur) as usize;
+        if self.poked_for != at {
+            self.poked_for = at;
+            self.dev.poke();
+        }
+        false
     }
 
     /// Device-address segments for `iov` if every byte lies in mirrored memory.
     fn zero_copy_segments(&mut self, iov: &[libc::iovec]) -> bool {
+        if !self.mirror_current() {
+            return false;
+        }
         self.segs.clear();
+        let mirrored = &self.mirrored.ranges;
         for v in iov {
             let (a, l) = (v.iov_base as u64, v.iov_len as u64);
-            let i = self.mirrored.partition_point(|&(va, _)| va <= a);
+            let i = mirrored.partition_point(|&(va, _)| va <= a);
             let inside = i
                 .checked_sub(1)
-                .map(|i| self.mirrored[i])
+                .map(|i| mirrored[i])
                 .is_some_and(|(va, len)| a + l <= va + len);
             if !inside {
                 return false;
@@ -401,7 +428,8 @@ impl NvmeBackend {
             }
             if waited > next_health_check {
                 next_health_check = waited + Duration::from_millis(100);
-                if self.dev.check(self.generation) != self.generation {
+                self.dev.request_check(self.generation);
+                if self.dev.generation() != self.generation {
                     self.catch_up(); // fails this command too
                     return Err(LOST);
                 }
@@ -439,39 +467,20 @@ impl NvmeBackend {
         Some((p.tag, r.status))
     }
 
-    /// Catch up with a device reset; refuse when the device is gone for good.
+    /// Catch up with a device reset; refuse when the device is gone for good, and (with a
+    /// retryable status) while the queue pair lost to a reset is being made again.
     fn usable(&mut self) -> Result<(), Status> {
         self.catch_up();
         if self.failed {
             Err(Status::INTERNAL_ERROR)
+        } else if self.qp.is_none() {
+            Err(LOST)
         } else {
             Ok(())
         }
     }
-
-    /// Device LBA of a byte offset in this backend's range.
-    fn lba(&self, offset: u64) -> u64 {
-        self.claim.first_lba + offset / self.claim.block_size
-    }
-}
-
-impl Backend for NvmeBackend {
-    fn describe(&self) -> String {
-        let c = &self.claim;
-        format!(
-            "nvme:{}@{} blocks {}..{}",
-            self.dev.target(),
-            self.claim.nsid,
-            c.first_lba,
-            c.first_lba + c.blocks
-        )
-    }
-
-    fn size(&self) -> u64 {
-        self.claim.blocks * self.claim.block_size
-    }
-
-    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+    /// Start a request on the device: zero copy where the mirror allows, bounced else.
+    fn start(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         self.usable()?;
         let slot = self.take_slot()?;
         let res = match req.op {
@@ -491,8 +500,7 @@ impl Backend for NvmeBackend {
                 let lba = self.lba(req.offset);
                 // check() bounds len by the maximum transfer, so the block count fits
                 let blocks = (len / self.claim.block_size) as u32;
-                self.sync_mirror();
-                if self.guest.is_some() && self.zero_copy_segments(req.iov) {
+                if self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
                     let r = self.qp.as_mut().expect("queue pair").read_write_segments(
                         write,
@@ -558,18 +566,90 @@ impl Backend for NvmeBackend {
         }
     }
 
+    /// Start the parked requests once the mirror is there, or their time is up.
+    fn unpark(&mut self) {
+        let ready = self.mirror_current() || !self.dev.mirror_coming(PARK_MAX);
+        let mut parked = std::mem::take(&mut self.parked);
+        parked.retain(|p| {
+            if !ready && p.since.elapsed() < PARK_MAX {
+                return true;
+            }
+            let req = IoRequest {
+                tag: p.tag,
+                op: p.op,
+                offset: p.offset,
+                iov: &p.iov,
+            };
+            if let Err(st) = self.start(&req) {
+                self.deferred.push((p.tag, st));
+            }
+            false
+        });
+        self.parked = parked;
+    }
+
+    /// Device LBA of a byte offset in this backend's range.
+    fn lba(&self, offset: u64) -> u64 {
+        self.claim.first_lba + offset / self.claim.block_size
+    }
+}
+
+impl Backend for NvmeBackend {
+    fn describe(&self) -> String {
+        let c = &self.claim;
+        format!(
+            "nvme:{}@{} blocks {}..{}",
+            self.dev.target(),
+            self.claim.nsid,
+            c.first_lba,
+            c.first_lba + c.blocks
+        )
+    }
+
+    fn size(&self) -> u64 {
+        self.claim.blocks * self.claim.block_size
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        self.usable()?;
+        if req.op != IoOp::Flush
+            && self.link.is_some()
+            && self.parked.len() < PARK_SLOTS
+            && !self.mirror_current()
+            && self.dev.mirror_coming(PARK_MAX)
+        {
+            // the front's DMA map changed and the supervisor is at it: give it a moment
+            // (this request waits; the reactor does not), rather than bounce at once
+            self.parked.push(Parked {
+                tag: req.tag,
+                op: req.op,
+                offset: req.offset,
+                iov: req.iov.to_vec(),
+                since: Instant::now(),
+            });
+            return Ok(());
+        }
+        self.start(req)
+    }
+
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.catch_up();
         if !self.failed {
             self.check_timeouts();
+        }
+        if !self.parked.is_empty() {
+            self.unpark();
         }
         let mut n = 0;
         for (tag, st) in self.deferred.drain(..) {
             done(tag, st);
             n += 1;
         }
+        let Some(qp) = self.qp.as_mut() else {
+            return n; // a new one is being made
+        };
         let mut got = std::mem::take(&mut self.reaped);
-        self.qp().poll(usize::MAX, |r| got.push(r));
+        qp.poll(usize::MAX, |r| got.push(r));
         for r in got.drain(..) {
             if let Some((tag, st)) = self.finish(r) {
                 done(tag, st);
@@ -581,7 +661,7 @@ impl Backend for NvmeBackend {
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len() - self.free.len() + self.deferred.len()
+        self.pending.len() - self.free.len() + self.deferred.len() + self.parked.len()
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
@@ -616,8 +696,8 @@ impl Backend for NvmeBackend {
     }
 
     fn guest_memory_changed(&mut self) {
-        if !self.failed {
-            self.sync_mirror();
+        if !self.failed && self.link.is_some() {
+            self.dev.poke(); // the supervisor follows; nothing here waits for the device
         }
     }
 
@@ -630,10 +710,12 @@ impl Backend for NvmeBackend {
 
 impl Drop for NvmeBackend {
     fn drop(&mut self) {
-        self.drop_mirror();
-        if let Some(qp) = self.qp.take() {
-            self.dev.delete_queue_pair(qp, self.generation);
+        if let Some(l) = self.link.take() {
+            self.dev.detach(&l);
         }
+        // deleted (or, after a reset, just dropped) by the supervisor: nothing here waits
+        let qp = self.qp.take().map(|qp| (qp, self.generation));
+        self.dev.delete_queue_pair(self.qid, qp);
         self.dev.release(&self.claim);
     }
 }

@@ -1024,7 +1024,6 @@ fn client_leaving_while_the_backend_is_stalled(tag: &str, remote: Remote) {
 }
 
 #[test]
-#[ignore = "known limit: an `nvme:vfio-user:` backend checks and resets its device with blocking vfio-user calls on the reactor, so a frozen back server stalls every controller on that reactor (pcie-p2p shared_device.rs)"]
 fn a_reset_while_a_vfio_user_backend_is_stalled_neither_blocks_the_reactor_nor_leaks_completions() {
     reset_while_the_backend_is_stalled("stall-reset-vu", Remote::VfioUser);
 }
@@ -1035,7 +1034,6 @@ fn a_reset_while_an_nvme_tcp_backend_is_stalled_neither_blocks_the_reactor_nor_l
 }
 
 #[test]
-#[ignore = "known limit: an `nvme:vfio-user:` backend checks and resets its device with blocking vfio-user calls on the reactor, so a frozen back server stalls every controller on that reactor (pcie-p2p shared_device.rs)"]
 fn a_client_leaving_while_a_vfio_user_backend_is_stalled_frees_the_controller_for_the_next() {
     client_leaving_while_the_backend_is_stalled("stall-leave-vu", Remote::VfioUser);
 }
