@@ -165,39 +165,228 @@ impl IoVecs {
         Ok(())
     }
 
+    /// The buffer as a handle for a backend (safe copies; raw iovecs only through an
+    /// `unsafe` accessor).
+    pub fn buffers(&self) -> GuestBuffers<'_> {
+        GuestBuffers {
+            iov: self.as_slice(),
+            len: self.len,
+        }
+    }
+
     /// Copy `data` into the buffer (controller-to-host transfer); returns bytes copied.
     pub fn copy_from_slice(&self, data: &[u8]) -> usize {
-        let mut done = 0;
-        for v in self.as_slice() {
-            let n = v.iov_len.min(data.len() - done);
-            // SAFETY: each iovec was validated as writable guest memory when built and the
-            // mapping is alive while the command runs; source is a plain slice.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n);
-            };
-            done += n;
-            if done == data.len() {
-                break;
-            }
-        }
-        done
+        self.buffers().copy_from_slice(data)
     }
 
     /// Copy the buffer into `out` (host-to-controller transfer); returns bytes copied.
     pub fn copy_to_slice(&self, out: &mut [u8]) -> usize {
+        self.buffers().copy_to_slice(out)
+    }
+}
+
+/// A command's data buffers in guest (or a device's) memory, as handed to a backend.
+///
+/// Safe code gets the bytes only as copies ([`copy_from_slice`](Self::copy_from_slice),
+/// [`read_at`](Self::read_at), ...), never a Rust reference: the guest may change the memory
+/// at any time. Addresses are available as plain numbers ([`segments`](Self::segments)) for
+/// address arithmetic, and as iovecs only through the `unsafe`
+/// [`as_raw_iovecs`](Self::as_raw_iovecs) for a syscall or a device's DMA.
+///
+/// The memory stays mapped until the backend that got the request reports it complete (the
+/// controller's command slot keeps its memory snapshot until then); a backend must not touch
+/// the buffers, or a [`GuestBufferList`] taken from them, after that.
+#[derive(Clone, Copy)]
+pub struct GuestBuffers<'a> {
+    iov: &'a [libc::iovec],
+    len: u64,
+}
+
+impl std::fmt::Debug for GuestBuffers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestBuffers")
+            .field("segments", &self.iov.len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Default for GuestBuffers<'_> {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl<'a> GuestBuffers<'a> {
+    /// No buffers (Flush).
+    pub const EMPTY: GuestBuffers<'static> = GuestBuffers { iov: &[], len: 0 };
+
+    /// Buffers described by raw iovecs.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for reads and writes of its whole length,
+    /// not accessed through Rust references while any copy of this handle (or a
+    /// [`GuestBufferList`] taken from it) is in use: until the request it is submitted with
+    /// is reported complete by its backend.
+    pub unsafe fn from_raw_iovecs(iov: &'a [libc::iovec]) -> Self {
+        Self {
+            iov,
+            len: iov.iter().map(|v| v.iov_len as u64).sum(),
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no bytes are described.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.iov.len()
+    }
+
+    /// Each segment as (host address, length): numbers for address arithmetic (e.g. a
+    /// lookup in a device's DMA mirror), not to be dereferenced.
+    pub fn segments(&self) -> impl ExactSizeIterator<Item = (usize, usize)> + 'a {
+        self.iov.iter().map(|v| (v.iov_base as usize, v.iov_len))
+    }
+
+    /// The raw iovecs, for a syscall (`preadv`, io_uring) or a device's DMA set-up.
+    ///
+    /// # Safety
+    /// The memory may only be accessed by the kernel or a device, or through raw pointers
+    /// with the same care as guest memory (no Rust references: the guest may change it
+    /// concurrently), and only until the request is reported complete (see the type's
+    /// documentation). An asynchronous submission must keep the iovec array itself alive
+    /// until then too (the controller's command slot does, for requests it submits).
+    pub unsafe fn as_raw_iovecs(&self) -> &'a [libc::iovec] {
+        self.iov
+    }
+
+    /// Copy `data` into the buffers from their start; returns bytes copied.
+    pub fn copy_from_slice(&self, data: &[u8]) -> usize {
+        self.write_at(0, data)
+    }
+
+    /// Copy the buffers from their start into `out`; returns bytes copied.
+    pub fn copy_to_slice(&self, out: &mut [u8]) -> usize {
+        self.read_at(0, out)
+    }
+
+    /// Copy `data` into the buffers at byte `offset`; returns bytes copied (fewer than
+    /// `data.len()` when the buffers end first).
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
         let mut done = 0;
-        for v in self.as_slice() {
-            let n = v.iov_len.min(out.len() - done);
-            // SAFETY: each iovec was validated as readable guest memory when built.
-            unsafe {
-                std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), out[done..].as_mut_ptr(), n);
-            };
+        self.walk(offset, data.len(), |base, n| {
+            // SAFETY: `walk` stays inside one segment, which the constructor's contract
+            // makes valid writable memory while the request runs; the source is a plain
+            // slice of ours and cannot overlap guest memory; no reference to guest memory
+            // is formed.
+            unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), base, n) };
             done += n;
-            if done == out.len() {
+        });
+        done
+    }
+
+    /// Copy the buffers from byte `offset` into `out`; returns bytes copied (fewer than
+    /// `out.len()` when the buffers end first).
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> usize {
+        let mut done = 0;
+        self.walk(offset, out.len(), |base, n| {
+            // SAFETY: as in `write_at`, for reading.
+            unsafe { std::ptr::copy_nonoverlapping(base, out[done..].as_mut_ptr(), n) };
+            done += n;
+        });
+        done
+    }
+
+    /// Call `f(address, n)` for the pieces of `[offset, offset + len)` that lie in the
+    /// buffers, in order.
+    fn walk(&self, mut offset: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize)) {
+        for v in self.iov {
+            if len == 0 {
                 break;
             }
+            if offset >= v.iov_len {
+                offset -= v.iov_len;
+                continue;
+            }
+            let n = (v.iov_len - offset).min(len);
+            f(v.iov_base.cast::<u8>().wrapping_add(offset), n);
+            len -= n;
+            offset = 0;
         }
-        done
+    }
+}
+
+/// A copy of a [`GuestBuffers`]' segment list a backend keeps while the request is in
+/// flight (to finish it later, or submit it elsewhere). Built only from a `GuestBuffers`, so
+/// it describes nothing its source did not; the same lifetime rule applies: not used after
+/// the request is reported complete. Reusable without allocating once it has grown.
+#[derive(Clone, Default)]
+pub struct GuestBufferList {
+    iov: Vec<libc::iovec>,
+    len: u64,
+}
+
+// SAFETY: the iovecs describe guest memory the controller keeps mapped until the request
+// completes; the list only reaches it through `GuestBuffers`' copies (or its unsafe
+// accessor), whichever thread holds it.
+unsafe impl Send for GuestBufferList {}
+
+impl std::fmt::Debug for GuestBufferList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_buffers().fmt(f)
+    }
+}
+
+impl GuestBufferList {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A list of `b`'s segments.
+    pub fn of(b: GuestBuffers<'_>) -> Self {
+        let mut l = Self::new();
+        l.set(b);
+        l
+    }
+
+    /// Replace the contents with `b`'s segments (no allocation once the list has room).
+    pub fn set(&mut self, b: GuestBuffers<'_>) {
+        self.iov.clear();
+        self.iov.extend_from_slice(b.iov);
+        self.len = b.len;
+    }
+
+    /// Forget the segments.
+    pub fn clear(&mut self) {
+        self.iov.clear();
+        self.len = 0;
+    }
+
+    /// The segments as buffers again.
+    pub fn as_buffers(&self) -> GuestBuffers<'_> {
+        GuestBuffers {
+            iov: &self.iov,
+            len: self.len,
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no bytes are described.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -39,7 +39,7 @@ impl Controller {
                     tag,
                     op: IoOp::Flush,
                     offset: 0,
-                    iov: &[],
+                    iov: crate::dptr::GuestBuffers::EMPTY,
                 };
                 match ns.backend.submit(&req) {
                     Ok(()) => Outcome::Pending,
@@ -119,7 +119,7 @@ impl Controller {
                 IoOp::Write { fua }
             },
             offset,
-            iov: ctx.iov.as_slice(),
+            iov: ctx.iov.buffers(),
         };
         match self.namespaces[ns_idx].backend.submit(&req) {
             Ok(()) => Outcome::Pending,

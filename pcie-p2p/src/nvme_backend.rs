@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use device_model::GuestMemory;
-use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
+use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest};
 use host_driver::{DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
 
@@ -64,25 +64,18 @@ struct Pending {
     tag: u64,
     read: bool,
     /// The guest segments a read's data goes back to.
-    iov: Vec<libc::iovec>,
+    iov: GuestBufferList,
     bounce: Option<DmaBuffer>,
 }
-
-// SAFETY: the iovecs point into guest memory kept mapped by the command that owns them
-// until its completion is polled, on the same reactor thread.
-unsafe impl Send for Pending {}
 
 /// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
 struct Parked {
     tag: u64,
     op: IoOp,
     offset: u64,
-    iov: Vec<libc::iovec>,
+    iov: GuestBufferList,
     since: Instant,
 }
-
-// SAFETY: as for `Pending`: the guest memory stays mapped until the request completes.
-unsafe impl Send for Parked {}
 
 impl Pending {
     /// A request that moves no data through this backend (flush, zero copy, sync command).
@@ -90,7 +83,7 @@ impl Pending {
         Self {
             tag,
             read: false,
-            iov: Vec::new(),
+            iov: GuestBufferList::new(),
             bounce: None,
         }
     }
@@ -322,14 +315,14 @@ impl NvmeBackend {
     }
 
     /// Device-address segments for `iov` if every byte lies in mirrored memory.
-    fn zero_copy_segments(&mut self, iov: &[libc::iovec]) -> bool {
+    fn zero_copy_segments(&mut self, iov: GuestBuffers<'_>) -> bool {
         if !self.mirror_current() {
             return false;
         }
         self.segs.clear();
         let mirrored = &self.mirrored.ranges;
-        for v in iov {
-            let (a, l) = (v.iov_base as u64, v.iov_len as u64);
+        for (a, l) in iov.segments() {
+            let (a, l) = (a as u64, l as u64);
             let i = mirrored.partition_point(|&(va, _)| va <= a);
             let inside = i
                 .checked_sub(1)
@@ -450,19 +443,8 @@ impl NvmeBackend {
             && r.status.is_success()
             && let Some(b) = &p.bounce
         {
-            let mut at = 0usize;
-            for v in &p.iov {
-                // SAFETY: the guest segment is mapped and writable for this command (see
-                // `Pending`); the bounce buffer holds at least the request's length.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        b.as_slice()[at..].as_ptr(),
-                        v.iov_base.cast::<u8>(),
-                        v.iov_len,
-                    );
-                }
-                at += v.iov_len;
-            }
+            let len = p.iov.len() as usize;
+            p.iov.as_buffers().copy_from_slice(&b.as_slice()[..len]);
         }
         Some((p.tag, r.status))
     }
@@ -490,7 +472,7 @@ impl NvmeBackend {
                 self.qp().flush(nsid, slot as u64).map(|_| ())
             }
             IoOp::Read | IoOp::Write { .. } => {
-                let len = iov_len(req.iov);
+                let len = req.iov.len();
                 if let Err(s) = self.check(req.offset, len) {
                     self.free.push(slot);
                     return Err(s);
@@ -527,23 +509,19 @@ impl NvmeBackend {
                     }
                 };
                 if write {
-                    let mut at = 0usize;
-                    let dst = buf.as_mut_slice();
-                    for v in req.iov {
-                        // SAFETY: the guest segment is mapped and readable for this command.
-                        let src = unsafe {
-                            std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
-                        };
-                        dst[at..at + v.iov_len].copy_from_slice(src);
-                        at += v.iov_len;
-                    }
+                    req.iov
+                        .copy_to_slice(&mut buf.as_mut_slice()[..len as usize]);
                 }
                 self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
                 let iova = buf.iova();
                 self.pending[slot] = Some(Pending {
                     tag: req.tag,
                     read: !write,
-                    iov: if write { Vec::new() } else { req.iov.to_vec() },
+                    iov: if write {
+                        GuestBufferList::new()
+                    } else {
+                        GuestBufferList::of(req.iov)
+                    },
                     bounce: Some(buf),
                 });
                 let nsid = self.claim.nsid;
@@ -578,7 +556,7 @@ impl NvmeBackend {
                 tag: p.tag,
                 op: p.op,
                 offset: p.offset,
-                iov: &p.iov,
+                iov: p.iov.as_buffers(),
             };
             if let Err(st) = self.start(&req) {
                 self.deferred.push((p.tag, st));
@@ -624,7 +602,7 @@ impl Backend for NvmeBackend {
                 tag: req.tag,
                 op: req.op,
                 offset: req.offset,
-                iov: req.iov.to_vec(),
+                iov: GuestBufferList::of(req.iov),
                 since: Instant::now(),
             });
             return Ok(());

@@ -410,13 +410,9 @@ struct Held {
     tag: u64,
     op: device_model::backend::IoOp,
     offset: u64,
-    iov: Vec<libc::iovec>,
+    iov: device_model::backend::GuestBufferList,
     polls_left: u32,
 }
-
-// SAFETY: the held iovecs point into guest memory the controller keeps mapped (its command
-// slot's memory snapshot) until this backend completes the request; one thread uses them.
-unsafe impl Send for LateBackend {}
 
 impl device_model::backend::Backend for LateBackend {
     fn describe(&self) -> String {
@@ -433,7 +429,7 @@ impl device_model::backend::Backend for LateBackend {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
-            iov: req.iov.to_vec(),
+            iov: device_model::backend::GuestBufferList::of(req.iov),
             polls_left: self.delay,
         });
         Ok(())
@@ -452,7 +448,7 @@ impl device_model::backend::Backend for LateBackend {
                 tag: held.tag,
                 op: held.op,
                 offset: held.offset,
-                iov: &held.iov,
+                iov: held.iov.as_buffers(),
             });
             match started {
                 Ok(()) => n += self.inner.poll(done),

@@ -784,7 +784,9 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
         tag: 1,
         op: IoOp::Write { fua: true },
         offset: 1 << 20,
-        iov: &iov,
+        // SAFETY: `pattern` outlives the request (polled to completion below) and is not
+        // touched meanwhile.
+        iov: unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&iov) },
     })
     .unwrap();
     let mut got = Vec::new();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use io_uring::{IoUring, opcode, types};
 use nvme_spec::Status;
 
-use super::{Backend, DoneQueue, IoOp, IoRequest, iov_len};
+use super::{Backend, DoneQueue, IoOp, IoRequest};
 
 /// Alignment of buffer address, length and offset for the O_DIRECT path.
 const DIRECT_ALIGN: u64 = 4096;
@@ -151,11 +151,11 @@ impl FileBackend {
     }
 
     /// The descriptor to use: O_DIRECT when every piece is aligned.
-    fn fd_for(&self, offset: u64, iov: &[libc::iovec]) -> i32 {
+    fn fd_for(&self, offset: u64, iov: super::GuestBuffers<'_>) -> i32 {
         let aligned = offset.is_multiple_of(DIRECT_ALIGN)
-            && iov.iter().all(|v| {
-                (v.iov_base as u64).is_multiple_of(DIRECT_ALIGN)
-                    && (v.iov_len as u64).is_multiple_of(DIRECT_ALIGN)
+            && iov.segments().all(|(base, len)| {
+                (base as u64).is_multiple_of(DIRECT_ALIGN)
+                    && (len as u64).is_multiple_of(DIRECT_ALIGN)
             });
         match &self.direct {
             Some(d) if aligned => d.as_raw_fd(),
@@ -164,17 +164,17 @@ impl FileBackend {
     }
 
     fn submit_sync(req: &IoRequest<'_>, fd: i32) -> Status {
-        let n = req.iov.len() as i32;
+        let n = req.iov.segment_count() as i32;
         let off = req.offset as i64;
-        // SAFETY: the iovecs describe valid memory for the request (built against the DMA map);
+        // SAFETY: the iovecs describe valid memory for the request (GuestBuffers' contract),
+        // only the kernel accesses it, and the call returns before the request completes;
         // fd is one of our open descriptors.
         let r = unsafe {
+            let iov = req.iov.as_raw_iovecs().as_ptr();
             match req.op {
-                IoOp::Read => libc::preadv(fd, req.iov.as_ptr(), n, off),
-                IoOp::Write { fua: false } => libc::pwritev(fd, req.iov.as_ptr(), n, off),
-                IoOp::Write { fua: true } => {
-                    libc::pwritev2(fd, req.iov.as_ptr(), n, off, libc::RWF_DSYNC)
-                }
+                IoOp::Read => libc::preadv(fd, iov, n, off),
+                IoOp::Write { fua: false } => libc::pwritev(fd, iov, n, off),
+                IoOp::Write { fua: true } => libc::pwritev2(fd, iov, n, off, libc::RWF_DSYNC),
                 IoOp::Flush => libc::fdatasync(fd) as isize,
             }
         };
@@ -183,7 +183,7 @@ impl FileBackend {
             if req.op == IoOp::Flush {
                 0
             } else {
-                iov_len(req.iov)
+                req.iov.len()
             },
             req.op,
         )
@@ -236,7 +236,7 @@ impl Backend for FileBackend {
         self.size
     }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        let len = iov_len(req.iov);
+        let len = req.iov.len();
         self.check(req.offset, len)?;
         let fd = if req.op == IoOp::Flush {
             self.buffered.as_raw_fd()
@@ -248,7 +248,12 @@ impl Backend for FileBackend {
             self.sync_done.push(req.tag, st);
             return Ok(());
         }
-        let n = req.iov.len() as u32;
+        let n = req.iov.segment_count() as u32;
+        // SAFETY: only the kernel accesses the memory, until the completion is reaped in
+        // poll(), which is when the request is reported complete; the iovec array is the
+        // controller's command slot's (or the submitter's), kept until then as well
+        // (GuestBuffers' contract, see `as_raw_iovecs`).
+        let iov = unsafe { req.iov.as_raw_iovecs() }.as_ptr();
         let flush = req.op == IoOp::Flush;
         let ud = self.take_slot(RingSlot {
             tag: req.tag,
@@ -259,10 +264,10 @@ impl Backend for FileBackend {
             return Err(Status::INTERNAL_ERROR); // checked above
         };
         let entry = match req.op {
-            IoOp::Read => opcode::Readv::new(types::Fd(fd), req.iov.as_ptr(), n)
+            IoOp::Read => opcode::Readv::new(types::Fd(fd), iov, n)
                 .offset(req.offset)
                 .build(),
-            IoOp::Write { fua } => opcode::Writev::new(types::Fd(fd), req.iov.as_ptr(), n)
+            IoOp::Write { fua } => opcode::Writev::new(types::Fd(fd), iov, n)
                 .offset(req.offset)
                 .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
                 .build(),

@@ -2,7 +2,7 @@
 
 use nvme_spec::Status;
 
-use super::{Backend, DoneQueue, IoOp, IoRequest, iov_len};
+use super::{Backend, DoneQueue, IoOp, IoRequest};
 
 /// A RAM namespace; contents are lost when the process exits.
 pub struct MallocBackend {
@@ -84,23 +84,18 @@ impl Backend for MallocBackend {
         self.size
     }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        let len = iov_len(req.iov);
+        let len = req.iov.len();
         self.check(req.offset, len)?;
-        let mut pos = req.offset as usize;
-        for v in req.iov {
-            // SAFETY: [pos, pos+len) is inside our buffer (checked above); the iovec is valid
-            // guest memory for the request's lifetime (built against the DMA map).
-            unsafe {
-                let ours = self.ptr.add(pos);
-                match req.op {
-                    IoOp::Read => std::ptr::copy_nonoverlapping(ours, v.iov_base.cast(), v.iov_len),
-                    IoOp::Write { .. } => {
-                        std::ptr::copy_nonoverlapping(v.iov_base.cast(), ours, v.iov_len);
-                    }
-                    IoOp::Flush => {}
-                }
-            }
-            pos += v.iov_len;
+        if req.op != IoOp::Flush {
+            // SAFETY: [offset, offset+len) is inside our own mapping (checked above), which
+            // only this backend (borrowed mutably) accesses.
+            let ours = unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.add(req.offset as usize), len as usize)
+            };
+            match req.op {
+                IoOp::Read => req.iov.copy_from_slice(ours),
+                _ => req.iov.copy_to_slice(ours),
+            };
         }
         self.done.push(req.tag, Status::SUCCESS);
         Ok(())

@@ -13,6 +13,8 @@ pub use malloc::{MallocBackend, MallocError};
 pub use null::NullBackend;
 pub use shared::{SharedBackend, SharedSource};
 
+pub use crate::dptr::{GuestBufferList, GuestBuffers};
+
 use nvme_spec::Status;
 
 /// The data-moving operation of an asynchronous request.
@@ -26,7 +28,8 @@ pub enum IoOp {
     Flush,
 }
 
-/// One asynchronous request. `iov` stays valid until the request's completion is polled.
+/// One asynchronous request. The memory `iov` describes stays valid until the request's
+/// completion is polled (see [`GuestBuffers`]).
 #[derive(Debug)]
 pub struct IoRequest<'a> {
     /// Opaque tag handed back on completion.
@@ -34,8 +37,8 @@ pub struct IoRequest<'a> {
     pub op: IoOp,
     /// Byte offset in the namespace.
     pub offset: u64,
-    /// Host segments over guest memory (empty for Flush).
-    pub iov: &'a [libc::iovec],
+    /// The command's guest buffers (empty for Flush).
+    pub iov: GuestBuffers<'a>,
 }
 
 /// A namespace's storage.
@@ -63,11 +66,6 @@ pub trait Backend: Send {
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}
-}
-
-/// Sum of iovec lengths.
-pub fn iov_len(iov: &[libc::iovec]) -> u64 {
-    iov.iter().map(|v| v.iov_len as u64).sum()
 }
 
 /// A completion queue for synchronous backends: preallocated, no allocation per request
@@ -121,7 +119,9 @@ pub(crate) mod tests {
             tag: HI | 1,
             op: IoOp::Write { fua: true },
             offset: 4096,
-            iov: &wr,
+            // SAFETY: `data` outlives the request (polled to completion below) and is not
+            // touched meanwhile.
+            iov: unsafe { GuestBuffers::from_raw_iovecs(&wr) },
         })
         .unwrap();
         let mut got = Vec::new();
@@ -144,14 +144,16 @@ pub(crate) mod tests {
             tag: HI | 2,
             op: IoOp::Read,
             offset: 4096,
-            iov: &rd,
+            // SAFETY: `back` outlives the request (polled to completion below) and is not
+            // touched meanwhile.
+            iov: unsafe { GuestBuffers::from_raw_iovecs(&rd) },
         })
         .unwrap();
         b.submit(&IoRequest {
             tag: HI | 3,
             op: IoOp::Flush,
             offset: 0,
-            iov: &[],
+            iov: GuestBuffers::EMPTY,
         })
         .unwrap();
         got.clear();

@@ -251,7 +251,8 @@ mod tests {
             tag: 9,
             op: IoOp::Read,
             offset: 0,
-            iov: &iov,
+            // SAFETY: `data` outlives the request and is not touched while it runs.
+            iov: unsafe { crate::dptr::GuestBuffers::from_raw_iovecs(&iov) },
         })
         .unwrap();
         drop(a); // gone with a request in flight
@@ -280,7 +281,8 @@ mod tests {
             tag: 5,
             op: IoOp::Write { fua: false },
             offset: 0,
-            iov: &iov,
+            // SAFETY: `data` outlives the request and is not touched while it runs.
+            iov: unsafe { crate::dptr::GuestBuffers::from_raw_iovecs(&iov) },
         })
         .unwrap();
         // the other handle polls first: it must not see user 0's completion

@@ -10,7 +10,7 @@ use nvme_spec::opcode::admin as op;
 use nvme_spec::registers::{self as reg, cc, csts};
 use nvme_spec::{Status, Submission};
 
-use super::queue::{Data, HostQueue, QueueError, Seg, fabrics_sqe};
+use super::queue::{HostQueue, QueueError, SyncData, fabrics_sqe};
 use crate::stream::StreamError;
 
 impl HostQueue {
@@ -18,7 +18,7 @@ impl HostQueue {
         &mut self,
         what: &'static str,
         sqe: Submission,
-        data: Data<'_>,
+        data: SyncData<'_>,
         timeout: Duration,
     ) -> Result<u64, QueueError> {
         let c = self.sync(sqe, data, timeout)?;
@@ -39,7 +39,7 @@ impl HostQueue {
             sqe.cdw10 = PROPERTY_SIZE_8.into();
         }
         sqe.cdw11 = (offset as u32).into();
-        self.checked("Property Get", sqe, Data::None, timeout)
+        self.checked("Property Get", sqe, SyncData::None, timeout)
     }
 
     /// Property Set: write the 4-byte controller register `offset`.
@@ -52,7 +52,7 @@ impl HostQueue {
         let mut sqe = fabrics_sqe(fctype::PROPERTY_SET);
         sqe.cdw11 = (offset as u32).into();
         sqe.cdw12 = value.into();
-        self.checked("Property Set", sqe, Data::None, timeout)
+        self.checked("Property Set", sqe, SyncData::None, timeout)
             .map(|_| ())
     }
 
@@ -105,12 +105,11 @@ impl HostQueue {
         timeout: Duration,
     ) -> Result<Vec<u8>, QueueError> {
         let mut buf = vec![0u8; 4096];
-        let seg = Seg::of_mut(&mut buf);
         let mut sqe = Submission::default();
         sqe.opcode = op::IDENTIFY;
         sqe.nsid = nsid.into();
         sqe.cdw10 = u32::from(cns).into();
-        self.checked("Identify", sqe, Data::FromController(&[seg]), timeout)?;
+        self.checked("Identify", sqe, SyncData::FromController(&mut buf), timeout)?;
         Ok(buf)
     }
 
@@ -128,7 +127,6 @@ impl HostQueue {
         timeout: Duration,
     ) -> Result<Vec<u8>, QueueError> {
         let mut buf = vec![0u8; len];
-        let seg = Seg::of_mut(&mut buf);
         let numd = (len / 4).saturating_sub(1) as u32;
         let mut sqe = Submission::default();
         sqe.opcode = op::GET_LOG_PAGE;
@@ -136,7 +134,12 @@ impl HostQueue {
         sqe.cdw11 = (numd >> 16).into();
         sqe.cdw12 = (offset as u32).into();
         sqe.cdw13 = ((offset >> 32) as u32).into();
-        self.checked("Get Log Page", sqe, Data::FromController(&[seg]), timeout)?;
+        self.checked(
+            "Get Log Page",
+            sqe,
+            SyncData::FromController(&mut buf),
+            timeout,
+        )?;
         Ok(buf)
     }
 
@@ -151,7 +154,7 @@ impl HostQueue {
         sqe.opcode = op::SET_FEATURES;
         sqe.cdw10 = u32::from(fid).into();
         sqe.cdw11 = value.into();
-        self.checked("Set Features", sqe, Data::None, timeout)
+        self.checked("Set Features", sqe, SyncData::None, timeout)
             .map(|r| r & 0xffff_ffff)
     }
 
@@ -159,7 +162,7 @@ impl HostQueue {
     pub fn keep_alive(&mut self, timeout: Duration) -> Result<(), QueueError> {
         let mut sqe = Submission::default();
         sqe.opcode = op::KEEP_ALIVE;
-        self.checked("Keep Alive", sqe, Data::None, timeout)
+        self.checked("Keep Alive", sqe, SyncData::None, timeout)
             .map(|_| ())
     }
 }

@@ -12,12 +12,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use device_model::backend::{Backend, IoOp, IoRequest, iov_len};
+use device_model::backend::{Backend, GuestBufferList, IoOp, IoRequest};
 use nvme_spec::opcode::nvm as op;
 use nvme_spec::{Status, Submission};
 
 use super::host_identity::HostIdentity;
-use super::queue::{Completed, Data, HostQueue, QueueError, Seg, Unfinished};
+use super::queue::{Completed, Data, HostQueue, QueueError, SyncData, Unfinished};
 use super::session::{self, NamespaceInfo, Session, SessionError, TICK};
 use super::url::TcpUrl;
 
@@ -37,8 +37,6 @@ pub struct TcpBackend {
     /// Finished outside a poll (failures), reported by the next poll.
     done: Vec<(u64, Status)>,
     in_flight: usize,
-    /// Scratch for a request's segments (reused).
-    segs: Vec<Seg>,
     failed: bool,
     checked_tick: u64,
     timeout: Duration,
@@ -70,7 +68,6 @@ impl TcpBackend {
             waiting: VecDeque::new(),
             done: Vec::new(),
             in_flight: 0,
-            segs: Vec::new(),
             failed: false,
             checked_tick: 0,
             timeout,
@@ -231,7 +228,7 @@ impl TcpBackend {
 
     /// Run one command synchronously on the I/O queue (Write Zeroes, DSM, Compare reads,
     /// flushes at shutdown).
-    fn sync(&mut self, sqe: Submission, data: Data<'_>) -> Result<(), Status> {
+    fn sync(&mut self, sqe: Submission, data: SyncData<'_>) -> Result<(), Status> {
         self.catch_up();
         if self.failed {
             return Err(Status::HOST_PATHING_ERROR);
@@ -256,7 +253,7 @@ impl TcpBackend {
         while at < offset + len {
             let n = (offset + len - at).min(max);
             let sqe = self.rw_sqe(opcode, at, n)?;
-            self.sync(sqe, Data::None)?;
+            self.sync(sqe, SyncData::None)?;
             at += n;
         }
         Ok(())
@@ -286,7 +283,7 @@ impl Backend for TcpBackend {
         if self.failed {
             return Err(Status::HOST_PATHING_ERROR);
         }
-        let len = iov_len(req.iov);
+        let len = req.iov.len();
         let (sqe, from_c, to_c) = match req.op {
             IoOp::Read | IoOp::Write { .. } if len as usize > self.ns.max_transfer => {
                 log::warn!(
@@ -311,18 +308,12 @@ impl Backend for TcpBackend {
                 (sqe, false, false)
             }
         };
-        let mut segs = std::mem::take(&mut self.segs);
-        segs.clear();
-        segs.extend(req.iov.iter().map(|v| Seg {
-            addr: v.iov_base as usize,
-            len: v.iov_len,
-        }));
         self.in_flight += 1;
         // straight onto a connection when nothing waits before it (no allocation)
         let direct = if self.waiting.is_empty()
             && let Some(k) = self.next_queue()
         {
-            let data = Data::of(from_c, to_c, &segs);
+            let data = Data::of(from_c, to_c, req.iov);
             let tick = self.session.tick();
             self.io[k].submit(sqe, req.tag, data, tick).is_ok()
         } else {
@@ -334,11 +325,10 @@ impl Backend for TcpBackend {
                 sqe,
                 from_controller: from_c,
                 to_controller: to_c,
-                segs: segs.clone(),
+                segs: GuestBufferList::of(req.iov),
             });
             self.start_waiting();
         }
-        self.segs = segs;
         Ok(())
     }
 
@@ -385,7 +375,7 @@ impl Backend for TcpBackend {
         while at < offset + len {
             let n = (offset + len - at).min(zero.len() as u64);
             let sqe = self.rw_sqe(op::WRITE, at, n)?;
-            self.sync(sqe, Data::ToController(&[Seg::of(&zero[..n as usize])]))?;
+            self.sync(sqe, SyncData::ToController(&zero[..n as usize]))?;
             at += n;
         }
         Ok(())
@@ -411,7 +401,7 @@ impl Backend for TcpBackend {
             sqe.opcode = op::DATASET_MANAGEMENT;
             sqe.nsid = self.ns.nsid.into();
             sqe.cdw11 = (1u32 << 2).into();
-            self.sync(sqe, Data::ToController(&[Seg::of(&range)]))?;
+            self.sync(sqe, SyncData::ToController(&range))?;
             at += n;
         }
         Ok(())
@@ -419,13 +409,13 @@ impl Backend for TcpBackend {
 
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
         let sqe = self.rw_sqe(op::READ, offset, buf.len() as u64)?;
-        self.sync(sqe, Data::FromController(&[Seg::of_mut(buf)]))
+        self.sync(sqe, SyncData::FromController(buf))
     }
 
     fn flush_sync(&mut self) -> Result<(), Status> {
         let mut sqe = Submission::default();
         sqe.opcode = op::FLUSH;
         sqe.nsid = self.ns.nsid.into();
-        self.sync(sqe, Data::None)
+        self.sync(sqe, SyncData::None)
     }
 }

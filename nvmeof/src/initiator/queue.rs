@@ -12,6 +12,8 @@ use nvme_spec::tcp::{DGST_DATA, DGST_HEADER, fes};
 use nvme_spec::{Status, Submission};
 use zerocopy::IntoBytes;
 
+use device_model::backend::{GuestBufferList, GuestBuffers};
+
 use crate::pdu::{self, Direction, Negotiated, Pdu, PduError};
 use crate::stream::{PduStream, StreamError};
 
@@ -25,53 +27,39 @@ pub const ADMIN_INLINE: usize = 8192;
 /// Tag of commands issued by the `*_sync` helpers.
 pub const SYNC_TAG: u64 = u64::MAX;
 
-/// A piece of a command's data buffer (an iovec kept as plain integers so queues are Send).
-#[derive(Clone, Copy, Debug)]
-pub struct Seg {
-    pub addr: usize,
-    pub len: usize,
-}
-
-impl Seg {
-    /// The segment of a byte slice the controller only reads.
-    pub fn of(b: &[u8]) -> Self {
-        Self {
-            addr: b.as_ptr() as usize,
-            len: b.len(),
-        }
-    }
-
-    /// The segment of a byte slice the controller writes.
-    pub fn of_mut(b: &mut [u8]) -> Self {
-        Self {
-            addr: b.as_mut_ptr() as usize,
-            len: b.len(),
-        }
-    }
-}
-
 /// Data direction of a command and its buffers. The buffers must stay valid until the
-/// command completes (or the queue is dropped).
+/// command completes (or the queue is dropped): [`GuestBuffers`]' contract.
 #[derive(Clone, Copy, Debug)]
 pub enum Data<'a> {
     None,
-    /// Controller to host (reads, Identify, log pages).
-    FromController(&'a [Seg]),
-    /// Host to controller (writes, Connect data, DSM ranges).
-    ToController(&'a [Seg]),
+    /// Controller to host (reads).
+    FromController(GuestBuffers<'a>),
+    /// Host to controller (writes).
+    ToController(GuestBuffers<'a>),
 }
 
 impl<'a> Data<'a> {
-    /// `segs` moved the way the two flags say (neither: no data).
-    pub fn of(from_controller: bool, to_controller: bool, segs: &'a [Seg]) -> Self {
+    /// `bufs` moved the way the two flags say (neither: no data).
+    pub fn of(from_controller: bool, to_controller: bool, bufs: GuestBuffers<'a>) -> Self {
         if from_controller {
-            Data::FromController(segs)
+            Data::FromController(bufs)
         } else if to_controller {
-            Data::ToController(segs)
+            Data::ToController(bufs)
         } else {
             Data::None
         }
     }
+}
+
+/// Data of a command run by [`HostQueue::sync`]: buffers of the caller's, borrowed for the
+/// call.
+#[derive(Debug)]
+pub enum SyncData<'a> {
+    None,
+    /// Controller to host (Identify, log pages, reads).
+    FromController(&'a mut [u8]),
+    /// Host to controller (Connect data, DSM ranges, writes).
+    ToController(&'a [u8]),
 }
 
 /// A finished command.
@@ -90,13 +78,17 @@ pub struct Unfinished {
     pub sqe: Submission,
     pub from_controller: bool,
     pub to_controller: bool,
-    pub segs: Vec<Seg>,
+    pub segs: GuestBufferList,
 }
 
 impl Unfinished {
     /// Its data description for [`HostQueue::submit`].
     pub fn data(&self) -> Data<'_> {
-        Data::of(self.from_controller, self.to_controller, &self.segs)
+        Data::of(
+            self.from_controller,
+            self.to_controller,
+            self.segs.as_buffers(),
+        )
     }
 }
 
@@ -137,7 +129,7 @@ struct Cmd {
     from_controller: bool,
     to_controller: bool,
     len: usize,
-    segs: Vec<Seg>,
+    segs: GuestBufferList,
     /// A data digest failed: the command fails whatever its completion says.
     digest_error: bool,
     /// Coarse time of submission, for I/O timeouts.
@@ -261,11 +253,7 @@ impl HostQueue {
         sqe.cdw10 = (u32::from(qid) << 16).into();
         sqe.cdw11 = u32::from(entries - 1).into();
         sqe.cdw12 = kato_ms.into();
-        let c = q.sync(
-            sqe,
-            Data::ToController(&[Seg::of(data.as_bytes())]),
-            p.timeout,
-        )?;
+        let c = q.sync(sqe, SyncData::ToController(data.as_bytes()), p.timeout)?;
         if !c.status.is_success() {
             return Err(QueueError::Refused {
                 what: "Connect",
@@ -316,20 +304,19 @@ impl HostQueue {
         let Some(cid) = self.free.pop() else {
             return Err(QueueError::Full);
         };
-        let (segs, from_c, to_c): (&[Seg], bool, bool) = match data {
-            Data::None => (&[], false, false),
-            Data::FromController(s) => (s, true, false),
-            Data::ToController(s) => (s, false, true),
+        let (bufs, from_c, to_c) = match data {
+            Data::None => (GuestBuffers::EMPTY, false, false),
+            Data::FromController(b) => (b, true, false),
+            Data::ToController(b) => (b, false, true),
         };
-        let len: usize = segs.iter().map(|s| s.len).sum();
+        let len = bufs.len() as usize;
         let cmd = &mut self.cmds[cid as usize];
         cmd.active = true;
         cmd.tag = tag;
         cmd.from_controller = from_c;
         cmd.to_controller = to_c;
         cmd.len = len;
-        cmd.segs.clear();
-        cmd.segs.extend_from_slice(segs);
+        cmd.segs.set(bufs);
         cmd.digest_error = false;
         cmd.tick = tick;
         cmd.sqe = sqe;
@@ -348,7 +335,7 @@ impl HostQueue {
         let capsule = Pdu::CapsuleCmd { sqe, data: &[] };
         if inline && len > 0 {
             let dd = pdu::encode_header(&capsule, len, &neg, out);
-            append_data(out, &self.cmds[cid as usize].segs, 0, len, dd);
+            append_data(out, self.cmds[cid as usize].segs.as_buffers(), 0, len, dd);
         } else {
             pdu::encode_header(&capsule, 0, &neg, out);
         }
@@ -444,7 +431,7 @@ impl HostQueue {
                             StreamError::Unexpected("C2HData beyond the command's data").into()
                         );
                     }
-                    scatter(&cmd.segs, off, data);
+                    cmd.segs.as_buffers().write_at(off, data);
                     if success && last {
                         let status = if cmd.digest_error {
                             Status::DATA_TRANSFER_ERROR
@@ -493,7 +480,7 @@ impl HostQueue {
                             last: at + chunk == off + len,
                         };
                         let dd = pdu::encode_header(&h2c, chunk, &neg, out);
-                        append_data(out, &cmd.segs, at, chunk, dd);
+                        append_data(out, cmd.segs.as_buffers(), at, chunk, dd);
                         at += chunk;
                     }
                     self.stream.flush()?;
@@ -538,6 +525,45 @@ impl HostQueue {
     /// Submit `sqe` and wait for its completion (other completions are kept for the next
     /// poll).
     pub fn sync(
+        &mut self,
+        sqe: Submission,
+        data: SyncData<'_>,
+        timeout: Duration,
+    ) -> Result<Completed, QueueError> {
+        let (base, len, from_c, to_c) = match data {
+            SyncData::None => (std::ptr::null_mut(), 0, false, false),
+            SyncData::FromController(b) => (b.as_mut_ptr(), b.len(), true, false),
+            SyncData::ToController(b) => (b.as_ptr().cast_mut(), b.len(), false, true),
+        };
+        let iov = [libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        }];
+        // SAFETY: the slice `data` borrows stays borrowed (and so valid and untouched by Rust
+        // code) for this call; the command's buffers are forgotten before it returns unless
+        // the command completed (`forget_sync_buffers`). A ToController buffer is only read:
+        // the queue writes into a command's buffers only for FromController data.
+        let bufs = unsafe { GuestBuffers::from_raw_iovecs(if len == 0 { &[] } else { &iov }) };
+        let r = self.sync_inner(sqe, Data::of(from_c, to_c, bufs), timeout);
+        if r.is_err() {
+            self.forget_sync_buffers();
+        }
+        r
+    }
+
+    /// A synchronous command that did not complete keeps its slot (its CID may still be
+    /// answered) but no buffers: data the controller still sends or asks for for it is
+    /// refused as out of range, which ends the connection.
+    fn forget_sync_buffers(&mut self) {
+        for c in &mut self.cmds {
+            if c.active && c.tag == SYNC_TAG {
+                c.segs.clear();
+                c.len = 0;
+            }
+        }
+    }
+
+    fn sync_inner(
         &mut self,
         sqe: Submission,
         data: Data<'_>,
@@ -601,46 +627,15 @@ fn fatal(stream: &mut PduStream, e: PduError) -> StreamError {
     StreamError::Protocol(e)
 }
 
-/// Walk `segs` from byte `off` for `len` bytes, calling `f` with each (address, length).
-fn walk(segs: &[Seg], mut off: usize, mut len: usize, mut f: impl FnMut(usize, usize)) {
-    for s in segs {
-        if len == 0 {
-            break;
-        }
-        if off >= s.len {
-            off -= s.len;
-            continue;
-        }
-        let n = (s.len - off).min(len);
-        f(s.addr + off, n);
-        len -= n;
-        off = 0;
-    }
-}
-
 /// Append `len` bytes of the command's buffers from `off` to `out`, then the data digest
 /// when `dd`.
-fn append_data(out: &mut Vec<u8>, segs: &[Seg], off: usize, len: usize, dd: bool) {
+fn append_data(out: &mut Vec<u8>, bufs: GuestBuffers<'_>, off: usize, len: usize, dd: bool) {
     let start = out.len();
-    walk(segs, off, len, |addr, n| {
-        // SAFETY: the submitter keeps the command's buffers valid until it completes
-        // (`Data`'s contract); `walk` stays within each segment.
-        let src = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
-        out.extend_from_slice(src);
-    });
+    out.resize(start + len, 0);
+    let n = bufs.read_at(off, &mut out[start..]);
+    out.truncate(start + n);
     if dd {
         let c = pdu::data_digest([&out[start..]]);
         out.extend_from_slice(&c.to_le_bytes());
     }
-}
-
-/// Copy `data` into the command's buffers at byte `off`.
-fn scatter(segs: &[Seg], off: usize, data: &[u8]) {
-    let mut from = 0;
-    walk(segs, off, data.len(), |addr, n| {
-        // SAFETY: as in `append_data`; the caller checked `off + data.len()` against the
-        // command's length, and `walk` stays within each segment.
-        unsafe { std::ptr::copy_nonoverlapping(data[from..].as_ptr(), addr as *mut u8, n) };
-        from += n;
-    });
 }

@@ -211,11 +211,11 @@ impl Target {
             sqe,
         };
         if to_ctrl && desc.in_capsule {
-            self.exports[e].host.slot_buf(qid, slot)[..len].copy_from_slice(data);
+            self.exports[e].host.write_slot(qid, slot, 0, &data[..len]);
         } else if to_host && !exact {
             // all `len` bytes go back to this host, even if the command moves fewer:
             // nothing left in the slot by an earlier command may go with them
-            self.exports[e].host.slot_buf(qid, slot)[..len].fill(0);
+            self.exports[e].host.zero_slot(qid, slot, len);
         }
         if awaiting {
             if let Some(c) = self.conns[i].as_mut() {
@@ -316,7 +316,7 @@ impl Target {
         if done {
             q.slots[ttag as usize].awaiting_data = false;
         }
-        self.exports[e].host.slot_buf(qid, ttag)[off..off + data.len()].copy_from_slice(data);
+        self.exports[e].host.write_slot(qid, ttag, off, data);
         if done {
             if s.digest_failed {
                 self.finish_host_slot(e, qid, ttag, Status::TRANSIENT_TRANSPORT_ERROR);
@@ -385,4 +385,33 @@ pub(super) fn push_c2h(stream: &mut crate::stream::PduStream, cid: u16, data: &[
         },
         &neg,
     );
+}
+
+/// Queue a C2HData PDU for command `cid` on `stream` (LAST set) with the first `len` bytes
+/// of `slot` of queue `qid` of `host`, copied straight into the send buffer.
+pub(super) fn push_c2h_from_slot(
+    stream: &mut crate::stream::PduStream,
+    cid: u16,
+    host: &super::local_host::LocalHost,
+    qid: u16,
+    slot: u16,
+    len: usize,
+) {
+    let neg = stream.neg;
+    let out = stream.tx.out();
+    let c2h = Pdu::C2HData {
+        cccid: cid,
+        offset: 0,
+        data: &[],
+        last: true,
+        success: false,
+    };
+    let dd = crate::pdu::encode_header(&c2h, len, &neg, out);
+    let start = out.len();
+    out.resize(start + len, 0);
+    host.read_slot(qid, slot, &mut out[start..]);
+    if dd {
+        let c = crate::pdu::data_digest([&out[start..]]);
+        out.extend_from_slice(&c.to_le_bytes());
+    }
 }

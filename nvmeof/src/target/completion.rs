@@ -5,7 +5,7 @@
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Completion, Status, Submission};
 
-use super::capsule::push_c2h;
+use super::capsule::push_c2h_from_slot;
 use super::connection::Role;
 use super::event_loop::Target;
 use super::{Owner, Slot};
@@ -64,8 +64,7 @@ impl Target {
                 let Target { exports, conns, .. } = self;
                 if let Some(c) = conn.and_then(|i| conns[i].as_mut()) {
                     if s.to_host && status.is_success() && s.len > 0 {
-                        let data = &exports[e].host.slot_buf(qid, slot)[..s.len];
-                        push_c2h(&mut c.stream, cid, data);
+                        push_c2h_from_slot(&mut c.stream, cid, &exports[e].host, qid, slot, s.len);
                     }
                     let mut resp = *cqe;
                     resp.cid = cid.into();

@@ -12,7 +12,7 @@
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use device_model::memory::Protection;
+use device_model::memory::{MemoryMap, Protection};
 use device_model::{Doorbells, GuestMemory};
 use nvme_spec::{Completion, Submission};
 use zerocopy::{FromBytes, IntoBytes};
@@ -50,10 +50,12 @@ struct Ring {
 
 /// The rings and buffers of up to `queues` queue pairs of `depth` entries.
 pub struct LocalHost {
-    /// The DMA map holding the mapping `base` points into, kept as long as the host.
+    /// The DMA map the controller uses, with our memory in it.
     _mem: Arc<GuestMemory>,
+    /// A snapshot holding our memory, kept (so mapped) as long as the host; all access is
+    /// by copy, as the controller accesses the same bytes concurrently.
+    map: Arc<MemoryMap>,
     doorbells: Arc<Doorbells>,
-    base: *mut u8,
     queues: Vec<QueueLayout>,
     rings: Vec<Ring>,
     depth: u32,
@@ -61,10 +63,6 @@ pub struct LocalHost {
     slot_stride: u64,
     _fd: OwnedFd,
 }
-
-// SAFETY: `base` points into a shared mapping owned by `mem` (kept alive by the Arc); the
-// LocalHost is used by one thread at a time (the target's event loop).
-unsafe impl Send for LocalHost {}
 
 impl std::fmt::Debug for LocalHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,9 +105,8 @@ impl LocalHost {
         };
         mem.map_fd(BASE_IOVA, total, fd.as_fd(), 0, rw)
             .map_err(LocalHostError::Map)?;
-        let base = mem
-            .snapshot()
-            .translate(BASE_IOVA, total, true)
+        let map = mem.snapshot();
+        map.check_range(BASE_IOVA, total, true)
             .map_err(|e| LocalHostError::Memory(std::io::Error::other(format!("{e:?}"))))?;
         let mut layouts = Vec::with_capacity(queues);
         for q in 0..queues as u64 {
@@ -122,8 +119,8 @@ impl LocalHost {
         }
         let host = Self {
             _mem: mem,
+            map,
             doorbells,
-            base,
             queues: layouts,
             rings: vec![Ring::default(); queues],
             depth,
@@ -165,27 +162,57 @@ impl LocalHost {
         };
         let l = self.queues[qid as usize];
         let n = self.depth as usize * 16;
-        self.bytes_mut(l.cq, n).fill(0);
+        self.zero(l.cq, n);
     }
 
     fn slot_iova(&self, qid: u16, slot: u16) -> u64 {
         self.queues[qid as usize].data + u64::from(slot) * self.slot_stride
     }
 
-    fn bytes_mut(&mut self, iova: u64, len: usize) -> &mut [u8] {
-        let off = (iova - BASE_IOVA) as usize;
-        // SAFETY: every caller passes a range inside the mapping (queue rings, slot
-        // buffers and lists computed from the layout); the controller may access the same
-        // bytes concurrently, as a device does with host memory, which is why ring entries
-        // are copied whole and completions are checked by their phase bit.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
+    /// Copy `data` to our memory at `iova` (a range from the layout).
+    fn write(&self, iova: u64, data: &[u8]) {
+        self.map
+            .write(iova, data)
+            .expect("a range inside the target's own memory");
     }
 
-    /// The data buffer of `slot` of queue `qid`.
-    pub fn slot_buf(&mut self, qid: u16, slot: u16) -> &mut [u8] {
-        let iova = self.slot_iova(qid, slot);
-        let n = self.slot_bytes;
-        self.bytes_mut(iova, n)
+    /// Copy our memory at `iova` (a range from the layout) into `out`.
+    fn read(&self, iova: u64, out: &mut [u8]) {
+        self.map
+            .read(iova, out)
+            .expect("a range inside the target's own memory");
+    }
+
+    /// Zero `len` bytes of our memory at `iova`.
+    fn zero(&self, mut iova: u64, mut len: usize) {
+        const ZEROES: [u8; 512] = [0; 512];
+        while len > 0 {
+            let n = len.min(ZEROES.len());
+            self.write(iova, &ZEROES[..n]);
+            iova += n as u64;
+            len -= n;
+        }
+    }
+
+    /// Copy `data` into the data buffer of `slot` of queue `qid` at byte `off`.
+    pub fn write_slot(&self, qid: u16, slot: u16, off: usize, data: &[u8]) {
+        assert!(
+            off + data.len() <= self.slot_bytes,
+            "inside the slot's buffer"
+        );
+        self.write(self.slot_iova(qid, slot) + off as u64, data);
+    }
+
+    /// Zero the first `len` bytes of the data buffer of `slot` of queue `qid`.
+    pub fn zero_slot(&self, qid: u16, slot: u16, len: usize) {
+        assert!(len <= self.slot_bytes, "inside the slot's buffer");
+        self.zero(self.slot_iova(qid, slot), len);
+    }
+
+    /// Copy the first `out.len()` bytes of the data buffer of `slot` of queue `qid` to `out`.
+    pub fn read_slot(&self, qid: u16, slot: u16, out: &mut [u8]) {
+        assert!(out.len() <= self.slot_bytes, "inside the slot's buffer");
+        self.read(self.slot_iova(qid, slot), out);
     }
 
     /// Point `sqe`'s data pointer at the first `len` bytes of the slot's buffer: one SGL
@@ -201,7 +228,7 @@ impl LocalHost {
     pub fn push(&mut self, qid: u16, sqe: &Submission) {
         let r = self.rings[qid as usize];
         let at = self.queues[qid as usize].sq + u64::from(r.sq_tail) * 64;
-        self.bytes_mut(at, 64).copy_from_slice(sqe.as_bytes());
+        self.write(at, sqe.as_bytes());
         self.rings[qid as usize].sq_tail = (r.sq_tail + 1) % r.size;
     }
 
@@ -222,13 +249,15 @@ impl LocalHost {
                 return 0;
             }
             let at = self.queues[qid as usize].cq + u64::from(r.cq_head) * 16;
-            let raw = self.bytes_mut(at, 16);
+            let mut raw = [0u8; 16];
+            self.read(at, &mut raw);
             let status = u16::from_le_bytes([raw[14], raw[15]]);
             if (status & 1 != 0) != r.phase {
                 break;
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            let cqe = Completion::read_from_bytes(self.bytes_mut(at, 16)).expect("16 bytes");
+            self.read(at, &mut raw);
+            let cqe = Completion::read_from_bytes(&raw).expect("16 bytes");
             let ring = &mut self.rings[qid as usize];
             ring.cq_head += 1;
             if ring.cq_head == ring.size {

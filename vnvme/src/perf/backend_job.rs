@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use device_model::backend::{Backend, IoOp, IoRequest};
+use device_model::backend::{Backend, GuestBuffers, IoOp, IoRequest};
 use nvme_spec::Status;
 
 use super::rng::Rng;
@@ -31,6 +31,15 @@ pub fn run(
         ));
     }
     let mut bufs: Vec<Vec<u8>> = (0..qd).map(|_| vec![0xa5; size]).collect();
+    // one iovec per slot, alive (like the buffers) until every request has completed: an
+    // asynchronous backend may read the array after submit returns
+    let iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: size,
+        })
+        .collect();
     let mut started = vec![0u64; qd];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut seq = 0u64;
@@ -48,10 +57,6 @@ pub fn run(
             Pattern::Randrw => (rng.next() % 100) as u8 >= opts.read_percent,
             _ => false,
         };
-        let iov = [libc::iovec {
-            iov_base: bufs[slot].as_mut_ptr().cast(),
-            iov_len: size,
-        }];
         started[slot] = clock::ticks();
         b.submit(&IoRequest {
             tag: slot as u64,
@@ -61,7 +66,11 @@ pub fn run(
                 IoOp::Read
             },
             offset: unit * opts.io_size,
-            iov: &iov,
+            // SAFETY: slot `slot`'s buffer and iovec live until the end of the job, after
+            // every request completed (or are leaked if some never did), and nothing else
+            // touches a buffer while its slot's request is in flight (a slot is resubmitted
+            // only once it completed).
+            iov: unsafe { GuestBuffers::from_raw_iovecs(&iovs[slot..=slot]) },
         })
     };
     let calibration = clock::Calibration::start();
@@ -107,6 +116,11 @@ pub fn run(
             result.errors += outstanding as u64;
             break;
         }
+    }
+    if outstanding > 0 {
+        // the backend may still complete these: their buffers and iovecs must stay valid
+        std::mem::forget(iovs);
+        std::mem::forget(bufs);
     }
     Ok(Report {
         elapsed: start.elapsed(),
