@@ -1,5 +1,7 @@
 //! NVM command set I/O commands (NVM command set 1.0 §3): Read, Write (FUA), Flush,
-//! Write Zeroes, Dataset Management (deallocate) and Compare.
+//! Write Zeroes, Dataset Management (deallocate) and Compare. Read, Write, Flush (of one
+//! namespace) and Write Zeroes go to the backend asynchronously; Dataset Management,
+//! Compare and Flush of every namespace are synchronous.
 
 use std::sync::Arc;
 
@@ -51,11 +53,23 @@ impl Controller {
                     Ok(r) => r,
                     Err(s) => return Outcome::status(s),
                 };
-                let r = self.namespaces[ns_idx].backend.write_zeroes(offset, len);
-                if r.is_ok() {
-                    self.smart.account(op::WRITE_ZEROES, len);
+                // asynchronous like a write: a backend on a device or a network must not
+                // hold the reactor; SMART counts it at a successful completion (io_finished)
+                let tag = self.tag(qid, slot);
+                let Some(sq) = self.sqs[qid as usize].as_mut() else {
+                    return Outcome::status(Status::INTERNAL_ERROR);
+                };
+                sq.slots[slot as usize].bytes = len;
+                let req = IoRequest {
+                    tag,
+                    op: IoOp::WriteZeroes { len },
+                    offset,
+                    iov: crate::dptr::GuestBuffers::EMPTY,
+                };
+                match self.namespaces[ns_idx].backend.submit(&req) {
+                    Ok(()) => Outcome::Pending,
+                    Err(s) => Outcome::status(s),
                 }
-                Outcome::status(r.err().unwrap_or(Status::SUCCESS))
             }
             op::DATASET_MANAGEMENT => Outcome::status(self.dataset_management(ns_idx, sqe, mem)),
             op::COMPARE => Outcome::status(self.compare(ns_idx, sqe, mem)),

@@ -66,6 +66,9 @@ struct Pending {
     /// The guest segments a read's data goes back to.
     iov: GuestBufferList,
     bounce: Option<DmaBuffer>,
+    /// A Write Zeroes: where its command on the device ends and where the range ends (a
+    /// range of more than 65536 blocks goes as one command after the other, on this slot).
+    zeroes: Option<(u64, u64)>,
 }
 
 /// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
@@ -85,6 +88,7 @@ impl Pending {
             read: false,
             iov: GuestBufferList::new(),
             bounce: None,
+            zeroes: None,
         }
     }
 }
@@ -362,6 +366,20 @@ impl NvmeBackend {
         Ok(())
     }
 
+    /// A Write Zeroes range: whole blocks inside the backend's range.
+    fn check_zeroes(&self, offset: u64, len: u64) -> Result<(), Status> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size())
+            || !offset.is_multiple_of(self.claim.block_size)
+            || !len.is_multiple_of(self.claim.block_size)
+        {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        if len == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        Ok(())
+    }
+
     fn take_slot(&mut self) -> Result<usize, Status> {
         // the front controller never has more commands in flight than a queue's depth, but
         // stay safe if it does: busy is a retryable internal error
@@ -431,22 +449,61 @@ impl NvmeBackend {
         }
     }
 
-    /// Complete a backend request: copy a read's data back to the guest, free the slot.
+    /// Put the next Write Zeroes command of the request in `slot` on the queue pair (at
+    /// most 65536 blocks, from where its last one ended).
+    fn issue_zeroes(&mut self, slot: usize) -> Result<(), DriverError> {
+        let bs = self.claim.block_size;
+        let Some(Some(p)) = self.pending.get_mut(slot) else {
+            return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
+        };
+        let Some((at, end)) = p.zeroes else {
+            return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
+        };
+        // Write Zeroes carries at most 65536 blocks
+        let blocks = ((end - at) / bs).min(65536);
+        p.zeroes = Some((at + blocks * bs, end));
+        let (nsid, lba) = (self.claim.nsid, self.lba(at));
+        let Some(qp) = self.qp.as_mut() else {
+            return Err(DriverError::Invalid("no queue pair".into()));
+        };
+        qp.write_zeroes(nsid, lba, blocks as u32, slot as u64)?;
+        qp.ring();
+        Ok(())
+    }
+
+    /// Complete a backend request: copy a read's data back to the guest, free the slot. A
+    /// Write Zeroes with more of its range to go sends its next command instead.
     fn finish(&mut self, r: Request) -> Option<(u64, Status)> {
         let slot = usize::try_from(r.user).ok()?;
+        let mut status = r.status;
+        let more = self
+            .pending
+            .get(slot)?
+            .as_ref()?
+            .zeroes
+            .is_some_and(|(at, end)| at < end);
+        if more && status.is_success() {
+            match self.issue_zeroes(slot) {
+                Ok(()) => return None,
+                Err(e) => {
+                    log::warn!("{}: submit: {e}", self.dev.target());
+                    status = Status::INTERNAL_ERROR;
+                }
+            }
+        }
         let p = self.pending.get_mut(slot)?.take()?;
         self.free.push(slot);
         if p.tag == SYNC_TAG {
             return None; // a synchronous command that gave up waiting
         }
         if p.read
-            && r.status.is_success()
+            && status.is_success()
             && let Some(b) = &p.bounce
         {
             let len = p.iov.len() as usize;
             p.iov.as_buffers().copy_from_slice(&b.as_slice()[..len]);
         }
-        Some((p.tag, r.status))
+        Some((p.tag, status))
     }
 
     /// Catch up with a device reset; refuse when the device is gone for good, and (with a
@@ -470,6 +527,17 @@ impl NvmeBackend {
                 self.pending[slot] = Some(Pending::bare(req.tag));
                 let nsid = self.claim.nsid;
                 self.qp().flush(nsid, slot as u64).map(|_| ())
+            }
+            IoOp::WriteZeroes { len } => {
+                if let Err(s) = self.check_zeroes(req.offset, len) {
+                    self.free.push(slot);
+                    return Err(s);
+                }
+                self.pending[slot] = Some(Pending {
+                    zeroes: Some((req.offset, req.offset + len)),
+                    ..Pending::bare(req.tag)
+                });
+                self.issue_zeroes(slot)
             }
             IoOp::Read | IoOp::Write { .. } => {
                 let len = req.iov.len();
@@ -523,6 +591,7 @@ impl NvmeBackend {
                         GuestBufferList::of(req.iov)
                     },
                     bounce: Some(buf),
+                    zeroes: None,
                 });
                 let nsid = self.claim.nsid;
                 self.qp()
@@ -590,7 +659,7 @@ impl Backend for NvmeBackend {
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         self.usable()?;
-        if req.op != IoOp::Flush
+        if matches!(req.op, IoOp::Read | IoOp::Write { .. })
             && self.link.is_some()
             && self.parked.len() < PARK_SLOTS
             && !self.mirror_current()
@@ -644,12 +713,10 @@ impl Backend for NvmeBackend {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
         self.usable()?;
-        if offset.checked_add(len).is_none_or(|e| e > self.size())
-            || !offset.is_multiple_of(self.claim.block_size)
-            || !len.is_multiple_of(self.claim.block_size)
-        {
-            return Err(Status::LBA_OUT_OF_RANGE);
+        if len == 0 {
+            return Ok(());
         }
+        self.check_zeroes(offset, len)?;
         let mut at = offset;
         while at < offset + len {
             // Write Zeroes carries at most 65536 blocks

@@ -77,6 +77,21 @@ fn zero_copy_for_prps_bounce_for_an_unaligned_sgl() {
         stats.zero_copy_bytes.load(Ordering::Relaxed),
         8192 + 8192 + 4096
     );
+
+    // Write Zeroes on the back's queue pair (completed asynchronously): LBAs 16..20 zeroed
+    let c = n.submit(1, cmd(0x08, 1, 0, &[16, 0, 3]));
+    assert!(c.ok(), "write zeroes: {c:?}");
+    n.mem_fill(0x40000, 8192, 0xee);
+    assert!(
+        n.submit(1, with_prp2(cmd(0x02, 1, 0x40000, &[16, 0, 15]), 0x41000))
+            .ok()
+    );
+    n.mem_read(0x40000, &mut back_data);
+    assert!(back_data[..2048].iter().all(|&x| x == 0), "zeroed");
+    assert!(
+        back_data[2048..] == pattern[2048..],
+        "past the zeroed blocks"
+    );
     drop(n);
     front.stop().unwrap();
     back.stop().unwrap();

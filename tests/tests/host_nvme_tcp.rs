@@ -733,7 +733,7 @@ fn a_failed_path_fails_over_to_the_next_without_errors() {
 #[test]
 fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_its_namespace() {
     let tmp = TempDir::new("tcp-dual");
-    shares_its_namespace(&tmp, "malloc:32M");
+    shares_its_namespace(&tmp, "malloc:64M");
 }
 
 /// The same with the namespace on a file: each controller of the subsystem is a user of
@@ -836,6 +836,80 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
         back.iter().all(|&x| x == 0),
         "{backend}: NVMe/TCP reads what vfio-user zeroed"
     );
+    // Write Zeroes from the NVMe/TCP side, asynchronously (submit, then poll): the pattern
+    // again, then its first 4 KiB zeroed; vfio-user reads both
+    let mut got = Vec::new();
+    for (tag, op, len) in [
+        (0xfe << 56 | 2, IoOp::Write { fua: false }, 8192),
+        (0xfe << 56 | 3, IoOp::WriteZeroes { len: 4096 }, 4096),
+    ] {
+        let req = IoRequest {
+            tag,
+            op,
+            offset: 1 << 20,
+            iov: if len == 8192 {
+                // SAFETY: `pattern` outlives the request (polled to completion below) and
+                // is not touched meanwhile.
+                unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&iov) }
+            } else {
+                device_model::backend::GuestBuffers::EMPTY
+            },
+        };
+        b.submit(&req).unwrap();
+        got.clear();
+        let t = Instant::now();
+        while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
+            b.poll(&mut |t, s| got.push((t, s)));
+        }
+        assert_eq!(got, vec![(tag, Status::SUCCESS)], "{backend}: {op:?}");
+    }
+    qp.read_write(false, 1, 2048, 16, buf.iova(), 8192, 11)
+        .unwrap();
+    wait(&mut qp, "read after write zeroes");
+    assert!(
+        buf.as_slice()[..4096].iter().all(|&x| x == 0),
+        "{backend}: vfio-user reads what NVMe/TCP zeroed"
+    );
+    assert_eq!(&buf.as_slice()[4096..], &pattern[4096..], "{backend}");
+    if b.size() >= 64 << 20 {
+        // a range of more than 65536 blocks: two Write Zeroes commands, one after the
+        // other, one completion; the pattern straddles its end
+        let (start, end) = ((1 << 20) + 4096, (34 << 20) + 4096);
+        for (tag, op, offset) in [
+            (4, IoOp::Write { fua: false }, end - 4096),
+            (5, IoOp::WriteZeroes { len: end - start }, start),
+        ] {
+            let req = IoRequest {
+                tag,
+                op,
+                offset,
+                iov: if tag == 4 {
+                    // SAFETY: `pattern` outlives the request (polled to completion below)
+                    // and is not touched meanwhile.
+                    unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&iov) }
+                } else {
+                    device_model::backend::GuestBuffers::EMPTY
+                },
+            };
+            b.submit(&req).unwrap();
+            got.clear();
+            let t = Instant::now();
+            while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
+                b.poll(&mut |t, s| got.push((t, s)));
+            }
+            assert_eq!(got, vec![(tag, Status::SUCCESS)], "{backend}: {op:?}");
+        }
+        for (lba, zeroes) in [(2048, 8192), ((end - 4096) / 512, 4096)] {
+            qp.read_write(false, 1, lba, 16, buf.iova(), 8192, 12)
+                .unwrap();
+            wait(&mut qp, "read after a long write zeroes");
+            assert!(
+                buf.as_slice()[..zeroes].iter().all(|&x| x == 0),
+                "{backend}: zeroed at LBA {lba}"
+            );
+            assert_eq!(&buf.as_slice()[zeroes..], &pattern[zeroes..], "{backend}");
+        }
+    }
     drop(b);
     drop(qp);
     drop(c);

@@ -1,7 +1,7 @@
-//! Namespace backends: where a namespace's blocks live. Reads, writes and flushes complete
-//! asynchronously (`submit` then `poll`); a write is acknowledged to the guest only when its
-//! backend reports it done. Rare management operations (write zeroes, deallocate, compare
-//! reads, format) are synchronous.
+//! Namespace backends: where a namespace's blocks live. Reads, writes, flushes and Write
+//! Zeroes complete asynchronously (`submit` then `poll`); a write is acknowledged to the
+//! guest only when its backend reports it done. Rare management operations (deallocate,
+//! compare reads, format's zeroing) are synchronous.
 
 mod file;
 mod malloc;
@@ -15,7 +15,38 @@ pub use shared::{SharedBackend, SharedSource};
 
 pub use crate::dptr::{GuestBufferList, GuestBuffers};
 
+use std::sync::OnceLock;
+
 use nvme_spec::Status;
+
+/// Bytes of [`zeroes`].
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// [`ZERO_CHUNK`] zero bytes for the whole process, never written: the source of backends
+/// that write zeroes. An anonymous read-only mapping (page-aligned; every page is the
+/// kernel's zero page, so no memory is used), or, should that fail, a leaked heap buffer.
+pub fn zeroes() -> &'static [u8] {
+    static ZEROES: OnceLock<&'static [u8]> = OnceLock::new();
+    ZEROES.get_or_init(|| {
+        // SAFETY: a fresh anonymous mapping, result checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ZERO_CHUNK,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Box::leak(vec![0u8; ZERO_CHUNK].into_boxed_slice());
+        }
+        // SAFETY: ZERO_CHUNK readable bytes at p, zero-filled, read-only and never unmapped,
+        // so the slice is valid and unchanging for the rest of the process.
+        unsafe { std::slice::from_raw_parts(p.cast::<u8>(), ZERO_CHUNK) }
+    })
+}
 
 /// The data-moving operation of an asynchronous request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +57,8 @@ pub enum IoOp {
     Write { fua: bool },
     /// Make all completed writes durable.
     Flush,
+    /// Zero `len` bytes at the request's offset (NVM Write Zeroes); no guest buffers.
+    WriteZeroes { len: u64 },
 }
 
 /// One asynchronous request. The memory `iov` describes stays valid until the request's
@@ -37,8 +70,24 @@ pub struct IoRequest<'a> {
     pub op: IoOp,
     /// Byte offset in the namespace.
     pub offset: u64,
-    /// The command's guest buffers (empty for Flush).
+    /// The command's guest buffers (empty for Flush and Write Zeroes).
     pub iov: GuestBuffers<'a>,
+}
+
+impl IoRequest<'_> {
+    /// Bytes the request covers in the namespace: the buffers' length, or a Write Zeroes'
+    /// length (0 for a Flush).
+    pub fn len(&self) -> u64 {
+        match self.op {
+            IoOp::WriteZeroes { len } => len,
+            _ => self.iov.len(),
+        }
+    }
+
+    /// True when the request covers no bytes (a Flush).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A namespace's storage.
@@ -48,13 +97,31 @@ pub trait Backend: Send {
     /// Capacity in bytes.
     fn size(&self) -> u64;
     /// Start a request. An `Err` means it was not started and completes with that status.
+    /// Every op, Write Zeroes included, completes through [`poll`](Self::poll): a backend
+    /// whose zeroing is instant (RAM, nothing) may run [`write_zeroes`](Self::write_zeroes)
+    /// here and queue its result (see [`Backend::zero_now`]); one that may wait on a device
+    /// or a network must not.
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status>;
     /// Hand every finished request to `done`; returns how many finished.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
     /// Requests started but not yet polled as done.
     fn in_flight(&self) -> usize;
-    /// Zero `len` bytes at `offset` (Write Zeroes, Format).
+    /// Zero `len` bytes at `offset` synchronously (Format NVM, and the instant backends'
+    /// Write Zeroes).
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status>;
+    /// The fallback for a Write Zeroes `submit` got, for backends whose zeroing is instant:
+    /// zero now with [`write_zeroes`](Self::write_zeroes) and return the status to queue
+    /// for the next [`poll`](Self::poll) (`None`: not a Write Zeroes).
+    fn zero_now(&mut self, req: &IoRequest<'_>) -> Option<Status> {
+        let IoOp::WriteZeroes { len } = req.op else {
+            return None;
+        };
+        Some(
+            self.write_zeroes(req.offset, len)
+                .err()
+                .unwrap_or(Status::SUCCESS),
+        )
+    }
     /// Deallocate `len` bytes at `offset` (DSM); reads of it return zeroes afterwards.
     fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
         self.write_zeroes(offset, len)
@@ -171,6 +238,24 @@ pub(crate) mod tests {
         b.read_sync(4096, &mut z).unwrap();
         assert!(z[..512].iter().all(|&x| x == 0));
         assert_eq!(&z[512..], &data[512..1024]);
+        // Write Zeroes through submit/poll, with the full 64-bit tag
+        b.submit(&IoRequest {
+            tag: HI | 4,
+            op: IoOp::WriteZeroes { len: 4096 },
+            offset: 8192,
+            iov: GuestBuffers::EMPTY,
+        })
+        .unwrap();
+        got.clear();
+        while got.is_empty() {
+            b.poll(&mut |t, s| got.push((t, s)));
+        }
+        assert_eq!(got, vec![(HI | 4, Status::SUCCESS)]);
+        let mut z = vec![1u8; 8192];
+        b.read_sync(4096, &mut z).unwrap();
+        assert_eq!(&z[..512], &[0u8; 512][..]);
+        assert_eq!(&z[512..4096], &data[512..4096]);
+        assert!(z[4096..].iter().all(|&x| x == 0), "async write zeroes");
         assert_eq!(b.in_flight(), 0);
         assert!(b.read_sync(b.size() - 512, &mut [0u8; 1024]).is_err());
     }

@@ -7,12 +7,16 @@
 //! connection (a read reads again, a write writes the same data again: both idempotent);
 //! past the controller loss timeout they complete with Host Pathing Error (3/70h). A
 //! command without an answer for `io_timeout` counts as a failed connection, as in Linux.
+//!
+//! Write Zeroes goes the same way: one Write Zeroes command (or, on a target without it,
+//! one write of zeroed blocks from a shared zero buffer) after the other, each sent when
+//! the one before completes, so a range of any size waits on nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use device_model::backend::{Backend, GuestBufferList, IoOp, IoRequest};
+use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::opcode::nvm as op;
 use nvme_spec::{Status, Submission};
 
@@ -40,6 +44,19 @@ pub struct TcpBackend {
     failed: bool,
     checked_tick: u64,
     timeout: Duration,
+    /// Write Zeroes requests with commands still to send after the one in flight.
+    zeroing: Vec<Zeroing>,
+    /// Completions of commands of `zeroing` requests, reused by poll.
+    chained: Vec<(u64, Status)>,
+}
+
+/// A Write Zeroes request going on command after command: the one in flight (or waiting)
+/// ends at `at`; the request's range ends at `end`.
+#[derive(Clone, Copy, Debug)]
+struct Zeroing {
+    tag: u64,
+    at: u64,
+    end: u64,
 }
 
 impl TcpBackend {
@@ -71,6 +88,8 @@ impl TcpBackend {
             failed: false,
             checked_tick: 0,
             timeout,
+            zeroing: Vec::new(),
+            chained: Vec::new(),
         })
     }
 
@@ -111,6 +130,95 @@ impl TcpBackend {
         sqe.cdw11 = ((slba >> 32) as u32).into();
         sqe.cdw12 = ((nlb - 1) as u32 & 0xffff).into();
         Ok(sqe)
+    }
+
+    /// The next command of a Write Zeroes of the range from `at` to `end`, and how many
+    /// bytes it zeroes: Write Zeroes (at most 65536 blocks), or on a target without it a
+    /// write of at most `max_transfer` (and [`ZERO_CHUNK`](device_model::backend::ZERO_CHUNK))
+    /// bytes of zeroes.
+    fn zero_command(&self, at: u64, end: u64) -> Result<(Submission, u64), Status> {
+        let bs = self.block_size();
+        let (opcode, max) = if self.ns.write_zeroes {
+            (op::WRITE_ZEROES, 65536u64 << self.ns.lba_shift)
+        } else {
+            let max = zeroes().len().min(self.ns.max_transfer) as u64;
+            (op::WRITE, max - max % bs)
+        };
+        if max == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        let n = (end - at).min(max);
+        Ok((self.rw_sqe(opcode, at, n)?, n))
+    }
+
+    /// Send a command of request `tag`: straight onto a connection when nothing waits
+    /// before it (no allocation), else behind the waiting ones.
+    fn send(&mut self, tag: u64, sqe: Submission, data: Data<'_>) {
+        let direct = if self.waiting.is_empty()
+            && let Some(k) = self.next_queue()
+        {
+            let tick = self.session.tick();
+            self.io[k].submit(sqe, tag, data, tick).is_ok()
+        } else {
+            false
+        };
+        if !direct {
+            let (from_c, to_c, bufs) = match data {
+                Data::None => (false, false, GuestBuffers::EMPTY),
+                Data::FromController(b) => (true, false, b),
+                Data::ToController(b) => (false, true, b),
+            };
+            self.waiting.push_back(Unfinished {
+                tag,
+                sqe,
+                from_controller: from_c,
+                to_controller: to_c,
+                segs: GuestBufferList::of(bufs),
+            });
+            self.start_waiting();
+        }
+    }
+
+    /// Send the Write Zeroes command of request `tag` that starts at `at`; returns where
+    /// it ends.
+    fn send_zeroes(&mut self, tag: u64, at: u64, end: u64) -> Result<u64, Status> {
+        let (sqe, n) = self.zero_command(at, end)?;
+        if sqe.opcode == op::WRITE_ZEROES {
+            self.send(tag, sqe, Data::None);
+        } else {
+            let iov = [libc::iovec {
+                iov_base: zeroes().as_ptr().cast_mut().cast(),
+                iov_len: n as usize,
+            }];
+            // SAFETY: the zero buffer is static and never freed, and nothing writes it: a
+            // queue only reads the buffers of a command that sends data (ToController).
+            // The iovec array is copied by the queue (or into the waiting list) here.
+            let bufs = unsafe { GuestBuffers::from_raw_iovecs(&iov) };
+            self.send(tag, sqe, Data::ToController(bufs));
+        }
+        Ok(at + n)
+    }
+
+    /// A command of request `tag` completed with `status`: true when it was one of a Write
+    /// Zeroes with more to send, and the next one is on its way (nothing to report yet).
+    fn zeroes_go_on(&mut self, tag: u64, status: Status) -> bool {
+        let Some(i) = self.zeroing.iter().position(|z| z.tag == tag) else {
+            return false;
+        };
+        let z = self.zeroing[i];
+        if status.is_success() && z.at < z.end && !self.failed {
+            match self.send_zeroes(tag, z.at, z.end) {
+                Ok(at) => {
+                    self.zeroing[i].at = at;
+                    return true;
+                }
+                Err(s) => {
+                    log::warn!("nvme-tcp {}: Write Zeroes: {s:?}", self.url);
+                }
+            }
+        }
+        self.zeroing.swap_remove(i);
+        false
     }
 
     /// Pick up what the supervisor handed over (one atomic load when nothing changed).
@@ -226,8 +334,8 @@ impl TcpBackend {
         }
     }
 
-    /// Run one command synchronously on the I/O queue (Write Zeroes, DSM, Compare reads,
-    /// flushes at shutdown).
+    /// Run one command synchronously on the I/O queue (Format's zeroing, DSM, Compare
+    /// reads, flushes at shutdown).
     fn sync(&mut self, sqe: Submission, data: SyncData<'_>) -> Result<(), Status> {
         self.catch_up();
         if self.failed {
@@ -284,6 +392,24 @@ impl Backend for TcpBackend {
             return Err(Status::HOST_PATHING_ERROR);
         }
         let len = req.iov.len();
+        if let IoOp::WriteZeroes { len } = req.op {
+            let end = req
+                .offset
+                .checked_add(len)
+                .ok_or(Status::LBA_OUT_OF_RANGE)?;
+            // checked whole before the first command goes
+            self.rw_sqe(op::WRITE, req.offset, len.max(self.block_size()))?;
+            let at = self.send_zeroes(req.tag, req.offset, end)?;
+            self.in_flight += 1;
+            if at < end {
+                self.zeroing.push(Zeroing {
+                    tag: req.tag,
+                    at,
+                    end,
+                });
+            }
+            return Ok(());
+        }
         let (sqe, from_c, to_c) = match req.op {
             IoOp::Read | IoOp::Write { .. } if len as usize > self.ns.max_transfer => {
                 log::warn!(
@@ -307,44 +433,36 @@ impl Backend for TcpBackend {
                 sqe.nsid = self.ns.nsid.into();
                 (sqe, false, false)
             }
+            IoOp::WriteZeroes { .. } => return Err(Status::INTERNAL_ERROR), // above
         };
         self.in_flight += 1;
-        // straight onto a connection when nothing waits before it (no allocation)
-        let direct = if self.waiting.is_empty()
-            && let Some(k) = self.next_queue()
-        {
-            let data = Data::of(from_c, to_c, req.iov);
-            let tick = self.session.tick();
-            self.io[k].submit(sqe, req.tag, data, tick).is_ok()
-        } else {
-            false
-        };
-        if !direct {
-            self.waiting.push_back(Unfinished {
-                tag: req.tag,
-                sqe,
-                from_controller: from_c,
-                to_controller: to_c,
-                segs: GuestBufferList::of(req.iov),
-            });
-            self.start_waiting();
-        }
+        self.send(req.tag, sqe, Data::of(from_c, to_c, req.iov));
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.catch_up();
         let mut n = 0;
+        // a command of a Write Zeroes with more to send is held back (`chained`) and
+        // decided on below
+        let mut chained = std::mem::take(&mut self.chained);
+        let zeroing = &self.zeroing;
+        let mut report = |t: u64, s: Status| {
+            if zeroing.iter().any(|z| z.tag == t) {
+                chained.push((t, s));
+            } else {
+                done(t, s);
+                n += 1;
+            }
+        };
         for (t, s) in self.done.drain(..) {
-            done(t, s);
-            n += 1;
+            report(t, s);
         }
         let mut failed = None;
         for q in &mut self.io {
             if let Err(e) = q.poll(&mut |c| {
                 if c.tag != super::queue::SYNC_TAG {
-                    done(c.tag, c.status);
-                    n += 1;
+                    report(c.tag, c.status);
                 }
             }) {
                 failed = Some(e);
@@ -354,6 +472,14 @@ impl Backend for TcpBackend {
         if let Some(e) = failed {
             self.lost(&e);
         }
+        // commands drained from a lost connection come back through `done` next poll
+        for (t, s) in chained.drain(..) {
+            if !self.zeroes_go_on(t, s) {
+                done(t, s);
+                n += 1;
+            }
+        }
+        self.chained = chained;
         debug_assert!(n <= self.in_flight, "more completions than commands");
         self.in_flight = self.in_flight.saturating_sub(n);
         self.start_waiting();
