@@ -4,6 +4,7 @@
 
 use nvme_spec::command::{SglDescriptor, sgl_type};
 use nvme_spec::{Status, Submission};
+use std::sync::Arc;
 use zerocopy::FromBytes;
 
 use crate::memory::MemoryMap;
@@ -171,6 +172,16 @@ impl IoVecs {
         GuestBuffers {
             iov: self.as_slice(),
             len: self.len,
+            keep: None,
+        }
+    }
+
+    /// The segments as buffers in `mem` (the snapshot they were built against): lists taken
+    /// from them keep that memory mapped.
+    pub fn buffers_in<'a>(&'a self, mem: &'a Arc<MemoryMap>) -> GuestBuffers<'a> {
+        GuestBuffers {
+            keep: Some(mem),
+            ..self.buffers()
         }
     }
 
@@ -194,12 +205,16 @@ impl IoVecs {
 /// [`as_raw_iovecs`](Self::as_raw_iovecs) for a syscall or a device's DMA.
 ///
 /// The memory stays mapped until the backend that got the request reports it complete (the
-/// controller's command slot keeps its memory snapshot until then); a backend must not touch
-/// the buffers, or a [`GuestBufferList`] taken from them, after that.
+/// controller's command slot keeps its memory snapshot until then), and for as long as a
+/// [`GuestBufferList`] taken from the buffers exists: the list holds the same snapshot. A
+/// backend must still not touch them after it reported the request complete (the guest owns
+/// the memory again), but no use of a list can reach unmapped memory.
 #[derive(Clone, Copy)]
 pub struct GuestBuffers<'a> {
     iov: &'a [libc::iovec],
     len: u64,
+    /// The guest memory snapshot the iovecs point into, when they came from the controller.
+    keep: Option<&'a Arc<MemoryMap>>,
 }
 
 impl std::fmt::Debug for GuestBuffers<'_> {
@@ -219,7 +234,11 @@ impl Default for GuestBuffers<'_> {
 
 impl<'a> GuestBuffers<'a> {
     /// No buffers (Flush).
-    pub const EMPTY: GuestBuffers<'static> = GuestBuffers { iov: &[], len: 0 };
+    pub const EMPTY: GuestBuffers<'static> = GuestBuffers {
+        iov: &[],
+        len: 0,
+        keep: None,
+    };
 
     /// Buffers described by raw iovecs.
     ///
@@ -232,6 +251,7 @@ impl<'a> GuestBuffers<'a> {
         Self {
             iov,
             len: iov.iter().map(|v| v.iov_len as u64).sum(),
+            keep: None,
         }
     }
 
@@ -332,11 +352,13 @@ impl<'a> GuestBuffers<'a> {
 pub struct GuestBufferList {
     iov: Vec<libc::iovec>,
     len: u64,
+    keep: Option<Arc<MemoryMap>>,
 }
 
-// SAFETY: the iovecs describe guest memory the controller keeps mapped until the request
-// completes; the list only reaches it through `GuestBuffers`' copies (or its unsafe
-// accessor), whichever thread holds it.
+// SAFETY: the iovecs describe guest memory kept mapped by the list's own snapshot (`keep`,
+// when taken from controller buffers) or by the contract of `from_raw_iovecs`; the list only
+// reaches it through `GuestBuffers`' copies (or its unsafe accessor), whichever thread holds
+// it.
 unsafe impl Send for GuestBufferList {}
 
 impl std::fmt::Debug for GuestBufferList {
@@ -363,12 +385,14 @@ impl GuestBufferList {
         self.iov.clear();
         self.iov.extend_from_slice(b.iov);
         self.len = b.len;
+        self.keep = b.keep.cloned();
     }
 
     /// Forget the segments.
     pub fn clear(&mut self) {
         self.iov.clear();
         self.len = 0;
+        self.keep = None;
     }
 
     /// The segments as buffers again.
@@ -376,6 +400,7 @@ impl GuestBufferList {
         GuestBuffers {
             iov: &self.iov,
             len: self.len,
+            keep: self.keep.as_ref(),
         }
     }
 
@@ -613,6 +638,26 @@ mod tests {
         }
         map_prps(&s, 0x1000, 0x9000, 0x4000, 4096, false, &mut v).unwrap();
         assert_eq!((v.as_slice().len(), v.len()), (2, 0x4000));
+    }
+
+    #[test]
+    fn a_kept_buffer_list_keeps_its_memory_mapped_after_the_client_unmaps_it() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        let mut v = IoVecs::default();
+        map_prps(&s, 0x1000, 0, 0x1000, 4096, true, &mut v).unwrap();
+        let list = GuestBufferList::of(v.buffers_in(&s));
+        drop(s);
+        m.clear(); // the client takes its memory away while a backend holds the request
+        // the list's snapshot still maps it: a late backend write lands, nothing faults
+        assert_eq!(list.as_buffers().write_at(16, &[7u8; 32]), 32);
+        let mut back = [0u8; 32];
+        assert_eq!(list.as_buffers().read_at(16, &mut back), 32);
+        assert_eq!(back, [7u8; 32]);
+        assert!(
+            m.snapshot().read(0x1010, &mut back).is_err(),
+            "gone from the map"
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ impl Controller {
                 IoOp::Write { fua }
             },
             offset,
-            iov: ctx.iov.buffers(),
+            iov: ctx.iov.buffers_in(mem),
         };
         match self.namespaces[ns_idx].backend.submit(&req) {
             Ok(()) => Outcome::Pending,
