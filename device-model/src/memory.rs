@@ -135,27 +135,44 @@ impl MemoryMap {
     /// Host pointer for `[iova, iova+len)`, which must lie inside one region with the right
     /// protection. `len` may be zero only if `iova` is inside a region.
     pub fn translate(&self, iova: u64, len: u64, write: bool) -> Result<*mut u8, AccessError> {
-        let err = AccessError { iova, len, write };
-        let idx = self.regions.partition_point(|r| r.iova <= iova);
-        let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
-        let off = iova - r.iova;
-        let end = off.checked_add(len).ok_or(err)?;
-        if off >= r.len || end > r.len || (write && !r.prot.write) || (!write && !r.prot.read) {
-            return Err(err);
-        }
-        let m = r.mapping.as_ref().ok_or(err)?;
+        let (r, off) = self.region_for(iova, len, write)?;
+        let m = r.mapping.as_ref().ok_or(AccessError { iova, len, write })?;
         // off < r.len: the result stays inside the mapping
         Ok(m.region.as_ptr().wrapping_add(off as usize))
     }
 
     /// The region holding all of `[iova, iova + len)` with the access right, and the offset.
     fn region_for(&self, iova: u64, len: u64, write: bool) -> Result<(&Region, u64), AccessError> {
+        let (r, off, chunk) = self.chunk_at(iova, len, write)?;
+        if chunk < len {
+            return Err(AccessError { iova, len, write });
+        }
+        Ok((r, off))
+    }
+
+    /// The region holding `iova` (with the access right), the offset in it, and how many of
+    /// the `len` bytes from `iova` lie in it: one lookup for each piece of a copy.
+    fn chunk_at(
+        &self,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(&Region, u64, u64), AccessError> {
+        let (r, off) = self.locate(iova, len, write)?;
+        if (write && !r.prot.write) || (!write && !r.prot.read) {
+            return Err(AccessError { iova, len, write });
+        }
+        Ok((r, off, len.min(r.len - off)))
+    }
+
+    /// The region containing `iova` and the offset in it (`len` and `write` only describe
+    /// the access in the error).
+    fn locate(&self, iova: u64, len: u64, write: bool) -> Result<(&Region, u64), AccessError> {
         let err = AccessError { iova, len, write };
         let idx = self.regions.partition_point(|r| r.iova <= iova);
         let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
         let off = iova - r.iova;
-        let end = off.checked_add(len).ok_or(err)?;
-        if off >= r.len || end > r.len || (write && !r.prot.write) || (!write && !r.prot.read) {
+        if off >= r.len {
             return Err(err);
         }
         Ok((r, off))
@@ -165,8 +182,7 @@ impl MemoryMap {
     pub fn read(&self, mut iova: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let mut done = 0;
         while done < buf.len() {
-            let chunk = self.contiguous(iova, (buf.len() - done) as u64, false)?;
-            let (r, off) = self.region_for(iova, chunk, false)?;
+            let (r, off, chunk) = self.chunk_at(iova, (buf.len() - done) as u64, false)?;
             let err = AccessError {
                 iova,
                 len: chunk,
@@ -185,8 +201,7 @@ impl MemoryMap {
     pub fn write(&self, mut iova: u64, data: &[u8]) -> Result<(), AccessError> {
         let mut done = 0;
         while done < data.len() {
-            let chunk = self.contiguous(iova, (data.len() - done) as u64, true)?;
-            let (r, off) = self.region_for(iova, chunk, true)?;
+            let (r, off, chunk) = self.chunk_at(iova, (data.len() - done) as u64, true)?;
             let err = AccessError {
                 iova,
                 len: chunk,
@@ -204,8 +219,7 @@ impl MemoryMap {
     /// Check that all of `[iova, iova+len)` is mapped (possibly over adjacent regions).
     pub fn check_range(&self, mut iova: u64, mut len: u64, write: bool) -> Result<(), AccessError> {
         while len > 0 {
-            let chunk = self.contiguous(iova, len, write)?;
-            self.translate(iova, chunk, write)?;
+            let (_, _, chunk) = self.chunk_at(iova, len, write)?;
             iova += chunk;
             len -= chunk;
         }
@@ -214,13 +228,7 @@ impl MemoryMap {
 
     /// How many bytes from `iova` (at most `len`) lie in the region containing `iova`.
     pub fn contiguous(&self, iova: u64, len: u64, write: bool) -> Result<u64, AccessError> {
-        let err = AccessError { iova, len, write };
-        let idx = self.regions.partition_point(|r| r.iova <= iova);
-        let r = idx.checked_sub(1).map(|i| &self.regions[i]).ok_or(err)?;
-        let off = iova - r.iova;
-        if off >= r.len {
-            return Err(err);
-        }
+        let (r, off) = self.locate(iova, len, write)?;
         Ok(len.min(r.len - off))
     }
 
