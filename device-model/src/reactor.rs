@@ -277,6 +277,15 @@ const KEEP_ALIVE_CHECK_EVERY: u32 = 256;
 /// Spin iterations after the last work before napping.
 const SPIN_AFTER_WORK: Duration = Duration::from_micros(200);
 
+/// The text a caught panic carries (`panic!` with a literal or a formatted message).
+pub fn panic_message(cause: &(dyn std::any::Any + Send)) -> String {
+    cause
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| cause.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// How a controller leaves its reactor.
 enum Removal {
     /// Handed back to the caller of [`ControllerHandle::stop`].
@@ -304,11 +313,7 @@ impl Entry {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut self.ctrl))) {
             Ok(v) => Some(v),
             Err(cause) => {
-                let msg = cause
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| cause.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let msg = panic_message(cause.as_ref());
                 if !self.panicked {
                     log::error!(
                         "{}: panic during {what} ({msg}); this controller is fatal until reset, \

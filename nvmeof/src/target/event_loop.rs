@@ -334,11 +334,7 @@ impl Target {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
             Ok(n) => n,
             Err(cause) => {
-                let msg = cause
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| cause.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let msg = device_model::reactor::panic_message(cause.as_ref());
                 device_model::error_limited!(
                     "nvme-tcp target: panic while serving a connection ({msg}); it is closed"
                 );
