@@ -975,3 +975,26 @@ pub fn controller_ops_seeds() -> Vec<Vec<u8>> {
     out.push(sh);
     out
 }
+
+/// A mutation of `seed` for the CI smoke runs: 1 to `max_edits` random byte replacements,
+/// insertions or removals; an input emptied by removals becomes `[fill]`.
+pub fn mutate(rng: &mut vnvme::perf::Rng, seed: &[u8], max_edits: u64, fill: u8) -> Vec<u8> {
+    let mut input = seed.to_vec();
+    for _ in 0..=(rng.next() % max_edits) {
+        if input.is_empty() {
+            input.push(fill);
+        }
+        let at = (rng.next() as usize) % input.len();
+        match rng.next() % 3 {
+            0 => input[at] = rng.next() as u8,
+            1 => input.insert(at, rng.next() as u8),
+            _ => {
+                input.remove(at);
+            }
+        }
+    }
+    if input.is_empty() {
+        input.push(fill);
+    }
+    input
+}

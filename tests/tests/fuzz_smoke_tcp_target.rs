@@ -3,7 +3,7 @@
 //! hook: the target would otherwise contain it to one connection and hide it).
 
 use vnvme::perf::Rng;
-use vnvme_tests::fuzz::{nvme_tcp_target, nvme_tcp_target_seeds};
+use vnvme_tests::fuzz::{mutate, nvme_tcp_target, nvme_tcp_target_seeds};
 
 #[test]
 fn nvme_tcp_target_survives_seeds_and_mutations() {
@@ -19,20 +19,7 @@ fn nvme_tcp_target_survives_seeds_and_mutations() {
     );
     let mut rng = Rng(0x7c9_0001);
     for round in 0..150 {
-        let mut input = seeds[round % seeds.len()].clone();
-        for _ in 0..=(rng.next() % 6) {
-            let at = (rng.next() as usize) % input.len();
-            match rng.next() % 3 {
-                0 => input[at] = rng.next() as u8,
-                1 => input.insert(at, rng.next() as u8),
-                _ => {
-                    input.remove(at);
-                }
-            }
-            if input.is_empty() {
-                input.push(0);
-            }
-        }
+        let input = mutate(&mut rng, &seeds[round % seeds.len()], 6, 0);
         let _ = nvme_tcp_target(&input);
     }
 }
