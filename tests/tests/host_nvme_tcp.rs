@@ -780,22 +780,16 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
         iov_base: pattern.as_mut_ptr().cast(),
         iov_len: 8192,
     }];
-    b.submit(&IoRequest {
+    let write = IoRequest {
         tag: 1,
         op: IoOp::Write { fua: true },
         offset: 1 << 20,
         // SAFETY: `pattern` outlives the request (polled to completion below) and is not
         // touched meanwhile.
         iov: unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&iov) },
-    })
-    .unwrap();
-    let mut got = Vec::new();
-    let t = Instant::now();
-    while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
-        b.poll(&mut |t, s| got.push((t, s)));
-    }
+    };
     assert_eq!(
-        got,
+        submit_and_wait(&mut b, &write),
         vec![(1, Status::SUCCESS)],
         "{backend}: write over NVMe/TCP"
     );
@@ -838,7 +832,6 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
     );
     // Write Zeroes from the NVMe/TCP side, asynchronously (submit, then poll): the pattern
     // again, then its first 4 KiB zeroed; vfio-user reads both
-    let mut got = Vec::new();
     for (tag, op, len) in [
         (0xfe << 56 | 2, IoOp::Write { fua: false }, 8192),
         (0xfe << 56 | 3, IoOp::WriteZeroes { len: 4096 }, 4096),
@@ -855,13 +848,11 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
                 device_model::backend::GuestBuffers::EMPTY
             },
         };
-        b.submit(&req).unwrap();
-        got.clear();
-        let t = Instant::now();
-        while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
-            b.poll(&mut |t, s| got.push((t, s)));
-        }
-        assert_eq!(got, vec![(tag, Status::SUCCESS)], "{backend}: {op:?}");
+        assert_eq!(
+            submit_and_wait(&mut b, &req),
+            vec![(tag, Status::SUCCESS)],
+            "{backend}: {op:?}"
+        );
     }
     qp.read_write(false, 1, 2048, 16, buf.iova(), 8192, 11)
         .unwrap();
@@ -891,13 +882,11 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
                     device_model::backend::GuestBuffers::EMPTY
                 },
             };
-            b.submit(&req).unwrap();
-            got.clear();
-            let t = Instant::now();
-            while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
-                b.poll(&mut |t, s| got.push((t, s)));
-            }
-            assert_eq!(got, vec![(tag, Status::SUCCESS)], "{backend}: {op:?}");
+            assert_eq!(
+                submit_and_wait(&mut b, &req),
+                vec![(tag, Status::SUCCESS)],
+                "{backend}: {op:?}"
+            );
         }
         for (lba, zeroes) in [(2048, 8192), ((end - 4096) / 512, 4096)] {
             qp.read_write(false, 1, lba, 16, buf.iova(), 8192, 12)
@@ -1214,4 +1203,18 @@ fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
         admin.expect_closed(case);
     }
     target.stop().unwrap();
+}
+
+/// Submit `req` to `b` and poll (up to 5 s) until something completes; what completed.
+fn submit_and_wait(
+    b: &mut dyn device_model::backend::Backend,
+    req: &device_model::backend::IoRequest<'_>,
+) -> Vec<(u64, Status)> {
+    b.submit(req).unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        b.poll(&mut |t, s| got.push((t, s)));
+    }
+    got
 }
