@@ -51,38 +51,55 @@ pub mod cmd {
     pub const DEVICE_RESET: u16 = 13;
 }
 
-/// VFIO constants reused by vfio-user (linux/vfio.h).
+/// VFIO constants reused by vfio-user, from rust-vmm's `vfio-bindings` (linux/vfio.h).
 pub mod vfio {
-    pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
-    pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
-    pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
-    pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-    pub const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-    pub const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
-    pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
-    pub const PCI_BAR0_REGION_INDEX: u32 = 0;
-    pub const PCI_BAR4_REGION_INDEX: u32 = 4;
-    pub const PCI_ROM_REGION_INDEX: u32 = 6;
-    pub const PCI_CONFIG_REGION_INDEX: u32 = 7;
-    pub const PCI_NUM_REGIONS: u32 = 9;
-    pub const PCI_INTX_IRQ_INDEX: u32 = 0;
-    pub const PCI_MSI_IRQ_INDEX: u32 = 1;
-    pub const PCI_MSIX_IRQ_INDEX: u32 = 2;
-    pub const PCI_NUM_IRQS: u32 = 5;
-    pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;
-    pub const IRQ_INFO_MASKABLE: u32 = 1 << 1;
-    pub const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
-    pub const IRQ_SET_DATA_NONE: u32 = 1 << 0;
-    pub const IRQ_SET_DATA_BOOL: u32 = 1 << 1;
-    pub const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-    pub const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
-    pub const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-    pub const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-    pub const DMA_MAP_FLAG_READ: u32 = 1 << 0;
-    pub const DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
-    pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
-    pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
+    use vfio_bindings::bindings::vfio as vb;
+
+    pub const DEVICE_FLAGS_RESET: u32 = vb::VFIO_DEVICE_FLAGS_RESET;
+    pub const DEVICE_FLAGS_PCI: u32 = vb::VFIO_DEVICE_FLAGS_PCI;
+    pub const REGION_INFO_FLAG_READ: u32 = vb::VFIO_REGION_INFO_FLAG_READ;
+    pub const REGION_INFO_FLAG_WRITE: u32 = vb::VFIO_REGION_INFO_FLAG_WRITE;
+    pub const REGION_INFO_FLAG_MMAP: u32 = vb::VFIO_REGION_INFO_FLAG_MMAP;
+    pub const REGION_INFO_FLAG_CAPS: u32 = vb::VFIO_REGION_INFO_FLAG_CAPS;
+    pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = vb::VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16;
+    pub const PCI_BAR0_REGION_INDEX: u32 = vb::VFIO_PCI_BAR0_REGION_INDEX;
+    pub const PCI_BAR4_REGION_INDEX: u32 = vb::VFIO_PCI_BAR4_REGION_INDEX;
+    pub const PCI_ROM_REGION_INDEX: u32 = vb::VFIO_PCI_ROM_REGION_INDEX;
+    pub const PCI_CONFIG_REGION_INDEX: u32 = vb::VFIO_PCI_CONFIG_REGION_INDEX;
+    pub const PCI_NUM_REGIONS: u32 = vb::VFIO_PCI_NUM_REGIONS;
+    pub const PCI_INTX_IRQ_INDEX: u32 = vb::VFIO_PCI_INTX_IRQ_INDEX;
+    pub const PCI_MSI_IRQ_INDEX: u32 = vb::VFIO_PCI_MSI_IRQ_INDEX;
+    pub const PCI_MSIX_IRQ_INDEX: u32 = vb::VFIO_PCI_MSIX_IRQ_INDEX;
+    pub const PCI_NUM_IRQS: u32 = vb::VFIO_PCI_NUM_IRQS;
+    pub const IRQ_INFO_EVENTFD: u32 = vb::VFIO_IRQ_INFO_EVENTFD;
+    pub const IRQ_INFO_MASKABLE: u32 = vb::VFIO_IRQ_INFO_MASKABLE;
+    pub const IRQ_INFO_AUTOMASKED: u32 = vb::VFIO_IRQ_INFO_AUTOMASKED;
+    pub const IRQ_SET_DATA_NONE: u32 = vb::VFIO_IRQ_SET_DATA_NONE;
+    pub const IRQ_SET_DATA_BOOL: u32 = vb::VFIO_IRQ_SET_DATA_BOOL;
+    pub const IRQ_SET_DATA_EVENTFD: u32 = vb::VFIO_IRQ_SET_DATA_EVENTFD;
+    pub const IRQ_SET_ACTION_MASK: u32 = vb::VFIO_IRQ_SET_ACTION_MASK;
+    pub const IRQ_SET_ACTION_UNMASK: u32 = vb::VFIO_IRQ_SET_ACTION_UNMASK;
+    pub const IRQ_SET_ACTION_TRIGGER: u32 = vb::VFIO_IRQ_SET_ACTION_TRIGGER;
+    pub const DMA_MAP_FLAG_READ: u32 = vb::VFIO_DMA_MAP_FLAG_READ;
+    pub const DMA_MAP_FLAG_WRITE: u32 = vb::VFIO_DMA_MAP_FLAG_WRITE;
+    pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = vb::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+    pub const DMA_UNMAP_FLAG_ALL: u32 = vb::VFIO_DMA_UNMAP_FLAG_ALL;
 }
+
+// The payloads below are vfio-bindings' structs as they travel on a vfio-user socket: the
+// same layout, but little-endian whatever the host and parsed from untrusted bytes, hence
+// zerocopy types (vfio-bindings' bindgen structs derive neither). Same size as the kernel's,
+// except DEVICE_GET_INFO: vfio-user keeps the 16-byte struct of before the kernel added
+// `cap_offset` (24 bytes in vfio-bindings), so the kernel struct cannot be the wire struct.
+const _: () = {
+    use std::mem::size_of;
+    use vfio_bindings::bindings::vfio as vb;
+    assert!(size_of::<DeviceInfo>() + 8 == size_of::<vb::vfio_device_info>());
+    assert!(size_of::<RegionInfo>() == size_of::<vb::vfio_region_info>());
+    assert!(size_of::<IrqInfo>() == size_of::<vb::vfio_irq_info>());
+    assert!(size_of::<IrqSet>() == size_of::<vb::vfio_irq_set>());
+    assert!(size_of::<SparseMmapCap>() == size_of::<vb::vfio_region_info_cap_sparse_mmap>());
+};
 
 /// DMA_MAP payload.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
