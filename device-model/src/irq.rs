@@ -1,7 +1,7 @@
 //! Interrupt delivery: one eventfd per MSI-X vector (the client's irqfd, so KVM injects
 //! without an exit), or the INTx eventfd when MSI-X is not set up.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// Why a client's interrupt fd was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,20 +23,8 @@ pub fn check_eventfd(fd: BorrowedFd<'_>) -> Result<(), IrqFdError> {
     if link != "anon_inode:[eventfd]" {
         return Err(IrqFdError::NotAnEventfd(link));
     }
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we borrow, with integer arguments.
-    let r = unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if fl < 0 {
-            fl
-        } else {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
-        }
-    };
-    if r < 0 {
-        return Err(IrqFdError::NonBlocking(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        ));
-    }
+    sys_util::fd::set_nonblocking(fd)
+        .map_err(|e| IrqFdError::NonBlocking(e.raw_os_error().unwrap_or(0)))?;
     Ok(())
 }
 
@@ -80,9 +68,7 @@ impl Interrupts {
             },
             _ => return,
         };
-        let one: u64 = 1;
         // non-blocking (check_eventfd): EAGAIN means the interrupt is already pending
-        // SAFETY: writing 8 bytes from a local u64 to an eventfd we own.
-        unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+        let _ = sys_util::fd::signal_eventfd(fd.as_fd());
     }
 }

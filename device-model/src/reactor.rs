@@ -354,8 +354,7 @@ impl Entry {
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
 fn run(rx: &Receiver<Message>, mode: PollMode) {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread with a plain integer argument.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
+    sys_util::process::set_timer_slack(1000);
     let mut ctrls: Vec<Entry> = Vec::new();
     let mut last_work = Instant::now();
     let mut iter: u32 = 0;

@@ -2,8 +2,10 @@
 //! (MFD_HUGETLB), 4 KiB pages otherwise, mapped at IOVA `iova_base` for the device and at
 //! some address for us. A first-fit page allocator hands out buffers with their IOVA.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
+
+use sys_util::{SharedMemory, SharedMemoryOptions};
 
 use crate::error::DriverError;
 
@@ -13,11 +15,9 @@ const HUGE_PAGE: u64 = 2 << 20;
 
 /// The driver's DMA memory.
 pub struct DmaMemory {
-    fd: OwnedFd,
-    base: *mut u8,
+    mem: SharedMemory,
     size: u64,
     iova_base: u64,
-    hugepages: bool,
     /// Free ranges (offset, length) in pages units of bytes, sorted by offset.
     free: Mutex<Vec<(u64, u64)>>,
 }
@@ -27,86 +27,49 @@ impl std::fmt::Debug for DmaMemory {
         f.debug_struct("DmaMemory")
             .field("size", &self.size)
             .field("iova_base", &self.iova_base)
-            .field("hugepages", &self.hugepages)
+            .field("hugepages", &self.mem.hugetlb())
             .finish_non_exhaustive()
     }
-}
-
-// SAFETY: the mapping is plain shared memory; the allocator state is behind a Mutex and each
-// buffer is handed to exactly one owner.
-unsafe impl Send for DmaMemory {}
-// SAFETY: as above.
-unsafe impl Sync for DmaMemory {}
-
-fn memfd(huge: bool) -> std::io::Result<OwnedFd> {
-    let flags =
-        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | if huge { libc::MFD_HUGETLB } else { 0 };
-    // SAFETY: memfd_create with a static C string; result checked.
-    let fd = unsafe { libc::memfd_create(c"vnvme-dma".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl DmaMemory {
     /// `size` bytes (rounded up to 2 MiB) of DMA memory at device address `iova_base`.
     pub fn new(size: u64, iova_base: u64) -> Result<Arc<Self>, DriverError> {
         let size = size.div_ceil(HUGE_PAGE) * HUGE_PAGE;
-        for huge in [true, false] {
-            let Ok(fd) = memfd(huge) else { continue };
-            // SAFETY: ftruncate on our own memfd.
-            if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-                continue;
-            }
-            // the vfio-user server we hand this to maps it: it may not resize it
-            // SAFETY: fcntl(F_ADD_SEALS) on our own memfd with an integer argument.
-            unsafe {
-                libc::fcntl(
-                    fd.as_raw_fd(),
-                    libc::F_ADD_SEALS,
-                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-                )
+        let mut last = None;
+        for hugetlb in [true, false] {
+            // the vfio-user server or device we hand this to may not resize it (sealed);
+            // hugetlb memfds fail to map when no hugepages are reserved
+            let opts = SharedMemoryOptions {
+                hugetlb,
+                populate: true,
             };
-            // SAFETY: a fresh shared mapping of our memfd, checked; unmapped in Drop.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_POPULATE,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                // hugetlb memfds fail here when no hugepages are reserved
-                continue;
+            match SharedMemory::with_options(c"vnvme-dma", size, opts) {
+                Ok(mem) => {
+                    log::debug!(
+                        "DMA memory: {} MiB, {} pages",
+                        size >> 20,
+                        if hugetlb { "2 MiB" } else { "4 KiB" }
+                    );
+                    return Ok(Arc::new(Self {
+                        mem,
+                        size,
+                        iova_base,
+                        free: Mutex::new(vec![(0, size)]),
+                    }));
+                }
+                Err(e) => last = Some(e),
             }
-            log::debug!(
-                "DMA memory: {} MiB, {} pages",
-                size >> 20,
-                if huge { "2 MiB" } else { "4 KiB" }
-            );
-            return Ok(Arc::new(Self {
-                fd,
-                base: p.cast(),
-                size,
-                iova_base,
-                hugepages: huge,
-                free: Mutex::new(vec![(0, size)]),
-            }));
         }
         Err(DriverError::Dma(format!(
             "cannot create {size} bytes of shared memory: {}",
-            std::io::Error::last_os_error()
+            last.map_or_else(String::new, |e| e.to_string())
         )))
     }
 
     /// The memfd (for the transport's DMA mapping).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.mem.fd()
     }
 
     /// Size in bytes.
@@ -116,7 +79,7 @@ impl DmaMemory {
 
     /// Our address of offset 0 (for an IOMMU mapping of the whole region).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.base
+        self.mem.as_ptr()
     }
 
     /// Device address of offset 0.
@@ -126,7 +89,7 @@ impl DmaMemory {
 
     /// True when backed by 2 MiB hugepages.
     pub fn hugepages(&self) -> bool {
-        self.hugepages
+        self.mem.hugetlb()
     }
 
     /// A zeroed, page-aligned buffer of at least `len` bytes.
@@ -149,8 +112,7 @@ impl DmaMemory {
             free[i] = (off + len, l - len);
         }
         drop(free);
-        // SAFETY: [off, off+len) is inside our mapping and now owned by this buffer alone.
-        unsafe { std::ptr::write_bytes(self.base.add(off as usize), 0, len as usize) };
+        self.mem.fill(off as usize, len as usize, 0);
         Ok(DmaBuffer {
             mem: Arc::clone(self),
             offset: off,
@@ -174,13 +136,6 @@ impl DmaMemory {
             free[i - 1].1 += free[i].1;
             free.remove(i);
         }
-    }
-}
-
-impl Drop for DmaMemory {
-    fn drop(&mut self) {
-        // SAFETY: base/size came from mmap in new().
-        unsafe { libc::munmap(self.base.cast(), self.size as usize) };
     }
 }
 
@@ -216,21 +171,45 @@ impl DmaBuffer {
         self.len == 0
     }
 
-    /// The bytes.
+    /// Copy bytes at `offset` of the buffer out (for memory the device may be writing now,
+    /// such as a completion ring). Panics outside the buffer.
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        assert!(
+            offset + out.len() <= self.len as usize,
+            "outside the DMA buffer"
+        );
+        self.mem.mem.read(self.offset as usize + offset, out);
+    }
+
+    /// Copy `data` in at `offset` of the buffer (a submission ring the device reads).
+    /// Panics outside the buffer.
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset + data.len() <= self.len as usize,
+            "outside the DMA buffer"
+        );
+        self.mem.mem.write(self.offset as usize + offset, data);
+    }
+
+    /// The bytes, for a data buffer no command in flight references (the device touches a
+    /// data buffer only between submission and completion of a command that names it).
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the range lies in the live mapping and belongs to this buffer; the device
-        // may write it concurrently, which callers order by completions.
+        // SAFETY: the range lies in the live mapping and belongs to this buffer; per the
+        // contract above the device does not write it while the reference lives.
         unsafe {
-            std::slice::from_raw_parts(self.mem.base.add(self.offset as usize), self.len as usize)
+            std::slice::from_raw_parts(
+                self.mem.as_ptr().add(self.offset as usize),
+                self.len as usize,
+            )
         }
     }
 
-    /// The bytes, mutable.
+    /// The bytes, mutable, under the same contract as [`as_slice`](Self::as_slice).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and &mut self gives exclusive access on our side.
         unsafe {
             std::slice::from_raw_parts_mut(
-                self.mem.base.add(self.offset as usize),
+                self.mem.as_ptr().add(self.offset as usize),
                 self.len as usize,
             )
         }
@@ -239,7 +218,7 @@ impl DmaBuffer {
     /// Raw pointer to the first byte (queue rings poll it with volatile reads).
     pub fn as_ptr(&self) -> *mut u8 {
         // SAFETY: offset is inside the mapping.
-        unsafe { self.mem.base.add(self.offset as usize) }
+        unsafe { self.mem.as_ptr().add(self.offset as usize) }
     }
 }
 

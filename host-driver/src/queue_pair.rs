@@ -153,7 +153,7 @@ impl QueuePair {
         slot.submitted_at = self.clock;
         sqe.cid = cid.into();
         let off = self.sq_tail as usize * 64;
-        self.sq.as_mut_slice()[off..off + 64].copy_from_slice(sqe.as_bytes());
+        self.sq.write(off, sqe.as_bytes());
         self.sq_tail = (self.sq_tail + 1) % self.size;
         Ok(cid)
     }
@@ -307,7 +307,7 @@ impl QueuePair {
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
             let mut raw = [0u8; 16];
-            raw.copy_from_slice(&self.cq.as_slice()[off..off + 16]);
+            self.cq.read(off, &mut raw);
             let cqe = Completion::read_from_bytes(&raw).unwrap_or_default();
             self.cq_head += 1;
             if self.cq_head == self.size {

@@ -3,6 +3,8 @@
 //!
 //! No logic lives here: only layouts (`zerocopy` derives, little-endian fields) and constants.
 
+#![forbid(unsafe_code)]
+
 /// `Default` as all-zero bytes for the large wire structures (arrays too big for derive).
 macro_rules! zeroed_default {
     ($($t:ty),*) => {$(

@@ -7,6 +7,8 @@
 //! - `initiator/`: the host side, a namespace backend on a remote namespace;
 //! - `target/`: exporting emulated controllers, with a discovery controller.
 
+#![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
+
 pub mod initiator;
 pub mod pdu;
 pub mod stream;

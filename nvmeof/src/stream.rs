@@ -6,6 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
+use sys_util::poll;
 
 use nvme_spec::tcp::TERM_REQ_MAX_DATA;
 
@@ -199,24 +200,11 @@ impl PduStream {
         if now >= deadline {
             return Err(StreamError::Timeout(0));
         }
-        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
-        let mut events = libc::POLLIN;
+        let mut events = poll::POLLIN;
         if self.tx.pending() > 0 {
-            events |= libc::POLLOUT;
+            events |= poll::POLLOUT;
         }
-        let mut pfd = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(e.into());
-            }
-        }
+        poll::wait(&self.sock, events, deadline - now)?;
         self.pump()
     }
 

@@ -13,6 +13,8 @@
 //! uncached, so each 64-byte entry would cost the CPU posted MMIO writes instead of a cached
 //! store; that trade only pays off with write-combining mappings, which VFIO does not give.
 
+#![forbid(unsafe_code)]
+
 mod nvme_backend;
 mod registry;
 mod shared_device;

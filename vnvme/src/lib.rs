@@ -3,6 +3,8 @@
 //! per controller; and the host-side tools over `host-driver`: [`target`] names a
 //! controller, [`perf`] measures it. The `vnvme` binary is a thin CLI over this.
 
+#![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
+
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;

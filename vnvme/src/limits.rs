@@ -18,7 +18,7 @@ pub struct Budget {
 
 /// Raise RLIMIT_NOFILE to its hard limit and set the per-client DMA region limit from it.
 pub fn apply() -> Budget {
-    let nofile = raise_nofile();
+    let nofile = sys_util::process::raise_open_files_limit();
     let per = (nofile.saturating_sub(RESERVE) / MAX_CONTROLLERS).max(16);
     device_model::memory::set_max_regions(usize::try_from(per).unwrap_or(usize::MAX));
     let b = Budget {
@@ -31,28 +31,4 @@ pub fn apply() -> Budget {
         b.regions_per_client
     );
     b
-}
-
-/// Set the soft open-file limit to the hard one; returns the limit now in force.
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a pointer to a local rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const want) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-    }
-    lim.rlim_cur
 }

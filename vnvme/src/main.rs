@@ -1,5 +1,7 @@
 //! `vnvme`: the NVMe controller emulator daemon and its tools.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 
 use clap::{Parser, Subcommand};

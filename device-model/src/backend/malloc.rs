@@ -6,7 +6,7 @@ use super::{Backend, DoneQueue, IoOp, IoRequest};
 
 /// A RAM namespace; contents are lost when the process exits.
 pub struct MallocBackend {
-    ptr: *mut u8,
+    ram: memmap2::MmapMut,
     size: u64,
     done: DoneQueue,
 }
@@ -18,9 +18,6 @@ impl std::fmt::Debug for MallocBackend {
             .finish()
     }
 }
-
-// SAFETY: the buffer is owned exclusively by this backend.
-unsafe impl Send for MallocBackend {}
 
 /// Errors creating a RAM namespace.
 #[derive(Debug, thiserror::Error)]
@@ -37,25 +34,10 @@ impl MallocBackend {
             size,
             source: std::io::ErrorKind::InvalidInput.into(),
         })?;
-        // SAFETY: anonymous private mapping, result checked; owned by self and unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MallocError {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let ram =
+            sys_util::anonymous::lazy_zeroed(len).map_err(|source| MallocError { size, source })?;
         Ok(Self {
-            ptr: ptr.cast(),
+            ram,
             size,
             done: DoneQueue::default(),
         })
@@ -66,13 +48,6 @@ impl MallocBackend {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(Status::LBA_OUT_OF_RANGE),
         }
-    }
-}
-
-impl Drop for MallocBackend {
-    fn drop(&mut self) {
-        // SAFETY: ptr/size come from the mmap in new().
-        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
     }
 }
 
@@ -92,11 +67,7 @@ impl Backend for MallocBackend {
         let len = req.iov.len();
         self.check(req.offset, len)?;
         if req.op != IoOp::Flush {
-            // SAFETY: [offset, offset+len) is inside our own mapping (checked above), which
-            // only this backend (borrowed mutably) accesses.
-            let ours = unsafe {
-                std::slice::from_raw_parts_mut(self.ptr.add(req.offset as usize), len as usize)
-            };
+            let ours = &mut self.ram[req.offset as usize..(req.offset + len) as usize];
             match req.op {
                 IoOp::Read => req.iov.copy_from_slice(ours),
                 _ => req.iov.copy_to_slice(ours),
@@ -113,20 +84,12 @@ impl Backend for MallocBackend {
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
         self.check(offset, len)?;
-        // SAFETY: range checked against our buffer.
-        unsafe { std::ptr::write_bytes(self.ptr.add(offset as usize), 0, len as usize) };
+        self.ram[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
     fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
         self.check(offset, buf.len() as u64)?;
-        // SAFETY: range checked against our buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.add(offset as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            );
-        };
+        buf.copy_from_slice(&self.ram[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
     fn flush_sync(&mut self) -> Result<(), Status> {

@@ -3,6 +3,8 @@
 //! guest only when its backend reports it done. Rare management operations (deallocate,
 //! compare reads, format's zeroing) are synchronous.
 
+// io_uring submissions that carry guest buffer addresses
+#[allow(unsafe_code)]
 mod file;
 mod malloc;
 mod null;
@@ -15,38 +17,9 @@ pub use shared::{SharedBackend, SharedSource};
 
 pub use crate::dptr::{GuestBufferList, GuestBuffers};
 
-use std::sync::OnceLock;
-
 use nvme_spec::Status;
 
-/// Bytes of [`zeroes`].
-pub const ZERO_CHUNK: usize = 1 << 20;
-
-/// [`ZERO_CHUNK`] zero bytes for the whole process, never written: the source of backends
-/// that write zeroes. An anonymous read-only mapping (page-aligned; every page is the
-/// kernel's zero page, so no memory is used), or, should that fail, a leaked heap buffer.
-pub fn zeroes() -> &'static [u8] {
-    static ZEROES: OnceLock<&'static [u8]> = OnceLock::new();
-    ZEROES.get_or_init(|| {
-        // SAFETY: a fresh anonymous mapping, result checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ZERO_CHUNK,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Box::leak(vec![0u8; ZERO_CHUNK].into_boxed_slice());
-        }
-        // SAFETY: ZERO_CHUNK readable bytes at p, zero-filled, read-only and never unmapped,
-        // so the slice is valid and unchanging for the rest of the process.
-        unsafe { std::slice::from_raw_parts(p.cast::<u8>(), ZERO_CHUNK) }
-    })
-}
+pub use sys_util::{ZERO_CHUNK, zeroes};
 
 /// The data-moving operation of an asynchronous request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +134,7 @@ impl DoneQueue {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)] // test requests over local buffers
 pub(crate) mod tests {
     use super::*;
 

@@ -233,6 +233,7 @@ impl Backend for SharedBackend {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)] // test requests over local buffers
 mod tests {
     use super::super::{IoOp, MallocBackend};
     use super::*;

@@ -37,14 +37,11 @@ pub struct VfioUserTransport {
     path: PathBuf,
     /// Why the stream is out of step with the server, after a message failed half way.
     broken: Option<String>,
-    doorbells: *mut u32,
-    /// The doorbell area mapping (start, length), unmapped on drop.
-    mapping: (*mut libc::c_void, usize),
+    /// The BAR0 area over the doorbells, mapped from the server's fd.
+    mapping: memmap2::MmapRaw,
+    /// Offset of the doorbell registers in `mapping`.
+    doorbells: usize,
 }
-
-// SAFETY: the doorbell pointer refers to a shared mapping that lives as long as self; the
-// client is only used through &mut self.
-unsafe impl Send for VfioUserTransport {}
 
 /// A transport error (rust-vmm's messages already include the OS error).
 fn err(what: &str, e: impl std::fmt::Display) -> DriverError {
@@ -103,28 +100,18 @@ impl VfioUserTransport {
             .file_offset
             .as_ref()
             .ok_or_else(|| plain("BAR0", "no file descriptor for mmap"))?;
-        // SAFETY: mapping the area the server advertised, from its fd; checked; unmapped in Drop.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                area.size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fo.file().as_raw_fd(),
-                (fo.start() + area.offset) as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(err("mmap doorbells", std::io::Error::last_os_error()));
-        }
-        // SAFETY: DOORBELL_OFFSET lies inside the area (checked above).
-        let doorbells = unsafe { p.cast::<u8>().add((DOORBELL_OFFSET - area.offset) as usize) };
+        let mapping = memmap2::MmapOptions::new()
+            .offset(fo.start() + area.offset)
+            .len(area.size as usize)
+            .map_raw(fo.file())
+            .map_err(|e| err("mmap doorbells", e))?;
         Ok(Self {
             client,
             path: socket.to_path_buf(),
             broken: None,
-            doorbells: doorbells.cast(),
-            mapping: (p, area.size as usize),
+            mapping,
+            // inside the area (checked above)
+            doorbells: (DOORBELL_OFFSET - area.offset) as usize,
         })
     }
 }
@@ -185,7 +172,10 @@ impl Transport for VfioUserTransport {
     }
 
     fn doorbells(&self) -> *mut u32 {
-        self.doorbells
+        self.mapping
+            .as_mut_ptr()
+            .wrapping_add(self.doorbells)
+            .cast()
     }
 
     fn map_dma(&mut self, mem: &DmaMemory) -> Result<(), DriverError> {
@@ -212,13 +202,6 @@ impl Transport for VfioUserTransport {
 
     fn name(&self) -> String {
         format!("vfio-user:{}", self.path.display())
-    }
-}
-
-impl Drop for VfioUserTransport {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mapped in connect.
-        unsafe { libc::munmap(self.mapping.0, self.mapping.1) };
     }
 }
 

@@ -10,9 +10,13 @@
 //! - `host_identity.rs`: host NQN and host ID.
 
 mod admin;
+// guest buffers (and the static zero chunk) handed to queues as iovecs
+#[allow(unsafe_code)]
 mod backend;
 mod discovery;
 mod host_identity;
+// a synchronous command's local buffers as guest buffers
+#[allow(unsafe_code)]
 pub mod queue;
 mod session;
 mod url;

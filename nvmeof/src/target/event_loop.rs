@@ -3,9 +3,9 @@
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use sys_util::poll;
 
 use nvme_spec::registers::{self as reg, csts};
 use nvme_spec::tcp::fes;
@@ -88,34 +88,21 @@ impl Target {
 
     /// Block in poll(2) on every socket until one is ready or `timeout`.
     fn wait_for_sockets(&self, timeout: Duration) {
-        let mut fds: Vec<libc::pollfd> = self
+        let mut fds: Vec<poll::PollFd> = self
             .listeners
             .iter()
-            .map(|(l, _)| libc::pollfd {
-                fd: l.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|(l, _)| poll::entry(l, poll::POLLIN))
             .collect();
         for c in self.conns.iter().flatten() {
-            let mut events = libc::POLLIN;
+            let mut events = poll::POLLIN;
             if c.stream.tx.pending() > 0 {
-                events |= libc::POLLOUT;
+                events |= poll::POLLOUT;
             }
-            fds.push(libc::pollfd {
-                fd: c.stream.fd(),
-                events,
-                revents: 0,
-            });
+            fds.push(poll::entry(&c.stream.fd(), events));
         }
-        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis() as i32,
-            )
-        };
+        if let Err(e) = poll::poll(&mut fds, timeout) {
+            device_model::warn_limited!("NVMe/TCP target: poll: {e}");
+        }
     }
 
     fn accept(&mut self) -> usize {

@@ -9,7 +9,7 @@
 //! descriptor of the length the host gave, so the controller fails a command whose own
 //! transfer length is larger (as over any fabric) instead of reading past it.
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use device_model::memory::{MemoryMap, Protection};
@@ -88,17 +88,8 @@ impl LocalHost {
         let slot_stride = slot_bytes as u64;
         let per_queue = ring_pages + u64::from(depth) * slot_stride;
         let total = per_queue * queues as u64;
-        // SAFETY: memfd_create with a static NUL-terminated name; result checked.
-        let raw = unsafe { libc::memfd_create(c"vnvme-tcp-target".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(LocalHostError::Memory(std::io::Error::last_os_error()));
-        }
-        // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own descriptor.
-        if unsafe { libc::ftruncate(raw, total as i64) } != 0 {
-            return Err(LocalHostError::Memory(std::io::Error::last_os_error()));
-        }
+        let fd = sys_util::sealed_memfd(c"vnvme-tcp-target", total, false)
+            .map_err(LocalHostError::Memory)?;
         let rw = Protection {
             read: true,
             write: true,

@@ -6,11 +6,15 @@
 
 pub mod device;
 pub mod protocol;
+// SCM_RIGHTS fd passing
+#[allow(unsafe_code)]
 mod socket;
+// SO_PEERCRED of a socket already bound at the path
+#[allow(unsafe_code)]
 pub mod socket_path;
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,7 +126,7 @@ impl Server {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_readable(self.listener.as_raw_fd(), 200);
+                    wait_readable(&self.listener, 200);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
@@ -141,7 +145,7 @@ impl Server {
     /// has already hung up (it is then kept as the next client). Returns true in that case.
     fn refuse_extra_clients(&mut self, current: &UnixStream) -> bool {
         while let Ok((extra, _)) = self.listener.accept() {
-            if peer_closed(current) {
+            if sys_util::fd::peer_closed(current) {
                 self.next = Some(extra);
                 return true;
             }
@@ -166,7 +170,7 @@ impl Server {
             if self.refuse_extra_clients(stream) {
                 return Ok(End::ClientClosed);
             }
-            if !wait_readable(stream.as_raw_fd(), 200) {
+            if !wait_readable(&stream, 200) {
                 continue;
             }
             let deadline = socket::Deadline::new(&self.stop);
@@ -332,28 +336,6 @@ fn send_reply(
 }
 
 /// Wait up to `ms` for `fd` to become readable.
-/// True when the peer of `s` has closed its end (a zero-length peek).
-fn peer_closed(s: &UnixStream) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: recv into a 1-byte local buffer on a socket we own; MSG_PEEK leaves the data.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
-}
-
-fn wait_readable(fd: i32, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd we own for the call.
-    let r = unsafe { libc::poll(&raw mut p, 1, ms) };
-    r > 0
+fn wait_readable(fd: &impl std::os::fd::AsFd, ms: u64) -> bool {
+    sys_util::poll::wait_readable(fd, std::time::Duration::from_millis(ms)).unwrap_or(false)
 }

@@ -23,6 +23,8 @@ pub mod cpio;
 mod error;
 mod guest;
 mod initrd;
+// process groups and signals of the QEMU child
+#[allow(unsafe_code)]
 mod process;
 mod progress;
 mod runner;

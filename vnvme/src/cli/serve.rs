@@ -2,7 +2,6 @@
 //! (`--rpc`) in between.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,12 +54,6 @@ pub struct ServeArgs {
     pub rpc: Option<PathBuf>,
 }
 
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::Relaxed);
-}
-
 impl ServeArgs {
     /// The configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<Config> {
@@ -95,10 +88,7 @@ impl ServeArgs {
 /// Run until a signal arrives; flush and remove sockets on the way out.
 pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     let cfg = args.to_config()?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
+    sys_util::process::catch_termination_signals();
     let mut daemon = Daemon::start(&cfg).context("starting the daemon")?;
     let rpc = match &args.rpc {
         Some(path) => {
@@ -119,7 +109,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     for a in daemon.tcp_addrs() {
         eprintln!("vnvme: serving NVMe/TCP on {a}");
     }
-    while !SIGNALLED.load(Ordering::Relaxed) {
+    while !sys_util::process::terminate_requested() {
         match &rpc {
             Some(r) => r.poll(&mut daemon, Duration::from_millis(100)),
             None => std::thread::sleep(Duration::from_millis(100)),

@@ -27,10 +27,10 @@ fn origin() -> Instant {
 /// Current time in ticks (TSC cycles, or nanoseconds without an invariant TSC).
 #[inline]
 pub fn ticks() -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if invariant_tsc() {
-        // SAFETY: RDTSC has no preconditions on x86_64.
-        return unsafe { core::arch::x86_64::_rdtsc() };
+    if invariant_tsc()
+        && let Some(t) = sys_util::process::read_tsc()
+    {
+        return t;
     }
     origin().elapsed().as_nanos() as u64
 }

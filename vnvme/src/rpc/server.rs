@@ -1,7 +1,6 @@
 //! The RPC socket: accept, read request lines, answer each.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -41,15 +40,7 @@ impl RpcServer {
 
     /// Wait up to `timeout` for clients and serve them.
     pub fn poll(&self, daemon: &mut Daemon, timeout: Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one pollfd on a descriptor we own, for `ms` milliseconds.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        if n <= 0 {
+        if !sys_util::poll::wait_readable(&self.listener, timeout).unwrap_or(false) {
             return;
         }
         while let Ok((stream, _)) = self.listener.accept() {

@@ -1,0 +1,48 @@
+//! Private anonymous memory: RAM namespaces and the process-wide zero chunk.
+
+use std::sync::OnceLock;
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+
+/// Bytes of [`zeroes`].
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// `len` bytes of zeroed private memory, populated lazily and without swap reservation
+/// (`MAP_NORESERVE`): a RAM namespace uses only what was written.
+pub fn lazy_zeroed(len: usize) -> std::io::Result<MmapMut> {
+    MmapOptions::new().len(len).no_reserve_swap().map_anon()
+}
+
+/// [`ZERO_CHUNK`] zero bytes for the whole process, never written: the source of backends
+/// that write zeroes. A read-only anonymous mapping (every page is the kernel's zero page,
+/// so no memory is used), or, should that fail, a leaked heap buffer.
+pub fn zeroes() -> &'static [u8] {
+    static ZEROES: OnceLock<Option<Mmap>> = OnceLock::new();
+    static FALLBACK: OnceLock<Box<[u8]>> = OnceLock::new();
+    let mapped = ZEROES.get_or_init(|| {
+        MmapOptions::new()
+            .len(ZERO_CHUNK)
+            .map_anon()
+            .and_then(MmapMut::make_read_only)
+            .ok()
+    });
+    match mapped {
+        Some(m) => m,
+        None => FALLBACK.get_or_init(|| vec![0u8; ZERO_CHUNK].into_boxed_slice()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_chunk_is_zero_and_lazy_memory_is_writable() {
+        assert_eq!(zeroes().len(), ZERO_CHUNK);
+        assert!(zeroes().iter().all(|&b| b == 0));
+        let mut m = lazy_zeroed(1 << 30).unwrap();
+        m[12345] = 7;
+        assert_eq!(m[12345], 7);
+        assert_eq!(m[0], 0);
+    }
+}

@@ -1,0 +1,65 @@
+//! `poll(2)` with a `Duration` and EINTR folded into "nothing ready".
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+pub use libc::pollfd as PollFd;
+pub use libc::{POLLERR, POLLHUP, POLLIN, POLLOUT};
+
+/// A [`PollFd`] for `fd` waiting for `events` (`POLLIN`, `POLLOUT`).
+pub fn entry(fd: &impl AsRawFd, events: i16) -> PollFd {
+    PollFd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}
+
+/// Wait up to `timeout` (rounded up to whole milliseconds, at most `i32::MAX`) for any of
+/// `fds`; returns how many have events (`revents` set). An interrupted wait returns 0.
+pub fn poll(fds: &mut [PollFd], timeout: Duration) -> io::Result<usize> {
+    let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd for the whole call; an
+    // fd that is not open only yields POLLNVAL.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r as usize)
+}
+
+/// Wait up to `timeout` for `fd` to have one of `events`; true when it has (or hung up).
+pub fn wait(fd: impl AsFd, events: i16, timeout: Duration) -> io::Result<bool> {
+    let mut p = [entry(&fd.as_fd(), events)];
+    Ok(poll(&mut p, timeout)? > 0)
+}
+
+/// [`wait`] for input.
+pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    wait(fd, POLLIN, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn readable_only_once_written() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert!(!wait_readable(&b, Duration::from_millis(1)).unwrap());
+        a.write_all(b"x").unwrap();
+        assert!(wait_readable(&b, Duration::from_secs(1)).unwrap());
+        assert!(
+            wait(&a, POLLOUT, Duration::ZERO).unwrap(),
+            "a socket with room is writable"
+        );
+    }
+}
