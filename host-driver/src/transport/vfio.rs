@@ -20,12 +20,14 @@ const PCI_COMMAND: u64 = 4;
 const PCI_COMMAND_MEMORY_MASTER: u16 = 0x6;
 
 /// A PCI NVMe controller bound to vfio-pci.
+/// Fields drop in order: BAR0 unmapped before the device closes (a live mapping keeps the
+/// group busy and it could not leave the container), the container last.
 pub struct VfioTransport {
     bdf: String,
-    container: Arc<VfioContainer>,
-    device: VfioDevice,
     /// BAR0, registers and doorbells; accessed only with volatile loads and stores.
     bar0: memmap2::MmapRaw,
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
 }
 
 impl VfioTransport {
@@ -63,9 +65,9 @@ impl VfioTransport {
             .map_err(|e| DriverError::Transport(format!("{bdf}: mmap BAR0: {e}")))?;
         let mut t = Self {
             bdf: bdf.to_string(),
-            container,
-            device,
             bar0,
+            device,
+            container,
         };
         t.enable_bus_master()?;
         Ok(t)
