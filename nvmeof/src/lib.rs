@@ -9,9 +9,9 @@
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
+pub mod export;
 pub mod initiator;
 pub mod pdu;
 pub mod stream;
-pub mod target;
 
 pub use pdu::{Direction, Negotiated, Pdu, PduError};

@@ -14,7 +14,7 @@ use device_model::GuestMemory;
 use host_driver::controller::HIGH_DMA_IOVA_BASE;
 use pcie_p2p::{DeviceRegistry, NvmeBackend, TransferStats};
 
-use crate::target::Target;
+use crate::device_address::DeviceAddress;
 
 /// DMA memory of an `nvme:` backend device: queues and bounce buffers for the namespaces
 /// that share it.
@@ -36,7 +36,7 @@ pub enum BackendSpec {
         size: Option<u64>,
     },
     Nvme {
-        target: Target,
+        target: DeviceAddress,
         nsid: u32,
         /// Byte offset and length within the namespace; the whole namespace when `None`.
         range: Option<(u64, u64)>,
@@ -130,7 +130,7 @@ impl std::str::FromStr for BackendSpec {
                     }
                     None => (rest, 1, None),
                 };
-                let target = target.parse::<Target>().map_err(|_| syntax())?;
+                let target = target.parse::<DeviceAddress>().map_err(|_| syntax())?;
                 Ok(BackendSpec::Nvme {
                     target,
                     nsid,
@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(
             "nvme:vfio-user:/tmp/b.sock@2".parse(),
             Ok(BackendSpec::Nvme {
-                target: Target::VfioUser("/tmp/b.sock".into()),
+                target: DeviceAddress::VfioUser("/tmp/b.sock".into()),
                 nsid: 2,
                 range: None
             })
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(
             "nvme:pci:0000:01:00.0@1:512M+256M".parse(),
             Ok(BackendSpec::Nvme {
-                target: Target::Pci("0000:01:00.0".into()),
+                target: DeviceAddress::Pci("0000:01:00.0".into()),
                 nsid: 1,
                 range: Some((512 << 20, 256 << 20))
             })
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(
             "nvme:pci:0000:01:00.0".parse(),
             Ok(BackendSpec::Nvme {
-                target: Target::Pci("0000:01:00.0".into()),
+                target: DeviceAddress::Pci("0000:01:00.0".into()),
                 nsid: 1,
                 range: None
             })

@@ -14,7 +14,7 @@ use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
     GuestMemory, Namespace, PollMode, QosControl, QosLimits, Reactor, Subsystem,
 };
-use nvmeof::target::{ExportSpec, TcpTarget};
+use nvmeof::export::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
 
@@ -44,7 +44,7 @@ pub enum DaemonError {
     #[error("NVMe/TCP target on {addr}: {source}")]
     Tcp {
         addr: String,
-        source: nvmeof::target::TargetError,
+        source: nvmeof::export::ExportError,
     },
 }
 
@@ -239,9 +239,9 @@ fn build_controller(
     cfg.mdts = spec.mdts.unwrap_or(if tcp { TCP_MDTS } else { cfg.mdts });
     if tcp {
         cfg.fabrics = Some(FabricsIdentify {
-            ioccsz: ((64 + nvmeof::target::INLINE_DATA) / 16) as u32,
+            ioccsz: ((64 + nvmeof::export::INLINE_DATA) / 16) as u32,
             iorcsz: 1,
-            maxcmd: nvmeof::target::QUEUE_DEPTH as u16,
+            maxcmd: nvmeof::export::QUEUE_DEPTH as u16,
         });
     }
     if let Some(v) = &spec.irq_coalescing {

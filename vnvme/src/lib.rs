@@ -8,8 +8,8 @@
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;
+pub mod device_address;
 pub mod limits;
 pub mod namespace_pool;
 pub mod perf;
 pub mod rpc;
-pub mod target;

@@ -1,7 +1,7 @@
 //! `vnvme identify <target>`: controller and namespace data, as nvme-cli prints the main
 //! fields, or JSON with `--json`.
 
-use vnvme::target::Target;
+use vnvme::device_address::DeviceAddress;
 
 /// Print a controller's Identify data.
 #[derive(Debug, clap::Args)]
@@ -14,7 +14,7 @@ pub struct IdentifyArgs {
 }
 
 pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
-    let target: Target = args.target.parse()?;
+    let target: DeviceAddress = args.target.parse()?;
     let mut ctrl = target.open(8 << 20, 1)?;
     let cmb = ctrl.cmb()?;
     let id = ctrl.identify();

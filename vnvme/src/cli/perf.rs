@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::time::Duration;
 
+use vnvme::device_address::DeviceAddress;
 use vnvme::perf::{self, Pattern, PerfOptions};
-use vnvme::target::Target;
 
 /// Measure IOPS, bandwidth and latency of a controller's namespaces.
 #[derive(Debug, clap::Args)]
@@ -43,7 +43,7 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
     if args.target.starts_with(nvmeof::initiator::SCHEME) {
         return run_tcp(args);
     }
-    let target: Target = args.target.parse()?;
+    let target: DeviceAddress = args.target.parse()?;
     anyhow::ensure!(
         args.time > 0.0 && args.time < 86_400.0,
         "-t {}: give 0 < seconds < 86400",

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use host_driver::{Controller, DmaBuffer, IoQueuePair};
+use vnvme::device_address::DeviceAddress;
 use vnvme::perf::Rng;
-use vnvme::target::Target;
 
 /// Drive several controllers at once from one thread.
 #[derive(Debug, clap::Args)]
@@ -44,7 +44,7 @@ pub fn run(args: &PerfManyArgs) -> anyhow::Result<i32> {
     let qd = u64::from(args.queue_depth);
     let mut jobs = Vec::new();
     for t in &args.targets {
-        let target: Target = t.parse()?;
+        let target: DeviceAddress = t.parse()?;
         let mut ctrl = target.open((qd * 4096 + (1 << 20)).next_power_of_two(), 1)?;
         let ns = ctrl
             .namespaces()

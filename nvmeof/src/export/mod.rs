@@ -69,7 +69,7 @@ impl std::fmt::Debug for ExportSpec {
 
 /// Why the target could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub enum ExportError {
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -236,13 +236,13 @@ impl std::fmt::Debug for TcpTarget {
 
 impl TcpTarget {
     /// Listen on `listen` and serve `exports` (and the discovery subsystem) until stopped.
-    pub fn start(listen: &[SocketAddr], exports: Vec<ExportSpec>) -> Result<Self, TargetError> {
+    pub fn start(listen: &[SocketAddr], exports: Vec<ExportSpec>) -> Result<Self, ExportError> {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for &addr in listen {
             let l = TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| TargetError::Listen { addr, source })?;
+                .map_err(|source| ExportError::Listen { addr, source })?;
             let local = l.local_addr().unwrap_or(addr);
             addrs.push(local);
             listeners.push((l, local));
@@ -253,7 +253,7 @@ impl TcpTarget {
                 .iter()
                 .any(|b| b.spec.nqn == spec.nqn && b.spec.cntlid == spec.cntlid)
             {
-                return Err(TargetError::BadNqn(format!(
+                return Err(ExportError::BadNqn(format!(
                     "{} (two controllers with ID {})",
                     spec.nqn, spec.cntlid
                 )));
@@ -262,7 +262,7 @@ impl TcpTarget {
                 || spec.nqn.len() > nvme_spec::fabrics::NQN_MAX
                 || spec.nqn == nvme_spec::fabrics::DISCOVERY_NQN
             {
-                return Err(TargetError::BadNqn(spec.nqn));
+                return Err(ExportError::BadNqn(spec.nqn));
             }
             let slot_bytes = spec.max_transfer.max(INLINE_DATA).next_multiple_of(4096);
             let host = LocalHost::new(
@@ -272,7 +272,7 @@ impl TcpTarget {
                 QUEUE_DEPTH,
                 slot_bytes,
             )
-            .map_err(|source| TargetError::Memory {
+            .map_err(|source| ExportError::Memory {
                 nqn: spec.nqn.clone(),
                 source,
             })?;
@@ -299,7 +299,7 @@ impl TcpTarget {
                 target.run(&s);
                 target.into_specs()
             })
-            .map_err(TargetError::Thread)?;
+            .map_err(ExportError::Thread)?;
         for a in &addrs {
             log::info!("nvme-tcp target: listening on {a}");
         }

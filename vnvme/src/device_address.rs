@@ -8,35 +8,35 @@ use host_driver::Controller;
 use host_driver::transport::vfio::VfioTransport;
 use host_driver::transport::vfio_user::VfioUserTransport;
 
-/// A parsed target.
+/// The address of a controller for the host-side tools.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
+pub enum DeviceAddress {
     VfioUser(PathBuf),
     Pci(String),
 }
 
-/// Target parse errors.
+/// DeviceAddress parse errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TargetError {
+pub enum DeviceAddressError {
     #[error("target {0:?}: expected vfio-user:/path/to.sock or pci:DDDD:BB:DD.F")]
     Syntax(String),
 }
 
-impl std::fmt::Display for Target {
+impl std::fmt::Display for DeviceAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::VfioUser(p) => write!(f, "vfio-user:{}", p.display()),
-            Target::Pci(bdf) => write!(f, "pci:{bdf}"),
+            DeviceAddress::VfioUser(p) => write!(f, "vfio-user:{}", p.display()),
+            DeviceAddress::Pci(bdf) => write!(f, "pci:{bdf}"),
         }
     }
 }
 
-impl std::str::FromStr for Target {
-    type Err = TargetError;
+impl std::str::FromStr for DeviceAddress {
+    type Err = DeviceAddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(p) = s.strip_prefix("vfio-user:").filter(|p| !p.is_empty()) {
-            return Ok(Target::VfioUser(PathBuf::from(p)));
+            return Ok(DeviceAddress::VfioUser(PathBuf::from(p)));
         }
         if let Some(bdf) = s.strip_prefix("pci:") {
             let ok = bdf.len() == 12
@@ -46,14 +46,14 @@ impl std::str::FromStr for Target {
                     _ => c.is_ascii_hexdigit(),
                 });
             if ok {
-                return Ok(Target::Pci(bdf.to_ascii_lowercase()));
+                return Ok(DeviceAddress::Pci(bdf.to_ascii_lowercase()));
             }
         }
-        Err(TargetError::Syntax(s.to_string()))
+        Err(DeviceAddressError::Syntax(s.to_string()))
     }
 }
 
-impl Target {
+impl DeviceAddress {
     /// Connect and bring the controller up with `dma_size` bytes of DMA memory and
     /// `io_queues` I/O queue pairs.
     pub fn open(&self, dma_size: u64, io_queues: u16) -> anyhow::Result<Controller> {
@@ -68,8 +68,8 @@ impl Target {
         iova_base: u64,
     ) -> anyhow::Result<Controller> {
         let t: Box<dyn host_driver::Transport> = match self {
-            Target::VfioUser(path) => Box::new(VfioUserTransport::connect(path)?),
-            Target::Pci(bdf) => Box::new(VfioTransport::open(bdf)?),
+            DeviceAddress::VfioUser(path) => Box::new(VfioUserTransport::connect(path)?),
+            DeviceAddress::Pci(bdf) => Box::new(VfioTransport::open(bdf)?),
         };
         Ok(Controller::with_dma_base(
             t, dma_size, io_queues, iova_base,
@@ -84,12 +84,12 @@ mod tests {
     #[test]
     fn parse() {
         assert_eq!(
-            "vfio-user:/tmp/a.sock".parse::<Target>(),
-            Ok(Target::VfioUser("/tmp/a.sock".into()))
+            "vfio-user:/tmp/a.sock".parse::<DeviceAddress>(),
+            Ok(DeviceAddress::VfioUser("/tmp/a.sock".into()))
         );
         assert_eq!(
-            "pci:0000:01:00.0".parse::<Target>(),
-            Ok(Target::Pci("0000:01:00.0".into()))
+            "pci:0000:01:00.0".parse::<DeviceAddress>(),
+            Ok(DeviceAddress::Pci("0000:01:00.0".into()))
         );
         for bad in [
             "",
@@ -99,7 +99,7 @@ mod tests {
             "/tmp/a.sock",
             "tcp:x",
         ] {
-            assert!(bad.parse::<Target>().is_err(), "{bad}");
+            assert!(bad.parse::<DeviceAddress>().is_err(), "{bad}");
         }
     }
 }
