@@ -21,4 +21,4 @@ if ! command -v cargo >/dev/null; then
   }
   export PATH=$HOME/.cargo/bin:$PATH
 fi
-bash qemu-vfio-user/harness/build-harness.sh
+bash qemu-harness/scripts/build-harness.sh

@@ -1,9 +1,9 @@
-//! Helpers for tests that boot a Linux guest under QEMU (see `qemu_vfio_user::vm`).
+//! Helpers for tests that boot a Linux guest under QEMU (see `qemu_harness`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use qemu_vfio_user::vm::{Guest, GuestOutput, VmError};
+pub use qemu_harness::{Guest, GuestOutput, VmError};
 
 /// Default timeout of test guests; generous because CI runs them under TCG on 2 cores.
 pub const GUEST_TIMEOUT: Duration = Duration::from_mins(10);
@@ -11,7 +11,7 @@ pub const GUEST_TIMEOUT: Duration = Duration::from_mins(10);
 /// A guest running `script` with the test defaults: console echo when
 /// `VNVME_GUEST_ECHO=1`, [`GUEST_TIMEOUT`].
 pub fn harness_guest(script: impl Into<String>) -> Guest {
-    let echo = std::env::var(qemu_vfio_user::vm::ECHO_ENV).is_ok_and(|v| v == "1");
+    let echo = std::env::var(qemu_harness::ECHO_ENV).is_ok_and(|v| v == "1");
     Guest::new(script).echo_console(echo).timeout(GUEST_TIMEOUT)
 }
 

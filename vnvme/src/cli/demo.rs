@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use qemu_vfio_user::vm::Guest;
+use qemu_harness::Guest;
 use vnvme::config::{Config, PollSetting};
 use vnvme::daemon::Daemon;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use qemu_vfio_user::vm::{Guest, VmError};
+use qemu_harness::{Guest, VmError};
 
 /// Exit code for a guest that timed out (as timeout(1) uses).
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
@@ -172,7 +172,7 @@ mod tests {
         assert_eq!((a.timeout, a.smp, a.mem), (30, 1, 512));
         let guest = a.guest().unwrap();
         let cmd = guest.command_line(
-            qemu_vfio_user::vm::Accel::Tcg,
+            qemu_harness::Accel::Tcg,
             std::path::Path::new("/k"),
             std::path::Path::new("/i"),
         );

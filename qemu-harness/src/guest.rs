@@ -5,13 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::console::tail;
+use super::console::{TAIL_LINES, tail};
 use super::{Accel, VmError};
 
 /// Environment variable that turns on live console echo to stderr by default (`1`).
 pub const ECHO_ENV: &str = "VNVME_GUEST_ECHO";
-/// Lines of console kept in errors.
-pub(super) const TAIL_LINES: usize = 40;
 
 /// A callback receiving each console line as it arrives.
 #[derive(Clone)]
@@ -27,10 +25,10 @@ impl fmt::Debug for ConsoleSink {
 /// shell script (`sh -e`) in `/tmp/h` and powers off.
 ///
 /// ```no_run
-/// use qemu_vfio_user::vm::Guest;
+/// use qemu_harness::Guest;
 /// let out = Guest::new("nvme list").qemu_nvme("/tmp/disk.img", "").run()?;
 /// out.success()?;
-/// # Ok::<(), qemu_vfio_user::vm::VmError>(())
+/// # Ok::<(), qemu_harness::VmError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Guest {
@@ -178,12 +176,6 @@ impl Guest {
     pub fn on_console_line(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.console_sink = Some(ConsoleSink(Arc::new(sink)));
         self
-    }
-
-    /// Builds the harness if needed, boots the guest, waits for its script and returns
-    /// the console and exit status. QEMU is always gone when this returns.
-    pub fn run(&self) -> Result<GuestOutput, VmError> {
-        super::runner::run(self)
     }
 }
 

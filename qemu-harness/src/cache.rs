@@ -1,7 +1,7 @@
 //! The harness cache: where it lives, whether it is current, and (re)building it.
 //!
 //! The cache (`$VNVME_CACHE/harness`, default `~/.cache/vnvme/harness`) is built by
-//! `harness/build-harness.sh`. The scripts are embedded in this crate and written to
+//! `scripts/build-harness.sh`. The scripts are embedded in this crate and written to
 //! `<cache>/harness/scripts/`; the build runs from there whenever a stage stamp is missing,
 //! an output file is missing, or the embedded scripts differ from the written ones.
 //!
@@ -25,10 +25,10 @@ pub const CACHE_ENV: &str = "VNVME_CACHE";
 const SCRIPTS: [(&str, &str); 3] = [
     (
         "build-harness.sh",
-        include_str!("../../harness/build-harness.sh"),
+        include_str!("../scripts/build-harness.sh"),
     ),
-    ("init.sh", include_str!("../../harness/init.sh")),
-    ("net_up.sh", include_str!("../../harness/net_up.sh")),
+    ("init.sh", include_str!("../scripts/init.sh")),
+    ("net_up.sh", include_str!("../scripts/net_up.sh")),
 ];
 /// The stamps `build-harness.sh` writes when a stage is done.
 const STAMPS: [&str; 4] = ["debootstrap", "packages", "kernel", "initramfs"];

@@ -70,6 +70,9 @@ pub(super) fn section<'a>(console: &'a str, marker: &str) -> Option<&'a str> {
     None
 }
 
+/// Lines of console kept in errors.
+pub(super) const TAIL_LINES: usize = 40;
+
 #[cfg(test)]
 mod tests {
     use super::*;

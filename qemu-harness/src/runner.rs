@@ -7,8 +7,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::cache::{Harness, ensure_built};
-use super::console::{KVM_ERROR, exit_status, spawn_reader, tail};
-use super::guest::TAIL_LINES;
+use super::console::{KVM_ERROR, TAIL_LINES, exit_status, spawn_reader, tail};
 use super::initrd::{RunDir, write_initrd};
 use super::process::QemuChild;
 use super::progress::{passthrough, progress};
@@ -19,8 +18,15 @@ const EXIT_GRACE: Duration = Duration::from_secs(30);
 /// Size of the raw images created for [`Guest::qemu_nvme`] when missing.
 const DEFAULT_IMAGE_SIZE: &str = "1G";
 
-/// See [`Guest::run`].
-pub(super) fn run(guest: &Guest) -> Result<GuestOutput, VmError> {
+impl Guest {
+    /// Builds the harness if needed, boots the guest, waits for its script and returns
+    /// the console and exit status. QEMU is always gone when this returns.
+    pub fn run(&self) -> Result<GuestOutput, VmError> {
+        run(self)
+    }
+}
+
+fn run(guest: &Guest) -> Result<GuestOutput, VmError> {
     let harness = ensure_built()?;
     let accel = match guest.accel {
         Some(accel) => accel,

@@ -8,12 +8,14 @@
 //! The guest kernel, initramfs (busybox, nvme-cli, fio, lspci) and a QEMU with
 //! `vfio-user-pci` come from the harness cache (`$VNVME_CACHE/harness`, default
 //! `~/.cache/vnvme/harness`), which [`ensure_built`] creates on first use by running the
-//! embedded `harness/build-harness.sh` (needs root and a Debian mirror).
+//! embedded `scripts/build-harness.sh` (needs root and a Debian mirror).
 //!
 //! Environment:
 //! - `VNVME_ACCEL=tcg|kvm|auto`: the accelerator (see [`Accel::detect`]);
 //! - `VNVME_GUEST_ECHO=1`: stream guest consoles to stderr;
 //! - `VNVME_CACHE`: the cache directory.
+
+#![deny(unsafe_code)] // unsafe only in `process` (process groups and signals)
 
 mod accel;
 mod cache;
