@@ -1,0 +1,189 @@
+//! Building one controller of an entry from the configuration: its namespaces' backends,
+//! its `ControllerConfig`, and its place on a reactor.
+
+use std::sync::Arc;
+
+use device_model::backend::Backend;
+use device_model::pci::PciIds;
+use device_model::virt::VirtRole;
+use device_model::{
+    Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
+    GuestMemory, Namespace, QosControl, QosLimits, Subsystem,
+};
+use pcie_p2p::{DeviceRegistry, TransferStats};
+
+use super::DaemonError;
+use super::placement::Placement;
+use super::topology::entry_serial;
+use crate::backend_spec::{BackendSpec, OpenError};
+use crate::config::ControllerSpec;
+
+/// A controller running in its reactor, with its memory map, doorbells, PCI IDs, event
+/// counters and the transfer counters of its `nvme:` namespaces.
+pub(super) struct Built {
+    pub(super) handle: ControllerHandle,
+    pub(super) mem: Arc<GuestMemory>,
+    pub(super) doorbells: Arc<Doorbells>,
+    pub(super) ids: PciIds,
+    pub(super) stats: Arc<ControllerStats>,
+    pub(super) qos: Arc<QosControl>,
+    pub(super) nqn: String,
+    pub(super) max_io_queues: u16,
+    pub(super) mdts: u8,
+}
+
+/// Defaults for a controller exported over NVMe/TCP: the target gives each queue slot a
+/// buffer of the whole transfer size, so queues and MDTS are kept modest (4 I/O queues,
+/// 128 KiB).
+const TCP_IO_QUEUES: u16 = 4;
+const TCP_MDTS: u8 = 5;
+
+/// The namespaces of one `[[controller]]`, opened once.
+pub(super) struct Opened {
+    pub(super) backends: Vec<Box<dyn Backend>>,
+    pub(super) transfers: Vec<(u32, Arc<TransferStats>)>,
+}
+
+/// Open the backends of entry `index`'s namespaces.
+pub(super) fn open_namespaces(
+    index: usize,
+    spec: &ControllerSpec,
+    mem: &Arc<GuestMemory>,
+    devices: &mut DeviceRegistry,
+) -> Result<Opened, DaemonError> {
+    let mut out = Opened {
+        backends: Vec::new(),
+        transfers: Vec::new(),
+    };
+    for (j, n) in spec.namespaces.iter().enumerate() {
+        let bspec: BackendSpec = n.backend.parse().map_err(|e| DaemonError::Backend {
+            index,
+            ns: j,
+            source: OpenError::Spec(e),
+        })?;
+        let opened = bspec
+            .open(mem, devices)
+            .map_err(|source| DaemonError::Backend {
+                index,
+                ns: j,
+                source,
+            })?;
+        if let Some(t) = opened.transfer {
+            out.transfers.push((j as u32 + 1, t));
+        }
+        out.backends.push(opened.backend);
+    }
+    Ok(out)
+}
+
+/// How a built controller is reached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    VfioUser,
+    Tcp,
+}
+
+/// Which controller of a `[[controller]]` entry is being built.
+pub(super) struct Which {
+    pub(super) reach: Reach,
+    pub(super) cntlid: u16,
+    pub(super) virt: Option<VirtRole>,
+    /// The entry has more than one controller (CMIC bit 1).
+    pub(super) shared: bool,
+    /// The entry's NVM subsystem.
+    pub(super) subsystem: Arc<Subsystem>,
+}
+
+/// Build the controller `which` of entry `index` and start it on a reactor of `place`.
+pub(super) fn build_controller(
+    index: usize,
+    spec: &ControllerSpec,
+    which: Which,
+    mem: Arc<GuestMemory>,
+    place: &mut Placement,
+) -> Result<Built, DaemonError> {
+    let Which {
+        reach,
+        cntlid,
+        virt,
+        shared,
+        subsystem,
+    } = which;
+    let mut cfg = ControllerConfig::default();
+    cfg.serial = entry_serial(index, spec);
+    if let Some(m) = &spec.model {
+        cfg.model.clone_from(m);
+    }
+    cfg.ids = PciIds {
+        vendor: spec.vendor_id.unwrap_or(cfg.ids.vendor),
+        device: spec.device_id.unwrap_or(cfg.ids.device),
+        ..cfg.ids
+    };
+    let tcp = reach == Reach::Tcp;
+    cfg.max_io_queues = spec.max_io_queues.unwrap_or(if tcp {
+        TCP_IO_QUEUES
+    } else {
+        cfg.max_io_queues
+    });
+    cfg.mdts = spec.mdts.unwrap_or(if tcp { TCP_MDTS } else { cfg.mdts });
+    if tcp {
+        cfg.fabrics = Some(FabricsIdentify {
+            ioccsz: ((64 + nvmeof::export::INLINE_DATA) / 16) as u32,
+            iorcsz: 1,
+            maxcmd: nvmeof::export::QUEUE_DEPTH as u16,
+        });
+    }
+    if let Some(v) = &spec.irq_coalescing {
+        // validated with the configuration
+        cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
+    }
+    cfg.cntlid = cntlid;
+    cfg.virt = virt;
+    cfg.shared_namespaces = shared;
+    // the PF (or the one vfio-user controller) manages the subsystem's namespaces
+    cfg.namespace_management =
+        reach == Reach::VfioUser && cfg.virt.as_ref().is_none_or(VirtRole::is_primary);
+    cfg.namespace_management &= subsystem.manages_namespaces();
+    cfg.subsystem = Some(Arc::clone(&subsystem));
+    cfg.qos = QosLimits {
+        iops: spec.iops_limit,
+        bytes_per_sec: spec
+            .bandwidth_limit
+            .as_deref()
+            .and_then(crate::backend_spec::parse_size),
+    };
+    subsystem.nqn().clone_into(&mut cfg.subnqn);
+    let namespaces: Vec<Namespace> = subsystem.namespaces_for(cntlid);
+    for ns in &namespaces {
+        log::info!(
+            "{} (controller {cntlid:#x}{}): namespace {} = {} ({}-byte blocks)",
+            cfg.serial,
+            if tcp { ", NVMe/TCP" } else { "" },
+            ns.nsid,
+            ns.backend.describe(),
+            1u32 << ns.lba_shift
+        );
+    }
+    let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
+    let ids = cfg.ids;
+    let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
+    let name = format!("reactor-{index}{}", if tcp { "-tcp" } else { "" });
+    let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    let stats = ctrl.stats();
+    let qos = ctrl.qos_control();
+    let handle = place
+        .place(&name, ctrl)
+        .map_err(|source| DaemonError::Io { index, source })?;
+    subsystem.set_poster(cntlid, handle.poster());
+    Ok(Built {
+        handle,
+        mem,
+        doorbells,
+        ids,
+        stats,
+        qos,
+        nqn,
+        max_io_queues,
+        mdts,
+    })
+}

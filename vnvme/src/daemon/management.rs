@@ -1,0 +1,160 @@
+//! Changes to a running daemon: namespaces, QoS, VFs, entries added and removed.
+
+use device_model::QosLimits;
+
+use super::entry::Entry;
+use super::topology::{VF_DEFAULT_VI, VF_DEFAULT_VQ, entry_nqn};
+use super::{Daemon, Exports, MgmtError};
+use crate::config::{Config, ControllerSpec, PollSetting};
+
+impl Daemon {
+    /// Create a namespace of `size` bytes in subsystem `nqn` (not attached).
+    pub fn ns_create(
+        &self,
+        nqn: &str,
+        size: u64,
+        block_size: u32,
+        shared: bool,
+    ) -> Result<u32, MgmtError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(MgmtError::Invalid("block_size: 512 or 4096".into()));
+        }
+        let sub = self.subsystem(nqn)?;
+        Ok(sub.create(size, block_size.trailing_zeros() as u8, shared)?)
+    }
+
+    /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.
+    pub fn ns_delete(&self, nqn: &str, nsid: u32) -> Result<(), MgmtError> {
+        self.subsystem(nqn)?.delete(nsid, None, true)?;
+        Ok(())
+    }
+
+    /// Attach (`attach`) or detach namespace `nsid` of `nqn` for controllers `ctrls`;
+    /// returns when every controller has applied it.
+    pub fn ns_attach(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        ctrls: &[u16],
+        attach: bool,
+    ) -> Result<(), MgmtError> {
+        let sub = self.subsystem(nqn)?;
+        if attach {
+            sub.attach(nsid, ctrls, None, true)?;
+        } else {
+            sub.detach(nsid, ctrls, None, true)?;
+        }
+        Ok(())
+    }
+
+    /// Change the QoS limits of entry `index`'s controllers at run time (false: no such
+    /// entry).
+    pub fn set_qos(&self, index: usize, limits: QosLimits) -> bool {
+        let Some(e) = self.entry(index) else {
+            return false;
+        };
+        for c in &e.controllers {
+            c.qos.set(limits);
+        }
+        true
+    }
+
+    /// Set the QoS limits of controller `cntlid`.
+    pub fn set_controller_qos(&self, cntlid: u16, limits: QosLimits) -> Result<(), MgmtError> {
+        let c = self
+            .running()
+            .flat_map(|(_, e)| e.controllers.iter())
+            .find(|c| c.cntlid == cntlid)
+            .ok_or(MgmtError::NoController(cntlid))?;
+        c.qos.set(limits);
+        Ok(())
+    }
+
+    /// SR-IOV: the first `n` VFs of subsystem `nqn` online (with default resources when they
+    /// had none), the others offline; like writing NumVFs.
+    pub fn enable_vfs(&self, nqn: &str, n: u16) -> Result<(), MgmtError> {
+        let (_, entry) = self
+            .running()
+            .find(|(_, e)| e.subsystem.nqn() == nqn)
+            .ok_or_else(|| MgmtError::NoSubsystem(nqn.into()))?;
+        let virt = entry
+            .controllers
+            .iter()
+            .find(|c| c.kind == "pf")
+            .and_then(|c| c.virt.clone())
+            .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no VFs")))?;
+        let mut v = device_model::virt::lock(&virt);
+        if usize::from(n) > v.secondaries.len() {
+            return Err(MgmtError::Invalid(format!(
+                "{nqn} has {} VFs",
+                v.secondaries.len()
+            )));
+        }
+        v.set_enabled(usize::from(n), VF_DEFAULT_VQ, VF_DEFAULT_VI)
+            .map_err(|e| MgmtError::Invalid(format!("{e:?}")))?;
+        Ok(())
+    }
+
+    /// Start a new subsystem (a `[[controller]]` entry) at run time; returns its NQN.
+    pub fn add_entry(&mut self, spec: &ControllerSpec) -> Result<String, MgmtError> {
+        let mut all: Vec<ControllerSpec> = self.running().map(|(_, e)| e.spec.clone()).collect();
+        all.push(spec.clone());
+        let cfg = Config {
+            poll: PollSetting::Adaptive,
+            reactors: 0,
+            controllers: all,
+        };
+        cfg.validate()
+            .map_err(|e| MgmtError::Invalid(e.to_string()))?;
+        let index = self.entries.len();
+        if index >= crate::config::MAX_ENTRIES {
+            // entry numbers are not reused (CNTLIDs derive from them)
+            return Err(MgmtError::Invalid(format!(
+                "this daemon has made {index} subsystems, the most it numbers; restart it \
+                 to make more"
+            )));
+        }
+        let nqn = entry_nqn(index, spec);
+        if self.subsystem(&nqn).is_ok() {
+            return Err(MgmtError::Invalid(format!("{nqn} exists")));
+        }
+        let mut exports = Exports::new();
+        let entry = Entry::start(
+            index,
+            spec,
+            &mut self.place,
+            &mut self.devices,
+            &mut exports,
+        )
+        .map_err(MgmtError::Daemon)?;
+        self.entries.push(Some(entry));
+        if let Err(e) = self.start_targets(exports) {
+            // undo what did start: the index is free again
+            let _ = self.stop_entries(&|i| i == index);
+            self.entries.truncate(index);
+            return Err(MgmtError::Daemon(e));
+        }
+        Ok(nqn)
+    }
+
+    /// Stop subsystem `nqn` at run time: its controllers are reset, namespaces flushed,
+    /// sockets removed; its backends, DMA map and counters are let go.
+    pub fn remove_entry(&mut self, nqn: &str) -> Result<(), MgmtError> {
+        let (index, _) = self
+            .running()
+            .find(|(_, e)| e.subsystem.nqn() == nqn)
+            .ok_or_else(|| MgmtError::NoSubsystem(nqn.into()))?;
+        if self
+            .targets
+            .iter()
+            .any(|(entries, _)| entries.contains(&index) && entries.len() > 1)
+        {
+            return Err(MgmtError::Invalid(format!(
+                "{nqn} shares its NVMe/TCP listener with other subsystems"
+            )));
+        }
+        let r = self.stop_entries(&|i| i == index);
+        self.entries[index] = None;
+        r.map_err(MgmtError::Daemon)
+    }
+}

@@ -1,0 +1,215 @@
+//! The running daemon: for each configured `[[controller]]` entry its NVM subsystem, its
+//! namespaces' backends, its controllers on reactor threads, and their vfio-user servers
+//! and NVMe/TCP exports.
+//!
+//! - [`topology`]: CNTLIDs, NQNs and VF sockets of an entry's controllers;
+//! - `build`: one controller from the configuration; `placement`: which reactor runs it;
+//! - `entry`: one entry while it runs; `management`: run-time changes (namespaces, QoS,
+//!   VFs, entries added and removed); `shutdown`: stopping entries.
+
+mod build;
+mod entry;
+mod error;
+mod management;
+mod placement;
+mod shutdown;
+pub mod topology;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use device_model::virt::VirtState;
+use device_model::{ControllerStats, QosControl, QosLimits, Subsystem};
+use nvmeof::export::{ExportSpec, TcpTarget};
+use pcie_p2p::{DeviceRegistry, TransferStats};
+
+pub use error::{DaemonError, MgmtError};
+pub use topology::vf_socket;
+
+use entry::Entry;
+use placement::Placement;
+
+use crate::config::Config;
+
+/// A running daemon.
+pub struct Daemon {
+    /// Every entry by configuration index; `None` once removed at run time (indexes are
+    /// not reused: CNTLIDs derive from them).
+    entries: Vec<Option<Entry>>,
+    /// NVMe/TCP targets (one per listen address) and the entries they export.
+    targets: Vec<(Vec<usize>, TcpTarget)>,
+    /// Where new controllers run (it holds the shared reactor threads, which end after the
+    /// controllers).
+    place: Placement,
+    /// `nvme:` devices shared by namespaces.
+    devices: DeviceRegistry,
+}
+
+/// NVMe/TCP exports grouped by listen address (one target per address), with the entries
+/// they come from.
+type Exports = Vec<(String, Vec<ExportSpec>, Vec<usize>)>;
+
+/// What the management plane knows of one controller.
+#[derive(Clone, Debug)]
+pub struct ControllerInfo {
+    /// Configuration entry (`[[controller]]` index).
+    pub entry: usize,
+    pub cntlid: u16,
+    /// "pf", "vf", "tcp" or "ctrl" (a vfio-user controller without VFs).
+    pub kind: &'static str,
+    /// VF number (1-based) of a VF.
+    pub vf: Option<u16>,
+    /// vfio-user socket, or the NVMe/TCP listen address.
+    pub endpoint: String,
+    pub stats: Arc<ControllerStats>,
+    pub qos: Arc<QosControl>,
+    /// The SR-IOV state a PF and its VFs share.
+    pub virt: Option<Arc<Mutex<VirtState>>>,
+}
+
+impl ControllerInfo {
+    /// "ready", "disabled", "offline" (a VF not online) or "online" (a VF online, not yet
+    /// enabled by its host).
+    pub fn state(&self) -> &'static str {
+        let ready = self.stats.ready.load(Ordering::Relaxed);
+        let online = match (&self.virt, self.vf) {
+            (Some(v), Some(n)) => device_model::virt::lock(v)
+                .secondaries
+                .get(usize::from(n) - 1)
+                .is_some_and(device_model::virt::Secondary::online),
+            _ => true,
+        };
+        match (ready, online, self.vf.is_some()) {
+            (true, _, _) => "ready",
+            (false, false, _) => "offline",
+            (false, true, true) => "online",
+            (false, true, false) => "disabled",
+        }
+    }
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("sockets", &self.sockets())
+            .finish()
+    }
+}
+
+impl Daemon {
+    /// Create every controller and start serving. Sockets are listening when this returns.
+    pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
+        crate::limits::apply();
+        let place = Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
+        let mut daemon = Daemon {
+            entries: Vec::new(),
+            targets: Vec::new(),
+            place,
+            devices: DeviceRegistry::default(),
+        };
+        let mut exports = Exports::new();
+        for (index, spec) in cfg.controllers.iter().enumerate() {
+            let e = Entry::start(
+                index,
+                spec,
+                &mut daemon.place,
+                &mut daemon.devices,
+                &mut exports,
+            )?;
+            daemon.entries.push(Some(e));
+        }
+        daemon.start_targets(exports)?;
+        Ok(daemon)
+    }
+
+    /// Start NVMe/TCP targets for `exports`.
+    fn start_targets(&mut self, exports: Exports) -> Result<(), DaemonError> {
+        for (addr, list, entries) in exports {
+            let sa: SocketAddr = addr
+                .parse()
+                .map_err(|_| DaemonError::Address(addr.clone()))?;
+            let t = TcpTarget::start(&[sa], list).map_err(|source| DaemonError::Tcp {
+                addr: addr.clone(),
+                source,
+            })?;
+            self.targets.push((entries, t));
+        }
+        Ok(())
+    }
+
+    fn entry(&self, index: usize) -> Option<&Entry> {
+        self.entries.get(index)?.as_ref()
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Entry)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, e.as_ref()?)))
+    }
+
+    /// Event counters of entry `index`'s first controller (configuration order).
+    pub fn stats(&self, index: usize) -> Option<Arc<ControllerStats>> {
+        Some(Arc::clone(&self.entry(index)?.controllers.first()?.stats))
+    }
+
+    /// Transfer counters (zero-copy vs bounced bytes) of namespace `nsid` of entry
+    /// `index`, when it is an `nvme:` namespace.
+    pub fn transfer_stats(&self, index: usize, nsid: u32) -> Option<Arc<TransferStats>> {
+        self.entry(index)?
+            .transfers
+            .iter()
+            .find(|(n, _)| *n == nsid)
+            .map(|(_, t)| Arc::clone(t))
+    }
+
+    /// DMA regions the client of entry `index`'s first controller has mapped right now.
+    pub fn dma_regions(&self, index: usize) -> Option<usize> {
+        Some(self.entry(index)?.memory.snapshot().regions().len())
+    }
+
+    /// The QoS limits of entry `index`.
+    pub fn qos(&self, index: usize) -> Option<QosLimits> {
+        Some(self.entry(index)?.controllers.first()?.qos.get())
+    }
+
+    /// Addresses the NVMe/TCP targets listen on (ports chosen when 0 was configured).
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.targets
+            .iter()
+            .flat_map(|(_, t)| t.local_addrs().iter().copied())
+            .collect()
+    }
+
+    /// The vfio-user sockets being served.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        self.running()
+            .flat_map(|(_, e)| e.sockets().map(PathBuf::from))
+            .collect()
+    }
+
+    /// Every controller with what the management plane shows of it, in build order.
+    pub fn controllers(&self) -> Vec<ControllerInfo> {
+        self.running()
+            .flat_map(|(_, e)| e.controllers.iter().cloned())
+            .collect()
+    }
+
+    /// The running subsystems with their entry index.
+    pub fn subsystems(&self) -> Vec<(usize, Arc<Subsystem>)> {
+        self.running()
+            .map(|(i, e)| (i, Arc::clone(&e.subsystem)))
+            .collect()
+    }
+
+    /// The running subsystem named `nqn`.
+    pub fn subsystem(&self, nqn: &str) -> Result<Arc<Subsystem>, MgmtError> {
+        self.subsystems()
+            .into_iter()
+            .find(|(_, s)| s.nqn() == nqn)
+            .map(|(_, s)| s)
+            .ok_or_else(|| MgmtError::NoSubsystem(nqn.into()))
+    }
+}
