@@ -177,12 +177,14 @@ impl Controller {
         c.set_queue_count(io_queues)?;
         c.post_async_event_request();
         log::info!(
-            "{}: {} {} ({} namespaces, {} I/O queues)",
+            "{}: {} {} ({} namespace{}, {} I/O queue{})",
             c.transport.name(),
             text(&c.identify.mn),
             text(&c.identify.sn),
             c.namespaces.len(),
-            c.io_queues
+            if c.namespaces.len() == 1 { "" } else { "s" },
+            c.io_queues,
+            if c.io_queues == 1 { "" } else { "s" }
         );
         Ok(c)
     }

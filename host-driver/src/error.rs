@@ -9,7 +9,11 @@ pub enum DriverError {
     Transport(String),
     #[error("DMA memory: {0}")]
     Dma(String),
-    #[error("controller not ready within {0} ms (CAP.TO)")]
+    #[error(
+        "controller not ready within {0} ms (CAP.TO); an SR-IOV VF that is offline never \
+         becomes ready: bring it online from its PF (`vnvme rpc vf_enable nqn=NQN count=N`, \
+         NumVFs in the PF's SR-IOV capability, or `nvme virt-mgmt`)"
+    )]
     Timeout(u64),
     #[error("controller fatal status (CSTS.CFS)")]
     Fatal,

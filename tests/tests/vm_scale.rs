@@ -6,6 +6,7 @@
 //! sample of 8 of them at once.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use vnvme::config::Config;
@@ -19,6 +20,7 @@ want=128
 for i in $(seq 1 600); do
   n=0; for c in /sys/class/nvme/nvme*; do [ "$(cat $c/state 2>/dev/null)" = live ] && n=$((n+1)); done
   [ $n -ge $want ] && break; sleep 0.2
+  [ $((i % 50)) = 0 ] && echo "progress: $n of $want controllers live"
 done
 echo; echo "live $n"
 for i in $(seq 1 300); do [ "$(ls /sys/block | grep -cE '^nvme[0-9]+n[0-9]+$')" -ge $want ] && break; sleep 0.2; done
@@ -35,6 +37,7 @@ rc=0; nvme io-passthru $VF1 --opcode=2 --namespace-id=2 --data-len=512 --read >/
 echo; echo "read-own-rc $rc"
 echo @@FOREIGN-BEGIN; rc=0; nvme smart-log $VF1 --namespace-id=3 2>&1 >/dev/null || rc=$?; echo; echo "foreign-rc $rc"; echo @@FOREIGN-END
 echo "listed $(nvme list | grep -c '^/dev/nvme')"
+echo "progress: fio verify on 8 namespaces"
 # fio verify on 8 namespaces spread over the controllers, all at once
 FILES=$(ls /sys/block | grep -E '^nvme[0-9]+n[0-9]+$' | sort -V | awk 'NR % 16 == 1' | sed 's|^|/dev/|' | tr '\n' ':' | sed 's/:$//')
 echo "fio-files $FILES"
@@ -70,6 +73,13 @@ fn a_guest_attaches_all_128_controllers() {
         .mem_mib(2048)
         .smp(4)
         .timeout(Duration::from_mins(20))
+        // the guest takes minutes under TCG: show its milestones (stderr directly, so that
+        // the test harness does not hold them back until the end)
+        .on_console_line(|line| {
+            if let Some(p) = line.trim().strip_prefix("progress: ") {
+                let _ = writeln!(std::io::stderr().lock(), "vm_scale: {p}");
+            }
+        })
         .vfio_user(&pf);
     for k in 1..CONTROLLERS {
         guest = guest.vfio_user(vf_socket(&pf, k));

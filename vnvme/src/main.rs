@@ -49,8 +49,25 @@ fn main() {
         Command::PerfMany(args) => cli::perf_many::run(args),
     };
     let code = result.unwrap_or_else(|e| {
-        eprintln!("vnvme: error: {e:#}");
+        eprintln!("vnvme: error: {}", cause_once(&e));
         1
     });
     std::process::exit(code);
+}
+
+/// The error and its causes on one line, each cause once: an error that already shows its
+/// cause's text in its own message does not get it appended again.
+fn cause_once(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }

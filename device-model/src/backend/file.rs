@@ -30,6 +30,8 @@ pub enum FileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} does not exist (file:PATH:SIZE creates it)")]
+    Missing { path: PathBuf },
     #[error("{path}: size {size} is not a multiple of 4096 or is zero")]
     BadSize { path: PathBuf, size: u64 },
     #[error("{path}: cannot set size to {size}: {source}")]
@@ -103,7 +105,12 @@ impl FileBackend {
             .create(size.is_some())
             .truncate(false)
             .open(path)
-            .map_err(open_err)?;
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound if size.is_none() => FileError::Missing {
+                    path: path.to_owned(),
+                },
+                _ => open_err(source),
+            })?;
         let meta = buffered.metadata().map_err(open_err)?;
         let is_block = meta.file_type().is_block_device();
         let mut cur = if is_block {

@@ -48,7 +48,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<i32> {
     let out = Guest::new(SCRIPT)
         .vfio_user(&sock)
         .timeout(Duration::from_mins(5))
-        .on_console_line(|l| println!("{l}"))
+        .on_console_line(|l| crate::cli::outln!("{l}"))
         .run();
     daemon.stop().context("stopping the daemon")?;
     let _ = std::fs::remove_dir_all(&dir);

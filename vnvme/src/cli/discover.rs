@@ -32,18 +32,18 @@ pub fn run(args: &DiscoverArgs) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::cli::outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!("Discovery Log Number of Records {}", records.len());
+    crate::cli::outln!("Discovery Log Number of Records {}", records.len());
     for (i, r) in records.iter().enumerate() {
-        println!("=====Discovery Log Entry {i}======");
-        println!("trtype:  {}", r.transport());
-        println!("subtype: {}", r.kind());
-        println!("portid:  {}", r.portid);
-        println!("trsvcid: {}", r.trsvcid);
-        println!("subnqn:  {}", r.subnqn);
-        println!("traddr:  {}", r.traddr);
+        crate::cli::outln!("=====Discovery Log Entry {i}======");
+        crate::cli::outln!("trtype:  {}", r.transport());
+        crate::cli::outln!("subtype: {}", r.kind());
+        crate::cli::outln!("portid:  {}", r.portid);
+        crate::cli::outln!("trsvcid: {}", r.trsvcid);
+        crate::cli::outln!("subnqn:  {}", r.subnqn);
+        crate::cli::outln!("traddr:  {}", r.traddr);
     }
     Ok(0)
 }

@@ -60,10 +60,10 @@ pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
         "cmb": cmb,
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::cli::outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
-    println!("NVMe Identify Controller ({}):", ctrl.target());
+    crate::cli::outln!("NVMe Identify Controller ({}):", ctrl.target());
     for key in [
         "vid", "ssvid", "sn", "mn", "fr", "cntlid", "ver", "mdts", "oacs", "oncs", "nn", "mqes",
         "subnqn",
@@ -73,11 +73,11 @@ pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
             ("vid" | "ssvid" | "oacs" | "oncs", Some(n)) => format!("{n:#x}"),
             _ => val.as_str().map_or_else(|| val.to_string(), str::to_string),
         };
-        println!("{key:<10}: {s}");
+        crate::cli::outln!("{key:<10}: {s}");
     }
     match cmb {
-        None => println!("{:<10}: none", "cmb"),
-        Some(c) => println!(
+        None => crate::cli::outln!("{:<10}: none", "cmb"),
+        Some(c) => crate::cli::outln!(
             "{:<10}: {} MiB in BAR{} at {:#x} (sqs {}, cqs {}, lists {}, read data {}, write data {})",
             "cmb",
             c.bytes >> 20,
@@ -91,7 +91,7 @@ pub fn run(args: &IdentifyArgs) -> anyhow::Result<i32> {
         ),
     }
     for ns in ctrl.namespaces() {
-        println!(
+        crate::cli::outln!(
             "namespace {}: {} blocks of {} bytes ({} MiB), nguid {}",
             ns.nsid,
             ns.blocks,

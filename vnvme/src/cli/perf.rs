@@ -1,7 +1,7 @@
 //! `vnvme perf <target>`: spdk_nvme_perf's conventions (-q -o -w -M -t -c) over our host
 //! driver, with a live progress line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use vnvme::device_address::DeviceAddress;
@@ -40,6 +40,12 @@ pub struct PerfArgs {
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        !args.verify || !matches!(args.pattern, Pattern::Read | Pattern::Randread),
+        "--verify checks what this run wrote, and -w {} writes nothing: use write or \
+         randwrite (read back after the run, as fio does) or randrw",
+        format!("{:?}", args.pattern).to_lowercase()
+    );
     if args.target.starts_with(nvmeof::initiator::SCHEME) {
         return run_tcp(args);
     }
@@ -62,11 +68,14 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
         #[allow(clippy::cast_precision_loss)] // a display rate
         let rate = (ios - last.1) as f64 / dt;
         last = (elapsed, ios);
-        eprint!("\r[{:>6.1} s] {:>12.0} IOPS", elapsed.as_secs_f64(), rate);
-        let _ = std::io::stderr().flush();
+        progress(&format!(
+            "[{:>6.1} s] {:>12.0} IOPS",
+            elapsed.as_secs_f64(),
+            rate
+        ));
     })?;
-    eprintln!();
-    print!("{}", perf::format_report(&ctrl.target(), &report));
+    progress_done();
+    crate::cli::out!("{}", perf::format_report(&ctrl.target(), &report));
     let total = report.total();
     Ok(i32::from(total.errors > 0 || total.verify_failures > 0))
 }
@@ -78,13 +87,34 @@ fn run_tcp(args: &PerfArgs) -> anyhow::Result<i32> {
     let mut b = nvmeof::initiator::TcpBackend::connect(&url)?;
     let opts = options(args);
     let report = perf::backend_job::run(&mut b, &opts, |elapsed, ios| {
-        eprint!("\r[{:>6.1} s] {:>12} I/Os", elapsed.as_secs_f64(), ios);
-        let _ = std::io::stderr().flush();
+        progress(&format!(
+            "[{:>6.1} s] {:>12} I/Os",
+            elapsed.as_secs_f64(),
+            ios
+        ));
     })?;
-    eprintln!();
-    print!("{}", perf::format_report(&b.describe(), &report));
+    progress_done();
+    crate::cli::out!("{}", perf::format_report(&b.describe(), &report));
     let total = report.total();
     Ok(i32::from(total.errors > 0))
+}
+
+/// A progress line: rewritten in place on a terminal, one line each otherwise (a log file
+/// or a pipe gets no carriage returns).
+fn progress(line: &str) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{line}");
+        let _ = std::io::stderr().flush();
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// End the in-place progress line on a terminal.
+fn progress_done() {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
 }
 
 /// The run the flags describe.

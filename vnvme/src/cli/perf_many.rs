@@ -104,7 +104,7 @@ pub fn run(args: &PerfManyArgs) -> anyhow::Result<i32> {
     {
         let min = jobs.iter().map(|j| j.ios).min().unwrap_or(0) as f64 / secs;
         let max = jobs.iter().map(|j| j.ios).max().unwrap_or(0) as f64 / secs;
-        println!(
+        crate::cli::outln!(
             "controllers {} | total IOPS {:.0} | per controller min {:.0} max {:.0} | errors {errors}",
             jobs.len(),
             total as f64 / secs,

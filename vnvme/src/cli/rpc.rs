@@ -43,7 +43,7 @@ pub fn run(args: &RpcArgs) -> anyhow::Result<i32> {
     };
     match client::call(&args.socket, &args.method, &params)? {
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            crate::cli::outln!("{}", serde_json::to_string_pretty(&v)?);
             Ok(0)
         }
         Err(e) => {

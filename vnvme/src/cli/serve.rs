@@ -25,8 +25,12 @@ pub struct ServeArgs {
     /// host NQN allowed to connect over NVMe/TCP, repeatable (default: any host)
     #[arg(long = "allow-host", value_name = "NQN", requires = "tcp_listen")]
     pub allow_hosts: Vec<String>,
-    /// namespace backend, repeatable: null:SIZE, malloc:SIZE, file:PATH[:SIZE]
-    #[arg(long = "ns", conflicts_with = "config")]
+    /// namespace backend, repeatable: null:SIZE, malloc:SIZE, file:PATH[:SIZE] (SIZE creates
+    /// or resizes the file), nvme:vfio-user:SOCK[@NSID[:OFFSET+LEN]],
+    /// nvme:pci:DDDD:BB:DD.F[@NSID[:OFFSET+LEN]] (a namespace of another NVMe controller, or
+    /// a byte range of one), nvme-tcp://HOST:PORT[,HOST:PORT]/NQN[/NSID][?OPTS] (a remote
+    /// NVMe/TCP namespace)
+    #[arg(long = "ns", value_name = "BACKEND", conflicts_with = "config")]
     pub ns: Vec<String>,
     /// controller serial number (also seeds the namespaces' NGUID/UUID)
     #[arg(long, conflicts_with = "config")]
@@ -59,6 +63,11 @@ impl ServeArgs {
     pub fn to_config(&self) -> anyhow::Result<Config> {
         Ok(match (&self.config, &self.socket) {
             (Some(path), _) => Config::load(path)?,
+            (None, _) if self.ns.is_empty() => anyhow::bail!(
+                "give at least one --ns BACKEND (e.g. --ns malloc:256M; see `vnvme serve --help`): \
+                 a controller without namespaces has nothing to serve, and namespaces can only \
+                 be created at run time with a namespace_pool (--config)"
+            ),
             (None, sock) if sock.is_some() || self.tcp_listen.is_some() => {
                 let served = Served {
                     socket: sock.clone(),

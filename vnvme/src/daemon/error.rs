@@ -34,7 +34,7 @@ pub enum DaemonError {
 pub enum MgmtError {
     #[error("no subsystem {0}")]
     NoSubsystem(String),
-    #[error("no controller with CNTLID {0:#x}")]
+    #[error("no controller with CNTLID {0} ({0:#x})")]
     NoController(u16),
     #[error("{0}")]
     Namespace(#[from] device_model::NsError),

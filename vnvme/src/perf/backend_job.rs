@@ -126,5 +126,6 @@ pub fn run(
         elapsed: start.elapsed(),
         ns_per_tick: calibration.finish(),
         jobs: vec![result],
+        verify: false,
     })
 }

@@ -67,6 +67,8 @@ pub struct JobResult {
     pub ios: u64,
     pub bytes: u64,
     pub errors: u64,
+    /// Blocks read back and compared with what this run wrote (`--verify`).
+    pub verified_blocks: u64,
     pub verify_failures: u64,
     /// Latency in clock ticks; multiply by [`Report::ns_per_tick`].
     pub latency: Histogram,
@@ -81,6 +83,7 @@ impl JobResult {
             ios: 0,
             bytes: 0,
             errors: 0,
+            verified_blocks: 0,
             verify_failures: 0,
             latency: Histogram::default(),
         }
@@ -94,6 +97,8 @@ pub struct Report {
     /// Nanoseconds per latency tick (see `clock.rs`).
     pub ns_per_tick: f64,
     pub jobs: Vec<JobResult>,
+    /// The run checked what it read (`--verify`).
+    pub verify: bool,
 }
 
 impl Report {
@@ -104,6 +109,7 @@ impl Report {
             t.ios += j.ios;
             t.bytes += j.bytes;
             t.errors += j.errors;
+            t.verified_blocks += j.verified_blocks;
             t.verify_failures += j.verify_failures;
             t.latency.merge(&j.latency);
         }
@@ -203,6 +209,7 @@ pub fn run(
         elapsed,
         ns_per_tick: 1.0,
         jobs: Vec::new(),
+        verify: opts.verify,
     };
     let mut qps = Vec::new();
     for (w, h) in handles.into_iter().enumerate() {
@@ -281,6 +288,13 @@ pub fn format_report(target: &str, r: &Report) -> String {
             p(99.0),
             p(99.9),
             p(99.99)
+        );
+    }
+    if r.verify {
+        let _ = writeln!(
+            out,
+            "verified {} blocks, {} mismatches",
+            total.verified_blocks, total.verify_failures
         );
     }
     if total.errors > 0 || total.verify_failures > 0 {

@@ -35,7 +35,12 @@ pub(super) struct Job {
     written: Vec<u64>,
     rng: Rng,
     result: JobResult,
+    /// Bad reads seen so far (the first few are logged).
+    shown_mismatches: u64,
 }
+
+/// Mismatching reads logged per job; later ones are only counted.
+const MISMATCHES_SHOWN: u64 = 5;
 
 impl Job {
     pub(super) fn new(
@@ -72,6 +77,7 @@ impl Job {
             },
             rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(ns.nsid) << 32) ^ worker as u64),
             result: JobResult::empty(ns.nsid, worker),
+            shown_mismatches: 0,
         })
     }
 
@@ -185,13 +191,99 @@ impl Job {
                     self.nsid,
                     self.block_size,
                 );
-                if bad > 0 {
-                    log::error!(
-                        "namespace {} LBA {lba}: {bad} blocks differ from what was written",
-                        self.nsid
+                self.record_check(lba, bad);
+            }
+        }
+    }
+
+    /// Count one checked read of `blocks_per_io` blocks at `lba` with `bad` mismatches; the
+    /// first [`MISMATCHES_SHOWN`] bad reads are logged.
+    fn record_check(&mut self, lba: u64, bad: u64) {
+        self.result.verified_blocks += u64::from(self.blocks_per_io);
+        if bad == 0 {
+            return;
+        }
+        self.result.verify_failures += bad;
+        self.shown_mismatches += 1;
+        if self.shown_mismatches <= MISMATCHES_SHOWN {
+            log::error!(
+                "namespace {} LBA {lba}: {bad} blocks differ from what was written",
+                self.nsid
+            );
+        }
+        if self.shown_mismatches == MISMATCHES_SHOWN {
+            log::error!(
+                "namespace {}: further mismatches are counted, not shown",
+                self.nsid
+            );
+        }
+    }
+
+    /// fio's verify after write, for patterns that only write: read back every unit this
+    /// run wrote, QD at a time, and check it. Returns false when reads failed or hung.
+    fn read_back(&mut self, opts: &PerfOptions) -> bool {
+        let units: Vec<u64> = (0..self.units)
+            .filter(|u| self.written[(u / 64) as usize] & (1u64 << (u % 64)) != 0)
+            .collect();
+        let qd = opts.queue_depth as usize;
+        let mut slots: Vec<Option<u64>> = vec![None; qd];
+        let mut next = 0;
+        let mut finished: Vec<(usize, bool)> = Vec::with_capacity(qd);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (slot, s) in slots.iter_mut().enumerate() {
+                if s.is_none() && next < units.len() {
+                    let unit = units[next];
+                    next += 1;
+                    let lba = (self.first_unit + unit) * u64::from(self.blocks_per_io);
+                    let buf = &self.buffers[slot];
+                    let r = self.qp.read_write(
+                        false,
+                        self.nsid,
+                        lba,
+                        self.blocks_per_io,
+                        buf.iova(),
+                        opts.io_size,
+                        slot as u64,
                     );
+                    match r {
+                        Ok(_) => *s = Some(unit),
+                        Err(e) => {
+                            log::error!("namespace {}: read back: {e}", self.nsid);
+                            self.result.errors += 1;
+                        }
+                    }
                 }
-                self.result.verify_failures += bad;
+            }
+            self.qp.ring();
+            if slots.iter().all(Option::is_none) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                log::error!("namespace {}: read back did not finish in 30 s", self.nsid);
+                self.result.errors += self.qp.outstanding() as u64;
+                return false;
+            }
+            finished.clear();
+            self.qp.poll(qd, |r| {
+                finished.push((r.user as usize, r.status.is_success()));
+            });
+            for &(slot, ok) in &finished {
+                let Some(unit) = slots[slot].take() else {
+                    continue;
+                };
+                if !ok {
+                    self.result.errors += 1;
+                    continue;
+                }
+                let lba = (self.first_unit + unit) * u64::from(self.blocks_per_io);
+                let bad = Self::check(
+                    &self.buffers[slot].as_slice()[..opts.io_size as usize],
+                    lba,
+                    self.nsid,
+                    self.block_size,
+                );
+                self.record_check(lba, bad);
             }
         }
     }
@@ -259,6 +351,14 @@ pub(super) fn run(
         }
     }
     done.fetch_add(unreported, Ordering::Relaxed);
+    let writes_only = matches!(opts.pattern, Pattern::Write | Pattern::Randwrite);
+    if opts.verify && writes_only {
+        for job in &mut jobs {
+            if job.qp.outstanding() == 0 {
+                job.read_back(opts);
+            }
+        }
+    }
     let mut results = Vec::new();
     let mut qps = Vec::new();
     for job in jobs {

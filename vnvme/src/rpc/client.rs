@@ -12,7 +12,10 @@ use super::RpcError;
 /// Why a call failed before the daemon answered.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{path}: {source}")]
+    #[error(
+        "cannot reach the daemon at {path}: {source} (is it running? `vnvme serve --rpc {path} ...` \
+         opens this socket)"
+    )]
     Connect {
         path: String,
         source: std::io::Error,
