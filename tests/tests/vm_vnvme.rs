@@ -90,6 +90,12 @@ dd if=$NB of=/dev/null bs=1M count=8 iflag=direct 2>/dev/null && echo ctrl-b-rea
         .vfio_user(dir.join("a.sock"))
         .vfio_user(dir.join("b.sock"));
     let out = run_ok(&guest);
+    // the device offers QEMU the error and request eventfds a PCIe function has
+    assert!(
+        !out.console.contains("Could not enable error recovery"),
+        "QEMU warned about error recovery:\n{}",
+        out.console
+    );
     let stats = daemon.stats(0).expect("controller A");
     let dbbuf = ControllerStats::get(&stats.shadow_doorbell_configs);
     let enables = ControllerStats::get(&stats.enables);

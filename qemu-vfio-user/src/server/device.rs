@@ -42,6 +42,10 @@ pub struct NvmeDevice {
     msix_bar: Vec<u8>,
     /// SR-IOV PF: told how many VFs are enabled whenever that changes.
     on_vfs: Option<VfHook>,
+    /// The client's error (ERR) and device-request (REQ) eventfds. Kept, never signalled:
+    /// QEMU stops the whole VM on an ERR event and unplugs the device on a REQ event, and a
+    /// controller's fatal state reaches its guest through CSTS.CFS instead.
+    notifiers: [Option<OwnedFd>; 2],
 }
 
 /// What an SR-IOV PF does when its VF Enable / NumVFs change: the number of VFs enabled.
@@ -71,6 +75,7 @@ impl NvmeDevice {
             ids,
             msix_bar: vec![0; pci::BAR4_SIZE as usize],
             on_vfs: None,
+            notifiers: [None, None],
         }
     }
 
@@ -176,6 +181,9 @@ impl NvmeDevice {
                 1,
             ),
             vfio::PCI_MSIX_IRQ_INDEX => (vfio::IRQ_INFO_EVENTFD, u32::from(pci::MSIX_VECTORS)),
+            // one eventfd each, as vfio-pci offers for a PCIe function: QEMU asks for the
+            // ERR index at realize and warns "Could not enable error recovery" without it
+            vfio::PCI_ERR_IRQ_INDEX | vfio::PCI_REQ_IRQ_INDEX => (vfio::IRQ_INFO_EVENTFD, 1),
             _ => (vfio::IRQ_INFO_EVENTFD, 0),
         };
         IrqInfo {
@@ -242,6 +250,21 @@ impl NvmeDevice {
                     }
                 }
                 Ok(()) // mask / unmask: interrupts are edge events on an eventfd; nothing to do
+            }
+            vfio::PCI_ERR_IRQ_INDEX | vfio::PCI_REQ_IRQ_INDEX => {
+                if start + count > 1 || !trigger {
+                    return Err(err(
+                        libc::EINVAL,
+                        format!("irq index {index} has one vector"),
+                    ));
+                }
+                let slot = &mut self.notifiers[(index - vfio::PCI_ERR_IRQ_INDEX) as usize];
+                if eventfd {
+                    *slot = fds.into_iter().next();
+                } else if count == 0 {
+                    *slot = None;
+                }
+                Ok(())
             }
             _ if count == 0 && !eventfd => Ok(()),
             _ => Err(err(

@@ -70,6 +70,8 @@ pub mod vfio {
     pub const PCI_INTX_IRQ_INDEX: u32 = vb::VFIO_PCI_INTX_IRQ_INDEX;
     pub const PCI_MSI_IRQ_INDEX: u32 = vb::VFIO_PCI_MSI_IRQ_INDEX;
     pub const PCI_MSIX_IRQ_INDEX: u32 = vb::VFIO_PCI_MSIX_IRQ_INDEX;
+    pub const PCI_ERR_IRQ_INDEX: u32 = vb::VFIO_PCI_ERR_IRQ_INDEX;
+    pub const PCI_REQ_IRQ_INDEX: u32 = vb::VFIO_PCI_REQ_IRQ_INDEX;
     pub const PCI_NUM_IRQS: u32 = vb::VFIO_PCI_NUM_IRQS;
     pub const IRQ_INFO_EVENTFD: u32 = vb::VFIO_IRQ_INFO_EVENTFD;
     pub const IRQ_INFO_MASKABLE: u32 = vb::VFIO_IRQ_INFO_MASKABLE;
