@@ -1,4 +1,8 @@
-//! Create / Delete I/O Submission and Completion Queues (NVMe base 2.0 §5.4-5.7).
+//! Create / Delete I/O Submission and Completion Queues (NVMe base 2.0 §5.4-5.7), with the
+//! command-specific statuses of their figures: Invalid Queue Identifier for a QID (or an SQ's
+//! CQID) of 0, beyond the queues allocated or already in use; Completion Queue Invalid for a
+//! CQID in range whose queue does not exist; Invalid Queue Size; Invalid Interrupt Vector;
+//! Invalid Queue Deletion for a CQ that still has SQs.
 
 use nvme_spec::{Status, Submission};
 
@@ -101,7 +105,12 @@ impl Controller {
         if !s.is_success() {
             return s;
         }
-        if cqid == 0 || !self.cqs.get(cqid as usize).is_some_and(Option::is_some) {
+        // CQID 0 is the admin CQ; beyond the CQs allocated it names no queue (§5.5, CQID)
+        let max_cqid = self.features.granted().1 + 1;
+        if cqid == 0 || cqid > max_cqid || cqid as usize >= self.cqs.len() {
+            return Status::INVALID_QID;
+        }
+        if !self.cqs.get(cqid as usize).is_some_and(Option::is_some) {
             return Status::INVALID_CQ;
         }
         let mut sq = SubmissionQueue::new(qid, base, qsize, cqid);
