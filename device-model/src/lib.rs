@@ -6,11 +6,13 @@
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
 //! `admin/` admin commands; `subsystem.rs` the NVM subsystem (its namespaces and their
-//! attachment); `io.rs` NVM commands; `dptr.rs` PRP/SGL; `memory.rs` the DMA
-//! map; `backend/` null, malloc, file; `reactor.rs` the thread.
+//! attachment); `io.rs` NVM commands; `compound.rs` commands made of several backend
+//! requests, and Compare; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
+//! malloc, file; `reactor.rs` the thread.
 
 pub mod admin;
 pub mod backend;
+pub mod compound;
 pub mod controller;
 pub mod doorbell;
 pub mod dptr;
@@ -29,6 +31,8 @@ pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
 pub mod subsystem;
+#[cfg(test)]
+pub(crate) mod test_harness;
 pub mod virt;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};
