@@ -692,4 +692,29 @@ mod tests {
         sb.lock().unwrap().fail = Some((|o| *o == IoOp::Flush, Status::WRITE_FAULT));
         assert_eq!(h.ctrl.flush(), Err(Status::WRITE_FAULT));
     }
+
+    /// A namespace detached with a read in flight on a stalled backend: gone for the host at
+    /// once (the controller does not wait), the read still completes once the backend
+    /// answers, and the backend is dropped then.
+    #[test]
+    fn a_detach_does_not_wait_for_the_namespace_requests() {
+        let (mut h, st) = held();
+        set_frozen(&st, true);
+        let r = h.io(sqe(READ, 1, DATA, &[0, 0, 7]));
+        h.ctrl.poll();
+        h.ctrl.apply(crate::subsystem::Change::Detach(1));
+        assert_eq!(
+            h.io_run(sqe(READ, 1, DATA, &[0, 0, 7])),
+            Status::INVALID_NAMESPACE,
+            "detached at once"
+        );
+        assert_eq!(
+            Arc::strong_count(&st),
+            2,
+            "the backend is kept while its read is out"
+        );
+        set_frozen(&st, false);
+        assert_eq!(h.wait(false, 1), [(r, Status::SUCCESS)]);
+        assert_eq!(Arc::strong_count(&st), 1, "and dropped once it answered");
+    }
 }

@@ -175,6 +175,20 @@ pub struct Controller {
     pub(crate) compares: usize,
     pub(crate) part_lists: usize,
     pub(crate) waiting: crate::compound::Waiting,
+    /// Namespaces detached while requests were in flight on them: gone for the host, their
+    /// backends still polled until those requests have finished.
+    detaching: Vec<Detaching>,
+}
+
+/// How long a detached namespace's requests in flight may take before that is logged as an
+/// error.
+pub const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A namespace detached with requests in flight.
+struct Detaching {
+    ns: Namespace,
+    until: std::time::Instant,
+    warned: bool,
 }
 
 /// SQ id in the tags of the flushes the controller sends on its own (shutdown notification,
@@ -241,6 +255,7 @@ impl Controller {
             compares: 0,
             part_lists: 0,
             waiting: crate::compound::Waiting::new(),
+            detaching: Vec::new(),
         }
     }
 
@@ -458,7 +473,12 @@ impl Controller {
     /// Backend requests of the current epoch in flight (retired ones not counted).
     fn requests_in_flight(&self) -> usize {
         let all: usize = self.namespaces.iter().map(|n| n.backend.in_flight()).sum();
-        all.saturating_sub(self.quiesce.retired_requests())
+        let detaching: usize = self
+            .detaching
+            .iter()
+            .map(|d| d.ns.backend.in_flight())
+            .sum();
+        (all + detaching).saturating_sub(self.quiesce.retired_requests())
     }
 
     /// A shutdown notification (§3.6) completes once requests in flight have finished (or
@@ -656,7 +676,7 @@ impl Controller {
         }
         self.poll_shutdown();
         if !self.is_ready() || self.is_fatal() {
-            if self.quiesce.retired_requests() > 0 {
+            if self.quiesce.retired_requests() > 0 || !self.detaching.is_empty() {
                 let mem = self.mem.snapshot();
                 return self.reap(&mem);
             }
@@ -838,10 +858,14 @@ impl Controller {
         n as usize
     }
 
-    /// Collect backend completions and post them.
+    /// Collect backend completions and post them; drop detached namespaces that are done.
     fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
         let mut done = std::mem::take(&mut self.done);
-        for ns in &mut self.namespaces {
+        let namespaces = self
+            .namespaces
+            .iter_mut()
+            .chain(self.detaching.iter_mut().map(|d| &mut d.ns));
+        for ns in namespaces {
             if ns.backend.in_flight() > 0 {
                 ns.backend.poll(&mut |t, s| done.push((t, s)));
             }
@@ -852,6 +876,9 @@ impl Controller {
         }
         done.clear();
         self.done = done;
+        if !self.detaching.is_empty() {
+            self.poll_detaching();
+        }
         n
     }
 
@@ -874,30 +901,40 @@ impl Controller {
         self.complete(qid, slot, result, 0, mem);
     }
 
-    /// Wait for namespace `i`'s backend requests in flight and post their completions
-    /// (before it is detached).
-    pub(crate) fn drain_namespace(&mut self, i: usize) {
-        let mem = self.mem.snapshot();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut done = Vec::new();
-        while self.namespaces[i].backend.in_flight() > 0 {
-            if std::time::Instant::now() > deadline {
-                crate::error_limited!(
-                    "{}: namespace {}: requests still in flight after 30 s",
-                    self.cfg.serial,
-                    self.namespaces[i].nsid
-                );
-                break;
-            }
-            self.namespaces[i]
-                .backend
-                .poll(&mut |t, s| done.push((t, s)));
-            for (t, status) in done.drain(..) {
-                self.request_finished(t, status, &mem);
-            }
-            std::thread::yield_now();
+    /// Take namespace `i` out of the host's view (it is being detached or replaced): new
+    /// commands no longer reach it. Its requests in flight complete as usual: its backend is
+    /// polled until they have, and dropped then ([`Controller::reap`]); nothing waits here.
+    /// (It is never dropped sooner: its requests may point into memory their command slots
+    /// keep mapped only while the requests are counted in flight, see [`crate::quiesce`].)
+    pub(crate) fn detach_namespace(&mut self, i: usize) {
+        let ns = self.namespaces.remove(i);
+        if ns.backend.in_flight() > 0 {
+            self.detaching.push(Detaching {
+                ns,
+                until: std::time::Instant::now() + DETACH_WAIT,
+                warned: false,
+            });
         }
-        self.interrupts();
+    }
+
+    /// Drop detached namespaces with nothing in flight any more; say so once of those whose
+    /// requests take longer than [`DETACH_WAIT`].
+    fn poll_detaching(&mut self) {
+        let now = std::time::Instant::now();
+        let serial = &self.cfg.serial;
+        self.detaching.retain_mut(|d| {
+            let left = d.ns.backend.in_flight();
+            if left > 0 && now > d.until && !d.warned {
+                d.warned = true;
+                crate::error_limited!(
+                    "{serial}: namespace {}: {left} requests still in flight {} s after it \
+                     was detached; its backend is kept until they finish",
+                    d.ns.nsid,
+                    DETACH_WAIT.as_secs()
+                );
+            }
+            left > 0
+        });
     }
 
     /// The last backend request of a command finished with `status`: account it (SMART).
