@@ -11,6 +11,7 @@ use nvme_spec::{Completion, Status};
 use crate::admin::async_event::{AsyncEvent, AsyncEvents, error_info, event_type};
 use crate::admin::features::Features;
 use crate::admin::log_page::{ErrorLog, SmartCounters};
+use crate::backend::{IoOp, IoRequest};
 use crate::doorbell::Doorbells;
 use crate::dptr::IoVecs;
 use crate::irq::Interrupts;
@@ -168,8 +169,31 @@ pub struct Controller {
     pub(crate) quiesce: crate::quiesce::Quiesce,
     /// Iovec storage lent to commands in flight, and how many are in flight.
     pub(crate) iov_pool: crate::dptr::IoVecPool,
-    commands_in_flight: usize,
+    pub(crate) commands_in_flight: usize,
+    /// Compares and commands with parts in flight (each holds a buffer or a list), and
+    /// those waiting for room ([`crate::compound`]).
+    pub(crate) compares: usize,
+    pub(crate) part_lists: usize,
+    pub(crate) waiting: crate::compound::Waiting,
+    /// Namespaces detached while requests were in flight on them: gone for the host, their
+    /// backends still polled until those requests have finished.
+    detaching: Vec<Detaching>,
 }
+
+/// How long a detached namespace's requests in flight may take before that is logged as an
+/// error.
+pub const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A namespace detached with requests in flight.
+struct Detaching {
+    ns: Namespace,
+    until: std::time::Instant,
+    warned: bool,
+}
+
+/// SQ id in the tags of the flushes the controller sends on its own (shutdown notification,
+/// daemon stop); no queue has it. Their slot field is the flush's sequence number.
+const OWN_FLUSH_QID: u16 = u16::MAX;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -228,15 +252,67 @@ impl Controller {
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,
+            compares: 0,
+            part_lists: 0,
+            waiting: crate::compound::Waiting::new(),
+            detaching: Vec::new(),
         }
     }
 
-    /// Make every namespace's data durable (daemon shutdown).
+    /// Make every namespace's data durable and wait for it, up to
+    /// [`crate::quiesce::SHUTDOWN_WAIT`] (daemon stop). This blocks the calling thread: call it
+    /// on a controller taken off its reactor, which is going away.
     pub fn flush(&mut self) -> Result<(), Status> {
-        for ns in &mut self.namespaces {
-            ns.backend.flush_sync()?;
+        let until = std::time::Instant::now() + crate::quiesce::SHUTDOWN_WAIT;
+        self.start_own_flush(until, false);
+        let mem = self.mem.snapshot();
+        loop {
+            self.reap(&mem);
+            let Some(f) = self.quiesce.flushing.filter(|f| !f.shutdown) else {
+                return Err(Status::INTERNAL_ERROR); // replaced: cannot happen off a reactor
+            };
+            if f.left == 0 {
+                self.quiesce.flushing = None;
+                return if f.status.is_success() {
+                    Ok(())
+                } else {
+                    Err(f.status)
+                };
+            }
+            if std::time::Instant::now() > f.until {
+                self.quiesce.flushing = None;
+                return Err(Status::INTERNAL_ERROR);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
-        Ok(())
+    }
+
+    /// Send a Flush to every namespace's backend, tagged as the controller's own; their
+    /// completions are counted in `quiesce.flushing` ([`Controller::reap`]).
+    fn start_own_flush(&mut self, until: std::time::Instant, shutdown: bool) {
+        let seq = self.quiesce.next_flush_seq();
+        let tag = crate::quiesce::tag(self.quiesce.epoch(), OWN_FLUSH_QID, seq);
+        let mut f = crate::quiesce::OwnFlush {
+            seq,
+            left: 0,
+            status: Status::SUCCESS,
+            until,
+            shutdown,
+        };
+        for ns in &mut self.namespaces {
+            let req = IoRequest {
+                tag,
+                op: IoOp::Flush,
+                offset: 0,
+                iov: crate::dptr::GuestBuffers::EMPTY,
+            };
+            match ns.backend.submit(&req) {
+                Ok(()) => f.left += 1,
+                Err(s) if f.status.is_success() => f.status = s,
+                Err(_) => {}
+            }
+        }
+        self.quiesce.flushing = Some(f);
     }
 
     /// The configuration.
@@ -389,6 +465,7 @@ impl Controller {
             self.poll_shutdown();
         } else if shn == 0 && old_shn != 0 {
             self.quiesce.shutting_down = None;
+            self.quiesce.flushing = None; // late answers of its flushes are ignored
             self.csts &= !(3 << csts::SHST_SHIFT);
         }
     }
@@ -396,24 +473,46 @@ impl Controller {
     /// Backend requests of the current epoch in flight (retired ones not counted).
     fn requests_in_flight(&self) -> usize {
         let all: usize = self.namespaces.iter().map(|n| n.backend.in_flight()).sum();
-        all.saturating_sub(self.quiesce.retired_requests())
+        let detaching: usize = self
+            .detaching
+            .iter()
+            .map(|d| d.ns.backend.in_flight())
+            .sum();
+        (all + detaching).saturating_sub(self.quiesce.retired_requests())
     }
 
-    /// A shutdown notification completes (flush, SHST complete) once requests in flight
-    /// have finished, or after [`crate::quiesce::SHUTDOWN_WAIT`].
+    /// A shutdown notification (§3.6) completes once requests in flight have finished (or
+    /// after [`crate::quiesce::SHUTDOWN_WAIT`]) and then every namespace's Flush has (or the
+    /// same wait passed): SHST complete. Polled, never waited for.
     fn poll_shutdown(&mut self) {
-        let Some(until) = self.quiesce.shutting_down else {
+        let now = std::time::Instant::now();
+        if let Some(until) = self.quiesce.shutting_down {
+            if self.requests_in_flight() > 0 && now < until {
+                return;
+            }
+            self.quiesce.shutting_down = None;
+            self.start_own_flush(now + crate::quiesce::SHUTDOWN_WAIT, true);
+        }
+        let Some(f) = self.quiesce.flushing.filter(|f| f.shutdown) else {
             return;
         };
-        if self.requests_in_flight() > 0 && std::time::Instant::now() < until {
+        if f.left > 0 && now < f.until {
             return;
         }
-        self.quiesce.shutting_down = None;
-        for ns in &mut self.namespaces {
-            if let Err(s) = ns.backend.flush_sync() {
-                crate::warn_limited!("namespace {}: flush on shutdown failed: {s}", ns.nsid);
-            }
+        if f.left > 0 {
+            crate::warn_limited!(
+                "{}: {} namespace flushes unanswered at shutdown",
+                self.cfg.serial,
+                f.left
+            );
+        } else if !f.status.is_success() {
+            crate::warn_limited!(
+                "{}: flush on shutdown failed: {}",
+                self.cfg.serial,
+                f.status
+            );
         }
+        self.quiesce.flushing = None;
         self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
     }
 
@@ -550,6 +649,10 @@ impl Controller {
         self.active_sqs.clear();
         self.active_cqs.clear();
         self.commands_in_flight = 0;
+        // buffers and lists stay with the retired slots
+        self.compares = 0;
+        self.part_lists = 0;
+        self.waiting.clear();
         self.reset_events();
         self.shadow = None;
         self.keep_alive_since = None;
@@ -573,7 +676,7 @@ impl Controller {
         }
         self.poll_shutdown();
         if !self.is_ready() || self.is_fatal() {
-            if self.quiesce.retired_requests() > 0 {
+            if self.quiesce.retired_requests() > 0 || !self.detaching.is_empty() {
                 let mem = self.mem.snapshot();
                 return self.reap(&mem);
             }
@@ -624,6 +727,9 @@ impl Controller {
             i += 1;
         }
         work += self.reap(&mem);
+        if !self.waiting.is_empty() {
+            self.start_waiting(&mem);
+        }
         work + self.interrupts()
     }
 
@@ -752,62 +858,86 @@ impl Controller {
         n as usize
     }
 
-    /// Collect backend completions and post them.
+    /// Collect backend completions and post them; drop detached namespaces that are done.
     fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
         let mut done = std::mem::take(&mut self.done);
-        for ns in &mut self.namespaces {
+        let namespaces = self
+            .namespaces
+            .iter_mut()
+            .chain(self.detaching.iter_mut().map(|d| &mut d.ns));
+        for ns in namespaces {
             if ns.backend.in_flight() > 0 {
                 ns.backend.poll(&mut |t, s| done.push((t, s)));
             }
         }
         let n = done.len();
         for &(t, status) in &done {
-            let (epoch, qid, slot) = crate::quiesce::untag(t);
-            if epoch != self.quiesce.epoch() {
-                self.quiesce.stale_completion(epoch);
-                continue;
-            }
-            self.io_finished(qid, slot, status);
-            self.complete(qid, slot, status, 0, mem);
+            self.request_finished(t, status, mem);
         }
         done.clear();
         self.done = done;
+        if !self.detaching.is_empty() {
+            self.poll_detaching();
+        }
         n
     }
 
-    /// Wait for namespace `i`'s backend requests in flight and post their completions
-    /// (before it is detached).
-    pub(crate) fn drain_namespace(&mut self, i: usize) {
-        let mem = self.mem.snapshot();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut done = Vec::new();
-        while self.namespaces[i].backend.in_flight() > 0 {
-            if std::time::Instant::now() > deadline {
-                crate::error_limited!(
-                    "{}: namespace {}: requests still in flight after 30 s",
-                    self.cfg.serial,
-                    self.namespaces[i].nsid
-                );
-                break;
-            }
-            self.namespaces[i]
-                .backend
-                .poll(&mut |t, s| done.push((t, s)));
-            for (t, status) in done.drain(..) {
-                let (epoch, qid, slot) = crate::quiesce::untag(t);
-                if epoch != self.quiesce.epoch() {
-                    self.quiesce.stale_completion(epoch);
-                    continue;
-                }
-                self.io_finished(qid, slot, status);
-                self.complete(qid, slot, status, 0, &mem);
-            }
-            std::thread::yield_now();
+    /// Backend request `t` finished with `status`: count it, and post its command's
+    /// completion when it was the last the command waited for.
+    fn request_finished(&mut self, t: u64, status: Status, mem: &MemoryMap) {
+        let (epoch, qid, slot) = crate::quiesce::untag(t);
+        if epoch != self.quiesce.epoch() {
+            self.quiesce.stale_completion(epoch);
+            return;
         }
-        self.interrupts();
+        if qid == OWN_FLUSH_QID {
+            self.quiesce.own_flush_done(slot, status);
+            return;
+        }
+        let Some(result) = self.request_done(qid, slot, status) else {
+            return; // more requests of the same command to come
+        };
+        self.io_finished(qid, slot, status);
+        self.complete(qid, slot, result, 0, mem);
     }
 
-    /// Backend request finished: account it, and for Compare check the data.
+    /// Take namespace `i` out of the host's view (it is being detached or replaced): new
+    /// commands no longer reach it. Its requests in flight complete as usual: its backend is
+    /// polled until they have, and dropped then ([`Controller::reap`]); nothing waits here.
+    /// (It is never dropped sooner: its requests may point into memory their command slots
+    /// keep mapped only while the requests are counted in flight, see [`crate::quiesce`].)
+    pub(crate) fn detach_namespace(&mut self, i: usize) {
+        let ns = self.namespaces.remove(i);
+        if ns.backend.in_flight() > 0 {
+            self.detaching.push(Detaching {
+                ns,
+                until: std::time::Instant::now() + DETACH_WAIT,
+                warned: false,
+            });
+        }
+    }
+
+    /// Drop detached namespaces with nothing in flight any more; say so once of those whose
+    /// requests take longer than [`DETACH_WAIT`].
+    fn poll_detaching(&mut self) {
+        let now = std::time::Instant::now();
+        let serial = &self.cfg.serial;
+        self.detaching.retain_mut(|d| {
+            let left = d.ns.backend.in_flight();
+            if left > 0 && now > d.until && !d.warned {
+                d.warned = true;
+                crate::error_limited!(
+                    "{serial}: namespace {}: {left} requests still in flight {} s after it \
+                     was detached; its backend is kept until they finish",
+                    d.ns.nsid,
+                    DETACH_WAIT.as_secs()
+                );
+            }
+            left > 0
+        });
+    }
+
+    /// The last backend request of a command finished with `status`: account it (SMART).
     fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
         let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
             return;
@@ -837,6 +967,7 @@ impl Controller {
         };
         let cid = ctx.cid;
         ctx.mem = None;
+        let compound = ctx.compound.take();
         if let Some(block) = ctx.iov.take_storage() {
             self.iov_pool.put(block);
         }
@@ -849,6 +980,9 @@ impl Controller {
         let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
         if let Some(cq) = self.cqs[cqid as usize].as_mut() {
             cq.reserved = cq.reserved.saturating_sub(1);
+        }
+        if let Some(c) = compound {
+            self.compound_done(&c);
         }
         if self.quiesce.resetting.is_some() {
             return; // the queues are going away: nothing is posted
@@ -893,6 +1027,15 @@ impl Controller {
             cq.sq_count -= 1;
         }
         self.active_sqs.retain(|&q| q != qid);
+    }
+
+    /// The context of the command in `slot` of SQ `qid`.
+    pub(crate) fn slot_mut(&mut self, qid: u16, slot: u16) -> Option<&mut crate::queue::Slot> {
+        self.sqs
+            .get_mut(qid as usize)?
+            .as_mut()?
+            .slots
+            .get_mut(slot as usize)
     }
 
     /// Backend request tag for a slot (carries the reset epoch).

@@ -54,7 +54,8 @@ pub struct IoVecs {
 }
 
 // SAFETY: the iovecs point into guest memory mappings kept alive by the command's memory
-// snapshot; they are only dereferenced by the thread that owns the command.
+// snapshot, or into a buffer the command's slot owns ([`IoVecs::set_buffer`]); they are only
+// dereferenced by the thread that owns the command.
 unsafe impl Send for IoVecs {}
 
 impl Default for IoVecs {
@@ -99,6 +100,17 @@ impl IoVecs {
     pub fn take_storage(&mut self) -> Option<IoVecBlock> {
         self.clear();
         self.iov.take()
+    }
+    /// Describe `buf`, a buffer of the daemon's (a Compare's media read), instead of guest
+    /// memory.
+    ///
+    /// # Safety
+    /// `buf` must stay allocated, and not be accessed through Rust references, until the
+    /// request submitted with these iovecs is reported complete by its backend (or for
+    /// good, if it never is).
+    pub(crate) unsafe fn set_buffer(&mut self, buf: &mut [u8]) -> Result<(), Status> {
+        self.clear();
+        self.push(buf.as_mut_ptr(), buf.len() as u64)
     }
     /// Forget the current contents.
     pub fn clear(&mut self) {

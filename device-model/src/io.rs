@@ -1,7 +1,7 @@
 //! NVM command set I/O commands (NVM command set 1.0 §3): Read, Write (FUA), Flush,
-//! Write Zeroes, Dataset Management (deallocate) and Compare. Read, Write, Flush (of one
-//! namespace) and Write Zeroes go to the backend asynchronously; Dataset Management,
-//! Compare and Flush of every namespace are synchronous.
+//! Write Zeroes, Dataset Management (deallocate) and Compare. All of them go to the
+//! backends asynchronously; the ones that take several requests (Flush of every namespace,
+//! Dataset Management) or check the data (Compare) are in [`crate::compound`].
 
 use std::sync::Arc;
 
@@ -9,6 +9,7 @@ use nvme_spec::opcode::nvm as op;
 use nvme_spec::{Status, Submission};
 
 use crate::backend::{IoOp, IoRequest};
+use crate::compound::Part;
 use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
@@ -27,7 +28,21 @@ impl Controller {
         }
         let nsid = sqe.nsid.get();
         if sqe.opcode == op::FLUSH && nsid == u32::MAX {
-            return Outcome::status(self.flush_all());
+            if self.wait_for_room(qid, slot, sqe) {
+                return Outcome::Pending;
+            }
+            // every namespace at once (base 2.0 §7.1); done when the last backend answered
+            let parts: Vec<Part> = self
+                .namespaces
+                .iter()
+                .map(|ns| Part {
+                    nsid: ns.nsid,
+                    op: IoOp::Flush,
+                    offset: 0,
+                })
+                .collect();
+            let n = parts.len();
+            return self.start_parts(qid, slot, parts, n);
         }
         let Some(ns_idx) = self.namespace_index(nsid) else {
             return Outcome::status(Status::INVALID_NAMESPACE);
@@ -71,14 +86,14 @@ impl Controller {
                     Err(s) => Outcome::status(s),
                 }
             }
-            op::DATASET_MANAGEMENT => Outcome::status(self.dataset_management(ns_idx, sqe, mem)),
-            op::COMPARE => Outcome::status(self.compare(ns_idx, sqe, mem)),
+            op::DATASET_MANAGEMENT => self.dataset_management(qid, slot, ns_idx, sqe, mem),
+            op::COMPARE => self.compare(qid, slot, ns_idx, sqe, mem),
             _ => Outcome::status(Status::INVALID_OPCODE),
         }
     }
 
     /// Byte offset and length of the LBA range in CDW10-12, checked against the namespace.
-    fn lba_range(&self, ns_idx: usize, sqe: &Submission) -> Result<(u64, u64), Status> {
+    pub(crate) fn lba_range(&self, ns_idx: usize, sqe: &Submission) -> Result<(u64, u64), Status> {
         let ns = &self.namespaces[ns_idx];
         let slba = u64::from(sqe.cdw10.get()) | (u64::from(sqe.cdw11.get()) << 32);
         let nlb = u64::from(sqe.cdw12.get() & 0xffff) + 1;
@@ -88,7 +103,7 @@ impl Controller {
         }
     }
 
-    fn max_transfer(&self) -> u64 {
+    pub(crate) fn max_transfer(&self) -> u64 {
         4096u64 << self.cfg.mdts
     }
 
@@ -141,75 +156,51 @@ impl Controller {
         }
     }
 
-    fn flush_all(&mut self) -> Status {
-        for ns in &mut self.namespaces {
-            if let Err(s) = ns.backend.flush_sync() {
-                return s;
-            }
+    /// Dataset Management (§3.2.3): only the Deallocate attribute does anything. The ranges
+    /// are checked first (any out of range fails the command before anything is
+    /// deallocated), then deallocated one after the other.
+    fn dataset_management(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        sqe: &Submission,
+        mem: &MemoryMap,
+    ) -> Outcome {
+        if self.wait_for_room(qid, slot, sqe) {
+            return Outcome::Pending;
         }
-        Status::SUCCESS
-    }
-
-    /// Dataset Management (§3.2.3): only the Deallocate attribute does anything.
-    fn dataset_management(&mut self, ns_idx: usize, sqe: &Submission, mem: &MemoryMap) -> Status {
         let nr = (sqe.cdw10.get() & 0xff) as usize + 1;
         let deallocate = sqe.cdw11.get() & (1 << 2) != 0;
         let len = nr * 16;
         let s = self.copy_from_host(sqe, len, mem, true);
         if !s.is_success() {
-            return s;
+            return Outcome::status(s);
         }
         if !deallocate {
-            return Status::SUCCESS;
+            return Outcome::status(Status::SUCCESS);
         }
-        let ns = &mut self.namespaces[ns_idx];
+        let ns = &self.namespaces[ns_idx];
         let blocks = ns.blocks();
-        for r in 0..nr {
-            let e = &self.bounce[r * 16..r * 16 + 16];
+        let mut parts = Vec::with_capacity(nr);
+        for e in self.bounce[..len].chunks_exact(16) {
             let nlb = u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]));
             let slba = u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
             match slba.checked_add(nlb) {
                 Some(end) if end <= blocks => {}
-                _ => return Status::LBA_OUT_OF_RANGE,
+                _ => return Outcome::status(Status::LBA_OUT_OF_RANGE),
             }
-            if nlb > 0
-                && let Err(s) = ns
-                    .backend
-                    .deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
-            {
-                return s;
+            if nlb > 0 {
+                parts.push(Part {
+                    nsid: ns.nsid,
+                    op: IoOp::Deallocate {
+                        len: nlb << ns.lba_shift,
+                    },
+                    offset: slba << ns.lba_shift,
+                });
             }
         }
-        Status::SUCCESS
-    }
-
-    /// Compare (§3.2.1): read the blocks and compare them with the host buffer.
-    fn compare(&mut self, ns_idx: usize, sqe: &Submission, mem: &MemoryMap) -> Status {
-        let (offset, len) = match self.lba_range(ns_idx, sqe) {
-            Ok(r) => r,
-            Err(s) => return s,
-        };
-        if len > self.max_transfer() {
-            return Status::INVALID_FIELD;
-        }
-        let len = len as usize;
-        let s = self.copy_from_host(sqe, len, mem, true);
-        if !s.is_success() {
-            return s;
-        }
-        // host data is in the bounce buffer; media read into a temporary one (Compare is rare)
-        let mut media = vec![0u8; len];
-        if let Err(s) = self.namespaces[ns_idx]
-            .backend
-            .read_sync(offset, &mut media)
-        {
-            return s;
-        }
-        self.smart.account(op::COMPARE, len as u64);
-        if self.bounce[..len] == media[..] {
-            Status::SUCCESS
-        } else {
-            Status::COMPARE_FAILURE
-        }
+        // one range at a time: up to 256 ranges never crowd a device's or a target's queue
+        self.start_parts(qid, slot, parts, 1)
     }
 }

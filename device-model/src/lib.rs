@@ -6,13 +6,17 @@
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
 //! `admin/` admin commands; `subsystem.rs` the NVM subsystem (its namespaces and their
-//! attachment); `io.rs` NVM commands; `dptr.rs` PRP/SGL; `memory.rs` the DMA
-//! map; `backend/` null, malloc, file; `reactor.rs` the thread.
+//! attachment); `io.rs` NVM commands; `compound.rs` commands made of several backend
+//! requests, and Compare; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
+//! malloc, file; `reactor.rs` the thread.
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
 pub mod admin;
 pub mod backend;
+// a Compare's media buffer handed to a backend as iovecs
+#[allow(unsafe_code)]
+pub mod compound;
 pub mod controller;
 pub mod doorbell;
 // guest buffers as iovecs for backends and the kernel
@@ -37,6 +41,8 @@ pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
 pub mod subsystem;
+#[cfg(test)]
+pub(crate) mod test_harness;
 pub mod virt;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};

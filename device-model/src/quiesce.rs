@@ -12,11 +12,14 @@
 
 use std::time::{Duration, Instant};
 
+use nvme_spec::Status;
+
 use crate::queue::SubmissionQueue;
 
 /// How long a reset waits for in-flight backend requests before retiring them.
 pub const RESET_WAIT: Duration = Duration::from_secs(10);
-/// How long a shutdown notification waits for in-flight requests before flushing anyway.
+/// How long a shutdown notification waits for in-flight requests before flushing anyway, and
+/// then for the flushes.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 const EPOCH_BITS: u32 = 24;
@@ -41,6 +44,20 @@ pub(crate) struct PendingReset {
     pub device: bool,
 }
 
+/// Flushes the controller sent on its own, one per namespace (shutdown notification, daemon
+/// stop): done when `left` is 0.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnFlush {
+    /// In their tags' slot field: answers of an earlier round are told apart.
+    pub seq: u16,
+    pub left: usize,
+    /// The first error.
+    pub status: Status,
+    pub until: Instant,
+    /// For a shutdown notification (SHST complete once done).
+    pub shutdown: bool,
+}
+
 /// Queues retired by one reset with backend requests still in flight.
 #[derive(Debug)]
 struct Retired {
@@ -57,6 +74,9 @@ pub(crate) struct Quiesce {
     pub resetting: Option<PendingReset>,
     /// A shutdown notification waiting for in-flight requests (then: flush, SHST complete).
     pub shutting_down: Option<Instant>,
+    /// The controller's own flushes in flight.
+    pub flushing: Option<OwnFlush>,
+    flush_seq: u16,
     retired: Vec<Retired>,
 }
 
@@ -97,6 +117,23 @@ impl Quiesce {
         self.epoch = (self.epoch + 1) & EPOCH_MASK as u32;
         self.resetting = None;
         self.shutting_down = None;
+        self.flushing = None;
+    }
+
+    /// The sequence number of the next round of own flushes.
+    pub fn next_flush_seq(&mut self) -> u16 {
+        self.flush_seq = self.flush_seq.wrapping_add(1);
+        self.flush_seq
+    }
+
+    /// One of the own flushes of round `seq` finished with `status`.
+    pub fn own_flush_done(&mut self, seq: u16, status: Status) {
+        if let Some(f) = self.flushing.as_mut().filter(|f| f.seq == seq) {
+            f.left = f.left.saturating_sub(1);
+            if f.status.is_success() {
+                f.status = status;
+            }
+        }
     }
 
     /// A completion of an earlier epoch arrived: let go of what it held when it is the last.

@@ -6,8 +6,10 @@
 //! The state sits behind one mutex, touched by admin commands and management only (never by
 //! I/O). A change reaches each affected controller as a closure posted to its reactor
 //! ([`Poster`]): attach hands it a new handle on the namespace's shared backend, detach
-//! drains and drops its handle; either way the controller records the NSID in its Changed
-//! Namespace List and raises a Namespace Attribute Changed event (§5.2, log page 04h).
+//! takes the namespace away from its host at once and drops the handle once the requests
+//! in flight on it have finished (polled, never waited for on the reactor); either way the
+//! controller records the NSID in its Changed Namespace List and raises a Namespace
+//! Attribute Changed event (§5.2, log page 04h).
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

@@ -410,6 +410,20 @@ impl QueuePair {
         self.submit(lba_command(nvm::WRITE_ZEROES, nsid, lba, blocks, 0)?, user)
     }
 
+    /// Write Zeroes over `blocks` blocks at `lba` with Deallocate set (DEAC, NVM command set
+    /// 1.0 §3.2.8): the device may deallocate the blocks instead of writing them, and they
+    /// read as zeroes either way.
+    pub fn write_zeroes_deallocate(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        let sqe = lba_command(nvm::WRITE_ZEROES, nsid, lba, blocks, 1 << 25)?;
+        self.submit(sqe, user)
+    }
+
     /// Dataset Management, deallocate the `(lba, blocks)` ranges (at most 256) listed in
     /// `ranges_buf` by the caller via [`encode_dsm_ranges`].
     pub fn deallocate(

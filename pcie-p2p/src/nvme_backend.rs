@@ -32,14 +32,10 @@ use nvme_spec::Status;
 
 use crate::shared_device::{Claim, FAILED, Handover, Link, Mirrored, SharedDevice};
 
-/// How long a synchronous management command may take.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Period of the timeout clock.
 const TICK: Duration = Duration::from_millis(100);
 /// A healthy device with commands outstanding this many ticks gets a warning.
 const SLOW_TICKS: u32 = 50;
-/// Tag of a synchronous management command (never handed to the front).
-const SYNC_TAG: u64 = u64::MAX;
 /// Status of commands lost to a device failure or reset: retryable, path related.
 const LOST: Status = Status::INTERNAL_PATH_ERROR;
 /// Queue pair depth towards the backend controller.
@@ -66,9 +62,12 @@ struct Pending {
     /// The guest segments a read's data goes back to.
     iov: GuestBufferList,
     bounce: Option<DmaBuffer>,
-    /// A Write Zeroes: where its command on the device ends and where the range ends (a
-    /// range of more than 65536 blocks goes as one command after the other, on this slot).
+    /// A Write Zeroes or Deallocate: where its command on the device ends and where the
+    /// range ends (a range of more than 65536 blocks goes as one command after the other,
+    /// on this slot).
     zeroes: Option<(u64, u64)>,
+    /// A Deallocate: its Write Zeroes commands carry Deallocate (DEAC).
+    deallocate: bool,
 }
 
 /// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
@@ -81,7 +80,7 @@ struct Parked {
 }
 
 impl Pending {
-    /// A request that moves no data through this backend (flush, zero copy, sync command).
+    /// A request that moves no data through this backend (flush, zero copy).
     fn bare(tag: u64) -> Self {
         Self {
             tag,
@@ -89,6 +88,7 @@ impl Pending {
             iov: GuestBufferList::new(),
             bounce: None,
             zeroes: None,
+            deallocate: false,
         }
     }
 }
@@ -107,8 +107,7 @@ pub struct NvmeBackend {
     max_transfer: u64,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
-    /// Completions that arrived while a synchronous command was waiting, and commands
-    /// failed by a device reset, handed out at the next poll.
+    /// Commands failed by a device reset, handed out at the next poll.
     deferred: Vec<(u64, Status)>,
     /// Reused buffer for completions reaped from the queue pair (no allocation per poll).
     reaped: Vec<Request>,
@@ -257,9 +256,7 @@ impl NvmeBackend {
             if let Some(p) = self.pending[slot].take() {
                 self.free.push(slot);
                 lost += 1;
-                if p.tag != SYNC_TAG {
-                    self.deferred.push((p.tag, LOST));
-                }
+                self.deferred.push((p.tag, LOST));
             }
         }
         if let Some(qp) = self.qp.as_mut() {
@@ -393,64 +390,8 @@ impl NvmeBackend {
         })
     }
 
-    /// Run one management command to completion on a slot of its own; `issue` puts it on
-    /// the queue pair. A command that cannot be queued frees its slot again.
-    fn run_sync(
-        &mut self,
-        issue: impl FnOnce(&mut IoQueuePair, u64) -> Result<u16, DriverError>,
-    ) -> Result<(), Status> {
-        let slot = self.take_slot()?;
-        self.pending[slot] = Some(Pending::bare(SYNC_TAG));
-        if let Err(e) = issue(self.qp(), slot as u64) {
-            log::warn!("{}: submit: {e}", self.dev.target());
-            self.pending[slot] = None;
-            self.free.push(slot);
-            return Err(Status::INTERNAL_ERROR);
-        }
-        self.wait_sync(slot)
-    }
-
-    /// Wait for the command in `slot`, stashing other completions for `poll`.
-    fn wait_sync(&mut self, slot: usize) -> Result<(), Status> {
-        self.qp().ring();
-        let mut next_health_check = Duration::from_millis(100);
-        let start = Instant::now();
-        loop {
-            let mut mine = None;
-            let mut got = std::mem::take(&mut self.reaped);
-            self.qp().poll(usize::MAX, |r: Request| got.push(r));
-            for r in got.drain(..) {
-                if r.user == slot as u64 {
-                    mine = Some(r.status);
-                } else if let Some((tag, st)) = self.finish(r) {
-                    self.deferred.push((tag, st));
-                }
-            }
-            self.reaped = got;
-            if let Some(s) = mine {
-                self.pending[slot] = None;
-                self.free.push(slot);
-                return if s.is_success() { Ok(()) } else { Err(s) };
-            }
-            let waited = start.elapsed();
-            if waited > SYNC_TIMEOUT {
-                log::error!("{}: synchronous command timed out", self.dev.target());
-                return Err(Status::INTERNAL_ERROR);
-            }
-            if waited > next_health_check {
-                next_health_check = waited + Duration::from_millis(100);
-                self.dev.request_check(self.generation);
-                if self.dev.generation() != self.generation {
-                    self.catch_up(); // fails this command too
-                    return Err(LOST);
-                }
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     /// Put the next Write Zeroes command of the request in `slot` on the queue pair (at
-    /// most 65536 blocks, from where its last one ended).
+    /// most 65536 blocks, from where its last one ended; with DEAC for a Deallocate).
     fn issue_zeroes(&mut self, slot: usize) -> Result<(), DriverError> {
         let bs = self.claim.block_size;
         let Some(Some(p)) = self.pending.get_mut(slot) else {
@@ -462,11 +403,16 @@ impl NvmeBackend {
         // Write Zeroes carries at most 65536 blocks
         let blocks = ((end - at) / bs).min(65536);
         p.zeroes = Some((at + blocks * bs, end));
+        let deallocate = p.deallocate;
         let (nsid, lba) = (self.claim.nsid, self.lba(at));
         let Some(qp) = self.qp.as_mut() else {
             return Err(DriverError::Invalid("no queue pair".into()));
         };
-        qp.write_zeroes(nsid, lba, blocks as u32, slot as u64)?;
+        if deallocate {
+            qp.write_zeroes_deallocate(nsid, lba, blocks as u32, slot as u64)?;
+        } else {
+            qp.write_zeroes(nsid, lba, blocks as u32, slot as u64)?;
+        }
         qp.ring();
         Ok(())
     }
@@ -493,9 +439,6 @@ impl NvmeBackend {
         }
         let p = self.pending.get_mut(slot)?.take()?;
         self.free.push(slot);
-        if p.tag == SYNC_TAG {
-            return None; // a synchronous command that gave up waiting
-        }
         if p.read
             && status.is_success()
             && let Some(b) = &p.bounce
@@ -528,13 +471,16 @@ impl NvmeBackend {
                 let nsid = self.claim.nsid;
                 self.qp().flush(nsid, slot as u64).map(|_| ())
             }
-            IoOp::WriteZeroes { len } => {
+            // a Deallocate is a Write Zeroes with DEAC: the device may deallocate, and the
+            // blocks read as zeroes whatever its DLFEAT (a Dataset Management would not say)
+            IoOp::WriteZeroes { len } | IoOp::Deallocate { len } => {
                 if let Err(s) = self.check_zeroes(req.offset, len) {
                     self.free.push(slot);
                     return Err(s);
                 }
                 self.pending[slot] = Some(Pending {
                     zeroes: Some((req.offset, req.offset + len)),
+                    deallocate: matches!(req.op, IoOp::Deallocate { .. }),
                     ..Pending::bare(req.tag)
                 });
                 self.issue_zeroes(slot)
@@ -592,6 +538,7 @@ impl NvmeBackend {
                     },
                     bounce: Some(buf),
                     zeroes: None,
+                    deallocate: false,
                 });
                 let nsid = self.claim.nsid;
                 self.qp()
@@ -711,45 +658,10 @@ impl Backend for NvmeBackend {
         self.pending.len() - self.free.len() + self.deferred.len() + self.parked.len()
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        self.usable()?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.check_zeroes(offset, len)?;
-        let mut at = offset;
-        while at < offset + len {
-            // Write Zeroes carries at most 65536 blocks
-            let blocks = ((offset + len - at) / self.claim.block_size).min(65536);
-            let (nsid, lba) = (self.claim.nsid, self.lba(at));
-            self.run_sync(|qp, user| qp.write_zeroes(nsid, lba, blocks as u32, user))?;
-            at += blocks * self.claim.block_size;
-        }
-        Ok(())
-    }
-
-    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
-        self.usable()?;
-        let len = buf.len() as u64;
-        self.check(offset, len)?;
-        let bounce = self.dma(len)?;
-        let (nsid, lba, iova) = (self.claim.nsid, self.lba(offset), bounce.iova());
-        let blocks = (len / self.claim.block_size) as u32;
-        self.run_sync(|qp, user| qp.read_write(false, nsid, lba, blocks, iova, len, user))?;
-        buf.copy_from_slice(&bounce.as_slice()[..buf.len()]);
-        Ok(())
-    }
-
     fn guest_memory_changed(&mut self) {
         if !self.failed && self.link.is_some() {
             self.dev.poke(); // the supervisor follows; nothing here waits for the device
         }
-    }
-
-    fn flush_sync(&mut self) -> Result<(), Status> {
-        self.usable()?;
-        let nsid = self.claim.nsid;
-        self.run_sync(|qp, user| qp.flush(nsid, user))
     }
 }
 

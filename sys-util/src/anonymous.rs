@@ -13,6 +13,17 @@ pub fn lazy_zeroed(len: usize) -> std::io::Result<MmapMut> {
     MmapOptions::new().len(len).no_reserve_swap().map_anon()
 }
 
+/// Give the whole pages of `[offset, offset + len)` of a private anonymous mapping back to
+/// the kernel (`MADV_DONTNEED`): they read as zeroes and use no memory until written again.
+/// The range must be page aligned; false when the kernel refused (nothing changed then).
+pub fn release_pages(map: &mut MmapMut, offset: usize, len: usize) -> bool {
+    use memmap2::UncheckedAdvice;
+    // SAFETY: `map` is borrowed exclusively, so no reference into it is alive while its
+    // pages are replaced by zero pages, which is all MADV_DONTNEED does to a private
+    // anonymous mapping; memmap2 checks the range against the mapping.
+    unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) }.is_ok()
+}
+
 /// [`ZERO_CHUNK`] zero bytes for the whole process, never written: the source of backends
 /// that write zeroes. A read-only anonymous mapping (every page is the kernel's zero page,
 /// so no memory is used), or, should that fail, a leaked heap buffer.
@@ -42,7 +53,10 @@ mod tests {
         assert!(zeroes().iter().all(|&b| b == 0));
         let mut m = lazy_zeroed(1 << 30).unwrap();
         m[12345] = 7;
+        m[8192] = 9;
         assert_eq!(m[12345], 7);
         assert_eq!(m[0], 0);
+        assert!(release_pages(&mut m, 4096, 8192));
+        assert_eq!((m[8192], m[12345]), (0, 0), "released pages read as zeroes");
     }
 }

@@ -463,15 +463,6 @@ impl device_model::backend::Backend for LateBackend {
     fn in_flight(&self) -> usize {
         self.held.len() + self.inner.in_flight()
     }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), nvme_spec::Status> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), nvme_spec::Status> {
-        self.inner.read_sync(offset, buf)
-    }
-    fn flush_sync(&mut self) -> Result<(), nvme_spec::Status> {
-        Ok(())
-    }
 }
 
 /// Guest memory of the controller harness: two regions the input maps and unmaps.

@@ -1042,3 +1042,134 @@ fn a_client_leaving_while_a_vfio_user_backend_is_stalled_frees_the_controller_fo
 fn a_client_leaving_while_an_nvme_tcp_backend_is_stalled_frees_the_controller_for_the_next() {
     client_leaving_while_the_backend_is_stalled("stall-leave-tcp", Remote::Tcp);
 }
+
+/// Read 8 blocks at `lba` of a's namespace 1 into `DATA_BUF + 0x3000`; returns them.
+fn read_back(g: &mut Guest, lba: u32) -> Vec<u8> {
+    g.mem_fill(DATA_BUF + 0x3000, 4096, 0xee);
+    let r = g.io_submit(&[cmd(0x02, 1, DATA_BUF + 0x3000, &[lba, 0, 7])]);
+    assert_eq!(
+        g.io_wait(1, Duration::from_secs(10)),
+        [(r[0], 0)],
+        "read of LBA {lba}"
+    );
+    let mut got = vec![0u8; 4096];
+    g.mem_read(DATA_BUF + 0x3000, &mut got);
+    got
+}
+
+/// Controller a's backend, a separate vnvme process, is frozen (SIGSTOP) while a's host
+/// issues the commands that used to run synchronously on the reactor: Flush of every
+/// namespace (NSID FFFFFFFFh) and of namespace 1, Dataset Management deallocating two
+/// ranges, a Compare that matches and one that does not; then, frozen again, Format NVM.
+/// Expected: meanwhile neighbour b (same reactor) comes up and runs verified I/O without an
+/// error, and none of a's commands completes; after SIGCONT each completes with its status
+/// (Compare Failure for the Compare that differs), the deallocated ranges read as zeroes
+/// and the rest as written, and after the Format the whole namespace reads as zeroes.
+fn long_commands_while_the_backend_is_stalled(tag: &str, remote: Remote) {
+    let s = start_stalled(tag, remote);
+    let mut g = Guest::connect(&s.a);
+    assert_eq!(g.identify_serial(), SERIAL_A);
+    g.create_io_queues();
+    // a pattern at LBAs 0, 64 and 128 (8 blocks of 512 bytes each)
+    let data = pattern(4096, 3);
+    g.mem_write(DATA_BUF, &data);
+    let w = g.io_submit(&[0, 64, 128].map(|lba| cmd(0x01, 1, DATA_BUF, &[lba, 0, 7])));
+    let done = g.io_wait(3, Duration::from_secs(10));
+    assert_eq!(
+        done,
+        w.iter().map(|&c| (c, 0)).collect::<Vec<_>>(),
+        "writes"
+    );
+    // the same pattern with one bit changed in its last block, for a Compare that fails
+    let mut other = data.clone();
+    other[4095] ^= 1;
+    g.mem_write(DATA_BUF + 0x1000, &other);
+    // Dataset Management ranges (context attributes, blocks, starting LBA): 64 and 128
+    let mut ranges = Vec::new();
+    for lba in [64u64, 128] {
+        ranges.extend_from_slice(&0u32.to_le_bytes());
+        ranges.extend_from_slice(&8u32.to_le_bytes());
+        ranges.extend_from_slice(&lba.to_le_bytes());
+    }
+    g.mem_write(DATA_BUF + 0x2000, &ranges);
+
+    s.back().freeze();
+    let cids = g.io_submit(&[
+        cmd(0x00, u32::MAX, 0, &[]),                   // Flush, every namespace
+        cmd(0x00, 1, 0, &[]),                          // Flush, namespace 1
+        cmd(0x09, 1, DATA_BUF + 0x2000, &[1, 1 << 2]), // DSM: 2 ranges, deallocate
+        cmd(0x05, 1, DATA_BUF, &[0, 0, 7]),            // Compare: equal
+        cmd(0x05, 1, DATA_BUF + 0x1000, &[0, 0, 7]),   // Compare: one bit differs
+    ]);
+    let neighbour = start_neighbour(&s.b, Duration::from_secs(2));
+    let report = neighbour.join().expect("neighbour thread");
+    assert_clean(
+        &report,
+        "neighbour b while a's I/O commands wait on the frozen backend",
+    );
+    eprintln!(
+        "neighbour b: {:?} while a's backend was frozen",
+        report.total()
+    );
+    assert_eq!(g.io_reap(), [], "completions from a frozen backend");
+    s.back().thaw();
+    let mut done = g.io_wait(cids.len(), Duration::from_secs(15));
+    done.sort_unstable();
+    let compare_failure = nvme_spec::Status::COMPARE_FAILURE.raw();
+    let expected: Vec<(u16, u16)> = cids
+        .iter()
+        .zip([0, 0, 0, 0, compare_failure])
+        .map(|(&c, st)| (c, st))
+        .collect();
+    assert_eq!(done, expected, "statuses after SIGCONT (cid, status)");
+    assert!(read_back(&mut g, 0) == data, "LBA 0 kept its data");
+    assert!(
+        read_back(&mut g, 64).iter().all(|&b| b == 0),
+        "LBA 64 deallocated"
+    );
+    assert!(
+        read_back(&mut g, 128).iter().all(|&b| b == 0),
+        "LBA 128 deallocated"
+    );
+
+    s.back().freeze();
+    let format = g.admin_nowait(cmd(0x80, 1, 0, &[0])); // LBA format 0, no secure erase
+    let neighbour = start_neighbour(&s.b, Duration::from_secs(2));
+    let report = neighbour.join().expect("neighbour thread");
+    assert_clean(
+        &report,
+        "neighbour b while a's Format NVM waits on the frozen backend",
+    );
+    eprintln!(
+        "neighbour b: {:?} while a's backend was frozen",
+        report.total()
+    );
+    assert_eq!(
+        g.admin_wait(format, Duration::ZERO),
+        None,
+        "Format NVM completed on a frozen backend"
+    );
+    s.back().thaw();
+    let c = g
+        .admin_wait(format, Duration::from_secs(15))
+        .expect("Format NVM completes after SIGCONT");
+    assert!(c.ok(), "Format NVM: {c:?}");
+    assert!(
+        read_back(&mut g, 0).iter().all(|&b| b == 0),
+        "LBA 0 formatted"
+    );
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop_within(Duration::from_secs(15));
+}
+
+#[test]
+fn flush_dsm_compare_and_format_on_a_stalled_nvme_tcp_backend_leave_the_reactor_to_the_neighbour() {
+    long_commands_while_the_backend_is_stalled("stall-long-tcp", Remote::Tcp);
+}
+
+#[test]
+fn flush_dsm_compare_and_format_on_a_stalled_vfio_user_backend_leave_the_reactor_to_the_neighbour()
+{
+    long_commands_while_the_backend_is_stalled("stall-long-vu", Remote::VfioUser);
+}

@@ -825,7 +825,23 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
     qp.write_zeroes(1, 2048, 16, 10).unwrap();
     wait(&mut qp, "write zeroes");
     let mut back = vec![1u8; 8192];
-    b.read_sync(1 << 20, &mut back).unwrap();
+    let back_iov = [libc::iovec {
+        iov_base: back.as_mut_ptr().cast(),
+        iov_len: 8192,
+    }];
+    let read = IoRequest {
+        tag: 0xfe << 56 | 1,
+        op: IoOp::Read,
+        offset: 1 << 20,
+        // SAFETY: `back` outlives the request (polled to completion) and is not touched
+        // meanwhile.
+        iov: unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&back_iov) },
+    };
+    assert_eq!(
+        submit_and_wait(&mut b, &read),
+        vec![(0xfe << 56 | 1, Status::SUCCESS)],
+        "{backend}: read over NVMe/TCP"
+    );
     assert!(
         back.iter().all(|&x| x == 0),
         "{backend}: NVMe/TCP reads what vfio-user zeroed"
@@ -862,6 +878,39 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
         "{backend}: vfio-user reads what NVMe/TCP zeroed"
     );
     assert_eq!(&buf.as_slice()[4096..], &pattern[4096..], "{backend}");
+    // Deallocate (a Dataset Management command on the wire: the target's deallocated
+    // blocks read as zeroes) of the pattern written again, then a Flush; vfio-user reads
+    // zeroes
+    for (tag, op) in [
+        (0xfe << 56 | 6, IoOp::Write { fua: false }),
+        (0xfe << 56 | 7, IoOp::Deallocate { len: 8192 }),
+        (0xfe << 56 | 8, IoOp::Flush),
+    ] {
+        let req = IoRequest {
+            tag,
+            op,
+            offset: if op == IoOp::Flush { 0 } else { 1 << 20 },
+            iov: if tag & 0xff == 6 {
+                // SAFETY: `pattern` outlives the request (polled to completion below) and
+                // is not touched meanwhile.
+                unsafe { device_model::backend::GuestBuffers::from_raw_iovecs(&iov) }
+            } else {
+                device_model::backend::GuestBuffers::EMPTY
+            },
+        };
+        assert_eq!(
+            submit_and_wait(&mut b, &req),
+            vec![(tag, Status::SUCCESS)],
+            "{backend}: {op:?}"
+        );
+    }
+    qp.read_write(false, 1, 2048, 16, buf.iova(), 8192, 13)
+        .unwrap();
+    wait(&mut qp, "read after deallocate");
+    assert!(
+        buf.as_slice().iter().all(|&x| x == 0),
+        "{backend}: vfio-user reads what NVMe/TCP deallocated as zeroes"
+    );
     if b.size() >= 64 << 20 {
         // a range of more than 65536 blocks: two Write Zeroes commands, one after the
         // other, one completion; the pattern straddles its end

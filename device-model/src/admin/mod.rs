@@ -13,6 +13,8 @@ mod virtualization;
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Status, Submission};
 
+use crate::backend::IoOp;
+use crate::compound::Part;
 use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
@@ -48,7 +50,7 @@ impl Controller {
             op::ASYNC_EVENT_REQUEST => self.async_event_request(slot),
             op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
             op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
-            op::FORMAT_NVM => Outcome::status(self.format_nvm(sqe)),
+            op::FORMAT_NVM => self.format_nvm(slot, sqe),
             op::NS_MANAGEMENT => self.namespace_management(sqe, mem),
             op::NS_ATTACHMENT => self.namespace_attachment(sqe, mem),
             op::VIRTUALIZATION_MANAGEMENT => {
@@ -111,40 +113,47 @@ impl Controller {
         Status::SUCCESS
     }
 
-    /// Format NVM (§5.23): LBA format 0 only, no metadata or protection; SES 0 or 1.
-    fn format_nvm(&mut self, sqe: &Submission) -> Status {
+    /// Format NVM (§5.23): LBA format 0 only, no metadata or protection; SES 0 or 1. Each
+    /// namespace's blocks are deallocated (they read as zeroes: DLFEAT), all namespaces at
+    /// once with NSID FFFFFFFFh; the command completes when the last backend answered.
+    fn format_nvm(&mut self, slot: u16, sqe: &Submission) -> Outcome {
         let cdw10 = sqe.cdw10.get();
         let lbaf = cdw10 & 0xf;
         let mset = (cdw10 >> 4) & 1;
         let pi = (cdw10 >> 5) & 7;
         let ses = (cdw10 >> 9) & 7;
         if lbaf != 0 || mset != 0 || pi != 0 {
-            return Status::INVALID_FORMAT;
+            return Outcome::status(Status::INVALID_FORMAT);
         }
         if ses > 1 {
-            return Status::INVALID_FIELD;
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        if self.wait_for_room(0, slot, sqe) {
+            return Outcome::Pending;
         }
         let nsid = sqe.nsid.get();
-        let targets: Vec<usize> = if nsid == u32::MAX {
-            (0..self.namespaces.len()).collect()
+        let targets = if nsid == u32::MAX {
+            0..self.namespaces.len()
         } else {
             match self.namespace_index(nsid) {
-                Some(i) => vec![i],
-                None => return Status::INVALID_NAMESPACE,
+                Some(i) => i..i + 1,
+                None => return Outcome::status(Status::INVALID_NAMESPACE),
             }
         };
-        for i in targets {
-            let ns = &mut self.namespaces[i];
-            let size = ns.backend.size();
-            if let Err(s) = ns.backend.write_zeroes(0, size) {
-                return s;
-            }
-            log::info!(
-                "namespace {}: formatted ({})",
-                ns.nsid,
-                ns.backend.describe()
-            );
-        }
-        Status::SUCCESS
+        let parts: Vec<Part> = self.namespaces[targets]
+            .iter()
+            .map(|ns| {
+                log::info!("namespace {}: format ({})", ns.nsid, ns.backend.describe());
+                Part {
+                    nsid: ns.nsid,
+                    op: IoOp::Deallocate {
+                        len: ns.backend.size(),
+                    },
+                    offset: 0,
+                }
+            })
+            .collect();
+        let n = parts.len();
+        self.start_parts(0, slot, parts, n)
     }
 }

@@ -177,18 +177,19 @@ impl Controller {
     }
 
     /// Apply a change of this controller's namespaces made in the subsystem: take a new
-    /// namespace, or finish the requests of a detached one and drop it. The host hears of
-    /// it through the Changed Namespace List and, when enabled, an asynchronous event.
+    /// namespace, or take a detached one out of the host's view (its requests in flight
+    /// finish on their own, then its backend handle is dropped). The host hears of it
+    /// through the Changed Namespace List and, when enabled, an asynchronous event.
     pub fn apply(&mut self, change: Change) {
         let nsid = match change {
             Change::Attach(ns) => {
                 let nsid = ns.nsid;
                 match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
                     Ok(i) => {
-                        // not expected (changes arrive in order): finish the old one's
-                        // requests before its handle goes
-                        self.drain_namespace(i);
-                        self.namespaces[i] = ns;
+                        // not expected (changes arrive in order): the old one's requests
+                        // finish on their own, its handle goes then
+                        self.detach_namespace(i);
+                        self.namespaces.insert(i, ns);
                     }
                     Err(i) => self.namespaces.insert(i, ns),
                 }
@@ -199,8 +200,7 @@ impl Controller {
                 let Some(i) = self.namespace_index(nsid) else {
                     return;
                 };
-                self.drain_namespace(i);
-                self.namespaces.remove(i);
+                self.detach_namespace(i);
                 log::info!("{}: namespace {nsid} detached", self.cfg.serial);
                 nsid
             }

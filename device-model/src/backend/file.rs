@@ -1,11 +1,12 @@
 //! The file backend: a namespace in a regular file or block device, driven through io_uring
 //! (batched: one `io_uring_enter` per poll, not per request). Aligned requests go through an
 //! `O_DIRECT` descriptor when the file system allows it, others through a buffered one.
-//! FUA writes use `RWF_DSYNC`; Flush is `fdatasync`. Write Zeroes is a `fallocate`
-//! (`FALLOC_FL_ZERO_RANGE`) on the ring; where the file system refuses that, zeroes are
-//! written on the ring from a shared read-only zero buffer, one chunk after the other.
-//! Without io_uring (kernel refuses it), requests are served synchronously with
-//! preadv/pwritev/fallocate.
+//! FUA writes use `RWF_DSYNC`; Flush is `fdatasync` on the ring (`IORING_OP_FSYNC`). Write
+//! Zeroes is a `fallocate` (`FALLOC_FL_ZERO_RANGE`) on the ring, Deallocate one that punches
+//! a hole (`FALLOC_FL_PUNCH_HOLE`, the blocks are freed); where the file system refuses
+//! either, the next in that order is used, down to writing zeroes on the ring from a shared
+//! read-only zero buffer, one chunk after the other. Without io_uring (kernel refuses it),
+//! requests are served synchronously with preadv/pwritev/fallocate.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -60,6 +61,8 @@ pub struct FileBackend {
     zero_next: Vec<u32>,
     /// The file system refused `FALLOC_FL_ZERO_RANGE`: Write Zeroes writes zeroes at once.
     no_zero_range: bool,
+    /// The file system refused `FALLOC_FL_PUNCH_HOLE`: Deallocate zeroes at once.
+    no_punch_hole: bool,
 }
 
 /// One request on the ring.
@@ -78,6 +81,8 @@ enum SlotKind {
     Flush,
     /// Write Zeroes as `fallocate(FALLOC_FL_ZERO_RANGE)` of `len` bytes at `offset`.
     ZeroRange { offset: u64, len: u64 },
+    /// Deallocate as `fallocate(FALLOC_FL_PUNCH_HOLE)` of `len` bytes at `offset`.
+    PunchHole { offset: u64, len: u64 },
     /// Write Zeroes as writes from [`zeroes`]: `chunk` bytes at `at` on the ring, the
     /// range ends at `end`.
     ZeroWrite { at: u64, chunk: u64, end: u64 },
@@ -168,6 +173,7 @@ impl FileBackend {
             free_slots: Vec::new(),
             zero_next: Vec::new(),
             no_zero_range: false,
+            no_punch_hole: false,
         })
     }
 
@@ -204,8 +210,10 @@ impl FileBackend {
                 IoOp::Write { fua: false } => libc::pwritev(fd, iov, n, off),
                 IoOp::Write { fua: true } => libc::pwritev2(fd, iov, n, off, libc::RWF_DSYNC),
                 IoOp::Flush => libc::fdatasync(fd) as isize,
-                // zeroed by `write_zeroes` in `submit`, never sent here
-                IoOp::WriteZeroes { .. } => return Status::INTERNAL_ERROR,
+                // zeroed by `zero_sync` in `submit`, never sent here
+                IoOp::WriteZeroes { .. } | IoOp::Deallocate { .. } => {
+                    return Status::INTERNAL_ERROR;
+                }
             }
         };
         io_status(
@@ -294,6 +302,29 @@ impl FileBackend {
         unsafe { self.push(&entry) }
     }
 
+    /// Put ring slot `ud`'s `fallocate` (a `ZeroRange` or `PunchHole`) on the ring.
+    fn push_fallocate(&mut self, ud: u32) -> Result<(), Status> {
+        let Some(slot) = self.slots.get(ud as usize) else {
+            return Err(Status::INTERNAL_ERROR);
+        };
+        let (offset, len, mode) = match slot.kind {
+            SlotKind::ZeroRange { offset, len } => (offset, len, libc::FALLOC_FL_ZERO_RANGE),
+            SlotKind::PunchHole { offset, len } => (
+                offset,
+                len,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+            _ => return Err(Status::INTERNAL_ERROR),
+        };
+        let entry = opcode::Fallocate::new(types::Fd(self.buffered.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build()
+            .user_data(u64::from(ud));
+        // SAFETY: no memory is involved.
+        unsafe { self.push(&entry) }
+    }
+
     /// A ring slot for `slot` (reused; grows only past the deepest queue seen so far).
     fn take_slot(&mut self, slot: RingSlot) -> u64 {
         if let Some(i) = self.free_slots.pop() {
@@ -303,6 +334,40 @@ impl FileBackend {
             self.slots.push(slot);
             (self.slots.len() - 1) as u64
         }
+    }
+}
+
+impl FileBackend {
+    /// Zero `len` bytes at `offset` now (no io_uring, or nothing to zero): punch a hole
+    /// when `punch` (Deallocate), else or where that is refused `FALLOC_FL_ZERO_RANGE`,
+    /// else write zeroes.
+    fn zero_sync(&mut self, offset: u64, len: u64, punch: bool) -> Result<(), Status> {
+        if len == 0 {
+            return Ok(());
+        }
+        let fd = self.buffered.as_raw_fd();
+        let modes = [
+            (
+                punch,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+            (true, libc::FALLOC_FL_ZERO_RANGE),
+        ];
+        for (_, mode) in modes.into_iter().filter(|m| m.0) {
+            // SAFETY: fallocate on our own descriptor; no memory is involved.
+            if unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) } == 0 {
+                return Ok(());
+            }
+        }
+        let zero = zeroes();
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zero.len() as u64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(&self.buffered, &zero[..n], pos)
+                .map_err(|_| Status::WRITE_FAULT)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -316,14 +381,15 @@ impl Backend for FileBackend {
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         let len = req.len();
         self.check(req.offset, len)?;
-        let zeroes_len = match req.op {
-            IoOp::WriteZeroes { len } => Some(len),
+        let zeroes = match req.op {
+            IoOp::WriteZeroes { len } => Some((len, false)),
+            IoOp::Deallocate { len } => Some((len, true)),
             _ => None,
         };
-        if self.ring.is_none() || zeroes_len == Some(0) {
-            let st = match zeroes_len {
-                Some(len) => self
-                    .write_zeroes(req.offset, len)
+        if self.ring.is_none() || zeroes.is_some_and(|(len, _)| len == 0) {
+            let st = match zeroes {
+                Some((len, punch)) => self
+                    .zero_sync(req.offset, len, punch)
                     .err()
                     .unwrap_or(Status::SUCCESS),
                 None => Self::submit_sync(req, self.fd_for(req.offset, req.iov)),
@@ -334,7 +400,7 @@ impl Backend for FileBackend {
         let buffered = self.buffered.as_raw_fd();
         let fd = match req.op {
             IoOp::Read | IoOp::Write { .. } => self.fd_for(req.offset, req.iov),
-            IoOp::Flush | IoOp::WriteZeroes { .. } => buffered,
+            _ => buffered,
         };
         let n = req.iov.segment_count() as u32;
         // SAFETY: only the kernel accesses the memory, until the completion is reaped in
@@ -342,22 +408,21 @@ impl Backend for FileBackend {
         // controller's command slot's (or the submitter's), kept until then as well
         // (GuestBuffers' contract, see `as_raw_iovecs`).
         let iov = unsafe { req.iov.as_raw_iovecs() }.as_ptr();
+        let (offset, end) = (req.offset, req.offset + len);
         let kind = match req.op {
             IoOp::Read | IoOp::Write { .. } => SlotKind::Transfer { expect: len },
             IoOp::Flush => SlotKind::Flush,
-            IoOp::WriteZeroes { .. } if self.no_zero_range => SlotKind::ZeroWrite {
-                at: req.offset,
+            IoOp::Deallocate { .. } if !self.no_punch_hole => SlotKind::PunchHole { offset, len },
+            _ if !self.no_zero_range => SlotKind::ZeroRange { offset, len },
+            _ => SlotKind::ZeroWrite {
+                at: offset,
                 chunk: 0,
-                end: req.offset + len,
-            },
-            IoOp::WriteZeroes { .. } => SlotKind::ZeroRange {
-                offset: req.offset,
-                len,
+                end,
             },
         };
         let ud = self.take_slot(RingSlot { tag: req.tag, kind });
-        let pushed = match req.op {
-            IoOp::Read | IoOp::Write { .. } | IoOp::Flush => {
+        let pushed = match kind {
+            SlotKind::Transfer { .. } | SlotKind::Flush => {
                 let entry = match req.op {
                     IoOp::Read => opcode::Readv::new(types::Fd(fd), iov, n)
                         .offset(req.offset)
@@ -375,15 +440,9 @@ impl Backend for FileBackend {
                 // slot until then).
                 unsafe { self.push(&entry.user_data(ud)) }
             }
-            IoOp::WriteZeroes { .. } if self.no_zero_range => self.push_zero_write(ud as u32),
-            IoOp::WriteZeroes { .. } => {
-                let entry = opcode::Fallocate::new(types::Fd(fd), len)
-                    .offset(req.offset)
-                    .mode(libc::FALLOC_FL_ZERO_RANGE)
-                    .build()
-                    .user_data(ud);
-                // SAFETY: no memory is involved.
-                unsafe { self.push(&entry) }
+            SlotKind::ZeroWrite { .. } => self.push_zero_write(ud as u32),
+            SlotKind::ZeroRange { .. } | SlotKind::PunchHole { .. } => {
+                self.push_fallocate(ud as u32)
             }
         };
         if let Err(s) = pushed {
@@ -414,16 +473,37 @@ impl Backend for FileBackend {
             let res = i64::from(cqe.result());
             let (expect, fail) = match slot.kind {
                 SlotKind::Transfer { expect } => (expect, Status::DATA_TRANSFER_ERROR),
-                SlotKind::Flush | SlotKind::ZeroRange { .. } => (0, Status::WRITE_FAULT),
+                SlotKind::Flush | SlotKind::ZeroRange { .. } | SlotKind::PunchHole { .. } => {
+                    (0, Status::WRITE_FAULT)
+                }
                 SlotKind::ZeroWrite { chunk, .. } => (chunk, Status::WRITE_FAULT),
             };
             let ok = res >= 0 && res as u64 == expect;
+            let unsupported =
+                res == -i64::from(libc::EOPNOTSUPP) || res == -i64::from(libc::EINVAL);
             match slot.kind {
-                SlotKind::ZeroRange { offset, len }
-                    if !ok
-                        && (res == -i64::from(libc::EOPNOTSUPP)
-                            || res == -i64::from(libc::EINVAL)) =>
-                {
+                SlotKind::PunchHole { offset, len } if !ok && unsupported => {
+                    // no PUNCH_HOLE here: Deallocate zeroes instead, from now on at once
+                    if !self.no_punch_hole {
+                        log::info!(
+                            "{}: no FALLOC_FL_PUNCH_HOLE ({res}); Deallocate zeroes",
+                            self.path.display()
+                        );
+                    }
+                    self.no_punch_hole = true;
+                    slot.kind = if self.no_zero_range {
+                        SlotKind::ZeroWrite {
+                            at: offset,
+                            chunk: 0,
+                            end: offset + len,
+                        }
+                    } else {
+                        SlotKind::ZeroRange { offset, len }
+                    };
+                    again.push(ud);
+                    continue;
+                }
+                SlotKind::ZeroRange { offset, len } if !ok && unsupported => {
                     // the file system (or the kernel's io_uring) has no ZERO_RANGE: write
                     // zeroes instead, on the ring too, from now on at once
                     if !self.no_zero_range {
@@ -468,9 +548,13 @@ impl Backend for FileBackend {
             n += 1;
             done(tag, st);
         }
-        // Write Zeroes going on: their next write of zeroes, sent now
+        // Write Zeroes and Deallocates going on: their next step, sent now
         for ud in again.drain(..) {
-            if let Err(st) = self.push_zero_write(ud) {
+            let next = match self.slots[ud as usize].kind {
+                SlotKind::ZeroWrite { .. } => self.push_zero_write(ud),
+                _ => self.push_fallocate(ud),
+            };
+            if let Err(st) = next {
                 let tag = self.slots[ud as usize].tag;
                 self.free_slots.push(ud);
                 self.in_flight -= 1;
@@ -492,56 +576,6 @@ impl Backend for FileBackend {
     }
     fn in_flight(&self) -> usize {
         self.in_flight + self.sync_done.len()
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        self.check(offset, len)?;
-        // SAFETY: fallocate on our own descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.buffered.as_raw_fd(),
-                libc::FALLOC_FL_ZERO_RANGE,
-                offset as i64,
-                len as i64,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        // file systems without ZERO_RANGE: write zeroes
-        let zeros = vec![0u8; 1 << 20];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-            std::os::unix::fs::FileExt::write_all_at(&self.buffered, &zeros[..n], pos)
-                .map_err(|_| Status::WRITE_FAULT)?;
-            pos += n as u64;
-        }
-        Ok(())
-    }
-    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        self.check(offset, len)?;
-        // SAFETY: fallocate on our own descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.buffered.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as i64,
-                len as i64,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            self.write_zeroes(offset, len)
-        }
-    }
-    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
-        self.check(offset, buf.len() as u64)?;
-        std::os::unix::fs::FileExt::read_exact_at(&self.buffered, buf, offset)
-            .map_err(|_| Status::UNRECOVERED_READ_ERROR)
-    }
-    fn flush_sync(&mut self) -> Result<(), Status> {
-        self.buffered.sync_data().map_err(|_| Status::WRITE_FAULT)
     }
 }
 
@@ -569,10 +603,10 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Two Write Zeroes on the ring at once (one unaligned, through the buffered
-    /// descriptor; one aligned), completed through poll with their full 64-bit tags; the
-    /// bytes around them untouched.
-    fn zero_two_ranges(b: &mut FileBackend) {
+    /// Two Write Zeroes or Deallocates (`op` of a length) on the ring at once (one
+    /// unaligned, through the buffered descriptor; one aligned), completed through poll with
+    /// their full 64-bit tags; the bytes around them untouched.
+    fn zero_two_ranges(b: &mut FileBackend, op: fn(u64) -> IoOp) {
         let size = b.size();
         std::os::unix::fs::FileExt::write_all_at(&b.buffered, &vec![0xffu8; size as usize], 0)
             .unwrap();
@@ -584,7 +618,7 @@ mod tests {
         for (&(offset, len), &tag) in ranges.iter().zip(&tags) {
             b.submit(&IoRequest {
                 tag,
-                op: IoOp::WriteZeroes { len },
+                op: op(len),
                 offset,
                 iov: crate::dptr::GuestBuffers::EMPTY,
             })
@@ -599,29 +633,41 @@ mod tests {
         got.sort_unstable_by_key(|g| g.0);
         assert_eq!(
             got,
-            vec![(tags[0], Status::SUCCESS), (tags[1], Status::SUCCESS)]
+            vec![(tags[0], Status::SUCCESS), (tags[1], Status::SUCCESS)],
+            "{:?}",
+            op(0)
         );
         assert_eq!(b.in_flight(), 0);
         let mut back = vec![1u8; size as usize];
-        b.read_sync(0, &mut back).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&b.buffered, &mut back, 0).unwrap();
         for (i, &x) in back.iter().enumerate() {
             let i = i as u64;
             let zeroed = ranges.iter().any(|&(o, l)| (o..o + l).contains(&i));
-            assert_eq!(x, if zeroed { 0 } else { 0xff }, "byte {i}");
+            assert_eq!(x, if zeroed { 0 } else { 0xff }, "{:?}: byte {i}", op(0));
         }
     }
 
+    /// Write Zeroes, then Deallocate, on `b` as its flags stand.
+    fn zero_both_ways(b: &mut FileBackend) {
+        zero_two_ranges(b, |len| IoOp::WriteZeroes { len });
+        zero_two_ranges(b, |len| IoOp::Deallocate { len });
+    }
+
     #[test]
-    fn write_zeroes_completes_through_poll_with_and_without_zero_range() {
+    fn write_zeroes_and_deallocate_complete_through_poll_whatever_the_file_system_offers() {
         let dir = std::env::temp_dir().join(format!("vnvme-file-wz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut b = FileBackend::open(&dir.join("ns.img"), Some(4 << 20)).unwrap();
         assert!(b.ring.is_some(), "io_uring is needed for this test");
-        // FALLOC_FL_ZERO_RANGE where the file system has it (ext4, xfs, ...)
-        zero_two_ranges(&mut b);
-        // as on a file system without it: writes of zeroes, chunk after chunk
+        // FALLOC_FL_ZERO_RANGE and PUNCH_HOLE where the file system has them (ext4, xfs...)
+        zero_both_ways(&mut b);
+        assert!(!b.no_punch_hole && !b.no_zero_range);
+        // as on a file system without PUNCH_HOLE: Deallocate zeroes the range
+        b.no_punch_hole = true;
+        zero_both_ways(&mut b);
+        // and without either: writes of zeroes, chunk after chunk
         b.no_zero_range = true;
-        zero_two_ranges(&mut b);
+        zero_both_ways(&mut b);
         drop(b);
         std::fs::remove_dir_all(&dir).unwrap();
         // tmpfs refuses FALLOC_FL_ZERO_RANGE (EOPNOTSUPP): the fallback, found out on the ring
@@ -629,10 +675,59 @@ mod tests {
         if shm.is_dir() {
             let p = shm.join(format!("vnvme-file-wz-{}.img", std::process::id()));
             let mut b = FileBackend::open(&p, Some(4 << 20)).unwrap();
-            zero_two_ranges(&mut b);
-            zero_two_ranges(&mut b);
+            zero_both_ways(&mut b);
+            zero_both_ways(&mut b);
             drop(b);
             std::fs::remove_file(&p).unwrap();
         }
+    }
+
+    /// Deallocate frees the file's blocks (a hole), Write Zeroes need not; a Flush is an
+    /// fsync on the ring and succeeds.
+    #[test]
+    fn deallocate_punches_a_hole_and_flush_goes_on_the_ring() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("vnvme-file-hole-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("ns.img");
+        let mut b = FileBackend::open(&p, Some(4 << 20)).unwrap();
+        let run = crate::backend::tests::run;
+        let ones = vec![1u8; 4 << 20];
+        assert_eq!(
+            crate::backend::tests::write(&mut b, 0, &ones),
+            Status::SUCCESS
+        );
+        assert_eq!(run(&mut b, IoOp::Flush, 0, None), Status::SUCCESS);
+        let allocated = || std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(allocated() >= 4 << 20);
+        let len = 3 << 20;
+        assert_eq!(
+            run(&mut b, IoOp::Deallocate { len }, 0, None),
+            Status::SUCCESS
+        );
+        assert!(
+            allocated() <= (1 << 20) + (64 << 10),
+            "{} bytes allocated after deallocating 3 of 4 MiB",
+            allocated()
+        );
+        let mut back = vec![1u8; 4 << 20];
+        assert_eq!(
+            crate::backend::tests::read(&mut b, 0, &mut back),
+            Status::SUCCESS
+        );
+        assert!(back[..len as usize].iter().all(|&x| x == 0));
+        assert!(back[len as usize..].iter().all(|&x| x == 1));
+        assert_eq!(
+            run(
+                &mut b,
+                IoOp::Deallocate { len: 8192 },
+                (4 << 20) - 4096,
+                None
+            ),
+            Status::LBA_OUT_OF_RANGE,
+            "past the end"
+        );
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

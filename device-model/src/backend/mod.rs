@@ -1,7 +1,7 @@
-//! Namespace backends: where a namespace's blocks live. Reads, writes, flushes and Write
-//! Zeroes complete asynchronously (`submit` then `poll`); a write is acknowledged to the
-//! guest only when its backend reports it done. Rare management operations (deallocate,
-//! compare reads, format's zeroing) are synchronous.
+//! Namespace backends: where a namespace's blocks live. Every operation (read, write,
+//! flush, Write Zeroes, deallocate) completes asynchronously (`submit` then `poll`), so a
+//! slow backend never holds the reactor its controller shares with others; a write is
+//! acknowledged to the guest only when its backend reports it done.
 
 // io_uring submissions that carry guest buffer addresses
 #[allow(unsafe_code)]
@@ -32,6 +32,10 @@ pub enum IoOp {
     Flush,
     /// Zero `len` bytes at the request's offset (NVM Write Zeroes); no guest buffers.
     WriteZeroes { len: u64 },
+    /// Deallocate `len` bytes at the request's offset (Dataset Management's Deallocate,
+    /// NVM command set 1.0 §3.2.3; Format NVM): reads of them return zeroes afterwards, as
+    /// Identify Namespace DLFEAT promises. No guest buffers.
+    Deallocate { len: u64 },
 }
 
 /// One asynchronous request. The memory `iov` describes stays valid until the request's
@@ -43,16 +47,16 @@ pub struct IoRequest<'a> {
     pub op: IoOp,
     /// Byte offset in the namespace.
     pub offset: u64,
-    /// The command's guest buffers (empty for Flush and Write Zeroes).
+    /// The command's guest buffers (empty for Flush, Write Zeroes and Deallocate).
     pub iov: GuestBuffers<'a>,
 }
 
 impl IoRequest<'_> {
     /// Bytes the request covers in the namespace: the buffers' length, or a Write Zeroes'
-    /// length (0 for a Flush).
+    /// or Deallocate's length (0 for a Flush).
     pub fn len(&self) -> u64 {
         match self.op {
-            IoOp::WriteZeroes { len } => len,
+            IoOp::WriteZeroes { len } | IoOp::Deallocate { len } => len,
             _ => self.iov.len(),
         }
     }
@@ -70,39 +74,14 @@ pub trait Backend: Send {
     /// Capacity in bytes.
     fn size(&self) -> u64;
     /// Start a request. An `Err` means it was not started and completes with that status.
-    /// Every op, Write Zeroes included, completes through [`poll`](Self::poll): a backend
-    /// whose zeroing is instant (RAM, nothing) may run [`write_zeroes`](Self::write_zeroes)
-    /// here and queue its result (see [`Backend::zero_now`]); one that may wait on a device
-    /// or a network must not.
+    /// Every op completes through [`poll`](Self::poll), never here: a backend whose work is
+    /// instant (RAM, nothing) does it now and queues the status for the next poll; one that
+    /// may wait on a file system, a device or a network must not wait here.
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status>;
     /// Hand every finished request to `done`; returns how many finished.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
     /// Requests started but not yet polled as done.
     fn in_flight(&self) -> usize;
-    /// Zero `len` bytes at `offset` synchronously (Format NVM, and the instant backends'
-    /// Write Zeroes).
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status>;
-    /// The fallback for a Write Zeroes `submit` got, for backends whose zeroing is instant:
-    /// zero now with [`write_zeroes`](Self::write_zeroes) and return the status to queue
-    /// for the next [`poll`](Self::poll) (`None`: not a Write Zeroes).
-    fn zero_now(&mut self, req: &IoRequest<'_>) -> Option<Status> {
-        let IoOp::WriteZeroes { len } = req.op else {
-            return None;
-        };
-        Some(
-            self.write_zeroes(req.offset, len)
-                .err()
-                .unwrap_or(Status::SUCCESS),
-        )
-    }
-    /// Deallocate `len` bytes at `offset` (DSM); reads of it return zeroes afterwards.
-    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        self.write_zeroes(offset, len)
-    }
-    /// Read synchronously into `buf` (Compare).
-    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status>;
-    /// Make everything durable now (shutdown, controller reset).
-    fn flush_sync(&mut self) -> Result<(), Status>;
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}
@@ -138,6 +117,53 @@ impl DoneQueue {
 pub(crate) mod tests {
     use super::*;
 
+    /// Submit one request of `op` at `offset` over `buf` (none: no buffers) and poll `b`
+    /// until it completes (10 s at most); its status.
+    pub(crate) fn run(
+        b: &mut dyn Backend,
+        op: IoOp,
+        offset: u64,
+        buf: Option<&mut [u8]>,
+    ) -> Status {
+        let iov = buf.map(|buf| libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        });
+        let iovs = iov.as_slice();
+        let req = IoRequest {
+            tag: 0x77,
+            op,
+            offset,
+            // SAFETY: `buf` is borrowed until this function returns, after the request was
+            // polled to completion, and is not touched meanwhile.
+            iov: unsafe { GuestBuffers::from_raw_iovecs(iovs) },
+        };
+        if let Err(s) = b.submit(&req) {
+            return s;
+        }
+        let mut got = None;
+        let t = std::time::Instant::now();
+        while got.is_none() {
+            assert!(t.elapsed().as_secs() < 10, "{op:?} never completed");
+            b.poll(&mut |tag, s| {
+                assert_eq!(tag, 0x77);
+                got = Some(s);
+            });
+        }
+        got.unwrap_or(Status::INTERNAL_ERROR)
+    }
+
+    /// Read `buf.len()` bytes at `offset` through `b`.
+    pub(crate) fn read(b: &mut dyn Backend, offset: u64, buf: &mut [u8]) -> Status {
+        run(b, IoOp::Read, offset, Some(buf))
+    }
+
+    /// Write `data` at `offset` through `b`.
+    pub(crate) fn write(b: &mut dyn Backend, offset: u64, data: &[u8]) -> Status {
+        let mut copy = data.to_vec();
+        run(b, IoOp::Write { fua: false }, offset, Some(&mut copy))
+    }
+
     /// Write a pattern through `b`, read it back, check zeroes/deallocate; shared by backends.
     /// Write, read back, flush, zero: tags use all 64 bits (a shared backend folds its user
     /// index into the top byte), so a backend that packs tags into fewer bits fails here.
@@ -145,7 +171,7 @@ pub(crate) mod tests {
         exercise_with_tags(b, 0xfe << 56 | 0x00ff_ffff_ffff_fff0);
     }
 
-    /// [`exercise`] with tags `hi | 1..=3`.
+    /// [`exercise`] with tags `hi | 1..=5`.
     #[allow(non_snake_case)]
     pub(crate) fn exercise_with_tags(b: &mut dyn Backend, HI: u64) {
         let mut data = vec![0u8; 8192];
@@ -207,30 +233,31 @@ pub(crate) mod tests {
             vec![(HI | 2, Status::SUCCESS), (HI | 3, Status::SUCCESS)]
         );
         assert_eq!(back, data);
-        b.write_zeroes(4096, 512).unwrap();
-        let mut z = vec![1u8; 1024];
-        b.read_sync(4096, &mut z).unwrap();
-        assert!(z[..512].iter().all(|&x| x == 0));
-        assert_eq!(&z[512..], &data[512..1024]);
-        // Write Zeroes through submit/poll, with the full 64-bit tag
-        b.submit(&IoRequest {
-            tag: HI | 4,
-            op: IoOp::WriteZeroes { len: 4096 },
-            offset: 8192,
-            iov: GuestBuffers::EMPTY,
-        })
-        .unwrap();
-        got.clear();
-        while got.is_empty() {
-            b.poll(&mut |t, s| got.push((t, s)));
+        // Write Zeroes and Deallocate through submit/poll, with the full 64-bit tag
+        for (tag, op, offset) in [
+            (HI | 4, IoOp::WriteZeroes { len: 512 }, 4096),
+            (HI | 5, IoOp::Deallocate { len: 4096 }, 8192),
+        ] {
+            b.submit(&IoRequest {
+                tag,
+                op,
+                offset,
+                iov: GuestBuffers::EMPTY,
+            })
+            .unwrap();
+            got.clear();
+            while got.is_empty() {
+                b.poll(&mut |t, s| got.push((t, s)));
+            }
+            assert_eq!(got, vec![(tag, Status::SUCCESS)], "{op:?}");
         }
-        assert_eq!(got, vec![(HI | 4, Status::SUCCESS)]);
         let mut z = vec![1u8; 8192];
-        b.read_sync(4096, &mut z).unwrap();
-        assert_eq!(&z[..512], &[0u8; 512][..]);
+        assert_eq!(read(b, 4096, &mut z), Status::SUCCESS);
+        assert_eq!(&z[..512], &[0u8; 512][..], "write zeroes");
         assert_eq!(&z[512..4096], &data[512..4096]);
-        assert!(z[4096..].iter().all(|&x| x == 0), "async write zeroes");
+        assert!(z[4096..].iter().all(|&x| x == 0), "deallocate");
         assert_eq!(b.in_flight(), 0);
-        assert!(b.read_sync(b.size() - 512, &mut [0u8; 1024]).is_err());
+        let size = b.size();
+        assert_ne!(read(b, size - 512, &mut [0u8; 1024]), Status::SUCCESS);
     }
 }

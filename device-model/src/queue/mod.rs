@@ -114,6 +114,9 @@ pub struct Slot {
     pub iov: IoVecs,
     /// Keeps the guest memory the iovecs point into mapped until completion.
     pub mem: Option<Arc<MemoryMap>>,
+    /// A command made of several backend requests, or a Compare: its state
+    /// ([`crate::compound`]; boxed: slots stay small, these commands are rare).
+    pub compound: Option<Box<crate::compound::Compound>>,
 }
 
 impl Default for Slot {
@@ -125,6 +128,7 @@ impl Default for Slot {
             bytes: 0,
             iov: IoVecs::empty(), // storage is lent per command (Controller::iov_pool)
             mem: None,
+            compound: None,
         }
     }
 }

@@ -10,7 +10,10 @@
 //!
 //! Write Zeroes goes the same way: one Write Zeroes command (or, on a target without it,
 //! one write of zeroed blocks from a shared zero buffer) after the other, each sent when
-//! the one before completes, so a range of any size waits on nothing.
+//! the one before completes, so a range of any size waits on nothing. Deallocate goes as
+//! Dataset Management commands (one range of at most 2^32 - 1 blocks each, one after the
+//! other) where the target has them and its deallocated blocks read as zeroes (DLFEAT), as
+//! Write Zeroes elsewhere. Nothing here waits for the target.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use nvme_spec::opcode::nvm as op;
 use nvme_spec::{Status, Submission};
 
 use super::host_identity::HostIdentity;
-use super::queue::{Completed, Data, HostQueue, QueueError, SyncData, Unfinished};
+use super::queue::{Data, HostQueue, QueueError, Unfinished};
 use super::session::{self, NamespaceInfo, Session, SessionError, TICK};
 use super::url::TcpUrl;
 
@@ -43,20 +46,23 @@ pub struct TcpBackend {
     in_flight: usize,
     failed: bool,
     checked_tick: u64,
-    timeout: Duration,
-    /// Write Zeroes requests with commands still to send after the one in flight.
-    zeroing: Vec<Zeroing>,
-    /// Completions of commands of `zeroing` requests, reused by poll.
+    /// Write Zeroes and Deallocate requests with commands still to send after the one in
+    /// flight.
+    chains: Vec<Chain>,
+    /// Completions of commands of `chains` requests, reused by poll.
     chained: Vec<(u64, Status)>,
 }
 
-/// A Write Zeroes request going on command after command: the one in flight (or waiting)
-/// ends at `at`; the request's range ends at `end`.
-#[derive(Clone, Copy, Debug)]
-struct Zeroing {
+/// A Write Zeroes or Deallocate request going on command after command: the one in flight
+/// (or waiting) ends at `at`; the request's range ends at `end`.
+#[derive(Debug)]
+struct Chain {
     tag: u64,
     at: u64,
     end: u64,
+    /// A Deallocate by Dataset Management: the range of its command in flight, that
+    /// command's data (kept until it completes, resends included).
+    range: Option<Box<[u8; 16]>>,
 }
 
 impl TcpBackend {
@@ -87,8 +93,7 @@ impl TcpBackend {
             in_flight: 0,
             failed: false,
             checked_tick: 0,
-            timeout,
-            zeroing: Vec::new(),
+            chains: Vec::new(),
             chained: Vec::new(),
         })
     }
@@ -199,25 +204,78 @@ impl TcpBackend {
         Ok(at + n)
     }
 
+    /// Send the Dataset Management command of Deallocate request `tag` whose range goes on
+    /// at `at` (at most 2^32 - 1 blocks of it, up to `end`), its range descriptor kept in
+    /// `range`; returns where it ends.
+    fn send_deallocate(
+        &mut self,
+        tag: u64,
+        at: u64,
+        end: u64,
+        range: &mut [u8; 16],
+    ) -> Result<u64, Status> {
+        let shift = self.ns.lba_shift;
+        let blocks = ((end - at) >> shift).min(u64::from(u32::MAX));
+        if blocks == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        // one range: context attributes, length in blocks, starting LBA (§3.2.3)
+        *range = [0; 16];
+        range[4..8].copy_from_slice(&(blocks as u32).to_le_bytes());
+        range[8..16].copy_from_slice(&(at >> shift).to_le_bytes());
+        let mut sqe = Submission::default();
+        sqe.opcode = op::DATASET_MANAGEMENT;
+        sqe.nsid = self.ns.nsid.into();
+        sqe.cdw11 = (1u32 << 2).into(); // AD: deallocate; NR 0: one range
+        let iov = [libc::iovec {
+            iov_base: range.as_mut_ptr().cast(),
+            iov_len: range.len(),
+        }];
+        // SAFETY: `range` is the boxed descriptor of the request's `Chain`, dropped only when
+        // the request completes (after this command did, or was given up with the
+        // connection); nothing else touches it meanwhile, and a queue only reads the buffers
+        // of a command that sends data. The iovec array is copied by the queue (or into the
+        // waiting list) here.
+        let bufs = unsafe { GuestBuffers::from_raw_iovecs(&iov) };
+        self.send(tag, sqe, Data::ToController(bufs));
+        Ok(at + (blocks << shift))
+    }
+
+    /// Send the next command of chain `i`; returns where it ends.
+    fn send_next(&mut self, i: usize) -> Result<u64, Status> {
+        let c = &mut self.chains[i];
+        let (tag, at, end) = (c.tag, c.at, c.end);
+        match c.range.as_deref_mut() {
+            Some(range) => {
+                let range: *mut [u8; 16] = range;
+                // SAFETY: the box stays where it is while `self.chains` changes (only its
+                // pointer moves), and nothing else borrows it during this call.
+                self.send_deallocate(tag, at, end, unsafe { &mut *range })
+            }
+            None => self.send_zeroes(tag, at, end),
+        }
+    }
+
     /// A command of request `tag` completed with `status`: true when it was one of a Write
-    /// Zeroes with more to send, and the next one is on its way (nothing to report yet).
-    fn zeroes_go_on(&mut self, tag: u64, status: Status) -> bool {
-        let Some(i) = self.zeroing.iter().position(|z| z.tag == tag) else {
+    /// Zeroes or Deallocate with more to send, and the next one is on its way (nothing to
+    /// report yet).
+    fn chain_goes_on(&mut self, tag: u64, status: Status) -> bool {
+        let Some(i) = self.chains.iter().position(|c| c.tag == tag) else {
             return false;
         };
-        let z = self.zeroing[i];
-        if status.is_success() && z.at < z.end && !self.failed {
-            match self.send_zeroes(tag, z.at, z.end) {
+        let c = &self.chains[i];
+        if status.is_success() && c.at < c.end && !self.failed {
+            match self.send_next(i) {
                 Ok(at) => {
-                    self.zeroing[i].at = at;
+                    self.chains[i].at = at;
                     return true;
                 }
                 Err(s) => {
-                    log::warn!("nvme-tcp {}: Write Zeroes: {s:?}", self.url);
+                    log::warn!("nvme-tcp {}: Write Zeroes/Deallocate: {s:?}", self.url);
                 }
             }
         }
-        self.zeroing.swap_remove(i);
+        self.chains.swap_remove(i);
         false
     }
 
@@ -283,8 +341,7 @@ impl TcpBackend {
         self.drop_connection(true);
     }
 
-    /// Move waiting commands onto the connection while it has room (one slot stays free
-    /// for the synchronous commands).
+    /// Move waiting commands onto the connection while it has room.
     fn start_waiting(&mut self) {
         let tick = self.session.tick();
         while !self.waiting.is_empty() {
@@ -295,20 +352,19 @@ impl TcpBackend {
                 return;
             };
             if self.io[k].submit(u.sqe, u.tag, u.data(), tick).is_err() {
-                // only a full queue refuses a command, and one slot is always kept free
+                // only a full queue refuses a command, and `next_queue` found room
                 self.waiting.push_front(u);
                 return;
             }
         }
     }
 
-    /// The next I/O queue with room (round robin; one slot stays free for synchronous
-    /// commands).
+    /// The next I/O queue with room (round robin).
     fn next_queue(&mut self) -> Option<usize> {
         let n = self.io.len();
         let k = (0..n)
             .map(|i| (self.next + i) % n)
-            .find(|&k| self.io[k].free_slots() > 1)?;
+            .find(|&k| self.io[k].free_slots() > 0)?;
         self.next = (k + 1) % n;
         Some(k)
     }
@@ -332,39 +388,6 @@ impl TcpBackend {
             ));
             self.lost(&e);
         }
-    }
-
-    /// Run one command synchronously on the I/O queue (Format's zeroing, DSM, Compare
-    /// reads, flushes at shutdown).
-    fn sync(&mut self, sqe: Submission, data: SyncData<'_>) -> Result<(), Status> {
-        self.catch_up();
-        if self.failed {
-            return Err(Status::HOST_PATHING_ERROR);
-        }
-        let Some(q) = self.io.first_mut() else {
-            return Err(Status::TRANSIENT_TRANSPORT_ERROR);
-        };
-        match q.sync(sqe, data, self.timeout) {
-            Ok(Completed { status, .. }) if status.is_success() => Ok(()),
-            Ok(Completed { status, .. }) => Err(status),
-            Err(e) => {
-                self.lost(&e);
-                Err(Status::TRANSIENT_TRANSPORT_ERROR)
-            }
-        }
-    }
-
-    fn zero_range(&mut self, opcode: u8, offset: u64, len: u64) -> Result<(), Status> {
-        // Write Zeroes carries at most 65536 blocks per command
-        let max = 65536u64 << self.ns.lba_shift;
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(max);
-            let sqe = self.rw_sqe(opcode, at, n)?;
-            self.sync(sqe, SyncData::None)?;
-            at += n;
-        }
-        Ok(())
     }
 }
 
@@ -392,22 +415,31 @@ impl Backend for TcpBackend {
             return Err(Status::HOST_PATHING_ERROR);
         }
         let len = req.iov.len();
-        if let IoOp::WriteZeroes { len } = req.op {
+        if let IoOp::WriteZeroes { len } | IoOp::Deallocate { len } = req.op {
             let end = req
                 .offset
                 .checked_add(len)
                 .ok_or(Status::LBA_OUT_OF_RANGE)?;
             // checked whole before the first command goes
             self.rw_sqe(op::WRITE, req.offset, len.max(self.block_size()))?;
-            let at = self.send_zeroes(req.tag, req.offset, end)?;
-            self.in_flight += 1;
-            if at < end {
-                self.zeroing.push(Zeroing {
-                    tag: req.tag,
-                    at,
-                    end,
-                });
+            let dsm = matches!(req.op, IoOp::Deallocate { .. }) && self.ns.dsm;
+            self.chains.push(Chain {
+                tag: req.tag,
+                at: req.offset,
+                end,
+                range: dsm.then(|| Box::new([0; 16])),
+            });
+            // kept until the request completes, even with its only command sent: a DSM
+            // range descriptor lives in it
+            let i = self.chains.len() - 1;
+            match self.send_next(i) {
+                Ok(at) => self.chains[i].at = at,
+                Err(s) => {
+                    self.chains.swap_remove(i);
+                    return Err(s);
+                }
             }
+            self.in_flight += 1;
             return Ok(());
         }
         let (sqe, from_c, to_c) = match req.op {
@@ -433,7 +465,9 @@ impl Backend for TcpBackend {
                 sqe.nsid = self.ns.nsid.into();
                 (sqe, false, false)
             }
-            IoOp::WriteZeroes { .. } => return Err(Status::INTERNAL_ERROR), // above
+            IoOp::WriteZeroes { .. } | IoOp::Deallocate { .. } => {
+                return Err(Status::INTERNAL_ERROR); // above
+            }
         };
         self.in_flight += 1;
         self.send(req.tag, sqe, Data::of(from_c, to_c, req.iov));
@@ -443,12 +477,12 @@ impl Backend for TcpBackend {
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.catch_up();
         let mut n = 0;
-        // a command of a Write Zeroes with more to send is held back (`chained`) and
-        // decided on below
+        // a command of a Write Zeroes or Deallocate with more to send is held back
+        // (`chained`) and decided on below
         let mut chained = std::mem::take(&mut self.chained);
-        let zeroing = &self.zeroing;
+        let chains = &self.chains;
         let mut report = |t: u64, s: Status| {
-            if zeroing.iter().any(|z| z.tag == t) {
+            if chains.iter().any(|c| c.tag == t) {
                 chained.push((t, s));
             } else {
                 done(t, s);
@@ -474,7 +508,7 @@ impl Backend for TcpBackend {
         }
         // commands drained from a lost connection come back through `done` next poll
         for (t, s) in chained.drain(..) {
-            if !self.zeroes_go_on(t, s) {
+            if !self.chain_goes_on(t, s) {
                 done(t, s);
                 n += 1;
             }
@@ -489,59 +523,5 @@ impl Backend for TcpBackend {
 
     fn in_flight(&self) -> usize {
         self.in_flight
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        if self.ns.write_zeroes {
-            return self.zero_range(op::WRITE_ZEROES, offset, len);
-        }
-        // no Write Zeroes on the target: write zeroed blocks
-        let zero = vec![0u8; (1 << 20).min(self.ns.max_transfer)];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zero.len() as u64);
-            let sqe = self.rw_sqe(op::WRITE, at, n)?;
-            self.sync(sqe, SyncData::ToController(&zero[..n as usize]))?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    fn deallocate(&mut self, offset: u64, len: u64) -> Result<(), Status> {
-        if !self.ns.dsm {
-            return self.write_zeroes(offset, len);
-        }
-        let bs = self.block_size();
-        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Err(Status::INVALID_FIELD);
-        }
-        let max = u64::from(u32::MAX) << self.ns.lba_shift;
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(max);
-            // one range: context attributes, length in blocks, starting LBA (§3.2.3)
-            let mut range = [0u8; 16];
-            range[4..8].copy_from_slice(&((n >> self.ns.lba_shift) as u32).to_le_bytes());
-            range[8..16].copy_from_slice(&(at >> self.ns.lba_shift).to_le_bytes());
-            let mut sqe = Submission::default();
-            sqe.opcode = op::DATASET_MANAGEMENT;
-            sqe.nsid = self.ns.nsid.into();
-            sqe.cdw11 = (1u32 << 2).into();
-            self.sync(sqe, SyncData::ToController(&range))?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    fn read_sync(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Status> {
-        let sqe = self.rw_sqe(op::READ, offset, buf.len() as u64)?;
-        self.sync(sqe, SyncData::FromController(buf))
-    }
-
-    fn flush_sync(&mut self) -> Result<(), Status> {
-        let mut sqe = Submission::default();
-        sqe.opcode = op::FLUSH;
-        sqe.nsid = self.ns.nsid.into();
-        self.sync(sqe, SyncData::None)
     }
 }

@@ -31,7 +31,8 @@ pub struct NamespaceInfo {
     pub blocks: u64,
     /// Largest transfer of one command in bytes.
     pub max_transfer: usize,
-    /// ONCS: Dataset Management supported.
+    /// ONCS: Dataset Management supported, and deallocated blocks read as zeroes (DLFEAT
+    /// bits 2:0 = 001b): a Deallocate can go as Dataset Management.
     pub dsm: bool,
     /// ONCS: Write Zeroes supported.
     pub write_zeroes: bool,
@@ -187,7 +188,7 @@ pub(crate) fn establish(
             lba_shift,
             blocks: nsze,
             max_transfer,
-            dsm: oncs & (1 << 2) != 0,
+            dsm: oncs & (1 << 2) != 0 && ns[33] & 7 == 1,
             write_zeroes: oncs & (1 << 3) != 0,
         },
         path,
