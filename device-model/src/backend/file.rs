@@ -593,7 +593,7 @@ mod tests {
         drop(b);
         assert!(matches!(
             FileBackend::open(&dir.join("missing"), None),
-            Err(FileError::Open { .. })
+            Err(FileError::Missing { .. })
         ));
         std::fs::write(dir.join("odd"), [0u8; 1000]).unwrap();
         assert!(matches!(
