@@ -702,7 +702,7 @@ mod tests {
         set_frozen(&st, true);
         let r = h.io(sqe(READ, 1, DATA, &[0, 0, 7]));
         h.ctrl.poll();
-        h.ctrl.apply(crate::subsystem::Change::Detach(1));
+        h.ctrl.apply(crate::NamespaceChange::Detach(1));
         assert_eq!(
             h.io_run(sqe(READ, 1, DATA, &[0, 0, 7])),
             Status::INVALID_NAMESPACE,

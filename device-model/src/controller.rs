@@ -47,13 +47,13 @@ pub struct ControllerConfig {
     /// [`Controller::qos_control`]).
     pub qos: crate::qos::QosLimits,
     /// Primary or secondary controller of an SR-IOV arrangement.
-    pub virt: Option<crate::virt::VirtRole>,
+    pub virt: Option<crate::virt_link::VirtRole>,
     /// The namespaces are attached to other controllers of the subsystem too (NMIC bit 0,
     /// CMIC bit 1): hosts see one namespace through several controllers.
     pub shared_namespaces: bool,
     /// The NVM subsystem this controller belongs to: its other controllers and its
     /// namespaces (Identify CNS 10h-13h, NN, capacity); `None`: this controller alone.
-    pub subsystem: Option<Arc<crate::subsystem::Subsystem>>,
+    pub subsystem: Option<Arc<dyn crate::NvmSubsystem>>,
     /// Namespace Management and Attachment (OACS bit 3) are offered here (the PF of a
     /// subsystem that manages namespaces).
     pub namespace_management: bool,
@@ -323,7 +323,10 @@ impl Controller {
     /// Controller Capabilities register value.
     pub fn cap(&self) -> u64 {
         // a secondary that may stay offline says so quickly: 1 s (CAP.TO = 2)
-        let to = if matches!(self.cfg.virt, Some(crate::virt::VirtRole::Secondary { .. })) {
+        let to = if matches!(
+            self.cfg.virt,
+            Some(crate::virt_link::VirtRole::Secondary { .. })
+        ) {
             2
         } else {
             30

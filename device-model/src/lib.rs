@@ -5,8 +5,8 @@
 //!
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
-//! `admin/` admin commands; `subsystem.rs` the NVM subsystem (its namespaces and their
-//! attachment); `io.rs` NVM commands; `compound.rs` commands made of several backend
+//! `admin/` admin commands; `subsystem_link.rs` and `virt_link.rs` what a controller asks of
+//! its NVM subsystem and SR-IOV pools (which live in the `sriov` crate); `io.rs` NVM commands; `compound.rs` commands made of several backend
 //! requests, and Compare; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
 //! malloc, file; `reactor.rs` the thread.
 
@@ -40,10 +40,10 @@ pub mod quiesce;
 pub mod reactor;
 pub mod shadow_doorbell;
 pub mod stats;
-pub mod subsystem;
+pub mod subsystem_link;
 #[cfg(test)]
 pub(crate) mod test_harness;
-pub mod virt;
+pub mod virt_link;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};
 pub use doorbell::Doorbells;
@@ -52,4 +52,4 @@ pub use namespace::Namespace;
 pub use qos::{QosControl, QosLimits};
 pub use reactor::{ControllerHandle, PollMode, Poster, Reactor};
 pub use stats::ControllerStats;
-pub use subsystem::{NamespacePool, NsError, Subsystem};
+pub use subsystem_link::{NamespaceChange, NsError, NvmSubsystem, SubsystemNamespace};

@@ -52,6 +52,12 @@ enum Request {
     Run {
         f: Box<dyn FnOnce(&mut Controller) + Send>,
     },
+    /// A change of the controller's namespaces from its subsystem; `ack` hears when it is
+    /// applied.
+    Namespace {
+        change: crate::NamespaceChange,
+        ack: Option<Sender<()>>,
+    },
 }
 
 /// A message to a reactor thread.
@@ -242,8 +248,8 @@ impl Drop for ControllerHandle {
     }
 }
 
-/// Runs closures on a controller without waiting for them: what one controller uses to
-/// change another (a namespace attached by the PF to a VF on the same reactor thread, where
+/// Sends a controller messages without waiting for them: how its subsystem tells it about a
+/// change of its namespaces (made by the PF for a VF on the same reactor thread, where
 /// [`ControllerHandle::with`] would wait for itself).
 #[derive(Clone)]
 pub struct Poster {
@@ -258,13 +264,14 @@ impl std::fmt::Debug for Poster {
 }
 
 impl Poster {
-    /// Queue `f` to run on the controller's thread before its next poll; false when the
-    /// controller is gone.
-    pub fn post(&self, f: Box<dyn FnOnce(&mut Controller) + Send>) -> bool {
+    /// Queue `change` for the controller to apply before its next poll (`ack` hears when it
+    /// has); false when the controller is gone.
+    pub fn post_change(&self, change: crate::NamespaceChange, ack: Option<Sender<()>>) -> bool {
         let Some(r) = self.reactor.upgrade() else {
             return false;
         };
-        let ok = r.tx.send(Message::For(self.id, Request::Run { f })).is_ok();
+        let msg = Message::For(self.id, Request::Namespace { change, ack });
+        let ok = r.tx.send(msg).is_ok();
         r.waker.unpark();
         ok
     }
@@ -505,6 +512,12 @@ fn handle(e: &mut Entry, req: Request) {
         }
         Request::Run { f } => {
             e.guarded("management request", f);
+        }
+        Request::Namespace { change, ack } => {
+            e.guarded("namespace change", |c| c.apply(change));
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
         }
     }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use device_model::backend::MallocBackend;
 use device_model::memory::Protection;
-use device_model::subsystem::MemoryPool;
-use device_model::{Controller, ControllerConfig, Doorbells, GuestMemory, Subsystem};
+use device_model::{Controller, ControllerConfig, Doorbells, GuestMemory};
 use qemu_vfio_user::server::protocol::{self, Header, Request};
+use sriov::{MemoryPool, Subsystem};
 use zerocopy::FromBytes;
 
 /// vfio-user message parser: header checks, then the command payload. The first byte after
@@ -146,7 +146,7 @@ pub fn nvme_commands(data: &[u8]) {
     let cfg = ControllerConfig {
         serial: "FUZZ".into(),
         max_io_queues: 4,
-        subsystem: Some(Arc::clone(&sub)),
+        subsystem: Some(Arc::clone(&sub) as Arc<dyn device_model::NvmSubsystem>),
         namespace_management: true,
         shared_namespaces: true,
         ..ControllerConfig::default()

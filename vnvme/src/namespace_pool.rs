@@ -7,9 +7,8 @@
 
 use std::path::PathBuf;
 
-use device_model::NamespacePool;
 use device_model::backend::{Backend, FileBackend};
-use device_model::subsystem::MemoryPool;
+use sriov::{MemoryPool, NamespacePool};
 
 use crate::backend_spec::parse_size;
 

@@ -235,7 +235,7 @@ impl Controller {
         {
             // namespaces come and go: Namespace Attribute Notices (OAES bit 8)
             id.oaes = (1u32 << 8).into();
-            id.mnan = crate::subsystem::MAX_NAMESPACES.into();
+            id.mnan = sub.max_namespaces().into();
             if c.namespace_management {
                 id.oacs = (id.oacs.get() | oacs::NS_MANAGEMENT).into();
                 let (total, free) = sub.capacity();
@@ -253,7 +253,7 @@ impl Controller {
         if c.virt.is_some() || c.shared_namespaces {
             id.cmic |= 1 << 1; // the subsystem has more than one controller
         }
-        if matches!(&c.virt, Some(crate::virt::VirtRole::Primary(_))) {
+        if matches!(&c.virt, Some(crate::virt_link::VirtRole::Primary(_))) {
             id.oacs = (id.oacs.get() | oacs::VIRTUALIZATION).into();
         }
         if let Some(f) = c.fabrics {

@@ -9,7 +9,7 @@ use nvme_spec::{Status, Submission};
 use crate::admin::async_event::{AsyncEvent, event_type};
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
-use crate::subsystem::{Change, NsError};
+use crate::subsystem_link::{NamespaceChange, NsError};
 
 /// Entries the Changed Namespace List holds; more changes turn it into FFFFFFFFh (§5.16.1.5).
 const CHANGED_LIST_MAX: usize = 1024;
@@ -122,8 +122,11 @@ impl Controller {
                 if nsid == 0 {
                     return Outcome::status(Status::INVALID_NAMESPACE);
                 }
-                match sub.delete(nsid, Some(self), false) {
-                    Ok(_) => Outcome::status(Status::SUCCESS),
+                match sub.delete(nsid, self.cfg.cntlid) {
+                    Ok(mine) => {
+                        self.apply_all(mine);
+                        Outcome::status(Status::SUCCESS)
+                    }
                     Err(e) => Outcome::status(e.status()),
                 }
             }
@@ -160,12 +163,15 @@ impl Controller {
             .map(|k| u16::from_le_bytes([self.bounce[2 + 2 * k], self.bounce[3 + 2 * k]]))
             .collect();
         let r = if sel == SEL_ATTACH {
-            sub.attach(nsid, &ids, Some(self), false)
+            sub.attach(nsid, &ids, self.cfg.cntlid)
         } else {
-            sub.detach(nsid, &ids, Some(self), false)
+            sub.detach(nsid, &ids, self.cfg.cntlid)
         };
         match r {
-            Ok(_) => Outcome::status(Status::SUCCESS),
+            Ok(mine) => {
+                self.apply_all(mine);
+                Outcome::status(Status::SUCCESS)
+            }
             Err(e) => {
                 log::info!(
                     "{}: namespace {nsid} attachment refused: {e}",
@@ -176,13 +182,21 @@ impl Controller {
         }
     }
 
+    /// Apply the changes the subsystem handed back for this controller itself (it has no
+    /// reactor to post them to), in order.
+    fn apply_all(&mut self, changes: Vec<NamespaceChange>) {
+        for c in changes {
+            self.apply(c);
+        }
+    }
+
     /// Apply a change of this controller's namespaces made in the subsystem: take a new
     /// namespace, or take a detached one out of the host's view (its requests in flight
     /// finish on their own, then its backend handle is dropped). The host hears of it
     /// through the Changed Namespace List and, when enabled, an asynchronous event.
-    pub fn apply(&mut self, change: Change) {
+    pub fn apply(&mut self, change: NamespaceChange) {
         let nsid = match change {
-            Change::Attach(ns) => {
+            NamespaceChange::Attach(ns) => {
                 let nsid = ns.nsid;
                 match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
                     Ok(i) => {
@@ -196,7 +210,7 @@ impl Controller {
                 log::info!("{}: namespace {nsid} attached", self.cfg.serial);
                 nsid
             }
-            Change::Detach(nsid) => {
+            NamespaceChange::Detach(nsid) => {
                 let Some(i) = self.namespace_index(nsid) else {
                     return;
                 };

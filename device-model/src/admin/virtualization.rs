@@ -1,13 +1,13 @@
 //! Virtualization Management (1Ch, base 2.0 §5.28) and the Identify data of the
 //! Virtualization Enhancements: Primary Controller Capabilities (CNS 14h, Figure 282) and
-//! Secondary Controller List (CNS 15h, Figures 283-284). The pools live in
-//! [`crate::virt::VirtState`], shared with the secondaries.
+//! Secondary Controller List (CNS 15h, Figures 283-284). The pools live in the `sriov`
+//! crate, shared with the secondaries, behind [`crate::virt_link::PrimaryPools`].
 
 use nvme_spec::Status;
 use nvme_spec::status::sct;
 
 use crate::controller::Controller;
-use crate::virt::{VirtError, VirtRole};
+use crate::virt_link::{VirtError, VirtRole};
 
 fn status(e: VirtError) -> Status {
     match e {
@@ -29,8 +29,7 @@ impl Controller {
         let rt = ((cdw10 >> 8) & 0x7) as u8;
         let cntlid = (cdw10 >> 16) as u16;
         let nr = (cdw11 & 0xffff) as u16;
-        let mut v = crate::virt::lock(state);
-        match v.manage(act, rt, cntlid, nr) {
+        match state.manage(act, rt, cntlid, nr) {
             Ok(n) => {
                 log::info!(
                     "{}: virtualization management: action {act:#x}, type {rt}, controller {cntlid}, {nr} resources",
@@ -47,7 +46,7 @@ impl Controller {
         let Some(VirtRole::Primary(state)) = &self.cfg.virt else {
             return false;
         };
-        let v = crate::virt::lock(state);
+        let v = state.capabilities();
         let put16 = |p: &mut [u8; 4096], at: usize, x: u16| {
             p[at..at + 2].copy_from_slice(&x.to_le_bytes());
         };
@@ -58,13 +57,13 @@ impl Controller {
         put16(page, 2, 0); // PORTID
         page[4] = 0b11; // CRT: VQ and VI resources
         put32(page, 32, v.vq_total); // VQFRT
-        put32(page, 36, v.assigned(crate::virt::RT_VQ)); // VQRFA
+        put32(page, 36, v.vq_assigned); // VQRFA
         put16(page, 40, v.vq_primary); // VQRFAP
         put16(page, 42, v.vq_private); // VQPRT
         put16(page, 44, v.vq_max); // VQFRSM
         put16(page, 46, 1); // VQGRAN
         put32(page, 64, v.vi_total); // VIFRT
-        put32(page, 68, v.assigned(crate::virt::RT_VI)); // VIRFA
+        put32(page, 68, v.vi_assigned); // VIRFA
         put16(page, 72, v.vi_primary); // VIRFAP
         put16(page, 74, v.vi_private); // VIPRT
         put16(page, 76, v.vi_max); // VIFRSM
@@ -77,13 +76,12 @@ impl Controller {
         let Some(VirtRole::Primary(state)) = &self.cfg.virt else {
             return false;
         };
-        let v = crate::virt::lock(state);
         let mut n = 0usize;
-        for s in v.secondaries.iter().filter(|s| s.scid >= from).take(127) {
+        for s in state.secondaries(from) {
             let e = 32 + 32 * n;
             page[e..e + 2].copy_from_slice(&s.scid.to_le_bytes()); // SCID
             page[e + 2..e + 4].copy_from_slice(&self.cfg.cntlid.to_le_bytes()); // PCID
-            page[e + 4] = u8::from(s.online()); // SCS
+            page[e + 4] = u8::from(s.online); // SCS
             page[e + 8..e + 10].copy_from_slice(&s.vfn.to_le_bytes()); // VFN
             page[e + 10..e + 12].copy_from_slice(&s.nvq.to_le_bytes()); // NVQ
             page[e + 12..e + 14].copy_from_slice(&s.nvi.to_le_bytes()); // NVI
@@ -101,10 +99,9 @@ impl Controller {
 
     /// I/O queue pairs a secondary was given (its VQ resources less the admin queue).
     pub(crate) fn secondary_io_queues(&self) -> Option<u16> {
-        let Some(VirtRole::Secondary { state, index, .. }) = &self.cfg.virt else {
+        let Some(VirtRole::Secondary { resources, .. }) = &self.cfg.virt else {
             return None;
         };
-        let v = crate::virt::lock(state);
-        Some(v.secondaries[*index].nvq.saturating_sub(1).max(1))
+        Some(resources.queues().saturating_sub(1).max(1))
     }
 }

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use device_model::backend::Backend;
 use device_model::pci::PciIds;
-use device_model::virt::VirtRole;
+use device_model::virt_link::VirtRole;
 use device_model::{
     Controller, ControllerConfig, ControllerHandle, ControllerStats, Doorbells, FabricsIdentify,
-    GuestMemory, Namespace, QosControl, QosLimits, Subsystem,
+    GuestMemory, Namespace, NvmSubsystem, QosControl, QosLimits,
 };
 use pcie_p2p::{DeviceRegistry, TransferStats};
+use sriov::Subsystem;
 
 use super::DaemonError;
 use super::placement::Placement;
@@ -144,7 +145,7 @@ pub(super) fn build_controller(
     cfg.namespace_management =
         reach == Reach::VfioUser && cfg.virt.as_ref().is_none_or(VirtRole::is_primary);
     cfg.namespace_management &= subsystem.manages_namespaces();
-    cfg.subsystem = Some(Arc::clone(&subsystem));
+    cfg.subsystem = Some(Arc::clone(&subsystem) as Arc<dyn NvmSubsystem>);
     cfg.qos = QosLimits {
         iops: spec.iops_limit,
         bytes_per_sec: spec

@@ -2,25 +2,23 @@
 //! controllers (vfio-user PF or controller, VFs, NVMe/TCP controllers), their servers.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use device_model::GuestMemory;
 use device_model::pci::SriovShape;
-use device_model::virt::{VirtRole, VirtState};
-use device_model::{GuestMemory, Subsystem};
 use nvmeof::export::ExportSpec;
 use pcie_p2p::{DeviceRegistry, TransferStats};
 use qemu_vfio_user::server::{NvmeDevice, Server, ServerError};
+use sriov::{Subsystem, VirtGroup};
 
 use super::build::{Built, Reach, Which, build_controller, open_namespaces};
 use super::placement::Placement;
-use super::topology::{
-    VF_DEFAULT_VI, VF_DEFAULT_VQ, controller_ids, entry_nqn, entry_serial, primary_cntlid,
-    tcp_cntlid, tcp_controllers, vf_cntlid, vf_socket,
-};
+use super::topology::{controller_ids, entry_nqn, entry_serial, tcp_cntlid, tcp_controllers};
 use super::{ControllerInfo, DaemonError, Exports};
 use crate::config::ControllerSpec;
+use sriov::topology::{primary_cntlid, vf_cntlid, vf_socket};
 
 /// A vfio-user server's thread; it hands the server back when it ends.
 type ServerThread = JoinHandle<Result<Server, ServerError>>;
@@ -127,17 +125,16 @@ impl Entry {
         let cntlid = primary_cntlid(index);
         // SR-IOV: the PF is the primary controller, each VF a secondary with its socket
         let virt = (vfs > 0).then(|| {
-            let first = vf_cntlid(index, 1);
-            let mut v = VirtState::new(cntlid, 65, 65, vfs as u16, first, 9, 9);
+            let v = VirtGroup::new(cntlid, vfs as u16, vf_cntlid(index, 1));
             if self.spec.vfs_online {
-                v.all_online(VF_DEFAULT_VQ, VF_DEFAULT_VI);
+                v.all_online();
             }
-            Arc::new(Mutex::new(v))
+            v
         });
         let which = Which {
             reach: Reach::VfioUser,
             cntlid,
-            virt: virt.as_ref().map(|v| VirtRole::Primary(Arc::clone(v))),
+            virt: virt.as_ref().map(VirtGroup::primary_role),
             shared,
             subsystem: Arc::clone(&self.subsystem),
         };
@@ -162,7 +159,7 @@ impl Entry {
             let which = Which {
                 reach: Reach::VfioUser,
                 cntlid: scid,
-                virt: Some(VirtRole::secondary(v, k)),
+                virt: Some(v.secondary_role(k)),
                 shared,
                 subsystem: Arc::clone(&self.subsystem),
             };
@@ -181,7 +178,7 @@ impl Entry {
                 endpoint: sock.display().to_string(),
                 stats: Arc::clone(&b.stats),
                 qos: Arc::clone(&b.qos),
-                virt: Some(Arc::clone(v)),
+                virt: Some(v.clone()),
             });
             self.serve(index, sock, b, None)?;
         }
@@ -255,25 +252,19 @@ impl Entry {
         index: usize,
         socket: PathBuf,
         b: Built,
-        sriov: Option<&Arc<Mutex<VirtState>>>,
+        sriov: Option<&VirtGroup>,
     ) -> Result<(), DaemonError> {
         let mut device = NvmeDevice::new(b.handle, b.mem, b.doorbells, b.ids);
         if let Some(v) = sriov {
             // the SR-IOV capability: VF Enable + NumVFs = N brings VFs 1..=N online
-            let total = device_model::virt::lock(v).secondaries.len() as u16;
-            let state = Arc::clone(v);
+            let group = v.clone();
             device = device.with_sriov(
                 SriovShape {
-                    total_vfs: total,
+                    total_vfs: v.total_vfs(),
                     vf_device: b.ids.device,
                 },
                 Box::new(move |n| {
-                    let r = device_model::virt::lock(&state).set_enabled(
-                        usize::from(n),
-                        VF_DEFAULT_VQ,
-                        VF_DEFAULT_VI,
-                    );
-                    if let Err(e) = r {
+                    if let Err(e) = group.enable_vfs(n) {
                         log::warn!("SR-IOV: enabling {n} VFs stopped: {e:?}");
                     }
                 }),

@@ -3,7 +3,7 @@
 use device_model::QosLimits;
 
 use super::entry::Entry;
-use super::topology::{VF_DEFAULT_VI, VF_DEFAULT_VQ, entry_nqn};
+use super::topology::entry_nqn;
 use super::{Daemon, Exports, MgmtError};
 use crate::config::{Config, ControllerSpec, PollSetting};
 
@@ -83,14 +83,13 @@ impl Daemon {
             .find(|c| c.kind == "pf")
             .and_then(|c| c.virt.clone())
             .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no VFs")))?;
-        let mut v = device_model::virt::lock(&virt);
-        if usize::from(n) > v.secondaries.len() {
+        if n > virt.total_vfs() {
             return Err(MgmtError::Invalid(format!(
                 "{nqn} has {} VFs",
-                v.secondaries.len()
+                virt.total_vfs()
             )));
         }
-        v.set_enabled(usize::from(n), VF_DEFAULT_VQ, VF_DEFAULT_VI)
+        virt.enable_vfs(n)
             .map_err(|e| MgmtError::Invalid(format!("{e:?}")))?;
         Ok(())
     }

@@ -17,13 +17,13 @@ pub mod topology;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
-use device_model::virt::VirtState;
-use device_model::{ControllerStats, QosControl, QosLimits, Subsystem};
+use device_model::{ControllerStats, QosControl, QosLimits};
 use nvmeof::export::{ExportSpec, TcpTarget};
 use pcie_p2p::{DeviceRegistry, TransferStats};
+use sriov::{Subsystem, VirtGroup};
 
 pub use error::{DaemonError, MgmtError};
 pub use topology::vf_socket;
@@ -66,7 +66,7 @@ pub struct ControllerInfo {
     pub stats: Arc<ControllerStats>,
     pub qos: Arc<QosControl>,
     /// The SR-IOV state a PF and its VFs share.
-    pub virt: Option<Arc<Mutex<VirtState>>>,
+    pub virt: Option<VirtGroup>,
 }
 
 impl ControllerInfo {
@@ -75,10 +75,7 @@ impl ControllerInfo {
     pub fn state(&self) -> &'static str {
         let ready = self.stats.ready.load(Ordering::Relaxed);
         let online = match (&self.virt, self.vf) {
-            (Some(v), Some(n)) => device_model::virt::lock(v)
-                .secondaries
-                .get(usize::from(n) - 1)
-                .is_some_and(device_model::virt::Secondary::online),
+            (Some(v), Some(n)) => v.vf_online(n),
             _ => true,
         };
         match (ready, online, self.vf.is_some()) {

@@ -1,40 +1,21 @@
-//! How an entry's controllers are numbered and named: CNTLIDs of the PF, its VFs and the
-//! NVMe/TCP controllers, the subsystem NQN, VF sockets.
+//! An entry's controllers as its configuration asks for them: how many NVMe/TCP
+//! controllers, their CNTLIDs in build order (numbered by `sriov::topology`), the
+//! subsystem's serial and NQN.
 
-use std::path::{Path, PathBuf};
+use sriov::topology::{further_cntlid, primary_cntlid, vf_cntlid};
+
+pub use sriov::topology::vf_socket;
 
 use crate::config::ControllerSpec;
-
-/// CNTLIDs of VF (secondary) controllers: `0x1000 + index * 128 + VF number`.
-const SECONDARY_CNTLID_BASE: u16 = 0x1000;
-
-/// CNTLIDs of a `[[controller]]`'s further controllers: `index + 1 + k * 0x100`.
-const TCP_CNTLID_STEP: u16 = 0x100;
 
 /// NVMe/TCP controllers per exported subsystem unless configured: two hosts (or a host
 /// reconnecting before its old association timed out) can be connected at once.
 const DEFAULT_TCP_CONTROLLERS: usize = 2;
 
-/// Resources of a VF brought online (`vfs_online`, NumVFs, `vf_enable`): admin + 4 I/O
-/// queues, 5 vectors.
-pub(super) const VF_DEFAULT_VQ: u16 = 5;
-pub(super) const VF_DEFAULT_VI: u16 = 5;
-
-/// The CNTLID of entry `index`'s first (vfio-user) controller, the PF when it has VFs.
-pub(super) fn primary_cntlid(index: usize) -> u16 {
-    index as u16 + 1
-}
-
-/// CNTLID of VF `vf` (1-based) of entry `index`.
-pub(super) fn vf_cntlid(index: usize, vf: usize) -> u16 {
-    SECONDARY_CNTLID_BASE + (index as u16) * 128 + vf as u16
-}
-
 /// CNTLID of the entry's NVMe/TCP controller `k`: after the vfio-user controller when the
-/// entry has one, steps of 0x100 from `index + 1`.
+/// entry has one.
 pub(super) fn tcp_cntlid(index: usize, spec: &ControllerSpec, k: usize) -> u16 {
-    let step = k + usize::from(spec.socket.is_some());
-    primary_cntlid(index) + (step as u16) * TCP_CNTLID_STEP
+    further_cntlid(index, spec.socket.is_some(), k)
 }
 
 /// How many NVMe/TCP controllers entry `spec` gets (each host association takes one).
@@ -86,12 +67,4 @@ pub(super) fn entry_nqn(index: usize, spec: &ControllerSpec) -> String {
     spec.nqn
         .clone()
         .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", entry_serial(index, spec)))
-}
-
-/// Socket of VF `n` of the PF served on `pf`: `DIR/NAME.vfN.sock` for `DIR/NAME.sock`.
-pub fn vf_socket(pf: &Path, n: usize) -> PathBuf {
-    let stem = pf
-        .file_stem()
-        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    pf.with_file_name(format!("{stem}.vf{n}.sock"))
 }

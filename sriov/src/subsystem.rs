@@ -4,8 +4,8 @@
 //! management plane attach and detach them at run time.
 //!
 //! The state sits behind one mutex, touched by admin commands and management only (never by
-//! I/O). A change reaches each affected controller as a closure posted to its reactor
-//! ([`Poster`]): attach hands it a new handle on the namespace's shared backend, detach
+//! I/O). A change reaches each affected controller as a [`NamespaceChange`] message posted to
+//! its reactor ([`Poster`]): attach hands it a new handle on the namespace's shared backend, detach
 //! takes the namespace away from its host at once and drops the handle once the requests
 //! in flight on it have finished (polled, never waited for on the reactor); either way the
 //! controller records the NSID in its Changed Namespace List and raises a Namespace
@@ -15,101 +15,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nvme_spec::Status;
-use nvme_spec::status::sct;
+use device_model::backend::{Backend, SharedSource};
+use device_model::namespace::{Namespace, NsIds};
+use device_model::{NamespaceChange, NsError, NvmSubsystem, Poster, SubsystemNamespace};
 
-use crate::backend::{Backend, SharedSource};
-use crate::controller::Controller;
-use crate::namespace::Namespace;
-use crate::reactor::Poster;
+use crate::pool::NamespacePool;
 
 /// Highest NSID of a subsystem that manages namespaces (Identify NN and MNAN).
 pub const MAX_NAMESPACES: u32 = 256;
-
-/// Where Namespace Management gets the blocks of a new namespace.
-pub trait NamespacePool: Send {
-    /// Bytes the pool can hand out in total.
-    fn capacity(&self) -> u64;
-    /// A backend of `size` bytes for new namespace `nsid`.
-    fn create(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String>;
-    /// Namespace `nsid` was deleted; its backend is (or will soon be) dropped.
-    fn delete(&mut self, nsid: u32);
-    /// What the pool is, for logs and listings.
-    fn describe(&self) -> String;
-}
-
-/// A pool in memory: each created namespace is a RAM backend, gone at exit.
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryPool {
-    /// Bytes it hands out in total.
-    pub capacity: u64,
-}
-
-impl NamespacePool for MemoryPool {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    fn create(&mut self, _nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
-        let b = crate::backend::MallocBackend::new(size).map_err(|e| e.to_string())?;
-        Ok(Box::new(b))
-    }
-
-    fn delete(&mut self, _nsid: u32) {}
-
-    fn describe(&self) -> String {
-        format!("memory, {} bytes", self.capacity)
-    }
-}
-
-/// Why a namespace change was refused (the status codes of §5.19 and §5.20).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NsError {
-    #[error("no such namespace")]
-    InvalidNamespace,
-    #[error("invalid field")]
-    InvalidField,
-    #[error("unsupported LBA format")]
-    InvalidFormat,
-    #[error("not enough unallocated capacity")]
-    InsufficientCapacity,
-    #[error("no namespace ID left")]
-    IdUnavailable,
-    #[error("namespace already attached to controller {0:#x}")]
-    AlreadyAttached(u16),
-    #[error("namespace is private (NMIC 0): one controller at most")]
-    Private,
-    #[error("namespace not attached to controller {0:#x}")]
-    NotAttached(u16),
-    #[error("controller list invalid")]
-    ControllerListInvalid,
-    #[error("thin provisioning not supported (NCAP must equal NSZE)")]
-    ThinProvisioning,
-    #[error("namespaces of this subsystem are fixed (one controller, no namespace pool)")]
-    Fixed,
-    #[error("backend: {0}")]
-    Backend(String),
-}
-
-impl NsError {
-    /// The completion status for this refusal.
-    pub fn status(&self) -> Status {
-        let cs = |sc| Status::dnr(sct::COMMAND_SPECIFIC, sc);
-        match self {
-            NsError::InvalidNamespace => Status::INVALID_NAMESPACE,
-            NsError::InvalidField | NsError::Fixed => Status::INVALID_FIELD,
-            NsError::InvalidFormat => Status::INVALID_FORMAT,
-            NsError::InsufficientCapacity => cs(0x15),
-            NsError::IdUnavailable => cs(0x16),
-            NsError::AlreadyAttached(_) => cs(0x18),
-            NsError::Private => cs(0x19),
-            NsError::NotAttached(_) => cs(0x1a),
-            NsError::ThinProvisioning => cs(0x1b),
-            NsError::ControllerListInvalid => cs(0x1c),
-            NsError::Backend(_) => Status::INTERNAL_ERROR,
-        }
-    }
-}
 
 /// How a namespace's backend is held.
 enum Source {
@@ -137,15 +50,15 @@ struct Entry {
 }
 
 impl Entry {
-    fn info(&self) -> NamespaceInfo {
-        NamespaceInfo {
+    fn info(&self) -> SubsystemNamespace {
+        SubsystemNamespace {
             nsid: self.nsid,
             size: self.size,
             lba_shift: self.lba_shift,
             shared: self.shared,
             attached: self.attached.clone(),
             pooled: self.pooled > 0,
-            ids: crate::namespace::NsIds::derive(self.nsid, &self.seed),
+            ids: NsIds::derive(self.nsid, &self.seed),
         }
     }
 
@@ -171,28 +84,8 @@ struct State {
     generation: u64,
 }
 
-/// What the subsystem says about one namespace (listings, Identify CNS 11h).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NamespaceInfo {
-    pub nsid: u32,
-    pub size: u64,
-    pub lba_shift: u8,
-    pub shared: bool,
-    pub attached: Vec<u16>,
-    /// Created by Namespace Management from the pool.
-    pub pooled: bool,
-    /// NGUID, EUI-64 and UUID, as its controllers report them.
-    pub ids: crate::namespace::NsIds,
-}
-
-/// A change for one controller.
-pub enum Change {
-    Attach(Namespace),
-    Detach(u32),
-}
-
 /// Changes to deliver, by CNTLID.
-type Changes = Vec<(u16, Change)>;
+type Changes = Vec<(u16, NamespaceChange)>;
 
 /// An NVM subsystem.
 pub struct Subsystem {
@@ -343,7 +236,7 @@ impl Subsystem {
     }
 
     /// One namespace, attached anywhere or not.
-    pub fn namespace(&self, nsid: u32) -> Option<NamespaceInfo> {
+    pub fn namespace(&self, nsid: u32) -> Option<SubsystemNamespace> {
         let st = self.lock();
         st.namespaces
             .iter()
@@ -352,7 +245,7 @@ impl Subsystem {
     }
 
     /// Every namespace.
-    pub fn list(&self) -> Vec<NamespaceInfo> {
+    pub fn list(&self) -> Vec<SubsystemNamespace> {
         self.lock().namespaces.iter().map(Entry::info).collect()
     }
 
@@ -431,9 +324,9 @@ impl Subsystem {
     pub fn delete(
         &self,
         nsid: u32,
-        me: Option<&mut Controller>,
+        me: Option<u16>,
         wait: bool,
-    ) -> Result<usize, NsError> {
+    ) -> Result<Vec<NamespaceChange>, NsError> {
         if !self.manages_namespaces() {
             return Err(NsError::Fixed);
         }
@@ -451,7 +344,7 @@ impl Subsystem {
                 continue;
             };
             let e = st.namespaces.remove(at);
-            changes.extend(e.attached.iter().map(|&c| (c, Change::Detach(n))));
+            changes.extend(e.attached.iter().map(|&c| (c, NamespaceChange::Detach(n))));
             if e.pooled > 0
                 && let Some(p) = st.pool.as_mut()
             {
@@ -478,14 +371,15 @@ impl Subsystem {
 
     /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0). `me` is the controller running
     /// the command, if any; with `wait` (never on a reactor thread) this returns once every
-    /// controller has applied the change. Returns how many controllers it reached.
+    /// controller has applied the change. Returns the changes for `me` that it must apply
+    /// itself (it has no reactor to receive them on: tests, fuzzing).
     pub fn attach(
         &self,
         nsid: u32,
         ctrls: &[u16],
-        me: Option<&mut Controller>,
+        me: Option<u16>,
         wait: bool,
-    ) -> Result<usize, NsError> {
+    ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| e.attached.contains(c)) {
@@ -502,7 +396,7 @@ impl Subsystem {
             let h = src
                 .handle()
                 .ok_or_else(|| NsError::Backend("too many controllers on one backend".into()))?;
-            changes.push((c, Change::Attach(e.namespace(Box::new(h)))));
+            changes.push((c, NamespaceChange::Attach(e.namespace(Box::new(h)))));
         }
         e.attached.extend_from_slice(ctrls);
         e.attached.sort_unstable();
@@ -515,9 +409,9 @@ impl Subsystem {
         &self,
         nsid: u32,
         ctrls: &[u16],
-        me: Option<&mut Controller>,
+        me: Option<u16>,
         wait: bool,
-    ) -> Result<usize, NsError> {
+    ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| !e.attached.contains(c)) {
@@ -525,58 +419,48 @@ impl Subsystem {
         }
         e.attached.retain(|c| !ctrls.contains(c));
         log::info!("{}: namespace {nsid} detached from {ctrls:x?}", self.nqn);
-        let changes = ctrls.iter().map(|&c| (c, Change::Detach(nsid))).collect();
+        let changes = ctrls
+            .iter()
+            .map(|&c| (c, NamespaceChange::Detach(nsid)))
+            .collect();
         Ok(self.commit(st, changes, me, wait))
     }
 
     /// Hand `changes` to their controllers. Controllers on a reactor get them posted while
     /// the state is still locked, so each applies changes in the order they were made (the
     /// controller running the command too: its own change waits in the same queue, ahead of
-    /// its next command). Controllers without a reactor (tests, fuzzing) get theirs directly
-    /// through `me`. With `wait`, return once every posted change is applied. Returns how
-    /// many changes were delivered.
+    /// its next command). The changes for `me` when it has no reactor (tests, fuzzing) are
+    /// returned for it to apply. With `wait`, return once every posted change is applied.
     fn commit(
         &self,
         st: std::sync::MutexGuard<'_, State>,
         changes: Changes,
-        mut me: Option<&mut Controller>,
+        me: Option<u16>,
         wait: bool,
-    ) -> usize {
+    ) -> Vec<NamespaceChange> {
         let (tx, rx) = mpsc::channel::<()>();
         let mut posted = 0;
-        let mut direct = Vec::new();
+        let mut mine = Vec::new();
         for (cntlid, change) in changes {
             let poster = st
                 .controllers
                 .iter()
                 .find(|m| m.cntlid == cntlid)
                 .and_then(|m| m.poster.clone());
-            let Some(poster) = poster else {
-                direct.push((cntlid, change));
-                continue;
-            };
-            let tx = tx.clone();
-            if poster.post(Box::new(move |c: &mut Controller| {
-                c.apply(change);
-                let _ = tx.send(());
-            })) {
-                posted += 1;
-            } else {
-                log::warn!("{}: controller {cntlid:#x} is gone", self.nqn);
+            match poster {
+                Some(p) => {
+                    if p.post_change(change, Some(tx.clone())) {
+                        posted += 1;
+                    } else {
+                        log::warn!("{}: controller {cntlid:#x} is gone", self.nqn);
+                    }
+                }
+                None if me == Some(cntlid) => mine.push(change),
+                None => log::warn!("{}: controller {cntlid:#x} not running", self.nqn),
             }
         }
         drop(st);
         drop(tx);
-        let mut delivered = posted;
-        for (cntlid, change) in direct {
-            match me.as_deref_mut() {
-                Some(c) if c.config().cntlid == cntlid => {
-                    c.apply(change);
-                    delivered += 1;
-                }
-                _ => log::warn!("{}: controller {cntlid:#x} not running", self.nqn),
-            }
-        }
         if wait {
             for _ in 0..posted {
                 if rx.recv_timeout(Duration::from_secs(30)).is_err() {
@@ -585,7 +469,49 @@ impl Subsystem {
                 }
             }
         }
-        delivered
+        mine
+    }
+}
+
+impl NvmSubsystem for Subsystem {
+    fn nqn(&self) -> &str {
+        &self.nqn
+    }
+    fn manages_namespaces(&self) -> bool {
+        Subsystem::manages_namespaces(self)
+    }
+    fn namespace(&self, nsid: u32) -> Option<SubsystemNamespace> {
+        Subsystem::namespace(self, nsid)
+    }
+    fn controllers(&self) -> Vec<u16> {
+        Subsystem::controllers(self)
+    }
+    fn attached(&self, nsid: u32) -> Option<Vec<u16>> {
+        Subsystem::attached(self, nsid)
+    }
+    fn allocated(&self, after: u32) -> Vec<u32> {
+        Subsystem::allocated(self, after)
+    }
+    fn max_nsid(&self) -> u32 {
+        Subsystem::max_nsid(self)
+    }
+    fn max_namespaces(&self) -> u32 {
+        MAX_NAMESPACES
+    }
+    fn capacity(&self) -> (u64, u64) {
+        Subsystem::capacity(self)
+    }
+    fn create(&self, size: u64, lba_shift: u8, shared: bool) -> Result<u32, NsError> {
+        Subsystem::create(self, size, lba_shift, shared)
+    }
+    fn delete(&self, nsid: u32, me: u16) -> Result<Vec<NamespaceChange>, NsError> {
+        Subsystem::delete(self, nsid, Some(me), false)
+    }
+    fn attach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError> {
+        Subsystem::attach(self, nsid, ctrls, Some(me), false)
+    }
+    fn detach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError> {
+        Subsystem::detach(self, nsid, ctrls, Some(me), false)
     }
 }
 
@@ -626,7 +552,8 @@ fn check_list(st: &State, ctrls: &[u16]) -> Result<(), NsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::MallocBackend;
+    use crate::pool::MemoryPool;
+    use device_model::backend::MallocBackend;
 
     fn two_controllers(pool: u64) -> Arc<Subsystem> {
         let s = Subsystem::new("nqn.test", Some(Box::new(MemoryPool { capacity: pool })));
@@ -678,12 +605,12 @@ mod tests {
             Some(NsError::NotAttached(2))
         );
         // no controller runs here: the state changes, nothing is delivered
-        assert_eq!(s.attach(a, &[1, 2], None, false), Ok(0));
+        assert_eq!(s.attach(a, &[1, 2], None, false).map(|m| m.len()), Ok(0));
         assert_eq!(s.attached(a), Some(vec![1, 2]));
         assert_eq!(s.allocated(0), vec![1, 2]);
         assert_eq!(s.allocated(1), vec![2]);
         // delete detaches from everyone and frees the capacity and the NSID
-        assert_eq!(s.delete(a, None, false), Ok(0));
+        assert_eq!(s.delete(a, None, false).map(|m| m.len()), Ok(0));
         assert_eq!(s.attached(a), None);
         assert_eq!(s.capacity(), (8 << 20, 4 << 20));
         assert_eq!(s.create(1 << 20, 12, true), Ok(1));

@@ -5,22 +5,29 @@
 //! runs only while online, and only with what it was given.
 //!
 //! The state is shared by the controllers of one subsystem (each in its reactor) behind a
-//! mutex, touched by admin commands and controller enable only; `online` is an atomic so a
-//! secondary's data plane checks it without the lock.
+//! mutex ([`VirtGroup`]), touched by admin commands, controller enable and the management
+//! plane only; `online` is an atomic so a secondary's data plane checks it without the lock.
+//! The SR-IOV capability's VF Enable / NumVFs ([`VirtGroup::enable_vfs`]) brings VFs online
+//! the way a PF driver would.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Lock the shared state (a panic while holding it left it consistent: keep using it).
-pub fn lock(state: &Mutex<VirtState>) -> std::sync::MutexGuard<'_, VirtState> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use device_model::virt_link::{
+    PrimaryCapabilities, PrimaryPools, RT_VI, RT_VQ, SecondaryEntry, SecondaryResources, VirtError,
+    VirtRole,
+};
 
-/// Resource types (CDW10 RT).
-pub const RT_VQ: u8 = 0;
-pub const RT_VI: u8 = 1;
+/// Queue resources of a VF brought online by VF Enable or the management plane: an admin
+/// queue and 4 I/O queues.
+pub const VF_DEFAULT_QUEUES: u16 = 5;
+/// Interrupt resources of a VF brought online that way.
+pub const VF_DEFAULT_VECTORS: u16 = 5;
+/// The primary's private resources (VQPRT, VIPRT): as many queues and vectors as a
+/// controller has without virtualization (64 I/O queues and the admin queue).
+const PRIMARY_PRIVATE: u16 = 65;
+/// Most flexible resources one secondary may have (VQFRSM, VIFRSM).
+const SECONDARY_MAX: u16 = 9;
 
 /// One secondary controller.
 #[derive(Debug)]
@@ -60,16 +67,6 @@ pub struct VirtState {
     pub vq_max: u16,
     pub vi_max: u16,
     pub secondaries: Vec<Secondary>,
-}
-
-/// Why a Virtualization Management command was refused (SCT 1h codes of §5.28).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VirtError {
-    InvalidControllerId,
-    InvalidSecondaryState,
-    InvalidNumberOfResources,
-    InvalidResourceId,
-    InvalidField,
 }
 
 impl VirtState {
@@ -235,33 +232,124 @@ impl VirtState {
     }
 }
 
-/// A controller's place in a primary/secondary arrangement.
+/// The pools a PF and its VFs share, behind their lock: what the primary's admin commands,
+/// the secondaries' enable and the management plane all use.
 #[derive(Clone, Debug)]
-pub enum VirtRole {
-    /// The primary (PF): answers Virtualization Management and Identify 14h/15h.
-    Primary(Arc<Mutex<VirtState>>),
-    /// Secondary number `index` (VF): runs only while online.
-    Secondary {
-        state: Arc<Mutex<VirtState>>,
-        index: usize,
-        online: Arc<AtomicBool>,
-    },
-}
+pub struct VirtGroup(Arc<Mutex<VirtState>>);
 
-impl VirtRole {
-    /// True for the primary controller.
-    pub fn is_primary(&self) -> bool {
-        matches!(self, VirtRole::Primary(_))
+impl VirtGroup {
+    /// A primary `primary_cntlid` with `vfs` secondaries numbered `first_scid..`.
+    pub fn new(primary_cntlid: u16, vfs: u16, first_scid: u16) -> Self {
+        Self(Arc::new(Mutex::new(VirtState::new(
+            primary_cntlid,
+            PRIMARY_PRIVATE,
+            PRIMARY_PRIVATE,
+            vfs,
+            first_scid,
+            SECONDARY_MAX,
+            SECONDARY_MAX,
+        ))))
     }
 
-    /// The role of secondary `index` of `state`.
-    pub fn secondary(state: &Arc<Mutex<VirtState>>, index: usize) -> Self {
-        let online = Arc::clone(&lock(state).secondaries[index].online);
-        Self::Secondary {
-            state: Arc::clone(state),
-            index,
+    /// The state (a panic while holding it left it consistent: keep using it).
+    pub fn lock(&self) -> MutexGuard<'_, VirtState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every VF online with the default resources (the configuration's `vfs_online`).
+    pub fn all_online(&self) {
+        self.lock()
+            .all_online(VF_DEFAULT_QUEUES, VF_DEFAULT_VECTORS);
+    }
+
+    /// VFs `1..=n` online (given the default resources when they have too few), the others
+    /// offline: PCIe SR-IOV VF Enable with NumVFs = `n`, or `vf_enable` of the management
+    /// plane.
+    pub fn enable_vfs(&self, n: u16) -> Result<(), VirtError> {
+        self.lock()
+            .set_enabled(usize::from(n), VF_DEFAULT_QUEUES, VF_DEFAULT_VECTORS)
+    }
+
+    /// Number of VFs (TotalVFs).
+    pub fn total_vfs(&self) -> u16 {
+        self.lock().secondaries.len() as u16
+    }
+
+    /// Whether VF `vf` (1-based) is online.
+    pub fn vf_online(&self, vf: u16) -> bool {
+        self.lock()
+            .secondaries
+            .get(usize::from(vf).wrapping_sub(1))
+            .is_some_and(Secondary::online)
+    }
+
+    /// The primary controller's role.
+    pub fn primary_role(&self) -> VirtRole {
+        VirtRole::Primary(Arc::new(self.clone()))
+    }
+
+    /// The role of secondary `index` (VF `index + 1`).
+    pub fn secondary_role(&self, index: usize) -> VirtRole {
+        let online = Arc::clone(&self.lock().secondaries[index].online);
+        VirtRole::Secondary {
             online,
+            resources: Arc::new(SecondaryHandle {
+                group: self.clone(),
+                index,
+            }),
         }
+    }
+}
+
+impl PrimaryPools for VirtGroup {
+    fn manage(&self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError> {
+        self.lock().manage(act, rt, cntlid, nr)
+    }
+
+    fn capabilities(&self) -> PrimaryCapabilities {
+        let v = self.lock();
+        PrimaryCapabilities {
+            vq_total: v.vq_total,
+            vq_assigned: v.assigned(RT_VQ),
+            vq_primary: v.vq_primary,
+            vq_private: v.vq_private,
+            vq_max: v.vq_max,
+            vi_total: v.vi_total,
+            vi_assigned: v.assigned(RT_VI),
+            vi_primary: v.vi_primary,
+            vi_private: v.vi_private,
+            vi_max: v.vi_max,
+        }
+    }
+
+    fn secondaries(&self, from: u16) -> Vec<SecondaryEntry> {
+        self.lock()
+            .secondaries
+            .iter()
+            .filter(|s| s.scid >= from)
+            .take(127)
+            .map(|s| SecondaryEntry {
+                scid: s.scid,
+                vfn: s.vfn,
+                online: s.online(),
+                nvq: s.nvq,
+                nvi: s.nvi,
+            })
+            .collect()
+    }
+}
+
+/// A secondary's view of the pools.
+struct SecondaryHandle {
+    group: VirtGroup,
+    index: usize,
+}
+
+impl SecondaryResources for SecondaryHandle {
+    fn queues(&self) -> u16 {
+        self.group.lock().secondaries[self.index].nvq
     }
 }
 
