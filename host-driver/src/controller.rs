@@ -88,7 +88,7 @@ impl Cmb {
 }
 
 /// A controller driven from user space.
-pub struct Controller {
+pub struct NvmeDriver {
     transport: Box<dyn Transport>,
     dma: Arc<DmaMemory>,
     admin: QueuePair,
@@ -105,9 +105,9 @@ pub struct Controller {
     shut_down: bool,
 }
 
-impl std::fmt::Debug for Controller {
+impl std::fmt::Debug for NvmeDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller")
+        f.debug_struct("NvmeDriver")
             .field("target", &self.transport.name())
             .field("namespaces", &self.namespaces)
             .finish_non_exhaustive()
@@ -120,7 +120,7 @@ fn text(b: &[u8]) -> String {
         .to_string()
 }
 
-impl Controller {
+impl NvmeDriver {
     /// Bring up the controller behind `transport` with `dma_size` bytes of DMA memory and ask
     /// for `io_queues` I/O queue pairs.
     pub fn new(
@@ -603,7 +603,7 @@ impl Controller {
     }
 }
 
-impl Drop for Controller {
+impl Drop for NvmeDriver {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             log::warn!("{}: shutdown: {e}", self.transport.name());

@@ -20,7 +20,7 @@ pub mod queue_pair;
 #[allow(unsafe_code)]
 pub mod transport;
 
-pub use controller::{Controller, NamespaceInfo};
+pub use controller::{NamespaceInfo, NvmeDriver};
 pub use dma::{DmaBuffer, DmaMemory};
 pub use error::DriverError;
 pub use queue_pair::{IoQueuePair, Request};

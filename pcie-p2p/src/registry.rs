@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 
 use crate::shared_device::SharedDevice;
 
@@ -19,7 +19,7 @@ impl DeviceRegistry {
     pub fn get_or_open<E>(
         &mut self,
         target: &str,
-        open: impl FnOnce() -> Result<Controller, E>,
+        open: impl FnOnce() -> Result<NvmeDriver, E>,
     ) -> Result<Arc<SharedDevice>, E> {
         if let Some(dev) = self.devices.get(target).and_then(Weak::upgrade) {
             return Ok(dev);

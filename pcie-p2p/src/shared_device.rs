@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use device_model::GuestMemory;
 use device_model::memory::MemoryMap;
-use host_driver::{Controller, DmaMemory, DriverError, IoQueuePair};
+use host_driver::{DmaMemory, DriverError, IoQueuePair, NvmeDriver};
 
 /// Generation of a device given up for good (reset failed, device gone).
 pub const FAILED: u64 = u64::MAX;
@@ -174,7 +174,7 @@ struct Inner {
     generation: AtomicU64,
     /// When the supervisor's current round of device calls began ([`now_us`]), 0 when idle.
     busy_since: AtomicU64,
-    ctrl: Mutex<Controller>,
+    ctrl: Mutex<NvmeDriver>,
     book: Mutex<Book>,
     /// The supervisor waits on it for work.
     wake: Condvar,
@@ -188,7 +188,7 @@ impl Inner {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn ctrl(&self) -> MutexGuard<'_, Controller> {
+    fn ctrl(&self) -> MutexGuard<'_, NvmeDriver> {
         self.ctrl.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -216,7 +216,7 @@ impl std::fmt::Debug for SharedDevice {
     }
 }
 
-fn namespaces_of(ctrl: &Controller) -> Vec<(u32, u64, u64)> {
+fn namespaces_of(ctrl: &NvmeDriver) -> Vec<(u32, u64, u64)> {
     ctrl.namespaces()
         .iter()
         .map(|n| (n.nsid, n.blocks, u64::from(n.block_size)))
@@ -226,7 +226,7 @@ fn namespaces_of(ctrl: &Controller) -> Vec<(u32, u64, u64)> {
 impl SharedDevice {
     /// Share `ctrl` (brought up by the caller with as many I/O queues as backends will
     /// use), and start its supervisor thread.
-    pub fn new(ctrl: Controller) -> Arc<Self> {
+    pub fn new(ctrl: NvmeDriver) -> Arc<Self> {
         let target = ctrl.target();
         let book = Book {
             namespaces: namespaces_of(&ctrl),

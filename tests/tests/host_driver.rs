@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use host_driver::transport::vfio_user::VfioUserTransport;
-use host_driver::{Controller, DriverError, IoQueuePair, Request};
+use host_driver::{DriverError, IoQueuePair, NvmeDriver, Request};
 use nvme_spec::Status;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
@@ -30,9 +30,9 @@ fn start_with(tag: &str, max_io_queues: u16) -> (Daemon, PathBuf, PathBuf) {
     (d, dir.join("c.sock"), dir)
 }
 
-fn open(sock: &Path) -> Controller {
+fn open(sock: &Path) -> NvmeDriver {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    Controller::new(Box::new(t), 16 << 20, 8).expect("bring-up")
+    NvmeDriver::new(Box::new(t), 16 << 20, 8).expect("bring-up")
 }
 
 /// Submit-and-wait on an I/O queue pair.
@@ -114,7 +114,7 @@ fn identify_data_queues_and_reset_under_io() {
     }
     let e = c.create_io_queue_pair(1025).unwrap_err();
     assert_eq!(
-        Controller::status_of(&e),
+        NvmeDriver::status_of(&e),
         Some(Status::INVALID_QUEUE_SIZE),
         "{e}"
     );
@@ -156,7 +156,7 @@ fn a_second_client_is_refused_not_left_hanging() {
     loop {
         match VfioUserTransport::connect(&sock) {
             Ok(tr) => {
-                drop(Controller::new(Box::new(tr), 4 << 20, 1).expect("next client"));
+                drop(NvmeDriver::new(Box::new(tr), 4 << 20, 1).expect("next client"));
                 break;
             }
             Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{e}"),
@@ -238,7 +238,7 @@ fn temperature_event_reaches_the_driver_and_two_workers_share_the_namespaces() {
     use nvme_spec::Submission;
     let (daemon, sock, dir) = start_with("aer", 8);
     let mut c = open(&sock);
-    let set = |c: &mut Controller, fid: u32, value: u32| {
+    let set = |c: &mut NvmeDriver, fid: u32, value: u32| {
         let mut s = Submission::default();
         s.opcode = 0x09;
         s.cdw10 = fid.into();

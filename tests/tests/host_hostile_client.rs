@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
@@ -82,13 +82,13 @@ impl Setup {
 }
 
 /// A host-driver controller on `sock` (as tests/host_driver.rs opens one).
-fn open(sock: &Path) -> Controller {
+fn open(sock: &Path) -> NvmeDriver {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    Controller::new(Box::new(t), 16 << 20, 8).expect("bring-up")
+    NvmeDriver::new(Box::new(t), 16 << 20, 8).expect("bring-up")
 }
 
 /// A verified random read/write run on every namespace of `c`.
-fn verified_run(c: &mut Controller, duration: Duration) -> Report {
+fn verified_run(c: &mut NvmeDriver, duration: Duration) -> Report {
     let opts = PerfOptions {
         queue_depth: 8,
         io_size: 4096,

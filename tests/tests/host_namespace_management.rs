@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use host_driver::transport::vfio_user::VfioUserTransport;
-use host_driver::{Controller, DriverError};
+use host_driver::{DriverError, NvmeDriver};
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Status, Submission};
 use vnvme::config::Config;
@@ -22,9 +22,9 @@ const VF2: u16 = 0x1002;
 /// Namespace Attribute Changed: notice (2), information 0, log page 04h.
 const NS_CHANGED_EVENT: u32 = 0x0004_0002;
 
-fn open(sock: &Path) -> Controller {
+fn open(sock: &Path) -> NvmeDriver {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    Controller::new(Box::new(t), 8 << 20, 4).expect("controller")
+    NvmeDriver::new(Box::new(t), 8 << 20, 4).expect("controller")
 }
 
 fn status(r: Result<u32, DriverError>) -> Result<u32, Status> {
@@ -39,7 +39,7 @@ fn cs(sc: u8) -> Status {
 }
 
 /// Namespace Management create: NSZE/NCAP blocks, FLBAS, NMIC.
-fn create(c: &mut Controller, nsze: u64, ncap: u64, flbas: u8, nmic: u8) -> Result<u32, Status> {
+fn create(c: &mut NvmeDriver, nsze: u64, ncap: u64, flbas: u8, nmic: u8) -> Result<u32, Status> {
     let mut buf = c.dma().alloc(4096).unwrap();
     let data = &mut buf.as_mut_slice()[..4096];
     data.fill(0);
@@ -52,7 +52,7 @@ fn create(c: &mut Controller, nsze: u64, ncap: u64, flbas: u8, nmic: u8) -> Resu
     status(c.admin_command("Namespace Management", sqe, Some((buf.iova(), 4096))))
 }
 
-fn delete(c: &mut Controller, nsid: u32) -> Result<u32, Status> {
+fn delete(c: &mut NvmeDriver, nsid: u32) -> Result<u32, Status> {
     let mut sqe = Submission::default();
     sqe.opcode = op::NS_MANAGEMENT;
     sqe.nsid = nsid.into();
@@ -61,7 +61,7 @@ fn delete(c: &mut Controller, nsid: u32) -> Result<u32, Status> {
 }
 
 /// Namespace Attachment: attach (`detach` false) or detach `nsid` for `ids`.
-fn attach(c: &mut Controller, detach: bool, nsid: u32, ids: &[u16]) -> Result<u32, Status> {
+fn attach(c: &mut NvmeDriver, detach: bool, nsid: u32, ids: &[u16]) -> Result<u32, Status> {
     let mut buf = c.dma().alloc(4096).unwrap();
     let data = &mut buf.as_mut_slice()[..4096];
     data.fill(0);
@@ -76,7 +76,7 @@ fn attach(c: &mut Controller, detach: bool, nsid: u32, ids: &[u16]) -> Result<u3
     status(c.admin_command("Namespace Attachment", sqe, Some((buf.iova(), 4096))))
 }
 
-fn identify(c: &mut Controller, cns: u8, nsid: u32) -> Vec<u8> {
+fn identify(c: &mut NvmeDriver, cns: u8, nsid: u32) -> Vec<u8> {
     let buf = c.dma().alloc(4096).unwrap();
     let mut sqe = Submission::default();
     sqe.opcode = op::IDENTIFY;
@@ -102,7 +102,7 @@ fn u16_list(b: &[u8]) -> Vec<u16> {
 }
 
 /// Unallocated NVM capacity (Identify Controller bytes 296..312), read afresh.
-fn unvmcap(c: &mut Controller) -> u128 {
+fn unvmcap(c: &mut NvmeDriver) -> u128 {
     u128::from_le_bytes(identify(c, 0x01, 0)[296..312].try_into().unwrap())
 }
 
@@ -110,7 +110,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-fn changed_log(c: &mut Controller) -> Vec<u32> {
+fn changed_log(c: &mut NvmeDriver) -> Vec<u32> {
     let buf = c.dma().alloc(4096).unwrap();
     let mut sqe = Submission::default();
     sqe.opcode = op::GET_LOG_PAGE;
@@ -122,7 +122,7 @@ fn changed_log(c: &mut Controller) -> Vec<u32> {
 }
 
 /// Enable Namespace Attribute Notices (Set Features 0Bh, bit 8).
-fn enable_notices(c: &mut Controller) {
+fn enable_notices(c: &mut NvmeDriver) {
     let mut sqe = Submission::default();
     sqe.opcode = op::SET_FEATURES;
     sqe.cdw10 = 0x0b.into();
@@ -131,7 +131,7 @@ fn enable_notices(c: &mut Controller) {
 }
 
 /// Poll `c`'s admin queue (a harmless command) until the event arrives.
-fn wait_event(c: &mut Controller, ev: u32) {
+fn wait_event(c: &mut NvmeDriver, ev: u32) {
     let t = Instant::now();
     loop {
         if c.take_events().contains(&ev) {
@@ -145,7 +145,7 @@ fn wait_event(c: &mut Controller, ev: u32) {
 
 /// One command on a fresh queue pair: `write` or read 4 KiB at LBA 0 of `nsid` (a
 /// namespace of 4 KiB blocks).
-fn io(c: &mut Controller, write: bool, nsid: u32, data: &mut [u8; 4096]) -> Status {
+fn io(c: &mut NvmeDriver, write: bool, nsid: u32, data: &mut [u8; 4096]) -> Status {
     let mut qp = c.create_io_queue_pair(8).unwrap();
     let mut b = c.dma().alloc(4096).unwrap();
     if write {

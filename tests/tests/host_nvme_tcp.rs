@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use nvme_spec::fabrics::{ConnectData, fctype, put_str};
 use nvme_spec::tcp::{fes, pdu_type};
@@ -81,7 +81,7 @@ fn perf_watched(
     progress: impl FnMut(Duration, u64),
 ) -> vnvme::perf::JobResult {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    let mut c = Controller::new(Box::new(t), 32 << 20, 2).expect("bring-up");
+    let mut c = NvmeDriver::new(Box::new(t), 32 << 20, 2).expect("bring-up");
     let opts = PerfOptions {
         queue_depth: 32,
         io_size,
@@ -795,7 +795,7 @@ fn shares_its_namespace(tmp: &TempDir, backend: &str) {
     );
     // read it back over vfio-user, from the other controller of the subsystem
     let tr = VfioUserTransport::connect(&tmp.path().join("dual.sock")).unwrap();
-    let mut c = Controller::new(Box::new(tr), 16 << 20, 2).unwrap();
+    let mut c = NvmeDriver::new(Box::new(tr), 16 << 20, 2).unwrap();
     assert_eq!(c.identify().cntlid.get(), 1);
     let mut qp = c.create_io_queue_pair(8).unwrap();
     let buf = c.dma().alloc(8192).unwrap();

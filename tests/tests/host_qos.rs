@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
@@ -18,7 +18,7 @@ use vnvme_tests::guest::TempDir;
 /// IOPS and MiB/s of a perf run on `sock`.
 fn perf(sock: &Path, secs: f64, io_size: u64) -> (f64, f64) {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    let mut c = Controller::new(Box::new(t), 16 << 20, 2).expect("bring-up");
+    let mut c = NvmeDriver::new(Box::new(t), 16 << 20, 2).expect("bring-up");
     let opts = PerfOptions {
         queue_depth: 16,
         io_size,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use serde_json::{Value, json};
 use vnvme::daemon::vf_socket;
@@ -92,9 +92,9 @@ fn wait_for(path: &Path) {
     }
 }
 
-fn open(sock: &Path) -> Controller {
+fn open(sock: &Path) -> NvmeDriver {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    Controller::new(Box::new(t), 8 << 20, 4).expect("controller")
+    NvmeDriver::new(Box::new(t), 8 << 20, 4).expect("controller")
 }
 
 fn error_code(v: &Value) -> i64 {

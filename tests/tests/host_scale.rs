@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
@@ -56,7 +56,7 @@ fn one_process_serves_128_controllers_on_two_reactors() {
     let t = Instant::now();
     for i in 0..CONTROLLERS {
         let tr = VfioUserTransport::connect(&d.join(format!("c{i}.sock"))).expect("connect");
-        let c = Controller::new(Box::new(tr), 4 << 20, 1).expect("bring-up");
+        let c = NvmeDriver::new(Box::new(tr), 4 << 20, 1).expect("bring-up");
         let (_, serial, _) = c.names();
         assert_eq!(serial, format!("SCALE{i:03}"));
         assert_eq!(c.namespaces().len(), 1);
@@ -66,7 +66,7 @@ fn one_process_serves_128_controllers_on_two_reactors() {
     // I/O on a sample, one after another
     for i in [0, 1, 63, 127] {
         let tr = VfioUserTransport::connect(&d.join(format!("c{i}.sock"))).unwrap();
-        let mut c = Controller::new(Box::new(tr), 8 << 20, 1).unwrap();
+        let mut c = NvmeDriver::new(Box::new(tr), 8 << 20, 1).unwrap();
         let opts = PerfOptions {
             queue_depth: 16,
             io_size: 4096,

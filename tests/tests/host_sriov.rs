@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use host_driver::transport::vfio_user::VfioUserTransport;
-use host_driver::{Controller, DriverError};
+use host_driver::{DriverError, NvmeDriver};
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Status, Submission};
 use vnvme::config::Config;
@@ -20,12 +20,12 @@ use vnvme_tests::guest::TempDir;
 const VF1: u16 = 0x1001;
 const VF2: u16 = 0x1002;
 
-fn open(sock: &Path) -> Result<Controller, DriverError> {
+fn open(sock: &Path) -> Result<NvmeDriver, DriverError> {
     let t = VfioUserTransport::connect(sock)?;
-    Controller::new(Box::new(t), 8 << 20, 8)
+    NvmeDriver::new(Box::new(t), 8 << 20, 8)
 }
 
-fn identify(c: &mut Controller, cns: u8, cntid: u16) -> Vec<u8> {
+fn identify(c: &mut NvmeDriver, cns: u8, cntid: u16) -> Vec<u8> {
     let buf = c.dma().alloc(4096).unwrap();
     let mut sqe = Submission::default();
     sqe.opcode = op::IDENTIFY;
@@ -36,7 +36,7 @@ fn identify(c: &mut Controller, cns: u8, cntid: u16) -> Vec<u8> {
 }
 
 /// Virtualization Management; the status on failure.
-fn virt_mgmt(c: &mut Controller, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, Status> {
+fn virt_mgmt(c: &mut NvmeDriver, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, Status> {
     let mut sqe = Submission::default();
     sqe.opcode = op::VIRTUALIZATION_MANAGEMENT;
     sqe.cdw10 = (u32::from(act) | (u32::from(rt) << 8) | (u32::from(cntlid) << 16)).into();
@@ -189,7 +189,7 @@ fn each_vf_sees_only_the_namespaces_attached_to_it() {
     .unwrap();
     let daemon = Daemon::start(&cfg).unwrap();
     let mut c = open(&pf).unwrap();
-    let nsids = |c: &Controller| c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>();
+    let nsids = |c: &NvmeDriver| c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>();
     assert_eq!(nsids(&c), [1, 2], "the PF sees both");
     let list = |b: &[u8]| -> Vec<u16> {
         (0..usize::from(u16_at(b, 0)))

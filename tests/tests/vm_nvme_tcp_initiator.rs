@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use vnvme::config::Config;
 use vnvme::daemon::Daemon;
@@ -100,7 +100,7 @@ fn serve(dir: &Path, tag: &str, options: &str) -> Daemon {
 
 fn perf(sock: &Path, secs: f64, pattern: Pattern, verify: bool) -> vnvme::perf::Report {
     let t = VfioUserTransport::connect(sock).expect("connect");
-    let mut c = Controller::new(Box::new(t), 32 << 20, 2).expect("bring-up");
+    let mut c = NvmeDriver::new(Box::new(t), 32 << 20, 2).expect("bring-up");
     let opts = PerfOptions {
         queue_depth: 32,
         io_size: 8192,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 use host_driver::transport::vfio::VfioTransport;
 use host_driver::transport::vfio_user::VfioUserTransport;
 
@@ -56,7 +56,7 @@ impl std::str::FromStr for DeviceAddress {
 impl DeviceAddress {
     /// Connect and bring the controller up with `dma_size` bytes of DMA memory and
     /// `io_queues` I/O queue pairs.
-    pub fn open(&self, dma_size: u64, io_queues: u16) -> anyhow::Result<Controller> {
+    pub fn open(&self, dma_size: u64, io_queues: u16) -> anyhow::Result<NvmeDriver> {
         self.open_with_dma_base(dma_size, io_queues, host_driver::controller::DMA_IOVA_BASE)
     }
 
@@ -66,12 +66,12 @@ impl DeviceAddress {
         dma_size: u64,
         io_queues: u16,
         iova_base: u64,
-    ) -> anyhow::Result<Controller> {
+    ) -> anyhow::Result<NvmeDriver> {
         let t: Box<dyn host_driver::Transport> = match self {
             DeviceAddress::VfioUser(path) => Box::new(VfioUserTransport::connect(path)?),
             DeviceAddress::Pci(bdf) => Box::new(VfioTransport::open(bdf)?),
         };
-        Ok(Controller::with_dma_base(
+        Ok(NvmeDriver::with_dma_base(
             t, dma_size, io_queues, iova_base,
         )?)
     }

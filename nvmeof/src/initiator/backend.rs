@@ -25,14 +25,14 @@ use nvme_spec::{Status, Submission};
 
 use super::host_identity::HostIdentity;
 use super::queue::{Data, HostQueue, QueueError, Unfinished};
-use super::session::{self, NamespaceInfo, Session, SessionError, TICK};
+use super::session::{self, RemoteNamespace, Session, SessionError, TICK};
 use super::url::TcpUrl;
 
 /// A namespace served by a remote NVMe/TCP controller.
 #[derive(Debug)]
 pub struct TcpBackend {
     url: TcpUrl,
-    ns: NamespaceInfo,
+    ns: RemoteNamespace,
     session: Arc<Session>,
     seen_generation: u64,
     /// The I/O queues (connections) now; empty while reconnecting.
@@ -99,7 +99,7 @@ impl TcpBackend {
     }
 
     /// The remote namespace.
-    pub fn namespace(&self) -> NamespaceInfo {
+    pub fn namespace(&self) -> RemoteNamespace {
         self.ns
     }
 

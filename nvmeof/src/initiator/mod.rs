@@ -24,5 +24,5 @@ mod url;
 pub use backend::TcpBackend;
 pub use discovery::{DiscoveryRecord, discover};
 pub use host_identity::HostIdentity;
-pub use session::{NamespaceInfo, SessionError};
+pub use session::{RemoteNamespace, SessionError};
 pub use url::{SCHEME, TcpUrl, UrlError};

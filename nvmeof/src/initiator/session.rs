@@ -25,7 +25,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 
 /// What the backend needs to know of the remote namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NamespaceInfo {
+pub struct RemoteNamespace {
     pub nsid: u32,
     pub lba_shift: u32,
     pub blocks: u64,
@@ -63,7 +63,7 @@ pub enum SessionError {
 pub(crate) struct Established {
     pub admin: HostQueue,
     pub io: Vec<HostQueue>,
-    pub ns: NamespaceInfo,
+    pub ns: RemoteNamespace,
     pub path: usize,
 }
 
@@ -183,7 +183,7 @@ pub(crate) fn establish(
     Ok(Established {
         admin,
         io,
-        ns: NamespaceInfo {
+        ns: RemoteNamespace {
             nsid: url.nsid,
             lba_shift,
             blocks: nsze,
@@ -241,7 +241,7 @@ impl Session {
         me: HostIdentity,
         admin: HostQueue,
         path: usize,
-        ns: NamespaceInfo,
+        ns: RemoteNamespace,
     ) -> Result<Arc<Self>, SessionError> {
         let s = Arc::new(Self {
             handover: Mutex::new(Handover::default()),
@@ -318,7 +318,7 @@ struct Supervisor {
     session: Arc<Session>,
     url: TcpUrl,
     me: HostIdentity,
-    ns: NamespaceInfo,
+    ns: RemoteNamespace,
     path: usize,
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use host_driver::{Controller, DmaBuffer, IoQueuePair};
+use host_driver::{DmaBuffer, IoQueuePair, NvmeDriver};
 use vnvme::device_address::DeviceAddress;
 use vnvme::perf::Rng;
 
@@ -24,7 +24,7 @@ pub struct PerfManyArgs {
 }
 
 struct Job {
-    _ctrl: Controller,
+    _ctrl: NvmeDriver,
     qp: IoQueuePair,
     buf: DmaBuffer,
     blocks: u64,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use host_driver::Controller;
+use host_driver::NvmeDriver;
 
 pub use histogram::Histogram;
 pub use rng::Rng;
@@ -131,7 +131,7 @@ pub enum PerfError {
 /// Run `opts` against every namespace of `ctrl`; `progress(elapsed, ios_so_far)` is called
 /// about once a second.
 pub fn run(
-    ctrl: &mut Controller,
+    ctrl: &mut NvmeDriver,
     opts: &PerfOptions,
     mut progress: impl FnMut(Duration, u64),
 ) -> Result<Report, PerfError> {
