@@ -219,7 +219,11 @@ fn rpc_daemon() -> &'static Mutex<vnvme::daemon::Daemon> {
             std::path::Path::new("fuzz.toml"),
         )
         .expect("fuzz config");
-        Mutex::new(vnvme::daemon::Daemon::start(&cfg).expect("fuzz daemon"))
+        let d = vnvme::daemon::Daemon::start(&cfg).expect("fuzz daemon");
+        // requests reach the daemon in-process, never through its sockets, and a static is
+        // never dropped: unlink them now (they keep listening) so no run leaves them behind
+        let _ = std::fs::remove_dir_all(&dir);
+        Mutex::new(d)
     })
 }
 

@@ -138,6 +138,9 @@ fn rpc_requests_survive_garbage() {
         }
         fuzz::rpc_request(&input);
     }
+    // the harness's daemon leaves no socket directory behind
+    let dir = std::env::temp_dir().join(format!("vnvme-fuzz-rpc-{}", std::process::id()));
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }
 
 /// Writes the valid-PDU seeds as the libFuzzer corpus of `nvme_tcp_pdu` (see
