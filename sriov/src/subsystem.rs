@@ -82,6 +82,8 @@ struct State {
     pool: Option<Box<dyn NamespacePool>>,
     /// Namespaces created so far (identity seeds of created namespaces).
     generation: u64,
+    /// Bytes of the namespaces configured at start (never less when they are deleted).
+    configured: u64,
 }
 
 /// Changes to deliver, by CNTLID.
@@ -111,6 +113,7 @@ impl Subsystem {
                 namespaces: Vec::new(),
                 pool,
                 generation: 0,
+                configured: 0,
             }),
         })
     }
@@ -171,6 +174,7 @@ impl Subsystem {
         let managed = self.manages_namespaces();
         let mut st = self.lock();
         let size = backend.size();
+        st.configured += size;
         let source = if managed {
             Source::Shared(SharedSource::new(backend))
         } else {
@@ -515,17 +519,16 @@ impl NvmSubsystem for Subsystem {
     }
 }
 
-/// Total and unallocated NVM capacity of `st` in bytes.
+/// Total and unallocated NVM capacity of `st` in bytes, as one capacity shared by the
+/// namespaces configured at start and those created from the pool (a real SSD's TNVMCAP
+/// and UNVMCAP): the total is the pool's (or the configured namespaces', if they are
+/// larger; it never changes), and every namespace, configured or created, is taken from it
+/// while it exists, so deleting any namespace gives its bytes back.
 fn capacity_of(st: &State) -> (u64, u64) {
     let pool = st.pool.as_ref().map_or(0, |p| p.capacity());
-    let configured: u64 = st
-        .namespaces
-        .iter()
-        .filter(|e| e.pooled == 0)
-        .map(|e| e.size)
-        .sum();
-    let used: u64 = st.namespaces.iter().map(|e| e.pooled).sum();
-    (configured + pool, pool.saturating_sub(used))
+    let total = pool.max(st.configured);
+    let allocated: u64 = st.namespaces.iter().map(|e| e.size).sum();
+    (total, total.saturating_sub(allocated))
 }
 
 /// The allocated namespace `nsid`.
@@ -615,6 +618,22 @@ mod tests {
         assert_eq!(s.capacity(), (8 << 20, 4 << 20));
         assert_eq!(s.create(1 << 20, 12, true), Ok(1));
         assert_eq!(NsError::Private.status().raw(), 0x4119);
+    }
+
+    #[test]
+    fn configured_and_created_namespaces_share_one_capacity() {
+        let s = two_controllers(8 << 20);
+        let b = MallocBackend::new(2 << 20).unwrap();
+        s.add_namespace(1, Box::new(b), 9, "seed", &[1]);
+        assert_eq!(s.capacity(), (8 << 20, 6 << 20), "TNVMCAP counts it once");
+        assert_eq!(
+            s.create(7 << 20, 9, true),
+            Err(NsError::InsufficientCapacity)
+        );
+        assert!(s.delete(1, None, false).is_ok());
+        assert_eq!(s.capacity(), (8 << 20, 8 << 20), "its capacity comes back");
+        assert_eq!(s.create(8 << 20, 9, true), Ok(1), "all of TNVMCAP");
+        assert_eq!(s.capacity(), (8 << 20, 0));
     }
 
     #[test]

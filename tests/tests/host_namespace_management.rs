@@ -194,7 +194,8 @@ fn namespaces_are_created_attached_detached_and_deleted_at_run_time() {
         u128::from_le_bytes(id.tnvmcap),
         u128::from_le_bytes(id.unvmcap),
     );
-    assert_eq!(caps, ((16 + 64) << 20, 64 << 20));
+    // one capacity: the 16 MiB configured namespace is taken from the pool's 64 MiB
+    assert_eq!(caps, (64 << 20, 48 << 20));
     assert_eq!(
         v1.identify().oacs.get() & (1 << 3),
         0,
@@ -237,7 +238,7 @@ fn namespaces_are_created_attached_detached_and_deleted_at_run_time() {
     assert!(identify(&mut c, 0x00, ns).iter().all(|&b| b == 0));
     assert_eq!(
         unvmcap(&mut c),
-        (64 << 20) - (8 << 20) - (512 << 10),
+        (48 << 20) - (8 << 20) - (512 << 10),
         "8 MiB and 512 KiB taken"
     );
 
@@ -334,10 +335,20 @@ fn namespaces_are_created_attached_detached_and_deleted_at_run_time() {
     wait_event(&mut c, NS_CHANGED_EVENT);
     assert_eq!(u32_list(&identify(&mut c, 0x10, 0)), [1, 3]);
     assert_eq!(u32_list(&identify(&mut c, 0x02, 0)), [1]);
-    assert_eq!(unvmcap(&mut c), (64 << 20) - (512 << 10), "8 MiB back");
+    assert_eq!(unvmcap(&mut c), (48 << 20) - (512 << 10), "8 MiB back");
     assert_eq!(create(&mut c, 4096, 4096, 0, 1), Ok(2), "NSID reused");
     assert_eq!(delete(&mut c, u32::MAX), Ok(0), "delete all");
     assert_eq!(u32_list(&identify(&mut c, 0x10, 0)), [] as [u32; 0]);
+    // the configured namespace's capacity came back too: one namespace of all of TNVMCAP
+    assert_eq!(unvmcap(&mut c), 64 << 20, "everything back");
+    let all = (64u64 << 20) / 4096;
+    assert_eq!(
+        create(&mut c, all, all, 1, 1),
+        Ok(1),
+        "a namespace of the full TNVMCAP"
+    );
+    assert_eq!(unvmcap(&mut c), 0);
+    assert_eq!(delete(&mut c, 1), Ok(0));
     let t = Instant::now();
     while !u32_list(&identify(&mut v2, 0x02, 0)).is_empty() {
         assert!(t.elapsed() < Duration::from_secs(5));

@@ -163,7 +163,7 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
         (ns2["size"].as_u64(), ns2["block_size"].as_u64()),
         (Some(8 << 20), Some(4096))
     );
-    assert_eq!(subs[0]["unallocated"], 56 << 20);
+    assert_eq!(subs[0]["unallocated"], 40 << 20);
     v1.reset().unwrap();
     let ids: Vec<u32> = v1.namespaces().iter().map(|n| n.nsid).collect();
     assert_eq!(ids, [1, 2], "VF 1 after the attach");
@@ -195,7 +195,7 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
         &[&format!("nqn={NQN}"), "nsid=2", "controllers=[4097]"],
     );
     d.ok("ns_delete", &[&format!("nqn={NQN}"), "nsid=2"]);
-    assert_eq!(d.ok("subsystem_list", &[])[0]["unallocated"], 64 << 20);
+    assert_eq!(d.ok("subsystem_list", &[])[0]["unallocated"], 48 << 20);
     v1.reset().unwrap();
     assert_eq!(v1.namespaces().len(), 1);
     drop(v1);

@@ -141,7 +141,7 @@ fn nvme_cli_manages_vfs_through_the_pf() {
             .unwrap_or_default()
     };
     let idc = section(&out, "@@IDCTRL");
-    assert_eq!(field(idc, "unvmcap"), "268435456", "{idc}");
+    assert_eq!(field(idc, "unvmcap"), "201326592", "{idc}");
     assert_eq!(field(idc, "nn"), "256", "{idc}");
     assert_eq!(value(&out, "create-rc"), Some("0"), "{all}");
     assert!(
@@ -181,7 +181,7 @@ fn nvme_cli_manages_vfs_through_the_pf() {
     let idc2 = section(&out, "@@IDCTRL2");
     assert_eq!(
         field(idc2, "unvmcap"),
-        "268435456",
+        "201326592",
         "capacity back:\n{idc2}"
     );
     daemon.stop().unwrap();
