@@ -144,8 +144,8 @@ fn admin_and_io_over_shared_memory_and_malicious_commands() {
     );
     assert_eq!(
         sc(n.submit(0, cmd(0x01, 0, 0x4000, &[(63 << 16) | 2, (9 << 16) | 1]))),
-        SCT_CMD,
-        "SQ on absent CQ"
+        SCT_CMD | 0x01,
+        "SQ on a CQID beyond those allocated: Invalid Queue Identifier"
     );
     assert_eq!(
         sc(n.submit(0, cmd(0x05, 0, 0x4000, &[(63 << 16) | 2, 1 | (300 << 16)]))),
