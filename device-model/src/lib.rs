@@ -7,14 +7,14 @@
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
 //! `admin/` admin commands; `subsystem.rs` the NVM subsystem (its namespaces and their
 //! attachment); `io.rs` NVM commands; `compound.rs` commands made of several backend
-//! requests, and Compare; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
+//! requests, Compare and Verify; `uncorrectable.rs` the blocks Write Uncorrectable marked; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
 //! malloc, file; `reactor.rs` the thread.
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
 pub mod admin;
 pub mod backend;
-// a Compare's media buffer handed to a backend as iovecs
+// a Compare's or Verify's media buffer handed to a backend as iovecs
 #[allow(unsafe_code)]
 pub mod compound;
 pub mod controller;
@@ -43,6 +43,7 @@ pub mod stats;
 pub mod subsystem;
 #[cfg(test)]
 pub(crate) mod test_harness;
+pub mod uncorrectable;
 pub mod virt;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};
