@@ -207,7 +207,7 @@ impl Controller {
     pub(crate) fn compound_done(&mut self, c: &Compound) {
         match c {
             Compound::Compare(_) | Compound::Verify(_) => {
-                self.compares = self.compares.saturating_sub(1)
+                self.compares = self.compares.saturating_sub(1);
             }
             Compound::Parts(_) => self.part_lists = self.part_lists.saturating_sub(1),
         }

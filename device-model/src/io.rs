@@ -155,18 +155,16 @@ impl Controller {
         };
         let ns = &mut self.namespaces[ns_idx];
         let (slba, nlb) = (offset >> ns.lba_shift, len >> ns.lba_shift);
-        match ns.uncorrectable.insert(slba, nlb) {
-            Ok(()) => Outcome::status(Status::SUCCESS),
-            Err(crate::uncorrectable::Full) => {
-                crate::warn_limited!(
-                    "{}: namespace {}: Write Uncorrectable refused: {} ranges already",
-                    self.cfg.serial,
-                    ns.nsid,
-                    crate::uncorrectable::MAX_RANGES
-                );
-                Outcome::status(Status::dnr(nvme_spec::status::sct::GENERIC, 0x06))
-            }
+        if ns.uncorrectable.insert(slba, nlb).is_err() {
+            crate::warn_limited!(
+                "{}: namespace {}: Write Uncorrectable refused: {} ranges already",
+                self.cfg.serial,
+                ns.nsid,
+                crate::uncorrectable::MAX_RANGES
+            );
+            return Outcome::status(Status::dnr(nvme_spec::status::sct::GENERIC, 0x06));
         }
+        Outcome::status(Status::SUCCESS)
     }
 
     fn read_write(

@@ -68,7 +68,7 @@ impl Namespace {
             eui64,
             uuid,
             shared: false,
-            uncorrectable: Default::default(),
+            uncorrectable: crate::uncorrectable::Uncorrectable::default(),
         }
     }
 
