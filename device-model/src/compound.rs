@@ -3,7 +3,8 @@
 //! §7.1) send one request to each namespace's backend at once; Dataset Management (NVM
 //! command set 1.0 §3.2.3) deallocates its ranges one after the other. Such a command
 //! completes when its last request did, with the first error. Compare (NVM command set 1.0
-//! §3.2.1) reads into a buffer of the daemon's and compares when the read completes. All of
+//! §3.2.1) reads into a buffer of the daemon's and compares when the read completes; Verify
+//! (§3.2.5) reads into one and reports how the read went. All of
 //! it goes through the backends' `submit` and `poll` like a read or a write: nothing waits
 //! on the reactor.
 //!
@@ -21,8 +22,9 @@ use nvme_spec::{Status, Submission};
 use crate::backend::{GuestBuffers, IoOp, IoRequest};
 use crate::controller::{Controller, Outcome};
 
-/// Compares a controller has in flight at most: each holds a buffer of up to twice the
-/// maximum transfer size (the host's data and the media's).
+/// Compares and Verifies a controller has in flight at most: each holds a buffer of up to
+/// twice the maximum transfer size (the host's data and the media's; a Verify only the
+/// media's).
 pub const MAX_COMPARES: usize = 2;
 /// Commands with parts a controller has in flight at most: each holds a list of up to 256
 /// parts (Dataset Management ranges, or namespaces) of 32 bytes.
@@ -43,13 +45,27 @@ pub enum Compound {
     Parts(Parts),
     /// A Compare: the host's data, then the blocks read from the backend.
     Compare(Vec<u8>),
+    /// A Verify: the blocks read from the backend.
+    Verify(Vec<u8>),
 }
 
 impl Compound {
     fn parts(&mut self) -> Option<&mut Parts> {
         match self {
             Compound::Parts(p) => Some(p),
-            Compound::Compare(_) => None,
+            Compound::Compare(_) | Compound::Verify(_) => None,
+        }
+    }
+
+    /// Where the backend reads the blocks of a Compare or a Verify.
+    fn media(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Compound::Compare(buf) => {
+                let half = buf.len() / 2;
+                Some(&mut buf[half..])
+            }
+            Compound::Verify(buf) => Some(buf),
+            Compound::Parts(_) => None,
         }
     }
 }
@@ -79,14 +95,14 @@ impl Parts {
 /// flight, so bounded by [`crate::controller::MAX_COMMANDS_IN_FLIGHT`].
 pub(crate) type Waiting = VecDeque<(u16, u16, Submission)>;
 
-/// The compound kind of a command, if it has one: true for a Compare, false for a command
+/// The compound kind of a command, if it has one: true for a Compare or a Verify, false for a command
 /// with parts (Format NVM, Flush of every namespace, Dataset Management).
 fn compound_kind(qid: u16, sqe: &Submission) -> Option<bool> {
     use nvme_spec::opcode::{admin, nvm};
     match (qid, sqe.opcode) {
         (0, admin::FORMAT_NVM) => Some(false),
         (0, _) => None,
-        (_, nvm::COMPARE) => Some(true),
+        (_, nvm::COMPARE | nvm::VERIFY) => Some(true),
         (_, nvm::DATASET_MANAGEMENT) => Some(false),
         (_, nvm::FLUSH) if sqe.nsid.get() == u32::MAX => Some(false),
         _ => None,
@@ -190,7 +206,9 @@ impl Controller {
     /// A compound command finished: let go of what its kind counts.
     pub(crate) fn compound_done(&mut self, c: &Compound) {
         match c {
-            Compound::Compare(_) => self.compares = self.compares.saturating_sub(1),
+            Compound::Compare(_) | Compound::Verify(_) => {
+                self.compares = self.compares.saturating_sub(1);
+            }
             Compound::Parts(_) => self.part_lists = self.part_lists.saturating_sub(1),
         }
     }
@@ -270,6 +288,9 @@ impl Controller {
         if len > self.max_transfer() {
             return Outcome::status(Status::INVALID_FIELD);
         }
+        if self.is_uncorrectable(ns_idx, offset, len) {
+            return Outcome::status(Status::UNRECOVERED_READ_ERROR);
+        }
         if self.wait_for_room(qid, slot, sqe) {
             return Outcome::Pending;
         }
@@ -281,6 +302,48 @@ impl Controller {
         // a rare command: a buffer of its own, bounded by MDTS and MAX_COMPARES
         let mut buf = vec![0u8; 2 * len];
         buf[..len].copy_from_slice(&self.bounce[..len]);
+        self.read_into_own_buffer(qid, slot, ns_idx, offset, Compound::Compare(buf))
+    }
+
+    /// Verify (NVM command set 1.0 §3.2.5, ONCS bit 7): the blocks are read into a buffer of
+    /// ours (nothing goes to the host) and the command reports how the read went;
+    /// uncorrectable blocks fail it with Unrecovered Read Error. Limited to the Verify Size
+    /// Limit, reported equal to MDTS (Identify CNS 06h VSL): a larger one is Invalid Field in
+    /// Command. Counted with the Compares ([`MAX_COMPARES`]).
+    pub(crate) fn verify(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        sqe: &Submission,
+    ) -> Outcome {
+        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+            Ok(r) => r,
+            Err(s) => return Outcome::status(s),
+        };
+        if len > self.max_transfer() {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        if self.is_uncorrectable(ns_idx, offset, len) {
+            return Outcome::status(Status::UNRECOVERED_READ_ERROR);
+        }
+        if self.wait_for_room(qid, slot, sqe) {
+            return Outcome::Pending;
+        }
+        let buf = vec![0u8; len as usize];
+        self.read_into_own_buffer(qid, slot, ns_idx, offset, Compound::Verify(buf))
+    }
+
+    /// Start the read of a Compare or a Verify into the media part of its buffer (kept in
+    /// the command's slot until the command completes).
+    fn read_into_own_buffer(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        offset: u64,
+        compound: Compound,
+    ) -> Outcome {
         let tag = self.tag(qid, slot);
         let block = (!self
             .slot_mut(qid, slot)
@@ -292,12 +355,11 @@ impl Controller {
         if let Some(b) = block {
             ctx.iov.give_storage(b);
         }
-        ctx.bytes = len as u64;
-        let compound = ctx.compound.insert(Box::new(Compound::Compare(buf)));
-        let Compound::Compare(buf) = &mut **compound else {
+        let compound = ctx.compound.insert(Box::new(compound));
+        let Some(media) = compound.media() else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
-        let media = &mut buf[len..];
+        ctx.bytes = media.len() as u64;
         // SAFETY: the buffer is the slot's own, freed only when the command completes (after
         // the backend answered, `Controller::complete`) or with the slot (a reset keeps a
         // slot with requests in flight until they are answered, `crate::quiesce`); nothing

@@ -6,15 +6,17 @@
 //! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
 //! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
 //! `admin/` admin commands; `subsystem_link.rs` and `virt_link.rs` what a controller asks of
-//! its NVM subsystem and SR-IOV pools (which live in the `sriov` crate); `io.rs` NVM commands; `compound.rs` commands made of several backend
-//! requests, and Compare; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null,
+//! its NVM subsystem and SR-IOV pools (which live in the `sriov` crate); `io.rs` NVM
+//! commands; `compound.rs` commands made of several backend requests, Compare and Verify;
+//! `uncorrectable.rs` the blocks Write Uncorrectable marked; `dptr.rs` PRP/SGL; `memory.rs`
+//! the DMA map; `backend/` null,
 //! malloc, file; `reactor.rs` the thread.
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
 pub mod admin;
 pub mod backend;
-// a Compare's media buffer handed to a backend as iovecs
+// a Compare's or Verify's media buffer handed to a backend as iovecs
 #[allow(unsafe_code)]
 pub mod compound;
 pub mod controller;
@@ -43,6 +45,7 @@ pub mod stats;
 pub mod subsystem_link;
 #[cfg(test)]
 pub(crate) mod test_harness;
+pub mod uncorrectable;
 pub mod virt_link;
 
 pub use controller::{Controller, ControllerConfig, FabricsIdentify};

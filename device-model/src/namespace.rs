@@ -18,6 +18,8 @@ pub struct Namespace {
     pub uuid: [u8; 16],
     /// May be attached to more than one controller (Identify Namespace NMIC bit 0).
     pub shared: bool,
+    /// Blocks marked by Write Uncorrectable (this controller's view of the namespace).
+    pub uncorrectable: crate::uncorrectable::Uncorrectable,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -66,6 +68,7 @@ impl Namespace {
             eui64,
             uuid,
             shared: false,
+            uncorrectable: crate::uncorrectable::Uncorrectable::default(),
         }
     }
 

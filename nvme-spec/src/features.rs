@@ -14,6 +14,8 @@ pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
 pub const AUTONOMOUS_POWER_STATE: u8 = 0x0c;
 pub const TIMESTAMP: u8 = 0x0e;
 pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
+/// LBA Status Information Report Interval (NVMe base 2.0, Set Features, feature 15h).
+pub const LBA_STATUS_INFO_REPORT_INTERVAL: u8 = 0x15;
 pub const HOST_BEHAVIOR: u8 = 0x16;
 
 /// Get Features select field (CDW10 bits 10:8).

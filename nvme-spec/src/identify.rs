@@ -132,6 +132,7 @@ pub mod oacs {
     pub const DIRECTIVES: u16 = 1 << 5;
     pub const VIRTUALIZATION: u16 = 1 << 7;
     pub const DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
+    pub const GET_LBA_STATUS: u16 = 1 << 9;
 }
 
 /// ONCS bits (Optional NVM Command Support).
@@ -143,6 +144,7 @@ pub mod oncs {
     pub const SAVE_SELECT: u16 = 1 << 4;
     pub const RESERVATIONS: u16 = 1 << 5;
     pub const TIMESTAMP: u16 = 1 << 6;
+    pub const VERIFY: u16 = 1 << 7;
 }
 
 /// LPA bits (Log Page Attributes).

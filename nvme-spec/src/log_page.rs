@@ -11,6 +11,8 @@ pub mod lid {
     pub const CHANGED_NS_LIST: u8 = 0x04;
     pub const COMMANDS_EFFECTS: u8 = 0x05;
     pub const DEVICE_SELF_TEST: u8 = 0x06;
+    /// LBA Status Information (NVMe base 2.0, Get Log Page, LBA Status Information).
+    pub const LBA_STATUS_INFO: u8 = 0x0e;
     pub const DISCOVERY: u8 = 0x70;
 }
 

@@ -26,6 +26,8 @@ pub mod admin {
     pub const SECURITY_SEND: u8 = 0x81;
     pub const SECURITY_RECEIVE: u8 = 0x82;
     pub const SANITIZE: u8 = 0x84;
+    /// Get LBA Status (NVM command set 1.0, Get LBA Status command; OACS bit 9).
+    pub const GET_LBA_STATUS: u8 = 0x86;
 }
 
 /// NVM command set I/O opcodes.
@@ -37,4 +39,6 @@ pub mod nvm {
     pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DATASET_MANAGEMENT: u8 = 0x09;
+    /// Verify (NVM command set 1.0 §3.2.5, ONCS bit 7).
+    pub const VERIFY: u8 = 0x0c;
 }

@@ -1,5 +1,12 @@
 //! Get / Set Features (NVMe base 2.0 §5.27): the features every controller implements
-//! (01h-0Bh), Keep Alive Timer (0Fh) and Host Behavior Support (16h).
+//! (01h-0Bh), Keep Alive Timer (0Fh), LBA Status Information Report Interval (15h, with Get
+//! LBA Status) and Host Behavior Support (16h).
+//!
+//! Any other Feature Identifier is not supported and gets Invalid Field in Command (base 2.0
+//! §5.27.1), as QEMU's controller answers: Autonomous Power State Transition (0Ch; Identify
+//! APSTA is 0), Timestamp (0Eh; ONCS bit 6 is 0) and the vendor specific ones (C0h-FFh)
+//! among them. No feature is saveable (ONCS bit 4 is 0): Set with SV is Feature Identifier
+//! Not Saveable, and Get with Select = saved returns the default value.
 
 use nvme_spec::features::{self as fid, select};
 use nvme_spec::log_page::lid;
@@ -30,6 +37,8 @@ pub(crate) struct Features {
     pub write_atomicity: u32,
     pub async_event_config: u32,
     pub keep_alive_ms: u32,
+    /// LBA Status Information Report Interval (feature 15h dword 11: LSIRI, LSIPI).
+    pub lba_status_interval: u32,
     pub host_behavior: [u8; 512],
 }
 
@@ -54,6 +63,7 @@ impl Features {
             write_atomicity: 0,
             async_event_config: 0,
             keep_alive_ms: 0,
+            lba_status_interval: 0,
             host_behavior: [0; 512],
         }
     }
@@ -72,8 +82,9 @@ impl Controller {
         let sel = ((cdw10 >> 8) & 7) as u8;
         let defaults;
         let f = match sel {
-            select::CURRENT | select::SAVED => &self.features,
-            select::DEFAULT => {
+            select::CURRENT => &self.features,
+            // nothing is saveable: the saved value is the default one
+            select::DEFAULT | select::SAVED => {
                 defaults = Features::new(&self.cfg);
                 &defaults
             }
@@ -82,6 +93,7 @@ impl Controller {
                 return match id {
                     fid::ARBITRATION..=fid::ASYNC_EVENT_CONFIG
                     | fid::KEEP_ALIVE_TIMER
+                    | fid::LBA_STATUS_INFO_REPORT_INTERVAL
                     | fid::HOST_BEHAVIOR => {
                         let ns_specific =
                             u32::from(id == fid::LBA_RANGE_TYPE || id == fid::ERROR_RECOVERY) << 1;
@@ -143,15 +155,18 @@ impl Controller {
             }
             fid::INTERRUPT_COALESCING => f.coalescing,
             fid::INTERRUPT_VECTOR_CONFIG => {
+                // any vector of the MSI-X table; the admin queue's (0) is never coalesced,
+                // so it reads CD = 1 (as QEMU's controller reports it)
                 let iv = sqe.cdw11.get() & 0xffff;
                 match f.vector_cd.get(iv as usize) {
-                    Some(&cd) => iv | (u32::from(cd) << 16),
+                    Some(&cd) => iv | (u32::from(cd || iv == 0) << 16),
                     None => return Outcome::status(Status::INVALID_FIELD),
                 }
             }
             fid::WRITE_ATOMICITY => f.write_atomicity,
             fid::ASYNC_EVENT_CONFIG => f.async_event_config,
             fid::KEEP_ALIVE_TIMER => f.keep_alive_ms,
+            fid::LBA_STATUS_INFO_REPORT_INTERVAL => f.lba_status_interval,
             fid::HOST_BEHAVIOR => {
                 let data = f.host_behavior;
                 let s = self.admin_to_host(sqe, &data, mem);
@@ -224,9 +239,10 @@ impl Controller {
                 f.coalescing_adaptive = false;
             }
             fid::INTERRUPT_VECTOR_CONFIG => {
+                // §5.27.1.10: IV is any vector of the MSI-X table (Get Features reads back
+                // CD); the admin queue's vector is never coalesced, so IV 0 is Invalid Field
                 let iv = (cdw11 & 0xffff) as usize;
                 match f.vector_cd.get_mut(iv) {
-                    // §5.27.1.10: the admin queue's vector is never coalesced; not configurable
                     Some(cd) if iv != 0 => *cd = cdw11 & (1 << 16) != 0,
                     _ => return Outcome::status(Status::INVALID_FIELD),
                 }
@@ -239,6 +255,9 @@ impl Controller {
                 f.keep_alive_ms = cdw11.div_ceil(g).saturating_mul(g);
                 self.keep_alive_since = None;
             }
+            // LSIRI and LSIPI: kept and read back; no LBA Status Information Alert is sent
+            // (the set of uncorrectable blocks changes only by the host's own commands)
+            fid::LBA_STATUS_INFO_REPORT_INTERVAL => f.lba_status_interval = cdw11,
             fid::HOST_BEHAVIOR => {
                 let s = self.copy_from_host(sqe, 512, mem, false);
                 if !s.is_success() {
@@ -277,5 +296,67 @@ impl Controller {
                 mem,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nvme_spec::Status;
+
+    use crate::test_harness::{DATA, Harness, sqe};
+
+    const GET_LOG_PAGE: u8 = 0x02;
+    const SET_FEATURES: u8 = 0x09;
+    const GET_FEATURES: u8 = 0x0a;
+    const OUT: u64 = DATA + 0x20000;
+
+    fn admin_run(h: &mut Harness, s: [u8; 64]) -> Status {
+        let c = h.admin(s);
+        h.admin_wait(c)
+    }
+
+    /// Features a stock OS probes: Interrupt Vector Configuration for any vector of the
+    /// MSI-X table but the admin one, Get after Set, saved = default; Autonomous Power State
+    /// Transition (0Ch) and vendor specific features and log pages are not supported.
+    #[test]
+    fn feature_and_log_identifiers_a_stock_os_probes() {
+        let mut h = Harness::new(vec![]);
+        let set = |h: &mut Harness, fid: u32, cdw11: u32| {
+            admin_run(h, sqe(SET_FEATURES, 0, 0, &[fid, cdw11]))
+        };
+        let get = |h: &mut Harness, cdw10: u32, cdw11: u32| {
+            admin_run(h, sqe(GET_FEATURES, 0, 0, &[cdw10, cdw11]))
+        };
+        assert_eq!(set(&mut h, 9, 1 | (1 << 16)), Status::SUCCESS, "IV 1, CD");
+        assert!(h.ctrl.features.vector_cd[1]);
+        let last = u32::from(crate::pci::MSIX_VECTORS - 1);
+        assert_eq!(
+            set(&mut h, 9, last),
+            Status::SUCCESS,
+            "the last MSI-X vector"
+        );
+        assert_eq!(
+            set(&mut h, 9, last + 1),
+            Status::INVALID_FIELD,
+            "past the table"
+        );
+        assert_eq!(
+            set(&mut h, 9, 1 << 16),
+            Status::INVALID_FIELD,
+            "the admin vector"
+        );
+        assert_eq!(get(&mut h, 9, last + 1), Status::INVALID_FIELD);
+        assert_eq!(set(&mut h, 8, 0x0a03), Status::SUCCESS);
+        for fid in [0x0c, 0x0e, 0xc0, 0xff] {
+            assert_eq!(get(&mut h, fid, 0), Status::INVALID_FIELD, "Get {fid:#x}");
+            assert_eq!(get(&mut h, fid | (3 << 8), 0), Status::INVALID_FIELD);
+            assert_eq!(set(&mut h, fid, 1), Status::INVALID_FIELD, "Set {fid:#x}");
+        }
+        for lid in [0x0c_u32, 0xc0, 0xca, 0xff] {
+            let st = admin_run(&mut h, sqe(GET_LOG_PAGE, 0, OUT, &[lid | (127 << 16)]));
+            assert_eq!(st, Status::INVALID_LOG_PAGE, "log {lid:#x}");
+        }
+        assert_eq!(set(&mut h, 0x15, 0x0005_0003), Status::SUCCESS);
+        assert_eq!(h.ctrl.features.lba_status_interval, 0x0005_0003);
     }
 }

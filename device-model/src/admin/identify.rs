@@ -160,7 +160,8 @@ impl Controller {
                     return Status::INVALID_FIELD;
                 }
                 // NVM command set specific Identify Controller (NVM cmd set 1.0 §4.1.5.2):
-                // no VSL/WZSL/WUSL/DMRL limits beyond MDTS: all zero.
+                // VSL (byte 0) the Verify Size Limit, as MDTS; no WZSL/WUSL/DMRL limits
+                page[0] = self.cfg.mdts;
             }
             cns::CS_INDEPENDENT_NAMESPACE => {
                 let Some(_) = self.namespace_index(nsid) else {
@@ -243,7 +244,13 @@ impl Controller {
                 id.unvmcap = u128::from(free).to_le_bytes();
             }
         }
-        id.oncs = (oncs::COMPARE | oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES).into();
+        id.oncs = (oncs::COMPARE
+            | oncs::WRITE_UNCORRECTABLE
+            | oncs::DATASET_MANAGEMENT
+            | oncs::WRITE_ZEROES
+            | oncs::VERIFY)
+            .into();
+        id.oacs = (id.oacs.get() | oacs::GET_LBA_STATUS).into();
         id.vwc = 0x07; // volatile write cache present; Flush with NSID FFFFFFFFh supported
         id.sgls = 1.into(); // SGLs supported, no alignment requirement
         let nqn = c.subnqn.as_bytes();
@@ -258,7 +265,7 @@ impl Controller {
         }
         if let Some(f) = c.fabrics {
             // no doorbell buffer or PCIe-only features over a fabric
-            id.oacs = oacs::FORMAT_NVM.into();
+            id.oacs = (oacs::FORMAT_NVM | oacs::GET_LBA_STATUS).into();
             id.maxcmd = f.maxcmd.into();
             // SGLs supported, and the Address field of a Data Block may be an offset
             // (in-capsule data)

@@ -1,6 +1,8 @@
 //! Get Log Page (NVMe base 2.0 §5.16): Error Information (01h), SMART / Health (02h),
-//! Firmware Slot (03h), Changed Namespace List (04h), Commands Supported and Effects (05h).
-//! The log page offset is honoured.
+//! Firmware Slot (03h), Changed Namespace List (04h), Commands Supported and Effects (05h),
+//! LBA Status Information (0Eh, [`crate::admin::lba_status`]). Any other identifier, the
+//! vendor specific ones (C0h-FFh) included, is Invalid Log Page. The log page offset is
+//! honoured.
 
 use nvme_spec::log_page::{
     CommandsEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog, effects, lid,
@@ -114,6 +116,7 @@ impl Controller {
                 self.smart_log().as_bytes().to_vec()
             }
             lid::CHANGED_NS_LIST => self.changed_ns.page(retain_event),
+            lid::LBA_STATUS_INFO => self.lba_status_log(offset.saturating_add(len)),
             lid::FIRMWARE_SLOT => {
                 let mut fw = FirmwareSlotLog::default();
                 fw.afi = 1;
@@ -137,6 +140,7 @@ impl Controller {
                     admin::ASYNC_EVENT_REQUEST,
                     admin::KEEP_ALIVE,
                     admin::DOORBELL_BUFFER_CONFIG,
+                    admin::GET_LBA_STATUS,
                 ] {
                     e.acs[op as usize] = effects::CSUPP.into();
                 }
@@ -147,10 +151,15 @@ impl Controller {
                         e.acs[op as usize] = (effects::CSUPP | effects::NCC | effects::NIC).into();
                     }
                 }
-                for op in [nvm::FLUSH, nvm::READ, nvm::COMPARE] {
+                for op in [nvm::FLUSH, nvm::READ, nvm::COMPARE, nvm::VERIFY] {
                     e.iocs[op as usize] = effects::CSUPP.into();
                 }
-                for op in [nvm::WRITE, nvm::WRITE_ZEROES, nvm::DATASET_MANAGEMENT] {
+                for op in [
+                    nvm::WRITE,
+                    nvm::WRITE_ZEROES,
+                    nvm::DATASET_MANAGEMENT,
+                    nvm::WRITE_UNCORRECTABLE,
+                ] {
                     e.iocs[op as usize] = (effects::CSUPP | effects::LBCC).into();
                 }
                 e.as_bytes().to_vec()

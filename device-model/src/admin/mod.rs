@@ -5,6 +5,7 @@ mod doorbell_buffer;
 pub(crate) mod features;
 mod identify;
 pub(crate) mod keep_alive;
+mod lba_status;
 pub(crate) mod log_page;
 pub(crate) mod namespace_management;
 mod queues;
@@ -51,6 +52,7 @@ impl Controller {
             op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
             op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
             op::FORMAT_NVM => self.format_nvm(slot, sqe),
+            op::GET_LBA_STATUS => Outcome::status(self.get_lba_status(sqe, mem)),
             op::NS_MANAGEMENT => self.namespace_management(sqe, mem),
             op::NS_ATTACHMENT => self.namespace_attachment(sqe, mem),
             op::VIRTUALIZATION_MANAGEMENT => {
@@ -141,8 +143,9 @@ impl Controller {
             }
         };
         let parts: Vec<Part> = self.namespaces[targets]
-            .iter()
+            .iter_mut()
             .map(|ns| {
+                ns.uncorrectable.clear_all(); // every block deallocated: readable again
                 log::info!("namespace {}: format ({})", ns.nsid, ns.backend.describe());
                 Part {
                     nsid: ns.nsid,
