@@ -8,9 +8,6 @@ use std::sync::Arc;
 use nvme_spec::registers::{self as reg, cap, cc, csts};
 use nvme_spec::{Completion, Status};
 
-use crate::admin::async_event::{AsyncEvent, AsyncEvents, error_info, event_type};
-use crate::admin::features::Features;
-use crate::admin::log_page::{ErrorLog, SmartCounters};
 use crate::backend::{IoOp, IoRequest};
 use crate::doorbell::Doorbells;
 use crate::dptr::IoVecs;
@@ -21,6 +18,9 @@ use crate::namespace::Namespace;
 use crate::pci::PciIds;
 use crate::queue::{CompletionQueue, SubmissionQueue};
 use crate::shadow_doorbell::{self, ShadowDoorbells};
+use crate::state::async_events::{AsyncEvent, AsyncEvents, error_info, event_type};
+use crate::state::features::Features;
+use crate::state::logs::{ErrorLog, SmartCounters};
 use crate::stats::ControllerStats;
 
 /// Static configuration of a controller.
@@ -157,7 +157,7 @@ pub struct Controller {
     pub(crate) keep_alive_since: Option<std::time::Instant>,
     pub(crate) errors: ErrorLog,
     /// Namespaces attached or detached since the host last read log page 04h.
-    pub(crate) changed_ns: crate::admin::namespace_management::ChangedNamespaces,
+    pub(crate) changed_ns: crate::state::changed_namespaces::ChangedNamespaces,
     pub(crate) smart: SmartCounters,
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
@@ -219,7 +219,7 @@ impl Controller {
         let qos = cfg.qos;
         let mdts_bytes = 4096usize << cfg.mdts;
         Self {
-            features: Features::new(&cfg),
+            features: Features::new(cfg.max_io_queues, cfg.irq_coalescing.dword()),
             cfg,
             mem,
             doorbells,
@@ -241,7 +241,7 @@ impl Controller {
             shadow: None,
             keep_alive_since: None,
             errors: ErrorLog::default(),
-            changed_ns: crate::admin::namespace_management::ChangedNamespaces::default(),
+            changed_ns: crate::state::changed_namespaces::ChangedNamespaces::default(),
             smart: SmartCounters::default(),
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
@@ -660,7 +660,7 @@ impl Controller {
         self.shadow = None;
         self.keep_alive_since = None;
         self.doorbells.clear();
-        self.features = Features::new(&self.cfg);
+        self.features = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
         self.cc &= !cc::EN;
         self.csts = 0;
         self.stats

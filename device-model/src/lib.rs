@@ -16,9 +16,10 @@
 
 pub mod admin;
 pub mod backend;
+pub mod compound;
 // a Compare's or Verify's media buffer handed to a backend as iovecs
 #[allow(unsafe_code)]
-pub mod compound;
+pub mod compound_io;
 pub mod controller;
 pub mod doorbell;
 // guest buffers as iovecs for backends and the kernel
@@ -41,6 +42,7 @@ pub mod queue;
 pub mod quiesce;
 pub mod reactor;
 pub mod shadow_doorbell;
+pub mod state;
 pub mod stats;
 pub mod subsystem_link;
 #[cfg(test)]

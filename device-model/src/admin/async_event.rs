@@ -2,72 +2,13 @@
 //! the controller completes one per event. After an event is reported, further events of its
 //! type are held back until the host reads the associated log page with RAE cleared.
 
-use std::collections::VecDeque;
-
 use nvme_spec::Status;
 use nvme_spec::log_page::lid;
 
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
+use crate::state::async_events::{AER_LIMIT, AsyncEvent, AsyncEvents, event_type};
 use crate::stats::ControllerStats;
-
-/// Outstanding Asynchronous Event Requests allowed (Identify AERL is 0's based).
-pub(crate) const AER_LIMIT: usize = 4;
-
-/// Asynchronous Event Type (§5.2.1, completion dword 0 bits 2:0).
-pub mod event_type {
-    pub const ERROR: u8 = 0;
-    pub const SMART: u8 = 1;
-    pub const NOTICE: u8 = 2;
-}
-
-/// Asynchronous Event Information for the Error status type (§5.2.1, Figure 147).
-pub mod error_info {
-    pub const INVALID_DOORBELL_REGISTER: u8 = 0x00;
-    pub const INVALID_DOORBELL_VALUE: u8 = 0x01;
-    pub const PERSISTENT_INTERNAL_ERROR: u8 = 0x03;
-}
-
-/// Asynchronous Event Information for the SMART / Health status type (§5.2.1).
-pub mod smart_info {
-    pub const RELIABILITY: u8 = 0x00;
-    pub const TEMPERATURE_THRESHOLD: u8 = 0x01;
-    pub const SPARE_BELOW_THRESHOLD: u8 = 0x02;
-}
-
-/// One event: type, information and the log page that clears it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AsyncEvent {
-    pub event_type: u8,
-    pub info: u8,
-    pub log_page: u8,
-}
-
-impl AsyncEvent {
-    /// Completion dword 0 (§5.2.1).
-    pub fn dword0(self) -> u32 {
-        u32::from(self.event_type & 7)
-            | (u32::from(self.info) << 8)
-            | (u32::from(self.log_page) << 16)
-    }
-}
-
-/// Parked requests, events waiting for one, and the types held back until their log is read.
-#[derive(Debug, Default)]
-pub(crate) struct AsyncEvents {
-    /// Admin SQ slots holding outstanding requests.
-    slots: Vec<u16>,
-    queued: VecDeque<AsyncEvent>,
-    /// Bit per event type: reported, its log page not yet read.
-    masked: u8,
-}
-
-impl AsyncEvents {
-    /// Events waiting for a request (for tests and diagnostics).
-    pub(crate) fn queued(&self) -> usize {
-        self.queued.len()
-    }
-}
 
 impl Controller {
     /// Asynchronous Event Request: complete at once if an event waits, else park the command.
@@ -124,20 +65,5 @@ impl Controller {
     /// Drop parked requests (controller reset: the admin queue is gone).
     pub(crate) fn reset_events(&mut self) {
         self.events = AsyncEvents::default();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dword0_layout() {
-        let ev = AsyncEvent {
-            event_type: event_type::ERROR,
-            info: error_info::INVALID_DOORBELL_VALUE,
-            log_page: lid::ERROR_INFORMATION,
-        };
-        assert_eq!(ev.dword0(), 0x0001_0100);
     }
 }

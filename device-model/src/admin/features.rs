@@ -12,68 +12,10 @@ use nvme_spec::features::{self as fid, select};
 use nvme_spec::log_page::lid;
 use nvme_spec::{Status, Submission};
 
-use crate::admin::async_event::{AsyncEvent, event_type, smart_info};
-use crate::controller::{Controller, ControllerConfig, Outcome};
+use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
-
-/// Current feature values; reset to defaults on controller reset.
-#[derive(Clone, Debug)]
-pub(crate) struct Features {
-    pub arbitration: u32,
-    pub power_state: u32,
-    pub temp_over: u16,
-    pub temp_under: u16,
-    pub error_recovery: u32,
-    pub write_cache: bool,
-    /// Allocated queues (0's based) once Set Features Number of Queues succeeded.
-    pub queues: Option<(u16, u16)>,
-    pub max_queues: u16,
-    pub coalescing: u32,
-    /// Interrupt Coalescing still has its power-on value (the daemon's, applied adaptively:
-    /// see [`crate::irq_coalescing`]); false once the host sets feature 08h.
-    pub coalescing_adaptive: bool,
-    /// Interrupt Vector Configuration: coalescing disable per vector.
-    pub vector_cd: Vec<bool>,
-    pub write_atomicity: u32,
-    pub async_event_config: u32,
-    pub keep_alive_ms: u32,
-    /// LBA Status Information Report Interval (feature 15h dword 11: LSIRI, LSIPI).
-    pub lba_status_interval: u32,
-    pub host_behavior: [u8; 512],
-}
-
-/// Composite temperature reported in SMART and the default over-temperature threshold (K).
-pub(crate) const TEMPERATURE_K: u16 = 308;
-const DEFAULT_TEMP_OVER: u16 = 343;
-
-impl Features {
-    pub(crate) fn new(cfg: &ControllerConfig) -> Self {
-        Self {
-            arbitration: 0,
-            power_state: 0,
-            temp_over: DEFAULT_TEMP_OVER,
-            temp_under: 0,
-            error_recovery: 0,
-            write_cache: true,
-            queues: None,
-            max_queues: cfg.max_io_queues,
-            coalescing: cfg.irq_coalescing.dword(),
-            coalescing_adaptive: true,
-            vector_cd: vec![false; crate::pci::MSIX_VECTORS as usize],
-            write_atomicity: 0,
-            async_event_config: 0,
-            keep_alive_ms: 0,
-            lba_status_interval: 0,
-            host_behavior: [0; 512],
-        }
-    }
-
-    /// I/O queues granted (0's based SQ and CQ counts): the request if set, else the maximum.
-    pub(crate) fn granted(&self) -> (u16, u16) {
-        self.queues
-            .unwrap_or((self.max_queues - 1, self.max_queues - 1))
-    }
-}
+use crate::state::async_events::{AsyncEvent, event_type, smart_info};
+use crate::state::features::{Features, TEMPERATURE_K};
 
 impl Controller {
     pub(crate) fn get_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
@@ -85,7 +27,7 @@ impl Controller {
             select::CURRENT => &self.features,
             // nothing is saveable: the saved value is the default one
             select::DEFAULT | select::SAVED => {
-                defaults = Features::new(&self.cfg);
+                defaults = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
                 &defaults
             }
             select::SUPPORTED_CAPABILITIES => {

@@ -224,7 +224,7 @@ impl Controller {
         id.aerl = (crate::admin::AER_LIMIT - 1) as u8;
         id.frmw = 0x03; // one slot, slot 1 read-only
         id.lpa = lpa::COMMANDS_EFFECTS;
-        id.elpe = (crate::admin::log_page::ERROR_LOG_ENTRIES - 1) as u8;
+        id.elpe = (crate::state::logs::ERROR_LOG_ENTRIES - 1) as u8;
         id.wctemp = 343.into();
         id.cctemp = 373.into();
         id.kas = 1.into(); // keep alive granularity 100 ms

@@ -4,83 +4,14 @@
 //! vendor specific ones (C0h-FFh) included, is Invalid Log Page. The log page offset is
 //! honoured.
 
-use nvme_spec::log_page::{
-    CommandsEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog, effects, lid,
-};
+use nvme_spec::log_page::{CommandsEffectsLog, FirmwareSlotLog, SmartLog, effects, lid};
 use nvme_spec::opcode::{admin, nvm};
 use nvme_spec::{Status, Submission};
 use zerocopy::IntoBytes;
 
 use crate::controller::Controller;
 use crate::memory::MemoryMap;
-
-/// Error log entries kept (Identify ELPE + 1).
-pub(crate) const ERROR_LOG_ENTRIES: usize = 64;
-
-/// The error log: a ring of the most recent failed commands.
-#[derive(Debug, Default)]
-pub(crate) struct ErrorLog {
-    entries: std::collections::VecDeque<ErrorLogEntry>,
-    count: u64,
-}
-
-impl ErrorLog {
-    pub(crate) fn record(&mut self, sqid: u16, cid: u16, status: Status, nsid: u32, _opcode: u8) {
-        self.count += 1;
-        let mut e = ErrorLogEntry::default();
-        e.error_count = self.count.into();
-        e.sqid = sqid.into();
-        e.cid = cid.into();
-        e.status = status.cqe_bits().into();
-        e.param_error_location = 0xffff.into();
-        e.nsid = nsid.into();
-        if self.entries.len() == ERROR_LOG_ENTRIES {
-            self.entries.pop_back();
-        }
-        self.entries.push_front(e);
-    }
-    pub(crate) fn count(&self) -> u64 {
-        self.count
-    }
-}
-
-/// SMART counters (since the daemon started; volatile).
-#[derive(Debug)]
-pub(crate) struct SmartCounters {
-    bytes_read: u64,
-    bytes_written: u64,
-    reads: u64,
-    writes: u64,
-    started: std::time::Instant,
-}
-
-impl Default for SmartCounters {
-    fn default() -> Self {
-        Self {
-            bytes_read: 0,
-            bytes_written: 0,
-            reads: 0,
-            writes: 0,
-            started: std::time::Instant::now(),
-        }
-    }
-}
-
-impl SmartCounters {
-    pub(crate) fn account(&mut self, opcode: u8, bytes: u64) {
-        match opcode {
-            nvm::READ | nvm::COMPARE => {
-                self.reads += 1;
-                self.bytes_read += bytes;
-            }
-            nvm::WRITE | nvm::WRITE_ZEROES => {
-                self.writes += 1;
-                self.bytes_written += bytes;
-            }
-            _ => {}
-        }
-    }
-}
+use crate::state::logs::ERROR_LOG_ENTRIES;
 
 fn u128_le(v: u64) -> [u8; 16] {
     u128::from(v).to_le_bytes()
@@ -183,7 +114,7 @@ impl Controller {
     fn smart_log(&self) -> SmartLog {
         let s = &self.smart;
         let mut log = SmartLog::default();
-        log.temperature = crate::admin::features::TEMPERATURE_K.to_le_bytes();
+        log.temperature = crate::state::features::TEMPERATURE_K.to_le_bytes();
         log.avail_spare = 100;
         log.critical_warning = u8::from(self.temperature_warning()) << 1;
         log.spare_thresh = 10;
@@ -195,7 +126,7 @@ impl Controller {
         log.power_cycles = u128_le(1);
         log.power_on_hours = u128_le(s.started.elapsed().as_secs() / 3600);
         log.num_err_log_entries = u128_le(self.errors.count());
-        log.temp_sensor[0] = crate::admin::features::TEMPERATURE_K.into();
+        log.temp_sensor[0] = crate::state::features::TEMPERATURE_K.into();
         log
     }
 }

@@ -20,7 +20,7 @@ use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
 
-pub(crate) use async_event::AER_LIMIT;
+pub(crate) use crate::state::async_events::AER_LIMIT;
 
 impl Controller {
     /// Execute one admin command fetched into `slot` of the admin SQ.
