@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use nvme_spec::registers::{self as reg, cap, cc, csts};
+use nvme_spec::registers::cap;
 use nvme_spec::{Completion, Status};
 
 use crate::backend::{IoOp, IoRequest};
@@ -17,6 +17,7 @@ use crate::memory::{GuestMemory, MemoryMap};
 use crate::namespace::Namespace;
 use crate::pci::PciIds;
 use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::registers::{Aqa, Cc, Csts, RegisterWrite, Registers, ShutdownStatus};
 use crate::shadow_doorbell::{self, ShadowDoorbells};
 use crate::state::async_events::{AsyncEvent, AsyncEvents, error_info, event_type};
 use crate::state::features::Features;
@@ -136,12 +137,8 @@ pub struct Controller {
     pub(crate) doorbells: Arc<Doorbells>,
     pub(crate) irqs: Interrupts,
     pub(crate) namespaces: Vec<Namespace>,
-    cc: u32,
-    csts: u32,
-    aqa: u32,
-    asq: u64,
-    acq: u64,
-    intms: u32,
+    /// CC, CSTS, the admin queue registers and the interrupt masks.
+    regs: Registers,
     pub(crate) page_size: u64,
     pub(crate) sqs: Vec<Option<SubmissionQueue>>,
     pub(crate) cqs: Vec<Option<CompletionQueue>>,
@@ -199,8 +196,8 @@ impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
             .field("serial", &self.cfg.serial)
-            .field("cc", &self.cc)
-            .field("csts", &self.csts)
+            .field("cc", &self.regs.cc)
+            .field("csts", &self.regs.csts)
             .finish()
     }
 }
@@ -225,12 +222,7 @@ impl Controller {
             doorbells,
             irqs: Interrupts::default(),
             namespaces,
-            cc: 0,
-            csts: 0,
-            aqa: 0,
-            asq: 0,
-            acq: 0,
-            intms: 0,
+            regs: Registers::default(),
             page_size: 4096,
             sqs: (0..nq).map(|_| None).collect(),
             cqs: (0..nq).map(|_| None).collect(),
@@ -341,12 +333,12 @@ impl Controller {
 
     /// True when CSTS.RDY is set.
     pub fn is_ready(&self) -> bool {
-        self.csts & csts::RDY != 0
+        self.regs.csts.ready()
     }
 
     /// True when CSTS.CFS is set (the controller stopped processing commands).
     pub fn is_fatal(&self) -> bool {
-        self.csts & csts::CFS != 0
+        self.regs.csts.fatal()
     }
 
     /// Enter Controller Fatal Status: no command is processed until a controller reset.
@@ -354,7 +346,7 @@ impl Controller {
         if !self.is_fatal() {
             ControllerStats::bump(&self.stats.fatal);
         }
-        self.csts |= csts::CFS;
+        self.regs.csts.set_fatal(true);
     }
 
     /// Event counters, shared with the control plane.
@@ -388,88 +380,55 @@ impl Controller {
 
     /// Read a BAR0 register (offsets below the doorbell page). Unknown offsets read as zero.
     pub fn read_register(&self, offset: u64, len: usize) -> u64 {
-        let cap = self.cap();
-        let image: [(u64, u64, usize); 9] = [
-            (reg::CAP, cap, 8),
-            (reg::VS, u64::from(reg::version(1, 4, 0)), 4),
-            (reg::INTMS, u64::from(self.intms), 4),
-            (reg::INTMC, u64::from(self.intms), 4),
-            (reg::CC, u64::from(self.cc), 4),
-            (reg::CSTS, u64::from(self.csts), 4),
-            (reg::AQA, u64::from(self.aqa), 4),
-            (reg::ASQ, self.asq, 8),
-            (reg::ACQ, self.acq, 8),
-        ];
-        let mut out = 0u64;
-        for i in 0..len.min(8) {
-            let byte_off = offset + i as u64;
-            for &(base, val, size) in &image {
-                if byte_off >= base && byte_off < base + size as u64 {
-                    out |= ((val >> (8 * (byte_off - base))) & 0xff) << (8 * i);
-                }
-            }
-        }
-        out
+        self.regs.read(self.cap(), offset, len)
     }
 
     /// Write a BAR0 register (1, 2, 4 or 8 bytes). Read-only and reserved registers ignore it.
     pub fn write_register(&mut self, offset: u64, value: u64, len: usize) {
-        match (offset, len) {
-            (reg::ASQ | reg::ACQ, 8) => {
-                self.write_register(offset, value & 0xffff_ffff, 4);
-                self.write_register(offset + 4, value >> 32, 4);
-            }
-            (reg::INTMS, 4) => self.intms |= value as u32,
-            (reg::INTMC, 4) => self.intms &= !(value as u32),
-            (reg::CC, 4) => self.write_cc(value as u32),
-            (reg::AQA, 4) => self.aqa = value as u32 & 0x0fff_0fff,
-            (reg::ASQ, 4) => self.asq = (self.asq & !0xffff_ffff) | (value & 0xffff_f000),
-            (o, 4) if o == reg::ASQ + 4 => self.asq = (self.asq & 0xffff_ffff) | (value << 32),
-            (reg::ACQ, 4) => self.acq = (self.acq & !0xffff_ffff) | (value & 0xffff_f000),
-            (o, 4) if o == reg::ACQ + 4 => self.acq = (self.acq & 0xffff_ffff) | (value << 32),
-            (reg::NSSR, 4) => {
+        match self.regs.write(offset, value, len) {
+            RegisterWrite::Stored => {}
+            RegisterWrite::Cc { old } => self.cc_changed(old),
+            RegisterWrite::SubsystemReset => {
                 log::info!("NVM Subsystem Reset requested: not supported (CAP.NSSRS=0), ignored");
             }
-            _ => {
+            RegisterWrite::Ignored => {
                 log::debug!("ignored register write offset={offset:#x} len={len} value={value:#x}");
             }
         }
     }
 
-    fn write_cc(&mut self, new: u32) {
-        let old = self.cc;
-        self.cc = new;
-        let was_en = old & cc::EN != 0;
-        let en = new & cc::EN != 0;
-        if was_en && !en {
+    /// CC was written (it held `old`): reset, enable, or a shutdown notification
+    /// (§3.1.4.5, §3.6).
+    fn cc_changed(&mut self, old: Cc) {
+        let new = self.regs.cc;
+        if old.enabled() && !new.enabled() {
             log::info!("{}: controller reset (CC.EN 1->0)", self.cfg.serial);
             self.reset();
             return;
         }
-        if !was_en && en {
+        if !old.enabled() && new.enabled() {
             if self.quiesce.resetting.is_some() {
                 // enabled again before CSTS.RDY cleared: the host stopped waiting
                 self.finish_reset_now();
-                self.cc = new;
+                self.regs.cc = new;
             }
             self.enable();
         }
-        let shn = (new >> cc::SHN_SHIFT) & 3;
-        let old_shn = (old >> cc::SHN_SHIFT) & 3;
+        let (shn, old_shn) = (new.shutdown_notification(), old.shutdown_notification());
         if shn != 0 && old_shn == 0 {
             log::info!(
                 "{}: shutdown notification ({})",
                 self.cfg.serial,
                 if shn == 1 { "normal" } else { "abrupt" }
             );
-            self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_OCCURRING;
+            self.regs.csts.set_shutdown(ShutdownStatus::Occurring);
             self.quiesce.shutting_down =
                 Some(std::time::Instant::now() + crate::quiesce::SHUTDOWN_WAIT);
             self.poll_shutdown();
         } else if shn == 0 && old_shn != 0 {
             self.quiesce.shutting_down = None;
             self.quiesce.flushing = None; // late answers of its flushes are ignored
-            self.csts &= !(3 << csts::SHST_SHIFT);
+            self.regs.csts.set_shutdown(ShutdownStatus::Normal);
         }
     }
 
@@ -516,23 +475,22 @@ impl Controller {
             );
         }
         self.quiesce.flushing = None;
-        self.csts = (self.csts & !(3 << csts::SHST_SHIFT)) | csts::SHST_COMPLETE;
+        self.regs.csts.set_shutdown(ShutdownStatus::Complete);
     }
 
     /// CC.EN 0->1: check the configuration and bring up the admin queue pair (§3.5.1).
     fn enable(&mut self) {
-        let mps = (self.cc >> cc::MPS_SHIFT) & 0xf;
-        let css = (self.cc >> cc::CSS_SHIFT) & 7;
-        let asqs = (self.aqa & 0xfff) + 1;
-        let acqs = ((self.aqa >> 16) & 0xfff) + 1;
+        let (mps, css) = (self.regs.cc.mps(), self.regs.cc.command_set());
+        let (asqs, acqs) = (self.regs.aqa.sq_entries(), self.regs.aqa.cq_entries());
+        let (asq, acq) = (self.regs.asq, self.regs.acq);
         let problem = if mps > 4 {
             Some("CC.MPS outside CAP.MPSMIN..MPSMAX")
         } else if css != 0 && css != 7 {
             Some("CC.CSS selects an unsupported command set")
         } else if asqs < 2 || acqs < 2 {
             Some("AQA: admin queues need at least 2 entries")
-        } else if self.asq.checked_add(u64::from(asqs) * 64).is_none()
-            || self.acq.checked_add(u64::from(acqs) * 16).is_none()
+        } else if asq.checked_add(u64::from(asqs) * 64).is_none()
+            || acq.checked_add(u64::from(acqs) * 16).is_none()
         {
             Some("ASQ/ACQ: the admin queue wraps past the end of the address space")
         } else {
@@ -540,7 +498,7 @@ impl Controller {
         };
         if let Some(p) = problem {
             crate::warn_limited!("{}: enable refused: {p}; setting CSTS.CFS", self.cfg.serial);
-            self.csts |= csts::CFS;
+            self.regs.csts.set_fatal(true);
             return;
         }
         if self.secondary_offline() {
@@ -555,14 +513,15 @@ impl Controller {
             self.features.max_queues = n;
         }
         self.page_size = 4096 << mps;
-        self.csts &= !(csts::CFS | (3 << csts::SHST_SHIFT));
-        self.sqs[0] = Some(SubmissionQueue::new(0, self.asq, asqs, 0));
-        let mut acq = CompletionQueue::new(0, self.acq, acqs, 0, true);
-        acq.sq_count = 1;
-        self.cqs[0] = Some(acq);
+        self.regs.csts.set_fatal(false);
+        self.regs.csts.set_shutdown(ShutdownStatus::Normal);
+        self.sqs[0] = Some(SubmissionQueue::new(0, asq, asqs, 0));
+        let mut admin_cq = CompletionQueue::new(0, acq, acqs, 0, true);
+        admin_cq.sq_count = 1;
+        self.cqs[0] = Some(admin_cq);
         self.active_sqs = vec![0];
         self.active_cqs = vec![0];
-        self.csts |= csts::RDY;
+        self.regs.csts.set_ready(true);
         ControllerStats::bump(&self.stats.enables);
         self.stats
             .ready
@@ -570,8 +529,8 @@ impl Controller {
         log::info!(
             "{}: enabled (admin SQ {asqs} entries at {:#x}, CQ {acqs} at {:#x}, page {} B)",
             self.cfg.serial,
-            self.asq,
-            self.acq,
+            asq,
+            acq,
             self.page_size
         );
     }
@@ -633,11 +592,11 @@ impl Controller {
             for ns in &mut self.namespaces {
                 ns.backend.guest_memory_changed();
             }
-            self.aqa = 0;
-            self.asq = 0;
-            self.acq = 0;
+            self.regs.aqa = Aqa(0);
+            self.regs.asq = 0;
+            self.regs.acq = 0;
             self.irqs.clear();
-            self.cc = 0;
+            self.regs.cc = Cc(0);
         }
     }
 
@@ -661,12 +620,12 @@ impl Controller {
         self.keep_alive_since = None;
         self.doorbells.clear();
         self.features = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
-        self.cc &= !cc::EN;
-        self.csts = 0;
+        self.regs.cc = self.regs.cc.disabled();
+        self.regs.csts = Csts(0);
         self.stats
             .ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        self.intms = 0;
+        self.regs.intms = 0;
         self.page_size = 4096;
         self.warned_doorbell = false;
     }

@@ -41,6 +41,7 @@ pub mod qos;
 pub mod queue;
 pub mod quiesce;
 pub mod reactor;
+pub mod registers;
 pub mod shadow_doorbell;
 pub mod state;
 pub mod stats;
