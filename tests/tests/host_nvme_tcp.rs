@@ -749,6 +749,30 @@ fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_a_file_namespace() {
     assert_eq!(len, 32 << 20, "the namespace is the file");
 }
 
+/// The same with the namespace on a remote NVMe/TCP subsystem (`nvme-tcp://`): one
+/// initiator backend shared by the subsystem's vfio-user and NVMe/TCP controllers. (An
+/// `nvme:` namespace is one controller's by design, zero copy into one VM's memory: the
+/// configuration refuses to share it.)
+#[test]
+fn one_subsystem_over_vfio_user_and_nvme_tcp_shares_a_remote_namespace() {
+    let back_nqn = "nqn.2026-11.io.vnvme:back";
+    let back = Daemon::start(
+        &Config::parse(
+            &format!(
+                "[[controller]]\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{back_nqn}\"\n\
+                 [[controller.namespace]]\nbackend = \"malloc:64M\"\n"
+            ),
+            Path::new("back.toml"),
+        )
+        .unwrap(),
+    )
+    .expect("the back subsystem starts");
+    let back_addr = back.tcp_addrs()[0];
+    let tmp = TempDir::new("tcp-dual-remote");
+    shares_its_namespace(&tmp, &format!("nvme-tcp://{back_addr}/{back_nqn}/1"));
+    back.stop().unwrap();
+}
+
 /// A subsystem with a vfio-user controller and NVMe/TCP controllers over one namespace on
 /// `backend`: what one writes, the other reads, both ways.
 fn shares_its_namespace(tmp: &TempDir, backend: &str) {
