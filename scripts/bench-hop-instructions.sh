@@ -6,11 +6,15 @@
 # breakdown: callgrind_annotate --inclusive=yes on the reactor thread's file.
 # Runs twice: the back server alone (malloc), then a front `nvme:` hop to a native back.
 # Needs valgrind (apt-get install valgrind). Usage: scripts/bench-hop-instructions.sh [SECS]
+# With VNVME_BIN=PATH it measures that binary (e.g. an older build, for an A/B) instead of
+# building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-cargo build --release -q -p vnvme
-BIN=./target/release/vnvme
+if [ -z "${VNVME_BIN:-}" ]; then
+  cargo build --release -q -p vnvme
+fi
+BIN=${VNVME_BIN:-./target/release/vnvme}
 D=$(mktemp -d /dev/shm/vnvme-hop.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 wait_sock() { for _ in $(seq 150); do [ -S "$1" ] && return; sleep 0.2; done; echo "no $1" >&2; exit 1; }
