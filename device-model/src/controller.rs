@@ -169,6 +169,8 @@ pub struct Controller {
     /// Iovec storage lent to commands in flight, and how many are in flight.
     pub(crate) iov_pool: crate::dptr::IoVecPool,
     pub(crate) commands_in_flight: usize,
+    /// Of those, commands of the I/O queues (the queue depth the statistics show).
+    io_in_flight: usize,
     /// Compares and commands with parts in flight (each holds a buffer or a list), and
     /// those waiting for room ([`crate::compound`]).
     pub(crate) compares: usize,
@@ -249,6 +251,7 @@ impl Controller {
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,
+            io_in_flight: 0,
             compares: 0,
             part_lists: 0,
             waiting: crate::compound::Waiting::new(),
@@ -616,6 +619,10 @@ impl Controller {
         self.active_sqs.clear();
         self.active_cqs.clear();
         self.commands_in_flight = 0;
+        self.io_in_flight = 0;
+        self.stats
+            .in_flight
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         // buffers and lists stay with the retired slots
         self.compares = 0;
         self.part_lists = 0;
@@ -698,7 +705,7 @@ impl Controller {
             self.start_waiting(&mem);
         }
         self.stats.in_flight.store(
-            self.commands_in_flight as u64,
+            self.io_in_flight as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         work + self.interrupts()
@@ -811,6 +818,9 @@ impl Controller {
             }
             let slot = sq.free.pop().unwrap_or_default();
             self.commands_in_flight += 1;
+            if qid != 0 {
+                self.io_in_flight += 1;
+            }
             let ctx = &mut sq.slots[slot as usize];
             ctx.cid = sqe.cid.get();
             ctx.opcode = sqe.opcode;
@@ -954,6 +964,9 @@ impl Controller {
             self.iov_pool.put(block);
         }
         self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
+        if qid != 0 {
+            self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        }
         let opcode = ctx.opcode;
         let nsid = ctx.nsid;
         let (bytes, fetched) = (ctx.bytes, ctx.fetched);

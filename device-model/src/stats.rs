@@ -267,7 +267,7 @@ pub struct ControllerStats {
     /// Admin commands completed, and those that failed.
     pub admin_commands: AtomicU64,
     pub admin_errors: AtomicU64,
-    /// Commands in flight (fetched, not yet completed), published once per poll pass.
+    /// I/O commands in flight (fetched, not yet completed), published once per poll pass.
     pub in_flight: AtomicU64,
     /// The I/O counters of each attached namespace, by NSID (changed on attach and detach
     /// only, never per command).

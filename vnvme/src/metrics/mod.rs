@@ -193,7 +193,7 @@ pub fn prometheus(sources: &[Source]) -> String {
     t.family(
         c,
         "gauge",
-        "Commands in flight (fetched, not yet completed).",
+        "I/O commands in flight (fetched, not yet completed).",
     );
     for (l, s) in &snaps {
         t.sample(c, l, "", s.in_flight);
