@@ -5,8 +5,11 @@
 //! Every peer is treated as hostile: one connection is served at a time (others wait in the
 //! listen backlog), the request head must arrive whole within [`REQUEST_DEADLINE`] and fit in
 //! [`MAX_REQUEST`] bytes, the answer must be taken within [`WRITE_TIMEOUT`]; anything but
-//! `GET /metrics` is answered 400, 404, 405 or 431 and the connection closed. A panic while
-//! serving a connection is caught and the connection dropped.
+//! `GET /metrics` is answered 400, 404, 405 or 431 and the connection closed (each answer
+//! closes it; what the peer still sends is read and dropped for at most a second and 64 KiB,
+//! so the close does not reset the answer away). A panic while serving a connection is
+//! caught and the connection dropped. A peer can at worst delay other scrapers by a few
+//! seconds per connection: bind the endpoint to a trusted network.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -225,10 +228,35 @@ fn serve(mut stream: TcpStream, registry: &Registry, stop: &AtomicBool) -> std::
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())?;
     stream.flush()?;
-    // the peer's unread bytes would turn the close into a reset that can lose the answer
+    // closing with the peer's bytes unread sends a reset, which can destroy the answer
+    // before the peer reads it: end our side, then take what it still sends, for a bounded
+    // time and amount
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    drain(&mut stream);
     Ok(())
 }
+
+/// Read and drop what the peer still sends, until it closes, [`DRAIN_LIMIT`] bytes or
+/// [`DRAIN_TIME`].
+fn drain(stream: &mut TcpStream) {
+    let until = Instant::now() + DRAIN_TIME;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < DRAIN_LIMIT {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// What is read of a peer after the answer, at most.
+const DRAIN_LIMIT: usize = 64 << 10;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
