@@ -13,6 +13,8 @@
 //! command perhaps not all at once. Latency is taken with the CPU's time-stamp counter at SQE
 //! fetch and at CQE post ([`sys_util::clock`]) and kept in nanoseconds in log2 buckets.
 
+#![allow(clippy::cast_precision_loss)] // quantiles are estimates
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -327,6 +329,7 @@ impl ControllerStats {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact bucket bounds
 mod tests {
     use super::*;
 

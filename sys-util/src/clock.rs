@@ -6,6 +6,8 @@
 //! measured once per process ([`rate`]) where a fixed conversion is wanted (the daemon's
 //! latency histograms, whose bucket edges are nanoseconds).
 
+#![allow(clippy::cast_precision_loss)] // rates and durations far below 2^52
+
 use std::sync::OnceLock;
 use std::time::Instant;
 

@@ -5,6 +5,8 @@
 //! endpoint is fed garbage (a huge head, a slowloris, POST, another path, binary noise) and
 //! answers or closes as it should, and scrapes right after still work.
 
+#![allow(clippy::cast_precision_loss)] // counts and nanoseconds shown as seconds and microseconds
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,7 +36,8 @@ fn wait_for(path: &Path) {
     while !path.exists() {
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "{path:?} never appeared"
+            "{} never appeared",
+            path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -162,7 +165,7 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
         }
     });
     let addr: SocketAddr = rx
-        .recv_timeout(Duration::from_secs(60))
+        .recv_timeout(Duration::from_mins(1))
         .expect("the metrics address in the log")
         .parse()
         .unwrap();
@@ -180,13 +183,16 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     ] {
         assert!(before.contains(family), "{family} missing:\n{before}");
     }
-    let m = samples(&before);
+    let idle = samples(&before);
     let ctrl_labels = [
         "cntlid=\"1\"",
         "nqn=\"nqn.2026-11.io.vnvme:metrics-test\"",
         "kind=\"ctrl\"",
     ];
-    assert_eq!(sum(&m, "vnvme_controller_commands_total", &ctrl_labels), 0);
+    assert_eq!(
+        sum(&idle, "vnvme_controller_commands_total", &ctrl_labels),
+        0
+    );
 
     // verified random 4 KiB reads and writes, then two bad commands
     let mut ctrl = NvmeDriver::new(
@@ -213,22 +219,22 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     drop(ctrl);
 
     let text = scrape(addr);
-    let m = samples(&text);
-    let c = |name: &str, extra: &[&str]| {
+    let scraped = samples(&text);
+    let cm = |name: &str, extra: &[&str]| {
         let mut l = ctrl_labels.to_vec();
         l.extend_from_slice(extra);
-        one(&m, name, &l)
+        one(&scraped, name, &l)
     };
-    let n = |name: &str, extra: &[&str]| {
+    let nm = |name: &str, extra: &[&str]| {
         let mut l = ctrl_labels.to_vec();
         l.push("nsid=\"1\"");
         l.extend_from_slice(extra);
-        one(&m, name, &l)
+        one(&scraped, name, &l)
     };
     let (reads, writes, other) = (
-        c("vnvme_controller_commands_total", &["op=\"read\""]),
-        c("vnvme_controller_commands_total", &["op=\"write\""]),
-        c("vnvme_controller_commands_total", &["op=\"other\""]),
+        cm("vnvme_controller_commands_total", &["op=\"read\""]),
+        cm("vnvme_controller_commands_total", &["op=\"write\""]),
+        cm("vnvme_controller_commands_total", &["op=\"other\""]),
     );
     assert!(
         reads > 1 && writes > 0,
@@ -238,55 +244,61 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     assert_eq!(reads + writes, total.ios + 1, "{text}");
     assert_eq!(other, 1);
     let (rb, wb) = (
-        c("vnvme_controller_bytes_total", &["op=\"read\""]),
-        c("vnvme_controller_bytes_total", &["op=\"write\""]),
+        cm("vnvme_controller_bytes_total", &["op=\"read\""]),
+        cm("vnvme_controller_bytes_total", &["op=\"write\""]),
     );
     assert_eq!(rb + wb, total.bytes, "failed commands move no bytes");
     assert_eq!(rb, (reads - 1) * 4096);
     assert_eq!(wb, writes * 4096);
     assert_eq!(
-        c("vnvme_controller_latency_seconds_count", &[]),
+        cm("vnvme_controller_latency_seconds_count", &[]),
         reads + writes + other
     );
     assert_eq!(
-        c("vnvme_controller_latency_seconds_bucket", &["le=\"+Inf\""]),
+        cm("vnvme_controller_latency_seconds_bucket", &["le=\"+Inf\""]),
         reads + writes + other
     );
-    let lat_sum = m
+    let lat_sum = scraped
         .iter()
         .find(|(k, _)| k.starts_with("vnvme_controller_latency_seconds_sum{"))
         .map(|(_, &v)| v)
         .unwrap();
     assert!(lat_sum > 0.0 && lat_sum < 60.0, "{lat_sum} s");
     assert_eq!(
-        c(
+        cm(
             "vnvme_controller_errors_total",
             &["status=\"invalid_namespace\""]
         ),
         1
     );
     assert_eq!(
-        c(
+        cm(
             "vnvme_controller_errors_total",
             &["status=\"lba_out_of_range\""]
         ),
         1
     );
-    assert_eq!(sum(&m, "vnvme_controller_errors_total", &ctrl_labels), 2);
-    assert_eq!(c("vnvme_controller_queue_depth", &[]), 0);
-    assert!(c("vnvme_controller_admin_commands_total", &[]) > 4);
-    assert!(c("vnvme_controller_enables_total", &[]) >= 1);
-    // namespace 1 saw the same reads and writes, not the Flush of namespace 99
-    assert_eq!(n("vnvme_namespace_commands_total", &["op=\"read\""]), reads);
     assert_eq!(
-        n("vnvme_namespace_commands_total", &["op=\"write\""]),
+        sum(&scraped, "vnvme_controller_errors_total", &ctrl_labels),
+        2
+    );
+    assert_eq!(cm("vnvme_controller_queue_depth", &[]), 0);
+    assert!(cm("vnvme_controller_admin_commands_total", &[]) > 4);
+    assert!(cm("vnvme_controller_enables_total", &[]) >= 1);
+    // namespace 1 saw the same reads and writes, not the Flush of namespace 99
+    assert_eq!(
+        nm("vnvme_namespace_commands_total", &["op=\"read\""]),
+        reads
+    );
+    assert_eq!(
+        nm("vnvme_namespace_commands_total", &["op=\"write\""]),
         writes
     );
-    assert_eq!(n("vnvme_namespace_commands_total", &["op=\"other\""]), 0);
-    assert_eq!(n("vnvme_namespace_bytes_total", &["op=\"read\""]), rb);
-    assert_eq!(n("vnvme_namespace_errors_total", &[]), 1);
+    assert_eq!(nm("vnvme_namespace_commands_total", &["op=\"other\""]), 0);
+    assert_eq!(nm("vnvme_namespace_bytes_total", &["op=\"read\""]), rb);
+    assert_eq!(nm("vnvme_namespace_errors_total", &[]), 1);
     assert_eq!(
-        n("vnvme_namespace_latency_seconds_count", &[]),
+        nm("vnvme_namespace_latency_seconds_count", &[]),
         reads + writes
     );
 
@@ -303,34 +315,34 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let s = &j[0];
-    assert_eq!(s["cntlid"], 1);
-    assert_eq!(s["kind"], "ctrl");
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = &reply[0];
+    assert_eq!(st["cntlid"], 1);
+    assert_eq!(st["kind"], "ctrl");
     assert_eq!(
         (
-            s["reads"].as_u64(),
-            s["writes"].as_u64(),
-            s["other"].as_u64()
+            st["reads"].as_u64(),
+            st["writes"].as_u64(),
+            st["other"].as_u64()
         ),
         (Some(reads), Some(writes), Some(1))
     );
     assert_eq!(
-        (s["read_bytes"].as_u64(), s["written_bytes"].as_u64()),
+        (st["read_bytes"].as_u64(), st["written_bytes"].as_u64()),
         (Some(rb), Some(wb))
     );
-    assert_eq!(s["errors"], 2);
-    assert_eq!(s["errors_by_status"]["invalid_namespace"], 1);
-    assert_eq!(s["queue_depth"], 0);
-    let lat = &s["latency_us"];
+    assert_eq!(st["errors"], 2);
+    assert_eq!(st["errors_by_status"]["invalid_namespace"], 1);
+    assert_eq!(st["queue_depth"], 0);
+    let lat = &st["latency_us"];
     assert_eq!(lat["count"].as_u64(), Some(reads + writes + 1));
-    let p = |q: &str| lat[q].as_f64().unwrap_or_else(|| panic!("{q}: {lat}"));
+    let pct = |q: &str| lat[q].as_f64().unwrap_or_else(|| panic!("{q}: {lat}"));
     assert!(
-        0.0 < p("p50") && p("p50") <= p("p99") && p("p99") <= p("p99.9"),
+        0.0 < pct("p50") && pct("p50") <= pct("p99") && pct("p99") <= pct("p99.9"),
         "{lat}"
     );
-    assert_eq!(s["namespaces"][0]["nsid"], 1);
-    assert_eq!(s["namespaces"][0]["reads"].as_u64(), Some(reads));
+    assert_eq!(st["namespaces"][0]["nsid"], 1);
+    assert_eq!(st["namespaces"][0]["reads"].as_u64(), Some(reads));
     let out = Command::new(&bin)
         .args(["rpc", "-s"])
         .arg(&rpc)
@@ -345,20 +357,23 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     // garbage: each gets its answer or a close, and the endpoint keeps serving
     let mut huge = b"GET /metrics HTTP/1.1\r\nX-Fill: ".to_vec();
     huge.resize(64 << 10, b'a');
-    let a = exchange(addr, &huge);
-    assert!(a.starts_with("HTTP/1.1 431 "), "huge head: {a:.80}");
-    let a = exchange(
+    let answer = exchange(addr, &huge);
+    assert!(
+        answer.starts_with("HTTP/1.1 431 "),
+        "huge head: {answer:.80}"
+    );
+    let answer = exchange(
         addr,
         b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
     );
     assert!(
-        a.starts_with("HTTP/1.1 405 ") && a.contains("Allow: GET"),
-        "{a}"
+        answer.starts_with("HTTP/1.1 405 ") && answer.contains("Allow: GET"),
+        "{answer}"
     );
-    let a = exchange(addr, b"GET /admin HTTP/1.1\r\n\r\n");
-    assert!(a.starts_with("HTTP/1.1 404 "), "{a}");
-    let a = exchange(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n\n");
-    assert!(a.starts_with("HTTP/1.1 400 "), "TLS hello: {a:?}");
+    let answer = exchange(addr, b"GET /admin HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    let answer = exchange(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n\n");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "TLS hello: {answer:?}");
     drop(TcpStream::connect(addr).unwrap()); // connect and go
     assert!(scrape(addr).contains("vnvme_controller_commands_total"));
 
@@ -375,7 +390,7 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
         (t.elapsed(), body)
     });
     let mut cut = None;
-    let mut answer = Vec::new();
+    let mut unanswered = Vec::new();
     for b in b"GET /metrics HTTP/1.1\r\n"
         .iter()
         .chain(b"X: y\r\n".repeat(20).iter())
@@ -390,7 +405,7 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
                 cut = Some(t.elapsed());
                 break;
             }
-            Ok(k) => answer.extend_from_slice(&buf[..k]),
+            Ok(k) => unanswered.extend_from_slice(&buf[..k]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => {
@@ -406,9 +421,9 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
         "cut off after {cut:?}"
     );
     assert!(
-        answer.is_empty(),
+        unanswered.is_empty(),
         "answered: {:?}",
-        String::from_utf8_lossy(&answer)
+        String::from_utf8_lossy(&unanswered)
     );
     let (waited, body) = waiting.join().unwrap();
     assert!(waited < Duration::from_secs(9), "scrape waited {waited:?}");

@@ -7,6 +7,8 @@
 //! no lock a reactor takes per command (the namespace list's lock is taken by a reactor only
 //! on attach and detach).
 
+#![allow(clippy::cast_precision_loss)] // counts and nanoseconds shown as seconds and microseconds
+
 pub mod server;
 
 use std::fmt::Write;
@@ -380,6 +382,7 @@ pub fn json(sources: &[Source]) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact sample values
 mod tests {
     use super::*;
     use device_model::stats::{IoStats, LATENCY_BUCKETS};

@@ -119,9 +119,9 @@ fn run(listener: &TcpListener, registry: &Registry, stop: &AtomicBool) {
 
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum Request {
+enum Asked {
     Metrics,
-    BadRequest,
+    Malformed,
     NotFound,
     MethodNotAllowed,
     TooLarge,
@@ -129,7 +129,7 @@ enum Request {
 
 /// Read a request head: up to the blank line, at most [`MAX_REQUEST`] bytes, before the
 /// deadline. `None`: the peer went away or was too slow (closed without an answer).
-fn read_head(stream: &mut TcpStream, stop: &AtomicBool) -> std::io::Result<Option<Request>> {
+fn read_head(stream: &mut TcpStream, stop: &AtomicBool) -> std::io::Result<Option<Asked>> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
@@ -138,7 +138,7 @@ fn read_head(stream: &mut TcpStream, stop: &AtomicBool) -> std::io::Result<Optio
             return Ok(Some(parse(&buf[..end])));
         }
         if len == MAX_REQUEST {
-            return Ok(Some(Request::TooLarge));
+            return Ok(Some(Asked::TooLarge));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stop.load(Ordering::Relaxed) {
@@ -172,28 +172,28 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// What the request line of `head` asks for.
-fn parse(head: &[u8]) -> Request {
+fn parse(head: &[u8]) -> Asked {
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
     let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Request::BadRequest;
+        return Asked::Malformed;
     };
     let mut parts = line.trim_end_matches('\r').split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Request::BadRequest;
+        return Asked::Malformed;
     };
     if !version.starts_with("HTTP/1.") || method.is_empty() || !target.starts_with('/') {
-        return Request::BadRequest;
+        return Asked::Malformed;
     }
     let path = target.split('?').next().unwrap_or(target);
     if path != "/metrics" {
-        return Request::NotFound;
+        return Asked::NotFound;
     }
     if method != "GET" {
-        return Request::MethodNotAllowed;
+        return Asked::MethodNotAllowed;
     }
-    Request::Metrics
+    Asked::Metrics
 }
 
 fn serve(mut stream: TcpStream, registry: &Registry, stop: &AtomicBool) -> std::io::Result<()> {
@@ -203,19 +203,19 @@ fn serve(mut stream: TcpStream, registry: &Registry, stop: &AtomicBool) -> std::
         return Ok(());
     };
     let (status, extra, body) = match req {
-        Request::Metrics => (
+        Asked::Metrics => (
             "200 OK",
             "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
             super::prometheus(&registry.get()),
         ),
-        Request::NotFound => ("404 Not Found", "", "only /metrics is served\n".into()),
-        Request::MethodNotAllowed => (
+        Asked::NotFound => ("404 Not Found", "", "only /metrics is served\n".into()),
+        Asked::MethodNotAllowed => (
             "405 Method Not Allowed",
             "Allow: GET\r\n",
             "only GET is served\n".into(),
         ),
-        Request::BadRequest => ("400 Bad Request", "", "not an HTTP/1 request\n".into()),
-        Request::TooLarge => (
+        Asked::Malformed => ("400 Bad Request", "", "not an HTTP/1 request\n".into()),
+        Asked::TooLarge => (
             "431 Request Header Fields Too Large",
             "",
             format!("the request head is limited to {MAX_REQUEST} bytes\n"),
@@ -266,30 +266,27 @@ mod tests {
     fn request_lines() {
         assert_eq!(
             parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Request::Metrics
+            Asked::Metrics
         );
-        assert_eq!(parse(b"GET /metrics?x=1 HTTP/1.0\n\n"), Request::Metrics);
+        assert_eq!(parse(b"GET /metrics?x=1 HTTP/1.0\n\n"), Asked::Metrics);
         assert_eq!(
             parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Request::MethodNotAllowed
+            Asked::MethodNotAllowed
         );
         assert_eq!(
             parse(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Request::MethodNotAllowed
+            Asked::MethodNotAllowed
         );
-        assert_eq!(parse(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(parse(b"GET /metricsx HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(parse(b"GET /metrics\r\n\r\n"), Request::BadRequest);
-        assert_eq!(parse(b"GET /metrics SPDY/3\r\n\r\n"), Request::BadRequest);
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n\r\n"), Asked::NotFound);
+        assert_eq!(parse(b"GET /metricsx HTTP/1.1\r\n\r\n"), Asked::NotFound);
+        assert_eq!(parse(b"GET /metrics\r\n\r\n"), Asked::Malformed);
+        assert_eq!(parse(b"GET /metrics SPDY/3\r\n\r\n"), Asked::Malformed);
         assert_eq!(
             parse(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"),
-            Request::BadRequest
+            Asked::Malformed
         );
-        assert_eq!(
-            parse(b"GET  /metrics HTTP/1.1\r\n\r\n"),
-            Request::BadRequest
-        );
-        assert_eq!(parse(b"\r\n\r\n"), Request::BadRequest);
+        assert_eq!(parse(b"GET  /metrics HTTP/1.1\r\n\r\n"), Asked::Malformed);
+        assert_eq!(parse(b"\r\n\r\n"), Asked::Malformed);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
