@@ -465,4 +465,35 @@ mod tests {
         h.ctrl.apply(crate::NamespaceChange::Detach(1));
         assert!(stats.namespaces().is_empty());
     }
+
+    /// What counting adds per I/O command: two clock reads, the conversion to nanoseconds
+    /// and the controller's and the namespace's counters (BENCHMARKS.md). Run with
+    /// `cargo test --release -p device-model stats::tests::cost_per_command -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cost_per_command() {
+        let (c, ns) = (ControllerStats::default(), IoStats::default());
+        let rate = sys_util::clock::rate();
+        let n = 20_000_000u64;
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            let fetched = sys_util::clock::ticks();
+            let op = if i & 1 == 0 { nvm::READ } else { nvm::WRITE };
+            let lat = rate.ns(sys_util::clock::ticks().saturating_sub(fetched));
+            c.record_io(op, 4096, Status::SUCCESS, lat);
+            ns.record(op, 4096, Status::SUCCESS, lat);
+        }
+        let per = t.elapsed().as_nanos() as f64 / n as f64;
+        assert_eq!(c.io.snapshot().commands(), n);
+        let t = std::time::Instant::now();
+        let mut acc = 0u64;
+        for _ in 0..n {
+            let fetched = sys_util::clock::ticks();
+            acc = acc.wrapping_add(sys_util::clock::ticks().wrapping_sub(fetched));
+        }
+        let clock = t.elapsed().as_nanos() as f64 / n as f64;
+        std::hint::black_box(acc);
+        eprintln!("counting one command: {per:.1} ns, of which the two clock reads {clock:.1} ns");
+    }
 }
