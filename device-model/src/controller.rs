@@ -148,6 +148,8 @@ pub struct Controller {
     pub(crate) features: Features,
     pub(crate) events: AsyncEvents,
     pub(crate) stats: Arc<ControllerStats>,
+    /// Converts [`sys_util::clock::ticks`] to nanoseconds for the latency histograms.
+    tick_rate: sys_util::clock::TickRate,
     /// Shadow doorbell and EventIdx pages, when the host configured them.
     pub(crate) shadow: Option<ShadowDoorbells>,
     /// Start of the current Keep Alive period (None: starts at the next check).
@@ -167,6 +169,8 @@ pub struct Controller {
     /// Iovec storage lent to commands in flight, and how many are in flight.
     pub(crate) iov_pool: crate::dptr::IoVecPool,
     pub(crate) commands_in_flight: usize,
+    /// Of those, commands of the I/O queues (the queue depth the statistics show).
+    io_in_flight: usize,
     /// Compares and commands with parts in flight (each holds a buffer or a list), and
     /// those waiting for room ([`crate::compound`]).
     pub(crate) compares: usize,
@@ -215,6 +219,8 @@ impl Controller {
         let nq = cfg.max_io_queues.clamp(1, crate::pci::MSIX_VECTORS - 1) as usize + 1;
         let qos = cfg.qos;
         let mdts_bytes = 4096usize << cfg.mdts;
+        let stats = Arc::new(ControllerStats::default());
+        stats.set_namespaces(namespaces.iter().map(|n| (n.nsid, Arc::clone(&n.stats))));
         Self {
             features: Features::new(cfg.max_io_queues, cfg.irq_coalescing.dword()),
             cfg,
@@ -229,7 +235,8 @@ impl Controller {
             active_sqs: Vec::with_capacity(nq),
             active_cqs: Vec::with_capacity(nq),
             events: AsyncEvents::default(),
-            stats: Arc::default(),
+            stats,
+            tick_rate: sys_util::clock::rate(),
             shadow: None,
             keep_alive_since: None,
             errors: ErrorLog::default(),
@@ -244,6 +251,7 @@ impl Controller {
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,
+            io_in_flight: 0,
             compares: 0,
             part_lists: 0,
             waiting: crate::compound::Waiting::new(),
@@ -611,6 +619,10 @@ impl Controller {
         self.active_sqs.clear();
         self.active_cqs.clear();
         self.commands_in_flight = 0;
+        self.io_in_flight = 0;
+        self.stats
+            .in_flight
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         // buffers and lists stay with the retired slots
         self.compares = 0;
         self.part_lists = 0;
@@ -692,6 +704,10 @@ impl Controller {
         if !self.waiting.is_empty() {
             self.start_waiting(&mem);
         }
+        self.stats.in_flight.store(
+            self.io_in_flight as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         work + self.interrupts()
     }
 
@@ -802,11 +818,15 @@ impl Controller {
             }
             let slot = sq.free.pop().unwrap_or_default();
             self.commands_in_flight += 1;
+            if qid != 0 {
+                self.io_in_flight += 1;
+            }
             let ctx = &mut sq.slots[slot as usize];
             ctx.cid = sqe.cid.get();
             ctx.opcode = sqe.opcode;
             ctx.nsid = sqe.nsid.get();
             ctx.bytes = 0;
+            ctx.fetched = sys_util::clock::ticks();
             let outcome = if qid == 0 {
                 self.admin_command(slot, &sqe, mem)
             } else {
@@ -870,6 +890,7 @@ impl Controller {
     /// keep mapped only while the requests are counted in flight, see [`crate::quiesce`].)
     pub(crate) fn detach_namespace(&mut self, i: usize) {
         let ns = self.namespaces.remove(i);
+        self.namespaces_changed();
         if ns.backend.in_flight() > 0 {
             self.detaching.push(Detaching {
                 ns,
@@ -877,6 +898,15 @@ impl Controller {
                 warned: false,
             });
         }
+    }
+
+    /// List the attached namespaces' counters for readers again (attach, detach).
+    pub(crate) fn namespaces_changed(&self) {
+        self.stats.set_namespaces(
+            self.namespaces
+                .iter()
+                .map(|n| (n.nsid, Arc::clone(&n.stats))),
+        );
     }
 
     /// Drop detached namespaces with nothing in flight any more; say so once of those whose
@@ -934,8 +964,12 @@ impl Controller {
             self.iov_pool.put(block);
         }
         self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
+        if qid != 0 {
+            self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        }
         let opcode = ctx.opcode;
         let nsid = ctx.nsid;
+        let (bytes, fetched) = (ctx.bytes, ctx.fetched);
         sq.free.push(slot);
         let sq_head = sq.head as u16;
         let cqid = sq.cqid;
@@ -952,6 +986,7 @@ impl Controller {
         if !status.is_success() {
             self.errors.record(qid, cid, status, nsid, opcode);
         }
+        self.count_command(qid, opcode, nsid, bytes, fetched, status);
         if let Some(cq) = self.cqs[cqid as usize].as_mut() {
             let cqe = Completion {
                 dw0: dw0.into(),
@@ -972,6 +1007,31 @@ impl Controller {
         if let Some(admin_slot) = finish_delete {
             self.remove_sq(qid);
             self.complete(0, admin_slot, Status::SUCCESS, 0, mem);
+        }
+    }
+
+    /// Count a completed command in the statistics: admin commands by outcome, I/O commands
+    /// with their latency since the SQE fetch, for the controller and their namespace.
+    #[inline]
+    fn count_command(
+        &self,
+        qid: u16,
+        opcode: u8,
+        nsid: u32,
+        bytes: u64,
+        fetched: u64,
+        status: Status,
+    ) {
+        if qid == 0 {
+            self.stats.record_admin(status);
+            return;
+        }
+        let ns = self
+            .tick_rate
+            .ns(sys_util::clock::ticks().saturating_sub(fetched));
+        self.stats.record_io(opcode, bytes, status, ns);
+        if let Some(i) = self.namespace_index(nsid) {
+            self.namespaces[i].stats.record(opcode, bytes, status, ns);
         }
     }
 

@@ -20,6 +20,9 @@ pub struct Namespace {
     pub shared: bool,
     /// Blocks marked by Write Uncorrectable (this controller's view of the namespace).
     pub uncorrectable: crate::uncorrectable::Uncorrectable,
+    /// Commands on this namespace as this controller saw them (listed for readers in
+    /// [`crate::ControllerStats::namespaces`] while attached).
+    pub stats: std::sync::Arc<crate::stats::IoStats>,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -69,6 +72,7 @@ impl Namespace {
             uuid,
             shared: false,
             uncorrectable: crate::uncorrectable::Uncorrectable::default(),
+            stats: std::sync::Arc::default(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! they hand a raw pointer of a [`SharedMemory`] to hardware or read it with atomics.
 
 pub mod anonymous;
+pub mod clock;
 pub mod fd;
 pub mod poll;
 pub mod process;

@@ -4,6 +4,7 @@
 //! ```toml
 //! poll = "adaptive"              # or "busy"
 //! reactors = 2                   # threads shared by all controllers (default: one each)
+//! metrics = "127.0.0.1:9480"     # Prometheus endpoint, GET /metrics (default: none)
 //! [[controller]]
 //! socket = "/run/vnvme/nvme0.sock"
 //! serial = "VNVME0001"           # also seeds the namespaces' NGUID/UUID/EUI-64
@@ -47,6 +48,10 @@ pub struct Config {
     /// controller.
     #[serde(default)]
     pub reactors: usize,
+    /// Serve the Prometheus text format on `ADDR:PORT` (`GET /metrics`); `--metrics`
+    /// overrides it.
+    #[serde(default)]
+    pub metrics: Option<String>,
     #[serde(rename = "controller", default)]
     pub controllers: Vec<ControllerSpec>,
 }
@@ -242,6 +247,7 @@ impl Config {
         let cfg = Config {
             poll,
             reactors: 0,
+            metrics: None,
             controllers: vec![ctrl],
         };
         cfg.validate()?;
@@ -254,6 +260,14 @@ impl Config {
             return Err(field(
                 "reactors",
                 "at most 64 (0: one thread per controller)",
+            ));
+        }
+        if let Some(m) = &self.metrics
+            && m.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(field(
+                "metrics",
+                "an IP:PORT to listen on, e.g. \"127.0.0.1:9480\"",
             ));
         }
         if self.controllers.is_empty() {
@@ -463,6 +477,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.poll, PollSetting::Busy);
         assert_eq!(c.controllers[0].namespaces.len(), 2);
+        assert_eq!(c.metrics, None);
+    }
+
+    #[test]
+    fn the_metrics_address_is_checked() {
+        let ctrl = "[[controller]]\nsocket = \"/tmp/a.sock\"\n";
+        let c = parse(&format!("metrics = \"127.0.0.1:9480\"\n{ctrl}")).unwrap();
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9480"));
+        let e = parse(&format!("metrics = \"localhost\"\n{ctrl}")).unwrap_err();
+        assert!(e.to_string().starts_with("metrics"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod device_address;
 pub mod limits;
+pub mod metrics;
 pub mod namespace_pool;
 pub mod perf;
 pub mod rpc;

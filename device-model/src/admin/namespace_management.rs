@@ -155,6 +155,7 @@ impl Controller {
                     }
                     Err(i) => self.namespaces.insert(i, ns),
                 }
+                self.namespaces_changed();
                 log::info!("{}: namespace {nsid} attached", self.cfg.serial);
                 nsid
             }

@@ -111,6 +111,8 @@ pub struct Slot {
     pub nsid: u32,
     /// Bytes moved (for SMART counters).
     pub bytes: u64,
+    /// When the SQE was fetched, in [`sys_util::clock::ticks`] (latency statistics).
+    pub fetched: u64,
     pub iov: IoVecs,
     /// Keeps the guest memory the iovecs point into mapped until completion.
     pub mem: Option<Arc<MemoryMap>>,
@@ -126,6 +128,7 @@ impl Default for Slot {
             opcode: 0,
             nsid: 0,
             bytes: 0,
+            fetched: 0,
             iov: IoVecs::empty(), // storage is lent per command (Controller::iov_pool)
             mem: None,
             compound: None,

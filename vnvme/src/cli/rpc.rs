@@ -23,6 +23,8 @@ pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
   ns_detach          nqn=.. nsid=N controllers=[CNTLID,...]
   qos_set            cntlid=N [iops=N] [bandwidth=100M]   (absent or 0: no limit)
   vf_enable          nqn=.. count=N   (VFs 1..=N online, the rest offline)
+  stats              [cntlid=N]   (I/O counters, errors by status, latency p50/p99/p99.9
+                     in us, queue depth; per controller and per namespace)
 A VALUE that parses as JSON is JSON; anything else is a string.")]
 pub struct RpcArgs {
     /// the daemon's management socket

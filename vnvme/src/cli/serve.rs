@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use vnvme::config::{Config, PollSetting, Served};
 use vnvme::daemon::Daemon;
+use vnvme::metrics::MetricsServer;
 use vnvme::rpc::RpcServer;
 
 /// Serve emulated NVMe controllers over vfio-user or NVMe/TCP.
@@ -56,6 +57,10 @@ pub struct ServeArgs {
     /// management socket (JSON-RPC; see `vnvme rpc --help`)
     #[arg(long, value_name = "PATH")]
     pub rpc: Option<PathBuf>,
+    /// serve Prometheus metrics on ADDR:PORT (GET /metrics; port 0: any free port, logged);
+    /// overrides `metrics` in --config
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -111,6 +116,21 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    let metrics_addr = match (args.metrics, &cfg.metrics) {
+        (Some(a), _) => Some(a),
+        // validated with the configuration
+        (None, Some(a)) => Some(a.parse().context("metrics")?),
+        (None, None) => None,
+    };
+    let metrics = match metrics_addr {
+        Some(a) => {
+            let m = MetricsServer::start(a).with_context(|| format!("metrics on {a}"))?;
+            m.registry().set(daemon.metric_sources());
+            eprintln!("vnvme: metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        None => None,
+    };
     for s in daemon.sockets() {
         log::info!("serving {}", s.display());
         eprintln!("vnvme: serving NVMe controller on {}", s.display());
@@ -120,11 +140,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     }
     while !sys_util::process::terminate_requested() {
         match &rpc {
-            Some(r) => r.poll(&mut daemon, Duration::from_millis(100)),
+            Some(r) => {
+                // a request may have added or removed controllers
+                if r.poll(&mut daemon, Duration::from_millis(100))
+                    && let Some(m) = &metrics
+                {
+                    m.registry().set(daemon.metric_sources());
+                }
+            }
             None => std::thread::sleep(Duration::from_millis(100)),
         }
     }
     drop(rpc);
+    drop(metrics);
     eprintln!("vnvme: signal received, flushing and shutting down");
     daemon.stop().context("stopping the daemon")?;
     Ok(0)

@@ -101,6 +101,7 @@ impl Daemon {
         let cfg = Config {
             poll: PollSetting::Adaptive,
             reactors: 0,
+            metrics: None,
             controllers: all,
         };
         cfg.validate()

@@ -194,6 +194,23 @@ impl Daemon {
             .collect()
     }
 
+    /// Every controller as the metrics name it (`vnvme rpc stats`, the Prometheus
+    /// endpoint), in build order.
+    pub fn metric_sources(&self) -> Vec<crate::metrics::Source> {
+        self.running()
+            .flat_map(|(_, e)| {
+                let nqn = e.subsystem.nqn().to_owned();
+                e.controllers.iter().map(move |c| crate::metrics::Source {
+                    cntlid: c.cntlid,
+                    nqn: nqn.clone(),
+                    kind: c.kind,
+                    endpoint: c.endpoint.clone(),
+                    stats: Arc::clone(&c.stats),
+                })
+            })
+            .collect()
+    }
+
     /// The running subsystems with their entry index.
     pub fn subsystems(&self) -> Vec<(usize, Arc<Subsystem>)> {
         self.running()

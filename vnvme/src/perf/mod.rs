@@ -9,7 +9,7 @@
 // perf's own buffers handed to a backend as guest buffers
 #[allow(unsafe_code)]
 pub mod backend_job;
-pub mod clock;
+pub use sys_util::clock;
 pub mod histogram;
 mod rng;
 mod worker;
@@ -94,7 +94,7 @@ impl JobResult {
 #[derive(Clone, Debug)]
 pub struct Report {
     pub elapsed: Duration,
-    /// Nanoseconds per latency tick (see `clock.rs`).
+    /// Nanoseconds per latency tick (see `sys_util::clock`).
     pub ns_per_tick: f64,
     pub jobs: Vec<JobResult>,
     /// The run checked what it read (`--verify`).

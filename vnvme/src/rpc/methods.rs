@@ -21,6 +21,7 @@ pub const METHODS: &[&str] = &[
     "ns_detach",
     "qos_set",
     "vf_enable",
+    "stats",
 ];
 
 fn invalid(msg: impl Into<String>) -> RpcError {
@@ -145,6 +146,24 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
                 .enable_vfs(string(p, "nqn")?, n)
                 .map_err(|e| refused(&e))?;
             Ok(json!(true))
+        }
+        "stats" => {
+            let cntlid = match p.get("cntlid") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(uint(p, "cntlid", 0xffff)? as u16),
+            };
+            let sources: Vec<_> = daemon
+                .metric_sources()
+                .into_iter()
+                .filter(|s| cntlid.is_none_or(|c| c == s.cntlid))
+                .collect();
+            if let (Some(c), true) = (cntlid, sources.is_empty()) {
+                return Err(RpcError::new(
+                    code::REFUSED,
+                    format!("no controller with CNTLID {c}"),
+                ));
+            }
+            Ok(crate::metrics::json(&sources))
         }
         _ => Err(RpcError::new(
             code::METHOD_NOT_FOUND,

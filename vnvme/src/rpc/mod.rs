@@ -4,7 +4,7 @@
 //!
 //! Methods ([`methods`]): `subsystem_list`, `controller_list`, `subsystem_create`,
 //! `subsystem_delete`, `ns_create`, `ns_delete`, `ns_attach`, `ns_detach`, `qos_set`,
-//! `vf_enable`.
+//! `vf_enable`, `stats`.
 
 pub mod client;
 pub mod methods;

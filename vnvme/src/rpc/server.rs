@@ -38,16 +38,20 @@ impl RpcServer {
         Ok(Self { listener, owned })
     }
 
-    /// Wait up to `timeout` for clients and serve them.
-    pub fn poll(&self, daemon: &mut Daemon, timeout: Duration) {
+    /// Wait up to `timeout` for clients and serve them; true when a client was served (the
+    /// daemon may have changed).
+    pub fn poll(&self, daemon: &mut Daemon, timeout: Duration) -> bool {
         if !sys_util::poll::wait_readable(&self.listener, timeout).unwrap_or(false) {
-            return;
+            return false;
         }
+        let mut served = false;
         while let Ok((stream, _)) = self.listener.accept() {
+            served = true;
             if let Err(e) = serve(stream, daemon) {
                 log::debug!("rpc client: {e}");
             }
         }
+        served
     }
 }
 
