@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use nvme_spec::fabrics::{ConnectData, fctype, put_str};
+use nvme_spec::status::sct;
 use nvme_spec::tcp::{fes, pdu_type};
 use nvme_spec::{Completion, Status, Submission};
 use nvmeof::initiator::queue::{ConnectParams, HostQueue, fabrics_sqe};
@@ -265,10 +266,23 @@ impl Raw {
     }
 
     fn connect(&mut self, subnqn: &str, qid: u16, sqsize: u32, kato_ms: u32) -> Completion {
+        self.connect_as(HOST, 0xffff, subnqn, qid, sqsize, kato_ms)
+    }
+
+    /// A Connect as host `hostnqn` for controller `cntlid` (FFFFh: any, for an admin queue).
+    fn connect_as(
+        &mut self,
+        hostnqn: &str,
+        cntlid: u16,
+        subnqn: &str,
+        qid: u16,
+        sqsize: u32,
+        kato_ms: u32,
+    ) -> Completion {
         let mut d = ConnectData::default();
-        d.cntlid = 0xffff.into();
+        d.cntlid = cntlid.into();
         put_str(&mut d.subnqn, subnqn);
-        put_str(&mut d.hostnqn, HOST);
+        put_str(&mut d.hostnqn, hostnqn);
         let mut sqe = fabrics_sqe(fctype::CONNECT);
         sqe.cid = 7.into();
         sqe.flags = 0x40;
@@ -286,6 +300,58 @@ impl Raw {
 
 fn status(c: &Completion) -> Status {
     Status::from_cqe_bits(c.status.get())
+}
+
+/// The Connects spdk_nvme_perf sends (issue 16, item 17): it copies the Host NQN of its
+/// `-r` string over the driver's default, so without `hostnqn:` there the Host NQN field is
+/// empty. The admin queue (SQSIZE 31, KATO 10 s, CNTLID FFFFh) and then an I/O queue (the
+/// CNTLID the admin Connect returned, SQSIZE = MQES) are accepted, as SPDK's and Linux's
+/// targets accept them; a subsystem with an allowed-host list refuses such a host.
+#[test]
+fn an_empty_host_nqn_connects_as_spdk_perf_does() {
+    let (target, addr) = target();
+    let mut admin = Raw::new(addr);
+    admin.ic(0);
+    let c = admin.connect_as("", 0xffff, NQN, 0, 31, 10_000);
+    assert_eq!(status(&c), Status::SUCCESS, "admin Connect: {c:?}");
+    let cntlid = c.dw0.get() as u16;
+    // enable as a host does, then an I/O queue of MQES + 1 entries on its own connection
+    // SPDK sizes I/O queues MQES + 1: the target's queue depth
+    let mqes = nvmeof::export::QUEUE_DEPTH - 1;
+    assert_eq!(
+        status(&admin.property(true, 0x14, 0x0046_0001)),
+        Status::SUCCESS
+    );
+    let t = Instant::now();
+    while admin.property(false, 0x1c, 0).dw0.get() & 1 == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "CSTS.RDY");
+    }
+    let mut io = Raw::new(addr);
+    io.ic(0);
+    let c = io.connect_as("", cntlid, NQN, 1, mqes, 10_000);
+    assert_eq!(status(&c), Status::SUCCESS, "I/O Connect: {c:?}");
+    target.stop().unwrap();
+
+    // where hosts are listed, a host without an NQN is not one of them
+    let cfg = Config::parse(
+        &format!(
+            "[[controller]]\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{NQN}\"\n\
+             allowed_hosts = [\"{HOST}\"]\n\
+             [[controller.namespace]]\nbackend = \"malloc:8M\"\n"
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let listed = Daemon::start(&cfg).expect("target with an allowed-host list");
+    let mut r = Raw::new(listed.tcp_addrs()[0]);
+    r.ic(0);
+    let c = r.connect_as("", 0xffff, NQN, 0, 31, 10_000);
+    assert_eq!(
+        status(&c),
+        Status::dnr(sct::COMMAND_SPECIFIC, 0x84),
+        "Connect Invalid Host: {c:?}"
+    );
+    listed.stop().unwrap();
 }
 
 #[test]

@@ -164,7 +164,15 @@ impl Target {
         let sqsize = sqe.cdw11.get() & 0xffff;
         let kato_ms = sqe.cdw12.get();
         let cd = ConnectData::read_from_bytes(&data[..1024]).ok()?;
-        let Some(hostnqn) = nqn(&cd.hostnqn) else {
+        // An empty Host NQN is accepted as an anonymous host, as SPDK's and Linux's targets
+        // do: spdk_nvme_perf sends one unless its -r string has `hostnqn:` (it copies its
+        // own, empty, field over the driver's default). Such a host is refused wherever an
+        // allowed-host list applies.
+        let Some(hostnqn) = nqn(&cd.hostnqn).or_else(|| {
+            get_str(&cd.hostnqn)
+                .filter(|s| s.is_empty())
+                .map(str::to_string)
+        }) else {
             return Some(invalid_parameters(true, 512));
         };
         let Some(subnqn) = nqn(&cd.subnqn) else {
