@@ -357,7 +357,6 @@ impl Controller {
         self.regs.csts.set_fatal(true);
     }
 
-    /// Event counters, shared with the control plane.
     /// The handle that changes this controller's QoS limits at run time.
     pub fn qos_control(&self) -> Arc<crate::qos::QosControl> {
         Arc::clone(&self.qos_control)
@@ -371,7 +370,7 @@ impl Controller {
             .collect()
     }
 
-    /// Event counters.
+    /// Event and I/O counters, shared with the control plane.
     pub fn stats(&self) -> Arc<ControllerStats> {
         Arc::clone(&self.stats)
     }
