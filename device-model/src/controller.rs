@@ -19,9 +19,9 @@ use crate::pci::PciIds;
 use crate::queue::{CompletionQueue, SubmissionQueue};
 use crate::registers::{Aqa, Cc, Csts, RegisterWrite, Registers, ShutdownStatus};
 use crate::shadow_doorbell::{self, ShadowDoorbells};
-use crate::state::async_events::{AsyncEvent, AsyncEvents, error_info, event_type};
+use crate::state::AdminState;
+use crate::state::async_events::{AsyncEvent, error_info, event_type};
 use crate::state::features::Features;
-use crate::state::logs::{ErrorLog, SmartCounters};
 use crate::stats::ControllerStats;
 
 /// Static configuration of a controller.
@@ -145,19 +145,13 @@ pub struct Controller {
     /// Ids of existing SQs / CQs, for iteration without scanning every slot.
     pub(crate) active_sqs: Vec<u16>,
     pub(crate) active_cqs: Vec<u16>,
-    pub(crate) features: Features,
-    pub(crate) events: AsyncEvents,
+    /// What admin commands read and change: features, events, logs, keep alive.
+    pub(crate) admin: AdminState,
     pub(crate) stats: Arc<ControllerStats>,
     /// Converts [`sys_util::clock::ticks`] to nanoseconds for the latency histograms.
     tick_rate: sys_util::clock::TickRate,
     /// Shadow doorbell and EventIdx pages, when the host configured them.
     pub(crate) shadow: Option<ShadowDoorbells>,
-    /// Start of the current Keep Alive period (None: starts at the next check).
-    pub(crate) keep_alive_since: Option<std::time::Instant>,
-    pub(crate) errors: ErrorLog,
-    /// Namespaces attached or detached since the host last read log page 04h.
-    pub(crate) changed_ns: crate::state::changed_namespaces::ChangedNamespaces,
-    pub(crate) smart: SmartCounters,
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
     done: Vec<(u64, Status)>,
@@ -222,7 +216,7 @@ impl Controller {
         let stats = Arc::new(ControllerStats::default());
         stats.set_namespaces(namespaces.iter().map(|n| (n.nsid, Arc::clone(&n.stats))));
         Self {
-            features: Features::new(cfg.max_io_queues, cfg.irq_coalescing.dword()),
+            admin: AdminState::new(Features::new(cfg.max_io_queues, cfg.irq_coalescing.dword())),
             cfg,
             mem,
             doorbells,
@@ -234,14 +228,9 @@ impl Controller {
             cqs: (0..nq).map(|_| None).collect(),
             active_sqs: Vec::with_capacity(nq),
             active_cqs: Vec::with_capacity(nq),
-            events: AsyncEvents::default(),
             stats,
             tick_rate: sys_util::clock::rate(),
             shadow: None,
-            keep_alive_since: None,
-            errors: ErrorLog::default(),
-            changed_ns: crate::state::changed_namespaces::ChangedNamespaces::default(),
-            smart: SmartCounters::default(),
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
             done: Vec::with_capacity(1024),
@@ -382,7 +371,7 @@ impl Controller {
 
     /// Asynchronous events waiting for an Asynchronous Event Request.
     pub fn queued_events(&self) -> usize {
-        self.events.queued()
+        self.admin.events.queued()
     }
 
     /// Read a BAR0 register (offsets below the doorbell page). Unknown offsets read as zero.
@@ -517,7 +506,7 @@ impl Controller {
             return;
         }
         if let Some(n) = self.secondary_io_queues() {
-            self.features.max_queues = n;
+            self.admin.features.max_queues = n;
         }
         self.page_size = 4096 << mps;
         self.regs.csts.set_fatal(false);
@@ -628,9 +617,10 @@ impl Controller {
         self.waiting.clear();
         self.reset_events();
         self.shadow = None;
-        self.keep_alive_since = None;
+        self.admin.keep_alive_since = None;
         self.doorbells.clear();
-        self.features = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
+        self.admin.features =
+            Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
         self.regs.cc = self.regs.cc.disabled();
         self.regs.csts = Csts(0);
         self.stats
@@ -713,7 +703,7 @@ impl Controller {
     /// Raise the interrupt of every CQ that posted completions, unless coalescing holds it
     /// (§5.27.1.9). Returns the number of interrupts held, so the reactor keeps polling.
     fn interrupts(&mut self) -> usize {
-        let coalescing = Coalescing::from_dword(self.features.coalescing);
+        let coalescing = Coalescing::from_dword(self.admin.features.coalescing);
         let mut now = None;
         let mut held = 0;
         for &id in &self.active_cqs {
@@ -729,8 +719,8 @@ impl Controller {
             }
             if coalescing.enabled()
                 && cq.vector != 0
-                && !self.features.vector_cd[cq.vector as usize]
-                && !(self.features.coalescing_adaptive
+                && !self.admin.features.vector_cd[cq.vector as usize]
+                && !(self.admin.features.coalescing_adaptive
                     && cq.last_irq_batch <= 1
                     && host_outstanding(&self.sqs, &self.active_sqs, cq) <= 1)
             {
@@ -937,7 +927,7 @@ impl Controller {
             return;
         };
         if status.is_success() {
-            self.smart.account(ctx.opcode, ctx.bytes);
+            self.admin.smart.account(ctx.opcode, ctx.bytes);
         }
     }
 
@@ -983,7 +973,7 @@ impl Controller {
             return; // the queues are going away: nothing is posted
         }
         if !status.is_success() {
-            self.errors.record(qid, cid, status, nsid, opcode);
+            self.admin.errors.record(qid, cid, status, nsid, opcode);
         }
         self.count_command(qid, opcode, nsid, bytes, fetched, status);
         if let Some(cq) = self.cqs[cqid as usize].as_mut() {

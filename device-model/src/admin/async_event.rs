@@ -13,13 +13,13 @@ use crate::stats::ControllerStats;
 impl Controller {
     /// Asynchronous Event Request: complete at once if an event waits, else park the command.
     pub(crate) fn async_event_request(&mut self, slot: u16) -> Outcome {
-        if self.events.slots.len() >= AER_LIMIT {
+        if self.admin.events.slots.len() >= AER_LIMIT {
             return Outcome::status(Status::ASYNC_EVENT_LIMIT_EXCEEDED);
         }
         if let Some(ev) = self.next_event() {
             return Outcome::Done(Status::SUCCESS, ev.dword0());
         }
-        self.events.slots.push(slot);
+        self.admin.events.slots.push(slot);
         Outcome::Pending
     }
 
@@ -27,23 +27,23 @@ impl Controller {
     /// type whose last report was not yet acknowledged (log page read) are dropped (§5.2).
     pub(crate) fn raise_event(&mut self, ev: AsyncEvent, mem: &MemoryMap) {
         let bit = 1u8 << (ev.event_type & 7);
-        if self.events.masked & bit != 0 || self.events.queued.contains(&ev) {
+        if self.admin.events.masked & bit != 0 || self.admin.events.queued.contains(&ev) {
             log::debug!("{}: async event {ev:?} held back", self.cfg.serial);
             return;
         }
         log::info!("{}: async event {ev:?}", self.cfg.serial);
         ControllerStats::bump(&self.stats.async_events);
-        self.events.queued.push_back(ev);
-        while !self.events.slots.is_empty() {
+        self.admin.events.queued.push_back(ev);
+        while !self.admin.events.slots.is_empty() {
             let Some(ev) = self.next_event() else { break };
-            let slot = self.events.slots.remove(0);
+            let slot = self.admin.events.slots.remove(0);
             self.complete(0, slot, Status::SUCCESS, ev.dword0(), mem);
         }
     }
 
     fn next_event(&mut self) -> Option<AsyncEvent> {
-        let ev = self.events.queued.pop_front()?;
-        self.events.masked |= 1 << (ev.event_type & 7);
+        let ev = self.admin.events.queued.pop_front()?;
+        self.admin.events.masked |= 1 << (ev.event_type & 7);
         Some(ev)
     }
 
@@ -59,11 +59,11 @@ impl Controller {
             lid::CHANGED_NS_LIST => event_type::NOTICE,
             _ => return,
         };
-        self.events.masked &= !(1 << t);
+        self.admin.events.masked &= !(1 << t);
     }
 
     /// Drop parked requests (controller reset: the admin queue is gone).
     pub(crate) fn reset_events(&mut self) {
-        self.events = AsyncEvents::default();
+        self.admin.events = AsyncEvents::default();
     }
 }

@@ -24,7 +24,7 @@ impl Controller {
         let sel = ((cdw10 >> 8) & 7) as u8;
         let defaults;
         let f = match sel {
-            select::CURRENT => &self.features,
+            select::CURRENT => &self.admin.features,
             // nothing is saveable: the saved value is the default one
             select::DEFAULT | select::SAVED => {
                 defaults = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
@@ -129,7 +129,7 @@ impl Controller {
         if cdw10 >> 31 != 0 {
             return Outcome::status(Status::FEATURE_NOT_SAVEABLE);
         }
-        let f = &mut self.features;
+        let f = &mut self.admin.features;
         match id {
             fid::ARBITRATION => f.arbitration = cdw11,
             fid::POWER_MANAGEMENT => {
@@ -195,7 +195,7 @@ impl Controller {
                 // rounded up to the Keep Alive granularity; Get Features reports the result
                 let g = crate::admin::keep_alive::KEEP_ALIVE_GRANULARITY_MS;
                 f.keep_alive_ms = cdw11.div_ceil(g).saturating_mul(g);
-                self.keep_alive_since = None;
+                self.admin.keep_alive_since = None;
             }
             // LSIRI and LSIPI: kept and read back; no LBA Status Information Alert is sent
             // (the set of uncorrectable blocks changes only by the host's own commands)
@@ -207,7 +207,7 @@ impl Controller {
                 }
                 let mut hb = [0u8; 512];
                 hb.copy_from_slice(&self.bounce[..512]);
-                self.features.host_behavior = hb;
+                self.admin.features.host_behavior = hb;
             }
             _ => return Outcome::status(Status::INVALID_FIELD),
         }
@@ -221,13 +221,14 @@ impl Controller {
     /// over-temperature or below the under-temperature threshold. Raises a SMART / Health
     /// event (§5.2, information 01h) when Asynchronous Event Configuration enables it.
     pub(crate) fn temperature_warning(&self) -> bool {
-        let f = &self.features;
+        let f = &self.admin.features;
         TEMPERATURE_K > f.temp_over || (f.temp_under != 0 && TEMPERATURE_K < f.temp_under)
     }
 
     fn check_temperature(&mut self, mem: &MemoryMap) {
         const TEMPERATURE_WARNING: u32 = 1 << 1;
-        if self.temperature_warning() && self.features.async_event_config & TEMPERATURE_WARNING != 0
+        if self.temperature_warning()
+            && self.admin.features.async_event_config & TEMPERATURE_WARNING != 0
         {
             self.raise_event(
                 AsyncEvent {
@@ -270,7 +271,7 @@ mod tests {
             admin_run(h, sqe(GET_FEATURES, 0, 0, &[cdw10, cdw11]))
         };
         assert_eq!(set(&mut h, 9, 1 | (1 << 16)), Status::SUCCESS, "IV 1, CD");
-        assert!(h.ctrl.features.vector_cd[1]);
+        assert!(h.ctrl.admin.features.vector_cd[1]);
         let last = u32::from(crate::pci::MSIX_VECTORS - 1);
         assert_eq!(
             set(&mut h, 9, last),
@@ -299,6 +300,6 @@ mod tests {
             assert_eq!(st, Status::INVALID_LOG_PAGE, "log {lid:#x}");
         }
         assert_eq!(set(&mut h, 0x15, 0x0005_0003), Status::SUCCESS);
-        assert_eq!(h.ctrl.features.lba_status_interval, 0x0005_0003);
+        assert_eq!(h.ctrl.admin.features.lba_status_interval, 0x0005_0003);
     }
 }

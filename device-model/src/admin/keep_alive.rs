@@ -17,18 +17,18 @@ pub(crate) const KEEP_ALIVE_GRANULARITY_MS: u32 = 100;
 impl Controller {
     /// Keep Alive command: restart the timer.
     pub(crate) fn keep_alive(&mut self) -> Status {
-        self.keep_alive_since = Some(Instant::now());
+        self.admin.keep_alive_since = Some(Instant::now());
         Status::SUCCESS
     }
 
     /// Check the Keep Alive timer at `now`; on expiry the controller goes fatal.
     /// The reactor calls this every millisecond or so; cheap when KATO is 0.
     pub fn check_keep_alive(&mut self, now: Instant) {
-        let kato = self.features.keep_alive_ms;
+        let kato = self.admin.features.keep_alive_ms;
         if kato == 0 || !self.is_ready() || self.is_fatal() {
             return;
         }
-        let since = *self.keep_alive_since.get_or_insert(now);
+        let since = *self.admin.keep_alive_since.get_or_insert(now);
         // in u64: KATO FFFFFFFFh (about 50 days) is legal and rounds up past u32::MAX
         let limit = u64::from(kato.div_ceil(KEEP_ALIVE_GRANULARITY_MS))
             * u64::from(KEEP_ALIVE_GRANULARITY_MS);

@@ -35,7 +35,7 @@ impl Controller {
         let page: Vec<u8> = match id {
             lid::ERROR_INFORMATION => {
                 let mut v = vec![0u8; ERROR_LOG_ENTRIES * 64];
-                for (i, e) in self.errors.entries.iter().enumerate() {
+                for (i, e) in self.admin.errors.entries.iter().enumerate() {
                     v[i * 64..(i + 1) * 64].copy_from_slice(e.as_bytes());
                 }
                 v
@@ -46,7 +46,7 @@ impl Controller {
                 }
                 self.smart_log().as_bytes().to_vec()
             }
-            lid::CHANGED_NS_LIST => self.changed_ns.page(retain_event),
+            lid::CHANGED_NS_LIST => self.admin.changed_ns.page(retain_event),
             lid::LBA_STATUS_INFO => self.lba_status_log(offset.saturating_add(len)),
             lid::FIRMWARE_SLOT => {
                 let mut fw = FirmwareSlotLog::default();
@@ -112,7 +112,7 @@ impl Controller {
     }
 
     fn smart_log(&self) -> SmartLog {
-        let s = &self.smart;
+        let s = &self.admin.smart;
         let mut log = SmartLog::default();
         log.temperature = crate::state::features::TEMPERATURE_K.to_le_bytes();
         log.avail_spare = 100;
@@ -125,7 +125,7 @@ impl Controller {
         log.host_write_commands = u128_le(s.writes);
         log.power_cycles = u128_le(1);
         log.power_on_hours = u128_le(s.started.elapsed().as_secs() / 3600);
-        log.num_err_log_entries = u128_le(self.errors.count());
+        log.num_err_log_entries = u128_le(self.admin.errors.count());
         log.temp_sensor[0] = crate::state::features::TEMPERATURE_K.into();
         log
     }

@@ -168,8 +168,8 @@ impl Controller {
                 nsid
             }
         };
-        self.changed_ns.record(nsid);
-        if self.is_ready() && self.features.async_event_config & NS_ATTRIBUTE_NOTICES != 0 {
+        self.admin.changed_ns.record(nsid);
+        if self.is_ready() && self.admin.features.async_event_config & NS_ATTRIBUTE_NOTICES != 0 {
             let mem = self.mem.snapshot();
             self.raise_event(NS_ATTRIBUTE_CHANGED, &mem);
         }

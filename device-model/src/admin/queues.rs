@@ -73,7 +73,7 @@ impl Controller {
         let iv = (cdw11 >> 16) as u16;
         let base = sqe.prp1.get();
         let exists = self.cqs.get(qid as usize).is_some_and(Option::is_some);
-        let max = self.features.granted().1 + 1;
+        let max = self.admin.features.granted().1 + 1;
         let s = self.check_new_queue(qid, qsize, base, 16, pc, exists, max, mem);
         if !s.is_success() {
             return s;
@@ -100,13 +100,13 @@ impl Controller {
         let cqid = (cdw11 >> 16) as u16;
         let base = sqe.prp1.get();
         let exists = self.sqs.get(qid as usize).is_some_and(Option::is_some);
-        let max = self.features.granted().0 + 1;
+        let max = self.admin.features.granted().0 + 1;
         let s = self.check_new_queue(qid, qsize, base, 64, pc, exists, max, mem);
         if !s.is_success() {
             return s;
         }
         // CQID 0 is the admin CQ; beyond the CQs allocated it names no queue (§5.5, CQID)
-        let max_cqid = self.features.granted().1 + 1;
+        let max_cqid = self.admin.features.granted().1 + 1;
         if cqid == 0 || cqid > max_cqid || cqid as usize >= self.cqs.len() {
             return Status::INVALID_QID;
         }

@@ -7,3 +7,37 @@ pub mod async_events;
 pub mod changed_namespaces;
 pub mod features;
 pub mod logs;
+
+use std::time::Instant;
+
+use async_events::AsyncEvents;
+use changed_namespaces::ChangedNamespaces;
+use features::Features;
+use logs::{ErrorLog, SmartCounters};
+
+/// A controller's admin state, in one place: what its admin handlers change.
+#[derive(Debug)]
+pub(crate) struct AdminState {
+    pub(crate) features: Features,
+    pub(crate) events: AsyncEvents,
+    pub(crate) errors: ErrorLog,
+    /// Namespaces attached or detached since the host last read log page 04h.
+    pub(crate) changed_ns: ChangedNamespaces,
+    pub(crate) smart: SmartCounters,
+    /// Start of the current Keep Alive period (None: starts at the next check).
+    pub(crate) keep_alive_since: Option<Instant>,
+}
+
+impl AdminState {
+    /// The power-on state with `features`.
+    pub(crate) fn new(features: Features) -> Self {
+        Self {
+            features,
+            events: AsyncEvents::default(),
+            errors: ErrorLog::default(),
+            changed_ns: ChangedNamespaces::default(),
+            smart: SmartCounters::default(),
+            keep_alive_since: None,
+        }
+    }
+}
