@@ -139,14 +139,7 @@ impl Controller {
                 waiting.push_back((qid, slot, sqe));
                 continue;
             }
-            let outcome = if qid == 0 {
-                self.admin_command(slot, &sqe, mem)
-            } else {
-                self.io_command(qid, slot, &sqe, mem)
-            };
-            if let Outcome::Done(status, dw0) = outcome {
-                self.complete(qid, slot, status, dw0, mem);
-            }
+            self.dispatch(qid, slot, &sqe, mem);
         }
         waiting.append(&mut self.waiting);
         self.waiting = waiting;
@@ -182,6 +175,20 @@ impl Controller {
         Some(status)
     }
 
+    /// The byte range a Compare or a Verify reads from the media: in the namespace, at most
+    /// the maximum transfer size (Invalid Field otherwise), and no block marked
+    /// uncorrectable (Unrecovered Read Error otherwise).
+    fn media_read_range(&self, ns_idx: usize, sqe: &Submission) -> Result<(u64, u64), Status> {
+        let (offset, len) = self.lba_range(ns_idx, sqe)?;
+        if len > self.max_transfer() {
+            return Err(Status::INVALID_FIELD);
+        }
+        if self.is_uncorrectable(ns_idx, offset, len) {
+            return Err(Status::UNRECOVERED_READ_ERROR);
+        }
+        Ok((offset, len))
+    }
+
     /// Compare (NVM command set 1.0 §3.2.1): the host's data is copied now, the blocks are
     /// read into a buffer of ours behind it, and the two compared when the read completes
     /// ([`Controller::request_done`]). With [`MAX_COMPARES`] in flight the command waits.
@@ -193,16 +200,10 @@ impl Controller {
         sqe: &Submission,
         mem: &crate::memory::MemoryMap,
     ) -> Outcome {
-        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+        let (offset, len) = match self.media_read_range(ns_idx, sqe) {
             Ok(r) => r,
             Err(s) => return Outcome::status(s),
         };
-        if len > self.max_transfer() {
-            return Outcome::status(Status::INVALID_FIELD);
-        }
-        if self.is_uncorrectable(ns_idx, offset, len) {
-            return Outcome::status(Status::UNRECOVERED_READ_ERROR);
-        }
         if self.wait_for_room(qid, slot, sqe) {
             return Outcome::Pending;
         }
@@ -229,16 +230,10 @@ impl Controller {
         ns_idx: usize,
         sqe: &Submission,
     ) -> Outcome {
-        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+        let (offset, len) = match self.media_read_range(ns_idx, sqe) {
             Ok(r) => r,
             Err(s) => return Outcome::status(s),
         };
-        if len > self.max_transfer() {
-            return Outcome::status(Status::INVALID_FIELD);
-        }
-        if self.is_uncorrectable(ns_idx, offset, len) {
-            return Outcome::status(Status::UNRECOVERED_READ_ERROR);
-        }
         if self.wait_for_room(qid, slot, sqe) {
             return Outcome::Pending;
         }

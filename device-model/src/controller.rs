@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use nvme_spec::registers::cap;
-use nvme_spec::{Completion, Status};
+use nvme_spec::{Completion, Status, Submission};
 
 use crate::backend::{IoOp, IoRequest};
 use crate::doorbell::Doorbells;
@@ -816,20 +816,26 @@ impl Controller {
             ctx.nsid = sqe.nsid.get();
             ctx.bytes = 0;
             ctx.fetched = sys_util::clock::ticks();
-            let outcome = if qid == 0 {
-                self.admin_command(slot, &sqe, mem)
-            } else {
-                self.io_command(qid, slot, &sqe, mem)
-            };
-            if let Outcome::Done(status, dw0) = outcome {
-                self.complete(qid, slot, status, dw0, mem);
-            }
+            self.dispatch(qid, slot, &sqe, mem);
             n += 1;
         }
         n as usize
     }
 
     /// Collect backend completions and post them; drop detached namespaces that are done.
+    /// Run the command in `slot` of SQ `qid` (admin or I/O) and post its completion when it
+    /// finished at once; a pending one completes through its backend or its event.
+    pub(crate) fn dispatch(&mut self, qid: u16, slot: u16, sqe: &Submission, mem: &Arc<MemoryMap>) {
+        let outcome = if qid == 0 {
+            self.admin_command(slot, sqe, mem)
+        } else {
+            self.io_command(qid, slot, sqe, mem)
+        };
+        if let Outcome::Done(status, dw0) = outcome {
+            self.complete(qid, slot, status, dw0, mem);
+        }
+    }
+
     fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
         let mut done = std::mem::take(&mut self.done);
         let namespaces = self
