@@ -184,16 +184,22 @@ impl Job {
             if f.write {
                 self.written[w] |= bit;
             } else if self.written[w] & bit != 0 {
-                let lba = (self.first_unit + f.unit) * u64::from(self.blocks_per_io);
-                let bad = Self::check(
-                    &self.buffers[slot].as_slice()[..opts.io_size as usize],
-                    lba,
-                    self.nsid,
-                    self.block_size,
-                );
-                self.record_check(lba, bad);
+                self.check_read(slot, f.unit, opts);
             }
         }
+    }
+
+    /// Check what the read of `unit` into `slot`'s buffer returned against what this run
+    /// wrote there, and count it.
+    fn check_read(&mut self, slot: usize, unit: u64, opts: &PerfOptions) {
+        let lba = (self.first_unit + unit) * u64::from(self.blocks_per_io);
+        let bad = Self::check(
+            &self.buffers[slot].as_slice()[..opts.io_size as usize],
+            lba,
+            self.nsid,
+            self.block_size,
+        );
+        self.record_check(lba, bad);
     }
 
     /// Count one checked read of `blocks_per_io` blocks at `lba` with `bad` mismatches; the
@@ -276,14 +282,7 @@ impl Job {
                     self.result.errors += 1;
                     continue;
                 }
-                let lba = (self.first_unit + unit) * u64::from(self.blocks_per_io);
-                let bad = Self::check(
-                    &self.buffers[slot].as_slice()[..opts.io_size as usize],
-                    lba,
-                    self.nsid,
-                    self.block_size,
-                );
-                self.record_check(lba, bad);
+                self.check_read(slot, unit, opts);
             }
         }
     }
