@@ -3,14 +3,15 @@
 //! walking over guest memory, namespaces and their backends, and the polling reactor that
 //! runs a controller's data plane.
 //!
-//! Layout: `pci/` config space and BAR layout; `controller.rs` registers, enable/reset and
-//! the poll loop; `queue/` SQ/CQ; `doorbell.rs` and `shadow_doorbell.rs` the doorbells;
-//! `admin/` admin commands; `subsystem_link.rs` and `virt_link.rs` what a controller asks of
-//! its NVM subsystem and SR-IOV pools (which live in the `sriov` crate); `io.rs` NVM
-//! commands; `compound.rs` commands made of several backend requests, Compare and Verify;
-//! `uncorrectable.rs` the blocks Write Uncorrectable marked; `dptr.rs` PRP/SGL; `memory.rs`
-//! the DMA map; `backend/` null,
-//! malloc, file; `reactor.rs` the thread.
+//! Layout: `pci/` config space and BAR layout; `registers.rs` the BAR0 register file;
+//! `controller/` one controller, one file per hot-path hop (fetch, completion, interrupt)
+//! and per lifecycle job (enable/reset, shutdown, detach); `queue/` SQ/CQ; `doorbell.rs`
+//! and `shadow_doorbell.rs` the doorbells; `admin/` admin commands; `subsystem_link.rs` and
+//! `virt_link.rs` what a controller asks of its NVM subsystem and SR-IOV pools (which live
+//! in the `sriov` crate); `io.rs` NVM commands; `compound.rs` commands made of several
+//! backend requests, Compare and Verify; `uncorrectable.rs` the blocks Write Uncorrectable
+//! marked; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null, malloc, file;
+//! `reactor.rs` the thread.
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 

@@ -1,0 +1,162 @@
+//! Hot path, hops 4-5: backend completions are reaped and each command's CQE is posted
+//! (NVMe base 2.0 §4.2.4), freeing its slot and counting it in the statistics; the
+//! interrupt that follows is `interrupt.rs`.
+
+use std::sync::Arc;
+
+use nvme_spec::{Completion, Status};
+
+use crate::memory::MemoryMap;
+
+use super::{Controller, OWN_FLUSH_QID};
+
+impl Controller {
+    /// Collect backend completions and post them; drop detached namespaces that are done.
+    pub(super) fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        let namespaces = self
+            .namespaces
+            .iter_mut()
+            .chain(self.detaching.iter_mut().map(|d| &mut d.ns));
+        for ns in namespaces {
+            if ns.backend.in_flight() > 0 {
+                ns.backend.poll(&mut |t, s| done.push((t, s)));
+            }
+        }
+        let n = done.len();
+        for &(t, status) in &done {
+            self.request_finished(t, status, mem);
+        }
+        done.clear();
+        self.done = done;
+        if !self.detaching.is_empty() {
+            self.poll_detaching();
+        }
+        n
+    }
+
+    /// Backend request `t` finished with `status`: count it, and post its command's
+    /// completion when it was the last the command waited for.
+    pub(super) fn request_finished(&mut self, t: u64, status: Status, mem: &MemoryMap) {
+        let (epoch, qid, slot) = crate::quiesce::untag(t);
+        if epoch != self.quiesce.epoch() {
+            self.quiesce.stale_completion(epoch);
+            return;
+        }
+        if qid == OWN_FLUSH_QID {
+            self.quiesce.own_flush_done(slot, status);
+            return;
+        }
+        let Some(result) = self.request_done(qid, slot, status) else {
+            return; // more requests of the same command to come
+        };
+        self.io_finished(qid, slot, status);
+        self.complete(qid, slot, result, 0, mem);
+    }
+
+    /// The last backend request of a command finished with `status`: account it (SMART).
+    pub(super) fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
+        let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let Some(ctx) = sq.slots.get(slot as usize) else {
+            return;
+        };
+        if status.is_success() {
+            self.admin.smart.account(ctx.opcode, ctx.bytes);
+        }
+    }
+
+    /// Post the completion of the command in `slot` of SQ `qid` and free the slot.
+    pub(crate) fn complete(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        status: Status,
+        dw0: u32,
+        mem: &MemoryMap,
+    ) {
+        let Some(sq) = self.sqs.get_mut(qid as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(ctx) = sq.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let cid = ctx.cid;
+        ctx.mem = None;
+        let compound = ctx.compound.take();
+        if let Some(block) = ctx.iov.take_storage() {
+            self.iov_pool.put(block);
+        }
+        self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
+        if qid != 0 {
+            self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        }
+        let opcode = ctx.opcode;
+        let nsid = ctx.nsid;
+        let (bytes, fetched) = (ctx.bytes, ctx.fetched);
+        sq.free.push(slot);
+        let sq_head = sq.head as u16;
+        let cqid = sq.cqid;
+        let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
+        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+            cq.reserved = cq.reserved.saturating_sub(1);
+        }
+        if let Some(c) = compound {
+            self.compound_done(&c);
+        }
+        if self.quiesce.resetting.is_some() {
+            return; // the queues are going away: nothing is posted
+        }
+        if !status.is_success() {
+            self.admin.errors.record(qid, cid, status, nsid, opcode);
+        }
+        self.count_command(qid, opcode, nsid, bytes, fetched, status);
+        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+            let cqe = Completion {
+                dw0: dw0.into(),
+                dw1: 0.into(),
+                sq_head: sq_head.into(),
+                sq_id: qid.into(),
+                cid: cid.into(),
+                status: status.cqe_bits().into(),
+            };
+            if let Err(e) = cq.post(mem, cqe) {
+                crate::error_limited!(
+                    "{}: CQ {cqid} not writable ({e}); controller fatal",
+                    self.cfg.serial
+                );
+                self.set_fatal();
+            }
+        }
+        if let Some(admin_slot) = finish_delete {
+            self.remove_sq(qid);
+            self.complete(0, admin_slot, Status::SUCCESS, 0, mem);
+        }
+    }
+
+    /// Count a completed command in the statistics: admin commands by outcome, I/O commands
+    /// with their latency since the SQE fetch, for the controller and their namespace.
+    #[inline]
+    pub(super) fn count_command(
+        &self,
+        qid: u16,
+        opcode: u8,
+        nsid: u32,
+        bytes: u64,
+        fetched: u64,
+        status: Status,
+    ) {
+        if qid == 0 {
+            self.stats.record_admin(status);
+            return;
+        }
+        let ns = self
+            .tick_rate
+            .ns(sys_util::clock::ticks().saturating_sub(fetched));
+        self.stats.record_io(opcode, bytes, status, ns);
+        if let Some(i) = self.namespace_index(nsid) {
+            self.namespaces[i].stats.record(opcode, bytes, status, ns);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Hot path, hops 1-3: one poll of the data plane reads the doorbells (register page or
+//! shadow page, [`crate::shadow_doorbell`]), fetches SQEs within the fetch budget, QoS and
+//! CQ room, and dispatches each command to the admin handlers ([`crate::admin`]) or the NVM
+//! command set ([`crate::io`]), which hand it to a backend. Completions: `completion.rs`.
+
+use std::sync::Arc;
+
+use nvme_spec::Submission;
+
+use crate::memory::MemoryMap;
+use crate::shadow_doorbell;
+use crate::state::async_events::{AsyncEvent, error_info, event_type};
+
+use super::{Controller, MAX_COMMANDS_IN_FLIGHT, Outcome};
+
+/// Commands fetched from one SQ per poll before moving on (fairness between queues).
+const FETCH_BUDGET: u32 = 64;
+
+impl Controller {
+    /// One pass of the data plane: doorbells, command fetch and dispatch, backend
+    /// completions, interrupts. Returns how much work was done (0 = idle).
+    pub fn poll(&mut self) -> usize {
+        if self.quiesce.resetting.is_some() {
+            return self.poll_reset();
+        }
+        self.poll_shutdown();
+        if !self.is_ready() || self.is_fatal() {
+            if self.quiesce.retired_requests() > 0 || !self.detaching.is_empty() {
+                let mem = self.mem.snapshot();
+                return self.reap(&mem);
+            }
+            return 0;
+        }
+        if self.secondary_offline() {
+            // taken offline by the primary: the controller is reset under its host
+            log::info!(
+                "{}: secondary controller taken offline: reset",
+                self.cfg.serial
+            );
+            self.reset();
+            return 1;
+        }
+        let mem = self.mem.snapshot();
+        let mut work = 0;
+        let mut bad_doorbell = false;
+        for i in 0..self.active_cqs.len() {
+            let id = self.active_cqs[i];
+            let Some(cq) = self.cqs[id as usize].as_mut() else {
+                continue;
+            };
+            let db = shadow_doorbell::current(
+                &self.doorbells,
+                self.shadow.as_ref(),
+                &mem,
+                2 * id as usize + 1,
+                &mut cq.doorbell,
+            );
+            if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
+                self.warned_doorbell = true;
+                bad_doorbell = true;
+                crate::warn_limited!(
+                    "{}: invalid CQ {id} head doorbell {db} (size {}, tail {})",
+                    self.cfg.serial,
+                    cq.size,
+                    cq.tail
+                );
+            }
+        }
+        if bad_doorbell {
+            self.raise_event(Self::INVALID_DOORBELL, &mem);
+        }
+        let mut i = 0;
+        while i < self.active_sqs.len() {
+            let id = self.active_sqs[i];
+            work += self.process_sq(id, &mem);
+            i += 1;
+        }
+        work += self.reap(&mem);
+        if !self.waiting.is_empty() {
+            self.start_waiting(&mem);
+        }
+        self.stats.in_flight.store(
+            self.io_in_flight as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        work + self.interrupts()
+    }
+
+    pub(super) fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {
+        let Some(sq) = self.sqs[qid as usize].as_mut() else {
+            return 0;
+        };
+        let db = shadow_doorbell::current(
+            &self.doorbells,
+            self.shadow.as_ref(),
+            mem,
+            2 * qid as usize,
+            &mut sq.doorbell,
+        );
+        if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
+            self.warned_doorbell = true;
+            crate::warn_limited!(
+                "{}: invalid SQ {qid} tail doorbell {db} (size {})",
+                self.cfg.serial,
+                sq.size
+            );
+            let deleting = sq.deleting.is_some();
+            self.raise_event(Self::INVALID_DOORBELL, mem);
+            if deleting {
+                return 0;
+            }
+        } else if sq.deleting.is_some() {
+            return 0;
+        }
+        let mut n = 0;
+        if qid != 0 {
+            self.qos.sync(&self.qos_control);
+        }
+        while n < FETCH_BUDGET {
+            let Some(sq) = self.sqs[qid as usize].as_mut() else {
+                break;
+            };
+            if !sq.has_work() || sq.free.is_empty() {
+                break;
+            }
+            if self.commands_in_flight >= MAX_COMMANDS_IN_FLIGHT {
+                break; // the rest waits in the SQ until commands complete
+            }
+            // QoS holds I/O commands in the SQ until their tokens are there
+            if qid != 0 && !self.qos.admit() {
+                break;
+            }
+            let cqid = sq.cqid as usize;
+            let Some(cq) = self.cqs[cqid].as_mut() else {
+                break;
+            };
+            if !cq.can_reserve() {
+                break;
+            }
+            let sqe = match sq.fetch(mem) {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::error_limited!(
+                        "{}: SQ {qid} entry unreadable ({e}); controller fatal",
+                        self.cfg.serial
+                    );
+                    self.set_fatal();
+                    return n as usize;
+                }
+            };
+            cq.reserved += 1;
+            if qid != 0 {
+                self.qos.charge_op();
+            }
+            let slot = sq.free.pop().unwrap_or_default();
+            self.commands_in_flight += 1;
+            if qid != 0 {
+                self.io_in_flight += 1;
+            }
+            let ctx = &mut sq.slots[slot as usize];
+            ctx.cid = sqe.cid.get();
+            ctx.opcode = sqe.opcode;
+            ctx.nsid = sqe.nsid.get();
+            ctx.bytes = 0;
+            ctx.fetched = sys_util::clock::ticks();
+            self.dispatch(qid, slot, &sqe, mem);
+            n += 1;
+        }
+        n as usize
+    }
+
+    /// Run the command in `slot` of SQ `qid` (admin or I/O) and post its completion when it
+    /// finished at once; a pending one completes through its backend or its event.
+    pub(crate) fn dispatch(&mut self, qid: u16, slot: u16, sqe: &Submission, mem: &Arc<MemoryMap>) {
+        let outcome = if qid == 0 {
+            self.admin_command(slot, sqe, mem)
+        } else {
+            self.io_command(qid, slot, sqe, mem)
+        };
+        if let Outcome::Done(status, dw0) = outcome {
+            self.complete(qid, slot, status, dw0, mem);
+        }
+    }
+
+    /// The event for an invalid doorbell write value (§3.1.4.18 and §5.2).
+    pub(super) const INVALID_DOORBELL: AsyncEvent = AsyncEvent {
+        event_type: event_type::ERROR,
+        info: error_info::INVALID_DOORBELL_VALUE,
+        log_page: nvme_spec::log_page::lid::ERROR_INFORMATION,
+    };
+}
