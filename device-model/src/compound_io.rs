@@ -34,7 +34,7 @@ impl Controller {
         if list.is_empty() {
             return Outcome::status(Status::SUCCESS);
         }
-        let Some(ctx) = self.slot_mut(qid, slot) else {
+        let Some(ctx) = self.queues.slot_mut(qid, slot) else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
         ctx.compound = Some(Box::new(Compound::Parts(Parts {
@@ -87,7 +87,11 @@ impl Controller {
 
     /// The parts of the command in `slot`, if it has them.
     fn parts_mut(&mut self, qid: u16, slot: u16) -> Option<&mut Parts> {
-        self.slot_mut(qid, slot)?.compound.as_deref_mut()?.parts()
+        self.queues
+            .slot_mut(qid, slot)?
+            .compound
+            .as_deref_mut()?
+            .parts()
     }
 
     /// The final status of the compound command in `slot` if it finished (its bookkeeping
@@ -150,7 +154,7 @@ impl Controller {
     /// here. `None` for a compound command with parts still to come.
     pub(crate) fn request_done(&mut self, qid: u16, slot: u16, status: Status) -> Option<Status> {
         let resetting = self.quiesce.resetting.is_some();
-        let ctx = self.slot_mut(qid, slot)?;
+        let ctx = self.queues.slot_mut(qid, slot)?;
         if let Some(p) = ctx.compound.as_deref_mut().and_then(Compound::parts) {
             p.in_flight = p.in_flight.saturating_sub(1);
             if p.status.is_success() {
@@ -253,10 +257,11 @@ impl Controller {
     ) -> Outcome {
         let tag = self.tag(qid, slot);
         let block = (!self
-            .slot_mut(qid, slot)
+            .queues
+            .slot(qid, slot)
             .is_some_and(|c| c.iov.has_storage()))
         .then(|| self.iov_pool.take());
-        let Some(ctx) = self.slot_mut(qid, slot) else {
+        let Some(ctx) = self.queues.slot_mut(qid, slot) else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
         if let Some(b) = block {
@@ -275,11 +280,7 @@ impl Controller {
             return Outcome::status(s);
         }
         self.compares += 1;
-        let ctx = self
-            .sqs
-            .get(qid as usize)
-            .and_then(Option::as_ref)
-            .and_then(|sq| sq.slots.get(slot as usize));
+        let ctx = self.queues.slot(qid, slot);
         let Some(ctx) = ctx else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };

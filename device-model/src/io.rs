@@ -74,7 +74,7 @@ impl Controller {
                 // hold the reactor; SMART counts it at a successful completion (io_finished)
                 self.clear_uncorrectable(ns_idx, offset, len);
                 let tag = self.tag(qid, slot);
-                let Some(sq) = self.sqs[qid as usize].as_mut() else {
+                let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
                     return Outcome::status(Status::INTERNAL_ERROR);
                 };
                 sq.slots[slot as usize].bytes = len;
@@ -190,7 +190,7 @@ impl Controller {
         let fua = sqe.cdw12.get() & (1 << 30) != 0;
         let page_size = self.page_size;
         let tag = self.tag(qid, slot);
-        let Some(sq) = self.sqs[qid as usize].as_mut() else {
+        let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
         let ctx = &mut sq.slots[slot as usize];

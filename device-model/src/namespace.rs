@@ -92,3 +92,11 @@ pub fn stable_hash(data: &[u8], salt: u64) -> u64 {
     }
     h
 }
+
+/// The index of the namespace with `nsid` in `namespaces` (sorted by NSID), if attached.
+pub fn index_of(namespaces: &[Namespace], nsid: u32) -> Option<usize> {
+    match namespaces {
+        [only] => (only.nsid == nsid).then_some(0),
+        all => all.binary_search_by_key(&nsid, |n| n.nsid).ok(),
+    }
+}

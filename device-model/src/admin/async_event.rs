@@ -3,11 +3,10 @@
 //! type are held back until the host reads the associated log page with RAE cleared.
 
 use nvme_spec::Status;
-use nvme_spec::log_page::lid;
 
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
-use crate::state::async_events::{AER_LIMIT, AsyncEvent, AsyncEvents, event_type};
+use crate::state::async_events::{AER_LIMIT, AsyncEvent, AsyncEvents};
 use crate::stats::ControllerStats;
 
 impl Controller {
@@ -45,21 +44,6 @@ impl Controller {
         let ev = self.admin.events.queued.pop_front()?;
         self.admin.events.masked |= 1 << (ev.event_type & 7);
         Some(ev)
-    }
-
-    /// A log page was read: with RAE (Retain Asynchronous Event) clear, events of the
-    /// matching type may be reported again.
-    pub(crate) fn log_page_read(&mut self, log_page: u8, retain: bool) {
-        if retain {
-            return;
-        }
-        let t = match log_page {
-            lid::ERROR_INFORMATION => event_type::ERROR,
-            lid::SMART_HEALTH => event_type::SMART,
-            lid::CHANGED_NS_LIST => event_type::NOTICE,
-            _ => return,
-        };
-        self.admin.events.masked &= !(1 << t);
     }
 
     /// Drop parked requests (controller reset: the admin queue is gone).

@@ -15,7 +15,7 @@ use nvme_spec::{Status, Submission};
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
 use crate::state::async_events::{AsyncEvent, event_type, smart_info};
-use crate::state::features::{Features, TEMPERATURE_K};
+use crate::state::features::Features;
 
 impl Controller {
     pub(crate) fn get_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
@@ -164,7 +164,7 @@ impl Controller {
                 if nsq == 0xffff || ncq == 0xffff {
                     return Outcome::status(Status::INVALID_FIELD);
                 }
-                if self.active_sqs.len() > 1 || self.active_cqs.len() > 1 {
+                if self.queues.has_io_queues() {
                     // §5.27.1.5: only valid before any I/O queue exists
                     return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
                 }
@@ -217,17 +217,9 @@ impl Controller {
         Outcome::status(Status::SUCCESS)
     }
 
-    /// SMART critical warning bit 1 (§5.16.1.3): the composite temperature is above the
-    /// over-temperature or below the under-temperature threshold. Raises a SMART / Health
-    /// event (§5.2, information 01h) when Asynchronous Event Configuration enables it.
-    pub(crate) fn temperature_warning(&self) -> bool {
-        let f = &self.admin.features;
-        TEMPERATURE_K > f.temp_over || (f.temp_under != 0 && TEMPERATURE_K < f.temp_under)
-    }
-
     fn check_temperature(&mut self, mem: &MemoryMap) {
         const TEMPERATURE_WARNING: u32 = 1 << 1;
-        if self.temperature_warning()
+        if self.admin.features.temperature_warning()
             && self.admin.features.async_event_config & TEMPERATURE_WARNING != 0
         {
             self.raise_event(

@@ -6,11 +6,12 @@ use nvme_spec::identify::{
 };
 use nvme_spec::registers::version;
 use nvme_spec::{Status, Submission};
+
 use zerocopy::IntoBytes;
 
 use crate::admin::namespace_management::CREATE_FORMATS;
-use crate::controller::Controller;
-use crate::memory::MemoryMap;
+use crate::admin::view::ControllerView;
+use crate::admin::virtualization;
 
 /// Copy `s` into a space-padded fixed-width ASCII field.
 fn ascii(dst: &mut [u8], s: &str) {
@@ -19,8 +20,9 @@ fn ascii(dst: &mut [u8], s: &str) {
     dst[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
-impl Controller {
-    pub(crate) fn identify(&mut self, sqe: &Submission, mem: &MemoryMap) -> Status {
+impl ControllerView<'_> {
+    /// Identify (§5.17): the 4 KiB data structure CNS selects, or the status that refuses it.
+    pub(crate) fn identify(&self, sqe: &Submission) -> Result<[u8; 4096], Status> {
         let cdw10 = sqe.cdw10.get();
         let cns_value = cdw10 as u8;
         let csi = (sqe.cdw11.get() >> 24) as u8;
@@ -33,13 +35,13 @@ impl Controller {
             cns::ALLOCATED_NS_LIST | cns::ALLOCATED_NAMESPACE | cns::NS_ATTACHED_CTRL_LIST
                 if !self.cfg.namespace_management && self.cfg.subsystem.is_some() =>
             {
-                return Status::INVALID_FIELD;
+                return Err(Status::INVALID_FIELD);
             }
             cns::NS_ATTACHED_CTRL_LIST | cns::CTRL_LIST => {
                 let from = (cdw10 >> 16) as u16;
                 let ids = self.controller_list(cns_value == cns::NS_ATTACHED_CTRL_LIST, nsid);
                 let Some(ids) = ids else {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 };
                 // Controller List (Figure 137): count, then IDs from CNTID on, at most 2047
                 let ids: Vec<u16> = ids.into_iter().filter(|&c| c >= from).take(2047).collect();
@@ -49,19 +51,23 @@ impl Controller {
                 }
             }
             cns::PRIMARY_CTRL_CAPS => {
-                if !self.primary_controller_caps(&mut page) {
-                    return Status::INVALID_FIELD;
+                if !virtualization::primary_controller_caps(self.cfg, &mut page) {
+                    return Err(Status::INVALID_FIELD);
                 }
             }
             cns::SECONDARY_CTRL_LIST => {
-                if !self.secondary_controller_list((cdw10 >> 16) as u16, &mut page) {
-                    return Status::INVALID_FIELD;
+                if !virtualization::secondary_controller_list(
+                    self.cfg,
+                    (cdw10 >> 16) as u16,
+                    &mut page,
+                ) {
+                    return Err(Status::INVALID_FIELD);
                 }
             }
             cns::NAMESPACE => match self.namespace_index(nsid) {
                 Some(i) => page.copy_from_slice(self.identify_namespace(i).as_bytes()),
                 // An inactive but valid NSID returns zeroes; broadcast and others are invalid.
-                None if nsid != 0 && nsid != u32::MAX && nsid <= self.nn() => {}
+                None if self.is_inactive(nsid) => {}
                 // with Namespace Management, FFFFFFFFh: what every namespace can be created
                 // with (the LBA formats)
                 None if nsid == u32::MAX && self.cfg.namespace_management => {
@@ -72,7 +78,7 @@ impl Controller {
                     }
                     page.copy_from_slice(id.as_bytes());
                 }
-                None => return Status::INVALID_NAMESPACE,
+                None => return Err(Status::INVALID_NAMESPACE),
             },
             cns::ALLOCATED_NAMESPACE => {
                 let info = self.cfg.subsystem.as_ref().and_then(|s| s.namespace(nsid));
@@ -87,13 +93,13 @@ impl Controller {
                         );
                         page.copy_from_slice(id.as_bytes());
                     }
-                    None if nsid != 0 && nsid != u32::MAX && nsid <= self.nn() => {}
-                    None => return Status::INVALID_NAMESPACE,
+                    None if self.is_inactive(nsid) => {}
+                    None => return Err(Status::INVALID_NAMESPACE),
                 }
             }
             cns::ALLOCATED_NS_LIST => {
                 if nsid >= 0xffff_fffe {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 }
                 let ids = match &self.cfg.subsystem {
                     Some(s) => s.allocated(nsid),
@@ -110,10 +116,10 @@ impl Controller {
             }
             cns::ACTIVE_NS_LIST | cns::CSI_ACTIVE_NS_LIST => {
                 if cns_value == cns::CSI_ACTIVE_NS_LIST && csi != CSI_NVM {
-                    return Status::INVALID_FIELD;
+                    return Err(Status::INVALID_FIELD);
                 }
                 if nsid >= 0xffff_fffe {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 }
                 let ids = self
                     .namespaces
@@ -127,7 +133,7 @@ impl Controller {
             }
             cns::NS_ID_DESCRIPTORS => {
                 let Some(i) = self.namespace_index(nsid) else {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 };
                 let ns = &self.namespaces[i];
                 let mut off = 0;
@@ -148,16 +154,16 @@ impl Controller {
             }
             cns::CSI_NAMESPACE => {
                 if csi != CSI_NVM {
-                    return Status::INVALID_FIELD;
+                    return Err(Status::INVALID_FIELD);
                 }
                 // NVM command set specific Identify Namespace: no extended LBA formats; zeroes.
                 if self.namespace_index(nsid).is_none() {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 }
             }
             cns::CSI_CONTROLLER => {
                 if csi != CSI_NVM {
-                    return Status::INVALID_FIELD;
+                    return Err(Status::INVALID_FIELD);
                 }
                 // NVM command set specific Identify Controller (NVM cmd set 1.0 §4.1.5.2):
                 // VSL (byte 0) the Verify Size Limit, as MDTS; no WZSL/WUSL/DMRL limits
@@ -165,7 +171,7 @@ impl Controller {
             }
             cns::CS_INDEPENDENT_NAMESPACE => {
                 let Some(_) = self.namespace_index(nsid) else {
-                    return Status::INVALID_NAMESPACE;
+                    return Err(Status::INVALID_NAMESPACE);
                 };
                 let mut id = IdentifyNamespaceIndependent::default();
                 id.nstat = 1; // namespace ready
@@ -175,9 +181,9 @@ impl Controller {
                 // I/O Command Set data structure: combination 0 = NVM command set only.
                 page[..8].copy_from_slice(&1u64.to_le_bytes());
             }
-            _ => return Status::INVALID_FIELD,
+            _ => return Err(Status::INVALID_FIELD),
         }
-        self.admin_to_host(sqe, &page, mem)
+        Ok(page)
     }
 
     /// The subsystem's controllers, or (`attached`) those namespace `nsid` is attached to;
@@ -195,15 +201,6 @@ impl Controller {
         } else {
             Some(sub.controllers())
         }
-    }
-
-    /// Identify NN: the subsystem's highest NSID, attached here or not.
-    pub(crate) fn nn(&self) -> u32 {
-        let own = self.namespaces.last().map_or(0, |n| n.nsid);
-        self.cfg
-            .subsystem
-            .as_ref()
-            .map_or(own, |s| s.max_nsid().max(own))
     }
 
     fn identify_controller(&self) -> IdentifyController {

@@ -7,6 +7,7 @@
 
 use nvme_spec::{Status, Submission};
 
+use crate::admin::view::ControllerView;
 use crate::controller::Controller;
 use crate::memory::MemoryMap;
 
@@ -77,7 +78,9 @@ impl Controller {
         let n = page.len().min(len as usize);
         self.admin_to_host(sqe, &page[..n], mem)
     }
+}
 
+impl ControllerView<'_> {
     /// The LBA Status Information log page, its first `limit` bytes at most (the whole page
     /// can be as long as every namespace's [`crate::uncorrectable::MAX_RANGES`] ranges):
     /// header (LSLPLEN, NLSLNE, ESTULB, LSGC), then one LBA Status Log Namespace Element

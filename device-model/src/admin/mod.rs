@@ -9,7 +9,8 @@ mod lba_status;
 pub(crate) mod log_page;
 pub(crate) mod namespace_management;
 mod queues;
-mod virtualization;
+pub(crate) mod view;
+pub(crate) mod virtualization;
 
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Status, Submission};
@@ -19,6 +20,7 @@ use crate::compound::Part;
 use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
+use crate::stats::ControllerStats;
 
 pub(crate) use crate::state::async_events::AER_LIMIT;
 
@@ -38,28 +40,104 @@ impl Controller {
             return Outcome::status(Status::INVALID_FIELD);
         }
         match sqe.opcode {
-            op::IDENTIFY => Outcome::status(self.identify(sqe, mem)),
+            op::IDENTIFY => {
+                let page = self.view().identify(sqe);
+                Outcome::status(page.map_or_else(|s| s, |p| self.admin_to_host(sqe, &p, mem)))
+            }
             op::GET_FEATURES => self.get_features(sqe, mem),
             op::SET_FEATURES => self.set_features(sqe, mem),
             op::GET_LOG_PAGE => Outcome::status(self.get_log_page(sqe, mem)),
-            op::CREATE_IO_CQ => Outcome::status(self.create_io_cq(sqe, mem)),
-            op::CREATE_IO_SQ => Outcome::status(self.create_io_sq(sqe, mem)),
-            op::DELETE_IO_CQ => Outcome::status(self.delete_io_cq(sqe)),
-            op::DELETE_IO_SQ => self.delete_io_sq(slot, sqe),
+            op::CREATE_IO_CQ => {
+                let limits = self.queue_limits();
+                let doorbells = queues::DoorbellPages {
+                    registers: &self.doorbells,
+                    shadow: self.shadow.as_ref(),
+                };
+                let s = queues::create_io_cq(&mut self.queues, &limits, doorbells, sqe, mem);
+                Outcome::status(s)
+            }
+            op::CREATE_IO_SQ => {
+                let limits = self.queue_limits();
+                let doorbells = queues::DoorbellPages {
+                    registers: &self.doorbells,
+                    shadow: self.shadow.as_ref(),
+                };
+                let s = queues::create_io_sq(&mut self.queues, &limits, doorbells, sqe, mem);
+                Outcome::status(s)
+            }
+            op::DELETE_IO_CQ => Outcome::status(queues::delete_io_cq(&mut self.queues, sqe)),
+            op::DELETE_IO_SQ => queues::delete_io_sq(&mut self.queues, slot, sqe),
             // Abort is best effort: we never abort, dword 0 bit 0 = command not aborted (§5.1).
             op::ABORT => Outcome::Done(Status::SUCCESS, 1),
             op::ASYNC_EVENT_REQUEST => self.async_event_request(slot),
             op::KEEP_ALIVE => Outcome::status(self.keep_alive()),
-            op::DOORBELL_BUFFER_CONFIG => Outcome::status(self.doorbell_buffer_config(sqe, mem)),
+            op::DOORBELL_BUFFER_CONFIG => {
+                let page_size = self.page_size;
+                match doorbell_buffer::doorbell_buffer_config(&mut self.queues, page_size, sqe, mem)
+                {
+                    Ok(pages) => {
+                        log::info!(
+                            "{}: shadow doorbells at {:#x}, EventIdx at {:#x}",
+                            self.cfg.serial,
+                            pages.shadow,
+                            pages.event_idx
+                        );
+                        self.shadow = Some(pages);
+                        ControllerStats::bump(&self.stats.shadow_doorbell_configs);
+                        Outcome::status(Status::SUCCESS)
+                    }
+                    Err(s) => Outcome::status(s),
+                }
+            }
             op::FORMAT_NVM => self.format_nvm(slot, sqe),
             op::GET_LBA_STATUS => Outcome::status(self.get_lba_status(sqe, mem)),
             op::NS_MANAGEMENT => self.namespace_management(sqe, mem),
             op::NS_ATTACHMENT => self.namespace_attachment(sqe, mem),
             op::VIRTUALIZATION_MANAGEMENT => {
-                let (s, dw0) = self.virtualization_management(sqe.cdw10.get(), sqe.cdw11.get());
+                let (cdw10, cdw11) = (sqe.cdw10.get(), sqe.cdw11.get());
+                let (s, dw0) = virtualization::virtualization_management(&self.cfg, cdw10, cdw11);
                 Outcome::Done(s, dw0)
             }
             _ => Outcome::status(Status::INVALID_OPCODE),
+        }
+    }
+
+    /// Get Log Page (§5.16): the page's bytes to the host, then its event unmasked unless
+    /// RAE asked to retain it.
+    fn get_log_page(&mut self, sqe: &Submission, mem: &MemoryMap) -> Status {
+        let req = match log_page::LogRequest::parse(sqe) {
+            Ok(r) => r,
+            Err(s) => return s,
+        };
+        let view = view::ControllerView {
+            cfg: &self.cfg,
+            namespaces: &self.namespaces,
+        };
+        let data = match log_page::log_page(view, &mut self.admin, &req) {
+            Ok(d) => d,
+            Err(s) => return s,
+        };
+        let s = self.admin_to_host(sqe, &data, mem);
+        if s.is_success() {
+            self.admin.events.log_page_read(req.id, req.retain_event);
+        }
+        s
+    }
+
+    /// The read-only view the reporting admin commands get.
+    pub(crate) fn view(&self) -> view::ControllerView<'_> {
+        view::ControllerView {
+            cfg: &self.cfg,
+            namespaces: &self.namespaces,
+        }
+    }
+
+    /// The limits a new I/O queue is checked against.
+    fn queue_limits(&self) -> queues::QueueLimits {
+        queues::QueueLimits {
+            mqes: self.cfg.mqes,
+            page_size: self.page_size,
+            granted: self.admin.features.granted(),
         }
     }
 

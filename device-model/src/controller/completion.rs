@@ -56,7 +56,7 @@ impl Controller {
 
     /// The last backend request of a command finished with `status`: account it (SMART).
     pub(super) fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
-        let Some(sq) = self.sqs.get(qid as usize).and_then(Option::as_ref) else {
+        let Some(sq) = self.queues.sqs.get(qid as usize).and_then(Option::as_ref) else {
             return;
         };
         let Some(ctx) = sq.slots.get(slot as usize) else {
@@ -76,7 +76,12 @@ impl Controller {
         dw0: u32,
         mem: &MemoryMap,
     ) {
-        let Some(sq) = self.sqs.get_mut(qid as usize).and_then(Option::as_mut) else {
+        let Some(sq) = self
+            .queues
+            .sqs
+            .get_mut(qid as usize)
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         let Some(ctx) = sq.slots.get_mut(slot as usize) else {
@@ -99,7 +104,7 @@ impl Controller {
         let sq_head = sq.head as u16;
         let cqid = sq.cqid;
         let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
-        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+        if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
             cq.reserved = cq.reserved.saturating_sub(1);
         }
         if let Some(c) = compound {
@@ -112,7 +117,7 @@ impl Controller {
             self.admin.errors.record(qid, cid, status, nsid, opcode);
         }
         self.count_command(qid, opcode, nsid, bytes, fetched, status);
-        if let Some(cq) = self.cqs[cqid as usize].as_mut() {
+        if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
             let cqe = Completion {
                 dw0: dw0.into(),
                 dw1: 0.into(),
@@ -130,7 +135,7 @@ impl Controller {
             }
         }
         if let Some(admin_slot) = finish_delete {
-            self.remove_sq(qid);
+            self.queues.remove_sq(qid);
             self.complete(0, admin_slot, Status::SUCCESS, 0, mem);
         }
     }

@@ -31,7 +31,7 @@ impl Controller {
             }
             return 0;
         }
-        if self.secondary_offline() {
+        if crate::admin::virtualization::secondary_offline(&self.cfg) {
             // taken offline by the primary: the controller is reset under its host
             log::info!(
                 "{}: secondary controller taken offline: reset",
@@ -43,9 +43,9 @@ impl Controller {
         let mem = self.mem.snapshot();
         let mut work = 0;
         let mut bad_doorbell = false;
-        for i in 0..self.active_cqs.len() {
-            let id = self.active_cqs[i];
-            let Some(cq) = self.cqs[id as usize].as_mut() else {
+        for i in 0..self.queues.active_cqs.len() {
+            let id = self.queues.active_cqs[i];
+            let Some(cq) = self.queues.cqs[id as usize].as_mut() else {
                 continue;
             };
             let db = shadow_doorbell::current(
@@ -70,8 +70,8 @@ impl Controller {
             self.raise_event(Self::INVALID_DOORBELL, &mem);
         }
         let mut i = 0;
-        while i < self.active_sqs.len() {
-            let id = self.active_sqs[i];
+        while i < self.queues.active_sqs.len() {
+            let id = self.queues.active_sqs[i];
             work += self.process_sq(id, &mem);
             i += 1;
         }
@@ -87,7 +87,7 @@ impl Controller {
     }
 
     pub(super) fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {
-        let Some(sq) = self.sqs[qid as usize].as_mut() else {
+        let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
             return 0;
         };
         let db = shadow_doorbell::current(
@@ -117,7 +117,7 @@ impl Controller {
             self.qos.sync(&self.qos_control);
         }
         while n < FETCH_BUDGET {
-            let Some(sq) = self.sqs[qid as usize].as_mut() else {
+            let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
                 break;
             };
             if !sq.has_work() || sq.free.is_empty() {
@@ -131,7 +131,7 @@ impl Controller {
                 break;
             }
             let cqid = sq.cqid as usize;
-            let Some(cq) = self.cqs[cqid].as_mut() else {
+            let Some(cq) = self.queues.cqs[cqid].as_mut() else {
                 break;
             };
             if !cq.can_reserve() {

@@ -3,23 +3,9 @@
 //! commands.
 
 use crate::irq_coalescing::Coalescing;
-use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::queue::Queues;
 
 use super::Controller;
-
-/// Commands the host has outstanding on the SQs that post to `cq`: not yet fetched, in
-/// flight, or completed but not yet consumed by the host.
-fn host_outstanding(sqs: &[Option<SubmissionQueue>], active: &[u16], cq: &CompletionQueue) -> u32 {
-    let mut n = cq.used();
-    for &q in active {
-        if let Some(sq) = sqs[q as usize].as_ref()
-            && sq.cqid == cq.id
-        {
-            n += (sq.tail + sq.size - sq.head) % sq.size + sq.in_flight() as u32;
-        }
-    }
-    n
-}
 
 impl Controller {
     /// Raise the interrupt of every CQ that posted completions, unless coalescing holds it
@@ -28,8 +14,8 @@ impl Controller {
         let coalescing = Coalescing::from_dword(self.admin.features.coalescing);
         let mut now = None;
         let mut held = 0;
-        for &id in &self.active_cqs {
-            let Some(cq) = self.cqs[id as usize].as_mut() else {
+        for &id in &self.queues.active_cqs {
+            let Some(cq) = self.queues.cqs[id as usize].as_mut() else {
                 continue;
             };
             if cq.irq_pending == 0 {
@@ -44,7 +30,7 @@ impl Controller {
                 && !self.admin.features.vector_cd[cq.vector as usize]
                 && !(self.admin.features.coalescing_adaptive
                     && cq.last_irq_batch <= 1
-                    && host_outstanding(&self.sqs, &self.active_sqs, cq) <= 1)
+                    && Queues::host_outstanding(&self.queues.sqs, &self.queues.active_sqs, cq) <= 1)
             {
                 let now = *now.get_or_insert_with(std::time::Instant::now);
                 let since = *cq.irq_pending_since.get_or_insert(now);

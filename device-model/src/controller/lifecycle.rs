@@ -87,7 +87,7 @@ impl Controller {
             self.regs.csts.set_fatal(true);
             return;
         }
-        if self.secondary_offline() {
+        if crate::admin::virtualization::secondary_offline(&self.cfg) {
             // an offline secondary controller does not become ready (§8.26.3)
             log::info!(
                 "{}: secondary controller offline: stays not ready",
@@ -95,18 +95,16 @@ impl Controller {
             );
             return;
         }
-        if let Some(n) = self.secondary_io_queues() {
+        if let Some(n) = crate::admin::virtualization::secondary_io_queues(&self.cfg) {
             self.admin.features.max_queues = n;
         }
         self.page_size = 4096 << mps;
         self.regs.csts.set_fatal(false);
         self.regs.csts.set_shutdown(ShutdownStatus::Normal);
-        self.sqs[0] = Some(SubmissionQueue::new(0, asq, asqs, 0));
-        let mut admin_cq = CompletionQueue::new(0, acq, acqs, 0, true);
-        admin_cq.sq_count = 1;
-        self.cqs[0] = Some(admin_cq);
-        self.active_sqs = vec![0];
-        self.active_cqs = vec![0];
+        self.queues.take_all();
+        self.queues
+            .insert_cq(CompletionQueue::new(0, acq, acqs, 0, true));
+        self.queues.insert_sq(SubmissionQueue::new(0, asq, asqs, 0));
         self.regs.csts.set_ready(true);
         ControllerStats::bump(&self.stats.enables);
         self.stats
@@ -171,7 +169,7 @@ impl Controller {
             return;
         };
         let outstanding = self.requests_in_flight();
-        let sqs = self.sqs.iter_mut().filter_map(Option::take).collect();
+        let sqs = self.queues.take_all();
         self.quiesce.retire(sqs, outstanding);
         self.clear_state();
         if pending.device {
@@ -188,14 +186,7 @@ impl Controller {
 
     /// Drop every queue and the state the host sets up after a reset.
     pub(super) fn clear_state(&mut self) {
-        for q in &mut self.sqs {
-            *q = None;
-        }
-        for q in &mut self.cqs {
-            *q = None;
-        }
-        self.active_sqs.clear();
-        self.active_cqs.clear();
+        self.queues.take_all();
         self.commands_in_flight = 0;
         self.io_in_flight = 0;
         self.stats

@@ -23,7 +23,7 @@ use crate::irq_coalescing::Coalescing;
 use crate::memory::GuestMemory;
 use crate::namespace::Namespace;
 use crate::pci::PciIds;
-use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::queue::Queues;
 use crate::registers::Registers;
 use crate::shadow_doorbell::ShadowDoorbells;
 use crate::state::AdminState;
@@ -140,11 +140,8 @@ pub struct Controller {
     /// CC, CSTS, the admin queue registers and the interrupt masks.
     regs: Registers,
     pub(crate) page_size: u64,
-    pub(crate) sqs: Vec<Option<SubmissionQueue>>,
-    pub(crate) cqs: Vec<Option<CompletionQueue>>,
-    /// Ids of existing SQs / CQs, for iteration without scanning every slot.
-    pub(crate) active_sqs: Vec<u16>,
-    pub(crate) active_cqs: Vec<u16>,
+    /// Every SQ and CQ by id.
+    pub(crate) queues: Queues,
     /// What admin commands read and change: features, events, logs, keep alive.
     pub(crate) admin: AdminState,
     pub(crate) stats: Arc<ControllerStats>,
@@ -213,10 +210,7 @@ impl Controller {
             namespaces,
             regs: Registers::default(),
             page_size: 4096,
-            sqs: (0..nq).map(|_| None).collect(),
-            cqs: (0..nq).map(|_| None).collect(),
-            active_sqs: Vec::with_capacity(nq),
-            active_cqs: Vec::with_capacity(nq),
+            queues: Queues::new(nq),
             stats,
             tick_rate: sys_util::clock::rate(),
             shadow: None,
@@ -307,24 +301,6 @@ impl Controller {
         self.admin.events.queued()
     }
 
-    pub(crate) fn remove_sq(&mut self, qid: u16) {
-        if let Some(sq) = self.sqs[qid as usize].take()
-            && let Some(cq) = self.cqs[sq.cqid as usize].as_mut()
-        {
-            cq.sq_count -= 1;
-        }
-        self.active_sqs.retain(|&q| q != qid);
-    }
-
-    /// The context of the command in `slot` of SQ `qid`.
-    pub(crate) fn slot_mut(&mut self, qid: u16, slot: u16) -> Option<&mut crate::queue::Slot> {
-        self.sqs
-            .get_mut(qid as usize)?
-            .as_mut()?
-            .slots
-            .get_mut(slot as usize)
-    }
-
     /// Backend request tag for a slot (carries the reset epoch).
     pub(crate) fn tag(&self, qid: u16, slot: u16) -> u64 {
         crate::quiesce::tag(self.quiesce.epoch(), qid, slot)
@@ -332,9 +308,6 @@ impl Controller {
 
     /// The attached namespace with `nsid`, if any (`namespaces` is sorted by NSID).
     pub(crate) fn namespace_index(&self, nsid: u32) -> Option<usize> {
-        match self.namespaces.as_slice() {
-            [only] => (only.nsid == nsid).then_some(0),
-            all => all.binary_search_by_key(&nsid, |n| n.nsid).ok(),
-        }
+        crate::namespace::index_of(&self.namespaces, nsid)
     }
 }

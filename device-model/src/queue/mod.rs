@@ -10,6 +10,10 @@ use crate::dptr::IoVecs;
 use crate::memory::{AccessError, MemoryMap};
 use crate::shadow_doorbell::DoorbellSeen;
 
+mod set;
+
+pub use set::Queues;
+
 /// A completion queue.
 #[derive(Debug)]
 pub struct CompletionQueue {

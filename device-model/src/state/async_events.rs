@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use nvme_spec::log_page::lid;
+
 /// Outstanding Asynchronous Event Requests allowed (Identify AERL is 0's based).
 pub(crate) const AER_LIMIT: usize = 4;
 
@@ -60,12 +62,26 @@ impl AsyncEvents {
     pub(crate) fn queued(&self) -> usize {
         self.queued.len()
     }
+
+    /// Log page `log_page` was read: with RAE (Retain Asynchronous Event) clear, events of
+    /// the matching type may be reported again (§5.2).
+    pub(crate) fn log_page_read(&mut self, log_page: u8, retain: bool) {
+        if retain {
+            return;
+        }
+        let t = match log_page {
+            lid::ERROR_INFORMATION => event_type::ERROR,
+            lid::SMART_HEALTH => event_type::SMART,
+            lid::CHANGED_NS_LIST => event_type::NOTICE,
+            _ => return,
+        };
+        self.masked &= !(1 << t);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nvme_spec::log_page::lid;
 
     #[test]
     fn dword0_layout() {

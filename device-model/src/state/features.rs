@@ -55,6 +55,12 @@ impl Features {
         }
     }
 
+    /// SMART critical warning bit 1 (§5.16.1.3): the composite temperature is above the
+    /// over-temperature or below the under-temperature threshold.
+    pub(crate) fn temperature_warning(&self) -> bool {
+        TEMPERATURE_K > self.temp_over || (self.temp_under != 0 && TEMPERATURE_K < self.temp_under)
+    }
+
     /// I/O queues granted (0's based SQ and CQ counts): the request if set, else the maximum.
     pub(crate) fn granted(&self) -> (u16, u16) {
         self.queues
