@@ -97,17 +97,3 @@ pub(crate) fn secondary_controller_list(
     page[0] = n as u8; // NUMID
     true
 }
-
-/// A secondary controller that is not online (it may not be enabled, §8.26.3).
-pub(crate) fn secondary_offline(cfg: &ControllerConfig) -> bool {
-    matches!(&cfg.virt, Some(VirtRole::Secondary { online, .. })
-        if !online.load(std::sync::atomic::Ordering::Acquire))
-}
-
-/// I/O queue pairs a secondary was given (its VQ resources less the admin queue).
-pub(crate) fn secondary_io_queues(cfg: &ControllerConfig) -> Option<u16> {
-    let Some(VirtRole::Secondary { resources, .. }) = &cfg.virt else {
-        return None;
-    };
-    Some(resources.queues().saturating_sub(1).max(1))
-}

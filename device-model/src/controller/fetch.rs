@@ -31,7 +31,7 @@ impl Controller {
             }
             return 0;
         }
-        if crate::admin::virtualization::secondary_offline(&self.cfg) {
+        if self.cfg.secondary_offline() {
             // taken offline by the primary: the controller is reset under its host
             log::info!(
                 "{}: secondary controller taken offline: reset",

@@ -87,7 +87,7 @@ impl Controller {
             self.regs.csts.set_fatal(true);
             return;
         }
-        if crate::admin::virtualization::secondary_offline(&self.cfg) {
+        if self.cfg.secondary_offline() {
             // an offline secondary controller does not become ready (§8.26.3)
             log::info!(
                 "{}: secondary controller offline: stays not ready",
@@ -95,7 +95,7 @@ impl Controller {
             );
             return;
         }
-        if let Some(n) = crate::admin::virtualization::secondary_io_queues(&self.cfg) {
+        if let Some(n) = self.cfg.secondary_io_queues() {
             self.admin.features.max_queues = n;
         }
         self.page_size = 4096 << mps;

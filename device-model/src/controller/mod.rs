@@ -29,6 +29,7 @@ use crate::shadow_doorbell::ShadowDoorbells;
 use crate::state::AdminState;
 use crate::state::features::Features;
 use crate::stats::ControllerStats;
+use crate::virt_link::VirtRole;
 
 mod completion;
 mod detach;
@@ -86,6 +87,22 @@ pub struct FabricsIdentify {
     pub iorcsz: u32,
     /// Commands one queue may have outstanding (MAXCMD).
     pub maxcmd: u16,
+}
+
+impl ControllerConfig {
+    /// A secondary controller that is not online (it may not be enabled, §8.26.3).
+    pub(crate) fn secondary_offline(&self) -> bool {
+        matches!(&self.virt, Some(VirtRole::Secondary { online, .. })
+            if !online.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// I/O queue pairs a secondary was given (its VQ resources less the admin queue).
+    pub(crate) fn secondary_io_queues(&self) -> Option<u16> {
+        let Some(VirtRole::Secondary { resources, .. }) = &self.virt else {
+            return None;
+        };
+        Some(resources.queues().saturating_sub(1).max(1))
+    }
 }
 
 impl Default for ControllerConfig {
