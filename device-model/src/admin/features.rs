@@ -12,116 +12,134 @@ use nvme_spec::features::{self as fid, select};
 use nvme_spec::log_page::lid;
 use nvme_spec::{Status, Submission};
 
+use crate::admin::view::ControllerView;
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
 use crate::state::async_events::{AsyncEvent, event_type, smart_info};
 use crate::state::features::Features;
 
-impl Controller {
-    pub(crate) fn get_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
-        let cdw10 = sqe.cdw10.get();
-        let id = cdw10 as u8;
-        let sel = ((cdw10 >> 8) & 7) as u8;
-        let defaults;
-        let f = match sel {
-            select::CURRENT => &self.admin.features,
-            // nothing is saveable: the saved value is the default one
-            select::DEFAULT | select::SAVED => {
-                defaults = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
-                &defaults
-            }
-            select::SUPPORTED_CAPABILITIES => {
-                // changeable (bit 2); none saveable; LBA Range Type is namespace specific (bit 1)
-                return match id {
-                    fid::ARBITRATION..=fid::ASYNC_EVENT_CONFIG
-                    | fid::KEEP_ALIVE_TIMER
-                    | fid::LBA_STATUS_INFO_REPORT_INTERVAL
-                    | fid::HOST_BEHAVIOR => {
-                        let ns_specific =
-                            u32::from(id == fid::LBA_RANGE_TYPE || id == fid::ERROR_RECOVERY) << 1;
-                        let changeable = u32::from(id != fid::LBA_RANGE_TYPE) << 2;
-                        Outcome::Done(Status::SUCCESS, ns_specific | changeable)
-                    }
-                    _ => Outcome::status(Status::INVALID_FIELD),
-                };
-            }
-            _ => return Outcome::status(Status::INVALID_FIELD),
-        };
-        let dw0 = match id {
-            fid::ARBITRATION => f.arbitration,
-            fid::POWER_MANAGEMENT => f.power_state,
-            fid::LBA_RANGE_TYPE => {
-                let nsid = sqe.nsid.get();
-                let Some(i) = self
-                    .namespace_index(nsid)
-                    .or(if nsid == 0 || nsid == u32::MAX {
-                        Some(0)
-                    } else {
-                        None
-                    })
-                else {
-                    return Outcome::status(Status::INVALID_NAMESPACE);
-                };
-                let Some(ns) = self.namespaces.get(i) else {
-                    return Outcome::status(Status::INVALID_NAMESPACE);
-                };
-                // one entry: general purpose, may be overwritten, covering the namespace
-                let mut entry = [0u8; 64];
-                entry[1] = 0x01;
-                entry[16..24].copy_from_slice(&(ns.blocks() - 1).to_le_bytes());
-                let s = self.admin_to_host(sqe, &entry, mem);
-                if !s.is_success() {
-                    return Outcome::status(s);
-                }
-                0
-            }
-            fid::TEMPERATURE_THRESHOLD => {
-                let cdw11 = sqe.cdw11.get();
-                let tmpsel = (cdw11 >> 16) & 0xf;
-                let thsel = (cdw11 >> 20) & 3;
-                if thsel > 1 || (tmpsel != 0 && tmpsel != 0xf) {
-                    return Outcome::status(Status::INVALID_FIELD);
-                }
-                let v = if thsel == 0 {
-                    f.temp_over
-                } else {
-                    f.temp_under
-                };
-                u32::from(v) | (cdw11 & 0x003f_0000)
-            }
-            fid::ERROR_RECOVERY => f.error_recovery,
-            fid::VOLATILE_WRITE_CACHE => u32::from(f.write_cache),
-            fid::NUMBER_OF_QUEUES => {
-                let (sq, cq) = f.granted();
-                u32::from(sq) | (u32::from(cq) << 16)
-            }
-            fid::INTERRUPT_COALESCING => f.coalescing,
-            fid::INTERRUPT_VECTOR_CONFIG => {
-                // any vector of the MSI-X table; the admin queue's (0) is never coalesced,
-                // so it reads CD = 1 (as QEMU's controller reports it)
-                let iv = sqe.cdw11.get() & 0xffff;
-                match f.vector_cd.get(iv as usize) {
-                    Some(&cd) => iv | (u32::from(cd || iv == 0) << 16),
-                    None => return Outcome::status(Status::INVALID_FIELD),
-                }
-            }
-            fid::WRITE_ATOMICITY => f.write_atomicity,
-            fid::ASYNC_EVENT_CONFIG => f.async_event_config,
-            fid::KEEP_ALIVE_TIMER => f.keep_alive_ms,
-            fid::LBA_STATUS_INFO_REPORT_INTERVAL => f.lba_status_interval,
-            fid::HOST_BEHAVIOR => {
-                let data = f.host_behavior;
-                let s = self.admin_to_host(sqe, &data, mem);
-                if !s.is_success() {
-                    return Outcome::status(s);
-                }
-                0
-            }
-            _ => return Outcome::status(Status::INVALID_FIELD),
-        };
-        Outcome::Done(Status::SUCCESS, dw0)
-    }
+/// What Get Features returns: completion dword 0 and, for the features with a data
+/// structure (LBA Range Type, Host Behavior Support), the bytes for the host buffer.
+#[derive(Debug)]
+pub(crate) struct FeatureValue {
+    pub dw0: u32,
+    pub data: Option<Vec<u8>>,
+}
 
+impl FeatureValue {
+    fn dw0(dw0: u32) -> Self {
+        Self { dw0, data: None }
+    }
+}
+
+/// Get Features (§5.27.1): the value `sqe` selects, from `current` or the defaults, read
+/// from the controller's view.
+pub(crate) fn get_features(
+    view: ControllerView<'_>,
+    current: &Features,
+    sqe: &Submission,
+) -> Result<FeatureValue, Status> {
+    let cdw10 = sqe.cdw10.get();
+    let id = cdw10 as u8;
+    let sel = ((cdw10 >> 8) & 7) as u8;
+    let defaults;
+    let f = match sel {
+        select::CURRENT => current,
+        // nothing is saveable: the saved value is the default one
+        select::DEFAULT | select::SAVED => {
+            defaults = Features::new(view.cfg.max_io_queues, view.cfg.irq_coalescing.dword());
+            &defaults
+        }
+        select::SUPPORTED_CAPABILITIES => {
+            // changeable (bit 2); none saveable; LBA Range Type is namespace specific (bit 1)
+            return match id {
+                fid::ARBITRATION..=fid::ASYNC_EVENT_CONFIG
+                | fid::KEEP_ALIVE_TIMER
+                | fid::LBA_STATUS_INFO_REPORT_INTERVAL
+                | fid::HOST_BEHAVIOR => {
+                    let ns_specific =
+                        u32::from(id == fid::LBA_RANGE_TYPE || id == fid::ERROR_RECOVERY) << 1;
+                    let changeable = u32::from(id != fid::LBA_RANGE_TYPE) << 2;
+                    Ok(FeatureValue::dw0(ns_specific | changeable))
+                }
+                _ => Err(Status::INVALID_FIELD),
+            };
+        }
+        _ => return Err(Status::INVALID_FIELD),
+    };
+    let dw0 = match id {
+        fid::ARBITRATION => f.arbitration,
+        fid::POWER_MANAGEMENT => f.power_state,
+        fid::LBA_RANGE_TYPE => {
+            let nsid = sqe.nsid.get();
+            let Some(i) = view
+                .namespace_index(nsid)
+                .or(if nsid == 0 || nsid == u32::MAX {
+                    Some(0)
+                } else {
+                    None
+                })
+            else {
+                return Err(Status::INVALID_NAMESPACE);
+            };
+            let Some(ns) = view.namespaces.get(i) else {
+                return Err(Status::INVALID_NAMESPACE);
+            };
+            // one entry: general purpose, may be overwritten, covering the namespace
+            let mut entry = [0u8; 64];
+            entry[1] = 0x01;
+            entry[16..24].copy_from_slice(&(ns.blocks() - 1).to_le_bytes());
+            return Ok(FeatureValue {
+                dw0: 0,
+                data: Some(entry.to_vec()),
+            });
+        }
+        fid::TEMPERATURE_THRESHOLD => {
+            let cdw11 = sqe.cdw11.get();
+            let tmpsel = (cdw11 >> 16) & 0xf;
+            let thsel = (cdw11 >> 20) & 3;
+            if thsel > 1 || (tmpsel != 0 && tmpsel != 0xf) {
+                return Err(Status::INVALID_FIELD);
+            }
+            let v = if thsel == 0 {
+                f.temp_over
+            } else {
+                f.temp_under
+            };
+            u32::from(v) | (cdw11 & 0x003f_0000)
+        }
+        fid::ERROR_RECOVERY => f.error_recovery,
+        fid::VOLATILE_WRITE_CACHE => u32::from(f.write_cache),
+        fid::NUMBER_OF_QUEUES => {
+            let (sq, cq) = f.granted();
+            u32::from(sq) | (u32::from(cq) << 16)
+        }
+        fid::INTERRUPT_COALESCING => f.coalescing,
+        fid::INTERRUPT_VECTOR_CONFIG => {
+            // any vector of the MSI-X table; the admin queue's (0) is never coalesced,
+            // so it reads CD = 1 (as QEMU's controller reports it)
+            let iv = sqe.cdw11.get() & 0xffff;
+            match f.vector_cd.get(iv as usize) {
+                Some(&cd) => iv | (u32::from(cd || iv == 0) << 16),
+                None => return Err(Status::INVALID_FIELD),
+            }
+        }
+        fid::WRITE_ATOMICITY => f.write_atomicity,
+        fid::ASYNC_EVENT_CONFIG => f.async_event_config,
+        fid::KEEP_ALIVE_TIMER => f.keep_alive_ms,
+        fid::LBA_STATUS_INFO_REPORT_INTERVAL => f.lba_status_interval,
+        fid::HOST_BEHAVIOR => {
+            return Ok(FeatureValue {
+                dw0: 0,
+                data: Some(f.host_behavior.to_vec()),
+            });
+        }
+        _ => return Err(Status::INVALID_FIELD),
+    };
+    Ok(FeatureValue::dw0(dw0))
+}
+
+impl Controller {
     pub(crate) fn set_features(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
         let cdw10 = sqe.cdw10.get();
         let cdw11 = sqe.cdw11.get();

@@ -44,7 +44,18 @@ impl Controller {
                 let page = self.view().identify(sqe);
                 Outcome::status(page.map_or_else(|s| s, |p| self.admin_to_host(sqe, &p, mem)))
             }
-            op::GET_FEATURES => self.get_features(sqe, mem),
+            op::GET_FEATURES => {
+                match features::get_features(self.view(), &self.admin.features, sqe) {
+                    Ok(v) => match v.data {
+                        Some(data) => match self.admin_to_host(sqe, &data, mem) {
+                            s if s.is_success() => Outcome::Done(s, v.dw0),
+                            s => Outcome::status(s),
+                        },
+                        None => Outcome::Done(Status::SUCCESS, v.dw0),
+                    },
+                    Err(s) => Outcome::status(s),
+                }
+            }
             op::SET_FEATURES => self.set_features(sqe, mem),
             op::GET_LOG_PAGE => Outcome::status(self.get_log_page(sqe, mem)),
             op::CREATE_IO_CQ => {
