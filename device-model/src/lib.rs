@@ -57,6 +57,6 @@ pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;
 pub use qos::{QosControl, QosLimits};
-pub use reactor::{ControllerHandle, PollMode, Poster, Reactor};
+pub use reactor::{ControllerHandle, PollMode, Poller, Poster, Reactor};
 pub use stats::ControllerStats;
 pub use subsystem_link::{NamespaceChange, NsError, NvmSubsystem, SubsystemNamespace};

@@ -1,7 +1,7 @@
 //! Plain file-descriptor calls: non-blocking mode, eventfd signalling, socket peeks.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 /// Put `fd` in non-blocking mode (fcntl(2) F_SETFL O_NONBLOCK), keeping its other flags.
@@ -32,6 +32,25 @@ pub fn signal_eventfd(fd: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A new non-blocking, close-on-exec eventfd (eventfd(2)) with its counter at 0.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd with integer arguments; the descriptor it returns is new and ours.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created above and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reset a non-blocking eventfd's counter to 0; true when it was signalled.
+pub fn drain_eventfd(fd: BorrowedFd<'_>) -> bool {
+    let mut v = [0u8; 8];
+    // SAFETY: reading 8 bytes into a local array from a descriptor borrowed for the call.
+    let n = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), v.len()) };
+    n == 8
 }
 
 /// True when the peer of `s` has closed its end: a zero-length, non-blocking peek.

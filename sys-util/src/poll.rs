@@ -34,6 +34,33 @@ pub fn poll(fds: &mut [PollFd], timeout: Duration) -> io::Result<usize> {
     Ok(r as usize)
 }
 
+/// [`poll`] with a timeout to the microsecond (ppoll(2)), for a reactor's short naps.
+pub fn poll_precise(fds: &mut [PollFd], timeout: Duration) -> io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd and `ts` a local
+    // timespec, both for the whole call; no signal mask is passed.
+    let r = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            std::ptr::from_ref(&ts),
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r as usize)
+}
+
 /// Wait up to `timeout` for `fd` to have one of `events`; true when it has (or hung up).
 pub fn wait(fd: impl AsFd, events: i16, timeout: Duration) -> io::Result<bool> {
     let mut p = [entry(&fd.as_fd(), events)];
@@ -60,6 +87,22 @@ mod tests {
         assert!(
             wait(&a, POLLOUT, Duration::ZERO).unwrap(),
             "a socket with room is writable"
+        );
+    }
+
+    #[test]
+    fn precise_poll_times_out_short_and_sees_an_eventfd() {
+        let fd = crate::fd::eventfd().unwrap();
+        let mut p = [entry(&fd, POLLIN)];
+        let t = std::time::Instant::now();
+        assert_eq!(poll_precise(&mut p, Duration::from_micros(300)).unwrap(), 0);
+        assert!(t.elapsed() < Duration::from_millis(500));
+        crate::fd::signal_eventfd(fd.as_fd()).unwrap();
+        assert_eq!(poll_precise(&mut p, Duration::from_secs(5)).unwrap(), 1);
+        assert!(crate::fd::drain_eventfd(fd.as_fd()));
+        assert!(
+            !crate::fd::drain_eventfd(fd.as_fd()),
+            "drained: the counter is 0"
         );
     }
 }

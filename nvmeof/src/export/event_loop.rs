@@ -1,9 +1,8 @@
-//! The target's single thread: accept connections, read and dispatch PDUs, collect the
-//! controllers' completions, time Keep Alive, and nap when nothing is in flight.
+//! One pass of the target, run by a reactor ([`device_model::Poller`]): accept connections,
+//! read and dispatch PDUs, collect the controllers' completions, time Keep Alive.
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use sys_util::poll;
 
@@ -22,6 +21,8 @@ const KATO_CHECK: Duration = Duration::from_millis(100);
 const MAX_CONNECTIONS: usize = 256;
 /// Time allowed from accept to a finished Connect.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an association's controller may take to reset before it is reused anyway.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
 /// Unsent bytes a connection may have queued before its PDUs are no longer read.
 const TX_BACKLOG: usize = 8 << 20;
 
@@ -33,6 +34,8 @@ pub(super) struct Target {
     pub genctr: u64,
     /// Data of the PDU being handled, copied out of the receive buffer (reused).
     pub scratch: Vec<u8>,
+    /// When Keep Alive and setup times were last checked.
+    pub last_kato: Instant,
 }
 
 impl Target {
@@ -40,45 +43,42 @@ impl Target {
         self.exports.into_iter().map(|e| e.spec).collect()
     }
 
-    pub fn run(&mut self, stop: &AtomicBool) {
-        let mut last_kato = Instant::now();
-        let mut idle_rounds = 0u32;
-        while !stop.load(Ordering::Acquire) {
-            let mut work = self.accept();
-            for i in 0..self.conns.len() {
-                work += self.contained(i, None, |t| t.service(i));
-            }
-            for e in 0..self.exports.len() {
-                work += self.contained(usize::MAX, Some(e), |t| t.reap(e));
-            }
-            if last_kato.elapsed() >= KATO_CHECK {
-                last_kato = Instant::now();
-                self.check_keep_alive();
-                self.check_setup_timeouts();
-            }
-            if work > 0 {
-                idle_rounds = 0;
-                continue;
-            }
-            idle_rounds += 1;
-            if self.controller_busy() {
-                // completions come from the controller's reactor: spin a while, then nap
-                if idle_rounds < 2000 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            } else {
-                self.wait_for_sockets(Duration::from_millis(20));
-            }
+    /// Bring work in: accept, read and dispatch every connection's PDUs (commands go into
+    /// the controllers' rings), time Keep Alive and setup, release drained controllers.
+    pub fn poll_input(&mut self) -> usize {
+        let mut work = self.accept();
+        for i in 0..self.conns.len() {
+            work += self.contained(i, None, |t| t.service(i));
         }
+        if self.last_kato.elapsed() >= KATO_CHECK {
+            self.last_kato = Instant::now();
+            self.check_keep_alive();
+            self.check_setup_timeouts();
+        }
+        if self.exports.iter().any(|e| e.draining.is_some()) {
+            self.release_drained();
+        }
+        work
+    }
+
+    /// Send results out: every controller's completions and read data to their hosts.
+    pub fn poll_output(&mut self) -> usize {
+        let mut work = 0;
+        for e in 0..self.exports.len() {
+            work += self.contained(usize::MAX, Some(e), |t| t.reap(e));
+        }
+        work
+    }
+
+    /// Close every connection (the target is stopping).
+    pub fn close_all(&mut self) {
         for i in 0..self.conns.len() {
             self.close(i, "target stopping");
         }
     }
 
     /// Whether some export has commands in its controller.
-    fn controller_busy(&self) -> bool {
+    pub fn controller_busy(&self) -> bool {
         self.exports.iter().any(|e| {
             e.assoc
                 .as_ref()
@@ -86,22 +86,20 @@ impl Target {
         })
     }
 
-    /// Block in poll(2) on every socket until one is ready or `timeout`.
-    fn wait_for_sockets(&self, timeout: Duration) {
-        let mut fds: Vec<poll::PollFd> = self
-            .listeners
-            .iter()
-            .map(|(l, _)| poll::entry(l, poll::POLLIN))
-            .collect();
+    /// The descriptors whose readiness means work: listeners, and every connection (for
+    /// output too while it has unsent bytes).
+    pub fn wait_fds(&self, fds: &mut Vec<poll::PollFd>) {
+        fds.extend(
+            self.listeners
+                .iter()
+                .map(|(l, _)| poll::entry(l, poll::POLLIN)),
+        );
         for c in self.conns.iter().flatten() {
             let mut events = poll::POLLIN;
             if c.stream.tx.pending() > 0 {
                 events |= poll::POLLOUT;
             }
             fds.push(poll::entry(&c.stream.fd(), events));
-        }
-        if let Err(e) = poll::poll(&mut fds, timeout) {
-            device_model::warn_limited!("NVMe/TCP target: poll: {e}");
         }
     }
 
@@ -370,13 +368,32 @@ impl Target {
                 self.conns[ci] = None;
             }
         }
-        let h = &self.exports[e].spec.handle;
-        h.write_register(reg::CC, 0, 4);
-        let t = Instant::now();
-        while h.read_register(reg::CSTS, 4) as u32 & csts::RDY != 0
-            && t.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(1));
+        // reset the controller; it takes no new association until the reset has finished
+        // (its retired commands may still write their slots' buffers until then)
+        let ex = &mut self.exports[e];
+        ex.spec.handle.write_register(reg::CC, 0, 4);
+        ex.draining = Some(Instant::now() + DRAIN_WAIT);
+        self.release_drained();
+    }
+
+    /// Controllers whose reset (end of an association) has finished, or taken longer than
+    /// [`DRAIN_WAIT`], are free for the next association.
+    fn release_drained(&mut self) {
+        for ex in &mut self.exports {
+            let Some(until) = ex.draining else {
+                continue;
+            };
+            let ready = ex.spec.handle.read_register(reg::CSTS, 4) as u32 & csts::RDY != 0;
+            if !ready {
+                ex.draining = None;
+            } else if Instant::now() > until {
+                device_model::warn_limited!(
+                    "nvme-tcp target: {}: controller still resetting after {} s; reused",
+                    ex.spec.nqn,
+                    DRAIN_WAIT.as_secs()
+                );
+                ex.draining = None;
+            }
         }
     }
 

@@ -199,7 +199,7 @@ impl Target {
             ctrls
                 .iter()
                 .copied()
-                .find(|&x| self.exports[x].assoc.is_none())
+                .find(|&x| self.exports[x].assoc.is_none() && self.exports[x].draining.is_none())
         } else {
             ctrls
                 .iter()

@@ -7,11 +7,16 @@
 //! initialization, Connect (admin and I/O queues), Property Get/Set, Keep Alive timing,
 //! in-capsule data, R2T/H2CData and C2HData, digests, and the allowed-host list.
 //!
-//! One thread runs every listener and connection (non-blocking sockets, polled), so a
-//! slow or hostile peer cannot stall the others; a protocol error from a peer gets a
-//! C2HTermReq and a closed connection, and tears down only its own association.
+//! The target runs as a poller ([`device_model::Poller`]) on the reactor of the
+//! controllers it exports: in one pass of that reactor's loop a capsule is read, its command
+//! placed in the controller's ring, the controller polled, and the completion sent, with no
+//! wake-up or handoff between threads (an exported controller on another reactor still
+//! works, through the same rings, at the cost of that handoff). Sockets are non-blocking
+//! and polled, so a slow or hostile peer cannot stall the others; a protocol error from a
+//! peer gets a C2HTermReq and a closed connection, and tears down only its own association.
 //!
-//! Files: `event_loop.rs` accepting and polling; `connection.rs` a connection's state;
+//! Files: `poller.rs` the target on its reactor; `event_loop.rs` one pass: accepting and
+//! polling; `connection.rs` a connection's state;
 //! `capsule.rs` commands and host data; `fabrics.rs` Connect and properties;
 //! `completion.rs` responses and controller-to-host data; `discovery.rs` the discovery
 //! controller; `local_host.rs` the rings and buffers shared with the controller.
@@ -23,14 +28,15 @@ pub mod discovery;
 mod event_loop;
 mod fabrics;
 pub mod local_host;
+mod poller;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
-use device_model::{ControllerHandle, Doorbells, GuestMemory};
+use device_model::{ControllerHandle, Doorbells, GuestMemory, PollMode, Reactor};
 
 use self::connection::Conn;
 use self::local_host::{LocalHost, LocalHostError};
@@ -79,7 +85,7 @@ pub enum ExportError {
     Memory { nqn: String, source: LocalHostError },
     #[error("subsystem NQN {0:?} is not valid (1..=223 bytes, not the discovery NQN)")]
     BadNqn(String),
-    #[error("could not start the target thread: {0}")]
+    #[error("could not start the target's reactor thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -205,6 +211,9 @@ struct Export {
     assoc: Option<Association>,
     /// Namespace IDs and LBA sizes (log2), for checking a Read's length against its SGL.
     lba_shifts: Vec<(u32, u8)>,
+    /// The controller is resetting after an association ended (until then, or this time,
+    /// no new association takes it).
+    draining: Option<Instant>,
 }
 
 impl Export {
@@ -222,7 +231,10 @@ impl Export {
 /// The running target.
 pub struct TcpTarget {
     stop: Arc<AtomicBool>,
-    join: Option<JoinHandle<Vec<ExportSpec>>>,
+    /// The reactor the target runs on (its first exported controller's).
+    reactor: Reactor,
+    /// The exported controllers, handed back when the target has stopped.
+    done: Receiver<Vec<ExportSpec>>,
     addrs: Vec<SocketAddr>,
 }
 
@@ -282,30 +294,39 @@ impl TcpTarget {
                 host,
                 assoc: None,
                 lba_shifts,
+                draining: None,
             });
         }
+        let reactor = match built.first().and_then(|e| e.spec.handle.reactor()) {
+            Some(r) => r,
+            None => Reactor::spawn("nvme-tcp-target", PollMode::Adaptive)
+                .map_err(ExportError::Thread)?,
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let mut target = event_loop::Target {
+        let target = event_loop::Target {
             listeners,
             conns: Vec::<Option<Conn>>::new(),
             exports: built,
             genctr: 1,
             scratch: Vec::new(),
+            last_kato: Instant::now(),
         };
-        let s = Arc::clone(&stop);
-        let join = std::thread::Builder::new()
-            .name("nvme-tcp-target".into())
-            .spawn(move || {
-                target.run(&s);
-                target.into_specs()
-            })
-            .map_err(ExportError::Thread)?;
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+        let poller = Box::new(poller::TargetPoller {
+            target: Some(target),
+            stop: Arc::clone(&stop),
+            done: done_tx,
+        });
+        // on the reactor of the (first) exported controller: a command and its completion
+        // in one pass of its loop; with nothing exported (discovery only), a reactor of its own
+        reactor.add_poller(poller);
         for a in &addrs {
             log::info!("nvme-tcp target: listening on {a}");
         }
         Ok(Self {
             stop,
-            join: Some(join),
+            reactor,
+            done,
             addrs,
         })
     }
@@ -316,20 +337,26 @@ impl TcpTarget {
     }
 
     /// Close every connection and stop; returns the exported controllers.
-    pub fn stop(mut self) -> Vec<ExportSpec> {
-        self.stop.store(true, Ordering::Release);
-        self.join
-            .take()
-            .and_then(|j| j.join().ok())
-            .unwrap_or_default()
+    pub fn stop(self) -> Vec<ExportSpec> {
+        self.finish().unwrap_or_default()
+    }
+
+    /// Ask the target's poller to close its connections and stop, and take the exported
+    /// controllers back (`None` when its reactor is gone or does not answer in time).
+    fn finish(&self) -> Option<Vec<ExportSpec>> {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        self.reactor.wake();
+        self.done.recv_timeout(STOP_WAIT).ok()
     }
 }
 
+/// How long stopping waits for the target's reactor to close its connections.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
 impl Drop for TcpTarget {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
+        drop(self.finish());
     }
 }

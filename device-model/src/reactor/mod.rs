@@ -6,14 +6,18 @@
 //! Idle policy: after work, spin briefly; then sleep in short, growing naps (timer slack
 //! 1 us) so an idle controller costs little CPU on a shared machine. A message wakes it.
 
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crate::controller::Controller;
+
+mod poller;
+
+pub use poller::Poller;
 
 /// How the reactor waits when there is no work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,14 +72,42 @@ enum Message {
     For(u64, Request),
     /// Hand controller `id` back (reset), or drop it when nobody waits.
     Remove(u64, Option<SyncSender<Controller>>),
+    /// Run a poller beside the controllers from now on.
+    AddPoller(Box<dyn Poller>),
 }
+
+/// How a reactor is woken: its thread is unparked, and once it has pollers (and so sleeps
+/// in poll(2) on their descriptors) its eventfd is signalled too.
+struct Waiter {
+    fd: OwnedFd,
+    /// Set once the reactor has a poller.
+    on_fd: AtomicBool,
+}
+
+/// Ids of reactors (0: none), for recognising a reactor's own thread.
+static NEXT_REACTOR: AtomicU64 = AtomicU64::new(1);
 
 /// One reactor thread; shared by the handles of the controllers it runs.
 struct ReactorThread {
+    id: u64,
     tx: Sender<Message>,
     waker: Thread,
+    waiter: Arc<Waiter>,
     join: Option<JoinHandle<()>>,
     next_id: AtomicU64,
+}
+
+impl ReactorThread {
+    /// Wake the thread (nothing to do on the thread itself).
+    fn wake(&self) {
+        if poller::at_home(self.id) {
+            return;
+        }
+        self.waker.unpark();
+        if self.waiter.on_fd.load(Ordering::Acquire) {
+            let _ = sys_util::fd::signal_eventfd(self.waiter.fd.as_fd());
+        }
+    }
 }
 
 impl Drop for ReactorThread {
@@ -83,8 +115,9 @@ impl Drop for ReactorThread {
         // the last handle is gone: the thread ends when its channel closes
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
-        self.waker.unpark();
-        if let Some(j) = self.join.take() {
+        self.wake();
+        // (dropped on its own thread, by a poller: it ends by itself, nobody waits)
+        if let Some(j) = self.join.take().filter(|_| !poller::at_home(self.id)) {
             let _ = j.join();
         }
     }
@@ -108,13 +141,21 @@ impl Reactor {
     /// Start a reactor thread named `name`.
     pub fn spawn(name: &str, mode: PollMode) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let id = NEXT_REACTOR.fetch_add(1, Ordering::Relaxed);
+        let waiter = Arc::new(Waiter {
+            fd: sys_util::fd::eventfd()?,
+            on_fd: AtomicBool::new(false),
+        });
+        let w = Arc::clone(&waiter);
         let join = thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(&rx, mode))?;
+            .spawn(move || run(&rx, mode, id, &w))?;
         let waker = join.thread().clone();
         Ok(Self(Arc::new(ReactorThread {
+            id,
             tx,
             waker,
+            waiter,
             join: Some(join),
             next_id: AtomicU64::new(0),
         })))
@@ -124,11 +165,22 @@ impl Reactor {
     pub fn add(&self, ctrl: Controller) -> ControllerHandle {
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let _ = self.0.tx.send(Message::Add(id, Box::new(ctrl)));
-        self.0.waker.unpark();
+        self.0.wake();
         ControllerHandle {
             id,
             reactor: Some(Arc::clone(&self.0)),
         }
+    }
+
+    /// Run `poller` on this reactor from now on, beside its controllers.
+    pub fn add_poller(&self, poller: Box<dyn Poller>) {
+        let _ = self.0.tx.send(Message::AddPoller(poller));
+        self.0.wake();
+    }
+
+    /// Make the reactor run a pass of its loop now (a poller has something to do).
+    pub fn wake(&self) {
+        self.0.wake();
     }
 }
 
@@ -156,17 +208,31 @@ impl ControllerHandle {
         Ok(Reactor::spawn(name, mode)?.add(ctrl))
     }
 
-    fn send(&self, req: Request) -> Option<()> {
+    /// Hand `req` to the controller: run at once when called by a poller on its own
+    /// reactor ([`Poller`]), else by message.
+    fn send(&self, req: Request) -> Option<Sent> {
         let r = self.reactor.as_ref()?;
-        r.tx.send(Message::For(self.id, req)).ok()?;
-        r.waker.unpark();
-        Some(())
+        let mut req = Some(req);
+        let inline = poller::on_lent(r.id, self.id, |e| {
+            if let Some(req) = req.take() {
+                handle(e, req);
+            }
+        });
+        if inline.is_some() {
+            return Some(Sent::Done);
+        }
+        r.tx.send(Message::For(self.id, req?)).ok()?;
+        r.wake();
+        Some(Sent::Queued)
     }
 
     fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Request) -> Option<T> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        self.send(make(rtx))?;
-        rrx.recv().ok()
+        match self.send(make(rtx))? {
+            // answered already (a device reset still settling is not waited for here)
+            Sent::Done => rrx.try_recv().ok(),
+            Sent::Queued => rrx.recv().ok(),
+        }
     }
 
     /// Read a BAR0 register.
@@ -209,8 +275,15 @@ impl ControllerHandle {
         let f = Box::new(move |c: &mut Controller| {
             let _ = rtx.send(f(c));
         });
-        self.send(Request::Run { f })?;
-        rrx.recv().ok()
+        match self.send(Request::Run { f })? {
+            Sent::Done => rrx.try_recv().ok(),
+            Sent::Queued => rrx.recv().ok(),
+        }
+    }
+
+    /// The reactor this controller runs on.
+    pub fn reactor(&self) -> Option<Reactor> {
+        self.reactor.as_ref().map(|r| Reactor(Arc::clone(r)))
     }
 
     /// A handle that runs closures on this controller without waiting (usable from any
@@ -225,7 +298,7 @@ impl ControllerHandle {
     /// Nudge the reactor (a trapped doorbell write arrived).
     pub fn wake(&self) {
         if let Some(r) = &self.reactor {
-            r.waker.unpark();
+            r.wake();
         }
     }
 
@@ -234,7 +307,7 @@ impl ControllerHandle {
         let r = self.reactor.take()?;
         let (rtx, rrx) = mpsc::sync_channel(1);
         r.tx.send(Message::Remove(self.id, Some(rtx))).ok()?;
-        r.waker.unpark();
+        r.wake();
         rrx.recv().ok()
     }
 }
@@ -243,9 +316,17 @@ impl Drop for ControllerHandle {
     fn drop(&mut self) {
         if let Some(r) = self.reactor.take() {
             let _ = r.tx.send(Message::Remove(self.id, None));
-            r.waker.unpark();
+            r.wake();
         }
     }
+}
+
+/// How a request reached the controller.
+enum Sent {
+    /// Run inline (a poller on the controller's own reactor).
+    Done,
+    /// Sent as a message.
+    Queued,
 }
 
 /// Sends a controller messages without waiting for them: how its subsystem tells it about a
@@ -272,7 +353,7 @@ impl Poster {
         };
         let msg = Message::For(self.id, Request::Namespace { change, ack });
         let ok = r.tx.send(msg).is_ok();
-        r.waker.unpark();
+        r.wake();
         ok
     }
 }
@@ -360,9 +441,11 @@ impl Entry {
 /// How long a stopping reactor waits for its controllers' backend requests.
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
-fn run(rx: &Receiver<Message>, mode: PollMode) {
+fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Waiter) {
     sys_util::process::set_timer_slack(1000);
+    poller::set_home(id);
     let mut ctrls: Vec<Entry> = Vec::new();
+    let mut pollers = Pollers::default();
     let mut last_work = Instant::now();
     let mut iter: u32 = 0;
     loop {
@@ -387,7 +470,12 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
                         e.removing = Some(reply.map_or(Removal::Drop, Removal::HandBack));
                     }
                 }
+                Ok(Message::AddPoller(p)) => {
+                    waiter.on_fd.store(true, Ordering::Release);
+                    pollers.list.push(p);
+                }
                 Err(mpsc::TryRecvError::Disconnected) => {
+                    drop(pollers);
                     stop_all(ctrls);
                     return;
                 }
@@ -396,7 +484,7 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
         }
         iter = iter.wrapping_add(1);
         let check_ka = iter.is_multiple_of(KEEP_ALIVE_CHECK_EVERY);
-        let mut work = 0;
+        let mut work = pollers.run(&mut ctrls, |p| p.poll_input());
         let mut ready = false;
         let mut leaving = false;
         for e in &mut ctrls {
@@ -411,6 +499,7 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
             ready |= e.ctrl.is_ready() || e.ctrl.is_quiescing();
             leaving |= e.settle();
         }
+        work += pollers.run(&mut ctrls, |p| p.poll_output());
         if leaving {
             let mut i = 0;
             while i < ctrls.len() {
@@ -441,16 +530,80 @@ fn run(rx: &Receiver<Message>, mode: PollMode) {
             continue;
         }
         let idle = last_work.elapsed();
-        if !ready {
-            thread::park_timeout(Duration::from_millis(20));
+        let nap = if pollers.expecting() {
+            Duration::from_micros(20)
+        } else if !ready {
+            Duration::from_millis(20)
         } else if idle < SPIN_AFTER_WORK {
             thread::yield_now();
+            continue;
         } else if idle < Duration::from_millis(10) {
-            thread::park_timeout(Duration::from_micros(20));
+            Duration::from_micros(20)
         } else if idle < Duration::from_secs(1) {
-            thread::park_timeout(Duration::from_micros(200));
+            Duration::from_micros(200)
         } else {
-            thread::park_timeout(Duration::from_millis(1));
+            Duration::from_millis(1)
+        };
+        if pollers.list.is_empty() {
+            thread::park_timeout(nap);
+        } else {
+            pollers.wait(waiter, nap);
+        }
+    }
+}
+
+/// The pollers of one reactor ([`Poller`]), and the descriptor list their idle wait reuses.
+#[derive(Default)]
+struct Pollers {
+    list: Vec<Box<dyn Poller>>,
+    fds: Vec<sys_util::poll::PollFd>,
+}
+
+impl Pollers {
+    /// Run `phase` of every poller with the controllers lent to it; drop pollers that
+    /// finished or panicked (logged: a poller guards its own connections, so a panic here
+    /// is a bug in the poller itself).
+    fn run(&mut self, ctrls: &mut Vec<Entry>, phase: fn(&mut dyn Poller) -> usize) -> usize {
+        if self.list.is_empty() {
+            return 0;
+        }
+        let mut work = 0;
+        poller::with_lent(ctrls, || {
+            self.list.retain_mut(|p| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut **p))) {
+                    Ok(n) => work += n,
+                    Err(cause) => {
+                        log::error!(
+                            "reactor poller panicked ({}); it is stopped",
+                            panic_message(cause.as_ref())
+                        );
+                        return false;
+                    }
+                }
+                !p.finished()
+            });
+        });
+        work
+    }
+
+    fn expecting(&self) -> bool {
+        self.list.iter().any(|p| p.expecting())
+    }
+
+    /// Sleep up to `nap` or until a poller's descriptor or the reactor's eventfd is ready.
+    fn wait(&mut self, waiter: &Waiter, nap: Duration) {
+        self.fds.clear();
+        self.fds
+            .push(sys_util::poll::entry(&waiter.fd, sys_util::poll::POLLIN));
+        for p in &self.list {
+            p.wait_fds(&mut self.fds);
+        }
+        if let Err(e) = sys_util::poll::poll_precise(&mut self.fds, nap) {
+            crate::warn_limited!("reactor: poll: {e}");
+            thread::park_timeout(nap);
+        }
+        if self.fds[0].revents != 0 {
+            sys_util::fd::drain_eventfd(waiter.fd.as_fd());
         }
     }
 }
@@ -517,6 +670,106 @@ fn handle(e: &mut Entry, req: Request) {
             e.guarded("namespace change", |c| c.apply(change));
             if let Some(ack) = ack {
                 let _ = ack.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Mutex;
+    use std::sync::mpsc::Sender;
+
+    use crate::{ControllerConfig, Doorbells, GuestMemory};
+
+    /// A poller that reads CSTS through the handle of a controller on its own reactor each
+    /// time its socket has a byte, and reports what it read.
+    struct Probe {
+        handle: ControllerHandle,
+        sock: UnixStream,
+        seen: Sender<(u64, std::thread::ThreadId)>,
+        done: Arc<Mutex<bool>>,
+    }
+
+    impl Poller for Probe {
+        fn poll_input(&mut self) -> usize {
+            let mut b = [0u8; 1];
+            match std::io::Read::read(&mut self.sock, &mut b) {
+                Ok(1) => {
+                    // inline: by message this would wait for its own thread forever
+                    let csts = self.handle.read_register(0x1c, 4);
+                    let cc = self.handle.with(|c| c.read_register(0x14, 4));
+                    let _ = self
+                        .seen
+                        .send((csts | cc.unwrap_or(1) << 32, thread::current().id()));
+                    1
+                }
+                _ => 0,
+            }
+        }
+        fn poll_output(&mut self) -> usize {
+            0
+        }
+        fn wait_fds(&self, fds: &mut Vec<sys_util::poll::PollFd>) {
+            fds.push(sys_util::poll::entry(&self.sock, sys_util::poll::POLLIN));
+        }
+        fn finished(&self) -> bool {
+            *self.done.lock().unwrap()
+        }
+    }
+
+    #[test]
+    fn a_poller_reaches_its_reactors_controllers_inline_and_an_fd_wakes_it() {
+        let ctrl = Controller::new(
+            ControllerConfig::default(),
+            Arc::new(GuestMemory::new()),
+            Arc::new(Doorbells::new().unwrap()),
+            Vec::new(),
+        );
+        let reactor = Reactor::spawn("poller-test", PollMode::Adaptive).unwrap();
+        let handle = reactor.add(ctrl);
+        let probe_handle = reactor.add(Controller::new(
+            ControllerConfig::default(),
+            Arc::new(GuestMemory::new()),
+            Arc::new(Doorbells::new().unwrap()),
+            Vec::new(),
+        ));
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let (seen_tx, seen) = mpsc::channel();
+        let done = Arc::new(Mutex::new(false));
+        reactor.add_poller(Box::new(Probe {
+            handle: probe_handle,
+            sock: theirs,
+            seen: seen_tx,
+            done: Arc::clone(&done),
+        }));
+        // let the reactor go idle (it then sleeps on the socket), then poke it
+        thread::sleep(Duration::from_millis(100));
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::io::Write::write_all(&mut ours, b"x").unwrap();
+            let (v, tid) = seen
+                .recv_timeout(Duration::from_secs(5))
+                .expect("poller ran");
+            assert_eq!(v, 0, "CSTS and CC of a disabled controller, read inline");
+            assert_ne!(tid, thread::current().id());
+            // woken by the socket, not by the end of a 20 ms nap (generous for a loaded CI)
+            assert!(t.elapsed() < Duration::from_secs(1));
+        }
+        // the other controller on the reactor is served by message meanwhile
+        assert_eq!(handle.read_register(0x1c, 4), 0);
+        *done.lock().unwrap() = true;
+        reactor.wake();
+        std::io::Write::write_all(&mut ours, b"x").unwrap();
+        // finished: dropped (with its sender) at the next pass
+        let t = Instant::now();
+        loop {
+            match seen.recv_timeout(Duration::from_millis(50)) {
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                _ => assert!(t.elapsed() < Duration::from_secs(5), "the poller was kept"),
             }
         }
     }
