@@ -3,19 +3,32 @@
 # `vnvme serve --poll busy` pinned to CPU 0, `vnvme perf` (4 KiB randread) pinned to CPU 1,
 # A and B alternating in every round so machine noise hits both alike. Prints IOPS per run
 # and the B/A ratio of the medians per case.
-# Usage: scripts/bench-ab.sh BIN_A BIN_B [SECS] [ROUNDS]
+# TRANSPORT=tcp: the servers run `serve --tcp-listen` with their default polling and the
+# client is always B's `perf nvme-tcp://` (the NVMe/TCP target A/B).
+# Usage: [TRANSPORT=vfio-user|tcp] scripts/bench-ab.sh BIN_A BIN_B [SECS] [ROUNDS]
 set -euo pipefail
 A=$1 B=$2 SECS=${3:-4} ROUNDS=${4:-3}
 D=$(mktemp -d /dev/shm/vnvme-ab.XXXXXX)
 SRV=
 trap '[ -n "$SRV" ] && kill $SRV 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
+TRANSPORT=${TRANSPORT:-vfio-user}
+PORT=${PORT:-14530}
+NQN=nqn.2026-11.io.vnvme:ab
 run() { # bin ns qd -> IOPS
   rm -f "$D/s.sock"
-  taskset -c 0 "$1" serve --socket "$D/s.sock" --poll busy --ns "$2" >"$D/serve.log" 2>&1 &
-  SRV=$!
-  for _ in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
-  RUST_LOG=warn taskset -c 1 "$1" perf "vfio-user:$D/s.sock" -q "$3" -o 4096 -w randread \
-    -t "$SECS" >"$D/perf.out" 2>"$D/perf.err"
+  if [ "$TRANSPORT" = tcp ]; then
+    taskset -c 0 "$1" serve --tcp-listen "127.0.0.1:$PORT" --nqn $NQN --ns "$2" >"$D/serve.log" 2>&1 &
+    SRV=$!
+    for _ in $(seq 50); do grep -q listening "$D/serve.log" 2>/dev/null && break; sleep 0.1; done
+    RUST_LOG=warn taskset -c 1 "$B" perf "nvme-tcp://127.0.0.1:$PORT/$NQN/1" -q "$3" -o 4096 \
+      -w randread -t "$SECS" >"$D/perf.out" 2>"$D/perf.err"
+  else
+    taskset -c 0 "$1" serve --socket "$D/s.sock" --poll busy --ns "$2" >"$D/serve.log" 2>&1 &
+    SRV=$!
+    for _ in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
+    RUST_LOG=warn taskset -c 1 "$1" perf "vfio-user:$D/s.sock" -q "$3" -o 4096 -w randread \
+      -t "$SECS" >"$D/perf.out" 2>"$D/perf.err"
+  fi
   kill $SRV; wait $SRV 2>/dev/null || true; SRV=
   grep '^Total' "$D/perf.out" | head -1 | tr -s ' ' | cut -d: -f2 | awk '{print $1}'
 }

@@ -43,6 +43,9 @@ pub mod queue;
 pub mod quiesce;
 pub mod reactor;
 pub mod registers;
+// guest queue rings read and written through a host pointer
+#[allow(unsafe_code)]
+pub mod ring_view;
 pub mod shadow_doorbell;
 pub mod state;
 pub mod stats;

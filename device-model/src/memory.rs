@@ -3,7 +3,8 @@
 //!
 //! The map changes while queues are live (SeaBIOS remaps all of RAM after NVMe setup), so the
 //! data plane never caches host pointers across map changes: it loads a [`MemoryMap`] snapshot
-//! (lock-free, `arc-swap`) and translates every address through it. A region stays mapped for
+//! (lock-free, `arc-swap`) and translates addresses through it (a queue's ring is found once
+//! per snapshot, [`crate::ring_view`]). A region stays mapped for
 //! as long as any snapshot holding it is alive, so in-flight I/O never touches unmapped memory.
 
 use std::os::fd::{AsRawFd, BorrowedFd};

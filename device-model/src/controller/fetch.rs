@@ -48,6 +48,7 @@ impl Controller {
             let Some(cq) = self.queues.cqs[id as usize].as_mut() else {
                 continue;
             };
+            cq.refresh_view(&mem);
             let db = shadow_doorbell::current(
                 &self.doorbells,
                 self.shadow.as_ref(),
@@ -90,6 +91,7 @@ impl Controller {
         let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
             return 0;
         };
+        sq.refresh_view(mem);
         let db = shadow_doorbell::current(
             &self.doorbells,
             self.shadow.as_ref(),

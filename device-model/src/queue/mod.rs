@@ -8,6 +8,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::dptr::IoVecs;
 use crate::memory::{AccessError, MemoryMap};
+use crate::ring_view::RingView;
 use crate::shadow_doorbell::DoorbellSeen;
 
 mod set;
@@ -40,6 +41,8 @@ pub struct CompletionQueue {
     pub last_irq_batch: u32,
     /// The head doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
+    /// The ring through one host pointer, for the map it was found in.
+    view: Option<RingView>,
 }
 
 impl CompletionQueue {
@@ -58,6 +61,7 @@ impl CompletionQueue {
             sq_count: 0,
             irq_pending: 0,
             irq_pending_since: None,
+            view: None,
             last_irq_batch: 1,
             doorbell: DoorbellSeen::default(),
         }
@@ -87,16 +91,30 @@ impl CompletionQueue {
         true
     }
 
+    /// Find the ring's host view again when `mem` is a new map (once per poll).
+    pub fn refresh_view(&mut self, mem: &Arc<MemoryMap>) {
+        if !self.view.as_ref().is_some_and(|v| v.is_current(mem)) {
+            self.view = RingView::new(mem, self.base, u64::from(self.size) * 16, true);
+        }
+    }
+
     /// Write `cqe` at the tail with the current phase; the status/phase half is written last
     /// so the host never sees a new phase with stale contents.
     pub fn post(&mut self, mem: &MemoryMap, mut cqe: Completion) -> Result<(), AccessError> {
         let addr = self.base.wrapping_add(u64::from(self.tail) * 16); // unmapped if it wraps
         let status = cqe.status.get() & !1 | u16::from(self.phase);
         cqe.status = status.into();
-        let bytes = cqe.as_bytes();
-        mem.write(addr, &bytes[..14])?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.write(addr.wrapping_add(14), &bytes[14..])?;
+        let bytes: &[u8; 16] = cqe.as_bytes().try_into().unwrap_or(&[0; 16]);
+        let posted = self
+            .view
+            .as_ref()
+            .filter(|v| v.is_current(mem))
+            .is_some_and(|v| v.write_cqe(self.tail, bytes));
+        if !posted {
+            mem.write(addr, &bytes[..14])?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            mem.write(addr.wrapping_add(14), &bytes[14..])?;
+        }
         self.tail += 1;
         if self.tail == self.size {
             self.tail = 0;
@@ -157,6 +175,8 @@ pub struct SubmissionQueue {
     pub deleting: Option<u16>,
     /// The tail doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
+    /// The ring through one host pointer, for the map it was found in.
+    view: Option<RingView>,
 }
 
 impl SubmissionQueue {
@@ -175,6 +195,7 @@ impl SubmissionQueue {
             free,
             deleting: None,
             doorbell: DoorbellSeen::default(),
+            view: None,
         }
     }
 
@@ -197,10 +218,27 @@ impl SubmissionQueue {
         self.head != self.tail
     }
 
+    /// Find the ring's host view again when `mem` is a new map (once per poll).
+    pub fn refresh_view(&mut self, mem: &Arc<MemoryMap>) {
+        if !self.view.as_ref().is_some_and(|v| v.is_current(mem)) {
+            self.view = RingView::new(mem, self.base, u64::from(self.size) * 64, false);
+        }
+    }
+
     /// Read the entry at head and advance head.
     pub fn fetch(&mut self, mem: &MemoryMap) -> Result<Submission, AccessError> {
-        let mut raw = [0u8; 64];
-        mem.read(self.base.wrapping_add(u64::from(self.head) * 64), &mut raw)?;
+        let viewed = self
+            .view
+            .as_ref()
+            .filter(|v| v.is_current(mem))
+            .and_then(|v| v.read_sqe(self.head));
+        let raw = if let Some(raw) = viewed {
+            raw
+        } else {
+            let mut raw = [0u8; 64];
+            mem.read(self.base.wrapping_add(u64::from(self.head) * 64), &mut raw)?;
+            raw
+        };
         self.head = (self.head + 1) % self.size;
         Ok(Submission::read_from_bytes(&raw).unwrap_or_default())
     }
