@@ -33,7 +33,7 @@ run() { # bin ns qd -> IOPS
   grep '^Total' "$D/perf.out" | head -1 | tr -s ' ' | cut -d: -f2 | awk '{print $1}'
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-for ns in null:1G malloc:1G; do
+for ns in ${NSES:-null:1G malloc:1G}; do
   for qd in 1 32; do
     : >"$D/a" ; : >"$D/b"
     for r in $(seq "$ROUNDS"); do
