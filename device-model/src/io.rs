@@ -54,13 +54,7 @@ impl Controller {
             op::FLUSH => {
                 let tag = self.tag(qid, slot);
                 let ns = &mut self.namespaces[ns_idx];
-                let req = IoRequest {
-                    tag,
-                    op: IoOp::Flush,
-                    offset: 0,
-                    iov: crate::dptr::GuestBuffers::EMPTY,
-                };
-                match ns.backend.submit(&req) {
+                match ns.backend.submit(&IoRequest::flush(tag)) {
                     Ok(()) => Outcome::Pending,
                     Err(s) => Outcome::status(s),
                 }

@@ -23,15 +23,7 @@ pub fn poll(fds: &mut [PollFd], timeout: Duration) -> io::Result<usize> {
     // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd for the whole call; an
     // fd that is not open only yields POLLNVAL.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(0)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(r as usize)
+    ready_count(r)
 }
 
 /// [`poll`] with a timeout to the microsecond (ppoll(2)), for a reactor's short naps.
@@ -50,6 +42,11 @@ pub fn poll_precise(fds: &mut [PollFd], timeout: Duration) -> io::Result<usize> 
             std::ptr::null(),
         )
     };
+    ready_count(r)
+}
+
+/// A poll result: how many descriptors are ready; an interrupted wait counts as none.
+fn ready_count(r: libc::c_int) -> io::Result<usize> {
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {

@@ -58,23 +58,18 @@ impl Controller {
             }
             op::SET_FEATURES => self.set_features(sqe, mem),
             op::GET_LOG_PAGE => Outcome::status(self.get_log_page(sqe, mem)),
-            op::CREATE_IO_CQ => {
+            op::CREATE_IO_CQ | op::CREATE_IO_SQ => {
                 let limits = self.queue_limits();
                 let doorbells = queues::DoorbellPages {
                     registers: &self.doorbells,
                     shadow: self.shadow.as_ref(),
                 };
-                let s = queues::create_io_cq(&mut self.queues, &limits, doorbells, sqe, mem);
-                Outcome::status(s)
-            }
-            op::CREATE_IO_SQ => {
-                let limits = self.queue_limits();
-                let doorbells = queues::DoorbellPages {
-                    registers: &self.doorbells,
-                    shadow: self.shadow.as_ref(),
+                let create = if sqe.opcode == op::CREATE_IO_CQ {
+                    queues::create_io_cq
+                } else {
+                    queues::create_io_sq
                 };
-                let s = queues::create_io_sq(&mut self.queues, &limits, doorbells, sqe, mem);
-                Outcome::status(s)
+                Outcome::status(create(&mut self.queues, &limits, doorbells, sqe, mem))
             }
             op::DELETE_IO_CQ => Outcome::status(queues::delete_io_cq(&mut self.queues, sqe)),
             op::DELETE_IO_SQ => queues::delete_io_sq(&mut self.queues, slot, sqe),

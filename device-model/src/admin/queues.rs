@@ -59,6 +59,19 @@ struct NewQueue {
 }
 
 impl NewQueue {
+    /// The queue Create I/O CQ (`entry` 16) or SQ (64) asks for: QID and QSIZE in CDW10,
+    /// PC in CDW11 bit 0, the base in PRP1.
+    fn parse(sqe: &Submission, entry: u64) -> Self {
+        let cdw10 = sqe.cdw10.get();
+        Self {
+            qid: cdw10 as u16,
+            qsize: (cdw10 >> 16) + 1,
+            base: sqe.prp1.get(),
+            entry,
+            pc: sqe.cdw11.get() & 1 != 0,
+        }
+    }
+
     fn check(
         &self,
         queues: &Queues,
@@ -96,15 +109,8 @@ pub(crate) fn create_io_cq(
     sqe: &Submission,
     mem: &MemoryMap,
 ) -> Status {
-    let cdw10 = sqe.cdw10.get();
     let cdw11 = sqe.cdw11.get();
-    let new = NewQueue {
-        qid: cdw10 as u16,
-        qsize: (cdw10 >> 16) + 1,
-        base: sqe.prp1.get(),
-        entry: 16,
-        pc: cdw11 & 1 != 0,
-    };
+    let new = NewQueue::parse(sqe, 16);
     let ien = cdw11 & 2 != 0;
     let iv = (cdw11 >> 16) as u16;
     let exists = queues.cq(new.qid).is_some();
@@ -137,15 +143,8 @@ pub(crate) fn create_io_sq(
     sqe: &Submission,
     mem: &MemoryMap,
 ) -> Status {
-    let cdw10 = sqe.cdw10.get();
     let cdw11 = sqe.cdw11.get();
-    let new = NewQueue {
-        qid: cdw10 as u16,
-        qsize: (cdw10 >> 16) + 1,
-        base: sqe.prp1.get(),
-        entry: 64,
-        pc: cdw11 & 1 != 0,
-    };
+    let new = NewQueue::parse(sqe, 64);
     let cqid = (cdw11 >> 16) as u16;
     let exists = queues.sq(new.qid).is_some();
     let s = new.check(queues, exists, limits.granted.0 + 1, limits, mem);

@@ -52,6 +52,16 @@ pub struct IoRequest<'a> {
 }
 
 impl IoRequest<'_> {
+    /// A Flush tagged `tag` (no range, no buffers).
+    pub fn flush(tag: u64) -> Self {
+        Self {
+            tag,
+            op: IoOp::Flush,
+            offset: 0,
+            iov: GuestBuffers::EMPTY,
+        }
+    }
+
     /// Bytes the request covers in the namespace: the buffers' length, or a Write Zeroes'
     /// or Deallocate's length (0 for a Flush).
     pub fn len(&self) -> u64 {

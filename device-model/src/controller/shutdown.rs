@@ -3,7 +3,7 @@
 
 use nvme_spec::Status;
 
-use crate::backend::{IoOp, IoRequest};
+use crate::backend::IoRequest;
 use crate::registers::ShutdownStatus;
 
 use super::{Controller, OWN_FLUSH_QID};
@@ -50,13 +50,7 @@ impl Controller {
             shutdown,
         };
         for ns in &mut self.namespaces {
-            let req = IoRequest {
-                tag,
-                op: IoOp::Flush,
-                offset: 0,
-                iov: crate::dptr::GuestBuffers::EMPTY,
-            };
-            match ns.backend.submit(&req) {
+            match ns.backend.submit(&IoRequest::flush(tag)) {
                 Ok(()) => f.left += 1,
                 Err(s) if f.status.is_success() => f.status = s,
                 Err(_) => {}
