@@ -446,6 +446,7 @@ fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Waiter) {
     poller::set_home(id);
     let mut ctrls: Vec<Entry> = Vec::new();
     let mut pollers = Pollers::default();
+    let mut shared_core = SharedCore(true);
     let mut last_work = Instant::now();
     let mut iter: u32 = 0;
     loop {
@@ -522,13 +523,20 @@ fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Waiter) {
             continue;
         }
         // check the clock only every few iterations: Instant::now is a vDSO call, not free.
-        // Between checks, yield rather than spin: on a machine with fewer cores than busy
-        // threads (guest vCPUs, a backend server, a client) a spinning reactor would hold its
-        // core for a whole time slice while the thread it waits for cannot run.
+        // Between checks, spin while the core is ours and yield while other threads want it:
+        // on a machine with fewer cores than busy threads (guest vCPUs, a backend server, a
+        // client) a spinning reactor would hold its core for a whole time slice while the
+        // thread it waits for cannot run; with the core to itself, a yield is only a system
+        // call per pass that busy polling does not pay.
         if !iter.is_multiple_of(64) {
-            thread::yield_now();
+            if shared_core.0 {
+                thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
             continue;
         }
+        shared_core.measure();
         let idle = last_work.elapsed();
         let nap = if pollers.expecting() {
             Duration::from_micros(20)
@@ -549,6 +557,22 @@ fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Waiter) {
         } else {
             pollers.wait(waiter, nap);
         }
+    }
+}
+
+/// Whether other threads want this reactor's core: a yield that gave the core away takes
+/// far longer than the bare system call.
+struct SharedCore(bool);
+
+impl SharedCore {
+    /// A yield longer than this ran another thread.
+    const YIELD_RAN_ANOTHER: Duration = Duration::from_micros(5);
+
+    /// Yield once and see.
+    fn measure(&mut self) {
+        let t = Instant::now();
+        thread::yield_now();
+        self.0 = t.elapsed() > Self::YIELD_RAN_ANOTHER;
     }
 }
 
