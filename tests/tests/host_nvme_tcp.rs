@@ -1357,3 +1357,78 @@ fn submit_and_wait(
     }
     got
 }
+
+/// The target runs on its controller's reactor: a vfio-user neighbour on that same reactor
+/// runs verified I/O while NVMe/TCP peers send garbage, flood capsules before Connect and
+/// vanish mid-PDU; every peer gets its clear error, the neighbour loses nothing and keeps
+/// a fair share of the reactor.
+#[test]
+fn hostile_tcp_peers_cost_a_vfio_user_neighbour_on_the_same_reactor_nothing() {
+    let tmp = TempDir::new("tcp-neighbour");
+    let cfg = Config::parse(
+        &format!(
+            "reactors = 1\n\
+             [[controller]]\ntcp_listen = \"127.0.0.1:0\"\nnqn = \"{NQN}\"\n\
+             [[controller.namespace]]\nbackend = \"malloc:64M\"\n\
+             [[controller]]\nsocket = \"{d}/n.sock\"\n\
+             [[controller.namespace]]\nbackend = \"malloc:64M\"\n",
+            d = tmp.path().display()
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let d = Daemon::start(&cfg).expect("daemon");
+    let addr = d.tcp_addrs()[0];
+    let sock = tmp.path().join("n.sock");
+    let quiet = perf(&sock, 1.5, 4096);
+    assert!(quiet.ios > 100 && quiet.errors == 0, "{quiet:?}");
+
+    let s2 = sock.clone();
+    let neighbour = std::thread::spawn(move || perf(&s2, 4.0, 4096));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let mut peers = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        let mut c = Raw::new(addr);
+        c.s.write_all(&[0xff, 0, 8, 0, 8, 0, 0, 0]).unwrap();
+        c.expect_term(fes::INVALID_HEADER_FIELD, "unknown PDU type");
+        let mut c = Raw::new(addr);
+        c.ic(0);
+        for cid in 0..64u16 {
+            let mut sqe = Submission::default();
+            sqe.opcode = 0x02; // a Read before Connect
+            sqe.cid = cid.into();
+            c.send(&Pdu::CapsuleCmd { sqe, data: &[] });
+        }
+        for _ in 0..64 {
+            assert_eq!(status(&c.response()), Status::COMMAND_SEQUENCE_ERROR);
+        }
+        let mut c = Raw::new(addr);
+        c.ic(0);
+        c.s.write_all(&[pdu_type::CAPSULE_CMD, 0, 72, 0, 72, 0, 0, 0, 1, 2, 3])
+            .unwrap();
+        drop(c); // truncated, then gone
+        peers += 3;
+    }
+    let r = neighbour.join().unwrap();
+    assert!(
+        r.errors == 0 && r.verify_failures == 0,
+        "neighbour's verified I/O during {peers} hostile peers: {r:?}"
+    );
+    // a fair share: at least a tenth of what it did alone on the reactor (the peers run
+    // on the same two cores, so this bounds starvation, not speed)
+    let alone = quiet.ios as f64 / 1.5;
+    let during = r.ios as f64 / 4.0;
+    assert!(
+        during > alone / 10.0,
+        "neighbour starved: {during:.0} IOPS during vs {alone:.0} alone"
+    );
+    // and the target still serves a well-behaved host afterwards
+    let front = front(tmp.path(), addr, "nr_io_queues=1");
+    let ok = perf(&tmp.path().join("f.sock"), 1.0, 4096);
+    assert!(
+        ok.ios > 100 && ok.errors == 0 && ok.verify_failures == 0,
+        "{ok:?}"
+    );
+    drop(front);
+}
