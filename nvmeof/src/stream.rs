@@ -43,6 +43,11 @@ pub struct RxBuf {
 impl RxBuf {
     /// The next complete PDU, if one has arrived. A fatal error leaves the buffer as it is
     /// (the connection is finished); a data digest error consumes the PDU.
+    /// Bytes received and not yet consumed as PDUs.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     pub fn next_pdu(&mut self, neg: &Negotiated) -> Result<Option<Pdu<'_>>, PduError> {
         let avail = &self.buf[self.start..self.end];
         let Some(first) = avail.first_chunk::<8>() else {
@@ -193,6 +198,16 @@ impl PduStream {
         self.tx.flush(&mut self.sock)
     }
 
+    /// The poll(2) events that mean work for this stream: input, and output while bytes
+    /// are queued.
+    pub fn events(&self) -> i16 {
+        if self.tx.pending() > 0 {
+            poll::POLLIN | poll::POLLOUT
+        } else {
+            poll::POLLIN
+        }
+    }
+
     /// Block until the socket is readable (or writable while bytes are queued) or
     /// `deadline` passes; then pump.
     pub fn wait(&mut self, deadline: Instant) -> Result<usize, StreamError> {
@@ -200,11 +215,7 @@ impl PduStream {
         if now >= deadline {
             return Err(StreamError::Timeout(0));
         }
-        let mut events = poll::POLLIN;
-        if self.tx.pending() > 0 {
-            events |= poll::POLLOUT;
-        }
-        poll::wait(&self.sock, events, deadline - now)?;
+        poll::wait(&self.sock, self.events(), deadline - now)?;
         self.pump()
     }
 

@@ -36,6 +36,10 @@ pub(super) struct Target {
     pub scratch: Vec<u8>,
     /// When Keep Alive and setup times were last checked.
     pub last_kato: Instant,
+    /// The descriptor list of each pass's readiness check and the connection slot of each
+    /// (reused).
+    pub ready: Vec<poll::PollFd>,
+    pub ready_slots: Vec<usize>,
 }
 
 impl Target {
@@ -46,10 +50,47 @@ impl Target {
     /// Bring work in: accept, read and dispatch every connection's PDUs (commands go into
     /// the controllers' rings), time Keep Alive and setup, release drained controllers.
     pub fn poll_input(&mut self) -> usize {
-        let mut work = self.accept();
-        for i in 0..self.conns.len() {
-            work += self.contained(i, None, |t| t.service(i));
+        // one poll(2) over every socket says which need a system call (the reactor calls
+        // this every pass: an accept and a recv per connection each time would cost more)
+        let mut fds = std::mem::take(&mut self.ready);
+        let mut slots = std::mem::take(&mut self.ready_slots);
+        fds.clear();
+        slots.clear();
+        fds.extend(
+            self.listeners
+                .iter()
+                .map(|(l, _)| poll::entry(l, poll::POLLIN)),
+        );
+        for (i, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
+                slots.push(i);
+            }
         }
+        if let Err(e) = poll::poll(&mut fds, Duration::ZERO) {
+            device_model::warn_limited!("nvme-tcp target: poll: {e}");
+            for f in &mut fds {
+                f.revents = poll::POLLIN;
+            }
+        }
+        let listeners = self.listeners.len();
+        let mut work = 0;
+        if fds[..listeners].iter().any(|f| f.revents != 0) {
+            work += self.accept();
+        }
+        for (k, &i) in slots.iter().enumerate() {
+            // (a connection closed meanwhile, or a new one in its slot, is looked at again
+            // next pass)
+            let ready = fds[listeners + k].revents != 0;
+            let buffered = self.conns[i]
+                .as_ref()
+                .is_some_and(|c| c.stream.rx.buffered() > 0);
+            if ready || buffered {
+                work += self.contained(i, None, |t| t.service(i));
+            }
+        }
+        self.ready_slots = slots;
+        self.ready = fds;
         if self.last_kato.elapsed() >= KATO_CHECK {
             self.last_kato = Instant::now();
             self.check_keep_alive();
@@ -95,11 +136,7 @@ impl Target {
                 .map(|(l, _)| poll::entry(l, poll::POLLIN)),
         );
         for c in self.conns.iter().flatten() {
-            let mut events = poll::POLLIN;
-            if c.stream.tx.pending() > 0 {
-                events |= poll::POLLOUT;
-            }
-            fds.push(poll::entry(&c.stream.fd(), events));
+            fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
         }
     }
 

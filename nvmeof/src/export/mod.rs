@@ -310,6 +310,8 @@ impl TcpTarget {
             genctr: 1,
             scratch: Vec::new(),
             last_kato: Instant::now(),
+            ready: Vec::new(),
+            ready_slots: Vec::new(),
         };
         let (done_tx, done) = std::sync::mpsc::sync_channel(1);
         let poller = Box::new(poller::TargetPoller {
