@@ -1,7 +1,7 @@
 #!/bin/bash
 # Guest-side benchmark (BENCHMARKS.md): one TCG guest sees two vnvme controllers (malloc
-# namespaces; one with the default interrupt per poll pass, one with interrupt coalescing
-# COALESCE) and QEMU's own nvme (raw image on tmpfs) side by side; fio 4k randread, io_uring,
+# namespaces; one with interrupt coalescing off, an interrupt per poll pass, and one with
+# COALESCE, default 16/200: the daemon's default) and QEMU's own nvme (raw image on tmpfs) side by side; fio 4k randread, io_uring,
 # QD32 (QD1 too), each device in turn, twice, alternating. Prints IOPS per run.
 # Usage: scripts/bench-guest.sh [SECS] [COALESCE=ENTRIES/MICROSECONDS] [VCPUS]
 set -euo pipefail
@@ -12,7 +12,7 @@ VCPUS=${3:-2}
 cargo build --release -q -p vnvme
 D=$(mktemp -d /dev/shm/vnvme-bench.XXXXXX)
 trap 'kill $SRV1 $SRV2 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
-./target/release/vnvme serve --socket "$D/v.sock" --serial VNVMEPLAIN --ns malloc:1G >"$D/serve1.log" 2>&1 &
+./target/release/vnvme serve --socket "$D/v.sock" --serial VNVMEPLAIN --irq-coalescing off --ns malloc:1G >"$D/serve1.log" 2>&1 &
 SRV1=$!
 ./target/release/vnvme serve --socket "$D/c.sock" --serial VNVMECOAL --irq-coalescing "$COALESCE" --ns malloc:1G >"$D/serve2.log" 2>&1 &
 SRV2=$!

@@ -318,16 +318,16 @@ fn shadow_doorbells_async_events_and_keep_alive() {
 
 #[test]
 fn interrupt_coalescing_holds_msix_until_threshold_or_time() {
-    let (d, sock, dir) = daemon("coalesce");
+    let (d, sock, dir) = daemon_with("coalesce", Some("off"));
     let mut n = NvmeClient::connect(&sock);
     let irq = msix_eventfd(&mut n.client, 1);
     n.create_io_queues_with_irq(Some(1));
     let read = |n: &mut NvmeClient| n.submit_nowait(1, cmd(0x02, 1, 0x30000, &[0, 0, 0]));
     let second = Duration::from_secs(1);
 
-    // Off (power-on default here): every completion interrupts.
+    // Off (configured so): every completion interrupts.
     let cid = read(&mut n);
-    assert_eq!(wait_interrupts(&irq, second), 1, "no coalescing by default");
+    assert_eq!(wait_interrupts(&irq, second), 1, "no coalescing when off");
     assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
 
     // 4 entries or 25.5 ms: three completions are posted without an interrupt, the fourth
@@ -361,6 +361,28 @@ fn interrupt_coalescing_holds_msix_until_threshold_or_time() {
     let cid = read(&mut n);
     assert_eq!(wait_interrupts(&irq, second), 1, "vector opted out");
     assert!(n.wait(1, cid, second).is_some_and(|c| c.ok()));
+    drop(n);
+    d.stop().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn coalescing_is_on_by_default_and_a_lone_command_still_interrupts_at_once() {
+    let (d, sock, dir) = daemon("default-coalescing");
+    let mut n = NvmeClient::connect(&sock);
+    let irq = msix_eventfd(&mut n.client, 1);
+    n.create_io_queues_with_irq(Some(1));
+    // 16 entries (0's based 15) or 200 us (2 x 100 us): current and default values
+    assert_eq!(n.submit(0, cmd(0x0a, 0, 0, &[0x08])).dw0, 0x020f);
+    assert_eq!(n.submit(0, cmd(0x0a, 0, 0, &[0x08 | (1 << 8)])).dw0, 0x020f);
+    let second = Duration::from_secs(1);
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let c = n.submit_nowait(1, cmd(0x02, 1, 0x30000, &[0, 0, 0]));
+        assert_eq!(wait_interrupts(&irq, second), 1, "QD1: the interrupt comes");
+        assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+        assert!(n.wait(1, c, second).is_some_and(|c| c.ok()));
+    }
     drop(n);
     d.stop().unwrap();
     std::fs::remove_dir_all(dir).ok();

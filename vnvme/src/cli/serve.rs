@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// reactor idle policy
     #[arg(long, value_enum, default_value_t = PollSetting::Adaptive, conflicts_with = "config")]
     pub poll: PollSetting,
-    /// power-on interrupt coalescing ENTRIES/MICROSECONDS, e.g. 8/100 (default: off)
+    /// power-on interrupt coalescing ENTRIES/MICROSECONDS, e.g. 8/100, applied adaptively,
+    /// or off (default: 16/200)
     #[arg(long, conflicts_with = "config")]
     pub irq_coalescing: Option<String>,
     /// QoS: I/O commands per second

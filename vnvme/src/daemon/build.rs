@@ -134,10 +134,12 @@ pub(super) fn build_controller(
             maxcmd: nvmeof::export::QUEUE_DEPTH as u16,
         });
     }
-    if let Some(v) = &spec.irq_coalescing {
-        // validated with the configuration
-        cfg.irq_coalescing = crate::config::parse_coalescing(v).unwrap_or_default();
-    }
+    // validated with the configuration
+    let coalescing = spec
+        .irq_coalescing
+        .as_deref()
+        .unwrap_or(crate::config::DEFAULT_IRQ_COALESCING);
+    cfg.irq_coalescing = crate::config::parse_coalescing(coalescing).unwrap_or_default();
     cfg.cntlid = cntlid;
     cfg.virt = virt;
     cfg.shared_namespaces = shared;
