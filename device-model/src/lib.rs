@@ -11,7 +11,7 @@
 //! in the `sriov` crate); `io.rs` NVM commands; `compound.rs` commands made of several
 //! backend requests, Compare and Verify; `uncorrectable.rs` the blocks Write Uncorrectable
 //! marked; `dptr.rs` PRP/SGL; `memory.rs` the DMA map; `backend/` null, malloc, file;
-//! `reactor.rs` the thread.
+//! `reactor/` the thread and what runs beside its controllers.
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
