@@ -2,8 +2,9 @@
 //! of its own, verified I/O from the in-repo perf over vfio-user, then the Prometheus
 //! endpoint scraped over TCP and `vnvme rpc stats` asked: the counters moved as the I/O did
 //! (commands, bytes, the histogram's count, errors by status for two bad commands). Then the
-//! endpoint is fed garbage (a huge head, a slowloris, POST, another path, binary noise) and
-//! answers or closes as it should, and scrapes right after still work.
+//! endpoint is fed garbage (a huge head, a slowloris, POST, another path, binary noise) while
+//! a host's verified I/O runs clean beside it; it answers or closes as it should, and
+//! scrapes right after still work.
 
 #![allow(clippy::cast_precision_loss)] // counts and nanoseconds shown as seconds and microseconds
 
@@ -354,7 +355,29 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
         "stats of a controller that is not there"
     );
 
-    // garbage: each gets its answer or a close, and the endpoint keeps serving
+    // garbage: each gets its answer or a close, and the endpoint keeps serving; a host runs
+    // verified I/O on the controller meanwhile, untouched by it
+    let s2 = sock.clone();
+    let neighbour = std::thread::spawn(move || {
+        let mut ctrl = NvmeDriver::new(
+            Box::new(VfioUserTransport::connect(&s2).expect("connect")),
+            16 << 20,
+            4,
+        )
+        .expect("controller");
+        let opts = PerfOptions {
+            queue_depth: 8,
+            io_size: 4096,
+            pattern: Pattern::Randrw,
+            read_percent: 50,
+            duration: Duration::from_secs(2),
+            workers: 1,
+            verify: true,
+        };
+        vnvme::perf::run(&mut ctrl, &opts, |_, _| {})
+            .expect("perf")
+            .total()
+    });
     let mut huge = b"GET /metrics HTTP/1.1\r\nX-Fill: ".to_vec();
     huge.resize(64 << 10, b'a');
     let answer = exchange(addr, &huge);
@@ -427,15 +450,26 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     );
     let (waited, body) = waiting.join().unwrap();
     assert!(waited < Duration::from_secs(9), "scrape waited {waited:?}");
-    // nothing ran in between: the numbers stand
+    let n = neighbour.join().unwrap();
+    assert!(
+        n.ios > 100 && n.errors == 0 && n.verify_failures == 0,
+        "verified I/O beside the garbage: {n:?}"
+    );
+    // the neighbour's commands are counted (it ended before the waiting scrape was served),
+    // and nothing ran since: the numbers stand
     let after = samples(&body);
-    assert_eq!(
-        one(
-            &after,
-            "vnvme_controller_commands_total",
-            &[ctrl_labels[0], "op=\"read\""]
-        ),
-        reads
+    let io = |m: &HashMap<String, f64>| {
+        ["op=\"read\"", "op=\"write\""]
+            .iter()
+            .map(|op| one(m, "vnvme_controller_commands_total", &[ctrl_labels[0], op]))
+            .sum::<u64>()
+    };
+    assert!(
+        io(&after) >= reads + writes + n.ios,
+        "{} I/O commands counted, {} before + {} by the neighbour",
+        io(&after),
+        reads + writes,
+        n.ios
     );
     assert_eq!(samples(&scrape(addr)), after);
     drop(daemon);
