@@ -599,9 +599,14 @@ impl Array {
                 } else if others || (missing && self.leg_active(leg) > 0) {
                     // absorbed: the leg's other mirror has it; complete once the
                     // member's loss is on disk
+                    let hold = if self.sb_dirty {
+                        self.bitmap.issued() + 1
+                    } else {
+                        self.bitmap.issued()
+                    };
                     let p = &mut self.parents[pi as usize];
                     p.sticky = true;
-                    p.hold = p.hold.max(self.bitmap.issued() + 1);
+                    p.hold = p.hold.max(hold);
                 } else {
                     self.fail(pi, status);
                 }
@@ -1096,6 +1101,7 @@ impl Array {
 
     fn run_commands(&mut self, now: Instant) {
         while let Ok(cmd) = self.commands.try_recv() {
+            self.shared.command_taken();
             self.command(cmd, now);
             self.status_dirty = true;
         }
@@ -1286,6 +1292,16 @@ impl Array {
         }
     }
 
+    /// True while work other than guest requests needs polls.
+    fn background(&self) -> bool {
+        self.rebuild.is_some()
+            || !self.queued.is_empty()
+            || self.meta_busy()
+            || self.bitmap.has_candidates()
+            || !self.held.is_empty()
+            || self.shared.commands_pending()
+    }
+
     /// Rounds still to write or in flight.
     pub fn meta_busy(&self) -> bool {
         self.meta_pending > 0 || self.sb_dirty || self.bitmap.round_due()
@@ -1374,8 +1390,10 @@ impl Backend for Array {
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.polls = self.polls.wrapping_add(1);
-        let check_time =
-            self.polls.is_multiple_of(64) || self.status_dirty || self.rebuild.is_some();
+        let check_time = self.polls.is_multiple_of(64)
+            || self.status_dirty
+            || self.rebuild.is_some()
+            || self.shared.commands_pending();
         let now = if check_time {
             Instant::now()
         } else {
@@ -1445,8 +1463,11 @@ impl Backend for Array {
         n
     }
 
+    /// Guest requests in flight, plus one while background work waits for polls (a rebuild,
+    /// a superblock or bitmap round, bits to clear, a management command): a controller
+    /// polls a backend only while it has requests in flight.
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight + usize::from(self.background())
     }
 
     fn guest_memory_changed(&mut self) {

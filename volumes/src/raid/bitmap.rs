@@ -224,6 +224,11 @@ impl Bitmap {
         n
     }
 
+    /// True when regions wait for the lazy clear.
+    pub fn has_candidates(&self) -> bool {
+        !self.candidates.is_empty()
+    }
+
     /// True when blocks wait for a round and none is in flight.
     pub fn round_due(&self) -> bool {
         self.any_dirty && self.issued == self.durable

@@ -74,6 +74,8 @@ pub struct Shared {
     pub(crate) status: Mutex<ArrayStatus>,
     closed: AtomicBool,
     rate: AtomicU64,
+    /// Commands sent and not yet taken by the array (so it asks to be polled).
+    commands: AtomicU64,
 }
 
 impl Shared {
@@ -85,6 +87,15 @@ impl Shared {
     }
     pub(crate) fn initial_rate(&self) -> u64 {
         self.rate.load(Ordering::Relaxed)
+    }
+    pub(crate) fn commands_pending(&self) -> bool {
+        self.commands.load(Ordering::Relaxed) > 0
+    }
+    pub(crate) fn command_taken(&self) {
+        self.commands.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn command_sent(&self) {
+        self.commands.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn closed(&self) {
         self.closed.store(true, Ordering::Release);
@@ -125,10 +136,19 @@ impl ArrayHandle {
     /// Set the rebuild rate limit (bytes/s, 0: none).
     pub fn set_rate(&self, bytes_per_sec: u64, drive: Option<&mut Array>) {
         self.shared.rate.store(bytes_per_sec, Ordering::Relaxed);
-        let _ = self.tx.send(Command::SetRate(bytes_per_sec));
+        self.send(Command::SetRate(bytes_per_sec));
         if let Some(a) = drive {
             a.poll(&mut |_, _| {});
         }
+    }
+
+    fn send(&self, cmd: Command) -> bool {
+        self.shared.command_sent();
+        if self.tx.send(cmd).is_err() {
+            self.shared.command_taken();
+            return false;
+        }
+        true
     }
 
     /// Send a command and wait for its answer; `drive`: the array itself when no reactor
@@ -139,9 +159,9 @@ impl ArrayHandle {
         mut drive: Option<&mut Array>,
     ) -> Result<T, String> {
         let (tx, rx) = channel();
-        self.tx
-            .send(make(tx))
-            .map_err(|_| "the array is gone".to_string())?;
+        if !self.send(make(tx)) {
+            return Err("the array is gone".into());
+        }
         let t = std::time::Instant::now();
         loop {
             if let Some(a) = drive.as_deref_mut() {
