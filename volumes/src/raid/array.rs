@@ -1479,8 +1479,39 @@ impl Backend for Array {
     }
 }
 
+impl Array {
+    /// A clean stop: no guest request in flight, so every bit not sticky is cleared and
+    /// written (the next assembly then has nothing to resync); bounded by `limit`.
+    fn stop_cleanly(&mut self, limit: std::time::Duration) {
+        if self.in_flight > 0 || self.members.iter().all(|m| m.backend.is_none()) {
+            return;
+        }
+        self.queued.clear();
+        if self.rebuild.is_some() {
+            self.abort_rebuild("the array stopped".into());
+        }
+        self.bitmap.clear_idle();
+        let t = Instant::now();
+        while self.meta_busy() && t.elapsed() < limit {
+            self.poll(&mut |_, _| {});
+            std::thread::yield_now();
+        }
+    }
+
+    /// Stop the array cleanly and give its members back (describe, backend).
+    pub fn take_members(&mut self) -> Vec<(String, Box<dyn Backend>)> {
+        self.stop_cleanly(std::time::Duration::from_secs(5));
+        self.members
+            .iter_mut()
+            .filter(|m| m.outstanding == 0)
+            .filter_map(|m| Some((m.describe.clone(), m.backend.take()?)))
+            .collect()
+    }
+}
+
 impl Drop for Array {
     fn drop(&mut self) {
+        self.stop_cleanly(std::time::Duration::from_millis(500));
         self.shared.closed();
     }
 }
