@@ -1,0 +1,269 @@
+//! The daemon's arrays (RAID 0/1/10, concat; see the `volumes` crate): assembled from their
+//! members at start (`[[array]]`) or at run time (`raid_create`), handed to the namespace
+//! that names them (`array:NAME`), and managed through their handles while a reactor owns
+//! them: members added and removed, rebuild rate set, status listed.
+//!
+//! An array no namespace uses yet stays here; commands to it are run by polling it on the
+//! management thread.
+
+use std::sync::Arc;
+
+use device_model::GuestMemory;
+use device_model::backend::Backend;
+use pcie_p2p::DeviceRegistry;
+use volumes::raid::{self, Array, ArrayHandle, ArrayStatus, Level, MemberIn};
+
+use crate::backend_spec::BackendSpec;
+use crate::config::ArraySpec;
+
+/// One array the daemon knows.
+struct Slot {
+    name: String,
+    handle: ArrayHandle,
+    /// The array while no namespace has it.
+    idle: Option<Array>,
+    /// The namespace that has it.
+    used_by: Option<String>,
+    /// Member specs by slot, as users wrote them.
+    members: Vec<String>,
+    /// Members refused at assembly, with why.
+    refused: Vec<String>,
+}
+
+/// The arrays of a daemon.
+#[derive(Default)]
+pub struct Arrays {
+    list: Vec<Slot>,
+}
+
+impl std::fmt::Debug for Arrays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.list.iter().map(|s| &s.name))
+            .finish()
+    }
+}
+
+/// Bytes per second of a rate in MB/s.
+fn rate_of(mb: Option<u64>) -> u64 {
+    mb.map_or(raid::DEFAULT_RATE, |m| m.saturating_mul(1_000_000))
+}
+
+/// Open member `spec` (an `nvme:` member gets no guest memory to mirror: its I/O bounces).
+fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backend>, String> {
+    let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
+    if matches!(parsed, BackendSpec::Array { .. }) {
+        return Err(format!("{spec}: an array cannot be a member of an array"));
+    }
+    let guest = Arc::new(GuestMemory::new());
+    parsed
+        .open(&guest, devices)
+        .map(|o| o.backend)
+        .map_err(|e| format!("{spec}: {e}"))
+}
+
+impl Arrays {
+    fn find(&self, name: &str) -> Result<usize, String> {
+        self.list
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| format!("no array named {name}"))
+    }
+
+    /// The member specs in use by any array.
+    fn member_in_use(&self, spec: &str) -> Option<&str> {
+        self.list
+            .iter()
+            .find(|s| s.members.iter().any(|m| m == spec))
+            .map(|s| s.name.as_str())
+    }
+
+    /// Assemble the array `spec` describes from its members, or create it on them when
+    /// none carries it yet. Returns what assembly refused (stale or foreign members).
+    pub fn create(
+        &mut self,
+        spec: &ArraySpec,
+        devices: &mut DeviceRegistry,
+    ) -> Result<Vec<String>, String> {
+        spec.check(&|f: &str| f.to_string())
+            .map_err(|e| e.to_string())?;
+        if self.list.iter().any(|s| s.name == spec.name) {
+            return Err(format!("an array named {} exists", spec.name));
+        }
+        for m in &spec.members {
+            if let Some(other) = self.member_in_use(m) {
+                return Err(format!("{m} is already a member of array {other}"));
+            }
+        }
+        let level: Level = spec.level.parse()?;
+        let strip = spec.strip_size_kb.unwrap_or(raid::DEFAULT_STRIP >> 10) << 10;
+        let rate = rate_of(spec.rebuild_rate_mb);
+        let mut members = Vec::new();
+        for m in &spec.members {
+            members.push(MemberIn {
+                describe: m.clone(),
+                backend: open_member(m, devices)?,
+            });
+        }
+        // assemble when any member carries this array's superblock, else create
+        let mut carries = false;
+        for m in &mut members {
+            if let Ok(sb) = raid::read_superblock(&m.describe, m.backend.as_mut())
+                && sb.name == spec.name
+            {
+                carries = true;
+                if sb.level != level {
+                    return Err(format!(
+                        "{} carries array {} as {}, not {}",
+                        m.describe,
+                        sb.name,
+                        sb.level.name(),
+                        level.name()
+                    ));
+                }
+            }
+        }
+        let (array, handle, refused) = if carries {
+            let a = raid::assemble(Some(&spec.name), members, rate).map_err(|e| e.to_string())?;
+            let refused: Vec<String> = a.refused.iter().map(ToString::to_string).collect();
+            (a.array, a.handle, refused)
+        } else {
+            let (a, h) =
+                raid::create(&spec.name, level, strip, members, rate).map_err(|e| e.to_string())?;
+            (a, h, Vec::new())
+        };
+        self.list.push(Slot {
+            name: spec.name.clone(),
+            handle,
+            idle: Some(array),
+            used_by: None,
+            members: spec.members.clone(),
+            refused: refused.clone(),
+        });
+        Ok(refused)
+    }
+
+    /// Hand array `name` to namespace `user` (once).
+    pub fn take(&mut self, name: &str, user: &str) -> Result<Box<dyn Backend>, String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        match s.idle.take() {
+            Some(a) => {
+                s.used_by = Some(user.into());
+                Ok(Box::new(a))
+            }
+            None => Err(format!(
+                "array {name} is in use by {}",
+                s.used_by.as_deref().unwrap_or("a namespace")
+            )),
+        }
+    }
+
+    /// Stop array `name` and wipe its members' superblocks (refused while a namespace
+    /// uses it).
+    pub fn delete(&mut self, name: &str) -> Result<(), String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        if s.idle.is_none() && !s.handle.is_closed() {
+            return Err(format!(
+                "array {name} is in use by {}; delete that namespace first",
+                s.used_by.as_deref().unwrap_or("a namespace")
+            ));
+        }
+        if let Some(mut a) = s.idle.take() {
+            for (describe, mut b) in a.take_members() {
+                if let Err(e) = raid::wipe(&describe, b.as_mut()) {
+                    log::warn!("array {name}: {e}");
+                }
+            }
+        }
+        self.list.remove(i);
+        Ok(())
+    }
+
+    /// Status of every array, with who uses it and what assembly refused.
+    pub fn list(&mut self) -> Vec<(ArrayStatus, Option<String>, Vec<String>, bool)> {
+        self.list
+            .iter_mut()
+            .map(|s| {
+                let st = match s.idle.as_mut() {
+                    Some(a) => a.status(),
+                    None => s.handle.status(),
+                };
+                (
+                    st,
+                    s.used_by.clone(),
+                    s.refused.clone(),
+                    s.handle.is_closed(),
+                )
+            })
+            .collect()
+    }
+
+    /// Add member `spec` to array `name` (a returning member gets a partial rebuild).
+    pub fn add_member(
+        &mut self,
+        name: &str,
+        spec: &str,
+        devices: &mut DeviceRegistry,
+    ) -> Result<raid::AddOutcome, String> {
+        let i = self.find(name)?;
+        if let Some(other) = self.member_in_use(spec)
+            && other != name
+        {
+            return Err(format!("{spec} is already a member of array {other}"));
+        }
+        let s = &self.list[i];
+        if s.handle.is_closed() {
+            return Err(format!("array {name} was closed with its namespace"));
+        }
+        let st = s.handle.status();
+        if s.idle.is_none()
+            && st
+                .members
+                .iter()
+                .any(|m| m.describe == spec && m.state != "missing")
+        {
+            return Err(format!(
+                "{spec} is already an active member of array {name}"
+            ));
+        }
+        let mut backend = open_member(spec, devices)?;
+        let sb = raid::read_superblock(spec, backend.as_mut()).ok();
+        let s = &mut self.list[i];
+        let out = s
+            .handle
+            .clone()
+            .add_member(backend, spec.into(), sb, s.idle.as_mut())?;
+        if out.slot < s.members.len() {
+            s.members[out.slot] = spec.into();
+        }
+        Ok(out)
+    }
+
+    /// Retire member `member` (its spec, or its slot number) of array `name`.
+    pub fn remove_member(&mut self, name: &str, member: &str) -> Result<usize, String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        let slot = match member.parse::<usize>() {
+            Ok(n) => n,
+            Err(_) => s
+                .members
+                .iter()
+                .position(|m| m == member)
+                .ok_or_else(|| format!("{member} is not a member of array {name}"))?,
+        };
+        s.handle.clone().remove_member(slot, s.idle.as_mut())?;
+        Ok(slot)
+    }
+
+    /// Set the rebuild rate of array `name` (MB/s, 0: no limit).
+    pub fn set_rate(&mut self, name: &str, mb_per_sec: u64) -> Result<(), String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        s.handle
+            .clone()
+            .set_rate(mb_per_sec.saturating_mul(1_000_000), s.idle.as_mut());
+        Ok(())
+    }
+}
