@@ -30,6 +30,8 @@ const KIND_CHILD: u64 = 0;
 const KIND_META: u64 = 1;
 const KIND_REBUILD: u64 = 2;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// The lazy clear's tick: a region's bit is cleared one to two ticks after its last write.
+const CLEAR_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One member slot.
 pub(crate) struct Member {
@@ -182,6 +184,8 @@ pub struct Array {
     last_ops: u64,
     last_clear: Instant,
     status_dirty: bool,
+    /// Guest I/O went idle: publish once more (at most every 100 ms).
+    publish_pending: bool,
 }
 
 /// Parts of a new array (from creation or assembly).
@@ -240,6 +244,7 @@ impl Array {
             last_ops: 0,
             last_clear: now,
             status_dirty: true,
+            publish_pending: false,
         };
         a.publish(now);
         a
@@ -785,6 +790,7 @@ impl Array {
         if self.meta_pending == 0 {
             let r = self.meta_round;
             self.bitmap.round_done(r);
+            self.status_dirty = true;
         }
     }
 
@@ -1264,6 +1270,7 @@ impl Array {
             self.last_publish = now;
             self.last_ops = self.ops;
             self.status_dirty = false;
+            self.publish_pending = false;
         }
     }
 
@@ -1299,6 +1306,8 @@ impl Array {
             || self.meta_busy()
             || self.bitmap.has_candidates()
             || !self.held.is_empty()
+            || self.status_dirty
+            || self.publish_pending
             || self.shared.commands_pending()
     }
 
@@ -1393,6 +1402,7 @@ impl Backend for Array {
         let check_time = self.polls.is_multiple_of(64)
             || self.status_dirty
             || self.rebuild.is_some()
+            || self.publish_pending
             || self.shared.commands_pending();
         let now = if check_time {
             Instant::now()
@@ -1433,9 +1443,11 @@ impl Backend for Array {
         ev.clear();
         self.events = ev;
         if self.mirrored() {
-            if check_time && now.duration_since(self.last_clear).as_millis() >= 200 {
+            if check_time && now.duration_since(self.last_clear) >= CLEAR_TICK {
                 self.last_clear = now;
-                self.bitmap.clear_idle();
+                if self.bitmap.clear_idle() > 0 {
+                    self.status_dirty = true;
+                }
             }
             self.maybe_round();
             self.run_held();
@@ -1449,8 +1461,10 @@ impl Backend for Array {
         } else {
             self.maybe_round();
         }
+        let since = now.duration_since(self.last_publish).as_millis();
         if self.status_dirty
-            || (check_time && now.duration_since(self.last_publish).as_millis() >= 500)
+            || (self.publish_pending && since >= 100)
+            || (check_time && since >= 500)
         {
             self.publish(now);
         }
@@ -1460,6 +1474,9 @@ impl Backend for Array {
             done(t, s);
         }
         self.in_flight -= n;
+        if n > 0 && self.in_flight == 0 {
+            self.publish_pending = true; // show the idle state soon
+        }
         n
     }
 
@@ -1490,7 +1507,7 @@ impl Array {
         if self.rebuild.is_some() {
             self.abort_rebuild("the array stopped".into());
         }
-        self.bitmap.clear_idle();
+        self.bitmap.clear_all_idle();
         let t = Instant::now();
         while self.meta_busy() && t.elapsed() < limit {
             self.poll(&mut |_, _| {});

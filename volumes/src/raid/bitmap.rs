@@ -60,6 +60,8 @@ pub struct Bitmap {
     /// Regions that may be cleared at the next tick.
     candidates: Vec<u64>,
     is_candidate: Vec<u64>,
+    /// Candidates already seen idle at the previous tick (cleared at this one).
+    aged: Vec<u64>,
     issued: u64,
     durable: u64,
 }
@@ -82,6 +84,7 @@ impl Bitmap {
             any_dirty: false,
             candidates: Vec::new(),
             is_candidate: vec![0; words],
+            aged: vec![0; words],
             issued: 0,
             durable: 0,
         }
@@ -163,6 +166,7 @@ impl Bitmap {
         for r in first..=last.min(self.regions - 1) {
             self.active[r as usize] += 1;
             set(&mut self.bits, r, true);
+            set(&mut self.aged, r, false);
             if get(&self.disk, r) {
                 need = need.max(self.block_round[(r / BITS_PER_BLOCK) as usize]);
             } else {
@@ -206,21 +210,46 @@ impl Bitmap {
         }
     }
 
-    /// Clear the bits of idle, non-sticky candidate regions (the lazy clear); they are
-    /// written at the next round. Returns how many were cleared.
+    /// The lazy clear, called at a steady tick: a candidate region idle (no write started)
+    /// since the previous tick, not sticky, has its bit cleared (written at the next round);
+    /// one idle for the first time is kept for the next tick. So a region being written
+    /// keeps its bit (no round per write), and an idle one is clean one to two ticks after
+    /// its last write. Returns how many were cleared.
     pub fn clear_idle(&mut self) -> usize {
+        self.clear_candidates(false)
+    }
+
+    /// Clear every idle candidate now (a clean stop).
+    pub fn clear_all_idle(&mut self) -> usize {
+        self.clear_candidates(true)
+    }
+
+    fn clear_candidates(&mut self, now: bool) -> usize {
         let mut n = 0;
-        let list = std::mem::take(&mut self.candidates);
-        for &r in &list {
-            set(&mut self.is_candidate, r, false);
-            if self.active[r as usize] == 0 && !get(&self.sticky, r) && get(&self.bits, r) {
-                set(&mut self.bits, r, false);
-                self.dirty_block(r);
-                n += 1;
+        let mut list = std::mem::take(&mut self.candidates);
+        list.retain(|&r| {
+            let idle = self.active[r as usize] == 0 && !get(&self.sticky, r);
+            if !idle || !get(&self.bits, r) {
+                set(&mut self.is_candidate, r, false);
+                set(&mut self.aged, r, false);
+                return false;
             }
-        }
+            if now || get(&self.aged, r) {
+                set(&mut self.bits, r, false);
+                set(&mut self.is_candidate, r, false);
+                set(&mut self.aged, r, false);
+                let b = r / BITS_PER_BLOCK;
+                set(&mut self.dirty_blocks, b, true);
+                self.any_dirty = true;
+                n += 1;
+                return false;
+            }
+            set(&mut self.aged, r, true);
+            true
+        });
+        // candidates added meanwhile (none: no other borrow) are kept
+        list.append(&mut self.candidates);
         self.candidates = list;
-        self.candidates.clear();
         n
     }
 
@@ -304,8 +333,13 @@ mod tests {
         assert_eq!(bytes[0], 0b1100);
         // region 3 still has a write in flight: not cleared
         b.end_write(2, 3, false);
+        assert_eq!(b.clear_idle(), 0, "idle for one tick only");
         assert_eq!(b.clear_idle(), 1, "region 2 only");
         b.end_write(3, 3, false);
+        // a write to region 3 again: its idle time starts over
+        b.start_write(3, 3);
+        b.end_write(3, 3, false);
+        assert_eq!(b.clear_idle(), 0);
         assert_eq!(b.clear_idle(), 1);
         assert_eq!(b.count_set(), 0);
         // the clear is written lazily
@@ -326,7 +360,7 @@ mod tests {
         let r = b.issue(&mut blocks);
         b.round_done(r);
         b.end_write(1, 1, false);
-        b.clear_idle();
+        b.clear_all_idle();
         let clearing = b.issue(&mut blocks); // in flight: disk says clear
         let need = b.start_write(1, 1);
         assert!(
@@ -343,10 +377,10 @@ mod tests {
         let mut b = Bitmap::new(8 << 20, 1 << 20);
         b.start_write(0, 1);
         b.end_write(0, 1, true); // a mirror missed it
-        assert_eq!(b.clear_idle(), 0);
+        assert_eq!(b.clear_all_idle(), 0);
         assert_eq!(b.sticky_regions(), vec![0, 1]);
         b.resynced(0);
-        assert_eq!(b.clear_idle(), 1);
+        assert_eq!(b.clear_all_idle(), 1);
         assert_eq!(b.sticky_regions(), vec![1]);
         // loading what a member had: all sticky
         let mut c = Bitmap::new(8 << 20, 1 << 20);
