@@ -3,15 +3,15 @@
 //! that names them (`array:NAME`), and managed through their handles while a reactor owns
 //! them: members added and removed, rebuild rate set, status listed.
 //!
-//! An array no namespace uses yet stays here; commands to it are run by polling it on the
-//! management thread.
+//! Every array has a thread of its own for background work (rebuild, resync, commands)
+//! while no reactor polls it ([`DrivenArray`]), used by a namespace or not.
 
 use std::sync::Arc;
 
 use device_model::GuestMemory;
 use device_model::backend::Backend;
 use pcie_p2p::DeviceRegistry;
-use volumes::raid::{self, Array, ArrayHandle, ArrayStatus, Level, MemberIn};
+use volumes::raid::{self, ArrayHandle, ArrayStatus, DrivenArray, Level, MemberIn};
 
 use crate::backend_spec::BackendSpec;
 use crate::config::ArraySpec;
@@ -21,7 +21,7 @@ struct Slot {
     name: String,
     handle: ArrayHandle,
     /// The array while no namespace has it.
-    idle: Option<Array>,
+    idle: Option<DrivenArray>,
     /// The namespace that has it.
     used_by: Option<String>,
     /// Member specs by slot, as users wrote them.
@@ -70,8 +70,11 @@ impl Arrays {
             .ok_or_else(|| format!("no array named {name}"))
     }
 
-    /// The member specs in use by any array.
+    /// The array that has member `spec` already (RAM and null specs are never shared).
     fn member_in_use(&self, spec: &str) -> Option<&str> {
+        if spec.starts_with("malloc:") || spec.starts_with("null:") {
+            return None;
+        }
         self.list
             .iter()
             .find(|s| s.members.iter().any(|m| m == spec))
@@ -135,7 +138,7 @@ impl Arrays {
         self.list.push(Slot {
             name: spec.name.clone(),
             handle,
-            idle: Some(array),
+            idle: Some(DrivenArray::new(array)),
             used_by: None,
             members: spec.members.clone(),
             refused: refused.clone(),
@@ -170,7 +173,8 @@ impl Arrays {
                 s.used_by.as_deref().unwrap_or("a namespace")
             ));
         }
-        if let Some(mut a) = s.idle.take() {
+        if let Some(d) = s.idle.take() {
+            let mut a = d.into_array();
             for (describe, mut b) in a.take_members() {
                 if let Err(e) = raid::wipe(&describe, b.as_mut()) {
                     log::warn!("array {name}: {e}");
@@ -186,8 +190,8 @@ impl Arrays {
         self.list
             .iter_mut()
             .map(|s| {
-                let st = match s.idle.as_mut() {
-                    Some(a) => a.status(),
+                let st = match s.idle.as_ref() {
+                    Some(d) => d.with(volumes::raid::Array::status),
                     None => s.handle.status(),
                 };
                 (
@@ -231,10 +235,7 @@ impl Arrays {
         let mut backend = open_member(spec, devices)?;
         let sb = raid::read_superblock(spec, backend.as_mut()).ok();
         let s = &mut self.list[i];
-        let out = s
-            .handle
-            .clone()
-            .add_member(backend, spec.into(), sb, s.idle.as_mut())?;
+        let out = s.handle.add_member(backend, spec.into(), sb, None)?;
         if out.slot < s.members.len() {
             s.members[out.slot] = spec.into();
         }
@@ -253,7 +254,7 @@ impl Arrays {
                 .position(|m| m == member)
                 .ok_or_else(|| format!("{member} is not a member of array {name}"))?,
         };
-        s.handle.clone().remove_member(slot, s.idle.as_mut())?;
+        s.handle.remove_member(slot, None)?;
         Ok(slot)
     }
 
@@ -262,8 +263,7 @@ impl Arrays {
         let i = self.find(name)?;
         let s = &mut self.list[i];
         s.handle
-            .clone()
-            .set_rate(mb_per_sec.saturating_mul(1_000_000), s.idle.as_mut());
+            .set_rate(mb_per_sec.saturating_mul(1_000_000), None);
         Ok(())
     }
 }

@@ -108,7 +108,10 @@ impl ArraySpec {
                     "an array cannot be a member of an array",
                 ));
             }
-            if !seen.insert(m.trim()) {
+            // RAM and null members are each their own; anything else names storage that two
+            // members cannot share
+            let own = matches!(spec, BackendSpec::Malloc { .. } | BackendSpec::Null { .. });
+            if !own && !seen.insert(m.trim()) {
                 return Err(field(at("members"), format!("{m} is listed twice")));
             }
         }

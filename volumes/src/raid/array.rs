@@ -25,6 +25,10 @@ use super::superblock::{
     BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock, uuid_string,
 };
 
+/// Largest data transfer sent to a member: members may refuse more (an NVMe/TCP target's
+/// MDTS, 128 KiB for vnvme's own), so larger parts are sent as several requests.
+pub const MAX_CHILD: u64 = 128 << 10;
+
 const KIND_SHIFT: u32 = 48;
 const KIND_CHILD: u64 = 0;
 const KIND_META: u64 = 1;
@@ -186,6 +190,8 @@ pub struct Array {
     status_dirty: bool,
     /// Guest I/O went idle: publish once more (at most every 100 ms).
     publish_pending: bool,
+    /// A thread steps it when no reactor polls (see [`super::driver`]).
+    pub(crate) driven: bool,
 }
 
 /// Parts of a new array (from creation or assembly).
@@ -245,6 +251,7 @@ impl Array {
             last_clear: now,
             status_dirty: true,
             publish_pending: false,
+            driven: false,
         };
         a.publish(now);
         a
@@ -480,7 +487,21 @@ impl Array {
         } else {
             let mut ext = std::mem::take(&mut self.extents);
             ext.clear();
-            self.layout.map(offset, len, |e| ext.push(e));
+            let data = matches!(op, IoOp::Read | IoOp::Write { .. });
+            self.layout.map(offset, len, |e| {
+                let step = if data { MAX_CHILD } else { e.len };
+                let mut done = 0;
+                while done < e.len {
+                    let n = (e.len - done).min(step);
+                    ext.push(Extent {
+                        leg: e.leg,
+                        member_off: e.member_off + done,
+                        buf_off: e.buf_off + done,
+                        len: n,
+                    });
+                    done += n;
+                }
+            });
             for &e in &ext {
                 if op == IoOp::Read {
                     match self.pick_read(e.leg, 0) {
@@ -1299,6 +1320,85 @@ impl Array {
         }
     }
 
+    /// Everything a poll does but hand out completions (they wait for the next
+    /// [`poll`](Backend::poll)): member completions, commands, rounds, waiting and held
+    /// requests, the lazy clear, the rebuild, the status. A [`DrivenArray`]'s thread calls
+    /// it while no reactor polls.
+    ///
+    /// [`DrivenArray`]: super::driver::DrivenArray
+    pub fn step(&mut self) {
+        self.polls = self.polls.wrapping_add(1);
+        let check_time = self.polls.is_multiple_of(64)
+            || self.status_dirty
+            || self.rebuild.is_some()
+            || self.publish_pending
+            || self.shared.commands_pending();
+        let now = if check_time {
+            Instant::now()
+        } else {
+            self.last_publish
+        };
+        if check_time {
+            self.run_commands(now);
+        }
+        let mut ev = std::mem::take(&mut self.events);
+        for (slot, m) in self.members.iter_mut().enumerate() {
+            if let Some(b) = m.backend.as_mut()
+                && m.outstanding > 0
+            {
+                b.poll(&mut |t, s| ev.push((slot, t, s)));
+            }
+        }
+        let mut i = 0;
+        while i < ev.len() {
+            let (slot, tag, s) = ev[i];
+            i += 1;
+            match tag >> KIND_SHIFT {
+                KIND_CHILD => {
+                    let ci = (tag & INDEX_MASK) as u32;
+                    if self.children.get(ci as usize).is_some_and(|c| c.live) {
+                        self.on_child(ci, s);
+                    }
+                }
+                KIND_META => self.on_meta(slot, s),
+                KIND_REBUILD => self.on_rebuild(slot, s, now),
+                _ => {}
+            }
+            // completions pushed while handling (refused resubmissions) run in this pass
+            if i == ev.len() && !self.events.is_empty() {
+                ev.append(&mut self.events);
+            }
+        }
+        ev.clear();
+        self.events = ev;
+        if self.mirrored() {
+            if check_time && now.duration_since(self.last_clear) >= CLEAR_TICK {
+                self.last_clear = now;
+                if self.bitmap.clear_idle() > 0 {
+                    self.status_dirty = true;
+                }
+            }
+            self.maybe_round();
+            self.run_held();
+            self.run_waiting();
+            if self.rebuild.is_none() && !self.queued.is_empty() {
+                self.start_next_rebuild(now);
+            }
+            if self.rebuild.is_some() {
+                self.rebuild_step(now);
+            }
+        } else {
+            self.maybe_round();
+        }
+        let since = now.duration_since(self.last_publish).as_millis();
+        if self.status_dirty
+            || (self.publish_pending && since >= 100)
+            || (check_time && since >= 500)
+        {
+            self.publish(now);
+        }
+    }
+
     /// True while work other than guest requests needs polls.
     fn background(&self) -> bool {
         self.rebuild.is_some()
@@ -1398,76 +1498,7 @@ impl Backend for Array {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        self.polls = self.polls.wrapping_add(1);
-        let check_time = self.polls.is_multiple_of(64)
-            || self.status_dirty
-            || self.rebuild.is_some()
-            || self.publish_pending
-            || self.shared.commands_pending();
-        let now = if check_time {
-            Instant::now()
-        } else {
-            self.last_publish
-        };
-        if check_time {
-            self.run_commands(now);
-        }
-        let mut ev = std::mem::take(&mut self.events);
-        for (slot, m) in self.members.iter_mut().enumerate() {
-            if let Some(b) = m.backend.as_mut()
-                && m.outstanding > 0
-            {
-                b.poll(&mut |t, s| ev.push((slot, t, s)));
-            }
-        }
-        let mut i = 0;
-        while i < ev.len() {
-            let (slot, tag, s) = ev[i];
-            i += 1;
-            match tag >> KIND_SHIFT {
-                KIND_CHILD => {
-                    let ci = (tag & INDEX_MASK) as u32;
-                    if self.children.get(ci as usize).is_some_and(|c| c.live) {
-                        self.on_child(ci, s);
-                    }
-                }
-                KIND_META => self.on_meta(slot, s),
-                KIND_REBUILD => self.on_rebuild(slot, s, now),
-                _ => {}
-            }
-            // completions pushed while handling (refused resubmissions) run in this pass
-            if i == ev.len() && !self.events.is_empty() {
-                ev.append(&mut self.events);
-            }
-        }
-        ev.clear();
-        self.events = ev;
-        if self.mirrored() {
-            if check_time && now.duration_since(self.last_clear) >= CLEAR_TICK {
-                self.last_clear = now;
-                if self.bitmap.clear_idle() > 0 {
-                    self.status_dirty = true;
-                }
-            }
-            self.maybe_round();
-            self.run_held();
-            self.run_waiting();
-            if self.rebuild.is_none() && !self.queued.is_empty() {
-                self.start_next_rebuild(now);
-            }
-            if self.rebuild.is_some() {
-                self.rebuild_step(now);
-            }
-        } else {
-            self.maybe_round();
-        }
-        let since = now.duration_since(self.last_publish).as_millis();
-        if self.status_dirty
-            || (self.publish_pending && since >= 100)
-            || (check_time && since >= 500)
-        {
-            self.publish(now);
-        }
+        self.step();
         std::mem::swap(&mut self.done_q, &mut self.done_scratch);
         let n = self.done_scratch.len();
         for (t, s) in self.done_scratch.drain(..) {
@@ -1480,11 +1511,12 @@ impl Backend for Array {
         n
     }
 
-    /// Guest requests in flight, plus one while background work waits for polls (a rebuild,
-    /// a superblock or bitmap round, bits to clear, a management command): a controller
-    /// polls a backend only while it has requests in flight.
+    /// Guest requests in flight (and completions not yet handed out), plus, for an array no
+    /// thread drives, one while background work waits for polls (a rebuild, a superblock or
+    /// bitmap round, bits to clear, a management command): a controller polls a backend
+    /// only while it has requests in flight.
     fn in_flight(&self) -> usize {
-        self.in_flight + usize::from(self.background())
+        self.in_flight + usize::from(!self.driven && self.background())
     }
 
     fn guest_memory_changed(&mut self) {

@@ -9,12 +9,14 @@
 //! - [`array`]: the array as a `Backend` (split, fan out, gather, fail over, rounds,
 //!   rebuild steps, all from `poll`);
 //! - [`assemble`]: creating an array on members, and assembling one from them;
-//! - [`control`]: the management plane's handle on an array a reactor owns.
+//! - [`control`]: the management plane's handle on an array a reactor owns;
+//! - [`driver`]: the thread that steps an array while no reactor polls it.
 
 pub mod array;
 pub mod assemble;
 pub mod bitmap;
 pub mod control;
+pub mod driver;
 pub mod layout;
 pub mod rebuild;
 pub mod superblock;
@@ -22,6 +24,7 @@ pub mod superblock;
 pub use array::{AddOutcome, Array};
 pub use assemble::{ArrayError, Assembled, MemberIn, assemble, create, read_superblock, wipe};
 pub use control::{ArrayHandle, ArrayStatus, MemberStatus};
+pub use driver::DrivenArray;
 pub use layout::{Level, MAX_MEMBERS};
 pub use rebuild::{DEFAULT_RATE, Progress, RebuildKind};
 pub use superblock::{DATA_OFFSET, Superblock, SuperblockError};

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 /// Bytes copied per step.
-pub const CHUNK: u64 = 256 << 10;
+pub const CHUNK: u64 = super::array::MAX_CHILD;
 /// Default rate limit: 200 MB/s.
 pub const DEFAULT_RATE: u64 = 200_000_000;
 

@@ -395,3 +395,39 @@ fn a_full_rebuild_keeps_to_its_rate_while_guest_io_goes_on() {
         member_bytes(&fresh[0], 0, 8 * MIB)
     );
 }
+
+#[test]
+fn a_driven_array_rebuilds_with_nobody_polling_it() {
+    let d = disks(2, 10 * MIB);
+    let fail = Arc::new(AtomicBool::new(false));
+    let mut m = members(&d);
+    m[1].backend = flaky(&d[1], &fail);
+    let (mut a, h) = create("driven", Level::Raid1, DEFAULT_STRIP, m, 0).unwrap();
+    fail.store(true, Ordering::Relaxed);
+    assert_eq!(write(&mut a, MIB, &pattern(1, 8192)), Status::SUCCESS);
+    let driven = DrivenArray::new(a);
+    assert_eq!(driven.in_flight(), 0, "background work is not guest I/O");
+    // a command and the whole rebuild, with no poll from anyone
+    let fresh = disks(1, 10 * MIB);
+    let out = h
+        .add_member(
+            Box::new(fresh[0].handle().unwrap()),
+            "new".into(),
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(out.slot, 1);
+    let t = Instant::now();
+    while h.status().last_rebuild.is_none_or(|p| !p.finished) {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", h.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(h.status().state, "online");
+    let mut a = driven.into_array();
+    assert_eq!(read(&mut a, MIB, 8192), pattern(1, 8192));
+    assert_eq!(
+        member_bytes(&d[0], MIB, 8192),
+        member_bytes(&fresh[0], MIB, 8192)
+    );
+}
