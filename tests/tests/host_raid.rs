@@ -157,10 +157,7 @@ fn raid1_of_two_nvme_tcp_targets_survives_losing_one_and_rebuilds_only_what_it_m
             st["last_rebuild"]["aborted"].is_null(),
             "rebuild stopped: {st}"
         );
-        assert!(
-            t.elapsed() < Duration::from_mins(1),
-            "no rebuild end: {st}"
-        );
+        assert!(t.elapsed() < Duration::from_mins(1), "no rebuild end: {st}");
         std::thread::sleep(Duration::from_millis(100));
     };
     let r = during.join().unwrap();

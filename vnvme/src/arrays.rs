@@ -135,12 +135,20 @@ impl Arrays {
                 raid::create(&spec.name, level, strip, members, rate).map_err(|e| e.to_string())?;
             (a, h, Vec::new())
         };
+        // members by slot as the superblocks order them (the configuration's order may differ)
+        let mut array = array;
+        let members = array
+            .status()
+            .members
+            .into_iter()
+            .map(|m| m.describe)
+            .collect();
         self.list.push(Slot {
             name: spec.name.clone(),
             handle,
             idle: Some(DrivenArray::new(array)),
             used_by: None,
-            members: spec.members.clone(),
+            members,
             refused: refused.clone(),
         });
         Ok(refused)

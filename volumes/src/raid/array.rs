@@ -30,6 +30,8 @@ use super::superblock::{
 pub const MAX_CHILD: u64 = 128 << 10;
 
 const KIND_SHIFT: u32 = 48;
+/// Why a rebuild stops for good at a clean stop.
+const STOPPED: &str = "the array stopped";
 const KIND_CHILD: u64 = 0;
 const KIND_META: u64 = 1;
 const KIND_REBUILD: u64 = 2;
@@ -192,6 +194,8 @@ pub struct Array {
     publish_pending: bool,
     /// A thread steps it when no reactor polls (see [`super::driver`]).
     pub(crate) driven: bool,
+    /// When a stopped rebuild is tried again.
+    retry_at: Option<Instant>,
 }
 
 /// Parts of a new array (from creation or assembly).
@@ -252,6 +256,7 @@ impl Array {
             status_dirty: true,
             publish_pending: false,
             driven: false,
+            retry_at: None,
         };
         a.publish(now);
         a
@@ -875,9 +880,40 @@ impl Array {
         self.status_dirty = true;
     }
 
+    /// Stop the running rebuild. One that still has a purpose (its target is still being
+    /// rebuilt, or mirrors are to be resynced) is tried again a second later: the regions
+    /// done are not copied again.
     fn abort_rebuild(&mut self, why: String) {
         if let Some(mut rb) = self.rebuild.take() {
-            log::warn!("array {}: rebuild stopped: {why}", self.name);
+            let again = match rb.kind {
+                RebuildKind::Recover { slot, .. } => {
+                    self.members[slot].state == SlotState::Rebuilding
+                }
+                RebuildKind::Resync => true,
+            } && why != STOPPED;
+            log::warn!(
+                "array {}: rebuild stopped: {why}{}",
+                self.name,
+                if again { "; trying again in 1 s" } else { "" }
+            );
+            if again {
+                let kind = match rb.kind {
+                    // what it copied is in sync: the rest is what is still marked
+                    RebuildKind::Recover { slot, .. } => RebuildKind::Recover {
+                        slot,
+                        partial: true,
+                    },
+                    RebuildKind::Resync => RebuildKind::Resync,
+                };
+                if let RebuildKind::Recover { partial: false, .. } = rb.kind {
+                    // a full copy goes on with the regions it has not done
+                    for &r in &rb.regions[rb.pos..] {
+                        self.bitmap.mark_sticky(r);
+                    }
+                }
+                self.queued.push_front(kind);
+                self.retry_at = Some(Instant::now() + std::time::Duration::from_secs(1));
+            }
             rb.progress.aborted = Some(why);
             rb.progress.elapsed = rb.started.elapsed();
             self.last_rebuild = Some(rb.progress);
@@ -1381,8 +1417,12 @@ impl Array {
             self.maybe_round();
             self.run_held();
             self.run_waiting();
-            if self.rebuild.is_none() && !self.queued.is_empty() {
-                self.start_next_rebuild(now);
+            if self.rebuild.is_none()
+                && !self.queued.is_empty()
+                && self.retry_at.is_none_or(|t| Instant::now() >= t)
+            {
+                self.retry_at = None;
+                self.start_next_rebuild(Instant::now());
             }
             if self.rebuild.is_some() {
                 self.rebuild_step(now);
@@ -1537,7 +1577,7 @@ impl Array {
         }
         self.queued.clear();
         if self.rebuild.is_some() {
-            self.abort_rebuild("the array stopped".into());
+            self.abort_rebuild(STOPPED.into());
         }
         self.bitmap.clear_all_idle();
         let t = Instant::now();

@@ -431,3 +431,38 @@ fn a_driven_array_rebuilds_with_nobody_polling_it() {
         member_bytes(&fresh[0], MIB, 8192)
     );
 }
+
+#[test]
+fn a_rebuild_stopped_by_a_failing_source_is_tried_again() {
+    let d = disks(2, 12 * MIB);
+    let (f0, f1) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut m = members(&d);
+    m[0].backend = flaky(&d[0], &f0);
+    m[1].backend = flaky(&d[1], &f1);
+    let (mut a, h) = create("retry", Level::Raid1, DEFAULT_STRIP, m, 0).unwrap();
+    f1.store(true, Ordering::Relaxed);
+    for k in 0..4 {
+        assert_eq!(
+            write(&mut a, k * 2 * MIB, &pattern(k, 4096)),
+            Status::SUCCESS
+        );
+    }
+    // the source fails while the member is rebuilt: stopped, then tried again
+    f0.store(true, Ordering::Relaxed);
+    let back: Box<dyn Backend> = Box::new(d[1].handle().unwrap());
+    h.add_member(back, "m1".into(), None, Some(&mut a)).unwrap();
+    assert!(a.poll_until(Duration::from_secs(5), |a| {
+        a.last_rebuild().is_some_and(|p| p.aborted.is_some())
+    }));
+    f0.store(false, Ordering::Relaxed);
+    assert!(a.poll_until(Duration::from_secs(10), |a| {
+        a.last_rebuild().is_some_and(|p| p.finished)
+    }));
+    assert_eq!(h.status().state, "online");
+    for k in 0..4 {
+        assert_eq!(member_bytes(&d[1], k * 2 * MIB, 4096), pattern(k, 4096));
+    }
+}
