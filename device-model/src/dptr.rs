@@ -423,6 +423,11 @@ impl GuestBufferList {
         });
     }
 
+    /// Segments it has room for without allocating.
+    pub fn capacity(&self) -> usize {
+        self.iov.capacity()
+    }
+
     /// The segments as buffers again.
     pub fn as_buffers(&self) -> GuestBuffers<'_> {
         GuestBuffers {

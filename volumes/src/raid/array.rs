@@ -1439,6 +1439,25 @@ impl Array {
         }
     }
 
+    /// Records and the capacity of every list the I/O path reuses (a test checks they stop
+    /// growing once warm: no allocation per I/O).
+    #[cfg(test)]
+    pub(crate) fn footprint(&self) -> (usize, usize, usize) {
+        let lists = self
+            .parents
+            .iter()
+            .map(|p| p.iov.capacity())
+            .chain(self.children.iter().map(|c| c.iov.capacity()))
+            .sum::<usize>()
+            + self.events.capacity()
+            + self.extents.capacity()
+            + self.done_q.capacity()
+            + self.done_scratch.capacity()
+            + self.waiting.capacity()
+            + self.held.capacity();
+        (self.parents.len(), self.children.len(), lists)
+    }
+
     /// True while work other than guest requests needs polls.
     fn background(&self) -> bool {
         self.rebuild.is_some()

@@ -466,3 +466,49 @@ fn a_rebuild_stopped_by_a_failing_source_is_tried_again() {
         assert_eq!(member_bytes(&d[1], k * 2 * MIB, 4096), pattern(k, 4096));
     }
 }
+
+/// Once warm, requests reuse the records and lists of earlier ones: none grows.
+#[test]
+fn the_io_path_allocates_nothing_once_warm() {
+    for level in [Level::Raid0, Level::Raid10] {
+        let d = disks(4, 8 * MIB);
+        let (mut a, _h) = create("warm", level, 16 << 10, members(&d), 0).unwrap();
+        let bufs: Vec<IoBuffer> = (0..4).map(|_| IoBuffer::new(64 << 10)).collect();
+        let mut lists: Vec<device_model::backend::GuestBufferList> = bufs
+            .iter()
+            .map(|b| device_model::backend::GuestBufferList::of(b.buffers()))
+            .collect();
+        let mut round = |a: &mut Array, k: u64| {
+            for (i, l) in lists.iter_mut().enumerate() {
+                let op = if (k + i as u64) % 2 == 0 {
+                    IoOp::Write { fua: false }
+                } else {
+                    IoOp::Read
+                };
+                a.submit(&IoRequest {
+                    tag: i as u64,
+                    op,
+                    offset: ((k * 7 + i as u64 * 13) % 64) * 65536,
+                    iov: l.as_buffers(),
+                })
+                .unwrap();
+            }
+            let mut n = 0;
+            while n < 4 {
+                n += a.poll(&mut |_, s| assert_eq!(s, Status::SUCCESS));
+            }
+        };
+        for k in 0..50 {
+            round(&mut a, k);
+        }
+        let warm = a.footprint();
+        for k in 50..500 {
+            round(&mut a, k);
+        }
+        assert_eq!(
+            a.footprint(),
+            warm,
+            "{level:?}: something grew after warm-up"
+        );
+    }
+}
