@@ -480,7 +480,7 @@ fn the_io_path_allocates_nothing_once_warm() {
             .collect();
         let mut round = |a: &mut Array, k: u64| {
             for (i, l) in lists.iter_mut().enumerate() {
-                let op = if (k + i as u64) % 2 == 0 {
+                let op = if (k + i as u64).is_multiple_of(2) {
                     IoOp::Write { fua: false }
                 } else {
                     IoOp::Read
