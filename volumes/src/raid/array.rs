@@ -1178,8 +1178,11 @@ impl Array {
                     rb.progress.rate = r;
                 }
             }
+            // the status is published before the answer: a listing right after shows it
             Command::Remove { slot, reply } => {
-                let _ = reply.send(self.remove_member(slot));
+                let r = self.remove_member(slot);
+                self.publish_now(now);
+                let _ = reply.send(r);
             }
             Command::Add {
                 backend,
@@ -1187,7 +1190,9 @@ impl Array {
                 sb,
                 reply,
             } => {
-                let _ = reply.send(self.add_member(backend, describe, sb.as_ref()));
+                let r = self.add_member(backend, describe, sb.as_ref());
+                self.publish_now(now);
+                let _ = reply.send(r);
             }
         }
     }
@@ -1275,6 +1280,15 @@ impl Array {
     }
 
     // ----- status -----
+
+    /// Publish, waiting for a reader to let go of the status if one holds it.
+    fn publish_now(&mut self, now: Instant) {
+        self.publish(now);
+        if self.status_dirty {
+            drop(self.shared.status.lock());
+            self.publish(now);
+        }
+    }
 
     fn publish(&mut self, now: Instant) {
         let dt = now.duration_since(self.last_publish).as_secs_f64();
