@@ -11,13 +11,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
-LIMIT=${2:-20000}
+LIMIT=${2:-4000}
 RATE=${3:-100}
 cargo build --release -q -p vnvme
 BIN=$PWD/target/release/vnvme
 D=$(mktemp -d /dev/shm/vnvme-rbench.XXXXXX)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null; done; wait 2>/dev/null; rm -rf "$D"' EXIT
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$D"
+}
+trap cleanup EXIT
 wait_for() { for i in $(seq 100); do [ -S "$1" ] && return; sleep 0.1; done; echo "no $1"; exit 1; }
 iops() { # perf SOCK: IOPS of the Total line
   RUST_LOG=warn taskset -c 1 $BIN perf "vfio-user:$1" -q 32 -o 4096 -w randread -t "$SECS" \
@@ -44,7 +49,7 @@ EOF
 taskset -c 0 $BIN serve --config "$D/a.toml" >"$D/a.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/raid0.sock"
-for round in 1 2 3; do
+for round in 1 2 3 4 5; do
   m=$(iops "$D/malloc.sock"); r=$(iops "$D/raid0.sock")
   echo "bench raid0-vs-malloc round=$round malloc=$m raid0=$r ratio=$(echo "scale=3; $r / $m" | bc)"
 done
