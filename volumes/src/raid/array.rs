@@ -20,7 +20,7 @@ use nvme_spec::Status;
 use super::bitmap::{BLOCK, Bitmap};
 use super::control::{ArrayStatus, Command, MemberStatus, Shared};
 use super::layout::{Extent, Layout};
-use super::rebuild::{CHUNK, Progress, RateLimit, RebuildKind};
+use super::rebuild::{ChunkIo, DEPTH, Progress, RateLimit, Rebuild, RebuildKind};
 use super::superblock::{
     BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock, uuid_string,
 };
@@ -29,12 +29,10 @@ use super::superblock::{
 /// MDTS, 128 KiB for vnvme's own), so larger parts are sent as several requests.
 pub const MAX_CHILD: u64 = 128 << 10;
 
-const KIND_SHIFT: u32 = 48;
-/// Why a rebuild stops for good at a clean stop.
-const STOPPED: &str = "the array stopped";
+pub(super) const KIND_SHIFT: u32 = 48;
 const KIND_CHILD: u64 = 0;
 const KIND_META: u64 = 1;
-const KIND_REBUILD: u64 = 2;
+pub(super) const KIND_REBUILD: u64 = 2;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// The lazy clear's tick: a region's bit is cleared one to two ticks after its last write.
 const CLEAR_TICK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -116,34 +114,6 @@ struct MetaOp {
     iov: GuestBufferList,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Locking,
-    Reading {
-        leg: usize,
-        off: u64,
-        len: u64,
-    },
-    Writing {
-        pending: u32,
-        len: u64,
-        failed: bool,
-    },
-}
-
-struct Rebuild {
-    kind: RebuildKind,
-    regions: Vec<u64>,
-    pos: usize,
-    /// Leg and bytes of the current region done.
-    leg: usize,
-    chunk_off: u64,
-    phase: Phase,
-    progress: Progress,
-    started: Instant,
-}
-
 /// An array of member backends, itself a backend.
 pub struct Array {
     // members first: dropped before the records their requests use
@@ -161,7 +131,7 @@ pub struct Array {
     held: VecDeque<u32>,
     done_q: Vec<(u64, Status)>,
     done_scratch: Vec<(u64, Status)>,
-    events: Vec<(usize, u64, Status)>,
+    pub(super) events: Vec<(usize, u64, Status)>,
     extents: Vec<Extent>,
     in_flight: usize,
     // superblock + bitmap rounds
@@ -174,13 +144,15 @@ pub struct Array {
     meta_round: u64,
     round_blocks: Vec<u64>,
     // rebuild
-    rebuild: Option<Rebuild>,
-    queued: VecDeque<RebuildKind>,
-    last_rebuild: Option<Progress>,
-    locked: Option<u64>,
-    rb_buf: IoBuffer,
-    rb_iov: GuestBufferList,
-    rate: RateLimit,
+    pub(super) rebuild: Option<Rebuild>,
+    pub(super) queued: VecDeque<RebuildKind>,
+    pub(super) last_rebuild: Option<Progress>,
+    pub(super) locked: Option<u64>,
+    pub(super) rb_chunks: Vec<ChunkIo>,
+    /// Tags of the current rebuild's requests carry it: late answers of a stopped one are
+    /// told apart.
+    pub(super) rb_epoch: u64,
+    pub(super) rate: RateLimit,
     // control
     commands: Receiver<Command>,
     shared: Arc<Shared>,
@@ -189,13 +161,13 @@ pub struct Array {
     last_publish: Instant,
     last_ops: u64,
     last_clear: Instant,
-    status_dirty: bool,
+    pub(super) status_dirty: bool,
     /// Guest I/O went idle: publish once more (at most every 100 ms).
     publish_pending: bool,
     /// A thread steps it when no reactor polls (see [`super::driver`]).
     pub(crate) driven: bool,
     /// When a stopped rebuild is tried again.
-    retry_at: Option<Instant>,
+    pub(super) retry_at: Option<Instant>,
 }
 
 /// Parts of a new array (from creation or assembly).
@@ -243,8 +215,8 @@ impl Array {
             queued: VecDeque::new(),
             last_rebuild: None,
             locked: None,
-            rb_buf: IoBuffer::new(CHUNK as usize),
-            rb_iov: GuestBufferList::new(),
+            rb_chunks: (0..DEPTH).map(|_| ChunkIo::new()).collect(),
+            rb_epoch: 0,
             rate: RateLimit::new(shared.initial_rate(), now),
             commands,
             shared,
@@ -297,11 +269,11 @@ impl Array {
         self.queued.push_back(kind);
     }
 
-    fn mirrored(&self) -> bool {
+    pub(super) fn mirrored(&self) -> bool {
         self.layout.level.mirrored()
     }
 
-    fn leg_active(&self, leg: usize) -> usize {
+    pub(super) fn leg_active(&self, leg: usize) -> usize {
         self.layout
             .slots(leg)
             .filter(|&s| self.members[s].state == SlotState::Active)
@@ -820,346 +792,6 @@ impl Array {
         }
     }
 
-    // ----- rebuild -----
-
-    fn start_next_rebuild(&mut self, now: Instant) {
-        if self.rebuild.is_some() {
-            return;
-        }
-        let Some(kind) = self.queued.pop_front() else {
-            return;
-        };
-        let regions: Vec<u64> = match kind {
-            RebuildKind::Recover { partial: false, .. } => (0..self.bitmap.regions()).collect(),
-            _ => self.bitmap.sticky_regions(),
-        };
-        let legs = match kind {
-            RebuildKind::Recover { .. } => 1,
-            RebuildKind::Resync => self.layout.legs() as u64,
-        };
-        let region = self.bitmap.region();
-        let leg_size = self.layout.leg_size(0);
-        let total: u64 = regions
-            .iter()
-            .map(|&r| region.min(leg_size.saturating_sub(r * region)))
-            .sum::<u64>()
-            * legs;
-        log::info!(
-            "array {}: {} rebuild of {} regions ({} MiB) starts",
-            self.name,
-            kind.name(),
-            regions.len(),
-            total >> 20
-        );
-        let leg = match kind {
-            RebuildKind::Recover { slot, .. } => self.layout.leg_of(slot),
-            RebuildKind::Resync => 0,
-        };
-        self.rebuild = Some(Rebuild {
-            kind,
-            progress: Progress {
-                kind,
-                total,
-                copied: 0,
-                regions: regions.len() as u64,
-                regions_done: 0,
-                elapsed: std::time::Duration::ZERO,
-                rate: self.rate.bytes_per_sec,
-                finished: false,
-                aborted: None,
-            },
-            regions,
-            pos: 0,
-            leg,
-            chunk_off: 0,
-            phase: Phase::Idle,
-            started: now,
-        });
-        let r = self.rate.bytes_per_sec;
-        self.rate.set(r, now);
-        self.status_dirty = true;
-    }
-
-    /// Stop the running rebuild. One that still has a purpose (its target is still being
-    /// rebuilt, or mirrors are to be resynced) is tried again a second later: the regions
-    /// done are not copied again.
-    fn abort_rebuild(&mut self, why: String) {
-        if let Some(mut rb) = self.rebuild.take() {
-            let again = match rb.kind {
-                RebuildKind::Recover { slot, .. } => {
-                    self.members[slot].state == SlotState::Rebuilding
-                }
-                RebuildKind::Resync => true,
-            } && why != STOPPED;
-            log::warn!(
-                "array {}: rebuild stopped: {why}{}",
-                self.name,
-                if again { "; trying again in 1 s" } else { "" }
-            );
-            if again {
-                let kind = match rb.kind {
-                    // what it copied is in sync: the rest is what is still marked
-                    RebuildKind::Recover { slot, .. } => RebuildKind::Recover {
-                        slot,
-                        partial: true,
-                    },
-                    RebuildKind::Resync => RebuildKind::Resync,
-                };
-                if let RebuildKind::Recover { partial: false, .. } = rb.kind {
-                    // a full copy goes on with the regions it has not done
-                    for &r in &rb.regions[rb.pos..] {
-                        self.bitmap.mark_sticky(r);
-                    }
-                }
-                self.queued.push_front(kind);
-                self.retry_at = Some(Instant::now() + std::time::Duration::from_secs(1));
-            }
-            rb.progress.aborted = Some(why);
-            rb.progress.elapsed = rb.started.elapsed();
-            self.last_rebuild = Some(rb.progress);
-            if matches!(
-                rb.phase,
-                Phase::Locking | Phase::Reading { .. } | Phase::Writing { .. }
-            ) {
-                self.locked = None;
-            }
-            self.status_dirty = true;
-        }
-    }
-
-    fn finish_rebuild(&mut self) {
-        let Some(mut rb) = self.rebuild.take() else {
-            return;
-        };
-        rb.progress.finished = true;
-        rb.progress.elapsed = rb.started.elapsed();
-        log::info!(
-            "array {}: {} rebuild done: {} bytes copied in {:.1} s",
-            self.name,
-            rb.kind.name(),
-            rb.progress.copied,
-            rb.progress.elapsed.as_secs_f64()
-        );
-        if let RebuildKind::Recover { slot, .. } = rb.kind
-            && self.members[slot].state == SlotState::Rebuilding
-        {
-            self.members[slot].state = SlotState::Active;
-            self.bump_generation();
-        }
-        self.last_rebuild = Some(rb.progress);
-        self.status_dirty = true;
-    }
-
-    /// The legs a rebuild copies in, in order.
-    fn rebuild_legs(&self, kind: RebuildKind) -> (usize, usize) {
-        match kind {
-            RebuildKind::Recover { slot, .. } => {
-                let l = self.layout.leg_of(slot);
-                (l, l + 1)
-            }
-            RebuildKind::Resync => (0, self.layout.legs()),
-        }
-    }
-
-    /// Advance the rebuild by at most one step.
-    fn rebuild_step(&mut self, now: Instant) {
-        let Some(rb) = self.rebuild.as_ref() else {
-            return;
-        };
-        let kind = rb.kind;
-        match rb.phase {
-            Phase::Idle => {
-                if rb.pos == rb.regions.len() {
-                    self.finish_rebuild();
-                    return;
-                }
-                let r = rb.regions[rb.pos];
-                self.locked = Some(r);
-                let (first, _) = self.rebuild_legs(kind);
-                let rb = self.rebuild.as_mut().expect("rebuild");
-                rb.phase = Phase::Locking;
-                rb.leg = first;
-                rb.chunk_off = 0;
-            }
-            Phase::Locking => {
-                let r = rb.regions[rb.pos];
-                if self.bitmap.active(r) > 0 {
-                    return;
-                }
-                self.rebuild_chunk(now);
-            }
-            Phase::Reading { .. } | Phase::Writing { .. } => {}
-        }
-    }
-
-    /// Read the next chunk of the current region (or move on).
-    fn rebuild_chunk(&mut self, now: Instant) {
-        let region = self.bitmap.region();
-        let Some(rb) = self.rebuild.as_ref() else {
-            return;
-        };
-        let kind = rb.kind;
-        let r = rb.regions[rb.pos];
-        let (leg, chunk_off) = (rb.leg, rb.chunk_off);
-        let (_, end_leg) = self.rebuild_legs(kind);
-        let off = r * region + chunk_off;
-        let leg_size = self.layout.leg_size(leg.min(self.layout.legs() - 1));
-        if leg >= end_leg {
-            // region done
-            let any_missing = self.members.iter().any(|m| m.state == SlotState::Missing);
-            if !any_missing {
-                self.bitmap.resynced(r);
-            }
-            self.locked = None;
-            let rb = self.rebuild.as_mut().expect("rebuild");
-            rb.pos += 1;
-            rb.progress.regions_done += 1;
-            rb.phase = Phase::Idle;
-            return;
-        }
-        if chunk_off >= region || off >= leg_size {
-            let rb = self.rebuild.as_mut().expect("rebuild");
-            rb.leg += 1;
-            rb.chunk_off = 0;
-            return self.rebuild_chunk(now);
-        }
-        let len = CHUNK.min(region - chunk_off).min(leg_size - off);
-        if !self.rate.try_take(len, now) {
-            return; // stay Locking; retried at the next poll
-        }
-        let source = self.layout.slots(leg).find(|&s| {
-            self.members[s].state == SlotState::Active && self.members[s].backend.is_some()
-        });
-        let Some(source) = source else {
-            self.abort_rebuild(format!("no in-sync member in leg {leg}"));
-            return;
-        };
-        let needs_copy = self.layout.slots(leg).any(|s| {
-            s != source
-                && self.members[s].backend.is_some()
-                && match kind {
-                    RebuildKind::Recover { slot, .. } => s == slot,
-                    RebuildKind::Resync => self.members[s].state == SlotState::Active,
-                }
-        });
-        if !needs_copy {
-            let rb = self.rebuild.as_mut().expect("rebuild");
-            rb.leg += 1;
-            rb.chunk_off = 0;
-            return self.rebuild_chunk(now);
-        }
-        self.rb_iov.set_range(self.rb_buf.buffers(), 0, len);
-        let rb = self.rebuild.as_mut().expect("rebuild");
-        rb.phase = Phase::Reading { leg, off, len };
-        let tag = KIND_REBUILD << KIND_SHIFT;
-        let m = &mut self.members[source];
-        m.outstanding += 1;
-        let res = m
-            .backend
-            .as_mut()
-            .map_or(Err(Status::INTERNAL_PATH_ERROR), |b| {
-                b.submit(&IoRequest {
-                    tag,
-                    op: IoOp::Read,
-                    offset: DATA_OFFSET + off,
-                    iov: self.rb_iov.as_buffers(),
-                })
-            });
-        if let Err(s) = res {
-            self.events.push((source, tag, s));
-        }
-    }
-
-    fn on_rebuild(&mut self, slot: usize, status: Status, now: Instant) {
-        let m = &mut self.members[slot];
-        m.outstanding = m.outstanding.saturating_sub(1);
-        if m.state == SlotState::Missing && m.outstanding == 0 {
-            m.backend = None;
-        }
-        let Some(rb) = self.rebuild.as_ref() else {
-            return;
-        };
-        let kind = rb.kind;
-        match rb.phase {
-            Phase::Reading { leg, off, len } => {
-                if !status.is_success() {
-                    self.abort_rebuild(format!("read from member {slot} failed: {status:?}"));
-                    return;
-                }
-                let targets: Vec<usize> = self
-                    .layout
-                    .slots(leg)
-                    .filter(|&s| {
-                        s != slot
-                            && self.members[s].backend.is_some()
-                            && match kind {
-                                RebuildKind::Recover { slot: t, .. } => s == t,
-                                RebuildKind::Resync => self.members[s].state == SlotState::Active,
-                            }
-                    })
-                    .collect();
-                let rb = self.rebuild.as_mut().expect("rebuild");
-                rb.phase = Phase::Writing {
-                    pending: targets.len() as u32,
-                    len,
-                    failed: false,
-                };
-                let tag = KIND_REBUILD << KIND_SHIFT | 1;
-                for t in targets {
-                    let m = &mut self.members[t];
-                    m.outstanding += 1;
-                    let res = m
-                        .backend
-                        .as_mut()
-                        .map_or(Err(Status::INTERNAL_PATH_ERROR), |b| {
-                            b.submit(&IoRequest {
-                                tag,
-                                op: IoOp::Write { fua: false },
-                                offset: DATA_OFFSET + off,
-                                iov: self.rb_iov.as_buffers(),
-                            })
-                        });
-                    if let Err(s) = res {
-                        self.events.push((t, tag, s));
-                    }
-                }
-            }
-            Phase::Writing {
-                pending,
-                len,
-                failed,
-            } => {
-                let failed = failed || !status.is_success();
-                if !status.is_success() {
-                    let leg = self.layout.leg_of(slot);
-                    if self.leg_active(leg) > 1 || self.members[slot].state != SlotState::Active {
-                        self.retire(slot, &format!("rebuild write failed: {status:?}"));
-                    }
-                }
-                let Some(rb) = self.rebuild.as_mut() else {
-                    return;
-                };
-                if pending > 1 {
-                    rb.phase = Phase::Writing {
-                        pending: pending - 1,
-                        len,
-                        failed,
-                    };
-                    return;
-                }
-                if failed {
-                    self.abort_rebuild("a write failed".into());
-                    return;
-                }
-                rb.progress.copied += len;
-                rb.chunk_off += len;
-                rb.phase = Phase::Locking;
-                self.rebuild_chunk(now);
-            }
-            Phase::Idle | Phase::Locking => {}
-        }
-    }
-
     // ----- management -----
 
     fn run_commands(&mut self, now: Instant) {
@@ -1411,7 +1043,7 @@ impl Array {
                     }
                 }
                 KIND_META => self.on_meta(slot, s),
-                KIND_REBUILD => self.on_rebuild(slot, s, now),
+                KIND_REBUILD => self.on_rebuild(slot, tag & INDEX_MASK, s, now),
                 _ => {}
             }
             // completions pushed while handling (refused resubmissions) run in this pass
@@ -1470,6 +1102,17 @@ impl Array {
             + self.waiting.capacity()
             + self.held.capacity();
         (self.parents.len(), self.children.len(), lists)
+    }
+
+    /// True while work is under way that progresses with every step (a rebuild, a round,
+    /// requests waiting for one): a driver thread then steps it often, not every 2 ms.
+    pub fn busy(&self) -> bool {
+        self.rebuild.is_some()
+            || self.meta_pending > 0
+            || self.sb_dirty
+            || !self.waiting.is_empty()
+            || !self.held.is_empty()
+            || self.shared.commands_pending()
     }
 
     /// True while work other than guest requests needs polls.
@@ -1610,7 +1253,7 @@ impl Array {
         }
         self.queued.clear();
         if self.rebuild.is_some() {
-            self.abort_rebuild(STOPPED.into());
+            self.abort_rebuild(super::rebuild::STOPPED.into());
         }
         self.bitmap.clear_all_idle();
         let t = Instant::now();

@@ -20,6 +20,8 @@ use super::array::Array;
 
 /// How long the reactor may leave the array unpolled before the thread steps it.
 const IDLE: Duration = Duration::from_millis(2);
+/// The thread's pace while the array has work under way (a rebuild) and no reactor polls.
+const BUSY: Duration = Duration::from_micros(50);
 
 struct Shared {
     array: Mutex<Array>,
@@ -60,14 +62,18 @@ impl DrivenArray {
             .name(format!("raid-{name}"))
             .spawn(move || {
                 let mut seen = u64::MAX;
+                let mut busy = false;
                 while !s.stop.load(Ordering::Acquire) {
-                    std::thread::sleep(IDLE);
+                    std::thread::sleep(if busy { BUSY } else { IDLE });
                     let now = s.polls.load(Ordering::Relaxed);
                     if now != seen {
                         seen = now; // the reactor is polling it
+                        busy = false;
                         continue;
                     }
-                    lock(&s.array).step();
+                    let mut a = lock(&s.array);
+                    a.step();
+                    busy = a.busy();
                 }
             })
             .ok();
