@@ -168,6 +168,8 @@ pub struct Array {
     pub(crate) driven: bool,
     /// When a stopped rebuild is tried again.
     pub(super) retry_at: Option<Instant>,
+    /// The clock as last read (see `step`).
+    now: Instant,
 }
 
 /// Parts of a new array (from creation or assembly).
@@ -229,6 +231,7 @@ impl Array {
             publish_pending: false,
             driven: false,
             retry_at: None,
+            now,
         };
         a.publish(now);
         a
@@ -1010,16 +1013,16 @@ impl Array {
     /// [`DrivenArray`]: super::driver::DrivenArray
     pub fn step(&mut self) {
         self.polls = self.polls.wrapping_add(1);
+        // the clock is read every 64th step (every 4th during a rebuild, whose rate limit
+        // needs it), not per I/O
         let check_time = self.polls.is_multiple_of(64)
             || self.status_dirty
-            || self.rebuild.is_some()
-            || self.publish_pending
+            || (self.rebuild.is_some() && self.polls.is_multiple_of(4))
             || self.shared.commands_pending();
-        let now = if check_time {
-            Instant::now()
-        } else {
-            self.last_publish
-        };
+        if check_time {
+            self.now = Instant::now();
+        }
+        let now = self.now;
         if check_time {
             self.run_commands(now);
         }
