@@ -7,12 +7,17 @@
 #     with the targets' QoS (iops_limit = LIMIT);
 #  3. a full rebuild (raid1 of malloc members, one replaced) at RATE MB/s: its throughput
 #     and the guest IOPS during it vs without.
-# Usage: scripts/bench-raid.sh [SECS] [LIMIT] [RATE]
+# On a loaded machine single runs swing several-fold: part 1 takes ROUNDS (default 9)
+# alternating pairs and reports the median ratio and each side's best.
+# Usage: scripts/bench-raid.sh [SECS] [LIMIT] [RATE]   (PARTS="1 2 3" selects parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 LIMIT=${2:-4000}
 RATE=${3:-100}
+PARTS=${PARTS:-1 2 3}
+ROUNDS=${ROUNDS:-9}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 cargo build --release -q -p vnvme
 BIN=$PWD/target/release/vnvme
 D=$(mktemp -d /dev/shm/vnvme-rbench.XXXXXX)
@@ -29,6 +34,7 @@ iops() { # perf SOCK: IOPS of the Total line
     | grep '^Total' | head -1 | tr -s ' ' | cut -d: -f2 | awk '{print $1}'
 }
 
+if part 1; then
 echo "== 1. raid0 of 2 malloc vs malloc"
 cat >"$D/a.toml" <<EOF
 poll = "busy"
@@ -49,12 +55,17 @@ EOF
 taskset -c 0 $BIN serve --config "$D/a.toml" >"$D/a.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/raid0.sock"
-for round in 1 2 3 4 5; do
+: >"$D/ratios"; : >"$D/m"; : >"$D/r"
+for round in $(seq "$ROUNDS"); do
   m=$(iops "$D/malloc.sock"); r=$(iops "$D/raid0.sock")
-  echo "bench raid0-vs-malloc round=$round malloc=$m raid0=$r ratio=$(echo "scale=3; $r / $m" | bc)"
+  echo "$m" >>"$D/m"; echo "$r" >>"$D/r"; echo "scale=3; $r / $m" | bc >>"$D/ratios"
+  echo "bench raid0-vs-malloc round=$round malloc=$m raid0=$r ratio=$(tail -1 "$D/ratios")"
 done
+echo "bench raid0-vs-malloc median-ratio=$(sort -n "$D/ratios" | sed -n "$(( (ROUNDS + 1) / 2 ))p") best-malloc=$(sort -n "$D/m" | tail -1) best-raid0=$(sort -n "$D/r" | tail -1)"
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+fi
 
+if part 2; then
 echo "== 2. raid1 reads over two NVMe/TCP targets (iops_limit $LIMIT each) vs one"
 for t in 1 2 3; do
   $BIN serve --tcp-listen 127.0.0.1:0 --nqn nqn.2026-11.io.vnvme:t$t --ns malloc:256M \
@@ -87,7 +98,9 @@ for round in 1 2; do
   echo "bench raid1-reads round=$round one-member=$o raid1=$r ratio=$(echo "scale=3; $r / $o" | bc)"
 done
 $BIN rpc -s "$D/b.rpc" raid_list | grep -E '"(member|reads)"' | paste - - | sed 's/^/bench raid1-reads per member: /'
+fi
 
+if part 3; then
 echo "== 3. full rebuild at $RATE MB/s under randread"
 cat >"$D/c.toml" <<EOF
 [[array]]
@@ -113,3 +126,4 @@ for i in $(seq 600); do
 done
 $BIN rpc -s "$D/c.rpc" raid_list | grep -A12 '"last_rebuild"' | grep -E 'bytes_copied|elapsed_secs' | tr -d ' \n'; echo
 echo "bench rebuild rate=${RATE}MB/s randread-iops without=$base during=$during ratio=$(echo "scale=3; $during / $base" | bc)"
+fi

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
-use device_model::backend::{Backend, GuestBufferList, IoBuffer, IoOp, IoRequest};
+use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoBuffer, IoOp, IoRequest};
 use nvme_spec::Status;
 
 use super::bitmap::{BLOCK, Bitmap};
@@ -327,7 +327,6 @@ impl Array {
         p.op = req.op;
         p.offset = req.offset;
         p.len = req.len();
-        p.iov.set(req.iov);
         p.pending = 0;
         p.status = Status::SUCCESS;
         p.regions = None;
@@ -340,11 +339,11 @@ impl Array {
         let p = &mut self.parents[pi as usize];
         self.done_q.push((p.tag, p.status));
         p.stage = Stage::Free;
-        p.iov.clear();
         self.free_parents.push(pi);
         self.ops += 1;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new_child(
         &mut self,
         parent: u32,
@@ -352,6 +351,7 @@ impl Array {
         leg: usize,
         op: IoOp,
         e: Option<Extent>,
+        pbufs: GuestBuffers<'_>,
     ) -> u32 {
         let i = if let Some(i) = self.free_children.pop() {
             i
@@ -368,7 +368,6 @@ impl Array {
             });
             (self.children.len() - 1) as u32
         };
-        let pbufs = self.parents[parent as usize].iov.as_buffers();
         let c = &mut self.children[i as usize];
         c.live = true;
         c.parent = parent;
@@ -386,7 +385,11 @@ impl Array {
                 other => other,
             };
             if matches!(op, IoOp::Read | IoOp::Write { .. }) {
-                c.iov.set_range(pbufs, e.buf_off, e.len);
+                if e.buf_off == 0 && e.len == pbufs.len() {
+                    c.iov.set(pbufs); // the whole request
+                } else {
+                    c.iov.set_range(pbufs, e.buf_off, e.len);
+                }
             }
         }
         self.parents[parent as usize].pending += 1;
@@ -447,7 +450,7 @@ impl Array {
     }
 
     /// Start parent `pi` (its bits are durable and its regions unlocked).
-    fn dispatch(&mut self, pi: u32) {
+    fn dispatch(&mut self, pi: u32, bufs: GuestBuffers<'_>) {
         let (op, offset, len) = {
             let p = &self.parents[pi as usize];
             (p.op, p.offset, p.len)
@@ -460,58 +463,73 @@ impl Array {
                 if self.members[s].state != SlotState::Missing && self.members[s].backend.is_some()
                 {
                     let leg = self.layout.leg_of(s);
-                    let ci = self.new_child(pi, s, leg, op, None);
+                    let ci = self.new_child(pi, s, leg, op, None, bufs);
                     self.submit_child(ci);
                 }
             }
-        } else {
-            let mut ext = std::mem::take(&mut self.extents);
-            ext.clear();
-            let data = matches!(op, IoOp::Read | IoOp::Write { .. });
-            self.layout.map(offset, len, |e| {
-                let step = if data { MAX_CHILD } else { e.len };
-                let mut done = 0;
-                while done < e.len {
-                    let n = (e.len - done).min(step);
-                    ext.push(Extent {
-                        leg: e.leg,
-                        member_off: e.member_off + done,
-                        buf_off: e.buf_off + done,
-                        len: n,
-                    });
-                    done += n;
-                }
-            });
-            for &e in &ext {
-                if op == IoOp::Read {
-                    match self.pick_read(e.leg, 0) {
-                        Some(s) => {
-                            let ci = self.new_child(pi, s, e.leg, op, Some(e));
-                            self.submit_child(ci);
-                        }
-                        None => self.parents[pi as usize].status = Status::INTERNAL_PATH_ERROR,
-                    }
-                } else {
-                    let mut any = false;
-                    for s in self.layout.slots(e.leg) {
-                        if self.members[s].state != SlotState::Missing
-                            && self.members[s].backend.is_some()
-                        {
-                            any = true;
-                            let ci = self.new_child(pi, s, e.leg, op, Some(e));
-                            self.submit_child(ci);
-                        } else {
-                            self.parents[pi as usize].sticky = true;
-                        }
-                    }
-                    if !any {
-                        self.parents[pi as usize].status = Status::INTERNAL_PATH_ERROR;
-                    }
-                }
-            }
-            self.extents = ext;
+            self.parent_step(pi);
+            return;
         }
+        let data = matches!(op, IoOp::Read | IoOp::Write { .. });
+        // the common case, one piece (within a strip, at most MAX_CHILD): no list
+        if let Some(e) = self
+            .layout
+            .single(offset, len)
+            .filter(|_| !data || len <= MAX_CHILD)
+        {
+            self.dispatch_extent(pi, op, e, bufs);
+            self.parent_step(pi);
+            return;
+        }
+        let mut ext = std::mem::take(&mut self.extents);
+        ext.clear();
+        self.layout.map(offset, len, |e| {
+            let step = if data { MAX_CHILD } else { e.len };
+            let mut done = 0;
+            while done < e.len {
+                let n = (e.len - done).min(step);
+                ext.push(Extent {
+                    leg: e.leg,
+                    member_off: e.member_off + done,
+                    buf_off: e.buf_off + done,
+                    len: n,
+                });
+                done += n;
+            }
+        });
+        for &e in &ext {
+            self.dispatch_extent(pi, op, e, bufs);
+        }
+        self.extents = ext;
         self.parent_step(pi);
+    }
+
+    /// Send extent `e` of parent `pi`: a read to one in-sync mirror, anything else to
+    /// every member of the leg that is there.
+    fn dispatch_extent(&mut self, pi: u32, op: IoOp, e: Extent, bufs: GuestBuffers<'_>) {
+        if op == IoOp::Read {
+            match self.pick_read(e.leg, 0) {
+                Some(s) => {
+                    let ci = self.new_child(pi, s, e.leg, op, Some(e), bufs);
+                    self.submit_child(ci);
+                }
+                None => self.parents[pi as usize].status = Status::INTERNAL_PATH_ERROR,
+            }
+            return;
+        }
+        let mut any = false;
+        for s in self.layout.slots(e.leg) {
+            if self.members[s].state != SlotState::Missing && self.members[s].backend.is_some() {
+                any = true;
+                let ci = self.new_child(pi, s, e.leg, op, Some(e), bufs);
+                self.submit_child(ci);
+            } else {
+                self.parents[pi as usize].sticky = true;
+            }
+        }
+        if !any {
+            self.parents[pi as usize].status = Status::INTERNAL_PATH_ERROR;
+        }
     }
 
     /// One of parent `pi`'s pending counts is done.
@@ -661,7 +679,11 @@ impl Array {
                 return;
             }
             self.waiting.pop_front();
-            self.dispatch(pi);
+            let list = std::mem::take(&mut self.parents[pi as usize].iov);
+            self.dispatch(pi, list.as_buffers());
+            let p = &mut self.parents[pi as usize];
+            p.iov = list;
+            p.iov.clear();
         }
     }
 
@@ -1194,25 +1216,22 @@ impl Backend for Array {
             let locked = self
                 .locked
                 .is_some_and(|r| (regions.0..=regions.1).contains(&r));
-            if locked || !self.waiting.is_empty() {
-                self.parents[pi as usize].stage = Stage::Waiting {
-                    started: false,
-                    need: 0,
-                };
-                self.waiting.push_back(pi);
-                return Ok(());
-            }
-            let need = self.bitmap.start_write(regions.0, regions.1);
-            if need > self.bitmap.durable() {
-                self.parents[pi as usize].stage = Stage::Waiting {
-                    started: true,
-                    need,
-                };
+            let started = !locked && self.waiting.is_empty();
+            let need = if started {
+                self.bitmap.start_write(regions.0, regions.1)
+            } else {
+                0
+            };
+            if !started || need > self.bitmap.durable() {
+                // it waits: its buffers are kept until it starts
+                let p = &mut self.parents[pi as usize];
+                p.iov.set(req.iov);
+                p.stage = Stage::Waiting { started, need };
                 self.waiting.push_back(pi);
                 return Ok(());
             }
         }
-        self.dispatch(pi);
+        self.dispatch(pi, req.iov);
         Ok(())
     }
 

@@ -214,6 +214,44 @@ impl Layout {
         }
     }
 
+    /// The one extent of `[offset, offset + len)` when it lies within one strip of one leg
+    /// (the common case, mapped without a callback); `None` when it spans more.
+    pub fn single(&self, offset: u64, len: u64) -> Option<Extent> {
+        let one = |leg, member_off| {
+            Some(Extent {
+                leg,
+                member_off,
+                buf_off: 0,
+                len,
+            })
+        };
+        match self.level {
+            Level::Raid1 => one(0, offset),
+            Level::Raid0 | Level::Raid10 => {
+                let within = offset % self.strip;
+                if within + len > self.strip {
+                    return None;
+                }
+                let strip = offset / self.strip;
+                let k = self.legs() as u64;
+                one((strip % k) as usize, (strip / k) * self.strip + within)
+            }
+            Level::Concat => {
+                let mut start = 0;
+                for (leg, &size) in self.leg_sizes.iter().enumerate() {
+                    if offset < start + size {
+                        if offset + len > start + size {
+                            return None;
+                        }
+                        return one(leg, offset - start);
+                    }
+                    start += size;
+                }
+                None
+            }
+        }
+    }
+
     /// The array byte at `member_off` of leg `leg` (the inverse of [`map`](Self::map)).
     pub fn array_offset(&self, leg: usize, member_off: u64) -> u64 {
         match self.level {
@@ -293,6 +331,13 @@ mod tests {
                     );
                 });
                 assert_eq!(next, len, "{l:?} {off}+{len}: not covered");
+                // the one-extent shortcut agrees with the full mapping
+                let mut all = Vec::new();
+                l.map(off, len, |e| all.push(e));
+                match l.single(off, len) {
+                    Some(e) => assert_eq!(all, vec![e], "{l:?} {off}+{len}"),
+                    None => assert!(all.len() > 1, "{l:?} {off}+{len}: one extent missed"),
+                }
             }
         }
     }
