@@ -558,6 +558,80 @@ mod tests {
     }
 
     #[test]
+    fn arrays_are_checked_field_by_field() {
+        let ns = "[[controller]]\nsocket = \"/tmp/x.sock\"\n[[controller.namespace]]\n\
+                  backend = \"array:r\"\n";
+        let ok = format!(
+            "[[array]]\nname = \"r\"\nlevel = \"raid1\"\n\
+             members = [\"malloc:8M\", \"malloc:8M\"]\n{ns}"
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.arrays[0].members.len(), 2);
+        for (bad, field_name, why) in [
+            (
+                "name = \"r\"\nlevel = \"raid5\"\nmembers = [\"malloc:8M\"]",
+                "array[0].level",
+                "raid0",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid1\"\nmembers = [\"malloc:8M\"]",
+                "array[0].members",
+                "2 to 4",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid10\"\nmembers = [\"malloc:8M\", \"malloc:8M\", \"malloc:8M\"]",
+                "array[0].members",
+                "even",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"file:/a\", \"file:/a\"]",
+                "array[0].members",
+                "twice",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"array:x\"]",
+                "array[0].members",
+                "member of an array",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"tape:1G\"]",
+                "array[0].members",
+                "expected",
+            ),
+            (
+                "name = \"r r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]",
+                "array[0].name",
+                "letters",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\nstrip_size_kb = 48",
+                "array[0].strip_size_kb",
+                "power of two",
+            ),
+        ] {
+            let e = parse(&format!("[[array]]\n{bad}\n{ns}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(field_name) && msg.contains(why),
+                "{bad}: {msg}"
+            );
+        }
+        // two arrays of one name; one array behind two namespaces
+        let two = format!(
+            "[[array]]\nname = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\n\
+             [[array]]\nname = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\n{ns}"
+        );
+        assert!(parse(&two).unwrap_err().to_string().contains("two arrays"));
+        let twice = format!("{ok}[[controller.namespace]]\nbackend = \"array:r\"\n");
+        assert!(
+            parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("backs another namespace")
+        );
+    }
+
+    #[test]
     fn accepts_a_full_config() {
         let c = parse(
             "poll = \"busy\"\n[[controller]]\nsocket = \"/tmp/a.sock\"\nserial = \"S1\"\n[[controller.namespace]]\nbackend = \"malloc:64M\"\n\
