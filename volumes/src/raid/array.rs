@@ -29,6 +29,8 @@ use super::superblock::{
 /// MDTS, 128 KiB for vnvme's own), so larger parts are sent as several requests.
 pub const MAX_CHILD: u64 = 128 << 10;
 
+/// The parent of a child that completes its request directly.
+const DIRECT: u32 = u32::MAX;
 pub(super) const KIND_SHIFT: u32 = 48;
 const KIND_CHILD: u64 = 0;
 const KIND_META: u64 = 1;
@@ -100,7 +102,11 @@ struct Parent {
 
 struct Child {
     live: bool,
+    /// Its request, or [`DIRECT`]: a one-piece request of a level without mirrors, sent
+    /// with no parent record (the child completes the guest's request itself).
     parent: u32,
+    /// The guest's tag, for a direct child.
+    tag: u64,
     slot: usize,
     leg: usize,
     op: IoOp,
@@ -359,6 +365,7 @@ impl Array {
             self.children.push(Child {
                 live: false,
                 parent: 0,
+                tag: 0,
                 slot: 0,
                 leg: 0,
                 op: IoOp::Flush,
@@ -392,7 +399,9 @@ impl Array {
                 }
             }
         }
-        self.parents[parent as usize].pending += 1;
+        if parent != DIRECT {
+            self.parents[parent as usize].pending += 1;
+        }
         i
     }
 
@@ -600,6 +609,15 @@ impl Array {
         }
         if missing && m.outstanding == 0 {
             m.backend = None;
+        }
+        if pi == DIRECT {
+            let c = &mut self.children[ci as usize];
+            self.done_q.push((c.tag, status));
+            self.ops += 1;
+            c.live = false;
+            c.iov.clear();
+            self.free_children.push(ci);
+            return;
         }
         let ok = status.is_success() && !missing;
         if !ok {
@@ -1207,8 +1225,20 @@ impl Backend for Array {
         {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
-        let pi = self.new_parent(req);
         self.in_flight += 1;
+        // a one-piece read or write of a level without mirrors: one child, no parent
+        if !self.mirrored()
+            && matches!(req.op, IoOp::Read | IoOp::Write { .. })
+            && len <= MAX_CHILD
+            && let Some(e) = self.layout.single(req.offset, len)
+        {
+            let slot = self.layout.slots(e.leg).start;
+            let ci = self.new_child(DIRECT, slot, e.leg, req.op, Some(e), req.iov);
+            self.children[ci as usize].tag = req.tag;
+            self.submit_child(ci);
+            return Ok(());
+        }
+        let pi = self.new_parent(req);
         let writes = !matches!(req.op, IoOp::Read | IoOp::Flush);
         if writes && self.mirrored() {
             let regions = self.write_regions(req.offset, len);

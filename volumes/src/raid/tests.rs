@@ -512,3 +512,86 @@ fn the_io_path_allocates_nothing_once_warm() {
         );
     }
 }
+
+/// Time per 4 KiB random read at QD 32, one thread, submit and poll only (no controller):
+/// a raid0 of two RAM members against one RAM backend of the same size. A measurement, not
+/// a check: `cargo test --release -p volumes -- --ignored --nocapture per_io_cost`.
+#[test]
+#[ignore = "a measurement"]
+fn per_io_cost_of_raid0_against_its_member_kind() {
+    fn run(b: &mut dyn Backend, ios: u64) -> f64 {
+        let bufs: Vec<IoBuffer> = (0..32).map(|_| IoBuffer::new(4096)).collect();
+        let lists: Vec<device_model::backend::GuestBufferList> = bufs
+            .iter()
+            .map(|x| device_model::backend::GuestBufferList::of(x.buffers()))
+            .collect();
+        let blocks = b.size() / 4096;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let next = |seed: &mut u64| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed % blocks) * 4096
+        };
+        let submit = |b: &mut dyn Backend, tag: u64, off: u64| {
+            b.submit(&IoRequest {
+                tag,
+                op: IoOp::Read,
+                offset: off,
+                iov: lists[tag as usize].as_buffers(),
+            })
+            .unwrap();
+        };
+        for t in 0..32 {
+            submit(b, t, next(&mut seed));
+        }
+        let t0 = Instant::now();
+        let mut done = 0u64;
+        let mut again = Vec::with_capacity(32);
+        while done < ios {
+            again.clear();
+            b.poll(&mut |t, _| again.push(t));
+            for &t in &again {
+                submit(b, t, next(&mut seed));
+            }
+            done += again.len() as u64;
+        }
+        let ns = t0.elapsed().as_nanos() as f64 / done as f64;
+        while b.in_flight() > 0 {
+            b.poll(&mut |_, _| {});
+        }
+        ns
+    }
+    let ios = 2_000_000;
+    let mut malloc = MallocBackend::new(1 << 30).unwrap();
+    let members = (0..2)
+        .map(|i| MemberIn {
+            describe: format!("m{i}"),
+            backend: Box::new(MallocBackend::new((512 << 20) + DATA_OFFSET).unwrap()),
+        })
+        .collect();
+    let (mut a, _h) = create("bench", Level::Raid0, DEFAULT_STRIP, members, 0).unwrap();
+    let mut driven = DrivenArray::new(create_twin());
+    for round in 0..3 {
+        let m = run(&mut malloc, ios);
+        let r = run(&mut a, ios);
+        let d = run(&mut driven, ios);
+        eprintln!(
+            "round {round}: malloc {m:.0} ns/IO, raid0 {r:.0} ns/IO ({:.2}x IOPS), driven raid0 {d:.0} ns/IO ({:.2}x)",
+            m / r,
+            m / d
+        );
+    }
+}
+
+fn create_twin() -> Array {
+    let members = (0..2)
+        .map(|i| MemberIn {
+            describe: format!("d{i}"),
+            backend: Box::new(MallocBackend::new((512 << 20) + DATA_OFFSET).unwrap()),
+        })
+        .collect();
+    create("bench2", Level::Raid0, DEFAULT_STRIP, members, 0)
+        .unwrap()
+        .0
+}
