@@ -407,6 +407,27 @@ impl GuestBufferList {
         self.keep = None;
     }
 
+    /// Replace the contents with bytes `[offset, offset + len)` of `b` (clipped to `b`):
+    /// a request split in parts (a RAID strip) describes each part zero-copy, over the same
+    /// memory and keeping the same snapshot. No allocation once the list has room.
+    pub fn set_range(&mut self, b: GuestBuffers<'_>, offset: u64, len: u64) {
+        self.iov.clear();
+        self.len = 0;
+        self.keep = b.keep.cloned();
+        b.walk(offset as usize, len as usize, |base, n| {
+            self.iov.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: n,
+            });
+            self.len += n as u64;
+        });
+    }
+
+    /// Segments it has room for without allocating.
+    pub fn capacity(&self) -> usize {
+        self.iov.capacity()
+    }
+
     /// The segments as buffers again.
     pub fn as_buffers(&self) -> GuestBuffers<'_> {
         GuestBuffers {
@@ -424,6 +445,88 @@ impl GuestBufferList {
     /// True when no bytes are described.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// A buffer of the daemon's own that requests carry like guest buffers (a RAID superblock
+/// or bitmap block, a rebuild copy): 4 KiB aligned (fit for `O_DIRECT`), zeroed at first,
+/// its bytes reached only by copies ([`write_at`](Self::write_at),
+/// [`read_at`](Self::read_at)), never by Rust references, since a backend may be writing
+/// it. Lists taken from [`buffers`](Self::buffers) do not keep it alive, as with
+/// [`IoVecs::buffers`]: its owner keeps it until the requests that use it are complete.
+pub struct IoBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// The one iovec describing the buffer (its own allocation: a backend may keep a
+    /// pointer to it while the request is in flight).
+    iov: Box<[libc::iovec; 1]>,
+}
+
+// SAFETY: the buffer is plain heap memory owned by this value; it is reached only through
+// raw copies by whoever holds the value (or a backend it lent the buffers to), never
+// through references bound to a thread.
+unsafe impl Send for IoBuffer {}
+
+impl std::fmt::Debug for IoBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuffer").field("len", &self.len).finish()
+    }
+}
+
+impl IoBuffer {
+    const ALIGN: usize = 4096;
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN).expect("buffer layout")
+    }
+
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        let ptr = std::ptr::NonNull::new(raw)
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
+        let iov = Box::new([libc::iovec {
+            iov_base: ptr.as_ptr().cast(),
+            iov_len: len,
+        }]);
+        Self { ptr, len, iov }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a buffer of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole buffer as request buffers.
+    pub fn buffers(&self) -> GuestBuffers<'_> {
+        GuestBuffers {
+            iov: &self.iov[..],
+            len: self.len as u64,
+            keep: None,
+        }
+    }
+
+    /// Copy `data` in at `offset`; returns bytes copied.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> usize {
+        self.buffers().write_at(offset, data)
+    }
+
+    /// Copy out from `offset` into `out`; returns bytes copied.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> usize {
+        self.buffers().read_at(offset, out)
+    }
+}
+
+impl Drop for IoBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
     }
 }
 
@@ -670,6 +773,39 @@ mod tests {
             m.snapshot().read(0x1010, &mut back).is_err(),
             "gone from the map"
         );
+    }
+
+    #[test]
+    fn a_range_of_buffers_describes_exactly_those_bytes() {
+        let b = IoBuffer::new(8192);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+        b.write_at(0, &data);
+        let two = GuestBufferList::of(b.buffers());
+        // ranges of a range: the second half, then a piece of it
+        let mut second = GuestBufferList::new();
+        second.set_range(two.as_buffers(), 4096, 4096);
+        let mut piece = GuestBufferList::new();
+        piece.set_range(second.as_buffers(), 10, 20);
+        let mut out = [0u8; 20];
+        piece.as_buffers().read_at(0, &mut out);
+        assert_eq!(&out[..], &data[4106..4126]);
+        let mut r = GuestBufferList::new();
+        for (off, len) in [
+            (0u64, 1u64),
+            (100, 5000),
+            (4095, 2),
+            (8000, 500),
+            (9000, 10),
+        ] {
+            r.set_range(b.buffers(), off, len);
+            let start = (off as usize).min(data.len());
+            let want = (data.len() - start).min(len as usize);
+            assert_eq!(r.len(), want as u64);
+            let mut out = vec![0u8; want];
+            assert_eq!(r.as_buffers().read_at(0, &mut out), want);
+            assert_eq!(&out[..], &data[start..start + want]);
+        }
+        assert_eq!(second.len(), 4096);
     }
 
     #[test]

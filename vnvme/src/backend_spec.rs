@@ -42,6 +42,10 @@ pub enum BackendSpec {
         range: Option<(u64, u64)>,
     },
     NvmeTcp(nvmeof::initiator::TcpUrl),
+    /// A RAID array or concat the daemon assembled (`[[array]]`, `raid_create`).
+    Array {
+        name: String,
+    },
 }
 
 /// Why a spec was refused.
@@ -50,7 +54,7 @@ pub enum SpecError {
     #[error(
         "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or \
          nvme:TARGET[@NSID[:OFFSET+LENGTH]] (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F) \
-         or nvme-tcp://HOST:PORT/NQN[/NSID]"
+         or nvme-tcp://HOST:PORT/NQN[/NSID] or array:NAME"
     )]
     Syntax(String),
     #[error("'{0}': bad size (a number with an optional K, M, G or T suffix, at least 1M)")]
@@ -90,6 +94,7 @@ impl std::str::FromStr for BackendSpec {
                 .ok_or_else(|| SpecError::Size(spec.into()))
         };
         match kind {
+            "array" if !rest.is_empty() => Ok(BackendSpec::Array { name: rest.into() }),
             "null" => Ok(BackendSpec::Null { size: size(rest)? }),
             "malloc" => Ok(BackendSpec::Malloc { size: size(rest)? }),
             "file" if !rest.is_empty() => {
@@ -155,6 +160,8 @@ pub enum OpenError {
     Nvme(String),
     #[error(transparent)]
     NvmeTcp(#[from] nvmeof::initiator::SessionError),
+    #[error("array {0}: {1}")]
+    Array(String, String),
 }
 
 /// An opened backend, with the transfer counters of an `nvme:` one.
@@ -209,6 +216,12 @@ impl BackendSpec {
                 });
             }
             BackendSpec::NvmeTcp(url) => Box::new(nvmeof::initiator::TcpBackend::connect(url)?),
+            BackendSpec::Array { name } => {
+                return Err(OpenError::Array(
+                    name.clone(),
+                    "arrays are taken from the daemon's array list, not opened".into(),
+                ));
+            }
         };
         Ok(Opened {
             backend,
@@ -307,6 +320,13 @@ mod tests {
             "malloc:99999999999999999999T".parse::<BackendSpec>(),
             Err(SpecError::Size(_))
         ));
+        assert_eq!(
+            "array:vol0".parse(),
+            Ok(BackendSpec::Array {
+                name: "vol0".into()
+            })
+        );
+        assert!("array:".parse::<BackendSpec>().is_err());
         assert!(matches!(
             "tape:1G".parse::<BackendSpec>(),
             Err(SpecError::Syntax(_))

@@ -54,6 +54,74 @@ pub struct Config {
     pub metrics: Option<String>,
     #[serde(rename = "controller", default)]
     pub controllers: Vec<ControllerSpec>,
+    /// RAID arrays and concats, assembled from their members before the controllers
+    /// start; a namespace uses one as `backend = "array:NAME"`.
+    #[serde(rename = "array", default)]
+    pub arrays: Vec<ArraySpec>,
+}
+
+/// One array (`[[array]]`, or the parameters of `raid_create`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArraySpec {
+    pub name: String,
+    /// raid0, raid1, raid10 or concat.
+    pub level: String,
+    /// Member backend specs, in slot order (null:, malloc:, file:, nvme:, nvme-tcp://).
+    pub members: Vec<String>,
+    /// Strip size in KiB (raid0, raid10; default 64).
+    pub strip_size_kb: Option<u64>,
+    /// Rebuild rate limit in MB/s (default 200; 0: none).
+    pub rebuild_rate_mb: Option<u64>,
+}
+
+impl ArraySpec {
+    /// Check the fields; why not, naming the field.
+    pub fn check(&self, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(field(
+                at("name"),
+                "1 to 32 characters: letters, digits, '-', '_', '.'",
+            ));
+        }
+        let level: volumes::raid::Level = self
+            .level
+            .parse()
+            .map_err(|e: String| field(at("level"), e))?;
+        level
+            .check_members(self.members.len())
+            .map_err(|e| field(at("members"), e))?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.members {
+            let spec: BackendSpec = m
+                .parse()
+                .map_err(|e: crate::backend_spec::SpecError| field(at("members"), e.to_string()))?;
+            if matches!(spec, BackendSpec::Array { .. }) {
+                return Err(field(
+                    at("members"),
+                    "an array cannot be a member of an array",
+                ));
+            }
+            // RAM and null members are each their own; anything else names storage that two
+            // members cannot share
+            let own = matches!(spec, BackendSpec::Malloc { .. } | BackendSpec::Null { .. });
+            if !own && !seen.insert(m.trim()) {
+                return Err(field(at("members"), format!("{m} is listed twice")));
+            }
+        }
+        if let Some(kb) = self.strip_size_kb
+            && (!(4..=16384).contains(&kb) || !kb.is_power_of_two())
+        {
+            return Err(field(at("strip_size_kb"), "a power of two from 4 to 16384"));
+        }
+        Ok(())
+    }
 }
 
 /// How a controller given by flags is reached: a vfio-user socket, NVMe/TCP, or both (two
@@ -261,6 +329,7 @@ impl Config {
             reactors: 0,
             metrics: None,
             controllers: vec![ctrl],
+            arrays: Vec::new(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -294,6 +363,18 @@ impl Config {
                 format!("at most {MAX_ENTRIES} [[controller]] entries"),
             ));
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, a) in self.arrays.iter().enumerate() {
+            let at = |f: &str| format!("array[{i}].{f}");
+            a.check(&at)?;
+            if !names.insert(a.name.as_str()) {
+                return Err(field(
+                    at("name"),
+                    format!("two arrays are named {}", a.name),
+                ));
+            }
+        }
+        let mut used = std::collections::HashSet::new();
         let mut sockets = std::collections::HashSet::new();
         for (i, c) in self.controllers.iter().enumerate() {
             let at = |f: &str| format!("controller[{i}].{f}");
@@ -457,6 +538,14 @@ impl Config {
                 if n.block_size != 512 && n.block_size != 4096 {
                     return Err(field(at("block_size"), "must be 512 or 4096"));
                 }
+                if let BackendSpec::Array { name } = &spec
+                    && !used.insert(name.clone())
+                {
+                    return Err(field(
+                        at("backend"),
+                        format!("array {name} backs another namespace already"),
+                    ));
+                }
                 if let BackendSpec::Null { size }
                 | BackendSpec::Malloc { size }
                 | BackendSpec::File {
@@ -478,6 +567,80 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn arrays_are_checked_field_by_field() {
+        let ns = "[[controller]]\nsocket = \"/tmp/x.sock\"\n[[controller.namespace]]\n\
+                  backend = \"array:r\"\n";
+        let ok = format!(
+            "[[array]]\nname = \"r\"\nlevel = \"raid1\"\n\
+             members = [\"malloc:8M\", \"malloc:8M\"]\n{ns}"
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.arrays[0].members.len(), 2);
+        for (bad, field_name, why) in [
+            (
+                "name = \"r\"\nlevel = \"raid5\"\nmembers = [\"malloc:8M\"]",
+                "array[0].level",
+                "raid0",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid1\"\nmembers = [\"malloc:8M\"]",
+                "array[0].members",
+                "2 to 4",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid10\"\nmembers = [\"malloc:8M\", \"malloc:8M\", \"malloc:8M\"]",
+                "array[0].members",
+                "even",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"file:/a\", \"file:/a\"]",
+                "array[0].members",
+                "twice",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"array:x\"]",
+                "array[0].members",
+                "member of an array",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"tape:1G\"]",
+                "array[0].members",
+                "expected",
+            ),
+            (
+                "name = \"r r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]",
+                "array[0].name",
+                "letters",
+            ),
+            (
+                "name = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\nstrip_size_kb = 48",
+                "array[0].strip_size_kb",
+                "power of two",
+            ),
+        ] {
+            let e = parse(&format!("[[array]]\n{bad}\n{ns}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(field_name) && msg.contains(why),
+                "{bad}: {msg}"
+            );
+        }
+        // two arrays of one name; one array behind two namespaces
+        let two = format!(
+            "[[array]]\nname = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\n\
+             [[array]]\nname = \"r\"\nlevel = \"raid0\"\nmembers = [\"malloc:8M\"]\n{ns}"
+        );
+        assert!(parse(&two).unwrap_err().to_string().contains("two arrays"));
+        let twice = format!("{ok}[[controller.namespace]]\nbackend = \"array:r\"\n");
+        assert!(
+            parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("backs another namespace")
+        );
     }
 
     #[test]

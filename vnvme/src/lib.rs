@@ -5,6 +5,7 @@
 
 #![deny(unsafe_code)] // unsafe only in the modules marked `allow(unsafe_code)` below
 
+pub mod arrays;
 pub mod backend_spec;
 pub mod config;
 pub mod daemon;

@@ -15,7 +15,7 @@ pub use malloc::{MallocBackend, MallocError};
 pub use null::NullBackend;
 pub use shared::{SharedBackend, SharedSource};
 
-pub use crate::dptr::{GuestBufferList, GuestBuffers};
+pub use crate::dptr::{GuestBufferList, GuestBuffers, IoBuffer};
 
 use nvme_spec::Status;
 

@@ -25,6 +25,16 @@ pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
   vf_enable          nqn=.. count=N   (VFs 1..=N online, the rest offline)
   stats              [cntlid=N]   (I/O counters, errors by status, latency p50/p99/p99.9
                      in us, queue depth; per controller and per namespace)
+  raid_create        name=.. level=raid0|raid1|raid10|concat members='[\"SPEC\",...]'
+                     [strip_size_kb=64] [rebuild_rate_mb=200]
+                     (assembles the array when its members carry it already)
+  raid_delete        name=..   (not while a namespace uses it; wipes the superblocks)
+  raid_list          (state online/degraded/rebuilding/offline, members, rebuild
+                     progress with percent and ETA, IOPS, reads served per member)
+  raid_add_member    name=.. member=SPEC   (a returning member: partial rebuild)
+  raid_remove_member name=.. member=SPEC|SLOT
+  raid_set_rebuild_rate name=.. mb_per_sec=N   (0: no limit)
+  (bdev_raid_add_base_bdev, bdev_raid_remove_base_bdev: the same, SPDK's names)
 A VALUE that parses as JSON is JSON; anything else is a string.")]
 pub struct RpcArgs {
     /// the daemon's management socket

@@ -51,6 +51,7 @@ pub(super) fn open_namespaces(
     spec: &ControllerSpec,
     mem: &Arc<GuestMemory>,
     devices: &mut DeviceRegistry,
+    arrays: &mut crate::arrays::Arrays,
 ) -> Result<Opened, DaemonError> {
     let mut out = Opened {
         backends: Vec::new(),
@@ -62,6 +63,17 @@ pub(super) fn open_namespaces(
             ns: j,
             source: OpenError::Spec(e),
         })?;
+        if let BackendSpec::Array { name } = &bspec {
+            let backend = arrays
+                .take(name, &format!("controller[{index}].namespace[{j}]"))
+                .map_err(|why| DaemonError::Backend {
+                    index,
+                    ns: j,
+                    source: OpenError::Array(name.clone(), why),
+                })?;
+            out.backends.push(backend);
+            continue;
+        }
         let opened = bspec
             .open(mem, devices)
             .map_err(|source| DaemonError::Backend {

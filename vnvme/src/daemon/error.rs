@@ -23,6 +23,8 @@ pub enum DaemonError {
     Server { index: usize, source: ServerError },
     #[error("controller[{index}]: server thread panicked")]
     Panicked { index: usize },
+    #[error("array[{index}]: {why}")]
+    Array { index: usize, why: String },
     #[error("{0:?} is not an IP:PORT address")]
     Address(String),
     #[error("NVMe/TCP target on {addr}: {source}")]

@@ -103,6 +103,7 @@ impl Daemon {
             reactors: 0,
             metrics: None,
             controllers: all,
+            arrays: Vec::new(),
         };
         cfg.validate()
             .map_err(|e| MgmtError::Invalid(e.to_string()))?;
@@ -124,6 +125,7 @@ impl Daemon {
             spec,
             &mut self.place,
             &mut self.devices,
+            &mut self.arrays,
             &mut exports,
         )
         .map_err(MgmtError::Daemon)?;
@@ -156,5 +158,59 @@ impl Daemon {
         let r = self.stop_entries(&|i| i == index);
         self.entries[index] = None;
         r.map_err(MgmtError::Daemon)
+    }
+
+    /// Create (or assemble from its members) array `spec` at run time; what assembly
+    /// refused.
+    pub fn raid_create(
+        &mut self,
+        spec: &crate::config::ArraySpec,
+    ) -> Result<Vec<String>, MgmtError> {
+        self.arrays
+            .create(spec, &mut self.devices)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// Delete array `name` (not while a namespace uses it); its members' superblocks are
+    /// wiped.
+    pub fn raid_delete(&mut self, name: &str) -> Result<(), MgmtError> {
+        self.arrays.delete(name).map_err(MgmtError::Invalid)
+    }
+
+    /// Add member `spec` to array `name`.
+    pub fn raid_add_member(
+        &mut self,
+        name: &str,
+        spec: &str,
+    ) -> Result<volumes::raid::AddOutcome, MgmtError> {
+        self.arrays
+            .add_member(name, spec, &mut self.devices)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// Retire member `member` (spec or slot) of array `name`; its slot.
+    pub fn raid_remove_member(&mut self, name: &str, member: &str) -> Result<usize, MgmtError> {
+        self.arrays
+            .remove_member(name, member)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// Set array `name`'s rebuild rate limit (MB/s, 0: none).
+    pub fn raid_set_rebuild_rate(&mut self, name: &str, mb_per_sec: u64) -> Result<(), MgmtError> {
+        self.arrays
+            .set_rate(name, mb_per_sec)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// The arrays' status.
+    pub fn raid_list(
+        &mut self,
+    ) -> Vec<(
+        volumes::raid::ArrayStatus,
+        Option<String>,
+        Vec<String>,
+        bool,
+    )> {
+        self.arrays.list()
     }
 }

@@ -45,6 +45,8 @@ pub struct Daemon {
     place: Placement,
     /// `nvme:` devices shared by namespaces.
     devices: DeviceRegistry,
+    /// RAID arrays and concats (`[[array]]`, `raid_create`).
+    arrays: crate::arrays::Arrays,
 }
 
 /// NVMe/TCP exports grouped by listen address (one target per address), with the entries
@@ -105,7 +107,17 @@ impl Daemon {
             targets: Vec::new(),
             place,
             devices: DeviceRegistry::default(),
+            arrays: crate::arrays::Arrays::default(),
         };
+        for (i, a) in cfg.arrays.iter().enumerate() {
+            let refused = daemon
+                .arrays
+                .create(a, &mut daemon.devices)
+                .map_err(|why| DaemonError::Array { index: i, why })?;
+            for r in refused {
+                log::warn!("array {}: refused {r}", a.name);
+            }
+        }
         let mut exports = Exports::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
             let e = Entry::start(
@@ -113,6 +125,7 @@ impl Daemon {
                 spec,
                 &mut daemon.place,
                 &mut daemon.devices,
+                &mut daemon.arrays,
                 &mut exports,
             )?;
             daemon.entries.push(Some(e));

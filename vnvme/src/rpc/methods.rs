@@ -22,6 +22,14 @@ pub const METHODS: &[&str] = &[
     "qos_set",
     "vf_enable",
     "stats",
+    "raid_create",
+    "raid_delete",
+    "raid_list",
+    "raid_add_member",
+    "raid_remove_member",
+    "raid_set_rebuild_rate",
+    "bdev_raid_add_base_bdev",
+    "bdev_raid_remove_base_bdev",
 ];
 
 fn invalid(msg: impl Into<String>) -> RpcError {
@@ -165,6 +173,39 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
             }
             Ok(crate::metrics::json(&sources))
         }
+        "raid_create" => {
+            let spec = array_spec(p)?;
+            let refused = daemon.raid_create(&spec).map_err(|e| refused(&e))?;
+            Ok(json!({ "name": spec.name, "refused": refused }))
+        }
+        "raid_delete" => {
+            daemon
+                .raid_delete(string(p, "name")?)
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        "raid_list" => Ok(raid_list(daemon)),
+        "raid_add_member" | "bdev_raid_add_base_bdev" => {
+            let (name, member) = name_and_member(p)?;
+            let out = daemon
+                .raid_add_member(name, &member)
+                .map_err(|e| refused(&e))?;
+            Ok(json!({ "slot": out.slot, "rebuild": if out.partial { "partial" } else { "full" } }))
+        }
+        "raid_remove_member" | "bdev_raid_remove_base_bdev" => {
+            let (name, member) = name_and_member(p)?;
+            let slot = daemon
+                .raid_remove_member(name, &member)
+                .map_err(|e| refused(&e))?;
+            Ok(json!({ "slot": slot }))
+        }
+        "raid_set_rebuild_rate" => {
+            let mb = uint(p, "mb_per_sec", 1 << 20)?;
+            daemon
+                .raid_set_rebuild_rate(string(p, "name")?, mb)
+                .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
         _ => Err(RpcError::new(
             code::METHOD_NOT_FOUND,
             format!("no method '{method}' (methods: {})", METHODS.join(", ")),
@@ -226,6 +267,110 @@ fn controller_list(daemon: &Daemon) -> Value {
                 "state": c.state(),
                 "iops_limit": q.iops,
                 "bandwidth_limit": q.bytes_per_sec,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// `raid_create`'s parameters: name, level, members, [strip_size_kb], [rebuild_rate_mb].
+fn array_spec(p: &Value) -> Result<crate::config::ArraySpec, RpcError> {
+    let members = p
+        .get("members")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid("\"members\": a list of backend specs is required"))?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| invalid("\"members\": backend specs are strings"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let opt = |key: &str, max: u64| match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => uint(p, key, max).map(Some),
+    };
+    let spec = crate::config::ArraySpec {
+        name: string(p, "name")?.to_owned(),
+        level: string(p, "level")?.to_owned(),
+        members,
+        strip_size_kb: opt("strip_size_kb", 1 << 20)?,
+        rebuild_rate_mb: opt("rebuild_rate_mb", 1 << 20)?,
+    };
+    spec.check(&|f: &str| f.to_string())
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(spec)
+}
+
+/// An array name and a member (a spec string, or a slot number); SPDK's `base_bdev` is
+/// taken for `member`.
+fn name_and_member(p: &Value) -> Result<(&str, String), RpcError> {
+    let name = string(p, "name")?;
+    let member = match p.get("member").or_else(|| p.get("base_bdev")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.to_string(),
+        _ => {
+            return Err(invalid(
+                "\"member\": a backend spec or a slot number is required",
+            ));
+        }
+    };
+    Ok((name, member))
+}
+
+fn progress(p: &volumes::raid::Progress) -> Value {
+    json!({
+        "kind": p.kind.name(),
+        "percent": (p.percent() * 10.0).round() / 10.0,
+        "eta_secs": p.eta_secs().map(|s| (s * 10.0).round() / 10.0),
+        "bytes_copied": p.copied,
+        "bytes_total": p.total,
+        "regions": p.regions,
+        "regions_done": p.regions_done,
+        "elapsed_secs": (p.elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        "rate_mb_per_sec": p.rate / 1_000_000,
+        "finished": p.finished,
+        "aborted": p.aborted,
+    })
+}
+
+fn raid_list(daemon: &mut Daemon) -> Value {
+    let list: Vec<Value> = daemon
+        .raid_list()
+        .into_iter()
+        .map(|(st, used_by, refused, closed)| {
+            let members: Vec<Value> = st
+                .members
+                .iter()
+                .map(|m| {
+                    json!({
+                        "slot": m.slot,
+                        "member": m.describe,
+                        "state": m.state,
+                        "reads": m.reads,
+                        "writes": m.writes,
+                        "errors": m.errors,
+                    })
+                })
+                .collect();
+            json!({
+                "name": st.name,
+                "uuid": st.uuid,
+                "level": st.level,
+                "strip_size_kb": st.strip >> 10,
+                "size": st.size,
+                "state": if closed { "closed" } else { st.state },
+                "generation": st.generation,
+                "used_by": used_by,
+                "members": members,
+                "refused": refused,
+                "ops": st.ops,
+                "iops": st.iops.round(),
+                "region_size": st.region_size,
+                "dirty_regions": st.dirty_regions,
+                "rebuild_rate_mb_per_sec": st.rate / 1_000_000,
+                "rebuild": st.rebuild.as_ref().map(progress),
+                "last_rebuild": st.last_rebuild.as_ref().map(progress),
             })
         })
         .collect();

@@ -1,0 +1,352 @@
+//! The daemon's arrays (RAID 0/1/10, concat; see the `volumes` crate): assembled from their
+//! members at start (`[[array]]`) or at run time (`raid_create`), handed to the namespace
+//! that names them (`array:NAME`), and managed through their handles while a reactor owns
+//! them: members added and removed, rebuild rate set, status listed.
+//!
+//! Every array has a thread of its own for background work (rebuild, resync, commands)
+//! while no reactor polls it ([`DrivenArray`]), used by a namespace or not.
+
+use std::sync::Arc;
+
+use device_model::GuestMemory;
+use device_model::backend::Backend;
+use pcie_p2p::DeviceRegistry;
+use volumes::raid::{self, ArrayHandle, ArrayStatus, DrivenArray, Level, MemberIn};
+
+use crate::backend_spec::BackendSpec;
+use crate::config::ArraySpec;
+
+/// One array the daemon knows.
+struct Slot {
+    name: String,
+    handle: ArrayHandle,
+    /// The array while no namespace has it.
+    idle: Option<DrivenArray>,
+    /// The namespace that has it.
+    used_by: Option<String>,
+    /// Member specs by slot, as users wrote them.
+    members: Vec<String>,
+    /// Members refused at assembly, with why.
+    refused: Vec<String>,
+}
+
+/// The arrays of a daemon.
+#[derive(Default)]
+pub struct Arrays {
+    list: Vec<Slot>,
+}
+
+impl std::fmt::Debug for Arrays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.list.iter().map(|s| &s.name))
+            .finish()
+    }
+}
+
+/// Bytes per second of a rate in MB/s.
+fn rate_of(mb: Option<u64>) -> u64 {
+    mb.map_or(raid::DEFAULT_RATE, |m| m.saturating_mul(1_000_000))
+}
+
+/// Open member `spec` (an `nvme:` member gets no guest memory to mirror: its I/O bounces).
+fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backend>, String> {
+    let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
+    if matches!(parsed, BackendSpec::Array { .. }) {
+        return Err(format!("{spec}: an array cannot be a member of an array"));
+    }
+    let guest = Arc::new(GuestMemory::new());
+    parsed
+        .open(&guest, devices)
+        .map(|o| o.backend)
+        .map_err(|e| format!("{spec}: {e}"))
+}
+
+impl Arrays {
+    fn find(&self, name: &str) -> Result<usize, String> {
+        self.list
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| format!("no array named {name}"))
+    }
+
+    /// The array that has member `spec` already (RAM and null specs are never shared).
+    fn member_in_use(&self, spec: &str) -> Option<&str> {
+        if spec.starts_with("malloc:") || spec.starts_with("null:") {
+            return None;
+        }
+        self.list
+            .iter()
+            .find(|s| s.members.iter().any(|m| m == spec))
+            .map(|s| s.name.as_str())
+    }
+
+    /// Assemble the array `spec` describes from its members, or create it on them when
+    /// none carries it yet. Returns what assembly refused (stale or foreign members).
+    pub fn create(
+        &mut self,
+        spec: &ArraySpec,
+        devices: &mut DeviceRegistry,
+    ) -> Result<Vec<String>, String> {
+        spec.check(&|f: &str| f.to_string())
+            .map_err(|e| e.to_string())?;
+        if self.list.iter().any(|s| s.name == spec.name) {
+            return Err(format!("an array named {} exists", spec.name));
+        }
+        for m in &spec.members {
+            if let Some(other) = self.member_in_use(m) {
+                return Err(format!("{m} is already a member of array {other}"));
+            }
+        }
+        let level: Level = spec.level.parse()?;
+        let strip = spec.strip_size_kb.unwrap_or(raid::DEFAULT_STRIP >> 10) << 10;
+        let rate = rate_of(spec.rebuild_rate_mb);
+        let mut members = Vec::new();
+        let mut unopened = Vec::new();
+        for m in &spec.members {
+            match open_member(m, devices) {
+                Ok(backend) => members.push(MemberIn {
+                    describe: m.clone(),
+                    backend,
+                }),
+                Err(why) => unopened.push(why),
+            }
+        }
+        // assemble when any member carries this array's superblock, else create
+        let mut carries = false;
+        for m in &mut members {
+            if let Ok(sb) = raid::read_superblock(&m.describe, m.backend.as_mut())
+                && sb.name == spec.name
+            {
+                carries = true;
+                if sb.level != level {
+                    return Err(format!(
+                        "{} carries array {} as {}, not {}",
+                        m.describe,
+                        sb.name,
+                        sb.level.name(),
+                        level.name()
+                    ));
+                }
+            }
+        }
+        let (array, handle, refused) = if carries {
+            // an existing array starts without the members that cannot be reached (degraded,
+            // if its level allows it); they can be added back when they return
+            let a = raid::assemble(Some(&spec.name), members, rate).map_err(|e| e.to_string())?;
+            let refused: Vec<String> = unopened
+                .into_iter()
+                .chain(a.refused.iter().map(ToString::to_string))
+                .collect();
+            (a.array, a.handle, refused)
+        } else if let Some(why) = unopened.into_iter().next() {
+            return Err(why);
+        } else {
+            let (a, h) =
+                raid::create(&spec.name, level, strip, members, rate).map_err(|e| e.to_string())?;
+            (a, h, Vec::new())
+        };
+        // members by slot as the superblocks order them (the configuration's order may differ)
+        let mut array = array;
+        let members = array
+            .status()
+            .members
+            .into_iter()
+            .map(|m| m.describe)
+            .collect();
+        self.list.push(Slot {
+            name: spec.name.clone(),
+            handle,
+            idle: Some(DrivenArray::new(array)),
+            used_by: None,
+            members,
+            refused: refused.clone(),
+        });
+        Ok(refused)
+    }
+
+    /// Hand array `name` to namespace `user` (once).
+    pub fn take(&mut self, name: &str, user: &str) -> Result<Box<dyn Backend>, String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        match s.idle.take() {
+            Some(a) => {
+                s.used_by = Some(user.into());
+                Ok(Box::new(a))
+            }
+            None => Err(format!(
+                "array {name} is in use by {}",
+                s.used_by.as_deref().unwrap_or("a namespace")
+            )),
+        }
+    }
+
+    /// Stop array `name` and wipe its members' superblocks (refused while a namespace
+    /// uses it).
+    pub fn delete(&mut self, name: &str) -> Result<(), String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        if s.idle.is_none() && !s.handle.is_closed() {
+            return Err(format!(
+                "array {name} is in use by {}; delete that namespace first",
+                s.used_by.as_deref().unwrap_or("a namespace")
+            ));
+        }
+        if let Some(d) = s.idle.take() {
+            let mut a = d.into_array();
+            for (describe, mut b) in a.take_members() {
+                if let Err(e) = raid::wipe(&describe, b.as_mut()) {
+                    log::warn!("array {name}: {e}");
+                }
+            }
+        }
+        self.list.remove(i);
+        Ok(())
+    }
+
+    /// Status of every array, with who uses it and what assembly refused.
+    pub fn list(&mut self) -> Vec<(ArrayStatus, Option<String>, Vec<String>, bool)> {
+        self.list
+            .iter_mut()
+            .map(|s| {
+                let st = match s.idle.as_ref() {
+                    Some(d) => d.with(volumes::raid::Array::status),
+                    None => s.handle.status(),
+                };
+                (
+                    st,
+                    s.used_by.clone(),
+                    s.refused.clone(),
+                    s.handle.is_closed(),
+                )
+            })
+            .collect()
+    }
+
+    /// Add member `spec` to array `name` (a returning member gets a partial rebuild).
+    pub fn add_member(
+        &mut self,
+        name: &str,
+        spec: &str,
+        devices: &mut DeviceRegistry,
+    ) -> Result<raid::AddOutcome, String> {
+        let i = self.find(name)?;
+        if let Some(other) = self.member_in_use(spec)
+            && other != name
+        {
+            return Err(format!("{spec} is already a member of array {other}"));
+        }
+        let s = &self.list[i];
+        if s.handle.is_closed() {
+            return Err(format!("array {name} was closed with its namespace"));
+        }
+        let st = s.handle.status();
+        let own = spec.starts_with("malloc:") || spec.starts_with("null:");
+        if !own
+            && st
+                .members
+                .iter()
+                .any(|m| m.describe == spec && m.state != "missing")
+        {
+            return Err(format!(
+                "{spec} is already an active member of array {name}"
+            ));
+        }
+        let mut backend = open_member(spec, devices)?;
+        let sb = raid::read_superblock(spec, backend.as_mut()).ok();
+        let s = &mut self.list[i];
+        let out = s.handle.add_member(backend, spec.into(), sb, None)?;
+        if out.slot < s.members.len() {
+            s.members[out.slot] = spec.into();
+        }
+        Ok(out)
+    }
+
+    /// Retire member `member` (its spec, or its slot number) of array `name`.
+    pub fn remove_member(&mut self, name: &str, member: &str) -> Result<usize, String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        let slot = match member.parse::<usize>() {
+            Ok(n) => n,
+            Err(_) => s
+                .members
+                .iter()
+                .position(|m| m == member)
+                .ok_or_else(|| format!("{member} is not a member of array {name}"))?,
+        };
+        s.handle.remove_member(slot, None)?;
+        Ok(slot)
+    }
+
+    /// Set the rebuild rate of array `name` (MB/s, 0: no limit).
+    pub fn set_rate(&mut self, name: &str, mb_per_sec: u64) -> Result<(), String> {
+        let i = self.find(name)?;
+        let s = &mut self.list[i];
+        s.handle
+            .set_rate(mb_per_sec.saturating_mul(1_000_000), None);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, members: &[String]) -> ArraySpec {
+        ArraySpec {
+            name: name.into(),
+            level: "raid1".into(),
+            members: members.to_vec(),
+            strip_size_kb: None,
+            rebuild_rate_mb: None,
+        }
+    }
+
+    #[test]
+    fn an_array_is_found_again_and_starts_degraded_without_a_lost_member() {
+        let dir = std::env::temp_dir().join(format!("vnvme-arrays-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        let sized = [
+            format!("file:{}:8M", a.display()),
+            format!("file:{}:8M", b.display()),
+        ];
+        let mut devices = DeviceRegistry::default();
+        let mut arrays = Arrays::default();
+        assert_eq!(arrays.create(&spec("r", &sized), &mut devices), Ok(vec![]));
+        // refusals: a second array of that name, a member already in use, unknown arrays
+        assert!(arrays.create(&spec("r", &sized), &mut devices).is_err());
+        let other = [sized[0].clone(), "malloc:8M".into()];
+        let e = arrays.create(&spec("s", &other), &mut devices).unwrap_err();
+        assert!(e.contains("already a member"), "{e}");
+        assert!(
+            arrays
+                .take("nope", "ns")
+                .is_err_and(|e| e.contains("no array"))
+        );
+        assert!(arrays.delete("nope").is_err());
+        let backend = arrays.take("r", "ns1").unwrap();
+        assert!(
+            arrays
+                .take("r", "ns2")
+                .err()
+                .is_some_and(|e| e.contains("in use"))
+        );
+        assert!(arrays.delete("r").unwrap_err().contains("in use"));
+        drop(backend); // the namespace goes: a clean stop
+        assert!(arrays.list()[0].3, "closed");
+        arrays.delete("r").unwrap();
+        // the members still carry it (a closed array is not wiped): found again; one member
+        // gone, it starts degraded and says why
+        std::fs::remove_file(&b).unwrap();
+        let plain = [
+            format!("file:{}", a.display()),
+            format!("file:{}", b.display()),
+        ];
+        let refused = arrays.create(&spec("r", &plain), &mut devices).unwrap();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        let (st, _, listed, _) = arrays.list().remove(0);
+        assert_eq!((st.state, listed.len()), ("degraded", 1));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

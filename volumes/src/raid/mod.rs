@@ -1,0 +1,37 @@
+//! RAID: concat, RAID 0, RAID 1 and RAID 10 over member backends.
+//!
+//! - [`layout`]: the strip mapping (array bytes to member extents), per level;
+//! - [`superblock`]: what every member carries at its start (found again from the members
+//!   alone after a restart; a foreign, stale or corrupt one is refused);
+//! - [`bitmap`]: the write-intent bitmap (only dirty regions are resynced after a crash,
+//!   only missed regions are copied to a returning member);
+//! - [`rebuild`]: rate limit and progress of background copies;
+//! - [`array`]: the array as a `Backend` (split, fan out, gather, fail over, rounds,
+//!   rebuild steps, all from `poll`);
+//! - [`assemble`]: creating an array on members, and assembling one from them;
+//! - [`control`]: the management plane's handle on an array a reactor owns;
+//! - [`driver`]: the thread that steps an array while no reactor polls it.
+
+pub mod array;
+pub mod assemble;
+pub mod bitmap;
+pub mod control;
+pub mod driver;
+pub mod layout;
+pub mod rebuild;
+pub mod superblock;
+
+pub use array::{AddOutcome, Array};
+pub use assemble::{ArrayError, Assembled, MemberIn, assemble, create, read_superblock, wipe};
+pub use control::{ArrayHandle, ArrayStatus, MemberStatus};
+pub use driver::DrivenArray;
+pub use layout::{Level, MAX_MEMBERS};
+pub use rebuild::{DEFAULT_RATE, Progress, RebuildKind};
+pub use superblock::{DATA_OFFSET, Superblock, SuperblockError};
+
+/// Default strip size: 64 KiB.
+pub const DEFAULT_STRIP: u64 = 64 << 10;
+
+#[cfg(test)]
+#[allow(clippy::many_single_char_names)]
+mod tests;
