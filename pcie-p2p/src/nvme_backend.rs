@@ -654,6 +654,10 @@ impl Backend for NvmeBackend {
         n
     }
 
+    fn max_transfer(&self) -> Option<u64> {
+        Some(self.max_transfer)
+    }
+
     fn in_flight(&self) -> usize {
         self.pending.len() - self.free.len() + self.deferred.len() + self.parked.len()
     }

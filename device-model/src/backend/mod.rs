@@ -92,6 +92,11 @@ pub trait Backend: Send {
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
     /// Requests started but not yet polled as done.
     fn in_flight(&self) -> usize;
+    /// The largest Read or Write it takes in one request, when it has a limit of its own
+    /// (a remote target's or a device's MDTS): the controller's MDTS is set no larger.
+    fn max_transfer(&self) -> Option<u64> {
+        None
+    }
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}

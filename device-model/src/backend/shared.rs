@@ -35,6 +35,7 @@ pub struct SharedSource {
     inner: Arc<Mutex<Inner>>,
     size: u64,
     describe: String,
+    max_transfer: Option<u64>,
 }
 
 impl std::fmt::Debug for SharedSource {
@@ -50,6 +51,7 @@ impl SharedSource {
     pub fn new(backend: Box<dyn Backend>) -> Self {
         let size = backend.size();
         let describe = format!("{} (shared)", backend.describe());
+        let max_transfer = backend.max_transfer();
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 backend,
@@ -60,6 +62,7 @@ impl SharedSource {
             })),
             size,
             describe,
+            max_transfer,
         }
     }
 
@@ -92,6 +95,7 @@ impl SharedSource {
             mine: Vec::new(),
             size: self.size,
             describe: self.describe.clone(),
+            max_transfer: self.max_transfer,
         })
     }
 }
@@ -113,6 +117,7 @@ pub struct SharedBackend {
     mine: Vec<(u64, Status)>,
     size: u64,
     describe: String,
+    max_transfer: Option<u64>,
 }
 
 impl std::fmt::Debug for SharedBackend {
@@ -220,6 +225,10 @@ impl Backend for SharedBackend {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn max_transfer(&self) -> Option<u64> {
+        self.max_transfer
     }
 }
 

@@ -521,6 +521,10 @@ impl Backend for TcpBackend {
         n
     }
 
+    fn max_transfer(&self) -> Option<u64> {
+        Some(self.ns.max_transfer as u64)
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }

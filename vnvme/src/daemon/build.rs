@@ -107,6 +107,34 @@ pub(super) struct Which {
     pub(super) subsystem: Arc<Subsystem>,
 }
 
+/// Lower the controller's MDTS to what every namespace's backend takes in one request (a
+/// remote target's or a device's own limit), so a host never sends a transfer a backend
+/// would refuse. (Namespaces attached later keep the MDTS the controller started with.)
+fn cap_mdts(cfg: &mut ControllerConfig, namespaces: &[Namespace]) {
+    let Some(cap) = namespaces
+        .iter()
+        .filter_map(|n| n.backend.max_transfer())
+        .min()
+    else {
+        return;
+    };
+    // MDTS is a power of two of 4 KiB units; 0 would mean no limit, so 1 (8 KiB) at least
+    let fits = (1..=cfg.mdts)
+        .rev()
+        .find(|&m| 4096u64 << m <= cap)
+        .unwrap_or(1);
+    if fits < cfg.mdts {
+        log::info!(
+            "{}: MDTS {} KiB -> {} KiB (a namespace's backend takes at most {} KiB per request)",
+            cfg.serial,
+            4u64 << cfg.mdts,
+            4u64 << fits,
+            cap >> 10
+        );
+        cfg.mdts = fits;
+    }
+}
+
 /// Build the controller `which` of entry `index` and start it on a reactor of `place`.
 pub(super) fn build_controller(
     index: usize,
@@ -179,6 +207,7 @@ pub(super) fn build_controller(
             1u32 << ns.lba_shift
         );
     }
+    cap_mdts(&mut cfg, &namespaces);
     let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
     let ids = cfg.ids;
     let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
