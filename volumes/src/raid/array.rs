@@ -18,23 +18,16 @@ use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoBuffer, Io
 use nvme_spec::Status;
 
 use super::bitmap::{BLOCK, Bitmap};
-use super::control::{ArrayStatus, Command, MemberStatus, Shared};
 use super::layout::{Extent, Layout};
 use super::rebuild::{ChunkIo, DEPTH, Progress, RateLimit, Rebuild, RebuildKind};
+use super::status::{AddOutcome, ArrayStatus, Command, MemberStatus, Shared};
 use super::superblock::{
     BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock, uuid_string,
 };
-
-/// Largest data transfer sent to a member: members may refuse more (an NVMe/TCP target's
-/// MDTS, 128 KiB for vnvme's own), so larger parts are sent as several requests.
-pub const MAX_CHILD: u64 = 128 << 10;
+use super::tags::{KIND_CHILD, KIND_META, KIND_REBUILD, KIND_SHIFT, MAX_CHILD};
 
 /// The parent of a child that completes its request directly.
 const DIRECT: u32 = u32::MAX;
-pub(super) const KIND_SHIFT: u32 = 48;
-const KIND_CHILD: u64 = 0;
-const KIND_META: u64 = 1;
-pub(super) const KIND_REBUILD: u64 = 2;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// The lazy clear's tick: a region's bit is cleared one to two ticks after its last write.
 const CLEAR_TICK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -1190,14 +1183,6 @@ impl Array {
             .map(|g| g.clone())
             .unwrap_or_default()
     }
-}
-
-/// Where an added member went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AddOutcome {
-    pub slot: usize,
-    /// Only the regions it missed are copied (a returning member).
-    pub partial: bool,
 }
 
 impl Backend for Array {

@@ -16,9 +16,10 @@ use nvme_spec::Status;
 
 use super::array::{Array, Member, Parts};
 use super::bitmap::{Bitmap, region_size};
-use super::control::{ArrayHandle, Shared};
+use super::control::ArrayHandle;
 use super::layout::{Layout, Level};
 use super::rebuild::RebuildKind;
+use super::status::Shared;
 use super::superblock::{
     BITMAP_BYTES, BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock,
     SuperblockError, new_uuid, uuid_string,

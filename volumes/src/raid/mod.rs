@@ -5,7 +5,10 @@
 //!   alone after a restart; a foreign, stale or corrupt one is refused);
 //! - [`bitmap`]: the write-intent bitmap (only dirty regions are resynced after a crash,
 //!   only missed regions are copied to a returning member);
-//! - [`rebuild`]: rate limit and progress of background copies;
+//! - [`rebuild`]: rate limit and progress of background copies; `rebuild_steps.rs` the array
+//!   running them;
+//! - [`status`]: what an array publishes and the commands it takes; `tags.rs` its member
+//!   requests' size limit and tag kinds;
 //! - [`array`]: the array as a `Backend` (split, fan out, gather, fail over, rounds,
 //!   rebuild steps, all from `poll`);
 //! - [`assemble`]: creating an array on members, and assembling one from them;
@@ -19,14 +22,18 @@ pub mod control;
 pub mod driver;
 pub mod layout;
 pub mod rebuild;
+mod rebuild_steps;
+pub mod status;
 pub mod superblock;
+mod tags;
 
-pub use array::{AddOutcome, Array};
+pub use array::Array;
 pub use assemble::{ArrayError, Assembled, MemberIn, assemble, create, read_superblock, wipe};
-pub use control::{ArrayHandle, ArrayStatus, MemberStatus};
+pub use control::ArrayHandle;
 pub use driver::DrivenArray;
 pub use layout::{Level, MAX_MEMBERS};
 pub use rebuild::{DEFAULT_RATE, Progress, RebuildKind};
+pub use status::{AddOutcome, ArrayStatus, MemberStatus};
 pub use superblock::{DATA_OFFSET, Superblock, SuperblockError};
 
 /// Default strip size: 64 KiB.

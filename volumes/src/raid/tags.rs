@@ -1,0 +1,15 @@
+//! The requests an array sends its members: how large one may be, and the kind of request a
+//! member's completion tag names (guest child, metadata round, rebuild chunk) in its top bits.
+
+/// Largest data transfer sent to a member: members may refuse more (an NVMe/TCP target's
+/// MDTS, 128 KiB for vnvme's own), so larger parts are sent as several requests.
+pub const MAX_CHILD: u64 = 128 << 10;
+
+/// Where a tag's kind starts; below it, the record's index.
+pub(super) const KIND_SHIFT: u32 = 48;
+/// A part of a guest request.
+pub(super) const KIND_CHILD: u64 = 0;
+/// A superblock or bitmap write.
+pub(super) const KIND_META: u64 = 1;
+/// A rebuild chunk's read or write.
+pub(super) const KIND_REBUILD: u64 = 2;
