@@ -61,11 +61,21 @@ fn local_ssd_ranges_over_vfio_reach_qemus_disk_and_survive_a_reset() {
             section(&out, &format!("@@PERF-{f}"))
         );
     }
-    // the SSD DMAed straight into the client's memory: nothing bounced
+    // the SSD DMAed straight into the client's memory. Only requests caught by the device
+    // reset's window may bounce (their wait for the new mirror is bounded, 20 ms, which a
+    // loaded TCG guest can miss): at most 1 % of what went zero-copy
+    let counts: Vec<(u64, u64)> = serve
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(" namespace 1: ")?;
+            let (zc, rest) = rest.split_once(" bytes zero-copy, ")?;
+            let (b, _) = rest.split_once(" bytes bounced")?;
+            Some((zc.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
     assert!(
-        serve.matches(" bytes zero-copy, 0 bytes bounced").count() == 2
-            && !serve.contains(": 0 bytes zero-copy"),
-        "expected zero-copy I/O through the IOMMU on both ranges:\n{serve}"
+        counts.len() == 2 && counts.iter().all(|&(zc, b)| zc > 0 && b * 100 <= zc),
+        "expected zero-copy I/O through the IOMMU on both ranges ({counts:?}):\n{serve}"
     );
 
     // the reset: commands in flight fail (perf reports errors) within seconds, no hang
