@@ -25,6 +25,7 @@ pub mod opcode;
 pub mod registers;
 pub mod status;
 pub mod tcp;
+pub mod uuid;
 
 pub use command::{Completion, Submission};
 pub use status::Status;

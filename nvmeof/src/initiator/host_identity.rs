@@ -22,7 +22,12 @@ impl HostIdentity {
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| s.starts_with("nqn."))
-            .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", format_uuid(&id)));
+            .unwrap_or_else(|| {
+                format!(
+                    "nqn.2014-08.org.nvmexpress:uuid:{}",
+                    nvme_spec::uuid::format(&id)
+                )
+            });
         Self { nqn, id }
     }
 }
@@ -42,23 +47,6 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     hex16(&s.replace('-', ""))
 }
 
-/// `8-4-4-4-12` text of a UUID.
-pub fn format_uuid(id: &[u8; 16]) -> String {
-    let mut h = String::with_capacity(32);
-    for b in id {
-        use std::fmt::Write;
-        let _ = write!(h, "{b:02x}");
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,7 +54,10 @@ mod tests {
     #[test]
     fn uuid_text_round_trips() {
         let id = parse_uuid("0f8fad5b-d9cb-469f-a165-70867728950e").unwrap();
-        assert_eq!(format_uuid(&id), "0f8fad5b-d9cb-469f-a165-70867728950e");
+        assert_eq!(
+            nvme_spec::uuid::format(&id),
+            "0f8fad5b-d9cb-469f-a165-70867728950e"
+        );
         assert_eq!(parse_uuid("xyz"), None);
         let me = HostIdentity::local();
         assert!(me.nqn.starts_with("nqn."));

@@ -21,9 +21,7 @@ use super::bitmap::{BLOCK, Bitmap};
 use super::layout::{Extent, Layout};
 use super::rebuild::{ChunkIo, DEPTH, Progress, RateLimit, Rebuild, RebuildKind};
 use super::status::{AddOutcome, ArrayStatus, Command, MemberStatus, Shared};
-use super::superblock::{
-    BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock, uuid_string,
-};
+use super::superblock::{BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock};
 use super::tags::{KIND_CHILD, KIND_META, KIND_REBUILD, KIND_SHIFT, MAX_CHILD};
 
 /// The parent of a child that completes its request directly.
@@ -924,7 +922,7 @@ impl Array {
             return Err(format!(
                 "{describe} belongs to another array ({} {}); wipe it first",
                 s.name,
-                uuid_string(&s.uuid)
+                nvme_spec::uuid::format(&s.uuid)
             ));
         }
         let slot = match returning {
@@ -972,7 +970,7 @@ impl Array {
         });
         let st = ArrayStatus {
             name: self.name.clone(),
-            uuid: uuid_string(&self.uuid),
+            uuid: nvme_spec::uuid::format(&self.uuid),
             level: self.layout.level.name(),
             strip: self.layout.strip,
             size: self.layout.size(),

@@ -22,7 +22,7 @@ use super::rebuild::RebuildKind;
 use super::status::Shared;
 use super::superblock::{
     BITMAP_BYTES, BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock,
-    SuperblockError, new_uuid, uuid_string,
+    SuperblockError, new_uuid,
 };
 
 /// A member handed to [`create`] or [`assemble`]: its backend and how users named it.
@@ -221,7 +221,7 @@ pub fn create(
             return Err(ArrayError::InUse {
                 member: m.describe.clone(),
                 name: sb.name,
-                uuid: uuid_string(&sb.uuid),
+                uuid: nvme_spec::uuid::format(&sb.uuid),
             });
         }
     }
@@ -271,7 +271,7 @@ pub fn create(
         level.name(),
         members.len(),
         layout.size() >> 20,
-        uuid_string(&sb.uuid)
+        nvme_spec::uuid::format(&sb.uuid)
     );
     let members = members
         .into_iter()
@@ -324,7 +324,7 @@ pub fn assemble(
                     "member {} belongs to array {} ({})",
                     m.describe,
                     sb.name,
-                    uuid_string(&sb.uuid)
+                    nvme_spec::uuid::format(&sb.uuid)
                 )
             }))
             .collect::<Vec<_>>()
@@ -347,7 +347,7 @@ pub fn assemble(
             refused.push(ArrayError::ForeignArray {
                 member: m.describe,
                 name: sb.name,
-                uuid: uuid_string(&sb.uuid),
+                uuid: nvme_spec::uuid::format(&sb.uuid),
             });
             continue;
         }

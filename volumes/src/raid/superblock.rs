@@ -94,23 +94,6 @@ pub enum SuperblockError {
     Invalid(&'static str),
 }
 
-/// An array uuid as text.
-pub fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().fold(String::new(), |mut h, b| {
-        use std::fmt::Write;
-        let _ = write!(h, "{b:02x}");
-        h
-    });
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
 /// A new random array uuid (version 4).
 pub fn new_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
@@ -290,6 +273,6 @@ mod tests {
     fn uuids_differ_and_print() {
         let (a, b) = (new_uuid(), new_uuid());
         assert_ne!(a, b);
-        assert_eq!(uuid_string(&a).len(), 36);
+        assert_eq!(nvme_spec::uuid::format(&a).len(), 36);
     }
 }
