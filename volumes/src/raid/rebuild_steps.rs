@@ -277,11 +277,18 @@ impl Array {
             self.abort_rebuild(format!("no in-sync member in leg {leg}"));
             return;
         };
-        let tag = self.chunk_tag(k);
         let c = &mut self.rb_chunks[k];
         c.iov.set_range(c.buf.buffers(), 0, len);
         c.state = ChunkState::Reading { leg, off, len };
-        let m = &mut self.members[source];
+        self.submit_chunk(k, source, IoOp::Read, off);
+    }
+
+    /// Send chunk `k`'s buffer to member `slot` as `op` at data offset `off`; a request the
+    /// member refuses completes as an event with its status.
+    fn submit_chunk(&mut self, k: usize, slot: usize, op: IoOp, off: u64) {
+        let tag = self.chunk_tag(k);
+        let c = &self.rb_chunks[k];
+        let m = &mut self.members[slot];
         m.outstanding += 1;
         let res = m
             .backend
@@ -289,13 +296,13 @@ impl Array {
             .map_or(Err(Status::INTERNAL_PATH_ERROR), |b| {
                 b.submit(&IoRequest {
                     tag,
-                    op: IoOp::Read,
+                    op,
                     offset: DATA_OFFSET + off,
                     iov: c.iov.as_buffers(),
                 })
             });
         if let Err(s) = res {
-            self.events.push((source, tag, s));
+            self.events.push((slot, tag, s));
         }
     }
 
@@ -334,27 +341,9 @@ impl Array {
                     self.rb_chunks[k].state = ChunkState::Free;
                     return;
                 }
-                let tag = self.chunk_tag(k);
                 for t in 0..self.members.len() {
-                    if targets & (1 << t) == 0 {
-                        continue;
-                    }
-                    let c = &self.rb_chunks[k];
-                    let m = &mut self.members[t];
-                    m.outstanding += 1;
-                    let res = m
-                        .backend
-                        .as_mut()
-                        .map_or(Err(Status::INTERNAL_PATH_ERROR), |b| {
-                            b.submit(&IoRequest {
-                                tag,
-                                op: IoOp::Write { fua: false },
-                                offset: DATA_OFFSET + off,
-                                iov: c.iov.as_buffers(),
-                            })
-                        });
-                    if let Err(s) = res {
-                        self.events.push((t, tag, s));
+                    if targets & (1 << t) != 0 {
+                        self.submit_chunk(k, t, IoOp::Write { fua: false }, off);
                     }
                 }
             }
