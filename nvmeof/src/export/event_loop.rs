@@ -56,17 +56,7 @@ impl Target {
         let mut slots = std::mem::take(&mut self.ready_slots);
         fds.clear();
         slots.clear();
-        fds.extend(
-            self.listeners
-                .iter()
-                .map(|(l, _)| poll::entry(l, poll::POLLIN)),
-        );
-        for (i, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c {
-                fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
-                slots.push(i);
-            }
-        }
+        self.list_fds(&mut fds, Some(&mut slots));
         if let Err(e) = poll::poll(&mut fds, Duration::ZERO) {
             device_model::warn_limited!("nvme-tcp target: poll: {e}");
             for f in &mut fds {
@@ -130,13 +120,23 @@ impl Target {
     /// The descriptors whose readiness means work: listeners, and every connection (for
     /// output too while it has unsent bytes).
     pub fn wait_fds(&self, fds: &mut Vec<poll::PollFd>) {
+        self.list_fds(fds, None);
+    }
+
+    /// Append the listeners, then every connection (with the slot of each in `slots`).
+    fn list_fds(&self, fds: &mut Vec<poll::PollFd>, mut slots: Option<&mut Vec<usize>>) {
         fds.extend(
             self.listeners
                 .iter()
                 .map(|(l, _)| poll::entry(l, poll::POLLIN)),
         );
-        for c in self.conns.iter().flatten() {
-            fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
+        for (i, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
+                if let Some(s) = slots.as_deref_mut() {
+                    s.push(i);
+                }
+            }
         }
     }
 
