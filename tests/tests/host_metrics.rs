@@ -137,6 +137,32 @@ fn bad_commands(ctrl: &mut NvmeDriver, blocks: u64) {
     ctrl.delete_io_queue_pair(qp).unwrap();
 }
 
+/// The in-repo host driver on the controller at `sock`.
+fn connect(sock: &Path) -> NvmeDriver {
+    NvmeDriver::new(
+        Box::new(VfioUserTransport::connect(sock).expect("connect")),
+        16 << 20,
+        4,
+    )
+    .expect("controller")
+}
+
+/// Verified random 4 KiB reads and writes, half each, QD 8, for `secs`.
+fn verified_randrw(ctrl: &mut NvmeDriver, secs: Duration) -> vnvme::perf::JobResult {
+    let opts = PerfOptions {
+        queue_depth: 8,
+        io_size: 4096,
+        pattern: Pattern::Randrw,
+        read_percent: 50,
+        duration: secs,
+        workers: 1,
+        verify: true,
+    };
+    vnvme::perf::run(ctrl, &opts, |_, _| {})
+        .expect("perf")
+        .total()
+}
+
 #[test]
 fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     let tmp = TempDir::new("metrics");
@@ -196,23 +222,8 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     );
 
     // verified random 4 KiB reads and writes, then two bad commands
-    let mut ctrl = NvmeDriver::new(
-        Box::new(VfioUserTransport::connect(&sock).expect("connect")),
-        16 << 20,
-        4,
-    )
-    .expect("controller");
-    let opts = PerfOptions {
-        queue_depth: 8,
-        io_size: 4096,
-        pattern: Pattern::Randrw,
-        read_percent: 50,
-        duration: Duration::from_secs(1),
-        workers: 1,
-        verify: true,
-    };
-    let rep = vnvme::perf::run(&mut ctrl, &opts, |_, _| {}).expect("perf");
-    let total = rep.total();
+    let mut ctrl = connect(&sock);
+    let total = verified_randrw(&mut ctrl, Duration::from_secs(1));
     assert!(total.ios > 100, "{} I/Os", total.ios);
     assert_eq!((total.errors, total.verify_failures), (0, 0));
     assert_eq!(total.bytes, total.ios * 4096);
@@ -358,26 +369,8 @@ fn counters_move_with_the_io_and_the_endpoint_stands_garbage() {
     // garbage: each gets its answer or a close, and the endpoint keeps serving; a host runs
     // verified I/O on the controller meanwhile, untouched by it
     let s2 = sock.clone();
-    let neighbour = std::thread::spawn(move || {
-        let mut ctrl = NvmeDriver::new(
-            Box::new(VfioUserTransport::connect(&s2).expect("connect")),
-            16 << 20,
-            4,
-        )
-        .expect("controller");
-        let opts = PerfOptions {
-            queue_depth: 8,
-            io_size: 4096,
-            pattern: Pattern::Randrw,
-            read_percent: 50,
-            duration: Duration::from_secs(2),
-            workers: 1,
-            verify: true,
-        };
-        vnvme::perf::run(&mut ctrl, &opts, |_, _| {})
-            .expect("perf")
-            .total()
-    });
+    let neighbour =
+        std::thread::spawn(move || verified_randrw(&mut connect(&s2), Duration::from_secs(2)));
     let mut huge = b"GET /metrics HTTP/1.1\r\nX-Fill: ".to_vec();
     huge.resize(64 << 10, b'a');
     let answer = exchange(addr, &huge);
