@@ -19,7 +19,7 @@ perf_ios() {
 }
 # the reactor thread is the one with the most instructions
 reactor_ir() { grep -h '^summary' "$D"/cg."$1"-* | awk '{print $2}' | sort -n | tail -1; }
-all_ir() { grep -h '^summary' "$D"/cg."$1"-* | awk '{s += $2} END {print s}'; }
+all_ir() { grep -h '^summary' "$D"/cg."$1"-* | awk '{s += $2} END {printf "%d", s}'; }
 cat >"$D/raid0.toml" <<EOF
 [[array]]
 name = "r0"

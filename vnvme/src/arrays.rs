@@ -209,7 +209,7 @@ impl Arrays {
         self.list
             .iter_mut()
             .map(|s| {
-                let st = match s.idle.as_ref() {
+                let st = match s.idle.as_mut() {
                     Some(d) => d.with(volumes::raid::Array::status),
                     None => s.handle.status(),
                 };

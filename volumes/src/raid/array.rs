@@ -18,14 +18,13 @@ use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoBuffer, Io
 use nvme_spec::Status;
 
 use super::bitmap::{BLOCK, Bitmap};
+use super::direct::Directs;
 use super::layout::{Extent, Layout};
 use super::rebuild::{ChunkIo, DEPTH, Progress, RateLimit, Rebuild, RebuildKind};
 use super::status::{AddOutcome, ArrayStatus, Command, MemberStatus, Shared};
 use super::superblock::{BITMAP_OFFSET, DATA_OFFSET, SB_SIZE, SlotInfo, SlotState, Superblock};
-use super::tags::{KIND_CHILD, KIND_META, KIND_REBUILD, KIND_SHIFT, MAX_CHILD};
+use super::tags::{KIND_CHILD, KIND_DIRECT, KIND_META, KIND_REBUILD, KIND_SHIFT, MAX_CHILD};
 
-/// The parent of a child that completes its request directly.
-const DIRECT: u32 = u32::MAX;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// The lazy clear's tick: a region's bit is cleared one to two ticks after its last write.
 const CLEAR_TICK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -93,11 +92,7 @@ struct Parent {
 
 struct Child {
     live: bool,
-    /// Its request, or [`DIRECT`]: a one-piece request of a level without mirrors, sent
-    /// with no parent record (the child completes the guest's request itself).
     parent: u32,
-    /// The guest's tag, for a direct child.
-    tag: u64,
     slot: usize,
     leg: usize,
     op: IoOp,
@@ -118,19 +113,24 @@ pub struct Array {
     pub(crate) name: String,
     pub(crate) uuid: [u8; 16],
     pub(crate) layout: Layout,
+    /// The layout's level keeps copies (asked on every request).
+    mirrored: bool,
     pub(crate) generation: u64,
     pub(crate) bitmap: Bitmap,
     parents: Vec<Parent>,
     free_parents: Vec<u32>,
     children: Vec<Child>,
     free_children: Vec<u32>,
+    pub(super) directs: Directs,
     waiting: VecDeque<u32>,
     held: VecDeque<u32>,
     done_q: Vec<(u64, Status)>,
     done_scratch: Vec<(u64, Status)>,
+    /// Fast-path completions a step without a caller collects for the next poll.
+    direct_done: Vec<(u64, Status)>,
     pub(super) events: Vec<(usize, u64, Status)>,
     extents: Vec<Extent>,
-    in_flight: usize,
+    pub(super) in_flight: usize,
     // superblock + bitmap rounds
     sb_dirty: bool,
     sb_bufs: Vec<IoBuffer>,
@@ -188,6 +188,7 @@ impl Array {
             members: p.members,
             name: p.name,
             uuid: p.uuid,
+            mirrored: p.layout.level.mirrored(),
             layout: p.layout,
             generation: p.generation,
             bitmap: p.bitmap,
@@ -195,10 +196,12 @@ impl Array {
             free_parents: Vec::new(),
             children: Vec::new(),
             free_children: Vec::new(),
+            directs: Directs::default(),
             waiting: VecDeque::new(),
             held: VecDeque::new(),
             done_q: Vec::new(),
             done_scratch: Vec::new(),
+            direct_done: Vec::new(),
             events: Vec::new(),
             extents: Vec::new(),
             in_flight: 0,
@@ -270,7 +273,7 @@ impl Array {
     }
 
     pub(super) fn mirrored(&self) -> bool {
-        self.layout.level.mirrored()
+        self.mirrored
     }
 
     pub(super) fn leg_active(&self, leg: usize) -> usize {
@@ -295,6 +298,37 @@ impl Array {
         } else {
             "online"
         }
+    }
+
+    /// A request the fast path does not take: with a parent record, split into children,
+    /// after its write-intent bits when mirrored (kept out of line: `submit` stays small).
+    #[inline(never)]
+    fn submit_split(&mut self, req: &IoRequest<'_>, len: u64) {
+        self.in_flight += 1;
+        let pi = self.new_parent(req);
+        let writes = !matches!(req.op, IoOp::Read | IoOp::Flush);
+        if writes && self.mirrored() {
+            let regions = self.write_regions(req.offset, len);
+            self.parents[pi as usize].regions = Some(regions);
+            let locked = self
+                .locked
+                .is_some_and(|r| (regions.0..=regions.1).contains(&r));
+            let started = !locked && self.waiting.is_empty();
+            let need = if started {
+                self.bitmap.start_write(regions.0, regions.1)
+            } else {
+                0
+            };
+            if !started || need > self.bitmap.durable() {
+                // it waits: its buffers are kept until it starts
+                let p = &mut self.parents[pi as usize];
+                p.iov.set(req.iov);
+                p.stage = Stage::Waiting { started, need };
+                self.waiting.push_back(pi);
+                return;
+            }
+        }
+        self.dispatch(pi, req.iov);
     }
 
     // ----- parents and children -----
@@ -356,7 +390,6 @@ impl Array {
             self.children.push(Child {
                 live: false,
                 parent: 0,
-                tag: 0,
                 slot: 0,
                 leg: 0,
                 op: IoOp::Flush,
@@ -390,9 +423,7 @@ impl Array {
                 }
             }
         }
-        if parent != DIRECT {
-            self.parents[parent as usize].pending += 1;
-        }
+        self.parents[parent as usize].pending += 1;
         i
     }
 
@@ -600,15 +631,6 @@ impl Array {
         }
         if missing && m.outstanding == 0 {
             m.backend = None;
-        }
-        if pi == DIRECT {
-            let c = &mut self.children[ci as usize];
-            self.done_q.push((c.tag, status));
-            self.ops += 1;
-            c.live = false;
-            c.iov.clear();
-            self.free_children.push(ci);
-            return;
         }
         let ok = status.is_success() && !missing;
         if !ok {
@@ -1043,6 +1065,16 @@ impl Array {
     ///
     /// [`DrivenArray`]: super::driver::DrivenArray
     pub fn step(&mut self) {
+        let now = self.step_begin();
+        let mut q = std::mem::take(&mut self.direct_done);
+        self.poll_members(&mut |t, s| q.push((t, s)));
+        self.done_q.append(&mut q);
+        self.direct_done = q;
+        self.step_end(now);
+    }
+
+    /// A step's start: the clock (now and then) and management commands.
+    fn step_begin(&mut self) -> (Instant, bool) {
         self.polls = self.polls.wrapping_add(1);
         // the clock is read every 64th step (every 4th during a rebuild, whose rate limit
         // needs it), not per I/O
@@ -1057,14 +1089,51 @@ impl Array {
         if check_time {
             self.run_commands(now);
         }
+        (now, check_time)
+    }
+
+    /// Poll the members with requests outstanding: fast-path completions go to `direct`
+    /// (their count is returned), the rest wait in `events` for [`step_end`](Self::step_end).
+    fn poll_members(&mut self, direct: &mut dyn FnMut(u64, Status)) -> usize {
         let mut ev = std::mem::take(&mut self.events);
+        let directs = &mut self.directs;
+        let mut total = 0;
         for (slot, m) in self.members.iter_mut().enumerate() {
-            if let Some(b) = m.backend.as_mut()
-                && m.outstanding > 0
-            {
-                b.poll(&mut |t, s| ev.push((slot, t, s)));
+            let Some(b) = m.backend.as_mut().filter(|_| m.outstanding > 0) else {
+                continue;
+            };
+            let (mut n, mut reads, mut writes, mut errors) = (0, 0, 0, 0);
+            b.poll(&mut |t, s| {
+                if t >> KIND_SHIFT != KIND_DIRECT {
+                    ev.push((slot, t, s));
+                } else if let Some((tag, read)) = directs.finish(t & INDEX_MASK) {
+                    n += 1;
+                    match (s.is_success(), read) {
+                        (false, _) => errors += 1,
+                        (true, true) => reads += 1,
+                        (true, false) => writes += 1,
+                    }
+                    direct(tag, s);
+                }
+            });
+            m.outstanding -= n;
+            m.reads += reads;
+            m.writes += writes;
+            m.errors += errors;
+            if m.state == SlotState::Missing && m.outstanding == 0 {
+                m.backend = None;
             }
+            total += n;
         }
+        self.events = ev;
+        self.ops += total as u64;
+        total
+    }
+
+    /// A step's end: member completions other than the fast path's, rounds, waiting and held
+    /// requests, the lazy clear, the rebuild, the status.
+    fn step_end(&mut self, (now, check_time): (Instant, bool)) {
+        let mut ev = std::mem::take(&mut self.events);
         let mut i = 0;
         while i < ev.len() {
             let (slot, tag, s) = ev[i];
@@ -1110,11 +1179,8 @@ impl Array {
         } else {
             self.maybe_round();
         }
-        let since = now.duration_since(self.last_publish).as_millis();
-        if self.status_dirty
-            || (self.publish_pending && since >= 100)
-            || (check_time && since >= 500)
-        {
+        let due = |at: u128| now.duration_since(self.last_publish).as_millis() >= at;
+        if self.status_dirty || (self.publish_pending && due(100)) || (check_time && due(500)) {
             self.publish(now);
         }
     }
@@ -1133,6 +1199,8 @@ impl Array {
             + self.extents.capacity()
             + self.done_q.capacity()
             + self.done_scratch.capacity()
+            + self.direct_done.capacity()
+            + self.directs.capacity()
             + self.waiting.capacity()
             + self.held.capacity();
         (self.parents.len(), self.children.len(), lists)
@@ -1208,50 +1276,24 @@ impl Backend for Array {
         {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
-        self.in_flight += 1;
-        // a one-piece read or write of a level without mirrors: one child, no parent
+        // a one-piece read or write of a level without mirrors: straight to its member
         if !self.mirrored()
             && matches!(req.op, IoOp::Read | IoOp::Write { .. })
             && len <= MAX_CHILD
             && let Some(e) = self.layout.single(req.offset, len)
         {
-            let slot = self.layout.slots(e.leg).start;
-            let ci = self.new_child(DIRECT, slot, e.leg, req.op, Some(e), req.iov);
-            self.children[ci as usize].tag = req.tag;
-            self.submit_child(ci);
-            return Ok(());
+            return self.submit_direct(req, e);
         }
-        let pi = self.new_parent(req);
-        let writes = !matches!(req.op, IoOp::Read | IoOp::Flush);
-        if writes && self.mirrored() {
-            let regions = self.write_regions(req.offset, len);
-            self.parents[pi as usize].regions = Some(regions);
-            let locked = self
-                .locked
-                .is_some_and(|r| (regions.0..=regions.1).contains(&r));
-            let started = !locked && self.waiting.is_empty();
-            let need = if started {
-                self.bitmap.start_write(regions.0, regions.1)
-            } else {
-                0
-            };
-            if !started || need > self.bitmap.durable() {
-                // it waits: its buffers are kept until it starts
-                let p = &mut self.parents[pi as usize];
-                p.iov.set(req.iov);
-                p.stage = Stage::Waiting { started, need };
-                self.waiting.push_back(pi);
-                return Ok(());
-            }
-        }
-        self.dispatch(pi, req.iov);
+        self.submit_split(req, len);
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        self.step();
+        let now = self.step_begin();
+        let direct = self.poll_members(done);
+        self.step_end(now);
         std::mem::swap(&mut self.done_q, &mut self.done_scratch);
-        let n = self.done_scratch.len();
+        let n = self.done_scratch.len() + direct;
         for (t, s) in self.done_scratch.drain(..) {
             done(t, s);
         }

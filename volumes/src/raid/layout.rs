@@ -109,6 +109,11 @@ pub struct Layout {
     pub members: usize,
     /// Data bytes of each leg (concat: each member's own; otherwise all equal).
     pub leg_sizes: Vec<u64>,
+    /// log2 of the strip size and of the leg count, for striped levels where both are
+    /// powers of two: the one-piece mapping of every I/O is then two shifts and two masks.
+    shifts: Option<(u32, u32)>,
+    /// The sum of `leg_sizes`.
+    size: u64,
 }
 
 impl Layout {
@@ -122,11 +127,15 @@ impl Layout {
             Level::Raid1 => vec![min],
             Level::Raid10 => vec![min - min % strip; data.len() / 2],
         };
+        let shifts = (level.striped() && strip.is_power_of_two() && legs.len().is_power_of_two())
+            .then(|| (strip.trailing_zeros(), legs.len().trailing_zeros()));
         Self {
             level,
             strip,
             members: data.len(),
+            size: legs.iter().sum(),
             leg_sizes: legs,
+            shifts,
         }
     }
 
@@ -160,7 +169,7 @@ impl Layout {
 
     /// The array's capacity in bytes.
     pub fn size(&self) -> u64 {
-        self.leg_sizes.iter().sum()
+        self.size
     }
 
     /// Call `f` with the extents of array bytes `[offset, offset + len)`, in order (the
@@ -216,7 +225,28 @@ impl Layout {
 
     /// The one extent of `[offset, offset + len)` when it lies within one strip of one leg
     /// (the common case, mapped without a callback); `None` when it spans more.
+    #[inline]
     pub fn single(&self, offset: u64, len: u64) -> Option<Extent> {
+        match self.shifts {
+            Some((strip_shift, legs_shift)) => {
+                let within = offset & (self.strip - 1);
+                if within + len > self.strip {
+                    return None;
+                }
+                let strip = offset >> strip_shift;
+                Some(Extent {
+                    leg: (strip & ((1 << legs_shift) - 1)) as usize,
+                    member_off: ((strip >> legs_shift) << strip_shift) + within,
+                    buf_off: 0,
+                    len,
+                })
+            }
+            None => self.single_by_level(offset, len),
+        }
+    }
+
+    /// [`single`](Self::single) without the shifts.
+    fn single_by_level(&self, offset: u64, len: u64) -> Option<Extent> {
         let one = |leg, member_off| {
             Some(Extent {
                 leg,
@@ -228,13 +258,12 @@ impl Layout {
         match self.level {
             Level::Raid1 => one(0, offset),
             Level::Raid0 | Level::Raid10 => {
-                let within = offset % self.strip;
+                let (strip, within) = div_rem(offset, self.strip);
                 if within + len > self.strip {
                     return None;
                 }
-                let strip = offset / self.strip;
-                let k = self.legs() as u64;
-                one((strip % k) as usize, (strip / k) * self.strip + within)
+                let (row, leg) = div_rem(strip, self.legs() as u64);
+                one(leg as usize, row * self.strip + within)
             }
             Level::Concat => {
                 let mut start = 0;
@@ -262,6 +291,16 @@ impl Layout {
                 (row * self.legs() as u64 + leg as u64) * self.strip + member_off % self.strip
             }
         }
+    }
+}
+
+/// `(n / d, n % d)`, by shift and mask when `d` is a power of two (strip sizes always are,
+/// leg counts often): the per-I/O mapping then costs no division.
+fn div_rem(n: u64, d: u64) -> (u64, u64) {
+    if d.is_power_of_two() {
+        (n >> d.trailing_zeros(), n & (d - 1))
+    } else {
+        (n / d, n % d)
     }
 }
 

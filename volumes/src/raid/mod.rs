@@ -19,6 +19,7 @@ pub mod array;
 pub mod assemble;
 pub mod bitmap;
 pub mod control;
+mod direct;
 pub mod driver;
 pub mod layout;
 pub mod rebuild;

@@ -13,3 +13,5 @@ pub(super) const KIND_CHILD: u64 = 0;
 pub(super) const KIND_META: u64 = 1;
 /// A rebuild chunk's read or write.
 pub(super) const KIND_REBUILD: u64 = 2;
+/// A request of the fast path (see [`super::direct`]).
+pub(super) const KIND_DIRECT: u64 = 3;

@@ -468,6 +468,113 @@ fn a_rebuild_stopped_by_a_failing_source_is_tried_again() {
 }
 
 /// Once warm, requests reuse the records and lists of earlier ones: none grows.
+/// A member that refuses every data read at submit (superblock I/O passes).
+struct Refusing(Box<dyn Backend>);
+
+impl Backend for Refusing {
+    fn describe(&self) -> String {
+        "refusing".into()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if req.op == IoOp::Read && req.offset >= DATA_OFFSET {
+            return Err(Status::INVALID_FIELD);
+        }
+        self.0.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.0.poll(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
+}
+
+#[test]
+fn the_fast_path_hands_back_any_tag_and_a_members_refusal_is_the_requests() {
+    let d = disks(2, 10 * MIB);
+    let (mut a, _h) = create("fast", Level::Raid0, DEFAULT_STRIP, members(&d), 0).unwrap();
+    let buf = IoBuffer::new(4096);
+    let list = device_model::backend::GuestBufferList::of(buf.buffers());
+    // tags using every bit (a shared namespace folds its user index into the top byte)
+    let tags = [u64::MAX - 3, 0x0100_0000_0000_0005, 7];
+    for (k, &tag) in tags.iter().enumerate() {
+        let op = if k == 1 {
+            IoOp::Write { fua: false }
+        } else {
+            IoOp::Read
+        };
+        a.submit(&IoRequest {
+            tag,
+            op,
+            offset: k as u64 * DEFAULT_STRIP,
+            iov: list.as_buffers(),
+        })
+        .unwrap();
+    }
+    assert_eq!(a.in_flight, 3, "guest requests in flight");
+    // a step with no caller (a driver thread's) keeps the completions for the next poll
+    a.step();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        a.poll(&mut |t, s| got.push((t, s)));
+    }
+    got.sort_unstable_by_key(|g| g.0);
+    let mut want: Vec<_> = tags.iter().map(|&t| (t, Status::SUCCESS)).collect();
+    want.sort_unstable_by_key(|w| w.0);
+    assert_eq!(got, want);
+    assert_eq!(a.in_flight, 0);
+    let st = a.status();
+    assert_eq!(st.members[0].reads + st.members[1].reads, 2);
+    assert_eq!(st.members[0].writes + st.members[1].writes, 1);
+
+    // a member that refuses: the guest's request is refused with its status, nothing in flight
+    let d = disks(2, 10 * MIB);
+    let mut m = members(&d);
+    m[1].backend = Box::new(Refusing(Box::new(d[1].handle().unwrap())));
+    let (mut a, _h) = create("refused", Level::Raid0, DEFAULT_STRIP, m, 0).unwrap();
+    let r = a.submit(&IoRequest {
+        tag: 1,
+        op: IoOp::Read,
+        offset: DEFAULT_STRIP, // the second strip: member 1
+        iov: list.as_buffers(),
+    });
+    assert_eq!(r, Err(Status::INVALID_FIELD));
+    assert_eq!(a.in_flight, 0);
+    assert_eq!(a.status().members[1].errors, 1);
+    assert_eq!(
+        read(&mut a, 0, 4096),
+        vec![0; 4096],
+        "member 0 still serves"
+    );
+}
+
+#[test]
+fn a_driven_array_parks_after_guest_io_and_its_thread_steps_it() {
+    let d = disks(2, 10 * MIB);
+    let (a, h) = create("baton", Level::Raid1, DEFAULT_STRIP, members(&d), 0).unwrap();
+    let mut driven = DrivenArray::new(a);
+    // guest I/O through the handle: the reactor side takes the array and gives it back
+    for k in 0..8u64 {
+        assert_eq!(
+            write(&mut driven, k * MIB, &pattern(k, 8192)),
+            Status::SUCCESS
+        );
+        assert_eq!(read(&mut driven, k * MIB, 8192), pattern(k, 8192));
+    }
+    assert_eq!(driven.in_flight(), 0);
+    // nobody polls now: the thread must have the array to clear the write-intent bits
+    let t = Instant::now();
+    while h.status().dirty_regions > 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", h.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut a = driven.into_array();
+    assert_eq!(read(&mut a, 3 * MIB, 8192), pattern(3, 8192));
+}
+
 #[test]
 fn the_io_path_allocates_nothing_once_warm() {
     for level in [Level::Raid0, Level::Raid10] {
@@ -561,6 +668,18 @@ fn per_io_cost_of_raid0_against_its_member_kind() {
             b.poll(&mut |_, _| {});
         }
         ns
+    }
+    // `PER_IO_ONLY=malloc|raid0|driven` runs that one kind once (for callgrind: instructions
+    // per I/O of the submit + poll path alone, `PER_IO_COUNT` I/Os)
+    if let Ok(only) = std::env::var("PER_IO_ONLY") {
+        let ios = std::env::var("PER_IO_COUNT").map_or(200_000, |v| v.parse().unwrap());
+        let mut b: Box<dyn Backend> = match only.as_str() {
+            "malloc" => Box::new(MallocBackend::new(1 << 30).unwrap()),
+            "raid0" => Box::new(create_twin()),
+            _ => Box::new(DrivenArray::new(create_twin())),
+        };
+        eprintln!("{only}: {:.0} ns/IO", run(b.as_mut(), ios));
+        return;
     }
     let ios = 2_000_000;
     let mut malloc = MallocBackend::new(1 << 30).unwrap();

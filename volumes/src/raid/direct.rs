@@ -1,0 +1,92 @@
+//! The fast path of the levels without mirrors (raid0, concat): a read or write that lies
+//! within one strip of one member goes to that member as it came (the guest's buffer list
+//! passed through, no child record and no copy of the list) and its completion is handed to
+//! the caller from inside the member's poll. A member that refuses it refuses the guest's
+//! request: no other copy could serve it.
+
+use device_model::backend::{IoOp, IoRequest};
+use nvme_spec::Status;
+
+use super::array::Array;
+use super::layout::Extent;
+use super::superblock::DATA_OFFSET;
+use super::tags::{KIND_DIRECT, KIND_SHIFT};
+
+/// One request on the fast path.
+struct Direct {
+    /// The caller's tag.
+    tag: u64,
+    live: bool,
+    read: bool,
+}
+
+/// The fast path's records, reused from request to request.
+#[derive(Default)]
+pub(super) struct Directs {
+    slab: Vec<Direct>,
+    free: Vec<u32>,
+}
+
+impl Directs {
+    fn start(&mut self, tag: u64, read: bool) -> u32 {
+        let d = Direct {
+            tag,
+            live: true,
+            read,
+        };
+        if let Some(i) = self.free.pop() {
+            self.slab[i as usize] = d;
+            i
+        } else {
+            self.slab.push(d);
+            (self.slab.len() - 1) as u32
+        }
+    }
+
+    /// Record `index` is done: its caller's tag and whether it was a read (`None` for an
+    /// index no live record has: a member's stray answer).
+    pub(super) fn finish(&mut self, index: u64) -> Option<(u64, bool)> {
+        let d = self.slab.get_mut(usize::try_from(index).ok()?)?;
+        if !d.live {
+            return None;
+        }
+        d.live = false;
+        self.free.push(index as u32);
+        Some((d.tag, d.read))
+    }
+
+    /// Records allocated (a test checks they stop growing once warm).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.slab.capacity() + self.free.capacity()
+    }
+}
+
+impl Array {
+    /// Send `req`, a read or write within extent `e` (the whole request), straight to the
+    /// member of `e`'s leg.
+    #[inline]
+    pub(super) fn submit_direct(&mut self, req: &IoRequest<'_>, e: Extent) -> Result<(), Status> {
+        let slot = self.layout.slots(e.leg).start;
+        let read = req.op == IoOp::Read;
+        let i = self.directs.start(req.tag, read);
+        let m = &mut self.members[slot];
+        let r = match m.backend.as_mut() {
+            Some(b) => b.submit(&IoRequest {
+                tag: (KIND_DIRECT << KIND_SHIFT) | u64::from(i),
+                op: req.op,
+                offset: DATA_OFFSET + e.member_off,
+                iov: req.iov,
+            }),
+            None => Err(Status::INTERNAL_PATH_ERROR),
+        };
+        if r.is_ok() {
+            m.outstanding += 1;
+            self.in_flight += 1;
+        } else {
+            m.errors += 1;
+            self.directs.finish(u64::from(i));
+        }
+        r
+    }
+}
