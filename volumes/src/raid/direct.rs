@@ -12,56 +12,6 @@ use super::layout::Extent;
 use super::superblock::DATA_OFFSET;
 use super::tags::{KIND_DIRECT, KIND_SHIFT};
 
-/// One request on the fast path.
-struct Direct {
-    /// The caller's tag.
-    tag: u64,
-    live: bool,
-    read: bool,
-}
-
-/// The fast path's records, reused from request to request.
-#[derive(Default)]
-pub(super) struct Directs {
-    slab: Vec<Direct>,
-    free: Vec<u32>,
-}
-
-impl Directs {
-    fn start(&mut self, tag: u64, read: bool) -> u32 {
-        let d = Direct {
-            tag,
-            live: true,
-            read,
-        };
-        if let Some(i) = self.free.pop() {
-            self.slab[i as usize] = d;
-            i
-        } else {
-            self.slab.push(d);
-            (self.slab.len() - 1) as u32
-        }
-    }
-
-    /// Record `index` is done: its caller's tag and whether it was a read (`None` for an
-    /// index no live record has: a member's stray answer).
-    pub(super) fn finish(&mut self, index: u64) -> Option<(u64, bool)> {
-        let d = self.slab.get_mut(usize::try_from(index).ok()?)?;
-        if !d.live {
-            return None;
-        }
-        d.live = false;
-        self.free.push(index as u32);
-        Some((d.tag, d.read))
-    }
-
-    /// Records allocated (a test checks they stop growing once warm).
-    #[cfg(test)]
-    pub(super) fn capacity(&self) -> usize {
-        self.slab.capacity() + self.free.capacity()
-    }
-}
-
 impl Array {
     /// Send `req`, a read or write within extent `e` (the whole request), straight to the
     /// member of `e`'s leg.

@@ -9,8 +9,10 @@
 //!   running them;
 //! - [`status`]: what an array publishes and the commands it takes; `tags.rs` its member
 //!   requests' size limit and tag kinds;
-//! - [`array`]: the array as a `Backend` (split, fan out, gather, fail over, rounds,
-//!   rebuild steps, all from `poll`);
+//! - [`array`]: the array as a `Backend`, its state and entry points; the work in
+//!   `direct.rs` (one-strip requests straight to a member), `requests.rs` (split, fan out,
+//!   gather, fail over), `rounds.rs` (superblock and bitmap writes), `step.rs` (what each
+//!   poll runs), `manage.rs` (member changes), `publish.rs` (status);
 //! - [`assemble`]: creating an array on members, and assembling one from them;
 //! - [`control`]: the management plane's handle on an array a reactor owns;
 //! - [`driver`]: the thread that steps an array while no reactor polls it.
@@ -22,9 +24,15 @@ pub mod control;
 mod direct;
 pub mod driver;
 pub mod layout;
+mod manage;
+mod publish;
 pub mod rebuild;
 mod rebuild_steps;
+mod records;
+mod requests;
+mod rounds;
 pub mod status;
+mod step;
 pub mod superblock;
 mod tags;
 
