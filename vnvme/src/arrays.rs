@@ -182,8 +182,9 @@ impl Arrays {
     }
 
     /// Stop array `name` and wipe its members' superblocks (refused while a namespace
-    /// uses it).
-    pub fn delete(&mut self, name: &str) -> Result<(), String> {
+    /// uses it). When the namespace that had it is gone, so are its member backends: the
+    /// members are opened again from their specs to be wiped (RAM members need none).
+    pub fn delete(&mut self, name: &str, devices: &mut DeviceRegistry) -> Result<(), String> {
         let i = self.find(name)?;
         let s = &mut self.list[i];
         if s.idle.is_none() && !s.handle.is_closed() {
@@ -197,6 +198,17 @@ impl Arrays {
             for (describe, mut b) in a.take_members() {
                 if let Err(e) = raid::wipe(&describe, b.as_mut()) {
                     log::warn!("array {name}: {e}");
+                }
+            }
+        } else {
+            for spec in &s.members {
+                if spec.starts_with("malloc:") || spec.starts_with("null:") {
+                    continue;
+                }
+                let wiped = open_member(spec, devices)
+                    .and_then(|mut b| raid::wipe(spec, b.as_mut()).map_err(|e| e.to_string()));
+                if let Err(e) = wiped {
+                    log::warn!("array {name}: superblock of {spec} not wiped: {e}");
                 }
             }
         }
@@ -324,7 +336,7 @@ mod tests {
                 .take("nope", "ns")
                 .is_err_and(|e| e.contains("no array"))
         );
-        assert!(arrays.delete("nope").is_err());
+        assert!(arrays.delete("nope", &mut devices).is_err());
         let backend = arrays.take("r", "ns1").unwrap();
         assert!(
             arrays
@@ -332,12 +344,17 @@ mod tests {
                 .err()
                 .is_some_and(|e| e.contains("in use"))
         );
-        assert!(arrays.delete("r").unwrap_err().contains("in use"));
+        assert!(
+            arrays
+                .delete("r", &mut devices)
+                .unwrap_err()
+                .contains("in use")
+        );
         drop(backend); // the namespace goes: a clean stop
         assert!(arrays.list()[0].3, "closed");
-        arrays.delete("r").unwrap();
-        // the members still carry it (a closed array is not wiped): found again; one member
-        // gone, it starts degraded and says why
+        // a restart (a new daemon's arrays): the members still carry it, found again; one
+        // member gone, it starts degraded and says why
+        let mut arrays = Arrays::default();
         std::fs::remove_file(&b).unwrap();
         let plain = [
             format!("file:{}", a.display()),
@@ -347,6 +364,15 @@ mod tests {
         assert_eq!(refused.len(), 1, "{refused:?}");
         let (st, _, listed, _) = arrays.list().remove(0);
         assert_eq!((st.state, listed.len()), ("degraded", 1));
+        // its namespace gone, raid_delete still wipes the members it can reach
+        let backend = arrays.take("r", "ns1").unwrap();
+        drop(backend);
+        arrays.delete("r", &mut devices).unwrap();
+        let mut m = open_member(&plain[0], &mut devices).unwrap();
+        assert!(
+            raid::read_superblock(&plain[0], m.as_mut()).is_err(),
+            "wiped"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -174,7 +174,9 @@ impl Daemon {
     /// Delete array `name` (not while a namespace uses it); its members' superblocks are
     /// wiped.
     pub fn raid_delete(&mut self, name: &str) -> Result<(), MgmtError> {
-        self.arrays.delete(name).map_err(MgmtError::Invalid)
+        self.arrays
+            .delete(name, &mut self.devices)
+            .map_err(MgmtError::Invalid)
     }
 
     /// Add member `spec` to array `name`.
