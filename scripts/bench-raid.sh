@@ -93,7 +93,7 @@ EOF
 $BIN serve --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/raid1.sock"
-for round in 1 2; do
+for round in $(seq "${RAID1_ROUNDS:-4}"); do
   o=$(iops "$D/one.sock"); r=$(iops "$D/raid1.sock")
   echo "bench raid1-reads round=$round one-member=$o raid1=$r ratio=$(echo "scale=3; $r / $o" | bc)"
 done

@@ -36,6 +36,8 @@ pub struct Part {
     pub nsid: u32,
     pub op: IoOp,
     pub offset: u64,
+    /// For a piece of a read or write: (byte offset in the command's data, length).
+    pub data: Option<(u64, u64)>,
 }
 
 /// The state of a command in flight that needs more than a backend request.

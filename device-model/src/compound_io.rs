@@ -65,15 +65,16 @@ impl Controller {
             }
             let part = p.list[p.next];
             p.next += 1;
-            let started = match self.namespace_index(part.nsid) {
+            let started = match (self.namespace_index(part.nsid), part.data) {
                 // detached since the command started
-                None => Err(Status::INVALID_NAMESPACE),
-                Some(i) => self.namespaces[i].backend.submit(&IoRequest {
+                (None, _) => Err(Status::INVALID_NAMESPACE),
+                (Some(i), None) => self.namespaces[i].backend.submit(&IoRequest {
                     tag,
                     op: part.op,
                     offset: part.offset,
                     iov: GuestBuffers::EMPTY,
                 }),
+                (Some(i), Some((at, len))) => self.submit_data_part(qid, slot, i, part, at, len),
             };
             let Some(p) = self.parts_mut(qid, slot) else {
                 return;
@@ -83,6 +84,36 @@ impl Controller {
                 Err(s) => p.status = s,
             }
         }
+    }
+
+    /// Submit `part`, the piece `at..at + len` of the data of the read or write in `slot`,
+    /// over that range of the command's buffers.
+    fn submit_data_part(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        part: Part,
+        at: u64,
+        len: u64,
+    ) -> Result<(), Status> {
+        let tag = self.tag(qid, slot);
+        let ctx = self
+            .queues
+            .slot_mut(qid, slot)
+            .ok_or(Status::INTERNAL_ERROR)?;
+        let mem = ctx.mem.as_ref().ok_or(Status::INTERNAL_ERROR)?;
+        let mut piece = std::mem::take(&mut self.piece_buffers);
+        piece.set_range(ctx.iov.buffers_in(mem), at, len);
+        let r = self.namespaces[ns_idx].backend.submit(&IoRequest {
+            tag,
+            op: part.op,
+            offset: part.offset,
+            iov: piece.as_buffers(),
+        });
+        piece.clear();
+        self.piece_buffers = piece;
+        r
     }
 
     /// The parts of the command in `slot`, if it has them.

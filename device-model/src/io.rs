@@ -2,7 +2,8 @@
 //! Write Zeroes, Dataset Management (deallocate), Compare, Verify and Write Uncorrectable.
 //! All of them go to the backends asynchronously; the ones that take several requests
 //! (Flush of every namespace, Dataset Management) or check the data (Compare, Verify) are in
-//! [`crate::compound`]. Write Uncorrectable only marks blocks
+//! [`crate::compound`], as are reads and writes larger than their namespace's backend takes
+//! in one request (sent in pieces). Write Uncorrectable only marks blocks
 //! ([`crate::uncorrectable`]): reads of them fail, writes and deallocations clear them.
 
 use std::sync::Arc;
@@ -15,6 +16,9 @@ use crate::compound::Part;
 use crate::controller::{Controller, Outcome};
 use crate::dptr;
 use crate::memory::MemoryMap;
+
+/// Pieces of a split read or write in flight at once (see `read_write_in_pieces`).
+const SPLIT_WINDOW: usize = 4;
 
 impl Controller {
     /// Execute one I/O command fetched into `slot` of SQ `qid`.
@@ -41,6 +45,7 @@ impl Controller {
                     nsid: ns.nsid,
                     op: IoOp::Flush,
                     offset: 0,
+                    data: None,
                 })
                 .collect();
             let n = parts.len();
@@ -197,6 +202,9 @@ impl Controller {
         }
         ctx.bytes = len;
         ctx.mem = Some(Arc::clone(mem));
+        if len > self.namespaces[ns_idx].max_request {
+            return self.read_write_in_pieces(qid, slot, ns_idx, is_read, fua, offset, len);
+        }
         let req = IoRequest {
             tag,
             op: if is_read {
@@ -216,6 +224,46 @@ impl Controller {
             }
             Err(s) => Outcome::status(s),
         }
+    }
+
+    /// A read or write larger than its namespace's backend takes in one request (a backend
+    /// attached after the controller's MDTS was set, e.g. a remote namespace added at run
+    /// time): sent as pieces of at most that size, [`SPLIT_WINDOW`] in flight at once, each
+    /// over its range of the command's buffers (zero copy). It completes when the last piece
+    /// did, with the first error.
+    #[allow(clippy::too_many_arguments)]
+    #[cold]
+    fn read_write_in_pieces(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        ns_idx: usize,
+        is_read: bool,
+        fua: bool,
+        offset: u64,
+        len: u64,
+    ) -> Outcome {
+        let ns = &self.namespaces[ns_idx];
+        let block = 1u64 << ns.lba_shift;
+        let piece = (ns.max_request & !(block - 1)).max(block);
+        let op = if is_read {
+            IoOp::Read
+        } else {
+            IoOp::Write { fua }
+        };
+        let nsid = ns.nsid;
+        let list = (0..len.div_ceil(piece))
+            .map(|k| Part {
+                nsid,
+                op,
+                offset: offset + k * piece,
+                data: Some((k * piece, piece.min(len - k * piece))),
+            })
+            .collect();
+        if !is_read {
+            self.clear_uncorrectable(ns_idx, offset, len);
+        }
+        self.start_parts(qid, slot, list, SPLIT_WINDOW)
     }
 
     /// Dataset Management (§3.2.3): only the Deallocate attribute does anything. The ranges
@@ -259,6 +307,7 @@ impl Controller {
                         len: nlb << ns.lba_shift,
                     },
                     offset: slba << ns.lba_shift,
+                    data: None,
                 });
             }
         }
@@ -416,6 +465,79 @@ mod tests {
         assert_eq!(h.io_run(at(READ, 100, 3)), Status::SUCCESS);
         assert!(h.ctrl.namespaces[0].uncorrectable.is_empty());
         assert_eq!(h.ctrl.compares, 0, "every Verify buffer given back");
+    }
+
+    /// A backend that takes at most 4 KiB per request and records what it was sent.
+    struct Capped {
+        inner: MallocBackend,
+        sizes: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    }
+
+    impl crate::backend::Backend for Capped {
+        fn describe(&self) -> String {
+            "capped".into()
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn submit(&mut self, req: &crate::backend::IoRequest<'_>) -> Result<(), Status> {
+            self.sizes.lock().unwrap().push(req.len());
+            if req.len() > 4096 {
+                return Err(Status::INVALID_FIELD);
+            }
+            self.inner.submit(req)
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+            self.inner.poll(done)
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn max_transfer(&self) -> Option<u64> {
+            Some(4096)
+        }
+    }
+
+    /// A read or write above what the namespace's backend takes in one request (the
+    /// controller's MDTS is larger) goes in pieces over ranges of the command's buffers,
+    /// and the data lands where the PRPs say.
+    #[test]
+    fn a_transfer_above_the_backends_limit_goes_in_pieces() {
+        let sizes = std::sync::Arc::default();
+        let backend = Capped {
+            inner: MallocBackend::new(1 << 20).unwrap(),
+            sizes: std::sync::Arc::clone(&sizes),
+        };
+        let mut h = Harness::new(vec![Namespace::new(1, Box::new(backend), 9, "t")]);
+        assert!(
+            h.ctrl.max_transfer() > 16384,
+            "MDTS above the backend's limit"
+        );
+        // 18 KiB from page offset 0x200: five pages, PRP2 points at a list of four
+        let (list, out_list) = (DATA + 0x8000, DATA + 0x9000);
+        let prps = |base: u64| -> Vec<u8> {
+            (1..5u64)
+                .flat_map(|k| (base + k * 0x1000).to_le_bytes())
+                .collect()
+        };
+        h.write(list, &prps(DATA));
+        h.write(out_list, &prps(DATA + 0xa000));
+        let data: Vec<u8> = (0..18432u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+        h.write(DATA + 0x200, &data);
+        let rw = |op: u8, prp1: u64, prp2: u64| {
+            let mut s = sqe(op, 1, prp1, &[3, 0, 36 - 1]);
+            s[32..40].copy_from_slice(&prp2.to_le_bytes());
+            s
+        };
+        assert_eq!(h.io_run(rw(WRITE, DATA + 0x200, list)), Status::SUCCESS);
+        assert_eq!(
+            h.io_run(rw(READ, DATA + 0xa000 + 0x200, out_list)),
+            Status::SUCCESS
+        );
+        assert_eq!(h.read(DATA + 0xa200, 18432), data);
+        let sent = sizes.lock().unwrap().clone();
+        assert_eq!(sent, [4096, 4096, 4096, 4096, 2048].repeat(2), "pieces");
+        assert_eq!(h.ctrl.part_lists, 0, "every piece list given back");
     }
 
     /// A Verify reads through the backend asynchronously: held while the backend holds it,

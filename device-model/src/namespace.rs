@@ -23,6 +23,9 @@ pub struct Namespace {
     /// Commands on this namespace as this controller saw them (listed for readers in
     /// [`crate::ControllerStats::namespaces`] while attached).
     pub stats: std::sync::Arc<crate::stats::IoStats>,
+    /// Bytes its backend takes in one request (a remote target's MDTS, a device's limit;
+    /// `u64::MAX`: no limit). A larger read or write is sent in pieces.
+    pub max_request: u64,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -63,6 +66,7 @@ impl Namespace {
     /// A namespace with identifiers derived from `seed` (stable for a given config) and `nsid`.
     pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
         let NsIds { nguid, eui64, uuid } = NsIds::derive(nsid, seed);
+        let backend_max = backend.max_transfer().unwrap_or(u64::MAX);
         Self {
             nsid,
             backend,
@@ -73,6 +77,7 @@ impl Namespace {
             shared: false,
             uncorrectable: crate::uncorrectable::Uncorrectable::default(),
             stats: std::sync::Arc::default(),
+            max_request: backend_max,
         }
     }
 

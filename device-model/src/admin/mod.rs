@@ -237,6 +237,7 @@ impl Controller {
                         len: ns.backend.size(),
                     },
                     offset: 0,
+                    data: None,
                 }
             })
             .collect();

@@ -183,6 +183,8 @@ pub struct Controller {
     /// those waiting for room ([`crate::compound`]).
     pub(crate) compares: usize,
     pub(crate) part_lists: usize,
+    /// The buffers of a piece of a split read or write as it is submitted (reused).
+    pub(crate) piece_buffers: crate::backend::GuestBufferList,
     pub(crate) waiting: crate::compound::Waiting,
     /// Namespaces detached while requests were in flight on them: gone for the host, their
     /// backends still polled until those requests have finished.
@@ -243,6 +245,7 @@ impl Controller {
             io_in_flight: 0,
             compares: 0,
             part_lists: 0,
+            piece_buffers: crate::backend::GuestBufferList::new(),
             waiting: crate::compound::Waiting::new(),
             detaching: Vec::new(),
         }

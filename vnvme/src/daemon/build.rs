@@ -109,7 +109,8 @@ pub(super) struct Which {
 
 /// Lower the controller's MDTS to what every namespace's backend takes in one request (a
 /// remote target's or a device's own limit), so a host never sends a transfer a backend
-/// would refuse. (Namespaces attached later keep the MDTS the controller started with.)
+/// would refuse. (A namespace attached later with a lower limit keeps the controller's MDTS:
+/// the controller sends its larger reads and writes in pieces.)
 fn cap_mdts(cfg: &mut ControllerConfig, namespaces: &[Namespace]) {
     let Some(cap) = namespaces
         .iter()
