@@ -10,7 +10,6 @@ use nvme_spec::Status;
 use super::array::Array;
 use super::layout::Extent;
 use super::superblock::DATA_OFFSET;
-use super::tags::{KIND_DIRECT, KIND_SHIFT};
 
 impl Array {
     /// Send `req`, a read or write within extent `e` (the whole request), straight to the
@@ -19,11 +18,11 @@ impl Array {
     pub(super) fn submit_direct(&mut self, req: &IoRequest<'_>, e: Extent) -> Result<(), Status> {
         let slot = self.layout.slots(e.leg).start;
         let read = req.op == IoOp::Read;
-        let i = self.directs.start(req.tag, read);
+        let tag = self.directs.start(req.tag, read);
         let m = &mut self.members[slot];
         let r = match m.backend.as_mut() {
             Some(b) => b.submit(&IoRequest {
-                tag: (KIND_DIRECT << KIND_SHIFT) | u64::from(i),
+                tag,
                 op: req.op,
                 offset: DATA_OFFSET + e.member_off,
                 iov: req.iov,
@@ -35,7 +34,7 @@ impl Array {
             self.in_flight += 1;
         } else {
             m.errors += 1;
-            self.directs.finish(u64::from(i));
+            self.directs.finish(tag);
         }
         r
     }

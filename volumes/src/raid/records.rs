@@ -6,6 +6,8 @@
 use device_model::backend::{GuestBufferList, IoOp};
 use nvme_spec::Status;
 
+use super::tags::{DIRECT_CARRIED, DIRECT_READ, KIND_DIRECT, KIND_SHIFT};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 /// Where a split request stands.
 pub(super) enum Stage {
@@ -58,7 +60,7 @@ pub(super) struct MetaOp {
     pub(super) iov: GuestBufferList,
 }
 
-/// One request on the fast path.
+/// One request on the fast path whose caller's tag does not fit in the member tag.
 struct Direct {
     /// The caller's tag.
     tag: u64,
@@ -74,24 +76,37 @@ pub(super) struct Directs {
 }
 
 impl Directs {
-    pub(super) fn start(&mut self, tag: u64, read: bool) -> u32 {
+    /// The member tag of a fast-path request with the caller's `tag`: the tag itself when
+    /// it fits below [`DIRECT_READ`] (a controller's do while its reset epoch is below 2^20), else a record's index.
+    #[inline]
+    pub(super) fn start(&mut self, tag: u64, read: bool) -> u64 {
+        let kind = KIND_DIRECT << KIND_SHIFT;
+        if tag < DIRECT_READ {
+            return kind | DIRECT_CARRIED | if read { DIRECT_READ } else { 0 } | tag;
+        }
         let d = Direct {
             tag,
             live: true,
             read,
         };
-        if let Some(i) = self.free.pop() {
+        let i = if let Some(i) = self.free.pop() {
             self.slab[i as usize] = d;
             i
         } else {
             self.slab.push(d);
             (self.slab.len() - 1) as u32
-        }
+        };
+        kind | u64::from(i)
     }
 
-    /// Record `index` is done: its caller's tag and whether it was a read (`None` for an
-    /// index no live record has: a member's stray answer).
-    pub(super) fn finish(&mut self, index: u64) -> Option<(u64, bool)> {
+    /// Member tag `t` (of kind [`KIND_DIRECT`]) is done: its caller's tag and whether it was
+    /// a read (`None` for an index no live record has: a member's stray answer).
+    #[inline]
+    pub(super) fn finish(&mut self, t: u64) -> Option<(u64, bool)> {
+        if t & DIRECT_CARRIED != 0 {
+            return Some((t & (DIRECT_READ - 1), t & DIRECT_READ != 0));
+        }
+        let index = t & (DIRECT_CARRIED - 1);
         let d = self.slab.get_mut(usize::try_from(index).ok()?)?;
         if !d.live {
             return None;

@@ -83,7 +83,7 @@ impl Array {
             b.poll(&mut |t, s| {
                 if t >> KIND_SHIFT != KIND_DIRECT {
                     ev.push((slot, t, s));
-                } else if let Some((tag, read)) = directs.finish(t & INDEX_MASK) {
+                } else if let Some((tag, read)) = directs.finish(t) {
                     n += 1;
                     match (s.is_success(), read) {
                         (false, _) => errors += 1,
