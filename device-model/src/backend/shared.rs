@@ -230,6 +230,10 @@ impl Backend for SharedBackend {
     fn max_transfer(&self) -> Option<u64> {
         self.max_transfer
     }
+
+    fn thin_usage(&self) -> Option<(u64, u64)> {
+        lock(&self.inner).backend.thin_usage()
+    }
 }
 
 #[cfg(test)]
