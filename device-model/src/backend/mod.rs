@@ -106,6 +106,12 @@ pub trait Backend: Send {
     fn thin_usage(&self) -> Option<(u64, u64)> {
         None
     }
+    /// A thin backend whose pool is over its warning threshold: the pool's free space in
+    /// percent (the controller reports it as Available Spare below threshold, with an
+    /// Asynchronous Event). Called after completions: must be cheap (no lock).
+    fn capacity_warning(&self) -> Option<u8> {
+        None
+    }
 }
 
 /// A completion queue for synchronous backends: preallocated, no allocation per request

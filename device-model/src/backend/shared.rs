@@ -234,6 +234,10 @@ impl Backend for SharedBackend {
     fn thin_usage(&self) -> Option<(u64, u64)> {
         lock(&self.inner).backend.thin_usage()
     }
+
+    fn capacity_warning(&self) -> Option<u8> {
+        lock(&self.inner).backend.capacity_warning()
+    }
 }
 
 #[cfg(test)]

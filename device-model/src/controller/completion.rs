@@ -27,12 +27,40 @@ impl Controller {
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
+        if n > 0 {
+            self.check_pool_warning(mem);
+        }
         done.clear();
         self.done = done;
         if !self.detaching.is_empty() {
             self.poll_detaching();
         }
         n
+    }
+
+    /// A thin namespace's pool crossed its warning threshold: report it once (SMART /
+    /// Health event, Available Spare below threshold) until it clears.
+    fn check_pool_warning(&mut self, mem: &MemoryMap) {
+        let now = self
+            .namespaces
+            .iter()
+            .filter_map(|ns| ns.backend.capacity_warning())
+            .min();
+        match (self.admin.pool_warning, now) {
+            (None, Some(_)) => {
+                self.admin.pool_warning = now;
+                self.raise_event(
+                    crate::state::async_events::AsyncEvent {
+                        event_type: crate::state::async_events::event_type::SMART,
+                        info: crate::state::async_events::smart_info::SPARE_BELOW_THRESHOLD,
+                        log_page: nvme_spec::log_page::lid::SMART_HEALTH,
+                    },
+                    mem,
+                );
+            }
+            (Some(_), _) => self.admin.pool_warning = now,
+            (None, None) => {}
+        }
     }
 
     /// Backend request `t` finished with `status`: count it, and post its command's

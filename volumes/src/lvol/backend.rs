@@ -3,6 +3,7 @@
 //! namespace shared between controllers is ([`device_model::backend::SharedBackend`]):
 //! a volume's requests take it for their submission and their poll.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use device_model::backend::{Backend, IoRequest};
@@ -10,7 +11,7 @@ use nvme_spec::Status;
 
 use super::error::{LvolError, Result};
 use super::ops::VolumeInfo;
-use super::store::{Core, Faults, LoadReport};
+use super::store::{Core, Faults, LoadReport, NO_WARNING};
 
 /// Default cluster size: 1 MiB.
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
@@ -173,7 +174,9 @@ impl Store {
 
     /// Percent of clusters in use at which a warning is logged (default 90).
     pub fn set_threshold(&self, percent: u8) {
-        lock(&self.core).threshold = percent.min(100);
+        let mut c = lock(&self.core);
+        c.threshold = percent.min(100);
+        c.update_warning();
     }
 
     /// Deliberate faults, for tests of the tests.
@@ -189,6 +192,7 @@ impl Store {
         *c.open.entry(id).or_default() += 1;
         let user = c.dp.register();
         Ok(LvolBackend {
+            warning: c.warning.clone(),
             core: self.core.clone(),
             vol: id,
             user,
@@ -226,6 +230,7 @@ impl Store {
 /// A volume as a namespace backend.
 pub struct LvolBackend {
     core: Arc<Mutex<Core>>,
+    warning: Arc<AtomicU8>,
     vol: u32,
     user: usize,
     describe: String,
@@ -284,6 +289,11 @@ impl Backend for LvolBackend {
         let used = c.used_bytes(self.vol);
         let cap = (used + c.free.len() as u64 * c.geo.cluster_size).min(v.size);
         Some((used.min(v.size), cap))
+    }
+
+    fn capacity_warning(&self) -> Option<u8> {
+        let w = self.warning.load(Ordering::Relaxed);
+        (w != NO_WARNING).then_some(w)
     }
 }
 

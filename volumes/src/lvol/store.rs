@@ -13,6 +13,8 @@
 //! to the inactive slot and the two superblock copies are updated one after the other.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use device_model::backend::{Backend, IoBuffer, IoOp};
@@ -86,8 +88,13 @@ pub struct Core {
     pub(crate) faults: Faults,
     /// Percent of clusters in use at which a warning is logged.
     pub(crate) threshold: u8,
-    pub(crate) warned: bool,
+    /// The store's free percent while over the threshold, [`NO_WARNING`] otherwise; the
+    /// volumes' handles read it without the lock.
+    pub(crate) warning: Arc<AtomicU8>,
 }
+
+/// No capacity warning.
+pub(crate) const NO_WARNING: u8 = u8::MAX;
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,7 +204,7 @@ impl Core {
             open: HashMap::new(),
             faults: Faults::default(),
             threshold: 90,
-            warned: false,
+            warning: Arc::new(AtomicU8::new(NO_WARNING)),
         };
         core.derive();
         core
@@ -358,9 +365,7 @@ impl Core {
     pub(crate) fn release_quarantine(&mut self) {
         if self.dp.in_flight() == 0 && !self.quarantine.is_empty() {
             self.free.append(&mut self.quarantine);
-            if self.warned && self.used_percent() < self.threshold {
-                self.warned = false;
-            }
+            self.update_warning();
         }
     }
 
@@ -429,16 +434,35 @@ impl Core {
     pub(crate) fn alloc(&mut self) -> Option<u32> {
         let c = self.free.pop()?;
         self.refs[c as usize] = 1;
-        if !self.warned && self.used_percent() >= self.threshold {
-            self.warned = true;
-            log::warn!(
-                "volume store {}: {} % of its clusters are in use ({} free)",
-                self.sb.name,
-                self.used_percent(),
-                self.free.len()
-            );
-        }
+        self.update_warning();
         Some(c)
+    }
+
+    /// Raise or clear the capacity warning by the threshold (logged when it changes).
+    pub(crate) fn update_warning(&mut self) {
+        let used = self.used_percent();
+        let was = self.warning.load(Ordering::Relaxed);
+        let now = if used >= self.threshold {
+            100 - used
+        } else {
+            NO_WARNING
+        };
+        if now != was {
+            self.warning.store(now, Ordering::Relaxed);
+            if was == NO_WARNING {
+                log::warn!(
+                    "volume store {}: {used} % of its clusters are in use ({} free), over the warning threshold of {} %",
+                    self.sb.name,
+                    self.free.len(),
+                    self.threshold
+                );
+            } else if now == NO_WARNING {
+                log::info!(
+                    "volume store {}: back under its warning threshold",
+                    self.sb.name
+                );
+            }
+        }
     }
 
     /// Drop a reference; the cluster's last one frees it (after the next commit).

@@ -220,6 +220,7 @@ fn a_full_store_answers_capacity_exceeded_and_recovers_after_a_delete() {
         );
     }
     assert_eq!(s.status().clusters_free, 0);
+    assert_eq!(a.capacity_warning(), Some(0), "over the 90 % threshold");
     let st = io::run(
         &mut b,
         IoOp::Write { fua: false },
@@ -267,6 +268,7 @@ fn a_full_store_answers_capacity_exceeded_and_recovers_after_a_delete() {
     assert!(matches!(s.delete("b"), Err(LvolError::InUse(_))));
     s.delete("a").unwrap();
     assert_eq!(s.status().clusters_free, clusters - 1);
+    assert_eq!(b.capacity_warning(), None, "cleared once space returned");
 }
 
 #[test]
