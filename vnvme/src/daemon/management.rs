@@ -104,6 +104,7 @@ impl Daemon {
             metrics: None,
             controllers: all,
             arrays: Vec::new(),
+            lvstores: Vec::new(),
         };
         cfg.validate()
             .map_err(|e| MgmtError::Invalid(e.to_string()))?;
@@ -125,7 +126,7 @@ impl Daemon {
             spec,
             &mut self.place,
             &mut self.devices,
-            &mut self.arrays,
+            (&mut self.arrays, &self.lvstores),
             &mut exports,
         )
         .map_err(MgmtError::Daemon)?;
@@ -200,6 +201,26 @@ impl Daemon {
         self.arrays
             .set_rate(name, mb_per_sec)
             .map_err(MgmtError::Invalid)
+    }
+
+    /// Load or make volume store `spec` at run time.
+    pub fn lvs_create(
+        &mut self,
+        spec: &crate::config::LvstoreSpec,
+    ) -> Result<crate::lvstores::Made, MgmtError> {
+        self.lvstores
+            .create(spec, &mut self.devices, &mut self.arrays)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// Delete volume store `name` (not while a volume of it is in use).
+    pub fn lvs_delete(&mut self, name: &str) -> Result<(), MgmtError> {
+        self.lvstores.delete(name).map_err(MgmtError::Invalid)
+    }
+
+    /// The volume stores.
+    pub fn lvstores(&self) -> &crate::lvstores::Lvstores {
+        &self.lvstores
     }
 
     /// The arrays' status.

@@ -206,10 +206,16 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
                 .map_err(|e| refused(&e))?;
             Ok(json!(true))
         }
-        _ => Err(RpcError::new(
-            code::METHOD_NOT_FOUND,
-            format!("no method '{method}' (methods: {})", METHODS.join(", ")),
-        )),
+        _ => super::lvol_methods::call(daemon, method, p).unwrap_or_else(|| {
+            Err(RpcError::new(
+                code::METHOD_NOT_FOUND,
+                format!(
+                    "no method '{method}' (methods: {}, {})",
+                    METHODS.join(", "),
+                    super::lvol_methods::METHODS.join(", ")
+                ),
+            ))
+        }),
     }
 }
 

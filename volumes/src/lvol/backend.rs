@@ -6,12 +6,14 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use device_model::backend::{Backend, IoRequest};
+use device_model::backend::{Backend, IoBuffer, IoOp, IoRequest};
 use nvme_spec::Status;
 
 use super::error::{LvolError, Result};
 use super::ops::VolumeInfo;
-use super::store::{Core, Faults, LoadReport, NO_WARNING};
+use super::store::{Core, Faults, LoadReport, NO_WARNING, read_bytes};
+use super::superblock::{SB_SIZE, Superblock};
+use super::syncio::SyncIo;
 
 /// Default cluster size: 1 MiB.
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
@@ -93,6 +95,20 @@ impl Store {
             report.millis
         );
         Ok((Self::wrap(core), report))
+    }
+
+    /// Load the store `base` holds, or make one (with `opts`) when it holds none (no
+    /// superblock magic in either copy). A damaged store is an error, never formatted.
+    /// Returns the load's report, none for a new store.
+    pub fn load_or_format(
+        mut base: Box<dyn Backend>,
+        opts: &StoreOptions,
+    ) -> Result<(Self, Option<LoadReport>)> {
+        match probe(base.as_mut()) {
+            Ok(_) => Self::load(base).map(|(s, r)| (s, Some(r))),
+            Err(LvolError::NoStore(_)) => Self::format(base, opts).map(|s| (s, None)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The store's name.
@@ -225,6 +241,40 @@ impl Store {
             }
         }
     }
+}
+
+/// The superblock `base` holds (the newest valid copy), without loading the store.
+pub fn probe(base: &mut dyn Backend) -> Result<super::superblock::Superblock> {
+    let mut sync = SyncIo::default();
+    if base.size() < 2 * SB_SIZE as u64 {
+        return Err(LvolError::NoStore(
+            "the backend is smaller than two superblocks".into(),
+        ));
+    }
+    let head = read_bytes(
+        base,
+        &mut sync,
+        "read the superblocks",
+        0,
+        2 * SB_SIZE as u64,
+    )?;
+    Superblock::pick(&head[..SB_SIZE], &head[SB_SIZE..]).map(|(sb, _)| sb)
+}
+
+/// Erase the store `base` holds: both superblock copies are zeroed (the data is not).
+pub fn wipe(base: &mut dyn Backend) -> Result<()> {
+    let mut sync = SyncIo::default();
+    let len = 2 * SB_SIZE as u64;
+    let buf = IoBuffer::new(len as usize);
+    sync.run(
+        base,
+        "wipe the superblocks",
+        IoOp::Write { fua: false },
+        0,
+        Some((&buf, 0)),
+        len,
+    )?;
+    sync.run(base, "wipe the superblocks", IoOp::Flush, 0, None, 0)
 }
 
 /// A volume as a namespace backend.

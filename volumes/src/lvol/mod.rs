@@ -35,7 +35,7 @@ mod store;
 pub mod superblock;
 mod syncio;
 
-pub use backend::{DEFAULT_CLUSTER, LvolBackend, Store, StoreOptions, StoreStatus};
+pub use backend::{DEFAULT_CLUSTER, LvolBackend, Store, StoreOptions, StoreStatus, probe, wipe};
 pub use check::{CheckReport, check};
 pub use datapath::WRITE_PROTECTED;
 pub use error::LvolError;
