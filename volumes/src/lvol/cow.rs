@@ -27,7 +27,19 @@ impl Core {
         if let Entry::Layered(ls) = e
             && ls.len() >= MAX_LAYERS
         {
-            return self.collapse(vol, l).map_err(|_| Status::INTERNAL_ERROR);
+            // writes in flight to its layers must land (and mark their granules) before
+            // the copy, or the copy would miss them
+            self.wait_idle();
+            let e = &self.meta.volumes[&vol].map[l as usize];
+            if let Some(c) = e.top()
+                && self.refs[c as usize] == 1
+            {
+                return Ok(c);
+            }
+            if matches!(e, Entry::Layered(ls) if ls.len() >= MAX_LAYERS) {
+                return self.collapse(vol, l).map_err(|_| Status::INTERNAL_ERROR);
+            }
+            return self.writable_top(vol, l);
         }
         let n = self.alloc().ok_or(Status::CAPACITY_EXCEEDED)?;
         let fresh = Layer {
@@ -62,6 +74,11 @@ impl Core {
 
     /// Give the (exclusive) top layer of entry `l` granule `g`'s current contents.
     pub(crate) fn prefill(&mut self, vol: u32, l: u32, g: u32) -> std::result::Result<(), Status> {
+        if self.dp.in_flight() > 0 {
+            // a write to other sectors of this granule may be in flight below: let it land
+            // (and mark the granule) before its granule is copied up
+            self.wait_idle();
+        }
         let e = &self.meta.volumes[&vol].map[l as usize];
         let Entry::Layered(ls) = e else {
             return Ok(()); // full: holds every granule
@@ -96,7 +113,8 @@ impl Core {
     }
 
     /// Replace entry `l` of `vol` by one new full cluster holding its contents; returns the
-    /// cluster. (Mapped entries only; the caller checked space.)
+    /// cluster. (Mapped entries only; the caller checked space, and no write to the entry's
+    /// clusters is in flight: it would land in a cluster the copy has left.)
     pub(crate) fn collapse(&mut self, vol: u32, l: u32) -> Result<u32> {
         let cs = self.geo.cluster_size;
         let gs = self.geo.granule;
