@@ -195,6 +195,12 @@ impl Store {
         c.update_warning();
     }
 
+    /// The core, locked (tests build big metadata directly).
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
     /// Deliberate faults, for tests of the tests.
     #[doc(hidden)]
     pub fn set_faults(&self, f: Faults) {

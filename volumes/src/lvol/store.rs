@@ -142,13 +142,15 @@ pub(crate) fn read_store(
             g.base_size
         )));
     }
-    let ck = read_bytes(
+    // whole blocks (a base may take only aligned requests), the image's bytes kept
+    let mut ck = read_bytes(
         base,
         sync,
         "read the checkpoint",
         g.ckpt_off[sb.active as usize],
-        sb.ckpt_bytes,
+        sb.ckpt_bytes.div_ceil(4096) * 4096,
     )?;
+    ck.truncate(sb.ckpt_bytes as usize);
     if crc32c::crc32c(&ck) != sb.ckpt_crc {
         return Err(LvolError::corrupt("checkpoint CRC mismatch"));
     }

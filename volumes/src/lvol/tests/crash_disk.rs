@@ -119,6 +119,15 @@ impl Backend for CrashDisk {
         }
         let off = req.offset as usize;
         let len = req.len() as usize;
+        // the store's own requests are whole 4 KiB blocks (a base may take nothing else:
+        // O_DIRECT files, 4 KiB-sector devices); guest data keeps the guest's 512 bytes
+        let own = req.tag & crate::lvol::syncio::INTERNAL != 0;
+        let unit = if own { 4096 } else { 512 };
+        assert!(
+            off.is_multiple_of(unit) && len.is_multiple_of(unit),
+            "a request at {off}+{len} (tag {:#x})",
+            req.tag
+        );
         if off + len > s.current.len() {
             return Err(Status::LBA_OUT_OF_RANGE);
         }

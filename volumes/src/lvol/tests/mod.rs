@@ -3,6 +3,7 @@
 //! unflushed writes; `crash.rs` runs seeded random workloads over it).
 
 mod basics;
+mod bench;
 mod concurrent;
 mod crash;
 mod crash_disk;
