@@ -602,3 +602,150 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_the_store_checks_clean() {
     drop(qp);
     drop(c);
 }
+
+/// Namespace Management create (NSZE = NCAP `blocks`, 512-byte blocks); the NSID.
+fn ns_create(c: &mut NvmeDriver, blocks: u64) -> u32 {
+    let mut buf = c.dma().alloc(4096).unwrap();
+    let data = &mut buf.as_mut_slice()[..4096];
+    data.fill(0);
+    data[0..8].copy_from_slice(&blocks.to_le_bytes());
+    data[8..16].copy_from_slice(&blocks.to_le_bytes());
+    let mut sqe = Submission::default();
+    sqe.opcode = op::NS_MANAGEMENT;
+    c.admin_command("Namespace Management", sqe, Some((buf.iova(), 4096)))
+        .expect("create")
+}
+
+/// Namespace Attachment of `nsid` to controller `cntlid`.
+fn ns_attach(c: &mut NvmeDriver, nsid: u32, cntlid: u16) {
+    let mut buf = c.dma().alloc(4096).unwrap();
+    let data = &mut buf.as_mut_slice()[..4096];
+    data.fill(0);
+    data[0..2].copy_from_slice(&1u16.to_le_bytes());
+    data[2..4].copy_from_slice(&cntlid.to_le_bytes());
+    let mut sqe = Submission::default();
+    sqe.opcode = op::NS_ATTACHMENT;
+    sqe.nsid = nsid.into();
+    c.admin_command("Namespace Attachment", sqe, Some((buf.iova(), 4096)))
+        .expect("attach");
+}
+
+#[test]
+fn namespaces_the_host_creates_are_thin_volumes_and_a_clone_attaches_at_run_time() {
+    let tmp = TempDir::new("lvol-pool");
+    let vols = "[[lvstore.volume]]\nname = \"base\"\nsize = \"16M\"\nthin = true\n";
+    let text = toml(tmp.path(), 128, vols, &["lvol:pool/base"]).replace(
+        "[[controller.namespace]]",
+        "namespace_pool = \"lvs:pool\"\n[[controller.namespace]]",
+    );
+    let cfg = Config::parse(&text, Path::new("l.toml")).unwrap();
+    let mut d = Daemon::start(&cfg).expect("daemon");
+    let (mut c, mut qp) = connect(&tmp.path().join("l.sock"));
+    let cntlid = c.identify().cntlid.get();
+    // the host's Namespace Management: a thin volume of the store
+    let nsid = ns_create(&mut c, (32 * MIB) / 512);
+    ns_attach(&mut c, nsid, cntlid);
+    let id = identify_ns(&mut c, nsid);
+    assert_eq!((id[24] & 1, u64_at(&id, 16)), (1, 0), "thin, nothing used");
+    let list = rpc(&mut d, "lvol_list", &json!({"lvs": "pool"})).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"].as_str().unwrap().ends_with(&format!(".ns{nsid}"))),
+        "{list}"
+    );
+    // a snapshot of the base volume, cloned and added as a namespace while it runs
+    let mut buf = c.dma().alloc(4096).unwrap();
+    buf.as_mut_slice()[..4096].fill(0x77);
+    assert_eq!(
+        wait(&mut qp, |q| q.read_write(
+            true,
+            1,
+            64,
+            8,
+            buf.iova(),
+            4096,
+            1
+        )),
+        Status::SUCCESS
+    );
+    rpc(
+        &mut d,
+        "lvol_snapshot",
+        &json!({"name": "pool/base", "snapshot_name": "s"}),
+    )
+    .unwrap();
+    rpc(
+        &mut d,
+        "lvol_clone",
+        &json!({"snapshot": "pool/s", "clone_name": "c"}),
+    )
+    .unwrap();
+    buf.as_mut_slice()[..4096].fill(0x88);
+    assert_eq!(
+        wait(&mut qp, |q| q.read_write(
+            true,
+            1,
+            64,
+            8,
+            buf.iova(),
+            4096,
+            2
+        )),
+        Status::SUCCESS
+    );
+    let nqn = rpc(&mut d, "subsystem_list", &json!({})).unwrap()[0]["nqn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (p, want) in [
+        (
+            json!({"nqn": nqn, "backend": "malloc:8M"}),
+            "takes a volume",
+        ),
+        (
+            json!({"nqn": nqn, "backend": "lvol:pool/ghost"}),
+            "no volume",
+        ),
+        (
+            json!({"nqn": "nqn.x", "backend": "lvol:pool/c"}),
+            "no subsystem",
+        ),
+    ] {
+        let e = rpc(&mut d, "ns_add", &p).unwrap_err();
+        assert!(e.contains(want), "{p}: {e}");
+    }
+    let added = rpc(
+        &mut d,
+        "ns_add",
+        &json!({"nqn": nqn, "backend": "lvol:pool/c"}),
+    )
+    .unwrap();
+    let cn = added["nsid"].as_u64().unwrap() as u32;
+    rpc(
+        &mut d,
+        "ns_attach",
+        &json!({"nqn": nqn, "nsid": cn, "controllers": [cntlid]}),
+    )
+    .unwrap();
+    let _ = c.take_events();
+    assert_eq!(
+        wait(&mut qp, |q| q.read_write(
+            false,
+            cn,
+            64,
+            8,
+            buf.iova(),
+            4096,
+            3
+        )),
+        Status::SUCCESS
+    );
+    assert!(
+        buf.as_slice()[..4096].iter().all(|&b| b == 0x77),
+        "the clone reads the snapshot point"
+    );
+    drop((buf, qp, c));
+    d.stop().unwrap();
+}

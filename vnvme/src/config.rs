@@ -20,7 +20,8 @@
 //! tcp_controllers = 2            # host associations at once (one controller each)
 //! vfs = 4                        # SR-IOV VFs (secondary controllers) on NAME.vfN.sock
 //! vfs_online = true              # ... online at start (else: nvme virt-mgmt on the PF)
-//! namespace_pool = "malloc:4G"   # room for namespaces created at run time (or dir:PATH:SIZE)
+//! namespace_pool = "malloc:4G"   # room for namespaces created at run time (or dir:PATH:SIZE,
+//!                                # or lvs:STORE: thin volumes of a volume store)
 //! iops_limit = 20000             # QoS (any controller): I/O commands per second
 //! bandwidth_limit = "200M"       # QoS: data bytes per second
 //! [[controller.namespace]]
@@ -284,7 +285,7 @@ pub struct ControllerSpec {
     #[serde(default)]
     pub vfs_online: bool,
     /// Namespace Management: where namespaces created at run time get their blocks,
-    /// `malloc:SIZE` or `dir:PATH:SIZE` (see [`crate::namespace_pool`]).
+    /// `malloc:SIZE`, `dir:PATH:SIZE` or `lvs:STORE` (see [`crate::namespace_pool`]).
     pub namespace_pool: Option<String>,
     /// QoS: I/O commands per second (each of the entry's controllers).
     pub iops_limit: Option<u64>,

@@ -60,7 +60,8 @@ impl Entry {
             // validated with the configuration
             Some(p) => Some(
                 p.parse::<crate::namespace_pool::PoolSpec>()
-                    .map(|p| p.open(&nqn))
+                    .map_err(str::to_owned)
+                    .and_then(|p| p.open(&nqn, lvstores))
                     .map_err(|why| DaemonError::Io {
                         index,
                         source: std::io::Error::other(why),
