@@ -3,7 +3,7 @@
 //! namespace shared between controllers is ([`device_model::backend::SharedBackend`]):
 //! a volume's requests take it for their submission and their poll.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use device_model::backend::{Backend, IoBuffer, IoOp, IoRequest};
@@ -212,8 +212,16 @@ impl Store {
         let mut c = lock(&self.core);
         let id = c.id_of(name)?;
         *c.open.entry(id).or_default() += 1;
+        let size = c.meta.volumes[&id].size;
+        let size = c
+            .sizes
+            .entry(id)
+            .or_insert_with(|| Arc::new(AtomicU64::new(size)))
+            .clone();
         let user = c.dp.register();
         Ok(LvolBackend {
+            size,
+            in_flight: 0,
             warning: c.warning.clone(),
             core: self.core.clone(),
             vol: id,
@@ -287,6 +295,11 @@ pub fn wipe(base: &mut dyn Backend) -> Result<()> {
 pub struct LvolBackend {
     core: Arc<Mutex<Core>>,
     warning: Arc<AtomicU8>,
+    /// Requests started and not yet handed back (kept here: the controller asks at every
+    /// reap, which must not take the store's lock).
+    in_flight: usize,
+    /// The volume's size (every I/O's range check asks: no lock).
+    size: Arc<AtomicU64>,
     vol: u32,
     user: usize,
     describe: String,
@@ -304,15 +317,13 @@ impl Backend for LvolBackend {
     }
 
     fn size(&self) -> u64 {
-        lock(&self.core)
-            .meta
-            .volumes
-            .get(&self.vol)
-            .map_or(0, |v| v.size)
+        self.size.load(Ordering::Relaxed)
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> std::result::Result<(), Status> {
-        lock(&self.core).submit(self.user, self.vol, req)
+        lock(&self.core).submit(self.user, self.vol, req)?;
+        self.in_flight += 1;
+        Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
@@ -325,15 +336,12 @@ impl Backend for LvolBackend {
         for (t, s) in u.done.drain(..) {
             done(t, s);
         }
+        self.in_flight = self.in_flight.saturating_sub(n);
         n
     }
 
     fn in_flight(&self) -> usize {
-        lock(&self.core)
-            .dp
-            .users
-            .get(self.user)
-            .map_or(0, |u| u.pending + u.done.len())
+        self.in_flight
     }
 
     fn thin_usage(&self) -> Option<(u64, u64)> {
@@ -358,6 +366,9 @@ impl Drop for LvolBackend {
         let mut c = lock(&self.core);
         if let Some(n) = c.open.get_mut(&self.vol) {
             *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.sizes.remove(&self.vol);
+            }
         }
         if let Some(u) = c.dp.users.get_mut(self.user) {
             u.taken = false;

@@ -197,6 +197,9 @@ impl Core {
             }
         }
         self.push_record(Record::Resize { id, size })?;
+        if let Some(s) = self.sizes.get(&id) {
+            s.store(size, std::sync::atomic::Ordering::Relaxed);
+        }
         if !thin && to > from {
             self.map_thick(id, from, to)?;
         }

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use device_model::backend::{Backend, IoBuffer, IoOp};
@@ -84,6 +84,9 @@ pub struct Core {
     pub(crate) dp: DataPath,
     /// Open handles per volume id.
     pub(crate) open: HashMap<u32, usize>,
+    /// Sizes of open volumes, read by their handles without the lock (every I/O's range
+    /// check asks).
+    pub(crate) sizes: HashMap<u32, Arc<AtomicU64>>,
     /// Deliberate faults (tests).
     pub(crate) faults: Faults,
     /// Percent of clusters in use at which a warning is logged.
@@ -204,6 +207,7 @@ impl Core {
             failed: None,
             dp: DataPath::default(),
             open: HashMap::new(),
+            sizes: HashMap::new(),
             faults: Faults::default(),
             threshold: 90,
             warning: Arc::new(AtomicU8::new(NO_WARNING)),
