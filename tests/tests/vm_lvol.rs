@@ -64,6 +64,11 @@ echo @@REVERIFY-BEGIN; {FIO} --verify_only; echo "fio-rc $?"; echo @@REVERIFY-EN
     let t = Instant::now();
     while used(&mut d) < 12 << 20 {
         assert!(t.elapsed() < Duration::from_mins(10), "fio never started");
+        if run.is_finished() {
+            // the guest ended before its fio wrote: its console says why
+            run.join().expect("guest");
+            panic!("the guest ended before fio started");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let t = Instant::now();
