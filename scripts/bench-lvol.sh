@@ -94,6 +94,6 @@ fi
 if part 3; then
 echo "== 3. load time (10,000 volumes, 1.05 M mapped clusters); the volume layer alone, in"
 echo "   process on pre-touched RAM, no controller: thick vs raw, first writes"
-cargo test --release -q -p volumes --lib lvol::tests::bench -- --ignored --nocapture 2>&1 \
-  | grep '^bench'
+cargo test --release -q -p volumes --lib lvol::tests::bench -- --ignored --nocapture --test-threads=1 2>&1 \
+  | grep -o 'bench lvol.*'
 fi

@@ -179,7 +179,11 @@ impl Core {
         if writes && self.failed.is_some() {
             return Err(Status::INTERNAL_ERROR);
         }
-        if writes {
+        // a request cannot need more new clusters than it spans: the exact count only
+        // when the store is nearly full
+        let spans =
+            (req.offset + len).div_ceil(self.geo.cluster_size) - req.offset / self.geo.cluster_size;
+        if writes && spans as usize > self.free.len() {
             let need = self.clusters_needed(vol, req.offset, len, req.op, thin);
             if need > self.free.len() {
                 if self.reclaim().is_err() {
