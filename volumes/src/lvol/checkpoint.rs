@@ -69,11 +69,12 @@ pub fn decode(buf: &[u8], cluster_size: u64, clusters: u64, granules: u32) -> Re
         let size = r.u64()?;
         let flags = r.u8()?;
         let parent = r.u32()?;
-        if size == 0 || size / cluster_size >= u64::from(u32::MAX) {
+        if size == 0 || size.div_ceil(cluster_size) > super::ops::MAX_VOLUME_CLUSTERS {
             return Err(LvolError::corrupt(format!(
                 "volume {name:?} of size {size}"
             )));
         }
+        meta.reserve(meta.clusters_for(size) as u64)?;
         let mut map = vec![Entry::Unmapped; meta.clusters_for(size)];
         let items = r.u32()?;
         for _ in 0..items {
@@ -137,6 +138,7 @@ mod tests {
             }]
             .into(),
         );
+        m.entries = 8;
         m.volumes.insert(
             3,
             Volume {

@@ -46,6 +46,8 @@ pub struct Meta {
     pub clusters: u64,
     /// Granules per cluster.
     pub granules: u32,
+    /// Map entries over all volumes (bounded: see [`Meta::max_entries`]).
+    pub entries: u64,
 }
 
 /// Longest volume name.
@@ -75,7 +77,28 @@ impl Meta {
             cluster_size,
             clusters,
             granules,
+            entries: 0,
         }
+    }
+
+    /// Most map entries a store holds over all its volumes and snapshots (maps live in
+    /// memory: 256 per data cluster, at least 16 M). Metadata asking for more is refused.
+    pub fn max_entries(&self) -> u64 {
+        (self.clusters * 256).max(1 << 24)
+    }
+
+    /// Count `n` more map entries, or refuse them.
+    pub fn reserve(&mut self, n: u64) -> Result<()> {
+        if self.entries + n > self.max_entries() {
+            return Err(LvolError::corrupt(format!(
+                "{} map entries, more than the {} a store of {} clusters holds",
+                self.entries + n,
+                self.max_entries(),
+                self.clusters
+            )));
+        }
+        self.entries += n;
+        Ok(())
     }
 
     /// Logical clusters of a volume of `size` bytes.
@@ -104,9 +127,11 @@ impl Meta {
     }
 
     fn check_size(&self, size: u64) -> Result<()> {
+        // the map lives in memory: a size no volume could have been made with is corruption
+        // (or a hostile disk), not an allocation to attempt
         if size == 0
             || !size.is_multiple_of(4096)
-            || size / self.cluster_size >= u64::from(u32::MAX)
+            || size.div_ceil(self.cluster_size) > super::ops::MAX_VOLUME_CLUSTERS
         {
             return Err(LvolError::corrupt(format!("a volume size of {size}")));
         }
@@ -126,6 +151,7 @@ impl Meta {
                 self.fresh(*id, name)?;
                 self.check_size(*size)?;
                 let n = self.clusters_for(*size);
+                self.reserve(n as u64)?;
                 self.volumes.insert(
                     *id,
                     Volume {
@@ -144,6 +170,7 @@ impl Meta {
                     .volumes
                     .remove(id)
                     .ok_or_else(|| LvolError::corrupt(format!("delete of unknown volume {id}")))?;
+                self.entries = self.entries.saturating_sub(gone.map.len() as u64);
                 for v in self.volumes.values_mut() {
                     if v.parent == *id {
                         v.parent = gone.parent;
@@ -153,6 +180,12 @@ impl Meta {
             Record::Resize { id, size } => {
                 self.check_size(*size)?;
                 let n = self.clusters_for(*size);
+                let old = self.vol(*id)?.map.len();
+                if n > old {
+                    self.reserve((n - old) as u64)?;
+                } else {
+                    self.entries = self.entries.saturating_sub((old - n) as u64);
+                }
                 let v = self.vol(*id)?;
                 v.size = *size;
                 v.map.resize(n, Entry::Unmapped);
@@ -166,6 +199,8 @@ impl Meta {
             }
             Record::Snapshot { src, id, name } => {
                 self.fresh(*id, name)?;
+                let n = self.vol(*src)?.map.len();
+                self.reserve(n as u64)?;
                 let s = self.vol(*src)?;
                 let snap = Volume {
                     id: *id,
@@ -181,6 +216,8 @@ impl Meta {
             }
             Record::Clone { snap, id, name } => {
                 self.fresh(*id, name)?;
+                let n = self.vol(*snap)?.map.len();
+                self.reserve(n as u64)?;
                 let s = self.vol(*snap)?;
                 let clone = Volume {
                     id: *id,
@@ -253,5 +290,45 @@ impl Meta {
     /// The next unused volume id.
     pub fn next_id(&self) -> u32 {
         self.volumes.keys().next_back().map_or(1, |k| k + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_asking_for_absurd_maps_are_refused_not_allocated() {
+        let mut m = Meta::new(64 << 10, 100, 16);
+        let big = super::super::ops::MAX_VOLUME_CLUSTERS * (64 << 10);
+        let create = |id: u32, size: u64| Record::Create {
+            id,
+            name: format!("v{id}"),
+            size,
+            thin: true,
+        };
+        assert!(m.apply(&create(1, big + 4096)).is_err(), "one volume too big");
+        for id in 1..=4 {
+            m.apply(&create(id, big)).unwrap();
+        }
+        let e = m.apply(&create(5, big)).unwrap_err().to_string();
+        assert!(e.contains("map entries"), "{e}");
+        let e = m
+            .apply(&Record::Snapshot {
+                src: 1,
+                id: 9,
+                name: "s".into(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("map entries"), "{e}");
+        m.apply(&Record::Delete { id: 4 }).unwrap();
+        m.apply(&Record::Snapshot {
+            src: 1,
+            id: 9,
+            name: "s".into(),
+        })
+        .unwrap();
+        assert_eq!(m.entries, 4 * super::super::ops::MAX_VOLUME_CLUSTERS);
     }
 }

@@ -65,6 +65,17 @@ impl Core {
         Ok(())
     }
 
+    /// Room in memory for `n` more map entries (a snapshot or clone copies a whole map).
+    fn room(&self, n: usize) -> Result<()> {
+        if self.meta.entries + n as u64 > self.meta.max_entries() {
+            return Err(LvolError::Invalid(format!(
+                "the store's maps would hold more than {} entries",
+                self.meta.max_entries()
+            )));
+        }
+        Ok(())
+    }
+
     fn in_use(&self, id: u32) -> bool {
         self.open.get(&id).copied().unwrap_or(0) > 0
     }
@@ -121,6 +132,7 @@ impl Core {
         self.check_new_name(name)?;
         self.check_size(size)?;
         let n = size.div_ceil(self.geo.cluster_size);
+        self.room(n as usize)?;
         if !thin && n > (self.free.len() + self.pending_free.len() + self.quarantine.len()) as u64 {
             return Err(LvolError::NoSpace(format!(
                 "a thick volume of {n} clusters, {} free",
@@ -176,6 +188,7 @@ impl Core {
         }
         let from = old.div_ceil(self.geo.cluster_size) as u32;
         let to = size.div_ceil(self.geo.cluster_size) as u32;
+        self.room(to.saturating_sub(from) as usize)?;
         if !thin
             && to > from
             && (to - from) as usize
@@ -252,6 +265,7 @@ impl Core {
         if self.meta.volumes[&src].read_only {
             return Err(LvolError::Invalid(format!("{name} is a snapshot already")));
         }
+        self.room(self.meta.volumes[&src].map.len())?;
         let id = self.next_id;
         self.next_id += 1;
         self.push_record(Record::Snapshot {
@@ -273,6 +287,7 @@ impl Core {
                 "{snap} is not a snapshot (clone a snapshot)"
             )));
         }
+        self.room(self.meta.volumes[&s].map.len())?;
         let id = self.next_id;
         self.next_id += 1;
         self.push_record(Record::Clone {
