@@ -245,7 +245,16 @@ impl Store {
             log::warn!("volume store {}: {e}", self.name);
         }
         match Arc::try_unwrap(self.core) {
-            Ok(m) => Ok(m.into_inner().unwrap_or_else(PoisonError::into_inner).base),
+            Ok(m) => {
+                let mut core = m.into_inner().unwrap_or_else(PoisonError::into_inner);
+                // committed above: the core's drop has nothing left to write
+                core.records.clear();
+                core.dirty.clear();
+                Ok(std::mem::replace(
+                    &mut core.base,
+                    Box::new(device_model::backend::NullBackend::new(0)),
+                ))
+            }
             Err(core) => {
                 let name = self.name;
                 Err((

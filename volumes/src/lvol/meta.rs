@@ -307,7 +307,10 @@ mod tests {
             size,
             thin: true,
         };
-        assert!(m.apply(&create(1, big + 4096)).is_err(), "one volume too big");
+        assert!(
+            m.apply(&create(1, big + 4096)).is_err(),
+            "one volume too big"
+        );
         for id in 1..=4 {
             m.apply(&create(id, big)).unwrap();
         }

@@ -108,6 +108,21 @@ impl std::fmt::Debug for Core {
     }
 }
 
+impl Drop for Core {
+    /// The store's last handle went (daemon stopping, store deleted): what the data path
+    /// changed since the last commit is committed, as a Flush would (best effort: a base
+    /// that failed already is left alone).
+    fn drop(&mut self) {
+        let pending = !self.records.is_empty() || !self.dirty.is_empty();
+        if pending && self.failed.is_none() {
+            self.wait_idle();
+            if let Err(e) = self.commit() {
+                log::warn!("volume store {}: the last commit: {e}", self.sb.name);
+            }
+        }
+    }
+}
+
 /// Read `len` bytes at `off` of `base` into a new vector.
 pub(crate) fn read_bytes(
     base: &mut dyn Backend,
