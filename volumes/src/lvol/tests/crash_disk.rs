@@ -27,6 +27,10 @@ struct State {
 pub struct CrashDisk {
     s: Arc<Mutex<State>>,
     done: Vec<(u64, Status)>,
+    /// With [`CrashDisk::holding`]: guest data writes wait here (data not landed) until a
+    /// poll lets them through, in a random order.
+    held: Vec<(u64, usize, Vec<u8>)>,
+    hold: Option<Rng>,
 }
 
 impl CrashDisk {
@@ -41,7 +45,16 @@ impl CrashDisk {
                 dead: false,
             })),
             done: Vec::new(),
+            held: Vec::new(),
+            hold: None,
         }
+    }
+
+    /// This handle holds guest data writes (data and completion) for a random number of
+    /// polls: requests complete out of order and several are in flight at a crash.
+    pub fn holding(mut self, seed: u64) -> Self {
+        self.hold = Some(Rng(seed | 1));
+        self
     }
 
     /// A disk of `len` bytes of junk (what a reused disk holds: never zeroes by luck).
@@ -138,6 +151,10 @@ impl Backend for CrashDisk {
             IoOp::Write { fua } => {
                 let mut data = vec![0u8; len];
                 req.iov.copy_to_slice(&mut data);
+                if !own && self.hold.is_some() {
+                    self.held.push((req.tag, off, data));
+                    return Ok(());
+                }
                 s.current[off..off + len].copy_from_slice(&data);
                 if fua {
                     s.durable[off..off + len].copy_from_slice(&data);
@@ -166,6 +183,24 @@ impl Backend for CrashDisk {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        if let Some(rng) = self.hold.as_mut() {
+            let mut s = self.s.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut i = 0;
+            while i < self.held.len() {
+                if rng.chance(35) {
+                    let (tag, off, data) = self.held.swap_remove(i);
+                    if s.dead {
+                        self.done.push((tag, Status::INTERNAL_ERROR));
+                    } else {
+                        s.current[off..off + data.len()].copy_from_slice(&data);
+                        s.log.push((off, data));
+                        self.done.push((tag, Status::SUCCESS));
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
         let n = self.done.len();
         for (t, s) in self.done.drain(..) {
             done(t, s);
@@ -174,6 +209,6 @@ impl Backend for CrashDisk {
     }
 
     fn in_flight(&self) -> usize {
-        self.done.len()
+        self.done.len() + self.held.len()
     }
 }
