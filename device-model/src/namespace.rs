@@ -23,6 +23,9 @@ pub struct Namespace {
     /// Commands on this namespace as this controller saw them (listed for readers in
     /// [`crate::ControllerStats::namespaces`] while attached).
     pub stats: std::sync::Arc<crate::stats::IoStats>,
+    /// The size in blocks the host was last told of: a backend that grows or shrinks (a
+    /// resized logical volume) is announced with a Namespace Attribute Changed notice.
+    pub reported_blocks: u64,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -63,6 +66,7 @@ impl Namespace {
     /// A namespace with identifiers derived from `seed` (stable for a given config) and `nsid`.
     pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
         let NsIds { nguid, eui64, uuid } = NsIds::derive(nsid, seed);
+        let reported_blocks = backend.size() >> lba_shift;
         Self {
             nsid,
             backend,
@@ -73,6 +77,7 @@ impl Namespace {
             shared: false,
             uncorrectable: crate::uncorrectable::Uncorrectable::default(),
             stats: std::sync::Arc::default(),
+            reported_blocks,
         }
     }
 

@@ -70,3 +70,55 @@ fn a_thin_namespace_reports_its_use_and_its_pool_warning() {
     assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
     assert_eq!(h.ctrl.admin.pool_warning, None, "cleared");
 }
+
+/// A RAM backend whose reported size a test changes (a volume resized under it).
+struct Resizable {
+    inner: MallocBackend,
+    size: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Backend for Resizable {
+    fn describe(&self) -> String {
+        "resizable".into()
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.inner.poll(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
+#[test]
+fn a_namespace_whose_backend_grows_is_announced_as_changed() {
+    let size = Arc::new(std::sync::atomic::AtomicU64::new(4 << 20));
+    let b = Resizable {
+        inner: MallocBackend::new(8 << 20).unwrap(),
+        size: size.clone(),
+    };
+    let mut h = Harness::new(vec![Namespace::new(1, Box::new(b), 9, "grow")]);
+    // Set Features 0Bh: Namespace Attribute Notices on
+    let c = h.admin(sqe(0x09, 0, 0, &[0x0b, 1 << 8]));
+    assert_eq!(h.admin_wait(c), Status::SUCCESS);
+    assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    assert!(h.ctrl.admin.events.queued.is_empty(), "nothing changed yet");
+    size.store(8 << 20, Ordering::Relaxed);
+    assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    assert_eq!(h.ctrl.admin.changed_ns.nsids, [1]);
+    assert_eq!(h.ctrl.admin.events.queued.len(), 1);
+    assert_eq!(h.ctrl.admin.events.queued[0].event_type, 2, "a notice");
+    let c = h.admin(sqe(0x06, 1, DATA, &[0]));
+    assert_eq!(h.admin_wait(c), Status::SUCCESS);
+    let id = h.read(DATA, 8);
+    assert_eq!(
+        u64::from_le_bytes(id.try_into().unwrap()),
+        (8 << 20) / 512,
+        "NSZE"
+    );
+}

@@ -29,6 +29,7 @@ impl Controller {
         }
         if n > 0 {
             self.check_pool_warning(mem);
+            self.check_sizes();
         }
         done.clear();
         self.done = done;
@@ -36,6 +37,31 @@ impl Controller {
             self.poll_detaching();
         }
         n
+    }
+
+    /// A namespace's backend changed size (a resized volume): Namespace Attribute Changed,
+    /// as for an attachment (the host reads Identify again).
+    fn check_sizes(&mut self) {
+        let mut changed = Vec::new();
+        for ns in &mut self.namespaces {
+            let now = ns.blocks();
+            if now != ns.reported_blocks {
+                ns.reported_blocks = now;
+                changed.push(ns.nsid);
+            }
+        }
+        for nsid in changed {
+            log::info!("{}: namespace {nsid} changed size", self.cfg.serial);
+            self.admin.changed_ns.record(nsid);
+            if self.is_ready()
+                && self.admin.features.async_event_config
+                    & crate::state::changed_namespaces::NS_ATTRIBUTE_NOTICES
+                    != 0
+            {
+                let mem = self.mem.snapshot();
+                self.raise_event(crate::state::changed_namespaces::NS_ATTRIBUTE_CHANGED, &mem);
+            }
+        }
     }
 
     /// A thin namespace's pool crossed its warning threshold: report it once (SMART /
