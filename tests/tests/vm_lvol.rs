@@ -2,7 +2,8 @@
 //! bit; fio writes with crc32c verify while the host takes a snapshot, clones it and
 //! attaches the clone as a second namespace; the guest reads the clone: it holds the data
 //! flushed before the snapshot, and does not change when the origin is overwritten; fio
-//! verifies again after. One boot for all of it (TCG boots are slow). The `kill -9` and
+//! verifies again after; the volume grown while attached shows its new size in the guest.
+//! One boot for all of it (TCG boots are slow). The `kill -9` and
 //! restart case is `host_lvol` (host driver, no guest).
 
 use std::path::Path;
@@ -46,6 +47,8 @@ echo "clone $(dd if=/dev/nvme0n2 bs=65536 count=128 iflag=direct 2>/dev/null | s
 dd if=/dev/urandom of=/dev/nvme0n1 bs=65536 count=128 oflag=direct conv=fsync 2>/dev/null
 echo "clone-after $(dd if=/dev/nvme0n2 bs=65536 count=128 iflag=direct 2>/dev/null | sha256sum | cut -c1-16)"
 echo "origin-after $(dd if=/dev/nvme0n1 bs=65536 count=128 iflag=direct 2>/dev/null | sha256sum | cut -c1-16)"
+for i in $(seq 1 300); do [ "$(cat /sys/block/nvme0n1/size)" = 196608 ] && break; dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; sleep 0.2; done
+echo "size-after $(cat /sys/block/nvme0n1/size)"
 echo @@REVERIFY-BEGIN; {FIO} --verify_only; echo "fio-rc $?"; echo @@REVERIFY-END
 "#
     );
@@ -99,6 +102,12 @@ echo @@REVERIFY-BEGIN; {FIO} --verify_only; echo "fio-rc $?"; echo @@REVERIFY-EN
         "ns_attach",
         &json!({"nqn": nqn, "nsid": nsid, "controllers": [cntlid]}),
     );
+    // grown while attached and in use: the guest sees the new size
+    call(
+        &mut d,
+        "lvol_resize",
+        &json!({"name": "pool/vol", "size": "96M"}),
+    );
     eprintln!("snapshot under the guest's fio took {took:?}; clone attached as namespace {nsid}");
 
     let out = run.join().expect("guest");
@@ -132,6 +141,15 @@ echo @@REVERIFY-BEGIN; {FIO} --verify_only; echo "fio-rc $?"; echo @@REVERIFY-EN
         value(&out, "origin-after"),
         Some(a),
         "the origin was overwritten"
+    );
+    eprintln!(
+        "guest size after the resize: {:?}",
+        value(&out, "size-after")
+    );
+    assert_eq!(
+        value(&out, "size-after"),
+        Some("196608"),
+        "96 MiB in 512-byte sectors"
     );
     eprintln!("volumes after: {list}");
     let check = std::process::Command::new(vnvme_tests::guest::vnvme_binary())

@@ -213,6 +213,8 @@ impl Backend for SharedBackend {
             });
         }
         std::mem::swap(&mut all[self.user], &mut mine);
+        // a backend that changes size (a resized volume) is seen at the next poll
+        self.size = backend.size();
         drop(g);
         for &(t, s) in &mine {
             done(t, s);
