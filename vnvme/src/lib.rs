@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod device_address;
 pub mod limits;
+pub mod lvstores;
 pub mod metrics;
 pub mod namespace_pool;
 pub mod perf;

@@ -27,12 +27,66 @@ impl Controller {
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
+        if n > 0 {
+            self.check_pool_warning(mem);
+            self.check_sizes();
+        }
         done.clear();
         self.done = done;
         if !self.detaching.is_empty() {
             self.poll_detaching();
         }
         n
+    }
+
+    /// A namespace's backend changed size (a resized volume): Namespace Attribute Changed,
+    /// as for an attachment (the host reads Identify again).
+    fn check_sizes(&mut self) {
+        let mut changed = Vec::new();
+        for ns in &mut self.namespaces {
+            let now = ns.blocks();
+            if now != ns.reported_blocks {
+                ns.reported_blocks = now;
+                changed.push(ns.nsid);
+            }
+        }
+        for nsid in changed {
+            log::info!("{}: namespace {nsid} changed size", self.cfg.serial);
+            self.admin.changed_ns.record(nsid);
+            if self.is_ready()
+                && self.admin.features.async_event_config
+                    & crate::state::changed_namespaces::NS_ATTRIBUTE_NOTICES
+                    != 0
+            {
+                let mem = self.mem.snapshot();
+                self.raise_event(crate::state::changed_namespaces::NS_ATTRIBUTE_CHANGED, &mem);
+            }
+        }
+    }
+
+    /// A thin namespace's pool crossed its warning threshold: report it once (SMART /
+    /// Health event, Available Spare below threshold) until it clears.
+    fn check_pool_warning(&mut self, mem: &MemoryMap) {
+        let now = self
+            .namespaces
+            .iter()
+            .filter_map(|ns| ns.backend.capacity_warning())
+            .min();
+        match (self.admin.pool_warning, now) {
+            (None, Some(_)) => {
+                self.admin.pool_warning = now;
+                self.raise_event(
+                    crate::state::async_events::AsyncEvent {
+                        event_type: crate::state::async_events::event_type::SMART,
+                        info: crate::state::async_events::smart_info::SPARE_BELOW_THRESHOLD,
+                        log_page: nvme_spec::log_page::lid::SMART_HEALTH,
+                    },
+                    mem,
+                );
+            }
+            (Some(_), _) => self.admin.pool_warning = now,
+            (None, None) => {}
+        }
     }
 
     /// Backend request `t` finished with `status`: count it, and post its command's

@@ -52,6 +52,7 @@ pub(super) fn open_namespaces(
     mem: &Arc<GuestMemory>,
     devices: &mut DeviceRegistry,
     arrays: &mut crate::arrays::Arrays,
+    lvstores: &crate::lvstores::Lvstores,
 ) -> Result<Opened, DaemonError> {
     let mut out = Opened {
         backends: Vec::new(),
@@ -70,6 +71,17 @@ pub(super) fn open_namespaces(
                     index,
                     ns: j,
                     source: OpenError::Array(name.clone(), why),
+                })?;
+            out.backends.push(backend);
+            continue;
+        }
+        if let BackendSpec::Lvol { store, volume } = &bspec {
+            let backend = lvstores
+                .open(store, volume)
+                .map_err(|why| DaemonError::Backend {
+                    index,
+                    ns: j,
+                    source: OpenError::Lvol(format!("{store}/{volume}"), why),
                 })?;
             out.backends.push(backend);
             continue;

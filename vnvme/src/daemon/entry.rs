@@ -47,11 +47,11 @@ impl Entry {
         spec: &ControllerSpec,
         place: &mut Placement,
         devices: &mut DeviceRegistry,
-        arrays: &mut crate::arrays::Arrays,
+        (arrays, lvstores): (&mut crate::arrays::Arrays, &crate::lvstores::Lvstores),
         exports: &mut Exports,
     ) -> Result<Self, DaemonError> {
         let memory = Arc::new(GuestMemory::new());
-        let opened = open_namespaces(index, spec, &memory, devices, arrays)?;
+        let opened = open_namespaces(index, spec, &memory, devices, arrays, lvstores)?;
         let tcp_count = tcp_controllers(spec);
         let vfs = usize::from(spec.vfs.unwrap_or(0));
         let ids = controller_ids(index, spec, vfs, tcp_count);
@@ -60,7 +60,8 @@ impl Entry {
             // validated with the configuration
             Some(p) => Some(
                 p.parse::<crate::namespace_pool::PoolSpec>()
-                    .map(|p| p.open(&nqn))
+                    .map_err(str::to_owned)
+                    .and_then(|p| p.open(&nqn, lvstores))
                     .map_err(|why| DaemonError::Io {
                         index,
                         source: std::io::Error::other(why),
