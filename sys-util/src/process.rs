@@ -55,6 +55,24 @@ pub fn terminate_requested() -> bool {
     TERMINATE.load(Ordering::Relaxed)
 }
 
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::Relaxed);
+}
+
+/// Catch SIGHUP from now on (the supervisor's "upgrade the worker"): it only sets the flag
+/// [`take_hangup`] reads.
+pub fn catch_hangup() {
+    // SAFETY: installing a handler that only stores to a static atomic.
+    unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
+}
+
+/// True once per SIGHUP that arrived after [`catch_hangup`] (the flag is cleared).
+pub fn take_hangup() -> bool {
+    HANGUP.swap(false, Ordering::Relaxed)
+}
+
 /// The CPU's time-stamp counter (RDTSC) on x86_64, `None` elsewhere.
 #[inline]
 pub fn read_tsc() -> Option<u64> {

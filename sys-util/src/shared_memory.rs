@@ -77,6 +77,26 @@ impl SharedMemory {
         })
     }
 
+    /// Map all of an existing memfd (one another process created and passed on: the BAR0
+    /// page a client already mapped, a state memfd). Its size is taken from `fstat`; a file
+    /// of 0 bytes or of more than `max_len` bytes is refused.
+    pub fn from_fd(fd: OwnedFd, max_len: u64) -> io::Result<Self> {
+        let file = File::from(fd);
+        let len = file.metadata()?.len();
+        if len == 0 || len > max_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("shared memory file of {len} bytes (expected 1..={max_len})"),
+            ));
+        }
+        let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
+        Ok(Self {
+            file,
+            map,
+            hugetlb: false,
+        })
+    }
+
     /// The memfd, to pass to the other party.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
