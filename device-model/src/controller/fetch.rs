@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use nvme_spec::Submission;
+use zerocopy::IntoBytes;
 
 use crate::memory::MemoryMap;
 use crate::shadow_doorbell;
@@ -122,7 +123,7 @@ impl Controller {
             let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
                 break;
             };
-            if !sq.has_work() || sq.free.is_empty() {
+            if !sq.has_work() || sq.free.is_empty() || self.hold {
                 break;
             }
             if self.commands_in_flight >= MAX_COMMANDS_IN_FLIGHT {
@@ -155,6 +156,16 @@ impl Controller {
                 self.qos.charge_op();
             }
             let slot = sq.free.pop().unwrap_or_default();
+            if let Some(j) = &self.journal {
+                // the fetch position and the command, before anything acts on it
+                j.fetched(
+                    qid,
+                    slot,
+                    (sq.head + sq.size - 1) % sq.size,
+                    sq.head,
+                    sqe.as_bytes(),
+                );
+            }
             self.commands_in_flight += 1;
             if qid != 0 {
                 self.io_in_flight += 1;
