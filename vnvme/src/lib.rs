@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod namespace_pool;
 pub mod perf;
 pub mod rpc;
+pub mod supervisor;
