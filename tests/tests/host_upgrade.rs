@@ -4,6 +4,7 @@
 //! polled queues) on each while the worker is upgraded five times and `kill -9`'d five times
 //! at random moments: both runs finish with no failed command and every read verified.
 
+use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,7 +95,7 @@ fn finish(mut c: Child) -> (bool, String) {
     if let Some(mut e) = c.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    let ok = c.wait().map(|s| s.success()).unwrap_or(false);
+    let ok = c.wait().is_ok_and(|s| s.success());
     (ok, format!("{out}\n{err}"))
 }
 
@@ -113,11 +114,12 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
     let socks: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("c{i}.sock"))).collect();
     let mut cfg = String::new();
     for (i, s) in socks.iter().enumerate() {
-        cfg.push_str(&format!(
+        let _ = write!(
+            cfg,
             "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
             s.display(),
             dir.join(format!("d{i}.img")).display()
-        ));
+        );
     }
     let cfg_path = dir.join("vnvme.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
