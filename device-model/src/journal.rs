@@ -36,6 +36,30 @@ pub const SIZE: u64 = (SLOT_OFF + QUEUES * SLOTS * SLOT_REC) as u64;
 /// Header: magic (8), active blob copy (4).
 const H_ACTIVE: usize = 8;
 
+#[cfg(test)]
+thread_local! {
+    /// Kill-point tests: the journal step (1-based) at which the worker "dies" (panics);
+    /// 0: never.
+    pub(crate) static CRASH_AT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A point where a worker may die between two journal stores (tests make it die there).
+#[inline]
+#[track_caller]
+fn step() {
+    #[cfg(test)]
+    let at = std::panic::Location::caller();
+    #[cfg(test)]
+    CRASH_AT.with(|c| match c.get() {
+        0 => {}
+        1 => {
+            c.set(0);
+            panic!("kill point at {at}");
+        }
+        n => c.set(n - 1),
+    });
+}
+
 /// A slot record's state.
 pub const FREE: u32 = 0;
 pub const FETCHED: u32 = 1;
@@ -119,12 +143,15 @@ impl Journal {
         let (Some(off), Some(q)) = (Self::slot_off(qid, slot), Self::queue_off(qid)) else {
             return;
         };
+        step();
         self.mem.write(off + 32, &sqe[..64.min(sqe.len())]);
         self.put_u32(off + 4, sq_pos);
         compiler_fence(Ordering::Release);
         self.put_u32(off, FETCHED);
+        step();
         compiler_fence(Ordering::Release);
         self.put_u32(q, head);
+        step();
     }
 
     /// The completion `cqe` (phase bit set) of `slot` of SQ `qid` is about to be written
@@ -134,19 +161,23 @@ impl Journal {
         let Some(off) = Self::slot_off(qid, slot) else {
             return;
         };
+        step();
         self.mem.write(off + 16, cqe);
         self.put_u32(off + 8, cq_pos);
         self.put_u32(off + 12, u32::from(phase));
         compiler_fence(Ordering::Release);
         self.put_u32(off, POSTING);
+        step();
     }
 
     /// CQ `cqid` has tail `tail` and phase `phase` now (a CQE was written).
     #[inline]
     pub fn cq_moved(&self, cqid: u16, tail: u32, phase: bool) {
         if let Some(q) = Self::queue_off(cqid) {
+            step();
             compiler_fence(Ordering::Release);
             self.put_u32(q + 4, tail | u32::from(phase) << 31);
+            step();
         }
     }
 
@@ -156,6 +187,7 @@ impl Journal {
         if let Some(off) = Self::slot_off(qid, slot) {
             compiler_fence(Ordering::Release);
             self.put_u32(off, FREE);
+            step();
         }
     }
 
@@ -232,6 +264,7 @@ impl Journal {
         if blob.len() > BLOB_MAX {
             return Err(JournalError::TooLarge(blob.len()));
         }
+        step();
         let next = self.u32_at(H_ACTIVE) ^ 1;
         let base = Self::blob_base(next);
         self.mem.write(base + 16, blob);
@@ -240,6 +273,7 @@ impl Journal {
         compiler_fence(Ordering::Release);
         std::sync::atomic::fence(Ordering::Release);
         self.put_u32(H_ACTIVE, next & 1);
+        step();
         Ok(())
     }
 

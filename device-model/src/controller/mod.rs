@@ -38,6 +38,8 @@ mod interrupt;
 mod lifecycle;
 mod shutdown;
 mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 
 pub use detach::DETACH_WAIT;
 use detach::Detaching;
