@@ -107,11 +107,10 @@ fn random_ms(lo: u64, hi: u64) -> u64 {
     lo + ns.wrapping_mul(0x9e37_79b9_7f4a_7c15) % (hi - lo)
 }
 
-#[test]
-fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
-    let tmp = TempDir::new("upgrade");
-    let dir = tmp.path();
-    let socks: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("c{i}.sock"))).collect();
+/// `vnvme serve --supervised` over `n` controllers on file namespaces in `dir`: the
+/// supervisor, the controller sockets and the management socket.
+fn supervised(dir: &Path, n: usize) -> (Served, Vec<PathBuf>, PathBuf) {
+    let socks: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("c{i}.sock"))).collect();
     let mut cfg = String::new();
     for (i, s) in socks.iter().enumerate() {
         let _ = write!(
@@ -135,11 +134,18 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
         .stderr(log)
         .spawn()
         .expect("vnvme serve --supervised");
-    let _served = Served(child);
+    let served = Served(child);
     for s in &socks {
         wait_for(s);
     }
     wait_for(&rpc_sock);
+    (served, socks, rpc_sock)
+}
+
+#[test]
+fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
+    let tmp = TempDir::new("upgrade");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 2);
     let (_, generation0, _, _) = status(&rpc_sock);
     assert_eq!(generation0, 1);
 
@@ -180,4 +186,54 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
                 .join(" | ")
         );
     }
+}
+
+/// One vfio-user header: id, command, size, flags (command), errno.
+fn header(command: u16, size: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..2].copy_from_slice(&7u16.to_le_bytes());
+    h[2..4].copy_from_slice(&command.to_le_bytes());
+    h[4..8].copy_from_slice(&size.to_le_bytes());
+    h
+}
+
+#[test]
+fn a_hostile_client_while_the_worker_is_replaced_harms_nobody() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("upgrade-hostile");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let mut c = UnixStream::connect(&socks[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // the supervisor's own RESTORE and CLIENT_GONE numbers, a message shorter than its
+    // header, a reply instead of a command, an unknown command: each refused or ignored
+    for (cmd, size) in [(0x7f01, 16), (0x7f02, 16), (1, 4), (0x4444, 16)] {
+        c.write_all(&header(cmd, size)).unwrap();
+    }
+    let mut reply = [0u8; 16];
+    use std::io::Read as _;
+    c.read_exact(&mut reply).unwrap();
+    assert_ne!(
+        reply[8] & 0x20,
+        0,
+        "RESTORE from a client is refused: {reply:?}"
+    );
+    // an upgrade and a crash with a half-sent message in the socket
+    c.write_all(&header(9, 4096)).unwrap();
+    rpc(&rpc_sock, &["daemon_upgrade"]);
+    let (pid, generation, _, _) = status(&rpc_sock);
+    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while status(&rpc_sock).1 == generation {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    // the supervisor lives and serves the next client as before
+    let (ok, out) = finish(perf(&socks[0], 2));
+    assert!(ok, "{out}");
+    assert!(out.contains(" 0 mismatches"), "{out}");
+    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    assert_eq!((generation, upgrades, recoveries), (3, 1, 1));
 }
