@@ -73,6 +73,17 @@ pub fn take_hangup() -> bool {
     HANGUP.swap(false, Ordering::Relaxed)
 }
 
+/// Ask process `pid` to terminate (SIGTERM): a supervisor stopping its worker.
+pub fn terminate(pid: u32) -> std::io::Result<()> {
+    let pid =
+        i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) with a plain pid and signal number; it only fails or delivers.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The CPU's time-stamp counter (RDTSC) on x86_64, `None` elsewhere.
 #[inline]
 pub fn read_tsc() -> Option<u64> {

@@ -51,6 +51,7 @@ pub mod worker;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -239,7 +240,9 @@ impl Supervisor {
         let mut cmd = Command::new(&self.opts.binary);
         cmd.args(&self.opts.worker_args)
             .arg("--worker-fd")
-            .arg(theirs.as_raw_fd().to_string());
+            .arg(theirs.as_raw_fd().to_string())
+            // a terminal's Ctrl-C reaches the supervisor alone, which stops the worker
+            .process_group(0);
         let child = cmd.spawn().map_err(SupervisorError::Io)?;
         drop(theirs);
         let mut links = Vec::new();
@@ -386,10 +389,7 @@ impl Supervisor {
     pub fn shutdown(&mut self) {
         if let Some((mut child, ctl)) = self.worker.take() {
             // SIGTERM: the worker's normal shutdown flushes its namespaces
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
+            let _ = sys_util::process::terminate(child.id());
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(15) {
                 if matches!(child.try_wait(), Ok(Some(_))) {
