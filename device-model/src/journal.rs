@@ -115,13 +115,14 @@ impl Journal {
     }
 
     fn u32_at(&self, off: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.mem.read(off, &mut b);
-        u32::from_le_bytes(b)
+        self.mem.atomic_u32(off).load(Ordering::Acquire)
     }
 
+    /// One 32-bit store, in program order with the stores before it (Release: a plain
+    /// `mov` on x86).
+    #[inline]
     fn put_u32(&self, off: usize, v: u32) {
-        self.mem.write(off, &v.to_le_bytes());
+        self.mem.atomic_u32(off).store(v, Ordering::Release);
     }
 
     fn slot_off(qid: u16, slot: u16) -> Option<usize> {
@@ -139,12 +140,12 @@ impl Journal {
     /// SQE `sqe` was fetched into `slot` of SQ `qid` from position `sq_pos`; the SQ's head
     /// is now `head`. The record is complete before the head moves.
     #[inline]
-    pub fn fetched(&self, qid: u16, slot: u16, sq_pos: u32, head: u32, sqe: &[u8]) {
+    pub fn fetched(&self, qid: u16, slot: u16, sq_pos: u32, head: u32, sqe: &[u8; 64]) {
         let (Some(off), Some(q)) = (Self::slot_off(qid, slot), Self::queue_off(qid)) else {
             return;
         };
         step();
-        self.mem.write(off + 32, &sqe[..64.min(sqe.len())]);
+        self.mem.write_array(off + 32, sqe);
         self.put_u32(off + 4, sq_pos);
         compiler_fence(Ordering::Release);
         self.put_u32(off, FETCHED);
@@ -162,7 +163,7 @@ impl Journal {
             return;
         };
         step();
-        self.mem.write(off + 16, cqe);
+        self.mem.write_array(off + 16, cqe);
         self.put_u32(off + 8, cq_pos);
         self.put_u32(off + 12, u32::from(phase));
         compiler_fence(Ordering::Release);

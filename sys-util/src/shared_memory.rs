@@ -118,10 +118,12 @@ impl SharedMemory {
     }
 
     /// Our address of byte 0, for a device's or the kernel's use (IOMMU map, iovecs).
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.map.as_mut_ptr()
     }
 
+    #[inline]
     fn check(&self, offset: usize, len: usize) {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len()),
@@ -132,6 +134,7 @@ impl SharedMemory {
 
     /// The 32-bit word at `offset` as an atomic (doorbells). Panics when `offset` is not
     /// 4-byte aligned or not inside the mapping.
+    #[inline]
     pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
         self.check(offset, 4);
         assert_eq!(offset % 4, 0, "unaligned atomic at {offset:#x}");
@@ -160,6 +163,18 @@ impl SharedMemory {
         // SAFETY: as in `read`, with the roles of the ranges swapped.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len());
+        }
+    }
+
+    /// Copy the `N` bytes of `data` in at `offset` (a size known at compile time: a few
+    /// plain stores, inlined across crates; the state journal's hot path). Panics outside
+    /// the mapping.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, offset: usize, data: &[u8; N]) {
+        self.check(offset, N);
+        // SAFETY: as in `write`; N bytes inside our live mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), N);
         }
     }
 

@@ -158,13 +158,9 @@ impl Controller {
             let slot = sq.free.pop().unwrap_or_default();
             if let Some(j) = &self.journal {
                 // the fetch position and the command, before anything acts on it
-                j.fetched(
-                    qid,
-                    slot,
-                    (sq.head + sq.size - 1) % sq.size,
-                    sq.head,
-                    sqe.as_bytes(),
-                );
+                let raw: &[u8; 64] = sqe.as_bytes().try_into().unwrap_or(&[0; 64]);
+                let pos = (sq.head + sq.size - 1) % sq.size;
+                j.fetched(qid, slot, pos, sq.head, raw);
             }
             self.commands_in_flight += 1;
             if qid != 0 {
