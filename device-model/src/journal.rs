@@ -27,7 +27,7 @@ const MAGIC: u64 = u64::from_le_bytes(*b"VNVMEJ01");
 const BLOB_MAX: usize = 64 << 10;
 const BLOB_OFF: usize = 4096;
 const QUEUE_OFF: usize = BLOB_OFF + 2 * (BLOB_MAX + 4096);
-const QUEUE_REC: usize = 16;
+const QUEUE_REC: usize = 32;
 const SLOT_OFF: usize = (QUEUE_OFF + QUEUES * QUEUE_REC).next_multiple_of(4096);
 const SLOT_REC: usize = 128;
 /// Size of a state memfd.
@@ -182,6 +182,27 @@ impl Journal {
         }
     }
 
+    /// The SQ tail (`cq` false) or CQ head doorbell of queue `qid` as the controller saw it
+    /// last changed: register copy, shadow copy, value in use. The next worker starts from it
+    /// so that it tells a newer write of either copy from an old one.
+    #[inline]
+    pub fn doorbell_seen(&self, qid: u16, cq: bool, register: u32, shadow: u32, value: u32) {
+        if let Some(q) = Self::queue_off(qid) {
+            let at = q + if cq { 20 } else { 8 };
+            self.put_u32(at, register);
+            self.put_u32(at + 4, shadow);
+            self.put_u32(at + 8, value);
+        }
+    }
+
+    /// What [`doorbell_seen`](Self::doorbell_seen) recorded: register, shadow, value.
+    pub fn doorbell(&self, qid: u16, cq: bool) -> (u32, u32, u32) {
+        Self::queue_off(qid).map_or((0, 0, 0), |q| {
+            let at = q + if cq { 20 } else { 8 };
+            (self.u32_at(at), self.u32_at(at + 4), self.u32_at(at + 8))
+        })
+    }
+
     /// `slot` of SQ `qid` holds no command any more.
     #[inline]
     pub fn freed(&self, qid: u16, slot: u16) {
@@ -212,6 +233,7 @@ impl Journal {
             return;
         };
         self.put_u32(q, 0);
+        self.doorbell_seen(qid, false, 0, 0, 0);
         for s in 0..(slots as usize).min(SLOTS) {
             if let Some(off) = Self::slot_off(qid, s as u16) {
                 self.put_u32(off, FREE);
@@ -223,6 +245,7 @@ impl Journal {
     pub fn init_cq(&self, qid: u16) {
         if let Some(q) = Self::queue_off(qid) {
             self.put_u32(q + 4, 1 << 31);
+            self.doorbell_seen(qid, true, 0, 0, 0);
         }
     }
 

@@ -50,6 +50,7 @@ impl Controller {
                 continue;
             };
             cq.refresh_view(&mem);
+            let seen = cq.doorbell;
             let db = shadow_doorbell::current(
                 &self.doorbells,
                 self.shadow.as_ref(),
@@ -57,6 +58,12 @@ impl Controller {
                 2 * id as usize + 1,
                 &mut cq.doorbell,
             );
+            if cq.doorbell != seen
+                && let Some(j) = &self.journal
+            {
+                let d = cq.doorbell;
+                j.doorbell_seen(id, true, d.register, d.shadow, d.value);
+            }
             if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
                 self.warned_doorbell = true;
                 bad_doorbell = true;
@@ -93,6 +100,7 @@ impl Controller {
             return 0;
         };
         sq.refresh_view(mem);
+        let seen = sq.doorbell;
         let db = shadow_doorbell::current(
             &self.doorbells,
             self.shadow.as_ref(),
@@ -100,6 +108,12 @@ impl Controller {
             2 * qid as usize,
             &mut sq.doorbell,
         );
+        if sq.doorbell != seen
+            && let Some(j) = &self.journal
+        {
+            let d = sq.doorbell;
+            j.doorbell_seen(qid, false, d.register, d.shadow, d.value);
+        }
         if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
             self.warned_doorbell = true;
             crate::warn_limited!(

@@ -10,6 +10,7 @@
 //! Queued asynchronous events, the error log and SMART counters are not carried (they start
 //! empty in the new worker), nor namespace changes made at run time.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use nvme_spec::{Completion, Submission};
@@ -47,6 +48,17 @@ pub(super) struct PendingAdmin {
     cq_pos: u32,
     phase: bool,
     cqe: [u8; 16],
+}
+
+/// A doorbell as the last worker saw it (the poll loop then notices any newer write of the
+/// register or the shadow copy, whichever the host uses for this queue).
+fn seen(j: &Journal, qid: u16, cq: bool) -> DoorbellSeen {
+    let (register, shadow, value) = j.doorbell(qid, cq);
+    DoorbellSeen {
+        register,
+        shadow,
+        value,
+    }
 }
 
 /// Little-endian writer.
@@ -139,6 +151,36 @@ impl Controller {
     /// Write the slow state now (a planned upgrade, after draining). Errors are logged.
     pub fn save_state(&mut self) {
         self.save_blob(None);
+        log::info!("{}: state saved: {}", self.cfg.serial, self.queue_summary());
+    }
+
+    /// Each queue's position, live and as journalled (logged at upgrade and restore).
+    fn queue_summary(&self) -> String {
+        let j = self.journal.as_deref();
+        let mut out = String::new();
+        for &id in &self.queues.active_cqs {
+            if let Some(c) = self.queues.cq(id) {
+                let rec = j.map(|j| j.cq_tail(id));
+                let _ = write!(
+                    out,
+                    "CQ{id} tail {} phase {} head {} (journal {rec:?}); ",
+                    c.tail, c.phase, c.head
+                );
+            }
+        }
+        for &id in &self.queues.active_sqs {
+            if let Some(q) = self.queues.sq(id) {
+                let rec = j.map(|j| j.sq_head(id));
+                let _ = write!(
+                    out,
+                    "SQ{id} head {} tail {} in flight {} (journal {rec:?}); ",
+                    q.head,
+                    q.tail,
+                    q.in_flight()
+                );
+            }
+        }
+        out
     }
 
     fn encode(&self, pending: Option<PendingAdmin>) -> Vec<u8> {
@@ -427,7 +469,7 @@ impl Controller {
             let (tail, phase) = j.cq_tail(id);
             cq.tail = tail % size;
             cq.phase = phase;
-            cq.doorbell = self.seen(&mem, 2 * id as usize + 1);
+            cq.doorbell = seen(&j, id, true);
             cq.head = if cq.doorbell.value < size {
                 cq.doorbell.value
             } else {
@@ -455,7 +497,7 @@ impl Controller {
                 }
             }
             sq.head = head;
-            sq.doorbell = self.seen(&mem, 2 * id as usize);
+            sq.doorbell = seen(&j, id, false);
             sq.tail = if sq.doorbell.value < size {
                 sq.doorbell.value
             } else {
@@ -480,6 +522,7 @@ impl Controller {
         // the records of the queues just restored are current: no re-initialising them
         self.journaled_queues = self.queue_keys();
         self.save_blob(None);
+        log::info!("{}: restored: {}", self.cfg.serial, self.queue_summary());
         self.stats
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -518,26 +561,6 @@ impl Controller {
             }
         }
         Ok(out)
-    }
-
-    /// A doorbell's current values as the poll loop tracks them.
-    fn seen(&self, mem: &MemoryMap, index: usize) -> DoorbellSeen {
-        let register = self.doorbells.load(index);
-        match &self.shadow {
-            Some(sh) => {
-                let shadow = sh.read(mem, index).unwrap_or(register);
-                DoorbellSeen {
-                    register,
-                    shadow,
-                    value: shadow,
-                }
-            }
-            None => DoorbellSeen {
-                register,
-                shadow: 0,
-                value: register,
-            },
-        }
     }
 
     /// Mark `slot` of SQ `qid` in flight again (a command run again after recovery).
