@@ -41,7 +41,7 @@ fn replace_worker(h: &mut Harness, state: &sys_util::SharedMemory, file: &std::p
 
 /// Run the scenario with the worker dying at journal step `crash_at` (0: never): returns how
 /// many times each command was completed and whether the crash point was reached.
-fn scenario(crash_at: u64) -> (BTreeMap<(bool, u16), usize>, bool) {
+fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool) {
     let file = std::env::temp_dir().join(format!(
         "vnvme-killpoint-{}-{crash_at}.img",
         std::process::id()
@@ -50,6 +50,21 @@ fn scenario(crash_at: u64) -> (BTreeMap<(bool, u16), usize>, bool) {
     let state = Journal::create().unwrap();
     let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
     let mut h = Harness::with_journal(namespace(&file), j);
+    if shadow {
+        // Doorbell Buffer Config; the test keeps ringing the registers, as Linux does for
+        // the admin queue: the shadow copies then stay behind
+        let c = h.admin(sqe(0x7c, 0, DATA + 0x20000, &[]));
+        let mut s = sqe(0x7c, 0, DATA + 0x20000, &[]);
+        s[32..40].copy_from_slice(&(DATA + 0x21000).to_le_bytes());
+        let _ = c;
+        let c = h.admin(s);
+        let got = h.wait(true, 2);
+        assert!(
+            got.iter().any(|&(id, st)| id == c && st == Status::SUCCESS),
+            "{got:?}"
+        );
+        assert!(h.ctrl.shadow_doorbells_enabled());
+    }
     let mut expected = Vec::new();
     for i in 0..4u32 {
         h.write(DATA + u64::from(i) * 4096, &[i as u8 + 1; 4096]);
@@ -120,11 +135,20 @@ fn scenario(crash_at: u64) -> (BTreeMap<(bool, u16), usize>, bool) {
 
 #[test]
 fn every_command_completes_exactly_once_whatever_journal_step_the_worker_dies_at() {
-    let (_, crashed) = scenario(0);
+    every_kill_point(false);
+}
+
+#[test]
+fn every_kill_point_with_shadow_doorbells_configured() {
+    every_kill_point(true);
+}
+
+fn every_kill_point(shadow: bool) {
+    let (_, crashed) = scenario(0, shadow);
     assert!(!crashed);
     let mut step = 1;
     loop {
-        let (_, crashed) = scenario(step);
+        let (_, crashed) = scenario(step, shadow);
         if !crashed {
             break; // past the last journal step of the scenario
         }
