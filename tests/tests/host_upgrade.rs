@@ -237,3 +237,34 @@ fn a_hostile_client_while_the_worker_is_replaced_harms_nobody() {
     let (_, generation, upgrades, recoveries) = status(&rpc_sock);
     assert_eq!((generation, upgrades, recoveries), (3, 1, 1));
 }
+
+#[test]
+fn an_upgrade_to_a_binary_that_does_not_start_falls_back_without_an_error_to_the_client() {
+    let tmp = TempDir::new("upgrade-broken");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let p = perf(&socks[0], 6);
+    std::thread::sleep(Duration::from_secs(2));
+    // a binary that exits at once: its worker never reports ready
+    let o = Command::new(vnvme_binary())
+        .args(["rpc", "--socket"])
+        .arg(&rpc_sock)
+        .args(["daemon_upgrade", "binary=/bin/true"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("vnvme rpc");
+    assert!(
+        !o.status.success(),
+        "the upgrade to /bin/true was not refused"
+    );
+    let s = rpc(&rpc_sock, &["daemon_status"]);
+    assert!(
+        s.get("binary")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b.ends_with("vnvme")),
+        "{s}"
+    );
+    let (_, generation, upgrades, _) = status(&rpc_sock);
+    assert_eq!((generation, upgrades), (2, 0));
+    let (ok, out) = finish(p);
+    assert!(ok && out.contains(" 0 mismatches"), "{out}");
+}

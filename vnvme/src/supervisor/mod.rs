@@ -140,6 +140,8 @@ pub struct Supervisor {
     relays: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     worker: Option<(Child, UnixStream)>,
+    /// When to try again to start a worker after every attempt failed.
+    retry_at: Option<Instant>,
     status: Status,
 }
 
@@ -223,6 +225,7 @@ impl Supervisor {
             relays,
             stop,
             worker: None,
+            retry_at: None,
         };
         s.spawn_worker()?;
         Ok(s)
@@ -283,12 +286,14 @@ impl Supervisor {
         Ok(())
     }
 
-    /// A planned upgrade to `binary` (default: the current one).
+    /// A planned upgrade to `binary` (default: the current one). A new binary whose worker
+    /// does not come up is given up: the current binary is started again (the clients see
+    /// a longer stall) and the upgrade is refused.
     pub fn upgrade(&mut self, binary: Option<PathBuf>) -> Result<Value, SupervisorError> {
         let t = Instant::now();
+        let previous = self.opts.binary.clone();
         if let Some(b) = binary {
             self.opts.binary = b;
-            self.status.binary = self.opts.binary.display().to_string();
         }
         if let Some((mut child, ctl)) = self.worker.take() {
             let _ = control::send(&ctl, control::UPGRADE, &Value::Null, &[]);
@@ -301,7 +306,17 @@ impl Supervisor {
             }
             let _ = child.wait();
         }
-        self.spawn_with_retries()?;
+        if let Err(e) = self.spawn_worker() {
+            log::error!(
+                "supervisor: the worker of {} did not start ({e}); back to {}",
+                self.opts.binary.display(),
+                previous.display()
+            );
+            self.opts.binary = previous;
+            self.spawn_with_retries()?;
+            return Err(e);
+        }
+        self.status.binary = self.opts.binary.display().to_string();
         self.status.upgrades += 1;
         let ms = t.elapsed().as_millis() as u64;
         self.status.last_upgrade_ms = Some(ms);
@@ -311,9 +326,10 @@ impl Supervisor {
         )
     }
 
+    /// Start a worker, trying a few times within QEMU's message timeout.
     fn spawn_with_retries(&mut self) -> Result<(), SupervisorError> {
         let mut last = None;
-        for attempt in 0..5 {
+        for attempt in 0..3 {
             match self.spawn_worker() {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -332,6 +348,14 @@ impl Supervisor {
     /// Reap a worker that died and start another; true when that happened.
     fn check_worker(&mut self) -> bool {
         let Some((child, _)) = self.worker.as_mut() else {
+            // every attempt failed: go on trying, once a second
+            if self.retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                if self.spawn_worker().is_ok() {
+                    self.status.recoveries += 1;
+                    self.retry_at = None;
+                }
+            }
             return false;
         };
         let status = match child.try_wait() {
