@@ -158,3 +158,56 @@ fn every_kill_point(shadow: bool) {
     eprintln!("kill points tried: {}", step - 1);
     assert!(step > 20, "only {} kill points", step - 1);
 }
+
+/// A worker that finds garbage in its state memfd (a corrupt file, a foreign version) never
+/// panics: an unreadable slow state starts the controller from reset, and hot records with
+/// any values are bounded (positions taken modulo the queue size, commands run again are
+/// checked as any guest command is).
+#[test]
+fn a_corrupt_state_memfd_never_panics_the_restore() {
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let file = std::env::temp_dir().join(format!("vnvme-corrupt-{}.img", std::process::id()));
+    for round in 0..40 {
+        let state = Journal::create().unwrap();
+        let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+        let mut h = Harness::with_journal(namespace(&file), j);
+        h.io(sqe(0x01, 1, DATA, &[0, 0, 7]));
+        let raw = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+        if round % 2 == 0 {
+            // garbage in the hot records of the admin and I/O queues
+            for q in 0..3u16 {
+                let (a, b) = (next() as u32, next() as u32);
+                raw.doorbell_seen(q, false, a, b, a ^ b);
+                raw.doorbell_seen(q, true, b, a, next() as u32);
+                raw.cq_moved(q, next() as u32, next() & 1 == 0);
+                for s in 0..8u16 {
+                    let mut sqe = [0u8; 64];
+                    sqe.iter_mut().for_each(|b| *b = next() as u8);
+                    raw.fetched(q, s, next() as u32, next() as u32, &sqe);
+                    if next() & 1 == 0 {
+                        raw.posting(q, s, next() as u32, true, &[next() as u8; 16]);
+                    }
+                }
+            }
+        } else {
+            // a slow state with a valid checksum and random contents, or cut short
+            let len = (next() % 4096) as usize;
+            let mut blob: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(v) = blob.get_mut(0..4) {
+                v.copy_from_slice(&1u32.to_le_bytes());
+            }
+            let _ = raw.save_blob(&blob);
+        }
+        replace_worker(&mut h, &state, &file);
+        for _ in 0..20 {
+            h.ctrl.poll();
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}
