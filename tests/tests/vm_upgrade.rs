@@ -52,6 +52,10 @@ const SCRIPT: &str = r#"
 for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
 echo @@LIST1-BEGIN; nvme list; echo @@LIST1-END
 BEFORE=$(dmesg | wc -l)
+# the same job without events first: the latency to compare the stalls with
+fio --name=base --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
+  --iodepth=32 --size=64M --time_based --runtime=15 --randrepeat=1 > /tmp/base.out 2>&1
+echo @@BASE-BEGIN; cat /tmp/base.out; echo @@BASE-END
 echo @@FIO-START
 fio --name=upg --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
   --iodepth=32 --size=64M --time_based --runtime=40 --verify=crc32c --verify_backlog=512 \
@@ -150,11 +154,16 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
         fio.matches("err=").count() == fio.matches("err= 0").count() && fio.contains("err= 0"),
         "fio reported errors:\n{fio}"
     );
-    for l in fio
-        .lines()
-        .filter(|l| l.contains("lat (") && l.contains("max="))
-    {
-        eprintln!("fio: {}", l.trim());
+    // the guest-visible stall: max latency with the events against the same job without
+    for (what, text) in [
+        ("without events", section(&out, "@@BASE")),
+        ("with events", fio),
+    ] {
+        for l in text.lines().map(str::trim) {
+            if l.starts_with("read:") || l.starts_with("write:") || l.starts_with("lat (") {
+                eprintln!("fio {what}: {l}");
+            }
+        }
     }
     let dmesg = section(&out, "@@DMESG").to_lowercase();
     for bad in [
