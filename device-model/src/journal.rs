@@ -144,14 +144,13 @@ impl Journal {
         let (Some(off), Some(q)) = (Self::slot_off(qid, slot), Self::queue_off(qid)) else {
             return;
         };
+        let rec = self.mem.window::<SLOT_REC>(off);
         step();
-        self.mem.write_array(off + 32, sqe);
-        self.put_u32(off + 4, sq_pos);
-        compiler_fence(Ordering::Release);
-        self.put_u32(off, FETCHED);
+        rec.write_array(32, sqe);
+        rec.store_u32(4, sq_pos);
+        rec.store_u32(0, FETCHED);
         step();
-        compiler_fence(Ordering::Release);
-        self.put_u32(q, head);
+        self.mem.window::<QUEUE_REC>(q).store_u32(0, head);
         step();
     }
 
@@ -162,12 +161,12 @@ impl Journal {
         let Some(off) = Self::slot_off(qid, slot) else {
             return;
         };
+        let rec = self.mem.window::<SLOT_REC>(off);
         step();
-        self.mem.write_array(off + 16, cqe);
-        self.put_u32(off + 8, cq_pos);
-        self.put_u32(off + 12, u32::from(phase));
-        compiler_fence(Ordering::Release);
-        self.put_u32(off, POSTING);
+        rec.write_array(16, cqe);
+        rec.store_u32(8, cq_pos);
+        rec.store_u32(12, u32::from(phase));
+        rec.store_u32(0, POSTING);
         step();
     }
 
@@ -177,7 +176,18 @@ impl Journal {
         if let Some(q) = Self::queue_off(cqid) {
             step();
             compiler_fence(Ordering::Release);
-            self.put_u32(q + 4, tail | u32::from(phase) << 31);
+            self.mem
+                .window::<QUEUE_REC>(q)
+                .store_u32(4, tail | u32::from(phase) << 31);
+            step();
+        }
+    }
+
+    /// `slot` of SQ `qid` holds no command any more.
+    #[inline]
+    pub fn freed(&self, qid: u16, slot: u16) {
+        if let Some(off) = Self::slot_off(qid, slot) {
+            self.mem.window::<SLOT_REC>(off).store_u32(0, FREE);
             step();
         }
     }
@@ -188,10 +198,11 @@ impl Journal {
     #[inline]
     pub fn doorbell_seen(&self, qid: u16, cq: bool, register: u32, shadow: u32, value: u32) {
         if let Some(q) = Self::queue_off(qid) {
-            let at = q + if cq { 20 } else { 8 };
-            self.put_u32(at, register);
-            self.put_u32(at + 4, shadow);
-            self.put_u32(at + 8, value);
+            let rec = self.mem.window::<QUEUE_REC>(q);
+            let at = if cq { 20 } else { 8 };
+            rec.store_u32(at, register);
+            rec.store_u32(at + 4, shadow);
+            rec.store_u32(at + 8, value);
         }
     }
 
@@ -201,16 +212,6 @@ impl Journal {
             let at = q + if cq { 20 } else { 8 };
             (self.u32_at(at), self.u32_at(at + 4), self.u32_at(at + 8))
         })
-    }
-
-    /// `slot` of SQ `qid` holds no command any more.
-    #[inline]
-    pub fn freed(&self, qid: u16, slot: u16) {
-        if let Some(off) = Self::slot_off(qid, slot) {
-            compiler_fence(Ordering::Release);
-            self.put_u32(off, FREE);
-            step();
-        }
     }
 
     /// A queue pair id starts afresh (created): head 0, tail 0 with phase 1, `slots` free.

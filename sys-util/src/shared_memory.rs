@@ -178,11 +178,58 @@ impl SharedMemory {
         }
     }
 
+    /// The `N` bytes at `offset` (4-byte aligned) as a [`Window`]: bounds checked once here,
+    /// so the stores into it at constant offsets compile to plain moves. Panics outside the
+    /// mapping or when unaligned.
+    #[inline]
+    pub fn window<const N: usize>(&self, offset: usize) -> Window<'_, N> {
+        self.check(offset, N);
+        assert_eq!(offset % 4, 0, "unaligned window at {offset:#x}");
+        Window {
+            // SAFETY: `offset + N` is inside our live mapping (checked above).
+            ptr: unsafe { self.as_ptr().add(offset) },
+            _memory: std::marker::PhantomData,
+        }
+    }
+
     /// Set `len` bytes at `offset` to `byte`. Panics outside the mapping.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) {
         self.check(offset, len);
         // SAFETY: the range is inside our live mapping.
         unsafe { std::ptr::write_bytes(self.as_ptr().add(offset), byte, len) };
+    }
+}
+
+/// `N` bytes of a [`SharedMemory`], checked once ([`SharedMemory::window`]): a record the
+/// daemon writes with plain stores on a hot path (the state journal).
+#[derive(Debug)]
+pub struct Window<'a, const N: usize> {
+    ptr: *mut u8,
+    _memory: std::marker::PhantomData<&'a SharedMemory>,
+}
+
+impl<const N: usize> Window<'_, N> {
+    /// Store `v` at byte `at` of the window with Release ordering (after every store before
+    /// it; a plain `mov` on x86). `at` is usually a constant: its check then costs nothing.
+    #[inline]
+    pub fn store_u32(&self, at: usize, v: u32) {
+        assert!(
+            at + 4 <= N && at.is_multiple_of(4),
+            "store at {at} in a {N}-byte window"
+        );
+        // SAFETY: in bounds of the window (checked above and when it was made) and 4-byte
+        // aligned (the window is); the mapping outlives the window's borrow; AtomicU32 has
+        // u32's layout and tolerates the other party's accesses.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(at).cast()) }
+            .store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Copy `data` in at byte `at` of the window.
+    #[inline]
+    pub fn write_array<const M: usize>(&self, at: usize, data: &[u8; M]) {
+        assert!(at + M <= N, "{M} bytes at {at} in a {N}-byte window");
+        // SAFETY: in bounds of the window (checked above); `data` is our own memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), M) };
     }
 }
 

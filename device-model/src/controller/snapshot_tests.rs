@@ -188,7 +188,9 @@ fn a_corrupt_state_memfd_never_panics_the_restore() {
                 raw.cq_moved(q, next() as u32, next() & 1 == 0);
                 for s in 0..8u16 {
                     let mut sqe = [0u8; 64];
-                    sqe.iter_mut().for_each(|b| *b = next() as u8);
+                    for b in &mut sqe {
+                        *b = next() as u8;
+                    }
                     raw.fetched(q, s, next() as u32, next() as u32, &sqe);
                     if next() & 1 == 0 {
                         raw.posting(q, s, next() as u32, true, &[next() as u8; 16]);
