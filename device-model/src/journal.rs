@@ -33,6 +33,12 @@ const SLOT_REC: usize = 128;
 /// Size of a state memfd.
 pub const SIZE: u64 = (SLOT_OFF + QUEUES * SLOTS * SLOT_REC) as u64;
 
+/// An SQ's head and fetch count share one word (one store moves both): head in the low
+/// bits (queues have at most [`SLOTS`] entries), the count of fetches above.
+const HEAD_BITS: u32 = 10;
+const HEAD_MASK: u32 = (1 << HEAD_BITS) - 1;
+const _: () = assert!(SLOTS <= 1 << HEAD_BITS);
+
 /// Header: magic (8), active blob copy (4).
 const H_ACTIVE: usize = 8;
 
@@ -71,6 +77,9 @@ pub struct SlotRecord {
     pub state: u32,
     /// SQ position the command was fetched from.
     pub sq_pos: u32,
+    /// Its number among the SQ's fetches (modulo 2^22): tells the one fetch whose head
+    /// store may be missing from commands fetched a lap of the ring earlier, still in flight.
+    pub seq: u32,
     /// CQ position and phase of a completion being posted.
     pub cq_pos: u32,
     pub phase: bool,
@@ -138,19 +147,23 @@ impl Journal {
     // a worker killed mid-way leaves every store it executed in the shared page cache) ----
 
     /// SQE `sqe` was fetched into `slot` of SQ `qid` from position `sq_pos`; the SQ's head
-    /// is now `head`. The record is complete before the head moves.
+    /// is now `head`. The record (with the fetch's number) is complete before the head and
+    /// the fetch count move, together, in one store.
     #[inline]
     pub fn fetched(&self, qid: u16, slot: u16, sq_pos: u32, head: u32, sqe: &[u8; 64]) {
         let (Some(off), Some(q)) = (Self::slot_off(qid, slot), Self::queue_off(qid)) else {
             return;
         };
         let rec = self.mem.window::<SLOT_REC>(off);
+        let queue = self.mem.window::<QUEUE_REC>(q);
+        let seq = (queue.load_u32(0) >> HEAD_BITS).wrapping_add(1) & (u32::MAX >> HEAD_BITS);
         step();
         rec.write_array(32, sqe);
         rec.store_u32(4, sq_pos);
+        rec.store_u32(96, seq);
         rec.store_u32(0, FETCHED);
         step();
-        self.mem.window::<QUEUE_REC>(q).store_u32(0, head);
+        queue.store_u32(0, seq << HEAD_BITS | (head & HEAD_MASK));
         step();
     }
 
@@ -250,9 +263,15 @@ impl Journal {
         }
     }
 
-    /// SQ `qid`'s recorded head.
-    pub fn sq_head(&self, qid: u16) -> u32 {
-        Self::queue_off(qid).map_or(0, |q| self.u32_at(q))
+    /// SQ `qid`'s recorded head and fetch count.
+    pub fn sq_head(&self, qid: u16) -> (u32, u32) {
+        let v = Self::queue_off(qid).map_or(0, |q| self.u32_at(q));
+        (v & HEAD_MASK, v >> HEAD_BITS)
+    }
+
+    /// The number the next fetch of an SQ whose fetch count is `count` gets.
+    pub fn next_seq(count: u32) -> u32 {
+        count.wrapping_add(1) & (u32::MAX >> HEAD_BITS)
     }
 
     /// CQ `qid`'s recorded tail and phase.
@@ -267,6 +286,7 @@ impl Journal {
         let mut r = SlotRecord {
             state: self.u32_at(off),
             sq_pos: self.u32_at(off + 4),
+            seq: self.u32_at(off + 96),
             cq_pos: self.u32_at(off + 8),
             phase: self.u32_at(off + 12) & 1 != 0,
             cqe: [0; 16],
@@ -366,7 +386,12 @@ mod tests {
         let j = journal();
         j.init_queue(1, 8);
         j.fetched(1, 3, 5, 6, &[7u8; 64]);
-        assert_eq!(j.sq_head(1), 6);
+        assert_eq!(j.sq_head(1), (6, 1));
+        j.fetched(1, 4, 6, 7, &[8u8; 64]);
+        assert_eq!(j.sq_head(1), (7, 2));
+        assert_eq!(j.slot(1, 4).unwrap().seq, 2);
+        assert_eq!(Journal::next_seq(2), 3);
+        assert_eq!(Journal::next_seq(u32::MAX >> 10), 0);
         let r = j.slot(1, 3).unwrap();
         assert_eq!((r.state, r.sq_pos, r.sqe[0]), (FETCHED, 5, 7));
         j.posting(1, 3, 2, true, &[9u8; 16]);

@@ -224,6 +224,18 @@ impl<const N: usize> Window<'_, N> {
             .store(v, std::sync::atomic::Ordering::Release);
     }
 
+    /// Load the 32-bit word at byte `at` of the window (Acquire).
+    #[inline]
+    pub fn load_u32(&self, at: usize) -> u32 {
+        assert!(
+            at + 4 <= N && at.is_multiple_of(4),
+            "load at {at} in a {N}-byte window"
+        );
+        // SAFETY: as in `store_u32`.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(at).cast()) }
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Copy `data` in at byte `at` of the window.
     #[inline]
     pub fn write_array<const M: usize>(&self, at: usize, data: &[u8; M]) {

@@ -175,7 +175,24 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
 
     for (p, s) in perfs.into_iter().zip(&socks) {
         let (ok, out) = finish(p);
-        assert!(ok, "perf on {} failed:\n{out}", s.display());
+        if !ok {
+            let log = std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
+            let events: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "restored", "died", "drain", "WARN", "ERROR", "saved", "attached",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            panic!(
+                "perf on {} failed:\n{out}\ndaemon:\n{}",
+                s.display(),
+                events.join("\n")
+            );
+        }
         assert!(out.contains(" 0 mismatches"), "{out}");
         eprintln!(
             "{}: {}",
@@ -267,4 +284,54 @@ fn an_upgrade_to_a_binary_that_does_not_start_falls_back_without_an_error_to_the
     assert_eq!((generation, upgrades), (2, 0));
     let (ok, out) = finish(p);
     assert!(ok && out.contains(" 0 mismatches"), "{out}");
+}
+
+#[test]
+fn a_worker_that_stops_answering_is_replaced_and_the_message_answered() {
+    use std::io::{Read as _, Write};
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("upgrade-hung");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let mut c = UnixStream::connect(&socks[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (pid, _, _, _) = status(&rpc_sock);
+    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    // the signal is delivered asynchronously: wait until the worker is stopped
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    };
+    let t = Instant::now();
+    while !stopped() {
+        assert!(t.elapsed() < Duration::from_secs(5), "worker not stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    // DEVICE_GET_INFO with its 16-byte payload (argsz first)
+    let mut m = header(4, 32).to_vec();
+    m.extend_from_slice(&16u32.to_le_bytes());
+    m.extend_from_slice(&[0; 12]);
+    c.write_all(&m).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        reply[8] & 0x20,
+        0,
+        "GET_INFO failed after {waited:?}: {reply:?}"
+    );
+    let mut info = [0u8; 16];
+    c.read_exact(&mut info).unwrap();
+    assert!(
+        waited < Duration::from_millis(4800),
+        "answered after {waited:?}"
+    );
+    let (new_pid, generation, _, recoveries) = status(&rpc_sock);
+    assert_ne!(new_pid, pid);
+    assert_eq!((generation, recoveries), (2, 1));
+    eprintln!("answered by the next worker after {waited:?}");
 }

@@ -50,9 +50,19 @@ pub(super) struct PendingAdmin {
     cqe: [u8; 16],
 }
 
-/// A doorbell as the last worker saw it (the poll loop then notices any newer write of the
-/// register or the shadow copy, whichever the host uses for this queue).
-fn seen(j: &Journal, qid: u16, cq: bool) -> DoorbellSeen {
+/// A doorbell as the last worker saw it: without shadow doorbells the register itself (it
+/// holds the host's latest value); with them, what the last worker recorded (the poll loop
+/// then notices any newer write of the register or the shadow copy, whichever the host uses
+/// for this queue: Linux rings its admin queue through the register only).
+fn seen(j: &Journal, regs: &crate::Doorbells, shadow: bool, qid: u16, cq: bool) -> DoorbellSeen {
+    if !shadow {
+        let register = regs.load(2 * qid as usize + usize::from(cq));
+        return DoorbellSeen {
+            register,
+            shadow: 0,
+            value: register,
+        };
+    }
     let (register, shadow, value) = j.doorbell(qid, cq);
     DoorbellSeen {
         register,
@@ -469,7 +479,7 @@ impl Controller {
             let (tail, phase) = j.cq_tail(id);
             cq.tail = tail % size;
             cq.phase = phase;
-            cq.doorbell = seen(&j, id, true);
+            cq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, true);
             cq.head = if cq.doorbell.value < size {
                 cq.doorbell.value
             } else {
@@ -480,14 +490,16 @@ impl Controller {
         let mut reissue = Vec::new();
         for &(id, base, size, cqid) in &b.sqs {
             let mut sq = SubmissionQueue::new(id, base, size, cqid);
-            let mut head = j.sq_head(id) % size;
+            let (head, count) = j.sq_head(id);
+            let mut head = head % size;
             let mut posting = Vec::new();
             for slot in 0..size as u16 {
                 let Some(rec) = j.slot(id, slot) else { break };
                 match rec.state {
                     journal::FETCHED => {
-                        // a fetch whose head store did not happen yet
-                        if rec.sq_pos == head {
+                        // the one fetch whose head store did not happen yet (a command
+                        // fetched from the same position a lap earlier may still be in flight)
+                        if rec.seq == Journal::next_seq(count) && rec.sq_pos == head {
                             head = (head + 1) % size;
                         }
                         reissue.push((id, slot, rec));
@@ -497,7 +509,7 @@ impl Controller {
                 }
             }
             sq.head = head;
-            sq.doorbell = seen(&j, id, false);
+            sq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, false);
             sq.tail = if sq.doorbell.value < size {
                 sq.doorbell.value
             } else {
