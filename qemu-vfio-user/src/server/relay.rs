@@ -41,6 +41,9 @@ pub fn is_supervisor_command(c: u16) -> bool {
 
 /// How long a message may wait for a worker (QEMU gives up on a reply after 5 s).
 const WORKER_WAIT: Duration = Duration::from_millis(4500);
+/// A worker that holds a message this long without dying is taken as hung (and replaced:
+/// the message is then answered by the next worker, still inside `WORKER_WAIT`).
+const WORKER_REPLY: Duration = Duration::from_secs(3);
 /// Distinct config-space / MSI-X BAR write locations remembered for replay.
 const MAX_WRITES: usize = 4096;
 /// DMA regions remembered (a client's limit is far lower: it is refused by the worker).
@@ -223,6 +226,8 @@ pub struct Relay {
     link: Option<UnixStream>,
     replay: Replay,
     stop: Arc<AtomicBool>,
+    /// Set when the worker stopped answering without dying: the supervisor kills it.
+    hung: Arc<AtomicBool>,
     next_id: u16,
 }
 
@@ -233,11 +238,13 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// Listen on `path`; each worker's link arrives on `links`.
+    /// Listen on `path`; each worker's link arrives on `links`. `hung` is set when the
+    /// worker holds a message past the timeout without dying (the owner replaces it).
     pub fn bind(
         path: &Path,
         links: Receiver<UnixStream>,
         stop: Arc<AtomicBool>,
+        hung: Arc<AtomicBool>,
     ) -> Result<Self, ServerError> {
         let (listener, owned) = socket_path::OwnedSocketPath::bind(path)?;
         listener
@@ -254,6 +261,7 @@ impl Relay {
             link: None,
             replay: Replay::default(),
             stop,
+            hung,
             next_id: 1,
         })
     }
@@ -387,6 +395,10 @@ impl Relay {
                             "supervisor: worker link of {} broke ({e}); waiting for the next worker",
                             self.path.display()
                         );
+                        if e.kind() == io::ErrorKind::TimedOut {
+                            // alive but not answering: have it replaced
+                            self.hung.store(true, Ordering::Relaxed);
+                        }
                         self.link = None;
                     }
                 }
@@ -497,7 +509,7 @@ fn exchange(
             fds: Vec::new(),
         });
     }
-    // a worker busy restoring may take a moment: wait up to the message timeout
+    // a worker busy restoring may take a moment: wait, but not past WORKER_REPLY
     let start = Instant::now();
     loop {
         if sys_util::poll::wait_readable(link, Duration::from_millis(100)).unwrap_or(false) {
@@ -506,7 +518,7 @@ fn exchange(
         if sys_util::fd::peer_closed(link) {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        if start.elapsed() > socket::MESSAGE_TIMEOUT || stop.load(Ordering::Relaxed) {
+        if start.elapsed() > WORKER_REPLY || stop.load(Ordering::Relaxed) {
             return Err(io::ErrorKind::TimedOut.into());
         }
     }

@@ -142,6 +142,8 @@ pub struct Supervisor {
     worker: Option<(Child, UnixStream)>,
     /// When to try again to start a worker after every attempt failed.
     retry_at: Option<Instant>,
+    /// A relay found the worker alive but not answering.
+    hung: Arc<AtomicBool>,
     status: Status,
 }
 
@@ -194,11 +196,12 @@ impl Supervisor {
         let sockets = check(cfg)?;
         crate::limits::apply();
         let stop = Arc::new(AtomicBool::new(false));
+        let hung = Arc::new(AtomicBool::new(false));
         let mut owned = Vec::new();
         let mut relays = Vec::new();
         for socket in sockets {
             let (tx, rx) = mpsc::channel();
-            let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop))?;
+            let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop), Arc::clone(&hung))?;
             let doorbells = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)
                 .map_err(SupervisorError::Io)?;
             let state = Journal::create().map_err(SupervisorError::Io)?;
@@ -226,6 +229,7 @@ impl Supervisor {
             stop,
             worker: None,
             retry_at: None,
+            hung,
         };
         s.spawn_worker()?;
         Ok(s)
@@ -397,6 +401,15 @@ impl Supervisor {
                 if let Err(e) = self.upgrade(None) {
                     log::error!("supervisor: upgrade failed: {e}");
                 }
+            }
+            if self.hung.swap(false, Ordering::Relaxed)
+                && let Some((child, _)) = self.worker.as_mut()
+            {
+                log::error!(
+                    "supervisor: worker {} stopped answering; killing it",
+                    self.status.worker_pid
+                );
+                let _ = child.kill();
             }
             self.check_worker();
             match &rpc {
