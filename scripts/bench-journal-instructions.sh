@@ -11,7 +11,7 @@
 set -euo pipefail
 A=$1 B=$2 SECS=${3:-10} QD=${4:-32}
 D=$(mktemp -d /dev/shm/vnvme-jr.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$D"' EXIT
 wait_sock() { for _ in $(seq 300); do [ -S "$1" ] && return; sleep 0.2; done; echo "no $1" >&2; exit 1; }
 measure() { # name bin [serve args]
   local name=$1 bin=$2; shift 2
