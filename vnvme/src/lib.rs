@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod namespace_pool;
 pub mod perf;
 pub mod rpc;
+pub mod supervisor;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use nvme_spec::{Completion, Status};
+use zerocopy::IntoBytes;
 
 use crate::memory::MemoryMap;
 
@@ -171,22 +172,36 @@ impl Controller {
             self.admin.errors.record(qid, cid, status, nsid, opcode);
         }
         self.count_command(qid, opcode, nsid, bytes, fetched, status);
+        let cqe = Completion {
+            dw0: dw0.into(),
+            dw1: 0.into(),
+            sq_head: sq_head.into(),
+            sq_id: qid.into(),
+            cid: cid.into(),
+            status: status.cqe_bits().into(),
+        };
+        if qid == 0 {
+            // an admin command's effect is saved with its completion before it is posted
+            self.journal_admin_completion(slot, &cqe);
+        }
         if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
-            let cqe = Completion {
-                dw0: dw0.into(),
-                dw1: 0.into(),
-                sq_head: sq_head.into(),
-                sq_id: qid.into(),
-                cid: cid.into(),
-                status: status.cqe_bits().into(),
-            };
+            if let Some(j) = &self.journal {
+                let mut b: [u8; 16] = cqe.as_bytes().try_into().unwrap_or([0; 16]);
+                b[14] = b[14] & !1 | u8::from(cq.phase);
+                j.posting(qid, slot, cq.tail, cq.phase, &b);
+            }
             if let Err(e) = cq.post(mem, cqe) {
                 crate::error_limited!(
                     "{}: CQ {cqid} not writable ({e}); controller fatal",
                     self.cfg.serial
                 );
                 self.set_fatal();
+            } else if let Some(j) = &self.journal {
+                j.cq_moved(cqid, cq.tail, cq.phase);
             }
+        }
+        if let Some(j) = &self.journal {
+            j.freed(qid, slot);
         }
         if let Some(admin_slot) = finish_delete {
             self.queues.remove_sq(qid);

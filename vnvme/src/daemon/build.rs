@@ -117,6 +117,9 @@ pub(super) struct Which {
     pub(super) shared: bool,
     /// The entry's NVM subsystem.
     pub(super) subsystem: Arc<Subsystem>,
+    /// Its vfio-user socket (a worker under a supervisor takes the BAR0 and state memfds
+    /// handed over for it).
+    pub(super) socket: Option<std::path::PathBuf>,
 }
 
 /// Lower the controller's MDTS to what every namespace's backend takes in one request (a
@@ -162,7 +165,11 @@ pub(super) fn build_controller(
         virt,
         shared,
         subsystem,
+        socket,
     } = which;
+    let handed = socket
+        .as_deref()
+        .and_then(crate::supervisor::handover::take_memory);
     let mut cfg = ControllerConfig::default();
     cfg.serial = entry_serial(index, spec);
     if let Some(m) = &spec.model {
@@ -221,11 +228,29 @@ pub(super) fn build_controller(
         );
     }
     cap_mdts(&mut cfg, &namespaces);
-    let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
+    let (doorbells, journal) = match handed {
+        Some(h) => (
+            Doorbells::from_fd(h.doorbells).map_err(|source| DaemonError::Io { index, source })?,
+            Some(
+                device_model::journal::Journal::open(h.state).map_err(|e| DaemonError::Io {
+                    index,
+                    source: std::io::Error::other(e),
+                })?,
+            ),
+        ),
+        None => (
+            Doorbells::new().map_err(|source| DaemonError::Io { index, source })?,
+            None,
+        ),
+    };
+    let doorbells = Arc::new(doorbells);
     let ids = cfg.ids;
     let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
     let name = format!("reactor-{index}{}", if tcp { "-tcp" } else { "" });
-    let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    let mut ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    if let Some(j) = journal {
+        ctrl.attach_journal(j);
+    }
     let stats = ctrl.stats();
     let qos = ctrl.qos_control();
     let handle = place

@@ -139,6 +139,7 @@ impl Entry {
             virt: virt.as_ref().map(VirtGroup::primary_role),
             shared,
             subsystem: Arc::clone(&self.subsystem),
+            socket: Some(socket.clone()),
         };
         let b = build_controller(index, &self.spec, which, Arc::clone(&self.memory), place)?;
         self.controllers.push(ControllerInfo {
@@ -164,6 +165,7 @@ impl Entry {
                 virt: Some(v.secondary_role(k)),
                 shared,
                 subsystem: Arc::clone(&self.subsystem),
+                socket: Some(sock.clone()),
             };
             let b = build_controller(
                 index,
@@ -213,6 +215,7 @@ impl Entry {
                 virt: None,
                 shared,
                 subsystem: Arc::clone(&self.subsystem),
+                socket: None,
             };
             let b = build_controller(index, &self.spec, which, mem, place)?;
             self.controllers.push(ControllerInfo {
@@ -272,8 +275,16 @@ impl Entry {
                 }),
             );
         }
-        let mut server = Server::bind(&socket, device, Arc::clone(&self.stop))
-            .map_err(|source| DaemonError::Server { index, source })?;
+        let mut server = match crate::supervisor::handover::take_link(&socket) {
+            // a worker under a supervisor: serve the connection it relays
+            Some(link) => {
+                crate::supervisor::handover::track(device.handle.poster());
+                let hook = crate::supervisor::handover::restore_hook(device.handle.poster());
+                Server::attached(&socket, link, device, Arc::clone(&self.stop), hook)
+            }
+            None => Server::bind(&socket, device, Arc::clone(&self.stop))
+                .map_err(|source| DaemonError::Server { index, source })?,
+        };
         let join = std::thread::Builder::new()
             .name(format!("vfio-user-{index}"))
             .spawn(move || server.run().map(|()| server))
