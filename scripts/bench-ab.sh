@@ -7,6 +7,8 @@
 # client is always B's `perf nvme-tcp://` (the NVMe/TCP target A/B).
 # POLL_A / POLL_B: the vfio-user servers' --poll mode (default busy for both), e.g. to set
 # the default (adaptive) against busy polling with one binary.
+# SERVE_A / SERVE_B: more `serve` arguments for A or B, e.g. SERVE_B=--supervised to measure
+# the state journal of a supervised worker (NSES=null:1G: --supervised refuses malloc).
 # Usage: [TRANSPORT=vfio-user|tcp] scripts/bench-ab.sh BIN_A BIN_B [SECS] [ROUNDS]
 set -euo pipefail
 A=$1 B=$2 SECS=${3:-4} ROUNDS=${4:-3}
@@ -16,7 +18,7 @@ trap '[ -n "$SRV" ] && kill $SRV 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXI
 TRANSPORT=${TRANSPORT:-vfio-user}
 PORT=${PORT:-14530}
 NQN=nqn.2026-11.io.vnvme:ab
-run() { # bin ns qd poll -> IOPS
+run() { # bin ns qd poll [serve args] -> IOPS
   rm -f "$D/s.sock"
   if [ "$TRANSPORT" = tcp ]; then
     taskset -c 0 "$1" serve --tcp-listen "127.0.0.1:$PORT" --nqn $NQN --ns "$2" >"$D/serve.log" 2>&1 &
@@ -25,7 +27,8 @@ run() { # bin ns qd poll -> IOPS
     RUST_LOG=warn taskset -c 1 "$B" perf "nvme-tcp://127.0.0.1:$PORT/$NQN/1" -q "$3" -o 4096 \
       -w randread -t "$SECS" >"$D/perf.out" 2>"$D/perf.err"
   else
-    taskset -c 0 "$1" serve --socket "$D/s.sock" --poll "$4" --ns "$2" >"$D/serve.log" 2>&1 &
+    # shellcheck disable=SC2086 # $5: extra arguments, split on purpose
+    taskset -c 0 "$1" serve --socket "$D/s.sock" --poll "$4" --ns "$2" ${5:-} >"$D/serve.log" 2>&1 &
     SRV=$!
     for _ in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
     RUST_LOG=warn taskset -c 1 "$1" perf "vfio-user:$D/s.sock" -q "$3" -o 4096 -w randread \
@@ -39,8 +42,8 @@ for ns in ${NSES:-null:1G malloc:1G}; do
   for qd in 1 32; do
     : >"$D/a" ; : >"$D/b"
     for r in $(seq "$ROUNDS"); do
-      run "$A" "$ns" "$qd" "${POLL_A:-busy}" >>"$D/a"
-      run "$B" "$ns" "$qd" "${POLL_B:-busy}" >>"$D/b"
+      run "$A" "$ns" "$qd" "${POLL_A:-busy}" "${SERVE_A:-}" >>"$D/a"
+      run "$B" "$ns" "$qd" "${POLL_B:-busy}" "${SERVE_B:-}" >>"$D/b"
     done
     ma=$(median <"$D/a"); mb=$(median <"$D/b")
     echo "ns=${ns%%:*} qd=$qd A: $(tr '\n' ' ' <"$D/a")| B: $(tr '\n' ' ' <"$D/b")| B/A median $(echo "scale=3; $mb / $ma" | bc)"

@@ -27,6 +27,16 @@ impl Doorbells {
         })
     }
 
+    /// The BAR0 memfd a supervisor created and the client may have mapped already: the same
+    /// file, so the doorbells the guest rings keep reaching us across worker processes.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        let page = SharedMemory::from_fd(fd, BAR0_SIZE)?;
+        if page.len() as u64 != BAR0_SIZE {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        Ok(Self { page })
+    }
+
     /// The memfd to hand to the client for mmap (region offset 0 = BAR0 offset 0).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.page.fd()

@@ -29,6 +29,7 @@ pub mod dptr;
 pub mod io;
 pub mod irq;
 pub mod irq_coalescing;
+pub mod journal;
 pub mod log_limit;
 // guest memory (vm-memory regions from DMA_MAP fds)
 #[allow(unsafe_code)]
@@ -55,7 +56,7 @@ pub(crate) mod test_harness;
 pub mod uncorrectable;
 pub mod virt_link;
 
-pub use controller::{Controller, ControllerConfig, FabricsIdentify};
+pub use controller::{Controller, ControllerConfig, FabricsIdentify, Restored};
 pub use doorbell::Doorbells;
 pub use memory::GuestMemory;
 pub use namespace::Namespace;

@@ -26,6 +26,9 @@ pub struct Namespace {
     /// Bytes its backend takes in one request (a remote target's MDTS, a device's limit;
     /// `u64::MAX`: no limit). A larger read or write is sent in pieces.
     pub max_request: u64,
+    /// The size in blocks the host was last told of: a backend that grows or shrinks (a
+    /// resized logical volume) is announced with a Namespace Attribute Changed notice.
+    pub reported_blocks: u64,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -67,6 +70,7 @@ impl Namespace {
     pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
         let NsIds { nguid, eui64, uuid } = NsIds::derive(nsid, seed);
         let backend_max = backend.max_transfer().unwrap_or(u64::MAX);
+        let reported_blocks = backend.size() >> lba_shift;
         Self {
             nsid,
             backend,
@@ -78,6 +82,7 @@ impl Namespace {
             uncorrectable: crate::uncorrectable::Uncorrectable::default(),
             stats: std::sync::Arc::default(),
             max_request: backend_max,
+            reported_blocks,
         }
     }
 

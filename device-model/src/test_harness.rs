@@ -48,7 +48,7 @@ struct Ring {
 pub(crate) struct Harness {
     pub ctrl: Controller,
     pub mem: Arc<GuestMemory>,
-    doorbells: Arc<Doorbells>,
+    pub doorbells: Arc<Doorbells>,
     _fd: std::os::fd::OwnedFd,
     admin: Ring,
     io: Ring,
@@ -57,6 +57,27 @@ pub(crate) struct Harness {
 
 impl Harness {
     pub(crate) fn new(namespaces: Vec<Namespace>) -> Self {
+        Self::build(namespaces, None)
+    }
+
+    /// As [`new`](Self::new), the controller keeping its state in `journal` from the start.
+    pub(crate) fn with_journal(
+        namespaces: Vec<Namespace>,
+        journal: crate::journal::Journal,
+    ) -> Self {
+        Self::build(namespaces, Some(journal))
+    }
+
+    /// The configuration every harness controller has.
+    pub(crate) fn config() -> ControllerConfig {
+        ControllerConfig {
+            serial: "HARNESS".into(),
+            max_io_queues: 2,
+            ..ControllerConfig::default()
+        }
+    }
+
+    fn build(namespaces: Vec<Namespace>, journal: Option<crate::journal::Journal>) -> Self {
         let mem = Arc::new(GuestMemory::new());
         let fd = crate::memory::tests::memfd(MEM);
         let rw = Protection {
@@ -65,12 +86,15 @@ impl Harness {
         };
         mem.map_fd(0, MEM, fd.as_fd(), 0, rw).unwrap();
         let doorbells = Arc::new(Doorbells::new().unwrap());
-        let cfg = ControllerConfig {
-            serial: "HARNESS".into(),
-            max_io_queues: 2,
-            ..ControllerConfig::default()
-        };
-        let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+        let mut ctrl = Controller::new(
+            Self::config(),
+            Arc::clone(&mem),
+            Arc::clone(&doorbells),
+            namespaces,
+        );
+        if let Some(j) = journal {
+            ctrl.attach_journal(j);
+        }
         let mut h = Harness {
             ctrl,
             mem,

@@ -69,6 +69,35 @@ pub fn peer_closed(s: &UnixStream) -> bool {
     n == 0
 }
 
+/// Let `fd` be inherited across execve (clear FD_CLOEXEC), or stop it (`inherit` false).
+/// Used by the supervisor for the one socket a worker it starts inherits.
+pub fn set_inheritable(fd: BorrowedFd<'_>, inherit: bool) -> io::Result<()> {
+    let flag = if inherit { 0 } else { libc::FD_CLOEXEC };
+    // SAFETY: fcntl F_SETFD with an integer argument on a descriptor borrowed for the call.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Take ownership of descriptor number `raw` inherited from the parent process (a worker's
+/// link to its supervisor, named on its command line). It is checked to be open and made
+/// close-on-exec again; a number that is not an open descriptor is refused.
+pub fn take_inherited(raw: i32) -> io::Result<OwnedFd> {
+    if raw < 3 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: F_GETFD on a plain integer only reports whether it is an open descriptor.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open, was inherited for this process to own (the parent
+    // passed its number on purpose) and nothing else in the process has taken it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_inheritable(std::os::fd::AsFd::as_fd(&fd), false)?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,4 +14,4 @@ pub mod process;
 pub mod shared_memory;
 
 pub use anonymous::{ZERO_CHUNK, zeroes};
-pub use shared_memory::{SharedMemory, SharedMemoryOptions, sealed_memfd};
+pub use shared_memory::{SharedMemory, SharedMemoryOptions, Window, sealed_memfd};

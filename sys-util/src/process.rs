@@ -55,6 +55,35 @@ pub fn terminate_requested() -> bool {
     TERMINATE.load(Ordering::Relaxed)
 }
 
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::Relaxed);
+}
+
+/// Catch SIGHUP from now on (the supervisor's "upgrade the worker"): it only sets the flag
+/// [`take_hangup`] reads.
+pub fn catch_hangup() {
+    // SAFETY: installing a handler that only stores to a static atomic.
+    unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
+}
+
+/// True once per SIGHUP that arrived after [`catch_hangup`] (the flag is cleared).
+pub fn take_hangup() -> bool {
+    HANGUP.swap(false, Ordering::Relaxed)
+}
+
+/// Ask process `pid` to terminate (SIGTERM): a supervisor stopping its worker.
+pub fn terminate(pid: u32) -> std::io::Result<()> {
+    let pid =
+        i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) with a plain pid and signal number; it only fails or delivers.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The CPU's time-stamp counter (RDTSC) on x86_64, `None` elsewhere.
 #[inline]
 pub fn read_tsc() -> Option<u64> {

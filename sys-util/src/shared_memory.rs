@@ -77,6 +77,26 @@ impl SharedMemory {
         })
     }
 
+    /// Map all of an existing memfd (one another process created and passed on: the BAR0
+    /// page a client already mapped, a state memfd). Its size is taken from `fstat`; a file
+    /// of 0 bytes or of more than `max_len` bytes is refused.
+    pub fn from_fd(fd: OwnedFd, max_len: u64) -> io::Result<Self> {
+        let file = File::from(fd);
+        let len = file.metadata()?.len();
+        if len == 0 || len > max_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("shared memory file of {len} bytes (expected 1..={max_len})"),
+            ));
+        }
+        let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
+        Ok(Self {
+            file,
+            map,
+            hugetlb: false,
+        })
+    }
+
     /// The memfd, to pass to the other party.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -98,10 +118,12 @@ impl SharedMemory {
     }
 
     /// Our address of byte 0, for a device's or the kernel's use (IOMMU map, iovecs).
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.map.as_mut_ptr()
     }
 
+    #[inline]
     fn check(&self, offset: usize, len: usize) {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len()),
@@ -112,6 +134,7 @@ impl SharedMemory {
 
     /// The 32-bit word at `offset` as an atomic (doorbells). Panics when `offset` is not
     /// 4-byte aligned or not inside the mapping.
+    #[inline]
     pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
         self.check(offset, 4);
         assert_eq!(offset % 4, 0, "unaligned atomic at {offset:#x}");
@@ -143,11 +166,82 @@ impl SharedMemory {
         }
     }
 
+    /// Copy the `N` bytes of `data` in at `offset` (a size known at compile time: a few
+    /// plain stores, inlined across crates; the state journal's hot path). Panics outside
+    /// the mapping.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, offset: usize, data: &[u8; N]) {
+        self.check(offset, N);
+        // SAFETY: as in `write`; N bytes inside our live mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), N);
+        }
+    }
+
+    /// The `N` bytes at `offset` (4-byte aligned) as a [`Window`]: bounds checked once here,
+    /// so the stores into it at constant offsets compile to plain moves. Panics outside the
+    /// mapping or when unaligned.
+    #[inline]
+    pub fn window<const N: usize>(&self, offset: usize) -> Window<'_, N> {
+        self.check(offset, N);
+        assert_eq!(offset % 4, 0, "unaligned window at {offset:#x}");
+        Window {
+            // SAFETY: `offset + N` is inside our live mapping (checked above).
+            ptr: unsafe { self.as_ptr().add(offset) },
+            _memory: std::marker::PhantomData,
+        }
+    }
+
     /// Set `len` bytes at `offset` to `byte`. Panics outside the mapping.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) {
         self.check(offset, len);
         // SAFETY: the range is inside our live mapping.
         unsafe { std::ptr::write_bytes(self.as_ptr().add(offset), byte, len) };
+    }
+}
+
+/// `N` bytes of a [`SharedMemory`], checked once ([`SharedMemory::window`]): a record the
+/// daemon writes with plain stores on a hot path (the state journal).
+#[derive(Debug)]
+pub struct Window<'a, const N: usize> {
+    ptr: *mut u8,
+    _memory: std::marker::PhantomData<&'a SharedMemory>,
+}
+
+impl<const N: usize> Window<'_, N> {
+    /// Store `v` at byte `at` of the window with Release ordering (after every store before
+    /// it; a plain `mov` on x86). `at` is usually a constant: its check then costs nothing.
+    #[inline]
+    pub fn store_u32(&self, at: usize, v: u32) {
+        assert!(
+            at + 4 <= N && at.is_multiple_of(4),
+            "store at {at} in a {N}-byte window"
+        );
+        // SAFETY: in bounds of the window (checked above and when it was made) and 4-byte
+        // aligned (the window is); the mapping outlives the window's borrow; AtomicU32 has
+        // u32's layout and tolerates the other party's accesses.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(at).cast()) }
+            .store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Load the 32-bit word at byte `at` of the window (Acquire).
+    #[inline]
+    pub fn load_u32(&self, at: usize) -> u32 {
+        assert!(
+            at + 4 <= N && at.is_multiple_of(4),
+            "load at {at} in a {N}-byte window"
+        );
+        // SAFETY: as in `store_u32`.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(at).cast()) }
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Copy `data` in at byte `at` of the window.
+    #[inline]
+    pub fn write_array<const M: usize>(&self, at: usize, data: &[u8; M]) {
+        assert!(at + M <= N, "{M} bytes at {at} in a {N}-byte window");
+        // SAFETY: in bounds of the window (checked above); `data` is our own memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), M) };
     }
 }
 

@@ -46,6 +46,12 @@ pub enum BackendSpec {
     Array {
         name: String,
     },
+    /// A logical volume of a volume store the daemon loaded (`[[lvstore]]`, `lvs_create`):
+    /// `lvol:STORE/NAME`.
+    Lvol {
+        store: String,
+        volume: String,
+    },
 }
 
 /// Why a spec was refused.
@@ -54,7 +60,7 @@ pub enum SpecError {
     #[error(
         "'{0}': expected null:SIZE, malloc:SIZE, file:PATH[:SIZE] or \
          nvme:TARGET[@NSID[:OFFSET+LENGTH]] (TARGET vfio-user:/path.sock or pci:DDDD:BB:DD.F) \
-         or nvme-tcp://HOST:PORT/NQN[/NSID] or array:NAME"
+         or nvme-tcp://HOST:PORT/NQN[/NSID] or array:NAME or lvol:STORE/NAME"
     )]
     Syntax(String),
     #[error("'{0}': bad size (a number with an optional K, M, G or T suffix, at least 1M)")]
@@ -95,6 +101,15 @@ impl std::str::FromStr for BackendSpec {
         };
         match kind {
             "array" if !rest.is_empty() => Ok(BackendSpec::Array { name: rest.into() }),
+            "lvol" => match rest.split_once('/') {
+                Some((store, volume)) if !store.is_empty() && !volume.is_empty() => {
+                    Ok(BackendSpec::Lvol {
+                        store: store.into(),
+                        volume: volume.into(),
+                    })
+                }
+                _ => Err(SpecError::Syntax(spec.into())),
+            },
             "null" => Ok(BackendSpec::Null { size: size(rest)? }),
             "malloc" => Ok(BackendSpec::Malloc { size: size(rest)? }),
             "file" if !rest.is_empty() => {
@@ -162,6 +177,8 @@ pub enum OpenError {
     NvmeTcp(#[from] nvmeof::initiator::SessionError),
     #[error("array {0}: {1}")]
     Array(String, String),
+    #[error("lvol {0}: {1}")]
+    Lvol(String, String),
 }
 
 /// An opened backend, with the transfer counters of an `nvme:` one.
@@ -220,6 +237,12 @@ impl BackendSpec {
                 return Err(OpenError::Array(
                     name.clone(),
                     "arrays are taken from the daemon's array list, not opened".into(),
+                ));
+            }
+            BackendSpec::Lvol { store, volume } => {
+                return Err(OpenError::Lvol(
+                    format!("{store}/{volume}"),
+                    "volumes are opened from the daemon's volume stores".into(),
                 ));
             }
         };

@@ -20,7 +20,8 @@
 //! tcp_controllers = 2            # host associations at once (one controller each)
 //! vfs = 4                        # SR-IOV VFs (secondary controllers) on NAME.vfN.sock
 //! vfs_online = true              # ... online at start (else: nvme virt-mgmt on the PF)
-//! namespace_pool = "malloc:4G"   # room for namespaces created at run time (or dir:PATH:SIZE)
+//! namespace_pool = "malloc:4G"   # room for namespaces created at run time (or dir:PATH:SIZE,
+//!                                # or lvs:STORE: thin volumes of a volume store)
 //! iops_limit = 20000             # QoS (any controller): I/O commands per second
 //! bandwidth_limit = "200M"       # QoS: data bytes per second
 //! [[controller.namespace]]
@@ -58,6 +59,112 @@ pub struct Config {
     /// start; a namespace uses one as `backend = "array:NAME"`.
     #[serde(rename = "array", default)]
     pub arrays: Vec<ArraySpec>,
+    /// Volume stores, loaded (or made, on a backend that holds none) before the
+    /// controllers start; a namespace uses a volume as `backend = "lvol:STORE/NAME"`.
+    #[serde(rename = "lvstore", default)]
+    pub lvstores: Vec<LvstoreSpec>,
+}
+
+/// A size in bytes: a number, or a string with a K, M, G or T suffix.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    /// The bytes, if it parses.
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            SizeValue::Bytes(n) => Some(*n),
+            SizeValue::Text(s) => crate::backend_spec::parse_size(s),
+        }
+    }
+}
+
+/// One volume store (`[[lvstore]]`, or the parameters of `lvs_create`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LvstoreSpec {
+    pub name: String,
+    /// The backend it lives on (any spec but `lvol:`; `array:NAME` takes that array).
+    pub backend: String,
+    /// Cluster size for a new store (default 1M); a loaded store keeps its own.
+    pub cluster_size: Option<SizeValue>,
+    /// Percent of the store in use at which hosts get a warning (default 90).
+    pub warn_percent: Option<u8>,
+    /// Volumes made at start when the store lacks them (`[[lvstore.volume]]`).
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<LvolSpec>,
+}
+
+/// A volume a `[[lvstore]]` makes at start if missing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LvolSpec {
+    pub name: String,
+    pub size: SizeValue,
+    #[serde(default)]
+    pub thin: bool,
+}
+
+impl LvstoreSpec {
+    /// The cluster size in bytes.
+    pub fn cluster_bytes(&self) -> u64 {
+        self.cluster_size
+            .as_ref()
+            .and_then(SizeValue::bytes)
+            .unwrap_or(volumes::lvol::DEFAULT_CLUSTER)
+    }
+
+    /// Check the fields; why not, naming the field.
+    pub fn check(&self, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(field(
+                at("name"),
+                "1 to 32 characters: letters, digits, '-', '_', '.'",
+            ));
+        }
+        let spec: BackendSpec = self
+            .backend
+            .parse()
+            .map_err(|e: crate::backend_spec::SpecError| field(at("backend"), e.to_string()))?;
+        if matches!(spec, BackendSpec::Lvol { .. }) {
+            return Err(field(at("backend"), "a store cannot live on a volume"));
+        }
+        if let Some(c) = &self.cluster_size {
+            let ok = c
+                .bytes()
+                .is_some_and(|n| n.is_power_of_two() && (16 << 10..=64 << 20).contains(&n));
+            if !ok {
+                return Err(field(
+                    at("cluster_size"),
+                    "a power of two from 16K to 64M, e.g. \"1M\"",
+                ));
+            }
+        }
+        if self.warn_percent.is_some_and(|p| p > 100) {
+            return Err(field(at("warn_percent"), "0 to 100"));
+        }
+        for (j, v) in self.volumes.iter().enumerate() {
+            volumes::lvol::meta::check_name(&v.name)
+                .map_err(|e| field(at(&format!("volume[{j}].name")), e.to_string()))?;
+            if !v.size.bytes().is_some_and(|n| n > 0 && n % 4096 == 0) {
+                return Err(field(
+                    at(&format!("volume[{j}].size")),
+                    "a positive multiple of 4096 bytes, e.g. \"1G\"",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One array (`[[array]]`, or the parameters of `raid_create`).
@@ -178,7 +285,7 @@ pub struct ControllerSpec {
     #[serde(default)]
     pub vfs_online: bool,
     /// Namespace Management: where namespaces created at run time get their blocks,
-    /// `malloc:SIZE` or `dir:PATH:SIZE` (see [`crate::namespace_pool`]).
+    /// `malloc:SIZE`, `dir:PATH:SIZE` or `lvs:STORE` (see [`crate::namespace_pool`]).
     pub namespace_pool: Option<String>,
     /// QoS: I/O commands per second (each of the entry's controllers).
     pub iops_limit: Option<u64>,
@@ -330,6 +437,7 @@ impl Config {
             metrics: None,
             controllers: vec![ctrl],
             arrays: Vec::new(),
+            lvstores: Vec::new(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -371,6 +479,17 @@ impl Config {
                 return Err(field(
                     at("name"),
                     format!("two arrays are named {}", a.name),
+                ));
+            }
+        }
+        let mut stores = std::collections::HashSet::new();
+        for (i, s) in self.lvstores.iter().enumerate() {
+            let at = |f: &str| format!("lvstore[{i}].{f}");
+            s.check(&at)?;
+            if !stores.insert(s.name.as_str()) {
+                return Err(field(
+                    at("name"),
+                    format!("two volume stores are named {}", s.name),
                 ));
             }
         }
@@ -544,6 +663,14 @@ impl Config {
                     return Err(field(
                         at("backend"),
                         format!("array {name} backs another namespace already"),
+                    ));
+                }
+                if let BackendSpec::Lvol { store, volume } = &spec
+                    && !used.insert(format!("lvol:{store}/{volume}"))
+                {
+                    return Err(field(
+                        at("backend"),
+                        format!("volume {store}/{volume} backs another namespace already"),
                     ));
                 }
                 if let BackendSpec::Null { size }

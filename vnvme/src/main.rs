@@ -33,6 +33,8 @@ enum Command {
     Perf(cli::perf::PerfArgs),
     /// Manage a running daemon: namespaces, attachment, QoS, VFs, subsystems (JSON-RPC).
     Rpc(cli::rpc::RpcArgs),
+    /// Verify a volume store offline: CRCs, reference counts, free versus mapped clusters.
+    LvsCheck(cli::lvs_check::LvsCheckArgs),
 }
 
 fn main() {
@@ -47,6 +49,7 @@ fn main() {
         Command::Discover(args) => cli::discover::run(args),
         Command::Rpc(args) => cli::rpc::run(args),
         Command::PerfMany(args) => cli::perf_many::run(args),
+        Command::LvsCheck(args) => cli::lvs_check::run(args),
     };
     let code = result.unwrap_or_else(|e| {
         eprintln!("vnvme: error: {}", cause_once(&e));

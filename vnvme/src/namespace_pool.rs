@@ -1,6 +1,7 @@
 //! Where namespaces created at run time (NVMe Namespace Management, `vnvme ns create`) get
-//! their blocks: `malloc:SIZE` (memory, lost at exit) or `dir:PATH:SIZE` (a sparse file per
-//! namespace in PATH, removed when the namespace is deleted). SIZE caps the total.
+//! their blocks: `malloc:SIZE` (memory, lost at exit), `dir:PATH:SIZE` (a sparse file per
+//! namespace in PATH, removed when the namespace is deleted; SIZE caps the total) or
+//! `lvs:STORE` (a thin volume of a volume store per namespace).
 //!
 //! Created namespaces live as long as the daemon: the configuration file stays the source
 //! of truth at the next start.
@@ -15,12 +16,22 @@ use crate::backend_spec::parse_size;
 /// A parsed `namespace_pool` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PoolSpec {
-    Malloc { capacity: u64 },
-    Dir { path: PathBuf, capacity: u64 },
+    Malloc {
+        capacity: u64,
+    },
+    Dir {
+        path: PathBuf,
+        capacity: u64,
+    },
+    /// Thin volumes of a volume store (`lvs:STORE`).
+    Lvs {
+        store: String,
+    },
 }
 
 /// What a `namespace_pool` value must look like.
-pub const POOL_SYNTAX: &str = "malloc:SIZE or dir:PATH:SIZE (SIZE at least 1M, e.g. 4G)";
+pub const POOL_SYNTAX: &str =
+    "malloc:SIZE, dir:PATH:SIZE (SIZE at least 1M, e.g. 4G) or lvs:STORE (a volume store)";
 
 impl std::str::FromStr for PoolSpec {
     type Err = &'static str;
@@ -39,26 +50,43 @@ impl std::str::FromStr for PoolSpec {
                 capacity: size(cap)?,
             });
         }
+        if let Some(v) = s.strip_prefix("lvs:")
+            && !v.is_empty()
+        {
+            return Ok(PoolSpec::Lvs { store: v.into() });
+        }
         Err(POOL_SYNTAX)
     }
 }
 
 impl PoolSpec {
-    /// The pool of subsystem `nqn` (its files are named after it).
-    pub fn open(&self, nqn: &str) -> Box<dyn NamespacePool> {
-        match self {
+    /// The pool of subsystem `nqn` (its files and volumes are named after it; an `lvs:`
+    /// pool takes its store from `stores`).
+    pub fn open(
+        &self,
+        nqn: &str,
+        stores: &crate::lvstores::Lvstores,
+    ) -> Result<Box<dyn NamespacePool>, String> {
+        let prefix: String = nqn
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        Ok(match self {
             PoolSpec::Malloc { capacity } => Box::new(MemoryPool {
                 capacity: *capacity,
             }),
             PoolSpec::Dir { path, capacity } => Box::new(DirPool {
                 dir: path.clone(),
-                prefix: nqn
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect(),
+                prefix,
                 capacity: *capacity,
             }),
-        }
+            PoolSpec::Lvs { store } => Box::new(LvsPool {
+                store: stores.store(store)?,
+                // volume names have at most 128 characters: the NQN's end is kept
+                prefix: prefix[prefix.len().saturating_sub(100)..].to_owned(),
+                doomed: Vec::new(),
+            }),
+        })
     }
 }
 
@@ -99,6 +127,60 @@ impl NamespacePool for DirPool {
     }
 }
 
+/// Namespaces as thin volumes `PREFIX.nsN` of a volume store: the guest's Namespace
+/// Management makes thin namespaces.
+struct LvsPool {
+    store: volumes::lvol::Store,
+    prefix: String,
+    /// Volumes of deleted namespaces whose backend was still open: deleted later.
+    doomed: Vec<String>,
+}
+
+impl LvsPool {
+    fn name(&self, nsid: u32) -> String {
+        format!("{}.ns{nsid}", self.prefix)
+    }
+
+    fn retry(&mut self) {
+        let store = &self.store;
+        self.doomed.retain(|n| store.delete(n).is_err());
+    }
+}
+
+impl NamespacePool for LvsPool {
+    fn capacity(&self) -> u64 {
+        self.store.status().capacity
+    }
+
+    fn create(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        self.retry();
+        let name = self.name(nsid);
+        if !size.is_multiple_of(4096) {
+            return Err("a namespace in a volume store is a multiple of 4 KiB".into());
+        }
+        if self.store.list().iter().any(|v| v.name == name) {
+            // left by an earlier run (namespaces made at run time do not outlive the daemon)
+            self.store.delete(&name).map_err(|e| e.to_string())?;
+        }
+        self.store
+            .create(&name, size, true)
+            .map_err(|e| e.to_string())?;
+        let b = self.store.open(&name).map_err(|e| e.to_string())?;
+        Ok(Box::new(b))
+    }
+
+    fn delete(&mut self, nsid: u32) {
+        let name = self.name(nsid);
+        if self.store.delete(&name).is_err() {
+            self.doomed.push(name);
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("thin volumes in volume store {}", self.store.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,8 +198,15 @@ mod tests {
                 capacity: 2 << 30
             })
         );
+        assert_eq!(
+            "lvs:pool".parse(),
+            Ok(PoolSpec::Lvs {
+                store: "pool".into()
+            })
+        );
         for bad in [
             "",
+            "lvs:",
             "malloc:",
             "malloc:12",
             "dir:/x",
@@ -137,7 +226,9 @@ mod tests {
             path: dir.clone(),
             capacity: 1 << 30,
         };
-        let mut p = spec.open("nqn.x:y");
+        let mut p = spec
+            .open("nqn.x:y", &crate::lvstores::Lvstores::default())
+            .unwrap();
         let b = p.create(3, 1 << 20).unwrap();
         assert_eq!(b.size(), 1 << 20);
         let f = dir.join("nqn_x_y.ns3.img");

@@ -277,7 +277,14 @@ impl ControllerView<'_> {
 
     fn identify_namespace(&self, i: usize) -> IdentifyNamespace {
         let ns = &self.namespaces[i];
-        namespace_data(ns.blocks(), ns.lba_shift, ns.shared, ns.nguid, ns.eui64)
+        let mut id = namespace_data(ns.blocks(), ns.lba_shift, ns.shared, ns.nguid, ns.eui64);
+        if let Some((used, cap)) = ns.backend.thin_usage() {
+            // NSFEAT bit 0: thin provisioning; NCAP what may be allocated, NUSE what is
+            id.nsfeat |= 1;
+            id.ncap = (cap >> ns.lba_shift).min(ns.blocks()).into();
+            id.nuse = (used >> ns.lba_shift).min(ns.blocks()).into();
+        }
+        id
     }
 }
 

@@ -150,8 +150,10 @@ fn smart_log(admin: &AdminState) -> SmartLog {
     let s = &admin.smart;
     let mut log = SmartLog::default();
     log.temperature = crate::state::features::TEMPERATURE_K.to_le_bytes();
-    log.avail_spare = 100;
-    log.critical_warning = u8::from(admin.features.temperature_warning()) << 1;
+    // a thin pool over its warning threshold shows as spare below threshold (bit 0)
+    log.avail_spare = admin.pool_warning.map_or(100, |free| free.min(9));
+    log.critical_warning = u8::from(admin.features.temperature_warning()) << 1
+        | u8::from(admin.pool_warning.is_some());
     log.spare_thresh = 10;
     // data units are thousands of 512-byte units, rounded up (§5.16.1.3)
     log.data_units_read = u128_le((s.bytes_read / 512).div_ceil(1000));

@@ -9,6 +9,8 @@ mod lba_status;
 pub(crate) mod log_page;
 pub(crate) mod namespace_management;
 mod queues;
+#[cfg(test)]
+mod thin_tests;
 pub(crate) mod view;
 pub(crate) mod virtualization;
 

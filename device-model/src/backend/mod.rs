@@ -100,6 +100,18 @@ pub trait Backend: Send {
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}
+    /// Thin provisioning: `(allocated, capacity)` in bytes when blocks are allocated on
+    /// first write (a thin logical volume): Identify Namespace then sets NSFEAT bit 0 and
+    /// reports NUSE and NCAP from them. `None` (the default): fully provisioned.
+    fn thin_usage(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// A thin backend whose pool is over its warning threshold: the pool's free space in
+    /// percent (the controller reports it as Available Spare below threshold, with an
+    /// Asynchronous Event). Called after completions: must be cheap (no lock).
+    fn capacity_warning(&self) -> Option<u8> {
+        None
+    }
 }
 
 /// A completion queue for synchronous backends: preallocated, no allocation per request

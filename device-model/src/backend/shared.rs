@@ -213,6 +213,8 @@ impl Backend for SharedBackend {
             });
         }
         std::mem::swap(&mut all[self.user], &mut mine);
+        // a backend that changes size (a resized volume) is seen at the next poll
+        self.size = backend.size();
         drop(g);
         for &(t, s) in &mine {
             done(t, s);
@@ -229,6 +231,14 @@ impl Backend for SharedBackend {
 
     fn max_transfer(&self) -> Option<u64> {
         self.max_transfer
+    }
+
+    fn thin_usage(&self) -> Option<(u64, u64)> {
+        lock(&self.inner).backend.thin_usage()
+    }
+
+    fn capacity_warning(&self) -> Option<u8> {
+        lock(&self.inner).backend.capacity_warning()
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use nvme_spec::{Completion, Status};
+use zerocopy::IntoBytes;
 
 use crate::memory::MemoryMap;
 
@@ -27,12 +28,66 @@ impl Controller {
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
+        if n > 0 {
+            self.check_pool_warning(mem);
+            self.check_sizes();
+        }
         done.clear();
         self.done = done;
         if !self.detaching.is_empty() {
             self.poll_detaching();
         }
         n
+    }
+
+    /// A namespace's backend changed size (a resized volume): Namespace Attribute Changed,
+    /// as for an attachment (the host reads Identify again).
+    fn check_sizes(&mut self) {
+        let mut changed = Vec::new();
+        for ns in &mut self.namespaces {
+            let now = ns.blocks();
+            if now != ns.reported_blocks {
+                ns.reported_blocks = now;
+                changed.push(ns.nsid);
+            }
+        }
+        for nsid in changed {
+            log::info!("{}: namespace {nsid} changed size", self.cfg.serial);
+            self.admin.changed_ns.record(nsid);
+            if self.is_ready()
+                && self.admin.features.async_event_config
+                    & crate::state::changed_namespaces::NS_ATTRIBUTE_NOTICES
+                    != 0
+            {
+                let mem = self.mem.snapshot();
+                self.raise_event(crate::state::changed_namespaces::NS_ATTRIBUTE_CHANGED, &mem);
+            }
+        }
+    }
+
+    /// A thin namespace's pool crossed its warning threshold: report it once (SMART /
+    /// Health event, Available Spare below threshold) until it clears.
+    fn check_pool_warning(&mut self, mem: &MemoryMap) {
+        let now = self
+            .namespaces
+            .iter()
+            .filter_map(|ns| ns.backend.capacity_warning())
+            .min();
+        match (self.admin.pool_warning, now) {
+            (None, Some(_)) => {
+                self.admin.pool_warning = now;
+                self.raise_event(
+                    crate::state::async_events::AsyncEvent {
+                        event_type: crate::state::async_events::event_type::SMART,
+                        info: crate::state::async_events::smart_info::SPARE_BELOW_THRESHOLD,
+                        log_page: nvme_spec::log_page::lid::SMART_HEALTH,
+                    },
+                    mem,
+                );
+            }
+            (Some(_), _) => self.admin.pool_warning = now,
+            (None, None) => {}
+        }
     }
 
     /// Backend request `t` finished with `status`: count it, and post its command's
@@ -117,22 +172,36 @@ impl Controller {
             self.admin.errors.record(qid, cid, status, nsid, opcode);
         }
         self.count_command(qid, opcode, nsid, bytes, fetched, status);
+        let cqe = Completion {
+            dw0: dw0.into(),
+            dw1: 0.into(),
+            sq_head: sq_head.into(),
+            sq_id: qid.into(),
+            cid: cid.into(),
+            status: status.cqe_bits().into(),
+        };
+        if qid == 0 {
+            // an admin command's effect is saved with its completion before it is posted
+            self.journal_admin_completion(slot, &cqe);
+        }
         if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
-            let cqe = Completion {
-                dw0: dw0.into(),
-                dw1: 0.into(),
-                sq_head: sq_head.into(),
-                sq_id: qid.into(),
-                cid: cid.into(),
-                status: status.cqe_bits().into(),
-            };
+            if let Some(j) = &self.journal {
+                let mut b: [u8; 16] = cqe.as_bytes().try_into().unwrap_or([0; 16]);
+                b[14] = b[14] & !1 | u8::from(cq.phase);
+                j.posting(qid, slot, cq.tail, cq.phase, &b);
+            }
             if let Err(e) = cq.post(mem, cqe) {
                 crate::error_limited!(
                     "{}: CQ {cqid} not writable ({e}); controller fatal",
                     self.cfg.serial
                 );
                 self.set_fatal();
+            } else if let Some(j) = &self.journal {
+                j.cq_moved(cqid, cq.tail, cq.phase);
             }
+        }
+        if let Some(j) = &self.journal {
+            j.freed(qid, slot);
         }
         if let Some(admin_slot) = finish_delete {
             self.queues.remove_sq(qid);

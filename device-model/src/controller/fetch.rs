@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use nvme_spec::Submission;
+use zerocopy::IntoBytes;
 
 use crate::memory::MemoryMap;
 use crate::shadow_doorbell;
@@ -49,6 +50,7 @@ impl Controller {
                 continue;
             };
             cq.refresh_view(&mem);
+            let seen = cq.doorbell;
             let db = shadow_doorbell::current(
                 &self.doorbells,
                 self.shadow.as_ref(),
@@ -56,6 +58,12 @@ impl Controller {
                 2 * id as usize + 1,
                 &mut cq.doorbell,
             );
+            if cq.doorbell != seen
+                && let Some(j) = &self.journal
+            {
+                let d = cq.doorbell;
+                j.doorbell_seen(id, true, d.register, d.shadow, d.value);
+            }
             if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
                 self.warned_doorbell = true;
                 bad_doorbell = true;
@@ -92,6 +100,7 @@ impl Controller {
             return 0;
         };
         sq.refresh_view(mem);
+        let seen = sq.doorbell;
         let db = shadow_doorbell::current(
             &self.doorbells,
             self.shadow.as_ref(),
@@ -99,6 +108,12 @@ impl Controller {
             2 * qid as usize,
             &mut sq.doorbell,
         );
+        if sq.doorbell != seen
+            && let Some(j) = &self.journal
+        {
+            let d = sq.doorbell;
+            j.doorbell_seen(qid, false, d.register, d.shadow, d.value);
+        }
         if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
             self.warned_doorbell = true;
             crate::warn_limited!(
@@ -122,7 +137,7 @@ impl Controller {
             let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
                 break;
             };
-            if !sq.has_work() || sq.free.is_empty() {
+            if !sq.has_work() || sq.free.is_empty() || self.hold {
                 break;
             }
             if self.commands_in_flight >= MAX_COMMANDS_IN_FLIGHT {
@@ -155,6 +170,12 @@ impl Controller {
                 self.qos.charge_op();
             }
             let slot = sq.free.pop().unwrap_or_default();
+            if let Some(j) = &self.journal {
+                // the fetch position and the command, before anything acts on it
+                let raw: &[u8; 64] = sqe.as_bytes().try_into().unwrap_or(&[0; 64]);
+                let pos = (sq.head + sq.size - 1) % sq.size;
+                j.fetched(qid, slot, pos, sq.head, raw);
+            }
             self.commands_in_flight += 1;
             if qid != 0 {
                 self.io_in_flight += 1;

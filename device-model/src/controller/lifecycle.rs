@@ -27,6 +27,7 @@ impl Controller {
                 log::debug!("ignored register write offset={offset:#x} len={len} value={value:#x}");
             }
         }
+        self.save_blob(None);
     }
 
     /// CC was written (it held `old`): reset, enable, or a shutdown notification
@@ -182,6 +183,7 @@ impl Controller {
             self.irqs.clear();
             self.regs.cc = Cc(0);
         }
+        self.save_blob(None);
     }
 
     /// Drop every queue and the state the host sets up after a reset.

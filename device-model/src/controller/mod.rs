@@ -37,9 +37,13 @@ mod fetch;
 mod interrupt;
 mod lifecycle;
 mod shutdown;
+mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 
 pub use detach::DETACH_WAIT;
 use detach::Detaching;
+pub use snapshot::Restored;
 
 /// Static configuration of a controller.
 #[derive(Clone, Debug)]
@@ -189,7 +193,16 @@ pub struct Controller {
     /// Namespaces detached while requests were in flight on them: gone for the host, their
     /// backends still polled until those requests have finished.
     detaching: Vec<Detaching>,
+    /// The state memfd under a supervisor ([`crate::journal`]); `None`: not journalled.
+    pub(crate) journal: Option<Arc<crate::journal::Journal>>,
+    /// Queues whose hot records the journal has initialised (see `snapshot.rs`).
+    journaled_queues: Vec<JournaledQueue>,
+    /// Fetching is held (a planned upgrade drains the controller).
+    pub(crate) hold: bool,
 }
+
+/// A queue as the journal knows it: SQ (true) or CQ, id, base, size, reset epoch.
+type JournaledQueue = (bool, u16, u64, u32, u32);
 
 /// SQ id in the tags of the flushes the controller sends on its own (shutdown notification,
 /// daemon stop); no queue has it. Their slot field is the flush's sequence number.
@@ -248,6 +261,9 @@ impl Controller {
             piece_buffers: crate::backend::GuestBufferList::new(),
             waiting: crate::compound::Waiting::new(),
             detaching: Vec::new(),
+            journal: None,
+            journaled_queues: Vec::new(),
+            hold: false,
         }
     }
 

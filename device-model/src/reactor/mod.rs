@@ -365,6 +365,21 @@ impl Poster {
     }
 }
 
+impl Poster {
+    /// Run `f` on the controller in its thread without waiting (a worker's planned upgrade
+    /// holds, drains and saves its controllers this way); false when it is gone.
+    pub fn run(&self, f: impl FnOnce(&mut Controller) + Send + 'static) -> bool {
+        let Some(r) = self.reactor.upgrade() else {
+            return false;
+        };
+        let ok =
+            r.tx.send(Message::For(self.id, Request::Run { f: Box::new(f) }))
+                .is_ok();
+        r.wake();
+        ok
+    }
+}
+
 /// The text a caught panic carries (`panic!` with a literal or a formatted message).
 pub fn panic_message(cause: &(dyn std::any::Any + Send)) -> String {
     cause

@@ -26,6 +26,9 @@ pub(crate) struct AdminState {
     pub(crate) smart: SmartCounters,
     /// Start of the current Keep Alive period (None: starts at the next check).
     pub(crate) keep_alive_since: Option<Instant>,
+    /// A thin namespace's pool is over its warning threshold: its free percent (reported
+    /// as Available Spare, below the threshold; an event was raised when it started).
+    pub(crate) pool_warning: Option<u8>,
 }
 
 impl AdminState {
@@ -38,6 +41,7 @@ impl AdminState {
             changed_ns: ChangedNamespaces::default(),
             smart: SmartCounters::default(),
             keep_alive_since: None,
+            pool_warning: None,
         }
     }
 }

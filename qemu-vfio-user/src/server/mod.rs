@@ -6,9 +6,10 @@
 
 pub mod device;
 pub mod protocol;
+pub mod relay;
 // SCM_RIGHTS fd passing
 #[allow(unsafe_code)]
-mod socket;
+pub mod socket;
 // SO_PEERCRED of a socket already bound at the path
 #[allow(unsafe_code)]
 pub mod socket_path;
@@ -37,11 +38,18 @@ pub enum ServerError {
     Accept { path: PathBuf, source: io::Error },
 }
 
+/// What a worker does when its supervisor says the replay of the client's memory map and
+/// interrupts is done: bring the controller's saved state back. Returns a line for the log.
+pub type RestoreHook = Box<dyn FnMut(&NvmeDevice) -> Result<String, String> + Send>;
+
 /// A vfio-user server for one NVMe controller.
 pub struct Server {
     path: PathBuf,
-    owned: socket_path::OwnedSocketPath,
-    listener: UnixListener,
+    /// The listening socket and its path; `None` for a worker's server, which serves the one
+    /// connection its supervisor relays ([`Server::attached`]).
+    owned: Option<socket_path::OwnedSocketPath>,
+    listener: Option<UnixListener>,
+    attached: Option<(UnixStream, RestoreHook)>,
     device: NvmeDevice,
     stop: Arc<AtomicBool>,
     /// A client that connected while the previous one was closing: served next.
@@ -76,12 +84,35 @@ impl Server {
             })?;
         Ok(Self {
             path: path.to_owned(),
-            owned,
-            listener,
+            owned: Some(owned),
+            listener: Some(listener),
+            attached: None,
             device,
             stop,
             next: None,
         })
+    }
+
+    /// A worker's server: it serves `link`, the connection its supervisor relays the client
+    /// of `path` over ([`relay`]), and answers the supervisor's own messages (restore after
+    /// the replay, client gone). When the link closes the server ends without resetting the
+    /// controller: the next worker carries on with its state.
+    pub fn attached(
+        path: &Path,
+        link: UnixStream,
+        device: NvmeDevice,
+        stop: Arc<AtomicBool>,
+        on_restore: RestoreHook,
+    ) -> Self {
+        Self {
+            path: path.to_owned(),
+            owned: None,
+            listener: None,
+            attached: Some((link, on_restore)),
+            device,
+            stop,
+            next: None,
+        }
     }
 
     /// The socket path.
@@ -96,22 +127,48 @@ impl Server {
 
     /// Give up the socket and return the device (its controller keeps running).
     pub fn into_device(self) -> NvmeDevice {
-        self.owned.remove();
+        if let Some(o) = &self.owned {
+            o.remove();
+        }
         self.device
     }
 
     /// Serve clients one after another until the stop flag is set.
     pub fn run(&mut self) -> Result<(), ServerError> {
+        if let Some((link, hook)) = self.attached.take() {
+            log::info!(
+                "vfio-user: serving {} for the supervisor",
+                self.path.display()
+            );
+            let end = self.serve_client(&link, Some(hook));
+            if matches!(end, Ok(End::Stopped)) {
+                // the daemon stops: as a listening server does
+                self.device.reset(true);
+            }
+            if let Err(e) = end {
+                log::info!("vfio-user: link for {} ended: {e}", self.path.display());
+            }
+            return Ok(());
+        }
+        let Some(listener) = self.listener.take() else {
+            return Ok(());
+        };
+        let r = self.serve_listener(&listener);
+        self.listener = Some(listener);
+        r
+    }
+
+    fn serve_listener(&mut self, listener: &UnixListener) -> Result<(), ServerError> {
         log::info!("vfio-user: listening on {}", self.path.display());
         while !self.stop.load(Ordering::Relaxed) {
             let accepted = match self.next.take() {
                 Some(s) => Ok((s, None)),
-                None => self.listener.accept().map(|(s, a)| (s, Some(a))),
+                None => listener.accept().map(|(s, a)| (s, Some(a))),
             };
             match accepted {
                 Ok((stream, _)) => {
                     log::info!("vfio-user: client connected on {}", self.path.display());
-                    let end = self.serve_client(&stream);
+                    let end = self.serve_client_of(listener, &stream);
                     self.device.reset(true);
                     match end {
                         Ok(End::ClientClosed) => log::info!(
@@ -126,7 +183,7 @@ impl Server {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_readable(&self.listener, 200);
+                    wait_readable(listener, 200);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
@@ -143,8 +200,8 @@ impl Server {
     /// One client at a time: a second one is accepted and closed at once, so it sees an
     /// error instead of waiting unanswered in the listen backlog, unless the current client
     /// has already hung up (it is then kept as the next client). Returns true in that case.
-    fn refuse_extra_clients(&mut self, current: &UnixStream) -> bool {
-        while let Ok((extra, _)) = self.listener.accept() {
+    fn refuse_extra_clients(&mut self, listener: &UnixListener, current: &UnixStream) -> bool {
+        while let Ok((extra, _)) = listener.accept() {
             if sys_util::fd::peer_closed(current) {
                 self.next = Some(extra);
                 return true;
@@ -158,7 +215,20 @@ impl Server {
         false
     }
 
-    fn serve_client(&mut self, stream: &UnixStream) -> io::Result<End> {
+    fn serve_client_of(&mut self, listener: &UnixListener, stream: &UnixStream) -> io::Result<End> {
+        self.serve_with(Some(listener), stream, None)
+    }
+
+    fn serve_client(&mut self, stream: &UnixStream, hook: Option<RestoreHook>) -> io::Result<End> {
+        self.serve_with(None, stream, hook)
+    }
+
+    fn serve_with(
+        &mut self,
+        listener: Option<&UnixListener>,
+        stream: &UnixStream,
+        mut hook: Option<RestoreHook>,
+    ) -> io::Result<End> {
         stream.set_nonblocking(false)?;
         // a client that stops mid-message or never reads its replies cannot hold this thread
         stream.set_read_timeout(Some(socket::READ_SLICE))?;
@@ -167,7 +237,9 @@ impl Server {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(End::Stopped);
             }
-            if self.refuse_extra_clients(stream) {
+            if let Some(l) = listener
+                && self.refuse_extra_clients(l, stream)
+            {
                 return Ok(End::ClientClosed);
             }
             if !wait_readable(&stream, 200) {
@@ -205,8 +277,39 @@ impl Server {
                 reply_error(stream, &header, "too many file descriptors", libc::EINVAL)?;
                 continue;
             }
+            // the supervisor's own messages (it never relays these numbers from a client)
+            if let Some(hook) = hook.as_mut()
+                && relay::is_supervisor_command(header.command.get())
+            {
+                self.supervisor_command(stream, &header, hook)?;
+                continue;
+            }
             self.dispatch(stream, &header, &body, fds)?;
         }
+    }
+
+    /// Restore (the replay is done) or client gone, from the supervisor.
+    fn supervisor_command(
+        &mut self,
+        stream: &UnixStream,
+        header: &Header,
+        hook: &mut RestoreHook,
+    ) -> io::Result<()> {
+        if header.command.get() == relay::RESTORE {
+            return match hook(&self.device) {
+                Ok(what) => {
+                    log::info!("vfio-user: {}: {what}", self.path.display());
+                    send_reply(stream, header, &[], &[], 0)
+                }
+                Err(e) => reply_error(stream, header, &e, libc::EIO),
+            };
+        }
+        log::info!(
+            "vfio-user: client of {} gone (supervisor)",
+            self.path.display()
+        );
+        self.device.reset(true);
+        send_reply(stream, header, &[], &[], 0)
     }
 
     fn dispatch(
@@ -311,7 +414,7 @@ fn reply_error(stream: &UnixStream, header: &Header, what: &str, errno: i32) -> 
     send_reply(stream, header, &[], &[], errno)
 }
 
-fn send_reply(
+pub(crate) fn send_reply(
     stream: &UnixStream,
     req: &Header,
     payload: &[u8],

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod discover;
 pub mod guest;
 pub mod identify;
+pub mod lvs_check;
 pub mod perf;
 pub mod perf_many;
 pub mod rpc;

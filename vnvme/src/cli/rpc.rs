@@ -19,6 +19,7 @@ pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
   subsystem_delete   nqn=..
   ns_create          nqn=.. size=1G [block_size=512|4096] [shared=true|false]
   ns_delete          nqn=.. nsid=N
+  ns_add             nqn=.. backend=lvol:STORE/NAME [block_size=512|4096]   (then ns_attach)
   ns_attach          nqn=.. nsid=N controllers=[CNTLID,...]
   ns_detach          nqn=.. nsid=N controllers=[CNTLID,...]
   qos_set            cntlid=N [iops=N] [bandwidth=100M]   (absent or 0: no limit)
@@ -35,6 +36,19 @@ pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
   raid_remove_member name=.. member=SPEC|SLOT
   raid_set_rebuild_rate name=.. mb_per_sec=N   (0: no limit)
   (bdev_raid_add_base_bdev, bdev_raid_remove_base_bdev: the same, SPDK's names)
+  lvs_create         name=.. backend=SPEC [cluster_size=1M] [warn_percent=90]
+                     (loads the store the backend holds, or makes one on a blank backend)
+  lvs_delete         name=..   (not while a volume is in use; wipes the superblocks)
+  lvs_list           (capacity, used, clusters_free, metadata use)
+  lvol_create        name=STORE/NAME size=1G [thin=true]
+  lvol_delete        name=STORE/NAME   (snapshots in any order; not while in use)
+  lvol_resize        name=STORE/NAME size=2G   (shrink only while not in use)
+  lvol_rename        name=STORE/NAME new_name=..
+  lvol_snapshot      name=STORE/NAME snapshot_name=..
+  lvol_clone         snapshot=STORE/SNAP clone_name=..
+  lvol_inflate       name=STORE/NAME   (own copy of every cluster, thick, no parent)
+  lvol_decouple      name=STORE/NAME   (own copy of the clusters it shares)
+  lvol_list          [lvs=STORE]   (size, thin, snapshot, parent, used, shared, clones)
 A VALUE that parses as JSON is JSON; anything else is a string.")]
 pub struct RpcArgs {
     /// the daemon's management socket

@@ -9,6 +9,8 @@ use vnvme::config::{Config, PollSetting, Served};
 use vnvme::daemon::Daemon;
 use vnvme::metrics::MetricsServer;
 use vnvme::rpc::RpcServer;
+use vnvme::supervisor::worker::{Asked, WorkerLink};
+use vnvme::supervisor::{Supervisor, SupervisorOptions, worker_args};
 
 /// Serve emulated NVMe controllers over vfio-user or NVMe/TCP.
 #[derive(Debug, clap::Args)]
@@ -62,6 +64,14 @@ pub struct ServeArgs {
     /// overrides `metrics` in --config
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// run as a supervisor that owns the sockets and runs the data plane in a worker
+    /// process, which can be upgraded (`vnvme rpc daemon_upgrade`, SIGHUP) or can crash
+    /// under running guests without them seeing an error
+    #[arg(long)]
+    pub supervised: bool,
+    /// (internal) run as the worker of a supervisor, whose control link is this descriptor
+    #[arg(long, hide = true, value_name = "FD", conflicts_with = "supervised")]
+    pub worker_fd: Option<i32>,
 }
 
 impl ServeArgs {
@@ -104,7 +114,17 @@ impl ServeArgs {
 pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     let cfg = args.to_config()?;
     sys_util::process::catch_termination_signals();
+    if args.supervised {
+        return supervise(&cfg, args);
+    }
+    let worker = match args.worker_fd {
+        Some(fd) => Some(WorkerLink::take(fd).context("taking over from the supervisor")?),
+        None => None,
+    };
     let mut daemon = Daemon::start(&cfg).context("starting the daemon")?;
+    if let Some(w) = &worker {
+        w.ready().context("telling the supervisor")?;
+    }
     let rpc = match &args.rpc {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -140,6 +160,18 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         eprintln!("vnvme: serving NVMe/TCP on {a}");
     }
     while !sys_util::process::terminate_requested() {
+        match worker.as_ref().map(|w| (w, w.poll(Duration::ZERO))) {
+            Some((w, Asked::Upgrade)) => {
+                w.upgrade();
+                // no flush, no socket removal: the next worker carries on with all of it
+                std::process::exit(0);
+            }
+            Some((_, Asked::SupervisorGone)) => {
+                eprintln!("vnvme: the supervisor is gone; stopping");
+                break;
+            }
+            _ => {}
+        }
         match &rpc {
             Some(r) => {
                 // a request may have added or removed controllers
@@ -156,5 +188,30 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
     drop(metrics);
     eprintln!("vnvme: signal received, flushing and shutting down");
     daemon.stop().context("stopping the daemon")?;
+    Ok(0)
+}
+
+/// `--supervised`: own the sockets, run the data plane in a worker process.
+fn supervise(cfg: &vnvme::config::Config, args: &ServeArgs) -> anyhow::Result<i32> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let (worker_args, worker_rpc) = worker_args(&argv);
+    let opts = SupervisorOptions {
+        binary: std::env::current_exe().context("finding this binary")?,
+        worker_args,
+        rpc: args.rpc.clone(),
+        worker_rpc,
+    };
+    let mut sup = Supervisor::start(cfg, opts).context("starting the supervisor")?;
+    for s in sup.sockets() {
+        eprintln!(
+            "vnvme: serving NVMe controller on {} (supervised)",
+            s.display()
+        );
+    }
+    if let Some(r) = &args.rpc {
+        eprintln!("vnvme: management socket {}", r.display());
+    }
+    sup.run().context("supervisor")?;
+    eprintln!("vnvme: supervisor stopped");
     Ok(0)
 }

@@ -52,6 +52,7 @@ pub(super) fn open_namespaces(
     mem: &Arc<GuestMemory>,
     devices: &mut DeviceRegistry,
     arrays: &mut crate::arrays::Arrays,
+    lvstores: &crate::lvstores::Lvstores,
 ) -> Result<Opened, DaemonError> {
     let mut out = Opened {
         backends: Vec::new(),
@@ -70,6 +71,17 @@ pub(super) fn open_namespaces(
                     index,
                     ns: j,
                     source: OpenError::Array(name.clone(), why),
+                })?;
+            out.backends.push(backend);
+            continue;
+        }
+        if let BackendSpec::Lvol { store, volume } = &bspec {
+            let backend = lvstores
+                .open(store, volume)
+                .map_err(|why| DaemonError::Backend {
+                    index,
+                    ns: j,
+                    source: OpenError::Lvol(format!("{store}/{volume}"), why),
                 })?;
             out.backends.push(backend);
             continue;
@@ -105,6 +117,9 @@ pub(super) struct Which {
     pub(super) shared: bool,
     /// The entry's NVM subsystem.
     pub(super) subsystem: Arc<Subsystem>,
+    /// Its vfio-user socket (a worker under a supervisor takes the BAR0 and state memfds
+    /// handed over for it).
+    pub(super) socket: Option<std::path::PathBuf>,
 }
 
 /// Lower the controller's MDTS to what every namespace's backend takes in one request (a
@@ -150,7 +165,11 @@ pub(super) fn build_controller(
         virt,
         shared,
         subsystem,
+        socket,
     } = which;
+    let handed = socket
+        .as_deref()
+        .and_then(crate::supervisor::handover::take_memory);
     let mut cfg = ControllerConfig::default();
     cfg.serial = entry_serial(index, spec);
     if let Some(m) = &spec.model {
@@ -209,11 +228,29 @@ pub(super) fn build_controller(
         );
     }
     cap_mdts(&mut cfg, &namespaces);
-    let doorbells = Arc::new(Doorbells::new().map_err(|source| DaemonError::Io { index, source })?);
+    let (doorbells, journal) = match handed {
+        Some(h) => (
+            Doorbells::from_fd(h.doorbells).map_err(|source| DaemonError::Io { index, source })?,
+            Some(
+                device_model::journal::Journal::open(h.state).map_err(|e| DaemonError::Io {
+                    index,
+                    source: std::io::Error::other(e),
+                })?,
+            ),
+        ),
+        None => (
+            Doorbells::new().map_err(|source| DaemonError::Io { index, source })?,
+            None,
+        ),
+    };
+    let doorbells = Arc::new(doorbells);
     let ids = cfg.ids;
     let (nqn, max_io_queues, mdts) = (cfg.subnqn.clone(), cfg.max_io_queues, cfg.mdts);
     let name = format!("reactor-{index}{}", if tcp { "-tcp" } else { "" });
-    let ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    let mut ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
+    if let Some(j) = journal {
+        ctrl.attach_journal(j);
+    }
     let stats = ctrl.stats();
     let qos = ctrl.qos_control();
     let handle = place

@@ -47,11 +47,11 @@ impl Entry {
         spec: &ControllerSpec,
         place: &mut Placement,
         devices: &mut DeviceRegistry,
-        arrays: &mut crate::arrays::Arrays,
+        (arrays, lvstores): (&mut crate::arrays::Arrays, &crate::lvstores::Lvstores),
         exports: &mut Exports,
     ) -> Result<Self, DaemonError> {
         let memory = Arc::new(GuestMemory::new());
-        let opened = open_namespaces(index, spec, &memory, devices, arrays)?;
+        let opened = open_namespaces(index, spec, &memory, devices, arrays, lvstores)?;
         let tcp_count = tcp_controllers(spec);
         let vfs = usize::from(spec.vfs.unwrap_or(0));
         let ids = controller_ids(index, spec, vfs, tcp_count);
@@ -60,7 +60,8 @@ impl Entry {
             // validated with the configuration
             Some(p) => Some(
                 p.parse::<crate::namespace_pool::PoolSpec>()
-                    .map(|p| p.open(&nqn))
+                    .map_err(str::to_owned)
+                    .and_then(|p| p.open(&nqn, lvstores))
                     .map_err(|why| DaemonError::Io {
                         index,
                         source: std::io::Error::other(why),
@@ -138,6 +139,7 @@ impl Entry {
             virt: virt.as_ref().map(VirtGroup::primary_role),
             shared,
             subsystem: Arc::clone(&self.subsystem),
+            socket: Some(socket.clone()),
         };
         let b = build_controller(index, &self.spec, which, Arc::clone(&self.memory), place)?;
         self.controllers.push(ControllerInfo {
@@ -163,6 +165,7 @@ impl Entry {
                 virt: Some(v.secondary_role(k)),
                 shared,
                 subsystem: Arc::clone(&self.subsystem),
+                socket: Some(sock.clone()),
             };
             let b = build_controller(
                 index,
@@ -212,6 +215,7 @@ impl Entry {
                 virt: None,
                 shared,
                 subsystem: Arc::clone(&self.subsystem),
+                socket: None,
             };
             let b = build_controller(index, &self.spec, which, mem, place)?;
             self.controllers.push(ControllerInfo {
@@ -271,8 +275,16 @@ impl Entry {
                 }),
             );
         }
-        let mut server = Server::bind(&socket, device, Arc::clone(&self.stop))
-            .map_err(|source| DaemonError::Server { index, source })?;
+        let mut server = match crate::supervisor::handover::take_link(&socket) {
+            // a worker under a supervisor: serve the connection it relays
+            Some(link) => {
+                crate::supervisor::handover::track(device.handle.poster());
+                let hook = crate::supervisor::handover::restore_hook(device.handle.poster());
+                Server::attached(&socket, link, device, Arc::clone(&self.stop), hook)
+            }
+            None => Server::bind(&socket, device, Arc::clone(&self.stop))
+                .map_err(|source| DaemonError::Server { index, source })?,
+        };
         let join = std::thread::Builder::new()
             .name(format!("vfio-user-{index}"))
             .spawn(move || server.run().map(|()| server))

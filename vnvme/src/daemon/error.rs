@@ -25,6 +25,8 @@ pub enum DaemonError {
     Panicked { index: usize },
     #[error("array[{index}]: {why}")]
     Array { index: usize, why: String },
+    #[error("lvstore[{index}]: {why}")]
+    Lvstore { index: usize, why: String },
     #[error("{0:?} is not an IP:PORT address")]
     Address(String),
     #[error("NVMe/TCP target on {addr}: {source}")]

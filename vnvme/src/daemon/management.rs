@@ -23,6 +23,45 @@ impl Daemon {
         Ok(sub.create(size, block_size.trailing_zeros() as u8, shared)?)
     }
 
+    /// Add a namespace on volume `backend` (`lvol:STORE/NAME`) to subsystem `nqn`, not
+    /// attached (attach it with [`Daemon::ns_attach`]); its NSID. The subsystem must take
+    /// namespaces at run time (a `namespace_pool`, or more than one controller).
+    pub fn ns_add(&self, nqn: &str, backend: &str, block_size: u32) -> Result<u32, MgmtError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(MgmtError::Invalid("block_size: 512 or 4096".into()));
+        }
+        let spec: crate::backend_spec::BackendSpec = backend
+            .parse()
+            .map_err(|e: crate::backend_spec::SpecError| MgmtError::Invalid(e.to_string()))?;
+        let crate::backend_spec::BackendSpec::Lvol { store, volume } = spec else {
+            return Err(MgmtError::Invalid(format!(
+                "{backend}: ns_add takes a volume, lvol:STORE/NAME"
+            )));
+        };
+        let sub = self.subsystem(nqn)?;
+        if !sub.manages_namespaces() {
+            return Err(MgmtError::Invalid(format!(
+                "{nqn} has fixed namespaces (give it a namespace_pool or more controllers)"
+            )));
+        }
+        let nsid = (1..=sriov::MAX_NAMESPACES)
+            .find(|&n| sub.attached(n).is_none())
+            .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no free NSID")))?;
+        let b = self
+            .lvstores
+            .open(&store, &volume)
+            .map_err(MgmtError::Invalid)?;
+        if !b.size().is_multiple_of(u64::from(block_size)) {
+            return Err(MgmtError::Invalid(format!(
+                "{backend}: size is not a multiple of {block_size}"
+            )));
+        }
+        let seed = format!("{nqn}#{backend}");
+        sub.add_namespace(nsid, b, block_size.trailing_zeros() as u8, &seed, &[]);
+        log::info!("{nqn}: namespace {nsid} added on {backend}");
+        Ok(nsid)
+    }
+
     /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.
     pub fn ns_delete(&self, nqn: &str, nsid: u32) -> Result<(), MgmtError> {
         self.subsystem(nqn)?.delete(nsid, None, true)?;
@@ -104,6 +143,7 @@ impl Daemon {
             metrics: None,
             controllers: all,
             arrays: Vec::new(),
+            lvstores: Vec::new(),
         };
         cfg.validate()
             .map_err(|e| MgmtError::Invalid(e.to_string()))?;
@@ -125,7 +165,7 @@ impl Daemon {
             spec,
             &mut self.place,
             &mut self.devices,
-            &mut self.arrays,
+            (&mut self.arrays, &self.lvstores),
             &mut exports,
         )
         .map_err(MgmtError::Daemon)?;
@@ -202,6 +242,26 @@ impl Daemon {
         self.arrays
             .set_rate(name, mb_per_sec)
             .map_err(MgmtError::Invalid)
+    }
+
+    /// Load or make volume store `spec` at run time.
+    pub fn lvs_create(
+        &mut self,
+        spec: &crate::config::LvstoreSpec,
+    ) -> Result<crate::lvstores::Made, MgmtError> {
+        self.lvstores
+            .create(spec, &mut self.devices, &mut self.arrays)
+            .map_err(MgmtError::Invalid)
+    }
+
+    /// Delete volume store `name` (not while a volume of it is in use).
+    pub fn lvs_delete(&mut self, name: &str) -> Result<(), MgmtError> {
+        self.lvstores.delete(name).map_err(MgmtError::Invalid)
+    }
+
+    /// The volume stores.
+    pub fn lvstores(&self) -> &crate::lvstores::Lvstores {
+        &self.lvstores
     }
 
     /// The arrays' status.

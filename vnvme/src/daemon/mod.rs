@@ -47,6 +47,8 @@ pub struct Daemon {
     devices: DeviceRegistry,
     /// RAID arrays and concats (`[[array]]`, `raid_create`).
     arrays: crate::arrays::Arrays,
+    /// Volume stores (`[[lvstore]]`, `lvs_create`).
+    lvstores: crate::lvstores::Lvstores,
 }
 
 /// NVMe/TCP exports grouped by listen address (one target per address), with the entries
@@ -108,6 +110,7 @@ impl Daemon {
             place,
             devices: DeviceRegistry::default(),
             arrays: crate::arrays::Arrays::default(),
+            lvstores: crate::lvstores::Lvstores::default(),
         };
         for (i, a) in cfg.arrays.iter().enumerate() {
             let refused = daemon
@@ -118,6 +121,12 @@ impl Daemon {
                 log::warn!("array {}: refused {r}", a.name);
             }
         }
+        for (i, s) in cfg.lvstores.iter().enumerate() {
+            daemon
+                .lvstores
+                .create(s, &mut daemon.devices, &mut daemon.arrays)
+                .map_err(|why| DaemonError::Lvstore { index: i, why })?;
+        }
         let mut exports = Exports::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
             let e = Entry::start(
@@ -125,7 +134,7 @@ impl Daemon {
                 spec,
                 &mut daemon.place,
                 &mut daemon.devices,
-                &mut daemon.arrays,
+                (&mut daemon.arrays, &daemon.lvstores),
                 &mut exports,
             )?;
             daemon.entries.push(Some(e));

@@ -17,6 +17,7 @@ pub const METHODS: &[&str] = &[
     "subsystem_delete",
     "ns_create",
     "ns_delete",
+    "ns_add",
     "ns_attach",
     "ns_detach",
     "qos_set",
@@ -109,6 +110,16 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
             };
             let nsid = daemon
                 .ns_create(string(p, "nqn")?, size, block, shared)
+                .map_err(|e| refused(&e))?;
+            Ok(json!({ "nsid": nsid }))
+        }
+        "ns_add" => {
+            let block = match p.get("block_size") {
+                None => 512,
+                Some(_) => uint(p, "block_size", 4096)? as u32,
+            };
+            let nsid = daemon
+                .ns_add(string(p, "nqn")?, string(p, "backend")?, block)
                 .map_err(|e| refused(&e))?;
             Ok(json!({ "nsid": nsid }))
         }
@@ -206,10 +217,16 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
                 .map_err(|e| refused(&e))?;
             Ok(json!(true))
         }
-        _ => Err(RpcError::new(
-            code::METHOD_NOT_FOUND,
-            format!("no method '{method}' (methods: {})", METHODS.join(", ")),
-        )),
+        _ => super::lvol_methods::call(daemon, method, p).unwrap_or_else(|| {
+            Err(RpcError::new(
+                code::METHOD_NOT_FOUND,
+                format!(
+                    "no method '{method}' (methods: {}, {})",
+                    METHODS.join(", "),
+                    super::lvol_methods::METHODS.join(", ")
+                ),
+            ))
+        }),
     }
 }
 

@@ -4,9 +4,11 @@
 //!
 //! Methods ([`methods`]): `subsystem_list`, `controller_list`, `subsystem_create`,
 //! `subsystem_delete`, `ns_create`, `ns_delete`, `ns_attach`, `ns_detach`, `qos_set`,
-//! `vf_enable`, `stats`.
+//! `vf_enable`, `stats`, the arrays' `raid_*` and the volume stores' `lvs_*` and `lvol_*`
+//! ([`lvol_methods`]).
 
 pub mod client;
+pub mod lvol_methods;
 pub mod methods;
 mod server;
 

@@ -1,0 +1,641 @@
+//! A controller's state exported to, and imported from, its state memfd
+//! ([`crate::journal`]) so that another worker process can carry on with it: after a planned
+//! upgrade (fetching held, commands drained, state saved) and after a crash (the hot
+//! journal tells which commands were fetched and not completed, and which completion was
+//! being posted).
+//!
+//! The slow-state blob is a little-endian record (version 1) of the registers, the features,
+//! the shadow doorbell addresses, every queue's geometry, and the admin completion about to
+//! be posted (its effect is in the same blob, so recovery never runs an admin command twice).
+//! Queued asynchronous events, the error log and SMART counters are not carried (they start
+//! empty in the new worker), nor namespace changes made at run time.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use nvme_spec::{Completion, Submission};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::journal::{self, Journal, JournalError};
+use crate::memory::MemoryMap;
+use crate::queue::{CompletionQueue, SubmissionQueue};
+use crate::registers::{Aqa, Cc, Csts};
+use crate::shadow_doorbell::{DoorbellSeen, ShadowDoorbells};
+use crate::state::features::Features;
+
+use super::Controller;
+
+const VERSION: u32 = 1;
+const OP_ASYNC_EVENT_REQUEST: u8 = 0x0c;
+
+/// What a restore found and did (logged by the worker, counted by tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// A saved, enabled controller was brought back.
+    pub enabled: bool,
+    /// Commands fetched and not completed, run again.
+    pub reissued: usize,
+    /// Completions that were being posted: written now, or found already in the guest's CQ.
+    pub reposted: usize,
+    pub found_posted: usize,
+}
+
+/// The journal's view of an admin completion being posted (part of the blob).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PendingAdmin {
+    slot: u16,
+    sq_pos: u32,
+    cq_pos: u32,
+    phase: bool,
+    cqe: [u8; 16],
+}
+
+/// A doorbell as the last worker saw it: without shadow doorbells the register itself (it
+/// holds the host's latest value); with them, what the last worker recorded (the poll loop
+/// then notices any newer write of the register or the shadow copy, whichever the host uses
+/// for this queue: Linux rings its admin queue through the register only).
+fn seen(j: &Journal, regs: &crate::Doorbells, shadow: bool, qid: u16, cq: bool) -> DoorbellSeen {
+    if !shadow {
+        let register = regs.load(2 * qid as usize + usize::from(cq));
+        return DoorbellSeen {
+            register,
+            shadow: 0,
+            value: register,
+        };
+    }
+    let (register, shadow, value) = j.doorbell(qid, cq);
+    DoorbellSeen {
+        register,
+        shadow,
+        value,
+    }
+}
+
+/// Little-endian writer.
+#[derive(Default)]
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+}
+
+/// Little-endian reader over untrusted bytes: every read is bounds checked.
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// The decoded slow state.
+struct Blob {
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    intms: u32,
+    page_size: u64,
+    features: Features,
+    shadow: Option<ShadowDoorbells>,
+    /// id, base, size, vector, interrupts enabled
+    cqs: Vec<(u16, u64, u32, u16, bool)>,
+    /// id, base, size, cqid
+    sqs: Vec<(u16, u64, u32, u16)>,
+    pending: Option<PendingAdmin>,
+}
+
+impl Controller {
+    /// Keep this controller's state in `journal` from now on (a worker under a supervisor).
+    pub fn attach_journal(&mut self, journal: Journal) {
+        self.journal = Some(Arc::new(journal));
+    }
+
+    /// Stop (or resume) fetching commands: a planned upgrade drains first.
+    pub fn hold_fetch(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
+    /// True when nothing but parked Asynchronous Event Requests is in flight (the new
+    /// worker parks those again from the journal).
+    pub fn drained(&self) -> bool {
+        let parked = self
+            .queues
+            .sq(0)
+            .map_or(0, |sq| self.admin.events.slots.len().min(sq.in_flight()));
+        self.commands_in_flight <= parked && self.quiesce.retired_requests() == 0
+    }
+
+    /// Write the slow state now (a planned upgrade, after draining). Errors are logged.
+    pub fn save_state(&mut self) {
+        self.save_blob(None);
+        log::info!("{}: state saved: {}", self.cfg.serial, self.queue_summary());
+    }
+
+    /// Each queue's position, live and as journalled (logged at upgrade and restore).
+    fn queue_summary(&self) -> String {
+        let j = self.journal.as_deref();
+        let mut out = String::new();
+        for &id in &self.queues.active_cqs {
+            if let Some(c) = self.queues.cq(id) {
+                let rec = j.map(|j| j.cq_tail(id));
+                let _ = write!(
+                    out,
+                    "CQ{id} tail {} phase {} head {} (journal {rec:?}); ",
+                    c.tail, c.phase, c.head
+                );
+            }
+        }
+        for &id in &self.queues.active_sqs {
+            if let Some(q) = self.queues.sq(id) {
+                let rec = j.map(|j| j.sq_head(id));
+                let _ = write!(
+                    out,
+                    "SQ{id} head {} tail {} in flight {} (journal {rec:?}); ",
+                    q.head,
+                    q.tail,
+                    q.in_flight()
+                );
+            }
+        }
+        out
+    }
+
+    fn encode(&self, pending: Option<PendingAdmin>) -> Vec<u8> {
+        let mut w = W::default();
+        w.u32(VERSION);
+        w.u32(self.regs.cc.0);
+        w.u32(self.regs.csts.0);
+        w.u32(self.regs.aqa.0);
+        w.u64(self.regs.asq);
+        w.u64(self.regs.acq);
+        w.u32(self.regs.intms);
+        w.u64(self.page_size);
+        let f = &self.admin.features;
+        w.u32(f.arbitration);
+        w.u32(f.power_state);
+        w.u16(f.temp_over);
+        w.u16(f.temp_under);
+        w.u32(f.error_recovery);
+        w.u8(u8::from(f.write_cache));
+        let (granted, (sqs, cqs)) = (f.queues.is_some(), f.queues.unwrap_or_default());
+        w.u8(u8::from(granted));
+        w.u16(sqs);
+        w.u16(cqs);
+        w.u16(f.max_queues);
+        w.u32(f.coalescing);
+        w.u8(u8::from(f.coalescing_adaptive));
+        w.u16(f.vector_cd.len() as u16);
+        for &b in &f.vector_cd {
+            w.u8(u8::from(b));
+        }
+        w.u32(f.write_atomicity);
+        w.u32(f.async_event_config);
+        w.u32(f.keep_alive_ms);
+        w.u32(f.lba_status_interval);
+        w.bytes(&f.host_behavior);
+        match &self.shadow {
+            Some(s) => {
+                w.u8(1);
+                w.u64(s.shadow);
+                w.u64(s.event_idx);
+            }
+            None => w.u8(0),
+        }
+        let cqs: Vec<&CompletionQueue> = self
+            .queues
+            .active_cqs
+            .iter()
+            .filter_map(|&id| self.queues.cq(id))
+            .collect();
+        w.u16(cqs.len() as u16);
+        for c in cqs {
+            w.u16(c.id);
+            w.u64(c.base);
+            w.u32(c.size);
+            w.u16(c.vector);
+            w.u8(u8::from(c.irq_enabled));
+        }
+        let sqs: Vec<&SubmissionQueue> = self
+            .queues
+            .active_sqs
+            .iter()
+            .filter_map(|&id| self.queues.sq(id))
+            .collect();
+        w.u16(sqs.len() as u16);
+        for s in sqs {
+            w.u16(s.id);
+            w.u64(s.base);
+            w.u32(s.size);
+            w.u16(s.cqid);
+        }
+        match pending {
+            Some(p) => {
+                w.u8(1);
+                w.u16(p.slot);
+                w.u32(p.sq_pos);
+                w.u32(p.cq_pos);
+                w.u8(u8::from(p.phase));
+                w.bytes(&p.cqe);
+            }
+            None => w.u8(0),
+        }
+        w.0
+    }
+
+    #[allow(clippy::many_single_char_names)]
+    fn decode(&self, b: &[u8]) -> Option<Blob> {
+        let mut r = R(b);
+        if r.u32()? != VERSION {
+            return None;
+        }
+        let (cc, csts, aqa, asq, acq, intms, page_size) = (
+            r.u32()?,
+            r.u32()?,
+            r.u32()?,
+            r.u64()?,
+            r.u64()?,
+            r.u32()?,
+            r.u64()?,
+        );
+        let mut f = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
+        f.arbitration = r.u32()?;
+        f.power_state = r.u32()?;
+        f.temp_over = r.u16()?;
+        f.temp_under = r.u16()?;
+        f.error_recovery = r.u32()?;
+        f.write_cache = r.u8()? != 0;
+        let (has_q, a, bq) = (r.u8()?, r.u16()?, r.u16()?);
+        f.queues = (has_q != 0).then_some((a, bq));
+        f.max_queues = r.u16()?.min(self.cfg.max_io_queues.max(1));
+        f.coalescing = r.u32()?;
+        f.coalescing_adaptive = r.u8()? != 0;
+        let n = r.u16()? as usize;
+        let cd = r.take(n)?;
+        for (i, &v) in cd.iter().enumerate().take(f.vector_cd.len()) {
+            f.vector_cd[i] = v != 0;
+        }
+        f.write_atomicity = r.u32()?;
+        f.async_event_config = r.u32()?;
+        f.keep_alive_ms = r.u32()?;
+        f.lba_status_interval = r.u32()?;
+        f.host_behavior.copy_from_slice(r.take(512)?);
+        let shadow = if r.u8()? != 0 {
+            Some(ShadowDoorbells {
+                shadow: r.u64()?,
+                event_idx: r.u64()?,
+            })
+        } else {
+            None
+        };
+        let cap = self.queues.capacity();
+        let max_entries = u32::from(self.cfg.mqes) + 1;
+        let ok_size = |s: u32| (2..=max_entries).contains(&s) && s as usize <= journal::SLOTS;
+        let mut cqs = Vec::new();
+        for _ in 0..r.u16()? {
+            let q = (r.u16()?, r.u64()?, r.u32()?, r.u16()?, r.u8()? != 0);
+            if (q.0 as usize) >= cap
+                || !ok_size(q.2)
+                || cqs.iter().any(|c: &(u16, _, _, _, _)| c.0 == q.0)
+            {
+                return None;
+            }
+            cqs.push(q);
+        }
+        let mut sqs = Vec::new();
+        for _ in 0..r.u16()? {
+            let q = (r.u16()?, r.u64()?, r.u32()?, r.u16()?);
+            if (q.0 as usize) >= cap
+                || !ok_size(q.2)
+                || !cqs.iter().any(|c| c.0 == q.3)
+                || sqs.iter().any(|s: &(u16, _, _, _)| s.0 == q.0)
+            {
+                return None;
+            }
+            sqs.push(q);
+        }
+        let pending = if r.u8()? != 0 {
+            let (slot, sq_pos, cq_pos, phase) = (r.u16()?, r.u32()?, r.u32()?, r.u8()? != 0);
+            let cqe: [u8; 16] = r.take(16)?.try_into().ok()?;
+            Some(PendingAdmin {
+                slot,
+                sq_pos,
+                cq_pos,
+                phase,
+                cqe,
+            })
+        } else {
+            None
+        };
+        (page_size.is_power_of_two() && (4096..=1 << 16).contains(&page_size)).then_some(Blob {
+            cc,
+            csts,
+            aqa,
+            asq,
+            acq,
+            intms,
+            page_size,
+            features: f,
+            shadow,
+            cqs,
+            sqs,
+            pending,
+        })
+    }
+
+    /// Save the slow state, first bringing the hot records of queues created since the last
+    /// save to their initial values (a queue id may have had an earlier life).
+    pub(super) fn save_blob(&mut self, pending: Option<PendingAdmin>) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let now = self.queue_keys();
+        for q in &now {
+            if !self.journaled_queues.contains(q) {
+                if q.0 {
+                    j.init_sq(q.1, q.3);
+                } else {
+                    j.init_cq(q.1);
+                }
+            }
+        }
+        self.journaled_queues = now;
+        if let Err(e) = j.save_blob(&self.encode(pending)) {
+            crate::error_limited!("{}: state not saved: {e}", self.cfg.serial);
+        }
+    }
+
+    /// The queues as the journal knows them: SQ or CQ, id, base, size, reset epoch.
+    fn queue_keys(&self) -> Vec<super::JournaledQueue> {
+        let epoch = self.quiesce.epoch();
+        let mut now = Vec::with_capacity(self.queues.active_sqs.len() * 2);
+        for &id in &self.queues.active_cqs {
+            if let Some(c) = self.queues.cq(id) {
+                now.push((false, id, c.base, c.size, epoch));
+            }
+        }
+        for &id in &self.queues.active_sqs {
+            if let Some(s) = self.queues.sq(id) {
+                now.push((true, id, s.base, s.size, epoch));
+            }
+        }
+        now
+    }
+
+    /// Before an admin completion is posted: save the slow state with it, so that recovery
+    /// either posts that very completion or finds it posted, and never runs the command again.
+    pub(super) fn journal_admin_completion(&mut self, slot: u16, cqe: &Completion) {
+        if self.journal.is_none() {
+            return;
+        }
+        let Some(cq) = self.queues.cq(0) else {
+            return;
+        };
+        let Some(rec) = self.journal.as_ref().and_then(|j| j.slot(0, slot)) else {
+            return;
+        };
+        let mut bytes: [u8; 16] = cqe.as_bytes().try_into().unwrap_or([0; 16]);
+        bytes[14] = bytes[14] & !1 | u8::from(cq.phase);
+        let pending = PendingAdmin {
+            slot,
+            sq_pos: rec.sq_pos,
+            cq_pos: cq.tail,
+            phase: cq.phase,
+            cqe: bytes,
+        };
+        self.save_blob(Some(pending));
+    }
+
+    /// Bring back the state saved in the journal (a new worker, after the supervisor replayed
+    /// the client's memory map and interrupts). A fresh or unusable journal leaves the
+    /// controller as it is (reset), which is also what a client would find after a reset.
+    pub fn restore(&mut self) -> Result<Restored, JournalError> {
+        let mut out = Restored::default();
+        let Some(j) = self.journal.clone() else {
+            return Ok(out);
+        };
+        let Some(raw) = j.load_blob() else {
+            return Ok(out);
+        };
+        let Some(b) = self.decode(&raw) else {
+            crate::error_limited!(
+                "{}: saved state unreadable (corrupt or another version): starting from reset",
+                self.cfg.serial
+            );
+            return Ok(out);
+        };
+        self.regs.cc = Cc(b.cc);
+        self.regs.aqa = Aqa(b.aqa);
+        self.regs.asq = b.asq;
+        self.regs.acq = b.acq;
+        self.regs.intms = b.intms;
+        if !self.regs.cc.enabled() || Csts(b.csts).fatal() {
+            // disabled (or a reset was under way): the host finds the reset finished
+            self.regs.csts = Csts(b.csts & 0b10);
+            self.journaled_queues.clear();
+            self.save_blob(None);
+            return Ok(out);
+        }
+        self.regs.csts = Csts(b.csts);
+        self.page_size = b.page_size;
+        self.admin.features = b.features;
+        self.shadow = b.shadow;
+        let mem = self.mem.snapshot();
+        self.queues.take_all();
+        for &(id, base, size, vector, irq) in &b.cqs {
+            let mut cq = CompletionQueue::new(id, base, size, vector, irq);
+            let (tail, phase) = j.cq_tail(id);
+            cq.tail = tail % size;
+            cq.phase = phase;
+            cq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, true);
+            cq.head = if cq.doorbell.value < size {
+                cq.doorbell.value
+            } else {
+                cq.tail
+            };
+            self.queues.insert_cq(cq);
+        }
+        let mut reissue = Vec::new();
+        for &(id, base, size, cqid) in &b.sqs {
+            let mut sq = SubmissionQueue::new(id, base, size, cqid);
+            let (head, count) = j.sq_head(id);
+            let mut head = head % size;
+            let mut posting = Vec::new();
+            for slot in 0..size as u16 {
+                let Some(rec) = j.slot(id, slot) else { break };
+                match rec.state {
+                    journal::FETCHED => {
+                        // the one fetch whose head store did not happen yet (a command
+                        // fetched from the same position a lap earlier may still be in flight)
+                        if rec.seq == Journal::next_seq(count) && rec.sq_pos == head {
+                            head = (head + 1) % size;
+                        }
+                        reissue.push((id, slot, rec));
+                    }
+                    journal::POSTING => posting.push((slot, rec)),
+                    _ => {}
+                }
+            }
+            sq.head = head;
+            sq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, false);
+            sq.tail = if sq.doorbell.value < size {
+                sq.doorbell.value
+            } else {
+                head
+            };
+            self.queues.insert_sq(sq);
+            for (slot, rec) in posting {
+                self.repost(
+                    &mem, id, cqid, slot, rec.cq_pos, rec.phase, &rec.cqe, &mut out,
+                );
+            }
+        }
+        // the admin completion the blob was saved with, unless it went further already
+        if let Some(p) = b.pending
+            && let Some(i) = reissue
+                .iter()
+                .position(|(q, s, r)| *q == 0 && *s == p.slot && r.sq_pos == p.sq_pos)
+        {
+            reissue.remove(i);
+            self.repost(&mem, 0, 0, p.slot, p.cq_pos, p.phase, &p.cqe, &mut out);
+        }
+        // the records of the queues just restored are current: no re-initialising them
+        self.journaled_queues = self.queue_keys();
+        self.save_blob(None);
+        log::info!("{}: restored: {}", self.cfg.serial, self.queue_summary());
+        self.stats
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        out.enabled = true;
+        for (qid, slot, rec) in reissue {
+            let sqe = Submission::read_from_bytes(&rec.sqe).unwrap_or_default();
+            if self.take_slot(qid, slot) {
+                let ctx = &mut self.queues.sqs[qid as usize]
+                    .as_mut()
+                    .expect("taken above")
+                    .slots[slot as usize];
+                ctx.cid = sqe.cid.get();
+                ctx.opcode = sqe.opcode;
+                ctx.nsid = sqe.nsid.get();
+                ctx.bytes = 0;
+                ctx.fetched = sys_util::clock::ticks();
+                out.reissued += 1;
+                if qid == 0 && sqe.opcode != OP_ASYNC_EVENT_REQUEST {
+                    log::info!(
+                        "{}: admin command {:#04x} (cid {}) run again after recovery",
+                        self.cfg.serial,
+                        sqe.opcode,
+                        sqe.cid.get()
+                    );
+                }
+                self.dispatch(qid, slot, &sqe, &mem);
+            }
+        }
+        // every enabled vector once: a completion posted by the dead worker may have lost
+        // its interrupt
+        for &id in &self.queues.active_cqs {
+            if let Some(cq) = self.queues.cq(id)
+                && cq.irq_enabled
+            {
+                self.irqs.signal(cq.vector);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark `slot` of SQ `qid` in flight again (a command run again after recovery).
+    fn take_slot(&mut self, qid: u16, slot: u16) -> bool {
+        let Some(sq) = self.queues.sq_mut(qid) else {
+            return false;
+        };
+        let Some(i) = sq.free.iter().position(|&s| s == slot) else {
+            return false;
+        };
+        sq.free.remove(i);
+        let cqid = sq.cqid;
+        if let Some(cq) = self.queues.cq_mut(cqid) {
+            cq.reserved += 1;
+        }
+        self.commands_in_flight += 1;
+        if qid != 0 {
+            self.io_in_flight += 1;
+        }
+        true
+    }
+
+    /// A completion was being posted when the last worker stopped: write it unless the
+    /// guest's CQ already holds it (or the CQ moved past it).
+    #[allow(clippy::too_many_arguments)]
+    fn repost(
+        &mut self,
+        mem: &MemoryMap,
+        qid: u16,
+        cqid: u16,
+        slot: u16,
+        cq_pos: u32,
+        phase: bool,
+        cqe: &[u8; 16],
+        out: &mut Restored,
+    ) {
+        let j = self.journal.clone();
+        let Some(cq) = self.queues.cq_mut(cqid) else {
+            return;
+        };
+        if cq.tail == cq_pos && cq.phase == phase {
+            let mut there = [0u8; 16];
+            let addr = cq.base.wrapping_add(u64::from(cq_pos) * 16);
+            let written = mem.read(addr, &mut there).is_ok() && there == *cqe;
+            if written {
+                cq.tail += 1;
+                if cq.tail == cq.size {
+                    cq.tail = 0;
+                    cq.phase = !cq.phase;
+                }
+                out.found_posted += 1;
+            } else {
+                let c = Completion::read_from_bytes(cqe).unwrap_or_default();
+                if cq.post(mem, c).is_ok() {
+                    out.reposted += 1;
+                }
+            }
+            if let Some(j) = &j {
+                j.cq_moved(cqid, cq.tail, cq.phase);
+            }
+        }
+        if let Some(j) = &j {
+            j.freed(qid, slot);
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Kill-point tests of the state journal: a worker that dies at every journal step (before
+//! and after each fetch record, head store, posting record, CQE write, CQ tail record, slot
+//! release and slow-state save) is replaced by a new controller restored from the same state
+//! memfd, and every command the guest submitted is completed exactly once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use nvme_spec::Status;
+
+use crate::backend::FileBackend;
+use crate::controller::Controller;
+use crate::journal::{CRASH_AT, Journal};
+use crate::namespace::Namespace;
+use crate::test_harness::{DATA, Harness, sqe};
+
+/// The namespace on a file, which outlives a worker as it does in the daemon.
+fn namespace(path: &std::path::Path) -> Vec<Namespace> {
+    vec![Namespace::new(
+        1,
+        Box::new(FileBackend::open(path, Some(1 << 20)).unwrap()),
+        9,
+        "K",
+    )]
+}
+
+/// A worker died: a new controller maps the same memory, doorbells and state memfd, and
+/// restores (the supervisor has replayed the memory map already: the harness's map is kept).
+fn replace_worker(h: &mut Harness, state: &sys_util::SharedMemory, file: &std::path::Path) {
+    let mut c = Controller::new(
+        Harness::config(),
+        Arc::clone(&h.mem),
+        Arc::clone(&h.doorbells),
+        namespace(file),
+    );
+    c.attach_journal(Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap());
+    // the dead worker's memory is gone without running anything of it (kill -9)
+    std::mem::forget(std::mem::replace(&mut h.ctrl, c));
+    h.ctrl.restore().unwrap();
+    // the doorbells pick up where the host is: with registers only, the CQ heads are the
+    // registers (a head taken from anywhere else lets a nearly full CQ be overwritten)
+    if !h.ctrl.shadow_doorbells_enabled() {
+        for q in [0u16, 1] {
+            if let Some(cq) = h.ctrl.queues.cq(q) {
+                assert_eq!(cq.head, h.doorbells.load(2 * q as usize + 1), "CQ {q} head");
+            }
+        }
+    }
+}
+
+/// Run the scenario with the worker dying at journal step `crash_at` (0: never): returns how
+/// many times each command was completed and whether the crash point was reached.
+fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool) {
+    let file = std::env::temp_dir().join(format!(
+        "vnvme-killpoint-{}-{crash_at}-{shadow}.img",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&file);
+    let state = Journal::create().unwrap();
+    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+    let mut h = Harness::with_journal(namespace(&file), j);
+    if shadow {
+        // Doorbell Buffer Config; the test keeps ringing the registers, as Linux does for
+        // the admin queue: the shadow copies then stay behind
+        let c = h.admin(sqe(0x7c, 0, DATA + 0x20000, &[]));
+        let mut s = sqe(0x7c, 0, DATA + 0x20000, &[]);
+        s[32..40].copy_from_slice(&(DATA + 0x21000).to_le_bytes());
+        let _ = c;
+        let c = h.admin(s);
+        let got = h.wait(true, 2);
+        assert!(
+            got.iter().any(|&(id, st)| id == c && st == Status::SUCCESS),
+            "{got:?}"
+        );
+        assert!(h.ctrl.shadow_doorbells_enabled());
+    }
+    // a lap of the I/O rings but 3 entries first: the commands below cross the end of both
+    // rings, so the crashes find the host's CQ head and the controller's tail on either side
+    for _ in 0..crate::test_harness::QSIZE - 3 {
+        assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    }
+    let mut expected = Vec::new();
+    for i in 0..4u32 {
+        h.write(DATA + u64::from(i) * 4096, &[i as u8 + 1; 4096]);
+        // 8 blocks each, at LBA 8 i
+        expected.push((
+            false,
+            h.io(sqe(0x01, 1, DATA + u64::from(i) * 4096, &[i * 8, 0, 7])),
+        ));
+    }
+    expected.push((false, h.io(sqe(0x00, 1, 0, &[]))));
+    // Get Features, Number of Queues: an admin completion with its state saved first
+    expected.push((true, h.admin(sqe(0x0a, 0, 0, &[0x07]))));
+    CRASH_AT.with(|c| c.set(crash_at));
+    let mut done: BTreeMap<(bool, u16), usize> = BTreeMap::new();
+    let mut crashed = false;
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+        // what the guest reaps counts even when the next poll dies
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for admin in [false, true] {
+                for (cid, st) in h.reap(admin) {
+                    assert_eq!(st, Status::SUCCESS, "crash at {crash_at}: cid {cid}");
+                    *done.entry((admin, cid)).or_default() += 1;
+                }
+            }
+        }));
+        if r.is_err() {
+            crashed = true;
+            replace_worker(&mut h, &state, &file);
+        }
+        if expected.iter().all(|k| done.contains_key(k)) {
+            // a few more polls: nothing may be completed twice afterwards
+            for _ in 0..5 {
+                for (c, _) in h.reap(false) {
+                    *done.entry((false, c)).or_default() += 1;
+                }
+                for (c, _) in h.reap(true) {
+                    *done.entry((true, c)).or_default() += 1;
+                }
+            }
+            break;
+        }
+    }
+    CRASH_AT.with(|c| c.set(0));
+    for k in &expected {
+        assert_eq!(
+            done.get(k),
+            Some(&1),
+            "crash at step {crash_at}: command {k:?} completed {:?} times ({done:?})",
+            done.get(k)
+        );
+    }
+    assert_eq!(done.len(), expected.len(), "crash at {crash_at}: {done:?}");
+    // the data written went through, whichever worker wrote it
+    for i in 0..4u32 {
+        let read = sqe(0x02, 1, DATA + 0x8000, &[i * 8, 0, 7]);
+        assert_eq!(h.io_run(read), Status::SUCCESS);
+        let back = h.read(DATA + 0x8000, 4096);
+        assert!(
+            back.iter().all(|&b| b == i as u8 + 1),
+            "crash at {crash_at}: write {i} lost"
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+    (done, crashed)
+}
+
+#[test]
+fn every_command_completes_exactly_once_whatever_journal_step_the_worker_dies_at() {
+    every_kill_point(false);
+}
+
+#[test]
+fn every_kill_point_with_shadow_doorbells_configured() {
+    every_kill_point(true);
+}
+
+fn every_kill_point(shadow: bool) {
+    let (_, crashed) = scenario(0, shadow);
+    assert!(!crashed);
+    let mut step = 1;
+    loop {
+        let (_, crashed) = scenario(step, shadow);
+        if !crashed {
+            break; // past the last journal step of the scenario
+        }
+        step += 1;
+        assert!(step < 500, "runaway");
+    }
+    eprintln!("kill points tried: {}", step - 1);
+    assert!(step > 20, "only {} kill points", step - 1);
+}
+
+/// A worker that finds garbage in its state memfd (a corrupt file, a foreign version) never
+/// panics: an unreadable slow state starts the controller from reset, and hot records with
+/// any values are bounded (positions taken modulo the queue size, commands run again are
+/// checked as any guest command is).
+#[test]
+fn a_corrupt_state_memfd_never_panics_the_restore() {
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let file = std::env::temp_dir().join(format!("vnvme-corrupt-{}.img", std::process::id()));
+    for round in 0..40 {
+        let state = Journal::create().unwrap();
+        let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+        let mut h = Harness::with_journal(namespace(&file), j);
+        h.io(sqe(0x01, 1, DATA, &[0, 0, 7]));
+        let raw = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+        if round % 2 == 0 {
+            // garbage in the hot records of the admin and I/O queues
+            for q in 0..3u16 {
+                let (a, b) = (next() as u32, next() as u32);
+                raw.doorbell_seen(q, false, a, b, a ^ b);
+                raw.doorbell_seen(q, true, b, a, next() as u32);
+                raw.cq_moved(q, next() as u32, next() & 1 == 0);
+                for s in 0..8u16 {
+                    let mut sqe = [0u8; 64];
+                    for b in &mut sqe {
+                        *b = next() as u8;
+                    }
+                    raw.fetched(q, s, next() as u32, next() as u32, &sqe);
+                    if next() & 1 == 0 {
+                        raw.posting(q, s, next() as u32, true, &[next() as u8; 16]);
+                    }
+                }
+            }
+        } else {
+            // a slow state with a valid checksum and random contents, or cut short
+            let len = (next() % 4096) as usize;
+            let mut blob: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(v) = blob.get_mut(0..4) {
+                v.copy_from_slice(&1u32.to_le_bytes());
+            }
+            let _ = raw.save_blob(&blob);
+        }
+        replace_worker(&mut h, &state, &file);
+        for _ in 0..20 {
+            h.ctrl.poll();
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,0 +1,337 @@
+//! Issue 20: the data plane is upgraded and killed under running clients, who see a stall and
+//! never an error. `vnvme serve --supervised` with two controllers on file namespaces; a
+//! `vnvme perf --verify` (a vfio-user client like QEMU: DMA map, sparse-mmapped doorbells,
+//! polled queues) on each while the worker is upgraded five times and `kill -9`'d five times
+//! at random moments: both runs finish with no failed command and every read verified.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vnvme_tests::guest::{TempDir, vnvme_binary};
+
+/// The supervisor, stopped (SIGTERM) when dropped.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the pid of our own child and a plain signal number.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rpc(sock: &Path, args: &[&str]) -> Value {
+    let o = Command::new(vnvme_binary())
+        .arg("rpc")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("vnvme rpc");
+    assert!(
+        o.status.success(),
+        "rpc {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON answer")
+}
+
+fn status(sock: &Path) -> (u64, u64, u64, u64) {
+    let s = rpc(sock, &["daemon_status"]);
+    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+    (
+        n("worker_pid"),
+        n("generation"),
+        n("upgrades"),
+        n("recoveries"),
+    )
+}
+
+fn perf(sock: &Path, seconds: u32) -> Child {
+    Command::new(vnvme_binary())
+        .arg("perf")
+        .arg(format!("vfio-user:{}", sock.display()))
+        .args(["-q", "16", "-o", "4096", "-w", "randrw", "--verify", "-t"])
+        .arg(seconds.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vnvme perf")
+}
+
+fn finish(mut c: Child) -> (bool, String) {
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = c.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = c.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let ok = c.wait().is_ok_and(|s| s.success());
+    (ok, format!("{out}\n{err}"))
+}
+
+/// A small random delay from the clock (no RNG crate in the tests).
+fn random_ms(lo: u64, hi: u64) -> u64 {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    lo + ns.wrapping_mul(0x9e37_79b9_7f4a_7c15) % (hi - lo)
+}
+
+/// `vnvme serve --supervised` over `n` controllers on file namespaces in `dir`: the
+/// supervisor, the controller sockets and the management socket.
+fn supervised(dir: &Path, n: usize) -> (Served, Vec<PathBuf>, PathBuf) {
+    let socks: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("c{i}.sock"))).collect();
+    let mut cfg = String::new();
+    for (i, s) in socks.iter().enumerate() {
+        let _ = write!(
+            cfg,
+            "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
+            s.display(),
+            dir.join(format!("d{i}.img")).display()
+        );
+    }
+    let cfg_path = dir.join("vnvme.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let rpc_sock = dir.join("rpc");
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let child = Command::new(vnvme_binary())
+        .args(["serve", "--supervised", "--config"])
+        .arg(&cfg_path)
+        .arg("--rpc")
+        .arg(&rpc_sock)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vnvme serve --supervised");
+    let served = Served(child);
+    for s in &socks {
+        wait_for(s);
+    }
+    wait_for(&rpc_sock);
+    (served, socks, rpc_sock)
+}
+
+#[test]
+fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
+    let tmp = TempDir::new("upgrade");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 2);
+    let (_, generation0, _, _) = status(&rpc_sock);
+    assert_eq!(generation0, 1);
+
+    let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 24)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..5 {
+        let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+        assert!(r.get("generation").is_some(), "upgrade {i}: {r}");
+        std::thread::sleep(Duration::from_millis(random_ms(400, 1200)));
+    }
+    for _ in 0..5 {
+        let (pid, generation, _, _) = status(&rpc_sock);
+        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while status(&rpc_sock).1 == generation {
+            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(300, 1500)));
+    }
+    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    assert_eq!((upgrades, recoveries, generation), (5, 5, 11));
+    // the rest of the management plane still reaches the worker through the supervisor
+    let list = rpc(&rpc_sock, &["controller_list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+
+    for (p, s) in perfs.into_iter().zip(&socks) {
+        let (ok, out) = finish(p);
+        if !ok {
+            let log = std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
+            let events: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "restored", "died", "drain", "WARN", "ERROR", "saved", "attached",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            panic!(
+                "perf on {} failed:\n{out}\ndaemon:\n{}",
+                s.display(),
+                events.join("\n")
+            );
+        }
+        assert!(out.contains(" 0 mismatches"), "{out}");
+        eprintln!(
+            "{}: {}",
+            s.display(),
+            out.lines()
+                .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+}
+
+/// One vfio-user header: id, command, size, flags (command), errno.
+fn header(command: u16, size: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..2].copy_from_slice(&7u16.to_le_bytes());
+    h[2..4].copy_from_slice(&command.to_le_bytes());
+    h[4..8].copy_from_slice(&size.to_le_bytes());
+    h
+}
+
+#[test]
+fn a_hostile_client_while_the_worker_is_replaced_harms_nobody() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("upgrade-hostile");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let mut c = UnixStream::connect(&socks[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // the supervisor's own RESTORE and CLIENT_GONE numbers, a message shorter than its
+    // header, a reply instead of a command, an unknown command: each refused or ignored
+    for (cmd, size) in [(0x7f01, 16), (0x7f02, 16), (1, 4), (0x4444, 16)] {
+        c.write_all(&header(cmd, size)).unwrap();
+    }
+    let mut reply = [0u8; 16];
+    use std::io::Read as _;
+    c.read_exact(&mut reply).unwrap();
+    assert_ne!(
+        reply[8] & 0x20,
+        0,
+        "RESTORE from a client is refused: {reply:?}"
+    );
+    // an upgrade and a crash with a half-sent message in the socket
+    c.write_all(&header(9, 4096)).unwrap();
+    rpc(&rpc_sock, &["daemon_upgrade"]);
+    let (pid, generation, _, _) = status(&rpc_sock);
+    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while status(&rpc_sock).1 == generation {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    // the supervisor lives and serves the next client as before
+    let (ok, out) = finish(perf(&socks[0], 2));
+    assert!(ok, "{out}");
+    assert!(out.contains(" 0 mismatches"), "{out}");
+    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    assert_eq!((generation, upgrades, recoveries), (3, 1, 1));
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_does_not_start_falls_back_without_an_error_to_the_client() {
+    let tmp = TempDir::new("upgrade-broken");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let p = perf(&socks[0], 6);
+    std::thread::sleep(Duration::from_secs(2));
+    // a binary that exits at once: its worker never reports ready
+    let o = Command::new(vnvme_binary())
+        .args(["rpc", "--socket"])
+        .arg(&rpc_sock)
+        .args(["daemon_upgrade", "binary=/bin/true"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("vnvme rpc");
+    assert!(
+        !o.status.success(),
+        "the upgrade to /bin/true was not refused"
+    );
+    let s = rpc(&rpc_sock, &["daemon_status"]);
+    assert!(
+        s.get("binary")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b.ends_with("vnvme")),
+        "{s}"
+    );
+    let (_, generation, upgrades, _) = status(&rpc_sock);
+    assert_eq!((generation, upgrades), (2, 0));
+    let (ok, out) = finish(p);
+    assert!(ok && out.contains(" 0 mismatches"), "{out}");
+}
+
+#[test]
+fn a_worker_that_stops_answering_is_replaced_and_the_message_answered() {
+    use std::io::{Read as _, Write};
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("upgrade-hung");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let mut c = UnixStream::connect(&socks[0]).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (pid, _, _, _) = status(&rpc_sock);
+    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    // the signal is delivered asynchronously: wait until the worker is stopped
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    };
+    let t = Instant::now();
+    while !stopped() {
+        assert!(t.elapsed() < Duration::from_secs(5), "worker not stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    // DEVICE_GET_INFO with its 16-byte payload (argsz first)
+    let mut m = header(4, 32).to_vec();
+    m.extend_from_slice(&16u32.to_le_bytes());
+    m.extend_from_slice(&[0; 12]);
+    c.write_all(&m).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        reply[8] & 0x20,
+        0,
+        "GET_INFO failed after {waited:?}: {reply:?}"
+    );
+    let mut info = [0u8; 16];
+    c.read_exact(&mut info).unwrap();
+    assert!(
+        waited < Duration::from_millis(4800),
+        "answered after {waited:?}"
+    );
+    let (new_pid, generation, _, recoveries) = status(&rpc_sock);
+    assert_ne!(new_pid, pid);
+    assert_eq!((generation, recoveries), (2, 1));
+    eprintln!("answered by the next worker after {waited:?}");
+}

@@ -1,0 +1,184 @@
+//! Issue 20 with a real guest: a stock Linux guest runs fio (randrw, QD 32, crc32c verify)
+//! on a controller of `vnvme serve --supervised` while the worker is upgraded three times
+//! and `kill -9`'d three times. fio reports no error, the guest's kernel log has no timeout,
+//! abort, reset or I/O error line, and `nvme list` shows the same controller after.
+//! QEMU's per-message timeout is left at its default (5 s).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary};
+
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the pid of our own child and a plain signal number.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rpc(sock: &Path, method: &str) -> Value {
+    let o = Command::new(vnvme_binary())
+        .arg("rpc")
+        .arg("--socket")
+        .arg(sock)
+        .arg(method)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("vnvme rpc");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("JSON answer")
+}
+
+fn field(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+const SCRIPT: &str = r#"
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+echo @@LIST1-BEGIN; nvme list; echo @@LIST1-END
+BEFORE=$(dmesg | wc -l)
+# the same job without events first: the latency to compare the stalls with
+fio --name=base --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
+  --iodepth=32 --size=64M --time_based --runtime=15 --randrepeat=1 > /tmp/base.out 2>&1
+echo @@BASE-BEGIN; cat /tmp/base.out; echo @@BASE-END
+echo @@FIO-START
+fio --name=upg --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
+  --iodepth=32 --size=64M --time_based --runtime=40 --verify=crc32c --verify_backlog=512 \
+  --verify_fatal=1 --randrepeat=1 > /tmp/fio.out 2>&1
+echo "fio-rc $?"
+echo @@FIO-BEGIN; cat /tmp/fio.out; echo @@FIO-END
+echo @@DMESG-BEGIN; dmesg | tail -n +$((BEFORE + 1)); echo @@DMESG-END
+echo @@LIST2-BEGIN; nvme list; echo @@LIST2-END
+"#;
+
+#[test]
+fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
+    let tmp = TempDir::new("vm-upgrade");
+    let dir = tmp.path();
+    let sock = dir.join("u.sock");
+    let rpc_sock = dir.join("rpc");
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let child = Command::new(vnvme_binary())
+        .args(["serve", "--supervised", "--serial", "VNVMEUPG", "--socket"])
+        .arg(&sock)
+        .arg("--ns")
+        .arg(format!("file:{}:128M", dir.join("u.img").display()))
+        .arg("--rpc")
+        .arg(&rpc_sock)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vnvme serve --supervised");
+    let _served = Served(child);
+    let t = Instant::now();
+    while !(sock.exists() && rpc_sock.exists()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let fio_started = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&fio_started);
+    let events = {
+        let started = Arc::clone(&fio_started);
+        let rpc_sock = rpc_sock.clone();
+        std::thread::spawn(move || {
+            while !started.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut log = Vec::new();
+            for i in 0..6 {
+                std::thread::sleep(Duration::from_secs(5));
+                let before = rpc(&rpc_sock, "daemon_status");
+                if i % 2 == 0 {
+                    let r = rpc(&rpc_sock, "daemon_upgrade");
+                    log.push(format!("upgrade: {} ms", field(&r, "ms")));
+                } else {
+                    let pid = field(&before, "worker_pid") as i32;
+                    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                    let t = Instant::now();
+                    loop {
+                        let now = rpc(&rpc_sock, "daemon_status");
+                        if field(&now, "recoveries") > field(&before, "recoveries") {
+                            log.push(format!(
+                                "kill -9: recovered in {} ms",
+                                field(&now, "last_recovery_ms")
+                            ));
+                            break;
+                        }
+                        assert!(t.elapsed() < Duration::from_secs(10), "no recovery");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            log
+        })
+    };
+    let guest = harness_guest(SCRIPT)
+        .vfio_user(&sock)
+        .on_console_line(move |l| {
+            if l.contains("@@FIO-START") {
+                seen.store(true, Ordering::Relaxed);
+            }
+        });
+    let out = run_ok(&guest);
+    let log = events.join().expect("events");
+    let status = rpc(&rpc_sock, "daemon_status");
+    eprintln!("events: {log:?}\nstatus: {status}");
+    assert_eq!(
+        (field(&status, "upgrades"), field(&status, "recoveries")),
+        (3, 3)
+    );
+    let fio = section(&out, "@@FIO");
+    assert_eq!(value(&out, "fio-rc"), Some("0"), "fio:\n{fio}");
+    assert!(
+        fio.matches("err=").count() == fio.matches("err= 0").count() && fio.contains("err= 0"),
+        "fio reported errors:\n{fio}"
+    );
+    // the guest-visible stall: max latency with the events against the same job without
+    for (what, text) in [
+        ("without events", section(&out, "@@BASE")),
+        ("with events", fio),
+    ] {
+        for l in text.lines().map(str::trim) {
+            if l.starts_with("read:") || l.starts_with("write:") || l.starts_with("lat (") {
+                eprintln!("fio {what}: {l}");
+            }
+        }
+    }
+    let dmesg = section(&out, "@@DMESG").to_lowercase();
+    for bad in [
+        "timeout",
+        "abort",
+        "reset",
+        "i/o error",
+        "blk_update_request",
+    ] {
+        assert!(
+            !dmesg.contains(bad),
+            "guest kernel log has {bad:?}:\n{dmesg}"
+        );
+    }
+    let (l1, l2) = (section(&out, "@@LIST1"), section(&out, "@@LIST2"));
+    assert!(l1.contains("VNVMEUPG"), "{l1}");
+    assert_eq!(l1, l2, "nvme list changed");
+}

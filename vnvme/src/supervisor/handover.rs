@@ -1,0 +1,144 @@
+//! The worker's side of the fds its supervisor handed over: per vfio-user socket the link
+//! the supervisor relays the client over, the BAR0 doorbell memfd the client mapped, and the
+//! controller's state memfd. The daemon's builders take them by socket path when they
+//! build that controller ([`take_memory`], [`take_link`]); controllers built this way are
+//! tracked so a planned upgrade can hold, drain and save them ([`drain_all`]).
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use device_model::reactor::Poster;
+use qemu_vfio_user::server::RestoreHook;
+
+/// The memfds of one controller.
+#[derive(Debug)]
+pub struct HandedMemory {
+    pub doorbells: OwnedFd,
+    pub state: OwnedFd,
+}
+
+#[derive(Debug)]
+struct Handed {
+    socket: PathBuf,
+    link: Option<UnixStream>,
+    memory: Option<HandedMemory>,
+}
+
+static HANDED: Mutex<Vec<Handed>> = Mutex::new(Vec::new());
+static TRACKED: Mutex<Vec<Poster>> = Mutex::new(Vec::new());
+
+/// Record what the supervisor handed over for `socket`.
+pub fn offer(socket: PathBuf, link: UnixStream, memory: HandedMemory) {
+    if let Ok(mut h) = HANDED.lock() {
+        h.retain(|x| x.socket != socket);
+        h.push(Handed {
+            socket,
+            link: Some(link),
+            memory: Some(memory),
+        });
+    }
+}
+
+/// The memfds handed over for `socket`, once.
+pub fn take_memory(socket: &Path) -> Option<HandedMemory> {
+    let mut h = HANDED.lock().ok()?;
+    h.iter_mut().find(|x| x.socket == socket)?.memory.take()
+}
+
+/// The link handed over for `socket`, once.
+pub fn take_link(socket: &Path) -> Option<UnixStream> {
+    let mut h = HANDED.lock().ok()?;
+    h.iter_mut().find(|x| x.socket == socket)?.link.take()
+}
+
+/// Sockets handed over that no configured controller took (a config that changed).
+pub fn unclaimed() -> Vec<PathBuf> {
+    HANDED.lock().map_or_else(
+        |_| Vec::new(),
+        |h| {
+            h.iter()
+                .filter(|x| x.link.is_some())
+                .map(|x| x.socket.clone())
+                .collect()
+        },
+    )
+}
+
+/// Keep `poster` for [`drain_all`].
+pub fn track(poster: Poster) {
+    if let Ok(mut t) = TRACKED.lock() {
+        t.push(poster);
+    }
+}
+
+/// Run `f` on the controller behind `poster` and wait for its answer.
+fn ask<T: Send + 'static>(
+    poster: &Poster,
+    wait: Duration,
+    f: impl FnOnce(&mut device_model::Controller) -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    if !poster.run(move |c| {
+        let _ = tx.send(f(c));
+    }) {
+        return None;
+    }
+    rx.recv_timeout(wait).ok()
+}
+
+/// The hook a worker's server runs when its supervisor finished the replay: the controller
+/// restores its saved state (on its reactor thread).
+pub fn restore_hook(poster: Poster) -> RestoreHook {
+    Box::new(move |_device| {
+        match ask(
+            &poster,
+            Duration::from_secs(4),
+            device_model::Controller::restore,
+        ) {
+            Some(Ok(r)) if r.enabled => Ok(format!(
+                "state restored: {} commands run again, {} completions posted again, {} found posted",
+                r.reissued, r.reposted, r.found_posted
+            )),
+            Some(Ok(_)) => Ok("no enabled controller to restore".into()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("the controller did not answer".into()),
+        }
+    })
+}
+
+/// A planned upgrade: every tracked controller stops fetching, its commands in flight
+/// finish (within `wait`), and its state is saved. Returns how many were drained in time.
+pub fn drain_all(wait: Duration) -> (usize, usize) {
+    let posters: Vec<Poster> = TRACKED.lock().map(|t| t.clone()).unwrap_or_default();
+    for p in &posters {
+        p.run(|c| c.hold_fetch(true));
+    }
+    let until = Instant::now() + wait;
+    let mut drained = 0;
+    for p in &posters {
+        loop {
+            if ask(p, Duration::from_secs(1), |c| c.drained()).unwrap_or(true) {
+                drained += 1;
+                break;
+            }
+            if Instant::now() > until {
+                // what is still in flight is in the journal: the next worker runs it again
+                log::warn!(
+                    "upgrade: a controller did not drain in time; its commands are reissued"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ask(
+            p,
+            Duration::from_secs(1),
+            device_model::Controller::save_state,
+        );
+    }
+    (drained, posters.len())
+}

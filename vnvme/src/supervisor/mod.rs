@@ -1,0 +1,508 @@
+//! The supervisor: `vnvme serve --supervised` runs as a small, stable process that owns
+//! everything a vfio-user client (QEMU) holds the other end of, and runs the data plane in
+//! a replaceable **worker** process (the same binary, or a new one for an upgrade).
+//!
+//! # Who owns which fd
+//! - **Supervisor**: each controller's listening vfio-user socket and the client's connected
+//!   socket (`qemu_vfio_user::server::relay`); the BAR0 memfd the client mmaps for the
+//!   doorbells (created here, so it stays the same file across workers); a duplicate of
+//!   every fd the client sent (DMA_MAP guest memory, SET_IRQS eventfds), kept in the relay's
+//!   replay table; each controller's **state memfd** (`device_model::journal`); the
+//!   management socket (`--rpc`). It never closes a client connection because of a worker.
+//! - **Worker**: the device model, reactors, backends (files and io_uring are reopened by
+//!   each worker from the configuration), its own management socket (`RPC.worker`, to which
+//!   the supervisor forwards every method but `daemon_*`).
+//!
+//! # How fds move
+//! The worker inherits one end of a socketpair across fork/execve (the control link, its
+//! number in `--worker-fd`). Over it the supervisor sends, per controller, `ATTACH` with
+//! SCM_RIGHTS: one end of a fresh socketpair (the *link* the relay forwards the client's
+//! messages over), the BAR0 memfd and the state memfd; then `START`. The worker maps both
+//! memfds (`Doorbells::from_fd`, `Journal::open`), serves each link with a vfio-user server
+//! and answers `DONE {pid}`. Only then does the supervisor give the links to the relays.
+//!
+//! # Control messages while no worker runs
+//! A relay reads one client message at a time. When the link breaks (worker gone) the
+//! message stays in hand and the relay waits for the next worker's link (up to 4.5 s, inside
+//! QEMU's 5 s per-message timeout); further messages wait in the client's socket. On a new
+//! link it replays the DMA map, interrupts and config-space / MSI-X BAR writes (with the
+//! duplicated fds), sends `RESTORE` (the worker rebuilds each controller from its state
+//! memfd: registers, features, queues, commands in flight, the completion being posted),
+//! and then relays the message in hand again. Register writes are idempotent; the journal
+//! makes sure a command is completed exactly once.
+//!
+//! # Planned upgrade and crash
+//! `vnvme rpc daemon_upgrade [binary=PATH]` or SIGHUP: the supervisor sends `UPGRADE`; the
+//! worker holds fetching, waits for commands in flight (up to 3 s, parked AERs excepted),
+//! saves each controller's state, answers and exits; the supervisor reaps it and starts the
+//! new binary. A worker that dies otherwise (`kill -9`, a panic that escapes) is reaped and
+//! replaced by the same binary, which recovers from the journal: commands fetched and not
+//! completed are run again (reads, writes, write zeroes, deallocate, flush are idempotent;
+//! an admin command's effect is saved with its completion before that is posted), the
+//! completion being posted is written unless the guest's CQ slot holds it already, and every
+//! enabled vector is signalled once. If the supervisor itself dies, the clients' sockets
+//! close with it: the VM loses the device, as without a supervisor.
+
+pub mod control;
+pub mod handover;
+mod rpc;
+pub mod worker;
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use device_model::journal::Journal;
+use qemu_vfio_user::server::relay::Relay;
+use serde_json::{Value, json};
+use sys_util::SharedMemory;
+
+use crate::config::Config;
+
+/// Errors of the supervisor and of a worker's side of it.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("supervisor: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("supervisor protocol: {0}")]
+    Protocol(String),
+    #[error("--supervised does not support {0} yet")]
+    Unsupported(String),
+    #[error(transparent)]
+    Server(#[from] qemu_vfio_user::server::ServerError),
+    #[error("the worker did not start: {0}")]
+    WorkerStart(String),
+}
+
+/// How the supervisor was started.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// The worker binary (this one at start; `daemon_upgrade binary=` changes it).
+    pub binary: PathBuf,
+    /// The worker's arguments (`serve ...` without `--supervised`; `--worker-fd` is added).
+    pub worker_args: Vec<OsString>,
+    /// The management socket, and the worker's behind it.
+    pub rpc: Option<PathBuf>,
+    pub worker_rpc: Option<PathBuf>,
+}
+
+/// What `daemon_status` shows.
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    pub worker_pid: u32,
+    /// Workers started so far (the first is generation 1).
+    pub generation: u64,
+    pub upgrades: u64,
+    pub recoveries: u64,
+    /// From noticing the death of a worker to its successor being ready.
+    pub last_recovery_ms: Option<u64>,
+    /// When that was, in seconds since the epoch.
+    pub last_recovery_at: Option<u64>,
+    pub last_upgrade_ms: Option<u64>,
+    pub binary: String,
+}
+
+impl Status {
+    fn json(&self) -> Value {
+        json!({
+            "worker_pid": self.worker_pid,
+            "generation": self.generation,
+            "upgrades": self.upgrades,
+            "recoveries": self.recoveries,
+            "last_recovery_ms": self.last_recovery_ms,
+            "last_recovery_at": self.last_recovery_at,
+            "last_upgrade_ms": self.last_upgrade_ms,
+            "binary": self.binary,
+        })
+    }
+}
+
+/// One controller's fds, owned by the supervisor.
+struct Owned {
+    socket: PathBuf,
+    doorbells: SharedMemory,
+    state: SharedMemory,
+    links: Sender<UnixStream>,
+}
+
+/// The running supervisor.
+pub struct Supervisor {
+    opts: SupervisorOptions,
+    owned: Vec<Owned>,
+    relays: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    worker: Option<(Child, UnixStream)>,
+    /// When to try again to start a worker after every attempt failed.
+    retry_at: Option<Instant>,
+    /// A relay found the worker alive but not answering.
+    hung: Arc<AtomicBool>,
+    status: Status,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// Refuse what a worker cannot carry over yet.
+fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
+    let mut sockets = Vec::new();
+    for c in &cfg.controllers {
+        if c.tcp_listen.is_some() {
+            return Err(SupervisorError::Unsupported(
+                "NVMe/TCP exports (tcp_listen)".into(),
+            ));
+        }
+        if c.vfs.unwrap_or(0) > 0 {
+            return Err(SupervisorError::Unsupported("SR-IOV VFs".into()));
+        }
+        if c.namespace_pool.is_some() {
+            return Err(SupervisorError::Unsupported("namespace pools".into()));
+        }
+        for n in &c.namespaces {
+            if n.backend.starts_with("malloc:") {
+                // a RAM namespace lives in the worker: its data would go with it
+                return Err(SupervisorError::Unsupported(
+                    "malloc: namespaces (their data lives in the worker; use file:)".into(),
+                ));
+            }
+        }
+        match &c.socket {
+            Some(s) => sockets.push(s.clone()),
+            None => {
+                return Err(SupervisorError::Unsupported(
+                    "controllers without a socket".into(),
+                ));
+            }
+        }
+    }
+    Ok(sockets)
+}
+
+impl Supervisor {
+    /// Take the sockets, start the first worker.
+    pub fn start(cfg: &Config, opts: SupervisorOptions) -> Result<Self, SupervisorError> {
+        let sockets = check(cfg)?;
+        crate::limits::apply();
+        let stop = Arc::new(AtomicBool::new(false));
+        let hung = Arc::new(AtomicBool::new(false));
+        let mut owned = Vec::new();
+        let mut relays = Vec::new();
+        for socket in sockets {
+            let (tx, rx) = mpsc::channel();
+            let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop), Arc::clone(&hung))?;
+            let doorbells = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)
+                .map_err(SupervisorError::Io)?;
+            let state = Journal::create().map_err(SupervisorError::Io)?;
+            relays.push(
+                std::thread::Builder::new()
+                    .name("relay".into())
+                    .spawn(move || relay.run())
+                    .map_err(SupervisorError::Io)?,
+            );
+            owned.push(Owned {
+                socket,
+                doorbells,
+                state,
+                links: tx,
+            });
+        }
+        let mut s = Self {
+            status: Status {
+                binary: opts.binary.display().to_string(),
+                ..Status::default()
+            },
+            opts,
+            owned,
+            relays,
+            stop,
+            worker: None,
+            retry_at: None,
+            hung,
+        };
+        s.spawn_worker()?;
+        Ok(s)
+    }
+
+    /// The sockets served.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        self.owned.iter().map(|o| o.socket.clone()).collect()
+    }
+
+    /// Start a worker of `self.opts.binary`, hand it the fds and wait until it is ready.
+    fn spawn_worker(&mut self) -> Result<(), SupervisorError> {
+        let (ours, theirs) = UnixStream::pair().map_err(SupervisorError::Io)?;
+        sys_util::fd::set_inheritable(theirs.as_fd(), true).map_err(SupervisorError::Io)?;
+        let mut cmd = Command::new(&self.opts.binary);
+        cmd.args(&self.opts.worker_args)
+            .arg("--worker-fd")
+            .arg(theirs.as_raw_fd().to_string())
+            // a terminal's Ctrl-C reaches the supervisor alone, which stops the worker
+            .process_group(0);
+        let child = cmd.spawn().map_err(SupervisorError::Io)?;
+        drop(theirs);
+        let mut links = Vec::new();
+        for o in &self.owned {
+            let (relay_end, worker_end) = UnixStream::pair().map_err(SupervisorError::Io)?;
+            let body = json!({"socket": o.socket});
+            let r = control::send(
+                &ours,
+                control::ATTACH,
+                &body,
+                &[worker_end.as_fd(), o.doorbells.fd(), o.state.fd()],
+            );
+            r.map_err(SupervisorError::Io)?;
+            links.push(relay_end);
+        }
+        control::send(&ours, control::START, &Value::Null, &[]).map_err(SupervisorError::Io)?;
+        let ready = control::recv(&ours, Duration::from_secs(30));
+        let pid = child.id();
+        let mut child = child;
+        match ready {
+            Ok(Some(m)) if m.command == control::DONE => {}
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SupervisorError::WorkerStart(format!("{other:?}")));
+            }
+        }
+        for (o, l) in self.owned.iter().zip(links) {
+            let _ = o.links.send(l);
+        }
+        self.status.worker_pid = pid;
+        self.status.generation += 1;
+        log::info!(
+            "supervisor: worker {pid} (generation {}) ready",
+            self.status.generation
+        );
+        self.worker = Some((child, ours));
+        Ok(())
+    }
+
+    /// A planned upgrade to `binary` (default: the current one). A new binary whose worker
+    /// does not come up is given up: the current binary is started again (the clients see
+    /// a longer stall) and the upgrade is refused.
+    pub fn upgrade(&mut self, binary: Option<PathBuf>) -> Result<Value, SupervisorError> {
+        let t = Instant::now();
+        let previous = self.opts.binary.clone();
+        if let Some(b) = binary {
+            self.opts.binary = b;
+        }
+        if let Some((mut child, ctl)) = self.worker.take() {
+            let _ = control::send(&ctl, control::UPGRADE, &Value::Null, &[]);
+            let answer = control::recv(&ctl, Duration::from_secs(10));
+            if !matches!(answer, Ok(Some(ref m)) if m.command == control::DONE) {
+                log::warn!(
+                    "supervisor: the worker did not answer the upgrade ({answer:?}); killing it"
+                );
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        if let Err(e) = self.spawn_worker() {
+            log::error!(
+                "supervisor: the worker of {} did not start ({e}); back to {}",
+                self.opts.binary.display(),
+                previous.display()
+            );
+            self.opts.binary = previous;
+            self.spawn_with_retries()?;
+            return Err(e);
+        }
+        self.status.binary = self.opts.binary.display().to_string();
+        self.status.upgrades += 1;
+        let ms = t.elapsed().as_millis() as u64;
+        self.status.last_upgrade_ms = Some(ms);
+        log::info!("supervisor: upgrade done in {ms} ms");
+        Ok(
+            json!({"generation": self.status.generation, "worker_pid": self.status.worker_pid, "ms": ms}),
+        )
+    }
+
+    /// Start a worker, trying a few times within QEMU's message timeout.
+    fn spawn_with_retries(&mut self) -> Result<(), SupervisorError> {
+        let mut last = None;
+        for attempt in 0..3 {
+            match self.spawn_worker() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    log::error!(
+                        "supervisor: starting a worker (attempt {}): {e}",
+                        attempt + 1
+                    );
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| SupervisorError::WorkerStart("gave up".into())))
+    }
+
+    /// Reap a worker that died and start another; true when that happened.
+    fn check_worker(&mut self) -> bool {
+        let Some((child, _)) = self.worker.as_mut() else {
+            // every attempt failed: go on trying, once a second
+            if self.retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                if self.spawn_worker().is_ok() {
+                    self.status.recoveries += 1;
+                    self.retry_at = None;
+                }
+            }
+            return false;
+        };
+        let status = match child.try_wait() {
+            Ok(None) => return false,
+            Ok(Some(s)) => Some(s),
+            Err(_) => None,
+        };
+        let t = Instant::now();
+        log::error!(
+            "supervisor: worker {} died ({}); starting another",
+            self.status.worker_pid,
+            status_text(status)
+        );
+        self.worker = None;
+        if let Err(e) = self.spawn_with_retries() {
+            log::error!("supervisor: {e}");
+            return true;
+        }
+        self.status.recoveries += 1;
+        self.status.last_recovery_ms = Some(t.elapsed().as_millis() as u64);
+        self.status.last_recovery_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        true
+    }
+
+    /// Run until SIGINT/SIGTERM: SIGHUP and `daemon_upgrade` upgrade the worker, a dead
+    /// worker is replaced.
+    pub fn run(&mut self) -> Result<(), SupervisorError> {
+        sys_util::process::catch_hangup();
+        let rpc = match &self.opts.rpc {
+            Some(p) => Some(rpc::SupervisorRpc::bind(p)?),
+            None => None,
+        };
+        while !sys_util::process::terminate_requested() {
+            if sys_util::process::take_hangup() {
+                log::info!("supervisor: SIGHUP: upgrading the worker");
+                if let Err(e) = self.upgrade(None) {
+                    log::error!("supervisor: upgrade failed: {e}");
+                }
+            }
+            if self.hung.swap(false, Ordering::Relaxed)
+                && let Some((child, _)) = self.worker.as_mut()
+            {
+                log::error!(
+                    "supervisor: worker {} stopped answering; killing it",
+                    self.status.worker_pid
+                );
+                let _ = child.kill();
+            }
+            self.check_worker();
+            match &rpc {
+                Some(r) => r.poll(self, Duration::from_millis(20)),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        drop(rpc);
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Stop the worker (it flushes) and the relays (they remove their sockets).
+    pub fn shutdown(&mut self) {
+        if let Some((mut child, ctl)) = self.worker.take() {
+            // SIGTERM: the worker's normal shutdown flushes its namespaces
+            let _ = sys_util::process::terminate(child.id());
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(15) {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(ctl);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        for r in self.relays.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    fn status(&self) -> &Status {
+        &self.status
+    }
+
+    fn worker_rpc(&self) -> Option<&PathBuf> {
+        self.opts.worker_rpc.as_ref()
+    }
+}
+
+fn status_text(s: Option<std::process::ExitStatus>) -> String {
+    s.map_or_else(|| "status unknown".into(), |s| s.to_string())
+}
+
+/// The worker's arguments: this process's `serve` arguments without `--supervised`, with
+/// the management socket moved to `RPC.worker`. Returns them and that path.
+pub fn worker_args(args: &[OsString]) -> (Vec<OsString>, Option<PathBuf>) {
+    let mut out = Vec::new();
+    let mut worker_rpc = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--supervised" {
+            continue;
+        }
+        if s == "--rpc" {
+            if let Some(v) = it.next() {
+                let p = PathBuf::from(format!("{}.worker", v.to_string_lossy()));
+                out.push(a.clone());
+                out.push(p.clone().into_os_string());
+                worker_rpc = Some(p);
+            }
+            continue;
+        }
+        if let Some(v) = s.strip_prefix("--rpc=") {
+            let p = PathBuf::from(format!("{v}.worker"));
+            out.push(OsString::from(format!("--rpc={}", p.display())));
+            worker_rpc = Some(p);
+            continue;
+        }
+        out.push(a.clone());
+    }
+    (out, worker_rpc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_arguments() {
+        let a: Vec<OsString> = ["serve", "--supervised", "--rpc", "/r", "--socket", "/s"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let (w, rpc) = worker_args(&a);
+        assert_eq!(rpc, Some(PathBuf::from("/r.worker")));
+        assert_eq!(
+            w,
+            ["serve", "--rpc", "/r.worker", "--socket", "/s"].map(OsString::from)
+        );
+    }
+}

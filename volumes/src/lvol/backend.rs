@@ -1,0 +1,387 @@
+//! The handles: [`Store`] for management (shared, cheap to clone) and [`LvolBackend`], a
+//! volume as a namespace's [`Backend`]. All of a store's state is behind one lock, as a
+//! namespace shared between controllers is ([`device_model::backend::SharedBackend`]):
+//! a volume's requests take it for their submission and their poll.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use device_model::backend::{Backend, IoBuffer, IoOp, IoRequest};
+use nvme_spec::Status;
+
+use super::error::{LvolError, Result};
+use super::ops::VolumeInfo;
+use super::store::{Core, Faults, LoadReport, NO_WARNING, read_bytes};
+use super::superblock::{SB_SIZE, Superblock};
+use super::syncio::SyncIo;
+
+/// Default cluster size: 1 MiB.
+pub const DEFAULT_CLUSTER: u64 = 1 << 20;
+
+/// Options of a new store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Store name.
+    pub name: String,
+    /// Cluster size in bytes (power of two, 16 KiB to 64 MiB).
+    pub cluster_size: u64,
+    /// Journal length in bytes (default: 16 bytes per cluster, 1 to 64 MiB).
+    pub journal_len: Option<u64>,
+}
+
+/// What a store reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Name.
+    pub name: String,
+    /// Bytes of data clusters.
+    pub capacity: u64,
+    /// Bytes of clusters in use (or not reusable yet).
+    pub used: u64,
+    /// Free clusters.
+    pub clusters_free: u64,
+    /// All data clusters.
+    pub clusters: u64,
+    /// Cluster size.
+    pub cluster_size: u64,
+    /// Volumes and snapshots.
+    pub volumes: usize,
+    /// Checkpoint bytes now, and the slot's size.
+    pub metadata: (u64, u64),
+    /// Why the store takes no more changes, if it does not.
+    pub failed: Option<String>,
+}
+
+/// A volume store (a handle; clones share it).
+#[derive(Clone)]
+pub struct Store {
+    core: Arc<Mutex<Core>>,
+    name: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("name", &self.name).finish()
+    }
+}
+
+fn lock(m: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store {
+    fn wrap(core: Core) -> Self {
+        let name = core.sb.name.clone();
+        Self {
+            core: Arc::new(Mutex::new(core)),
+            name,
+        }
+    }
+
+    /// Make a new store on `base` (what it held is lost).
+    pub fn format(base: Box<dyn Backend>, opts: &StoreOptions) -> Result<Self> {
+        Core::format(base, &opts.name, opts.cluster_size, opts.journal_len).map(Self::wrap)
+    }
+
+    /// Load the store `base` carries.
+    pub fn load(base: Box<dyn Backend>) -> Result<(Self, LoadReport)> {
+        let (core, report) = Core::load(base)?;
+        log::info!(
+            "volume store {}: {} volumes, {} mapped clusters, {} journal records, loaded in {} ms",
+            core.sb.name,
+            report.volumes,
+            report.mapped,
+            report.replayed,
+            report.millis
+        );
+        Ok((Self::wrap(core), report))
+    }
+
+    /// Load the store `base` holds, or make one (with `opts`) when it holds none (no
+    /// superblock magic in either copy). A damaged store is an error, never formatted.
+    /// Returns the load's report, none for a new store.
+    pub fn load_or_format(
+        mut base: Box<dyn Backend>,
+        opts: &StoreOptions,
+    ) -> Result<(Self, Option<LoadReport>)> {
+        match probe(base.as_mut()) {
+            Ok(_) => Self::load(base).map(|(s, r)| (s, Some(r))),
+            Err(LvolError::NoStore(_)) => Self::format(base, opts).map(|s| (s, None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Capacity, use, free clusters.
+    pub fn status(&self) -> StoreStatus {
+        let c = lock(&self.core);
+        StoreStatus {
+            name: c.sb.name.clone(),
+            capacity: c.geo.clusters * c.geo.cluster_size,
+            used: (c.geo.clusters - c.free.len() as u64) * c.geo.cluster_size,
+            clusters_free: c.free.len() as u64,
+            clusters: c.geo.clusters,
+            cluster_size: c.geo.cluster_size,
+            volumes: c.meta.volumes.len(),
+            metadata: c.metadata_use(),
+            failed: c.failed.clone(),
+        }
+    }
+
+    /// Volumes and snapshots, by name.
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        lock(&self.core).list()
+    }
+
+    /// Create a volume of `size` bytes (multiple of 4 KiB), thin or thick (all clusters
+    /// allocated and zeroed now).
+    pub fn create(&self, name: &str, size: u64, thin: bool) -> Result<()> {
+        lock(&self.core).create(name, size, thin)
+    }
+
+    /// Delete a volume or snapshot (refused while open).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        lock(&self.core).delete(name)
+    }
+
+    /// Resize a volume (shrink refused while open).
+    pub fn resize(&self, name: &str, size: u64) -> Result<()> {
+        lock(&self.core).resize(name, size)
+    }
+
+    /// Rename a volume or snapshot.
+    pub fn rename(&self, name: &str, new: &str) -> Result<()> {
+        lock(&self.core).rename(name, new)
+    }
+
+    /// Snapshot volume `name` as `snap` (instant, read-only).
+    pub fn snapshot(&self, name: &str, snap: &str) -> Result<()> {
+        lock(&self.core).snapshot(name, snap)
+    }
+
+    /// Clone snapshot `snap` as a writable thin volume `name`.
+    pub fn clone_snapshot(&self, snap: &str, name: &str) -> Result<()> {
+        lock(&self.core).clone_snapshot(snap, name)
+    }
+
+    /// Inflate: the volume gets its own copy of every cluster (it becomes thick) and no
+    /// longer depends on its parent.
+    pub fn inflate(&self, name: &str) -> Result<()> {
+        lock(&self.core).make_independent(name, true)
+    }
+
+    /// Decouple: the volume gets its own copy of every cluster it shares (unmapped ones
+    /// stay unmapped) and no longer depends on its parent.
+    pub fn decouple(&self, name: &str) -> Result<()> {
+        lock(&self.core).make_independent(name, false)
+    }
+
+    /// Make everything so far durable.
+    pub fn flush(&self) -> Result<()> {
+        let mut c = lock(&self.core);
+        let r = c.commit();
+        c.apply_deferred();
+        r
+    }
+
+    /// Percent of clusters in use at which a warning is logged (default 90).
+    pub fn set_threshold(&self, percent: u8) {
+        let mut c = lock(&self.core);
+        c.threshold = percent.min(100);
+        c.update_warning();
+    }
+
+    /// The core, locked (tests build big metadata directly).
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    /// Deliberate faults, for tests of the tests.
+    #[doc(hidden)]
+    pub fn set_faults(&self, f: Faults) {
+        lock(&self.core).faults = f;
+    }
+
+    /// Open volume `name` as a backend (snapshots open read-only).
+    pub fn open(&self, name: &str) -> Result<LvolBackend> {
+        let mut c = lock(&self.core);
+        let id = c.id_of(name)?;
+        *c.open.entry(id).or_default() += 1;
+        let size = c.meta.volumes[&id].size;
+        let size = c
+            .sizes
+            .entry(id)
+            .or_insert_with(|| Arc::new(AtomicU64::new(size)))
+            .clone();
+        let user = c.dp.register();
+        Ok(LvolBackend {
+            size,
+            in_flight: 0,
+            warning: c.warning.clone(),
+            core: self.core.clone(),
+            vol: id,
+            user,
+            describe: format!("lvol:{}/{name}", self.name),
+        })
+    }
+
+    /// True when no volume is open.
+    pub fn idle(&self) -> bool {
+        lock(&self.core).open.values().all(|&n| n == 0)
+    }
+
+    /// Stop the store and hand its base back (refused while a volume is open; what was
+    /// written is committed first).
+    pub fn close(self) -> std::result::Result<Box<dyn Backend>, (Self, LvolError)> {
+        if !self.idle() {
+            return Err((self, LvolError::InUse("a volume of the store".into())));
+        }
+        if let Err(e) = self.flush() {
+            log::warn!("volume store {}: {e}", self.name);
+        }
+        match Arc::try_unwrap(self.core) {
+            Ok(m) => {
+                let mut core = m.into_inner().unwrap_or_else(PoisonError::into_inner);
+                // committed above: the core's drop has nothing left to write
+                core.records.clear();
+                core.dirty.clear();
+                Ok(std::mem::replace(
+                    &mut core.base,
+                    Box::new(device_model::backend::NullBackend::new(0)),
+                ))
+            }
+            Err(core) => {
+                let name = self.name;
+                Err((
+                    Self { core, name },
+                    LvolError::InUse("another handle on the store".into()),
+                ))
+            }
+        }
+    }
+}
+
+/// The superblock `base` holds (the newest valid copy), without loading the store.
+pub fn probe(base: &mut dyn Backend) -> Result<super::superblock::Superblock> {
+    let mut sync = SyncIo::default();
+    if base.size() < 2 * SB_SIZE as u64 {
+        return Err(LvolError::NoStore(
+            "the backend is smaller than two superblocks".into(),
+        ));
+    }
+    let head = read_bytes(
+        base,
+        &mut sync,
+        "read the superblocks",
+        0,
+        2 * SB_SIZE as u64,
+    )?;
+    Superblock::pick(&head[..SB_SIZE], &head[SB_SIZE..]).map(|(sb, _)| sb)
+}
+
+/// Erase the store `base` holds: both superblock copies are zeroed (the data is not).
+pub fn wipe(base: &mut dyn Backend) -> Result<()> {
+    let mut sync = SyncIo::default();
+    let len = 2 * SB_SIZE as u64;
+    let buf = IoBuffer::new(len as usize);
+    sync.run(
+        base,
+        "wipe the superblocks",
+        IoOp::Write { fua: false },
+        0,
+        Some((&buf, 0)),
+        len,
+    )?;
+    sync.run(base, "wipe the superblocks", IoOp::Flush, 0, None, 0)
+}
+
+/// A volume as a namespace backend.
+pub struct LvolBackend {
+    core: Arc<Mutex<Core>>,
+    warning: Arc<AtomicU8>,
+    /// Requests started and not yet handed back (kept here: the controller asks at every
+    /// reap, which must not take the store's lock).
+    in_flight: usize,
+    /// The volume's size (every I/O's range check asks: no lock).
+    size: Arc<AtomicU64>,
+    vol: u32,
+    user: usize,
+    describe: String,
+}
+
+impl std::fmt::Debug for LvolBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+impl Backend for LvolBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn submit(&mut self, req: &IoRequest<'_>) -> std::result::Result<(), Status> {
+        lock(&self.core).submit(self.user, self.vol, req)?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let mut c = lock(&self.core);
+        c.poll_base();
+        let Some(u) = c.dp.users.get_mut(self.user) else {
+            return 0;
+        };
+        let n = u.done.len();
+        for (t, s) in u.done.drain(..) {
+            done(t, s);
+        }
+        self.in_flight = self.in_flight.saturating_sub(n);
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn thin_usage(&self) -> Option<(u64, u64)> {
+        let c = lock(&self.core);
+        let v = c.meta.volumes.get(&self.vol)?;
+        if !v.thin {
+            return None;
+        }
+        let used = c.used_bytes(self.vol);
+        let cap = (used + c.free.len() as u64 * c.geo.cluster_size).min(v.size);
+        Some((used.min(v.size), cap))
+    }
+
+    fn capacity_warning(&self) -> Option<u8> {
+        let w = self.warning.load(Ordering::Relaxed);
+        (w != NO_WARNING).then_some(w)
+    }
+}
+
+impl Drop for LvolBackend {
+    fn drop(&mut self) {
+        let mut c = lock(&self.core);
+        if let Some(n) = c.open.get_mut(&self.vol) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.sizes.remove(&self.vol);
+            }
+        }
+        if let Some(u) = c.dp.users.get_mut(self.user) {
+            u.taken = false;
+            u.done.clear();
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Tests of the volume store: basics (`basics.rs`), requests completing out of order
+//! (`concurrent.rs`), and the crash-consistency harness (`crash_disk.rs` simulates a
+//! volatile write cache that loses, reorders and tears unflushed writes; `crash.rs` runs
+//! seeded random workloads over it one request at a time, `crash_qd.rs` with up to 16
+//! writes in flight); `bench.rs` holds the ignored benchmarks.
+
+mod basics;
+mod bench;
+mod concurrent;
+mod crash;
+mod crash_disk;
+mod crash_qd;
+mod io;
