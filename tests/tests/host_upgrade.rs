@@ -335,3 +335,61 @@ fn a_worker_that_stops_answering_is_replaced_and_the_message_answered() {
     assert_eq!((generation, recoveries), (2, 1));
     eprintln!("answered by the next worker after {waited:?}");
 }
+
+/// A thin volume's mapping of a write lives in the worker's memory until a commit: a worker
+/// killed after acknowledging a write must not take the mapping with it, since the client
+/// sees no power loss (the data is in the file, the journal must be too).
+#[test]
+fn a_thin_volume_keeps_every_acknowledged_write_across_worker_crashes() {
+    let tmp = TempDir::new("upgrade-lvol");
+    let dir = tmp.path();
+    let sock = dir.join("c0.sock");
+    let cfg = format!(
+        "[[lvstore]]\nname = \"pool\"\nbackend = \"file:{}:96M\"\ncluster_size = \"64K\"\n\
+         [[lvstore.volume]]\nname = \"v\"\nsize = \"64M\"\nthin = true\n\
+         [[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"lvol:pool/v\"\n",
+        dir.join("pool.img").display(),
+        sock.display()
+    );
+    let cfg_path = dir.join("vnvme.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let rpc_sock = dir.join("rpc");
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let child = Command::new(vnvme_binary())
+        .args(["serve", "--supervised", "--config"])
+        .arg(&cfg_path)
+        .arg("--rpc")
+        .arg(&rpc_sock)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vnvme serve --supervised");
+    let _served = Served(child);
+    wait_for(&sock);
+    wait_for(&rpc_sock);
+
+    let p = perf(&sock, 14);
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        let (pid, generation, _, _) = status(&rpc_sock);
+        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while status(&rpc_sock).1 == generation {
+            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    }
+    let (ok, out) = finish(p);
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(ok && out.contains(" 0 mismatches"), "{out}\ndaemon:\n{log}");
+    eprintln!(
+        "{}",
+        out.lines()
+            .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+}

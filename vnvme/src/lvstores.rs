@@ -23,6 +23,8 @@ struct Slot {
 #[derive(Default)]
 pub struct Lvstores {
     list: Vec<Slot>,
+    /// Stores commit mapping changes before acknowledging a write (a supervised worker).
+    mappings_before_ack: bool,
 }
 
 impl std::fmt::Debug for Lvstores {
@@ -43,6 +45,15 @@ pub enum Made {
 }
 
 impl Lvstores {
+    /// No stores yet; `mappings_before_ack` for a supervised worker (see
+    /// [`volumes::lvol::Store::set_mappings_before_ack`]).
+    pub fn new(mappings_before_ack: bool) -> Self {
+        Self {
+            list: Vec::new(),
+            mappings_before_ack,
+        }
+    }
+
     fn find(&self, name: &str) -> Result<&Slot, String> {
         self.list
             .iter()
@@ -120,6 +131,7 @@ impl Lvstores {
         if let Some(p) = spec.warn_percent {
             store.set_threshold(p);
         }
+        store.set_mappings_before_ack(self.mappings_before_ack);
         for v in &spec.volumes {
             if store.list().iter().any(|x| x.name == v.name) {
                 continue;

@@ -121,7 +121,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         Some(fd) => Some(WorkerLink::take(fd).context("taking over from the supervisor")?),
         None => None,
     };
-    let mut daemon = Daemon::start(&cfg).context("starting the daemon")?;
+    let started = match &worker {
+        Some(_) => Daemon::start_worker(&cfg),
+        None => Daemon::start(&cfg),
+    };
+    let mut daemon = started.context("starting the daemon")?;
     if let Some(w) = &worker {
         w.ready().context("telling the supervisor")?;
     }

@@ -102,6 +102,17 @@ impl std::fmt::Debug for Daemon {
 impl Daemon {
     /// Create every controller and start serving. Sockets are listening when this returns.
     pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
+        Self::start_as(cfg, false)
+    }
+
+    /// [`Daemon::start`] as a supervised worker (`serve --supervised`): the process may be
+    /// killed and replaced without the hosts seeing a power loss, so nothing acknowledged
+    /// may live only in its memory (volume stores commit mapping changes before the ack).
+    pub fn start_worker(cfg: &Config) -> Result<Self, DaemonError> {
+        Self::start_as(cfg, true)
+    }
+
+    fn start_as(cfg: &Config, worker: bool) -> Result<Self, DaemonError> {
         crate::limits::apply();
         let place = Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
         let mut daemon = Daemon {
@@ -110,7 +121,7 @@ impl Daemon {
             place,
             devices: DeviceRegistry::default(),
             arrays: crate::arrays::Arrays::default(),
-            lvstores: crate::lvstores::Lvstores::default(),
+            lvstores: crate::lvstores::Lvstores::new(worker),
         };
         for (i, a) in cfg.arrays.iter().enumerate() {
             let refused = daemon

@@ -158,6 +158,24 @@ impl std::fmt::Debug for Supervisor {
 /// Refuse what a worker cannot carry over yet.
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     let mut sockets = Vec::new();
+    // RAM lives in the worker: its data would go with it
+    let ram = |what: &str, spec: &str| {
+        if spec.starts_with("malloc:") {
+            Err(SupervisorError::Unsupported(format!(
+                "{what} on malloc: (its data lives in the worker; use file:)"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    for s in &cfg.lvstores {
+        ram(&format!("volume store {}", s.name), &s.backend)?;
+    }
+    for a in &cfg.arrays {
+        for m in &a.members {
+            ram(&format!("array {}", a.name), m)?;
+        }
+    }
     for c in &cfg.controllers {
         if c.tcp_listen.is_some() {
             return Err(SupervisorError::Unsupported(

@@ -195,6 +195,16 @@ impl Store {
         c.update_warning();
     }
 
+    /// Commit the mapping changes of a guest request (a first write to a thin cluster, a
+    /// copy-on-write, a deallocate) before acknowledging it, as a FUA write would, instead
+    /// of at the next Flush. Needed where the process can die without the host seeing a
+    /// power loss: a supervised worker (`serve --supervised`) that is killed and replaced
+    /// must not take acknowledged mappings with it. Off by default (a crash of the daemon
+    /// is a power loss to the host, and unflushed writes may be lost then).
+    pub fn set_mappings_before_ack(&self, on: bool) {
+        lock(&self.core).mappings_before_ack = on;
+    }
+
     /// The core, locked (tests build big metadata directly).
     #[cfg(test)]
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {

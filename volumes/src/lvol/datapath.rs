@@ -27,6 +27,8 @@ struct GuestReq {
     left: u32,
     status: Status,
     fua: bool,
+    /// It changes data (a write, write zeroes or deallocate).
+    writes: bool,
 }
 
 /// What a base request's completion changes in the map.
@@ -96,13 +98,14 @@ impl DataPath {
         i
     }
 
-    fn new_req(&mut self, user: usize, tag: u64, fua: bool) -> u32 {
+    fn new_req(&mut self, user: usize, tag: u64, fua: bool, writes: bool) -> u32 {
         let r = GuestReq {
             user,
             tag,
             left: 1,
             status: Status::SUCCESS,
             fua,
+            writes,
         };
         if let Some(u) = self.users.get_mut(user) {
             u.pending += 1;
@@ -196,7 +199,7 @@ impl Core {
             }
         }
         let fua = matches!(req.op, IoOp::Write { fua: true });
-        let r = self.dp.new_req(user, req.tag, fua);
+        let r = self.dp.new_req(user, req.tag, fua, writes);
         let cs = self.geo.cluster_size;
         let mut done = 0u64;
         while done < len {
@@ -416,7 +419,12 @@ impl Core {
             return;
         }
         let (user, tag, st, fua) = (q.user, q.tag, q.status, q.fua);
-        if fua && st.is_success() {
+        // a write whose mapping change is still in memory only (or another's: the commit
+        // takes them all)
+        let mapped = q.writes
+            && self.mappings_before_ack
+            && !(self.dirty.is_empty() && self.records.is_empty());
+        if (fua || mapped) && st.is_success() {
             self.dp.fua_waiting.push(r);
             return;
         }

@@ -91,6 +91,9 @@ pub struct Core {
     pub(crate) faults: Faults,
     /// Percent of clusters in use at which a warning is logged.
     pub(crate) threshold: u8,
+    /// Commit a request's mapping changes before acknowledging it (see
+    /// [`super::Store::set_mappings_before_ack`]).
+    pub(crate) mappings_before_ack: bool,
     /// The store's free percent while over the threshold, [`NO_WARNING`] otherwise; the
     /// volumes' handles read it without the lock.
     pub(crate) warning: Arc<AtomicU8>,
@@ -225,6 +228,7 @@ impl Core {
             sizes: HashMap::new(),
             faults: Faults::default(),
             threshold: 90,
+            mappings_before_ack: false,
             warning: Arc::new(AtomicU8::new(NO_WARNING)),
         };
         core.derive();
