@@ -1,8 +1,14 @@
 //! Issue 20 with a real guest: a stock Linux guest runs fio (randrw, QD 32, crc32c verify)
 //! on a controller of `vnvme serve --supervised` while the worker is upgraded three times
 //! and `kill -9`'d three times. fio reports no error, the guest's kernel log has no timeout,
-//! abort, reset or I/O error line, and `nvme list` shows the same controller after.
+//! abort, reset or I/O error line, and `nvme list` shows the same controller and namespaces
+//! after (the columns up to Namespace: a thin volume's usage grows).
 //! QEMU's per-message timeout is left at its default (5 s).
+//!
+//! The controller's second namespace is a thin logical volume (issue 19) whose store lives
+//! on a file: the same fio runs on it at the same time, and 8 MiB the guest wrote and flushed
+//! before the events read back identical after them (a killed worker takes no acknowledged
+//! mapping with it).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -49,21 +55,29 @@ fn field(v: &Value, k: &str) -> u64 {
 }
 
 const SCRIPT: &str = r#"
-for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
-echo @@LIST1-BEGIN; nvme list; echo @@LIST1-END
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] && break; sleep 0.1; done
+echo @@LIST1-BEGIN; nvme list | cut -c1-116; echo @@LIST1-END
+echo "thin-nsfeat $(nvme id-ns /dev/nvme0n2 | awk '/^nsfeat/ {print $3}')"
 BEFORE=$(dmesg | wc -l)
+# written and flushed before any event: must read back the same after all of them
+dd if=/dev/urandom of=/tmp/flushed bs=1M count=8 status=none
+dd if=/tmp/flushed of=/dev/nvme0n2 bs=1M seek=100 oflag=direct conv=fsync status=none
+echo "flushed-sum $(md5sum < /tmp/flushed | cut -d' ' -f1)"
+
 # the same job without events first: the latency to compare the stalls with
 fio --name=base --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
   --iodepth=32 --size=64M --time_based --runtime=15 --randrepeat=1 > /tmp/base.out 2>&1
 echo @@BASE-BEGIN; cat /tmp/base.out; echo @@BASE-END
 echo @@FIO-START
-fio --name=upg --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
-  --iodepth=32 --size=64M --time_based --runtime=40 --verify=crc32c --verify_backlog=512 \
-  --verify_fatal=1 --randrepeat=1 > /tmp/fio.out 2>&1
+fio --direct=1 --ioengine=io_uring --rw=randrw --bs=4k --iodepth=32 --size=64M \
+  --time_based --runtime=40 --verify=crc32c --verify_backlog=512 --verify_fatal=1 \
+  --randrepeat=1 --name=upg --filename=/dev/nvme0n1 --name=thin --filename=/dev/nvme0n2 \
+  > /tmp/fio.out 2>&1
 echo "fio-rc $?"
+echo "flushed-after $(dd if=/dev/nvme0n2 bs=1M skip=100 count=8 iflag=direct status=none | md5sum | cut -d' ' -f1)"
 echo @@FIO-BEGIN; cat /tmp/fio.out; echo @@FIO-END
 echo @@DMESG-BEGIN; dmesg | tail -n +$((BEFORE + 1)); echo @@DMESG-END
-echo @@LIST2-BEGIN; nvme list; echo @@LIST2-END
+echo @@LIST2-BEGIN; nvme list | cut -c1-116; echo @@LIST2-END
 "#;
 
 #[test]
@@ -73,11 +87,21 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
     let sock = dir.join("u.sock");
     let rpc_sock = dir.join("rpc");
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    let cfg = format!(
+        "[[lvstore]]\nname = \"pool\"\nbackend = \"file:{}:160M\"\ncluster_size = \"256K\"\n\
+         [[lvstore.volume]]\nname = \"thin\"\nsize = \"128M\"\nthin = true\n\
+         [[controller]]\nsocket = \"{}\"\nserial = \"VNVMEUPG\"\n\
+         [[controller.namespace]]\nbackend = \"file:{}:128M\"\n\
+         [[controller.namespace]]\nbackend = \"lvol:pool/thin\"\n",
+        dir.join("pool.img").display(),
+        sock.display(),
+        dir.join("u.img").display()
+    );
+    let cfg_path = dir.join("vnvme.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
     let child = Command::new(vnvme_binary())
-        .args(["serve", "--supervised", "--serial", "VNVMEUPG", "--socket"])
-        .arg(&sock)
-        .arg("--ns")
-        .arg(format!("file:{}:128M", dir.join("u.img").display()))
+        .args(["serve", "--supervised", "--config"])
+        .arg(&cfg_path)
         .arg("--rpc")
         .arg(&rpc_sock)
         .env("RUST_LOG", "info")
@@ -165,6 +189,25 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
             }
         }
     }
+    let flushed = value(&out, "flushed-sum");
+    assert!(
+        flushed.is_some_and(|s| s.len() == 32),
+        "no checksum of the flushed data"
+    );
+    assert_eq!(
+        value(&out, "flushed-after"),
+        flushed,
+        "flushed data on the thin volume changed across the events"
+    );
+    // the second namespace is the thin volume (NSFEAT bit 0)
+    let nsfeat = value(&out, "thin-nsfeat")
+        .and_then(|l| l.strip_prefix("0x"))
+        .and_then(|h| u32::from_str_radix(h.trim(), 16).ok());
+    assert_eq!(
+        nsfeat.map(|f| f & 1),
+        Some(1),
+        "nsfeat of nvme0n2: {nsfeat:?}"
+    );
     let dmesg = section(&out, "@@DMESG").to_lowercase();
     for bad in [
         "timeout",
