@@ -84,8 +84,10 @@ fn a_limited_controller_keeps_its_limit_beside_an_unlimited_one() {
     within(mib, 16.0, "after set_qos(16 MiB/s), MiB/s");
     assert!(daemon.set_qos(0, vnvme_qos(None, None)));
     assert_eq!(daemon.qos(0), Some(vnvme_qos(None, None)));
-    let (iops, _) = perf(&a, 1.0, 4096);
-    assert!(iops > 10.0 * 1500.0, "still limited: {iops:.0}");
+    // a limit still in force gives at most 1,650; twice that is well clear of it even on
+    // a loaded machine with a debug build
+    let (iops, _) = perf(&a, 2.0, 4096);
+    assert!(iops > 2.0 * 1500.0, "still limited: {iops:.0}");
     assert!(!daemon.set_qos(5, vnvme_qos(Some(1), None)));
     daemon.stop().unwrap();
 }
