@@ -55,9 +55,12 @@ fn field(v: &Value, k: &str) -> u64 {
 }
 
 const SCRIPT: &str = r#"
-for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] && break; sleep 0.1; done
+for i in $(seq 1 300); do [ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] && break; sleep 0.1; done
+# a missing node must fail the run: dd and fio would write a plain file of that name
+[ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] || { echo "namespaces missing"; ls -l /dev/nvme*; exit 1; }
 echo @@LIST1-BEGIN; nvme list | cut -c1-116; echo @@LIST1-END
-echo "thin-nsfeat $(nvme id-ns /dev/nvme0n2 | awk '/^nsfeat/ {print $3}')"
+nvme id-ns /dev/nvme0n2 > /tmp/idns 2>&1 || cat /tmp/idns
+echo "thin-nsfeat $(awk '/^nsfeat/ {print $3}' /tmp/idns)"
 BEFORE=$(dmesg | wc -l)
 # written and flushed before any event: must read back the same after all of them
 dd if=/dev/urandom of=/tmp/flushed bs=1M count=8 status=none
