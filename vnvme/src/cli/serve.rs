@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// subsystem, sharing the namespaces)
     #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
     pub tcp_listen: Option<String>,
+    /// serve the --tcp-listen export over NVMe/RDMA too, on IP:PORT (an address of an RDMA
+    /// device's interface, e.g. a Soft-RoCE link's)
+    #[arg(long, value_name = "IP:PORT", requires = "tcp_listen")]
+    pub rdma_listen: Option<String>,
     /// subsystem NQN (default nqn.2026-11.io.vnvme:SERIAL)
     #[arg(long, conflicts_with = "config")]
     pub nqn: Option<String>,
@@ -78,6 +82,7 @@ impl ServeArgs {
                 let served = Served {
                     socket: sock.clone(),
                     tcp_listen: self.tcp_listen.clone(),
+                    rdma_listen: self.rdma_listen.clone(),
                     nqn: self.nqn.clone(),
                     allowed_hosts: self.allow_hosts.clone(),
                 };

@@ -1,0 +1,116 @@
+//! NVMe over RDMA on Soft-RoCE, in one guest (this machine has no RDMA device; the guest
+//! kernel has `rdma_rxe`): vnvme's daemon runs in the guest with `--rdma-listen`, and the
+//! Linux kernel's own NVMe/RDMA host (`nvme discover` / `nvme connect -t rdma`) uses it: the
+//! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
+//! shows the fabric fields, and the host disconnects cleanly. Before any RDMA link exists
+//! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error.
+
+use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
+
+const NQN: &str = "nqn.2026-11.io.vnvme:rdma-target";
+
+const SCRIPT: &str = r#"
+net_up
+modprobe crc32_generic; modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm; modprobe nvme_rdma
+echo @@NODEV-BEGIN
+rc=0; RUST_LOG=warn /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen 127.0.0.1:4420 \
+  --ns malloc:1M 2>&1 || rc=$?
+echo; echo "nodev-rc $rc"
+echo @@NODEV-END
+# Soft-RoCE on the guest's NIC (RoCE v2 over UDP; host and target are both in this guest)
+rdma link add rxe0 type rxe netdev eth0
+rdma link show
+(RUST_LOG=info /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen $ADDR:4420 \
+  --nqn $NQN --ns malloc:64M > /tmp/daemon.log 2>&1 &)
+for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/daemon.log && break; sleep 0.1; done
+echo @@DISC-BEGIN
+rc=0; nvme discover -t rdma -a $ADDR -s 4420 || rc=$?
+echo; echo "discover-rc $rc"
+echo @@DISC-END
+rc=0; nvme connect -t rdma -a $ADDR -s 4420 -n $NQN -k 5 || rc=$?
+echo; echo "connect-rc $rc"
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+echo "size $(cat /sys/block/nvme0n1/size)"
+echo "transport $(cat /sys/class/nvme/nvme0/transport)"
+echo @@ID-BEGIN; nvme id-ctrl /dev/nvme0 | grep -E '^(subnqn|ioccsz|sgls|cntrltype) '; echo @@ID-END
+echo @@FIO-BEGIN
+rc=0
+fio --name=rdma --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randwrite \
+  --bsrange=512-128k --iodepth=16 --numjobs=2 --size=16M --offset_increment=24M \
+  --verify=crc32c --verify_fatal=1 --randrepeat=1 --group_reporting || rc=$?
+echo; echo "fio-rc $rc"
+echo @@FIO-END
+t0=$(cut -d' ' -f1 /proc/uptime)
+rc=0; nvme disconnect -n $NQN || rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo; echo "disconnect-rc $rc"
+echo "disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
+sleep 0.5
+echo "left $(ls /sys/class/nvme | wc -l)"
+echo @@DMESG-BEGIN; dmesg | grep -iE 'nvme|rdma|rxe' | tail -30; echo @@DMESG-END
+echo @@DAEMON-BEGIN; tail -30 /tmp/daemon.log; echo @@DAEMON-END
+echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
+"#;
+
+#[test]
+fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
+    let tmp = TempDir::new("rdma-target");
+    let bin = vnvme_binary_for_guest(tmp.path());
+    let script = format!("NQN={NQN}\nADDR=10.0.2.15\n{SCRIPT}");
+    // a NIC for Soft-RoCE (user networking, restricted: nothing leaves the guest)
+    let guest = harness_guest(script)
+        .mem_mib(1536)
+        .file(&bin)
+        .qemu_arg("-netdev")
+        .qemu_arg("user,id=n0,restrict=on")
+        .qemu_arg("-device")
+        .qemu_arg("virtio-net-pci,netdev=n0,romfile=");
+    let out = run_ok(&guest);
+    let all = &out.console;
+
+    let nodev = section(&out, "@@NODEV");
+    assert_ne!(value(&out, "nodev-rc"), Some("0"), "{nodev}");
+    assert!(
+        nodev.contains("no RDMA device; load rdma_rxe"),
+        "the missing-device error should say what to do:\n{nodev}"
+    );
+    let disc = section(&out, "@@DISC");
+    assert_eq!(value(&out, "discover-rc"), Some("0"), "{disc}");
+    assert!(
+        disc.contains("trtype:  rdma")
+            && disc.contains(NQN)
+            && disc.contains("rdma_cms:    rdma-cm"),
+        "the RDMA port is not in the discovery log:\n{disc}"
+    );
+    assert_eq!(value(&out, "connect-rc"), Some("0"), "{all}");
+    assert_eq!(value(&out, "transport"), Some("rdma"), "{all}");
+    assert_eq!(value(&out, "size"), Some("131072"), "{all}");
+    let id = section(&out, "@@ID");
+    assert!(id.contains(NQN) && id.contains("ioccsz    : 516"), "{id}");
+    assert_eq!(
+        value(&out, "fio-rc"),
+        Some("0"),
+        "fio verify over NVMe/RDMA:\n{}",
+        section(&out, "@@FIO")
+    );
+    assert_eq!(value(&out, "disconnect-rc"), Some("0"), "{all}");
+    let secs: u32 = value(&out, "disconnect-seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        secs < 10,
+        "disconnect took {secs} s (a command timed out):\n{}",
+        section(&out, "@@DMESG")
+    );
+    assert_eq!(
+        value(&out, "left"),
+        Some("0"),
+        "controller still present:\n{all}"
+    );
+    assert_eq!(
+        value(&out, "daemon-panics"),
+        Some("0"),
+        "{}",
+        section(&out, "@@DAEMON")
+    );
+}
