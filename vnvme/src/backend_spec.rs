@@ -79,7 +79,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl std::str::FromStr for BackendSpec {
     type Err = SpecError;
     fn from_str(spec: &str) -> Result<Self, SpecError> {
-        if spec.starts_with(nvmeof::initiator::SCHEME) {
+        if nvmeof::initiator::is_fabrics_url(spec) {
             return spec
                 .parse()
                 .map(BackendSpec::NvmeTcp)

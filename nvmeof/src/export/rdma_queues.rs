@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nvme_spec::Submission;
 use nvme_spec::fabrics;
-use zerocopy::FromBytes;
 
 use crate::rdma::link::LinkEvent;
 use crate::rdma::port::PortEvent;
@@ -172,11 +170,11 @@ impl Target {
             self.close(i, &format!("malformed command capsule ({len} bytes)"));
             return;
         }
-        let Ok((sqe, _)) = Submission::read_from_prefix(&data) else {
+        let Some((sqe, inline)) = sgl::split_capsule(&data, 64 + INLINE_DATA) else {
             self.scratch = data;
+            self.close(i, &format!("malformed command capsule ({len} bytes)"));
             return;
         };
-        let inline = &data[64..];
         // Fabrics commands move data host to controller by fctype bits 1:0 = 01b (Connect)
         let fabrics_in = sqe.opcode == fabrics::OPCODE && sqe.nsid.get() as u8 & 3 == 1;
         if fabrics_in

@@ -14,11 +14,14 @@
 //! - `cm_records.rs`: RDMA CM private data records;
 //! - `sgl.rs`: a capsule's data pointer (keyed SGL or in-capsule);
 //! - `link.rs`: one target connection (queue pair, receive buffers, reads and writes);
+//! - `host_link.rs`: one initiator queue's connection (capsules out, responses in);
 //! - `port.rs`: the target's listeners, protection domains and registered buffers.
 
 pub mod cm_records;
 pub mod sgl;
 
+#[cfg(feature = "rdma")]
+pub mod host_link;
 #[cfg(feature = "rdma")]
 pub mod link;
 #[cfg(feature = "rdma")]

@@ -6,6 +6,7 @@
 
 use nvme_spec::fabrics::sgl_id;
 use nvme_spec::{Status, Submission};
+use zerocopy::FromBytes;
 
 /// Where a command's data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +60,16 @@ pub fn data_pointer(sqe: &Submission, in_capsule: usize) -> Result<DataPointer, 
     }
 }
 
+/// Split a received command capsule into its command and in-capsule data; `None` when it is
+/// not one (shorter than a command, or longer than `max` bytes, the receive buffer).
+pub fn split_capsule(capsule: &[u8], max: usize) -> Option<(Submission, &[u8])> {
+    if !(64..=max).contains(&capsule.len()) {
+        return None;
+    }
+    let (sqe, data) = Submission::read_from_prefix(capsule).ok()?;
+    Some((sqe, data))
+}
+
 /// Point `sqe`'s data pointer at its `len` bytes of in-capsule data (what the target does
 /// once it has read a Fabrics command's data from the host: the command then goes the way
 /// of any in-capsule command).
@@ -98,6 +109,14 @@ mod tests {
             data_pointer(&cmd(sgl_id::KEYED, 1, 0, 9), 0),
             Ok(DataPointer::None)
         );
+    }
+
+    #[test]
+    fn capsules_are_a_command_and_its_data() {
+        assert!(split_capsule(&[0; 63], 8256).is_none());
+        assert!(split_capsule(&[0; 8257], 8256).is_none());
+        let (sqe, data) = split_capsule(&[1; 100], 8256).unwrap();
+        assert_eq!((sqe.opcode, data.len()), (1, 36));
     }
 
     #[test]
