@@ -2,7 +2,8 @@
 //! kernel has `rdma_rxe`): vnvme's daemon runs in the guest with `--rdma-listen`, and the
 //! Linux kernel's own NVMe/RDMA host (`nvme discover` / `nvme connect -t rdma`) uses it: the
 //! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
-//! shows the fabric fields, and the host disconnects cleanly. Before any RDMA link exists
+//! shows the fabric fields, and the host disconnects cleanly. The same target is then
+//! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md. Before any RDMA link exists
 //! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error.
 
 use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
@@ -40,6 +41,11 @@ fio --name=rdma --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=rand
   --verify=crc32c --verify_fatal=1 --randrepeat=1 --group_reporting || rc=$?
 echo; echo "fio-rc $rc"
 echo @@FIO-END
+# the same target over NVMe/TCP (the daemon's --tcp-listen) and over RDMA, same guest, same
+# run: 4 KiB random reads, QD32, IOPS (fio terse field 8)
+bench() { fio --name=b --filename=$1 --direct=1 --ioengine=io_uring --rw=randread --bs=4k \
+  --iodepth=32 --size=32M --time_based --runtime=4 --output-format=terse | awk -F';' '{print $8}'; }
+echo "rdma-iops $(bench /dev/nvme0n1)"
 t0=$(cut -d' ' -f1 /proc/uptime)
 rc=0; nvme disconnect -n $NQN || rc=$?
 t1=$(cut -d' ' -f1 /proc/uptime)
@@ -47,6 +53,13 @@ echo; echo "disconnect-rc $rc"
 echo "disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
 sleep 0.5
 echo "left $(ls /sys/class/nvme | wc -l)"
+nvme connect -t tcp -a 127.0.0.1 -s 4421 -n $NQN >/dev/null
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+echo "tcp-iops $(bench /dev/nvme0n1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+nvme disconnect -n $NQN >/dev/null
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "tcp-disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
 echo @@DMESG-BEGIN; dmesg | grep -iE 'nvme|rdma|rxe' | tail -30; echo @@DMESG-END
 echo @@DAEMON-BEGIN; tail -30 /tmp/daemon.log; echo @@DAEMON-END
 echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
@@ -102,10 +115,29 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
         "disconnect took {secs} s (a command timed out):\n{}",
         section(&out, "@@DMESG")
     );
+    let tcp_secs: u32 = value(&out, "tcp-disconnect-seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        tcp_secs < 10,
+        "NVMe/TCP disconnect took {tcp_secs} s (a command timed out):\n{}",
+        section(&out, "@@DMESG")
+    );
     assert_eq!(
         value(&out, "left"),
         Some("0"),
         "controller still present:\n{all}"
+    );
+    let iops = |k: &str| value(&out, k).and_then(|v| v.parse::<f64>().ok());
+    let (rdma, tcp) = (iops("rdma-iops"), iops("tcp-iops"));
+    assert!(
+        rdma.is_some_and(|r| r > 0.0) && tcp.is_some_and(|t| t > 0.0),
+        "benchmark: rdma {rdma:?} tcp {tcp:?}:\n{all}"
+    );
+    let (rdma, tcp) = (rdma.unwrap_or(0.0), tcp.unwrap_or(1.0));
+    eprintln!(
+        "vnvme target, Linux host, fio 4 KiB randread QD32: NVMe/RDMA (Soft-RoCE) {rdma:.0} IOPS, NVMe/TCP (loopback) {tcp:.0} IOPS, ratio {:.2}",
+        rdma / tcp
     );
     assert_eq!(
         value(&out, "daemon-panics"),

@@ -236,7 +236,7 @@ impl Target {
         match stream.pump() {
             Ok(_) => {}
             Err(StreamError::Closed) => {
-                self.close(i, "closed by the host");
+                self.host_closed(i);
                 return 0;
             }
             Err(e) => {
@@ -416,22 +416,39 @@ impl Target {
             Role::Queue { export, .. } | Role::Connecting { export, .. } => Some(export),
             _ => None,
         };
-        // An RDMA host deletes its I/O queues by disconnecting them, before it shuts the
-        // controller down on the admin queue (as Linux nvmet-rdma allows): such a queue is
-        // only detached; the admin queue's end ends the association. (Over TCP any lost
-        // connection ends it.)
-        let io_queue = match c.role {
-            Role::Queue { export, qid } if qid > 0 && c.keyed() => Some((export, qid)),
-            _ => None,
-        };
         c.shutdown();
         self.conns[i] = None;
-        if let Some((e, qid)) = io_queue {
-            if let Some(q) = self.exports[e].queue_mut(qid) {
-                q.conn = None;
-            }
-        } else if let Some(e) = bound {
+        if let Some(e) = bound {
             self.end_association(e, why);
+        }
+    }
+
+    /// The host closed connection `i` (TCP: end of stream; RDMA: a disconnect). A host
+    /// deletes its I/O queues so before it shuts the controller down on the admin queue
+    /// (Linux's nvme-tcp and nvme-rdma do, and nvmet lets them): such a queue is only
+    /// detached, its commands' completions dropped; the admin queue's close ends the
+    /// association. A connection ended for a protocol error ([`close`](Self::close))
+    /// ends its association whatever the queue.
+    pub fn host_closed(&mut self, i: usize) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let Role::Queue { export, qid } = c.role else {
+            self.close(i, "closed by the host");
+            return;
+        };
+        if qid == 0 {
+            self.close(i, "closed by the host");
+            return;
+        }
+        log::debug!(
+            "nvme-of target: {}: I/O queue {qid} closed by the host",
+            c.peer()
+        );
+        c.shutdown();
+        self.conns[i] = None;
+        if let Some(q) = self.exports[export].queue_mut(qid) {
+            q.conn = None;
         }
     }
 

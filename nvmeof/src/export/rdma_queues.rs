@@ -113,7 +113,7 @@ impl Target {
                         |c| matches!(c, Some(Conn { link: Link::Rdma(l), .. }) if l.cm_id() == id),
                     );
                     if let Some(i) = i {
-                        self.close(i, "disconnected by the host");
+                        self.host_closed(i);
                     }
                 }
             }
