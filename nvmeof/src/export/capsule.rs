@@ -253,6 +253,7 @@ impl Target {
 
     /// Ask the host for the `len` bytes of data of the write in `slot`: over TCP an R2T
     /// (H2CData PDUs bring it), over RDMA an RDMA Read into the slot's buffer.
+    #[cfg_attr(not(feature = "rdma"), allow(clippy::needless_return))]
     fn request_data(&mut self, i: usize, e: usize, qid: u16, slot: u16, len: usize) {
         let Some(s) = self.exports[e].queue(qid).map(|q| q.slots[slot as usize]) else {
             return;
@@ -278,6 +279,7 @@ impl Target {
     }
 
     /// The host data of the write in `slot` of queue `qid` is all in: run it.
+    #[cfg(feature = "rdma")]
     pub fn data_in(&mut self, e: usize, qid: u16, slot: u16) {
         let Some(q) = self.exports[e].queue_mut(qid) else {
             return;

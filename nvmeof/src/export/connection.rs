@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use nvme_spec::{Completion, Submission};
+#[cfg(feature = "rdma")]
 use zerocopy::IntoBytes;
 
 use crate::pdu::Pdu;
@@ -58,6 +59,7 @@ pub(super) struct Conn {
 
 impl Conn {
     /// The TCP stream, if this is a TCP connection.
+    #[cfg_attr(not(feature = "rdma"), allow(clippy::unnecessary_wraps))]
     pub fn tcp(&mut self) -> Option<&mut PduStream> {
         match &mut self.link {
             Link::Tcp(s) => Some(s),

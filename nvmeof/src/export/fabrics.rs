@@ -315,6 +315,7 @@ impl Target {
 
     /// The target's ports: transport type and address, TCP first, then RDMA.
     fn ports(&self) -> Vec<(u8, SocketAddr)> {
+        #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
         let mut ports: Vec<(u8, SocketAddr)> = self
             .listeners
             .iter()

@@ -341,6 +341,7 @@ impl HostQueue {
 
     /// Queue command `sqe` (its CID and data pointer are filled in here) with `data`. The
     /// capsule is sent by the next [`poll`](Self::poll).
+    #[cfg_attr(not(feature = "rdma"), allow(clippy::infallible_destructuring_match))]
     pub fn submit(
         &mut self,
         mut sqe: Submission,
@@ -419,6 +420,7 @@ impl HostQueue {
     }
 
     /// [`poll`](Self::poll) over TCP: PDUs in, R2Ts answered, C2H data placed.
+    #[cfg_attr(not(feature = "rdma"), allow(irrefutable_let_patterns))]
     fn poll_tcp(
         &mut self,
         done: &mut dyn FnMut(Completed),
