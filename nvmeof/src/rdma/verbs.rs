@@ -1097,8 +1097,12 @@ impl CompletionQueue {
         Ok(true)
     }
 
-    /// Take the channel's pending events (the CQ is then no longer armed).
+    /// Take the channel's pending events (the CQ is then no longer armed). Costs nothing
+    /// (no system call) while the CQ is not armed: there are none then.
     pub fn drain_events(&self) {
+        if !self.armed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let Ok(l) = lib() else { return };
         let mut n = 0u32;
         loop {
