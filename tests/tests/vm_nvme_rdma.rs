@@ -6,7 +6,9 @@
 //! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md. Before any RDMA link exists
 //! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error.
 
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
+use vnvme_tests::guest::{
+    TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest, with_private_nic,
+};
 
 const NQN: &str = "nqn.2026-11.io.vnvme:rdma-target";
 
@@ -71,13 +73,7 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
     let bin = vnvme_binary_for_guest(tmp.path());
     let script = format!("NQN={NQN}\nADDR=10.0.2.15\n{SCRIPT}");
     // a NIC for Soft-RoCE (user networking, restricted: nothing leaves the guest)
-    let guest = harness_guest(script)
-        .mem_mib(1536)
-        .file(&bin)
-        .qemu_arg("-netdev")
-        .qemu_arg("user,id=n0,restrict=on")
-        .qemu_arg("-device")
-        .qemu_arg("virtio-net-pci,netdev=n0,romfile=");
+    let guest = with_private_nic(harness_guest(script).mem_mib(1536).file(&bin));
     let out = run_ok(&guest);
     let all = &out.console;
 

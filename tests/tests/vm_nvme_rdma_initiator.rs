@@ -10,7 +10,9 @@
 //! - `perf` on the initiator alone, over RDMA and over NVMe/TCP to the same kernel target in
 //!   the same run (a port of each): the figures for BENCHMARKS.md.
 
-use vnvme_tests::guest::{TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest};
+use vnvme_tests::guest::{
+    TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest, with_private_nic,
+};
 
 const SCRIPT: &str = r#"
 net_up
@@ -68,13 +70,7 @@ fn iops(line: &str) -> f64 {
 fn rdma_initiator_against_linux_nvmet_rdma_on_soft_roce() {
     let tmp = TempDir::new("rdma-init");
     let bin = vnvme_binary_for_guest(tmp.path());
-    let guest = harness_guest(SCRIPT)
-        .mem_mib(1536)
-        .file(&bin)
-        .qemu_arg("-netdev")
-        .qemu_arg("user,id=n0,restrict=on")
-        .qemu_arg("-device")
-        .qemu_arg("virtio-net-pci,netdev=n0,romfile=");
+    let guest = with_private_nic(harness_guest(SCRIPT).mem_mib(1536).file(&bin));
     let out = run_ok(&guest);
     let daemon = section(&out, "@@DAEMON");
     let p1 = section(&out, "@@PERF1");

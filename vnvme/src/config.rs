@@ -15,6 +15,7 @@
 //!
 //! [[controller]]                 # exported over NVMe/TCP instead of vfio-user
 //! tcp_listen = "127.0.0.1:4420"
+//! rdma_listen = "192.0.2.1:4420"  # the same controllers over NVMe/RDMA too (optional)
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
 //! tcp_controllers = 2            # host associations at once (one controller each)
@@ -698,6 +699,14 @@ mod tests {
         for (text, field_name) in [
             ("[[controller]]\n", "socket"),
             ("[[controller]]\ntcp_listen = \"localhost\"\n", "tcp_listen"),
+            (
+                "[[controller]]\nsocket = \"/tmp/r.sock\"\nrdma_listen = \"127.0.0.1:4420\"\n",
+                "rdma_listen",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nrdma_listen = \"rxe0\"\n",
+                "rdma_listen",
+            ),
             (
                 "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nnqn = \"x\"\n",
                 "nqn",

@@ -193,17 +193,7 @@ impl Target {
                         match PduStream::new(sock, Direction::ToController, max_data) {
                             Ok(stream) => {
                                 log::debug!("nvme-tcp target: connection from {peer}");
-                                let c = Conn {
-                                    link: Link::Tcp(stream),
-                                    role: Role::Initializing,
-                                    local,
-                                    hostnqn: String::new(),
-                                    since: Instant::now(),
-                                };
-                                match self.conns.iter().position(Option::is_none) {
-                                    Some(i) => self.conns[i] = Some(c),
-                                    None => self.conns.push(Some(c)),
-                                }
+                                self.add_conn(Link::Tcp(stream), Role::Initializing, local);
                                 n += 1;
                             }
                             Err(e) => device_model::warn_limited!("nvme-tcp target: {peer}: {e}"),
@@ -218,6 +208,21 @@ impl Target {
             }
         }
         n
+    }
+
+    /// A new connection on `link`, starting as `role`, reached on `local`.
+    pub(super) fn add_conn(&mut self, link: Link, role: Role, local: SocketAddr) {
+        let c = Conn {
+            link,
+            role,
+            local,
+            hostnqn: String::new(),
+            since: Instant::now(),
+        };
+        match self.conns.iter().position(Option::is_none) {
+            Some(i) => self.conns[i] = Some(c),
+            None => self.conns.push(Some(c)),
+        }
     }
 
     pub fn max_slot_bytes(&self) -> usize {

@@ -4,7 +4,6 @@
 //! [`Target::data_in`], a sent response into the slot's release.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use nvme_spec::fabrics;
 
@@ -96,17 +95,8 @@ impl Target {
                         "nvme-rdma target: connection on {local} (queue {})",
                         link.request.qid
                     );
-                    let c = Conn {
-                        link: Link::Rdma(link),
-                        role: Role::AwaitingConnect,
-                        local,
-                        hostnqn: String::new(),
-                        since: Instant::now(),
-                    };
-                    match self.conns.iter().position(Option::is_none) {
-                        Some(i) => self.conns[i] = Some(c),
-                        None => self.conns.push(Some(c)),
-                    }
+                    // no ICReq over RDMA: RDMA CM set the queue up
+                    self.add_conn(Link::Rdma(link), Role::AwaitingConnect, local);
                 }
                 Some(PortEvent::Ended(id)) => {
                     let i = self.conns.iter().position(
