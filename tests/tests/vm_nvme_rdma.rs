@@ -4,7 +4,10 @@
 //! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
 //! shows the fabric fields, and the host disconnects cleanly. The same target is then
 //! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md. Before any RDMA link exists
-//! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error.
+//! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error; a
+//! hostile host (`src/bin/rdma_hostile_peer.rs`: a connect request for too large a queue, a
+//! short capsule, a keyed SGL with a key never registered, more commands than queue
+//! entries) is refused or disconnected before the kernel host uses the same target.
 
 use vnvme_tests::guest::{
     TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest, with_private_nic,
@@ -26,6 +29,10 @@ rdma link show
 (RUST_LOG=info /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen $ADDR:4420 \
   --nqn $NQN --ns malloc:64M > /tmp/daemon.log 2>&1 &)
 for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/daemon.log && break; sleep 0.1; done
+echo @@HOSTILE-BEGIN
+rc=0; /tmp/h/rdma_hostile_peer $ADDR:4420 $NQN || rc=$?
+echo "hostile-rc $rc"
+echo @@HOSTILE-END
 echo @@DISC-BEGIN
 rc=0; nvme discover -t rdma -a $ADDR -s 4420 || rc=$?
 echo; echo "discover-rc $rc"
@@ -71,9 +78,22 @@ echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
 fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
     let tmp = TempDir::new("rdma-target");
     let bin = vnvme_binary_for_guest(tmp.path());
+    let hostile = tmp.path().join("rdma_hostile_peer");
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(env!("CARGO_BIN_EXE_rdma_hostile_peer"))
+        .arg(&hostile)
+        .status()
+        .expect("objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
     let script = format!("NQN={NQN}\nADDR=10.0.2.15\n{SCRIPT}");
     // a NIC for Soft-RoCE (user networking, restricted: nothing leaves the guest)
-    let guest = with_private_nic(harness_guest(script).mem_mib(1536).file(&bin));
+    let guest = with_private_nic(
+        harness_guest(script)
+            .mem_mib(1536)
+            .file(&bin)
+            .file(&hostile),
+    );
     let out = run_ok(&guest);
     let all = &out.console;
 
@@ -83,6 +103,24 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
         nodev.contains("no RDMA device; load rdma_rxe"),
         "the missing-device error should say what to do:\n{nodev}"
     );
+    // a hostile host on its own connections: refused or disconnected, the target serves on
+    let hostile = section(&out, "@@HOSTILE");
+    assert_eq!(value(&out, "hostile-rc"), Some("0"), "{hostile}");
+    for (case, want) in [
+        ("bad-hsqsize", "rejected 4"),
+        ("short-capsule", "disconnected"),
+        ("bad-key", "disconnected"),
+        ("connect-status", "Some(0)"),
+        ("enable-status", "Some(0)"),
+        ("flood", "disconnected"),
+    ] {
+        assert_eq!(
+            value(&out, &format!("hostile {case}")),
+            Some(want),
+            "{case}:\n{hostile}\n{}",
+            section(&out, "@@DAEMON")
+        );
+    }
     let disc = section(&out, "@@DISC");
     assert_eq!(value(&out, "discover-rc"), Some("0"), "{disc}");
     assert!(

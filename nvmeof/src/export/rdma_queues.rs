@@ -157,12 +157,12 @@ impl Target {
         };
         if !ok {
             self.scratch = data;
-            self.close(i, &format!("malformed command capsule ({len} bytes)"));
+            self.fatal(i, 0, 0, &format!("malformed command capsule ({len} bytes)"));
             return;
         }
         let Some((sqe, inline)) = sgl::split_capsule(&data, 64 + INLINE_DATA) else {
             self.scratch = data;
-            self.close(i, &format!("malformed command capsule ({len} bytes)"));
+            self.fatal(i, 0, 0, &format!("malformed command capsule ({len} bytes)"));
             return;
         };
         // Fabrics commands move data host to controller by fctype bits 1:0 = 01b (Connect)
