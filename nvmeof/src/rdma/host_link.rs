@@ -7,8 +7,10 @@
 //! command names it with a Keyed SGL Data Block (or carries it in the capsule when small and
 //! the controller takes in-capsule data); a read's data is written there by the target with
 //! RDMA Write before its response arrives (reliable connection ordering) and copied to the
-//! guest's buffers then. (Registering guest memory itself, so that the target reaches guest
-//! buffers directly, is not done yet.)
+//! guest's buffers then. Not zero copy: registering guest memory for remote access would let
+//! the target reach all of it; the way to zero copy is a type 2 memory window bound over
+//! each command's buffers (and invalidated by the target's Send with Invalidate, or by us,
+//! before the command completes), which Soft-RoCE in Linux 6.12 does not run reliably.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
