@@ -10,8 +10,8 @@ use vnvme::perf::{self, Pattern, PerfOptions};
 /// Measure IOPS, bandwidth and latency of a controller's namespaces.
 #[derive(Debug, clap::Args)]
 pub struct PerfArgs {
-    /// vfio-user:/path/to.sock, pci:DDDD:BB:DD.F, or nvme-tcp://HOST:PORT/NQN[/NSID] (the
-    /// NVMe/TCP initiator alone, one worker, no --verify)
+    /// vfio-user:/path/to.sock, pci:DDDD:BB:DD.F, or nvme-tcp://HOST:PORT/NQN[/NSID] or
+    /// nvme-rdma://... (the NVMe-oF initiator alone, one worker, no --verify)
     pub target: String,
     /// queue depth per queue pair
     #[arg(short = 'q', long, default_value_t = 32)]

@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// or resizes the file), nvme:vfio-user:SOCK[@NSID[:OFFSET+LEN]],
     /// nvme:pci:DDDD:BB:DD.F[@NSID[:OFFSET+LEN]] (a namespace of another NVMe controller, or
     /// a byte range of one), nvme-tcp://HOST:PORT[,HOST:PORT]/NQN[/NSID][?OPTS] (a remote
-    /// NVMe/TCP namespace)
+    /// NVMe/TCP namespace), nvme-rdma://... (the same over NVMe/RDMA)
     #[arg(long = "ns", value_name = "BACKEND", conflicts_with = "config")]
     pub ns: Vec<String>,
     /// controller serial number (also seeds the namespaces' NGUID/UUID)
