@@ -4,7 +4,8 @@
 //! The whole chain runs in the guest (no nested guest): nvmet-rdma exports a file; vnvme's
 //! daemon serves a vfio-user controller whose namespace is `nvme-rdma://` that export; and
 //! `vnvme perf` is that controller's vfio-user client (the role a VM's driver has):
-//! - `perf --verify` through the chain passes;
+//! - `perf --verify` through the chain passes, its data moved by the target straight to and
+//!   from the client's buffers (memory windows over the registered guest memory);
 //! - the target's port removed and re-added during `perf --verify`: the initiator
 //!   reconnects and resends, perf sees no failed command and no corruption;
 //! - `perf` on the initiator alone, over RDMA and over NVMe/TCP to the same kernel target in
@@ -47,6 +48,9 @@ echo @@PERF1-BEGIN; rc=0; perf 3 || rc=$?; echo "perf1-rc $rc"; echo @@PERF1-END
 echo @@PERF2-BEGIN; rc=0; perf 14 || rc=$?; echo "perf2-rc $rc"; echo @@PERF2-END
 wait
 echo "reconnects $(grep -c 'reconnected' /tmp/daemon.log)"
+# the daemon's queues report at their end how their data moved
+kill -INT $(pidof vnvme); for i in $(seq 1 100); do pidof vnvme >/dev/null || break; sleep 0.1; done
+echo @@MOVED-BEGIN; grep 'bytes moved straight' /tmp/daemon.log; echo @@MOVED-END
 echo @@BENCH-BEGIN
 bench() { RUST_LOG=warn /tmp/h/vnvme perf "$1" -q 32 -o 4096 -w randread -t 5 2>&1 | grep -m1 Total; }
 echo "rdma $(bench "$URL")"
@@ -94,6 +98,16 @@ fn rdma_initiator_against_linux_nvmet_rdma_on_soft_roce() {
         "the initiator never reconnected:\n{daemon}"
     );
     assert_eq!(value(&out, "daemon-panics"), Some("0"), "{daemon}");
+    // zero copy: the target reached the guest's (here perf's) buffers through windows
+    let moved = section(&out, "@@MOVED");
+    let direct: u64 = moved
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        direct > 0,
+        "no data moved through memory windows:\n{moved}\n{daemon}"
+    );
     let bench = section(&out, "@@BENCH");
     let rdma = value(&out, "rdma").map_or(0.0, iops);
     let tcp = value(&out, "tcp").map_or(0.0, iops);

@@ -215,7 +215,11 @@ impl BackendSpec {
                     transfer,
                 });
             }
-            BackendSpec::NvmeTcp(url) => Box::new(nvmeof::initiator::TcpBackend::connect(url)?),
+            BackendSpec::NvmeTcp(url) => {
+                let mut b = nvmeof::initiator::TcpBackend::connect(url)?;
+                b.set_guest_memory(Arc::clone(guest));
+                Box::new(b)
+            }
             BackendSpec::Array { name } => {
                 return Err(OpenError::Array(
                     name.clone(),

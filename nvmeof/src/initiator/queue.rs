@@ -326,6 +326,17 @@ impl HostQueue {
         &self.peer
     }
 
+    /// Let the transport reach buffers in `mem` (a controller's guest memory) directly where
+    /// it can (RDMA: memory windows over registered guest memory; TCP copies anyway).
+    pub fn set_guest_memory(&mut self, mem: &std::sync::Arc<device_model::GuestMemory>) {
+        #[cfg(feature = "rdma")]
+        if let HostLink::Rdma(l) = &mut self.link {
+            l.set_guest_memory(std::sync::Arc::clone(mem));
+        }
+        #[cfg(not(feature = "rdma"))]
+        let _ = mem;
+    }
+
     /// Set how much data an I/O command may carry in its capsule (from IOCCSZ).
     pub fn set_inline_max(&mut self, bytes: usize) {
         self.inline_max = bytes.min(MAX_TRANSFER);
@@ -376,8 +387,13 @@ impl HostQueue {
             #[cfg(feature = "rdma")]
             HostLink::Rdma(l) => {
                 // a failure shows in the next poll, with the command in flight
-                let write = to_c.then(|| self.cmds[cid as usize].segs.as_buffers());
-                l.submit(sqe, len, inline, write);
+                l.submit(
+                    sqe,
+                    len,
+                    inline,
+                    self.cmds[cid as usize].segs.as_buffers(),
+                    to_c,
+                );
                 return Ok(());
             }
         };

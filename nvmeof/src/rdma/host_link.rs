@@ -3,28 +3,38 @@
 //! buffer and a registered data buffer per command slot, and receive buffers for response
 //! capsules. The queue above (`initiator::queue`) keeps the commands; this moves them.
 //!
-//! Data goes through the slot's registered buffer: a write's data is copied there and the
-//! command names it with a Keyed SGL Data Block (or carries it in the capsule when small and
-//! the controller takes in-capsule data); a read's data is written there by the target with
-//! RDMA Write before its response arrives (reliable connection ordering) and copied to the
-//! guest's buffers then. Not zero copy: registering guest memory for remote access would let
-//! the target reach all of it; the way to zero copy is a type 2 memory window bound over
-//! each command's buffers (and invalidated by the target's Send with Invalidate, or by us,
-//! before the command completes), which Soft-RoCE in Linux 6.12 does not run reliably.
+//! Zero copy: with the guest memory given ([`RdmaHostLink::set_guest_memory`]), each region
+//! of the guest's DMA map is registered once per map snapshot (generation), for memory
+//! windows only: no remote access of its own. A command whose buffers are one contiguous
+//! piece of a region gets a type 2 memory window bound over exactly that piece, for the
+//! one direction it moves, and names it with a Keyed SGL (Invalidate Key subtype): the
+//! target reaches the guest's buffer and nothing else, and only until the command's
+//! response, which invalidates the window (Send with Invalidate; if the target does not,
+//! we invalidate it ourselves before the command is reported complete). Registering whole
+//! guest memory for remote access instead would hand every target all of the guest's
+//! memory.
+//!
+//! Otherwise data goes through the slot's registered buffer: a write's data is copied
+//! there and the command names it with a Keyed SGL (or carries it in the capsule when small
+//! and the controller takes in-capsule data); a read's data is written there by the target
+//! with RDMA Write before its response arrives (reliable connection ordering) and copied to
+//! the guest's buffers then.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use device_model::GuestMemory;
 use device_model::backend::GuestBuffers;
+use device_model::memory::MemoryMap;
 use nvme_spec::fabrics::sgl_id;
 use nvme_spec::{Completion, Submission};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::cm_records::{ConnectRequest, parse_reject};
 use super::verbs::{
-    self, CmEventKind, CmId, CompletionQueue, EventChannel, ProtectionDomain, Region, VerbsError,
-    WorkCompletion, consts, wc_status_text,
+    self, CmEventKind, CmId, CompletionQueue, EventChannel, GuestMr, MemoryWindow,
+    ProtectionDomain, Region, VerbsError, WorkCompletion, consts, wc_status_text,
 };
 
 /// Bytes one command may move (each slot has a registered buffer of this size).
@@ -36,6 +46,27 @@ const RESPONSE_BYTES: usize = 16;
 
 const TAG_RECV: u64 = 1 << 56;
 const TAG_SEND: u64 = 2 << 56;
+const TAG_BIND: u64 = 3 << 56;
+const TAG_INV: u64 = 4 << 56;
+const LOW: u64 = (1 << 56) - 1;
+
+/// Guest memory as registered for one map snapshot.
+struct GuestRegistration {
+    map: Arc<MemoryMap>,
+    mrs: Vec<GuestMr>,
+}
+
+/// A slot's memory window and what it is doing.
+#[derive(Default)]
+struct SlotWindow {
+    mw: Option<MemoryWindow>,
+    /// The key of the window while bound (until invalidated).
+    bound: Option<u32>,
+    /// The command in the slot moves its data through the window (no copy).
+    direct: bool,
+    /// Its response, held until our own invalidation of the window completes.
+    held: Option<Completion>,
+}
 
 /// Why an RDMA queue failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +94,10 @@ pub enum HostLinkError {
 
 /// The transport of one host queue.
 pub struct RdmaHostLink {
-    // the id (with its queue pair) goes first: no transfer touches the buffers after it
+    /// Per slot: dropped first, as a window bound on the queue pair holds it (Soft-RoCE
+    /// waits for that at the queue pair's destruction) and the registrations after it.
+    windows: Vec<SlotWindow>,
+    // then the id (with its queue pair): no transfer touches the buffers after it
     id: CmId,
     cq: Arc<CompletionQueue>,
     send: Region,
@@ -77,6 +111,16 @@ pub struct RdmaHostLink {
     scratch: Vec<u8>,
     failed: Option<String>,
     peer: String,
+    pd: Arc<ProtectionDomain>,
+    mem: Option<Arc<GuestMemory>>,
+    reg: Option<GuestRegistration>,
+    /// Registrations of earlier snapshots, kept while a window may be bound over them.
+    retired: Vec<GuestRegistration>,
+    /// Memory windows unsupported or guest memory not registrable: copies only.
+    no_windows: bool,
+    /// Bytes moved straight to or from guest buffers, and through slot buffers.
+    pub direct_bytes: u64,
+    pub copied_bytes: u64,
 }
 
 impl std::fmt::Debug for RdmaHostLink {
@@ -159,7 +203,8 @@ impl RdmaHostLink {
         let slots = usize::from(entries.max(2) - 1);
         // responses: one per command, plus spares for a target that answers early
         let recv_n = slots + 2;
-        let send_n = slots + 4;
+        // a command takes a window bind and a send (and maybe an invalidation)
+        let send_n = 3 * slots + 4;
         let cq = Arc::new(CompletionQueue::new(device, (recv_n + send_n) as i32)?);
         id.create_qp(&pd, &cq, send_n as u32, recv_n as u32, 64)?;
         let send = Region::anonymous(&pd, slots * CAPSULE_BYTES)?;
@@ -174,6 +219,18 @@ impl RdmaHostLink {
                     b * RESPONSE_BYTES,
                     RESPONSE_BYTES,
                 )?;
+            }
+        }
+        let mut windows: Vec<SlotWindow> = (0..slots).map(|_| SlotWindow::default()).collect();
+        let mut no_windows = false;
+        for w in &mut windows {
+            match MemoryWindow::new(&pd) {
+                Ok(mw) => w.mw = Some(mw),
+                Err(e) => {
+                    log::info!("nvme-rdma {addr}: no memory windows ({e}): data is copied");
+                    no_windows = true;
+                    break;
+                }
             }
         }
         let request = ConnectRequest {
@@ -196,6 +253,14 @@ impl RdmaHostLink {
             scratch: Vec::new(),
             failed: None,
             peer: format!("rdma:{addr}"),
+            pd,
+            mem: None,
+            reg: None,
+            retired: Vec::new(),
+            windows,
+            no_windows,
+            direct_bytes: 0,
+            copied_bytes: 0,
         })
     }
 
@@ -203,21 +268,27 @@ impl RdmaHostLink {
         &self.peer
     }
 
-    /// Send command `sqe` (its CID is its slot) moving `len` bytes: `inline` ones (host to
-    /// controller, from `write`) in the capsule, else through the slot's data buffer (a
-    /// write's data copied there from `write` first). A failure fails the link (the next
-    /// [`poll`](Self::poll) says so, with the command in flight).
+    /// Reach guest buffers in `mem` directly where a command's buffers allow it.
+    pub fn set_guest_memory(&mut self, mem: Arc<GuestMemory>) {
+        self.mem = Some(mem);
+    }
+
+    /// Send command `sqe` (its CID is its slot) moving `len` bytes of `bufs`, to the
+    /// controller when `to_controller`: `inline` ones in the capsule, else through a memory
+    /// window over the guest's buffers or through the slot's data buffer. A failure fails the
+    /// link (the next [`poll`](Self::poll) says so, with the command in flight).
     pub fn submit(
         &mut self,
         sqe: Submission,
         len: usize,
         inline: bool,
-        write: Option<GuestBuffers<'_>>,
+        bufs: GuestBuffers<'_>,
+        to_controller: bool,
     ) {
         if self.failed.is_some() {
             return;
         }
-        if let Err(e) = self.try_submit(sqe, len, inline, write) {
+        if let Err(e) = self.try_submit(sqe, len, inline, bufs, to_controller) {
             self.failed = Some(e.to_string());
         }
     }
@@ -227,7 +298,8 @@ impl RdmaHostLink {
         mut sqe: Submission,
         len: usize,
         inline: bool,
-        write: Option<GuestBuffers<'_>>,
+        bufs: GuestBuffers<'_>,
+        to_controller: bool,
     ) -> Result<(), HostLinkError> {
         let slot = usize::from(sqe.cid.get());
         if slot >= self.slots {
@@ -236,22 +308,32 @@ impl RdmaHostLink {
         if len > SLOT_BYTES {
             return Err(HostLinkError::TooLong(len));
         }
+        self.windows[slot].direct = false;
         sqe.flags = (sqe.flags & 0x3) | nvme_spec::fabrics::PSDT_SGL;
         let off = slot * CAPSULE_BYTES;
         let mut sent = 64;
-        self.scratch.clear();
-        if let Some(w) = write.filter(|_| len > 0) {
+        if inline && to_controller && len > 0 && len <= CAPSULE_BYTES - 64 {
+            self.scratch.clear();
             self.scratch.resize(len, 0);
-            w.read_at(0, &mut self.scratch);
-        }
-        if inline && len > 0 && len <= CAPSULE_BYTES - 64 {
+            bufs.read_at(0, &mut self.scratch);
             sqe.prp1 = 0.into();
             sqe.prp2 = (len as u64 | (u64::from(sgl_id::INCAPSULE) << 56)).into();
             self.send.write(off + 64, &self.scratch)?;
             sent += len;
+            self.copied_bytes += len as u64;
+        } else if let Some((addr, key)) = self.bind_direct(slot, bufs, len, to_controller)? {
+            sqe.prp1 = addr.into();
+            sqe.prp2 = ((len as u64 & 0xff_ffff)
+                | (u64::from(key) << 24)
+                | (u64::from(sgl_id::KEYED_INVALIDATE) << 56))
+                .into();
+            self.direct_bytes += len as u64;
         } else {
             let at = slot * SLOT_BYTES;
-            if !self.scratch.is_empty() {
+            if to_controller && len > 0 {
+                self.scratch.clear();
+                self.scratch.resize(len, 0);
+                bufs.read_at(0, &mut self.scratch);
                 self.data.write(at, &self.scratch)?;
             }
             let (addr, key) = if len > 0 {
@@ -264,6 +346,7 @@ impl RdmaHostLink {
                 | (u64::from(key) << 24)
                 | (u64::from(sgl_id::KEYED) << 56))
                 .into();
+            self.copied_bytes += len as u64;
         }
         self.send.write(off, sqe.as_bytes())?;
         let qp = self.id.qp().ok_or(VerbsError::OutOfRange("queue pair"))?;
@@ -271,8 +354,101 @@ impl RdmaHostLink {
         Ok(())
     }
 
+    /// Bind slot `slot`'s window over `bufs` (`len` bytes) when they are one contiguous
+    /// piece of registered guest memory; the address and key the command names.
+    fn bind_direct(
+        &mut self,
+        slot: usize,
+        bufs: GuestBuffers<'_>,
+        len: usize,
+        to_controller: bool,
+    ) -> Result<Option<(u64, u32)>, HostLinkError> {
+        if self.no_windows || len == 0 || self.windows[slot].bound.is_some() {
+            return Ok(None);
+        }
+        let Some(mem) = self.mem.clone() else {
+            return Ok(None);
+        };
+        // one contiguous run of host addresses
+        let mut segs = bufs.segments();
+        let Some((start, first)) = segs.next() else {
+            return Ok(None);
+        };
+        let mut end = start + first;
+        for (a, n) in segs {
+            if a != end {
+                return Ok(None);
+            }
+            end += n;
+        }
+        if end - start != len {
+            return Ok(None);
+        }
+        // registered once per map snapshot (a pointer compare per command)
+        let current = mem.load();
+        if !self
+            .reg
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(&r.map, &current))
+        {
+            let map = Arc::clone(&current);
+            drop(current);
+            if let Err(e) = self.register(map) {
+                device_model::warn_limited!(
+                    "nvme-rdma {}: registering guest memory: {e}; data is copied",
+                    self.peer
+                );
+                self.no_windows = true;
+                return Ok(None);
+            }
+        }
+        let Some(reg) = &self.reg else {
+            return Ok(None);
+        };
+        let (start, len64) = (start as u64, len as u64);
+        let Some(mr) = reg.mrs.iter().find(|m| m.contains(start, len64)) else {
+            return Ok(None);
+        };
+        let qp = self.id.qp().ok_or(VerbsError::OutOfRange("queue pair"))?;
+        let w = &mut self.windows[slot];
+        let Some(mw) = w.mw.as_mut() else {
+            return Ok(None);
+        };
+        // the target writes guest memory for a read, reads it for a write; nothing else
+        let key = qp.bind_window(
+            TAG_BIND | slot as u64,
+            mw,
+            mr,
+            (start, len64),
+            !to_controller,
+        )?;
+        w.bound = Some(key);
+        w.direct = true;
+        Ok(Some((start, key)))
+    }
+
+    /// Register every region of `map`; the previous registration is kept while windows may
+    /// be bound over it.
+    fn register(&mut self, map: Arc<MemoryMap>) -> Result<(), VerbsError> {
+        let mut mrs = Vec::new();
+        for i in 0..map.regions().len() {
+            if let Some(mr) = GuestMr::register(&self.pd, &map, i)? {
+                mrs.push(mr);
+            }
+        }
+        log::debug!(
+            "nvme-rdma {}: guest memory registered ({} regions)",
+            self.peer,
+            mrs.len()
+        );
+        if let Some(old) = self.reg.replace(GuestRegistration { map, mrs }) {
+            self.retired.push(old);
+        }
+        Ok(())
+    }
+
     /// Copy the first `len` bytes of slot `slot`'s data buffer (a read's data, once its
-    /// response arrived) into `out`.
+    /// response arrived) into `out`; nothing to do when the target wrote them there itself.
     pub fn read_data(
         &mut self,
         slot: u16,
@@ -281,6 +457,9 @@ impl RdmaHostLink {
     ) -> Result<(), HostLinkError> {
         if len > SLOT_BYTES || usize::from(slot) >= self.slots {
             return Err(HostLinkError::TooLong(len));
+        }
+        if self.windows[usize::from(slot)].direct {
+            return Ok(());
         }
         self.scratch.clear();
         self.scratch.resize(len, 0);
@@ -306,6 +485,9 @@ impl RdmaHostLink {
             Ok(got)
         });
         self.wcs = wcs;
+        if !self.retired.is_empty() && self.windows.iter().all(|w| w.bound.is_none()) {
+            self.retired.clear();
+        }
         if let Err(e) = &r {
             self.failed = Some(e.to_string());
         }
@@ -324,10 +506,23 @@ impl RdmaHostLink {
                 wc.vendor_err
             )));
         }
-        if wc.wr_id & !0xff_ffff_ffff_ffff != TAG_RECV {
-            return Ok(0);
+        let low = wc.wr_id & LOW;
+        match wc.wr_id & !LOW {
+            TAG_RECV => {}
+            TAG_INV => {
+                // our own invalidation done: the held response goes up now
+                let Some(w) = self.windows.get_mut(low as usize) else {
+                    return Ok(0);
+                };
+                w.bound = None;
+                return Ok(w.held.take().map_or(0, |cqe| {
+                    out.push(cqe);
+                    1
+                }));
+            }
+            _ => return Ok(0),
         }
-        let b = (wc.wr_id & 0xff_ffff_ffff_ffff) as usize;
+        let b = low as usize;
         if b >= self.recv_n {
             return Err(HostLinkError::Failed(format!("receive {b} never posted")));
         }
@@ -344,6 +539,24 @@ impl RdmaHostLink {
             RESPONSE_BYTES,
         )?;
         let cqe = Completion::read_from_bytes(&raw).map_err(|_| HostLinkError::BadResponse(16))?;
+        let slot = usize::from(cqe.cid.get());
+        if let Some(w) = self.windows.get_mut(slot)
+            && let Some(key) = w.bound
+        {
+            // the key the target invalidated: rdma-core says IBV_WC_WITH_INV (bit 3); Soft-RoCE
+            // passes the kernel's IB_WC_WITH_INVALIDATE (bit 2) through unchanged. The key must
+            // be ours either way. (Invalidating an already invalidated window locally makes
+            // the guest kernel's rxe 6.12 oops, so the flag must not be missed.)
+            let flagged = wc.wc_flags & (consts::WC_WITH_INV | consts::WC_WITH_INV_KERNEL) != 0;
+            let remote_inv = flagged && wc.imm_or_rkey == key;
+            if !remote_inv {
+                // the target kept its access: revoke it before the command completes
+                w.held = Some(cqe);
+                qp.invalidate(TAG_INV | slot as u64, key, true)?;
+                return Ok(0);
+            }
+            w.bound = None;
+        }
         out.push(cqe);
         Ok(1)
     }
@@ -370,5 +583,18 @@ impl RdmaHostLink {
     /// Disconnect now (commands in flight are given up by the queue above).
     pub fn shutdown(&self) {
         self.id.disconnect();
+    }
+}
+
+impl Drop for RdmaHostLink {
+    fn drop(&mut self) {
+        if self.direct_bytes + self.copied_bytes > 0 {
+            log::info!(
+                "nvme-rdma {}: {} bytes moved straight to or from guest buffers (memory windows), {} copied",
+                self.peer,
+                self.direct_bytes,
+                self.copied_bytes
+            );
+        }
     }
 }

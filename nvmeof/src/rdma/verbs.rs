@@ -65,7 +65,11 @@ fn check(what: &'static str, rc: c_int) -> Result<(), VerbsError> {
 /// `struct ibv_context_ops` (legacy operation table; providers fill the data-path entries).
 #[repr(C)]
 struct ContextOps {
-    _compat: [*mut c_void; 11],
+    _compat: [*mut c_void; 7],
+    alloc_mw: Option<unsafe extern "C" fn(*mut IbvPd, c_int) -> *mut IbvMw>,
+    _bind_mw: *mut c_void,
+    dealloc_mw: Option<unsafe extern "C" fn(*mut IbvMw) -> c_int>,
+    _compat_create_cq: *mut c_void,
     poll_cq: Option<unsafe extern "C" fn(*mut IbvCq, c_int, *mut WorkCompletion) -> c_int>,
     req_notify_cq: Option<unsafe extern "C" fn(*mut IbvCq, c_int) -> c_int>,
     _compat2: [*mut c_void; 12],
@@ -136,7 +140,8 @@ struct Sge {
     lkey: u32,
 }
 
-/// `struct ibv_send_wr` (128 bytes; the RDMA member of the `wr` union).
+/// `struct ibv_send_wr` (128 bytes): the RDMA member of the `wr` union, and the memory
+/// window bind member of the last union.
 #[repr(C)]
 struct SendWr {
     wr_id: u64,
@@ -148,10 +153,31 @@ struct SendWr {
     invalidate_rkey: u32,
     remote_addr: u64,
     rkey: u32,
-    _rest: [u8; 128 - 52],
+    _wr_rest: [u8; 20],
+    _qp_type: [u8; 8],
+    bind_mw: *mut IbvMw,
+    bind_rkey: u32,
+    _pad: u32,
+    bind_mr: *mut IbvMr,
+    bind_addr: u64,
+    bind_length: u64,
+    bind_access: u32,
+    _pad2: u32,
 }
 const _: () = assert!(size_of::<SendWr>() == 128);
 const _: () = assert!(std::mem::offset_of!(SendWr, remote_addr) == 40);
+const _: () = assert!(std::mem::offset_of!(SendWr, bind_mw) == 80);
+const _: () = assert!(std::mem::offset_of!(SendWr, bind_access) == 120);
+
+/// `struct ibv_mw`.
+#[repr(C)]
+struct IbvMw {
+    context: *mut IbvContext,
+    pd: *mut IbvPd,
+    rkey: u32,
+    handle: u32,
+    kind: c_int,
+}
 
 /// `struct ibv_recv_wr`.
 #[repr(C)]
@@ -243,6 +269,13 @@ pub mod consts {
     pub const WR_RDMA_WRITE: u32 = 0;
     pub const WR_SEND: u32 = 2;
     pub const WR_RDMA_READ: u32 = 4;
+    pub const WR_LOCAL_INV: u32 = 7;
+    pub const WR_BIND_MW: u32 = 8;
+    pub const WC_WITH_INV: u32 = 1 << 3;
+    /// The kernel's `IB_WC_WITH_INVALIDATE`, which Soft-RoCE's user completions carry.
+    pub const WC_WITH_INV_KERNEL: u32 = 1 << 2;
+    pub const ACCESS_MW_BIND: i32 = 1 << 4;
+    pub const MW_TYPE_2: i32 = 2;
     pub const SEND_SIGNALED: u32 = 1 << 1;
     pub const SEND_INLINE: u32 = 1 << 3;
     pub const WC_SUCCESS: u32 = 0;
@@ -257,8 +290,9 @@ pub mod consts {
     pub const PS_TCP: i32 = 0x0106;
 }
 use consts::{
-    ACCESS_LOCAL_WRITE, ACCESS_REMOTE_READ, ACCESS_REMOTE_WRITE, PS_TCP, QPT_RC, SEND_INLINE,
-    SEND_SIGNALED, WR_RDMA_READ, WR_RDMA_WRITE, WR_SEND,
+    ACCESS_LOCAL_WRITE, ACCESS_MW_BIND, ACCESS_REMOTE_READ, ACCESS_REMOTE_WRITE, MW_TYPE_2, PS_TCP,
+    QPT_RC, SEND_INLINE, SEND_SIGNALED, WR_BIND_MW, WR_LOCAL_INV, WR_RDMA_READ, WR_RDMA_WRITE,
+    WR_SEND,
 };
 
 /// RDMA CM events (`enum rdma_cm_event_type`).
@@ -1009,6 +1043,121 @@ impl Drop for Region {
     }
 }
 
+/// A region of guest memory registered for memory windows only (no remote access of its
+/// own): a peer reaches a piece of it only through a window bound over that piece for one
+/// command. Holds the map snapshot, so the mapping outlives the registration.
+pub struct GuestMr {
+    mr: NonNull<IbvMr>,
+    start: u64,
+    len: u64,
+    _map: Arc<device_model::memory::MemoryMap>,
+    _pd: Arc<ProtectionDomain>,
+}
+
+// SAFETY: the MR handle is only read (its pointer passed to bind requests); the memory is
+// the guest's, reached only by the adapter through windows.
+unsafe impl Send for GuestMr {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMr {}
+
+impl GuestMr {
+    /// Register region `index` of `map` on `pd` (`None`: the region has no mapping here).
+    pub fn register(
+        pd: &Arc<ProtectionDomain>,
+        map: &Arc<device_model::memory::MemoryMap>,
+        index: usize,
+    ) -> Result<Option<Self>, VerbsError> {
+        let l = lib()?;
+        let Some(b) = map
+            .regions()
+            .get(index)
+            .and_then(device_model::memory::Region::backing)
+        else {
+            return Ok(None);
+        };
+        let len = usize::try_from(b.len).map_err(|_| VerbsError::OutOfRange("guest region"))?;
+        // SAFETY: `b.host` maps `len` bytes for as long as `map` (an Arc we keep in Self) is
+        // alive; the MR is deregistered in Drop, before that Arc goes.
+        let mr = unsafe {
+            (l.reg_mr)(
+                pd.raw.as_ptr().cast(),
+                b.host.cast(),
+                len,
+                ACCESS_LOCAL_WRITE | ACCESS_MW_BIND,
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(|| last_error("ibv_reg_mr (guest memory)"))?;
+        Ok(Some(Self {
+            mr,
+            start: b.host as u64,
+            len: b.len,
+            _map: Arc::clone(map),
+            _pd: Arc::clone(pd),
+        }))
+    }
+
+    /// Whether `[addr, addr + len)` (host addresses) lies inside.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.start && addr.saturating_add(len) <= self.start + self.len
+    }
+}
+
+impl Drop for GuestMr {
+    fn drop(&mut self) {
+        if let Ok(l) = lib() {
+            // SAFETY: ours, deregistered once; windows over it are invalidated first (the
+            // owner keeps a registration while a window may be bound over it).
+            unsafe { (l.dereg_mr)(self.mr.as_ptr()) };
+        }
+    }
+}
+
+/// A type 2 memory window: bound over a piece of a [`GuestMr`] for one command, then
+/// invalidated (by the peer's Send with Invalidate, or by us).
+pub struct MemoryWindow {
+    raw: NonNull<IbvMw>,
+    /// The key of the next bind (the low byte counts binds).
+    next_rkey: u32,
+    _pd: Arc<ProtectionDomain>,
+}
+
+// SAFETY: used by one thread at a time (its queue's owner).
+unsafe impl Send for MemoryWindow {}
+
+impl MemoryWindow {
+    pub fn new(pd: &Arc<ProtectionDomain>) -> Result<Self, VerbsError> {
+        // SAFETY: the PD and its context are live; alloc_mw is the provider's entry.
+        let raw = unsafe {
+            let ctx = (*pd.raw.as_ptr()).context;
+            let f = (*ctx)
+                .ops
+                .alloc_mw
+                .ok_or(VerbsError::OutOfRange("memory windows (not supported)"))?;
+            f(pd.raw.as_ptr(), MW_TYPE_2)
+        };
+        let raw = NonNull::new(raw).ok_or_else(|| last_error("ibv_alloc_mw"))?;
+        // SAFETY: a live MW.
+        let rkey = unsafe { (*raw.as_ptr()).rkey };
+        Ok(Self {
+            raw,
+            next_rkey: rkey,
+            _pd: Arc::clone(pd),
+        })
+    }
+}
+
+impl Drop for MemoryWindow {
+    fn drop(&mut self) {
+        // SAFETY: ours, freed once, after its queue pair is gone (owners drop QPs first).
+        unsafe {
+            let ctx = (*self.raw.as_ptr()).context;
+            if let Some(f) = (*ctx).ops.dealloc_mw {
+                f(self.raw.as_ptr());
+            }
+        }
+    }
+}
+
 // ---- completion queues ----
 
 /// A completion queue with its completion channel (non-blocking, for sleeping on).
@@ -1175,8 +1324,63 @@ impl QueuePair<'_> {
             invalidate_rkey: 0,
             remote_addr: 0,
             rkey: 0,
-            _rest: [0; 128 - 52],
+            _wr_rest: [0; 20],
+            _qp_type: [0; 8],
+            bind_mw: ptr::null_mut(),
+            bind_rkey: 0,
+            _pad: 0,
+            bind_mr: ptr::null_mut(),
+            bind_addr: 0,
+            bind_length: 0,
+            bind_access: 0,
+            _pad2: 0,
         }
+    }
+
+    /// Bind `mw` over `[addr, addr + len)` of `mr` (host addresses) for remote `write`s (else
+    /// reads) only; returns the key the peer uses. Ordered before what is posted after it;
+    /// signaled, so a failed bind shows as its own completion.
+    pub fn bind_window(
+        &self,
+        wr_id: u64,
+        mw: &mut MemoryWindow,
+        mr: &GuestMr,
+        (addr, len): (u64, u64),
+        write: bool,
+    ) -> Result<u32, VerbsError> {
+        if !mr.contains(addr, len) {
+            return Err(VerbsError::OutOfRange("window"));
+        }
+        // ibv_inc_rkey: a new tag in the low byte for every bind
+        let rkey = (mw.next_rkey & 0xffff_ff00) | (mw.next_rkey.wrapping_add(1) & 0xff);
+        let mut wr = Self::send_wr(wr_id, ptr::null_mut(), WR_BIND_MW, SEND_SIGNALED);
+        wr.num_sge = 0;
+        wr.bind_mw = mw.raw.as_ptr();
+        wr.bind_rkey = rkey;
+        wr.bind_mr = mr.mr.as_ptr();
+        wr.bind_addr = addr;
+        wr.bind_length = len;
+        wr.bind_access = if write {
+            ACCESS_REMOTE_WRITE as u32
+        } else {
+            ACCESS_REMOTE_READ as u32
+        };
+        self.post(wr)?;
+        // the window's key is now `rkey`: the provider checks the next bind against the
+        // `ibv_mw` record's key, which the application keeps (as ibv_bind_mw does)
+        // SAFETY: our live MW record; no other thread touches it.
+        unsafe { (*mw.raw.as_ptr()).rkey = rkey };
+        mw.next_rkey = rkey;
+        Ok(rkey)
+    }
+
+    /// Invalidate `rkey` (a window's) locally; signaled when `signaled`.
+    pub fn invalidate(&self, wr_id: u64, rkey: u32, signaled: bool) -> Result<(), VerbsError> {
+        let flags = if signaled { SEND_SIGNALED } else { 0 };
+        let mut wr = Self::send_wr(wr_id, ptr::null_mut(), WR_LOCAL_INV, flags);
+        wr.num_sge = 0;
+        wr.invalidate_rkey = rkey;
+        self.post(wr)
     }
 
     /// Post a receive of up to `len` bytes into `region` at `offset`.
@@ -1289,6 +1493,9 @@ mod tests {
     #[test]
     fn layouts_match_rdma_core() {
         assert_eq!(std::mem::offset_of!(ContextOps, poll_cq), 11 * 8);
+        assert_eq!(std::mem::offset_of!(ContextOps, alloc_mw), 7 * 8);
+        assert_eq!(std::mem::offset_of!(ContextOps, dealloc_mw), 9 * 8);
+        assert_eq!(std::mem::offset_of!(IbvMw, rkey), 16);
         assert_eq!(std::mem::offset_of!(ContextOps, post_send), 25 * 8);
         assert_eq!(std::mem::offset_of!(ContextOps, post_recv), 26 * 8);
         assert_eq!(size_of::<ContextOps>(), 32 * 8);
