@@ -81,7 +81,7 @@ impl Target {
                             region.as_deref(),
                         );
                     } else {
-                        c.respond(&resp);
+                        c.respond_to(&s.sqe, &resp);
                     }
                 }
                 if held {

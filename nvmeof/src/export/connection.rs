@@ -90,7 +90,18 @@ impl Conn {
                 s.tx.push(&Pdu::CapsuleResp { cqe: *cqe }, &neg);
             }
             #[cfg(feature = "rdma")]
-            Link::Rdma(l) => l.respond(cqe.as_bytes()),
+            Link::Rdma(l) => l.respond(cqe.as_bytes(), None),
+        }
+    }
+
+    /// Send the response `cqe` to command `sqe` (over RDMA invalidating the host's key when
+    /// the command asked for it).
+    #[cfg_attr(not(feature = "rdma"), allow(unused_variables))]
+    pub fn respond_to(&mut self, sqe: &Submission, cqe: &Completion) {
+        match &mut self.link {
+            Link::Tcp(_) => self.respond(cqe),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(l) => l.respond(cqe.as_bytes(), crate::rdma::sgl::invalidate_key(sqe)),
         }
     }
 
@@ -130,12 +141,13 @@ impl Conn {
             #[cfg(feature = "rdma")]
             Link::Rdma(l) => {
                 let (addr, _, key) = crate::rdma::sgl::keyed(sqe);
+                let invalidate = crate::rdma::sgl::invalidate_key(sqe).is_some();
                 let Some(r) = region else {
-                    l.respond(cqe.as_bytes());
+                    l.respond(cqe.as_bytes(), crate::rdma::sgl::invalidate_key(sqe));
                     return false;
                 };
                 let at = host.slot_offset(qid, slot);
-                l.write_then_respond(r, at, len, (addr, key), cqe.as_bytes(), slot);
+                l.write_then_respond(r, at, len, (addr, key), cqe.as_bytes(), slot, invalidate);
                 true
             }
         }

@@ -266,10 +266,13 @@ impl RdmaLink {
     }
 
     /// Send a response capsule (a 16-byte completion), copied into the request.
-    pub fn respond(&mut self, cqe: &[u8]) {
-        let r = match self.id.qp() {
-            Some(qp) => qp.send_inline(wr_id(tag::SEND, 0), cqe, true),
-            None => Err(VerbsError::OutOfRange("queue pair")),
+    pub fn respond(&mut self, cqe: &[u8], invalidate: Option<u32>) {
+        let r = match (self.id.qp(), invalidate) {
+            (Some(qp), None) => qp.send_inline(wr_id(tag::SEND, 0), cqe, true),
+            (Some(qp), Some(key)) => {
+                qp.send_inline_invalidating(wr_id(tag::SEND, 0), cqe, key, true)
+            }
+            (None, _) => Err(VerbsError::OutOfRange("queue pair")),
         };
         if let Err(e) = r {
             self.fail(e.to_string());
@@ -277,7 +280,9 @@ impl RdmaLink {
     }
 
     /// Write `len` bytes of `region` at `offset` to the host's keyed buffer, then send the
-    /// response `cqe`; [`LinkEvent::SlotSent`] for `slot` says both are done.
+    /// response `cqe` (invalidating the key when `invalidate`); [`LinkEvent::SlotSent`] for
+    /// `slot` says both are done.
+    #[allow(clippy::too_many_arguments)]
     pub fn write_then_respond(
         &mut self,
         region: &Region,
@@ -286,6 +291,7 @@ impl RdmaLink {
         (remote, key): (u64, u32),
         cqe: &[u8],
         slot: u16,
+        invalidate: bool,
     ) {
         let r = match self.id.qp() {
             Some(qp) => qp
@@ -296,7 +302,14 @@ impl RdmaLink {
                     (remote, key),
                     false,
                 )
-                .and_then(|()| qp.send_inline(wr_id(tag::SLOT_SENT, slot.into()), cqe, true)),
+                .and_then(|()| {
+                    let id = wr_id(tag::SLOT_SENT, slot.into());
+                    if invalidate {
+                        qp.send_inline_invalidating(id, cqe, key, true)
+                    } else {
+                        qp.send_inline(id, cqe, true)
+                    }
+                }),
             None => Err(VerbsError::OutOfRange("queue pair")),
         };
         if let Err(e) = r {

@@ -29,6 +29,14 @@ pub fn keyed(sqe: &Submission) -> (u64, usize, u32) {
     )
 }
 
+/// The host's key to invalidate with the response to `sqe`: a Keyed SGL Data Block of the
+/// Invalidate Key subtype (§3.3: the controller invalidates it by Send with Invalidate).
+pub fn invalidate_key(sqe: &Submission) -> Option<u32> {
+    let (_, len, key) = keyed(sqe);
+    ((sqe.prp2.get() >> 56) as u8 == sgl_id::KEYED_INVALIDATE && sqe.flags >> 6 == 1 && len > 0)
+        .then_some(key)
+}
+
 /// Decode `sqe`'s data pointer; `in_capsule` is how many bytes followed the command.
 pub fn data_pointer(sqe: &Submission, in_capsule: usize) -> Result<DataPointer, Status> {
     if sqe.flags >> 6 != 1 {
@@ -103,6 +111,8 @@ mod tests {
                 key: 0x1234_5678
             })
         );
+        assert_eq!(invalidate_key(&s), Some(0x1234_5678));
+        assert_eq!(invalidate_key(&cmd(sgl_id::KEYED, 1, 4096, 9)), None);
         // keyed with in-capsule bytes beside it: the lengths disagree
         assert_eq!(data_pointer(&s, 8), Err(Status::DATA_SGL_LENGTH_INVALID));
         assert_eq!(

@@ -270,6 +270,7 @@ pub mod consts {
     pub const WR_SEND: u32 = 2;
     pub const WR_RDMA_READ: u32 = 4;
     pub const WR_LOCAL_INV: u32 = 7;
+    pub const WR_SEND_WITH_INV: u32 = 9;
     pub const WR_BIND_MW: u32 = 8;
     pub const WC_WITH_INV: u32 = 1 << 3;
     /// The kernel's `IB_WC_WITH_INVALIDATE`, which Soft-RoCE's user completions carry.
@@ -292,7 +293,7 @@ pub mod consts {
 use consts::{
     ACCESS_LOCAL_WRITE, ACCESS_MW_BIND, ACCESS_REMOTE_READ, ACCESS_REMOTE_WRITE, MW_TYPE_2, PS_TCP,
     QPT_RC, SEND_INLINE, SEND_SIGNALED, WR_BIND_MW, WR_LOCAL_INV, WR_RDMA_READ, WR_RDMA_WRITE,
-    WR_SEND,
+    WR_SEND, WR_SEND_WITH_INV,
 };
 
 /// RDMA CM events (`enum rdma_cm_event_type`).
@@ -1421,6 +1422,26 @@ impl QueuePair<'_> {
         };
         let flags = SEND_INLINE | if signaled { SEND_SIGNALED } else { 0 };
         self.post(Self::send_wr(wr_id, &raw mut sge, WR_SEND, flags))
+    }
+
+    /// Send `data` as [`send_inline`](Self::send_inline) does, invalidating the peer's key
+    /// `rkey` with it (Send with Invalidate).
+    pub fn send_inline_invalidating(
+        &self,
+        wr_id: u64,
+        data: &[u8],
+        rkey: u32,
+        signaled: bool,
+    ) -> Result<(), VerbsError> {
+        let mut sge = Sge {
+            addr: data.as_ptr() as u64,
+            length: data.len() as u32,
+            lkey: 0,
+        };
+        let flags = SEND_INLINE | if signaled { SEND_SIGNALED } else { 0 };
+        let mut wr = Self::send_wr(wr_id, &raw mut sge, WR_SEND_WITH_INV, flags);
+        wr.invalidate_rkey = rkey;
+        self.post(wr)
     }
 
     /// Send `len` bytes of `region` at `offset` (signaled).
