@@ -36,6 +36,12 @@ pub mod sgl_id {
     /// Transport SGL Data Block, transport-specific subtype 0Ah: data moved by C2HData /
     /// R2T + H2CData PDUs.
     pub const TRANSPORT: u8 = 0x5a;
+    /// Keyed SGL Data Block, subtype Address (NVMe/RDMA 1.0 §3.3): the host's buffer as a
+    /// remote address and key, read or written by the target with RDMA.
+    pub const KEYED: u8 = 0x40;
+    /// Keyed SGL Data Block, subtype Invalidate Key: as [`KEYED`], the key to be
+    /// invalidated with the response.
+    pub const KEYED_INVALIDATE: u8 = 0x4f;
 }
 
 /// PSDT value (Submission flags bits 7:6) for SGLs.
@@ -103,7 +109,14 @@ zeroed_default!(ConnectData, DiscoveryLogHeader, DiscoveryLogEntry);
 /// Discovery log entry constants.
 pub mod discovery {
     pub const LOG_ID: u8 = 0x70;
+    pub const TRTYPE_RDMA: u8 = 1;
     pub const TRTYPE_TCP: u8 = 3;
+    /// TSAS for RDMA (NVMe/RDMA 1.0 §4.1): queue pair type 1 (reliable connected)…
+    pub const RDMA_QPTYPE_CONNECTED: u8 = 1;
+    /// …provider type 1 (not specified)…
+    pub const RDMA_PRTYPE_NOT_SPECIFIED: u8 = 1;
+    /// …connection management service 1 (RDMA CM).
+    pub const RDMA_CMS_RDMA_CM: u8 = 1;
     pub const ADRFAM_IPV4: u8 = 1;
     pub const ADRFAM_IPV6: u8 = 2;
     pub const SUBTYPE_NVME: u8 = 2;

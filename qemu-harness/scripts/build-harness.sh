@@ -84,6 +84,18 @@ SRC
   done_step
 fi
 
+# Soft-RoCE userland for the RDMA tests: rdma-core (verbs, RDMA CM, the rxe provider) and
+# iproute2's `rdma` tool; the -dev packages give the headers the verbs bindings follow.
+RDMA_PKGS="libibverbs1 librdmacm1 ibverbs-providers iproute2 rdmacm-utils libibverbs-dev librdmacm-dev"
+if ! have rdma-packages; then
+  step rdma-packages "installing rdma-core (Soft-RoCE userland) in the chroot"
+  enter
+  { inch apt-get update && inch apt-get install -y --no-install-recommends $RDMA_PKGS && inch apt-get clean; } \
+    >"$LOGS/chroot-rdma.log" 2>&1 || fail "apt-get rdma-core in chroot" "$LOGS/chroot-rdma.log"
+  leave
+  done_step
+fi
+
 if ! have kernel; then
   step kernel "downloading the Debian guest kernel"
   enter
@@ -102,7 +114,8 @@ fi
 KVER=$(cat "$GUEST/kver")
 
 MODULES="configfs qemu_fw_cfg virtio_net nvme nvme_core nvme_fabrics nvme_tcp nvmet nvmet_tcp
- vfio vfio_pci vfio_pci_core vfio_iommu_type1 null_blk loop crc32c_generic tls"
+ vfio vfio_pci vfio_pci_core vfio_iommu_type1 null_blk loop crc32c_generic tls
+ rdma_rxe rdma_cm rdma_ucm ib_uverbs nvme_rdma nvmet_rdma crc32_generic"
 if ! have initramfs || [ "$0" -nt "$STAMPS/initramfs" ] || [ "$HERE/init.sh" -nt "$STAMPS/initramfs" ] \
    || [ "$HERE/net_up.sh" -nt "$STAMPS/initramfs" ]; then
   step initramfs "building the guest initramfs (busybox, nvme-cli, fio, lspci, nvme/vfio modules)"
@@ -115,7 +128,15 @@ if ! have initramfs || [ "$0" -nt "$STAMPS/initramfs" ] || [ "$HERE/init.sh" -nt
   for a in $("$ROOT/usr/bin/busybox" --list-full); do
     [ -e "$IR/$a" ] || [ -L "$IR/$a" ] || ln -s /usr/bin/busybox "$IR/$a"
   done
-  BINS="/usr/sbin/nvme /usr/bin/fio /usr/bin/lspci"
+  BINS="/usr/sbin/nvme /usr/bin/fio /usr/bin/lspci /usr/bin/rdma /usr/bin/rping"
+  # libraries a program opens at run time (vnvme's RDMA transport: libibverbs and
+  # librdmacm by dlopen, and libibverbs its rxe provider, found through /etc/libibverbs.d)
+  for l in /usr/lib/x86_64-linux-gnu/libibverbs.so.1 /usr/lib/x86_64-linux-gnu/librdmacm.so.1 \
+           $(cd "$ROOT" && ls usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so | sed 's|^|/|'); do
+    real=$(inch readlink -f "$l"); mkdir -p "$IR$(dirname "$real")" "$IR$(dirname "$l")"
+    cp "$ROOT$real" "$IR$real"; [ "$real" = "$l" ] || ln -sf "$real" "$IR$l"
+  done
+  mkdir -p "$IR/etc/libibverbs.d"; cp "$ROOT"/etc/libibverbs.d/rxe.driver "$IR/etc/libibverbs.d/"
   for b in $BINS; do rm -f "$IR$b"; cp "$ROOT$b" "$IR$b"; done
   for l in $(inch sh -c "for b in $BINS; do ldd \$b; done" | awk '/=>/ {print $3} /^\t\/lib64/ {print $1}' | sort -u); do
     real=$(inch readlink -f "$l")

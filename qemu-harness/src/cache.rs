@@ -31,7 +31,13 @@ const SCRIPTS: [(&str, &str); 3] = [
     ("net_up.sh", include_str!("../scripts/net_up.sh")),
 ];
 /// The stamps `build-harness.sh` writes when a stage is done.
-const STAMPS: [&str; 4] = ["debootstrap", "packages", "kernel", "initramfs"];
+const STAMPS: [&str; 5] = [
+    "debootstrap",
+    "packages",
+    "rdma-packages",
+    "kernel",
+    "initramfs",
+];
 /// The outputs a guest run needs, relative to the harness directory.
 const OUTPUTS: [&str; 4] = [
     "guest/qemu",

@@ -993,3 +993,73 @@ pub fn mutate(rng: &mut vnvme::perf::Rng, seed: &[u8], max_edits: u64, fill: u8)
     }
     input
 }
+
+/// NVMe/RDMA capsule parsing (what a target does with a receive buffer and a connect
+/// request's private data). Byte 0 picks the receive buffer size (bit 0: an admin queue's
+/// 64 bytes, else 64 + 8 KiB); the rest is one received message, also read as RDMA CM
+/// private data. Invariants: a capsule is a command and exactly its in-capsule bytes; a
+/// data pointer agrees with them (in-capsule length = bytes present, keyed only without
+/// in-capsule bytes, 24-bit length); a keyed command rewritten to in-capsule data decodes as
+/// such; an accepted connect request is within the limits and round-trips.
+pub fn rdma_capsule(data: &[u8]) {
+    use nvmeof::rdma::cm_records::ConnectRequest;
+    use nvmeof::rdma::sgl::{DataPointer, data_pointer, set_in_capsule, split_capsule};
+    let Some((&mode, msg)) = data.split_first() else {
+        return;
+    };
+    let max = if mode & 1 == 0 { 64 + 8192 } else { 64 };
+    if let Some((sqe, inline)) = split_capsule(msg, max) {
+        assert_eq!(inline.len() + 64, msg.len());
+        match data_pointer(&sqe, inline.len()) {
+            Ok(DataPointer::None) => assert!(inline.is_empty()),
+            Ok(DataPointer::InCapsule { len }) => assert_eq!(len, inline.len()),
+            Ok(DataPointer::Keyed { len, .. }) => {
+                assert!(inline.is_empty() && len > 0 && len <= 0xff_ffff);
+                let mut again = sqe;
+                set_in_capsule(&mut again, len);
+                assert_eq!(
+                    data_pointer(&again, len),
+                    Ok(DataPointer::InCapsule { len })
+                );
+            }
+            Err(_) => {}
+        }
+    } else {
+        assert!(msg.len() < 64 || msg.len() > max);
+    }
+    if let Ok(r) = ConnectRequest::parse(msg, 128, 16) {
+        assert!(r.qid <= 16 && (1..128).contains(&r.hsqsize) && (1..=128).contains(&r.hrqsize));
+        assert_eq!(ConnectRequest::parse(&r.encode(), 128, 16), Ok(r));
+    }
+}
+
+/// Inputs for [`rdma_capsule`]: a keyed Read, an in-capsule Write, a Connect with keyed
+/// data, and a connect request's private data.
+pub fn rdma_capsule_seeds() -> Vec<Vec<u8>> {
+    use nvme_spec::fabrics::sgl_id;
+    use zerocopy::IntoBytes;
+    let mut out = Vec::new();
+    let mut read = nvme_spec::Submission::default();
+    read.opcode = 0x02;
+    read.flags = 0x40;
+    read.prp1 = 0x7f00_1000.into();
+    read.prp2 = ((u64::from(sgl_id::KEYED_INVALIDATE) << 56) | (0x1234 << 24) | 4096).into();
+    out.push([&[0u8][..], read.as_bytes()].concat());
+    let mut write = read;
+    write.opcode = 0x01;
+    write.prp1 = 0.into();
+    write.prp2 = ((u64::from(sgl_id::INCAPSULE) << 56) | 512).into();
+    out.push([&[0u8][..], write.as_bytes(), &[0xa5; 512]].concat());
+    let mut connect = read;
+    connect.opcode = nvme_spec::fabrics::OPCODE;
+    connect.nsid = 1.into();
+    connect.prp2 = ((u64::from(sgl_id::KEYED) << 56) | (7 << 24) | 1024).into();
+    out.push([&[1u8][..], connect.as_bytes()].concat());
+    let req = nvmeof::rdma::cm_records::ConnectRequest {
+        qid: 1,
+        hrqsize: 128,
+        hsqsize: 127,
+    };
+    out.push([&[0u8][..], &req.encode()[..]].concat());
+    out
+}

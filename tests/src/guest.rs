@@ -15,6 +15,16 @@ pub fn harness_guest(script: impl Into<String>) -> Guest {
     Guest::new(script).echo_console(echo).timeout(GUEST_TIMEOUT)
 }
 
+/// `guest` with a NIC of its own on restricted user networking (nothing leaves the guest, no
+/// host port is taken): `net_up` gives it 10.0.2.15, e.g. for Soft-RoCE (`rdma link add`).
+pub fn with_private_nic(guest: Guest) -> Guest {
+    guest
+        .qemu_arg("-netdev")
+        .qemu_arg("user,id=n0,restrict=on")
+        .qemu_arg("-device")
+        .qemu_arg("virtio-net-pci,netdev=n0,romfile=")
+}
+
 /// Runs `guest` and checks the script exited 0, panicking with the console tail if not.
 pub fn run_ok(guest: &Guest) -> GuestOutput {
     let out = guest

@@ -116,6 +116,30 @@ fn nvme_tcp_pdu_decoder_survives_garbage() {
 }
 
 #[test]
+fn rdma_capsule_parser_survives_garbage() {
+    let mut rng = Rng(0x5eed_0021);
+    replay_some("rdma_capsule", fuzz::rdma_capsule);
+    let seeds = fuzz::rdma_capsule_seeds();
+    for seed in &seeds {
+        fuzz::rdma_capsule(seed);
+    }
+    for i in 0..40_000u32 {
+        let mut input = seeds[i as usize % seeds.len()].clone();
+        match rng.next() % 3 {
+            0 => {
+                for _ in 0..=rng.next() % 4 {
+                    let at = 1 + (rng.next() as usize) % (input.len() - 1);
+                    input[at] = rng.next() as u8;
+                }
+            }
+            1 => input.truncate(1 + (rng.next() as usize) % (input.len() - 1)),
+            _ => input = rng.bytes(200),
+        }
+        fuzz::rdma_capsule(&input);
+    }
+}
+
+#[test]
 fn rpc_requests_survive_garbage() {
     let mut rng = Rng(0x5eed_0004);
     replay_some("rpc_request", fuzz::rpc_request);

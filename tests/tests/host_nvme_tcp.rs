@@ -621,6 +621,7 @@ fn initiator_refuses_a_misbehaving_target_in_bounded_time() {
             hostid: [0; 16],
             header_digest: false,
             data_digest: false,
+            transport: nvmeof::initiator::Transport::Tcp,
             timeout: Duration::from_secs(1),
         };
         let t = Instant::now();

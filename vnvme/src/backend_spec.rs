@@ -85,7 +85,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl std::str::FromStr for BackendSpec {
     type Err = SpecError;
     fn from_str(spec: &str) -> Result<Self, SpecError> {
-        if spec.starts_with(nvmeof::initiator::SCHEME) {
+        if nvmeof::initiator::is_fabrics_url(spec) {
             return spec
                 .parse()
                 .map(BackendSpec::NvmeTcp)
@@ -232,7 +232,11 @@ impl BackendSpec {
                     transfer,
                 });
             }
-            BackendSpec::NvmeTcp(url) => Box::new(nvmeof::initiator::TcpBackend::connect(url)?),
+            BackendSpec::NvmeTcp(url) => {
+                let mut b = nvmeof::initiator::TcpBackend::connect(url)?;
+                b.set_guest_memory(Arc::clone(guest));
+                Box::new(b)
+            }
             BackendSpec::Array { name } => {
                 return Err(OpenError::Array(
                     name.clone(),

@@ -15,6 +15,7 @@
 //!
 //! [[controller]]                 # exported over NVMe/TCP instead of vfio-user
 //! tcp_listen = "127.0.0.1:4420"
+//! rdma_listen = "192.0.2.1:4420"  # the same controllers over NVMe/RDMA too (optional)
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
 //! tcp_controllers = 2            # host associations at once (one controller each)
@@ -237,6 +238,8 @@ impl ArraySpec {
 pub struct Served {
     pub socket: Option<PathBuf>,
     pub tcp_listen: Option<String>,
+    /// Serve the NVMe/TCP export over NVMe/RDMA too, on this address.
+    pub rdma_listen: Option<String>,
     pub nqn: Option<String>,
     pub allowed_hosts: Vec<String>,
 }
@@ -269,6 +272,10 @@ pub struct ControllerSpec {
     pub socket: Option<PathBuf>,
     /// Export over NVMe/TCP on this address instead (`HOST:PORT`).
     pub tcp_listen: Option<String>,
+    /// Export the same controllers over NVMe/RDMA too, on this address (`IP:PORT`, an
+    /// address of an RDMA device's interface); needs `tcp_listen`.
+    #[serde(default)]
+    pub rdma_listen: Option<String>,
     /// Subsystem NQN (default `nqn.2026-11.io.vnvme:SERIAL`).
     pub nqn: Option<String>,
     /// Host NQNs allowed to connect over NVMe/TCP; empty: any.
@@ -408,12 +415,14 @@ impl Config {
         let Served {
             socket,
             tcp_listen,
+            rdma_listen,
             nqn,
             allowed_hosts,
         } = served;
         let ctrl = ControllerSpec {
             socket,
             tcp_listen,
+            rdma_listen,
             nqn,
             allowed_hosts,
             tcp_controllers: None,
@@ -556,6 +565,20 @@ impl Config {
             }
             if let Some(h) = c.allowed_hosts.iter().find(|h| !nqn_ok(h)) {
                 return Err(field(at("allowed_hosts"), format!("{h:?} is not an NQN")));
+            }
+            if let Some(addr) = &c.rdma_listen {
+                if c.tcp_listen.is_none() {
+                    return Err(field(
+                        at("rdma_listen"),
+                        "with tcp_listen: the subsystem's controllers are served on both",
+                    ));
+                }
+                if addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(field(
+                        at("rdma_listen"),
+                        "want IP:PORT, e.g. 192.0.2.1:4420",
+                    ));
+                }
             }
             if c.tcp_listen.is_none() && !c.allowed_hosts.is_empty() {
                 return Err(field(
@@ -803,6 +826,14 @@ mod tests {
         for (text, field_name) in [
             ("[[controller]]\n", "socket"),
             ("[[controller]]\ntcp_listen = \"localhost\"\n", "tcp_listen"),
+            (
+                "[[controller]]\nsocket = \"/tmp/r.sock\"\nrdma_listen = \"127.0.0.1:4420\"\n",
+                "rdma_listen",
+            ),
+            (
+                "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nrdma_listen = \"rxe0\"\n",
+                "rdma_listen",
+            ),
             (
                 "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nnqn = \"x\"\n",
                 "nqn",

@@ -264,9 +264,9 @@ impl ControllerView<'_> {
             // no doorbell buffer or PCIe-only features over a fabric
             id.oacs = (oacs::FORMAT_NVM | oacs::GET_LBA_STATUS).into();
             id.maxcmd = f.maxcmd.into();
-            // SGLs supported, and the Address field of a Data Block may be an offset
-            // (in-capsule data)
-            id.sgls = (1 | (1 << 20)).into();
+            // SGLs supported, Keyed SGL Data Blocks (NVMe/RDMA), and the Address field of
+            // a Data Block may be an offset (in-capsule data)
+            id.sgls = (1 | (1 << 2) | (1 << 20)).into();
             id.nvmeof[0..4].copy_from_slice(&f.ioccsz.to_le_bytes());
             id.nvmeof[4..8].copy_from_slice(&f.iorcsz.to_le_bytes());
             // ICDOFF 0; FCATT 0 (dynamic controller model); MSDBD 1

@@ -11,7 +11,7 @@ use nvme_spec::{Completion, Status, Submission};
 
 use crate::pdu::Pdu;
 
-use super::connection::Role;
+use super::connection::{Conn, Role};
 use super::discovery::Answer;
 use super::event_loop::Target;
 use super::{Owner, Slot};
@@ -32,9 +32,32 @@ pub(super) struct DataDesc {
     pub in_capsule: bool,
 }
 
-/// Check the SGL of a command from the host (TCP transport 1.0 §3.3.2): a Transport SGL
-/// Data Block, or a Data Block with offset 0 describing exactly the in-capsule data.
-pub(super) fn data_desc(sqe: &Submission, in_capsule: &[u8]) -> Result<DataDesc, Status> {
+/// Check the SGL of a command from the host: a Data Block with offset 0 describing exactly
+/// the in-capsule data, or where the transport moves the data: over TCP a Transport SGL
+/// Data Block (TCP transport 1.0 §3.3.2), over RDMA (`keyed`) a Keyed SGL Data Block
+/// (RDMA transport 1.0 §3.3).
+pub(super) fn data_desc(
+    sqe: &Submission,
+    in_capsule: &[u8],
+    keyed: bool,
+) -> Result<DataDesc, Status> {
+    if keyed {
+        use crate::rdma::sgl::{DataPointer, data_pointer};
+        return Ok(match data_pointer(sqe, in_capsule.len())? {
+            DataPointer::None => DataDesc {
+                len: 0,
+                in_capsule: false,
+            },
+            DataPointer::InCapsule { len } => DataDesc {
+                len,
+                in_capsule: true,
+            },
+            DataPointer::Keyed { len, .. } => DataDesc {
+                len,
+                in_capsule: false,
+            },
+        });
+    }
     if sqe.flags >> 6 != 1 {
         // PRPs (or reserved PSDT) have no meaning over a fabric
         return Err(Status::INVALID_FIELD);
@@ -92,7 +115,8 @@ impl Target {
 
     fn discovery_command(&mut self, i: usize, sqe: &Submission, data: &[u8]) {
         let cid = sqe.cid.get();
-        let len = match data_desc(sqe, data) {
+        let keyed = self.conns[i].as_ref().is_some_and(Conn::keyed);
+        let len = match data_desc(sqe, data, keyed) {
             Ok(d) if d.in_capsule && d.len > 0 => {
                 self.respond(i, cid, Status::INVALID_FIELD, 0);
                 return;
@@ -115,7 +139,9 @@ impl Target {
             Answer::Done(status, result, out) => {
                 if status.is_success() && !out.is_empty() {
                     let n = out.len().min(len);
-                    self.send_c2h(i, cid, &out[..n]);
+                    if let Some(c) = self.conns[i].as_mut() {
+                        c.send_data(sqe, &out[..n]);
+                    }
                 }
                 self.respond(i, cid, status, result);
             }
@@ -131,7 +157,8 @@ impl Target {
             return;
         }
         let slot_bytes = self.exports[e].host.slot_bytes();
-        let desc = match data_desc(&sqe, data) {
+        let keyed = self.conns[i].as_ref().is_some_and(Conn::keyed);
+        let desc = match data_desc(&sqe, data, keyed) {
             Ok(d) => d,
             Err(s) => {
                 self.respond(i, cid, s, 0);
@@ -218,21 +245,54 @@ impl Target {
             self.exports[e].host.zero_slot(qid, slot, len);
         }
         if awaiting {
-            if let Some(c) = self.conns[i].as_mut() {
-                let neg = c.stream.neg;
-                c.stream.tx.push(
-                    &Pdu::R2T {
-                        cccid: cid,
-                        ttag: slot,
-                        offset: 0,
-                        length: len as u32,
-                    },
-                    &neg,
-                );
-            }
+            self.request_data(i, e, qid, slot, len);
         } else {
             self.submit(e, qid, slot);
         }
+    }
+
+    /// Ask the host for the `len` bytes of data of the write in `slot`: over TCP an R2T
+    /// (H2CData PDUs bring it), over RDMA an RDMA Read into the slot's buffer.
+    #[cfg_attr(not(feature = "rdma"), allow(clippy::needless_return))]
+    fn request_data(&mut self, i: usize, e: usize, qid: u16, slot: u16, len: usize) {
+        let Some(s) = self.exports[e].queue(qid).map(|q| q.slots[slot as usize]) else {
+            return;
+        };
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        if let Some(stream) = c.tcp() {
+            let neg = stream.neg;
+            stream.tx.push(
+                &Pdu::R2T {
+                    cccid: s.sqe.cid.get(),
+                    ttag: slot,
+                    offset: 0,
+                    length: len as u32,
+                },
+                &neg,
+            );
+            return;
+        }
+        #[cfg(feature = "rdma")]
+        self.rdma_read_slot(i, e, qid, slot, len);
+    }
+
+    /// The host data of the write in `slot` of queue `qid` is all in: run it.
+    #[cfg(feature = "rdma")]
+    pub fn data_in(&mut self, e: usize, qid: u16, slot: u16) {
+        let Some(q) = self.exports[e].queue_mut(qid) else {
+            return;
+        };
+        let Some(s) = q.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if !s.awaiting_data {
+            return;
+        }
+        s.awaiting_data = false;
+        s.received = s.len;
+        self.submit(e, qid, slot);
     }
 
     /// Place slot `slot`'s command in the controller's SQ `qid` and ring.
@@ -360,58 +420,6 @@ impl Target {
         cqe.dw1 = ((result >> 32) as u32).into();
         cqe.cid = cid.into();
         cqe.status = status.cqe_bits().into();
-        let neg = c.stream.neg;
-        c.stream.tx.push(&Pdu::CapsuleResp { cqe }, &neg);
-    }
-
-    /// Send `data` to the host for command `cid` (one C2HData PDU, LAST set).
-    pub fn send_c2h(&mut self, i: usize, cid: u16, data: &[u8]) {
-        if let Some(c) = self.conns[i].as_mut() {
-            push_c2h(&mut c.stream, cid, data);
-        }
-    }
-}
-
-/// Queue a C2HData PDU with `data` for command `cid` on `stream` (LAST set).
-pub(super) fn push_c2h(stream: &mut crate::stream::PduStream, cid: u16, data: &[u8]) {
-    let neg = stream.neg;
-    stream.tx.push(
-        &Pdu::C2HData {
-            cccid: cid,
-            offset: 0,
-            data,
-            last: true,
-            success: false,
-        },
-        &neg,
-    );
-}
-
-/// Queue a C2HData PDU for command `cid` on `stream` (LAST set) with the first `len` bytes
-/// of `slot` of queue `qid` of `host`, copied straight into the send buffer.
-pub(super) fn push_c2h_from_slot(
-    stream: &mut crate::stream::PduStream,
-    cid: u16,
-    host: &super::local_host::LocalHost,
-    qid: u16,
-    slot: u16,
-    len: usize,
-) {
-    let neg = stream.neg;
-    let out = stream.tx.out();
-    let c2h = Pdu::C2HData {
-        cccid: cid,
-        offset: 0,
-        data: &[],
-        last: true,
-        success: false,
-    };
-    let dd = crate::pdu::encode_header(&c2h, len, &neg, out);
-    let start = out.len();
-    out.resize(start + len, 0);
-    host.read_slot(qid, slot, &mut out[start..]);
-    if dd {
-        let c = crate::pdu::data_digest([&out[start..]]);
-        out.extend_from_slice(&c.to_le_bytes());
+        c.respond(&cqe);
     }
 }

@@ -5,7 +5,6 @@
 use nvme_spec::opcode::admin as op;
 use nvme_spec::{Completion, Status, Submission};
 
-use super::capsule::push_c2h_from_slot;
 use super::connection::Role;
 use super::event_loop::Target;
 use super::{Owner, Slot};
@@ -34,8 +33,8 @@ impl Target {
         if n > 0 {
             // one send per connection for the whole batch; errors show on the next read
             for c in self.conns.iter_mut().flatten() {
-                if c.stream.tx.pending() > 0 {
-                    let _ = c.stream.flush();
+                if c.pending() > 0 {
+                    let _ = c.flush();
                 }
             }
         }
@@ -55,25 +54,41 @@ impl Target {
         };
         let status = Status::from_cqe_bits(cqe.status.get());
         match s.owner {
-            Owner::Free => {
+            Owner::Free | Owner::Sending => {
                 device_model::warn_limited!("nvme-tcp target: completion for free slot {slot}");
             }
             Owner::Host { cid } => {
                 let conn = q.conn;
-                // the slot's buffer goes straight into the connection's send buffer
+                let mut resp = *cqe;
+                resp.cid = cid.into();
+                let mut held = false;
+                #[cfg(feature = "rdma")]
+                let region = conn.and_then(|i| self.rdma_slot_region(i, e));
+                // the slot's buffer goes straight to the host (TCP: into the send buffer;
+                // RDMA: written from the buffer by the adapter, so the slot stays taken
+                // until the response has gone)
                 let Target { exports, conns, .. } = self;
                 if let Some(c) = conn.and_then(|i| conns[i].as_mut()) {
                     if s.to_host && status.is_success() && s.len > 0 {
-                        push_c2h_from_slot(&mut c.stream, cid, &exports[e].host, qid, slot, s.len);
+                        held = c.send_slot_data_and_respond(
+                            &s.sqe,
+                            &resp,
+                            &exports[e].host,
+                            qid,
+                            slot,
+                            s.len,
+                            #[cfg(feature = "rdma")]
+                            region.as_deref(),
+                        );
+                    } else {
+                        c.respond_to(&s.sqe, &resp);
                     }
-                    let mut resp = *cqe;
-                    resp.cid = cid.into();
-                    let neg = c.stream.neg;
-                    c.stream
-                        .tx
-                        .push(&crate::pdu::Pdu::CapsuleResp { cqe: resp }, &neg);
                 }
-                self.free_slot(e, qid, slot, Some(cid));
+                if held {
+                    self.hold_slot(e, qid, slot, cid);
+                } else {
+                    self.free_slot(e, qid, slot, Some(cid));
+                }
             }
             Owner::CreateCq { conn, qid: ioq } => {
                 if status.is_success() {
@@ -109,8 +124,20 @@ impl Target {
             .map_or(2, |q| q.slots.len() as u32 + 1)
     }
 
+    /// The command in `slot` is answered but its buffer is still being sent: the host's
+    /// CID is free, the slot not yet (until [`free_slot`](Self::free_slot)).
+    fn hold_slot(&mut self, e: usize, qid: u16, slot: u16, cid: u16) {
+        if let Some(q) = self.exports[e].queue_mut(qid) {
+            q.slots[slot as usize] = Slot {
+                owner: Owner::Sending,
+                ..Slot::default()
+            };
+            q.set_cid(cid, false);
+        }
+    }
+
     /// Slot `slot` of queue `qid` is free again (and the host's CID with it).
-    fn free_slot(&mut self, e: usize, qid: u16, slot: u16, cid: Option<u16>) {
+    pub(super) fn free_slot(&mut self, e: usize, qid: u16, slot: u16, cid: Option<u16>) {
         if let Some(q) = self.exports[e].queue_mut(qid) {
             q.slots[slot as usize] = Slot::default();
             q.free.push(slot);
@@ -162,7 +189,7 @@ impl Target {
             self.respond(conn, cid, status, 0);
         }
         if let Some(c) = self.conns[conn].as_mut() {
-            let _ = c.stream.flush();
+            let _ = c.flush();
         }
     }
 }

@@ -17,6 +17,8 @@ pub const DISCOVERY_CNTLID: u16 = 1;
 /// One entry of the log: a subsystem reachable through a port.
 #[derive(Clone, Debug)]
 pub struct Listed {
+    /// Transport type ([`discovery::TRTYPE_TCP`] or [`discovery::TRTYPE_RDMA`]).
+    pub trtype: u8,
     pub portid: u16,
     pub traddr: String,
     pub trsvcid: String,
@@ -124,7 +126,8 @@ fn identify() -> IdentifyController {
     id.lpa = lpa::EXTENDED_DATA;
     id.maxcmd = 32.into();
     id.kas = 1.into();
-    id.sgls = (1 | (1 << 20)).into();
+    // SGLs, Keyed SGL Data Blocks (an NVMe/RDMA host requires them), offsets
+    id.sgls = (1 | (1 << 2) | (1 << 20)).into();
     put_str(&mut id.subnqn, DISCOVERY_NQN);
     id.nvmeof[0..4].copy_from_slice(&4u32.to_le_bytes()); // IOCCSZ: 64 bytes
     id.nvmeof[4..8].copy_from_slice(&1u32.to_le_bytes()); // IORCSZ: 16 bytes
@@ -140,7 +143,7 @@ pub fn log_page(listed: &[Listed], genctr: u64) -> Vec<u8> {
     let mut out = h.as_bytes().to_vec();
     for l in listed {
         let mut e = DiscoveryLogEntry::default();
-        e.trtype = discovery::TRTYPE_TCP;
+        e.trtype = l.trtype;
         e.adrfam = l.adrfam;
         e.subtype = l.subtype;
         e.treq = discovery::TREQ_NOT_REQUIRED;
@@ -150,7 +153,13 @@ pub fn log_page(listed: &[Listed], genctr: u64) -> Vec<u8> {
         put_str_spaced(&mut e.trsvcid, &l.trsvcid);
         put_str(&mut e.subnqn, &l.subnqn);
         put_str_spaced(&mut e.traddr, &l.traddr);
-        // TSAS for TCP: security type none
+        // TSAS for TCP: security type none; for RDMA (NVMe/RDMA 1.0 §4.1): reliable
+        // connected queue pairs, any provider, RDMA CM
+        if l.trtype == discovery::TRTYPE_RDMA {
+            e.tsas[0] = discovery::RDMA_QPTYPE_CONNECTED;
+            e.tsas[1] = discovery::RDMA_PRTYPE_NOT_SPECIFIED;
+            e.tsas[2] = discovery::RDMA_CMS_RDMA_CM;
+        }
         out.extend_from_slice(e.as_bytes());
     }
     out
@@ -163,6 +172,7 @@ mod tests {
     #[test]
     fn log_page_lists_each_record_and_honours_offset_and_length() {
         let listed = vec![Listed {
+            trtype: discovery::TRTYPE_TCP,
             portid: 1,
             traddr: "127.0.0.1".into(),
             trsvcid: "4420".into(),

@@ -12,13 +12,13 @@ use nvme_spec::tcp::fes;
 use crate::pdu::{Direction, Negotiated, Pdu, PduError};
 use crate::stream::{PduStream, StreamError};
 
-use super::connection::{Conn, Role};
+use super::connection::{Conn, Link, Role};
 use super::{Export, ExportSpec, INLINE_DATA};
 
 /// Keep Alive is checked this often; a host gets KATO plus this much grace.
 const KATO_CHECK: Duration = Duration::from_millis(100);
 /// Connections at once (each has a receive buffer of the largest PDU).
-const MAX_CONNECTIONS: usize = 256;
+pub(super) const MAX_CONNECTIONS: usize = 256;
 /// Time allowed from accept to a finished Connect.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an association's controller may take to reset before it is reused anyway.
@@ -40,6 +40,12 @@ pub(super) struct Target {
     /// (reused).
     pub ready: Vec<poll::PollFd>,
     pub ready_slots: Vec<usize>,
+    /// The RDMA listeners, if the target has any.
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<crate::rdma::port::RdmaPort>,
+    /// Completions of one RDMA connection being handled (reused).
+    #[cfg(feature = "rdma")]
+    pub rdma_events: Vec<crate::rdma::link::LinkEvent>,
 }
 
 impl Target {
@@ -73,14 +79,19 @@ impl Target {
             // next pass)
             let ready = fds[listeners + k].revents != 0;
             let buffered = self.conns[i]
-                .as_ref()
-                .is_some_and(|c| c.stream.rx.buffered() > 0);
+                .as_mut()
+                .and_then(Conn::tcp)
+                .is_some_and(|s| s.rx.buffered() > 0);
             if ready || buffered {
                 work += self.contained(i, None, |t| t.service(i));
             }
         }
         self.ready_slots = slots;
         self.ready = fds;
+        #[cfg(feature = "rdma")]
+        {
+            work += self.poll_rdma();
+        }
         if self.last_kato.elapsed() >= KATO_CHECK {
             self.last_kato = Instant::now();
             self.check_keep_alive();
@@ -130,12 +141,35 @@ impl Target {
                 .iter()
                 .map(|(l, _)| poll::entry(l, poll::POLLIN)),
         );
+        #[cfg(feature = "rdma")]
+        if slots.is_none()
+            && let Some(r) = &self.rdma
+        {
+            fds.push(poll::PollFd {
+                fd: r.fd(),
+                events: poll::POLLIN,
+                revents: 0,
+            });
+        }
         for (i, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c {
-                fds.push(poll::entry(&c.stream.fd(), c.stream.events()));
-                if let Some(s) = slots.as_deref_mut() {
-                    s.push(i);
+            match c.as_ref().map(|c| &c.link) {
+                Some(Link::Tcp(stream)) => {
+                    fds.push(poll::entry(&stream.fd(), stream.events()));
+                    if let Some(s) = slots.as_deref_mut() {
+                        s.push(i);
+                    }
                 }
+                // RDMA queues are polled every pass; the idle reactor sleeps on their
+                // completion channels (armed by `poll_rdma`)
+                #[cfg(feature = "rdma")]
+                Some(Link::Rdma(l)) if slots.is_none() => {
+                    fds.push(poll::PollFd {
+                        fd: l.fd(),
+                        events: poll::POLLIN,
+                        revents: 0,
+                    });
+                }
+                _ => {}
             }
         }
     }
@@ -159,17 +193,7 @@ impl Target {
                         match PduStream::new(sock, Direction::ToController, max_data) {
                             Ok(stream) => {
                                 log::debug!("nvme-tcp target: connection from {peer}");
-                                let c = Conn {
-                                    stream,
-                                    role: Role::Initializing,
-                                    local,
-                                    hostnqn: String::new(),
-                                    since: Instant::now(),
-                                };
-                                match self.conns.iter().position(Option::is_none) {
-                                    Some(i) => self.conns[i] = Some(c),
-                                    None => self.conns.push(Some(c)),
-                                }
+                                self.add_conn(Link::Tcp(stream), Role::Initializing, local);
                                 n += 1;
                             }
                             Err(e) => device_model::warn_limited!("nvme-tcp target: {peer}: {e}"),
@@ -186,6 +210,21 @@ impl Target {
         n
     }
 
+    /// A new connection on `link`, starting as `role`, reached on `local`.
+    pub(super) fn add_conn(&mut self, link: Link, role: Role, local: SocketAddr) {
+        let c = Conn {
+            link,
+            role,
+            local,
+            hostnqn: String::new(),
+            since: Instant::now(),
+        };
+        match self.conns.iter().position(Option::is_none) {
+            Some(i) => self.conns[i] = Some(c),
+            None => self.conns.push(Some(c)),
+        }
+    }
+
     pub fn max_slot_bytes(&self) -> usize {
         self.exports
             .iter()
@@ -196,13 +235,13 @@ impl Target {
 
     /// Read, dispatch and flush connection `i`; returns the PDUs handled.
     fn service(&mut self, i: usize) -> usize {
-        let Some(c) = self.conns[i].as_mut() else {
+        let Some(stream) = self.conns[i].as_mut().and_then(Conn::tcp) else {
             return 0;
         };
-        match c.stream.pump() {
+        match stream.pump() {
             Ok(_) => {}
             Err(StreamError::Closed) => {
-                self.close(i, "closed by the host");
+                self.host_closed(i);
                 return 0;
             }
             Err(e) => {
@@ -212,15 +251,15 @@ impl Target {
         }
         let mut n = 0;
         loop {
-            let Some(c) = self.conns[i].as_mut() else {
+            let Some(stream) = self.conns[i].as_mut().and_then(Conn::tcp) else {
                 return n;
             };
             // backpressure: a host that does not read its responses gets no more served
-            if c.stream.tx.pending() > TX_BACKLOG {
+            if stream.tx.pending() > TX_BACKLOG {
                 break;
             }
-            let neg = c.stream.neg;
-            let pdu = match c.stream.rx.next_pdu(&neg) {
+            let neg = stream.neg;
+            let pdu = match stream.rx.next_pdu(&neg) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(PduError::DataDigest(f)) => {
@@ -278,9 +317,9 @@ impl Target {
             }
         }
         if let Some(c) = self.conns[i].as_mut()
-            && let Err(e) = c.stream.flush()
+            && let Err(e) = c.flush()
         {
-            self.close(i, &e.to_string());
+            self.close(i, &e);
         }
         n
     }
@@ -324,8 +363,11 @@ impl Target {
             dgst,
             maxh2cdata: max_h2c as u32,
         };
-        c.stream.tx.push(&resp, &Negotiated::default());
-        c.stream.neg = Negotiated {
+        let Some(stream) = c.tcp() else {
+            return;
+        };
+        stream.tx.push(&resp, &Negotiated::default());
+        stream.neg = Negotiated {
             header_digest: dgst & nvme_spec::tcp::DGST_HEADER != 0,
             data_digest: dgst & nvme_spec::tcp::DGST_DATA != 0,
             max_data: max_h2c.max(INLINE_DATA) as u32,
@@ -337,17 +379,17 @@ impl Target {
     pub fn fatal(&mut self, i: usize, fes: u16, fei: u32, what: &str) {
         if let Some(c) = self.conns[i].as_mut() {
             device_model::warn_limited!(
-                "nvme-tcp target: {}: {what}; terminating the connection",
-                c.stream.peer()
+                "nvme-of target: {}: {what}; terminating the connection",
+                c.peer()
             );
-            c.stream.terminate(fes, fei, true);
+            c.terminate(fes, fei);
         }
         self.close(i, what);
     }
 
     /// Run `f` for connection `conn` (or export `export`); a panic in it ends that
     /// connection and its association, logged once, and the target serves the others on.
-    fn contained(
+    pub(super) fn contained(
         &mut self,
         conn: usize,
         export: Option<usize>,
@@ -374,15 +416,44 @@ impl Target {
         let Some(c) = self.conns[i].as_mut() else {
             return;
         };
-        log::debug!("nvme-tcp target: {}: closing: {why}", c.stream.peer());
+        log::debug!("nvme-of target: {}: closing: {why}", c.peer());
         let bound = match c.role {
             Role::Queue { export, .. } | Role::Connecting { export, .. } => Some(export),
             _ => None,
         };
-        c.stream.shutdown();
+        c.shutdown();
         self.conns[i] = None;
         if let Some(e) = bound {
             self.end_association(e, why);
+        }
+    }
+
+    /// The host closed connection `i` (TCP: end of stream; RDMA: a disconnect). A host
+    /// deletes its I/O queues so before it shuts the controller down on the admin queue
+    /// (Linux's nvme-tcp and nvme-rdma do, and nvmet lets them): such a queue is only
+    /// detached, its commands' completions dropped; the admin queue's close ends the
+    /// association. A connection ended for a protocol error ([`close`](Self::close))
+    /// ends its association whatever the queue.
+    pub fn host_closed(&mut self, i: usize) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        let Role::Queue { export, qid } = c.role else {
+            self.close(i, "closed by the host");
+            return;
+        };
+        if qid == 0 {
+            self.close(i, "closed by the host");
+            return;
+        }
+        log::debug!(
+            "nvme-of target: {}: I/O queue {qid} closed by the host",
+            c.peer()
+        );
+        c.shutdown();
+        self.conns[i] = None;
+        if let Some(q) = self.exports[export].queue_mut(qid) {
+            q.conn = None;
         }
     }
 
@@ -401,7 +472,7 @@ impl Target {
             if let Some(ci) = q.conn
                 && let Some(c) = self.conns[ci].as_mut()
             {
-                c.stream.shutdown();
+                c.shutdown();
                 self.conns[ci] = None;
             }
         }

@@ -148,7 +148,8 @@ impl Target {
         if !matches!(c.role, Role::AwaitingConnect) {
             return Some((Status::COMMAND_SEQUENCE_ERROR, 0));
         }
-        match data_desc(sqe, data) {
+        let keyed = c.keyed();
+        match data_desc(sqe, data, keyed) {
             Ok(d) if d.in_capsule && d.len >= 1024 => {}
             Ok(_) => return Some((Status::DATA_SGL_LENGTH_INVALID, 0)),
             Err(s) => return Some((s, 0)),
@@ -162,6 +163,17 @@ impl Target {
         }
         let qid = (sqe.cdw10.get() >> 16) as u16;
         let sqsize = sqe.cdw11.get() & 0xffff;
+        // over RDMA the queue was named and sized when it was set up (RDMA CM private data,
+        // RDMA transport 1.0 §3.2): Connect must agree
+        #[cfg(feature = "rdma")]
+        if let super::connection::Link::Rdma(l) = &c.link {
+            if l.request.qid != qid {
+                return Some(invalid_parameters(false, 42));
+            }
+            if u32::from(l.request.hsqsize) != sqsize {
+                return Some(invalid_parameters(false, 44));
+            }
+        }
         let kato_ms = sqe.cdw12.get();
         let cd = ConnectData::read_from_bytes(&data[..1024]).ok()?;
         // An empty Host NQN is accepted as an anonymous host, as SPDK's and Linux's targets
@@ -301,13 +313,28 @@ impl Target {
         None
     }
 
+    /// The target's ports: transport type and address, TCP first, then RDMA.
+    fn ports(&self) -> Vec<(u8, SocketAddr)> {
+        #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+        let mut ports: Vec<(u8, SocketAddr)> = self
+            .listeners
+            .iter()
+            .map(|(_, a)| (discovery::TRTYPE_TCP, *a))
+            .collect();
+        #[cfg(feature = "rdma")]
+        if let Some(r) = &self.rdma {
+            ports.extend(r.addrs().into_iter().map(|a| (discovery::TRTYPE_RDMA, a)));
+        }
+        ports
+    }
+
     /// The discovery log entries connection `i`'s host may see.
     pub fn discovery_records(&self, i: usize) -> Vec<Listed> {
         let Some(c) = self.conns[i].as_ref() else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (port, (_, addr)) in self.listeners.iter().enumerate() {
+        for (port, (trtype, addr)) in self.ports().into_iter().enumerate() {
             let (traddr, adrfam) = match addr {
                 SocketAddr::V4(a) => (a.ip().to_string(), discovery::ADRFAM_IPV4),
                 SocketAddr::V6(a) => (a.ip().to_string(), discovery::ADRFAM_IPV6),
@@ -319,6 +346,7 @@ impl Target {
                 traddr
             };
             let base = Listed {
+                trtype,
                 portid: port as u16 + 1,
                 traddr,
                 trsvcid: addr.port().to_string(),

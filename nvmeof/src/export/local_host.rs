@@ -61,7 +61,8 @@ pub struct LocalHost {
     depth: u32,
     slot_bytes: usize,
     slot_stride: u64,
-    _fd: OwnedFd,
+    total: u64,
+    fd: OwnedFd,
 }
 
 impl std::fmt::Debug for LocalHost {
@@ -117,7 +118,8 @@ impl LocalHost {
             depth,
             slot_bytes,
             slot_stride,
-            _fd: fd,
+            total,
+            fd,
         };
         Ok(host)
     }
@@ -135,6 +137,21 @@ impl LocalHost {
     /// Queue pairs (admin included).
     pub fn queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The memory holding the rings and buffers (for a transport to register).
+    pub fn memory_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Bytes of that memory.
+    pub fn memory_len(&self) -> usize {
+        self.total as usize
+    }
+
+    /// Where `slot`'s buffer of queue `qid` is in that memory.
+    pub fn slot_offset(&self, qid: u16, slot: u16) -> usize {
+        (self.slot_iova(qid, slot) - BASE_IOVA) as usize
     }
 
     /// IOVAs of queue `qid`'s SQ and CQ rings.

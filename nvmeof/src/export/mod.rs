@@ -1,5 +1,8 @@
-//! The NVMe/TCP target: exports emulated controllers over NVMe/TCP (transport 1.0) with a
-//! discovery controller beside them.
+//! The NVMe-oF target: exports emulated controllers over NVMe/TCP (transport 1.0) and
+//! NVMe/RDMA (transport 1.0, cargo feature `rdma`) with a discovery controller beside them.
+//! One fabrics layer serves both: a connection's transport ([`connection::Link`]) only
+//! carries capsules, responses and data; Connect, properties, Keep Alive, discovery and the
+//! controller are shared.
 //!
 //! Every exported subsystem is one emulated controller running in its own reactor; the
 //! target drives it as its PCIe host would ([`local_host`]), so admin and I/O commands get
@@ -16,7 +19,8 @@
 //! peer gets a C2HTermReq and a closed connection, and tears down only its own association.
 //!
 //! Files: `poller.rs` the target on its reactor; `event_loop.rs` one pass: accepting and
-//! polling; `connection.rs` a connection's state;
+//! polling; `connection.rs` a connection's state and its transport; `rdma_queues.rs` RDMA
+//! connections' events;
 //! `capsule.rs` commands and host data; `fabrics.rs` Connect and properties;
 //! `completion.rs` responses and controller-to-host data; `discovery.rs` the discovery
 //! controller; `local_host.rs` the rings and buffers shared with the controller.
@@ -29,6 +33,8 @@ mod event_loop;
 mod fabrics;
 pub mod local_host;
 mod poller;
+#[cfg(feature = "rdma")]
+mod rdma_queues;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -87,6 +93,14 @@ pub enum ExportError {
     BadNqn(String),
     #[error("could not start the target's reactor thread: {0}")]
     Thread(std::io::Error),
+    #[cfg(feature = "rdma")]
+    #[error("RDMA listen on {addrs:?}: {source}")]
+    Rdma {
+        addrs: Vec<SocketAddr>,
+        source: crate::rdma::verbs::VerbsError,
+    },
+    #[error("this vnvme was built without the RDMA transport (cargo feature `rdma`)")]
+    NoRdma,
 }
 
 /// Who owns a command slot of an exported controller's queue.
@@ -106,6 +120,8 @@ enum Owner {
         conn: usize,
         qid: u16,
     },
+    /// Answered; its data is still being sent from the slot's buffer (RDMA).
+    Sending,
 }
 
 /// A command slot: one SQ entry and its data buffer.
@@ -249,6 +265,34 @@ impl std::fmt::Debug for TcpTarget {
 impl TcpTarget {
     /// Listen on `listen` and serve `exports` (and the discovery subsystem) until stopped.
     pub fn start(listen: &[SocketAddr], exports: Vec<ExportSpec>) -> Result<Self, ExportError> {
+        Self::start_on(listen, &[], exports)
+    }
+
+    /// Listen on `listen` (NVMe/TCP) and `rdma_listen` (NVMe/RDMA: addresses of RDMA
+    /// devices' interfaces) and serve `exports` and the discovery subsystem on all of them
+    /// until stopped.
+    pub fn start_on(
+        listen: &[SocketAddr],
+        rdma_listen: &[SocketAddr],
+        exports: Vec<ExportSpec>,
+    ) -> Result<Self, ExportError> {
+        #[cfg(feature = "rdma")]
+        let rdma = if rdma_listen.is_empty() {
+            None
+        } else {
+            Some(
+                crate::rdma::port::RdmaPort::listen(rdma_listen).map_err(|source| {
+                    ExportError::Rdma {
+                        addrs: rdma_listen.to_vec(),
+                        source,
+                    }
+                })?,
+            )
+        };
+        #[cfg(not(feature = "rdma"))]
+        if !rdma_listen.is_empty() {
+            return Err(ExportError::NoRdma);
+        }
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for &addr in listen {
@@ -312,6 +356,10 @@ impl TcpTarget {
             last_kato: Instant::now(),
             ready: Vec::new(),
             ready_slots: Vec::new(),
+            #[cfg(feature = "rdma")]
+            rdma,
+            #[cfg(feature = "rdma")]
+            rdma_events: Vec::new(),
         };
         let (done_tx, done) = std::sync::mpsc::sync_channel(1);
         let poller = Box::new(poller::TargetPoller {
@@ -324,6 +372,9 @@ impl TcpTarget {
         reactor.add_poller(poller);
         for a in &addrs {
             log::info!("nvme-tcp target: listening on {a}");
+        }
+        for a in rdma_listen {
+            log::info!("nvme-rdma target: listening on {a}");
         }
         Ok(Self {
             stop,

@@ -51,6 +51,8 @@ pub struct TcpBackend {
     chains: Vec<Chain>,
     /// Completions of commands of `chains` requests, reused by poll.
     chained: Vec<(u64, Status)>,
+    /// The guest memory requests' buffers are in, for transports that reach it directly.
+    guest: Option<Arc<device_model::GuestMemory>>,
 }
 
 /// A Write Zeroes or Deallocate request going on command after command: the one in flight
@@ -95,7 +97,17 @@ impl TcpBackend {
             checked_tick: 0,
             chains: Vec::new(),
             chained: Vec::new(),
+            guest: None,
         })
+    }
+
+    /// Requests' buffers are in `mem` (the controller's guest memory): a transport that can
+    /// reach them directly does (NVMe/RDMA, through memory windows).
+    pub fn set_guest_memory(&mut self, mem: Arc<device_model::GuestMemory>) {
+        for q in &mut self.io {
+            q.set_guest_memory(&mem);
+        }
+        self.guest = Some(mem);
     }
 
     /// The remote namespace.
@@ -298,6 +310,11 @@ impl TcpBackend {
                 self.waiting.len()
             );
             self.io = qs;
+            if let Some(mem) = &self.guest {
+                for q in &mut self.io {
+                    q.set_guest_memory(mem);
+                }
+            }
             self.checked_tick = self.session.tick();
         }
         if failed {

@@ -62,6 +62,7 @@ pub fn discover(path: &str, timeout: Duration) -> Result<Vec<DiscoveryRecord>, S
         hostid: me.id,
         header_digest: false,
         data_digest: false,
+        transport: super::Transport::Tcp,
         timeout,
     };
     let mut admin = HostQueue::connect(&params, 0, 32, CNTLID_DYNAMIC, 0).map_err(q)?;

@@ -1,4 +1,4 @@
-//! The NVMe/TCP host side: a namespace [`Backend`](device_model::backend::Backend) on a
+//! The NVMe-oF host side (TCP and RDMA transports, one fabrics layer): a namespace [`Backend`](device_model::backend::Backend) on a
 //! remote namespace ([`TcpBackend`]) and discovery ([`discover`]).
 //!
 //! - `url.rs`: the `nvme-tcp://` address and its options;
@@ -25,4 +25,4 @@ pub use backend::TcpBackend;
 pub use discovery::{DiscoveryRecord, discover};
 pub use host_identity::HostIdentity;
 pub use session::{RemoteNamespace, SessionError};
-pub use url::{SCHEME, TcpUrl, UrlError};
+pub use url::{RDMA_SCHEME, SCHEME, TcpUrl, Transport, UrlError, is_fabrics_url};

@@ -106,6 +106,17 @@ pub enum QueueError {
     Refused { what: &'static str, status: Status },
     #[error("no free command slot")]
     Full,
+    #[cfg(feature = "rdma")]
+    #[error(transparent)]
+    Rdma(#[from] crate::rdma::host_link::HostLinkError),
+}
+
+/// The transport under a queue.
+#[derive(Debug)]
+enum HostLink {
+    Tcp(PduStream),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<crate::rdma::host_link::RdmaHostLink>),
 }
 
 /// Who we are and what we connect to.
@@ -117,6 +128,7 @@ pub struct ConnectParams {
     pub hostid: [u8; 16],
     pub header_digest: bool,
     pub data_digest: bool,
+    pub transport: super::Transport,
     /// Time allowed for each set-up step and each synchronous command.
     pub timeout: Duration,
 }
@@ -139,7 +151,7 @@ struct Cmd {
 /// One connected queue (admin or I/O).
 #[derive(Debug)]
 pub struct HostQueue {
-    stream: PduStream,
+    link: HostLink,
     qid: u16,
     cntlid: u16,
     inline_max: usize,
@@ -148,6 +160,9 @@ pub struct HostQueue {
     free: Vec<u16>,
     /// Completions seen while a synchronous command waited, delivered by the next poll.
     stash: Vec<Completed>,
+    /// Response capsules of one RDMA poll (reused).
+    #[cfg(feature = "rdma")]
+    responses: Vec<nvme_spec::Completion>,
     peer: String,
 }
 
@@ -162,6 +177,69 @@ impl HostQueue {
         cntlid: u16,
         kato_ms: u32,
     ) -> Result<Self, QueueError> {
+        let (link, maxh2cdata, inline_max) = match p.transport {
+            super::Transport::Tcp => {
+                let (stream, maxh2cdata) = Self::tcp_stream(p)?;
+                (HostLink::Tcp(stream), maxh2cdata, ADMIN_INLINE)
+            }
+            #[cfg(feature = "rdma")]
+            super::Transport::Rdma => {
+                let l =
+                    crate::rdma::host_link::RdmaHostLink::connect(p.addr, qid, entries, p.timeout)?;
+                // no in-capsule data on an NVMe/RDMA admin queue (IOCCSZ comes later)
+                (HostLink::Rdma(Box::new(l)), 0, 0)
+            }
+            #[cfg(not(feature = "rdma"))]
+            super::Transport::Rdma => {
+                return Err(StreamError::Unexpected(
+                    "this build has no RDMA transport (cargo feature rdma)",
+                )
+                .into());
+            }
+        };
+        let peer = match &link {
+            HostLink::Tcp(stream) => stream.peer().clone(),
+            #[cfg(feature = "rdma")]
+            HostLink::Rdma(l) => l.peer().to_string(),
+        };
+        // an SQ of `entries` holds entries - 1 commands (base 2.0 §3.3.1.5)
+        let depth = entries.max(2) - 1;
+        let mut q = Self {
+            link,
+            qid,
+            cntlid,
+            inline_max,
+            maxh2cdata,
+            cmds: (0..depth).map(|_| Cmd::default()).collect(),
+            free: (0..depth).rev().collect(),
+            stash: Vec::new(),
+            #[cfg(feature = "rdma")]
+            responses: Vec::new(),
+            peer,
+        };
+        let mut data = ConnectData::default();
+        data.hostid = p.hostid;
+        data.cntlid = cntlid.into();
+        fabrics::put_str(&mut data.subnqn, &p.subnqn);
+        fabrics::put_str(&mut data.hostnqn, &p.hostnqn);
+        let mut sqe = fabrics_sqe(fctype::CONNECT);
+        sqe.cdw10 = (u32::from(qid) << 16).into();
+        sqe.cdw11 = u32::from(entries - 1).into();
+        sqe.cdw12 = kato_ms.into();
+        let c = q.sync(sqe, SyncData::ToController(data.as_bytes()), p.timeout)?;
+        if !c.status.is_success() {
+            return Err(QueueError::Refused {
+                what: "Connect",
+                status: c.status,
+            });
+        }
+        q.cntlid = c.result as u16;
+        Ok(q)
+    }
+
+    /// Open a TCP connection and initialize it (ICReq/ICResp); returns the stream and the
+    /// target's MAXH2CDATA.
+    fn tcp_stream(p: &ConnectParams) -> Result<(PduStream, usize), QueueError> {
         let sock = TcpStream::connect_timeout(&p.addr, p.timeout).map_err(|source| {
             QueueError::Connect {
                 addr: p.addr,
@@ -230,38 +308,7 @@ impl HostQueue {
             data_digest: dgst & DGST_DATA != 0,
             max_data: MAX_TRANSFER as u32,
         };
-        let peer = stream.peer();
-        // an SQ of `entries` holds entries - 1 commands (base 2.0 §3.3.1.5)
-        let depth = entries.max(2) - 1;
-        let mut q = Self {
-            stream,
-            qid,
-            cntlid,
-            inline_max: ADMIN_INLINE,
-            maxh2cdata: (maxh2cdata as usize).min(MAX_TRANSFER),
-            cmds: (0..depth).map(|_| Cmd::default()).collect(),
-            free: (0..depth).rev().collect(),
-            stash: Vec::new(),
-            peer,
-        };
-        let mut data = ConnectData::default();
-        data.hostid = p.hostid;
-        data.cntlid = cntlid.into();
-        fabrics::put_str(&mut data.subnqn, &p.subnqn);
-        fabrics::put_str(&mut data.hostnqn, &p.hostnqn);
-        let mut sqe = fabrics_sqe(fctype::CONNECT);
-        sqe.cdw10 = (u32::from(qid) << 16).into();
-        sqe.cdw11 = u32::from(entries - 1).into();
-        sqe.cdw12 = kato_ms.into();
-        let c = q.sync(sqe, SyncData::ToController(data.as_bytes()), p.timeout)?;
-        if !c.status.is_success() {
-            return Err(QueueError::Refused {
-                what: "Connect",
-                status: c.status,
-            });
-        }
-        q.cntlid = c.result as u16;
-        Ok(q)
+        Ok((stream, (maxh2cdata as usize).min(MAX_TRANSFER)))
     }
 
     /// The controller this queue belongs to.
@@ -279,6 +326,17 @@ impl HostQueue {
         &self.peer
     }
 
+    /// Let the transport reach buffers in `mem` (a controller's guest memory) directly where
+    /// it can (RDMA: memory windows over registered guest memory; TCP copies anyway).
+    pub fn set_guest_memory(&mut self, mem: &std::sync::Arc<device_model::GuestMemory>) {
+        #[cfg(feature = "rdma")]
+        if let HostLink::Rdma(l) = &mut self.link {
+            l.set_guest_memory(std::sync::Arc::clone(mem));
+        }
+        #[cfg(not(feature = "rdma"))]
+        let _ = mem;
+    }
+
     /// Set how much data an I/O command may carry in its capsule (from IOCCSZ).
     pub fn set_inline_max(&mut self, bytes: usize) {
         self.inline_max = bytes.min(MAX_TRANSFER);
@@ -294,6 +352,7 @@ impl HostQueue {
 
     /// Queue command `sqe` (its CID and data pointer are filled in here) with `data`. The
     /// capsule is sent by the next [`poll`](Self::poll).
+    #[cfg_attr(not(feature = "rdma"), allow(clippy::infallible_destructuring_match))]
     pub fn submit(
         &mut self,
         mut sqe: Submission,
@@ -323,6 +382,21 @@ impl HostQueue {
         sqe.cid = cid.into();
         sqe.flags = (sqe.flags & 0x3) | fabrics::PSDT_SGL;
         let inline = to_c && len <= self.inline_max;
+        let stream = match &mut self.link {
+            HostLink::Tcp(stream) => stream,
+            #[cfg(feature = "rdma")]
+            HostLink::Rdma(l) => {
+                // a failure shows in the next poll, with the command in flight
+                l.submit(
+                    sqe,
+                    len,
+                    inline,
+                    self.cmds[cid as usize].segs.as_buffers(),
+                    to_c,
+                );
+                return Ok(());
+            }
+        };
         let id = if inline {
             sgl_id::INCAPSULE
         } else {
@@ -330,8 +404,8 @@ impl HostQueue {
         };
         sqe.prp1 = 0.into();
         sqe.prp2 = (len as u64 | (u64::from(id) << 56)).into();
-        let neg = self.stream.neg;
-        let out = self.stream.tx.out();
+        let neg = stream.neg;
+        let out = stream.tx.out();
         let capsule = Pdu::CapsuleCmd { sqe, data: &[] };
         if inline && len > 0 {
             let dd = pdu::encode_header(&capsule, len, &neg, out);
@@ -354,21 +428,45 @@ impl HostQueue {
             done(c);
             n += 1;
         }
-        self.stream.pump()?;
+        match &mut self.link {
+            HostLink::Tcp(_) => self.poll_tcp(done, n),
+            #[cfg(feature = "rdma")]
+            HostLink::Rdma(_) => self.poll_rdma(done, n),
+        }
+    }
+
+    /// [`poll`](Self::poll) over TCP: PDUs in, R2Ts answered, C2H data placed.
+    #[cfg_attr(not(feature = "rdma"), allow(irrefutable_let_patterns))]
+    fn poll_tcp(
+        &mut self,
+        done: &mut dyn FnMut(Completed),
+        mut n: usize,
+    ) -> Result<usize, QueueError> {
+        let Self {
+            link: HostLink::Tcp(stream),
+            cmds,
+            free,
+            maxh2cdata,
+            ..
+        } = self
+        else {
+            return Ok(n);
+        };
+        stream.pump()?;
         loop {
-            let neg = self.stream.neg;
-            let pdu = match self.stream.rx.next_pdu(&neg) {
+            let neg = stream.neg;
+            let pdu = match stream.rx.next_pdu(&neg) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(PduError::DataDigest(f)) => {
                     let cid = f.cccid;
-                    if let Some(c) = self.cmds.get_mut(cid as usize).filter(|c| c.active) {
+                    if let Some(c) = cmds.get_mut(cid as usize).filter(|c| c.active) {
                         c.digest_error = true;
                         // no response capsule follows a C2HData with SUCCESS: fail it now
                         if f.success {
                             let tag = c.tag;
                             c.active = false;
-                            self.free.push(cid);
+                            free.push(cid);
                             done(Completed {
                                 tag,
                                 status: Status::DATA_TRANSFER_ERROR,
@@ -379,14 +477,13 @@ impl HostQueue {
                     }
                     continue;
                 }
-                Err(e) => return Err(fatal(&mut self.stream, e).into()),
+                Err(e) => return Err(fatal(stream, e).into()),
             };
             match pdu {
                 Pdu::CapsuleResp { cqe } => {
                     let cid = cqe.cid.get();
-                    let Some(cmd) = self.cmds.get_mut(cid as usize).filter(|c| c.active) else {
-                        self.stream
-                            .terminate(fes::INVALID_HEADER_FIELD, 8 + 12, false);
+                    let Some(cmd) = cmds.get_mut(cid as usize).filter(|c| c.active) else {
+                        stream.terminate(fes::INVALID_HEADER_FIELD, 8 + 12, false);
                         return Err(StreamError::Unexpected(
                             "response for a command not in flight",
                         )
@@ -399,7 +496,7 @@ impl HostQueue {
                     let result = u64::from(cqe.dw0.get()) | (u64::from(cqe.dw1.get()) << 32);
                     let tag = cmd.tag;
                     cmd.active = false;
-                    self.free.push(cid);
+                    free.push(cid);
                     done(Completed {
                         tag,
                         status,
@@ -414,19 +511,18 @@ impl HostQueue {
                     last,
                     success,
                 } => {
-                    let Some(cmd) = self
-                        .cmds
+                    let Some(cmd) = cmds
                         .get_mut(cccid as usize)
                         .filter(|c| c.active && c.from_controller)
                     else {
-                        self.stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
+                        stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
                         return Err(
                             StreamError::Unexpected("C2HData for a command not reading").into()
                         );
                     };
                     let off = offset as usize;
                     if off + data.len() > cmd.len {
-                        self.stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
+                        stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
                         return Err(
                             StreamError::Unexpected("C2HData beyond the command's data").into()
                         );
@@ -440,7 +536,7 @@ impl HostQueue {
                         };
                         let tag = cmd.tag;
                         cmd.active = false;
-                        self.free.push(cccid);
+                        free.push(cccid);
                         done(Completed {
                             tag,
                             status,
@@ -455,23 +551,22 @@ impl HostQueue {
                     offset,
                     length,
                 } => {
-                    let Some(cmd) = self
-                        .cmds
+                    let Some(cmd) = cmds
                         .get(cccid as usize)
                         .filter(|c| c.active && c.to_controller)
                     else {
-                        self.stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
+                        stream.terminate(fes::INVALID_HEADER_FIELD, 8, false);
                         return Err(StreamError::Unexpected("R2T for a command not writing").into());
                     };
                     let (off, len) = (offset as usize, length as usize);
                     if len == 0 || off + len > cmd.len {
-                        self.stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
+                        stream.terminate(fes::DATA_OUT_OF_RANGE, 12, false);
                         return Err(StreamError::Unexpected("R2T beyond the command's data").into());
                     }
-                    let out = self.stream.tx.out();
+                    let out = stream.tx.out();
                     let mut at = off;
                     while at < off + len {
-                        let chunk = (off + len - at).min(self.maxh2cdata);
+                        let chunk = (off + len - at).min(*maxh2cdata);
                         let h2c = Pdu::H2CData {
                             cccid,
                             ttag,
@@ -483,17 +578,67 @@ impl HostQueue {
                         append_data(out, cmd.segs.as_buffers(), at, chunk, dd);
                         at += chunk;
                     }
-                    self.stream.flush()?;
+                    stream.flush()?;
                 }
                 Pdu::TermReq { fes, fei, .. } => {
                     return Err(StreamError::Terminated { fes, fei }.into());
                 }
                 _ => {
-                    self.stream.terminate(fes::PDU_SEQUENCE_ERROR, 0, false);
+                    stream.terminate(fes::PDU_SEQUENCE_ERROR, 0, false);
                     return Err(StreamError::Unexpected("PDU a host never receives").into());
                 }
             }
         }
+        Ok(n)
+    }
+
+    /// [`poll`](Self::poll) over RDMA: response capsules in; a read's data, written into
+    /// its slot's buffer by the target before the response, copied to its buffers.
+    #[cfg(feature = "rdma")]
+    fn poll_rdma(
+        &mut self,
+        done: &mut dyn FnMut(Completed),
+        mut n: usize,
+    ) -> Result<usize, QueueError> {
+        let HostLink::Rdma(l) = &mut self.link else {
+            return Ok(n);
+        };
+        let mut cqes = std::mem::take(&mut self.responses);
+        cqes.clear();
+        let polled = l.poll(&mut cqes);
+        let mut bad = None;
+        for cqe in &cqes {
+            let cid = cqe.cid.get();
+            let Some(cmd) = self.cmds.get_mut(cid as usize).filter(|c| c.active) else {
+                bad = Some(crate::rdma::host_link::HostLinkError::UnknownResponse(cid));
+                break;
+            };
+            let mut status = Status::from_cqe_bits(cqe.status.get());
+            if status.is_success()
+                && cmd.from_controller
+                && cmd.len > 0
+                && let Err(e) = l.read_data(cid, cmd.len, cmd.segs.as_buffers())
+            {
+                device_model::warn_limited!("nvme-rdma {}: {e}", self.peer);
+                status = Status::DATA_TRANSFER_ERROR;
+            }
+            let result = u64::from(cqe.dw0.get()) | (u64::from(cqe.dw1.get()) << 32);
+            let tag = cmd.tag;
+            cmd.active = false;
+            self.free.push(cid);
+            done(Completed {
+                tag,
+                status,
+                result,
+            });
+            n += 1;
+        }
+        self.responses = cqes;
+        if let Some(e) = bad {
+            l.shutdown();
+            return Err(e.into());
+        }
+        polled?;
         Ok(n)
     }
 
@@ -590,16 +735,28 @@ impl HostQueue {
                 self.stash = others;
                 return Ok(c);
             }
-            if let Err(e) = self.stream.wait(deadline) {
+            let waited = match &mut self.link {
+                HostLink::Tcp(stream) => stream
+                    .wait(deadline)
+                    .map(|_| ())
+                    .map_err(|e| QueueError::from(timeout_ms(e, timeout))),
+                #[cfg(feature = "rdma")]
+                HostLink::Rdma(l) => l.wait(deadline).map_err(QueueError::from),
+            };
+            if let Err(e) = waited {
                 self.stash = others;
-                return Err(timeout_ms(e, timeout).into());
+                return Err(e);
             }
         }
     }
 
     /// Close the connection now.
     pub fn shutdown(&self) {
-        self.stream.shutdown();
+        match &self.link {
+            HostLink::Tcp(stream) => stream.shutdown(),
+            #[cfg(feature = "rdma")]
+            HostLink::Rdma(l) => l.shutdown(),
+        }
     }
 }
 

@@ -99,6 +99,7 @@ pub(crate) fn establish(
         hostid: me.id,
         header_digest: url.header_digest,
         data_digest: url.data_digest,
+        transport: url.transport,
         timeout,
     };
     let kato_ms = url.kato.as_millis() as u32;
@@ -109,12 +110,20 @@ pub(crate) fn establish(
     let oncs = u16::from_le_bytes([ctrl[520], ctrl[521]]);
     let mps_min = 4096usize << ((cap >> 48) & 0xf);
     // MDTS comes from the target: a shift past our own limit is our limit
+    let ours = match url.transport {
+        super::Transport::Tcp => MAX_TRANSFER,
+        // each command slot of an RDMA queue has a registered buffer of this size
+        #[cfg(feature = "rdma")]
+        super::Transport::Rdma => crate::rdma::host_link::SLOT_BYTES,
+        #[cfg(not(feature = "rdma"))]
+        super::Transport::Rdma => MAX_TRANSFER,
+    };
     let max_transfer = match u32::from(mdts) {
-        0 => MAX_TRANSFER,
+        0 => ours,
         m => mps_min
             .checked_shl(m)
-            .filter(|&b| b != 0 && b <= MAX_TRANSFER)
-            .unwrap_or(MAX_TRANSFER),
+            .filter(|&b| b != 0 && b <= ours)
+            .unwrap_or(ours),
     };
     let maxcmd = u16::from_le_bytes([ctrl[514], ctrl[515]]);
     let ioccsz = u32::from_le_bytes(
@@ -164,7 +173,11 @@ pub(crate) fn establish(
         io.push(c);
     }
     log::info!(
-        "nvme-tcp {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O queue(s) of {} slots, {} in-capsule bytes{}{}",
+        "{} {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O queue(s) of {} slots, {} in-capsule bytes{}{}",
+        match url.transport {
+            super::Transport::Tcp => "nvme-tcp",
+            super::Transport::Rdma => "nvme-rdma",
+        },
         admin.cntlid(),
         url.subnqn,
         url.nsid,

@@ -1,5 +1,5 @@
-//! `nvme-tcp://HOST:PORT[,HOST:PORT...]/NQN[/NSID][?OPTIONS]`: where a namespace backend
-//! connects. Several addresses are paths to one subsystem, tried in order (failover).
+//! `nvme-tcp://HOST:PORT[,HOST:PORT...]/NQN[/NSID][?OPTIONS]` (or `nvme-rdma://`, the same
+//! but over RDMA, without digests): where a namespace backend connects. Several addresses are paths to one subsystem, tried in order (failover).
 //! Options (`&`-separated): `hdgst`, `ddgst`, `kato=SECS`, `ctrl_loss_tmo=SECS`,
 //! `reconnect_delay=SECS`, `io_timeout=SECS`, `queue_size=N`, `nr_io_queues=N`,
 //! `hostnqn=NQN` — named as nvme-cli names them.
@@ -12,10 +12,26 @@ use nvme_spec::fabrics::NQN_MAX;
 
 /// Scheme prefix.
 pub const SCHEME: &str = "nvme-tcp://";
+/// Scheme prefix of NVMe/RDMA.
+pub const RDMA_SCHEME: &str = "nvme-rdma://";
 
-/// A parsed `nvme-tcp://` address.
+/// Whether `s` names a remote NVMe-oF namespace (either transport).
+pub fn is_fabrics_url(s: &str) -> bool {
+    s.starts_with(SCHEME) || s.starts_with(RDMA_SCHEME)
+}
+
+/// The transport a queue connects over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Rdma,
+}
+
+/// A parsed `nvme-tcp://` or `nvme-rdma://` address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpUrl {
+    pub transport: Transport,
     /// `host:port` of each path, in failover order.
     pub paths: Vec<String>,
     pub subnqn: String,
@@ -54,9 +70,15 @@ impl FromStr for TcpUrl {
     type Err = UrlError;
 
     fn from_str(s: &str) -> Result<Self, UrlError> {
-        let rest = s
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| bad(format!("{s:?} does not start with {SCHEME}")))?;
+        let (transport, rest) = match (s.strip_prefix(SCHEME), s.strip_prefix(RDMA_SCHEME)) {
+            (Some(r), _) => (Transport::Tcp, r),
+            (_, Some(r)) => (Transport::Rdma, r),
+            _ => {
+                return Err(bad(format!(
+                    "{s:?} does not start with {SCHEME} or {RDMA_SCHEME}"
+                )));
+            }
+        };
         let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (addrs, path) = main
             .split_once('/')
@@ -85,6 +107,7 @@ impl FromStr for TcpUrl {
             return Err(bad(format!("{subnqn:?}: not an NQN (1..=223 ASCII bytes)")));
         }
         let mut u = TcpUrl {
+            transport,
             paths,
             subnqn: subnqn.to_string(),
             nsid,
@@ -101,6 +124,9 @@ impl FromStr for TcpUrl {
         for opt in query.split('&').filter(|o| !o.is_empty()) {
             let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
             match k {
+                "hdgst" | "ddgst" if transport == Transport::Rdma => {
+                    return Err(bad(format!("{k}: digests are NVMe/TCP's")));
+                }
                 "hdgst" => u.header_digest = true,
                 "ddgst" => u.data_digest = true,
                 "kato" => u.kato = secs(k, v)?,
@@ -133,9 +159,13 @@ impl FromStr for TcpUrl {
 
 impl fmt::Display for TcpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.transport {
+            Transport::Tcp => SCHEME,
+            Transport::Rdma => RDMA_SCHEME,
+        };
         write!(
             f,
-            "{SCHEME}{}/{}/{}",
+            "{scheme}{}/{}/{}",
             self.paths.join(","),
             self.subnqn,
             self.nsid
@@ -183,6 +213,13 @@ mod tests {
             let e = s.parse::<TcpUrl>().unwrap_err();
             assert!(e.to_string().contains("expected nvme-tcp://"), "{s}: {e}");
         }
+        let r: TcpUrl = "nvme-rdma://10.0.0.1:4420/nqn.x/2?queue_size=64"
+            .parse()
+            .unwrap();
+        assert_eq!(r.transport, Transport::Rdma);
+        assert_eq!(r.to_string(), "nvme-rdma://10.0.0.1:4420/nqn.x/2");
+        assert!("nvme-rdma://h:1/nqn?hdgst".parse::<TcpUrl>().is_err());
+        assert!(is_fabrics_url("nvme-rdma://h:1/n") && !is_fabrics_url("file:x"));
         let long = format!("nvme-tcp://h:1/{}", "n".repeat(224));
         assert!(long.parse::<TcpUrl>().is_err());
     }

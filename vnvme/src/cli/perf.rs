@@ -10,8 +10,8 @@ use vnvme::perf::{self, Pattern, PerfOptions};
 /// Measure IOPS, bandwidth and latency of a controller's namespaces.
 #[derive(Debug, clap::Args)]
 pub struct PerfArgs {
-    /// vfio-user:/path/to.sock, pci:DDDD:BB:DD.F, or nvme-tcp://HOST:PORT/NQN[/NSID] (the
-    /// NVMe/TCP initiator alone, one worker, no --verify)
+    /// vfio-user:/path/to.sock, pci:DDDD:BB:DD.F, or nvme-tcp://HOST:PORT/NQN[/NSID] or
+    /// nvme-rdma://... (the NVMe-oF initiator alone, one worker, no --verify)
     pub target: String,
     /// queue depth per queue pair
     #[arg(short = 'q', long, default_value_t = 32)]
@@ -46,7 +46,7 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
          randwrite (read back after the run, as fio does) or randrw",
         format!("{:?}", args.pattern).to_lowercase()
     );
-    if args.target.starts_with(nvmeof::initiator::SCHEME) {
+    if nvmeof::initiator::is_fabrics_url(&args.target) {
         return run_tcp(args);
     }
     let target: DeviceAddress = args.target.parse()?;
@@ -80,7 +80,8 @@ pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
     Ok(i32::from(total.errors > 0 || total.verify_failures > 0))
 }
 
-/// `perf nvme-tcp://...`: the NVMe/TCP initiator backend driven directly.
+/// `perf nvme-tcp://...` or `nvme-rdma://...`: the NVMe-oF initiator backend driven
+/// directly.
 fn run_tcp(args: &PerfArgs) -> anyhow::Result<i32> {
     use device_model::backend::Backend;
     let url: nvmeof::initiator::TcpUrl = args.target.parse()?;

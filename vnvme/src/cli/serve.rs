@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// subsystem, sharing the namespaces)
     #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
     pub tcp_listen: Option<String>,
+    /// serve the --tcp-listen export over NVMe/RDMA too, on IP:PORT (an address of an RDMA
+    /// device's interface, e.g. a Soft-RoCE link's)
+    #[arg(long, value_name = "IP:PORT", requires = "tcp_listen")]
+    pub rdma_listen: Option<String>,
     /// subsystem NQN (default nqn.2026-11.io.vnvme:SERIAL)
     #[arg(long, conflicts_with = "config")]
     pub nqn: Option<String>,
@@ -32,7 +36,7 @@ pub struct ServeArgs {
     /// or resizes the file), nvme:vfio-user:SOCK[@NSID[:OFFSET+LEN]],
     /// nvme:pci:DDDD:BB:DD.F[@NSID[:OFFSET+LEN]] (a namespace of another NVMe controller, or
     /// a byte range of one), nvme-tcp://HOST:PORT[,HOST:PORT]/NQN[/NSID][?OPTS] (a remote
-    /// NVMe/TCP namespace)
+    /// NVMe/TCP namespace), nvme-rdma://... (the same over NVMe/RDMA)
     #[arg(long = "ns", value_name = "BACKEND", conflicts_with = "config")]
     pub ns: Vec<String>,
     /// controller serial number (also seeds the namespaces' NGUID/UUID)
@@ -88,6 +92,7 @@ impl ServeArgs {
                 let served = Served {
                     socket: sock.clone(),
                     tcp_listen: self.tcp_listen.clone(),
+                    rdma_listen: self.rdma_listen.clone(),
                     nqn: self.nqn.clone(),
                     allowed_hosts: self.allow_hosts.clone(),
                 };

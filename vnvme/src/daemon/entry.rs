@@ -16,7 +16,7 @@ use sriov::{Subsystem, VirtGroup};
 use super::build::{Built, Reach, Which, build_controller, open_namespaces};
 use super::placement::Placement;
 use super::topology::{controller_ids, entry_nqn, entry_serial, tcp_cntlid, tcp_controllers};
-use super::{ControllerInfo, DaemonError, Exports};
+use super::{ControllerInfo, DaemonError, Export, Exports};
 use crate::config::ControllerSpec;
 use sriov::topology::{primary_cntlid, vf_cntlid, vf_socket};
 
@@ -238,14 +238,25 @@ impl Entry {
                 io_queues: b.max_io_queues,
                 max_transfer: 4096 << b.mdts,
             };
-            match exports.iter_mut().find(|(a, _, _)| *a == addr) {
-                Some((_, v, entries)) => {
-                    v.push(export);
-                    if !entries.contains(&index) {
-                        entries.push(index);
+            let rdma = self.spec.rdma_listen.clone();
+            match exports.iter_mut().find(|x| x.tcp == addr) {
+                Some(x) => {
+                    x.list.push(export);
+                    if !x.entries.contains(&index) {
+                        x.entries.push(index);
+                    }
+                    if let Some(r) = rdma
+                        && !x.rdma.contains(&r)
+                    {
+                        x.rdma.push(r);
                     }
                 }
-                None => exports.push((addr.clone(), vec![export], vec![index])),
+                None => exports.push(Export {
+                    tcp: addr.clone(),
+                    rdma: rdma.into_iter().collect(),
+                    list: vec![export],
+                    entries: vec![index],
+                }),
             }
         }
         Ok(())

@@ -29,7 +29,7 @@ pub enum DaemonError {
     Lvstore { index: usize, why: String },
     #[error("{0:?} is not an IP:PORT address")]
     Address(String),
-    #[error("NVMe/TCP target on {addr}: {source}")]
+    #[error("NVMe-oF target on {addr}: {source}")]
     Tcp { addr: String, source: ExportError },
 }
 

@@ -53,7 +53,16 @@ pub struct Daemon {
 
 /// NVMe/TCP exports grouped by listen address (one target per address), with the entries
 /// they come from.
-type Exports = Vec<(String, Vec<ExportSpec>, Vec<usize>)>;
+type Exports = Vec<Export>;
+
+/// The controllers exported on one NVMe/TCP address (and the RDMA addresses they are
+/// served on as well), and the entries they belong to.
+struct Export {
+    tcp: String,
+    rdma: Vec<String>,
+    list: Vec<ExportSpec>,
+    entries: Vec<usize>,
+}
 
 /// What the management plane knows of one controller.
 #[derive(Clone, Debug)]
@@ -154,16 +163,27 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Start NVMe/TCP targets for `exports`.
+    /// Start NVMe-oF targets (TCP, and RDMA where asked) for `exports`.
     fn start_targets(&mut self, exports: Exports) -> Result<(), DaemonError> {
-        for (addr, list, entries) in exports {
+        for Export {
+            tcp: addr,
+            rdma,
+            list,
+            entries,
+        } in exports
+        {
             let sa: SocketAddr = addr
                 .parse()
                 .map_err(|_| DaemonError::Address(addr.clone()))?;
-            let t = TcpTarget::start(&[sa], list).map_err(|source| DaemonError::Tcp {
-                addr: addr.clone(),
-                source,
-            })?;
+            let mut rdma_sa = Vec::new();
+            for r in &rdma {
+                rdma_sa.push(r.parse().map_err(|_| DaemonError::Address(r.clone()))?);
+            }
+            let t =
+                TcpTarget::start_on(&[sa], &rdma_sa, list).map_err(|source| DaemonError::Tcp {
+                    addr: addr.clone(),
+                    source,
+                })?;
             self.targets.push((entries, t));
         }
         Ok(())

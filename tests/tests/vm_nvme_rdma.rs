@@ -1,0 +1,182 @@
+//! NVMe over RDMA on Soft-RoCE, in one guest (this machine has no RDMA device; the guest
+//! kernel has `rdma_rxe`): vnvme's daemon runs in the guest with `--rdma-listen`, and the
+//! Linux kernel's own NVMe/RDMA host (`nvme discover` / `nvme connect -t rdma`) uses it: the
+//! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
+//! shows the fabric fields, and the host disconnects cleanly. The same target is then
+//! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md. Before any RDMA link exists
+//! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error; a
+//! hostile host (`src/bin/rdma_hostile_peer.rs`: a connect request for too large a queue, a
+//! short capsule, a keyed SGL with a key never registered, more commands than queue
+//! entries) is refused or disconnected before the kernel host uses the same target.
+
+use vnvme_tests::guest::{
+    TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest, with_private_nic,
+};
+
+const NQN: &str = "nqn.2026-11.io.vnvme:rdma-target";
+
+const SCRIPT: &str = r#"
+net_up
+modprobe crc32_generic; modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm; modprobe nvme_rdma
+echo @@NODEV-BEGIN
+rc=0; RUST_LOG=warn /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen 127.0.0.1:4420 \
+  --ns malloc:1M 2>&1 || rc=$?
+echo; echo "nodev-rc $rc"
+echo @@NODEV-END
+# Soft-RoCE on the guest's NIC (RoCE v2 over UDP; host and target are both in this guest)
+rdma link add rxe0 type rxe netdev eth0
+rdma link show
+(RUST_LOG=info /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen $ADDR:4420 \
+  --nqn $NQN --ns malloc:64M > /tmp/daemon.log 2>&1 &)
+for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/daemon.log && break; sleep 0.1; done
+echo @@HOSTILE-BEGIN
+rc=0; /tmp/h/rdma_hostile_peer $ADDR:4420 $NQN || rc=$?
+echo "hostile-rc $rc"
+echo @@HOSTILE-END
+echo @@DISC-BEGIN
+rc=0; nvme discover -t rdma -a $ADDR -s 4420 || rc=$?
+echo; echo "discover-rc $rc"
+echo @@DISC-END
+rc=0; nvme connect -t rdma -a $ADDR -s 4420 -n $NQN -k 5 || rc=$?
+echo; echo "connect-rc $rc"
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+echo "size $(cat /sys/block/nvme0n1/size)"
+echo "transport $(cat /sys/class/nvme/nvme0/transport)"
+echo @@ID-BEGIN; nvme id-ctrl /dev/nvme0 | grep -E '^(subnqn|ioccsz|sgls|cntrltype) '; echo @@ID-END
+echo @@FIO-BEGIN
+rc=0
+fio --name=rdma --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randwrite \
+  --bsrange=512-128k --iodepth=16 --numjobs=2 --size=16M --offset_increment=24M \
+  --verify=crc32c --verify_fatal=1 --randrepeat=1 --group_reporting || rc=$?
+echo; echo "fio-rc $rc"
+echo @@FIO-END
+# the same target over NVMe/TCP (the daemon's --tcp-listen) and over RDMA, same guest, same
+# run: 4 KiB random reads, QD32, IOPS (fio terse field 8)
+bench() { fio --name=b --filename=$1 --direct=1 --ioengine=io_uring --rw=randread --bs=4k \
+  --iodepth=32 --size=32M --time_based --runtime=4 --output-format=terse | awk -F';' '{print $8}'; }
+echo "rdma-iops $(bench /dev/nvme0n1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+rc=0; nvme disconnect -n $NQN || rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo; echo "disconnect-rc $rc"
+echo "disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
+sleep 0.5
+echo "left $(ls /sys/class/nvme | wc -l)"
+nvme connect -t tcp -a 127.0.0.1 -s 4421 -n $NQN >/dev/null
+for i in $(seq 1 100); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+echo "tcp-iops $(bench /dev/nvme0n1)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+nvme disconnect -n $NQN >/dev/null
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "tcp-disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
+echo @@DMESG-BEGIN; dmesg | grep -iE 'nvme|rdma|rxe' | tail -30; echo @@DMESG-END
+echo @@DAEMON-BEGIN; tail -30 /tmp/daemon.log; echo @@DAEMON-END
+echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
+"#;
+
+#[test]
+fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
+    let tmp = TempDir::new("rdma-target");
+    let bin = vnvme_binary_for_guest(tmp.path());
+    let hostile = tmp.path().join("rdma_hostile_peer");
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(env!("CARGO_BIN_EXE_rdma_hostile_peer"))
+        .arg(&hostile)
+        .status()
+        .expect("objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    let script = format!("NQN={NQN}\nADDR=10.0.2.15\n{SCRIPT}");
+    // a NIC for Soft-RoCE (user networking, restricted: nothing leaves the guest)
+    let guest = with_private_nic(
+        harness_guest(script)
+            .mem_mib(1536)
+            .file(&bin)
+            .file(&hostile),
+    );
+    let out = run_ok(&guest);
+    let all = &out.console;
+
+    let nodev = section(&out, "@@NODEV");
+    assert_ne!(value(&out, "nodev-rc"), Some("0"), "{nodev}");
+    assert!(
+        nodev.contains("no RDMA device; load rdma_rxe"),
+        "the missing-device error should say what to do:\n{nodev}"
+    );
+    // a hostile host on its own connections: refused or disconnected, the target serves on
+    let hostile = section(&out, "@@HOSTILE");
+    assert_eq!(value(&out, "hostile-rc"), Some("0"), "{hostile}");
+    for (case, want) in [
+        ("bad-hsqsize", "rejected 4"),
+        ("short-capsule", "disconnected"),
+        ("bad-key", "disconnected"),
+        ("connect-status", "Some(0)"),
+        ("enable-status", "Some(0)"),
+        ("flood", "disconnected"),
+    ] {
+        assert_eq!(
+            value(&out, &format!("hostile {case}")),
+            Some(want),
+            "{case}:\n{hostile}\n{}",
+            section(&out, "@@DAEMON")
+        );
+    }
+    let disc = section(&out, "@@DISC");
+    assert_eq!(value(&out, "discover-rc"), Some("0"), "{disc}");
+    assert!(
+        disc.contains("trtype:  rdma")
+            && disc.contains(NQN)
+            && disc.contains("rdma_cms:    rdma-cm"),
+        "the RDMA port is not in the discovery log:\n{disc}"
+    );
+    assert_eq!(value(&out, "connect-rc"), Some("0"), "{all}");
+    assert_eq!(value(&out, "transport"), Some("rdma"), "{all}");
+    assert_eq!(value(&out, "size"), Some("131072"), "{all}");
+    let id = section(&out, "@@ID");
+    assert!(id.contains(NQN) && id.contains("ioccsz    : 516"), "{id}");
+    assert_eq!(
+        value(&out, "fio-rc"),
+        Some("0"),
+        "fio verify over NVMe/RDMA:\n{}",
+        section(&out, "@@FIO")
+    );
+    assert_eq!(value(&out, "disconnect-rc"), Some("0"), "{all}");
+    let secs: u32 = value(&out, "disconnect-seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        secs < 10,
+        "disconnect took {secs} s (a command timed out):\n{}",
+        section(&out, "@@DMESG")
+    );
+    let tcp_secs: u32 = value(&out, "tcp-disconnect-seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    assert!(
+        tcp_secs < 10,
+        "NVMe/TCP disconnect took {tcp_secs} s (a command timed out):\n{}",
+        section(&out, "@@DMESG")
+    );
+    assert_eq!(
+        value(&out, "left"),
+        Some("0"),
+        "controller still present:\n{all}"
+    );
+    let iops = |k: &str| value(&out, k).and_then(|v| v.parse::<f64>().ok());
+    let (rdma, tcp) = (iops("rdma-iops"), iops("tcp-iops"));
+    assert!(
+        rdma.is_some_and(|r| r > 0.0) && tcp.is_some_and(|t| t > 0.0),
+        "benchmark: rdma {rdma:?} tcp {tcp:?}:\n{all}"
+    );
+    let (rdma, tcp) = (rdma.unwrap_or(0.0), tcp.unwrap_or(1.0));
+    eprintln!(
+        "vnvme target, Linux host, fio 4 KiB randread QD32: NVMe/RDMA (Soft-RoCE) {rdma:.0} IOPS, NVMe/TCP (loopback) {tcp:.0} IOPS, ratio {:.2}",
+        rdma / tcp
+    );
+    assert_eq!(
+        value(&out, "daemon-panics"),
+        Some("0"),
+        "{}",
+        section(&out, "@@DAEMON")
+    );
+}
