@@ -619,7 +619,7 @@ impl Config {
                 return Err(field(at("vfs_online"), "only with vfs"));
             }
             if let Some(p) = &c.namespace_pool
-                && let Err(why) = p.parse::<crate::namespace_pool::PoolSpec>()
+                && let Err(why) = p.parse::<crate::pool_spec::PoolSpec>()
             {
                 return Err(field(at("namespace_pool"), why));
             }

@@ -15,5 +15,6 @@ pub mod lvstores;
 pub mod metrics;
 pub mod namespace_pool;
 pub mod perf;
+pub mod pool_spec;
 pub mod rpc;
 pub mod supervisor;

@@ -59,7 +59,7 @@ impl Entry {
         let pool = match spec.namespace_pool.as_deref() {
             // validated with the configuration
             Some(p) => Some(
-                p.parse::<crate::namespace_pool::PoolSpec>()
+                p.parse::<crate::pool_spec::PoolSpec>()
                     .map_err(str::to_owned)
                     .and_then(|p| p.open(&nqn, lvstores))
                     .map_err(|why| DaemonError::Io {

@@ -69,7 +69,7 @@ pub fn decode(buf: &[u8], cluster_size: u64, clusters: u64, granules: u32) -> Re
         let size = r.u64()?;
         let flags = r.u8()?;
         let parent = r.u32()?;
-        if size == 0 || size.div_ceil(cluster_size) > super::ops::MAX_VOLUME_CLUSTERS {
+        if size == 0 || size.div_ceil(cluster_size) > super::meta::MAX_VOLUME_CLUSTERS {
             return Err(LvolError::corrupt(format!(
                 "volume {name:?} of size {size}"
             )));

@@ -53,6 +53,9 @@ pub struct Meta {
 /// Longest volume name.
 pub const MAX_VOLUME_NAME: usize = 128;
 
+/// Most logical clusters of one volume (its map lives in memory).
+pub const MAX_VOLUME_CLUSTERS: u64 = 1 << 22;
+
 /// Check a volume name: 1 to 128 characters of letters, digits, `-`, `_`, `.`.
 pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -131,7 +134,7 @@ impl Meta {
         // (or a hostile disk), not an allocation to attempt
         if size == 0
             || !size.is_multiple_of(4096)
-            || size.div_ceil(self.cluster_size) > super::ops::MAX_VOLUME_CLUSTERS
+            || size.div_ceil(self.cluster_size) > MAX_VOLUME_CLUSTERS
         {
             return Err(LvolError::corrupt(format!("a volume size of {size}")));
         }
@@ -300,7 +303,7 @@ mod tests {
     #[test]
     fn records_asking_for_absurd_maps_are_refused_not_allocated() {
         let mut m = Meta::new(64 << 10, 100, 16);
-        let big = super::super::ops::MAX_VOLUME_CLUSTERS * (64 << 10);
+        let big = super::MAX_VOLUME_CLUSTERS * (64 << 10);
         let create = |id: u32, size: u64| Record::Create {
             id,
             name: format!("v{id}"),
@@ -332,6 +335,6 @@ mod tests {
             name: "s".into(),
         })
         .unwrap();
-        assert_eq!(m.entries, 4 * super::super::ops::MAX_VOLUME_CLUSTERS);
+        assert_eq!(m.entries, 4 * super::MAX_VOLUME_CLUSTERS);
     }
 }

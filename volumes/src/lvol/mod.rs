@@ -27,6 +27,7 @@ pub mod codec;
 mod cow;
 mod datapath;
 pub mod error;
+mod inflight;
 pub mod map;
 pub mod meta;
 mod ops;
@@ -39,7 +40,8 @@ pub use backend::{DEFAULT_CLUSTER, LvolBackend, Store, StoreOptions, StoreStatus
 pub use check::{CheckReport, check};
 pub use datapath::WRITE_PROTECTED;
 pub use error::LvolError;
-pub use ops::{MAX_VOLUME_CLUSTERS, VolumeInfo};
+pub use meta::MAX_VOLUME_CLUSTERS;
+pub use ops::VolumeInfo;
 pub use store::{Faults, LoadReport};
 pub use superblock::Geometry;
 

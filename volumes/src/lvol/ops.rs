@@ -4,12 +4,9 @@
 use device_model::backend::IoOp;
 
 use super::error::{LvolError, Result};
-use super::meta::check_name;
+use super::meta::{MAX_VOLUME_CLUSTERS, check_name};
 use super::records::Record;
 use super::store::Core;
-
-/// Most logical clusters of one volume (its map lives in memory).
-pub const MAX_VOLUME_CLUSTERS: u64 = 1 << 22;
 
 /// A volume as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]

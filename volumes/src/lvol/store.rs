@@ -20,8 +20,8 @@ use std::time::Instant;
 use device_model::backend::{Backend, IoBuffer, IoOp};
 
 use super::checkpoint;
-use super::datapath::DataPath;
 use super::error::{LvolError, Result};
+use super::inflight::DataPath;
 use super::meta::Meta;
 use super::records::{self, Record, ScanEnd};
 use super::superblock::{Geometry, SB_OFFSETS, SB_SIZE, Superblock};

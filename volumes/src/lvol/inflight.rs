@@ -1,0 +1,132 @@
+//! The data path's bookkeeping: guest requests and base requests in flight in slabs (no
+//! allocation per request once warmed up), and each handle's completion queue.
+
+use device_model::backend::GuestBufferList;
+use nvme_spec::Status;
+
+/// One guest request in flight.
+#[derive(Debug)]
+pub(super) struct GuestReq {
+    pub(super) user: usize,
+    pub(super) tag: u64,
+    /// Base requests not yet complete (plus one while pieces are being submitted).
+    pub(super) left: u32,
+    pub(super) status: Status,
+    pub(super) fua: bool,
+    /// It changes data (a write, write zeroes or deallocate).
+    pub(super) writes: bool,
+}
+
+/// What a base request's completion changes in the map.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) enum Action {
+    #[default]
+    None,
+    /// Granules `[g0, g1)` of physical cluster `cluster` in entry `l` of volume `vol` hold
+    /// data now.
+    Bits {
+        vol: u32,
+        l: u32,
+        cluster: u32,
+        g0: u32,
+        g1: u32,
+    },
+}
+
+/// One base request in flight.
+#[derive(Debug, Default)]
+pub(super) struct Sub {
+    pub(super) req: u32,
+    pub(super) list: GuestBufferList,
+    pub(super) action: Action,
+}
+
+/// A handle's completions.
+#[derive(Debug, Default)]
+pub(crate) struct User {
+    pub(crate) done: Vec<(u64, Status)>,
+    pub(crate) pending: usize,
+    pub(crate) taken: bool,
+}
+
+/// Slabs of requests in flight and the handles' completion queues.
+#[derive(Debug, Default)]
+pub struct DataPath {
+    pub(super) reqs: Vec<GuestReq>,
+    pub(super) free_reqs: Vec<u32>,
+    pub(super) subs: Vec<Sub>,
+    pub(super) free_subs: Vec<u32>,
+    pub(super) in_flight: usize,
+    pub(crate) users: Vec<User>,
+    /// FUA writes whose data is written, waiting for a commit.
+    pub(super) fua_waiting: Vec<u32>,
+    pub(super) scratch: Vec<(u64, Status)>,
+}
+
+impl DataPath {
+    /// Base requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// A new handle's index.
+    pub(crate) fn register(&mut self) -> usize {
+        let i = if let Some(i) = self.users.iter().position(|u| !u.taken && u.pending == 0) {
+            i
+        } else {
+            self.users.push(User::default());
+            self.users.len() - 1
+        };
+        self.users[i] = User {
+            taken: true,
+            ..User::default()
+        };
+        i
+    }
+
+    pub(super) fn new_req(&mut self, user: usize, tag: u64, fua: bool, writes: bool) -> u32 {
+        let r = GuestReq {
+            user,
+            tag,
+            left: 1,
+            status: Status::SUCCESS,
+            fua,
+            writes,
+        };
+        if let Some(u) = self.users.get_mut(user) {
+            u.pending += 1;
+        }
+        if let Some(i) = self.free_reqs.pop() {
+            self.reqs[i as usize] = r;
+            i
+        } else {
+            self.reqs.push(r);
+            (self.reqs.len() - 1) as u32
+        }
+    }
+
+    pub(super) fn new_sub(&mut self, req: u32, action: Action) -> u32 {
+        self.reqs[req as usize].left += 1;
+        self.in_flight += 1;
+        let i = if let Some(i) = self.free_subs.pop() {
+            i
+        } else {
+            self.subs.push(Sub::default());
+            (self.subs.len() - 1) as u32
+        };
+        let s = &mut self.subs[i as usize];
+        s.req = req;
+        s.action = action;
+        s.list.clear();
+        i
+    }
+
+    pub(super) fn push_done(&mut self, user: usize, tag: u64, status: Status) {
+        if let Some(u) = self.users.get_mut(user) {
+            u.pending = u.pending.saturating_sub(1);
+            if u.taken {
+                u.done.push((tag, status));
+            }
+        }
+    }
+}
