@@ -120,6 +120,14 @@ fn supervised(dir: &Path, n: usize) -> (Served, Vec<PathBuf>, PathBuf) {
             dir.join(format!("d{i}.img")).display()
         );
     }
+    let (served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    (served, socks, rpc_sock)
+}
+
+/// `vnvme serve --supervised` on configuration `cfg` (written to `dir`, where the daemon's
+/// log goes too), once `socks` and the management socket are up: the supervisor and the
+/// management socket.
+fn serve_config(dir: &Path, cfg: &str, socks: &[PathBuf]) -> (Served, PathBuf) {
     let cfg_path = dir.join("vnvme.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let rpc_sock = dir.join("rpc");
@@ -135,11 +143,11 @@ fn supervised(dir: &Path, n: usize) -> (Served, Vec<PathBuf>, PathBuf) {
         .spawn()
         .expect("vnvme serve --supervised");
     let served = Served(child);
-    for s in &socks {
+    for s in socks {
         wait_for(s);
     }
     wait_for(&rpc_sock);
-    (served, socks, rpc_sock)
+    (served, rpc_sock)
 }
 
 #[test]
@@ -351,23 +359,7 @@ fn a_thin_volume_keeps_every_acknowledged_write_across_worker_crashes() {
         dir.join("pool.img").display(),
         sock.display()
     );
-    let cfg_path = dir.join("vnvme.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let rpc_sock = dir.join("rpc");
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(vnvme_binary())
-        .args(["serve", "--supervised", "--config"])
-        .arg(&cfg_path)
-        .arg("--rpc")
-        .arg(&rpc_sock)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("vnvme serve --supervised");
-    let _served = Served(child);
-    wait_for(&sock);
-    wait_for(&rpc_sock);
+    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
 
     let p = perf(&sock, 14);
     std::thread::sleep(Duration::from_secs(2));
