@@ -79,6 +79,15 @@ impl Lvstores {
         if self.find(&spec.name).is_ok() {
             return Err(format!("a volume store named {} exists", spec.name));
         }
+        if self.mappings_before_ack && spec.backend.starts_with("malloc:") {
+            // a supervised worker's RAM goes with it (the supervisor checks the config; this
+            // is `lvs_create` at run time)
+            return Err(format!(
+                "{}: a volume store on malloc: would not survive the worker \
+                 (serve --supervised); use file:",
+                spec.backend
+            ));
+        }
         let own = spec.backend.starts_with("malloc:") || spec.backend.starts_with("null:");
         if !own && let Some(s) = self.list.iter().find(|s| s.backend == spec.backend) {
             return Err(format!(
@@ -290,6 +299,11 @@ mod tests {
                 .err()
                 .is_some_and(|e| e.contains("no volume store"))
         );
+        // a supervised worker refuses a store whose data would die with it
+        let mut ram = c.lvstores[0].clone();
+        ram.name = "r".into();
+        let refused = Lvstores::new(true).create(&ram, &mut devices, &mut arrays);
+        assert!(refused.is_err_and(|e| e.contains("serve --supervised")));
         // a second daemon finds it again (no delete: that wipes it)
         drop(stores);
         let mut again = Lvstores::default();
