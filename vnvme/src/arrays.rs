@@ -34,6 +34,20 @@ struct Slot {
 #[derive(Default)]
 pub struct Arrays {
     list: Vec<Slot>,
+    /// A supervised worker's: members on `malloc:` are refused (their data would die with
+    /// the process while the hosts see no power loss).
+    worker: bool,
+}
+
+/// A member spec a supervised worker cannot keep across its replacement.
+fn worker_refuses(worker: bool, spec: &str) -> Result<(), String> {
+    if worker && spec.starts_with("malloc:") {
+        return Err(format!(
+            "{spec}: a member on malloc: would not survive the worker (serve --supervised); \
+             use file:"
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Arrays {
@@ -63,6 +77,14 @@ fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backe
 }
 
 impl Arrays {
+    /// No arrays yet; `worker` for a supervised worker (members on `malloc:` refused).
+    pub fn new(worker: bool) -> Self {
+        Self {
+            list: Vec::new(),
+            worker,
+        }
+    }
+
     fn find(&self, name: &str) -> Result<usize, String> {
         self.list
             .iter()
@@ -94,6 +116,7 @@ impl Arrays {
             return Err(format!("an array named {} exists", spec.name));
         }
         for m in &spec.members {
+            worker_refuses(self.worker, m)?;
             if let Some(other) = self.member_in_use(m) {
                 return Err(format!("{m} is already a member of array {other}"));
             }
@@ -243,6 +266,7 @@ impl Arrays {
         devices: &mut DeviceRegistry,
     ) -> Result<raid::AddOutcome, String> {
         let i = self.find(name)?;
+        worker_refuses(self.worker, spec)?;
         if let Some(other) = self.member_in_use(spec)
             && other != name
         {
@@ -331,6 +355,12 @@ mod tests {
         let other = [sized[0].clone(), "malloc:8M".into()];
         let e = arrays.create(&spec("s", &other), &mut devices).unwrap_err();
         assert!(e.contains("already a member"), "{e}");
+        // a supervised worker keeps no member in its own memory
+        let ram = ["malloc:8M".to_string(), "malloc:8M".into()];
+        let e = Arrays::new(true)
+            .create(&spec("m", &ram), &mut devices)
+            .unwrap_err();
+        assert!(e.contains("serve --supervised"), "{e}");
         assert!(
             arrays
                 .take("nope", "ns")

@@ -129,7 +129,7 @@ impl Daemon {
             targets: Vec::new(),
             place,
             devices: DeviceRegistry::default(),
-            arrays: crate::arrays::Arrays::default(),
+            arrays: crate::arrays::Arrays::new(worker),
             lvstores: crate::lvstores::Lvstores::new(worker),
         };
         for (i, a) in cfg.arrays.iter().enumerate() {
