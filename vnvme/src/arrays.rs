@@ -13,7 +13,7 @@ use device_model::backend::Backend;
 use pcie_p2p::DeviceRegistry;
 use volumes::raid::{self, ArrayHandle, ArrayStatus, DrivenArray, Level, MemberIn};
 
-use crate::backend_spec::BackendSpec;
+use crate::backend_spec::{BackendSpec, refuse_in_worker};
 use crate::config::ArraySpec;
 
 /// One array the daemon knows.
@@ -37,17 +37,6 @@ pub struct Arrays {
     /// A supervised worker's: members on `malloc:` are refused (their data would die with
     /// the process while the hosts see no power loss).
     worker: bool,
-}
-
-/// A member spec a supervised worker cannot keep across its replacement.
-fn worker_refuses(worker: bool, spec: &str) -> Result<(), String> {
-    if worker && spec.starts_with("malloc:") {
-        return Err(format!(
-            "{spec}: a member on malloc: would not survive the worker (serve --supervised); \
-             use file:"
-        ));
-    }
-    Ok(())
 }
 
 impl std::fmt::Debug for Arrays {
@@ -116,7 +105,9 @@ impl Arrays {
             return Err(format!("an array named {} exists", spec.name));
         }
         for m in &spec.members {
-            worker_refuses(self.worker, m)?;
+            if self.worker {
+                refuse_in_worker(&format!("array {}", spec.name), m)?;
+            }
             if let Some(other) = self.member_in_use(m) {
                 return Err(format!("{m} is already a member of array {other}"));
             }
@@ -266,7 +257,9 @@ impl Arrays {
         devices: &mut DeviceRegistry,
     ) -> Result<raid::AddOutcome, String> {
         let i = self.find(name)?;
-        worker_refuses(self.worker, spec)?;
+        if self.worker {
+            refuse_in_worker(&format!("array {name}"), spec)?;
+        }
         if let Some(other) = self.member_in_use(spec)
             && other != name
         {

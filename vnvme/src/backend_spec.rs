@@ -69,6 +69,18 @@ pub enum SpecError {
     Url(String, nvmeof::initiator::UrlError),
 }
 
+/// `Err` naming `what` when its backend `spec` keeps its data in the process's own memory
+/// (`malloc:`): a supervised worker (`serve --supervised`) that is killed or replaced under
+/// its hosts would take that data with it, while they see no power loss.
+pub fn refuse_in_worker(what: &str, spec: &str) -> Result<(), String> {
+    if spec.starts_with("malloc:") {
+        return Err(format!(
+            "{what} on {spec}: its data would die with the worker (serve --supervised); use file:"
+        ));
+    }
+    Ok(())
+}
+
 /// Parse `512`, `64K`, `256M`, `1G`, `2T` (binary multiples).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();

@@ -9,7 +9,7 @@ use device_model::backend::Backend;
 use pcie_p2p::DeviceRegistry;
 use volumes::lvol::{Store, StoreOptions, StoreStatus, VolumeInfo};
 
-use crate::backend_spec::BackendSpec;
+use crate::backend_spec::{BackendSpec, refuse_in_worker};
 use crate::config::LvstoreSpec;
 
 /// One store the daemon knows.
@@ -79,14 +79,9 @@ impl Lvstores {
         if self.find(&spec.name).is_ok() {
             return Err(format!("a volume store named {} exists", spec.name));
         }
-        if self.mappings_before_ack && spec.backend.starts_with("malloc:") {
-            // a supervised worker's RAM goes with it (the supervisor checks the config; this
-            // is `lvs_create` at run time)
-            return Err(format!(
-                "{}: a volume store on malloc: would not survive the worker \
-                 (serve --supervised); use file:",
-                spec.backend
-            ));
+        if self.mappings_before_ack {
+            // the supervisor checks the config; this is `lvs_create` at run time
+            refuse_in_worker(&format!("volume store {}", spec.name), &spec.backend)?;
         }
         let own = spec.backend.starts_with("malloc:") || spec.backend.starts_with("null:");
         if !own && let Some(s) = self.list.iter().find(|s| s.backend == spec.backend) {

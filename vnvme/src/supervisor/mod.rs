@@ -65,6 +65,7 @@ use qemu_vfio_user::server::relay::Relay;
 use serde_json::{Value, json};
 use sys_util::SharedMemory;
 
+use crate::backend_spec::refuse_in_worker;
 use crate::config::Config;
 
 /// Errors of the supervisor and of a worker's side of it.
@@ -76,6 +77,9 @@ pub enum SupervisorError {
     Protocol(String),
     #[error("--supervised does not support {0} yet")]
     Unsupported(String),
+    /// A backend whose data would die with the worker.
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Server(#[from] qemu_vfio_user::server::ServerError),
     #[error("the worker did not start: {0}")]
@@ -158,16 +162,8 @@ impl std::fmt::Debug for Supervisor {
 /// Refuse what a worker cannot carry over yet.
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     let mut sockets = Vec::new();
-    // RAM lives in the worker: its data would go with it
-    let ram = |what: &str, spec: &str| {
-        if spec.starts_with("malloc:") {
-            Err(SupervisorError::Unsupported(format!(
-                "{what} on malloc: (its data lives in the worker; use file:)"
-            )))
-        } else {
-            Ok(())
-        }
-    };
+    let ram =
+        |what: &str, spec: &str| refuse_in_worker(what, spec).map_err(SupervisorError::Refused);
     for s in &cfg.lvstores {
         ram(&format!("volume store {}", s.name), &s.backend)?;
     }
@@ -189,12 +185,7 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
             return Err(SupervisorError::Unsupported("namespace pools".into()));
         }
         for n in &c.namespaces {
-            if n.backend.starts_with("malloc:") {
-                // a RAM namespace lives in the worker: its data would go with it
-                return Err(SupervisorError::Unsupported(
-                    "malloc: namespaces (their data lives in the worker; use file:)".into(),
-                ));
-            }
+            ram("a namespace", &n.backend)?;
         }
         match &c.socket {
             Some(s) => sockets.push(s.clone()),
