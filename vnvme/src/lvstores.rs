@@ -23,8 +23,9 @@ struct Slot {
 #[derive(Default)]
 pub struct Lvstores {
     list: Vec<Slot>,
-    /// Stores commit mapping changes before acknowledging a write (a supervised worker).
-    mappings_before_ack: bool,
+    /// A supervised worker's: stores commit mapping changes before acknowledging a write,
+    /// and none is made on `malloc:`.
+    worker: bool,
 }
 
 impl std::fmt::Debug for Lvstores {
@@ -45,12 +46,12 @@ pub enum Made {
 }
 
 impl Lvstores {
-    /// No stores yet; `mappings_before_ack` for a supervised worker (see
+    /// No stores yet; `worker` for a supervised worker (see
     /// [`volumes::lvol::Store::set_mappings_before_ack`]).
-    pub fn new(mappings_before_ack: bool) -> Self {
+    pub fn new(worker: bool) -> Self {
         Self {
             list: Vec::new(),
-            mappings_before_ack,
+            worker,
         }
     }
 
@@ -79,7 +80,7 @@ impl Lvstores {
         if self.find(&spec.name).is_ok() {
             return Err(format!("a volume store named {} exists", spec.name));
         }
-        if self.mappings_before_ack {
+        if self.worker {
             // the supervisor checks the config; this is `lvs_create` at run time
             refuse_in_worker(&format!("volume store {}", spec.name), &spec.backend)?;
         }
@@ -135,7 +136,7 @@ impl Lvstores {
         if let Some(p) = spec.warn_percent {
             store.set_threshold(p);
         }
-        store.set_mappings_before_ack(self.mappings_before_ack);
+        store.set_mappings_before_ack(self.worker);
         for v in &spec.volumes {
             if store.list().iter().any(|x| x.name == v.name) {
                 continue;
