@@ -121,18 +121,7 @@ impl LvstoreSpec {
 
     /// Check the fields; why not, naming the field.
     pub fn check(&self, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-        if self.name.is_empty()
-            || self.name.len() > 32
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(field(
-                at("name"),
-                "1 to 32 characters: letters, digits, '-', '_', '.'",
-            ));
-        }
+        check_name(&self.name, at)?;
         let spec: BackendSpec = self
             .backend
             .parse()
@@ -186,18 +175,7 @@ pub struct ArraySpec {
 impl ArraySpec {
     /// Check the fields; why not, naming the field.
     pub fn check(&self, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-        if self.name.is_empty()
-            || self.name.len() > 32
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(field(
-                at("name"),
-                "1 to 32 characters: letters, digits, '-', '_', '.'",
-            ));
-        }
+        check_name(&self.name, at)?;
         let level: volumes::raid::Level = self
             .level
             .parse()
@@ -367,6 +345,22 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
     Field { field: String, message: String },
+}
+
+/// The `name` of a volume store or an array: 1 to 32 letters, digits, '-', '_', '.'.
+fn check_name(name: &str, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(field(
+            at("name"),
+            "1 to 32 characters: letters, digits, '-', '_', '.'",
+        ));
+    }
+    Ok(())
 }
 
 fn field(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
