@@ -6,11 +6,12 @@
 //! A write to a cluster the volume does not own alone (unmapped, or shared with a
 //! snapshot) first gets an exclusive top cluster ([`Core::writable_top`], `cow.rs`); the
 //! granules it fills are recorded valid when the base completes the write. A FUA write
-//! completes after a commit.
+//! completes after a commit, as does a Flush (`commit.rs`).
 
 use device_model::backend::{GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::Status;
 
+use super::commit::COMMIT;
 use super::inflight::Action;
 use super::map::{Entry, all_set, set_bits};
 use super::store::Core;
@@ -34,15 +35,11 @@ impl Core {
             .ok_or(Status::INVALID_NAMESPACE)?;
         let (size, read_only, thin) = (v.size, v.read_only, v.thin);
         if req.op == IoOp::Flush {
-            let s = match self.commit() {
-                Ok(()) => Status::SUCCESS,
-                Err(_) => Status::INTERNAL_ERROR,
-            };
-            if let Some(u) = self.dp.users.get_mut(user) {
-                u.pending += 1;
-            }
-            self.dp.push_done(user, req.tag, s);
-            self.apply_deferred();
+            // answered by a commit that starts after it arrived (NVMe base 2.0 §7.1: it
+            // covers the writes completed before it)
+            let r = self.dp.new_req(user, req.tag, false, false);
+            self.dp.commit_waiting.push(r);
+            self.kick_commit();
             return Ok(());
         }
         let len = req.len();
@@ -294,12 +291,12 @@ impl Core {
         }
         let (user, tag, st, fua) = (q.user, q.tag, q.status, q.fua);
         // a write whose mapping change is still in memory only (or another's: the commit
-        // takes them all)
+        // takes them all), or in a commit that is not durable yet
         let mapped = q.writes
             && self.mappings_before_ack
-            && !(self.dirty.is_empty() && self.records.is_empty());
+            && !(self.dirty.is_empty() && self.records.is_empty() && self.job.is_none());
         if (fua || mapped) && st.is_success() {
-            self.dp.fua_waiting.push(r);
+            self.dp.commit_waiting.push(r);
             return;
         }
         self.dp.push_done(user, tag, st);
@@ -309,6 +306,9 @@ impl Core {
     /// A base request finished.
     fn complete_sub(&mut self, tag: u64, status: Status) {
         if tag & INTERNAL != 0 {
+            if tag & COMMIT != 0 {
+                self.commit_step_done(tag, status);
+            }
             return;
         }
         let Some(s) = self.dp.subs.get_mut(tag as usize) else {
@@ -367,7 +367,8 @@ impl Core {
         }
     }
 
-    /// Poll the base: route completions, run the commit FUA writes wait for.
+    /// Poll the base: route completions (the running commit's steps among them), start
+    /// the commit requests wait for.
     pub(crate) fn poll_base(&mut self) {
         let mut got = std::mem::take(&mut self.dp.scratch);
         self.base.poll(&mut |t, s| got.push((t, s)));
@@ -376,20 +377,7 @@ impl Core {
         }
         self.dp.scratch = got;
         self.apply_deferred();
-        if !self.dp.fua_waiting.is_empty() {
-            let waiting = std::mem::take(&mut self.dp.fua_waiting);
-            let st = match self.commit() {
-                Ok(()) => Status::SUCCESS,
-                Err(_) => Status::INTERNAL_ERROR,
-            };
-            for r in waiting {
-                let q = &self.dp.reqs[r as usize];
-                let (user, tag) = (q.user, q.tag);
-                self.dp.push_done(user, tag, st);
-                self.dp.free_reqs.push(r);
-            }
-            self.apply_deferred();
-        }
+        self.kick_commit();
         self.release_quarantine();
     }
 

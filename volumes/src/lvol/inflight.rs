@@ -58,8 +58,9 @@ pub struct DataPath {
     pub(super) free_subs: Vec<u32>,
     pub(super) in_flight: usize,
     pub(crate) users: Vec<User>,
-    /// FUA writes whose data is written, waiting for a commit.
-    pub(super) fua_waiting: Vec<u32>,
+    /// Requests waiting for a commit to start: Flushes, and writes (FUA, or with mapping
+    /// changes to commit before their ack) whose data is written.
+    pub(super) commit_waiting: Vec<u32>,
     pub(super) scratch: Vec<(u64, Status)>,
 }
 

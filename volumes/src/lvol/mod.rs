@@ -12,6 +12,7 @@
 //! - [`map`]: a volume's cluster map entry (unmapped, full, layered granules);
 //! - [`meta`]: volumes and maps in memory, where records apply;
 //! - `store.rs`: the core (load, format, commit ordering, allocation);
+//! - `commit.rs`: commits run step by step from the data path's poll;
 //! - `ops.rs`: management (create, delete, resize, rename, snapshot, clone, inflate);
 //! - `datapath.rs`, `cow.rs`: guest I/O and copy-on-write;
 //! - [`backend`]: [`Store`] and [`LvolBackend`] (a volume as a namespace backend);
@@ -24,6 +25,7 @@ pub mod backend;
 pub mod check;
 pub mod checkpoint;
 pub mod codec;
+mod commit;
 mod cow;
 mod datapath;
 pub mod error;

@@ -20,11 +20,12 @@ use std::time::Instant;
 use device_model::backend::{Backend, IoBuffer, IoOp};
 
 use super::checkpoint;
+use super::commit::Commit;
 use super::error::{LvolError, Result};
 use super::inflight::DataPath;
 use super::meta::Meta;
 use super::records::{self, Record, ScanEnd};
-use super::superblock::{Geometry, SB_OFFSETS, SB_SIZE, Superblock};
+use super::superblock::{Geometry, SB_SIZE, Superblock};
 use super::syncio::SyncIo;
 
 /// Deliberate faults, to show the crash tests catch them.
@@ -74,10 +75,16 @@ pub struct Core {
     pub(crate) records: Vec<Record>,
     /// Entries changed by the data path, recorded at the next commit.
     pub(crate) dirty: BTreeSet<(u32, u32)>,
-    journal_pos: u64,
-    next_seq: u64,
+    pub(crate) journal_pos: u64,
+    pub(crate) next_seq: u64,
     pub(crate) next_id: u32,
     pub(crate) sync: SyncIo,
+    /// The commit in progress (`commit.rs`).
+    pub(crate) job: Option<Box<Commit>>,
+    /// Counts commit steps (their tags).
+    pub(crate) commit_seq: u64,
+    /// Why the last commit failed, for a caller waiting for it.
+    pub(crate) commit_error: Option<LvolError>,
     /// Set when a metadata write failed: no more changes.
     pub(crate) failed: Option<String>,
     /// Guest requests in flight, handles.
@@ -222,6 +229,9 @@ impl Core {
             next_seq: 0,
             next_id: 1,
             sync: SyncIo::default(),
+            job: None,
+            commit_seq: 0,
+            commit_error: None,
             failed: None,
             dp: DataPath::default(),
             open: HashMap::new(),
@@ -290,7 +300,7 @@ impl Core {
         Ok((core, report))
     }
 
-    fn fail(&mut self, e: LvolError) -> LvolError {
+    pub(crate) fn fail(&mut self, e: LvolError) -> LvolError {
         log::error!(
             "volume store {}: {e}; it takes no more changes",
             self.sb.name
@@ -316,7 +326,7 @@ impl Core {
         Ok(())
     }
 
-    fn drain_dirty(&mut self) {
+    pub(crate) fn drain_dirty(&mut self) {
         for (id, l) in std::mem::take(&mut self.dirty) {
             if let Some(e) = self
                 .meta
@@ -333,58 +343,6 @@ impl Core {
         }
     }
 
-    /// Make every change so far durable (see the module's ordering).
-    pub(crate) fn commit(&mut self) -> Result<()> {
-        self.check_alive()?;
-        self.drain_dirty();
-        let released = std::mem::take(&mut self.pending_free);
-        match self.write_changes() {
-            Ok(()) => {
-                self.quarantine.extend(released);
-                self.release_quarantine();
-                Ok(())
-            }
-            Err(e) => Err(self.fail(e)),
-        }
-    }
-
-    fn write_changes(&mut self) -> Result<()> {
-        if !self.faults.records_before_data || self.records.is_empty() {
-            self.sync
-                .run(self.base.as_mut(), "flush data", IoOp::Flush, 0, None, 0)?;
-        }
-        if self.records.is_empty() {
-            return Ok(());
-        }
-        let recs = std::mem::take(&mut self.records);
-        let img = records::frame(&recs, self.next_seq, salt(&self.sb.uuid));
-        if self.journal_pos + img.len() as u64 > self.geo.journal_len {
-            // the metadata in memory includes these records already
-            return self.checkpoint();
-        }
-        let buf = IoBuffer::new(img.len());
-        buf.write_at(0, &img);
-        self.sync.run(
-            self.base.as_mut(),
-            "write the journal",
-            IoOp::Write { fua: false },
-            self.geo.journal_off + self.journal_pos,
-            Some((&buf, 0)),
-            img.len() as u64,
-        )?;
-        self.sync.run(
-            self.base.as_mut(),
-            "flush the journal",
-            IoOp::Flush,
-            0,
-            None,
-            0,
-        )?;
-        self.journal_pos += img.len() as u64;
-        self.next_seq += recs.len() as u64;
-        Ok(())
-    }
-
     /// Hand quarantined clusters out again once no data request started before their
     /// release can still write them.
     pub(crate) fn release_quarantine(&mut self) {
@@ -392,61 +350,6 @@ impl Core {
             self.free.append(&mut self.quarantine);
             self.update_warning();
         }
-    }
-
-    /// Write all metadata to the inactive checkpoint slot and point both superblock copies
-    /// at it. The journal starts over (with a gap in sequence numbers, so records a crash
-    /// left behind the tail can never be taken for new ones).
-    pub(crate) fn checkpoint(&mut self) -> Result<()> {
-        self.records.clear();
-        let img = checkpoint::encode(&self.meta);
-        if img.len() as u64 > self.geo.ckpt_len {
-            return Err(LvolError::MetadataFull(format!(
-                "a checkpoint of {} bytes, slots of {}",
-                img.len(),
-                self.geo.ckpt_len
-            )));
-        }
-        let slot = 1 - self.sb.active;
-        let len = (img.len() as u64).div_ceil(4096) * 4096;
-        let buf = IoBuffer::new(len as usize);
-        buf.write_at(0, &img);
-        let base = self.base.as_mut();
-        self.sync.run(
-            base,
-            "write a checkpoint",
-            IoOp::Write { fua: false },
-            self.geo.ckpt_off[slot as usize],
-            Some((&buf, 0)),
-            len,
-        )?;
-        self.sync
-            .run(base, "flush the checkpoint", IoOp::Flush, 0, None, 0)?;
-        let mut sb = self.sb.clone();
-        sb.generation += 1;
-        sb.active = slot;
-        sb.ckpt_bytes = img.len() as u64;
-        sb.ckpt_crc = crc32c::crc32c(&img);
-        sb.journal_seq = self.next_seq + self.geo.journal_len;
-        let block = sb.encode();
-        let sbuf = IoBuffer::new(SB_SIZE);
-        sbuf.write_at(0, &block);
-        for off in SB_OFFSETS {
-            self.sync.run(
-                base,
-                "write a superblock",
-                IoOp::Write { fua: false },
-                off,
-                Some((&sbuf, 0)),
-                SB_SIZE as u64,
-            )?;
-            self.sync
-                .run(base, "flush a superblock", IoOp::Flush, 0, None, 0)?;
-        }
-        self.next_seq = sb.journal_seq;
-        self.sb = sb;
-        self.journal_pos = 0;
-        Ok(())
     }
 
     /// Percent of clusters referenced or not yet reusable.

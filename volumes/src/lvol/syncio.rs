@@ -16,7 +16,7 @@ pub const INTERNAL: u64 = 1 << 40;
 /// A metadata request waiting this long is logged.
 const SLOW: Duration = Duration::from_secs(10);
 /// Largest single metadata transfer.
-const CHUNK: u64 = 1 << 20;
+pub(crate) const CHUNK: u64 = 1 << 20;
 
 /// Synchronous requests on a base, with the completions that were not theirs kept aside.
 #[derive(Debug, Default)]

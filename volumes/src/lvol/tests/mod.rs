@@ -1,4 +1,5 @@
-//! Tests of the volume store: basics (`basics.rs`), requests completing out of order
+//! Tests of the volume store: basics (`basics.rs`), commits that wait for the base without
+//! holding up the data path (`commit.rs`), requests completing out of order
 //! (`concurrent.rs`), and the crash-consistency harness (`crash_disk.rs` simulates a
 //! volatile write cache that loses, reorders and tears unflushed writes; `crash.rs` runs
 //! seeded random workloads over it one request at a time, `crash_qd.rs` with up to 16
@@ -6,6 +7,7 @@
 
 mod basics;
 mod bench;
+mod commit;
 mod concurrent;
 mod crash;
 mod crash_disk;

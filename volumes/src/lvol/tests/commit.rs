@@ -1,0 +1,189 @@
+//! Commits run from the data path's poll: while the base takes its time over a commit's
+//! flush, the Flush's submitter returns at once, the store's other volumes keep reading
+//! and writing, and the Flush completes when the base does (with what it covered durable).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use device_model::backend::{
+    Backend, GuestBufferList, IoBuffer, IoOp, IoRequest, MallocBackend, SharedSource,
+};
+use nvme_spec::Status;
+
+use super::io;
+use crate::lvol::{Store, StoreOptions, check};
+
+const MIB: u64 = 1 << 20;
+
+/// A base whose Flush completions wait until the gate opens (or the base was polled
+/// `patience` times, so that a store that waits for its flush in place ends instead of
+/// hanging the test: the test then sees the polls it should not have made).
+struct SlowFlush {
+    inner: Box<dyn Backend>,
+    flushes: Vec<u64>,
+    held: Vec<(u64, Status)>,
+    open: Arc<AtomicBool>,
+    polls: Arc<AtomicU64>,
+    patience: u64,
+}
+
+impl Backend for SlowFlush {
+    fn describe(&self) -> String {
+        "slow-flush".into()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if req.op == IoOp::Flush {
+            self.flushes.push(req.tag);
+        }
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let polls = self.polls.fetch_add(1, Ordering::Relaxed) + 1;
+        let (flushes, held) = (&mut self.flushes, &mut self.held);
+        let mut n = self.inner.poll(&mut |t, s| {
+            if flushes.contains(&t) {
+                held.push((t, s));
+            } else {
+                done(t, s);
+            }
+        });
+        if self.open.load(Ordering::Relaxed) || polls > self.patience {
+            for (t, s) in self.held.drain(..) {
+                self.flushes.retain(|&f| f != t);
+                done(t, s);
+                n += 1;
+            }
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.held.len()
+    }
+}
+
+/// A request kept in flight by the test.
+struct Pending {
+    _buf: IoBuffer,
+    _list: GuestBufferList,
+}
+
+fn submit(b: &mut dyn Backend, tag: u64, op: IoOp, off: u64, data: &[u8]) -> Pending {
+    let buf = IoBuffer::new(data.len().max(1));
+    buf.write_at(0, data);
+    let mut list = GuestBufferList::new();
+    if !data.is_empty() {
+        list.set_range(buf.buffers(), 0, data.len() as u64);
+    }
+    b.submit(&IoRequest {
+        tag,
+        op,
+        offset: off,
+        iov: list.as_buffers(),
+    })
+    .expect("submitted");
+    Pending {
+        _buf: buf,
+        _list: list,
+    }
+}
+
+fn completions(b: &mut dyn Backend) -> Vec<(u64, Status)> {
+    let mut got = Vec::new();
+    b.poll(&mut |t, s| got.push((t, s)));
+    got
+}
+
+#[test]
+fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_volumes() {
+    let disk = SharedSource::new(Box::new(MallocBackend::new(64 * MIB).unwrap()));
+    let open = Arc::new(AtomicBool::new(true));
+    let polls = Arc::new(AtomicU64::new(0));
+    let base = SlowFlush {
+        inner: Box::new(disk.handle().unwrap()),
+        flushes: Vec::new(),
+        held: Vec::new(),
+        open: open.clone(),
+        polls: polls.clone(),
+        patience: 10_000,
+    };
+    let opts = StoreOptions {
+        name: "pool".into(),
+        cluster_size: MIB,
+        journal_len: None,
+    };
+    let store = Store::format(Box::new(base), &opts).unwrap();
+    store.create("a", 8 * MIB, true).unwrap();
+    store.create("b", 8 * MIB, true).unwrap();
+    let mut a = store.open("a").unwrap();
+    let mut b = store.open("b").unwrap();
+    let data = vec![0xa5u8; 4096];
+    // a first write to a thin volume: a mapping the Flush must commit
+    let (st, _) = io::run(
+        &mut a,
+        IoOp::Write { fua: false },
+        3 * MIB,
+        Some(&data),
+        4096,
+    );
+    assert_eq!(st, Status::SUCCESS);
+
+    open.store(false, Ordering::Relaxed);
+    let before = polls.load(Ordering::Relaxed);
+    let _flush = submit(&mut a, 1, IoOp::Flush, 0, &[]);
+    assert_eq!(
+        polls.load(Ordering::Relaxed),
+        before,
+        "submitting a Flush waited for the base in place"
+    );
+    let _fua = submit(&mut a, 2, IoOp::Write { fua: true }, 4 * MIB, &data);
+    // the other volume reads and writes while the commit waits; `a` hears nothing
+    for i in 0..50 {
+        let (st, _) = io::run(
+            &mut b,
+            IoOp::Write { fua: false },
+            i * 4096,
+            Some(&data),
+            4096,
+        );
+        assert_eq!(st, Status::SUCCESS);
+        let (st, got) = io::read(&mut b, i * 4096, 4096);
+        assert_eq!((st, got), (Status::SUCCESS, data.clone()));
+        assert_eq!(completions(&mut a), [], "completed before the base's flush");
+    }
+    assert!(
+        polls.load(Ordering::Relaxed) - before < 1_000,
+        "the store polled its base in place"
+    );
+    // a Flush on `b` arriving meanwhile joins the next commit
+    let _flush_b = submit(&mut b, 3, IoOp::Flush, 0, &[]);
+    open.store(true, Ordering::Relaxed);
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    let t = std::time::Instant::now();
+    while got_a.len() < 2 || got_b.is_empty() {
+        assert!(t.elapsed().as_secs() < 10, "the commits never ended");
+        got_a.extend(completions(&mut a));
+        got_b.extend(completions(&mut b));
+    }
+    got_a.sort_unstable_by_key(|&(t, _)| t);
+    assert_eq!(got_a, [(1, Status::SUCCESS), (2, Status::SUCCESS)]);
+    assert_eq!(got_b, [(3, Status::SUCCESS)]);
+    drop((a, b));
+
+    // what the Flushes covered is in the store a reload finds (no close: as after a crash)
+    let image = disk.handle().unwrap();
+    std::mem::forget(store);
+    let (again, _) = Store::load(Box::new(image)).unwrap();
+    let mut a = again.open("a").unwrap();
+    assert_eq!(io::read(&mut a, 3 * MIB, 4096).1, data);
+    assert_eq!(io::read(&mut a, 4 * MIB, 4096).1, data);
+    let mut b = again.open("b").unwrap();
+    assert_eq!(io::read(&mut b, 49 * 4096, 4096).1, data);
+    drop((a, b));
+    let mut base = again.close().unwrap();
+    let report = check(base.as_mut()).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
