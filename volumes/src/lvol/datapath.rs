@@ -12,7 +12,7 @@ use device_model::backend::{GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::Status;
 
 use super::commit::COMMIT;
-use super::inflight::Action;
+use super::inflight::{Action, DIRECT};
 use super::map::{Entry, all_set, set_bits};
 use super::store::Core;
 use super::syncio::INTERNAL;
@@ -34,6 +34,7 @@ impl Core {
             .get(&vol)
             .ok_or(Status::INVALID_NAMESPACE)?;
         let (size, read_only, thin) = (v.size, v.read_only, v.thin);
+        let direct = self.direct_target(&v.map, req);
         if req.op == IoOp::Flush {
             // answered by a commit that starts after it arrived (NVMe base 2.0 §7.1: it
             // covers the writes completed before it)
@@ -52,6 +53,11 @@ impl Core {
         }
         if writes && self.failed.is_some() {
             return Err(Status::INTERNAL_ERROR);
+        }
+        if let Some(at) = direct
+            && (!writes || self.direct_write_ok())
+        {
+            return self.submit_direct(user, req, at);
         }
         // a request cannot need more new clusters than it spans: the exact count only
         // when the store is nearly full
@@ -305,6 +311,9 @@ impl Core {
 
     /// A base request finished.
     fn complete_sub(&mut self, tag: u64, status: Status) {
+        if tag & (INTERNAL | DIRECT) == DIRECT && self.dp.direct_done(tag as u32, status) {
+            return;
+        }
         if tag & INTERNAL != 0 {
             if tag & COMMIT != 0 {
                 self.commit_step_done(tag, status);

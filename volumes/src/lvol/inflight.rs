@@ -4,6 +4,10 @@
 use device_model::backend::GuestBufferList;
 use nvme_spec::Status;
 
+/// Tags of fast-path requests (`direct.rs`) have this bit, an index in the direct slab
+/// below it (data slab slots never reach it; metadata tags have `syncio::INTERNAL`, above).
+pub(crate) const DIRECT: u64 = 1 << 38;
+
 /// One guest request in flight.
 #[derive(Debug)]
 pub(super) struct GuestReq {
@@ -57,6 +61,9 @@ pub struct DataPath {
     pub(super) subs: Vec<Sub>,
     pub(super) free_subs: Vec<u32>,
     pub(super) in_flight: usize,
+    /// Fast-path requests in flight: handle and tag, by slot.
+    pub(super) directs: Vec<(usize, u64)>,
+    pub(super) free_directs: Vec<u32>,
     pub(crate) users: Vec<User>,
     /// Requests waiting for a commit to start: Flushes, and writes (FUA, or with mapping
     /// changes to commit before their ack) whose data is written.
@@ -120,6 +127,48 @@ impl DataPath {
         s.action = action;
         s.list.clear();
         i
+    }
+
+    /// A fast-path request of handle `user` starts; its slot.
+    #[inline]
+    pub(super) fn start_direct(&mut self, user: usize, tag: u64) -> u32 {
+        if let Some(u) = self.users.get_mut(user) {
+            u.pending += 1;
+        }
+        self.in_flight += 1;
+        if let Some(i) = self.free_directs.pop() {
+            self.directs[i as usize] = (user, tag);
+            i
+        } else {
+            self.directs.push((user, tag));
+            (self.directs.len() - 1) as u32
+        }
+    }
+
+    /// Fast-path slot `i` is done (or was never started): its handle and tag.
+    #[inline]
+    pub(super) fn finish_direct(&mut self, i: u32) -> Option<(usize, u64)> {
+        let (user, tag) = *self.directs.get(i as usize)?;
+        self.free_directs.push(i);
+        self.in_flight -= 1;
+        if let Some(u) = self.users.get_mut(user) {
+            u.pending = u.pending.saturating_sub(1);
+        }
+        Some((user, tag))
+    }
+
+    /// A fast-path request completed with `status`.
+    #[inline]
+    pub(super) fn direct_done(&mut self, i: u32, status: Status) -> bool {
+        let Some((user, tag)) = self.finish_direct(i) else {
+            return false;
+        };
+        if let Some(u) = self.users.get_mut(user)
+            && u.taken
+        {
+            u.done.push((tag, status));
+        }
+        true
     }
 
     pub(super) fn push_done(&mut self, user: usize, tag: u64, status: Status) {

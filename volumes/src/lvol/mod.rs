@@ -14,7 +14,8 @@
 //! - `store.rs`: the core (load, format, commit ordering, allocation);
 //! - `commit.rs`: commits run step by step from the data path's poll;
 //! - `ops.rs`: management (create, delete, resize, rename, snapshot, clone, inflate);
-//! - `datapath.rs`, `cow.rs`: guest I/O and copy-on-write;
+//! - `datapath.rs`, `direct.rs`, `cow.rs`: guest I/O (the general path and the fast
+//!   path of a whole-cluster entry) and copy-on-write;
 //! - [`backend`]: [`Store`] and [`LvolBackend`] (a volume as a namespace backend);
 //! - [`check`]: the offline checker.
 
@@ -28,6 +29,7 @@ pub mod codec;
 mod commit;
 mod cow;
 mod datapath;
+mod direct;
 pub mod error;
 mod inflight;
 pub mod map;

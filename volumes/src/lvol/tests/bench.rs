@@ -303,3 +303,38 @@ fn thick_thin_and_cow_vs_raw_ram_4k_qd32_in_process() {
         store.flush().unwrap();
     }
 }
+
+/// `PER_IO_ONLY=raw|thick PER_IO_OP=read|write PER_IO_COUNT=N`: N random 4 KiB requests at
+/// QD32 on a RAM backend or a thick volume on one, nothing else timed; under callgrind the
+/// difference of two counts gives the volume layer's instructions per I/O.
+#[test]
+#[ignore = "a benchmark: run with --ignored in release, under callgrind"]
+fn per_io_cost_of_a_thick_volume_against_its_base() {
+    use device_model::backend::MallocBackend;
+    let only = std::env::var("PER_IO_ONLY").unwrap_or_else(|_| "thick".into());
+    let write = std::env::var("PER_IO_OP").is_ok_and(|o| o == "write");
+    let ios: u64 = std::env::var("PER_IO_COUNT").map_or(100_000, |v| v.parse().unwrap());
+    let size = 64u64 << 20;
+    let mut b: Box<dyn Backend> = if only == "raw" {
+        Box::new(MallocBackend::new(size).unwrap())
+    } else {
+        let store = Store::format(
+            Box::new(MallocBackend::new(size + (16 << 20)).unwrap()),
+            &StoreOptions {
+                name: "b".into(),
+                cluster_size: 1 << 20,
+                journal_len: None,
+            },
+        )
+        .unwrap();
+        store.create("thick", size, false).unwrap();
+        Box::new(store.open("thick").unwrap())
+    };
+    let blocks = size / 4096;
+    let mut r = Rng(7);
+    let mut left = ios;
+    qd32_at(b.as_mut(), write, f64::MAX, move || {
+        left = left.checked_sub(1)?;
+        Some(r.below(blocks) * 4096)
+    });
+}
