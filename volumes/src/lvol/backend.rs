@@ -1,10 +1,14 @@
 //! The handles: [`Store`] for management (shared, cheap to clone) and [`LvolBackend`], a
 //! volume as a namespace's [`Backend`]. All of a store's state is behind one lock, as a
 //! namespace shared between controllers is ([`device_model::backend::SharedBackend`]):
-//! a volume's requests take it for their submission and their poll.
+//! a volume's requests take it for their submission and their poll. The lock is a
+//! [`YieldLock`], whose release does not wait for the store buffer (a write to a RAM base
+//! copies 4 KiB inside it).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use sys_util::{YieldGuard, YieldLock};
 
 use device_model::backend::{Backend, IoBuffer, IoOp, IoRequest};
 use nvme_spec::Status;
@@ -55,7 +59,7 @@ pub struct StoreStatus {
 /// A volume store (a handle; clones share it).
 #[derive(Clone)]
 pub struct Store {
-    core: Arc<Mutex<Core>>,
+    core: Arc<YieldLock<Core>>,
     name: String,
 }
 
@@ -65,15 +69,15 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn lock(m: &Mutex<Core>) -> MutexGuard<'_, Core> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock(m: &YieldLock<Core>) -> YieldGuard<'_, Core> {
+    m.lock()
 }
 
 impl Store {
     fn wrap(core: Core) -> Self {
         let name = core.sb.name.clone();
         Self {
-            core: Arc::new(Mutex::new(core)),
+            core: Arc::new(YieldLock::new(core)),
             name,
         }
     }
@@ -207,7 +211,7 @@ impl Store {
 
     /// The core, locked (tests build big metadata directly).
     #[cfg(test)]
-    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+    pub(crate) fn core(&self) -> YieldGuard<'_, Core> {
         lock(&self.core)
     }
 
@@ -256,7 +260,7 @@ impl Store {
         }
         match Arc::try_unwrap(self.core) {
             Ok(m) => {
-                let mut core = m.into_inner().unwrap_or_else(PoisonError::into_inner);
+                let mut core = m.into_inner();
                 // committed above: the core's drop has nothing left to write
                 core.records.clear();
                 core.dirty.clear();
@@ -312,7 +316,7 @@ pub fn wipe(base: &mut dyn Backend) -> Result<()> {
 
 /// A volume as a namespace backend.
 pub struct LvolBackend {
-    core: Arc<Mutex<Core>>,
+    core: Arc<YieldLock<Core>>,
     warning: Arc<AtomicU8>,
     /// Requests started and not yet handed back (kept here: the controller asks at every
     /// reap, which must not take the store's lock).
