@@ -1,15 +1,15 @@
 #!/bin/bash
 # Logical volumes (BENCHMARKS.md, issue 19), release build, `vnvme perf` over vfio-user,
 # 4 KiB QD32, one busy reactor pinned to CPU 0, perf on CPU 1, A/B runs alternating:
-#  1. a thick volume vs the raw backend it lives on (malloc), randwrite and randread, in
-#     one daemon;
+#  1. a thick volume vs the raw backend it lives on (malloc, or with BASE=file tmpfs files
+#     through io_uring), randwrite and randread, in one daemon;
 #  2. first writes: randwrite on a fresh thin volume (every 4 KiB granule written for the
 #     first time, a cluster allocated per 1 MiB) vs a thick one, and on the thick one
 #     right after a snapshot (every first write to a cluster copies-on-write: a new top
 #     layer); each round starts a fresh daemon (fresh RAM store);
 #  3. load time of a store with 10,000 volumes and 1.05 M mapped clusters, and the volume
 #     layer's own cost in process (pre-touched RAM, no controller): thick vs raw, first writes.
-# Usage: scripts/bench-lvol.sh [SECS]   (PARTS="1 2 3" selects parts, ROUNDS rounds)
+# Usage: scripts/bench-lvol.sh [SECS]   (PARTS="1 2 3" selects parts, ROUNDS rounds, BASE=file)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -38,11 +38,19 @@ median() { sort -n "$1" | sed -n "$(( ($(wc -l <"$1") + 1) / 2 ))p"; }
 echo "bench machine: $(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if part 1; then
-echo "== 1. thick volume vs raw malloc, 4 KiB QD32"
+# BASE=file: the raw namespace and the store on tmpfs files (io_uring) instead of RAM
+if [ "${BASE:-malloc}" = file ]; then
+  RAW="file:$D/raw.img:1G"; POOL="file:$D/pool.img:1100M"
+  # pages that exist, as an SSD's blocks do: no first-write allocation on either side
+  fallocate -l 1G "$D/raw.img"; fallocate -l 1100M "$D/pool.img"
+else
+  RAW="malloc:1G"; POOL="malloc:1100M"
+fi
+echo "== 1. thick volume vs raw ${BASE:-malloc}, 4 KiB QD32"
 printf '%s\n' 'poll = "busy"' 'reactors = 1' \
-  '[[lvstore]]' 'name = "pool"' 'backend = "malloc:1100M"' \
+  '[[lvstore]]' 'name = "pool"' "backend = \"$POOL\"" \
   '[[lvstore.volume]]' 'name = "thick"' 'size = "1G"' \
-  '[[controller]]' "socket = \"$D/raw.sock\"" '[[controller.namespace]]' 'backend = "malloc:1G"' \
+  '[[controller]]' "socket = \"$D/raw.sock\"" '[[controller.namespace]]' "backend = \"$RAW\"" \
   '[[controller]]' "socket = \"$D/lvol.sock\"" '[[controller.namespace]]' 'backend = "lvol:pool/thick"' \
   >"$D/a.toml"
 taskset -c 0 "$BIN" serve --config "$D/a.toml" >"$D/a.log" 2>&1 &
