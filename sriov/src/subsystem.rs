@@ -11,6 +11,7 @@
 //! controller records the NSID in its Changed Namespace List and raises a Namespace
 //! Attribute Changed event (§5.2, log page 04h).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +40,10 @@ struct Entry {
     lba_shift: u8,
     /// May be attached to more than one controller (NMIC bit 0).
     shared: bool,
+    /// Size when added (see [`Entry::size`]).
     size: u64,
+    /// The backend's size cell, when its size changes at run time (a resized volume).
+    live: Option<Arc<AtomicU64>>,
     /// Identity seed (stable for configured namespaces, fresh for created ones).
     seed: String,
     source: Source,
@@ -50,10 +54,17 @@ struct Entry {
 }
 
 impl Entry {
+    /// Size in bytes now.
+    fn size(&self) -> u64 {
+        self.live
+            .as_ref()
+            .map_or(self.size, |l| l.load(Ordering::Relaxed))
+    }
+
     fn info(&self) -> SubsystemNamespace {
         SubsystemNamespace {
             nsid: self.nsid,
-            size: self.size,
+            size: self.size(),
             lba_shift: self.lba_shift,
             shared: self.shared,
             attached: self.attached.clone(),
@@ -174,6 +185,7 @@ impl Subsystem {
         let managed = self.manages_namespaces();
         let mut st = self.lock();
         let size = backend.size();
+        let live = backend.live_size();
         st.configured += size;
         let source = if managed {
             Source::Shared(SharedSource::new(backend))
@@ -188,6 +200,7 @@ impl Subsystem {
             lba_shift,
             shared: managed,
             size,
+            live,
             seed: seed.into(),
             source,
             attached,
@@ -301,6 +314,7 @@ impl Subsystem {
             return Err(NsError::InsufficientCapacity);
         };
         let backend = pool.create(nsid, size).map_err(NsError::Backend)?;
+        let live = backend.live_size();
         st.generation += 1;
         let seed = format!("{}#created{}", self.nqn, st.generation);
         st.namespaces.push(Entry {
@@ -308,6 +322,7 @@ impl Subsystem {
             lba_shift,
             shared,
             size,
+            live,
             seed,
             source: Source::Shared(SharedSource::new(backend)),
             attached: Vec::new(),
@@ -527,7 +542,7 @@ impl NvmSubsystem for Subsystem {
 fn capacity_of(st: &State) -> (u64, u64) {
     let pool = st.pool.as_ref().map_or(0, |p| p.capacity());
     let total = pool.max(st.configured);
-    let allocated: u64 = st.namespaces.iter().map(|e| e.size).sum();
+    let allocated: u64 = st.namespaces.iter().map(Entry::size).sum();
     (total, total.saturating_sub(allocated))
 }
 

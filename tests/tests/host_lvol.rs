@@ -746,6 +746,36 @@ fn namespaces_the_host_creates_are_thin_volumes_and_a_clone_attaches_at_run_time
         buf.as_slice()[..4096].iter().all(|&b| b == 0x77),
         "the clone reads the snapshot point"
     );
+    // grown while attached to a subsystem that shares its namespaces: the listing and the
+    // host see the new size (the controller looks when I/O completes)
+    rpc(
+        &mut d,
+        "lvol_resize",
+        &json!({"name": "pool/c", "size": "24M"}),
+    )
+    .unwrap();
+    let subs = rpc(&mut d, "subsystem_list", &json!({})).unwrap();
+    let listed = subs[0]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["nsid"] == cn)
+        .map(|n| n["size"].as_u64());
+    assert_eq!(listed, Some(Some(24 * MIB)), "{subs}");
+    assert_eq!(
+        wait(&mut qp, |q| q.read_write(
+            false,
+            cn,
+            (24 * MIB - 4096) / 512,
+            8,
+            buf.iova(),
+            4096,
+            4
+        )),
+        Status::SUCCESS,
+        "a read in the grown part"
+    );
+    assert_eq!(u64_at(&identify_ns(&mut c, cn), 0), 24 * MIB / 512, "NSZE");
     drop((buf, qp, c));
     d.stop().unwrap();
 }

@@ -97,6 +97,12 @@ pub trait Backend: Send {
     fn max_transfer(&self) -> Option<u64> {
         None
     }
+    /// The size, when it can change at run time (a volume resized under its namespace): a
+    /// cell the backend keeps current, which wrappers (a shared namespace's handles) and
+    /// listings read without a lock. `None` (the default): [`size`](Self::size) is fixed.
+    fn live_size(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        None
+    }
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}

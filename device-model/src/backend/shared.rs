@@ -5,6 +5,7 @@
 //! time); requests go to the one backend under a mutex, and completions are routed back to
 //! the handle that submitted them by a user index folded into the tag's top byte.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvme_spec::Status;
@@ -34,6 +35,8 @@ struct Inner {
 pub struct SharedSource {
     inner: Arc<Mutex<Inner>>,
     size: u64,
+    /// The backend's size cell, if its size changes at run time.
+    live: Option<Arc<AtomicU64>>,
     describe: String,
     max_transfer: Option<u64>,
 }
@@ -50,6 +53,7 @@ impl SharedSource {
     /// Share `backend`.
     pub fn new(backend: Box<dyn Backend>) -> Self {
         let size = backend.size();
+        let live = backend.live_size();
         let describe = format!("{} (shared)", backend.describe());
         let max_transfer = backend.max_transfer();
         Self {
@@ -61,14 +65,17 @@ impl SharedSource {
                 orphaned: Vec::new(),
             })),
             size,
+            live,
             describe,
             max_transfer,
         }
     }
 
-    /// Size in bytes.
+    /// Size in bytes (current, for a backend whose size changes).
     pub fn size(&self) -> u64 {
-        self.size
+        self.live
+            .as_ref()
+            .map_or(self.size, |l| l.load(Ordering::Relaxed))
     }
 
     /// A new handle; `None` when [`MAX_USERS`] are out.
@@ -94,6 +101,7 @@ impl SharedSource {
             in_flight: 0,
             mine: Vec::new(),
             size: self.size,
+            live: self.live.clone(),
             describe: self.describe.clone(),
             max_transfer: self.max_transfer,
         })
@@ -116,6 +124,8 @@ pub struct SharedBackend {
     /// there at each poll so that neither is ever reallocated once warm.
     mine: Vec<(u64, Status)>,
     size: u64,
+    /// The backend's size cell, if its size changes at run time.
+    live: Option<Arc<AtomicU64>>,
     describe: String,
     max_transfer: Option<u64>,
 }
@@ -165,7 +175,13 @@ impl Backend for SharedBackend {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.live
+            .as_ref()
+            .map_or(self.size, |l| l.load(Ordering::Relaxed))
+    }
+
+    fn live_size(&self) -> Option<Arc<AtomicU64>> {
+        self.live.clone()
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {

@@ -343,6 +343,10 @@ impl Backend for LvolBackend {
         self.size.load(Ordering::Relaxed)
     }
 
+    fn live_size(&self) -> Option<Arc<AtomicU64>> {
+        Some(self.size.clone())
+    }
+
     fn submit(&mut self, req: &IoRequest<'_>) -> std::result::Result<(), Status> {
         lock(&self.core).submit(self.user, self.vol, req)?;
         self.in_flight += 1;
