@@ -2,7 +2,8 @@
 //! write. An unmapped entry gets a fresh cluster holding no granule yet (the rest reads
 //! zeroes: no zeroing of the cluster); a shared one gets a fresh top layer over the
 //! shared clusters (the rest reads through: a 4 KiB write copies nothing). A partial
-//! granule is filled from below first ([`Core::prefill`]); an entry with too many layers
+//! granule is filled from below first (by the data path without waiting: `fill.rs`; by a
+//! resize in place: [`Core::prefill`]); an entry with too many layers
 //! is collapsed into one full cluster ([`Core::collapse`]), as are entries an inflate or
 //! decouple makes private.
 
@@ -72,7 +73,8 @@ impl Core {
         Ok(n)
     }
 
-    /// Give the (exclusive) top layer of entry `l` granule `g`'s current contents.
+    /// Give the (exclusive) top layer of entry `l` granule `g`'s current contents, waiting
+    /// for the base in place (management only: the data path uses `fill.rs`).
     pub(crate) fn prefill(&mut self, vol: u32, l: u32, g: u32) -> std::result::Result<(), Status> {
         if self.dp.in_flight() > 0 {
             // a write to other sectors of this granule may be in flight below: let it land

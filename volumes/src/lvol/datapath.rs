@@ -12,7 +12,7 @@ use device_model::backend::{GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::Status;
 
 use super::commit::COMMIT;
-use super::inflight::{Action, DIRECT};
+use super::inflight::{Action, DIRECT, DirectEnd};
 use super::map::{Entry, all_set, set_bits};
 use super::store::Core;
 use super::syncio::INTERNAL;
@@ -148,7 +148,13 @@ impl Core {
             Entry::Unmapped => return fill_zero(iov, boff, n),
             Entry::Full(c) => {
                 let off = self.geo.cluster_at(*c) + coff;
-                return self.sub(r, Action::None, IoOp::Read, off, Some((iov, boff, n)));
+                return self.sub(
+                    r,
+                    (Action::None, None),
+                    IoOp::Read,
+                    off,
+                    Some((iov, boff, n)),
+                );
             }
             layered @ Entry::Layered(_) => layered.clone(),
         };
@@ -169,7 +175,7 @@ impl Core {
                     let off = self.geo.cluster_at(c) + pos;
                     self.sub(
                         r,
-                        Action::None,
+                        (Action::None, None),
                         IoOp::Read,
                         off,
                         Some((iov, at, stop - pos)),
@@ -180,16 +186,17 @@ impl Core {
         }
     }
 
-    /// Submit one base request for guest request `r`.
-    fn sub(
+    /// Submit one base request for guest request `r`: what its completion changes, and
+    /// the physical cluster it writes (counted in `cluster_writes` by the caller).
+    pub(crate) fn sub(
         &mut self,
         r: u32,
-        action: Action,
+        (action, writes): (Action, Option<u32>),
         op: IoOp,
         offset: u64,
         data: Option<(GuestBuffers<'_>, u64, u64)>,
     ) {
-        let i = self.dp.new_sub(r, action);
+        let i = self.dp.new_sub(r, action, writes);
         let s = &mut self.dp.subs[i as usize];
         if let Some((iov, boff, len)) = data {
             s.list.set_range(iov, boff, len);
@@ -217,16 +224,13 @@ impl Core {
         data: Option<(GuestBuffers<'_>, u64)>,
     ) -> Result<(), Status> {
         let top = self.writable_top(vol, l)?;
+        // a partial granule the top does not hold yet gets its old contents first (`fill.rs`)
+        if self.stall_for_fill(r, (vol, l), (coff, n), data) {
+            return Ok(());
+        }
         let g = self.geo.granule;
         let g0 = (coff / g) as u32;
         let g1 = (coff + n).div_ceil(g) as u32;
-        // a partial granule the top does not hold yet gets its old contents first
-        if !coff.is_multiple_of(g) {
-            self.prefill(vol, l, g0)?;
-        }
-        if !(coff + n).is_multiple_of(g) {
-            self.prefill(vol, l, g1 - 1)?;
-        }
         let layered = matches!(self.meta.volumes[&vol].map[l as usize], Entry::Layered(_));
         let action = if layered {
             Action::Bits {
@@ -240,15 +244,22 @@ impl Core {
             Action::None
         };
         let off = self.geo.cluster_at(top) + coff;
+        self.cluster_writes[top as usize] += 1;
         match data {
             Some((iov, boff)) => self.sub(
                 r,
-                action,
+                (action, Some(top)),
                 IoOp::Write { fua: false },
                 off,
                 Some((iov, boff, n)),
             ),
-            None => self.sub(r, action, IoOp::WriteZeroes { len: n }, off, None),
+            None => self.sub(
+                r,
+                (action, Some(top)),
+                IoOp::WriteZeroes { len: n },
+                off,
+                None,
+            ),
         }
         Ok(())
     }
@@ -286,7 +297,7 @@ impl Core {
     }
 
     /// One piece of guest request `r` finished with `status`.
-    fn piece_done(&mut self, r: u32, status: Status) {
+    pub(crate) fn piece_done(&mut self, r: u32, status: Status) {
         let q = &mut self.dp.reqs[r as usize];
         if !status.is_success() && q.status.is_success() {
             q.status = status;
@@ -311,8 +322,12 @@ impl Core {
 
     /// A base request finished.
     fn complete_sub(&mut self, tag: u64, status: Status) {
-        if tag & (INTERNAL | DIRECT) == DIRECT && self.dp.direct_done(tag as u32, status) {
-            return;
+        if tag & (INTERNAL | DIRECT) == DIRECT {
+            match self.dp.direct_done(tag as u32, status) {
+                DirectEnd::Unknown => {}
+                DirectEnd::Read => return,
+                DirectEnd::Wrote(c) => return self.wrote(c),
+            }
         }
         if tag & INTERNAL != 0 {
             if tag & COMMIT != 0 {
@@ -327,20 +342,24 @@ impl Core {
             );
             return;
         };
-        let (req, action) = (s.req, s.action);
+        let (req, action, writes) = (s.req, s.action, s.writes);
         s.list.clear();
         self.dp.free_subs.push(tag as u32);
         self.dp.in_flight -= 1;
-        if status.is_success()
-            && let Action::Bits {
+        if let Some(c) = writes {
+            self.wrote(c);
+        }
+        match action {
+            Action::Bits {
                 vol,
                 l,
                 cluster,
                 g0,
                 g1,
-            } = action
-        {
-            self.set_valid(vol, l, cluster, g0, g1);
+            } if status.is_success() => self.set_valid(vol, l, cluster, g0, g1),
+            Action::FillRead(f) => self.fill_step(req, f, false, status),
+            Action::FillWrite(f) => self.fill_step(req, f, true, status),
+            _ => {}
         }
         self.piece_done(req, status);
     }
@@ -386,6 +405,7 @@ impl Core {
         }
         self.dp.scratch = got;
         self.apply_deferred();
+        self.retry_stalled();
         self.kick_commit();
         self.release_quarantine();
     }
@@ -400,10 +420,11 @@ impl Core {
         }
     }
 
-    /// Wait until no data request is in flight on the base.
+    /// Wait until no data request is in flight on the base (nor a piece waits for a fill).
     pub(crate) fn wait_idle(&mut self) {
         self.apply_deferred();
-        while self.dp.in_flight() > 0 {
+        self.retry_stalled();
+        while self.dp.in_flight() > 0 || self.stalled() > 0 {
             let mut got = std::mem::take(&mut self.dp.scratch);
             self.base.poll(&mut |t, s| got.push((t, s)));
             let idle = got.is_empty();
@@ -411,6 +432,7 @@ impl Core {
                 self.complete_sub(t, s);
             }
             self.dp.scratch = got;
+            self.retry_stalled();
             if idle {
                 std::thread::yield_now();
             }

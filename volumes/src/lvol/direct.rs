@@ -13,10 +13,11 @@ use super::map::Entry;
 use super::store::Core;
 
 impl Core {
-    /// Where on the base request `req` on the volume with map `map` goes, if it can take the
-    /// fast path (checked again by the caller for a write: see [`Core::direct_write_ok`]).
+    /// Where on the base request `req` on the volume with map `map` goes (offset, and the
+    /// physical cluster), if it can take the fast path (checked again by the caller for a
+    /// write: see [`Core::direct_write_ok`]).
     #[inline]
-    pub(crate) fn direct_target(&self, map: &[Entry], req: &IoRequest<'_>) -> Option<u64> {
+    pub(crate) fn direct_target(&self, map: &[Entry], req: &IoRequest<'_>) -> Option<(u64, u32)> {
         let write = match req.op {
             IoOp::Read => false,
             IoOp::Write { fua: false } => true,
@@ -33,7 +34,7 @@ impl Core {
         if write && self.refs.get(*c as usize) != Some(&1) {
             return None;
         }
-        Some(self.geo.cluster_at(*c) + coff)
+        Some((self.geo.cluster_at(*c) + coff, *c))
     }
 
     /// A write may skip the general path: no mapping change of its own, and none of
@@ -44,15 +45,19 @@ impl Core {
             || (self.dirty.is_empty() && self.records.is_empty() && self.job.is_none())
     }
 
-    /// Send `req` of handle `user` to `at` on the base.
+    /// Send `req` of handle `user` to `at` in physical cluster `c` on the base.
     #[inline]
     pub(crate) fn submit_direct(
         &mut self,
         user: usize,
         req: &IoRequest<'_>,
-        at: u64,
+        (at, c): (u64, u32),
     ) -> Result<(), Status> {
-        let i = self.dp.start_direct(user, req.tag);
+        let write = req.op != IoOp::Read;
+        let i = self.dp.start_direct(user, req.tag, write.then_some(c));
+        if write {
+            self.cluster_writes[c as usize] += 1;
+        }
         let r = self.base.submit(&IoRequest {
             tag: DIRECT | u64::from(i),
             op: req.op,
@@ -61,6 +66,9 @@ impl Core {
         });
         if r.is_err() {
             self.dp.finish_direct(i);
+            if write {
+                self.wrote(c);
+            }
         }
         r
     }

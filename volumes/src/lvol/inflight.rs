@@ -8,6 +8,16 @@ use nvme_spec::Status;
 /// below it (data slab slots never reach it; metadata tags have `syncio::INTERNAL`, above).
 pub(crate) const DIRECT: u64 = 1 << 38;
 
+/// What a fast-path completion was.
+pub(super) enum DirectEnd {
+    /// No fast-path request has that slot.
+    Unknown,
+    /// A read.
+    Read,
+    /// A write to this physical cluster.
+    Wrote(u32),
+}
+
 /// One guest request in flight.
 #[derive(Debug)]
 pub(super) struct GuestReq {
@@ -35,6 +45,10 @@ pub(crate) enum Action {
         g0: u32,
         g1: u32,
     },
+    /// The read of fill slot `.0` (`fill.rs`).
+    FillRead(u32),
+    /// The write of fill slot `.0`.
+    FillWrite(u32),
 }
 
 /// One base request in flight.
@@ -43,6 +57,8 @@ pub(super) struct Sub {
     pub(super) req: u32,
     pub(super) list: GuestBufferList,
     pub(super) action: Action,
+    /// The physical cluster it writes (counted in the core's `cluster_writes`).
+    pub(super) writes: Option<u32>,
 }
 
 /// A handle's completions.
@@ -61,8 +77,8 @@ pub struct DataPath {
     pub(super) subs: Vec<Sub>,
     pub(super) free_subs: Vec<u32>,
     pub(super) in_flight: usize,
-    /// Fast-path requests in flight: handle and tag, by slot.
-    pub(super) directs: Vec<(usize, u64)>,
+    /// Fast-path requests in flight: handle, tag, and the cluster a write writes, by slot.
+    pub(super) directs: Vec<(usize, u64, Option<u32>)>,
     pub(super) free_directs: Vec<u32>,
     pub(crate) users: Vec<User>,
     /// Requests waiting for a commit to start: Flushes, and writes (FUA, or with mapping
@@ -113,7 +129,7 @@ impl DataPath {
         }
     }
 
-    pub(super) fn new_sub(&mut self, req: u32, action: Action) -> u32 {
+    pub(super) fn new_sub(&mut self, req: u32, action: Action, writes: Option<u32>) -> u32 {
         self.reqs[req as usize].left += 1;
         self.in_flight += 1;
         let i = if let Some(i) = self.free_subs.pop() {
@@ -125,50 +141,52 @@ impl DataPath {
         let s = &mut self.subs[i as usize];
         s.req = req;
         s.action = action;
+        s.writes = writes;
         s.list.clear();
         i
     }
 
     /// A fast-path request of handle `user` starts; its slot.
     #[inline]
-    pub(super) fn start_direct(&mut self, user: usize, tag: u64) -> u32 {
+    pub(super) fn start_direct(&mut self, user: usize, tag: u64, writes: Option<u32>) -> u32 {
         if let Some(u) = self.users.get_mut(user) {
             u.pending += 1;
         }
         self.in_flight += 1;
         if let Some(i) = self.free_directs.pop() {
-            self.directs[i as usize] = (user, tag);
+            self.directs[i as usize] = (user, tag, writes);
             i
         } else {
-            self.directs.push((user, tag));
+            self.directs.push((user, tag, writes));
             (self.directs.len() - 1) as u32
         }
     }
 
-    /// Fast-path slot `i` is done (or was never started): its handle and tag.
+    /// Fast-path slot `i` is done (or was never started): its handle, tag and written
+    /// cluster.
     #[inline]
-    pub(super) fn finish_direct(&mut self, i: u32) -> Option<(usize, u64)> {
-        let (user, tag) = *self.directs.get(i as usize)?;
+    pub(super) fn finish_direct(&mut self, i: u32) -> Option<(usize, u64, Option<u32>)> {
+        let (user, tag, writes) = *self.directs.get(i as usize)?;
         self.free_directs.push(i);
         self.in_flight -= 1;
         if let Some(u) = self.users.get_mut(user) {
             u.pending = u.pending.saturating_sub(1);
         }
-        Some((user, tag))
+        Some((user, tag, writes))
     }
 
     /// A fast-path request completed with `status`.
     #[inline]
-    pub(super) fn direct_done(&mut self, i: u32, status: Status) -> bool {
-        let Some((user, tag)) = self.finish_direct(i) else {
-            return false;
+    pub(super) fn direct_done(&mut self, i: u32, status: Status) -> DirectEnd {
+        let Some((user, tag, writes)) = self.finish_direct(i) else {
+            return DirectEnd::Unknown;
         };
         if let Some(u) = self.users.get_mut(user)
             && u.taken
         {
             u.done.push((tag, status));
         }
-        true
+        writes.map_or(DirectEnd::Read, DirectEnd::Wrote)
     }
 
     pub(super) fn push_done(&mut self, user: usize, tag: u64, status: Status) {

@@ -14,8 +14,9 @@
 //! - `store.rs`: the core (load, format, commit ordering, allocation);
 //! - `commit.rs`: commits run step by step from the data path's poll;
 //! - `ops.rs`: management (create, delete, resize, rename, snapshot, clone, inflate);
-//! - `datapath.rs`, `direct.rs`, `cow.rs`: guest I/O (the general path and the fast
-//!   path of a whole-cluster entry) and copy-on-write;
+//! - `datapath.rs`, `direct.rs`, `cow.rs`, `fill.rs`: guest I/O (the general path and the
+//!   fast path of a whole-cluster entry), copy-on-write, and partial granules copied up
+//!   without waiting in place;
 //! - [`backend`]: [`Store`] and [`LvolBackend`] (a volume as a namespace backend);
 //! - [`check`]: the offline checker.
 
@@ -31,6 +32,7 @@ mod cow;
 mod datapath;
 mod direct;
 pub mod error;
+mod fill;
 mod inflight;
 pub mod map;
 pub mod meta;

@@ -22,6 +22,7 @@ use device_model::backend::{Backend, IoBuffer, IoOp};
 use super::checkpoint;
 use super::commit::Commit;
 use super::error::{LvolError, Result};
+use super::fill::{Fill, Stalled};
 use super::inflight::DataPath;
 use super::meta::Meta;
 use super::records::{self, Record, ScanEnd};
@@ -89,6 +90,14 @@ pub struct Core {
     pub(crate) failed: Option<String>,
     /// Guest requests in flight, handles.
     pub(crate) dp: DataPath,
+    /// Data writes in flight per physical cluster (`fill.rs` waits for an entry's to land).
+    pub(crate) cluster_writes: Vec<u32>,
+    /// Pieces of guest writes waiting for a fill, fills running, and per entry how many.
+    pub(crate) stalled: Vec<Stalled>,
+    pub(crate) fills: Vec<Fill>,
+    pub(crate) filling: HashMap<(u32, u32), u32>,
+    /// Something stalled pieces waited for completed.
+    pub(crate) retry_due: bool,
     /// Open handles per volume id.
     pub(crate) open: HashMap<u32, usize>,
     /// Sizes of open volumes, read by their handles without the lock (every I/O's range
@@ -214,6 +223,7 @@ pub(crate) fn salt(uuid: &[u8; 16]) -> u32 {
 impl Core {
     fn new(base: Box<dyn Backend>, sb: Superblock, meta: Meta) -> Self {
         let geo = sb.geometry.clone();
+        let clusters = geo.clusters as usize;
         let mut core = Self {
             base,
             sb,
@@ -234,6 +244,11 @@ impl Core {
             commit_error: None,
             failed: None,
             dp: DataPath::default(),
+            cluster_writes: vec![0; clusters],
+            stalled: Vec::new(),
+            fills: Vec::new(),
+            filling: HashMap::new(),
+            retry_due: false,
             open: HashMap::new(),
             sizes: HashMap::new(),
             faults: Faults::default(),

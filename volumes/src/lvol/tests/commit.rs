@@ -65,12 +65,12 @@ impl Backend for SlowFlush {
 }
 
 /// A request kept in flight by the test.
-struct Pending {
+pub(super) struct Pending {
     _buf: IoBuffer,
     _list: GuestBufferList,
 }
 
-fn submit(b: &mut dyn Backend, tag: u64, op: IoOp, off: u64, data: &[u8]) -> Pending {
+pub(super) fn submit(b: &mut dyn Backend, tag: u64, op: IoOp, off: u64, data: &[u8]) -> Pending {
     let buf = IoBuffer::new(data.len().max(1));
     buf.write_at(0, data);
     let mut list = GuestBufferList::new();
@@ -90,7 +90,7 @@ fn submit(b: &mut dyn Backend, tag: u64, op: IoOp, off: u64, data: &[u8]) -> Pen
     }
 }
 
-fn completions(b: &mut dyn Backend) -> Vec<(u64, Status)> {
+pub(super) fn completions(b: &mut dyn Backend) -> Vec<(u64, Status)> {
     let mut got = Vec::new();
     b.poll(&mut |t, s| got.push((t, s)));
     got

@@ -1,5 +1,5 @@
 //! Tests of the volume store: basics (`basics.rs`), commits that wait for the base without
-//! holding up the data path (`commit.rs`), requests completing out of order
+//! holding up the data path (`commit.rs`), partial granules copied up the same way (`fill.rs`), requests completing out of order
 //! (`concurrent.rs`), and the crash-consistency harness (`crash_disk.rs` simulates a
 //! volatile write cache that loses, reorders and tears unflushed writes; `crash.rs` runs
 //! seeded random workloads over it one request at a time, `crash_qd.rs` with up to 16
@@ -12,4 +12,5 @@ mod concurrent;
 mod crash;
 mod crash_disk;
 mod crash_qd;
+mod fill;
 mod io;
