@@ -52,11 +52,22 @@ fn rate_of(mb: Option<u64>) -> u64 {
     mb.map_or(raid::DEFAULT_RATE, |m| m.saturating_mul(1_000_000))
 }
 
+/// `fast_io_fail_tmo` of a member on a remote target that does not set its own: a mirror
+/// must not wait for a lost target until the controller loss timeout (60 s by default,
+/// longer than a guest's I/O timeout) when another copy can take its writes.
+pub const MEMBER_FAST_IO_FAIL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Open member `spec` (an `nvme:` member gets no guest memory to mirror: its I/O bounces).
 fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backend>, String> {
-    let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
-    if matches!(parsed, BackendSpec::Array { .. }) {
-        return Err(format!("{spec}: an array cannot be a member of an array"));
+    let mut parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
+    match &mut parsed {
+        BackendSpec::Array { .. } => {
+            return Err(format!("{spec}: an array cannot be a member of an array"));
+        }
+        BackendSpec::NvmeTcp(url) => {
+            url.fast_io_fail_tmo.get_or_insert(MEMBER_FAST_IO_FAIL);
+        }
+        _ => {}
     }
     let guest = Arc::new(GuestMemory::new());
     parsed

@@ -5,8 +5,10 @@
 //!
 //! Commands in flight when the connection fails are kept and submitted again on the next
 //! connection (a read reads again, a write writes the same data again: both idempotent);
-//! past the controller loss timeout they complete with Host Pathing Error (3/70h). A
-//! command without an answer for `io_timeout` counts as a failed connection, as in Linux.
+//! past the controller loss timeout they complete with Host Pathing Error (3/70h), and
+//! with `fast_io_fail_tmo` set, already once the connection has been lost that long (the
+//! reconnect goes on; what comes after it runs again). A command without an answer for
+//! `io_timeout` counts as a failed connection, as in Linux.
 //!
 //! Write Zeroes goes the same way: one Write Zeroes command (or, on a target without it,
 //! one write of zeroed blocks from a shared zero buffer) after the other, each sent when
@@ -45,6 +47,10 @@ pub struct TcpBackend {
     done: Vec<(u64, Status)>,
     in_flight: usize,
     failed: bool,
+    /// When the connection was lost, while no new one has come.
+    lost_at: Option<std::time::Instant>,
+    /// Lost longer than `fast_io_fail_tmo`: commands fail until a new connection comes.
+    fast_failed: bool,
     checked_tick: u64,
     /// Write Zeroes and Deallocate requests with commands still to send after the one in
     /// flight.
@@ -94,6 +100,8 @@ impl TcpBackend {
             done: Vec::new(),
             in_flight: 0,
             failed: false,
+            lost_at: None,
+            fast_failed: false,
             checked_tick: 0,
             chains: Vec::new(),
             chained: Vec::new(),
@@ -310,6 +318,8 @@ impl TcpBackend {
                 self.waiting.len()
             );
             self.io = qs;
+            self.lost_at = None;
+            self.fast_failed = false;
             if let Some(mem) = &self.guest {
                 for q in &mut self.io {
                     q.set_guest_memory(mem);
@@ -332,6 +342,7 @@ impl TcpBackend {
         if self.io.is_empty() {
             return;
         }
+        self.lost_at.get_or_insert_with(std::time::Instant::now);
         let mut resend = Vec::new();
         for mut q in self.io.drain(..) {
             q.shutdown();
@@ -356,6 +367,28 @@ impl TcpBackend {
             self.io.first().map_or("?", HostQueue::peer)
         );
         self.drop_connection(true);
+    }
+
+    /// Lost for `fast_io_fail_tmo`: fail what waits for a connection (and what comes)
+    /// until one is back.
+    fn check_fast_fail(&mut self) {
+        let (Some(tmo), Some(at)) = (self.url.fast_io_fail_tmo, self.lost_at) else {
+            return;
+        };
+        if !self.io.is_empty() || at.elapsed() < tmo {
+            return;
+        }
+        if !self.fast_failed {
+            self.fast_failed = true;
+            log::warn!(
+                "nvme-tcp {}: no connection for {tmo:?} (fast_io_fail_tmo): failing {} commands and new ones while reconnecting",
+                self.url,
+                self.waiting.len()
+            );
+        }
+        for u in self.waiting.drain(..) {
+            self.done.push((u.tag, Status::HOST_PATHING_ERROR));
+        }
     }
 
     /// Move waiting commands onto the connection while it has room.
@@ -428,7 +461,7 @@ impl Backend for TcpBackend {
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         self.catch_up();
-        if self.failed {
+        if self.failed || self.fast_failed {
             return Err(Status::HOST_PATHING_ERROR);
         }
         let len = req.iov.len();
@@ -493,6 +526,7 @@ impl Backend for TcpBackend {
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.catch_up();
+        self.check_fast_fail();
         let mut n = 0;
         // a command of a Write Zeroes or Deallocate with more to send is held back
         // (`chained`) and decided on below

@@ -40,6 +40,10 @@ pub struct TcpUrl {
     pub data_digest: bool,
     pub kato: Duration,
     pub ctrl_loss_tmo: Duration,
+    /// With the connection lost this long, commands fail (Host Pathing Error) instead of
+    /// waiting for a reconnect, which goes on until `ctrl_loss_tmo` (Linux's
+    /// `fast_io_fail_tmo`). `None` (the default): they wait.
+    pub fast_io_fail_tmo: Option<Duration>,
     pub reconnect_delay: Duration,
     pub io_timeout: Duration,
     pub queue_size: u16,
@@ -51,7 +55,7 @@ pub struct TcpUrl {
 /// Why an address was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "{0} (expected {SCHEME}HOST:PORT[,HOST:PORT]/NQN[/NSID][?hdgst&ddgst&kato=S&ctrl_loss_tmo=S&reconnect_delay=S&io_timeout=S&queue_size=N&hostnqn=NQN])"
+    "{0} (expected {SCHEME}HOST:PORT[,HOST:PORT]/NQN[/NSID][?hdgst&ddgst&kato=S&ctrl_loss_tmo=S&fast_io_fail_tmo=S&reconnect_delay=S&io_timeout=S&queue_size=N&hostnqn=NQN])"
 )]
 pub struct UrlError(String);
 
@@ -115,6 +119,7 @@ impl FromStr for TcpUrl {
             data_digest: false,
             kato: Duration::from_secs(5),
             ctrl_loss_tmo: Duration::from_mins(1),
+            fast_io_fail_tmo: None,
             reconnect_delay: Duration::from_secs(2),
             io_timeout: Duration::from_secs(30),
             queue_size: 128,
@@ -131,6 +136,7 @@ impl FromStr for TcpUrl {
                 "ddgst" => u.data_digest = true,
                 "kato" => u.kato = secs(k, v)?,
                 "ctrl_loss_tmo" => u.ctrl_loss_tmo = secs(k, v)?,
+                "fast_io_fail_tmo" => u.fast_io_fail_tmo = Some(secs(k, v)?),
                 "reconnect_delay" => {
                     u.reconnect_delay = secs(k, v)?.max(Duration::from_millis(100));
                 }
@@ -180,9 +186,10 @@ mod tests {
     #[test]
     fn parses_paths_nqn_nsid_and_options() {
         let u: TcpUrl =
-            "nvme-tcp://127.0.0.1:4420,[::1]:4421/nqn.2014-08.org.test:a/2?hdgst&ctrl_loss_tmo=5"
+            "nvme-tcp://127.0.0.1:4420,[::1]:4421/nqn.2014-08.org.test:a/2?hdgst&ctrl_loss_tmo=5&fast_io_fail_tmo=0"
                 .parse()
                 .unwrap();
+        assert_eq!(u.fast_io_fail_tmo, Some(Duration::ZERO));
         assert_eq!(u.paths, ["127.0.0.1:4420", "[::1]:4421"]);
         assert_eq!(u.subnqn, "nqn.2014-08.org.test:a");
         assert_eq!(u.nsid, 2);
