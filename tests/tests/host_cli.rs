@@ -91,6 +91,22 @@ fn errors_say_their_cause_once_with_the_hint_that_matters() {
     assert_one_clear_error(&o, &["cannot reach the daemon", "is it running?", "--rpc"]);
     let o = vnvme(&["serve", "--socket", sock.to_str().unwrap()]);
     assert_one_clear_error(&o, &["give at least one --ns"]);
+    // an export over NVMe/RDMA alone is a configuration of its own (no --tcp-listen
+    // needed); this machine has no RDMA device (or not even rdma-core), which is what the
+    // error says, with what to do
+    let o = vnvme(&[
+        "serve",
+        "--rdma-listen",
+        "127.0.0.1:4420",
+        "--ns",
+        "malloc:1M",
+    ]);
+    assert_one_clear_error(&o, &["RDMA listen on [127.0.0.1:4420]"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("no RDMA device; load rdma_rxe") || err.contains("install libibverbs1"),
+        "{err}"
+    );
     assert!(!sock.exists(), "nothing was served");
     let help = String::from_utf8_lossy(&vnvme(&["serve", "--help"]).stdout).into_owned();
     for form in [

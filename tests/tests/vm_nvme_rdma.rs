@@ -3,7 +3,9 @@
 //! Linux kernel's own NVMe/RDMA host (`nvme discover` / `nvme connect -t rdma`) uses it: the
 //! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
 //! shows the fabric fields, and the host disconnects cleanly. The same target is then
-//! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md. Before any RDMA link exists
+//! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md; a
+//! second daemon exports over NVMe/RDMA alone (no `--tcp-listen`) and is discovered,
+//! connected, written and read back. Before any RDMA link exists
 //! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error; a
 //! hostile host (`src/bin/rdma_hostile_peer.rs`: a connect request for too large a queue, a
 //! short capsule, a keyed SGL with a key never registered, more commands than queue
@@ -69,6 +71,30 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 nvme disconnect -n $NQN >/dev/null
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "tcp-disconnect-seconds $(echo "$t0 $t1" | awk '{printf "%d", $2 - $1}')"
+# an export over NVMe/RDMA alone (no --tcp-listen): discovered, connected, written and read
+echo @@RONLY-BEGIN
+(RUST_LOG=info /tmp/h/vnvme serve --rdma-listen $ADDR:4430 --nqn $NQN.only --ns malloc:16M \
+  > /tmp/daemon2.log 2>&1 &)
+for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/daemon2.log && break; sleep 0.1; done
+nvme discover -t rdma -a $ADDR -s 4430
+rc=0; nvme connect -t rdma -a $ADDR -s 4430 -n $NQN.only || rc=$?
+echo; echo "ronly-connect-rc $rc"
+dev=""
+for i in $(seq 1 100); do
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.only" ] && dev=/dev/$(basename $c)n1
+  done
+  [ -n "$dev" ] && [ -b "$dev" ] && break; sleep 0.1
+done
+echo "ronly-dev $dev"
+dd if=/dev/urandom of=/tmp/ronly bs=65536 count=16 2>/dev/null
+dd if=/tmp/ronly of=$dev bs=65536 count=16 oflag=direct 2>/dev/null
+echo "ronly-match $(dd if=$dev bs=65536 count=16 iflag=direct 2>/dev/null | cmp -s - /tmp/ronly && echo yes || echo no)"
+rc=0; nvme disconnect -n $NQN.only >/dev/null || rc=$?
+echo "ronly-disconnect-rc $rc"
+tail -5 /tmp/daemon2.log
+echo "ronly-panics $(grep -ci panic /tmp/daemon2.log)"
+echo @@RONLY-END
 echo @@DMESG-BEGIN; dmesg | grep -iE 'nvme|rdma|rxe' | tail -30; echo @@DMESG-END
 echo @@DAEMON-BEGIN; tail -30 /tmp/daemon.log; echo @@DAEMON-END
 echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
@@ -179,4 +205,14 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
         "{}",
         section(&out, "@@DAEMON")
     );
+    // the RDMA-only export
+    let ronly = section(&out, "@@RONLY");
+    assert!(
+        ronly.contains("trtype:  rdma") && ronly.contains(&format!("{NQN}.only")),
+        "the RDMA-only export is not in its discovery log:\n{ronly}"
+    );
+    assert_eq!(value(&out, "ronly-connect-rc"), Some("0"), "{ronly}");
+    assert_eq!(value(&out, "ronly-match"), Some("yes"), "{ronly}");
+    assert_eq!(value(&out, "ronly-disconnect-rc"), Some("0"), "{ronly}");
+    assert_eq!(value(&out, "ronly-panics"), Some("0"), "{ronly}");
 }

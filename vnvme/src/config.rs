@@ -15,7 +15,7 @@
 //!
 //! [[controller]]                 # exported over NVMe/TCP instead of vfio-user
 //! tcp_listen = "127.0.0.1:4420"
-//! rdma_listen = "192.0.2.1:4420"  # the same controllers over NVMe/RDMA too (optional)
+//! rdma_listen = "192.0.2.1:4420"  # over NVMe/RDMA (with tcp_listen: the same controllers on both)
 //! nqn = "nqn.2026-11.io.vnvme:disk1"
 //! allowed_hosts = []             # host NQNs; empty: any host
 //! tcp_controllers = 2            # host associations at once (one controller each)
@@ -520,6 +520,15 @@ impl Config {
                             format!("directory of {} does not exist", sock.display()),
                         ));
                     }
+                    if c.rdma_listen.is_some()
+                        && c.namespaces.iter().any(|n| n.backend.starts_with("nvme:"))
+                    {
+                        return Err(field(
+                            at("rdma_listen"),
+                            "an nvme: namespace (zero copy into one VM's memory) cannot be \
+                             shared with an NVMe/RDMA export",
+                        ));
+                    }
                 }
                 (None, Some(addr)) => {
                     if addr.parse::<std::net::SocketAddr>().is_err() {
@@ -539,8 +548,12 @@ impl Config {
                         ));
                     }
                 }
+                (None, None) if c.rdma_listen.is_some() => {}
                 (None, None) => {
-                    return Err(field(at("socket"), "socket or tcp_listen is required"));
+                    return Err(field(
+                        at("socket"),
+                        "socket, tcp_listen or rdma_listen is required",
+                    ));
                 }
             }
             let nqn_ok = |n: &str| {
@@ -560,30 +573,28 @@ impl Config {
             if let Some(h) = c.allowed_hosts.iter().find(|h| !nqn_ok(h)) {
                 return Err(field(at("allowed_hosts"), format!("{h:?} is not an NQN")));
             }
-            if let Some(addr) = &c.rdma_listen {
-                if c.tcp_listen.is_none() {
-                    return Err(field(
-                        at("rdma_listen"),
-                        "with tcp_listen: the subsystem's controllers are served on both",
-                    ));
-                }
-                if addr.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(field(
-                        at("rdma_listen"),
-                        "want IP:PORT, e.g. 192.0.2.1:4420",
-                    ));
-                }
+            let fabrics = c.tcp_listen.is_some() || c.rdma_listen.is_some();
+            if let Some(addr) = &c.rdma_listen
+                && addr.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(field(
+                    at("rdma_listen"),
+                    "want IP:PORT, e.g. 192.0.2.1:4420",
+                ));
             }
-            if c.tcp_listen.is_none() && !c.allowed_hosts.is_empty() {
+            if !fabrics && !c.allowed_hosts.is_empty() {
                 return Err(field(
                     at("allowed_hosts"),
-                    "only for tcp_listen controllers",
+                    "only for tcp_listen or rdma_listen controllers",
                 ));
             }
             let has_nvme = c.namespaces.iter().any(|n| n.backend.starts_with("nvme:"));
             if let Some(n) = c.tcp_controllers {
-                if c.tcp_listen.is_none() || !(1..=15).contains(&n) {
-                    return Err(field(at("tcp_controllers"), "1..=15, with tcp_listen"));
+                if !fabrics || !(1..=15).contains(&n) {
+                    return Err(field(
+                        at("tcp_controllers"),
+                        "1..=15, with tcp_listen or rdma_listen",
+                    ));
                 }
                 if n > 1 && has_nvme {
                     return Err(field(
@@ -800,6 +811,21 @@ mod tests {
     }
 
     #[test]
+    fn an_rdma_export_needs_no_tcp_listen_and_shares_no_nvme_namespace() {
+        let c = parse("[[controller]]\nrdma_listen = \"127.0.0.1:4420\"\n").unwrap();
+        assert_eq!(
+            c.controllers[0].rdma_listen.as_deref(),
+            Some("127.0.0.1:4420")
+        );
+        let e = parse(
+            "[[controller]]\nsocket = \"/tmp/r.sock\"\nrdma_listen = \"127.0.0.1:4420\"\n\
+             [[controller.namespace]]\nbackend = \"nvme:pci:0000:01:00.0\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rdma_listen"), "{e}");
+    }
+
+    #[test]
     fn the_metrics_address_is_checked() {
         let ctrl = "[[controller]]\nsocket = \"/tmp/a.sock\"\n";
         let c = parse(&format!("metrics = \"127.0.0.1:9480\"\n{ctrl}")).unwrap();
@@ -820,10 +846,6 @@ mod tests {
         for (text, field_name) in [
             ("[[controller]]\n", "socket"),
             ("[[controller]]\ntcp_listen = \"localhost\"\n", "tcp_listen"),
-            (
-                "[[controller]]\nsocket = \"/tmp/r.sock\"\nrdma_listen = \"127.0.0.1:4420\"\n",
-                "rdma_listen",
-            ),
             (
                 "[[controller]]\ntcp_listen = \"127.0.0.1:1\"\nrdma_listen = \"rxe0\"\n",
                 "rdma_listen",

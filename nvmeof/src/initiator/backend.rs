@@ -84,7 +84,7 @@ impl TcpBackend {
         let est = session::establish_any(url, &me, 0, timeout).map_err(|mut errs| {
             // the first path's reason, the others logged
             for e in errs.iter().skip(1) {
-                log::warn!("nvme-tcp: {e}");
+                log::warn!("{}: {e}", url.transport.name());
             }
             errs.swap_remove(0)
         })?;
@@ -291,7 +291,7 @@ impl TcpBackend {
                     return true;
                 }
                 Err(s) => {
-                    log::warn!("nvme-tcp {}: Write Zeroes/Deallocate: {s:?}", self.url);
+                    log::warn!("{}: Write Zeroes/Deallocate: {s:?}", self.url);
                 }
             }
         }
@@ -312,7 +312,8 @@ impl TcpBackend {
                 self.drop_connection(false);
             }
             log::info!(
-                "nvme-tcp {}: I/O resumes on {} new connection(s) ({} commands to resend)",
+                "{} {}: I/O resumes on {} new connection(s) ({} commands to resend)",
+                self.url.transport.name(),
                 qs.first().map_or("?", HostQueue::peer),
                 qs.len(),
                 self.waiting.len()
@@ -363,7 +364,8 @@ impl TcpBackend {
 
     fn lost(&mut self, e: &QueueError) {
         log::warn!(
-            "nvme-tcp {}: I/O connection lost: {e}",
+            "{} {}: I/O connection lost: {e}",
+            self.url.transport.name(),
             self.io.first().map_or("?", HostQueue::peer)
         );
         self.drop_connection(true);
@@ -381,7 +383,7 @@ impl TcpBackend {
         if !self.fast_failed {
             self.fast_failed = true;
             log::warn!(
-                "nvme-tcp {}: no connection for {tmo:?} (fast_io_fail_tmo): failing {} commands and new ones while reconnecting",
+                "{}: no connection for {tmo:?} (fast_io_fail_tmo): failing {} commands and new ones while reconnecting",
                 self.url,
                 self.waiting.len()
             );
@@ -495,7 +497,7 @@ impl Backend for TcpBackend {
         let (sqe, from_c, to_c) = match req.op {
             IoOp::Read | IoOp::Write { .. } if len as usize > self.ns.max_transfer => {
                 log::warn!(
-                    "nvme-tcp {}: {len}-byte transfer above the target's limit of {}",
+                    "{}: {len}-byte transfer above the target's limit of {}",
                     self.url,
                     self.ns.max_transfer
                 );

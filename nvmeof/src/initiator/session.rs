@@ -174,10 +174,7 @@ pub(crate) fn establish(
     }
     log::info!(
         "{} {p}: controller {} of {}, namespace {} {} blocks of {} bytes, {} I/O queue(s) of {} slots, {} in-capsule bytes{}{}",
-        match url.transport {
-            super::Transport::Tcp => "nvme-tcp",
-            super::Transport::Rdma => "nvme-rdma",
-        },
+        url.transport.name(),
         admin.cntlid(),
         url.subnqn,
         url.nsid,
@@ -264,6 +261,7 @@ impl Session {
             stop: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
         });
+        let thread = format!("{}-session", url.transport.name());
         let sup = Supervisor {
             session: Arc::clone(&s),
             url,
@@ -272,7 +270,7 @@ impl Session {
             path,
         };
         std::thread::Builder::new()
-            .name("nvme-tcp-session".into())
+            .name(thread)
             .spawn(move || sup.run(admin))
             .map_err(SessionError::Thread)?;
         Ok(s)
@@ -368,7 +366,8 @@ impl Supervisor {
             };
             admin.shutdown();
             log::warn!(
-                "nvme-tcp {}: {why}; reconnecting (controller loss timeout {:?})",
+                "{} {}: {why}; reconnecting (controller loss timeout {:?})",
+                self.url.transport.name(),
                 self.url.paths[self.path],
                 self.url.ctrl_loss_tmo
             );
@@ -384,7 +383,8 @@ impl Supervisor {
                         if e.ns.blocks != self.ns.blocks || e.ns.lba_shift != self.ns.lba_shift =>
                     {
                         log::error!(
-                            "nvme-tcp {}: namespace {} changed size or format across the reconnect; not using it",
+                            "{} {}: namespace {} changed size or format across the reconnect; not using it",
+                            self.url.transport.name(),
                             self.url.paths[e.path],
                             self.ns.nsid
                         );
@@ -393,7 +393,8 @@ impl Supervisor {
                         admin = e.admin;
                         if e.path != self.path {
                             log::warn!(
-                                "nvme-tcp: failed over from {} to {}",
+                                "{}: failed over from {} to {}",
+                                self.url.transport.name(),
                                 self.url.paths[self.path],
                                 self.url.paths[e.path]
                             );
@@ -409,7 +410,8 @@ impl Supervisor {
                         }
                         s.reconnects.fetch_add(1, Ordering::Relaxed);
                         log::info!(
-                            "nvme-tcp {}: reconnected after {:?}",
+                            "{} {}: reconnected after {:?}",
+                            self.url.transport.name(),
                             self.url.paths[self.path],
                             since.elapsed()
                         );
@@ -417,13 +419,14 @@ impl Supervisor {
                     }
                     Err(errors) => {
                         for e in errors {
-                            log::info!("nvme-tcp reconnect: {e}");
+                            log::info!("{} reconnect: {e}", self.url.transport.name());
                         }
                     }
                 }
                 if since.elapsed() >= self.url.ctrl_loss_tmo {
                     log::error!(
-                        "nvme-tcp {}: no connection within the controller loss timeout ({:?}); failing I/O",
+                        "{} {}: no connection within the controller loss timeout ({:?}); failing I/O",
+                        self.url.transport.name(),
                         self.url.paths[self.path],
                         self.url.ctrl_loss_tmo
                     );

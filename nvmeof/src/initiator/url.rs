@@ -28,6 +28,16 @@ pub enum Transport {
     Rdma,
 }
 
+impl Transport {
+    /// The transport as logs name it (`nvme-tcp`, `nvme-rdma`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "nvme-tcp",
+            Transport::Rdma => "nvme-rdma",
+        }
+    }
+}
+
 /// A parsed `nvme-tcp://` or `nvme-rdma://` address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpUrl {

@@ -16,15 +16,15 @@ use vnvme::supervisor::{Supervisor, SupervisorOptions, worker_args};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// vfio-user socket of the controller (with --ns; use --config for several controllers)
-    #[arg(long, conflicts_with = "config", required_unless_present_any = ["config", "tcp_listen"])]
+    #[arg(long, conflicts_with = "config", required_unless_present_any = ["config", "tcp_listen", "rdma_listen"])]
     pub socket: Option<PathBuf>,
     /// export over NVMe/TCP on IP:PORT (with --socket too: a second controller of the same
     /// subsystem, sharing the namespaces)
     #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
     pub tcp_listen: Option<String>,
-    /// serve the --tcp-listen export over NVMe/RDMA too, on IP:PORT (an address of an RDMA
-    /// device's interface, e.g. a Soft-RoCE link's)
-    #[arg(long, value_name = "IP:PORT", requires = "tcp_listen")]
+    /// export over NVMe/RDMA on IP:PORT (an address of an RDMA device's interface, e.g. a
+    /// Soft-RoCE link's); with --tcp-listen, the same controllers over both
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "config")]
     pub rdma_listen: Option<String>,
     /// subsystem NQN (default nqn.2026-11.io.vnvme:SERIAL)
     #[arg(long, conflicts_with = "config")]
@@ -88,7 +88,9 @@ impl ServeArgs {
                  a controller without namespaces has nothing to serve, and namespaces can only \
                  be created at run time with a namespace_pool (--config)"
             ),
-            (None, sock) if sock.is_some() || self.tcp_listen.is_some() => {
+            (None, sock)
+                if sock.is_some() || self.tcp_listen.is_some() || self.rdma_listen.is_some() =>
+            {
                 let served = Served {
                     socket: sock.clone(),
                     tcp_listen: self.tcp_listen.clone(),

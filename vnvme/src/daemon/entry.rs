@@ -198,8 +198,12 @@ impl Entry {
         place: &mut Placement,
         exports: &mut Exports,
     ) -> Result<(), DaemonError> {
-        let Some(addr) = self.spec.tcp_listen.clone() else {
-            return Ok(());
+        let tcp = self.spec.tcp_listen.clone();
+        let rdma = self.spec.rdma_listen.clone();
+        let (kind, addr) = match (&tcp, &rdma) {
+            (Some(t), _) => ("tcp", t.clone()),
+            (None, Some(r)) => ("rdma", r.clone()),
+            (None, None) => return Ok(()),
         };
         for k in 0..tcp_count {
             let cntlid = tcp_cntlid(index, &self.spec, k);
@@ -221,7 +225,7 @@ impl Entry {
             self.controllers.push(ControllerInfo {
                 entry: index,
                 cntlid,
-                kind: "tcp",
+                kind,
                 vf: None,
                 endpoint: addr.clone(),
                 stats: Arc::clone(&b.stats),
@@ -238,22 +242,26 @@ impl Entry {
                 io_queues: b.max_io_queues,
                 max_transfer: 4096 << b.mdts,
             };
-            let rdma = self.spec.rdma_listen.clone();
-            match exports.iter_mut().find(|x| x.tcp == addr) {
+            // one target per NVMe/TCP address; an RDMA-only export per RDMA address
+            let same = |x: &Export| match &tcp {
+                Some(_) => x.tcp == tcp,
+                None => x.tcp.is_none() && x.rdma.first() == rdma.as_ref(),
+            };
+            match exports.iter_mut().find(|x| same(x)) {
                 Some(x) => {
                     x.list.push(export);
                     if !x.entries.contains(&index) {
                         x.entries.push(index);
                     }
-                    if let Some(r) = rdma
+                    if let Some(r) = rdma.clone()
                         && !x.rdma.contains(&r)
                     {
                         x.rdma.push(r);
                     }
                 }
                 None => exports.push(Export {
-                    tcp: addr.clone(),
-                    rdma: rdma.into_iter().collect(),
+                    tcp: tcp.clone(),
+                    rdma: rdma.clone().into_iter().collect(),
                     list: vec![export],
                     entries: vec![index],
                 }),

@@ -58,7 +58,8 @@ type Exports = Vec<Export>;
 /// The controllers exported on one NVMe/TCP address (and the RDMA addresses they are
 /// served on as well), and the entries they belong to.
 struct Export {
-    tcp: String,
+    /// The NVMe/TCP listen address, none for an export over NVMe/RDMA only.
+    tcp: Option<String>,
     rdma: Vec<String>,
     list: Vec<ExportSpec>,
     entries: Vec<usize>,
@@ -172,18 +173,20 @@ impl Daemon {
             entries,
         } in exports
         {
-            let sa: SocketAddr = addr
-                .parse()
-                .map_err(|_| DaemonError::Address(addr.clone()))?;
+            let mut tcp_sa: Vec<SocketAddr> = Vec::new();
+            if let Some(a) = &addr {
+                tcp_sa.push(a.parse().map_err(|_| DaemonError::Address(a.clone()))?);
+            }
             let mut rdma_sa = Vec::new();
             for r in &rdma {
                 rdma_sa.push(r.parse().map_err(|_| DaemonError::Address(r.clone()))?);
             }
-            let t =
-                TcpTarget::start_on(&[sa], &rdma_sa, list).map_err(|source| DaemonError::Tcp {
-                    addr: addr.clone(),
+            let t = TcpTarget::start_on(&tcp_sa, &rdma_sa, list).map_err(|source| {
+                DaemonError::Tcp {
+                    addr: addr.clone().unwrap_or_else(|| rdma.join(",")),
                     source,
-                })?;
+                }
+            })?;
             self.targets.push((entries, t));
         }
         Ok(())

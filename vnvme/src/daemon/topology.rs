@@ -20,7 +20,7 @@ pub(super) fn tcp_cntlid(index: usize, spec: &ControllerSpec, k: usize) -> u16 {
 
 /// How many NVMe/TCP controllers entry `spec` gets (each host association takes one).
 pub(super) fn tcp_controllers(spec: &ControllerSpec) -> usize {
-    if spec.tcp_listen.is_none() {
+    if spec.tcp_listen.is_none() && spec.rdma_listen.is_none() {
         return 0;
     }
     let nvme_backend = spec

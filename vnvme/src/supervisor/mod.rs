@@ -173,9 +173,9 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         }
     }
     for c in &cfg.controllers {
-        if c.tcp_listen.is_some() {
+        if c.tcp_listen.is_some() || c.rdma_listen.is_some() {
             return Err(SupervisorError::Unsupported(
-                "NVMe/TCP exports (tcp_listen)".into(),
+                "NVMe-oF exports (tcp_listen, rdma_listen)".into(),
             ));
         }
         if c.vfs.unwrap_or(0) > 0 {
