@@ -80,8 +80,8 @@ impl<T> YieldLock<T> {
 
     /// Take the lock if it is free.
     pub fn try_lock(&self) -> Option<YieldGuard<'_, T>> {
-        (!self.locked.load(Ordering::Relaxed) && self.try_take())
-            .then_some(YieldGuard { lock: self })
+        // `then`, not `then_some`: a guard built for nothing would release the lock on drop
+        (!self.locked.load(Ordering::Relaxed) && self.try_take()).then(|| YieldGuard { lock: self })
     }
 
     /// The value, the lock no longer needed.
@@ -155,6 +155,11 @@ mod tests {
         {
             let _g = l.lock();
             assert!(l.try_lock().is_none());
+            // a failed try leaves the lock with its holder
+            assert!(
+                l.try_lock().is_none(),
+                "a failed try_lock released the lock"
+            );
         }
         let l2 = l.clone();
         let r = std::thread::spawn(move || {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use sys_util::{YieldGuard, YieldLock};
 
-use device_model::backend::{Backend, IoBuffer, IoOp, IoRequest};
+use device_model::backend::{Backend, GuestBufferList, IoBuffer, IoOp, IoRequest};
 use nvme_spec::Status;
 
 use super::error::{LvolError, Result};
@@ -241,6 +241,8 @@ impl Store {
             vol: id,
             user,
             describe: format!("lvol:{}/{name}", self.name),
+            queued: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -326,6 +328,20 @@ pub struct LvolBackend {
     vol: u32,
     user: usize,
     describe: String,
+    /// Requests taken while the store's lock was held elsewhere (a management operation:
+    /// an inflate may hold it for long), started by the first poll that gets the lock. The
+    /// reactor never waits for the lock on the data path.
+    queued: Vec<Queued>,
+    /// Buffer lists of started queued requests, for reuse.
+    spare: Vec<GuestBufferList>,
+}
+
+/// A request waiting for the store's lock.
+struct Queued {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    list: GuestBufferList,
 }
 
 impl std::fmt::Debug for LvolBackend {
@@ -348,13 +364,46 @@ impl Backend for LvolBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> std::result::Result<(), Status> {
-        lock(&self.core).submit(self.user, self.vol, req)?;
+        if self.queued.is_empty()
+            && let Some(mut c) = self.core.try_lock()
+        {
+            c.submit(self.user, self.vol, req)?;
+            self.in_flight += 1;
+            return Ok(());
+        }
+        // the store is busy elsewhere (or requests wait already: they keep their order)
+        if req.op != IoOp::Flush
+            && req
+                .offset
+                .checked_add(req.len())
+                .is_none_or(|end| end > self.size.load(Ordering::Relaxed))
+        {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        let mut list = self.spare.pop().unwrap_or_default();
+        list.set_range(req.iov, 0, req.iov.len());
+        self.queued.push(Queued {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            list,
+        });
         self.in_flight += 1;
         Ok(())
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        let mut c = lock(&self.core);
+        let Some(mut c) = self.core.try_lock() else {
+            return 0; // a management operation holds the store: next poll
+        };
+        if !self.queued.is_empty() {
+            start_queued(
+                &mut c,
+                (self.user, self.vol),
+                &mut self.queued,
+                &mut self.spare,
+            );
+        }
         c.poll_base();
         let Some(u) = c.dp.users.get_mut(self.user) else {
             return 0;
@@ -385,6 +434,29 @@ impl Backend for LvolBackend {
     fn capacity_warning(&self) -> Option<u8> {
         let w = self.warning.load(Ordering::Relaxed);
         (w != NO_WARNING).then_some(w)
+    }
+}
+
+/// Start the requests `queued` by handle `user` on volume `vol`; one the store refuses
+/// completes with the refusal. Their buffer lists go to `spare`.
+fn start_queued(
+    c: &mut Core,
+    (user, vol): (usize, u32),
+    queued: &mut Vec<Queued>,
+    spare: &mut Vec<GuestBufferList>,
+) {
+    for mut q in queued.drain(..) {
+        let req = IoRequest {
+            tag: q.tag,
+            op: q.op,
+            offset: q.offset,
+            iov: q.list.as_buffers(),
+        };
+        if let Err(s) = c.submit(user, vol, &req) {
+            c.dp.refused(user, q.tag, s);
+        }
+        q.list.clear();
+        spare.push(q.list);
     }
 }
 

@@ -189,6 +189,15 @@ impl DataPath {
         writes.map_or(DirectEnd::Read, DirectEnd::Wrote)
     }
 
+    /// A request of handle `user` the store refused before starting it.
+    pub(crate) fn refused(&mut self, user: usize, tag: u64, status: Status) {
+        if let Some(u) = self.users.get_mut(user)
+            && u.taken
+        {
+            u.done.push((tag, status));
+        }
+    }
+
     pub(super) fn push_done(&mut self, user: usize, tag: u64, status: Status) {
         if let Some(u) = self.users.get_mut(user) {
             u.pending = u.pending.saturating_sub(1);

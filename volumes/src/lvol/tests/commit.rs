@@ -187,3 +187,77 @@ fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_vol
     let report = check(base.as_mut()).unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
+
+/// While a management operation holds the store (here: the test, through the lock itself),
+/// a volume's submit and poll return at once; the request waits in the handle and runs
+/// when the lock is free again.
+#[test]
+fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let opts = StoreOptions {
+        name: "pool".into(),
+        cluster_size: MIB,
+        journal_len: None,
+    };
+    let store = Store::format(Box::new(MallocBackend::new(32 * MIB).unwrap()), &opts).unwrap();
+    store.create("a", 4 * MIB, false).unwrap();
+    let mut a = store.open("a").unwrap();
+    let (held_tx, held_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _core = store.core();
+            held_tx.send(()).unwrap();
+            // released by the test, or after 2 s should the test be stuck in the lock
+            let _ = release_rx.recv_timeout(Duration::from_secs(2));
+        })
+    };
+    held_rx.recv().unwrap();
+    let data = vec![0x3cu8; 4096];
+    let t = Instant::now();
+    let _w = submit(&mut a, 7, IoOp::Write { fua: false }, 8192, &data);
+    let _f = submit(&mut a, 8, IoOp::Flush, 0, &[]);
+    assert_eq!(completions(&mut a), []);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "submit or poll waited for the store's lock ({:?})",
+        t.elapsed()
+    );
+    assert_eq!(a.in_flight(), 2);
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.len() < 2 {
+        assert!(t.elapsed().as_secs() < 10, "the queued requests never ran");
+        got.extend(completions(&mut a));
+    }
+    assert_eq!(got, [(7, Status::SUCCESS), (8, Status::SUCCESS)]);
+    assert_eq!(io::read(&mut a, 8192, 4096).1, data);
+    // out of range while queued: refused at submit, as without the queue
+    let holder = {
+        let store = store.clone();
+        let (held_tx, held_rx) = mpsc::channel();
+        let h = std::thread::spawn(move || {
+            let _core = store.core();
+            held_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        held_rx.recv().unwrap();
+        h
+    };
+    let buf = IoBuffer::new(4096);
+    let mut list = GuestBufferList::new();
+    list.set_range(buf.buffers(), 0, 4096);
+    let r = a.submit(&IoRequest {
+        tag: 9,
+        op: IoOp::Read,
+        offset: 4 * MIB,
+        iov: list.as_buffers(),
+    });
+    assert_eq!(r, Err(Status::LBA_OUT_OF_RANGE));
+    holder.join().unwrap();
+}
