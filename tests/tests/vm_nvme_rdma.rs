@@ -4,8 +4,8 @@
 //! discovery log lists the RDMA port, fio writes and verifies (crc32c) over it, Identify
 //! shows the fabric fields, and the host disconnects cleanly. The same target is then
 //! measured over RDMA and over NVMe/TCP (fio 4 KiB random reads) for BENCHMARKS.md; a
-//! second daemon exports over NVMe/RDMA alone (no `--tcp-listen`) and is discovered,
-//! connected, written and read back. Before any RDMA link exists
+//! second daemon exports over NVMe/RDMA alone (no `--tcp-listen`) and is discovered (by
+//! nvme-cli and by `vnvme discover -t rdma`), connected, written and read back. Before any RDMA link exists
 //! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error; a
 //! hostile host (`src/bin/rdma_hostile_peer.rs`: a connect request for too large a queue, a
 //! short capsule, a keyed SGL with a key never registered, more commands than queue
@@ -77,6 +77,10 @@ echo @@RONLY-BEGIN
   > /tmp/daemon2.log 2>&1 &)
 for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/daemon2.log && break; sleep 0.1; done
 nvme discover -t rdma -a $ADDR -s 4430
+echo @@VDISC-BEGIN
+rc=0; /tmp/h/vnvme discover -t rdma $ADDR:4430 || rc=$?
+echo "vdisc-rc $rc"
+echo @@VDISC-END
 rc=0; nvme connect -t rdma -a $ADDR -s 4430 -n $NQN.only || rc=$?
 echo; echo "ronly-connect-rc $rc"
 dev=""
@@ -210,6 +214,13 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
     assert!(
         ronly.contains("trtype:  rdma") && ronly.contains(&format!("{NQN}.only")),
         "the RDMA-only export is not in its discovery log:\n{ronly}"
+    );
+    // vnvme's own discover over RDMA
+    let vdisc = section(&out, "@@VDISC");
+    assert_eq!(value(&out, "vdisc-rc"), Some("0"), "{vdisc}");
+    assert!(
+        vdisc.contains("trtype:  rdma") && vdisc.contains(&format!("{NQN}.only")),
+        "vnvme discover -t rdma:\n{vdisc}"
     );
     assert_eq!(value(&out, "ronly-connect-rc"), Some("0"), "{ronly}");
     assert_eq!(value(&out, "ronly-match"), Some("yes"), "{ronly}");

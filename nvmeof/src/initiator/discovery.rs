@@ -47,8 +47,17 @@ impl DiscoveryRecord {
     }
 }
 
-/// Read the discovery log of the discovery controller at `host:port`.
+/// Read the discovery log of the NVMe/TCP discovery controller at `host:port`.
 pub fn discover(path: &str, timeout: Duration) -> Result<Vec<DiscoveryRecord>, SessionError> {
+    discover_over(path, super::Transport::Tcp, timeout)
+}
+
+/// Read the discovery log of the discovery controller at `host:port` over `transport`.
+pub fn discover_over(
+    path: &str,
+    transport: super::Transport,
+    timeout: Duration,
+) -> Result<Vec<DiscoveryRecord>, SessionError> {
     let me = HostIdentity::local();
     let q = |source| SessionError::Queue {
         path: path.into(),
@@ -62,7 +71,7 @@ pub fn discover(path: &str, timeout: Duration) -> Result<Vec<DiscoveryRecord>, S
         hostid: me.id,
         header_digest: false,
         data_digest: false,
-        transport: super::Transport::Tcp,
+        transport,
         timeout,
     };
     let mut admin = HostQueue::connect(&params, 0, 32, CNTLID_DYNAMIC, 0).map_err(q)?;

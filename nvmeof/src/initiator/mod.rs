@@ -22,7 +22,7 @@ mod session;
 mod url;
 
 pub use backend::TcpBackend;
-pub use discovery::{DiscoveryRecord, discover};
+pub use discovery::{DiscoveryRecord, discover, discover_over};
 pub use host_identity::HostIdentity;
 pub use session::{RemoteNamespace, SessionError};
 pub use url::{RDMA_SCHEME, SCHEME, TcpUrl, Transport, UrlError, is_fabrics_url};

@@ -1,13 +1,25 @@
-//! `vnvme discover HOST:PORT`: read an NVMe/TCP discovery controller's log (70h) and print
-//! its records as `nvme discover` does, or JSON with `--json`.
+//! `vnvme discover [-t tcp|rdma] HOST:PORT`: read a discovery controller's log (70h) over
+//! NVMe/TCP or NVMe/RDMA and print its records as `nvme discover` does, or JSON with `--json`.
 
 use std::time::Duration;
+
+use nvmeof::initiator::Transport;
+
+/// The transport of the discovery controller (nvme-cli's `-t`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TransportArg {
+    Tcp,
+    Rdma,
+}
 
 /// List the subsystems a discovery controller points to.
 #[derive(Debug, clap::Args)]
 pub struct DiscoverArgs {
-    /// HOST:PORT of the discovery controller (NVMe/TCP)
+    /// HOST:PORT of the discovery controller
     pub address: String,
+    /// transport to reach it over
+    #[arg(short = 't', long, value_enum, default_value = "tcp")]
+    pub transport: TransportArg,
     /// machine-readable output
     #[arg(long)]
     pub json: bool,
@@ -17,7 +29,15 @@ pub struct DiscoverArgs {
 }
 
 pub fn run(args: &DiscoverArgs) -> anyhow::Result<i32> {
-    let records = nvmeof::initiator::discover(&args.address, Duration::from_secs(args.timeout))?;
+    let transport = match args.transport {
+        TransportArg::Tcp => Transport::Tcp,
+        TransportArg::Rdma => Transport::Rdma,
+    };
+    let records = nvmeof::initiator::discover_over(
+        &args.address,
+        transport,
+        Duration::from_secs(args.timeout),
+    )?;
     if args.json {
         let v: Vec<serde_json::Value> = records
             .iter()
