@@ -118,7 +118,8 @@ impl Core {
     /// Start a commit for the requests waiting for one, unless a commit is running (they
     /// get the next).
     pub(crate) fn kick_commit(&mut self) {
-        if self.job.is_none() && !self.dp.commit_waiting.is_empty() {
+        if self.job.is_none() && (self.commit_wanted || !self.dp.commit_waiting.is_empty()) {
+            self.commit_wanted = false;
             let waiters = std::mem::take(&mut self.dp.commit_waiting);
             self.start_commit(waiters);
         }
@@ -316,6 +317,8 @@ impl Core {
                 Status::INTERNAL_ERROR
             }
         };
+        // parked writes learn whether the commit freed enough (or that the store failed)
+        self.space_due |= !self.parked.is_empty();
         self.answer(c.waiters, status);
     }
 

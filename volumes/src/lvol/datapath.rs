@@ -12,7 +12,7 @@ use device_model::backend::{GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::Status;
 
 use super::commit::COMMIT;
-use super::inflight::{Action, DIRECT, DirectEnd};
+use super::inflight::{Action, DIRECT, Touch};
 use super::map::{Entry, all_set, set_bits};
 use super::store::Core;
 use super::syncio::INTERNAL;
@@ -66,13 +66,12 @@ impl Core {
         if writes && spans as usize > self.free.len() {
             let need = self.clusters_needed(vol, req.offset, len, req.op, thin);
             if need > self.free.len() {
-                if self.reclaim().is_err() {
-                    return Err(Status::INTERNAL_ERROR);
+                // clusters released but not yet reusable: wait for them (`space.rs`)
+                if self.space_coming(need) && self.failed.is_none() {
+                    self.park_for_space(user, vol, req);
+                    return Ok(());
                 }
-                self.apply_deferred();
-                if need > self.free.len() {
-                    return Err(Status::CAPACITY_EXCEEDED);
-                }
+                return Err(Status::CAPACITY_EXCEEDED);
             }
         }
         let fua = matches!(req.op, IoOp::Write { fua: true });
@@ -147,10 +146,14 @@ impl Core {
         let e = match entry {
             Entry::Unmapped => return fill_zero(iov, boff, n),
             Entry::Full(c) => {
-                let off = self.geo.cluster_at(*c) + coff;
+                let (c, off) = (*c, self.geo.cluster_at(*c) + coff);
+                let touch = Some(Touch {
+                    cluster: c,
+                    write: false,
+                });
                 return self.sub(
                     r,
-                    (Action::None, None),
+                    (Action::None, touch),
                     IoOp::Read,
                     off,
                     Some((iov, boff, n)),
@@ -173,9 +176,13 @@ impl Core {
                 None => fill_zero(iov, at, stop - pos),
                 Some(c) => {
                     let off = self.geo.cluster_at(c) + pos;
+                    let touch = Some(Touch {
+                        cluster: c,
+                        write: false,
+                    });
                     self.sub(
                         r,
-                        (Action::None, None),
+                        (Action::None, touch),
                         IoOp::Read,
                         off,
                         Some((iov, at, stop - pos)),
@@ -187,16 +194,19 @@ impl Core {
     }
 
     /// Submit one base request for guest request `r`: what its completion changes, and
-    /// the physical cluster it writes (counted in `cluster_writes` by the caller).
+    /// the physical cluster it reads or writes (counted while in flight).
     pub(crate) fn sub(
         &mut self,
         r: u32,
-        (action, writes): (Action, Option<u32>),
+        (action, touch): (Action, Option<Touch>),
         op: IoOp,
         offset: u64,
         data: Option<(GuestBuffers<'_>, u64, u64)>,
     ) {
-        let i = self.dp.new_sub(r, action, writes);
+        if let Some(t) = touch {
+            self.touch(t);
+        }
+        let i = self.dp.new_sub(r, action, touch);
         let s = &mut self.dp.subs[i as usize];
         if let Some((iov, boff, len)) = data {
             s.list.set_range(iov, boff, len);
@@ -244,22 +254,19 @@ impl Core {
             Action::None
         };
         let off = self.geo.cluster_at(top) + coff;
-        self.cluster_writes[top as usize] += 1;
+        let touch = Some(Touch {
+            cluster: top,
+            write: true,
+        });
         match data {
             Some((iov, boff)) => self.sub(
                 r,
-                (action, Some(top)),
+                (action, touch),
                 IoOp::Write { fua: false },
                 off,
                 Some((iov, boff, n)),
             ),
-            None => self.sub(
-                r,
-                (action, Some(top)),
-                IoOp::WriteZeroes { len: n },
-                off,
-                None,
-            ),
+            None => self.sub(r, (action, touch), IoOp::WriteZeroes { len: n }, off, None),
         }
         Ok(())
     }
@@ -322,12 +329,10 @@ impl Core {
 
     /// A base request finished.
     fn complete_sub(&mut self, tag: u64, status: Status) {
-        if tag & (INTERNAL | DIRECT) == DIRECT {
-            match self.dp.direct_done(tag as u32, status) {
-                DirectEnd::Unknown => {}
-                DirectEnd::Read => return,
-                DirectEnd::Wrote(c) => return self.wrote(c),
-            }
+        if tag & (INTERNAL | DIRECT) == DIRECT
+            && let Some(t) = self.dp.direct_done(tag as u32, status)
+        {
+            return self.untouch(t);
         }
         if tag & INTERNAL != 0 {
             if tag & COMMIT != 0 {
@@ -342,12 +347,12 @@ impl Core {
             );
             return;
         };
-        let (req, action, writes) = (s.req, s.action, s.writes);
+        let (req, action, touch) = (s.req, s.action, s.touch);
         s.list.clear();
         self.dp.free_subs.push(tag as u32);
         self.dp.in_flight -= 1;
-        if let Some(c) = writes {
-            self.wrote(c);
+        if let Some(t) = touch {
+            self.untouch(t);
         }
         match action {
             Action::Bits {
@@ -406,8 +411,11 @@ impl Core {
         self.dp.scratch = got;
         self.apply_deferred();
         self.retry_stalled();
+        if self.quarantine_due {
+            self.release_quarantine();
+        }
+        self.retry_parked();
         self.kick_commit();
-        self.release_quarantine();
     }
 
     /// Apply the data completions that arrived during metadata I/O.

@@ -8,7 +8,7 @@
 use device_model::backend::{IoOp, IoRequest};
 use nvme_spec::Status;
 
-use super::inflight::DIRECT;
+use super::inflight::{DIRECT, Touch};
 use super::map::Entry;
 use super::store::Core;
 
@@ -53,11 +53,12 @@ impl Core {
         req: &IoRequest<'_>,
         (at, c): (u64, u32),
     ) -> Result<(), Status> {
-        let write = req.op != IoOp::Read;
-        let i = self.dp.start_direct(user, req.tag, write.then_some(c));
-        if write {
-            self.cluster_writes[c as usize] += 1;
-        }
+        let touch = Touch {
+            cluster: c,
+            write: req.op != IoOp::Read,
+        };
+        let i = self.dp.start_direct(user, req.tag, touch);
+        self.touch(touch);
         let r = self.base.submit(&IoRequest {
             tag: DIRECT | u64::from(i),
             op: req.op,
@@ -66,9 +67,7 @@ impl Core {
         });
         if r.is_err() {
             self.dp.finish_direct(i);
-            if write {
-                self.wrote(c);
-            }
+            self.untouch(touch);
         }
         r
     }

@@ -15,7 +15,7 @@
 use device_model::backend::{GuestBufferList, GuestBuffers, IoBuffer, IoOp};
 use nvme_spec::Status;
 
-use super::inflight::Action;
+use super::inflight::{Action, Touch};
 use super::map::{Entry, bit};
 use super::store::Core;
 
@@ -144,32 +144,38 @@ impl Core {
         };
         *self.filling.entry((vol, l)).or_default() += 1;
         match src {
-            Some(c) => {
-                let off = self.geo.cluster_at(c) + u64::from(g) * gs;
-                self.fill_io(r, Action::FillRead(f), IoOp::Read, off);
-            }
+            Some(c) => self.fill_io(r, Action::FillRead(f), IoOp::Read, c),
             None => self.fill_write(r, f),
         }
     }
 
-    /// Submit the read or the write of fill `f` over its buffer.
-    fn fill_io(&mut self, r: u32, action: Action, op: IoOp, off: u64) {
+    /// Submit the read or the write of fill `f` over its buffer, on cluster `c`.
+    fn fill_io(&mut self, r: u32, action: Action, op: IoOp, c: u32) {
         let f = match action {
             Action::FillRead(f) | Action::FillWrite(f) => f as usize,
             _ => return,
         };
         let gs = self.geo.granule;
+        let off = self.geo.cluster_at(c) + u64::from(self.fills[f].g) * gs;
+        let touch = Touch {
+            cluster: c,
+            write: op != IoOp::Read,
+        };
         let buf = std::mem::replace(&mut self.fills[f].buf, IoBuffer::new(0));
-        self.sub(r, (action, None), op, off, Some((buf.buffers(), 0, gs)));
+        self.sub(
+            r,
+            (action, Some(touch)),
+            op,
+            off,
+            Some((buf.buffers(), 0, gs)),
+        );
         self.fills[f].buf = buf;
     }
 
     /// Write fill `f`'s granule (read, or zeroes) to the top.
     fn fill_write(&mut self, r: u32, f: u32) {
-        let (top, g) = (self.fills[f as usize].top, self.fills[f as usize].g);
-        let off = self.geo.cluster_at(top) + u64::from(g) * self.geo.granule;
-        self.cluster_writes[top as usize] += 1;
-        self.fill_io(r, Action::FillWrite(f), IoOp::Write { fua: false }, off);
+        let top = self.fills[f as usize].top;
+        self.fill_io(r, Action::FillWrite(f), IoOp::Write { fua: false }, top);
     }
 
     /// A fill's read (`write` false) or write completed for guest request `r`.
@@ -181,9 +187,6 @@ impl Core {
         let fill = &mut self.fills[f as usize];
         fill.live = false;
         let (vol, l, top, g) = (fill.vol, fill.l, fill.top, fill.g);
-        if write {
-            self.wrote(top);
-        }
         if let Some(n) = self.filling.get_mut(&(vol, l)) {
             *n -= 1;
             if *n == 0 {
@@ -207,15 +210,42 @@ impl Core {
         self.retry_due = true;
     }
 
-    /// A write to physical cluster `c` landed (or failed).
+    /// A base request on a physical cluster starts.
     #[inline]
-    pub(crate) fn wrote(&mut self, c: u32) {
-        if let Some(w) = self.cluster_writes.get_mut(c as usize) {
-            *w -= 1;
-            if *w == 0 && !self.stalled.is_empty() {
-                self.retry_due = true;
+    pub(crate) fn touch(&mut self, t: Touch) {
+        let counts = if t.write {
+            &mut self.cluster_writes
+        } else {
+            &mut self.cluster_reads
+        };
+        if let Some(n) = counts.get_mut(t.cluster as usize) {
+            *n += 1;
+        }
+    }
+
+    /// A base request on a physical cluster ended: a stalled piece or a quarantined
+    /// cluster may have waited for it.
+    #[inline]
+    pub(crate) fn untouch(&mut self, t: Touch) {
+        let counts = if t.write {
+            &mut self.cluster_writes
+        } else {
+            &mut self.cluster_reads
+        };
+        if let Some(n) = counts.get_mut(t.cluster as usize) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.retry_due |= t.write && !self.stalled.is_empty();
+                self.quarantine_due |= !self.quarantine.is_empty();
             }
         }
+    }
+
+    /// No base request is in flight on physical cluster `c`.
+    pub(crate) fn cluster_idle(&self, c: u32) -> bool {
+        let i = c as usize;
+        self.cluster_writes.get(i).is_none_or(|&n| n == 0)
+            && self.cluster_reads.get(i).is_none_or(|&n| n == 0)
     }
 
     /// Try the stalled pieces again (what they waited for completed).

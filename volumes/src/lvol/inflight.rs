@@ -8,14 +8,12 @@ use nvme_spec::Status;
 /// below it (data slab slots never reach it; metadata tags have `syncio::INTERNAL`, above).
 pub(crate) const DIRECT: u64 = 1 << 38;
 
-/// What a fast-path completion was.
-pub(super) enum DirectEnd {
-    /// No fast-path request has that slot.
-    Unknown,
-    /// A read.
-    Read,
-    /// A write to this physical cluster.
-    Wrote(u32),
+/// The physical cluster a base request reads or writes (counted per cluster in the core
+/// while in flight: fills wait for writes, freed clusters for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Touch {
+    pub(crate) cluster: u32,
+    pub(crate) write: bool,
 }
 
 /// One guest request in flight.
@@ -57,8 +55,8 @@ pub(super) struct Sub {
     pub(super) req: u32,
     pub(super) list: GuestBufferList,
     pub(super) action: Action,
-    /// The physical cluster it writes (counted in the core's `cluster_writes`).
-    pub(super) writes: Option<u32>,
+    /// The physical cluster it reads or writes.
+    pub(super) touch: Option<Touch>,
 }
 
 /// A handle's completions.
@@ -77,8 +75,8 @@ pub struct DataPath {
     pub(super) subs: Vec<Sub>,
     pub(super) free_subs: Vec<u32>,
     pub(super) in_flight: usize,
-    /// Fast-path requests in flight: handle, tag, and the cluster a write writes, by slot.
-    pub(super) directs: Vec<(usize, u64, Option<u32>)>,
+    /// Fast-path requests in flight: handle, tag, and the cluster it reads or writes.
+    pub(super) directs: Vec<(usize, u64, Touch)>,
     pub(super) free_directs: Vec<u32>,
     pub(crate) users: Vec<User>,
     /// Requests waiting for a commit to start: Flushes, and writes (FUA, or with mapping
@@ -129,7 +127,7 @@ impl DataPath {
         }
     }
 
-    pub(super) fn new_sub(&mut self, req: u32, action: Action, writes: Option<u32>) -> u32 {
+    pub(super) fn new_sub(&mut self, req: u32, action: Action, touch: Option<Touch>) -> u32 {
         self.reqs[req as usize].left += 1;
         self.in_flight += 1;
         let i = if let Some(i) = self.free_subs.pop() {
@@ -141,52 +139,50 @@ impl DataPath {
         let s = &mut self.subs[i as usize];
         s.req = req;
         s.action = action;
-        s.writes = writes;
+        s.touch = touch;
         s.list.clear();
         i
     }
 
     /// A fast-path request of handle `user` starts; its slot.
     #[inline]
-    pub(super) fn start_direct(&mut self, user: usize, tag: u64, writes: Option<u32>) -> u32 {
+    pub(super) fn start_direct(&mut self, user: usize, tag: u64, touch: Touch) -> u32 {
         if let Some(u) = self.users.get_mut(user) {
             u.pending += 1;
         }
         self.in_flight += 1;
         if let Some(i) = self.free_directs.pop() {
-            self.directs[i as usize] = (user, tag, writes);
+            self.directs[i as usize] = (user, tag, touch);
             i
         } else {
-            self.directs.push((user, tag, writes));
+            self.directs.push((user, tag, touch));
             (self.directs.len() - 1) as u32
         }
     }
 
-    /// Fast-path slot `i` is done (or was never started): its handle, tag and written
-    /// cluster.
+    /// Fast-path slot `i` is done (or was never started): its handle, tag and cluster.
     #[inline]
-    pub(super) fn finish_direct(&mut self, i: u32) -> Option<(usize, u64, Option<u32>)> {
-        let (user, tag, writes) = *self.directs.get(i as usize)?;
+    pub(super) fn finish_direct(&mut self, i: u32) -> Option<(usize, u64, Touch)> {
+        let (user, tag, touch) = *self.directs.get(i as usize)?;
         self.free_directs.push(i);
         self.in_flight -= 1;
         if let Some(u) = self.users.get_mut(user) {
             u.pending = u.pending.saturating_sub(1);
         }
-        Some((user, tag, writes))
+        Some((user, tag, touch))
     }
 
-    /// A fast-path request completed with `status`.
+    /// A fast-path request completed with `status`: the cluster it touched, none when no
+    /// fast-path request has slot `i`.
     #[inline]
-    pub(super) fn direct_done(&mut self, i: u32, status: Status) -> DirectEnd {
-        let Some((user, tag, writes)) = self.finish_direct(i) else {
-            return DirectEnd::Unknown;
-        };
+    pub(super) fn direct_done(&mut self, i: u32, status: Status) -> Option<Touch> {
+        let (user, tag, touch) = self.finish_direct(i)?;
         if let Some(u) = self.users.get_mut(user)
             && u.taken
         {
             u.done.push((tag, status));
         }
-        writes.map_or(DirectEnd::Read, DirectEnd::Wrote)
+        Some(touch)
     }
 
     /// A request of handle `user` the store refused before starting it.

@@ -16,7 +16,7 @@
 //! - `ops.rs`: management (create, delete, resize, rename, snapshot, clone, inflate);
 //! - `datapath.rs`, `direct.rs`, `cow.rs`, `fill.rs`: guest I/O (the general path and the
 //!   fast path of a whole-cluster entry), copy-on-write, and partial granules copied up
-//!   without waiting in place;
+//!   without waiting in place; `space.rs`: writes that wait for freed clusters;
 //! - [`backend`]: [`Store`] and [`LvolBackend`] (a volume as a namespace backend);
 //! - [`check`]: the offline checker.
 
@@ -38,6 +38,7 @@ pub mod map;
 pub mod meta;
 mod ops;
 pub mod records;
+mod space;
 mod store;
 pub mod superblock;
 mod syncio;

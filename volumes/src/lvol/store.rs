@@ -26,6 +26,7 @@ use super::fill::{Fill, Stalled};
 use super::inflight::DataPath;
 use super::meta::Meta;
 use super::records::{self, Record, ScanEnd};
+use super::space::Parked;
 use super::superblock::{Geometry, SB_SIZE, Superblock};
 use super::syncio::SyncIo;
 
@@ -70,7 +71,7 @@ pub struct Core {
     pub(crate) free: Vec<u32>,
     /// Clusters whose last reference went, not yet committed as such.
     pub(crate) pending_free: Vec<u32>,
-    /// Committed free, but data requests started before may still write them.
+    /// Committed free, but base requests started before may still read or write them.
     pub(crate) quarantine: Vec<u32>,
     /// Records not yet written.
     pub(crate) records: Vec<Record>,
@@ -90,8 +91,17 @@ pub struct Core {
     pub(crate) failed: Option<String>,
     /// Guest requests in flight, handles.
     pub(crate) dp: DataPath,
-    /// Data writes in flight per physical cluster (`fill.rs` waits for an entry's to land).
+    /// Data writes and reads in flight per physical cluster (`fill.rs` waits for an
+    /// entry's writes to land; a quarantined cluster for both).
     pub(crate) cluster_writes: Vec<u32>,
+    pub(crate) cluster_reads: Vec<u32>,
+    /// A quarantined cluster may have gone idle.
+    pub(crate) quarantine_due: bool,
+    /// Writes waiting for clusters to be freed (`space.rs`), and whether some were.
+    pub(crate) parked: Vec<Parked>,
+    pub(crate) space_due: bool,
+    /// A commit is wanted with no request waiting for it (to free clusters).
+    pub(crate) commit_wanted: bool,
     /// Pieces of guest writes waiting for a fill, fills running, and per entry how many.
     pub(crate) stalled: Vec<Stalled>,
     pub(crate) fills: Vec<Fill>,
@@ -245,6 +255,11 @@ impl Core {
             failed: None,
             dp: DataPath::default(),
             cluster_writes: vec![0; clusters],
+            cluster_reads: vec![0; clusters],
+            quarantine_due: false,
+            parked: Vec::new(),
+            space_due: false,
+            commit_wanted: false,
             stalled: Vec::new(),
             fills: Vec::new(),
             filling: HashMap::new(),
@@ -355,15 +370,6 @@ impl Core {
                     entry: e.clone(),
                 });
             }
-        }
-    }
-
-    /// Hand quarantined clusters out again once no data request started before their
-    /// release can still write them.
-    pub(crate) fn release_quarantine(&mut self) {
-        if self.dp.in_flight() == 0 && !self.quarantine.is_empty() {
-            self.free.append(&mut self.quarantine);
-            self.update_warning();
         }
     }
 

@@ -261,3 +261,198 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
     assert_eq!(r, Err(Status::LBA_OUT_OF_RANGE));
     holder.join().unwrap();
 }
+
+/// A write to a full thin store that needs a cluster a Deallocate released waits for the
+/// commit that makes it reusable, without the submitter waiting for the base; it then
+/// completes and reads back.
+#[test]
+fn a_write_waiting_for_a_released_cluster_waits_for_its_commit_not_in_place() {
+    let disk = SharedSource::new(Box::new(MallocBackend::new(40 * MIB).unwrap()));
+    let open = Arc::new(AtomicBool::new(true));
+    let polls = Arc::new(AtomicU64::new(0));
+    let base = SlowFlush {
+        inner: Box::new(disk.handle().unwrap()),
+        flushes: Vec::new(),
+        held: Vec::new(),
+        open: open.clone(),
+        polls: polls.clone(),
+        patience: 10_000,
+    };
+    let opts = StoreOptions {
+        name: "pool".into(),
+        cluster_size: MIB,
+        journal_len: None,
+    };
+    let store = Store::format(Box::new(base), &opts).unwrap();
+    let n = store.status().clusters_free;
+    store.create("t", n * MIB, true).unwrap();
+    let mut t = store.open("t").unwrap();
+    let data = vec![0x6bu8; 4096];
+    for c in 0..n {
+        let (st, _) = io::run(
+            &mut t,
+            IoOp::Write { fua: false },
+            c * MIB,
+            Some(&data),
+            4096,
+        );
+        assert_eq!(st, Status::SUCCESS, "cluster {c}");
+    }
+    assert_eq!(store.status().clusters_free, 0);
+    let (st, _) = io::run(&mut t, IoOp::Deallocate { len: MIB }, 0, None, 0);
+    assert_eq!(st, Status::SUCCESS);
+
+    open.store(false, Ordering::Relaxed);
+    let before = polls.load(Ordering::Relaxed);
+    let fresh = vec![0x9eu8; 4096];
+    let _w = submit(&mut t, 5, IoOp::Write { fua: false }, 8192, &fresh);
+    assert_eq!(
+        polls.load(Ordering::Relaxed),
+        before,
+        "the write waited for the commit in place"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            completions(&mut t),
+            [],
+            "written before the cluster was free"
+        );
+    }
+    open.store(true, Ordering::Relaxed);
+    let mut got = Vec::new();
+    let s = std::time::Instant::now();
+    while got.is_empty() {
+        assert!(s.elapsed().as_secs() < 10, "the parked write never ran");
+        got.extend(completions(&mut t));
+    }
+    assert_eq!(got, [(5, Status::SUCCESS)]);
+    let (st, back) = io::read(&mut t, 8192, 4096);
+    assert_eq!((st, back), (Status::SUCCESS, fresh));
+    // with nothing released, a write to an unmapped cluster is refused at once
+    let (st, _) = io::run(&mut t, IoOp::Deallocate { len: MIB }, MIB, None, 0);
+    assert_eq!(st, Status::SUCCESS);
+    assert_eq!(io::flush(&mut t), Status::SUCCESS);
+    assert_eq!(
+        io::write_status(&mut t),
+        Status::SUCCESS,
+        "cluster 0 is mapped"
+    );
+    let (st, _) = io::run(&mut t, IoOp::Write { fua: false }, MIB, Some(&data), 4096);
+    assert_eq!(st, Status::SUCCESS, "the cluster the flush released");
+    let (st, _) = io::run(&mut t, IoOp::Deallocate { len: MIB }, MIB, None, 0);
+    assert_eq!(st, Status::SUCCESS);
+    drop(t);
+    store.create("u", 2 * MIB, true).unwrap();
+    let mut u = store.open("u").unwrap();
+    let two = vec![1u8; 8192];
+    let (st, _) = io::run(
+        &mut u,
+        IoOp::Write { fua: false },
+        MIB - 4096,
+        Some(&two),
+        8192,
+    );
+    assert_eq!(st, Status::CAPACITY_EXCEEDED, "two clusters, one coming");
+}
+
+/// Holds the completion of writes at one base offset (the test picks it) until told.
+struct HoldAt {
+    inner: Box<dyn Backend>,
+    /// The offset of the last data write seen, and the offset whose writes are held.
+    last_write: Arc<AtomicU64>,
+    hold: Arc<AtomicU64>,
+    tags: Vec<u64>,
+    held: Vec<(u64, Status)>,
+}
+
+impl Backend for HoldAt {
+    fn describe(&self) -> String {
+        "hold-at".into()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if matches!(req.op, IoOp::Write { .. }) {
+            self.last_write.store(req.offset, Ordering::Relaxed);
+            if req.offset == self.hold.load(Ordering::Relaxed) {
+                self.tags.push(req.tag);
+            }
+        }
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let (tags, held) = (&mut self.tags, &mut self.held);
+        let mut n = self.inner.poll(&mut |t, s| {
+            if tags.contains(&t) {
+                held.push((t, s));
+            } else {
+                done(t, s);
+            }
+        });
+        if self.hold.load(Ordering::Relaxed) == u64::MAX {
+            self.tags.clear();
+            for (t, s) in self.held.drain(..) {
+                done(t, s);
+                n += 1;
+            }
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.held.len()
+    }
+}
+
+/// A cluster a Deallocate released is not handed out again while a write to it is still in
+/// flight (it would land in the next owner's data), and is as soon as that write ends.
+#[test]
+fn a_released_cluster_is_reused_only_once_its_last_request_ended() {
+    let last_write = Arc::new(AtomicU64::new(0));
+    let hold = Arc::new(AtomicU64::new(u64::MAX));
+    let base = HoldAt {
+        inner: Box::new(MallocBackend::new(32 * MIB).unwrap()),
+        last_write: last_write.clone(),
+        hold: hold.clone(),
+        tags: Vec::new(),
+        held: Vec::new(),
+    };
+    let opts = StoreOptions {
+        name: "pool".into(),
+        cluster_size: MIB,
+        journal_len: None,
+    };
+    let store = Store::format(Box::new(base), &opts).unwrap();
+    store.create("a", 4 * MIB, true).unwrap();
+    let mut a = store.open("a").unwrap();
+    let data = vec![0x11u8; 4096];
+    let (st, _) = io::run(&mut a, IoOp::Write { fua: false }, 0, Some(&data), 4096);
+    assert_eq!(st, Status::SUCCESS);
+    let block = last_write.load(Ordering::Relaxed);
+    assert_eq!(io::flush(&mut a), Status::SUCCESS);
+    let free = store.status().clusters_free;
+    // a second write to the same block stays in flight
+    hold.store(block, Ordering::Relaxed);
+    let _w = submit(&mut a, 1, IoOp::Write { fua: false }, 0, &data);
+    let (st, _) = io::run(&mut a, IoOp::Deallocate { len: MIB }, 0, None, 0);
+    assert_eq!(st, Status::SUCCESS);
+    let _f = submit(&mut a, 2, IoOp::Flush, 0, &[]);
+    let mut got = Vec::new();
+    let t = std::time::Instant::now();
+    while !got.iter().any(|&(t, _)| t == 2) {
+        assert!(t.elapsed().as_secs() < 10, "the Flush never completed");
+        got.extend(completions(&mut a));
+    }
+    assert_eq!(
+        store.status().clusters_free,
+        free,
+        "the released cluster was handed out with a write in flight to it"
+    );
+    hold.store(u64::MAX, Ordering::Relaxed);
+    while !got.iter().any(|&(t, _)| t == 1) {
+        assert!(t.elapsed().as_secs() < 10, "the held write never completed");
+        got.extend(completions(&mut a));
+    }
+    completions(&mut a);
+    assert_eq!(store.status().clusters_free, free + 1, "released once idle");
+}
