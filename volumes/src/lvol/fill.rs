@@ -210,15 +210,21 @@ impl Core {
         self.retry_due = true;
     }
 
-    /// A base request on a physical cluster starts.
+    /// The in-flight count of `t`'s cluster and kind.
     #[inline]
-    pub(crate) fn touch(&mut self, t: Touch) {
+    fn count_of(&mut self, t: Touch) -> Option<&mut u32> {
         let counts = if t.write {
             &mut self.cluster_writes
         } else {
             &mut self.cluster_reads
         };
-        if let Some(n) = counts.get_mut(t.cluster as usize) {
+        counts.get_mut(t.cluster as usize)
+    }
+
+    /// A base request on a physical cluster starts.
+    #[inline]
+    pub(crate) fn touch(&mut self, t: Touch) {
+        if let Some(n) = self.count_of(t) {
             *n += 1;
         }
     }
@@ -227,17 +233,13 @@ impl Core {
     /// cluster may have waited for it.
     #[inline]
     pub(crate) fn untouch(&mut self, t: Touch) {
-        let counts = if t.write {
-            &mut self.cluster_writes
-        } else {
-            &mut self.cluster_reads
+        let Some(n) = self.count_of(t) else {
+            return;
         };
-        if let Some(n) = counts.get_mut(t.cluster as usize) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.retry_due |= t.write && !self.stalled.is_empty();
-                self.quarantine_due |= !self.quarantine.is_empty();
-            }
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.retry_due |= t.write && !self.stalled.is_empty();
+            self.quarantine_due |= !self.quarantine.is_empty();
         }
     }
 

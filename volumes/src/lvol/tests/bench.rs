@@ -9,6 +9,7 @@ use std::time::Instant;
 use device_model::backend::{Backend, IoOp, IoRequest};
 use nvme_spec::Status;
 
+use super::gate::mib_store;
 use super::io::Rng;
 use crate::lvol::map::Entry;
 use crate::lvol::{Store, StoreOptions, check};
@@ -252,15 +253,7 @@ fn thick_thin_and_cow_vs_raw_ram_4k_qd32_in_process() {
     touch(&mut raw);
     let mut base = MallocBackend::new(3 * size + (64 << 20)).unwrap();
     touch(&mut base);
-    let store = Store::format(
-        Box::new(base),
-        &StoreOptions {
-            name: "b".into(),
-            cluster_size: 1 << 20,
-            journal_len: None,
-        },
-    )
-    .unwrap();
+    let store = mib_store(Box::new(base));
     store.create("thick", size, false).unwrap();
     let mut thick = store.open("thick").unwrap();
     touch(&mut thick);
@@ -318,15 +311,7 @@ fn per_io_cost_of_a_thick_volume_against_its_base() {
     let mut b: Box<dyn Backend> = if only == "raw" {
         Box::new(MallocBackend::new(size).unwrap())
     } else {
-        let store = Store::format(
-            Box::new(MallocBackend::new(size + (16 << 20)).unwrap()),
-            &StoreOptions {
-                name: "b".into(),
-                cluster_size: 1 << 20,
-                journal_len: None,
-            },
-        )
-        .unwrap();
+        let store = mib_store(Box::new(MallocBackend::new(size + (16 << 20)).unwrap()));
         store.create("thick", size, false).unwrap();
         Box::new(store.open("thick").unwrap())
     };

@@ -3,66 +3,14 @@
 //! and writing, and the Flush completes when the base does (with what it covered durable).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use device_model::backend::{
-    Backend, GuestBufferList, IoBuffer, IoOp, IoRequest, MallocBackend, SharedSource,
-};
+use device_model::backend::{Backend, GuestBufferList, IoBuffer, IoOp, IoRequest, MallocBackend};
 use nvme_spec::Status;
 
+use super::gate::{Hold, MIB, gated_store, mib_store};
 use super::io;
-use crate::lvol::{Store, StoreOptions, check};
-
-const MIB: u64 = 1 << 20;
-
-/// A base whose Flush completions wait until the gate opens (or the base was polled
-/// `patience` times, so that a store that waits for its flush in place ends instead of
-/// hanging the test: the test then sees the polls it should not have made).
-struct SlowFlush {
-    inner: Box<dyn Backend>,
-    flushes: Vec<u64>,
-    held: Vec<(u64, Status)>,
-    open: Arc<AtomicBool>,
-    polls: Arc<AtomicU64>,
-    patience: u64,
-}
-
-impl Backend for SlowFlush {
-    fn describe(&self) -> String {
-        "slow-flush".into()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        if req.op == IoOp::Flush {
-            self.flushes.push(req.tag);
-        }
-        self.inner.submit(req)
-    }
-    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        let polls = self.polls.fetch_add(1, Ordering::Relaxed) + 1;
-        let (flushes, held) = (&mut self.flushes, &mut self.held);
-        let mut n = self.inner.poll(&mut |t, s| {
-            if flushes.contains(&t) {
-                held.push((t, s));
-            } else {
-                done(t, s);
-            }
-        });
-        if self.open.load(Ordering::Relaxed) || polls > self.patience {
-            for (t, s) in self.held.drain(..) {
-                self.flushes.retain(|&f| f != t);
-                done(t, s);
-                n += 1;
-            }
-        }
-        n
-    }
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.held.len()
-    }
-}
+use crate::lvol::{Store, check};
 
 /// A request kept in flight by the test.
 pub(super) struct Pending {
@@ -98,23 +46,7 @@ pub(super) fn completions(b: &mut dyn Backend) -> Vec<(u64, Status)> {
 
 #[test]
 fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_volumes() {
-    let disk = SharedSource::new(Box::new(MallocBackend::new(64 * MIB).unwrap()));
-    let open = Arc::new(AtomicBool::new(true));
-    let polls = Arc::new(AtomicU64::new(0));
-    let base = SlowFlush {
-        inner: Box::new(disk.handle().unwrap()),
-        flushes: Vec::new(),
-        held: Vec::new(),
-        open: open.clone(),
-        polls: polls.clone(),
-        patience: 10_000,
-    };
-    let opts = StoreOptions {
-        name: "pool".into(),
-        cluster_size: MIB,
-        journal_len: None,
-    };
-    let store = Store::format(Box::new(base), &opts).unwrap();
+    let (store, gate, disk) = gated_store(64 * MIB, Hold::Flushes);
     store.create("a", 8 * MIB, true).unwrap();
     store.create("b", 8 * MIB, true).unwrap();
     let mut a = store.open("a").unwrap();
@@ -130,11 +62,11 @@ fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_vol
     );
     assert_eq!(st, Status::SUCCESS);
 
-    open.store(false, Ordering::Relaxed);
-    let before = polls.load(Ordering::Relaxed);
+    gate.close();
+    let before = gate.polls();
     let _flush = submit(&mut a, 1, IoOp::Flush, 0, &[]);
     assert_eq!(
-        polls.load(Ordering::Relaxed),
+        gate.polls(),
         before,
         "submitting a Flush waited for the base in place"
     );
@@ -154,12 +86,12 @@ fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_vol
         assert_eq!(completions(&mut a), [], "completed before the base's flush");
     }
     assert!(
-        polls.load(Ordering::Relaxed) - before < 1_000,
+        gate.polls() - before < 1_000,
         "the store polled its base in place"
     );
     // a Flush on `b` arriving meanwhile joins the next commit
     let _flush_b = submit(&mut b, 3, IoOp::Flush, 0, &[]);
-    open.store(true, Ordering::Relaxed);
+    gate.open();
     let mut got_a = Vec::new();
     let mut got_b = Vec::new();
     let t = std::time::Instant::now();
@@ -196,12 +128,7 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    let opts = StoreOptions {
-        name: "pool".into(),
-        cluster_size: MIB,
-        journal_len: None,
-    };
-    let store = Store::format(Box::new(MallocBackend::new(32 * MIB).unwrap()), &opts).unwrap();
+    let store = mib_store(Box::new(MallocBackend::new(32 * MIB).unwrap()));
     store.create("a", 4 * MIB, false).unwrap();
     let mut a = store.open("a").unwrap();
     let (held_tx, held_rx) = mpsc::channel();
@@ -267,23 +194,7 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
 /// completes and reads back.
 #[test]
 fn a_write_waiting_for_a_released_cluster_waits_for_its_commit_not_in_place() {
-    let disk = SharedSource::new(Box::new(MallocBackend::new(40 * MIB).unwrap()));
-    let open = Arc::new(AtomicBool::new(true));
-    let polls = Arc::new(AtomicU64::new(0));
-    let base = SlowFlush {
-        inner: Box::new(disk.handle().unwrap()),
-        flushes: Vec::new(),
-        held: Vec::new(),
-        open: open.clone(),
-        polls: polls.clone(),
-        patience: 10_000,
-    };
-    let opts = StoreOptions {
-        name: "pool".into(),
-        cluster_size: MIB,
-        journal_len: None,
-    };
-    let store = Store::format(Box::new(base), &opts).unwrap();
+    let (store, gate, _disk) = gated_store(40 * MIB, Hold::Flushes);
     let n = store.status().clusters_free;
     store.create("t", n * MIB, true).unwrap();
     let mut t = store.open("t").unwrap();
@@ -302,12 +213,12 @@ fn a_write_waiting_for_a_released_cluster_waits_for_its_commit_not_in_place() {
     let (st, _) = io::run(&mut t, IoOp::Deallocate { len: MIB }, 0, None, 0);
     assert_eq!(st, Status::SUCCESS);
 
-    open.store(false, Ordering::Relaxed);
-    let before = polls.load(Ordering::Relaxed);
+    gate.close();
+    let before = gate.polls();
     let fresh = vec![0x9eu8; 4096];
     let _w = submit(&mut t, 5, IoOp::Write { fua: false }, 8192, &fresh);
     assert_eq!(
-        polls.load(Ordering::Relaxed),
+        gate.polls(),
         before,
         "the write waited for the commit in place"
     );
@@ -318,7 +229,7 @@ fn a_write_waiting_for_a_released_cluster_waits_for_its_commit_not_in_place() {
             "written before the cluster was free"
         );
     }
-    open.store(true, Ordering::Relaxed);
+    gate.open();
     let mut got = Vec::new();
     let s = std::time::Instant::now();
     while got.is_empty() {
@@ -417,12 +328,7 @@ fn a_released_cluster_is_reused_only_once_its_last_request_ended() {
         tags: Vec::new(),
         held: Vec::new(),
     };
-    let opts = StoreOptions {
-        name: "pool".into(),
-        cluster_size: MIB,
-        journal_len: None,
-    };
-    let store = Store::format(Box::new(base), &opts).unwrap();
+    let store = mib_store(Box::new(base));
     store.create("a", 4 * MIB, true).unwrap();
     let mut a = store.open("a").unwrap();
     let data = vec![0x11u8; 4096];

@@ -13,4 +13,5 @@ mod crash;
 mod crash_disk;
 mod crash_qd;
 mod fill;
+mod gate;
 mod io;
