@@ -56,7 +56,8 @@ impl QosControl {
         }
     }
 
-    fn generation(&self) -> u64 {
+    /// Counts changes.
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 }

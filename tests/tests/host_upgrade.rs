@@ -61,6 +61,20 @@ fn rpc(sock: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&o.stdout).expect("JSON answer")
 }
 
+/// An RPC the supervisor refuses: its error message.
+fn rpc_refused(sock: &Path, args: &[&str]) -> String {
+    let o = Command::new(vnvme_binary())
+        .arg("rpc")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("vnvme rpc");
+    assert!(!o.status.success(), "rpc {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 fn status(sock: &Path) -> (u64, u64, u64, u64) {
     let s = rpc(sock, &["daemon_status"]);
     let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -157,6 +171,26 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
     let (_, generation0, _, _) = status(&rpc_sock);
     assert_eq!(generation0, 1);
 
+    // a limit set at run time (high enough not to slow the run) outlives every worker
+    let list = rpc(&rpc_sock, &["controller_list"]);
+    let cntlid = list[0]["cntlid"].as_u64().expect("cntlid");
+    rpc(
+        &rpc_sock,
+        &["qos_set", &format!("cntlid={cntlid}"), "iops=9000000"],
+    );
+    // what the next worker would lose is refused, saying so
+    let nqn = rpc(&rpc_sock, &["subsystem_list"])[0]["nqn"]
+        .as_str()
+        .expect("nqn")
+        .to_owned();
+    let e = rpc_refused(
+        &rpc_sock,
+        &["ns_add", &format!("nqn={nqn}"), "backend=null:1M"],
+    );
+    assert!(
+        e.contains("ns_add: refused under --supervised") && e.contains("configuration"),
+        "{e}"
+    );
     let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 24)).collect();
     std::thread::sleep(Duration::from_millis(1500));
     for i in 0..5 {
@@ -180,6 +214,16 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
     // the rest of the management plane still reaches the worker through the supervisor
     let list = rpc(&rpc_sock, &["controller_list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    let limited = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["cntlid"].as_u64() == Some(cntlid));
+    assert_eq!(
+        limited.map(|c| c["iops_limit"].clone()),
+        Some(serde_json::json!(9_000_000)),
+        "the run-time QoS limit after 5 upgrades and 5 kills: {list}"
+    );
 
     for (p, s) in perfs.into_iter().zip(&socks) {
         let (ok, out) = finish(p);

@@ -21,6 +21,9 @@ impl Controller {
     /// One pass of the data plane: doorbells, command fetch and dispatch, backend
     /// completions, interrupts. Returns how much work was done (0 = idle).
     pub fn poll(&mut self) -> usize {
+        if self.journal.is_some() {
+            self.save_qos_change();
+        }
         if self.quiesce.resetting.is_some() {
             return self.poll_reset();
         }

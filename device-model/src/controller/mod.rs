@@ -176,6 +176,11 @@ pub struct Controller {
     warned_doorbell: bool,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
+    /// The QoS generation last written to the journal (a change is saved at the next poll),
+    /// and whether this process has written the journal yet: a new worker must not write
+    /// it before it restored from it.
+    pub(crate) qos_saved: u64,
+    pub(crate) journal_owned: bool,
     /// Reset and shutdown in progress, queues retired with requests still out.
     pub(crate) quiesce: crate::quiesce::Quiesce,
     /// Iovec storage lent to commands in flight, and how many are in flight.
@@ -252,6 +257,8 @@ impl Controller {
             warned_doorbell: false,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
+            qos_saved: 0,
+            journal_owned: false,
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,

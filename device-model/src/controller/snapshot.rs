@@ -4,11 +4,13 @@
 //! journal tells which commands were fetched and not completed, and which completion was
 //! being posted).
 //!
-//! The slow-state blob is a little-endian record (version 1) of the registers, the features,
-//! the shadow doorbell addresses, every queue's geometry, and the admin completion about to
-//! be posted (its effect is in the same blob, so recovery never runs an admin command twice).
-//! Queued asynchronous events, the error log and SMART counters are not carried (they start
-//! empty in the new worker), nor namespace changes made at run time.
+//! The slow-state blob is a little-endian record (version 2) of the registers, the features,
+//! the shadow doorbell addresses, every queue's geometry, the admin completion about to be
+//! posted (its effect is in the same blob, so recovery never runs an admin command twice)
+//! and the QoS limits (set at run time by the management plane: a tenant throttled before
+//! an upgrade stays throttled after it; version 1 blobs, without them, still load). Queued
+//! asynchronous events, the error log and SMART counters are not carried (they start empty
+//! in the new worker), nor namespace changes made at run time.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -25,7 +27,9 @@ use crate::state::features::Features;
 
 use super::Controller;
 
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The version before the QoS limits were carried (still read).
+const VERSION_NO_QOS: u32 = 1;
 const OP_ASYNC_EVENT_REQUEST: u8 = 0x0c;
 
 /// What a restore found and did (logged by the worker, counted by tests).
@@ -135,6 +139,8 @@ struct Blob {
     /// id, base, size, cqid
     sqs: Vec<(u16, u64, u32, u16)>,
     pending: Option<PendingAdmin>,
+    /// QoS limits (none in a version 1 blob: the configuration's stay).
+    qos: Option<crate::qos::QosLimits>,
 }
 
 impl Controller {
@@ -156,6 +162,14 @@ impl Controller {
             .sq(0)
             .map_or(0, |sq| self.admin.events.slots.len().min(sq.in_flight()));
         self.commands_in_flight <= parked && self.quiesce.retired_requests() == 0
+    }
+
+    /// QoS limits changed by the management plane since the last save: save them (the next
+    /// worker must keep a tenant's limits).
+    pub(super) fn save_qos_change(&mut self) {
+        if self.journal_owned && self.qos_control.generation() != self.qos_saved {
+            self.save_blob(None);
+        }
     }
 
     /// Write the slow state now (a planned upgrade, after draining). Errors are logged.
@@ -272,13 +286,17 @@ impl Controller {
             }
             None => w.u8(0),
         }
+        let q = self.qos_control.get();
+        w.u64(q.iops.unwrap_or(0));
+        w.u64(q.bytes_per_sec.unwrap_or(0));
         w.0
     }
 
     #[allow(clippy::many_single_char_names)]
     fn decode(&self, b: &[u8]) -> Option<Blob> {
         let mut r = R(b);
-        if r.u32()? != VERSION {
+        let version = r.u32()?;
+        if version != VERSION && version != VERSION_NO_QOS {
             return None;
         }
         let (cc, csts, aqa, asq, acq, intms, page_size) = (
@@ -359,6 +377,15 @@ impl Controller {
         } else {
             None
         };
+        let qos = if version >= VERSION {
+            let n = |v: u64| (v != 0).then_some(v);
+            Some(crate::qos::QosLimits {
+                iops: n(r.u64()?),
+                bytes_per_sec: n(r.u64()?),
+            })
+        } else {
+            None
+        };
         (page_size.is_power_of_two() && (4096..=1 << 16).contains(&page_size)).then_some(Blob {
             cc,
             csts,
@@ -372,6 +399,7 @@ impl Controller {
             cqs,
             sqs,
             pending,
+            qos,
         })
     }
 
@@ -392,6 +420,8 @@ impl Controller {
             }
         }
         self.journaled_queues = now;
+        self.journal_owned = true;
+        self.qos_saved = self.qos_control.generation();
         if let Err(e) = j.save_blob(&self.encode(pending)) {
             crate::error_limited!("{}: state not saved: {e}", self.cfg.serial);
         }
@@ -446,6 +476,8 @@ impl Controller {
         let Some(j) = self.journal.clone() else {
             return Ok(out);
         };
+        // from here on the journal is this worker's to write (whatever it held is read now)
+        self.journal_owned = true;
         let Some(raw) = j.load_blob() else {
             return Ok(out);
         };
@@ -456,6 +488,9 @@ impl Controller {
             );
             return Ok(out);
         };
+        if let Some(q) = b.qos {
+            self.qos_control.set(q);
+        }
         self.regs.cc = Cc(b.cc);
         self.regs.aqa = Aqa(b.aqa);
         self.regs.asq = b.asq;

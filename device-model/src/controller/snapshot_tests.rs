@@ -227,3 +227,42 @@ fn a_corrupt_state_memfd_never_panics_the_restore() {
     }
     let _ = std::fs::remove_file(&file);
 }
+
+/// QoS limits set at run time go to the journal at the next poll and come back in the next
+/// worker, whose polls before its restore do not overwrite the saved state.
+#[test]
+fn run_time_qos_limits_outlive_the_worker_and_polls_before_restore_write_nothing() {
+    let file = std::env::temp_dir().join(format!("vnvme-qos-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let state = Journal::create().unwrap();
+    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+    let mut h = Harness::with_journal(namespace(&file), j);
+    assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    let limits = crate::qos::QosLimits {
+        iops: Some(12_345),
+        bytes_per_sec: Some(67_890_000),
+    };
+    h.ctrl.qos_control().set(limits);
+    h.ctrl.poll();
+    // the next worker: its reactor polls before the supervisor asks it to restore
+    let mut c = Controller::new(
+        Harness::config(),
+        Arc::clone(&h.mem),
+        Arc::clone(&h.doorbells),
+        namespace(&file),
+    );
+    c.attach_journal(Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap());
+    c.qos_control().set(crate::qos::QosLimits::default());
+    for _ in 0..3 {
+        c.poll();
+    }
+    std::mem::forget(std::mem::replace(&mut h.ctrl, c));
+    let r = h.ctrl.restore().unwrap();
+    assert!(
+        r.enabled,
+        "the saved state was overwritten before the restore"
+    );
+    assert_eq!(h.ctrl.qos_control().get(), limits);
+    assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    let _ = std::fs::remove_file(&file);
+}

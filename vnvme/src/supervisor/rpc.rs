@@ -76,6 +76,13 @@ fn serve(s: &UnixStream, sup: &mut Supervisor) -> std::io::Result<()> {
                 },
             }
         }
+        m if NOT_CARRIED.contains(&m) => refused(
+            &id,
+            &format!(
+                "{m}: refused under --supervised: the next worker (after an upgrade or a crash) \
+                 starts from the configuration and would lose it; put it in the configuration"
+            ),
+        ),
         _ => match sup.worker_rpc().map(|p| forward(p, &line)) {
             Some(Ok(reply)) => {
                 let mut w = s;
@@ -89,6 +96,26 @@ fn serve(s: &UnixStream, sup: &mut Supervisor) -> std::io::Result<()> {
     let mut w = s;
     w.write_all(format!("{answer}\n").as_bytes())
 }
+
+/// Management calls whose effect lives only in the worker's memory (namespaces, subsystems,
+/// VFs, stores and arrays made or removed at run time): a replaced worker would lose it and
+/// the guest would see a namespace vanish, so the supervisor refuses them. Calls whose effect
+/// is on disk (volumes of a configured store) or carried in the state memfd (`qos_set`) go
+/// through.
+const NOT_CARRIED: &[&str] = &[
+    "subsystem_create",
+    "subsystem_delete",
+    "ns_create",
+    "ns_delete",
+    "ns_add",
+    "ns_attach",
+    "ns_detach",
+    "vf_enable",
+    "lvs_create",
+    "lvs_delete",
+    "raid_create",
+    "raid_delete",
+];
 
 fn refused(id: &Value, msg: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code::REFUSED, "message": msg}})
