@@ -243,6 +243,7 @@ impl Store {
             describe: format!("lvol:{}/{name}", self.name),
             queued: Vec::new(),
             spare: Vec::new(),
+            usage: UsageCache::default(),
         })
     }
 
@@ -334,6 +335,40 @@ pub struct LvolBackend {
     queued: Vec<Queued>,
     /// Buffer lists of started queued requests, for reuse.
     spare: Vec<GuestBufferList>,
+    /// The last thin usage reported.
+    usage: UsageCache,
+}
+
+/// The last answer of [`Backend::thin_usage`], kept without a lock.
+#[derive(Debug, Default)]
+struct UsageCache {
+    /// 0: none yet, 1: not thin, 2: thin with `used` and `cap`.
+    kind: AtomicU8,
+    used: AtomicU64,
+    cap: AtomicU64,
+}
+
+impl UsageCache {
+    fn set(&self, u: Option<(u64, u64)>) {
+        if let Some((used, cap)) = u {
+            self.used.store(used, Ordering::Relaxed);
+            self.cap.store(cap, Ordering::Relaxed);
+        }
+        self.kind
+            .store(if u.is_some() { 2 } else { 1 }, Ordering::Release);
+    }
+
+    /// The last answer, if there was one (`Err`: none yet).
+    fn last(&self) -> std::result::Result<Option<(u64, u64)>, ()> {
+        match self.kind.load(Ordering::Acquire) {
+            0 => Err(()),
+            1 => Ok(None),
+            _ => Ok(Some((
+                self.used.load(Ordering::Relaxed),
+                self.cap.load(Ordering::Relaxed),
+            ))),
+        }
+    }
 }
 
 /// A request waiting for the store's lock.
@@ -421,14 +456,22 @@ impl Backend for LvolBackend {
     }
 
     fn thin_usage(&self) -> Option<(u64, u64)> {
-        let c = lock(&self.core);
-        let v = c.meta.volumes.get(&self.vol)?;
-        if !v.thin {
-            return None;
-        }
-        let used = c.used_bytes(self.vol);
-        let cap = (used + c.free.len() as u64 * c.geo.cluster_size).min(v.size);
-        Some((used.min(v.size), cap))
+        // Identify asks on the reactor: while a management operation holds the store, the
+        // last answer (a first one waits)
+        let c = match self.core.try_lock() {
+            Some(c) => c,
+            None => match self.usage.last() {
+                Ok(last) => return last,
+                Err(()) => lock(&self.core),
+            },
+        };
+        let now = c.meta.volumes.get(&self.vol).and_then(|v| {
+            let used = c.used_bytes(self.vol);
+            let cap = (used + c.free.len() as u64 * c.geo.cluster_size).min(v.size);
+            v.thin.then_some((used.min(v.size), cap))
+        });
+        self.usage.set(now);
+        now
     }
 
     fn capacity_warning(&self) -> Option<u8> {

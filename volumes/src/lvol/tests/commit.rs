@@ -130,7 +130,11 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
 
     let store = mib_store(Box::new(MallocBackend::new(32 * MIB).unwrap()));
     store.create("a", 4 * MIB, false).unwrap();
+    store.create("t", 4 * MIB, true).unwrap();
     let mut a = store.open("a").unwrap();
+    let t_vol = store.open("t").unwrap();
+    let usage = t_vol.thin_usage();
+    assert_eq!(usage, Some((0, 4 * MIB)));
     let (held_tx, held_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let holder = {
@@ -148,9 +152,14 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
     let _w = submit(&mut a, 7, IoOp::Write { fua: false }, 8192, &data);
     let _f = submit(&mut a, 8, IoOp::Flush, 0, &[]);
     assert_eq!(completions(&mut a), []);
+    assert_eq!(
+        t_vol.thin_usage(),
+        usage,
+        "Identify's answer, from the last one"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(1),
-        "submit or poll waited for the store's lock ({:?})",
+        "submit, poll or thin_usage waited for the store's lock ({:?})",
         t.elapsed()
     );
     assert_eq!(a.in_flight(), 2);
