@@ -5,6 +5,8 @@
 //! after (the columns up to Namespace: a thin volume's usage grows).
 //! QEMU's per-message timeout is left at its default (5 s).
 //!
+//! The guest's SMART log (host write commands, power-on hours) does not go back.
+//!
 //! The controller's second namespace is a thin logical volume (issue 19) whose store lives
 //! on a file: the same fio runs on it at the same time, and 8 MiB the guest wrote and flushed
 //! before the events read back identical after them (a killed worker takes no acknowledged
@@ -58,26 +60,35 @@ const SCRIPT: &str = r#"
 for i in $(seq 1 300); do [ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] && break; sleep 0.1; done
 # a missing node must fail the run: dd and fio would write a plain file of that name
 [ -b /dev/nvme0n1 ] && [ -b /dev/nvme0n2 ] || { echo "namespaces missing"; ls -l /dev/nvme*; exit 1; }
+# the kernel names namespaces in the order its (parallel) scan finds them: pick by NSID
+for d in /sys/block/nvme0n*; do
+  case "$(cat $d/nsid)" in 1) FILE=/dev/${d##*/};; 2) THIN=/dev/${d##*/};; esac
+done
+echo "file-dev $FILE thin-dev $THIN"
+[ -n "$FILE" ] && [ -n "$THIN" ] || { echo "no namespace by NSID"; ls /sys/block/nvme0n1; exit 1; }
 echo @@LIST1-BEGIN; nvme list | cut -c1-116; echo @@LIST1-END
-nvme id-ns /dev/nvme0n2 > /tmp/idns 2>&1 || cat /tmp/idns
+nvme id-ns $THIN > /tmp/idns 2>&1 || cat /tmp/idns
 echo "thin-nsfeat $(awk '/^nsfeat/ {print $3}' /tmp/idns)"
 BEFORE=$(dmesg | wc -l)
 # written and flushed before any event: must read back the same after all of them
 dd if=/dev/urandom of=/tmp/flushed bs=1M count=8 status=none
-dd if=/tmp/flushed of=/dev/nvme0n2 bs=1M seek=100 oflag=direct conv=fsync status=none
+dd if=/tmp/flushed of=$THIN bs=1M seek=100 oflag=direct conv=fsync status=none
 echo "flushed-sum $(md5sum < /tmp/flushed | cut -d' ' -f1)"
 
 # the same job without events first: the latency to compare the stalls with
-fio --name=base --filename=/dev/nvme0n1 --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
+fio --name=base --filename=$FILE --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
   --iodepth=32 --size=64M --time_based --runtime=15 --randrepeat=1 > /tmp/base.out 2>&1
 echo @@BASE-BEGIN; cat /tmp/base.out; echo @@BASE-END
+smart() { nvme smart-log /dev/nvme0 -o json | tr -d ' ,' | grep "\"$1\":" | cut -d: -f2; }
+echo "smart-before $(smart host_write_commands) $(smart power_on_hours)"
 echo @@FIO-START
 fio --direct=1 --ioengine=io_uring --rw=randrw --bs=4k --iodepth=32 --size=64M \
   --time_based --runtime=40 --verify=crc32c --verify_backlog=512 --verify_fatal=1 \
-  --randrepeat=1 --name=upg --filename=/dev/nvme0n1 --name=thin --filename=/dev/nvme0n2 \
+  --randrepeat=1 --name=upg --filename=$FILE --name=thin --filename=$THIN \
   > /tmp/fio.out 2>&1
 echo "fio-rc $?"
-echo "flushed-after $(dd if=/dev/nvme0n2 bs=1M skip=100 count=8 iflag=direct status=none | md5sum | cut -d' ' -f1)"
+echo "smart-after $(smart host_write_commands) $(smart power_on_hours)"
+echo "flushed-after $(dd if=$THIN bs=1M skip=100 count=8 iflag=direct status=none | md5sum | cut -d' ' -f1)"
 echo @@FIO-BEGIN; cat /tmp/fio.out; echo @@FIO-END
 echo @@DMESG-BEGIN; dmesg | tail -n +$((BEFORE + 1)); echo @@DMESG-END
 echo @@LIST2-BEGIN; nvme list | cut -c1-116; echo @@LIST2-END
@@ -192,6 +203,21 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
             }
         }
     }
+    // SMART counters do not go back across upgrades and crashes (the first event is an
+    // upgrade: its saved counts include every write before it)
+    let counts = |k: &str| -> Vec<u64> {
+        value(&out, k)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    let (before, after) = (counts("smart-before"), counts("smart-after"));
+    eprintln!("SMART host write commands, power-on hours: before {before:?}, after {after:?}");
+    assert!(
+        before.len() == 2 && after.len() == 2 && after[0] >= before[0] && after[1] >= before[1],
+        "SMART went back: before {before:?}, after {after:?}"
+    );
     let flushed = value(&out, "flushed-sum");
     assert!(
         flushed.is_some_and(|s| s.len() == 32),
@@ -202,8 +228,13 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
         flushed,
         "flushed data on the thin volume changed across the events"
     );
-    // informational (vm_lvol asserts the thin bit; a console line can be torn by kernel output)
-    eprintln!("nvme0n2 nsfeat: {:?}", value(&out, "thin-nsfeat"));
+    // the thin volume's namespace (found by NSID) shows the thin bit
+    assert_eq!(
+        value(&out, "thin-nsfeat"),
+        Some("0x1"),
+        "NSFEAT of the thin volume ({:?})",
+        value(&out, "file-dev")
+    );
     let dmesg = section(&out, "@@DMESG").to_lowercase();
     for bad in [
         "timeout",

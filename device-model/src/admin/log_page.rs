@@ -161,7 +161,7 @@ fn smart_log(admin: &AdminState) -> SmartLog {
     log.host_read_commands = u128_le(s.reads);
     log.host_write_commands = u128_le(s.writes);
     log.power_cycles = u128_le(1);
-    log.power_on_hours = u128_le(s.started.elapsed().as_secs() / 3600);
+    log.power_on_hours = u128_le(s.power_on_secs() / 3600);
     log.num_err_log_entries = u128_le(admin.errors.count());
     log.temp_sensor[0] = crate::state::features::TEMPERATURE_K.into();
     log

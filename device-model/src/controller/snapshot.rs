@@ -4,13 +4,14 @@
 //! journal tells which commands were fetched and not completed, and which completion was
 //! being posted).
 //!
-//! The slow-state blob is a little-endian record (version 2) of the registers, the features,
+//! The slow-state blob is a little-endian record (version 3) of the registers, the features,
 //! the shadow doorbell addresses, every queue's geometry, the admin completion about to be
-//! posted (its effect is in the same blob, so recovery never runs an admin command twice)
-//! and the QoS limits (set at run time by the management plane: a tenant throttled before
-//! an upgrade stays throttled after it; version 1 blobs, without them, still load). Queued
-//! asynchronous events, the error log and SMART counters are not carried (they start empty
-//! in the new worker), nor namespace changes made at run time.
+//! posted (its effect is in the same blob, so recovery never runs an admin command twice),
+//! the QoS limits (set at run time by the management plane: a tenant throttled before an
+//! upgrade stays throttled after it), and the SMART counters and error log (what a host
+//! reads there does not go back; exact across a planned upgrade, as of the last save after a
+//! crash). Blobs of versions 1 and 2 (without the QoS limits, without the logs) still load.
+//! Queued asynchronous events are not carried, nor namespace changes made at run time.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -27,9 +28,10 @@ use crate::state::features::Features;
 
 use super::Controller;
 
-const VERSION: u32 = 2;
-/// The version before the QoS limits were carried (still read).
+const VERSION: u32 = 3;
+/// The versions before the QoS limits and then the logs were carried (still read).
 const VERSION_NO_QOS: u32 = 1;
+const VERSION_NO_LOGS: u32 = 2;
 const OP_ASYNC_EVENT_REQUEST: u8 = 0x0c;
 
 /// What a restore found and did (logged by the worker, counted by tests).
@@ -141,6 +143,20 @@ struct Blob {
     pending: Option<PendingAdmin>,
     /// QoS limits (none in a version 1 blob: the configuration's stay).
     qos: Option<crate::qos::QosLimits>,
+    /// SMART counters and error log (none before version 3).
+    logs: Option<SavedLogs>,
+}
+
+/// The SMART counters and the error log as saved.
+struct SavedLogs {
+    bytes_read: u64,
+    bytes_written: u64,
+    reads: u64,
+    writes: u64,
+    power_on_secs: u64,
+    errors: u64,
+    /// Newest first.
+    entries: Vec<nvme_spec::log_page::ErrorLogEntry>,
 }
 
 impl Controller {
@@ -289,6 +305,17 @@ impl Controller {
         let q = self.qos_control.get();
         w.u64(q.iops.unwrap_or(0));
         w.u64(q.bytes_per_sec.unwrap_or(0));
+        let s = &self.admin.smart;
+        w.u64(s.bytes_read);
+        w.u64(s.bytes_written);
+        w.u64(s.reads);
+        w.u64(s.writes);
+        w.u64(s.power_on_secs());
+        w.u64(self.admin.errors.count);
+        w.u16(self.admin.errors.entries.len() as u16);
+        for e in &self.admin.errors.entries {
+            w.bytes(e.as_bytes());
+        }
         w.0
     }
 
@@ -296,7 +323,7 @@ impl Controller {
     fn decode(&self, b: &[u8]) -> Option<Blob> {
         let mut r = R(b);
         let version = r.u32()?;
-        if version != VERSION && version != VERSION_NO_QOS {
+        if ![VERSION, VERSION_NO_QOS, VERSION_NO_LOGS].contains(&version) {
             return None;
         }
         let (cc, csts, aqa, asq, acq, intms, page_size) = (
@@ -377,11 +404,35 @@ impl Controller {
         } else {
             None
         };
-        let qos = if version >= VERSION {
+        let qos = if version >= VERSION_NO_LOGS {
             let n = |v: u64| (v != 0).then_some(v);
             Some(crate::qos::QosLimits {
                 iops: n(r.u64()?),
                 bytes_per_sec: n(r.u64()?),
+            })
+        } else {
+            None
+        };
+        let logs = if version >= VERSION {
+            let (bytes_read, bytes_written, reads, writes, power_on_secs, errors) =
+                (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let n = r.u16()? as usize;
+            if n > crate::state::logs::ERROR_LOG_ENTRIES {
+                return None;
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries
+                    .push(nvme_spec::log_page::ErrorLogEntry::read_from_bytes(r.take(64)?).ok()?);
+            }
+            Some(SavedLogs {
+                bytes_read,
+                bytes_written,
+                reads,
+                writes,
+                power_on_secs,
+                errors,
+                entries,
             })
         } else {
             None
@@ -400,6 +451,7 @@ impl Controller {
             sqs,
             pending,
             qos,
+            logs,
         })
     }
 
@@ -490,6 +542,17 @@ impl Controller {
         };
         if let Some(q) = b.qos {
             self.qos_control.set(q);
+        }
+        if let Some(l) = b.logs {
+            let s = &mut self.admin.smart;
+            s.bytes_read = l.bytes_read;
+            s.bytes_written = l.bytes_written;
+            s.reads = l.reads;
+            s.writes = l.writes;
+            s.power_on_before = l.power_on_secs;
+            s.started = std::time::Instant::now();
+            self.admin.errors.count = l.errors;
+            self.admin.errors.entries = l.entries.into();
         }
         self.regs.cc = Cc(b.cc);
         self.regs.aqa = Aqa(b.aqa);

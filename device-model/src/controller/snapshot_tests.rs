@@ -266,3 +266,39 @@ fn run_time_qos_limits_outlive_the_worker_and_polls_before_restore_write_nothing
     assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
     let _ = std::fs::remove_file(&file);
 }
+
+/// The SMART counters and the error log a host reads do not go back at the next worker.
+#[test]
+fn smart_counters_and_the_error_log_outlive_the_worker() {
+    let file = std::env::temp_dir().join(format!("vnvme-smart-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let state = Journal::create().unwrap();
+    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+    let mut h = Harness::with_journal(namespace(&file), j);
+    h.write(DATA, &[7; 4096]);
+    assert_eq!(h.io_run(sqe(0x01, 1, DATA, &[0, 0, 7])), Status::SUCCESS);
+    assert_eq!(h.io_run(sqe(0x02, 1, DATA, &[0, 0, 7])), Status::SUCCESS);
+    // beyond the namespace's 2,048 blocks: an error log entry
+    assert_ne!(h.io_run(sqe(0x02, 1, DATA, &[4096, 0, 0])), Status::SUCCESS);
+    let before = (
+        h.ctrl.admin.smart.reads,
+        h.ctrl.admin.smart.writes,
+        h.ctrl.admin.smart.bytes_read,
+        h.ctrl.admin.smart.bytes_written,
+        h.ctrl.admin.errors.count(),
+    );
+    assert_eq!(before, (1, 1, 4096, 4096, 1));
+    h.ctrl.save_state();
+    replace_worker(&mut h, &state, &file);
+    let after = (
+        h.ctrl.admin.smart.reads,
+        h.ctrl.admin.smart.writes,
+        h.ctrl.admin.smart.bytes_read,
+        h.ctrl.admin.smart.bytes_written,
+        h.ctrl.admin.errors.count(),
+    );
+    assert_eq!(after, before);
+    assert_eq!(h.ctrl.admin.errors.entries.len(), 1);
+    assert_eq!(h.ctrl.admin.errors.entries[0].error_count.get(), 1);
+    let _ = std::fs::remove_file(&file);
+}

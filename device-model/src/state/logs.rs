@@ -36,7 +36,7 @@ impl ErrorLog {
     }
 }
 
-/// SMART counters (since the daemon started; volatile).
+/// SMART counters (since the daemon started; a supervised worker carries them to the next).
 #[derive(Debug)]
 pub(crate) struct SmartCounters {
     pub(crate) bytes_read: u64,
@@ -44,6 +44,8 @@ pub(crate) struct SmartCounters {
     pub(crate) reads: u64,
     pub(crate) writes: u64,
     pub(crate) started: std::time::Instant,
+    /// Seconds powered on before `started` (earlier workers).
+    pub(crate) power_on_before: u64,
 }
 
 impl Default for SmartCounters {
@@ -54,11 +56,17 @@ impl Default for SmartCounters {
             reads: 0,
             writes: 0,
             started: std::time::Instant::now(),
+            power_on_before: 0,
         }
     }
 }
 
 impl SmartCounters {
+    /// Seconds powered on, earlier workers included.
+    pub(crate) fn power_on_secs(&self) -> u64 {
+        self.power_on_before + self.started.elapsed().as_secs()
+    }
+
     pub(crate) fn account(&mut self, opcode: u8, bytes: u64) {
         match opcode {
             nvm::READ | nvm::COMPARE => {
