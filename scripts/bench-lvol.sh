@@ -9,7 +9,8 @@
 #     layer); each round starts a fresh daemon (fresh RAM store);
 #  3. load time of a store with 10,000 volumes and 1.05 M mapped clusters, and the volume
 #     layer's own cost in process (pre-touched RAM, no controller): thick vs raw, first writes.
-# Usage: scripts/bench-lvol.sh [SECS]   (PARTS="1 2 3" selects parts, ROUNDS rounds, BASE=file)
+# Usage: scripts/bench-lvol.sh [SECS]   (PARTS="1 2 3" selects parts, ROUNDS rounds, BASE=file,
+#        SUPERVISED=1: part 2 under serve --supervised)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -85,7 +86,8 @@ printf '%s\n' 'poll = "busy"' 'reactors = 1' \
 for round in $(seq "$ROUNDS"); do
   rm -f "$D/b.rpc" "$D/pool.img"
   dd if=/dev/zero of="$D/pool.img" bs=1M count=3200 status=none
-  taskset -c 0 "$BIN" serve --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
+  # SUPERVISED=1: under a supervisor, where a mapping change is committed before its ack
+  taskset -c 0 "$BIN" serve ${SUPERVISED:+--supervised} --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
   PIDS+=($!)
   wait_for "$D/thin.sock"
   warm "$D/thick.sock" 5

@@ -1,8 +1,9 @@
 //! A base whose completions the test holds back (the Flushes only, or all of them), and a
 //! store on it: to show what does not wait for the base in place.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use device_model::backend::{Backend, IoOp, IoRequest, MallocBackend, SharedSource};
 use nvme_spec::Status;
@@ -11,9 +12,9 @@ use crate::lvol::{Store, StoreOptions};
 
 pub const MIB: u64 = 1 << 20;
 
-/// Polls after which a closed gate lets completions through anyway: a store that waits for
-/// the base in place then ends instead of hanging the test, which sees the polls it made.
-const PATIENCE: u64 = 10_000;
+/// How long a closed gate holds completions at most: a store that waits for the base in
+/// place then ends instead of hanging the test, which sees the polls it made.
+const PATIENCE: Duration = Duration::from_secs(2);
 
 /// What a closed gate holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +28,13 @@ pub enum Hold {
 pub struct GateControl {
     open: Arc<AtomicBool>,
     polls: Arc<AtomicU64>,
+    closed_at: Arc<Mutex<Instant>>,
+    expired: Arc<AtomicBool>,
 }
 
 impl GateControl {
     pub fn close(&self) {
+        *self.closed_at.lock().unwrap() = Instant::now();
         self.open.store(false, Ordering::Relaxed);
     }
     pub fn open(&self) {
@@ -65,7 +69,7 @@ impl Backend for Gated {
         self.inner.submit(req)
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        let polls = self.ctl.polls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ctl.polls.fetch_add(1, Ordering::Relaxed);
         let (hold, flushes, held) = (self.hold, &mut self.flushes, &mut self.held);
         let mut n = self.inner.poll(&mut |t, s| {
             if hold == Hold::All || flushes.contains(&t) {
@@ -74,7 +78,11 @@ impl Backend for Gated {
                 done(t, s);
             }
         });
-        if self.ctl.open.load(Ordering::Relaxed) || polls > PATIENCE {
+        let open = self.ctl.open.load(Ordering::Relaxed);
+        if !open && self.ctl.closed_at.lock().unwrap().elapsed() > PATIENCE {
+            self.ctl.expired.store(true, Ordering::Relaxed);
+        }
+        if open || self.ctl.expired.load(Ordering::Relaxed) {
             for (t, s) in self.held.drain(..) {
                 self.flushes.retain(|&f| f != t);
                 done(t, s);
@@ -95,6 +103,8 @@ pub fn gated_store(size: u64, hold: Hold) -> (Store, GateControl, SharedSource) 
     let ctl = GateControl {
         open: Arc::new(AtomicBool::new(true)),
         polls: Arc::new(AtomicU64::new(0)),
+        closed_at: Arc::new(Mutex::new(Instant::now())),
+        expired: Arc::new(AtomicBool::new(false)),
     };
     let base = Gated {
         inner: Box::new(disk.handle().unwrap()),
@@ -116,7 +126,7 @@ pub fn mib_store(base: Box<dyn Backend>) -> Store {
     Store::format(base, &opts).unwrap()
 }
 
-/// Whether `patience` ran out (the store waited in place long enough to open the gate).
+/// Whether the gate's patience ran out (the store waited in place long enough to open it).
 pub fn patience_ran_out(ctl: &GateControl) -> bool {
-    ctl.polls() > PATIENCE
+    ctl.expired.load(Ordering::Relaxed)
 }
