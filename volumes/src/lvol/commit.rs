@@ -14,105 +14,21 @@
 //! Management operations (and load, format, close) still want the outcome before they
 //! return: [`Core::commit`] plans the same steps and drives the base until they are done.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use device_model::backend::{GuestBufferList, IoBuffer, IoOp, IoRequest};
+use device_model::backend::IoRequest;
 use nvme_spec::Status;
 
 use super::checkpoint;
+use super::commit_plan::{COMMIT, Commit, End};
 use super::error::{LvolError, Result};
 use super::records;
 use super::store::{Core, salt};
-use super::superblock::{SB_OFFSETS, SB_SIZE, Superblock};
-use super::syncio::{CHUNK, INTERNAL};
+use super::superblock::{SB_OFFSETS, SB_SIZE};
+use super::syncio::INTERNAL;
 
-/// Tags of commit steps have this bit as well as [`INTERNAL`] (the synchronous requests of
-/// `syncio` count from 1 and never reach it).
-pub(crate) const COMMIT: u64 = 1 << 39;
 /// A commit step waiting this long for the base is logged by a synchronous waiter.
 const SLOW: Duration = Duration::from_secs(10);
-
-/// One metadata request of a commit.
-#[derive(Debug)]
-struct Step {
-    what: &'static str,
-    op: IoOp,
-    off: u64,
-    /// Bytes `[from, from + len)` of the commit's buffer `buf` (none for a Flush).
-    data: Option<(usize, u64, u64)>,
-}
-
-/// What a commit changes in the core once all its steps are done.
-#[derive(Debug)]
-enum End {
-    /// Data flushed, no records.
-    Data,
-    /// Records appended to the journal.
-    Journal { bytes: u64, records: u64 },
-    /// A checkpoint written and both superblock copies pointing at it.
-    Checkpoint(Box<Superblock>),
-}
-
-/// A commit in progress.
-#[derive(Debug)]
-pub(crate) struct Commit {
-    steps: VecDeque<Step>,
-    bufs: Vec<IoBuffer>,
-    /// The list the step in flight lends the base (kept until its completion).
-    list: GuestBufferList,
-    /// The step in flight: its tag and what it does.
-    tag: u64,
-    what: &'static str,
-    end: End,
-    /// Clusters freed by the records this commit writes.
-    released: Vec<u32>,
-    /// Guest requests completed when the commit is durable.
-    waiters: Vec<u32>,
-}
-
-impl Commit {
-    fn new(waiters: Vec<u32>, released: Vec<u32>) -> Box<Self> {
-        Box::new(Self {
-            steps: VecDeque::new(),
-            bufs: Vec::new(),
-            list: GuestBufferList::new(),
-            tag: 0,
-            what: "",
-            end: End::Data,
-            released,
-            waiters,
-        })
-    }
-
-    fn flush(&mut self, what: &'static str) {
-        self.steps.push_back(Step {
-            what,
-            op: IoOp::Flush,
-            off: 0,
-            data: None,
-        });
-    }
-
-    /// Write `bytes` (padded with zeroes to `len`) at `off`, in chunks the base takes.
-    fn write(&mut self, what: &'static str, off: u64, bytes: &[u8], len: u64) {
-        let buf = IoBuffer::new(len as usize);
-        buf.write_at(0, bytes);
-        let b = self.bufs.len();
-        self.bufs.push(buf);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.steps.push_back(Step {
-                what,
-                op: IoOp::Write { fua: false },
-                off: off + done,
-                data: Some((b, done, n)),
-            });
-            done += n;
-        }
-    }
-}
 
 impl Core {
     /// Start a commit for the requests waiting for one, unless a commit is running (they

@@ -11,7 +11,7 @@
 use device_model::backend::{GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::Status;
 
-use super::commit::COMMIT;
+use super::commit_plan::COMMIT;
 use super::inflight::{Action, DIRECT, Touch};
 use super::map::{Entry, all_set, set_bits};
 use super::store::Core;

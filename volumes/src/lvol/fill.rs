@@ -15,32 +15,9 @@
 use device_model::backend::{GuestBufferList, GuestBuffers, IoBuffer, IoOp};
 use nvme_spec::Status;
 
-use super::inflight::{Action, Touch};
+use super::inflight::{Action, Fill, Stalled, Touch};
 use super::map::{Entry, bit};
 use super::store::Core;
-
-/// A piece of a guest write waiting for a fill (or for writes under it to land).
-#[derive(Debug)]
-pub(crate) struct Stalled {
-    r: u32,
-    vol: u32,
-    l: u32,
-    coff: u64,
-    n: u64,
-    /// The guest's bytes for the piece; none for zeroes.
-    data: Option<GuestBufferList>,
-}
-
-/// A granule being copied up.
-#[derive(Debug)]
-pub(crate) struct Fill {
-    vol: u32,
-    l: u32,
-    top: u32,
-    g: u32,
-    buf: IoBuffer,
-    live: bool,
-}
 
 impl Core {
     /// The granules of `[coff, coff + n)` in entry `l` of `vol` that only partly belong to

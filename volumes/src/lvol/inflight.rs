@@ -1,7 +1,8 @@
 //! The data path's bookkeeping: guest requests and base requests in flight in slabs (no
-//! allocation per request once warmed up), and each handle's completion queue.
+//! allocation per request once warmed up), each handle's completion queue, and what waits
+//! for a fill (`fill.rs`) or for freed clusters (`space.rs`).
 
-use device_model::backend::GuestBufferList;
+use device_model::backend::{GuestBufferList, IoBuffer, IoOp};
 use nvme_spec::Status;
 
 /// Tags of fast-path requests (`direct.rs`) have this bit, an index in the direct slab
@@ -202,4 +203,38 @@ impl DataPath {
             }
         }
     }
+}
+
+/// A piece of a guest write waiting for a fill (or for writes under it to land).
+#[derive(Debug)]
+pub(crate) struct Stalled {
+    pub(super) r: u32,
+    pub(super) vol: u32,
+    pub(super) l: u32,
+    pub(super) coff: u64,
+    pub(super) n: u64,
+    /// The guest's bytes for the piece; none for zeroes.
+    pub(super) data: Option<GuestBufferList>,
+}
+
+/// A granule being copied up.
+#[derive(Debug)]
+pub(crate) struct Fill {
+    pub(super) vol: u32,
+    pub(super) l: u32,
+    pub(super) top: u32,
+    pub(super) g: u32,
+    pub(super) buf: IoBuffer,
+    pub(super) live: bool,
+}
+
+/// A request waiting for clusters to become free.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub(super) user: usize,
+    pub(super) vol: u32,
+    pub(super) tag: u64,
+    pub(super) op: IoOp,
+    pub(super) offset: u64,
+    pub(super) list: GuestBufferList,
 }

@@ -12,7 +12,8 @@
 //! - [`map`]: a volume's cluster map entry (unmapped, full, layered granules);
 //! - [`meta`]: volumes and maps in memory, where records apply;
 //! - `store.rs`: the core (load, format, commit ordering, allocation);
-//! - `commit.rs`: commits run step by step from the data path's poll;
+//! - `commit_plan.rs`, `commit.rs`: a commit planned at its start, run step by step from
+//!   the data path's poll;
 //! - `ops.rs`: management (create, delete, resize, rename, snapshot, clone, inflate);
 //! - `datapath.rs`, `direct.rs`, `cow.rs`, `fill.rs`: guest I/O (the general path and the
 //!   fast path of a whole-cluster entry), copy-on-write, and partial granules copied up
@@ -28,6 +29,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod codec;
 mod commit;
+mod commit_plan;
 mod cow;
 mod datapath;
 mod direct;

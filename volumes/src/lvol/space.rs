@@ -10,18 +10,8 @@
 
 use device_model::backend::{GuestBufferList, IoOp, IoRequest};
 
+use super::inflight::Parked;
 use super::store::Core;
-
-/// A request waiting for clusters to become free.
-#[derive(Debug)]
-pub(crate) struct Parked {
-    user: usize,
-    vol: u32,
-    tag: u64,
-    op: IoOp,
-    offset: u64,
-    list: GuestBufferList,
-}
 
 impl Core {
     /// Whether a write needing `need` clusters can get them once what was released is

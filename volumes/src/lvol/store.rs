@@ -20,13 +20,11 @@ use std::time::Instant;
 use device_model::backend::{Backend, IoBuffer, IoOp};
 
 use super::checkpoint;
-use super::commit::Commit;
+use super::commit_plan::Commit;
 use super::error::{LvolError, Result};
-use super::fill::{Fill, Stalled};
-use super::inflight::DataPath;
+use super::inflight::{DataPath, Fill, Parked, Stalled};
 use super::meta::Meta;
 use super::records::{self, Record, ScanEnd};
-use super::space::Parked;
 use super::superblock::{Geometry, SB_SIZE, Superblock};
 use super::syncio::SyncIo;
 
