@@ -44,15 +44,20 @@ fn wait_for(p: &Path) {
     }
 }
 
-fn rpc(sock: &Path, args: &[&str]) -> Value {
-    let o = Command::new(vnvme_binary())
+/// `vnvme rpc` with `args` on `sock`, as run.
+fn rpc_output(sock: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(vnvme_binary())
         .arg("rpc")
         .arg("--socket")
         .arg(sock)
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("vnvme rpc");
+        .expect("vnvme rpc")
+}
+
+fn rpc(sock: &Path, args: &[&str]) -> Value {
+    let o = rpc_output(sock, args);
     assert!(
         o.status.success(),
         "rpc {args:?}: {}",
@@ -63,14 +68,7 @@ fn rpc(sock: &Path, args: &[&str]) -> Value {
 
 /// An RPC the supervisor refuses: its error message.
 fn rpc_refused(sock: &Path, args: &[&str]) -> String {
-    let o = Command::new(vnvme_binary())
-        .arg("rpc")
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("vnvme rpc");
+    let o = rpc_output(sock, args);
     assert!(!o.status.success(), "rpc {args:?} succeeded");
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

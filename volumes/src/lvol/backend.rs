@@ -14,6 +14,7 @@ use device_model::backend::{Backend, GuestBufferList, IoBuffer, IoOp, IoRequest}
 use nvme_spec::Status;
 
 use super::error::{LvolError, Result};
+use super::inflight::HeldRequest;
 use super::ops::VolumeInfo;
 use super::store::{Core, Faults, LoadReport, NO_WARNING, read_bytes};
 use super::superblock::{SB_SIZE, Superblock};
@@ -332,7 +333,7 @@ pub struct LvolBackend {
     /// Requests taken while the store's lock was held elsewhere (a management operation:
     /// an inflate may hold it for long), started by the first poll that gets the lock. The
     /// reactor never waits for the lock on the data path.
-    queued: Vec<Queued>,
+    queued: Vec<HeldRequest>,
     /// Buffer lists of started queued requests, for reuse.
     spare: Vec<GuestBufferList>,
     /// The last thin usage reported.
@@ -371,14 +372,6 @@ impl UsageCache {
     }
 }
 
-/// A request waiting for the store's lock.
-struct Queued {
-    tag: u64,
-    op: IoOp,
-    offset: u64,
-    list: GuestBufferList,
-}
-
 impl std::fmt::Debug for LvolBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe)
@@ -415,14 +408,8 @@ impl Backend for LvolBackend {
         {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
-        let mut list = self.spare.pop().unwrap_or_default();
-        list.set_range(req.iov, 0, req.iov.len());
-        self.queued.push(Queued {
-            tag: req.tag,
-            op: req.op,
-            offset: req.offset,
-            list,
-        });
+        let list = self.spare.pop().unwrap_or_default();
+        self.queued.push(HeldRequest::keep(req, list));
         self.in_flight += 1;
         Ok(())
     }
@@ -485,21 +472,14 @@ impl Backend for LvolBackend {
 fn start_queued(
     c: &mut Core,
     (user, vol): (usize, u32),
-    queued: &mut Vec<Queued>,
+    queued: &mut Vec<HeldRequest>,
     spare: &mut Vec<GuestBufferList>,
 ) {
-    for mut q in queued.drain(..) {
-        let req = IoRequest {
-            tag: q.tag,
-            op: q.op,
-            offset: q.offset,
-            iov: q.list.as_buffers(),
-        };
-        if let Err(s) = c.submit(user, vol, &req) {
-            c.dp.refused(user, q.tag, s);
+    for q in queued.drain(..) {
+        if let Err(s) = c.submit(user, vol, &q.request()) {
+            c.dp.deliver(user, q.tag(), s);
         }
-        q.list.clear();
-        spare.push(q.list);
+        spare.push(q.into_list());
     }
 }
 

@@ -50,10 +50,7 @@ impl Core {
         let waiters = std::mem::take(&mut self.dp.commit_waiting);
         self.start_commit(waiters);
         self.drive();
-        match self.commit_error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.commit_error.take().map_or(Ok(()), Err)
     }
 
     /// Write all metadata to the inactive checkpoint slot and point both superblock
@@ -65,10 +62,7 @@ impl Core {
         self.job = Some(c);
         self.next_step();
         self.drive();
-        match self.commit_error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.commit_error.take().map_or(Ok(()), Err)
     }
 
     fn start_commit(&mut self, waiters: Vec<u32>) {

@@ -2,7 +2,7 @@
 //! allocation per request once warmed up), each handle's completion queue, and what waits
 //! for a fill (`fill.rs`) or for freed clusters (`space.rs`).
 
-use device_model::backend::{GuestBufferList, IoBuffer, IoOp};
+use device_model::backend::{GuestBufferList, IoBuffer, IoOp, IoRequest};
 use nvme_spec::Status;
 
 /// Tags of fast-path requests (`direct.rs`) have this bit, an index in the direct slab
@@ -178,16 +178,14 @@ impl DataPath {
     #[inline]
     pub(super) fn direct_done(&mut self, i: u32, status: Status) -> Option<Touch> {
         let (user, tag, touch) = self.finish_direct(i)?;
-        if let Some(u) = self.users.get_mut(user)
-            && u.taken
-        {
-            u.done.push((tag, status));
-        }
+        self.deliver(user, tag, status);
         Some(touch)
     }
 
-    /// A request of handle `user` the store refused before starting it.
-    pub(crate) fn refused(&mut self, user: usize, tag: u64, status: Status) {
+    /// Hand handle `user` the completion of its request `tag` (dropped if the handle is
+    /// gone); its pending count is the caller's business (a request the store refused
+    /// before starting it never had one).
+    pub(crate) fn deliver(&mut self, user: usize, tag: u64, status: Status) {
         if let Some(u) = self.users.get_mut(user)
             && u.taken
         {
@@ -198,10 +196,8 @@ impl DataPath {
     pub(super) fn push_done(&mut self, user: usize, tag: u64, status: Status) {
         if let Some(u) = self.users.get_mut(user) {
             u.pending = u.pending.saturating_sub(1);
-            if u.taken {
-                u.done.push((tag, status));
-            }
         }
+        self.deliver(user, tag, status);
     }
 }
 
@@ -228,13 +224,54 @@ pub(crate) struct Fill {
     pub(super) live: bool,
 }
 
+/// A guest request kept to be started later, its buffer list copied (the caller's lasts
+/// only for its submit; the memory it describes until the completion).
+#[derive(Debug)]
+pub(crate) struct HeldRequest {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    list: GuestBufferList,
+}
+
+impl HeldRequest {
+    /// Keep `req`, its buffers described in `list` (a list to reuse, cleared here).
+    pub(crate) fn keep(req: &IoRequest<'_>, mut list: GuestBufferList) -> Self {
+        list.set_range(req.iov, 0, req.iov.len());
+        Self {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            list,
+        }
+    }
+
+    /// The caller's tag.
+    pub(crate) fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The request again.
+    pub(crate) fn request(&self) -> IoRequest<'_> {
+        IoRequest {
+            tag: self.tag,
+            op: self.op,
+            offset: self.offset,
+            iov: self.list.as_buffers(),
+        }
+    }
+
+    /// Its buffer list, for reuse.
+    pub(crate) fn into_list(mut self) -> GuestBufferList {
+        self.list.clear();
+        self.list
+    }
+}
+
 /// A request waiting for clusters to become free.
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub(super) user: usize,
     pub(super) vol: u32,
-    pub(super) tag: u64,
-    pub(super) op: IoOp,
-    pub(super) offset: u64,
-    pub(super) list: GuestBufferList,
+    pub(super) req: HeldRequest,
 }

@@ -8,9 +8,9 @@
 //! ends, and the parked requests are tried again by the poll that sees it. Only when even
 //! that cannot give the room does a write get Capacity Exceeded.
 
-use device_model::backend::{GuestBufferList, IoOp, IoRequest};
+use device_model::backend::{GuestBufferList, IoRequest};
 
-use super::inflight::Parked;
+use super::inflight::{HeldRequest, Parked};
 use super::store::Core;
 
 impl Core {
@@ -22,20 +22,13 @@ impl Core {
 
     /// Park request `req` of handle `user` on volume `vol` until clusters are freed.
     pub(crate) fn park_for_space(&mut self, user: usize, vol: u32, req: &IoRequest<'_>) {
-        let mut list = GuestBufferList::new();
-        if matches!(req.op, IoOp::Write { .. }) {
-            list.set_range(req.iov, 0, req.iov.len());
-        }
         if let Some(u) = self.dp.users.get_mut(user) {
             u.pending += 1;
         }
         self.parked.push(Parked {
             user,
             vol,
-            tag: req.tag,
-            op: req.op,
-            offset: req.offset,
-            list,
+            req: HeldRequest::keep(req, GuestBufferList::new()),
         });
         if !self.pending_free.is_empty() {
             self.commit_wanted = true;
@@ -77,14 +70,8 @@ impl Core {
             if let Some(u) = self.dp.users.get_mut(p.user) {
                 u.pending = u.pending.saturating_sub(1);
             }
-            let req = IoRequest {
-                tag: p.tag,
-                op: p.op,
-                offset: p.offset,
-                iov: p.list.as_buffers(),
-            };
-            if let Err(s) = self.submit(p.user, p.vol, &req) {
-                self.dp.refused(p.user, p.tag, s);
+            if let Err(s) = self.submit(p.user, p.vol, &p.req.request()) {
+                self.dp.deliver(p.user, p.req.tag(), s);
             }
         }
     }
