@@ -427,3 +427,157 @@ fn a_thin_volume_keeps_every_acknowledged_write_across_worker_crashes() {
             .join(" | ")
     );
 }
+
+/// The worker processes the supervisor `sup` runs now.
+fn workers_of(sup: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the fields after the last ')'
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if ppid == Some(sup) && !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// One raw request line to the management socket; the parsed answer.
+fn raw_rpc(sock: &Path, line: &[u8]) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // the supervisor may answer and hang up before a too-long line is all written
+    let _ = s.write_all(line);
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+/// A management caller is as untrusted as a guest. Callers that connect and send nothing or
+/// trickle a byte at a time, more of them than the supervisor serves at once, garbage lines
+/// and methods it refuses: none of it may hold up the supervisor, whose loop is what
+/// replaces a dead worker within QEMU's 5 s message timeout, nor cost the clients' verified
+/// I/O anything.
+#[test]
+fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("upgrade-hostile-rpc");
+    let (served, socks, rpc_sock) = supervised(tmp.path(), 2);
+    let sup = served.0.id();
+    let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 10)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // garbage and refusals, each with its JSON-RPC error
+    let code = |v: &Value| v["error"]["code"].as_i64();
+    assert_eq!(
+        code(&raw_rpc(&rpc_sock, b"not json at all\n")),
+        Some(-32700)
+    );
+    let mut huge = vec![b'['; 2 << 20];
+    huge.push(b'\n');
+    assert_eq!(code(&raw_rpc(&rpc_sock, &huge)), Some(-32600));
+    assert_eq!(
+        code(&raw_rpc(&rpc_sock, b"{\"method\": \"no_such_method\"}\n")),
+        Some(-32601),
+        "forwarded to the worker, answered there"
+    );
+    for m in ["raid_create", "lvs_delete", "vf_enable", "subsystem_delete"] {
+        let v = raw_rpc(
+            &rpc_sock,
+            format!("{{\"id\": 3, \"method\": \"{m}\", \"params\": {{\"name\": 5}}}}\n").as_bytes(),
+        );
+        assert_eq!((code(&v), v["id"].as_u64()), (Some(-32000), Some(3)), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("refused under --supervised")),
+            "{v}"
+        );
+    }
+    let err = rpc_refused(&rpc_sock, &["daemon_upgrade", "binary=/no/such/vnvme"]);
+    assert!(err.contains("/no/such/vnvme is not a file"), "{err}");
+
+    // more callers than the supervisor serves at once: most silent, some trickling
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tricklers: Vec<_> = (0..3)
+        .map(|_| {
+            let mut conn = UnixStream::connect(&rpc_sock).unwrap();
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if conn.write_all(b" ").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        })
+        .collect();
+    let mut silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&rpc_sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // the worker dies while they hold on: a new one is up at once
+    let before = workers_of(sup);
+    assert_eq!(before.len(), 1, "{before:?}");
+    // SAFETY: kill(2) with the pid of the supervisor's child, the worker.
+    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    loop {
+        let now = workers_of(sup);
+        if now.len() == 1 && now[0] != before[0] {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "no new worker after {:?} with hostile management callers: {now:?}",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("a new worker after {:?}", killed.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in tricklers {
+        let _ = h.join();
+    }
+    silent.clear();
+
+    // the slots come back: management works again, and the clients saw no error
+    let t = Instant::now();
+    let (_, generation, _, recoveries) = loop {
+        let o = rpc_output(&rpc_sock, &["daemon_status"]);
+        if o.status.success() {
+            let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            break (
+                n("worker_pid"),
+                n("generation"),
+                n("upgrades"),
+                n("recoveries"),
+            );
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{o:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((generation, recoveries), (2, 1));
+    for p in perfs {
+        let (ok, out) = finish(p);
+        assert!(ok && out.contains(" 0 mismatches"), "{out}");
+    }
+}

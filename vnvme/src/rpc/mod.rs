@@ -10,7 +10,7 @@
 pub mod client;
 pub mod lvol_methods;
 pub mod methods;
-mod server;
+pub(crate) mod server;
 
 pub use server::{RpcServer, answer};
 

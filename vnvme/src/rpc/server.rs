@@ -95,7 +95,7 @@ fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
 
 /// `read_until(b'\n')` that gives up at `deadline` (checked between the socket's reads,
 /// each of which waits at most [`IDLE`]).
-fn read_line(
+pub(crate) fn read_line(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
     deadline: Instant,

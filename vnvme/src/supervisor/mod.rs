@@ -401,7 +401,7 @@ impl Supervisor {
     pub fn run(&mut self) -> Result<(), SupervisorError> {
         sys_util::process::catch_hangup();
         let rpc = match &self.opts.rpc {
-            Some(p) => Some(rpc::SupervisorRpc::bind(p)?),
+            Some(p) => Some(rpc::SupervisorRpc::bind(p, self.opts.worker_rpc.clone())?),
             None => None,
         };
         while !sys_util::process::terminate_requested() {
@@ -455,10 +455,6 @@ impl Supervisor {
 
     fn status(&self) -> &Status {
         &self.status
-    }
-
-    fn worker_rpc(&self) -> Option<&PathBuf> {
-        self.opts.worker_rpc.as_ref()
     }
 }
 

@@ -1,79 +1,207 @@
 //! The supervisor's management socket: `daemon_upgrade` and `daemon_status` are answered
-//! here; every other method is forwarded to the worker's socket (`RPC.worker`), line for line.
+//! by the supervisor; every other method is forwarded to the worker's socket
+//! (`RPC.worker`), line for line.
+//!
+//! Clients are served on threads of their own, never on the supervisor's loop: that loop
+//! reaps and replaces a dead worker, and a caller that connects and sends nothing (or one
+//! byte a second), or a forwarded method the worker takes long to answer, must not hold up
+//! the recovery every tenant's guest waits for. The loop only sees the two `daemon_*`
+//! methods, as [`Ask`]s on a channel.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::{Value, json};
 
 use super::{Supervisor, SupervisorError};
+use crate::rpc::server::read_line;
 use crate::rpc::{MAX_REQUEST, code};
 
+/// Clients served at once; more are answered "busy" and closed.
+const MAX_CLIENTS: usize = 8;
+/// A request line must arrive whole within this.
+const LINE_DEADLINE: Duration = Duration::from_secs(5);
+/// Each read from a client waits at most this (the deadline is checked between reads).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a client waits for the supervisor's loop (an upgrade takes a few seconds).
+const ASK_TIMEOUT: Duration = Duration::from_mins(1);
+
+/// A `daemon_*` request for the supervisor's loop, with where its answer goes.
+pub(super) enum Ask {
+    Status(Sender<Value>),
+    Upgrade(Option<PathBuf>, Sender<Result<Value, String>>),
+}
+
+/// The listening socket and the thread that accepts on it.
 pub(super) struct SupervisorRpc {
-    listener: UnixListener,
+    asks: Receiver<Ask>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
     owned: OwnedSocketPath,
 }
 
+/// What every client thread needs.
+struct Shared {
+    asks: Sender<Ask>,
+    worker_rpc: Option<PathBuf>,
+    clients: AtomicUsize,
+}
+
 impl SupervisorRpc {
-    pub(super) fn bind(path: &Path) -> Result<Self, SupervisorError> {
+    /// Listen on `path`; methods other than `daemon_*` go to `worker_rpc`.
+    pub(super) fn bind(path: &Path, worker_rpc: Option<PathBuf>) -> Result<Self, SupervisorError> {
         let (listener, owned) = OwnedSocketPath::bind(path)
             .map_err(|e| SupervisorError::Io(std::io::Error::other(e)))?;
         listener
             .set_nonblocking(true)
             .map_err(SupervisorError::Io)?;
-        Ok(Self { listener, owned })
+        let (tx, asks) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            asks: tx,
+            worker_rpc,
+            clients: AtomicUsize::new(0),
+        });
+        let stop2 = Arc::clone(&stop);
+        let acceptor = std::thread::Builder::new()
+            .name("supervisor-rpc".into())
+            .spawn(move || accept_loop(&listener, &shared, &stop2))
+            .map_err(SupervisorError::Io)?;
+        Ok(Self {
+            asks,
+            stop,
+            acceptor: Some(acceptor),
+            owned,
+        })
     }
 
+    /// Answer the `daemon_*` requests that arrive within `wait`.
     pub(super) fn poll(&self, sup: &mut Supervisor, wait: Duration) {
-        if !sys_util::poll::wait_readable(&self.listener, wait).unwrap_or(false) {
+        let Ok(first) = self.asks.recv_timeout(wait) else {
             return;
-        }
-        while let Ok((s, _)) = self.listener.accept() {
-            if let Err(e) = serve(&s, sup) {
-                log::debug!("supervisor rpc client: {e}");
+        };
+        let mut next = Some(first);
+        while let Some(ask) = next {
+            match ask {
+                Ask::Status(reply) => {
+                    let _ = reply.send(sup.status().json());
+                }
+                Ask::Upgrade(binary, reply) => {
+                    let _ = reply.send(sup.upgrade(binary).map_err(|e| e.to_string()));
+                }
             }
+            next = self.asks.try_recv().ok();
         }
     }
 }
 
 impl Drop for SupervisorRpc {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
         self.owned.remove();
     }
 }
 
-fn serve(s: &UnixStream, sup: &mut Supervisor) -> std::io::Result<()> {
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        if !sys_util::poll::wait_readable(listener, Duration::from_millis(100)).unwrap_or(false) {
+            continue;
+        }
+        while let Ok((s, _)) = listener.accept() {
+            if shared.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                shared.clients.fetch_sub(1, Ordering::AcqRel);
+                device_model::warn_limited!(
+                    "supervisor rpc: {MAX_CLIENTS} clients already; refusing another"
+                );
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(READ_TIMEOUT));
+                let busy = refused(&Value::Null, "busy: too many management clients at once");
+                let _ = (&s).write_all(format!("{busy}\n").as_bytes());
+                continue;
+            }
+            let sh = Arc::clone(shared);
+            let spawned = std::thread::Builder::new()
+                .name("supervisor-rpc-client".into())
+                .spawn(move || {
+                    if let Err(e) = serve(&s, &sh) {
+                        log::debug!("supervisor rpc client: {e}");
+                    }
+                    sh.clients.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                shared.clients.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("supervisor rpc: no thread for a client: {e}");
+            }
+        }
+    }
+}
+
+/// Read one request line from `s` and answer it.
+fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut reader = BufReader::new(s).take(MAX_REQUEST as u64 + 1);
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    if read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)? == 0 {
         return Ok(());
     }
-    let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    if line.len() > MAX_REQUEST {
+        return answer(
+            s,
+            &error(
+                &Value::Null,
+                code::INVALID_REQUEST,
+                "request longer than 1 MiB",
+            ),
+        );
+    }
+    let req: Value = match serde_json::from_slice(&line) {
+        Ok(v) => v,
+        Err(e) => {
+            return answer(
+                s,
+                &error(&Value::Null, code::PARSE_ERROR, &format!("not JSON: {e}")),
+            );
+        }
+    };
     let id = req.get("id").cloned().unwrap_or(Value::Null);
     let method = req
         .get("method")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let answer = match method {
-        "daemon_status" => json!({"jsonrpc": "2.0", "id": id, "result": sup.status().json()}),
+    let reply = match method {
+        "daemon_status" => {
+            let (tx, rx) = mpsc::channel();
+            match ask(sh, Ask::Status(tx)).and_then(|()| wait(&rx)) {
+                Ok(status) => json!({"jsonrpc": "2.0", "id": id, "result": status}),
+                Err(e) => refused(&id, &e),
+            }
+        }
         "daemon_upgrade" => {
             let binary = req
                 .get("params")
                 .and_then(|p| p.get("binary"))
                 .and_then(Value::as_str)
                 .map(PathBuf::from);
-            match binary.as_ref().filter(|b| !b.is_file()) {
-                Some(b) => refused(&id, &format!("{} is not a file", b.display())),
-                None => match sup.upgrade(binary) {
-                    Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
-                    Err(e) => refused(&id, &e.to_string()),
-                },
+            if let Some(b) = binary.as_ref().filter(|b| !b.is_file()) {
+                refused(&id, &format!("{} is not a file", b.display()))
+            } else {
+                let (tx, rx) = mpsc::channel();
+                match ask(sh, Ask::Upgrade(binary, tx)).and_then(|()| wait(&rx)) {
+                    Ok(Ok(r)) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
+                    Ok(Err(e)) | Err(e) => refused(&id, &e),
+                }
             }
         }
         m if NOT_CARRIED.contains(&m) => refused(
@@ -83,7 +211,7 @@ fn serve(s: &UnixStream, sup: &mut Supervisor) -> std::io::Result<()> {
                  starts from the configuration and would lose it; put it in the configuration"
             ),
         ),
-        _ => match sup.worker_rpc().map(|p| forward(p, &line)) {
+        _ => match sh.worker_rpc.as_ref().map(|p| forward(p, &line)) {
             Some(Ok(reply)) => {
                 let mut w = s;
                 w.write_all(reply.as_bytes())?;
@@ -93,8 +221,24 @@ fn serve(s: &UnixStream, sup: &mut Supervisor) -> std::io::Result<()> {
             None => refused(&id, "no management socket in the worker"),
         },
     };
-    let mut w = s;
-    w.write_all(format!("{answer}\n").as_bytes())
+    answer(s, &reply)
+}
+
+fn answer(mut s: &UnixStream, v: &Value) -> std::io::Result<()> {
+    s.write_all(format!("{v}\n").as_bytes())
+}
+
+/// Hand `a` to the supervisor's loop.
+fn ask(sh: &Shared, a: Ask) -> Result<(), String> {
+    sh.asks
+        .send(a)
+        .map_err(|_| "the supervisor is stopping".into())
+}
+
+/// The supervisor loop's answer.
+fn wait<T>(rx: &Receiver<T>) -> Result<T, String> {
+    rx.recv_timeout(ASK_TIMEOUT)
+        .map_err(|e| format!("the supervisor did not answer: {e}"))
 }
 
 /// Management calls whose effect lives only in the worker's memory (namespaces, subsystems,
@@ -118,17 +262,21 @@ const NOT_CARRIED: &[&str] = &[
 ];
 
 fn refused(id: &Value, msg: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code::REFUSED, "message": msg}})
+    error(id, code::REFUSED, msg)
 }
 
-fn forward(path: &Path, line: &str) -> std::io::Result<String> {
+fn error(id: &Value, code: i64, msg: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": msg}})
+}
+
+fn forward(path: &Path, line: &[u8]) -> std::io::Result<String> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_mins(1)))?;
-    s.write_all(line.as_bytes())?;
-    if !line.ends_with('\n') {
+    s.write_all(line)?;
+    if !line.ends_with(b"\n") {
         s.write_all(b"\n")?;
     }
     let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply)?;
+    std::io::BufRead::read_line(&mut BufReader::new(&s), &mut reply)?;
     Ok(reply)
 }
