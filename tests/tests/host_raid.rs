@@ -424,6 +424,21 @@ fn after_kill_9_during_writes_the_array_is_found_again_and_only_dirty_regions_re
             json!({"name": "", "level": "raid0", "members": ["malloc:8M"]}),
             "name",
         ),
+        (
+            "raid_create",
+            json!({"name": "x", "level": "raid1", "members": [format!("{m0}&fast_io_fail_tmo=soon"), "malloc:8M"]}),
+            "fast_io_fail_tmo=soon: want a number of seconds",
+        ),
+        (
+            "raid_create",
+            json!({"name": "x", "level": "raid1", "members": ["nvme-tcp://127.0.0.1:1/nqn.x/1?reconnect_delay=18446744073709551615", "malloc:8M"]}),
+            "0..=4294967",
+        ),
+        (
+            "raid_create",
+            json!({"name": "x", "level": "raid1", "members": ["nvme-rdma://127.0.0.1:1/nqn.x/1?ddgst", "malloc:8M"]}),
+            "digests are NVMe/TCP's",
+        ),
         ("raid_delete", json!({"name": "nope"}), "no array"),
         ("raid_delete", json!({"name": "r1"}), "in use"),
         (

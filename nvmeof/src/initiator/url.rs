@@ -73,10 +73,17 @@ fn bad(s: impl Into<String>) -> UrlError {
     UrlError(s.into())
 }
 
+/// The longest time an option takes, in seconds: what Keep Alive Timeout's 32-bit count of
+/// milliseconds holds (NVMe base 2.0 §5.27.1.12), about 49 days. Longer would overflow the
+/// clock arithmetic of the reconnect loop.
+const MAX_SECS: u64 = u32::MAX as u64 / 1000;
+
 fn secs(k: &str, v: &str) -> Result<Duration, UrlError> {
     let n: u64 = v
         .parse()
-        .map_err(|_| bad(format!("{k}={v}: not a number of seconds")))?;
+        .ok()
+        .filter(|n| *n <= MAX_SECS)
+        .ok_or_else(|| bad(format!("{k}={v}: want a number of seconds, 0..={MAX_SECS}")))?;
     Ok(Duration::from_secs(n))
 }
 
@@ -200,6 +207,23 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(u.fast_io_fail_tmo, Some(Duration::ZERO));
+        for bad in [
+            "fast_io_fail_tmo=-1",
+            "fast_io_fail_tmo=",
+            "fast_io_fail_tmo",
+            "reconnect_delay=18446744073709551615",
+            "kato=4294968",
+            "ctrl_loss_tmo=1e3",
+        ] {
+            let e = format!("nvme-tcp://127.0.0.1:4420/nqn.x/1?{bad}")
+                .parse::<TcpUrl>()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("want a number of seconds, 0..=4294967"),
+                "{bad}: {e}"
+            );
+        }
         assert_eq!(u.paths, ["127.0.0.1:4420", "[::1]:4421"]);
         assert_eq!(u.subnqn, "nqn.2014-08.org.test:a");
         assert_eq!(u.nsid, 2);
