@@ -33,6 +33,7 @@ impl Controller {
         log::info!("{}: async event {ev:?}", self.cfg.serial);
         ControllerStats::bump(&self.stats.async_events);
         self.admin.events.queued.push_back(ev);
+        self.events_unsaved = true;
         while !self.admin.events.slots.is_empty() {
             let Some(ev) = self.next_event() else { break };
             let slot = self.admin.events.slots.remove(0);

@@ -54,6 +54,7 @@ impl Controller {
         for nsid in changed {
             log::info!("{}: namespace {nsid} changed size", self.cfg.serial);
             self.admin.changed_ns.record(nsid);
+            self.events_unsaved = true;
             if self.is_ready()
                 && self.admin.features.async_event_config
                     & crate::state::changed_namespaces::NS_ATTRIBUTE_NOTICES
@@ -76,6 +77,7 @@ impl Controller {
         match (self.admin.pool_warning, now) {
             (None, Some(_)) => {
                 self.admin.pool_warning = now;
+                self.events_unsaved = true;
                 self.raise_event(
                     crate::state::async_events::AsyncEvent {
                         event_type: crate::state::async_events::event_type::SMART,
@@ -85,7 +87,10 @@ impl Controller {
                     mem,
                 );
             }
-            (Some(_), _) => self.admin.pool_warning = now,
+            (Some(_), _) => {
+                self.events_unsaved |= self.admin.pool_warning != now;
+                self.admin.pool_warning = now;
+            }
             (None, None) => {}
         }
     }

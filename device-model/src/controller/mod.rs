@@ -181,6 +181,9 @@ pub struct Controller {
     /// it before it restored from it.
     pub(crate) qos_saved: u64,
     pub(crate) journal_owned: bool,
+    /// Asynchronous event state changed outside an admin command (an event queued, a
+    /// namespace changed size, the pool warning): saved at the next poll.
+    pub(crate) events_unsaved: bool,
     /// Reset and shutdown in progress, queues retired with requests still out.
     pub(crate) quiesce: crate::quiesce::Quiesce,
     /// Iovec storage lent to commands in flight, and how many are in flight.
@@ -259,6 +262,7 @@ impl Controller {
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,
             journal_owned: false,
+            events_unsaved: false,
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,

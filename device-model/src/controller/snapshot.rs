@@ -10,8 +10,11 @@
 //! the QoS limits (set at run time by the management plane: a tenant throttled before an
 //! upgrade stays throttled after it), and the SMART counters and error log (what a host
 //! reads there does not go back; exact across a planned upgrade, as of the last save after a
-//! crash). Blobs of versions 1 and 2 (without the QoS limits, without the logs) still load.
-//! Queued asynchronous events are not carried, nor namespace changes made at run time.
+//! crash), and the asynchronous event state (events waiting for a request, the types
+//! reported and not yet acknowledged, the Changed Namespace List, the pool warning): an
+//! event raised before an upgrade reaches the host once, after it. Blobs of versions 1 to 3
+//! (without the QoS limits, the logs, the events) still load. Namespaces added or removed
+//! at run time are not carried (the supervisor refuses those calls).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -28,10 +31,14 @@ use crate::state::features::Features;
 
 use super::Controller;
 
-const VERSION: u32 = 3;
-/// The versions before the QoS limits and then the logs were carried (still read).
+const VERSION: u32 = 4;
+/// The versions before the QoS limits, the logs and then the events were carried (still
+/// read).
 const VERSION_NO_QOS: u32 = 1;
 const VERSION_NO_LOGS: u32 = 2;
+const VERSION_NO_EVENTS: u32 = 3;
+/// Queued events carried at most (each type/information pair is queued once).
+const MAX_QUEUED_EVENTS: usize = 32;
 const OP_ASYNC_EVENT_REQUEST: u8 = 0x0c;
 
 /// What a restore found and did (logged by the worker, counted by tests).
@@ -145,6 +152,17 @@ struct Blob {
     qos: Option<crate::qos::QosLimits>,
     /// SMART counters and error log (none before version 3).
     logs: Option<SavedLogs>,
+    /// Asynchronous event state (none before version 4).
+    events: Option<SavedEvents>,
+}
+
+/// The asynchronous event state as saved.
+struct SavedEvents {
+    masked: u8,
+    queued: Vec<crate::state::async_events::AsyncEvent>,
+    changed_overflow: bool,
+    changed: Vec<u32>,
+    pool_warning: Option<u8>,
 }
 
 /// The SMART counters and the error log as saved.
@@ -180,10 +198,13 @@ impl Controller {
         self.commands_in_flight <= parked && self.quiesce.retired_requests() == 0
     }
 
-    /// QoS limits changed by the management plane since the last save: save them (the next
-    /// worker must keep a tenant's limits).
+    /// QoS limits changed by the management plane, or asynchronous event state outside an
+    /// admin command, since the last save: save them (the next worker must keep a tenant's
+    /// limits and report its events).
     pub(super) fn save_qos_change(&mut self) {
-        if self.journal_owned && self.qos_control.generation() != self.qos_saved {
+        if self.journal_owned
+            && (self.events_unsaved || self.qos_control.generation() != self.qos_saved)
+        {
             self.save_blob(None);
         }
     }
@@ -316,6 +337,23 @@ impl Controller {
         for e in &self.admin.errors.entries {
             w.bytes(e.as_bytes());
         }
+        let ev = &self.admin.events;
+        w.u8(ev.masked);
+        let queued = ev.queued.len().min(MAX_QUEUED_EVENTS);
+        w.u8(queued as u8);
+        for e in ev.queued.iter().take(queued) {
+            w.u8(e.event_type);
+            w.u8(e.info);
+            w.u8(e.log_page);
+        }
+        let ch = &self.admin.changed_ns;
+        w.u8(u8::from(ch.overflow));
+        w.u16(ch.nsids.len() as u16);
+        for &n in &ch.nsids {
+            w.u32(n);
+        }
+        w.u8(u8::from(self.admin.pool_warning.is_some()));
+        w.u8(self.admin.pool_warning.unwrap_or(0));
         w.0
     }
 
@@ -323,7 +361,7 @@ impl Controller {
     fn decode(&self, b: &[u8]) -> Option<Blob> {
         let mut r = R(b);
         let version = r.u32()?;
-        if ![VERSION, VERSION_NO_QOS, VERSION_NO_LOGS].contains(&version) {
+        if ![VERSION, VERSION_NO_QOS, VERSION_NO_LOGS, VERSION_NO_EVENTS].contains(&version) {
             return None;
         }
         let (cc, csts, aqa, asq, acq, intms, page_size) = (
@@ -413,7 +451,7 @@ impl Controller {
         } else {
             None
         };
-        let logs = if version >= VERSION {
+        let logs = if version >= VERSION_NO_EVENTS {
             let (bytes_read, bytes_written, reads, writes, power_on_secs, errors) =
                 (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
             let n = r.u16()? as usize;
@@ -437,6 +475,40 @@ impl Controller {
         } else {
             None
         };
+        let events = if version >= VERSION {
+            let masked = r.u8()?;
+            let n = r.u8()? as usize;
+            if n > MAX_QUEUED_EVENTS {
+                return None;
+            }
+            let mut queued = Vec::with_capacity(n);
+            for _ in 0..n {
+                queued.push(crate::state::async_events::AsyncEvent {
+                    event_type: r.u8()?,
+                    info: r.u8()?,
+                    log_page: r.u8()?,
+                });
+            }
+            let changed_overflow = r.u8()? != 0;
+            let n = r.u16()? as usize;
+            if n > crate::state::changed_namespaces::CHANGED_LIST_MAX {
+                return None;
+            }
+            let mut changed = Vec::with_capacity(n);
+            for _ in 0..n {
+                changed.push(r.u32()?);
+            }
+            let (has_warning, warning) = (r.u8()? != 0, r.u8()?);
+            Some(SavedEvents {
+                masked,
+                queued,
+                changed_overflow,
+                changed,
+                pool_warning: has_warning.then_some(warning),
+            })
+        } else {
+            None
+        };
         (page_size.is_power_of_two() && (4096..=1 << 16).contains(&page_size)).then_some(Blob {
             cc,
             csts,
@@ -452,6 +524,7 @@ impl Controller {
             pending,
             qos,
             logs,
+            events,
         })
     }
 
@@ -474,6 +547,7 @@ impl Controller {
         self.journaled_queues = now;
         self.journal_owned = true;
         self.qos_saved = self.qos_control.generation();
+        self.events_unsaved = false;
         if let Err(e) = j.save_blob(&self.encode(pending)) {
             crate::error_limited!("{}: state not saved: {e}", self.cfg.serial);
         }
@@ -570,6 +644,14 @@ impl Controller {
         self.page_size = b.page_size;
         self.admin.features = b.features;
         self.shadow = b.shadow;
+        if let Some(e) = b.events {
+            // parked requests come back below, as the reissued commands they are
+            self.admin.events.masked = e.masked;
+            self.admin.events.queued = e.queued.into();
+            self.admin.changed_ns.overflow = e.changed_overflow;
+            self.admin.changed_ns.nsids = e.changed;
+            self.admin.pool_warning = e.pool_warning;
+        }
         let mem = self.mem.snapshot();
         self.queues.take_all();
         for &(id, base, size, vector, irq) in &b.cqs {

@@ -302,3 +302,56 @@ fn smart_counters_and_the_error_log_outlive_the_worker() {
     assert_eq!(h.ctrl.admin.errors.entries[0].error_count.get(), 1);
     let _ = std::fs::remove_file(&file);
 }
+
+/// The asynchronous event state outlives a worker killed before the host asked for it: an
+/// event raised with no request parked, the types reported and not yet acknowledged, and
+/// the Changed Namespace List. The next worker reports each event once.
+#[test]
+fn asynchronous_events_waiting_for_the_host_outlive_the_worker() {
+    use crate::state::async_events::{AsyncEvent, event_type, smart_info};
+    use crate::state::changed_namespaces::NS_ATTRIBUTE_CHANGED;
+    let spare = AsyncEvent {
+        event_type: event_type::SMART,
+        info: smart_info::SPARE_BELOW_THRESHOLD,
+        log_page: nvme_spec::log_page::lid::SMART_HEALTH,
+    };
+    let file = std::env::temp_dir().join(format!("vnvme-aen-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let state = Journal::create().unwrap();
+    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+    let mut h = Harness::with_journal(namespace(&file), j);
+    assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+    // a SMART event reported to a parked request: its type is held back from now on
+    let aer = h.admin(sqe(0x0c, 0, 0, &[]));
+    h.ctrl.poll();
+    let mem = h.ctrl.mem.snapshot();
+    h.ctrl.raise_event(spare, &mem);
+    assert_eq!(h.admin_wait(aer), Status::SUCCESS);
+    // a namespace change with no request parked: the notice waits
+    h.ctrl.admin.changed_ns.record(1);
+    h.ctrl.raise_event(NS_ATTRIBUTE_CHANGED, &mem);
+    assert_eq!(h.ctrl.admin.events.queued.len(), 1);
+    // the next poll saves what changed outside an admin command; then kill -9
+    h.ctrl.poll();
+    replace_worker(&mut h, &state, &file);
+    assert_eq!(
+        h.ctrl
+            .admin
+            .events
+            .queued
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        [NS_ATTRIBUTE_CHANGED]
+    );
+    assert_eq!(h.ctrl.admin.changed_ns.nsids, [1]);
+    // the SMART event is not reported twice before its log page is read
+    let mem = h.ctrl.mem.snapshot();
+    h.ctrl.raise_event(spare, &mem);
+    assert_eq!(h.ctrl.admin.events.queued.len(), 1, "held back");
+    // the next request gets the notice at once
+    let aer = h.admin(sqe(0x0c, 0, 0, &[]));
+    assert_eq!(h.admin_wait(aer), Status::SUCCESS);
+    assert!(h.ctrl.admin.events.queued.is_empty());
+    let _ = std::fs::remove_file(&file);
+}
