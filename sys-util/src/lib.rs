@@ -12,6 +12,7 @@ pub mod fd;
 pub mod poll;
 pub mod process;
 pub mod shared_memory;
+pub mod yield_hint;
 pub mod yield_lock;
 
 pub use anonymous::{ZERO_CHUNK, zeroes};

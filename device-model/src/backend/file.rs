@@ -52,6 +52,8 @@ pub struct FileBackend {
     ring: Option<IoUring>,
     unsubmitted: usize,
     in_flight: usize,
+    /// Of those, run by io_uring in a kernel worker thread.
+    in_worker: usize,
     sync_done: DoneQueue,
     /// Requests on the ring, indexed by io_uring user_data: the caller's tag (any 64-bit
     /// value: a shared backend folds its user index into the top byte) and what to expect.
@@ -70,6 +72,9 @@ pub struct FileBackend {
 struct RingSlot {
     tag: u64,
     kind: SlotKind,
+    /// io_uring runs it in a kernel worker thread (fsync, fallocate, a synchronous write):
+    /// see [`sys_util::yield_hint`].
+    in_worker: bool,
 }
 
 /// What a ring slot's request is, and what its completion must say.
@@ -168,6 +173,7 @@ impl FileBackend {
             ring,
             unsubmitted: 0,
             in_flight: 0,
+            in_worker: 0,
             sync_done: DoneQueue::default(),
             slots: Vec::new(),
             free_slots: Vec::new(),
@@ -326,6 +332,13 @@ impl FileBackend {
     }
 
     /// A ring slot for `slot` (reused; grows only past the deepest queue seen so far).
+    /// Ring slot `ud`'s request is over.
+    fn release(&mut self, ud: u32) {
+        self.in_worker -= usize::from(self.slots[ud as usize].in_worker);
+        self.free_slots.push(ud);
+        self.in_flight -= 1;
+    }
+
     fn take_slot(&mut self, slot: RingSlot) -> u64 {
         if let Some(i) = self.free_slots.pop() {
             self.slots[i as usize] = slot;
@@ -420,7 +433,17 @@ impl Backend for FileBackend {
                 end,
             },
         };
-        let ud = self.take_slot(RingSlot { tag: req.tag, kind });
+        let in_worker = matches!(req.op, IoOp::Write { fua: true })
+            || matches!(
+                kind,
+                SlotKind::Flush | SlotKind::ZeroRange { .. } | SlotKind::PunchHole { .. }
+            );
+        let ud = self.take_slot(RingSlot {
+            tag: req.tag,
+            kind,
+            in_worker,
+        });
+
         let pushed = match kind {
             SlotKind::Transfer { .. } | SlotKind::Flush => {
                 let entry = match req.op {
@@ -450,6 +473,7 @@ impl Backend for FileBackend {
             return Err(s);
         }
         self.in_flight += 1;
+        self.in_worker += usize::from(in_worker);
         Ok(())
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
@@ -532,7 +556,7 @@ impl Backend for FileBackend {
                 }
                 _ => {}
             }
-            let tag = slot.tag;
+            let (tag, in_worker) = (slot.tag, slot.in_worker);
             let st = if ok {
                 Status::SUCCESS
             } else {
@@ -543,6 +567,8 @@ impl Backend for FileBackend {
                 );
                 fail
             };
+            // `release`, field by field: the ring is borrowed
+            self.in_worker -= usize::from(in_worker);
             self.free_slots.push(ud);
             self.in_flight -= 1;
             n += 1;
@@ -556,13 +582,15 @@ impl Backend for FileBackend {
             };
             if let Err(st) = next {
                 let tag = self.slots[ud as usize].tag;
-                self.free_slots.push(ud);
-                self.in_flight -= 1;
+                self.release(ud);
                 n += 1;
                 done(tag, st);
             }
         }
         self.zero_next = again;
+        if n == 0 && self.in_worker > 0 {
+            sys_util::yield_hint::request();
+        }
         if self.unsubmitted > 0
             && let Some(ring) = self.ring.as_mut()
         {
@@ -582,6 +610,7 @@ impl Backend for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::GuestBuffers;
 
     #[test]
     fn round_trip_in_a_temp_file() {
@@ -600,6 +629,68 @@ mod tests {
             FileBackend::open(&dir.join("odd"), None),
             Err(FileError::BadSize { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A Flush runs in io_uring's kernel worker: each poll that finds it still running asks
+    /// the polling thread to yield (the worker may need this core); reads and writes do not.
+    #[test]
+    fn a_flush_in_a_kernel_worker_asks_the_poll_loop_to_yield() {
+        let dir = std::env::temp_dir().join(format!("vnvme-file-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = FileBackend::open(&dir.join("ns.img"), Some(1 << 20)).unwrap();
+        assert!(b.ring.is_some(), "no io_uring here");
+        let _ = sys_util::yield_hint::take();
+        let empty: [libc::iovec; 0] = [];
+        for op in [IoOp::Flush, IoOp::Write { fua: true }] {
+            b.submit(&IoRequest {
+                tag: 1,
+                op,
+                offset: 0,
+                // SAFETY: no buffers.
+                iov: unsafe { GuestBuffers::from_raw_iovecs(&empty) },
+            })
+            .unwrap();
+            let (mut got, mut waiting_polls, mut hints) = (Vec::new(), 0, 0);
+            while got.is_empty() {
+                let n = b.poll(&mut |t, s| got.push((t, s)));
+                waiting_polls += usize::from(n == 0);
+                hints += usize::from(sys_util::yield_hint::take());
+            }
+            assert_eq!(got, [(1, Status::SUCCESS)], "{op:?}");
+            assert_eq!(
+                hints, waiting_polls,
+                "{op:?}: a hint for each poll that waited"
+            );
+            if op == IoOp::Flush {
+                // io_uring has no non-blocking fsync: the worker takes a while
+                assert!(waiting_polls > 0, "the Flush completed at its submission");
+            }
+            assert_eq!(b.in_worker, 0);
+        }
+        // nothing in a worker: polls that find nothing ask for nothing
+        let mut data = [0u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: 4096,
+        }];
+        b.submit(&IoRequest {
+            tag: 2,
+            op: IoOp::Read,
+            offset: 0,
+            // SAFETY: `data` outlives the request, polled to completion below.
+            iov: unsafe { GuestBuffers::from_raw_iovecs(&iov) },
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            b.poll(&mut |t, s| got.push((t, s)));
+            assert!(!sys_util::yield_hint::take(), "a read asked for a yield");
+        }
+        for _ in 0..3 {
+            b.poll(&mut |_, _| {});
+            assert!(!sys_util::yield_hint::take());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -157,6 +157,12 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
                 }
             }
         }
+        // a backend waits for a kernel worker thread that may share this core (busy or not,
+        // this pass): let it run
+        let worker_waits = sys_util::yield_hint::take();
+        if worker_waits {
+            thread::yield_now();
+        }
         if work > 0 {
             last_work = Instant::now();
             continue;
@@ -172,7 +178,7 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
         // thread it waits for cannot run; with the core to itself, a yield is only a system
         // call per pass that busy polling does not pay.
         if !iter.is_multiple_of(64) {
-            if shared_core.0 {
+            if shared_core.0 && !worker_waits {
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();
