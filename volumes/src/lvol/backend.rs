@@ -70,6 +70,11 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long an inflate or decouple holds the store's lock at a time (one cluster's copy at
+/// least), and how long it leaves it free in between.
+const PRIVATIZE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
+const PRIVATIZE_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+
 fn lock(m: &YieldLock<Core>) -> YieldGuard<'_, Core> {
     m.lock()
 }
@@ -176,13 +181,31 @@ impl Store {
     /// Inflate: the volume gets its own copy of every cluster (it becomes thick) and no
     /// longer depends on its parent.
     pub fn inflate(&self, name: &str) -> Result<()> {
-        lock(&self.core).make_independent(name, true)
+        self.make_independent(name, true)
     }
 
     /// Decouple: the volume gets its own copy of every cluster it shares (unmapped ones
     /// stay unmapped) and no longer depends on its parent.
     pub fn decouple(&self, name: &str) -> Result<()> {
-        lock(&self.core).make_independent(name, false)
+        self.make_independent(name, false)
+    }
+
+    /// Inflate or decouple in steps of about [`PRIVATIZE_STEP`], the lock free for a
+    /// moment between them: the store's other volumes (other tenants' namespaces) see
+    /// their requests delayed by a step, not by the whole copy.
+    fn make_independent(&self, name: &str, thick: bool) -> Result<()> {
+        let id = lock(&self.core).begin_independent(name, thick)?;
+        let mut from = 0;
+        let steps = loop {
+            let step = lock(&self.core).make_independent_step(id, thick, from, PRIVATIZE_STEP);
+            match step {
+                Ok(Some(next)) => from = next,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            std::thread::sleep(PRIVATIZE_PAUSE);
+        };
+        lock(&self.core).end_independent(id, thick, steps)
     }
 
     /// Make everything so far durable.

@@ -166,10 +166,8 @@ impl Core {
         Ok(n)
     }
 
-    /// Make every entry of `vol` private: shared or layered entries are copied into a
-    /// cluster of its own; with `all`, unmapped ones get a zeroed cluster too (inflate).
-    pub(crate) fn privatize(&mut self, vol: u32, all: bool) -> Result<()> {
-        let n = self.meta.volumes[&vol].map.len();
+    /// Make room for making every entry of `vol` private (`all`: unmapped ones too).
+    pub(crate) fn make_room_to_privatize(&mut self, vol: u32, all: bool) -> Result<()> {
         let mut need = 0usize;
         for e in &self.meta.volumes[&vol].map {
             need += usize::from(match e {
@@ -188,36 +186,39 @@ impl Core {
                 )));
             }
         }
-        for l in 0..n as u32 {
-            let e = &self.meta.volumes[&vol].map[l as usize];
-            match e {
-                Entry::Unmapped if all => {
-                    let c = self
-                        .alloc()
-                        .ok_or_else(|| LvolError::NoSpace("inflate".into()))?;
-                    let off = self.geo.cluster_at(c);
-                    let cs = self.geo.cluster_size;
-                    self.sync.run(
-                        self.base.as_mut(),
-                        "zero a cluster",
-                        IoOp::WriteZeroes { len: cs },
-                        off,
-                        None,
-                        cs,
-                    )?;
-                    if let Some(v) = self.meta.volumes.get_mut(&vol) {
-                        v.map[l as usize] = Entry::Full(c);
-                    }
-                    self.dirty.insert((vol, l));
+        Ok(())
+    }
+
+    /// Make entry `l` of `vol` private: a shared or layered entry is copied into a cluster
+    /// of its own; with `all`, an unmapped one gets a zeroed cluster too (inflate).
+    pub(crate) fn privatize_entry(&mut self, vol: u32, l: u32, all: bool) -> Result<()> {
+        match &self.meta.volumes[&vol].map[l as usize] {
+            Entry::Unmapped if all => {
+                let c = self
+                    .alloc()
+                    .ok_or_else(|| LvolError::NoSpace("inflate".into()))?;
+                let off = self.geo.cluster_at(c);
+                let cs = self.geo.cluster_size;
+                self.sync.run(
+                    self.base.as_mut(),
+                    "zero a cluster",
+                    IoOp::WriteZeroes { len: cs },
+                    off,
+                    None,
+                    cs,
+                )?;
+                if let Some(v) = self.meta.volumes.get_mut(&vol) {
+                    v.map[l as usize] = Entry::Full(c);
                 }
-                Entry::Full(c) if self.refs[*c as usize] > 1 => {
-                    self.collapse(vol, l)?;
-                }
-                Entry::Layered(_) => {
-                    self.collapse(vol, l)?;
-                }
-                _ => {}
+                self.dirty.insert((vol, l));
             }
+            Entry::Full(c) if self.refs[*c as usize] > 1 => {
+                self.collapse(vol, l)?;
+            }
+            Entry::Layered(_) => {
+                self.collapse(vol, l)?;
+            }
+            _ => {}
         }
         Ok(())
     }

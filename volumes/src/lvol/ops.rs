@@ -162,6 +162,7 @@ impl Core {
         if self.in_use(id) {
             return Err(LvolError::InUse(name.into()));
         }
+        self.check_not_privatizing(id)?;
         self.push_record(Record::Delete { id })?;
         self.rederive_refs();
         self.commit()
@@ -173,6 +174,7 @@ impl Core {
         self.check_alive()?;
         self.check_size(size)?;
         let id = self.id_of(name)?;
+        self.check_not_privatizing(id)?;
         let v = &self.meta.volumes[&id];
         if v.read_only {
             return Err(LvolError::Invalid(format!(
@@ -258,6 +260,7 @@ impl Core {
     pub(crate) fn snapshot(&mut self, name: &str, snap: &str) -> Result<()> {
         self.check_alive()?;
         let src = self.id_of(name)?;
+        self.check_not_privatizing(src)?;
         self.check_new_name(snap)?;
         if self.meta.volumes[&src].read_only {
             return Err(LvolError::Invalid(format!("{name} is a snapshot already")));
@@ -296,9 +299,12 @@ impl Core {
         self.commit()
     }
 
-    /// Give volume `name` its own copy of every cluster it shares (`thick`: of every
-    /// cluster, unmapped ones too: inflate); it no longer depends on its parent.
-    pub(crate) fn make_independent(&mut self, name: &str, thick: bool) -> Result<()> {
+    /// Start giving volume `name` its own copy of every cluster it shares (`thick`: of
+    /// every cluster, unmapped ones too: inflate), done in steps
+    /// ([`Core::make_independent_step`]) so that the store's other volumes get the lock in
+    /// between; until [`Core::end_independent`] the volume cannot be deleted, resized or
+    /// snapshotted. Returns its id.
+    pub(crate) fn begin_independent(&mut self, name: &str, thick: bool) -> Result<u32> {
         self.check_alive()?;
         let id = self.id_of(name)?;
         if self.meta.volumes[&id].read_only {
@@ -306,15 +312,66 @@ impl Core {
                 "{name} is a snapshot: read-only"
             )));
         }
+        self.check_not_privatizing(id)?;
         self.wait_idle();
-        if let Err(e) = self.privatize(id, thick) {
-            // what was copied is kept (and recorded)
+        self.make_room_to_privatize(id, thick)?;
+        self.privatizing.insert(id);
+        Ok(id)
+    }
+
+    /// Make entries of `id` private from entry `from` on, until `budget` has passed (one
+    /// entry at least): the entry to go on from, or `None` when all are.
+    pub(crate) fn make_independent_step(
+        &mut self,
+        id: u32,
+        thick: bool,
+        from: u32,
+        budget: std::time::Duration,
+    ) -> Result<Option<u32>> {
+        self.check_alive()?;
+        // writes in flight to an entry must land before it is copied (data path requests
+        // ran while the lock was free)
+        self.wait_idle();
+        let t = std::time::Instant::now();
+        let n = self.meta.volumes[&id].map.len() as u32;
+        let mut l = from;
+        while l < n {
+            self.privatize_entry(id, l, thick)?;
+            l += 1;
+            if t.elapsed() >= budget {
+                break;
+            }
+        }
+        Ok((l < n).then_some(l))
+    }
+
+    /// Finish what [`Core::begin_independent`] started: on success the volume no longer
+    /// depends on its parent; on failure what was copied is kept (and recorded).
+    pub(crate) fn end_independent(
+        &mut self,
+        id: u32,
+        thick: bool,
+        steps: Result<()>,
+    ) -> Result<()> {
+        self.privatizing.remove(&id);
+        if let Err(e) = steps {
             self.commit()?;
             return Err(e);
         }
         self.push_record(Record::Decouple { id, thick })?;
         self.rederive_refs();
         self.commit()
+    }
+
+    /// Refuse what an inflate or decouple of `id` under way does not allow.
+    pub(crate) fn check_not_privatizing(&self, id: u32) -> Result<()> {
+        if self.privatizing.contains(&id) {
+            let name = self.meta.volumes.get(&id).map_or("?", |v| v.name.as_str());
+            return Err(LvolError::InUse(format!(
+                "{name}: an inflate or decouple is under way"
+            )));
+        }
+        Ok(())
     }
 
     /// Every volume, by name.

@@ -108,6 +108,8 @@ pub struct Core {
     pub(crate) retry_due: bool,
     /// Open handles per volume id.
     pub(crate) open: HashMap<u32, usize>,
+    /// Volumes an inflate or decouple is making independent, step by step.
+    pub(crate) privatizing: std::collections::HashSet<u32>,
     /// Sizes of open volumes, read by their handles without the lock (every I/O's range
     /// check asks).
     pub(crate) sizes: HashMap<u32, Arc<AtomicU64>>,
@@ -263,6 +265,7 @@ impl Core {
             filling: HashMap::new(),
             retry_due: false,
             open: HashMap::new(),
+            privatizing: std::collections::HashSet::new(),
             sizes: HashMap::new(),
             faults: Faults::default(),
             threshold: 90,

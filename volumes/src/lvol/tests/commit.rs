@@ -372,3 +372,120 @@ fn a_released_cluster_is_reused_only_once_its_last_request_ended() {
     completions(&mut a);
     assert_eq!(store.status().clusters_free, free + 1, "released once idle");
 }
+
+/// A RAM base that counts whole-cluster writes (an inflate's copies).
+struct CountingCopies {
+    inner: MallocBackend,
+    copies: Arc<AtomicU64>,
+}
+
+impl Backend for CountingCopies {
+    fn describe(&self) -> String {
+        "counting".into()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if matches!(req.op, IoOp::Write { .. }) && req.len() == MIB {
+            self.copies.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.submit(req)
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
+        self.inner.poll(done)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
+/// An inflate copies a volume's clusters in steps and frees the store's lock between them:
+/// another volume of the store (another tenant's namespace) keeps completing requests while
+/// it runs, instead of waiting for the whole copy. Meanwhile the volume cannot be deleted,
+/// resized or snapshotted; afterwards it is independent and reads what its snapshot held.
+#[test]
+fn an_inflate_leaves_the_stores_other_volumes_running_between_its_steps() {
+    use std::sync::atomic::AtomicBool;
+
+    let copies = Arc::new(AtomicU64::new(0));
+    let store = mib_store(Box::new(CountingCopies {
+        inner: MallocBackend::new(200 * MIB).unwrap(),
+        copies: Arc::clone(&copies),
+    }));
+    store.create("base", 64 * MIB, false).unwrap();
+    {
+        let mut b = store.open("base").unwrap();
+        for i in 0..64u64 {
+            let data = vec![i as u8 ^ 0x5a; 4096];
+            let st = io::run(
+                &mut b,
+                IoOp::Write { fua: false },
+                i * MIB,
+                Some(&data),
+                4096,
+            )
+            .0;
+            assert_eq!(st, Status::SUCCESS);
+        }
+    }
+    store.snapshot("base", "snap").unwrap();
+    store.clone_snapshot("snap", "clone").unwrap();
+    store.create("other", 4 * MIB, false).unwrap();
+    let mut other = store.open("other").unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let inflate = {
+        let (store, done) = (store.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let r = store.inflate("clone");
+            done.store(true, Ordering::Release);
+            r
+        })
+    };
+    // requests of the other volume, one at a time, counted when they complete with some
+    // clusters copied and not all; and the management calls the inflate refuses
+    let copied = || copies.load(Ordering::Relaxed);
+    let (mut during, mut refused) = (0, 0);
+    while !done.load(Ordering::Acquire) {
+        assert_eq!(io::read(&mut other, 0, 4096).0, Status::SUCCESS);
+        if (1..64).contains(&copied()) {
+            during += 1;
+        }
+        if refused == 0 && (1..64).contains(&copied()) {
+            let e = store.snapshot("clone", "snap2").unwrap_err().to_string();
+            if e.contains("an inflate or decouple is under way") {
+                refused += 1;
+                let e = store.resize("clone", 128 * MIB).unwrap_err().to_string();
+                assert!(e.contains("under way"), "{e}");
+            }
+        }
+    }
+    inflate.join().unwrap().unwrap();
+    assert_eq!(copied(), 64, "one copy per cluster");
+    assert!(
+        during >= 8,
+        "only {during} requests of another volume completed during the inflate"
+    );
+    assert_eq!(
+        refused, 1,
+        "the snapshot was not refused during the inflate"
+    );
+    let list = store.list();
+    let clone = list.iter().find(|v| v.name == "clone").unwrap();
+    assert_eq!(
+        (clone.parent.as_ref(), clone.shared, clone.thin),
+        (None, 0, false)
+    );
+    drop(other);
+    let mut c = store.open("clone").unwrap();
+    for i in [0u64, 31, 63] {
+        let (st, data) = io::read(&mut c, i * MIB, 4096);
+        assert_eq!(
+            (st, data[0], data[4095]),
+            (Status::SUCCESS, i as u8 ^ 0x5a, i as u8 ^ 0x5a)
+        );
+    }
+    drop(c);
+    store.snapshot("clone", "snap2").unwrap();
+}
