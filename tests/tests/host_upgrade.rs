@@ -581,3 +581,94 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         assert!(ok && out.contains(" 0 mismatches"), "{out}");
     }
 }
+
+/// A free TCP port on the loopback (bound and released: the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An NVMe/TCP export under `--supervised`: the supervisor keeps the listener, the worker's
+/// connections close with it and the host reconnects. A host daemon whose namespace is the
+/// export (`nvme-tcp://`), driven by `vnvme perf --verify`, and a vfio-user client on another
+/// controller run through two upgrades and two kills: neither sees a failed command or a
+/// mismatch.
+#[test]
+fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
+    let tmp = TempDir::new("upgrade-tcp");
+    let dir = tmp.path();
+    let sock = dir.join("c0.sock");
+    let port = free_port();
+    let nqn = "nqn.2026-12.io.vnvme:supervised-tcp";
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n\
+         [[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
+         [[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
+        sock.display(),
+        dir.join("d0.img").display(),
+        dir.join("d1.img").display(),
+    );
+    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
+    // the host: a second daemon whose namespace is the export (its initiator reconnects
+    // and sends again what had no response), verified through vfio-user
+    let front_sock = dir.join("front.sock");
+    let front = Served(
+        Command::new(vnvme_binary())
+            .args(["serve", "--socket"])
+            .arg(&front_sock)
+            .arg("--ns")
+            .arg(format!(
+                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
+            ))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
+            .spawn()
+            .expect("vnvme serve (the host)"),
+    );
+    wait_for(&front_sock);
+    let tcp = perf(&front_sock, 16);
+    let local = perf(&sock, 16);
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..2 {
+        let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+        assert!(r.get("generation").is_some(), "upgrade {i}: {r}");
+        std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+        let (pid, generation, _, _) = status(&rpc_sock);
+        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while status(&rpc_sock).1 == generation {
+            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    }
+    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    assert_eq!((generation, upgrades, recoveries), (5, 2, 2));
+    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
+        let (ok, out) = finish(p);
+        assert!(
+            ok && out.contains(" 0 mismatches"),
+            "{what}:\n{out}\ndaemon:\n{}\nhost:\n{}",
+            log("daemon.log"),
+            log("front.log")
+        );
+        eprintln!(
+            "{what}: {}",
+            out.lines()
+                .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let losses = log("front.log").matches("reconnecting").count();
+    assert!(
+        losses >= 4,
+        "the host lost its connection {losses} times, not at each of the 4 workers' ends"
+    );
+    drop(front);
+}

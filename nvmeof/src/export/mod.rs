@@ -276,6 +276,17 @@ impl TcpTarget {
         rdma_listen: &[SocketAddr],
         exports: Vec<ExportSpec>,
     ) -> Result<Self, ExportError> {
+        Self::start_with(listen, Vec::new(), rdma_listen, exports)
+    }
+
+    /// [`TcpTarget::start_on`], serving also on `bound`: NVMe/TCP listeners bound already
+    /// (by a supervisor that keeps them across worker processes).
+    pub fn start_with(
+        listen: &[SocketAddr],
+        bound: Vec<TcpListener>,
+        rdma_listen: &[SocketAddr],
+        exports: Vec<ExportSpec>,
+    ) -> Result<Self, ExportError> {
         #[cfg(feature = "rdma")]
         let rdma = if rdma_listen.is_empty() {
             None
@@ -295,11 +306,23 @@ impl TcpTarget {
         }
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
+        let mut all = Vec::with_capacity(listen.len() + bound.len());
         for &addr in listen {
-            let l = TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| ExportError::Listen { addr, source })?;
-            let local = l.local_addr().unwrap_or(addr);
+            let l =
+                TcpListener::bind(addr).map_err(|source| ExportError::Listen { addr, source })?;
+            all.push(l);
+        }
+        all.extend(bound);
+        for l in all {
+            let local = l.local_addr().map_err(|source| ExportError::Listen {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+            l.set_nonblocking(true)
+                .map_err(|source| ExportError::Listen {
+                    addr: local,
+                    source,
+                })?;
             addrs.push(local);
             listeners.push((l, local));
         }

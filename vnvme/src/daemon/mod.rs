@@ -174,14 +174,20 @@ impl Daemon {
         } in exports
         {
             let mut tcp_sa: Vec<SocketAddr> = Vec::new();
+            let mut handed = Vec::new();
             if let Some(a) = &addr {
-                tcp_sa.push(a.parse().map_err(|_| DaemonError::Address(a.clone()))?);
+                let sa = a.parse().map_err(|_| DaemonError::Address(a.clone()))?;
+                // a worker serves on the listener its supervisor holds (it outlives us)
+                match crate::supervisor::handover::take_listener(a) {
+                    Some(l) => handed.push(l),
+                    None => tcp_sa.push(sa),
+                }
             }
             let mut rdma_sa = Vec::new();
             for r in &rdma {
                 rdma_sa.push(r.parse().map_err(|_| DaemonError::Address(r.clone()))?);
             }
-            let t = TcpTarget::start_on(&tcp_sa, &rdma_sa, list).map_err(|source| {
+            let t = TcpTarget::start_with(&tcp_sa, handed, &rdma_sa, list).map_err(|source| {
                 DaemonError::Tcp {
                     addr: addr.clone().unwrap_or_else(|| rdma.join(",")),
                     source,

@@ -21,6 +21,9 @@ pub const START: u16 = 0x7e02;
 pub const UPGRADE: u16 = 0x7e03;
 /// Worker -> supervisor: the answer to START or UPGRADE.
 pub const DONE: u16 = 0x7e04;
+/// Supervisor -> worker: NVMe/TCP listening socket for `{"addr": "IP:PORT"}` (as
+/// configured); fd: the listener, which outlives every worker.
+pub const LISTEN: u16 = 0x7e05;
 
 /// Largest control message body.
 const MAX_BODY: usize = 64 << 10;

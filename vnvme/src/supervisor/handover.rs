@@ -1,7 +1,8 @@
 //! The worker's side of the fds its supervisor handed over: per vfio-user socket the link
 //! the supervisor relays the client over, the BAR0 doorbell memfd the client mapped, and the
-//! controller's state memfd. The daemon's builders take them by socket path when they
-//! build that controller ([`take_memory`], [`take_link`]); controllers built this way are
+//! controller's state memfd; per NVMe/TCP address the listening socket. The daemon's
+//! builders take them by socket path or address when they build that controller
+//! ([`take_memory`], [`take_link`], [`take_listener`]); controllers built this way are
 //! tracked so a planned upgrade can hold, drain and save them ([`drain_all`]).
 
 use std::os::fd::OwnedFd;
@@ -29,6 +30,8 @@ struct Handed {
 }
 
 static HANDED: Mutex<Vec<Handed>> = Mutex::new(Vec::new());
+/// NVMe/TCP listeners by configured address.
+static LISTENERS: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 static TRACKED: Mutex<Vec<Poster>> = Mutex::new(Vec::new());
 
 /// Record what the supervisor handed over for `socket`.
@@ -41,6 +44,21 @@ pub fn offer(socket: PathBuf, link: UnixStream, memory: HandedMemory) {
             memory: Some(memory),
         });
     }
+}
+
+/// Record the NVMe/TCP listener the supervisor holds for address `addr`.
+pub fn offer_listener(addr: String, fd: OwnedFd) {
+    if let Ok(mut l) = LISTENERS.lock() {
+        l.retain(|(a, _)| *a != addr);
+        l.push((addr, fd));
+    }
+}
+
+/// The listener handed over for configured address `addr`, once.
+pub fn take_listener(addr: &str) -> Option<std::net::TcpListener> {
+    let mut l = LISTENERS.lock().ok()?;
+    let i = l.iter().position(|(a, _)| a == addr)?;
+    Some(std::net::TcpListener::from(l.swap_remove(i).1))
 }
 
 /// The memfds handed over for `socket`, once.

@@ -8,7 +8,8 @@
 //!   doorbells (created here, so it stays the same file across workers); a duplicate of
 //!   every fd the client sent (DMA_MAP guest memory, SET_IRQS eventfds), kept in the relay's
 //!   replay table; each controller's **state memfd** (`device_model::journal`); the
-//!   management socket (`--rpc`). It never closes a client connection because of a worker.
+//!   NVMe/TCP listening sockets (`tcp_listen`); the management socket (`--rpc`). It never
+//!   closes a vfio-user client connection because of a worker.
 //! - **Worker**: the device model, reactors, backends (files and io_uring are reopened by
 //!   each worker from the configuration), its own management socket (`RPC.worker`, to which
 //!   the supervisor forwards every method but `daemon_*`).
@@ -42,6 +43,16 @@
 //! completion being posted is written unless the guest's CQ slot holds it already, and every
 //! enabled vector is signalled once. If the supervisor itself dies, the clients' sockets
 //! close with it: the VM loses the device, as without a supervisor.
+//!
+//! # NVMe/TCP exports
+//! A host's NVMe/TCP connections belong to the worker and close with it (their controllers
+//! are the host's to re-create); the listener stays with the supervisor, so the host's
+//! reconnect waits in its backlog until the next worker accepts it, and the host sends again
+//! what had no response (Linux requeues within `ctrl_loss_tmo`; vnvme's initiator waits
+//! for the connection unless `fast_io_fail_tmo` says otherwise). Commands a killed worker had
+//! in flight on its io_uring end before the process does, so they cannot land after the
+//! host's retry. NVMe/RDMA exports are refused under `--supervised`: an RDMA CM listener is
+//! no descriptor to keep.
 
 pub mod control;
 pub mod handover;
@@ -49,6 +60,7 @@ mod rpc;
 pub mod worker;
 
 use std::ffi::OsString;
+use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -148,6 +160,8 @@ pub struct Supervisor {
     retry_at: Option<Instant>,
     /// A relay found the worker alive but not answering.
     hung: Arc<AtomicBool>,
+    /// NVMe/TCP listeners by configured address, handed to every worker.
+    listeners: Vec<(String, TcpListener)>,
     status: Status,
 }
 
@@ -173,9 +187,10 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         }
     }
     for c in &cfg.controllers {
-        if c.tcp_listen.is_some() || c.rdma_listen.is_some() {
+        if c.rdma_listen.is_some() {
+            // an RDMA CM listener is no descriptor the supervisor could keep
             return Err(SupervisorError::Unsupported(
-                "NVMe-oF exports (tcp_listen, rdma_listen)".into(),
+                "NVMe/RDMA exports (rdma_listen)".into(),
             ));
         }
         if c.vfs.unwrap_or(0) > 0 {
@@ -187,22 +202,38 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         for n in &c.namespaces {
             ram("a namespace", &n.backend)?;
         }
-        match &c.socket {
-            Some(s) => sockets.push(s.clone()),
-            None => {
-                return Err(SupervisorError::Unsupported(
-                    "controllers without a socket".into(),
-                ));
-            }
+        if let Some(s) = &c.socket {
+            sockets.push(s.clone());
         }
     }
     Ok(sockets)
+}
+
+/// Bind every configured NVMe/TCP address once: the supervisor keeps the listeners and
+/// hands them to each worker, so a host reconnecting while no worker runs waits in the
+/// backlog instead of being refused.
+fn bind_listeners(cfg: &Config) -> Result<Vec<(String, TcpListener)>, SupervisorError> {
+    let mut out: Vec<(String, TcpListener)> = Vec::new();
+    for a in cfg.controllers.iter().filter_map(|c| c.tcp_listen.as_ref()) {
+        if out.iter().any(|(b, _)| b == a) {
+            continue;
+        }
+        let sa: std::net::SocketAddr = a
+            .parse()
+            .map_err(|_| SupervisorError::Refused(format!("tcp_listen {a}: want IP:PORT")))?;
+        let l = TcpListener::bind(sa).map_err(|e| {
+            SupervisorError::Refused(format!("tcp_listen {a}: cannot listen there: {e}"))
+        })?;
+        out.push((a.clone(), l));
+    }
+    Ok(out)
 }
 
 impl Supervisor {
     /// Take the sockets, start the first worker.
     pub fn start(cfg: &Config, opts: SupervisorOptions) -> Result<Self, SupervisorError> {
         let sockets = check(cfg)?;
+        let listeners = bind_listeners(cfg)?;
         crate::limits::apply();
         let stop = Arc::new(AtomicBool::new(false));
         let hung = Arc::new(AtomicBool::new(false));
@@ -239,6 +270,7 @@ impl Supervisor {
             worker: None,
             retry_at: None,
             hung,
+            listeners,
         };
         s.spawn_worker()?;
         Ok(s)
@@ -273,6 +305,10 @@ impl Supervisor {
             );
             r.map_err(SupervisorError::Io)?;
             links.push(relay_end);
+        }
+        for (addr, l) in &self.listeners {
+            control::send(&ours, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])
+                .map_err(SupervisorError::Io)?;
         }
         control::send(&ours, control::START, &Value::Null, &[]).map_err(SupervisorError::Io)?;
         let ready = control::recv(&ours, Duration::from_secs(30));

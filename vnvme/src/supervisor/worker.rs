@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::SupervisorError;
-use super::control::{self, ATTACH, DONE, START, UPGRADE};
+use super::control::{self, ATTACH, DONE, LISTEN, START, UPGRADE};
 use super::handover::{self, HandedMemory};
 
 /// The worker's control link.
@@ -58,6 +58,16 @@ impl WorkerLink {
                         UnixStream::from(link),
                         HandedMemory { doorbells, state },
                     );
+                }
+                LISTEN => {
+                    let addr =
+                        m.body.get("addr").and_then(|v| v.as_str()).ok_or_else(|| {
+                            SupervisorError::Protocol("LISTEN without addr".into())
+                        })?;
+                    let Some(fd) = m.fds.into_iter().next() else {
+                        return Err(SupervisorError::Protocol("LISTEN without its fd".into()));
+                    };
+                    handover::offer_listener(addr.to_owned(), fd);
                 }
                 START => return Ok(Self { ctl }),
                 c => {
