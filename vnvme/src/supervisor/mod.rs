@@ -193,8 +193,12 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
                 "NVMe/RDMA exports (rdma_listen)".into(),
             ));
         }
-        if c.vfs.unwrap_or(0) > 0 {
-            return Err(SupervisorError::Unsupported("SR-IOV VFs".into()));
+        if c.vfs.unwrap_or(0) > 0 && !c.vfs_online {
+            // which VFs the PF's host brought online (Virtualization Management) lives in
+            // the worker's memory
+            return Err(SupervisorError::Unsupported(
+                "SR-IOV VFs brought online at run time (set vfs_online = true)".into(),
+            ));
         }
         if c.namespace_pool.is_some() {
             return Err(SupervisorError::Unsupported("namespace pools".into()));
@@ -204,6 +208,10 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         }
         if let Some(s) = &c.socket {
             sockets.push(s.clone());
+            // each VF is a controller of its own on its own socket: relayed the same way
+            for n in 1..=usize::from(c.vfs.unwrap_or(0)) {
+                sockets.push(sriov::topology::vf_socket(s, n));
+            }
         }
     }
     Ok(sockets)
