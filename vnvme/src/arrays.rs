@@ -76,6 +76,25 @@ fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backe
         .map_err(|e| format!("{spec}: {e}"))
 }
 
+/// Open a member the array's superblocks record and the configuration does not name (one
+/// added at run time). The superblocks live on the members, so this opens nothing new: a
+/// file is opened as it is (never created or resized: a `:SIZE` is dropped), a network or
+/// device namespace as recorded; anything else is not reopened this way. Assembly then
+/// accepts it only if it carries this array's superblock for that slot.
+fn open_recorded(
+    spec: &str,
+    devices: &mut DeviceRegistry,
+) -> Result<(String, Box<dyn Backend>), String> {
+    let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
+    let spec = match parsed {
+        BackendSpec::File { path, .. } => format!("file:{}", path.display()),
+        BackendSpec::NvmeTcp(_) | BackendSpec::Nvme { .. } => spec.to_owned(),
+        _ => return Err("not a member kind reopened from a superblock".into()),
+    };
+    let b = open_member(&spec, devices)?;
+    Ok((spec, b))
+}
+
 impl Arrays {
     /// No arrays yet; `worker` for a supervised worker (members on `malloc:` refused).
     pub fn new(worker: bool) -> Self {
@@ -155,6 +174,9 @@ impl Arrays {
                 }
             }
         }
+        if carries {
+            self.add_recorded(spec, &mut members, &mut unopened, devices);
+        }
         let (array, handle, refused) = if carries {
             // an existing array starts without the members that cannot be reached (degraded,
             // if its level allows it); they can be added back when they return
@@ -188,6 +210,45 @@ impl Arrays {
             refused: refused.clone(),
         });
         Ok(refused)
+    }
+
+    /// Open the members `spec`'s array records in its newest superblock that the
+    /// configuration does not list (added by `raid_add_member` since it was written): a
+    /// restart, or the next worker of a supervised daemon, finds them again.
+    fn add_recorded(
+        &self,
+        spec: &ArraySpec,
+        members: &mut Vec<MemberIn>,
+        unopened: &mut Vec<String>,
+        devices: &mut DeviceRegistry,
+    ) {
+        let newest = members
+            .iter_mut()
+            .filter_map(|m| raid::read_superblock(&m.describe, m.backend.as_mut()).ok())
+            .filter(|sb| sb.name == spec.name)
+            .max_by_key(|sb| sb.generation);
+        let Some(newest) = newest else { return };
+        for r in newest.specs.iter().filter(|r| !r.is_empty()) {
+            if spec.members.contains(r)
+                || members.iter().any(|m| m.describe == *r)
+                || self.member_in_use(r).is_some()
+                || (self.worker && refuse_in_worker("a recorded member", r).is_err())
+            {
+                continue;
+            }
+            match open_recorded(r, devices) {
+                Ok((describe, backend)) => {
+                    log::info!(
+                        "array {}: member {describe} from its superblocks (not in the configuration)",
+                        spec.name
+                    );
+                    members.push(MemberIn { describe, backend });
+                }
+                Err(why) => {
+                    unopened.push(format!("{r} (recorded in the array's superblocks): {why}"));
+                }
+            }
+        }
     }
 
     /// Hand array `name` to namespace `user` (once).

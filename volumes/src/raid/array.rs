@@ -29,6 +29,8 @@ pub(super) const CLEAR_TICK: std::time::Duration = std::time::Duration::from_mil
 pub(crate) struct Member {
     pub(crate) backend: Option<Box<dyn Backend>>,
     pub(crate) describe: String,
+    /// The spec the superblocks record for this slot (how to open its member again).
+    pub(crate) spec: String,
     pub(crate) state: SlotState,
     pub(crate) data_size: u64,
     pub(crate) lost_gen: u64,
@@ -40,9 +42,16 @@ pub(crate) struct Member {
 
 impl Member {
     pub(crate) fn new(describe: String, backend: Option<Box<dyn Backend>>, info: SlotInfo) -> Self {
+        // "(slot N)" names a slot whose member is unknown
+        let spec = if describe.starts_with('(') {
+            String::new()
+        } else {
+            describe.clone()
+        };
         Self {
             backend,
             describe,
+            spec,
             state: info.state,
             data_size: info.data_size,
             lost_gen: info.lost_gen,
@@ -205,6 +214,7 @@ impl Array {
                     lost_gen: m.lost_gen,
                 })
                 .collect(),
+            specs: self.members.iter().map(|m| m.spec.clone()).collect(),
         }
     }
 

@@ -254,6 +254,7 @@ pub fn create(
         region_size: bitmap.region(),
         data_offset: DATA_OFFSET,
         slots: slots.clone(),
+        specs: members.iter().map(|m| m.describe.clone()).collect(),
     };
     // bitmaps first, superblocks last
     let zero = vec![0u8; bitmap.disk_bytes() as usize];
@@ -353,8 +354,11 @@ pub fn assemble(
         }
         let slot = sb.slot as usize;
         let info = newest.slots[slot];
+        // stale: behind while its slot is not in sync, or its slot missing, or written last
+        // before its slot was lost (the slot in sync now is a member added since)
         if sb.generation < newest.generation && info.state != SlotState::Active
             || info.state == SlotState::Missing
+            || info.lost_gen > 0 && sb.generation <= info.lost_gen
         {
             refused.push(ArrayError::StaleGeneration {
                 member: m.describe,
@@ -395,7 +399,10 @@ pub fn assemble(
                 info.state = SlotState::Missing;
                 info.lost_gen = newest.generation;
             }
-            members.push(Member::new(format!("(slot {slot})"), None, info));
+            let mut missing = Member::new(format!("(slot {slot})"), None, info);
+            // keep what the array knows of how to reach it
+            missing.spec.clone_from(&newest.specs[slot]);
+            members.push(missing);
             continue;
         };
         if newest.level.mirrored() {

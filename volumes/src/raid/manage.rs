@@ -116,6 +116,7 @@ impl Array {
         let partial = returning.is_some_and(|s| s.generation >= self.members[slot].lost_gen);
         let m = &mut self.members[slot];
         m.backend = Some(backend);
+        m.spec.clone_from(&describe);
         m.describe = describe;
         m.state = SlotState::Rebuilding;
         m.outstanding = 0;

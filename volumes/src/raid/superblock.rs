@@ -6,7 +6,10 @@
 //!
 //! Layout (little endian): magic 8 | version 4 | crc32c 4 | uuid 16 | name 32 | level 1 |
 //! members 1 | slot 1 | pad 1 | strip 4 | generation 8 | region size 8 | data offset 8 |
-//! per slot (16): state 1, pad 7, data bytes 8, generation when lost 8.
+//! per slot (24): state 1, pad 7, data bytes 8, generation when lost 8; from version 2, at
+//! 512, per slot (896): the member's spec as the user gave it, length 2 and UTF-8 bytes
+//! (empty: unknown), so that a member added at run time is found again after a restart
+//! from a configuration that still names the one it replaced. Version 1 blocks still load.
 
 use crate::raid::layout::{Level, MAX_MEMBERS};
 
@@ -20,10 +23,16 @@ pub const DATA_OFFSET: u64 = 1 << 20;
 pub const BITMAP_BYTES: u64 = DATA_OFFSET - BITMAP_OFFSET;
 
 const MAGIC: [u8; 8] = *b"VNVMRAID";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Version 1: without the member specs.
+const VERSION_NO_SPECS: u32 = 1;
 const NAME_LEN: usize = 32;
 const SLOTS_AT: usize = 96;
 const SLOT_LEN: usize = 24;
+const SPECS_AT: usize = 512;
+const SPEC_LEN: usize = (SB_SIZE - SPECS_AT) / MAX_MEMBERS;
+/// Longest member spec recorded (a longer one is recorded as unknown).
+pub const MAX_SPEC: usize = SPEC_LEN - 2;
 
 /// What an array knew of a member slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +88,8 @@ pub struct Superblock {
     pub region_size: u64,
     pub data_offset: u64,
     pub slots: Vec<SlotInfo>,
+    /// Per slot, the member's spec as the user gave it ("": unknown).
+    pub specs: Vec<String>,
 }
 
 /// Why a superblock was not accepted.
@@ -137,6 +148,16 @@ impl Superblock {
             b[at + 8..at + 16].copy_from_slice(&s.data_size.to_le_bytes());
             b[at + 16..at + 24].copy_from_slice(&s.lost_gen.to_le_bytes());
         }
+        for (i, spec) in self.specs.iter().enumerate().take(MAX_MEMBERS) {
+            let at = SPECS_AT + i * SPEC_LEN;
+            let spec = if spec.len() <= MAX_SPEC {
+                spec.as_bytes()
+            } else {
+                &[]
+            };
+            b[at..at + 2].copy_from_slice(&(spec.len() as u16).to_le_bytes());
+            b[at + 2..at + 2 + spec.len()].copy_from_slice(spec);
+        }
         let crc = crc32c::crc32c(&b);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
         b
@@ -150,7 +171,7 @@ impl Superblock {
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_NO_SPECS {
             return Err(SuperblockError::Version(version));
         }
         let stored = u32_at(12);
@@ -192,6 +213,19 @@ impl Superblock {
         if data_offset != DATA_OFFSET {
             return Err(SuperblockError::Invalid("data offset"));
         }
+        let mut specs = vec![String::new(); members];
+        if version >= VERSION {
+            for (i, spec) in specs.iter_mut().enumerate() {
+                let at = SPECS_AT + i * SPEC_LEN;
+                let n = u16::from_le_bytes([b[at], b[at + 1]]) as usize;
+                if n > MAX_SPEC {
+                    return Err(SuperblockError::Invalid("member spec length"));
+                }
+                std::str::from_utf8(&b[at + 2..at + 2 + n])
+                    .map_err(|_| SuperblockError::Invalid("member spec"))?
+                    .clone_into(spec);
+            }
+        }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[16..32]);
         Ok(Self {
@@ -204,6 +238,7 @@ impl Superblock {
             region_size: u64_at(80),
             data_offset,
             slots,
+            specs,
         })
     }
 }
@@ -233,7 +268,37 @@ mod tests {
                     lost_gen: if i == 1 { 5 } else { 0 },
                 })
                 .collect(),
+            specs: vec![
+                "file:/srv/a.img".into(),
+                String::new(),
+                "nvme-tcp://192.0.2.7:4420/nqn.2026-12.io.example:b/1?fast_io_fail_tmo=5".into(),
+                "nvme:pci:0000:3b:00.0/1".into(),
+            ],
         }
+    }
+
+    /// A version 1 block (no specs) still loads, its specs unknown; a spec longer than the
+    /// slot's room is recorded as unknown.
+    #[test]
+    fn version_1_loads_and_long_specs_are_unknown() {
+        let mut s = sample();
+        let mut b = s.encode();
+        b[8..12].copy_from_slice(&VERSION_NO_SPECS.to_le_bytes());
+        b[SPECS_AT..].fill(0);
+        b[12..16].fill(0);
+        let crc = crc32c::crc32c(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        let old = Superblock::decode(&b).unwrap();
+        assert_eq!(old.specs, vec![String::new(); 4]);
+        s.specs = old.specs.clone();
+        assert_eq!(old, s);
+        s.specs[0] = "x".repeat(MAX_SPEC + 1);
+        s.specs[3] = "y".repeat(MAX_SPEC);
+        let back = Superblock::decode(&s.encode()).unwrap();
+        assert_eq!(
+            (back.specs[0].as_str(), back.specs[3].len()),
+            ("", MAX_SPEC)
+        );
     }
 
     #[test]
