@@ -667,6 +667,26 @@ impl Backend for NvmeBackend {
             self.dev.poke(); // the supervisor follows; nothing here waits for the device
         }
     }
+
+    fn use_guest_memory(&mut self, guest: &Arc<GuestMemory>) {
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.guest, guest))
+        {
+            return;
+        }
+        if let Some(old) = self.link.take() {
+            self.dev.detach(&old);
+        }
+        let link = Link::new(Arc::clone(guest));
+        self.dev.attach(&link);
+        self.link = Some(link);
+        // nothing published for the new memory yet: requests bounce until it is
+        self.mirrored = Arc::default();
+        self.mirrored_version = 0;
+        self.poked_for = 0;
+    }
 }
 
 impl Drop for NvmeBackend {

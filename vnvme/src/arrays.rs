@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use device_model::GuestMemory;
 use device_model::backend::Backend;
-use pcie_p2p::DeviceRegistry;
+use pcie_p2p::{DeviceRegistry, TransferStats};
 use volumes::raid::{self, ArrayHandle, ArrayStatus, DrivenArray, Level, MemberIn};
 
 use crate::backend_spec::{BackendSpec, refuse_in_worker};
@@ -34,6 +34,8 @@ struct Slot {
 #[derive(Default)]
 pub struct Arrays {
     list: Vec<Slot>,
+    /// Transfer counters of `nvme:` members, by spec.
+    transfers: Vec<(String, Arc<TransferStats>)>,
     /// A supervised worker's: members on `malloc:` are refused (their data would die with
     /// the process while the hosts see no power loss).
     worker: bool,
@@ -57,8 +59,14 @@ fn rate_of(mb: Option<u64>) -> u64 {
 /// longer than a guest's I/O timeout) when another copy can take its writes.
 pub const MEMBER_FAST_IO_FAIL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Open member `spec` (an `nvme:` member gets no guest memory to mirror: its I/O bounces).
+/// Open member `spec` (an `nvme:` member gets its guest memory when a namespace takes the
+/// array: [`Backend::use_guest_memory`]).
 fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backend>, String> {
+    open_member_counted(spec, devices).map(|(b, _)| b)
+}
+
+/// [`open_member`], with the transfer counters of an `nvme:` member.
+fn open_member_counted(spec: &str, devices: &mut DeviceRegistry) -> Result<Member, String> {
     let mut parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
     match &mut parsed {
         BackendSpec::Array { .. } => {
@@ -69,30 +77,32 @@ fn open_member(spec: &str, devices: &mut DeviceRegistry) -> Result<Box<dyn Backe
         }
         _ => {}
     }
+    // no guest memory yet: the array's namespace gives its controller's when it takes the
+    // array (until then, and for arrays under a volume store, `nvme:` members bounce)
     let guest = Arc::new(GuestMemory::new());
     parsed
         .open(&guest, devices)
-        .map(|o| o.backend)
+        .map(|o| (o.backend, o.transfer))
         .map_err(|e| format!("{spec}: {e}"))
 }
+
+/// An opened member and, for an `nvme:` one, its transfer counters.
+type Member = (Box<dyn Backend>, Option<Arc<TransferStats>>);
 
 /// Open a member the array's superblocks record and the configuration does not name (one
 /// added at run time). The superblocks live on the members, so this opens nothing new: a
 /// file is opened as it is (never created or resized: a `:SIZE` is dropped), a network or
 /// device namespace as recorded; anything else is not reopened this way. Assembly then
 /// accepts it only if it carries this array's superblock for that slot.
-fn open_recorded(
-    spec: &str,
-    devices: &mut DeviceRegistry,
-) -> Result<(String, Box<dyn Backend>), String> {
+fn open_recorded(spec: &str, devices: &mut DeviceRegistry) -> Result<(String, Member), String> {
     let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
     let spec = match parsed {
         BackendSpec::File { path, .. } => format!("file:{}", path.display()),
         BackendSpec::NvmeTcp(_) | BackendSpec::Nvme { .. } => spec.to_owned(),
         _ => return Err("not a member kind reopened from a superblock".into()),
     };
-    let b = open_member(&spec, devices)?;
-    Ok((spec, b))
+    let m = open_member_counted(&spec, devices)?;
+    Ok((spec, m))
 }
 
 impl Arrays {
@@ -100,6 +110,7 @@ impl Arrays {
     pub fn new(worker: bool) -> Self {
         Self {
             list: Vec::new(),
+            transfers: Vec::new(),
             worker,
         }
     }
@@ -148,11 +159,14 @@ impl Arrays {
         let mut members = Vec::new();
         let mut unopened = Vec::new();
         for m in &spec.members {
-            match open_member(m, devices) {
-                Ok(backend) => members.push(MemberIn {
-                    describe: m.clone(),
-                    backend,
-                }),
+            match open_member_counted(m, devices) {
+                Ok((backend, transfer)) => {
+                    self.count(m, transfer);
+                    members.push(MemberIn {
+                        describe: m.clone(),
+                        backend,
+                    });
+                }
                 Err(why) => unopened.push(why),
             }
         }
@@ -216,7 +230,7 @@ impl Arrays {
     /// configuration does not list (added by `raid_add_member` since it was written): a
     /// restart, or the next worker of a supervised daemon, finds them again.
     fn add_recorded(
-        &self,
+        &mut self,
         spec: &ArraySpec,
         members: &mut Vec<MemberIn>,
         unopened: &mut Vec<String>,
@@ -237,7 +251,8 @@ impl Arrays {
                 continue;
             }
             match open_recorded(r, devices) {
-                Ok((describe, backend)) => {
+                Ok((describe, (backend, transfer))) => {
+                    self.count(&describe, transfer);
                     log::info!(
                         "array {}: member {describe} from its superblocks (not in the configuration)",
                         spec.name
@@ -249,6 +264,28 @@ impl Arrays {
                 }
             }
         }
+    }
+
+    /// Keep member `spec`'s transfer counters, if it has some.
+    fn count(&mut self, spec: &str, transfer: Option<Arc<TransferStats>>) {
+        if let Some(t) = transfer {
+            self.transfers.retain(|(s, _)| s != spec);
+            self.transfers.push((spec.into(), t));
+        }
+    }
+
+    /// Bytes member `spec` moved zero-copy and through a bounce buffer (`nvme:` members).
+    pub fn member_transfer(&self, spec: &str) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.transfers
+            .iter()
+            .find(|(s, _)| s == spec)
+            .map(|(_, t)| {
+                (
+                    t.zero_copy_bytes.load(Relaxed),
+                    t.bounced_bytes.load(Relaxed),
+                )
+            })
     }
 
     /// Hand array `name` to namespace `user` (once).
@@ -353,7 +390,8 @@ impl Arrays {
                 "{spec} is already an active member of array {name}"
             ));
         }
-        let mut backend = open_member(spec, devices)?;
+        let (mut backend, transfer) = open_member_counted(spec, devices)?;
+        self.count(spec, transfer);
         let sb = raid::read_superblock(spec, backend.as_mut()).ok();
         let s = &mut self.list[i];
         let out = s.handle.add_member(backend, spec.into(), sb, None)?;

@@ -106,6 +106,13 @@ pub trait Backend: Send {
     /// The guest's DMA map was dropped (device reset, client gone). A backend that mirrors
     /// guest memory into another device catches up now rather than at its next request.
     fn guest_memory_changed(&mut self) {}
+    /// From now on this backend serves one controller whose guest memory is `guest` (an
+    /// array handed to its namespace): a backend that maps guest memory for another device
+    /// (an `nvme:` namespace) moves that controller's data zero-copy from then on, instead
+    /// of through a bounce buffer. The default ignores it.
+    fn use_guest_memory(&mut self, guest: &std::sync::Arc<crate::GuestMemory>) {
+        let _ = guest;
+    }
     /// Thin provisioning: `(allocated, capacity)` in bytes when blocks are allocated on
     /// first write (a thin logical volume): Identify Namespace then sets NSFEAT bit 0 and
     /// reports NUSE and NCAP from them. `None` (the default): fully provisioned.

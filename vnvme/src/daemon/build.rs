@@ -65,13 +65,16 @@ pub(super) fn open_namespaces(
             source: OpenError::Spec(e),
         })?;
         if let BackendSpec::Array { name } = &bspec {
-            let backend = arrays
+            let mut backend = arrays
                 .take(name, &format!("controller[{index}].namespace[{j}]"))
                 .map_err(|why| DaemonError::Backend {
                     index,
                     ns: j,
                     source: OpenError::Array(name.clone(), why),
                 })?;
+            // the array is this controller's alone: its `nvme:` members move its data
+            // zero-copy
+            backend.use_guest_memory(mem);
             out.backends.push(backend);
             continue;
         }

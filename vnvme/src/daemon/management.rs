@@ -265,6 +265,11 @@ impl Daemon {
     }
 
     /// The arrays' status.
+    /// Bytes array member `spec` moved zero-copy and bounced (`nvme:` members).
+    pub fn raid_member_transfer(&self, spec: &str) -> Option<(u64, u64)> {
+        self.arrays.member_transfer(spec)
+    }
+
     pub fn raid_list(
         &mut self,
     ) -> Vec<(

@@ -352,22 +352,27 @@ fn progress(p: &volumes::raid::Progress) -> Value {
 }
 
 fn raid_list(daemon: &mut Daemon) -> Value {
-    let list: Vec<Value> = daemon
-        .raid_list()
+    let arrays = daemon.raid_list();
+    let list: Vec<Value> = arrays
         .into_iter()
         .map(|(st, used_by, refused, closed)| {
             let members: Vec<Value> = st
                 .members
                 .iter()
                 .map(|m| {
-                    json!({
+                    let mut v = json!({
                         "slot": m.slot,
                         "member": m.describe,
                         "state": m.state,
                         "reads": m.reads,
                         "writes": m.writes,
                         "errors": m.errors,
-                    })
+                    });
+                    if let Some((zero_copy, bounced)) = daemon.raid_member_transfer(&m.describe) {
+                        v["zero_copy_bytes"] = zero_copy.into();
+                        v["bounced_bytes"] = bounced.into();
+                    }
+                    v
                 })
                 .collect();
             json!({

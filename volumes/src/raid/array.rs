@@ -90,6 +90,9 @@ pub struct Array {
     pub(super) in_flight: usize,
     // superblock + bitmap rounds
     pub(super) sb_dirty: bool,
+    /// The guest memory of the controller the array serves, once known: given to members
+    /// added later too ([`Backend::use_guest_memory`]).
+    pub(crate) guest: Option<Arc<device_model::GuestMemory>>,
     pub(super) sb_bufs: Vec<IoBuffer>,
     pub(super) bm_buf: IoBuffer,
     pub(super) meta: Vec<MetaOp>,
@@ -163,6 +166,7 @@ impl Array {
             extents: Vec::new(),
             in_flight: 0,
             sb_dirty: false,
+            guest: None,
             sb_bufs: (0..n).map(|_| IoBuffer::new(SB_SIZE)).collect(),
             bm_buf: IoBuffer::new(bm_bytes),
             meta: Vec::new(),
@@ -363,6 +367,15 @@ impl Backend for Array {
                 b.guest_memory_changed();
             }
         }
+    }
+
+    fn use_guest_memory(&mut self, guest: &Arc<device_model::GuestMemory>) {
+        for m in &mut self.members {
+            if let Some(b) = m.backend.as_mut() {
+                b.use_guest_memory(guest);
+            }
+        }
+        self.guest = Some(Arc::clone(guest));
     }
 }
 

@@ -179,6 +179,12 @@ impl Backend for DrivenArray {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
+    fn use_guest_memory(&mut self, guest: &Arc<device_model::GuestMemory>) {
+        self.hold().use_guest_memory(guest);
+        if self.in_flight == 0 {
+            self.park();
+        }
+    }
     fn guest_memory_changed(&mut self) {
         self.hold().guest_memory_changed();
         if self.in_flight == 0 {

@@ -114,6 +114,10 @@ impl Array {
                 .ok_or_else(|| "no missing member slot to fill".to_string())?,
         };
         let partial = returning.is_some_and(|s| s.generation >= self.members[slot].lost_gen);
+        let mut backend = backend;
+        if let Some(g) = &self.guest {
+            backend.use_guest_memory(g);
+        }
         let m = &mut self.members[slot];
         m.backend = Some(backend);
         m.spec.clone_from(&describe);
