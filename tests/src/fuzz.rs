@@ -1063,3 +1063,157 @@ pub fn rdma_capsule_seeds() -> Vec<Vec<u8>> {
     out.push([&[0u8][..], &req.encode()[..]].concat());
     out
 }
+
+/// What a volume store or an array reads back from its base or members, which may be a
+/// remote target's namespace someone else can write: byte 0 picks the format, the rest is
+/// its content. Checksums are made valid first, so the fields behind them are what gets
+/// exercised. Decoding never panics; what decodes re-encodes to the same value; journal
+/// records that decode apply to metadata with an error or not at all, never a panic.
+pub fn member_metadata(data: &[u8]) {
+    use volumes::lvol::codec::Reader;
+    use volumes::lvol::meta::Meta;
+    use volumes::lvol::records::Record;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 4 {
+        0 => {
+            // an array member's superblock (version 1 or 2)
+            use volumes::raid::Superblock;
+            let mut b = vec![0u8; 4096];
+            let n = rest.len().min(4096);
+            b[..n].copy_from_slice(&rest[..n]);
+            b[..8].copy_from_slice(b"VNVMRAID");
+            b[8..12].copy_from_slice(&(1 + u32::from(mode >> 2 & 1)).to_le_bytes());
+            b[12..16].fill(0);
+            let crc = crc32c::crc32c(&b);
+            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            if let Ok(sb) = Superblock::decode(&b) {
+                assert_eq!(Superblock::decode(&sb.encode()).as_ref(), Ok(&sb));
+            }
+        }
+        1 => {
+            // one copy of a volume store's superblock
+            use volumes::lvol::superblock::{SB_SIZE, Superblock};
+            let mut b = vec![0u8; SB_SIZE];
+            let n = rest.len().min(SB_SIZE);
+            b[..n].copy_from_slice(&rest[..n]);
+            b[..8].copy_from_slice(b"VNVMLVS1");
+            b[12..16].fill(0);
+            let crc = crc32c::crc32c(&b);
+            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            if let Ok(sb) = Superblock::decode(&b) {
+                let again = Superblock::decode(&sb.encode()).expect("re-encoded superblock");
+                assert_eq!(again.encode(), sb.encode());
+            }
+        }
+        2 => {
+            // a checkpoint (its CRC is in the superblock: the content as it comes)
+            let (cs, clusters, granules) = (1u64 << 20, 4096u64, 256u32);
+            if let Ok(meta) = volumes::lvol::checkpoint::decode(rest, cs, clusters, granules) {
+                let _ = meta.refcounts();
+                let again = volumes::lvol::checkpoint::decode(
+                    &volumes::lvol::checkpoint::encode(&meta),
+                    cs,
+                    clusters,
+                    granules,
+                )
+                .expect("re-encoded checkpoint");
+                assert_eq!(again, meta);
+            }
+        }
+        _ => {
+            // journal records, as a replay applies them in order
+            let (clusters, granules) = (4096u64, 256u32);
+            let mut meta = Meta::new(1 << 20, clusters, granules);
+            let mut r = Reader::new(rest);
+            while r.left() > 0 {
+                let Ok(rec) = Record::decode(&mut r, clusters, granules) else {
+                    break;
+                };
+                let _ = meta.apply(&rec);
+            }
+            let _ = meta.refcounts();
+        }
+    }
+}
+
+/// Seeds for [`member_metadata`]: a valid value of each format.
+pub fn member_metadata_seeds() -> Vec<Vec<u8>> {
+    use volumes::lvol::codec::Writer;
+    use volumes::lvol::records::Record;
+    use volumes::raid::superblock::{SlotInfo, SlotState};
+    use volumes::raid::{DATA_OFFSET, Level, Superblock};
+    let raid = Superblock {
+        uuid: [7; 16],
+        name: "r1".into(),
+        level: Level::Raid1,
+        strip: 65536,
+        slot: 1,
+        generation: 9,
+        region_size: 1 << 20,
+        data_offset: DATA_OFFSET,
+        slots: vec![
+            SlotInfo {
+                state: SlotState::Active,
+                data_size: 1 << 30,
+                lost_gen: 0,
+            },
+            SlotInfo {
+                state: SlotState::Active,
+                data_size: 1 << 30,
+                lost_gen: 4,
+            },
+        ],
+        specs: vec![
+            "file:/srv/a.img".into(),
+            "nvme-tcp://10.0.0.2:4420/nqn.x:y/1".into(),
+        ],
+    };
+    let mut out = vec![[&[4u8][..], &raid.encode()[..]].concat()];
+    let geo = volumes::lvol::Geometry::plan(64 << 20, 1 << 20, None).expect("geometry");
+    let lvs = volumes::lvol::superblock::Superblock {
+        incompat: 0,
+        compat: 0,
+        generation: 3,
+        uuid: [3; 16],
+        name: "pool".into(),
+        geometry: geo,
+        active: 1,
+        ckpt_bytes: 4096,
+        ckpt_crc: 0x1234_5678,
+        journal_seq: 77,
+    };
+    out.push([&[1u8][..], &lvs.encode()[..]].concat());
+    let mut meta = volumes::lvol::meta::Meta::new(1 << 20, 4096, 256);
+    let mut w = Writer::default();
+    for rec in [
+        Record::Create {
+            id: 1,
+            name: "v".into(),
+            size: 8 << 20,
+            thin: true,
+        },
+        Record::MapRun {
+            id: 1,
+            lcluster: 2,
+            pcluster: 5,
+            count: 3,
+        },
+        Record::Snapshot {
+            src: 1,
+            id: 2,
+            name: "s".into(),
+        },
+        Record::Decouple {
+            id: 1,
+            thick: false,
+        },
+    ] {
+        let _ = meta.apply(&rec);
+        rec.encode(&mut w);
+    }
+    out.push([&[3u8][..], &w.0[..]].concat());
+    out.push([&[2u8][..], &volumes::lvol::checkpoint::encode(&meta)[..]].concat());
+    out
+}

@@ -178,3 +178,46 @@ fn write_nvme_tcp_pdu_seed_corpus() {
         std::fs::write(dir.join(format!("seed-{i:03}")), s).unwrap();
     }
 }
+
+#[test]
+fn member_metadata_decoders_survive_garbage() {
+    let mut rng = Rng(0x5eed_0022);
+    replay_some("member_metadata", fuzz::member_metadata);
+    let seeds = fuzz::member_metadata_seeds();
+    for seed in &seeds {
+        fuzz::member_metadata(seed);
+    }
+    for i in 0..20_000u32 {
+        let mut input = seeds[i as usize % seeds.len()].clone();
+        match rng.next() % 3 {
+            0 => {
+                for _ in 0..=rng.next() % 6 {
+                    let at = 1 + (rng.next() as usize) % (input.len() - 1);
+                    input[at] = rng.next() as u8;
+                }
+            }
+            1 => input.truncate(1 + (rng.next() as usize) % (input.len() - 1)),
+            _ => {
+                input = [&input[..1], &rng.bytes(600)[..]].concat();
+            }
+        }
+        fuzz::member_metadata(&input);
+    }
+}
+
+/// `fuzz/regressions/member_metadata/`: the seeds, written once (run with --ignored).
+#[test]
+#[ignore = "writes the seed corpus"]
+fn write_member_metadata_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/member_metadata");
+    std::fs::create_dir_all(&dir).unwrap();
+    let names = [
+        "raid-superblock-v2",
+        "lvol-superblock",
+        "lvol-records",
+        "lvol-checkpoint",
+    ];
+    for (name, seed) in names.iter().zip(fuzz::member_metadata_seeds()) {
+        std::fs::write(dir.join(name), seed).unwrap();
+    }
+}
