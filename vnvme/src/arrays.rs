@@ -105,6 +105,17 @@ fn open_recorded(spec: &str, devices: &mut DeviceRegistry) -> Result<(String, Me
     Ok((spec, m))
 }
 
+/// What identifies a member across the ways a spec can name it: a file by its path (with or
+/// without `:SIZE`), a remote namespace by its addresses, NQN and NSID (not its options);
+/// anything else by the spec as written.
+fn member_key(spec: &str) -> String {
+    match spec.parse::<BackendSpec>() {
+        Ok(BackendSpec::File { path, .. }) => format!("file:{}", path.display()),
+        Ok(BackendSpec::NvmeTcp(url)) => url.to_string(),
+        _ => spec.to_owned(),
+    }
+}
+
 impl Arrays {
     /// No arrays yet; `worker` for a supervised worker (members on `malloc:` refused).
     pub fn new(worker: bool) -> Self {
@@ -243,8 +254,9 @@ impl Arrays {
             .max_by_key(|sb| sb.generation);
         let Some(newest) = newest else { return };
         for r in newest.specs.iter().filter(|r| !r.is_empty()) {
-            if spec.members.contains(r)
-                || members.iter().any(|m| m.describe == *r)
+            let key = member_key(r);
+            if spec.members.iter().any(|m| member_key(m) == key)
+                || members.iter().any(|m| member_key(&m.describe) == key)
                 || self.member_in_use(r).is_some()
                 || (self.worker && refuse_in_worker("a recorded member", r).is_err())
             {
