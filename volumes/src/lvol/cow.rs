@@ -15,7 +15,9 @@ use super::map::{Entry, Layer, MAX_LAYERS, bit, bits_empty, set_bits};
 use super::store::Core;
 
 impl Core {
-    /// The exclusive cluster writes to entry `l` of `vol` go to, made so if needed.
+    /// The exclusive cluster writes to entry `l` of `vol` go to, made so if needed. An entry
+    /// at [`MAX_LAYERS`] gets one more layer: the write to it then waits for the fills that
+    /// collapse it (`fill.rs`).
     pub(crate) fn writable_top(&mut self, vol: u32, l: u32) -> std::result::Result<u32, Status> {
         let granules = self.geo.granules();
         let e = &self.meta.volumes[&vol].map[l as usize];
@@ -26,10 +28,11 @@ impl Core {
             return Ok(c);
         }
         if let Entry::Layered(ls) = e
-            && ls.len() >= MAX_LAYERS
+            && ls.len() > MAX_LAYERS
         {
-            // writes in flight to its layers must land (and mark their granules) before
-            // the copy, or the copy would miss them
+            // one layer over the limit already (a snapshot took the entry while its
+            // collapse ran): copied in place. Writes in flight to its layers must land (and
+            // mark their granules) before the copy, or the copy would miss them
             self.wait_idle();
             let e = &self.meta.volumes[&vol].map[l as usize];
             if let Some(c) = e.top()
@@ -37,7 +40,7 @@ impl Core {
             {
                 return Ok(c);
             }
-            if matches!(e, Entry::Layered(ls) if ls.len() >= MAX_LAYERS) {
+            if matches!(e, Entry::Layered(ls) if ls.len() > MAX_LAYERS) {
                 return self.collapse(vol, l).map_err(|_| Status::INTERNAL_ERROR);
             }
             return self.writable_top(vol, l);

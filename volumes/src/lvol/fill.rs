@@ -11,12 +11,18 @@
 //! runs on an entry, writes to the entry wait too. Nothing here waits for the base: the
 //! reactor goes on; only the pieces concerned wait, and they are retried by the poll that
 //! sees what they waited for complete.
+//!
+//! The same fills collapse an entry that has one layer more than [`MAX_LAYERS`] (a write
+//! to a shared cluster whose entry was at the limit got a new top over it): every granule
+//! the top lacks is copied up, a run of granules from the same layer per fill, and the entry
+//! becomes that one full cluster when its last granule is in ([`Core::set_valid`]). The
+//! write waits for that, not the reactor.
 
 use device_model::backend::{GuestBufferList, GuestBuffers, IoBuffer, IoOp};
 use nvme_spec::Status;
 
 use super::inflight::{Action, Fill, Stalled, Touch};
-use super::map::{Entry, bit};
+use super::map::{Entry, MAX_LAYERS, bit};
 use super::store::Core;
 
 impl Core {
@@ -59,8 +65,9 @@ impl Core {
         data: Option<(GuestBuffers<'_>, u64)>,
     ) -> bool {
         let filling = self.filling.contains_key(&(vol, l));
+        let collapse = self.over_the_layer_limit(vol, l);
         let need = self.partial_granules(vol, l, coff, n);
-        if !filling && need == [None, None] {
+        if !filling && !collapse && need == [None, None] {
             return false;
         }
         let data = data.map(|(iov, boff)| {
@@ -78,11 +85,56 @@ impl Core {
             data,
         });
         if !filling && self.entry_quiet(vol, l) {
-            for g in need.into_iter().flatten() {
-                self.start_fill(r, vol, l, g);
+            if collapse {
+                for (g, g_end) in self.missing_runs(vol, l) {
+                    self.start_fill(r, vol, l, g, g_end);
+                }
+            } else {
+                for g in need.into_iter().flatten() {
+                    self.start_fill(r, vol, l, g, g + 1);
+                }
             }
         }
         true
+    }
+
+    /// Entry `l` of `vol` has more layers than [`MAX_LAYERS`]: its top is to take every
+    /// granule before a write lands there.
+    fn over_the_layer_limit(&self, vol: u32, l: u32) -> bool {
+        matches!(
+            self.meta.volumes.get(&vol).and_then(|v| v.map.get(l as usize)),
+            Some(Entry::Layered(ls)) if ls.len() > MAX_LAYERS
+        )
+    }
+
+    /// The granules the top layer of entry `l` of `vol` lacks, as runs `[g, g_end)` each
+    /// held by one layer below (or by none).
+    fn missing_runs(&self, vol: u32, l: u32) -> Vec<(u32, u32)> {
+        let granules = self.geo.granules();
+        let Some(e @ Entry::Layered(ls)) = self
+            .meta
+            .volumes
+            .get(&vol)
+            .and_then(|v| v.map.get(l as usize))
+        else {
+            return Vec::new();
+        };
+        let mut runs = Vec::new();
+        let mut g = 0;
+        while g < granules {
+            if bit(&ls[0].valid, g) {
+                g += 1;
+                continue;
+            }
+            let src = e.source(g);
+            let mut end = g + 1;
+            while end < granules && !bit(&ls[0].valid, end) && e.source(end) == src {
+                end += 1;
+            }
+            runs.push((g, end));
+            g = end;
+        }
+        runs
     }
 
     /// No write is in flight to any cluster of entry `l` of `vol`.
@@ -97,8 +149,9 @@ impl Core {
             })
     }
 
-    /// Copy granule `g` of entry `l` of `vol` into its top layer, for guest request `r`.
-    fn start_fill(&mut self, r: u32, vol: u32, l: u32, g: u32) {
+    /// Copy granules `[g, g_end)` of entry `l` of `vol` (held by one layer below, or none)
+    /// into its top layer, for guest request `r`.
+    fn start_fill(&mut self, r: u32, vol: u32, l: u32, g: u32, g_end: u32) {
         let e = &self.meta.volumes[&vol].map[l as usize];
         let (Some(top), src) = (e.top(), e.source(g)) else {
             return;
@@ -109,7 +162,8 @@ impl Core {
             l,
             top,
             g,
-            buf: IoBuffer::new(gs as usize),
+            g_end,
+            buf: IoBuffer::new((u64::from(g_end - g) * gs) as usize),
             live: true,
         };
         let f = if let Some(i) = self.fills.iter().position(|f| !f.live) {
@@ -133,7 +187,9 @@ impl Core {
             _ => return,
         };
         let gs = self.geo.granule;
-        let off = self.geo.cluster_at(c) + u64::from(self.fills[f].g) * gs;
+        let (g, g_end) = (self.fills[f].g, self.fills[f].g_end);
+        let off = self.geo.cluster_at(c) + u64::from(g) * gs;
+        let len = u64::from(g_end - g) * gs;
         let touch = Touch {
             cluster: c,
             write: op != IoOp::Read,
@@ -144,7 +200,7 @@ impl Core {
             (action, Some(touch)),
             op,
             off,
-            Some((buf.buffers(), 0, gs)),
+            Some((buf.buffers(), 0, len)),
         );
         self.fills[f].buf = buf;
     }
@@ -163,7 +219,7 @@ impl Core {
         }
         let fill = &mut self.fills[f as usize];
         fill.live = false;
-        let (vol, l, top, g) = (fill.vol, fill.l, fill.top, fill.g);
+        let (vol, l, top, g, g_end) = (fill.vol, fill.l, fill.top, fill.g, fill.g_end);
         if let Some(n) = self.filling.get_mut(&(vol, l)) {
             *n -= 1;
             if *n == 0 {
@@ -171,7 +227,7 @@ impl Core {
             }
         }
         if status.is_success() {
-            self.set_valid(vol, l, top, g, g + 1);
+            self.set_valid(vol, l, top, g, g_end);
         } else {
             // the pieces of this request give up with it (another's retry starts afresh)
             let mut i = 0;

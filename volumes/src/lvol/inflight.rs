@@ -219,7 +219,9 @@ pub(crate) struct Fill {
     pub(super) vol: u32,
     pub(super) l: u32,
     pub(super) top: u32,
+    /// Granules `[g, g_end)`, held by one layer below (or none: zeroes).
     pub(super) g: u32,
+    pub(super) g_end: u32,
     pub(super) buf: IoBuffer,
     pub(super) live: bool,
 }

@@ -8,7 +8,8 @@
 use super::codec::{Reader, Writer};
 use super::error::{LvolError, Result};
 
-/// Layers an entry may stack before a write collapses it into one full cluster.
+/// Layers an entry may stack before a write collapses it into one full cluster (the write
+/// puts one more layer on top and fills it from the others: `fill.rs`).
 pub const MAX_LAYERS: usize = 4;
 
 /// Granule bitmap, one bit per granule of a cluster.
