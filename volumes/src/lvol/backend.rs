@@ -60,8 +60,90 @@ pub struct StoreStatus {
 /// A volume store (a handle; clones share it).
 #[derive(Clone)]
 pub struct Store {
-    core: Arc<YieldLock<Core>>,
+    core: Arc<Shared>,
     name: String,
+}
+
+/// The store's core behind its lock, and the handles closed while it was held.
+struct Shared {
+    core: YieldLock<Core>,
+    /// `(volume, user)` of handles dropped while someone held the lock: closed by the next
+    /// holder (a handle is dropped on its controller's reactor, which must not wait for a
+    /// management operation).
+    closing: std::sync::Mutex<Vec<(u32, usize)>>,
+    any_closing: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn new(core: Core) -> Self {
+        Self {
+            core: YieldLock::new(core),
+            closing: std::sync::Mutex::new(Vec::new()),
+            any_closing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The core, waiting for it (management).
+    fn lock(&self) -> YieldGuard<'_, Core> {
+        let mut c = self.core.lock();
+        self.apply_closes(&mut c);
+        c
+    }
+
+    /// The core if it is free now (the data path).
+    fn try_lock(&self) -> Option<YieldGuard<'_, Core>> {
+        let mut c = self.core.try_lock()?;
+        self.apply_closes(&mut c);
+        Some(c)
+    }
+
+    /// Close handle `(vol, user)` now if the core is free, else leave it to the next holder.
+    fn close_handle(&self, vol: u32, user: usize) {
+        if let Some(mut c) = self.core.try_lock() {
+            close_handle(&mut c, vol, user);
+            return;
+        }
+        self.closing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((vol, user));
+        self.any_closing.store(true, Ordering::Release);
+        // the holder may have checked just before: take it back if it is free by now
+        if let Some(c) = self.try_lock() {
+            drop(c);
+        }
+    }
+
+    fn apply_closes(&self, c: &mut Core) {
+        if !self.any_closing.load(Ordering::Acquire) {
+            return;
+        }
+        // cleared before the list is taken: a close pushed meanwhile sets it again
+        self.any_closing.store(false, Ordering::Release);
+        let list = std::mem::take(
+            &mut *self
+                .closing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (vol, user) in list {
+            close_handle(c, vol, user);
+        }
+    }
+}
+
+/// Handle `user` on volume `vol` is gone: the volume is open once less, the user slot free.
+fn close_handle(c: &mut Core, vol: u32, user: usize) {
+    if let Some(n) = c.open.get_mut(&vol) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            c.sizes.remove(&vol);
+        }
+    }
+    if let Some(u) = c.dp.users.get_mut(user) {
+        u.taken = false;
+        u.done.clear();
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -75,7 +157,7 @@ impl std::fmt::Debug for Store {
 const PRIVATIZE_STEP: std::time::Duration = std::time::Duration::from_millis(1);
 const PRIVATIZE_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
 
-fn lock(m: &YieldLock<Core>) -> YieldGuard<'_, Core> {
+fn lock(m: &Shared) -> YieldGuard<'_, Core> {
     m.lock()
 }
 
@@ -83,7 +165,7 @@ impl Store {
     fn wrap(core: Core) -> Self {
         let name = core.sb.name.clone();
         Self {
-            core: Arc::new(YieldLock::new(core)),
+            core: Arc::new(Shared::new(core)),
             name,
         }
     }
@@ -287,7 +369,7 @@ impl Store {
         }
         match Arc::try_unwrap(self.core) {
             Ok(m) => {
-                let mut core = m.into_inner();
+                let mut core = m.core.into_inner();
                 // committed above: the core's drop has nothing left to write
                 core.records.clear();
                 core.dirty.clear();
@@ -343,7 +425,7 @@ pub fn wipe(base: &mut dyn Backend) -> Result<()> {
 
 /// A volume as a namespace backend.
 pub struct LvolBackend {
-    core: Arc<YieldLock<Core>>,
+    core: Arc<Shared>,
     warning: Arc<AtomicU8>,
     /// Requests started and not yet handed back (kept here: the controller asks at every
     /// reap, which must not take the store's lock).
@@ -508,16 +590,7 @@ fn start_queued(
 
 impl Drop for LvolBackend {
     fn drop(&mut self) {
-        let mut c = lock(&self.core);
-        if let Some(n) = c.open.get_mut(&self.vol) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.sizes.remove(&self.vol);
-            }
-        }
-        if let Some(u) = c.dp.users.get_mut(self.user) {
-            u.taken = false;
-            u.done.clear();
-        }
+        // on the reactor: never waits for a management operation holding the store
+        self.core.close_handle(self.vol, self.user);
     }
 }

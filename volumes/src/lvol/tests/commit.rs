@@ -489,3 +489,41 @@ fn an_inflate_leaves_the_stores_other_volumes_running_between_its_steps() {
     drop(c);
     store.snapshot("clone", "snap2").unwrap();
 }
+
+/// A volume's handle dropped while a management operation holds the store (a namespace
+/// detached on its reactor) returns at once; the volume counts as closed from the next
+/// holder of the lock on (it can be deleted then).
+#[test]
+fn a_handle_dropped_while_the_store_is_busy_does_not_wait_for_it() {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let store = mib_store(Box::new(MallocBackend::new(32 * MIB).unwrap()));
+    store.create("a", 4 * MIB, false).unwrap();
+    let a = store.open("a").unwrap();
+    let (held_tx, held_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _core = store.core();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(Duration::from_secs(2));
+        })
+    };
+    held_rx.recv().unwrap();
+    let t = Instant::now();
+    drop(a);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the drop waited for the store's lock ({:?})",
+        t.elapsed()
+    );
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    store.delete("a").unwrap();
+    // and the user slot is free again: a new handle works
+    store.create("b", 4 * MIB, false).unwrap();
+    let mut b = store.open("b").unwrap();
+    assert_eq!(io::read(&mut b, 0, 4096).0, Status::SUCCESS);
+}
