@@ -111,6 +111,18 @@ fn finish(mut c: Child) -> (bool, String) {
     (ok, format!("{out}\n{err}"))
 }
 
+/// `kill -9` the worker and wait for its successor.
+fn kill_worker(rpc_sock: &Path) {
+    let (pid, generation, _, _) = status(rpc_sock);
+    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    while status(rpc_sock).1 == generation {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A small random delay from the clock (no RNG crate in the tests).
 fn random_ms(lo: u64, hi: u64) -> u64 {
     let ns = std::time::SystemTime::now()
@@ -197,14 +209,7 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
         std::thread::sleep(Duration::from_millis(random_ms(400, 1200)));
     }
     for _ in 0..5 {
-        let (pid, generation, _, _) = status(&rpc_sock);
-        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let t = Instant::now();
-        while status(&rpc_sock).1 == generation {
-            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_worker(&rpc_sock);
         std::thread::sleep(Duration::from_millis(random_ms(300, 1500)));
     }
     let (_, generation, upgrades, recoveries) = status(&rpc_sock);
@@ -288,14 +293,7 @@ fn a_hostile_client_while_the_worker_is_replaced_harms_nobody() {
     // an upgrade and a crash with a half-sent message in the socket
     c.write_all(&header(9, 4096)).unwrap();
     rpc(&rpc_sock, &["daemon_upgrade"]);
-    let (pid, generation, _, _) = status(&rpc_sock);
-    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    let t = Instant::now();
-    while status(&rpc_sock).1 == generation {
-        assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_worker(&rpc_sock);
     drop(c);
     // the supervisor lives and serves the next client as before
     let (ok, out) = finish(perf(&socks[0], 2));
@@ -406,14 +404,7 @@ fn a_thin_volume_keeps_every_acknowledged_write_across_worker_crashes() {
     let p = perf(&sock, 14);
     std::thread::sleep(Duration::from_secs(2));
     for _ in 0..3 {
-        let (pid, generation, _, _) = status(&rpc_sock);
-        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let t = Instant::now();
-        while status(&rpc_sock).1 == generation {
-            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_worker(&rpc_sock);
         std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
     }
     let (ok, out) = finish(p);
@@ -636,14 +627,7 @@ fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
         let r = rpc(&rpc_sock, &["daemon_upgrade"]);
         assert!(r.get("generation").is_some(), "upgrade {i}: {r}");
         std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
-        let (pid, generation, _, _) = status(&rpc_sock);
-        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let t = Instant::now();
-        while status(&rpc_sock).1 == generation {
-            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_worker(&rpc_sock);
         std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
     }
     let (_, generation, upgrades, recoveries) = status(&rpc_sock);
@@ -701,14 +685,7 @@ fn a_pf_and_its_vfs_ride_through_upgrades_and_crashes() {
         let r = rpc(&rpc_sock, &["daemon_upgrade"]);
         assert!(r.get("generation").is_some(), "upgrade {i}: {r}");
         std::thread::sleep(Duration::from_millis(random_ms(1000, 2000)));
-        let (pid, generation, _, _) = status(&rpc_sock);
-        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-        let t = Instant::now();
-        while status(&rpc_sock).1 == generation {
-            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_worker(&rpc_sock);
         std::thread::sleep(Duration::from_millis(random_ms(1000, 2000)));
     }
     let list = rpc(&rpc_sock, &["controller_list"]);

@@ -121,6 +121,21 @@ fn a_flush_waiting_for_the_base_holds_up_neither_its_submitter_nor_the_other_vol
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
 
+/// A thread holding `store`'s lock (as a management operation would) until the test sends
+/// on the returned channel, or for 2 s should the test be stuck in the lock.
+fn hold_the_store(store: &Store) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let store = store.clone();
+    let holder = std::thread::spawn(move || {
+        let _core = store.core();
+        held_tx.send(()).unwrap();
+        let _ = release_rx.recv_timeout(std::time::Duration::from_secs(2));
+    });
+    held_rx.recv().unwrap();
+    (release_tx, holder)
+}
+
 /// While a management operation holds the store (here: the test, through the lock itself),
 /// a volume's submit and poll return at once; the request waits in the handle and runs
 /// when the lock is free again.
@@ -136,18 +151,7 @@ fn a_busy_store_lock_holds_up_neither_submit_nor_poll() {
     let t_vol = store.open("t").unwrap();
     let usage = t_vol.thin_usage();
     assert_eq!(usage, Some((0, 4 * MIB)));
-    let (held_tx, held_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let holder = {
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let _core = store.core();
-            held_tx.send(()).unwrap();
-            // released by the test, or after 2 s should the test be stuck in the lock
-            let _ = release_rx.recv_timeout(Duration::from_secs(2));
-        })
-    };
-    held_rx.recv().unwrap();
+    let (release_tx, holder) = hold_the_store(&store);
     let data = vec![0x3cu8; 4096];
     let t = Instant::now();
     let _w = submit(&mut a, 7, IoOp::Write { fua: false }, 8192, &data);
@@ -495,23 +499,12 @@ fn an_inflate_leaves_the_stores_other_volumes_running_between_its_steps() {
 /// holder of the lock on (it can be deleted then).
 #[test]
 fn a_handle_dropped_while_the_store_is_busy_does_not_wait_for_it() {
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     let store = mib_store(Box::new(MallocBackend::new(32 * MIB).unwrap()));
     store.create("a", 4 * MIB, false).unwrap();
     let a = store.open("a").unwrap();
-    let (held_tx, held_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let holder = {
-        let store = store.clone();
-        std::thread::spawn(move || {
-            let _core = store.core();
-            held_tx.send(()).unwrap();
-            let _ = release_rx.recv_timeout(Duration::from_secs(2));
-        })
-    };
-    held_rx.recv().unwrap();
+    let (release_tx, holder) = hold_the_store(&store);
     let t = Instant::now();
     drop(a);
     assert!(
