@@ -193,12 +193,9 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
         .as_str()
         .expect("nqn")
         .to_owned();
-    let e = rpc_refused(
-        &rpc_sock,
-        &["ns_add", &format!("nqn={nqn}"), "backend=null:1M"],
-    );
+    let e = rpc_refused(&rpc_sock, &["ns_create", &format!("nqn={nqn}"), "size=1M"]);
     assert!(
-        e.contains("ns_add: refused under --supervised") && e.contains("configuration"),
+        e.contains("ns_create: refused under --supervised") && e.contains("configuration"),
         "{e}"
     );
     let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 24)).collect();
@@ -720,5 +717,75 @@ fn a_pf_and_its_vfs_ride_through_upgrades_and_crashes() {
     assert!(
         !o.status.success() && err.contains("vfs_online = true"),
         "{err}"
+    );
+}
+
+/// Namespaces added and attached at run time (`ns_add`, `ns_attach`) live in the worker's
+/// memory: the supervisor replays them to each next worker before its controllers restore.
+/// A verified workload on the namespace added at run time (and on the configured one) runs
+/// through an upgrade and a kill; the subsystem still lists it attached after both. Calls
+/// that would not replay faithfully stay refused.
+#[test]
+fn namespaces_added_at_run_time_outlive_the_worker() {
+    let tmp = TempDir::new("upgrade-ns-add");
+    let dir = tmp.path();
+    let sock = dir.join("pf.sock");
+    let cfg = format!(
+        "[[lvstore]]\nname = \"pool\"\nbackend = \"file:{}:96M\"\ncluster_size = \"64K\"\n\
+         [[lvstore.volume]]\nname = \"extra\"\nsize = \"32M\"\nthin = true\n\
+         [[controller]]\nsocket = \"{}\"\nvfs = 1\nvfs_online = true\n\
+         [[controller.namespace]]\nbackend = \"file:{}:32M\"\nattach = [0]\n",
+        dir.join("pool.img").display(),
+        sock.display(),
+        dir.join("d0.img").display()
+    );
+    let socks = [sock.clone(), dir.join("pf.vf1.sock")];
+    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let sub = rpc(&rpc_sock, &["subsystem_list"]);
+    let nqn = sub[0]["nqn"].as_str().expect("nqn").to_owned();
+    let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
+        .as_u64()
+        .expect("cntlid");
+    let added = rpc(
+        &rpc_sock,
+        &["ns_add", &format!("nqn={nqn}"), "backend=lvol:pool/extra"],
+    );
+    let nsid = added["nsid"].as_u64().expect("nsid");
+    rpc(
+        &rpc_sock,
+        &[
+            "ns_attach",
+            &format!("nqn={nqn}"),
+            &format!("nsid={nsid}"),
+            &format!("controllers=[{pf}]"),
+        ],
+    );
+    let e = rpc_refused(&rpc_sock, &["ns_create", &format!("nqn={nqn}"), "size=1M"]);
+    assert!(e.contains("refused under --supervised"), "{e}");
+
+    // perf finds both namespaces on the PF and verifies each
+    let p = perf(&sock, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    kill_worker(&rpc_sock);
+    let (ok, out) = finish(p);
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        ok && out.contains(" 0 mismatches") && out.contains(&format!("NSID {nsid}")),
+        "{out}\ndaemon:\n{log}"
+    );
+    let sub = rpc(&rpc_sock, &["subsystem_list"]);
+    let ns = sub[0]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["nsid"].as_u64() == Some(nsid))
+        .cloned();
+    assert!(
+        ns.as_ref()
+            .is_some_and(|n| n["attached"].to_string().contains(&pf.to_string())),
+        "namespace {nsid} after an upgrade and a kill: {sub}"
     );
 }

@@ -133,9 +133,6 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         None => Daemon::start(&cfg),
     };
     let mut daemon = started.context("starting the daemon")?;
-    if let Some(w) = &worker {
-        w.ready().context("telling the supervisor")?;
-    }
     let rpc = match &args.rpc {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -148,6 +145,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
+    // a worker is ready once its management socket is up: the supervisor replays run-time
+    // changes there before the clients come back
+    if let Some(w) = &worker {
+        w.ready().context("telling the supervisor")?;
+    }
     let metrics_addr = match (args.metrics, &cfg.metrics) {
         (Some(a), _) => Some(a),
         // validated with the configuration

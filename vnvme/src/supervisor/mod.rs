@@ -44,6 +44,12 @@
 //! enabled vector is signalled once. If the supervisor itself dies, the clients' sockets
 //! close with it: the VM loses the device, as without a supervisor.
 //!
+//! # Run-time changes
+//! `ns_add`, `ns_delete`, `ns_attach`, `ns_detach` and `vf_enable` change only the worker's
+//! memory: the supervisor keeps each one a worker accepted and replays them, in order, to
+//! the next worker before giving it the client links (so controllers restore with their
+//! namespaces). Calls that would not replay faithfully are refused (`rpc.rs`).
+//!
 //! # NVMe/TCP exports
 //! A host's NVMe/TCP connections belong to the worker and close with it (their controllers
 //! are the host's to re-create); the listener stays with the supervisor, so the host's
@@ -162,6 +168,8 @@ pub struct Supervisor {
     hung: Arc<AtomicBool>,
     /// NVMe/TCP listeners by configured address, handed to every worker.
     listeners: Vec<(String, TcpListener)>,
+    /// Run-time changes to replay to each new worker.
+    changes: rpc::Changes,
     status: Status,
 }
 
@@ -279,6 +287,7 @@ impl Supervisor {
             retry_at: None,
             hung,
             listeners,
+            changes: rpc::Changes::default(),
         };
         s.spawn_worker()?;
         Ok(s)
@@ -329,6 +338,10 @@ impl Supervisor {
                 let _ = child.wait();
                 return Err(SupervisorError::WorkerStart(format!("{other:?}")));
             }
+        }
+        // the run-time changes first: the controllers restore with their namespaces
+        if let Some(p) = &self.opts.worker_rpc {
+            rpc::replay(&self.changes, p);
         }
         for (o, l) in self.owned.iter().zip(links) {
             let _ = o.links.send(l);
@@ -445,7 +458,11 @@ impl Supervisor {
     pub fn run(&mut self) -> Result<(), SupervisorError> {
         sys_util::process::catch_hangup();
         let rpc = match &self.opts.rpc {
-            Some(p) => Some(rpc::SupervisorRpc::bind(p, self.opts.worker_rpc.clone())?),
+            Some(p) => Some(rpc::SupervisorRpc::bind(
+                p,
+                self.opts.worker_rpc.clone(),
+                std::sync::Arc::clone(&self.changes),
+            )?),
             None => None,
         };
         while !sys_util::process::terminate_requested() {

@@ -11,9 +11,9 @@
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,11 +52,21 @@ struct Shared {
     asks: Sender<Ask>,
     worker_rpc: Option<PathBuf>,
     clients: AtomicUsize,
+    changes: Changes,
 }
+
+/// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
+/// order), replayed to every new worker before it restores its controllers. The lock also
+/// orders them: one such call at a time goes to the worker.
+pub(super) type Changes = Arc<Mutex<Vec<String>>>;
 
 impl SupervisorRpc {
     /// Listen on `path`; methods other than `daemon_*` go to `worker_rpc`.
-    pub(super) fn bind(path: &Path, worker_rpc: Option<PathBuf>) -> Result<Self, SupervisorError> {
+    pub(super) fn bind(
+        path: &Path,
+        worker_rpc: Option<PathBuf>,
+        changes: Changes,
+    ) -> Result<Self, SupervisorError> {
         let (listener, owned) = OwnedSocketPath::bind(path)
             .map_err(|e| SupervisorError::Io(std::io::Error::other(e)))?;
         listener
@@ -68,6 +78,7 @@ impl SupervisorRpc {
             asks: tx,
             worker_rpc,
             clients: AtomicUsize::new(0),
+            changes,
         });
         let stop2 = Arc::clone(&stop);
         let acceptor = std::thread::Builder::new()
@@ -204,6 +215,33 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                 }
             }
         }
+        m if REPLAYED.contains(&m) => {
+            if let Some(why) = ram_namespace(&req) {
+                refused(&id, &why)
+            } else {
+                match sh.worker_rpc.as_ref() {
+                    Some(p) => {
+                        let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+                        match forward(p, &line) {
+                            Ok(reply) => {
+                                let accepted = serde_json::from_str::<Value>(&reply)
+                                    .is_ok_and(|v| v.get("error").is_none());
+                                if accepted {
+                                    changes
+                                        .push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                                }
+                                drop(changes);
+                                let mut w = s;
+                                w.write_all(reply.as_bytes())?;
+                                return Ok(());
+                            }
+                            Err(e) => refused(&id, &format!("the worker did not answer: {e}")),
+                        }
+                    }
+                    None => refused(&id, "no management socket in the worker"),
+                }
+            }
+        }
         m if NOT_CARRIED.contains(&m) => refused(
             &id,
             &format!(
@@ -241,25 +279,50 @@ fn wait<T>(rx: &Receiver<T>) -> Result<T, String> {
         .map_err(|e| format!("the supervisor did not answer: {e}"))
 }
 
-/// Management calls whose effect lives only in the worker's memory (namespaces, subsystems,
-/// VFs, stores and arrays made or removed at run time): a replaced worker would lose it and
-/// the guest would see a namespace vanish, so the supervisor refuses them. Calls whose effect
-/// is on disk (volumes of a configured store) or carried in the state memfd (`qos_set`) go
+/// Management calls whose effect lives in the worker's memory and that the supervisor
+/// replays, in order, to each next worker (before its controllers are restored, so a guest
+/// finds the same namespaces attached): each gives the same result again from the same
+/// state (`ns_add` takes the first free NSID and names a volume on disk).
+const REPLAYED: &[&str] = &["ns_add", "ns_delete", "ns_attach", "ns_detach", "vf_enable"];
+
+/// Management calls whose effect lives only in the worker's memory and would not replay
+/// faithfully (sockets made at run time, namespaces carved from a pool, stores formatted,
+/// arrays created or wiped): a replaced worker would lose it and the guest would see a
+/// namespace vanish, so the supervisor refuses them. Calls whose effect is on disk (volumes
+/// of a configured store, array membership) or carried in the state memfd (`qos_set`) go
 /// through.
 const NOT_CARRIED: &[&str] = &[
     "subsystem_create",
     "subsystem_delete",
     "ns_create",
-    "ns_delete",
-    "ns_add",
-    "ns_attach",
-    "ns_detach",
-    "vf_enable",
     "lvs_create",
     "lvs_delete",
     "raid_create",
     "raid_delete",
 ];
+
+/// Why an `ns_add` would put a namespace in the worker's own memory, if it does.
+fn ram_namespace(req: &Value) -> Option<String> {
+    let backend = req.get("params")?.get("backend")?.as_str()?;
+    crate::backend_spec::refuse_in_worker("ns_add", backend).err()
+}
+
+/// Replay the accepted run-time changes to a new worker's management socket `path`.
+pub(super) fn replay(changes: &Changes, path: &Path) {
+    let changes = changes.lock().unwrap_or_else(PoisonError::into_inner);
+    for line in changes.iter() {
+        match forward(path, line.as_bytes()) {
+            Ok(reply)
+                if serde_json::from_str::<Value>(&reply)
+                    .is_ok_and(|v| v.get("error").is_none()) => {}
+            Ok(reply) => log::error!("supervisor: replaying {line}: {}", reply.trim_end()),
+            Err(e) => log::error!("supervisor: replaying {line}: {e}"),
+        }
+    }
+    if !changes.is_empty() {
+        log::info!("supervisor: {} run-time changes replayed", changes.len());
+    }
+}
 
 fn refused(id: &Value, msg: &str) -> Value {
     error(id, code::REFUSED, msg)
