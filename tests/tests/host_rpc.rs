@@ -348,3 +348,99 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
     assert!(pf.exists() && d.rpc.exists());
     assert_eq!(d.ok("controller_list", &[]).as_array().unwrap().len(), 3);
 }
+
+/// A management caller cannot hold the daemon: callers that connect and send nothing or
+/// trickle a byte at a time wait on threads of their own, and a real request is answered
+/// meanwhile, beside a client's verified I/O; beyond 16 callers at once the next one is told
+/// the daemon is busy; when they leave, requests are answered again.
+#[test]
+fn slow_and_silent_management_callers_hold_up_nobody() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = TempDir::new("rpc-slow");
+    let sock = tmp.path().join("c.sock");
+    let bin = vnvme_binary();
+    let rpc = tmp.path().join("vnvme.rpc");
+    let child = Command::new(&bin)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .args(["--ns", "malloc:64M", "--rpc"])
+        .arg(&rpc)
+        .spawn()
+        .expect("vnvme serve");
+    let d = Served { child, bin, rpc };
+    wait_for(&d.rpc);
+    wait_for(&sock);
+    let io = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let mut c = open(&sock);
+            let opts = PerfOptions {
+                queue_depth: 8,
+                io_size: 4096,
+                pattern: Pattern::Randrw,
+                read_percent: 50,
+                duration: Duration::from_secs(3),
+                workers: 1,
+                verify: true,
+            };
+            vnvme::perf::run(&mut c, &opts, |_, _| {}).unwrap().total()
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let tricklers: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.rpc).unwrap();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(b" ").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        })
+        .collect();
+    let mut silent: Vec<UnixStream> = (0..5)
+        .map(|_| UnixStream::connect(&d.rpc).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let list = d.ok("controller_list", &[]);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "answered after {:?} behind slow callers",
+        t.elapsed()
+    );
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    // the 17th caller at once is told the daemon is busy
+    silent.extend((0..8).map(|_| UnixStream::connect(&d.rpc).unwrap()));
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = d.raw(b"{\"method\": \"controller_list\"}\n");
+    assert_eq!(error_code(&busy), -32000, "{busy}");
+    assert!(busy.to_string().contains("busy"), "{busy}");
+    stop.store(true, Ordering::Relaxed);
+    for h in tricklers {
+        let _ = h.join();
+    }
+    drop(silent);
+    let t = Instant::now();
+    loop {
+        let (ok, v, _) = d.rpc("controller_list", &[]);
+        if ok {
+            assert_eq!(v.as_array().map(Vec::len), Some(1));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never answered again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = io.join().unwrap();
+    assert!(
+        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
+        "the neighbour's verified I/O: {r:?}"
+    );
+}

@@ -1,8 +1,17 @@
 //! The RPC socket: accept, read request lines, answer each.
+//!
+//! Clients are read on threads of their own (a few at once); only whole request lines
+//! reach the daemon's main thread, which runs them one at a time. A caller that connects
+//! and sends nothing, or trickles a byte at a time, holds its own thread and nothing else:
+//! the main thread (management, a supervised worker's upgrade, shutdown) never waits for it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
 
 use qemu_vfio_user::server::socket_path::{ClaimError, OwnedSocketPath};
 use std::time::{Duration, Instant};
@@ -12,56 +21,124 @@ use serde_json::{Value, json};
 use super::{MAX_REQUEST, RpcError, code, methods};
 use crate::daemon::Daemon;
 
-/// A client that sends nothing for this long is dropped (the daemon's main thread serves it).
+/// A client that sends nothing for this long is dropped.
 const IDLE: Duration = Duration::from_secs(2);
-/// A request line must arrive whole within this (a client trickling bytes cannot hold the
-/// main thread, and with it management and shutdown).
+/// A request line must arrive whole within this.
 const LINE_DEADLINE: Duration = Duration::from_secs(5);
+/// Clients served at once; more are answered "busy" and closed.
+const MAX_CLIENTS: usize = 16;
+
+/// One request line for the main thread, and where its response goes.
+struct Job {
+    line: Vec<u8>,
+    reply: Sender<String>,
+}
 
 /// The listening management socket.
-#[derive(Debug)]
 pub struct RpcServer {
-    listener: UnixListener,
+    jobs: Receiver<Job>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
     owned: OwnedSocketPath,
+}
+
+impl std::fmt::Debug for RpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcServer").finish_non_exhaustive()
+    }
 }
 
 impl RpcServer {
     /// Listen on `path`: a stale socket file there is replaced, a live daemon's refused.
     pub fn bind(path: &Path) -> Result<Self, ClaimError> {
         let (listener, owned) = OwnedSocketPath::bind(path)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ClaimError::Bind {
-                path: path.into(),
-                source,
-            })?;
-        Ok(Self { listener, owned })
+        let err = |source| ClaimError::Bind {
+            path: path.into(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(err)?;
+        let (tx, jobs) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let acceptor = std::thread::Builder::new()
+            .name("rpc-accept".into())
+            .spawn(move || accept_loop(&listener, &tx, &stop2))
+            .map_err(err)?;
+        Ok(Self {
+            jobs,
+            stop,
+            acceptor: Some(acceptor),
+            owned,
+        })
     }
 
-    /// Wait up to `timeout` for clients and serve them; true when a client was served (the
+    /// Wait up to `timeout` for requests and answer them; true when one was answered (the
     /// daemon may have changed).
     pub fn poll(&self, daemon: &mut Daemon, timeout: Duration) -> bool {
-        if !sys_util::poll::wait_readable(&self.listener, timeout).unwrap_or(false) {
+        let Ok(first) = self.jobs.recv_timeout(timeout) else {
             return false;
+        };
+        let mut next = Some(first);
+        while let Some(job) = next {
+            let _ = job.reply.send(answer(&job.line, daemon));
+            next = self.jobs.try_recv().ok();
         }
-        let mut served = false;
-        while let Ok((stream, _)) = self.listener.accept() {
-            served = true;
-            if let Err(e) = serve(stream, daemon) {
-                log::debug!("rpc client: {e}");
-            }
-        }
-        served
+        true
     }
 }
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
         self.owned.remove();
     }
 }
 
-fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
+fn accept_loop(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        if !sys_util::poll::wait_readable(listener, Duration::from_millis(100)).unwrap_or(false) {
+            continue;
+        }
+        while let Ok((stream, _)) = listener.accept() {
+            if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                clients.fetch_sub(1, Ordering::AcqRel);
+                device_model::warn_limited!("rpc: {MAX_CLIENTS} clients already; refusing another");
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(IDLE));
+                let mut out = &stream;
+                let _ = respond(
+                    &mut out,
+                    &Value::Null,
+                    Err(RpcError::new(
+                        code::REFUSED,
+                        "busy: too many management clients at once",
+                    )),
+                );
+                continue;
+            }
+            let (jobs, n) = (jobs.clone(), Arc::clone(&clients));
+            let spawned = std::thread::Builder::new()
+                .name("rpc-client".into())
+                .spawn(move || {
+                    if let Err(e) = serve(stream, &jobs) {
+                        log::debug!("rpc client: {e}");
+                    }
+                    n.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                clients.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("rpc: no thread for a client: {e}");
+            }
+        }
+    }
+}
+
+/// Read `stream`'s request lines and hand each to the main thread; write the responses.
+fn serve(stream: UnixStream, jobs: &Sender<Job>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IDLE))?;
     stream.set_write_timeout(Some(IDLE))?;
@@ -88,8 +165,16 @@ fn serve(stream: UnixStream, daemon: &mut Daemon) -> std::io::Result<()> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let (id, result) = handle(&line, daemon);
-        respond(&mut out, &id, result)?;
+        let (tx, rx) = mpsc::channel();
+        if jobs.send(Job { line, reply: tx }).is_err() {
+            return Ok(()); // the daemon is stopping
+        }
+        // management calls may run long (an inflate copies a volume)
+        let Ok(mut text) = rx.recv() else {
+            return Ok(());
+        };
+        text.push('\n');
+        out.write_all(text.as_bytes())?;
     }
 }
 
@@ -172,7 +257,7 @@ fn response(id: &Value, r: Result<Value, RpcError>) -> Value {
     }
 }
 
-fn respond(out: &mut UnixStream, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
+fn respond(out: &mut impl Write, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
     let mut text = response(id, r).to_string();
     text.push('\n');
     out.write_all(text.as_bytes())
