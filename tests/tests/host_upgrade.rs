@@ -484,7 +484,7 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         Some(-32601),
         "forwarded to the worker, answered there"
     );
-    for m in ["raid_create", "lvs_delete", "vf_enable", "subsystem_delete"] {
+    for m in ["raid_create", "lvs_delete", "ns_create", "subsystem_delete"] {
         let v = raw_rpc(
             &rpc_sock,
             format!("{{\"id\": 3, \"method\": \"{m}\", \"params\": {{\"name\": 5}}}}\n").as_bytes(),
