@@ -9,13 +9,15 @@
 #     and the guest IOPS during it vs without.
 # On a loaded machine single runs swing several-fold: part 1 takes ROUNDS (default 9)
 # alternating pairs and reports the median ratio and each side's best.
-# Usage: scripts/bench-raid.sh [SECS] [LIMIT] [RATE]   (PARTS="1 2 3" selects parts)
+#  4. raid0 of two `nvme:` members (back vnvmes over vfio-user) vs one `nvme:` namespace,
+#     128 KiB randread QD8, and the members' zero-copy and bounced bytes.
+# Usage: scripts/bench-raid.sh [SECS] [LIMIT] [RATE]   (PARTS="1 2 3 4" selects parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 LIMIT=${2:-4000}
 RATE=${3:-100}
-PARTS=${PARTS:-1 2 3}
+PARTS=${PARTS:-1 2 3 4}
 ROUNDS=${ROUNDS:-9}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 cargo build --release -q -p vnvme
@@ -126,4 +128,38 @@ for i in $(seq 600); do
 done
 $BIN rpc -s "$D/c.rpc" raid_list | grep -A12 '"last_rebuild"' | grep -E 'bytes_copied|elapsed_secs' | tr -d ' \n'; echo
 echo "bench rebuild rate=${RATE}MB/s randread-iops without=$base during=$during ratio=$(echo "scale=3; $during / $base" | bc)"
+fi
+
+if part 4; then
+# `nvme:` members: raid0 of two back vnvmes (vfio-user, RAM) behind the front vs one of them
+# as a plain `nvme:` namespace; 128 KiB random reads QD8 (where a bounce copy costs most).
+# The members' zero-copy and bounced bytes come from raid_list.
+echo "== 4. raid0 of 2 nvme: members vs one nvme: namespace, 128 KiB randread QD8"
+for b in 0 1 2; do
+  $BIN serve --socket "$D/back$b.sock" --ns malloc:1G >"$D/back$b.log" 2>&1 &
+  PIDS+=($!)
+done
+for b in 0 1 2; do wait_for "$D/back$b.sock"; done
+printf '%s\n' 'poll = "busy"' 'reactors = 1' \
+  '[[array]]' 'name = "n0"' 'level = "raid0"' \
+  "members = [\"nvme:vfio-user:$D/back1.sock\", \"nvme:vfio-user:$D/back2.sock\"]" \
+  '[[controller]]' "socket = \"$D/one.sock\"" '[[controller.namespace]]' \
+  "backend = \"nvme:vfio-user:$D/back0.sock\"" \
+  '[[controller]]' "socket = \"$D/arr.sock\"" '[[controller.namespace]]' 'backend = "array:n0"' \
+  >"$D/d.toml"
+$BIN serve --config "$D/d.toml" --rpc "$D/d.rpc" >"$D/d.log" 2>&1 &
+PIDS+=($!)
+wait_for "$D/arr.sock"
+big() { # perf SOCK: IOPS of 128 KiB random reads at QD8
+  RUST_LOG=warn $BIN perf "vfio-user:$1" -q 8 -o 131072 -w randread -t "$SECS" \
+    | grep '^Total' | head -1 | tr -s ' ' | cut -d: -f2 | awk '{print $1}'
+}
+: >"$D/ratios4"
+for round in $(seq "${ROUNDS4:-5}"); do
+  o=$(big "$D/one.sock"); a=$(big "$D/arr.sock")
+  echo "scale=3; $a / $o" | bc >>"$D/ratios4"
+  echo "bench nvme-members round=$round one=$o raid0=$a ratio=$(tail -1 "$D/ratios4")"
+done
+echo "bench nvme-members median-ratio=$(sort -n "$D/ratios4" | sed -n "$(( ($(wc -l <"$D/ratios4") + 1) / 2 ))p")"
+$BIN rpc -s "$D/d.rpc" raid_list | grep -E '"member"|zero_copy_bytes|bounced_bytes' | tr -d ' ,' | paste -sd' '
 fi
