@@ -55,4 +55,4 @@ pub use store::{Faults, LoadReport};
 pub use superblock::Geometry;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -90,6 +90,10 @@ pub struct Array {
     pub(super) in_flight: usize,
     // superblock + bitmap rounds
     pub(super) sb_dirty: bool,
+    /// This round could not be written to the last copy of some leg.
+    pub(super) round_failed: bool,
+    /// This round writes the superblocks.
+    pub(super) round_sb: bool,
     /// The guest memory of the controller the array serves, once known: given to members
     /// added later too ([`Backend::use_guest_memory`]).
     pub(crate) guest: Option<Arc<device_model::GuestMemory>>,
@@ -166,6 +170,8 @@ impl Array {
             extents: Vec::new(),
             in_flight: 0,
             sb_dirty: false,
+            round_failed: false,
+            round_sb: false,
             guest: None,
             sb_bufs: (0..n).map(|_| IoBuffer::new(SB_SIZE)).collect(),
             bm_buf: IoBuffer::new(bm_bytes),

@@ -49,5 +49,7 @@ pub use superblock::{DATA_OFFSET, Superblock, SuperblockError};
 pub const DEFAULT_STRIP: u64 = 64 << 10;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 #[allow(clippy::many_single_char_names)]
 mod tests;

@@ -216,6 +216,11 @@ impl Array {
                     self.submit_child(ci);
                 }
             }
+            // a leg with no member in sync holds no complete copy to make durable: the
+            // Flush cannot succeed (it used to, with no member flushed at all)
+            if (0..self.layout.legs()).any(|leg| self.leg_active(leg) == 0) {
+                self.fail(pi, Status::INTERNAL_PATH_ERROR);
+            }
             self.parent_step(pi);
             return;
         }

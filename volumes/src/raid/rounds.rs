@@ -26,6 +26,7 @@ impl Array {
             self.bm_buf.write_at((b * BLOCK) as usize, &block);
         }
         let sb = std::mem::take(&mut self.sb_dirty);
+        self.round_sb = sb;
         for slot in 0..self.members.len() {
             if self.members[slot].state == SlotState::Missing
                 || self.members[slot].backend.is_none()
@@ -110,14 +111,26 @@ impl Array {
             if others {
                 self.retire(slot, &format!("superblock/bitmap write failed: {status:?}"));
             } else {
-                log::warn!(
-                    "array {}: superblock/bitmap write to member {slot} failed: {status:?}",
+                // the last copy of its leg could not record this round (a member's loss, a
+                // write's bits): what waits for it is not acknowledged, and its superblock
+                // is written again next round (after a crash, a member this round retired
+                // could otherwise come back as if in sync)
+                self.round_failed = true;
+                device_model::warn_limited!(
+                    "array {}: superblock/bitmap write to member {slot}, the last copy of its leg, failed: {status:?}",
                     self.name
                 );
             }
         }
         self.meta_pending -= 1;
         if self.meta_pending == 0 {
+            if std::mem::take(&mut self.round_failed) {
+                let held: Vec<u32> = self.held.iter().copied().collect();
+                for pi in held {
+                    self.fail(pi, Status::INTERNAL_PATH_ERROR);
+                }
+                self.sb_dirty |= self.round_sb;
+            }
             let r = self.meta_round;
             self.bitmap.round_done(r);
             self.status_dirty = true;
