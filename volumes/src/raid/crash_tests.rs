@@ -1,5 +1,6 @@
 //! Crash consistency of mirrors: seeded random workloads of writes (one request at a time,
-//! 512 B to 16 KiB, across region boundaries) and flushes on a raid1 of two disks with a
+//! 512 B to 16 KiB, across region and strip boundaries) and flushes on a raid1 of two disks,
+//! and a raid10 of four, with a
 //! volatile write cache (`lvol::tests::crash_disk`: unflushed writes dropped, reordered or
 //! torn per sector at a crash). Each disk dies after its own random number of writes and
 //! flushes (the power goes; one may outlive the other, and the array then retires it), then
@@ -70,16 +71,19 @@ fn io(b: &mut dyn Backend, op: IoOp, off: u64, data: Option<&[u8]>, len: u64) ->
     (s, out)
 }
 
-/// One case: `Err` says what broke, with the seed.
-fn case(seed: u64) -> Result<(), String> {
-    let fail = |what: String| Err(format!("seed {seed}: {what}"));
+/// One case on `level` (raid1: two disks; raid10: four): `Err` says what broke, with the
+/// seed.
+fn case(seed: u64, level: Level) -> Result<(), String> {
+    let fail = |what: String| Err(format!("seed {seed} ({}): {what}", level.name()));
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let disks = [
-        CrashDisk::junk(MEMBER as usize, seed * 2 + 1),
-        CrashDisk::junk(MEMBER as usize, seed * 2 + 2),
-    ];
-    let (mut a, _h) = create("c", Level::Raid1, DEFAULT_STRIP, members(&disks), 0)
-        .map_err(|e| format!("seed {seed}: create: {e}"))?;
+    let n = if level == Level::Raid10 { 4 } else { 2 };
+    let disks: Vec<CrashDisk> = (0..n)
+        .map(|k| CrashDisk::junk(MEMBER as usize, seed * 4 + k))
+        .collect();
+    let (mut a, _h) = match create("c", level, DEFAULT_STRIP, members(&disks), 0) {
+        Ok(x) => x,
+        Err(e) => return fail(format!("create: {e}")),
+    };
     // a known start: zeroes, flushed
     let zero = vec![0u8; MIB as usize];
     for off in (0..SPAN).step_by(MIB as usize) {
@@ -167,43 +171,43 @@ fn case(seed: u64) -> Result<(), String> {
             ));
         }
     }
-    // the members the array runs on hold the same bytes
+    // in each leg, the members the array runs on hold the same bytes
     let status = a.status();
-    let active: Vec<usize> = status
-        .members
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.state == "active")
-        .map(|(i, _)| i)
-        .collect();
-    if active.is_empty() {
-        return fail(format!("no member in sync: {:?}", got.refused));
-    }
-    let images: Vec<Vec<u8>> = active
-        .iter()
-        .map(|&i| {
-            let mut d = after[status.members[i].slot].clone();
-            io(&mut d, IoOp::Read, DATA_OFFSET, None, SPAN).1
-        })
-        .collect();
-    if images.windows(2).any(|w| w[0] != w[1]) {
-        return fail("the mirrors differ after the resync".into());
+    for leg in 0..a.layout.legs() {
+        let active: Vec<usize> = a
+            .layout
+            .slots(leg)
+            .filter(|&i| status.members[i].state == "active")
+            .collect();
+        if active.is_empty() {
+            return fail(format!("no member of leg {leg} in sync: {:?}", got.refused));
+        }
+        let images: Vec<Vec<u8>> = active
+            .iter()
+            .map(|&i| {
+                let mut d = after[status.members[i].slot].clone();
+                io(&mut d, IoOp::Read, DATA_OFFSET, None, MEMBER - DATA_OFFSET).1
+            })
+            .collect();
+        if images.windows(2).any(|w| w[0] != w[1]) {
+            return fail(format!("the mirrors of leg {leg} differ after the resync"));
+        }
     }
     Ok(())
 }
 
-#[test]
-fn mirrors_keep_flushed_data_and_agree_after_every_crash() {
+/// Cases from `RAID_CRASH_SEED` (default 1), `RAID_CRASH_CASES` of them (default `dflt`).
+fn run(level: Level, dflt: u64) {
     let cases: u64 = std::env::var("RAID_CRASH_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(dflt);
     let first: u64 = std::env::var("RAID_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let failures: Vec<String> = (first..first + cases)
-        .filter_map(|s| case(s).err())
+        .filter_map(|s| case(s, level).err())
         .collect();
     assert!(
         failures.is_empty(),
@@ -211,4 +215,14 @@ fn mirrors_keep_flushed_data_and_agree_after_every_crash() {
         failures.len(),
         failures[0]
     );
+}
+
+#[test]
+fn mirrors_keep_flushed_data_and_agree_after_every_crash() {
+    run(Level::Raid1, 400);
+}
+
+#[test]
+fn striped_mirrors_keep_flushed_data_and_agree_after_every_crash() {
+    run(Level::Raid10, 200);
 }
