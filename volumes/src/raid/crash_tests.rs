@@ -14,11 +14,11 @@
 //! `RAID_CRASH_CASES` sets the number of cases (default 400), `RAID_CRASH_SEED` the first
 //! seed; a failure names its seed.
 
-use device_model::backend::{Backend, IoBuffer, IoOp};
+use device_model::backend::IoOp;
 use nvme_spec::Status;
 
-use super::assemble::sync_io;
 use super::superblock::DATA_OFFSET;
+use super::tests::io;
 use super::*;
 use crate::lvol::tests::crash_disk::CrashDisk;
 use crate::lvol::tests::io::Rng;
@@ -56,19 +56,6 @@ fn sector_of(id: u64, sector: u64) -> [u8; SECTOR as usize] {
 fn id_of(bytes: &[u8], sector: u64) -> Option<u64> {
     let id = u64::from_le_bytes(bytes[..8].try_into().ok()?);
     (sector_of(id, sector)[..] == *bytes).then_some(id)
-}
-
-fn io(b: &mut dyn Backend, op: IoOp, off: u64, data: Option<&[u8]>, len: u64) -> (Status, Vec<u8>) {
-    let buf = IoBuffer::new(len as usize);
-    if let Some(d) = data {
-        buf.write_at(0, d);
-    }
-    let (s, buf) = sync_io(b, op, off, buf, len);
-    let mut out = vec![0u8; len as usize];
-    if let Some(buf) = buf {
-        buf.read_at(0, &mut out);
-    }
-    (s, out)
 }
 
 /// One case on `level` (raid1: two disks; raid10: four): `Err` says what broke, with the

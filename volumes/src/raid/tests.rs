@@ -74,7 +74,13 @@ fn flaky(d: &SharedSource, fail: &Arc<AtomicBool>) -> Box<dyn Backend> {
     })
 }
 
-fn io(b: &mut dyn Backend, op: IoOp, off: u64, data: Option<&[u8]>, len: u64) -> (Status, Vec<u8>) {
+pub(super) fn io(
+    b: &mut dyn Backend,
+    op: IoOp,
+    off: u64,
+    data: Option<&[u8]>,
+    len: u64,
+) -> (Status, Vec<u8>) {
     let buf = IoBuffer::new(len as usize);
     if let Some(d) = data {
         buf.write_at(0, d);
