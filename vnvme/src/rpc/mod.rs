@@ -7,6 +7,7 @@
 //! `vf_enable`, `stats`, the arrays' `raid_*` and the volume stores' `lvs_*` and `lvol_*`
 //! ([`lvol_methods`]).
 
+pub(crate) mod acceptor;
 pub mod client;
 pub mod lvol_methods;
 pub mod methods;

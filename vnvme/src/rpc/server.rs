@@ -6,18 +6,16 @@
 //! the main thread (management, a supervised worker's upgrade, shutdown) never waits for it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::thread::JoinHandle;
 
 use qemu_vfio_user::server::socket_path::{ClaimError, OwnedSocketPath};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::acceptor::Acceptor;
 use super::{MAX_REQUEST, RpcError, code, methods};
 use crate::daemon::Daemon;
 
@@ -37,9 +35,7 @@ struct Job {
 /// The listening management socket.
 pub struct RpcServer {
     jobs: Receiver<Job>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
-    owned: OwnedSocketPath,
+    _acceptor: Acceptor,
 }
 
 impl std::fmt::Debug for RpcServer {
@@ -52,23 +48,15 @@ impl RpcServer {
     /// Listen on `path`: a stale socket file there is replaced, a live daemon's refused.
     pub fn bind(path: &Path) -> Result<Self, ClaimError> {
         let (listener, owned) = OwnedSocketPath::bind(path)?;
-        let err = |source| ClaimError::Bind {
-            path: path.into(),
-            source,
-        };
-        listener.set_nonblocking(true).map_err(err)?;
         let (tx, jobs) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        let acceptor = std::thread::Builder::new()
-            .name("rpc-accept".into())
-            .spawn(move || accept_loop(&listener, &tx, &stop2))
-            .map_err(err)?;
+        let acceptor = Acceptor::start("rpc", listener, owned, MAX_CLIENTS, move |s| serve(s, &tx))
+            .map_err(|source| ClaimError::Bind {
+                path: path.into(),
+                source,
+            })?;
         Ok(Self {
             jobs,
-            stop,
-            acceptor: Some(acceptor),
-            owned,
+            _acceptor: acceptor,
         })
     }
 
@@ -84,56 +72,6 @@ impl RpcServer {
             next = self.jobs.try_recv().ok();
         }
         true
-    }
-}
-
-impl Drop for RpcServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-        self.owned.remove();
-    }
-}
-
-fn accept_loop(listener: &UnixListener, jobs: &Sender<Job>, stop: &AtomicBool) {
-    let clients = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::Relaxed) {
-        if !sys_util::poll::wait_readable(listener, Duration::from_millis(100)).unwrap_or(false) {
-            continue;
-        }
-        while let Ok((stream, _)) = listener.accept() {
-            if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                clients.fetch_sub(1, Ordering::AcqRel);
-                device_model::warn_limited!("rpc: {MAX_CLIENTS} clients already; refusing another");
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_write_timeout(Some(IDLE));
-                let mut out = &stream;
-                let _ = respond(
-                    &mut out,
-                    &Value::Null,
-                    Err(RpcError::new(
-                        code::REFUSED,
-                        "busy: too many management clients at once",
-                    )),
-                );
-                continue;
-            }
-            let (jobs, n) = (jobs.clone(), Arc::clone(&clients));
-            let spawned = std::thread::Builder::new()
-                .name("rpc-client".into())
-                .spawn(move || {
-                    if let Err(e) = serve(stream, &jobs) {
-                        log::debug!("rpc client: {e}");
-                    }
-                    n.fetch_sub(1, Ordering::AcqRel);
-                });
-            if let Err(e) = spawned {
-                clients.fetch_sub(1, Ordering::AcqRel);
-                log::warn!("rpc: no thread for a client: {e}");
-            }
-        }
     }
 }
 
@@ -248,7 +186,7 @@ pub fn answer(line: &[u8], daemon: &mut Daemon) -> String {
     response(&id, r).to_string()
 }
 
-fn response(id: &Value, r: Result<Value, RpcError>) -> Value {
+pub(crate) fn response(id: &Value, r: Result<Value, RpcError>) -> Value {
     match r {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
         Err(e) => {

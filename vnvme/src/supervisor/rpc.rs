@@ -9,18 +9,17 @@
 //! methods, as [`Ask`]s on a channel.
 
 use std::io::{BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::{Value, json};
 
 use super::{Supervisor, SupervisorError};
+use crate::rpc::acceptor::Acceptor;
 use crate::rpc::server::read_line;
 use crate::rpc::{MAX_REQUEST, code};
 
@@ -42,16 +41,13 @@ pub(super) enum Ask {
 /// The listening socket and the thread that accepts on it.
 pub(super) struct SupervisorRpc {
     asks: Receiver<Ask>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
-    owned: OwnedSocketPath,
+    _acceptor: Acceptor,
 }
 
 /// What every client thread needs.
 struct Shared {
     asks: Sender<Ask>,
     worker_rpc: Option<PathBuf>,
-    clients: AtomicUsize,
     changes: Changes,
 }
 
@@ -69,27 +65,19 @@ impl SupervisorRpc {
     ) -> Result<Self, SupervisorError> {
         let (listener, owned) = OwnedSocketPath::bind(path)
             .map_err(|e| SupervisorError::Io(std::io::Error::other(e)))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(SupervisorError::Io)?;
         let (tx, asks) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             asks: tx,
             worker_rpc,
-            clients: AtomicUsize::new(0),
             changes,
-        });
-        let stop2 = Arc::clone(&stop);
-        let acceptor = std::thread::Builder::new()
-            .name("supervisor-rpc".into())
-            .spawn(move || accept_loop(&listener, &shared, &stop2))
-            .map_err(SupervisorError::Io)?;
+        };
+        let acceptor = Acceptor::start("supervisor-rpc", listener, owned, MAX_CLIENTS, move |s| {
+            serve(&s, &shared)
+        })
+        .map_err(SupervisorError::Io)?;
         Ok(Self {
             asks,
-            stop,
-            acceptor: Some(acceptor),
-            owned,
+            _acceptor: acceptor,
         })
     }
 
@@ -109,50 +97,6 @@ impl SupervisorRpc {
                 }
             }
             next = self.asks.try_recv().ok();
-        }
-    }
-}
-
-impl Drop for SupervisorRpc {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-        self.owned.remove();
-    }
-}
-
-fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        if !sys_util::poll::wait_readable(listener, Duration::from_millis(100)).unwrap_or(false) {
-            continue;
-        }
-        while let Ok((s, _)) = listener.accept() {
-            if shared.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                shared.clients.fetch_sub(1, Ordering::AcqRel);
-                device_model::warn_limited!(
-                    "supervisor rpc: {MAX_CLIENTS} clients already; refusing another"
-                );
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_write_timeout(Some(READ_TIMEOUT));
-                let busy = refused(&Value::Null, "busy: too many management clients at once");
-                let _ = (&s).write_all(format!("{busy}\n").as_bytes());
-                continue;
-            }
-            let sh = Arc::clone(shared);
-            let spawned = std::thread::Builder::new()
-                .name("supervisor-rpc-client".into())
-                .spawn(move || {
-                    if let Err(e) = serve(&s, &sh) {
-                        log::debug!("supervisor rpc client: {e}");
-                    }
-                    sh.clients.fetch_sub(1, Ordering::AcqRel);
-                });
-            if let Err(e) = spawned {
-                shared.clients.fetch_sub(1, Ordering::AcqRel);
-                log::warn!("supervisor rpc: no thread for a client: {e}");
-            }
         }
     }
 }
