@@ -182,12 +182,12 @@ impl Arrays {
             }
         }
         // assemble when any member carries this array's superblock, else create
-        let mut carries = false;
+        // the newest superblock of this array the members carry, if any
+        let mut carried: Option<raid::Superblock> = None;
         for m in &mut members {
             if let Ok(sb) = raid::read_superblock(&m.describe, m.backend.as_mut())
                 && sb.name == spec.name
             {
-                carries = true;
                 if sb.level != level {
                     return Err(format!(
                         "{} carries array {} as {}, not {}",
@@ -197,12 +197,18 @@ impl Arrays {
                         level.name()
                     ));
                 }
+                if carried
+                    .as_ref()
+                    .is_none_or(|c| sb.generation > c.generation)
+                {
+                    carried = Some(sb);
+                }
             }
         }
-        if carries {
-            self.add_recorded(spec, &mut members, &mut unopened, devices);
+        if let Some(sb) = &carried {
+            self.add_recorded(spec, &sb.specs, &mut members, &mut unopened, devices);
         }
-        let (array, handle, refused) = if carries {
+        let (array, handle, refused) = if carried.is_some() {
             // an existing array starts without the members that cannot be reached (degraded,
             // if its level allows it); they can be added back when they return
             let a = raid::assemble(Some(&spec.name), members, rate).map_err(|e| e.to_string())?;
@@ -237,23 +243,18 @@ impl Arrays {
         Ok(refused)
     }
 
-    /// Open the members `spec`'s array records in its newest superblock that the
-    /// configuration does not list (added by `raid_add_member` since it was written): a
+    /// Open the members `recorded` (the specs in the newest superblock of `spec`'s array)
+    /// names that the configuration does not list (added by `raid_add_member` since it was written): a
     /// restart, or the next worker of a supervised daemon, finds them again.
     fn add_recorded(
         &mut self,
         spec: &ArraySpec,
+        recorded: &[String],
         members: &mut Vec<MemberIn>,
         unopened: &mut Vec<String>,
         devices: &mut DeviceRegistry,
     ) {
-        let newest = members
-            .iter_mut()
-            .filter_map(|m| raid::read_superblock(&m.describe, m.backend.as_mut()).ok())
-            .filter(|sb| sb.name == spec.name)
-            .max_by_key(|sb| sb.generation);
-        let Some(newest) = newest else { return };
-        for r in newest.specs.iter().filter(|r| !r.is_empty()) {
+        for r in recorded.iter().filter(|r| !r.is_empty()) {
             let key = member_key(r);
             if spec.members.iter().any(|m| member_key(m) == key)
                 || members.iter().any(|m| member_key(&m.describe) == key)

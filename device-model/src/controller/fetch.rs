@@ -22,7 +22,7 @@ impl Controller {
     /// completions, interrupts. Returns how much work was done (0 = idle).
     pub fn poll(&mut self) -> usize {
         if self.journal.is_some() {
-            self.save_qos_change();
+            self.save_run_time_changes();
         }
         if self.quiesce.resetting.is_some() {
             return self.poll_reset();

@@ -201,7 +201,7 @@ impl Controller {
     /// QoS limits changed by the management plane, or asynchronous event state outside an
     /// admin command, since the last save: save them (the next worker must keep a tenant's
     /// limits and report its events).
-    pub(super) fn save_qos_change(&mut self) {
+    pub(super) fn save_run_time_changes(&mut self) {
         if self.journal_owned
             && (self.events_unsaved || self.qos_control.generation() != self.qos_saved)
         {
