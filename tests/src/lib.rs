@@ -9,6 +9,7 @@ pub mod guest;
 // a raw vfio-user client: fd passing, mmap, truncation
 #[allow(unsafe_code)]
 pub mod hostile;
+pub mod rpc;
 // a vfio-user client driver with mmapped doorbells
 #[allow(unsafe_code)]
 pub mod nvme_client;

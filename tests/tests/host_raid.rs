@@ -8,8 +8,6 @@
 //!   written, perf --verify passes, and the members are identical;
 //! - hostile `raid_*` RPCs get clear errors while a neighbour's verified I/O runs clean.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -250,13 +248,8 @@ fn serve(cfg: &Path, rpc: &Path, sock: &Path) -> Served {
 impl Served {
     /// One JSON-RPC request as a raw line; the answer.
     fn raw(&self, line: &str) -> Value {
-        let mut s = UnixStream::connect(&self.rpc).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let _ = s.write_all(line.as_bytes());
-        let _ = s.write_all(b"\n");
-        let mut answer = String::new();
-        BufReader::new(&s).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+        let line = format!("{line}\n");
+        vnvme_tests::rpc::raw(&self.rpc, line.as_bytes(), Duration::from_secs(30))
     }
 
     fn call(&self, method: &str, params: &Value) -> Value {

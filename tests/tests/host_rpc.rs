@@ -4,7 +4,7 @@
 //! deletes namespaces, sets per-controller QoS, creates and deletes a whole subsystem; bad
 //! requests get JSON-RPC errors and the daemon keeps answering.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -53,13 +53,7 @@ impl Served {
 
     /// One raw line to the socket; the parsed answer.
     fn raw(&self, line: &[u8]) -> Value {
-        let mut s = UnixStream::connect(&self.rpc).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        // the daemon may answer and hang up before a too-long line is all written
-        let _ = s.write_all(line);
-        let mut answer = String::new();
-        BufReader::new(&s).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+        vnvme_tests::rpc::raw(&self.rpc, line, Duration::from_secs(10))
     }
 
     fn state(&self, cntlid: u16) -> String {

@@ -111,6 +111,11 @@ fn finish(mut c: Child) -> (bool, String) {
     (ok, format!("{out}\n{err}"))
 }
 
+/// One raw request line to the management socket; the parsed answer.
+fn raw_rpc(sock: &Path, line: &[u8]) -> Value {
+    vnvme_tests::rpc::raw(sock, line, Duration::from_secs(10))
+}
+
 /// `kill -9` the worker and wait for its successor.
 fn kill_worker(rpc_sock: &Path) {
     let (pid, generation, _, _) = status(rpc_sock);
@@ -441,18 +446,6 @@ fn workers_of(sup: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-/// One raw request line to the management socket; the parsed answer.
-fn raw_rpc(sock: &Path, line: &[u8]) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // the supervisor may answer and hang up before a too-long line is all written
-    let _ = s.write_all(line);
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
 }
 
 /// A management caller is as untrusted as a guest. Callers that connect and send nothing or
