@@ -157,6 +157,33 @@ impl IoVecs {
         Ok(())
     }
 
+    /// Describe exactly `[iova, iova + len)` (non-empty, inside one region) of guest memory.
+    fn set_guest_one(
+        &mut self,
+        mem: &MemoryMap,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(), Status> {
+        let (p, chunk) = mem
+            .host_chunk(iova, len, write)
+            .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+        if chunk < len {
+            // a page across two adjacent regions
+            return self.push_guest(mem, iova, len, write);
+        }
+        let Some(iov) = self.iov.as_deref_mut() else {
+            return Err(Status::INTERNAL_ERROR);
+        };
+        iov[0] = libc::iovec {
+            iov_base: p.cast(),
+            iov_len: len as usize,
+        };
+        self.n = 1;
+        self.len = len;
+        Ok(())
+    }
+
     fn push_guest(
         &mut self,
         mem: &MemoryMap,
@@ -165,11 +192,8 @@ impl IoVecs {
         write: bool,
     ) -> Result<(), Status> {
         while len > 0 {
-            let chunk = mem
-                .contiguous(iova, len, write)
-                .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
-            let p = mem
-                .translate(iova, chunk, write)
+            let (p, chunk) = mem
+                .host_chunk(iova, len, write)
                 .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
             self.push(p, chunk)?;
             iova += chunk;
@@ -280,6 +304,12 @@ impl<'a> GuestBuffers<'a> {
     /// Number of segments.
     pub fn segment_count(&self) -> usize {
         self.iov.len()
+    }
+
+    /// The guest memory snapshot the segments were found in, when they came from the
+    /// controller (a backend that mirrors guest memory compares it with its mirror's).
+    pub fn snapshot(&self) -> Option<&'a Arc<MemoryMap>> {
+        self.keep
     }
 
     /// Each segment as (host address, length): numbers for address arithmetic (e.g. a
@@ -541,10 +571,11 @@ pub fn map_data(
     allow_sgl: bool,
     out: &mut IoVecs,
 ) -> Result<(), Status> {
-    out.clear();
     if len == 0 {
+        out.clear();
         return Ok(());
     }
+    // both walks start by clearing `out`
     match sqe.psdt() {
         0 => map_prps(
             mem,
@@ -583,6 +614,10 @@ pub fn map_prps(
         return Err(Status::PRP_OFFSET_INVALID);
     }
     let first = (page_size - (prp1 & (page_size - 1))).min(len);
+    if first == len && len > 0 {
+        // all in PRP1's page (a 4 KiB I/O to an aligned buffer): one lookup, one segment
+        return out.set_guest_one(mem, prp1, len, write);
+    }
     out.push_guest(mem, prp1, first, write)?;
     let mut remaining = len - first;
     if remaining == 0 {
@@ -806,6 +841,38 @@ mod tests {
             assert_eq!(&out[..], &data[start..start + want]);
         }
         assert_eq!(second.len(), 4096);
+    }
+
+    #[test]
+    fn a_page_across_two_regions_or_without_the_access_right() {
+        let m = GuestMemory::new();
+        let (first, second) = (memfd(0x1000), memfd(0x1000));
+        let rw = Protection {
+            read: true,
+            write: true,
+        };
+        let ro = Protection {
+            read: true,
+            write: false,
+        };
+        m.map_fd(0x10000, 0x800, first.as_fd(), 0, rw).unwrap();
+        m.map_fd(0x10800, 0x1000, second.as_fd(), 0, ro).unwrap();
+        let s = m.snapshot();
+        let mut v = IoVecs::default();
+        // inside PRP1's page but over two regions: two segments
+        map_prps(&s, 0x10400, 0, 0x800, 4096, false, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (2, 0x800));
+        // the controller writes (a Read command): the second region is read-only
+        assert_eq!(
+            map_prps(&s, 0x10400, 0, 0x800, 4096, true, &mut v),
+            Err(Status::DATA_TRANSFER_ERROR)
+        );
+        assert_eq!(
+            map_prps(&s, 0x10800, 0, 0x200, 4096, true, &mut v),
+            Err(Status::DATA_TRANSFER_ERROR)
+        );
+        map_prps(&s, 0x10000, 0, 0x200, 4096, true, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (1, 0x200));
     }
 
     #[test]

@@ -227,10 +227,18 @@ impl MemoryMap {
         Ok(())
     }
 
-    /// How many bytes from `iova` (at most `len`) lie in the region containing `iova`.
-    pub fn contiguous(&self, iova: u64, len: u64, write: bool) -> Result<u64, AccessError> {
-        let (r, off) = self.locate(iova, len, write)?;
-        Ok(len.min(r.len - off))
+    /// Host pointer of `iova` and how many of the `len` bytes from it lie in its region,
+    /// which must grant the access: one lookup per piece of a scatter list.
+    pub fn host_chunk(
+        &self,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(*mut u8, u64), AccessError> {
+        let (r, off, chunk) = self.chunk_at(iova, len, write)?;
+        let m = r.mapping.as_ref().ok_or(AccessError { iova, len, write })?;
+        // off < r.len: the result stays inside the mapping
+        Ok((m.region.as_ptr().wrapping_add(off as usize), chunk))
     }
 
     fn overlaps(&self, iova: u64, end: u64) -> bool {

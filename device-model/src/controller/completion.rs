@@ -25,9 +25,13 @@ impl Controller {
             }
         }
         let n = done.len();
+        if n > 0 {
+            self.reap_stamp = Some(sys_util::clock::ticks());
+        }
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
+        self.reap_stamp = None;
         if n > 0 {
             self.check_pool_warning(mem);
             self.check_sizes();
@@ -215,7 +219,9 @@ impl Controller {
     }
 
     /// Count a completed command in the statistics: admin commands by outcome, I/O commands
-    /// with their latency since the SQE fetch, for the controller and their namespace.
+    /// with their latency since the SQE fetch, for the controller and their namespace. The
+    /// clock is read once per fetch pass and once per reap pass, so a latency is exact to
+    /// within the passes around it.
     #[inline]
     pub(super) fn count_command(
         &self,
@@ -230,9 +236,8 @@ impl Controller {
             self.stats.record_admin(status);
             return;
         }
-        let ns = self
-            .tick_rate
-            .ns(sys_util::clock::ticks().saturating_sub(fetched));
+        let now = self.reap_stamp.unwrap_or_else(sys_util::clock::ticks);
+        let ns = self.tick_rate.ns(now.saturating_sub(fetched));
         self.stats.record_io(opcode, bytes, status, ns);
         if let Some(i) = self.namespace_index(nsid) {
             self.namespaces[i].stats.record(opcode, bytes, status, ns);

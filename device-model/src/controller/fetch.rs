@@ -133,6 +133,8 @@ impl Controller {
             return 0;
         }
         let mut n = 0;
+        // one clock read for the commands fetched in this pass (latency statistics)
+        let mut stamp = None;
         if qid != 0 {
             self.qos.sync(&self.qos_control);
         }
@@ -188,7 +190,7 @@ impl Controller {
             ctx.opcode = sqe.opcode;
             ctx.nsid = sqe.nsid.get();
             ctx.bytes = 0;
-            ctx.fetched = sys_util::clock::ticks();
+            ctx.fetched = *stamp.get_or_insert_with(sys_util::clock::ticks);
             self.dispatch(qid, slot, &sqe, mem);
             n += 1;
         }

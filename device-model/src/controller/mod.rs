@@ -173,6 +173,9 @@ pub struct Controller {
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
     done: Vec<(u64, Status)>,
+    /// The clock read once for the completions of one reap pass (latency statistics: one
+    /// stamp per batch, not per command).
+    reap_stamp: Option<u64>,
     warned_doorbell: bool,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
@@ -257,6 +260,7 @@ impl Controller {
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
             done: Vec::with_capacity(1024),
+            reap_stamp: None,
             warned_doorbell: false,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),

@@ -69,7 +69,7 @@ impl CompletionQueue {
 
     /// Entries posted and not yet consumed by the host.
     pub fn used(&self) -> u32 {
-        (self.tail + self.size - self.head) % self.size
+        ring_distance(self.head, self.tail, self.size)
     }
 
     /// Room for one more reservation (one slot always stays empty: full = tail + 1 == head).
@@ -83,7 +83,7 @@ impl CompletionQueue {
         if db >= self.size {
             return false;
         }
-        let advance = (db + self.size - self.head) % self.size;
+        let advance = ring_distance(self.head, db, self.size);
         if advance > self.used() {
             return false;
         }
@@ -122,6 +122,17 @@ impl CompletionQueue {
         }
         self.irq_pending += 1;
         Ok(())
+    }
+}
+
+/// Entries from `from` to `to` going forward in a ring of `size` (both below `size`):
+/// without the division a `%` costs on every command.
+#[inline]
+fn ring_distance(from: u32, to: u32, size: u32) -> u32 {
+    if to >= from {
+        to - from
+    } else {
+        to + size - from
     }
 }
 
@@ -239,7 +250,10 @@ impl SubmissionQueue {
             mem.read(self.base.wrapping_add(u64::from(self.head) * 64), &mut raw)?;
             raw
         };
-        self.head = (self.head + 1) % self.size;
+        self.head += 1;
+        if self.head == self.size {
+            self.head = 0;
+        }
         Ok(Submission::read_from_bytes(&raw).unwrap_or_default())
     }
 }
