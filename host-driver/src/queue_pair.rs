@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use nvme_spec::opcode::nvm;
-use nvme_spec::{Completion, Status, Submission};
-use zerocopy::{FromBytes, IntoBytes};
+use nvme_spec::{Status, Submission};
+use zerocopy::IntoBytes;
 
 use crate::dma::{DmaBuffer, DmaMemory, PAGE};
 use crate::error::DriverError;
@@ -154,7 +154,10 @@ impl QueuePair {
         sqe.cid = cid.into();
         let off = self.sq_tail as usize * 64;
         self.sq.write(off, sqe.as_bytes());
-        self.sq_tail = (self.sq_tail + 1) % self.size;
+        self.sq_tail += 1;
+        if self.sq_tail == self.size {
+            self.sq_tail = 0;
+        }
         Ok(cid)
     }
 
@@ -254,6 +257,16 @@ impl QueuePair {
         if n == 0 || segs.iter().any(|&(_, l)| l == 0) {
             return refuse("empty segment");
         }
+        if let [(addr, len)] = *segs
+            && addr.is_multiple_of(4)
+            && (addr & (PAGE - 1)) + len <= 2 * PAGE
+        {
+            // one segment over at most two pages (a 4 KiB I/O): PRP1 and PRP2, no list
+            sqe.prp1 = addr.into();
+            let second = (addr & !(PAGE - 1)) + PAGE;
+            sqe.prp2 = if addr + len > second { second } else { 0 }.into();
+            return self.submit(sqe, user);
+        }
         let mut pages = 0usize;
         let list = self.slots[cid as usize].prp_list.as_mut_slice();
         let mut first = 0u64;
@@ -306,16 +319,23 @@ impl QueuePair {
                 break;
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            let mut raw = [0u8; 16];
-            self.cq.read(off, &mut raw);
-            let cqe = Completion::read_from_bytes(&raw).unwrap_or_default();
+            // SAFETY: the entry lies in our ring (cq_head < size) of 16-byte entries, so
+            // dword 0 (4-byte aligned) and the command id (2-byte aligned) are inside it;
+            // volatile loads of what the device wrote before the phase tag (fence above).
+            #[allow(clippy::cast_ptr_alignment)]
+            let (dw0, cid) = unsafe {
+                (
+                    std::ptr::read_volatile(base.add(off).cast::<u32>()),
+                    std::ptr::read_volatile(base.add(off + 12).cast::<u16>()),
+                )
+            };
+            let (dw0, cid) = (u32::from_le(dw0), u16::from_le(cid));
             self.cq_head += 1;
             if self.cq_head == self.size {
                 self.cq_head = 0;
                 self.phase = !self.phase;
             }
             n += 1;
-            let cid = cqe.cid.get();
             let Some(slot) = self.slots.get_mut(cid as usize).filter(|s| s.busy) else {
                 log::error!(
                     "queue {}: completion for unknown command id {cid}",
@@ -328,8 +348,8 @@ impl QueuePair {
             self.free.push(cid);
             done(Request {
                 user,
-                status: Status::from_cqe_bits(cqe.status.get()),
-                dw0: cqe.dw0.get(),
+                status: Status::from_cqe_bits(u16::from_le(status)),
+                dw0,
             });
         }
         if n > 0 {
@@ -473,5 +493,60 @@ pub fn encode_dsm_ranges(buf: &mut [u8], ranges: &[(u64, u32)]) {
         e[0..4].copy_from_slice(&0u32.to_le_bytes());
         e[4..8].copy_from_slice(&blocks.to_le_bytes());
         e[8..16].copy_from_slice(&lba.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromBytes;
+
+    /// The SQE at `index` of `qp`'s ring.
+    fn sqe_at(qp: &QueuePair, index: usize) -> Submission {
+        let mut raw = [0u8; 64];
+        qp.sq.read(index * 64, &mut raw);
+        Submission::read_from_bytes(&raw).unwrap()
+    }
+
+    #[test]
+    fn segments_become_prp_entries_or_are_refused() {
+        let dma = DmaMemory::new(2 << 20, 0x1000_0000).unwrap();
+        let mut doorbells = [0u32; 8];
+        let mut qp = QueuePair::new(&dma, 1, 8, doorbells.as_mut_ptr(), 4).unwrap();
+        let prps = |qp: &mut QueuePair, segs: &[(u64, u64)]| {
+            let cid = qp.submit_segments(Submission::default(), segs, 0)?;
+            let s = sqe_at(qp, (qp.sq_tail as usize + 7) % 8);
+            assert_eq!(s.cid.get(), cid);
+            Ok::<_, DriverError>((s.prp1.get(), s.prp2.get(), cid))
+        };
+        // one page, aligned or not; a page boundary crossed: PRP2 is the second page
+        let (p1, p2, _) = prps(&mut qp, &[(0x10000, 4096)]).unwrap();
+        assert_eq!((p1, p2), (0x10000, 0));
+        let (p1, p2, _) = prps(&mut qp, &[(0x10200, 4096)]).unwrap();
+        assert_eq!((p1, p2), (0x10200, 0x11000));
+        let (p1, p2, _) = prps(&mut qp, &[(0x10ffc, 8)]).unwrap();
+        assert_eq!((p1, p2), (0x10ffc, 0x11000));
+        // three pages: PRP2 points at the command's list
+        let (p1, p2, cid) = prps(&mut qp, &[(0x10200, 8192)]).unwrap();
+        let list = &qp.slots[cid as usize].prp_list;
+        assert_eq!((p1, p2), (0x10200, list.iova()));
+        let mut entries = [0u8; 16];
+        list.read(0, &mut entries);
+        assert_eq!(entries[..8], 0x11000u64.to_le_bytes());
+        assert_eq!(entries[8..], 0x12000u64.to_le_bytes());
+        // two segments, one page each
+        let (p1, p2, _) = prps(&mut qp, &[(0x10000, 4096), (0x30000, 4096)]).unwrap();
+        assert_eq!((p1, p2), (0x10000, 0x30000));
+        // not expressible: refused, nothing queued
+        let tail = qp.sq_tail;
+        for bad in [
+            &[(0x10001u64, 512u64)][..],
+            &[(0x10000, 0)],
+            &[(0x10000, 2048), (0x30000, 4096)],
+            &[],
+        ] {
+            assert!(prps(&mut qp, bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(qp.sq_tail, tail);
     }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use device_model::GuestMemory;
 use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest};
+use device_model::memory::MemoryMap;
 use host_driver::{DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
 
@@ -291,19 +292,25 @@ impl NvmeBackend {
         self.mirrored = Arc::default();
     }
 
-    /// True when the device's published mirror is for the front's current DMA map; else
-    /// have the supervisor look at it (once per snapshot) and bounce meanwhile.
-    fn mirror_current(&mut self) -> bool {
+    /// True when the device's published mirror is for `snapshot`, the DMA map a request's
+    /// segments were found in (a pointer compare; without one, the front's current map);
+    /// else have the supervisor look at the current map (once per snapshot) and bounce
+    /// meanwhile.
+    fn mirror_current(&mut self, snapshot: Option<&Arc<MemoryMap>>) -> bool {
         let Some(link) = &self.link else { return false };
+        if snapshot.is_some_and(|s| self.mirrored.covers(s)) {
+            return true;
+        }
         let cur = link.guest.load();
-        if self.mirrored.covers(&cur) {
+        let map = snapshot.unwrap_or(&cur);
+        if self.mirrored.covers(map) {
             return true;
         }
         let v = link.version.load(Ordering::Acquire);
         if v != self.mirrored_version {
             self.mirrored = link.published();
             self.mirrored_version = v;
-            if self.mirrored.covers(&cur) {
+            if self.mirrored.covers(map) {
                 return true;
             }
         }
@@ -315,11 +322,9 @@ impl NvmeBackend {
         false
     }
 
-    /// Device-address segments for `iov` if every byte lies in mirrored memory.
+    /// Device-address segments for `iov` if every byte lies in mirrored memory (the
+    /// caller checked that the mirror is current).
     fn zero_copy_segments(&mut self, iov: GuestBuffers<'_>) -> bool {
-        if !self.mirror_current() {
-            return false;
-        }
         self.segs.clear();
         let mirrored = &self.mirrored.ranges;
         for (a, l) in iov.segments() {
@@ -461,9 +466,9 @@ impl NvmeBackend {
             Ok(())
         }
     }
-    /// Start a request on the device: zero copy where the mirror allows, bounced else.
-    fn start(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        self.usable()?;
+    /// Start a request on a usable device: zero copy where the mirror allows (`mirrored`:
+    /// the mirror is current for the request's memory), bounced else.
+    fn start(&mut self, req: &IoRequest<'_>, mirrored: bool) -> Result<(), Status> {
         let slot = self.take_slot()?;
         let res = match req.op {
             IoOp::Flush => {
@@ -496,7 +501,7 @@ impl NvmeBackend {
                 let lba = self.lba(req.offset);
                 // check() bounds len by the maximum transfer, so the block count fits
                 let blocks = (len / self.claim.block_size) as u32;
-                if self.zero_copy_segments(req.iov) {
+                if mirrored && self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
                     let r = self.qp.as_mut().expect("queue pair").read_write_segments(
                         write,
@@ -562,7 +567,7 @@ impl NvmeBackend {
 
     /// Start the parked requests once the mirror is there, or their time is up.
     fn unpark(&mut self) {
-        let ready = self.mirror_current() || !self.dev.mirror_coming(PARK_MAX);
+        let ready = self.mirror_current(None) || !self.dev.mirror_coming(PARK_MAX);
         let mut parked = std::mem::take(&mut self.parked);
         parked.retain(|p| {
             if !ready && p.since.elapsed() < PARK_MAX {
@@ -574,7 +579,11 @@ impl NvmeBackend {
                 offset: p.offset,
                 iov: p.iov.as_buffers(),
             };
-            if let Err(st) = self.start(&req) {
+            let started = self.usable().and_then(|()| {
+                let mirrored = self.mirror_current(req.iov.snapshot());
+                self.start(&req, mirrored)
+            });
+            if let Err(st) = started {
                 self.deferred.push((p.tag, st));
             }
             false
@@ -606,10 +615,12 @@ impl Backend for NvmeBackend {
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         self.usable()?;
-        if matches!(req.op, IoOp::Read | IoOp::Write { .. })
+        let moves_data = matches!(req.op, IoOp::Read | IoOp::Write { .. });
+        let mirrored = moves_data && self.mirror_current(req.iov.snapshot());
+        if moves_data
+            && !mirrored
             && self.link.is_some()
             && self.parked.len() < PARK_SLOTS
-            && !self.mirror_current()
             && self.dev.mirror_coming(PARK_MAX)
         {
             // the front's DMA map changed and the supervisor is at it: give it a moment
@@ -623,7 +634,7 @@ impl Backend for NvmeBackend {
             });
             return Ok(());
         }
-        self.start(req)
+        self.start(req, mirrored)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
