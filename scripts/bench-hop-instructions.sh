@@ -2,7 +2,7 @@
 # Instructions per forwarded 4 KiB I/O (BENCHMARKS.md, issue 7), counted by valgrind's
 # callgrind because this VM has no PMU. The measured server runs under callgrind, so it is
 # the bottleneck and its reactor is busy nearly all the time: its instruction count divided
-# by the I/Os the (native) client completed is the work per I/O, polling included. For a
+# by the commands it took (counted in the profile) is the work per I/O, polling included. For a
 # breakdown: callgrind_annotate --inclusive=yes on the reactor thread's file.
 # Runs twice: the back server alone (malloc), then a front `nvme:` hop to a native back.
 # Needs valgrind (apt-get install valgrind). Usage: scripts/bench-hop-instructions.sh [SECS]
@@ -23,11 +23,36 @@ perf_ios() {
     awk -v s="$SECS" '/^Total/ {printf "%d", $3 * s; exit}'
 }
 # the reactor thread is the one with the most instructions
-reactor_ir() { grep -h '^summary' "$D"/cg."$1"-* | awk '{print $2}' | sort -n | tail -1; }
+reactor_file() {
+  grep -H '^summary' "$D"/cg."$1"-* | sort -t' ' -k2 -n | tail -1 | cut -d: -f1
+}
+# commands the server took (calls of the data-pointer walk: one per I/O command), counted
+# in the profile itself: the client's IOPS figure can miss I/Os done outside its window
+commands() {
+  python3 - "$1" <<'PY'
+import re, sys
+ids, calls, cur = set(), 0, None
+for line in open(sys.argv[1]):
+    m = re.match(r'c?fn=\((\d+)\)(?: (.*))?', line)
+    if m:
+        if m.group(2) and m.group(2).strip().startswith('device_model::dptr::map_data'):
+            ids.add(m.group(1))
+        cur = m.group(1) if line.startswith('cfn=') else None
+        continue
+    m = re.match(r'calls=(\d+)', line)
+    if m and cur in ids:
+        calls += int(m.group(1))
+    cur = None
+print(calls)
+PY
+}
 report() {
-  local what=$1 pid=$2 ios=$3 ir
-  ir=$(reactor_ir "$pid")
-  echo "bench $what | $ios I/Os, reactor $ir instructions, $((ir / ios)) instructions per I/O"
+  local what=$1 pid=$2 ios=$3 f ir cmds
+  f=$(reactor_file "$pid")
+  ir=$(grep -h '^summary' "$f" | awk '{print $2}')
+  cmds=$(commands "$f")
+  echo "bench $what | $ios I/Os by the client, $cmds commands, reactor $ir instructions," \
+    "$((ir / cmds)) instructions per command"
 }
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$D/cg.%p" \
   $BIN serve --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
