@@ -647,6 +647,218 @@ fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
     drop(front);
 }
 
+/// What a hostile NVMe/TCP peer got from the target.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// The answer the protocol names: a C2HTermReq and a close, or an error response.
+    Named,
+    /// The connection closed with nothing sent (its worker was being replaced).
+    Cut,
+}
+
+/// The next PDU on `s`: `None` when the target closed the connection first.
+fn read_pdu(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).ok()?;
+    let plen = u32::from_le_bytes(h[4..8].try_into().ok()?) as usize;
+    assert!((8..=1 << 20).contains(&plen), "PDU length {plen}");
+    let mut all = vec![0u8; plen];
+    all[..8].copy_from_slice(&h);
+    s.read_exact(&mut all[8..]).ok()?;
+    Some(all)
+}
+
+/// The target closes `s` without sending more (EOF within the read timeout).
+fn closes(s: &mut std::net::TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// One round of three hostile peers: an unknown PDU type (C2HTermReq, Invalid Header
+/// Field, then a close), a Read before Connect (Command Sequence Error), a capsule cut short
+/// and abandoned (nothing to answer). `Cut` when a connection closed with no answer.
+fn hostile_round(addr: std::net::SocketAddr) -> Answer {
+    use nvme_spec::tcp::{fes, pdu_type};
+    use nvmeof::pdu::{self, Negotiated, Pdu};
+    use std::io::Write;
+    let open = || {
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut s = open();
+    s.write_all(&[0xff, 0, 8, 0, 8, 0, 0, 0]).unwrap();
+    let Some(t) = read_pdu(&mut s) else {
+        return Answer::Cut;
+    };
+    assert_eq!(t[0], pdu_type::C2H_TERM_REQ, "unknown PDU type: {t:?}");
+    assert_eq!(
+        u16::from_le_bytes([t[8], t[9]]),
+        fes::INVALID_HEADER_FIELD,
+        "FES"
+    );
+    assert!(closes(&mut s), "left open after its C2HTermReq");
+
+    let mut s = open();
+    let neg = Negotiated::default();
+    let mut out = Vec::new();
+    pdu::encode(
+        &Pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            dgst: 0,
+            maxr2t: 0,
+        },
+        &neg,
+        &mut out,
+    );
+    let mut sqe = nvme_spec::Submission::default();
+    sqe.opcode = 0x02; // a Read before Connect
+    sqe.cid = 9.into();
+    pdu::encode_append(&Pdu::CapsuleCmd { sqe, data: &[] }, &neg, &mut out);
+    let _ = s.write_all(&out);
+    let Some(ic) = read_pdu(&mut s) else {
+        return Answer::Cut;
+    };
+    assert_eq!(ic[0], pdu_type::IC_RESP, "{ic:?}");
+    let Some(r) = read_pdu(&mut s) else {
+        return Answer::Cut;
+    };
+    assert_eq!(r[0], pdu_type::CAPSULE_RESP, "{r:?}");
+    let st = nvme_spec::Status::from_cqe_bits(u16::from_le_bytes([r[22], r[23]]));
+    assert_eq!(
+        st,
+        nvme_spec::Status::COMMAND_SEQUENCE_ERROR,
+        "Read before Connect"
+    );
+
+    let mut s = open();
+    let _ = s.write_all(&out[..out.len() - 60]); // the ICReq and a capsule cut short
+    drop(s);
+    Answer::Named
+}
+
+/// NVMe/TCP peers that break the protocol, against an export of a supervised daemon (the
+/// supervisor holds the listener, the worker serves the connections), before, during and
+/// after an upgrade: every peer gets the answer the protocol names, or, while its worker is
+/// being replaced, a closed connection; the worker is never lost to them (no recovery); a
+/// vfio-user neighbour's verified I/O and a well-behaved host's verified I/O over the same
+/// export run clean throughout.
+#[test]
+fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let tmp = TempDir::new("upgrade-tcp-hostile");
+    let dir = tmp.path();
+    let sock = dir.join("c0.sock");
+    let port = free_port();
+    let nqn = "nqn.2026-12.io.vnvme:supervised-hostile";
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n\
+         [[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
+         [[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
+        sock.display(),
+        dir.join("d0.img").display(),
+        dir.join("d1.img").display(),
+    );
+    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let front_sock = dir.join("front.sock");
+    let front = Served(
+        Command::new(vnvme_binary())
+            .args(["serve", "--socket"])
+            .arg(&front_sock)
+            .arg("--ns")
+            .arg(format!(
+                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
+            ))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
+            .spawn()
+            .expect("vnvme serve (the host)"),
+    );
+    wait_for(&front_sock);
+    let tcp = perf(&front_sock, 12);
+    let local = perf(&sock, 12);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // the peers, in a thread; each round's outcome with when it ran
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(Mutex::new(Vec::<(Instant, Instant, Answer)>::new()));
+    let peers = {
+        let (stop, rounds) = (Arc::clone(&stop), Arc::clone(&rounds));
+        std::thread::spawn(move || {
+            // a peer that connects and never speaks, held across the upgrade
+            let _idle = std::net::TcpStream::connect(addr).expect("connect");
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let a = hostile_round(addr);
+                rounds.lock().unwrap().push((t, Instant::now(), a));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let upgrade_from = Instant::now();
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "upgrade: {r}");
+    let upgrade_to = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    peers.join().expect("the hostile peers' thread");
+
+    let rounds = rounds.lock().unwrap();
+    let around = |from: Instant, to: Instant| {
+        to + Duration::from_millis(50) >= upgrade_from
+            && from <= upgrade_to + Duration::from_millis(500)
+    };
+    for (from, to, a) in rounds.iter() {
+        assert!(
+            *a == Answer::Named || around(*from, *to),
+            "a hostile peer's connection closed unanswered away from the upgrade"
+        );
+    }
+    let named = |before: bool| {
+        rounds
+            .iter()
+            .filter(|(f, _, a)| *a == Answer::Named && (*f < upgrade_from) == before)
+            .count()
+    };
+    assert!(
+        named(true) >= 10 && named(false) >= 10,
+        "hostile rounds answered: {} before the upgrade, {} after",
+        named(true),
+        named(false)
+    );
+    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    assert_eq!(
+        (generation, upgrades, recoveries),
+        (2, 1, 0),
+        "the worker was lost to hostile peers"
+    );
+    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
+        let (ok, out) = finish(p);
+        assert!(
+            ok && out.contains(" 0 mismatches"),
+            "{what}:\n{out}\ndaemon:\n{}\nhost:\n{}",
+            log("daemon.log"),
+            log("front.log")
+        );
+    }
+    eprintln!(
+        "{} hostile rounds ({} before the upgrade, {} after, {} cut by it)",
+        rounds.len(),
+        named(true),
+        named(false),
+        rounds.iter().filter(|r| r.2 == Answer::Cut).count()
+    );
+    drop(front);
+}
+
 /// SR-IOV under `--supervised`: the PF and each VF are controllers on sockets of their own,
 /// all relayed by the supervisor and restored by the next worker. A verified workload on the
 /// PF and on each of two VFs (each on a namespace attached to it alone) runs through two
