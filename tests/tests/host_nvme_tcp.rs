@@ -1200,6 +1200,110 @@ fn associate(addr: SocketAddr) -> (Raw, Raw) {
     (admin, io)
 }
 
+/// A free TCP port on the loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process, killed when dropped (continued first if stopped).
+struct ChildProcess(std::process::Child);
+
+impl ChildProcess {
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with our own child's pid and a plain signal number.
+        assert_eq!(unsafe { libc::kill(self.0.id() as i32, sig) }, 0);
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The fence of a host's lost association: a host whose association ended with a write
+/// still running (its process died; here the write hangs on a backend target that is
+/// stopped) and that connects again gets Controller Busy, retryable, until that write is
+/// done, so what it sends again can never be overtaken by the lost copy landing late. A
+/// different host gets the subsystem's other controller meanwhile; once the backend runs
+/// again, the first host's Connect succeeds.
+#[test]
+fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
+    let port = free_port();
+    let back_nqn = "nqn.2026-12.io.vnvme:fence-back";
+    let back = ChildProcess(
+        std::process::Command::new(vnvme_tests::guest::vnvme_binary())
+            .args(["serve", "--tcp-listen", &format!("127.0.0.1:{port}")])
+            .args(["--nqn", back_nqn, "--ns", "malloc:64M"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("vnvme serve (the backend target)"),
+    );
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "backend target not up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_target, addr) = target_on(&format!("nvme-tcp://127.0.0.1:{port}/{back_nqn}/1"));
+    let (admin, mut io) = associate(addr);
+    let data = vec![0xa5u8; 4096];
+    io.write(1, 4096, Some(&data));
+    assert!(
+        status(&io.response()).is_success(),
+        "a write before the stop"
+    );
+    back.signal(libc::SIGSTOP);
+    io.write(2, 4096, Some(&data)); // hangs on the stopped backend
+    std::thread::sleep(Duration::from_millis(300));
+    // the host dies: its connections close with the write in flight
+    drop(io);
+    drop(admin);
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = |host: &str| {
+        let mut c = Raw::new(addr);
+        c.ic(0);
+        let r = c.connect_as(host, 0xffff, NQN, 0, 31, 0);
+        (c, status(&r))
+    };
+    let (_c, st) = connect(HOST);
+    assert_eq!(
+        (st.sct(), st.sc(), st.is_dnr()),
+        (sct::COMMAND_SPECIFIC, 0x81, false),
+        "the same host while its lost write runs: {st:?}"
+    );
+    let other = "nqn.2014-08.org.nvmexpress:uuid:99999999-2222-3333-4444-555555555555";
+    let (other_admin, st) = connect(other);
+    assert!(st.is_success(), "another host is not held: {st:?}");
+    drop(other_admin);
+    back.signal(libc::SIGCONT);
+    let t = Instant::now();
+    loop {
+        let (_c, st) = connect(HOST);
+        if st.is_success() {
+            break;
+        }
+        assert!(
+            st.sct() == sct::COMMAND_SPECIFIC && st.sc() == 0x81,
+            "only Controller Busy while the write finishes: {st:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the host's Connect never succeeded once its lost write was done"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn io_queue_pdus_out_of_order_or_corrupt_are_refused() {
     let (target, addr) = target();

@@ -859,6 +859,114 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
     drop(front);
 }
 
+/// `vnvme serve --tcp-listen 127.0.0.1:PORT --nqn NQN --ns NS` as a child, once listening.
+fn tcp_target(dir: &Path, name: &str, port: u16, nqn: &str, ns: &str) -> Served {
+    let s = Served(
+        Command::new(vnvme_binary())
+            .args(["serve", "--tcp-listen", &format!("127.0.0.1:{port}")])
+            .args(["--nqn", nqn, "--ns", ns])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .expect("vnvme serve --tcp-listen"),
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{name} not listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s
+}
+
+fn signal(c: &Served, sig: i32) {
+    // SAFETY: kill(2) with our own child's pid and a plain signal number.
+    assert_eq!(unsafe { libc::kill(c.0.id() as i32, sig) }, 0);
+}
+
+/// The fence of a network namespace: a supervised worker whose namespace is `nvme-tcp://`
+/// on a vnvme target is killed while that target's own backend (a second target) is
+/// stopped, so the writes the worker sent are still running there. The new worker connects
+/// again as the same host and gets Controller Busy until they are done (the target holds a
+/// host's new association while its lost one has commands), then sends its journalled
+/// commands again: the verified workload sees a stall, no failed command and no mismatch.
+#[test]
+fn a_network_namespace_is_fenced_when_its_worker_dies() {
+    let tmp = TempDir::new("upgrade-fence");
+    let dir = tmp.path();
+    let (back_port, mid_port) = (free_port(), free_port());
+    let back = tcp_target(
+        dir,
+        "back",
+        back_port,
+        "nqn.2026-12.io.vnvme:fence-back",
+        "malloc:64M",
+    );
+    let mid_nqn = "nqn.2026-12.io.vnvme:fence-mid";
+    let mid = tcp_target(
+        dir,
+        "mid",
+        mid_port,
+        mid_nqn,
+        &format!("nvme-tcp://127.0.0.1:{back_port}/nqn.2026-12.io.vnvme:fence-back/1"),
+    );
+    let sock = dir.join("c0.sock");
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\n\
+         backend = \"nvme-tcp://127.0.0.1:{mid_port}/{mid_nqn}/1?reconnect_delay=1\"\n",
+        sock.display(),
+    );
+    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
+    let p = perf(&sock, 12);
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..2 {
+        signal(&back, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(200));
+        let (pid, generation, _, _) = status(&rpc_sock);
+        // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        // the next worker's Connect is held while the lost writes wait on the stopped
+        // backend: let them finish, then the worker comes up
+        std::thread::sleep(Duration::from_millis(800));
+        signal(&back, libc::SIGCONT);
+        let t = Instant::now();
+        while status(&rpc_sock).1 == generation {
+            assert!(t.elapsed() < Duration::from_secs(10), "no new worker");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    }
+    let (_, generation, _, recoveries) = status(&rpc_sock);
+    assert_eq!((generation, recoveries), (3, 2));
+    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let (ok, out) = finish(p);
+    assert!(
+        ok && out.contains(" 0 mismatches"),
+        "{out}\ndaemon:\n{}\nmid target:\n{}",
+        log("daemon.log"),
+        log("mid.log")
+    );
+    let fenced = log("mid.log")
+        .matches("waits for the commands of its last association")
+        .count();
+    assert!(
+        fenced >= 1,
+        "the new workers never waited for the lost ones' commands:\n{}",
+        log("mid.log")
+    );
+    eprintln!(
+        "{} | fenced Connects logged: {fenced}",
+        out.lines()
+            .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    drop(mid);
+}
+
 /// SR-IOV under `--supervised`: the PF and each VF are controllers on sockets of their own,
 /// all relayed by the supervisor and restored by the next worker. A verified workload on the
 /// PF and on each of two VFs (each on a namespace attached to it alone) runs through two

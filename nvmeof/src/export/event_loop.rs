@@ -480,7 +480,12 @@ impl Target {
         // (its retired commands may still write their slots' buffers until then)
         let ex = &mut self.exports[e];
         ex.spec.handle.write_register(reg::CC, 0, 4);
-        ex.draining = Some(Instant::now() + DRAIN_WAIT);
+        // commands the association left in the controller: its host's next one waits
+        let left = assoc.queues.iter().flatten().any(|q| q.busy() > 0);
+        ex.draining = Some(super::Draining {
+            until: Instant::now() + DRAIN_WAIT,
+            fence: left.then_some((assoc.hostnqn, assoc.hostid)),
+        });
         self.release_drained();
     }
 
@@ -488,7 +493,7 @@ impl Target {
     /// [`DRAIN_WAIT`], are free for the next association.
     fn release_drained(&mut self) {
         for ex in &mut self.exports {
-            let Some(until) = ex.draining else {
+            let Some(until) = ex.draining.as_ref().map(|d| d.until) else {
                 continue;
             };
             let ready = ex.spec.handle.read_register(reg::CSTS, 4) as u32 & csts::RDY != 0;
@@ -496,7 +501,8 @@ impl Target {
                 ex.draining = None;
             } else if Instant::now() > until {
                 device_model::warn_limited!(
-                    "nvme-tcp target: {}: controller still resetting after {} s; reused",
+                    "nvme-tcp target: {}: controller still resetting after {} s; reused, and \
+                     its last host's next association no longer waits for it",
                     ex.spec.nqn,
                     DRAIN_WAIT.as_secs()
                 );

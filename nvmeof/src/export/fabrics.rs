@@ -207,6 +207,24 @@ impl Target {
             log::info!("nvme-tcp target: {hostnqn} asked for unknown subsystem {subnqn}");
             return Some(invalid_parameters(true, 256));
         };
+        if qid == 0
+            && ctrls.iter().any(|&x| {
+                self.exports[x]
+                    .draining
+                    .as_ref()
+                    .is_some_and(|d| d.fences(&hostnqn, &cd.hostid))
+            })
+        {
+            // the fence (see `Draining`): the host's last association still has commands
+            device_model::warn_limited!(
+                "nvme-tcp target: {subnqn}: host {hostnqn} waits for the commands of its last \
+                 association to finish (Controller Busy)"
+            );
+            return Some((
+                Status::new(sct::COMMAND_SPECIFIC, connect_status::CONTROLLER_BUSY),
+                0,
+            ));
+        }
         let pick = if qid == 0 {
             ctrls
                 .iter()
@@ -255,6 +273,7 @@ impl Target {
             queues[0] = Some(admin);
             ex.assoc = Some(Association {
                 hostnqn: hostnqn.clone(),
+                hostid: cd.hostid,
                 kato_ms,
                 last_admin: Instant::now(),
                 enabled: false,

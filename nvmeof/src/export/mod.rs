@@ -211,6 +211,8 @@ impl QueueState {
 #[derive(Debug)]
 struct Association {
     hostnqn: String,
+    /// The Host Identifier of its Connect.
+    hostid: [u8; 16],
     kato_ms: u32,
     last_admin: Instant,
     /// CC.EN as the host last set it: commands other than Fabrics ones before that get
@@ -227,9 +229,33 @@ struct Export {
     assoc: Option<Association>,
     /// Namespace IDs and LBA sizes (log2), for checking a Read's length against its SGL.
     lba_shifts: Vec<(u32, u8)>,
-    /// The controller is resetting after an association ended (until then, or this time,
-    /// no new association takes it).
-    draining: Option<Instant>,
+    /// The controller is resetting after an association ended.
+    draining: Option<Draining>,
+}
+
+/// A controller resetting after its association ended: no association takes it until the
+/// reset has finished (the commands the association left have completed) or `until`. When
+/// the association left commands running, a new association of the same host (Host NQN
+/// and Host ID, `fence`) takes no controller of the subsystem meanwhile either. That is a
+/// fence: a host that lost its association (its process was killed) and sends its commands
+/// again on a new one finds the lost ones done first, so a write it sends again is never
+/// overtaken by the lost copy landing late.
+#[derive(Debug)]
+struct Draining {
+    until: Instant,
+    fence: Option<(String, [u8; 16])>,
+}
+
+impl Draining {
+    /// Whether a new association of this host must wait (anonymous hosts are not told
+    /// apart, so they are not fenced).
+    fn fences(&self, hostnqn: &str, hostid: &[u8; 16]) -> bool {
+        !hostnqn.is_empty()
+            && self
+                .fence
+                .as_ref()
+                .is_some_and(|(nqn, id)| nqn == hostnqn && id == hostid)
+    }
 }
 
 impl Export {

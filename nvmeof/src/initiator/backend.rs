@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest, zeroes};
 use nvme_spec::opcode::nvm as op;
@@ -81,13 +81,27 @@ impl TcpBackend {
         let timeout = url
             .kato
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let est = session::establish_any(url, &me, 0, timeout).map_err(|mut errs| {
-            // the first path's reason, the others logged
-            for e in errs.iter().skip(1) {
-                log::warn!("{}: {e}", url.transport.name());
+        // a target busy on every path is asked again for a while: a vnvme target holds a
+        // host's new association while its last one (a crashed worker's) has commands left
+        let busy_until = Instant::now() + timeout;
+        let est = loop {
+            match session::establish_any(url, &me, 0, timeout) {
+                Ok(est) => break est,
+                Err(errs)
+                    if errs.iter().all(SessionError::controller_busy)
+                        && Instant::now() < busy_until =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(mut errs) => {
+                    // the first path's reason, the others logged
+                    for e in errs.iter().skip(1) {
+                        log::warn!("{}: {e}", url.transport.name());
+                    }
+                    return Err(errs.swap_remove(0));
+                }
             }
-            errs.swap_remove(0)
-        })?;
+        };
         let session = Session::start(url.clone(), me, est.admin, est.path, est.ns)?;
         Ok(Self {
             url: url.clone(),

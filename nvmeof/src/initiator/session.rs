@@ -59,6 +59,18 @@ pub enum SessionError {
     Thread(std::io::Error),
 }
 
+impl SessionError {
+    /// The target answered Connect with Controller Busy (retryable): no controller is free,
+    /// or, on a vnvme target, this host's last association still has commands running.
+    pub fn controller_busy(&self) -> bool {
+        matches!(self, SessionError::Queue {
+            source: QueueError::Refused { status, .. },
+            ..
+        } if status.sct() == nvme_spec::status::sct::COMMAND_SPECIFIC
+            && status.sc() == nvme_spec::fabrics::connect_status::CONTROLLER_BUSY)
+    }
+}
+
 /// One successful connection: admin queue, one I/O queue, what they lead to.
 pub(crate) struct Established {
     pub admin: HostQueue,
