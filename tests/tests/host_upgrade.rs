@@ -571,6 +571,59 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A supervised daemon with a vfio-user controller (`sock`) and an NVMe/TCP export, and a
+/// host: a second daemon whose namespace is the export (its initiator reconnects and sends
+/// again what had no response), reached through vfio-user at `front_sock`.
+struct SupervisedExport {
+    // the host goes first, then the supervisor
+    _front: Served,
+    _served: Served,
+    sock: PathBuf,
+    rpc_sock: PathBuf,
+    front_sock: PathBuf,
+    port: u16,
+}
+
+impl SupervisedExport {
+    fn start(dir: &Path, nqn: &str) -> Self {
+        let sock = dir.join("c0.sock");
+        let port = free_port();
+        let cfg = format!(
+            "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n\
+             [[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
+             [[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
+            sock.display(),
+            dir.join("d0.img").display(),
+            dir.join("d1.img").display(),
+        );
+        let (served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
+        let front_sock = dir.join("front.sock");
+        let front = Served(
+            Command::new(vnvme_binary())
+                .args(["serve", "--socket"])
+                .arg(&front_sock)
+                .arg("--ns")
+                .arg(format!(
+                    "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
+                ))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
+                .spawn()
+                .expect("vnvme serve (the host)"),
+        );
+        wait_for(&front_sock);
+        Self {
+            _front: front,
+            _served: served,
+            sock,
+            rpc_sock,
+            front_sock,
+            port,
+        }
+    }
+}
+
 /// An NVMe/TCP export under `--supervised`: the supervisor keeps the listener, the worker's
 /// connections close with it and the host reconnects. A host daemon whose namespace is the
 /// export (`nvme-tcp://`), driven by `vnvme perf --verify`, and a vfio-user client on another
@@ -580,47 +633,19 @@ fn free_port() -> u16 {
 fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
     let tmp = TempDir::new("upgrade-tcp");
     let dir = tmp.path();
-    let sock = dir.join("c0.sock");
-    let port = free_port();
-    let nqn = "nqn.2026-12.io.vnvme:supervised-tcp";
-    let cfg = format!(
-        "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n\
-         [[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
-         [[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
-        sock.display(),
-        dir.join("d0.img").display(),
-        dir.join("d1.img").display(),
-    );
-    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
-    // the host: a second daemon whose namespace is the export (its initiator reconnects
-    // and sends again what had no response), verified through vfio-user
-    let front_sock = dir.join("front.sock");
-    let front = Served(
-        Command::new(vnvme_binary())
-            .args(["serve", "--socket"])
-            .arg(&front_sock)
-            .arg("--ns")
-            .arg(format!(
-                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
-            ))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
-            .spawn()
-            .expect("vnvme serve (the host)"),
-    );
-    wait_for(&front_sock);
-    let tcp = perf(&front_sock, 16);
-    let local = perf(&sock, 16);
+    let x = SupervisedExport::start(dir, "nqn.2026-12.io.vnvme:supervised-tcp");
+    let (sock, rpc_sock, front_sock) = (&x.sock, &x.rpc_sock, &x.front_sock);
+    let tcp = perf(front_sock, 16);
+    let local = perf(sock, 16);
     std::thread::sleep(Duration::from_secs(2));
     for i in 0..2 {
-        let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+        let r = rpc(rpc_sock, &["daemon_upgrade"]);
         assert!(r.get("generation").is_some(), "upgrade {i}: {r}");
         std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
-        kill_worker(&rpc_sock);
+        kill_worker(rpc_sock);
         std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
     }
-    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    let (_, generation, upgrades, recoveries) = status(rpc_sock);
     assert_eq!((generation, upgrades, recoveries), (5, 2, 2));
     let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
     for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
@@ -644,7 +669,7 @@ fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
         losses >= 4,
         "the host lost its connection {losses} times, not at each of the 4 workers' ends"
     );
-    drop(front);
+    drop(x);
 }
 
 /// What a hostile NVMe/TCP peer got from the target.
@@ -753,37 +778,11 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
     use std::sync::{Arc, Mutex};
     let tmp = TempDir::new("upgrade-tcp-hostile");
     let dir = tmp.path();
-    let sock = dir.join("c0.sock");
-    let port = free_port();
-    let nqn = "nqn.2026-12.io.vnvme:supervised-hostile";
-    let cfg = format!(
-        "[[controller]]\nsocket = \"{}\"\n[[controller.namespace]]\nbackend = \"file:{}:64M\"\n\
-         [[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
-         [[controller.namespace]]\nbackend = \"file:{}:64M\"\n",
-        sock.display(),
-        dir.join("d0.img").display(),
-        dir.join("d1.img").display(),
-    );
-    let (_served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let front_sock = dir.join("front.sock");
-    let front = Served(
-        Command::new(vnvme_binary())
-            .args(["serve", "--socket"])
-            .arg(&front_sock)
-            .arg("--ns")
-            .arg(format!(
-                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
-            ))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
-            .spawn()
-            .expect("vnvme serve (the host)"),
-    );
-    wait_for(&front_sock);
-    let tcp = perf(&front_sock, 12);
-    let local = perf(&sock, 12);
+    let x = SupervisedExport::start(dir, "nqn.2026-12.io.vnvme:supervised-hostile");
+    let (sock, rpc_sock, front_sock) = (&x.sock, &x.rpc_sock, &x.front_sock);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", x.port).parse().unwrap();
+    let tcp = perf(front_sock, 12);
+    let local = perf(sock, 12);
     std::thread::sleep(Duration::from_millis(500));
 
     // the peers, in a thread; each round's outcome with when it ran
@@ -803,7 +802,7 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
     };
     std::thread::sleep(Duration::from_secs(3));
     let upgrade_from = Instant::now();
-    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    let r = rpc(rpc_sock, &["daemon_upgrade"]);
     assert!(r.get("generation").is_some(), "upgrade: {r}");
     let upgrade_to = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
@@ -833,7 +832,7 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
         named(true),
         named(false)
     );
-    let (_, generation, upgrades, recoveries) = status(&rpc_sock);
+    let (_, generation, upgrades, recoveries) = status(rpc_sock);
     assert_eq!(
         (generation, upgrades, recoveries),
         (2, 1, 0),
@@ -856,7 +855,7 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
         named(false),
         rounds.iter().filter(|r| r.2 == Answer::Cut).count()
     );
-    drop(front);
+    drop(x);
 }
 
 /// `vnvme serve --tcp-listen 127.0.0.1:PORT --nqn NQN --ns NS` as a child, once listening.
