@@ -582,6 +582,8 @@ struct SupervisedExport {
     rpc_sock: PathBuf,
     front_sock: PathBuf,
     port: u16,
+    /// Where the logs are.
+    dir: PathBuf,
 }
 
 impl SupervisedExport {
@@ -620,6 +622,29 @@ impl SupervisedExport {
             rpc_sock,
             front_sock,
             port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The verified runs over the export (`tcp`, through the host) and on the vfio-user
+    /// controller (`local`) finish with no failed command and no mismatch.
+    fn finish_clean(&self, tcp: Child, local: Child) {
+        let log = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
+            let (ok, out) = finish(p);
+            assert!(
+                ok && out.contains(" 0 mismatches"),
+                "{what}:\n{out}\ndaemon:\n{}\nhost:\n{}",
+                log("daemon.log"),
+                log("front.log")
+            );
+            eprintln!(
+                "{what}: {}",
+                out.lines()
+                    .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
         }
     }
 }
@@ -647,23 +672,8 @@ fn an_nvme_tcp_export_rides_through_upgrades_and_crashes() {
     }
     let (_, generation, upgrades, recoveries) = status(rpc_sock);
     assert_eq!((generation, upgrades, recoveries), (5, 2, 2));
+    x.finish_clean(tcp, local);
     let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
-        let (ok, out) = finish(p);
-        assert!(
-            ok && out.contains(" 0 mismatches"),
-            "{what}:\n{out}\ndaemon:\n{}\nhost:\n{}",
-            log("daemon.log"),
-            log("front.log")
-        );
-        eprintln!(
-            "{what}: {}",
-            out.lines()
-                .filter(|l| l.starts_with("Total") || l.starts_with("verified"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-    }
     let losses = log("front.log").matches("reconnecting").count();
     assert!(
         losses >= 4,
@@ -838,16 +848,7 @@ fn hostile_nvme_tcp_peers_of_a_supervised_export_harm_nobody() {
         (2, 1, 0),
         "the worker was lost to hostile peers"
     );
-    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    for (what, p) in [("nvme-tcp", tcp), ("vfio-user", local)] {
-        let (ok, out) = finish(p);
-        assert!(
-            ok && out.contains(" 0 mismatches"),
-            "{what}:\n{out}\ndaemon:\n{}\nhost:\n{}",
-            log("daemon.log"),
-            log("front.log")
-        );
-    }
+    x.finish_clean(tcp, local);
     eprintln!(
         "{} hostile rounds ({} before the upgrade, {} after, {} cut by it)",
         rounds.len(),
