@@ -178,7 +178,7 @@ impl Controller {
             if let Some(j) = &self.journal {
                 // the fetch position and the command, before anything acts on it
                 let raw: &[u8; 64] = sqe.as_bytes().try_into().unwrap_or(&[0; 64]);
-                let pos = (sq.head + sq.size - 1) % sq.size;
+                let pos = sq.head.checked_sub(1).unwrap_or(sq.size - 1);
                 j.fetched(qid, slot, pos, sq.head, raw);
             }
             self.commands_in_flight += 1;
