@@ -2,7 +2,8 @@
 # Guest-side benchmark (BENCHMARKS.md): one TCG guest sees two vnvme controllers (malloc
 # namespaces; one with interrupt coalescing off, an interrupt per poll pass, and one with
 # COALESCE, default 16/200: the daemon's default) and QEMU's own nvme (raw image on tmpfs) side by side; fio 4k randread, io_uring,
-# QD32 (QD1 too), each device in turn, twice, alternating. Prints IOPS per run.
+# QD32 (QD1 too), each device in turn, twice, alternating. Prints IOPS per run, then each
+# vnvme controller's ratio to QEMU's nvme per depth and round.
 # Usage: scripts/bench-guest.sh [SECS] [COALESCE=ENTRIES/MICROSECONDS] [VCPUS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +31,14 @@ for qd in 32 1; do for round in 1 2; do for dev in \$V \$C \$Q; do
 done; done; done
 S
 ./target/release/vnvme guest --script "$D/bench.sh" --vfio-user "$D/v.sock" --vfio-user "$D/c.sock" \
-  --nvme "$D/q.img" --smp "$VCPUS" --timeout 900 | grep '^bench'
+  --nvme "$D/q.img" --smp "$VCPUS" --timeout 900 | grep '^bench' | tee "$D/results"
+# each round's ratios against QEMU's nvme, measured in that round
+awk '{ iops[$3, $4, $6] = $8 }
+  END {
+    for (k in iops) {
+      split(k, f, SUBSEP)
+      if (f[2] != "qemu-nvme" && iops[f[1], "qemu-nvme", f[3]] > 0)
+        printf "ratio qd %s round %s %s / qemu-nvme %.2f\n", f[1], f[3], f[2],
+          iops[k] / iops[f[1], "qemu-nvme", f[3]]
+    }
+  }' "$D/results" | sort -k3,3nr -k5,5n -k6,6
