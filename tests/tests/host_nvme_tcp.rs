@@ -1254,7 +1254,7 @@ fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_target, addr) = target_on(&format!("nvme-tcp://127.0.0.1:{port}/{back_nqn}/1"));
+    let (target, addr) = target_on(&format!("nvme-tcp://127.0.0.1:{port}/{back_nqn}/1"));
     let (admin, mut io) = associate(addr);
     let data = vec![0xa5u8; 4096];
     io.write(1, 4096, Some(&data));
@@ -1264,11 +1264,24 @@ fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
     );
     back.signal(libc::SIGSTOP);
     io.write(2, 4096, Some(&data)); // hangs on the stopped backend
-    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    while !target
+        .controllers()
+        .iter()
+        .any(|c| c.stats.in_flight.load(Ordering::Relaxed) > 0)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the write never reached the controller"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // the host dies: its connections close with the write in flight
     drop(io);
     drop(admin);
-    std::thread::sleep(Duration::from_millis(300));
+    // (the target sees both ends of stream within a pass or two: a generous margin for a
+    // loaded machine)
+    std::thread::sleep(Duration::from_secs(1));
     let connect = |host: &str| {
         let mut c = Raw::new(addr);
         c.ic(0);
