@@ -623,6 +623,7 @@ fn initiator_refuses_a_misbehaving_target_in_bounded_time() {
             data_digest: false,
             transport: nvmeof::initiator::Transport::Tcp,
             timeout: Duration::from_secs(1),
+            remote_invalidate: true,
         };
         let t = Instant::now();
         let e = HostQueue::connect(&p, 0, 32, 0xffff, 0).expect_err(case);

@@ -8,6 +8,8 @@
 //!   from the client's buffers (memory windows over the registered guest memory);
 //! - the target's port removed and re-added during `perf --verify`: the initiator
 //!   reconnects and resends, perf sees no failed command and no corruption;
+//! - with `no_remote_invalidate` the host revokes each command's window itself (the
+//!   target is not asked to): `perf --verify` passes and windows were revoked;
 //! - `perf` on the initiator alone, over RDMA and over NVMe/TCP to the same kernel target in
 //!   the same run (a port of each): the figures for BENCHMARKS.md.
 
@@ -51,6 +53,13 @@ echo "reconnects $(grep -c 'reconnected' /tmp/daemon.log)"
 # the daemon's queues report at their end how their data moved
 kill -INT $(pidof vnvme); for i in $(seq 1 100); do pidof vnvme >/dev/null || break; sleep 0.1; done
 echo @@MOVED-BEGIN; grep 'bytes moved straight' /tmp/daemon.log; echo @@MOVED-END
+# the host revokes each window itself: the target is not asked to invalidate it
+(RUST_LOG=info /tmp/h/vnvme serve --socket /tmp/a.sock --ns "$URL?no_remote_invalidate" \
+  > /tmp/own.log 2>&1 &)
+for i in $(seq 1 300); do [ -S /tmp/a.sock ] && break; sleep 0.1; done
+echo @@OWNINV-BEGIN; rc=0; perf 3 || rc=$?; echo "owninv-rc $rc"
+kill -INT $(pidof vnvme); for i in $(seq 1 100); do pidof vnvme >/dev/null || break; sleep 0.1; done
+grep 'bytes moved straight' /tmp/own.log; echo @@OWNINV-END
 echo @@BENCH-BEGIN
 bench() { RUST_LOG=warn /tmp/h/vnvme perf "$1" -q 32 -o 4096 -w randread -t 5 2>&1 | grep -m1 Total; }
 echo "rdma $(bench "$URL")"
@@ -108,6 +117,24 @@ fn rdma_initiator_against_linux_nvmet_rdma_on_soft_roce() {
         direct > 0,
         "no data moved through memory windows:\n{moved}\n{daemon}"
     );
+    // the same, revoking each window ourselves (no Invalidate Key asked of the target)
+    let own = section(&out, "@@OWNINV");
+    assert_eq!(value(&out, "owninv-rc"), Some("0"), "{own}");
+    // windows revoked by the host, per the queues' closing lines
+    let revoked_in = |lines: &str| -> u64 {
+        lines
+            .lines()
+            .filter_map(|l| l.split("; ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // with Invalidate Key asked, nvmet honoured every one: the host revoked nothing itself
+    assert_eq!(revoked_in(moved), 0, "{moved}");
+    let revoked = revoked_in(own);
+    assert!(
+        revoked > 0 && own.contains("bytes moved straight"),
+        "no window revoked by the host:\n{own}"
+    );
+    eprintln!("no_remote_invalidate: {revoked} windows revoked by the host, perf --verify clean");
     let bench = section(&out, "@@BENCH");
     let rdma = value(&out, "rdma").map_or(0.0, iops);
     let tcp = value(&out, "tcp").map_or(0.0, iops);

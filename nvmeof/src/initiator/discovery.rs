@@ -73,6 +73,7 @@ pub fn discover_over(
         data_digest: false,
         transport,
         timeout,
+        remote_invalidate: true,
     };
     let mut admin = HostQueue::connect(&params, 0, 32, CNTLID_DYNAMIC, 0).map_err(q)?;
     admin.enable(timeout).map_err(q)?;

@@ -131,6 +131,9 @@ pub struct ConnectParams {
     pub transport: super::Transport,
     /// Time allowed for each set-up step and each synchronous command.
     pub timeout: Duration,
+    /// NVMe/RDMA: ask the target to invalidate each command's memory window with its
+    /// response (Keyed SGL, Invalidate Key); without, the host revokes it itself.
+    pub remote_invalidate: bool,
 }
 
 #[derive(Debug, Default)]
@@ -184,8 +187,9 @@ impl HostQueue {
             }
             #[cfg(feature = "rdma")]
             super::Transport::Rdma => {
-                let l =
+                let mut l =
                     crate::rdma::host_link::RdmaHostLink::connect(p.addr, qid, entries, p.timeout)?;
+                l.remote_invalidate = p.remote_invalidate;
                 // no in-capsule data on an NVMe/RDMA admin queue (IOCCSZ comes later)
                 (HostLink::Rdma(Box::new(l)), 0, 0)
             }

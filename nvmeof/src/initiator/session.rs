@@ -113,6 +113,7 @@ pub(crate) fn establish(
         data_digest: url.data_digest,
         transport: url.transport,
         timeout,
+        remote_invalidate: url.remote_invalidate,
     };
     let kato_ms = url.kato.as_millis() as u32;
     let mut admin = HostQueue::connect(&params, 0, 32, CNTLID_DYNAMIC, kato_ms).map_err(q)?;

@@ -2,7 +2,9 @@
 //! but over RDMA, without digests): where a namespace backend connects. Several addresses are paths to one subsystem, tried in order (failover).
 //! Options (`&`-separated): `hdgst`, `ddgst`, `kato=SECS`, `ctrl_loss_tmo=SECS`,
 //! `reconnect_delay=SECS`, `io_timeout=SECS`, `queue_size=N`, `nr_io_queues=N`,
-//! `hostnqn=NQN` — named as nvme-cli names them.
+//! `hostnqn=NQN` — named as nvme-cli names them; NVMe/RDMA only: `no_remote_invalidate`
+//! (the host revokes each command's memory window itself instead of asking the target to,
+//! for a target that does not honour Send with Invalidate).
 
 use std::fmt;
 use std::str::FromStr;
@@ -60,12 +62,15 @@ pub struct TcpUrl {
     /// I/O queues (TCP connections) per namespace backend.
     pub nr_io_queues: u16,
     pub hostnqn: Option<String>,
+    /// NVMe/RDMA: the target invalidates each command's memory window with its response
+    /// (the default; `no_remote_invalidate` turns it off).
+    pub remote_invalidate: bool,
 }
 
 /// Why an address was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "{0} (expected {SCHEME}HOST:PORT[,HOST:PORT]/NQN[/NSID][?hdgst&ddgst&kato=S&ctrl_loss_tmo=S&fast_io_fail_tmo=S&reconnect_delay=S&io_timeout=S&queue_size=N&hostnqn=NQN])"
+    "{0} (expected {SCHEME}HOST:PORT[,HOST:PORT]/NQN[/NSID][?hdgst&ddgst&kato=S&ctrl_loss_tmo=S&fast_io_fail_tmo=S&reconnect_delay=S&io_timeout=S&queue_size=N&hostnqn=NQN&no_remote_invalidate])"
 )]
 pub struct UrlError(String);
 
@@ -142,6 +147,7 @@ impl FromStr for TcpUrl {
             queue_size: 128,
             nr_io_queues: 1,
             hostnqn: None,
+            remote_invalidate: true,
         };
         for opt in query.split('&').filter(|o| !o.is_empty()) {
             let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
@@ -149,6 +155,10 @@ impl FromStr for TcpUrl {
                 "hdgst" | "ddgst" if transport == Transport::Rdma => {
                     return Err(bad(format!("{k}: digests are NVMe/TCP's")));
                 }
+                "no_remote_invalidate" if transport == Transport::Tcp => {
+                    return Err(bad(format!("{k}: an NVMe/RDMA option")));
+                }
+                "no_remote_invalidate" if v.is_empty() => u.remote_invalidate = false,
                 "hdgst" => u.header_digest = true,
                 "ddgst" => u.data_digest = true,
                 "kato" => u.kato = secs(k, v)?,
@@ -260,6 +270,15 @@ mod tests {
         assert_eq!(r.transport, Transport::Rdma);
         assert_eq!(r.to_string(), "nvme-rdma://10.0.0.1:4420/nqn.x/2");
         assert!("nvme-rdma://h:1/nqn?hdgst".parse::<TcpUrl>().is_err());
+        assert!(r.remote_invalidate);
+        let own: TcpUrl = "nvme-rdma://h:1/nqn?no_remote_invalidate".parse().unwrap();
+        assert!(!own.remote_invalidate);
+        for bad in [
+            "nvme-tcp://h:1/nqn?no_remote_invalidate",
+            "nvme-rdma://h:1/nqn?no_remote_invalidate=1",
+        ] {
+            assert!(bad.parse::<TcpUrl>().is_err(), "{bad}");
+        }
         assert!(is_fabrics_url("nvme-rdma://h:1/n") && !is_fabrics_url("file:x"));
         let long = format!("nvme-tcp://h:1/{}", "n".repeat(224));
         assert!(long.parse::<TcpUrl>().is_err());

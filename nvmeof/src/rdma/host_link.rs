@@ -121,6 +121,10 @@ pub struct RdmaHostLink {
     /// Bytes moved straight to or from guest buffers, and through slot buffers.
     pub direct_bytes: u64,
     pub copied_bytes: u64,
+    /// Ask the target to invalidate each window with its response (else: we revoke it).
+    pub remote_invalidate: bool,
+    /// Windows we revoked ourselves (the target kept its access past the response).
+    pub local_invalidations: u64,
 }
 
 impl std::fmt::Debug for RdmaHostLink {
@@ -261,6 +265,8 @@ impl RdmaHostLink {
             no_windows,
             direct_bytes: 0,
             copied_bytes: 0,
+            remote_invalidate: true,
+            local_invalidations: 0,
         })
     }
 
@@ -323,10 +329,14 @@ impl RdmaHostLink {
             self.copied_bytes += len as u64;
         } else if let Some((addr, key)) = self.bind_direct(slot, bufs, len, to_controller)? {
             sqe.prp1 = addr.into();
-            sqe.prp2 = ((len as u64 & 0xff_ffff)
-                | (u64::from(key) << 24)
-                | (u64::from(sgl_id::KEYED_INVALIDATE) << 56))
-                .into();
+            let subtype = if self.remote_invalidate {
+                sgl_id::KEYED_INVALIDATE
+            } else {
+                sgl_id::KEYED
+            };
+            sqe.prp2 =
+                ((len as u64 & 0xff_ffff) | (u64::from(key) << 24) | (u64::from(subtype) << 56))
+                    .into();
             self.direct_bytes += len as u64;
         } else {
             let at = slot * SLOT_BYTES;
@@ -553,6 +563,7 @@ impl RdmaHostLink {
                 // the target kept its access: revoke it before the command completes
                 w.held = Some(cqe);
                 qp.invalidate(TAG_INV | slot as u64, key, true)?;
+                self.local_invalidations += 1;
                 return Ok(0);
             }
             w.bound = None;
@@ -590,10 +601,11 @@ impl Drop for RdmaHostLink {
     fn drop(&mut self) {
         if self.direct_bytes + self.copied_bytes > 0 {
             log::info!(
-                "nvme-rdma {}: {} bytes moved straight to or from guest buffers (memory windows), {} copied",
+                "nvme-rdma {}: {} bytes moved straight to or from guest buffers (memory windows), {} copied; {} windows revoked by the host",
                 self.peer,
                 self.direct_bytes,
-                self.copied_bytes
+                self.copied_bytes,
+                self.local_invalidations
             );
         }
     }
