@@ -181,6 +181,16 @@ impl DmaBuffer {
         self.mem.mem.read(self.offset as usize + offset, out);
     }
 
+    /// Copy the `N` bytes of `data` in at `offset` (a submission queue entry): a copy of a
+    /// constant size, inlined. Panics outside the buffer.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, offset: usize, data: &[u8; N]) {
+        assert!(offset + N <= self.len as usize, "outside the DMA buffer");
+        self.mem
+            .mem
+            .write_array(self.offset as usize + offset, data);
+    }
+
     /// Copy `data` in at `offset` of the buffer (a submission ring the device reads).
     /// Panics outside the buffer.
     pub fn write(&self, offset: usize, data: &[u8]) {

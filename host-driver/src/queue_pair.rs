@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use nvme_spec::opcode::nvm;
 use nvme_spec::{Status, Submission};
-use zerocopy::IntoBytes;
 
 use crate::dma::{DmaBuffer, DmaMemory, PAGE};
 use crate::error::DriverError;
@@ -142,6 +141,7 @@ impl QueuePair {
 
     /// Put `sqe` on the queue (its CID is assigned here) without ringing the doorbell; `user`
     /// comes back with the completion. Call [`Self::ring`] after a batch.
+    #[inline]
     pub fn submit(&mut self, mut sqe: Submission, user: u64) -> Result<u16, DriverError> {
         let cid = self
             .free
@@ -153,7 +153,8 @@ impl QueuePair {
         slot.submitted_at = self.clock;
         sqe.cid = cid.into();
         let off = self.sq_tail as usize * 64;
-        self.sq.write(off, sqe.as_bytes());
+        let bytes: &[u8; 64] = zerocopy::transmute_ref!(&sqe);
+        self.sq.write_array(off, bytes);
         self.sq_tail += 1;
         if self.sq_tail == self.size {
             self.sq_tail = 0;
@@ -243,6 +244,7 @@ impl QueuePair {
     /// Submit a command whose data is the device-address segments `segs` (in order), with
     /// PRPs: only the first segment may start inside a page and only the last may end inside
     /// one (NVMe base 2.0 §4.1.1); anything else is refused so the caller can bounce it.
+    #[inline]
     pub fn submit_segments(
         &mut self,
         mut sqe: Submission,
@@ -396,6 +398,7 @@ impl QueuePair {
 
     /// Read or Write with data in device-address segments (see [`Self::submit_segments`]).
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub fn read_write_segments(
         &mut self,
         write: bool,
@@ -467,6 +470,7 @@ impl QueuePair {
 
 /// An NVM command on `blocks` (1..=65536) blocks at `lba` of namespace `nsid`: SLBA in
 /// CDW10-11, the 0's based block count in CDW12 bits 15:0, `cdw12_flags` (FUA, ...) above.
+#[inline]
 fn lba_command(
     opcode: u8,
     nsid: u32,

@@ -56,19 +56,24 @@ pub struct TransferStats {
     pub zero_copy_bytes: AtomicU64,
 }
 
-/// One request in flight on the backend queue pair.
+/// One request in flight on the backend queue pair: its tag and, for the rarer kinds,
+/// what they carry (boxed: a zero-copy request or a flush is its tag alone).
 struct Pending {
     tag: u64,
-    read: bool,
-    /// The guest segments a read's data goes back to.
-    iov: GuestBufferList,
-    bounce: Option<DmaBuffer>,
+    more: Option<Box<PendingMore>>,
+}
+
+/// What a bounced transfer or a Write Zeroes keeps while in flight.
+enum PendingMore {
+    /// The bounce buffer, and for a read the guest segments its data goes back to.
+    Bounced {
+        buf: DmaBuffer,
+        read_into: Option<GuestBufferList>,
+    },
     /// A Write Zeroes or Deallocate: where its command on the device ends and where the
     /// range ends (a range of more than 65536 blocks goes as one command after the other,
-    /// on this slot).
-    zeroes: Option<(u64, u64)>,
-    /// A Deallocate: its Write Zeroes commands carry Deallocate (DEAC).
-    deallocate: bool,
+    /// on this slot); a Deallocate's commands carry Deallocate (DEAC).
+    Zeroes { at: u64, end: u64, deallocate: bool },
 }
 
 /// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
@@ -83,13 +88,13 @@ struct Parked {
 impl Pending {
     /// A request that moves no data through this backend (flush, zero copy).
     fn bare(tag: u64) -> Self {
+        Self { tag, more: None }
+    }
+
+    fn with(tag: u64, more: PendingMore) -> Self {
         Self {
             tag,
-            read: false,
-            iov: GuestBufferList::new(),
-            bounce: None,
-            zeroes: None,
-            deallocate: false,
+            more: Some(Box::new(more)),
         }
     }
 }
@@ -399,16 +404,23 @@ impl NvmeBackend {
     /// most 65536 blocks, from where its last one ended; with DEAC for a Deallocate).
     fn issue_zeroes(&mut self, slot: usize) -> Result<(), DriverError> {
         let bs = self.claim.block_size;
-        let Some(Some(p)) = self.pending.get_mut(slot) else {
+        let Some(Some(Pending {
+            more: Some(more), ..
+        })) = self.pending.get_mut(slot)
+        else {
             return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
         };
-        let Some((at, end)) = p.zeroes else {
+        let PendingMore::Zeroes {
+            at,
+            end,
+            deallocate,
+        } = more.as_mut()
+        else {
             return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
         };
         // Write Zeroes carries at most 65536 blocks
-        let blocks = ((end - at) / bs).min(65536);
-        p.zeroes = Some((at + blocks * bs, end));
-        let deallocate = p.deallocate;
+        let blocks = ((*end - *at) / bs).min(65536);
+        let (at, deallocate) = (std::mem::replace(at, *at + blocks * bs), *deallocate);
         let (nsid, lba) = (self.claim.nsid, self.lba(at));
         let Some(qp) = self.qp.as_mut() else {
             return Err(DriverError::Invalid("no queue pair".into()));
@@ -427,12 +439,10 @@ impl NvmeBackend {
     fn finish(&mut self, r: Request) -> Option<(u64, Status)> {
         let slot = usize::try_from(r.user).ok()?;
         let mut status = r.status;
-        let more = self
-            .pending
-            .get(slot)?
-            .as_ref()?
-            .zeroes
-            .is_some_and(|(at, end)| at < end);
+        let more = matches!(
+            self.pending.get(slot)?.as_ref()?.more.as_deref(),
+            Some(PendingMore::Zeroes { at, end, .. }) if at < end
+        );
         if more && status.is_success() {
             match self.issue_zeroes(slot) {
                 Ok(()) => return None,
@@ -444,12 +454,14 @@ impl NvmeBackend {
         }
         let p = self.pending.get_mut(slot)?.take()?;
         self.free.push(slot);
-        if p.read
-            && status.is_success()
-            && let Some(b) = &p.bounce
+        if status.is_success()
+            && let Some(PendingMore::Bounced {
+                buf,
+                read_into: Some(iov),
+            }) = p.more.as_deref()
         {
-            let len = p.iov.len() as usize;
-            p.iov.as_buffers().copy_from_slice(&b.as_slice()[..len]);
+            let len = iov.len() as usize;
+            iov.as_buffers().copy_from_slice(&buf.as_slice()[..len]);
         }
         Some((p.tag, status))
     }
@@ -483,11 +495,14 @@ impl NvmeBackend {
                     self.free.push(slot);
                     return Err(s);
                 }
-                self.pending[slot] = Some(Pending {
-                    zeroes: Some((req.offset, req.offset + len)),
-                    deallocate: matches!(req.op, IoOp::Deallocate { .. }),
-                    ..Pending::bare(req.tag)
-                });
+                self.pending[slot] = Some(Pending::with(
+                    req.tag,
+                    PendingMore::Zeroes {
+                        at: req.offset,
+                        end: req.offset + len,
+                        deallocate: matches!(req.op, IoOp::Deallocate { .. }),
+                    },
+                ));
                 self.issue_zeroes(slot)
             }
             IoOp::Read | IoOp::Write { .. } => {
@@ -533,18 +548,13 @@ impl NvmeBackend {
                 }
                 self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
                 let iova = buf.iova();
-                self.pending[slot] = Some(Pending {
-                    tag: req.tag,
-                    read: !write,
-                    iov: if write {
-                        GuestBufferList::new()
-                    } else {
-                        GuestBufferList::of(req.iov)
+                self.pending[slot] = Some(Pending::with(
+                    req.tag,
+                    PendingMore::Bounced {
+                        buf,
+                        read_into: (!write).then(|| GuestBufferList::of(req.iov)),
                     },
-                    bounce: Some(buf),
-                    zeroes: None,
-                    deallocate: false,
-                });
+                ));
                 let nsid = self.claim.nsid;
                 self.qp()
                     .read_write_fua(write, fua, nsid, lba, blocks, iova, len, slot as u64)
