@@ -6,6 +6,7 @@
 #[allow(unsafe_code)]
 pub mod fuzz;
 pub mod guest;
+pub mod net;
 // a raw vfio-user client: fd passing, mmap, truncation
 #[allow(unsafe_code)]
 pub mod hostile;

@@ -33,6 +33,7 @@ use vnvme::config::Config;
 use vnvme::daemon::Daemon;
 use vnvme::perf::{Pattern, PerfOptions};
 use vnvme_tests::guest::TempDir;
+use vnvme_tests::net::{free_port, wait_listening};
 use zerocopy::{FromBytes, IntoBytes};
 
 const NQN: &str = "nqn.2026-11.io.vnvme:loopback";
@@ -1201,14 +1202,6 @@ fn associate(addr: SocketAddr) -> (Raw, Raw) {
     (admin, io)
 }
 
-/// A free TCP port on the loopback.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A child process, killed when dropped (continued first if stopped).
 struct ChildProcess(std::process::Child);
 
@@ -1247,14 +1240,7 @@ fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
             .spawn()
             .expect("vnvme serve (the backend target)"),
     );
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "backend target not up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(port, "the backend target");
     let (target, addr) = target_on(&format!("nvme-tcp://127.0.0.1:{port}/{back_nqn}/1"));
     let (admin, mut io) = associate(addr);
     let data = vec![0xa5u8; 4096];

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vnvme_tests::guest::{TempDir, vnvme_binary};
+use vnvme_tests::net::{free_port, wait_listening};
 
 /// The supervisor, stopped (SIGTERM) when dropped.
 struct Served(Child);
@@ -563,14 +564,6 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
     }
 }
 
-/// A free TCP port on the loopback (bound and released: the daemon binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A supervised daemon with a vfio-user controller (`sock`) and an NVMe/TCP export, and a
 /// host: a second daemon whose namespace is the export (its initiator reconnects and sends
 /// again what had no response), reached through vfio-user at `front_sock`.
@@ -871,14 +864,7 @@ fn tcp_target(dir: &Path, name: &str, port: u16, nqn: &str, ns: &str) -> Served 
             .spawn()
             .expect("vnvme serve --tcp-listen"),
     );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{name} not listening"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(port, name);
     s
 }
 

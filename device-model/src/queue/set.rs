@@ -123,7 +123,7 @@ impl Queues {
             if let Some(sq) = sqs[q as usize].as_ref()
                 && sq.cqid == cq.id
             {
-                n += (sq.tail + sq.size - sq.head) % sq.size + sq.in_flight() as u32;
+                n += super::ring_distance(sq.head, sq.tail, sq.size) + sq.in_flight() as u32;
             }
         }
         n
