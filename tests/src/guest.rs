@@ -93,7 +93,10 @@ pub fn looks_like_json(text: &str) -> bool {
     false
 }
 
-/// A temporary directory for one test, removed on drop.
+/// Set to 1 to keep the test directories (daemon logs, images) for a look after a failure.
+pub const KEEP_DIRS_ENV: &str = "VNVME_KEEP_TEST_DIRS";
+
+/// A temporary directory for one test, removed on drop (unless [`KEEP_DIRS_ENV`] is 1).
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
 
@@ -114,6 +117,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::env::var(KEEP_DIRS_ENV).is_ok_and(|v| v == "1") {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
