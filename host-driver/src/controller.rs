@@ -14,7 +14,7 @@ use zerocopy::FromBytes;
 
 use crate::dma::{DmaMemory, PAGE};
 use crate::error::DriverError;
-use crate::queue_pair::{IoQueuePair, QueuePair, Request};
+use crate::queue_pair::{IoQueuePair, QueuePair, Request, ShadowPages};
 use crate::transport::Transport;
 
 /// Admin queue entries.
@@ -102,6 +102,9 @@ pub struct NvmeDriver {
     qid_used: Vec<bool>,
     /// Asynchronous events received (completion dword 0), oldest first.
     events: Vec<u32>,
+    /// Doorbell Buffer Config's pages, once asked for (I/O queues created afterwards use
+    /// them; configured again after a reset).
+    shadow: Option<Arc<ShadowPages>>,
     shut_down: bool,
 }
 
@@ -170,6 +173,7 @@ impl NvmeDriver {
             io_queues: 0,
             qid_used: Vec::new(),
             events: Vec::new(),
+            shadow: None,
             shut_down: false,
         };
         c.enable()?;
@@ -477,6 +481,10 @@ impl NvmeDriver {
             self.transport.doorbells(),
             self.stride,
         )?;
+        let mut qp = qp;
+        if let Some(pages) = &self.shadow {
+            qp.use_shadow(pages, self.stride);
+        }
         let (sq, cq) = qp.rings();
         let q = u32::from(qid) | ((u32::from(size) - 1) << 16);
         let mut c = Submission::default();
@@ -558,6 +566,36 @@ impl NvmeDriver {
         self.identify_all()?;
         self.set_queue_count(self.io_queues)?;
         self.post_async_event_request();
+        if let Some(pages) = self.shadow.take() {
+            // the setting ends with the reset: configure it again, on clean pages
+            drop(pages);
+            self.use_shadow_doorbells()?;
+        }
+        Ok(())
+    }
+
+    /// Doorbell Buffer Config (NVMe base 2.0 §5.8), as Linux uses it: the I/O queues created
+    /// from now on keep their doorbells in a shadow page in host memory and write the
+    /// registers only when the controller's EventIdx asks for it; the admin queue keeps its
+    /// registers. Refused when the controller does not offer the command (OACS bit 8).
+    pub fn use_shadow_doorbells(&mut self) -> Result<(), DriverError> {
+        if self.identify.oacs.get() & nvme_spec::identify::oacs::DOORBELL_BUFFER_CONFIG == 0 {
+            return Err(DriverError::Invalid(
+                "the controller has no Doorbell Buffer Config".into(),
+            ));
+        }
+        // one SQ tail and one CQ head entry per queue id the driver may use
+        let len = (usize::from(self.io_queues) + 1) * 2 * self.stride;
+        let pages = ShadowPages {
+            shadow: self.dma.alloc(len as u64)?,
+            event_idx: self.dma.alloc(len as u64)?,
+        };
+        let mut c = Submission::default();
+        c.opcode = admin::DOORBELL_BUFFER_CONFIG;
+        c.prp1 = pages.shadow.iova().into();
+        c.prp2 = pages.event_idx.iova().into();
+        self.admin_command("Doorbell Buffer Config", c, None)?;
+        self.shadow = Some(Arc::new(pages));
         Ok(())
     }
 

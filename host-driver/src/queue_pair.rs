@@ -1,6 +1,11 @@
 //! A submission/completion queue pair in the driver's DMA memory (NVMe base 2.0 §3.3): the
 //! admin queue and every I/O queue. Command ids index a preallocated table (no allocation
 //! per command), each with its own PRP list page; completions are polled by phase tag.
+//!
+//! A command id is the slot's index in its low bits and a generation, bumped each time the
+//! slot is used, in the bits above (as Linux does): a completion posted twice, or for an
+//! earlier use of the slot, does not match the slot's current command id and is counted as
+//! stale ([`QueuePair::stale_completions`]) instead of completing the wrong command.
 
 use std::sync::Arc;
 
@@ -9,6 +14,54 @@ use nvme_spec::{Status, Submission};
 
 use crate::dma::{DmaBuffer, DmaMemory, PAGE};
 use crate::error::DriverError;
+
+/// The shadow doorbell and EventIdx pages of Doorbell Buffer Config (NVMe base 2.0 §5.8),
+/// shared by the driver and its I/O queue pairs.
+#[derive(Debug)]
+pub(crate) struct ShadowPages {
+    pub shadow: DmaBuffer,
+    pub event_idx: DmaBuffer,
+}
+
+/// One doorbell kept in the shadow page (entry `off`, in bytes), as Linux keeps the I/O
+/// queues' doorbells: the host writes the shadow copy and writes the register only when the
+/// controller's EventIdx says it waits for one.
+#[derive(Debug)]
+struct ShadowDoorbell {
+    pages: Arc<ShadowPages>,
+    off: usize,
+}
+
+impl ShadowDoorbell {
+    /// Store `new` in the shadow copy; true when the register must be written too (the
+    /// EventIdx test of virtio and Linux: `new - event_idx - 1 < new - old`, 16 bits).
+    #[inline]
+    #[allow(clippy::cast_ptr_alignment)] // page-aligned buffers, 4-byte aligned entries
+    fn update(&self, new: u16) -> bool {
+        let db = self
+            .pages
+            .shadow
+            .as_ptr()
+            .wrapping_add(self.off)
+            .cast::<u32>();
+        let ei = self
+            .pages
+            .event_idx
+            .as_ptr()
+            .wrapping_add(self.off)
+            .cast::<u32>();
+        // SAFETY: `off` is the entry of a queue the driver created, inside both pages (the
+        // driver sized them for every queue it may create); 4-byte aligned; the pages live as
+        // long as `self.pages`. Volatile: the controller reads the one and writes the other.
+        let (old, event_idx) = unsafe {
+            let old = db.read_volatile() as u16;
+            db.write_volatile(u32::from(new));
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            (old, ei.read_volatile() as u16)
+        };
+        new.wrapping_sub(event_idx).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
 
 /// A finished command: the caller's tag, status and dword 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +74,8 @@ pub struct Request {
 struct Slot {
     user: u64,
     busy: bool,
+    /// The command id of the slot's current (or last) use: generation and index.
+    cid: u16,
     /// The queue's clock when the command was submitted (see [`QueuePair::tick`]).
     submitted_at: u32,
     prp_list: DmaBuffer,
@@ -39,8 +94,15 @@ pub struct QueuePair {
     phase: bool,
     sq_db: *mut u32,
     cq_db: *mut u32,
+    /// The SQ tail and CQ head in the shadow page, once Doorbell Buffer Config is on.
+    shadow: Option<(ShadowDoorbell, ShadowDoorbell)>,
     slots: Vec<Slot>,
+    /// Indices of free slots.
     free: Vec<u16>,
+    /// Bits of a command id that hold the slot index (the generation is above them).
+    index_bits: u32,
+    /// Completions whose command id matched no command in flight.
+    stale: u64,
     /// A coarse clock the owner advances (no clock read per command).
     clock: u32,
 }
@@ -84,6 +146,7 @@ impl QueuePair {
             slots.push(Slot {
                 user: 0,
                 busy: false,
+                cid: slots.len() as u16,
                 submitted_at: 0,
                 prp_list: dma.alloc(PAGE)?,
             });
@@ -108,10 +171,24 @@ impl QueuePair {
             phase: true,
             sq_db,
             cq_db,
+            shadow: None,
             slots,
             free: (0..n).rev().collect(),
+            index_bits: u16::BITS - (n - 1).leading_zeros(),
+            stale: 0,
             clock: 0,
         })
+    }
+
+    /// Keep this queue's doorbells in `pages` from now on (before its first command): entries
+    /// `2 qid` and `2 qid + 1`, `stride` bytes apart.
+    pub(crate) fn use_shadow(&mut self, pages: &Arc<ShadowPages>, stride: usize) {
+        let at = |i: usize| ShadowDoorbell {
+            pages: Arc::clone(pages),
+            off: i * stride,
+        };
+        let q = usize::from(self.qid);
+        self.shadow = Some((at(2 * q), at(2 * q + 1)));
     }
 
     /// Queue id.
@@ -134,6 +211,26 @@ impl QueuePair {
         self.slots.len() - self.free.len()
     }
 
+    /// Completions received for no command in flight: posted twice, or for an earlier use
+    /// of a command id (a device error; each is also logged).
+    pub fn stale_completions(&self) -> u64 {
+        self.stale
+    }
+
+    /// The next command id of slot `index` (its generation bumped; the index alone when the
+    /// index takes all 16 bits).
+    #[inline]
+    fn next_cid(&self, index: u16) -> u16 {
+        let generation = u32::from(self.slots[index as usize].cid) >> self.index_bits;
+        ((generation + 1) << self.index_bits | u32::from(index)) as u16
+    }
+
+    /// The slot index in command id `cid`.
+    #[inline]
+    fn index_of(&self, cid: u16) -> usize {
+        usize::from(cid) & ((1 << self.index_bits) - 1)
+    }
+
     /// Room for another command.
     pub fn can_submit(&self) -> bool {
         !self.free.is_empty()
@@ -143,13 +240,15 @@ impl QueuePair {
     /// comes back with the completion. Call [`Self::ring`] after a batch.
     #[inline]
     pub fn submit(&mut self, mut sqe: Submission, user: u64) -> Result<u16, DriverError> {
-        let cid = self
+        let index = self
             .free
             .pop()
             .ok_or_else(|| DriverError::Invalid(format!("queue {} full", self.qid)))?;
-        let slot = &mut self.slots[cid as usize];
+        let cid = self.next_cid(index);
+        let slot = &mut self.slots[index as usize];
         slot.user = user;
         slot.busy = true;
+        slot.cid = cid;
         slot.submitted_at = self.clock;
         sqe.cid = cid.into();
         let off = self.sq_tail as usize * 64;
@@ -166,8 +265,14 @@ impl QueuePair {
     pub fn ring(&mut self) {
         if self.sq_rung != self.sq_tail {
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-            // SAFETY: sq_db points at this queue's doorbell in the live mapping.
-            unsafe { std::ptr::write_volatile(self.sq_db, u32::from(self.sq_tail)) };
+            if self
+                .shadow
+                .as_ref()
+                .is_none_or(|s| s.0.update(self.sq_tail))
+            {
+                // SAFETY: sq_db points at this queue's doorbell in the live mapping.
+                unsafe { std::ptr::write_volatile(self.sq_db, u32::from(self.sq_tail)) };
+            }
             self.sq_rung = self.sq_tail;
         }
     }
@@ -189,13 +294,13 @@ impl QueuePair {
         }
         sqe.prp1 = iova.into();
         sqe.prp2 = 0.into();
-        let Some(&cid) = self.free.last() else {
+        let Some(&index) = self.free.last() else {
             return Err(DriverError::Invalid(format!("queue {} full", self.qid)));
         };
         if pages == 2 {
             sqe.prp2 = (iova + PAGE).into();
         } else if pages > 2 {
-            let list = &mut self.slots[cid as usize].prp_list;
+            let list = &mut self.slots[index as usize].prp_list;
             let entries = list.as_mut_slice();
             for i in 1..pages {
                 let at = (i as usize - 1) * 8;
@@ -218,7 +323,7 @@ impl QueuePair {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.busy && self.clock.wrapping_sub(s.submitted_at) >= ticks)
-            .map(|(cid, s)| (cid as u16, s.user))
+            .map(|(_, s)| (s.cid, s.user))
             .collect()
     }
 
@@ -226,10 +331,10 @@ impl QueuePair {
     /// the device will never complete them).
     pub fn fail_outstanding(&mut self, status: Status, mut done: impl FnMut(Request)) -> usize {
         let mut n = 0;
-        for (cid, slot) in self.slots.iter_mut().enumerate() {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
             if slot.busy {
                 slot.busy = false;
-                self.free.push(cid as u16);
+                self.free.push(index as u16);
                 n += 1;
                 done(Request {
                     user: slot.user,
@@ -252,7 +357,7 @@ impl QueuePair {
         user: u64,
     ) -> Result<u16, DriverError> {
         let refuse = |why: &str| Err(DriverError::Invalid(format!("not PRP-compatible: {why}")));
-        let Some(&cid) = self.free.last() else {
+        let Some(&index) = self.free.last() else {
             return Err(DriverError::Invalid(format!("queue {} full", self.qid)));
         };
         let n = segs.len();
@@ -270,7 +375,7 @@ impl QueuePair {
             return self.submit(sqe, user);
         }
         let mut pages = 0usize;
-        let list = self.slots[cid as usize].prp_list.as_mut_slice();
+        let list = self.slots[index as usize].prp_list.as_mut_slice();
         let mut first = 0u64;
         for (i, &(addr, len)) in segs.iter().enumerate() {
             if addr & 3 != 0
@@ -301,7 +406,7 @@ impl QueuePair {
         sqe.prp2 = match pages {
             1 => 0,
             2 => u64::from_le_bytes(list[..8].try_into().unwrap_or_default()),
-            _ => self.slots[cid as usize].prp_list.iova(),
+            _ => self.slots[index as usize].prp_list.iova(),
         }
         .into();
         self.submit(sqe, user)
@@ -338,23 +443,32 @@ impl QueuePair {
                 self.phase = !self.phase;
             }
             n += 1;
-            let Some(slot) = self.slots.get_mut(cid as usize).filter(|s| s.busy) else {
-                log::error!(
-                    "queue {}: completion for unknown command id {cid}",
-                    self.qid
-                );
+            let index = self.index_of(cid);
+            let Some(slot) = self.slots.get_mut(index).filter(|s| s.busy && s.cid == cid) else {
+                self.stale += 1;
+                if self.stale <= 8 {
+                    log::error!(
+                        "queue {}: completion for command id {cid:#06x}, not in flight (posted twice, or for an earlier use)",
+                        self.qid
+                    );
+                }
                 continue;
             };
             slot.busy = false;
             let user = slot.user;
-            self.free.push(cid);
+            self.free.push(index as u16);
             done(Request {
                 user,
                 status: Status::from_cqe_bits(u16::from_le(status)),
                 dw0,
             });
         }
-        if n > 0 {
+        if n > 0
+            && self
+                .shadow
+                .as_ref()
+                .is_none_or(|s| s.1.update(self.cq_head))
+        {
             // SAFETY: cq_db points at this queue's doorbell in the live mapping.
             unsafe { std::ptr::write_volatile(self.cq_db, u32::from(self.cq_head)) };
         }
@@ -532,7 +646,7 @@ mod tests {
         assert_eq!((p1, p2), (0x10ffc, 0x11000));
         // three pages: PRP2 points at the command's list
         let (p1, p2, cid) = prps(&mut qp, &[(0x10200, 8192)]).unwrap();
-        let list = &qp.slots[cid as usize].prp_list;
+        let list = &qp.slots[qp.index_of(cid)].prp_list;
         assert_eq!((p1, p2), (0x10200, list.iova()));
         let mut entries = [0u8; 16];
         list.read(0, &mut entries);
@@ -552,5 +666,41 @@ mod tests {
             assert!(prps(&mut qp, bad).is_err(), "{bad:?}");
         }
         assert_eq!(qp.sq_tail, tail);
+    }
+
+    /// The device writes a completion for `cid` at the queue's CQ slot `at` with `phase`.
+    fn post(qp: &mut QueuePair, at: usize, cid: u16, phase: bool) {
+        let mut cqe = [0u8; 16];
+        cqe[12..14].copy_from_slice(&cid.to_le_bytes());
+        cqe[14] = u8::from(phase);
+        qp.cq.as_mut_slice()[at * 16..at * 16 + 16].copy_from_slice(&cqe);
+    }
+
+    #[test]
+    fn a_completion_posted_twice_or_for_an_earlier_use_is_stale() {
+        let dma = DmaMemory::new(1 << 20, 0x1000_0000).unwrap();
+        let mut doorbells = [0u32; 8];
+        let mut qp = QueuePair::new(&dma, 1, 8, doorbells.as_mut_ptr(), 4).unwrap();
+        let first = qp.submit(Submission::default(), 1).unwrap();
+        post(&mut qp, 0, first, true);
+        let mut got = Vec::new();
+        assert_eq!(qp.poll(8, |r| got.push(r.user)), 1);
+        assert_eq!(got, [1]);
+        // the same slot again: a new command id, same index
+        let second = qp.submit(Submission::default(), 2).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(qp.index_of(second), qp.index_of(first));
+        // the first completion once more, then the real one
+        post(&mut qp, 1, first, true);
+        post(&mut qp, 2, second, true);
+        got.clear();
+        qp.poll(8, |r| got.push(r.user));
+        assert_eq!(got, [2]);
+        assert_eq!(qp.stale_completions(), 1);
+        // and the second one twice: nothing in flight matches
+        post(&mut qp, 3, second, true);
+        qp.poll(8, |r| got.push(r.user));
+        assert_eq!((got.len(), qp.stale_completions()), (1, 2));
+        assert_eq!(qp.outstanding(), 0);
     }
 }

@@ -207,6 +207,7 @@ fn perf_verify_passes_on_ram_and_file_and_catches_the_null_namespace() {
         duration: Duration::from_millis(1500),
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     // one worker x 3 namespaces = 3 queue pairs of the 4 granted
     let r = vnvme::perf::run(&mut c, &opts, |_, _| {}).expect("perf runs");
@@ -267,6 +268,7 @@ fn temperature_event_reaches_the_driver_and_two_workers_share_the_namespaces() {
         duration: Duration::from_millis(500),
         workers: 2,
         verify: false,
+        shadow_doorbells: false,
     };
     let r = vnvme::perf::run(&mut c, &opts, |_, _| {}).expect("two workers");
     assert_eq!(r.jobs.len(), 6);

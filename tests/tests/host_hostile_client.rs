@@ -97,6 +97,7 @@ fn verified_run(c: &mut NvmeDriver, duration: Duration) -> Report {
         duration,
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     vnvme::perf::run(c, &opts, |_, _| {}).expect("perf run")
 }

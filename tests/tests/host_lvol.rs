@@ -391,6 +391,7 @@ fn perf(sock: &Path, secs: f64) -> vnvme::perf::JobResult {
         duration: Duration::from_secs_f64(secs),
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     vnvme::perf::run(&mut c, &opts, |_, _| {})
         .expect("perf runs")

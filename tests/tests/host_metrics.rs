@@ -157,6 +157,7 @@ fn verified_randrw(ctrl: &mut NvmeDriver, secs: Duration) -> vnvme::perf::JobRes
         duration: secs,
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     vnvme::perf::run(ctrl, &opts, |_, _| {})
         .expect("perf")

@@ -285,6 +285,7 @@ fn an_array_of_nvme_members_moves_guest_data_zero_copy() {
         duration: std::time::Duration::from_secs(2),
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     let run = vnvme::perf::run(&mut ctrl, &opts, |_, _| {})
         .unwrap()

@@ -92,6 +92,7 @@ fn perf_watched(
         duration: Duration::from_secs_f64(secs),
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     vnvme::perf::run(&mut c, &opts, progress)
         .expect("perf runs")

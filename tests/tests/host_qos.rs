@@ -27,6 +27,7 @@ fn perf(sock: &Path, secs: f64, io_size: u64) -> (f64, f64) {
         duration: Duration::from_secs_f64(secs),
         workers: 1,
         verify: false,
+        shadow_doorbells: false,
     };
     let r = vnvme::perf::run(&mut c, &opts, |_, _| {}).expect("perf runs");
     let t = r.total();

@@ -173,6 +173,7 @@ fn a_running_daemon_is_managed_through_vnvme_rpc() {
         duration: Duration::from_secs(2),
         workers: 1,
         verify: false,
+        shadow_doorbells: false,
     };
     let rep = vnvme::perf::run(&mut v1, &opts, |_, _| {}).unwrap();
     let iops = u128::from(rep.total().ios) * 1000 / rep.elapsed.as_millis().max(1);
@@ -377,6 +378,7 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
                 duration: Duration::from_secs(3),
                 workers: 1,
                 verify: true,
+                shadow_doorbells: false,
             };
             vnvme::perf::run(&mut c, &opts, |_, _| {}).unwrap().total()
         })

@@ -75,6 +75,7 @@ fn one_process_serves_128_controllers_on_two_reactors() {
             duration: Duration::from_millis(300),
             workers: 1,
             verify: false,
+            shadow_doorbells: false,
         };
         let r = vnvme::perf::run(&mut c, &opts, |_, _| {}).unwrap().total();
         assert!(r.ios > 100 && r.errors == 0, "controller {i}: {r:?}");

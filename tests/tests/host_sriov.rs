@@ -154,6 +154,7 @@ fn vfs_come_online_through_the_pf_and_run_with_what_they_were_given() {
         duration: Duration::from_millis(500),
         workers: 1,
         verify: true,
+        shadow_doorbells: false,
     };
     let r = vnvme::perf::run(&mut v, &opts, |_, _| {}).unwrap().total();
     assert!(

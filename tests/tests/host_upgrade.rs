@@ -86,11 +86,17 @@ fn status(sock: &Path) -> (u64, u64, u64, u64) {
 }
 
 fn perf(sock: &Path, seconds: u32) -> Child {
+    perf_with(sock, seconds, &[])
+}
+
+/// [`perf`] with more flags.
+fn perf_with(sock: &Path, seconds: u32, flags: &[&str]) -> Child {
     Command::new(vnvme_binary())
         .arg("perf")
         .arg(format!("vfio-user:{}", sock.display()))
         .args(["-q", "16", "-o", "4096", "-w", "randrw", "--verify", "-t"])
         .arg(seconds.to_string())
+        .args(flags)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -204,7 +210,14 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
         e.contains("ns_create: refused under --supervised") && e.contains("configuration"),
         "{e}"
     );
-    let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 24)).collect();
+    // the first client keeps its I/O doorbells in a shadow page as Linux does (the worker
+    // reads them from guest memory, and the next worker from its journal), the second rings
+    // the registers
+    let perfs: Vec<Child> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| perf_with(s, 24, if i == 0 { &["--shadow-doorbells"] } else { &[] }))
+        .collect();
     std::thread::sleep(Duration::from_millis(1500));
     for i in 0..5 {
         let r = rpc(&rpc_sock, &["daemon_upgrade"]);

@@ -109,6 +109,7 @@ fn perf(sock: &Path, secs: f64, pattern: Pattern, verify: bool) -> vnvme::perf::
         duration: Duration::from_secs_f64(secs),
         workers: 1,
         verify,
+        shadow_doorbells: false,
     };
     vnvme::perf::run(&mut c, &opts, |_, _| {}).expect("perf runs")
 }

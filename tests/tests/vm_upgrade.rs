@@ -168,6 +168,15 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // more and closer events for a stress run by hand (the defaults: 6, every 5 s)
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let events_wanted = env("VNVME_UPGRADE_EVENTS", 6);
+    let event_every = Duration::from_millis(env("VNVME_UPGRADE_EVERY_MS", 5000));
     let fio_started = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&fio_started);
     let events = {
@@ -178,8 +187,8 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let mut log = Vec::new();
-            for i in 0..6 {
-                std::thread::sleep(Duration::from_secs(5));
+            for i in 0..events_wanted {
+                std::thread::sleep(event_every);
                 let before = rpc(&rpc_sock, "daemon_status");
                 if i % 2 == 0 {
                     let r = rpc(&rpc_sock, "daemon_upgrade");
@@ -229,7 +238,7 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
     eprintln!("events: {log:?}\nstatus: {status}");
     assert_eq!(
         (field(&status, "upgrades"), field(&status, "recoveries")),
-        (3, 3)
+        (events_wanted / 2 + events_wanted % 2, events_wanted / 2)
     );
     let fio = section(&out, "@@FIO");
     assert_eq!(value(&out, "fio-rc"), Some("0"), "fio:\n{fio}");

@@ -37,6 +37,10 @@ pub struct PerfArgs {
     /// DMA memory in MiB
     #[arg(long, default_value_t = 256)]
     pub dma_mib: u64,
+    /// keep the I/O queues' doorbells in host memory (Doorbell Buffer Config, as Linux
+    /// does when the controller offers it)
+    #[arg(long)]
+    pub shadow_doorbells: bool,
 }
 
 pub fn run(args: &PerfArgs) -> anyhow::Result<i32> {
@@ -128,5 +132,6 @@ fn options(args: &PerfArgs) -> PerfOptions {
         duration: Duration::from_secs_f64(args.time),
         workers: args.cores,
         verify: args.verify,
+        shadow_doorbells: args.shadow_doorbells,
     }
 }

@@ -57,6 +57,8 @@ pub struct PerfOptions {
     /// Worker threads (one queue pair per namespace each).
     pub workers: usize,
     pub verify: bool,
+    /// Doorbell Buffer Config before the I/O queues are created.
+    pub shadow_doorbells: bool,
 }
 
 /// Results of one (namespace, worker) pair.
@@ -163,6 +165,9 @@ pub fn run(
             namespaces.len(),
             ctrl.io_queue_count()
         )));
+    }
+    if opts.shadow_doorbells {
+        ctrl.use_shadow_doorbells()?;
     }
     let qsize = u16::try_from(opts.queue_depth + 1).unwrap_or(u16::MAX);
     let mut per_worker: Vec<Vec<Job>> = (0..opts.workers).map(|_| Vec::new()).collect();

@@ -360,7 +360,10 @@ pub(super) fn run(
     }
     let mut results = Vec::new();
     let mut qps = Vec::new();
-    for job in jobs {
+    for mut job in jobs {
+        // a completion the device posted twice (or for an earlier use of its command id) is
+        // an error of the device's, even though no command failed
+        job.result.errors += job.qp.stale_completions();
         results.push(job.result);
         qps.push(job.qp);
     }
