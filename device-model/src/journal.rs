@@ -263,6 +263,13 @@ impl Journal {
         }
     }
 
+    /// Record SQ `qid`'s head and fetch count as a restore found them.
+    pub fn set_sq_head(&self, qid: u16, head: u32, count: u32) {
+        if let Some(q) = Self::queue_off(qid) {
+            self.put_u32(q, count << HEAD_BITS | (head & HEAD_MASK));
+        }
+    }
+
     /// SQ `qid`'s recorded head and fetch count.
     pub fn sq_head(&self, qid: u16) -> (u32, u32) {
         let v = Self::queue_off(qid).map_or(0, |q| self.u32_at(q));

@@ -553,6 +553,12 @@ impl Controller {
         }
     }
 
+    /// Queue `id` (an SQ or a CQ) was created again: its journal records are initialised at
+    /// the next save, whatever its key.
+    pub(crate) fn forget_journaled_queue(&mut self, sq: bool, id: u16) {
+        self.journaled_queues.retain(|k| !(k.0 == sq && k.1 == id));
+    }
+
     /// The queues as the journal knows them: SQ or CQ, id, base, size, reset epoch.
     fn queue_keys(&self) -> Vec<super::JournaledQueue> {
         let epoch = self.quiesce.epoch();
@@ -670,24 +676,30 @@ impl Controller {
         let mut reissue = Vec::new();
         for &(id, base, size, cqid) in &b.sqs {
             let mut sq = SubmissionQueue::new(id, base, size, cqid);
-            let (head, count) = j.sq_head(id);
+            let (head, mut count) = j.sq_head(id);
             let mut head = head % size;
             let mut posting = Vec::new();
+            let first = reissue.len();
             for slot in 0..size as u16 {
                 let Some(rec) = j.slot(id, slot) else { break };
                 match rec.state {
-                    journal::FETCHED => {
-                        // the one fetch whose head store did not happen yet (a command
-                        // fetched from the same position a lap earlier may still be in flight)
-                        if rec.seq == Journal::next_seq(count) && rec.sq_pos == head {
-                            head = (head + 1) % size;
-                        }
-                        reissue.push((id, slot, rec));
-                    }
+                    journal::FETCHED => reissue.push((id, slot, rec)),
                     journal::POSTING => posting.push((slot, rec)),
                     _ => {}
                 }
             }
+            // the fetch whose head store did not happen yet, by its number (a command fetched
+            // from the same position a lap earlier may still be in flight), in any slot
+            while reissue[first..]
+                .iter()
+                .any(|(_, _, r)| r.seq == Journal::next_seq(count) && r.sq_pos == head)
+            {
+                head = (head + 1) % size;
+                count = Journal::next_seq(count);
+            }
+            // the head and fetch count as restored: the next fetch gets the next number, so a
+            // crash before the commands run again complete cannot count one fetch twice
+            j.set_sq_head(id, head, count);
             sq.head = head;
             sq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, false);
             sq.tail = if sq.doorbell.value < size {

@@ -51,8 +51,16 @@ fn replace_worker(h: &mut Harness, state: &sys_util::SharedMemory, file: &std::p
 /// Run the scenario with the worker dying at journal step `crash_at` (0: never): returns how
 /// many times each command was completed and whether the crash point was reached.
 fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool) {
+    let (done, crashes) = scenario_crashing(&[crash_at], shadow);
+    (done, crashes > 0)
+}
+
+/// The scenario with a worker dying at each step of `crashes` in turn (counted from the start
+/// of that worker's life; 0: never): the completions, and how many workers died.
+fn scenario_crashing(crashes: &[u64], shadow: bool) -> (BTreeMap<(bool, u16), usize>, usize) {
+    let crash_at = crashes.first().copied().unwrap_or(0);
     let file = std::env::temp_dir().join(format!(
-        "vnvme-killpoint-{}-{crash_at}-{shadow}.img",
+        "vnvme-killpoint-{}-{crashes:?}-{shadow}.img",
         std::process::id()
     ));
     let _ = std::fs::remove_file(&file);
@@ -93,7 +101,7 @@ fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool)
     expected.push((true, h.admin(sqe(0x0a, 0, 0, &[0x07]))));
     CRASH_AT.with(|c| c.set(crash_at));
     let mut done: BTreeMap<(bool, u16), usize> = BTreeMap::new();
-    let mut crashed = false;
+    let mut crashed = 0;
     let start = std::time::Instant::now();
     while start.elapsed() < std::time::Duration::from_secs(5) {
         std::thread::sleep(std::time::Duration::from_micros(50));
@@ -107,8 +115,19 @@ fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool)
             }
         }));
         if r.is_err() {
-            crashed = true;
-            replace_worker(&mut h, &state, &file);
+            crashed += 1;
+            // the next worker dies too, at its own step, before or while it runs again what
+            // the last one left
+            CRASH_AT.with(|c| c.set(crashes.get(crashed).copied().unwrap_or(0)));
+            // a worker may die in its restore too
+            while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                replace_worker(&mut h, &state, &file);
+            }))
+            .is_err()
+            {
+                crashed += 1;
+                CRASH_AT.with(|c| c.set(crashes.get(crashed).copied().unwrap_or(0)));
+            }
         }
         if expected.iter().all(|k| done.contains_key(k)) {
             // a few more polls: nothing may be completed twice afterwards
@@ -128,11 +147,15 @@ fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool)
         assert_eq!(
             done.get(k),
             Some(&1),
-            "crash at step {crash_at}: command {k:?} completed {:?} times ({done:?})",
+            "crashes at steps {crashes:?}: command {k:?} completed {:?} times ({done:?})",
             done.get(k)
         );
     }
-    assert_eq!(done.len(), expected.len(), "crash at {crash_at}: {done:?}");
+    assert_eq!(
+        done.len(),
+        expected.len(),
+        "crashes at {crashes:?}: {done:?}"
+    );
     // the data written went through, whichever worker wrote it
     for i in 0..4u32 {
         let read = sqe(0x02, 1, DATA + 0x8000, &[i * 8, 0, 7]);
@@ -140,7 +163,7 @@ fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool)
         let back = h.read(DATA + 0x8000, 4096);
         assert!(
             back.iter().all(|&b| b == i as u8 + 1),
-            "crash at {crash_at}: write {i} lost"
+            "crashes at {crashes:?}: write {i} lost"
         );
     }
     let _ = std::fs::remove_file(&file);
@@ -171,6 +194,24 @@ fn every_kill_point(shadow: bool) {
     }
     eprintln!("kill points tried: {}", step - 1);
     assert!(step > 20, "only {} kill points", step - 1);
+}
+
+/// A worker dies, and its successor dies too before the commands it runs again complete:
+/// every pair of kill points of the first 16 steps (the second counted from the new
+/// worker's start), each command still completes exactly once.
+#[test]
+fn every_pair_of_kill_points_completes_each_command_exactly_once() {
+    let mut pairs = 0;
+    for shadow in [false, true] {
+        for first in 1..=16 {
+            for second in 1..=16 {
+                let (_, died) = scenario_crashing(&[first, second], shadow);
+                pairs += usize::from(died == 2);
+            }
+        }
+    }
+    eprintln!("pairs of kill points tried: {pairs}");
+    assert!(pairs > 300, "only {pairs} pairs reached both kill points");
 }
 
 /// A worker that finds garbage in its state memfd (a corrupt file, a foreign version) never
