@@ -53,6 +53,9 @@ pub(crate) struct Harness {
     admin: Ring,
     io: Ring,
     cid: u16,
+    /// The shadow doorbell page, once the test makes the I/O queue pair use it as Linux
+    /// does (the host writes the shadow copies, never the registers).
+    pub shadow_io: Option<u64>,
 }
 
 impl Harness {
@@ -103,6 +106,7 @@ impl Harness {
             admin: Ring::default(),
             io: Ring::default(),
             cid: 0,
+            shadow_io: None,
         };
         h.enable();
         h
@@ -151,8 +155,17 @@ impl Harness {
         ring.tail = (ring.tail + 1) % QSIZE;
         let tail = ring.tail;
         self.write(at, &s);
-        self.doorbells.store(db, tail);
+        self.ring(db, tail);
         self.cid
+    }
+
+    /// Write doorbell `db`: its register, or its shadow copy for the I/O queue pair once
+    /// [`Self::shadow_io`] is set.
+    fn ring(&self, db: usize, value: u32) {
+        match self.shadow_io {
+            Some(page) if db >= 2 => self.write(page + db as u64 * 4, &value.to_le_bytes()),
+            _ => self.doorbells.store(db, value),
+        }
     }
 
     /// Put an admin command on the queue; its CID.
@@ -195,7 +208,8 @@ impl Harness {
             }
         }
         if !got.is_empty() {
-            self.doorbells.store(db, ring.head);
+            let head = ring.head;
+            self.ring(db, head);
         }
         got
     }

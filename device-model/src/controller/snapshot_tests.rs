@@ -68,8 +68,8 @@ fn scenario_crashing(crashes: &[u64], shadow: bool) -> (BTreeMap<(bool, u16), us
     let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
     let mut h = Harness::with_journal(namespace(&file), j);
     if shadow {
-        // Doorbell Buffer Config; the test keeps ringing the registers, as Linux does for
-        // the admin queue: the shadow copies then stay behind
+        // Doorbell Buffer Config; the test keeps ringing the admin queue's registers, as
+        // Linux does: its shadow copies then stay behind
         let c = h.admin(sqe(0x7c, 0, DATA + 0x20000, &[]));
         let mut s = sqe(0x7c, 0, DATA + 0x20000, &[]);
         s[32..40].copy_from_slice(&(DATA + 0x21000).to_le_bytes());
@@ -81,6 +81,8 @@ fn scenario_crashing(crashes: &[u64], shadow: bool) -> (BTreeMap<(bool, u16), us
             "{got:?}"
         );
         assert!(h.ctrl.shadow_doorbells_enabled());
+        // and the I/O queue pair's doorbells are the shadow copies only, as Linux keeps them
+        h.shadow_io = Some(DATA + 0x20000);
     }
     // a lap of the I/O rings but 3 entries first: the commands below cross the end of both
     // rings, so the crashes find the host's CQ head and the controller's tail on either side
