@@ -103,6 +103,9 @@ echo "smart-after $(smart host_write_commands) $(smart power_on_hours)"
 echo "flushed-after $(dd if=$THIN bs=1M skip=100 count=8 iflag=direct status=none | md5sum | cut -d' ' -f1)"
 echo @@FIO-BEGIN; cat /tmp/fio.out; echo @@FIO-END
 echo @@DMESG-BEGIN; dmesg | tail -n +$((BEFORE + 1)); echo @@DMESG-END
+# a worker killed near the end of the run: the NVMe/TCP host may still be reconnecting
+for i in $(seq 1 300); do [ "$(cat /sys/class/nvme/nvme1/state)" = live ] && break; sleep 0.1; done
+echo "tcp-state $(cat /sys/class/nvme/nvme1/state)"
 echo @@LIST2-BEGIN; nvme list | cut -c1-116; echo @@LIST2-END
 "#;
 

@@ -100,6 +100,7 @@ impl Controller {
                             pages.event_idx
                         );
                         self.shadow = Some(pages);
+                        self.journal_doorbells();
                         ControllerStats::bump(&self.stats.shadow_doorbell_configs);
                         Outcome::status(Status::SUCCESS)
                     }

@@ -194,7 +194,12 @@ impl Controller {
             self.journal_admin_completion(slot, &cqe);
         }
         if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
-            if let Some(j) = &self.journal {
+            // the journal: an admin completion is recorded as being posted, then its CQ
+            // tail; an I/O completion needs neither (a restore finds the completions posted
+            // since the last recorded tail in the CQ itself, by their phase: see
+            // `snapshot.rs`), only its slot's release, after the CQE
+            let admin_journal = self.journal.as_ref().filter(|_| qid == 0);
+            if let Some(j) = admin_journal {
                 let mut b: [u8; 16] = cqe.as_bytes().try_into().unwrap_or([0; 16]);
                 b[14] = b[14] & !1 | u8::from(cq.phase);
                 j.posting(qid, slot, cq.tail, cq.phase, &b);
@@ -205,8 +210,11 @@ impl Controller {
                     self.cfg.serial
                 );
                 self.set_fatal();
-            } else if let Some(j) = &self.journal {
+            } else if let Some(j) = admin_journal {
                 j.cq_moved(cqid, cq.tail, cq.phase);
+            } else if self.journal.is_some() && !cq.tail_unrecorded {
+                cq.tail_unrecorded = true;
+                self.cq_tails_unrecorded.push(cqid);
             }
         }
         if let Some(j) = &self.journal {

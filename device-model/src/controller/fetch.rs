@@ -23,6 +23,7 @@ impl Controller {
     pub fn poll(&mut self) -> usize {
         if self.journal.is_some() {
             self.save_run_time_changes();
+            self.record_cq_tails();
         }
         if self.quiesce.resetting.is_some() {
             return self.poll_reset();

@@ -84,6 +84,34 @@ fn seen(j: &Journal, regs: &crate::Doorbells, shadow: bool, qid: u16, cq: bool) 
     }
 }
 
+/// The command id of a journalled SQE.
+fn command_id(sqe: &[u8; 64]) -> u16 {
+    u16::from_le_bytes([sqe[2], sqe[3]])
+}
+
+/// Move `cq`'s tail (restored from its last record) past the completions posted since: the
+/// entries from there on whose phase tag is the current one (a CQE's phase is written last,
+/// and the guest never writes its CQ). Their SQ and command id go to `posted`. A lap at
+/// most: an entry of the last lap has the other phase.
+fn posted_since_record(mem: &MemoryMap, cq: &mut CompletionQueue, posted: &mut Vec<(u16, u16)>) {
+    for _ in 1..cq.size {
+        let mut e = [0u8; 16];
+        let addr = cq.base.wrapping_add(u64::from(cq.tail) * 16);
+        if mem.read(addr, &mut e).is_err() || (e[14] & 1 != 0) != cq.phase {
+            return;
+        }
+        posted.push((
+            u16::from_le_bytes([e[10], e[11]]),
+            u16::from_le_bytes([e[12], e[13]]),
+        ));
+        cq.tail += 1;
+        if cq.tail == cq.size {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+    }
+}
+
 /// Little-endian writer.
 #[derive(Default)]
 struct W(Vec<u8>);
@@ -211,8 +239,46 @@ impl Controller {
 
     /// Write the slow state now (a planned upgrade, after draining). Errors are logged.
     pub fn save_state(&mut self) {
+        self.record_cq_tails();
         self.save_blob(None);
         log::info!("{}: state saved: {}", self.cfg.serial, self.queue_summary());
+    }
+
+    /// Record every queue's doorbell as the controller sees it now (Doorbell Buffer Config
+    /// moved them onto the shadow page): the next worker must tell the shadow copies from
+    /// the registers as this one does, or it takes a stale copy for a new value.
+    pub(crate) fn journal_doorbells(&self) {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        for sq in self.queues.sqs.iter().flatten() {
+            let d = sq.doorbell;
+            j.doorbell_seen(sq.id, false, d.register, d.shadow, d.value);
+        }
+        for cq in self.queues.cqs.iter().flatten() {
+            let d = cq.doorbell;
+            j.doorbell_seen(cq.id, true, d.register, d.shadow, d.value);
+        }
+    }
+
+    /// Record the tails of the I/O CQs that moved since their last record (once per poll
+    /// pass, before any command is fetched: so the completions a restore finds past a
+    /// recorded tail were posted after every fetch of a command with the same id).
+    pub(super) fn record_cq_tails(&mut self) {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        for id in self.cq_tails_unrecorded.drain(..) {
+            if let Some(cq) = self
+                .queues
+                .cqs
+                .get_mut(id as usize)
+                .and_then(Option::as_mut)
+            {
+                cq.tail_unrecorded = false;
+                j.cq_moved(id, cq.tail, cq.phase);
+            }
+        }
     }
 
     /// Each queue's position, live and as journalled (logged at upgrade and restore).
@@ -660,11 +726,18 @@ impl Controller {
         }
         let mem = self.mem.snapshot();
         self.queues.take_all();
+        self.cq_tails_unrecorded.clear();
+        // I/O completions posted after their CQ's last recorded tail: (SQ, command id)
+        let mut posted = Vec::new();
         for &(id, base, size, vector, irq) in &b.cqs {
             let mut cq = CompletionQueue::new(id, base, size, vector, irq);
             let (tail, phase) = j.cq_tail(id);
             cq.tail = tail % size;
             cq.phase = phase;
+            if id != 0 {
+                posted_since_record(&mem, &mut cq, &mut posted);
+                j.cq_moved(id, cq.tail, cq.phase);
+            }
             cq.doorbell = seen(&j, &self.doorbells, self.shadow.is_some(), id, true);
             cq.head = if cq.doorbell.value < size {
                 cq.doorbell.value
@@ -683,6 +756,11 @@ impl Controller {
             for slot in 0..size as u16 {
                 let Some(rec) = j.slot(id, slot) else { break };
                 match rec.state {
+                    journal::FETCHED if posted.contains(&(id, command_id(&rec.sqe))) => {
+                        // its completion is in the CQ already: done, not run again
+                        j.freed(id, slot);
+                        out.found_posted += 1;
+                    }
                     journal::FETCHED => reissue.push((id, slot, rec)),
                     journal::POSTING => posting.push((slot, rec)),
                     _ => {}

@@ -41,6 +41,8 @@ pub struct CompletionQueue {
     pub last_irq_batch: u32,
     /// The head doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
+    /// The tail moved since the journal recorded it (in the controller's list of such CQs).
+    pub tail_unrecorded: bool,
     /// The ring through one host pointer, for the map it was found in.
     view: Option<RingView>,
 }
@@ -64,6 +66,7 @@ impl CompletionQueue {
             view: None,
             last_irq_batch: 1,
             doorbell: DoorbellSeen::default(),
+            tail_unrecorded: false,
         }
     }
 
