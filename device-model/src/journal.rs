@@ -3,9 +3,11 @@
 //!
 //! Two parts, written in the order that makes recovery exact:
 //! - the **hot journal**, plain stores on the data path: per SQ the fetch position (head);
-//!   per SQ slot a copy of each fetched-but-uncompleted SQE; per CQ the tail and phase; and
-//!   per completion a "posting" record (the CQE with its CQ position and phase) written
-//!   before the CQE goes to the guest and cleared after the CQ tail record moved;
+//!   per SQ slot a copy of each fetched-but-uncompleted SQE, released after its CQE is
+//!   written; per CQ the tail and phase, recorded once per poll pass before any fetch (a
+//!   restore finds the completions posted since in the CQ itself, by their phase tag); and
+//!   per admin completion a "posting" record (the CQE with its CQ position and phase)
+//!   written before the CQE goes to the guest, its CQ tail recorded right after;
 //! - the **slow state**, a checksummed blob (registers, features, queue geometry, shadow
 //!   doorbell addresses, an admin completion being posted) rewritten on the slow path:
 //!   after register writes and before each admin completion is posted, double-buffered so a
