@@ -215,9 +215,16 @@ impl Journal {
         if let Some(q) = Self::queue_off(qid) {
             let rec = self.mem.window::<QUEUE_REC>(q);
             let at = if cq { 20 } else { 8 };
-            rec.store_u32(at, register);
-            rec.store_u32(at + 4, shadow);
+            // the value first: a record cut short then holds an older copy beside the new
+            // value, which the next worker takes for a change (and reads again); the other
+            // way round it would take the new copy for the old one and miss the change
+            step();
             rec.store_u32(at + 8, value);
+            step();
+            rec.store_u32(at, register);
+            step();
+            rec.store_u32(at + 4, shadow);
+            step();
         }
     }
 
