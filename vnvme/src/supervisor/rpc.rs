@@ -171,8 +171,11 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                                 let accepted = serde_json::from_str::<Value>(&reply)
                                     .is_ok_and(|v| v.get("error").is_none());
                                 if accepted {
-                                    changes
-                                        .push(String::from_utf8_lossy(&line).trim_end().to_owned());
+                                    record(
+                                        &mut changes,
+                                        &req,
+                                        String::from_utf8_lossy(&line).trim_end(),
+                                    );
                                 }
                                 drop(changes);
                                 let mut w = s;
@@ -226,24 +229,65 @@ fn wait<T>(rx: &Receiver<T>) -> Result<T, String> {
 /// Management calls whose effect lives in the worker's memory and that the supervisor
 /// replays, in order, to each next worker (before its controllers are restored, so a guest
 /// finds the same namespaces attached): each gives the same result again from the same
-/// state (`ns_add` takes the first free NSID and names a volume on disk).
-const REPLAYED: &[&str] = &["ns_add", "ns_delete", "ns_attach", "ns_detach", "vf_enable"];
-
-/// Management calls whose effect lives only in the worker's memory and would not replay
-/// faithfully (sockets made at run time, namespaces carved from a pool, stores formatted,
-/// arrays created or wiped): a replaced worker would lose it and the guest would see a
-/// namespace vanish, so the supervisor refuses them. Calls whose effect is on disk (volumes
-/// of a configured store, array membership) or carried in the state memfd (`qos_set`) go
-/// through.
-const NOT_CARRIED: &[&str] = &[
-    "subsystem_create",
-    "subsystem_delete",
-    "ns_create",
+/// state (`ns_add` takes the first free NSID and names a volume on disk; `lvs_create` loads
+/// the store it made, `raid_create` assembles the array from its members' superblocks). A
+/// store or array deleted at run time takes its creation out of the list (replayed, that
+/// would format whatever the backend holds by then).
+const REPLAYED: &[&str] = &[
+    "ns_add",
+    "ns_delete",
+    "ns_attach",
+    "ns_detach",
+    "vf_enable",
     "lvs_create",
     "lvs_delete",
     "raid_create",
     "raid_delete",
 ];
+
+/// Management calls whose effect lives only in the worker's memory and would not replay
+/// faithfully (sockets made at run time, namespaces carved from a pool): a replaced worker
+/// would lose it and the guest would see a namespace vanish, so the supervisor refuses them.
+/// Calls whose effect is on disk (volumes of a store, array membership) or carried in the
+/// state memfd (`qos_set`) go through.
+const NOT_CARRIED: &[&str] = &["subsystem_create", "subsystem_delete", "ns_create"];
+
+/// Keep `line` (request `req`, which the worker accepted) for the next workers: a store's or
+/// array's deletion cancels its creation at run time, if that is in the list.
+fn record(changes: &mut Vec<String>, req: &Value, line: &str) {
+    let method = req
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let created_by = match method {
+        "lvs_delete" => "lvs_create",
+        "raid_delete" => "raid_create",
+        _ => {
+            changes.push(line.to_owned());
+            return;
+        }
+    };
+    let name = |r: &Value| {
+        let p = r.get("params")?;
+        p.get("name")
+            .or_else(|| p.get("lvs_name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let deleted = name(req);
+    let created = changes.iter().rposition(|l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|r| {
+            r.get("method").and_then(Value::as_str) == Some(created_by) && name(&r) == deleted
+        })
+    });
+    match created {
+        Some(i) => {
+            changes.remove(i);
+        }
+        // a configured one: the next worker opens it from the configuration and deletes it
+        None => changes.push(line.to_owned()),
+    }
+}
 
 /// Why an `ns_add` would put a namespace in the worker's own memory, if it does.
 fn ram_namespace(req: &Value) -> Option<String> {
@@ -286,4 +330,56 @@ fn forward(path: &Path, line: &[u8]) -> std::io::Result<String> {
     let mut reply = String::new();
     std::io::BufRead::read_line(&mut BufReader::new(&s), &mut reply)?;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(method: &str, params: &Value) -> (Value, String) {
+        let v = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        (v.clone(), v.to_string())
+    }
+
+    #[test]
+    fn a_deletion_cancels_the_creation_made_at_run_time_only() {
+        let mut changes = Vec::new();
+        for (m, p) in [
+            (
+                "raid_create",
+                json!({"name": "r", "level": "raid1", "members": ["file:/a:1M"]}),
+            ),
+            ("lvs_create", json!({"name": "s", "backend": "raid:r"})),
+            ("ns_add", json!({"nqn": "n", "backend": "lvol:s/v"})),
+            (
+                "lvs_create",
+                json!({"lvs_name": "t", "bdev_name": "file:/b:1M"}),
+            ),
+            ("ns_delete", json!({"nqn": "n", "nsid": 2})),
+            ("lvs_delete", json!({"lvs_name": "s"})),
+            ("lvs_delete", json!({"name": "configured"})),
+        ] {
+            let (req, l) = line(m, &p);
+            record(&mut changes, &req, &l);
+        }
+        let methods: Vec<String> = changes
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                format!("{} {}", v["method"].as_str().unwrap(), v["params"])
+            })
+            .collect();
+        assert_eq!(methods.len(), 5, "{methods:#?}");
+        assert!(methods[0].starts_with("raid_create"));
+        assert!(
+            methods[1].starts_with("ns_add"),
+            "store s made and deleted: gone"
+        );
+        assert!(methods[2].contains("\"t\""));
+        assert!(methods[3].starts_with("ns_delete"));
+        assert!(methods[4].contains("configured"), "kept: configured");
+        let (req, l) = line("raid_delete", &json!({"name": "r"}));
+        record(&mut changes, &req, &l);
+        assert!(!changes.iter().any(|l| l.contains("raid_")), "{changes:#?}");
+    }
 }
