@@ -39,16 +39,18 @@
 //! new binary. A worker that dies otherwise (`kill -9`, a panic that escapes) is reaped and
 //! replaced by the same binary, which recovers from the journal: commands fetched and not
 //! completed are run again (reads, writes, write zeroes, deallocate, flush are idempotent;
-//! an admin command's effect is saved with its completion before that is posted), the
-//! completion being posted is written unless the guest's CQ slot holds it already, and every
-//! enabled vector is signalled once. If the supervisor itself dies, the clients' sockets
+//! an admin command's effect is saved with its completion before that is posted) unless
+//! their completion is found in the CQ past its recorded tail, an admin completion being
+//! posted is written unless the guest's CQ slot holds it already, and every enabled vector
+//! is signalled once. If the supervisor itself dies, the clients' sockets
 //! close with it: the VM loses the device, as without a supervisor.
 //!
 //! # Run-time changes
-//! `ns_add`, `ns_delete`, `ns_attach`, `ns_detach` and `vf_enable` change only the worker's
-//! memory: the supervisor keeps each one a worker accepted and replays them, in order, to
-//! the next worker before giving it the client links (so controllers restore with their
-//! namespaces). Calls that would not replay faithfully are refused (`rpc.rs`).
+//! `ns_add`, `ns_delete`, `ns_attach`, `ns_detach`, `vf_enable`, `raid_create`,
+//! `raid_delete`, `lvs_create` and `lvs_delete` change the worker's memory: the supervisor
+//! keeps each one a worker accepted and replays them, in order, to the next worker before
+//! giving it the client links (so controllers restore with their namespaces; a store loads,
+//! an array assembles). Calls that would not replay faithfully are refused (`rpc.rs`).
 //!
 //! # NVMe/TCP exports
 //! A host's NVMe/TCP connections belong to the worker and close with it (their controllers
