@@ -133,6 +133,26 @@ impl Harness {
         assert_eq!(self.admin_wait(sq), Status::SUCCESS, "create I/O SQ");
     }
 
+    /// Delete I/O queue pair 1 and create it again with the same base and size (the ring
+    /// starts over at entry 0, phase 1).
+    pub(crate) fn recreate_io_queues(&mut self) {
+        let sq = self.admin(sqe(0x00, 0, 0, &[1]));
+        assert_eq!(self.admin_wait(sq), Status::SUCCESS, "delete I/O SQ");
+        let cq = self.admin(sqe(0x04, 0, 0, &[1]));
+        assert_eq!(self.admin_wait(cq), Status::SUCCESS, "delete I/O CQ");
+        self.write(IOCQ, &vec![0u8; QSIZE as usize * 16]);
+        self.io = Ring::default();
+        let cq = self.admin(sqe(0x05, 0, IOCQ, &[((QSIZE - 1) << 16) | 1, 1]));
+        assert_eq!(self.admin_wait(cq), Status::SUCCESS, "create I/O CQ");
+        let sq = self.admin(sqe(
+            0x01,
+            0,
+            IOSQ,
+            &[((QSIZE - 1) << 16) | 1, (1 << 16) | 1],
+        ));
+        assert_eq!(self.admin_wait(sq), Status::SUCCESS, "create I/O SQ");
+    }
+
     pub(crate) fn write(&self, iova: u64, data: &[u8]) {
         self.mem.snapshot().write(iova, data).unwrap();
     }

@@ -71,16 +71,7 @@ impl Controller {
                 } else {
                     queues::create_io_sq
                 };
-                let status = create(&mut self.queues, &limits, doorbells, sqe, mem);
-                if status.is_success() {
-                    // a new life of this queue id: its journal records start afresh at the
-                    // save before this completion, even with the base and size of the last
-                    self.forget_journaled_queue(
-                        sqe.opcode == op::CREATE_IO_SQ,
-                        sqe.cdw10.get() as u16,
-                    );
-                }
-                Outcome::status(status)
+                Outcome::status(create(&mut self.queues, &limits, doorbells, sqe, mem))
             }
             op::DELETE_IO_CQ => Outcome::status(queues::delete_io_cq(&mut self.queues, sqe)),
             op::DELETE_IO_SQ => queues::delete_io_sq(&mut self.queues, slot, sqe),

@@ -619,12 +619,6 @@ impl Controller {
         }
     }
 
-    /// Queue `id` (an SQ or a CQ) was created again: its journal records are initialised at
-    /// the next save, whatever its key.
-    pub(crate) fn forget_journaled_queue(&mut self, sq: bool, id: u16) {
-        self.journaled_queues.retain(|k| !(k.0 == sq && k.1 == id));
-    }
-
     /// The queues as the journal knows them: SQ or CQ, id, base, size, reset epoch.
     fn queue_keys(&self) -> Vec<super::JournaledQueue> {
         let epoch = self.quiesce.epoch();
