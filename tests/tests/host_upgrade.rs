@@ -491,7 +491,7 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         Some(-32601),
         "forwarded to the worker, answered there"
     );
-    for m in ["subsystem_create", "ns_create", "subsystem_delete"] {
+    for m in ["ns_create", "subsystem_create", "subsystem_delete"] {
         let v = raw_rpc(
             &rpc_sock,
             format!("{{\"id\": 3, \"method\": \"{m}\", \"params\": {{\"name\": 5}}}}\n").as_bytes(),
@@ -1192,4 +1192,106 @@ fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
     );
     let arrays = rpc(&rpc_sock, &["raid_list"]).to_string();
     assert!(arrays.contains("\"mirror\""), "{arrays}");
+}
+
+/// A vfio-user subsystem made at run time (`subsystem_create`): the supervisor owns its
+/// socket from before the worker makes it, hands it to every next worker and replays the
+/// call, so verified I/O on it runs through an upgrade and a kill. Deleted
+/// (`subsystem_delete`), its socket goes and the next worker does not make it again, but
+/// keeps its entry number: a subsystem made after it has the same NQN in every worker. What
+/// the supervisor cannot own at run time is refused, saying so.
+#[test]
+fn a_subsystem_made_at_run_time_outlives_the_worker() {
+    let tmp = TempDir::new("upgrade-subsystem");
+    let dir = tmp.path();
+    let (_served, socks, rpc_sock) = supervised(dir, 1);
+    let made = dir.join("made.sock");
+    let create = |sock: &Path, img: &str| {
+        rpc(
+            &rpc_sock,
+            &[
+                "subsystem_create",
+                &format!("socket={}", sock.display()),
+                &format!(
+                    "namespace=[{{\"backend\":\"file:{}:32M\"}}]",
+                    dir.join(img).display()
+                ),
+            ],
+        )["nqn"]
+            .as_str()
+            .expect("nqn")
+            .to_owned()
+    };
+    let nqn = create(&made, "made.img");
+    wait_for(&made);
+    let p = perf(&made, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(random_ms(1200, 2000)));
+    kill_worker(&rpc_sock);
+    let (ok, out) = finish(p);
+    let log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        ok && out.contains(" 0 mismatches"),
+        "{out}\ndaemon:\n{}",
+        log()
+    );
+    let count = || {
+        rpc(&rpc_sock, &["subsystem_list"])
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert_eq!(count(), 2);
+
+    // what the supervisor cannot carry is refused, saying so
+    let e = rpc_refused(
+        &rpc_sock,
+        &[
+            "subsystem_create",
+            "tcp_listen=127.0.0.1:1",
+            "nqn=nqn.2026-12.io.vnvme:x",
+        ],
+    );
+    assert!(e.contains("refused under --supervised"), "{e}");
+    let configured = rpc(&rpc_sock, &["subsystem_list"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["nqn"].as_str().map(str::to_owned))
+        .find(|n| *n != nqn)
+        .expect("the configured subsystem");
+    let e = rpc_refused(
+        &rpc_sock,
+        &["subsystem_delete", &format!("nqn={configured}")],
+    );
+    assert!(e.contains("not made at run time"), "{e}");
+    assert!(socks[0].exists());
+
+    // deleted: its socket goes, and it stays gone in the next worker
+    rpc(&rpc_sock, &["subsystem_delete", &format!("nqn={nqn}")]);
+    let t = std::time::Instant::now();
+    while made.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "socket still there");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let again = dir.join("again.sock");
+    let nqn2 = create(&again, "again.img");
+    wait_for(&again);
+    rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert_eq!(count(), 2, "{}", log());
+    assert!(!made.exists());
+    let nqns = rpc(&rpc_sock, &["subsystem_list"]).to_string();
+    assert!(
+        nqns.contains(&nqn2) && !nqns.contains(&format!("\"{nqn}\"")),
+        "{nqns}"
+    );
+    assert!(!log().contains("supervisor: replaying"), "{}", log());
+    let p = perf(&again, 3);
+    let (ok, out) = finish(p);
+    assert!(
+        ok && out.contains(" 0 mismatches"),
+        "{out}\ndaemon:\n{}",
+        log()
+    );
 }

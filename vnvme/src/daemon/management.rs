@@ -179,6 +179,17 @@ impl Daemon {
         Ok(nqn)
     }
 
+    /// Take the next entry number without making a subsystem: a supervisor's replay of a
+    /// subsystem made and deleted at run time, so the ones made after it get the same
+    /// numbers (NQN and CNTLIDs) in every worker.
+    pub fn skip_entry(&mut self) -> Result<(), MgmtError> {
+        if self.entries.len() >= crate::config::MAX_ENTRIES {
+            return Err(MgmtError::Invalid("no entry number left".into()));
+        }
+        self.entries.push(None);
+        Ok(())
+    }
+
     /// Stop subsystem `nqn` at run time: its controllers are reset, namespaces flushed,
     /// sockets removed; its backends, DMA map and counters are let go.
     pub fn remove_entry(&mut self, nqn: &str) -> Result<(), MgmtError> {

@@ -33,6 +33,10 @@ pub const METHODS: &[&str] = &[
     "bdev_raid_remove_base_bdev",
 ];
 
+/// What a supervisor replays in place of a subsystem made and deleted at run time: the
+/// entry number it took, nothing else.
+pub const SKIP_ENTRY: &str = "subsystem_skip_entry";
+
 fn invalid(msg: impl Into<String>) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, msg)
 }
@@ -90,6 +94,11 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
             daemon
                 .remove_entry(string(p, "nqn")?)
                 .map_err(|e| refused(&e))?;
+            Ok(json!(true))
+        }
+        // a supervisor's replay of a subsystem made and deleted at run time (not listed)
+        SKIP_ENTRY => {
+            daemon.skip_entry().map_err(|e| refused(&e))?;
             Ok(json!(true))
         }
         "ns_create" => {

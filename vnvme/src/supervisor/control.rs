@@ -13,7 +13,10 @@ use qemu_vfio_user::server::socket::{self, Deadline, Incoming};
 use serde_json::Value;
 use zerocopy::IntoBytes;
 
-/// Supervisor -> worker: serve socket `{"socket": PATH}`; fds: link, BAR0 memfd, state memfd.
+/// Supervisor -> worker: serve socket `{"socket": PATH, "run_time": BOOL}`; fds: link, BAR0
+/// memfd, state memfd. Before START: every socket owned (`run_time`: one a `subsystem_create`
+/// made, claimed when that call is replayed); after START: a `subsystem_create` to come,
+/// answered `DONE {"ok": BOOL}`.
 pub const ATTACH: u16 = 0x7e01;
 /// Supervisor -> worker: every socket is attached, start the daemon. Reply: `{"pid": N}`.
 pub const START: u16 = 0x7e02;

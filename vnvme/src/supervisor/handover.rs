@@ -27,6 +27,9 @@ struct Handed {
     socket: PathBuf,
     link: Option<UnixStream>,
     memory: Option<HandedMemory>,
+    /// Made by `subsystem_create` at run time: claimed when that call is replayed, after
+    /// the configuration is built.
+    run_time: bool,
 }
 
 static HANDED: Mutex<Vec<Handed>> = Mutex::new(Vec::new());
@@ -34,14 +37,16 @@ static HANDED: Mutex<Vec<Handed>> = Mutex::new(Vec::new());
 static LISTENERS: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 static TRACKED: Mutex<Vec<Poster>> = Mutex::new(Vec::new());
 
-/// Record what the supervisor handed over for `socket`.
-pub fn offer(socket: PathBuf, link: UnixStream, memory: HandedMemory) {
+/// Record what the supervisor handed over for `socket` (`run_time`: for a subsystem made at
+/// run time).
+pub fn offer(socket: PathBuf, link: UnixStream, memory: HandedMemory, run_time: bool) {
     if let Ok(mut h) = HANDED.lock() {
         h.retain(|x| x.socket != socket);
         h.push(Handed {
             socket,
             link: Some(link),
             memory: Some(memory),
+            run_time,
         });
     }
 }
@@ -79,7 +84,7 @@ pub fn unclaimed() -> Vec<PathBuf> {
         |_| Vec::new(),
         |h| {
             h.iter()
-                .filter(|x| x.link.is_some())
+                .filter(|x| x.link.is_some() && !x.run_time)
                 .map(|x| x.socket.clone())
                 .collect()
         },

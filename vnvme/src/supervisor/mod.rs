@@ -50,7 +50,10 @@
 //! `raid_delete`, `lvs_create` and `lvs_delete` change the worker's memory: the supervisor
 //! keeps each one a worker accepted and replays them, in order, to the next worker before
 //! giving it the client links (so controllers restore with their namespaces; a store loads,
-//! an array assembles). Calls that would not replay faithfully are refused (`rpc.rs`).
+//! an array assembles). `subsystem_create` of a vfio-user controller: the supervisor owns
+//! its socket and memfds from before the worker makes it (`ATTACH` at run time, acknowledged)
+//! and hands them to every next worker before the call is replayed. Calls that would not
+//! replay faithfully are refused (`rpc.rs`).
 //!
 //! # NVMe/TCP exports
 //! A host's NVMe/TCP connections belong to the worker and close with it (their controllers
@@ -155,6 +158,9 @@ struct Owned {
     doorbells: SharedMemory,
     state: SharedMemory,
     links: Sender<UnixStream>,
+    /// A controller made at run time (`subsystem_create`): its relay's own stop flag (it
+    /// stops alone when the subsystem is deleted).
+    run_time: Option<Arc<AtomicBool>>,
 }
 
 /// The running supervisor.
@@ -274,6 +280,7 @@ impl Supervisor {
                 doorbells,
                 state,
                 links: tx,
+                run_time: None,
             });
         }
         let mut s = Self {
@@ -315,7 +322,7 @@ impl Supervisor {
         let mut links = Vec::new();
         for o in &self.owned {
             let (relay_end, worker_end) = UnixStream::pair().map_err(SupervisorError::Io)?;
-            let body = json!({"socket": o.socket});
+            let body = json!({"socket": o.socket, "run_time": o.run_time.is_some()});
             let r = control::send(
                 &ours,
                 control::ATTACH,
@@ -396,6 +403,76 @@ impl Supervisor {
         Ok(
             json!({"generation": self.status.generation, "worker_pid": self.status.worker_pid, "ms": ms}),
         )
+    }
+
+    /// Own vfio-user socket `socket` from now on, for a `subsystem_create` the worker is
+    /// about to run: bind it, make its memfds and relay, and hand them to the worker, which
+    /// acknowledges. Every next worker gets them too, before that call is replayed to it.
+    fn attach_at_run_time(&mut self, socket: PathBuf) -> Result<(), String> {
+        if self.owned.iter().any(|o| o.socket == socket) {
+            return Err(format!("{} is served already", socket.display()));
+        }
+        let Some((_, ctl)) = self.worker.as_ref() else {
+            return Err("no worker is running (the next one is starting): try again".into());
+        };
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop), Arc::clone(&self.hung))
+            .map_err(|e| e.to_string())?;
+        let made = (|| {
+            let doorbells = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)?;
+            let state = Journal::create()?;
+            let (relay_end, worker_end) = UnixStream::pair()?;
+            let body = json!({"socket": socket, "run_time": true});
+            let fds = [worker_end.as_fd(), doorbells.fd(), state.fd()];
+            control::send(ctl, control::ATTACH, &body, &fds)?;
+            match control::recv(ctl, Duration::from_secs(5))? {
+                Some(m) if m.command == control::DONE && m.body["ok"] == true => {
+                    Ok((doorbells, state, relay_end))
+                }
+                other => Err(std::io::Error::other(format!(
+                    "the worker did not take the socket ({other:?})"
+                ))),
+            }
+        })();
+        let (doorbells, state, relay_end) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                // the relay never ran: stopped at once, it removes its socket
+                stop.store(true, Ordering::Relaxed);
+                relay.run();
+                return Err(e.to_string());
+            }
+        };
+        let handle = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || relay.run())
+            .map_err(|e| e.to_string())?;
+        self.relays.push(handle);
+        let _ = tx.send(relay_end);
+        self.owned.push(Owned {
+            socket,
+            doorbells,
+            state,
+            links: tx,
+            run_time: Some(stop),
+        });
+        Ok(())
+    }
+
+    /// Let go of socket `socket` (owned since a `subsystem_create`, or just refused): its
+    /// relay closes the client's connection and removes the socket.
+    fn detach(&mut self, socket: &std::path::Path) {
+        if let Some(i) = self
+            .owned
+            .iter()
+            .position(|o| o.socket == socket && o.run_time.is_some())
+        {
+            let o = self.owned.remove(i);
+            if let Some(stop) = o.run_time {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Start a worker, trying a few times within QEMU's message timeout.
@@ -511,6 +588,11 @@ impl Supervisor {
             drop(ctl);
         }
         self.stop.store(true, Ordering::Relaxed);
+        for o in &self.owned {
+            if let Some(stop) = &o.run_time {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
         for r in self.relays.drain(..) {
             let _ = r.join();
         }

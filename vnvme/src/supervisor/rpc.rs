@@ -32,10 +32,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client waits for the supervisor's loop (an upgrade takes a few seconds).
 const ASK_TIMEOUT: Duration = Duration::from_mins(1);
 
-/// A `daemon_*` request for the supervisor's loop, with where its answer goes.
+/// A `daemon_*` request for the supervisor's loop, or a socket to own or let go of for a
+/// `subsystem_create` / `subsystem_delete`, with where its answer goes.
 pub(super) enum Ask {
     Status(Sender<Value>),
     Upgrade(Option<PathBuf>, Sender<Result<Value, String>>),
+    Attach(PathBuf, Sender<Result<(), String>>),
+    Detach(PathBuf, Sender<()>),
 }
 
 /// The listening socket and the thread that accepts on it.
@@ -49,6 +52,8 @@ struct Shared {
     asks: Sender<Ask>,
     worker_rpc: Option<PathBuf>,
     changes: Changes,
+    /// Subsystems made at run time: NQN and vfio-user socket.
+    made: Mutex<Vec<(String, PathBuf)>>,
 }
 
 /// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
@@ -70,6 +75,7 @@ impl SupervisorRpc {
             asks: tx,
             worker_rpc,
             changes,
+            made: Mutex::new(Vec::new()),
         };
         let acceptor = Acceptor::start("supervisor-rpc", listener, owned, MAX_CLIENTS, move |s| {
             serve(&s, &shared)
@@ -94,6 +100,13 @@ impl SupervisorRpc {
                 }
                 Ask::Upgrade(binary, reply) => {
                     let _ = reply.send(sup.upgrade(binary).map_err(|e| e.to_string()));
+                }
+                Ask::Attach(socket, reply) => {
+                    let _ = reply.send(sup.attach_at_run_time(socket));
+                }
+                Ask::Detach(socket, reply) => {
+                    sup.detach(&socket);
+                    let _ = reply.send(());
                 }
             }
             next = self.asks.try_recv().ok();
@@ -159,6 +172,9 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                 }
             }
         }
+        crate::rpc::methods::SKIP_ENTRY => refused(&id, "the supervisor's own call"),
+        "subsystem_create" => subsystem_create(sh, &req, &line, &id),
+        "subsystem_delete" => subsystem_delete(sh, &req, &line, &id),
         m if REPLAYED.contains(&m) => {
             if let Some(why) = ram_namespace(&req) {
                 refused(&id, &why)
@@ -250,7 +266,140 @@ const REPLAYED: &[&str] = &[
 /// would lose it and the guest would see a namespace vanish, so the supervisor refuses them.
 /// Calls whose effect is on disk (volumes of a store, array membership) or carried in the
 /// state memfd (`qos_set`) go through.
-const NOT_CARRIED: &[&str] = &["subsystem_create", "subsystem_delete", "ns_create"];
+const NOT_CARRIED: &[&str] = &["ns_create"];
+
+/// `subsystem_create` under a supervisor: a vfio-user controller (no VFs, no network
+/// export) whose socket the supervisor owns from before the worker makes it, like a
+/// configured one's; the call is replayed to every next worker.
+fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
+    let p = req.get("params").cloned().unwrap_or(Value::Null);
+    let network = ["tcp_listen", "rdma_listen", "namespace_pool"]
+        .iter()
+        .find(|k| p.get(**k).is_some_and(|v| !v.is_null()));
+    if let Some(k) = network {
+        return refused(
+            id,
+            &format!(
+                "subsystem_create: {k} at run time is refused under --supervised; put it in the configuration"
+            ),
+        );
+    }
+    if p.get("vfs").and_then(Value::as_u64).unwrap_or(0) > 0 {
+        return refused(
+            id,
+            "subsystem_create: VFs at run time are refused under --supervised; put them in the configuration",
+        );
+    }
+    let Some(socket) = p.get("socket").and_then(Value::as_str).map(PathBuf::from) else {
+        return refused(
+            id,
+            "subsystem_create without a vfio-user \"socket\" is refused under --supervised",
+        );
+    };
+    let ram = p
+        .get("namespace")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("backend").and_then(Value::as_str))
+        .find_map(|b| crate::backend_spec::refuse_in_worker("subsystem_create", b).err());
+    if let Some(why) = ram {
+        return refused(id, &why);
+    }
+    let Some(worker) = sh.worker_rpc.as_ref() else {
+        return refused(id, "no management socket in the worker");
+    };
+    // the socket first (the supervisor's loop may be replaying the changes to a new worker:
+    // never wait for it holding their lock); a worker started meanwhile gets the socket too
+    let (tx, rx) = mpsc::channel();
+    if let Err(e) = ask(sh, Ask::Attach(socket.clone(), tx)).and_then(|()| wait(&rx)?) {
+        return refused(id, &format!("subsystem_create: {e}"));
+    }
+    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+    let reply = forward(worker, line)
+        .ok()
+        .and_then(|r| serde_json::from_str::<Value>(&r).ok());
+    let nqn = reply
+        .as_ref()
+        .and_then(|r| r.get("result")?.get("nqn")?.as_str())
+        .map(str::to_owned);
+    match (reply, nqn) {
+        (Some(r), Some(nqn)) => {
+            changes.push(String::from_utf8_lossy(line).trim_end().to_owned());
+            sh.made
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((nqn, socket));
+            r
+        }
+        (r, _) => {
+            drop(changes);
+            let (tx, rx) = mpsc::channel();
+            let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
+            r.unwrap_or_else(|| refused(id, "the worker did not answer"))
+        }
+    }
+}
+
+/// `subsystem_delete` under a supervisor: of a subsystem made at run time only (a
+/// configured one comes back with the next worker: remove it from the configuration). Its
+/// creation is replayed from then on as the entry number it took, nothing else.
+fn subsystem_delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
+    let nqn = req
+        .get("params")
+        .and_then(|p| p.get("nqn"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let socket = sh
+        .made
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .find(|(n, _)| n == nqn)
+        .map(|(_, s)| s.clone());
+    let Some(socket) = socket else {
+        return refused(
+            id,
+            &format!(
+                "subsystem_delete of {nqn} is refused under --supervised: it was not made at run \
+                 time, and the next worker would make it again from the configuration; remove it \
+                 there"
+            ),
+        );
+    };
+    let Some(worker) = sh.worker_rpc.as_ref() else {
+        return refused(id, "no management socket in the worker");
+    };
+    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+    let reply = match forward(worker, line) {
+        Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
+        Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
+    };
+    if reply.get("result").is_some() {
+        sh.made
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(n, _)| n != nqn);
+        let made_here = changes.iter().position(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|r| {
+                r.get("method").and_then(Value::as_str) == Some("subsystem_create")
+                    && r.get("params")
+                        .and_then(|p| p.get("socket"))
+                        .and_then(Value::as_str)
+                        == socket.to_str()
+            })
+        });
+        if let Some(i) = made_here {
+            changes[i] =
+                json!({"jsonrpc": "2.0", "id": 0, "method": crate::rpc::methods::SKIP_ENTRY})
+                    .to_string();
+        }
+        drop(changes);
+        let (tx, rx) = mpsc::channel();
+        let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
+    }
+    reply
+}
 
 /// Keep `line` (request `req`, which the worker accepted) for the next workers: a store's or
 /// array's deletion cancels its creation at run time, if that is in the list.

@@ -17,6 +17,35 @@ pub struct WorkerLink {
     ctl: UnixStream,
 }
 
+/// Keep the fds of an ATTACH (a vfio-user socket's link, BAR0 memfd and state memfd) or a
+/// LISTEN (an NVMe/TCP listener) for the builder of that controller.
+fn take_fds(m: control::Control) -> Result<(), SupervisorError> {
+    let text = |k: &str| m.body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    if m.command == LISTEN {
+        let addr =
+            text("addr").ok_or_else(|| SupervisorError::Protocol("LISTEN without addr".into()))?;
+        let Some(fd) = m.fds.into_iter().next() else {
+            return Err(SupervisorError::Protocol("LISTEN without its fd".into()));
+        };
+        handover::offer_listener(addr, fd);
+        return Ok(());
+    }
+    let socket = text("socket")
+        .map(PathBuf::from)
+        .ok_or_else(|| SupervisorError::Protocol("ATTACH without socket".into()))?;
+    let mut fds = m.fds.into_iter();
+    let (Some(link), Some(doorbells), Some(state)) = (fds.next(), fds.next(), fds.next()) else {
+        return Err(SupervisorError::Protocol("ATTACH with missing fds".into()));
+    };
+    handover::offer(
+        socket,
+        UnixStream::from(link),
+        HandedMemory { doorbells, state },
+        m.body.get("run_time").and_then(serde_json::Value::as_bool) == Some(true),
+    );
+    Ok(())
+}
+
 /// What the supervisor asked.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Asked {
@@ -40,35 +69,7 @@ impl WorkerLink {
                 ));
             };
             match m.command {
-                ATTACH => {
-                    let socket = m
-                        .body
-                        .get("socket")
-                        .and_then(|v| v.as_str())
-                        .map(PathBuf::from)
-                        .ok_or_else(|| SupervisorError::Protocol("ATTACH without socket".into()))?;
-                    let mut fds = m.fds.into_iter();
-                    let (Some(link), Some(doorbells), Some(state)) =
-                        (fds.next(), fds.next(), fds.next())
-                    else {
-                        return Err(SupervisorError::Protocol("ATTACH with missing fds".into()));
-                    };
-                    handover::offer(
-                        socket,
-                        UnixStream::from(link),
-                        HandedMemory { doorbells, state },
-                    );
-                }
-                LISTEN => {
-                    let addr =
-                        m.body.get("addr").and_then(|v| v.as_str()).ok_or_else(|| {
-                            SupervisorError::Protocol("LISTEN without addr".into())
-                        })?;
-                    let Some(fd) = m.fds.into_iter().next() else {
-                        return Err(SupervisorError::Protocol("LISTEN without its fd".into()));
-                    };
-                    handover::offer_listener(addr.to_owned(), fd);
-                }
+                ATTACH | LISTEN => take_fds(m)?,
                 START => return Ok(Self { ctl }),
                 c => {
                     return Err(SupervisorError::Protocol(format!(
@@ -91,11 +92,20 @@ impl WorkerLink {
             .map_err(SupervisorError::Io)
     }
 
-    /// Look for a request, waiting up to `wait`.
+    /// Look for a request, waiting up to `wait`. A socket handed over at run time (for a
+    /// `subsystem_create` to come) is taken and acknowledged here.
     pub fn poll(&self, wait: Duration) -> Asked {
         match control::recv(&self.ctl, wait) {
             Ok(None) => Asked::Nothing,
             Ok(Some(m)) if m.command == UPGRADE => Asked::Upgrade,
+            Ok(Some(m)) if m.command == ATTACH => {
+                let ok = take_fds(m).map_err(|e| e.to_string());
+                if let Err(e) = &ok {
+                    log::warn!("worker: {e}");
+                }
+                let _ = control::send(&self.ctl, DONE, &json!({"ok": ok.is_ok()}), &[]);
+                Asked::Nothing
+            }
             Ok(Some(m)) => {
                 log::warn!("worker: ignoring control command {:#x}", m.command);
                 Asked::Nothing
