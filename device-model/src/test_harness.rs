@@ -122,6 +122,11 @@ impl Harness {
         c.write_register(0x30, ACQ, 8);
         c.write_register(0x14, (6 << 16) | (4 << 20) | 1, 4);
         assert!(c.is_ready());
+        self.create_io_queues();
+    }
+
+    /// Create I/O queue pair 1 ([`QSIZE`] entries, no interrupts).
+    fn create_io_queues(&mut self) {
         let cq = self.admin(sqe(0x05, 0, IOCQ, &[((QSIZE - 1) << 16) | 1, 1]));
         assert_eq!(self.admin_wait(cq), Status::SUCCESS, "create I/O CQ");
         let sq = self.admin(sqe(
@@ -142,15 +147,7 @@ impl Harness {
         assert_eq!(self.admin_wait(cq), Status::SUCCESS, "delete I/O CQ");
         self.write(IOCQ, &vec![0u8; QSIZE as usize * 16]);
         self.io = Ring::default();
-        let cq = self.admin(sqe(0x05, 0, IOCQ, &[((QSIZE - 1) << 16) | 1, 1]));
-        assert_eq!(self.admin_wait(cq), Status::SUCCESS, "create I/O CQ");
-        let sq = self.admin(sqe(
-            0x01,
-            0,
-            IOSQ,
-            &[((QSIZE - 1) << 16) | 1, (1 << 16) | 1],
-        ));
-        assert_eq!(self.admin_wait(sq), Status::SUCCESS, "create I/O SQ");
+        self.create_io_queues();
     }
 
     pub(crate) fn write(&self, iova: u64, data: &[u8]) {

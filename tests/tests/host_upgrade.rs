@@ -135,6 +135,29 @@ fn kill_worker(rpc_sock: &Path) {
     }
 }
 
+/// `perf --verify` on `sock` through an upgrade and a kill of the worker: no failed command,
+/// no mismatch, and namespace `nsid` among those verified. The daemon's log after.
+fn verified_through_an_upgrade_and_a_kill(
+    sock: &Path,
+    rpc_sock: &Path,
+    dir: &Path,
+    nsid: u64,
+) -> String {
+    let p = perf(sock, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rpc(rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    kill_worker(rpc_sock);
+    let (ok, out) = finish(p);
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        ok && out.contains(" 0 mismatches") && out.contains(&format!("NSID {nsid}")),
+        "{out}\ndaemon:\n{log}"
+    );
+    log
+}
+
 /// A small random delay from the clock (no RNG crate in the tests).
 fn random_ms(lo: u64, hi: u64) -> u64 {
     let ns = std::time::SystemTime::now()
@@ -1076,18 +1099,7 @@ fn namespaces_added_at_run_time_outlive_the_worker() {
     assert!(e.contains("refused under --supervised"), "{e}");
 
     // perf finds both namespaces on the PF and verifies each
-    let p = perf(&sock, 10);
-    std::thread::sleep(Duration::from_secs(2));
-    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
-    assert!(r.get("generation").is_some(), "{r}");
-    std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
-    kill_worker(&rpc_sock);
-    let (ok, out) = finish(p);
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        ok && out.contains(" 0 mismatches") && out.contains(&format!("NSID {nsid}")),
-        "{out}\ndaemon:\n{log}"
-    );
+    verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
     let sub = rpc(&rpc_sock, &["subsystem_list"]);
     let ns = sub[0]["namespaces"]
         .as_array()
@@ -1170,18 +1182,7 @@ fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
         ],
     );
 
-    let p = perf(&sock, 10);
-    std::thread::sleep(Duration::from_secs(2));
-    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
-    assert!(r.get("generation").is_some(), "{r}");
-    std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
-    kill_worker(&rpc_sock);
-    let (ok, out) = finish(p);
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        ok && out.contains(" 0 mismatches") && out.contains(&format!("NSID {nsid}")),
-        "{out}\ndaemon:\n{log}"
-    );
+    let log = verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
     // every replay went through, twice
     assert!(!log.contains("supervisor: replaying"), "{log}");
     assert_eq!(log.matches("run-time changes replayed").count(), 2, "{log}");
