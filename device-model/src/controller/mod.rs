@@ -38,6 +38,7 @@ mod interrupt;
 mod lifecycle;
 mod shutdown;
 mod snapshot;
+mod snapshot_blob;
 #[cfg(test)]
 mod snapshot_tests;
 

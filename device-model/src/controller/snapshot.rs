@@ -1,20 +1,14 @@
 //! A controller's state exported to, and imported from, its state memfd
 //! ([`crate::journal`]) so that another worker process can carry on with it: after a planned
 //! upgrade (fetching held, commands drained, state saved) and after a crash (the hot
-//! journal tells which commands were fetched and not completed, and which completion was
+//! journal tells which commands were fetched and not completed; the CQs past their recorded
+//! tails, which completions were posted since; an admin completion's record, whether it was
 //! being posted).
 //!
-//! The slow-state blob is a little-endian record (version 3) of the registers, the features,
-//! the shadow doorbell addresses, every queue's geometry, the admin completion about to be
-//! posted (its effect is in the same blob, so recovery never runs an admin command twice),
-//! the QoS limits (set at run time by the management plane: a tenant throttled before an
-//! upgrade stays throttled after it), and the SMART counters and error log (what a host
-//! reads there does not go back; exact across a planned upgrade, as of the last save after a
-//! crash), and the asynchronous event state (events waiting for a request, the types
-//! reported and not yet acknowledged, the Changed Namespace List, the pool warning): an
-//! event raised before an upgrade reaches the host once, after it. Blobs of versions 1 to 3
-//! (without the QoS limits, the logs, the events) still load. Namespaces added or removed
-//! at run time are not carried (the supervisor refuses those calls).
+//! The slow-state blob (registers, features, queues, the admin completion being posted,
+//! QoS limits, SMART counters and error log, asynchronous events) is encoded and decoded in
+//! `snapshot_blob.rs`. Namespaces added or removed at run time are not carried here: the
+//! supervisor replays those calls to the next worker.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -22,23 +16,16 @@ use std::sync::Arc;
 use nvme_spec::{Completion, Submission};
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::snapshot_blob::PendingAdmin;
+
 use crate::journal::{self, Journal, JournalError};
 use crate::memory::MemoryMap;
 use crate::queue::{CompletionQueue, SubmissionQueue};
 use crate::registers::{Aqa, Cc, Csts};
-use crate::shadow_doorbell::{DoorbellSeen, ShadowDoorbells};
-use crate::state::features::Features;
+use crate::shadow_doorbell::DoorbellSeen;
 
 use super::Controller;
 
-const VERSION: u32 = 4;
-/// The versions before the QoS limits, the logs and then the events were carried (still
-/// read).
-const VERSION_NO_QOS: u32 = 1;
-const VERSION_NO_LOGS: u32 = 2;
-const VERSION_NO_EVENTS: u32 = 3;
-/// Queued events carried at most (each type/information pair is queued once).
-const MAX_QUEUED_EVENTS: usize = 32;
 const OP_ASYNC_EVENT_REQUEST: u8 = 0x0c;
 
 /// What a restore found and did (logged by the worker, counted by tests).
@@ -51,16 +38,6 @@ pub struct Restored {
     /// Completions that were being posted: written now, or found already in the guest's CQ.
     pub reposted: usize,
     pub found_posted: usize,
-}
-
-/// The journal's view of an admin completion being posted (part of the blob).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct PendingAdmin {
-    slot: u16,
-    sq_pos: u32,
-    cq_pos: u32,
-    phase: bool,
-    cqe: [u8; 16],
 }
 
 /// A doorbell as the last worker saw it: without shadow doorbells the register itself (it
@@ -110,99 +87,6 @@ fn posted_since_record(mem: &MemoryMap, cq: &mut CompletionQueue, posted: &mut V
             cq.phase = !cq.phase;
         }
     }
-}
-
-/// Little-endian writer.
-#[derive(Default)]
-struct W(Vec<u8>);
-
-impl W {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-}
-
-/// Little-endian reader over untrusted bytes: every read is bounds checked.
-struct R<'a>(&'a [u8]);
-
-impl R<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-}
-
-/// The decoded slow state.
-struct Blob {
-    cc: u32,
-    csts: u32,
-    aqa: u32,
-    asq: u64,
-    acq: u64,
-    intms: u32,
-    page_size: u64,
-    features: Features,
-    shadow: Option<ShadowDoorbells>,
-    /// id, base, size, vector, interrupts enabled
-    cqs: Vec<(u16, u64, u32, u16, bool)>,
-    /// id, base, size, cqid
-    sqs: Vec<(u16, u64, u32, u16)>,
-    pending: Option<PendingAdmin>,
-    /// QoS limits (none in a version 1 blob: the configuration's stay).
-    qos: Option<crate::qos::QosLimits>,
-    /// SMART counters and error log (none before version 3).
-    logs: Option<SavedLogs>,
-    /// Asynchronous event state (none before version 4).
-    events: Option<SavedEvents>,
-}
-
-/// The asynchronous event state as saved.
-struct SavedEvents {
-    masked: u8,
-    queued: Vec<crate::state::async_events::AsyncEvent>,
-    changed_overflow: bool,
-    changed: Vec<u32>,
-    pool_warning: Option<u8>,
-}
-
-/// The SMART counters and the error log as saved.
-struct SavedLogs {
-    bytes_read: u64,
-    bytes_written: u64,
-    reads: u64,
-    writes: u64,
-    power_on_secs: u64,
-    errors: u64,
-    /// Newest first.
-    entries: Vec<nvme_spec::log_page::ErrorLogEntry>,
 }
 
 impl Controller {
@@ -308,290 +192,6 @@ impl Controller {
             }
         }
         out
-    }
-
-    fn encode(&self, pending: Option<PendingAdmin>) -> Vec<u8> {
-        let mut w = W::default();
-        w.u32(VERSION);
-        w.u32(self.regs.cc.0);
-        w.u32(self.regs.csts.0);
-        w.u32(self.regs.aqa.0);
-        w.u64(self.regs.asq);
-        w.u64(self.regs.acq);
-        w.u32(self.regs.intms);
-        w.u64(self.page_size);
-        let f = &self.admin.features;
-        w.u32(f.arbitration);
-        w.u32(f.power_state);
-        w.u16(f.temp_over);
-        w.u16(f.temp_under);
-        w.u32(f.error_recovery);
-        w.u8(u8::from(f.write_cache));
-        let (granted, (sqs, cqs)) = (f.queues.is_some(), f.queues.unwrap_or_default());
-        w.u8(u8::from(granted));
-        w.u16(sqs);
-        w.u16(cqs);
-        w.u16(f.max_queues);
-        w.u32(f.coalescing);
-        w.u8(u8::from(f.coalescing_adaptive));
-        w.u16(f.vector_cd.len() as u16);
-        for &b in &f.vector_cd {
-            w.u8(u8::from(b));
-        }
-        w.u32(f.write_atomicity);
-        w.u32(f.async_event_config);
-        w.u32(f.keep_alive_ms);
-        w.u32(f.lba_status_interval);
-        w.bytes(&f.host_behavior);
-        match &self.shadow {
-            Some(s) => {
-                w.u8(1);
-                w.u64(s.shadow);
-                w.u64(s.event_idx);
-            }
-            None => w.u8(0),
-        }
-        let cqs: Vec<&CompletionQueue> = self
-            .queues
-            .active_cqs
-            .iter()
-            .filter_map(|&id| self.queues.cq(id))
-            .collect();
-        w.u16(cqs.len() as u16);
-        for c in cqs {
-            w.u16(c.id);
-            w.u64(c.base);
-            w.u32(c.size);
-            w.u16(c.vector);
-            w.u8(u8::from(c.irq_enabled));
-        }
-        let sqs: Vec<&SubmissionQueue> = self
-            .queues
-            .active_sqs
-            .iter()
-            .filter_map(|&id| self.queues.sq(id))
-            .collect();
-        w.u16(sqs.len() as u16);
-        for s in sqs {
-            w.u16(s.id);
-            w.u64(s.base);
-            w.u32(s.size);
-            w.u16(s.cqid);
-        }
-        match pending {
-            Some(p) => {
-                w.u8(1);
-                w.u16(p.slot);
-                w.u32(p.sq_pos);
-                w.u32(p.cq_pos);
-                w.u8(u8::from(p.phase));
-                w.bytes(&p.cqe);
-            }
-            None => w.u8(0),
-        }
-        let q = self.qos_control.get();
-        w.u64(q.iops.unwrap_or(0));
-        w.u64(q.bytes_per_sec.unwrap_or(0));
-        let s = &self.admin.smart;
-        w.u64(s.bytes_read);
-        w.u64(s.bytes_written);
-        w.u64(s.reads);
-        w.u64(s.writes);
-        w.u64(s.power_on_secs());
-        w.u64(self.admin.errors.count);
-        w.u16(self.admin.errors.entries.len() as u16);
-        for e in &self.admin.errors.entries {
-            w.bytes(e.as_bytes());
-        }
-        let ev = &self.admin.events;
-        w.u8(ev.masked);
-        let queued = ev.queued.len().min(MAX_QUEUED_EVENTS);
-        w.u8(queued as u8);
-        for e in ev.queued.iter().take(queued) {
-            w.u8(e.event_type);
-            w.u8(e.info);
-            w.u8(e.log_page);
-        }
-        let ch = &self.admin.changed_ns;
-        w.u8(u8::from(ch.overflow));
-        w.u16(ch.nsids.len() as u16);
-        for &n in &ch.nsids {
-            w.u32(n);
-        }
-        w.u8(u8::from(self.admin.pool_warning.is_some()));
-        w.u8(self.admin.pool_warning.unwrap_or(0));
-        w.0
-    }
-
-    #[allow(clippy::many_single_char_names)]
-    fn decode(&self, b: &[u8]) -> Option<Blob> {
-        let mut r = R(b);
-        let version = r.u32()?;
-        if ![VERSION, VERSION_NO_QOS, VERSION_NO_LOGS, VERSION_NO_EVENTS].contains(&version) {
-            return None;
-        }
-        let (cc, csts, aqa, asq, acq, intms, page_size) = (
-            r.u32()?,
-            r.u32()?,
-            r.u32()?,
-            r.u64()?,
-            r.u64()?,
-            r.u32()?,
-            r.u64()?,
-        );
-        let mut f = Features::new(self.cfg.max_io_queues, self.cfg.irq_coalescing.dword());
-        f.arbitration = r.u32()?;
-        f.power_state = r.u32()?;
-        f.temp_over = r.u16()?;
-        f.temp_under = r.u16()?;
-        f.error_recovery = r.u32()?;
-        f.write_cache = r.u8()? != 0;
-        let (has_q, a, bq) = (r.u8()?, r.u16()?, r.u16()?);
-        f.queues = (has_q != 0).then_some((a, bq));
-        f.max_queues = r.u16()?.min(self.cfg.max_io_queues.max(1));
-        f.coalescing = r.u32()?;
-        f.coalescing_adaptive = r.u8()? != 0;
-        let n = r.u16()? as usize;
-        let cd = r.take(n)?;
-        for (i, &v) in cd.iter().enumerate().take(f.vector_cd.len()) {
-            f.vector_cd[i] = v != 0;
-        }
-        f.write_atomicity = r.u32()?;
-        f.async_event_config = r.u32()?;
-        f.keep_alive_ms = r.u32()?;
-        f.lba_status_interval = r.u32()?;
-        f.host_behavior.copy_from_slice(r.take(512)?);
-        let shadow = if r.u8()? != 0 {
-            Some(ShadowDoorbells {
-                shadow: r.u64()?,
-                event_idx: r.u64()?,
-            })
-        } else {
-            None
-        };
-        let cap = self.queues.capacity();
-        let max_entries = u32::from(self.cfg.mqes) + 1;
-        let ok_size = |s: u32| (2..=max_entries).contains(&s) && s as usize <= journal::SLOTS;
-        let mut cqs = Vec::new();
-        for _ in 0..r.u16()? {
-            let q = (r.u16()?, r.u64()?, r.u32()?, r.u16()?, r.u8()? != 0);
-            if (q.0 as usize) >= cap
-                || !ok_size(q.2)
-                || cqs.iter().any(|c: &(u16, _, _, _, _)| c.0 == q.0)
-            {
-                return None;
-            }
-            cqs.push(q);
-        }
-        let mut sqs = Vec::new();
-        for _ in 0..r.u16()? {
-            let q = (r.u16()?, r.u64()?, r.u32()?, r.u16()?);
-            if (q.0 as usize) >= cap
-                || !ok_size(q.2)
-                || !cqs.iter().any(|c| c.0 == q.3)
-                || sqs.iter().any(|s: &(u16, _, _, _)| s.0 == q.0)
-            {
-                return None;
-            }
-            sqs.push(q);
-        }
-        let pending = if r.u8()? != 0 {
-            let (slot, sq_pos, cq_pos, phase) = (r.u16()?, r.u32()?, r.u32()?, r.u8()? != 0);
-            let cqe: [u8; 16] = r.take(16)?.try_into().ok()?;
-            Some(PendingAdmin {
-                slot,
-                sq_pos,
-                cq_pos,
-                phase,
-                cqe,
-            })
-        } else {
-            None
-        };
-        let qos = if version >= VERSION_NO_LOGS {
-            let n = |v: u64| (v != 0).then_some(v);
-            Some(crate::qos::QosLimits {
-                iops: n(r.u64()?),
-                bytes_per_sec: n(r.u64()?),
-            })
-        } else {
-            None
-        };
-        let logs = if version >= VERSION_NO_EVENTS {
-            let (bytes_read, bytes_written, reads, writes, power_on_secs, errors) =
-                (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-            let n = r.u16()? as usize;
-            if n > crate::state::logs::ERROR_LOG_ENTRIES {
-                return None;
-            }
-            let mut entries = Vec::with_capacity(n);
-            for _ in 0..n {
-                entries
-                    .push(nvme_spec::log_page::ErrorLogEntry::read_from_bytes(r.take(64)?).ok()?);
-            }
-            Some(SavedLogs {
-                bytes_read,
-                bytes_written,
-                reads,
-                writes,
-                power_on_secs,
-                errors,
-                entries,
-            })
-        } else {
-            None
-        };
-        let events = if version >= VERSION {
-            let masked = r.u8()?;
-            let n = r.u8()? as usize;
-            if n > MAX_QUEUED_EVENTS {
-                return None;
-            }
-            let mut queued = Vec::with_capacity(n);
-            for _ in 0..n {
-                queued.push(crate::state::async_events::AsyncEvent {
-                    event_type: r.u8()?,
-                    info: r.u8()?,
-                    log_page: r.u8()?,
-                });
-            }
-            let changed_overflow = r.u8()? != 0;
-            let n = r.u16()? as usize;
-            if n > crate::state::changed_namespaces::CHANGED_LIST_MAX {
-                return None;
-            }
-            let mut changed = Vec::with_capacity(n);
-            for _ in 0..n {
-                changed.push(r.u32()?);
-            }
-            let (has_warning, warning) = (r.u8()? != 0, r.u8()?);
-            Some(SavedEvents {
-                masked,
-                queued,
-                changed_overflow,
-                changed,
-                pool_warning: has_warning.then_some(warning),
-            })
-        } else {
-            None
-        };
-        (page_size.is_power_of_two() && (4096..=1 << 16).contains(&page_size)).then_some(Blob {
-            cc,
-            csts,
-            aqa,
-            asq,
-            acq,
-            intms,
-            page_size,
-            features: f,
-            shadow,
-            cqs,
-            sqs,
-            pending,
-            qos,
-            logs,
-            events,
-        })
     }
 
     /// Save the slow state, first bringing the hot records of queues created since the last
