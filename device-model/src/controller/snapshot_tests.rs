@@ -56,7 +56,7 @@ fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool)
 }
 
 /// What happens once every command completed.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Then {
     /// Nothing: a few more polls.
     Poll,
@@ -78,8 +78,9 @@ fn scenario_then(
 ) -> (BTreeMap<(bool, u16), usize>, usize) {
     let crash_at = crashes.first().copied().unwrap_or(0);
     let file = std::env::temp_dir().join(format!(
-        "vnvme-killpoint-{}-{crashes:?}-{shadow}.img",
-        std::process::id()
+        "vnvme-killpoint-{}-{crashes:?}-{shadow}-{}.img",
+        std::process::id(),
+        then == Then::Upgrade
     ));
     let _ = std::fs::remove_file(&file);
     let state = Journal::create().unwrap();
