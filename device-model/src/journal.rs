@@ -20,6 +20,8 @@ use std::sync::atomic::{Ordering, compiler_fence};
 
 use sys_util::SharedMemory;
 
+use crate::shadow_doorbell::DoorbellSeen;
+
 /// Queue ids a journal has room for (the admin queue and up to 128 I/O queues).
 pub const QUEUES: usize = 129;
 /// Slots (queue entries) per SQ a journal has room for.
@@ -211,7 +213,7 @@ impl Journal {
     /// last changed: register copy, shadow copy, value in use. The next worker starts from it
     /// so that it tells a newer write of either copy from an old one.
     #[inline]
-    pub fn doorbell_seen(&self, qid: u16, cq: bool, register: u32, shadow: u32, value: u32) {
+    pub fn doorbell_seen(&self, qid: u16, cq: bool, seen: &DoorbellSeen) {
         if let Some(q) = Self::queue_off(qid) {
             let rec = self.mem.window::<QUEUE_REC>(q);
             let at = if cq { 20 } else { 8 };
@@ -219,20 +221,24 @@ impl Journal {
             // value, which the next worker takes for a change (and reads again); the other
             // way round it would take the new copy for the old one and miss the change
             step();
-            rec.store_u32(at + 8, value);
+            rec.store_u32(at + 8, seen.value);
             step();
-            rec.store_u32(at, register);
+            rec.store_u32(at, seen.register);
             step();
-            rec.store_u32(at + 4, shadow);
+            rec.store_u32(at + 4, seen.shadow);
             step();
         }
     }
 
-    /// What [`doorbell_seen`](Self::doorbell_seen) recorded: register, shadow, value.
-    pub fn doorbell(&self, qid: u16, cq: bool) -> (u32, u32, u32) {
-        Self::queue_off(qid).map_or((0, 0, 0), |q| {
+    /// What [`doorbell_seen`](Self::doorbell_seen) recorded.
+    pub fn doorbell(&self, qid: u16, cq: bool) -> DoorbellSeen {
+        Self::queue_off(qid).map_or_else(DoorbellSeen::default, |q| {
             let at = q + if cq { 20 } else { 8 };
-            (self.u32_at(at), self.u32_at(at + 4), self.u32_at(at + 8))
+            DoorbellSeen {
+                register: self.u32_at(at),
+                shadow: self.u32_at(at + 4),
+                value: self.u32_at(at + 8),
+            }
         })
     }
 
@@ -256,7 +262,7 @@ impl Journal {
             return;
         };
         self.put_u32(q, 0);
-        self.doorbell_seen(qid, false, 0, 0, 0);
+        self.doorbell_seen(qid, false, &DoorbellSeen::default());
         for s in 0..(slots as usize).min(SLOTS) {
             if let Some(off) = Self::slot_off(qid, s as u16) {
                 self.put_u32(off, FREE);
@@ -268,7 +274,7 @@ impl Journal {
     pub fn init_cq(&self, qid: u16) {
         if let Some(q) = Self::queue_off(qid) {
             self.put_u32(q + 4, 1 << 31);
-            self.doorbell_seen(qid, true, 0, 0, 0);
+            self.doorbell_seen(qid, true, &DoorbellSeen::default());
         }
     }
 

@@ -212,9 +212,8 @@ impl Controller {
                 self.set_fatal();
             } else if let Some(j) = admin_journal {
                 j.cq_moved(cqid, cq.tail, cq.phase);
-            } else if self.journal.is_some() && !cq.tail_unrecorded {
+            } else if self.journal.is_some() {
                 cq.tail_unrecorded = true;
-                self.cq_tails_unrecorded.push(cqid);
             }
         }
         if let Some(j) = &self.journal {

@@ -23,7 +23,6 @@ impl Controller {
     pub fn poll(&mut self) -> usize {
         if self.journal.is_some() {
             self.save_run_time_changes();
-            self.record_cq_tails();
         }
         if self.quiesce.resetting.is_some() {
             return self.poll_reset();
@@ -54,6 +53,13 @@ impl Controller {
                 continue;
             };
             cq.refresh_view(&mem);
+            if cq.tail_unrecorded
+                && let Some(j) = &self.journal
+            {
+                // before any fetch of this pass (see `CompletionQueue::tail_unrecorded`)
+                cq.tail_unrecorded = false;
+                j.cq_moved(id, cq.tail, cq.phase);
+            }
             let seen = cq.doorbell;
             let db = shadow_doorbell::current(
                 &self.doorbells,
@@ -65,8 +71,7 @@ impl Controller {
             if cq.doorbell != seen
                 && let Some(j) = &self.journal
             {
-                let d = cq.doorbell;
-                j.doorbell_seen(id, true, d.register, d.shadow, d.value);
+                j.doorbell_seen(id, true, &cq.doorbell);
             }
             if db != cq.head && !cq.update_head(db) && !self.warned_doorbell {
                 self.warned_doorbell = true;
@@ -115,8 +120,7 @@ impl Controller {
         if sq.doorbell != seen
             && let Some(j) = &self.journal
         {
-            let d = sq.doorbell;
-            j.doorbell_seen(qid, false, d.register, d.shadow, d.value);
+            j.doorbell_seen(qid, false, &sq.doorbell);
         }
         if db != sq.tail && !sq.update_tail(db) && !self.warned_doorbell {
             self.warned_doorbell = true;

@@ -211,9 +211,6 @@ pub struct Controller {
     journaled_queues: Vec<JournaledQueue>,
     /// Fetching is held (a planned upgrade drains the controller).
     pub(crate) hold: bool,
-    /// I/O CQs whose tail moved since the journal recorded it (recorded once per poll
-    /// pass; a restore finds the completions posted since in the CQ itself).
-    pub(crate) cq_tails_unrecorded: Vec<u16>,
 }
 
 /// A queue as the journal knows it: SQ (true) or CQ, id, base, size, reset epoch.
@@ -283,7 +280,6 @@ impl Controller {
             journal: None,
             journaled_queues: Vec::new(),
             hold: false,
-            cq_tails_unrecorded: Vec::new(),
         }
     }
 

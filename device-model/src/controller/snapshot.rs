@@ -53,17 +53,7 @@ fn seen(j: &Journal, regs: &crate::Doorbells, shadow: bool, qid: u16, cq: bool) 
             value: register,
         };
     }
-    let (register, shadow, value) = j.doorbell(qid, cq);
-    DoorbellSeen {
-        register,
-        shadow,
-        value,
-    }
-}
-
-/// The command id of a journalled SQE.
-fn command_id(sqe: &[u8; 64]) -> u16 {
-    u16::from_le_bytes([sqe[2], sqe[3]])
+    j.doorbell(qid, cq)
 }
 
 /// Move `cq`'s tail (restored from its last record) past the completions posted since: the
@@ -72,20 +62,13 @@ fn command_id(sqe: &[u8; 64]) -> u16 {
 /// most: an entry of the last lap has the other phase.
 fn posted_since_record(mem: &MemoryMap, cq: &mut CompletionQueue, posted: &mut Vec<(u16, u16)>) {
     for _ in 1..cq.size {
-        let mut e = [0u8; 16];
+        let mut e = Completion::default();
         let addr = cq.base.wrapping_add(u64::from(cq.tail) * 16);
-        if mem.read(addr, &mut e).is_err() || (e[14] & 1 != 0) != cq.phase {
+        if mem.read(addr, e.as_mut_bytes()).is_err() || (e.status.get() & 1 != 0) != cq.phase {
             return;
         }
-        posted.push((
-            u16::from_le_bytes([e[10], e[11]]),
-            u16::from_le_bytes([e[12], e[13]]),
-        ));
-        cq.tail += 1;
-        if cq.tail == cq.size {
-            cq.tail = 0;
-            cq.phase = !cq.phase;
-        }
+        posted.push((e.sq_id.get(), e.cid.get()));
+        cq.advance_tail();
     }
 }
 
@@ -136,31 +119,23 @@ impl Controller {
             return;
         };
         for sq in self.queues.sqs.iter().flatten() {
-            let d = sq.doorbell;
-            j.doorbell_seen(sq.id, false, d.register, d.shadow, d.value);
+            j.doorbell_seen(sq.id, false, &sq.doorbell);
         }
         for cq in self.queues.cqs.iter().flatten() {
-            let d = cq.doorbell;
-            j.doorbell_seen(cq.id, true, d.register, d.shadow, d.value);
+            j.doorbell_seen(cq.id, true, &cq.doorbell);
         }
     }
 
-    /// Record the tails of the I/O CQs that moved since their last record (once per poll
-    /// pass, before any command is fetched: so the completions a restore finds past a
-    /// recorded tail were posted after every fetch of a command with the same id).
-    pub(super) fn record_cq_tails(&mut self) {
+    /// Record the tails of the I/O CQs that moved since their last record (a planned
+    /// upgrade; the poll loop does it once per pass).
+    fn record_cq_tails(&mut self) {
         let Some(j) = &self.journal else {
             return;
         };
-        for id in self.cq_tails_unrecorded.drain(..) {
-            if let Some(cq) = self
-                .queues
-                .cqs
-                .get_mut(id as usize)
-                .and_then(Option::as_mut)
-            {
+        for cq in self.queues.cqs.iter_mut().flatten() {
+            if cq.tail_unrecorded {
                 cq.tail_unrecorded = false;
-                j.cq_moved(id, cq.tail, cq.phase);
+                j.cq_moved(cq.id, cq.tail, cq.phase);
             }
         }
     }
@@ -320,7 +295,6 @@ impl Controller {
         }
         let mem = self.mem.snapshot();
         self.queues.take_all();
-        self.cq_tails_unrecorded.clear();
         // I/O completions posted after their CQ's last recorded tail: (SQ, command id)
         let mut posted = Vec::new();
         for &(id, base, size, vector, irq) in &b.cqs {
@@ -350,7 +324,10 @@ impl Controller {
             for slot in 0..size as u16 {
                 let Some(rec) = j.slot(id, slot) else { break };
                 match rec.state {
-                    journal::FETCHED if posted.contains(&(id, command_id(&rec.sqe))) => {
+                    journal::FETCHED
+                        if Submission::read_from_bytes(&rec.sqe)
+                            .is_ok_and(|sqe| posted.contains(&(id, sqe.cid.get()))) =>
+                    {
                         // its completion is in the CQ already: done, not run again
                         j.freed(id, slot);
                         out.found_posted += 1;
@@ -482,11 +459,7 @@ impl Controller {
             let addr = cq.base.wrapping_add(u64::from(cq_pos) * 16);
             let written = mem.read(addr, &mut there).is_ok() && there == *cqe;
             if written {
-                cq.tail += 1;
-                if cq.tail == cq.size {
-                    cq.tail = 0;
-                    cq.phase = !cq.phase;
-                }
+                cq.advance_tail();
                 out.found_posted += 1;
             } else {
                 let c = Completion::read_from_bytes(cqe).unwrap_or_default();

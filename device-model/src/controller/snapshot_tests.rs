@@ -48,6 +48,16 @@ fn replace_worker(h: &mut Harness, state: &sys_util::SharedMemory, file: &std::p
     }
 }
 
+/// A controller keeping its state in a fresh state memfd, its namespace on a fresh file
+/// named after `name`: the harness, the memfd (for the next worker) and the file.
+fn journalled(name: &str) -> (Harness, sys_util::SharedMemory, std::path::PathBuf) {
+    let file = std::env::temp_dir().join(format!("vnvme-{name}-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let state = Journal::create().unwrap();
+    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+    (Harness::with_journal(namespace(&file), j), state, file)
+}
+
 /// Run the scenario with the worker dying at journal step `crash_at` (0: never): returns how
 /// many times each command was completed and whether the crash point was reached.
 fn scenario(crash_at: u64, shadow: bool) -> (BTreeMap<(bool, u16), usize>, bool) {
@@ -77,15 +87,10 @@ fn scenario_then(
     then: Then,
 ) -> (BTreeMap<(bool, u16), usize>, usize) {
     let crash_at = crashes.first().copied().unwrap_or(0);
-    let file = std::env::temp_dir().join(format!(
-        "vnvme-killpoint-{}-{crashes:?}-{shadow}-{}.img",
-        std::process::id(),
+    let (mut h, state, file) = journalled(&format!(
+        "killpoint-{crashes:?}-{shadow}-{}",
         then == Then::Upgrade
     ));
-    let _ = std::fs::remove_file(&file);
-    let state = Journal::create().unwrap();
-    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut h = Harness::with_journal(namespace(&file), j);
     if shadow {
         // Doorbell Buffer Config; the test keeps ringing the admin queue's registers, as
         // Linux does: its shadow copies then stay behind
@@ -248,11 +253,7 @@ fn every_pair_of_kill_points_completes_each_command_exactly_once() {
 /// position (0), not the last life's, and runs no entry of the old ring.
 #[test]
 fn a_queue_created_again_starts_afresh_in_the_journal() {
-    let file = std::env::temp_dir().join(format!("vnvme-recreate-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let state = Journal::create().unwrap();
-    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut h = Harness::with_journal(namespace(&file), j);
+    let (mut h, state, file) = journalled("recreate");
     // some way around the ring: the old life ends at entry 5
     for _ in 0..crate::test_harness::QSIZE + 5 {
         assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
@@ -313,8 +314,13 @@ fn a_corrupt_state_memfd_never_panics_the_restore() {
             // garbage in the hot records of the admin and I/O queues
             for q in 0..3u16 {
                 let (a, b) = (next() as u32, next() as u32);
-                raw.doorbell_seen(q, false, a, b, a ^ b);
-                raw.doorbell_seen(q, true, b, a, next() as u32);
+                let seen = |register, shadow, value| crate::shadow_doorbell::DoorbellSeen {
+                    register,
+                    shadow,
+                    value,
+                };
+                raw.doorbell_seen(q, false, &seen(a, b, a ^ b));
+                raw.doorbell_seen(q, true, &seen(b, a, next() as u32));
                 raw.cq_moved(q, next() as u32, next() & 1 == 0);
                 for s in 0..8u16 {
                     let mut sqe = [0u8; 64];
@@ -348,11 +354,7 @@ fn a_corrupt_state_memfd_never_panics_the_restore() {
 /// worker, whose polls before its restore do not overwrite the saved state.
 #[test]
 fn run_time_qos_limits_outlive_the_worker_and_polls_before_restore_write_nothing() {
-    let file = std::env::temp_dir().join(format!("vnvme-qos-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let state = Journal::create().unwrap();
-    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut h = Harness::with_journal(namespace(&file), j);
+    let (mut h, state, file) = journalled("qos");
     assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
     let limits = crate::qos::QosLimits {
         iops: Some(12_345),
@@ -386,11 +388,7 @@ fn run_time_qos_limits_outlive_the_worker_and_polls_before_restore_write_nothing
 /// The SMART counters and the error log a host reads do not go back at the next worker.
 #[test]
 fn smart_counters_and_the_error_log_outlive_the_worker() {
-    let file = std::env::temp_dir().join(format!("vnvme-smart-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let state = Journal::create().unwrap();
-    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut h = Harness::with_journal(namespace(&file), j);
+    let (mut h, state, file) = journalled("smart");
     h.write(DATA, &[7; 4096]);
     assert_eq!(h.io_run(sqe(0x01, 1, DATA, &[0, 0, 7])), Status::SUCCESS);
     assert_eq!(h.io_run(sqe(0x02, 1, DATA, &[0, 0, 7])), Status::SUCCESS);
@@ -431,11 +429,7 @@ fn asynchronous_events_waiting_for_the_host_outlive_the_worker() {
         info: smart_info::SPARE_BELOW_THRESHOLD,
         log_page: nvme_spec::log_page::lid::SMART_HEALTH,
     };
-    let file = std::env::temp_dir().join(format!("vnvme-aen-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let state = Journal::create().unwrap();
-    let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut h = Harness::with_journal(namespace(&file), j);
+    let (mut h, state, file) = journalled("aen");
     assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
     // a SMART event reported to a parked request: its type is held back from now on
     let aer = h.admin(sqe(0x0c, 0, 0, &[]));

@@ -41,7 +41,9 @@ pub struct CompletionQueue {
     pub last_irq_batch: u32,
     /// The head doorbell as last seen (register and shadow copy).
     pub doorbell: DoorbellSeen,
-    /// The tail moved since the journal recorded it (in the controller's list of such CQs).
+    /// An I/O completion moved the tail since the journal recorded it. The record is written
+    /// once per poll pass, before any fetch, so the completions a restore finds in the CQ
+    /// past a recorded tail were posted after every fetch of a command with the same id.
     pub tail_unrecorded: bool,
     /// The ring through one host pointer, for the map it was found in.
     view: Option<RingView>,
@@ -118,13 +120,19 @@ impl CompletionQueue {
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             mem.write(addr.wrapping_add(14), &bytes[14..])?;
         }
+        self.advance_tail();
+        self.irq_pending += 1;
+        Ok(())
+    }
+
+    /// Move the tail past one entry, flipping the phase at the end of the ring.
+    #[inline]
+    pub fn advance_tail(&mut self) {
         self.tail += 1;
         if self.tail == self.size {
             self.tail = 0;
             self.phase = !self.phase;
         }
-        self.irq_pending += 1;
-        Ok(())
     }
 }
 
