@@ -135,6 +135,30 @@ fn kill_worker(rpc_sock: &Path) {
     }
 }
 
+/// `ns_add` of `backend` to subsystem `nqn` and `ns_attach` to controller `cntlid`: the NSID.
+fn add_and_attach(rpc_sock: &Path, nqn: &str, backend: &str, cntlid: u64) -> u64 {
+    let nsid = rpc(
+        rpc_sock,
+        &[
+            "ns_add",
+            &format!("nqn={nqn}"),
+            &format!("backend={backend}"),
+        ],
+    )["nsid"]
+        .as_u64()
+        .expect("nsid");
+    rpc(
+        rpc_sock,
+        &[
+            "ns_attach",
+            &format!("nqn={nqn}"),
+            &format!("nsid={nsid}"),
+            &format!("controllers=[{cntlid}]"),
+        ],
+    );
+    nsid
+}
+
 /// `perf --verify` on `sock` through an upgrade and a kill of the worker: no failed command,
 /// no mismatch, and namespace `nsid` among those verified. The daemon's log after.
 fn verified_through_an_upgrade_and_a_kill(
@@ -1081,20 +1105,7 @@ fn namespaces_added_at_run_time_outlive_the_worker() {
     let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
         .as_u64()
         .expect("cntlid");
-    let added = rpc(
-        &rpc_sock,
-        &["ns_add", &format!("nqn={nqn}"), "backend=lvol:pool/extra"],
-    );
-    let nsid = added["nsid"].as_u64().expect("nsid");
-    rpc(
-        &rpc_sock,
-        &[
-            "ns_attach",
-            &format!("nqn={nqn}"),
-            &format!("nsid={nsid}"),
-            &format!("controllers=[{pf}]"),
-        ],
-    );
+    let nsid = add_and_attach(&rpc_sock, &nqn, "lvol:pool/extra", pf);
     let e = rpc_refused(&rpc_sock, &["ns_create", &format!("nqn={nqn}"), "size=1M"]);
     assert!(e.contains("refused under --supervised"), "{e}");
 
@@ -1166,21 +1177,7 @@ fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
     let gone = format!("backend=file:{}:16M", dir.join("gone.img").display());
     rpc(&rpc_sock, &["lvs_create", "name=gone", &gone]);
     rpc(&rpc_sock, &["lvs_delete", "name=gone"]);
-    let nsid = rpc(
-        &rpc_sock,
-        &["ns_add", &format!("nqn={nqn}"), "backend=lvol:rt/v"],
-    )["nsid"]
-        .as_u64()
-        .expect("nsid");
-    rpc(
-        &rpc_sock,
-        &[
-            "ns_attach",
-            &format!("nqn={nqn}"),
-            &format!("nsid={nsid}"),
-            &format!("controllers=[{pf}]"),
-        ],
-    );
+    let nsid = add_and_attach(&rpc_sock, &nqn, "lvol:rt/v", pf);
 
     let log = verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
     // every replay went through, twice

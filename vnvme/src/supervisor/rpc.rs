@@ -52,8 +52,9 @@ struct Shared {
     asks: Sender<Ask>,
     worker_rpc: Option<PathBuf>,
     changes: Changes,
-    /// Subsystems made at run time: NQN and vfio-user socket.
-    made: Mutex<Vec<(String, PathBuf)>>,
+    /// Subsystems made at run time: NQN, vfio-user socket, and the request line kept in
+    /// [`Changes`].
+    made: Mutex<Vec<(String, PathBuf, String)>>,
 }
 
 /// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
@@ -325,20 +326,27 @@ fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         .map(str::to_owned);
     match (reply, nqn) {
         (Some(r), Some(nqn)) => {
-            changes.push(String::from_utf8_lossy(line).trim_end().to_owned());
+            let line = String::from_utf8_lossy(line).trim_end().to_owned();
+            changes.push(line.clone());
             sh.made
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push((nqn, socket));
+                .push((nqn, socket, line));
             r
         }
         (r, _) => {
             drop(changes);
-            let (tx, rx) = mpsc::channel();
-            let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
+            let_go(sh, socket);
             r.unwrap_or_else(|| refused(id, "the worker did not answer"))
         }
     }
+}
+
+/// Have the supervisor's loop let go of run-time socket `socket` (its relay closes the
+/// client's connection and removes the socket).
+fn let_go(sh: &Shared, socket: PathBuf) {
+    let (tx, rx) = mpsc::channel();
+    let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
 }
 
 /// `subsystem_delete` under a supervisor: of a subsystem made at run time only (a
@@ -350,14 +358,14 @@ fn subsystem_delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         .and_then(|p| p.get("nqn"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let socket = sh
+    let made = sh
         .made
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
-        .find(|(n, _)| n == nqn)
-        .map(|(_, s)| s.clone());
-    let Some(socket) = socket else {
+        .find(|(n, _, _)| n == nqn)
+        .map(|(_, s, l)| (s.clone(), l.clone()));
+    let Some((socket, made_by)) = made else {
         return refused(
             id,
             &format!(
@@ -379,24 +387,16 @@ fn subsystem_delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         sh.made
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(n, _)| n != nqn);
-        let made_here = changes.iter().position(|l| {
-            serde_json::from_str::<Value>(l).is_ok_and(|r| {
-                r.get("method").and_then(Value::as_str) == Some("subsystem_create")
-                    && r.get("params")
-                        .and_then(|p| p.get("socket"))
-                        .and_then(Value::as_str)
-                        == socket.to_str()
-            })
-        });
-        if let Some(i) = made_here {
+            .retain(|(n, _, _)| n != nqn);
+        // the first such line still kept: an earlier subsystem made by the same request and
+        // deleted already has its line replaced
+        if let Some(i) = changes.iter().position(|l| *l == made_by) {
             changes[i] =
                 json!({"jsonrpc": "2.0", "id": 0, "method": crate::rpc::methods::SKIP_ENTRY})
                     .to_string();
         }
         drop(changes);
-        let (tx, rx) = mpsc::channel();
-        let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
+        let_go(sh, socket);
     }
     reply
 }
