@@ -474,14 +474,13 @@ impl NvmeDriver {
                 self.io_queues
             )));
         }
-        let qp = QueuePair::new(
+        let mut qp = QueuePair::new(
             &self.dma,
             qid,
             size,
             self.transport.doorbells(),
             self.stride,
         )?;
-        let mut qp = qp;
         if let Some(pages) = &self.shadow {
             qp.use_shadow(pages, self.stride);
         }

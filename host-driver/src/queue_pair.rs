@@ -38,18 +38,8 @@ impl ShadowDoorbell {
     #[inline]
     #[allow(clippy::cast_ptr_alignment)] // page-aligned buffers, 4-byte aligned entries
     fn update(&self, new: u16) -> bool {
-        let db = self
-            .pages
-            .shadow
-            .as_ptr()
-            .wrapping_add(self.off)
-            .cast::<u32>();
-        let ei = self
-            .pages
-            .event_idx
-            .as_ptr()
-            .wrapping_add(self.off)
-            .cast::<u32>();
+        let entry = |page: &DmaBuffer| page.as_ptr().wrapping_add(self.off).cast::<u32>();
+        let (db, ei) = (entry(&self.pages.shadow), entry(&self.pages.event_idx));
         // SAFETY: `off` is the entry of a queue the driver created, inside both pages (the
         // driver sized them for every queue it may create); 4-byte aligned; the pages live as
         // long as `self.pages`. Volatile: the controller reads the one and writes the other.

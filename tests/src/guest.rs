@@ -27,13 +27,34 @@ pub fn with_private_nic(guest: Guest) -> Guest {
 
 /// Runs `guest` and checks the script exited 0, panicking with the console tail if not.
 pub fn run_ok(guest: &Guest) -> GuestOutput {
-    let out = guest
-        .run()
-        .unwrap_or_else(|e| panic!("guest run failed: {e}"));
-    if let Err(e) = out.success() {
-        panic!("{e}");
-    }
-    out
+    run_ok_with(guest, String::new)
+}
+
+/// [`run_ok`], with `context()` (e.g. the daemon's log) added to the panic message.
+pub fn run_ok_with(guest: &Guest, context: impl FnOnce() -> String) -> GuestOutput {
+    let failed = match guest.run() {
+        Ok(out) => match out.success().err().map(|e| e.to_string()) {
+            None => return out,
+            Some(e) => e,
+        },
+        Err(e) => format!("guest run failed: {e}"),
+    };
+    panic!("{failed}\n{}", context());
+}
+
+/// The lines of a supervised daemon's log `log` about upgrades, crashes and restores, and
+/// every warning or error (the last 200): what a failed test shows, since its directory goes
+/// with it.
+pub fn daemon_events(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let keep = [
+        "restored", "saved", "drain", "upgrade", "worker", "died", "attached", "WARN", "ERROR",
+    ];
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| keep.iter().any(|k| l.contains(k)))
+        .collect();
+    lines[lines.len().saturating_sub(200)..].join("\n")
 }
 
 /// The console text between the script's `<marker>-BEGIN` and `<marker>-END` lines,

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vnvme_tests::guest::{TempDir, vnvme_binary};
+use vnvme_tests::guest::{TempDir, daemon_events, vnvme_binary};
 use vnvme_tests::net::{free_port, wait_listening};
 
 /// The supervisor, stopped (SIGTERM) when dropped.
@@ -293,24 +293,12 @@ fn upgrades_and_crashes_under_perf_verify_fail_no_command() {
 
     for (p, s) in perfs.into_iter().zip(&socks) {
         let (ok, out) = finish(p);
-        if !ok {
-            let log = std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
-            let events: Vec<&str> = log
-                .lines()
-                .filter(|l| {
-                    [
-                        "restored", "died", "drain", "WARN", "ERROR", "saved", "attached",
-                    ]
-                    .iter()
-                    .any(|k| l.contains(k))
-                })
-                .collect();
-            panic!(
-                "perf on {} failed:\n{out}\ndaemon:\n{}",
-                s.display(),
-                events.join("\n")
-            );
-        }
+        assert!(
+            ok,
+            "perf on {} failed:\n{out}\ndaemon:\n{}",
+            s.display(),
+            daemon_events(&tmp.path().join("daemon.log"))
+        );
         assert!(out.contains(" 0 mismatches"), "{out}");
         eprintln!(
             "{}: {}",

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vnvme_tests::guest::{TempDir, harness_guest, section, value, vnvme_binary};
+use vnvme_tests::guest::{
+    TempDir, daemon_events, harness_guest, run_ok_with, section, value, vnvme_binary,
+};
 
 struct Served(Child);
 
@@ -108,20 +110,6 @@ for i in $(seq 1 300); do [ "$(cat /sys/class/nvme/nvme1/state)" = live ] && bre
 echo "tcp-state $(cat /sys/class/nvme/nvme1/state)"
 echo @@LIST2-BEGIN; nvme list | cut -c1-116; echo @@LIST2-END
 "#;
-
-/// The daemon log's lines about upgrades, crashes and restores, and every warning or error
-/// (shown when the guest fails: the test directory goes with the test).
-fn daemon_events(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let keep = [
-        "restored", "saved", "drained", "upgrade", "worker", "WARN", "ERROR",
-    ];
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| keep.iter().any(|k| l.contains(k)))
-        .collect();
-    lines[lines.len().saturating_sub(200)..].join("\n")
-}
 
 const TCP_NQN: &str = "nqn.2026-12.io.vnvme:upgrade-tcp";
 
@@ -226,16 +214,12 @@ fn guest_fio_verify_survives_three_upgrades_and_three_crashes() {
                 seen.store(true, Ordering::Relaxed);
             }
         });
-    let out = match guest.run().map_err(|e| e.to_string()).and_then(|o| {
-        o.success().map_err(|e| e.to_string())?;
-        Ok(o)
-    }) {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "guest run failed: {e}\n--- the daemon's log around its events ---\n{}",
+    let out = run_ok_with(&guest, || {
+        format!(
+            "--- the daemon's log around its events ---\n{}",
             daemon_events(&dir.join("daemon.log"))
-        ),
-    };
+        )
+    });
     let log = events.join().expect("events");
     let status = rpc(&rpc_sock, "daemon_status");
     eprintln!("events: {log:?}\nstatus: {status}");
