@@ -541,6 +541,55 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
     }
     let err = rpc_refused(&rpc_sock, &["daemon_upgrade", "binary=/no/such/vnvme"]);
     assert!(err.contains("/no/such/vnvme is not a file"), "{err}");
+    // subsystems at run time: a socket already served (a neighbour's), one where no socket
+    // can be, a namespace the worker refuses (its socket must go again), the supervisor's
+    // own replay call; each refused, the neighbours' verified I/O running meanwhile
+    let ns = |img: &str| format!("namespace=[{{\"backend\":\"file:{img}:8M\"}}]");
+    let good_ns = ns(&tmp.path().join("x.img").display().to_string());
+    let bad_sock = tmp.path().join("refused.sock");
+    for (args, why) in [
+        (
+            vec![
+                "subsystem_create".to_owned(),
+                format!("socket={}", socks[0].display()),
+                good_ns.clone(),
+            ],
+            "served already",
+        ),
+        (
+            vec![
+                "subsystem_create".to_owned(),
+                "socket=/no/such/dir/x.sock".to_owned(),
+                good_ns.clone(),
+            ],
+            "/no/such/dir",
+        ),
+        (
+            vec![
+                "subsystem_create".to_owned(),
+                format!("socket={}", bad_sock.display()),
+                "namespace=[{\"backend\":\"tape:1G\"}]".to_owned(),
+            ],
+            "tape",
+        ),
+        (
+            vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
+            "not made at run time",
+        ),
+        (
+            vec!["subsystem_skip_entry".to_owned()],
+            "the supervisor's own call",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e = rpc_refused(&rpc_sock, &args);
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
+    assert!(
+        socks[0].exists(),
+        "a refused create took a neighbour's socket"
+    );
+    assert!(!bad_sock.exists(), "the socket of a refused create stayed");
 
     // more callers than the supervisor serves at once: most silent, some trickling
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
