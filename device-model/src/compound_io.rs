@@ -287,17 +287,10 @@ impl Controller {
         compound: Compound,
     ) -> Outcome {
         let tag = self.tag(qid, slot);
-        let block = (!self
-            .queues
-            .slot(qid, slot)
-            .is_some_and(|c| c.iov.has_storage()))
-        .then(|| self.iov_pool.take());
         let Some(ctx) = self.queues.slot_mut(qid, slot) else {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
-        if let Some(b) = block {
-            ctx.iov.give_storage(b);
-        }
+        // the buffer is one segment: it needs no storage lent (`IoVecs::empty`)
         let compound = ctx.compound.insert(Box::new(compound));
         let Some(media) = compound.media() else {
             return Outcome::status(Status::INTERNAL_ERROR);

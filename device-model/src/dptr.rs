@@ -49,9 +49,21 @@ impl IoVecPool {
 /// A command's data buffer as host iovecs over guest memory.
 pub struct IoVecs {
     iov: Option<IoVecBlock>,
-    n: usize,
+    /// The one segment while there is no storage: most commands (4 KiB to an aligned
+    /// buffer) need no block lent.
+    one: libc::iovec,
+    /// Segments used (at most [`MAX_IOV`]).
+    n: u32,
     len: u64,
+    /// A segment found no room without storage: lend it storage and walk again.
+    short: bool,
 }
+
+/// No segment.
+const NO_IOVEC: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
 
 // SAFETY: the iovecs point into guest memory mappings kept alive by the command's memory
 // snapshot, or into a buffer the command's slot owns ([`IoVecs::set_buffer`]); they are only
@@ -63,8 +75,10 @@ impl Default for IoVecs {
     fn default() -> Self {
         Self {
             iov: Some(iovec_block()),
+            one: NO_IOVEC,
             n: 0,
             len: 0,
+            short: false,
         }
     }
 }
@@ -79,13 +93,20 @@ impl std::fmt::Debug for IoVecs {
 }
 
 impl IoVecs {
-    /// Without storage: nothing can be pushed until [`IoVecs::give_storage`].
+    /// Without storage: room for one segment until [`IoVecs::give_storage`].
     pub fn empty() -> Self {
         Self {
             iov: None,
+            one: NO_IOVEC,
             n: 0,
             len: 0,
+            short: false,
         }
+    }
+    /// True when the last walk needed more than the one segment there is room for without
+    /// storage (it failed): lend storage and walk again.
+    pub fn needs_storage(&self) -> bool {
+        self.short
     }
     /// True when it has storage to fill.
     pub fn has_storage(&self) -> bool {
@@ -116,10 +137,14 @@ impl IoVecs {
     pub fn clear(&mut self) {
         self.n = 0;
         self.len = 0;
+        self.short = false;
     }
     /// The segments.
     pub fn as_slice(&self) -> &[libc::iovec] {
-        self.iov.as_deref().map_or(&[], |v| &v[..self.n])
+        match self.iov.as_deref() {
+            Some(v) => &v[..self.n as usize],
+            None => &std::slice::from_ref(&self.one)[..self.n as usize],
+        }
     }
     /// Total bytes.
     pub fn len(&self) -> u64 {
@@ -134,21 +159,26 @@ impl IoVecs {
         if len == 0 {
             return Ok(());
         }
-        let Some(iov) = self.iov.as_deref_mut() else {
-            return Err(Status::INTERNAL_ERROR);
+        let iov: &mut [libc::iovec] = match self.iov.as_deref_mut() {
+            Some(v) => v,
+            None => std::slice::from_mut(&mut self.one),
         };
         if self.n > 0 {
-            let last = &mut iov[self.n - 1];
+            let last = &mut iov[self.n as usize - 1];
             if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
                 last.iov_len += len as usize;
                 self.len += len;
                 return Ok(());
             }
         }
-        if self.n == MAX_IOV {
+        if self.n as usize == iov.len() {
+            if iov.len() < MAX_IOV {
+                self.short = true;
+                return Err(Status::INTERNAL_ERROR);
+            }
             return Err(Status::INVALID_SGL_COUNT);
         }
-        iov[self.n] = libc::iovec {
+        iov[self.n as usize] = libc::iovec {
             iov_base: base.cast(),
             iov_len: len as usize,
         };
@@ -172,10 +202,11 @@ impl IoVecs {
             // a page across two adjacent regions
             return self.push_guest(mem, iova, len, write);
         }
-        let Some(iov) = self.iov.as_deref_mut() else {
-            return Err(Status::INTERNAL_ERROR);
+        let first = match self.iov.as_deref_mut() {
+            Some(v) => &mut v[0],
+            None => &mut self.one,
         };
-        iov[0] = libc::iovec {
+        *first = libc::iovec {
             iov_base: p.cast(),
             iov_len: len as usize,
         };
@@ -788,6 +819,32 @@ mod tests {
         }
         map_prps(&s, 0x1000, 0x9000, 0x4000, 4096, false, &mut v).unwrap();
         assert_eq!((v.as_slice().len(), v.len()), (2, 0x4000));
+    }
+
+    /// Without storage there is room for one segment: a command of one page maps without
+    /// a block; one of two segments asks for storage, and maps in full once it has it.
+    #[test]
+    fn one_segment_needs_no_storage_and_more_ask_for_it() {
+        let (m, _fd) = mem();
+        let s = m.snapshot();
+        let mut v = IoVecs::empty();
+        map_prps(&s, 0x1000, 0, 0x1000, 4096, true, &mut v).unwrap();
+        assert_eq!(
+            (v.as_slice().len(), v.len(), v.needs_storage()),
+            (1, 0x1000, false)
+        );
+        // 0x1800.. and 0x5000.. are not contiguous: a second segment
+        assert!(map_prps(&s, 0x1800, 0x5000, 0x1000, 4096, true, &mut v).is_err());
+        assert!(v.needs_storage());
+        v.give_storage(iovec_block());
+        assert!(!v.needs_storage(), "lending storage starts afresh");
+        map_prps(&s, 0x1800, 0x5000, 0x1000, 4096, true, &mut v).unwrap();
+        assert_eq!((v.as_slice().len(), v.len()), (2, 0x1000));
+        // storage taken back: one segment again, in the slot's own room
+        assert!(v.take_storage().is_some());
+        map_prps(&s, 0x2000, 0, 0x800, 4096, false, &mut v).unwrap();
+        assert_eq!(v.as_slice().len(), 1);
+        assert_eq!(v.as_slice()[0].iov_len, 0x800);
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl Controller {
                     Err(s) => return Outcome::status(s),
                 };
                 // asynchronous like a write: a backend on a device or a network must not
-                // hold the reactor; SMART counts it at a successful completion (io_finished)
+                // hold the reactor; SMART counts it at a successful completion (`complete`)
                 self.clear_uncorrectable(ns_idx, offset, len);
                 let tag = self.tag(qid, slot);
                 let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
@@ -193,11 +193,13 @@ impl Controller {
             return Outcome::status(Status::INTERNAL_ERROR);
         };
         let ctx = &mut sq.slots[slot as usize];
-        if !ctx.iov.has_storage() {
-            let block = self.iov_pool.take();
-            ctx.iov.give_storage(block);
+        // one segment fits in the slot; more take a block from the pool until completion
+        let mut mapped = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov);
+        if mapped.is_err() && ctx.iov.needs_storage() {
+            ctx.iov.give_storage(self.iov_pool.take());
+            mapped = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov);
         }
-        if let Err(s) = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov) {
+        if let Err(s) = mapped {
             return Outcome::status(s);
         }
         ctx.bytes = len;

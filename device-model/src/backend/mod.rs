@@ -90,6 +90,12 @@ pub trait Backend: Send {
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status>;
     /// Hand every finished request to `done`; returns how many finished.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
+    /// [`poll`](Self::poll) onto the end of `done`: what a controller's reap calls. A backend
+    /// that keeps its finished requests in a list moves them over at once (no call per
+    /// request); the default goes through `poll`.
+    fn poll_into(&mut self, done: &mut Vec<(u64, Status)>) -> usize {
+        self.poll(&mut |t, s| done.push((t, s)))
+    }
     /// Requests started but not yet polled as done.
     fn in_flight(&self) -> usize;
     /// The largest Read or Write it takes in one request, when it has a limit of its own
@@ -141,6 +147,12 @@ impl DoneQueue {
     }
     pub(crate) fn len(&self) -> usize {
         self.done.len()
+    }
+    /// Move every finished request onto the end of `out`.
+    pub(crate) fn append_to(&mut self, out: &mut Vec<(u64, Status)>) -> usize {
+        let n = self.done.len();
+        out.append(&mut self.done);
+        n
     }
     pub(crate) fn drain(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         std::mem::swap(&mut self.done, &mut self.scratch);

@@ -36,6 +36,9 @@ impl Backend for NullBackend {
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.done.drain(done)
     }
+    fn poll_into(&mut self, done: &mut Vec<(u64, Status)>) -> usize {
+        self.done.append_to(done)
+    }
     fn in_flight(&self) -> usize {
         self.done.len()
     }

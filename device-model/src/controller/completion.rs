@@ -21,7 +21,7 @@ impl Controller {
             .chain(self.detaching.iter_mut().map(|d| &mut d.ns));
         for ns in namespaces {
             if ns.backend.in_flight() > 0 {
-                ns.backend.poll(&mut |t, s| done.push((t, s)));
+                ns.backend.poll_into(&mut done);
             }
         }
         let n = done.len();
@@ -114,21 +114,7 @@ impl Controller {
         let Some(result) = self.request_done(qid, slot, status) else {
             return; // more requests of the same command to come
         };
-        self.io_finished(qid, slot, status);
         self.complete(qid, slot, result, 0, mem);
-    }
-
-    /// The last backend request of a command finished with `status`: account it (SMART).
-    pub(super) fn io_finished(&mut self, qid: u16, slot: u16, status: Status) {
-        let Some(sq) = self.queues.sqs.get(qid as usize).and_then(Option::as_ref) else {
-            return;
-        };
-        let Some(ctx) = sq.slots.get(slot as usize) else {
-            return;
-        };
-        if status.is_success() {
-            self.admin.smart.account(ctx.opcode, ctx.bytes);
-        }
     }
 
     /// Post the completion of the command in `slot` of SQ `qid` and free the slot.
@@ -179,6 +165,8 @@ impl Controller {
         }
         if !status.is_success() {
             self.admin.errors.record(qid, cid, status, nsid, opcode);
+        } else if qid != 0 {
+            self.admin.smart.account(opcode, bytes); // SMART / Health (data units, commands)
         }
         self.count_command(qid, opcode, nsid, bytes, fetched, status);
         let cqe = Completion {

@@ -298,11 +298,12 @@ mod tests {
 
 #[cfg(test)]
 mod memory_bound {
-    /// What one SQ entry costs the daemon now that iovec storage is pooled (BENCHMARKS.md).
+    /// What one SQ entry costs the daemon now that iovec storage is pooled (BENCHMARKS.md):
+    /// the slot, with room for one iovec (a command of one segment borrows no block).
     #[test]
     fn per_entry_cost() {
         let slot = size_of::<super::Slot>();
         eprintln!("Slot {slot} B, free-list entry 2 B");
-        assert!(slot <= 64, "a command slot grew to {slot} bytes");
+        assert!(slot <= 80, "a command slot grew to {slot} bytes");
     }
 }
