@@ -109,11 +109,15 @@ impl Qos {
         self.last = None;
     }
 
-    /// Whether another I/O command may be fetched now.
+    /// Whether another I/O command may be fetched now (one branch without limits).
+    #[inline]
     pub(crate) fn admit(&mut self) -> bool {
-        if self.ops.is_none() && self.bytes.is_none() {
-            return true;
-        }
+        (self.ops.is_none() && self.bytes.is_none()) || self.admit_limited()
+    }
+
+    /// [`admit`](Self::admit) under a limit: refill the buckets from the clock.
+    #[cold]
+    fn admit_limited(&mut self) -> bool {
         let now = Instant::now();
         let secs = self
             .last
