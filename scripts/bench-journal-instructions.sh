@@ -5,8 +5,7 @@
 # server runs under callgrind, so its reactor is busy nearly all the time: the reactor
 # thread's instructions / the I/Os the native client completed = work per I/O.
 # Cases: A = BIN_A `serve` (e.g. main), B = BIN_B `serve`, C = BIN_B `serve --supervised`
-# (the worker, followed across execve, keeps the journal). Namespace null:1G (--supervised
-# refuses malloc), client `vnvme perf -q QD -o 4096 -w randread`.
+# (the worker, followed across execve, keeps the journal). Namespace null:1G, client `vnvme perf -q QD -o 4096 -w randread`.
 # Usage: scripts/bench-journal-instructions.sh BIN_A BIN_B [SECS] [QD]
 set -euo pipefail
 A=$1 B=$2 SECS=${3:-10} QD=${4:-32}

@@ -1330,3 +1330,70 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
         log()
     );
 }
+
+/// `malloc:` namespaces under a supervisor: their RAM is a memfd the supervisor keeps and
+/// hands to every worker, so what a host wrote is read back after an upgrade and a kill. A
+/// configured RAM namespace and a volume on a mirror of two RAM members made at run time:
+/// verified I/O on both, 0 mismatches (without kept RAM the next worker reads zeroes). A
+/// store on RAM deleted at run time lets go of its RAM.
+#[test]
+fn ram_namespaces_keep_their_data_across_workers() {
+    let tmp = TempDir::new("upgrade-malloc");
+    let dir = tmp.path();
+    let sock = dir.join("pf.sock");
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\nvfs = 1\nvfs_online = true\n\
+         [[controller.namespace]]\nbackend = \"malloc:16M\"\nattach = [0]\n",
+        sock.display(),
+    );
+    let socks = [sock.clone(), dir.join("pf.vf1.sock")];
+    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let nqn = rpc(&rpc_sock, &["subsystem_list"])[0]["nqn"]
+        .as_str()
+        .expect("nqn")
+        .to_owned();
+    let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
+        .as_u64()
+        .expect("cntlid");
+    rpc(
+        &rpc_sock,
+        &[
+            "raid_create",
+            "name=mirror",
+            "level=raid1",
+            "members=[\"malloc:32M\",\"malloc:32M\"]",
+        ],
+    );
+    rpc(
+        &rpc_sock,
+        &[
+            "lvs_create",
+            "name=rt",
+            "backend=array:mirror",
+            "cluster_size=64K",
+        ],
+    );
+    rpc(
+        &rpc_sock,
+        &["lvol_create", "name=rt/v", "size=16M", "thin=true"],
+    );
+    let nsid = add_and_attach(&rpc_sock, &nqn, "lvol:rt/v", pf);
+    // a store on RAM made and deleted
+    rpc(
+        &rpc_sock,
+        &["lvs_create", "name=gone", "backend=malloc:16M"],
+    );
+    rpc(&rpc_sock, &["lvs_delete", "name=gone"]);
+
+    let log = verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
+    assert!(!log.contains("supervisor: replaying"), "{log}");
+    assert_eq!(log.matches("run-time changes replayed").count(), 2, "{log}");
+    // RAM made at run time: the two members' (r0, r1) and the deleted store's (r2)
+    assert!(log.contains("RAM r2 let go"), "{log}");
+    assert!(!log.contains("RAM r0 let go"), "{log}");
+    let stores = rpc(&rpc_sock, &["lvs_list"]).to_string();
+    assert!(
+        stores.contains("\"rt\"") && !stores.contains("\"gone\""),
+        "{stores}"
+    );
+}

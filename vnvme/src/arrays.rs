@@ -36,8 +36,8 @@ pub struct Arrays {
     list: Vec<Slot>,
     /// Transfer counters of `nvme:` members, by spec.
     transfers: Vec<(String, Arc<TransferStats>)>,
-    /// A supervised worker's: members on `malloc:` are refused (their data would die with
-    /// the process while the hosts see no power loss).
+    /// A supervised worker's: members on `malloc:` RAM the supervisor does not keep are
+    /// refused (their data would die with the process while the hosts see no power loss).
     worker: bool,
 }
 
@@ -117,7 +117,7 @@ fn member_key(spec: &str) -> String {
 }
 
 impl Arrays {
-    /// No arrays yet; `worker` for a supervised worker (members on `malloc:` refused).
+    /// No arrays yet; `worker` for a supervised worker (members on unkept `malloc:` refused).
     pub fn new(worker: bool) -> Self {
         Self {
             list: Vec::new(),

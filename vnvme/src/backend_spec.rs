@@ -30,6 +30,9 @@ pub enum BackendSpec {
     },
     Malloc {
         size: u64,
+        /// Under a supervisor, `malloc:SIZE@KEY`: the RAM is the memfd the supervisor keeps
+        /// as `KEY` and hands to every worker (its data outlives each of them).
+        kept: Option<String>,
     },
     File {
         path: PathBuf,
@@ -70,15 +73,34 @@ pub enum SpecError {
 }
 
 /// `Err` naming `what` when its backend `spec` keeps its data in the process's own memory
-/// (`malloc:`): a supervised worker (`serve --supervised`) that is killed or replaced under
-/// its hosts would take that data with it, while they see no power loss.
+/// (`malloc:` without kept RAM, `malloc:SIZE@KEY`, which a supervisor names for every
+/// `malloc:` spec it sees): a supervised worker (`serve --supervised`) that is killed or
+/// replaced under its hosts would take that data with it, while they see no power loss.
 pub fn refuse_in_worker(what: &str, spec: &str) -> Result<(), String> {
-    if spec.starts_with("malloc:") {
+    if spec.starts_with("malloc:") && !spec.contains('@') {
         return Err(format!(
             "{what} on {spec}: its data would die with the worker (serve --supervised); use file:"
         ));
     }
     Ok(())
+}
+
+/// A kept RAM key as the supervisor makes them: `c` (configured) or `r` (run time) and a
+/// number.
+fn is_ram_key(key: &str) -> bool {
+    key.len() > 1
+        && key.len() <= 12
+        && key.starts_with(['c', 'r'])
+        && key[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `spec` with its RAM kept as `key` (`malloc:SIZE@KEY`), when it is a `malloc:` spec that
+/// names no kept RAM yet; `None` otherwise.
+pub fn keep_ram(spec: &str, key: &str) -> Option<String> {
+    match spec.parse() {
+        Ok(BackendSpec::Malloc { kept: None, .. }) => Some(format!("{}@{key}", spec.trim())),
+        _ => None,
+    }
 }
 
 /// Parse `512`, `64K`, `256M`, `1G`, `2T` (binary multiples).
@@ -123,7 +145,17 @@ impl std::str::FromStr for BackendSpec {
                 _ => Err(SpecError::Syntax(spec.into())),
             },
             "null" => Ok(BackendSpec::Null { size: size(rest)? }),
-            "malloc" => Ok(BackendSpec::Malloc { size: size(rest)? }),
+            "malloc" => {
+                let (sz, kept) = match rest.split_once('@') {
+                    Some((sz, key)) if is_ram_key(key) => (sz, Some(key.to_owned())),
+                    Some(_) => return Err(SpecError::Syntax(spec.into())),
+                    None => (rest, None),
+                };
+                Ok(BackendSpec::Malloc {
+                    size: size(sz)?,
+                    kept,
+                })
+            }
             "file" if !rest.is_empty() => {
                 // file:/path or file:/path:SIZE (a trailing :SIZE only if it parses as one)
                 if let Some((path, sz)) = rest.rsplit_once(':')
@@ -191,6 +223,8 @@ pub enum OpenError {
     Array(String, String),
     #[error("lvol {0}: {1}")]
     Lvol(String, String),
+    #[error("kept RAM {0}: {1}")]
+    KeptRam(String, String),
 }
 
 /// An opened backend, with the transfer counters of an `nvme:` one.
@@ -210,7 +244,16 @@ impl BackendSpec {
     ) -> Result<Opened, OpenError> {
         let backend: Box<dyn Backend> = match self {
             BackendSpec::Null { size } => Box::new(NullBackend::new(*size)),
-            BackendSpec::Malloc { size } => Box::new(MallocBackend::new(*size)?),
+            BackendSpec::Malloc { size, kept: None } => Box::new(MallocBackend::new(*size)?),
+            BackendSpec::Malloc {
+                size,
+                kept: Some(key),
+            } => {
+                let fd = crate::supervisor::handover::kept_ram(key).ok_or_else(|| {
+                    OpenError::KeptRam(key.clone(), "no supervisor handed it over".into())
+                })?;
+                Box::new(MallocBackend::kept(fd, *size)?)
+            }
             BackendSpec::File { path, size } => Box::new(FileBackend::open(path, *size)?),
             BackendSpec::Nvme {
                 target,
@@ -278,8 +321,32 @@ mod tests {
         assert_eq!("null:1G".parse(), Ok(BackendSpec::Null { size: 1 << 30 }));
         assert_eq!(
             "malloc:256M".parse(),
-            Ok(BackendSpec::Malloc { size: 256 << 20 })
+            Ok(BackendSpec::Malloc {
+                size: 256 << 20,
+                kept: None
+            })
         );
+        assert_eq!(
+            "malloc:64M@r12".parse(),
+            Ok(BackendSpec::Malloc {
+                size: 64 << 20,
+                kept: Some("r12".into())
+            })
+        );
+        for bad in [
+            "malloc:64M@",
+            "malloc:64M@x1",
+            "malloc:64M@r",
+            "malloc:64M@r1@r2",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            keep_ram("malloc:64M", "c0").as_deref(),
+            Some("malloc:64M@c0")
+        );
+        assert_eq!(keep_ram("malloc:64M@c0", "c1"), None);
+        assert_eq!(keep_ram("null:64M", "c1"), None);
         assert_eq!(
             "file:/tmp/a.img".parse(),
             Ok(BackendSpec::File {

@@ -371,6 +371,35 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Under a supervisor: name the RAM of every `malloc:` backend the configuration holds
+    /// (volume stores, then array members, then namespaces, in file order) as kept RAM
+    /// `c0`, `c1`, ... (`malloc:SIZE@cN`), and return each key with its size. The supervisor
+    /// makes a memfd for each; its workers, running this on the same configuration, open
+    /// those memfds, so the data outlives every worker.
+    pub fn keep_configured_ram(&mut self) -> Vec<(String, u64)> {
+        let specs = self
+            .lvstores
+            .iter_mut()
+            .map(|s| &mut s.backend)
+            .chain(self.arrays.iter_mut().flat_map(|a| a.members.iter_mut()))
+            .chain(
+                self.controllers
+                    .iter_mut()
+                    .flat_map(|c| c.namespaces.iter_mut().map(|n| &mut n.backend)),
+            );
+        let mut kept = Vec::new();
+        for spec in specs {
+            let key = format!("c{}", kept.len());
+            if let Some(named) = crate::backend_spec::keep_ram(spec, &key)
+                && let Ok(BackendSpec::Malloc { size, .. }) = named.parse()
+            {
+                *spec = named;
+                kept.push((key, size));
+            }
+        }
+        kept
+    }
+
     /// Load and check a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -702,7 +731,7 @@ impl Config {
                     ));
                 }
                 if let BackendSpec::Null { size }
-                | BackendSpec::Malloc { size }
+                | BackendSpec::Malloc { size, .. }
                 | BackendSpec::File {
                     size: Some(size), ..
                 } = spec

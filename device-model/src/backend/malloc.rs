@@ -1,13 +1,18 @@
-//! The malloc backend: a namespace in anonymous RAM (SPDK's bdev_malloc).
+//! The malloc backend: a namespace in RAM (SPDK's bdev_malloc): anonymous memory, or a
+//! memfd another process keeps (a supervised worker's, [`MallocBackend::kept`]).
 
 use nvme_spec::Status;
 
 use super::{Backend, DoneQueue, IoOp, IoRequest};
 
-/// A RAM namespace; contents are lost when the process exits.
+/// A RAM namespace; contents are lost when the process exits, unless its memfd is kept by
+/// another ([`MallocBackend::kept`]).
 pub struct MallocBackend {
     ram: memmap2::MmapMut,
     size: u64,
+    /// In a kept memfd (pages are released by punching holes, not dropped from a private
+    /// mapping).
+    kept: bool,
     done: DoneQueue,
 }
 
@@ -39,6 +44,21 @@ impl MallocBackend {
         Ok(Self {
             ram,
             size,
+            kept: false,
+            done: DoneQueue::default(),
+        })
+    }
+
+    /// The RAM of memfd `fd`, which must hold exactly `size` bytes and is kept by another
+    /// process (a supervisor) across the lives of those that map it: what an earlier one
+    /// wrote is read back.
+    pub fn kept(fd: std::os::fd::OwnedFd, size: u64) -> Result<Self, MallocError> {
+        let ram =
+            sys_util::kept_ram::map(fd, size).map_err(|source| MallocError { size, source })?;
+        Ok(Self {
+            ram,
+            size,
+            kept: true,
             done: DoneQueue::default(),
         })
     }
@@ -60,12 +80,13 @@ impl MallocBackend {
         let page = 4096;
         let (start, end) = (offset, offset + len);
         let (inner_start, inner_end) = (start.next_multiple_of(page), end - end % page);
+        let (at, n) = (inner_start as usize, (inner_end - inner_start) as usize);
         let released = inner_start < inner_end
-            && sys_util::anonymous::release_pages(
-                &mut self.ram,
-                inner_start as usize,
-                (inner_end - inner_start) as usize,
-            );
+            && if self.kept {
+                sys_util::kept_ram::release_pages(&mut self.ram, at, n)
+            } else {
+                sys_util::anonymous::release_pages(&mut self.ram, at, n)
+            };
         let pieces = if released {
             [(start, inner_start), (inner_end, end)]
         } else {
@@ -121,6 +142,33 @@ impl Backend for MallocBackend {
 mod tests {
     use super::*;
     use crate::backend::tests::{read, run, write};
+
+    /// A kept memfd's second backend reads what the first wrote; Deallocate and Write
+    /// Zeroes read back as zeroes through both.
+    #[test]
+    fn kept_ram_outlives_its_backend() {
+        use std::os::fd::AsFd;
+        let fd = sys_util::kept_ram::create(c"test-ns", 1 << 20).unwrap();
+        let again = || fd.as_fd().try_clone_to_owned().unwrap();
+        let mut b = MallocBackend::kept(again(), 1 << 20).unwrap();
+        crate::backend::tests::exercise(&mut b);
+        assert_eq!(write(&mut b, 65536, &[0x5a; 3 * 4096]), Status::SUCCESS);
+        assert_eq!(
+            run(&mut b, IoOp::Deallocate { len: 4096 }, 69632, None),
+            Status::SUCCESS
+        );
+        drop(b);
+        let mut b = MallocBackend::kept(again(), 1 << 20).unwrap();
+        let mut back = vec![0u8; 3 * 4096];
+        assert_eq!(read(&mut b, 65536, &mut back), Status::SUCCESS);
+        assert!(back[..4096].iter().all(|&x| x == 0x5a));
+        assert!(back[4096..8192].iter().all(|&x| x == 0), "deallocated");
+        assert!(back[8192..].iter().all(|&x| x == 0x5a));
+        assert!(
+            MallocBackend::kept(again(), 2 << 20).is_err(),
+            "another size"
+        );
+    }
 
     #[test]
     fn round_trip() {

@@ -119,7 +119,11 @@ impl ServeArgs {
 
 /// Run until a signal arrives; flush and remove sockets on the way out.
 pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
-    let cfg = args.to_config()?;
+    let mut cfg = args.to_config()?;
+    if args.worker_fd.is_some() {
+        // the RAM of `malloc:` namespaces is the supervisor's (as it named it)
+        cfg.keep_configured_ram();
+    }
     sys_util::process::catch_termination_signals();
     if args.supervised {
         return supervise(&cfg, args);

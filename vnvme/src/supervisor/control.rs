@@ -28,6 +28,11 @@ pub const DONE: u16 = 0x7e04;
 /// configured); fd: the listener, which outlives every worker.
 pub const LISTEN: u16 = 0x7e05;
 
+/// Supervisor -> worker: the RAM of `malloc:SIZE@KEY` namespaces, `{"key": KEY}`; fd: the
+/// memfd, which outlives every worker. Before START: all kept so far; after START: one a
+/// call about to be forwarded names, answered `DONE {"ok": BOOL}`.
+pub const RAM: u16 = 0x7e06;
+
 /// Largest control message body.
 const MAX_BODY: usize = 64 << 10;
 

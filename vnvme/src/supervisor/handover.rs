@@ -36,6 +36,24 @@ static HANDED: Mutex<Vec<Handed>> = Mutex::new(Vec::new());
 /// NVMe/TCP listeners by configured address.
 static LISTENERS: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 static TRACKED: Mutex<Vec<Poster>> = Mutex::new(Vec::new());
+/// RAM the supervisor keeps for `malloc:SIZE@KEY` namespaces, by key.
+static KEPT_RAM: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
+
+/// Record the memfd the supervisor keeps as RAM `key`.
+pub fn offer_ram(key: String, fd: OwnedFd) {
+    if let Ok(mut r) = KEPT_RAM.lock() {
+        r.retain(|(k, _)| *k != key);
+        r.push((key, fd));
+    }
+}
+
+/// Kept RAM `key`, once (the namespace, array member or store that names it maps it; the
+/// supervisor keeps the memfd, and its pages go when both let go).
+pub fn kept_ram(key: &str) -> Option<OwnedFd> {
+    let mut r = KEPT_RAM.lock().ok()?;
+    let i = r.iter().position(|(k, _)| k == key)?;
+    Some(r.swap_remove(i).1)
+}
 
 /// Record what the supervisor handed over for `socket` (`run_time`: for a subsystem made at
 /// run time).

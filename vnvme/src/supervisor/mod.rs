@@ -67,6 +67,7 @@
 
 pub mod control;
 pub mod handover;
+mod kept_ram;
 mod rpc;
 pub mod worker;
 
@@ -88,7 +89,6 @@ use qemu_vfio_user::server::relay::Relay;
 use serde_json::{Value, json};
 use sys_util::SharedMemory;
 
-use crate::backend_spec::refuse_in_worker;
 use crate::config::Config;
 
 /// Errors of the supervisor and of a worker's side of it.
@@ -178,6 +178,8 @@ pub struct Supervisor {
     listeners: Vec<(String, TcpListener)>,
     /// Run-time changes to replay to each new worker.
     changes: rpc::Changes,
+    /// The RAM of `malloc:` namespaces, handed to every worker.
+    ram: kept_ram::KeptRam,
     status: Status,
 }
 
@@ -189,19 +191,9 @@ impl std::fmt::Debug for Supervisor {
     }
 }
 
-/// Refuse what a worker cannot carry over yet.
+/// Refuse what a worker cannot carry over yet (`malloc:` RAM is kept: `kept_ram.rs`).
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     let mut sockets = Vec::new();
-    let ram =
-        |what: &str, spec: &str| refuse_in_worker(what, spec).map_err(SupervisorError::Refused);
-    for s in &cfg.lvstores {
-        ram(&format!("volume store {}", s.name), &s.backend)?;
-    }
-    for a in &cfg.arrays {
-        for m in &a.members {
-            ram(&format!("array {}", a.name), m)?;
-        }
-    }
     for c in &cfg.controllers {
         if c.rdma_listen.is_some() {
             // an RDMA CM listener is no descriptor the supervisor could keep
@@ -218,9 +210,6 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         }
         if c.namespace_pool.is_some() {
             return Err(SupervisorError::Unsupported("namespace pools".into()));
-        }
-        for n in &c.namespaces {
-            ram("a namespace", &n.backend)?;
         }
         if let Some(s) = &c.socket {
             sockets.push(s.clone());
@@ -256,8 +245,10 @@ fn bind_listeners(cfg: &Config) -> Result<Vec<(String, TcpListener)>, Supervisor
 impl Supervisor {
     /// Take the sockets, start the first worker.
     pub fn start(cfg: &Config, opts: SupervisorOptions) -> Result<Self, SupervisorError> {
-        let sockets = check(cfg)?;
-        let listeners = bind_listeners(cfg)?;
+        let mut cfg = cfg.clone();
+        let ram = kept_ram::KeptRam::configured(&mut cfg).map_err(SupervisorError::Io)?;
+        let sockets = check(&cfg)?;
+        let listeners = bind_listeners(&cfg)?;
         crate::limits::apply();
         let stop = Arc::new(AtomicBool::new(false));
         let hung = Arc::new(AtomicBool::new(false));
@@ -297,6 +288,7 @@ impl Supervisor {
             hung,
             listeners,
             changes: rpc::Changes::default(),
+            ram,
         };
         s.spawn_worker()?;
         Ok(s)
@@ -336,6 +328,7 @@ impl Supervisor {
             control::send(&ours, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])
                 .map_err(SupervisorError::Io)?;
         }
+        self.ram.send_all(&ours).map_err(SupervisorError::Io)?;
         control::send(&ours, control::START, &Value::Null, &[]).map_err(SupervisorError::Io)?;
         let ready = control::recv(&ours, Duration::from_secs(30));
         let pid = child.id();
@@ -458,6 +451,12 @@ impl Supervisor {
             run_time: Some(stop),
         });
         Ok(())
+    }
+
+    /// Keep RAM of `size` bytes for a `malloc:` spec a run-time call names; its key.
+    fn ram_at_run_time(&mut self, size: u64) -> Result<String, String> {
+        let ctl = self.worker.as_ref().map(|(_, c)| c);
+        self.ram.make(size, ctl).map_err(|e| e.to_string())
     }
 
     /// Let go of socket `socket` (owned since a `subsystem_create`, or just refused): its

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::{Value, json};
 
+use super::kept_ram::{keys_in, visit_strings};
 use super::{Supervisor, SupervisorError};
+use crate::backend_spec::{BackendSpec, keep_ram as keep_ram_spec};
 use crate::rpc::acceptor::Acceptor;
 use crate::rpc::server::read_line;
 use crate::rpc::{MAX_REQUEST, code};
@@ -39,6 +41,10 @@ pub(super) enum Ask {
     Upgrade(Option<PathBuf>, Sender<Result<Value, String>>),
     Attach(PathBuf, Sender<Result<(), String>>),
     Detach(PathBuf, Sender<()>),
+    /// Keep RAM of this many bytes for a `malloc:` spec of a run-time call: its key.
+    Ram(u64, Sender<Result<String, String>>),
+    /// Let go of kept RAM (its creation is no longer replayed).
+    ForgetRam(Vec<String>),
 }
 
 /// The listening socket and the thread that accepts on it.
@@ -109,6 +115,10 @@ impl SupervisorRpc {
                     sup.detach(&socket);
                     let _ = reply.send(());
                 }
+                Ask::Ram(size, reply) => {
+                    let _ = reply.send(sup.ram_at_run_time(size));
+                }
+                Ask::ForgetRam(keys) => keys.iter().for_each(|k| sup.ram.forget(k)),
             }
             next = self.asks.try_recv().ok();
         }
@@ -174,38 +184,38 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
             }
         }
         crate::rpc::methods::SKIP_ENTRY => refused(&id, "the supervisor's own call"),
-        "subsystem_create" => subsystem_create(sh, &req, &line, &id),
+        "subsystem_create" => subsystem_create(sh, &req, &id),
         "subsystem_delete" => subsystem_delete(sh, &req, &line, &id),
-        m if REPLAYED.contains(&m) => {
-            if let Some(why) = ram_namespace(&req) {
-                refused(&id, &why)
-            } else {
-                match sh.worker_rpc.as_ref() {
-                    Some(p) => {
-                        let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-                        match forward(p, &line) {
-                            Ok(reply) => {
-                                let accepted = serde_json::from_str::<Value>(&reply)
-                                    .is_ok_and(|v| v.get("error").is_none());
-                                if accepted {
-                                    record(
-                                        &mut changes,
-                                        &req,
-                                        String::from_utf8_lossy(&line).trim_end(),
-                                    );
-                                }
-                                drop(changes);
-                                let mut w = s;
-                                w.write_all(reply.as_bytes())?;
-                                return Ok(());
-                            }
-                            Err(e) => refused(&id, &format!("the worker did not answer: {e}")),
+        m if REPLAYED.contains(&m) => match (sh.worker_rpc.as_ref(), keep_ram(sh, req.clone())) {
+            (None, _) => refused(&id, "no management socket in the worker"),
+            (_, Err(e)) => refused(&id, &format!("{m}: {e}")),
+            (Some(p), Ok((req, line, kept))) => {
+                let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+                match forward(p, line.as_bytes()) {
+                    Ok(reply) => {
+                        let accepted = serde_json::from_str::<Value>(&reply)
+                            .is_ok_and(|v| v.get("error").is_none());
+                        let dropped = if accepted {
+                            record(&mut changes, &req, &line)
+                        } else {
+                            None
+                        };
+                        drop(changes);
+                        if !accepted {
+                            let _ = ask(sh, Ask::ForgetRam(kept));
                         }
+                        if let Some(l) = dropped {
+                            let keys = serde_json::from_str(&l).map_or(Vec::new(), |r| keys_in(&r));
+                            let _ = ask(sh, Ask::ForgetRam(keys));
+                        }
+                        let mut w = s;
+                        w.write_all(reply.as_bytes())?;
+                        return Ok(());
                     }
-                    None => refused(&id, "no management socket in the worker"),
+                    Err(e) => refused(&id, &format!("the worker did not answer: {e}")),
                 }
             }
-        }
+        },
         m if NOT_CARRIED.contains(&m) => refused(
             &id,
             &format!(
@@ -272,7 +282,7 @@ const NOT_CARRIED: &[&str] = &["ns_create"];
 /// `subsystem_create` under a supervisor: a vfio-user controller (no VFs, no network
 /// export) whose socket the supervisor owns from before the worker makes it, like a
 /// configured one's; the call is replayed to every next worker.
-fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
+fn subsystem_create(sh: &Shared, req: &Value, id: &Value) -> Value {
     let p = req.get("params").cloned().unwrap_or(Value::Null);
     let network = ["tcp_listen", "rdma_listen", "namespace_pool"]
         .iter()
@@ -297,27 +307,22 @@ fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
             "subsystem_create without a vfio-user \"socket\" is refused under --supervised",
         );
     };
-    let ram = p
-        .get("namespace")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n.get("backend").and_then(Value::as_str))
-        .find_map(|b| crate::backend_spec::refuse_in_worker("subsystem_create", b).err());
-    if let Some(why) = ram {
-        return refused(id, &why);
-    }
     let Some(worker) = sh.worker_rpc.as_ref() else {
         return refused(id, "no management socket in the worker");
     };
-    // the socket first (the supervisor's loop may be replaying the changes to a new worker:
-    // never wait for it holding their lock); a worker started meanwhile gets the socket too
+    // RAM and the socket first (the supervisor's loop may be replaying the changes to a new
+    // worker: never wait for it holding their lock); a worker started meanwhile gets both
+    let (_, line, kept) = match keep_ram(sh, req.clone()) {
+        Ok(k) => k,
+        Err(e) => return refused(id, &format!("subsystem_create: {e}")),
+    };
     let (tx, rx) = mpsc::channel();
     if let Err(e) = ask(sh, Ask::Attach(socket.clone(), tx)).and_then(|()| wait(&rx)?) {
+        let _ = ask(sh, Ask::ForgetRam(kept));
         return refused(id, &format!("subsystem_create: {e}"));
     }
     let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-    let reply = forward(worker, line)
+    let reply = forward(worker, line.as_bytes())
         .ok()
         .and_then(|r| serde_json::from_str::<Value>(&r).ok());
     let nqn = reply
@@ -326,7 +331,6 @@ fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         .map(str::to_owned);
     match (reply, nqn) {
         (Some(r), Some(nqn)) => {
-            let line = String::from_utf8_lossy(line).trim_end().to_owned();
             changes.push(line.clone());
             sh.made
                 .lock()
@@ -337,6 +341,7 @@ fn subsystem_create(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         (r, _) => {
             drop(changes);
             let_go(sh, socket);
+            let _ = ask(sh, Ask::ForgetRam(kept));
             r.unwrap_or_else(|| refused(id, "the worker did not answer"))
         }
     }
@@ -397,13 +402,16 @@ fn subsystem_delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value 
         }
         drop(changes);
         let_go(sh, socket);
+        let keys = serde_json::from_str(&made_by).map_or(Vec::new(), |r| keys_in(&r));
+        let _ = ask(sh, Ask::ForgetRam(keys));
     }
     reply
 }
 
 /// Keep `line` (request `req`, which the worker accepted) for the next workers: a store's or
-/// array's deletion cancels its creation at run time, if that is in the list.
-fn record(changes: &mut Vec<String>, req: &Value, line: &str) {
+/// array's deletion cancels its creation at run time, if that is in the list (the creation's
+/// line is returned: its RAM goes with it).
+fn record(changes: &mut Vec<String>, req: &Value, line: &str) -> Option<String> {
     let method = req
         .get("method")
         .and_then(Value::as_str)
@@ -413,7 +421,7 @@ fn record(changes: &mut Vec<String>, req: &Value, line: &str) {
         "raid_delete" => "raid_create",
         _ => {
             changes.push(line.to_owned());
-            return;
+            return None;
         }
     };
     let name = |r: &Value| {
@@ -429,19 +437,48 @@ fn record(changes: &mut Vec<String>, req: &Value, line: &str) {
             r.get("method").and_then(Value::as_str) == Some(created_by) && name(&r) == deleted
         })
     });
-    match created {
-        Some(i) => {
-            changes.remove(i);
-        }
-        // a configured one: the next worker opens it from the configuration and deletes it
-        None => changes.push(line.to_owned()),
+    if let Some(i) = created {
+        return Some(changes.remove(i));
     }
+    // a configured one: the next worker opens it from the configuration and deletes it
+    changes.push(line.to_owned());
+    None
 }
 
-/// Why an `ns_add` would put a namespace in the worker's own memory, if it does.
-fn ram_namespace(req: &Value) -> Option<String> {
-    let backend = req.get("params")?.get("backend")?.as_str()?;
-    crate::backend_spec::refuse_in_worker("ns_add", backend).err()
+/// Name kept RAM (`malloc:SIZE@rN`, made by the supervisor's loop) for every `malloc:` spec
+/// in the parameters of `req`, so the worker and every next one open the same RAM: the
+/// request, its line to forward and record, and the keys made.
+fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>), String> {
+    let mut sizes = Vec::new();
+    if let Some(p) = req.get_mut("params") {
+        visit_strings(p, &mut |s| {
+            if let Ok(BackendSpec::Malloc { size, kept: None }) = s.parse() {
+                sizes.push(size);
+            }
+        });
+    }
+    let mut keys = Vec::new();
+    for size in sizes {
+        let (tx, rx) = mpsc::channel();
+        match ask(sh, Ask::Ram(size, tx)).and_then(|()| wait(&rx)?) {
+            Ok(k) => keys.push(k),
+            Err(e) => {
+                let _ = ask(sh, Ask::ForgetRam(keys));
+                return Err(format!("keeping RAM for a malloc: namespace: {e}"));
+            }
+        }
+    }
+    let mut next = keys.iter().peekable();
+    if let Some(p) = req.get_mut("params") {
+        visit_strings(p, &mut |s| {
+            if let Some(named) = next.peek().and_then(|k| keep_ram_spec(s, k)) {
+                *s = named;
+                next.next();
+            }
+        });
+    }
+    let line = req.to_string();
+    Ok((req, line, keys))
 }
 
 /// Replay the accepted run-time changes to a new worker's management socket `path`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::SupervisorError;
-use super::control::{self, ATTACH, DONE, LISTEN, START, UPGRADE};
+use super::control::{self, ATTACH, DONE, LISTEN, RAM, START, UPGRADE};
 use super::handover::{self, HandedMemory};
 
 /// The worker's control link.
@@ -17,10 +17,19 @@ pub struct WorkerLink {
     ctl: UnixStream,
 }
 
-/// Keep the fds of an ATTACH (a vfio-user socket's link, BAR0 memfd and state memfd) or a
-/// LISTEN (an NVMe/TCP listener) for the builder of that controller.
+/// Keep the fds of an ATTACH (a vfio-user socket's link, BAR0 memfd and state memfd), a
+/// LISTEN (an NVMe/TCP listener) or a RAM (a kept RAM memfd) for the builder of that
+/// controller or namespace.
 fn take_fds(m: control::Control) -> Result<(), SupervisorError> {
     let text = |k: &str| m.body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    if m.command == RAM {
+        let key = text("key").ok_or_else(|| SupervisorError::Protocol("RAM without key".into()))?;
+        let Some(fd) = m.fds.into_iter().next() else {
+            return Err(SupervisorError::Protocol("RAM without its fd".into()));
+        };
+        handover::offer_ram(key, fd);
+        return Ok(());
+    }
     if m.command == LISTEN {
         let addr =
             text("addr").ok_or_else(|| SupervisorError::Protocol("LISTEN without addr".into()))?;
@@ -69,7 +78,7 @@ impl WorkerLink {
                 ));
             };
             match m.command {
-                ATTACH | LISTEN => take_fds(m)?,
+                ATTACH | LISTEN | RAM => take_fds(m)?,
                 START => return Ok(Self { ctl }),
                 c => {
                     return Err(SupervisorError::Protocol(format!(
@@ -92,13 +101,13 @@ impl WorkerLink {
             .map_err(SupervisorError::Io)
     }
 
-    /// Look for a request, waiting up to `wait`. A socket handed over at run time (for a
-    /// `subsystem_create` to come) is taken and acknowledged here.
+    /// Look for a request, waiting up to `wait`. A socket or RAM handed over at run time (for
+    /// a call to come) is taken and acknowledged here.
     pub fn poll(&self, wait: Duration) -> Asked {
         match control::recv(&self.ctl, wait) {
             Ok(None) => Asked::Nothing,
             Ok(Some(m)) if m.command == UPGRADE => Asked::Upgrade,
-            Ok(Some(m)) if m.command == ATTACH => {
+            Ok(Some(m)) if m.command == ATTACH || m.command == RAM => {
                 let ok = take_fds(m).map_err(|e| e.to_string());
                 if let Err(e) = &ok {
                     log::warn!("worker: {e}");
