@@ -576,6 +576,25 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
             vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
             "not made at run time",
         ),
+        // RAM: more than one call may name, and RAM for a call the worker refuses (let go)
+        (
+            vec![
+                "raid_create".to_owned(),
+                "name=many".to_owned(),
+                "level=raid1".to_owned(),
+                format!("members=[{}]", vec!["\"malloc:1M\""; 17].join(",")),
+            ],
+            "at most 16",
+        ),
+        (
+            vec![
+                "raid_create".to_owned(),
+                "name=odd".to_owned(),
+                "level=raid7".to_owned(),
+                "members=[\"malloc:1M\",\"malloc:1M\"]".to_owned(),
+            ],
+            "raid7",
+        ),
         (
             vec!["subsystem_skip_entry".to_owned()],
             "the supervisor's own call",
@@ -590,6 +609,19 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         "a refused create took a neighbour's socket"
     );
     assert!(!bad_sock.exists(), "the socket of a refused create stayed");
+    // the supervisor lets go of the RAM of a refused call (on its loop: within a moment)
+    let kept_ram = || {
+        std::fs::read_dir(format!("/proc/{sup}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().contains("vnvme-ram"))
+            .count()
+    };
+    let t = Instant::now();
+    while kept_ram() > 0 && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(kept_ram(), 0, "RAM kept for refused calls");
 
     // more callers than the supervisor serves at once: most silent, some trickling
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -18,6 +18,12 @@ use super::control;
 use crate::backend_spec::BackendSpec;
 use crate::config::Config;
 
+/// Most kept RAM memfds at once (configured and run time): a caller cannot make the
+/// supervisor run out of descriptors.
+const MAX_KEPT: usize = 256;
+/// Most `malloc:` specs one run-time call may name.
+pub(super) const MAX_PER_CALL: usize = 16;
+
 /// Every kept RAM memfd, by key.
 #[derive(Debug, Default)]
 pub(super) struct KeptRam {
@@ -51,6 +57,11 @@ impl KeptRam {
         size: u64,
         ctl: Option<&UnixStream>,
     ) -> Result<String, std::io::Error> {
+        if self.all.len() >= MAX_KEPT {
+            return Err(std::io::Error::other(format!(
+                "{MAX_KEPT} RAM namespaces, stores and members kept already"
+            )));
+        }
         let fd = sys_util::kept_ram::create(c"vnvme-ram", size)?;
         let key = format!("r{}", self.next);
         if let Some(ctl) = ctl {

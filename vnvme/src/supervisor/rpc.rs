@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::{Value, json};
 
-use super::kept_ram::{keys_in, visit_strings};
+use super::kept_ram::{MAX_PER_CALL, keys_in, visit_strings};
 use super::{Supervisor, SupervisorError};
 use crate::backend_spec::{BackendSpec, keep_ram as keep_ram_spec};
 use crate::rpc::acceptor::Acceptor;
@@ -456,6 +456,12 @@ fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>),
                 sizes.push(size);
             }
         });
+    }
+    if sizes.len() > MAX_PER_CALL {
+        return Err(format!(
+            "{} malloc: specs in one call (at most {MAX_PER_CALL})",
+            sizes.len()
+        ));
     }
     let mut keys = Vec::new();
     for size in sizes {
