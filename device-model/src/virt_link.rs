@@ -48,8 +48,36 @@ pub struct SecondaryEntry {
     pub nvi: u16,
 }
 
+/// One secondary's assignments as a primary's journal carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedSecondary {
+    pub scid: u16,
+    pub nvq: u16,
+    pub nvi: u16,
+    pub online: bool,
+}
+
+/// The pools' assignments as a primary's journal carries them to the next worker: the
+/// primary's flexible resources and each secondary's, and which secondaries are online.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedVirt {
+    pub vq_primary: u16,
+    pub vi_primary: u16,
+    pub secondaries: Vec<SavedSecondary>,
+}
+
 /// What a primary controller asks of the pools it shares with its secondaries.
 pub trait PrimaryPools: Send + Sync {
+    /// Counts changes to the assignments (the primary saves them when it moved).
+    fn generation(&self) -> u64;
+    /// The assignments now.
+    fn save(&self) -> SavedVirt;
+    /// Put saved assignments back (a new worker, before any secondary runs), checked as
+    /// Virtualization Management would check them. Until [`resume`](Self::resume), the
+    /// host's replayed VF Enable changes nothing (the saved state is newer).
+    fn restore(&self, saved: &SavedVirt) -> Result<(), VirtError>;
+    /// The primary has restored: VF Enable applies again.
+    fn resume(&self);
     /// Virtualization Management (§5.28): action `act` on resource type `rt` of controller
     /// `cntlid`, `nr` resources; dword 0 of the completion.
     fn manage(&self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError>;

@@ -10,12 +10,12 @@
 //! The SR-IOV capability's VF Enable / NumVFs ([`VirtGroup::enable_vfs`]) brings VFs online
 //! the way a PF driver would.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use device_model::virt_link::{
-    PrimaryCapabilities, PrimaryPools, RT_VI, RT_VQ, SecondaryEntry, SecondaryResources, VirtError,
-    VirtRole,
+    PrimaryCapabilities, PrimaryPools, RT_VI, RT_VQ, SavedSecondary, SavedVirt, SecondaryEntry,
+    SecondaryResources, VirtError, VirtRole,
 };
 
 /// Queue resources of a VF brought online by VF Enable or the management plane: an admin
@@ -155,6 +155,29 @@ impl VirtState {
         Ok(())
     }
 
+    /// Put `saved` back: every secondary offline and without resources first, then the
+    /// primary's and each secondary's resources and online states, each step checked as
+    /// Virtualization Management checks it (a refusal stops there).
+    pub fn restore(&mut self, saved: &SavedVirt) -> Result<(), VirtError> {
+        let scids: Vec<u16> = self.secondaries.iter().map(|s| s.scid).collect();
+        for &scid in &scids {
+            self.manage(0x7, 0, scid, 0)?;
+            self.manage(0x8, RT_VQ, scid, 0)?;
+            self.manage(0x8, RT_VI, scid, 0)?;
+        }
+        let primary = self.primary_cntlid;
+        self.manage(0x1, RT_VQ, primary, saved.vq_primary)?;
+        self.manage(0x1, RT_VI, primary, saved.vi_primary)?;
+        for s in &saved.secondaries {
+            self.manage(0x8, RT_VQ, s.scid, s.nvq)?;
+            self.manage(0x8, RT_VI, s.scid, s.nvi)?;
+            if s.online {
+                self.manage(0x9, 0, s.scid, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Virtualization Management (§5.28): `act` on resource type `rt` of controller
     /// `cntlid`, `nr` resources. Returns the number of resources modified (dword 0).
     pub fn manage(&mut self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError> {
@@ -235,25 +258,39 @@ impl VirtState {
 /// The pools a PF and its VFs share, behind their lock: what the primary's admin commands,
 /// the secondaries' enable and the management plane all use.
 #[derive(Clone, Debug)]
-pub struct VirtGroup(Arc<Mutex<VirtState>>);
+pub struct VirtGroup(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<VirtState>,
+    /// Counts changes (read by the primary's poll without the lock).
+    generation: AtomicU64,
+    /// Restored from a journal, the primary not yet: a replayed VF Enable changes nothing.
+    replaying: AtomicBool,
+}
 
 impl VirtGroup {
     /// A primary `primary_cntlid` with `vfs` secondaries numbered `first_scid..`.
     pub fn new(primary_cntlid: u16, vfs: u16, first_scid: u16) -> Self {
-        Self(Arc::new(Mutex::new(VirtState::new(
-            primary_cntlid,
-            PRIMARY_PRIVATE,
-            PRIMARY_PRIVATE,
-            vfs,
-            first_scid,
-            SECONDARY_MAX,
-            SECONDARY_MAX,
-        ))))
+        Self(Arc::new(Shared {
+            state: Mutex::new(VirtState::new(
+                primary_cntlid,
+                PRIMARY_PRIVATE,
+                PRIMARY_PRIVATE,
+                vfs,
+                first_scid,
+                SECONDARY_MAX,
+                SECONDARY_MAX,
+            )),
+            generation: AtomicU64::new(0),
+            replaying: AtomicBool::new(false),
+        }))
     }
 
     /// The state (a panic while holding it left it consistent: keep using it).
     pub fn lock(&self) -> MutexGuard<'_, VirtState> {
         self.0
+            .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -262,14 +299,35 @@ impl VirtGroup {
     pub fn all_online(&self) {
         self.lock()
             .all_online(VF_DEFAULT_QUEUES, VF_DEFAULT_VECTORS);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.0.generation.fetch_add(1, Ordering::Release);
     }
 
     /// VFs `1..=n` online (given the default resources when they have too few), the others
     /// offline: PCIe SR-IOV VF Enable with NumVFs = `n`, or `vf_enable` of the management
     /// plane.
     pub fn enable_vfs(&self, n: u16) -> Result<(), VirtError> {
-        self.lock()
-            .set_enabled(usize::from(n), VF_DEFAULT_QUEUES, VF_DEFAULT_VECTORS)
+        let r = self
+            .lock()
+            .set_enabled(usize::from(n), VF_DEFAULT_QUEUES, VF_DEFAULT_VECTORS);
+        self.changed();
+        r
+    }
+
+    /// PCIe SR-IOV VF Enable with NumVFs = `n` written by the PF's host: [`enable_vfs`]
+    /// unless the state came from a journal and the PF has not restored yet (the host's
+    /// configuration writes replayed to a new worker: the journal's state is newer).
+    ///
+    /// [`enable_vfs`]: Self::enable_vfs
+    pub fn vf_enable_written(&self, n: u16) -> Result<(), VirtError> {
+        if self.0.replaying.load(Ordering::Acquire) {
+            log::debug!("SR-IOV: replayed VF Enable ({n} VFs) left to the saved state");
+            return Ok(());
+        }
+        self.enable_vfs(n)
     }
 
     /// Number of VFs (TotalVFs).
@@ -305,7 +363,42 @@ impl VirtGroup {
 
 impl PrimaryPools for VirtGroup {
     fn manage(&self, act: u8, rt: u8, cntlid: u16, nr: u16) -> Result<u32, VirtError> {
-        self.lock().manage(act, rt, cntlid, nr)
+        let r = self.lock().manage(act, rt, cntlid, nr);
+        self.changed();
+        r
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
+    fn save(&self) -> SavedVirt {
+        let v = self.lock();
+        SavedVirt {
+            vq_primary: v.vq_primary,
+            vi_primary: v.vi_primary,
+            secondaries: v
+                .secondaries
+                .iter()
+                .map(|s| SavedSecondary {
+                    scid: s.scid,
+                    nvq: s.nvq,
+                    nvi: s.nvi,
+                    online: s.online(),
+                })
+                .collect(),
+        }
+    }
+
+    fn restore(&self, saved: &SavedVirt) -> Result<(), VirtError> {
+        let r = self.lock().restore(saved);
+        self.0.replaying.store(true, Ordering::Release);
+        self.changed();
+        r
+    }
+
+    fn resume(&self) {
+        self.0.replaying.store(false, Ordering::Release);
     }
 
     fn capabilities(&self) -> PrimaryCapabilities {
@@ -402,5 +495,43 @@ mod tests {
         assert_eq!(v.manage(7, 0, 2, 0), Ok(0));
         assert!(!v.secondaries[0].online());
         assert_eq!(v.manage(5, 0, 2, 0), Err(VirtError::InvalidField));
+    }
+
+    /// Saved assignments come back exactly in a new group; ones the pools cannot hold are
+    /// refused; a replayed VF Enable changes nothing until the primary resumes.
+    #[test]
+    fn saved_assignments_come_back_and_replayed_vf_enable_waits() {
+        let g = VirtGroup::new(1, 3, 2);
+        g.enable_vfs(2).unwrap();
+        g.manage(0x7, 0, 3, 0).unwrap(); // VF2 offline by the PF's host
+        g.manage(0x1, RT_VQ, 1, 4).unwrap();
+        let saved = g.save();
+        let h = VirtGroup::new(1, 3, 2);
+        let before = h.generation();
+        h.restore(&saved).unwrap();
+        assert_eq!(h.save(), saved);
+        assert!(h.generation() > before);
+        assert!(h.vf_online(1) && !h.vf_online(2) && !h.vf_online(3));
+        h.vf_enable_written(2).unwrap(); // the host's VF Enable, replayed
+        assert!(
+            !h.vf_online(2),
+            "a replayed VF Enable undid the saved state"
+        );
+        h.resume();
+        h.vf_enable_written(3).unwrap();
+        assert!(h.vf_online(2) && h.vf_online(3));
+        // more than a secondary may have: refused
+        let mut bad = saved.clone();
+        bad.secondaries[0].nvq = 200;
+        assert_eq!(
+            VirtGroup::new(1, 3, 2).restore(&bad),
+            Err(VirtError::InvalidNumberOfResources)
+        );
+        let mut bad = saved;
+        bad.secondaries[0].scid = 77;
+        assert_eq!(
+            VirtGroup::new(1, 3, 2).restore(&bad),
+            Err(VirtError::InvalidControllerId)
+        );
     }
 }

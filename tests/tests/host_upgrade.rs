@@ -1124,28 +1124,6 @@ fn a_pf_and_its_vfs_ride_through_upgrades_and_crashes() {
             s.display()
         );
     }
-    // VFs the PF's host would bring online at run time are refused, saying what to set
-    let offline = dir.join("offline.toml");
-    std::fs::write(
-        &offline,
-        format!(
-            "[[controller]]\nsocket = \"{}\"\nvfs = 2\n[[controller.namespace]]\nbackend = \"file:{}:1M\"\n",
-            dir.join("x.sock").display(),
-            dir.join("x.img").display()
-        ),
-    )
-    .unwrap();
-    let o = Command::new(vnvme_binary())
-        .args(["serve", "--supervised", "--config"])
-        .arg(&offline)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("vnvme serve");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("vfs_online = true"),
-        "{err}"
-    );
 }
 
 /// Namespaces added and attached at run time (`ns_add`, `ns_attach`) live in the worker's
@@ -1428,4 +1406,83 @@ fn ram_namespaces_keep_their_data_across_workers() {
         stores.contains("\"rt\"") && !stores.contains("\"gone\""),
         "{stores}"
     );
+}
+
+/// SR-IOV state the PF's host set at run time (`vfs_online = false`): it brings two VFs
+/// online with VF Enable (NumVFs = 2 in the SR-IOV capability) and takes VF 2 offline again
+/// with Virtualization Management. The PF's journal carries that (NVMe base 2.0 §8.26), so
+/// after an upgrade and a kill VF 1 is still online (verified I/O on it runs through both,
+/// 0 mismatches) and VF 2 still offline: the VF Enable the supervisor replays to the next
+/// worker does not bring it back. The PF's host keeps its connection and its admin queue.
+#[test]
+fn vfs_the_pf_host_brought_online_stay_so_across_workers() {
+    const CONFIG: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
+    let tmp = TempDir::new("upgrade-virt");
+    let dir = tmp.path();
+    let pf = dir.join("pf.sock");
+    let mut cfg = format!("[[controller]]\nsocket = \"{}\"\nvfs = 2\n", pf.display());
+    for i in 0..3 {
+        let _ = write!(
+            cfg,
+            "[[controller.namespace]]\nbackend = \"file:{}:16M\"\nattach = [{i}]\n",
+            dir.join(format!("d{i}.img")).display()
+        );
+    }
+    let socks = [pf.clone(), dir.join("pf.vf1.sock"), dir.join("pf.vf2.sock")];
+    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let states = || -> Vec<String> {
+        rpc(&rpc_sock, &["controller_list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["kind"] == "vf")
+            .map(|c| c["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(states(), ["offline", "offline"]);
+    let vf2 = rpc(&rpc_sock, &["controller_list"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["vf"] == 2)
+        .and_then(|c| c["cntlid"].as_u64())
+        .expect("VF 2's cntlid");
+
+    // the PF's host: NumVFs = 2, VF Enable; then VF 2 offline (Virtualization Management)
+    let mut host = vnvme_tests::nvme_client::NvmeClient::connect(&pf);
+    host.client
+        .region_write(CONFIG, 0x110, &2u16.to_le_bytes())
+        .unwrap();
+    host.client
+        .region_write(CONFIG, 0x108, &1u16.to_le_bytes())
+        .unwrap();
+    assert_eq!(states(), ["online", "online"]);
+    host.enable();
+    let offline = vnvme_tests::nvme_client::cmd(0x1c, 0, 0, &[0x7 | ((vf2 as u32) << 16)]);
+    assert!(host.submit(0, offline).ok(), "secondary offline");
+    assert_eq!(states(), ["online", "offline"]);
+
+    let p = perf(&socks[1], 10);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(random_ms(1500, 2500)));
+    kill_worker(&rpc_sock);
+    let (ok, out) = finish(p);
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        ok && out.contains(" 0 mismatches") && !out.contains("verified 0 blocks"),
+        "VF 1:\n{out}\ndaemon:\n{log}"
+    );
+    // VF 1 online (perf disabled its controller on the way out), VF 2 offline
+    assert_eq!(states(), ["online", "offline"], "{log}");
+    assert_eq!(
+        log.matches("SR-IOV state restored: 1 of 2 VFs online")
+            .count(),
+        2,
+        "{log}"
+    );
+    // the PF's host still has its controller: an admin command completes
+    let get_features = vnvme_tests::nvme_client::cmd(0x0a, 0, 0, &[0x07]);
+    assert!(host.submit(0, get_features).ok(), "the PF's admin queue");
 }

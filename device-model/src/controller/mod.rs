@@ -184,6 +184,8 @@ pub struct Controller {
     /// and whether this process has written the journal yet: a new worker must not write
     /// it before it restored from it.
     pub(crate) qos_saved: u64,
+    /// The SR-IOV pools' generation as last saved (a primary's journal carries them).
+    pub(crate) virt_saved: u64,
     pub(crate) journal_owned: bool,
     /// Asynchronous event state changed outside an admin command (an event queued, a
     /// namespace changed size, the pool warning): saved at the next poll.
@@ -266,6 +268,7 @@ impl Controller {
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,
+            virt_saved: 0,
             journal_owned: false,
             events_unsaved: false,
             quiesce: crate::quiesce::Quiesce::default(),

@@ -23,6 +23,7 @@ use crate::memory::MemoryMap;
 use crate::queue::{CompletionQueue, SubmissionQueue};
 use crate::registers::{Aqa, Cc, Csts};
 use crate::shadow_doorbell::DoorbellSeen;
+use crate::virt_link::VirtRole;
 
 use super::Controller;
 
@@ -98,10 +99,51 @@ impl Controller {
     /// limits and report its events).
     pub(super) fn save_run_time_changes(&mut self) {
         if self.journal_owned
-            && (self.events_unsaved || self.qos_control.generation() != self.qos_saved)
+            && (self.events_unsaved
+                || self.qos_control.generation() != self.qos_saved
+                || self.virt_generation() != self.virt_saved)
         {
             self.save_blob(None);
         }
+    }
+
+    /// The generation of the SR-IOV pools of a primary (0 for any other controller).
+    fn virt_generation(&self) -> u64 {
+        match &self.cfg.virt {
+            Some(VirtRole::Primary(p)) => p.generation(),
+            _ => 0,
+        }
+    }
+
+    /// A primary's SR-IOV assignments as its journal saved them, put back before any of its
+    /// secondaries runs (a new worker builds the primary first): the secondaries the host
+    /// had online are online again, with their resources (NVMe base 2.0 §8.26). The rest of
+    /// the state comes back with [`restore`](Self::restore).
+    pub fn restore_sriov(&mut self) {
+        let (Some(VirtRole::Primary(p)), Some(j)) = (self.cfg.virt.clone(), self.journal.clone())
+        else {
+            return;
+        };
+        let Some(saved) = j
+            .load_blob()
+            .and_then(|raw| self.decode(&raw))
+            .and_then(|b| b.virt)
+        else {
+            return;
+        };
+        match p.restore(&saved) {
+            Ok(()) => log::info!(
+                "{}: SR-IOV state restored: {} of {} VFs online",
+                self.cfg.serial,
+                saved.secondaries.iter().filter(|s| s.online).count(),
+                saved.secondaries.len()
+            ),
+            Err(e) => crate::error_limited!(
+                "{}: saved SR-IOV state refused ({e:?}): VFs as the configuration has them",
+                self.cfg.serial
+            ),
+        }
+        self.virt_saved = p.generation();
     }
 
     /// Write the slow state now (a planned upgrade, after draining). Errors are logged.
@@ -188,6 +230,7 @@ impl Controller {
         self.journaled_queues = now;
         self.journal_owned = true;
         self.qos_saved = self.qos_control.generation();
+        self.virt_saved = self.virt_generation();
         self.events_unsaved = false;
         if let Err(e) = j.save_blob(&self.encode(pending)) {
             crate::error_limited!("{}: state not saved: {e}", self.cfg.serial);
@@ -245,6 +288,10 @@ impl Controller {
         };
         // from here on the journal is this worker's to write (whatever it held is read now)
         self.journal_owned = true;
+        if let Some(VirtRole::Primary(p)) = &self.cfg.virt {
+            // the host's replayed configuration writes are in: VF Enable applies again
+            p.resume();
+        }
         let Some(raw) = j.load_blob() else {
             return Ok(out);
         };

@@ -2,9 +2,9 @@
 //! record of the registers, features, queue geometry, shadow doorbell addresses, the admin
 //! completion being posted, the QoS limits, the SMART counters and error log, and the
 //! asynchronous event state (an event raised before an upgrade reaches the host once, after
-//! it); encoded here, and decoded from untrusted bytes with every length and index checked.
-//! Version 4; blobs of versions 1 to 3 (without the QoS limits, the logs, the events) still
-//! load.
+//! it), and a primary's SR-IOV assignments; encoded here, and decoded from untrusted bytes
+//! with every length and index checked. Version 5; blobs of versions 1 to 4 (without the QoS
+//! limits, the logs, the events, the SR-IOV state) still load.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -15,12 +15,15 @@ use crate::state::features::Features;
 
 use super::Controller;
 
-const VERSION: u32 = 4;
-/// The versions before the QoS limits, the logs and then the events were carried (still
-/// read).
+const VERSION: u32 = 5;
+/// The versions before the QoS limits, the logs, the events and then the SR-IOV state were
+/// carried (still read).
 const VERSION_NO_QOS: u32 = 1;
 const VERSION_NO_LOGS: u32 = 2;
 const VERSION_NO_EVENTS: u32 = 3;
+const VERSION_NO_VIRT: u32 = 4;
+/// Secondaries carried at most (a PF's VFs).
+const MAX_SECONDARIES: usize = 256;
 /// Queued events carried at most (each type/information pair is queued once).
 const MAX_QUEUED_EVENTS: usize = 32;
 
@@ -104,6 +107,8 @@ pub(super) struct Blob {
     pub(super) logs: Option<SavedLogs>,
     /// Asynchronous event state (none before version 4).
     pub(super) events: Option<SavedEvents>,
+    /// A primary's SR-IOV assignments (none before version 5, or for another controller).
+    pub(super) virt: Option<crate::virt_link::SavedVirt>,
 }
 
 /// The asynchronous event state as saved.
@@ -126,6 +131,43 @@ pub(super) struct SavedLogs {
     /// Newest first.
     pub(super) entries: Vec<nvme_spec::log_page::ErrorLogEntry>,
 }
+/// A primary's SR-IOV assignments, after their presence byte.
+fn encode_virt(w: &mut W, v: &crate::virt_link::SavedVirt) {
+    w.u16(v.vq_primary);
+    w.u16(v.vi_primary);
+    let n = v.secondaries.len().min(MAX_SECONDARIES);
+    w.u16(n as u16);
+    for s in v.secondaries.iter().take(n) {
+        w.u16(s.scid);
+        w.u16(s.nvq);
+        w.u16(s.nvi);
+        w.u8(u8::from(s.online));
+    }
+}
+
+/// [`encode_virt`]'s record back (the pools check the values when they take them).
+fn decode_virt(r: &mut R<'_>) -> Option<crate::virt_link::SavedVirt> {
+    let (vq_primary, vi_primary) = (r.u16()?, r.u16()?);
+    let n = r.u16()? as usize;
+    if n > MAX_SECONDARIES {
+        return None;
+    }
+    let mut secondaries = Vec::with_capacity(n);
+    for _ in 0..n {
+        secondaries.push(crate::virt_link::SavedSecondary {
+            scid: r.u16()?,
+            nvq: r.u16()?,
+            nvi: r.u16()?,
+            online: r.u8()? != 0,
+        });
+    }
+    Some(crate::virt_link::SavedVirt {
+        vq_primary,
+        vi_primary,
+        secondaries,
+    })
+}
+
 impl Controller {
     pub(super) fn encode(&self, pending: Option<PendingAdmin>) -> Vec<u8> {
         let mut w = W::default();
@@ -237,6 +279,12 @@ impl Controller {
         }
         w.u8(u8::from(self.admin.pool_warning.is_some()));
         w.u8(self.admin.pool_warning.unwrap_or(0));
+        if let Some(crate::virt_link::VirtRole::Primary(pools)) = &self.cfg.virt {
+            w.u8(1);
+            encode_virt(&mut w, &pools.save());
+        } else {
+            w.u8(0);
+        }
         w.0
     }
 
@@ -244,7 +292,15 @@ impl Controller {
     pub(super) fn decode(&self, b: &[u8]) -> Option<Blob> {
         let mut r = R(b);
         let version = r.u32()?;
-        if ![VERSION, VERSION_NO_QOS, VERSION_NO_LOGS, VERSION_NO_EVENTS].contains(&version) {
+        if ![
+            VERSION,
+            VERSION_NO_QOS,
+            VERSION_NO_LOGS,
+            VERSION_NO_EVENTS,
+            VERSION_NO_VIRT,
+        ]
+        .contains(&version)
+        {
             return None;
         }
         let (cc, csts, aqa, asq, acq, intms, page_size) = (
@@ -358,7 +414,7 @@ impl Controller {
         } else {
             None
         };
-        let events = if version >= VERSION {
+        let events = if version >= VERSION_NO_VIRT {
             let masked = r.u8()?;
             let n = r.u8()? as usize;
             if n > MAX_QUEUED_EVENTS {
@@ -392,6 +448,11 @@ impl Controller {
         } else {
             None
         };
+        let virt = if version >= VERSION && r.u8()? != 0 {
+            Some(decode_virt(&mut r)?)
+        } else {
+            None
+        };
         (page_size.is_power_of_two() && (4096..=1 << 16).contains(&page_size)).then_some(Blob {
             cc,
             csts,
@@ -408,6 +469,7 @@ impl Controller {
             qos,
             logs,
             events,
+            virt,
         })
     }
 }

@@ -253,6 +253,8 @@ pub(super) fn build_controller(
     let mut ctrl = Controller::new(cfg, Arc::clone(&mem), Arc::clone(&doorbells), namespaces);
     if let Some(j) = journal {
         ctrl.attach_journal(j);
+        // a PF's VFs online as the host left them, before any VF is built
+        ctrl.restore_sriov();
     }
     let stats = ctrl.stats();
     let qos = ctrl.qos_control();

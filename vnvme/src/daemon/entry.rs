@@ -288,7 +288,7 @@ impl Entry {
                     vf_device: b.ids.device,
                 },
                 Box::new(move |n| {
-                    if let Err(e) = group.enable_vfs(n) {
+                    if let Err(e) = group.vf_enable_written(n) {
                         log::warn!("SR-IOV: enabling {n} VFs stopped: {e:?}");
                     }
                 }),

@@ -46,7 +46,7 @@
 //! close with it: the VM loses the device, as without a supervisor.
 //!
 //! # Run-time changes
-//! `ns_add`, `ns_delete`, `ns_attach`, `ns_detach`, `vf_enable`, `raid_create`,
+//! `ns_add`, `ns_delete`, `ns_attach`, `ns_detach`, `raid_create`,
 //! `raid_delete`, `lvs_create` and `lvs_delete` change the worker's memory: the supervisor
 //! keeps each one a worker accepted and replays them, in order, to the next worker before
 //! giving it the client links (so controllers restore with their namespaces; a store loads,
@@ -199,13 +199,6 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
             // an RDMA CM listener is no descriptor the supervisor could keep
             return Err(SupervisorError::Unsupported(
                 "NVMe/RDMA exports (rdma_listen)".into(),
-            ));
-        }
-        if c.vfs.unwrap_or(0) > 0 && !c.vfs_online {
-            // which VFs the PF's host brought online (Virtualization Management) lives in
-            // the worker's memory
-            return Err(SupervisorError::Unsupported(
-                "SR-IOV VFs brought online at run time (set vfs_online = true)".into(),
             ));
         }
         if c.namespace_pool.is_some() {

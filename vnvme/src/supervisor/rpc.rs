@@ -259,13 +259,13 @@ fn wait<T>(rx: &Receiver<T>) -> Result<T, String> {
 /// state (`ns_add` takes the first free NSID and names a volume on disk; `lvs_create` loads
 /// the store it made, `raid_create` assembles the array from its members' superblocks). A
 /// store or array deleted at run time takes its creation out of the list (replayed, that
-/// would format whatever the backend holds by then).
+/// would format whatever the backend holds by then). `vf_enable` is not among them: which VFs
+/// are online is in the PF's journal, with what its host changed since.
 const REPLAYED: &[&str] = &[
     "ns_add",
     "ns_delete",
     "ns_attach",
     "ns_detach",
-    "vf_enable",
     "lvs_create",
     "lvs_delete",
     "raid_create",
