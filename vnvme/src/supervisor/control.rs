@@ -24,8 +24,10 @@ pub const START: u16 = 0x7e02;
 pub const UPGRADE: u16 = 0x7e03;
 /// Worker -> supervisor: the answer to START or UPGRADE.
 pub const DONE: u16 = 0x7e04;
-/// Supervisor -> worker: NVMe/TCP listening socket for `{"addr": "IP:PORT"}` (as
-/// configured); fd: the listener, which outlives every worker.
+/// Supervisor -> worker: NVMe/TCP listening socket for `{"addr": "IP:PORT"}`; fd: the
+/// listener, which outlives every worker. Before START: every one held (configured, or for
+/// a `subsystem_create` whose replay claims it); after START: one for a `subsystem_create`
+/// to come, answered `DONE {"ok": BOOL}`.
 pub const LISTEN: u16 = 0x7e05;
 
 /// Supervisor -> worker: the RAM of `malloc:SIZE@KEY` namespaces, `{"key": KEY}`; fd: the

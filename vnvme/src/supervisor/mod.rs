@@ -50,9 +50,10 @@
 //! `raid_delete`, `lvs_create` and `lvs_delete` change the worker's memory: the supervisor
 //! keeps each one a worker accepted and replays them, in order, to the next worker before
 //! giving it the client links (so controllers restore with their namespaces; a store loads,
-//! an array assembles). `subsystem_create` of a vfio-user controller: the supervisor owns
-//! its socket and memfds from before the worker makes it (`ATTACH` at run time, acknowledged)
-//! and hands them to every next worker before the call is replayed. Calls that would not
+//! an array assembles). `subsystem_create` of a vfio-user controller or an NVMe/TCP export:
+//! the supervisor owns its socket and memfds, or its listener, from before the worker makes
+//! it (`ATTACH` or `LISTEN` at run time, acknowledged) and hands them to every next worker
+//! before the call is replayed (`rpc/subsystems.rs`). Calls that would not
 //! replay faithfully are refused (`rpc.rs`).
 //!
 //! # NVMe/TCP exports
@@ -444,6 +445,36 @@ impl Supervisor {
             run_time: Some(stop),
         });
         Ok(())
+    }
+
+    /// Hold an NVMe/TCP listener on `addr` from now on, for a `subsystem_create` the worker
+    /// is about to run: bind it and hand it to the worker, which acknowledges. Every next
+    /// worker gets it too, before that call is replayed to it.
+    fn listen_at_run_time(&mut self, addr: &str) -> Result<(), String> {
+        if self.listeners.iter().any(|(a, _)| a == addr) {
+            return Err("that address is served already".into());
+        }
+        let sa: std::net::SocketAddr = addr.parse().map_err(|_| "want IP:PORT".to_owned())?;
+        let l = TcpListener::bind(sa).map_err(|e| format!("cannot listen there: {e}"))?;
+        if let Some((_, ctl)) = self.worker.as_ref() {
+            control::send(ctl, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])
+                .map_err(|e| e.to_string())?;
+            match control::recv(ctl, Duration::from_secs(5)) {
+                Ok(Some(m)) if m.command == control::DONE && m.body["ok"] == true => {}
+                other => return Err(format!("the worker did not take the listener ({other:?})")),
+            }
+        }
+        log::info!("supervisor: listening on {addr} for a subsystem made at run time");
+        self.listeners.push((addr.to_owned(), l));
+        Ok(())
+    }
+
+    /// Close the listener held on `addr` (its subsystem was deleted, or refused).
+    fn unlisten(&mut self, addr: &str) {
+        if let Some(i) = self.listeners.iter().position(|(a, _)| a == addr) {
+            self.listeners.remove(i);
+            log::info!("supervisor: no longer listening on {addr}");
+        }
     }
 
     /// Keep RAM of `size` bytes for a `malloc:` spec a run-time call names; its key.

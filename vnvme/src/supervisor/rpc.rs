@@ -25,6 +25,8 @@ use crate::rpc::acceptor::Acceptor;
 use crate::rpc::server::read_line;
 use crate::rpc::{MAX_REQUEST, code};
 
+mod subsystems;
+
 /// Clients served at once; more are answered "busy" and closed.
 const MAX_CLIENTS: usize = 8;
 /// A request line must arrive whole within this.
@@ -34,13 +36,17 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client waits for the supervisor's loop (an upgrade takes a few seconds).
 const ASK_TIMEOUT: Duration = Duration::from_mins(1);
 
-/// A `daemon_*` request for the supervisor's loop, or a socket to own or let go of for a
-/// `subsystem_create` / `subsystem_delete`, with where its answer goes.
+/// A `daemon_*` request for the supervisor's loop, or a socket, listener or RAM to own or let
+/// go of for a run-time call, with where its answer goes.
 pub(super) enum Ask {
     Status(Sender<Value>),
     Upgrade(Option<PathBuf>, Sender<Result<Value, String>>),
     Attach(PathBuf, Sender<Result<(), String>>),
     Detach(PathBuf, Sender<()>),
+    /// Hold an NVMe/TCP listener on this address for a `subsystem_create`.
+    Listen(String, Sender<Result<(), String>>),
+    /// Close the NVMe/TCP listener held for a deleted (or refused) subsystem.
+    Unlisten(String),
     /// Keep RAM of this many bytes for a `malloc:` spec of a run-time call: its key.
     Ram(u64, Sender<Result<String, String>>),
     /// Let go of kept RAM (its creation is no longer replayed).
@@ -58,9 +64,8 @@ struct Shared {
     asks: Sender<Ask>,
     worker_rpc: Option<PathBuf>,
     changes: Changes,
-    /// Subsystems made at run time: NQN, vfio-user socket, and the request line kept in
-    /// [`Changes`].
-    made: Mutex<Vec<(String, PathBuf, String)>>,
+    /// Subsystems made at run time.
+    made: Mutex<Vec<subsystems::Made>>,
 }
 
 /// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
@@ -115,6 +120,10 @@ impl SupervisorRpc {
                     sup.detach(&socket);
                     let _ = reply.send(());
                 }
+                Ask::Listen(addr, reply) => {
+                    let _ = reply.send(sup.listen_at_run_time(&addr));
+                }
+                Ask::Unlisten(addr) => sup.unlisten(&addr),
                 Ask::Ram(size, reply) => {
                     let _ = reply.send(sup.ram_at_run_time(size));
                 }
@@ -184,8 +193,8 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
             }
         }
         crate::rpc::methods::SKIP_ENTRY => refused(&id, "the supervisor's own call"),
-        "subsystem_create" => subsystem_create(sh, &req, &id),
-        "subsystem_delete" => subsystem_delete(sh, &req, &line, &id),
+        "subsystem_create" => subsystems::create(sh, &req, &id),
+        "subsystem_delete" => subsystems::delete(sh, &req, &line, &id),
         m if REPLAYED.contains(&m) => match (sh.worker_rpc.as_ref(), keep_ram(sh, req.clone())) {
             (None, _) => refused(&id, "no management socket in the worker"),
             (_, Err(e)) => refused(&id, &format!("{m}: {e}")),
@@ -278,135 +287,6 @@ const REPLAYED: &[&str] = &[
 /// Calls whose effect is on disk (volumes of a store, array membership) or carried in the
 /// state memfd (`qos_set`) go through.
 const NOT_CARRIED: &[&str] = &["ns_create"];
-
-/// `subsystem_create` under a supervisor: a vfio-user controller (no VFs, no network
-/// export) whose socket the supervisor owns from before the worker makes it, like a
-/// configured one's; the call is replayed to every next worker.
-fn subsystem_create(sh: &Shared, req: &Value, id: &Value) -> Value {
-    let p = req.get("params").cloned().unwrap_or(Value::Null);
-    let network = ["tcp_listen", "rdma_listen", "namespace_pool"]
-        .iter()
-        .find(|k| p.get(**k).is_some_and(|v| !v.is_null()));
-    if let Some(k) = network {
-        return refused(
-            id,
-            &format!(
-                "subsystem_create: {k} at run time is refused under --supervised; put it in the configuration"
-            ),
-        );
-    }
-    if p.get("vfs").and_then(Value::as_u64).unwrap_or(0) > 0 {
-        return refused(
-            id,
-            "subsystem_create: VFs at run time are refused under --supervised; put them in the configuration",
-        );
-    }
-    let Some(socket) = p.get("socket").and_then(Value::as_str).map(PathBuf::from) else {
-        return refused(
-            id,
-            "subsystem_create without a vfio-user \"socket\" is refused under --supervised",
-        );
-    };
-    let Some(worker) = sh.worker_rpc.as_ref() else {
-        return refused(id, "no management socket in the worker");
-    };
-    // RAM and the socket first (the supervisor's loop may be replaying the changes to a new
-    // worker: never wait for it holding their lock); a worker started meanwhile gets both
-    let (_, line, kept) = match keep_ram(sh, req.clone()) {
-        Ok(k) => k,
-        Err(e) => return refused(id, &format!("subsystem_create: {e}")),
-    };
-    let (tx, rx) = mpsc::channel();
-    if let Err(e) = ask(sh, Ask::Attach(socket.clone(), tx)).and_then(|()| wait(&rx)?) {
-        let _ = ask(sh, Ask::ForgetRam(kept));
-        return refused(id, &format!("subsystem_create: {e}"));
-    }
-    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-    let reply = forward(worker, line.as_bytes())
-        .ok()
-        .and_then(|r| serde_json::from_str::<Value>(&r).ok());
-    let nqn = reply
-        .as_ref()
-        .and_then(|r| r.get("result")?.get("nqn")?.as_str())
-        .map(str::to_owned);
-    match (reply, nqn) {
-        (Some(r), Some(nqn)) => {
-            changes.push(line.clone());
-            sh.made
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((nqn, socket, line));
-            r
-        }
-        (r, _) => {
-            drop(changes);
-            let_go(sh, socket);
-            let _ = ask(sh, Ask::ForgetRam(kept));
-            r.unwrap_or_else(|| refused(id, "the worker did not answer"))
-        }
-    }
-}
-
-/// Have the supervisor's loop let go of run-time socket `socket` (its relay closes the
-/// client's connection and removes the socket).
-fn let_go(sh: &Shared, socket: PathBuf) {
-    let (tx, rx) = mpsc::channel();
-    let _ = ask(sh, Ask::Detach(socket, tx)).and_then(|()| wait(&rx));
-}
-
-/// `subsystem_delete` under a supervisor: of a subsystem made at run time only (a
-/// configured one comes back with the next worker: remove it from the configuration). Its
-/// creation is replayed from then on as the entry number it took, nothing else.
-fn subsystem_delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
-    let nqn = req
-        .get("params")
-        .and_then(|p| p.get("nqn"))
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let made = sh
-        .made
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-        .find(|(n, _, _)| n == nqn)
-        .map(|(_, s, l)| (s.clone(), l.clone()));
-    let Some((socket, made_by)) = made else {
-        return refused(
-            id,
-            &format!(
-                "subsystem_delete of {nqn} is refused under --supervised: it was not made at run \
-                 time, and the next worker would make it again from the configuration; remove it \
-                 there"
-            ),
-        );
-    };
-    let Some(worker) = sh.worker_rpc.as_ref() else {
-        return refused(id, "no management socket in the worker");
-    };
-    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-    let reply = match forward(worker, line) {
-        Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
-        Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
-    };
-    if reply.get("result").is_some() {
-        sh.made
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(n, _, _)| n != nqn);
-        // the first such line still kept: an earlier subsystem made by the same request and
-        // deleted already has its line replaced
-        if let Some(i) = changes.iter().position(|l| *l == made_by) {
-            changes[i] =
-                json!({"jsonrpc": "2.0", "id": 0, "method": crate::rpc::methods::SKIP_ENTRY})
-                    .to_string();
-        }
-        drop(changes);
-        let_go(sh, socket);
-        let keys = serde_json::from_str(&made_by).map_or(Vec::new(), |r| keys_in(&r));
-        let _ = ask(sh, Ask::ForgetRam(keys));
-    }
-    reply
-}
 
 /// Keep `line` (request `req`, which the worker accepted) for the next workers: a store's or
 /// array's deletion cancels its creation at run time, if that is in the list (the creation's

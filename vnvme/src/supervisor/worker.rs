@@ -101,13 +101,13 @@ impl WorkerLink {
             .map_err(SupervisorError::Io)
     }
 
-    /// Look for a request, waiting up to `wait`. A socket or RAM handed over at run time (for
-    /// a call to come) is taken and acknowledged here.
+    /// Look for a request, waiting up to `wait`. A socket, listener or RAM handed over at run
+    /// time (for a call to come) is taken and acknowledged here.
     pub fn poll(&self, wait: Duration) -> Asked {
         match control::recv(&self.ctl, wait) {
             Ok(None) => Asked::Nothing,
             Ok(Some(m)) if m.command == UPGRADE => Asked::Upgrade,
-            Ok(Some(m)) if m.command == ATTACH || m.command == RAM => {
+            Ok(Some(m)) if [ATTACH, LISTEN, RAM].contains(&m.command) => {
                 let ok = take_fds(m).map_err(|e| e.to_string());
                 if let Err(e) = &ok {
                     log::warn!("worker: {e}");

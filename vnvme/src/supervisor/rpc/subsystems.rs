@@ -1,0 +1,184 @@
+//! `subsystem_create` and `subsystem_delete` under a supervisor. What QEMU or a host holds
+//! the other end of, the supervisor owns from before the worker makes the subsystem, as for
+//! a configured one: a vfio-user controller's socket (and its memfds), an NVMe/TCP export's
+//! listener, the RAM of `malloc:` namespaces. It hands them to the worker, and to every
+//! next worker before the call is replayed to it.
+
+use std::path::PathBuf;
+use std::sync::PoisonError;
+use std::sync::mpsc;
+
+use serde_json::{Value, json};
+
+use super::{Ask, Shared, ask, forward, keep_ram, keys_in, refused, wait};
+
+/// A subsystem made at run time.
+pub(in crate::supervisor) struct Made {
+    nqn: String,
+    /// Its vfio-user socket, if it has one.
+    socket: Option<PathBuf>,
+    /// Its NVMe/TCP address (`tcp_listen`), if it has one.
+    listen: Option<String>,
+    /// The request line kept in the change list.
+    line: String,
+}
+
+/// `subsystem_create`: a vfio-user controller and/or an NVMe/TCP export (no VFs, no RDMA,
+/// no pool).
+pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
+    let p = req.get("params").cloned().unwrap_or(Value::Null);
+    let refused_here = ["rdma_listen", "namespace_pool"]
+        .iter()
+        .find(|k| p.get(**k).is_some_and(|v| !v.is_null()));
+    if let Some(k) = refused_here {
+        return refused(
+            id,
+            &format!(
+                "subsystem_create: {k} at run time is refused under --supervised; put it in the configuration"
+            ),
+        );
+    }
+    if p.get("vfs").and_then(Value::as_u64).unwrap_or(0) > 0 {
+        return refused(
+            id,
+            "subsystem_create: VFs at run time are refused under --supervised; put them in the configuration",
+        );
+    }
+    let socket = p.get("socket").and_then(Value::as_str).map(PathBuf::from);
+    let listen = p
+        .get("tcp_listen")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if socket.is_none() && listen.is_none() {
+        return refused(
+            id,
+            "subsystem_create without a vfio-user \"socket\" or a \"tcp_listen\" address is \
+             refused under --supervised",
+        );
+    }
+    let Some(worker) = sh.worker_rpc.as_ref() else {
+        return refused(id, "no management socket in the worker");
+    };
+    // RAM, socket and listener first (the supervisor's loop may be replaying the changes to
+    // a new worker: never wait for it holding their lock); a worker started meanwhile gets
+    // them too
+    let (_, line, kept) = match keep_ram(sh, req.clone()) {
+        Ok(k) => k,
+        Err(e) => return refused(id, &format!("subsystem_create: {e}")),
+    };
+    let mut made = Made {
+        nqn: String::new(),
+        socket: None,
+        listen: None,
+        line,
+    };
+    if let Some(s) = socket {
+        let (tx, rx) = mpsc::channel();
+        if let Err(e) = ask(sh, Ask::Attach(s.clone(), tx)).and_then(|()| wait(&rx)?) {
+            let_go(sh, &made, kept);
+            return refused(id, &format!("subsystem_create: {e}"));
+        }
+        made.socket = Some(s);
+    }
+    if let Some(a) = listen {
+        let (tx, rx) = mpsc::channel();
+        if let Err(e) = ask(sh, Ask::Listen(a.clone(), tx)).and_then(|()| wait(&rx)?) {
+            let_go(sh, &made, kept);
+            return refused(id, &format!("subsystem_create: tcp_listen {a}: {e}"));
+        }
+        made.listen = Some(a);
+    }
+    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+    let reply = forward(worker, made.line.as_bytes())
+        .ok()
+        .and_then(|r| serde_json::from_str::<Value>(&r).ok());
+    let nqn = reply
+        .as_ref()
+        .and_then(|r| r.get("result")?.get("nqn")?.as_str())
+        .map(str::to_owned);
+    match (reply, nqn) {
+        (Some(r), Some(nqn)) => {
+            changes.push(made.line.clone());
+            made.nqn = nqn;
+            sh.made
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(made);
+            r
+        }
+        (r, _) => {
+            drop(changes);
+            let_go(sh, &made, kept);
+            r.unwrap_or_else(|| refused(id, "the worker did not answer"))
+        }
+    }
+}
+
+/// Have the supervisor's loop let go of what it held for subsystem `made` (refused, or
+/// deleted): its relay closes the client's connection and removes the socket, the listener
+/// closes, the RAM `kept` for it goes.
+fn let_go(sh: &Shared, made: &Made, kept: Vec<String>) {
+    if let Some(s) = &made.socket {
+        let (tx, rx) = mpsc::channel();
+        let _ = ask(sh, Ask::Detach(s.clone(), tx)).and_then(|()| wait(&rx));
+    }
+    if let Some(a) = &made.listen {
+        let _ = ask(sh, Ask::Unlisten(a.clone()));
+    }
+    let _ = ask(sh, Ask::ForgetRam(kept));
+}
+
+/// `subsystem_delete`: of a subsystem made at run time only (a configured one comes back
+/// with the next worker: remove it from the configuration). Its creation is replayed from
+/// then on as the entry number it took, nothing else.
+pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
+    let nqn = req
+        .get("params")
+        .and_then(|p| p.get("nqn"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let known = sh
+        .made
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .any(|m| m.nqn == nqn);
+    if !known {
+        return refused(
+            id,
+            &format!(
+                "subsystem_delete of {nqn} is refused under --supervised: it was not made at run \
+                 time, and the next worker would make it again from the configuration; remove it \
+                 there"
+            ),
+        );
+    }
+    let Some(worker) = sh.worker_rpc.as_ref() else {
+        return refused(id, "no management socket in the worker");
+    };
+    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+    let reply = match forward(worker, line) {
+        Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
+        Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
+    };
+    if reply.get("result").is_some() {
+        let gone = {
+            let mut list = sh.made.lock().unwrap_or_else(PoisonError::into_inner);
+            let i = list.iter().position(|m| m.nqn == nqn);
+            i.map(|i| list.remove(i))
+        };
+        if let Some(made) = gone {
+            // the first such line still kept: an earlier subsystem made by the same request
+            // and deleted already has its line replaced
+            if let Some(i) = changes.iter().position(|l| *l == made.line) {
+                changes[i] =
+                    json!({"jsonrpc": "2.0", "id": 0, "method": crate::rpc::methods::SKIP_ENTRY})
+                        .to_string();
+            }
+            drop(changes);
+            let keys = serde_json::from_str(&made.line).map_or(Vec::new(), |r| keys_in(&r));
+            let_go(sh, &made, keys);
+        }
+    }
+    reply
+}
