@@ -80,7 +80,10 @@ impl MallocBackend {
         let page = 4096;
         let (start, end) = (offset, offset + len);
         let (inner_start, inner_end) = (start.next_multiple_of(page), end - end % page);
-        let (at, n) = (inner_start as usize, inner_end.saturating_sub(inner_start) as usize);
+        let (at, n) = (
+            inner_start as usize,
+            inner_end.saturating_sub(inner_start) as usize,
+        );
         let released = inner_start < inner_end
             && if self.kept {
                 sys_util::kept_ram::release_pages(&mut self.ram, at, n)
