@@ -9,7 +9,9 @@
 //! the daemon refuses `--rdma-listen` with the "no RDMA device; load rdma_rxe" error; a
 //! hostile host (`src/bin/rdma_hostile_peer.rs`: a connect request for too large a queue, a
 //! short capsule, a keyed SGL with a key never registered, more commands than queue
-//! entries) is refused or disconnected before the kernel host uses the same target.
+//! entries) is refused or disconnected before the kernel host uses the same target. Last, a
+//! supervised export (`serve --supervised --rdma-listen`) has its worker upgraded and killed
+//! under the kernel host's fio verify: the host reconnects, fio reports no error.
 
 use vnvme_tests::guest::{
     TempDir, harness_guest, run_ok, section, value, vnvme_binary_for_guest, with_private_nic,
@@ -99,6 +101,37 @@ echo "ronly-disconnect-rc $rc"
 tail -5 /tmp/daemon2.log
 echo "ronly-panics $(grep -ci panic /tmp/daemon2.log)"
 echo @@RONLY-END
+# a supervised export over NVMe/RDMA: the worker is upgraded and killed under fio verify;
+# each worker listens itself, the kernel host reconnects (every second) and sends again
+echo @@SUP-BEGIN
+(RUST_LOG=info /tmp/h/vnvme serve --supervised --rdma-listen $ADDR:4440 --nqn $NQN.sup   --ns malloc:64M --rpc /tmp/sup.rpc > /tmp/sup.log 2>&1 &)
+for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/sup.log && break; sleep 0.1; done
+rc=0; nvme connect -t rdma -a $ADDR -s 4440 -n $NQN.sup -k 5 -c 1 -l 60 || rc=$?
+echo; echo "sup-connect-rc $rc"
+dev=""
+for i in $(seq 1 100); do
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.sup" ] && dev=/dev/$(basename $c)n1
+  done
+  [ -n "$dev" ] && [ -b "$dev" ] && break; sleep 0.1
+done
+echo "sup-dev $dev"
+fio --name=sup --filename=$dev --direct=1 --ioengine=io_uring --rw=randrw --bs=4k   --iodepth=16 --size=32M --time_based --runtime=16 --verify=crc32c --verify_fatal=1   --verify_backlog=64 > /tmp/sup-fio.log 2>&1 &
+fio_pid=$!
+sleep 3
+/tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_upgrade
+sleep 4
+w=$(/tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_status | grep -o '"worker_pid": *[0-9]*' | grep -o '[0-9]*$')
+echo "sup-killing $w"; kill -9 $w
+rc=0; wait $fio_pid || rc=$?
+echo "sup-fio-rc $rc"
+grep -E "err=|READ:|WRITE:|verify" /tmp/sup-fio.log | head -8
+echo "sup-status $(/tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_status | tr -d ' \n')"
+echo "sup-panics $(grep -ci panic /tmp/sup.log)"
+grep -E "supervisor|worker|ERROR" /tmp/sup.log | tail -12
+rc=0; nvme disconnect -n $NQN.sup >/dev/null || rc=$?
+echo "sup-disconnect-rc $rc"
+echo @@SUP-END
 echo @@DMESG-BEGIN; dmesg | grep -iE 'nvme|rdma|rxe' | tail -30; echo @@DMESG-END
 echo @@DAEMON-BEGIN; tail -30 /tmp/daemon.log; echo @@DAEMON-END
 echo "daemon-panics $(grep -ci panic /tmp/daemon.log)"
@@ -226,4 +259,20 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
     assert_eq!(value(&out, "ronly-match"), Some("yes"), "{ronly}");
     assert_eq!(value(&out, "ronly-disconnect-rc"), Some("0"), "{ronly}");
     assert_eq!(value(&out, "ronly-panics"), Some("0"), "{ronly}");
+    // the supervised export: fio verify through an upgrade and a kill of the worker
+    let sup = section(&out, "@@SUP");
+    assert_eq!(value(&out, "sup-connect-rc"), Some("0"), "{sup}");
+    assert_eq!(
+        value(&out, "sup-fio-rc"),
+        Some("0"),
+        "fio verify over a supervised NVMe/RDMA export:\n{sup}\n{}",
+        section(&out, "@@DMESG")
+    );
+    let status = value(&out, "sup-status").unwrap_or_default();
+    assert!(
+        status.contains("\"upgrades\":1") && status.contains("\"recoveries\":1"),
+        "{sup}"
+    );
+    assert_eq!(value(&out, "sup-panics"), Some("0"), "{sup}");
+    eprintln!("supervised NVMe/RDMA export:\n{sup}");
 }

@@ -63,8 +63,10 @@
 //! what had no response (Linux requeues within `ctrl_loss_tmo`; vnvme's initiator waits
 //! for the connection unless `fast_io_fail_tmo` says otherwise). Commands a killed worker had
 //! in flight on its io_uring end before the process does, so they cannot land after the
-//! host's retry. NVMe/RDMA exports are refused under `--supervised`: an RDMA CM listener is
-//! no descriptor to keep.
+//! host's retry. NVMe/RDMA exports: an RDMA CM listener is no descriptor the supervisor
+//! could keep, so each worker listens itself; while none runs a host's connect is rejected,
+//! and the host tries again (Linux every `reconnect_delay`, within `ctrl_loss_tmo`), then
+//! sends again what had no response, as over NVMe/TCP.
 
 pub mod control;
 pub mod handover;
@@ -196,12 +198,6 @@ impl std::fmt::Debug for Supervisor {
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     let mut sockets = Vec::new();
     for c in &cfg.controllers {
-        if c.rdma_listen.is_some() {
-            // an RDMA CM listener is no descriptor the supervisor could keep
-            return Err(SupervisorError::Unsupported(
-                "NVMe/RDMA exports (rdma_listen)".into(),
-            ));
-        }
         if c.namespace_pool.is_some() {
             return Err(SupervisorError::Unsupported("namespace pools".into()));
         }
