@@ -185,6 +185,23 @@ impl IoStats {
     }
 }
 
+impl IoStats {
+    /// Count `s` in as well: the counters an earlier worker saved (single writer, before
+    /// this one counts anything of its own).
+    pub(crate) fn carry(&self, s: &IoSnapshot) {
+        add(&self.reads, s.reads);
+        add(&self.writes, s.writes);
+        add(&self.other, s.other);
+        add(&self.read_bytes, s.read_bytes);
+        add(&self.written_bytes, s.written_bytes);
+        add(&self.errors, s.errors);
+        for (b, &n) in self.latency.buckets.iter().zip(&s.latency.buckets) {
+            add(b, n);
+        }
+        add(&self.latency.sum_ns, s.latency.sum_ns);
+    }
+}
+
 /// [`IoStats`] at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoSnapshot {

@@ -1606,3 +1606,51 @@ fn listens(pid: u32, port: u16) -> bool {
                 && inodes.iter().any(|i| i == f[9])
         })
 }
+
+/// The statistics (`rpc stats`, metrics) count on across workers: after an upgrade exactly
+/// (the worker saves after draining), after a kill as of the last save, at most about a
+/// second old (they are saved once a second while they move).
+#[test]
+fn statistics_count_on_across_workers() {
+    let tmp = TempDir::new("upgrade-stats");
+    let (_served, socks, rpc_sock) = supervised(tmp.path(), 1);
+    let counts = || {
+        let s = rpc(&rpc_sock, &["stats"]);
+        let c = &s[0];
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        (
+            n(&c["reads"]) + n(&c["writes"]),
+            n(&c["namespaces"][0]["reads"]) + n(&c["namespaces"][0]["writes"]),
+            n(&c["admin_commands"]),
+        )
+    };
+    let (ok, out) = finish(perf(&socks[0], 2));
+    assert!(ok, "{out}");
+    let before = counts();
+    assert!(
+        before.0 > 1000 && before.1 == before.0 && before.2 > 0,
+        "{before:?}"
+    );
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    assert_eq!(counts(), before, "after an upgrade");
+    kill_worker(&rpc_sock);
+    assert_eq!(
+        counts(),
+        before,
+        "after a kill, nothing done since the upgrade"
+    );
+    // a kill under I/O: what was counted more than a second before it is still there
+    let p = perf(&socks[0], 6);
+    std::thread::sleep(Duration::from_secs(2));
+    let sampled = counts();
+    std::thread::sleep(Duration::from_secs(2));
+    kill_worker(&rpc_sock);
+    let after = counts();
+    assert!(
+        after.0 >= sampled.0 && sampled.0 > before.0,
+        "counted {sampled:?} 2 s before the kill, {after:?} after it"
+    );
+    let (ok, out) = finish(p);
+    assert!(ok && out.contains(" 0 mismatches"), "{out}");
+}

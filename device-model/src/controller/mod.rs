@@ -39,6 +39,7 @@ mod lifecycle;
 mod shutdown;
 mod snapshot;
 mod snapshot_blob;
+mod snapshot_stats;
 #[cfg(test)]
 mod snapshot_tests;
 
@@ -186,6 +187,8 @@ pub struct Controller {
     pub(crate) qos_saved: u64,
     /// The SR-IOV pools' generation as last saved (a primary's journal carries them).
     pub(crate) virt_saved: u64,
+    /// When the statistics are next looked at for a save (`snapshot_stats.rs`).
+    pub(crate) stats_save: snapshot_stats::SaveClock,
     pub(crate) journal_owned: bool,
     /// Asynchronous event state changed outside an admin command (an event queued, a
     /// namespace changed size, the pool warning): saved at the next poll.
@@ -269,6 +272,7 @@ impl Controller {
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,
             virt_saved: 0,
+            stats_save: snapshot_stats::SaveClock::default(),
             journal_owned: false,
             events_unsaved: false,
             quiesce: crate::quiesce::Quiesce::default(),

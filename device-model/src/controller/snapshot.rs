@@ -94,14 +94,16 @@ impl Controller {
         self.commands_in_flight <= parked && self.quiesce.retired_requests() == 0
     }
 
-    /// QoS limits changed by the management plane, or asynchronous event state outside an
-    /// admin command, since the last save: save them (the next worker must keep a tenant's
-    /// limits and report its events).
+    /// QoS limits changed by the management plane, asynchronous event state outside an
+    /// admin command or SR-IOV assignments since the last save, or statistics a second old:
+    /// save them (the next worker must keep a tenant's limits, report its events, keep its
+    /// VFs and count on).
     pub(super) fn save_run_time_changes(&mut self) {
         if self.journal_owned
             && (self.events_unsaved
                 || self.qos_control.generation() != self.qos_saved
-                || self.virt_generation() != self.virt_saved)
+                || self.virt_generation() != self.virt_saved
+                || self.stats_due())
         {
             self.save_blob(None);
         }
@@ -232,6 +234,7 @@ impl Controller {
         self.qos_saved = self.qos_control.generation();
         self.virt_saved = self.virt_generation();
         self.events_unsaved = false;
+        self.stats_saved();
         if let Err(e) = j.save_blob(&self.encode(pending)) {
             crate::error_limited!("{}: state not saved: {e}", self.cfg.serial);
         }
@@ -304,6 +307,9 @@ impl Controller {
         };
         if let Some(q) = b.qos {
             self.qos_control.set(q);
+        }
+        if let Some(s) = &b.stats {
+            self.carry_stats(s);
         }
         if let Some(l) = b.logs {
             let s = &mut self.admin.smart;

@@ -2,9 +2,10 @@
 //! record of the registers, features, queue geometry, shadow doorbell addresses, the admin
 //! completion being posted, the QoS limits, the SMART counters and error log, and the
 //! asynchronous event state (an event raised before an upgrade reaches the host once, after
-//! it), and a primary's SR-IOV assignments; encoded here, and decoded from untrusted bytes
-//! with every length and index checked. Version 5; blobs of versions 1 to 4 (without the QoS
-//! limits, the logs, the events, the SR-IOV state) still load.
+//! it), a primary's SR-IOV assignments and the statistics (`snapshot_stats.rs`); encoded
+//! here, and decoded from untrusted bytes with every length and index checked. Version 6;
+//! blobs of versions 1 to 5 (without the QoS limits, the logs, the events, the SR-IOV state,
+//! the statistics) still load.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -15,13 +16,14 @@ use crate::state::features::Features;
 
 use super::Controller;
 
-const VERSION: u32 = 5;
+const VERSION: u32 = 6;
 /// The versions before the QoS limits, the logs, the events and then the SR-IOV state were
 /// carried (still read).
 const VERSION_NO_QOS: u32 = 1;
 const VERSION_NO_LOGS: u32 = 2;
 const VERSION_NO_EVENTS: u32 = 3;
 const VERSION_NO_VIRT: u32 = 4;
+const VERSION_NO_STATS: u32 = 5;
 /// Secondaries carried at most (a PF's VFs).
 const MAX_SECONDARIES: usize = 256;
 /// Queued events carried at most (each type/information pair is queued once).
@@ -39,19 +41,19 @@ pub(super) struct PendingAdmin {
 
 /// Little-endian writer.
 #[derive(Default)]
-struct W(Vec<u8>);
+pub(super) struct W(Vec<u8>);
 
 impl W {
-    fn u8(&mut self, v: u8) {
+    pub(super) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u16(&mut self, v: u16) {
+    pub(super) fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u32(&mut self, v: u32) {
+    pub(super) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(super) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn bytes(&mut self, b: &[u8]) {
@@ -60,7 +62,7 @@ impl W {
 }
 
 /// Little-endian reader over untrusted bytes: every read is bounds checked.
-struct R<'a>(&'a [u8]);
+pub(super) struct R<'a>(&'a [u8]);
 
 impl R<'_> {
     fn take(&mut self, n: usize) -> Option<&[u8]> {
@@ -71,16 +73,16 @@ impl R<'_> {
         self.0 = b;
         Some(a)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(super) fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Option<u16> {
+    pub(super) fn u16(&mut self) -> Option<u16> {
         Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(super) fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(super) fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 }
@@ -109,6 +111,8 @@ pub(super) struct Blob {
     pub(super) events: Option<SavedEvents>,
     /// A primary's SR-IOV assignments (none before version 5, or for another controller).
     pub(super) virt: Option<crate::virt_link::SavedVirt>,
+    /// The statistics (none before version 6).
+    pub(super) stats: Option<super::snapshot_stats::SavedStats>,
 }
 
 /// The asynchronous event state as saved.
@@ -285,6 +289,7 @@ impl Controller {
         } else {
             w.u8(0);
         }
+        self.encode_stats(&mut w);
         w.0
     }
 
@@ -298,6 +303,7 @@ impl Controller {
             VERSION_NO_LOGS,
             VERSION_NO_EVENTS,
             VERSION_NO_VIRT,
+            VERSION_NO_STATS,
         ]
         .contains(&version)
         {
@@ -448,8 +454,13 @@ impl Controller {
         } else {
             None
         };
-        let virt = if version >= VERSION && r.u8()? != 0 {
+        let virt = if version >= VERSION_NO_STATS && r.u8()? != 0 {
             Some(decode_virt(&mut r)?)
+        } else {
+            None
+        };
+        let stats = if version >= VERSION {
+            Some(super::snapshot_stats::decode(&mut r)?)
         } else {
             None
         };
@@ -470,6 +481,7 @@ impl Controller {
             logs,
             events,
             virt,
+            stats,
         })
     }
 }

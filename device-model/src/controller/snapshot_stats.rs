@@ -1,0 +1,199 @@
+//! The statistics in a controller's journal (`rpc stats`, metrics): saved with the slow
+//! state (`snapshot_blob.rs`) at every save, and at least once a second while they move, so
+//! the next worker counts on from them: exactly after a planned upgrade (the worker saves
+//! after draining), as of the last save (at most about a second behind) after a crash.
+//! The gauges (in flight, ready) are not carried: they describe the worker.
+
+use std::time::{Duration, Instant};
+
+use crate::stats::{ControllerStats, ERROR_STATUSES, HistogramSnapshot, IoSnapshot};
+
+use super::Controller;
+use super::snapshot_blob::{R, W};
+
+/// Namespaces whose statistics are carried at most (the rest start again at zero).
+const MAX_NAMESPACES: usize = 128;
+/// Poll passes between looks at the clock for a statistics save.
+const POLLS_PER_LOOK: u32 = 4096;
+/// Statistics that moved are saved this often at most.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// When the statistics were last saved, and how soon to look again.
+#[derive(Debug)]
+pub(crate) struct SaveClock {
+    countdown: u32,
+    at: Instant,
+    /// Commands counted as of that save.
+    counted: u64,
+}
+
+impl Default for SaveClock {
+    fn default() -> Self {
+        Self {
+            countdown: POLLS_PER_LOOK,
+            at: Instant::now(),
+            counted: 0,
+        }
+    }
+}
+
+/// The statistics as an earlier worker saved them.
+#[derive(Debug, Default)]
+pub(super) struct SavedStats {
+    /// Enables, Doorbell Buffer Configs, asynchronous events, fatal states, admin commands
+    /// and admin errors.
+    counters: [u64; 6],
+    io: IoSnapshot,
+    io_errors: Vec<u64>,
+    /// By NSID.
+    namespaces: Vec<(u32, IoSnapshot)>,
+}
+
+fn encode_io(w: &mut W, s: &IoSnapshot) {
+    for v in [
+        s.reads,
+        s.writes,
+        s.other,
+        s.read_bytes,
+        s.written_bytes,
+        s.errors,
+        s.latency.sum_ns,
+    ] {
+        w.u64(v);
+    }
+    for &b in &s.latency.buckets {
+        w.u64(b);
+    }
+}
+
+fn decode_io(r: &mut R<'_>) -> Option<IoSnapshot> {
+    let mut s = IoSnapshot {
+        reads: r.u64()?,
+        writes: r.u64()?,
+        other: r.u64()?,
+        read_bytes: r.u64()?,
+        written_bytes: r.u64()?,
+        errors: r.u64()?,
+        latency: HistogramSnapshot::default(),
+    };
+    s.latency.sum_ns = r.u64()?;
+    for b in &mut s.latency.buckets {
+        *b = r.u64()?;
+    }
+    Some(s)
+}
+
+/// [`SavedStats`] from untrusted bytes: counts checked, values taken as they are (they only
+/// ever reach this controller's own counters).
+pub(super) fn decode(r: &mut R<'_>) -> Option<SavedStats> {
+    let mut counters = [0; 6];
+    for c in &mut counters {
+        *c = r.u64()?;
+    }
+    let io = decode_io(r)?;
+    let n = r.u16()? as usize;
+    if n != ERROR_STATUSES.len() {
+        return None;
+    }
+    let mut io_errors = Vec::with_capacity(n);
+    for _ in 0..n {
+        io_errors.push(r.u64()?);
+    }
+    let n = r.u16()? as usize;
+    if n > MAX_NAMESPACES {
+        return None;
+    }
+    let mut namespaces = Vec::with_capacity(n);
+    for _ in 0..n {
+        namespaces.push((r.u32()?, decode_io(r)?));
+    }
+    Some(SavedStats {
+        counters,
+        io,
+        io_errors,
+        namespaces,
+    })
+}
+
+impl Controller {
+    /// This controller's statistics, for the blob.
+    pub(super) fn encode_stats(&self, w: &mut W) {
+        use ControllerStats as C;
+        let s = &self.stats;
+        for c in [
+            &s.enables,
+            &s.shadow_doorbell_configs,
+            &s.async_events,
+            &s.fatal,
+            &s.admin_commands,
+            &s.admin_errors,
+        ] {
+            w.u64(C::get(c));
+        }
+        encode_io(w, &s.io.snapshot());
+        w.u16(s.io_errors.len() as u16);
+        for e in &s.io_errors {
+            w.u64(C::get(e));
+        }
+        let n = self.namespaces.len().min(MAX_NAMESPACES);
+        w.u16(n as u16);
+        for ns in self.namespaces.iter().take(n) {
+            w.u32(ns.nsid);
+            encode_io(w, &ns.stats.snapshot());
+        }
+    }
+
+    /// Count on from `saved` (a new worker restoring): the controller's counters and those
+    /// of each namespace it has again.
+    pub(super) fn carry_stats(&self, saved: &SavedStats) {
+        let s = &self.stats;
+        for (c, &v) in [
+            &s.enables,
+            &s.shadow_doorbell_configs,
+            &s.async_events,
+            &s.fatal,
+            &s.admin_commands,
+            &s.admin_errors,
+        ]
+        .into_iter()
+        .zip(&saved.counters)
+        {
+            c.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+        }
+        s.io.carry(&saved.io);
+        for (c, &v) in s.io_errors.iter().zip(&saved.io_errors) {
+            c.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+        }
+        for (nsid, io) in &saved.namespaces {
+            if let Some(ns) = self.namespaces.iter().find(|n| n.nsid == *nsid) {
+                ns.stats.carry(io);
+            }
+        }
+    }
+
+    /// True about once a second while the statistics move (checked every few thousand poll
+    /// passes): time to save them.
+    pub(super) fn stats_due(&mut self) -> bool {
+        let c = &mut self.stats_save;
+        c.countdown -= 1;
+        if c.countdown > 0 {
+            return false;
+        }
+        c.countdown = POLLS_PER_LOOK;
+        counted(&self.stats) != c.counted && c.at.elapsed() >= SAVE_EVERY
+    }
+
+    /// The statistics were saved now.
+    pub(super) fn stats_saved(&mut self) {
+        self.stats_save.counted = counted(&self.stats);
+        self.stats_save.at = Instant::now();
+    }
+}
+
+/// Commands counted so far (I/O and admin): whether the statistics moved.
+fn counted(s: &ControllerStats) -> u64 {
+    [&s.io.reads, &s.io.writes, &s.io.other, &s.admin_commands]
+        .into_iter()
+        .map(ControllerStats::get)
+        .sum()
+}
