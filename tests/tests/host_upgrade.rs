@@ -159,6 +159,50 @@ fn add_and_attach(rpc_sock: &Path, nqn: &str, backend: &str, cntlid: u64) -> u64
     nsid
 }
 
+/// `vnvme serve --supervised` of a PF with one VF (online) and a namespace on `backend`
+/// attached to the PF: the supervisor, the PF's socket, the management socket, the NQN and
+/// the PF's CNTLID.
+fn pf_and_a_vf(dir: &Path, backend: &str) -> (Served, PathBuf, PathBuf, String, u64) {
+    let sock = dir.join("pf.sock");
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\nvfs = 1\nvfs_online = true\n\
+         [[controller.namespace]]\nbackend = \"{backend}\"\nattach = [0]\n",
+        sock.display(),
+    );
+    let socks = [sock.clone(), dir.join("pf.vf1.sock")];
+    let (served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let nqn = rpc(&rpc_sock, &["subsystem_list"])[0]["nqn"]
+        .as_str()
+        .expect("nqn")
+        .to_owned();
+    let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
+        .as_u64()
+        .expect("cntlid");
+    (served, sock, rpc_sock, nqn, pf)
+}
+
+/// At run time: mirror `mirror` of `members` (`members=[...]`), volume store `rt` on it and
+/// thin volume `rt/v` of 16 MiB.
+fn mirror_store_volume(rpc_sock: &Path, members: &str) {
+    rpc(
+        rpc_sock,
+        &["raid_create", "name=mirror", "level=raid1", members],
+    );
+    rpc(
+        rpc_sock,
+        &[
+            "lvs_create",
+            "name=rt",
+            "backend=array:mirror",
+            "cluster_size=64K",
+        ],
+    );
+    rpc(
+        rpc_sock,
+        &["lvol_create", "name=rt/v", "size=16M", "thin=true"],
+    );
+}
+
 /// `perf --verify` on `sock` through an upgrade and a kill of the worker: no failed command,
 /// no mismatch, and namespace `nsid` among those verified. The daemon's log after.
 fn verified_through_an_upgrade_and_a_kill(
@@ -708,6 +752,29 @@ struct SupervisedExport {
     dir: PathBuf,
 }
 
+/// A host of NVMe/TCP subsystem `nqn` on `port`: a daemon whose namespace is that export
+/// (its initiator reconnects every second and sends again what had no response), reached
+/// through vfio-user at the socket returned; its log is `front.log` in `dir`.
+fn tcp_host(dir: &Path, port: u16, nqn: &str) -> (Served, PathBuf) {
+    let front_sock = dir.join("front.sock");
+    let front = Served(
+        Command::new(vnvme_binary())
+            .args(["serve", "--socket"])
+            .arg(&front_sock)
+            .arg("--ns")
+            .arg(format!(
+                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
+            ))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
+            .spawn()
+            .expect("vnvme serve (the host)"),
+    );
+    wait_for(&front_sock);
+    (front, front_sock)
+}
+
 impl SupervisedExport {
     fn start(dir: &Path, nqn: &str) -> Self {
         let sock = dir.join("c0.sock");
@@ -721,22 +788,7 @@ impl SupervisedExport {
             dir.join("d1.img").display(),
         );
         let (served, rpc_sock) = serve_config(dir, &cfg, std::slice::from_ref(&sock));
-        let front_sock = dir.join("front.sock");
-        let front = Served(
-            Command::new(vnvme_binary())
-                .args(["serve", "--socket"])
-                .arg(&front_sock)
-                .arg("--ns")
-                .arg(format!(
-                    "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
-                ))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
-                .spawn()
-                .expect("vnvme serve (the host)"),
-        );
-        wait_for(&front_sock);
+        let (front, front_sock) = tcp_host(dir, port, nqn);
         Self {
             _front: front,
             _served: served,
@@ -1182,44 +1234,14 @@ fn namespaces_added_at_run_time_outlive_the_worker() {
 fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
     let tmp = TempDir::new("upgrade-lvs-raid");
     let dir = tmp.path();
-    let sock = dir.join("pf.sock");
-    let cfg = format!(
-        "[[controller]]\nsocket = \"{}\"\nvfs = 1\nvfs_online = true\n\
-         [[controller.namespace]]\nbackend = \"file:{}:16M\"\nattach = [0]\n",
-        sock.display(),
-        dir.join("d0.img").display()
-    );
-    let socks = [sock.clone(), dir.join("pf.vf1.sock")];
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
-    let nqn = rpc(&rpc_sock, &["subsystem_list"])[0]["nqn"]
-        .as_str()
-        .expect("nqn")
-        .to_owned();
-    let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
-        .as_u64()
-        .expect("cntlid");
+    let d0 = format!("file:{}:16M", dir.join("d0.img").display());
+    let (_served, sock, rpc_sock, nqn, pf) = pf_and_a_vf(dir, &d0);
     let members = format!(
         "members=[\"file:{}:48M\",\"file:{}:48M\"]",
         dir.join("m0.img").display(),
         dir.join("m1.img").display()
     );
-    rpc(
-        &rpc_sock,
-        &["raid_create", "name=mirror", "level=raid1", &members],
-    );
-    rpc(
-        &rpc_sock,
-        &[
-            "lvs_create",
-            "name=rt",
-            "backend=array:mirror",
-            "cluster_size=64K",
-        ],
-    );
-    rpc(
-        &rpc_sock,
-        &["lvol_create", "name=rt/v", "size=16M", "thin=true"],
-    );
+    mirror_store_volume(&rpc_sock, &members);
     // made and deleted at run time: must not come back
     let gone = format!("backend=file:{}:16M", dir.join("gone.img").display());
     rpc(&rpc_sock, &["lvs_create", "name=gone", &gone]);
@@ -1350,43 +1372,8 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
 fn ram_namespaces_keep_their_data_across_workers() {
     let tmp = TempDir::new("upgrade-malloc");
     let dir = tmp.path();
-    let sock = dir.join("pf.sock");
-    let cfg = format!(
-        "[[controller]]\nsocket = \"{}\"\nvfs = 1\nvfs_online = true\n\
-         [[controller.namespace]]\nbackend = \"malloc:16M\"\nattach = [0]\n",
-        sock.display(),
-    );
-    let socks = [sock.clone(), dir.join("pf.vf1.sock")];
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
-    let nqn = rpc(&rpc_sock, &["subsystem_list"])[0]["nqn"]
-        .as_str()
-        .expect("nqn")
-        .to_owned();
-    let pf = rpc(&rpc_sock, &["controller_list"])[0]["cntlid"]
-        .as_u64()
-        .expect("cntlid");
-    rpc(
-        &rpc_sock,
-        &[
-            "raid_create",
-            "name=mirror",
-            "level=raid1",
-            "members=[\"malloc:32M\",\"malloc:32M\"]",
-        ],
-    );
-    rpc(
-        &rpc_sock,
-        &[
-            "lvs_create",
-            "name=rt",
-            "backend=array:mirror",
-            "cluster_size=64K",
-        ],
-    );
-    rpc(
-        &rpc_sock,
-        &["lvol_create", "name=rt/v", "size=16M", "thin=true"],
-    );
+    let (_served, sock, rpc_sock, nqn, pf) = pf_and_a_vf(dir, "malloc:16M");
+    mirror_store_volume(&rpc_sock, "members=[\"malloc:32M\",\"malloc:32M\"]");
     let nsid = add_and_attach(&rpc_sock, &nqn, "lvol:rt/v", pf);
     // a store on RAM made and deleted
     rpc(
@@ -1529,22 +1516,7 @@ fn an_nvme_tcp_export_made_at_run_time_outlives_the_worker() {
         let e = rpc_refused(&rpc_sock, &["subsystem_create", &args]);
         assert!(e.contains(why), "{args}: {e}");
     }
-    let front_sock = dir.join("front.sock");
-    let _front = Served(
-        Command::new(vnvme_binary())
-            .args(["serve", "--socket"])
-            .arg(&front_sock)
-            .arg("--ns")
-            .arg(format!(
-                "nvme-tcp://127.0.0.1:{port}/{nqn}/1?reconnect_delay=1"
-            ))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("front.log")).unwrap())
-            .spawn()
-            .expect("vnvme serve (the host)"),
-    );
-    wait_for(&front_sock);
+    let (_front, front_sock) = tcp_host(dir, port, &nqn);
     let tcp = perf(&front_sock, 12);
     let local = perf(&socks[0], 12);
     std::thread::sleep(Duration::from_secs(2));

@@ -120,14 +120,7 @@ impl Controller {
     pub(super) fn encode_stats(&self, w: &mut W) {
         use ControllerStats as C;
         let s = &self.stats;
-        for c in [
-            &s.enables,
-            &s.shadow_doorbell_configs,
-            &s.async_events,
-            &s.fatal,
-            &s.admin_commands,
-            &s.admin_errors,
-        ] {
+        for c in counters(s) {
             w.u64(C::get(c));
         }
         encode_io(w, &s.io.snapshot());
@@ -147,17 +140,7 @@ impl Controller {
     /// of each namespace it has again.
     pub(super) fn carry_stats(&self, saved: &SavedStats) {
         let s = &self.stats;
-        for (c, &v) in [
-            &s.enables,
-            &s.shadow_doorbell_configs,
-            &s.async_events,
-            &s.fatal,
-            &s.admin_commands,
-            &s.admin_errors,
-        ]
-        .into_iter()
-        .zip(&saved.counters)
-        {
+        for (c, &v) in counters(s).into_iter().zip(&saved.counters) {
             c.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
         }
         s.io.carry(&saved.io);
@@ -196,4 +179,16 @@ fn counted(s: &ControllerStats) -> u64 {
         .into_iter()
         .map(ControllerStats::get)
         .sum()
+}
+
+/// The controller's own counters carried, in [`SavedStats::counters`] order.
+fn counters(s: &ControllerStats) -> [&std::sync::atomic::AtomicU64; 6] {
+    [
+        &s.enables,
+        &s.shadow_doorbell_configs,
+        &s.async_events,
+        &s.fatal,
+        &s.admin_commands,
+        &s.admin_errors,
+    ]
 }
