@@ -620,6 +620,15 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
             vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
             "not made at run time",
         ),
+        // more VFs than a PF has: refused before a socket is bound for any
+        (
+            vec![
+                "subsystem_create".to_owned(),
+                format!("socket={}", bad_sock.display()),
+                "vfs=100000".to_owned(),
+            ],
+            "vfs: 0..=127",
+        ),
         // RAM: more than one call may name, and RAM for a call the worker refuses (let go)
         (
             vec![
@@ -1261,9 +1270,10 @@ fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
     assert!(arrays.contains("\"mirror\""), "{arrays}");
 }
 
-/// A vfio-user subsystem made at run time (`subsystem_create`): the supervisor owns its
-/// socket from before the worker makes it, hands it to every next worker and replays the
-/// call, so verified I/O on it runs through an upgrade and a kill. Deleted
+/// A vfio-user subsystem with a VF made at run time (`subsystem_create`): the supervisor
+/// owns the PF's and the VF's sockets from before the worker makes them, hands them to every
+/// next worker and replays the call, so verified I/O on the PF and on the VF runs through
+/// an upgrade and a kill. Deleted
 /// (`subsystem_delete`), its socket goes and the next worker does not make it again, but
 /// keeps its entry number: a subsystem made after it has the same NQN in every worker. What
 /// the supervisor cannot own at run time is refused, saying so.
@@ -1289,21 +1299,43 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
             .expect("nqn")
             .to_owned()
     };
-    let nqn = create(&made, "made.img");
+    // with a VF: the supervisor owns the PF's and the VF's sockets
+    let made_vf = dir.join("made.vf1.sock");
+    let nqn = rpc(
+        &rpc_sock,
+        &[
+            "subsystem_create",
+            &format!("socket={}", made.display()),
+            "vfs=1",
+            "vfs_online=true",
+            &format!(
+                "namespace=[{{\"backend\":\"file:{}:32M\",\"attach\":[0]}},\
+                 {{\"backend\":\"file:{}:32M\",\"attach\":[1]}}]",
+                dir.join("made.img").display(),
+                dir.join("made-vf.img").display()
+            ),
+        ],
+    )["nqn"]
+        .as_str()
+        .expect("nqn")
+        .to_owned();
     wait_for(&made);
-    let p = perf(&made, 8);
+    wait_for(&made_vf);
+    let perfs = [perf(&made, 8), perf(&made_vf, 8)];
     std::thread::sleep(Duration::from_secs(2));
     let r = rpc(&rpc_sock, &["daemon_upgrade"]);
     assert!(r.get("generation").is_some(), "{r}");
     std::thread::sleep(Duration::from_millis(random_ms(1200, 2000)));
     kill_worker(&rpc_sock);
-    let (ok, out) = finish(p);
     let log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        ok && out.contains(" 0 mismatches"),
-        "{out}\ndaemon:\n{}",
-        log()
-    );
+    for p in perfs {
+        let (ok, out) = finish(p);
+        assert!(
+            ok && out.contains(" 0 mismatches") && !out.contains("verified 0 blocks"),
+            "{out}\ndaemon:\n{}",
+            log()
+        );
+    }
     let count = || {
         rpc(&rpc_sock, &["subsystem_list"])
             .as_array()
@@ -1338,7 +1370,7 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
     // deleted: its socket goes, and it stays gone in the next worker
     rpc(&rpc_sock, &["subsystem_delete", &format!("nqn={nqn}")]);
     let t = std::time::Instant::now();
-    while made.exists() {
+    while made.exists() || made_vf.exists() {
         assert!(t.elapsed() < Duration::from_secs(10), "socket still there");
         std::thread::sleep(Duration::from_millis(20));
     }

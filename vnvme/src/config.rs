@@ -39,6 +39,8 @@ use crate::backend_spec::BackendSpec;
 /// `[[controller]]` entries one daemon numbers (their CNTLIDs stay distinct: PF `index + 1`,
 /// NVMe/TCP `index + 1 + k * 0x100` below 0x1000, VFs `0x1000 + index * 128 + n`).
 pub const MAX_ENTRIES: usize = 128;
+/// Most VFs of one PF (`vfs`).
+pub const MAX_VFS: u64 = 127;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -633,7 +635,7 @@ impl Config {
                 }
             }
             if let Some(n) = c.vfs {
-                if !(1..=127).contains(&n) {
+                if !(1..=MAX_VFS).contains(&u64::from(n)) {
                     return Err(field(at("vfs"), "1..=127 virtual functions"));
                 }
                 if c.socket.is_none() || c.tcp_listen.is_some() {

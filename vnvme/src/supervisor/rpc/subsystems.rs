@@ -15,16 +15,16 @@ use super::{Ask, Shared, ask, forward, keep_ram, keys_in, refused, wait};
 /// A subsystem made at run time.
 pub(in crate::supervisor) struct Made {
     nqn: String,
-    /// Its vfio-user socket, if it has one.
-    socket: Option<PathBuf>,
+    /// Its vfio-user sockets: the controller's (the PF's), then each VF's.
+    sockets: Vec<PathBuf>,
     /// Its NVMe/TCP address (`tcp_listen`), if it has one.
     listen: Option<String>,
     /// The request line kept in the change list.
     line: String,
 }
 
-/// `subsystem_create`: a vfio-user controller and/or an NVMe/TCP export (no VFs, no RDMA,
-/// no pool).
+/// `subsystem_create`: a vfio-user controller (with its VFs) and/or an NVMe/TCP export (no
+/// RDMA, no pool).
 pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
     let p = req.get("params").cloned().unwrap_or(Value::Null);
     let refused_here = ["rdma_listen", "namespace_pool"]
@@ -38,12 +38,18 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
             ),
         );
     }
-    if p.get("vfs").and_then(Value::as_u64).unwrap_or(0) > 0 {
-        return refused(
-            id,
-            "subsystem_create: VFs at run time are refused under --supervised; put them in the configuration",
-        );
-    }
+    let vfs = match p.get("vfs") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64().filter(|&n| n <= crate::config::MAX_VFS) {
+            Some(n) => n as usize,
+            None => {
+                return refused(
+                    id,
+                    &format!("subsystem_create: vfs: 0..={}", crate::config::MAX_VFS),
+                );
+            }
+        },
+    };
     let socket = p.get("socket").and_then(Value::as_str).map(PathBuf::from);
     let listen = p
         .get("tcp_listen")
@@ -68,17 +74,21 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
     };
     let mut made = Made {
         nqn: String::new(),
-        socket: None,
+        sockets: Vec::new(),
         listen: None,
         line,
     };
-    if let Some(s) = socket {
+    // the PF's socket, then each VF's (`sriov::topology::vf_socket`)
+    let sockets = socket.iter().flat_map(|s| {
+        std::iter::once(s.clone()).chain((1..=vfs).map(|n| sriov::topology::vf_socket(s, n)))
+    });
+    for s in sockets.collect::<Vec<_>>() {
         let (tx, rx) = mpsc::channel();
         if let Err(e) = ask(sh, Ask::Attach(s.clone(), tx)).and_then(|()| wait(&rx)?) {
             let_go(sh, &made, kept);
             return refused(id, &format!("subsystem_create: {e}"));
         }
-        made.socket = Some(s);
+        made.sockets.push(s);
     }
     if let Some(a) = listen {
         let (tx, rx) = mpsc::channel();
@@ -118,7 +128,7 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
 /// deleted): its relay closes the client's connection and removes the socket, the listener
 /// closes, the RAM `kept` for it goes.
 fn let_go(sh: &Shared, made: &Made, kept: Vec<String>) {
-    if let Some(s) = &made.socket {
+    for s in &made.sockets {
         let (tx, rx) = mpsc::channel();
         let _ = ask(sh, Ask::Detach(s.clone(), tx)).and_then(|()| wait(&rx));
     }
