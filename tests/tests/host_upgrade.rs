@@ -570,7 +570,11 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         Some(-32601),
         "forwarded to the worker, answered there"
     );
-    for m in ["ns_create", "subsystem_create", "subsystem_delete"] {
+    for (m, why) in [
+        ("ns_create", "refused under --supervised"),
+        ("subsystem_create", "refused under --supervised"),
+        ("subsystem_delete", "no subsystem"),
+    ] {
         let v = raw_rpc(
             &rpc_sock,
             format!("{{\"id\": 3, \"method\": \"{m}\", \"params\": {{\"name\": 5}}}}\n").as_bytes(),
@@ -579,7 +583,7 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         assert!(
             v["error"]["message"]
                 .as_str()
-                .is_some_and(|s| s.contains("refused under --supervised")),
+                .is_some_and(|s| s.contains(why)),
             "{v}"
         );
     }
@@ -618,7 +622,7 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         ),
         (
             vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
-            "not made at run time",
+            "no subsystem nqn.no.such",
         ),
         // more VFs than a PF has: refused before a socket is bound for any
         (
@@ -1275,8 +1279,9 @@ fn stores_and_arrays_made_at_run_time_outlive_the_worker() {
 /// next worker and replays the call, so verified I/O on the PF and on the VF runs through
 /// an upgrade and a kill. Deleted
 /// (`subsystem_delete`), its socket goes and the next worker does not make it again, but
-/// keeps its entry number: a subsystem made after it has the same NQN in every worker. What
-/// the supervisor cannot own at run time is refused, saying so.
+/// keeps its entry number: a subsystem made after it has the same NQN in every worker. A
+/// configured subsystem deleted goes too, and does not come back from the configuration in
+/// the next workers. What the supervisor cannot own at run time is refused, saying so.
 #[test]
 fn a_subsystem_made_at_run_time_outlives_the_worker() {
     let tmp = TempDir::new("upgrade-subsystem");
@@ -1360,11 +1365,6 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
         .filter_map(|s| s["nqn"].as_str().map(str::to_owned))
         .find(|n| *n != nqn)
         .expect("the configured subsystem");
-    let e = rpc_refused(
-        &rpc_sock,
-        &["subsystem_delete", &format!("nqn={configured}")],
-    );
-    assert!(e.contains("not made at run time"), "{e}");
     assert!(socks[0].exists());
 
     // deleted: its socket goes, and it stays gone in the next worker
@@ -1393,6 +1393,34 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
         "{out}\ndaemon:\n{}",
         log()
     );
+
+    // the configured subsystem deleted: its socket goes, and it does not come back from the
+    // configuration in the next workers (upgrade, kill); the one made after it keeps its NQN
+    rpc(
+        &rpc_sock,
+        &["subsystem_delete", &format!("nqn={configured}")],
+    );
+    let t = std::time::Instant::now();
+    while socks[0].exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "socket still there");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rpc(&rpc_sock, &["daemon_upgrade"]);
+    kill_worker(&rpc_sock);
+    let nqns = rpc(&rpc_sock, &["subsystem_list"]).to_string();
+    assert!(
+        nqns.contains(&nqn2) && !nqns.contains(&format!("\"{configured}\"")),
+        "{nqns}\n{}",
+        log()
+    );
+    assert!(!socks[0].exists());
+    let e = rpc_refused(
+        &rpc_sock,
+        &["subsystem_delete", &format!("nqn={configured}")],
+    );
+    assert!(e.contains(&configured), "deleted twice: {e}");
+    let (ok, out) = finish(perf(&again, 2));
+    assert!(ok && out.contains(" 0 mismatches"), "{out}");
 }
 
 /// `malloc:` namespaces under a supervisor: their RAM is a memfd the supervisor keeps and

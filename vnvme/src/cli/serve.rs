@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// (internal) run as the worker of a supervisor, whose control link is this descriptor
     #[arg(long, hide = true, value_name = "FD", conflicts_with = "supervised")]
     pub worker_fd: Option<i32>,
+    /// (internal) a worker's configured subsystem its supervisor deleted at run time: its
+    /// entry number (repeated for several)
+    #[arg(long, hide = true, value_name = "ENTRY", requires = "worker_fd")]
+    pub deleted_entry: Vec<usize>,
 }
 
 impl ServeArgs {
@@ -133,7 +137,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         None => None,
     };
     let started = match &worker {
-        Some(_) => Daemon::start_worker(&cfg),
+        Some(_) => Daemon::start_worker(&cfg, &args.deleted_entry),
         None => Daemon::start(&cfg),
     };
     let mut daemon = started.context("starting the daemon")?;

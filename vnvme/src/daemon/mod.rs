@@ -112,17 +112,19 @@ impl std::fmt::Debug for Daemon {
 impl Daemon {
     /// Create every controller and start serving. Sockets are listening when this returns.
     pub fn start(cfg: &Config) -> Result<Self, DaemonError> {
-        Self::start_as(cfg, false)
+        Self::start_as(cfg, false, &[])
     }
 
     /// [`Daemon::start`] as a supervised worker (`serve --supervised`): the process may be
     /// killed and replaced without the hosts seeing a power loss, so nothing acknowledged
     /// may live only in its memory (volume stores commit mapping changes before the ack).
-    pub fn start_worker(cfg: &Config) -> Result<Self, DaemonError> {
-        Self::start_as(cfg, true)
+    /// The configured subsystems numbered in `deleted` were deleted at run time: their
+    /// entries stay empty.
+    pub fn start_worker(cfg: &Config, deleted: &[usize]) -> Result<Self, DaemonError> {
+        Self::start_as(cfg, true, deleted)
     }
 
-    fn start_as(cfg: &Config, worker: bool) -> Result<Self, DaemonError> {
+    fn start_as(cfg: &Config, worker: bool, deleted: &[usize]) -> Result<Self, DaemonError> {
         crate::limits::apply();
         let place = Placement::new(cfg).map_err(|source| DaemonError::Io { index: 0, source })?;
         let mut daemon = Daemon {
@@ -150,6 +152,10 @@ impl Daemon {
         }
         let mut exports = Exports::new();
         for (index, spec) in cfg.controllers.iter().enumerate() {
+            if deleted.contains(&index) {
+                daemon.entries.push(None);
+                continue;
+            }
             let e = Entry::start(
                 index,
                 spec,

@@ -63,7 +63,7 @@ pub(super) fn entry_serial(index: usize, spec: &ControllerSpec) -> String {
 }
 
 /// The NQN of entry `index` (configured, or made from its serial).
-pub(super) fn entry_nqn(index: usize, spec: &ControllerSpec) -> String {
+pub(crate) fn entry_nqn(index: usize, spec: &ControllerSpec) -> String {
     spec.nqn
         .clone()
         .unwrap_or_else(|| format!("nqn.2026-11.io.vnvme:{}", entry_serial(index, spec)))

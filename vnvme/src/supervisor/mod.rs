@@ -68,6 +68,7 @@
 //! and the host tries again (Linux every `reconnect_delay`, within `ctrl_loss_tmo`), then
 //! sends again what had no response, as over NVMe/TCP.
 
+mod configured;
 pub mod control;
 pub mod handover;
 mod kept_ram;
@@ -161,9 +162,10 @@ struct Owned {
     doorbells: SharedMemory,
     state: SharedMemory,
     links: Sender<UnixStream>,
-    /// A controller made at run time (`subsystem_create`): its relay's own stop flag (it
-    /// stops alone when the subsystem is deleted).
-    run_time: Option<Arc<AtomicBool>>,
+    /// Its relay's own stop flag (it stops alone when its subsystem is deleted).
+    stop: Arc<AtomicBool>,
+    /// A controller made at run time (`subsystem_create`).
+    run_time: bool,
 }
 
 /// The running supervisor.
@@ -183,6 +185,8 @@ pub struct Supervisor {
     changes: rpc::Changes,
     /// The RAM of `malloc:` namespaces, handed to every worker.
     ram: kept_ram::KeptRam,
+    /// The configured subsystems, by entry number (some deleted at run time).
+    configured: Vec<configured::ConfiguredEntry>,
     status: Status,
 }
 
@@ -246,7 +250,8 @@ impl Supervisor {
         let mut relays = Vec::new();
         for socket in sockets {
             let (tx, rx) = mpsc::channel();
-            let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop), Arc::clone(&hung))?;
+            let own_stop = Arc::new(AtomicBool::new(false));
+            let mut relay = Relay::bind(&socket, rx, Arc::clone(&own_stop), Arc::clone(&hung))?;
             let doorbells = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)
                 .map_err(SupervisorError::Io)?;
             let state = Journal::create().map_err(SupervisorError::Io)?;
@@ -261,7 +266,8 @@ impl Supervisor {
                 doorbells,
                 state,
                 links: tx,
-                run_time: None,
+                stop: own_stop,
+                run_time: false,
             });
         }
         let mut s = Self {
@@ -279,6 +285,7 @@ impl Supervisor {
             listeners,
             changes: rpc::Changes::default(),
             ram,
+            configured: configured::entries(&cfg),
         };
         s.spawn_worker()?;
         Ok(s)
@@ -294,8 +301,11 @@ impl Supervisor {
         let (ours, theirs) = UnixStream::pair().map_err(SupervisorError::Io)?;
         sys_util::fd::set_inheritable(theirs.as_fd(), true).map_err(SupervisorError::Io)?;
         let mut cmd = Command::new(&self.opts.binary);
-        cmd.args(&self.opts.worker_args)
-            .arg("--worker-fd")
+        cmd.args(&self.opts.worker_args);
+        for i in self.deleted_entries() {
+            cmd.arg("--deleted-entry").arg(i.to_string());
+        }
+        cmd.arg("--worker-fd")
             .arg(theirs.as_raw_fd().to_string())
             // a terminal's Ctrl-C reaches the supervisor alone, which stops the worker
             .process_group(0);
@@ -304,7 +314,7 @@ impl Supervisor {
         let mut links = Vec::new();
         for o in &self.owned {
             let (relay_end, worker_end) = UnixStream::pair().map_err(SupervisorError::Io)?;
-            let body = json!({"socket": o.socket, "run_time": o.run_time.is_some()});
+            let body = json!({"socket": o.socket, "run_time": o.run_time});
             let r = control::send(
                 &ours,
                 control::ATTACH,
@@ -438,7 +448,8 @@ impl Supervisor {
             doorbells,
             state,
             links: tx,
-            run_time: Some(stop),
+            stop,
+            run_time: true,
         });
         Ok(())
     }
@@ -479,18 +490,12 @@ impl Supervisor {
         self.ram.make(size, ctl).map_err(|e| e.to_string())
     }
 
-    /// Let go of socket `socket` (owned since a `subsystem_create`, or just refused): its
+    /// Let go of socket `socket` (its subsystem was deleted, or its creation refused): its
     /// relay closes the client's connection and removes the socket.
     fn detach(&mut self, socket: &std::path::Path) {
-        if let Some(i) = self
-            .owned
-            .iter()
-            .position(|o| o.socket == socket && o.run_time.is_some())
-        {
+        if let Some(i) = self.owned.iter().position(|o| o.socket == socket) {
             let o = self.owned.remove(i);
-            if let Some(stop) = o.run_time {
-                stop.store(true, Ordering::Relaxed);
-            }
+            o.stop.store(true, Ordering::Relaxed);
         }
     }
 
@@ -560,6 +565,7 @@ impl Supervisor {
                 p,
                 self.opts.worker_rpc.clone(),
                 std::sync::Arc::clone(&self.changes),
+                self.configured.iter().map(|e| e.nqn.clone()).collect(),
             )?),
             None => None,
         };
@@ -608,9 +614,7 @@ impl Supervisor {
         }
         self.stop.store(true, Ordering::Relaxed);
         for o in &self.owned {
-            if let Some(stop) = &o.run_time {
-                stop.store(true, Ordering::Relaxed);
-            }
+            o.stop.store(true, Ordering::Relaxed);
         }
         for r in self.relays.drain(..) {
             let _ = r.join();

@@ -47,6 +47,8 @@ pub(super) enum Ask {
     Listen(String, Sender<Result<(), String>>),
     /// Close the NVMe/TCP listener held for a deleted (or refused) subsystem.
     Unlisten(String),
+    /// The worker deleted this configured subsystem: let go of what was held for it.
+    DeleteConfigured(String, Sender<Result<(), String>>),
     /// Keep RAM of this many bytes for a `malloc:` spec of a run-time call: its key.
     Ram(u64, Sender<Result<String, String>>),
     /// Let go of kept RAM (its creation is no longer replayed).
@@ -66,6 +68,8 @@ struct Shared {
     changes: Changes,
     /// Subsystems made at run time.
     made: Mutex<Vec<subsystems::Made>>,
+    /// The configured subsystems' NQNs, by entry number.
+    configured: Vec<String>,
 }
 
 /// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
@@ -79,6 +83,7 @@ impl SupervisorRpc {
         path: &Path,
         worker_rpc: Option<PathBuf>,
         changes: Changes,
+        configured: Vec<String>,
     ) -> Result<Self, SupervisorError> {
         let (listener, owned) = OwnedSocketPath::bind(path)
             .map_err(|e| SupervisorError::Io(std::io::Error::other(e)))?;
@@ -88,6 +93,7 @@ impl SupervisorRpc {
             worker_rpc,
             changes,
             made: Mutex::new(Vec::new()),
+            configured,
         };
         let acceptor = Acceptor::start("supervisor-rpc", listener, owned, MAX_CLIENTS, move |s| {
             serve(&s, &shared)
@@ -124,6 +130,9 @@ impl SupervisorRpc {
                     let _ = reply.send(sup.listen_at_run_time(&addr));
                 }
                 Ask::Unlisten(addr) => sup.unlisten(&addr),
+                Ask::DeleteConfigured(nqn, reply) => {
+                    let _ = reply.send(sup.delete_configured(&nqn));
+                }
                 Ask::Ram(size, reply) => {
                     let _ = reply.send(sup.ram_at_run_time(size));
                 }

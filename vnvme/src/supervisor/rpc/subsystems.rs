@@ -138,34 +138,45 @@ fn let_go(sh: &Shared, made: &Made, kept: Vec<String>) {
     let _ = ask(sh, Ask::ForgetRam(kept));
 }
 
-/// `subsystem_delete`: of a subsystem made at run time only (a configured one comes back
-/// with the next worker: remove it from the configuration). Its creation is replayed from
-/// then on as the entry number it took, nothing else.
+/// `subsystem_delete`. Of a subsystem made at run time: its creation is replayed from then
+/// on as the entry number it took, nothing else. Of a configured one: the supervisor lets go
+/// of its sockets and listener, and every next worker leaves its entry empty
+/// (`configured.rs`; it comes back when the supervisor starts again from the configuration).
 pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value {
     let nqn = req
         .get("params")
         .and_then(|p| p.get("nqn"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let known = sh
+    let made_here = sh
         .made
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
         .any(|m| m.nqn == nqn);
-    if !known {
-        return refused(
-            id,
-            &format!(
-                "subsystem_delete of {nqn} is refused under --supervised: it was not made at run \
-                 time, and the next worker would make it again from the configuration; remove it \
-                 there"
-            ),
-        );
-    }
     let Some(worker) = sh.worker_rpc.as_ref() else {
         return refused(id, "no management socket in the worker");
     };
+    if !made_here {
+        if !sh.configured.iter().any(|c| c == nqn) {
+            return refused(id, &format!("subsystem_delete: no subsystem {nqn}"));
+        }
+        let changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        let reply = match forward(worker, line) {
+            Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
+            Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
+        };
+        // never wait for the supervisor's loop holding the change list (it may be replaying)
+        drop(changes);
+        if reply.get("result").is_some() {
+            let (tx, rx) = mpsc::channel();
+            let done = ask(sh, Ask::DeleteConfigured(nqn.to_owned(), tx)).and_then(|()| wait(&rx)?);
+            if let Err(e) = done {
+                log::warn!("supervisor: deleting {nqn}: {e}");
+            }
+        }
+        return reply;
+    }
     let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
     let reply = match forward(worker, line) {
         Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
