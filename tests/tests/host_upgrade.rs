@@ -1353,8 +1353,8 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
         &rpc_sock,
         &[
             "subsystem_create",
-            "rdma_listen=127.0.0.1:4420",
-            "nqn=nqn.2026-12.io.vnvme:x",
+            &format!("socket={}", dir.join("pool.sock").display()),
+            "namespace_pool=malloc:64M",
         ],
     );
     assert!(e.contains("refused under --supervised"), "{e}");

@@ -119,12 +119,27 @@ echo "sup-dev $dev"
 fio --name=sup --filename=$dev --direct=1 --ioengine=io_uring --rw=randrw --bs=4k   --iodepth=16 --size=32M --time_based --runtime=16 --verify=crc32c --verify_fatal=1   --verify_backlog=64 > /tmp/sup-fio.log 2>&1 &
 fio_pid=$!
 sleep 3
+# an export made at run time: the call is replayed to each next worker, which listens
+/tmp/h/vnvme rpc -s /tmp/sup.rpc subsystem_create rdma_listen=$ADDR:4441 nqn=$NQN.rt \
+  'namespace=[{"backend":"malloc:16M"}]' > /dev/null && echo "sup-rt-created"
+nvme connect -t rdma -a $ADDR -s 4441 -n $NQN.rt -k 5 -c 1 -l 60 > /dev/null
+rt=""
+for i in $(seq 1 100); do
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.rt" ] && rt=/dev/$(basename $c)n1
+  done
+  [ -n "$rt" ] && [ -b "$rt" ] && break; sleep 0.1
+done
+dd if=/dev/urandom of=/tmp/rt bs=65536 count=16 2>/dev/null
+dd if=/tmp/rt of=$rt bs=65536 count=16 oflag=direct 2>/dev/null
 /tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_upgrade
 sleep 4
 w=$(/tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_status | grep -o '"worker_pid": *[0-9]*' | grep -o '[0-9]*$')
 echo "sup-killing $w"; kill -9 $w
 rc=0; wait $fio_pid || rc=$?
 echo "sup-fio-rc $rc"
+echo "sup-rt-match $(dd if=$rt bs=65536 count=16 iflag=direct 2>/dev/null | cmp -s - /tmp/rt && echo yes || echo no)"
+nvme disconnect -n $NQN.rt > /dev/null
 grep -E "err=|READ:|WRITE:|verify" /tmp/sup-fio.log | head -8
 echo "sup-status $(/tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_status | tr -d ' \n')"
 echo "sup-panics $(grep -ci panic /tmp/sup.log)"
@@ -274,5 +289,8 @@ fn linux_kernel_rdma_host_against_the_rdma_target_on_soft_roce() {
         "{sup}"
     );
     assert_eq!(value(&out, "sup-panics"), Some("0"), "{sup}");
+    // the export made at run time: back in each next worker, its data read back after both
+    assert!(sup.contains("sup-rt-created"), "{sup}");
+    assert_eq!(value(&out, "sup-rt-match"), Some("yes"), "{sup}");
     eprintln!("supervised NVMe/RDMA export:\n{sup}");
 }

@@ -99,8 +99,8 @@ echo @@FIO-START
 fio --direct=1 --ioengine=io_uring --rw=randrw --bs=4k --iodepth=32 --size=64M \
   --time_based --runtime=40 --verify=crc32c --verify_backlog=512 --verify_fatal=1 \
   --randrepeat=1 --name=upg --filename=$FILE --name=thin --filename=$THIN \
-  --name=tcp --filename=$TCP > /tmp/fio.out 2>&1
-echo "fio-rc $?"
+  --name=tcp --filename=$TCP > /tmp/fio.out 2>&1 && rc=0 || rc=$?
+echo "fio-rc $rc"
 echo "smart-after $(smart host_write_commands) $(smart power_on_hours)"
 echo "flushed-after $(dd if=$THIN bs=1M skip=100 count=8 iflag=direct status=none | md5sum | cut -d' ' -f1)"
 echo @@FIO-BEGIN; cat /tmp/fio.out; echo @@FIO-END

@@ -23,19 +23,14 @@ pub(in crate::supervisor) struct Made {
     line: String,
 }
 
-/// `subsystem_create`: a vfio-user controller (with its VFs) and/or an NVMe/TCP export (no
-/// RDMA, no pool).
+/// `subsystem_create`: a vfio-user controller (with its VFs) and/or an NVMe/TCP export, and
+/// an NVMe/RDMA export (which each worker listens for itself); no pool.
 pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
     let p = req.get("params").cloned().unwrap_or(Value::Null);
-    let refused_here = ["rdma_listen", "namespace_pool"]
-        .iter()
-        .find(|k| p.get(**k).is_some_and(|v| !v.is_null()));
-    if let Some(k) = refused_here {
+    if p.get("namespace_pool").is_some_and(|v| !v.is_null()) {
         return refused(
             id,
-            &format!(
-                "subsystem_create: {k} at run time is refused under --supervised; put it in the configuration"
-            ),
+            "subsystem_create: namespace_pool is refused under --supervised (pools are)",
         );
     }
     let vfs = match p.get("vfs") {
@@ -55,11 +50,12 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
         .get("tcp_listen")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    if socket.is_none() && listen.is_none() {
+    let rdma = p.get("rdma_listen").is_some_and(|v| !v.is_null());
+    if socket.is_none() && listen.is_none() && !rdma {
         return refused(
             id,
-            "subsystem_create without a vfio-user \"socket\" or a \"tcp_listen\" address is \
-             refused under --supervised",
+            "subsystem_create without a vfio-user \"socket\", a \"tcp_listen\" or an \
+             \"rdma_listen\" address is refused under --supervised",
         );
     }
     let Some(worker) = sh.worker_rpc.as_ref() else {
