@@ -633,6 +633,16 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
             ],
             "vfs: 0..=127",
         ),
+        // RAM a caller names itself (another tenant's, or a configured namespace's): refused
+        (
+            vec![
+                "raid_create".to_owned(),
+                "name=stolen".to_owned(),
+                "level=raid1".to_owned(),
+                "members=[\"malloc:1M\",\"malloc:16M@c0\"]".to_owned(),
+            ],
+            "kept RAM is named by the supervisor",
+        ),
         // RAM: more than one call may name, and RAM for a call the worker refuses (let go)
         (
             vec![

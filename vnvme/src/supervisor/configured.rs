@@ -17,6 +17,8 @@ pub(super) struct ConfiguredEntry {
     /// Its controllers' vfio-user sockets (the PF's, then each VF's).
     sockets: Vec<PathBuf>,
     listen: Option<String>,
+    /// The kept RAM its namespaces name (`malloc:SIZE@cN`).
+    ram: Vec<String>,
     pub(super) deleted: bool,
 }
 
@@ -38,6 +40,14 @@ pub(super) fn entries(cfg: &Config) -> Vec<ConfiguredEntry> {
                 })
                 .collect(),
             listen: c.tcp_listen.clone(),
+            ram: c
+                .namespaces
+                .iter()
+                .filter_map(|n| match n.backend.parse() {
+                    Ok(crate::backend_spec::BackendSpec::Malloc { kept, .. }) => kept,
+                    _ => None,
+                })
+                .collect(),
             deleted: false,
         })
         .collect()
@@ -66,6 +76,9 @@ impl Supervisor {
             if !shared {
                 self.unlisten(&a);
             }
+        }
+        for k in self.configured[i].ram.clone() {
+            self.ram.forget(&k);
         }
         log::info!("supervisor: configured subsystem {nqn} (entry {i}) deleted");
         Ok(())

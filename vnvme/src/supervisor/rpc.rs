@@ -339,12 +339,20 @@ fn record(changes: &mut Vec<String>, req: &Value, line: &str) -> Option<String> 
 /// request, its line to forward and record, and the keys made.
 fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>), String> {
     let mut sizes = Vec::new();
+    let mut named = None;
     if let Some(p) = req.get_mut("params") {
-        visit_strings(p, &mut |s| {
-            if let Ok(BackendSpec::Malloc { size, kept: None }) = s.parse() {
-                sizes.push(size);
-            }
+        visit_strings(p, &mut |s| match s.parse() {
+            Ok(BackendSpec::Malloc { size, kept: None }) => sizes.push(size),
+            Ok(BackendSpec::Malloc { kept: Some(_), .. }) => named = Some(s.clone()),
+            _ => {}
         });
+    }
+    if let Some(s) = named {
+        // the keys are the supervisor's to give: a caller naming one would reach RAM kept for
+        // another namespace (and take it away with its own deletion)
+        return Err(format!(
+            "{s}: kept RAM is named by the supervisor; write malloc:SIZE"
+        ));
     }
     if sizes.len() > MAX_PER_CALL {
         return Err(format!(
