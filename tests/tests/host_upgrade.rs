@@ -159,6 +159,27 @@ fn add_and_attach(rpc_sock: &Path, nqn: &str, backend: &str, cntlid: u64) -> u64
     nsid
 }
 
+/// `vnvme serve --supervised` of a PF with two VFs (`extra`: more lines of its table, e.g.
+/// `vfs_online = true\n`), each of the three with a file namespace of `size` of its own: the
+/// supervisor, the PF's and the VFs' sockets and the management socket.
+fn pf_and_two_vfs(dir: &Path, extra: &str, size: &str) -> (Served, [PathBuf; 3], PathBuf) {
+    let pf = dir.join("pf.sock");
+    let mut cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\nvfs = 2\n{extra}",
+        pf.display()
+    );
+    for i in 0..3 {
+        let _ = write!(
+            cfg,
+            "[[controller.namespace]]\nbackend = \"file:{}:{size}\"\nattach = [{i}]\n",
+            dir.join(format!("d{i}.img")).display()
+        );
+    }
+    let socks = [pf.clone(), dir.join("pf.vf1.sock"), dir.join("pf.vf2.sock")];
+    let (served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    (served, socks, rpc_sock)
+}
+
 /// `vnvme serve --supervised` of a PF with one VF (online) and a namespace on `backend`
 /// attached to the PF: the supervisor, the PF's socket, the management socket, the NQN and
 /// the PF's CNTLID.
@@ -1165,20 +1186,7 @@ fn a_network_namespace_is_fenced_when_its_worker_dies() {
 fn a_pf_and_its_vfs_ride_through_upgrades_and_crashes() {
     let tmp = TempDir::new("upgrade-sriov");
     let dir = tmp.path();
-    let pf = dir.join("pf.sock");
-    let mut cfg = format!(
-        "[[controller]]\nsocket = \"{}\"\nvfs = 2\nvfs_online = true\n",
-        pf.display()
-    );
-    for i in 0..3 {
-        let _ = write!(
-            cfg,
-            "[[controller.namespace]]\nbackend = \"file:{}:32M\"\nattach = [{i}]\n",
-            dir.join(format!("d{i}.img")).display()
-        );
-    }
-    let socks = [pf.clone(), dir.join("pf.vf1.sock"), dir.join("pf.vf2.sock")];
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let (_served, socks, rpc_sock) = pf_and_two_vfs(dir, "vfs_online = true\n", "32M");
     let perfs: Vec<Child> = socks.iter().map(|s| perf(s, 14)).collect();
     std::thread::sleep(Duration::from_secs(2));
     for i in 0..2 {
@@ -1476,17 +1484,8 @@ fn vfs_the_pf_host_brought_online_stay_so_across_workers() {
     const CONFIG: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
     let tmp = TempDir::new("upgrade-virt");
     let dir = tmp.path();
-    let pf = dir.join("pf.sock");
-    let mut cfg = format!("[[controller]]\nsocket = \"{}\"\nvfs = 2\n", pf.display());
-    for i in 0..3 {
-        let _ = write!(
-            cfg,
-            "[[controller.namespace]]\nbackend = \"file:{}:16M\"\nattach = [{i}]\n",
-            dir.join(format!("d{i}.img")).display()
-        );
-    }
-    let socks = [pf.clone(), dir.join("pf.vf1.sock"), dir.join("pf.vf2.sock")];
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &socks);
+    let (_served, socks, rpc_sock) = pf_and_two_vfs(dir, "", "16M");
+    let pf = socks[0].clone();
     let states = || -> Vec<String> {
         rpc(&rpc_sock, &["controller_list"])
             .as_array()

@@ -21,6 +21,16 @@ const NQN: &str = "nqn.2026-11.io.vnvme:rdma-target";
 
 const SCRIPT: &str = r#"
 net_up
+# the block device of the connected controller of subsystem $1 (waits up to 10 s)
+dev_of() {
+  for i in $(seq 1 100); do
+    for c in /sys/class/nvme/nvme*; do
+      [ "$(cat $c/subsysnqn 2>/dev/null)" = "$1" ] && [ -b /dev/$(basename $c)n1 ] \
+        && { echo /dev/$(basename $c)n1; return; }
+    done
+    sleep 0.1
+  done
+}
 modprobe crc32_generic; modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm; modprobe nvme_rdma
 echo @@NODEV-BEGIN
 rc=0; RUST_LOG=warn /tmp/h/vnvme serve --tcp-listen 127.0.0.1:4421 --rdma-listen 127.0.0.1:4420 \
@@ -85,13 +95,7 @@ echo "vdisc-rc $rc"
 echo @@VDISC-END
 rc=0; nvme connect -t rdma -a $ADDR -s 4430 -n $NQN.only || rc=$?
 echo; echo "ronly-connect-rc $rc"
-dev=""
-for i in $(seq 1 100); do
-  for c in /sys/class/nvme/nvme*; do
-    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.only" ] && dev=/dev/$(basename $c)n1
-  done
-  [ -n "$dev" ] && [ -b "$dev" ] && break; sleep 0.1
-done
+dev=$(dev_of $NQN.only)
 echo "ronly-dev $dev"
 dd if=/dev/urandom of=/tmp/ronly bs=65536 count=16 2>/dev/null
 dd if=/tmp/ronly of=$dev bs=65536 count=16 oflag=direct 2>/dev/null
@@ -104,32 +108,23 @@ echo @@RONLY-END
 # a supervised export over NVMe/RDMA: the worker is upgraded and killed under fio verify;
 # each worker listens itself, the kernel host reconnects (every second) and sends again
 echo @@SUP-BEGIN
-(RUST_LOG=info /tmp/h/vnvme serve --supervised --rdma-listen $ADDR:4440 --nqn $NQN.sup   --ns malloc:64M --rpc /tmp/sup.rpc > /tmp/sup.log 2>&1 &)
+(RUST_LOG=info /tmp/h/vnvme serve --supervised --rdma-listen $ADDR:4440 --nqn $NQN.sup \
+  --ns malloc:64M --rpc /tmp/sup.rpc > /tmp/sup.log 2>&1 &)
 for i in $(seq 1 100); do grep -q "nvme-rdma target: listening" /tmp/sup.log && break; sleep 0.1; done
 rc=0; nvme connect -t rdma -a $ADDR -s 4440 -n $NQN.sup -k 5 -c 1 -l 60 || rc=$?
 echo; echo "sup-connect-rc $rc"
-dev=""
-for i in $(seq 1 100); do
-  for c in /sys/class/nvme/nvme*; do
-    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.sup" ] && dev=/dev/$(basename $c)n1
-  done
-  [ -n "$dev" ] && [ -b "$dev" ] && break; sleep 0.1
-done
+dev=$(dev_of $NQN.sup)
 echo "sup-dev $dev"
-fio --name=sup --filename=$dev --direct=1 --ioengine=io_uring --rw=randrw --bs=4k   --iodepth=16 --size=32M --time_based --runtime=16 --verify=crc32c --verify_fatal=1   --verify_backlog=64 > /tmp/sup-fio.log 2>&1 &
+fio --name=sup --filename=$dev --direct=1 --ioengine=io_uring --rw=randrw --bs=4k \
+  --iodepth=16 --size=32M --time_based --runtime=16 --verify=crc32c --verify_fatal=1 \
+  --verify_backlog=64 > /tmp/sup-fio.log 2>&1 &
 fio_pid=$!
 sleep 3
 # an export made at run time: the call is replayed to each next worker, which listens
 /tmp/h/vnvme rpc -s /tmp/sup.rpc subsystem_create rdma_listen=$ADDR:4441 nqn=$NQN.rt \
   'namespace=[{"backend":"malloc:16M"}]' > /dev/null && echo "sup-rt-created"
 nvme connect -t rdma -a $ADDR -s 4441 -n $NQN.rt -k 5 -c 1 -l 60 > /dev/null
-rt=""
-for i in $(seq 1 100); do
-  for c in /sys/class/nvme/nvme*; do
-    [ "$(cat $c/subsysnqn 2>/dev/null)" = "$NQN.rt" ] && rt=/dev/$(basename $c)n1
-  done
-  [ -n "$rt" ] && [ -b "$rt" ] && break; sleep 0.1
-done
+rt=$(dev_of $NQN.rt)
 dd if=/dev/urandom of=/tmp/rt bs=65536 count=16 2>/dev/null
 dd if=/tmp/rt of=$rt bs=65536 count=16 oflag=direct 2>/dev/null
 /tmp/h/vnvme rpc -s /tmp/sup.rpc daemon_upgrade
