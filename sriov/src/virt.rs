@@ -159,6 +159,27 @@ impl VirtState {
     /// primary's and each secondary's resources and online states, each step checked as
     /// Virtualization Management checks it (a refusal stops there).
     pub fn restore(&mut self, saved: &SavedVirt) -> Result<(), VirtError> {
+        // checked on a copy first: a refused state leaves this one (and every VF) as it was
+        self.detached_copy().apply(saved)?;
+        self.apply(saved)
+    }
+
+    /// A copy whose secondaries' online flags are its own (the VFs do not see it).
+    fn detached_copy(&self) -> Self {
+        Self {
+            secondaries: self
+                .secondaries
+                .iter()
+                .map(|s| Secondary {
+                    online: Arc::new(AtomicBool::new(s.online())),
+                    ..*s
+                })
+                .collect(),
+            ..*self
+        }
+    }
+
+    fn apply(&mut self, saved: &SavedVirt) -> Result<(), VirtError> {
         let scids: Vec<u16> = self.secondaries.iter().map(|s| s.scid).collect();
         for &scid in &scids {
             self.manage(0x7, 0, scid, 0)?;
@@ -391,10 +412,11 @@ impl PrimaryPools for VirtGroup {
     }
 
     fn restore(&self, saved: &SavedVirt) -> Result<(), VirtError> {
-        let r = self.lock().restore(saved);
+        self.lock().restore(saved)?;
+        // only a state put back is newer than the host's replayed VF Enable
         self.0.replaying.store(true, Ordering::Release);
         self.changed();
-        r
+        Ok(())
     }
 
     fn resume(&self) {
@@ -533,5 +555,15 @@ mod tests {
             VirtGroup::new(1, 3, 2).restore(&bad),
             Err(VirtError::InvalidControllerId)
         );
+        // a refused state changes nothing (no VF half reset) and the host's VF Enable applies
+        let k = VirtGroup::new(1, 3, 2);
+        k.enable_vfs(2).unwrap();
+        let kept = k.save();
+        bad.secondaries[0].scid = 2;
+        bad.secondaries[2].nvq = 200;
+        assert_eq!(k.restore(&bad), Err(VirtError::InvalidNumberOfResources));
+        assert_eq!(k.save(), kept, "a refused restore changed the state");
+        k.vf_enable_written(3).unwrap();
+        assert!(k.vf_online(3), "VF Enable ignored after a refused restore");
     }
 }

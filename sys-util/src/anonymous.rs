@@ -24,6 +24,20 @@ pub fn release_pages(map: &mut MmapMut, offset: usize, len: usize) -> bool {
     unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) }.is_ok()
 }
 
+/// The kernel's page size (4 KiB on x86-64; 16 or 64 KiB on some arm64 and ppc64 kernels):
+/// the unit [`release_pages`] and `kept_ram::release_pages` give back.
+pub fn page_size() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the running system; no memory is passed.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n)
+            .ok()
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
 /// [`ZERO_CHUNK`] zero bytes for the whole process, never written: the source of backends
 /// that write zeroes. A read-only anonymous mapping (every page is the kernel's zero page,
 /// so no memory is used), or, should that fail, a leaked heap buffer.
@@ -50,6 +64,7 @@ mod tests {
     #[test]
     fn zero_chunk_is_zero_and_lazy_memory_is_writable() {
         assert_eq!(zeroes().len(), ZERO_CHUNK);
+        assert!(page_size() >= 4096 && page_size().is_power_of_two());
         assert!(zeroes().iter().all(|&b| b == 0));
         let mut m = lazy_zeroed(1 << 30).unwrap();
         m[12345] = 7;

@@ -77,7 +77,8 @@ impl MallocBackend {
     /// memory until written again), the partial pages at either end are cleared.
     fn zero(&mut self, offset: u64, len: u64) -> Result<(), Status> {
         self.check(offset, len)?;
-        let page = 4096;
+        // the kernel's page: a hole punched on a 64 KiB-page kernel must not reach past the range
+        let page = sys_util::anonymous::page_size() as u64;
         let (start, end) = (offset, offset + len);
         let (inner_start, inner_end) = (start.next_multiple_of(page), end - end % page);
         let (at, n) = (

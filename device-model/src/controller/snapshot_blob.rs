@@ -41,7 +41,7 @@ pub(super) struct PendingAdmin {
 
 /// Little-endian writer.
 #[derive(Default)]
-pub(super) struct W(Vec<u8>);
+pub(super) struct W(pub(super) Vec<u8>);
 
 impl W {
     pub(super) fn u8(&mut self, v: u8) {
@@ -62,7 +62,7 @@ impl W {
 }
 
 /// Little-endian reader over untrusted bytes: every read is bounds checked.
-pub(super) struct R<'a>(&'a [u8]);
+pub(super) struct R<'a>(pub(super) &'a [u8]);
 
 impl R<'_> {
     fn take(&mut self, n: usize) -> Option<&[u8]> {

@@ -13,6 +13,8 @@ use super::snapshot_blob::{R, W};
 
 /// Namespaces whose statistics are carried at most (the rest start again at zero).
 const MAX_NAMESPACES: usize = 128;
+/// Error statuses a saved state may count (this build knows [`ERROR_STATUSES`]).
+const MAX_ERROR_STATUSES: usize = 64;
 /// Poll passes between looks at the clock for a statistics save.
 const POLLS_PER_LOOK: u32 = 4096;
 /// Statistics that moved are saved this often at most.
@@ -91,13 +93,17 @@ pub(super) fn decode(r: &mut R<'_>) -> Option<SavedStats> {
         *c = r.u64()?;
     }
     let io = decode_io(r)?;
+    // another build may know more or fewer statuses: the ones past ours count as the last
+    // (the catch-all), missing ones as none
     let n = r.u16()? as usize;
-    if n != ERROR_STATUSES.len() {
+    if n > MAX_ERROR_STATUSES {
         return None;
     }
-    let mut io_errors = Vec::with_capacity(n);
-    for _ in 0..n {
-        io_errors.push(r.u64()?);
+    let mut io_errors = vec![0u64; ERROR_STATUSES.len()];
+    for i in 0..n {
+        let v = r.u64()?;
+        let at = i.min(ERROR_STATUSES.len() - 1);
+        io_errors[at] = io_errors[at].saturating_add(v);
     }
     let n = r.u16()? as usize;
     if n > MAX_NAMESPACES {
@@ -191,4 +197,44 @@ fn counters(s: &ControllerStats) -> [&std::sync::atomic::AtomicU64; 6] {
         &s.admin_commands,
         &s.admin_errors,
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Saved statistics of a build that knows `statuses` error statuses.
+    fn saved(statuses: u16) -> Vec<u8> {
+        let mut w = W::default();
+        for c in 1..=6 {
+            w.u64(c);
+        }
+        encode_io(&mut w, &IoSnapshot::default());
+        w.u16(statuses);
+        for i in 0..statuses {
+            w.u64(u64::from(i) + 1);
+        }
+        w.u16(0);
+        w.0
+    }
+
+    /// A later build with more error statuses, or an earlier one with fewer: the counts are
+    /// kept (the extra ones as the catch-all), not the whole saved state dropped.
+    #[test]
+    fn another_number_of_error_statuses_is_carried() {
+        let n = ERROR_STATUSES.len();
+        let more = decode(&mut R(&saved(n as u16 + 2))).expect("more statuses");
+        assert_eq!(more.io_errors.len(), n);
+        assert_eq!(more.io_errors[0], 1);
+        let tail: u64 = (n as u64..n as u64 + 3).sum();
+        assert_eq!(
+            more.io_errors[n - 1],
+            tail,
+            "the extra ones in the catch-all"
+        );
+        let fewer = decode(&mut R(&saved(3))).expect("fewer statuses");
+        assert_eq!(fewer.io_errors[..4], [1, 2, 3, 0]);
+        assert_eq!(fewer.counters, [1, 2, 3, 4, 5, 6]);
+        assert!(decode(&mut R(&saved(MAX_ERROR_STATUSES as u16 + 1))).is_none());
+    }
 }
