@@ -32,7 +32,7 @@
 use std::path::{Path, PathBuf};
 
 use device_model::irq_coalescing::Coalescing;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend_spec::BackendSpec;
 
@@ -43,7 +43,7 @@ pub const MAX_ENTRIES: usize = 128;
 pub const MAX_VFS: u64 = 127;
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -69,7 +69,7 @@ pub struct Config {
 }
 
 /// A size in bytes: a number, or a string with a K, M, G or T suffix.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum SizeValue {
     Bytes(u64),
@@ -87,7 +87,7 @@ impl SizeValue {
 }
 
 /// One volume store (`[[lvstore]]`, or the parameters of `lvs_create`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LvstoreSpec {
     pub name: String,
@@ -103,7 +103,7 @@ pub struct LvstoreSpec {
 }
 
 /// A volume a `[[lvstore]]` makes at start if missing.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LvolSpec {
     pub name: String,
@@ -160,7 +160,7 @@ impl LvstoreSpec {
 }
 
 /// One array (`[[array]]`, or the parameters of `raid_create`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArraySpec {
     pub name: String,
@@ -235,7 +235,7 @@ impl Served {
 }
 
 /// Reactor idle policy.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PollSetting {
     #[default]
@@ -244,7 +244,7 @@ pub enum PollSetting {
 }
 
 /// One controller.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerSpec {
     /// vfio-user socket to serve the controller on.
@@ -320,7 +320,7 @@ pub fn parse_coalescing(v: &str) -> Result<Coalescing, &'static str> {
 }
 
 /// One namespace.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceSpec {
     pub backend: String,
@@ -400,6 +400,15 @@ impl Config {
             }
         }
         kept
+    }
+
+    /// The configuration as TOML text that [`Config::parse`] reads back the same (what a
+    /// supervisor hands each worker).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("(configuration)"),
+            message: e.to_string(),
+        })
     }
 
     /// Load and check a TOML file.
@@ -753,6 +762,56 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("test.toml"))
+    }
+
+    /// What a supervisor hands its workers reads back as the same configuration, RAM keys
+    /// included.
+    #[test]
+    fn a_configuration_reads_back_from_its_toml() {
+        let text = r#"
+poll = "busy"
+reactors = 2
+metrics = "127.0.0.1:9480"
+[[array]]
+name = "r"
+level = "raid1"
+members = ["malloc:8M", "malloc:8M"]
+strip_size_kb = 64
+[[lvstore]]
+name = "s"
+backend = "array:r"
+cluster_size = "1M"
+[[lvstore.volume]]
+name = "v"
+size = 4194304
+thin = true
+[[controller]]
+socket = "/tmp/vnvme-config-test.sock"
+serial = "VNVME0001"
+vfs = 2
+vfs_online = true
+irq_coalescing = "8/100"
+[[controller.namespace]]
+backend = "malloc:256M"
+block_size = 4096
+attach = [0, 2]
+[[controller.namespace]]
+backend = "lvol:s/v"
+[[controller]]
+tcp_listen = "127.0.0.1:4420"
+nqn = "nqn.2026-11.io.vnvme:disk1"
+allowed_hosts = ["nqn.h"]
+tcp_controllers = 2
+iops_limit = 20000
+bandwidth_limit = "200M"
+[[controller.namespace]]
+backend = "null:1G"
+"#;
+        let mut cfg = parse(text).unwrap();
+        assert_eq!(cfg.keep_configured_ram().len(), 3);
+        let back = parse(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
+        assert_eq!(back.controllers[0].namespaces[0].backend, "malloc:256M@c2");
     }
 
     #[test]

@@ -123,19 +123,27 @@ impl ServeArgs {
 
 /// Run until a signal arrives; flush and remove sockets on the way out.
 pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
-    let mut cfg = args.to_config()?;
-    if args.worker_fd.is_some() {
-        // the RAM of `malloc:` namespaces is the supervisor's (as it named it)
-        cfg.keep_configured_ram();
-    }
-    sys_util::process::catch_termination_signals();
-    if args.supervised {
-        return supervise(&cfg, args);
-    }
     let worker = match args.worker_fd {
         Some(fd) => Some(WorkerLink::take(fd).context("taking over from the supervisor")?),
         None => None,
     };
+    let cfg = if let Some(text) = worker.as_ref().and_then(WorkerLink::config) {
+        // the supervisor's, as it read it at its start (its RAM keys named)
+        let origin = std::path::Path::new("(the supervisor's configuration)");
+        Config::parse(text, origin)?
+    } else {
+        let mut cfg = args.to_config()?;
+        if worker.is_some() {
+            // a supervisor of an earlier build: the RAM of `malloc:` namespaces is its own,
+            // named as this names it
+            cfg.keep_configured_ram();
+        }
+        cfg
+    };
+    sys_util::process::catch_termination_signals();
+    if args.supervised {
+        return supervise(&cfg, args);
+    }
     let started = match &worker {
         Some(_) => Daemon::start_worker(&cfg, &args.deleted_entry),
         None => Daemon::start(&cfg),

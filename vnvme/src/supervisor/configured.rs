@@ -78,18 +78,9 @@ impl Supervisor {
             }
         }
         for k in self.configured[i].ram.clone() {
-            self.ram.forget(&k);
+            self.forget_ram(&k);
         }
         log::info!("supervisor: configured subsystem {nqn} (entry {i}) deleted");
         Ok(())
-    }
-
-    /// The entries of configured subsystems deleted at run time.
-    pub(super) fn deleted_entries(&self) -> impl Iterator<Item = usize> + '_ {
-        self.configured
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.deleted)
-            .map(|(i, _)| i)
     }
 }

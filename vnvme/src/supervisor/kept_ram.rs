@@ -65,8 +65,8 @@ impl KeptRam {
         let fd = sys_util::kept_ram::create(c"vnvme-ram", size)?;
         let key = format!("r{}", self.next);
         if let Some(ctl) = ctl {
-            control::send(ctl, control::RAM, &json!({"key": key}), &[fd.as_fd()])?;
-            match control::recv(ctl, std::time::Duration::from_secs(5))? {
+            let body = json!({"key": key});
+            match control::request(ctl, control::RAM, &body, &[fd.as_fd()], super::CONTROL_WAIT)? {
                 Some(m) if m.command == control::DONE && m.body["ok"] == true => {}
                 other => {
                     return Err(std::io::Error::other(format!(
@@ -81,10 +81,16 @@ impl KeptRam {
         Ok(key)
     }
 
-    /// Let go of RAM `key` (its creation is no longer replayed).
-    pub(super) fn forget(&mut self, key: &str) {
+    /// Let go of RAM `key` (its creation is no longer replayed, or was refused), and have
+    /// the worker on `ctl` let go of it too if no namespace took it.
+    pub(super) fn forget(&mut self, key: &str, ctl: Option<&UnixStream>) {
         if let Some(i) = self.all.iter().position(|(k, _)| k == key) {
             self.all.swap_remove(i);
+            if let Some(ctl) = ctl
+                && let Err(e) = control::send(ctl, control::FORGET, &json!({"key": key}), &[])
+            {
+                log::warn!("supervisor: telling the worker to let go of RAM {key}: {e}");
+            }
             log::info!("supervisor: RAM {key} let go");
         }
     }

@@ -77,7 +77,7 @@ pub mod worker;
 
 use std::ffi::OsString;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -94,6 +94,17 @@ use serde_json::{Value, json};
 use sys_util::SharedMemory;
 
 use crate::config::Config;
+
+/// How long the supervisor waits for the worker's answer to a control request at run time
+/// (the worker answers between management calls).
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
+
+/// Most vfio-user sockets made at run time held at once (each a relay thread, its memfds and
+/// the client's fds: a caller cannot make the supervisor run out of either). Four PFs with
+/// 127 VFs each.
+const MAX_RUN_TIME_SOCKETS: usize = 512;
+/// Most NVMe/TCP listeners held at once.
+const MAX_LISTENERS: usize = crate::config::MAX_ENTRIES;
 
 /// Errors of the supervisor and of a worker's side of it.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +198,8 @@ pub struct Supervisor {
     ram: kept_ram::KeptRam,
     /// The configured subsystems, by entry number (some deleted at run time).
     configured: Vec<configured::ConfiguredEntry>,
+    /// The configuration every worker builds (`CONFIG`): TOML in a memfd, and its length.
+    config: (OwnedFd, usize),
     status: Status,
 }
 
@@ -216,6 +229,22 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     Ok(sockets)
 }
 
+/// `cfg` as TOML in a memfd, with its length: what every worker builds, whatever happens to
+/// the file since (entry numbers and RAM keys stay those the supervisor holds sockets and
+/// RAM for).
+fn config_memfd(cfg: &Config) -> Result<(OwnedFd, usize), SupervisorError> {
+    use std::os::unix::fs::FileExt;
+    let text = cfg
+        .to_toml()
+        .map_err(|e| SupervisorError::Protocol(e.to_string()))?;
+    let fd = sys_util::kept_ram::create(c"vnvme-config", text.len() as u64)
+        .map_err(SupervisorError::Io)?;
+    let file = std::fs::File::from(fd);
+    file.write_all_at(text.as_bytes(), 0)
+        .map_err(SupervisorError::Io)?;
+    Ok((file.into(), text.len()))
+}
+
 /// Bind every configured NVMe/TCP address once: the supervisor keeps the listeners and
 /// hands them to each worker, so a host reconnecting while no worker runs waits in the
 /// backlog instead of being refused.
@@ -243,6 +272,7 @@ impl Supervisor {
         let ram = kept_ram::KeptRam::configured(&mut cfg).map_err(SupervisorError::Io)?;
         let sockets = check(&cfg)?;
         let listeners = bind_listeners(&cfg)?;
+        let config = config_memfd(&cfg)?;
         crate::limits::apply();
         let stop = Arc::new(AtomicBool::new(false));
         let hung = Arc::new(AtomicBool::new(false));
@@ -286,6 +316,7 @@ impl Supervisor {
             changes: rpc::Changes::default(),
             ram,
             configured: configured::entries(&cfg),
+            config,
         };
         s.spawn_worker()?;
         Ok(s)
@@ -298,11 +329,14 @@ impl Supervisor {
 
     /// Start a worker of `self.opts.binary`, hand it the fds and wait until it is ready.
     fn spawn_worker(&mut self) -> Result<(), SupervisorError> {
+        // no management call reaches the new worker before it has every run-time change
+        let changes = Arc::clone(&self.changes);
+        let changes = rpc::write(&changes);
         let (ours, theirs) = UnixStream::pair().map_err(SupervisorError::Io)?;
         sys_util::fd::set_inheritable(theirs.as_fd(), true).map_err(SupervisorError::Io)?;
         let mut cmd = Command::new(&self.opts.binary);
         cmd.args(&self.opts.worker_args);
-        for i in self.deleted_entries() {
+        for i in &changes.deleted {
             cmd.arg("--deleted-entry").arg(i.to_string());
         }
         cmd.arg("--worker-fd")
@@ -311,6 +345,14 @@ impl Supervisor {
             .process_group(0);
         let child = cmd.spawn().map_err(SupervisorError::Io)?;
         drop(theirs);
+        let (config, len) = &self.config;
+        control::send(
+            &ours,
+            control::CONFIG,
+            &json!({"len": len}),
+            &[config.as_fd()],
+        )
+        .map_err(SupervisorError::Io)?;
         let mut links = Vec::new();
         for o in &self.owned {
             let (relay_end, worker_end) = UnixStream::pair().map_err(SupervisorError::Io)?;
@@ -329,8 +371,13 @@ impl Supervisor {
                 .map_err(SupervisorError::Io)?;
         }
         self.ram.send_all(&ours).map_err(SupervisorError::Io)?;
-        control::send(&ours, control::START, &Value::Null, &[]).map_err(SupervisorError::Io)?;
-        let ready = control::recv(&ours, Duration::from_secs(30));
+        let ready = control::request(
+            &ours,
+            control::START,
+            &Value::Null,
+            &[],
+            Duration::from_secs(30),
+        );
         let pid = child.id();
         let mut child = child;
         match ready {
@@ -343,7 +390,7 @@ impl Supervisor {
         }
         // the run-time changes first: the controllers restore with their namespaces
         if let Some(p) = &self.opts.worker_rpc {
-            rpc::replay(&self.changes, p);
+            rpc::replay(&changes, p);
         }
         for (o, l) in self.owned.iter().zip(links) {
             let _ = o.links.send(l);
@@ -368,8 +415,13 @@ impl Supervisor {
             self.opts.binary = b;
         }
         if let Some((mut child, ctl)) = self.worker.take() {
-            let _ = control::send(&ctl, control::UPGRADE, &Value::Null, &[]);
-            let answer = control::recv(&ctl, Duration::from_secs(10));
+            let answer = control::request(
+                &ctl,
+                control::UPGRADE,
+                &Value::Null,
+                &[],
+                Duration::from_secs(10),
+            );
             if !matches!(answer, Ok(Some(ref m)) if m.command == control::DONE) {
                 log::warn!(
                     "supervisor: the worker did not answer the upgrade ({answer:?}); killing it"
@@ -405,6 +457,11 @@ impl Supervisor {
         if self.owned.iter().any(|o| o.socket == socket) {
             return Err(format!("{} is served already", socket.display()));
         }
+        if self.owned.iter().filter(|o| o.run_time).count() >= MAX_RUN_TIME_SOCKETS {
+            return Err(format!(
+                "{MAX_RUN_TIME_SOCKETS} vfio-user sockets made at run time are served already"
+            ));
+        }
         let Some((_, ctl)) = self.worker.as_ref() else {
             return Err("no worker is running (the next one is starting): try again".into());
         };
@@ -418,8 +475,7 @@ impl Supervisor {
             let (relay_end, worker_end) = UnixStream::pair()?;
             let body = json!({"socket": socket, "run_time": true});
             let fds = [worker_end.as_fd(), doorbells.fd(), state.fd()];
-            control::send(ctl, control::ATTACH, &body, &fds)?;
-            match control::recv(ctl, Duration::from_secs(5))? {
+            match control::request(ctl, control::ATTACH, &body, &fds, CONTROL_WAIT)? {
                 Some(m) if m.command == control::DONE && m.body["ok"] == true => {
                     Ok((doorbells, state, relay_end))
                 }
@@ -461,12 +517,16 @@ impl Supervisor {
         if self.listeners.iter().any(|(a, _)| a == addr) {
             return Err("that address is served already".into());
         }
+        if self.listeners.len() >= MAX_LISTENERS {
+            return Err(format!(
+                "{MAX_LISTENERS} NVMe/TCP addresses are served already"
+            ));
+        }
         let sa: std::net::SocketAddr = addr.parse().map_err(|_| "want IP:PORT".to_owned())?;
         let l = TcpListener::bind(sa).map_err(|e| format!("cannot listen there: {e}"))?;
         if let Some((_, ctl)) = self.worker.as_ref() {
-            control::send(ctl, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])
-                .map_err(|e| e.to_string())?;
-            match control::recv(ctl, Duration::from_secs(5)) {
+            let body = json!({"addr": addr});
+            match control::request(ctl, control::LISTEN, &body, &[l.as_fd()], CONTROL_WAIT) {
                 Ok(Some(m)) if m.command == control::DONE && m.body["ok"] == true => {}
                 other => return Err(format!("the worker did not take the listener ({other:?})")),
             }
@@ -488,6 +548,13 @@ impl Supervisor {
     fn ram_at_run_time(&mut self, size: u64) -> Result<String, String> {
         let ctl = self.worker.as_ref().map(|(_, c)| c);
         self.ram.make(size, ctl).map_err(|e| e.to_string())
+    }
+
+    /// Let go of kept RAM `key`, in the running worker too (which holds it until a
+    /// namespace takes it).
+    fn forget_ram(&mut self, key: &str) {
+        let ctl = self.worker.as_ref().map(|(_, c)| c);
+        self.ram.forget(key, ctl);
     }
 
     /// Let go of socket `socket` (its subsystem was deleted, or its creation refused): its

@@ -8,11 +8,12 @@
 //! the recovery every tenant's guest waits for. The loop only sees the two `daemon_*`
 //! methods, as [`Ask`]s on a channel.
 
+use std::collections::BTreeSet;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
@@ -72,10 +73,31 @@ struct Shared {
     configured: Vec<String>,
 }
 
-/// The run-time changes the workers so far accepted ([`REPLAYED`] calls, request lines in
-/// order), replayed to every new worker before it restores its controllers. The lock also
-/// orders them: one such call at a time goes to the worker.
-pub(super) type Changes = Arc<Mutex<Vec<String>>>;
+/// The run-time changes the workers so far accepted, which every new worker gets before it
+/// restores its controllers.
+#[derive(Debug, Default)]
+pub(super) struct ChangeLog {
+    /// [`REPLAYED`] calls and `subsystem_create`s, request lines in order.
+    pub(super) lines: Vec<String>,
+    /// The entries of configured subsystems deleted (`--deleted-entry`).
+    pub(super) deleted: BTreeSet<usize>,
+}
+
+/// The change log behind its lock. The lock also orders the calls to the worker: one that
+/// changes it at a time (written), others beside each other (read); the supervisor's loop
+/// holds it written from starting a worker until the replay is done, so no call reaches a
+/// worker that does not have every change yet. Never wait for the loop holding it.
+pub(super) type Changes = Arc<RwLock<ChangeLog>>;
+
+/// The change log, to change it (a poisoned lock: a thread panicked between whole changes).
+pub(super) fn write(c: &Changes) -> RwLockWriteGuard<'_, ChangeLog> {
+    c.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The change log, to call the worker beside other such calls.
+fn read(c: &Changes) -> RwLockReadGuard<'_, ChangeLog> {
+    c.read().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl SupervisorRpc {
     /// Listen on `path`; methods other than `daemon_*` go to `worker_rpc`.
@@ -136,7 +158,7 @@ impl SupervisorRpc {
                 Ask::Ram(size, reply) => {
                     let _ = reply.send(sup.ram_at_run_time(size));
                 }
-                Ask::ForgetRam(keys) => keys.iter().for_each(|k| sup.ram.forget(k)),
+                Ask::ForgetRam(keys) => keys.iter().for_each(|k| sup.forget_ram(k)),
             }
             next = self.asks.try_recv().ok();
         }
@@ -208,13 +230,13 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
             (None, _) => refused(&id, "no management socket in the worker"),
             (_, Err(e)) => refused(&id, &format!("{m}: {e}")),
             (Some(p), Ok((req, line, kept))) => {
-                let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut changes = write(&sh.changes);
                 match forward(p, line.as_bytes()) {
                     Ok(reply) => {
                         let accepted = serde_json::from_str::<Value>(&reply)
                             .is_ok_and(|v| v.get("error").is_none());
                         let dropped = if accepted {
-                            record(&mut changes, &req, &line)
+                            record(&mut changes.lines, &req, &line)
                         } else {
                             None
                         };
@@ -230,7 +252,11 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                         w.write_all(reply.as_bytes())?;
                         return Ok(());
                     }
-                    Err(e) => refused(&id, &format!("the worker did not answer: {e}")),
+                    Err(e) => {
+                        drop(changes);
+                        let _ = ask(sh, Ask::ForgetRam(kept));
+                        refused(&id, &format!("the worker did not answer: {e}"))
+                    }
                 }
             }
         },
@@ -241,7 +267,10 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                  starts from the configuration and would lose it; put it in the configuration"
             ),
         ),
-        _ => match sh.worker_rpc.as_ref().map(|p| forward(p, &line)) {
+        _ => match sh.worker_rpc.as_ref().map(|p| {
+            let _replayed = read(&sh.changes);
+            forward(p, &line)
+        }) {
             Some(Ok(reply)) => {
                 let mut w = s;
                 w.write_all(reply.as_bytes())?;
@@ -385,9 +414,9 @@ fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>),
 }
 
 /// Replay the accepted run-time changes to a new worker's management socket `path`.
-pub(super) fn replay(changes: &Changes, path: &Path) {
-    let changes = changes.lock().unwrap_or_else(PoisonError::into_inner);
-    for line in changes.iter() {
+pub(super) fn replay(changes: &ChangeLog, path: &Path) {
+    let changes = &changes.lines;
+    for line in changes {
         match forward(path, line.as_bytes()) {
             Ok(reply)
                 if serde_json::from_str::<Value>(&reply)

@@ -1,6 +1,8 @@
 //! The worker's end of the control link: take over what the supervisor hands over before
 //! the daemon starts, then answer its requests (a planned upgrade) while it runs.
 
+use std::cell::Cell;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,13 +10,44 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::SupervisorError;
-use super::control::{self, ATTACH, DONE, LISTEN, RAM, START, UPGRADE};
+use super::control::{self, ATTACH, CONFIG, FORGET, LISTEN, RAM, START, UPGRADE};
 use super::handover::{self, HandedMemory};
 
 /// The worker's control link.
 #[derive(Debug)]
 pub struct WorkerLink {
     ctl: UnixStream,
+    /// START's number, which the answer once ready carries.
+    start: u16,
+    /// UPGRADE's number, once asked.
+    upgrade: Cell<u16>,
+    /// The supervisor's configuration (`CONFIG`; none from a supervisor of an earlier build).
+    config: Option<String>,
+}
+
+/// Most bytes of a configuration handed over.
+const MAX_CONFIG: u64 = 16 << 20;
+
+/// The configuration text of a `CONFIG` message.
+fn read_config(m: control::Control) -> Result<String, SupervisorError> {
+    let bad = |why: &str| SupervisorError::Protocol(format!("CONFIG: {why}"));
+    let len = m.body.get("len").and_then(serde_json::Value::as_u64);
+    let len = len
+        .filter(|&n| n <= MAX_CONFIG)
+        .ok_or_else(|| bad("no usable len"))?;
+    let fd = m.fds.into_iter().next().ok_or_else(|| bad("no memfd"))?;
+    let mut text = vec![0; len as usize];
+    std::fs::File::from(fd)
+        .read_exact_at(&mut text, 0)
+        .map_err(SupervisorError::Io)?;
+    String::from_utf8(text).map_err(|_| bad("not UTF-8"))
+}
+
+/// Let go of kept RAM a `FORGET` names, unless a namespace took it already.
+fn forget(m: &control::Control) {
+    if let Some(key) = m.body.get("key").and_then(serde_json::Value::as_str) {
+        handover::kept_ram(key);
+    }
 }
 
 /// Keep the fds of an ATTACH (a vfio-user socket's link, BAR0 memfd and state memfd), a
@@ -69,6 +102,7 @@ impl WorkerLink {
     /// Take the inherited descriptor `fd` and receive every socket's fds until START.
     pub fn take(fd: i32) -> Result<Self, SupervisorError> {
         let ctl = UnixStream::from(sys_util::fd::take_inherited(fd).map_err(SupervisorError::Io)?);
+        let mut config = None;
         loop {
             let Some(m) =
                 control::recv(&ctl, Duration::from_secs(10)).map_err(SupervisorError::Io)?
@@ -79,7 +113,16 @@ impl WorkerLink {
             };
             match m.command {
                 ATTACH | LISTEN | RAM => take_fds(m)?,
-                START => return Ok(Self { ctl }),
+                CONFIG => config = Some(read_config(m)?),
+                FORGET => forget(&m),
+                START => {
+                    return Ok(Self {
+                        ctl,
+                        start: m.id,
+                        upgrade: Cell::new(0),
+                        config,
+                    });
+                }
                 c => {
                     return Err(SupervisorError::Protocol(format!(
                         "unexpected command {c:#x}"
@@ -97,8 +140,13 @@ impl WorkerLink {
                 s.display()
             );
         }
-        control::send(&self.ctl, DONE, &json!({"pid": std::process::id()}), &[])
+        control::answer(&self.ctl, self.start, &json!({"pid": std::process::id()}))
             .map_err(SupervisorError::Io)
+    }
+
+    /// The configuration the supervisor handed over, if it did (TOML).
+    pub fn config(&self) -> Option<&str> {
+        self.config.as_deref()
     }
 
     /// Look for a request, waiting up to `wait`. A socket, listener or RAM handed over at run
@@ -106,13 +154,21 @@ impl WorkerLink {
     pub fn poll(&self, wait: Duration) -> Asked {
         match control::recv(&self.ctl, wait) {
             Ok(None) => Asked::Nothing,
-            Ok(Some(m)) if m.command == UPGRADE => Asked::Upgrade,
+            Ok(Some(m)) if m.command == UPGRADE => {
+                self.upgrade.set(m.id);
+                Asked::Upgrade
+            }
+            Ok(Some(m)) if m.command == FORGET => {
+                forget(&m);
+                Asked::Nothing
+            }
             Ok(Some(m)) if [ATTACH, LISTEN, RAM].contains(&m.command) => {
+                let id = m.id;
                 let ok = take_fds(m).map_err(|e| e.to_string());
                 if let Err(e) = &ok {
                     log::warn!("worker: {e}");
                 }
-                let _ = control::send(&self.ctl, DONE, &json!({"ok": ok.is_ok()}), &[]);
+                let _ = control::answer(&self.ctl, id, &json!({"ok": ok.is_ok()}));
                 Asked::Nothing
             }
             Ok(Some(m)) => {
@@ -132,11 +188,10 @@ impl WorkerLink {
             "worker: {drained}/{total} controllers drained and saved in {} ms; exiting for the upgrade",
             t.elapsed().as_millis()
         );
-        let _ = control::send(
+        let _ = control::answer(
             &self.ctl,
-            DONE,
+            self.upgrade.get(),
             &json!({"drained": drained, "total": total}),
-            &[],
         );
     }
 }

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 
 use serde_json::{Value, json};
 
-use super::{Ask, Shared, ask, forward, keep_ram, keys_in, refused, wait};
+use super::{Ask, Shared, ask, forward, keep_ram, keys_in, refused, wait, write};
 
 /// A subsystem made at run time.
 pub(in crate::supervisor) struct Made {
@@ -94,7 +94,7 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
         }
         made.listen = Some(a);
     }
-    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut changes = write(&sh.changes);
     let reply = forward(worker, made.line.as_bytes())
         .ok()
         .and_then(|r| serde_json::from_str::<Value>(&r).ok());
@@ -104,7 +104,7 @@ pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
         .map(str::to_owned);
     match (reply, nqn) {
         (Some(r), Some(nqn)) => {
-            changes.push(made.line.clone());
+            changes.lines.push(made.line.clone());
             made.nqn = nqn;
             sh.made
                 .lock()
@@ -154,17 +154,22 @@ pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value
         return refused(id, "no management socket in the worker");
     };
     if !made_here {
-        if !sh.configured.iter().any(|c| c == nqn) {
+        let Some(entry) = sh.configured.iter().position(|c| c == nqn) else {
+            return refused(id, &format!("subsystem_delete: no subsystem {nqn}"));
+        };
+        let mut changes = write(&sh.changes);
+        if changes.deleted.contains(&entry) {
             return refused(id, &format!("subsystem_delete: no subsystem {nqn}"));
         }
-        let changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-        let reply = match forward(worker, line) {
-            Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
-            Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
-        };
+        // marked before the log is let go: a worker started after this never has it, even if
+        // this one deleted it and died before answering
+        let (reply, gone) = deletion(forward(worker, line), id, nqn);
+        if gone {
+            changes.deleted.insert(entry);
+        }
         // never wait for the supervisor's loop holding the change list (it may be replaying)
         drop(changes);
-        if reply.get("result").is_some() {
+        if gone {
             let (tx, rx) = mpsc::channel();
             let done = ask(sh, Ask::DeleteConfigured(nqn.to_owned(), tx)).and_then(|()| wait(&rx)?);
             if let Err(e) = done {
@@ -173,12 +178,9 @@ pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value
         }
         return reply;
     }
-    let mut changes = sh.changes.lock().unwrap_or_else(PoisonError::into_inner);
-    let reply = match forward(worker, line) {
-        Ok(r) => serde_json::from_str::<Value>(&r).unwrap_or(Value::Null),
-        Err(e) => return refused(id, &format!("the worker did not answer: {e}")),
-    };
-    if reply.get("result").is_some() {
+    let mut changes = write(&sh.changes);
+    let (reply, gone) = deletion(forward(worker, line), id, nqn);
+    if gone {
         let gone = {
             let mut list = sh.made.lock().unwrap_or_else(PoisonError::into_inner);
             let i = list.iter().position(|m| m.nqn == nqn);
@@ -187,8 +189,8 @@ pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value
         if let Some(made) = gone {
             // the first such line still kept: an earlier subsystem made by the same request
             // and deleted already has its line replaced
-            if let Some(i) = changes.iter().position(|l| *l == made.line) {
-                changes[i] =
+            if let Some(i) = changes.lines.iter().position(|l| *l == made.line) {
+                changes.lines[i] =
                     json!({"jsonrpc": "2.0", "id": 0, "method": crate::rpc::methods::SKIP_ENTRY})
                         .to_string();
             }
@@ -198,4 +200,26 @@ pub(super) fn delete(sh: &Shared, req: &Value, line: &[u8], id: &Value) -> Value
         }
     }
     reply
+}
+
+/// The answer to a forwarded `subsystem_delete` of `nqn`, and whether the subsystem is gone:
+/// deleted by the worker, or the worker did not answer (it may have deleted it and died: the
+/// next worker does not make it again, and what was held for it is let go).
+fn deletion(forwarded: std::io::Result<String>, id: &Value, nqn: &str) -> (Value, bool) {
+    match forwarded {
+        Ok(r) => {
+            let reply = serde_json::from_str::<Value>(&r).unwrap_or(Value::Null);
+            let gone = reply.get("result").is_some();
+            (reply, gone)
+        }
+        Err(e) => {
+            log::warn!(
+                "supervisor: subsystem_delete {nqn}: the worker did not answer ({e}): deleted"
+            );
+            let why = format!(
+                "the worker did not answer ({e}); {nqn} is deleted: the next worker does not have it"
+            );
+            (refused(id, &why), true)
+        }
+    }
 }
