@@ -34,8 +34,14 @@ const QUEUE_OFF: usize = BLOB_OFF + 2 * (BLOB_MAX + 4096);
 const QUEUE_REC: usize = 32;
 const SLOT_OFF: usize = (QUEUE_OFF + QUEUES * QUEUE_REC).next_multiple_of(4096);
 const SLOT_REC: usize = 128;
+/// Size of a state memfd of a build before the subsystem area (a supervisor of such a build
+/// hands this size to a newer worker: it works without that area).
+const BASE_SIZE: usize = SLOT_OFF + QUEUES * SLOTS * SLOT_REC;
+/// The subsystem's namespaces (`save_subsystem`), after everything else.
+const SUB_OFF: usize = BASE_SIZE.next_multiple_of(4096);
+const SUB_BLOB_MAX: usize = 256 << 10;
 /// Size of a state memfd.
-pub const SIZE: u64 = (SLOT_OFF + QUEUES * SLOTS * SLOT_REC) as u64;
+pub const SIZE: u64 = (SUB_OFF + 2 * (SUB_BLOB_MAX + 4096)) as u64;
 
 /// An SQ's head and fetch count share one word (one store moves both): head in the low
 /// bits (queues have at most [`SLOTS`] entries), the count of fetches above.
@@ -43,8 +49,38 @@ const HEAD_BITS: u32 = 10;
 const HEAD_MASK: u32 = (1 << HEAD_BITS) - 1;
 const _: () = assert!(SLOTS <= 1 << HEAD_BITS);
 
-/// Header: magic (8), active blob copy (4).
+/// Header: magic (8), active blob copy (4), active subsystem blob copy (4).
 const H_ACTIVE: usize = 8;
+const H_SUB_ACTIVE: usize = 12;
+
+/// A double-buffered, checksummed blob: the word naming its active copy, where its two
+/// copies start, and its largest size.
+#[derive(Clone, Copy)]
+struct Area {
+    active: usize,
+    off: usize,
+    max: usize,
+}
+
+/// The controller's slow state.
+const CONTROLLER: Area = Area {
+    active: H_ACTIVE,
+    off: BLOB_OFF,
+    max: BLOB_MAX,
+};
+/// The namespaces of the subsystem this controller keeps (its PF, or its one vfio-user
+/// controller): what Namespace Management and Attachment changed.
+const SUBSYSTEM: Area = Area {
+    active: H_SUB_ACTIVE,
+    off: SUB_OFF,
+    max: SUB_BLOB_MAX,
+};
+
+impl Area {
+    fn base(self, copy: u32) -> usize {
+        self.off + (copy as usize & 1) * (self.max + 4096)
+    }
+}
 
 #[cfg(test)]
 thread_local! {
@@ -100,7 +136,7 @@ pub enum JournalError {
     Map(#[source] std::io::Error),
     #[error("state memfd of {0} bytes, {SIZE} expected")]
     Size(usize),
-    #[error("state blob of {0} bytes does not fit ({BLOB_MAX} at most)")]
+    #[error("state blob of {0} bytes does not fit")]
     TooLarge(usize),
 }
 
@@ -121,7 +157,7 @@ impl Journal {
     /// Map a state memfd passed by the supervisor.
     pub fn open(fd: std::os::fd::OwnedFd) -> Result<Self, JournalError> {
         let mem = SharedMemory::from_fd(fd, SIZE).map_err(JournalError::Map)?;
-        if mem.len() as u64 != SIZE {
+        if mem.len() as u64 != SIZE && mem.len() != BASE_SIZE {
             return Err(JournalError::Size(mem.len()));
         }
         Ok(Self { mem })
@@ -321,39 +357,61 @@ impl Journal {
 
     // ---- slow state: a double-buffered, checksummed blob ----
 
-    fn blob_base(copy: u32) -> usize {
-        BLOB_OFF + (copy as usize & 1) * (BLOB_MAX + 4096)
-    }
-
     /// Store `blob` as the current slow state: written to the inactive copy, then made
     /// active with one store.
     pub fn save_blob(&self, blob: &[u8]) -> Result<(), JournalError> {
-        if blob.len() > BLOB_MAX {
+        self.save_in(CONTROLLER, blob)
+    }
+
+    /// The current slow state, if a valid one was saved (`None`: a fresh or corrupt file).
+    pub fn load_blob(&self) -> Option<Vec<u8>> {
+        self.load_from(CONTROLLER)
+    }
+
+    /// Store `blob` as the namespaces of the subsystem this controller keeps, as
+    /// [`save_blob`](Self::save_blob) does (a memfd of an earlier build has no room: an
+    /// error).
+    pub fn save_subsystem(&self, blob: &[u8]) -> Result<(), JournalError> {
+        if self.mem.len() < SIZE as usize {
+            return Err(JournalError::Size(self.mem.len()));
+        }
+        self.save_in(SUBSYSTEM, blob)
+    }
+
+    /// The subsystem's namespaces as last saved, if a valid copy was.
+    pub fn load_subsystem(&self) -> Option<Vec<u8>> {
+        if self.mem.len() < SIZE as usize {
+            return None;
+        }
+        self.load_from(SUBSYSTEM)
+    }
+
+    fn save_in(&self, area: Area, blob: &[u8]) -> Result<(), JournalError> {
+        if blob.len() > area.max {
             return Err(JournalError::TooLarge(blob.len()));
         }
         step();
-        let next = self.u32_at(H_ACTIVE) ^ 1;
-        let base = Self::blob_base(next);
+        let next = self.u32_at(area.active) ^ 1;
+        let base = area.base(next);
         self.mem.write(base + 16, blob);
         self.put_u32(base, blob.len() as u32);
         self.mem.write(base + 8, &checksum(blob).to_le_bytes());
         compiler_fence(Ordering::Release);
         std::sync::atomic::fence(Ordering::Release);
-        self.put_u32(H_ACTIVE, next & 1);
+        self.put_u32(area.active, next & 1);
         step();
         Ok(())
     }
 
-    /// The current slow state, if a valid one was saved (`None`: a fresh or corrupt file).
-    pub fn load_blob(&self) -> Option<Vec<u8>> {
+    fn load_from(&self, area: Area) -> Option<Vec<u8>> {
         let mut magic = [0u8; 8];
         self.mem.read(0, &mut magic);
         if u64::from_le_bytes(magic) != MAGIC {
             return None;
         }
-        let base = Self::blob_base(self.u32_at(H_ACTIVE));
+        let base = area.base(self.u32_at(area.active));
         let len = self.u32_at(base) as usize;
-        if len == 0 || len > BLOB_MAX {
+        if len == 0 || len > area.max {
             return None;
         }
         let mut sum = [0u8; 8];
@@ -366,7 +424,7 @@ impl Journal {
     /// Forget the slow state (the client went away: the next one starts from reset).
     pub fn clear(&self) {
         for copy in 0..2 {
-            self.put_u32(Self::blob_base(copy), 0);
+            self.put_u32(CONTROLLER.base(copy), 0);
         }
     }
 }
@@ -395,12 +453,38 @@ mod tests {
         j.save_blob(b"second").unwrap();
         assert_eq!(j.load_blob().unwrap(), b"second");
         // corrupt the active copy: it is refused, never trusted
-        let base = Journal::blob_base(j.u32_at(H_ACTIVE));
+        let base = CONTROLLER.base(j.u32_at(H_ACTIVE));
         j.mem.write(base + 16, b"X");
         assert!(j.load_blob().is_none());
         j.put_u32(base, u32::MAX);
         assert!(j.load_blob().is_none());
         assert!(j.save_blob(&vec![0; BLOB_MAX + 1]).is_err());
+    }
+
+    /// The subsystem's blob is a copy of its own: neither overwrites the other. A memfd of an
+    /// earlier build (no room for it) still opens, without it.
+    #[test]
+    fn the_subsystem_blob_stands_beside_the_controller_blob() {
+        let j = journal();
+        assert!(j.load_subsystem().is_none());
+        j.save_blob(b"controller").unwrap();
+        j.save_subsystem(b"subsystem").unwrap();
+        j.save_subsystem(b"subsystem 2").unwrap();
+        assert_eq!(j.load_blob().unwrap(), b"controller");
+        assert_eq!(j.load_subsystem().unwrap(), b"subsystem 2");
+        j.clear();
+        assert_eq!(
+            j.load_subsystem().unwrap(),
+            b"subsystem 2",
+            "a client's reset"
+        );
+        assert!(j.save_subsystem(&vec![0; SUB_BLOB_MAX + 1]).is_err());
+        let old = SharedMemory::new(c"old", BASE_SIZE as u64).unwrap();
+        old.write(0, &MAGIC.to_le_bytes());
+        let o = Journal::open(old.fd().try_clone_to_owned().unwrap()).unwrap();
+        o.save_blob(b"x").unwrap();
+        assert!(o.save_subsystem(b"y").is_err());
+        assert!(o.load_subsystem().is_none());
     }
 
     #[test]

@@ -63,4 +63,6 @@ pub use namespace::Namespace;
 pub use qos::{QosControl, QosLimits};
 pub use reactor::{ControllerHandle, PollMode, Poller, Poster, Reactor};
 pub use stats::ControllerStats;
-pub use subsystem_link::{NamespaceChange, NsError, NvmSubsystem, SubsystemNamespace};
+pub use subsystem_link::{
+    NamespaceChange, NsError, NvmSubsystem, SettleChange, SubsystemNamespace,
+};

@@ -58,6 +58,17 @@ pub enum NamespaceChange {
     Attach(Namespace),
     /// Namespace NSID leaves this controller.
     Detach(u32),
+    /// A namespace put back as an earlier worker left it (a new worker settling its
+    /// subsystem before any host is served again): taken or let go with no notice, as the
+    /// host heard of it from that worker already.
+    Settle(SettleChange),
+}
+
+/// A quiet [`NamespaceChange::Settle`].
+#[derive(Debug)]
+pub enum SettleChange {
+    Attach(Namespace),
+    Detach(u32),
 }
 
 /// What the subsystem says about one namespace (listings, Identify CNS 11h).

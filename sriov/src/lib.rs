@@ -4,6 +4,7 @@
 //! - [`subsystem`]: the subsystem's namespaces, their attachment to controllers, changes
 //!   delivered to the controllers as messages, capacity;
 //! - [`pool`]: where namespaces created at run time get their blocks;
+//! - [`saved_namespaces`]: the namespaces as a supervised worker saves them for the next;
 //! - [`virt`]: the primary controller's and secondaries' flexible resources, VF online and
 //!   offline, VF Enable;
 //! - [`topology`]: how a subsystem's controllers are numbered (CNTLIDs) and served (VF
@@ -15,10 +16,11 @@
 #![forbid(unsafe_code)]
 
 pub mod pool;
+pub mod saved_namespaces;
 pub mod subsystem;
 pub mod topology;
 pub mod virt;
 
 pub use pool::{MemoryPool, NamespacePool};
-pub use subsystem::{MAX_NAMESPACES, Subsystem};
+pub use subsystem::{MAX_NAMESPACES, Settled, Subsystem};
 pub use virt::{VirtGroup, VirtState};

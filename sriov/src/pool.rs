@@ -8,6 +8,16 @@ pub trait NamespacePool: Send {
     fn capacity(&self) -> u64;
     /// A backend of `size` bytes for new namespace `nsid`.
     fn create(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String>;
+    /// The backend of namespace `nsid` of `size` bytes, created by an earlier process (a
+    /// supervised worker's predecessor), with its data. Pools whose blocks die with the
+    /// process cannot.
+    fn reopen(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        let _ = (nsid, size);
+        Err(format!(
+            "{}: its namespaces die with the process",
+            self.describe()
+        ))
+    }
     /// Namespace `nsid` was deleted; its backend is (or will soon be) dropped.
     fn delete(&mut self, nsid: u32);
     /// What the pool is, for logs and listings.

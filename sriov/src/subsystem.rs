@@ -17,10 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use device_model::backend::{Backend, SharedSource};
+use device_model::journal::Journal;
 use device_model::namespace::{Namespace, NsIds};
-use device_model::{NamespaceChange, NsError, NvmSubsystem, Poster, SubsystemNamespace};
+use device_model::{
+    NamespaceChange, NsError, NvmSubsystem, Poster, SettleChange, SubsystemNamespace,
+};
 
 use crate::pool::NamespacePool;
+use crate::saved_namespaces::{SavedNamespace, SavedNamespaces};
 
 /// Highest NSID of a subsystem that manages namespaces (Identify NN and MNAN).
 pub const MAX_NAMESPACES: u32 = 256;
@@ -51,6 +55,8 @@ struct Entry {
     attached: Vec<u16>,
     /// Bytes taken from the pool (0: a configured namespace).
     pooled: u64,
+    /// Its number among the namespaces created (its identity seed), 0 if not created.
+    created: u64,
 }
 
 impl Entry {
@@ -95,6 +101,32 @@ struct State {
     generation: u64,
     /// Bytes of the namespaces configured at start (never less when they are deleted).
     configured: u64,
+    /// Under a supervisor: the journal the namespaces are kept in.
+    kept: Option<KeptIn>,
+}
+
+/// Where a supervised worker keeps the subsystem's namespaces: its keeper controller's
+/// journal (the PF's, or the one vfio-user controller's).
+struct KeptIn {
+    journal: Journal,
+    /// What an earlier worker saved, until [`Subsystem::settle`] puts it back.
+    saved: Option<SavedNamespaces>,
+    /// Put back: from now on every change is saved before it is answered.
+    settled: bool,
+}
+
+/// What [`Subsystem::settle`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Attachments made and taken away.
+    pub attached: usize,
+    pub detached: usize,
+    /// Namespaces of the pool opened again.
+    pub reopened: usize,
+    /// Namespaces taken away (deleted since the configuration, or added and deleted).
+    pub removed: usize,
+    /// Saved namespaces that could not be put back (logged).
+    pub lost: usize,
 }
 
 /// Changes to deliver, by CNTLID.
@@ -125,6 +157,7 @@ impl Subsystem {
                 pool,
                 generation: 0,
                 configured: 0,
+                kept: None,
             }),
         })
     }
@@ -205,8 +238,10 @@ impl Subsystem {
             source,
             attached,
             pooled: 0,
+            created: 0,
         });
         st.namespaces.sort_by_key(|e| e.nsid);
+        self.persist(&st);
     }
 
     /// The namespaces controller `cntlid` starts with.
@@ -316,19 +351,21 @@ impl Subsystem {
         let backend = pool.create(nsid, size).map_err(NsError::Backend)?;
         let live = backend.live_size();
         st.generation += 1;
-        let seed = format!("{}#created{}", self.nqn, st.generation);
+        let created = st.generation;
         st.namespaces.push(Entry {
             nsid,
             lba_shift,
             shared,
             size,
             live,
-            seed,
+            seed: self.created_seed(created),
             source: Source::Shared(SharedSource::new(backend)),
             attached: Vec::new(),
             pooled: size,
+            created,
         });
         st.namespaces.sort_by_key(|e| e.nsid);
+        self.persist(&st);
         log::info!(
             "{}: namespace {nsid} created ({size} bytes, {}-byte blocks{})",
             self.nqn,
@@ -350,6 +387,9 @@ impl Subsystem {
             return Err(NsError::Fixed);
         }
         let mut st = self.lock();
+        if waits_to_settle(&st) {
+            return Ok(Vec::new());
+        }
         let targets: Vec<u32> = if nsid == u32::MAX {
             st.namespaces.iter().map(|e| e.nsid).collect()
         } else if st.namespaces.iter().any(|e| e.nsid == nsid) {
@@ -371,6 +411,7 @@ impl Subsystem {
             }
             log::info!("{}: namespace {n} deleted", self.nqn);
         }
+        self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
     }
 
@@ -400,6 +441,9 @@ impl Subsystem {
         wait: bool,
     ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
+        if waits_to_settle(&st) {
+            return Ok(Vec::new());
+        }
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| e.attached.contains(c)) {
             return Err(NsError::AlreadyAttached(c));
@@ -420,6 +464,7 @@ impl Subsystem {
         e.attached.extend_from_slice(ctrls);
         e.attached.sort_unstable();
         log::info!("{}: namespace {nsid} attached to {ctrls:x?}", self.nqn);
+        self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
     }
 
@@ -432,6 +477,9 @@ impl Subsystem {
         wait: bool,
     ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
+        if waits_to_settle(&st) {
+            return Ok(Vec::new());
+        }
         let e = entry_mut(&mut st, nsid)?;
         if let Some(&c) = ctrls.iter().find(|c| !e.attached.contains(c)) {
             return Err(NsError::NotAttached(c));
@@ -442,7 +490,198 @@ impl Subsystem {
             .iter()
             .map(|&c| (c, NamespaceChange::Detach(nsid)))
             .collect();
+        self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
+    }
+
+    /// The identity seed of the `created`-th namespace created.
+    fn created_seed(&self, created: u64) -> String {
+        format!("{}#created{created}", self.nqn)
+    }
+
+    /// Under a supervisor: keep the namespaces in `journal` (the keeper controller's) from
+    /// now on, and take what an earlier worker saved there for [`Subsystem::settle`]. Nothing
+    /// is saved until then (the management plane's changes replayed meanwhile must not
+    /// overwrite the newer saved state).
+    pub fn keep_in(&self, journal: Journal) {
+        let saved = journal.load_subsystem().and_then(|b| {
+            let d = SavedNamespaces::decode(&b, MAX_NAMESPACES as usize);
+            if d.is_none() {
+                device_model::error_limited!(
+                    "{}: saved namespaces unreadable (corrupt or another version): as configured",
+                    self.nqn
+                );
+            }
+            d
+        });
+        self.lock().kept = Some(KeptIn {
+            journal,
+            saved,
+            settled: false,
+        });
+    }
+
+    /// Save the namespaces in the keeper's journal (once settled), before the change is
+    /// answered: a worker that dies after answering leaves it to the next one.
+    fn persist(&self, st: &State) {
+        let Some(k) = st.kept.as_ref().filter(|k| k.settled) else {
+            return;
+        };
+        let saved = SavedNamespaces {
+            generation: st.generation,
+            namespaces: st
+                .namespaces
+                .iter()
+                .map(|e| SavedNamespace {
+                    nsid: e.nsid,
+                    lba_shift: e.lba_shift,
+                    shared: e.shared,
+                    size: e.size(),
+                    pooled: e.pooled,
+                    created: e.created,
+                    attached: e.attached.clone(),
+                })
+                .collect(),
+        };
+        if let Err(e) = k.journal.save_subsystem(&saved.encode()) {
+            device_model::error_limited!("{}: namespaces not saved: {e}", self.nqn);
+        }
+    }
+
+    /// A new worker, after the configuration is built and the management plane's changes
+    /// are replayed, before any host is served again: put the namespaces back as the last
+    /// worker saved them (what the guest changed with Namespace Management and Attachment:
+    /// attachments, namespaces created from the pool, namespaces deleted). The controllers
+    /// take the changes quietly (their hosts heard of them from that worker). From then on
+    /// every change is saved. Without a saved state the namespaces stay as they are.
+    pub fn settle(&self) -> Settled {
+        let mut out = Settled::default();
+        let mut st = self.lock();
+        let Some(k) = st.kept.as_mut().filter(|k| !k.settled) else {
+            return out;
+        };
+        k.settled = true;
+        let Some(saved) = k.saved.take() else {
+            self.persist(&st);
+            return out;
+        };
+        let mut changes = Changes::new();
+        let quiet_detach = |n: u32, ctrls: &[u16], changes: &mut Changes| {
+            changes.extend(
+                ctrls
+                    .iter()
+                    .map(|&c| (c, NamespaceChange::Settle(SettleChange::Detach(n)))),
+            );
+        };
+        // namespaces deleted since they were configured or added
+        let gone: Vec<u32> = st
+            .namespaces
+            .iter()
+            .map(|e| e.nsid)
+            .filter(|n| saved.namespaces.iter().all(|s| s.nsid != *n))
+            .collect();
+        for n in gone {
+            if let Some(at) = st.namespaces.iter().position(|e| e.nsid == n) {
+                let e = st.namespaces.remove(at);
+                quiet_detach(n, &e.attached, &mut changes);
+                out.removed += 1;
+            }
+        }
+        for s in &saved.namespaces {
+            let mut attached: Vec<u16> = s
+                .attached
+                .iter()
+                .copied()
+                .filter(|c| st.controllers.iter().any(|m| m.cntlid == *c))
+                .collect();
+            attached.sort_unstable();
+            attached.dedup();
+            // the same NSID with another origin now (added by a replayed call where the guest
+            // had deleted that one and created this from the pool): the saved one is newer
+            if let Some(at) = st.namespaces.iter().position(|e| {
+                e.nsid == s.nsid
+                    && (e.pooled != s.pooled
+                        || e.created != s.created
+                        || e.lba_shift != s.lba_shift)
+            }) {
+                let e = st.namespaces.remove(at);
+                quiet_detach(e.nsid, &e.attached, &mut changes);
+                out.removed += 1;
+            }
+            if !st.namespaces.iter().any(|e| e.nsid == s.nsid) {
+                match self.reopen(&mut st, s) {
+                    Ok(e) => {
+                        st.namespaces.push(e);
+                        out.reopened += 1;
+                    }
+                    Err(why) => {
+                        device_model::error_limited!(
+                            "{}: namespace {} not put back: {why}",
+                            self.nqn,
+                            s.nsid
+                        );
+                        out.lost += 1;
+                        continue;
+                    }
+                }
+            }
+            let Some(e) = st.namespaces.iter_mut().find(|e| e.nsid == s.nsid) else {
+                continue;
+            };
+            let leave: Vec<u16> = e
+                .attached
+                .iter()
+                .copied()
+                .filter(|c| !attached.contains(c))
+                .collect();
+            quiet_detach(e.nsid, &leave, &mut changes);
+            out.detached += leave.len();
+            for &c in attached.iter().filter(|c| !e.attached.contains(c)) {
+                let Source::Shared(src) = &e.source else {
+                    continue;
+                };
+                let Some(h) = src.handle() else {
+                    continue;
+                };
+                let ns = e.namespace(Box::new(h));
+                changes.push((c, NamespaceChange::Settle(SettleChange::Attach(ns))));
+                out.attached += 1;
+            }
+            e.attached = attached;
+        }
+        st.namespaces.sort_by_key(|e| e.nsid);
+        st.generation = st.generation.max(saved.generation);
+        self.persist(&st);
+        log::info!(
+            "{}: namespaces as the last worker left them: {out:?}",
+            self.nqn
+        );
+        self.commit(st, changes, None, true);
+        out
+    }
+
+    /// The saved pool namespace `s`, opened again from the pool.
+    fn reopen(&self, st: &mut State, s: &SavedNamespace) -> Result<Entry, String> {
+        if s.pooled == 0 {
+            return Err("it was added by the management plane, whose call did not replay".into());
+        }
+        if s.nsid == 0 || s.nsid > MAX_NAMESPACES || (s.lba_shift != 9 && s.lba_shift != 12) {
+            return Err("saved with an impossible NSID or format".into());
+        }
+        let pool = st.pool.as_mut().ok_or("the subsystem has no pool")?;
+        let backend = pool.reopen(s.nsid, s.size)?;
+        Ok(Entry {
+            nsid: s.nsid,
+            lba_shift: s.lba_shift,
+            shared: s.shared,
+            size: s.size,
+            live: backend.live_size(),
+            seed: self.created_seed(s.created),
+            source: Source::Shared(SharedSource::new(backend)),
+            attached: Vec::new(),
+            pooled: s.pooled,
+            created: s.created,
+        })
     }
 
     /// Hand `changes` to their controllers. Controllers on a reactor get them posted while
@@ -546,6 +785,13 @@ fn capacity_of(st: &State) -> (u64, u64) {
     (total, total.saturating_sub(allocated))
 }
 
+/// Kept in a journal and not settled yet: the management plane's changes being replayed to
+/// a new worker before it settles. Attachments and deletions are left to the saved state,
+/// which is newer (namespaces added are not: the saved state cannot open their backends).
+fn waits_to_settle(st: &State) -> bool {
+    st.kept.as_ref().is_some_and(|k| !k.settled)
+}
+
 /// The allocated namespace `nsid`.
 fn entry_mut(st: &mut State, nsid: u32) -> Result<&mut Entry, NsError> {
     st.namespaces
@@ -578,6 +824,92 @@ mod tests {
         s.add_controller(1);
         s.add_controller(2);
         s
+    }
+
+    /// A pool whose namespaces outlive "the process" (as files or volumes do).
+    struct LastingPool;
+
+    impl NamespacePool for LastingPool {
+        fn capacity(&self) -> u64 {
+            64 << 20
+        }
+        fn create(&mut self, _: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+            Ok(Box::new(
+                MallocBackend::new(size).map_err(|e| e.to_string())?,
+            ))
+        }
+        fn reopen(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+            self.create(nsid, size)
+        }
+        fn delete(&mut self, _: u32) {}
+        fn describe(&self) -> String {
+            "lasting".into()
+        }
+    }
+
+    /// A worker's subsystem as configured: controllers 1 and 2, namespace 1 on both, kept in
+    /// the journal on `state`.
+    fn worker(state: &sys_util::SharedMemory) -> Arc<Subsystem> {
+        let s = Subsystem::new("nqn.kept", Some(Box::new(LastingPool)));
+        s.add_controller(1);
+        s.add_controller(2);
+        s.add_namespace(
+            1,
+            Box::new(MallocBackend::new(1 << 20).unwrap()),
+            9,
+            "c",
+            &[1, 2],
+        );
+        let j = Journal::open(state.fd().try_clone_to_owned().unwrap()).unwrap();
+        s.keep_in(j);
+        s
+    }
+
+    /// What the guest changed (a namespace created from the pool and attached, a configured
+    /// one detached from a controller, another created and deleted) comes back in the next
+    /// worker, with the same identities; changes made before the next worker settles (the
+    /// management plane's replay) do not overwrite the saved state.
+    #[test]
+    fn the_next_worker_settles_to_what_the_last_one_saved() {
+        let state = Journal::create().unwrap();
+        let first = worker(&state);
+        assert_eq!(first.settle(), Settled::default(), "nothing saved yet");
+        first.detach(1, &[2], None, false).unwrap();
+        let made = first.create(4 << 20, 12, true).unwrap();
+        first.attach(made, &[1, 2], None, false).unwrap();
+        let gone = first.create(1 << 20, 9, true).unwrap();
+        first.delete(gone, None, false).unwrap();
+        let ids = first.namespace(made).unwrap().ids;
+
+        let next = worker(&state);
+        // a replayed change before settling: left to the saved state, not saved over it
+        assert!(
+            next.detach(1, &[1], None, false)
+                .is_ok_and(|c| c.is_empty())
+        );
+        assert_eq!(next.attached(1), Some(vec![1, 2]));
+        let third = worker(&state);
+        let settled = third.settle();
+        assert_eq!(
+            settled,
+            Settled {
+                attached: 2,
+                detached: 1,
+                reopened: 1,
+                removed: 0,
+                lost: 0
+            }
+        );
+        assert_eq!(third.attached(1), Some(vec![1]));
+        assert_eq!(third.attached(made), Some(vec![1, 2]));
+        assert_eq!(third.attached(gone), None);
+        let again = third.namespace(made).unwrap();
+        assert!(again.pooled && again.lba_shift == 12 && again.size == 4 << 20);
+        assert_eq!(again.ids, ids, "a created namespace keeps its identity");
+        // the next one created gets a fresh identity, not one given out before
+        let fresh = third.create(1 << 20, 9, true).unwrap();
+        assert_ne!(third.namespace(fresh).unwrap().ids, ids);
+        assert_eq!(third.settle(), Settled::default(), "settles once");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod fuzz;
 pub mod guest;
 pub mod net;
+pub mod ns_admin;
 // a raw vfio-user client: fd passing, mmap, truncation
 #[allow(unsafe_code)]
 pub mod hostile;

@@ -591,8 +591,15 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         Some(-32601),
         "forwarded to the worker, answered there"
     );
+    // answered by the worker (namespaces created at run time are carried): its own refusal
+    assert_eq!(
+        code(&raw_rpc(
+            &rpc_sock,
+            b"{\"id\": 4, \"method\": \"ns_create\", \"params\": {\"name\": 5}}\n"
+        )),
+        Some(-32602)
+    );
     for (m, why) in [
-        ("ns_create", "refused under --supervised"),
         ("subsystem_create", "refused under --supervised"),
         ("subsystem_delete", "no subsystem"),
     ] {
@@ -644,6 +651,15 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
         (
             vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
             "no subsystem nqn.no.such",
+        ),
+        // a pool whose namespaces would die with the worker
+        (
+            vec![
+                "subsystem_create".to_owned(),
+                format!("socket={}", bad_sock.display()),
+                "namespace_pool=malloc:1G".to_owned(),
+            ],
+            "would die with the worker",
         ),
         // more VFs than a PF has: refused before a socket is bound for any
         (
@@ -1737,4 +1753,97 @@ fn a_configuration_file_edited_under_the_supervisor_changes_no_worker() {
     }
     assert!(!third.exists(), "a worker built the edited file");
     assert_eq!(status(&rpc_sock).1, 3, "{}", log());
+}
+
+/// What guests change with Namespace Management and Attachment (NVMe base 2.0 §5.20,
+/// §5.19) outlives the worker: it is in the journal of the subsystem's keeper (the PF), and
+/// each new worker settles to it after the replay, before any host is served again. A PF
+/// with a `dir:` namespace pool and an online VF share a configured namespace. The PF's host
+/// creates a namespace from the pool (4 KiB blocks), attaches it to itself and the VF,
+/// writes a block, detaches the configured namespace from the VF, creates and deletes
+/// another; the management plane creates one more (`ns_create`) and attaches it to the PF.
+/// Through an upgrade and a kill: the same namespaces, attachments and NGUID, the block
+/// reads back, the VF's host (connected throughout) sees the created namespace and no
+/// longer the configured one. Fails without the settle (the next worker builds the
+/// configuration: the created namespaces are gone, the configured one back on the VF).
+#[test]
+fn namespaces_guests_create_and_attach_outlive_the_worker() {
+    use nvme_spec::Status;
+    use vnvme_tests::ns_admin::{attach, create, delete, identify, io, open, u16_list, u32_list};
+    const PF: u16 = 1;
+    const VF1: u16 = 0x1001;
+    let tmp = TempDir::new("upgrade-ns-mgmt");
+    let dir = tmp.path();
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let pf_sock = dir.join("pf.sock");
+    let vf_sock = sriov::topology::vf_socket(&pf_sock, 1);
+    let nqn = "nqn.2026-12.io.vnvme:pooled";
+    let cfg = format!(
+        "[[controller]]\nsocket = \"{}\"\nnqn = \"{nqn}\"\nvfs = 1\nvfs_online = true\n\
+         namespace_pool = \"dir:{}:64M\"\n[[controller.namespace]]\nbackend = \"file:{}:8M\"\n",
+        pf_sock.display(),
+        pool.display(),
+        dir.join("configured.img").display()
+    );
+    let (_served, rpc_sock) = serve_config(dir, &cfg, &[pf_sock.clone(), vf_sock.clone()]);
+    let mut pf = open(&pf_sock);
+    let mut vf = open(&vf_sock);
+    let made = create(&mut pf, 2048, 2048, 1, 1).expect("create");
+    assert_eq!(attach(&mut pf, false, made, &[PF, VF1]), Ok(0));
+    let mut block = [0u8; 4096];
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    assert_eq!(io(&mut pf, true, made, &mut block.clone()), Status::SUCCESS);
+    assert_eq!(attach(&mut pf, true, 1, &[VF1]), Ok(0));
+    let gone = create(&mut pf, 256, 256, 0, 1).expect("create");
+    assert_eq!(delete(&mut pf, gone), Ok(0));
+    let by_rpc = rpc(
+        &rpc_sock,
+        &[
+            "ns_create",
+            &format!("nqn={nqn}"),
+            "size=4M",
+            "block_size=4096",
+        ],
+    )["nsid"]
+        .as_u64()
+        .expect("nsid") as u32;
+    rpc(
+        &rpc_sock,
+        &[
+            "ns_attach",
+            &format!("nqn={nqn}"),
+            &format!("nsid={by_rpc}"),
+            "controllers=[1]",
+        ],
+    );
+    let nguid = identify(&mut pf, 0x00, made)[104..120].to_vec();
+    assert!(nguid.iter().any(|&b| b != 0));
+
+    let r = rpc(&rpc_sock, &["daemon_upgrade"]);
+    assert!(r.get("generation").is_some(), "{r}");
+    kill_worker(&rpc_sock);
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+
+    let mut active = vec![1, made, by_rpc];
+    active.sort_unstable();
+    assert_eq!(u32_list(&identify(&mut pf, 0x02, 0)), active, "{log}");
+    assert_eq!(u16_list(&identify(&mut pf, 0x12, made)), [PF, VF1]);
+    assert_eq!(u16_list(&identify(&mut pf, 0x12, 1)), [PF]);
+    assert_eq!(u16_list(&identify(&mut pf, 0x12, by_rpc)), [PF]);
+    assert_eq!(identify(&mut pf, 0x00, made)[104..120], nguid[..]);
+    assert_eq!(u32_list(&identify(&mut vf, 0x02, 0)), [made]);
+    let mut back = [0u8; 4096];
+    assert_eq!(io(&mut vf, false, made, &mut back), Status::SUCCESS);
+    assert_eq!(back, block, "the created namespace's data");
+    assert_eq!(io(&mut vf, false, 1, &mut back), Status::INVALID_NAMESPACE);
+    assert!(!log.contains("supervisor: replaying"), "{log}");
+    assert!(!log.contains("not put back"), "{log}");
+    assert_eq!(log.matches("subsystems settled").count(), 3, "{log}");
+    // and it goes on: deleting the created namespace removes its file
+    assert_eq!(delete(&mut pf, made), Ok(0));
+    let files = std::fs::read_dir(&pool).unwrap().count();
+    assert_eq!(files, 1, "the ns_create one is left");
 }

@@ -4,7 +4,9 @@
 //! `lvs:STORE` (a thin volume of a volume store per namespace).
 //!
 //! Created namespaces live as long as the daemon: the configuration file stays the source
-//! of truth at the next start.
+//! of truth at the next start. Under a supervisor they outlive each worker: the next one
+//! reopens a `dir:` namespace's file or an `lvs:` namespace's volume with its data
+//! ([`NamespacePool::reopen`]); a `malloc:` pool is refused there.
 
 use std::path::PathBuf;
 
@@ -69,6 +71,19 @@ impl NamespacePool for DirPool {
         Ok(Box::new(b))
     }
 
+    fn reopen(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        let path = self.path(nsid);
+        let b = FileBackend::open(&path, None).map_err(|e| format!("{}: {e}", path.display()))?;
+        if b.size() != size {
+            return Err(format!(
+                "{} holds {} bytes, not {size}",
+                path.display(),
+                b.size()
+            ));
+        }
+        Ok(Box::new(b))
+    }
+
     fn delete(&mut self, nsid: u32) {
         let path = self.path(nsid);
         if let Err(e) = std::fs::remove_file(&path) {
@@ -120,6 +135,15 @@ impl NamespacePool for LvsPool {
             .create(&name, size, true)
             .map_err(|e| e.to_string())?;
         let b = self.store.open(&name).map_err(|e| e.to_string())?;
+        Ok(Box::new(b))
+    }
+
+    fn reopen(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        let name = self.name(nsid);
+        let b = self.store.open(&name).map_err(|e| format!("{name}: {e}"))?;
+        if b.size() != size {
+            return Err(format!("{name} holds {} bytes, not {size}", b.size()));
+        }
         Ok(Box::new(b))
     }
 
@@ -188,8 +212,16 @@ mod tests {
         let f = dir.join("nqn_x_y.ns3.img");
         assert!(f.exists());
         drop(b);
+        std::fs::write(&f, vec![7u8; 1 << 20]).unwrap();
+        // a supervised worker's successor: the same file, its data kept
+        let again = p.reopen(3, 1 << 20).unwrap();
+        assert_eq!(again.size(), 1 << 20);
+        drop(again);
+        assert_eq!(std::fs::read(&f).unwrap()[4096], 7);
+        assert!(p.reopen(3, 2 << 20).is_err(), "another size");
         p.delete(3);
         assert!(!f.exists());
+        assert!(p.reopen(3, 1 << 20).is_err(), "deleted");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,8 +7,9 @@ use nvme_spec::{Status, Submission};
 
 use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
+use crate::namespace::Namespace;
 use crate::state::changed_namespaces::{NS_ATTRIBUTE_CHANGED, NS_ATTRIBUTE_NOTICES};
-use crate::subsystem_link::{NamespaceChange, NsError};
+use crate::subsystem_link::{NamespaceChange, NsError, SettleChange};
 
 /// SEL values of Namespace Management and Namespace Attachment.
 const SEL_CREATE: u32 = 0;
@@ -138,34 +139,53 @@ impl Controller {
         }
     }
 
+    /// Take namespace `ns` (in NSID order); its NSID.
+    fn take_namespace(&mut self, ns: Namespace) -> u32 {
+        let nsid = ns.nsid;
+        match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
+            Ok(i) => {
+                // not expected (changes arrive in order): the old one's requests finish on
+                // their own, its handle goes then
+                self.detach_namespace(i);
+                self.namespaces.insert(i, ns);
+            }
+            Err(i) => self.namespaces.insert(i, ns),
+        }
+        self.namespaces_changed();
+        log::info!("{}: namespace {nsid} attached", self.cfg.serial);
+        nsid
+    }
+
+    /// Let go of namespace `nsid`; false when this controller does not have it.
+    fn let_go_namespace(&mut self, nsid: u32) -> bool {
+        let Some(i) = self.namespace_index(nsid) else {
+            return false;
+        };
+        self.detach_namespace(i);
+        log::info!("{}: namespace {nsid} detached", self.cfg.serial);
+        true
+    }
+
     /// Apply a change of this controller's namespaces made in the subsystem: take a new
     /// namespace, or take a detached one out of the host's view (its requests in flight
     /// finish on their own, then its backend handle is dropped). The host hears of it
     /// through the Changed Namespace List and, when enabled, an asynchronous event.
     pub fn apply(&mut self, change: NamespaceChange) {
         let nsid = match change {
-            NamespaceChange::Attach(ns) => {
-                let nsid = ns.nsid;
-                match self.namespaces.binary_search_by_key(&nsid, |n| n.nsid) {
-                    Ok(i) => {
-                        // not expected (changes arrive in order): the old one's requests
-                        // finish on their own, its handle goes then
-                        self.detach_namespace(i);
-                        self.namespaces.insert(i, ns);
-                    }
-                    Err(i) => self.namespaces.insert(i, ns),
+            NamespaceChange::Attach(ns) => self.take_namespace(ns),
+            NamespaceChange::Detach(nsid) => {
+                if !self.let_go_namespace(nsid) {
+                    return;
                 }
-                self.namespaces_changed();
-                log::info!("{}: namespace {nsid} attached", self.cfg.serial);
                 nsid
             }
-            NamespaceChange::Detach(nsid) => {
-                let Some(i) = self.namespace_index(nsid) else {
-                    return;
-                };
-                self.detach_namespace(i);
-                log::info!("{}: namespace {nsid} detached", self.cfg.serial);
-                nsid
+            NamespaceChange::Settle(SettleChange::Attach(ns)) => {
+                self.take_namespace(ns);
+                return;
+            }
+            NamespaceChange::Settle(SettleChange::Detach(nsid)) => {
+                self.let_go_namespace(nsid);
+                return;
             }
         };
         self.admin.changed_ns.record(nsid);

@@ -19,7 +19,7 @@ pub const DEFAULT_SOCKET: &str = "/run/vnvme/vnvme.rpc";
   subsystem_delete   nqn=..
   ns_create          nqn=.. size=1G [block_size=512|4096] [shared=true|false]
   ns_delete          nqn=.. nsid=N
-  ns_add             nqn=.. backend=lvol:STORE/NAME [block_size=512|4096]   (then ns_attach)
+  ns_add             nqn=.. backend=lvol:STORE/NAME [block_size=512|4096] [nsid=N]   (then ns_attach)
   ns_attach          nqn=.. nsid=N controllers=[CNTLID,...]
   ns_detach          nqn=.. nsid=N controllers=[CNTLID,...]
   qos_set            cntlid=N [iops=N] [bandwidth=100M]   (absent or 0: no limit)

@@ -195,6 +195,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
                 // no flush, no socket removal: the next worker carries on with all of it
                 std::process::exit(0);
             }
+            Some((w, Asked::Settle)) => {
+                let done = daemon.settle_subsystems();
+                w.settled(&done);
+            }
             Some((_, Asked::SupervisorGone)) => {
                 eprintln!("vnvme: the supervisor is gone; stopping");
                 break;
@@ -204,7 +208,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         match &rpc {
             Some(r) => {
                 // a request may have added or removed controllers
-                if r.poll(&mut daemon, Duration::from_millis(100))
+                // a worker answers its supervisor's control link within 20 ms
+                let wait = if worker.is_some() { 20 } else { 100 };
+                if r.poll(&mut daemon, Duration::from_millis(wait))
                     && let Some(m) = &metrics
                 {
                     m.registry().set(daemon.metric_sources());

@@ -231,6 +231,24 @@ pub(super) fn build_controller(
         );
     }
     cap_mdts(&mut cfg, &namespaces);
+    // the keeper of a subsystem whose namespaces change at run time keeps them in its
+    // journal (a second mapping of the same memfd), for the next worker to settle
+    if let Some(h) = handed
+        .as_ref()
+        .filter(|_| cfg.namespace_management && crate::supervisor::handover::settles())
+    {
+        let kept = h
+            .state
+            .try_clone()
+            .map_err(|source| DaemonError::Io { index, source })
+            .and_then(|fd| {
+                device_model::journal::Journal::open(fd).map_err(|e| DaemonError::Io {
+                    index,
+                    source: std::io::Error::other(e),
+                })
+            })?;
+        subsystem.keep_in(kept);
+    }
     let (doorbells, journal) = match handed {
         Some(h) => (
             Doorbells::from_fd(h.doorbells).map_err(|source| DaemonError::Io { index, source })?,

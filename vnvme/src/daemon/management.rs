@@ -24,9 +24,16 @@ impl Daemon {
     }
 
     /// Add a namespace on volume `backend` (`lvol:STORE/NAME`) to subsystem `nqn`, not
-    /// attached (attach it with [`Daemon::ns_attach`]); its NSID. The subsystem must take
+    /// attached (attach it with [`Daemon::ns_attach`]), as NSID `nsid` (default: the lowest
+    /// free one, as SPDK's `nvmf_subsystem_add_ns`); its NSID. The subsystem must take
     /// namespaces at run time (a `namespace_pool`, or more than one controller).
-    pub fn ns_add(&self, nqn: &str, backend: &str, block_size: u32) -> Result<u32, MgmtError> {
+    pub fn ns_add(
+        &self,
+        nqn: &str,
+        backend: &str,
+        block_size: u32,
+        nsid: Option<u32>,
+    ) -> Result<u32, MgmtError> {
         if block_size != 512 && block_size != 4096 {
             return Err(MgmtError::Invalid("block_size: 512 or 4096".into()));
         }
@@ -44,9 +51,21 @@ impl Daemon {
                 "{nqn} has fixed namespaces (give it a namespace_pool or more controllers)"
             )));
         }
-        let nsid = (1..=sriov::MAX_NAMESPACES)
-            .find(|&n| sub.attached(n).is_none())
-            .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no free NSID")))?;
+        let nsid = match nsid {
+            Some(n) if n == 0 || n > sriov::MAX_NAMESPACES => {
+                return Err(MgmtError::Invalid(format!(
+                    "nsid: 1..={}",
+                    sriov::MAX_NAMESPACES
+                )));
+            }
+            Some(n) if sub.attached(n).is_some() => {
+                return Err(MgmtError::Invalid(format!("{nqn} has a namespace {n}")));
+            }
+            Some(n) => n,
+            None => (1..=sriov::MAX_NAMESPACES)
+                .find(|&n| sub.attached(n).is_none())
+                .ok_or_else(|| MgmtError::Invalid(format!("{nqn} has no free NSID")))?,
+        };
         let b = self
             .lvstores
             .open(&store, &volume)
@@ -60,6 +79,27 @@ impl Daemon {
         sub.add_namespace(nsid, b, block_size.trailing_zeros() as u8, &seed, &[]);
         log::info!("{nqn}: namespace {nsid} added on {backend}");
         Ok(nsid)
+    }
+
+    /// A supervised worker, after its supervisor replayed the run-time changes: every
+    /// subsystem's namespaces back as the last worker saved them. What changed, in total.
+    pub fn settle_subsystems(&self) -> serde_json::Value {
+        let mut total = sriov::Settled::default();
+        for (_, e) in self.running() {
+            let s = e.subsystem.settle();
+            total.attached += s.attached;
+            total.detached += s.detached;
+            total.reopened += s.reopened;
+            total.removed += s.removed;
+            total.lost += s.lost;
+        }
+        serde_json::json!({
+            "attached": total.attached,
+            "detached": total.detached,
+            "reopened": total.reopened,
+            "removed": total.removed,
+            "lost": total.lost,
+        })
     }
 
     /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.

@@ -127,8 +127,12 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
                 None => 512,
                 Some(_) => uint(p, "block_size", 4096)? as u32,
             };
+            let wanted = match p.get("nsid") {
+                None => None,
+                Some(_) => Some(uint(p, "nsid", u64::from(sriov::MAX_NAMESPACES))? as u32),
+            };
             let nsid = daemon
-                .ns_add(string(p, "nqn")?, string(p, "backend")?, block)
+                .ns_add(string(p, "nqn")?, string(p, "backend")?, block, wanted)
                 .map_err(|e| refused(&e))?;
             Ok(json!({ "nsid": nsid }))
         }

@@ -43,6 +43,14 @@ pub const CONFIG: u16 = 0x7e07;
 /// refused, or failed). No answer.
 pub const FORGET: u16 = 0x7e08;
 
+/// Supervisor -> worker, after the run-time changes are replayed and before any client is
+/// relayed again: put each subsystem's namespaces back as the last worker saved them (what
+/// guests changed with Namespace Management and Attachment). Answered `DONE`. Sent only to
+/// a worker whose `DONE` to START said `"settle": true`; START says `{"settle": true}` to a
+/// worker whose supervisor will send it (else the worker keeps nothing: no settle would
+/// come).
+pub const SETTLE: u16 = 0x7e09;
+
 /// Largest control message body.
 const MAX_BODY: usize = 64 << 10;
 

@@ -39,6 +39,20 @@ static TRACKED: Mutex<Vec<Poster>> = Mutex::new(Vec::new());
 /// RAM the supervisor keeps for `malloc:SIZE@KEY` namespaces, by key.
 static KEPT_RAM: Mutex<Vec<(String, OwnedFd)>> = Mutex::new(Vec::new());
 
+/// The supervisor settles the subsystems after its replay (`SETTLE`): namespaces are kept.
+static SETTLES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the supervisor will ask to settle.
+pub fn set_settles(yes: bool) {
+    SETTLES.store(yes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether subsystems keep their namespaces in their keeper's journal (the supervisor
+/// settles them after its replay).
+pub fn settles() -> bool {
+    SETTLES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Record the memfd the supervisor keeps as RAM `key`.
 pub fn offer_ram(key: String, fd: OwnedFd) {
     if let Ok(mut r) = KEPT_RAM.lock() {

@@ -56,6 +56,14 @@
 //! before the call is replayed (`rpc/subsystems.rs`). Calls that would not
 //! replay faithfully are refused (`rpc.rs`).
 //!
+//! # Namespaces guests change
+//! Namespace Management and Attachment (a guest's, or `ns_create`) change the subsystem,
+//! which saves its namespaces in the journal of its keeper (the PF) before the change is
+//! answered (`sriov::Subsystem::keep_in`). After the replay the supervisor asks the new
+//! worker to settle (`SETTLE`): each subsystem goes back to what was saved, quietly, before
+//! any client is relayed. Until then, replayed attachments and deletions are left to the
+//! saved state (it is newer); replayed `ns_add`s carry their NSIDs.
+//!
 //! # NVMe/TCP exports
 //! A host's NVMe/TCP connections belong to the worker and close with it (their controllers
 //! are the host's to re-create); the listener stays with the supervisor, so the host's
@@ -211,12 +219,13 @@ impl std::fmt::Debug for Supervisor {
     }
 }
 
-/// Refuse what a worker cannot carry over yet (`malloc:` RAM is kept: `kept_ram.rs`).
+/// Refuse what a worker cannot carry over (`malloc:` RAM is kept: `kept_ram.rs`; a pool's
+/// namespaces: [`pool_refusal`]).
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
     let mut sockets = Vec::new();
     for c in &cfg.controllers {
-        if c.namespace_pool.is_some() {
-            return Err(SupervisorError::Unsupported("namespace pools".into()));
+        if let Some(why) = pool_refusal(c.namespace_pool.as_deref(), c.socket.is_some()) {
+            return Err(SupervisorError::Refused(why));
         }
         if let Some(s) = &c.socket {
             sockets.push(s.clone());
@@ -227,6 +236,30 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
         }
     }
     Ok(sockets)
+}
+
+/// Why a subsystem with namespace pool `pool` (a vfio-user controller among its own:
+/// `socket`) cannot be supervised, if it cannot. The namespaces guests create are kept in
+/// that controller's journal and reopened by the next worker from the pool: a `dir:` pool's
+/// files and an `lvs:` pool's volumes outlive a worker, a `malloc:` pool's RAM does not.
+pub(crate) fn pool_refusal(pool: Option<&str>, socket: bool) -> Option<String> {
+    let pool = pool?;
+    if matches!(
+        pool.parse::<crate::pool_spec::PoolSpec>(),
+        Ok(crate::pool_spec::PoolSpec::Malloc { .. })
+    ) {
+        return Some(format!(
+            "namespace_pool {pool}: its namespaces would die with the worker under \
+             --supervised; use dir:PATH:SIZE or lvs:STORE"
+        ));
+    }
+    if !socket {
+        return Some(format!(
+            "namespace_pool {pool} under --supervised needs a vfio-user socket in the \
+             subsystem (its controller keeps the created namespaces in its journal)"
+        ));
+    }
+    None
 }
 
 /// `cfg` as TOML in a memfd, with its length: what every worker builds, whatever happens to
@@ -374,23 +407,44 @@ impl Supervisor {
         let ready = control::request(
             &ours,
             control::START,
-            &Value::Null,
+            &json!({"settle": true}),
             &[],
             Duration::from_secs(30),
         );
         let pid = child.id();
         let mut child = child;
-        match ready {
-            Ok(Some(m)) if m.command == control::DONE => {}
+        let settles = match ready {
+            Ok(Some(m)) if m.command == control::DONE => m.body["settle"] == true,
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(SupervisorError::WorkerStart(format!("{other:?}")));
             }
-        }
+        };
         // the run-time changes first: the controllers restore with their namespaces
         if let Some(p) = &self.opts.worker_rpc {
             rpc::replay(&changes, p);
+        }
+        // then the namespaces as guests left them, before any client is relayed again
+        if settles {
+            match control::request(
+                &ours,
+                control::SETTLE,
+                &Value::Null,
+                &[],
+                Duration::from_secs(30),
+            ) {
+                Ok(Some(m)) if m.command == control::DONE => {
+                    log::info!("supervisor: subsystems settled: {}", m.body);
+                }
+                other => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(SupervisorError::WorkerStart(format!(
+                        "no answer to SETTLE: {other:?}"
+                    )));
+                }
+            }
         }
         for (o, l) in self.owned.iter().zip(links) {
             let _ = o.links.send(l);

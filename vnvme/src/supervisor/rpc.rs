@@ -236,6 +236,7 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                         let accepted = serde_json::from_str::<Value>(&reply)
                             .is_ok_and(|v| v.get("error").is_none());
                         let dropped = if accepted {
+                            let (req, line) = with_nsid(req, line, &reply);
                             record(&mut changes.lines, &req, &line)
                         } else {
                             None
@@ -260,13 +261,6 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                 }
             }
         },
-        m if NOT_CARRIED.contains(&m) => refused(
-            &id,
-            &format!(
-                "{m}: refused under --supervised: the next worker (after an upgrade or a crash) \
-                 starts from the configuration and would lose it; put it in the configuration"
-            ),
-        ),
         _ => match sh.worker_rpc.as_ref().map(|p| {
             let _replayed = read(&sh.changes);
             forward(p, &line)
@@ -319,12 +313,27 @@ const REPLAYED: &[&str] = &[
     "raid_delete",
 ];
 
-/// Management calls whose effect lives only in the worker's memory and would not replay
-/// faithfully (sockets made at run time, namespaces carved from a pool): a replaced worker
-/// would lose it and the guest would see a namespace vanish, so the supervisor refuses them.
-/// Calls whose effect is on disk (volumes of a store, array membership) or carried in the
-/// state memfd (`qos_set`) go through.
-const NOT_CARRIED: &[&str] = &["ns_create"];
+/// An accepted `ns_add` is replayed with the NSID it got (`reply`): the next worker must give
+/// the same one whatever namespaces guests created or deleted since (those come back after
+/// the replay, with their NSIDs). Other calls as they are.
+fn with_nsid(mut req: Value, line: String, reply: &str) -> (Value, String) {
+    let nsid = serde_json::from_str::<Value>(reply)
+        .ok()
+        .and_then(|r| r.get("result")?.get("nsid")?.as_u64());
+    let is_add = req.get("method").and_then(Value::as_str) == Some("ns_add");
+    match (
+        is_add,
+        nsid,
+        req.get_mut("params").and_then(Value::as_object_mut),
+    ) {
+        (true, Some(n), Some(p)) if !p.contains_key("nsid") => {
+            p.insert("nsid".into(), n.into());
+            let line = req.to_string();
+            (req, line)
+        }
+        _ => (req, line),
+    }
+}
 
 /// Keep `line` (request `req`, which the worker accepted) for the next workers: a store's or
 /// array's deletion cancels its creation at run time, if that is in the list (the creation's

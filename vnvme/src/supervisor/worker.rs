@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::SupervisorError;
-use super::control::{self, ATTACH, CONFIG, FORGET, LISTEN, RAM, START, UPGRADE};
+use super::control::{self, ATTACH, CONFIG, FORGET, LISTEN, RAM, SETTLE, START, UPGRADE};
 use super::handover::{self, HandedMemory};
 
 /// The worker's control link.
@@ -21,6 +21,8 @@ pub struct WorkerLink {
     start: u16,
     /// UPGRADE's number, once asked.
     upgrade: Cell<u16>,
+    /// SETTLE's number, once asked.
+    settle: Cell<u16>,
     /// The supervisor's configuration (`CONFIG`; none from a supervisor of an earlier build).
     config: Option<String>,
 }
@@ -94,6 +96,8 @@ pub enum Asked {
     Nothing,
     /// Hold, drain, save, answer and exit.
     Upgrade,
+    /// Put the subsystems' namespaces back as saved ([`WorkerLink::settled`] answers).
+    Settle,
     /// The supervisor is gone: the client connections went with it.
     SupervisorGone,
 }
@@ -116,10 +120,13 @@ impl WorkerLink {
                 CONFIG => config = Some(read_config(m)?),
                 FORGET => forget(&m),
                 START => {
+                    // the supervisor will ask to settle after its replay: keep namespaces
+                    handover::set_settles(m.body.get("settle") == Some(&json!(true)));
                     return Ok(Self {
                         ctl,
                         start: m.id,
                         upgrade: Cell::new(0),
+                        settle: Cell::new(0),
                         config,
                     });
                 }
@@ -140,8 +147,8 @@ impl WorkerLink {
                 s.display()
             );
         }
-        control::answer(&self.ctl, self.start, &json!({"pid": std::process::id()}))
-            .map_err(SupervisorError::Io)
+        let body = json!({"pid": std::process::id(), "settle": true});
+        control::answer(&self.ctl, self.start, &body).map_err(SupervisorError::Io)
     }
 
     /// The configuration the supervisor handed over, if it did (TOML).
@@ -157,6 +164,10 @@ impl WorkerLink {
             Ok(Some(m)) if m.command == UPGRADE => {
                 self.upgrade.set(m.id);
                 Asked::Upgrade
+            }
+            Ok(Some(m)) if m.command == SETTLE => {
+                self.settle.set(m.id);
+                Asked::Settle
             }
             Ok(Some(m)) if m.command == FORGET => {
                 forget(&m);
@@ -177,6 +188,11 @@ impl WorkerLink {
             }
             Err(_) => Asked::SupervisorGone,
         }
+    }
+
+    /// The subsystems are settled (`what`, for the supervisor's log): answer SETTLE.
+    pub fn settled(&self, what: &serde_json::Value) {
+        let _ = control::answer(&self.ctl, self.settle.get(), what);
     }
 
     /// A planned upgrade: hold and drain every controller, save their state, answer. The

@@ -24,14 +24,19 @@ pub(in crate::supervisor) struct Made {
 }
 
 /// `subsystem_create`: a vfio-user controller (with its VFs) and/or an NVMe/TCP export, and
-/// an NVMe/RDMA export (which each worker listens for itself); no pool.
+/// an NVMe/RDMA export (which each worker listens for itself); a pool as `check` allows.
 pub(super) fn create(sh: &Shared, req: &Value, id: &Value) -> Value {
     let p = req.get("params").cloned().unwrap_or(Value::Null);
-    if p.get("namespace_pool").is_some_and(|v| !v.is_null()) {
-        return refused(
-            id,
-            "subsystem_create: namespace_pool is refused under --supervised (pools are)",
-        );
+    let pool = p.get("namespace_pool").filter(|v| !v.is_null());
+    if let Some(pool) = pool {
+        let has_socket = p.get("socket").is_some_and(|v| !v.is_null());
+        let why = match pool.as_str() {
+            Some(s) => crate::supervisor::pool_refusal(Some(s), has_socket),
+            None => Some("namespace_pool: a string".into()),
+        };
+        if let Some(why) = why {
+            return refused(id, &format!("subsystem_create: {why}"));
+        }
     }
     let vfs = match p.get("vfs") {
         None | Some(Value::Null) => 0,
