@@ -64,5 +64,5 @@ pub use qos::{QosControl, QosLimits};
 pub use reactor::{ControllerHandle, PollMode, Poller, Poster, Reactor};
 pub use stats::ControllerStats;
 pub use subsystem_link::{
-    NamespaceChange, NsError, NvmSubsystem, SettleChange, SubsystemNamespace,
+    CommandTag, NamespaceChange, NsError, NvmSubsystem, SettleChange, SubsystemNamespace,
 };

@@ -32,15 +32,58 @@ pub trait NvmSubsystem: Send + Sync {
     fn capacity(&self) -> (u64, u64);
     /// Create a namespace of `size` bytes with `2^lba_shift`-byte blocks, not attached;
     /// returns its NSID (§5.20, SEL 0).
-    fn create(&self, size: u64, lba_shift: u8, shared: bool) -> Result<u32, NsError>;
+    /// `tag`: the command asking, when a journal records it (see [`NvmSubsystem::applied`]).
+    fn create(
+        &self,
+        size: u64,
+        lba_shift: u8,
+        shared: bool,
+        tag: Option<CommandTag>,
+    ) -> Result<u32, NsError>;
     /// Delete namespace `nsid` (all with FFFFFFFFh), detached everywhere first (§5.20,
     /// SEL 1), on behalf of controller `me`. Returns the changes for `me` to apply now
     /// (when it has no reactor to receive them on).
-    fn delete(&self, nsid: u32, me: u16) -> Result<Vec<NamespaceChange>, NsError>;
+    fn delete(
+        &self,
+        nsid: u32,
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError>;
     /// Attach namespace `nsid` to `ctrls` (§5.19, SEL 0) on behalf of `me`; as `delete`.
-    fn attach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError>;
+    fn attach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError>;
     /// Detach namespace `nsid` from `ctrls` (§5.19, SEL 1) on behalf of `me`; as `delete`.
-    fn detach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError>;
+    fn detach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError>;
+    /// Dword 0 of the change command `tag` made, if it is the last change a command made and
+    /// it was saved: a supervised worker died after saving the change and before the
+    /// command's completion was journalled, and the next worker runs the command again (it
+    /// must answer as the first run would have, not change anything twice).
+    fn applied(&self, tag: CommandTag) -> Option<u32> {
+        let _ = tag;
+        None
+    }
+}
+
+/// An admin command as a supervised worker's journal knows it (its fetch record): the same
+/// command run again after a crash has the same tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandTag {
+    /// Its number among the admin SQ's fetches and its position there.
+    pub seq: u32,
+    pub sq_pos: u32,
+    pub cid: u16,
+    pub opcode: u8,
 }
 
 impl std::fmt::Debug for dyn NvmSubsystem {

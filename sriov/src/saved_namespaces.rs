@@ -7,6 +7,8 @@
 //! The bytes come from a file another process wrote: every count is bounded and every read
 //! checked; a blob that does not decode is refused whole.
 
+use device_model::CommandTag;
+
 /// Format version; a blob of another is not read.
 const VERSION: u16 = 1;
 /// Controllers one namespace may list (CNTLIDs are u16; a subsystem has far fewer).
@@ -32,6 +34,9 @@ pub struct SavedNamespace {
 pub struct SavedNamespaces {
     /// Namespaces created so far (the next one's identity seed follows).
     pub generation: u64,
+    /// The admin command that made the last change, with its dword 0
+    /// (`NvmSubsystem::applied`).
+    pub last: Option<(CommandTag, u32)>,
     pub namespaces: Vec<SavedNamespace>,
 }
 
@@ -41,6 +46,17 @@ impl SavedNamespaces {
         let mut w = Vec::with_capacity(16 + self.namespaces.len() * 48);
         w.extend_from_slice(&VERSION.to_le_bytes());
         w.extend_from_slice(&self.generation.to_le_bytes());
+        match self.last {
+            None => w.push(0),
+            Some((t, dw0)) => {
+                w.push(1);
+                w.extend_from_slice(&t.seq.to_le_bytes());
+                w.extend_from_slice(&t.sq_pos.to_le_bytes());
+                w.extend_from_slice(&t.cid.to_le_bytes());
+                w.push(t.opcode);
+                w.extend_from_slice(&dw0.to_le_bytes());
+            }
+        }
         w.extend_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
         for n in &self.namespaces {
             w.extend_from_slice(&n.nsid.to_le_bytes());
@@ -66,6 +82,19 @@ impl SavedNamespaces {
             return None;
         }
         let generation = r.u64()?;
+        let last = match r.u8()? {
+            0 => None,
+            1 => {
+                let tag = CommandTag {
+                    seq: r.u32()?,
+                    sq_pos: r.u32()?,
+                    cid: r.u16()?,
+                    opcode: r.u8()?,
+                };
+                Some((tag, r.u32()?))
+            }
+            _ => return None,
+        };
         let n = r.u32()? as usize;
         if n > max_namespaces {
             return None;
@@ -96,6 +125,7 @@ impl SavedNamespaces {
         }
         r.0.is_empty().then_some(Self {
             generation,
+            last,
             namespaces,
         })
     }
@@ -131,6 +161,15 @@ mod tests {
     fn sample() -> SavedNamespaces {
         SavedNamespaces {
             generation: 7,
+            last: Some((
+                CommandTag {
+                    seq: 9,
+                    sq_pos: 3,
+                    cid: 0x1234,
+                    opcode: 0x15,
+                },
+                4,
+            )),
             namespaces: vec![
                 SavedNamespace {
                     nsid: 1,

@@ -20,7 +20,7 @@ use device_model::backend::{Backend, SharedSource};
 use device_model::journal::Journal;
 use device_model::namespace::{Namespace, NsIds};
 use device_model::{
-    NamespaceChange, NsError, NvmSubsystem, Poster, SettleChange, SubsystemNamespace,
+    CommandTag, NamespaceChange, NsError, NvmSubsystem, Poster, SettleChange, SubsystemNamespace,
 };
 
 use crate::pool::NamespacePool;
@@ -103,6 +103,8 @@ struct State {
     configured: u64,
     /// Under a supervisor: the journal the namespaces are kept in.
     kept: Option<KeptIn>,
+    /// The admin command that made the last change, with its dword 0 (saved with it).
+    last: Option<(CommandTag, u32)>,
 }
 
 /// Where a supervised worker keeps the subsystem's namespaces: its keeper controller's
@@ -158,6 +160,7 @@ impl Subsystem {
                 generation: 0,
                 configured: 0,
                 kept: None,
+                last: None,
             }),
         })
     }
@@ -328,6 +331,17 @@ impl Subsystem {
     /// Create a namespace of `size` bytes with `2^lba_shift`-byte blocks, not attached to
     /// any controller (§5.20, SEL 0). Returns its NSID.
     pub fn create(&self, size: u64, lba_shift: u8, shared: bool) -> Result<u32, NsError> {
+        self.create_tagged(size, lba_shift, shared, None)
+    }
+
+    /// [`Subsystem::create`] by admin command `tag`.
+    fn create_tagged(
+        &self,
+        size: u64,
+        lba_shift: u8,
+        shared: bool,
+        tag: Option<CommandTag>,
+    ) -> Result<u32, NsError> {
         if !self.manages_namespaces() {
             return Err(NsError::Fixed);
         }
@@ -365,6 +379,7 @@ impl Subsystem {
             created,
         });
         st.namespaces.sort_by_key(|e| e.nsid);
+        note(&mut st, tag, nsid);
         self.persist(&st);
         log::info!(
             "{}: namespace {nsid} created ({size} bytes, {}-byte blocks{})",
@@ -382,6 +397,17 @@ impl Subsystem {
         nsid: u32,
         me: Option<u16>,
         wait: bool,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.delete_tagged(nsid, me, wait, None)
+    }
+
+    /// [`Subsystem::delete`] by admin command `tag`.
+    fn delete_tagged(
+        &self,
+        nsid: u32,
+        me: Option<u16>,
+        wait: bool,
+        tag: Option<CommandTag>,
     ) -> Result<Vec<NamespaceChange>, NsError> {
         if !self.manages_namespaces() {
             return Err(NsError::Fixed);
@@ -411,6 +437,7 @@ impl Subsystem {
             }
             log::info!("{}: namespace {n} deleted", self.nqn);
         }
+        note(&mut st, tag, 0);
         self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
     }
@@ -440,6 +467,18 @@ impl Subsystem {
         me: Option<u16>,
         wait: bool,
     ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.attach_tagged(nsid, ctrls, me, wait, None)
+    }
+
+    /// [`Subsystem::attach`] by admin command `tag`.
+    fn attach_tagged(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: Option<u16>,
+        wait: bool,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         if waits_to_settle(&st) {
             return Ok(Vec::new());
@@ -464,6 +503,7 @@ impl Subsystem {
         e.attached.extend_from_slice(ctrls);
         e.attached.sort_unstable();
         log::info!("{}: namespace {nsid} attached to {ctrls:x?}", self.nqn);
+        note(&mut st, tag, 0);
         self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
     }
@@ -475,6 +515,18 @@ impl Subsystem {
         ctrls: &[u16],
         me: Option<u16>,
         wait: bool,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.detach_tagged(nsid, ctrls, me, wait, None)
+    }
+
+    /// [`Subsystem::detach`] by admin command `tag`.
+    fn detach_tagged(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: Option<u16>,
+        wait: bool,
+        tag: Option<CommandTag>,
     ) -> Result<Vec<NamespaceChange>, NsError> {
         let mut st = self.lock_for_attachment(ctrls)?;
         if waits_to_settle(&st) {
@@ -490,6 +542,7 @@ impl Subsystem {
             .iter()
             .map(|&c| (c, NamespaceChange::Detach(nsid)))
             .collect();
+        note(&mut st, tag, 0);
         self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
     }
@@ -529,6 +582,7 @@ impl Subsystem {
         };
         let saved = SavedNamespaces {
             generation: st.generation,
+            last: st.last,
             namespaces: st
                 .namespaces
                 .iter()
@@ -651,6 +705,7 @@ impl Subsystem {
         }
         st.namespaces.sort_by_key(|e| e.nsid);
         st.generation = st.generation.max(saved.generation);
+        st.last = saved.last;
         self.persist(&st);
         log::info!(
             "{}: namespaces as the last worker left them: {out:?}",
@@ -759,17 +814,46 @@ impl NvmSubsystem for Subsystem {
     fn capacity(&self) -> (u64, u64) {
         Subsystem::capacity(self)
     }
-    fn create(&self, size: u64, lba_shift: u8, shared: bool) -> Result<u32, NsError> {
-        Subsystem::create(self, size, lba_shift, shared)
+    fn create(
+        &self,
+        size: u64,
+        lba_shift: u8,
+        shared: bool,
+        tag: Option<CommandTag>,
+    ) -> Result<u32, NsError> {
+        self.create_tagged(size, lba_shift, shared, tag)
     }
-    fn delete(&self, nsid: u32, me: u16) -> Result<Vec<NamespaceChange>, NsError> {
-        Subsystem::delete(self, nsid, Some(me), false)
+    fn delete(
+        &self,
+        nsid: u32,
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.delete_tagged(nsid, Some(me), false, tag)
     }
-    fn attach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError> {
-        Subsystem::attach(self, nsid, ctrls, Some(me), false)
+    fn attach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.attach_tagged(nsid, ctrls, Some(me), false, tag)
     }
-    fn detach(&self, nsid: u32, ctrls: &[u16], me: u16) -> Result<Vec<NamespaceChange>, NsError> {
-        Subsystem::detach(self, nsid, ctrls, Some(me), false)
+    fn detach(
+        &self,
+        nsid: u32,
+        ctrls: &[u16],
+        me: u16,
+        tag: Option<CommandTag>,
+    ) -> Result<Vec<NamespaceChange>, NsError> {
+        self.detach_tagged(nsid, ctrls, Some(me), false, tag)
+    }
+    fn applied(&self, tag: CommandTag) -> Option<u32> {
+        self.lock()
+            .last
+            .filter(|(t, _)| *t == tag)
+            .map(|(_, dw0)| dw0)
     }
 }
 
@@ -783,6 +867,14 @@ fn capacity_of(st: &State) -> (u64, u64) {
     let total = pool.max(st.configured);
     let allocated: u64 = st.namespaces.iter().map(Entry::size).sum();
     (total, total.saturating_sub(allocated))
+}
+
+/// A change made by admin command `tag` (none: the management plane's), answered with
+/// `dw0`: saved with the change, so its second run after a crash answers the same.
+fn note(st: &mut State, tag: Option<CommandTag>, dw0: u32) {
+    if let Some(t) = tag {
+        st.last = Some((t, dw0));
+    }
 }
 
 /// Kept in a journal and not settled yet: the management plane's changes being replayed to
@@ -875,8 +967,16 @@ mod tests {
         let first = worker(&state);
         assert_eq!(first.settle(), Settled::default(), "nothing saved yet");
         first.detach(1, &[2], None, false).unwrap();
-        let made = first.create(4 << 20, 12, true).unwrap();
-        first.attach(made, &[1, 2], None, false).unwrap();
+        // the guest's commands, as the PF's admin queue tags them
+        let tag = |seq: u32, opcode: u8| CommandTag {
+            seq,
+            sq_pos: seq,
+            cid: 7,
+            opcode,
+        };
+        let made = NvmSubsystem::create(&*first, 4 << 20, 12, true, Some(tag(1, 0x0d))).unwrap();
+        assert_eq!(first.applied(tag(1, 0x0d)), Some(made));
+        NvmSubsystem::attach(&*first, made, &[1, 2], 1, Some(tag(2, 0x15))).unwrap();
         let gone = first.create(1 << 20, 9, true).unwrap();
         first.delete(gone, None, false).unwrap();
         let ids = first.namespace(made).unwrap().ids;
@@ -910,6 +1010,11 @@ mod tests {
         let fresh = third.create(1 << 20, 9, true).unwrap();
         assert_ne!(third.namespace(fresh).unwrap().ids, ids);
         assert_eq!(third.settle(), Settled::default(), "settles once");
+        // the last command's change was saved with it: its second run (the worker died
+        // before completing it) is recognised, an earlier or another one is not
+        assert_eq!(third.applied(tag(2, 0x15)), Some(0));
+        assert_eq!(third.applied(tag(1, 0x0d)), None);
+        assert_eq!(third.applied(tag(2, 0x0d)), None);
     }
 
     #[test]

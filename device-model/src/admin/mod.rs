@@ -100,8 +100,8 @@ impl Controller {
             }
             op::FORMAT_NVM => self.format_nvm(slot, sqe),
             op::GET_LBA_STATUS => Outcome::status(self.get_lba_status(sqe, mem)),
-            op::NS_MANAGEMENT => self.namespace_management(sqe, mem),
-            op::NS_ATTACHMENT => self.namespace_attachment(sqe, mem),
+            op::NS_MANAGEMENT => self.namespace_management(slot, sqe, mem),
+            op::NS_ATTACHMENT => self.namespace_attachment(slot, sqe, mem),
             op::VIRTUALIZATION_MANAGEMENT => {
                 let (cdw10, cdw11) = (sqe.cdw10.get(), sqe.cdw11.get());
                 let (s, dw0) = virtualization::virtualization_management(&self.cfg, cdw10, cdw11);

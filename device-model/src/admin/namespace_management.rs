@@ -9,7 +9,7 @@ use crate::controller::{Controller, Outcome};
 use crate::memory::MemoryMap;
 use crate::namespace::Namespace;
 use crate::state::changed_namespaces::{NS_ATTRIBUTE_CHANGED, NS_ATTRIBUTE_NOTICES};
-use crate::subsystem_link::{NamespaceChange, NsError, SettleChange};
+use crate::subsystem_link::{CommandTag, NamespaceChange, NsError, NvmSubsystem, SettleChange};
 
 /// SEL values of Namespace Management and Namespace Attachment.
 const SEL_CREATE: u32 = 0;
@@ -23,12 +23,21 @@ pub(crate) const CREATE_FORMATS: [u8; 2] = [9, 12];
 
 impl Controller {
     /// Namespace Management (0Dh): create (dword 0 = the new NSID) or delete.
-    pub(crate) fn namespace_management(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+    pub(crate) fn namespace_management(
+        &mut self,
+        slot: u16,
+        sqe: &Submission,
+        mem: &MemoryMap,
+    ) -> Outcome {
         let Some(sub) = self.cfg.subsystem.clone() else {
             return Outcome::status(Status::INVALID_OPCODE);
         };
         if !self.cfg.namespace_management {
             return Outcome::status(Status::INVALID_OPCODE);
+        }
+        let tag = self.command_tag(slot, sqe);
+        if let Some(done) = self.applied_before(&*sub, tag) {
+            return done;
         }
         let csi = sqe.cdw11.get() >> 24;
         match sqe.cdw10.get() & 0xf {
@@ -56,7 +65,7 @@ impl Controller {
                         return Err(NsError::ThinProvisioning);
                     }
                     let size = nsze.checked_mul(1 << shift).ok_or(NsError::InvalidField)?;
-                    sub.create(size, shift, nmic == 1)
+                    sub.create(size, shift, nmic == 1, tag)
                 })();
                 match created {
                     Ok(nsid) => Outcome::Done(Status::SUCCESS, nsid),
@@ -71,7 +80,7 @@ impl Controller {
                 if nsid == 0 {
                     return Outcome::status(Status::INVALID_NAMESPACE);
                 }
-                match sub.delete(nsid, self.cfg.cntlid) {
+                match sub.delete(nsid, self.cfg.cntlid, tag) {
                     Ok(mine) => {
                         self.apply_all(mine);
                         Outcome::status(Status::SUCCESS)
@@ -84,12 +93,21 @@ impl Controller {
     }
 
     /// Namespace Attachment (15h): attach or detach a namespace to a list of controllers.
-    pub(crate) fn namespace_attachment(&mut self, sqe: &Submission, mem: &MemoryMap) -> Outcome {
+    pub(crate) fn namespace_attachment(
+        &mut self,
+        slot: u16,
+        sqe: &Submission,
+        mem: &MemoryMap,
+    ) -> Outcome {
         let Some(sub) = self.cfg.subsystem.clone() else {
             return Outcome::status(Status::INVALID_OPCODE);
         };
         if !self.cfg.namespace_management {
             return Outcome::status(Status::INVALID_OPCODE);
+        }
+        let tag = self.command_tag(slot, sqe);
+        if let Some(done) = self.applied_before(&*sub, tag) {
+            return done;
         }
         let nsid = sqe.nsid.get();
         if nsid == 0 || nsid == u32::MAX {
@@ -112,9 +130,9 @@ impl Controller {
             .map(|k| u16::from_le_bytes([self.bounce[2 + 2 * k], self.bounce[3 + 2 * k]]))
             .collect();
         let r = if sel == SEL_ATTACH {
-            sub.attach(nsid, &ids, self.cfg.cntlid)
+            sub.attach(nsid, &ids, self.cfg.cntlid, tag)
         } else {
-            sub.detach(nsid, &ids, self.cfg.cntlid)
+            sub.detach(nsid, &ids, self.cfg.cntlid, tag)
         };
         match r {
             Ok(mine) => {
@@ -129,6 +147,32 @@ impl Controller {
                 Outcome::status(e.status())
             }
         }
+    }
+
+    /// The journal's tag of the admin command in `slot` (none without a journal).
+    fn command_tag(&self, slot: u16, sqe: &Submission) -> Option<CommandTag> {
+        let rec = self.journal.as_ref()?.slot(0, slot)?;
+        Some(CommandTag {
+            seq: rec.seq,
+            sq_pos: rec.sq_pos,
+            cid: sqe.cid.get(),
+            opcode: sqe.opcode,
+        })
+    }
+
+    /// The answer of a change command the last worker made and saved but did not complete:
+    /// this is its second run (after a crash), which changes nothing again.
+    fn applied_before(&self, sub: &dyn NvmSubsystem, tag: Option<CommandTag>) -> Option<Outcome> {
+        let tag = tag?;
+        let dw0 = sub.applied(tag)?;
+        log::info!(
+            "{}: admin command {:#04x} (cid {}) was applied before the last worker died: \
+             answered as then",
+            self.cfg.serial,
+            tag.opcode,
+            tag.cid
+        );
+        Some(Outcome::Done(Status::SUCCESS, dw0))
     }
 
     /// Apply the changes the subsystem handed back for this controller itself (it has no

@@ -27,8 +27,18 @@ fn namespace(path: &std::path::Path) -> Vec<Namespace> {
 /// A worker died: a new controller maps the same memory, doorbells and state memfd, and
 /// restores (the supervisor has replayed the memory map already: the harness's map is kept).
 fn replace_worker(h: &mut Harness, state: &sys_util::SharedMemory, file: &std::path::Path) {
+    replace_worker_as(h, state, file, Harness::config());
+}
+
+/// [`replace_worker`] with a controller configured as `cfg`.
+fn replace_worker_as(
+    h: &mut Harness,
+    state: &sys_util::SharedMemory,
+    file: &std::path::Path,
+    cfg: crate::ControllerConfig,
+) {
     let mut c = Controller::new(
-        Harness::config(),
+        cfg,
         Arc::clone(&h.mem),
         Arc::clone(&h.doorbells),
         namespace(file),
@@ -464,4 +474,140 @@ fn asynchronous_events_waiting_for_the_host_outlive_the_worker() {
     assert_eq!(h.admin_wait(aer), Status::SUCCESS);
     assert!(h.ctrl.admin.events.queued.is_empty());
     let _ = std::fs::remove_file(&file);
+}
+
+/// A subsystem that outlives the worker, as the keeper's journal makes the real one
+/// (`sriov::Subsystem::keep_in`): the attachments it made, and the last command's tag saved
+/// with the change.
+#[derive(Default)]
+struct LastingSubsystem {
+    made: std::sync::Mutex<u32>,
+    last: std::sync::Mutex<Option<crate::CommandTag>>,
+}
+
+impl crate::NvmSubsystem for LastingSubsystem {
+    fn nqn(&self) -> &'static str {
+        "nqn.lasting"
+    }
+    fn manages_namespaces(&self) -> bool {
+        true
+    }
+    fn namespace(&self, _: u32) -> Option<crate::SubsystemNamespace> {
+        None
+    }
+    fn controllers(&self) -> Vec<u16> {
+        vec![1, 2]
+    }
+    fn attached(&self, _: u32) -> Option<Vec<u16>> {
+        None
+    }
+    fn allocated(&self, _: u32) -> Vec<u32> {
+        Vec::new()
+    }
+    fn max_nsid(&self) -> u32 {
+        1
+    }
+    fn max_namespaces(&self) -> u32 {
+        1
+    }
+    fn capacity(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn create(
+        &self,
+        _: u64,
+        _: u8,
+        _: bool,
+        _: Option<crate::CommandTag>,
+    ) -> Result<u32, crate::NsError> {
+        Err(crate::NsError::Fixed)
+    }
+    fn delete(
+        &self,
+        _: u32,
+        _: u16,
+        _: Option<crate::CommandTag>,
+    ) -> Result<Vec<crate::NamespaceChange>, crate::NsError> {
+        Err(crate::NsError::Fixed)
+    }
+    fn attach(
+        &self,
+        _: u32,
+        ctrls: &[u16],
+        _: u16,
+        tag: Option<crate::CommandTag>,
+    ) -> Result<Vec<crate::NamespaceChange>, crate::NsError> {
+        let mut made = self.made.lock().unwrap();
+        if *made > 0 {
+            return Err(crate::NsError::AlreadyAttached(ctrls[0]));
+        }
+        *made += 1;
+        *self.last.lock().unwrap() = tag;
+        Ok(Vec::new())
+    }
+    fn detach(
+        &self,
+        _: u32,
+        _: &[u16],
+        _: u16,
+        _: Option<crate::CommandTag>,
+    ) -> Result<Vec<crate::NamespaceChange>, crate::NsError> {
+        Err(crate::NsError::Fixed)
+    }
+    fn applied(&self, tag: crate::CommandTag) -> Option<u32> {
+        (*self.last.lock().unwrap() == Some(tag)).then_some(0)
+    }
+}
+
+/// Namespace Attachment, whose change outlives the worker (saved before it is answered): a
+/// worker that dies at any journal step, before or after the change, leaves the next one to
+/// run the command again, and that run answers as the first would have (success) without
+/// attaching twice, or attaches once if the first never got to. The guest sees exactly one
+/// completion, a success.
+#[test]
+fn a_namespace_attachment_is_made_and_answered_once_whatever_step_the_worker_dies_at() {
+    let mut crashed_somewhere = false;
+    for crash_at in 1..=24 {
+        let sub = std::sync::Arc::new(LastingSubsystem::default());
+        let cfg = || {
+            let mut c = Harness::config();
+            c.subsystem =
+                Some(std::sync::Arc::clone(&sub) as std::sync::Arc<dyn crate::NvmSubsystem>);
+            c.namespace_management = true;
+            c
+        };
+        let (mut h, state, file) = journalled(&format!("attach-killpoint-{crash_at}"));
+        h.ctrl.cfg = cfg();
+        // the Controller List: one controller, CNTLID 2
+        let mut list = [0u8; 4096];
+        list[0..2].copy_from_slice(&1u16.to_le_bytes());
+        list[2..4].copy_from_slice(&2u16.to_le_bytes());
+        h.write(DATA, &list);
+        let cid = h.admin(sqe(0x15, 1, DATA, &[0]));
+        CRASH_AT.with(|c| c.set(crash_at));
+        let mut answers = Vec::new();
+        let start = std::time::Instant::now();
+        while answers.is_empty() && start.elapsed() < std::time::Duration::from_secs(5) {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.reap(true)));
+            if let Ok(got) = r {
+                answers.extend(got);
+            } else {
+                crashed_somewhere = true;
+                CRASH_AT.with(|c| c.set(0));
+                replace_worker_as(&mut h, &state, &file, cfg());
+            }
+        }
+        CRASH_AT.with(|c| c.set(0));
+        for _ in 0..5 {
+            answers.extend(h.reap(true));
+        }
+        assert_eq!(
+            answers,
+            [(cid, Status::SUCCESS)],
+            "crash at step {crash_at}"
+        );
+        assert_eq!(*sub.made.lock().unwrap(), 1, "crash at step {crash_at}");
+        let _ = std::fs::remove_file(&file);
+    }
+    assert!(crashed_somewhere);
 }
