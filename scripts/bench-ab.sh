@@ -8,7 +8,8 @@
 # POLL_A / POLL_B: the vfio-user servers' --poll mode (default busy for both), e.g. to set
 # the default (adaptive) against busy polling with one binary.
 # SERVE_A / SERVE_B: more `serve` arguments for A or B, e.g. SERVE_B=--supervised to measure
-# the state journal of a supervised worker (e.g. NSES=null:1G).
+# the state journal of a supervised worker (e.g. NSES=null:1G). Builds since 2026-12-05 serve
+# supervised by default: SERVE_B=--unsupervised compares one process with an older A.
 # Usage: [TRANSPORT=vfio-user|tcp] scripts/bench-ab.sh BIN_A BIN_B [SECS] [ROUNDS]
 set -euo pipefail
 A=$1 B=$2 SECS=${3:-4} ROUNDS=${4:-3}

@@ -15,12 +15,12 @@ D=$(mktemp -d /dev/shm/vnvme-chain.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
-$BIN serve --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
+$BIN serve --unsupervised --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
 for i in $(seq 50); do [ -S "$D/back.sock" ] && break; sleep 0.1; done
 run() { RUST_LOG=warn $BIN perf "vfio-user:$1" -q "$QD" -o 4096 -w randread -t "$SECS" 2>/dev/null; }
 alone=$(run "$D/back.sock" | grep '^Total' | head -1 | tr -s ' ' | cut -d: -f2)
 echo "bench back-alone qd=$QD | IOPS MiB/s avg min max (us):$alone"
-$BIN serve --socket "$D/front.sock" --ns "nvme:vfio-user:$D/back.sock" >"$D/front.log" 2>&1 &
+$BIN serve --unsupervised --socket "$D/front.sock" --ns "nvme:vfio-user:$D/back.sock" >"$D/front.log" 2>&1 &
 FRONT=$!
 for i in $(seq 50); do [ -S "$D/front.sock" ] && break; sleep 0.1; done
 t0=$(ticks $FRONT)

@@ -55,17 +55,17 @@ report() {
     "$((ir / cmds)) instructions per command"
 }
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$D/cg.%p" \
-  $BIN serve --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
+  $BIN serve --unsupervised --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
 BACK=$!
 wait_sock "$D/back.sock"
 ios=$(perf_ios "$D/back.sock")
 kill -INT $BACK; wait $BACK || true
 report back-alone $BACK "$ios"
 
-$BIN serve --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
+$BIN serve --unsupervised --socket "$D/back.sock" --ns malloc:1G >"$D/back.log" 2>&1 &
 wait_sock "$D/back.sock"
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$D/cg.%p" \
-  $BIN serve --socket "$D/front.sock" --ns "nvme:vfio-user:$D/back.sock" >"$D/front.log" 2>&1 &
+  $BIN serve --unsupervised --socket "$D/front.sock" --ns "nvme:vfio-user:$D/back.sock" >"$D/front.log" 2>&1 &
 FRONT=$!
 wait_sock "$D/front.sock"
 ios=$(perf_ios "$D/front.sock")

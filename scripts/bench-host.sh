@@ -16,7 +16,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 for ns in null:1G malloc:1G; do
   rm -f "$D/s.sock"
-  taskset -c 0 $BIN serve --socket "$D/s.sock" --poll busy --ns "$ns" >"$D/serve.log" 2>&1 &
+  taskset -c 0 $BIN serve --unsupervised --socket "$D/s.sock" --poll busy --ns "$ns" >"$D/serve.log" 2>&1 &
   SRV=$!
   for i in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
   for qd in 1 32 128; do

@@ -4,7 +4,9 @@
 # no PMU; wall-clock IOPS on a shared 2-core machine vary 2-5x between runs). The measured
 # server runs under callgrind, so its reactor is busy nearly all the time: the reactor
 # thread's instructions / the I/Os the native client completed = work per I/O.
-# Cases: A = BIN_A `serve` (e.g. main), B = BIN_B `serve`, C = BIN_B `serve --supervised`
+# Cases: A = BIN_A `serve $A_ARGS` (e.g. main; A_ARGS=--unsupervised for a build that serves
+# supervised by default, as every build since 2026-12-05 does), B = BIN_B `serve
+# --unsupervised`, C = BIN_B `serve --supervised`
 # (the worker, followed across execve, keeps the journal). Namespace null:1G, client `vnvme perf -q QD -o 4096 -w randread`.
 # Usage: scripts/bench-journal-instructions.sh BIN_A BIN_B [SECS] [QD]
 set -euo pipefail
@@ -31,6 +33,6 @@ measure() { # name bin [serve args]
   ir=$(grep -h '^summary' "$D"/run/cg.* | awk '{print $2}' | sort -n | tail -1)
   echo "bench $name | $ios I/Os, reactor $ir instructions, $((ir / ios)) instructions per I/O"
 }
-measure A "$A"
-measure B "$B"
+measure A "$A" ${A_ARGS:-}
+measure B "$B" --unsupervised
 measure C-supervised "$B" --supervised

@@ -54,7 +54,7 @@ printf '%s\n' 'poll = "busy"' 'reactors = 1' \
   '[[controller]]' "socket = \"$D/raw.sock\"" '[[controller.namespace]]' "backend = \"$RAW\"" \
   '[[controller]]' "socket = \"$D/lvol.sock\"" '[[controller.namespace]]' 'backend = "lvol:pool/thick"' \
   >"$D/a.toml"
-taskset -c 0 "$BIN" serve --config "$D/a.toml" >"$D/a.log" 2>&1 &
+taskset -c 0 "$BIN" serve --unsupervised --config "$D/a.toml" >"$D/a.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/lvol.sock"
 warm "$D/raw.sock"; warm "$D/lvol.sock"
@@ -87,7 +87,7 @@ for round in $(seq "$ROUNDS"); do
   rm -f "$D/b.rpc" "$D/pool.img"
   dd if=/dev/zero of="$D/pool.img" bs=1M count=3200 status=none
   # SUPERVISED=1: under a supervisor, where a mapping change is committed before its ack
-  taskset -c 0 "$BIN" serve ${SUPERVISED:+--supervised} --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
+  taskset -c 0 "$BIN" serve ${SUPERVISED:+--supervised} ${SUPERVISED:---unsupervised} --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
   PIDS+=($!)
   wait_for "$D/thin.sock"
   warm "$D/thick.sock" 5

@@ -34,7 +34,7 @@ for what in malloc raid0; do
   rm -f "$D/s.sock"
   if [ $what = malloc ]; then args=(--socket "$D/s.sock" --ns malloc:1G); else args=(--config "$D/raid0.toml"); fi
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$D/cg.%p" \
-    $BIN serve "${args[@]}" >"$D/$what.log" 2>&1 &
+    $BIN serve --unsupervised "${args[@]}" >"$D/$what.log" 2>&1 &
   PID=$!
   wait_sock "$D/s.sock"
   ios=$(perf_ios "$D/s.sock")

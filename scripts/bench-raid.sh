@@ -54,7 +54,7 @@ socket = "$D/raid0.sock"
 [[controller.namespace]]
 backend = "array:r0"
 EOF
-taskset -c 0 $BIN serve --config "$D/a.toml" >"$D/a.log" 2>&1 &
+taskset -c 0 $BIN serve --unsupervised --config "$D/a.toml" >"$D/a.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/raid0.sock"
 : >"$D/ratios"; : >"$D/m"; : >"$D/r"
@@ -70,7 +70,7 @@ fi
 if part 2; then
 echo "== 2. raid1 reads over two NVMe/TCP targets (iops_limit $LIMIT each) vs one"
 for t in 1 2 3; do
-  $BIN serve --tcp-listen 127.0.0.1:0 --nqn nqn.2026-11.io.vnvme:t$t --ns malloc:256M \
+  $BIN serve --unsupervised --tcp-listen 127.0.0.1:0 --nqn nqn.2026-11.io.vnvme:t$t --ns malloc:256M \
     --iops-limit "$LIMIT" >"$D/t$t.log" 2>&1 &
   PIDS+=($!)
 done
@@ -92,7 +92,7 @@ socket = "$D/raid1.sock"
 [[controller.namespace]]
 backend = "array:r1"
 EOF
-$BIN serve --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
+$BIN serve --unsupervised --config "$D/b.toml" --rpc "$D/b.rpc" >"$D/b.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/raid1.sock"
 for round in $(seq "${RAID1_ROUNDS:-4}"); do
@@ -115,7 +115,7 @@ socket = "$D/m.sock"
 [[controller.namespace]]
 backend = "array:m"
 EOF
-taskset -c 0 $BIN serve --config "$D/c.toml" --rpc "$D/c.rpc" >"$D/c.log" 2>&1 &
+taskset -c 0 $BIN serve --unsupervised --config "$D/c.toml" --rpc "$D/c.rpc" >"$D/c.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/m.sock"
 base=$(iops "$D/m.sock")
@@ -136,7 +136,7 @@ if part 4; then
 # The members' zero-copy and bounced bytes come from raid_list.
 echo "== 4. raid0 of 2 nvme: members vs one nvme: namespace, 128 KiB randread QD8"
 for b in 0 1 2; do
-  $BIN serve --socket "$D/back$b.sock" --ns malloc:1G >"$D/back$b.log" 2>&1 &
+  $BIN serve --unsupervised --socket "$D/back$b.sock" --ns malloc:1G >"$D/back$b.log" 2>&1 &
   PIDS+=($!)
 done
 for b in 0 1 2; do wait_for "$D/back$b.sock"; done
@@ -147,7 +147,7 @@ printf '%s\n' 'poll = "busy"' 'reactors = 1' \
   "backend = \"nvme:vfio-user:$D/back0.sock\"" \
   '[[controller]]' "socket = \"$D/arr.sock\"" '[[controller.namespace]]' 'backend = "array:n0"' \
   >"$D/d.toml"
-$BIN serve --config "$D/d.toml" --rpc "$D/d.rpc" >"$D/d.log" 2>&1 &
+$BIN serve --unsupervised --config "$D/d.toml" --rpc "$D/d.rpc" >"$D/d.log" 2>&1 &
 PIDS+=($!)
 wait_for "$D/arr.sock"
 big() { # perf SOCK: IOPS of 128 KiB random reads at QD8

@@ -20,7 +20,7 @@ trap '[ -n "$SRV" ] && kill $SRV 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXI
   done
 } > "$D/scale.toml"
 t0=$(date +%s.%N)
-RUST_LOG=warn taskset -c 0 $BIN serve --config "$D/scale.toml" >"$D/serve.log" 2>&1 &
+RUST_LOG=warn taskset -c 0 $BIN serve --unsupervised --config "$D/scale.toml" >"$D/serve.log" 2>&1 &
 SRV=$!
 while [ "$(ls "$D"/*.sock 2>/dev/null | wc -l)" -lt 128 ]; do sleep 0.01; done
 t1=$(date +%s.%N)

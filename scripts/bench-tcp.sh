@@ -30,12 +30,12 @@ run() { # transport qd
   echo "bench transport=$1 qd=$2 | IOPS MiB/s avg min max (us):$tot | p50 p90 p99 p99.9 p99.99 (us):$pct | server-cpu ${srv}% | $(grep client-cpu "$D/perf.err")"
 }
 for qd in 1 32 128; do
-  taskset -c 0 $BIN serve --socket "$D/s.sock" --poll busy --ns null:1G >"$D/serve.log" 2>&1 &
+  taskset -c 0 $BIN serve --unsupervised --socket "$D/s.sock" --poll busy --ns null:1G >"$D/serve.log" 2>&1 &
   SRV=$!
   for i in $(seq 50); do [ -S "$D/s.sock" ] && break; sleep 0.1; done
   run vfio-user $qd
   kill $SRV; wait $SRV 2>/dev/null || true; rm -f "$D/s.sock"
-  taskset -c 0 $BIN serve --tcp-listen 127.0.0.1:$PORT --nqn $NQN --ns null:1G >"$D/serve.log" 2>&1 &
+  taskset -c 0 $BIN serve --unsupervised --tcp-listen 127.0.0.1:$PORT --nqn $NQN --ns null:1G >"$D/serve.log" 2>&1 &
   SRV=$!
   sleep 0.5
   run tcp $qd

@@ -660,7 +660,8 @@ impl BackProcess {
     /// takes connections; returns it and the backend spec that reaches it.
     fn spawn(dir: &Path, remote: Remote) -> (Self, String) {
         let mut cmd = std::process::Command::new(vnvme_binary());
-        cmd.args(["serve", "--ns", "malloc:64M"]);
+        // one process: freezing it stalls the data plane (a supervisor's worker would go on)
+        cmd.args(["serve", "--unsupervised", "--ns", "malloc:64M"]);
         if std::env::var_os("RUST_LOG").is_none() {
             // its log only when asked for, as the in-process daemon's
             cmd.stdout(std::process::Stdio::null());

@@ -1233,7 +1233,13 @@ fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
     let back_nqn = "nqn.2026-12.io.vnvme:fence-back";
     let back = ChildProcess(
         std::process::Command::new(vnvme_tests::guest::vnvme_binary())
-            .args(["serve", "--tcp-listen", &format!("127.0.0.1:{port}")])
+            // one process: SIGSTOP stops its data plane (a supervisor's worker would go on)
+            .args([
+                "serve",
+                "--unsupervised",
+                "--tcp-listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .args(["--nqn", back_nqn, "--ns", "malloc:64M"])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())

@@ -223,8 +223,10 @@ impl Drop for Served {
 
 fn serve(cfg: &Path, rpc: &Path, sock: &Path) -> Served {
     let _ = std::fs::remove_file(rpc);
+    // one process: a kill -9 of it is the data plane's crash (the supervised worker's is
+    // host_upgrade's)
     let child = Command::new(vnvme_binary())
-        .arg("serve")
+        .args(["serve", "--unsupervised"])
         .arg("--config")
         .arg(cfg)
         .arg("--rpc")

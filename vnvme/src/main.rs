@@ -60,7 +60,7 @@ fn main() {
 
 /// The error and its causes on one line, each cause once: an error that already shows its
 /// cause's text in its own message does not get it appended again.
-fn cause_once(e: &anyhow::Error) -> String {
+pub(crate) fn cause_once(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

@@ -70,11 +70,16 @@ pub struct ServeArgs {
     pub metrics: Option<std::net::SocketAddr>,
     /// run as a supervisor that owns the sockets and runs the data plane in a worker
     /// process, which can be upgraded (`vnvme rpc daemon_upgrade`, SIGHUP) or can crash
-    /// under running guests without them seeing an error
-    #[arg(long)]
+    /// under running guests without them seeing an error (the default; given explicitly, a
+    /// configuration it cannot carry is refused instead of served unsupervised)
+    #[arg(long, conflicts_with = "unsupervised")]
     pub supervised: bool,
+    /// run the data plane in this process: no upgrade under running guests, a crash loses
+    /// the devices (what a configuration the supervisor cannot carry gets, with a warning)
+    #[arg(long)]
+    pub unsupervised: bool,
     /// (internal) run as the worker of a supervisor, whose control link is this descriptor
-    #[arg(long, hide = true, value_name = "FD", conflicts_with = "supervised")]
+    #[arg(long, hide = true, value_name = "FD", conflicts_with_all = ["supervised", "unsupervised"])]
     pub worker_fd: Option<i32>,
     /// (internal) a worker's configured subsystem its supervisor deleted at run time: its
     /// entry number (repeated for several)
@@ -141,25 +146,24 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         cfg
     };
     sys_util::process::catch_termination_signals();
-    if args.supervised {
+    if worker.is_none() && supervised(&cfg, args) {
         return supervise(&cfg, args);
     }
     let started = match &worker {
         Some(_) => Daemon::start_worker(&cfg, &args.deleted_entry),
         None => Daemon::start(&cfg),
     };
-    let mut daemon = started.context("starting the daemon")?;
-    let rpc = match &args.rpc {
-        Some(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let r = RpcServer::bind(path).with_context(|| format!("{}", path.display()))?;
-            eprintln!("vnvme: management socket {}", path.display());
-            Some(r)
+    let up = started
+        .context("starting the daemon")
+        .and_then(|d| Ok((d, bind_rpc(args)?)));
+    let (mut daemon, rpc) = match (up, &worker) {
+        (Ok(up), _) => up,
+        // the supervisor says why, once, as its own error
+        (Err(e), Some(w)) => {
+            w.failed(&crate::cause_once(&e));
+            return Ok(1);
         }
-        None => None,
+        (Err(e), None) => return Err(e),
     };
     // a worker is ready once its management socket is up: the supervisor replays run-time
     // changes there before the clients come back
@@ -227,6 +231,42 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
 }
 
 /// `--supervised`: own the sockets, run the data plane in a worker process.
+/// The management socket `--rpc` names, bound.
+fn bind_rpc(args: &ServeArgs) -> anyhow::Result<Option<RpcServer>> {
+    let Some(path) = &args.rpc else {
+        return Ok(None);
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let r = RpcServer::bind(path).with_context(|| format!("{}", path.display()))?;
+    eprintln!("vnvme: management socket {}", path.display());
+    Ok(Some(r))
+}
+
+/// Whether to run as a supervisor: unless `--unsupervised`, or (without an explicit
+/// `--supervised`, which refuses it at start) a configuration it cannot carry.
+fn supervised(cfg: &vnvme::config::Config, args: &ServeArgs) -> bool {
+    if args.unsupervised {
+        return false;
+    }
+    if args.supervised {
+        return true;
+    }
+    match vnvme::supervisor::refusal(cfg) {
+        None => true,
+        Some(why) => {
+            log::warn!("{why}");
+            eprintln!(
+                "vnvme: {why}\nvnvme: serving without a supervisor: no upgrade under running \
+                 guests, and a crash loses the devices (--unsupervised says so without this \
+                 warning)"
+            );
+            false
+        }
+    }
+}
+
 fn supervise(cfg: &vnvme::config::Config, args: &ServeArgs) -> anyhow::Result<i32> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let (worker_args, worker_rpc) = worker_args(&argv);

@@ -219,6 +219,11 @@ impl std::fmt::Debug for Supervisor {
     }
 }
 
+/// Why `cfg` cannot be served by a supervisor, if it cannot (see [`check`]).
+pub fn refusal(cfg: &Config) -> Option<String> {
+    check(cfg).err().map(|e| e.to_string())
+}
+
 /// Refuse what a worker cannot carry over (`malloc:` RAM is kept: `kept_ram.rs`; a pool's
 /// namespaces: [`pool_refusal`]).
 fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
@@ -351,7 +356,11 @@ impl Supervisor {
             configured: configured::entries(&cfg),
             config,
         };
-        s.spawn_worker()?;
+        if let Err(e) = s.spawn_worker() {
+            // nothing is served: the relays remove their sockets
+            s.shutdown();
+            return Err(e);
+        }
         Ok(s)
     }
 
@@ -414,7 +423,14 @@ impl Supervisor {
         let pid = child.id();
         let mut child = child;
         let settles = match ready {
-            Ok(Some(m)) if m.command == control::DONE => m.body["settle"] == true,
+            Ok(Some(m)) if m.command == control::DONE && m.body.get("error").is_none() => {
+                m.body["settle"] == true
+            }
+            Ok(Some(m)) if m.command == control::DONE => {
+                let _ = child.wait();
+                let why = m.body["error"].as_str().unwrap_or("no reason given");
+                return Err(SupervisorError::WorkerStart(why.to_owned()));
+            }
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -759,7 +775,7 @@ pub fn worker_args(args: &[OsString]) -> (Vec<OsString>, Option<PathBuf>) {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
-        if s == "--supervised" {
+        if s == "--supervised" || s == "--unsupervised" {
             continue;
         }
         if s == "--rpc" {

@@ -28,8 +28,9 @@ use crate::rpc::{MAX_REQUEST, code};
 
 mod subsystems;
 
-/// Clients served at once; more are answered "busy" and closed.
-const MAX_CLIENTS: usize = 8;
+/// Clients served at once (as many as the daemon's own socket); more are answered "busy"
+/// and closed.
+const MAX_CLIENTS: usize = 16;
 /// A request line must arrive whole within this.
 const LINE_DEADLINE: Duration = Duration::from_secs(5);
 /// Each read from a client waits at most this (the deadline is checked between reads).

@@ -151,6 +151,12 @@ impl WorkerLink {
         control::answer(&self.ctl, self.start, &body).map_err(SupervisorError::Io)
     }
 
+    /// The daemon did not start: tell the supervisor why (it reports it as its own error),
+    /// instead of being ready.
+    pub fn failed(&self, why: &str) {
+        let _ = control::answer(&self.ctl, self.start, &json!({"error": why}));
+    }
+
     /// The configuration the supervisor handed over, if it did (TOML).
     pub fn config(&self) -> Option<&str> {
         self.config.as_deref()
