@@ -32,6 +32,42 @@ pub fn map(fd: OwnedFd, len: u64) -> io::Result<MmapMut> {
     unsafe { MmapOptions::new().len(len).map_mut(&file) }
 }
 
+/// Map `[offset, offset + len)` of memfd `fd` shared and writable (a namespace of a kept
+/// pool: one memfd, a range per namespace). `offset` must be page aligned and the range
+/// within the file.
+pub fn map_range(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<MmapMut> {
+    let file = File::from(fd.try_clone_to_owned()?);
+    let size = file.metadata()?.len();
+    let page = crate::anonymous::page_size() as u64;
+    if len == 0 || !offset.is_multiple_of(page) || offset.checked_add(len).is_none_or(|e| e > size)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} of kept RAM of {size} bytes"),
+        ));
+    }
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: as in `map`: a memfd only this process maps while it runs (its supervisor
+    // holds it unmapped), its size sealed; the range was checked against that size.
+    unsafe { MmapOptions::new().offset(offset).len(len).map_mut(&file) }
+}
+
+/// Punch `[offset, offset + len)` out of memfd `fd` (`fallocate(PUNCH_HOLE)`): it reads as
+/// zeroes and uses no memory until written again. A namespace of a kept pool starts zeroed,
+/// and gives its memory back when deleted.
+pub fn punch(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) on a descriptor we borrow, with integer arguments only.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), mode, off, n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Free the whole pages of `[offset, offset + len)` of a [`map`]ping (`MADV_REMOVE`: a hole
 /// is punched in the memfd): they read as zeroes and use no memory until written again. The
 /// range must be page aligned; false when the kernel refused (nothing changed then).
@@ -62,5 +98,25 @@ mod tests {
         assert_eq!(&m[..4], b"kept");
         assert_eq!(&m[8192..8196], &[0; 4]);
         assert!(map(again(), 8 << 12).is_err());
+    }
+
+    /// A range of a large sparse memfd is a namespace of its own; punched, it reads as zeroes.
+    #[test]
+    fn ranges_of_one_memfd_and_punched_holes() {
+        let fd = create(c"test-pool", 1 << 40).unwrap();
+        let mut a = map_range(fd.as_fd(), 3 << 30, 1 << 20).unwrap();
+        a[4096..4100].copy_from_slice(b"pool");
+        drop(a);
+        let b = map_range(fd.as_fd(), 3 << 30, 1 << 20).unwrap();
+        assert_eq!(&b[4096..4100], b"pool");
+        drop(b);
+        punch(fd.as_fd(), 3 << 30, 1 << 20).unwrap();
+        let c = map_range(fd.as_fd(), 3 << 30, 1 << 20).unwrap();
+        assert_eq!(&c[4096..4100], &[0; 4]);
+        assert!(
+            map_range(fd.as_fd(), (1 << 40) - 4096, 8192).is_err(),
+            "past the end"
+        );
+        assert!(map_range(fd.as_fd(), 100, 4096).is_err(), "unaligned");
     }
 }

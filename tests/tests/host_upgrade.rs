@@ -650,14 +650,14 @@ fn a_hostile_management_caller_does_not_hold_up_the_recovery_of_a_worker() {
             vec!["subsystem_delete".to_owned(), "nqn=nqn.no.such".to_owned()],
             "no subsystem nqn.no.such",
         ),
-        // a pool whose namespaces would die with the worker
+        // a pool no controller's journal would keep (no vfio-user socket)
         (
             vec![
                 "subsystem_create".to_owned(),
-                format!("socket={}", bad_sock.display()),
+                "tcp_listen=127.0.0.1:1".to_owned(),
                 "namespace_pool=malloc:1G".to_owned(),
             ],
-            "would die with the worker",
+            "needs a vfio-user socket",
         ),
         // more VFs than a PF has: refused before a socket is bound for any
         (
@@ -1395,11 +1395,11 @@ fn a_subsystem_made_at_run_time_outlives_the_worker() {
         &rpc_sock,
         &[
             "subsystem_create",
-            &format!("socket={}", dir.join("pool.sock").display()),
+            "tcp_listen=127.0.0.1:1",
             "namespace_pool=malloc:64M",
         ],
     );
-    assert!(e.contains("would die with the worker"), "{e}");
+    assert!(e.contains("needs a vfio-user socket"), "{e}");
     let configured = rpc(&rpc_sock, &["subsystem_list"])
         .as_array()
         .into_iter()
@@ -1773,25 +1773,46 @@ fn a_configuration_file_edited_under_the_supervisor_changes_no_worker() {
 /// configuration: the created namespaces are gone, the configured one back on the VF).
 #[test]
 fn namespaces_guests_create_and_attach_outlive_the_worker() {
+    guest_namespaces_outlive_the_worker(true);
+}
+
+/// The same with a `malloc:` pool: its RAM is a sparse memfd the supervisor keeps, a range
+/// per NSID.
+#[test]
+fn namespaces_guests_create_in_a_ram_pool_outlive_the_worker() {
+    guest_namespaces_outlive_the_worker(false);
+}
+
+/// [`namespaces_guests_create_and_attach_outlive_the_worker`] with a `dir:` pool (`files`)
+/// or a `malloc:` one.
+fn guest_namespaces_outlive_the_worker(files: bool) {
     use nvme_spec::Status;
     use vnvme_tests::ns_admin::{attach, create, delete, identify, io, open, u16_list, u32_list};
     const PF: u16 = 1;
     const VF1: u16 = 0x1001;
-    let tmp = TempDir::new("upgrade-ns-mgmt");
+    let tmp = TempDir::new(if files {
+        "upgrade-ns-mgmt"
+    } else {
+        "upgrade-ns-mgmt-ram"
+    });
     let dir = tmp.path();
     let pool = dir.join("pool");
     std::fs::create_dir_all(&pool).unwrap();
+    let pool_spec = if files {
+        format!("dir:{}:64M", pool.display())
+    } else {
+        "malloc:64M".to_owned()
+    };
     let pf_sock = dir.join("pf.sock");
     let vf_sock = sriov::topology::vf_socket(&pf_sock, 1);
     let nqn = "nqn.2026-12.io.vnvme:pooled";
     let cfg = format!(
         "[[controller]]\nsocket = \"{}\"\nnqn = \"{nqn}\"\nvfs = 1\nvfs_online = true\n\
-         namespace_pool = \"dir:{}:64M\"\n[[controller.namespace]]\nbackend = \"file:{}:8M\"\n",
+         namespace_pool = \"{pool_spec}\"\n[[controller.namespace]]\nbackend = \"file:{}:8M\"\n",
         pf_sock.display(),
-        pool.display(),
         dir.join("configured.img").display()
     );
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &[pf_sock.clone(), vf_sock.clone()]);
+    let (served, rpc_sock) = serve_config(dir, &cfg, &[pf_sock.clone(), vf_sock.clone()]);
     let mut pf = open(&pf_sock);
     let mut vf = open(&vf_sock);
     let made = create(&mut pf, 2048, 2048, 1, 1).expect("create");
@@ -1849,6 +1870,16 @@ fn namespaces_guests_create_and_attach_outlive_the_worker() {
     assert_eq!(log.matches("subsystems settled").count(), 3, "{log}");
     // and it goes on: deleting the created namespace removes its file
     assert_eq!(delete(&mut pf, made), Ok(0));
-    let files = std::fs::read_dir(&pool).unwrap().count();
-    assert_eq!(files, 1, "the ns_create one is left");
+    let left = std::fs::read_dir(&pool).unwrap().count();
+    assert_eq!(left, usize::from(files), "the ns_create one is left");
+    if !files {
+        // the pool's RAM is the supervisor's (one memfd)
+        let sup = served.0.id();
+        let kept = std::fs::read_dir(format!("/proc/{sup}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().contains("vnvme-ram"))
+            .count();
+        assert_eq!(kept, 1, "the pool's memfd");
+    }
 }

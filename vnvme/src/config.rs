@@ -335,6 +335,21 @@ fn default_block_size() -> u32 {
     512
 }
 
+/// `pool` with its RAM kept as `key` (`malloc:SIZE@KEY`) when it is a `malloc:` pool that
+/// names no kept RAM yet, with the bytes to keep for it.
+pub fn keep_pool_ram(pool: &str, key: &str) -> Option<(String, u64)> {
+    match pool.parse() {
+        Ok(crate::pool_spec::PoolSpec::Malloc {
+            capacity,
+            kept: None,
+        }) => Some((
+            format!("{}@{key}", pool.trim()),
+            crate::pool_spec::kept_pool_bytes(capacity),
+        )),
+        _ => None,
+    }
+}
+
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -397,6 +412,18 @@ impl Config {
             {
                 *spec = named;
                 kept.push((key, size));
+            }
+        }
+        // then the `malloc:` namespace pools, in file order: a sparse range per NSID
+        let pools = self
+            .controllers
+            .iter_mut()
+            .filter_map(|c| c.namespace_pool.as_mut());
+        for pool in pools {
+            let key = format!("c{}", kept.len());
+            if let Some((named, bytes)) = keep_pool_ram(pool, &key) {
+                *pool = named;
+                kept.push((key, bytes));
             }
         }
         kept
@@ -807,8 +834,20 @@ bandwidth_limit = "200M"
 [[controller.namespace]]
 backend = "null:1G"
 "#;
-        let mut cfg = parse(text).unwrap();
-        assert_eq!(cfg.keep_configured_ram().len(), 3);
+        let mut cfg =
+            parse(&text.replace("vfs = 2\n", "vfs = 2\nnamespace_pool = \"malloc:64M\"\n"))
+                .unwrap();
+        let kept = cfg.keep_configured_ram();
+        assert_eq!(kept.len(), 4);
+        assert_eq!(
+            kept[3],
+            ("c3".to_owned(), 256 * (64 << 20)),
+            "the pool's, sparse"
+        );
+        assert_eq!(
+            cfg.controllers[0].namespace_pool.as_deref(),
+            Some("malloc:64M@c3")
+        );
         let back = parse(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
         assert_eq!(back.controllers[0].namespaces[0].backend, "malloc:256M@c2");

@@ -28,7 +28,18 @@ impl PoolSpec {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         Ok(match self {
-            PoolSpec::Malloc { capacity } => Box::new(MemoryPool {
+            PoolSpec::Malloc {
+                capacity,
+                kept: None,
+            } => Box::new(MemoryPool {
+                capacity: *capacity,
+            }),
+            PoolSpec::Malloc {
+                capacity,
+                kept: Some(key),
+            } => Box::new(KeptMemoryPool {
+                ram: crate::supervisor::handover::kept_ram(key)
+                    .ok_or_else(|| format!("no kept RAM {key} for the pool (no supervisor?)"))?,
                 capacity: *capacity,
             }),
             PoolSpec::Dir { path, capacity } => Box::new(DirPool {
@@ -43,6 +54,65 @@ impl PoolSpec {
                 doomed: Vec::new(),
             }),
         })
+    }
+}
+
+/// A `malloc:` pool under a supervisor: one sparse memfd the supervisor keeps, NSID `n`'s
+/// namespace at `(n - 1)` slots ([`crate::pool_spec::kept_pool_slot`]), so the next worker
+/// reopens each with its data.
+struct KeptMemoryPool {
+    ram: std::os::fd::OwnedFd,
+    capacity: u64,
+}
+
+impl KeptMemoryPool {
+    /// Where namespace `nsid` of `size` bytes lives; refused beyond its slot.
+    fn range(&self, nsid: u32, size: u64) -> Result<(u64, u64), String> {
+        let slot = crate::pool_spec::kept_pool_slot(self.capacity);
+        if nsid == 0 || nsid > sriov::MAX_NAMESPACES || size > slot {
+            return Err(format!(
+                "namespace {nsid} of {size} bytes does not fit the pool"
+            ));
+        }
+        Ok((u64::from(nsid - 1) * slot, slot))
+    }
+}
+
+impl NamespacePool for KeptMemoryPool {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn create(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        use std::os::fd::AsFd;
+        let (at, slot) = self.range(nsid, size)?;
+        // a new namespace starts zeroed: what an earlier one of this NSID left goes
+        sys_util::kept_ram::punch(self.ram.as_fd(), at, slot).map_err(|e| e.to_string())?;
+        let b = device_model::backend::MallocBackend::kept_range(self.ram.as_fd(), at, size)
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(b))
+    }
+
+    fn reopen(&mut self, nsid: u32, size: u64) -> Result<Box<dyn Backend>, String> {
+        use std::os::fd::AsFd;
+        let (at, _) = self.range(nsid, size)?;
+        let b = device_model::backend::MallocBackend::kept_range(self.ram.as_fd(), at, size)
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(b))
+    }
+
+    fn delete(&mut self, nsid: u32) {
+        use std::os::fd::AsFd;
+        // its memory goes back (the backend's mapping, if still open, reads zeroes)
+        if let Ok((at, slot)) = self.range(nsid, 0)
+            && let Err(e) = sys_util::kept_ram::punch(self.ram.as_fd(), at, slot)
+        {
+            log::warn!("namespace {nsid}: its kept RAM not given back: {e}");
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("memory kept by the supervisor, {} bytes", self.capacity)
     }
 }
 
@@ -167,7 +237,10 @@ mod tests {
     fn specs_parse_and_bad_ones_are_refused() {
         assert_eq!(
             "malloc:1G".parse(),
-            Ok(PoolSpec::Malloc { capacity: 1 << 30 })
+            Ok(PoolSpec::Malloc {
+                capacity: 1 << 30,
+                kept: None
+            })
         );
         assert_eq!(
             "dir:/var/lib/x:2G".parse(),
@@ -194,6 +267,46 @@ mod tests {
         ] {
             assert!(bad.parse::<PoolSpec>().is_err(), "{bad}");
         }
+    }
+
+    /// A kept `malloc:` pool: NSID n's namespace is its own range of one sparse memfd;
+    /// reopened it keeps its data, created anew or deleted it is zeroes.
+    #[test]
+    fn kept_ram_pool_ranges_by_nsid() {
+        use std::os::unix::fs::FileExt;
+        let cap = 8 << 20;
+        let fd = sys_util::kept_ram::create(c"test-pool", crate::pool_spec::kept_pool_bytes(cap))
+            .unwrap();
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        let mut p = KeptMemoryPool {
+            ram: fd,
+            capacity: cap,
+        };
+        let slot = crate::pool_spec::kept_pool_slot(cap);
+        let at = 2 * slot + 4096; // NSID 3
+        let read = || {
+            let mut b = [0u8; 4];
+            file.read_exact_at(&mut b, at).unwrap();
+            b
+        };
+        drop(p.create(3, 4 << 20).unwrap());
+        file.write_all_at(b"data", at).unwrap();
+        let again = p.reopen(3, 4 << 20).unwrap();
+        assert_eq!(again.size(), 4 << 20);
+        drop(again);
+        assert_eq!(&read(), b"data", "reopened with its data");
+        drop(p.create(3, 4 << 20).unwrap());
+        assert_eq!(read(), [0; 4], "a new namespace starts zeroed");
+        file.write_all_at(b"data", at).unwrap();
+        p.delete(3);
+        assert_eq!(read(), [0; 4], "deleted: its RAM given back");
+        assert!(p.create(3, slot + 4096).is_err(), "larger than a slot");
+        assert!(p.create(0, 4096).is_err());
+        assert!(p.create(sriov::MAX_NAMESPACES + 1, 4096).is_err());
+        assert!(
+            p.reopen(sriov::MAX_NAMESPACES, 4096).is_ok(),
+            "the last NSID fits"
+        );
     }
 
     #[test]

@@ -63,6 +63,23 @@ impl MallocBackend {
         })
     }
 
+    /// `size` bytes of RAM at `offset` of memfd `fd`, which another process keeps (a
+    /// namespace of a kept pool: one memfd, a range per namespace).
+    pub fn kept_range(
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+    ) -> Result<Self, MallocError> {
+        let ram = sys_util::kept_ram::map_range(fd, offset, size)
+            .map_err(|source| MallocError { size, source })?;
+        Ok(Self {
+            ram,
+            size,
+            kept: true,
+            done: DoneQueue::default(),
+        })
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),

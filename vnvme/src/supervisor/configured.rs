@@ -47,6 +47,10 @@ pub(super) fn entries(cfg: &Config) -> Vec<ConfiguredEntry> {
                     Ok(crate::backend_spec::BackendSpec::Malloc { kept, .. }) => kept,
                     _ => None,
                 })
+                .chain(c.namespace_pool.as_deref().and_then(|p| match p.parse() {
+                    Ok(crate::pool_spec::PoolSpec::Malloc { kept, .. }) => kept,
+                    _ => None,
+                }))
                 .collect(),
             deleted: false,
         })

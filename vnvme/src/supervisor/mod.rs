@@ -246,18 +246,10 @@ fn check(cfg: &Config) -> Result<Vec<PathBuf>, SupervisorError> {
 /// Why a subsystem with namespace pool `pool` (a vfio-user controller among its own:
 /// `socket`) cannot be supervised, if it cannot. The namespaces guests create are kept in
 /// that controller's journal and reopened by the next worker from the pool: a `dir:` pool's
-/// files and an `lvs:` pool's volumes outlive a worker, a `malloc:` pool's RAM does not.
+/// files, an `lvs:` pool's volumes and a `malloc:` pool's RAM (a memfd the supervisor
+/// keeps, `kept_ram.rs`) outlive a worker.
 pub(crate) fn pool_refusal(pool: Option<&str>, socket: bool) -> Option<String> {
     let pool = pool?;
-    if matches!(
-        pool.parse::<crate::pool_spec::PoolSpec>(),
-        Ok(crate::pool_spec::PoolSpec::Malloc { .. })
-    ) {
-        return Some(format!(
-            "namespace_pool {pool}: its namespaces would die with the worker under \
-             --supervised; use dir:PATH:SIZE or lvs:STORE"
-        ));
-    }
     if !socket {
         return Some(format!(
             "namespace_pool {pool} under --supervised needs a vfio-user socket in the \

@@ -379,12 +379,30 @@ fn record(changes: &mut Vec<String>, req: &Value, line: &str) -> Option<String> 
 fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>), String> {
     let mut sizes = Vec::new();
     let mut named = None;
+    // a `malloc:` namespace pool is kept as a sparse range per NSID, not as its capacity
+    let pool = req
+        .get_mut("params")
+        .and_then(Value::as_object_mut)
+        .and_then(|p| p.remove("namespace_pool"));
     if let Some(p) = req.get_mut("params") {
         visit_strings(p, &mut |s| match s.parse() {
             Ok(BackendSpec::Malloc { size, kept: None }) => sizes.push(size),
             Ok(BackendSpec::Malloc { kept: Some(_), .. }) => named = Some(s.clone()),
             _ => {}
         });
+    }
+    let mut pool_key = None;
+    if let Some(Value::String(s)) = &pool {
+        match s.parse::<crate::pool_spec::PoolSpec>() {
+            Ok(crate::pool_spec::PoolSpec::Malloc {
+                capacity,
+                kept: None,
+            }) => pool_key = Some(crate::pool_spec::kept_pool_bytes(capacity)),
+            Ok(crate::pool_spec::PoolSpec::Malloc { kept: Some(_), .. }) => {
+                named = Some(s.clone());
+            }
+            _ => {}
+        }
     }
     if let Some(s) = named {
         // the keys are the supervisor's to give: a caller naming one would reach RAM kept for
@@ -400,7 +418,7 @@ fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>),
         ));
     }
     let mut keys = Vec::new();
-    for size in sizes {
+    for size in pool_key.iter().chain(&sizes).copied() {
         let (tx, rx) = mpsc::channel();
         match ask(sh, Ask::Ram(size, tx)).and_then(|()| wait(&rx)?) {
             Ok(k) => keys.push(k),
@@ -411,6 +429,15 @@ fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>),
         }
     }
     let mut next = keys.iter().peekable();
+    if let (Some(Value::String(s)), Some(p)) = (&pool, req.get_mut("params")) {
+        let named = match next.next_if(|_| pool_key.is_some()) {
+            Some(key) => format!("{}@{key}", s.trim()),
+            None => s.clone(),
+        };
+        p["namespace_pool"] = Value::String(named);
+    } else if let (Some(v), Some(p)) = (pool, req.get_mut("params")) {
+        p["namespace_pool"] = v;
+    }
     if let Some(p) = req.get_mut("params") {
         visit_strings(p, &mut |s| {
             if let Some(named) = next.peek().and_then(|k| keep_ram_spec(s, k)) {
