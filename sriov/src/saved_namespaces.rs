@@ -25,6 +25,9 @@ pub struct SavedNamespace {
     pub pooled: u64,
     /// Its number among the namespaces the subsystem created (its identity seed), 0 if none.
     pub created: u64,
+    /// A hash of its identity seed: what tells two namespaces with the same NSID apart
+    /// (another volume added later under a freed NSID).
+    pub ident: u64,
     /// CNTLIDs, ascending.
     pub attached: Vec<u16>,
 }
@@ -37,6 +40,10 @@ pub struct SavedNamespaces {
     /// The admin command that made the last change, with its dword 0
     /// (`NvmSubsystem::applied`).
     pub last: Option<(CommandTag, u32)>,
+    /// The NSID the most recent change was about (`u32::MAX`: all, 0: none): the next
+    /// worker tells the hosts about it again, as that change may have been saved and not
+    /// yet told when the worker died.
+    pub recent: u32,
     pub namespaces: Vec<SavedNamespace>,
 }
 
@@ -57,12 +64,13 @@ impl SavedNamespaces {
                 w.extend_from_slice(&dw0.to_le_bytes());
             }
         }
+        w.extend_from_slice(&self.recent.to_le_bytes());
         w.extend_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
         for n in &self.namespaces {
             w.extend_from_slice(&n.nsid.to_le_bytes());
             w.push(n.lba_shift);
             w.push(u8::from(n.shared));
-            for v in [n.size, n.pooled, n.created] {
+            for v in [n.size, n.pooled, n.created, n.ident] {
                 w.extend_from_slice(&v.to_le_bytes());
             }
             let att = &n.attached[..n.attached.len().min(MAX_ATTACHED)];
@@ -95,6 +103,7 @@ impl SavedNamespaces {
             }
             _ => return None,
         };
+        let recent = r.u32()?;
         let n = r.u32()? as usize;
         if n > max_namespaces {
             return None;
@@ -104,7 +113,10 @@ impl SavedNamespaces {
             let nsid = r.u32()?;
             let lba_shift = r.u8()?;
             let shared = r.u8()? != 0;
-            let (size, pooled, created) = (r.u64()?, r.u64()?, r.u64()?);
+            let (size, pooled, created, ident) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            if namespaces.iter().any(|s: &SavedNamespace| s.nsid == nsid) {
+                return None;
+            }
             let k = r.u16()? as usize;
             if k > MAX_ATTACHED {
                 return None;
@@ -120,12 +132,14 @@ impl SavedNamespaces {
                 size,
                 pooled,
                 created,
+                ident,
                 attached,
             });
         }
         r.0.is_empty().then_some(Self {
             generation,
             last,
+            recent,
             namespaces,
         })
     }
@@ -170,6 +184,7 @@ mod tests {
                 },
                 4,
             )),
+            recent: 4,
             namespaces: vec![
                 SavedNamespace {
                     nsid: 1,
@@ -178,6 +193,7 @@ mod tests {
                     size: 1 << 20,
                     pooled: 0,
                     created: 0,
+                    ident: 11,
                     attached: vec![1, 0x1001],
                 },
                 SavedNamespace {
@@ -187,6 +203,7 @@ mod tests {
                     size: 8 << 20,
                     pooled: 8 << 20,
                     created: 7,
+                    ident: 12,
                     attached: vec![],
                 },
             ],
@@ -221,5 +238,12 @@ mod tests {
             "another version"
         );
         assert_eq!(SavedNamespaces::decode(&[0xff; 64], 256), None);
+        let mut twice = sample();
+        twice.namespaces[1].nsid = 1;
+        assert_eq!(
+            SavedNamespaces::decode(&twice.encode(), 256),
+            None,
+            "an NSID twice"
+        );
     }
 }

@@ -57,6 +57,9 @@ struct Entry {
     pooled: u64,
     /// Its number among the namespaces created (its identity seed), 0 if not created.
     created: u64,
+    /// Added by the management plane (`ns_add`): its replay, not the saved state, makes it
+    /// again in the next worker, deletions included.
+    added: bool,
 }
 
 impl Entry {
@@ -105,6 +108,8 @@ struct State {
     kept: Option<KeptIn>,
     /// The admin command that made the last change, with its dword 0 (saved with it).
     last: Option<(CommandTag, u32)>,
+    /// The NSID of the most recent change (`SavedNamespaces::recent`).
+    recent: u32,
 }
 
 /// Where a supervised worker keeps the subsystem's namespaces: its keeper controller's
@@ -161,6 +166,7 @@ impl Subsystem {
                 configured: 0,
                 kept: None,
                 last: None,
+                recent: 0,
             }),
         })
     }
@@ -218,6 +224,29 @@ impl Subsystem {
         seed: &str,
         attach: &[u16],
     ) {
+        self.add(nsid, backend, lba_shift, seed, attach, false);
+    }
+
+    /// Add a namespace at run time (the management plane's `ns_add`), not attached.
+    pub fn add_run_time_namespace(
+        &self,
+        nsid: u32,
+        backend: Box<dyn Backend>,
+        lba_shift: u8,
+        seed: &str,
+    ) {
+        self.add(nsid, backend, lba_shift, seed, &[], true);
+    }
+
+    fn add(
+        &self,
+        nsid: u32,
+        backend: Box<dyn Backend>,
+        lba_shift: u8,
+        seed: &str,
+        attach: &[u16],
+        added: bool,
+    ) {
         let managed = self.manages_namespaces();
         let mut st = self.lock();
         let size = backend.size();
@@ -242,8 +271,12 @@ impl Subsystem {
             attached,
             pooled: 0,
             created: 0,
+            added,
         });
         st.namespaces.sort_by_key(|e| e.nsid);
+        if added {
+            st.recent = nsid;
+        }
         self.persist(&st);
     }
 
@@ -364,7 +397,7 @@ impl Subsystem {
         };
         let backend = pool.create(nsid, size).map_err(NsError::Backend)?;
         let live = backend.live_size();
-        st.generation += 1;
+        st.generation = st.generation.saturating_add(1);
         let created = st.generation;
         st.namespaces.push(Entry {
             nsid,
@@ -377,8 +410,10 @@ impl Subsystem {
             attached: Vec::new(),
             pooled: size,
             created,
+            added: false,
         });
         st.namespaces.sort_by_key(|e| e.nsid);
+        st.recent = nsid;
         note(&mut st, tag, nsid);
         self.persist(&st);
         log::info!(
@@ -413,32 +448,48 @@ impl Subsystem {
             return Err(NsError::Fixed);
         }
         let mut st = self.lock();
-        if waits_to_settle(&st) {
-            return Ok(Vec::new());
-        }
+        // a replay before settling deletes only what the replay added (the rest is the
+        // saved state's, which is newer)
+        let replaying = waits_to_settle(&st);
         let targets: Vec<u32> = if nsid == u32::MAX {
-            st.namespaces.iter().map(|e| e.nsid).collect()
-        } else if st.namespaces.iter().any(|e| e.nsid == nsid) {
+            st.namespaces
+                .iter()
+                .filter(|e| e.added || !replaying)
+                .map(|e| e.nsid)
+                .collect()
+        } else if let Some(e) = st.namespaces.iter().find(|e| e.nsid == nsid) {
+            if replaying && !e.added {
+                return Ok(Vec::new());
+            }
             vec![nsid]
+        } else if replaying {
+            return Ok(Vec::new());
         } else {
             return Err(NsError::InvalidNamespace);
         };
         let mut changes = Changes::new();
+        let mut backing = Vec::new();
         for n in targets {
             let Some(at) = st.namespaces.iter().position(|e| e.nsid == n) else {
                 continue;
             };
             let e = st.namespaces.remove(at);
             changes.extend(e.attached.iter().map(|&c| (c, NamespaceChange::Detach(n))));
-            if e.pooled > 0
-                && let Some(p) = st.pool.as_mut()
-            {
-                p.delete(n);
+            if e.pooled > 0 {
+                backing.push(n);
             }
             log::info!("{}: namespace {n} deleted", self.nqn);
         }
+        st.recent = nsid;
         note(&mut st, tag, 0);
+        // saved before the pool lets go of the blocks: a worker dying between the two leaves
+        // the namespace deleted, never saved and unopenable
         self.persist(&st);
+        if let Some(p) = st.pool.as_mut() {
+            for n in backing {
+                p.delete(n);
+            }
+        }
         Ok(self.commit(st, changes, me, wait))
     }
 
@@ -503,6 +554,7 @@ impl Subsystem {
         e.attached.extend_from_slice(ctrls);
         e.attached.sort_unstable();
         log::info!("{}: namespace {nsid} attached to {ctrls:x?}", self.nqn);
+        st.recent = nsid;
         note(&mut st, tag, 0);
         self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
@@ -542,6 +594,7 @@ impl Subsystem {
             .iter()
             .map(|&c| (c, NamespaceChange::Detach(nsid)))
             .collect();
+        st.recent = nsid;
         note(&mut st, tag, 0);
         self.persist(&st);
         Ok(self.commit(st, changes, me, wait))
@@ -567,11 +620,16 @@ impl Subsystem {
             }
             d
         });
-        self.lock().kept = Some(KeptIn {
+        let mut st = self.lock();
+        // nothing saved (a new subsystem, or an unreadable state): nothing newer to wait for,
+        // the replay applies as it comes and every change is saved from now on
+        let settled = saved.is_none();
+        st.kept = Some(KeptIn {
             journal,
             saved,
-            settled: false,
+            settled,
         });
+        self.persist(&st);
     }
 
     /// Save the namespaces in the keeper's journal (once settled), before the change is
@@ -583,6 +641,7 @@ impl Subsystem {
         let saved = SavedNamespaces {
             generation: st.generation,
             last: st.last,
+            recent: st.recent,
             namespaces: st
                 .namespaces
                 .iter()
@@ -593,6 +652,7 @@ impl Subsystem {
                     size: e.size(),
                     pooled: e.pooled,
                     created: e.created,
+                    ident: ident(&e.seed),
                     attached: e.attached.clone(),
                 })
                 .collect(),
@@ -620,12 +680,18 @@ impl Subsystem {
             return out;
         };
         let mut changes = Changes::new();
+        // quietly, but for the NSID of the most recent change: it may have been saved and not
+        // yet told to the hosts when the worker died (a second notice costs a rescan)
+        let told = |n: u32| saved.recent == n || saved.recent == u32::MAX;
         let quiet_detach = |n: u32, ctrls: &[u16], changes: &mut Changes| {
-            changes.extend(
-                ctrls
-                    .iter()
-                    .map(|&c| (c, NamespaceChange::Settle(SettleChange::Detach(n)))),
-            );
+            changes.extend(ctrls.iter().map(|&c| {
+                let change = if told(n) {
+                    NamespaceChange::Detach(n)
+                } else {
+                    NamespaceChange::Settle(SettleChange::Detach(n))
+                };
+                (c, change)
+            }));
         };
         // namespaces deleted since they were configured or added
         let gone: Vec<u32> = st
@@ -656,7 +722,8 @@ impl Subsystem {
                 e.nsid == s.nsid
                     && (e.pooled != s.pooled
                         || e.created != s.created
-                        || e.lba_shift != s.lba_shift)
+                        || e.lba_shift != s.lba_shift
+                        || ident(&e.seed) != s.ident)
             }) {
                 let e = st.namespaces.remove(at);
                 quiet_detach(e.nsid, &e.attached, &mut changes);
@@ -690,22 +757,37 @@ impl Subsystem {
                 .collect();
             quiet_detach(e.nsid, &leave, &mut changes);
             out.detached += leave.len();
+            let mut now: Vec<u16> = e
+                .attached
+                .iter()
+                .copied()
+                .filter(|c| attached.contains(c))
+                .collect();
             for &c in attached.iter().filter(|c| !e.attached.contains(c)) {
                 let Source::Shared(src) = &e.source else {
                     continue;
                 };
+                // only a controller that got its handle counts as attached
                 let Some(h) = src.handle() else {
                     continue;
                 };
                 let ns = e.namespace(Box::new(h));
-                changes.push((c, NamespaceChange::Settle(SettleChange::Attach(ns))));
+                let change = if told(e.nsid) {
+                    NamespaceChange::Attach(ns)
+                } else {
+                    NamespaceChange::Settle(SettleChange::Attach(ns))
+                };
+                changes.push((c, change));
+                now.push(c);
                 out.attached += 1;
             }
-            e.attached = attached;
+            now.sort_unstable();
+            e.attached = now;
         }
         st.namespaces.sort_by_key(|e| e.nsid);
         st.generation = st.generation.max(saved.generation);
         st.last = saved.last;
+        st.recent = saved.recent;
         self.persist(&st);
         log::info!(
             "{}: namespaces as the last worker left them: {out:?}",
@@ -736,6 +818,7 @@ impl Subsystem {
             attached: Vec::new(),
             pooled: s.pooled,
             created: s.created,
+            added: false,
         })
     }
 
@@ -869,6 +952,13 @@ fn capacity_of(st: &State) -> (u64, u64) {
     (total, total.saturating_sub(allocated))
 }
 
+/// A namespace's identity seed, hashed (FNV-1a): saved to tell namespaces apart.
+fn ident(seed: &str) -> u64 {
+    seed.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// A change made by admin command `tag` (none: the management plane's), answered with
 /// `dw0`: saved with the change, so its second run after a crash answers the same.
 fn note(st: &mut State, tag: Option<CommandTag>, dw0: u32) {
@@ -980,6 +1070,14 @@ mod tests {
         let gone = first.create(1 << 20, 9, true).unwrap();
         first.delete(gone, None, false).unwrap();
         let ids = first.namespace(made).unwrap().ids;
+        // the management plane: a volume added, deleted, another added under the same NSID
+        let volume = || Box::new(MallocBackend::new(1 << 20).unwrap());
+        let replay = |s: &Subsystem| {
+            s.add_run_time_namespace(9, volume(), 9, "vol-a");
+            s.delete(9, None, false).unwrap();
+            s.add_run_time_namespace(9, volume(), 9, "vol-b");
+        };
+        replay(&first);
 
         let next = worker(&state);
         // a replayed change before settling: left to the saved state, not saved over it
@@ -989,6 +1087,7 @@ mod tests {
         );
         assert_eq!(next.attached(1), Some(vec![1, 2]));
         let third = worker(&state);
+        replay(&third);
         let settled = third.settle();
         assert_eq!(
             settled,
@@ -1003,6 +1102,11 @@ mod tests {
         assert_eq!(third.attached(1), Some(vec![1]));
         assert_eq!(third.attached(made), Some(vec![1, 2]));
         assert_eq!(third.attached(gone), None);
+        assert_eq!(
+            third.namespace(9).unwrap().ids,
+            NsIds::derive(9, "vol-b"),
+            "the volume added last, not the first one under that NSID"
+        );
         let again = third.namespace(made).unwrap();
         assert!(again.pooled && again.lba_shift == 12 && again.size == 4 << 20);
         assert_eq!(again.ids, ids, "a created namespace keeps its identity");

@@ -1847,6 +1847,23 @@ fn guest_namespaces_outlive_the_worker(files: bool) {
     );
     let nguid = identify(&mut pf, 0x00, made)[104..120].to_vec();
     assert!(nguid.iter().any(|&b| b != 0));
+    // a subsystem made at run time with a pool of its own: its namespaces are kept from the
+    // start too (nothing saved to wait for)
+    let rt_sock = dir.join("rt.sock");
+    rpc(
+        &rpc_sock,
+        &[
+            "subsystem_create",
+            &format!("socket={}", rt_sock.display()),
+            "nqn=nqn.2026-12.io.vnvme:pooled-rt",
+            &format!("namespace_pool={pool_spec}"),
+        ],
+    );
+    let mut rt = open(&rt_sock);
+    let rt_cntlid = u16::from_le_bytes(identify(&mut rt, 0x01, 0)[78..80].try_into().unwrap());
+    let rt_made = create(&mut rt, 512, 512, 0, 1).expect("create at run time");
+    assert_eq!(attach(&mut rt, false, rt_made, &[rt_cntlid]), Ok(0));
+    assert_eq!(u32_list(&identify(&mut rt, 0x02, 0)), [rt_made]);
 
     let r = rpc(&rpc_sock, &["daemon_upgrade"]);
     assert!(r.get("generation").is_some(), "{r}");
@@ -1865,13 +1882,18 @@ fn guest_namespaces_outlive_the_worker(files: bool) {
     assert_eq!(io(&mut vf, false, made, &mut back), Status::SUCCESS);
     assert_eq!(back, block, "the created namespace's data");
     assert_eq!(io(&mut vf, false, 1, &mut back), Status::INVALID_NAMESPACE);
+    assert_eq!(u32_list(&identify(&mut rt, 0x02, 0)), [rt_made], "{log}");
     assert!(!log.contains("supervisor: replaying"), "{log}");
     assert!(!log.contains("not put back"), "{log}");
     assert_eq!(log.matches("subsystems settled").count(), 3, "{log}");
     // and it goes on: deleting the created namespace removes its file
     assert_eq!(delete(&mut pf, made), Ok(0));
     let left = std::fs::read_dir(&pool).unwrap().count();
-    assert_eq!(left, usize::from(files), "the ns_create one is left");
+    assert_eq!(
+        left,
+        2 * usize::from(files),
+        "the ns_create one and the run-time one"
+    );
     if !files {
         // the pool's RAM is the supervisor's (one memfd)
         let sup = served.0.id();
@@ -1880,6 +1902,6 @@ fn guest_namespaces_outlive_the_worker(files: bool) {
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .filter(|l| l.to_string_lossy().contains("vnvme-ram"))
             .count();
-        assert_eq!(kept, 1, "the pool's memfd");
+        assert_eq!(kept, 2, "the pools' memfds");
     }
 }

@@ -163,6 +163,9 @@ impl Controller {
     /// The answer of a change command the last worker made and saved but did not complete:
     /// this is its second run (after a crash), which changes nothing again.
     fn applied_before(&self, sub: &dyn NvmSubsystem, tag: Option<CommandTag>) -> Option<Outcome> {
+        if !self.reissuing {
+            return None;
+        }
         let tag = tag?;
         let dw0 = sub.applied(tag)?;
         log::info!(

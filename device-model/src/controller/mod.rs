@@ -187,6 +187,8 @@ pub struct Controller {
     pub(crate) qos_saved: u64,
     /// The SR-IOV pools' generation as last saved (a primary's journal carries them).
     pub(crate) virt_saved: u64,
+    /// A command the last worker fetched is being run again (restore).
+    pub(crate) reissuing: bool,
     /// When the statistics are next looked at for a save (`snapshot_stats.rs`).
     pub(crate) stats_save: snapshot_stats::SaveClock,
     pub(crate) journal_owned: bool,
@@ -272,6 +274,7 @@ impl Controller {
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,
             virt_saved: 0,
+            reissuing: false,
             stats_save: snapshot_stats::SaveClock::default(),
             journal_owned: false,
             events_unsaved: false,

@@ -454,7 +454,11 @@ impl Controller {
                         sqe.cid.get()
                     );
                 }
+                // a change command the dead worker applied answers as then (and only a
+                // command run again: a new one may carry the same tag after a reset)
+                self.reissuing = true;
                 self.dispatch(qid, slot, &sqe, &mem);
+                self.reissuing = false;
             }
         }
         // every enabled vector once: a completion posted by the dead worker may have lost

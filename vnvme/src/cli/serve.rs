@@ -132,18 +132,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         Some(fd) => Some(WorkerLink::take(fd).context("taking over from the supervisor")?),
         None => None,
     };
-    let cfg = if let Some(text) = worker.as_ref().and_then(WorkerLink::config) {
-        // the supervisor's, as it read it at its start (its RAM keys named)
-        let origin = std::path::Path::new("(the supervisor's configuration)");
-        Config::parse(text, origin)?
-    } else {
-        let mut cfg = args.to_config()?;
-        if worker.is_some() {
-            // a supervisor of an earlier build: the RAM of `malloc:` namespaces is its own,
-            // named as this names it
-            cfg.keep_configured_ram();
-        }
-        cfg
+    let cfg = match (configuration(args, worker.as_ref()), &worker) {
+        (Ok(cfg), _) => cfg,
+        (Err(e), w) => return failed(e, w.as_ref()),
     };
     sys_util::process::catch_termination_signals();
     if worker.is_none() && supervised(&cfg, args) {
@@ -153,38 +144,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         Some(_) => Daemon::start_worker(&cfg, &args.deleted_entry),
         None => Daemon::start(&cfg),
     };
-    let up = started
-        .context("starting the daemon")
-        .and_then(|d| Ok((d, bind_rpc(args)?)));
-    let (mut daemon, rpc) = match (up, &worker) {
-        (Ok(up), _) => up,
-        // the supervisor says why, once, as its own error
-        (Err(e), Some(w)) => {
-            w.failed(&crate::cause_once(&e));
-            return Ok(1);
-        }
-        (Err(e), None) => return Err(e),
+    let up = started.context("starting the daemon").and_then(|d| {
+        let rpc = bind_rpc(args)?;
+        let metrics = start_metrics(&cfg, args, &d)?;
+        Ok((d, rpc, metrics))
+    });
+    let (mut daemon, rpc, metrics) = match up {
+        Ok(up) => up,
+        Err(e) => return failed(e, worker.as_ref()),
     };
     // a worker is ready once its management socket is up: the supervisor replays run-time
     // changes there before the clients come back
     if let Some(w) = &worker {
         w.ready().context("telling the supervisor")?;
     }
-    let metrics_addr = match (args.metrics, &cfg.metrics) {
-        (Some(a), _) => Some(a),
-        // validated with the configuration
-        (None, Some(a)) => Some(a.parse().context("metrics")?),
-        (None, None) => None,
-    };
-    let metrics = match metrics_addr {
-        Some(a) => {
-            let m = MetricsServer::start(a).with_context(|| format!("metrics on {a}"))?;
-            m.registry().set(daemon.metric_sources());
-            eprintln!("vnvme: metrics on http://{}/metrics", m.local_addr());
-            Some(m)
-        }
-        None => None,
-    };
     for s in daemon.sockets() {
         log::info!("serving {}", s.display());
         eprintln!("vnvme: serving NVMe controller on {}", s.display());
@@ -199,10 +172,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
                 // no flush, no socket removal: the next worker carries on with all of it
                 std::process::exit(0);
             }
-            Some((w, Asked::Settle)) => {
-                let done = daemon.settle_subsystems();
-                w.settled(&done);
-            }
+            Some((w, Asked::Settle)) => match daemon.settle_subsystems() {
+                Ok(done) => {
+                    w.settled(&done);
+                    for a in daemon.tcp_addrs() {
+                        eprintln!("vnvme: serving NVMe/TCP on {a}");
+                    }
+                }
+                Err(e) => {
+                    // the supervisor says why, once, as its own error
+                    let e = anyhow::Error::new(e).context("starting the daemon");
+                    w.settled(&serde_json::json!({ "error": crate::cause_once(&e) }));
+                    return Ok(1);
+                }
+            },
             Some((_, Asked::SupervisorGone)) => {
                 eprintln!("vnvme: the supervisor is gone; stopping");
                 break;
@@ -231,6 +214,53 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
 }
 
 /// `--supervised`: own the sockets, run the data plane in a worker process.
+/// The configuration to build: a worker's supervisor's, else the flags' or file's.
+fn configuration(args: &ServeArgs, worker: Option<&WorkerLink>) -> anyhow::Result<Config> {
+    if let Some(text) = worker.and_then(WorkerLink::config) {
+        // the supervisor's, as it read it at its start (its RAM keys named)
+        let origin = std::path::Path::new("(the supervisor's configuration)");
+        return Ok(Config::parse(text, origin)?);
+    }
+    let mut cfg = args.to_config()?;
+    if worker.is_some() {
+        // a supervisor of an earlier build: the RAM of `malloc:` namespaces is its own, named
+        // as this names it
+        cfg.keep_configured_ram();
+    }
+    Ok(cfg)
+}
+
+/// A start that failed: a worker tells its supervisor why (which says it, once, as its own
+/// error) and exits with 1; otherwise the error is this command's.
+fn failed(e: anyhow::Error, worker: Option<&WorkerLink>) -> anyhow::Result<i32> {
+    match worker {
+        Some(w) => {
+            w.failed(&crate::cause_once(&e));
+            Ok(1)
+        }
+        None => Err(e),
+    }
+}
+
+/// The Prometheus endpoint `--metrics` (or the configuration's `metrics`) names, serving
+/// `daemon`'s statistics.
+fn start_metrics(
+    cfg: &Config,
+    args: &ServeArgs,
+    daemon: &Daemon,
+) -> anyhow::Result<Option<MetricsServer>> {
+    let addr = match (args.metrics, &cfg.metrics) {
+        (Some(a), _) => a,
+        // validated with the configuration
+        (None, Some(a)) => a.parse().context("metrics")?,
+        (None, None) => return Ok(None),
+    };
+    let m = MetricsServer::start(addr).with_context(|| format!("metrics on {addr}"))?;
+    m.registry().set(daemon.metric_sources());
+    eprintln!("vnvme: metrics on http://{}/metrics", m.local_addr());
+    Ok(Some(m))
+}
+
 /// The management socket `--rpc` names, bound.
 fn bind_rpc(args: &ServeArgs) -> anyhow::Result<Option<RpcServer>> {
     let Some(path) = &args.rpc else {

@@ -76,14 +76,14 @@ impl Daemon {
             )));
         }
         let seed = format!("{nqn}#{backend}");
-        sub.add_namespace(nsid, b, block_size.trailing_zeros() as u8, &seed, &[]);
+        sub.add_run_time_namespace(nsid, b, block_size.trailing_zeros() as u8, &seed);
         log::info!("{nqn}: namespace {nsid} added on {backend}");
         Ok(nsid)
     }
 
     /// A supervised worker, after its supervisor replayed the run-time changes: every
     /// subsystem's namespaces back as the last worker saved them. What changed, in total.
-    pub fn settle_subsystems(&self) -> serde_json::Value {
+    pub fn settle_subsystems(&mut self) -> Result<serde_json::Value, MgmtError> {
         let mut total = sriov::Settled::default();
         for (_, e) in self.running() {
             let s = e.subsystem.settle();
@@ -93,13 +93,17 @@ impl Daemon {
             total.removed += s.removed;
             total.lost += s.lost;
         }
-        serde_json::json!({
+        // the hosts of NVMe-oF exports come in now, onto the settled namespaces
+        if let Some(held) = self.held_exports.take() {
+            self.start_targets(held).map_err(MgmtError::Daemon)?;
+        }
+        Ok(serde_json::json!({
             "attached": total.attached,
             "detached": total.detached,
             "reopened": total.reopened,
             "removed": total.removed,
             "lost": total.lost,
-        })
+        }))
     }
 
     /// Delete namespace `nsid` of subsystem `nqn`, detaching it everywhere first.

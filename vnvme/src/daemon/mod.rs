@@ -49,6 +49,9 @@ pub struct Daemon {
     arrays: crate::arrays::Arrays,
     /// Volume stores (`[[lvstore]]`, `lvs_create`).
     lvstores: crate::lvstores::Lvstores,
+    /// A supervised worker's NVMe-oF exports, held until its subsystems are settled (a host
+    /// served before would see namespaces the guests changed since the configuration).
+    held_exports: Option<Exports>,
 }
 
 /// NVMe/TCP exports grouped by listen address (one target per address), with the entries
@@ -130,6 +133,7 @@ impl Daemon {
         let mut daemon = Daemon {
             entries: Vec::new(),
             targets: Vec::new(),
+            held_exports: (worker && crate::supervisor::handover::settles()).then(Vec::new),
             place,
             devices: DeviceRegistry::default(),
             arrays: crate::arrays::Arrays::new(worker),
@@ -172,6 +176,10 @@ impl Daemon {
 
     /// Start NVMe-oF targets (TCP, and RDMA where asked) for `exports`.
     fn start_targets(&mut self, exports: Exports) -> Result<(), DaemonError> {
+        if let Some(held) = self.held_exports.as_mut() {
+            held.extend(exports);
+            return Ok(());
+        }
         for Export {
             tcp: addr,
             rdma,

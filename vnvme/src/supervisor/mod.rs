@@ -377,48 +377,35 @@ impl Supervisor {
             .arg(theirs.as_raw_fd().to_string())
             // a terminal's Ctrl-C reaches the supervisor alone, which stops the worker
             .process_group(0);
-        let child = cmd.spawn().map_err(SupervisorError::Io)?;
+        let mut child = cmd.spawn().map_err(SupervisorError::Io)?;
         drop(theirs);
-        let (config, len) = &self.config;
-        control::send(
-            &ours,
-            control::CONFIG,
-            &json!({"len": len}),
-            &[config.as_fd()],
-        )
-        .map_err(SupervisorError::Io)?;
-        let mut links = Vec::new();
-        for o in &self.owned {
-            let (relay_end, worker_end) = UnixStream::pair().map_err(SupervisorError::Io)?;
-            let body = json!({"socket": o.socket, "run_time": o.run_time});
-            let r = control::send(
-                &ours,
-                control::ATTACH,
-                &body,
-                &[worker_end.as_fd(), o.doorbells.fd(), o.state.fd()],
-            );
-            r.map_err(SupervisorError::Io)?;
-            links.push(relay_end);
-        }
-        for (addr, l) in &self.listeners {
-            control::send(&ours, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])
-                .map_err(SupervisorError::Io)?;
-        }
-        self.ram.send_all(&ours).map_err(SupervisorError::Io)?;
-        let ready = control::request(
-            &ours,
-            control::START,
-            &json!({"settle": true}),
-            &[],
-            Duration::from_secs(30),
-        );
+        let handed = self.hand_over(&ours);
+        let (links, ready) = match handed {
+            Ok(links) => (
+                links,
+                control::request(
+                    &ours,
+                    control::START,
+                    &json!({"settle": true}),
+                    &[],
+                    Duration::from_secs(30),
+                ),
+            ),
+            Err(e) => {
+                // a worker that never got what it serves is not left behind
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SupervisorError::Io(e));
+            }
+        };
         let pid = child.id();
-        let mut child = child;
         let settles = match ready {
             Ok(Some(m)) if m.command == control::DONE && m.body.get("error").is_none() => {
                 m.body["settle"] == true
             }
             Ok(Some(m)) if m.command == control::DONE => {
+                // it exits by itself; a worker hanging on its way out is not waited for
+                let _ = child.kill();
                 let _ = child.wait();
                 let why = m.body["error"].as_str().unwrap_or("no reason given");
                 return Err(SupervisorError::WorkerStart(why.to_owned()));
@@ -442,8 +429,14 @@ impl Supervisor {
                 &[],
                 Duration::from_secs(30),
             ) {
-                Ok(Some(m)) if m.command == control::DONE => {
+                Ok(Some(m)) if m.command == control::DONE && m.body.get("error").is_none() => {
                     log::info!("supervisor: subsystems settled: {}", m.body);
+                }
+                Ok(Some(m)) if m.command == control::DONE => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let why = m.body["error"].as_str().unwrap_or("no reason given");
+                    return Err(SupervisorError::WorkerStart(why.to_owned()));
                 }
                 other => {
                     let _ = child.kill();
@@ -465,6 +458,31 @@ impl Supervisor {
         );
         self.worker = Some((child, ours));
         Ok(())
+    }
+
+    /// Hand a starting worker on `ctl` what it serves: the configuration, each socket's
+    /// link and memfds, the listeners, the kept RAM. The relay ends of the links.
+    fn hand_over(&self, ctl: &UnixStream) -> std::io::Result<Vec<UnixStream>> {
+        let (config, len) = &self.config;
+        control::send(
+            ctl,
+            control::CONFIG,
+            &json!({"len": len}),
+            &[config.as_fd()],
+        )?;
+        let mut links = Vec::new();
+        for o in &self.owned {
+            let (relay_end, worker_end) = UnixStream::pair()?;
+            let body = json!({"socket": o.socket, "run_time": o.run_time});
+            let fds = [worker_end.as_fd(), o.doorbells.fd(), o.state.fd()];
+            control::send(ctl, control::ATTACH, &body, &fds)?;
+            links.push(relay_end);
+        }
+        for (addr, l) in &self.listeners {
+            control::send(ctl, control::LISTEN, &json!({"addr": addr}), &[l.as_fd()])?;
+        }
+        self.ram.send_all(ctl)?;
+        Ok(links)
     }
 
     /// A planned upgrade to `binary` (default: the current one). A new binary whose worker

@@ -154,7 +154,13 @@ impl WorkerLink {
     /// The daemon did not start: tell the supervisor why (it reports it as its own error),
     /// instead of being ready.
     pub fn failed(&self, why: &str) {
-        let _ = control::answer(&self.ctl, self.start, &json!({"error": why}));
+        // a supervisor of an earlier build (it numbers no request) would take any answer for
+        // ready: it gets none, and sees the link close, as before
+        if self.start != 0 {
+            let _ = control::answer(&self.ctl, self.start, &json!({"error": why}));
+        } else {
+            eprintln!("vnvme: error: {why}");
+        }
     }
 
     /// The configuration the supervisor handed over, if it did (TOML).
