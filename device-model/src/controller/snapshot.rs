@@ -338,6 +338,9 @@ impl Controller {
         self.page_size = b.page_size;
         self.admin.features = b.features;
         self.shadow = b.shadow;
+        // what the subsystem's settle told this controller (the most recent change, whose
+        // notice the last worker may not have given): reported with what it had not
+        let told = std::mem::take(&mut self.admin.changed_ns.nsids);
         if let Some(e) = b.events {
             // parked requests come back below, as the reissued commands they are
             self.admin.events.masked = e.masked;
@@ -347,6 +350,17 @@ impl Controller {
             self.admin.pool_warning = e.pool_warning;
         }
         let mem = self.mem.snapshot();
+        for &nsid in &told {
+            self.admin.changed_ns.record(nsid);
+        }
+        if !told.is_empty()
+            && self.admin.features.async_event_config
+                & crate::state::changed_namespaces::NS_ATTRIBUTE_NOTICES
+                != 0
+        {
+            // queued: the host's parked requests are run again below and take it
+            self.raise_event(crate::state::changed_namespaces::NS_ATTRIBUTE_CHANGED, &mem);
+        }
         self.queues.take_all();
         // I/O completions posted after their CQ's last recorded tail: (SQ, command id)
         let mut posted = Vec::new();
