@@ -259,6 +259,26 @@ pub(crate) fn pool_refusal(pool: Option<&str>, socket: bool) -> Option<String> {
     None
 }
 
+/// The body of a starting worker's answer to `what`; a worker that answered with an error,
+/// or not at all, is killed and reaped, and its error is the start's.
+fn answer_of(
+    child: &mut Child,
+    answer: std::io::Result<Option<control::Control>>,
+    what: &str,
+) -> Result<Value, SupervisorError> {
+    let why = match answer {
+        Ok(Some(m)) if m.command == control::DONE => match m.body.get("error") {
+            None => return Ok(m.body),
+            Some(e) => e.as_str().unwrap_or("no reason given").to_owned(),
+        },
+        other => format!("no answer to {what}: {other:?}"),
+    };
+    // it exits by itself; a worker hanging on its way out is not waited for
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(SupervisorError::WorkerStart(why))
+}
+
 /// `cfg` as TOML in a memfd, with its length: what every worker builds, whatever happens to
 /// the file since (entry numbers and RAM keys stay those the supervisor holds sockets and
 /// RAM for).
@@ -304,56 +324,69 @@ impl Supervisor {
         let listeners = bind_listeners(&cfg)?;
         let config = config_memfd(&cfg)?;
         crate::limits::apply();
-        let stop = Arc::new(AtomicBool::new(false));
-        let hung = Arc::new(AtomicBool::new(false));
-        let mut owned = Vec::new();
-        let mut relays = Vec::new();
-        for socket in sockets {
-            let (tx, rx) = mpsc::channel();
-            let own_stop = Arc::new(AtomicBool::new(false));
-            let mut relay = Relay::bind(&socket, rx, Arc::clone(&own_stop), Arc::clone(&hung))?;
-            let doorbells = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)
-                .map_err(SupervisorError::Io)?;
-            let state = Journal::create().map_err(SupervisorError::Io)?;
-            relays.push(
-                std::thread::Builder::new()
-                    .name("relay".into())
-                    .spawn(move || relay.run())
-                    .map_err(SupervisorError::Io)?,
-            );
-            owned.push(Owned {
-                socket,
-                doorbells,
-                state,
-                links: tx,
-                stop: own_stop,
-                run_time: false,
-            });
-        }
         let mut s = Self {
             status: Status {
                 binary: opts.binary.display().to_string(),
                 ..Status::default()
             },
             opts,
-            owned,
-            relays,
-            stop,
+            owned: Vec::new(),
+            relays: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
             worker: None,
             retry_at: None,
-            hung,
+            hung: Arc::new(AtomicBool::new(false)),
             listeners,
             changes: rpc::Changes::default(),
             ram,
             configured: configured::entries(&cfg),
             config,
         };
+        for socket in sockets {
+            if let Err(e) = s.own_configured(socket) {
+                // the sockets bound so far go again
+                s.shutdown();
+                return Err(e);
+            }
+        }
         if let Err(e) = s.spawn_worker() {
             // nothing is served: the relays remove their sockets
             s.shutdown();
             return Err(e);
         }
         Ok(s)
+    }
+
+    /// Own configured vfio-user socket `socket`: bind it, make its memfds, run its relay.
+    fn own_configured(&mut self, socket: PathBuf) -> Result<(), SupervisorError> {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut relay = Relay::bind(&socket, rx, Arc::clone(&stop), Arc::clone(&self.hung))?;
+        let made = SharedMemory::new(c"vnvme-bar0", device_model::pci::BAR0_SIZE)
+            .and_then(|d| Ok((d, Journal::create()?)));
+        let (doorbells, state) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                // the relay never ran: stopped at once, it removes its socket
+                stop.store(true, Ordering::Relaxed);
+                relay.run();
+                return Err(SupervisorError::Io(e));
+            }
+        };
+        let handle = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || relay.run())
+            .map_err(SupervisorError::Io)?;
+        self.relays.push(handle);
+        self.owned.push(Owned {
+            socket,
+            doorbells,
+            state,
+            links: tx,
+            stop,
+            run_time: false,
+        });
+        Ok(())
     }
 
     /// The sockets served.
@@ -399,53 +432,17 @@ impl Supervisor {
             }
         };
         let pid = child.id();
-        let settles = match ready {
-            Ok(Some(m)) if m.command == control::DONE && m.body.get("error").is_none() => {
-                m.body["settle"] == true
-            }
-            Ok(Some(m)) if m.command == control::DONE => {
-                // it exits by itself; a worker hanging on its way out is not waited for
-                let _ = child.kill();
-                let _ = child.wait();
-                let why = m.body["error"].as_str().unwrap_or("no reason given");
-                return Err(SupervisorError::WorkerStart(why.to_owned()));
-            }
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SupervisorError::WorkerStart(format!("{other:?}")));
-            }
-        };
+        let settles = answer_of(&mut child, ready, "START")?["settle"] == true;
         // the run-time changes first: the controllers restore with their namespaces
         if let Some(p) = &self.opts.worker_rpc {
             rpc::replay(&changes, p);
         }
         // then the namespaces as guests left them, before any client is relayed again
         if settles {
-            match control::request(
-                &ours,
-                control::SETTLE,
-                &Value::Null,
-                &[],
-                Duration::from_secs(30),
-            ) {
-                Ok(Some(m)) if m.command == control::DONE && m.body.get("error").is_none() => {
-                    log::info!("supervisor: subsystems settled: {}", m.body);
-                }
-                Ok(Some(m)) if m.command == control::DONE => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let why = m.body["error"].as_str().unwrap_or("no reason given");
-                    return Err(SupervisorError::WorkerStart(why.to_owned()));
-                }
-                other => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(SupervisorError::WorkerStart(format!(
-                        "no answer to SETTLE: {other:?}"
-                    )));
-                }
-            }
+            let wait = Duration::from_secs(30);
+            let settled = control::request(&ours, control::SETTLE, &Value::Null, &[], wait);
+            let body = answer_of(&mut child, settled, "SETTLE")?;
+            log::info!("supervisor: subsystems settled: {body}");
         }
         for (o, l) in self.owned.iter().zip(links) {
             let _ = o.links.send(l);
