@@ -1483,6 +1483,27 @@ fn ram_namespaces_keep_their_data_across_workers() {
         &["lvs_create", "name=gone", "backend=malloc:16M"],
     );
     rpc(&rpc_sock, &["lvs_delete", "name=gone"]);
+    // a RAM member replaced at run time: the new one's RAM is kept (the superblocks name it),
+    // the removed one's let go
+    let removed = rpc(
+        &rpc_sock,
+        &["raid_remove_member", "name=mirror", "member=1"],
+    );
+    assert_eq!(removed["member"], "malloc:32M@r1", "{removed}");
+    rpc(
+        &rpc_sock,
+        &["raid_add_member", "name=mirror", "member=malloc:32M"],
+    );
+    let mirror = || rpc(&rpc_sock, &["raid_list"])[0].clone();
+    let t = Instant::now();
+    while mirror()["last_rebuild"]["finished"] != true {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no rebuild: {}",
+            mirror()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let log = verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
     assert!(!log.contains("supervisor: replaying"), "{log}");
@@ -1490,6 +1511,38 @@ fn ram_namespaces_keep_their_data_across_workers() {
     // RAM made at run time: the two members' (r0, r1) and the deleted store's (r2)
     assert!(log.contains("RAM r2 let go"), "{log}");
     assert!(!log.contains("RAM r0 let go"), "{log}");
+    // the removed member's RAM stays: the array's creation, replayed, names it
+    assert!(!log.contains("RAM r1 let go"), "{log}");
+    assert!(!log.contains("RAM r3 let go"), "{log}");
+    let m = mirror();
+    let members: Vec<(String, String)> = m["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["member"].as_str().unwrap().to_owned(),
+                x["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        members
+            .iter()
+            .any(|(spec, state)| spec == "malloc:32M@r3" && state == "active"),
+        "the member added at run time, after an upgrade and a kill: {m}"
+    );
+    // removed again, its RAM goes (within a moment: the supervisor's loop)
+    rpc(
+        &rpc_sock,
+        &["raid_remove_member", "name=mirror", "member=malloc:32M@r3"],
+    );
+    let t = Instant::now();
+    let daemon_log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    while !daemon_log().contains("RAM r3 let go") {
+        assert!(t.elapsed() < Duration::from_secs(3), "{}", daemon_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stores = rpc(&rpc_sock, &["lvs_list"]).to_string();
     assert!(
         stores.contains("\"rt\"") && !stores.contains("\"gone\""),

@@ -99,6 +99,9 @@ fn open_recorded(spec: &str, devices: &mut DeviceRegistry) -> Result<(String, Me
     let spec = match parsed {
         BackendSpec::File { path, .. } => format!("file:{}", path.display()),
         BackendSpec::NvmeTcp(_) | BackendSpec::Nvme { .. } => spec.to_owned(),
+        // RAM a supervisor keeps (a member added at run time under it): the next worker
+        // opens the same memfd
+        BackendSpec::Malloc { kept: Some(_), .. } => spec.to_owned(),
         _ => return Err("not a member kind reopened from a superblock".into()),
     };
     let m = open_member_counted(&spec, devices)?;
@@ -414,8 +417,9 @@ impl Arrays {
         Ok(out)
     }
 
-    /// Retire member `member` (its spec, or its slot number) of array `name`.
-    pub fn remove_member(&mut self, name: &str, member: &str) -> Result<usize, String> {
+    /// Retire member `member` (its spec, or its slot number) of array `name`: its slot and
+    /// spec.
+    pub fn remove_member(&mut self, name: &str, member: &str) -> Result<(usize, String), String> {
         let i = self.find(name)?;
         let s = &mut self.list[i];
         let slot = match member.parse::<usize>() {
@@ -427,7 +431,7 @@ impl Arrays {
                 .ok_or_else(|| format!("{member} is not a member of array {name}"))?,
         };
         s.handle.remove_member(slot, None)?;
-        Ok(slot)
+        Ok((slot, s.members.get(slot).cloned().unwrap_or_default()))
     }
 
     /// Set the rebuild rate of array `name` (MB/s, 0: no limit).

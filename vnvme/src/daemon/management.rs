@@ -285,8 +285,12 @@ impl Daemon {
             .map_err(MgmtError::Invalid)
     }
 
-    /// Retire member `member` (spec or slot) of array `name`; its slot.
-    pub fn raid_remove_member(&mut self, name: &str, member: &str) -> Result<usize, MgmtError> {
+    /// Retire member `member` (spec or slot) of array `name`; its slot and spec.
+    pub fn raid_remove_member(
+        &mut self,
+        name: &str,
+        member: &str,
+    ) -> Result<(usize, String), MgmtError> {
         self.arrays
             .remove_member(name, member)
             .map_err(MgmtError::Invalid)

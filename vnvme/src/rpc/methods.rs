@@ -218,10 +218,10 @@ pub fn call(daemon: &mut Daemon, method: &str, p: &Value) -> Result<Value, RpcEr
         }
         "raid_remove_member" | "bdev_raid_remove_base_bdev" => {
             let (name, member) = name_and_member(p)?;
-            let slot = daemon
+            let (slot, spec) = daemon
                 .raid_remove_member(name, &member)
                 .map_err(|e| refused(&e))?;
-            Ok(json!({ "slot": slot }))
+            Ok(json!({ "slot": slot, "member": spec }))
         }
         "raid_set_rebuild_rate" => {
             let mb = uint(p, "mb_per_sec", 1 << 20)?;

@@ -72,6 +72,9 @@ struct Shared {
     made: Mutex<Vec<subsystems::Made>>,
     /// The configured subsystems' NQNs, by entry number.
     configured: Vec<String>,
+    /// Kept RAM of array members added at run time (`raid_add_member`), by array name: let
+    /// go of when the member is removed or the array deleted.
+    member_ram: Mutex<Vec<(String, String)>>,
 }
 
 /// The run-time changes the workers so far accepted, which every new worker gets before it
@@ -117,6 +120,7 @@ impl SupervisorRpc {
             changes,
             made: Mutex::new(Vec::new()),
             configured,
+            member_ram: Mutex::new(Vec::new()),
         };
         let acceptor = Acceptor::start("supervisor-rpc", listener, owned, MAX_CLIENTS, move |s| {
             serve(&s, &shared)
@@ -226,11 +230,33 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
         }
         crate::rpc::methods::SKIP_ENTRY => refused(&id, "the supervisor's own call"),
         "subsystem_create" => subsystems::create(sh, &req, &id),
+        "raid_add_member" | "bdev_raid_add_base_bdev" => match add_member(sh, req.clone()) {
+            Ok(reply) => {
+                let mut w = s;
+                w.write_all(reply.as_bytes())?;
+                return Ok(());
+            }
+            Err(e) => refused(&id, &e),
+        },
+        "raid_remove_member" | "bdev_raid_remove_base_bdev" => match remove_member(sh, &line) {
+            Ok(reply) => {
+                let mut w = s;
+                w.write_all(reply.as_bytes())?;
+                return Ok(());
+            }
+            Err(e) => refused(&id, &e),
+        },
         "subsystem_delete" => subsystems::delete(sh, &req, &line, &id),
         m if REPLAYED.contains(&m) => match (sh.worker_rpc.as_ref(), keep_ram(sh, req.clone())) {
             (None, _) => refused(&id, "no management socket in the worker"),
             (_, Err(e)) => refused(&id, &format!("{m}: {e}")),
             (Some(p), Ok((req, line, kept))) => {
+                let deleted_array = (m == "raid_delete").then(|| {
+                    req["params"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                });
                 let mut changes = write(&sh.changes);
                 match forward(p, line.as_bytes()) {
                     Ok(reply) => {
@@ -249,6 +275,9 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
                         if let Some(l) = dropped {
                             let keys = serde_json::from_str(&l).map_or(Vec::new(), |r| keys_in(&r));
                             let _ = ask(sh, Ask::ForgetRam(keys));
+                        }
+                        if let Some(name) = deleted_array.filter(|_| accepted) {
+                            forget_member_ram(sh, |array, _| array == name);
                         }
                         let mut w = s;
                         w.write_all(reply.as_bytes())?;
@@ -448,6 +477,66 @@ fn keep_ram(sh: &Shared, mut req: Value) -> Result<(Value, String, Vec<String>),
     }
     let line = req.to_string();
     Ok((req, line, keys))
+}
+
+/// `raid_add_member`: a `malloc:` member gets kept RAM (`malloc:SIZE@rN`, in the call before
+/// it is forwarded), which the array's superblocks then name, so the next worker assembles
+/// the array with it. Not replayed: membership is on the members. The worker's answer.
+fn add_member(sh: &Shared, req: Value) -> Result<String, String> {
+    let worker = sh
+        .worker_rpc
+        .as_ref()
+        .ok_or("no management socket in the worker")?;
+    let array = req["params"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (_, line, kept) = keep_ram(sh, req)?;
+    let changes = write(&sh.changes);
+    let forwarded = forward(worker, line.as_bytes());
+    drop(changes);
+    let accepted = forwarded
+        .as_ref()
+        .is_ok_and(|r| serde_json::from_str::<Value>(r).is_ok_and(|v| v.get("result").is_some()));
+    if accepted {
+        let mut list = sh.member_ram.lock().unwrap_or_else(PoisonError::into_inner);
+        list.extend(kept.into_iter().map(|k| (array.clone(), k)));
+    } else {
+        let _ = ask(sh, Ask::ForgetRam(kept));
+    }
+    forwarded.map_err(|e| format!("the worker did not answer: {e}"))
+}
+
+/// `raid_remove_member`: a member on RAM kept for an earlier `raid_add_member` lets it go.
+fn remove_member(sh: &Shared, line: &[u8]) -> Result<String, String> {
+    let worker = sh
+        .worker_rpc
+        .as_ref()
+        .ok_or("no management socket in the worker")?;
+    let changes = write(&sh.changes);
+    let reply = forward(worker, line).map_err(|e| format!("the worker did not answer: {e}"))?;
+    drop(changes);
+    let removed = serde_json::from_str::<Value>(&reply)
+        .ok()
+        .and_then(|v| v.get("result")?.get("member")?.as_str().map(str::to_owned));
+    if let Some(spec) = removed {
+        let key = keys_in(&Value::String(spec));
+        forget_member_ram(sh, |_, k| key.iter().any(|x| x == k));
+    }
+    Ok(reply)
+}
+
+/// Let go of the kept RAM of run-time array members that `gone` (array, key) picks.
+fn forget_member_ram(sh: &Shared, gone: impl Fn(&str, &str) -> bool) {
+    let keys: Vec<String> = {
+        let mut list = sh.member_ram.lock().unwrap_or_else(PoisonError::into_inner);
+        let (drop, keep): (Vec<_>, Vec<_>) = list.drain(..).partition(|(a, k)| gone(a, k));
+        *list = keep;
+        drop.into_iter().map(|(_, k)| k).collect()
+    };
+    if !keys.is_empty() {
+        let _ = ask(sh, Ask::ForgetRam(keys));
+    }
 }
 
 /// Replay the accepted run-time changes to a new worker's management socket `path`.
