@@ -98,10 +98,11 @@ fn open_recorded(spec: &str, devices: &mut DeviceRegistry) -> Result<(String, Me
     let parsed: BackendSpec = spec.parse().map_err(|e| format!("{e}"))?;
     let spec = match parsed {
         BackendSpec::File { path, .. } => format!("file:{}", path.display()),
-        BackendSpec::NvmeTcp(_) | BackendSpec::Nvme { .. } => spec.to_owned(),
-        // RAM a supervisor keeps (a member added at run time under it): the next worker
+        // and RAM a supervisor keeps (a member added at run time under it): the next worker
         // opens the same memfd
-        BackendSpec::Malloc { kept: Some(_), .. } => spec.to_owned(),
+        BackendSpec::NvmeTcp(_)
+        | BackendSpec::Nvme { .. }
+        | BackendSpec::Malloc { kept: Some(_), .. } => spec.to_owned(),
         _ => return Err("not a member kind reopened from a superblock".into()),
     };
     let m = open_member_counted(&spec, devices)?;
