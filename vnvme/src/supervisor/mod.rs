@@ -532,7 +532,7 @@ impl Supervisor {
     /// acknowledges. Every next worker gets them too, before that call is replayed to it.
     fn attach_at_run_time(&mut self, socket: PathBuf) -> Result<(), String> {
         if self.owned.iter().any(|o| o.socket == socket) {
-            return Err(format!("{} is served already", socket.display()));
+            return Err(format!("socket {} is served already", socket.display()));
         }
         if self.owned.iter().filter(|o| o.run_time).count() >= MAX_RUN_TIME_SOCKETS {
             return Err(format!(
