@@ -1,6 +1,7 @@
-//! The supervisor: `vnvme serve --supervised` runs as a small, stable process that owns
-//! everything a vfio-user client (QEMU) holds the other end of, and runs the data plane in
-//! a replaceable **worker** process (the same binary, or a new one for an upgrade).
+//! The supervisor: `vnvme serve` (by default; `--unsupervised` runs one process) runs as a
+//! small, stable process that owns everything a vfio-user client (QEMU) holds the other end
+//! of, and runs the data plane in a replaceable **worker** process (the same binary, or a new
+//! one for an upgrade).
 //!
 //! # Who owns which fd
 //! - **Supervisor**: each controller's listening vfio-user socket and the client's connected
@@ -137,7 +138,8 @@ pub enum SupervisorError {
 pub struct SupervisorOptions {
     /// The worker binary (this one at start; `daemon_upgrade binary=` changes it).
     pub binary: PathBuf,
-    /// The worker's arguments (`serve ...` without `--supervised`; `--worker-fd` is added).
+    /// The worker's arguments (`serve ...` without `--supervised` or `--unsupervised`;
+    /// `--worker-fd` is added).
     pub worker_args: Vec<OsString>,
     /// The management socket, and the worker's behind it.
     pub rpc: Option<PathBuf>,
@@ -774,8 +776,9 @@ fn status_text(s: Option<std::process::ExitStatus>) -> String {
     s.map_or_else(|| "status unknown".into(), |s| s.to_string())
 }
 
-/// The worker's arguments: this process's `serve` arguments without `--supervised`, with
-/// the management socket moved to `RPC.worker`. Returns them and that path.
+/// The worker's arguments: this process's `serve` arguments without `--supervised` or
+/// `--unsupervised`, with the management socket moved to `RPC.worker`. Returns them and that
+/// path.
 pub fn worker_args(args: &[OsString]) -> (Vec<OsString>, Option<PathBuf>) {
     let mut out = Vec::new();
     let mut worker_rpc = None;
