@@ -68,6 +68,43 @@ pub fn punch(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> io::Resu
     Ok(())
 }
 
+/// The ranges of `[start, end)` of memfd `fd` that hold data (`lseek(SEEK_DATA/SEEK_HOLE)`):
+/// what was ever written and not punched since; the rest reads as zeroes without memory.
+pub fn data_ranges(
+    fd: std::os::fd::BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |at: u64, whence: i32| -> io::Result<Option<u64>> {
+        let at = i64::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek(2) on a descriptor we borrow, integer arguments only (it moves the
+        // file offset, which nothing of ours reads: kept RAM is mapped or read at offsets).
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        // ENXIO: no data from there to the end
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data, hole));
+        at = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
 /// Free the whole pages of `[offset, offset + len)` of a [`map`]ping (`MADV_REMOVE`: a hole
 /// is punched in the memfd): they read as zeroes and use no memory until written again. The
 /// range must be page aligned; false when the kernel refused (nothing changed then).
@@ -118,5 +155,26 @@ mod tests {
             "past the end"
         );
         assert!(map_range(fd.as_fd(), 100, 4096).is_err(), "unaligned");
+    }
+
+    /// What was written shows as data, the rest (and what was punched) as holes.
+    #[test]
+    fn data_ranges_are_what_was_written() {
+        let fd = create(c"test-data", 1 << 20).unwrap();
+        assert_eq!(data_ranges(fd.as_fd(), 0, 1 << 20).unwrap(), []);
+        let mut m = map(fd.as_fd().try_clone_to_owned().unwrap(), 1 << 20).unwrap();
+        m[8192] = 1;
+        m[65536 + 100] = 2;
+        let got = data_ranges(fd.as_fd(), 0, 1 << 20).unwrap();
+        assert_eq!(got, [(8192, 12288), (65536, 69632)]);
+        assert_eq!(
+            data_ranges(fd.as_fd(), 65536, 65536 + 4096).unwrap(),
+            [(65536, 69632)]
+        );
+        assert!(release_pages(&mut m, 8192, 4096));
+        assert_eq!(
+            data_ranges(fd.as_fd(), 0, 1 << 20).unwrap(),
+            [(65536, 69632)]
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use nvme_spec::Status;
 
+use super::written_pages::WrittenPages;
 use super::{Backend, DoneQueue, IoOp, IoRequest};
 
 /// A RAM namespace; contents are lost when the process exits, unless its memfd is kept by
@@ -13,6 +14,9 @@ pub struct MallocBackend {
     /// In a kept memfd (pages are released by punching holes, not dropped from a private
     /// mapping).
     kept: bool,
+    /// In a kept memfd: the pages that may hold data. A read of the others is served as
+    /// zeroes without touching them (through the shared mapping it would allocate them).
+    written: Option<WrittenPages>,
     done: DoneQueue,
 }
 
@@ -45,6 +49,7 @@ impl MallocBackend {
             ram,
             size,
             kept: false,
+            written: None,
             done: DoneQueue::default(),
         })
     }
@@ -53,12 +58,15 @@ impl MallocBackend {
     /// process (a supervisor) across the lives of those that map it: what an earlier one
     /// wrote is read back.
     pub fn kept(fd: std::os::fd::OwnedFd, size: u64) -> Result<Self, MallocError> {
+        use std::os::fd::AsFd;
+        let written = written_in(fd.as_fd(), 0, size)?;
         let ram =
             sys_util::kept_ram::map(fd, size).map_err(|source| MallocError { size, source })?;
         Ok(Self {
             ram,
             size,
             kept: true,
+            written: Some(written),
             done: DoneQueue::default(),
         })
     }
@@ -70,14 +78,38 @@ impl MallocBackend {
         offset: u64,
         size: u64,
     ) -> Result<Self, MallocError> {
+        let written = written_in(fd, offset, size)?;
         let ram = sys_util::kept_ram::map_range(fd, offset, size)
             .map_err(|source| MallocError { size, source })?;
         Ok(Self {
             ram,
             size,
             kept: true,
+            written: Some(written),
             done: DoneQueue::default(),
         })
+    }
+
+    /// Serve a read of `[offset, offset + len)` that touches never-written pages: those as
+    /// zeroes, the rest from the RAM.
+    fn read_sparse(&self, req: &IoRequest<'_>, offset: u64, len: u64) {
+        let Some(w) = &self.written else {
+            return;
+        };
+        w.runs(offset, offset + len, |a, b, written| {
+            let at = (a - offset) as usize;
+            if written {
+                req.iov.write_at(at, &self.ram[a as usize..b as usize]);
+            } else {
+                let zeroes = sys_util::zeroes();
+                let mut done = 0;
+                while done < (b - a) as usize {
+                    let n = ((b - a) as usize - done).min(zeroes.len());
+                    req.iov.write_at(at + done, &zeroes[..n]);
+                    done += n;
+                }
+            }
+        });
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
@@ -109,17 +141,38 @@ impl MallocBackend {
                 sys_util::anonymous::release_pages(&mut self.ram, at, n)
             };
         let pieces = if released {
+            if let Some(w) = self.written.as_mut() {
+                w.clear(inner_start, inner_end);
+            }
             [(start, inner_start), (inner_end, end)]
         } else {
             [(start, end), (end, end)]
         };
         for (a, b) in pieces {
-            if a < b {
+            // a page never written is zeroes already (and stays unallocated)
+            if a < b && self.written.as_ref().is_none_or(|w| !w.none(a, b)) {
                 self.ram[a as usize..b as usize].fill(0);
             }
         }
         Ok(())
     }
+}
+
+/// The pages of `[offset, offset + size)` of kept RAM `fd` that hold data, as a page map of
+/// the namespace (from 0).
+fn written_in(
+    fd: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+) -> Result<WrittenPages, MallocError> {
+    let page = sys_util::anonymous::page_size() as u64;
+    let mut w = WrittenPages::new(size, page);
+    let ranges = sys_util::kept_ram::data_ranges(fd, offset, offset.saturating_add(size))
+        .map_err(|source| MallocError { size, source })?;
+    for (a, b) in ranges {
+        w.mark(a - offset, b - offset);
+    }
+    Ok(w)
 }
 
 impl Backend for MallocBackend {
@@ -137,11 +190,21 @@ impl Backend for MallocBackend {
             IoOp::Read | IoOp::Write { .. } => {
                 let len = req.iov.len();
                 self.check(req.offset, len)?;
-                let ours = &mut self.ram[req.offset as usize..(req.offset + len) as usize];
-                match req.op {
-                    IoOp::Read => req.iov.copy_from_slice(ours),
-                    _ => req.iov.copy_to_slice(ours),
-                };
+                let (start, end) = (req.offset, req.offset + len);
+                let sparse = matches!(req.op, IoOp::Read)
+                    && self.written.as_ref().is_some_and(|w| !w.all(start, end));
+                if sparse {
+                    self.read_sparse(req, start, len);
+                } else {
+                    let ours = &mut self.ram[start as usize..end as usize];
+                    match req.op {
+                        IoOp::Read => req.iov.copy_from_slice(ours),
+                        _ => req.iov.copy_to_slice(ours),
+                    };
+                    if let (IoOp::Write { .. }, Some(w)) = (&req.op, self.written.as_mut()) {
+                        w.mark(start, end);
+                    }
+                }
                 Ok(())
             }
         };
@@ -163,6 +226,43 @@ impl Backend for MallocBackend {
 mod tests {
     use super::*;
     use crate::backend::tests::{read, run, write};
+
+    /// Reading never-written kept RAM returns zeroes without allocating it (a read of a hole
+    /// through a shared mapping would); what is written reads back, through the next
+    /// backend too (its page map comes from the memfd's data ranges); deallocated, the
+    /// memory goes.
+    #[test]
+    fn reading_unwritten_kept_ram_allocates_nothing() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let fd = sys_util::kept_ram::create(c"test-sparse", 1 << 20).unwrap();
+        let again = || fd.as_fd().try_clone_to_owned().unwrap();
+        let blocks = || std::fs::File::from(again()).metadata().unwrap().blocks();
+        let mut b = MallocBackend::kept(again(), 1 << 20).unwrap();
+        let mut back = vec![0xffu8; 64 << 10];
+        assert_eq!(read(&mut b, 0, &mut back), Status::SUCCESS);
+        assert!(back.iter().all(|&x| x == 0));
+        assert_eq!(blocks(), 0, "a read allocated kept RAM");
+        assert_eq!(write(&mut b, 8192, &[7; 4096]), Status::SUCCESS);
+        assert!(blocks() > 0);
+        let mut back = vec![0xffu8; 3 * 4096];
+        assert_eq!(read(&mut b, 4096 + 512, &mut back), Status::SUCCESS);
+        assert!(back[..4096 - 512].iter().all(|&x| x == 0));
+        assert!(back[4096 - 512..2 * 4096 - 512].iter().all(|&x| x == 7));
+        assert!(back[2 * 4096 - 512..].iter().all(|&x| x == 0));
+        drop(b);
+        let mut b = MallocBackend::kept(again(), 1 << 20).unwrap();
+        let mut page = vec![0u8; 4096];
+        assert_eq!(read(&mut b, 8192, &mut page), Status::SUCCESS);
+        assert!(page.iter().all(|&x| x == 7), "the next backend reads it");
+        assert_eq!(
+            run(&mut b, IoOp::Deallocate { len: 4096 }, 8192, None),
+            Status::SUCCESS
+        );
+        assert_eq!(read(&mut b, 8192, &mut page), Status::SUCCESS);
+        assert!(page.iter().all(|&x| x == 0));
+        assert_eq!(blocks(), 0, "deallocated: its memory went");
+    }
 
     /// A kept memfd's second backend reads what the first wrote; Deallocate and Write
     /// Zeroes read back as zeroes through both.

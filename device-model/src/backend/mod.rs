@@ -12,6 +12,7 @@ mod shared;
 
 pub use file::{FileBackend, FileError};
 pub use malloc::{MallocBackend, MallocError};
+mod written_pages;
 pub use null::NullBackend;
 pub use shared::{SharedBackend, SharedSource};
 
