@@ -62,13 +62,7 @@ impl MallocBackend {
         let written = written_in(fd.as_fd(), 0, size)?;
         let ram =
             sys_util::kept_ram::map(fd, size).map_err(|source| MallocError { size, source })?;
-        Ok(Self {
-            ram,
-            size,
-            kept: true,
-            written: Some(written),
-            done: DoneQueue::default(),
-        })
+        Ok(Self::on_kept(ram, size, written))
     }
 
     /// `size` bytes of RAM at `offset` of memfd `fd`, which another process keeps (a
@@ -81,13 +75,18 @@ impl MallocBackend {
         let written = written_in(fd, offset, size)?;
         let ram = sys_util::kept_ram::map_range(fd, offset, size)
             .map_err(|source| MallocError { size, source })?;
-        Ok(Self {
+        Ok(Self::on_kept(ram, size, written))
+    }
+
+    /// A namespace on `ram`, a mapping of kept RAM whose pages `written` may hold data.
+    fn on_kept(ram: memmap2::MmapMut, size: u64, written: WrittenPages) -> Self {
+        Self {
             ram,
             size,
             kept: true,
             written: Some(written),
             done: DoneQueue::default(),
-        })
+        }
     }
 
     /// Serve a read of `[offset, offset + len)` that touches never-written pages: those as

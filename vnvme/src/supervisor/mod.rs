@@ -375,19 +375,24 @@ impl Supervisor {
                 return Err(SupervisorError::Io(e));
             }
         };
-        let handle = std::thread::Builder::new()
-            .name("relay".into())
-            .spawn(move || relay.run())
-            .map_err(SupervisorError::Io)?;
-        self.relays.push(handle);
-        self.owned.push(Owned {
+        let owned = Owned {
             socket,
             doorbells,
             state,
             links: tx,
             stop,
             run_time: false,
-        });
+        };
+        self.run_relay(relay, owned).map_err(SupervisorError::Io)
+    }
+
+    /// Run `relay` on a thread of its own and keep what is owned for its socket.
+    fn run_relay(&mut self, mut relay: Relay, owned: Owned) -> std::io::Result<()> {
+        let handle = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || relay.run())?;
+        self.relays.push(handle);
+        self.owned.push(owned);
         Ok(())
     }
 
@@ -572,21 +577,16 @@ impl Supervisor {
                 return Err(e.to_string());
             }
         };
-        let handle = std::thread::Builder::new()
-            .name("relay".into())
-            .spawn(move || relay.run())
-            .map_err(|e| e.to_string())?;
-        self.relays.push(handle);
         let _ = tx.send(relay_end);
-        self.owned.push(Owned {
+        let owned = Owned {
             socket,
             doorbells,
             state,
             links: tx,
             stop,
             run_time: true,
-        });
-        Ok(())
+        };
+        self.run_relay(relay, owned).map_err(|e| e.to_string())
     }
 
     /// Hold an NVMe/TCP listener on `addr` from now on, for a `subsystem_create` the worker
