@@ -1262,6 +1262,24 @@ fn namespaces_added_at_run_time_outlive_the_worker() {
     // the worker answers (no pool: no capacity for it)
     let e = rpc_refused(&rpc_sock, &["ns_create", &format!("nqn={nqn}"), "size=1M"]);
     assert!(e.contains("capacity"), "{e}");
+    // an NSID a caller names (as the replay does): out of range or taken, refused; the
+    // verified I/O below runs on the namespaces after
+    for (wanted, why) in [
+        ("0", "nsid: 1..=256"),
+        ("257", "0..=256"),
+        (&*nsid.to_string(), "has a namespace"),
+    ] {
+        let e = rpc_refused(
+            &rpc_sock,
+            &[
+                "ns_add",
+                &format!("nqn={nqn}"),
+                "backend=lvol:pool/extra",
+                &format!("nsid={wanted}"),
+            ],
+        );
+        assert!(e.contains(why), "nsid={wanted}: {e}");
+    }
 
     // perf finds both namespaces on the PF and verifies each
     verified_through_an_upgrade_and_a_kill(&sock, &rpc_sock, dir, nsid);
