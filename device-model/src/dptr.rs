@@ -593,7 +593,32 @@ impl Drop for IoBuffer {
 
 /// Build `out` for `len` bytes from the command's data pointer. `write` is true when the
 /// controller writes guest memory (a Read command); `page_size` is CC.MPS in bytes.
+#[inline]
 pub fn map_data(
+    mem: &MemoryMap,
+    sqe: &Submission,
+    len: u64,
+    page_size: u64,
+    write: bool,
+    allow_sgl: bool,
+    out: &mut IoVecs,
+) -> Result<(), Status> {
+    let prp1 = sqe.prp1.get();
+    if sqe.psdt() == 0
+        && len > 0
+        && prp1.trailing_zeros() >= 2
+        && page_size - (prp1 & (page_size - 1)) >= len
+    {
+        // all in PRP1's page (a 4 KiB I/O to an aligned buffer): one lookup, one segment
+        out.clear();
+        return out.set_guest_one(mem, prp1, len, write);
+    }
+    map_data_walk(mem, sqe, len, page_size, write, allow_sgl, out)
+}
+
+/// [`map_data`] past its one-page case: a PRP pair or list, or an SGL.
+#[inline(never)]
+fn map_data_walk(
     mem: &MemoryMap,
     sqe: &Submission,
     len: u64,

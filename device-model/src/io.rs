@@ -11,7 +11,7 @@ use std::sync::Arc;
 use nvme_spec::opcode::nvm as op;
 use nvme_spec::{Status, Submission};
 
-use crate::backend::{IoOp, IoRequest};
+use crate::backend::{IoOp, IoRequest, Submitted};
 use crate::compound::Part;
 use crate::controller::{Controller, Outcome};
 use crate::dptr;
@@ -98,13 +98,7 @@ impl Controller {
 
     /// Byte offset and length of the LBA range in CDW10-12, checked against the namespace.
     pub(crate) fn lba_range(&self, ns_idx: usize, sqe: &Submission) -> Result<(u64, u64), Status> {
-        let ns = &self.namespaces[ns_idx];
-        let slba = u64::from(sqe.cdw10.get()) | (u64::from(sqe.cdw11.get()) << 32);
-        let nlb = u64::from(sqe.cdw12.get() & 0xffff) + 1;
-        match slba.checked_add(nlb) {
-            Some(end) if end <= ns.blocks() => Ok((slba << ns.lba_shift, nlb << ns.lba_shift)),
-            _ => Err(Status::LBA_OUT_OF_RANGE),
-        }
+        self.namespaces[ns_idx].lba_range(sqe)
     }
 
     pub(crate) fn max_transfer(&self) -> u64 {
@@ -115,20 +109,7 @@ impl Controller {
     /// written or deallocated: no longer uncorrectable. One branch while none is.
     #[inline]
     pub(crate) fn clear_uncorrectable(&mut self, ns_idx: usize, offset: u64, len: u64) {
-        let ns = &mut self.namespaces[ns_idx];
-        if ns.uncorrectable.is_empty() {
-            return;
-        }
-        let (slba, nlb) = (offset >> ns.lba_shift, len >> ns.lba_shift);
-        if ns.uncorrectable.clear(slba, nlb) {
-            crate::warn_limited!(
-                "{}: namespace {}: {} uncorrectable ranges: a write split one, its shorter \
-                 piece reads again",
-                self.cfg.serial,
-                ns.nsid,
-                crate::uncorrectable::MAX_RANGES
-            );
-        }
+        self.namespaces[ns_idx].clear_uncorrectable(offset, len, &self.cfg.serial);
     }
 
     /// True when a block of byte range `offset..offset + len` of namespace `ns_idx` is
@@ -136,11 +117,7 @@ impl Controller {
     /// is.
     #[inline]
     pub(crate) fn is_uncorrectable(&self, ns_idx: usize, offset: u64, len: u64) -> bool {
-        let ns = &self.namespaces[ns_idx];
-        !ns.uncorrectable.is_empty()
-            && ns
-                .uncorrectable
-                .overlaps(offset >> ns.lba_shift, len >> ns.lba_shift)
+        self.namespaces[ns_idx].is_uncorrectable(offset, len)
     }
 
     /// Write Uncorrectable (NVM command set 1.0 §3.2.7, ONCS bit 1): the blocks read as
@@ -174,25 +151,28 @@ impl Controller {
         sqe: &Submission,
         mem: &Arc<MemoryMap>,
     ) -> Outcome {
-        let (offset, len) = match self.lba_range(ns_idx, sqe) {
+        let max_transfer = self.max_transfer();
+        let page_size = self.page_size;
+        let tag = self.tag(qid, slot);
+        // the namespace and the command's slot, looked up once
+        let (Some(ns), Some(ctx)) = (
+            self.namespaces.get_mut(ns_idx),
+            self.queues.slot_mut(qid, slot),
+        ) else {
+            return Outcome::status(Status::INTERNAL_ERROR);
+        };
+        let (offset, len) = match ns.lba_range(sqe) {
             Ok(r) => r,
             Err(s) => return Outcome::status(s),
         };
-        if len > self.max_transfer() {
+        if len > max_transfer {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let is_read = sqe.opcode == op::READ;
-        if is_read && self.is_uncorrectable(ns_idx, offset, len) {
+        if is_read && ns.is_uncorrectable(offset, len) {
             return Outcome::status(Status::UNRECOVERED_READ_ERROR);
         }
         self.qos.charge_bytes(len);
-        let fua = sqe.cdw12.get() & (1 << 30) != 0;
-        let page_size = self.page_size;
-        let tag = self.tag(qid, slot);
-        let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
-            return Outcome::status(Status::INTERNAL_ERROR);
-        };
-        let ctx = &mut sq.slots[slot as usize];
         // one segment fits in the slot; more take a block from the pool until completion
         let mut mapped = dptr::map_data(mem, sqe, len, page_size, is_read, true, &mut ctx.iov);
         if mapped.is_err() && ctx.iov.needs_storage() {
@@ -203,8 +183,9 @@ impl Controller {
             return Outcome::status(s);
         }
         ctx.bytes = len;
-        ctx.mem = Some(Arc::clone(mem));
-        if len > self.namespaces[ns_idx].max_request {
+        let fua = sqe.cdw12.get() & (1 << 30) != 0;
+        if len > ns.max_request {
+            ctx.mem = Some(Arc::clone(mem));
             return self.read_write_in_pieces(qid, slot, ns_idx, is_read, fua, offset, len);
         }
         let req = IoRequest {
@@ -217,15 +198,20 @@ impl Controller {
             offset,
             iov: ctx.iov.buffers_in(mem),
         };
-        match self.namespaces[ns_idx].backend.submit(&req) {
-            Ok(()) => {
-                if !is_read {
-                    self.clear_uncorrectable(ns_idx, offset, len);
-                }
+        // an instant backend (RAM, null) answers here: the command completes in this pass
+        // and nothing holds the guest's memory after it
+        let outcome = match ns.backend.execute(&req) {
+            Ok(Submitted::Completed) => Outcome::Done(Status::SUCCESS, 0),
+            Ok(Submitted::Queued) => {
+                ctx.mem = Some(Arc::clone(mem));
                 Outcome::Pending
             }
-            Err(s) => Outcome::status(s),
+            Err(s) => return Outcome::status(s),
+        };
+        if !is_read {
+            ns.clear_uncorrectable(offset, len, &self.cfg.serial);
         }
+        outcome
     }
 
     /// A read or write larger than its namespace's backend takes in one request (a backend

@@ -1,5 +1,7 @@
 //! Namespaces: a backend plus the identity the guest sees (NVMe base 2.0 §3.2.1).
 
+use nvme_spec::Status;
+
 use crate::backend::Backend;
 
 /// A namespace attached to a controller.
@@ -29,6 +31,10 @@ pub struct Namespace {
     /// The size in blocks the host was last told of: a backend that grows or shrinks (a
     /// resized logical volume) is announced with a Namespace Attribute Changed notice.
     pub reported_blocks: u64,
+    /// The backend's size in bytes, read once ([`Backend::size`] is fixed) unless the backend
+    /// keeps a cell that follows it ([`Backend::live_size`]): no call per command.
+    size: u64,
+    live_size: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -70,7 +76,9 @@ impl Namespace {
     pub fn new(nsid: u32, backend: Box<dyn Backend>, lba_shift: u8, seed: &str) -> Self {
         let NsIds { nguid, eui64, uuid } = NsIds::derive(nsid, seed);
         let backend_max = backend.max_transfer().unwrap_or(u64::MAX);
-        let reported_blocks = backend.size() >> lba_shift;
+        let size = backend.size();
+        let live_size = backend.live_size();
+        let reported_blocks = size >> lba_shift;
         Self {
             nsid,
             backend,
@@ -83,12 +91,61 @@ impl Namespace {
             stats: std::sync::Arc::default(),
             max_request: backend_max,
             reported_blocks,
+            size,
+            live_size,
         }
     }
 
     /// Capacity in logical blocks.
+    #[inline]
     pub fn blocks(&self) -> u64 {
-        self.backend.size() >> self.lba_shift
+        let bytes = match &self.live_size {
+            Some(cell) => cell.load(std::sync::atomic::Ordering::Relaxed),
+            None => self.size,
+        };
+        bytes >> self.lba_shift
+    }
+
+    /// Byte offset and length of the LBA range in CDW10-12 (NVM command set 1.0 §3.2.4),
+    /// checked against the namespace's size.
+    #[inline]
+    pub fn lba_range(&self, sqe: &nvme_spec::Submission) -> Result<(u64, u64), Status> {
+        let slba = u64::from(sqe.cdw10.get()) | (u64::from(sqe.cdw11.get()) << 32);
+        let nlb = u64::from(sqe.cdw12.get() & 0xffff) + 1;
+        match slba.checked_add(nlb) {
+            Some(end) if end <= self.blocks() => {
+                Ok((slba << self.lba_shift, nlb << self.lba_shift))
+            }
+            _ => Err(Status::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    /// True when a block of byte range `offset..offset + len` is uncorrectable (a read of it
+    /// fails with Unrecovered Read Error). One branch while none is.
+    #[inline]
+    pub fn is_uncorrectable(&self, offset: u64, len: u64) -> bool {
+        !self.uncorrectable.is_empty()
+            && self
+                .uncorrectable
+                .overlaps(offset >> self.lba_shift, len >> self.lba_shift)
+    }
+
+    /// The blocks of byte range `offset..offset + len` are being written or deallocated: no
+    /// longer uncorrectable. One branch while none is.
+    #[inline]
+    pub fn clear_uncorrectable(&mut self, offset: u64, len: u64, serial: &str) {
+        if self.uncorrectable.is_empty() {
+            return;
+        }
+        let (slba, nlb) = (offset >> self.lba_shift, len >> self.lba_shift);
+        if self.uncorrectable.clear(slba, nlb) {
+            crate::warn_limited!(
+                "{serial}: namespace {}: {} uncorrectable ranges: a write split one, its \
+                 shorter piece reads again",
+                self.nsid,
+                crate::uncorrectable::MAX_RANGES
+            );
+        }
     }
 }
 

@@ -59,13 +59,16 @@ impl RingView {
         std::ptr::eq(Arc::as_ptr(&self.map), map)
     }
 
-    /// Submission queue entry `index`; `None` past the ring.
-    pub fn read_sqe(&self, index: u32) -> Option<[u8; SQE]> {
-        let at = (index as usize).checked_mul(SQE)?;
-        if at.checked_add(SQE)? > self.len {
-            return None;
+    /// Read submission queue entry `index` into `out` (64 bytes); false (and `out`
+    /// untouched) past the ring or for another length.
+    #[inline]
+    pub fn read_sqe(&self, index: u32, out: &mut [u8]) -> bool {
+        let Some(at) = (index as usize).checked_mul(SQE) else {
+            return false;
+        };
+        if at.saturating_add(SQE) > self.len || out.len() != SQE {
+            return false;
         }
-        let mut out = [0u8; SQE];
         let src = self.host.wrapping_add(at).cast::<u64>();
         for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
             // SAFETY: `at + 64 <= len`, so the 8 aligned words lie in the ring, which lies in
@@ -73,7 +76,7 @@ impl RingView {
             let w = unsafe { src.add(i).read_volatile() };
             chunk.copy_from_slice(&w.to_ne_bytes());
         }
-        Some(out)
+        true
     }
 
     /// Write completion queue entry `index`: dwords 0-2 and the command identifier first,
@@ -131,9 +134,13 @@ mod tests {
         let mut sqe = [0u8; 64];
         sqe.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         map.write(0x10000 + 2 * 64, &sqe).unwrap();
-        assert_eq!(sq.read_sqe(2), Some(sqe));
-        assert_eq!(sq.read_sqe(4), None, "past the ring");
-        assert_eq!(sq.read_sqe(u32::MAX), None);
+        let mut got = [0u8; 64];
+        assert!(sq.read_sqe(2, &mut got));
+        assert_eq!(got, sqe);
+        let mut untouched = [7u8; 64];
+        assert!(!sq.read_sqe(4, &mut untouched), "past the ring");
+        assert!(!sq.read_sqe(u32::MAX, &mut untouched));
+        assert_eq!(untouched, [7u8; 64]);
         let cq = RingView::new(&map, 0x12000, 2 * 16, true).unwrap();
         let cqe: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
         assert!(cq.write_cqe(1, &cqe));

@@ -84,6 +84,9 @@ impl Backend for Resizable {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
+    fn live_size(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        Some(self.size.clone())
+    }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         self.inner.submit(req)
     }

@@ -4,7 +4,7 @@
 use nvme_spec::Status;
 
 use super::written_pages::WrittenPages;
-use super::{Backend, DoneQueue, IoOp, IoRequest};
+use super::{Backend, DoneQueue, IoOp, IoRequest, Submitted};
 
 /// A RAM namespace; contents are lost when the process exits, unless its memfd is kept by
 /// another ([`MallocBackend::kept`]).
@@ -183,6 +183,11 @@ impl Backend for MallocBackend {
     }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         // RAM is instant: every op is done now and reported by the next poll
+        let st = self.execute(req).err().unwrap_or(Status::SUCCESS);
+        self.done.push(req.tag, st);
+        Ok(())
+    }
+    fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
         let st = match req.op {
             IoOp::Flush => Ok(()),
             IoOp::WriteZeroes { len } | IoOp::Deallocate { len } => self.zero(req.offset, len),
@@ -207,8 +212,7 @@ impl Backend for MallocBackend {
                 Ok(())
             }
         };
-        self.done.push(req.tag, st.err().unwrap_or(Status::SUCCESS));
-        Ok(())
+        st.map(|()| Submitted::Completed)
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.done.drain(done)

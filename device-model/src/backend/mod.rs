@@ -78,6 +78,15 @@ impl IoRequest<'_> {
     }
 }
 
+/// What [`Backend::execute`] did with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Started: its completion comes through [`Backend::poll`].
+    Queued,
+    /// Done, successfully; no poll reports it.
+    Completed,
+}
+
 /// A namespace's storage.
 pub trait Backend: Send {
     /// A short description for logs, e.g. `malloc:256MiB`.
@@ -89,6 +98,14 @@ pub trait Backend: Send {
     /// instant (RAM, nothing) does it now and queues the status for the next poll; one that
     /// may wait on a file system, a device or a network must not wait here.
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status>;
+    /// Start a request, or, when this backend's work is instant (RAM, nothing), do it now:
+    /// [`Submitted::Completed`] is then its successful completion, which no poll reports
+    /// again (an `Err` is its failure, as for `submit`). What a controller's read and write
+    /// call: the command completes in the pass that fetched it. The default submits.
+    /// Backends built of backends call `submit`, which always completes through `poll`.
+    fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
+        self.submit(req).map(|()| Submitted::Queued)
+    }
     /// Hand every finished request to `done`; returns how many finished.
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize;
     /// [`poll`](Self::poll) onto the end of `done`: what a controller's reap calls. A backend

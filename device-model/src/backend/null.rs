@@ -2,7 +2,7 @@
 
 use nvme_spec::Status;
 
-use super::{Backend, DoneQueue, IoOp, IoRequest};
+use super::{Backend, DoneQueue, IoOp, IoRequest, Submitted};
 
 /// Discards writes; reads complete without touching guest memory (like SPDK's null bdev).
 #[derive(Debug)]
@@ -32,6 +32,10 @@ impl Backend for NullBackend {
         debug_assert!(matches!(req.op, IoOp::Read | IoOp::Write { .. }) != req.iov.is_empty());
         self.done.push(req.tag, Status::SUCCESS);
         Ok(())
+    }
+    fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
+        debug_assert!(matches!(req.op, IoOp::Read | IoOp::Write { .. }) != req.iov.is_empty());
+        Ok(Submitted::Completed)
     }
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
         self.done.drain(done)

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use nvme_spec::Status;
 
-use super::{Backend, IoRequest};
+use super::{Backend, IoRequest, Submitted};
 
 const USER_SHIFT: u32 = 56;
 const TAG_MASK: u64 = (1 << USER_SHIFT) - 1;
@@ -198,6 +198,24 @@ impl Backend for SharedBackend {
         drop(g);
         self.in_flight += 1;
         Ok(())
+    }
+
+    fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
+        debug_assert_eq!(req.tag & !TAG_MASK, 0, "tag uses the user byte");
+        let tagged = IoRequest {
+            tag: req.tag | ((self.user as u64) << USER_SHIFT),
+            op: req.op,
+            offset: req.offset,
+            iov: req.iov,
+        };
+        let mut g = self.lock();
+        if g.backend.execute(&tagged)? == Submitted::Completed {
+            return Ok(Submitted::Completed);
+        }
+        g.pending[self.user] += 1;
+        drop(g);
+        self.in_flight += 1;
+        Ok(Submitted::Queued)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {

@@ -25,13 +25,10 @@ impl Controller {
             }
         }
         let n = done.len();
-        if n > 0 {
-            self.reap_stamp = Some(sys_util::clock::ticks());
-        }
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
-        self.reap_stamp = None;
+        self.done_stamp = None;
         if n > 0 {
             self.check_pool_warning(mem);
             self.check_sizes();
@@ -144,9 +141,6 @@ impl Controller {
             self.iov_pool.put(block);
         }
         self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
-        if qid != 0 {
-            self.io_in_flight = self.io_in_flight.saturating_sub(1);
-        }
         let opcode = ctx.opcode;
         let nsid = ctx.nsid;
         let (bytes, fetched) = (ctx.bytes, ctx.fetched);
@@ -215,11 +209,11 @@ impl Controller {
 
     /// Count a completed command in the statistics: admin commands by outcome, I/O commands
     /// with their latency since the SQE fetch, for the controller and their namespace. The
-    /// clock is read once per fetch pass and once per reap pass, so a latency is exact to
-    /// within the passes around it.
+    /// clock is read at the first fetch of a pass and at the first completion of a fetch or
+    /// reap pass, so a latency is exact to within the passes around it.
     #[inline]
     pub(super) fn count_command(
-        &self,
+        &mut self,
         qid: u16,
         opcode: u8,
         nsid: u32,
@@ -231,7 +225,7 @@ impl Controller {
             self.stats.record_admin(status);
             return;
         }
-        let now = self.reap_stamp.unwrap_or_else(sys_util::clock::ticks);
+        let now = *self.done_stamp.get_or_insert_with(sys_util::clock::ticks);
         let ns = self.tick_rate.ns(now.saturating_sub(fetched));
         self.stats.record_io(opcode, bytes, status, ns);
         if let Some(i) = self.namespace_index(nsid) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use nvme_spec::Submission;
-use zerocopy::IntoBytes;
+use zerocopy::{FromZeros, IntoBytes};
 
 use crate::memory::MemoryMap;
 use crate::shadow_doorbell;
@@ -88,17 +88,19 @@ impl Controller {
             self.raise_event(Self::INVALID_DOORBELL, &mem);
         }
         let mut i = 0;
+        (self.fetch_stamp, self.done_stamp) = (None, None);
         while i < self.queues.active_sqs.len() {
             let id = self.queues.active_sqs[i];
             work += self.process_sq(id, &mem);
             i += 1;
         }
+        (self.fetch_stamp, self.done_stamp) = (None, None);
         work += self.reap(&mem);
         if !self.waiting.is_empty() {
             self.start_waiting(&mem);
         }
         self.stats.in_flight.store(
-            self.io_in_flight as u64,
+            self.io_in_flight() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         work + self.interrupts()
@@ -138,8 +140,7 @@ impl Controller {
             return 0;
         }
         let mut n = 0;
-        // one clock read for the commands fetched in this pass (latency statistics)
-        let mut stamp = None;
+        let mut sqe = Submission::new_zeroed();
         if qid != 0 {
             self.qos.sync(&self.qos_control);
         }
@@ -164,17 +165,14 @@ impl Controller {
             if !cq.can_reserve() {
                 break;
             }
-            let sqe = match sq.fetch(mem) {
-                Ok(s) => s,
-                Err(e) => {
-                    crate::error_limited!(
-                        "{}: SQ {qid} entry unreadable ({e}); controller fatal",
-                        self.cfg.serial
-                    );
-                    self.set_fatal();
-                    return n as usize;
-                }
-            };
+            if let Err(e) = sq.fetch(mem, &mut sqe) {
+                crate::error_limited!(
+                    "{}: SQ {qid} entry unreadable ({e}); controller fatal",
+                    self.cfg.serial
+                );
+                self.set_fatal();
+                return n as usize;
+            }
             cq.reserved += 1;
             if qid != 0 {
                 self.qos.charge_op();
@@ -187,15 +185,13 @@ impl Controller {
                 j.fetched(qid, slot, pos, sq.head, raw);
             }
             self.commands_in_flight += 1;
-            if qid != 0 {
-                self.io_in_flight += 1;
-            }
             let ctx = &mut sq.slots[slot as usize];
             ctx.cid = sqe.cid.get();
             ctx.opcode = sqe.opcode;
             ctx.nsid = sqe.nsid.get();
             ctx.bytes = 0;
-            ctx.fetched = *stamp.get_or_insert_with(sys_util::clock::ticks);
+            // one clock read for the commands fetched in this pass (latency statistics)
+            ctx.fetched = *self.fetch_stamp.get_or_insert_with(sys_util::clock::ticks);
             self.dispatch(qid, slot, &sqe, mem);
             n += 1;
         }

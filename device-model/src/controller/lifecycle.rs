@@ -190,7 +190,6 @@ impl Controller {
     pub(super) fn clear_state(&mut self) {
         self.queues.take_all();
         self.commands_in_flight = 0;
-        self.io_in_flight = 0;
         self.stats
             .in_flight
             .store(0, std::sync::atomic::Ordering::Relaxed);

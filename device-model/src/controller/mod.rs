@@ -175,9 +175,11 @@ pub struct Controller {
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
     done: Vec<(u64, Status)>,
-    /// The clock read once for the completions of one reap pass (latency statistics: one
-    /// stamp per batch, not per command).
-    reap_stamp: Option<u64>,
+    /// The clock read once for the commands fetched in one pass, and once (at the first) for
+    /// the commands completed in one fetch pass (instant backends) or reap pass: latency
+    /// statistics take one stamp per batch, not per command.
+    fetch_stamp: Option<u64>,
+    done_stamp: Option<u64>,
     warned_doorbell: bool,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
@@ -199,9 +201,9 @@ pub struct Controller {
     pub(crate) quiesce: crate::quiesce::Quiesce,
     /// Iovec storage lent to commands in flight, and how many are in flight.
     pub(crate) iov_pool: crate::dptr::IoVecPool,
+    /// (Those of the I/O queues, the queue depth the statistics show, are these less the
+    /// admin queue's: [`Controller::io_in_flight`].)
     pub(crate) commands_in_flight: usize,
-    /// Of those, commands of the I/O queues (the queue depth the statistics show).
-    io_in_flight: usize,
     /// Compares and commands with parts in flight (each holds a buffer or a list), and
     /// those waiting for room ([`crate::compound`]).
     pub(crate) compares: usize,
@@ -268,7 +270,8 @@ impl Controller {
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
             done: Vec::with_capacity(1024),
-            reap_stamp: None,
+            fetch_stamp: None,
+            done_stamp: None,
             warned_doorbell: false,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
@@ -281,7 +284,6 @@ impl Controller {
             quiesce: crate::quiesce::Quiesce::default(),
             iov_pool: crate::dptr::IoVecPool::default(),
             commands_in_flight: 0,
-            io_in_flight: 0,
             compares: 0,
             part_lists: 0,
             piece_buffers: crate::backend::GuestBufferList::new(),
@@ -366,6 +368,15 @@ impl Controller {
     /// Backend request tag for a slot (carries the reset epoch).
     pub(crate) fn tag(&self, qid: u16, slot: u16) -> u64 {
         crate::quiesce::tag(self.quiesce.epoch(), qid, slot)
+    }
+
+    /// Commands of the I/O queues in flight.
+    pub(crate) fn io_in_flight(&self) -> usize {
+        let admin = self
+            .queues
+            .sq(0)
+            .map_or(0, crate::queue::SubmissionQueue::in_flight);
+        self.commands_in_flight.saturating_sub(admin)
     }
 
     /// The attached namespace with `nsid`, if any (`namespaces` is sorted by NSID).

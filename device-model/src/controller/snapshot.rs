@@ -501,9 +501,6 @@ impl Controller {
             cq.reserved += 1;
         }
         self.commands_in_flight += 1;
-        if qid != 0 {
-            self.io_in_flight += 1;
-        }
         true
     }
 
