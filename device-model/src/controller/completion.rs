@@ -208,7 +208,8 @@ impl Controller {
     }
 
     /// Count a completed command in the statistics: admin commands by outcome, I/O commands
-    /// with their latency since the SQE fetch, for the controller and their namespace. The
+    /// with their latency since the SQE fetch, by their namespace (the controller's totals
+    /// add up its namespaces', [`crate::ControllerStats::io`]). The
     /// clock is read at the first fetch of a pass and at the first completion of a fetch or
     /// reap pass, so a latency is exact to within the passes around it.
     #[inline]
@@ -227,9 +228,12 @@ impl Controller {
         }
         let now = *self.done_stamp.get_or_insert_with(sys_util::clock::ticks);
         let ns = self.tick_rate.ns(now.saturating_sub(fetched));
-        self.stats.record_io(opcode, bytes, status, ns);
-        if let Some(i) = self.namespace_index(nsid) {
-            self.namespaces[i].stats.record(opcode, bytes, status, ns);
+        match self.namespace_index(nsid) {
+            Some(i) => self.namespaces[i].stats.record(opcode, bytes, status, ns),
+            None => self.stats.others.record(opcode, bytes, status, ns),
+        }
+        if !status.is_success() {
+            self.stats.record_io_error(status);
         }
     }
 }

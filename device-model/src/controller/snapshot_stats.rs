@@ -129,7 +129,7 @@ impl Controller {
         for c in counters(s) {
             w.u64(C::get(c));
         }
-        encode_io(w, &s.io.snapshot());
+        encode_io(w, &s.io());
         w.u16(s.io_errors.len() as u16);
         for e in &s.io_errors {
             w.u64(C::get(e));
@@ -149,15 +149,19 @@ impl Controller {
         for (c, &v) in counters(s).into_iter().zip(&saved.counters) {
             c.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
         }
-        s.io.carry(&saved.io);
         for (c, &v) in s.io_errors.iter().zip(&saved.io_errors) {
             c.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
         }
+        // the saved totals include the namespaces' counts: what a namespace here carries on
+        // is not counted again among the others
+        let mut others = saved.io;
         for (nsid, io) in &saved.namespaces {
             if let Some(ns) = self.namespaces.iter().find(|n| n.nsid == *nsid) {
                 ns.stats.carry(io);
+                others.saturating_sub(io);
             }
         }
+        s.others.carry(&others);
     }
 
     /// True about once a second while the statistics move (checked every few thousand poll
@@ -181,10 +185,7 @@ impl Controller {
 
 /// Commands counted so far (I/O and admin): whether the statistics moved.
 fn counted(s: &ControllerStats) -> u64 {
-    [&s.io.reads, &s.io.writes, &s.io.other, &s.admin_commands]
-        .into_iter()
-        .map(ControllerStats::get)
-        .sum()
+    s.io().commands() + ControllerStats::get(&s.admin_commands)
 }
 
 /// The controller's own counters carried, in [`SavedStats::counters`] order.
@@ -216,6 +217,34 @@ mod tests {
         }
         w.u16(0);
         w.0
+    }
+
+    /// The saved totals include the namespaces' counts: carried on, a command is counted
+    /// once, by its namespace when this controller has it again, among the others when not.
+    #[test]
+    fn carried_totals_count_each_command_once() {
+        use crate::backend::NullBackend;
+        let ns = crate::Namespace::new(1, Box::new(NullBackend::new(1 << 20)), 9, "S");
+        let h = crate::test_harness::Harness::new(vec![ns]);
+        let io = |reads| IoSnapshot {
+            reads,
+            ..IoSnapshot::default()
+        };
+        let saved = SavedStats {
+            counters: [0; 6],
+            io: io(10),
+            io_errors: vec![0; ERROR_STATUSES.len()],
+            namespaces: vec![(1, io(7)), (9, io(1))],
+        };
+        h.ctrl.carry_stats(&saved);
+        let stats = h.ctrl.stats();
+        assert_eq!(stats.io().reads, 10);
+        assert_eq!(stats.namespaces()[0].1.snapshot().reads, 7);
+        assert_eq!(
+            stats.others.snapshot().reads,
+            3,
+            "namespace 9's and the rest"
+        );
     }
 
     /// A later build with more error statuses, or an earlier one with fewer: the counts are

@@ -55,7 +55,7 @@ impl Source {
         let s = &self.stats;
         let get = ControllerStats::get;
         Snapshot {
-            io: s.io.snapshot(),
+            io: s.io(),
             io_errors: s.io_errors(),
             admin_commands: get(&s.admin_commands),
             admin_errors: get(&s.admin_errors),
@@ -473,7 +473,7 @@ mod tests {
             (0x01, nvme_spec::Status::SUCCESS, 40_000),
             (0x00, nvme_spec::Status::SUCCESS, 2_000_000_000_000),
         ] {
-            src.stats.io.record(op, 4096, status, lat);
+            src.stats.others.record(op, 4096, status, lat);
             ns.record(op, 4096, status, lat);
         }
         src.stats.io_errors[10].store(1, std::sync::atomic::Ordering::Relaxed);
