@@ -140,6 +140,7 @@ impl IoVecs {
         self.short = false;
     }
     /// The segments.
+    #[inline]
     pub fn as_slice(&self) -> &[libc::iovec] {
         match self.iov.as_deref() {
             Some(v) => &v[..self.n as usize],
@@ -188,6 +189,7 @@ impl IoVecs {
     }
 
     /// Describe exactly `[iova, iova + len)` (non-empty, inside one region) of guest memory.
+    #[inline]
     fn set_guest_one(
         &mut self,
         mem: &MemoryMap,
@@ -235,6 +237,7 @@ impl IoVecs {
 
     /// The buffer as a handle for a backend (safe copies; raw iovecs only through an
     /// `unsafe` accessor).
+    #[inline]
     pub fn buffers(&self) -> GuestBuffers<'_> {
         GuestBuffers {
             iov: self.as_slice(),
@@ -245,6 +248,7 @@ impl IoVecs {
 
     /// The segments as buffers in `mem` (the snapshot they were built against): lists taken
     /// from them keep that memory mapped.
+    #[inline]
     pub fn buffers_in<'a>(&'a self, mem: &'a Arc<MemoryMap>) -> GuestBuffers<'a> {
         GuestBuffers {
             keep: Some(mem),

@@ -33,7 +33,8 @@ impl Controller {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let nsid = sqe.nsid.get();
-        if sqe.opcode == op::FLUSH && nsid == u32::MAX {
+        let ns_idx = self.namespace_index(nsid);
+        if ns_idx.is_none() && sqe.opcode == op::FLUSH && nsid == u32::MAX {
             if self.wait_for_room(qid, slot, sqe) {
                 return Outcome::Pending;
             }
@@ -51,7 +52,7 @@ impl Controller {
             let n = parts.len();
             return self.start_parts(qid, slot, parts, n);
         }
-        let Some(ns_idx) = self.namespace_index(nsid) else {
+        let Some(ns_idx) = ns_idx else {
             return Outcome::status(Status::INVALID_NAMESPACE);
         };
         match sqe.opcode {

@@ -153,6 +153,7 @@ impl MemoryMap {
 
     /// The region holding `iova` (with the access right), the offset in it, and how many of
     /// the `len` bytes from `iova` lie in it: one lookup for each piece of a copy.
+    #[inline]
     fn chunk_at(
         &self,
         iova: u64,
@@ -168,6 +169,7 @@ impl MemoryMap {
 
     /// The region containing `iova` and the offset in it (`len` and `write` only describe
     /// the access in the error).
+    #[inline]
     fn locate(&self, iova: u64, len: u64, write: bool) -> Result<(&Region, u64), AccessError> {
         let err = AccessError { iova, len, write };
         let idx = self.regions.partition_point(|r| r.iova <= iova);
@@ -229,6 +231,7 @@ impl MemoryMap {
 
     /// Host pointer of `iova` and how many of the `len` bytes from it lie in its region,
     /// which must grant the access: one lookup per piece of a scatter list.
+    #[inline]
     pub fn host_chunk(
         &self,
         iova: u64,

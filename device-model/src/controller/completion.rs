@@ -134,27 +134,24 @@ impl Controller {
         let Some(ctx) = sq.slots.get_mut(slot as usize) else {
             return;
         };
-        let cid = ctx.cid;
-        ctx.mem = None;
-        let compound = ctx.compound.take();
-        if let Some(block) = ctx.iov.take_storage() {
-            self.iov_pool.put(block);
-        }
-        self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
-        let opcode = ctx.opcode;
-        let nsid = ctx.nsid;
+        let (cid, opcode, nsid) = (ctx.cid, ctx.opcode, ctx.nsid);
         let (bytes, fetched) = (ctx.bytes, ctx.fetched);
+        // what only some commands hold: guest memory (a queued request), a compound state,
+        // iovec storage
+        let held = (ctx.mem.is_some() || ctx.compound.is_some() || ctx.iov.has_storage())
+            .then(|| (ctx.mem.take(), ctx.compound.take(), ctx.iov.take_storage()));
         sq.free.push(slot);
         let sq_head = sq.head as u16;
         let cqid = sq.cqid;
         let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
-        if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
-            cq.reserved = cq.reserved.saturating_sub(1);
-        }
-        if let Some(c) = compound {
-            self.compound_done(&c);
+        self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
+        if let Some((_, compound, storage)) = held {
+            self.release_held(compound, storage);
         }
         if self.quiesce.resetting.is_some() {
+            if let Some(cq) = self.queues.cq_mut(cqid) {
+                cq.reserved = cq.reserved.saturating_sub(1);
+            }
             return; // the queues are going away: nothing is posted
         }
         if !status.is_success() {
@@ -171,15 +168,72 @@ impl Controller {
             cid: cid.into(),
             status: status.cqe_bits().into(),
         };
+        if qid == 0 || finish_delete.is_some() {
+            self.post_admin_completion(qid, slot, cqid, cqe, finish_delete, mem);
+            return;
+        }
+        let Some(cq) = self.queues.cq_mut(cqid) else {
+            return;
+        };
+        cq.reserved = cq.reserved.saturating_sub(1);
+        // the journal: an I/O completion needs no record of its own (a restore finds the
+        // completions posted since the last recorded tail in the CQ itself, by their phase:
+        // see `snapshot.rs`), only its slot's release, after the CQE
+        let posted = cq.post(mem, cqe);
+        if let Some(j) = &self.journal {
+            cq.tail_unrecorded |= posted.is_ok();
+            j.freed(qid, slot);
+        }
+        if let Err(e) = posted {
+            self.cq_not_writable(cqid, &e);
+        }
+    }
+
+    /// What a command held until its completion goes back: its compound state's count, its
+    /// iovec storage.
+    #[cold]
+    fn release_held(
+        &mut self,
+        compound: Option<Box<crate::compound::Compound>>,
+        storage: Option<crate::dptr::IoVecBlock>,
+    ) {
+        if let Some(block) = storage {
+            self.iov_pool.put(block);
+        }
+        if let Some(c) = compound {
+            self.compound_done(&c);
+        }
+    }
+
+    #[cold]
+    fn cq_not_writable(&mut self, cqid: u16, e: &crate::memory::AccessError) {
+        crate::error_limited!(
+            "{}: CQ {cqid} not writable ({e}); controller fatal",
+            self.cfg.serial
+        );
+        self.set_fatal();
+    }
+
+    /// [`complete`](Self::complete) of an admin command (its effect saved with its
+    /// completion before it is posted), or of the last command of an SQ being deleted (the
+    /// deletion's own completion follows).
+    #[cold]
+    fn post_admin_completion(
+        &mut self,
+        qid: u16,
+        slot: u16,
+        cqid: u16,
+        cqe: Completion,
+        finish_delete: Option<u16>,
+        mem: &MemoryMap,
+    ) {
         if qid == 0 {
-            // an admin command's effect is saved with its completion before it is posted
             self.journal_admin_completion(slot, &cqe);
         }
         if let Some(cq) = self.queues.cqs[cqid as usize].as_mut() {
+            cq.reserved = cq.reserved.saturating_sub(1);
             // the journal: an admin completion is recorded as being posted, then its CQ
-            // tail; an I/O completion needs neither (a restore finds the completions posted
-            // since the last recorded tail in the CQ itself, by their phase: see
-            // `snapshot.rs`), only its slot's release, after the CQE
+            // tail; an I/O completion needs neither, only its slot's release
             let admin_journal = self.journal.as_ref().filter(|_| qid == 0);
             if let Some(j) = admin_journal {
                 let mut b: [u8; 16] = cqe.as_bytes().try_into().unwrap_or([0; 16]);
@@ -187,11 +241,7 @@ impl Controller {
                 j.posting(qid, slot, cq.tail, cq.phase, &b);
             }
             if let Err(e) = cq.post(mem, cqe) {
-                crate::error_limited!(
-                    "{}: CQ {cqid} not writable ({e}); controller fatal",
-                    self.cfg.serial
-                );
-                self.set_fatal();
+                self.cq_not_writable(cqid, &e);
             } else if let Some(j) = admin_journal {
                 j.cq_moved(cqid, cq.tail, cq.phase);
             } else if self.journal.is_some() {
