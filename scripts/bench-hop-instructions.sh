@@ -26,16 +26,21 @@ perf_ios() {
 reactor_file() {
   grep -H '^summary' "$D"/cg."$1"-* | sort -t' ' -k2 -n | tail -1 | cut -d: -f1
 }
-# commands the server took (calls of the data-pointer walk: one per I/O command), counted
-# in the profile itself: the client's IOPS figure can miss I/Os done outside its window
+# commands the server took (calls of a backend's `execute`, one per read or write; in a
+# build before 2026-12-05 calls of the data-pointer walk), counted in the profile itself:
+# the client's IOPS figure can miss I/Os done outside its window
 commands() {
   python3 - "$1" <<'PY'
 import re, sys
+text = open(sys.argv[1]).read()
+names = ['Backend>::execute', 'backend::Backend::execute']
+if not any(n in text for n in names):
+    names = ['device_model::dptr::map_data']
 ids, calls, cur = set(), 0, None
-for line in open(sys.argv[1]):
+for line in text.splitlines():
     m = re.match(r'c?fn=\((\d+)\)(?: (.*))?', line)
     if m:
-        if m.group(2) and m.group(2).strip().startswith('device_model::dptr::map_data'):
+        if m.group(2) and any(n in m.group(2) for n in names):
             ids.add(m.group(1))
         cur = m.group(1) if line.startswith('cfn=') else None
         continue
