@@ -182,7 +182,11 @@ impl Backend for MallocBackend {
         self.size
     }
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        // RAM is instant: every op is done now and reported by the next poll
+        // a read or write out of range is not started; the rest is done now and reported
+        // by the next poll (RAM is instant)
+        if matches!(req.op, IoOp::Read | IoOp::Write { .. }) {
+            self.check(req.offset, req.iov.len())?;
+        }
         let st = self.execute(req).err().unwrap_or(Status::SUCCESS);
         self.done.push(req.tag, st);
         Ok(())
