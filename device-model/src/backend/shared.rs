@@ -152,6 +152,17 @@ impl SharedBackend {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         lock(&self.inner)
     }
+
+    /// `req` with this handle's user in its tag (its completion comes back to this handle).
+    fn tagged<'a>(&self, req: &IoRequest<'a>) -> IoRequest<'a> {
+        debug_assert_eq!(req.tag & !TAG_MASK, 0, "tag uses the user byte");
+        IoRequest {
+            tag: req.tag | ((self.user as u64) << USER_SHIFT),
+            op: req.op,
+            offset: req.offset,
+            iov: req.iov,
+        }
+    }
 }
 
 impl Drop for SharedBackend {
@@ -185,13 +196,7 @@ impl Backend for SharedBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        debug_assert_eq!(req.tag & !TAG_MASK, 0, "tag uses the user byte");
-        let tagged = IoRequest {
-            tag: req.tag | ((self.user as u64) << USER_SHIFT),
-            op: req.op,
-            offset: req.offset,
-            iov: req.iov,
-        };
+        let tagged = self.tagged(req);
         let mut g = self.lock();
         g.backend.submit(&tagged)?;
         g.pending[self.user] += 1;
@@ -201,13 +206,7 @@ impl Backend for SharedBackend {
     }
 
     fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
-        debug_assert_eq!(req.tag & !TAG_MASK, 0, "tag uses the user byte");
-        let tagged = IoRequest {
-            tag: req.tag | ((self.user as u64) << USER_SHIFT),
-            op: req.op,
-            offset: req.offset,
-            iov: req.iov,
-        };
+        let tagged = self.tagged(req);
         let mut g = self.lock();
         if g.backend.execute(&tagged)? == Submitted::Completed {
             return Ok(Submitted::Completed);
@@ -310,6 +309,46 @@ mod tests {
         }
         assert!(got.is_empty(), "{got:?}");
         assert_eq!(src.handle().unwrap().user, 0);
+    }
+
+    /// A handle on an instant backend answers `execute` at once: the data is there, no poll
+    /// reports the request again, and nothing is left pending on the handle's index.
+    #[test]
+    fn execute_on_an_instant_backend_completes_at_once() {
+        let m = MallocBackend::new(1 << 20).unwrap();
+        let src = SharedSource::new(Box::new(m));
+        let mut a = src.handle().unwrap();
+        let mut data = vec![5u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: 4096,
+        }];
+        let req = |op| IoRequest {
+            tag: 3,
+            op,
+            offset: 8192,
+            // SAFETY: `data` outlives the requests and is not touched while they run.
+            iov: unsafe { crate::dptr::GuestBuffers::from_raw_iovecs(&iov) },
+        };
+        let write = req(IoOp::Write { fua: false });
+        assert_eq!(a.execute(&write), Ok(Submitted::Completed));
+        assert_eq!(a.in_flight(), 0);
+        let mut got = Vec::new();
+        a.poll(&mut |t, s| got.push((t, s)));
+        assert!(got.is_empty(), "{got:?}");
+        let mut back = [0u8; 4096];
+        assert_eq!(
+            super::super::tests::read(&mut a, 8192, &mut back),
+            Status::SUCCESS
+        );
+        assert_eq!(back, [5u8; 4096]);
+        let past = IoRequest {
+            offset: 1 << 20,
+            ..req(IoOp::Read)
+        };
+        assert!(a.execute(&past).is_err(), "past the end");
+        drop(a);
+        assert_eq!(src.handle().unwrap().user, 0, "nothing left pending");
     }
 
     /// The completion lists keep their capacity from poll to poll (no allocation per I/O
