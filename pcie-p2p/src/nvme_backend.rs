@@ -357,11 +357,14 @@ impl NvmeBackend {
         self.claim.block_size
     }
 
+    /// True when `bytes` is a whole number of blocks (the block size is a power of two,
+    /// `1 << LBADS`: a mask, not a division per request).
+    fn whole_blocks(&self, bytes: u64) -> bool {
+        bytes & (self.claim.block_size - 1) == 0
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), Status> {
-        if !offset.is_multiple_of(self.claim.block_size)
-            || !len.is_multiple_of(self.claim.block_size)
-            || len == 0
-        {
+        if !self.whole_blocks(offset) || !self.whole_blocks(len) || len == 0 {
             return Err(Status::INVALID_FIELD);
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
@@ -376,8 +379,8 @@ impl NvmeBackend {
     /// A Write Zeroes range: whole blocks inside the backend's range.
     fn check_zeroes(&self, offset: u64, len: u64) -> Result<(), Status> {
         if offset.checked_add(len).is_none_or(|e| e > self.size())
-            || !offset.is_multiple_of(self.claim.block_size)
-            || !len.is_multiple_of(self.claim.block_size)
+            || !self.whole_blocks(offset)
+            || !self.whole_blocks(len)
         {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
@@ -466,6 +469,36 @@ impl NvmeBackend {
         Some((p.tag, status))
     }
 
+    /// [`Backend::poll`] for any `done`: [`Backend::poll_into`] pushes each completion without
+    /// a call through a closure object.
+    fn poll_with(&mut self, mut done: impl FnMut(u64, Status)) -> usize {
+        self.catch_up();
+        if !self.failed {
+            self.check_timeouts();
+        }
+        if !self.parked.is_empty() {
+            self.unpark();
+        }
+        let mut n = 0;
+        for (tag, st) in self.deferred.drain(..) {
+            done(tag, st);
+            n += 1;
+        }
+        let Some(qp) = self.qp.as_mut() else {
+            return n; // a new one is being made
+        };
+        let mut got = std::mem::take(&mut self.reaped);
+        qp.poll(usize::MAX, |r| got.push(r));
+        for r in got.drain(..) {
+            if let Some((tag, st)) = self.finish(r) {
+                done(tag, st);
+                n += 1;
+            }
+        }
+        self.reaped = got;
+        n
+    }
+
     /// Catch up with a device reset; refuse when the device is gone for good, and (with a
     /// retryable status) while the queue pair lost to a reset is being made again.
     fn usable(&mut self) -> Result<(), Status> {
@@ -515,7 +548,7 @@ impl NvmeBackend {
                 let fua = matches!(req.op, IoOp::Write { fua: true });
                 let lba = self.lba(req.offset);
                 // check() bounds len by the maximum transfer, so the block count fits
-                let blocks = (len / self.claim.block_size) as u32;
+                let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
                 if mirrored && self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
                     let r = self.qp.as_mut().expect("queue pair").read_write_segments(
@@ -603,7 +636,7 @@ impl NvmeBackend {
 
     /// Device LBA of a byte offset in this backend's range.
     fn lba(&self, offset: u64) -> u64 {
-        self.claim.first_lba + offset / self.claim.block_size
+        self.claim.first_lba + (offset >> self.claim.block_size.trailing_zeros())
     }
 }
 
@@ -648,31 +681,11 @@ impl Backend for NvmeBackend {
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {
-        self.catch_up();
-        if !self.failed {
-            self.check_timeouts();
-        }
-        if !self.parked.is_empty() {
-            self.unpark();
-        }
-        let mut n = 0;
-        for (tag, st) in self.deferred.drain(..) {
-            done(tag, st);
-            n += 1;
-        }
-        let Some(qp) = self.qp.as_mut() else {
-            return n; // a new one is being made
-        };
-        let mut got = std::mem::take(&mut self.reaped);
-        qp.poll(usize::MAX, |r| got.push(r));
-        for r in got.drain(..) {
-            if let Some((tag, st)) = self.finish(r) {
-                done(tag, st);
-                n += 1;
-            }
-        }
-        self.reaped = got;
-        n
+        self.poll_with(done)
+    }
+
+    fn poll_into(&mut self, done: &mut Vec<(u64, Status)>) -> usize {
+        self.poll_with(|t, s| done.push((t, s)))
     }
 
     fn max_transfer(&self) -> Option<u64> {
