@@ -8,6 +8,9 @@ pub mod fuzz;
 pub mod guest;
 pub mod net;
 pub mod ns_admin;
+// signals to the processes a test started
+#[allow(unsafe_code)]
+pub mod process;
 // a raw vfio-user client: fd passing, mmap, truncation
 #[allow(unsafe_code)]
 pub mod hostile;

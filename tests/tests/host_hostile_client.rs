@@ -704,38 +704,13 @@ impl BackProcess {
         (back, backend)
     }
 
-    fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill() with our child's pid and a signal number.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
-    }
-
-    /// States of the process's threads (the field after the command name in their stat).
-    fn thread_states(&self) -> Vec<char> {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        std::fs::read_dir(tasks)
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-            .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
-            .collect()
-    }
-
     /// SIGSTOP, and wait until every thread of the process has stopped.
     fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
-        let t = Instant::now();
-        while self.thread_states().iter().any(|&s| s != 'T') {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "back process not stopped: {:?}",
-                self.thread_states()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        vnvme_tests::process::freeze(self.child.id());
     }
 
     fn thaw(&self) {
-        self.signal(libc::SIGCONT);
+        vnvme_tests::process::signal(self.child.id(), libc::SIGCONT);
     }
 }
 

@@ -1208,31 +1208,7 @@ struct ChildProcess(std::process::Child);
 
 impl ChildProcess {
     fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) with our own child's pid and a plain signal number.
-        assert_eq!(unsafe { libc::kill(self.0.id() as i32, sig) }, 0);
-    }
-
-    /// SIGSTOP, and wait until every thread has stopped: the signal lands asynchronously,
-    /// and a backend that answers in microseconds would otherwise serve what is sent next.
-    fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
-        let states = || -> Vec<char> {
-            std::fs::read_dir(format!("/proc/{}/task", self.0.id()))
-                .into_iter()
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-                .filter_map(|stat| stat.rsplit_once(')')?.1.trim_start().chars().next())
-                .collect()
-        };
-        let t = Instant::now();
-        while states().iter().any(|&s| s != 'T') {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "backend not stopped: {:?}",
-                states()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        vnvme_tests::process::signal(self.0.id(), sig);
     }
 }
 
@@ -1279,7 +1255,7 @@ fn a_host_connecting_again_waits_for_the_commands_of_its_lost_association() {
         status(&io.response()).is_success(),
         "a write before the stop"
     );
-    back.freeze();
+    vnvme_tests::process::freeze(back.0.id());
     io.write(2, 4096, Some(&data)); // hangs on the stopped backend
     let t = Instant::now();
     while !target

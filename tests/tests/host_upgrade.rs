@@ -457,21 +457,8 @@ fn a_worker_that_stops_answering_is_replaced_and_the_message_answered() {
     let mut c = UnixStream::connect(&socks[0]).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let (pid, _, _, _) = status(&rpc_sock);
-    // SAFETY: kill(2) with the worker's pid as the supervisor reports it.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
     // the signal is delivered asynchronously: wait until the worker is stopped
-    let stopped = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('T'))
-        })
-    };
-    let t = Instant::now();
-    while !stopped() {
-        assert!(t.elapsed() < Duration::from_secs(5), "worker not stopped");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    vnvme_tests::process::freeze(pid as u32);
     let t = Instant::now();
     // DEVICE_GET_INFO with its 16-byte payload (argsz first)
     let mut m = header(4, 32).to_vec();
