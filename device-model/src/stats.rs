@@ -170,6 +170,12 @@ impl IoStats {
         self.latency.record(ns);
     }
 
+    /// Commands counted (reads, writes and the others).
+    pub fn commands(&self) -> u64 {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        get(&self.reads) + get(&self.writes) + get(&self.other)
+    }
+
     /// The counters as they are now.
     pub fn snapshot(&self) -> IoSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

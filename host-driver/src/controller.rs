@@ -327,8 +327,9 @@ impl NvmeDriver {
             let id = IdentifyNamespace::read_from_bytes(&raw)
                 .map_err(|_| DriverError::Invalid("Identify Namespace size".into()))?;
             let fmt = id.lbaf[(id.flbas & 0xf) as usize];
-            // LBADS below 9 is not supported (NVM command set 1.0, LBA Format); past 31 a u32 cannot hold
-            // it: a device that says so has its namespace skipped, not a shift overflowed
+            // LBADS below 9 is not supported (NVM command set 1.0, LBA Format); past 31 a
+            // u32 cannot hold it: a device that says so has its namespace skipped, not a
+            // shift overflowed
             let Some(block_size) = 1u32.checked_shl(u32::from(fmt.lbads)).filter(|b| *b >= 512)
             else {
                 log::warn!(

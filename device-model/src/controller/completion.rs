@@ -25,6 +25,7 @@ impl Controller {
             }
         }
         let n = done.len();
+        self.done_stamp = None; // this pass's completions read the clock once, afresh
         for &(t, status) in &done {
             self.request_finished(t, status, mem);
         }
@@ -145,8 +146,8 @@ impl Controller {
         let cqid = sq.cqid;
         let finish_delete = sq.deleting.filter(|_| sq.in_flight() == 0);
         self.commands_in_flight = self.commands_in_flight.saturating_sub(1);
-        if let Some((_, compound, storage)) = held {
-            self.release_held(compound, storage);
+        if let Some(held) = held {
+            self.release_held(held);
         }
         if self.quiesce.resetting.is_some() {
             if let Some(cq) = self.queues.cq_mut(cqid) {
@@ -189,15 +190,19 @@ impl Controller {
         }
     }
 
-    /// What a command held until its completion goes back: its compound state's count, its
-    /// iovec storage (out of line: a queued request's completion comes here, an instant
+    /// What a command held until its completion goes back: the guest memory it kept mapped,
+    /// its compound state's count, its iovec storage (out of line: a queued request's completion comes here, an instant
     /// one's never does).
     #[inline(never)]
     fn release_held(
         &mut self,
-        compound: Option<Box<crate::compound::Compound>>,
-        storage: Option<crate::dptr::IoVecBlock>,
+        (mem, compound, storage): (
+            Option<Arc<MemoryMap>>,
+            Option<Box<crate::compound::Compound>>,
+            Option<crate::dptr::IoVecBlock>,
+        ),
     ) {
+        drop(mem);
         if let Some(block) = storage {
             self.iov_pool.put(block);
         }

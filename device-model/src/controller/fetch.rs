@@ -88,13 +88,13 @@ impl Controller {
             self.raise_event(Self::INVALID_DOORBELL, &mem);
         }
         let mut i = 0;
+        // the clock is read afresh for this pass (see `count_command`)
         (self.fetch_stamp, self.done_stamp) = (None, None);
         while i < self.queues.active_sqs.len() {
             let id = self.queues.active_sqs[i];
             work += self.process_sq(id, &mem);
             i += 1;
         }
-        (self.fetch_stamp, self.done_stamp) = (None, None);
         work += self.reap(&mem);
         if !self.waiting.is_empty() {
             self.start_waiting(&mem);

@@ -129,7 +129,7 @@ impl Controller {
         for c in counters(s) {
             w.u64(C::get(c));
         }
-        encode_io(w, &s.io());
+        encode_io(w, &self.io_totals());
         w.u16(s.io_errors.len() as u16);
         for e in &s.io_errors {
             w.u64(C::get(e));
@@ -164,6 +164,22 @@ impl Controller {
         s.others.carry(&others);
     }
 
+    /// [`ControllerStats::io`] as the controller's own thread (the only writer) sums it: from
+    /// its namespaces at hand, without the readers' lock.
+    fn io_totals(&self) -> IoSnapshot {
+        let mut total = self.stats.others.snapshot();
+        for ns in &self.namespaces {
+            total.add(&ns.stats.snapshot());
+        }
+        total
+    }
+
+    /// Commands counted so far (I/O and admin): whether the statistics moved.
+    fn commands_counted(&self) -> u64 {
+        let io: u64 = self.namespaces.iter().map(|n| n.stats.commands()).sum();
+        io + self.stats.others.commands() + ControllerStats::get(&self.stats.admin_commands)
+    }
+
     /// True about once a second while the statistics move (checked every few thousand poll
     /// passes): time to save them.
     pub(super) fn stats_due(&mut self) -> bool {
@@ -173,19 +189,15 @@ impl Controller {
             return false;
         }
         c.countdown = POLLS_PER_LOOK;
-        counted(&self.stats) != c.counted && c.at.elapsed() >= SAVE_EVERY
+        let (counted, at) = (c.counted, c.at);
+        self.commands_counted() != counted && at.elapsed() >= SAVE_EVERY
     }
 
     /// The statistics were saved now.
     pub(super) fn stats_saved(&mut self) {
-        self.stats_save.counted = counted(&self.stats);
+        self.stats_save.counted = self.commands_counted();
         self.stats_save.at = Instant::now();
     }
-}
-
-/// Commands counted so far (I/O and admin): whether the statistics moved.
-fn counted(s: &ControllerStats) -> u64 {
-    s.io().commands() + ControllerStats::get(&s.admin_commands)
 }
 
 /// The controller's own counters carried, in [`SavedStats::counters`] order.
