@@ -164,6 +164,8 @@ pub struct PduStream {
     pub tx: TxBuf,
     /// Parameters agreed at connection initialization.
     pub neg: Negotiated,
+    /// The write side was ended by [`hang_up`](Self::hang_up).
+    write_ended: bool,
 }
 
 impl PduStream {
@@ -184,6 +186,7 @@ impl PduStream {
             },
             tx: TxBuf::default(),
             neg: Negotiated::default(),
+            write_ended: false,
         })
     }
 
@@ -234,6 +237,34 @@ impl PduStream {
         self.sock
             .peer_addr()
             .map_or_else(|_| "?".into(), |a| a.to_string())
+    }
+
+    /// One step of a graceful close; call it again until it answers `Ok(true)`, the peer
+    /// having closed its end too. Sends what is queued, then ends the write side once (the
+    /// peer reads end of stream), then reads and drops whatever the peer still sends. A
+    /// socket closed with bytes unread, or receiving after its close, answers with a reset
+    /// instead, and a peer's next send then fails with EPIPE (Linux's nvme-tcp host sends
+    /// from the task submitting the I/O, without MSG_NOSIGNAL: that task gets SIGPIPE).
+    pub fn hang_up(&mut self) -> Result<bool, StreamError> {
+        if !self.write_ended {
+            self.tx.flush(&mut self.sock)?;
+            if self.tx.pending() > 0 {
+                return Ok(false);
+            }
+            self.sock.shutdown(std::net::Shutdown::Write)?;
+            self.write_ended = true;
+        }
+        self.rx.start = 0;
+        self.rx.end = 0;
+        loop {
+            match self.sock.read(&mut self.rx.buf) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Close both directions now (in-flight data is dropped).

@@ -998,6 +998,76 @@ fn hostile_round(addr: std::net::SocketAddr) -> Answer {
     Answer::Named
 }
 
+/// A planned upgrade hangs up on an NVMe/TCP host gracefully: the host reads end of stream,
+/// not a reset, and what it still sends before it closes its end is taken, so no send fails
+/// (on a reset, Linux's nvme-tcp host raises SIGPIPE in the task submitting the I/O); then
+/// the next worker serves the host's new connection.
+#[test]
+fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
+    use nvme_spec::tcp::pdu_type;
+    use nvmeof::pdu::{self, Negotiated, Pdu};
+    use std::io::Write;
+    let tmp = TempDir::new("upgrade-hang-up");
+    let dir = tmp.path();
+    let port = free_port();
+    let cfg = format!(
+        "[[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"nqn.2026-12.io.vnvme:hang-up\"\n\
+         [[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+    );
+    let (_served, rpc_sock) = serve_config(dir, &cfg, &[]);
+    wait_listening(port, "the supervised export");
+    let initialized = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut ic = Vec::new();
+        let req = Pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            dgst: 0,
+            maxr2t: 0,
+        };
+        pdu::encode(&req, &Negotiated::default(), &mut ic);
+        s.write_all(&ic).unwrap();
+        let r = read_pdu(&mut s).expect("ICResp");
+        assert_eq!(r[0], pdu_type::IC_RESP, "{r:?}");
+        (s, ic)
+    };
+    let (mut s, ic) = initialized();
+    let upgrade = {
+        let rpc_sock = rpc_sock.clone();
+        std::thread::spawn(move || rpc(&rpc_sock, &["daemon_upgrade"]))
+    };
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        other => panic!("the host read {other:?} at the upgrade, not end of stream"),
+    }
+    // a host that has not noticed yet still sends (a capsule's worth, twice): taken, no reset
+    for i in 0..2 {
+        if let Err(e) = s.write_all(&ic) {
+            panic!(
+                "send {i} after the target's end of stream: {e}\n{}",
+                daemon_events(&dir.join("daemon.log"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        matches!(s.read(&mut b), Ok(0)),
+        "the target did not close after the host did"
+    );
+    let r = upgrade.join().expect("upgrade");
+    assert!(r.get("generation").is_some(), "{r}");
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("hung up on the NVMe-oF hosts of 1 targets"),
+        "{log}"
+    );
+    // the next worker serves a new connection
+    drop(initialized());
+}
+
 /// NVMe/TCP peers that break the protocol, against an export of a supervised daemon (the
 /// supervisor holds the listener, the worker serves the connections), before, during and
 /// after an upgrade: every peer gets the answer the protocol names, or, while its worker is

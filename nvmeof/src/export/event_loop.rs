@@ -112,6 +112,23 @@ impl Target {
         work
     }
 
+    /// One step of hanging up on every host before this process is replaced (a planned
+    /// upgrade, its controllers drained and saved): each TCP connection is closed
+    /// gracefully ([`PduStream::hang_up`]), an RDMA one at once, and no association is
+    /// ended (the next process takes the controllers over). Nothing is accepted meanwhile:
+    /// new hosts wait in the listener's backlog. True once no connection is left.
+    pub fn hang_up(&mut self) -> bool {
+        for slot in &mut self.conns {
+            let Some(c) = slot.as_mut() else { continue };
+            // an error: the host is gone already
+            let done = c.tcp().is_none_or(|s| s.hang_up().unwrap_or(true));
+            if done {
+                *slot = None;
+            }
+        }
+        self.conns.iter().all(Option::is_none)
+    }
+
     /// Close every connection (the target is stopping).
     pub fn close_all(&mut self) {
         for i in 0..self.conns.len() {

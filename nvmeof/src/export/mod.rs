@@ -38,7 +38,7 @@ mod rdma_queues;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -278,6 +278,9 @@ pub struct TcpTarget {
     /// The exported controllers, handed back when the target has stopped.
     done: Receiver<Vec<ExportSpec>>,
     addrs: Vec<SocketAddr>,
+    /// How long a hang-up may take (ms, 0: none asked), and its end.
+    hang_up_ms: Arc<AtomicU64>,
+    hung_up: Receiver<()>,
 }
 
 impl std::fmt::Debug for TcpTarget {
@@ -411,10 +414,15 @@ impl TcpTarget {
             rdma_events: Vec::new(),
         };
         let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+        let (hung_up_tx, hung_up) = std::sync::mpsc::sync_channel(1);
+        let hang_up_ms = Arc::new(AtomicU64::new(0));
         let poller = Box::new(poller::TargetPoller {
             target: Some(target),
             stop: Arc::clone(&stop),
             done: done_tx,
+            hang_up_ms: Arc::clone(&hang_up_ms),
+            hanging_until: None,
+            hung_up: hung_up_tx,
         });
         // on the reactor of the (first) exported controller: a command and its completion
         // in one pass of its loop; with nothing exported (discovery only), a reactor of its own
@@ -430,12 +438,31 @@ impl TcpTarget {
             reactor,
             done,
             addrs,
+            hang_up_ms,
+            hung_up,
         })
     }
 
     /// The addresses listened on (with the ports chosen when 0 was asked).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Before this process is replaced (a planned upgrade, its controllers drained): start
+    /// hanging up on every host, each connection closed gracefully so that no host send
+    /// meets a reset, for up to `within` (see [`TcpTarget::hung_up`]). Nothing is accepted
+    /// from then on; the listeners are left to the next process.
+    pub fn hang_up(&self, within: Duration) {
+        let ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.hang_up_ms.store(ms, Ordering::Release);
+        self.reactor.wake();
+    }
+
+    /// Wait until `deadline` for the hang-up to end; true when it ended (every host
+    /// closed its end, or its time was up).
+    pub fn hung_up(&self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.hung_up.recv_timeout(left).is_ok()
     }
 
     /// Close every connection and stop; returns the exported controllers.

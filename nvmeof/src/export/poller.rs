@@ -3,8 +3,9 @@
 //! leaves in the same pass of that reactor's loop, with no thread handoff on the way.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
 
 use sys_util::poll::PollFd;
 
@@ -17,6 +18,13 @@ pub(super) struct TargetPoller {
     pub stop: Arc<AtomicBool>,
     /// Where the exported controllers go back when the target stops.
     pub done: SyncSender<Vec<ExportSpec>>,
+    /// Milliseconds a hang-up on every host ([`Target::hang_up`]) may take; 0 until one is
+    /// asked for.
+    pub hang_up_ms: Arc<AtomicU64>,
+    /// The end of the hang-up, once it started.
+    pub hanging_until: Option<Instant>,
+    /// Told once every host has closed, or the time is up.
+    pub hung_up: SyncSender<()>,
 }
 
 impl device_model::Poller for TargetPoller {
@@ -31,16 +39,38 @@ impl device_model::Poller for TargetPoller {
             }
             return 1;
         }
-        t.poll_input()
+        if self.hanging_until.is_none() {
+            let ms = self.hang_up_ms.load(Ordering::Acquire);
+            if ms == 0 {
+                return t.poll_input();
+            }
+            self.hanging_until = Some(Instant::now() + Duration::from_millis(ms));
+        }
+        let until = self.hanging_until.get_or_insert_with(Instant::now);
+        if Instant::now() < *until && !t.hang_up() {
+            return 1;
+        }
+        // every host closed, or the time is up (the process exits: what is left closes)
+        *until = Instant::now();
+        let _ = self.hung_up.try_send(());
+        0
     }
 
     fn poll_output(&mut self) -> usize {
+        if self.hanging_until.is_some() {
+            return 0;
+        }
         self.target.as_mut().map_or(0, Target::poll_output)
     }
 
     fn wait_fds(&self, fds: &mut Vec<PollFd>) {
         if let Some(t) = &self.target {
+            let listeners = fds.len()..fds.len() + t.listeners.len();
             t.wait_fds(fds);
+            if self.hanging_until.is_some() {
+                // who waits in the backlog is the next process's
+                fds.drain(listeners);
+            }
         }
     }
 

@@ -12,6 +12,11 @@ use vnvme::rpc::RpcServer;
 use vnvme::supervisor::worker::{Asked, WorkerLink};
 use vnvme::supervisor::{Supervisor, SupervisorOptions, worker_args};
 
+/// How long a worker leaving for an upgrade waits for its NVMe-oF hosts to close their
+/// connections after it ended its side (a Linux host takes a few milliseconds); the
+/// vfio-user clients wait meanwhile.
+const HANG_UP_WAIT: Duration = Duration::from_millis(500);
+
 /// Serve emulated NVMe controllers over vfio-user or NVMe/TCP.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -169,6 +174,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
         match worker.as_ref().map(|w| (w, w.poll(Duration::ZERO))) {
             Some((w, Asked::Upgrade)) => {
                 w.upgrade();
+                // the NVMe-oF hosts reconnect to the next worker: end their connections
+                // gracefully, not with the resets an exit leaves
+                let t = std::time::Instant::now();
+                let targets = daemon.hang_up_hosts(HANG_UP_WAIT);
+                log::info!(
+                    "worker: hung up on the NVMe-oF hosts of {targets} targets in {} ms",
+                    t.elapsed().as_millis()
+                );
                 // no flush, no socket removal: the next worker carries on with all of it
                 std::process::exit(0);
             }

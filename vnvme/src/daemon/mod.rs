@@ -256,6 +256,22 @@ impl Daemon {
             .collect()
     }
 
+    /// Before a planned upgrade's exit: hang up on every NVMe-oF host, each connection
+    /// closed gracefully, waiting up to `within` for the hosts to close theirs
+    /// ([`TcpTarget::hang_up`]). Returns how many targets finished in time.
+    pub fn hang_up_hosts(&self, within: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        for (_, t) in &self.targets {
+            t.hang_up(within);
+        }
+        // (a little past the targets' own deadline: each tells when its time is up)
+        let margin = std::time::Duration::from_millis(100);
+        self.targets
+            .iter()
+            .filter(|(_, t)| t.hung_up(deadline + margin))
+            .count()
+    }
+
     /// The vfio-user sockets being served.
     pub fn sockets(&self) -> Vec<PathBuf> {
         self.running()

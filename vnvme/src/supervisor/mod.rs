@@ -72,7 +72,9 @@
 //! what had no response (Linux requeues within `ctrl_loss_tmo`; vnvme's initiator waits
 //! for the connection unless `fast_io_fail_tmo` says otherwise). Commands a killed worker had
 //! in flight on its io_uring end before the process does, so they cannot land after the
-//! host's retry. NVMe/RDMA exports: an RDMA CM listener is no descriptor the supervisor
+//! host's retry. A worker leaving for a planned upgrade hangs up on its hosts gracefully once
+//! drained (`TcpTarget::hang_up`: its side ended, what the host still sends taken until the
+//! host closes, up to 500 ms), so no host send meets a reset. NVMe/RDMA exports: an RDMA CM listener is no descriptor the supervisor
 //! could keep, so each worker listens itself; while none runs a host's connect is rejected,
 //! and the host tries again (Linux every `reconnect_delay`, within `ctrl_loss_tmo`), then
 //! sends again what had no response, as over NVMe/TCP.
