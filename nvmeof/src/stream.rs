@@ -277,3 +277,17 @@ impl PduStream {
         self.sock.as_raw_fd()
     }
 }
+
+impl std::os::fd::AsFd for PduStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.sock)
+    }
+}
+
+impl Drop for PduStream {
+    /// The connection ends here even when another process holds a duplicate of the socket
+    /// (a supervisor keeping it for a graceful close should this process die).
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -9,6 +9,7 @@
 pub mod anonymous;
 pub mod clock;
 pub mod fd;
+pub mod fd_passing;
 pub mod kept_ram;
 pub mod poll;
 pub mod process;

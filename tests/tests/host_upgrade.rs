@@ -998,53 +998,55 @@ fn hostile_round(addr: std::net::SocketAddr) -> Answer {
     Answer::Named
 }
 
-/// A planned upgrade hangs up on an NVMe/TCP host gracefully: the host reads end of stream,
-/// not a reset, and what it still sends before it closes its end is taken, so no send fails
-/// (on a reset, Linux's nvme-tcp host raises SIGPIPE in the task submitting the I/O); then
-/// the next worker serves the host's new connection.
-#[test]
-fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
+/// A supervised daemon exporting a RAM namespace over NVMe/TCP on a free port: the
+/// supervisor, its management socket and the port.
+fn supervised_tcp_export(dir: &Path, nqn: &str) -> (Served, PathBuf, u16) {
+    let port = free_port();
+    let cfg = format!(
+        "[[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"{nqn}\"\n\
+         [[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+    );
+    let (served, rpc_sock) = serve_config(dir, &cfg, &[]);
+    wait_listening(port, "the supervised export");
+    (served, rpc_sock, port)
+}
+
+/// A TCP connection to `port` past NVMe/TCP connection initialization (ICReq, ICResp), and
+/// the ICReq's bytes (something to send again).
+fn initialized_connection(port: u16) -> (std::net::TcpStream, Vec<u8>) {
     use nvme_spec::tcp::pdu_type;
     use nvmeof::pdu::{self, Negotiated, Pdu};
     use std::io::Write;
-    let tmp = TempDir::new("upgrade-hang-up");
-    let dir = tmp.path();
-    let port = free_port();
-    let cfg = format!(
-        "[[controller]]\ntcp_listen = \"127.0.0.1:{port}\"\nnqn = \"nqn.2026-12.io.vnvme:hang-up\"\n\
-         [[controller.namespace]]\nbackend = \"malloc:16M\"\n"
-    );
-    let (_served, rpc_sock) = serve_config(dir, &cfg, &[]);
-    wait_listening(port, "the supervised export");
-    let initialized = || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut ic = Vec::new();
-        let req = Pdu::IcReq {
-            pfv: 0,
-            hpda: 0,
-            dgst: 0,
-            maxr2t: 0,
-        };
-        pdu::encode(&req, &Negotiated::default(), &mut ic);
-        s.write_all(&ic).unwrap();
-        let r = read_pdu(&mut s).expect("ICResp");
-        assert_eq!(r[0], pdu_type::IC_RESP, "{r:?}");
-        (s, ic)
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ic = Vec::new();
+    let req = Pdu::IcReq {
+        pfv: 0,
+        hpda: 0,
+        dgst: 0,
+        maxr2t: 0,
     };
-    let (mut s, ic) = initialized();
-    let upgrade = {
-        let rpc_sock = rpc_sock.clone();
-        std::thread::spawn(move || rpc(&rpc_sock, &["daemon_upgrade"]))
-    };
+    pdu::encode(&req, &Negotiated::default(), &mut ic);
+    s.write_all(&ic).unwrap();
+    let r = read_pdu(&mut s).expect("ICResp");
+    assert_eq!(r[0], pdu_type::IC_RESP, "{r:?}");
+    (s, ic)
+}
+
+/// A host that has not noticed yet: `s` reads end of stream (not a reset), two sends after
+/// it (`bytes`) are taken, and once the host closes its end the target closes too.
+fn hung_up_gracefully(s: &mut std::net::TcpStream, bytes: &[u8], dir: &Path) {
+    use std::io::Write;
     let mut b = [0u8; 64];
     match s.read(&mut b) {
         Ok(0) => {}
-        other => panic!("the host read {other:?} at the upgrade, not end of stream"),
+        other => panic!(
+            "the host read {other:?}, not end of stream\n{}",
+            daemon_events(&dir.join("daemon.log"))
+        ),
     }
-    // a host that has not noticed yet still sends (a capsule's worth, twice): taken, no reset
     for i in 0..2 {
-        if let Err(e) = s.write_all(&ic) {
+        if let Err(e) = s.write_all(bytes) {
             panic!(
                 "send {i} after the target's end of stream: {e}\n{}",
                 daemon_events(&dir.join("daemon.log"))
@@ -1057,6 +1059,23 @@ fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
         matches!(s.read(&mut b), Ok(0)),
         "the target did not close after the host did"
     );
+}
+
+/// A planned upgrade hangs up on an NVMe/TCP host gracefully: the host reads end of stream,
+/// not a reset, and what it still sends before it closes its end is taken, so no send fails
+/// (on a reset, Linux's nvme-tcp host raises SIGPIPE in the task submitting the I/O); then
+/// the next worker serves the host's new connection.
+#[test]
+fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
+    let tmp = TempDir::new("upgrade-hang-up");
+    let dir = tmp.path();
+    let (_served, rpc_sock, port) = supervised_tcp_export(dir, "nqn.2026-12.io.vnvme:hang-up");
+    let (mut s, ic) = initialized_connection(port);
+    let upgrade = {
+        let rpc_sock = rpc_sock.clone();
+        std::thread::spawn(move || rpc(&rpc_sock, &["daemon_upgrade"]))
+    };
+    hung_up_gracefully(&mut s, &ic, dir);
     let r = upgrade.join().expect("upgrade");
     assert!(r.get("generation").is_some(), "{r}");
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
@@ -1065,7 +1084,107 @@ fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
         "{log}"
     );
     // the next worker serves a new connection
-    drop(initialized());
+    drop(initialized_connection(port));
+}
+
+/// A killed worker's NVMe/TCP connections are hung up on gracefully too: the supervisor
+/// kept a duplicate of each, and once the worker is gone ends their write side and takes
+/// what the hosts still send until they close. A host that never closes (and never reads)
+/// holds nothing up: it is closed after 500 ms. The next worker serves new connections.
+#[test]
+fn a_killed_worker_s_nvme_tcp_hosts_are_hung_up_on_without_a_reset() {
+    let tmp = TempDir::new("kill-hang-up");
+    let dir = tmp.path();
+    let (_served, rpc_sock, port) = supervised_tcp_export(dir, "nqn.2026-12.io.vnvme:kill-hang-up");
+    let (mut s, ic) = initialized_connection(port);
+    let (mut stubborn, _) = initialized_connection(port);
+    let killed = {
+        let rpc_sock = rpc_sock.clone();
+        std::thread::spawn(move || kill_worker(&rpc_sock))
+    };
+    hung_up_gracefully(&mut s, &ic, dir);
+    killed.join().expect("kill");
+    // the stubborn host is closed on, within the supervisor's wait and a margin
+    stubborn
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    let end = stubborn.read(&mut b);
+    assert!(
+        matches!(end, Ok(0))
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the stubborn host read {end:?}"
+    );
+    let t = Instant::now();
+    let want = "hung up on 2 NVMe-oF connections the worker left (1 closed by their hosts";
+    while !std::fs::read_to_string(dir.join("daemon.log"))
+        .unwrap_or_default()
+        .contains(want)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{}",
+            daemon_events(&dir.join("daemon.log"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(initialized_connection(port));
+}
+
+/// The descriptors a process has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// The supervisor keeps a duplicate of each connection of the worker and lets go of those
+/// the worker ended, whoever ended them: 40 hosts that close, 20 that break the protocol
+/// (the target answers C2HTermReq and closes): its descriptors come back to what they
+/// were, and the worker still serves.
+#[test]
+fn connections_a_worker_ended_are_let_go_of_by_its_supervisor() {
+    use std::io::Write;
+    let tmp = TempDir::new("kept-sweep");
+    let dir = tmp.path();
+    let (served, _rpc_sock, port) = supervised_tcp_export(dir, "nqn.2026-12.io.vnvme:sweep");
+    // one connection first: the worker has its keeper, the supervisor its thread
+    drop(initialized_connection(port));
+    std::thread::sleep(Duration::from_millis(1500));
+    let sup = served.0.id();
+    let before = open_fds(sup);
+    let open: Vec<_> = (0..40).map(|_| initialized_connection(port)).collect();
+    // the supervisor keeps each (a duplicate: one descriptor more per connection)
+    let t = Instant::now();
+    while open_fds(sup) < before + 40 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the supervisor keeps {} descriptors, {before} before 40 connections",
+            open_fds(sup)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(open);
+    for _ in 0..20 {
+        let (mut s, _) = initialized_connection(port);
+        s.write_all(&[0xff, 0, 8, 0, 8, 0, 0, 0]).unwrap();
+        let t = read_pdu(&mut s).expect("C2HTermReq");
+        assert_eq!(t[0], nvme_spec::tcp::pdu_type::C2H_TERM_REQ, "{t:?}");
+        assert!(closes(&mut s), "left open after its C2HTermReq");
+    }
+    let t = Instant::now();
+    loop {
+        let now = open_fds(sup);
+        if now <= before {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the supervisor holds {now} descriptors, {before} before 60 connections"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(initialized_connection(port));
 }
 
 /// NVMe/TCP peers that break the protocol, against an export of a supervised daemon (the

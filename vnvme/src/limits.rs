@@ -6,8 +6,9 @@
 
 /// Controllers one daemon serves at most (PF + 127 VFs, or 128 entries).
 const MAX_CONTROLLERS: u64 = 128;
-/// Fds kept for everything that is not a DMA region.
-const RESERVE: u64 = 1024;
+/// Fds kept for everything that is not a DMA region (a supervisor's kept NVMe/TCP
+/// connections among them: up to twice `kept_connections::MAX_HELD`).
+const RESERVE: u64 = 1024 + 2 * crate::supervisor::kept_connections::MAX_HELD as u64;
 
 /// What [`apply`] set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

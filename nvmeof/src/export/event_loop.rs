@@ -46,6 +46,8 @@ pub(super) struct Target {
     /// Completions of one RDMA connection being handled (reused).
     #[cfg(feature = "rdma")]
     pub rdma_events: Vec<crate::rdma::link::LinkEvent>,
+    /// Shown every accepted TCP connection (see [`super::KeepHook`]).
+    pub keep: Option<super::KeepHook>,
 }
 
 impl Target {
@@ -210,6 +212,9 @@ impl Target {
                         match PduStream::new(sock, Direction::ToController, max_data) {
                             Ok(stream) => {
                                 log::debug!("nvme-tcp target: connection from {peer}");
+                                if let Some(keep) = &self.keep {
+                                    keep(std::os::fd::AsFd::as_fd(&stream));
+                                }
                                 self.add_conn(Link::Tcp(stream), Role::Initializing, local);
                                 n += 1;
                             }

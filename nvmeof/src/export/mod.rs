@@ -270,6 +270,12 @@ impl Export {
     }
 }
 
+/// Called with every TCP connection the target accepts, on its reactor (so it must not
+/// block): a supervisor keeps a duplicate to close the connection gracefully should this
+/// process die (the target shuts every connection it ends, so a duplicate never holds one
+/// open).
+pub type KeepHook = Arc<dyn Fn(std::os::fd::BorrowedFd<'_>) + Send + Sync>;
+
 /// The running target.
 pub struct TcpTarget {
     stop: Arc<AtomicBool>,
@@ -305,16 +311,18 @@ impl TcpTarget {
         rdma_listen: &[SocketAddr],
         exports: Vec<ExportSpec>,
     ) -> Result<Self, ExportError> {
-        Self::start_with(listen, Vec::new(), rdma_listen, exports)
+        Self::start_with(listen, Vec::new(), rdma_listen, exports, None)
     }
 
     /// [`TcpTarget::start_on`], serving also on `bound`: NVMe/TCP listeners bound already
-    /// (by a supervisor that keeps them across worker processes).
+    /// (by a supervisor that keeps them across worker processes), showing each connection
+    /// accepted to `keep`.
     pub fn start_with(
         listen: &[SocketAddr],
         bound: Vec<TcpListener>,
         rdma_listen: &[SocketAddr],
         exports: Vec<ExportSpec>,
+        keep: Option<KeepHook>,
     ) -> Result<Self, ExportError> {
         #[cfg(feature = "rdma")]
         let rdma = if rdma_listen.is_empty() {
@@ -412,6 +420,7 @@ impl TcpTarget {
             rdma,
             #[cfg(feature = "rdma")]
             rdma_events: Vec::new(),
+            keep,
         };
         let (done_tx, done) = std::sync::mpsc::sync_channel(1);
         let (hung_up_tx, hung_up) = std::sync::mpsc::sync_channel(1);

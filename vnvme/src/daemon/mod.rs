@@ -201,12 +201,16 @@ impl Daemon {
             for r in &rdma {
                 rdma_sa.push(r.parse().map_err(|_| DaemonError::Address(r.clone()))?);
             }
-            let t = TcpTarget::start_with(&tcp_sa, handed, &rdma_sa, list).map_err(|source| {
-                DaemonError::Tcp {
-                    addr: addr.clone().unwrap_or_else(|| rdma.join(",")),
-                    source,
-                }
-            })?;
+            // a worker's supervisor keeps each connection, to close it gracefully should
+            // the worker die
+            let keep = crate::supervisor::kept_connections::hook();
+            let t =
+                TcpTarget::start_with(&tcp_sa, handed, &rdma_sa, list, keep).map_err(|source| {
+                    DaemonError::Tcp {
+                        addr: addr.clone().unwrap_or_else(|| rdma.join(",")),
+                        source,
+                    }
+                })?;
             self.targets.push((entries, t));
         }
         Ok(())

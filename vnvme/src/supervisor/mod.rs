@@ -9,8 +9,10 @@
 //!   doorbells (created here, so it stays the same file across workers); a duplicate of
 //!   every fd the client sent (DMA_MAP guest memory, SET_IRQS eventfds), kept in the relay's
 //!   replay table; each controller's **state memfd** (`device_model::journal`); the
-//!   NVMe/TCP listening sockets (`tcp_listen`); the management socket (`--rpc`). It never
-//!   closes a vfio-user client connection because of a worker.
+//!   NVMe/TCP listening sockets (`tcp_listen`) and a duplicate of each NVMe/TCP connection
+//!   the worker accepted (`kept_connections`, to hang up on gracefully should the worker
+//!   die); the management socket (`--rpc`). It never closes a vfio-user client connection
+//!   because of a worker.
 //! - **Worker**: the device model, reactors, backends (files and io_uring are reopened by
 //!   each worker from the configuration), its own management socket (`RPC.worker`, to which
 //!   the supervisor forwards every method but `daemon_*`).
@@ -74,7 +76,9 @@
 //! in flight on its io_uring end before the process does, so they cannot land after the
 //! host's retry. A worker leaving for a planned upgrade hangs up on its hosts gracefully once
 //! drained (`TcpTarget::hang_up`: its side ended, what the host still sends taken until the
-//! host closes, up to 500 ms), so no host send meets a reset. NVMe/RDMA exports: an RDMA CM listener is no descriptor the supervisor
+//! host closes, up to 500 ms), so no host send meets a reset; the supervisor keeps a
+//! duplicate of each connection (`KEEP`, [`kept_connections`]) and does the same for a
+//! worker that dies. NVMe/RDMA exports: an RDMA CM listener is no descriptor the supervisor
 //! could keep, so each worker listens itself; while none runs a host's connect is rejected,
 //! and the host tries again (Linux every `reconnect_delay`, within `ctrl_loss_tmo`), then
 //! sends again what had no response, as over NVMe/TCP.
@@ -82,6 +86,7 @@
 mod configured;
 pub mod control;
 pub mod handover;
+pub mod kept_connections;
 mod kept_ram;
 mod rpc;
 pub mod worker;
@@ -442,6 +447,7 @@ impl Supervisor {
         };
         let pid = child.id();
         let settles = answer_of(&mut child, ready, "START")?["settle"] == true;
+        kept_connections::keep_for(&ours);
         // the run-time changes first: the controllers restore with their namespaces
         if let Some(p) = &self.opts.worker_rpc {
             rpc::replay(&changes, p);

@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::SupervisorError;
-use super::control::{self, ATTACH, CONFIG, FORGET, LISTEN, RAM, SETTLE, START, UPGRADE};
+use super::control::{self, ATTACH, CONFIG, FORGET, KEEP, LISTEN, RAM, SETTLE, START, UPGRADE};
 use super::handover::{self, HandedMemory};
+use super::kept_connections;
 
 /// The worker's control link.
 #[derive(Debug)]
@@ -106,6 +107,7 @@ impl WorkerLink {
     /// Take the inherited descriptor `fd` and receive every socket's fds until START.
     pub fn take(fd: i32) -> Result<Self, SupervisorError> {
         let ctl = UnixStream::from(sys_util::fd::take_inherited(fd).map_err(SupervisorError::Io)?);
+        kept_connections::as_worker();
         let mut config = None;
         loop {
             let Some(m) =
@@ -183,6 +185,13 @@ impl WorkerLink {
             }
             Ok(Some(m)) if m.command == FORGET => {
                 forget(&m);
+                Asked::Nothing
+            }
+            Ok(Some(m)) if m.command == KEEP => {
+                match m.fds.into_iter().next() {
+                    Some(fd) => kept_connections::set_keeper(fd),
+                    None => log::warn!("worker: KEEP without its fd"),
+                }
                 Asked::Nothing
             }
             Ok(Some(m)) if [ATTACH, LISTEN, RAM].contains(&m.command) => {
