@@ -256,7 +256,8 @@ impl PduStream {
         }
         self.rx.start = 0;
         self.rx.end = 0;
-        loop {
+        // a bounded number of reads per step: a peer that keeps sending holds nobody up
+        for _ in 0..16 {
             match self.sock.read(&mut self.rx.buf) {
                 Ok(0) => return Ok(true),
                 Ok(_) => {}
@@ -265,6 +266,7 @@ impl PduStream {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(false)
     }
 
     /// Close both directions now (in-flight data is dropped).

@@ -81,8 +81,8 @@ pub enum Passed {
     Closed,
 }
 
-/// Receive the next message of `sock` without blocking (its descriptor close-on-exec; any
-/// beyond the first are closed by the kernel).
+/// Receive the next message of `sock` without blocking (its descriptor close-on-exec; the
+/// kernel closes any beyond the first).
 pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Passed> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
@@ -90,14 +90,16 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Passed> {
         iov_len: 1,
     };
     let mut cbuf = [0u64; 4];
-    // SAFETY: CMSG_SPACE is arithmetic on its argument.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    // room for exactly one descriptor (CMSG_SPACE would leave room for two on 64-bit): the
+    // kernel closes any beyond it
+    // SAFETY: CMSG_LEN is arithmetic on its argument.
+    let room = unsafe { libc::CMSG_LEN(size_of::<RawFd>() as u32) } as usize;
     // SAFETY: msghdr is plain data; zeroed is a valid initial state.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    msg.msg_controllen = room as _;
     let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
     // SAFETY: msg points at the live local buffers above, sized as it says.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, flags) };

@@ -1034,7 +1034,7 @@ fn initialized_connection(port: u16) -> (std::net::TcpStream, Vec<u8>) {
 }
 
 /// A host that has not noticed yet: `s` reads end of stream (not a reset), two sends after
-/// it (`bytes`) are taken, and once the host closes its end the target closes too.
+/// it (`bytes`) are taken (a reset makes the second fail), then the host closes its end.
 fn hung_up_gracefully(s: &mut std::net::TcpStream, bytes: &[u8], dir: &Path) {
     use std::io::Write;
     let mut b = [0u8; 64];
@@ -1052,13 +1052,9 @@ fn hung_up_gracefully(s: &mut std::net::TcpStream, bytes: &[u8], dir: &Path) {
                 daemon_events(&dir.join("daemon.log"))
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(
-        matches!(s.read(&mut b), Ok(0)),
-        "the target did not close after the host did"
-    );
 }
 
 /// A planned upgrade hangs up on an NVMe/TCP host gracefully: the host reads end of stream,
@@ -1078,13 +1074,16 @@ fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
     hung_up_gracefully(&mut s, &ic, dir);
     let r = upgrade.join().expect("upgrade");
     assert!(r.get("generation").is_some(), "{r}");
+    // the worker hung up, and its host closed in time: nothing was left to the supervisor
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
     assert!(
-        log.contains("hung up on the NVMe-oF hosts of 1 targets"),
+        log.contains("hung up on NVMe-oF hosts: those of 1 of 1 targets closed"),
         "{log}"
     );
     // the next worker serves a new connection
     drop(initialized_connection(port));
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("connections the worker left"), "{log}");
 }
 
 /// A killed worker's NVMe/TCP connections are hung up on gracefully too: the supervisor

@@ -286,7 +286,7 @@ pub struct TcpTarget {
     addrs: Vec<SocketAddr>,
     /// How long a hang-up may take (ms, 0: none asked), and its end.
     hang_up_ms: Arc<AtomicU64>,
-    hung_up: Receiver<()>,
+    hung_up: Receiver<bool>,
 }
 
 impl std::fmt::Debug for TcpTarget {
@@ -467,11 +467,11 @@ impl TcpTarget {
         self.reactor.wake();
     }
 
-    /// Wait until `deadline` for the hang-up to end; true when it ended (every host
-    /// closed its end, or its time was up).
-    pub fn hung_up(&self, deadline: Instant) -> bool {
+    /// Wait until `deadline` for the hang-up to end: `Some(true)` when every host closed
+    /// its end in time, `Some(false)` when its time was up first, `None` without an answer.
+    pub fn hung_up(&self, deadline: Instant) -> Option<bool> {
         let left = deadline.saturating_duration_since(Instant::now());
-        self.hung_up.recv_timeout(left).is_ok()
+        self.hung_up.recv_timeout(left).ok()
     }
 
     /// Close every connection and stop; returns the exported controllers.

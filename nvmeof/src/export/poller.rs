@@ -23,8 +23,8 @@ pub(super) struct TargetPoller {
     pub hang_up_ms: Arc<AtomicU64>,
     /// The end of the hang-up, once it started.
     pub hanging_until: Option<Instant>,
-    /// Told once every host has closed, or the time is up.
-    pub hung_up: SyncSender<()>,
+    /// Told once every host has closed (`true`), or the time is up.
+    pub hung_up: SyncSender<bool>,
 }
 
 impl device_model::Poller for TargetPoller {
@@ -47,12 +47,13 @@ impl device_model::Poller for TargetPoller {
             self.hanging_until = Some(Instant::now() + Duration::from_millis(ms));
         }
         let until = self.hanging_until.get_or_insert_with(Instant::now);
-        if Instant::now() < *until && !t.hang_up() {
+        let all_closed = t.hang_up();
+        if Instant::now() < *until && !all_closed {
             return 1;
         }
         // every host closed, or the time is up (the process exits: what is left closes)
         *until = Instant::now();
-        let _ = self.hung_up.try_send(());
+        let _ = self.hung_up.try_send(all_closed);
         0
     }
 

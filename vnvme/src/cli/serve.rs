@@ -177,9 +177,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<i32> {
                 // the NVMe-oF hosts reconnect to the next worker: end their connections
                 // gracefully, not with the resets an exit leaves
                 let t = std::time::Instant::now();
-                let targets = daemon.hang_up_hosts(HANG_UP_WAIT);
+                let (closed, targets) = daemon.hang_up_hosts(HANG_UP_WAIT);
                 log::info!(
-                    "worker: hung up on the NVMe-oF hosts of {targets} targets in {} ms",
+                    "worker: hung up on NVMe-oF hosts: those of {closed} of {targets} targets closed in {} ms",
                     t.elapsed().as_millis()
                 );
                 // no flush, no socket removal: the next worker carries on with all of it

@@ -262,18 +262,21 @@ impl Daemon {
 
     /// Before a planned upgrade's exit: hang up on every NVMe-oF host, each connection
     /// closed gracefully, waiting up to `within` for the hosts to close theirs
-    /// ([`TcpTarget::hang_up`]). Returns how many targets finished in time.
-    pub fn hang_up_hosts(&self, within: std::time::Duration) -> usize {
+    /// ([`TcpTarget::hang_up`]). Returns how many targets' hosts all closed in time, of
+    /// how many.
+    pub fn hang_up_hosts(&self, within: std::time::Duration) -> (usize, usize) {
         let deadline = std::time::Instant::now() + within;
         for (_, t) in &self.targets {
             t.hang_up(within);
         }
         // (a little past the targets' own deadline: each tells when its time is up)
         let margin = std::time::Duration::from_millis(100);
-        self.targets
+        let closed = self
+            .targets
             .iter()
-            .filter(|(_, t)| t.hung_up(deadline + margin))
-            .count()
+            .filter(|(_, t)| t.hung_up(deadline + margin) == Some(true))
+            .count();
+        (closed, self.targets.len())
     }
 
     /// The vfio-user sockets being served.

@@ -53,7 +53,8 @@ pub const SETTLE: u16 = 0x7e09;
 
 /// Supervisor -> worker, after START: show every accepted NVMe/TCP connection to the
 /// supervisor; fd: the worker's end of a `SOCK_SEQPACKET` pair to send a duplicate of each
-/// over (`kept_connections`). No answer (a worker of an earlier build ignores it).
+/// over (`kept_connections`). No answer (a worker of an earlier build ignores it). START
+/// says `{"keep": true}` to a worker whose supervisor sends it.
 pub const KEEP: u16 = 0x7e0a;
 
 /// Largest control message body.

@@ -15,47 +15,53 @@
 //!   of stream, recovers and reconnects to the listener the supervisor keeps.
 //!
 //! The supervisor holds at most [`MAX_HELD`]; past that a connection is simply not kept.
+//! START tells the worker that `KEEP` follows (`{"keep": true}`): a worker under a
+//! supervisor of an earlier build keeps nothing.
 
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use sys_util::fd_passing::{self, Passed};
-
-use super::control;
 use sys_util::poll;
 
-/// Most connections the supervisor holds for one worker (a target serves at most 256 at
-/// once; the rest of what it held the worker ended, and a sweep lets go of those first).
-/// With the previous worker's still being hung up on, the supervisor holds at most twice
-/// this many: [`crate::limits`] keeps room for them.
-pub const MAX_HELD: usize = 256;
+use super::control;
+
+/// Most connections the supervisor holds for one worker: four targets' worth (each serves
+/// at most 256 at once; what else it held the worker ended, and a sweep lets go of those
+/// first). With the previous worker's still being hung up on (a bounded time), the
+/// supervisor holds at most twice this many: [`crate::limits`] keeps room for them.
+pub const MAX_HELD: usize = 1024;
 /// How long the supervisor waits for the hosts of a dead worker to close.
 pub const HANG_UP_WAIT: Duration = Duration::from_millis(500);
 /// How often held connections the worker ended are let go of.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Connections a worker accepted before its supervisor's `KEEP` came, kept until it does.
 const MAX_PENDING: usize = 64;
+/// Reads of a connection's input per step of a hang-up (a host that keeps sending does not
+/// hold the others, or the deadline, up).
+const READS_PER_STEP: usize = 16;
 
-/// This process is a worker: its accepted connections are to be kept.
-static WORKER: AtomicBool = AtomicBool::new(false);
+/// This worker's supervisor said (in START) that `KEEP` follows.
+static EXPECTED: AtomicBool = AtomicBool::new(false);
 /// The worker's end of the pair (`KEEP`), once the supervisor sent it.
 static KEEPER: Mutex<Option<OwnedFd>> = Mutex::new(None);
 /// Duplicates of connections accepted before `KEEP` came.
 static PENDING: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
 
-/// The worker side: this process runs under a supervisor (before its daemon starts).
-pub fn as_worker() {
-    WORKER.store(true, Ordering::Release);
+/// The worker side, at START (before its daemon starts): whether the supervisor will send
+/// `KEEP`.
+pub fn expect_keeper(yes: bool) {
+    EXPECTED.store(yes, Ordering::Release);
 }
 
 /// What a worker's NVMe/TCP targets show each accepted connection to; `None` outside a
-/// worker.
+/// worker whose supervisor keeps connections.
 pub fn hook() -> Option<nvmeof::export::KeepHook> {
-    WORKER
+    EXPECTED
         .load(Ordering::Acquire)
         .then(|| Arc::new(keep) as nvmeof::export::KeepHook)
 }
@@ -63,16 +69,14 @@ pub fn hook() -> Option<nvmeof::export::KeepHook> {
 /// The worker side: hand a duplicate of accepted connection `fd` to the supervisor. On the
 /// reactor: never blocks (a full pair drops it, with a warning).
 fn keep(fd: BorrowedFd<'_>) {
-    let keeper = KEEPER
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let keeper = KEEPER.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(k) = keeper.as_ref() {
         send(k.as_fd(), fd);
         return;
     }
-    let mut pending = PENDING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+    // (those the worker ended meanwhile go: their duplicates would keep their sockets)
+    sweep(&mut pending, &mut Vec::new());
     if pending.len() < MAX_PENDING
         && let Ok(dup) = fd.try_clone_to_owned()
     {
@@ -91,14 +95,12 @@ fn send(keeper: BorrowedFd<'_>, fd: BorrowedFd<'_>) {
 /// The worker side: the supervisor's `KEEP` came with its end of the pair; the
 /// connections accepted so far go first.
 pub fn set_keeper(fd: OwnedFd) {
-    let mut keeper = KEEPER
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let pending = std::mem::take(
-        &mut *PENDING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    let mut keeper = KEEPER.lock().unwrap_or_else(PoisonError::into_inner);
+    if keeper.is_some() {
+        log::warn!("worker: a second KEEP ignored");
+        return;
+    }
+    let pending = std::mem::take(&mut *PENDING.lock().unwrap_or_else(PoisonError::into_inner));
     for p in &pending {
         send(fd.as_fd(), p.as_fd());
     }
@@ -129,33 +131,39 @@ pub(super) fn keep_for(ctl: &std::os::unix::net::UnixStream) {
 /// worker sends on `link`, let go of those it ended, and once it is gone hang up on the
 /// rest. Returns how many were hung up on.
 fn hold(link: OwnedFd) -> usize {
-    let mut held: Vec<TcpStream> = Vec::new();
+    let mut held: Vec<OwnedFd> = Vec::new();
     let mut fds = Vec::new();
     let mut swept = Instant::now();
-    loop {
-        match sys_util::poll::wait_readable(&link, SWEEP_EVERY) {
-            Ok(true) => {
-                if !take(&link, &mut held) {
-                    break; // the worker is gone
-                }
-            }
-            Ok(false) => {}
+    let gone = loop {
+        let taken = match poll::wait_readable(&link, SWEEP_EVERY) {
+            Ok(true) => take(&link, &mut held, &mut fds),
+            Ok(false) => Ok(true),
+            Err(e) => Err(e),
+        };
+        match taken {
+            Ok(true) => {}
+            Ok(false) => break true,
             Err(e) => {
                 log::warn!("supervisor: kept connections: {e}");
-                break;
+                break false;
             }
         }
-        if swept.elapsed() >= SWEEP_EVERY || held.len() >= MAX_HELD {
+        if swept.elapsed() >= SWEEP_EVERY {
             swept = Instant::now();
             sweep(&mut held, &mut fds);
         }
-    }
+    };
     drop(link);
+    if !gone {
+        // the worker may live on: its connections are its own (the duplicates just close)
+        return 0;
+    }
     sweep(&mut held, &mut fds);
     let n = held.len();
     if n > 0 {
         let t = Instant::now();
-        let closed = hang_up(held, HANG_UP_WAIT);
+        let conns = held.into_iter().map(TcpStream::from).collect();
+        let closed = hang_up(conns, HANG_UP_WAIT);
         log::info!(
             "supervisor: hung up on {n} NVMe-oF connections the worker left ({closed} closed by their hosts in {} ms)",
             t.elapsed().as_millis()
@@ -164,35 +172,38 @@ fn hold(link: OwnedFd) -> usize {
     n
 }
 
-/// Take every connection waiting on `link`; false once the worker closed its end.
-fn take(link: &OwnedFd, held: &mut Vec<TcpStream>) -> bool {
+/// Take every connection waiting on `link`: `Ok(false)` once the worker closed its end.
+fn take(
+    link: &OwnedFd,
+    held: &mut Vec<OwnedFd>,
+    fds: &mut Vec<poll::PollFd>,
+) -> std::io::Result<bool> {
     loop {
-        match fd_passing::recv_fd(link.as_fd()) {
-            Ok(Passed::Fd(fd)) => {
+        match fd_passing::recv_fd(link.as_fd())? {
+            Passed::Fd(fd) => {
+                if held.len() >= MAX_HELD {
+                    sweep(held, fds);
+                }
                 if held.len() < MAX_HELD {
-                    held.push(TcpStream::from(fd));
+                    held.push(fd);
                 } else {
                     device_model::warn_limited!(
                         "supervisor: {MAX_HELD} NVMe-oF connections kept already; one more is not"
                     );
                 }
             }
-            Ok(Passed::Empty) => {}
-            Ok(Passed::Nothing) => return true,
-            Ok(Passed::Closed) => return false,
-            Err(e) => {
-                log::warn!("supervisor: kept connections: {e}");
-                return false;
-            }
+            Passed::Empty => {}
+            Passed::Nothing => return Ok(true),
+            Passed::Closed => return Ok(false),
         }
     }
 }
 
 /// Let go of the connections the worker ended (or that failed): their sockets report a
 /// hang-up.
-fn sweep(held: &mut Vec<TcpStream>, fds: &mut Vec<poll::PollFd>) {
+fn sweep(held: &mut Vec<OwnedFd>, fds: &mut Vec<poll::PollFd>) {
     fds.clear();
-    fds.extend(held.iter().map(|s| poll::entry(s, 0)));
+    fds.extend(held.iter().map(|s| poll::entry(&s.as_fd(), 0)));
     if poll::poll(fds, Duration::ZERO).is_err() {
         return;
     }
@@ -215,7 +226,7 @@ fn hang_up(mut conns: Vec<TcpStream>, within: Duration) -> usize {
     let mut fds = Vec::new();
     while !conns.is_empty() {
         conns.retain_mut(|s| {
-            loop {
+            for _ in 0..READS_PER_STEP {
                 match s.read(&mut sink) {
                     Ok(0) => return false,
                     Ok(_) => {}
@@ -224,6 +235,7 @@ fn hang_up(mut conns: Vec<TcpStream>, within: Duration) -> usize {
                     Err(_) => return false,
                 }
             }
+            true // more to read: next step
         });
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() || conns.is_empty() {

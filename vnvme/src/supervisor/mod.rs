@@ -433,7 +433,7 @@ impl Supervisor {
                 control::request(
                     &ours,
                     control::START,
-                    &json!({"settle": true}),
+                    &json!({"settle": true, "keep": true}),
                     &[],
                     Duration::from_secs(30),
                 ),

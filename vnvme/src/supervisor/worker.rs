@@ -107,7 +107,6 @@ impl WorkerLink {
     /// Take the inherited descriptor `fd` and receive every socket's fds until START.
     pub fn take(fd: i32) -> Result<Self, SupervisorError> {
         let ctl = UnixStream::from(sys_util::fd::take_inherited(fd).map_err(SupervisorError::Io)?);
-        kept_connections::as_worker();
         let mut config = None;
         loop {
             let Some(m) =
@@ -124,6 +123,8 @@ impl WorkerLink {
                 START => {
                     // the supervisor will ask to settle after its replay: keep namespaces
                     handover::set_settles(m.body.get("settle") == Some(&json!(true)));
+                    // and will send KEEP: accepted connections wait for it
+                    kept_connections::expect_keeper(m.body.get("keep") == Some(&json!(true)));
                     return Ok(Self {
                         ctl,
                         start: m.id,
