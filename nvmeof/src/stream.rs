@@ -256,17 +256,7 @@ impl PduStream {
         }
         self.rx.start = 0;
         self.rx.end = 0;
-        // a bounded number of reads per step: a peer that keeps sending holds nobody up
-        for _ in 0..16 {
-            match self.sock.read(&mut self.rx.buf) {
-                Ok(0) => return Ok(true),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(false)
+        Ok(drain_step(&mut self.sock, &mut self.rx.buf)?)
     }
 
     /// Close both directions now (in-flight data is dropped).
@@ -278,6 +268,22 @@ impl PduStream {
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.sock.as_raw_fd()
     }
+}
+
+/// One step of draining non-blocking socket `sock` whose write side is ended: read what the
+/// peer still sends into `sink` and drop it, at most 16 reads (a peer that keeps sending
+/// holds nobody up). `Ok(true)` once the peer has closed its end.
+pub fn drain_step(sock: &mut TcpStream, sink: &mut [u8]) -> std::io::Result<bool> {
+    for _ in 0..16 {
+        match sock.read(sink) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 impl std::os::fd::AsFd for PduStream {

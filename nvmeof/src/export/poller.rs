@@ -39,20 +39,20 @@ impl device_model::Poller for TargetPoller {
             }
             return 1;
         }
-        if self.hanging_until.is_none() {
-            let ms = self.hang_up_ms.load(Ordering::Acquire);
-            if ms == 0 {
-                return t.poll_input();
-            }
-            self.hanging_until = Some(Instant::now() + Duration::from_millis(ms));
-        }
-        let until = self.hanging_until.get_or_insert_with(Instant::now);
+        let until = match self.hanging_until {
+            Some(until) => until,
+            None => match self.hang_up_ms.load(Ordering::Acquire) {
+                0 => return t.poll_input(),
+                ms => Instant::now() + Duration::from_millis(ms),
+            },
+        };
         let all_closed = t.hang_up();
-        if Instant::now() < *until && !all_closed {
+        if Instant::now() < until && !all_closed {
+            self.hanging_until = Some(until);
             return 1;
         }
         // every host closed, or the time is up (the process exits: what is left closes)
-        *until = Instant::now();
+        self.hanging_until = Some(Instant::now());
         let _ = self.hung_up.try_send(all_closed);
         0
     }

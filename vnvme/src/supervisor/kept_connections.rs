@@ -18,7 +18,6 @@
 //! START tells the worker that `KEEP` follows (`{"keep": true}`): a worker under a
 //! supervisor of an earlier build keeps nothing.
 
-use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,9 +40,6 @@ pub const HANG_UP_WAIT: Duration = Duration::from_millis(500);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Connections a worker accepted before its supervisor's `KEEP` came, kept until it does.
 const MAX_PENDING: usize = 64;
-/// Reads of a connection's input per step of a hang-up (a host that keeps sending does not
-/// hold the others, or the deadline, up).
-const READS_PER_STEP: usize = 16;
 
 /// This worker's supervisor said (in START) that `KEEP` follows.
 static EXPECTED: AtomicBool = AtomicBool::new(false);
@@ -225,18 +221,8 @@ fn hang_up(mut conns: Vec<TcpStream>, within: Duration) -> usize {
     let mut sink = vec![0u8; 64 << 10];
     let mut fds = Vec::new();
     while !conns.is_empty() {
-        conns.retain_mut(|s| {
-            for _ in 0..READS_PER_STEP {
-                match s.read(&mut sink) {
-                    Ok(0) => return false,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return false,
-                }
-            }
-            true // more to read: next step
-        });
+        // (an error: the host is gone)
+        conns.retain_mut(|s| matches!(nvmeof::stream::drain_step(s, &mut sink), Ok(false)));
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() || conns.is_empty() {
             break;
