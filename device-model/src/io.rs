@@ -201,18 +201,23 @@ impl Controller {
         };
         // an instant backend (RAM, null) answers here: the command completes in this pass
         // and nothing holds the guest's memory after it
-        let outcome = match ns.backend.execute(&req) {
-            Ok(Submitted::Completed) => Outcome::Done(Status::SUCCESS, 0),
+        let instant = match ns.backend.execute(&req) {
+            Ok(Submitted::Completed) => true,
             Ok(Submitted::Queued) => {
                 ctx.mem = Some(Arc::clone(mem));
-                Outcome::Pending
+                false
             }
             Err(s) => return Outcome::status(s),
         };
         if !is_read {
             ns.clear_uncorrectable(offset, len, &self.cfg.serial);
         }
-        outcome
+        if instant {
+            // posted here, where the namespace and the status are known
+            self.complete_instant(qid, slot, ns_idx, mem);
+            return Outcome::Posted;
+        }
+        Outcome::Pending
     }
 
     /// A read or write larger than its namespace's backend takes in one request (a backend

@@ -109,14 +109,24 @@ impl Qos {
         self.last = None;
     }
 
-    /// Whether another I/O command may be fetched now (one branch without limits).
+    /// Whether another I/O command may be fetched now; if so it is counted against the
+    /// command rate (one branch without limits).
     #[inline]
-    pub(crate) fn admit(&mut self) -> bool {
-        (self.ops.is_none() && self.bytes.is_none()) || self.admit_limited()
+    pub(crate) fn take_op(&mut self) -> bool {
+        (self.ops.is_none() && self.bytes.is_none()) || self.take_op_limited()
     }
 
-    /// [`admit`](Self::admit) under a limit: refill the buckets from the clock.
+    /// [`take_op`](Self::take_op) under a limit.
     #[cold]
+    fn take_op_limited(&mut self) -> bool {
+        let admitted = self.admit_limited();
+        if admitted && let Some(b) = &mut self.ops {
+            b.tokens -= 1.0;
+        }
+        admitted
+    }
+
+    /// Whether the buckets hold a command's tokens, refilled from the clock.
     fn admit_limited(&mut self) -> bool {
         let now = Instant::now();
         let secs = self
@@ -130,13 +140,6 @@ impl Qos {
             b.refill(secs);
         }
         self.ops.is_none_or(|b| b.tokens >= 1.0) && self.bytes.is_none_or(|b| b.tokens >= 0.0)
-    }
-
-    /// An I/O command was fetched.
-    pub(crate) fn charge_op(&mut self) {
-        if let Some(b) = &mut self.ops {
-            b.tokens -= 1.0;
-        }
     }
 
     /// An I/O command moves `bytes` of data.
@@ -162,8 +165,7 @@ mod tests {
         let t = Instant::now();
         let mut n = 0u64;
         while t.elapsed().as_millis() < 200 {
-            if q.admit() {
-                q.charge_op();
+            if q.take_op() {
                 n += 1;
             }
         }
@@ -172,7 +174,7 @@ mod tests {
         // unlimited again at run time
         c.set(QosLimits::default());
         q.sync(&c);
-        assert!((0..10_000).all(|_| q.admit()));
+        assert!((0..10_000).all(|_| q.take_op()));
         assert_eq!(c.get(), QosLimits::default());
     }
 
@@ -184,8 +186,8 @@ mod tests {
         });
         let mut q = Qos::default();
         q.sync(&c);
-        assert!(q.admit());
+        assert!(q.take_op());
         q.charge_bytes(1 << 20); // a whole second's worth
-        assert!(!q.admit(), "the debt holds the next command back");
+        assert!(!q.take_op(), "the debt holds the next command back");
     }
 }

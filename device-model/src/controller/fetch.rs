@@ -15,7 +15,7 @@ use crate::state::async_events::{AsyncEvent, error_info, event_type};
 use super::{Controller, MAX_COMMANDS_IN_FLIGHT, Outcome};
 
 /// Commands fetched from one SQ per poll before moving on (fairness between queues).
-const FETCH_BUDGET: u32 = 64;
+const FETCH_BUDGET: usize = 64;
 
 impl Controller {
     /// One pass of the data plane: doorbells, command fetch and dispatch, backend
@@ -139,30 +139,45 @@ impl Controller {
         } else if sq.deleting.is_some() {
             return 0;
         }
-        let mut n = 0;
         let mut sqe = Submission::new_zeroed();
         if qid != 0 {
             self.qos.sync(&self.qos_control);
         }
-        while n < FETCH_BUDGET {
+        // Commands this pass may fetch from the SQ, counted once: a free slot, room under
+        // the in-flight bound and a reserved CQ entry each. Commands that complete during
+        // the pass only add room, so the count never overshoots; what it leaves waits in
+        // the SQ for the next pass.
+        let Some(sq) = self.queues.sqs[qid as usize].as_ref() else {
+            return 0;
+        };
+        let cq_room = self
+            .queues
+            .cqs
+            .get(sq.cqid as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, crate::queue::CompletionQueue::room);
+        let budget = if self.hold {
+            0
+        } else {
+            FETCH_BUDGET
+                .min(sq.free.len())
+                .min(MAX_COMMANDS_IN_FLIGHT.saturating_sub(self.commands_in_flight))
+                .min(cq_room as usize)
+        };
+        let mut n = 0;
+        while n < budget {
             let Some(sq) = self.queues.sqs[qid as usize].as_mut() else {
                 break;
             };
-            if !sq.has_work() || sq.free.is_empty() || self.hold {
-                break;
-            }
-            if self.commands_in_flight >= MAX_COMMANDS_IN_FLIGHT {
-                break; // the rest waits in the SQ until commands complete
-            }
-            // QoS holds I/O commands in the SQ until their tokens are there
-            if qid != 0 && !self.qos.admit() {
+            if !sq.has_work() {
                 break;
             }
             let cqid = sq.cqid as usize;
             let Some(cq) = self.queues.cqs[cqid].as_mut() else {
                 break;
             };
-            if !cq.can_reserve() {
+            // QoS holds I/O commands in the SQ until their tokens are there
+            if qid != 0 && !self.qos.take_op() {
                 break;
             }
             if let Err(e) = sq.fetch(mem, &mut sqe) {
@@ -171,12 +186,9 @@ impl Controller {
                     self.cfg.serial
                 );
                 self.set_fatal();
-                return n as usize;
+                return n;
             }
             cq.reserved += 1;
-            if qid != 0 {
-                self.qos.charge_op();
-            }
             let slot = sq.free.pop().unwrap_or_default();
             if let Some(j) = &self.journal {
                 // the fetch position and the command, before anything acts on it
@@ -195,7 +207,7 @@ impl Controller {
             self.dispatch(qid, slot, &sqe, mem);
             n += 1;
         }
-        n as usize
+        n
     }
 
     /// Run the command in `slot` of SQ `qid` (admin or I/O) and post its completion when it
@@ -208,7 +220,7 @@ impl Controller {
         };
         if let Outcome::Done(status, dw0) = outcome {
             self.complete(qid, slot, status, dw0, mem);
-        }
+        } // Pending completes later; Posted is done
     }
 
     /// The event for an invalid doorbell write value (§3.1.4.18 and §5.2).

@@ -141,6 +141,9 @@ pub(crate) enum Outcome {
     Done(Status, u32),
     /// Handed to a backend (or parked); completion comes later.
     Pending,
+    /// Finished at once and its completion already posted (an instant backend's read or
+    /// write, [`Controller::complete_instant`]).
+    Posted,
 }
 
 impl Outcome {

@@ -79,7 +79,12 @@ impl CompletionQueue {
 
     /// Room for one more reservation (one slot always stays empty: full = tail + 1 == head).
     pub fn can_reserve(&self) -> bool {
-        self.used() + self.reserved < self.size - 1
+        self.room() > 0
+    }
+
+    /// Reservations the CQ has room for now.
+    pub fn room(&self) -> u32 {
+        (self.size - 1).saturating_sub(self.used() + self.reserved)
     }
 
     /// Take the doorbell's head value if it is valid (between head and tail, inclusive).
