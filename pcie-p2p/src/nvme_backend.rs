@@ -608,6 +608,68 @@ impl NvmeBackend {
         }
     }
 
+    /// The common request in few steps: a read or write of one segment (a 4 KiB I/O), on a
+    /// device in its current generation, in memory the published mirror covers. `None`
+    /// when the request is not that: [`Backend::submit`]'s general path takes it (it
+    /// catches up with resets, parks, bounces, builds PRP lists).
+    #[inline]
+    fn start_one_segment(&mut self, req: &IoRequest<'_>) -> Option<Result<(), Status>> {
+        let write = match req.op {
+            IoOp::Read => false,
+            IoOp::Write { .. } => true,
+            _ => return None,
+        };
+        let mut segments = req.iov.segments();
+        let (Some((addr, len)), 0) = (segments.next(), segments.len()) else {
+            return None;
+        };
+        let (addr, len) = (addr as u64, len as u64);
+        let snapshot = req.iov.snapshot()?;
+        if self.failed
+            || self.qp.is_none()
+            || self.generation != self.dev.generation()
+            || !self.mirrored.covers(snapshot)
+        {
+            return None;
+        }
+        let mirrored = &self.mirrored.ranges;
+        let i = mirrored.partition_point(|&(va, _)| va <= addr);
+        let inside = i
+            .checked_sub(1)
+            .is_some_and(|i| addr + len <= mirrored[i].0 + mirrored[i].1);
+        if !inside {
+            return None;
+        }
+        if let Err(s) = self.check(req.offset, len) {
+            return Some(Err(s));
+        }
+        let Some(slot) = self.free.pop() else {
+            return Some(Err(Status::INTERNAL_ERROR));
+        };
+        let fua = matches!(req.op, IoOp::Write { fua: true });
+        let lba = self.lba(req.offset);
+        // check() bounds len by the maximum transfer, so the block count fits
+        let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
+        let nsid = self.claim.nsid;
+        let Some(qp) = self.qp.as_mut() else {
+            self.free.push(slot);
+            return None;
+        };
+        let segment = [(addr, len)];
+        if qp
+            .read_write_segments(write, fua, nsid, lba, blocks, &segment, slot as u64)
+            .is_err()
+        {
+            // not expressible in PRPs after all: the general path bounces it
+            self.free.push(slot);
+            return None;
+        }
+        qp.ring();
+        self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
+        self.pending[slot] = Some(Pending::bare(req.tag));
+        Some(Ok(()))
+    }
+
     /// Start the parked requests once the mirror is there, or their time is up.
     fn unpark(&mut self) {
         let ready = self.mirror_current(None) || !self.dev.mirror_coming(PARK_MAX);
@@ -657,6 +719,9 @@ impl Backend for NvmeBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if let Some(started) = self.start_one_segment(req) {
+            return started;
+        }
         self.usable()?;
         let moves_data = matches!(req.op, IoOp::Read | IoOp::Write { .. });
         let mirrored = moves_data && self.mirror_current(req.iov.snapshot());

@@ -192,6 +192,7 @@ impl Inner {
         self.ctrl.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    #[inline]
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -284,6 +285,7 @@ impl SharedDevice {
     }
 
     /// Recovery resets so far, or [`FAILED`].
+    #[inline]
     pub fn generation(&self) -> u64 {
         self.inner.generation()
     }
