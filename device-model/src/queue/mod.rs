@@ -300,8 +300,17 @@ mod tests {
         assert!(!cq.update_head(4)); // out of range
         assert!(cq.update_head(2));
         assert_eq!(cq.used(), 0);
+        assert_eq!(cq.room(), 3, "one entry of four always stays empty");
         cq.reserved = 3;
         assert!(!cq.can_reserve());
+        assert_eq!(cq.room(), 0);
+        // posted entries the host has not consumed take room like reservations
+        cq.reserved = 1;
+        cq.tail = 0; // wrapped: 2 entries used (head 2, tail 0 of 4)
+        assert_eq!(cq.used(), 2);
+        assert_eq!(cq.room(), 0);
+        cq.reserved = 0;
+        assert_eq!(cq.room(), 1);
     }
 
     #[test]
