@@ -145,8 +145,9 @@ impl Controller {
         }
         // Commands this pass may fetch from the SQ, counted once: a free slot, room under
         // the in-flight bound and a reserved CQ entry each. Commands that complete during
-        // the pass only add room, so the count never overshoots; what it leaves waits in
-        // the SQ for the next pass.
+        // the pass give slots and in-flight room back and turn their reservation into a
+        // posted entry (the CQ's room stays as it was), so the count never overshoots; what
+        // it leaves waits in the SQ for the next pass.
         let Some(sq) = self.queues.sqs[qid as usize].as_ref() else {
             return 0;
         };
