@@ -1086,6 +1086,61 @@ fn an_upgrade_hangs_up_on_nvme_tcp_hosts_without_a_reset() {
     assert!(!log.contains("connections the worker left"), "{log}");
 }
 
+/// A worker waiting out its hang-up on a host that never closes (up to 500 ms) naps in
+/// poll(2) on the connection instead of spinning on a core its hosts and the next worker may
+/// need: its CPU time over the wait stays far below the wait (a spinning reactor used about
+/// all of it: 490 ms of 526). The host is then closed on, and the next worker serves.
+#[test]
+fn a_worker_hanging_up_on_a_silent_host_does_not_spin() {
+    let tmp = TempDir::new("hang-up-naps");
+    let dir = tmp.path();
+    let (_served, rpc_sock, port) = supervised_tcp_export(dir, "nqn.2026-12.io.vnvme:naps");
+    let (mut silent, _) = initialized_connection(port);
+    let (worker, ..) = status(&rpc_sock);
+    let cpu_ms = |pid: u64| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf(3) with a valid name.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        Some(ticks * 1000 / hz.max(1))
+    };
+    let before = cpu_ms(worker).expect("the worker's CPU time");
+    let upgrade = {
+        let rpc_sock = rpc_sock.clone();
+        std::thread::spawn(move || rpc(&rpc_sock, &["daemon_upgrade"]))
+    };
+    // the last reading before the worker exits
+    let (mut last, t) = (before, Instant::now());
+    while let Some(ms) = cpu_ms(worker) {
+        last = ms;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the worker did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = upgrade.join().expect("upgrade");
+    assert!(r.get("generation").is_some(), "{r}");
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("hung up on NVMe-oF hosts: those of 0 of 1 targets closed"),
+        "the silent host kept the worker waiting: {log}"
+    );
+    assert!(
+        last - before < 250,
+        "the worker used {} ms of CPU while waiting about 500 ms for a silent host",
+        last - before
+    );
+    // the host is closed on (end of stream), and the next worker serves a new connection
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert!(matches!(silent.read(&mut b), Ok(0)), "not closed on");
+    drop(initialized_connection(port));
+}
+
 /// A killed worker's NVMe/TCP connections are hung up on gracefully too: the supervisor
 /// kept a duplicate of each, and once the worker is gone ends their write side and takes
 /// what the hosts still send until they close. A host that never closes (and never reads)

@@ -49,7 +49,9 @@ impl device_model::Poller for TargetPoller {
         let all_closed = t.hang_up();
         if Instant::now() < until && !all_closed {
             self.hanging_until = Some(until);
-            return 1;
+            // nothing to do until a host sends or closes: the reactor may nap in poll(2) on
+            // the connections (`wait_fds`) rather than spin on a core the hosts may need
+            return 0;
         }
         // every host closed, or the time is up (the process exits: what is left closes)
         self.hanging_until = Some(Instant::now());
