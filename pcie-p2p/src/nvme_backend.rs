@@ -441,6 +441,13 @@ impl NvmeBackend {
     /// Write Zeroes with more of its range to go sends its next command instead.
     fn finish(&mut self, r: Request) -> Option<(u64, Status)> {
         let slot = usize::try_from(r.user).ok()?;
+        let entry = self.pending.get_mut(slot)?;
+        if entry.as_ref().is_some_and(|p| p.more.is_none()) {
+            // a zero-copy request or a flush (the common case): its tag is all it holds
+            let tag = entry.take().map(|p| p.tag)?;
+            self.free.push(slot);
+            return Some((tag, r.status));
+        }
         let mut status = r.status;
         let more = matches!(
             self.pending.get(slot)?.as_ref()?.more.as_deref(),
