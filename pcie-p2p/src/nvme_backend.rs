@@ -331,19 +331,39 @@ impl NvmeBackend {
     /// caller checked that the mirror is current).
     fn zero_copy_segments(&mut self, iov: GuestBuffers<'_>) -> bool {
         self.segs.clear();
-        let mirrored = &self.mirrored.ranges;
         for (a, l) in iov.segments() {
             let (a, l) = (a as u64, l as u64);
-            let i = mirrored.partition_point(|&(va, _)| va <= a);
-            let inside = i
-                .checked_sub(1)
-                .map(|i| mirrored[i])
-                .is_some_and(|(va, len)| a + l <= va + len);
-            if !inside {
+            if !in_mirror(&self.mirrored.ranges, a, l) {
                 return false;
             }
             self.segs.push((a, l));
         }
+        true
+    }
+
+    /// Put a read or write whose data lies in mirrored memory, as device-address `segs`, on
+    /// the queue pair in `slot` (zero copy). False when the segments are not expressible as
+    /// PRPs (or there is no queue pair): the caller frees the slot or bounces.
+    #[inline]
+    fn start_zero_copy(&mut self, req: &IoRequest<'_>, slot: usize, segs: &[(u64, u64)]) -> bool {
+        let len = req.iov.len();
+        let write = req.op != IoOp::Read;
+        let fua = matches!(req.op, IoOp::Write { fua: true });
+        let (nsid, lba) = (self.claim.nsid, self.lba(req.offset));
+        // check() bounds len by the maximum transfer, so the block count fits
+        let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
+        let Some(qp) = self.qp.as_mut() else {
+            return false;
+        };
+        if qp
+            .read_write_segments(write, fua, nsid, lba, blocks, segs, slot as u64)
+            .is_err()
+        {
+            return false;
+        }
+        qp.ring();
+        self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
+        self.pending[slot] = Some(Pending::bare(req.tag));
         true
     }
 
@@ -551,30 +571,20 @@ impl NvmeBackend {
                     self.free.push(slot);
                     return Err(s);
                 }
+                if mirrored && self.zero_copy_segments(req.iov) {
+                    let segs = std::mem::take(&mut self.segs);
+                    let started = self.start_zero_copy(req, slot, &segs);
+                    self.segs = segs;
+                    if started {
+                        return Ok(());
+                    }
+                }
+                // bounced
                 let write = req.op != IoOp::Read;
                 let fua = matches!(req.op, IoOp::Write { fua: true });
                 let lba = self.lba(req.offset);
                 // check() bounds len by the maximum transfer, so the block count fits
                 let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
-                if mirrored && self.zero_copy_segments(req.iov) {
-                    let segs = std::mem::take(&mut self.segs);
-                    let r = self.qp.as_mut().expect("queue pair").read_write_segments(
-                        write,
-                        fua,
-                        self.claim.nsid,
-                        lba,
-                        blocks,
-                        &segs,
-                        slot as u64,
-                    );
-                    self.segs = segs;
-                    if r.is_ok() {
-                        self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
-                        self.pending[slot] = Some(Pending::bare(req.tag));
-                        self.qp().ring();
-                        return Ok(());
-                    }
-                }
                 let mut buf = match self.dma(len) {
                     Ok(b) => b,
                     Err(s) => {
@@ -621,11 +631,9 @@ impl NvmeBackend {
     /// catches up with resets, parks, bounces, builds PRP lists).
     #[inline]
     fn start_one_segment(&mut self, req: &IoRequest<'_>) -> Option<Result<(), Status>> {
-        let write = match req.op {
-            IoOp::Read => false,
-            IoOp::Write { .. } => true,
-            _ => return None,
-        };
+        if !matches!(req.op, IoOp::Read | IoOp::Write { .. }) {
+            return None;
+        }
         let mut segments = req.iov.segments();
         let (Some((addr, len)), 0) = (segments.next(), segments.len()) else {
             return None;
@@ -639,12 +647,7 @@ impl NvmeBackend {
         {
             return None;
         }
-        let mirrored = &self.mirrored.ranges;
-        let i = mirrored.partition_point(|&(va, _)| va <= addr);
-        let inside = i
-            .checked_sub(1)
-            .is_some_and(|i| addr + len <= mirrored[i].0 + mirrored[i].1);
-        if !inside {
+        if !in_mirror(&self.mirrored.ranges, addr, len) {
             return None;
         }
         if let Err(s) = self.check(req.offset, len) {
@@ -653,28 +656,12 @@ impl NvmeBackend {
         let Some(slot) = self.free.pop() else {
             return Some(Err(Status::INTERNAL_ERROR));
         };
-        let fua = matches!(req.op, IoOp::Write { fua: true });
-        let lba = self.lba(req.offset);
-        // check() bounds len by the maximum transfer, so the block count fits
-        let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
-        let nsid = self.claim.nsid;
-        let Some(qp) = self.qp.as_mut() else {
-            self.free.push(slot);
-            return None;
-        };
-        let segment = [(addr, len)];
-        if qp
-            .read_write_segments(write, fua, nsid, lba, blocks, &segment, slot as u64)
-            .is_err()
-        {
-            // not expressible in PRPs after all: the general path bounces it
-            self.free.push(slot);
-            return None;
+        if self.start_zero_copy(req, slot, &[(addr, len)]) {
+            return Some(Ok(()));
         }
-        qp.ring();
-        self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
-        self.pending[slot] = Some(Pending::bare(req.tag));
-        Some(Ok(()))
+        // not expressible in PRPs after all: the general path bounces it
+        self.free.push(slot);
+        None
     }
 
     /// Start the parked requests once the mirror is there, or their time is up.
@@ -707,6 +694,16 @@ impl NvmeBackend {
     fn lba(&self, offset: u64) -> u64 {
         self.claim.first_lba + (offset >> self.claim.block_size.trailing_zeros())
     }
+}
+
+/// True when `len` bytes at host address `addr` lie inside one of the mirrored `ranges`
+/// (`(host address, length)`, sorted).
+#[inline]
+fn in_mirror(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
+    let i = ranges.partition_point(|&(va, _)| va <= addr);
+    i.checked_sub(1)
+        .map(|i| ranges[i])
+        .is_some_and(|(va, l)| addr + len <= va + l)
 }
 
 impl Backend for NvmeBackend {
