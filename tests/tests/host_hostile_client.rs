@@ -1150,3 +1150,82 @@ fn flush_dsm_compare_and_format_on_a_stalled_vfio_user_backend_leave_the_reactor
 {
     long_commands_while_the_backend_is_stalled("stall-long-vu", Remote::VfioUser);
 }
+
+/// Garbage reads and writes on controller a, whose namespace is an `nvme:` backend (another
+/// vnvme process over vfio-user: the backend's one-segment zero-copy start and its general
+/// path): blocks past the end, a data pointer outside the guest's memory, a PRP that is not
+/// dword aligned, a length past MDTS. Each gets the status the NVM command set names and
+/// reaches no memory outside the guest's; then reads and writes of one and of two pages on
+/// a come back intact, and the neighbour's verified run on the shared reactor is clean
+/// throughout.
+#[test]
+fn garbage_reads_and_writes_through_an_nvme_backend_get_their_statuses() {
+    let s = start_stalled("nvme-garbage", Remote::VfioUser);
+    let mut g = Guest::connect(&s.a);
+    during_neighbour_io(&s.b, || {
+        g.create_io_queues();
+        let blocks = (64u32 << 20) / 512; // the back's malloc:64M
+        let garbage = [
+            // one block past the end; two blocks over the end
+            (
+                cmd(0x02, 1, DATA_BUF, &[blocks, 0, 0]),
+                0x80,
+                "read past the end",
+            ),
+            (
+                cmd(0x01, 1, DATA_BUF, &[blocks - 1, 0, 1]),
+                0x80,
+                "write over the end",
+            ),
+            // data outside the guest's memory
+            (
+                cmd(0x02, 1, GUEST_MEM + 0x10_0000, &[0, 0, 7]),
+                0x04,
+                "read outside memory",
+            ),
+            (
+                cmd(0x01, 1, GUEST_MEM + 0x10_0000, &[0, 0, 7]),
+                0x04,
+                "write outside memory",
+            ),
+            // PRP1 not dword aligned
+            (
+                cmd(0x02, 1, DATA_BUF + 1, &[0, 0, 7]),
+                0x13,
+                "misaligned PRP",
+            ),
+            // 32 MiB, past MDTS
+            (cmd(0x02, 1, DATA_BUF, &[0, 0, 0xffff]), 0x02, "past MDTS"),
+        ];
+        let sqes: Vec<[u8; 64]> = garbage.iter().map(|g| g.0).collect();
+        let cids = g.io_submit(&sqes);
+        let mut done = g.io_wait(cids.len(), Duration::from_secs(10));
+        assert_eq!(done.len(), cids.len(), "garbage answered: {done:?}");
+        done.sort_by_key(|&(cid, _)| cids.iter().position(|&c| c == cid));
+        for ((_, want, what), &(_, status)) in garbage.iter().zip(&done) {
+            assert_eq!(status & 0x7ff, *want, "{what}: status {status:#x}");
+        }
+
+        // one page (the one-segment start) and two pages, written and read back
+        for (lba, pages) in [(8u32, 1u64), (64, 2)] {
+            let len = (pages * 4096) as usize;
+            let data = pattern(len, lba);
+            g.mem_write(DATA_BUF, &data);
+            let nlb = u32::try_from(len / 512 - 1).unwrap();
+            let w = with_prp2(cmd(0x01, 1, DATA_BUF, &[lba, 0, nlb]), DATA_BUF + 0x1000);
+            let w = g.io_submit(&[w]);
+            assert_eq!(g.io_wait(1, Duration::from_secs(10)), [(w[0], 0)], "write");
+            g.mem_fill(DATA_BUF + 0x2000, len, 0);
+            let r = with_prp2(
+                cmd(0x02, 1, DATA_BUF + 0x2000, &[lba, 0, nlb]),
+                DATA_BUF + 0x3000,
+            );
+            let r = g.io_submit(&[r]);
+            assert_eq!(g.io_wait(1, Duration::from_secs(10)), [(r[0], 0)], "read");
+            let mut got = vec![0u8; len];
+            g.mem_read(DATA_BUF + 0x2000, &mut got);
+            assert!(got == data, "{pages} page(s) at LBA {lba} read back");
+        }
+    });
+    s.stop_within(Duration::from_secs(15));
+}
