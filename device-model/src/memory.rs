@@ -287,6 +287,8 @@ fn check_backing_file(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), 
 #[derive(Debug, Default)]
 pub struct GuestMemory {
     map: ArcSwap<MemoryMap>,
+    /// Bumped after every change of `map` ([`GuestMemory::version`]).
+    version: std::sync::atomic::AtomicU64,
 }
 
 /// DMA regions a client may create unless the daemon sets a budget ([`set_max_regions`]).
@@ -319,6 +321,19 @@ impl GuestMemory {
     /// The current snapshot (lock-free).
     pub fn snapshot(&self) -> Arc<MemoryMap> {
         self.map.load_full()
+    }
+
+    /// A number that changes after every change of the map (one atomic load): a reader that
+    /// took a snapshot at version `v` may keep using it while the version is still `v`.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Make `next` the current map, then bump the version.
+    fn publish(&self, next: MemoryMap) {
+        self.map.store(Arc::new(next));
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Borrow the current snapshot without touching the reference count (hot path).
@@ -420,7 +435,7 @@ impl GuestMemory {
         let mut next = (**self.map.load()).clone();
         let at = next.regions.partition_point(|r| r.iova < region.iova);
         next.regions.insert(at, region);
-        self.map.store(Arc::new(next));
+        self.publish(next);
     }
 
     /// Remove every region inside `[iova, iova+size)`; a region only partly inside is an error.
@@ -446,13 +461,13 @@ impl GuestMemory {
         if removed == 0 {
             return Err(MapError::NotMapped { iova, size });
         }
-        self.map.store(Arc::new(next));
+        self.publish(next);
         Ok(removed)
     }
 
     /// Drop every region (client gone).
     pub fn clear(&self) {
-        self.map.store(Arc::new(MemoryMap::default()));
+        self.publish(MemoryMap::default());
     }
 }
 

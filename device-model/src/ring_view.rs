@@ -79,6 +79,35 @@ impl RingView {
         true
     }
 
+    /// Read the little-endian dword at byte `off` (a multiple of 4); `None` past the view.
+    #[inline]
+    pub fn read_u32(&self, off: usize) -> Option<u32> {
+        if !off.is_multiple_of(4) || off.saturating_add(4) > self.len {
+            return None;
+        }
+        // SAFETY: `off + 4 <= len` and `off` is 4-aligned in an 8-aligned view: an aligned
+        // dword inside a mapping `self.map` keeps alive; volatile, as the guest writes it.
+        Some(u32::from_le(unsafe {
+            self.host.wrapping_add(off).cast::<u32>().read_volatile()
+        }))
+    }
+
+    /// Write the little-endian dword at byte `off` (a multiple of 4); false past the view.
+    #[inline]
+    pub fn write_u32(&self, off: usize, value: u32) -> bool {
+        if !off.is_multiple_of(4) || off.saturating_add(4) > self.len {
+            return false;
+        }
+        // SAFETY: as in `read_u32`; the view was made writable ([`RingView::new`]).
+        unsafe {
+            self.host
+                .wrapping_add(off)
+                .cast::<u32>()
+                .write_volatile(value.to_le());
+        }
+        true
+    }
+
     /// Write completion queue entry `index`: dwords 0-2 and the command identifier first,
     /// then (after a release fence) the status half-word with the phase tag, so the host
     /// never sees the new phase with stale contents. False past the ring.
@@ -161,5 +190,29 @@ mod tests {
         let map = mem.snapshot();
         assert!(RingView::new(&map, 0x30000, 0x1000, false).is_some());
         assert!(RingView::new(&map, 0x30000, 0x1000, true).is_none());
+    }
+
+    #[test]
+    fn dwords_are_read_and_written_inside_the_view_only() {
+        let mem = GuestMemory::new();
+        let fd = crate::memory::tests::memfd(0x2000);
+        mem.map_fd(0x10000, 0x2000, fd.as_fd(), 0, RW).unwrap();
+        let map = mem.snapshot();
+        let page = RingView::new(&map, 0x10000, 0x1000, true).unwrap();
+        map.write(0x10000 + 8, &0x1234_5678u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(page.read_u32(8), Some(0x1234_5678));
+        assert!(page.write_u32(0xffc, 0xdead_beef));
+        let mut b = [0u8; 4];
+        map.read(0x10000 + 0xffc, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        // past the view (the next page is mapped, but not part of it), unaligned, overflow
+        assert_eq!(page.read_u32(0x1000), None);
+        assert!(!page.write_u32(0x1000, 1));
+        assert_eq!(page.read_u32(2), None);
+        assert!(!page.write_u32(6, 1));
+        assert_eq!(page.read_u32(usize::MAX - 3), None);
+        map.read(0x11000, &mut b).unwrap();
+        assert_eq!(b, [0; 4], "nothing written past the view");
     }
 }

@@ -9,8 +9,11 @@
 //! EventIdx (Linux) stops writing the doorbell register. A host that writes the register
 //! anyway is also served: whichever of the two copies changed last wins.
 
+use std::sync::Arc;
+
 use crate::doorbell::Doorbells;
 use crate::memory::{AccessError, MemoryMap};
+use crate::ring_view::RingView;
 
 /// Guest addresses of the shadow doorbell and EventIdx pages (PRP1 and PRP2 of the command).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,26 +75,82 @@ impl ShadowDoorbells {
     }
 }
 
+/// The shadow doorbell and EventIdx pages seen through host pointers, found once per DMA map
+/// as a queue's ring is ([`RingView`]): a doorbell read per queue per poll without a region
+/// lookup. Either page may have no view (not in one region, not aligned): its accesses then
+/// go through the map, which reports the fault.
+#[derive(Debug)]
+pub struct ShadowView {
+    pages: ShadowDoorbells,
+    map: Arc<MemoryMap>,
+    shadow: Option<RingView>,
+    event_idx: Option<RingView>,
+}
+
+impl ShadowView {
+    /// The view of `pages` (each `page_size` bytes) in `map`.
+    pub fn new(map: &Arc<MemoryMap>, pages: ShadowDoorbells, page_size: u64) -> Self {
+        Self {
+            pages,
+            map: Arc::clone(map),
+            shadow: RingView::new(map, pages.shadow, page_size, false),
+            event_idx: RingView::new(map, pages.event_idx, page_size, true),
+        }
+    }
+
+    /// True when this is the view of `pages` in `map`.
+    pub fn is_current(&self, pages: &ShadowDoorbells, map: &MemoryMap) -> bool {
+        self.pages == *pages && std::ptr::eq(Arc::as_ptr(&self.map), map)
+    }
+}
+
 /// The current value of doorbell `index`. Without a shadow buffer that is the register; with
-/// one, the copy that changed since the last look (the shadow when both did).
+/// one, the copy that changed since the last look (the shadow when both did). `view` is the
+/// pages' view in `mem`, if any.
+#[inline]
 pub fn current(
     regs: &Doorbells,
     shadow: Option<&ShadowDoorbells>,
+    view: Option<&ShadowView>,
     mem: &MemoryMap,
     index: usize,
     seen: &mut DoorbellSeen,
 ) -> u32 {
     let register = regs.load(index);
-    let Some(sh) = shadow else {
-        return register;
-    };
-    let value = sh.read(mem, index).unwrap_or(seen.shadow);
+    match shadow {
+        None => register, // inlined: a register load per queue per poll
+        Some(sh) => current_with_shadow(register, sh, view, mem, index, seen),
+    }
+}
+
+/// [`current`] with a shadow buffer: `register` is the register's value.
+#[inline(never)]
+fn current_with_shadow(
+    register: u32,
+    sh: &ShadowDoorbells,
+    view: Option<&ShadowView>,
+    mem: &MemoryMap,
+    index: usize,
+    seen: &mut DoorbellSeen,
+) -> u32 {
+    // (a view of other pages: Doorbell Buffer Config ran earlier in this pass)
+    let view = view.filter(|v| v.pages == *sh);
+    let viewed = view.and_then(|v| v.shadow.as_ref()?.read_u32(index * 4));
+    let value = viewed
+        .or_else(|| sh.read(mem, index).ok())
+        .unwrap_or(seen.shadow);
     if value != seen.shadow {
         seen.shadow = value;
         seen.register = register;
         seen.value = value;
         // best effort: an unwritable EventIdx page only costs the host extra register writes
-        let _ = sh.write_event_idx(mem, index, value.wrapping_sub(1));
+        let ei = value.wrapping_sub(1);
+        let written = view
+            .and_then(|v| v.event_idx.as_ref())
+            .is_some_and(|v| v.write_u32(index * 4, ei));
+        if !written {
+            let _ = sh.write_event_idx(mem, index, ei);
+        }
     } else if register != seen.register {
         seen.register = register;
         seen.value = register;

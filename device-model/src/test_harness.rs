@@ -14,7 +14,8 @@ use crate::doorbell::Doorbells;
 use crate::memory::{GuestMemory, Protection};
 use crate::namespace::Namespace;
 
-const MEM: u64 = 1 << 20;
+/// Bytes of guest memory (one region at IOVA 0).
+pub(crate) const MEM: u64 = 1 << 20;
 const ASQ: u64 = 0x0;
 const ACQ: u64 = 0x2000;
 const IOSQ: u64 = 0x4000;

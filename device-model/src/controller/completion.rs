@@ -14,16 +14,21 @@ use super::{Controller, OWN_FLUSH_QID};
 impl Controller {
     /// Collect backend completions and post them; drop detached namespaces that are done.
     pub(super) fn reap(&mut self, mem: &Arc<MemoryMap>) -> usize {
-        let mut done = std::mem::take(&mut self.done);
-        let namespaces = self
-            .namespaces
-            .iter_mut()
-            .chain(self.detaching.iter_mut().map(|d| &mut d.ns));
-        for ns in namespaces {
+        for ns in &mut self.namespaces {
             if ns.backend.in_flight() > 0 {
-                ns.backend.poll_into(&mut done);
+                ns.backend.poll_into(&mut self.done);
             }
         }
+        if !self.detaching.is_empty() {
+            for d in &mut self.detaching {
+                if d.ns.backend.in_flight() > 0 {
+                    d.ns.backend.poll_into(&mut self.done);
+                }
+            }
+        } else if self.done.is_empty() {
+            return 0; // the common idle case: nothing more to look at
+        }
+        let mut done = std::mem::take(&mut self.done);
         let n = done.len();
         self.done_stamp = None; // this pass's completions read the clock once, afresh
         for &(t, status) in &done {

@@ -25,10 +25,12 @@ impl Controller {
             self.save_run_time_changes();
         }
         if self.quiesce.resetting.is_some() {
+            self.release_pass_map();
             return self.poll_reset();
         }
         self.poll_shutdown();
         if !self.is_ready() || self.is_fatal() {
+            self.release_pass_map();
             if self.quiesce.retired_requests() > 0 || !self.detaching.is_empty() {
                 let mem = self.mem.snapshot();
                 return self.reap(&mem);
@@ -44,7 +46,8 @@ impl Controller {
             self.reset();
             return 1;
         }
-        let mem = self.mem.snapshot();
+        let (version, mem) = self.take_pass_map();
+        self.refresh_shadow_view(&mem);
         let mut work = 0;
         let mut bad_doorbell = false;
         for i in 0..self.queues.active_cqs.len() {
@@ -64,6 +67,7 @@ impl Controller {
             let db = shadow_doorbell::current(
                 &self.doorbells,
                 self.shadow.as_ref(),
+                self.shadow_view.as_ref(),
                 &mem,
                 2 * id as usize + 1,
                 &mut cq.doorbell,
@@ -103,7 +107,52 @@ impl Controller {
             self.io_in_flight() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.pass_map = Some((version, mem));
         work + self.interrupts()
+    }
+
+    /// Not running: drop what the passes kept of the DMA map (a departed client's memory is
+    /// not held by an idle controller).
+    fn release_pass_map(&mut self) {
+        if self.pass_map.is_some() || self.shadow_view.is_some() {
+            self.pass_map = None;
+            self.shadow_view = None;
+        }
+    }
+
+    /// Find the shadow doorbell pages' view again when they or the map changed.
+    fn refresh_shadow_view(&mut self, mem: &Arc<MemoryMap>) {
+        match &self.shadow {
+            Some(pages) => {
+                if !self
+                    .shadow_view
+                    .as_ref()
+                    .is_some_and(|v| v.is_current(pages, mem))
+                {
+                    self.shadow_view = Some(shadow_doorbell::ShadowView::new(
+                        mem,
+                        *pages,
+                        self.page_size,
+                    ));
+                }
+            }
+            None => {
+                if self.shadow_view.is_some() {
+                    self.shadow_view = None;
+                }
+            }
+        }
+    }
+
+    /// The DMA map for a pass: the last pass's while the map has not changed since (an
+    /// atomic load), else a new snapshot. The version is read first, so a change racing
+    /// with this only makes the next pass take a snapshot again.
+    fn take_pass_map(&mut self) -> (u64, Arc<MemoryMap>) {
+        let version = self.mem.version();
+        match self.pass_map.take() {
+            Some((seen, map)) if seen == version => (version, map),
+            _ => (version, self.mem.snapshot()),
+        }
     }
 
     pub(super) fn process_sq(&mut self, qid: u16, mem: &Arc<MemoryMap>) -> usize {
@@ -115,6 +164,7 @@ impl Controller {
         let db = shadow_doorbell::current(
             &self.doorbells,
             self.shadow.as_ref(),
+            self.shadow_view.as_ref(),
             mem,
             2 * qid as usize,
             &mut sq.doorbell,
@@ -136,8 +186,8 @@ impl Controller {
             if deleting {
                 return 0;
             }
-        } else if sq.deleting.is_some() {
-            return 0;
+        } else if sq.deleting.is_some() || !sq.has_work() {
+            return 0; // nothing to fetch: no QoS, CQ room or budget to look at
         }
         let mut sqe = Submission::new_zeroed();
         if qid != 0 {
@@ -230,4 +280,91 @@ impl Controller {
         info: error_info::INVALID_DOORBELL_VALUE,
         log_page: nvme_spec::log_page::lid::ERROR_INFORMATION,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nvme_spec::Status;
+
+    use crate::backend::MallocBackend;
+    use crate::memory::Protection;
+    use crate::namespace::Namespace;
+    use crate::test_harness::{DATA, Harness, MEM, sqe};
+
+    const RW: Protection = Protection {
+        read: true,
+        write: true,
+    };
+
+    fn harness() -> Harness {
+        let b = MallocBackend::new(1 << 20).unwrap();
+        Harness::new(vec![Namespace::new(1, Box::new(b), 9, "P")])
+    }
+
+    /// The client moves its memory to another file at the same addresses, contents copied
+    /// (a DMA_UNMAP and DMA_MAP): the controller's next pass must use the new file.
+    fn move_memory(h: &Harness) {
+        let contents = h.read(0, MEM as usize);
+        let fd = crate::memory::tests::memfd(MEM);
+        h.mem.unmap(0, MEM).unwrap();
+        h.mem.map_fd(0, MEM, fd.as_fd(), 0, RW).unwrap();
+        h.write(0, &contents);
+    }
+
+    /// The DMA map a pass polls with is kept for the next pass only while the map is
+    /// unchanged: after a change, SQEs are read from and CQEs posted to the new memory (a
+    /// stale map would read the old file's ring and post there: the command would never
+    /// complete in the client's memory).
+    #[test]
+    fn a_pass_after_a_dma_map_change_uses_the_new_map() {
+        let mut h = harness();
+        h.write(DATA, &[7; 512]);
+        assert_eq!(h.io_run(sqe(0x01, 1, DATA, &[0, 0, 0])), Status::SUCCESS);
+        assert!(h.ctrl.pass_map.is_some(), "kept between passes");
+        move_memory(&h);
+        h.write(DATA, &[0; 512]);
+        assert_eq!(h.io_run(sqe(0x02, 1, DATA, &[0, 0, 0])), Status::SUCCESS);
+        assert_eq!(h.read(DATA, 512), [7; 512], "read into the new memory");
+    }
+
+    /// The shadow doorbell page's view follows a map change too (a stale view would read
+    /// the old file's shadow copy and never see the new tail).
+    #[test]
+    fn shadow_doorbells_are_read_from_the_new_map_after_a_change() {
+        let mut h = harness();
+        let mut s = sqe(0x7c, 0, DATA + 0x20000, &[]);
+        s[32..40].copy_from_slice(&(DATA + 0x21000).to_le_bytes());
+        let c = h.admin(s);
+        assert_eq!(h.admin_wait(c), Status::SUCCESS, "Doorbell Buffer Config");
+        h.shadow_io = Some(DATA + 0x20000);
+        assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+        assert!(h.ctrl.shadow_view.is_some(), "a view of the shadow pages");
+        move_memory(&h);
+        for _ in 0..3 {
+            assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+        }
+    }
+
+    /// A controller that stops running (CC.EN = 0) lets go of the map it polled with, so a
+    /// departed client's memory is not held.
+    #[test]
+    fn a_disabled_controller_holds_no_map() {
+        let mut h = harness();
+        assert_eq!(h.io_run(sqe(0x00, 1, 0, &[])), Status::SUCCESS);
+        let map = h
+            .ctrl
+            .pass_map
+            .as_ref()
+            .map(|(_, m)| std::sync::Arc::downgrade(m));
+        h.ctrl.write_register(0x14, 0, 4);
+        for _ in 0..10 {
+            h.ctrl.poll();
+        }
+        assert!(h.ctrl.pass_map.is_none() && h.ctrl.shadow_view.is_none());
+        h.mem.clear();
+        let map = map.expect("a map was kept while running");
+        assert!(map.upgrade().is_none(), "the old map is gone");
+    }
 }

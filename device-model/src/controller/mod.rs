@@ -175,9 +175,16 @@ pub struct Controller {
     tick_rate: sys_util::clock::TickRate,
     /// Shadow doorbell and EventIdx pages, when the host configured them.
     pub(crate) shadow: Option<ShadowDoorbells>,
+    /// Their view in the map being polled with (found again when either changes).
+    shadow_view: Option<crate::shadow_doorbell::ShadowView>,
     pub(crate) scratch: IoVecs,
     pub(crate) bounce: Vec<u8>,
     done: Vec<(u64, Status)>,
+    /// The DMA map the last pass polled with and the map version it was taken at: the next
+    /// pass keeps it while the version is the same (no snapshot per pass); dropped, with
+    /// `shadow_view`, while the controller is not running, so a departed client's memory is
+    /// not held.
+    pass_map: Option<(u64, Arc<crate::memory::MemoryMap>)>,
     /// The clock read once for the commands fetched in one pass, and once (at the first) for
     /// the commands completed in one fetch pass (instant backends) or reap pass: latency
     /// statistics take one stamp per batch, not per command.
@@ -270,9 +277,11 @@ impl Controller {
             stats,
             tick_rate: sys_util::clock::rate(),
             shadow: None,
+            shadow_view: None,
             scratch: IoVecs::default(),
             bounce: vec![0; mdts_bytes],
             done: Vec::with_capacity(1024),
+            pass_map: None,
             fetch_stamp: None,
             done_stamp: None,
             warned_doorbell: false,

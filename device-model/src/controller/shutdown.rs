@@ -73,7 +73,15 @@ impl Controller {
     /// A shutdown notification (§3.6) completes once requests in flight have finished (or
     /// after [`crate::quiesce::SHUTDOWN_WAIT`]) and then every namespace's Flush has (or the
     /// same wait passed): SHST complete. Polled, never waited for.
+    #[inline]
     pub(super) fn poll_shutdown(&mut self) {
+        if self.quiesce.shutting_down.is_some() || self.quiesce.flushing.is_some() {
+            self.poll_shutdown_steps(); // else nothing to do, and no clock read
+        }
+    }
+
+    #[cold]
+    fn poll_shutdown_steps(&mut self) {
         let now = std::time::Instant::now();
         if let Some(until) = self.quiesce.shutting_down {
             if self.requests_in_flight() > 0 && now < until {

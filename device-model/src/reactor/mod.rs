@@ -89,6 +89,9 @@ struct Waiter {
     fd: OwnedFd,
     /// Set once the reactor has a poller.
     on_fd: AtomicBool,
+    /// Set after every message sent (and when the channel closes): the reactor looks at its
+    /// channel only then, not with a `try_recv` on every pass.
+    mail: AtomicBool,
 }
 
 /// Ids of reactors (0: none), for recognising a reactor's own thread.
@@ -105,6 +108,14 @@ struct ReactorThread {
 }
 
 impl ReactorThread {
+    /// Send `msg` to the thread and wake it; false when the thread is gone.
+    fn post(&self, msg: Message) -> bool {
+        let sent = self.tx.send(msg).is_ok();
+        self.waiter.mail.store(true, Ordering::Release);
+        self.wake();
+        sent
+    }
+
     /// Wake the thread (nothing to do on the thread itself).
     fn wake(&self) {
         if poller::at_home(self.id) {
@@ -122,6 +133,7 @@ impl Drop for ReactorThread {
         // the last handle is gone: the thread ends when its channel closes
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
+        self.waiter.mail.store(true, Ordering::Release);
         self.wake();
         // (dropped on its own thread, by a poller: it ends by itself, nobody waits)
         if let Some(j) = self.join.take().filter(|_| !poller::at_home(self.id)) {
@@ -152,6 +164,7 @@ impl Reactor {
         let waiter = Arc::new(Waiter {
             fd: sys_util::fd::eventfd()?,
             on_fd: AtomicBool::new(false),
+            mail: AtomicBool::new(false),
         });
         let w = Arc::clone(&waiter);
         let join = thread::Builder::new()
@@ -171,8 +184,7 @@ impl Reactor {
     /// Run `ctrl` on this reactor from now on.
     pub fn add(&self, ctrl: Controller) -> ControllerHandle {
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
-        let _ = self.0.tx.send(Message::Add(id, Box::new(ctrl)));
-        self.0.wake();
+        self.0.post(Message::Add(id, Box::new(ctrl)));
         ControllerHandle {
             id,
             reactor: Some(Arc::clone(&self.0)),
@@ -181,8 +193,7 @@ impl Reactor {
 
     /// Run `poller` on this reactor from now on, beside its controllers.
     pub fn add_poller(&self, poller: Box<dyn Poller>) {
-        let _ = self.0.tx.send(Message::AddPoller(poller));
-        self.0.wake();
+        self.0.post(Message::AddPoller(poller));
     }
 
     /// Make the reactor run a pass of its loop now (a poller has something to do).
@@ -228,9 +239,7 @@ impl ControllerHandle {
         if inline.is_some() {
             return Some(Sent::Done);
         }
-        r.tx.send(Message::For(self.id, req?)).ok()?;
-        r.wake();
-        Some(Sent::Queued)
+        r.post(Message::For(self.id, req?)).then_some(Sent::Queued)
     }
 
     fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Request) -> Option<T> {
@@ -313,8 +322,9 @@ impl ControllerHandle {
     pub fn stop(mut self) -> Option<Controller> {
         let r = self.reactor.take()?;
         let (rtx, rrx) = mpsc::sync_channel(1);
-        r.tx.send(Message::Remove(self.id, Some(rtx))).ok()?;
-        r.wake();
+        if !r.post(Message::Remove(self.id, Some(rtx))) {
+            return None;
+        }
         rrx.recv().ok()
     }
 }
@@ -322,8 +332,7 @@ impl ControllerHandle {
 impl Drop for ControllerHandle {
     fn drop(&mut self) {
         if let Some(r) = self.reactor.take() {
-            let _ = r.tx.send(Message::Remove(self.id, None));
-            r.wake();
+            r.post(Message::Remove(self.id, None));
         }
     }
 }
@@ -359,9 +368,7 @@ impl Poster {
             return false;
         };
         let msg = Message::For(self.id, Request::Namespace { change, ack });
-        let ok = r.tx.send(msg).is_ok();
-        r.wake();
-        ok
+        r.post(msg)
     }
 }
 
@@ -372,11 +379,7 @@ impl Poster {
         let Some(r) = self.reactor.upgrade() else {
             return false;
         };
-        let ok =
-            r.tx.send(Message::For(self.id, Request::Run { f: Box::new(f) }))
-                .is_ok();
-        r.wake();
-        ok
+        r.post(Message::For(self.id, Request::Run { f: Box::new(f) }))
     }
 }
 

@@ -91,39 +91,46 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
     let mut pollers = Pollers::default();
     let mut shared_core = SharedCore(true);
     let mut last_work = Instant::now();
+    // work done since `last_work` was last set: the clock is read at the next idle check,
+    // not after every busy pass (at most 63 idle passes late, far below the nap steps)
+    let mut worked = false;
     let mut iter: u32 = 0;
     loop {
-        loop {
-            match rx.try_recv() {
-                Ok(Message::Add(id, ctrl)) => ctrls.push(Entry {
-                    id,
-                    ctrl,
-                    reset_replies: Vec::new(),
-                    removing: None,
-                    panicked: false,
-                }),
-                Ok(Message::For(id, req)) => {
-                    if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
-                        handle(e, req);
+        // the channel only when something was sent since the last look (see `Waiter::mail`;
+        // a sender sets the flag after its message, so none is left behind)
+        if waiter.mail.load(Ordering::Relaxed) && waiter.mail.swap(false, Ordering::Acquire) {
+            loop {
+                match rx.try_recv() {
+                    Ok(Message::Add(id, ctrl)) => ctrls.push(Entry {
+                        id,
+                        ctrl,
+                        reset_replies: Vec::new(),
+                        removing: None,
+                        panicked: false,
+                    }),
+                    Ok(Message::For(id, req)) => {
+                        if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
+                            handle(e, req);
+                        }
+                        last_work = Instant::now();
                     }
-                    last_work = Instant::now();
-                }
-                Ok(Message::Remove(id, reply)) => {
-                    if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
-                        e.guarded("reset", Controller::device_reset);
-                        e.removing = Some(reply.map_or(Removal::Drop, Removal::HandBack));
+                    Ok(Message::Remove(id, reply)) => {
+                        if let Some(e) = ctrls.iter_mut().find(|e| e.id == id) {
+                            e.guarded("reset", Controller::device_reset);
+                            e.removing = Some(reply.map_or(Removal::Drop, Removal::HandBack));
+                        }
                     }
+                    Ok(Message::AddPoller(p)) => {
+                        waiter.on_fd.store(true, Ordering::Release);
+                        pollers.list.push(p);
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        drop(pollers);
+                        stop_all(ctrls);
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
                 }
-                Ok(Message::AddPoller(p)) => {
-                    waiter.on_fd.store(true, Ordering::Release);
-                    pollers.list.push(p);
-                }
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    drop(pollers);
-                    stop_all(ctrls);
-                    return;
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
             }
         }
         iter = iter.wrapping_add(1);
@@ -164,7 +171,7 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
             thread::yield_now();
         }
         if work > 0 {
-            last_work = Instant::now();
+            worked = true;
             continue;
         }
         if mode == PollMode::Busy && ready {
@@ -186,7 +193,11 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
             continue;
         }
         shared_core.measure();
-        let idle = last_work.elapsed();
+        let now = Instant::now();
+        if std::mem::take(&mut worked) {
+            last_work = now;
+        }
+        let idle = now.duration_since(last_work);
         let nap = if pollers.expecting() {
             Duration::from_micros(20)
         } else if !ready {
