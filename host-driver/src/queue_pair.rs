@@ -53,12 +53,14 @@ impl ShadowDoorbell {
     }
 }
 
-/// A finished command: the caller's tag, status and dword 0.
+/// A finished command: the caller's tag, status and dword 0, and the slot it held (see
+/// [`QueuePair::slot_of`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     pub user: u64,
     pub status: Status,
     pub dw0: u32,
+    pub slot: u16,
 }
 
 struct Slot {
@@ -215,6 +217,14 @@ impl QueuePair {
         ((generation + 1) << self.index_bits | u32::from(index)) as u16
     }
 
+    /// The slot of the command submitted with id `cid` (below the queue's size less one):
+    /// a caller may keep what a command needs beside its tag in a table of its own, indexed
+    /// by slot, and find it again by [`Request::slot`].
+    #[inline]
+    pub fn slot_of(&self, cid: u16) -> u16 {
+        self.index_of(cid) as u16
+    }
+
     /// The slot index in command id `cid`.
     #[inline]
     fn index_of(&self, cid: u16) -> usize {
@@ -330,6 +340,7 @@ impl QueuePair {
                     user: slot.user,
                     status,
                     dw0: 0,
+                    slot: index as u16,
                 });
             }
         }
@@ -451,6 +462,7 @@ impl QueuePair {
                 user,
                 status: Status::from_cqe_bits(u16::from_le(status)),
                 dw0,
+                slot: index as u16,
             });
         }
         if n > 0

@@ -56,14 +56,9 @@ pub struct TransferStats {
     pub zero_copy_bytes: AtomicU64,
 }
 
-/// One request in flight on the backend queue pair: its tag and, for the rarer kinds,
-/// what they carry (boxed: a zero-copy request or a flush is its tag alone).
-struct Pending {
-    tag: u64,
-    more: Option<Box<PendingMore>>,
-}
-
-/// What a bounced transfer or a Write Zeroes keeps while in flight.
+/// What a bounced transfer or a Write Zeroes keeps while its command is in flight, in the
+/// table indexed by the command's queue pair slot ([`IoQueuePair::slot_of`]); the request's
+/// tag is the command's user value. A zero-copy request or a flush keeps nothing.
 enum PendingMore {
     /// The bounce buffer, and for a read the guest segments its data goes back to.
     Bounced {
@@ -85,20 +80,6 @@ struct Parked {
     since: Instant,
 }
 
-impl Pending {
-    /// A request that moves no data through this backend (flush, zero copy).
-    fn bare(tag: u64) -> Self {
-        Self { tag, more: None }
-    }
-
-    fn with(tag: u64, more: PendingMore) -> Self {
-        Self {
-            tag,
-            more: Some(Box::new(more)),
-        }
-    }
-}
-
 /// A namespace (or a range of one) on another NVMe controller.
 pub struct NvmeBackend {
     dev: Arc<SharedDevice>,
@@ -111,12 +92,13 @@ pub struct NvmeBackend {
     /// The namespace, range and block size served.
     claim: Claim,
     max_transfer: u64,
-    pending: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    /// What the commands in flight keep beyond their tag, by queue pair slot.
+    more: Vec<Option<Box<PendingMore>>>,
     /// Commands failed by a device reset, handed out at the next poll.
     deferred: Vec<(u64, Status)>,
-    /// Reused buffer for completions reaped from the queue pair (no allocation per poll).
-    reaped: Vec<Request>,
+    /// Reused buffer for the completions of commands that kept more than their tag (no
+    /// allocation per poll).
+    reaped: Vec<(Request, Box<PendingMore>)>,
     stats: Arc<TransferStats>,
     /// The front's guest memory, watched by the supervisor, when zero copy is on.
     link: Option<Arc<Link>>,
@@ -177,8 +159,7 @@ impl NvmeBackend {
             qp: Some(qp),
             claim,
             dev,
-            pending: (0..slots).map(|_| None).collect(),
-            free: (0..slots).rev().collect(),
+            more: (0..slots).map(|_| None).collect(),
             deferred: Vec::new(),
             reaped: Vec::with_capacity(slots),
             stats: Arc::default(),
@@ -258,16 +239,11 @@ impl NvmeBackend {
             return;
         }
         let mut lost = 0;
-        for slot in 0..self.pending.len() {
-            if let Some(p) = self.pending[slot].take() {
-                self.free.push(slot);
-                lost += 1;
-                self.deferred.push((p.tag, LOST));
-            }
-        }
         if let Some(qp) = self.qp.as_mut() {
-            qp.fail_outstanding(LOST, |_| {});
+            let deferred = &mut self.deferred;
+            lost = qp.fail_outstanding(LOST, |r| deferred.push((r.user, LOST)));
         }
+        self.more.iter_mut().for_each(|m| *m = None);
         log::warn!(
             "{}: namespace {}: {lost} commands failed by the device reset",
             self.dev.target(),
@@ -342,10 +318,10 @@ impl NvmeBackend {
     }
 
     /// Put a read or write whose data lies in mirrored memory, as device-address `segs`, on
-    /// the queue pair in `slot` (zero copy). False when the segments are not expressible as
-    /// PRPs (or there is no queue pair): the caller frees the slot or bounces.
+    /// the queue pair (zero copy: its tag is all it keeps). False when the segments are not
+    /// expressible as PRPs, or the queue pair is missing or full: the caller bounces.
     #[inline]
-    fn start_zero_copy(&mut self, req: &IoRequest<'_>, slot: usize, segs: &[(u64, u64)]) -> bool {
+    fn start_zero_copy(&mut self, req: &IoRequest<'_>, segs: &[(u64, u64)]) -> bool {
         let len = req.iov.len();
         let write = req.op != IoOp::Read;
         let fua = matches!(req.op, IoOp::Write { fua: true });
@@ -356,14 +332,13 @@ impl NvmeBackend {
             return false;
         };
         if qp
-            .read_write_segments(write, fua, nsid, lba, blocks, segs, slot as u64)
+            .read_write_segments(write, fua, nsid, lba, blocks, segs, req.tag)
             .is_err()
         {
             return false;
         }
         qp.ring();
         self.stats.zero_copy_bytes.fetch_add(len, Ordering::Relaxed);
-        self.pending[slot] = Some(Pending::bare(req.tag));
         true
     }
 
@@ -410,90 +385,70 @@ impl NvmeBackend {
         Ok(())
     }
 
-    fn take_slot(&mut self) -> Result<usize, Status> {
-        // the front controller never has more commands in flight than a queue's depth, but
-        // stay safe if it does: busy is a retryable internal error
-        self.free.pop().ok_or(Status::INTERNAL_ERROR)
-    }
-
-    fn dma(&self, len: u64) -> Result<DmaBuffer, Status> {
-        self.dev.dma().alloc(len).map_err(|e| {
-            log::warn!("{}: {e}", self.dev.target());
-            Status::INTERNAL_ERROR
-        })
-    }
-
-    /// Put the next Write Zeroes command of the request in `slot` on the queue pair (at
-    /// most 65536 blocks, from where its last one ended; with DEAC for a Deallocate).
-    fn issue_zeroes(&mut self, slot: usize) -> Result<(), DriverError> {
+    /// Put the next Write Zeroes command of request `tag` on the queue pair (at most 65536
+    /// blocks, from where its last one ended; with DEAC for a Deallocate), keeping `zeroes`
+    /// (its progress) with it; given back when the command cannot be put on the queue.
+    fn issue_zeroes(
+        &mut self,
+        tag: u64,
+        mut zeroes: Box<PendingMore>,
+    ) -> Result<(), (DriverError, Box<PendingMore>)> {
         let bs = self.claim.block_size;
-        let Some(Some(Pending {
-            more: Some(more), ..
-        })) = self.pending.get_mut(slot)
-        else {
-            return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
-        };
         let PendingMore::Zeroes {
             at,
             end,
             deallocate,
-        } = more.as_mut()
+        } = zeroes.as_mut()
         else {
-            return Err(DriverError::Invalid("no Write Zeroes in this slot".into()));
+            return Err((DriverError::Invalid("not a Write Zeroes".into()), zeroes));
         };
         // Write Zeroes carries at most 65536 blocks
         let blocks = ((*end - *at) / bs).min(65536);
-        let (at, deallocate) = (std::mem::replace(at, *at + blocks * bs), *deallocate);
-        let (nsid, lba) = (self.claim.nsid, self.lba(at));
+        let (from, deallocate) = (*at, *deallocate);
+        let (nsid, lba) = (self.claim.nsid, self.lba(from));
         let Some(qp) = self.qp.as_mut() else {
-            return Err(DriverError::Invalid("no queue pair".into()));
+            return Err((DriverError::Invalid("no queue pair".into()), zeroes));
         };
-        if deallocate {
-            qp.write_zeroes_deallocate(nsid, lba, blocks as u32, slot as u64)?;
+        let issued = if deallocate {
+            qp.write_zeroes_deallocate(nsid, lba, blocks as u32, tag)
         } else {
-            qp.write_zeroes(nsid, lba, blocks as u32, slot as u64)?;
-        }
+            qp.write_zeroes(nsid, lba, blocks as u32, tag)
+        };
+        let cid = match issued {
+            Ok(cid) => cid,
+            Err(e) => return Err((e, zeroes)),
+        };
         qp.ring();
+        *at = from + blocks * bs;
+        let slot = usize::from(qp.slot_of(cid));
+        self.more[slot] = Some(zeroes);
         Ok(())
     }
 
-    /// Complete a backend request: copy a read's data back to the guest, free the slot. A
-    /// Write Zeroes with more of its range to go sends its next command instead.
-    fn finish(&mut self, r: Request) -> Option<(u64, Status)> {
-        let slot = usize::try_from(r.user).ok()?;
-        let entry = self.pending.get_mut(slot)?;
-        if entry.as_ref().is_some_and(|p| p.more.is_none()) {
-            // a zero-copy request or a flush (the common case): its tag is all it holds
-            let tag = entry.take().map(|p| p.tag)?;
-            self.free.push(slot);
-            return Some((tag, r.status));
-        }
+    /// Complete a command that kept more than its tag: copy a bounced read's data back to
+    /// the guest; a Write Zeroes with more of its range to go sends its next command instead
+    /// (`None`).
+    fn finish(&mut self, r: Request, more: Box<PendingMore>) -> Option<(u64, Status)> {
         let mut status = r.status;
-        let more = matches!(
-            self.pending.get(slot)?.as_ref()?.more.as_deref(),
-            Some(PendingMore::Zeroes { at, end, .. }) if at < end
-        );
-        if more && status.is_success() {
-            match self.issue_zeroes(slot) {
+        let to_go = matches!(*more, PendingMore::Zeroes { at, end, .. } if at < end);
+        if to_go && status.is_success() {
+            match self.issue_zeroes(r.user, more) {
                 Ok(()) => return None,
-                Err(e) => {
+                Err((e, _)) => {
                     log::warn!("{}: submit: {e}", self.dev.target());
                     status = Status::INTERNAL_ERROR;
                 }
             }
-        }
-        let p = self.pending.get_mut(slot)?.take()?;
-        self.free.push(slot);
-        if status.is_success()
-            && let Some(PendingMore::Bounced {
+        } else if status.is_success()
+            && let PendingMore::Bounced {
                 buf,
                 read_into: Some(iov),
-            }) = p.more.as_deref()
+            } = *more
         {
             let len = iov.len() as usize;
             iov.as_buffers().copy_from_slice(&buf.as_slice()[..len]);
         }
-        Some((p.tag, status))
+        Some((r.user, status))
     }
 
     /// [`Backend::poll`] for any `done`: [`Backend::poll_into`] pushes each completion without
@@ -514,10 +469,21 @@ impl NvmeBackend {
         let Some(qp) = self.qp.as_mut() else {
             return n; // a new one is being made
         };
+        // a command that kept nothing but its tag (zero copy, flush) is done at once; the
+        // others are finished after the poll
         let mut got = std::mem::take(&mut self.reaped);
-        qp.poll(usize::MAX, |r| got.push(r));
-        for r in got.drain(..) {
-            if let Some((tag, st)) = self.finish(r) {
+        let more = &mut self.more;
+        qp.poll(usize::MAX, |r| {
+            match more.get_mut(usize::from(r.slot)).and_then(Option::take) {
+                None => {
+                    done(r.user, r.status);
+                    n += 1;
+                }
+                Some(m) => got.push((r, m)),
+            }
+        });
+        for (r, m) in got.drain(..) {
+            if let Some((tag, st)) = self.finish(r, m) {
                 done(tag, st);
                 n += 1;
             }
@@ -541,74 +507,39 @@ impl NvmeBackend {
     /// Start a request on a usable device: zero copy where the mirror allows (`mirrored`:
     /// the mirror is current for the request's memory), bounced else.
     fn start(&mut self, req: &IoRequest<'_>, mirrored: bool) -> Result<(), Status> {
-        let slot = self.take_slot()?;
+        if !self.qp().can_submit() {
+            // the front may have more commands in flight than the queue pair's depth: busy
+            // is a retryable internal error
+            return Err(Status::INTERNAL_ERROR);
+        }
         let res = match req.op {
             IoOp::Flush => {
-                self.pending[slot] = Some(Pending::bare(req.tag));
                 let nsid = self.claim.nsid;
-                self.qp().flush(nsid, slot as u64).map(|_| ())
+                self.qp().flush(nsid, req.tag).map(|_| ())
             }
             // a Deallocate is a Write Zeroes with DEAC: the device may deallocate, and the
             // blocks read as zeroes whatever its DLFEAT (a Dataset Management would not say)
             IoOp::WriteZeroes { len } | IoOp::Deallocate { len } => {
-                if let Err(s) = self.check_zeroes(req.offset, len) {
-                    self.free.push(slot);
-                    return Err(s);
-                }
-                self.pending[slot] = Some(Pending::with(
-                    req.tag,
-                    PendingMore::Zeroes {
-                        at: req.offset,
-                        end: req.offset + len,
-                        deallocate: matches!(req.op, IoOp::Deallocate { .. }),
-                    },
-                ));
-                self.issue_zeroes(slot)
+                self.check_zeroes(req.offset, len)?;
+                let zeroes = Box::new(PendingMore::Zeroes {
+                    at: req.offset,
+                    end: req.offset + len,
+                    deallocate: matches!(req.op, IoOp::Deallocate { .. }),
+                });
+                self.issue_zeroes(req.tag, zeroes).map_err(|(e, _)| e)
             }
             IoOp::Read | IoOp::Write { .. } => {
                 let len = req.iov.len();
-                if let Err(s) = self.check(req.offset, len) {
-                    self.free.push(slot);
-                    return Err(s);
-                }
+                self.check(req.offset, len)?;
                 if mirrored && self.zero_copy_segments(req.iov) {
                     let segs = std::mem::take(&mut self.segs);
-                    let started = self.start_zero_copy(req, slot, &segs);
+                    let started = self.start_zero_copy(req, &segs);
                     self.segs = segs;
                     if started {
                         return Ok(());
                     }
                 }
-                // bounced
-                let write = req.op != IoOp::Read;
-                let fua = matches!(req.op, IoOp::Write { fua: true });
-                let lba = self.lba(req.offset);
-                // check() bounds len by the maximum transfer, so the block count fits
-                let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
-                let mut buf = match self.dma(len) {
-                    Ok(b) => b,
-                    Err(s) => {
-                        self.free.push(slot);
-                        return Err(s);
-                    }
-                };
-                if write {
-                    req.iov
-                        .copy_to_slice(&mut buf.as_mut_slice()[..len as usize]);
-                }
-                self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
-                let iova = buf.iova();
-                self.pending[slot] = Some(Pending::with(
-                    req.tag,
-                    PendingMore::Bounced {
-                        buf,
-                        read_into: (!write).then(|| GuestBufferList::of(req.iov)),
-                    },
-                ));
-                let nsid = self.claim.nsid;
-                self.qp()
-                    .read_write_fua(write, fua, nsid, lba, blocks, iova, len, slot as u64)
-                    .map(|_| ())
+                self.start_bounced(req, len)
             }
         };
         match res {
@@ -618,11 +549,33 @@ impl NvmeBackend {
             }
             Err(e) => {
                 log::warn!("{}: submit: {e}", self.dev.target());
-                self.pending[slot] = None;
-                self.free.push(slot);
                 Err(Status::INTERNAL_ERROR)
             }
         }
+    }
+
+    /// A read or write of `len` bytes through a bounce buffer from the driver's DMA memory.
+    fn start_bounced(&mut self, req: &IoRequest<'_>, len: u64) -> Result<(), DriverError> {
+        let write = req.op != IoOp::Read;
+        let fua = matches!(req.op, IoOp::Write { fua: true });
+        let lba = self.lba(req.offset);
+        // check() bounds len by the maximum transfer, so the block count fits
+        let blocks = (len >> self.claim.block_size.trailing_zeros()) as u32;
+        let mut buf = self.dev.dma().alloc(len)?;
+        if write {
+            req.iov
+                .copy_to_slice(&mut buf.as_mut_slice()[..len as usize]);
+        }
+        let (iova, nsid) = (buf.iova(), self.claim.nsid);
+        let qp = self.qp();
+        let cid = qp.read_write_fua(write, fua, nsid, lba, blocks, iova, len, req.tag)?;
+        let slot = usize::from(qp.slot_of(cid));
+        self.stats.bounced_bytes.fetch_add(len, Ordering::Relaxed);
+        self.more[slot] = Some(Box::new(PendingMore::Bounced {
+            buf,
+            read_into: (!write).then(|| GuestBufferList::of(req.iov)),
+        }));
+        Ok(())
     }
 
     /// The common request in few steps: a read or write of one segment (a 4 KiB I/O), on a
@@ -653,14 +606,11 @@ impl NvmeBackend {
         if let Err(s) = self.check(req.offset, len) {
             return Some(Err(s));
         }
-        let Some(slot) = self.free.pop() else {
-            return Some(Err(Status::INTERNAL_ERROR));
-        };
-        if self.start_zero_copy(req, slot, &[(addr, len)]) {
+        if self.start_zero_copy(req, &[(addr, len)]) {
             return Some(Ok(()));
         }
-        // not expressible in PRPs after all: the general path bounces it
-        self.free.push(slot);
+        // not expressible in PRPs after all, or the queue pair is full: the general path
+        // bounces it, or answers busy
         None
     }
 
@@ -762,7 +712,9 @@ impl Backend for NvmeBackend {
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len() - self.free.len() + self.deferred.len() + self.parked.len()
+        self.qp.as_ref().map_or(0, IoQueuePair::outstanding)
+            + self.deferred.len()
+            + self.parked.len()
     }
 
     fn guest_memory_changed(&mut self) {

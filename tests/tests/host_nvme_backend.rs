@@ -317,3 +317,50 @@ fn an_array_of_nvme_members_moves_guest_data_zero_copy() {
         b.stop().unwrap();
     }
 }
+
+/// A Deallocate range longer than one Write Zeroes command carries (65536 blocks) goes to the
+/// back as one command after the other, each continuing where the last ended: every block
+/// of the range reads as zeroes, the block after it keeps its data.
+#[test]
+fn a_long_deallocate_range_goes_as_several_commands() {
+    let tmp = TempDir::new("nvme-backend-dsm");
+    let d = tmp.path().display();
+    let back = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:128M\"\n"
+    ));
+    let front = daemon(&format!(
+        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
+         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
+    ));
+    let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
+    n.create_io_queues();
+    const RANGE: u32 = 150_000; // blocks: three back commands (65536 + 65536 + 18928)
+    let marked = [0, 65_535, 65_536, 131_072, RANGE - 1, RANGE];
+    for (i, &lba) in marked.iter().enumerate() {
+        n.mem_fill(0x20000, 512, 0xa0 + i as u8);
+        assert!(
+            n.submit(1, cmd(0x01, 1, 0x20000, &[lba, 0, 0])).ok(),
+            "write {lba}"
+        );
+    }
+    // Dataset Management, Deallocate, one range: (context attributes, NLB, SLBA)
+    let mut range = [0u8; 16];
+    range[4..8].copy_from_slice(&RANGE.to_le_bytes());
+    n.mem_write(0x30000, &range);
+    let c = n.submit(1, cmd(0x09, 1, 0x30000, &[0, 1 << 2]));
+    assert!(c.ok(), "deallocate: {c:?}");
+    for (i, &lba) in marked.iter().enumerate() {
+        n.mem_fill(0x40000, 512, 0xee);
+        assert!(
+            n.submit(1, cmd(0x02, 1, 0x40000, &[lba, 0, 0])).ok(),
+            "read {lba}"
+        );
+        let mut got = [0u8; 512];
+        n.mem_read(0x40000, &mut got);
+        let want = if lba < RANGE { 0 } else { 0xa0 + i as u8 };
+        assert!(got.iter().all(|&b| b == want), "LBA {lba}: {:?}", &got[..4]);
+    }
+    drop(n);
+    front.stop().unwrap();
+    back.stop().unwrap();
+}
