@@ -71,7 +71,8 @@ enum PendingMore {
     Zeroes { at: u64, end: u64, deallocate: bool },
 }
 
-/// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]).
+/// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]), or for a free
+/// queue pair slot.
 struct Parked {
     tag: u64,
     op: IoOp,
@@ -115,6 +116,10 @@ pub struct NvmeBackend {
     failed: bool,
     /// Requests waiting for a mirror the supervisor is making.
     parked: Vec<Parked>,
+    /// Requests waiting, in order, for a queue pair slot: the front may have more commands
+    /// in flight than the queue pair is deep (a guest's queue of 1,024), and a busy backend
+    /// holds them rather than fail them.
+    busy: std::collections::VecDeque<Parked>,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -123,6 +128,18 @@ impl std::fmt::Debug for NvmeBackend {
             .field("target", &self.dev.target())
             .field("claim", &self.claim)
             .finish_non_exhaustive()
+    }
+}
+
+impl Parked {
+    fn of(req: &IoRequest<'_>) -> Self {
+        Self {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            iov: GuestBufferList::of(req.iov),
+            since: Instant::now(),
+        }
     }
 }
 
@@ -172,6 +189,7 @@ impl NvmeBackend {
             last_tick: Instant::now(),
             failed: false,
             parked: Vec::new(),
+            busy: std::collections::VecDeque::new(),
         })
     }
 
@@ -467,7 +485,11 @@ impl NvmeBackend {
             n += 1;
         }
         let Some(qp) = self.qp.as_mut() else {
-            return n; // a new one is being made
+            // a new one is being made: what waits for a slot fails as new requests do
+            if !self.busy.is_empty() {
+                self.start_busy();
+            }
+            return n;
         };
         // a command that kept nothing but its tag (zero copy, flush) is done at once; the
         // others are finished after the poll
@@ -489,6 +511,9 @@ impl NvmeBackend {
             }
         }
         self.reaped = got;
+        if !self.busy.is_empty() {
+            self.start_busy(); // in the slots just freed
+        }
         n
     }
 
@@ -508,9 +533,8 @@ impl NvmeBackend {
     /// the mirror is current for the request's memory), bounced else.
     fn start(&mut self, req: &IoRequest<'_>, mirrored: bool) -> Result<(), Status> {
         if !self.qp().can_submit() {
-            // the front may have more commands in flight than the queue pair's depth: busy
-            // is a retryable internal error
-            return Err(Status::INTERNAL_ERROR);
+            self.busy.push_back(Parked::of(req));
+            return Ok(());
         }
         let res = match req.op {
             IoOp::Flush => {
@@ -622,22 +646,40 @@ impl NvmeBackend {
             if !ready && p.since.elapsed() < PARK_MAX {
                 return true;
             }
-            let req = IoRequest {
-                tag: p.tag,
-                op: p.op,
-                offset: p.offset,
-                iov: p.iov.as_buffers(),
-            };
-            let started = self.usable().and_then(|()| {
-                let mirrored = self.mirror_current(req.iov.snapshot());
-                self.start(&req, mirrored)
-            });
-            if let Err(st) = started {
-                self.deferred.push((p.tag, st));
-            }
+            self.restart(p);
             false
         });
         self.parked = parked;
+    }
+
+    /// Start the requests waiting for a queue pair slot, in order, while there are free
+    /// slots (without a queue pair, they fail as new requests do).
+    fn start_busy(&mut self) {
+        while let Some(p) = self.busy.pop_front() {
+            if self.qp.as_ref().is_some_and(|q| !q.can_submit()) {
+                self.busy.push_front(p);
+                return;
+            }
+            self.restart(&p);
+        }
+    }
+
+    /// Start a request that waited (parked or busy); a refusal is handed out at the next
+    /// poll.
+    fn restart(&mut self, p: &Parked) {
+        let req = IoRequest {
+            tag: p.tag,
+            op: p.op,
+            offset: p.offset,
+            iov: p.iov.as_buffers(),
+        };
+        let started = self.usable().and_then(|()| {
+            let mirrored = self.mirror_current(req.iov.snapshot());
+            self.start(&req, mirrored)
+        });
+        if let Err(st) = started {
+            self.deferred.push((p.tag, st));
+        }
     }
 
     /// Device LBA of a byte offset in this backend's range.
@@ -673,6 +715,11 @@ impl Backend for NvmeBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if !self.busy.is_empty() {
+            // behind the requests already waiting for a slot
+            self.busy.push_back(Parked::of(req));
+            return Ok(());
+        }
         if let Some(started) = self.start_one_segment(req) {
             return started;
         }
@@ -687,13 +734,7 @@ impl Backend for NvmeBackend {
         {
             // the front's DMA map changed and the supervisor is at it: give it a moment
             // (this request waits; the reactor does not), rather than bounce at once
-            self.parked.push(Parked {
-                tag: req.tag,
-                op: req.op,
-                offset: req.offset,
-                iov: GuestBufferList::of(req.iov),
-                since: Instant::now(),
-            });
+            self.parked.push(Parked::of(req));
             return Ok(());
         }
         self.start(req, mirrored)
@@ -715,6 +756,7 @@ impl Backend for NvmeBackend {
         self.qp.as_ref().map_or(0, IoQueuePair::outstanding)
             + self.deferred.len()
             + self.parked.len()
+            + self.busy.len()
     }
 
     fn guest_memory_changed(&mut self) {
