@@ -198,12 +198,11 @@ impl NvmeBackend {
         self.qp.as_mut().expect("queue pair")
     }
 
-    /// Every ~100 ms while requests are in flight: advance the queue clock; with commands
-    /// outstanding for a tick, ask for a device check (the supervisor does it; a recovery
-    /// shows as a new generation at a later poll).
+    /// Every ~100 ms while requests are in flight (looked at every 1024th poll): advance the
+    /// queue clock; with commands outstanding for a tick, ask for a device check (the
+    /// supervisor does it; a recovery shows as a new generation at a later poll).
     fn check_timeouts(&mut self) {
-        self.polls = self.polls.wrapping_add(1);
-        if !self.polls.is_multiple_of(1024) || self.last_tick.elapsed() < TICK {
+        if self.last_tick.elapsed() < TICK {
             return;
         }
         self.last_tick = Instant::now();
@@ -472,17 +471,24 @@ impl NvmeBackend {
     /// [`Backend::poll`] for any `done`: [`Backend::poll_into`] pushes each completion without
     /// a call through a closure object.
     fn poll_with(&mut self, mut done: impl FnMut(u64, Status)) -> usize {
-        self.catch_up();
-        if !self.failed {
+        // the common pass, checked inline: a queue pair of the device's generation, and
+        // no tick of the timeout clock due
+        if self.qp.is_none() || self.generation != self.dev.generation() {
+            self.catch_up();
+        }
+        self.polls = self.polls.wrapping_add(1);
+        if !self.failed && self.polls.is_multiple_of(1024) {
             self.check_timeouts();
         }
         if !self.parked.is_empty() {
             self.unpark();
         }
         let mut n = 0;
-        for (tag, st) in self.deferred.drain(..) {
-            done(tag, st);
-            n += 1;
+        if !self.deferred.is_empty() {
+            for (tag, st) in self.deferred.drain(..) {
+                done(tag, st);
+                n += 1;
+            }
         }
         let Some(qp) = self.qp.as_mut() else {
             // a new one is being made: what waits for a slot fails as new requests do
@@ -504,10 +510,12 @@ impl NvmeBackend {
                 Some(m) => got.push((r, m)),
             }
         });
-        for (r, m) in got.drain(..) {
-            if let Some((tag, st)) = self.finish(r, m) {
-                done(tag, st);
-                n += 1;
+        if !got.is_empty() {
+            for (r, m) in got.drain(..) {
+                if let Some((tag, st)) = self.finish(r, m) {
+                    done(tag, st);
+                    n += 1;
+                }
             }
         }
         self.reaped = got;
