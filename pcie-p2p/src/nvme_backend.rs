@@ -13,6 +13,11 @@
 //! memory (which sits above every user-space address), and are counted. Nothing here waits
 //! for the device's control path: see `shared_device.rs`.
 //!
+//! A request in flight is its queue pair slot: the command carries the request's tag, and
+//! what a bounced transfer or a Write Zeroes keeps beyond it sits in a table by slot. A
+//! request that finds every slot taken (the front may have more commands in flight than the
+//! queue pair is deep) waits in order and starts when a completion frees one.
+//!
 //! Faults: a backend with commands outstanding for a tick asks for a device check; a device
 //! that failed or was reset behind our back is reset and brought up again by the shared
 //! device's supervisor, and every backend then fails its outstanding commands with Internal
