@@ -1,7 +1,8 @@
 //! The local-SSD path over vfio-user: guest -> vnvme (front, namespace `nvme:vfio-user:...`)
-//! -> vfio-user -> vnvme (back, file namespace). fio write+verify in the guest passes, and
-//! the bytes a guest wrote are in the back's file at the right offset; the front moved them
-//! zero-copy (the back DMAs straight into guest memory) and bounced nothing.
+//! -> vfio-user -> vnvme (back, file namespace). fio write+verify in the guest passes (also
+//! at queue depth 512, deeper than the front's queue pair to the back), and the bytes a
+//! guest wrote are in the back's file at the right offset; the front moved them zero-copy
+//! (the back DMAs straight into guest memory) and bounced nothing.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -21,6 +22,14 @@ fio --name=chain --filename=$D --direct=1 --ioengine=io_uring --rw=randwrite --b
   --randrepeat=1 --group_reporting
 echo "fio-rc $?"
 echo @@FIO-END
+# deeper than the nvme: backend's queue pair (255 commands): the front holds what the back
+# cannot take yet, rather than fail it
+echo @@DEEP-BEGIN
+fio --name=deep --filename=$D --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k \
+  --iodepth=512 --iodepth_batch_submit=64 --size=16M --offset=64M --verify=crc32c \
+  --verify_fatal=1 --randrepeat=1
+echo "deep-rc $?"
+echo @@DEEP-END
 # a known pattern at 100 MiB, for the host to find in the back's file
 yes VNVME-CHAIN-PATTERN | head -c 65536 > /tmp/pat
 dd if=/tmp/pat of=$D bs=65536 seek=1600 count=1 oflag=direct 2>/dev/null && echo pattern-written
@@ -33,7 +42,9 @@ fn guest_io_through_a_front_vnvme_to_a_back_vnvme_over_vfio_user() {
     let back_img = d.join("back.img");
     let back_cfg = Config::parse(
         &format!(
-            "[[controller]]\nsocket = \"{s}\"\nserial = \"BACK\"\n\
+            // a rate limit, so that the guest's commands pile up in the front as behind a
+            // busy SSD: the deep job keeps more in flight than the front's queue pair holds
+            "[[controller]]\nsocket = \"{s}\"\nserial = \"BACK\"\niops_limit = 4000\n\
              [[controller.namespace]]\nbackend = \"file:{img}:128M\"\n",
             s = d.join("back.sock").display(),
             img = back_img.display()
@@ -58,6 +69,9 @@ fn guest_io_through_a_front_vnvme_to_a_back_vnvme_over_vfio_user() {
     let transfer = front.transfer_stats(0, 1).expect("an nvme: namespace");
     let zero_copy = transfer.zero_copy_bytes.load(Ordering::Relaxed);
     let bounced = transfer.bounced_bytes.load(Ordering::Relaxed);
+    // the guest's driver retries a failed command (a busy backend's Internal Error among
+    // them) and fio may never see it: the front's own count of failed commands is the proof
+    let io_errors = front.stats(0).expect("controller 0").io_errors();
     front
         .stop()
         .expect("front stops (flushes through the back)");
@@ -72,6 +86,16 @@ fn guest_io_through_a_front_vnvme_to_a_back_vnvme_over_vfio_user() {
         value(&out, "fio-rc"),
         Some("0"),
         "fio verify failed:\n{fio}"
+    );
+    let deep = section(&out, "@@DEEP");
+    assert_eq!(
+        value(&out, "deep-rc"),
+        Some("0"),
+        "fio at queue depth 512 failed:\n{deep}"
+    );
+    assert!(
+        io_errors.iter().all(|&(_, n)| n == 0),
+        "the front failed guest commands: {io_errors:?}"
     );
     assert!(out.console.contains("pattern-written"));
     let mut got = vec![0u8; 65536];
