@@ -51,6 +51,10 @@ const QUEUE_SIZE: u16 = 256;
 const PARK_MAX: Duration = Duration::from_millis(20);
 /// Requests parked at most; beyond, they bounce at once.
 const PARK_SLOTS: usize = 64;
+/// How long a request may wait for a queue pair slot: half the front's reset wait, so that a
+/// request the front gives up on when its controller resets never starts afterwards. It
+/// then fails with the retryable status of a device reset.
+const BUSY_MAX: Duration = Duration::from_secs(device_model::quiesce::RESET_WAIT.as_secs() / 2);
 
 /// Bytes moved per path, shared with the control plane.
 #[derive(Debug, Default)]
@@ -76,9 +80,9 @@ enum PendingMore {
     Zeroes { at: u64, end: u64, deallocate: bool },
 }
 
-/// A request waiting for the mirror of a DMA map change (see [`PARK_MAX`]), or for a free
-/// queue pair slot.
-struct Parked {
+/// A request waiting: for the mirror of a DMA map change (parked, see [`PARK_MAX`]), or for
+/// a free queue pair slot (busy, see [`BUSY_MAX`]); `since` is when it began to wait.
+struct Waiting {
     tag: u64,
     op: IoOp,
     offset: u64,
@@ -114,17 +118,18 @@ pub struct NvmeBackend {
     mirrored_version: u64,
     poked_for: usize,
     segs: Vec<(u64, u64)>,
-    /// Polls since the queue clock last advanced, and when it did.
+    /// Polls so far (every 1024th looks at the timeout clock), and when the clock last
+    /// advanced.
     polls: u32,
     last_tick: Instant,
     /// The backend device is gone for good: every request fails at once.
     failed: bool,
     /// Requests waiting for a mirror the supervisor is making.
-    parked: Vec<Parked>,
+    parked: Vec<Waiting>,
     /// Requests waiting, in order, for a queue pair slot: the front may have more commands
     /// in flight than the queue pair is deep (a guest's queue of 1,024), and a busy backend
     /// holds them rather than fail them.
-    busy: std::collections::VecDeque<Parked>,
+    busy: std::collections::VecDeque<Waiting>,
 }
 
 impl std::fmt::Debug for NvmeBackend {
@@ -136,7 +141,7 @@ impl std::fmt::Debug for NvmeBackend {
     }
 }
 
-impl Parked {
+impl Waiting {
     fn of(req: &IoRequest<'_>) -> Self {
         Self {
             tag: req.tag,
@@ -309,13 +314,8 @@ impl NvmeBackend {
         if self.mirrored.covers(map) {
             return true;
         }
-        let v = link.version.load(Ordering::Acquire);
-        if v != self.mirrored_version {
-            self.mirrored = link.published();
-            self.mirrored_version = v;
-            if self.mirrored.covers(map) {
-                return true;
-            }
+        if self.refresh_mirror() && self.mirrored.covers(map) {
+            return true;
         }
         let at = Arc::as_ptr(&cur) as usize;
         if self.poked_for != at {
@@ -323,6 +323,19 @@ impl NvmeBackend {
             self.dev.poke();
         }
         false
+    }
+
+    /// Take the supervisor's latest publication of the mirror if it is newer than ours; true
+    /// when it was.
+    fn refresh_mirror(&mut self) -> bool {
+        let Some(link) = &self.link else { return false };
+        let v = link.version.load(Ordering::Acquire);
+        if v == self.mirrored_version {
+            return false;
+        }
+        self.mirrored = link.published();
+        self.mirrored_version = v;
+        true
     }
 
     /// Device-address segments for `iov` if every byte lies in mirrored memory (the
@@ -341,7 +354,7 @@ impl NvmeBackend {
 
     /// Put a read or write whose data lies in mirrored memory, as device-address `segs`, on
     /// the queue pair (zero copy: its tag is all it keeps). False when the segments are not
-    /// expressible as PRPs, or the queue pair is missing or full: the caller bounces.
+    /// expressible as PRPs (the caller bounces), or the queue pair is missing or full.
     #[inline]
     fn start_zero_copy(&mut self, req: &IoRequest<'_>, segs: &[(u64, u64)]) -> bool {
         let len = req.iov.len();
@@ -546,7 +559,7 @@ impl NvmeBackend {
     /// the mirror is current for the request's memory), bounced else.
     fn start(&mut self, req: &IoRequest<'_>, mirrored: bool) -> Result<(), Status> {
         if !self.qp().can_submit() {
-            self.busy.push_back(Parked::of(req));
+            self.busy.push_back(Waiting::of(req));
             return Ok(());
         }
         let res = match req.op {
@@ -647,7 +660,7 @@ impl NvmeBackend {
             return Some(Ok(()));
         }
         // not expressible in PRPs after all, or the queue pair is full: the general path
-        // bounces it, or answers busy
+        // bounces it, or holds it until a slot frees
         None
     }
 
@@ -666,8 +679,25 @@ impl NvmeBackend {
     }
 
     /// Start the requests waiting for a queue pair slot, in order, while there are free
-    /// slots (without a queue pair, they fail as new requests do).
+    /// slots (without a queue pair, they fail as new requests do); fail those that waited
+    /// [`BUSY_MAX`].
     fn start_busy(&mut self) {
+        let mut expired = 0;
+        while let Some(w) = self.busy.pop_front() {
+            if w.since.elapsed() < BUSY_MAX {
+                self.busy.push_front(w);
+                break;
+            }
+            self.deferred.push((w.tag, LOST));
+            expired += 1;
+        }
+        if expired > 0 {
+            device_model::warn_limited!(
+                "{}: namespace {}: {expired} requests waited {BUSY_MAX:?} for a queue slot: failed (retryable)",
+                self.dev.target(),
+                self.claim.nsid
+            );
+        }
         while let Some(p) = self.busy.pop_front() {
             if self.qp.as_ref().is_some_and(|q| !q.can_submit()) {
                 self.busy.push_front(p);
@@ -679,13 +709,15 @@ impl NvmeBackend {
 
     /// Start a request that waited (parked or busy); a refusal is handed out at the next
     /// poll.
-    fn restart(&mut self, p: &Parked) {
+    fn restart(&mut self, p: &Waiting) {
         let req = IoRequest {
             tag: p.tag,
             op: p.op,
             offset: p.offset,
             iov: p.iov.as_buffers(),
         };
+        // the mirror may have changed while it waited: trust only the latest publication
+        self.refresh_mirror();
         let started = self.usable().and_then(|()| {
             let mirrored = self.mirror_current(req.iov.snapshot());
             self.start(&req, mirrored)
@@ -730,7 +762,7 @@ impl Backend for NvmeBackend {
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
         if !self.busy.is_empty() {
             // behind the requests already waiting for a slot
-            self.busy.push_back(Parked::of(req));
+            self.busy.push_back(Waiting::of(req));
             return Ok(());
         }
         if let Some(started) = self.start_one_segment(req) {
@@ -747,7 +779,7 @@ impl Backend for NvmeBackend {
         {
             // the front's DMA map changed and the supervisor is at it: give it a moment
             // (this request waits; the reactor does not), rather than bounce at once
-            self.parked.push(Parked::of(req));
+            self.parked.push(Waiting::of(req));
             return Ok(());
         }
         self.start(req, mirrored)

@@ -754,6 +754,22 @@ impl Guest {
         (posted, failed)
     }
 
+    /// The status fields (CQE dword 3 bits 31:17: SC, SCT, CRD, M, DNR) of the I/O
+    /// completions posted so far, in order (no wrap, as [`Guest::io_completions`]).
+    pub fn io_statuses(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for i in 0..IO_QSIZE {
+            let mut e = [0u8; 16];
+            self.mem_read(IO_CQ + u64::from(i) * 16, &mut e);
+            let status = u16::from_le_bytes([e[14], e[15]]);
+            if status & 1 == 0 {
+                break;
+            }
+            out.push(status >> 1);
+        }
+        out
+    }
+
     /// Map the guest memory at IOVA 0 again (after the test unmapped it).
     pub fn remap(&mut self) -> Reply {
         self.raw.dma_map(Some(self.memfd.as_fd()), 0, 0, GUEST_MEM)

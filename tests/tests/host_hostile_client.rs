@@ -1262,3 +1262,66 @@ fn a_queue_deeper_than_a_remote_backend_is_held_not_failed() {
         s.stop();
     }
 }
+
+/// The same deep queue against a back process frozen (SIGSTOP) before the writes: its queue
+/// pair takes 255 of them and the rest wait for a slot, but not past half the front's reset
+/// wait, so that none can start after the front gave up on it. Expected: those fail with a
+/// retryable path error (Internal Path Error, SCT 3h, DNR clear) within 15 s, nothing fails
+/// with another status, the neighbour's verified I/O runs clean meanwhile, every write
+/// completes after SIGCONT, and the controller serves its next client.
+#[test]
+fn a_deep_queue_on_a_frozen_backend_fails_retryably_after_its_wait() {
+    let s = start_stalled("deep-frozen", Remote::VfioUser);
+    let mut g = Guest::connect(&s.a);
+    g.create_io_queues();
+    s.back().freeze();
+    during_neighbour_io(&s.b, || {
+        g.queue_writes(1000);
+        let t = Instant::now();
+        while g.io_completions().0 < 1000 - 255 {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "{:?} of 1000 completed (posted, failed) on the frozen back",
+                g.io_completions()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{:?} (posted, failed) after {:?} frozen",
+            g.io_completions(),
+            t.elapsed()
+        );
+    });
+    let path_error = |st: u16| st & 0x7ff == 3 << 8 && st & 0x8000 == 0;
+    let statuses = g.io_statuses();
+    assert!(
+        statuses.iter().all(|&st| path_error(st)),
+        "statuses while frozen: {:?}",
+        statuses
+            .iter()
+            .filter(|&&st| !path_error(st))
+            .collect::<Vec<_>>()
+    );
+    s.back().thaw();
+    let t = Instant::now();
+    while g.io_completions().0 < 1000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{:?} of 1000 completed after SIGCONT",
+            g.io_completions()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let statuses = g.io_statuses();
+    assert!(
+        statuses.iter().all(|&st| st == 0 || path_error(st)),
+        "statuses after SIGCONT: {:?}",
+        statuses
+            .iter()
+            .filter(|&&st| st != 0 && !path_error(st))
+            .collect::<Vec<_>>()
+    );
+    drop(g);
+    assert_recovers(&s.a);
+    s.stop_within(Duration::from_secs(15));
+}

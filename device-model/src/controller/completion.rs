@@ -26,6 +26,7 @@ impl Controller {
                 }
             }
         } else if self.done.is_empty() {
+            self.done_stamp = None; // as below: the waiting commands read the clock afresh
             return 0; // the common idle case: nothing more to look at
         }
         let mut done = std::mem::take(&mut self.done);

@@ -92,7 +92,8 @@ pub(super) fn run(rx: &Receiver<Message>, mode: PollMode, id: u64, waiter: &Wait
     let mut shared_core = SharedCore(true);
     let mut last_work = Instant::now();
     // work done since `last_work` was last set: the clock is read at the next idle check,
-    // not after every busy pass (at most 63 idle passes late, far below the nap steps)
+    // not after every busy pass (at most 63 idle passes late: the spin after work may last
+    // that much longer, never less)
     let mut worked = false;
     let mut iter: u32 = 0;
     loop {
