@@ -738,20 +738,9 @@ impl Guest {
     /// I/O completions posted so far since the queue was created (no wrap: fewer than
     /// [`IO_QSIZE`]), and how many of them failed.
     pub fn io_completions(&self) -> (u32, u32) {
-        let (mut posted, mut failed) = (0, 0);
-        for i in 0..IO_QSIZE {
-            let mut e = [0u8; 16];
-            self.mem_read(IO_CQ + u64::from(i) * 16, &mut e);
-            let status = u16::from_le_bytes([e[14], e[15]]);
-            if status & 1 == 0 {
-                break;
-            }
-            posted += 1;
-            if status >> 1 != 0 {
-                failed += 1;
-            }
-        }
-        (posted, failed)
+        let statuses = self.io_statuses();
+        let failed = statuses.iter().filter(|&&st| st != 0).count();
+        (statuses.len() as u32, failed as u32)
     }
 
     /// The status fields (CQE dword 3 bits 31:17: SC, SCT, CRD, M, DNR) of the I/O

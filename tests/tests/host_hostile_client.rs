@@ -1230,6 +1230,19 @@ fn garbage_reads_and_writes_through_an_nvme_backend_get_their_statuses() {
     s.stop_within(Duration::from_secs(15));
 }
 
+/// Wait until `n` I/O completions are posted on `g`'s queue, at most `limit`.
+fn wait_io_completions(g: &Guest, n: u32, limit: Duration, what: &str) {
+    let t = Instant::now();
+    while g.io_completions().0 < n {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: {:?} (posted, failed) of {n} completions",
+            g.io_completions()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A queue deeper than a remote backend's (the `nvme:` backend's queue pair holds 255
 /// commands): 1000 64 KiB writes queued at once all succeed, the backend holding in order
 /// what it cannot send yet (before, every command past its depth failed at once with
@@ -1243,15 +1256,7 @@ fn a_queue_deeper_than_a_remote_backend_is_held_not_failed() {
         g.create_io_queues();
         during_neighbour_io(&s.b, || {
             g.queue_writes(1000);
-            let t = Instant::now();
-            while g.io_completions().0 < 1000 {
-                assert!(
-                    t.elapsed() < Duration::from_secs(30),
-                    "{remote:?}: {:?} of 1000 completed (posted, failed)",
-                    g.io_completions()
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_io_completions(&g, 1000, Duration::from_secs(30), &format!("{remote:?}"));
         });
         assert_eq!(
             g.io_completions(),
@@ -1278,14 +1283,12 @@ fn a_deep_queue_on_a_frozen_backend_fails_retryably_after_its_wait() {
     during_neighbour_io(&s.b, || {
         g.queue_writes(1000);
         let t = Instant::now();
-        while g.io_completions().0 < 1000 - 255 {
-            assert!(
-                t.elapsed() < Duration::from_secs(15),
-                "{:?} of 1000 completed (posted, failed) on the frozen back",
-                g.io_completions()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_io_completions(
+            &g,
+            1000 - 255,
+            Duration::from_secs(15),
+            "on the frozen back",
+        );
         eprintln!(
             "{:?} (posted, failed) after {:?} frozen",
             g.io_completions(),
@@ -1303,15 +1306,7 @@ fn a_deep_queue_on_a_frozen_backend_fails_retryably_after_its_wait() {
             .collect::<Vec<_>>()
     );
     s.back().thaw();
-    let t = Instant::now();
-    while g.io_completions().0 < 1000 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{:?} of 1000 completed after SIGCONT",
-            g.io_completions()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_io_completions(&g, 1000, Duration::from_secs(20), "after SIGCONT");
     let statuses = g.io_statuses();
     assert!(
         statuses.iter().all(|&st| st == 0 || path_error(st)),

@@ -18,9 +18,14 @@ fn daemon(text: &str) -> Daemon {
 /// A back vnvme with a 16 MiB RAM namespace, and a front vnvme whose namespace 1 is the
 /// back's namespace 1 over vfio-user (`back.sock`, `front.sock` in `tmp`).
 fn back_and_front(tmp: &TempDir) -> (Daemon, Daemon) {
+    back_and_front_of(tmp, "malloc:16M")
+}
+
+/// [`back_and_front`] with the back's namespace on `backend`.
+fn back_and_front_of(tmp: &TempDir, backend: &str) -> (Daemon, Daemon) {
     let d = tmp.path().display();
     let back = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:16M\"\n"
+        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"{backend}\"\n"
     ));
     let front = daemon(&format!(
         "[[controller]]\nsocket = \"{d}/front.sock\"\n\
@@ -324,14 +329,7 @@ fn an_array_of_nvme_members_moves_guest_data_zero_copy() {
 #[test]
 fn a_long_deallocate_range_goes_as_several_commands() {
     let tmp = TempDir::new("nvme-backend-dsm");
-    let d = tmp.path().display();
-    let back = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/back.sock\"\n[[controller.namespace]]\nbackend = \"malloc:128M\"\n"
-    ));
-    let front = daemon(&format!(
-        "[[controller]]\nsocket = \"{d}/front.sock\"\n\
-         [[controller.namespace]]\nbackend = \"nvme:vfio-user:{d}/back.sock\"\n"
-    ));
+    let (back, front) = back_and_front_of(&tmp, "malloc:128M");
     let mut n = NvmeClient::connect(&tmp.path().join("front.sock"));
     n.create_io_queues();
     const RANGE: u32 = 150_000; // blocks: three back commands (65536 + 65536 + 18928)
