@@ -305,6 +305,9 @@ impl NvmeBackend {
     /// else have the supervisor look at the current map (once per snapshot) and bounce
     /// meanwhile.
     fn mirror_current(&mut self, snapshot: Option<&Arc<MemoryMap>>) -> bool {
+        // the latest publication first: an older one may cover a map whose regions the
+        // supervisor has unmapped since (a request that waited would trust it)
+        self.refresh_mirror();
         let Some(link) = &self.link else { return false };
         if snapshot.is_some_and(|s| self.mirrored.covers(s)) {
             return true;
@@ -312,9 +315,6 @@ impl NvmeBackend {
         let cur = link.guest.load();
         let map = snapshot.unwrap_or(&cur);
         if self.mirrored.covers(map) {
-            return true;
-        }
-        if self.refresh_mirror() && self.mirrored.covers(map) {
             return true;
         }
         let at = Arc::as_ptr(&cur) as usize;
@@ -325,17 +325,15 @@ impl NvmeBackend {
         false
     }
 
-    /// Take the supervisor's latest publication of the mirror if it is newer than ours; true
-    /// when it was.
-    fn refresh_mirror(&mut self) -> bool {
-        let Some(link) = &self.link else { return false };
+    /// Take the supervisor's latest publication of the mirror if it is newer than ours (one
+    /// atomic load when it is not).
+    fn refresh_mirror(&mut self) {
+        let Some(link) = &self.link else { return };
         let v = link.version.load(Ordering::Acquire);
-        if v == self.mirrored_version {
-            return false;
+        if v != self.mirrored_version {
+            self.mirrored = link.published();
+            self.mirrored_version = v;
         }
-        self.mirrored = link.published();
-        self.mirrored_version = v;
-        true
     }
 
     /// Device-address segments for `iov` if every byte lies in mirrored memory (the
@@ -422,12 +420,8 @@ impl NvmeBackend {
 
     /// Put the next Write Zeroes command of request `tag` on the queue pair (at most 65536
     /// blocks, from where its last one ended; with DEAC for a Deallocate), keeping `zeroes`
-    /// (its progress) with it; given back when the command cannot be put on the queue.
-    fn issue_zeroes(
-        &mut self,
-        tag: u64,
-        mut zeroes: Box<PendingMore>,
-    ) -> Result<(), (DriverError, Box<PendingMore>)> {
+    /// (its progress) with it.
+    fn issue_zeroes(&mut self, tag: u64, mut zeroes: Box<PendingMore>) -> Result<(), DriverError> {
         let bs = self.claim.block_size;
         let PendingMore::Zeroes {
             at,
@@ -435,23 +429,19 @@ impl NvmeBackend {
             deallocate,
         } = zeroes.as_mut()
         else {
-            return Err((DriverError::Invalid("not a Write Zeroes".into()), zeroes));
+            return Err(DriverError::Invalid("not a Write Zeroes".into()));
         };
         // Write Zeroes carries at most 65536 blocks
         let blocks = ((*end - *at) / bs).min(65536);
         let (from, deallocate) = (*at, *deallocate);
         let (nsid, lba) = (self.claim.nsid, self.lba(from));
         let Some(qp) = self.qp.as_mut() else {
-            return Err((DriverError::Invalid("no queue pair".into()), zeroes));
+            return Err(DriverError::Invalid("no queue pair".into()));
         };
-        let issued = if deallocate {
-            qp.write_zeroes_deallocate(nsid, lba, blocks as u32, tag)
+        let cid = if deallocate {
+            qp.write_zeroes_deallocate(nsid, lba, blocks as u32, tag)?
         } else {
-            qp.write_zeroes(nsid, lba, blocks as u32, tag)
-        };
-        let cid = match issued {
-            Ok(cid) => cid,
-            Err(e) => return Err((e, zeroes)),
+            qp.write_zeroes(nsid, lba, blocks as u32, tag)?
         };
         qp.ring();
         *at = from + blocks * bs;
@@ -469,7 +459,7 @@ impl NvmeBackend {
         if to_go && status.is_success() {
             match self.issue_zeroes(r.user, more) {
                 Ok(()) => return None,
-                Err((e, _)) => {
+                Err(e) => {
                     log::warn!("{}: submit: {e}", self.dev.target());
                     status = Status::INTERNAL_ERROR;
                 }
@@ -576,7 +566,7 @@ impl NvmeBackend {
                     end: req.offset + len,
                     deallocate: matches!(req.op, IoOp::Deallocate { .. }),
                 });
-                self.issue_zeroes(req.tag, zeroes).map_err(|(e, _)| e)
+                self.issue_zeroes(req.tag, zeroes)
             }
             IoOp::Read | IoOp::Write { .. } => {
                 let len = req.iov.len();
@@ -683,13 +673,15 @@ impl NvmeBackend {
     /// [`BUSY_MAX`].
     fn start_busy(&mut self) {
         let mut expired = 0;
-        while let Some(w) = self.busy.pop_front() {
-            if w.since.elapsed() < BUSY_MAX {
-                self.busy.push_front(w);
-                break;
+        while self
+            .busy
+            .front()
+            .is_some_and(|w| w.since.elapsed() >= BUSY_MAX)
+        {
+            if let Some(w) = self.busy.pop_front() {
+                self.deferred.push((w.tag, LOST));
+                expired += 1;
             }
-            self.deferred.push((w.tag, LOST));
-            expired += 1;
         }
         if expired > 0 {
             device_model::warn_limited!(
@@ -698,12 +690,10 @@ impl NvmeBackend {
                 self.claim.nsid
             );
         }
-        while let Some(p) = self.busy.pop_front() {
-            if self.qp.as_ref().is_some_and(|q| !q.can_submit()) {
-                self.busy.push_front(p);
-                return;
-            }
-            self.restart(&p);
+        while self.qp.as_ref().is_none_or(IoQueuePair::can_submit)
+            && let Some(w) = self.busy.pop_front()
+        {
+            self.restart(&w);
         }
     }
 
@@ -716,8 +706,6 @@ impl NvmeBackend {
             offset: p.offset,
             iov: p.iov.as_buffers(),
         };
-        // the mirror may have changed while it waited: trust only the latest publication
-        self.refresh_mirror();
         let started = self.usable().and_then(|()| {
             let mirrored = self.mirror_current(req.iov.snapshot());
             self.start(&req, mirrored)

@@ -111,9 +111,15 @@ impl ReactorThread {
     /// Send `msg` to the thread and wake it; false when the thread is gone.
     fn post(&self, msg: Message) -> bool {
         let sent = self.tx.send(msg).is_ok();
+        self.wake_for_mail();
+        sent
+    }
+
+    /// Tell the thread to look at its channel (after a message, or once it closed), and wake
+    /// it.
+    fn wake_for_mail(&self) {
         self.waiter.mail.store(true, Ordering::Release);
         self.wake();
-        sent
     }
 
     /// Wake the thread (nothing to do on the thread itself).
@@ -133,8 +139,7 @@ impl Drop for ReactorThread {
         // the last handle is gone: the thread ends when its channel closes
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
-        self.waiter.mail.store(true, Ordering::Release);
-        self.wake();
+        self.wake_for_mail();
         // (dropped on its own thread, by a poller: it ends by itself, nobody waits)
         if let Some(j) = self.join.take().filter(|_| !poller::at_home(self.id)) {
             let _ = j.join();
