@@ -4,7 +4,7 @@
 //! deletes namespaces, sets per-controller QoS, creates and deletes a whole subsystem; bad
 //! requests get JSON-RPC errors and the daemon keeps answering.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -451,4 +451,72 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
         r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
         "the neighbour's verified I/O: {r:?}"
     );
+}
+
+/// One connection may carry many requests, one per line, answered in order (as SPDK's
+/// `rpc.py load_config` sends them): on the daemon's own socket and on the supervisor's,
+/// which answers some itself and forwards the rest. A bad line is answered and the
+/// connection goes on; a blank line is skipped.
+#[test]
+fn several_requests_on_one_connection_are_each_answered_in_order() {
+    for supervised in [true, false] {
+        let tmp = TempDir::new("rpc-lines");
+        let sock = tmp.path().join("c.sock");
+        let bin = vnvme_binary();
+        let rpc = tmp.path().join("vnvme.rpc");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve");
+        if !supervised {
+            cmd.arg("--unsupervised");
+        }
+        let child = cmd
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--ns", "malloc:64M", "--rpc"])
+            .arg(&rpc)
+            .spawn()
+            .expect("vnvme serve");
+        let d = Served { child, bin, rpc };
+        wait_for(&d.rpc);
+        wait_for(&sock);
+        let s = UnixStream::connect(&d.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let first = if supervised {
+            "daemon_status"
+        } else {
+            "controller_list"
+        };
+        (&s).write_all(
+            format!(
+                "{{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"{first}\"}}\n\
+                 \n\
+                 {{\"jsonrpc\": \"2.0\", \"id\": 2, \"method\": \"controller_list\"}}\n\
+                 {{not json\n\
+                 {{\"jsonrpc\": \"2.0\", \"id\": 4, \"method\": \"no_such_method\"}}\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut lines = BufReader::new(&s).lines();
+        let mut next = || -> Value {
+            let l = lines.next().expect("an answer").expect("read");
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        };
+        let a = next();
+        assert_eq!(a["id"], 1, "{a}");
+        assert!(a.get("result").is_some(), "{a}");
+        let a = next();
+        assert_eq!(a["id"], 2, "{a}");
+        assert_eq!(a["result"].as_array().map(Vec::len), Some(1), "{a}");
+        let a = next();
+        assert_eq!(error_code(&a), -32700, "{a}");
+        let a = next();
+        assert_eq!(a["id"], 4, "{a}");
+        assert_eq!(error_code(&a), -32601, "{a}");
+        // and later on the same connection, after the answers were read
+        (&s).write_all(b"{\"jsonrpc\": \"2.0\", \"id\": 5, \"method\": \"controller_list\"}\n")
+            .unwrap();
+        let a = next();
+        assert_eq!(a["id"], 5, "supervised {supervised}: {a}");
+    }
 }

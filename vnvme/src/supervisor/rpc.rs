@@ -170,27 +170,40 @@ impl SupervisorRpc {
     }
 }
 
-/// Read one request line from `s` and answer it.
+/// Read `s`'s request lines and answer each, in order, until the client closes, stays
+/// silent for [`READ_TIMEOUT`] or sends a line longer than [`MAX_REQUEST`] (answered, then
+/// closed: where its next line starts is unknown). As the worker's socket: one request per
+/// line, as many lines as the client likes.
 fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut reader = BufReader::new(s).take(MAX_REQUEST as u64 + 1);
-    let mut line = Vec::new();
-    if read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)? == 0 {
-        return Ok(());
+    loop {
+        let mut line = Vec::new();
+        if read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)? == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST {
+            return answer(
+                s,
+                &error(
+                    &Value::Null,
+                    code::INVALID_REQUEST,
+                    "request longer than 1 MiB",
+                ),
+            );
+        }
+        reader.set_limit(MAX_REQUEST as u64 + 1);
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            serve_line(s, sh, &line)?;
+        }
     }
-    if line.len() > MAX_REQUEST {
-        return answer(
-            s,
-            &error(
-                &Value::Null,
-                code::INVALID_REQUEST,
-                "request longer than 1 MiB",
-            ),
-        );
-    }
-    let req: Value = match serde_json::from_slice(&line) {
+}
+
+/// Answer one request line.
+fn serve_line(s: &UnixStream, sh: &Shared, line: &[u8]) -> std::io::Result<()> {
+    let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
             return answer(
@@ -238,7 +251,7 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
             }
             Err(e) => refused(&id, &e),
         },
-        "raid_remove_member" | "bdev_raid_remove_base_bdev" => match remove_member(sh, &line) {
+        "raid_remove_member" | "bdev_raid_remove_base_bdev" => match remove_member(sh, line) {
             Ok(reply) => {
                 let mut w = s;
                 w.write_all(reply.as_bytes())?;
@@ -246,7 +259,7 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
             }
             Err(e) => refused(&id, &e),
         },
-        "subsystem_delete" => subsystems::delete(sh, &req, &line, &id),
+        "subsystem_delete" => subsystems::delete(sh, &req, line, &id),
         m if REPLAYED.contains(&m) => match (sh.worker_rpc.as_ref(), keep_ram(sh, req.clone())) {
             (None, _) => refused(&id, "no management socket in the worker"),
             (_, Err(e)) => refused(&id, &format!("{m}: {e}")),
@@ -293,7 +306,7 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
         },
         _ => match sh.worker_rpc.as_ref().map(|p| {
             let _replayed = read(&sh.changes);
-            forward(p, &line)
+            forward(p, line)
         }) {
             Some(Ok(reply)) => {
                 let mut w = s;
