@@ -200,6 +200,11 @@ impl Harness {
     /// (CID, status).
     pub(crate) fn reap(&mut self, admin: bool) -> Vec<(u16, Status)> {
         self.ctrl.poll();
+        self.posted(admin)
+    }
+
+    /// Take the completions posted on queue `admin` or 1 as (CID, status), without polling.
+    pub(crate) fn posted(&mut self, admin: bool) -> Vec<(u16, Status)> {
         let (base, ring, db) = if admin {
             (ACQ, &mut self.admin, 1)
         } else {

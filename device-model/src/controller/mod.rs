@@ -191,6 +191,10 @@ pub struct Controller {
     fetch_stamp: Option<u64>,
     done_stamp: Option<u64>,
     warned_doorbell: bool,
+    /// Busy passes since the admin queue pair was last looked at (see
+    /// [`ADMIN_EVERY`](Self::ADMIN_EVERY)), and whether the last pass found no work.
+    admin_skipped: u8,
+    quiet: bool,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
     /// The QoS generation last written to the journal (a change is saved at the next poll),
@@ -285,6 +289,8 @@ impl Controller {
             fetch_stamp: None,
             done_stamp: None,
             warned_doorbell: false,
+            admin_skipped: 0,
+            quiet: true,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,
