@@ -39,6 +39,7 @@ mod lifecycle;
 mod shutdown;
 mod snapshot;
 mod snapshot_blob;
+mod snapshot_codec;
 mod snapshot_stats;
 #[cfg(test)]
 mod snapshot_tests;

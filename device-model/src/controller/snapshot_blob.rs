@@ -15,6 +15,7 @@ use crate::shadow_doorbell::ShadowDoorbells;
 use crate::state::features::Features;
 
 use super::Controller;
+use super::snapshot_codec::{R, W};
 
 const VERSION: u32 = 6;
 /// The versions before the QoS limits, the logs, the events and then the SR-IOV state were
@@ -37,54 +38,6 @@ pub(super) struct PendingAdmin {
     pub(super) cq_pos: u32,
     pub(super) phase: bool,
     pub(super) cqe: [u8; 16],
-}
-
-/// Little-endian writer.
-#[derive(Default)]
-pub(super) struct W(pub(super) Vec<u8>);
-
-impl W {
-    pub(super) fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    pub(super) fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    pub(super) fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    pub(super) fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn bytes(&mut self, b: &[u8]) {
-        self.0.extend_from_slice(b);
-    }
-}
-
-/// Little-endian reader over untrusted bytes: every read is bounds checked.
-pub(super) struct R<'a>(pub(super) &'a [u8]);
-
-impl R<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    pub(super) fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    pub(super) fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    pub(super) fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    pub(super) fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
 }
 
 /// The decoded slow state.

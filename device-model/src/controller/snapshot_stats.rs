@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::stats::{ControllerStats, ERROR_STATUSES, HistogramSnapshot, IoSnapshot};
 
 use super::Controller;
-use super::snapshot_blob::{R, W};
+use super::snapshot_codec::{R, W};
 
 /// Namespaces whose statistics are carried at most (the rest start again at zero).
 const MAX_NAMESPACES: usize = 128;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::Value;
 
-use super::server::response;
+use super::response;
 use super::{RpcError, code};
 
 /// How long the "busy" answer may take to write.

@@ -40,5 +40,18 @@ impl RpcError {
     }
 }
 
+/// The response to a request with id `id`: its result or its error (JSON-RPC 2.0 §5).
+pub(crate) fn response(
+    id: &serde_json::Value,
+    r: Result<serde_json::Value, RpcError>,
+) -> serde_json::Value {
+    match r {
+        Ok(result) => serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result}),
+        Err(e) => serde_json::json!(
+            {"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}}
+        ),
+    }
+}
+
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 1 << 20;

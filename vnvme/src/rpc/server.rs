@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::acceptor::Acceptor;
-use super::{MAX_REQUEST, RpcError, code, methods};
+use super::{MAX_REQUEST, RpcError, code, methods, response};
 use crate::daemon::Daemon;
 
 /// A client that sends nothing for this long is dropped.
@@ -184,15 +184,6 @@ pub(crate) fn handle(line: &[u8], daemon: &mut Daemon) -> (Value, Result<Value, 
 pub fn answer(line: &[u8], daemon: &mut Daemon) -> String {
     let (id, r) = handle(line, daemon);
     response(&id, r).to_string()
-}
-
-pub(crate) fn response(id: &Value, r: Result<Value, RpcError>) -> Value {
-    match r {
-        Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-        Err(e) => {
-            json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
-        }
-    }
 }
 
 fn respond(out: &mut impl Write, id: &Value, r: Result<Value, RpcError>) -> std::io::Result<()> {
