@@ -520,3 +520,59 @@ fn several_requests_on_one_connection_are_each_answered_in_order() {
         assert_eq!(a["id"], 5, "supervised {supervised}: {a}");
     }
 }
+
+/// A caller that sends only blank lines (which are skipped, never answered) cannot keep its
+/// place: the next request must arrive whole within 5 s of the last answer, blank lines
+/// or not. On the daemon's own socket and on the supervisor's.
+#[test]
+fn blank_lines_do_not_keep_a_management_caller_forever() {
+    let run = |supervised: bool| {
+        std::thread::spawn(move || {
+            let tmp = TempDir::new(if supervised {
+                "rpc-blank-s"
+            } else {
+                "rpc-blank-u"
+            });
+            let bin = vnvme_binary();
+            let rpc = tmp.path().join("vnvme.rpc");
+            let mut cmd = Command::new(&bin);
+            cmd.arg("serve");
+            if !supervised {
+                cmd.arg("--unsupervised");
+            }
+            let child = cmd
+                .arg("--socket")
+                .arg(tmp.path().join("c.sock"))
+                .args(["--ns", "malloc:64M", "--rpc"])
+                .arg(&rpc)
+                .spawn()
+                .expect("vnvme serve");
+            let d = Served { child, bin, rpc };
+            wait_for(&d.rpc);
+            let mut s = UnixStream::connect(&d.rpc).unwrap();
+            let t = Instant::now();
+            let closed = loop {
+                if s.write_all(b"\n").is_err() {
+                    break t.elapsed();
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(15),
+                    "supervised {supervised}: still open after 15 s of blank lines"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            assert!(
+                closed > Duration::from_secs(4),
+                "supervised {supervised}: closed after {closed:?}"
+            );
+            // and the socket serves the next caller
+            assert_eq!(
+                d.ok("controller_list", &[]).as_array().map(Vec::len),
+                Some(1)
+            );
+        })
+    };
+    let (a, b) = (run(true), run(false));
+    a.join().unwrap();
+    b.join().unwrap();
+}

@@ -82,9 +82,12 @@ fn serve(stream: UnixStream, jobs: &Sender<Job>) -> std::io::Result<()> {
     stream.set_write_timeout(Some(IDLE))?;
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
+    // each request must arrive whole within LINE_DEADLINE of the last answer (blank lines
+    // do not restart it: they cannot hold a slot)
+    let mut deadline = Instant::now() + LINE_DEADLINE;
     loop {
         let mut line = Vec::new();
-        let n = read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)?;
+        let n = read_line(&mut reader, &mut line, deadline)?;
         if n == 0 {
             return Ok(());
         }
@@ -113,6 +116,7 @@ fn serve(stream: UnixStream, jobs: &Sender<Job>) -> std::io::Result<()> {
         };
         text.push('\n');
         out.write_all(text.as_bytes())?;
+        deadline = Instant::now() + LINE_DEADLINE;
     }
 }
 

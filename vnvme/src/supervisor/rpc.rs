@@ -179,9 +179,12 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut reader = BufReader::new(s).take(MAX_REQUEST as u64 + 1);
+    // each request must arrive whole within LINE_DEADLINE of the last answer (blank lines
+    // do not restart it: they cannot hold a slot)
+    let mut deadline = Instant::now() + LINE_DEADLINE;
     loop {
         let mut line = Vec::new();
-        if read_line(&mut reader, &mut line, Instant::now() + LINE_DEADLINE)? == 0 {
+        if read_line(&mut reader, &mut line, deadline)? == 0 {
             return Ok(());
         }
         if line.len() > MAX_REQUEST {
@@ -197,6 +200,7 @@ fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
         reader.set_limit(MAX_REQUEST as u64 + 1);
         if !line.iter().all(u8::is_ascii_whitespace) {
             serve_line(s, sh, &line)?;
+            deadline = Instant::now() + LINE_DEADLINE;
         }
     }
 }
@@ -586,12 +590,57 @@ fn forward(path: &Path, line: &[u8]) -> std::io::Result<String> {
     }
     let mut reply = String::new();
     std::io::BufRead::read_line(&mut BufReader::new(&s), &mut reply)?;
+    if !reply.ends_with('\n') {
+        // closed without a whole answer (stopping, or died mid-write): passed on, a part
+        // would run into the next answer on the caller's connection
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the worker closed without an answer",
+        ));
+    }
     Ok(reply)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker that closes with no answer, or part of one, is an error, never a reply: on
+    /// a connection carrying several requests, a part would run into the next answer.
+    #[test]
+    fn a_worker_closing_without_a_whole_answer_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("vnvme-forward-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.rpc");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let worker = std::thread::spawn(move || {
+            for answer in [
+                &b""[..],
+                b"{\"jsonrpc\": \"2.0\", \"id\"",
+                b"{\"result\": 1}\n",
+            ] {
+                let (mut c, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut BufReader::new(&c), &mut line).unwrap();
+                c.write_all(answer).unwrap();
+            }
+        });
+        let ask = || forward(&path, b"{\"method\": \"controller_list\"}");
+        assert_eq!(
+            ask().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::UnexpectedEof),
+            "no answer"
+        );
+        assert_eq!(
+            ask().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::UnexpectedEof),
+            "part of one"
+        );
+        assert_eq!(ask().unwrap(), "{\"result\": 1}\n");
+        worker.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn line(method: &str, params: &Value) -> (Value, String) {
         let v = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
