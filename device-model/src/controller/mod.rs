@@ -192,10 +192,10 @@ pub struct Controller {
     fetch_stamp: Option<u64>,
     done_stamp: Option<u64>,
     warned_doorbell: bool,
-    /// Busy passes since the admin queue pair was last looked at (see
-    /// [`ADMIN_EVERY`](Self::ADMIN_EVERY)), and whether the last pass found no work.
+    /// Passes since the admin queue pair was last looked at, and passes in a row that found
+    /// no work (see [`ADMIN_EVERY`](Self::ADMIN_EVERY)).
     admin_skipped: u8,
-    quiet: bool,
+    quiet_passes: u8,
     pub(crate) qos: crate::qos::Qos,
     qos_control: Arc<crate::qos::QosControl>,
     /// The QoS generation last written to the journal (a change is saved at the next poll),
@@ -291,7 +291,7 @@ impl Controller {
             done_stamp: None,
             warned_doorbell: false,
             admin_skipped: 0,
-            quiet: true,
+            quiet_passes: Self::ADMIN_QUIET,
             qos: crate::qos::Qos::default(),
             qos_control: Arc::new(crate::qos::QosControl::new(qos)),
             qos_saved: 0,

@@ -140,7 +140,8 @@ fn scenario_then(
     let mut crashed = 0;
     // one poll of each queue, what the guest reaps counted even when the next poll dies; a
     // worker that dies is replaced (and its successor may die in its restore too)
-    let mut reap_once = |h: &mut Harness, done: &mut BTreeMap<(bool, u16), usize>| {
+    // true when the worker died in it
+    let mut reap_once = |h: &mut Harness, done: &mut BTreeMap<(bool, u16), usize>| -> bool {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             for admin in [false, true] {
                 for (cid, st) in h.reap(admin) {
@@ -163,11 +164,12 @@ fn scenario_then(
                 CRASH_AT.with(|c| c.set(crashes.get(crashed).copied().unwrap_or(0)));
             }
         }
+        r.is_err()
     };
     let start = std::time::Instant::now();
     while start.elapsed() < std::time::Duration::from_secs(5) {
         std::thread::sleep(std::time::Duration::from_micros(50));
-        reap_once(&mut h, &mut done);
+        let _ = reap_once(&mut h, &mut done);
         if expected.iter().all(|k| done.contains_key(k)) {
             if then == Then::Upgrade {
                 // no command fetched since the restore: the next worker must start from
@@ -179,9 +181,21 @@ fn scenario_then(
             // a few more polls: nothing may be completed twice afterwards (a worker may
             // still die in them: the journal records what the host did after its last
             // completion, e.g. the admin CQ head it wrote)
-            for _ in 0..2 * usize::from(crate::controller::Controller::ADMIN_EVERY) {
-                reap_once(&mut h, &mut done);
+            // (and the last worker gets as many polls after it started, to post again
+            // anything it would)
+            let enough = 2 * usize::from(crate::controller::Controller::ADMIN_EVERY);
+            let mut since_start = 0;
+            for _ in 0..20 * enough {
+                since_start = if reap_once(&mut h, &mut done) {
+                    0
+                } else {
+                    since_start + 1
+                };
+                if since_start == enough {
+                    break;
+                }
             }
+            assert_eq!(since_start, enough, "crashes at {crashes:?}: still dying");
             break;
         }
     }
