@@ -238,7 +238,8 @@ impl QueuePair {
 
     /// Put `sqe` on the queue (its CID is assigned here) without ringing the doorbell; `user`
     /// comes back with the completion. Call [`Self::ring`] after a batch.
-    #[inline]
+    #[allow(clippy::inline_always)] // once per command on a forwarding hop (callgrind)
+    #[inline(always)]
     pub fn submit(&mut self, mut sqe: Submission, user: u64) -> Result<u16, DriverError> {
         let index = self
             .free
@@ -262,6 +263,8 @@ impl QueuePair {
     }
 
     /// Write the SQ tail doorbell if commands were added since the last ring.
+    #[allow(clippy::inline_always)] // once per command on a forwarding hop (callgrind)
+    #[inline(always)]
     pub fn ring(&mut self) {
         if self.sq_rung != self.sq_tail {
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
@@ -530,6 +533,37 @@ impl QueuePair {
         self.submit_segments(sqe, segs, user)
     }
 
+    /// True when `len` bytes at device address `addr` go in PRP1 and PRP2 without a list
+    /// (a 4 KiB I/O: at most two pages, `addr` dword aligned).
+    #[inline]
+    pub fn fits_two_pages((addr, len): (u64, u64)) -> bool {
+        len != 0 && addr.is_multiple_of(4) && (addr & (PAGE - 1)) + len <= 2 * PAGE
+    }
+
+    /// Read or Write of `len` bytes at device address `addr`, which
+    /// [`fit two pages`](Self::fits_two_pages) (see [`Self::read_write_segments`] for any
+    /// other). The hot path of a forwarding backend, inlined.
+    #[allow(clippy::too_many_arguments, clippy::inline_always)]
+    #[inline(always)]
+    pub fn read_write_two_pages(
+        &mut self,
+        write: bool,
+        fua: bool,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        (addr, len): (u64, u64),
+        user: u64,
+    ) -> Result<u16, DriverError> {
+        debug_assert!(Self::fits_two_pages((addr, len)));
+        let opcode = if write { nvm::WRITE } else { nvm::READ };
+        let mut sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
+        sqe.prp1 = addr.into();
+        let second = (addr & !(PAGE - 1)) + PAGE;
+        sqe.prp2 = if addr + len > second { second } else { 0 }.into();
+        self.submit(sqe, user)
+    }
+
     /// Flush namespace `nsid`.
     pub fn flush(&mut self, nsid: u32, user: u64) -> Result<u16, DriverError> {
         let mut sqe = Submission::default();
@@ -586,7 +620,8 @@ impl QueuePair {
 
 /// An NVM command on `blocks` (1..=65536) blocks at `lba` of namespace `nsid`: SLBA in
 /// CDW10-11, the 0's based block count in CDW12 bits 15:0, `cdw12_flags` (FUA, ...) above.
-#[inline]
+#[allow(clippy::inline_always)] // once per command on a forwarding hop (callgrind)
+#[inline(always)]
 fn lba_command(
     opcode: u8,
     nsid: u32,

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use device_model::GuestMemory;
-use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest};
+use device_model::backend::{Backend, GuestBufferList, GuestBuffers, IoOp, IoRequest, Submitted};
 use device_model::memory::MemoryMap;
 use host_driver::{DmaBuffer, DriverError, IoQueuePair, Request};
 use nvme_spec::Status;
@@ -116,6 +116,8 @@ pub struct NvmeBackend {
     /// supervisor to look at (as an address, only compared).
     mirrored: Arc<Mirrored>,
     mirrored_version: u64,
+    /// The mirrored range the last one-segment request lay in (looked at first).
+    mirror_hit: usize,
     poked_for: usize,
     segs: Vec<(u64, u64)>,
     /// Polls so far (every 1024th looks at the timeout clock), and when the clock last
@@ -193,6 +195,7 @@ impl NvmeBackend {
             link,
             mirrored: Arc::default(),
             mirrored_version: 0,
+            mirror_hit: 0,
             poked_for: 0,
             segs: Vec::with_capacity(256),
             polls: 0,
@@ -353,7 +356,8 @@ impl NvmeBackend {
     /// Put a read or write whose data lies in mirrored memory, as device-address `segs`, on
     /// the queue pair (zero copy: its tag is all it keeps). False when the segments are not
     /// expressible as PRPs (the caller bounces), or the queue pair is missing or full.
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn start_zero_copy(&mut self, req: &IoRequest<'_>, segs: &[(u64, u64)]) -> bool {
         let len = req.iov.len();
         let write = req.op != IoOp::Read;
@@ -364,10 +368,15 @@ impl NvmeBackend {
         let Some(qp) = self.qp.as_mut() else {
             return false;
         };
-        if qp
-            .read_write_segments(write, fua, nsid, lba, blocks, segs, req.tag)
-            .is_err()
-        {
+        let started = match *segs {
+            [one] if IoQueuePair::fits_two_pages(one) => qp
+                .read_write_two_pages(write, fua, nsid, lba, blocks, one, req.tag)
+                .is_ok(),
+            _ => qp
+                .read_write_segments(write, fua, nsid, lba, blocks, segs, req.tag)
+                .is_ok(),
+        };
+        if !started {
             return false;
         }
         qp.ring();
@@ -622,7 +631,8 @@ impl NvmeBackend {
     /// device in its current generation, in memory the published mirror covers. `None`
     /// when the request is not that: [`Backend::submit`]'s general path takes it (it
     /// catches up with resets, parks, bounces, builds PRP lists).
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn start_one_segment(&mut self, req: &IoRequest<'_>) -> Option<Result<(), Status>> {
         if !matches!(req.op, IoOp::Read | IoOp::Write { .. }) {
             return None;
@@ -640,7 +650,7 @@ impl NvmeBackend {
         {
             return None;
         }
-        if !in_mirror(&self.mirrored.ranges, addr, len) {
+        if !self.in_mirror_hit(addr, len) {
             return None;
         }
         if let Err(s) = self.check(req.offset, len) {
@@ -652,6 +662,28 @@ impl NvmeBackend {
         // not expressible in PRPs after all, or the queue pair is full: the general path
         // bounces it, or holds it until a slot frees
         None
+    }
+
+    /// [`in_mirror`] looking first at the range the last request lay in (a guest's buffers
+    /// mostly lie in one of its few regions).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn in_mirror_hit(&mut self, addr: u64, len: u64) -> bool {
+        let ranges = &self.mirrored.ranges;
+        if let Some(&(va, l)) = ranges.get(self.mirror_hit)
+            && addr >= va
+            && addr + len <= va + l
+        {
+            return true;
+        }
+        let i = ranges.partition_point(|&(va, _)| va <= addr);
+        match i.checked_sub(1) {
+            Some(i) if addr + len <= ranges[i].0 + ranges[i].1 => {
+                self.mirror_hit = i;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Start the parked requests once the mirror is there, or their time is up.
@@ -719,6 +751,38 @@ impl NvmeBackend {
     fn lba(&self, offset: u64) -> u64 {
         self.claim.first_lba + (offset >> self.claim.block_size.trailing_zeros())
     }
+
+    /// Start `req` (see [`Backend::submit`]). Inlined, with the one-segment start, the
+    /// mirror check and the queue pair's submission, into [`Backend::execute`], the
+    /// controller's call: the forwarding hop's start went 316 -> 208 instructions per command
+    /// (callgrind), most of it the calls and their register saves.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn submit_request(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
+        if !self.busy.is_empty() {
+            // behind the requests already waiting for a slot
+            self.busy.push_back(Waiting::of(req));
+            return Ok(());
+        }
+        if let Some(started) = self.start_one_segment(req) {
+            return started;
+        }
+        self.usable()?;
+        let moves_data = matches!(req.op, IoOp::Read | IoOp::Write { .. });
+        let mirrored = moves_data && self.mirror_current(req.iov.snapshot());
+        if moves_data
+            && !mirrored
+            && self.link.is_some()
+            && self.parked.len() < PARK_SLOTS
+            && self.dev.mirror_coming(PARK_MAX)
+        {
+            // the front's DMA map changed and the supervisor is at it: give it a moment
+            // (this request waits; the reactor does not), rather than bounce at once
+            self.parked.push(Waiting::of(req));
+            return Ok(());
+        }
+        self.start(req, mirrored)
+    }
 }
 
 /// True when `len` bytes at host address `addr` lie inside one of the mirrored `ranges`
@@ -748,29 +812,13 @@ impl Backend for NvmeBackend {
     }
 
     fn submit(&mut self, req: &IoRequest<'_>) -> Result<(), Status> {
-        if !self.busy.is_empty() {
-            // behind the requests already waiting for a slot
-            self.busy.push_back(Waiting::of(req));
-            return Ok(());
-        }
-        if let Some(started) = self.start_one_segment(req) {
-            return started;
-        }
-        self.usable()?;
-        let moves_data = matches!(req.op, IoOp::Read | IoOp::Write { .. });
-        let mirrored = moves_data && self.mirror_current(req.iov.snapshot());
-        if moves_data
-            && !mirrored
-            && self.link.is_some()
-            && self.parked.len() < PARK_SLOTS
-            && self.dev.mirror_coming(PARK_MAX)
-        {
-            // the front's DMA map changed and the supervisor is at it: give it a moment
-            // (this request waits; the reactor does not), rather than bounce at once
-            self.parked.push(Waiting::of(req));
-            return Ok(());
-        }
-        self.start(req, mirrored)
+        self.submit_request(req)
+    }
+
+    /// [`submit`](Self::submit), with its body in the controller's call (one call less per
+    /// command).
+    fn execute(&mut self, req: &IoRequest<'_>) -> Result<Submitted, Status> {
+        self.submit_request(req).map(|()| Submitted::Queued)
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(u64, Status)) -> usize {

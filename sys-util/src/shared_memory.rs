@@ -123,10 +123,20 @@ impl SharedMemory {
         self.map.as_mut_ptr()
     }
 
-    #[inline]
+    /// Panics unless `offset..offset + len` lies inside the mapping (the test inlined, the
+    /// panic out of line).
+    #[allow(clippy::inline_always)] // a call per access otherwise (callgrind)
+    #[inline(always)]
     fn check(&self, offset: usize, len: usize) {
-        assert!(
-            offset.checked_add(len).is_some_and(|end| end <= self.len()),
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            self.outside(offset, len);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn outside(&self, offset: usize, len: usize) -> ! {
+        panic!(
             "shared memory access {offset:#x}+{len:#x} outside {:#x} bytes",
             self.len()
         );

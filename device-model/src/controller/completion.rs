@@ -118,7 +118,8 @@ impl Controller {
         let Some(result) = self.request_done(qid, slot, status) else {
             return; // more requests of the same command to come
         };
-        self.complete(qid, slot, result, 0, mem);
+        // the body inlined: once per queued command, in the reap loop
+        self.complete_known(qid, slot, result, 0, None, mem);
     }
 
     /// Post the completion of the command in `slot` of SQ `qid` and free the slot.
