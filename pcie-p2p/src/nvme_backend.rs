@@ -669,21 +669,7 @@ impl NvmeBackend {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn in_mirror_hit(&mut self, addr: u64, len: u64) -> bool {
-        let ranges = &self.mirrored.ranges;
-        if let Some(&(va, l)) = ranges.get(self.mirror_hit)
-            && addr >= va
-            && addr + len <= va + l
-        {
-            return true;
-        }
-        let i = ranges.partition_point(|&(va, _)| va <= addr);
-        match i.checked_sub(1) {
-            Some(i) if addr + len <= ranges[i].0 + ranges[i].1 => {
-                self.mirror_hit = i;
-                true
-            }
-            _ => false,
-        }
+        in_mirror_hinted(&self.mirrored.ranges, &mut self.mirror_hit, addr, len)
     }
 
     /// Start the parked requests once the mirror is there, or their time is up.
@@ -791,8 +777,34 @@ impl NvmeBackend {
 fn in_mirror(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
     let i = ranges.partition_point(|&(va, _)| va <= addr);
     i.checked_sub(1)
-        .map(|i| ranges[i])
-        .is_some_and(|(va, l)| addr + len <= va + l)
+        .is_some_and(|i| inside(ranges[i], addr, len))
+}
+
+/// [`in_mirror`], looking first at range `hint` (which may be past the end, or a range of an
+/// earlier publication's numbering: only a hint) and leaving there the range found.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn in_mirror_hinted(ranges: &[(u64, u64)], hint: &mut usize, addr: u64, len: u64) -> bool {
+    if ranges.get(*hint).is_some_and(|&r| inside(r, addr, len)) {
+        return true;
+    }
+    let i = ranges.partition_point(|&(va, _)| va <= addr);
+    match i.checked_sub(1) {
+        Some(i) if inside(ranges[i], addr, len) => {
+            *hint = i;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// True when `[addr, addr + len)` lies inside range `(va, l)` (no sum may wrap).
+#[inline]
+fn inside((va, l): (u64, u64), addr: u64, len: u64) -> bool {
+    match (addr.checked_add(len), va.checked_add(l)) {
+        (Some(end), Some(top)) => addr >= va && end <= top,
+        _ => false,
+    }
 }
 
 impl Backend for NvmeBackend {
@@ -876,5 +888,56 @@ impl Drop for NvmeBackend {
         let qp = self.qp.take().map(|qp| (qp, self.generation));
         self.dev.delete_queue_pair(self.qid, qp);
         self.dev.release(&self.claim);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{in_mirror, in_mirror_hinted};
+
+    /// The hinted check answers as the plain one whatever its hint: one left by a request
+    /// in another range, past the end of a newer, shorter publication, or at a range of
+    /// another numbering. A wrong "true" would let the device DMA outside the mirror.
+    #[test]
+    fn the_mirror_hint_never_changes_the_answer() {
+        let first = [(0x1000, 0x1000), (0x3000, 0x1000), (0x5000, 0x1000)];
+        let shorter = [(0x1000, 0x1000)];
+        let renumbered = [(0x1000, 0x1000), (0x3000, 0x1000), (0x9000, 0x1000)];
+        let edge = [(u64::MAX - 0xfff, 0x1000)];
+        let asks = [
+            (0x5100, 0x200),
+            (0x5f00, 0x100),
+            (0x5f00, 0x101),
+            (0x4f00, 0x200),
+            (0x9100, 0x200),
+            (0x1000, 0x1000),
+            (0x0, 0x10),
+            (0x2000, 0x1000),
+            (u64::MAX - 0x10, 0x10),
+            (u64::MAX - 0x10, 0x20),
+        ];
+        for ranges in [&first[..], &shorter, &renumbered, &edge, &[]] {
+            for hint in 0..4 {
+                for &(addr, len) in &asks {
+                    let mut h = hint;
+                    assert_eq!(
+                        in_mirror_hinted(ranges, &mut h, addr, len),
+                        in_mirror(ranges, addr, len),
+                        "{ranges:x?} hint {hint} {addr:#x}+{len:#x}"
+                    );
+                }
+            }
+        }
+        // the hint follows the hits, and a stale one past the end is harmless
+        let mut h = 0;
+        assert!(in_mirror_hinted(&first, &mut h, 0x5100, 0x200));
+        assert_eq!(h, 2);
+        assert!(!in_mirror_hinted(&shorter, &mut h, 0x5100, 0x200));
+        assert!(!in_mirror_hinted(&renumbered, &mut h, 0x5100, 0x200));
+        assert!(in_mirror_hinted(&renumbered, &mut h, 0x9100, 0x200));
+        assert!(
+            !in_mirror_hinted(&edge, &mut h, u64::MAX - 0x10, 0x20),
+            "wraps"
+        );
     }
 }
