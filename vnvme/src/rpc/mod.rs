@@ -11,6 +11,7 @@ pub(crate) mod acceptor;
 pub mod client;
 pub mod lvol_methods;
 pub mod methods;
+pub(crate) mod request_lines;
 pub(crate) mod server;
 
 pub use server::{RpcServer, answer};

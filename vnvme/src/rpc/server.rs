@@ -5,24 +5,23 @@
 //! and sends nothing, or trickles a byte at a time, holds its own thread and nothing else:
 //! the main thread (management, a supervised worker's upgrade, shutdown) never waits for it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use qemu_vfio_user::server::socket_path::{ClaimError, OwnedSocketPath};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::acceptor::Acceptor;
-use super::{MAX_REQUEST, RpcError, code, methods, response};
+use super::request_lines::{Line, RequestLines};
+use super::{RpcError, code, methods, response};
 use crate::daemon::Daemon;
 
 /// A client that sends nothing for this long is dropped.
 const IDLE: Duration = Duration::from_secs(2);
-/// A request line must arrive whole within this.
-const LINE_DEADLINE: Duration = Duration::from_secs(5);
 /// Clients served at once; more are answered "busy" and closed.
 const MAX_CLIENTS: usize = 16;
 
@@ -81,31 +80,22 @@ fn serve(stream: UnixStream, jobs: &Sender<Job>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IDLE))?;
     stream.set_write_timeout(Some(IDLE))?;
     let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
-    // each request must arrive whole within LINE_DEADLINE of the last answer (blank lines
-    // do not restart it: they cannot hold a slot)
-    let mut deadline = Instant::now() + LINE_DEADLINE;
+    let mut lines = RequestLines::new(BufReader::new(stream));
     loop {
-        let mut line = Vec::new();
-        let n = read_line(&mut reader, &mut line, deadline)?;
-        if n == 0 {
-            return Ok(());
-        }
-        if line.len() > MAX_REQUEST {
-            respond(
-                &mut out,
-                &Value::Null,
-                Err(RpcError::new(
-                    code::INVALID_REQUEST,
-                    "request longer than 1 MiB",
-                )),
-            )?;
-            return Ok(());
-        }
-        reader.set_limit(MAX_REQUEST as u64 + 1);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
+        let line = match lines.next_request()? {
+            None => return Ok(()),
+            Some(Line::TooLong) => {
+                return respond(
+                    &mut out,
+                    &Value::Null,
+                    Err(RpcError::new(
+                        code::INVALID_REQUEST,
+                        "request longer than 1 MiB",
+                    )),
+                );
+            }
+            Some(Line::Request(line)) => line,
+        };
         let (tx, rx) = mpsc::channel();
         if jobs.send(Job { line, reply: tx }).is_err() {
             return Ok(()); // the daemon is stopping
@@ -116,39 +106,6 @@ fn serve(stream: UnixStream, jobs: &Sender<Job>) -> std::io::Result<()> {
         };
         text.push('\n');
         out.write_all(text.as_bytes())?;
-        deadline = Instant::now() + LINE_DEADLINE;
-    }
-}
-
-/// `read_until(b'\n')` that gives up at `deadline` (checked between the socket's reads,
-/// each of which waits at most [`IDLE`]).
-pub(crate) fn read_line(
-    reader: &mut impl BufRead,
-    line: &mut Vec<u8>,
-    deadline: Instant,
-) -> std::io::Result<usize> {
-    let mut n = 0;
-    loop {
-        if Instant::now() > deadline {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request line not finished in time",
-            ));
-        }
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(n);
-        }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        line.extend_from_slice(&buf[..take]);
-        reader.consume(take);
-        n += take;
-        if done {
-            return Ok(n);
-        }
     }
 }
 

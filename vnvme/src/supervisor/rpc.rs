@@ -9,12 +9,12 @@
 //! methods, as [`Ask`]s on a channel.
 
 use std::collections::BTreeSet;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qemu_vfio_user::server::socket_path::OwnedSocketPath;
 use serde_json::{Value, json};
@@ -23,16 +23,14 @@ use super::kept_ram::{MAX_PER_CALL, keys_in, visit_strings};
 use super::{Supervisor, SupervisorError};
 use crate::backend_spec::{BackendSpec, keep_ram as keep_ram_spec};
 use crate::rpc::acceptor::Acceptor;
-use crate::rpc::server::read_line;
-use crate::rpc::{MAX_REQUEST, code};
+use crate::rpc::code;
+use crate::rpc::request_lines::{Line, RequestLines};
 
 mod subsystems;
 
 /// Clients served at once (as many as the daemon's own socket); more are answered "busy"
 /// and closed.
 const MAX_CLIENTS: usize = 16;
-/// A request line must arrive whole within this.
-const LINE_DEADLINE: Duration = Duration::from_secs(5);
 /// Each read from a client waits at most this (the deadline is checked between reads).
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client waits for the supervisor's loop (an upgrade takes a few seconds).
@@ -170,37 +168,28 @@ impl SupervisorRpc {
     }
 }
 
-/// Read `s`'s request lines and answer each, in order, until the client closes, stays
-/// silent for [`READ_TIMEOUT`] or sends a line longer than [`MAX_REQUEST`] (answered, then
-/// closed: where its next line starts is unknown). As the worker's socket: one request per
-/// line, as many lines as the client likes.
+/// Read `s`'s request lines ([`RequestLines`], as the worker's socket) and answer each, in
+/// order, until the client closes, stays silent for [`READ_TIMEOUT`] or sends a line too
+/// long (answered, then closed).
 fn serve(s: &UnixStream, sh: &Shared) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(s).take(MAX_REQUEST as u64 + 1);
-    // each request must arrive whole within LINE_DEADLINE of the last answer (blank lines
-    // do not restart it: they cannot hold a slot)
-    let mut deadline = Instant::now() + LINE_DEADLINE;
+    let mut lines = RequestLines::new(BufReader::new(s));
     loop {
-        let mut line = Vec::new();
-        if read_line(&mut reader, &mut line, deadline)? == 0 {
-            return Ok(());
-        }
-        if line.len() > MAX_REQUEST {
-            return answer(
-                s,
-                &error(
-                    &Value::Null,
-                    code::INVALID_REQUEST,
-                    "request longer than 1 MiB",
-                ),
-            );
-        }
-        reader.set_limit(MAX_REQUEST as u64 + 1);
-        if !line.iter().all(u8::is_ascii_whitespace) {
-            serve_line(s, sh, &line)?;
-            deadline = Instant::now() + LINE_DEADLINE;
+        match lines.next_request()? {
+            None => return Ok(()),
+            Some(Line::TooLong) => {
+                return answer(
+                    s,
+                    &error(
+                        &Value::Null,
+                        code::INVALID_REQUEST,
+                        "request longer than 1 MiB",
+                    ),
+                );
+            }
+            Some(Line::Request(line)) => serve_line(s, sh, &line)?,
         }
     }
 }
