@@ -368,14 +368,10 @@ impl QueuePair {
         if n == 0 || segs.iter().any(|&(_, l)| l == 0) {
             return refuse("empty segment");
         }
-        if let [(addr, len)] = *segs
-            && addr.is_multiple_of(4)
-            && (addr & (PAGE - 1)) + len <= 2 * PAGE
+        if let [one] = *segs
+            && Self::fits_two_pages(one)
         {
-            // one segment over at most two pages (a 4 KiB I/O): PRP1 and PRP2, no list
-            sqe.prp1 = addr.into();
-            let second = (addr & !(PAGE - 1)) + PAGE;
-            sqe.prp2 = if addr + len > second { second } else { 0 }.into();
+            set_two_page_prps(&mut sqe, one);
             return self.submit(sqe, user);
         }
         let mut pages = 0usize;
@@ -510,8 +506,7 @@ impl QueuePair {
         len: u64,
         user: u64,
     ) -> Result<u16, DriverError> {
-        let opcode = if write { nvm::WRITE } else { nvm::READ };
-        let sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
+        let sqe = read_write_command(write, fua, nsid, lba, blocks)?;
         self.submit_with_data(sqe, iova, len, user)
     }
 
@@ -528,8 +523,7 @@ impl QueuePair {
         segs: &[(u64, u64)],
         user: u64,
     ) -> Result<u16, DriverError> {
-        let opcode = if write { nvm::WRITE } else { nvm::READ };
-        let sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
+        let sqe = read_write_command(write, fua, nsid, lba, blocks)?;
         self.submit_segments(sqe, segs, user)
     }
 
@@ -556,11 +550,8 @@ impl QueuePair {
         user: u64,
     ) -> Result<u16, DriverError> {
         debug_assert!(Self::fits_two_pages((addr, len)));
-        let opcode = if write { nvm::WRITE } else { nvm::READ };
-        let mut sqe = lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)?;
-        sqe.prp1 = addr.into();
-        let second = (addr & !(PAGE - 1)) + PAGE;
-        sqe.prp2 = if addr + len > second { second } else { 0 }.into();
+        let mut sqe = read_write_command(write, fua, nsid, lba, blocks)?;
+        set_two_page_prps(&mut sqe, (addr, len));
         self.submit(sqe, user)
     }
 
@@ -616,6 +607,31 @@ impl QueuePair {
         sqe.cdw11 = (1u32 << 2).into(); // AD: deallocate
         self.submit_with_data(sqe, ranges_iova, u64::from(ranges) * 16, user)
     }
+}
+
+/// A Read or Write (with Force Unit Access, CDW12 bit 30, when `fua`), data pointer unset.
+#[allow(clippy::inline_always)] // once per command on a forwarding hop (callgrind)
+#[inline(always)]
+fn read_write_command(
+    write: bool,
+    fua: bool,
+    nsid: u32,
+    lba: u64,
+    blocks: u32,
+) -> Result<Submission, DriverError> {
+    let opcode = if write { nvm::WRITE } else { nvm::READ };
+    lba_command(opcode, nsid, lba, blocks, u32::from(fua) << 30)
+}
+
+/// PRP1 and PRP2 of `len` bytes at `addr` that
+/// [fit two pages](QueuePair::fits_two_pages): PRP2 is the second page, or 0 when there is
+/// none.
+#[allow(clippy::inline_always)] // once per command on a forwarding hop (callgrind)
+#[inline(always)]
+fn set_two_page_prps(sqe: &mut Submission, (addr, len): (u64, u64)) {
+    sqe.prp1 = addr.into();
+    let second = (addr & !(PAGE - 1)) + PAGE;
+    sqe.prp2 = if addr + len > second { second } else { 0 }.into();
 }
 
 /// An NVM command on `blocks` (1..=65536) blocks at `lba` of namespace `nsid`: SLBA in
