@@ -74,6 +74,31 @@ impl Drop for Served {
     }
 }
 
+/// `vnvme serve` (supervised, or `--unsupervised`) of one controller with a 64 MiB RAM
+/// namespace at `c.sock` in `tmp`, its management socket `vnvme.rpc` there: once both are
+/// up, and the controller's socket.
+fn serve_one(tmp: &TempDir, supervised: bool) -> (Served, PathBuf) {
+    let sock = tmp.path().join("c.sock");
+    let bin = vnvme_binary();
+    let rpc = tmp.path().join("vnvme.rpc");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve");
+    if !supervised {
+        cmd.arg("--unsupervised");
+    }
+    let child = cmd
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--ns", "malloc:64M", "--rpc"])
+        .arg(&rpc)
+        .spawn()
+        .expect("vnvme serve");
+    let d = Served { child, bin, rpc };
+    wait_for(&d.rpc);
+    wait_for(&sock);
+    (d, sock)
+}
+
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
@@ -355,19 +380,7 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let tmp = TempDir::new("rpc-slow");
-    let sock = tmp.path().join("c.sock");
-    let bin = vnvme_binary();
-    let rpc = tmp.path().join("vnvme.rpc");
-    let child = Command::new(&bin)
-        .args(["serve", "--socket"])
-        .arg(&sock)
-        .args(["--ns", "malloc:64M", "--rpc"])
-        .arg(&rpc)
-        .spawn()
-        .expect("vnvme serve");
-    let d = Served { child, bin, rpc };
-    wait_for(&d.rpc);
-    wait_for(&sock);
+    let (d, sock) = serve_one(&tmp, true);
     let io = {
         let sock = sock.clone();
         std::thread::spawn(move || {
@@ -461,24 +474,7 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
 fn several_requests_on_one_connection_are_each_answered_in_order() {
     for supervised in [true, false] {
         let tmp = TempDir::new("rpc-lines");
-        let sock = tmp.path().join("c.sock");
-        let bin = vnvme_binary();
-        let rpc = tmp.path().join("vnvme.rpc");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("serve");
-        if !supervised {
-            cmd.arg("--unsupervised");
-        }
-        let child = cmd
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--ns", "malloc:64M", "--rpc"])
-            .arg(&rpc)
-            .spawn()
-            .expect("vnvme serve");
-        let d = Served { child, bin, rpc };
-        wait_for(&d.rpc);
-        wait_for(&sock);
+        let (d, _) = serve_one(&tmp, supervised);
         let s = UnixStream::connect(&d.rpc).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let first = if supervised {
@@ -533,22 +529,7 @@ fn blank_lines_do_not_keep_a_management_caller_forever() {
             } else {
                 "rpc-blank-u"
             });
-            let bin = vnvme_binary();
-            let rpc = tmp.path().join("vnvme.rpc");
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve");
-            if !supervised {
-                cmd.arg("--unsupervised");
-            }
-            let child = cmd
-                .arg("--socket")
-                .arg(tmp.path().join("c.sock"))
-                .args(["--ns", "malloc:64M", "--rpc"])
-                .arg(&rpc)
-                .spawn()
-                .expect("vnvme serve");
-            let d = Served { child, bin, rpc };
-            wait_for(&d.rpc);
+            let (d, _) = serve_one(&tmp, supervised);
             let mut s = UnixStream::connect(&d.rpc).unwrap();
             let t = Instant::now();
             let closed = loop {
