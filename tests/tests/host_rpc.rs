@@ -14,7 +14,7 @@ use host_driver::NvmeDriver;
 use host_driver::transport::vfio_user::VfioUserTransport;
 use serde_json::{Value, json};
 use vnvme::daemon::vf_socket;
-use vnvme::perf::{Pattern, PerfOptions};
+use vnvme::perf::{JobResult, Pattern, PerfOptions};
 use vnvme_tests::guest::{TempDir, vnvme_binary};
 
 const NQN: &str = "nqn.2026-11.io.vnvme:rpc-test";
@@ -97,6 +97,35 @@ fn serve_one(tmp: &TempDir, supervised: bool) -> (Served, PathBuf) {
     wait_for(&d.rpc);
     wait_for(&sock);
     (d, sock)
+}
+
+/// A client's verified random reads and writes on the controller at `sock` for `secs`, on a
+/// thread of its own: the neighbour whose I/O a hostile caller must not disturb.
+fn verified_io(sock: &Path, secs: Duration) -> std::thread::JoinHandle<JobResult> {
+    let sock = sock.to_owned();
+    std::thread::spawn(move || {
+        let mut c = open(&sock);
+        let opts = PerfOptions {
+            queue_depth: 8,
+            io_size: 4096,
+            pattern: Pattern::Randrw,
+            read_percent: 50,
+            duration: secs,
+            workers: 1,
+            verify: true,
+            shadow_doorbells: false,
+        };
+        vnvme::perf::run(&mut c, &opts, |_, _| {}).unwrap().total()
+    })
+}
+
+/// The neighbour's I/O ran, without an error or a verify failure.
+fn assert_clean(io: std::thread::JoinHandle<JobResult>) {
+    let r = io.join().unwrap();
+    assert!(
+        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
+        "the neighbour's verified I/O: {r:?}"
+    );
 }
 
 fn wait_for(path: &Path) {
@@ -381,23 +410,7 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let tmp = TempDir::new("rpc-slow");
     let (d, sock) = serve_one(&tmp, true);
-    let io = {
-        let sock = sock.clone();
-        std::thread::spawn(move || {
-            let mut c = open(&sock);
-            let opts = PerfOptions {
-                queue_depth: 8,
-                io_size: 4096,
-                pattern: Pattern::Randrw,
-                read_percent: 50,
-                duration: Duration::from_secs(3),
-                workers: 1,
-                verify: true,
-                shadow_doorbells: false,
-            };
-            vnvme::perf::run(&mut c, &opts, |_, _| {}).unwrap().total()
-        })
-    };
+    let io = verified_io(&sock, Duration::from_secs(3));
     let stop = Arc::new(AtomicBool::new(false));
     let tricklers: Vec<_> = (0..3)
         .map(|_| {
@@ -459,11 +472,7 @@ fn slow_and_silent_management_callers_hold_up_nobody() {
     assert!(busy.to_string().contains("busy"), "{busy}");
     drop(held);
     answered_again();
-    let r = io.join().unwrap();
-    assert!(
-        r.ios > 100 && r.errors == 0 && r.verify_failures == 0,
-        "the neighbour's verified I/O: {r:?}"
-    );
+    assert_clean(io);
 }
 
 /// One connection may carry many requests, one per line, answered in order (as SPDK's
@@ -519,7 +528,8 @@ fn several_requests_on_one_connection_are_each_answered_in_order() {
 
 /// A caller that sends only blank lines (which are skipped, never answered) cannot keep its
 /// place: the next request must arrive whole within 5 s of the last answer, blank lines
-/// or not. On the daemon's own socket and on the supervisor's.
+/// or not. On the daemon's own socket and on the supervisor's, beside a client's verified
+/// I/O.
 #[test]
 fn blank_lines_do_not_keep_a_management_caller_forever() {
     let run = |supervised: bool| {
@@ -529,7 +539,8 @@ fn blank_lines_do_not_keep_a_management_caller_forever() {
             } else {
                 "rpc-blank-u"
             });
-            let (d, _) = serve_one(&tmp, supervised);
+            let (d, sock) = serve_one(&tmp, supervised);
+            let io = verified_io(&sock, Duration::from_secs(6));
             let mut s = UnixStream::connect(&d.rpc).unwrap();
             let t = Instant::now();
             let closed = loop {
@@ -551,6 +562,7 @@ fn blank_lines_do_not_keep_a_management_caller_forever() {
                 d.ok("controller_list", &[]).as_array().map(Vec::len),
                 Some(1)
             );
+            assert_clean(io);
         })
     };
     let (a, b) = (run(true), run(false));
